@@ -1,0 +1,306 @@
+#include "partitioner/partition.h"
+
+#include <algorithm>
+#include <limits>
+#include <set>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "partitioner/op_schema.h"
+#include "partitioner/validate.h"
+
+namespace pipeserve {
+namespace {
+
+bool IsCompute(const Node& node) {
+  return node.op() != kParamOp && node.op() != kPipeSplitOp;
+}
+
+bool InModule(const Node& node, const std::string& module) {
+  return node.module_path() == module ||
+         absl::StartsWith(node.module_path(), absl::StrCat(module, "."));
+}
+
+// A cut before compute node `position` (index into the compute nodes), and
+// what asked for it, for error messages.
+struct Cut {
+  int position;
+  std::string reason;
+};
+
+absl::StatusOr<std::vector<Cut>> CutsFromModel(
+    const Graph& graph, const std::vector<int>& compute,
+    const PartitionOptions& options) {
+  std::vector<Cut> cuts;
+  // Markers: a cut before the next compute node.
+  int seen = 0;
+  for (const Node& node : graph.nodes()) {
+    if (node.op() == kPipeSplitOp) {
+      cuts.push_back({seen, absl::StrCat("pipe_split \"", node.name(), "\"")});
+    } else if (IsCompute(node)) {
+      ++seen;
+    }
+  }
+  std::map<std::string, SplitPoint> spec = options.split_spec;
+  if (spec.empty()) {
+    for (const SplitSpecEntry& e : graph.split_spec()) spec[e.module()] = e.point();
+  }
+  for (const auto& [module, point] : spec) {
+    int first = -1, last = -1;
+    for (int i = 0; i < static_cast<int>(compute.size()); ++i) {
+      if (InModule(graph.nodes(compute[i]), module)) {
+        if (first < 0) first = i;
+        last = i;
+      }
+    }
+    if (first < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "split_spec names module \"", module,
+          "\", but no node of the graph comes from it"));
+    }
+    if (point == BEGINNING) {
+      cuts.push_back({first, absl::StrCat("split_spec \"", module, "\" BEGINNING")});
+    } else if (point == END) {
+      cuts.push_back({last + 1, absl::StrCat("split_spec \"", module, "\" END")});
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "split_spec for module \"", module, "\" has no split point"));
+    }
+  }
+  std::sort(cuts.begin(), cuts.end(),
+            [](const Cut& a, const Cut& b) { return a.position < b.position; });
+  int total = static_cast<int>(compute.size());
+  for (size_t i = 0; i < cuts.size(); ++i) {
+    const Cut& c = cuts[i];
+    if (c.position == 0 || c.position == total ||
+        (i > 0 && cuts[i - 1].position == c.position)) {
+      std::string where =
+          c.position == 0 ? "before the first node"
+          : c.position == total ? "after the last node"
+                                : absl::StrCat("right after ", cuts[i - 1].reason);
+      return absl::InvalidArgumentError(absl::StrCat(
+          c.reason, " makes an empty stage (it cuts ", where, ")"));
+    }
+  }
+  return cuts;
+}
+
+// Contiguous split of `cost` into k parts minimising the largest part
+// (binary search on the bound, greedy fill). Returns k - 1 cut positions.
+std::vector<Cut> BalancedCuts(const std::vector<double>& cost, int k) {
+  double lo = *std::max_element(cost.begin(), cost.end());
+  double hi = 0;
+  for (double c : cost) hi += c;
+  auto parts_needed = [&](double bound) {
+    int parts = 1;
+    double acc = 0;
+    for (double c : cost) {
+      if (acc + c > bound) {
+        ++parts;
+        acc = 0;
+      }
+      acc += c;
+    }
+    return parts;
+  };
+  for (int iter = 0; iter < 100 && hi - lo > 1e-9 * hi; ++iter) {
+    double mid = (lo + hi) / 2;
+    (parts_needed(mid) <= k ? hi : lo) = mid;
+  }
+  // Greedy under the bound, but leave at least one node per remaining part.
+  std::vector<Cut> cuts;
+  double acc = 0;
+  int n = static_cast<int>(cost.size());
+  for (int i = 0; i < n; ++i) {
+    // Parts still to open after the current one.
+    int parts_after = k - 1 - static_cast<int>(cuts.size());
+    bool over_bound = acc + cost[i] > hi;
+    bool nodes_just_enough = n - i == parts_after;
+    if (i > 0 && parts_after > 0 && (over_bound || nodes_just_enough)) {
+      cuts.push_back({i, absl::StrCat("automatic cut ", cuts.size() + 1)});
+      acc = 0;
+    }
+    acc += cost[i];
+  }
+  return cuts;
+}
+
+ValueSpec SpecFor(const std::string& name, const ValueShapes& shapes) {
+  ValueSpec spec;
+  spec.set_name(name);
+  spec.set_dtype(DT_FLOAT32);
+  const Shape& s = shapes.at(name);
+  for (int64_t d : s) spec.add_shape(d);
+  spec.set_batched(!s.empty() && s[0] < 0);
+  return spec;
+}
+
+}  // namespace
+
+absl::StatusOr<Plan> Partition(const Graph& graph,
+                               const PartitionOptions& options) {
+  ASSIGN_OR_RETURN(ValueShapes shapes, ValidateGraph(graph));
+  if (options.num_stages < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_stages must be >= 0, got ", options.num_stages));
+  }
+
+  std::vector<int> compute;  // indices of compute nodes, in order
+  for (int i = 0; i < graph.nodes_size(); ++i) {
+    if (IsCompute(graph.nodes(i))) compute.push_back(i);
+  }
+  if (compute.empty()) {
+    return absl::InvalidArgumentError("the graph has no compute nodes");
+  }
+  ASSIGN_OR_RETURN(std::vector<Cut> cuts, CutsFromModel(graph, compute, options));
+  int num_stages;
+  if (!cuts.empty()) {
+    num_stages = static_cast<int>(cuts.size()) + 1;
+    if (options.num_stages != 0 && options.num_stages != num_stages) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "num_stages ", options.num_stages, " conflicts with the model's ",
+          cuts.size(), " cut points (", num_stages, " stages)"));
+    }
+  } else {
+    num_stages = std::max(1, options.num_stages);
+    if (num_stages > static_cast<int>(compute.size())) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "cannot cut ", compute.size(), " nodes into ", num_stages,
+          " non-empty stages"));
+    }
+    // Cost of a compute node: FLOPs plus bytes of the parameters it reads.
+    absl::flat_hash_map<std::string, double> param_bytes;
+    for (const Node& n : graph.nodes()) {
+      if (n.op() != kParamOp) continue;
+      for (const TensorInfo& p : graph.params()) {
+        if (p.fqn() == n.attrs().at("fqn").s()) {
+          param_bytes[n.outputs(0)] = static_cast<double>(p.byte_size());
+        }
+      }
+    }
+    std::vector<double> cost;
+    for (int i : compute) {
+      const Node& n = graph.nodes(i);
+      std::vector<Shape> in;
+      double bytes = 0;
+      for (const std::string& v : n.inputs()) {
+        in.push_back(shapes.at(v));
+        auto it = param_bytes.find(v);
+        if (it != param_bytes.end()) bytes += it->second;
+      }
+      cost.push_back(FindOp(n.op())->flops(in) + bytes + 1.0);
+    }
+    if (num_stages > 1) cuts = BalancedCuts(cost, num_stages);
+  }
+
+  // Stage of each compute node; producer stage of each value (-1: model
+  // input; param outputs are placed per consumer and not recorded).
+  absl::flat_hash_map<std::string, int> value_stage;
+  absl::flat_hash_map<std::string, const Node*> param_node;
+  for (const ValueSpec& in : graph.inputs()) value_stage[in.name()] = -1;
+  std::vector<std::vector<const Node*>> stage_nodes(num_stages);
+  {
+    size_t next_cut = 0;
+    int stage = 0;
+    for (size_t c = 0; c < compute.size(); ++c) {
+      while (next_cut < cuts.size() &&
+             cuts[next_cut].position == static_cast<int>(c)) {
+        ++stage;
+        ++next_cut;
+      }
+      const Node& n = graph.nodes(compute[c]);
+      stage_nodes[stage].push_back(&n);
+      for (const std::string& out : n.outputs()) value_stage[out] = stage;
+    }
+  }
+  for (const Node& n : graph.nodes()) {
+    if (n.op() == kParamOp) param_node[n.outputs(0)] = &n;
+  }
+  absl::flat_hash_map<std::string, const TensorInfo*> param_info;
+  for (const TensorInfo& p : graph.params()) param_info[p.fqn()] = &p;
+
+  // Last stage that reads each value (model outputs count as "after the
+  // last stage").
+  absl::flat_hash_map<std::string, int> last_reader;
+  for (int s = 0; s < num_stages; ++s) {
+    for (const Node* n : stage_nodes[s]) {
+      for (const std::string& v : n->inputs()) last_reader[v] = s;
+    }
+  }
+  absl::flat_hash_set<std::string> model_outputs(graph.outputs().begin(),
+                                                 graph.outputs().end());
+
+  Plan plan;
+  for (const ValueSpec& in : graph.inputs()) *plan.add_inputs() = in;
+  for (const std::string& out : graph.outputs()) {
+    *plan.add_outputs() = SpecFor(out, shapes);
+    plan.add_output_stages(value_stage.at(out));
+  }
+  for (int s = 0; s < num_stages; ++s) {
+    Stage* stage = plan.add_stages();
+    stage->set_index(s);
+    Graph* g = stage->mutable_graph();
+    absl::flat_hash_set<std::string> have;     // values available in s
+    absl::flat_hash_set<std::string> params_added;
+    for (const Node* n : stage_nodes[s]) {
+      for (const std::string& v : n->inputs()) {
+        if (have.contains(v)) continue;
+        auto pn = param_node.find(v);
+        if (pn != param_node.end()) {
+          // A parameter: the stage holds its own copy.
+          *g->add_nodes() = *pn->second;
+          const std::string& fqn = pn->second->attrs().at("fqn").s();
+          if (params_added.insert(fqn).second) {
+            *g->add_params() = *param_info.at(fqn);
+            stage->add_param_fqns(fqn);
+          }
+        } else {
+          *g->add_inputs() = SpecFor(v, shapes);
+          stage->add_input_sources(value_stage.at(v));
+        }
+        have.insert(v);
+      }
+      *g->add_nodes() = *n;
+      for (const std::string& out : n->outputs()) have.insert(out);
+    }
+    // Outputs: values made here that later stages or the model read.
+    for (const Node* n : stage_nodes[s]) {
+      for (const std::string& out : n->outputs()) {
+        auto r = last_reader.find(out);
+        if ((r != last_reader.end() && r->second > s) ||
+            model_outputs.contains(out)) {
+          g->add_outputs(out);
+        }
+      }
+    }
+    for (const std::string& fqn : stage->param_fqns()) {
+      for (const auto& [alias, canonical] : graph.aliases()) {
+        if (canonical == fqn) (*g->mutable_aliases())[alias] = canonical;
+      }
+    }
+    if (g->outputs().empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "stage ", s, " computes nothing that a later stage or the model's "
+          "outputs use"));
+    }
+  }
+  return plan;
+}
+
+std::vector<std::string> CoveredStateDictKeys(const Graph& graph,
+                                              const Plan& plan) {
+  std::set<std::string> held;
+  for (const Stage& s : plan.stages()) {
+    for (const std::string& fqn : s.param_fqns()) held.insert(fqn);
+  }
+  std::set<std::string> covered = held;
+  for (const auto& [alias, canonical] : graph.aliases()) {
+    if (held.count(canonical) > 0) covered.insert(alias);
+  }
+  return std::vector<std::string>(covered.begin(), covered.end());
+}
+
+}  // namespace pipeserve

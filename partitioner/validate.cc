@@ -1,0 +1,207 @@
+#include "partitioner/validate.h"
+
+#include <functional>
+#include <vector>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/status_macros.h"
+#include "partitioner/op_schema.h"
+
+namespace pipeserve {
+namespace {
+
+template <typename... Args>
+absl::Status Invalid(const Args&... parts) {
+  return absl::InvalidArgumentError(absl::StrCat(parts...));
+}
+
+std::string NodeLabel(const Node& node) {
+  return absl::StrCat("node \"", node.name(), "\" (", node.op(), ")");
+}
+
+absl::Status CheckInputs(const Graph& graph, ValueShapes* shapes) {
+  for (const ValueSpec& in : graph.inputs()) {
+    if (in.name().empty()) return Invalid("a model input has no name");
+    if (shapes->contains(in.name())) {
+      return Invalid("duplicate model input name \"", in.name(), "\"");
+    }
+    if (in.dtype() != DT_FLOAT32) {
+      return Invalid("input \"", in.name(), "\": dtype ",
+                     DataType_Name(in.dtype()),
+                     " is not supported (expected DT_FLOAT32)");
+    }
+    Shape shape(in.shape().begin(), in.shape().end());
+    if (in.batched() && (shape.empty() || shape[0] != -1)) {
+      return Invalid("input \"", in.name(), "\": a batched input needs ",
+                     "dim 0 = -1 (batch), got ", ShapeToString(shape));
+    }
+    for (size_t i = in.batched() ? 1 : 0; i < shape.size(); ++i) {
+      if (shape[i] < 0) {
+        return Invalid("input \"", in.name(), "\": only dim 0 of a batched ",
+                       "input may be -1, got ", ShapeToString(shape));
+      }
+    }
+    (*shapes)[in.name()] = std::move(shape);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckParams(const Graph& graph,
+                         absl::flat_hash_map<std::string, Shape>* params) {
+  for (const TensorInfo& p : graph.params()) {
+    if (params->contains(p.fqn())) {
+      return Invalid("duplicate parameter \"", p.fqn(), "\"");
+    }
+    if (p.dtype() != DT_FLOAT32) {
+      return Invalid("parameter \"", p.fqn(), "\": dtype ",
+                     DataType_Name(p.dtype()),
+                     " is not supported (expected DT_FLOAT32)");
+    }
+    Shape shape(p.shape().begin(), p.shape().end());
+    for (int64_t d : shape) {
+      if (d < 0) {
+        return Invalid("parameter \"", p.fqn(), "\": negative dimension in ",
+                       ShapeToString(shape));
+      }
+    }
+    uint64_t expected = static_cast<uint64_t>(NumElements(shape)) * 4;
+    if (p.byte_size() != expected) {
+      return Invalid("parameter \"", p.fqn(), "\": byte_size ",
+                     absl::StrCat(p.byte_size()), " does not match shape ",
+                     ShapeToString(shape),
+                     absl::StrCat(" (", expected, " bytes of float32)"));
+    }
+    (*params)[p.fqn()] = std::move(shape);
+  }
+  return absl::OkStatus();
+}
+
+// Called when nodes[user] reads `value`, made by nodes[producer] at or after
+// `user`: either a cycle or nodes out of topological order.
+absl::Status ForwardReference(const Graph& graph, int user, int producer,
+                              const std::string& value,
+                              const absl::flat_hash_map<std::string, int>&
+                                  producer_of) {
+  // Depth-first search from the producer back through its inputs; reaching
+  // `user` closes a cycle.
+  std::vector<int> path;
+  absl::flat_hash_set<int> seen;
+  std::function<bool(int)> reaches = [&](int n) -> bool {
+    if (!seen.insert(n).second) return false;
+    path.push_back(n);
+    if (n == user) return true;
+    for (const std::string& in : graph.nodes(n).inputs()) {
+      auto it = producer_of.find(in);
+      if (it != producer_of.end() && reaches(it->second)) return true;
+    }
+    path.pop_back();
+    return false;
+  };
+  if (reaches(producer)) {
+    std::vector<std::string> names;
+    names.push_back(graph.nodes(user).name());
+    for (int n : path) names.push_back(graph.nodes(n).name());
+    return Invalid("cycle: ", absl::StrJoin(names, " <- "));
+  }
+  return Invalid(NodeLabel(graph.nodes(user)), ": uses value \"", value,
+                 "\" before node \"", graph.nodes(producer).name(),
+                 "\" defines it (nodes must be in topological order)");
+}
+
+}  // namespace
+
+absl::StatusOr<ValueShapes> ValidateGraph(const Graph& graph) {
+  ValueShapes shapes;
+  RETURN_IF_ERROR(CheckInputs(graph, &shapes));
+  absl::flat_hash_map<std::string, Shape> params;
+  RETURN_IF_ERROR(CheckParams(graph, &params));
+
+  // Where each value is made, to tell undefined values from cycles.
+  absl::flat_hash_map<std::string, int> producer_of;
+  absl::flat_hash_set<std::string> node_names;
+  for (int i = 0; i < graph.nodes_size(); ++i) {
+    const Node& node = graph.nodes(i);
+    if (node.name().empty()) {
+      return Invalid("node #", absl::StrCat(i), " (", node.op(),
+                     ") has no name");
+    }
+    if (!node_names.insert(node.name()).second) {
+      return Invalid("duplicate node name \"", node.name(), "\"");
+    }
+    for (const std::string& out : node.outputs()) {
+      if (shapes.contains(out) || producer_of.contains(out)) {
+        return Invalid(NodeLabel(node), ": value \"", out,
+                       "\" is defined more than once");
+      }
+      producer_of[out] = i;
+    }
+  }
+
+  for (int i = 0; i < graph.nodes_size(); ++i) {
+    const Node& node = graph.nodes(i);
+    const OpSchema* op = FindOp(node.op());
+    if (op == nullptr) {
+      return Invalid(NodeLabel(node), ": unknown op \"", node.op(),
+                     "\" (known: " + absl::StrJoin(KnownOps(), ", ") + ")");
+    }
+    int n_in = node.inputs_size();
+    if (n_in < op->min_inputs || n_in > op->max_inputs ||
+        node.outputs_size() != op->num_outputs) {
+      return Invalid(NodeLabel(node), absl::StrCat(
+                         ": expects ", op->min_inputs,
+                         op->min_inputs == op->max_inputs
+                             ? std::string()
+                             : absl::StrCat("-", op->max_inputs),
+                         " inputs and ", op->num_outputs, " outputs, got ",
+                         n_in, " and ", node.outputs_size()));
+    }
+    std::vector<Shape> in_shapes;
+    for (const std::string& in : node.inputs()) {
+      auto it = shapes.find(in);
+      if (it == shapes.end()) {
+        auto p = producer_of.find(in);
+        if (p != producer_of.end()) {
+          return ForwardReference(graph, i, p->second, in, producer_of);
+        }
+        return Invalid(NodeLabel(node), ": input \"", in,
+                       "\" is not defined by any node or model input");
+      }
+      in_shapes.push_back(it->second);
+    }
+    std::vector<Shape> out_shapes;
+    if (node.op() == kParamOp) {
+      auto attr = node.attrs().find("fqn");
+      if (attr == node.attrs().end() || attr->second.s().empty()) {
+        return Invalid(NodeLabel(node), ": missing attribute \"fqn\"");
+      }
+      auto p = params.find(attr->second.s());
+      if (p == params.end()) {
+        return Invalid(NodeLabel(node), ": parameter \"", attr->second.s(),
+                       "\" is missing from the model's parameters");
+      }
+      out_shapes.push_back(p->second);
+    } else {
+      absl::StatusOr<std::vector<Shape>> inferred = op->infer(node, in_shapes);
+      if (!inferred.ok()) {
+        return Invalid(NodeLabel(node), ": ", inferred.status().message());
+      }
+      out_shapes = *std::move(inferred);
+    }
+    for (int k = 0; k < node.outputs_size(); ++k) {
+      shapes[node.outputs(k)] = out_shapes[k];
+    }
+  }
+
+  if (graph.outputs().empty()) return Invalid("the model has no outputs");
+  for (const std::string& out : graph.outputs()) {
+    if (!shapes.contains(out)) {
+      return Invalid("model output \"", out,
+                     "\" is not defined by any node or model input");
+    }
+  }
+  return shapes;
+}
+
+}  // namespace pipeserve

@@ -1,0 +1,33 @@
+// Validation of a pipeserve graph before it is cut or run.
+//
+//   ASSIGN_OR_RETURN(ValueShapes shapes, ValidateGraph(model.graph));
+//   shapes.at("linear_1")  // {-1, 512}: batch dimension, then 512
+//
+// Every failure is kInvalidArgument with a message naming the node, value,
+// input or parameter that is wrong.
+#ifndef PIPESERVE_PARTITIONER_VALIDATE_H_
+#define PIPESERVE_PARTITIONER_VALIDATE_H_
+
+#include <string>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "proto/model.pb.h"
+#include "runtime/tensor.h"
+
+namespace pipeserve {
+
+// The shape of every value: model inputs, node outputs (param outputs too).
+using ValueShapes = absl::flat_hash_map<std::string, Shape>;
+
+// Checks, in order: model inputs (unique names, float32, batched inputs have
+// dim 0 = -1); parameters (unique FQNs, float32, byte_size matching the
+// shape); nodes (unique names, known op, arity, each value defined once,
+// every input defined by an earlier node or a model input — a cycle is
+// reported as one — `param` nodes naming a stored parameter); shapes (each
+// op's rule); model outputs (defined). Returns the inferred shapes.
+absl::StatusOr<ValueShapes> ValidateGraph(const Graph& graph);
+
+}  // namespace pipeserve
+
+#endif  // PIPESERVE_PARTITIONER_VALIDATE_H_

@@ -1,0 +1,59 @@
+// The compute backend interface: turns one stage's graph and weights into a
+// program that runs it. The CPU backend (cpu_backend.h) interprets the
+// graph with oneDNN GEMMs; a GPU backend keeps weights on the device and may
+// fuse or capture kernels. Callers (LocalPipeline, the stage server) only
+// see this interface.
+//
+//   std::unique_ptr<ComputeBackend> cpu = MakeCpuBackend({.threads = 1});
+//   ASSIGN_OR_RETURN(std::unique_ptr<StageProgram> prog,
+//                    cpu->Compile(plan.stages(0).graph(), model.weights));
+//   ASSIGN_OR_RETURN(std::vector<Tensor> outs, prog->Run({x, y}));
+#ifndef PIPESERVE_RUNTIME_BACKEND_H_
+#define PIPESERVE_RUNTIME_BACKEND_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "proto/model.pb.h"
+#include "runtime/model_file.h"
+#include "runtime/tensor.h"
+
+namespace pipeserve {
+
+// A compiled stage. Thread-compatible: one Run at a time per program (a
+// stage server runs each program on its own worker thread).
+class StageProgram {
+ public:
+  virtual ~StageProgram() = default;
+
+  // Runs the stage on host tensors given in the order of the stage graph's
+  // inputs; returns host tensors in the order of its outputs. The batch
+  // dimension (-1 in the graph) may take any size, the same for all inputs.
+  // Errors: kInvalidArgument for inputs that do not fit the graph (naming
+  // the input), kInternal for a compute failure.
+  virtual absl::StatusOr<std::vector<Tensor>> Run(
+      absl::Span<const Tensor> inputs) = 0;
+};
+
+class ComputeBackend {
+ public:
+  virtual ~ComputeBackend() = default;
+
+  // "cpu", "cuda:0", ...
+  virtual std::string Name() const = 0;
+
+  // Compiles `stage_graph` (a graph whose params are all in `weights`,
+  // keyed by canonical FQN). The program keeps what it needs of the
+  // weights (shares CPU tensors, or copies them to the device once).
+  // Errors: kInvalidArgument (invalid graph, missing weight, an op the
+  // backend lacks), kResourceExhausted (device memory). Thread-safe.
+  virtual absl::StatusOr<std::unique_ptr<StageProgram>> Compile(
+      const Graph& stage_graph, const WeightMap& weights) = 0;
+};
+
+}  // namespace pipeserve
+
+#endif  // PIPESERVE_RUNTIME_BACKEND_H_

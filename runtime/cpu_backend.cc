@@ -1,0 +1,232 @@
+#include "runtime/cpu_backend.h"
+
+#include <cstring>
+#include <utility>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "partitioner/op_schema.h"
+#include "partitioner/validate.h"
+#include "runtime/cpu_kernels.h"
+#include "runtime/signature.h"
+
+namespace pipeserve {
+namespace {
+
+enum class Kind {
+  kMm, kMatmul, kLinear, kAdd, kSub, kMul, kRelu, kClone, kIdentity,
+  kForward,  // a ReLU already fused into the linear before it
+};
+
+absl::StatusOr<Kind> KindOf(const std::string& op) {
+  static const auto* kinds = new absl::flat_hash_map<std::string, Kind>{
+      {"mm", Kind::kMm},         {"matmul", Kind::kMatmul},
+      {"linear", Kind::kLinear}, {"add", Kind::kAdd},
+      {"sub", Kind::kSub},       {"mul", Kind::kMul},
+      {"relu", Kind::kRelu},     {"clone", Kind::kClone},
+      {"identity", Kind::kIdentity}};
+  auto it = kinds->find(op);
+  if (it == kinds->end()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the cpu backend has no kernel for op \"", op, "\""));
+  }
+  return it->second;
+}
+
+BinaryOp BinaryOf(Kind k) {
+  return k == Kind::kAdd ? BinaryOp::kAdd
+         : k == Kind::kSub ? BinaryOp::kSub
+                           : BinaryOp::kMul;
+}
+
+struct Step {
+  Kind kind;
+  const Node* node;        // points into CpuProgram::graph_
+  const OpSchema* schema;
+  std::vector<int> in;     // value slots read
+  int out = -1;            // value slot written
+  bool fused_relu = false; // linear: apply ReLU in the same pass
+};
+
+class CpuProgram : public StageProgram {
+ public:
+  static absl::StatusOr<std::unique_ptr<CpuProgram>> Create(
+      const Graph& graph, const WeightMap& weights,
+      const CpuBackendOptions& options) {
+    ASSIGN_OR_RETURN(ValueShapes shapes, ValidateGraph(graph));
+    auto prog = std::unique_ptr<CpuProgram>(new CpuProgram(graph, options));
+    RETURN_IF_ERROR(prog->Build(weights, shapes));
+    return prog;
+  }
+
+  absl::StatusOr<std::vector<Tensor>> Run(
+      absl::Span<const Tensor> inputs) override {
+    RETURN_IF_ERROR(CheckTensorsMatch(graph_.inputs(), inputs).status());
+    std::vector<Tensor> values = constants_;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      values[input_slots_[i]] = inputs[i];
+    }
+    SetComputeThreads(options_.threads);
+    std::vector<Shape> in_shapes;
+    for (const Step& step : steps_) {
+      in_shapes.clear();
+      for (int slot : step.in) in_shapes.push_back(values[slot].shape());
+      if (step.kind == Kind::kForward || step.kind == Kind::kIdentity) {
+        values[step.out] = values[step.in[0]];
+        continue;
+      }
+      absl::StatusOr<std::vector<Shape>> out_shape =
+          step.schema->infer(*step.node, in_shapes);
+      if (!out_shape.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "node \"", step.node->name(), "\": ", out_shape.status().message()));
+      }
+      Tensor out = Tensor::Empty((*out_shape)[0]);
+      RETURN_IF_ERROR(Compute(step, values, &out));
+      values[step.out] = std::move(out);
+    }
+    std::vector<Tensor> outputs;
+    outputs.reserve(output_slots_.size());
+    for (int slot : output_slots_) outputs.push_back(values[slot]);
+    return outputs;
+  }
+
+ private:
+  CpuProgram(const Graph& graph, const CpuBackendOptions& options)
+      : graph_(graph), options_(options) {}
+
+  absl::Status Build(const WeightMap& weights, const ValueShapes& shapes) {
+    absl::flat_hash_map<std::string, int> slot;
+    auto slot_of = [&](const std::string& v) {
+      auto [it, inserted] = slot.emplace(v, static_cast<int>(slot.size()));
+      return it->second;
+    };
+    for (const ValueSpec& in : graph_.inputs()) {
+      input_slots_.push_back(slot_of(in.name()));
+    }
+    // Readers of each value, to find linears whose only reader is a ReLU.
+    absl::flat_hash_map<std::string, int> readers;
+    for (const Node& n : graph_.nodes()) {
+      for (const std::string& v : n.inputs()) ++readers[v];
+    }
+    for (const std::string& v : graph_.outputs()) ++readers[v];
+
+    std::vector<std::pair<int, Tensor>> params;
+    absl::flat_hash_map<int, int> linear_step_of_slot;
+    for (const Node& node : graph_.nodes()) {
+      if (node.op() == kPipeSplitOp) continue;
+      if (node.op() == kParamOp) {
+        const std::string& fqn = node.attrs().at("fqn").s();
+        auto w = weights.find(fqn);
+        if (w == weights.end()) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "parameter \"", fqn, "\" has no loaded weights"));
+        }
+        params.emplace_back(slot_of(node.outputs(0)), w->second);
+        continue;
+      }
+      ASSIGN_OR_RETURN(Kind kind, KindOf(node.op()));
+      Step step{kind, &node, FindOp(node.op()), {}, slot_of(node.outputs(0))};
+      for (const std::string& v : node.inputs()) step.in.push_back(slot_of(v));
+      if (kind == Kind::kRelu && options_.fuse_linear_relu) {
+        auto lin = linear_step_of_slot.find(step.in[0]);
+        if (lin != linear_step_of_slot.end() && readers[node.inputs(0)] == 1) {
+          steps_[lin->second].fused_relu = true;
+          step.kind = Kind::kForward;
+        }
+      }
+      if (kind == Kind::kLinear) {
+        linear_step_of_slot[step.out] = static_cast<int>(steps_.size());
+      }
+      steps_.push_back(std::move(step));
+    }
+    for (const std::string& v : graph_.outputs()) output_slots_.push_back(slot_of(v));
+    constants_.resize(slot.size());
+    for (auto& [s, t] : params) constants_[s] = std::move(t);
+    return absl::OkStatus();
+  }
+
+  absl::Status Compute(const Step& step, const std::vector<Tensor>& v,
+                       Tensor* out) const {
+    const Tensor& a = v[step.in[0]];
+    switch (step.kind) {
+      case Kind::kMm:
+      case Kind::kMatmul: {
+        // a [..., K] @ b [K, N]: the leading dims of a are rows.
+        const Tensor& b = v[step.in[1]];
+        int64_t k = b.dim(0), n = b.dim(1);
+        return Gemm(false, k == 0 ? 0 : a.numel() / k, n, k, a.data(),
+                    b.data(), 0.0f, out->data());
+      }
+      case Kind::kLinear: {
+        // x [..., K], w [N, K], bias [N]
+        const Tensor& w = v[step.in[1]];
+        const float* bias = step.in.size() > 2 ? v[step.in[2]].data() : nullptr;
+        int64_t n = w.dim(0), k = w.dim(1);
+        return LinearForward(a.data(), w.data(), bias,
+                             k == 0 ? 0 : a.numel() / k, n, k, out->data(),
+                             step.fused_relu);
+      }
+      case Kind::kAdd:
+      case Kind::kSub:
+      case Kind::kMul: {
+        if (HasScalarOperand(*step.node)) {
+          const auto& attrs = step.node->attrs();
+          auto rev = attrs.find("reverse");
+          BinaryScalar(BinaryOf(step.kind), a.data(),
+                       static_cast<float>(attrs.at("scalar").f()),
+                       rev != attrs.end() && rev->second.i() != 0, a.numel(),
+                       out->data());
+        } else {
+          const Tensor& b = v[step.in[1]];
+          BinaryBroadcast(BinaryOf(step.kind), a.data(), a.shape(), b.data(),
+                          b.shape(), out->data(), out->shape());
+        }
+        return absl::OkStatus();
+      }
+      case Kind::kRelu:
+        Relu(a.data(), a.numel(), out->data());
+        return absl::OkStatus();
+      case Kind::kClone:
+        if (a.numel() > 0) std::memcpy(out->data(), a.data(), a.byte_size());
+        return absl::OkStatus();
+      case Kind::kIdentity:
+      case Kind::kForward:
+        break;
+    }
+    return absl::InternalError("unreachable");
+  }
+
+  const Graph graph_;
+  const CpuBackendOptions options_;
+  std::vector<Step> steps_;
+  std::vector<Tensor> constants_;  // weights in their slots, others empty
+  std::vector<int> input_slots_;
+  std::vector<int> output_slots_;
+};
+
+class CpuBackend : public ComputeBackend {
+ public:
+  explicit CpuBackend(const CpuBackendOptions& options) : options_(options) {}
+
+  std::string Name() const override { return "cpu"; }
+
+  absl::StatusOr<std::unique_ptr<StageProgram>> Compile(
+      const Graph& stage_graph, const WeightMap& weights) override {
+    ASSIGN_OR_RETURN(std::unique_ptr<CpuProgram> prog,
+                     CpuProgram::Create(stage_graph, weights, options_));
+    return std::unique_ptr<StageProgram>(std::move(prog));
+  }
+
+ private:
+  const CpuBackendOptions options_;
+};
+
+}  // namespace
+
+std::unique_ptr<ComputeBackend> MakeCpuBackend(const CpuBackendOptions& options) {
+  return std::make_unique<CpuBackend>(options);
+}
+
+}  // namespace pipeserve

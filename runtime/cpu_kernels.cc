@@ -1,0 +1,142 @@
+#include "runtime/cpu_kernels.h"
+
+#include <dnnl.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+
+namespace pipeserve {
+namespace {
+
+template <typename F>
+void Apply(BinaryOp op, F&& loop) {
+  switch (op) {
+    case BinaryOp::kAdd:
+      loop([](float x, float y) { return x + y; });
+      break;
+    case BinaryOp::kSub:
+      loop([](float x, float y) { return x - y; });
+      break;
+    case BinaryOp::kMul:
+      loop([](float x, float y) { return x * y; });
+      break;
+  }
+}
+
+}  // namespace
+
+void SetComputeThreads(int threads) { omp_set_num_threads(std::max(1, threads)); }
+
+absl::Status Gemm(bool trans_b, int64_t m, int64_t n, int64_t k,
+                  const float* a, const float* b, float beta, float* c) {
+  if (m == 0 || n == 0) return absl::OkStatus();
+  if (k == 0) {
+    for (int64_t i = 0; i < m * n; ++i) c[i] = beta == 0.0f ? 0.0f : beta * c[i];
+    return absl::OkStatus();
+  }
+  // oneDNN's sgemm is row-major: lda/ldb/ldc are row lengths.
+  dnnl_status_t st = dnnl_sgemm('N', trans_b ? 'T' : 'N', m, n, k, 1.0f, a, k,
+                                b, trans_b ? k : n, beta, c, n);
+  if (st != dnnl_success) {
+    return absl::InternalError(absl::StrCat("dnnl_sgemm(", m, "x", n, "x", k,
+                                            ") failed with status ", st));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LinearForward(const float* x, const float* w, const float* bias,
+                           int64_t m, int64_t n, int64_t k, float* y,
+                           bool relu) {
+  float beta = 0.0f;
+  if (bias != nullptr) {
+    // Start every row of y at the bias and accumulate x @ w^T onto it.
+    for (int64_t i = 0; i < m; ++i) std::memcpy(y + i * n, bias, n * 4);
+    beta = 1.0f;
+  }
+  absl::Status s = Gemm(/*trans_b=*/true, m, n, k, x, w, beta, y);
+  if (!s.ok()) return s;
+  if (relu) Relu(y, m * n, y);
+  return absl::OkStatus();
+}
+
+void BinaryScalar(BinaryOp op, const float* x, float s, bool reverse,
+                  int64_t n, float* out) {
+  Apply(op, [&](auto f) {
+    if (reverse) {
+      for (int64_t i = 0; i < n; ++i) out[i] = f(s, x[i]);
+    } else {
+      for (int64_t i = 0; i < n; ++i) out[i] = f(x[i], s);
+    }
+  });
+}
+
+void BinaryBroadcast(BinaryOp op, const float* a,
+                     absl::Span<const int64_t> a_shape, const float* b,
+                     absl::Span<const int64_t> b_shape, float* out,
+                     absl::Span<const int64_t> out_shape) {
+  const int rank = static_cast<int>(out_shape.size());
+  int64_t total = 1;
+  for (int64_t d : out_shape) total *= d;
+  if (total == 0) return;
+  // Strides of a and b in out's index space; 0 along broadcast dimensions.
+  std::vector<int64_t> sa(rank, 0), sb(rank, 0);
+  {
+    int64_t st = 1;
+    for (int i = rank - 1, j = static_cast<int>(a_shape.size()) - 1; j >= 0;
+         --i, --j) {
+      sa[i] = a_shape[j] == 1 ? 0 : st;
+      st *= a_shape[j];
+    }
+    st = 1;
+    for (int i = rank - 1, j = static_cast<int>(b_shape.size()) - 1; j >= 0;
+         --i, --j) {
+      sb[i] = b_shape[j] == 1 ? 0 : st;
+      st *= b_shape[j];
+    }
+  }
+  // The innermost dimension is the fast loop: contiguous (stride 1) or
+  // broadcast (stride 0) for each operand.
+  const int64_t inner = rank == 0 ? 1 : out_shape[rank - 1];
+  const int64_t ia = rank == 0 ? 0 : sa[rank - 1];
+  const int64_t ib = rank == 0 ? 0 : sb[rank - 1];
+  const int64_t outer = total / inner;
+  std::vector<int64_t> idx(std::max(rank - 1, 0), 0);
+  Apply(op, [&](auto f) {
+    int64_t offa = 0, offb = 0;
+    for (int64_t o = 0; o < outer; ++o) {
+      float* dst = out + o * inner;
+      const float* pa = a + offa;
+      const float* pb = b + offb;
+      if (ia == 1 && ib == 1) {
+        for (int64_t i = 0; i < inner; ++i) dst[i] = f(pa[i], pb[i]);
+      } else if (ia == 1 && ib == 0) {
+        const float vb = pb[0];
+        for (int64_t i = 0; i < inner; ++i) dst[i] = f(pa[i], vb);
+      } else if (ia == 0 && ib == 1) {
+        const float va = pa[0];
+        for (int64_t i = 0; i < inner; ++i) dst[i] = f(va, pb[i]);
+      } else {
+        for (int64_t i = 0; i < inner; ++i) dst[i] = f(pa[0], pb[0]);
+      }
+      // Advance the outer index (odometer over dims 0..rank-2).
+      for (int d = rank - 2; d >= 0; --d) {
+        offa += sa[d];
+        offb += sb[d];
+        if (++idx[d] < out_shape[d]) break;
+        offa -= sa[d] * out_shape[d];
+        offb -= sb[d] * out_shape[d];
+        idx[d] = 0;
+      }
+    }
+  });
+}
+
+void Relu(const float* x, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] < 0.0f ? 0.0f : x[i];  // NaN stays NaN, as in torch
+}
+
+}  // namespace pipeserve

@@ -1,0 +1,221 @@
+#include "runtime/model_file.h"
+
+#include <zlib.h>
+
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+
+namespace pipeserve {
+namespace {
+
+constexpr size_t kHeaderStart = 16;
+
+uint64_t AlignUp(uint64_t n) { return (n + 63) / 64 * 64; }
+
+void PutU64(char* p, uint64_t v) {
+  for (int i = 0; i < 8; ++i) p[i] = static_cast<char>((v >> (8 * i)) & 0xff);
+}
+
+uint64_t GetU64(const char* p) {
+  uint64_t v = 0;
+  for (int i = 0; i < 8; ++i) v |= uint64_t{static_cast<uint8_t>(p[i])} << (8 * i);
+  return v;
+}
+
+// The byte size a TensorInfo's dtype and shape call for.
+absl::StatusOr<uint64_t> ExpectedBytes(const TensorInfo& info) {
+  if (info.dtype() != DT_FLOAT32) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("parameter \"", info.fqn(), "\": unsupported dtype ",
+                     DataType_Name(info.dtype())));
+  }
+  int64_t n = 1;
+  for (int64_t d : info.shape()) {
+    if (d < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "parameter \"", info.fqn(), "\": negative dimension in shape ",
+          ShapeToString(Shape(info.shape().begin(), info.shape().end()))));
+    }
+    n *= d;
+  }
+  return static_cast<uint64_t>(n) * 4;
+}
+
+}  // namespace
+
+uint32_t Crc32(const void* data, size_t n) {
+  uLong crc = crc32(0L, Z_NULL, 0);
+  const Bytef* p = static_cast<const Bytef*>(data);
+  while (n > 0) {
+    uInt chunk = static_cast<uInt>(std::min<size_t>(n, 1u << 30));
+    crc = crc32(crc, p, chunk);
+    p += chunk;
+    n -= chunk;
+  }
+  return static_cast<uint32_t>(crc);
+}
+
+namespace {
+
+// Builds a Model from its header bytes and its data section, already in a
+// 64-byte-aligned buffer that the weight tensors will share.
+absl::StatusOr<Model> FromParts(const char* header, uint64_t header_size,
+                                std::shared_ptr<void> data,
+                                uint64_t data_bytes) {
+  Model model;
+  if (!model.graph.ParseFromArray(header, static_cast<int>(header_size))) {
+    return absl::DataLossError("model file header is not a valid Graph proto");
+  }
+  for (const TensorInfo& info : model.graph.params()) {
+    ASSIGN_OR_RETURN(uint64_t expected, ExpectedBytes(info));
+    if (info.byte_size() != expected) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "parameter \"", info.fqn(), "\": byte_size ", info.byte_size(),
+          " does not match shape ",
+          ShapeToString(Shape(info.shape().begin(), info.shape().end())),
+          " (", expected, " bytes of float32)"));
+    }
+    if (info.offset() % 64 != 0 || info.offset() > data_bytes ||
+        info.byte_size() > data_bytes - info.offset()) {
+      return absl::DataLossError(absl::StrCat(
+          "parameter \"", info.fqn(), "\": bytes [", info.offset(), ", ",
+          info.offset() + info.byte_size(),
+          ") lie outside the data section of ", data_bytes,
+          " bytes (truncated file?)"));
+    }
+    char* p = static_cast<char*>(data.get()) + info.offset();
+    uint32_t crc = Crc32(p, info.byte_size());
+    if (crc != info.crc32()) {
+      return absl::DataLossError(absl::StrCat(
+          "parameter \"", info.fqn(), "\": checksum mismatch (stored ",
+          info.crc32(), ", computed ", crc, ")"));
+    }
+    if (model.weights.contains(info.fqn())) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("parameter \"", info.fqn(), "\" is stored twice"));
+    }
+    model.weights[info.fqn()] =
+        Tensor::Wrap(data, reinterpret_cast<float*>(p),
+                     Shape(info.shape().begin(), info.shape().end()));
+  }
+  return model;
+}
+
+absl::Status CheckPrefix(const char* prefix, uint64_t total,
+                         uint64_t* header_size) {
+  if (total < kHeaderStart || std::memcmp(prefix, kModelMagic, 8) != 0) {
+    return absl::InvalidArgumentError(
+        "not a pipeserve model file (no PIPESRV1 magic)");
+  }
+  *header_size = GetU64(prefix + 8);
+  if (*header_size > total - kHeaderStart) {
+    return absl::DataLossError(absl::StrCat(
+        "model file truncated: header of ", *header_size, " bytes, but only ",
+        total - kHeaderStart, " follow"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<Model> ParseModel(const std::string& bytes) {
+  uint64_t header_size = 0;
+  RETURN_IF_ERROR(CheckPrefix(bytes.data(), bytes.size(), &header_size));
+  uint64_t data_start = AlignUp(kHeaderStart + header_size);
+  uint64_t data_bytes =
+      bytes.size() > data_start ? bytes.size() - data_start : 0;
+  std::shared_ptr<void> data = AllocateAligned(data_bytes);
+  if (data_bytes > 0) {
+    std::memcpy(data.get(), bytes.data() + data_start, data_bytes);
+  }
+  return FromParts(bytes.data() + kHeaderStart, header_size, std::move(data),
+                   data_bytes);
+}
+
+absl::StatusOr<Model> ReadModelFile(const std::string& path) {
+  auto fail = [&](const absl::Status& s) {
+    return absl::Status(s.code(), absl::StrCat(path, ": ", s.message()));
+  };
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) {
+    return absl::NotFoundError(absl::StrCat("cannot open model file ", path));
+  }
+  uint64_t total = static_cast<uint64_t>(in.tellg());
+  in.seekg(0);
+  char prefix[kHeaderStart] = {};
+  in.read(prefix, std::min<uint64_t>(total, kHeaderStart));
+  uint64_t header_size = 0;
+  absl::Status s = CheckPrefix(prefix, total, &header_size);
+  if (!s.ok()) return fail(s);
+  std::string header(header_size, '\0');
+  in.read(header.data(), header_size);
+  // Weights are read straight into one aligned buffer: no second copy.
+  uint64_t data_start = AlignUp(kHeaderStart + header_size);
+  uint64_t data_bytes = total > data_start ? total - data_start : 0;
+  std::shared_ptr<void> data = AllocateAligned(data_bytes);
+  in.seekg(data_start);
+  in.read(static_cast<char*>(data.get()), data_bytes);
+  if (!in) return fail(absl::DataLossError("read error"));
+  absl::StatusOr<Model> model =
+      FromParts(header.data(), header_size, std::move(data), data_bytes);
+  if (!model.ok()) return fail(model.status());
+  return model;
+}
+
+absl::Status WriteModelFile(const std::string& path, Graph graph,
+                            const WeightMap& weights) {
+  uint64_t offset = 0;
+  for (TensorInfo& info : *graph.mutable_params()) {
+    auto it = weights.find(info.fqn());
+    if (it == weights.end()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("no tensor for parameter \"", info.fqn(), "\""));
+    }
+    const Tensor& t = it->second;
+    info.set_offset(offset);
+    info.set_byte_size(t.byte_size());
+    info.set_crc32(Crc32(t.data(), t.byte_size()));
+    offset = AlignUp(offset + t.byte_size());
+  }
+  std::string header;
+  if (!graph.SerializeToString(&header)) {
+    return absl::InternalError("cannot serialize the model graph");
+  }
+  std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) return absl::UnavailableError(absl::StrCat("cannot write ", tmp));
+    char prefix[kHeaderStart];
+    std::memcpy(prefix, kModelMagic, 8);
+    PutU64(prefix + 8, header.size());
+    out.write(prefix, kHeaderStart);
+    out.write(header.data(), header.size());
+    uint64_t pos = kHeaderStart + header.size();
+    const std::string zeros(64, '\0');
+    auto pad_to = [&](uint64_t target) {
+      out.write(zeros.data(), target - pos);
+      pos = target;
+    };
+    pad_to(AlignUp(pos));
+    uint64_t data_start = pos;
+    for (const TensorInfo& info : graph.params()) {
+      pad_to(data_start + info.offset());
+      const Tensor& t = weights.at(info.fqn());
+      out.write(reinterpret_cast<const char*>(t.data()), t.byte_size());
+      pos += t.byte_size();
+    }
+    if (!out) return absl::UnavailableError(absl::StrCat("short write to ", tmp));
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    return absl::UnavailableError(absl::StrCat("cannot rename ", tmp, " to ", path));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace pipeserve

@@ -1,0 +1,40 @@
+#include "runtime/signature.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace pipeserve {
+
+absl::StatusOr<int64_t> CheckTensorsMatch(
+    const google::protobuf::RepeatedPtrField<ValueSpec>& specs,
+    absl::Span<const Tensor> tensors) {
+  if (static_cast<size_t>(specs.size()) != tensors.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "expected ", specs.size(), " inputs, got ", tensors.size()));
+  }
+  int64_t batch = -1;
+  for (int i = 0; i < specs.size(); ++i) {
+    const ValueSpec& spec = specs.Get(i);
+    const Tensor& t = tensors[i];
+    bool ok = t.rank() == spec.shape_size();
+    for (int d = 0; ok && d < t.rank(); ++d) {
+      int64_t want = spec.shape(d);
+      if (want >= 0) {
+        ok = t.dim(d) == want;
+      } else if (batch < 0) {
+        batch = t.dim(d);
+      } else {
+        ok = t.dim(d) == batch;
+      }
+    }
+    if (!ok) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "input \"", spec.name(), "\": shape ", ShapeToString(t.shape()),
+          " does not match ",
+          ShapeToString(Shape(spec.shape().begin(), spec.shape().end())),
+          batch >= 0 ? absl::StrCat(" (batch ", batch, ")") : ""));
+    }
+  }
+  return batch;
+}
+
+}  // namespace pipeserve

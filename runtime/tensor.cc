@@ -1,0 +1,83 @@
+#include "runtime/tensor.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace pipeserve {
+
+int64_t NumElements(absl::Span<const int64_t> shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+std::string ShapeToString(absl::Span<const int64_t> shape) {
+  return absl::StrCat(
+      "[",
+      absl::StrJoin(shape, ",",
+                    [](std::string* out, int64_t d) {
+                      absl::StrAppend(out, d < 0 ? std::string("B")
+                                                 : absl::StrCat(d));
+                    }),
+      "]");
+}
+
+std::shared_ptr<void> AllocateAligned(size_t bytes) {
+  // aligned_alloc wants a multiple of the alignment; never ask for 0.
+  size_t rounded = ((bytes + 63) / 64) * 64;
+  if (rounded == 0) rounded = 64;
+  void* p = std::aligned_alloc(64, rounded);
+  if (p == nullptr) throw std::bad_alloc();
+  return std::shared_ptr<void>(p, [](void* q) { std::free(q); });
+}
+
+Tensor::Tensor(std::shared_ptr<const void> owner, float* data, Shape shape)
+    : owner_(std::move(owner)),
+      data_(data),
+      shape_(std::move(shape)),
+      numel_(NumElements(shape_)) {}
+
+Tensor Tensor::Empty(Shape shape) {
+  int64_t n = NumElements(shape);
+  std::shared_ptr<void> buf = AllocateAligned(static_cast<size_t>(n) * 4);
+  float* data = static_cast<float*>(buf.get());
+  return Tensor(std::move(buf), data, std::move(shape));
+}
+
+Tensor Tensor::Zeros(Shape shape) {
+  Tensor t = Empty(std::move(shape));
+  std::memset(t.data(), 0, t.byte_size());
+  return t;
+}
+
+Tensor Tensor::FromVector(Shape shape, const std::vector<float>& values) {
+  Tensor t = Empty(std::move(shape));
+  std::memcpy(t.data(), values.data(),
+              std::min<size_t>(values.size(), t.numel()) * 4);
+  return t;
+}
+
+Tensor Tensor::Wrap(std::shared_ptr<const void> owner, float* data,
+                    Shape shape) {
+  return Tensor(std::move(owner), data, std::move(shape));
+}
+
+Tensor Tensor::Clone() const {
+  Tensor t = Empty(shape_);
+  if (numel_ > 0) std::memcpy(t.data(), data_, byte_size());
+  return t;
+}
+
+Tensor Tensor::SliceRows(int64_t begin, int64_t end) const {
+  Shape s = shape_;
+  s[0] = end - begin;
+  int64_t row = shape_[0] == 0 ? 0 : numel_ / shape_[0];
+  return Tensor(owner_, data_ + begin * row, std::move(s));
+}
+
+}  // namespace pipeserve

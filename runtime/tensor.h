@@ -1,0 +1,73 @@
+// A dense float32 tensor: a shape and a shared, 64-byte-aligned buffer.
+//
+// Copies are shallow (they share the buffer), as with torch.Tensor; weights
+// loaded from a model file are views into the file's buffer.
+//
+//   Tensor x = Tensor::Empty({16, 512});
+//   x.data()[0] = 1.0f;
+//   Tensor y = x;               // same storage
+//   Tensor z = x.Clone();       // new storage
+#ifndef PIPESERVE_RUNTIME_TENSOR_H_
+#define PIPESERVE_RUNTIME_TENSOR_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/types/span.h"
+
+namespace pipeserve {
+
+using Shape = std::vector<int64_t>;
+
+// Number of elements of a shape with no negative (symbolic) dimension.
+int64_t NumElements(absl::Span<const int64_t> shape);
+
+// "[16,512]"; a batch dimension (-1) prints as "B".
+std::string ShapeToString(absl::Span<const int64_t> shape);
+
+class Tensor {
+ public:
+  // An empty (rank-0 placeholder) tensor with no storage.
+  Tensor() = default;
+
+  // Uninitialised contents, 64-byte aligned.
+  static Tensor Empty(Shape shape);
+  static Tensor Zeros(Shape shape);
+  static Tensor FromVector(Shape shape, const std::vector<float>& values);
+  // A view of `data` (numel(shape) floats) kept alive by `owner`.
+  static Tensor Wrap(std::shared_ptr<const void> owner, float* data,
+                     Shape shape);
+
+  const Shape& shape() const { return shape_; }
+  int64_t dim(int i) const { return shape_[i]; }
+  int rank() const { return static_cast<int>(shape_.size()); }
+  int64_t numel() const { return numel_; }
+  int64_t byte_size() const { return numel_ * 4; }
+  bool defined() const { return data_ != nullptr || numel_ == 0; }
+
+  float* data() const { return data_; }
+
+  // A deep copy.
+  Tensor Clone() const;
+
+  // Rows [begin, end) of dim 0, as a view that shares storage (rows are
+  // contiguous in row-major layout).
+  Tensor SliceRows(int64_t begin, int64_t end) const;
+
+ private:
+  Tensor(std::shared_ptr<const void> owner, float* data, Shape shape);
+
+  std::shared_ptr<const void> owner_;
+  float* data_ = nullptr;
+  Shape shape_;
+  int64_t numel_ = 0;
+};
+
+// Allocates `bytes` bytes aligned to 64, freed when the last owner goes.
+std::shared_ptr<void> AllocateAligned(size_t bytes);
+
+}  // namespace pipeserve
+
+#endif  // PIPESERVE_RUNTIME_TENSOR_H_
