@@ -1,0 +1,283 @@
+#include "partitioner/partition.h"
+
+#include <set>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "partitioner/graph_builder.h"
+
+namespace pipeserve {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using ::testing::UnorderedElementsAre;
+
+std::vector<std::string> InputNames(const Stage& s) {
+  std::vector<std::string> names;
+  for (const ValueSpec& v : s.graph().inputs()) names.push_back(v.name());
+  return names;
+}
+
+std::vector<std::string> OutputNames(const Stage& s) {
+  return {s.graph().outputs().begin(), s.graph().outputs().end()};
+}
+
+std::vector<std::string> Fqns(const Stage& s) {
+  return {s.param_fqns().begin(), s.param_fqns().end()};
+}
+
+Plan MustPartition(const Graph& g, const PartitionOptions& o = {}) {
+  absl::StatusOr<Plan> p = Partition(g, o);
+  EXPECT_TRUE(p.ok()) << p.status();
+  return p.ok() ? *p : Plan();
+}
+
+void ExpectError(const Graph& g, const PartitionOptions& o,
+                 const std::string& substring) {
+  absl::StatusOr<Plan> p = Partition(g, o);
+  ASSERT_FALSE(p.ok());
+  EXPECT_EQ(p.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(p.status().message()), HasSubstr(substring));
+}
+
+// The seed's ExampleCode, at width 8.
+GraphBuilder ExampleCode() {
+  GraphBuilder b;
+  b.Input("x", {-1, 8}).Input("y", {-1, 8});
+  b.Param("mm_param1", {8, 8}).Param("mm_param2", {8, 8});
+  b.Param("lin1.weight", {8, 8}).Param("lin1.bias", {8});
+  b.Param("lin2.weight", {8, 8}).Param("lin2.bias", {8});
+  b.Op("mm", {"x", "mm_param1"}, "mm").Op("add", {"mm", "y"}, "add");
+  b.Op("relu", {"add"}, "relu").Split();
+  b.Op("mm", {"relu", "mm_param1"}, "mm_1");
+  b.Op("linear", {"mm_1", "lin1.weight", "lin1.bias"}, "lin1", "lin1").Split();
+  b.Op("relu", {"lin1"}, "relu_1").Op("add", {"relu_1", "mm"}, "add_1");
+  b.Op("mm", {"add_1", "mm_param2"}, "mm_2").Split();
+  b.Op("linear", {"mm_2", "lin2.weight", "lin2.bias"}, "lin2", "lin2");
+  b.Op("relu", {"lin2"}, "relu_2").Output("relu_2");
+  return b;
+}
+
+TEST(PartitionTest, MarkersGiveOneMoreStageThanMarkers) {
+  Plan plan = MustPartition(ExampleCode().Build().graph);
+  ASSERT_EQ(plan.stages_size(), 4);
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(plan.stages(i).index(), i);
+  EXPECT_THAT(plan.output_stages(), ElementsAre(3));
+}
+
+TEST(PartitionTest, MultiUseParameterIsCopiedIntoEveryStageThatUsesIt) {
+  Plan plan = MustPartition(ExampleCode().Build().graph);
+  EXPECT_THAT(Fqns(plan.stages(0)), ElementsAre("mm_param1"));
+  EXPECT_THAT(Fqns(plan.stages(1)),
+              ElementsAre("mm_param1", "lin1.weight", "lin1.bias"));
+  EXPECT_THAT(Fqns(plan.stages(2)), ElementsAre("mm_param2"));
+  EXPECT_THAT(Fqns(plan.stages(3)), ElementsAre("lin2.weight", "lin2.bias"));
+  // Each copy carries the parameter's TensorInfo so the stage loads alone.
+  ASSERT_EQ(plan.stages(1).graph().params_size(), 3);
+  EXPECT_EQ(plan.stages(1).graph().params(0).fqn(), "mm_param1");
+}
+
+TEST(PartitionTest, SkipConnectionIsAnExtraOutputAndAnExtraInput) {
+  Plan plan = MustPartition(ExampleCode().Build().graph);
+  // "mm" is made in stage 0 and read in stage 2 (skip_connection).
+  EXPECT_THAT(OutputNames(plan.stages(0)), ElementsAre("mm", "relu"));
+  EXPECT_THAT(InputNames(plan.stages(1)), ElementsAre("relu"));
+  EXPECT_THAT(plan.stages(1).input_sources(), ElementsAre(0));
+  EXPECT_THAT(InputNames(plan.stages(2)), ElementsAre("lin1", "mm"));
+  EXPECT_THAT(plan.stages(2).input_sources(), ElementsAre(1, 0));
+  // Boundary values carry their shapes with the batch dimension.
+  EXPECT_THAT(plan.stages(2).graph().inputs(1).shape(), ElementsAre(-1, 8));
+  EXPECT_TRUE(plan.stages(2).graph().inputs(1).batched());
+}
+
+TEST(PartitionTest, ValueSkippingTwoStagesReachesTheLastStage) {
+  GraphBuilder b;
+  b.Input("x", {-1, 4});
+  b.Op("relu", {"x"}, "a").Split().Op("relu", {"a"}, "b").Split();
+  b.Op("relu", {"b"}, "c").Split().Op("add", {"c", "a"}, "d").Output("d");
+  Plan plan = MustPartition(b.Build().graph);
+  ASSERT_EQ(plan.stages_size(), 4);
+  EXPECT_THAT(OutputNames(plan.stages(0)), ElementsAre("a"));
+  EXPECT_THAT(InputNames(plan.stages(3)), ElementsAre("c", "a"));
+  EXPECT_THAT(plan.stages(3).input_sources(), ElementsAre(2, 0));
+}
+
+TEST(PartitionTest, ModelInputUsedOnlyByTheLastStageGoesStraightThere) {
+  GraphBuilder b;
+  b.Input("x", {-1, 4}).Input("y", {-1, 4});
+  b.Op("relu", {"x"}, "a").Split().Op("relu", {"a"}, "b").Split();
+  b.Op("sub", {"b", "y"}, "c").Output("c");
+  Plan plan = MustPartition(b.Build().graph);
+  EXPECT_THAT(InputNames(plan.stages(0)), ElementsAre("x"));
+  EXPECT_THAT(InputNames(plan.stages(1)), ElementsAre("a"));
+  EXPECT_THAT(InputNames(plan.stages(2)), ElementsAre("b", "y"));
+  EXPECT_THAT(plan.stages(2).input_sources(), ElementsAre(1, -1));
+}
+
+TEST(PartitionTest, ParameterUsedInThreeStagesIsInAllThree) {
+  GraphBuilder b;
+  b.Input("x", {-1, 4}).Param("shared", {4, 4});
+  b.Op("mm", {"x", "shared"}, "a").Split();
+  b.Op("mm", {"a", "shared"}, "b").Split();
+  b.Op("mm", {"b", "shared"}, "c").Output("c");
+  Plan plan = MustPartition(b.Build().graph);
+  for (const Stage& s : plan.stages()) {
+    EXPECT_THAT(Fqns(s), ElementsAre("shared"));
+  }
+}
+
+TEST(PartitionTest, AliasesCoverTheWholeStateDict) {
+  GraphBuilder b;
+  b.Input("x", {-1, 4}).Param("p1", {4, 4}).Alias("p0", "p1");
+  b.Param("lin1.weight", {4, 4}).Alias("lin0.weight", "lin1.weight");
+  b.Op("mm", {"x", "p1"}, "a").Split();
+  b.Op("linear", {"a", "lin1.weight"}, "c", "lin1").Output("c");
+  Model m = b.Build();
+  Plan plan = MustPartition(m.graph);
+  std::vector<std::string> keys(m.graph.state_dict_keys().begin(),
+                                m.graph.state_dict_keys().end());
+  std::sort(keys.begin(), keys.end());
+  EXPECT_EQ(CoveredStateDictKeys(m.graph, plan), keys);
+  EXPECT_EQ(plan.stages(1).graph().aliases().at("lin0.weight"), "lin1.weight");
+}
+
+// layers.0 .. layers.3, each a relu node, in module paths.
+GraphBuilder Layers(int n) {
+  GraphBuilder b;
+  b.Input("x", {-1, 4});
+  std::string prev = "x";
+  for (int i = 0; i < n; ++i) {
+    std::string out = "h" + std::to_string(i);
+    b.Op("relu", {prev}, out, "layers." + std::to_string(i) + ".net");
+    prev = out;
+  }
+  b.Output(prev);
+  return b;
+}
+
+TEST(PartitionTest, SplitSpecBeginningCutsBeforeTheModule) {
+  GraphBuilder b = Layers(4);
+  b.SplitSpec("layers.2", BEGINNING);
+  Plan plan = MustPartition(b.Build().graph);
+  ASSERT_EQ(plan.stages_size(), 2);
+  EXPECT_THAT(InputNames(plan.stages(1)), ElementsAre("h1"));
+}
+
+TEST(PartitionTest, SplitSpecEndCutsAfterTheModule) {
+  GraphBuilder b = Layers(4);
+  b.SplitSpec("layers.0", END).SplitSpec("layers.2", END);
+  Plan plan = MustPartition(b.Build().graph);
+  ASSERT_EQ(plan.stages_size(), 3);
+  EXPECT_THAT(InputNames(plan.stages(1)), ElementsAre("h0"));
+  EXPECT_THAT(InputNames(plan.stages(2)), ElementsAre("h2"));
+}
+
+TEST(PartitionTest, OptionsSplitSpecOverridesTheModels) {
+  GraphBuilder b = Layers(4);
+  b.SplitSpec("layers.2", BEGINNING);
+  PartitionOptions o;
+  o.split_spec = {{"layers.1", BEGINNING}, {"layers.3", BEGINNING}};
+  Plan plan = MustPartition(b.Build().graph, o);
+  ASSERT_EQ(plan.stages_size(), 3);
+  EXPECT_THAT(InputNames(plan.stages(1)), ElementsAre("h0"));
+}
+
+TEST(PartitionTest, SplitSpecUnknownModuleIsNamed) {
+  GraphBuilder b = Layers(2);
+  b.SplitSpec("layers.9", BEGINNING);
+  ExpectError(b.Build().graph, {},
+              "split_spec names module \"layers.9\", but no node");
+}
+
+TEST(PartitionTest, CutBeforeTheFirstNodeMakesAnEmptyStage) {
+  GraphBuilder b = Layers(3);
+  b.SplitSpec("layers.0", BEGINNING);
+  ExpectError(b.Build().graph, {},
+              "split_spec \"layers.0\" BEGINNING makes an empty stage (it "
+              "cuts before the first node)");
+}
+
+TEST(PartitionTest, TwoMarkersInARowMakeAnEmptyStage) {
+  GraphBuilder b;
+  b.Input("x", {-1, 4});
+  b.Op("relu", {"x"}, "a").Split().Split().Op("relu", {"a"}, "b").Output("b");
+  ExpectError(b.Build().graph, {},
+              "pipe_split \"pipe_split_1\" makes an empty stage (it cuts "
+              "right after pipe_split \"pipe_split_0\")");
+}
+
+TEST(PartitionTest, MarkerAfterTheLastNodeMakesAnEmptyStage) {
+  GraphBuilder b;
+  b.Input("x", {-1, 4});
+  b.Op("relu", {"x"}, "a").Split().Output("a");
+  ExpectError(b.Build().graph, {}, "cuts after the last node");
+}
+
+TEST(PartitionTest, NumStagesMustAgreeWithTheModelsCuts) {
+  PartitionOptions o;
+  o.num_stages = 3;
+  ExpectError(ExampleCode().Build().graph, o,
+              "num_stages 3 conflicts with the model's 3 cut points (4 stages)");
+}
+
+TEST(PartitionTest, AutomaticCutBalancesEqualLayers) {
+  GraphBuilder b;
+  b.Input("x", {-1, 16});
+  std::string prev = "x";
+  for (int i = 0; i < 6; ++i) {
+    std::string w = "l" + std::to_string(i) + ".weight";
+    b.Param(w, {16, 16});
+    b.Op("linear", {prev, w}, "h" + std::to_string(i));
+    prev = "h" + std::to_string(i);
+  }
+  b.Output(prev);
+  PartitionOptions o;
+  o.num_stages = 3;
+  Plan plan = MustPartition(b.Build().graph, o);
+  ASSERT_EQ(plan.stages_size(), 3);
+  for (const Stage& s : plan.stages()) EXPECT_EQ(s.param_fqns_size(), 2);
+}
+
+TEST(PartitionTest, AutomaticCutPutsTheHeavyLayerAlone) {
+  GraphBuilder b;
+  b.Input("x", {-1, 16}).Param("big", {16, 1024}).Param("small", {1024, 16});
+  b.Op("relu", {"x"}, "a").Op("mm", {"a", "big"}, "b");
+  b.Op("mm", {"b", "small"}, "c").Op("relu", {"c"}, "d").Output("d");
+  PartitionOptions o;
+  o.num_stages = 2;
+  Plan plan = MustPartition(b.Build().graph, o);
+  ASSERT_EQ(plan.stages_size(), 2);
+  EXPECT_THAT(Fqns(plan.stages(0)), ElementsAre("big"));
+  EXPECT_THAT(Fqns(plan.stages(1)), ElementsAre("small"));
+}
+
+TEST(PartitionTest, AutomaticCutEveryNodeItsOwnStage) {
+  GraphBuilder b = Layers(3);
+  PartitionOptions o;
+  o.num_stages = 3;
+  Plan plan = MustPartition(b.Build().graph, o);
+  ASSERT_EQ(plan.stages_size(), 3);
+  for (const Stage& s : plan.stages()) EXPECT_EQ(s.graph().nodes_size(), 1);
+}
+
+TEST(PartitionTest, MoreStagesThanNodesIsAnError) {
+  PartitionOptions o;
+  o.num_stages = 5;
+  ExpectError(Layers(3).Build().graph, o,
+              "cannot cut 3 nodes into 5 non-empty stages");
+}
+
+TEST(PartitionTest, NoCutPointsAndNoNumStagesIsOneStage) {
+  Plan plan = MustPartition(Layers(3).Build().graph);
+  EXPECT_EQ(plan.stages_size(), 1);
+}
+
+TEST(PartitionTest, ValidationErrorsComeThrough) {
+  GraphBuilder b = Layers(2);
+  b.graph().mutable_nodes(0)->set_op("conv2d");
+  ExpectError(b.graph(), {}, "unknown op \"conv2d\"");
+}
+
+}  // namespace
+}  // namespace pipeserve

@@ -1,0 +1,154 @@
+#include "partitioner/validate.h"
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "partitioner/graph_builder.h"
+
+namespace pipeserve {
+namespace {
+
+using ::testing::HasSubstr;
+
+// x [B, 8] -> mm(w [8, 4]) -> relu -> y
+GraphBuilder SmallModel() {
+  GraphBuilder b;
+  b.Input("x", {-1, 8}).Param("w", {8, 4});
+  b.Op("mm", {"x", "w"}, "h").Op("relu", {"h"}, "y").Output("y");
+  return b;
+}
+
+void ExpectInvalid(const Graph& g, const std::string& substring) {
+  absl::StatusOr<ValueShapes> r = ValidateGraph(g);
+  ASSERT_FALSE(r.ok()) << "expected an error containing: " << substring;
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr(substring));
+}
+
+TEST(ValidateTest, ValidGraphGetsShapesWithSymbolicBatch) {
+  absl::StatusOr<ValueShapes> r = ValidateGraph(SmallModel().Build().graph);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->at("h"), (Shape{-1, 4}));
+  EXPECT_EQ(r->at("y"), (Shape{-1, 4}));
+  EXPECT_EQ(r->at("w"), (Shape{8, 4}));
+}
+
+TEST(ValidateTest, UnknownOpIsNamed) {
+  GraphBuilder b = SmallModel();
+  b.graph().mutable_nodes(2)->set_op("softmax");
+  ExpectInvalid(b.graph(), "node \"y\" (softmax): unknown op \"softmax\"");
+}
+
+TEST(ValidateTest, UndefinedValueIsNamed) {
+  GraphBuilder b = SmallModel();
+  b.graph().mutable_nodes(2)->set_inputs(0, "nowhere");
+  ExpectInvalid(b.graph(),
+                "node \"y\" (relu): input \"nowhere\" is not defined");
+}
+
+TEST(ValidateTest, CycleIsReportedWithItsPath) {
+  GraphBuilder b;
+  b.Input("x", {-1, 4});
+  b.Op("add", {"x", "c"}, "a").Op("relu", {"a"}, "c").Output("c");
+  ExpectInvalid(b.graph(), "cycle: a <- c <- a");
+}
+
+TEST(ValidateTest, ForwardReferenceWithoutCycleNeedsTopologicalOrder) {
+  GraphBuilder b;
+  b.Input("x", {-1, 4});
+  b.Op("relu", {"b"}, "a").Op("relu", {"x"}, "b").Output("a");
+  ExpectInvalid(b.graph(), "uses value \"b\" before node \"b\" defines it");
+}
+
+TEST(ValidateTest, DuplicateNodeNameIsNamed) {
+  GraphBuilder b = SmallModel();
+  b.graph().mutable_nodes(2)->set_name("h");
+  ExpectInvalid(b.graph(), "duplicate node name \"h\"");
+}
+
+TEST(ValidateTest, ValueDefinedTwiceIsNamed) {
+  GraphBuilder b = SmallModel();
+  b.graph().mutable_nodes(2)->set_outputs(0, "h");
+  ExpectInvalid(b.graph(), "value \"h\" is defined more than once");
+}
+
+TEST(ValidateTest, DuplicateInputNameIsNamed) {
+  GraphBuilder b = SmallModel();
+  b.Input("x", {-1, 8});
+  ExpectInvalid(b.graph(), "duplicate model input name \"x\"");
+}
+
+TEST(ValidateTest, ShapeMismatchNamesNodeAndShapes) {
+  GraphBuilder b;
+  b.Input("x", {-1, 8}).Param("w", {4, 4});
+  b.Op("mm", {"x", "w"}, "h").Output("h");
+  ExpectInvalid(b.graph(),
+                "node \"h\" (mm): mm inner dimensions differ: [B,8] and [4,4]");
+}
+
+TEST(ValidateTest, BroadcastMismatchNamesShapes) {
+  GraphBuilder b;
+  b.Input("x", {-1, 8}).Input("y", {-1, 6});
+  b.Op("add", {"x", "y"}, "s").Output("s");
+  ExpectInvalid(b.graph(), "shapes do not broadcast: [B,8] and [B,6]");
+}
+
+TEST(ValidateTest, BatchDimensionDoesNotBroadcastWithFixedSize) {
+  GraphBuilder b;
+  b.Input("x", {-1, 8}).Param("p", {3, 8});
+  b.Op("add", {"x", "p"}, "s").Output("s");
+  ExpectInvalid(b.graph(), "shapes do not broadcast: [B,8] and [3,8]");
+}
+
+TEST(ValidateTest, DtypeMismatchOnInputIsNamed) {
+  GraphBuilder b = SmallModel();
+  b.graph().mutable_inputs(0)->set_dtype(DT_INVALID);
+  ExpectInvalid(b.graph(), "input \"x\": dtype DT_INVALID is not supported");
+}
+
+TEST(ValidateTest, DtypeMismatchOnParameterIsNamed) {
+  GraphBuilder b = SmallModel();
+  b.graph().mutable_params(0)->set_dtype(DT_INVALID);
+  ExpectInvalid(b.graph(), "parameter \"w\": dtype DT_INVALID");
+}
+
+TEST(ValidateTest, MissingParameterIsNamed) {
+  GraphBuilder b = SmallModel();
+  b.graph().clear_params();
+  ExpectInvalid(b.graph(), "parameter \"w\" is missing");
+}
+
+TEST(ValidateTest, ParameterByteSizeMustMatchShape) {
+  GraphBuilder b = SmallModel();
+  b.graph().mutable_params(0)->set_byte_size(100);
+  ExpectInvalid(b.graph(),
+                "parameter \"w\": byte_size 100 does not match shape [8,4] "
+                "(128 bytes of float32)");
+}
+
+TEST(ValidateTest, WrongArityIsNamed) {
+  GraphBuilder b = SmallModel();
+  b.graph().mutable_nodes(2)->add_inputs("x");
+  ExpectInvalid(b.graph(), "node \"y\" (relu): expects 1 inputs and 1 outputs, got 2");
+}
+
+TEST(ValidateTest, UndefinedModelOutputIsNamed) {
+  GraphBuilder b = SmallModel();
+  b.Output("ghost");
+  ExpectInvalid(b.graph(), "model output \"ghost\" is not defined");
+}
+
+TEST(ValidateTest, BatchedInputNeedsBatchDimension) {
+  GraphBuilder b = SmallModel();
+  b.graph().mutable_inputs(0)->set_shape(0, 16);
+  ExpectInvalid(b.graph(), "input \"x\": a batched input needs dim 0 = -1");
+}
+
+TEST(ValidateTest, LinearChecksWeightAndBias) {
+  GraphBuilder b;
+  b.Input("x", {-1, 8}).Param("l.weight", {4, 8}).Param("l.bias", {5});
+  b.Op("linear", {"x", "l.weight", "l.bias"}, "y", "l").Output("y");
+  ExpectInvalid(b.graph(), "linear bias must be [out] for weight: [5] and [4,8]");
+}
+
+}  // namespace
+}  // namespace pipeserve
