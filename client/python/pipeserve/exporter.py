@@ -1,0 +1,685 @@
+"""Exports a PyTorch module to a pipeserve model file.
+
+`export` traces the module's forward with torch.fx (symbolically: the example
+inputs give only input shapes), converts the trace into a `pipeserve.Graph`
+(proto/model.proto) of a small set of ops, and writes the graph and every
+parameter and buffer it reads to one file (see model_file.py for the layout).
+The C++ partitioner cuts that graph into pipeline stages at the `pipe_split()`
+markers and at the module boundaries named by `split_spec`.
+
+Usage:
+
+    import torch
+    import pipeserve
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin0 = torch.nn.Linear(512, 512)
+            self.lin1 = torch.nn.Linear(512, 512)
+
+        def forward(self, x):
+            x = torch.relu(self.lin0(x))
+            pipeserve.pipe_split()          # stage 0 | stage 1
+            return self.lin1(x)
+
+    info = pipeserve.export(Model().eval(), (torch.randn(16, 512),),
+                            "model.psm")
+    assert info.num_stages == 2
+
+Graph conventions (the C++ side relies on them):
+  * Inputs are forward's arguments (positional, then keywords), named by the
+    argument name. Batched inputs have shape[0] == -1.
+  * Node names are the FX node names; a node's single output value has the
+    node's name. A "param" node is named by its canonical FQN ("lin0.weight")
+    and is emitted once, just before the first node that reads it, with that
+    node's module_path.
+  * Ops: param, mm, matmul, linear, relu, add, sub, mul, clone, identity,
+    pipe_split. add/sub/mul with a Python number carry attrs "scalar" (f) and,
+    when the number is the left operand, "reverse" (i = 1).
+  * Anything else raises ExportError naming the op or module type and the
+    module path where it was called.
+"""
+
+import dataclasses
+import enum
+import inspect
+import numbers
+import operator
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from . import model_file
+from .model_file import model_pb2
+
+# The tracer of the export in progress, or None in eager mode. pipe_split()
+# records itself through it: torch.fx only records calls that take a Proxy,
+# and pipe_split takes nothing.
+_ACTIVE_TRACER = None
+
+
+def pipe_split():
+    """Marks a cut between two pipeline stages.
+
+    Does nothing when the model runs eagerly; during `export` it records a
+    "pipe_split" node at this point of the trace. N markers give N+1 stages.
+    """
+    tracer = _ACTIVE_TRACER
+    if tracer is not None:
+        tracer.create_proxy("call_function", pipe_split, (), {})
+
+
+class SplitPoint(enum.IntEnum):
+    """Where split_spec cuts around a module (values of proto SplitPoint)."""
+    BEGINNING = 1  # just before the module's first op
+    END = 2  # just after its last op
+
+
+class ExportError(Exception):
+    """The module cannot be exported; the message names what and where."""
+
+
+@dataclasses.dataclass
+class ExportInfo:
+    """What `export` wrote."""
+    num_stages: int
+    param_names: list  # every state_dict key, in order, aliases included
+    input_names: list  # graph input value names, in order
+    output_names: list  # graph output value names, in order
+    path: str
+
+
+def export(module, example_args, path, example_kwargs=None, split_spec=None,
+           replicated=()):
+    """Traces `module` and writes it to `path` as a pipeserve model file.
+
+    Args:
+      module: the torch.nn.Module to export. Dropout must be in eval mode.
+      example_args: tuple of forward's positional arguments, float32 tensors.
+        Only their shapes and dtypes are used.
+      path: destination file; written atomically (path + ".tmp", renamed).
+      example_kwargs: dict of forward's keyword arguments, float32 tensors.
+      split_spec: {module FQN: SplitPoint}, cuts at module boundaries.
+      replicated: names of inputs that are passed whole to every microbatch;
+        all other inputs are split along dim 0.
+
+    Returns:
+      ExportInfo.
+
+    Raises:
+      ExportError: unsupported op, module, input, parameter dtype, output, or
+        split (unknown module, or a cut that leaves a stage empty).
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise ExportError(f"export needs a torch.nn.Module, got "
+                          f"{type(module).__name__}")
+    example_args = tuple(example_args)
+    example_kwargs = dict(example_kwargs or {})
+    split_spec = dict(split_spec or {})
+    replicated = ((replicated,) if isinstance(replicated, str)
+                  else tuple(replicated))
+
+    inputs = _bind_inputs(module, example_args, example_kwargs)
+    unknown = set(replicated) - {name for name, _, _ in inputs}
+    if unknown:
+        raise ExportError(f"replicated names unknown inputs {sorted(unknown)}; "
+                          f"inputs are {[name for name, _, _ in inputs]}")
+
+    state = _StateTensors(module)
+    tracer = _Tracer(state, inputs)
+    fx_graph = tracer.trace_module(module)
+
+    converter = _Converter(module, tracer, state)
+    for name, _, value in inputs:
+        converter.add_input(name, value, batched=name not in replicated)
+    graph = converter.convert(fx_graph)
+
+    num_stages = _count_stages(graph, split_spec, module)
+    for fqn, point in split_spec.items():
+        graph.split_spec.add(module=fqn, point=int(point))
+    graph.state_dict_keys.extend(state.state_dict_keys)
+    stored = {t.fqn for t in converter.stored}
+    for alias, canonical in state.aliases.items():
+        # Aliases of tensors the graph never reads are left out: the proto
+        # promises every alias target is a key of `params`.
+        if canonical in stored:
+            graph.aliases[alias] = canonical
+
+    arrays = []
+    for t in converter.stored:
+        graph.params.add(fqn=t.fqn, dtype=model_pb2.DT_FLOAT32,
+                         shape=list(t.tensor.shape), is_buffer=t.is_buffer,
+                         in_state_dict=t.in_state_dict)
+        arrays.append(t.tensor.detach().cpu().numpy())
+    model_file.write_model(path, graph, arrays)
+
+    return ExportInfo(num_stages=num_stages,
+                      param_names=list(state.state_dict_keys),
+                      input_names=[v.name for v in graph.inputs],
+                      output_names=list(graph.outputs),
+                      path=path)
+
+
+def _bind_inputs(module, example_args, example_kwargs):
+    """[(argument name, is keyword, example tensor)] in forward's order."""
+    forward = type(module).forward
+    sig = inspect.signature(forward)
+    try:
+        bound = sig.bind(module, *example_args, **example_kwargs)
+    except TypeError as e:
+        raise ExportError(f"example inputs do not match "
+                          f"{type(module).__name__}.forward{sig}: {e}") from e
+    inputs = []
+    for i, (name, value) in enumerate(list(bound.arguments.items())[1:]):
+        kind = sig.parameters[name].kind
+        if kind in (inspect.Parameter.VAR_POSITIONAL,
+                    inspect.Parameter.VAR_KEYWORD):
+            raise ExportError(f"input '{name}': forward's *args/**kwargs "
+                              "inputs are not supported")
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
+            got = (f"a {value.dtype} tensor" if isinstance(value, torch.Tensor)
+                   else type(value).__name__)
+            raise ExportError(f"input '{name}': only float32 tensors are "
+                              f"supported, got {got}")
+        inputs.append((name, i >= len(example_args), value))
+    return inputs
+
+
+@dataclasses.dataclass
+class _Tensor:
+    fqn: str  # canonical FQN
+    tensor: torch.Tensor
+    is_buffer: bool
+    in_state_dict: bool
+
+
+def _join(prefix, name):
+    return f"{prefix}.{name}" if prefix else name
+
+
+class _StateTensors:
+    """Every parameter and buffer of a module, looked up by tensor identity.
+
+    One tensor reachable under several names (`self.b = self.a = Parameter`)
+    has one canonical FQN: its first state_dict key. The others are aliases.
+    """
+
+    def __init__(self, module):
+        self.state_dict_keys = []
+        self.aliases = {}  # alias key -> canonical key
+        self._by_id = {}  # id(tensor) -> _Tensor
+        for key, t in module.state_dict(keep_vars=True).items():
+            self.state_dict_keys.append(key)
+            if not isinstance(t, torch.Tensor):
+                continue  # a module's extra state
+            entry = self._by_id.get(id(t))
+            if entry is None:
+                self._by_id[id(t)] = _Tensor(
+                    key, t, not isinstance(t, torch.nn.Parameter), True)
+            else:
+                self.aliases[key] = entry.fqn
+        # Tensors outside the state_dict (non-persistent buffers) are named by
+        # their first path in the module tree.
+        for mod_path, mod in module.named_modules(remove_duplicate=False):
+            for is_buffer, table in ((True, mod._buffers),
+                                     (False, mod._parameters)):
+                for name, t in table.items():
+                    if t is not None and id(t) not in self._by_id:
+                        self._by_id[id(t)] = _Tensor(_join(mod_path, name), t,
+                                                     is_buffer, False)
+
+    def lookup(self, tensor):
+        """The tensor's _Tensor, or None if it is no parameter or buffer."""
+        return self._by_id.get(id(tensor))
+
+
+class _Tracer(torch.fx.Tracer):
+    """A torch.fx tracer that records the module path of every node.
+
+    It keeps its own stack of the modules whose forward is running (FX's
+    node meta does not say which alias a module was called under), makes
+    placeholders only for the inputs export was given, and turns buffer reads
+    into get_attr nodes.
+    """
+
+    proxy_buffer_attributes = True
+
+    def __init__(self, state, inputs):
+        super().__init__()
+        self._state = state
+        self._inputs = inputs
+        # (path, module) of every module whose forward is running.
+        self._stack = [("", None)]
+        self._last_module_attr = None  # (attribute name, module) last read
+        self.module_path_of = {}  # torch.fx.Node -> module path
+        self.error_path = None  # innermost module path of a failure
+
+    def current_path(self):
+        return self._stack[-1][0]
+
+    def trace_module(self, root):
+        """Traces root.forward; failures become ExportError with a path."""
+        global _ACTIVE_TRACER
+        if _ACTIVE_TRACER is not None:
+            raise ExportError("export called while another export is tracing")
+        self._stack = [("", root)]
+        _ACTIVE_TRACER = self
+        try:
+            return self.trace(root)
+        except ExportError:
+            raise
+        except Exception as e:
+            path = self.error_path if self.error_path is not None else ""
+            raise ExportError(f"tracing failed at module path '{path}': "
+                              f"{type(e).__name__}: {e}") from e
+        finally:
+            _ACTIVE_TRACER = None
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        # One placeholder per given input; forward is called the way the
+        # example inputs were passed, so parameters left out keep defaults.
+        proxies = [self.create_proxy("placeholder", name, (), {})
+                   for name, _, _ in self._inputs]
+        keywords = [is_kw for _, is_kw, _ in self._inputs]
+        names = [name for name, _, _ in self._inputs]
+        root = self.root
+
+        def call_forward(*values):
+            args = [v for v, kw in zip(values, keywords) if not kw]
+            kwargs = {n: v for n, v, kw in zip(names, values, keywords) if kw}
+            return root_fn(root, *args, **kwargs)
+
+        return call_forward, proxies
+
+    def create_node(self, kind, target, args, kwargs, name=None,
+                    type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        self.module_path_of[node] = self.current_path()
+        return node
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if isinstance(attr_val, torch.nn.Module):
+            self._last_module_attr = (attr, attr_val)
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def create_arg(self, a):
+        # FX would stash an unknown tensor on the root module as
+        # "_tensor_constant0"; pipeserve stores only parameters and buffers.
+        if (isinstance(a, torch.Tensor) and
+                not isinstance(a, torch.nn.Parameter) and
+                self._state.lookup(a) is None):
+            attr = self.tensor_attrs.get(a)
+            what = (f"tensor attribute '{attr}' (not a parameter or buffer; "
+                    "use register_buffer)" if attr else
+                    "tensor constant made during tracing")
+            raise ExportError(f"unsupported {what} at module path "
+                              f"'{self.current_path()}'")
+        return super().create_arg(a)
+
+    def call_module(self, m, forward, args, kwargs):
+        path = self._path_of_call(m)
+        self._stack.append((path, m))
+        try:
+            if self.is_leaf_module(m, path):
+                return self.create_proxy("call_module", path, args, kwargs)
+            return forward(*args, **kwargs)
+        except Exception:
+            if self.error_path is None:
+                self.error_path = path
+            raise
+        finally:
+            self._stack.pop()
+
+    def _path_of_call(self, m):
+        # `self.lin0(x)` reads attribute "lin0" of the running module just
+        # before the call: that names the alias used. Calls without such a
+        # read (Sequential, ModuleList loops) get the module's first FQN.
+        last, self._last_module_attr = self._last_module_attr, None
+        parent_path, parent = self._stack[-1]
+        if (last is not None and last[1] is m and parent is not None and
+                parent._modules.get(last[0]) is m):
+            return _join(parent_path, last[0])
+        return self.path_of_module(m)
+
+
+_REQUIRED = object()
+
+# Supported calls: target -> (pipeserve op, [(argument name, default)]).
+# A method's receiver is its first argument, "self".
+_FUNCTIONS = {
+    torch.mm: ("mm", [("input", _REQUIRED), ("mat2", _REQUIRED)]),
+    torch.matmul: ("matmul", [("input", _REQUIRED), ("other", _REQUIRED)]),
+    operator.matmul: ("matmul", [("a", _REQUIRED), ("b", _REQUIRED)]),
+    F.linear: ("linear", [("input", _REQUIRED), ("weight", _REQUIRED),
+                          ("bias", None)]),
+    torch.relu: ("relu", [("input", _REQUIRED)]),
+    F.relu: ("relu", [("input", _REQUIRED), ("inplace", False)]),
+    torch.clone: ("clone", [("input", _REQUIRED), ("memory_format", None)]),
+    pipe_split: ("pipe_split", []),
+}
+_METHODS = {
+    "mm": ("mm", [("self", _REQUIRED), ("mat2", _REQUIRED)]),
+    "matmul": ("matmul", [("self", _REQUIRED), ("other", _REQUIRED)]),
+    "relu": ("relu", [("self", _REQUIRED)]),
+    "clone": ("clone", [("self", _REQUIRED), ("memory_format", None)]),
+    "contiguous": ("identity", [("self", _REQUIRED), ("memory_format", None)]),
+    "detach": ("identity", [("self", _REQUIRED)]),
+}
+for _op in ("add", "sub", "mul"):
+    _FUNCTIONS[getattr(operator, _op)] = (_op, [("a", _REQUIRED),
+                                                ("b", _REQUIRED)])
+    _alpha = [("alpha", 1)] if _op != "mul" else []
+    _FUNCTIONS[getattr(torch, _op)] = (
+        _op, [("input", _REQUIRED), ("other", _REQUIRED)] + _alpha)
+    _METHODS[_op] = (_op, [("self", _REQUIRED), ("other", _REQUIRED)] + _alpha)
+
+# Arguments that are checked and then dropped: they do not reach the graph.
+_OPTIONS = ("alpha", "inplace", "memory_format")
+
+
+def _function_name(fn):
+    """torch.sigmoid, torch.nn.functional.gelu, operator.truediv, ..."""
+    name = getattr(fn, "__name__", repr(fn))
+    for prefix, namespace in (("torch", torch), ("torch.nn.functional", F),
+                              ("operator", operator)):
+        if getattr(namespace, name, None) is fn:
+            return f"{prefix}.{name}"
+    if fn is pipe_split:
+        return "pipeserve.pipe_split"
+    return f"{getattr(fn, '__module__', None) or '?'}.{name}"
+
+
+def _module_type_name(m):
+    """torch.nn.Conv2d, or module.Class for types outside torch.nn."""
+    cls = type(m)
+    if getattr(torch.nn, cls.__name__, None) is cls:
+        return f"torch.nn.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _is_number(x):
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+class _Converter:
+    """Turns a traced torch.fx graph into a model_pb2.Graph."""
+
+    def __init__(self, root, tracer, state):
+        self._root = root
+        self._tracer = tracer
+        self._state = state
+        self._graph = model_pb2.Graph()
+        self._names = set()  # value and node names in use
+        self._value = {}  # torch.fx.Node -> value name
+        self._attr = {}  # get_attr torch.fx.Node -> tensor
+        self._param_value = {}  # canonical FQN -> value name
+        self._position = {}  # torch.fx.Node -> index in the trace
+        self.stored = []  # _Tensor of every param node, in emission order
+
+    def add_input(self, name, example, batched):
+        shape = list(example.shape)
+        if batched:
+            if not shape:
+                raise ExportError(f"input '{name}' is a scalar tensor; list it "
+                                  "in replicated or give it a batch dim")
+            shape[0] = -1
+        self._graph.inputs.add(name=name, dtype=model_pb2.DT_FLOAT32,
+                               shape=shape, batched=batched)
+        self._names.add(name)
+
+    def convert(self, fx_graph):
+        nodes = list(fx_graph.nodes)
+        self._position = {n: i for i, n in enumerate(nodes)}
+        # FX names are unique; reserve those that become graph names so that
+        # param and identity nodes added here cannot take them.
+        self._names.update(n.name for n in nodes
+                           if n.op.startswith("call_"))
+        placeholders = iter(self._graph.inputs)
+        for node in nodes:
+            if node.op == "placeholder":
+                self._value[node] = next(placeholders).name
+            elif node.op == "get_attr":
+                self._attr[node] = self._resolve_attr(node)
+            elif node.op == "output":
+                self._convert_output(node)
+            else:
+                self._convert_call(node)
+        return self._graph
+
+    # Values and names.
+
+    def _fresh(self, base):
+        name, i = base, 0
+        while name in self._names:
+            i += 1
+            name = f"{base}_{i}"
+        self._names.add(name)
+        return name
+
+    def _resolve_attr(self, node):
+        obj = self._root
+        for atom in node.target.split("."):
+            obj = getattr(obj, atom)
+        path = self._tracer.module_path_of[node]
+        if not isinstance(obj, torch.Tensor):
+            raise ExportError(f"unsupported attribute '{node.target}' "
+                              f"({type(obj).__name__}) used as a value at "
+                              f"module path '{path}'")
+        return obj
+
+    def _param(self, tensor, module_path):
+        """The value name of a parameter or buffer; emits its param node the
+        first time it is read."""
+        entry = self._state.lookup(tensor)
+        if entry is None:
+            raise ExportError(f"a tensor read at module path '{module_path}' "
+                              "is not a parameter or buffer of the module")
+        name = self._param_value.get(entry.fqn)
+        if name is None:
+            if entry.tensor.dtype != torch.float32:
+                raise ExportError(f"parameter '{entry.fqn}' has dtype "
+                                  f"{entry.tensor.dtype}; only float32 is "
+                                  "supported")
+            name = self._fresh(entry.fqn)
+            node = self._graph.nodes.add(name=name, op="param", outputs=[name],
+                                         module_path=module_path)
+            node.attrs["fqn"].s = entry.fqn
+            self._param_value[entry.fqn] = name
+            self.stored.append(entry)
+        return name
+
+    def _use(self, arg, module_path):
+        """The value name of a tensor argument (an FX node)."""
+        if arg in self._attr:
+            return self._param(self._attr[arg], module_path)
+        return self._value[arg]
+
+    # Nodes.
+
+    def _convert_call(self, node):
+        path = self._tracer.module_path_of[node]
+        if node.op == "call_module":
+            self._convert_module(node, path)
+            return
+        if node.op == "call_function":
+            spec = _FUNCTIONS.get(node.target)
+            display = _function_name(node.target)
+        else:  # call_method
+            spec = _METHODS.get(node.target)
+            display = f"Tensor.{node.target}"
+        if spec is None:
+            raise ExportError(f"unsupported op {display} at module path "
+                              f"'{path}'")
+        op, params = spec
+        bound = self._bind(node, params, display, path)
+        if bound.get("alpha", 1) != 1:
+            raise ExportError(f"unsupported op {display} with alpha="
+                              f"{bound['alpha']} at module path '{path}'")
+        if bound.get("inplace"):
+            self._check_inplace(node, next(iter(bound.values())), display,
+                                path)
+        operands = [v for k, v in bound.items()
+                    if k not in _OPTIONS and not (k == "bias" and v is None)]
+        if op == "pipe_split":
+            self._graph.nodes.add(name=node.name, op=op, module_path=path)
+        elif op in ("add", "sub", "mul"):
+            self._emit_elementwise(node, op, operands, display, path)
+        else:
+            self._emit(node, op, operands, display, path)
+
+    def _convert_module(self, node, path):
+        m = self._root.get_submodule(node.target)
+        display = _module_type_name(m)
+        if isinstance(m, torch.nn.Linear):
+            (x,) = self._bind(node, [("input", _REQUIRED)], display,
+                              path).values()
+            operands = [x, m.weight] + ([m.bias] if m.bias is not None else [])
+            self._emit(node, "linear", operands, display, path)
+        elif isinstance(m, torch.nn.ReLU):
+            (x,) = self._bind(node, [("input", _REQUIRED)], display,
+                              path).values()
+            if m.inplace:
+                self._check_inplace(node, x, display, path)
+            self._emit(node, "relu", [x], display, path)
+        elif isinstance(m, (torch.nn.Identity, torch.nn.Dropout)):
+            if isinstance(m, torch.nn.Dropout) and m.training and m.p > 0:
+                raise ExportError(f"unsupported module {display} in training "
+                                  f"mode (p={m.p}) at '{path}'; call "
+                                  "module.eval() before export")
+            (x,) = self._bind(node, [("input", _REQUIRED)], display,
+                              path).values()
+            self._emit(node, "identity", [x], display, path)
+        else:
+            raise ExportError(f"unsupported module {display} at '{path}'")
+
+    def _bind(self, node, params, display, path):
+        """Matches node.args/kwargs to params: {name: value} in params order."""
+        args, kwargs = list(node.args), dict(node.kwargs)
+        if len(args) > len(params):
+            raise ExportError(f"{display} at module path '{path}': takes "
+                              f"{len(params)} arguments, got {len(args)}")
+        bound = {}
+        for i, (name, default) in enumerate(params):
+            if i < len(args):
+                bound[name] = args[i]
+            elif name in kwargs:
+                bound[name] = kwargs.pop(name)
+            elif default is _REQUIRED:
+                raise ExportError(f"{display} at module path '{path}': "
+                                  f"missing argument '{name}'")
+            else:
+                bound[name] = default
+        if kwargs:
+            raise ExportError(f"unsupported argument(s) {sorted(kwargs)} of "
+                              f"{display} at module path '{path}'")
+        return bound
+
+    def _check_inplace(self, node, x, display, path):
+        # An in-place op is the same dataflow as the out-of-place one unless
+        # the overwritten value is read again afterwards, or is a parameter.
+        if not isinstance(x, torch.fx.Node):
+            return
+        later = [u for u in x.users
+                 if self._position[u] > self._position[node]]
+        if x.op == "get_attr" or later:
+            raise ExportError(f"unsupported in-place {display} at module path "
+                              f"'{path}': it overwrites a value that is read "
+                              "again (or a parameter); use the out-of-place "
+                              "form")
+
+    def _tensor_input(self, operand, display, path):
+        if isinstance(operand, torch.fx.Node):
+            return self._use(operand, path)
+        if isinstance(operand, torch.nn.Parameter) or (
+                isinstance(operand, torch.Tensor) and
+                self._state.lookup(operand) is not None):
+            return self._param(operand, path)  # a leaf module's weight
+        raise ExportError(f"unsupported operand of {display} at module path "
+                          f"'{path}': expected a tensor, got "
+                          f"{type(operand).__name__}")
+
+    def _emit(self, node, op, operands, display, path, attrs=None):
+        inputs = [self._tensor_input(o, display, path) for o in operands]
+        out = self._graph.nodes.add(name=node.name, op=op, inputs=inputs,
+                                    outputs=[node.name], module_path=path)
+        for key, value in (attrs or {}).items():
+            if isinstance(value, float):
+                out.attrs[key].f = value
+            else:
+                out.attrs[key].i = value
+        self._value[node] = node.name
+
+    def _emit_elementwise(self, node, op, operands, display, path):
+        a, b = operands
+        if _is_number(a) and not _is_number(b):
+            self._emit(node, op, [b], display, path,
+                       {"scalar": float(a), "reverse": 1})
+        elif _is_number(b) and not _is_number(a):
+            self._emit(node, op, [a], display, path, {"scalar": float(b)})
+        else:
+            self._emit(node, op, [a, b], display, path)
+
+    def _convert_output(self, node):
+        result = node.args[0]
+        values = list(result) if isinstance(result, (tuple, list)) else [result]
+        identity_of = {}  # input value -> its identity node's output
+        for v in values:
+            if not isinstance(v, torch.fx.Node):
+                raise ExportError(f"forward returns a {type(v).__name__}; only "
+                                  "a tensor or a tuple/list of tensors can be "
+                                  "exported")
+            name = self._use(v, "")
+            if v.op == "placeholder":
+                # Every output must be made by a node, even an input returned
+                # as is.
+                if name not in identity_of:
+                    out = self._fresh(f"{name}_identity")
+                    self._graph.nodes.add(name=out, op="identity",
+                                          inputs=[name], outputs=[out])
+                    identity_of[name] = out
+                name = identity_of[name]
+            self._graph.outputs.append(name)
+
+
+def _count_stages(graph, split_spec, root):
+    """1 + the number of distinct cut positions, checking every cut.
+
+    A cut position is the number of compute nodes (neither "param" nor
+    "pipe_split") before the cut. A pipe_split node cuts where it stands;
+    split_spec cuts just before the first (BEGINNING) or just after the last
+    (END) compute node whose module_path is the module or under it.
+    """
+    compute = [n for n in graph.nodes if n.op not in ("param", "pipe_split")]
+    cuts = {}  # position -> description of the first cut there
+    position = 0
+    for n in graph.nodes:
+        if n.op == "pipe_split":
+            cuts.setdefault(position, f"pipe_split node '{n.name}' (module path "
+                            f"'{n.module_path}')")
+        elif n.op != "param":
+            position += 1
+
+    modules = {name for name, _ in root.named_modules(remove_duplicate=False)}
+    for fqn, point in split_spec.items():
+        if fqn not in modules:
+            raise ExportError(f"split_spec names unknown module '{fqn}'")
+        try:
+            point = SplitPoint(point)
+        except ValueError:
+            raise ExportError(f"split_spec['{fqn}'] = {point!r} is not a "
+                              "SplitPoint") from None
+        inside = [i for i, n in enumerate(compute)
+                  if fqn == "" or n.module_path == fqn or
+                  n.module_path.startswith(fqn + ".")]
+        if not inside:
+            raise ExportError(f"split_spec module '{fqn}' runs no ops in "
+                              "forward")
+        at = inside[0] if point == SplitPoint.BEGINNING else inside[-1] + 1
+        cuts.setdefault(at, f"{point.name} of module '{fqn}'")
+
+    for at, what in cuts.items():
+        if at == 0 or at == len(compute):
+            raise ExportError(f"split at {what} makes an empty stage")
+    return 1 + len(cuts)
