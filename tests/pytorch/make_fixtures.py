@@ -1,0 +1,90 @@
+"""Writes model files, inputs and PyTorch's outputs for pipeserve's C++ tests.
+
+For each case (a model of models.py) it writes, under DIR/NAME/:
+
+    model.psm          the exported model (pipeserve.export)
+    in_<input>.npy     float32 inputs [batch, d], torch.randn, fixed seed
+    out_<i>.npy        float32 outputs of the module run eagerly (no_grad)
+    manifest.json      {"name", "num_stages", "input_names", "output_names",
+                        "state_dict_keys", "batch"}
+
+Usage:
+
+    /usr/bin/python3 tests/pytorch/make_fixtures.py --out /tmp/fx
+    /usr/bin/python3 tests/pytorch/make_fixtures.py --out /tmp/fx \\
+        --case multi_mlp --case cval3 --batch 37
+
+It finds the pipeserve package relative to its own location, so it runs from a
+source checkout or from Bazel runfiles (//tests/pytorch:fixtures).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(_HERE, "..", "..", "client", "python"))
+sys.path.insert(0, _HERE)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import models  # noqa: E402
+import pipeserve  # noqa: E402
+
+
+def write_case(name, out_dir, batch):
+    """Exports case `name` into out_dir/name and returns its manifest."""
+    case_dir = os.path.join(out_dir, name)
+    os.makedirs(case_dir, exist_ok=True)
+    model = models.make(name)
+    inputs = models.example_inputs(name, batch=batch)
+    info = pipeserve.export(model, tuple(inputs.values()),
+                            os.path.join(case_dir, "model.psm"),
+                            split_spec=getattr(model, "split_spec", None))
+    with torch.no_grad():
+        outputs = model(*inputs.values())
+    if isinstance(outputs, torch.Tensor):
+        outputs = (outputs,)
+
+    # Files are named by the graph's input names (forward's argument names).
+    for input_name, tensor in zip(info.input_names, inputs.values()):
+        np.save(os.path.join(case_dir, f"in_{input_name}.npy"),
+                tensor.numpy().astype(np.float32))
+    for i, tensor in enumerate(outputs):
+        np.save(os.path.join(case_dir, f"out_{i}.npy"),
+                tensor.numpy().astype(np.float32))
+    manifest = {
+        "name": name,
+        "num_stages": info.num_stages,
+        "input_names": info.input_names,
+        "output_names": info.output_names,
+        "state_dict_keys": info.param_names,
+        "batch": batch,
+    }
+    with open(os.path.join(case_dir, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+    return manifest
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--case", action="append", choices=models.NAMES,
+                        help="a case to write (repeatable; default: all)")
+    parser.add_argument("--batch", type=int, default=16,
+                        help="batch size of the inputs (default 16)")
+    args = parser.parse_args(argv)
+    if args.batch < 1:
+        parser.error("--batch must be at least 1")
+    for name in args.case or models.NAMES:
+        manifest = write_case(name, args.out, args.batch)
+        print(f"{name}: {manifest['num_stages']} stages -> "
+              f"{os.path.join(args.out, name)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
