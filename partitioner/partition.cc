@@ -287,6 +287,11 @@ absl::StatusOr<Plan> Partition(const Graph& graph,
           "outputs use"));
     }
   }
+  std::vector<std::string> covered = CoveredStateDictKeys(graph, plan);
+  absl::flat_hash_set<std::string> covered_set(covered.begin(), covered.end());
+  for (const std::string& key : graph.state_dict_keys()) {
+    if (!covered_set.contains(key)) plan.add_unused_state_dict_keys(key);
+  }
   return plan;
 }
 

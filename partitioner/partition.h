@@ -48,8 +48,8 @@ absl::StatusOr<Plan> Partition(const Graph& graph,
                                const PartitionOptions& options);
 
 // Every state_dict key the plan's stages hold, plus the recorded aliases of
-// those keys: equal to graph.state_dict_keys when nothing is lost (the FQN
-// check PyTorch's own test leaves off).
+// those keys, sorted. With plan.unused_state_dict_keys this is exactly
+// graph.state_dict_keys (the FQN check PyTorch's own test leaves off).
 std::vector<std::string> CoveredStateDictKeys(const Graph& graph,
                                               const Plan& plan);
 

@@ -142,6 +142,18 @@ TEST(PartitionTest, AliasesCoverTheWholeStateDict) {
   EXPECT_EQ(plan.stages(1).graph().aliases().at("lin0.weight"), "lin1.weight");
 }
 
+TEST(PartitionTest, UnusedParametersAreListedNotLost) {
+  GraphBuilder b;
+  b.Input("x", {-1, 4}).Param("used", {4, 4}).Param("unused", {4, 4});
+  b.Alias("unused_alias", "unused");
+  b.Op("mm", {"x", "used"}, "a").Output("a");
+  Model m = b.Build();
+  Plan plan = MustPartition(m.graph);
+  EXPECT_THAT(plan.unused_state_dict_keys(),
+              ElementsAre("unused", "unused_alias"));
+  EXPECT_THAT(CoveredStateDictKeys(m.graph, plan), ElementsAre("used"));
+}
+
 // layers.0 .. layers.3, each a relu node, in module paths.
 GraphBuilder Layers(int n) {
   GraphBuilder b;
