@@ -5,6 +5,9 @@ For each case (a model of models.py) it writes, under DIR/NAME/:
     model.psm          the exported model (pipeserve.export)
     in_<input>.npy     float32 inputs [batch, d], torch.randn, fixed seed
     out_<i>.npy        float32 outputs of the module run eagerly (no_grad)
+    out64hi_<i>.npy,   the same module and inputs run in float64, the
+    out64lo_<i>.npy    exact answer both float32 implementations are judged
+                       by; stored as float32 hi + lo (value = hi + lo)
     manifest.json      {"name", "num_stages", "input_names", "output_names",
                         "state_dict_keys", "batch"}
 
@@ -19,6 +22,7 @@ source checkout or from Bazel runfiles (//tests/pytorch:fixtures).
 """
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -45,8 +49,12 @@ def write_case(name, out_dir, batch):
                             split_spec=getattr(model, "split_spec", None))
     with torch.no_grad():
         outputs = model(*inputs.values())
+        # A float64 copy (deepcopy keeps aliased parameters aliased).
+        exact = copy.deepcopy(model).double()(
+            *[t.double() for t in inputs.values()])
     if isinstance(outputs, torch.Tensor):
         outputs = (outputs,)
+        exact = (exact,)
 
     # Files are named by the graph's input names (forward's argument names).
     for input_name, tensor in zip(info.input_names, inputs.values()):
@@ -55,6 +63,13 @@ def write_case(name, out_dir, batch):
     for i, tensor in enumerate(outputs):
         np.save(os.path.join(case_dir, f"out_{i}.npy"),
                 tensor.numpy().astype(np.float32))
+    for i, tensor in enumerate(exact):
+        # Stored as float32 pairs would lose the point: keep float64 values
+        # as two float32 files (hi + lo) so the C++ .npy reader stays f4-only.
+        hi = tensor.numpy().astype(np.float32)
+        lo = (tensor.numpy() - hi.astype(np.float64)).astype(np.float32)
+        np.save(os.path.join(case_dir, f"out64hi_{i}.npy"), hi)
+        np.save(os.path.join(case_dir, f"out64lo_{i}.npy"), lo)
     manifest = {
         "name": name,
         "num_stages": info.num_stages,
