@@ -1,0 +1,24 @@
+// The `pipeserve` command line: subcommands over the model file, the
+// partitioner and (later) the remote service.
+//
+//   pipeserve plan --model example.psm
+//   pipeserve run-local --model example.psm --input x=x.npy --input y=y.npy \
+//       --chunks 4 --output_dir out/
+#ifndef PIPESERVE_CLIENT_CLI_H_
+#define PIPESERVE_CLIENT_CLI_H_
+
+#include <ostream>
+#include <string>
+#include <vector>
+
+namespace pipeserve {
+
+// Runs `pipeserve args...` (args[0] is the subcommand), writing results to
+// `out` and errors to `err`. Returns the process exit code: 0 success,
+// 1 failure, 2 usage error.
+int RunCli(const std::vector<std::string>& args, std::ostream& out,
+           std::ostream& err);
+
+}  // namespace pipeserve
+
+#endif  // PIPESERVE_CLIENT_CLI_H_

@@ -1,0 +1,11 @@
+// The pipeserve command line; see client/cli.h.
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "client/cli.h"
+
+int main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  return pipeserve::RunCli(args, std::cout, std::cerr);
+}

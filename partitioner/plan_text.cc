@@ -1,0 +1,81 @@
+#include "partitioner/plan_text.h"
+
+#include <map>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "runtime/tensor.h"
+
+namespace pipeserve {
+namespace {
+
+std::string SpecText(const ValueSpec& v) {
+  return absl::StrCat(v.name(), " ",
+                      ShapeToString(Shape(v.shape().begin(), v.shape().end())));
+}
+
+std::string Bytes(uint64_t b) {
+  if (b >= (1u << 20)) return absl::StrFormat("%.1f MiB", b / 1048576.0);
+  if (b >= 1024) return absl::StrFormat("%.1f KiB", b / 1024.0);
+  return absl::StrCat(b, " B");
+}
+
+}  // namespace
+
+std::string FormatPlan(const Plan& plan,
+                       const std::vector<std::string>& servers) {
+  // Which stages read each value, for the "-> stage k" arrows.
+  std::map<std::string, std::set<std::string>> readers;
+  for (const Stage& s : plan.stages()) {
+    for (const ValueSpec& in : s.graph().inputs()) {
+      readers[in.name()].insert(absl::StrCat("stage ", s.index()));
+    }
+  }
+  for (const ValueSpec& out : plan.outputs()) readers[out.name()].insert("output");
+
+  std::string text = absl::StrCat(plan.stages_size(), " stage",
+                                  plan.stages_size() == 1 ? "" : "s", "\n");
+  for (const Stage& s : plan.stages()) {
+    int compute = 0;
+    for (const Node& n : s.graph().nodes()) {
+      if (n.op() != "param" && n.op() != "pipe_split") ++compute;
+    }
+    uint64_t bytes = 0;
+    std::vector<std::string> params;
+    for (const TensorInfo& p : s.graph().params()) {
+      bytes += p.byte_size();
+      params.push_back(absl::StrCat(
+          p.fqn(), " ", ShapeToString(Shape(p.shape().begin(), p.shape().end()))));
+    }
+    absl::StrAppend(&text, "stage ", s.index(),
+                    static_cast<size_t>(s.index()) < servers.size()
+                        ? absl::StrCat(" @ ", servers[s.index()])
+                        : "",
+                    ": ", compute, " nodes, ", params.size(), " parameter",
+                    params.size() == 1 ? "" : "s", " (", Bytes(bytes), ")\n");
+    absl::StrAppend(&text, "  params   ",
+                    params.empty() ? "-" : absl::StrJoin(params, ", "), "\n");
+    std::vector<std::string> ins;
+    for (int i = 0; i < s.graph().inputs_size(); ++i) {
+      int src = s.input_sources(i);
+      ins.push_back(absl::StrCat(SpecText(s.graph().inputs(i)), " <- ",
+                                 src < 0 ? "model input"
+                                         : absl::StrCat("stage ", src)));
+    }
+    absl::StrAppend(&text, "  inputs   ", absl::StrJoin(ins, ", "), "\n");
+    std::vector<std::string> outs;
+    for (const std::string& o : s.graph().outputs()) {
+      outs.push_back(absl::StrCat(o, " -> ", absl::StrJoin(readers[o], ", ")));
+    }
+    absl::StrAppend(&text, "  outputs  ", absl::StrJoin(outs, ", "), "\n");
+  }
+  if (plan.unused_state_dict_keys_size() > 0) {
+    absl::StrAppend(&text, "unused parameters (never read by forward): ",
+                    absl::StrJoin(plan.unused_state_dict_keys(), ", "), "\n");
+  }
+  return text;
+}
+
+}  // namespace pipeserve
