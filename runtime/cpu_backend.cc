@@ -1,5 +1,6 @@
 #include "runtime/cpu_backend.h"
 
+#include <algorithm>
 #include <cstring>
 #include <utility>
 
@@ -47,6 +48,7 @@ struct Step {
   std::vector<int> in;     // value slots read
   int out = -1;            // value slot written
   bool fused_relu = false; // linear: apply ReLU in the same pass
+  bool w_transposed = false;  // linear: in[1] holds weight^T [in, out]
 };
 
 class CpuProgram : public StageProgram {
@@ -69,9 +71,13 @@ class CpuProgram : public StageProgram {
     }
     SetComputeThreads(options_.threads);
     std::vector<Shape> in_shapes;
-    for (const Step& step : steps_) {
+    for (size_t step_index = 0; step_index < steps_.size(); ++step_index) {
+      const Step& step = steps_[step_index];
       in_shapes.clear();
       for (int slot : step.in) in_shapes.push_back(values[slot].shape());
+      if (step.w_transposed) {  // shape rules see the weight as [out, in]
+        std::reverse(in_shapes[1].begin(), in_shapes[1].end());
+      }
       if (step.kind == Kind::kForward || step.kind == Kind::kIdentity) {
         values[step.out] = values[step.in[0]];
         continue;
@@ -82,7 +88,7 @@ class CpuProgram : public StageProgram {
         return absl::InvalidArgumentError(absl::StrCat(
             "node \"", step.node->name(), "\": ", out_shape.status().message()));
       }
-      Tensor out = Tensor::Empty((*out_shape)[0]);
+      Tensor out = OutputBuffer(step_index, std::move((*out_shape)[0]));
       RETURN_IF_ERROR(Compute(step, values, &out));
       values[step.out] = std::move(out);
     }
@@ -114,6 +120,8 @@ class CpuProgram : public StageProgram {
 
     std::vector<std::pair<int, Tensor>> params;
     absl::flat_hash_map<int, int> linear_step_of_slot;
+    absl::flat_hash_map<int, size_t> param_index;  // slot -> index in params
+    absl::flat_hash_map<int, int> transposed;      // weight slot -> its ^T slot
     for (const Node& node : graph_.nodes()) {
       if (node.op() == kPipeSplitOp) continue;
       if (node.op() == kParamOp) {
@@ -123,6 +131,7 @@ class CpuProgram : public StageProgram {
           return absl::InvalidArgumentError(absl::StrCat(
               "parameter \"", fqn, "\" has no loaded weights"));
         }
+        param_index[slot_of(node.outputs(0))] = params.size();
         params.emplace_back(slot_of(node.outputs(0)), w->second);
         continue;
       }
@@ -138,13 +147,42 @@ class CpuProgram : public StageProgram {
       }
       if (kind == Kind::kLinear) {
         linear_step_of_slot[step.out] = static_cast<int>(steps_.size());
+        // A constant weight [out, in] is transposed once, here, so every
+        // run multiplies by [in, out] (the fast GEMM layout).
+        auto p = param_index.find(step.in[1]);
+        if (p != param_index.end()) {
+          const Tensor& w = params[p->second].second;
+          auto [t, inserted] = transposed.emplace(step.in[1], -1);
+          if (inserted) {
+            Tensor wt = Tensor::Empty({w.dim(1), w.dim(0)});
+            Transpose(w.data(), w.dim(0), w.dim(1), wt.data());
+            t->second = slot_of(absl::StrCat(node.inputs(1), "/transposed"));
+            params.emplace_back(t->second, wt);
+          }
+          step.in[1] = t->second;
+          step.w_transposed = true;
+        }
       }
       steps_.push_back(std::move(step));
     }
     for (const std::string& v : graph_.outputs()) output_slots_.push_back(slot_of(v));
     constants_.resize(slot.size());
+    scratch_.resize(steps_.size());
     for (auto& [s, t] : params) constants_[s] = std::move(t);
     return absl::OkStatus();
+  }
+
+  // A buffer for step i's output: last run's, when nobody else holds it any
+  // more and it is large enough, else a new one. Reuse matters: a fresh
+  // 512 KiB buffer costs 128 page faults on first touch.
+  Tensor OutputBuffer(size_t i, Shape shape) {
+    Tensor& cached = scratch_[i];
+    int64_t bytes = NumElements(shape) * 4;
+    if (cached.SoleOwner() && cached.capacity_bytes() >= bytes) {
+      return cached.Reshaped(std::move(shape));
+    }
+    cached = Tensor::Empty(std::move(shape));
+    return cached;
   }
 
   absl::Status Compute(const Step& step, const std::vector<Tensor>& v,
@@ -163,10 +201,11 @@ class CpuProgram : public StageProgram {
         // x [..., K], w [N, K], bias [N]
         const Tensor& w = v[step.in[1]];
         const float* bias = step.in.size() > 2 ? v[step.in[2]].data() : nullptr;
-        int64_t n = w.dim(0), k = w.dim(1);
+        int64_t n = step.w_transposed ? w.dim(1) : w.dim(0);
+        int64_t k = step.w_transposed ? w.dim(0) : w.dim(1);
         return LinearForward(a.data(), w.data(), bias,
                              k == 0 ? 0 : a.numel() / k, n, k, out->data(),
-                             step.fused_relu);
+                             step.fused_relu, step.w_transposed);
       }
       case Kind::kAdd:
       case Kind::kSub:
@@ -202,6 +241,7 @@ class CpuProgram : public StageProgram {
   const CpuBackendOptions options_;
   std::vector<Step> steps_;
   std::vector<Tensor> constants_;  // weights in their slots, others empty
+  std::vector<Tensor> scratch_;    // per step: its last output buffer
   std::vector<int> input_slots_;
   std::vector<int> output_slots_;
 };

@@ -29,6 +29,11 @@ void Apply(BinaryOp op, F&& loop) {
 
 }  // namespace
 
+// The elementwise loops are built for the baseline x86-64 and again for
+// AVX2 and AVX-512; the loader picks the best the CPU runs (GCC ifunc).
+#define PIPESERVE_VECTOR_CLONES \
+  __attribute__((target_clones("avx512f", "avx2", "default")))
+
 void SetComputeThreads(int threads) { omp_set_num_threads(std::max(1, threads)); }
 
 absl::Status Gemm(bool trans_b, int64_t m, int64_t n, int64_t k,
@@ -50,19 +55,20 @@ absl::Status Gemm(bool trans_b, int64_t m, int64_t n, int64_t k,
 
 absl::Status LinearForward(const float* x, const float* w, const float* bias,
                            int64_t m, int64_t n, int64_t k, float* y,
-                           bool relu) {
+                           bool relu, bool w_transposed) {
   float beta = 0.0f;
   if (bias != nullptr) {
     // Start every row of y at the bias and accumulate x @ w^T onto it.
     for (int64_t i = 0; i < m; ++i) std::memcpy(y + i * n, bias, n * 4);
     beta = 1.0f;
   }
-  absl::Status s = Gemm(/*trans_b=*/true, m, n, k, x, w, beta, y);
+  absl::Status s = Gemm(/*trans_b=*/!w_transposed, m, n, k, x, w, beta, y);
   if (!s.ok()) return s;
   if (relu) Relu(y, m * n, y);
   return absl::OkStatus();
 }
 
+PIPESERVE_VECTOR_CLONES
 void BinaryScalar(BinaryOp op, const float* x, float s, bool reverse,
                   int64_t n, float* out) {
   Apply(op, [&](auto f) {
@@ -74,6 +80,7 @@ void BinaryScalar(BinaryOp op, const float* x, float s, bool reverse,
   });
 }
 
+PIPESERVE_VECTOR_CLONES
 void BinaryBroadcast(BinaryOp op, const float* a,
                      absl::Span<const int64_t> a_shape, const float* b,
                      absl::Span<const int64_t> b_shape, float* out,
@@ -135,6 +142,17 @@ void BinaryBroadcast(BinaryOp op, const float* a,
   });
 }
 
+void Transpose(const float* in, int64_t rows, int64_t cols, float* out) {
+  // Blocked so both sides stay in cache.
+  constexpr int64_t kBlock = 32;
+  for (int64_t i0 = 0; i0 < rows; i0 += kBlock)
+    for (int64_t j0 = 0; j0 < cols; j0 += kBlock)
+      for (int64_t i = i0; i < std::min(rows, i0 + kBlock); ++i)
+        for (int64_t j = j0; j < std::min(cols, j0 + kBlock); ++j)
+          out[j * rows + i] = in[i * cols + j];
+}
+
+PIPESERVE_VECTOR_CLONES
 void Relu(const float* x, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = x[i] < 0.0f ? 0.0f : x[i];  // NaN stays NaN, as in torch
 }

@@ -153,3 +153,29 @@ TEST(ReluTest, ClampsNegativesAndKeepsNaN) {
 
 }  // namespace
 }  // namespace pipeserve
+
+namespace pipeserve {
+namespace {
+
+TEST(TransposeTest, MatchesIndexSwapOnNonSquareBlocks) {
+  const int rows = 45, cols = 70;  // not multiples of the 32 block
+  std::vector<float> in = Random(rows * cols, 20), out(rows * cols);
+  Transpose(in.data(), rows, cols, out.data());
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < cols; ++j) ASSERT_EQ(out[j * rows + i], in[i * cols + j]);
+}
+
+TEST(LinearTest, PretransposedWeightGivesTheSameResult) {
+  const int m = 5, n = 6, k = 7;
+  std::vector<float> x = Random(m * k, 21), w = Random(n * k, 22), b = Random(n, 23);
+  std::vector<float> wt(k * n), y1(m * n), y2(m * n);
+  Transpose(w.data(), n, k, wt.data());
+  ASSERT_TRUE(LinearForward(x.data(), w.data(), b.data(), m, n, k, y1.data(), false).ok());
+  ASSERT_TRUE(LinearForward(x.data(), wt.data(), b.data(), m, n, k, y2.data(), false,
+                            /*w_transposed=*/true)
+                  .ok());
+  ExpectClose(y2, y1, 1e-6);
+}
+
+}  // namespace
+}  // namespace pipeserve

@@ -40,7 +40,15 @@ Tensor::Tensor(std::shared_ptr<const void> owner, float* data, Shape shape)
     : owner_(std::move(owner)),
       data_(data),
       shape_(std::move(shape)),
-      numel_(NumElements(shape_)) {}
+      numel_(NumElements(shape_)) {
+  capacity_ = numel_ * 4;
+}
+
+Tensor Tensor::Reshaped(Shape shape) const {
+  Tensor t(owner_, data_, std::move(shape));
+  t.capacity_ = capacity_;
+  return t;
+}
 
 Tensor Tensor::Empty(Shape shape) {
   int64_t n = NumElements(shape);

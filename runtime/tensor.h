@@ -52,6 +52,15 @@ class Tensor {
   // A deep copy.
   Tensor Clone() const;
 
+  // True when no other Tensor shares this storage, so it may be reused.
+  bool SoleOwner() const { return owner_ != nullptr && owner_.use_count() == 1; }
+
+  // The same storage viewed with another shape of no more elements.
+  Tensor Reshaped(Shape shape) const;
+
+  // Bytes of storage this tensor may use from data() on (its capacity).
+  int64_t capacity_bytes() const { return capacity_; }
+
   // Rows [begin, end) of dim 0, as a view that shares storage (rows are
   // contiguous in row-major layout).
   Tensor SliceRows(int64_t begin, int64_t end) const;
@@ -60,6 +69,7 @@ class Tensor {
   Tensor(std::shared_ptr<const void> owner, float* data, Shape shape);
 
   std::shared_ptr<const void> owner_;
+  int64_t capacity_ = 0;
   float* data_ = nullptr;
   Shape shape_;
   int64_t numel_ = 0;
