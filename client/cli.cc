@@ -1,10 +1,12 @@
 #include "client/cli.h"
 
+#include <algorithm>
 #include <chrono>
 #include <functional>
 #include <map>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "client/cli_flags.h"
 #include "common/status_macros.h"
@@ -104,12 +106,24 @@ absl::Status RunLocal(const FlagSet& flags, std::ostream& out) {
   ASSIGN_OR_RETURN(lp.chunks, flags.GetInt("chunks"));
   ASSIGN_OR_RETURN(auto pipe, LocalPipeline::Create(model, plan, *backend, lp));
   out << FormatPlan(plan);
-  auto start = std::chrono::steady_clock::now();
-  ASSIGN_OR_RETURN(std::vector<Tensor> outputs, pipe->Run(inputs));
-  double ms = std::chrono::duration<double, std::milli>(
-                  std::chrono::steady_clock::now() - start).count();
-  out << "ran " << plan.stages_size() << " stages, " << lp.chunks
-      << " microbatch(es) in " << ms << " ms\n";
+  ASSIGN_OR_RETURN(int repeat, flags.GetInt("repeat"));
+  std::vector<Tensor> outputs;
+  std::vector<double> ms;
+  for (int r = 0; r < std::max(1, repeat); ++r) {
+    auto start = std::chrono::steady_clock::now();
+    ASSIGN_OR_RETURN(outputs, pipe->Run(inputs));
+    ms.push_back(std::chrono::duration<double, std::milli>(
+                     std::chrono::steady_clock::now() - start).count());
+  }
+  double first = ms[0];
+  std::sort(ms.begin(), ms.end());
+  out << absl::StrFormat("ran %d stages, %d microbatch(es): first call %.3f ms",
+                         plan.stages_size(), lp.chunks, first);
+  if (ms.size() > 1) {
+    out << absl::StrFormat(", median of %d calls %.3f ms", ms.size(),
+                           ms[ms.size() / 2]);
+  }
+  out << "\n";
   std::string dir = flags.Get("output_dir");
   for (size_t i = 0; i < outputs.size(); ++i) {
     out << "output " << i << " (" << plan.outputs(i).name() << "): "
@@ -146,6 +160,7 @@ std::map<std::string, Command> Commands() {
                 true);
           f.Add("chunks", "N", "microbatches per call", false, "1");
           f.Add("threads", "T", "GEMM threads", false, "1");
+          f.Add("repeat", "N", "run N times and report the median time", false, "1");
           f.Add("output_dir", "DIR", "write outputs there as out_<i>.npy");
         },
         RunLocal}},

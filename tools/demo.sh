@@ -22,7 +22,7 @@ echo "== plan and local pipelined run (4 microbatches of 16)"
 mkdir -p "$work/out"
 "$cli" run-local --model "$case_dir/model.psm" \
   --input "x=$case_dir/in_x.npy" --input "y=$case_dir/in_y.npy" \
-  --chunks 4 --output_dir "$work/out"
+  --chunks 4 --repeat 20 --output_dir "$work/out"
 
 echo "== comparison with PyTorch"
 /usr/bin/python3 tools/compare_outputs.py "$case_dir" "$work/out"
