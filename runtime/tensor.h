@@ -58,6 +58,9 @@ class Tensor {
   // The same storage viewed with another shape of no more elements.
   Tensor Reshaped(Shape shape) const;
 
+  // The object keeping the storage alive (to hand to zero-copy I/O).
+  const std::shared_ptr<const void>& storage() const { return owner_; }
+
   // Bytes of storage this tensor may use from data() on (its capacity).
   int64_t capacity_bytes() const { return capacity_; }
 
