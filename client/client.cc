@@ -1,0 +1,360 @@
+#include "client/client.h"
+
+#include <google/protobuf/io/coded_stream.h>
+#include <google/protobuf/wire_format_lite.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+#include <sys/stat.h>
+#include <zlib.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "common/status_macros.h"
+#include "proto/grpc_service.grpc.pb.h"
+#include "proto/pipeserve_service.grpc.pb.h"
+
+namespace pipeserve {
+
+struct Client::Stubs {
+  std::shared_ptr<grpc::Channel> channel;
+  std::unique_ptr<inference::GRPCInferenceService::Stub> inference;
+  std::unique_ptr<ModelService::Stub> models;
+  std::unique_ptr<grpc::GenericStub> generic;  // for grpc.health.v1
+};
+
+namespace {
+
+// The one place a gRPC status becomes an absl::Status: the codes are the
+// same canonical codes with the same numbers.
+absl::Status FromGrpc(const grpc::Status& s) {
+  if (s.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
+                      s.error_message());
+}
+
+void SetDeadline(grpc::ClientContext* ctx, absl::Duration timeout) {
+  ctx->set_deadline(std::chrono::system_clock::now() +
+                    absl::ToChronoNanoseconds(timeout));
+}
+
+// A file opened for reading, closed on scope exit.
+struct File {
+  std::FILE* f = nullptr;
+  ~File() {
+    if (f != nullptr) std::fclose(f);
+  }
+};
+
+// grpc.health.v1.HealthCheckResponse.ServingStatus by number.
+std::string ServingStatusName(uint32_t v) {
+  switch (v) {
+    case 0:
+      return "UNKNOWN";
+    case 1:
+      return "SERVING";
+    case 2:
+      return "NOT_SERVING";
+    case 3:
+      return "SERVICE_UNKNOWN";
+  }
+  return absl::StrCat("STATUS_", v);
+}
+
+// Field 1 (`status`, an enum) of a serialized HealthCheckResponse; 0 when
+// absent, as proto3 says.
+absl::StatusOr<uint32_t> DecodeServingStatus(const std::string& bytes) {
+  using google::protobuf::internal::WireFormatLite;
+  google::protobuf::io::CodedInputStream in(
+      reinterpret_cast<const uint8_t*>(bytes.data()),
+      static_cast<int>(bytes.size()));
+  uint32_t status = 0;
+  while (uint32_t tag = in.ReadTag()) {
+    if (tag == WireFormatLite::MakeTag(1, WireFormatLite::WIRETYPE_VARINT)) {
+      if (!in.ReadVarint32(&status)) break;
+    } else if (!WireFormatLite::SkipField(&in, tag)) {
+      return absl::InternalError("malformed grpc.health.v1 response");
+    }
+  }
+  if (!in.ConsumedEntireMessage()) {
+    return absl::InternalError("malformed grpc.health.v1 response");
+  }
+  return status;
+}
+
+}  // namespace
+
+Client::Client(std::string address, ClientOptions options,
+               std::unique_ptr<Stubs> stubs)
+    : address_(std::move(address)),
+      options_(options),
+      stubs_(std::move(stubs)) {}
+
+Client::~Client() = default;
+
+absl::StatusOr<std::unique_ptr<Client>> Client::Connect(
+    const std::string& address, ClientOptions options) {
+  if (address.empty()) {
+    return absl::InvalidArgumentError(
+        "server address is empty (want HOST:PORT)");
+  }
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(options.max_message_bytes);
+  args.SetMaxSendMessageSize(options.max_message_bytes);
+  auto stubs = std::make_unique<Stubs>();
+  stubs->channel = grpc::CreateCustomChannel(
+      address, grpc::InsecureChannelCredentials(), args);
+  stubs->inference = inference::GRPCInferenceService::NewStub(stubs->channel);
+  stubs->models = ModelService::NewStub(stubs->channel);
+  stubs->generic = std::make_unique<grpc::GenericStub>(stubs->channel);
+  return std::unique_ptr<Client>(
+      new Client(address, options, std::move(stubs)));
+}
+
+absl::StatusOr<UploadResult> Client::Upload(
+    const std::string& name, const std::string& path,
+    const UploadOptions& options,
+    std::function<void(uint64_t, uint64_t)> progress) {
+  File file;
+  file.f = std::fopen(path.c_str(), "rb");
+  struct stat st;
+  if (file.f == nullptr || fstat(fileno(file.f), &st) != 0) {
+    return absl::NotFoundError(absl::StrCat("cannot open model file \"", path,
+                                            "\": ", std::strerror(errno)));
+  }
+  const uint64_t total = static_cast<uint64_t>(st.st_size);
+
+  grpc::ClientContext ctx;
+  // Room for the transfer itself at 16 MiB/s or better, beside the time the
+  // server takes to partition and deploy.
+  SetDeadline(&ctx, options_.timeout +
+                        absl::Seconds(static_cast<double>(total) / (16 << 20)));
+  UploadResponse response;
+  std::unique_ptr<grpc::ClientWriter<UploadRequest>> writer =
+      stubs_->models->Upload(&ctx, &response);
+
+  std::string buffer(kUploadChunkBytes, '\0');
+  uint64_t sent = 0;
+  uLong crc = crc32(0L, Z_NULL, 0);
+  bool first = true;
+  absl::Status read_error;
+  // At least one message, so that an empty file still names the model.
+  while (first || sent < total) {
+    size_t want = static_cast<size_t>(
+        std::min<uint64_t>(kUploadChunkBytes, total - sent));
+    size_t got = want == 0 ? 0 : std::fread(&buffer[0], 1, want, file.f);
+    if (got != want) {
+      read_error = absl::DataLossError(
+          absl::StrCat("model file \"", path, "\": read ", sent + got, " of ",
+                       total, " bytes (did it change during the upload?)"));
+      break;
+    }
+    crc = crc32(crc, reinterpret_cast<const Bytef*>(buffer.data()),
+                static_cast<uInt>(got));
+    UploadRequest request;
+    if (first) {
+      request.set_name(name);
+      *request.mutable_options() = options;
+      first = false;
+    }
+    request.set_data(buffer.data(), got);
+    sent += got;
+    if (sent == total) {
+      request.set_last(true);
+      request.set_total_bytes(total);
+      request.set_crc32(static_cast<uint32_t>(crc));
+    }
+    // false: the stream is broken (the server failed the call); Finish
+    // says why.
+    if (!writer->Write(request)) break;
+    if (progress) progress(sent, total);
+  }
+  if (!read_error.ok()) {
+    ctx.TryCancel();
+    writer->Finish().IgnoreError();
+    return read_error;
+  }
+  writer->WritesDone();
+  grpc::Status s = writer->Finish();
+  if (!s.ok()) return FromGrpc(s);
+  return UploadResult{response.name(), response.bytes(), response.num_stages()};
+}
+
+absl::StatusOr<GetPlanResponse> Client::GetPlan(const std::string& name) {
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, options_.timeout);
+  GetPlanRequest request;
+  request.set_name(name);
+  GetPlanResponse response;
+  grpc::Status s = stubs_->models->GetPlan(&ctx, request, &response);
+  if (!s.ok()) return FromGrpc(s);
+  return response;
+}
+
+absl::StatusOr<std::vector<ModelSummary>> Client::ListModels() {
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, options_.timeout);
+  ListModelsResponse response;
+  grpc::Status s =
+      stubs_->models->ListModels(&ctx, ListModelsRequest(), &response);
+  if (!s.ok()) return FromGrpc(s);
+  return std::vector<ModelSummary>(response.models().begin(),
+                                   response.models().end());
+}
+
+absl::StatusOr<std::vector<NamedTensor>> Client::Infer(
+    const std::string& model, const std::vector<NamedTensor>& inputs,
+    absl::Duration timeout) {
+  inference::ModelInferRequest request;
+  request.set_model_name(model);
+  for (const NamedTensor& in : inputs) {
+    if (in.tensor.data() == nullptr && in.tensor.numel() != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("input \"", in.name, "\" has no data"));
+    }
+    auto* t = request.add_inputs();
+    t->set_name(in.name);
+    t->set_datatype("FP32");
+    for (int64_t d : in.tensor.shape()) t->add_shape(d);
+    // Row-major float32, little-endian like every machine this runs on.
+    request.add_raw_input_contents(
+        reinterpret_cast<const char*>(in.tensor.data()),
+        static_cast<size_t>(in.tensor.byte_size()));
+  }
+
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx,
+              timeout > absl::ZeroDuration() ? timeout : options_.timeout);
+  inference::ModelInferResponse response;
+  grpc::Status s = stubs_->inference->ModelInfer(&ctx, request, &response);
+  if (!s.ok()) return FromGrpc(s);
+
+  // Outputs come as raw contents (what pipeserve sends) or, from other
+  // KServe servers, as typed fp32_contents; not both.
+  const bool raw = response.raw_output_contents_size() > 0;
+  if (raw && response.raw_output_contents_size() != response.outputs_size()) {
+    return absl::InternalError(absl::StrCat(
+        "malformed response: ", response.outputs_size(), " outputs but ",
+        response.raw_output_contents_size(), " raw_output_contents"));
+  }
+  std::vector<NamedTensor> outputs;
+  outputs.reserve(response.outputs_size());
+  for (int i = 0; i < response.outputs_size(); ++i) {
+    const auto& out = response.outputs(i);
+    auto bad = [&](const std::string& what) {
+      return absl::InternalError(absl::StrCat("malformed response: output \"",
+                                              out.name(), "\": ", what));
+    };
+    if (out.datatype() != "FP32") {
+      return bad(
+          absl::StrCat("datatype \"", out.datatype(), "\", expected FP32"));
+    }
+    Shape shape(out.shape().begin(), out.shape().end());
+    for (int64_t d : shape) {
+      if (d < 0)
+        return bad(
+            absl::StrCat("negative dimension in shape ", ShapeToString(shape)));
+    }
+    const int64_t numel = NumElements(shape);
+    Tensor t = Tensor::Empty(shape);
+    if (raw) {
+      const std::string& bytes = response.raw_output_contents(i);
+      if (static_cast<int64_t>(bytes.size()) != numel * 4) {
+        return bad(absl::StrCat(bytes.size(), " bytes for shape ",
+                                ShapeToString(shape), " (", numel * 4,
+                                " expected)"));
+      }
+      if (numel > 0) std::memcpy(t.data(), bytes.data(), bytes.size());
+    } else {
+      const auto& values = out.contents().fp32_contents();
+      if (values.size() != numel) {
+        return bad(absl::StrCat(values.size(), " fp32_contents for shape ",
+                                ShapeToString(shape)));
+      }
+      std::copy(values.begin(), values.end(), t.data());
+    }
+    outputs.push_back({out.name(), std::move(t)});
+  }
+  return outputs;
+}
+
+absl::StatusOr<inference::ModelMetadataResponse> Client::ModelMetadata(
+    const std::string& model) {
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, options_.timeout);
+  inference::ModelMetadataRequest request;
+  request.set_name(model);
+  inference::ModelMetadataResponse response;
+  grpc::Status s = stubs_->inference->ModelMetadata(&ctx, request, &response);
+  if (!s.ok()) return FromGrpc(s);
+  return response;
+}
+
+absl::StatusOr<bool> Client::ServerLive() {
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, options_.timeout);
+  inference::ServerLiveResponse response;
+  grpc::Status s = stubs_->inference->ServerLive(
+      &ctx, inference::ServerLiveRequest(), &response);
+  if (!s.ok()) return FromGrpc(s);
+  return response.live();
+}
+
+absl::StatusOr<bool> Client::ServerReady() {
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, options_.timeout);
+  inference::ServerReadyResponse response;
+  grpc::Status s = stubs_->inference->ServerReady(
+      &ctx, inference::ServerReadyRequest(), &response);
+  if (!s.ok()) return FromGrpc(s);
+  return response.ready();
+}
+
+absl::StatusOr<bool> Client::ModelReady(const std::string& model) {
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, options_.timeout);
+  inference::ModelReadyRequest request;
+  request.set_name(model);
+  inference::ModelReadyResponse response;
+  grpc::Status s = stubs_->inference->ModelReady(&ctx, request, &response);
+  if (!s.ok()) return FromGrpc(s);
+  return response.ready();
+}
+
+absl::StatusOr<std::string> Client::Health() {
+  // Debian ships no C++ classes for grpc/health/v1/health.proto, so the call
+  // goes through the generic stub with hand-encoded messages: the request
+  // HealthCheckRequest{service: ""} is the empty message.
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, options_.timeout);
+  grpc::Slice empty("", 0);
+  grpc::ByteBuffer request(&empty, 1), response;
+  grpc::Status status;
+  absl::Notification done;
+  stubs_->generic->UnaryCall(&ctx, "/grpc.health.v1.Health/Check",
+                             grpc::StubOptions(), &request, &response,
+                             [&](grpc::Status s) {
+                               status = std::move(s);
+                               done.Notify();
+                             });
+  done.WaitForNotification();
+  if (!status.ok()) return FromGrpc(status);
+  std::string bytes;
+  if (response.Valid()) {  // an empty message may come as no buffer at all
+    std::vector<grpc::Slice> slices;
+    RETURN_IF_ERROR(FromGrpc(response.Dump(&slices)));
+    for (const grpc::Slice& s : slices) {
+      bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+    }
+  }
+  ASSIGN_OR_RETURN(uint32_t serving, DecodeServingStatus(bytes));
+  return ServingStatusName(serving);
+}
+
+}  // namespace pipeserve
