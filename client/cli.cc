@@ -1,14 +1,18 @@
 #include "client/cli.h"
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
+#include <filesystem>
 #include <functional>
 #include <map>
+#include <memory>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "client/cli_flags.h"
+#include "client/client.h"
 #include "common/status_macros.h"
 #include "partitioner/partition.h"
 #include "partitioner/plan_text.h"
@@ -20,41 +24,54 @@
 namespace pipeserve {
 namespace {
 
-void AddPartitionFlags(FlagSet& flags) {
-  flags.Add("model", "PATH", "model file written by pipeserve.export (.psm)", true);
+constexpr char kDefaultServer[] = "localhost:8001";
+
+// ---------------------------------------------------------------------------
+// Shared flag helpers.
+
+void AddPartitionFlags(FlagSet& flags, bool model_required = true) {
+  flags.Add("model", "PATH", "model file written by pipeserve.export (.psm)",
+            model_required);
   flags.Add("num_stages", "K",
-            "stages for automatic cutting of a model without cut points", false, "0");
+            "stages for automatic cutting of a model without cut points", false,
+            "0");
   flags.Add("split", "MODULE:BEGINNING|END",
-            "cut at a module (overrides the model's split_spec)", false, "", true);
+            "cut at a module (overrides the model's split_spec)", false, "",
+            true);
+}
+
+void AddServerFlag(FlagSet& flags) {
+  flags.Add("server", "HOST:PORT", "the coordinator's gRPC address", false,
+            kDefaultServer);
+}
+
+// "MODULE:BEGINNING" or "MODULE:END".
+absl::StatusOr<std::pair<std::string, SplitPoint>> ParseSplit(
+    const std::string& s) {
+  std::vector<std::string> parts = absl::StrSplit(s, ':');
+  SplitPoint point;
+  if (parts.size() != 2 || !SplitPoint_Parse(parts[1], &point) ||
+      point == SPLIT_POINT_UNSPECIFIED) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--split \"", s, "\": expected MODULE:BEGINNING or MODULE:END"));
+  }
+  return std::make_pair(parts[0], point);
 }
 
 absl::StatusOr<PartitionOptions> PartitionOptionsFrom(const FlagSet& flags) {
   PartitionOptions o;
   ASSIGN_OR_RETURN(o.num_stages, flags.GetInt("num_stages"));
   for (const std::string& s : flags.GetAll("split")) {
-    std::vector<std::string> parts = absl::StrSplit(s, ':');
-    SplitPoint point;
-    if (parts.size() != 2 || !SplitPoint_Parse(parts[1], &point) ||
-        point == SPLIT_POINT_UNSPECIFIED) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "--split \"", s, "\": expected MODULE:BEGINNING or MODULE:END"));
-    }
-    o.split_spec[parts[0]] = point;
+    ASSIGN_OR_RETURN(auto split, ParseSplit(s));
+    o.split_spec[split.first] = split.second;
   }
   return o;
 }
 
-absl::Status Plan_(const FlagSet& flags, std::ostream& out) {
-  ASSIGN_OR_RETURN(PartitionOptions opts, PartitionOptionsFrom(flags));
-  ASSIGN_OR_RETURN(Model model, ReadModelFile(flags.Get("model")));
-  ASSIGN_OR_RETURN(Plan plan, Partition(model.graph, opts));
-  out << FormatPlan(plan);
-  return absl::OkStatus();
-}
-
-// Inputs as NAME=PATH, or PATH in the model's input order.
-absl::StatusOr<std::vector<Tensor>> LoadInputs(const Graph& graph,
-                                               const std::vector<std::string>& args) {
+// Inputs as NAME=PATH, or PATH in the order of `names` (the model's inputs).
+absl::StatusOr<std::vector<Tensor>> LoadInputs(
+    const std::vector<std::string>& names,
+    const std::vector<std::string>& args) {
   std::map<std::string, std::string> by_name;
   std::vector<std::string> positional;
   for (const std::string& a : args) {
@@ -67,9 +84,9 @@ absl::StatusOr<std::vector<Tensor>> LoadInputs(const Graph& graph,
   }
   std::vector<Tensor> inputs;
   size_t next = 0;
-  for (const ValueSpec& spec : graph.inputs()) {
+  for (const std::string& name : names) {
     std::string path;
-    auto it = by_name.find(spec.name());
+    auto it = by_name.find(name);
     if (it != by_name.end()) {
       path = it->second;
       by_name.erase(it);
@@ -77,28 +94,65 @@ absl::StatusOr<std::vector<Tensor>> LoadInputs(const Graph& graph,
       path = positional[next++];
     } else {
       return absl::InvalidArgumentError(
-          absl::StrCat("no --input for model input \"", spec.name(), "\""));
+          absl::StrCat("no --input for model input \"", name, "\""));
     }
     ASSIGN_OR_RETURN(Tensor t, ReadNpy(path));
     inputs.push_back(std::move(t));
   }
   if (!by_name.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--input names \"", by_name.begin()->first, "\", which is not a model input"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--input names \"", by_name.begin()->first,
+                     "\", which is not a model input"));
   }
   if (next < positional.size()) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "more --input files than the model's ", graph.inputs_size(), " inputs"));
+        "more --input files than the model's ", names.size(), " inputs"));
   }
   return inputs;
 }
 
-absl::Status RunLocal(const FlagSet& flags, std::ostream& out) {
+std::string HumanBytes(uint64_t b) {
+  if (b >= (uint64_t{1} << 30))
+    return absl::StrFormat("%.1f GiB", b / 1073741824.0);
+  if (b >= (1u << 20)) return absl::StrFormat("%.1f MiB", b / 1048576.0);
+  if (b >= 1024) return absl::StrFormat("%.1f KiB", b / 1024.0);
+  return absl::StrCat(b, " B");
+}
+
+// An output name as a file name: anything but [A-Za-z0-9_.-] becomes '_',
+// and a name made only of dots cannot climb out of the directory.
+std::string FileNameFor(const std::string& name) {
+  std::string s = name;
+  for (char& c : s) {
+    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' ||
+          c == '.')) {
+      c = '_';
+    }
+  }
+  if (s.empty() || s.find_first_not_of('.') == std::string::npos) s = "_" + s;
+  return s;
+}
+
+// ---------------------------------------------------------------------------
+// Local commands: plan --model, run-local.
+
+absl::Status PlanLocal(const FlagSet& flags, std::ostream& out) {
   ASSIGN_OR_RETURN(PartitionOptions opts, PartitionOptionsFrom(flags));
   ASSIGN_OR_RETURN(Model model, ReadModelFile(flags.Get("model")));
   ASSIGN_OR_RETURN(Plan plan, Partition(model.graph, opts));
+  out << FormatPlan(plan);
+  return absl::OkStatus();
+}
+
+absl::Status RunLocal(const FlagSet& flags, std::ostream& out, std::ostream&) {
+  ASSIGN_OR_RETURN(PartitionOptions opts, PartitionOptionsFrom(flags));
+  ASSIGN_OR_RETURN(Model model, ReadModelFile(flags.Get("model")));
+  ASSIGN_OR_RETURN(Plan plan, Partition(model.graph, opts));
+  std::vector<std::string> names;
+  for (const ValueSpec& spec : model.graph.inputs())
+    names.push_back(spec.name());
   ASSIGN_OR_RETURN(std::vector<Tensor> inputs,
-                   LoadInputs(model.graph, flags.GetAll("input")));
+                   LoadInputs(names, flags.GetAll("input")));
   CpuBackendOptions cpu;
   ASSIGN_OR_RETURN(cpu.threads, flags.GetInt("threads"));
   std::unique_ptr<ComputeBackend> backend = MakeCpuBackend(cpu);
@@ -113,7 +167,8 @@ absl::Status RunLocal(const FlagSet& flags, std::ostream& out) {
     auto start = std::chrono::steady_clock::now();
     ASSIGN_OR_RETURN(outputs, pipe->Run(inputs));
     ms.push_back(std::chrono::duration<double, std::milli>(
-                     std::chrono::steady_clock::now() - start).count());
+                     std::chrono::steady_clock::now() - start)
+                     .count());
   }
   double first = ms[0];
   std::sort(ms.begin(), ms.end());
@@ -126,8 +181,8 @@ absl::Status RunLocal(const FlagSet& flags, std::ostream& out) {
   out << "\n";
   std::string dir = flags.Get("output_dir");
   for (size_t i = 0; i < outputs.size(); ++i) {
-    out << "output " << i << " (" << plan.outputs(i).name() << "): "
-        << ShapeToString(outputs[i].shape());
+    out << "output " << i << " (" << plan.outputs(i).name()
+        << "): " << ShapeToString(outputs[i].shape());
     if (!dir.empty()) {
       std::string path = absl::StrCat(dir, "/out_", i, ".npy");
       RETURN_IF_ERROR(WriteNpy(path, outputs[i]));
@@ -138,39 +193,329 @@ absl::Status RunLocal(const FlagSet& flags, std::ostream& out) {
   return absl::OkStatus();
 }
 
+// ---------------------------------------------------------------------------
+// Remote commands: each runs against a Client of --server.
+
+using RemoteFn = std::function<absl::Status(
+    const FlagSet&, Client&, std::ostream& out, std::ostream& err)>;
+
+// Connects to --server, runs `fn`, and says which server could not be
+// reached when that is the error.
+std::function<absl::Status(const FlagSet&, std::ostream&, std::ostream&)>
+Remote(RemoteFn fn) {
+  return [fn](const FlagSet& flags, std::ostream& out, std::ostream& err) {
+    const std::string server = flags.Get("server");
+    ASSIGN_OR_RETURN(std::unique_ptr<Client> client, Client::Connect(server));
+    absl::Status s = fn(flags, *client, out, err);
+    if (s.code() == absl::StatusCode::kUnavailable) {
+      return absl::UnavailableError(absl::StrCat(
+          "cannot reach a pipeserve server at ", server, ": ", s.message()));
+    }
+    return s;
+  };
+}
+
+// `\r[#######.......] 12.0/48.0 MiB 310.2 MiB/s` on stderr, redrawn at most
+// every 100 ms and on the last chunk; the destructor ends the line.
+class ProgressBar {
+ public:
+  explicit ProgressBar(std::ostream& err) : err_(err) {}
+  ~ProgressBar() {
+    if (drawn_) err_ << "\n" << std::flush;
+  }
+
+  void Update(uint64_t sent, uint64_t total) {
+    auto now = std::chrono::steady_clock::now();
+    if (drawn_ && sent < total &&
+        now - last_ < std::chrono::milliseconds(100)) {
+      return;
+    }
+    last_ = now;
+    drawn_ = true;
+    constexpr int kWidth = 30;
+    double frac = total == 0 ? 1.0 : static_cast<double>(sent) / total;
+    int filled = static_cast<int>(frac * kWidth + 0.5);
+    double seconds = std::chrono::duration<double>(now - start_).count();
+    double mib = 1048576.0;
+    err_ << "\r[" << std::string(filled, '#')
+         << std::string(kWidth - filled, '.') << "] "
+         << absl::StrFormat("%.1f/%.1f MiB %.1f MiB/s", sent / mib, total / mib,
+                            seconds > 0 ? sent / mib / seconds : 0.0)
+         << std::flush;
+  }
+
+ private:
+  std::ostream& err_;
+  const std::chrono::steady_clock::time_point start_ =
+      std::chrono::steady_clock::now();
+  std::chrono::steady_clock::time_point last_;
+  bool drawn_ = false;
+};
+
+absl::Status Upload(const FlagSet& flags, Client& client, std::ostream& out,
+                    std::ostream& err) {
+  UploadOptions options;
+  ASSIGN_OR_RETURN(int num_stages, flags.GetInt("num_stages"));
+  ASSIGN_OR_RETURN(int microbatches, flags.GetInt("microbatches"));
+  options.set_num_stages(num_stages);
+  options.set_microbatches(microbatches);
+  for (const std::string& s : flags.GetAll("split")) {
+    ASSIGN_OR_RETURN(auto split, ParseSplit(s));
+    SplitSpecEntry* e = options.add_split_spec();
+    e->set_module(split.first);
+    e->set_point(split.second);
+  }
+  absl::StatusOr<UploadResult> result;
+  {
+    ProgressBar bar(err);
+    result = client.Upload(
+        flags.Get("name"), flags.Get("model"), options,
+        [&bar](uint64_t sent, uint64_t total) { bar.Update(sent, total); });
+  }
+  RETURN_IF_ERROR(result.status());
+  out << "uploaded model \"" << result->name << "\": " << result->bytes
+      << " bytes (" << HumanBytes(result->bytes) << "), " << result->num_stages
+      << " stage" << (result->num_stages == 1 ? "" : "s") << "\n";
+  return absl::OkStatus();
+}
+
+absl::Status Models(const FlagSet&, Client& client, std::ostream& out,
+                    std::ostream&) {
+  ASSIGN_OR_RETURN(std::vector<ModelSummary> models, client.ListModels());
+  if (models.empty()) {
+    out << "no models\n";
+    return absl::OkStatus();
+  }
+  std::vector<std::vector<std::string>> rows = {
+      {"NAME", "STATE", "STAGES", "SIZE", "REASON"}};
+  for (const ModelSummary& m : models) {
+    rows.push_back({m.name(), m.state(), absl::StrCat(m.num_stages()),
+                    HumanBytes(m.bytes()), m.reason()});
+  }
+  std::vector<size_t> width(rows[0].size(), 0);
+  for (const auto& row : rows) {
+    for (size_t c = 0; c < row.size(); ++c)
+      width[c] = std::max(width[c], row[c].size());
+  }
+  for (const auto& row : rows) {
+    std::string line;
+    for (size_t c = 0; c < row.size(); ++c) {
+      if (c + 1 == row.size()) {
+        absl::StrAppend(&line, row[c]);  // no padding after the last column
+      } else {
+        absl::StrAppend(&line, absl::StrFormat("%-*s  ", width[c], row[c]));
+      }
+    }
+    out << line.substr(0, line.find_last_not_of(' ') + 1) << "\n";
+  }
+  return absl::OkStatus();
+}
+
+absl::Status PlanRemote(const FlagSet& flags, Client& client, std::ostream& out,
+                        std::ostream&) {
+  ASSIGN_OR_RETURN(GetPlanResponse r, client.GetPlan(flags.Get("name")));
+  out << "model \"" << r.name() << "\" on " << client.address();
+  if (!r.state().empty()) out << " (" << r.state() << ")";
+  out << "\n"
+      << FormatPlan(r.plan(),
+                    std::vector<std::string>(r.stage_servers().begin(),
+                                             r.stage_servers().end()))
+      << r.microbatches() << " microbatch"
+      << (r.microbatches() == 1 ? "" : "es") << " per request\n";
+  return absl::OkStatus();
+}
+
+// `plan` reads a local file (--model) or asks a server (--name, --server).
+absl::Status CheckPlanFlags(const FlagSet& flags) {
+  bool local = !flags.GetAll("model").empty();
+  bool remote =
+      !flags.GetAll("name").empty() || !flags.GetAll("server").empty();
+  if (local && remote) {
+    return absl::InvalidArgumentError(
+        "plan: give --model FILE (a local file) or --name NAME [--server "
+        "HOST:PORT] (a deployed model), not both");
+  }
+  if (!local && !remote) {
+    return absl::InvalidArgumentError(
+        "plan: missing required flag --model (or --name [--server] for a "
+        "deployed model; see --help)");
+  }
+  if (remote && flags.GetAll("name").empty()) {
+    return absl::InvalidArgumentError("plan: --server needs --name NAME");
+  }
+  if (remote &&
+      (!flags.GetAll("num_stages").empty() || !flags.GetAll("split").empty())) {
+    return absl::InvalidArgumentError(
+        "plan: --num_stages and --split apply to a local --model; a deployed "
+        "model was cut when it was uploaded");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Plan_(const FlagSet& flags, std::ostream& out, std::ostream& err) {
+  if (!flags.GetAll("model").empty()) return PlanLocal(flags, out);
+  return Remote(PlanRemote)(flags, out, err);
+}
+
+absl::Status Infer(const FlagSet& flags, Client& client, std::ostream& out,
+                   std::ostream&) {
+  const std::string model = flags.Get("name");
+  ASSIGN_OR_RETURN(int timeout_ms, flags.GetInt("timeout_ms"));
+  // The model's input names and order, for inputs given by position.
+  ASSIGN_OR_RETURN(inference::ModelMetadataResponse meta,
+                   client.ModelMetadata(model));
+  std::vector<std::string> names;
+  for (const auto& in : meta.inputs()) names.push_back(in.name());
+  ASSIGN_OR_RETURN(std::vector<Tensor> tensors,
+                   LoadInputs(names, flags.GetAll("input")));
+  std::vector<NamedTensor> inputs;
+  for (size_t i = 0; i < names.size(); ++i)
+    inputs.push_back({names[i], tensors[i]});
+
+  auto start = std::chrono::steady_clock::now();
+  ASSIGN_OR_RETURN(
+      std::vector<NamedTensor> outputs,
+      client.Infer(model, inputs, absl::Milliseconds(std::max(0, timeout_ms))));
+  double ms = std::chrono::duration<double, std::milli>(
+                  std::chrono::steady_clock::now() - start)
+                  .count();
+
+  const std::string dir = flags.Get("output_dir");
+  if (!dir.empty()) {
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);
+    if (ec) {
+      return absl::PermissionDeniedError(absl::StrCat(
+          "cannot create --output_dir \"", dir, "\": ", ec.message()));
+    }
+  }
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    out << "output " << i << " (" << outputs[i].name
+        << "): " << ShapeToString(outputs[i].tensor.shape());
+    if (!dir.empty()) {
+      std::string path =
+          absl::StrCat(dir, "/", FileNameFor(outputs[i].name), ".npy");
+      RETURN_IF_ERROR(WriteNpy(path, outputs[i].tensor));
+      out << " -> " << path;
+    }
+    out << "\n";
+  }
+  out << absl::StrFormat("latency %.3f ms\n", ms);
+  return absl::OkStatus();
+}
+
+absl::Status Health(const FlagSet&, Client& client, std::ostream& out,
+                    std::ostream&) {
+  ASSIGN_OR_RETURN(bool live, client.ServerLive());
+  ASSIGN_OR_RETURN(bool ready, client.ServerReady());
+  absl::StatusOr<std::string> health = client.Health();
+  bool healthy;
+  std::string health_text;
+  if (health.ok()) {
+    healthy = *health == "SERVING";
+    health_text = *health;
+  } else if (health.status().code() == absl::StatusCode::kUnimplemented) {
+    healthy = true;  // no grpc.health.v1 service: live and ready decide
+    health_text = "not offered by the server";
+  } else {
+    return health.status();
+  }
+  out << "server  " << client.address() << "\n"
+      << "live    " << (live ? "true" : "false") << "\n"
+      << "ready   " << (ready ? "true" : "false") << "\n"
+      << "health  " << health_text << "\n";
+  if (!(live && ready && healthy)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("server at ", client.address(), " is not serving"));
+  }
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------
+// The command table.
+
 struct Command {
   std::string summary;
   std::function<void(FlagSet&)> flags;
-  std::function<absl::Status(const FlagSet&, std::ostream&)> run;
+  std::function<absl::Status(const FlagSet&, std::ostream& out,
+                             std::ostream& err)>
+      run;
+  // Checks flag combinations after parsing; an error is a usage error.
+  std::function<absl::Status(const FlagSet&)> check = nullptr;
 };
 
 std::map<std::string, Command> Commands() {
   return {
       {"plan",
        {"Print how a model is cut into stages: parameters, and the values\n"
-        "crossing each boundary.",
-        AddPartitionFlags, Plan_}},
+        "crossing each boundary. With --model, of a local file; with --name,\n"
+        "of a model deployed on --server (with its stage servers).",
+        [](FlagSet& f) {
+          AddPartitionFlags(f, /*model_required=*/false);
+          f.Add("name", "NAME", "a model deployed on --server");
+          AddServerFlag(f);
+        },
+        Plan_, CheckPlanFlags}},
       {"run-local",
        {"Cut a model into stages and run them in this process (the\n"
         "equivalent of torch.distributed.pipelining's pipe(x, y)).",
         [](FlagSet& f) {
           AddPartitionFlags(f);
           f.Add("input", "[NAME=]FILE.npy",
-                "a model input (float32 .npy), by name or in input order", true, "",
-                true);
+                "a model input (float32 .npy), by name or in input order", true,
+                "", true);
           f.Add("chunks", "N", "microbatches per call", false, "1");
           f.Add("threads", "T", "GEMM threads", false, "1");
-          f.Add("repeat", "N", "run N times and report the median time", false, "1");
+          f.Add("repeat", "N", "run N times and report the median time", false,
+                "1");
           f.Add("output_dir", "DIR", "write outputs there as out_<i>.npy");
         },
         RunLocal}},
+      {"upload",
+       {"Upload a model file to the coordinator, which cuts it into stages\n"
+        "and deploys them on its stage servers.",
+        [](FlagSet& f) {
+          AddServerFlag(f);
+          f.Add("name", "NAME", "the name to serve the model under", true);
+          AddPartitionFlags(f);
+          f.Add("microbatches", "M",
+                "microbatches per request (0: the server's default)", false,
+                "0");
+        },
+        Remote(Upload)}},
+      {"models",
+       {"List the models on the server with their state, stages and size.",
+        AddServerFlag, Remote(Models)}},
+      {"infer",
+       {"Run a deployed model on .npy inputs over the KServe v2 API.",
+        [](FlagSet& f) {
+          AddServerFlag(f);
+          f.Add("name", "NAME", "the deployed model", true);
+          f.Add("input", "[NAME=]FILE.npy",
+                "a model input (float32 .npy), by name or in input order", true,
+                "", true);
+          f.Add("output_dir", "DIR",
+                "write outputs there as <output name>.npy");
+          f.Add("timeout_ms", "N", "deadline of the request (0: 60 s)", false,
+                "0");
+        },
+        Remote(Infer)}},
+      {"health",
+       {"Check that the server is live, ready and serving (exit 1 if not).",
+        AddServerFlag, Remote(Health)}},
   };
 }
 
 void Usage(std::ostream& os) {
-  os << "usage: pipeserve COMMAND [flags]   (pipeserve COMMAND --help)\n\ncommands:\n";
+  os << "usage: pipeserve COMMAND [flags]   (pipeserve COMMAND "
+        "--help)\n\ncommands:\n";
   for (const auto& [name, cmd] : Commands()) {
-    os << "  " << name << "\t" << cmd.summary.substr(0, cmd.summary.find('\n')) << "\n";
+    // The summary's first sentence, on one line.
+    size_t end = std::min(cmd.summary.find(". "), cmd.summary.find(".\n"));
+    std::string first =
+        cmd.summary.substr(0, end == std::string::npos ? end : end + 1);
+    std::replace(first.begin(), first.end(), '\n', ' ');
+    os << "  " << absl::StrFormat("%-10s", name) << first << "\n";
   }
 }
 
@@ -178,7 +523,8 @@ void Usage(std::ostream& os) {
 
 int RunCli(const std::vector<std::string>& args, std::ostream& out,
            std::ostream& err) {
-  if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
+  if (args.empty() || args[0] == "--help" || args[0] == "-h" ||
+      args[0] == "help") {
     Usage(args.empty() ? err : out);
     return args.empty() ? 2 : 0;
   }
@@ -189,19 +535,21 @@ int RunCli(const std::vector<std::string>& args, std::ostream& out,
     Usage(err);
     return 2;
   }
-  FlagSet flags(it->first, it->second.summary);
-  it->second.flags(flags);
+  const Command& cmd = it->second;
+  FlagSet flags(it->first, cmd.summary);
+  cmd.flags(flags);
   absl::Status parsed =
       flags.Parse(std::vector<std::string>(args.begin() + 1, args.end()));
   if (flags.help_requested()) {
     out << flags.Help();
     return 0;
   }
+  if (parsed.ok() && cmd.check) parsed = cmd.check(flags);
   if (!parsed.ok()) {
     err << "pipeserve " << parsed.message() << "\n";
     return 2;
   }
-  absl::Status s = it->second.run(flags, out);
+  absl::Status s = cmd.run(flags, out, err);
   if (!s.ok()) {
     err << "pipeserve " << it->first << ": " << s.message() << "\n";
     return 1;

@@ -3,9 +3,11 @@
 #include <cstdlib>
 #include <sstream>
 
+#include "client/fake_server.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "partitioner/graph_builder.h"
+#include "partitioner/partition.h"
 #include "runtime/npy.h"
 
 namespace pipeserve {
@@ -32,7 +34,10 @@ std::string Tmp(const std::string& name) {
 std::string WriteSmallModel() {
   GraphBuilder b;
   b.Input("x", {-1, 4}).Input("y", {-1, 4}).Param("w", {4, 4});
-  b.Op("mm", {"x", "w"}, "a").Split().Op("sub", {"a", "y"}, "out").Output("out");
+  b.Op("mm", {"x", "w"}, "a")
+      .Split()
+      .Op("sub", {"a", "y"}, "out")
+      .Output("out");
   Model m = b.Build();
   std::string path = Tmp("small.psm");
   EXPECT_TRUE(WriteModelFile(path, m.graph, m.weights).ok());
@@ -45,6 +50,22 @@ TEST(CliTest, EverySubcommandHasHelp) {
     EXPECT_EQ(r.code, 0) << cmd;
     EXPECT_THAT(r.out, HasSubstr(std::string("usage: pipeserve ") + cmd));
     EXPECT_THAT(r.out, HasSubstr("--model PATH"));
+  }
+  for (const char* cmd : {"upload", "models", "infer", "health", "plan"}) {
+    Result r = RunPipeserve({cmd, "--help"});
+    EXPECT_EQ(r.code, 0) << cmd;
+    EXPECT_THAT(r.out, HasSubstr(std::string("usage: pipeserve ") + cmd));
+    EXPECT_THAT(r.out, HasSubstr("--server HOST:PORT"));
+    EXPECT_THAT(r.out, HasSubstr("(default localhost:8001)"));
+  }
+}
+
+TEST(CliTest, UsageListsEveryCommand) {
+  Result r = RunPipeserve({"--help"});
+  EXPECT_EQ(r.code, 0);
+  for (const char* cmd :
+       {"plan", "run-local", "upload", "models", "infer", "health"}) {
+    EXPECT_THAT(r.out, HasSubstr(std::string("  ") + cmd + " ")) << cmd;
   }
 }
 
@@ -64,7 +85,8 @@ TEST(CliTest, PlanPrintsStages) {
   Result r = RunPipeserve({"plan", "--model", WriteSmallModel()});
   EXPECT_EQ(r.code, 0) << r.err;
   EXPECT_THAT(r.out, HasSubstr("2 stages"));
-  EXPECT_THAT(r.out, HasSubstr("inputs   a [B,4] <- stage 0, y [B,4] <- model input"));
+  EXPECT_THAT(r.out,
+              HasSubstr("inputs   a [B,4] <- stage 0, y [B,4] <- model input"));
 }
 
 TEST(CliTest, PlanOfMissingFileNamesIt) {
@@ -79,9 +101,10 @@ TEST(CliTest, RunLocalWritesOutputs) {
   Tensor y = Tensor::FromVector({2, 4}, {1, 1, 1, 1, 2, 2, 2, 2});
   ASSERT_TRUE(WriteNpy(Tmp("x.npy"), x).ok());
   ASSERT_TRUE(WriteNpy(Tmp("y.npy"), y).ok());
-  Result r = RunPipeserve({"run-local", "--model", model, "--input", "y=" + Tmp("y.npy"),
-                  "--input", Tmp("x.npy"), "--chunks", "2", "--output_dir",
-                  std::getenv("TEST_TMPDIR") ? std::getenv("TEST_TMPDIR") : "/tmp"});
+  Result r = RunPipeserve(
+      {"run-local", "--model", model, "--input", "y=" + Tmp("y.npy"), "--input",
+       Tmp("x.npy"), "--chunks", "2", "--output_dir",
+       std::getenv("TEST_TMPDIR") ? std::getenv("TEST_TMPDIR") : "/tmp"});
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_THAT(r.out, HasSubstr("output 0 (out): [2,4]"));
   auto out = ReadNpy(Tmp("out_0.npy"));
@@ -93,10 +116,155 @@ TEST(CliTest, RunLocalRejectsWrongInputShapeNamingTheInput) {
   std::string model = WriteSmallModel();
   ASSERT_TRUE(WriteNpy(Tmp("bad.npy"), Tensor::Zeros({2, 5})).ok());
   ASSERT_TRUE(WriteNpy(Tmp("y2.npy"), Tensor::Zeros({2, 4})).ok());
-  Result r = RunPipeserve({"run-local", "--model", model, "--input", "x=" + Tmp("bad.npy"),
-                  "--input", "y=" + Tmp("y2.npy")});
+  Result r =
+      RunPipeserve({"run-local", "--model", model, "--input",
+                    "x=" + Tmp("bad.npy"), "--input", "y=" + Tmp("y2.npy")});
   EXPECT_EQ(r.code, 1);
-  EXPECT_THAT(r.err, HasSubstr("input \"x\": shape [2,5] does not match [B,4]"));
+  EXPECT_THAT(r.err,
+              HasSubstr("input \"x\": shape [2,5] does not match [B,4]"));
+}
+
+TEST(CliTest, PlanTakesEitherAFileOrADeployedModel) {
+  Result r = RunPipeserve({"plan", "--model", "m.psm", "--name", "m"});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_THAT(r.err, HasSubstr("not both"));
+  r = RunPipeserve({"plan", "--server", "localhost:1"});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_THAT(r.err, HasSubstr("--server needs --name"));
+  r = RunPipeserve({"plan", "--name", "m", "--num_stages", "2"});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_THAT(r.err, HasSubstr("apply to a local --model"));
+}
+
+// Remote subcommands against an in-process fake coordinator.
+class CliRemoteTest : public ::testing::Test {
+ protected:
+  void SetUp() override { server_ = FakeServer::Start(); }
+  Result Run(std::vector<std::string> args) {
+    args.insert(args.begin() + 1, {"--server", server_->address()});
+    return RunPipeserve(args);
+  }
+  std::unique_ptr<FakeServer> server_;
+};
+
+TEST_F(CliRemoteTest, UploadShowsProgressAndTheResult) {
+  std::string model = WriteSmallModel();
+  Result r = Run({"upload", "--name", "small", "--model", model, "--num_stages",
+                  "2", "--microbatches", "8", "--split", "lin:END"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("\r[##############################] "));
+  EXPECT_THAT(r.err, HasSubstr(" MiB/s\n"));
+  EXPECT_THAT(r.out, HasSubstr("uploaded model \"small\": "));
+  EXPECT_THAT(r.out, HasSubstr(" bytes ("));
+  EXPECT_THAT(r.out, HasSubstr("), 2 stages"));
+  std::vector<FakeServer::Upload> ups = server_->uploads();
+  ASSERT_EQ(ups.size(), 1);
+  EXPECT_EQ(ups[0].options.num_stages(), 2);
+  EXPECT_EQ(ups[0].options.microbatches(), 8);
+  ASSERT_EQ(ups[0].options.split_spec_size(), 1);
+  EXPECT_EQ(ups[0].options.split_spec(0).module(), "lin");
+  EXPECT_EQ(ups[0].options.split_spec(0).point(), END);
+}
+
+TEST_F(CliRemoteTest, ModelsPrintsATable) {
+  Result r = Run({"models"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out, "no models\n");
+  ASSERT_EQ(
+      Run({"upload", "--name", "small", "--model", WriteSmallModel()}).code, 0);
+  r = Run({"models"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("NAME   STATE  STAGES  SIZE"));
+  EXPECT_THAT(r.out, HasSubstr("small  READY  1       "));
+}
+
+TEST_F(CliRemoteTest, PlanOfADeployedModelShowsStageServersAndMicrobatches) {
+  GraphBuilder b;
+  b.Input("x", {-1, 4}).Input("y", {-1, 4}).Param("w", {4, 4});
+  b.Op("mm", {"x", "w"}, "a")
+      .Split()
+      .Op("sub", {"a", "y"}, "out")
+      .Output("out");
+  Model m = b.Build();
+  auto plan = Partition(m.graph, PartitionOptions());
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  GetPlanResponse response;
+  response.set_name("small");
+  *response.mutable_plan() = *plan;
+  response.add_stage_servers("10.0.0.1:9000");
+  response.add_stage_servers("10.0.0.2:9000");
+  response.set_microbatches(4);
+  response.set_state("READY");
+  server_->SetPlan(response);
+
+  Result r = Run({"plan", "--name", "small"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("model \"small\" on " + server_->address() +
+                               " (READY)"));
+  EXPECT_THAT(r.out, HasSubstr("stage 0 @ 10.0.0.1:9000: "));
+  EXPECT_THAT(r.out, HasSubstr("stage 1 @ 10.0.0.2:9000: "));
+  EXPECT_THAT(r.out, HasSubstr("4 microbatches per request"));
+
+  r = Run({"plan", "--name", "other"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.err, HasSubstr("pipeserve plan: model \"other\" is not known"));
+}
+
+TEST_F(CliRemoteTest, InferTakesInputsByNameOrOrderAndWritesOutputs) {
+  Tensor x = Tensor::FromVector({2, 2}, {1, 2, 3, 4});
+  Tensor y = Tensor::FromVector({1, 3}, {5, 6, 7});
+  ASSERT_TRUE(WriteNpy(Tmp("ix.npy"), x).ok());
+  ASSERT_TRUE(WriteNpy(Tmp("iy.npy"), y).ok());
+  std::string dir = Tmp("infer_out");
+  // y by name, x by position: the model's inputs are (x, y).
+  Result r = Run({"infer", "--name", "neg", "--input", "y=" + Tmp("iy.npy"),
+                  "--input", Tmp("ix.npy"), "--output_dir", dir});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.out,
+              HasSubstr("output 0 (neg_x): [2,2] -> " + dir + "/neg_x.npy"));
+  EXPECT_THAT(r.out,
+              HasSubstr("output 1 (neg_y): [1,3] -> " + dir + "/neg_y.npy"));
+  EXPECT_THAT(r.out, HasSubstr("latency "));
+  auto ny = ReadNpy(dir + "/neg_y.npy");
+  ASSERT_TRUE(ny.ok()) << ny.status();
+  EXPECT_EQ(ny->shape(), (Shape{1, 3}));
+  EXPECT_EQ(ny->data()[2], -7.0f);
+
+  r = Run({"infer", "--name", "neg", "--input", Tmp("ix.npy")});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.err, HasSubstr("no --input for model input \"y\""));
+  r = Run({"infer", "--name", "nope", "--input", Tmp("ix.npy")});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.err, HasSubstr("pipeserve infer: model \"nope\" is not known"));
+  r = Run({"infer", "--name", "slow", "--input", Tmp("ix.npy"), "--input",
+           Tmp("iy.npy"), "--timeout_ms", "50"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.err, HasSubstr("Deadline Exceeded"));
+}
+
+TEST_F(CliRemoteTest, HealthExitsOneWhenNotServing) {
+  Result r = Run({"health"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.out,
+              HasSubstr("live    true\nready   true\nhealth  SERVING\n"));
+  server_->SetServing(false);
+  r = Run({"health"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.out, HasSubstr("ready   false"));
+  EXPECT_THAT(r.out, HasSubstr("health  NOT_SERVING"));
+  EXPECT_THAT(r.err, HasSubstr("is not serving"));
+}
+
+TEST(CliTest, UnreachableServerIsNamed) {
+  std::string address;
+  {
+    auto server = FakeServer::Start();
+    address = server->address();
+  }
+  Result r = RunPipeserve({"models", "--server", address});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.err,
+              HasSubstr("cannot reach a pipeserve server at " + address));
 }
 
 }  // namespace
