@@ -3,6 +3,7 @@
 // inference round trips, error codes and messages, deadlines, health.
 #include "client/client.h"
 
+#include <unistd.h>
 #include <zlib.h>
 
 #include <cstdio>
@@ -91,6 +92,19 @@ TEST_F(ClientTest, UploadOfAMissingFileIsNotFoundNamingIt) {
   auto result = client_->Upload("m", Tmp("nope.psm"), UploadOptions());
   EXPECT_EQ(result.status().code(), absl::StatusCode::kNotFound);
   EXPECT_THAT(result.status().message(), HasSubstr("nope.psm"));
+  EXPECT_TRUE(server_->uploads().empty());
+}
+
+TEST_F(ClientTest, FileThatShrinksDuringUploadIsDataLossAndCancels) {
+  std::string path = Tmp("shrinks.psm");
+  WriteFile(path, 3 << 20);
+  auto result =
+      client_->Upload("m", path, UploadOptions(), [&](uint64_t, uint64_t) {
+        ASSERT_EQ(truncate(path.c_str(), (1 << 20) + 10), 0);
+      });
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(result.status().message(),
+              HasSubstr("read 1048586 of 3145728 bytes"));
   EXPECT_TRUE(server_->uploads().empty());
 }
 

@@ -1,4 +1,5 @@
-"""pipeserve's Python package: export PyTorch models for pipelined serving.
+"""pipeserve's Python package: export PyTorch models for pipelined serving,
+and talk to a pipeserve server.
 
 Usage:
 
@@ -15,8 +16,13 @@ Usage:
     info = pipeserve.export(model.eval(), (torch.randn(16, 512),), "m.psm")
     graph, tensors = pipeserve.load_model("m.psm")   # verified read-back
 
+    client = pipeserve.Client("localhost:8001")     # see client.py
+    client.upload("m", "m.psm")
+    (y,) = client.infer("m", [x])                   # numpy float32 arrays
+
 Names are imported lazily, so `import pipeserve` does not pull in torch until
-an export name is used (a serving client only needs the protos).
+an export name is used (a serving client only needs the protos, grpcio and
+numpy).
 """
 
 import importlib
@@ -30,6 +36,8 @@ _EXPORTS = {
     "load_model": "model_file",
     "ModelFormatError": "model_file",
     "load_proto": "_proto",
+    "Client": "client",
+    "ServerError": "client",
 }
 
 __all__ = sorted(_EXPORTS)

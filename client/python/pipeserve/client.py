@@ -1,0 +1,297 @@
+"""A Python client of a pipeserve coordinator, over grpcio.
+
+Model upload and plans go to pipeserve.ModelService; inference, metadata and
+readiness use the KServe v2 / Open Inference Protocol
+(inference.GRPCInferenceService), so the same server also answers Triton and
+KServe clients. Stubs are generated from `<repo>/proto` on first use (see
+`_proto.py`); nothing generated is checked in.
+
+Usage:
+
+    import numpy as np
+    import pipeserve
+
+    client = pipeserve.Client("localhost:8001")
+    info = client.upload("example", "example.psm", num_stages=4,
+                         progress=lambda sent, total: print(sent, total))
+    # {'name': 'example', 'bytes': 8392960, 'num_stages': 4}
+    x = np.random.randn(16, 512).astype(np.float32)
+    y = np.random.randn(16, 512).astype(np.float32)
+    (out,) = client.infer("example", [x, y])        # in model input order
+    (out,) = client.infer("example", {"x": x, "y": y})
+    print(client.models())
+    print(client.plan("example").stage_servers)
+
+Every server error is raised as `pipeserve.ServerError`, with `.code` the
+gRPC status code's name ("NOT_FOUND") and `.message` the server's message.
+Local problems raise the usual Python exceptions (FileNotFoundError for a
+missing model file, ValueError for an unusable input).
+"""
+
+import os
+import zlib
+
+import grpc
+import numpy as np
+
+from ._proto import load_proto
+
+# Bytes of file data per Upload message (as the C++ client).
+UPLOAD_CHUNK_BYTES = 1 << 20
+
+# Upload's deadline adds one second per this many bytes of file.
+_UPLOAD_BYTES_PER_SECOND = 16 << 20
+
+_SPLIT_POINTS = {"BEGINNING": 1, "END": 2}
+
+
+class ServerError(Exception):
+    """A gRPC call failed: `.code` is the status code name ("NOT_FOUND",
+    "UNAVAILABLE", ...), `.message` the server's message."""
+
+    def __init__(self, code, message):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def _server_error(e):
+    code = e.code() if hasattr(e, "code") else None
+    details = e.details() if hasattr(e, "details") else None
+    return ServerError(code.name if code is not None else "UNKNOWN",
+                       details if details is not None else str(e))
+
+
+class Client:
+    """A client of the coordinator at `address` ("host:port").
+
+    Args:
+      address: the coordinator's gRPC address.
+      timeout: deadline of each call in seconds (upload adds time for the
+        file's size; infer takes its own).
+      max_message_bytes: the largest message sent or received; an inference
+        request or response carries all its tensors in one message.
+
+    The connection is made lazily: an unreachable server shows up as a
+    ServerError with code "UNAVAILABLE" from the first call. Safe to use from
+    several threads. Use as a context manager, or call close().
+    """
+
+    def __init__(self, address="localhost:8001", timeout=60.0,
+                 max_message_bytes=1 << 30):
+        self.address = address
+        self.timeout = timeout
+        self._pb, pb_grpc = load_proto("grpc_service.proto", grpc=True)
+        self._ps, ps_grpc = load_proto("pipeserve_service.proto", grpc=True)
+        self._channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ])
+        self._inference = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._models = ps_grpc.ModelServiceStub(self._channel)
+
+    def close(self):
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- pipeserve.ModelService ----------------------------------------------
+
+    def upload(self, name, path, num_stages=None, microbatches=None,
+               split_spec=None, progress=None):
+        """Streams the model file `path` to the server as model `name`.
+
+        The file is read and sent in 1 MiB chunks (it may be larger than
+        memory); the call returns once the server has checked, partitioned
+        and deployed the model.
+
+        Args:
+          num_stages: stages for automatic cutting of a model without cut
+            points (None: as the model says).
+          microbatches: microbatches per request (None: the server default).
+          split_spec: {module FQN: SplitPoint, 1/2 or "BEGINNING"/"END"},
+            overriding the model's own split_spec.
+          progress: called as progress(sent_bytes, total_bytes) after each
+            chunk.
+
+        Returns:
+          {"name": ..., "bytes": bytes received, "num_stages": ...}.
+        """
+        options = self._ps.UploadOptions(num_stages=num_stages or 0,
+                                         microbatches=microbatches or 0)
+        for module, point in (split_spec or {}).items():
+            options.split_spec.add(module=module, point=_split_point(point))
+        f = open(path, "rb")  # FileNotFoundError names the path
+        failure = []  # an error reading the file, raised after the call
+
+        def requests():
+            sent, crc, first = 0, 0, True
+            try:
+                while first or sent < total:
+                    chunk = f.read(min(UPLOAD_CHUNK_BYTES, total - sent))
+                    if len(chunk) != min(UPLOAD_CHUNK_BYTES, total - sent):
+                        raise OSError(f"model file {path!r}: read "
+                                      f"{sent + len(chunk)} of {total} bytes "
+                                      "(did it change during the upload?)")
+                    crc = zlib.crc32(chunk, crc)
+                    sent += len(chunk)
+                    request = self._ps.UploadRequest(data=chunk)
+                    if first:
+                        request.name = name
+                        request.options.CopyFrom(options)
+                        first = False
+                    if sent == total:
+                        request.last = True
+                        request.total_bytes = total
+                        request.crc32 = crc
+                    yield request
+                    if progress is not None:
+                        progress(sent, total)
+            except Exception as e:  # noqa: BLE001 (re-raised by upload)
+                failure.append(e)
+                raise
+
+        with f:
+            total = os.fstat(f.fileno()).st_size
+            timeout = self.timeout + total / _UPLOAD_BYTES_PER_SECOND
+            try:
+                response = self._models.Upload(requests(), timeout=timeout)
+            except grpc.RpcError as e:
+                if failure:
+                    raise failure[0] from None
+                raise _server_error(e) from None
+        return {"name": response.name, "bytes": response.bytes,
+                "num_stages": response.num_stages}
+
+    def plan(self, name):
+        """The GetPlanResponse of model `name`: .plan (pipeserve.Plan),
+        .stage_servers, .microbatches, .state."""
+        return self._call(self._models.GetPlan,
+                          self._ps.GetPlanRequest(name=name))
+
+    def models(self):
+        """Every model on the server, as dicts with name, state ("READY",
+        "LOADING" or "UNAVAILABLE"), num_stages, bytes and reason."""
+        response = self._call(self._models.ListModels,
+                              self._ps.ListModelsRequest())
+        return [{"name": m.name, "state": m.state, "num_stages": m.num_stages,
+                 "bytes": m.bytes, "reason": m.reason}
+                for m in response.models]
+
+    # -- KServe v2 ------------------------------------------------------------
+
+    def infer(self, name, inputs, timeout=None):
+        """Runs model `name` and returns its outputs as float32 arrays, in
+        the model's output order.
+
+        Args:
+          inputs: a list of arrays in the model's input order (the order is
+            read from the model's metadata, one more call), or a dict
+            {input name: array}. Anything np.asarray takes (numpy arrays,
+            CPU torch tensors, nested lists) is converted to C-contiguous
+            float32.
+          timeout: seconds (None: the client's timeout).
+        """
+        if isinstance(inputs, dict):
+            named = list(inputs.items())
+        else:
+            inputs = list(inputs)
+            names = [t.name for t in self.metadata(name).inputs]
+            if len(inputs) != len(names):
+                raise ValueError(f"model {name!r} takes {len(names)} inputs "
+                                 f"({', '.join(names)}), got {len(inputs)}")
+            named = list(zip(names, inputs))
+        request = self._pb.ModelInferRequest(model_name=name)
+        for input_name, value in named:
+            # Row-major float32, little-endian, as raw_input_contents wants.
+            array = np.ascontiguousarray(np.asarray(value), dtype="<f4")
+            request.inputs.add(name=input_name, datatype="FP32",
+                               shape=array.shape)
+            request.raw_input_contents.append(array.tobytes())
+        response = self._call(self._inference.ModelInfer, request,
+                              timeout=timeout)
+        return _outputs(response)
+
+    def metadata(self, name):
+        """The ModelMetadataResponse of model `name`: .inputs and .outputs,
+        each with .name, .datatype and .shape (-1: the batch dimension)."""
+        return self._call(self._inference.ModelMetadata,
+                          self._pb.ModelMetadataRequest(name=name))
+
+    def model_ready(self, name):
+        return self._call(self._inference.ModelReady,
+                          self._pb.ModelReadyRequest(name=name)).ready
+
+    def health(self):
+        """True when the server is live and ready. False also when it cannot
+        be reached (UNAVAILABLE, or no answer within the timeout), so this
+        can be polled while a server starts; other errors raise."""
+        try:
+            live = self._call(self._inference.ServerLive,
+                              self._pb.ServerLiveRequest()).live
+            return live and self._call(self._inference.ServerReady,
+                                       self._pb.ServerReadyRequest()).ready
+        except ServerError as e:
+            if e.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+                return False
+            raise
+
+    # -------------------------------------------------------------------------
+
+    def _call(self, method, request, timeout=None):
+        try:
+            return method(request,
+                          timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as e:
+            raise _server_error(e) from None
+
+
+def _split_point(point):
+    if isinstance(point, str):
+        if point.upper() not in _SPLIT_POINTS:
+            raise ValueError(f"split point {point!r}: expected BEGINNING or "
+                             "END")
+        return _SPLIT_POINTS[point.upper()]
+    if int(point) not in _SPLIT_POINTS.values():
+        raise ValueError(f"split point {point!r}: expected BEGINNING (1) or "
+                         "END (2)")
+    return int(point)
+
+
+def _outputs(response):
+    """The outputs of a ModelInferResponse as float32 arrays; ServerError
+    with code "INTERNAL" naming the output when the response is malformed."""
+    raw = response.raw_output_contents
+    if raw and len(raw) != len(response.outputs):
+        raise ServerError("INTERNAL",
+                          f"malformed response: {len(response.outputs)} "
+                          f"outputs but {len(raw)} raw_output_contents")
+    outputs = []
+    for i, out in enumerate(response.outputs):
+        def bad(what, out=out):
+            return ServerError("INTERNAL", f"malformed response: output "
+                               f"\"{out.name}\": {what}")
+        if out.datatype != "FP32":
+            raise bad(f"datatype \"{out.datatype}\", expected FP32")
+        shape = tuple(out.shape)
+        if any(d < 0 for d in shape):
+            raise bad(f"negative dimension in shape {list(shape)}")
+        numel = int(np.prod(shape, dtype=np.int64))
+        if raw:
+            if len(raw[i]) != 4 * numel:
+                raise bad(f"{len(raw[i])} bytes for shape {list(shape)} "
+                          f"({4 * numel} expected)")
+            array = np.frombuffer(raw[i], dtype="<f4").reshape(shape)
+        else:
+            values = out.contents.fp32_contents
+            if len(values) != numel:
+                raise bad(f"{len(values)} fp32_contents for shape "
+                          f"{list(shape)}")
+            array = np.asarray(values, dtype=np.float32).reshape(shape)
+        # A writable array of native float32, not a view of the message.
+        outputs.append(np.array(array, dtype=np.float32))
+    return outputs
