@@ -223,9 +223,11 @@ absl::StatusOr<std::vector<NamedTensor>> Client::Infer(
     t->set_datatype("FP32");
     for (int64_t d : in.tensor.shape()) t->add_shape(d);
     // Row-major float32, little-endian like every machine this runs on.
-    request.add_raw_input_contents(
-        reinterpret_cast<const char*>(in.tensor.data()),
-        static_cast<size_t>(in.tensor.byte_size()));
+    std::string* raw = request.add_raw_input_contents();
+    if (in.tensor.numel() > 0) {
+      raw->assign(reinterpret_cast<const char*>(in.tensor.data()),
+                  static_cast<size_t>(in.tensor.byte_size()));
+    }
   }
 
   grpc::ClientContext ctx;

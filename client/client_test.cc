@@ -108,6 +108,14 @@ TEST_F(ClientTest, FileThatShrinksDuringUploadIsDataLossAndCancels) {
   EXPECT_TRUE(server_->uploads().empty());
 }
 
+TEST_F(ClientTest, UploadRefusedMidStreamReturnsTheServerError) {
+  std::string path = Tmp("refused.psm");
+  WriteFile(path, 8 << 20);
+  auto result = client_->Upload("reject", path, UploadOptions());
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(result.status().message(), "model \"reject\": refused");
+}
+
 TEST_F(ClientTest, ListModelsReturnsTheUploads) {
   std::string path = Tmp("list.psm");
   WriteFile(path, 1000);

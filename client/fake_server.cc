@@ -145,6 +145,10 @@ class ModelServiceImpl final : public ModelService::Service {
       if (up.messages++ == 0) {
         up.name = request.name();
         up.options = request.options();
+        if (up.name == "reject") {  // refused before the data is read
+          return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                              "model \"reject\": refused");
+        }
       }
       if (last) {
         return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,

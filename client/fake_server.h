@@ -13,7 +13,8 @@
 //   "bad"   answers an output whose raw bytes do not match its shape.
 //   other   kNotFound `model "<name>" is not known`, from every model RPC.
 // Uploads check the CRC-32 and size the client sends, and are listed by
-// ListModels as READY (num_stages: the requested count, or 1).
+// ListModels as READY (num_stages: the requested count, or 1); a model named
+// "reject" is refused (kInvalidArgument) after its first message.
 #ifndef PIPESERVE_CLIENT_FAKE_SERVER_H_
 #define PIPESERVE_CLIENT_FAKE_SERVER_H_
 

@@ -194,7 +194,7 @@ class Client:
             {input name: array}. Anything np.asarray takes (numpy arrays,
             CPU torch tensors, nested lists) is converted to C-contiguous
             float32.
-          timeout: seconds (None: the client's timeout).
+          timeout: seconds (None or 0: the client's timeout).
         """
         if isinstance(inputs, dict):
             named = list(inputs.items())
@@ -213,7 +213,7 @@ class Client:
                                shape=array.shape)
             request.raw_input_contents.append(array.tobytes())
         response = self._call(self._inference.ModelInfer, request,
-                              timeout=timeout)
+                              timeout=timeout or None)
         return _outputs(response)
 
     def metadata(self, name):
