@@ -73,20 +73,9 @@ absl::StatusOr<std::vector<Tensor>> LocalPipeline::Run(
     ASSIGN_OR_RETURN(std::vector<Tensor> o, RunMicrobatch(mb));
     outs.push_back(std::move(o));
   }
-  // Batched outputs are concatenated; the others are the same in every
-  // microbatch, so the first is returned.
-  std::vector<Tensor> result;
-  for (int j = 0; j < plan_.outputs_size(); ++j) {
-    if (!plan_.outputs(j).batched() || outs.size() == 1) {
-      result.push_back(outs[0][j]);
-      continue;
-    }
-    std::vector<Tensor> parts;
-    for (auto& o : outs) parts.push_back(o[j]);
-    ASSIGN_OR_RETURN(Tensor merged, ConcatRows(parts));
-    result.push_back(std::move(merged));
-  }
-  return result;
+  std::vector<bool> out_batched;
+  for (const ValueSpec& out : plan_.outputs()) out_batched.push_back(out.batched());
+  return MergeMicrobatches(out_batched, outs);
 }
 
 }  // namespace pipeserve

@@ -84,4 +84,23 @@ absl::StatusOr<Tensor> ConcatRows(absl::Span<const Tensor> parts) {
   return out;
 }
 
+absl::StatusOr<std::vector<Tensor>> MergeMicrobatches(
+    const std::vector<bool>& batched,
+    const std::vector<std::vector<Tensor>>& outs) {
+  if (outs.empty()) return absl::InvalidArgumentError("no microbatches to merge");
+  std::vector<Tensor> result;
+  for (size_t j = 0; j < batched.size(); ++j) {
+    if (!batched[j] || outs.size() == 1) {
+      result.push_back(outs[0][j]);
+      continue;
+    }
+    std::vector<Tensor> parts;
+    for (const auto& o : outs) parts.push_back(o[j]);
+    absl::StatusOr<Tensor> merged = ConcatRows(parts);
+    if (!merged.ok()) return merged.status();
+    result.push_back(*std::move(merged));
+  }
+  return result;
+}
+
 }  // namespace pipeserve

@@ -32,6 +32,13 @@ absl::StatusOr<std::vector<std::vector<Tensor>>> SplitMicrobatches(
 // Concatenates along dim 0; the other dimensions must agree.
 absl::StatusOr<Tensor> ConcatRows(absl::Span<const Tensor> parts);
 
+// Merges per-microbatch outputs: outs[m][j] is output j of microbatch m.
+// Batched outputs (batched[j]) are concatenated along dim 0; the others are
+// the same in every microbatch, so microbatch 0's is returned.
+absl::StatusOr<std::vector<Tensor>> MergeMicrobatches(
+    const std::vector<bool>& batched,
+    const std::vector<std::vector<Tensor>>& outs);
+
 }  // namespace pipeserve
 
 #endif  // PIPESERVE_RUNTIME_MICROBATCH_H_

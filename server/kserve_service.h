@@ -1,0 +1,48 @@
+// inference.GRPCInferenceService (KServe v2 / Open Inference Protocol) over
+// the Coordinator: request parsing and validation, then Coordinator::Infer.
+// FP32 tensors, as raw_input_contents or contents.fp32_contents.
+//
+//   KServeService kserve(&coordinator);
+//   builder.RegisterService(&kserve);
+#ifndef PIPESERVE_SERVER_KSERVE_SERVICE_H_
+#define PIPESERVE_SERVER_KSERVE_SERVICE_H_
+
+#include "proto/grpc_service.grpc.pb.h"
+#include "server/coordinator_core.h"
+
+namespace pipeserve {
+
+class KServeService final : public inference::GRPCInferenceService::Service {
+ public:
+  explicit KServeService(Coordinator* coordinator) : coordinator_(coordinator) {}
+
+  grpc::Status ServerLive(grpc::ServerContext*, const inference::ServerLiveRequest*,
+                          inference::ServerLiveResponse*) override;
+  grpc::Status ServerReady(grpc::ServerContext*, const inference::ServerReadyRequest*,
+                           inference::ServerReadyResponse*) override;
+  grpc::Status ModelReady(grpc::ServerContext*, const inference::ModelReadyRequest*,
+                          inference::ModelReadyResponse*) override;
+  grpc::Status ServerMetadata(grpc::ServerContext*, const inference::ServerMetadataRequest*,
+                              inference::ServerMetadataResponse*) override;
+  grpc::Status ModelMetadata(grpc::ServerContext*, const inference::ModelMetadataRequest*,
+                             inference::ModelMetadataResponse*) override;
+  grpc::Status ModelInfer(grpc::ServerContext*, const inference::ModelInferRequest*,
+                          inference::ModelInferResponse*) override;
+  grpc::Status ModelStreamInfer(
+      grpc::ServerContext*,
+      grpc::ServerReaderWriter<inference::ModelStreamInferResponse,
+                               inference::ModelInferRequest>*) override;
+  grpc::Status RepositoryIndex(grpc::ServerContext*, const inference::RepositoryIndexRequest*,
+                               inference::RepositoryIndexResponse*) override;
+
+ private:
+  // The whole ModelInfer path without gRPC's context.
+  absl::Status Infer(const inference::ModelInferRequest& req, absl::Time deadline,
+                     std::function<bool()> cancelled, inference::ModelInferResponse* resp);
+
+  Coordinator* const coordinator_;
+};
+
+}  // namespace pipeserve
+
+#endif  // PIPESERVE_SERVER_KSERVE_SERVICE_H_

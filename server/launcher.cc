@@ -1,0 +1,159 @@
+#include "server/launcher.h"
+
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <thread>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "grpcpp/grpcpp.h"
+
+namespace pipeserve {
+namespace {
+
+class StaticLauncher : public Launcher {
+ public:
+  explicit StaticLauncher(std::vector<std::string> addresses)
+      : addresses_(std::move(addresses)) {}
+  std::string Name() const override { return "static"; }
+  absl::StatusOr<std::vector<std::string>> ServersFor(int num_stages) override {
+    if (addresses_.empty()) {
+      return absl::FailedPreconditionError(
+          "the static launcher has no stage servers (--stage_servers is empty)");
+    }
+    std::vector<std::string> out;
+    for (int i = 0; i < num_stages; ++i) out.push_back(addresses_[i % addresses_.size()]);
+    return out;
+  }
+  int ThreadsPerStage() const override { return 0; }
+
+ private:
+  const std::vector<std::string> addresses_;
+};
+
+class LocalLauncher : public Launcher {
+ public:
+  explicit LocalLauncher(LocalLauncherOptions o) : options_(std::move(o)) {
+    if (options_.cores <= 0) {
+      options_.cores = std::max(1u, std::thread::hardware_concurrency());
+    }
+  }
+
+  ~LocalLauncher() override {
+    absl::MutexLock lock(&mu_);
+    for (const Server& s : servers_) ::kill(s.pid, SIGTERM);
+    for (const Server& s : servers_) {
+      // Give each a few seconds to shut down cleanly, then insist.
+      for (int i = 0; i < 100; ++i) {
+        if (::waitpid(s.pid, nullptr, WNOHANG) != 0) break;
+        absl::SleepFor(absl::Milliseconds(50));
+        if (i == 99) {
+          ::kill(s.pid, SIGKILL);
+          ::waitpid(s.pid, nullptr, 0);
+        }
+      }
+    }
+  }
+
+  std::string Name() const override { return "local"; }
+
+  int ThreadsPerStage() const override {
+    absl::MutexLock lock(&mu_);
+    int n = std::max<int>(1, servers_.size());
+    return std::max(1, options_.cores / n);
+  }
+
+  absl::StatusOr<std::vector<std::string>> ServersFor(int num_stages) override {
+    absl::MutexLock lock(&mu_);
+    while (static_cast<int>(servers_.size()) < num_stages) {
+      absl::StatusOr<Server> s = Start(static_cast<int>(servers_.size()));
+      if (!s.ok()) return s.status();
+      servers_.push_back(*s);
+    }
+    std::vector<std::string> out;
+    for (int i = 0; i < num_stages; ++i) out.push_back(servers_[i].address);
+    return out;
+  }
+
+ private:
+  struct Server {
+    pid_t pid;
+    std::string address;
+  };
+
+  absl::StatusOr<Server> Start(int index) {
+    std::string port_file = absl::StrCat(options_.work_dir, "/stage-", index, ".", ::getpid(), ".port");
+    std::string log = absl::StrCat(options_.work_dir, "/stage-", index, ".", ::getpid(), ".log");
+    ::unlink(port_file.c_str());
+    pid_t parent = ::getpid();
+    pid_t pid = ::fork();
+    if (pid < 0) return absl::UnavailableError("fork failed");
+    if (pid == 0) {
+      // The child dies with the coordinator: no orphaned stage servers.
+      ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+      if (::getppid() != parent) ::_exit(1);
+      int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      if (fd >= 0) {
+        ::dup2(fd, 1);
+        ::dup2(fd, 2);
+      }
+      std::string a1 = "--port=0", a2 = "--host=127.0.0.1", a3 = "--port_file=" + port_file;
+      char* argv[] = {const_cast<char*>(options_.binary.c_str()), a1.data(), a2.data(),
+                      a3.data(), nullptr};
+      ::execv(options_.binary.c_str(), argv);
+      ::_exit(127);
+    }
+    // Wait for the port file, then for the server to accept a connection.
+    absl::Time deadline = absl::Now() + options_.start_timeout;
+    int port = 0;
+    while (absl::Now() < deadline) {
+      std::ifstream in(port_file);
+      if (in >> port && port > 0) break;
+      int status;
+      if (::waitpid(pid, &status, WNOHANG) == pid) {
+        return absl::UnavailableError(absl::StrCat(
+            "stage server ", options_.binary, " exited at start (status ", status,
+            "); see ", log));
+      }
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+    if (port <= 0) {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+      return absl::UnavailableError(absl::StrCat("stage server did not start within ",
+                                                 absl::FormatDuration(options_.start_timeout),
+                                                 "; see ", log));
+    }
+    std::string address = absl::StrCat("127.0.0.1:", port);
+    auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+    if (!channel->WaitForConnected(absl::ToChronoTime(deadline))) {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+      return absl::UnavailableError(absl::StrCat("stage server at ", address,
+                                                 " does not accept connections"));
+    }
+    return Server{pid, address};
+  }
+
+  LocalLauncherOptions options_;
+  mutable absl::Mutex mu_;
+  std::vector<Server> servers_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace
+
+std::unique_ptr<Launcher> MakeStaticLauncher(std::vector<std::string> addresses) {
+  return std::make_unique<StaticLauncher>(std::move(addresses));
+}
+
+std::unique_ptr<Launcher> MakeLocalLauncher(LocalLauncherOptions options) {
+  return std::make_unique<LocalLauncher>(std::move(options));
+}
+
+}  // namespace pipeserve

@@ -1,0 +1,54 @@
+#include "server/serve.h"
+
+#include <signal.h>
+
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <thread>
+
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/health_check_service_interface.h"
+
+namespace pipeserve {
+
+int Serve(const std::vector<grpc::Service*>& services, const std::string& host,
+          int port, const std::string& port_file, const std::string& name,
+          std::function<void(grpc::Server*)> on_started, int max_receive_bytes) {
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int chosen = 0;
+  builder.AddListeningPort(host + ":" + std::to_string(port),
+                           grpc::InsecureServerCredentials(), &chosen);
+  builder.SetMaxReceiveMessageSize(max_receive_bytes);
+  builder.SetMaxSendMessageSize(-1);
+  for (grpc::Service* s : services) builder.RegisterService(s);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || chosen == 0) {
+    std::cerr << name << ": cannot listen on " << host << ":" << port << "\n";
+    return 1;
+  }
+  if (on_started) on_started(server.get());
+  if (!port_file.empty()) {
+    // Written then renamed, so a reader never sees a partial number.
+    std::string tmp = port_file + ".tmp";
+    std::ofstream(tmp) << chosen << "\n";
+    std::rename(tmp.c_str(), port_file.c_str());
+  }
+  std::cerr << name << ": serving on " << host << ":" << chosen << std::endl;
+
+  // Block SIGINT/SIGTERM here and wait for one on this thread.
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  int sig = 0;
+  sigwait(&set, &sig);
+  std::cerr << name << ": shutting down" << std::endl;
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  return 0;
+}
+
+}  // namespace pipeserve
