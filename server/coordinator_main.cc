@@ -5,6 +5,7 @@
 //   coordinator --launcher=static --stage_servers=stage-0.stages:9000,stage-1.stages:9000
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <iostream>
 #include <thread>
@@ -26,10 +27,12 @@ ABSL_FLAG(std::string, stage_servers, "", "comma-separated host:port list (stati
 ABSL_FLAG(std::string, stage_server_binary, "", "stage_server path (default: beside this binary)");
 ABSL_FLAG(int, cores, 0, "cores the local launcher divides between stages (0: all)");
 ABSL_FLAG(int, microbatches, 4, "default microbatches per request");
-ABSL_FLAG(int, max_message_mb, 256, "largest inference request accepted, MiB");
+ABSL_FLAG(int, max_message_mb, 256,
+          "largest message accepted, MiB (at least 2: uploads come in 1 MiB chunks)");
 ABSL_FLAG(int, default_timeout_s, 60, "deadline for requests that carry none");
 
 int main(int argc, char** argv) {
+  pipeserve::BlockShutdownSignals();
   absl::ParseCommandLine(argc, argv);
   auto store = pipeserve::OpenFileModelStore(absl::GetFlag(FLAGS_repository));
   if (!store.ok()) {
@@ -65,7 +68,7 @@ int main(int argc, char** argv) {
       {&kserve, &models}, absl::GetFlag(FLAGS_host), absl::GetFlag(FLAGS_port),
       absl::GetFlag(FLAGS_port_file), "coordinator",
       [&](grpc::Server*) { loader = std::thread([&] { coordinator.LoadStoredModels(); }); },
-      absl::GetFlag(FLAGS_max_message_mb) * (1 << 20));
+      std::max(2, absl::GetFlag(FLAGS_max_message_mb)) * (1 << 20));
   if (loader.joinable()) loader.join();
   return rc;
 }

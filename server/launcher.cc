@@ -1,7 +1,6 @@
 #include "server/launcher.h"
 
 #include <signal.h>
-#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <fcntl.h>
 #include <unistd.h>
@@ -96,16 +95,18 @@ class LocalLauncher : public Launcher {
     if (pid < 0) return absl::UnavailableError("fork failed");
     if (pid == 0) {
       // The child dies with the coordinator: no orphaned stage servers.
-      ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+      // (Not PR_SET_PDEATHSIG: that fires when the *thread* that forked
+      // exits, and this runs on whichever gRPC thread handled an upload.)
       if (::getppid() != parent) ::_exit(1);
       int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
       if (fd >= 0) {
         ::dup2(fd, 1);
         ::dup2(fd, 2);
       }
-      std::string a1 = "--port=0", a2 = "--host=127.0.0.1", a3 = "--port_file=" + port_file;
+      std::string a1 = "--port=0", a2 = "--host=127.0.0.1", a3 = "--port_file=" + port_file,
+                  a4 = absl::StrCat("--parent_pid=", parent);
       char* argv[] = {const_cast<char*>(options_.binary.c_str()), a1.data(), a2.data(),
-                      a3.data(), nullptr};
+                      a3.data(), a4.data(), nullptr};
       ::execv(options_.binary.c_str(), argv);
       ::_exit(127);
     }

@@ -12,9 +12,27 @@
 
 namespace pipeserve {
 
+namespace {
+
+sigset_t ShutdownSignals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  return set;
+}
+
+}  // namespace
+
+void BlockShutdownSignals() {
+  sigset_t set = ShutdownSignals();
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+}
+
 int Serve(const std::vector<grpc::Service*>& services, const std::string& host,
           int port, const std::string& port_file, const std::string& name,
           std::function<void(grpc::Server*)> on_started, int max_receive_bytes) {
+  BlockShutdownSignals();  // before gRPC starts its threads
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -38,12 +56,8 @@ int Serve(const std::vector<grpc::Service*>& services, const std::string& host,
   }
   std::cerr << name << ": serving on " << host << ":" << chosen << std::endl;
 
-  // Block SIGINT/SIGTERM here and wait for one on this thread.
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  // Wait on this thread for SIGINT/SIGTERM (blocked everywhere).
+  sigset_t set = ShutdownSignals();
   int sig = 0;
   sigwait(&set, &sig);
   std::cerr << name << ": shutting down" << std::endl;

@@ -13,6 +13,10 @@
 
 namespace pipeserve {
 
+// Blocks SIGINT and SIGTERM in the calling thread and in every thread it
+// starts afterwards, so Serve() can wait for them. Call it first in main().
+void BlockShutdownSignals();
+
 // Builds and runs a server with `services` on host:port until a signal
 // arrives. Requests over `max_receive_bytes` (-1: no limit) get
 // RESOURCE_EXHAUSTED from gRPC. `on_started` (optional) runs once serving, with the server.

@@ -1,0 +1,93 @@
+#include "tests/cluster.h"
+
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "client/client.h"
+#include "tests/fixtures.h"
+
+namespace pipeserve {
+
+std::string TempDir(const std::string& name) {
+  static std::atomic<int> counter{0};
+  const char* tmp = std::getenv("TEST_TMPDIR");
+  std::string dir = absl::StrCat(tmp ? tmp : "/tmp", "/", name, ".", counter++);
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+absl::StatusOr<std::unique_ptr<CoordinatorProcess>> CoordinatorProcess::Start(
+    CoordinatorFlags flags) {
+  auto p = std::unique_ptr<CoordinatorProcess>(new CoordinatorProcess());
+  std::string dir = TempDir("coordinator");
+  std::string port_file = dir + "/port";
+  p->log_ = dir + "/coordinator.log";
+  std::string bin = RunfilesRoot() + "/server/coordinator";
+  std::vector<std::string> args = {bin, "--port=0", "--host=127.0.0.1",
+                                   "--port_file=" + port_file,
+                                   "--repository=" + flags.repository,
+                                   "--stage_server_binary=" + RunfilesRoot() + "/server/stage_server"};
+  for (const std::string& e : flags.extra) args.push_back(e);
+  pid_t parent = ::getpid();
+  pid_t pid = ::fork();
+  if (pid < 0) return absl::InternalError("fork failed");
+  if (pid == 0) {
+    ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (::getppid() != parent) ::_exit(1);
+    FILE* log = std::fopen(p->log_.c_str(), "w");
+    if (log) {
+      ::dup2(fileno(log), 1);
+      ::dup2(fileno(log), 2);
+    }
+    std::vector<char*> argv;
+    for (std::string& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    ::execv(bin.c_str(), argv.data());
+    ::_exit(127);
+  }
+  p->pid_ = pid;
+  absl::Time deadline = absl::Now() + absl::Seconds(60);
+  int port = 0;
+  while (absl::Now() < deadline) {
+    std::ifstream in(port_file);
+    if (in >> port && port > 0) break;
+    if (::waitpid(pid, nullptr, WNOHANG) == pid) {
+      p->pid_ = -1;
+      return absl::InternalError(absl::StrCat("coordinator exited at start; log: ", p->log_));
+    }
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  if (port <= 0) return absl::DeadlineExceededError("coordinator wrote no port file");
+  p->address_ = absl::StrCat("127.0.0.1:", port);
+  // Ready when the health check says SERVING.
+  auto client = Client::Connect(p->address_, {.timeout = absl::Seconds(5)});
+  if (!client.ok()) return client.status();
+  while (absl::Now() < deadline) {
+    absl::StatusOr<std::string> h = (*client)->Health();
+    if (h.ok() && *h == "SERVING") return p;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  return absl::DeadlineExceededError("coordinator never reported SERVING");
+}
+
+CoordinatorProcess::~CoordinatorProcess() {
+  if (pid_ <= 0) return;
+  ::kill(pid_, SIGTERM);
+  for (int i = 0; i < 200; ++i) {
+    if (::waitpid(pid_, nullptr, WNOHANG) == pid_) return;
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  ::kill(pid_, SIGKILL);
+  ::waitpid(pid_, nullptr, 0);
+}
+
+}  // namespace pipeserve

@@ -1,0 +1,47 @@
+// Real pipeserve processes for end-to-end tests: a coordinator (with its
+// local launcher starting stage servers) on a port it picks itself, ready
+// once its health check says so.
+//
+//   absl::StatusOr<std::unique_ptr<CoordinatorProcess>> c =
+//       CoordinatorProcess::Start({.repository = dir});
+//   auto client = Client::Connect((*c)->address());
+#ifndef PIPESERVE_TESTS_CLUSTER_H_
+#define PIPESERVE_TESTS_CLUSTER_H_
+
+#include <sys/types.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace pipeserve {
+
+struct CoordinatorFlags {
+  std::string repository;
+  std::vector<std::string> extra;  // more --flag=value arguments
+};
+
+class CoordinatorProcess {
+ public:
+  // Starts server/coordinator from the test's runfiles and waits (up to 60
+  // s) for its port file and a SERVING health check.
+  static absl::StatusOr<std::unique_ptr<CoordinatorProcess>> Start(CoordinatorFlags flags);
+  // SIGTERM, then waits for it (and so its stage servers) to exit.
+  ~CoordinatorProcess();
+
+  const std::string& address() const { return address_; }
+  const std::string& log_path() const { return log_; }
+
+ private:
+  pid_t pid_ = -1;
+  std::string address_, log_;
+};
+
+// A fresh folder under $TEST_TMPDIR.
+std::string TempDir(const std::string& name);
+
+}  // namespace pipeserve
+
+#endif  // PIPESERVE_TESTS_CLUSTER_H_
