@@ -125,7 +125,10 @@ class Deployment {
       }
     }
     if (to_first) to_first->Close();
-    if (results) results->Cancel();
+    if (results) {
+      results->Cancel();
+      results->WaitDone(absl::Seconds(5));
+    }
   }
 
  private:

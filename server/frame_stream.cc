@@ -2,6 +2,8 @@
 
 #include <deque>
 
+#include "absl/synchronization/notification.h"
+
 #include "absl/strings/str_cat.h"
 #include "grpcpp/generic/generic_stub.h"
 
@@ -66,6 +68,7 @@ class FrameSender::Call : public grpc::ClientBidiReactor<Frame, Frame>,
   }
 
   void Cancel() { ctx_.TryCancel(); }
+  bool WaitDone(absl::Duration t) { return finished_.WaitForNotificationWithTimeout(t); }
 
   void OnWriteDone(bool ok) override {
     bool more = false;
@@ -96,6 +99,7 @@ class FrameSender::Call : public grpc::ClientBidiReactor<Frame, Frame>,
       MarkDone(s.ok() ? std::string("finished") : s.error_message());
       queue_.clear();
     }
+    finished_.Notify();
     self_.reset();  // may delete this
   }
 
@@ -111,6 +115,7 @@ class FrameSender::Call : public grpc::ClientBidiReactor<Frame, Frame>,
   std::shared_ptr<Call> self_;
   Frame ignored_;
   Frame current_;
+  absl::Notification finished_;
   absl::Mutex mu_;
   std::deque<Frame> queue_ ABSL_GUARDED_BY(mu_);
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
@@ -155,7 +160,10 @@ void FrameSender::Close() {
     closed_ = true;
     call = std::move(call_);
   }
-  if (call) call->Cancel();
+  if (call) {
+    call->Cancel();
+    call->WaitDone(absl::Seconds(5));
+  }
 }
 
 namespace {
@@ -181,6 +189,7 @@ class ResultsCall : public ResultsReceiver,
   }
 
   void Cancel() override { ctx_.TryCancel(); }
+  bool WaitDone(absl::Duration t) override { return finished_.WaitForNotificationWithTimeout(t); }
 
   void OnReadDone(bool ok) override {
     if (!ok) return;  // OnDone follows
@@ -191,6 +200,7 @@ class ResultsCall : public ResultsReceiver,
 
   void OnDone(const grpc::Status& s) override {
     on_done_(s);
+    finished_.Notify();
     self_.reset();
   }
 
@@ -201,6 +211,7 @@ class ResultsCall : public ResultsReceiver,
   std::shared_ptr<ResultsCall> self_;
   grpc::ClientContext ctx_;
   Frame frame_;
+  absl::Notification finished_;
 };
 
 }  // namespace

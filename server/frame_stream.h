@@ -17,6 +17,7 @@
 #include <string>
 
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "grpcpp/grpcpp.h"
 #include "server/frame_sink.h"
 
@@ -39,6 +40,7 @@ class FrameSender : public FrameSink {
   ~FrameSender() override;
 
   absl::Status Send(Frame frame) override;
+  // Cancels the stream and waits (up to 5 s) for gRPC to finish with it.
   void Close() override;
 
   class Call;
@@ -67,6 +69,8 @@ class ResultsReceiver {
 
   // Ends the subscription (on_done follows).
   virtual void Cancel() = 0;
+  // Waits up to `timeout` for the stream to finish; true if it did.
+  virtual bool WaitDone(absl::Duration timeout) = 0;
   virtual ~ResultsReceiver() = default;
 };
 

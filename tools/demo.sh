@@ -1,28 +1,66 @@
 #!/usr/bin/env bash
-# The pipeserve demo: export the seed's ExampleCode from PyTorch, cut it into
-# its 4 pipeline stages, run them with microbatching, and compare with
-# PyTorch. Exits non-zero if the outputs disagree.
+# The pipeserve demo: start a coordinator (which starts one stage server per
+# stage on this machine), export the seed's ExampleCode from PyTorch, upload
+# it, print its plan, send batches through the KServe v2 API with the Python
+# client, compare with PyTorch, and shut everything down. Exits non-zero if
+# anything disagrees or fails; leaves no process running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/bootstrap.sh
 
 echo "== building"
-bazel build //client:pipeserve 2>&1 | grep -E '^(ERROR|FAILED)' || true
+bazel build //server:coordinator //server:stage_server //client:pipeserve 2>&1 \
+  | grep -E '^(ERROR|FAILED)' && exit 1
 cli=bazel-bin/client/pipeserve
-[ -x "$cli" ] || { echo "build failed"; exit 1; }
 
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+coordinator_pid=""
+cleanup() {
+  if [ -n "$coordinator_pid" ] && kill -0 "$coordinator_pid" 2>/dev/null; then
+    kill -TERM "$coordinator_pid"
+    wait "$coordinator_pid" 2>/dev/null || true
+  fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
 
-echo "== exporting ExampleCode (d_hid 512, batch 64) with PyTorch $(/usr/bin/python3 -c 'import torch; print(torch.__version__)')"
-/usr/bin/python3 tests/pytorch/make_fixtures.py --out "$work" --case example_code --batch 64
+echo "== starting the coordinator (local launcher: one stage server per stage)"
+bazel-bin/server/coordinator --port=0 --port_file="$work/port" \
+  --repository="$work/repository" > "$work/coordinator.log" 2>&1 &
+coordinator_pid=$!
+for _ in $(seq 300); do [ -s "$work/port" ] && break; sleep 0.1; done
+[ -s "$work/port" ] || { cat "$work/coordinator.log"; exit 1; }
+server="127.0.0.1:$(cat "$work/port")"
+"$cli" health --server "$server"
+
+echo "== exporting ExampleCode (d_hid 512, batch 256) with PyTorch"
+/usr/bin/python3 tests/pytorch/make_fixtures.py --out "$work" --case example_code --batch 256
 case_dir="$work/example_code"
 
-echo "== plan and local pipelined run (4 microbatches of 16)"
-mkdir -p "$work/out"
-"$cli" run-local --model "$case_dir/model.psm" \
-  --input "x=$case_dir/in_x.npy" --input "y=$case_dir/in_y.npy" \
-  --chunks 4 --repeat 20 --output_dir "$work/out"
+echo "== uploading (16 microbatches per request)"
+"$cli" upload --server "$server" --name example_code --model "$case_dir/model.psm" --microbatches 16
 
-echo "== comparison with PyTorch"
-/usr/bin/python3 tools/compare_outputs.py "$case_dir" "$work/out"
+echo "== plan"
+"$cli" plan --server "$server" --name example_code
+
+echo "== inference through the KServe v2 API (Python client)"
+/usr/bin/python3 tools/demo_client.py "$server" example_code "$case_dir"
+
+echo "== shutting down"
+pid=$coordinator_pid
+coordinator_pid=""
+kill -TERM "$pid"
+status=0
+wait "$pid" || status=$?
+if [ "$status" -ne 0 ]; then
+  echo "the coordinator exited with status $status:"; tail -20 "$work/coordinator.log"; exit 1
+fi
+# Stage servers follow their coordinator within a second.
+for _ in $(seq 20); do
+  pgrep -f "parent_pid=$pid" > /dev/null || break
+  sleep 0.1
+done
+if pgrep -f "parent_pid=$pid" > /dev/null; then
+  echo "stage servers still running"; exit 1
+fi
+echo "done: all processes stopped"
