@@ -1,5 +1,6 @@
 #include "server/frame.h"
 
+#include <atomic>
 #include <cstring>
 #include <memory>
 
@@ -78,7 +79,14 @@ class SliceReader {
   uint64_t remaining_ = 0;
 };
 
+std::atomic<uint64_t> g_wrapped_bytes{0};
+std::atomic<uint64_t> g_copied_bytes{0};
+
 }  // namespace
+
+FrameReceiveStats GetFrameReceiveStats() {
+  return {g_wrapped_bytes.load(), g_copied_bytes.load()};
+}
 
 void Frame::Add(const std::string& name, const Tensor& t) {
   FrameHeader::TensorMeta* meta = header.add_tensors();
@@ -167,10 +175,12 @@ absl::Status FrameFromByteBuffer(const grpc::ByteBuffer& in, Frame* frame) {
       frame->tensors.push_back(Tensor::Wrap(
           held, reinterpret_cast<float*>(const_cast<uint8_t*>(p)), shape));
       reader.Advance(bytes);
+      g_wrapped_bytes += bytes;
     } else {
       Tensor t = Tensor::Empty(shape);
       reader.Copy(t.data(), bytes);
       frame->tensors.push_back(std::move(t));
+      g_copied_bytes += bytes;
     }
   }
   if (reader.remaining() != 0) {

@@ -46,6 +46,14 @@ struct Frame {
 // Serializes `frame`; tensor bytes are referenced, not copied.
 absl::Status FrameToByteBuffer(const Frame& frame, grpc::ByteBuffer* out);
 
+// Process-wide counts of received tensor bytes that were wrapped in place
+// and that had to be copied (they spanned gRPC slices).
+struct FrameReceiveStats {
+  uint64_t wrapped_bytes = 0;
+  uint64_t copied_bytes = 0;
+};
+FrameReceiveStats GetFrameReceiveStats();
+
 // Parses a frame. kDataLoss for a truncated or malformed buffer (naming
 // what is short), kInvalidArgument for a negative dimension.
 absl::Status FrameFromByteBuffer(const grpc::ByteBuffer& in, Frame* frame);

@@ -9,10 +9,22 @@
 
 namespace pipeserve {
 
+void SetBulkTransferArgs(const std::function<void(const char*, int)>& set) {
+  // Activations are large: read the socket in big chunks (fewer syscalls
+  // and slices, so a received tensor is more often one contiguous slice
+  // that needs no copy) and let a stream run ahead of flow control.
+  set(GRPC_ARG_TCP_READ_CHUNK_SIZE, 4 << 20);
+  set(GRPC_ARG_TCP_MIN_READ_CHUNK_SIZE, 256 << 10);
+  set(GRPC_ARG_TCP_MAX_READ_CHUNK_SIZE, 64 << 20);
+  set(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 << 20);
+  set(GRPC_ARG_HTTP2_WRITE_BUFFER_SIZE, 16 << 20);
+}
+
 grpc::ChannelArguments StageChannelArgs() {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(-1);
   args.SetMaxSendMessageSize(-1);
+  SetBulkTransferArgs([&](const char* k, int v) { args.SetInt(k, v); });
   args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 20000);
   args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
   args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);

@@ -32,6 +32,10 @@ inline constexpr char kRoleKey[] = "pipeserve-role";
 // whole activations), keepalive so dead peers are noticed.
 grpc::ChannelArguments StageChannelArgs();
 
+// The bulk-transfer tuning of StageChannelArgs, for a ServerBuilder too:
+//   SetBulkTransferArgs([&](const char* k, int v) { builder.AddChannelArgument(k, v); });
+void SetBulkTransferArgs(const std::function<void(const char*, int)>& set);
+
 class FrameSender : public FrameSink {
  public:
   static std::shared_ptr<FrameSender> Create(std::shared_ptr<grpc::Channel> channel,

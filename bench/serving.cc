@@ -1,0 +1,387 @@
+// bench/serving: what the gRPC pipeline costs, against same-run baselines.
+//
+//   bazel run -c opt //bench:serving
+//
+// Everything runs in this process over loopback: stage servers are real
+// StageServiceImpl gRPC servers on their own ports, driven by a real
+// Coordinator (static launcher), exactly as in deployment minus the
+// process boundaries.
+//   1. Per-hop latency for a 16x512 float32 activation: identity stages,
+//      1 vs 2 stages, against a plain gRPC bidi-stream ping-pong of the
+//      same payload.
+//   2. A 16 MiB activation across a hop, against loopback TCP bandwidth.
+//   3. Pipelining: a 2-stage model (balanced) against the same model in one
+//      stage, many microbatches in flight, one GEMM thread per stage.
+//   4. ExampleCode at batch 256 through 4 stages against PyTorch eager.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <thread>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "bench/echo.grpc.pb.h"
+#include "grpcpp/grpcpp.h"
+#include "partitioner/graph_builder.h"
+#include "runtime/model_file.h"
+#include "runtime/npy.h"
+#include "server/coordinator_core.h"
+#include "server/frame_stream.h"
+#include "server/stage_service.h"
+
+namespace pipeserve {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+// ---- baselines ------------------------------------------------------------
+
+class EchoService final : public bench::Echo::Service {
+  grpc::Status Chat(grpc::ServerContext*,
+                    grpc::ServerReaderWriter<bench::Blob, bench::Blob>* stream) override {
+    bench::Blob b;
+    while (stream->Read(&b)) stream->Write(b);
+    return grpc::Status::OK;
+  }
+};
+
+// Median round trip of `payload` bytes over one bidi stream, sync API.
+double PingPongMicros(const std::string& address, size_t payload, int iters) {
+  auto channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(),
+                                           StageChannelArgs());
+  auto stub = bench::Echo::NewStub(channel);
+  grpc::ClientContext ctx;
+  auto stream = stub->Chat(&ctx);
+  bench::Blob out, in;
+  out.set_data(std::string(payload, 'x'));
+  std::vector<double> t;
+  for (int i = 0; i < iters + 20; ++i) {
+    auto t0 = Clock::now();
+    stream->Write(out);
+    stream->Read(&in);
+    if (i >= 20) t.push_back(Seconds(t0, Clock::now()) * 1e6);
+  }
+  stream->WritesDone();
+  stream->Finish();
+  return Median(t);
+}
+
+// Loopback TCP bandwidth, one stream, bytes/s.
+double LoopbackTcpBandwidth(size_t total) {
+  int listener = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  socklen_t len = sizeof addr;
+  ::getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len);
+  ::listen(listener, 1);
+  std::thread reader([&] {
+    int c = ::accept(listener, nullptr, nullptr);
+    std::vector<char> buf(1 << 20);
+    size_t got = 0;
+    while (got < total) {
+      ssize_t n = ::read(c, buf.data(), buf.size());
+      if (n <= 0) break;
+      got += n;
+    }
+    ::close(c);
+  });
+  int s = ::socket(AF_INET, SOCK_STREAM, 0);
+  ::connect(s, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  std::vector<char> buf(1 << 20, 'x');
+  auto t0 = Clock::now();
+  size_t sent = 0;
+  while (sent < total) {
+    ssize_t n = ::write(s, buf.data(), std::min(buf.size(), total - sent));
+    if (n <= 0) break;
+    sent += n;
+  }
+  ::close(s);
+  reader.join();
+  double dt = Seconds(t0, Clock::now());
+  ::close(listener);
+  return total / dt;
+}
+
+// ---- in-process pipeserve ---------------------------------------------------
+
+struct StageServer {
+  std::unique_ptr<StageServiceImpl> service;
+  std::unique_ptr<grpc::Server> server;
+  std::string address;
+};
+
+StageServer StartStageServer(int threads) {
+  StageServer s;
+  StageServiceOptions o;
+  o.default_threads = threads;
+  s.service = std::make_unique<StageServiceImpl>(o);
+  grpc::ServerBuilder b;
+  int port = 0;
+  b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  b.SetMaxReceiveMessageSize(-1);
+  SetBulkTransferArgs([&](const char* k, int v) { b.AddChannelArgument(k, v); });
+  b.RegisterService(s.service.get());
+  s.server = b.BuildAndStart();
+  s.address = absl::StrCat("127.0.0.1:", port);
+  return s;
+}
+
+struct Cluster {
+  std::vector<StageServer> stages;
+  std::unique_ptr<Coordinator> coordinator;
+  std::string dir;
+
+  Cluster(int n, int threads_per_stage) {
+    std::vector<std::string> addresses;
+    for (int i = 0; i < n; ++i) {
+      stages.push_back(StartStageServer(threads_per_stage));
+      addresses.push_back(stages.back().address);
+    }
+    dir = absl::StrCat(std::filesystem::temp_directory_path().string(), "/pipeserve_bench_",
+                       ::getpid(), "_", n, "_", counter_++);
+    CoordinatorOptions co;
+    coordinator = std::make_unique<Coordinator>(co, *OpenFileModelStore(dir + "/repo"),
+                                                MakeStaticLauncher(addresses));
+  }
+  ~Cluster() {
+    coordinator.reset();
+    for (auto& s : stages) s.server->Shutdown(std::chrono::system_clock::now());
+    std::filesystem::remove_all(dir);
+  }
+
+  // Uploads `m` as `name` with `microbatches` per request.
+  bool Upload(const std::string& name, const Model& m, int microbatches) {
+    std::string path = dir + "/" + name + ".psm";
+    if (!WriteModelFile(path, m.graph, m.weights).ok()) return false;
+    std::ifstream in(path, std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    auto up = coordinator->StartUpload(name);
+    if (!up.ok() || !(*up)->Append(bytes).ok()) return false;
+    UploadOptions o;
+    o.set_microbatches(microbatches);
+    auto r = coordinator->FinishUpload(name, o, *std::move(up), bytes.size(),
+                                       Crc32(bytes.data(), bytes.size()));
+    if (!r.ok()) std::printf("upload failed: %s\n", std::string(r.status().message()).c_str());
+    return r.ok();
+  }
+
+  static inline int counter_ = 0;
+};
+
+Tensor Random(Shape s, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> d(-1, 1);
+  Tensor t = Tensor::Empty(s);
+  for (int64_t i = 0; i < t.numel(); ++i) t.data()[i] = d(rng);
+  return t;
+}
+
+// n identity stages on [B, width].
+Model IdentityChain(int n, int64_t width) {
+  GraphBuilder b;
+  b.Input("x", {-1, width});
+  std::string prev = "x";
+  for (int i = 0; i < n; ++i) {
+    if (i > 0) b.Split();
+    std::string out = absl::StrCat("h", i);
+    b.Op("identity", {prev}, out);
+    prev = out;
+  }
+  b.Output(prev);
+  return b.Build();
+}
+
+// `layers` linear+relu layers of width w, cut into `stages` equal stages.
+Model Mlp(int layers, int stages, int64_t w) {
+  GraphBuilder b;
+  b.Input("x", {-1, w});
+  std::string prev = "x";
+  for (int i = 0; i < layers; ++i) {
+    if (i > 0 && i % (layers / stages) == 0) b.Split();
+    std::string wname = absl::StrCat("l", i, ".weight"), bname = absl::StrCat("l", i, ".bias");
+    b.Param(wname, {w, w}).Param(bname, {w});
+    b.Op("linear", {prev, wname, bname}, absl::StrCat("lin", i), absl::StrCat("l", i));
+    b.Op("relu", {absl::StrCat("lin", i)}, absl::StrCat("r", i));
+    prev = absl::StrCat("r", i);
+  }
+  b.Output(prev);
+  return b.Build();
+}
+
+double InferMedianMicros(Coordinator& c, const std::string& model, const Tensor& x, int iters) {
+  std::vector<double> t;
+  for (int i = 0; i < iters + 20; ++i) {
+    auto t0 = Clock::now();
+    auto out = c.Infer(model, {x}, absl::Now() + absl::Seconds(30));
+    if (!out.ok()) {
+      std::printf("infer failed: %s\n", std::string(out.status().message()).c_str());
+      return -1;
+    }
+    if (i >= 20) t.push_back(Seconds(t0, Clock::now()) * 1e6);
+  }
+  return Median(t);
+}
+
+// Requests/s with `clients` threads each sending `per_client` requests.
+double Throughput(Coordinator& c, const std::string& model, const std::vector<Tensor>& in,
+                  int clients, int per_client) {
+  c.Infer(model, in, absl::Now() + absl::Seconds(30)).IgnoreError();  // warm up
+  std::atomic<int> failures{0};
+  auto t0 = Clock::now();
+  std::vector<std::thread> ts;
+  for (int k = 0; k < clients; ++k) {
+    ts.emplace_back([&] {
+      for (int r = 0; r < per_client; ++r) {
+        if (!c.Infer(model, in, absl::Now() + absl::Seconds(60)).ok()) ++failures;
+      }
+    });
+  }
+  for (auto& t : ts) t.join();
+  double dt = Seconds(t0, Clock::now());
+  if (failures > 0) std::printf("  (%d requests failed)\n", failures.load());
+  return clients * per_client / dt;
+}
+
+void HopLatency() {
+  std::printf("\n1. Hop latency, 16x512 float32 (32 KiB), median of 500 round trips\n");
+  EchoService echo;
+  grpc::ServerBuilder b;
+  int port = 0;
+  b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  b.RegisterService(&echo);
+  auto server = b.BuildAndStart();
+  double ping = PingPongMicros(absl::StrCat("127.0.0.1:", port), 16 * 512 * 4, 500);
+  Tensor x = Random({16, 512}, 1);
+  Cluster one(1, 1), two(2, 1);
+  one.Upload("id", IdentityChain(1, 512), 1);
+  two.Upload("id", IdentityChain(2, 512), 1);
+  double t1 = InferMedianMicros(*one.coordinator, "id", x, 500);
+  double t2 = InferMedianMicros(*two.coordinator, "id", x, 500);
+  std::printf("%-44s %10s\n", "", "us");
+  std::printf("%-44s %10.1f\n", "plain gRPC bidi ping-pong (baseline)", ping);
+  std::printf("%-44s %10.1f  (%.2fx ping-pong)\n", "coordinator -> 1 identity stage -> back", t1,
+              t1 / ping);
+  std::printf("%-44s %10.1f  (%.2fx ping-pong)\n", "coordinator -> 2 identity stages -> back", t2,
+              t2 / ping);
+  std::printf("%-44s %10.1f  (%.2fx ping-pong; target <= 1.5x)\n", "added by one more stage hop",
+              t2 - t1, (t2 - t1) / ping);
+  server->Shutdown(std::chrono::system_clock::now());
+}
+
+void LargeActivation() {
+  std::printf("\n2. 16 MiB activation across a hop\n");
+  double tcp = LoopbackTcpBandwidth(size_t{2} << 30);
+  Cluster one(1, 1);
+  one.Upload("id", IdentityChain(1, 1024), 1);
+  Tensor x = Random({4096, 1024}, 2);  // 16 MiB
+  FrameReceiveStats before = GetFrameReceiveStats();
+  double t = InferMedianMicros(*one.coordinator, "id", x, 40) / 1e6;
+  FrameReceiveStats after = GetFrameReceiveStats();
+  double copied = after.copied_bytes - before.copied_bytes;
+  double wrapped = after.wrapped_bytes - before.wrapped_bytes;
+  // One round trip = the activation crosses two hops (to the stage, back).
+  double per_hop = 2.0 * x.byte_size() / t;
+  std::printf("%-44s %10.2f GB/s\n", "loopback TCP, one stream (baseline)", tcp / 1e9);
+  std::printf("%-44s %10.2f ms\n", "round trip through 1 identity stage", t * 1e3);
+  std::printf("%-44s %10.2f GB/s  (%.0f%% of TCP; target >= 50%%)\n",
+              "per hop (2 x 16 MiB / round trip)", per_hop / 1e9, 100 * per_hop / tcp);
+  std::printf("%-44s %10.0f%%\n", "received tensor bytes copied (rest wrapped)",
+              100 * copied / std::max(1.0, copied + wrapped));
+}
+
+void Pipelining() {
+  std::printf("\n3. Pipelining: 4 linear+ReLU layers of 1024, batch 256 in 4 microbatches,\n"
+              "   8 clients (up to 32 microbatches in flight), one GEMM thread per stage\n");
+  Tensor x = Random({256, 1024}, 3);
+  Cluster one(1, 1), two(2, 1);
+  one.Upload("mlp", Mlp(4, 1, 1024), 4);
+  two.Upload("mlp", Mlp(4, 2, 1024), 4);
+  double r1 = Throughput(*one.coordinator, "mlp", {x}, 8, 10);
+  double r2 = Throughput(*two.coordinator, "mlp", {x}, 8, 10);
+  std::printf("%-44s %10.1f req/s\n", "1 stage (baseline)", r1);
+  std::printf("%-44s %10.1f req/s  (%.2fx; target >= 1.6x)\n", "2 stages", r2, r2 / r1);
+}
+
+double TorchMedianMs(const std::string& cmd) {
+  FILE* p = popen(cmd.c_str(), "r");
+  if (p == nullptr) return -1;
+  char buf[256] = {};
+  std::string out;
+  while (fgets(buf, sizeof buf, p)) out += buf;
+  pclose(p);
+  size_t at = out.find("median_ms=");
+  double v = -1;
+  if (at != std::string::npos) {
+    std::string num = out.substr(at + 10, out.find(' ', at) - at - 10);
+    if (!absl::SimpleAtod(num, &v)) v = -1;
+  }
+  return v;
+}
+
+void ExampleCodeEndToEnd() {
+  std::printf("\n4. ExampleCode, batch 256, 4 stages (1 GEMM thread each, 2 cores),\n"
+              "   16 microbatches, 4 clients\n");
+  std::string dir = absl::StrCat(std::filesystem::temp_directory_path().string(),
+                                 "/pipeserve_bench_ec_", ::getpid());
+  std::string cmd = absl::StrCat("/usr/bin/python3 tests/pytorch/make_fixtures.py --out ", dir,
+                                 " --case example_code --batch 256 > /dev/null");
+  if (std::system(cmd.c_str()) != 0) {
+    std::printf("exporting ExampleCode failed\n");
+    return;
+  }
+  auto model = ReadModelFile(dir + "/example_code/model.psm");
+  auto x = ReadNpy(dir + "/example_code/in_x.npy");
+  auto y = ReadNpy(dir + "/example_code/in_y.npy");
+  Cluster four(4, 1);
+  four.Upload("ec", *model, 16);
+  double rps = Throughput(*four.coordinator, "ec", {*x, *y}, 4, 25);
+  std::vector<double> lat;
+  for (int i = 0; i < 30; ++i) {
+    auto t0 = Clock::now();
+    four.coordinator->Infer("ec", {*x, *y}, absl::Now() + absl::Seconds(30)).IgnoreError();
+    lat.push_back(Seconds(t0, Clock::now()) * 1e3);
+  }
+  double t1 = TorchMedianMs("/usr/bin/python3 bench/torch_eager.py --batch 256 --threads 1 --iters 50");
+  double t2 = TorchMedianMs("/usr/bin/python3 bench/torch_eager.py --batch 256 --threads 2 --iters 50");
+  double t2s = TorchMedianMs(
+      "OPENBLAS_CORETYPE=SkylakeX /usr/bin/python3 bench/torch_eager.py --batch 256 --threads 2 --iters 50");
+  std::printf("%-44s %10s %12s\n", "", "batch/s", "latency ms");
+  std::printf("%-44s %10.1f %12.2f\n", "pipeserve, 4 stages over gRPC", rps, Median(lat));
+  std::printf("%-44s %10.1f %12.2f\n", "PyTorch eager, 1 thread", 1e3 / t1, t1);
+  std::printf("%-44s %10.1f %12.2f\n", "PyTorch eager, 2 threads", 1e3 / t2, t2);
+  std::printf("%-44s %10.1f %12.2f\n", "PyTorch eager, 2 threads, OpenBLAS SkylakeX", 1e3 / t2s, t2s);
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace pipeserve
+
+int main(int argc, char** argv) {
+  std::string only = argc > 1 ? argv[1] : "";
+  if (only.empty() || only == "hop") pipeserve::HopLatency();
+  if (only.empty() || only == "large") pipeserve::LargeActivation();
+  if (only.empty() || only == "pipeline") pipeserve::Pipelining();
+  if (only.empty() || only == "e2e") pipeserve::ExampleCodeEndToEnd();
+  return 0;
+}
