@@ -24,6 +24,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "bench/bench_util.h"
 #include "partitioner/graph_builder.h"
 #include "partitioner/partition.h"
 #include "runtime/cpu_backend.h"
@@ -48,13 +49,6 @@ double MedianSeconds(int iters, const std::function<void()>& fn) {
   return t[t.size() / 2];
 }
 
-Tensor Random(Shape s, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> d(-1, 1);
-  Tensor t = Tensor::Empty(s);
-  for (int64_t i = 0; i < t.numel(); ++i) t.data()[i] = d(rng);
-  return t;
-}
 
 void GemmTable(int threads, int iters) {
   std::printf("\nGEMM, %d thread(s), median of %d (GFLOP/s)\n", threads, iters);
@@ -72,7 +66,7 @@ void GemmTable(int threads, int iters) {
       std::printf("compile failed: %s\n", std::string(prog.status().message()).c_str());
       return;
     }
-    Tensor x = Random({m, k}, 1);
+    Tensor x = RandomTensor({m, k}, 1);
     const Tensor& w = model.weights.at("w");
     Tensor c = Tensor::Empty({m, n});
     SetComputeThreads(threads);
@@ -90,22 +84,6 @@ void GemmTable(int threads, int iters) {
   }
 }
 
-// Runs `cmd` and returns the median_ms it prints, or -1.
-double TorchMedianMs(const std::string& cmd) {
-  FILE* p = popen(cmd.c_str(), "r");
-  if (p == nullptr) return -1;
-  char buf[256] = {};
-  std::string out;
-  while (fgets(buf, sizeof buf, p)) out += buf;
-  pclose(p);
-  size_t at = out.find("median_ms=");
-  double v = -1;
-  if (at != std::string::npos) {
-    std::string num = out.substr(at + 10, out.find(' ', at) - at - 10);
-    if (!absl::SimpleAtod(num, &v)) v = -1;
-  }
-  return v;
-}
 
 void ExampleCodeTable(int threads, int iters) {
   std::printf("\nExampleCode end to end (4 stages), %d thread(s), median ms per batch\n",

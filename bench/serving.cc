@@ -32,6 +32,7 @@
 #include "absl/strings/str_cat.h"
 #include "bench/echo.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
+#include "bench/bench_util.h"
 #include "partitioner/graph_builder.h"
 #include "runtime/model_file.h"
 #include "runtime/npy.h"
@@ -189,13 +190,6 @@ struct Cluster {
   static inline int counter_ = 0;
 };
 
-Tensor Random(Shape s, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> d(-1, 1);
-  Tensor t = Tensor::Empty(s);
-  for (int64_t i = 0; i < t.numel(); ++i) t.data()[i] = d(rng);
-  return t;
-}
 
 // n identity stages on [B, width].
 Model IdentityChain(int n, int64_t width) {
@@ -272,7 +266,7 @@ void HopLatency() {
   b.RegisterService(&echo);
   auto server = b.BuildAndStart();
   double ping = PingPongMicros(absl::StrCat("127.0.0.1:", port), 16 * 512 * 4, 500);
-  Tensor x = Random({16, 512}, 1);
+  Tensor x = RandomTensor({16, 512}, 1);
   Cluster one(1, 1), two(2, 1);
   one.Upload("id", IdentityChain(1, 512), 1);
   two.Upload("id", IdentityChain(2, 512), 1);
@@ -294,7 +288,7 @@ void LargeActivation() {
   double tcp = LoopbackTcpBandwidth(size_t{2} << 30);
   Cluster one(1, 1);
   one.Upload("id", IdentityChain(1, 1024), 1);
-  Tensor x = Random({4096, 1024}, 2);  // 16 MiB
+  Tensor x = RandomTensor({4096, 1024}, 2);  // 16 MiB
   FrameReceiveStats before = GetFrameReceiveStats();
   double t = InferMedianMicros(*one.coordinator, "id", x, 40) / 1e6;
   FrameReceiveStats after = GetFrameReceiveStats();
@@ -313,7 +307,7 @@ void LargeActivation() {
 void Pipelining() {
   std::printf("\n3. Pipelining: 4 linear+ReLU layers of 1024, batch 256 in 4 microbatches,\n"
               "   8 clients (up to 32 microbatches in flight), one GEMM thread per stage\n");
-  Tensor x = Random({256, 1024}, 3);
+  Tensor x = RandomTensor({256, 1024}, 3);
   Cluster one(1, 1), two(2, 1);
   one.Upload("mlp", Mlp(4, 1, 1024), 4);
   two.Upload("mlp", Mlp(4, 2, 1024), 4);
@@ -323,21 +317,6 @@ void Pipelining() {
   std::printf("%-44s %10.1f req/s  (%.2fx; target >= 1.6x)\n", "2 stages", r2, r2 / r1);
 }
 
-double TorchMedianMs(const std::string& cmd) {
-  FILE* p = popen(cmd.c_str(), "r");
-  if (p == nullptr) return -1;
-  char buf[256] = {};
-  std::string out;
-  while (fgets(buf, sizeof buf, p)) out += buf;
-  pclose(p);
-  size_t at = out.find("median_ms=");
-  double v = -1;
-  if (at != std::string::npos) {
-    std::string num = out.substr(at + 10, out.find(' ', at) - at - 10);
-    if (!absl::SimpleAtod(num, &v)) v = -1;
-  }
-  return v;
-}
 
 void ExampleCodeEndToEnd() {
   std::printf("\n4. ExampleCode, batch 256, 4 stages (1 GEMM thread each, 2 cores),\n"

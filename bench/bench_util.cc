@@ -1,0 +1,34 @@
+#include "bench/bench_util.h"
+
+#include <cstdio>
+#include <random>
+
+#include "absl/strings/numbers.h"
+
+namespace pipeserve {
+
+double TorchMedianMs(const std::string& cmd) {
+  FILE* p = popen(cmd.c_str(), "r");
+  if (p == nullptr) return -1;
+  char buf[256] = {};
+  std::string out;
+  while (fgets(buf, sizeof buf, p)) out += buf;
+  pclose(p);
+  size_t at = out.find("median_ms=");
+  double v = -1;
+  if (at != std::string::npos) {
+    std::string num = out.substr(at + 10, out.find(' ', at) - at - 10);
+    if (!absl::SimpleAtod(num, &v)) v = -1;
+  }
+  return v;
+}
+
+Tensor RandomTensor(Shape shape, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> d(-1, 1);
+  Tensor t = Tensor::Empty(std::move(shape));
+  for (int64_t i = 0; i < t.numel(); ++i) t.data()[i] = d(rng);
+  return t;
+}
+
+}  // namespace pipeserve
