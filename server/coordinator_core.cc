@@ -1,6 +1,7 @@
 #include "server/coordinator_core.h"
 
 #include <algorithm>
+#include <thread>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
@@ -60,6 +61,8 @@ class Deployment {
   Routing routing;
   std::shared_ptr<FrameSender> to_first;
   std::shared_ptr<ResultsReceiver> results;
+  // Called (once) when the deployment breaks, to get it repaired.
+  std::function<void(const std::string&)> on_broken;
 
   void Deliver(Frame frame) {
     absl::MutexLock lock(&mu_);
@@ -83,14 +86,19 @@ class Deployment {
 
   // The results stream ended: nothing in flight can complete.
   void Broken(const std::string& why) {
-    absl::MutexLock lock(&mu_);
-    if (closing_) return;
-    info.state = ModelState::kUnavailable;
-    info.reason = why;
-    while (!pending_.empty()) {
-      pending_.begin()->second->error = absl::UnavailableError(why);
-      Finish(pending_.begin());
+    std::function<void(const std::string&)> notify;
+    {
+      absl::MutexLock lock(&mu_);
+      if (closing_ || info.state == ModelState::kUnavailable) return;
+      info.state = ModelState::kUnavailable;
+      info.reason = why;
+      while (!pending_.empty()) {
+        pending_.begin()->second->error = absl::UnavailableError(why);
+        Finish(pending_.begin());
+      }
+      notify = on_broken;
     }
+    if (notify) notify(info.name);
   }
 
   void Register(uint64_t id, std::shared_ptr<PendingRequest> p) {
@@ -145,9 +153,18 @@ class Deployment {
 
 Coordinator::Coordinator(CoordinatorOptions options, std::unique_ptr<ModelStore> store,
                          std::unique_ptr<Launcher> launcher)
-    : options_(options), store_(std::move(store)), launcher_(std::move(launcher)) {}
+    : options_(options), store_(std::move(store)), launcher_(std::move(launcher)) {
+  monitor_thread_ = std::thread([this] { MonitorLoop(); });
+  repair_thread_ = std::thread([this] { RepairLoop(); });
+}
 
 Coordinator::~Coordinator() {
+  {
+    absl::MutexLock lock(&repair_mu_);
+    stopping_ = true;
+  }
+  monitor_thread_.join();
+  repair_thread_.join();
   std::map<std::string, std::shared_ptr<Deployment>> models;
   {
     absl::MutexLock lock(&mu_);
@@ -300,7 +317,121 @@ absl::StatusOr<std::shared_ptr<Deployment>> Coordinator::Deploy(const std::strin
       });
   d->to_first = FrameSender::Create(channel(servers[0]), name, 0, options_.send_capacity);
   d->info.state = ModelState::kReady;
+  d->on_broken = [this](const std::string& model) { ScheduleRepair(model); };
   return d;
+}
+
+void Coordinator::ScheduleRepair(const std::string& name) {
+  absl::MutexLock lock(&repair_mu_);
+  int attempt = repair_attempts_[name]++;
+  // 0.2 s, 0.4 s, ... up to 10 s between attempts.
+  absl::Duration wait = std::min(absl::Milliseconds(200) * (1 << std::min(attempt, 6)),
+                                 absl::Seconds(10));
+  to_repair_[name] = absl::Now() + wait;
+}
+
+void Coordinator::RepairLoop() {
+  while (true) {
+    std::string name;
+    {
+      absl::MutexLock lock(&repair_mu_);
+      auto due = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(repair_mu_) {
+        if (stopping_) return true;
+        for (auto& [n, t] : to_repair_) {
+          if (t <= absl::Now()) return true;
+        }
+        return false;
+      };
+      repair_mu_.AwaitWithTimeout(absl::Condition(&due), absl::Milliseconds(100));
+      if (stopping_) return;
+      for (auto& [n, t] : to_repair_) {
+        if (t <= absl::Now()) {
+          name = n;
+          break;
+        }
+      }
+      if (name.empty()) continue;
+      to_repair_.erase(name);
+    }
+    std::shared_ptr<Deployment> broken = Find(name);
+    if (broken == nullptr || broken->Info().state == ModelState::kReady) continue;
+    absl::StatusOr<std::vector<StoredModel>> stored = store_->List();
+    const StoredModel* m = nullptr;
+    if (stored.ok()) {
+      for (const StoredModel& s : *stored) {
+        if (s.name == name) m = &s;
+      }
+    }
+    if (m == nullptr) continue;  // removed meanwhile
+    absl::StatusOr<std::shared_ptr<Deployment>> d;
+    {
+      absl::MutexLock deploy_lock(&deploy_mu_);
+      d = Deploy(m->name, m->path, m->options, m->bytes);
+    }
+    if (!d.ok()) {
+      broken->SetState(ModelState::kUnavailable,
+                       absl::StrCat(broken->Info().reason, "; redeploying failed: ",
+                                    d.status().message()));
+      ScheduleRepair(name);
+      continue;
+    }
+    bool replaced = false;
+    {
+      absl::MutexLock lock(&mu_);
+      auto it = models_.find(name);
+      if (it != models_.end() && it->second == broken) {
+        it->second = *d;
+        replaced = true;
+      }
+    }
+    if (replaced) {
+      broken->Close("replaced by a redeployment");
+      absl::MutexLock lock(&repair_mu_);
+      repair_attempts_.erase(name);
+    } else {
+      (*d)->Close("a newer upload replaced the model during repair");
+    }
+  }
+}
+
+void Coordinator::MonitorLoop() {
+  std::map<std::string, std::unique_ptr<StageService::Stub>> stubs;
+  while (true) {
+    {
+      absl::MutexLock lock(&repair_mu_);
+      auto stop = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(repair_mu_) { return stopping_; };
+      if (repair_mu_.AwaitWithTimeout(absl::Condition(&stop), options_.health_interval)) return;
+    }
+    std::vector<std::shared_ptr<Deployment>> ready;
+    {
+      absl::MutexLock lock(&mu_);
+      for (auto& [name, d] : models_) ready.push_back(d);
+    }
+    for (const std::shared_ptr<Deployment>& d : ready) {
+      ModelInfo info = d->Info();
+      if (info.state != ModelState::kReady) continue;
+      for (int s = 0; s < static_cast<int>(info.servers.size()); ++s) {
+        auto& stub = stubs[info.servers[s]];
+        if (!stub) {
+          stub = StageService::NewStub(grpc::CreateCustomChannel(
+              info.servers[s], grpc::InsecureChannelCredentials(), StageChannelArgs()));
+        }
+        grpc::ClientContext ctx;
+        ctx.set_deadline(absl::ToChronoTime(absl::Now() + std::max(options_.health_interval,
+                                                                     absl::Seconds(1))));
+        StageStatsRequest req;
+        req.set_model(info.name);
+        req.set_stage(s);
+        StageStatsResponse resp;
+        grpc::Status st = stub->GetStageStats(&ctx, req, &resp);
+        if (!st.ok()) {
+          d->Broken(absl::StrCat("stage ", s, " on ", info.servers[s],
+                                 " failed its health check: ", st.error_message()));
+          break;
+        }
+      }
+    }
+  }
 }
 
 std::shared_ptr<Deployment> Coordinator::Find(const std::string& name) {

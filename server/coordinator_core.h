@@ -17,6 +17,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -38,6 +39,11 @@ struct CoordinatorOptions {
   absl::Duration load_timeout = absl::Seconds(120);
   // Frames queued towards stage 0 before Infer waits (backpressure).
   int send_capacity = 8;
+  // How often every ready model's stage servers are checked. A stage that
+  // stops answering (or lost its stage) marks the model UNAVAILABLE, fails
+  // its requests in flight, and the model is redeployed from the store,
+  // retrying with backoff until it is back.
+  absl::Duration health_interval = absl::Seconds(1);
 };
 
 enum class ModelState { kLoading, kReady, kUnavailable };
@@ -97,6 +103,11 @@ class Coordinator {
                                                      const UploadOptions& options,
                                                      uint64_t bytes);
   std::shared_ptr<Deployment> Find(const std::string& name);
+  // Checks stage servers every health_interval.
+  void MonitorLoop();
+  // Redeploys models marked broken.
+  void RepairLoop();
+  void ScheduleRepair(const std::string& name);
 
   const CoordinatorOptions options_;
   const std::unique_ptr<ModelStore> store_;
@@ -109,6 +120,13 @@ class Coordinator {
   std::map<std::string, ModelInfo> failed_ ABSL_GUARDED_BY(mu_);
   // Serialises uploads and deployments (they share stage servers).
   absl::Mutex deploy_mu_;
+
+  absl::Mutex repair_mu_;
+  std::map<std::string, absl::Time> to_repair_ ABSL_GUARDED_BY(repair_mu_);  // name -> not before
+  std::map<std::string, int> repair_attempts_ ABSL_GUARDED_BY(repair_mu_);
+  bool stopping_ ABSL_GUARDED_BY(repair_mu_) = false;
+  std::thread monitor_thread_;
+  std::thread repair_thread_;
 };
 
 }  // namespace pipeserve

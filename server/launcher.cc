@@ -70,6 +70,14 @@ class LocalLauncher : public Launcher {
 
   absl::StatusOr<std::vector<std::string>> ServersFor(int num_stages) override {
     absl::MutexLock lock(&mu_);
+    // Replace servers that have died since they were started.
+    for (size_t i = 0; i < servers_.size(); ++i) {
+      if (::waitpid(servers_[i].pid, nullptr, WNOHANG) == servers_[i].pid) {
+        absl::StatusOr<Server> s = Start(static_cast<int>(i));
+        if (!s.ok()) return s.status();
+        servers_[i] = *s;
+      }
+    }
     while (static_cast<int>(servers_.size()) < num_stages) {
       absl::StatusOr<Server> s = Start(static_cast<int>(servers_.size()));
       if (!s.ok()) return s.status();

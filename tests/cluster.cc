@@ -5,10 +5,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <filesystem>
 #include <fstream>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "client/client.h"
@@ -77,6 +79,22 @@ absl::StatusOr<std::unique_ptr<CoordinatorProcess>> CoordinatorProcess::Start(
     absl::SleepFor(absl::Milliseconds(20));
   }
   return absl::DeadlineExceededError("coordinator never reported SERVING");
+}
+
+pid_t CoordinatorProcess::StageServerPid(int index) const {
+  // Stage servers carry --parent_pid=<coordinator> and a port file named
+  // stage-<index>.<coordinator pid>.port (server/launcher.cc).
+  std::string parent = absl::StrCat("--parent_pid=", pid_);
+  std::string slot = absl::StrCat("/stage-", index, ".", pid_, ".port");
+  for (const auto& e : std::filesystem::directory_iterator("/proc")) {
+    pid_t pid = 0;
+    if (!absl::SimpleAtoi(e.path().filename().string(), &pid)) continue;
+    std::ifstream in(e.path() / "cmdline", std::ios::binary);
+    std::string cmd((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::replace(cmd.begin(), cmd.end(), '\0', ' ');
+    if (cmd.find(parent) != std::string::npos && cmd.find(slot) != std::string::npos) return pid;
+  }
+  return -1;
 }
 
 CoordinatorProcess::~CoordinatorProcess() {

@@ -33,6 +33,11 @@ class CoordinatorProcess {
 
   const std::string& address() const { return address_; }
   const std::string& log_path() const { return log_; }
+  pid_t pid() const { return pid_; }
+
+  // The pid of the local launcher's stage server for pool slot `index`
+  // (stage `index` of the deepest model), or -1.
+  pid_t StageServerPid(int index) const;
 
  private:
   pid_t pid_ = -1;

@@ -1,6 +1,8 @@
 // pipeserve as a service, end to end: a real coordinator process (local
 // launcher, one stage_server process per stage), driven through the C++
 // client stub over loopback ports picked at run time.
+#include <signal.h>
+
 #include <set>
 #include <thread>
 
@@ -423,6 +425,41 @@ TEST(ServingRestartTest, CoordinatorRestartKeepsUploadedModels) {
   }
   std::vector<NamedTensor> in = {{"x", f->inputs[0]}, {"y", f->inputs[1]}};
   auto out = (*client)->Infer("kept", in);
+  ASSERT_TRUE(out.ok()) << out.status();
+  ExpectMatchesPyTorch((*out)[0].tensor, f->expected[0], f->exact[0]);
+}
+
+TEST(ServingRecoveryTest, AStageServerThatDiesIsReplacedAndTheModelServesAgain) {
+  auto dir = MakeFixtures({"multi_mlp"}, 8);
+  ASSERT_TRUE(dir.ok());
+  auto f = LoadFixture(*dir, "multi_mlp");
+  auto c = CoordinatorProcess::Start({TempDir("recovery_repo"), {}});
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto client = Client::Connect((*c)->address());
+  ASSERT_TRUE((*client)->Upload("m", *dir + "/multi_mlp/model.psm", {}).ok());
+  std::vector<NamedTensor> in = {{"x", f->inputs[0]}, {"y", f->inputs[1]}};
+  ASSERT_TRUE((*client)->Infer("m", in).ok());
+  std::string before = (*client)->GetPlan("m")->stage_servers(1);
+
+  pid_t victim = (*c)->StageServerPid(1);
+  ASSERT_GT(victim, 0);
+  ASSERT_EQ(::kill(victim, SIGKILL), 0);
+
+  // The coordinator notices (health checks), redeploys onto a new server,
+  // and the model answers correctly again.
+  absl::Time until = absl::Now() + absl::Seconds(60);
+  absl::StatusOr<std::vector<NamedTensor>> out;
+  std::string after = before;
+  while (absl::Now() < until) {
+    auto plan = (*client)->GetPlan("m");
+    if (plan.ok() && plan->state() == "READY" && plan->stage_servers(1) != before) {
+      after = plan->stage_servers(1);
+      out = (*client)->Infer("m", in);
+      if (out.ok()) break;
+    }
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  EXPECT_NE(after, before) << "stage 1 was not moved to a new server";
   ASSERT_TRUE(out.ok()) << out.status();
   ExpectMatchesPyTorch((*out)[0].tensor, f->expected[0], f->exact[0]);
 }
