@@ -56,11 +56,23 @@ void StageHost::Push(Frame frame, std::function<void()> resume) {
   bool room;
   {
     absl::MutexLock lock(&mu_);
+    // A cancel takes effect at once: frames of that request already queued
+    // ahead of it are dropped when the worker reaches them.
+    if (frame.header.kind() == FrameHeader::CANCEL) RememberCancel(frame.header.request_id());
     queue_.push_back(std::move(frame));
     room = queue_.size() < capacity_;
     if (!room) resume_ = std::move(resume);
   }
   if (room) resume();
+}
+
+void StageHost::RememberCancel(uint64_t id) {
+  if (!cancelled_.insert(id).second) return;
+  cancelled_order_.push_back(id);
+  if (cancelled_order_.size() > kCancelMemory) {
+    cancelled_.erase(cancelled_order_.front());
+    cancelled_order_.pop_front();
+  }
 }
 
 StageHost::Stats StageHost::stats() const {
@@ -135,13 +147,7 @@ void StageHost::Work() {
     {
       absl::MutexLock lock(&mu_);
       if (in.header.kind() == FrameHeader::CANCEL) {
-        if (cancelled_.insert(id).second) {
-          cancelled_order_.push_back(id);
-          if (cancelled_order_.size() > kCancelMemory) {
-            cancelled_.erase(cancelled_order_.front());
-            cancelled_order_.pop_front();
-          }
-        }
+        RememberCancel(id);
       } else if (in.header.kind() == FrameHeader::DATA) {
         if (cancelled_.contains(id)) {
           ++stats_.dropped_cancelled;

@@ -62,6 +62,7 @@ class StageHost {
 
  private:
   void Work();
+  void RememberCancel(uint64_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Runs one DATA frame through the program; returns the frame to send on.
   Frame Compute(const Frame& in);
 

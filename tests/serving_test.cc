@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
@@ -301,8 +302,29 @@ TEST_F(ServingTest, InvalidGraphReturnsThePartitionersMessage) {
   ExpectStillServing();
 }
 
+// Sum of frames the stages dropped (deadline or cancel) for `model`.
+uint64_t DroppedFrames(const GetPlanResponse& plan, const std::string& model) {
+  uint64_t dropped = 0;
+  for (int s = 0; s < plan.stage_servers_size(); ++s) {
+    auto stub = StageService::NewStub(
+        grpc::CreateChannel(plan.stage_servers(s), grpc::InsecureChannelCredentials()));
+    grpc::ClientContext ctx;
+    StageStatsRequest req;
+    req.set_model(model);
+    req.set_stage(s);
+    StageStatsResponse resp;
+    if (stub->GetStageStats(&ctx, req, &resp).ok()) {
+      dropped += resp.frames_dropped_deadline() + resp.frames_dropped_cancelled();
+    }
+  }
+  return dropped;
+}
+
 TEST_F(ServingTest, ExpiredDeadlineIsDeadlineExceededAndStagesDropTheWork) {
   Fixture f = Load("example_code");
+  auto plan = client_->GetPlan("example_code");
+  ASSERT_TRUE(plan.ok());
+  uint64_t dropped_before = DroppedFrames(*plan, "example_code");
   // A large batch (8192 rows: about 20 GFLOP, hundreds of ms on these
   // cores) with a deadline that lets it reach the stages but not finish.
   std::vector<NamedTensor> in = Named(f);
@@ -311,26 +333,60 @@ TEST_F(ServingTest, ExpiredDeadlineIsDeadlineExceededAndStagesDropTheWork) {
   EXPECT_EQ(out.status().code(), absl::StatusCode::kDeadlineExceeded) << out.status();
   // The stages saw the deadline (or the cancel that followed) and dropped
   // frames instead of computing them.
+  uint64_t dropped = dropped_before;
+  absl::Time until = absl::Now() + absl::Seconds(20);
+  while (dropped == dropped_before && absl::Now() < until) {
+    dropped = DroppedFrames(*plan, "example_code");
+  }
+  EXPECT_GT(dropped, dropped_before);
+  ExpectStillServing();
+}
+
+TEST_F(ServingTest, ClientCancellationReachesTheStages) {
+  Fixture f = Load("example_code");
   auto plan = client_->GetPlan("example_code");
   ASSERT_TRUE(plan.ok());
-  uint64_t dropped = 0;
-  absl::Time until = absl::Now() + absl::Seconds(20);
-  while (dropped == 0 && absl::Now() < until) {
-    dropped = 0;
-    for (int s = 0; s < plan->stage_servers_size(); ++s) {
-      auto stub = StageService::NewStub(
-          grpc::CreateChannel(plan->stage_servers(s), grpc::InsecureChannelCredentials()));
-      grpc::ClientContext ctx;
-      StageStatsRequest req;
-      req.set_model("example_code");
-      req.set_stage(s);
-      StageStatsResponse resp;
-      ASSERT_TRUE(stub->GetStageStats(&ctx, req, &resp).ok());
-      dropped += resp.frames_dropped_deadline() + resp.frames_dropped_cancelled();
-    }
-    if (dropped == 0) absl::SleepFor(absl::Milliseconds(50));
+  uint64_t dropped_before = DroppedFrames(*plan, "example_code");
+  auto channel = grpc::CreateChannel(coordinator_->address(), grpc::InsecureChannelCredentials());
+  auto stub = inference::GRPCInferenceService::NewStub(channel);
+  inference::ModelInferRequest req;
+  req.set_model_name("example_code");
+  for (const char* name : {"x", "y"}) {
+    auto* in = req.add_inputs();
+    in->set_name(name);
+    in->set_datatype("FP32");
+    in->add_shape(8192);
+    in->add_shape(512);
+    req.add_raw_input_contents(std::string(8192 * 512 * 4, '\0'));
   }
-  EXPECT_GT(dropped, 0u);
+  grpc::ClientContext ctx;
+  inference::ModelInferResponse resp;
+  grpc::Status status;
+  absl::Notification finished;
+  std::thread call([&] {
+    status = stub->ModelInfer(&ctx, req, &resp);
+    finished.Notify();
+  });
+  // Cancel once stage 0 is busy with it.
+  auto stage0 = StageService::NewStub(
+      grpc::CreateChannel(plan->stage_servers(0), grpc::InsecureChannelCredentials()));
+  absl::Time until = absl::Now() + absl::Seconds(20);
+  while (absl::Now() < until && !finished.HasBeenNotified()) {
+    grpc::ClientContext sctx;
+    StageStatsRequest sreq;
+    sreq.set_model("example_code");
+    StageStatsResponse sresp;
+    if (stage0->GetStageStats(&sctx, sreq, &sresp).ok() && sresp.queue_depth() > 0) break;
+  }
+  ctx.TryCancel();
+  call.join();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::CANCELLED) << status.error_message();
+  uint64_t dropped = dropped_before;
+  until = absl::Now() + absl::Seconds(20);
+  while (dropped == dropped_before && absl::Now() < until) {
+    dropped = DroppedFrames(*plan, "example_code");
+  }
+  EXPECT_GT(dropped, dropped_before) << "no stage dropped the cancelled request's frames";
   ExpectStillServing();
 }
 
