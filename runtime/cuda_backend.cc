@@ -1,0 +1,574 @@
+#include "runtime/cuda_backend.h"
+
+#include <cublasLt.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "runtime/cuda_kernels.h"
+#include "runtime/cuda_status.h"
+#include "runtime/device_plan.h"
+#include "runtime/signature.h"
+
+namespace pipeserve {
+namespace {
+
+// Owners for CUDA and cuBLASLt objects. Each program destroys its objects
+// with its device current (see ~CudaProgram).
+struct FreeDevice {
+  void operator()(void* p) const { cudaFree(p); }
+};
+struct FreeHost {
+  void operator()(void* p) const { cudaFreeHost(p); }
+};
+struct DestroyStream {
+  void operator()(cudaStream_t s) const { cudaStreamDestroy(s); }
+};
+struct DestroyEvent {
+  void operator()(cudaEvent_t e) const { cudaEventDestroy(e); }
+};
+struct DestroyGraph {
+  void operator()(cudaGraph_t g) const { cudaGraphDestroy(g); }
+};
+struct DestroyGraphExec {
+  void operator()(cudaGraphExec_t g) const { cudaGraphExecDestroy(g); }
+};
+struct DestroyLt {
+  void operator()(cublasLtHandle_t h) const { cublasLtDestroy(h); }
+};
+struct DestroyDesc {
+  void operator()(cublasLtMatmulDesc_t d) const {
+    cublasLtMatmulDescDestroy(d);
+  }
+};
+struct DestroyLayout {
+  void operator()(cublasLtMatrixLayout_t l) const {
+    cublasLtMatrixLayoutDestroy(l);
+  }
+};
+struct DestroyPreference {
+  void operator()(cublasLtMatmulPreference_t p) const {
+    cublasLtMatmulPreferenceDestroy(p);
+  }
+};
+
+template <typename T, typename D>
+using Owned = std::unique_ptr<std::remove_pointer_t<T>, D>;
+using DeviceBuffer = std::unique_ptr<void, FreeDevice>;
+using PinnedBuffer = std::unique_ptr<void, FreeHost>;
+using Stream = Owned<cudaStream_t, DestroyStream>;
+using Event = Owned<cudaEvent_t, DestroyEvent>;
+using Graph_ = Owned<cudaGraph_t, DestroyGraph>;
+using GraphExec = Owned<cudaGraphExec_t, DestroyGraphExec>;
+using LtHandle = Owned<cublasLtHandle_t, DestroyLt>;
+using MatmulDesc = Owned<cublasLtMatmulDesc_t, DestroyDesc>;
+using Layout = Owned<cublasLtMatrixLayout_t, DestroyLayout>;
+using Preference = Owned<cublasLtMatmulPreference_t, DestroyPreference>;
+
+absl::StatusOr<DeviceBuffer> AllocDevice(int64_t bytes) {
+  void* p = nullptr;
+  CUDA_RETURN_IF_ERROR(
+      cudaMalloc(&p, std::max<int64_t>(bytes, kArenaAlignment)));
+  return DeviceBuffer(p);
+}
+
+absl::StatusOr<PinnedBuffer> AllocPinned(int64_t bytes) {
+  void* p = nullptr;
+  CUDA_RETURN_IF_ERROR(cudaHostAlloc(
+      &p, std::max<int64_t>(bytes, kArenaAlignment), cudaHostAllocDefault));
+  return PinnedBuffer(p);
+}
+
+// Keeps the code of `s`, prefixing the node the failing op came from.
+absl::Status AtNode(const absl::Status& s, const std::string& node) {
+  if (s.ok()) return s;
+  return absl::Status(s.code(),
+                      absl::StrCat("node \"", node, "\": ", s.message()));
+}
+
+// TF32 operands are float32 storage (already rounded, see device_plan.h).
+cudaDataType_t CudaType(DType t) {
+  return t == DType::kBF16 ? CUDA_R_16BF : CUDA_R_32F;
+}
+
+KernelOp ToKernelOp(ElementwiseOp op) {
+  return op == ElementwiseOp::kAdd   ? KernelOp::kAdd
+         : op == ElementwiseOp::kSub ? KernelOp::kSub
+                                     : KernelOp::kMul;
+}
+
+// One GEMM's cuBLASLt descriptors and the algorithm the heuristic chose,
+// made once per input shape set.
+struct LtGemm {
+  MatmulDesc desc;
+  Layout a, b, d;
+  cublasLtMatmulAlgo_t algo;
+};
+
+absl::StatusOr<std::unique_ptr<LtGemm>> MakeLtGemm(cublasLtHandle_t lt,
+                                                   const GemmOp& g,
+                                                   const void* bias,
+                                                   int64_t workspace) {
+  auto out = std::make_unique<LtGemm>();
+  cublasComputeType_t compute = g.precision == Precision::kTF32
+                                    ? CUBLAS_COMPUTE_32F_FAST_TF32
+                                    : CUBLAS_COMPUTE_32F;
+  cublasLtMatmulDesc_t desc = nullptr;
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescCreate(&desc, compute, CUDA_R_32F));
+  out->desc.reset(desc);
+  cublasOperation_t trans_a = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  cublasOperation_t trans_b = CUBLAS_OP_N;
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
+      desc, CUBLASLT_MATMUL_DESC_TRANSA, &trans_a, sizeof(trans_a)));
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
+      desc, CUBLASLT_MATMUL_DESC_TRANSB, &trans_b, sizeof(trans_b)));
+  cublasLtEpilogue_t epilogue =
+      g.has_bias
+          ? (g.relu ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_BIAS)
+          : (g.relu ? CUBLASLT_EPILOGUE_RELU : CUBLASLT_EPILOGUE_DEFAULT);
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
+      desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
+  if (g.has_bias) {
+    // float32 bias with a float32 D: the default bias type (D's).
+    CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
+        desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+  }
+  // Column-major layouts: A is [k, m] when transposed, else [m, k].
+  cublasLtMatrixLayout_t l = nullptr;
+  CUBLAS_RETURN_IF_ERROR(
+      cublasLtMatrixLayoutCreate(&l, CudaType(g.ab_type), g.trans_a ? g.k : g.m,
+                                 g.trans_a ? g.m : g.k, g.lda));
+  out->a.reset(l);
+  CUBLAS_RETURN_IF_ERROR(
+      cublasLtMatrixLayoutCreate(&l, CudaType(g.ab_type), g.k, g.n, g.ldb));
+  out->b.reset(l);
+  CUBLAS_RETURN_IF_ERROR(
+      cublasLtMatrixLayoutCreate(&l, CudaType(g.d_type), g.m, g.n, g.ldd));
+  out->d.reset(l);
+
+  cublasLtMatmulPreference_t pref = nullptr;
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceCreate(&pref));
+  Preference owned_pref(pref);
+  uint64_t max_workspace = static_cast<uint64_t>(workspace);
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
+      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &max_workspace,
+      sizeof(max_workspace)));
+  cublasLtMatmulHeuristicResult_t result;
+  std::memset(&result, 0, sizeof(result));
+  int found = 0;
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatmulAlgoGetHeuristic(
+      lt, desc, out->a.get(), out->b.get(), out->d.get(), out->d.get(), pref, 1,
+      &result, &found));
+  if (found == 0) {
+    return absl::UnimplementedError(absl::StrCat(
+        "cuBLASLt has no algorithm for a ", g.m, "x", g.n, "x", g.k, " ",
+        PrecisionName(g.precision), " GEMM (", g.trans_a ? "T" : "N",
+        "N, bias ", g.has_bias, ", relu ", g.relu, ")"));
+  }
+  out->algo = result.algo;
+  return out;
+}
+
+class CudaProgram : public CudaStageProgram {
+ public:
+  static absl::StatusOr<std::unique_ptr<CudaProgram>> Create(
+      LoweredStage stage, const CudaBackendOptions& options) {
+    auto prog = std::unique_ptr<CudaProgram>(
+        new CudaProgram(std::move(stage), options));
+    RETURN_IF_ERROR(prog->Init());
+    return prog;
+  }
+
+  ~CudaProgram() override {
+    // Members are destroyed after this body, with the device current.
+    cudaSetDevice(options_.device);
+    if (stream_ != nullptr) cudaStreamSynchronize(stream_.get());
+  }
+
+  absl::StatusOr<std::vector<Tensor>> Run(
+      absl::Span<const Tensor> inputs) override {
+    CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device));
+    RETURN_IF_ERROR(
+        CheckTensorsMatch(stage_.graph().inputs(), inputs).status());
+    ASSIGN_OR_RETURN(ShapeEntry * e, EntryFor(inputs));
+    RETURN_IF_ERROR(RunEntry(e, inputs));
+    return e->outputs;
+  }
+
+  Stats stats() const override {
+    Stats s = stats_;
+    s.fused_relus = stage_.fused_relus();
+    return s;
+  }
+
+  absl::StatusOr<std::vector<double>> TimeDeviceWork(
+      absl::Span<const Tensor> inputs, int iters,
+      bool include_copies) override {
+    RETURN_IF_ERROR(Run(inputs).status());  // plans, stages and warms up
+    ASSIGN_OR_RETURN(ShapeEntry * e, EntryFor(inputs));
+    const size_t begin = include_copies ? 0 : e->plan.compute_begin;
+    const size_t end =
+        include_copies ? e->plan.ops.size() : e->plan.compute_end;
+    // Without copies the inputs already on the device are reused, so the
+    // buffers are not poisoned.
+    const bool poison = include_copies && options_.poison_buffers;
+    cudaGraphExec_t exec = nullptr;
+    if (options_.use_cuda_graphs) {
+      GraphExec& slot = include_copies ? e->full : e->compute;
+      if (slot == nullptr) {
+        ASSIGN_OR_RETURN(slot, Capture(*e, begin, end, poison));
+      }
+      exec = slot.get();
+    }
+    std::vector<Event> events;
+    for (int i = 0; i <= iters; ++i) {
+      cudaEvent_t ev = nullptr;
+      CUDA_RETURN_IF_ERROR(cudaEventCreate(&ev));
+      events.emplace_back(ev);
+    }
+    absl::Status status;
+    for (int i = 0; i < iters && status.ok(); ++i) {
+      status = CudaStatus(cudaEventRecord(events[i].get(), stream_.get()),
+                          "cudaEventRecord");
+      if (!status.ok()) break;
+      status = exec != nullptr
+                   ? CudaStatus(cudaGraphLaunch(exec, stream_.get()),
+                                "cudaGraphLaunch")
+                   : Enqueue(*e, begin, end, poison);
+    }
+    if (status.ok()) {
+      status = CudaStatus(cudaEventRecord(events[iters].get(), stream_.get()),
+                          "cudaEventRecord");
+    }
+    absl::Status sync = CudaStatus(cudaStreamSynchronize(stream_.get()),
+                                   "cudaStreamSynchronize");
+    RETURN_IF_ERROR(status);
+    RETURN_IF_ERROR(sync);
+    std::vector<double> ms;
+    for (int i = 0; i < iters; ++i) {
+      float t = 0;
+      CUDA_RETURN_IF_ERROR(
+          cudaEventElapsedTime(&t, events[i].get(), events[i + 1].get()));
+      ms.push_back(t);
+    }
+    return ms;
+  }
+
+ private:
+  // Buffers, cuBLASLt descriptors and graphs for one set of input shapes.
+  struct ShapeEntry {
+    DevicePlan plan;
+    DeviceBuffer activations;
+    PinnedBuffer staging_in, staging_out;
+    std::vector<std::unique_ptr<LtGemm>> gemms;  // per op; null but for GEMMs
+    GraphExec full;               // the whole run, copies included
+    GraphExec compute;            // compute only (benchmarks)
+    std::vector<Tensor> outputs;  // last run's, reused once released
+    int64_t runs = 0;
+    uint64_t last_used = 0;
+  };
+
+  CudaProgram(LoweredStage stage, const CudaBackendOptions& options)
+      : stage_(std::move(stage)), options_(options) {}
+
+  absl::Status Init() {
+    CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device));
+    cudaStream_t s = nullptr;
+    CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    stream_.reset(s);
+    cublasLtHandle_t lt = nullptr;
+    CUBLAS_RETURN_IF_ERROR(cublasLtCreate(&lt));
+    lt_.reset(lt);
+    ASSIGN_OR_RETURN(workspace_, AllocDevice(options_.workspace_bytes));
+    // Weights go up once, in the dtypes the plans read; the host copies
+    // are released.
+    std::vector<char> image(stage_.weight_bytes());
+    stage_.FillWeights(image.data());
+    ASSIGN_OR_RETURN(weights_, AllocDevice(stage_.weight_bytes()));
+    if (!image.empty()) {
+      CUDA_RETURN_IF_ERROR(cudaMemcpy(weights_.get(), image.data(),
+                                      image.size(), cudaMemcpyHostToDevice));
+    }
+    stage_.ReleaseWeights();
+    return absl::OkStatus();
+  }
+
+  char* Address(const ShapeEntry& e, const BufferRef& r) const {
+    switch (r.arena) {
+      case Arena::kWeights:
+        return static_cast<char*>(weights_.get()) + r.offset;
+      case Arena::kActivations:
+        return static_cast<char*>(e.activations.get()) + r.offset;
+      case Arena::kStagingIn:
+        return static_cast<char*>(e.staging_in.get()) + r.offset;
+      case Arena::kStagingOut:
+        return static_cast<char*>(e.staging_out.get()) + r.offset;
+    }
+    return nullptr;
+  }
+  float* F(const ShapeEntry& e, const BufferRef& r) const {
+    return reinterpret_cast<float*>(Address(e, r));
+  }
+
+  // The cached entry for these input shapes, or a new one (evicting the
+  // least recently used beyond max_cached_shapes).
+  absl::StatusOr<ShapeEntry*> EntryFor(absl::Span<const Tensor> inputs) {
+    std::vector<Shape> shapes;
+    for (const Tensor& t : inputs) shapes.push_back(t.shape());
+    for (auto& e : cache_) {
+      if (e->plan.input_shapes == shapes) {
+        e->last_used = ++clock_;
+        return e.get();
+      }
+    }
+    ASSIGN_OR_RETURN(DevicePlan plan, stage_.Plan(shapes));
+    auto e = std::make_unique<ShapeEntry>();
+    e->plan = std::move(plan);
+    ASSIGN_OR_RETURN(e->activations, AllocDevice(e->plan.activation_bytes));
+    ASSIGN_OR_RETURN(e->staging_in, AllocPinned(e->plan.staging_in_bytes));
+    ASSIGN_OR_RETURN(e->staging_out, AllocPinned(e->plan.staging_out_bytes));
+    e->gemms.resize(e->plan.ops.size());
+    for (size_t i = 0; i < e->plan.ops.size(); ++i) {
+      const DeviceOp& op = e->plan.ops[i];
+      if (op.type != DeviceOp::Type::kGemm) continue;
+      const void* bias = op.gemm.has_bias ? Address(*e, op.gemm.bias) : nullptr;
+      absl::StatusOr<std::unique_ptr<LtGemm>> g =
+          MakeLtGemm(lt_.get(), op.gemm, bias, options_.workspace_bytes);
+      if (!g.ok()) return AtNode(g.status(), op.node);
+      e->gemms[i] = *std::move(g);
+    }
+    ++stats_.plans_built;
+    if (cache_.size() >=
+        static_cast<size_t>(std::max(options_.max_cached_shapes, 1))) {
+      auto lru = std::min_element(cache_.begin(), cache_.end(),
+                                  [](const auto& a, const auto& b) {
+                                    return a->last_used < b->last_used;
+                                  });
+      cache_.erase(lru);  // the stream is idle between runs
+    }
+    e->last_used = ++clock_;
+    cache_.push_back(std::move(e));
+    return cache_.back().get();
+  }
+
+  absl::Status RunEntry(ShapeEntry* e, absl::Span<const Tensor> inputs) {
+    const DevicePlan& plan = e->plan;
+    StageInputs(plan, inputs, e->staging_in.get());
+    if (options_.poison_buffers) {
+      std::memset(e->staging_out.get(), 0xff, plan.staging_out_bytes);
+    }
+    absl::Status status;
+    // The first run of a shape set goes op by op (it also loads every
+    // kernel); later runs replay its graph.
+    if (options_.use_cuda_graphs && e->runs > 0) {
+      if (e->full == nullptr) {
+        absl::StatusOr<GraphExec> g =
+            Capture(*e, 0, plan.ops.size(), options_.poison_buffers);
+        if (!g.ok()) return g.status();
+        e->full = *std::move(g);
+      }
+      status = CudaStatus(cudaGraphLaunch(e->full.get(), stream_.get()),
+                          "cudaGraphLaunch");
+      if (status.ok()) ++stats_.graph_launches;
+    } else {
+      status = Enqueue(*e, 0, plan.ops.size(), options_.poison_buffers);
+    }
+    // Wait even after an error: nothing may still read the staging buffers.
+    absl::Status sync = CudaStatus(cudaStreamSynchronize(stream_.get()),
+                                   "cudaStreamSynchronize");
+    RETURN_IF_ERROR(status);
+    RETURN_IF_ERROR(sync);
+    UnstageOutputs(plan, e->staging_out.get(), &e->outputs);
+    ++e->runs;
+    ++stats_.runs;
+    return absl::OkStatus();
+  }
+
+  // Captures ops [begin, end) (after a poisoning memset) into a graph.
+  absl::StatusOr<GraphExec> Capture(const ShapeEntry& e, size_t begin,
+                                    size_t end, bool poison) {
+    CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(
+        stream_.get(), cudaStreamCaptureModeThreadLocal));
+    absl::Status status = Enqueue(e, begin, end, poison);
+    cudaGraph_t graph = nullptr;
+    cudaError_t ended = cudaStreamEndCapture(stream_.get(), &graph);
+    Graph_ owned(graph);
+    RETURN_IF_ERROR(status);
+    RETURN_IF_ERROR(CudaStatus(ended, "cudaStreamEndCapture(stream, &graph)"));
+    cudaGraphExec_t exec = nullptr;
+    CUDA_RETURN_IF_ERROR(cudaGraphInstantiate(&exec, graph, 0));
+    ++stats_.graphs_captured;
+    return GraphExec(exec);
+  }
+
+  // Enqueues ops [begin, end) of `e`'s plan on the stream.
+  absl::Status Enqueue(const ShapeEntry& e, size_t begin, size_t end,
+                       bool poison) {
+    if (poison && e.plan.activation_bytes > 0) {
+      CUDA_RETURN_IF_ERROR(cudaMemsetAsync(
+          e.activations.get(), 0xff, e.plan.activation_bytes, stream_.get()));
+    }
+    for (size_t i = begin; i < end; ++i) {
+      const DeviceOp& op = e.plan.ops[i];
+      RETURN_IF_ERROR(AtNode(EnqueueOp(e, i, op), op.node));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status EnqueueOp(const ShapeEntry& e, size_t i, const DeviceOp& op) {
+    cudaStream_t s = stream_.get();
+    switch (op.type) {
+      case DeviceOp::Type::kCopyIn:
+        CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(Address(e, op.dst),
+                                             Address(e, op.src), op.bytes,
+                                             cudaMemcpyHostToDevice, s));
+        return absl::OkStatus();
+      case DeviceOp::Type::kCopyOut:
+        CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(Address(e, op.dst),
+                                             Address(e, op.src), op.bytes,
+                                             cudaMemcpyDeviceToHost, s));
+        return absl::OkStatus();
+      case DeviceOp::Type::kCopy:
+        CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(Address(e, op.dst),
+                                             Address(e, op.src), op.bytes,
+                                             cudaMemcpyDeviceToDevice, s));
+        return absl::OkStatus();
+      case DeviceOp::Type::kConvert:
+        if (op.dtype == DType::kTF32) {
+          CUDA_RETURN_IF_ERROR(
+              LaunchToTf32(F(e, op.src), F(e, op.dst), op.n, s));
+        } else {
+          CUDA_RETURN_IF_ERROR(
+              LaunchToBf16(F(e, op.src), Address(e, op.dst), op.n, s));
+        }
+        return absl::OkStatus();
+      case DeviceOp::Type::kGemm: {
+        const GemmOp& g = op.gemm;
+        const LtGemm& lt = *e.gemms[i];
+        const float alpha = 1.0f, beta = 0.0f;
+        void* d = Address(e, g.d);
+        CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(
+            lt_.get(), lt.desc.get(), &alpha, Address(e, g.a), lt.a.get(),
+            Address(e, g.b), lt.b.get(), &beta, d, lt.d.get(), d, lt.d.get(),
+            &lt.algo, workspace_.get(),
+            static_cast<size_t>(options_.workspace_bytes), s));
+        return absl::OkStatus();
+      }
+      case DeviceOp::Type::kFill: {
+        const GemmOp& g = op.gemm;
+        CUDA_RETURN_IF_ERROR(LaunchFill(
+            Address(e, g.d), g.d_type == DType::kBF16,
+            g.has_bias ? F(e, g.bias) : nullptr, g.m, g.n, g.ldd, g.relu, s));
+        return absl::OkStatus();
+      }
+      case DeviceOp::Type::kBinary:
+        CUDA_RETURN_IF_ERROR(LaunchBinary(ToKernelOp(op.op), F(e, op.src),
+                                          F(e, op.src2), F(e, op.dst), op.n,
+                                          op.index, s));
+        return absl::OkStatus();
+      case DeviceOp::Type::kScalar:
+        CUDA_RETURN_IF_ERROR(LaunchScalar(ToKernelOp(op.op), F(e, op.src),
+                                          op.scalar, op.reverse, F(e, op.dst),
+                                          op.n, s));
+        return absl::OkStatus();
+      case DeviceOp::Type::kRelu:
+        CUDA_RETURN_IF_ERROR(LaunchRelu(F(e, op.src), F(e, op.dst), op.n, s));
+        return absl::OkStatus();
+    }
+    return absl::InternalError("unknown device op");
+  }
+
+  LoweredStage stage_;
+  const CudaBackendOptions options_;
+  // Declared first, destroyed last: everything below is used on it.
+  Stream stream_;
+  LtHandle lt_;
+  DeviceBuffer workspace_;
+  DeviceBuffer weights_;
+  std::vector<std::unique_ptr<ShapeEntry>> cache_;
+  uint64_t clock_ = 0;
+  Stats stats_;
+};
+
+class CudaBackend : public ComputeBackend {
+ public:
+  explicit CudaBackend(const CudaBackendOptions& options) : options_(options) {}
+
+  std::string Name() const override {
+    return absl::StrCat("cuda:", options_.device);
+  }
+
+  absl::StatusOr<std::unique_ptr<StageProgram>> Compile(
+      const Graph& stage_graph, const WeightMap& weights) override {
+    ASSIGN_OR_RETURN(
+        LoweredStage stage,
+        LoweredStage::Create(stage_graph, weights, options_.precision,
+                             options_.fuse_linear_relu));
+    ASSIGN_OR_RETURN(std::unique_ptr<CudaProgram> prog,
+                     CudaProgram::Create(std::move(stage), options_));
+    return std::unique_ptr<StageProgram>(std::move(prog));
+  }
+
+ private:
+  const CudaBackendOptions options_;
+};
+
+}  // namespace
+
+bool CudaBuiltIn() { return true; }
+
+absl::StatusOr<int> CudaDeviceCount() {
+  int count = 0;
+  cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // do not leave the error for the next call
+    return absl::FailedPreconditionError(absl::StrCat(
+        "no CUDA device: cudaGetDeviceCount failed: ", cudaGetErrorName(e),
+        " (", cudaGetErrorString(e), ")"));
+  }
+  if (count == 0) {
+    return absl::FailedPreconditionError(
+        "no CUDA device: cudaGetDeviceCount found none");
+  }
+  return count;
+}
+
+absl::StatusOr<std::unique_ptr<ComputeBackend>> MakeCudaBackend(
+    const CudaBackendOptions& options) {
+  ASSIGN_OR_RETURN(int count, CudaDeviceCount());
+  const int d = options.device;
+  if (d < 0 || d >= count) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "CUDA device ", d, " does not exist (", count, " device(s) visible)"));
+  }
+  int major = 0, minor = 0;
+  CUDA_RETURN_IF_ERROR(
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, d));
+  CUDA_RETURN_IF_ERROR(
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, d));
+  if (major < 9) {
+    cudaDeviceProp prop;
+    std::memset(&prop, 0, sizeof(prop));
+    cudaGetDeviceProperties(&prop, d);
+    return absl::FailedPreconditionError(absl::StrCat(
+        "CUDA device ", d, " (", prop.name, ") has compute capability ", major,
+        ".", minor, "; this build's kernels need 9.0 or newer (sm_90)"));
+  }
+  if (options.workspace_bytes < 0 || options.max_cached_shapes < 1) {
+    return absl::InvalidArgumentError(
+        "CudaBackendOptions: workspace_bytes must be >= 0 and "
+        "max_cached_shapes >= 1");
+  }
+  // Create the context now, so a broken device fails here and not in the
+  // first Compile.
+  CUDA_RETURN_IF_ERROR(cudaSetDevice(d));
+  CUDA_RETURN_IF_ERROR(cudaFree(nullptr));
+  return std::unique_ptr<ComputeBackend>(new CudaBackend(options));
+}
+
+}  // namespace pipeserve

@@ -1,0 +1,495 @@
+#include "runtime/device_plan.h"
+
+#include <algorithm>
+#include <cstring>
+#include <utility>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "partitioner/op_schema.h"
+#include "partitioner/validate.h"
+
+namespace pipeserve {
+namespace {
+
+int64_t AlignUp(int64_t bytes) {
+  return (bytes + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
+}
+
+// Hands out aligned offsets in one arena.
+class ArenaLayout {
+ public:
+  explicit ArenaLayout(Arena arena) : arena_(arena) {}
+  BufferRef Take(int64_t bytes) {
+    BufferRef r{arena_, size_};
+    size_ += AlignUp(std::max<int64_t>(bytes, 1));
+    return r;
+  }
+  int64_t size() const { return size_; }
+
+ private:
+  Arena arena_;
+  int64_t size_ = 0;
+};
+
+}  // namespace
+
+uint16_t FloatToBf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u)
+    return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
+  return static_cast<uint16_t>(u >> 16);
+}
+
+float Bf16ToFloat(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+float RoundToTf32(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7f800000u) != 0x7f800000u) {  // inf and NaN stay as they are
+    u += 0xfffu + ((u >> 13) & 1u);        // nearest, ties to even
+    u &= ~0x1fffu;
+  }
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+void ConvertFloats(const float* src, int64_t n, DType to, void* dst) {
+  switch (to) {
+    case DType::kF32:
+      if (n > 0) std::memcpy(dst, src, n * 4);
+      return;
+    case DType::kBF16: {
+      auto* out = static_cast<uint16_t*>(dst);
+      for (int64_t i = 0; i < n; ++i) out[i] = FloatToBf16(src[i]);
+      return;
+    }
+    case DType::kTF32: {
+      auto* out = static_cast<float*>(dst);
+      for (int64_t i = 0; i < n; ++i) out[i] = RoundToTf32(src[i]);
+      return;
+    }
+  }
+}
+
+absl::StatusOr<LoweredStage> LoweredStage::Create(const Graph& graph,
+                                                  const WeightMap& weights,
+                                                  Precision precision,
+                                                  bool fuse_linear_relu) {
+  RETURN_IF_ERROR(ValidateGraph(graph).status());
+  LoweredStage stage;
+  stage.graph_ = graph;
+  stage.precision_ = precision;
+  stage.gemm_type_ = precision == Precision::kBF16   ? DType::kBF16
+                     : precision == Precision::kTF32 ? DType::kTF32
+                                                     : DType::kF32;
+  RETURN_IF_ERROR(stage.Build(weights, fuse_linear_relu));
+  return stage;
+}
+
+int LoweredStage::Canonical(int v) const {
+  while (values_[v].alias >= 0) v = values_[v].alias;
+  return v;
+}
+
+absl::Status LoweredStage::Build(const WeightMap& weights,
+                                 bool fuse_linear_relu) {
+  // Pass 1: an id per value. Identity outputs share their input's id and a
+  // parameter read by several `param` nodes has one id. Readers are counted
+  // per id (an identity is not a reader; the readers of its output are).
+  absl::flat_hash_map<std::string, int> id;
+  auto new_value = [&](const std::string& name) {
+    id[name] = static_cast<int>(values_.size());
+    values_.emplace_back();
+    return id[name];
+  };
+  for (int i = 0; i < graph_.inputs_size(); ++i) {
+    int v = new_value(graph_.inputs(i).name());
+    values_[v].input = i;
+    input_values_.push_back(v);
+  }
+  absl::flat_hash_map<std::string, int> param_value;  // by FQN
+  absl::flat_hash_map<int, int> readers;
+  for (const Node& node : graph_.nodes()) {
+    const std::string& op = node.op();
+    if (op == kPipeSplitOp) continue;
+    if (op == "identity") {
+      id[node.outputs(0)] = id.at(node.inputs(0));
+      continue;
+    }
+    if (op == kParamOp) {
+      const std::string& fqn = node.attrs().at("fqn").s();
+      auto w = weights.find(fqn);
+      if (w == weights.end()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("parameter \"", fqn, "\" has no loaded weights"));
+      }
+      auto [it, inserted] = param_value.emplace(fqn, -1);
+      if (inserted) {
+        it->second = new_value(node.outputs(0));
+        values_[it->second].param = static_cast<int>(params_.size());
+        params_.push_back(w->second);
+      } else {
+        id[node.outputs(0)] = it->second;
+      }
+      continue;
+    }
+    for (const std::string& in : node.inputs()) ++readers[id.at(in)];
+    new_value(node.outputs(0));
+  }
+  for (const std::string& out : graph_.outputs()) ++readers[id.at(out)];
+
+  // Pass 2: steps. A linear output read only by a ReLU takes the ReLU as
+  // its GEMM epilogue; the relu's output id becomes an alias of it.
+  for (int ni = 0; ni < graph_.nodes_size(); ++ni) {
+    const Node& node = graph_.nodes(ni);
+    const std::string& op = node.op();
+    if (op == kPipeSplitOp || op == "identity" || op == kParamOp) continue;
+    Step step;
+    step.node = ni;
+    for (const std::string& in : node.inputs()) {
+      step.in.push_back(Canonical(id.at(in)));
+    }
+    step.out = id.at(node.outputs(0));
+    if (op == "mm" || op == "matmul") {
+      step.kind = Kind::kMm;
+    } else if (op == "linear") {
+      step.kind = Kind::kLinear;
+    } else if (op == "add" || op == "sub" || op == "mul") {
+      step.op = op == "add"   ? ElementwiseOp::kAdd
+                : op == "sub" ? ElementwiseOp::kSub
+                              : ElementwiseOp::kMul;
+      step.kind = Kind::kBinary;
+      if (HasScalarOperand(node)) {
+        step.kind = Kind::kScalar;
+        step.scalar = static_cast<float>(node.attrs().at("scalar").f());
+        auto rev = node.attrs().find("reverse");
+        step.reverse = rev != node.attrs().end() && rev->second.i() != 0;
+      }
+    } else if (op == "relu") {
+      step.kind = Kind::kRelu;
+      int producer = values_[step.in[0]].producer;
+      if (fuse_linear_relu && producer >= 0 &&
+          steps_[producer].kind == Kind::kLinear && !steps_[producer].relu &&
+          readers[step.in[0]] == 1) {
+        steps_[producer].relu = true;
+        ++fused_relus_;
+        values_[step.out].alias = step.in[0];
+        continue;
+      }
+    } else if (op == "clone") {
+      step.kind = Kind::kClone;
+    } else {
+      return absl::InvalidArgumentError(
+          absl::StrCat("the cuda backend has no kernel for op \"", op, "\""));
+    }
+    values_[step.out].producer = static_cast<int>(steps_.size());
+    steps_.push_back(std::move(step));
+  }
+  for (const std::string& out : graph_.outputs()) {
+    output_values_.push_back(Canonical(id.at(out)));
+  }
+
+  // Which forms each value needs: GEMM operands in the GEMM dtype, anything
+  // elementwise, biases and outputs in float32.
+  auto need = [&](int v, bool as_gemm_operand) {
+    if (as_gemm_operand && gemm_type_ != DType::kF32) {
+      values_[v].need_gemm = true;
+    } else {
+      values_[v].need_f32 = true;
+    }
+  };
+  for (const Step& s : steps_) {
+    bool gemm = s.kind == Kind::kMm || s.kind == Kind::kLinear;
+    for (size_t i = 0; i < s.in.size(); ++i) need(s.in[i], gemm && i < 2);
+  }
+  for (int v : output_values_) need(v, false);
+  for (const Step& s : steps_) {
+    Value& out = values_[s.out];
+    // A result nobody reads is still computed (as the CPU backend does).
+    if (!out.need_f32 && !out.need_gemm) out.need_f32 = true;
+  }
+
+  ArenaLayout w(Arena::kWeights);
+  for (Value& v : values_) {
+    if (v.param < 0) continue;
+    int64_t n = params_[v.param].numel();
+    if (v.need_f32) v.w_f32 = w.Take(n * 4).offset;
+    if (v.need_gemm) v.w_gemm = w.Take(n * DTypeBytes(gemm_type_)).offset;
+  }
+  weight_bytes_ = w.size();
+  return absl::OkStatus();
+}
+
+void LoweredStage::FillWeights(void* dst) const {
+  char* base = static_cast<char*>(dst);
+  std::memset(base, 0, weight_bytes_);
+  for (const Value& v : values_) {
+    if (v.param < 0) continue;
+    const Tensor& t = params_[v.param];
+    if (v.w_f32 >= 0 && t.numel() > 0) {
+      std::memcpy(base + v.w_f32, t.data(), t.byte_size());
+    }
+    if (v.w_gemm >= 0)
+      ConvertFloats(t.data(), t.numel(), gemm_type_, base + v.w_gemm);
+  }
+}
+
+void LoweredStage::ReleaseWeights() {
+  for (Tensor& t : params_) {
+    Shape s = t.shape();
+    t = Tensor::Wrap(nullptr, nullptr, std::move(s));  // shape only
+  }
+}
+
+absl::StatusOr<DevicePlan> LoweredStage::Plan(
+    const std::vector<Shape>& input_shapes) const {
+  DevicePlan plan;
+  plan.input_shapes = input_shapes;
+  std::vector<Shape> shape(values_.size());
+  for (size_t v = 0; v < values_.size(); ++v) {
+    if (values_[v].param >= 0) shape[v] = params_[values_[v].param].shape();
+  }
+  for (size_t i = 0; i < input_values_.size(); ++i) {
+    shape[input_values_[i]] = input_shapes[i];
+  }
+  std::vector<Shape> in_shapes;
+  for (const Step& s : steps_) {
+    in_shapes.clear();
+    for (int v : s.in) in_shapes.push_back(shape[v]);
+    const Node& node = NodeOf(s);
+    absl::StatusOr<std::vector<Shape>> out =
+        FindOp(node.op())->infer(node, in_shapes);
+    if (!out.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("node \"", node.name(), "\": ", out.status().message()));
+    }
+    shape[s.out] = std::move((*out)[0]);
+  }
+
+  // Buffers: each value's float32 and bfloat16 forms.
+  ArenaLayout act(Arena::kActivations), in_stage(Arena::kStagingIn),
+      out_stage(Arena::kStagingOut);
+  // f32: each value's float32 buffer; gm: its GEMM-operand form (bf16, or
+  // float32 rounded to TF32), when the precision has one.
+  std::vector<BufferRef> f32(values_.size()), gm(values_.size());
+  std::vector<bool> has_f32(values_.size()), has_gm(values_.size());
+  const int64_t gm_bytes = DTypeBytes(gemm_type_);
+  // A GEMM output that only GEMMs read, and that has no bias epilogue
+  // (whose vector is float32), is written as bfloat16 directly (cuBLAS
+  // cannot round its output to TF32, so this is for bf16 only).
+  auto bf16_only_gemm_output = [&](int v) {
+    const Value& val = values_[v];
+    if (gemm_type_ != DType::kBF16) return false;
+    if (val.producer < 0 || val.need_f32 || !val.need_gemm) return false;
+    const Step& p = steps_[val.producer];
+    return p.kind == Kind::kMm || (p.kind == Kind::kLinear && p.in.size() < 3);
+  };
+  for (size_t v = 0; v < values_.size(); ++v) {
+    const Value& val = values_[v];
+    int64_t n = NumElements(shape[v]);
+    if (val.param >= 0) {
+      if (val.w_f32 >= 0) f32[v] = {Arena::kWeights, val.w_f32};
+      if (val.w_gemm >= 0) gm[v] = {Arena::kWeights, val.w_gemm};
+      has_f32[v] = val.w_f32 >= 0;
+      has_gm[v] = val.w_gemm >= 0;
+      continue;
+    }
+    if (val.input < 0 && val.producer < 0) continue;  // an alias
+    bool want_f32 = val.need_f32;
+    if (val.producer >= 0 && val.need_gemm && !bf16_only_gemm_output(v)) {
+      want_f32 = true;  // computed in float32, then converted
+    }
+    if (want_f32) f32[v] = act.Take(n * 4);
+    if (val.need_gemm) gm[v] = act.Take(n * gm_bytes);
+    has_f32[v] = want_f32;
+    has_gm[v] = val.need_gemm;
+  }
+
+  // Inputs: staged as float32, or in the GEMM form when only GEMMs read
+  // them (converted by the host while it copies them anyway).
+  std::vector<DeviceOp> copy_in, compute, copy_out;
+  for (size_t i = 0; i < input_values_.size(); ++i) {
+    int v = input_values_[i];
+    if (!has_f32[v] && !has_gm[v]) continue;  // an input nothing reads
+    bool as_gm = !has_f32[v];
+    DType t = as_gm ? gemm_type_ : DType::kF32;
+    int64_t bytes = NumElements(shape[v]) * DTypeBytes(t);
+    StagedValue sv{static_cast<int>(i), in_stage.Take(bytes), t, shape[v]};
+    DeviceOp op{DeviceOp::Type::kCopyIn, graph_.inputs(i).name()};
+    op.src = sv.staging;
+    op.dst = as_gm ? gm[v] : f32[v];
+    op.bytes = bytes;
+    copy_in.push_back(op);
+    if (!as_gm && has_gm[v]) {
+      DeviceOp conv{DeviceOp::Type::kConvert, graph_.inputs(i).name()};
+      conv.src = f32[v];
+      conv.dst = gm[v];
+      conv.dtype = gemm_type_;
+      conv.n = NumElements(shape[v]);
+      compute.push_back(conv);
+    }
+    plan.inputs.push_back(std::move(sv));
+  }
+
+  for (const Step& s : steps_) {
+    const std::string& name = NodeOf(s).name();
+    const int64_t n_out = NumElements(shape[s.out]);
+    const BufferRef out = has_f32[s.out] ? f32[s.out] : gm[s.out];
+    switch (s.kind) {
+      case Kind::kMm:
+      case Kind::kLinear: {
+        // x [..., K] is M rows; mm: w [K, N]; linear: w [N, K], bias [N].
+        const Shape& x = shape[s.in[0]];
+        const Shape& w = shape[s.in[1]];
+        const bool lin = s.kind == Kind::kLinear;
+        const int64_t k = x.back();
+        const int64_t n = lin ? w[0] : w[1];
+        int64_t m = 1;
+        for (size_t d = 0; d + 1 < x.size(); ++d) m *= x[d];
+        if (m == 0 || n == 0) break;  // nothing to write
+        GemmOp g;
+        g.m = n;  // column-major D is Y^T: [N, M]
+        g.n = m;
+        g.k = k;
+        g.d = out;
+        g.ldd = n;
+        g.d_type = has_f32[s.out] ? DType::kF32 : DType::kBF16;
+        g.relu = s.relu;
+        if (lin && s.in.size() > 2) {
+          g.has_bias = true;
+          g.bias = f32[s.in[2]];
+        }
+        if (k == 0) {
+          DeviceOp fill{DeviceOp::Type::kFill, name};
+          fill.gemm = g;
+          compute.push_back(fill);
+          break;
+        }
+        g.precision = precision_;
+        g.ab_type = gemm_type_;
+        auto operand = [&](int v) {
+          return gemm_type_ == DType::kF32 ? f32[v] : gm[v];
+        };
+        g.trans_a = lin;  // w [N, K] row-major is [K, N] column-major
+        g.a = operand(s.in[1]);
+        g.lda = lin ? k : n;
+        g.b = operand(s.in[0]);  // x [M, K] row-major is [K, M] column-major
+        g.ldb = k;
+        DeviceOp op{DeviceOp::Type::kGemm, name};
+        op.gemm = g;
+        compute.push_back(op);
+        break;
+      }
+      case Kind::kBinary: {
+        DeviceOp op{DeviceOp::Type::kBinary, name};
+        op.src = f32[s.in[0]];
+        op.src2 = f32[s.in[1]];
+        op.dst = out;
+        op.n = n_out;
+        op.op = s.op;
+        if (!MakeBroadcastIndex(shape[s.in[0]], shape[s.in[1]], shape[s.out],
+                                &op.index)) {
+          return absl::UnimplementedError(
+              absl::StrCat("node \"", name, "\": broadcasting ",
+                           ShapeToString(shape[s.in[0]]), " with ",
+                           ShapeToString(shape[s.in[1]]), " needs more than ",
+                           kMaxBroadcastRank, " dimensions"));
+        }
+        if (n_out > 0) compute.push_back(op);
+        break;
+      }
+      case Kind::kScalar: {
+        DeviceOp op{DeviceOp::Type::kScalar, name};
+        op.src = f32[s.in[0]];
+        op.dst = out;
+        op.n = n_out;
+        op.op = s.op;
+        op.scalar = s.scalar;
+        op.reverse = s.reverse;
+        if (n_out > 0) compute.push_back(op);
+        break;
+      }
+      case Kind::kRelu: {
+        DeviceOp op{DeviceOp::Type::kRelu, name};
+        op.src = f32[s.in[0]];
+        op.dst = out;
+        op.n = n_out;
+        if (n_out > 0) compute.push_back(op);
+        break;
+      }
+      case Kind::kClone: {
+        DeviceOp op{DeviceOp::Type::kCopy, name};
+        op.src = f32[s.in[0]];
+        op.dst = out;
+        op.bytes = n_out * 4;
+        if (n_out > 0) compute.push_back(op);
+        break;
+      }
+    }
+    // A float32 result that GEMMs read in another form gets it now.
+    if (has_f32[s.out] && has_gm[s.out] && n_out > 0) {
+      DeviceOp conv{DeviceOp::Type::kConvert, name};
+      conv.src = f32[s.out];
+      conv.dst = gm[s.out];
+      conv.dtype = gemm_type_;
+      conv.n = n_out;
+      compute.push_back(conv);
+    }
+  }
+
+  for (size_t o = 0; o < output_values_.size(); ++o) {
+    int v = output_values_[o];
+    int64_t bytes = NumElements(shape[v]) * 4;
+    StagedValue sv{static_cast<int>(o), out_stage.Take(bytes), DType::kF32,
+                   shape[v]};
+    DeviceOp op{DeviceOp::Type::kCopyOut, graph_.outputs(o)};
+    op.src = f32[v];
+    op.dst = sv.staging;
+    op.bytes = bytes;
+    if (bytes > 0) copy_out.push_back(op);
+    plan.outputs.push_back(std::move(sv));
+  }
+
+  plan.compute_begin = copy_in.size();
+  plan.compute_end = copy_in.size() + compute.size();
+  plan.ops = std::move(copy_in);
+  plan.ops.insert(plan.ops.end(), compute.begin(), compute.end());
+  plan.ops.insert(plan.ops.end(), copy_out.begin(), copy_out.end());
+  plan.activation_bytes = act.size();
+  plan.staging_in_bytes = in_stage.size();
+  plan.staging_out_bytes = out_stage.size();
+  return plan;
+}
+
+void StageInputs(const DevicePlan& plan, absl::Span<const Tensor> inputs,
+                 void* staging_in) {
+  char* base = static_cast<char*>(staging_in);
+  for (const StagedValue& sv : plan.inputs) {
+    const Tensor& t = inputs[sv.index];
+    if (t.numel() == 0) continue;
+    ConvertFloats(t.data(), t.numel(), sv.type, base + sv.staging.offset);
+  }
+}
+
+void UnstageOutputs(const DevicePlan& plan, const void* staging_out,
+                    std::vector<Tensor>* outputs) {
+  const char* base = static_cast<const char*>(staging_out);
+  outputs->resize(plan.outputs.size());
+  for (const StagedValue& sv : plan.outputs) {
+    Tensor& t = (*outputs)[sv.index];
+    if (!(t.SoleOwner() && t.shape() == sv.shape)) t = Tensor::Empty(sv.shape);
+    if (t.numel() > 0)
+      std::memcpy(t.data(), base + sv.staging.offset, t.byte_size());
+  }
+}
+
+}  // namespace pipeserve

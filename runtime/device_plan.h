@@ -1,0 +1,219 @@
+// Lowering a stage graph to flat device work, with no device in sight: the
+// CUDA backend (cuda_backend.cc) executes what this module decides, and the
+// device emulator (device_emulator.h) executes the same plans on the CPU, so
+// every layout, fusion and dtype decision is tested on machines without a
+// GPU.
+//
+//   ASSIGN_OR_RETURN(LoweredStage stage,
+//                    LoweredStage::Create(graph, weights, Precision::kBF16));
+//   std::vector<char> w(stage.weight_bytes());
+//   stage.FillWeights(w.data());            // upload once
+//   ASSIGN_OR_RETURN(DevicePlan plan, stage.Plan({{16, 512}, {16, 512}}));
+//   StageInputs(plan, inputs, staging_in);  // host -> pinned
+//   for (const DeviceOp& op : plan.ops) ... // run on the device
+//   UnstageOutputs(plan, staging_out, &outputs);
+//
+// Decisions made here:
+// - `identity` and a ReLU fused into the linear before it (when the relu is
+//   the linear output's only reader) are aliases: no work.
+// - GEMMs are written in cuBLAS's column-major terms: row-major Y [M, N] is
+//   column-major Y^T [N, M], so `x @ w` (mm, w [K, N]) is D = w · x with no
+//   transposes and `x @ w^T` (linear, w [N, K]) is D = op_T(w) · x; bias and
+//   ReLU are GEMM epilogues.
+// - In bf16 and tf32 modes every GEMM operand has a GEMM form (bfloat16, or
+//   float32 rounded to nearest TF32): weights converted once, inputs read
+//   only by GEMMs converted on the host while staging (for bf16 also half
+//   the bytes to copy), other values by a conversion op; in bf16 a GEMM
+//   whose output only feeds other GEMMs (and has no bias) writes bfloat16
+//   directly. Elementwise ops and outputs are float32 in every mode.
+// - Every buffer sits at a 256-byte aligned offset of one of four arenas.
+#ifndef PIPESERVE_RUNTIME_DEVICE_PLAN_H_
+#define PIPESERVE_RUNTIME_DEVICE_PLAN_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "proto/model.pb.h"
+#include "runtime/broadcast_index.h"
+#include "runtime/model_file.h"
+#include "runtime/precision.h"
+#include "runtime/tensor.h"
+
+namespace pipeserve {
+
+// kTF32 is float32 storage whose low 13 mantissa bits are zero (rounded to
+// nearest even): TF32 GEMM operands, so the tensor cores' treatment of the
+// bits they ignore cannot change results.
+enum class DType { kF32, kBF16, kTF32 };
+inline int64_t DTypeBytes(DType t) { return t == DType::kBF16 ? 2 : 4; }
+
+inline constexpr int64_t kArenaAlignment = 256;
+
+enum class Arena {
+  kWeights,      // device: parameters, written once by Compile
+  kActivations,  // device: inputs, intermediates, outputs of one plan
+  kStagingIn,    // pinned host: inputs on their way to the device
+  kStagingOut,   // pinned host: outputs on their way back
+};
+
+struct BufferRef {
+  Arena arena = Arena::kActivations;
+  int64_t offset = 0;  // bytes, a multiple of kArenaAlignment
+};
+
+// D = op(A) · B (+ bias per row of D) (then max(., 0)), all column-major:
+// op(A) is [m, k] (A is [k, m] with lda when trans_a, else [m, k]), B is
+// [k, n] with ldb, D is [m, n] with ldd.
+struct GemmOp {
+  bool trans_a = false;
+  int64_t m = 0, n = 0, k = 0;
+  BufferRef a, b, d;
+  int64_t lda = 0, ldb = 0, ldd = 0;
+  DType ab_type = DType::kF32;  // A and B
+  DType d_type = DType::kF32;
+  Precision precision = Precision::kFloat32;
+  bool has_bias = false;
+  BufferRef bias;  // float32 [m]
+  bool relu = false;
+};
+
+enum class ElementwiseOp { kAdd, kSub, kMul };
+
+struct DeviceOp {
+  enum class Type {
+    kCopyIn,   // bytes: staging_in src -> device dst
+    kConvert,  // n floats at src -> n values of dtype (bf16 or tf32) at dst
+    kGemm,     // gemm
+    kFill,     // a GEMM with k == 0: D = bias or 0 (then ReLU), gemm.d/m/n/ldd
+    kBinary,   // dst[i] = src[ia] op src2[ib] over n outputs (index)
+    kScalar,   // dst = src op scalar, or scalar op src when reverse
+    kRelu,     // dst = max(src, 0)
+    kCopy,     // bytes: device src -> device dst (clone)
+    kCopyOut,  // bytes: device src -> staging_out dst
+  };
+  Type type;
+  std::string node;  // the graph node it comes from, for errors
+  BufferRef src, src2, dst;
+  int64_t n = 0;      // elements
+  int64_t bytes = 0;  // copies
+  GemmOp gemm;
+  ElementwiseOp op = ElementwiseOp::kAdd;
+  BroadcastIndex index;
+  float scalar = 0;
+  bool reverse = false;
+  DType dtype = DType::kBF16;  // kConvert's target
+};
+
+// Host side of one input or output.
+struct StagedValue {
+  int index = 0;  // graph input or output number
+  BufferRef staging;
+  DType type =
+      DType::kF32;  // inputs: the GEMM form when converted while staging
+  Shape shape;
+};
+
+// Everything one run does for one set of input shapes.
+struct DevicePlan {
+  std::vector<Shape> input_shapes;
+  int64_t activation_bytes = 0, staging_in_bytes = 0, staging_out_bytes = 0;
+  std::vector<StagedValue> inputs;   // host tensor -> staging_in
+  std::vector<StagedValue> outputs;  // staging_out -> host tensor
+  // kCopyIn ops first, then compute in graph order, then kCopyOut ops;
+  // ops [compute_begin, compute_end) are the compute.
+  std::vector<DeviceOp> ops;
+  size_t compute_begin = 0, compute_end = 0;
+};
+
+class LoweredStage {
+ public:
+  // Validates `graph`, resolves aliases and fusions, chooses every value's
+  // dtypes and lays out the weights arena. Errors: kInvalidArgument (invalid
+  // graph, an op without a device kernel, a parameter missing from
+  // `weights`). The stage keeps shallow references to the weights until
+  // ReleaseWeights().
+  static absl::StatusOr<LoweredStage> Create(const Graph& graph,
+                                             const WeightMap& weights,
+                                             Precision precision,
+                                             bool fuse_linear_relu = true);
+
+  const Graph& graph() const { return graph_; }
+  Precision precision() const { return precision_; }
+  int64_t weight_bytes() const { return weight_bytes_; }
+  // Linear layers whose ReLU became their GEMM's epilogue.
+  int fused_relus() const { return fused_relus_; }
+
+  // Writes the weights arena (weight_bytes() bytes): float32 and GEMM-form
+  // copies of the parameters, as the plans read them.
+  void FillWeights(void* dst) const;
+  // Drops the host weight references (after the arena is on the device).
+  void ReleaseWeights();
+
+  // The plan for concrete input shapes (graph input order, already checked
+  // against the graph's signature). kInvalidArgument naming the node whose
+  // shape rule fails; kUnimplemented for a broadcast the kernels cannot
+  // index.
+  absl::StatusOr<DevicePlan> Plan(const std::vector<Shape>& input_shapes) const;
+
+ private:
+  enum class Kind { kMm, kLinear, kBinary, kScalar, kRelu, kClone };
+  struct Value {
+    int input = -1;     // graph input number, or -1
+    int param = -1;     // index into params_, or -1
+    int producer = -1;  // step index, or -1
+    int alias = -1;     // this id is another's (identity, fused relu)
+    bool need_f32 = false, need_gemm = false;  // GEMM form: gemm_type_
+    int64_t w_f32 = -1, w_gemm = -1;           // weights arena offsets (params)
+  };
+  struct Step {
+    Kind kind;
+    int node;  // index into graph_.nodes()
+    std::vector<int> in;
+    int out = -1;
+    bool relu = false;  // linear: fused ReLU epilogue
+    ElementwiseOp op = ElementwiseOp::kAdd;
+    float scalar = 0;
+    bool reverse = false;
+  };
+
+  LoweredStage() = default;
+  absl::Status Build(const WeightMap& weights, bool fuse_linear_relu);
+  int Canonical(int v) const;
+  const Node& NodeOf(const Step& s) const { return graph_.nodes(s.node); }
+
+  Graph graph_;
+  Precision precision_ = Precision::kFloat32;
+  DType gemm_type_ = DType::kF32;  // GEMM operands' dtype
+  std::vector<Value> values_;
+  std::vector<Step> steps_;
+  std::vector<int> input_values_, output_values_;
+  std::vector<Tensor> params_;  // one per param value that is read
+  int64_t weight_bytes_ = 0;
+  int fused_relus_ = 0;
+};
+
+// Host float32 <-> bfloat16 (round to nearest even; NaN stays NaN), and
+// float32 rounded to TF32 (nearest even; as the CUDA conversion kernel).
+uint16_t FloatToBf16(float f);
+float Bf16ToFloat(uint16_t b);
+float RoundToTf32(float f);
+// dst = src as `to` (a copy for kF32).
+void ConvertFloats(const float* src, int64_t n, DType to, void* dst);
+
+// Copies `inputs` (graph order) into the staging arena, converting to the
+// GEMM form where the plan says.
+void StageInputs(const DevicePlan& plan, absl::Span<const Tensor> inputs,
+                 void* staging_in);
+
+// Copies the outputs out of the staging arena into `outputs` (resized to
+// the graph's outputs; a tensor already there with the right shape and no
+// other owner is reused, as the CPU backend reuses its buffers).
+void UnstageOutputs(const DevicePlan& plan, const void* staging_out,
+                    std::vector<Tensor>* outputs);
+
+}  // namespace pipeserve
+
+#endif  // PIPESERVE_RUNTIME_DEVICE_PLAN_H_
