@@ -1,0 +1,180 @@
+// CUDA-specific behaviour beyond the op suite: CUDA graphs (same results as
+// op-by-op launches, one capture per shape set, replays), the shape cache,
+// and the errors without a device. Cases that need a GPU are skipped with
+// the reason where there is none.
+#include "runtime/cuda_backend.h"
+
+#include <cmath>
+#include <random>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "partitioner/graph_builder.h"
+#include "runtime/cpu_backend.h"
+
+namespace pipeserve {
+namespace {
+
+using ::testing::AnyOf;
+using ::testing::HasSubstr;
+
+Tensor Random(Shape shape, std::mt19937* rng) {
+  std::uniform_real_distribution<float> d(-1.0f, 1.0f);
+  Tensor t = Tensor::Empty(shape);
+  for (int64_t i = 0; i < t.numel(); ++i) t.data()[i] = d(*rng);
+  return t;
+}
+
+// An ExampleCode-shaped stage: GEMMs with a fused epilogue, a broadcast
+// add, a skip connection, a clone.
+Model Stage(int d) {
+  GraphBuilder b;
+  b.Input("x", {-1, d}).Input("y", {-1, d});
+  b.Param("p", {d, d}).Param("lin.weight", {d, d}).Param("lin.bias", {d});
+  b.Op("mm", {"x", "p"}, "m").Op("add", {"m", "y"}, "a").Op("relu", {"a"}, "r");
+  b.Op("linear", {"r", "lin.weight", "lin.bias"}, "l", "lin")
+      .Op("relu", {"l"}, "l2");
+  b.Op("add", {"l2", "lin.bias"}, "o").Op("clone", {"m"}, "skip");
+  b.Output("o").Output("skip");
+  return b.Build();
+}
+
+class CudaBackendTest : public ::testing::TestWithParam<Precision> {
+ protected:
+  void SetUp() override {
+    absl::StatusOr<int> n = CudaDeviceCount();
+    if (!n.ok()) GTEST_SKIP() << n.status();
+  }
+
+  std::unique_ptr<StageProgram> Compile(const Model& m, bool graphs,
+                                        int max_shapes = 8) {
+    CudaBackendOptions o;
+    o.precision = GetParam();
+    o.use_cuda_graphs = graphs;
+    o.poison_buffers = true;
+    o.max_cached_shapes = max_shapes;
+    auto backend = MakeCudaBackend(o);
+    EXPECT_TRUE(backend.ok()) << backend.status();
+    auto prog = (*backend)->Compile(m.graph, m.weights);
+    EXPECT_TRUE(prog.ok()) << prog.status();
+    return *std::move(prog);
+  }
+
+  static CudaStageProgram* Cuda(const std::unique_ptr<StageProgram>& p) {
+    return dynamic_cast<CudaStageProgram*>(p.get());
+  }
+};
+
+TEST_P(CudaBackendTest, GraphReplaysMatchOpByOpLaunchesAcrossTwoShapes) {
+  Model m = Stage(256);
+  auto graphed = Compile(m, /*graphs=*/true);
+  auto eager = Compile(m, /*graphs=*/false);
+  auto cpu = MakeCpuBackend({})->Compile(m.graph, m.weights);
+  ASSERT_TRUE(cpu.ok());
+  std::mt19937 rng(std::random_device{}());
+  const double tol = GetParam() == Precision::kFloat32 ? 1e-5
+                     : GetParam() == Precision::kTF32  ? 1e-3
+                                                       : 1e-2;
+  // Each shape: first run op by op, second captures, later ones replay.
+  for (int64_t batch : {16, 3, 16, 3, 16, 3}) {
+    std::vector<Tensor> in = {Random({batch, 256}, &rng),
+                              Random({batch, 256}, &rng)};
+    auto g = graphed->Run(in);
+    auto e = eager->Run(in);
+    auto c = (*cpu)->Run(in);
+    ASSERT_TRUE(g.ok()) << g.status();
+    ASSERT_TRUE(e.ok()) << e.status();
+    ASSERT_TRUE(c.ok()) << c.status();
+    for (size_t o = 0; o < g->size(); ++o) {
+      const Tensor &gt = (*g)[o], &et = (*e)[o], &ct = (*c)[o];
+      ASSERT_EQ(gt.shape(), ct.shape());
+      double scale = 1e-30;
+      for (int64_t i = 0; i < ct.numel(); ++i)
+        scale = std::max<double>(scale, std::fabs(ct.data()[i]));
+      for (int64_t i = 0; i < gt.numel(); ++i) {
+        // Same kernels and algorithms: graph and eager agree to rounding.
+        ASSERT_LE(std::fabs(gt.data()[i] - et.data()[i]), 1e-6 * scale)
+            << "output " << o << " element " << i << " batch " << batch;
+        ASSERT_LE(std::fabs(gt.data()[i] - ct.data()[i]), tol * scale)
+            << "output " << o << " element " << i << " batch " << batch;
+      }
+    }
+  }
+  CudaStageProgram::Stats gs = Cuda(graphed)->stats(),
+                          es = Cuda(eager)->stats();
+  EXPECT_EQ(gs.runs, 6);
+  EXPECT_EQ(gs.plans_built, 2);
+  EXPECT_EQ(gs.graphs_captured, 2);
+  EXPECT_EQ(gs.graph_launches, 4);
+  EXPECT_EQ(gs.fused_relus, 1);
+  EXPECT_EQ(es.graphs_captured, 0);
+  EXPECT_EQ(es.graph_launches, 0);
+}
+
+TEST_P(CudaBackendTest, LeastRecentlyUsedShapeSetIsEvicted) {
+  Model m = Stage(64);
+  auto prog = Compile(m, /*graphs=*/true, /*max_shapes=*/2);
+  std::mt19937 rng(1);
+  for (int64_t batch : {1, 2, 3, 1}) {
+    auto out =
+        prog->Run({Random({batch, 64}, &rng), Random({batch, 64}, &rng)});
+    ASSERT_TRUE(out.ok()) << out.status();
+    EXPECT_EQ((*out)[0].dim(0), batch);
+  }
+  EXPECT_EQ(Cuda(prog)->stats().plans_built, 4);  // batch 1 was evicted by 3
+}
+
+TEST_P(CudaBackendTest, TimeDeviceWorkReturnsOneTimePerIteration) {
+  Model m = Stage(128);
+  auto prog = Compile(m, /*graphs=*/true);
+  std::mt19937 rng(2);
+  std::vector<Tensor> in = {Random({16, 128}, &rng), Random({16, 128}, &rng)};
+  for (bool copies : {true, false}) {
+    auto ms = Cuda(prog)->TimeDeviceWork(in, 5, copies);
+    ASSERT_TRUE(ms.ok()) << ms.status();
+    ASSERT_EQ(ms->size(), 5u);
+    for (double t : *ms) EXPECT_GT(t, 0.0);
+  }
+  // Outputs are still right after timing replays.
+  auto out = prog->Run(in);
+  ASSERT_TRUE(out.ok()) << out.status();
+  for (int64_t i = 0; i < (*out)[0].numel(); ++i)
+    ASSERT_FALSE(std::isnan((*out)[0].data()[i]));
+}
+
+INSTANTIATE_TEST_SUITE_P(Precisions, CudaBackendTest,
+                         ::testing::Values(Precision::kFloat32,
+                                           Precision::kTF32, Precision::kBF16),
+                         [](const ::testing::TestParamInfo<Precision>& info) {
+                           return PrecisionName(info.param);
+                         });
+
+TEST(CudaBackendErrorTest, NoDeviceMeansFailedPreconditionSayingWhy) {
+  absl::StatusOr<int> n = CudaDeviceCount();
+  if (n.ok()) GTEST_SKIP() << "this machine has " << *n << " CUDA device(s)";
+  auto b = MakeCudaBackend({});
+  ASSERT_FALSE(b.ok());
+  EXPECT_EQ(b.status().code(), absl::StatusCode::kFailedPrecondition);
+  if (CudaBuiltIn()) {
+    EXPECT_THAT(std::string(b.status().message()),
+                HasSubstr("no CUDA device: cudaGetDeviceCount"));
+  } else {
+    EXPECT_THAT(
+        std::string(b.status().message()),
+        HasSubstr("this build has no CUDA support (build with --config=cuda)"));
+  }
+}
+
+TEST(CudaBackendErrorTest, DeviceIndexOutOfRangeIsFailedPrecondition) {
+  CudaBackendOptions o;
+  o.device = 64;
+  auto b = MakeCudaBackend(o);
+  ASSERT_FALSE(b.ok());
+  EXPECT_EQ(b.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(b.status().message()),
+              AnyOf(HasSubstr("CUDA device 64 does not exist"),
+                    HasSubstr("no CUDA device"), HasSubstr("no CUDA support")));
+}
+
+}  // namespace
+}  // namespace pipeserve

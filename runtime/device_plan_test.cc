@@ -1,0 +1,297 @@
+// The device lowering's decisions, read off the plan: fusions, GEMM layouts,
+// dtypes, staging, buffer layout. (Its numerics run through the op suite
+// in backend_test.cc on the device emulator.)
+#include "runtime/device_plan.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <optional>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "partitioner/graph_builder.h"
+
+namespace pipeserve {
+namespace {
+
+using ::testing::HasSubstr;
+using Type = DeviceOp::Type;
+
+DevicePlan PlanFor(const Model& m, Precision p,
+                   const std::vector<Shape>& shapes,
+                   std::optional<LoweredStage>* stage_out = nullptr) {
+  absl::StatusOr<LoweredStage> stage =
+      LoweredStage::Create(m.graph, m.weights, p);
+  EXPECT_TRUE(stage.ok()) << stage.status();
+  absl::StatusOr<DevicePlan> plan = stage->Plan(shapes);
+  EXPECT_TRUE(plan.ok()) << plan.status();
+  if (stage_out != nullptr) stage_out->emplace(*std::move(stage));
+  return *std::move(plan);
+}
+
+std::vector<Type> Compute(const DevicePlan& plan) {
+  std::vector<Type> t;
+  for (size_t i = plan.compute_begin; i < plan.compute_end; ++i)
+    t.push_back(plan.ops[i].type);
+  return t;
+}
+
+const DeviceOp& OnlyGemm(const DevicePlan& plan) {
+  auto it =
+      std::find_if(plan.ops.begin(), plan.ops.end(),
+                   [](const DeviceOp& op) { return op.type == Type::kGemm; });
+  EXPECT_NE(it, plan.ops.end());
+  return *it;
+}
+
+Model LinearRelu() {
+  GraphBuilder b;
+  b.Input("x", {-1, 40}).Param("l.weight", {24, 40}).Param("l.bias", {24});
+  b.Op("linear", {"x", "l.weight", "l.bias"}, "h", "l")
+      .Op("relu", {"h"}, "y")
+      .Output("y");
+  return b.Build();
+}
+
+TEST(DevicePlanTest, LinearThenReluIsOneGemmWithBiasAndReluEpilogue) {
+  Model m = LinearRelu();
+  LoweredStage stage =
+      *LoweredStage::Create(m.graph, m.weights, Precision::kFloat32);
+  EXPECT_EQ(stage.fused_relus(), 1);
+  DevicePlan plan = *stage.Plan({{16, 40}});
+  EXPECT_EQ(Compute(plan), std::vector<Type>{Type::kGemm});
+  const GemmOp& g = OnlyGemm(plan).gemm;
+  EXPECT_TRUE(g.has_bias);
+  EXPECT_TRUE(g.relu);
+  // Y^T [24, 16] = op_T(W^T as [40, 24]) · X^T [40, 16], all column-major.
+  EXPECT_TRUE(g.trans_a);
+  EXPECT_EQ(g.m, 24);
+  EXPECT_EQ(g.n, 16);
+  EXPECT_EQ(g.k, 40);
+  EXPECT_EQ(g.lda, 40);
+  EXPECT_EQ(g.ldb, 40);
+  EXPECT_EQ(g.ldd, 24);
+  EXPECT_EQ(g.a.arena, Arena::kWeights);
+  EXPECT_EQ(g.bias.arena, Arena::kWeights);
+}
+
+TEST(DevicePlanTest, MmIsANonTransposedGemmWithWeightsAsA) {
+  GraphBuilder b;
+  b.Input("x", {-1, 3, 32}).Param("w", {32, 16});
+  b.Op("matmul", {"x", "w"}, "y").Output("y");
+  Model m = b.Build();
+  DevicePlan plan = PlanFor(m, Precision::kFloat32, {{5, 3, 32}});
+  const GemmOp& g = OnlyGemm(plan).gemm;
+  EXPECT_FALSE(g.trans_a);
+  EXPECT_EQ(g.m, 16);
+  EXPECT_EQ(g.n, 15);  // 5 x 3 rows
+  EXPECT_EQ(g.k, 32);
+  EXPECT_EQ(g.lda, 16);
+  EXPECT_EQ(g.ldb, 32);
+  EXPECT_FALSE(g.relu);
+  EXPECT_FALSE(g.has_bias);
+}
+
+TEST(DevicePlanTest, ReluOfALinearOutputWithAnotherReaderStaysAnOp) {
+  GraphBuilder b;
+  b.Input("x", {-1, 16}).Param("l.weight", {16, 16});
+  b.Op("linear", {"x", "l.weight"}, "h", "l").Op("relu", {"h"}, "r");
+  b.Op("add", {"h", "r"}, "y").Output("y");
+  Model m = b.Build();
+  std::optional<LoweredStage> stage;
+  DevicePlan plan = PlanFor(m, Precision::kFloat32, {{4, 16}}, &stage);
+  EXPECT_EQ(stage->fused_relus(), 0);
+  EXPECT_EQ(Compute(plan),
+            (std::vector<Type>{Type::kGemm, Type::kRelu, Type::kBinary}));
+}
+
+TEST(DevicePlanTest, Float32PlansConvertNothing) {
+  DevicePlan plan = PlanFor(LinearRelu(), Precision::kFloat32, {{16, 40}});
+  for (const DeviceOp& op : plan.ops)
+    EXPECT_NE(op.type, Type::kConvert) << op.node;
+  EXPECT_EQ(plan.inputs[0].type, DType::kF32);
+  EXPECT_EQ(OnlyGemm(plan).gemm.ab_type, DType::kF32);
+}
+
+TEST(DevicePlanTest, Bf16InputReadOnlyByGemmsIsConvertedWhileStaged) {
+  DevicePlan plan = PlanFor(LinearRelu(), Precision::kBF16, {{16, 40}});
+  ASSERT_EQ(plan.inputs.size(), 1u);
+  EXPECT_EQ(plan.inputs[0].type, DType::kBF16);
+  EXPECT_EQ(plan.ops[0].type, Type::kCopyIn);
+  EXPECT_EQ(plan.ops[0].bytes, 16 * 40 * 2);  // half the float32 bytes
+  EXPECT_EQ(Compute(plan), std::vector<Type>{Type::kGemm});
+  const GemmOp& g = OnlyGemm(plan).gemm;
+  EXPECT_EQ(g.ab_type, DType::kBF16);
+  EXPECT_EQ(g.d_type, DType::kF32);  // an output: float32
+}
+
+TEST(DevicePlanTest,
+     Bf16InputAlsoReadElementwiseIsStagedFloat32AndConvertedOnDevice) {
+  GraphBuilder b;
+  b.Input("x", {-1, 16}).Param("w", {16, 16});
+  b.Op("mm", {"x", "w"}, "m").Op("add", {"m", "x"}, "y").Output("y");
+  DevicePlan plan = PlanFor(b.Build(), Precision::kBF16, {{4, 16}});
+  EXPECT_EQ(plan.inputs[0].type, DType::kF32);
+  EXPECT_EQ(Compute(plan),
+            (std::vector<Type>{Type::kConvert, Type::kGemm, Type::kBinary}));
+  EXPECT_EQ(plan.ops[plan.compute_begin].dtype, DType::kBF16);
+}
+
+TEST(DevicePlanTest, Bf16GemmFeedingOnlyAGemmWritesBf16Directly) {
+  GraphBuilder b;
+  b.Input("x", {-1, 32}).Param("w1", {32, 24}).Param("w2", {24, 40});
+  b.Op("mm", {"x", "w1"}, "h").Op("mm", {"h", "w2"}, "y").Output("y");
+  DevicePlan plan = PlanFor(b.Build(), Precision::kBF16, {{4, 32}});
+  EXPECT_EQ(Compute(plan), (std::vector<Type>{Type::kGemm, Type::kGemm}));
+  const DeviceOp& first = plan.ops[plan.compute_begin];
+  const DeviceOp& second = plan.ops[plan.compute_begin + 1];
+  EXPECT_EQ(first.gemm.d_type, DType::kBF16);
+  EXPECT_EQ(second.gemm.b.offset, first.gemm.d.offset);
+  EXPECT_EQ(second.gemm.d_type, DType::kF32);
+}
+
+TEST(DevicePlanTest,
+     Bf16LinearWithBiasFeedingAGemmComputesFloat32ThenConverts) {
+  GraphBuilder b;
+  b.Input("x", {-1, 8})
+      .Param("a.weight", {8, 8})
+      .Param("a.bias", {8})
+      .Param("w", {8, 8});
+  b.Op("linear", {"x", "a.weight", "a.bias"}, "h", "a")
+      .Op("mm", {"h", "w"}, "y")
+      .Output("y");
+  DevicePlan plan = PlanFor(b.Build(), Precision::kBF16, {{4, 8}});
+  EXPECT_EQ(Compute(plan),
+            (std::vector<Type>{Type::kGemm, Type::kConvert, Type::kGemm}));
+  EXPECT_EQ(plan.ops[plan.compute_begin].gemm.d_type, DType::kF32);
+}
+
+TEST(DevicePlanTest, Tf32OperandsAreRoundedToTf32EverywhereTheyComeFrom) {
+  Model m = LinearRelu();
+  std::optional<LoweredStage> stage;
+  DevicePlan plan = PlanFor(m, Precision::kTF32, {{16, 40}}, &stage);
+  EXPECT_EQ(plan.inputs[0].type, DType::kTF32);
+  const GemmOp& g = OnlyGemm(plan).gemm;
+  EXPECT_EQ(g.ab_type, DType::kTF32);
+  EXPECT_EQ(g.precision, Precision::kTF32);
+  // The weight in the arena has its low 13 mantissa bits cleared; the bias
+  // (an epilogue input) is exact float32.
+  std::vector<char> arena(stage->weight_bytes());
+  stage->FillWeights(arena.data());
+  const Tensor& w = m.weights.at("l.weight");
+  const float* stored =
+      reinterpret_cast<const float*>(arena.data() + g.a.offset);
+  for (int64_t i = 0; i < w.numel(); ++i) {
+    EXPECT_EQ(stored[i], RoundToTf32(w.data()[i]));
+    uint32_t bits;
+    std::memcpy(&bits, &stored[i], 4);
+    ASSERT_EQ(bits & 0x1fffu, 0u);
+  }
+  const Tensor& bias = m.weights.at("l.bias");
+  const float* stored_bias =
+      reinterpret_cast<const float*>(arena.data() + g.bias.offset);
+  for (int64_t i = 0; i < bias.numel(); ++i)
+    EXPECT_EQ(stored_bias[i], bias.data()[i]);
+}
+
+TEST(DevicePlanTest, RoundingHelpersRoundToNearestEven) {
+  EXPECT_EQ(Bf16ToFloat(FloatToBf16(1.0f)), 1.0f);
+  // 1 + 2^-8 is halfway between bf16 neighbours 1 and 1 + 2^-7: ties to even.
+  EXPECT_EQ(Bf16ToFloat(FloatToBf16(1.0f + 0x1p-8f)), 1.0f);
+  EXPECT_EQ(Bf16ToFloat(FloatToBf16(1.0f + 0x1p-8f + 0x1p-20f)),
+            1.0f + 0x1p-7f);
+  EXPECT_TRUE(std::isnan(Bf16ToFloat(FloatToBf16(std::nanf("")))));
+  EXPECT_EQ(RoundToTf32(1.0f + 0x1p-11f), 1.0f);  // tie: even
+  EXPECT_EQ(RoundToTf32(1.0f + 0x1p-11f + 0x1p-20f), 1.0f + 0x1p-10f);
+  EXPECT_EQ(RoundToTf32(-3.0f), -3.0f);
+}
+
+TEST(DevicePlanTest, BuffersAreAlignedAndDisjoint) {
+  GraphBuilder b;
+  b.Input("x", {-1, 12}).Input("col", {-1, 1}).Param("row", {12});
+  b.Op("add", {"x", "row"}, "a").Op("sub", {"a", "col"}, "s");
+  b.Op("mul", {"s", "x"}, "y").Op("clone", {"y"}, "c").Output("y").Output("c");
+  DevicePlan plan = PlanFor(b.Build(), Precision::kFloat32, {{7, 12}, {7, 1}});
+  std::vector<std::pair<int64_t, int64_t>> spans;  // activation [begin, end)
+  for (const DeviceOp& op : plan.ops) {
+    if (op.type == Type::kCopyOut) continue;
+    int64_t bytes = op.type == Type::kCopyIn || op.type == Type::kCopy
+                        ? op.bytes
+                        : op.n * 4;
+    EXPECT_EQ(op.dst.offset % kArenaAlignment, 0);
+    EXPECT_EQ(op.dst.arena, Arena::kActivations);
+    spans.push_back({op.dst.offset, op.dst.offset + bytes});
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t i = 1; i < spans.size(); ++i)
+    EXPECT_LE(spans[i - 1].second, spans[i].first);
+  EXPECT_LE(spans.back().second, plan.activation_bytes);
+  EXPECT_EQ(plan.outputs.size(), 2u);
+}
+
+TEST(DevicePlanTest, IdentityIsFreeAndAnOutputOfAnInputIsCopiedStraightBack) {
+  GraphBuilder b;
+  b.Input("x", {-1, 6});
+  b.Op("identity", {"x"}, "xo").Output("xo");
+  DevicePlan plan = PlanFor(b.Build(), Precision::kBF16, {{3, 6}});
+  EXPECT_TRUE(Compute(plan).empty());
+  ASSERT_EQ(plan.ops.size(), 2u);
+  EXPECT_EQ(plan.ops[0].type, Type::kCopyIn);
+  EXPECT_EQ(plan.ops[1].type, Type::kCopyOut);
+  EXPECT_EQ(plan.ops[1].src.offset, plan.ops[0].dst.offset);
+}
+
+TEST(DevicePlanTest, OpWithoutADeviceKernelFailsNamingIt) {
+  GraphBuilder b;
+  b.Input("x", {-1, 4});
+  b.Op("relu", {"x"}, "y").Output("y");
+  Model m = b.Build();
+  m.graph.mutable_nodes(0)->set_op("gelu");
+  absl::StatusOr<LoweredStage> stage =
+      LoweredStage::Create(m.graph, m.weights, Precision::kFloat32);
+  ASSERT_FALSE(stage.ok());
+  EXPECT_EQ(stage.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(DevicePlanTest, ShapeErrorsNameTheNode) {
+  GraphBuilder b;
+  b.Input("x", {-1, 4}).Input("y", {-1, 4});
+  b.Op("add", {"x", "y"}, "s").Output("s");
+  absl::StatusOr<LoweredStage> stage =
+      LoweredStage::Create(b.Build().graph, WeightMap(), Precision::kFloat32);
+  ASSERT_TRUE(stage.ok());
+  absl::StatusOr<DevicePlan> plan = stage->Plan({{3, 4}, {2, 4}});
+  ASSERT_FALSE(plan.ok());
+  EXPECT_EQ(plan.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(plan.status().message()),
+              HasSubstr("shapes do not broadcast"));
+  EXPECT_THAT(std::string(plan.status().message()), HasSubstr("node \""));
+}
+
+TEST(DevicePlanTest, StagingRoundTripsTheInputsAndReusesReleasedOutputs) {
+  GraphBuilder b;
+  b.Input("x", {-1, 5});
+  b.Op("relu", {"x"}, "y").Output("y");
+  DevicePlan plan = PlanFor(b.Build(), Precision::kFloat32, {{2, 5}});
+  Tensor x = Tensor::FromVector({2, 5}, {1, -2, 3, -4, 5, 6, -7, 8, 9, -10});
+  std::vector<char> in(plan.staging_in_bytes), out(plan.staging_out_bytes);
+  StageInputs(plan, {x}, in.data());
+  EXPECT_EQ(
+      std::memcmp(in.data() + plan.inputs[0].staging.offset, x.data(), 40), 0);
+  std::memcpy(out.data() + plan.outputs[0].staging.offset, x.data(), 40);
+  std::vector<Tensor> outputs;
+  UnstageOutputs(plan, out.data(), &outputs);
+  ASSERT_EQ(outputs.size(), 1u);
+  EXPECT_EQ(outputs[0].shape(), (Shape{2, 5}));
+  EXPECT_EQ(outputs[0].data()[3], -4.0f);
+  const float* first = outputs[0].data();
+  UnstageOutputs(plan, out.data(), &outputs);  // nobody else holds it: reused
+  EXPECT_EQ(outputs[0].data(), first);
+  Tensor held = outputs[0];
+  UnstageOutputs(plan, out.data(), &outputs);  // held: a new buffer
+  EXPECT_NE(outputs[0].data(), held.data());
+}
+
+}  // namespace
+}  // namespace pipeserve
