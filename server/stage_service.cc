@@ -248,10 +248,14 @@ grpc::Status StageServiceImpl::LoadStage(grpc::ServerContext*,
                                        "\" are incomplete or fail their checksum"));
     }
   }
-  CpuBackendOptions cpu;
-  cpu.threads = spec.threads() > 0 ? spec.threads() : options_.default_threads;
-  absl::StatusOr<std::unique_ptr<StageProgram>> program =
-      MakeCpuBackend(cpu)->Compile(graph, weights);
+  absl::StatusOr<std::unique_ptr<StageProgram>> program;
+  if (options_.backend != nullptr) {
+    program = options_.backend->Compile(graph, weights);
+  } else {
+    CpuBackendOptions cpu;
+    cpu.threads = spec.threads() > 0 ? spec.threads() : options_.default_threads;
+    program = MakeCpuBackend(cpu)->Compile(graph, weights);
+  }
   if (!program.ok()) return ToGrpc(program.status());
   auto host = std::make_shared<StageHost>(spec, *std::move(program),
                                           options_.queue_capacity);

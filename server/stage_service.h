@@ -27,6 +27,9 @@ struct StageServiceOptions {
   int queue_capacity = 8;
   // Frames queued per outgoing stream before the stage's worker blocks.
   int send_capacity = 4;
+  // The backend every stage is compiled on (chosen at start from --device);
+  // null: a CPU backend per stage with the spec's (or default) threads.
+  std::shared_ptr<ComputeBackend> backend;
 };
 
 class StageServiceImpl final
