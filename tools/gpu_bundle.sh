@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Builds out/gpu_bundle/: everything tools/gpu_check.sh needs to check the
+# CUDA backend on a GPU machine that has the NVIDIA driver and the CUDA 13
+# libraries but no Bazel and no Debian -dev packages. At most 60 MiB.
+#
+#   tools/gpu_bundle.sh          # here (needs /usr/local/cuda, PyTorch)
+#   # then, on the GPU machine, from inside the folder:
+#   bash gpu_check.sh            # < 5 minutes; a table last; log in $OUT
+#
+# Contents:
+#   backend_test, cuda_backend_test, cuda_bench   -c opt, --config=cuda;
+#       Abseil, protobuf, gtest, libstdc++ and libgcc linked statically
+#   lib/   libdnnl.so.2 and what it needs (libgomp, libOpenCL, libstdc++),
+#          libcudart.so.13; gzip-compressed, unpacked by gpu_check.sh
+#   fixtures/b16, fixtures/b256   ExampleCode exported from PyTorch here
+#   gpu_check.sh, MANIFEST (what was built from which commit)
+# cuBLAS and cuBLASLt (about 600 MB) are the GPU machine's own.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tools/bootstrap.sh
+
+bundle=out/gpu_bundle
+static_libs=out/gpu_bundle_static_libs
+sys=/usr/lib/x86_64-linux-gnu
+targets=(//runtime:backend_test //runtime:cuda_backend_test //runtime:cuda_bench)
+
+# Static archives shadow the shared libraries of the same names: ld takes
+# the first directory on its path holding either, and -L dirs come first.
+rm -rf "$static_libs" "$bundle"
+mkdir -p "$static_libs" "$bundle/lib"
+for a in "$sys"/libabsl_*.a "$sys"/libprotobuf.a "$sys"/libgtest.a "$sys"/libgtest_main.a \
+         "$sys"/libgmock.a "$sys"/libz.a; do
+  ln -s "$a" "$static_libs/"
+done
+
+flags=(--config=cuda -c opt --dynamic_mode=off --strip=always
+       "--linkopt=-L$PWD/$static_libs" --linkopt=-static-libstdc++ --linkopt=-static-libgcc
+       '--linkopt=-Wl,-rpath,$ORIGIN/lib')
+bazel build "${flags[@]}" "${targets[@]}"
+bin=$(bazel info "${flags[@]}" bazel-bin 2>/dev/null)
+for t in backend_test cuda_backend_test cuda_bench; do
+  install -m 755 "$bin/runtime/$t" "$bundle/$t"
+done
+
+# Shared libraries the binaries still need besides glibc, the driver and
+# cuBLAS: oneDNN (Debian ships no static one) and its dependencies, and
+# the CUDA runtime built against. Compressed to fit the size budget.
+for so in "$sys/libdnnl.so.2" "$sys/libgomp.so.1" "$sys/libOpenCL.so.1" \
+          "$sys/libstdc++.so.6" /usr/local/cuda/lib64/libcudart.so.13; do
+  cp -L "$so" "$bundle/lib/"
+done
+
+# Nothing else outside the allowed set may be needed.
+allowed='linux-vdso|ld-linux|libc\.so|libm\.so|libdl\.so|libpthread\.so|librt\.so|libgcc_s\.so|libcublas\.so|libcublasLt\.so|libcudart\.so|libdnnl\.so|libgomp\.so|libOpenCL\.so|libstdc\+\+\.so'
+bad=0
+for f in "$bundle"/backend_test "$bundle"/cuda_backend_test "$bundle"/cuda_bench "$bundle"/lib/*.so*; do
+  extra=$(LD_LIBRARY_PATH="$bundle/lib" ldd "$f" | grep -vE "$allowed" || true)
+  if [ -n "$extra" ]; then
+    echo "gpu_bundle: $f needs libraries outside the bundle:" >&2
+    echo "$extra" >&2
+    bad=1
+  fi
+done
+[ "$bad" -eq 0 ] || exit 1
+gzip -9 "$bundle"/lib/*
+
+# ExampleCode fixtures (model, inputs, PyTorch's outputs, float64 answer).
+for b in 16 256; do
+  /usr/bin/python3 tests/pytorch/make_fixtures.py --out "$bundle/fixtures/b$b" \
+      --case example_code --batch "$b" > /dev/null
+done
+
+cp tools/gpu_check.sh "$bundle/"
+{
+  echo "pipeserve GPU bundle"
+  echo "commit: $(git rev-parse HEAD)$(git diff --quiet HEAD -- runtime tools third_party || echo ' (+ local changes)')"
+  echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m), $(ldd --version | head -1)"
+  echo "nvcc: $(/usr/local/cuda/bin/nvcc --version | tail -1)"
+} > "$bundle/MANIFEST"
+
+# It must start here and say there is no GPU, cleanly.
+selftest_logs=$(mktemp -d)
+trap 'rm -rf "$selftest_logs"' EXIT
+check=$(cd "$bundle" && OUT="$selftest_logs" bash gpu_check.sh --self-test 2>&1) || {
+  echo "$check" >&2
+  echo "gpu_bundle: the bundle does not start here" >&2
+  exit 1
+}
+size=$(du -sm "$bundle" | cut -f1)
+echo "gpu_bundle: $bundle is ${size} MiB"
+if [ "$size" -gt 60 ]; then
+  echo "gpu_bundle: over the 60 MiB budget" >&2
+  exit 1
+fi

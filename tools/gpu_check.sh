@@ -1,0 +1,187 @@
+#!/usr/bin/env bash
+# Checks pipeserve's CUDA backend on a GPU machine, from inside the folder
+# tools/gpu_bundle.sh builds (out/gpu_bundle/). Needs only the NVIDIA driver,
+# the CUDA 13 cuBLAS libraries and coreutils; finishes in under 5 minutes
+# (each step has its own timeout) and always ends with a summary table, even
+# when a step fails. Logs go to $OUT when that is set (else ./logs).
+#
+#   bash gpu_check.sh              # on the GPU machine
+#   bash gpu_check.sh --self-test  # on a machine without a GPU: the bundle
+#                                  # starts, finds its libraries and says
+#                                  # "no CUDA device" cleanly (exit 0)
+#
+# Steps: backend_test (the op suite: every op on cuda_fp32/tf32/bf16 against
+# a float64 reference, buffers NaN-poisoned, fresh random inputs),
+# cuda_backend_test (CUDA graphs vs op-by-op over two shapes, shape cache,
+# errors), cuda_bench (ExampleCode GPU vs CPU, GEMM TFLOP/s vs cuBLAS,
+# stage latency with/without graphs, LocalPipeline throughput).
+# Exit status: 0 all passed; 1 something failed; 3 no GPU (nothing checked).
+set -u
+cd "$(dirname "$0")"
+here=$(pwd)
+self_test=0
+[ "${1:-}" = "--self-test" ] && self_test=1
+
+logdir=${OUT:-$here/logs}
+mkdir -p "$logdir" 2>/dev/null || logdir=$(mktemp -d)
+log="$logdir/gpu_check.log"
+: > "$log"
+say() { echo "$*" | tee -a "$log"; }
+start=$(date +%s)
+
+# --- libraries ---------------------------------------------------------------
+libdir=$(mktemp -d "${TMPDIR:-/tmp}/pipeserve_gpu_lib.XXXXXX")
+for f in lib/*.gz; do
+  [ -e "$f" ] || continue
+  gzip -dc "$f" > "$libdir/$(basename "${f%.gz}")"
+done
+for f in lib/*.so*; do  # uncompressed copies, if any
+  case "$f" in *.gz) ;; *) [ -e "$f" ] && cp "$f" "$libdir/" ;; esac
+done
+# cuBLAS/cuBLASLt 13: the machine's CUDA toolkit, else PyTorch's wheels.
+cublas_dir=""
+for d in "${CUDA_HOME:-/nonexistent}/lib64" /usr/local/cuda/lib64 /usr/local/cuda-13*/lib64 \
+         /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu; do
+  if [ -e "$d/libcublasLt.so.13" ]; then cublas_dir=$d; break; fi
+done
+if [ -z "$cublas_dir" ] && command -v python3 > /dev/null; then
+  cublas_dir=$(timeout 30 python3 -c 'import os, nvidia.cublas as c; print(os.path.join(list(c.__path__)[0], "lib"))' 2>/dev/null || true)
+  [ -e "$cublas_dir/libcublasLt.so.13" ] || cublas_dir=""
+fi
+if [ -z "$cublas_dir" ]; then
+  cublas_dir=$(timeout 60 find / -xdev -name libcublasLt.so.13 2>/dev/null | head -1 | xargs -r dirname)
+fi
+export LD_LIBRARY_PATH="$libdir${cublas_dir:+:$cublas_dir}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+say "== pipeserve GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+[ -f MANIFEST ] && sed 's/^/   /' MANIFEST | tee -a "$log"
+say "   host: $(uname -m), $(ldd --version 2>&1 | head -1)"
+say "   cuBLAS: ${cublas_dir:-NOT FOUND}"
+gpu="none"
+if command -v nvidia-smi > /dev/null; then
+  gpu=$(timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)
+fi
+say "   GPU: $gpu"
+missing=$(ldd ./cuda_bench 2>&1 | grep "not found" || true)
+[ -n "$missing" ] && say "   missing libraries: $missing"
+
+# --- steps -------------------------------------------------------------------
+declare -a names statuses secs
+run_step() {  # name timeout_seconds command...
+  local name=$1 limit=$2
+  shift 2
+  local t0 rc status
+  t0=$(date +%s)
+  say "-- $name (limit ${limit}s): $*"
+  timeout --kill-after=10 "$limit" "$@" > "$logdir/$name.log" 2>&1
+  rc=$?
+  case $rc in
+    0) status=PASS ;;
+    124 | 137) status="TIMEOUT(${limit}s)" ;;
+    2) if grep -q "no CUDA device" "$logdir/$name.log"; then status="NO-GPU"; else status="FAIL(rc=2)"; fi ;;
+    *) status="FAIL(rc=$rc)" ;;
+  esac
+  names+=("$name")
+  statuses+=("$status")
+  secs+=("$(($(date +%s) - t0))")
+  say "   $status in $(($(date +%s) - t0))s; log: $logdir/$name.log"
+  tail -n 3 "$logdir/$name.log" | sed 's/^/   | /' | tee -a "$log"
+  return 0
+}
+
+run_step backend_test 100 ./backend_test
+run_step cuda_backend_test 60 ./cuda_backend_test
+run_step cuda_bench 150 ./cuda_bench --fixtures fixtures --iters 200
+
+# --- summary -----------------------------------------------------------------
+no_device=0
+grep -q "no CUDA device" "$logdir/cuda_bench.log" 2>/dev/null && no_device=1
+prefix=cuda
+[ "$self_test" -eq 1 ] && prefix=emulated  # the same plans, run on the CPU
+
+{
+  echo
+  echo "================ pipeserve GPU check: summary ================"
+  echo "GPU: $gpu"
+  printf "%-20s %-16s %s\n" step status seconds
+  for i in "${!names[@]}"; do
+    printf "%-20s %-16s %s\n" "${names[$i]}" "${statuses[$i]}" "${secs[$i]}"
+  done
+  gtest_counts() {
+    local f="$logdir/$1.log"
+    printf "%-20s passed %s, failed %s, skipped %s\n" "$1" \
+      "$(grep -cE '^\[       OK \]' "$f" 2>/dev/null)" \
+      "$(grep -cE '^\[  FAILED  \] .*\([0-9]+ ms\)' "$f" 2>/dev/null)" \
+      "$(grep -cE '^\[  SKIPPED \] .*\([0-9]+ ms\)' "$f" 2>/dev/null)"
+  }
+  gtest_counts backend_test
+  gtest_counts cuda_backend_test
+  grep -hE '^\[  FAILED  \] .*\([0-9]+ ms\)' "$logdir/backend_test.log" \
+      "$logdir/cuda_backend_test.log" 2>/dev/null | sed 's/, where GetParam.*//; s/^/  /' | head -20
+  echo
+  echo "Op tests, $prefix backends vs float64 reference: max |err| / max |ref|"
+  echo "(ok: under fp32 1e-5, tf32 1e-3, bf16 1e-2; pass: an error-path test passed;
+ FAIL: an assertion failed, e.g. a NaN left by an unwritten element; skip: no GPU)"
+  awk -v p="$prefix" '
+    /^\[ RUN      \] AllBackends\/BackendTest\./ {
+      split($0, a, "BackendTest."); split(a[2], b, "/");
+      if (b[2] ~ "^" p "_") { if (!(b[1] in seen)) { seen[b[1]] = 1; order[n++] = b[1] } }
+    }
+    /^\[ max_rel_err \]/ { v[$4 "|" $5] = $6; tol[$4] = $8 }
+    /^\[  FAILED  \] AllBackends\/BackendTest\..*\(/ {
+      split($0, a, "BackendTest."); split(a[2], b, "[/ ,]"); v[b[2] "|" b[1]] = "FAIL"
+    }
+    /^\[       OK \] AllBackends\/BackendTest\./ {
+      split($0, a, "BackendTest."); split(a[2], b, "[/ ]");
+      if (!((b[2] "|" b[1]) in v)) v[b[2] "|" b[1]] = "pass"
+    }
+    /^\[  SKIPPED \] AllBackends\/BackendTest\./ {
+      split($0, a, "BackendTest."); split(a[2], b, "[/ ]"); v[b[2] "|" b[1]] = "skip"
+    }
+    END {
+      printf "%-52s %-13s %-13s %-13s\n", "test", p "_fp32", p "_tf32", p "_bf16";
+      fails = 0;
+      for (i = 0; i < n; i++) {
+        t = order[i]; line = sprintf("%-52s", t);
+        split("fp32 tf32 bf16", ps, " ");
+        for (j = 1; j <= 3; j++) {
+          k = p "_" ps[j] "|" t; s = (k in v) ? v[k] : "-";
+          if (s ~ /^[0-9]/) { lim = (ps[j] == "fp32") ? 1e-5 : (ps[j] == "tf32") ? 1e-3 : 1e-2;
+                              s = s ((s + 0 < lim) ? " ok" : " HIGH"); if (s ~ /HIGH/) fails++ }
+          if (s == "FAIL") fails++;
+          line = line sprintf(" %-13s", s);
+        }
+        print line;
+      }
+      if (n == 0) print "(no op tests ran)";
+    }' "$logdir/backend_test.log" 2>/dev/null
+  echo
+  if [ "$no_device" -eq 1 ]; then
+    echo "cuda_bench: $(grep -m1 'no CUDA device' "$logdir/cuda_bench.log")"
+  else
+    echo "cuda_bench (full output in $logdir/cuda_bench.log):"
+    sed -n '/^== /,$p' "$logdir/cuda_bench.log" 2>/dev/null | grep -v '^$' | head -80
+  fi
+  echo
+  echo "total: $(($(date +%s) - start))s; logs in $logdir"
+} 2>&1 | tee -a "$log"
+rm -rf "$libdir"
+
+failed=0
+for s in "${statuses[@]}"; do [ "$s" = PASS ] || failed=1; done
+if [ "$self_test" -eq 1 ]; then
+  # Without a GPU: the tests pass (GPU cases skipped), the bench refuses cleanly.
+  if [ "$no_device" -eq 1 ] && [ "${statuses[0]}" = PASS ] && [ "${statuses[1]}" = PASS ] &&
+     [ -z "$missing" ]; then
+    echo "self-test: OK (bundle starts, finds its libraries, reports no CUDA device)"
+    exit 0
+  fi
+  echo "self-test: FAILED"
+  exit 1
+fi
+if [ "$no_device" -eq 1 ]; then
+  echo "RESULT: no CUDA device here, nothing was checked on a GPU"
+  exit 3
+fi
+if [ "$failed" -eq 0 ]; then echo "RESULT: all steps passed"; else echo "RESULT: some steps failed"; fi
+exit "$failed"
