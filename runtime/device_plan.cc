@@ -328,7 +328,7 @@ absl::StatusOr<DevicePlan> LoweredStage::Plan(
     op.src = sv.staging;
     op.dst = as_gm ? gm[v] : f32[v];
     op.bytes = bytes;
-    copy_in.push_back(op);
+    if (bytes > 0) copy_in.push_back(op);
     if (!as_gm && has_gm[v]) {
       DeviceOp conv{DeviceOp::Type::kConvert, graph_.inputs(i).name()};
       conv.src = f32[v];
