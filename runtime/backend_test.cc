@@ -40,12 +40,14 @@ struct BackendCase {
   bool fresh_inputs = false;
 };
 
-BackendCase Cuda(const std::string& name, Precision p, double tol) {
+BackendCase Cuda(const std::string& name, Precision p, double tol,
+                 bool cublaslt = true) {
   return {name,
-          [p]() -> absl::StatusOr<std::unique_ptr<ComputeBackend>> {
+          [p, cublaslt]() -> absl::StatusOr<std::unique_ptr<ComputeBackend>> {
             CudaBackendOptions o;
             o.precision = p;
             o.poison_buffers = true;
+            o.use_cublaslt = cublaslt;
             return MakeCudaBackend(o);
           },
           tol, /*fresh_inputs=*/true};
@@ -79,7 +81,10 @@ std::vector<BackendCase> Backends() {
           Emulated("emulated_bf16", Precision::kBF16, 1e-2),
           Cuda("cuda_fp32", Precision::kFloat32, 1e-5),
           Cuda("cuda_tf32", Precision::kTF32, 1e-3),
-          Cuda("cuda_bf16", Precision::kBF16, 1e-2)};
+          Cuda("cuda_bf16", Precision::kBF16, 1e-2),
+          // The cublasGemmEx + epilogue kernel path, used when cuBLASLt
+          // has no algorithm for a GEMM.
+          Cuda("cuda_bf16_gemmex", Precision::kBF16, 1e-2, /*cublaslt=*/false)};
 }
 
 // Fresh inputs for GPU runs; the seed is printed with any failure.

@@ -1,6 +1,7 @@
 #include "runtime/cuda_backend.h"
 
 #include <cublasLt.h>
+#include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -38,6 +39,9 @@ struct DestroyGraph {
 struct DestroyGraphExec {
   void operator()(cudaGraphExec_t g) const { cudaGraphExecDestroy(g); }
 };
+struct DestroyBlas {
+  void operator()(cublasHandle_t h) const { cublasDestroy(h); }
+};
 struct DestroyLt {
   void operator()(cublasLtHandle_t h) const { cublasLtDestroy(h); }
 };
@@ -65,6 +69,7 @@ using Stream = Owned<cudaStream_t, DestroyStream>;
 using Event = Owned<cudaEvent_t, DestroyEvent>;
 using Graph_ = Owned<cudaGraph_t, DestroyGraph>;
 using GraphExec = Owned<cudaGraphExec_t, DestroyGraphExec>;
+using BlasHandle = Owned<cublasHandle_t, DestroyBlas>;
 using LtHandle = Owned<cublasLtHandle_t, DestroyLt>;
 using MatmulDesc = Owned<cublasLtMatmulDesc_t, DestroyDesc>;
 using Layout = Owned<cublasLtMatrixLayout_t, DestroyLayout>;
@@ -104,22 +109,33 @@ KernelOp ToKernelOp(ElementwiseOp op) {
 
 // One GEMM's cuBLASLt descriptors and the algorithm the heuristic chose,
 // made once per input shape set.
+// When cuBLASLt has no algorithm for it (odd sizes in a reduced precision,
+// say) the GEMM runs through cublasGemmEx and a bias/ReLU kernel instead.
 struct LtGemm {
   MatmulDesc desc;
   Layout a, b, d;
   cublasLtMatmulAlgo_t algo;
+  bool fallback = false;
 };
+
+cublasComputeType_t ComputeType(const GemmOp& g) {
+  return g.precision == Precision::kTF32 ? CUBLAS_COMPUTE_32F_FAST_TF32
+                                         : CUBLAS_COMPUTE_32F;
+}
 
 absl::StatusOr<std::unique_ptr<LtGemm>> MakeLtGemm(cublasLtHandle_t lt,
                                                    const GemmOp& g,
                                                    const void* bias,
-                                                   int64_t workspace) {
+                                                   int64_t workspace,
+                                                   bool use_lt) {
   auto out = std::make_unique<LtGemm>();
-  cublasComputeType_t compute = g.precision == Precision::kTF32
-                                    ? CUBLAS_COMPUTE_32F_FAST_TF32
-                                    : CUBLAS_COMPUTE_32F;
+  if (!use_lt) {
+    out->fallback = true;
+    return out;
+  }
   cublasLtMatmulDesc_t desc = nullptr;
-  CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescCreate(&desc, compute, CUDA_R_32F));
+  CUBLAS_RETURN_IF_ERROR(
+      cublasLtMatmulDescCreate(&desc, ComputeType(g), CUDA_R_32F));
   out->desc.reset(desc);
   cublasOperation_t trans_a = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
   cublasOperation_t trans_b = CUBLAS_OP_N;
@@ -161,15 +177,15 @@ absl::StatusOr<std::unique_ptr<LtGemm>> MakeLtGemm(cublasLtHandle_t lt,
   cublasLtMatmulHeuristicResult_t result;
   std::memset(&result, 0, sizeof(result));
   int found = 0;
-  CUBLAS_RETURN_IF_ERROR(cublasLtMatmulAlgoGetHeuristic(
+  cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(
       lt, desc, out->a.get(), out->b.get(), out->d.get(), out->d.get(), pref, 1,
-      &result, &found));
-  if (found == 0) {
-    return absl::UnimplementedError(absl::StrCat(
-        "cuBLASLt has no algorithm for a ", g.m, "x", g.n, "x", g.k, " ",
-        PrecisionName(g.precision), " GEMM (", g.trans_a ? "T" : "N",
-        "N, bias ", g.has_bias, ", relu ", g.relu, ")"));
+      &result, &found);
+  if (s == CUBLAS_STATUS_NOT_SUPPORTED ||
+      (s == CUBLAS_STATUS_SUCCESS && found == 0)) {
+    out->fallback = true;
+    return out;
   }
+  RETURN_IF_ERROR(CublasStatus(s, "cublasLtMatmulAlgoGetHeuristic"));
   out->algo = result.algo;
   return out;
 }
@@ -285,6 +301,14 @@ class CudaProgram : public CudaStageProgram {
     CUBLAS_RETURN_IF_ERROR(cublasLtCreate(&lt));
     lt_.reset(lt);
     ASSIGN_OR_RETURN(workspace_, AllocDevice(options_.workspace_bytes));
+    // cuBLAS proper, for GEMMs cuBLASLt has no algorithm for; with its
+    // workspace set it allocates nothing, so its calls can be captured.
+    cublasHandle_t blas = nullptr;
+    CUBLAS_RETURN_IF_ERROR(cublasCreate(&blas));
+    blas_.reset(blas);
+    CUBLAS_RETURN_IF_ERROR(cublasSetStream(blas, stream_.get()));
+    CUBLAS_RETURN_IF_ERROR(cublasSetWorkspace(
+        blas, workspace_.get(), static_cast<size_t>(options_.workspace_bytes)));
     // Weights go up once, in the dtypes the plans read; the host copies
     // are released.
     std::vector<char> image(stage_.weight_bytes());
@@ -338,8 +362,10 @@ class CudaProgram : public CudaStageProgram {
       if (op.type != DeviceOp::Type::kGemm) continue;
       const void* bias = op.gemm.has_bias ? Address(*e, op.gemm.bias) : nullptr;
       absl::StatusOr<std::unique_ptr<LtGemm>> g =
-          MakeLtGemm(lt_.get(), op.gemm, bias, options_.workspace_bytes);
+          MakeLtGemm(lt_.get(), op.gemm, bias, options_.workspace_bytes,
+                     options_.use_cublaslt);
       if (!g.ok()) return AtNode(g.status(), op.node);
+      if ((*g)->fallback) ++stats_.gemm_fallbacks;
       e->gemms[i] = *std::move(g);
     }
     ++stats_.plans_built;
@@ -452,6 +478,17 @@ class CudaProgram : public CudaStageProgram {
         const LtGemm& lt = *e.gemms[i];
         const float alpha = 1.0f, beta = 0.0f;
         void* d = Address(e, g.d);
+        if (lt.fallback) {
+          CUBLAS_RETURN_IF_ERROR(cublasGemmEx(
+              blas_.get(), g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N,
+              g.m, g.n, g.k, &alpha, Address(e, g.a), CudaType(g.ab_type),
+              g.lda, Address(e, g.b), CudaType(g.ab_type), g.ldb, &beta, d,
+              CudaType(g.d_type), g.ldd, ComputeType(g), CUBLAS_GEMM_DEFAULT));
+          CUDA_RETURN_IF_ERROR(LaunchBiasRelu(
+              d, g.d_type == DType::kBF16, g.has_bias ? F(e, g.bias) : nullptr,
+              g.m, g.n, g.ldd, g.relu, s));
+          return absl::OkStatus();
+        }
         CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(
             lt_.get(), lt.desc.get(), &alpha, Address(e, g.a), lt.a.get(),
             Address(e, g.b), lt.b.get(), &beta, d, lt.d.get(), d, lt.d.get(),
@@ -489,6 +526,7 @@ class CudaProgram : public CudaStageProgram {
   Stream stream_;
   LtHandle lt_;
   DeviceBuffer workspace_;
+  BlasHandle blas_;
   DeviceBuffer weights_;
   std::vector<std::unique_ptr<ShapeEntry>> cache_;
   uint64_t clock_ = 0;

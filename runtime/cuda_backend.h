@@ -50,6 +50,9 @@ struct CudaBackendOptions {
   // Input shape sets whose buffers and graphs a program keeps; the least
   // recently used is freed beyond this.
   int max_cached_shapes = 8;
+  // false: every GEMM through cublasGemmEx plus a bias/ReLU kernel, the
+  // path otherwise taken only when cuBLASLt has no algorithm (tests).
+  bool use_cublaslt = true;
   // cuBLASLt workspace per program (cuBLAS recommends 32 MiB on Hopper).
   int64_t workspace_bytes = 32 << 20;
 };
@@ -80,6 +83,9 @@ class CudaStageProgram : public StageProgram {
     int64_t graphs_captured = 0;
     int64_t plans_built = 0;  // input shape sets planned (evicted too)
     int fused_relus = 0;      // ReLUs done as GEMM epilogues
+    // GEMMs cuBLASLt had no algorithm for, run by cublasGemmEx plus a
+    // bias/ReLU kernel instead.
+    int64_t gemm_fallbacks = 0;
   };
   virtual Stats stats() const = 0;
 

@@ -95,6 +95,23 @@ __global__ void Fill(void* out, bool out_bf16, const float* __restrict__ bias,
   }
 }
 
+__global__ void BiasRelu(void* d, bool d_bf16, const float* __restrict__ bias,
+                         int64_t m, int64_t n, int64_t ld, bool relu) {
+  for (int64_t e = ThreadIndex(); e < m * n; e += Stride()) {
+    int64_t i = e % m, j = e / m;
+    int64_t at = i + j * ld;
+    float v = d_bf16 ? __bfloat162float(static_cast<__nv_bfloat16*>(d)[at])
+                     : static_cast<float*>(d)[at];
+    if (bias != nullptr) v += bias[i];
+    if (relu && v < 0.0f) v = 0.0f;
+    if (d_bf16) {
+      static_cast<__nv_bfloat16*>(d)[at] = __float2bfloat16_rn(v);
+    } else {
+      static_cast<float*>(d)[at] = v;
+    }
+  }
+}
+
 }  // namespace
 
 cudaError_t LaunchBinary(KernelOp op, const float* a, const float* b,
@@ -144,6 +161,19 @@ cudaError_t LaunchFill(void* out, bool out_bf16, const float* bias, int64_t m,
   if (m <= 0 || n <= 0) return cudaSuccess;
   Fill<<<Blocks(m * n), kThreads, 0, stream>>>(out, out_bf16, bias, m, n, ld,
                                                relu);
+  return cudaGetLastError();
+}
+
+}  // namespace pipeserve
+
+namespace pipeserve {
+
+cudaError_t LaunchBiasRelu(void* d, bool d_bf16, const float* bias, int64_t m,
+                           int64_t n, int64_t ld, bool relu,
+                           cudaStream_t stream) {
+  if (m <= 0 || n <= 0 || (bias == nullptr && !relu)) return cudaSuccess;
+  BiasRelu<<<Blocks(m * n), kThreads, 0, stream>>>(d, d_bf16, bias, m, n, ld,
+                                                   relu);
   return cudaGetLastError();
 }
 

@@ -49,6 +49,13 @@ cudaError_t LaunchToTf32(const float* x, float* out, int64_t n,
 cudaError_t LaunchFill(void* out, bool out_bf16, const float* bias, int64_t m,
                        int64_t n, int64_t ld, bool relu, cudaStream_t stream);
 
+// In place on column-major d [m, n] (leading dimension ld, float32 or
+// bfloat16): d += bias [m] per row (when bias is not null), then ReLU when
+// relu. The epilogue of a GEMM that cuBLASLt had no algorithm for.
+cudaError_t LaunchBiasRelu(void* d, bool d_bf16, const float* bias, int64_t m,
+                           int64_t n, int64_t ld, bool relu,
+                           cudaStream_t stream);
+
 }  // namespace pipeserve
 
 #endif  // PIPESERVE_RUNTIME_CUDA_KERNELS_H_
