@@ -33,6 +33,28 @@ class ArenaLayout {
   int64_t size_ = 0;
 };
 
+// Copies whose sources and destinations sit at the same distance from
+// each other in their arenas become one copy (padding between them is
+// copied too, harmlessly): inputs are laid out first in both the staging
+// and the activation arena, so a stage's inputs usually go up in one copy.
+std::vector<DeviceOp> MergeCopies(std::vector<DeviceOp> copies) {
+  std::vector<DeviceOp> out;
+  for (DeviceOp& op : copies) {
+    if (!out.empty()) {
+      DeviceOp& last = out.back();
+      const int64_t gap = op.src.offset - last.src.offset;
+      if (op.src.arena == last.src.arena && op.dst.arena == last.dst.arena &&
+          gap >= last.bytes && op.dst.offset - last.dst.offset == gap) {
+        last.bytes = gap + op.bytes;
+        last.node += "+" + op.node;
+        continue;
+      }
+    }
+    out.push_back(std::move(op));
+  }
+  return out;
+}
+
 }  // namespace
 
 uint16_t FloatToBf16(float f) {
@@ -459,6 +481,8 @@ absl::StatusOr<DevicePlan> LoweredStage::Plan(
     plan.outputs.push_back(std::move(sv));
   }
 
+  copy_in = MergeCopies(std::move(copy_in));
+  copy_out = MergeCopies(std::move(copy_out));
   plan.compute_begin = copy_in.size();
   plan.compute_end = copy_in.size() + compute.size();
   plan.ops = std::move(copy_in);

@@ -242,6 +242,18 @@ TEST(DevicePlanTest, IdentityIsFreeAndAnOutputOfAnInputIsCopiedStraightBack) {
   EXPECT_EQ(plan.ops[1].src.offset, plan.ops[0].dst.offset);
 }
 
+TEST(DevicePlanTest, InputsGoUpInOneCopy) {
+  GraphBuilder b;
+  b.Input("x", {-1, 12}).Input("y", {-1, 12}).Input("z", {-1, 3});
+  b.Op("add", {"x", "y"}, "s").Op("relu", {"z"}, "r").Output("s").Output("r");
+  DevicePlan plan =
+      PlanFor(b.Build(), Precision::kFloat32, {{7, 12}, {7, 12}, {7, 3}});
+  EXPECT_EQ(plan.compute_begin, 1u);  // one kCopyIn for the three inputs
+  EXPECT_EQ(plan.ops[0].type, Type::kCopyIn);
+  EXPECT_EQ(plan.ops[0].src.offset, 0);
+  EXPECT_EQ(plan.ops[0].bytes, plan.inputs[2].staging.offset + 7 * 3 * 4);
+}
+
 TEST(DevicePlanTest, OpWithoutADeviceKernelFailsNamingIt) {
   GraphBuilder b;
   b.Input("x", {-1, 4});
