@@ -31,9 +31,16 @@ start=$(date +%s)
 
 # --- libraries ---------------------------------------------------------------
 libdir=$(mktemp -d "${TMPDIR:-/tmp}/pipeserve_gpu_lib.XXXXXX")
+unzip_to() {  # file.gz destination
+  if command -v gzip > /dev/null; then
+    gzip -dc "$1" > "$2"
+  else
+    python3 -c 'import gzip, shutil, sys; shutil.copyfileobj(gzip.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$1" "$2"
+  fi
+}
 for f in lib/*.gz; do
   [ -e "$f" ] || continue
-  gzip -dc "$f" > "$libdir/$(basename "${f%.gz}")"
+  unzip_to "$f" "$libdir/$(basename "${f%.gz}")"
 done
 for f in lib/*.so*; do  # uncompressed copies, if any
   case "$f" in *.gz) ;; *) [ -e "$f" ] && cp "$f" "$libdir/" ;; esac
@@ -52,6 +59,12 @@ if [ -z "$cublas_dir" ]; then
   cublas_dir=$(timeout 60 find / -xdev -name libcublasLt.so.13 2>/dev/null | head -1 | xargs -r dirname)
 fi
 export LD_LIBRARY_PATH="$libdir${cublas_dir:+:$cublas_dir}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# The binaries run from here, or from a copy if copying lost their x bits.
+bindir=$here
+if [ ! -x ./cuda_bench ] && ! chmod +x ./backend_test ./cuda_backend_test ./cuda_bench 2>/dev/null; then
+  bindir=$libdir
+  cp ./backend_test ./cuda_backend_test ./cuda_bench "$bindir/" && chmod +x "$bindir"/*_test "$bindir/cuda_bench"
+fi
 
 say "== pipeserve GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 [ -f MANIFEST ] && sed 's/^/   /' MANIFEST | tee -a "$log"
@@ -62,7 +75,7 @@ if command -v nvidia-smi > /dev/null; then
   gpu=$(timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)
 fi
 say "   GPU: $gpu"
-missing=$(ldd ./cuda_bench 2>&1 | grep "not found" || true)
+missing=$(ldd "$bindir/cuda_bench" 2>&1 | grep "not found" || true)
 [ -n "$missing" ] && say "   missing libraries: $missing"
 
 # --- steps -------------------------------------------------------------------
@@ -89,9 +102,9 @@ run_step() {  # name timeout_seconds command...
   return 0
 }
 
-run_step backend_test 100 ./backend_test
-run_step cuda_backend_test 60 ./cuda_backend_test
-run_step cuda_bench 150 ./cuda_bench --fixtures fixtures --iters 200
+run_step backend_test 100 "$bindir/backend_test"
+run_step cuda_backend_test 60 "$bindir/cuda_backend_test"
+run_step cuda_bench 150 "$bindir/cuda_bench" --fixtures "$here/fixtures" --iters 200
 
 # --- summary -----------------------------------------------------------------
 no_device=0
