@@ -26,6 +26,7 @@ ABSL_FLAG(std::string, launcher, "local", "local: start stage servers here; stat
 ABSL_FLAG(std::string, stage_servers, "", "comma-separated host:port list (static launcher)");
 ABSL_FLAG(std::string, stage_server_binary, "", "stage_server path (default: beside this binary)");
 ABSL_FLAG(int, cores, 0, "cores the local launcher divides between stages (0: all)");
+ABSL_FLAG(int, gpus, -1, "local launcher: one stage server per GPU (-1: all NVIDIA GPUs, 0: CPU only)");
 ABSL_FLAG(int, microbatches, 4, "default microbatches per request");
 ABSL_FLAG(int, max_message_mb, 256,
           "largest message accepted, MiB (at least 2: uploads come in 1 MiB chunks)");
@@ -52,6 +53,7 @@ int main(int argc, char** argv) {
     }
     lo.work_dir = std::filesystem::temp_directory_path().string();
     lo.cores = absl::GetFlag(FLAGS_cores);
+    lo.gpus = absl::GetFlag(FLAGS_gpus);
     launcher = pipeserve::MakeLocalLauncher(lo);
   } else {
     std::cerr << "coordinator: --launcher must be local or static\n";

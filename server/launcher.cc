@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <filesystem>
 #include <fstream>
 #include <thread>
 
@@ -42,6 +43,7 @@ class LocalLauncher : public Launcher {
     if (options_.cores <= 0) {
       options_.cores = std::max(1u, std::thread::hardware_concurrency());
     }
+    if (options_.gpus < 0) options_.gpus = CountNvidiaGpus();
   }
 
   ~LocalLauncher() override {
@@ -64,6 +66,7 @@ class LocalLauncher : public Launcher {
 
   int ThreadsPerStage() const override {
     absl::MutexLock lock(&mu_);
+    if (options_.gpus > 0) return 1;  // the GPU computes; CPU threads only stage copies
     int n = std::max<int>(1, servers_.size());
     return std::max(1, options_.cores / n);
   }
@@ -78,13 +81,17 @@ class LocalLauncher : public Launcher {
         servers_[i] = *s;
       }
     }
-    while (static_cast<int>(servers_.size()) < num_stages) {
+    // One server per GPU, or per stage on CPUs.
+    int want = options_.gpus > 0 ? std::min(num_stages, options_.gpus) : num_stages;
+    while (static_cast<int>(servers_.size()) < want) {
       absl::StatusOr<Server> s = Start(static_cast<int>(servers_.size()));
       if (!s.ok()) return s.status();
       servers_.push_back(*s);
     }
     std::vector<std::string> out;
-    for (int i = 0; i < num_stages; ++i) out.push_back(servers_[i].address);
+    int pool = options_.gpus > 0 ? std::min<int>(servers_.size(), options_.gpus)
+                                 : static_cast<int>(servers_.size());
+    for (int i = 0; i < num_stages; ++i) out.push_back(servers_[i % pool].address);
     return out;
   }
 
@@ -112,9 +119,11 @@ class LocalLauncher : public Launcher {
         ::dup2(fd, 2);
       }
       std::string a1 = "--port=0", a2 = "--host=127.0.0.1", a3 = "--port_file=" + port_file,
-                  a4 = absl::StrCat("--parent_pid=", parent);
+                  a4 = absl::StrCat("--parent_pid=", parent),
+                  a5 = options_.gpus > 0 ? absl::StrCat("--device=cuda:", index % options_.gpus)
+                                         : std::string("--device=cpu");
       char* argv[] = {const_cast<char*>(options_.binary.c_str()), a1.data(), a2.data(),
-                      a3.data(), a4.data(), nullptr};
+                      a3.data(), a4.data(), a5.data(), nullptr};
       ::execv(options_.binary.c_str(), argv);
       ::_exit(127);
     }
@@ -156,6 +165,16 @@ class LocalLauncher : public Launcher {
 };
 
 }  // namespace
+
+int CountNvidiaGpus() {
+  std::error_code ec;
+  int n = 0;
+  for (const auto& e : std::filesystem::directory_iterator("/proc/driver/nvidia/gpus", ec)) {
+    (void)e;
+    ++n;
+  }
+  return ec ? 0 : n;
+}
 
 std::unique_ptr<Launcher> MakeStaticLauncher(std::vector<std::string> addresses) {
   return std::make_unique<StaticLauncher>(std::move(addresses));

@@ -2,10 +2,12 @@
 //
 // - static: a fixed list of host:port, e.g. the pods of a Kubernetes
 //   StatefulSet (stage-0.stages:9000, ...); stage i goes to server i mod N.
-// - local: starts stage_server processes on this machine, one per stage
-//   (the pool grows to the largest model's stage count), each on a port it
-//   picks itself, and waits until each accepts connections. They stop with
-//   the launcher (and with the coordinator process, if it dies).
+// - local: starts stage_server processes on this machine, each on a port it
+//   picks itself, and waits until each accepts connections. With GPUs: one
+//   server per GPU (`--device=cuda:<i>`), stage i on GPU i mod N. Without:
+//   one CPU server per stage (the pool grows to the largest model's stage
+//   count), the cores divided between them. They stop with the launcher
+//   (and with the coordinator process, if it dies).
 //
 //   std::unique_ptr<Launcher> l = MakeLocalLauncher({.binary = "stage_server"});
 //   ASSIGN_OR_RETURN(std::vector<std::string> servers, l->ServersFor(4));
@@ -41,10 +43,16 @@ struct LocalLauncherOptions {
   std::string work_dir = "/tmp";
   // Cores to divide between the servers (0: all of this machine's).
   int cores = 0;
+  // GPUs to start one server on each of (-1: every NVIDIA GPU the driver
+  // lists in /proc/driver/nvidia/gpus; 0: CPU servers only).
+  int gpus = -1;
   absl::Duration start_timeout = absl::Seconds(30);
 };
 
 std::unique_ptr<Launcher> MakeLocalLauncher(LocalLauncherOptions options);
+
+// NVIDIA GPUs the driver lists on this machine (0 without a driver).
+int CountNvidiaGpus();
 
 }  // namespace pipeserve
 
