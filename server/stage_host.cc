@@ -29,11 +29,13 @@ int64_t NowMicros() {
 }
 
 StageHost::StageHost(StageSpec spec, std::unique_ptr<StageProgram> program,
-                     size_t queue_capacity)
+                     size_t queue_capacity, int workers)
     : spec_(std::move(spec)),
       program_(std::move(program)),
       capacity_(std::max<size_t>(1, queue_capacity)) {
-  worker_ = std::thread([this] { Work(); });
+  for (int i = 0; i < std::max(1, workers); ++i) {
+    workers_.emplace_back([this] { Work(); });
+  }
 }
 
 StageHost::~StageHost() {
@@ -44,7 +46,7 @@ StageHost::~StageHost() {
     sink = sink_;
   }
   if (sink) sink->Close();  // a worker blocked in Send returns
-  worker_.join();
+  for (std::thread& w : workers_) w.join();
 }
 
 void StageHost::SetSink(std::shared_ptr<FrameSink> sink) {

@@ -20,6 +20,7 @@
 #include <functional>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/synchronization/mutex.h"
@@ -42,10 +43,14 @@ class StageHost {
   };
 
   // `queue_capacity` frames may wait; beyond that Push asks the caller to
-  // stop reading.
+  // stop reading. `workers` threads take frames from the queue, each
+  // running the program (which must allow that many concurrent Runs: see
+  // StageProgram::max_concurrent_runs). On a GPU, two workers overlap one
+  // microbatch's copies with the next one's kernels. Frames may then leave
+  // out of order; the coordinator reassembles by microbatch index.
   StageHost(StageSpec spec, std::unique_ptr<StageProgram> program,
-            size_t queue_capacity);
-  // Stops the worker; frames still queued are dropped.
+            size_t queue_capacity, int workers = 1);
+  // Stops the workers; frames still queued are dropped.
   ~StageHost();
 
   const StageSpec& spec() const { return spec_; }
@@ -80,7 +85,7 @@ class StageHost {
   absl::flat_hash_set<uint64_t> cancelled_ ABSL_GUARDED_BY(mu_);
   std::deque<uint64_t> cancelled_order_ ABSL_GUARDED_BY(mu_);
 
-  std::thread worker_;
+  std::vector<std::thread> workers_;
 };
 
 }  // namespace pipeserve

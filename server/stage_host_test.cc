@@ -1,5 +1,8 @@
 #include "server/stage_host.h"
 
+#include <atomic>
+#include <set>
+
 #include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -56,7 +59,7 @@ struct Fixture {
   std::unique_ptr<StageHost> host;
   std::shared_ptr<FakeSink> sink = std::make_shared<FakeSink>();
 
-  explicit Fixture(int stage, size_t capacity = 8) {
+  explicit Fixture(int stage, size_t capacity = 8, int workers = 1) {
     GraphBuilder b;
     b.Input("x", {-1, 4}).Input("y", {-1, 4});
     b.Op("relu", {"x"}, "a").Split().Op("add", {"a", "y"}, "out").Output("out");
@@ -68,7 +71,7 @@ struct Fixture {
     *spec.mutable_stage() = plan.stages(stage);
     for (const auto& f : routing.forward[stage]) spec.add_forward(f);
     auto prog = MakeCpuBackend({})->Compile(plan.stages(stage).graph(), model.weights);
-    host = std::make_unique<StageHost>(spec, std::move(*prog), capacity);
+    host = std::make_unique<StageHost>(spec, std::move(*prog), capacity, workers);
     host->SetSink(sink);
   }
 };
@@ -97,6 +100,44 @@ TEST(StageHostTest, ComputesAndForwardsWhatLaterStagesNeed) {
   EXPECT_EQ(got[0].tensors[1].data()[0], 0.0f);  // relu(-1)
   EXPECT_EQ(got[0].tensors[1].data()[1], 2.0f);
   EXPECT_EQ(fx.host->stats().processed, 1u);
+}
+
+// A thread-safe program that copies its input through and records how many
+// Runs overlapped.
+class SlowIdentity : public StageProgram {
+ public:
+  absl::StatusOr<std::vector<Tensor>> Run(absl::Span<const Tensor> in) override {
+    int now = ++running_;
+    int seen = max_running_.load();
+    while (now > seen && !max_running_.compare_exchange_weak(seen, now)) {}
+    absl::SleepFor(absl::Milliseconds(5));  // stands in for compute
+    --running_;
+    return std::vector<Tensor>{in[0]};
+  }
+  std::atomic<int> running_{0}, max_running_{0};
+};
+
+TEST(StageHostTest, TwoWorkersRunTwoFramesAtOnceAndProcessEachOnce) {
+  GraphBuilder b;
+  b.Input("x", {-1, 4}).Op("identity", {"x"}, "out").Output("out");
+  StageSpec spec;
+  spec.set_model("m");
+  *spec.mutable_stage() = Partition(b.Build().graph, {})->stages(0);
+  spec.add_forward("out");
+  auto program = std::make_unique<SlowIdentity>();
+  SlowIdentity* p = program.get();
+  auto sink = std::make_shared<FakeSink>();
+  StageHost host(spec, std::move(program), /*queue_capacity=*/8, /*workers=*/2);
+  host.SetSink(sink);
+  Tensor x = Tensor::Zeros({1, 4});
+  for (uint64_t id = 1; id <= 20; ++id) host.Push(DataFrame(id, {{"x", x}}), [] {});
+  std::vector<Frame> got = sink->Wait(20);
+  ASSERT_EQ(got.size(), 20u);
+  std::set<uint64_t> ids;
+  for (const Frame& f : got) ids.insert(f.header.request_id());
+  EXPECT_EQ(ids.size(), 20u);
+  EXPECT_EQ(p->max_running_.load(), 2);
+  EXPECT_EQ(host.stats().processed, 20u);
 }
 
 TEST(StageHostTest, ExpiredDeadlineIsDroppedNotComputed) {
