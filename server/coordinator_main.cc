@@ -6,7 +6,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <thread>
 
@@ -15,6 +17,7 @@
 #include "absl/strings/str_split.h"
 #include "server/coordinator_core.h"
 #include "server/kserve_service.h"
+#include "server/metrics.h"
 #include "server/model_service.h"
 #include "server/serve.h"
 
@@ -31,6 +34,8 @@ ABSL_FLAG(int, microbatches, 4, "default microbatches per request");
 ABSL_FLAG(int, max_message_mb, 256,
           "largest message accepted, MiB (at least 2: uploads come in 1 MiB chunks)");
 ABSL_FLAG(int, default_timeout_s, 60, "deadline for requests that carry none");
+ABSL_FLAG(int, metrics_port, 8002, "Prometheus GET /metrics port (0: pick one; -1: off)");
+ABSL_FLAG(std::string, metrics_port_file, "", "write the metrics port here once listening");
 
 int main(int argc, char** argv) {
   pipeserve::BlockShutdownSignals();
@@ -63,7 +68,20 @@ int main(int argc, char** argv) {
   options.default_microbatches = absl::GetFlag(FLAGS_microbatches);
   options.default_timeout = absl::Seconds(absl::GetFlag(FLAGS_default_timeout_s));
   pipeserve::Coordinator coordinator(options, *std::move(store), std::move(launcher));
-  pipeserve::KServeService kserve(&coordinator);
+  pipeserve::Metrics metrics;
+  pipeserve::MetricsHttpServer metrics_http(&metrics, [&] { return coordinator.ListModels(); });
+  if (int port = absl::GetFlag(FLAGS_metrics_port); port >= 0) {
+    absl::Status s = metrics_http.Start(absl::GetFlag(FLAGS_host), port);
+    if (!s.ok()) {
+      std::cerr << "coordinator: " << s.message() << "\n";
+      return 1;
+    }
+    if (std::string f = absl::GetFlag(FLAGS_metrics_port_file); !f.empty()) {
+      std::ofstream(f + ".tmp") << metrics_http.port() << "\n";
+      std::rename((f + ".tmp").c_str(), f.c_str());
+    }
+  }
+  pipeserve::KServeService kserve(&coordinator, &metrics);
   pipeserve::ModelServiceImpl models(&coordinator);
   std::thread loader;
   int rc = pipeserve::Serve(

@@ -167,6 +167,15 @@ grpc::Status KServeService::ModelMetadata(grpc::ServerContext*,
 absl::Status KServeService::Infer(const inference::ModelInferRequest& req, absl::Time deadline,
                                   std::function<bool()> cancelled,
                                   inference::ModelInferResponse* resp) {
+  absl::Time start = absl::Now();
+  absl::Status s = InferUnmetered(req, deadline, std::move(cancelled), resp);
+  if (metrics_ != nullptr) metrics_->RecordInference(req.model_name(), s, absl::Now() - start);
+  return s;
+}
+
+absl::Status KServeService::InferUnmetered(const inference::ModelInferRequest& req,
+                                           absl::Time deadline, std::function<bool()> cancelled,
+                                           inference::ModelInferResponse* resp) {
   RETURN_IF_ERROR(CheckVersion(req.model_name(), req.model_version()));
   ASSIGN_OR_RETURN(ModelInfo info, coordinator_->GetModel(req.model_name()));
   ASSIGN_OR_RETURN(std::vector<Tensor> inputs, ParseInputs(req, info.plan));

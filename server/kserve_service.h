@@ -9,12 +9,15 @@
 
 #include "proto/grpc_service.grpc.pb.h"
 #include "server/coordinator_core.h"
+#include "server/metrics.h"
 
 namespace pipeserve {
 
 class KServeService final : public inference::GRPCInferenceService::Service {
  public:
-  explicit KServeService(Coordinator* coordinator) : coordinator_(coordinator) {}
+  // `metrics` (may be null) counts every inference request.
+  explicit KServeService(Coordinator* coordinator, Metrics* metrics = nullptr)
+      : coordinator_(coordinator), metrics_(metrics) {}
 
   grpc::Status ServerLive(grpc::ServerContext*, const inference::ServerLiveRequest*,
                           inference::ServerLiveResponse*) override;
@@ -36,11 +39,15 @@ class KServeService final : public inference::GRPCInferenceService::Service {
                                inference::RepositoryIndexResponse*) override;
 
  private:
-  // The whole ModelInfer path without gRPC's context.
+  // The whole ModelInfer path without gRPC's context, metered.
   absl::Status Infer(const inference::ModelInferRequest& req, absl::Time deadline,
                      std::function<bool()> cancelled, inference::ModelInferResponse* resp);
+  absl::Status InferUnmetered(const inference::ModelInferRequest& req, absl::Time deadline,
+                              std::function<bool()> cancelled,
+                              inference::ModelInferResponse* resp);
 
   Coordinator* const coordinator_;
+  Metrics* const metrics_;
 };
 
 }  // namespace pipeserve

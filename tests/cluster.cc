@@ -37,7 +37,8 @@ absl::StatusOr<std::unique_ptr<CoordinatorProcess>> CoordinatorProcess::Start(
   std::vector<std::string> args = {bin, "--port=0", "--host=127.0.0.1",
                                    "--port_file=" + port_file,
                                    "--repository=" + flags.repository,
-                                   "--stage_server_binary=" + RunfilesRoot() + "/server/stage_server"};
+                                   "--stage_server_binary=" + RunfilesRoot() + "/server/stage_server",
+                                   "--metrics_port=0", "--metrics_port_file=" + dir + "/metrics_port"};
   for (const std::string& e : flags.extra) args.push_back(e);
   pid_t parent = ::getpid();
   pid_t pid = ::fork();
@@ -70,6 +71,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorProcess>> CoordinatorProcess::Start(
   }
   if (port <= 0) return absl::DeadlineExceededError("coordinator wrote no port file");
   p->address_ = absl::StrCat("127.0.0.1:", port);
+  std::ifstream(dir + "/metrics_port") >> p->metrics_port_;
   // Ready when the health check says SERVING.
   auto client = Client::Connect(p->address_, {.timeout = absl::Seconds(5)});
   if (!client.ok()) return client.status();

@@ -32,6 +32,8 @@ class CoordinatorProcess {
   ~CoordinatorProcess();
 
   const std::string& address() const { return address_; }
+  // The Prometheus endpoint's port (GET /metrics).
+  int metrics_port() const { return metrics_port_; }
   const std::string& log_path() const { return log_; }
   pid_t pid() const { return pid_; }
 
@@ -41,6 +43,7 @@ class CoordinatorProcess {
 
  private:
   pid_t pid_ = -1;
+  int metrics_port_ = 0;
   std::string address_, log_;
 };
 

@@ -59,6 +59,13 @@ class DeployTest(unittest.TestCase):
         self.assertEqual(find(self.coord, "Service")["spec"]["ports"][0]["targetPort"],
                          int(flag(d["args"], "port")))
 
+    def test_prometheus_scrapes_the_metrics_port(self):
+        tmpl = find(self.coord, "Deployment")["spec"]["template"]
+        port = flag(tmpl["spec"]["containers"][0]["args"], "metrics_port")
+        self.assertEqual(tmpl["metadata"]["annotations"]["prometheus.io/port"], port)
+        ports = {p["name"]: p["targetPort"] for p in find(self.coord, "Service")["spec"]["ports"]}
+        self.assertEqual(ports["metrics"], int(port))
+
     def test_model_repository_is_on_the_persistent_volume(self):
         spec = find(self.coord, "Deployment")["spec"]["template"]["spec"]
         mount = spec["containers"][0]["volumeMounts"][0]

@@ -19,6 +19,7 @@
 #include "tests/cluster.h"
 #include "tests/compare.h"
 #include "tests/fixtures.h"
+#include "tests/http_get.h"
 
 namespace pipeserve {
 namespace {
@@ -388,6 +389,19 @@ TEST_F(ServingTest, ClientCancellationReachesTheStages) {
   }
   EXPECT_GT(dropped, dropped_before) << "no stage dropped the cancelled request's frames";
   ExpectStillServing();
+}
+
+TEST_F(ServingTest, PrometheusMetricsCountRequestsByModelAndCode) {
+  Fixture f = Load("multi_mlp");
+  ASSERT_TRUE(client_->Infer("multi_mlp", Named(f)).ok());
+  client_->Infer("metrics_unknown", Named(f)).IgnoreError();
+  std::string text = HttpGet(coordinator_->metrics_port(), "/metrics");
+  EXPECT_THAT(text, HasSubstr("HTTP/1.1 200 OK"));
+  EXPECT_THAT(text, HasSubstr("pipeserve_inference_requests_total{model=\"multi_mlp\",code=\"OK\"} "));
+  EXPECT_THAT(text, HasSubstr(
+      "pipeserve_inference_requests_total{model=\"metrics_unknown\",code=\"NOT_FOUND\"} 1\n"));
+  EXPECT_THAT(text, HasSubstr("pipeserve_model_ready{model=\"multi_mlp\"} 1\n"));
+  EXPECT_THAT(text, HasSubstr("pipeserve_model_stages{model=\"example_code\"} 4\n"));
 }
 
 TEST_F(ServingTest, KServeMetadataReadinessAndRepositoryIndex) {
