@@ -36,6 +36,7 @@
 #include "partitioner/graph_builder.h"
 #include "runtime/model_file.h"
 #include "runtime/npy.h"
+#include "runtime/backends.h"
 #include "server/coordinator_core.h"
 #include "server/frame_stream.h"
 #include "server/stage_service.h"
@@ -132,10 +133,25 @@ struct StageServer {
   std::string address;
 };
 
+// --device: where the in-process stage servers compute (cpu, cuda:0, ...).
+std::string g_device = "cpu";
+// --fixtures: an ExampleCode export (DIR/example_code/...) to use instead
+// of exporting one with PyTorch here.
+std::string g_fixtures;
+
 StageServer StartStageServer(int threads) {
   StageServer s;
   StageServiceOptions o;
   o.default_threads = threads;
+  if (g_device != "cpu") {
+    auto backend = MakeBackend(g_device, {});
+    if (!backend.ok()) {
+      std::printf("--device=%s: %s\n", g_device.c_str(),
+                  std::string(backend.status().message()).c_str());
+      std::exit(1);
+    }
+    o.backend = std::shared_ptr<ComputeBackend>(*std::move(backend));
+  }
   s.service = std::make_unique<StageServiceImpl>(o);
   grpc::ServerBuilder b;
   int port = 0;
@@ -319,19 +335,26 @@ void Pipelining() {
 
 
 void ExampleCodeEndToEnd() {
-  std::printf("\n4. ExampleCode, batch 256, 4 stages (1 GEMM thread each, 2 cores),\n"
-              "   16 microbatches, 4 clients\n");
-  std::string dir = absl::StrCat(std::filesystem::temp_directory_path().string(),
-                                 "/pipeserve_bench_ec_", ::getpid());
-  std::string cmd = absl::StrCat("/usr/bin/python3 tests/pytorch/make_fixtures.py --out ", dir,
-                                 " --case example_code --batch 256 > /dev/null");
-  if (std::system(cmd.c_str()) != 0) {
-    std::printf("exporting ExampleCode failed\n");
-    return;
+  std::printf("\n4. ExampleCode, batch 256, 4 stages (%s), 16 microbatches, 4 clients\n",
+              g_device == "cpu" ? "1 GEMM thread each" : g_device.c_str());
+  std::string dir = g_fixtures;
+  if (dir.empty()) {
+    dir = absl::StrCat(std::filesystem::temp_directory_path().string(), "/pipeserve_bench_ec_",
+                       ::getpid());
+    std::string cmd = absl::StrCat("/usr/bin/python3 tests/pytorch/make_fixtures.py --out ", dir,
+                                   " --case example_code --batch 256 > /dev/null");
+    if (std::system(cmd.c_str()) != 0) {
+      std::printf("exporting ExampleCode failed\n");
+      return;
+    }
   }
   auto model = ReadModelFile(dir + "/example_code/model.psm");
   auto x = ReadNpy(dir + "/example_code/in_x.npy");
   auto y = ReadNpy(dir + "/example_code/in_y.npy");
+  if (!model.ok() || !x.ok() || !y.ok()) {
+    std::printf("cannot load ExampleCode from %s\n", dir.c_str());
+    return;
+  }
   Cluster four(4, 1);
   four.Upload("ec", *model, 16);
   double rps = Throughput(*four.coordinator, "ec", {*x, *y}, 4, 25);
@@ -345,19 +368,37 @@ void ExampleCodeEndToEnd() {
   double t2 = TorchMedianMs("/usr/bin/python3 bench/torch_eager.py --batch 256 --threads 2 --iters 50");
   double t2s = TorchMedianMs(
       "OPENBLAS_CORETYPE=SkylakeX /usr/bin/python3 bench/torch_eager.py --batch 256 --threads 2 --iters 50");
+  auto row = [](const char* name, double ms) {
+    if (ms > 0) {
+      std::printf("%-44s %10.1f %12.2f\n", name, 1e3 / ms, ms);
+    } else {
+      std::printf("%-44s %10s %12s\n", name, "n/a", "n/a");
+    }
+  };
   std::printf("%-44s %10s %12s\n", "", "batch/s", "latency ms");
   std::printf("%-44s %10.1f %12.2f\n", "pipeserve, 4 stages over gRPC", rps, Median(lat));
-  std::printf("%-44s %10.1f %12.2f\n", "PyTorch eager, 1 thread", 1e3 / t1, t1);
-  std::printf("%-44s %10.1f %12.2f\n", "PyTorch eager, 2 threads", 1e3 / t2, t2);
-  std::printf("%-44s %10.1f %12.2f\n", "PyTorch eager, 2 threads, OpenBLAS SkylakeX", 1e3 / t2s, t2s);
-  std::filesystem::remove_all(dir);
+  row("PyTorch eager (CPU), 1 thread", t1);
+  row("PyTorch eager (CPU), 2 threads", t2);
+  row("PyTorch eager (CPU), 2 threads, OpenBLAS SkylakeX", t2s);
+  if (g_fixtures.empty()) std::filesystem::remove_all(dir);
 }
 
 }  // namespace
 }  // namespace pipeserve
 
 int main(int argc, char** argv) {
-  std::string only = argc > 1 ? argv[1] : "";
+  std::string only;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a.rfind("--device=", 0) == 0) {
+      pipeserve::g_device = a.substr(9);
+    } else if (a.rfind("--fixtures=", 0) == 0) {
+      pipeserve::g_fixtures = a.substr(11);
+    } else {
+      only = a;
+    }
+  }
+  std::printf("stage servers compute on: %s\n", pipeserve::g_device.c_str());
   if (only.empty() || only == "hop") pipeserve::HopLatency();
   if (only.empty() || only == "large") pipeserve::LargeActivation();
   if (only.empty() || only == "pipeline") pipeserve::Pipelining();
