@@ -23,11 +23,20 @@
 
 namespace pipeserve {
 
-// A compiled stage. Thread-compatible: one Run at a time per program (a
-// stage server runs each program on its own worker thread).
+// A compiled stage. One Run at a time per program (a stage server runs each
+// program on its own worker thread), unless max_concurrent_runs() says more.
 class StageProgram {
  public:
   virtual ~StageProgram() = default;
+
+  // How many Run calls may be in flight at once, from as many threads. Each
+  // call is independent (its own inputs and outputs, results as if the
+  // calls ran one after another), so a caller may run microbatch i+1 while
+  // i is still running: a GPU program then overlaps one's copies with the
+  // other's compute. Never make more concurrent calls than this (the CUDA
+  // program blocks the extra ones until a run ends, others need not).
+  // 1, the default: thread-compatible only, as described above.
+  virtual int max_concurrent_runs() const { return 1; }
 
   // Runs the stage on host tensors given in the order of the stage graph's
   // inputs; returns host tensors in the order of its outputs. The batch

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "runtime/device_plan.h"
+#include "runtime/device_slots.h"
 #include "runtime/signature.h"
 
 namespace pipeserve {
@@ -26,11 +27,17 @@ float TruncateToTf32(float f) {
 
 class EmulatedProgram : public StageProgram {
  public:
-  explicit EmulatedProgram(LoweredStage stage) : stage_(std::move(stage)) {
+  EmulatedProgram(LoweredStage stage, int concurrent_runs)
+      : stage_(std::move(stage)), slots_(concurrent_runs, [] {
+          return absl::StatusOr<std::unique_ptr<Arenas>>(
+              std::make_unique<Arenas>());
+        }) {
     weights_.resize(stage_.weight_bytes());
     stage_.FillWeights(weights_.data());
     stage_.ReleaseWeights();  // as the CUDA program does after its upload
   }
+
+  int max_concurrent_runs() const override { return slots_.max_slots(); }
 
   absl::StatusOr<std::vector<Tensor>> Run(
       absl::Span<const Tensor> inputs) override {
@@ -39,46 +46,60 @@ class EmulatedProgram : public StageProgram {
     std::vector<Shape> shapes;
     for (const Tensor& t : inputs) shapes.push_back(t.shape());
     ASSIGN_OR_RETURN(DevicePlan plan, stage_.Plan(shapes));
+    // Per-run arenas, as the CUDA program's slots; the weights are shared.
+    ASSIGN_OR_RETURN(SlotPool<Arenas>::Lease a, slots_.Acquire());
     // NaN everywhere a run should write.
-    act_.assign(plan.activation_bytes, '\xff');
-    in_.assign(plan.staging_in_bytes, '\xff');
-    out_.assign(plan.staging_out_bytes, '\xff');
-    StageInputs(plan, inputs, in_.data());
-    for (const DeviceOp& op : plan.ops) Execute(op);
+    a->act.assign(plan.activation_bytes, '\xff');
+    a->in.assign(plan.staging_in_bytes, '\xff');
+    a->out.assign(plan.staging_out_bytes, '\xff');
+    StageInputs(plan, inputs, a->in.data());
+    for (const DeviceOp& op : plan.ops) Execute(*a, op);
     std::vector<Tensor> outputs;
-    UnstageOutputs(plan, out_.data(), &outputs);
+    UnstageOutputs(plan, a->out.data(), &outputs);
     return outputs;
   }
 
  private:
-  char* Ptr(const BufferRef& r) {
-    switch (r.arena) {
-      case Arena::kWeights:
-        return weights_.data() + r.offset;
-      case Arena::kActivations:
-        return act_.data() + r.offset;
-      case Arena::kStagingIn:
-        return in_.data() + r.offset;
-      case Arena::kStagingOut:
-        return out_.data() + r.offset;
-    }
-    return nullptr;
-  }
-  float* F(const BufferRef& r) { return reinterpret_cast<float*>(Ptr(r)); }
-  uint16_t* H(const BufferRef& r) {
-    return reinterpret_cast<uint16_t*>(Ptr(r));
-  }
+  struct Arenas {
+    std::vector<char> act, in, out;
+  };
 
-  float Load(const BufferRef& r, DType t, int64_t i) {
-    return t == DType::kBF16 ? Bf16ToFloat(H(r)[i]) : F(r)[i];
-  }
-  void Store(const BufferRef& r, DType t, int64_t i, float v) {
-    if (t == DType::kBF16) {
-      H(r)[i] = FloatToBf16(v);
-    } else {
-      F(r)[i] = t == DType::kTF32 ? RoundToTf32(v) : v;
+  // Each run's view: the shared weights and its slot's arenas.
+  struct View {
+    const std::vector<char>* weights;
+    Arenas* a;
+
+    char* Ptr(const BufferRef& r) const {
+      switch (r.arena) {
+        case Arena::kWeights:
+          // Only ever read (bias, GEMM operands).
+          return const_cast<char*>(weights->data()) + r.offset;
+        case Arena::kActivations:
+          return a->act.data() + r.offset;
+        case Arena::kStagingIn:
+          return a->in.data() + r.offset;
+        case Arena::kStagingOut:
+          return a->out.data() + r.offset;
+      }
+      return nullptr;
     }
-  }
+    float* F(const BufferRef& r) const {
+      return reinterpret_cast<float*>(Ptr(r));
+    }
+    uint16_t* H(const BufferRef& r) const {
+      return reinterpret_cast<uint16_t*>(Ptr(r));
+    }
+    float Load(const BufferRef& r, DType t, int64_t i) const {
+      return t == DType::kBF16 ? Bf16ToFloat(H(r)[i]) : F(r)[i];
+    }
+    void Store(const BufferRef& r, DType t, int64_t i, float v) const {
+      if (t == DType::kBF16) {
+        H(r)[i] = FloatToBf16(v);
+      } else {
+        F(r)[i] = t == DType::kTF32 ? RoundToTf32(v) : v;
+      }
+    }
+  };
 
   static float Apply(ElementwiseOp op, float a, float b) {
     switch (op) {
@@ -92,7 +113,16 @@ class EmulatedProgram : public StageProgram {
     return 0;
   }
 
-  void Execute(const DeviceOp& op) {
+  void Execute(Arenas& arenas, const DeviceOp& op) const {
+    const View view{&weights_, &arenas};
+    auto Ptr = [&](const BufferRef& r) { return view.Ptr(r); };
+    auto F = [&](const BufferRef& r) { return view.F(r); };
+    auto Load = [&](const BufferRef& r, DType t, int64_t i) {
+      return view.Load(r, t, i);
+    };
+    auto Store = [&](const BufferRef& r, DType t, int64_t i, float x) {
+      view.Store(r, t, i, x);
+    };
     switch (op.type) {
       case DeviceOp::Type::kCopyIn:
       case DeviceOp::Type::kCopy:
@@ -162,12 +192,14 @@ class EmulatedProgram : public StageProgram {
   }
 
   LoweredStage stage_;
-  std::vector<char> weights_, act_, in_, out_;
+  std::vector<char> weights_;  // read only after construction
+  SlotPool<Arenas> slots_;
 };
 
 class EmulatorBackend : public ComputeBackend {
  public:
-  explicit EmulatorBackend(Precision p) : precision_(p) {}
+  EmulatorBackend(Precision p, int concurrent_runs)
+      : precision_(p), concurrent_runs_(concurrent_runs) {}
   std::string Name() const override {
     return absl::StrCat("device_emulator_", PrecisionName(precision_));
   }
@@ -175,17 +207,20 @@ class EmulatorBackend : public ComputeBackend {
       const Graph& graph, const WeightMap& weights) override {
     ASSIGN_OR_RETURN(LoweredStage stage,
                      LoweredStage::Create(graph, weights, precision_));
-    return std::unique_ptr<StageProgram>(new EmulatedProgram(std::move(stage)));
+    return std::unique_ptr<StageProgram>(
+        new EmulatedProgram(std::move(stage), concurrent_runs_));
   }
 
  private:
   const Precision precision_;
+  const int concurrent_runs_;
 };
 
 }  // namespace
 
-std::unique_ptr<ComputeBackend> MakeDeviceEmulatorBackend(Precision precision) {
-  return std::make_unique<EmulatorBackend>(precision);
+std::unique_ptr<ComputeBackend> MakeDeviceEmulatorBackend(Precision precision,
+                                                          int concurrent_runs) {
+  return std::make_unique<EmulatorBackend>(precision, concurrent_runs);
 }
 
 }  // namespace pipeserve

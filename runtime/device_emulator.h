@@ -17,8 +17,11 @@
 namespace pipeserve {
 
 // Activation and output staging arenas are NaN-filled before every run, so
-// an element no op writes shows up in the outputs.
-std::unique_ptr<ComputeBackend> MakeDeviceEmulatorBackend(Precision precision);
+// an element no op writes shows up in the outputs. Its programs take up to
+// `concurrent_runs` Run calls at once (max_concurrent_runs()), each on its
+// own arenas with the weights shared, as the CUDA program's slots.
+std::unique_ptr<ComputeBackend> MakeDeviceEmulatorBackend(
+    Precision precision, int concurrent_runs = 1);
 
 }  // namespace pipeserve
 
