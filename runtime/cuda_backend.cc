@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <utility>
 
@@ -14,6 +15,7 @@
 #include "runtime/cuda_kernels.h"
 #include "runtime/cuda_status.h"
 #include "runtime/device_plan.h"
+#include "runtime/device_slots.h"
 #include "runtime/signature.h"
 
 namespace pipeserve {
@@ -190,6 +192,39 @@ absl::StatusOr<std::unique_ptr<LtGemm>> MakeLtGemm(cublasLtHandle_t lt,
   return out;
 }
 
+// Buffers, cuBLASLt descriptors and graphs for one set of input shapes, on
+// one slot.
+struct ShapeEntry {
+  DevicePlan plan;
+  DeviceBuffer activations;
+  PinnedBuffer staging_in, staging_out;
+  std::vector<std::unique_ptr<LtGemm>> gemms;  // per op; null but for GEMMs
+  GraphExec full;                              // the whole run, copies included
+  GraphExec compute;                           // compute only (benchmarks)
+  std::vector<Tensor> outputs;  // last run's, reused once released
+  int64_t runs = 0;
+  uint64_t last_used = 0;
+};
+
+// One concurrent run's resources (see SlotPool): a stream, cuBLASLt and
+// cuBLAS handles with their workspace, and the per-shape plans, buffers and
+// graphs. A program's slots share only its weights.
+struct Slot {
+  // Declared first, destroyed last: everything below is used on it.
+  Stream stream;
+  LtHandle lt;
+  DeviceBuffer workspace;
+  BlasHandle blas;
+  std::vector<std::unique_ptr<ShapeEntry>> cache;
+  uint64_t clock = 0;
+  ~Slot();
+};
+
+Slot::~Slot() {
+  // Nothing may still use the buffers freed after this body.
+  if (stream != nullptr) cudaStreamSynchronize(stream.get());
+}
+
 class CudaProgram : public CudaStageProgram {
  public:
   static absl::StatusOr<std::unique_ptr<CudaProgram>> Create(
@@ -201,32 +236,44 @@ class CudaProgram : public CudaStageProgram {
   }
 
   ~CudaProgram() override {
-    // Members are destroyed after this body, with the device current.
+    // Members (the slots first, then the weights) are destroyed after this
+    // body, with the device current; no Run may be in flight.
     cudaSetDevice(options_.device);
-    if (stream_ != nullptr) cudaStreamSynchronize(stream_.get());
   }
+
+  int max_concurrent_runs() const override { return slots_.max_slots(); }
 
   absl::StatusOr<std::vector<Tensor>> Run(
       absl::Span<const Tensor> inputs) override {
     CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device));
     RETURN_IF_ERROR(
         CheckTensorsMatch(stage_.graph().inputs(), inputs).status());
-    ASSIGN_OR_RETURN(ShapeEntry * e, EntryFor(inputs));
-    RETURN_IF_ERROR(RunEntry(e, inputs));
-    return e->outputs;
+    ASSIGN_OR_RETURN(SlotPool<Slot>::Lease slot, slots_.Acquire());
+    ASSIGN_OR_RETURN(ShapeEntry * e, EntryFor(*slot, inputs));
+    RETURN_IF_ERROR(RunEntry(*slot, e, inputs));
+    return e->outputs;  // copied while the slot is still ours
   }
 
   Stats stats() const override {
+    std::lock_guard<std::mutex> lock(stats_mu_);
     Stats s = stats_;
     s.fused_relus = stage_.fused_relus();
+    s.slots = slots_.slots_made();
     return s;
   }
 
   absl::StatusOr<std::vector<double>> TimeDeviceWork(
       absl::Span<const Tensor> inputs, int iters,
       bool include_copies) override {
-    RETURN_IF_ERROR(Run(inputs).status());  // plans, stages and warms up
-    ASSIGN_OR_RETURN(ShapeEntry * e, EntryFor(inputs));
+    CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device));
+    RETURN_IF_ERROR(
+        CheckTensorsMatch(stage_.graph().inputs(), inputs).status());
+    // One slot for the whole call: the warm-up run and the timed work.
+    ASSIGN_OR_RETURN(SlotPool<Slot>::Lease slot, slots_.Acquire());
+    // Plans, stages and warms up.
+    ASSIGN_OR_RETURN(ShapeEntry * e, EntryFor(*slot, inputs));
+    RETURN_IF_ERROR(RunEntry(*slot, e, inputs));
+    cudaStream_t stream = slot->stream.get();
     const size_t begin = include_copies ? 0 : e->plan.compute_begin;
     const size_t end =
         include_copies ? e->plan.ops.size() : e->plan.compute_end;
@@ -235,11 +282,11 @@ class CudaProgram : public CudaStageProgram {
     const bool poison = include_copies && options_.poison_buffers;
     cudaGraphExec_t exec = nullptr;
     if (options_.use_cuda_graphs) {
-      GraphExec& slot = include_copies ? e->full : e->compute;
-      if (slot == nullptr) {
-        ASSIGN_OR_RETURN(slot, Capture(*e, begin, end, poison));
+      GraphExec& g = include_copies ? e->full : e->compute;
+      if (g == nullptr) {
+        ASSIGN_OR_RETURN(g, Capture(*slot, *e, begin, end, poison));
       }
-      exec = slot.get();
+      exec = g.get();
     }
     std::vector<Event> events;
     for (int i = 0; i <= iters; ++i) {
@@ -249,20 +296,19 @@ class CudaProgram : public CudaStageProgram {
     }
     absl::Status status;
     for (int i = 0; i < iters && status.ok(); ++i) {
-      status = CudaStatus(cudaEventRecord(events[i].get(), stream_.get()),
+      status = CudaStatus(cudaEventRecord(events[i].get(), stream),
                           "cudaEventRecord");
       if (!status.ok()) break;
-      status = exec != nullptr
-                   ? CudaStatus(cudaGraphLaunch(exec, stream_.get()),
-                                "cudaGraphLaunch")
-                   : Enqueue(*e, begin, end, poison);
+      status = exec != nullptr ? CudaStatus(cudaGraphLaunch(exec, stream),
+                                            "cudaGraphLaunch")
+                               : Enqueue(*slot, *e, begin, end, poison);
     }
     if (status.ok()) {
-      status = CudaStatus(cudaEventRecord(events[iters].get(), stream_.get()),
+      status = CudaStatus(cudaEventRecord(events[iters].get(), stream),
                           "cudaEventRecord");
     }
-    absl::Status sync = CudaStatus(cudaStreamSynchronize(stream_.get()),
-                                   "cudaStreamSynchronize");
+    absl::Status sync =
+        CudaStatus(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
     RETURN_IF_ERROR(status);
     RETURN_IF_ERROR(sync);
     std::vector<double> ms;
@@ -276,41 +322,15 @@ class CudaProgram : public CudaStageProgram {
   }
 
  private:
-  // Buffers, cuBLASLt descriptors and graphs for one set of input shapes.
-  struct ShapeEntry {
-    DevicePlan plan;
-    DeviceBuffer activations;
-    PinnedBuffer staging_in, staging_out;
-    std::vector<std::unique_ptr<LtGemm>> gemms;  // per op; null but for GEMMs
-    GraphExec full;               // the whole run, copies included
-    GraphExec compute;            // compute only (benchmarks)
-    std::vector<Tensor> outputs;  // last run's, reused once released
-    int64_t runs = 0;
-    uint64_t last_used = 0;
-  };
-
   CudaProgram(LoweredStage stage, const CudaBackendOptions& options)
-      : stage_(std::move(stage)), options_(options) {}
+      : stage_(std::move(stage)),
+        options_(options),
+        slots_(options.concurrent_runs, [this] { return MakeSlot(); }) {}
 
   absl::Status Init() {
     CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device));
-    cudaStream_t s = nullptr;
-    CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-    stream_.reset(s);
-    cublasLtHandle_t lt = nullptr;
-    CUBLAS_RETURN_IF_ERROR(cublasLtCreate(&lt));
-    lt_.reset(lt);
-    ASSIGN_OR_RETURN(workspace_, AllocDevice(options_.workspace_bytes));
-    // cuBLAS proper, for GEMMs cuBLASLt has no algorithm for; with its
-    // workspace set it allocates nothing, so its calls can be captured.
-    cublasHandle_t blas = nullptr;
-    CUBLAS_RETURN_IF_ERROR(cublasCreate(&blas));
-    blas_.reset(blas);
-    CUBLAS_RETURN_IF_ERROR(cublasSetStream(blas, stream_.get()));
-    CUBLAS_RETURN_IF_ERROR(cublasSetWorkspace(
-        blas, workspace_.get(), static_cast<size_t>(options_.workspace_bytes)));
     // Weights go up once, in the dtypes the plans read; the host copies
-    // are released.
+    // are released. Every slot reads them.
     std::vector<char> image(stage_.weight_bytes());
     stage_.FillWeights(image.data());
     ASSIGN_OR_RETURN(weights_, AllocDevice(stage_.weight_bytes()));
@@ -319,7 +339,33 @@ class CudaProgram : public CudaStageProgram {
                                       image.size(), cudaMemcpyHostToDevice));
     }
     stage_.ReleaseWeights();
+    // The first slot now, so a device without room for its workspace
+    // fails Compile; the others when concurrent runs first need them.
+    ASSIGN_OR_RETURN(SlotPool<Slot>::Lease first, slots_.Acquire());
     return absl::OkStatus();
+  }
+
+  // Called by the pool on the thread that needs the slot, whose device is
+  // already current (Init, Run and TimeDeviceWork set it).
+  absl::StatusOr<std::unique_ptr<Slot>> MakeSlot() {
+    auto slot = std::make_unique<Slot>();
+    cudaStream_t s = nullptr;
+    CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    slot->stream.reset(s);
+    cublasLtHandle_t lt = nullptr;
+    CUBLAS_RETURN_IF_ERROR(cublasLtCreate(&lt));
+    slot->lt.reset(lt);
+    ASSIGN_OR_RETURN(slot->workspace, AllocDevice(options_.workspace_bytes));
+    // cuBLAS proper, for GEMMs cuBLASLt has no algorithm for; with its
+    // workspace set it allocates nothing, so its calls can be captured.
+    cublasHandle_t blas = nullptr;
+    CUBLAS_RETURN_IF_ERROR(cublasCreate(&blas));
+    slot->blas.reset(blas);
+    CUBLAS_RETURN_IF_ERROR(cublasSetStream(blas, s));
+    CUBLAS_RETURN_IF_ERROR(
+        cublasSetWorkspace(blas, slot->workspace.get(),
+                           static_cast<size_t>(options_.workspace_bytes)));
+    return slot;
   }
 
   char* Address(const ShapeEntry& e, const BufferRef& r) const {
@@ -339,14 +385,20 @@ class CudaProgram : public CudaStageProgram {
     return reinterpret_cast<float*>(Address(e, r));
   }
 
-  // The cached entry for these input shapes, or a new one (evicting the
-  // least recently used beyond max_cached_shapes).
-  absl::StatusOr<ShapeEntry*> EntryFor(absl::Span<const Tensor> inputs) {
+  void Count(int64_t Stats::*counter, int64_t n = 1) {
+    std::lock_guard<std::mutex> lock(stats_mu_);
+    stats_.*counter += n;
+  }
+
+  // The slot's cached entry for these input shapes, or a new one (evicting
+  // the least recently used beyond max_cached_shapes).
+  absl::StatusOr<ShapeEntry*> EntryFor(Slot& slot,
+                                       absl::Span<const Tensor> inputs) {
     std::vector<Shape> shapes;
     for (const Tensor& t : inputs) shapes.push_back(t.shape());
-    for (auto& e : cache_) {
+    for (auto& e : slot.cache) {
       if (e->plan.input_shapes == shapes) {
-        e->last_used = ++clock_;
+        e->last_used = ++slot.clock;
         return e.get();
       }
     }
@@ -357,33 +409,37 @@ class CudaProgram : public CudaStageProgram {
     ASSIGN_OR_RETURN(e->staging_in, AllocPinned(e->plan.staging_in_bytes));
     ASSIGN_OR_RETURN(e->staging_out, AllocPinned(e->plan.staging_out_bytes));
     e->gemms.resize(e->plan.ops.size());
+    int64_t fallbacks = 0;
     for (size_t i = 0; i < e->plan.ops.size(); ++i) {
       const DeviceOp& op = e->plan.ops[i];
       if (op.type != DeviceOp::Type::kGemm) continue;
       const void* bias = op.gemm.has_bias ? Address(*e, op.gemm.bias) : nullptr;
       absl::StatusOr<std::unique_ptr<LtGemm>> g =
-          MakeLtGemm(lt_.get(), op.gemm, bias, options_.workspace_bytes,
+          MakeLtGemm(slot.lt.get(), op.gemm, bias, options_.workspace_bytes,
                      options_.use_cublaslt);
       if (!g.ok()) return AtNode(g.status(), op.node);
-      if ((*g)->fallback) ++stats_.gemm_fallbacks;
+      if ((*g)->fallback) ++fallbacks;
       e->gemms[i] = *std::move(g);
     }
-    ++stats_.plans_built;
-    if (cache_.size() >=
+    Count(&Stats::gemm_fallbacks, fallbacks);
+    Count(&Stats::plans_built);
+    if (slot.cache.size() >=
         static_cast<size_t>(std::max(options_.max_cached_shapes, 1))) {
-      auto lru = std::min_element(cache_.begin(), cache_.end(),
+      auto lru = std::min_element(slot.cache.begin(), slot.cache.end(),
                                   [](const auto& a, const auto& b) {
                                     return a->last_used < b->last_used;
                                   });
-      cache_.erase(lru);  // the stream is idle between runs
+      slot.cache.erase(lru);  // the slot's stream is idle between runs
     }
-    e->last_used = ++clock_;
-    cache_.push_back(std::move(e));
-    return cache_.back().get();
+    e->last_used = ++slot.clock;
+    slot.cache.push_back(std::move(e));
+    return slot.cache.back().get();
   }
 
-  absl::Status RunEntry(ShapeEntry* e, absl::Span<const Tensor> inputs) {
+  absl::Status RunEntry(Slot& slot, ShapeEntry* e,
+                        absl::Span<const Tensor> inputs) {
     const DevicePlan& plan = e->plan;
+    cudaStream_t stream = slot.stream.get();
     StageInputs(plan, inputs, e->staging_in.get());
     if (options_.poison_buffers) {
       std::memset(e->staging_out.get(), 0xff, plan.staging_out_bytes);
@@ -394,60 +450,65 @@ class CudaProgram : public CudaStageProgram {
     if (options_.use_cuda_graphs && e->runs > 0) {
       if (e->full == nullptr) {
         absl::StatusOr<GraphExec> g =
-            Capture(*e, 0, plan.ops.size(), options_.poison_buffers);
+            Capture(slot, *e, 0, plan.ops.size(), options_.poison_buffers);
         if (!g.ok()) return g.status();
         e->full = *std::move(g);
       }
-      status = CudaStatus(cudaGraphLaunch(e->full.get(), stream_.get()),
-                          "cudaGraphLaunch");
-      if (status.ok()) ++stats_.graph_launches;
+      status =
+          CudaStatus(cudaGraphLaunch(e->full.get(), stream), "cudaGraphLaunch");
+      if (status.ok()) Count(&Stats::graph_launches);
     } else {
-      status = Enqueue(*e, 0, plan.ops.size(), options_.poison_buffers);
+      status = Enqueue(slot, *e, 0, plan.ops.size(), options_.poison_buffers);
     }
     // Wait even after an error: nothing may still read the staging buffers.
-    absl::Status sync = CudaStatus(cudaStreamSynchronize(stream_.get()),
-                                   "cudaStreamSynchronize");
+    absl::Status sync =
+        CudaStatus(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
     RETURN_IF_ERROR(status);
     RETURN_IF_ERROR(sync);
     UnstageOutputs(plan, e->staging_out.get(), &e->outputs);
     ++e->runs;
-    ++stats_.runs;
+    Count(&Stats::runs);
     return absl::OkStatus();
   }
 
   // Captures ops [begin, end) (after a poisoning memset) into a graph.
-  absl::StatusOr<GraphExec> Capture(const ShapeEntry& e, size_t begin,
-                                    size_t end, bool poison) {
-    CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(
-        stream_.get(), cudaStreamCaptureModeThreadLocal));
-    absl::Status status = Enqueue(e, begin, end, poison);
+  // Thread-local capture mode: other slots' threads may allocate, free and
+  // launch meanwhile.
+  absl::StatusOr<GraphExec> Capture(Slot& slot, const ShapeEntry& e,
+                                    size_t begin, size_t end, bool poison) {
+    cudaStream_t stream = slot.stream.get();
+    CUDA_RETURN_IF_ERROR(
+        cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    absl::Status status = Enqueue(slot, e, begin, end, poison);
     cudaGraph_t graph = nullptr;
-    cudaError_t ended = cudaStreamEndCapture(stream_.get(), &graph);
+    cudaError_t ended = cudaStreamEndCapture(stream, &graph);
     Graph_ owned(graph);
     RETURN_IF_ERROR(status);
     RETURN_IF_ERROR(CudaStatus(ended, "cudaStreamEndCapture(stream, &graph)"));
     cudaGraphExec_t exec = nullptr;
     CUDA_RETURN_IF_ERROR(cudaGraphInstantiate(&exec, graph, 0));
-    ++stats_.graphs_captured;
+    Count(&Stats::graphs_captured);
     return GraphExec(exec);
   }
 
-  // Enqueues ops [begin, end) of `e`'s plan on the stream.
-  absl::Status Enqueue(const ShapeEntry& e, size_t begin, size_t end,
-                       bool poison) {
+  // Enqueues ops [begin, end) of `e`'s plan on the slot's stream.
+  absl::Status Enqueue(Slot& slot, const ShapeEntry& e, size_t begin,
+                       size_t end, bool poison) {
     if (poison && e.plan.activation_bytes > 0) {
-      CUDA_RETURN_IF_ERROR(cudaMemsetAsync(
-          e.activations.get(), 0xff, e.plan.activation_bytes, stream_.get()));
+      CUDA_RETURN_IF_ERROR(cudaMemsetAsync(e.activations.get(), 0xff,
+                                           e.plan.activation_bytes,
+                                           slot.stream.get()));
     }
     for (size_t i = begin; i < end; ++i) {
       const DeviceOp& op = e.plan.ops[i];
-      RETURN_IF_ERROR(AtNode(EnqueueOp(e, i, op), op.node));
+      RETURN_IF_ERROR(AtNode(EnqueueOp(slot, e, i, op), op.node));
     }
     return absl::OkStatus();
   }
 
-  absl::Status EnqueueOp(const ShapeEntry& e, size_t i, const DeviceOp& op) {
-    cudaStream_t s = stream_.get();
+  absl::Status EnqueueOp(Slot& slot, const ShapeEntry& e, size_t i,
+                         const DeviceOp& op) {
+    cudaStream_t s = slot.stream.get();
     switch (op.type) {
       case DeviceOp::Type::kCopyIn:
         CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(Address(e, op.dst),
@@ -480,19 +541,20 @@ class CudaProgram : public CudaStageProgram {
         void* d = Address(e, g.d);
         if (lt.fallback) {
           CUBLAS_RETURN_IF_ERROR(cublasGemmEx(
-              blas_.get(), g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N,
-              g.m, g.n, g.k, &alpha, Address(e, g.a), CudaType(g.ab_type),
-              g.lda, Address(e, g.b), CudaType(g.ab_type), g.ldb, &beta, d,
-              CudaType(g.d_type), g.ldd, ComputeType(g), CUBLAS_GEMM_DEFAULT));
+              slot.blas.get(), g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+              CUBLAS_OP_N, g.m, g.n, g.k, &alpha, Address(e, g.a),
+              CudaType(g.ab_type), g.lda, Address(e, g.b), CudaType(g.ab_type),
+              g.ldb, &beta, d, CudaType(g.d_type), g.ldd, ComputeType(g),
+              CUBLAS_GEMM_DEFAULT));
           CUDA_RETURN_IF_ERROR(LaunchBiasRelu(
               d, g.d_type == DType::kBF16, g.has_bias ? F(e, g.bias) : nullptr,
               g.m, g.n, g.ldd, g.relu, s));
           return absl::OkStatus();
         }
         CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(
-            lt_.get(), lt.desc.get(), &alpha, Address(e, g.a), lt.a.get(),
+            slot.lt.get(), lt.desc.get(), &alpha, Address(e, g.a), lt.a.get(),
             Address(e, g.b), lt.b.get(), &beta, d, lt.d.get(), d, lt.d.get(),
-            &lt.algo, workspace_.get(),
+            &lt.algo, slot.workspace.get(),
             static_cast<size_t>(options_.workspace_bytes), s));
         return absl::OkStatus();
       }
@@ -522,15 +584,12 @@ class CudaProgram : public CudaStageProgram {
 
   LoweredStage stage_;
   const CudaBackendOptions options_;
-  // Declared first, destroyed last: everything below is used on it.
-  Stream stream_;
-  LtHandle lt_;
-  DeviceBuffer workspace_;
-  BlasHandle blas_;
-  DeviceBuffer weights_;
-  std::vector<std::unique_ptr<ShapeEntry>> cache_;
-  uint64_t clock_ = 0;
-  Stats stats_;
+  DeviceBuffer weights_;  // shared by every slot, read only
+  mutable std::mutex stats_mu_;
+  Stats stats_;  // guarded by stats_mu_ (fused_relus, slots filled in)
+  // Declared last, destroyed first: the slots' graphs and plans read the
+  // weights.
+  SlotPool<Slot> slots_;
 };
 
 class CudaBackend : public ComputeBackend {
@@ -597,10 +656,11 @@ absl::StatusOr<std::unique_ptr<ComputeBackend>> MakeCudaBackend(
         "CUDA device ", d, " (", prop.name, ") has compute capability ", major,
         ".", minor, "; this build's kernels need 9.0 or newer (sm_90)"));
   }
-  if (options.workspace_bytes < 0 || options.max_cached_shapes < 1) {
+  if (options.workspace_bytes < 0 || options.max_cached_shapes < 1 ||
+      options.concurrent_runs < 1) {
     return absl::InvalidArgumentError(
-        "CudaBackendOptions: workspace_bytes must be >= 0 and "
-        "max_cached_shapes >= 1");
+        "CudaBackendOptions: workspace_bytes must be >= 0, "
+        "max_cached_shapes >= 1 and concurrent_runs >= 1");
   }
   // Create the context now, so a broken device fails here and not in the
   // first Compile.

@@ -1,16 +1,22 @@
 // CUDA-specific behaviour beyond the op suite: CUDA graphs (same results as
 // op-by-op launches, one capture per shape set, replays), the shape cache,
-// and the errors without a device. Cases that need a GPU are skipped with
-// the reason where there is none.
+// concurrent runs on one program's slots, and the errors without a device.
+// Cases that need a GPU are skipped with the reason where there is none.
 #include "runtime/cuda_backend.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <random>
+#include <string>
+#include <thread>
+#include <vector>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "partitioner/graph_builder.h"
 #include "runtime/cpu_backend.h"
+#include "runtime/precision.h"
 
 namespace pipeserve {
 namespace {
@@ -47,12 +53,14 @@ class CudaBackendTest : public ::testing::TestWithParam<Precision> {
   }
 
   std::unique_ptr<StageProgram> Compile(const Model& m, bool graphs,
-                                        int max_shapes = 8) {
+                                        int max_shapes = 8,
+                                        int concurrent_runs = 2) {
     CudaBackendOptions o;
     o.precision = GetParam();
     o.use_cuda_graphs = graphs;
     o.poison_buffers = true;
     o.max_cached_shapes = max_shapes;
+    o.concurrent_runs = concurrent_runs;
     auto backend = MakeCudaBackend(o);
     EXPECT_TRUE(backend.ok()) << backend.status();
     auto prog = (*backend)->Compile(m.graph, m.weights);
@@ -108,6 +116,7 @@ TEST_P(CudaBackendTest, GraphReplaysMatchOpByOpLaunchesAcrossTwoShapes) {
   EXPECT_EQ(gs.graph_launches, 4);
   EXPECT_EQ(gs.fused_relus, 1);
   EXPECT_EQ(gs.gemm_fallbacks, 0);  // cuBLASLt has these GEMMs
+  EXPECT_EQ(gs.slots, 1);           // one caller: one slot, reused
   EXPECT_EQ(es.graphs_captured, 0);
   EXPECT_EQ(es.graph_launches, 0);
 }
@@ -141,6 +150,122 @@ TEST_P(CudaBackendTest, TimeDeviceWorkReturnsOneTimePerIteration) {
   ASSERT_TRUE(out.ok()) << out.status();
   for (int64_t i = 0; i < (*out)[0].numel(); ++i)
     ASSERT_FALSE(std::isnan((*out)[0].data()[i]));
+}
+
+// `threads` threads each run `runs` different inputs (batch sizes 16, 3
+// and 64 mixed) on one program with `slots` slots, graphs and poisoning on;
+// every output is checked against the CPU backend's answer for its input.
+void CheckConcurrentRuns(StageProgram* prog, StageProgram* cpu, int threads,
+                         int runs, int d, double tol) {
+  std::vector<std::vector<std::vector<Tensor>>> in(threads), want(threads);
+  std::mt19937 rng(std::random_device{}());
+  const int64_t batches[] = {16, 3, 64};
+  for (int t = 0; t < threads; ++t) {
+    for (int r = 0; r < runs; ++r) {
+      int64_t b = batches[(t + r) % 3];
+      in[t].push_back({Random({b, d}, &rng), Random({b, d}, &rng)});
+      auto out = cpu->Run(in[t].back());
+      ASSERT_TRUE(out.ok()) << out.status();
+      want[t].push_back(*std::move(out));
+    }
+  }
+  std::vector<std::string> errors(threads);
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      for (int r = 0; r < runs; ++r) {
+        auto got = prog->Run(in[t][r]);
+        if (!got.ok()) {
+          errors[t] = got.status().ToString();
+          return;
+        }
+        for (size_t o = 0; o < got->size(); ++o) {
+          const Tensor &g = (*got)[o], &w = want[t][r][o];
+          if (g.shape() != w.shape()) {
+            errors[t] = "run " + std::to_string(r) + ": wrong output shape";
+            return;
+          }
+          double scale = 1e-30;
+          for (int64_t i = 0; i < w.numel(); ++i)
+            scale = std::max<double>(scale, std::fabs(w.data()[i]));
+          for (int64_t i = 0; i < g.numel(); ++i) {
+            // NaN (an unwritten element) fails too.
+            if (!(std::fabs(g.data()[i] - w.data()[i]) <= tol * scale)) {
+              errors[t] = "run " + std::to_string(r) + " output " +
+                          std::to_string(o) + " element " + std::to_string(i) +
+                          ": " + std::to_string(g.data()[i]) + " vs " +
+                          std::to_string(w.data()[i]);
+              return;
+            }
+          }
+        }
+      }
+    });
+  }
+  for (auto& th : pool) th.join();
+  for (int t = 0; t < threads; ++t) {
+    EXPECT_EQ(errors[t], "") << "thread " << t;
+  }
+}
+
+double Tolerance(Precision p) {
+  return p == Precision::kFloat32 ? 1e-5 : p == Precision::kTF32 ? 1e-3 : 1e-2;
+}
+
+TEST_P(CudaBackendTest, ConcurrentRunsWithDifferentInputsAreEachRight) {
+  Model m = Stage(256);
+  auto cpu = MakeCpuBackend({})->Compile(m.graph, m.weights);
+  ASSERT_TRUE(cpu.ok());
+  // As many threads as slots, then twice as many (the extra calls wait).
+  for (int slots : {4, 2}) {
+    auto prog = Compile(m, /*graphs=*/true, /*max_shapes=*/8, slots);
+    ASSERT_EQ(prog->max_concurrent_runs(), slots);
+    constexpr int kThreads = 4, kRuns = 24;
+    CheckConcurrentRuns(prog.get(), cpu->get(), kThreads, kRuns, 256,
+                        Tolerance(GetParam()));
+    CudaStageProgram::Stats s = Cuda(prog)->stats();
+    EXPECT_EQ(s.runs, kThreads * kRuns) << slots << " slots";
+    EXPECT_GE(s.slots, 1);
+    EXPECT_LE(s.slots, slots);
+    // Each slot plans each of the 3 shapes at most once and captures it
+    // at most once; every later run on a slot replays.
+    EXPECT_LE(s.plans_built, 3 * s.slots);
+    EXPECT_LE(s.graphs_captured, 3 * s.slots);
+    EXPECT_GE(s.graph_launches, s.runs - 3 * s.slots);
+    std::printf("[ slots ] %s: %d slots made for %d threads (limit %d)\n",
+                PrecisionName(GetParam()).c_str(), s.slots, kThreads, slots);
+  }
+}
+
+TEST_P(CudaBackendTest, ConcurrentRunsWithoutGraphsAreEachRight) {
+  Model m = Stage(128);
+  auto cpu = MakeCpuBackend({})->Compile(m.graph, m.weights);
+  ASSERT_TRUE(cpu.ok());
+  auto prog = Compile(m, /*graphs=*/false, /*max_shapes=*/8, 3);
+  CheckConcurrentRuns(prog.get(), cpu->get(), 3, 16, 128,
+                      Tolerance(GetParam()));
+  EXPECT_EQ(Cuda(prog)->stats().graph_launches, 0);
+}
+
+TEST_P(CudaBackendTest, MaxConcurrentRunsReportsTheOption) {
+  Model m = Stage(32);
+  for (int n : {1, 2, 5}) {
+    auto prog = Compile(m, /*graphs=*/true, /*max_shapes=*/8, n);
+    EXPECT_EQ(prog->max_concurrent_runs(), n);
+    EXPECT_EQ(Cuda(prog)->stats().slots, 1);  // the first slot, at Compile
+  }
+  auto backend = MakeCudaBackend({});  // the default: 2
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  auto prog = (*backend)->Compile(m.graph, m.weights);
+  ASSERT_TRUE(prog.ok()) << prog.status();
+  EXPECT_EQ((*prog)->max_concurrent_runs(), 2);
+  CudaBackendOptions bad;
+  bad.concurrent_runs = 0;
+  auto refused = MakeCudaBackend(bad);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(refused.status().message()),
+              HasSubstr("concurrent_runs >= 1"));
 }
 
 INSTANTIATE_TEST_SUITE_P(Precisions, CudaBackendTest,
