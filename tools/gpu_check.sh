@@ -13,8 +13,10 @@
 # Steps: backend_test (the op suite: every op on cuda_fp32/tf32/bf16 against
 # a float64 reference, buffers NaN-poisoned, fresh random inputs),
 # cuda_backend_test (CUDA graphs vs op-by-op over two shapes, shape cache,
-# errors), cuda_bench (ExampleCode GPU vs CPU, GEMM TFLOP/s vs cuBLAS,
-# stage latency with/without graphs, LocalPipeline throughput).
+# concurrent runs on one program's slots, errors), cuda_bench (ExampleCode
+# GPU vs CPU, GEMM TFLOP/s vs cuBLAS, stage latency with/without graphs,
+# LocalPipeline throughput, copy/compute overlap: 1 thread x 1 slot vs 2
+# threads x 2 slots).
 # Exit status: 0 all passed; 1 something failed; 3 no GPU (nothing checked).
 set -u
 cd "$(dirname "$0")"
@@ -129,6 +131,8 @@ prefix=cuda
   }
   gtest_counts backend_test
   gtest_counts cuda_backend_test
+  # How many slots the concurrent-run tests' programs made (2..4: runs overlapped).
+  grep -h '^\[ slots \]' "$logdir/cuda_backend_test.log" 2>/dev/null | sed 's/^/  /' | head -6
   grep -hE '^\[  FAILED  \] .*\([0-9]+ ms\)' "$logdir/backend_test.log" \
       "$logdir/cuda_backend_test.log" 2>/dev/null | sed 's/, where GetParam.*//; s/^/  /' | head -20
   echo
@@ -173,7 +177,7 @@ prefix=cuda
     echo "cuda_bench: $(grep -m1 'no CUDA device' "$logdir/cuda_bench.log")"
   else
     echo "cuda_bench (full output in $logdir/cuda_bench.log):"
-    sed -n '/^== /,$p' "$logdir/cuda_bench.log" 2>/dev/null | grep -v '^$' | head -80
+    sed -n '/^== /,$p' "$logdir/cuda_bench.log" 2>/dev/null | grep -v '^$' | head -120
   fi
   echo
   echo "total: $(($(date +%s) - start))s; logs in $logdir"
