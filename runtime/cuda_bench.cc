@@ -571,10 +571,14 @@ absl::Status Main(const std::string& fixtures, int iters) {
   std::fflush(stdout);
   RETURN_IF_ERROR(ThroughputTable(f256, iters));
   std::fflush(stdout);
-  RETURN_IF_ERROR(OverlapTable(iters, &summary));
+  // The newest table: its failure still leaves the targets printed.
+  absl::Status overlap = OverlapTable(iters, &summary);
+  if (!overlap.ok()) {
+    std::printf("overlap table failed: %s\n", overlap.ToString().c_str());
+  }
   std::printf("\n== Targets\n");
   for (const std::string& s : summary) std::printf("%s\n", s.c_str());
-  return absl::OkStatus();
+  return overlap;
 }
 
 }  // namespace
