@@ -257,8 +257,11 @@ grpc::Status StageServiceImpl::LoadStage(grpc::ServerContext*,
     program = MakeCpuBackend(cpu)->Compile(graph, weights);
   }
   if (!program.ok()) return ToGrpc(program.status());
+  // As many workers as the program can run at once (2 on a GPU: one
+  // microbatch's copies overlap the next one's kernels; 1 on the CPU).
+  int workers = (*program)->max_concurrent_runs();
   auto host = std::make_shared<StageHost>(spec, *std::move(program),
-                                          options_.queue_capacity);
+                                          options_.queue_capacity, workers);
   if (!spec.next_address().empty()) {
     host->SetSink(FrameSender::Create(ChannelTo(spec.next_address()), spec.model(),
                                       spec.stage().index() + 1, options_.send_capacity));
