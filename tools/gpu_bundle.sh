@@ -22,14 +22,17 @@ tools/bootstrap.sh
 bundle=out/gpu_bundle
 static_libs=out/gpu_bundle_static_libs
 sys=/usr/lib/x86_64-linux-gnu
-targets=(//runtime:backend_test //runtime:cuda_backend_test //runtime:cuda_bench)
+targets=(//runtime:backend_test //runtime:cuda_backend_test //runtime:cuda_bench
+         //server:coordinator //server:stage_server //client:pipeserve //bench:serving)
 
 # Static archives shadow the shared libraries of the same names: ld takes
 # the first directory on its path holding either, and -L dirs come first.
 rm -rf "$static_libs" "$bundle"
 mkdir -p "$static_libs" "$bundle/lib"
 for a in "$sys"/libabsl_*.a "$sys"/libprotobuf.a "$sys"/libgtest.a "$sys"/libgtest_main.a \
-         "$sys"/libgmock.a "$sys"/libz.a; do
+         "$sys"/libgmock.a "$sys"/libz.a "$sys"/libgrpc++.a "$sys"/libgrpc++_reflection.a \
+         "$sys"/libgrpc.a "$sys"/libgpr.a "$sys"/libupb.a "$sys"/libaddress_sorting.a \
+         "$sys"/libre2.a "$sys"/libcares.a "$sys"/libssl.a "$sys"/libcrypto.a; do
   ln -s "$a" "$static_libs/"
 done
 
@@ -41,6 +44,11 @@ bin=$(bazel info "${flags[@]}" bazel-bin 2>/dev/null)
 for t in backend_test cuda_backend_test cuda_bench; do
   install -m 755 "$bin/runtime/$t" "$bundle/$t"
 done
+# The serving path: coordinator, stage server, CLI and bench/serving.
+install -m 755 "$bin/server/coordinator" "$bundle/coordinator"
+install -m 755 "$bin/server/stage_server" "$bundle/stage_server"
+install -m 755 "$bin/client/pipeserve" "$bundle/pipeserve"
+install -m 755 "$bin/bench/serving" "$bundle/serving_bench"
 
 # Shared libraries the binaries still need besides glibc, the driver and
 # cuBLAS: oneDNN (Debian ships no static one) and its dependencies, and
@@ -53,7 +61,9 @@ done
 # Nothing else outside the allowed set may be needed.
 allowed='linux-vdso|ld-linux|libc\.so|libm\.so|libdl\.so|libpthread\.so|librt\.so|libgcc_s\.so|libcublas\.so|libcublasLt\.so|libcudart\.so|libdnnl\.so|libgomp\.so|libOpenCL\.so|libstdc\+\+\.so'
 bad=0
-for f in "$bundle"/backend_test "$bundle"/cuda_backend_test "$bundle"/cuda_bench "$bundle"/lib/*.so*; do
+for f in "$bundle"/backend_test "$bundle"/cuda_backend_test "$bundle"/cuda_bench \
+         "$bundle"/coordinator "$bundle"/stage_server "$bundle"/pipeserve "$bundle"/serving_bench \
+         "$bundle"/lib/*.so*; do
   extra=$(LD_LIBRARY_PATH="$bundle/lib" ldd "$f" | grep -vE "$allowed" || true)
   if [ -n "$extra" ]; then
     echo "gpu_bundle: $f needs libraries outside the bundle:" >&2
@@ -63,6 +73,11 @@ for f in "$bundle"/backend_test "$bundle"/cuda_backend_test "$bundle"/cuda_bench
 done
 [ "$bad" -eq 0 ] || exit 1
 gzip -9 "$bundle"/lib/*
+# The binaries too (the statically linked gRPC ones are ~18 MiB each):
+# gpu_check.sh unpacks them next to the libraries.
+for b in backend_test cuda_backend_test cuda_bench coordinator stage_server pipeserve serving_bench; do
+  gzip -9 "$bundle/$b"
+done
 
 # ExampleCode fixtures (model, inputs, PyTorch's outputs, float64 answer).
 for b in 16 256; do
@@ -70,7 +85,7 @@ for b in 16 256; do
       --case example_code --batch "$b" > /dev/null
 done
 
-cp tools/gpu_check.sh "$bundle/"
+cp tools/gpu_check.sh tools/gpu_serving_check.sh "$bundle/"
 {
   echo "pipeserve GPU bundle"
   echo "commit: $(git rev-parse HEAD)$(git diff --quiet HEAD -- runtime tools third_party || echo ' (+ local changes)')"

@@ -61,12 +61,14 @@ if [ -z "$cublas_dir" ]; then
   cublas_dir=$(timeout 60 find / -xdev -name libcublasLt.so.13 2>/dev/null | head -1 | xargs -r dirname)
 fi
 export LD_LIBRARY_PATH="$libdir${cublas_dir:+:$cublas_dir}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-# The binaries run from here, or from a copy if copying lost their x bits.
-bindir=$here
-if [ ! -x ./cuda_bench ] && ! chmod +x ./backend_test ./cuda_backend_test ./cuda_bench 2>/dev/null; then
-  bindir=$libdir
-  cp ./backend_test ./cuda_backend_test ./cuda_bench "$bindir/" && chmod +x "$bindir"/*_test "$bindir/cuda_bench"
-fi
+# The binaries come gzipped: unpack them beside the libraries.
+bindir=$libdir
+bins=()
+for f in *.gz; do
+  [ -e "$f" ] || continue
+  b=${f%.gz}
+  unzip_to "$f" "$bindir/$b" && chmod +x "$bindir/$b" && bins+=("$b")
+done
 
 say "== pipeserve GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 [ -f MANIFEST ] && sed 's/^/   /' MANIFEST | tee -a "$log"
@@ -107,6 +109,9 @@ run_step() {  # name timeout_seconds command...
 run_step backend_test 100 "$bindir/backend_test"
 run_step cuda_backend_test 60 "$bindir/cuda_backend_test"
 run_step cuda_bench 150 "$bindir/cuda_bench" --fixtures "$here/fixtures" --iters 200
+if [ "$self_test" -eq 0 ] && [ -e "$bindir/coordinator" ]; then
+  run_step serving 240 env BINDIR="$bindir" bash "$here/gpu_serving_check.sh"
+fi
 
 # --- summary -----------------------------------------------------------------
 no_device=0
