@@ -1,7 +1,6 @@
 #include "bench/bench_util.h"
 
 #include <cstdio>
-#include <random>
 
 #include "absl/strings/numbers.h"
 
@@ -23,12 +22,5 @@ double TorchMedianMs(const std::string& cmd) {
   return v;
 }
 
-Tensor RandomTensor(Shape shape, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> d(-1, 1);
-  Tensor t = Tensor::Empty(std::move(shape));
-  for (int64_t i = 0; i < t.numel(); ++i) t.data()[i] = d(rng);
-  return t;
-}
 
 }  // namespace pipeserve

@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <string>
 
-#include "runtime/tensor.h"
+#include "runtime/random_tensor.h"  // RandomTensor, for the benches
 
 namespace pipeserve {
 
@@ -13,8 +13,6 @@ namespace pipeserve {
 // or -1 if it printed none.
 double TorchMedianMs(const std::string& cmd);
 
-// Uniform(-1, 1) values from a fixed seed.
-Tensor RandomTensor(Shape shape, uint32_t seed);
 
 }  // namespace pipeserve
 

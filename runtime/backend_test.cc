@@ -10,6 +10,7 @@
 // Each check prints one line that tools/gpu_check.sh tabulates:
 //   [ max_rel_err ] cuda_bf16 LinearWithBias 2.1e-03 tol 1e-02
 #include "runtime/backend.h"
+#include "runtime/random_tensor.h"
 
 #include <cmath>
 #include <cstdio>
@@ -93,13 +94,6 @@ uint32_t FreshSeed() {
   return seeds();
 }
 
-Tensor RandomTensor(Shape shape, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> d(-1.0f, 1.0f);
-  Tensor t = Tensor::Empty(shape);
-  for (int64_t i = 0; i < t.numel(); ++i) t.data()[i] = d(rng);
-  return t;
-}
 
 // A dense float64 array with a shape, for the reference.
 struct Ref {

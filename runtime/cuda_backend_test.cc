@@ -3,6 +3,7 @@
 // concurrent runs on one program's slots, and the errors without a device.
 // Cases that need a GPU are skipped with the reason where there is none.
 #include "runtime/cuda_backend.h"
+#include "runtime/random_tensor.h"
 
 #include <algorithm>
 #include <cmath>
@@ -24,12 +25,6 @@ namespace {
 using ::testing::AnyOf;
 using ::testing::HasSubstr;
 
-Tensor Random(Shape shape, std::mt19937* rng) {
-  std::uniform_real_distribution<float> d(-1.0f, 1.0f);
-  Tensor t = Tensor::Empty(shape);
-  for (int64_t i = 0; i < t.numel(); ++i) t.data()[i] = d(*rng);
-  return t;
-}
 
 // An ExampleCode-shaped stage: GEMMs with a fused epilogue, a broadcast
 // add, a skip connection, a clone.
@@ -85,8 +80,8 @@ TEST_P(CudaBackendTest, GraphReplaysMatchOpByOpLaunchesAcrossTwoShapes) {
                                                        : 1e-2;
   // Each shape: first run op by op, second captures, later ones replay.
   for (int64_t batch : {16, 3, 16, 3, 16, 3}) {
-    std::vector<Tensor> in = {Random({batch, 256}, &rng),
-                              Random({batch, 256}, &rng)};
+    std::vector<Tensor> in = {RandomTensor({batch, 256}, &rng),
+                              RandomTensor({batch, 256}, &rng)};
     auto g = graphed->Run(in);
     auto e = eager->Run(in);
     auto c = (*cpu)->Run(in);
@@ -127,7 +122,7 @@ TEST_P(CudaBackendTest, LeastRecentlyUsedShapeSetIsEvicted) {
   std::mt19937 rng(1);
   for (int64_t batch : {1, 2, 3, 1}) {
     auto out =
-        prog->Run({Random({batch, 64}, &rng), Random({batch, 64}, &rng)});
+        prog->Run({RandomTensor({batch, 64}, &rng), RandomTensor({batch, 64}, &rng)});
     ASSERT_TRUE(out.ok()) << out.status();
     EXPECT_EQ((*out)[0].dim(0), batch);
   }
@@ -138,7 +133,7 @@ TEST_P(CudaBackendTest, TimeDeviceWorkReturnsOneTimePerIteration) {
   Model m = Stage(128);
   auto prog = Compile(m, /*graphs=*/true);
   std::mt19937 rng(2);
-  std::vector<Tensor> in = {Random({16, 128}, &rng), Random({16, 128}, &rng)};
+  std::vector<Tensor> in = {RandomTensor({16, 128}, &rng), RandomTensor({16, 128}, &rng)};
   for (bool copies : {true, false}) {
     auto ms = Cuda(prog)->TimeDeviceWork(in, 5, copies);
     ASSERT_TRUE(ms.ok()) << ms.status();
@@ -163,7 +158,7 @@ void CheckConcurrentRuns(StageProgram* prog, StageProgram* cpu, int threads,
   for (int t = 0; t < threads; ++t) {
     for (int r = 0; r < runs; ++r) {
       int64_t b = batches[(t + r) % 3];
-      in[t].push_back({Random({b, d}, &rng), Random({b, d}, &rng)});
+      in[t].push_back({RandomTensor({b, d}, &rng), RandomTensor({b, d}, &rng)});
       auto out = cpu->Run(in[t].back());
       ASSERT_TRUE(out.ok()) << out.status();
       want[t].push_back(*std::move(out));

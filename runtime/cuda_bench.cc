@@ -50,6 +50,7 @@
 #include "partitioner/graph_builder.h"
 #include "partitioner/partition.h"
 #include "runtime/cpu_backend.h"
+#include "runtime/random_tensor.h"
 #include "runtime/cuda_backend.h"
 #include "runtime/cuda_kernels.h"
 #include "runtime/cuda_status.h"
@@ -86,13 +87,6 @@ double MedianSeconds(int warmup, int iters, const std::function<void()>& fn) {
   return Median(t);
 }
 
-Tensor Random(Shape s, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> d(-1, 1);
-  Tensor t = Tensor::Empty(s);
-  for (int64_t i = 0; i < t.numel(); ++i) t.data()[i] = d(rng);
-  return t;
-}
 
 absl::StatusOr<std::unique_ptr<ComputeBackend>> Gpu(Precision p, bool graphs) {
   CudaBackendOptions o;
@@ -314,7 +308,7 @@ absl::Status GemmTable(int iters, std::vector<std::string>* summary) {
     b.Input("x", {-1, s.k}).Param("w", {s.k, s.n});
     b.Op("mm", {"x", "w"}, "y").Output("y");
     Model model = b.Build();
-    Tensor x = Random({s.m, s.k}, 7);
+    Tensor x = RandomTensor({s.m, s.k}, 7);
     const double flop = 2.0 * s.m * s.n * s.k;
     for (Precision p : kPrecisions) {
       ASSIGN_OR_RETURN(auto gpu, Gpu(p, true));
@@ -368,7 +362,7 @@ absl::Status StageLatencyTable(const Fixture& f16, int iters,
       for (int64_t& d : shape) {
         if (d < 0) d = 16;
       }
-      in.push_back(Random(shape, seed++));
+      in.push_back(RandomTensor(shape, seed++));
     }
     std::string ops;
     for (const Node& n : g.nodes()) {
@@ -500,8 +494,8 @@ absl::Status OverlapTable(int iters, std::vector<std::string>* summary) {
     const int k = std::max(40, batch == 256 ? iters * 2 : iters);
     std::vector<std::vector<Tensor>> inputs;
     for (uint32_t i = 0; i < 8; ++i) {
-      inputs.push_back({Random({batch, 512}, 100 + 2 * i),
-                        Random({batch, 512}, 101 + 2 * i)});
+      inputs.push_back({RandomTensor({batch, 512}, 100 + 2 * i),
+                        RandomTensor({batch, 512}, 101 + 2 * i)});
     }
     for (Precision p : {Precision::kFloat32, Precision::kBF16}) {
       CudaBackendOptions o;

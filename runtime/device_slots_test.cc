@@ -2,6 +2,7 @@
 // gets the next returned one, factory errors) and concurrent Run calls on
 // the device emulator, whose programs use the pool as the CUDA program does.
 #include "runtime/device_slots.h"
+#include "runtime/random_tensor.h"
 
 #include <atomic>
 #include <chrono>
@@ -122,12 +123,6 @@ TEST(SlotPoolTest, FactoryErrorIsReturnedAndRetriedNextTime) {
   EXPECT_EQ(pool.slots_made(), 1);
 }
 
-Tensor Random(Shape shape, std::mt19937* rng) {
-  std::uniform_real_distribution<float> d(-1.0f, 1.0f);
-  Tensor t = Tensor::Empty(shape);
-  for (int64_t i = 0; i < t.numel(); ++i) t.data()[i] = d(*rng);
-  return t;
-}
 
 // ExampleCode's ops as one stage (mm, broadcast-free add, relu, linear with
 // a fused ReLU, a skip connection).
@@ -172,7 +167,7 @@ TEST(EmulatorConcurrencyTest, ConcurrentRunsWithDifferentInputsAreEachRight) {
     for (int r = 0; r < kRuns; ++r) {
       int64_t batch = 1 + (t * kRuns + r) % 5;
       in[t].push_back(
-          {Random({batch, kDim}, &rng), Random({batch, kDim}, &rng)});
+          {RandomTensor({batch, kDim}, &rng), RandomTensor({batch, kDim}, &rng)});
       auto out = (*cpu)->Run(in[t].back());
       ASSERT_TRUE(out.ok()) << out.status();
       want[t].push_back(*out);
