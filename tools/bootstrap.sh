@@ -12,7 +12,7 @@ PACKAGES=(
   libgtest-dev libgmock-dev
   libdnnl-dev              # oneDNN sgemm: the CPU GEMM (runtime/README.md)
   zlib1g-dev               # CRC-32 of model weights
-  python3-torch python3-numpy python3-protobuf python3-grpcio
+  python3-torch python3-numpy python3-protobuf python3-grpcio python3-yaml
   libopenblas0-pthread     # PyTorch's BLAS, for the reference and baselines
 )
 
