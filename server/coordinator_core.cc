@@ -111,6 +111,12 @@ class Deployment {
     pending_.erase(id);
   }
 
+  // Microbatches of `p` still outstanding (its fields change under mu_).
+  int Remaining(const PendingRequest& p) {
+    absl::MutexLock lock(&mu_);
+    return p.remaining;
+  }
+
   ModelInfo Info() {
     absl::MutexLock lock(&mu_);
     return info;
@@ -234,7 +240,7 @@ absl::StatusOr<UploadResponse> Coordinator::FinishUpload(const std::string& name
   UploadResponse resp;
   resp.set_name(name);
   resp.set_bytes(total_bytes);
-  resp.set_num_stages(d->info.plan.stages_size());
+  resp.set_num_stages(d->info.plan->stages_size());
   return resp;
 }
 
@@ -252,7 +258,7 @@ absl::StatusOr<std::shared_ptr<Deployment>> Coordinator::Deploy(const std::strin
 
   auto d = std::make_shared<Deployment>();
   d->info.name = name;
-  d->info.plan = plan;
+  d->info.plan = std::make_shared<const Plan>(plan);
   d->info.servers = servers;
   d->info.bytes = bytes;
   d->info.microbatches =
@@ -262,12 +268,7 @@ absl::StatusOr<std::shared_ptr<Deployment>> Coordinator::Deploy(const std::strin
   // Load from the last stage back, so each stage's next hop is ready
   // before anything can flow into it.
   absl::Time deadline = absl::Now() + options_.load_timeout;
-  std::map<std::string, std::shared_ptr<grpc::Channel>> channels;
-  auto channel = [&](const std::string& a) {
-    auto& c = channels[a];
-    if (!c) c = grpc::CreateCustomChannel(a, grpc::InsecureChannelCredentials(), StageChannelArgs());
-    return c;
-  };
+  auto channel = [this](const std::string& a) { return channels_.To(a); };
   for (int i = n - 1; i >= 0; --i) {
     StageSpec spec;
     spec.set_model(name);
@@ -412,10 +413,7 @@ void Coordinator::MonitorLoop() {
       if (info.state != ModelState::kReady) continue;
       for (int s = 0; s < static_cast<int>(info.servers.size()); ++s) {
         auto& stub = stubs[info.servers[s]];
-        if (!stub) {
-          stub = StageService::NewStub(grpc::CreateCustomChannel(
-              info.servers[s], grpc::InsecureChannelCredentials(), StageChannelArgs()));
-        }
+        if (!stub) stub = StageService::NewStub(channels_.To(info.servers[s]));
         grpc::ClientContext ctx;
         ctx.set_deadline(absl::ToChronoTime(absl::Now() + std::max(options_.health_interval,
                                                                      absl::Seconds(1))));
@@ -477,7 +475,7 @@ absl::StatusOr<std::vector<Tensor>> Coordinator::Infer(const std::string& model,
     return absl::UnavailableError(absl::StrCat("model \"", model, "\" is ",
                                                ModelStateName(info.state), ": ", info.reason));
   }
-  const Plan& plan = info.plan;
+  const Plan& plan = *info.plan;
   RETURN_IF_ERROR(CheckTensorsMatch(plan.inputs(), inputs).status());
   if (deadline == absl::InfiniteFuture()) deadline = absl::Now() + options_.default_timeout;
 
@@ -513,7 +511,7 @@ absl::StatusOr<std::vector<Tensor>> Coordinator::Infer(const std::string& model,
     absl::Time now = absl::Now();
     if (now >= deadline) {
       ended = absl::DeadlineExceededError(absl::StrCat(
-          "request to \"", model, "\" missed its deadline with ", pending->remaining,
+          "request to \"", model, "\" missed its deadline with ", d->Remaining(*pending),
           " of ", microbatches.size(), " microbatches unfinished"));
       break;
     }

@@ -25,6 +25,7 @@
 #include "absl/time/time.h"
 #include "proto/pipeserve_service.pb.h"
 #include "runtime/tensor.h"
+#include "server/frame_stream.h"
 #include "server/launcher.h"
 #include "server/model_store.h"
 
@@ -53,7 +54,9 @@ struct ModelInfo {
   std::string name;
   ModelState state = ModelState::kLoading;
   std::string reason;  // why not ready
-  Plan plan;
+  // Shared and immutable: ModelInfo is copied on every request, the plan
+  // (every stage's graph) is not.
+  std::shared_ptr<const Plan> plan = std::make_shared<const Plan>();
   std::vector<std::string> servers;  // per stage
   int microbatches = 0;
   uint64_t bytes = 0;
@@ -112,6 +115,7 @@ class Coordinator {
   const CoordinatorOptions options_;
   const std::unique_ptr<ModelStore> store_;
   const std::unique_ptr<Launcher> launcher_;
+  StageChannels channels_;  // to the stage servers
   std::atomic<uint64_t> next_request_id_{1};
 
   absl::Mutex mu_;

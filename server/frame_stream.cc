@@ -31,6 +31,15 @@ grpc::ChannelArguments StageChannelArgs() {
   return args;
 }
 
+std::shared_ptr<grpc::Channel> StageChannels::To(const std::string& address) {
+  absl::MutexLock lock(&mu_);
+  auto& c = channels_[address];
+  if (!c) {
+    c = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), StageChannelArgs());
+  }
+  return c;
+}
+
 using FrameStub = grpc::TemplatedGenericStub<Frame, Frame>;
 
 // One Process RPC carrying frames to a stage. Owns itself until OnDone.

@@ -13,6 +13,7 @@
 #define PIPESERVE_SERVER_FRAME_STREAM_H_
 
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 
@@ -35,6 +36,17 @@ grpc::ChannelArguments StageChannelArgs();
 // The bulk-transfer tuning of StageChannelArgs, for a ServerBuilder too:
 //   SetBulkTransferArgs([&](const char* k, int v) { builder.AddChannelArgument(k, v); });
 void SetBulkTransferArgs(const std::function<void(const char*, int)>& set);
+
+// One channel (one HTTP/2 connection) per stage server address, made with
+// StageChannelArgs on first use. Thread-safe.
+class StageChannels {
+ public:
+  std::shared_ptr<grpc::Channel> To(const std::string& address);
+
+ private:
+  absl::Mutex mu_;
+  std::map<std::string, std::shared_ptr<grpc::Channel>> channels_ ABSL_GUARDED_BY(mu_);
+};
 
 class FrameSender : public FrameSink {
  public:

@@ -159,8 +159,8 @@ grpc::Status KServeService::ModelMetadata(grpc::ServerContext*,
   resp->set_name(info->name);
   resp->add_versions(kVersion);
   resp->set_platform("pipeserve");
-  for (const ValueSpec& in : info->plan.inputs()) AddTensorMetadata(in, resp->mutable_inputs());
-  for (const ValueSpec& out : info->plan.outputs()) AddTensorMetadata(out, resp->mutable_outputs());
+  for (const ValueSpec& in : info->plan->inputs()) AddTensorMetadata(in, resp->mutable_inputs());
+  for (const ValueSpec& out : info->plan->outputs()) AddTensorMetadata(out, resp->mutable_outputs());
   return grpc::Status::OK;
 }
 
@@ -178,16 +178,16 @@ absl::Status KServeService::InferUnmetered(const inference::ModelInferRequest& r
                                            inference::ModelInferResponse* resp) {
   RETURN_IF_ERROR(CheckVersion(req.model_name(), req.model_version()));
   ASSIGN_OR_RETURN(ModelInfo info, coordinator_->GetModel(req.model_name()));
-  ASSIGN_OR_RETURN(std::vector<Tensor> inputs, ParseInputs(req, info.plan));
+  ASSIGN_OR_RETURN(std::vector<Tensor> inputs, ParseInputs(req, *info.plan));
   // Which outputs to return: all, or those asked for, in the asked order.
   std::vector<int> chosen;
   if (req.outputs_size() == 0) {
-    for (int j = 0; j < info.plan.outputs_size(); ++j) chosen.push_back(j);
+    for (int j = 0; j < info.plan->outputs_size(); ++j) chosen.push_back(j);
   } else {
     for (const auto& o : req.outputs()) {
       int found = -1;
-      for (int j = 0; j < info.plan.outputs_size(); ++j) {
-        if (info.plan.outputs(j).name() == o.name()) found = j;
+      for (int j = 0; j < info.plan->outputs_size(); ++j) {
+        if (info.plan->outputs(j).name() == o.name()) found = j;
       }
       if (found < 0) {
         return absl::InvalidArgumentError(absl::StrCat("unknown output \"", o.name(),
@@ -203,7 +203,7 @@ absl::Status KServeService::InferUnmetered(const inference::ModelInferRequest& r
   resp->set_id(req.id());
   for (int j : chosen) {
     auto* o = resp->add_outputs();
-    o->set_name(info.plan.outputs(j).name());
+    o->set_name(info.plan->outputs(j).name());
     o->set_datatype("FP32");
     for (int64_t d : outputs[j].shape()) o->add_shape(d);
     resp->add_raw_output_contents(reinterpret_cast<const char*>(outputs[j].data()),

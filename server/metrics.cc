@@ -94,7 +94,7 @@ std::string Metrics::Render(const std::vector<ModelInfo>& models) const {
                   "# TYPE pipeserve_model_stages gauge\n");
   for (const ModelInfo& info : models) {
     absl::StrAppend(&out, "pipeserve_model_stages{model=\"", Escape(info.name), "\"} ",
-                    info.plan.stages_size(), "\n");
+                    info.plan->stages_size(), "\n");
   }
   return out;
 }

@@ -50,7 +50,7 @@ grpc::Status ModelServiceImpl::GetPlan(grpc::ServerContext*, const GetPlanReques
   absl::StatusOr<ModelInfo> info = coordinator_->GetModel(req->name());
   if (!info.ok()) return ToGrpc(info.status());
   response->set_name(info->name);
-  *response->mutable_plan() = info->plan;
+  *response->mutable_plan() = *info->plan;
   for (const std::string& s : info->servers) response->add_stage_servers(s);
   response->set_microbatches(info->microbatches);
   response->set_state(ModelStateName(info->state));
@@ -63,7 +63,7 @@ grpc::Status ModelServiceImpl::ListModels(grpc::ServerContext*, const ListModels
     ModelSummary* s = response->add_models();
     s->set_name(m.name);
     s->set_state(ModelStateName(m.state));
-    s->set_num_stages(m.plan.stages_size());
+    s->set_num_stages(m.plan->stages_size());
     s->set_bytes(m.bytes);
     s->set_reason(m.reason);
   }

@@ -189,15 +189,6 @@ std::shared_ptr<StageHost> StageServiceImpl::Find(const std::string& model, int 
   return it == hosts_.end() ? nullptr : it->second;
 }
 
-std::shared_ptr<grpc::Channel> StageServiceImpl::ChannelTo(const std::string& address) {
-  absl::MutexLock lock(&mu_);
-  auto& ch = channels_[address];
-  if (ch == nullptr) {
-    ch = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(),
-                                   StageChannelArgs());
-  }
-  return ch;
-}
 
 grpc::Status StageServiceImpl::LoadStage(grpc::ServerContext*,
                                          grpc::ServerReader<LoadStageRequest>* reader,
@@ -263,7 +254,7 @@ grpc::Status StageServiceImpl::LoadStage(grpc::ServerContext*,
   auto host = std::make_shared<StageHost>(spec, *std::move(program),
                                           options_.queue_capacity, workers);
   if (!spec.next_address().empty()) {
-    host->SetSink(FrameSender::Create(ChannelTo(spec.next_address()), spec.model(),
+    host->SetSink(FrameSender::Create(channels_.To(spec.next_address()), spec.model(),
                                       spec.stage().index() + 1, options_.send_capacity));
   }
   std::shared_ptr<StageHost> old;

@@ -53,12 +53,11 @@ class StageServiceImpl final
 
  private:
   using Key = std::pair<std::string, int>;
-  std::shared_ptr<grpc::Channel> ChannelTo(const std::string& address);
 
   const StageServiceOptions options_;
   absl::Mutex mu_;
   std::map<Key, std::shared_ptr<StageHost>> hosts_ ABSL_GUARDED_BY(mu_);
-  std::map<std::string, std::shared_ptr<grpc::Channel>> channels_ ABSL_GUARDED_BY(mu_);
+  StageChannels channels_;  // to next stages
 };
 
 // absl::Status -> grpc::Status (same code, message capped at 4 KiB).
