@@ -102,12 +102,6 @@ const Tensor* Frame::Find(const std::string& name) const {
   return nullptr;
 }
 
-uint64_t Frame::DataBytes() const {
-  uint64_t n = 0;
-  for (const Tensor& t : tensors) n += t.byte_size();
-  return n;
-}
-
 absl::Status FrameToByteBuffer(const Frame& frame, grpc::ByteBuffer* out) {
   if (static_cast<size_t>(frame.header.tensors_size()) != frame.tensors.size()) {
     return absl::InternalError(absl::StrCat(

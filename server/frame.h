@@ -39,8 +39,6 @@ struct Frame {
   void Add(const std::string& name, const Tensor& t);
   // The tensor called `name`, or nullptr.
   const Tensor* Find(const std::string& name) const;
-  // Total tensor bytes.
-  uint64_t DataBytes() const;
 };
 
 // Serializes `frame`; tensor bytes are referenced, not copied.

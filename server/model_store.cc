@@ -165,18 +165,6 @@ class FileModelStore : public ModelStore {
     return models;
   }
 
-  absl::Status Remove(const std::string& name) override {
-    std::string link = root_ + "/" + name;
-    std::error_code ec;
-    if (!fs::is_symlink(link, ec)) {
-      return absl::NotFoundError(absl::StrCat("model \"", name, "\" is not stored"));
-    }
-    std::string target = fs::read_symlink(link, ec).string();
-    fs::remove(link, ec);
-    fs::remove_all(root_ + "/" + target, ec);
-    return absl::OkStatus();
-  }
-
  private:
   const std::string root_;
 };

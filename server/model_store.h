@@ -51,7 +51,6 @@ class ModelStore {
       const std::string& name) = 0;
   // Every committed model.
   virtual absl::StatusOr<std::vector<StoredModel>> List() = 0;
-  virtual absl::Status Remove(const std::string& name) = 0;
 };
 
 // Names: 1-128 of [A-Za-z0-9_.-], not starting with '.'.
