@@ -16,7 +16,7 @@
 #include "common/status_macros.h"
 #include "partitioner/partition.h"
 #include "partitioner/plan_text.h"
-#include "runtime/cpu_backend.h"
+#include "runtime/cpu/cpu_backend.h"
 #include "runtime/local_pipeline.h"
 #include "runtime/model_file.h"
 #include "runtime/npy.h"

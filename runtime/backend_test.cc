@@ -22,9 +22,9 @@
 #include "gtest/gtest.h"
 #include "partitioner/graph_builder.h"
 #include "partitioner/op_schema.h"
-#include "runtime/cpu_backend.h"
-#include "runtime/cuda_backend.h"
-#include "runtime/device_emulator.h"
+#include "runtime/cpu/cpu_backend.h"
+#include "runtime/cuda/cuda_backend.h"
+#include "runtime/cuda/device_emulator.h"
 
 namespace pipeserve {
 namespace {

@@ -9,7 +9,7 @@
 #include "partitioner/graph_builder.h"
 #include "partitioner/partition.h"
 #include "partitioner/routing.h"
-#include "runtime/cpu_backend.h"
+#include "runtime/cpu/cpu_backend.h"
 
 namespace pipeserve {
 namespace {

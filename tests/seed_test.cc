@@ -10,7 +10,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "partitioner/partition.h"
-#include "runtime/cpu_backend.h"
+#include "runtime/cpu/cpu_backend.h"
 #include "runtime/local_pipeline.h"
 #include "tests/compare.h"
 #include "tests/fixtures.h"

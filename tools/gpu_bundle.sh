@@ -22,7 +22,7 @@ tools/bootstrap.sh
 bundle=out/gpu_bundle
 static_libs=out/gpu_bundle_static_libs
 sys=/usr/lib/x86_64-linux-gnu
-targets=(//runtime:backend_test //runtime:cuda_backend_test //runtime:cuda_bench
+targets=(//runtime:backend_test //runtime/cuda:cuda_backend_test //bench:cuda_bench
          //server:coordinator //server:stage_server //client:pipeserve //bench:serving)
 
 # Static archives shadow the shared libraries of the same names: ld takes
@@ -41,9 +41,9 @@ flags=(--config=cuda -c opt --dynamic_mode=off --strip=always
        '--linkopt=-Wl,-rpath,$ORIGIN/lib')
 bazel build "${flags[@]}" "${targets[@]}"
 bin=$(bazel info "${flags[@]}" bazel-bin 2>/dev/null)
-for t in backend_test cuda_backend_test cuda_bench; do
-  install -m 755 "$bin/runtime/$t" "$bundle/$t"
-done
+install -m 755 "$bin/runtime/backend_test" "$bundle/backend_test"
+install -m 755 "$bin/runtime/cuda/cuda_backend_test" "$bundle/cuda_backend_test"
+install -m 755 "$bin/bench/cuda_bench" "$bundle/cuda_bench"
 # The serving path: coordinator, stage server, CLI and bench/serving.
 install -m 755 "$bin/server/coordinator" "$bundle/coordinator"
 install -m 755 "$bin/server/stage_server" "$bundle/stage_server"

@@ -10,8 +10,8 @@
 //   ix.Offsets(13, &ia, &ib);                           // ia 13, ib 1
 //
 // This header includes nothing from Abseil so nvcc can compile it.
-#ifndef PIPESERVE_RUNTIME_BROADCAST_INDEX_H_
-#define PIPESERVE_RUNTIME_BROADCAST_INDEX_H_
+#ifndef PIPESERVE_RUNTIME_CUDA_BROADCAST_INDEX_H_
+#define PIPESERVE_RUNTIME_CUDA_BROADCAST_INDEX_H_
 
 #include <cstdint>
 #include <vector>
@@ -56,4 +56,4 @@ bool MakeBroadcastIndex(const std::vector<int64_t>& a_shape,
 
 }  // namespace pipeserve
 
-#endif  // PIPESERVE_RUNTIME_BROADCAST_INDEX_H_
+#endif  // PIPESERVE_RUNTIME_CUDA_BROADCAST_INDEX_H_

@@ -6,8 +6,8 @@
 //
 //   std::unique_ptr<ComputeBackend> emu =
 //       MakeDeviceEmulatorBackend(Precision::kBF16);
-#ifndef PIPESERVE_RUNTIME_DEVICE_EMULATOR_H_
-#define PIPESERVE_RUNTIME_DEVICE_EMULATOR_H_
+#ifndef PIPESERVE_RUNTIME_CUDA_DEVICE_EMULATOR_H_
+#define PIPESERVE_RUNTIME_CUDA_DEVICE_EMULATOR_H_
 
 #include <memory>
 
@@ -25,4 +25,4 @@ std::unique_ptr<ComputeBackend> MakeDeviceEmulatorBackend(
 
 }  // namespace pipeserve
 
-#endif  // PIPESERVE_RUNTIME_DEVICE_EMULATOR_H_
+#endif  // PIPESERVE_RUNTIME_CUDA_DEVICE_EMULATOR_H_

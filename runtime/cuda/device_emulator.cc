@@ -1,4 +1,4 @@
-#include "runtime/device_emulator.h"
+#include "runtime/cuda/device_emulator.h"
 
 #include <cstring>
 #include <utility>
@@ -6,8 +6,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
-#include "runtime/device_plan.h"
-#include "runtime/device_slots.h"
+#include "runtime/cuda/device_plan.h"
+#include "runtime/cuda/device_slots.h"
 #include "runtime/signature.h"
 
 namespace pipeserve {

@@ -1,7 +1,7 @@
 // The device lowering's decisions, read off the plan: fusions, GEMM layouts,
 // dtypes, staging, buffer layout. (Its numerics run through the op suite
 // in backend_test.cc on the device emulator.)
-#include "runtime/device_plan.h"
+#include "runtime/cuda/device_plan.h"
 
 #include <algorithm>
 #include <cmath>

@@ -1,4 +1,4 @@
-#include "runtime/cpu_kernels.h"
+#include "runtime/cpu/cpu_kernels.h"
 
 #include <cmath>
 #include <limits>

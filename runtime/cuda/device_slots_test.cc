@@ -1,7 +1,7 @@
 // SlotPool (one caller keeps one slot, at most max_slots in use, a waiter
 // gets the next returned one, factory errors) and concurrent Run calls on
 // the device emulator, whose programs use the pool as the CUDA program does.
-#include "runtime/device_slots.h"
+#include "runtime/cuda/device_slots.h"
 #include "runtime/random_tensor.h"
 
 #include <atomic>
@@ -14,8 +14,8 @@
 #include "gtest/gtest.h"
 #include "partitioner/graph_builder.h"
 #include "runtime/backend.h"
-#include "runtime/cpu_backend.h"
-#include "runtime/device_emulator.h"
+#include "runtime/cpu/cpu_backend.h"
+#include "runtime/cuda/device_emulator.h"
 
 namespace pipeserve {
 namespace {

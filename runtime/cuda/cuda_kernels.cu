@@ -5,7 +5,7 @@
 
 #include <algorithm>
 
-#include "runtime/cuda_kernels.h"
+#include "runtime/cuda/cuda_kernels.h"
 
 namespace pipeserve {
 namespace {

@@ -2,7 +2,7 @@
 // op-by-op launches, one capture per shape set, replays), the shape cache,
 // concurrent runs on one program's slots, and the errors without a device.
 // Cases that need a GPU are skipped with the reason where there is none.
-#include "runtime/cuda_backend.h"
+#include "runtime/cuda/cuda_backend.h"
 #include "runtime/random_tensor.h"
 
 #include <algorithm>
@@ -16,7 +16,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "partitioner/graph_builder.h"
-#include "runtime/cpu_backend.h"
+#include "runtime/cpu/cpu_backend.h"
 #include "runtime/precision.h"
 
 namespace pipeserve {

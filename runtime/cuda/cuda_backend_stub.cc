@@ -1,5 +1,5 @@
 // MakeCudaBackend for builds without --config=cuda: always unavailable.
-#include "runtime/cuda_backend.h"
+#include "runtime/cuda/cuda_backend.h"
 
 namespace pipeserve {
 namespace {

@@ -21,8 +21,8 @@
 //
 // This header needs no CUDA headers: builds without --config=cuda link a
 // stub whose MakeCudaBackend fails with kFailedPrecondition.
-#ifndef PIPESERVE_RUNTIME_CUDA_BACKEND_H_
-#define PIPESERVE_RUNTIME_CUDA_BACKEND_H_
+#ifndef PIPESERVE_RUNTIME_CUDA_CUDA_BACKEND_H_
+#define PIPESERVE_RUNTIME_CUDA_CUDA_BACKEND_H_
 
 #include <cstdint>
 #include <memory>
@@ -117,4 +117,4 @@ class CudaStageProgram : public StageProgram {
 
 }  // namespace pipeserve
 
-#endif  // PIPESERVE_RUNTIME_CUDA_BACKEND_H_
+#endif  // PIPESERVE_RUNTIME_CUDA_CUDA_BACKEND_H_

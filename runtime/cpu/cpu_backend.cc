@@ -1,4 +1,4 @@
-#include "runtime/cpu_backend.h"
+#include "runtime/cpu/cpu_backend.h"
 
 #include <algorithm>
 #include <cstring>
@@ -9,7 +9,7 @@
 #include "common/status_macros.h"
 #include "partitioner/op_schema.h"
 #include "partitioner/validate.h"
-#include "runtime/cpu_kernels.h"
+#include "runtime/cpu/cpu_kernels.h"
 #include "runtime/signature.h"
 
 namespace pipeserve {

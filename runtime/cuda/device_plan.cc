@@ -1,4 +1,4 @@
-#include "runtime/device_plan.h"
+#include "runtime/cuda/device_plan.h"
 
 #include <algorithm>
 #include <cstring>

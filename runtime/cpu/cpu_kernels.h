@@ -7,8 +7,8 @@
 //
 // Thread count: GEMMs use the calling thread's OpenMP setting
 // (SetComputeThreads). All functions are thread-safe.
-#ifndef PIPESERVE_RUNTIME_CPU_KERNELS_H_
-#define PIPESERVE_RUNTIME_CPU_KERNELS_H_
+#ifndef PIPESERVE_RUNTIME_CPU_CPU_KERNELS_H_
+#define PIPESERVE_RUNTIME_CPU_CPU_KERNELS_H_
 
 #include <cstdint>
 
@@ -52,4 +52,4 @@ void Relu(const float* x, int64_t n, float* out);
 
 }  // namespace pipeserve
 
-#endif  // PIPESERVE_RUNTIME_CPU_KERNELS_H_
+#endif  // PIPESERVE_RUNTIME_CPU_CPU_KERNELS_H_

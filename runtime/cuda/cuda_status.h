@@ -8,8 +8,8 @@
 //
 // Out-of-memory codes map to kResourceExhausted, everything else to
 // kInternal. Only for code built with --config=cuda.
-#ifndef PIPESERVE_RUNTIME_CUDA_STATUS_H_
-#define PIPESERVE_RUNTIME_CUDA_STATUS_H_
+#ifndef PIPESERVE_RUNTIME_CUDA_CUDA_STATUS_H_
+#define PIPESERVE_RUNTIME_CUDA_CUDA_STATUS_H_
 
 #include <cublas_api.h>
 #include <cuda_runtime_api.h>
@@ -55,4 +55,4 @@ inline absl::Status CublasStatus(cublasStatus_t s, const char* call) {
     }                                                                    \
   } while (0)
 
-#endif  // PIPESERVE_RUNTIME_CUDA_STATUS_H_
+#endif  // PIPESERVE_RUNTIME_CUDA_CUDA_STATUS_H_

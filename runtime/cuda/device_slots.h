@@ -9,8 +9,8 @@
 //   SlotPool<Slot> pool(2, [] { return MakeSlot(); });
 //   ASSIGN_OR_RETURN(SlotPool<Slot>::Lease s, pool.Acquire());
 //   s->stream ...   // exclusive until `s` goes out of scope
-#ifndef PIPESERVE_RUNTIME_DEVICE_SLOTS_H_
-#define PIPESERVE_RUNTIME_DEVICE_SLOTS_H_
+#ifndef PIPESERVE_RUNTIME_CUDA_DEVICE_SLOTS_H_
+#define PIPESERVE_RUNTIME_CUDA_DEVICE_SLOTS_H_
 
 #include <algorithm>
 #include <condition_variable>
@@ -126,4 +126,4 @@ class SlotPool {
 
 }  // namespace pipeserve
 
-#endif  // PIPESERVE_RUNTIME_DEVICE_SLOTS_H_
+#endif  // PIPESERVE_RUNTIME_CUDA_DEVICE_SLOTS_H_

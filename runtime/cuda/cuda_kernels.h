@@ -8,14 +8,14 @@
 //   BroadcastIndex ix;
 //   MakeBroadcastIndex({5, 12}, {12}, {5, 12}, &ix);
 //   LaunchBinary(KernelOp::kSub, x, row, out, 60, ix, stream);
-#ifndef PIPESERVE_RUNTIME_CUDA_KERNELS_H_
-#define PIPESERVE_RUNTIME_CUDA_KERNELS_H_
+#ifndef PIPESERVE_RUNTIME_CUDA_CUDA_KERNELS_H_
+#define PIPESERVE_RUNTIME_CUDA_CUDA_KERNELS_H_
 
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
 
-#include "runtime/broadcast_index.h"
+#include "runtime/cuda/broadcast_index.h"
 
 namespace pipeserve {
 
@@ -58,4 +58,4 @@ cudaError_t LaunchBiasRelu(void* d, bool d_bf16, const float* bias, int64_t m,
 
 }  // namespace pipeserve
 
-#endif  // PIPESERVE_RUNTIME_CUDA_KERNELS_H_
+#endif  // PIPESERVE_RUNTIME_CUDA_CUDA_KERNELS_H_

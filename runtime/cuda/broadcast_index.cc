@@ -1,4 +1,4 @@
-#include "runtime/broadcast_index.h"
+#include "runtime/cuda/broadcast_index.h"
 
 #include <cstddef>
 

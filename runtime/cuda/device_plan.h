@@ -27,8 +27,8 @@
 //   whose output only feeds other GEMMs (and has no bias) writes bfloat16
 //   directly. Elementwise ops and outputs are float32 in every mode.
 // - Every buffer sits at a 256-byte aligned offset of one of four arenas.
-#ifndef PIPESERVE_RUNTIME_DEVICE_PLAN_H_
-#define PIPESERVE_RUNTIME_DEVICE_PLAN_H_
+#ifndef PIPESERVE_RUNTIME_CUDA_DEVICE_PLAN_H_
+#define PIPESERVE_RUNTIME_CUDA_DEVICE_PLAN_H_
 
 #include <cstdint>
 #include <string>
@@ -37,7 +37,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "proto/model.pb.h"
-#include "runtime/broadcast_index.h"
+#include "runtime/cuda/broadcast_index.h"
 #include "runtime/model_file.h"
 #include "runtime/precision.h"
 #include "runtime/tensor.h"
@@ -216,4 +216,4 @@ void UnstageOutputs(const DevicePlan& plan, const void* staging_out,
 
 }  // namespace pipeserve
 
-#endif  // PIPESERVE_RUNTIME_DEVICE_PLAN_H_
+#endif  // PIPESERVE_RUNTIME_CUDA_DEVICE_PLAN_H_

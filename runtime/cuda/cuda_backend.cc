@@ -1,4 +1,4 @@
-#include "runtime/cuda_backend.h"
+#include "runtime/cuda/cuda_backend.h"
 
 #include <cublasLt.h>
 #include <cublas_v2.h>
@@ -12,10 +12,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
-#include "runtime/cuda_kernels.h"
-#include "runtime/cuda_status.h"
-#include "runtime/device_plan.h"
-#include "runtime/device_slots.h"
+#include "runtime/cuda/cuda_kernels.h"
+#include "runtime/cuda/cuda_status.h"
+#include "runtime/cuda/device_plan.h"
+#include "runtime/cuda/device_slots.h"
 #include "runtime/signature.h"
 
 namespace pipeserve {

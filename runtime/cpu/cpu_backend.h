@@ -4,8 +4,8 @@
 //   CpuBackendOptions opts;
 //   opts.threads = 2;
 //   std::unique_ptr<ComputeBackend> cpu = MakeCpuBackend(opts);
-#ifndef PIPESERVE_RUNTIME_CPU_BACKEND_H_
-#define PIPESERVE_RUNTIME_CPU_BACKEND_H_
+#ifndef PIPESERVE_RUNTIME_CPU_CPU_BACKEND_H_
+#define PIPESERVE_RUNTIME_CPU_CPU_BACKEND_H_
 
 #include <memory>
 
@@ -25,4 +25,4 @@ std::unique_ptr<ComputeBackend> MakeCpuBackend(const CpuBackendOptions& options)
 
 }  // namespace pipeserve
 
-#endif  // PIPESERVE_RUNTIME_CPU_BACKEND_H_
+#endif  // PIPESERVE_RUNTIME_CPU_CPU_BACKEND_H_
