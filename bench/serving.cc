@@ -37,9 +37,12 @@
 #include "runtime/model_file.h"
 #include "runtime/npy.h"
 #include "runtime/backends.h"
-#include "server/coordinator_core.h"
-#include "server/frame_stream.h"
-#include "server/stage_service.h"
+#include "server/coordinator/core.h"
+#include "server/coordinator/grpc_stage_client.h"
+#include "server/stage/stage_server_core.h"
+#include "server/stage/stage_service.h"
+#include "server/transport/channels.h"
+#include "server/transport/frame.h"
 
 namespace pipeserve {
 namespace {
@@ -127,7 +130,16 @@ double LoopbackTcpBandwidth(size_t total) {
 
 // ---- in-process pipeserve ---------------------------------------------------
 
+// The cluster's channels (plaintext on loopback, as the local launcher's).
+std::shared_ptr<StageChannels> Channels() {
+  static std::shared_ptr<StageChannels>* channels =
+      new std::shared_ptr<StageChannels>(*StageChannels::Create({}));
+  return *channels;
+}
+
 struct StageServer {
+  std::unique_ptr<GrpcDialer> dialer;
+  std::unique_ptr<StageServerCore> core;
   std::unique_ptr<StageServiceImpl> service;
   std::unique_ptr<grpc::Server> server;
   std::string address;
@@ -141,7 +153,7 @@ std::string g_fixtures;
 
 StageServer StartStageServer(int threads) {
   StageServer s;
-  StageServiceOptions o;
+  StageServerOptions o;
   o.default_threads = threads;
   if (g_device != "cpu") {
     auto backend = MakeBackend(g_device, {});
@@ -152,7 +164,9 @@ StageServer StartStageServer(int threads) {
     }
     o.backend = std::shared_ptr<ComputeBackend>(*std::move(backend));
   }
-  s.service = std::make_unique<StageServiceImpl>(o);
+  s.dialer = std::make_unique<GrpcDialer>(Channels(), 4);
+  s.core = std::make_unique<StageServerCore>(o, s.dialer.get());
+  s.service = std::make_unique<StageServiceImpl>(s.core.get(), "");
   grpc::ServerBuilder b;
   int port = 0;
   b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
@@ -166,6 +180,7 @@ StageServer StartStageServer(int threads) {
 
 struct Cluster {
   std::vector<StageServer> stages;
+  GrpcStageClient client{Channels(), 8};
   std::unique_ptr<Coordinator> coordinator;
   std::string dir;
 
@@ -179,11 +194,14 @@ struct Cluster {
                        ::getpid(), "_", n, "_", counter_++);
     CoordinatorOptions co;
     coordinator = std::make_unique<Coordinator>(co, *OpenFileModelStore(dir + "/repo"),
-                                                MakeStaticLauncher(addresses));
+                                                MakeStaticLauncher(addresses), &client);
   }
   ~Cluster() {
     coordinator.reset();
-    for (auto& s : stages) s.server->Shutdown(std::chrono::system_clock::now());
+    for (auto& s : stages) {
+      s.server->Shutdown(std::chrono::system_clock::now());
+      s.core.reset();
+    }
     std::filesystem::remove_all(dir);
   }
 

@@ -4,10 +4,12 @@
 #include <cctype>
 #include <chrono>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <memory>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
@@ -43,6 +45,31 @@ void AddPartitionFlags(FlagSet& flags, bool model_required = true) {
 void AddServerFlag(FlagSet& flags) {
   flags.Add("server", "HOST:PORT", "the coordinator's gRPC address", false,
             kDefaultServer);
+  flags.Add("token_file", "FILE",
+            "file holding the bearer token to send (default: $PIPESERVE_TOKEN)");
+  flags.Add("tls_ca", "PEM", "CA the server's certificate must chain to (turns TLS on)");
+  flags.Add("tls_cert", "PEM", "client certificate, for servers that require one");
+  flags.Add("tls_key", "PEM", "the client certificate's key");
+  flags.Add("tls_server_name", "NAME",
+            "name the server's certificate must carry, if not the --server host");
+}
+
+// Client options from the server flags.
+absl::StatusOr<ClientOptions> ClientOptionsFrom(const FlagSet& flags) {
+  ClientOptions o;
+  o.tls_ca_file = flags.Get("tls_ca");
+  o.tls_cert_file = flags.Get("tls_cert");
+  o.tls_key_file = flags.Get("tls_key");
+  o.tls_server_name = flags.Get("tls_server_name");
+  if (std::string f = flags.Get("token_file"); !f.empty()) {
+    std::ifstream in(f);
+    if (!in) return absl::NotFoundError(absl::StrCat("--token_file: cannot read ", f));
+    std::string token((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    o.token = std::string(absl::StripAsciiWhitespace(token));
+  } else if (const char* env = std::getenv("PIPESERVE_TOKEN"); env != nullptr) {
+    o.token = std::string(absl::StripAsciiWhitespace(env));
+  }
+  return o;
 }
 
 // "MODULE:BEGINNING" or "MODULE:END".
@@ -205,7 +232,8 @@ std::function<absl::Status(const FlagSet&, std::ostream&, std::ostream&)>
 Remote(RemoteFn fn) {
   return [fn](const FlagSet& flags, std::ostream& out, std::ostream& err) {
     const std::string server = flags.Get("server");
-    ASSIGN_OR_RETURN(std::unique_ptr<Client> client, Client::Connect(server));
+    ASSIGN_OR_RETURN(ClientOptions options, ClientOptionsFrom(flags));
+    ASSIGN_OR_RETURN(std::unique_ptr<Client> client, Client::Connect(server, options));
     absl::Status s = fn(flags, *client, out, err);
     if (s.code() == absl::StatusCode::kUnavailable) {
       return absl::UnavailableError(absl::StrCat(
@@ -406,28 +434,44 @@ absl::Status Infer(const FlagSet& flags, Client& client, std::ostream& out,
 
 absl::Status Health(const FlagSet&, Client& client, std::ostream& out,
                     std::ostream&) {
-  ASSIGN_OR_RETURN(bool live, client.ServerLive());
-  ASSIGN_OR_RETURN(bool ready, client.ServerReady());
+  // grpc.health.v1 decides: it answers without a token, on coordinators and
+  // stage servers alike. KServe's live/ready are shown when the server
+  // offers them (stage servers do not).
   absl::StatusOr<std::string> health = client.Health();
+  auto shown = [](const absl::StatusOr<bool>& b) {
+    return b.ok() ? std::string(*b ? "true" : "false") : std::string("n/a");
+  };
+  absl::StatusOr<bool> live = client.ServerLive();
+  absl::StatusOr<bool> ready = client.ServerReady();
   bool healthy;
   std::string health_text;
   if (health.ok()) {
     healthy = *health == "SERVING";
     health_text = *health;
   } else if (health.status().code() == absl::StatusCode::kUnimplemented) {
-    healthy = true;  // no grpc.health.v1 service: live and ready decide
+    // No grpc.health.v1 service: KServe's answers decide.
+    if (!live.ok()) return live.status();
+    if (!ready.ok()) return ready.status();
+    healthy = *live && *ready;
     health_text = "not offered by the server";
   } else {
     return health.status();
   }
   out << "server  " << client.address() << "\n"
-      << "live    " << (live ? "true" : "false") << "\n"
-      << "ready   " << (ready ? "true" : "false") << "\n"
+      << "live    " << shown(live) << "\n"
+      << "ready   " << shown(ready) << "\n"
       << "health  " << health_text << "\n";
-  if (!(live && ready && healthy)) {
+  if (!healthy) {
     return absl::FailedPreconditionError(
         absl::StrCat("server at ", client.address(), " is not serving"));
   }
+  return absl::OkStatus();
+}
+
+absl::Status Unload(const FlagSet& flags, Client& client, std::ostream& out, std::ostream&) {
+  const std::string name = flags.Get("name");
+  RETURN_IF_ERROR(client.Unload(name));
+  out << "unloaded \"" << name << "\"\n";
   return absl::OkStatus();
 }
 
@@ -501,8 +545,16 @@ std::map<std::string, Command> Commands() {
         },
         Remote(Infer)}},
       {"health",
-       {"Check that the server is live, ready and serving (exit 1 if not).",
+       {"Check that the server is serving (grpc.health.v1; exit 1 if not).",
         AddServerFlag, Remote(Health)}},
+      {"unload",
+       {"Stop serving a model, unload its stages and remove it from the\n"
+        "server's repository.",
+        [](FlagSet& f) {
+          AddServerFlag(f);
+          f.Add("name", "NAME", "the model to unload", true);
+        },
+        Remote(Unload)}},
   };
 }
 

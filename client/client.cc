@@ -16,6 +16,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
+#include "common/credentials.h"
+#include "common/grpc_status.h"
 #include "common/status_macros.h"
 #include "proto/grpc_service.grpc.pb.h"
 #include "proto/pipeserve_service.grpc.pb.h"
@@ -31,18 +33,7 @@ struct Client::Stubs {
 
 namespace {
 
-// The one place a gRPC status becomes an absl::Status: the codes are the
-// same canonical codes with the same numbers.
-absl::Status FromGrpc(const grpc::Status& s) {
-  if (s.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
-                      s.error_message());
-}
-
-void SetDeadline(grpc::ClientContext* ctx, absl::Duration timeout) {
-  ctx->set_deadline(std::chrono::system_clock::now() +
-                    absl::ToChronoNanoseconds(timeout));
-}
+absl::Status FromGrpc(const grpc::Status& s) { return FromGrpcStatus(s); }
 
 // A file opened for reading, closed on scope exit.
 struct File {
@@ -107,9 +98,18 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(options.max_message_bytes);
   args.SetMaxSendMessageSize(options.max_message_bytes);
+  if (!options.tls_server_name.empty()) {
+    args.SetSslTargetNameOverride(options.tls_server_name);
+  }
+  const bool tls = !options.tls_ca_file.empty() || !options.tls_cert_file.empty();
+  std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
+  if (tls) {
+    ASSIGN_OR_RETURN(credentials, MakeChannelCredentials({options.tls_cert_file,
+                                                          options.tls_key_file,
+                                                          options.tls_ca_file}));
+  }
   auto stubs = std::make_unique<Stubs>();
-  stubs->channel = grpc::CreateCustomChannel(
-      address, grpc::InsecureChannelCredentials(), args);
+  stubs->channel = grpc::CreateCustomChannel(address, credentials, args);
   stubs->inference = inference::GRPCInferenceService::NewStub(stubs->channel);
   stubs->models = ModelService::NewStub(stubs->channel);
   stubs->generic = std::make_unique<grpc::GenericStub>(stubs->channel);
@@ -133,7 +133,7 @@ absl::StatusOr<UploadResult> Client::Upload(
   grpc::ClientContext ctx;
   // Room for the transfer itself at 16 MiB/s or better, beside the time the
   // server takes to partition and deploy.
-  SetDeadline(&ctx, options_.timeout +
+  Prepare(&ctx, options_.timeout +
                         absl::Seconds(static_cast<double>(total) / (16 << 20)));
   UploadResponse response;
   std::unique_ptr<grpc::ClientWriter<UploadRequest>> writer =
@@ -186,9 +186,25 @@ absl::StatusOr<UploadResult> Client::Upload(
   return UploadResult{response.name(), response.bytes(), response.num_stages()};
 }
 
+void Client::Prepare(grpc::ClientContext* ctx, absl::Duration timeout) const {
+  ctx->set_deadline(std::chrono::system_clock::now() + absl::ToChronoNanoseconds(timeout));
+  if (!options_.token.empty()) {
+    ctx->AddMetadata("authorization", absl::StrCat("Bearer ", options_.token));
+  }
+}
+
+absl::Status Client::Unload(const std::string& name) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx, options_.timeout);
+  UnloadRequest request;
+  request.set_name(name);
+  UnloadResponse response;
+  return FromGrpc(stubs_->models->Unload(&ctx, request, &response));
+}
+
 absl::StatusOr<GetPlanResponse> Client::GetPlan(const std::string& name) {
   grpc::ClientContext ctx;
-  SetDeadline(&ctx, options_.timeout);
+  Prepare(&ctx, options_.timeout);
   GetPlanRequest request;
   request.set_name(name);
   GetPlanResponse response;
@@ -199,7 +215,7 @@ absl::StatusOr<GetPlanResponse> Client::GetPlan(const std::string& name) {
 
 absl::StatusOr<std::vector<ModelSummary>> Client::ListModels() {
   grpc::ClientContext ctx;
-  SetDeadline(&ctx, options_.timeout);
+  Prepare(&ctx, options_.timeout);
   ListModelsResponse response;
   grpc::Status s =
       stubs_->models->ListModels(&ctx, ListModelsRequest(), &response);
@@ -231,7 +247,7 @@ absl::StatusOr<std::vector<NamedTensor>> Client::Infer(
   }
 
   grpc::ClientContext ctx;
-  SetDeadline(&ctx,
+  Prepare(&ctx,
               timeout > absl::ZeroDuration() ? timeout : options_.timeout);
   inference::ModelInferResponse response;
   grpc::Status s = stubs_->inference->ModelInfer(&ctx, request, &response);
@@ -258,12 +274,15 @@ absl::StatusOr<std::vector<NamedTensor>> Client::Infer(
           absl::StrCat("datatype \"", out.datatype(), "\", expected FP32"));
     }
     Shape shape(out.shape().begin(), out.shape().end());
-    for (int64_t d : shape) {
-      if (d < 0)
-        return bad(
-            absl::StrCat("negative dimension in shape ", ShapeToString(shape)));
+    absl::StatusOr<uint64_t> size = CheckedByteSize(shape, 4);
+    if (!size.ok()) return bad(std::string(size.status().message()));
+    const int64_t numel = static_cast<int64_t>(*size / 4);
+    // The bytes are checked before anything is allocated.
+    if (raw ? response.raw_output_contents(i).size() != *size
+            : static_cast<uint64_t>(out.contents().fp32_contents().size()) != *size / 4) {
+      return bad(absl::StrCat("contents do not match shape ", ShapeToString(shape), " (",
+                              *size, " bytes expected)"));
     }
-    const int64_t numel = NumElements(shape);
     Tensor t = Tensor::Empty(shape);
     if (raw) {
       const std::string& bytes = response.raw_output_contents(i);
@@ -289,7 +308,7 @@ absl::StatusOr<std::vector<NamedTensor>> Client::Infer(
 absl::StatusOr<inference::ModelMetadataResponse> Client::ModelMetadata(
     const std::string& model) {
   grpc::ClientContext ctx;
-  SetDeadline(&ctx, options_.timeout);
+  Prepare(&ctx, options_.timeout);
   inference::ModelMetadataRequest request;
   request.set_name(model);
   inference::ModelMetadataResponse response;
@@ -300,7 +319,7 @@ absl::StatusOr<inference::ModelMetadataResponse> Client::ModelMetadata(
 
 absl::StatusOr<bool> Client::ServerLive() {
   grpc::ClientContext ctx;
-  SetDeadline(&ctx, options_.timeout);
+  Prepare(&ctx, options_.timeout);
   inference::ServerLiveResponse response;
   grpc::Status s = stubs_->inference->ServerLive(
       &ctx, inference::ServerLiveRequest(), &response);
@@ -310,7 +329,7 @@ absl::StatusOr<bool> Client::ServerLive() {
 
 absl::StatusOr<bool> Client::ServerReady() {
   grpc::ClientContext ctx;
-  SetDeadline(&ctx, options_.timeout);
+  Prepare(&ctx, options_.timeout);
   inference::ServerReadyResponse response;
   grpc::Status s = stubs_->inference->ServerReady(
       &ctx, inference::ServerReadyRequest(), &response);
@@ -320,7 +339,7 @@ absl::StatusOr<bool> Client::ServerReady() {
 
 absl::StatusOr<bool> Client::ModelReady(const std::string& model) {
   grpc::ClientContext ctx;
-  SetDeadline(&ctx, options_.timeout);
+  Prepare(&ctx, options_.timeout);
   inference::ModelReadyRequest request;
   request.set_name(model);
   inference::ModelReadyResponse response;
@@ -334,7 +353,7 @@ absl::StatusOr<std::string> Client::Health() {
   // goes through the generic stub with hand-encoded messages: the request
   // HealthCheckRequest{service: ""} is the empty message.
   grpc::ClientContext ctx;
-  SetDeadline(&ctx, options_.timeout);
+  Prepare(&ctx, options_.timeout);
   grpc::Slice empty("", 0);
   grpc::ByteBuffer request(&empty, 1), response;
   grpc::Status status;

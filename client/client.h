@@ -25,6 +25,10 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+
+namespace grpc {
+class ClientContext;
+}
 #include "proto/grpc_service.pb.h"
 #include "proto/pipeserve_service.pb.h"
 #include "runtime/tensor.h"
@@ -37,6 +41,19 @@ struct ClientOptions {
   // Largest message sent or received; an inference request or response
   // carries all its tensors in one message.
   int max_message_bytes = 1 << 30;
+  // Bearer token sent with every call (`authorization: Bearer <token>`),
+  // when the server has --auth_tokens; "" sends none.
+  std::string token;
+  // TLS: the PEM roots the server's certificate must chain to. Setting it
+  // (or a client certificate) turns TLS on; nothing set is plaintext.
+  std::string tls_ca_file;
+  // A client certificate and key, for servers that require one (stage
+  // servers, which take only cluster certificates).
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  // The name the server's certificate must carry, when it differs from the
+  // host in the address (e.g. connecting by IP address).
+  std::string tls_server_name;
 };
 
 // A tensor with the name the model gives it (an input or output name).
@@ -53,6 +70,8 @@ struct UploadResult {
 };
 
 // Thread-safe: methods may be called concurrently (each is its own call).
+// Errors from the server keep their gRPC code: kUnauthenticated without a
+// valid token, kPermissionDenied for a token without the call's scope.
 class Client {
  public:
   // Bytes of file data per Upload message.
@@ -81,6 +100,10 @@ class Client {
       const std::string& name, const std::string& path,
       const UploadOptions& options,
       std::function<void(uint64_t sent, uint64_t total)> progress = nullptr);
+
+  // Stops serving model `name` and removes it from the server's
+  // repository (kNotFound for an unknown model).
+  absl::Status Unload(const std::string& name);
 
   // The stages of model `name`, the stage servers holding them and the
   // microbatch count (kNotFound for an unknown model, from the server).
@@ -115,6 +138,8 @@ class Client {
 
  private:
   struct Stubs;  // the generated gRPC stubs, kept out of this header
+  // Deadline and token for one call.
+  void Prepare(grpc::ClientContext* ctx, absl::Duration timeout) const;
   Client(std::string address, ClientOptions options,
          std::unique_ptr<Stubs> stubs);
 

@@ -166,7 +166,7 @@ TEST_F(ClientTest, MalformedResponseIsInternalNamingTheOutput) {
   EXPECT_EQ(outputs.status().code(), absl::StatusCode::kInternal);
   EXPECT_THAT(
       outputs.status().message(),
-      HasSubstr("output \"neg_x\": 8 bytes for shape [2,2] (16 expected)"));
+      HasSubstr("output \"neg_x\": contents do not match shape [2,2] (16 bytes expected)"));
 }
 
 TEST_F(ClientTest, InferTimeoutIsDeadlineExceeded) {

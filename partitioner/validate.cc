@@ -1,6 +1,6 @@
 #include "partitioner/validate.h"
 
-#include <functional>
+#include <algorithm>
 #include <vector>
 
 #include "absl/container/flat_hash_set.h"
@@ -43,6 +43,10 @@ absl::Status CheckInputs(const Graph& graph, ValueShapes* shapes) {
                        "input may be -1, got ", ShapeToString(shape));
       }
     }
+    Shape one_row = shape;
+    if (in.batched()) one_row[0] = 1;
+    absl::Status size = CheckedByteSize(one_row, 4).status();
+    if (!size.ok()) return Invalid("input \"", in.name(), "\": ", size.message());
     (*shapes)[in.name()] = std::move(shape);
   }
   return absl::OkStatus();
@@ -60,13 +64,9 @@ absl::Status CheckParams(const Graph& graph,
                      " is not supported (expected DT_FLOAT32)");
     }
     Shape shape(p.shape().begin(), p.shape().end());
-    for (int64_t d : shape) {
-      if (d < 0) {
-        return Invalid("parameter \"", p.fqn(), "\": negative dimension in ",
-                       ShapeToString(shape));
-      }
-    }
-    uint64_t expected = static_cast<uint64_t>(NumElements(shape)) * 4;
+    absl::StatusOr<uint64_t> size = CheckedByteSize(shape, 4);
+    if (!size.ok()) return Invalid("parameter \"", p.fqn(), "\": ", size.status().message());
+    const uint64_t expected = *size;
     if (p.byte_size() != expected) {
       return Invalid("parameter \"", p.fqn(), "\": byte_size ",
                      absl::StrCat(p.byte_size()), " does not match shape ",
@@ -85,24 +85,37 @@ absl::Status ForwardReference(const Graph& graph, int user, int producer,
                               const absl::flat_hash_map<std::string, int>&
                                   producer_of) {
   // Depth-first search from the producer back through its inputs; reaching
-  // `user` closes a cycle.
+  // `user` closes a cycle. Iterative: a graph may be a million nodes deep.
   std::vector<int> path;
-  absl::flat_hash_set<int> seen;
-  std::function<bool(int)> reaches = [&](int n) -> bool {
-    if (!seen.insert(n).second) return false;
-    path.push_back(n);
-    if (n == user) return true;
+  absl::flat_hash_map<int, int> parent;  // node -> the node that reached it
+  std::vector<int> stack = {producer};
+  parent[producer] = -1;
+  bool found = false;
+  while (!stack.empty() && !found) {
+    int n = stack.back();
+    stack.pop_back();
+    if (n == user) {
+      found = true;
+      for (int at = n; at != -1; at = parent[at]) path.push_back(at);
+      std::reverse(path.begin(), path.end());
+      break;
+    }
     for (const std::string& in : graph.nodes(n).inputs()) {
       auto it = producer_of.find(in);
-      if (it != producer_of.end() && reaches(it->second)) return true;
+      if (it != producer_of.end() && parent.emplace(it->second, n).second) {
+        stack.push_back(it->second);
+      }
     }
-    path.pop_back();
-    return false;
-  };
-  if (reaches(producer)) {
+  }
+  if (found) {
     std::vector<std::string> names;
     names.push_back(graph.nodes(user).name());
     for (int n : path) names.push_back(graph.nodes(n).name());
+    if (names.size() > 12) {  // a cycle may be a million nodes long
+      size_t total = names.size();
+      names.erase(names.begin() + 6, names.end() - 5);
+      names.insert(names.begin() + 6, absl::StrCat("... (", total, " nodes) ..."));
+    }
     return Invalid("cycle: ", absl::StrJoin(names, " <- "));
   }
   return Invalid(NodeLabel(graph.nodes(user)), ": uses value \"", value,

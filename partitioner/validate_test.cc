@@ -1,5 +1,6 @@
 #include "partitioner/validate.h"
 
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "partitioner/graph_builder.h"
@@ -148,6 +149,51 @@ TEST(ValidateTest, LinearChecksWeightAndBias) {
   b.Input("x", {-1, 8}).Param("l.weight", {4, 8}).Param("l.bias", {5});
   b.Op("linear", {"x", "l.weight", "l.bias"}, "y", "l").Output("y");
   ExpectInvalid(b.graph(), "linear bias must be [out] for weight: [5] and [4,8]");
+}
+
+// Regression: the cycle search recursed once per node, so a chain of a
+// million nodes whose first node reads the last one's output overflowed
+// the stack (a crash, not an error).
+TEST(ValidateTest, MillionNodeCycleIsAnErrorNotAStackOverflow) {
+  constexpr int kNodes = 1000000;
+  Graph g;
+  ValueSpec* x = g.add_inputs();
+  x->set_name("x");
+  x->set_dtype(DT_FLOAT32);
+  x->add_shape(-1);
+  x->add_shape(4);
+  x->set_batched(true);
+  for (int i = 0; i < kNodes; ++i) {
+    Node* n = g.add_nodes();
+    n->set_name(absl::StrCat("n", i));
+    n->set_op("relu");
+    n->add_inputs(i == 0 ? absl::StrCat("v", kNodes - 1) : absl::StrCat("v", i - 1));
+    n->add_outputs(absl::StrCat("v", i));
+  }
+  g.add_outputs(absl::StrCat("v", kNodes - 1));
+  absl::StatusOr<ValueShapes> r = ValidateGraph(g);
+  ASSERT_FALSE(r.ok());
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("cycle: n0 <- n999999 <- n999998"));
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("(1000001 nodes)"));
+  EXPECT_LT(r.status().message().size(), 400u);
+}
+
+// Regression: [2^53, 512] float32 needs 2^64 bytes, which wrapped to 0, so
+// a parameter claiming 0 bytes passed.
+TEST(ValidateTest, ParameterShapeWhoseSizeOverflowsIsInvalid) {
+  GraphBuilder b = SmallModel();
+  TensorInfo* w = b.graph().mutable_params(0);
+  w->clear_shape();
+  w->add_shape(int64_t{1} << 53);
+  w->add_shape(512);
+  w->set_byte_size(0);
+  ExpectInvalid(b.graph(), "parameter \"w\": shape [9007199254740992,512] needs more than 2^62 bytes");
+}
+
+TEST(ValidateTest, InputShapeWhoseSizeOverflowsIsInvalid) {
+  GraphBuilder b;
+  b.Input("x", {-1, int64_t{1} << 40, int64_t{1} << 40}).Op("relu", {"x"}, "y").Output("y");
+  ExpectInvalid(b.graph(), "input \"x\": shape [1,1099511627776,1099511627776] has more than 2^62 elements");
 }
 
 }  // namespace

@@ -88,6 +88,12 @@ absl::StatusOr<std::vector<Tensor>> MergeMicrobatches(
     const std::vector<bool>& batched,
     const std::vector<std::vector<Tensor>>& outs) {
   if (outs.empty()) return absl::InvalidArgumentError("no microbatches to merge");
+  for (size_t m = 0; m < outs.size(); ++m) {
+    if (outs[m].size() != batched.size()) {
+      return absl::InvalidArgumentError(absl::StrCat("microbatch ", m, " has ", outs[m].size(),
+                                                     " outputs, expected ", batched.size()));
+    }
+  }
   std::vector<Tensor> result;
   for (size_t j = 0; j < batched.size(); ++j) {
     if (!batched[j] || outs.size() == 1) {

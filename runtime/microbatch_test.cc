@@ -61,5 +61,14 @@ TEST(ConcatRowsTest, MismatchedTrailingDimsAreAnError) {
               HasSubstr("cannot concatenate [2,4] with [2,3]"));
 }
 
+// Regression: a microbatch that came back with fewer outputs (an injected
+// frame) was indexed past its end.
+TEST(MergeMicrobatchesTest, MissingOutputsAreAnErrorNotARead) {
+  std::vector<std::vector<Tensor>> outs = {{Tensor::Zeros({2, 3})}, {}};
+  absl::StatusOr<std::vector<Tensor>> merged = MergeMicrobatches({true}, outs);
+  ASSERT_FALSE(merged.ok());
+  EXPECT_EQ(merged.status().message(), "microbatch 1 has 0 outputs, expected 1");
+}
+
 }  // namespace
 }  // namespace pipeserve

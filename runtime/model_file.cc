@@ -1,5 +1,8 @@
 #include "runtime/model_file.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <zlib.h>
 
 #include <cstdio>
@@ -28,6 +31,9 @@ uint64_t GetU64(const char* p) {
   return v;
 }
 
+// A header this large is not a model's graph (protobuf parses at most 2 GiB).
+constexpr uint64_t kMaxHeaderBytes = uint64_t{1} << 30;
+
 // The byte size a TensorInfo's dtype and shape call for.
 absl::StatusOr<uint64_t> ExpectedBytes(const TensorInfo& info) {
   if (info.dtype() != DT_FLOAT32) {
@@ -35,16 +41,41 @@ absl::StatusOr<uint64_t> ExpectedBytes(const TensorInfo& info) {
         absl::StrCat("parameter \"", info.fqn(), "\": unsupported dtype ",
                      DataType_Name(info.dtype())));
   }
-  int64_t n = 1;
-  for (int64_t d : info.shape()) {
-    if (d < 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "parameter \"", info.fqn(), "\": negative dimension in shape ",
-          ShapeToString(Shape(info.shape().begin(), info.shape().end()))));
-    }
-    n *= d;
+  absl::StatusOr<uint64_t> bytes =
+      CheckedByteSize(Shape(info.shape().begin(), info.shape().end()), 4);
+  if (!bytes.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("parameter \"", info.fqn(), "\": ", bytes.status().message()));
   }
-  return static_cast<uint64_t>(n) * 4;
+  return *bytes;
+}
+
+// Every TensorInfo's size matches its shape and its bytes lie inside a data
+// section of `data_bytes`, at a 64-byte-aligned offset; no FQN twice.
+absl::Status CheckParamTable(const Graph& graph, uint64_t data_bytes) {
+  absl::flat_hash_map<std::string, int> seen;
+  for (const TensorInfo& info : graph.params()) {
+    ASSIGN_OR_RETURN(uint64_t expected, ExpectedBytes(info));
+    if (info.byte_size() != expected) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "parameter \"", info.fqn(), "\": byte_size ", info.byte_size(),
+          " does not match shape ",
+          ShapeToString(Shape(info.shape().begin(), info.shape().end())),
+          " (", expected, " bytes of float32)"));
+    }
+    if (info.offset() % 64 != 0 || info.offset() > data_bytes ||
+        info.byte_size() > data_bytes - info.offset()) {
+      return absl::DataLossError(absl::StrCat(
+          "parameter \"", info.fqn(), "\": ", info.byte_size(), " bytes at offset ",
+          info.offset(), " lie outside the data section of ", data_bytes,
+          " bytes (truncated file?)"));
+    }
+    if (!seen.emplace(info.fqn(), 0).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("parameter \"", info.fqn(), "\" is stored twice"));
+    }
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -72,33 +103,14 @@ absl::StatusOr<Model> FromParts(const char* header, uint64_t header_size,
   if (!model.graph.ParseFromArray(header, static_cast<int>(header_size))) {
     return absl::DataLossError("model file header is not a valid Graph proto");
   }
+  RETURN_IF_ERROR(CheckParamTable(model.graph, data_bytes));
   for (const TensorInfo& info : model.graph.params()) {
-    ASSIGN_OR_RETURN(uint64_t expected, ExpectedBytes(info));
-    if (info.byte_size() != expected) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "parameter \"", info.fqn(), "\": byte_size ", info.byte_size(),
-          " does not match shape ",
-          ShapeToString(Shape(info.shape().begin(), info.shape().end())),
-          " (", expected, " bytes of float32)"));
-    }
-    if (info.offset() % 64 != 0 || info.offset() > data_bytes ||
-        info.byte_size() > data_bytes - info.offset()) {
-      return absl::DataLossError(absl::StrCat(
-          "parameter \"", info.fqn(), "\": bytes [", info.offset(), ", ",
-          info.offset() + info.byte_size(),
-          ") lie outside the data section of ", data_bytes,
-          " bytes (truncated file?)"));
-    }
     char* p = static_cast<char*>(data.get()) + info.offset();
     uint32_t crc = Crc32(p, info.byte_size());
     if (crc != info.crc32()) {
       return absl::DataLossError(absl::StrCat(
           "parameter \"", info.fqn(), "\": checksum mismatch (stored ",
           info.crc32(), ", computed ", crc, ")"));
-    }
-    if (model.weights.contains(info.fqn())) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("parameter \"", info.fqn(), "\" is stored twice"));
     }
     model.weights[info.fqn()] =
         Tensor::Wrap(data, reinterpret_cast<float*>(p),
@@ -114,6 +126,10 @@ absl::Status CheckPrefix(const char* prefix, uint64_t total,
         "not a pipeserve model file (no PIPESRV1 magic)");
   }
   *header_size = GetU64(prefix + 8);
+  if (*header_size > kMaxHeaderBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "model file header of ", *header_size, " bytes is larger than any graph (1 GiB)"));
+  }
   if (*header_size > total - kHeaderStart) {
     return absl::DataLossError(absl::StrCat(
         "model file truncated: header of ", *header_size, " bytes, but only ",
@@ -130,7 +146,11 @@ absl::StatusOr<Model> ParseModel(const std::string& bytes) {
   uint64_t data_start = AlignUp(kHeaderStart + header_size);
   uint64_t data_bytes =
       bytes.size() > data_start ? bytes.size() - data_start : 0;
-  std::shared_ptr<void> data = AllocateAligned(data_bytes);
+  std::shared_ptr<void> data = TryAllocateAligned(data_bytes);
+  if (data == nullptr) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("cannot allocate ", data_bytes, " bytes for the weights"));
+  }
   if (data_bytes > 0) {
     std::memcpy(data.get(), bytes.data() + data_start, data_bytes);
   }
@@ -158,7 +178,11 @@ absl::StatusOr<Model> ReadModelFile(const std::string& path) {
   // Weights are read straight into one aligned buffer: no second copy.
   uint64_t data_start = AlignUp(kHeaderStart + header_size);
   uint64_t data_bytes = total > data_start ? total - data_start : 0;
-  std::shared_ptr<void> data = AllocateAligned(data_bytes);
+  std::shared_ptr<void> data = TryAllocateAligned(data_bytes);
+  if (data == nullptr) {
+    return fail(absl::ResourceExhaustedError(
+        absl::StrCat("cannot allocate ", data_bytes, " bytes for the weights")));
+  }
   in.seekg(data_start);
   in.read(static_cast<char*>(data.get()), data_bytes);
   if (!in) return fail(absl::DataLossError("read error"));
@@ -166,6 +190,68 @@ absl::StatusOr<Model> ReadModelFile(const std::string& path) {
       FromParts(header.data(), header_size, std::move(data), data_bytes);
   if (!model.ok()) return fail(model.status());
   return model;
+}
+
+absl::StatusOr<std::unique_ptr<ModelFileReader>> ModelFileReader::Open(
+    const std::string& path) {
+  auto fail = [&](const absl::Status& s) {
+    return absl::Status(s.code(), absl::StrCat(path, ": ", s.message()));
+  };
+  std::unique_ptr<ModelFileReader> r(new ModelFileReader());
+  r->path_ = path;
+  r->fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (r->fd_ < 0) return absl::NotFoundError(absl::StrCat("cannot open model file ", path));
+  struct stat st;
+  if (::fstat(r->fd_, &st) != 0) return fail(absl::DataLossError("cannot stat the file"));
+  const uint64_t total = static_cast<uint64_t>(st.st_size);
+  char prefix[kHeaderStart] = {};
+  if (total >= kHeaderStart && ::pread(r->fd_, prefix, kHeaderStart, 0) != kHeaderStart) {
+    return fail(absl::DataLossError("read error"));
+  }
+  uint64_t header_size = 0;
+  absl::Status s = CheckPrefix(prefix, total, &header_size);
+  if (!s.ok()) return fail(s);
+  std::string header(header_size, '\0');
+  if (header_size > 0 &&
+      ::pread(r->fd_, header.data(), header_size, kHeaderStart) != static_cast<ssize_t>(header_size)) {
+    return fail(absl::DataLossError("read error"));
+  }
+  if (!r->graph_.ParseFromString(header)) {
+    return fail(absl::DataLossError("model file header is not a valid Graph proto"));
+  }
+  r->data_start_ = AlignUp(kHeaderStart + header_size);
+  uint64_t data_bytes = total > r->data_start_ ? total - r->data_start_ : 0;
+  s = CheckParamTable(r->graph_, data_bytes);
+  if (!s.ok()) return fail(s);
+  for (const TensorInfo& info : r->graph_.params()) r->params_[info.fqn()] = &info;
+  return r;
+}
+
+ModelFileReader::~ModelFileReader() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+absl::Status ModelFileReader::Read(const std::string& fqn, uint64_t offset, size_t n,
+                                   char* out) const {
+  auto it = params_.find(fqn);
+  if (it == params_.end()) {
+    return absl::InvalidArgumentError(absl::StrCat("no parameter \"", fqn, "\" in ", path_));
+  }
+  const TensorInfo& info = *it->second;
+  if (offset > info.byte_size() || n > info.byte_size() - offset) {
+    return absl::InvalidArgumentError(absl::StrCat("range past the end of \"", fqn, "\""));
+  }
+  uint64_t at = data_start_ + info.offset() + offset;
+  while (n > 0) {
+    ssize_t got = ::pread(fd_, out, n, static_cast<off_t>(at));
+    if (got <= 0) {
+      return absl::DataLossError(absl::StrCat(path_, ": cannot read \"", fqn, "\""));
+    }
+    out += got;
+    at += static_cast<uint64_t>(got);
+    n -= static_cast<size_t>(got);
+  }
+  return absl::OkStatus();
 }
 
 absl::Status WriteModelFile(const std::string& path, Graph graph,

@@ -16,6 +16,7 @@
 #define PIPESERVE_RUNTIME_MODEL_FILE_H_
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "absl/container/flat_hash_map.h"
@@ -45,6 +46,36 @@ absl::StatusOr<Model> ReadModelFile(const std::string& path);
 
 // Same, from bytes already in memory.
 absl::StatusOr<Model> ParseModel(const std::string& bytes);
+
+// A model file opened to read its weights piece by piece, for a coordinator
+// that streams weights to stage servers without holding the model in
+// memory. Open reads only the header and checks every TensorInfo as
+// ReadModelFile does except the checksums (the stage servers check those
+// as the bytes arrive). Read is thread-safe.
+//
+//   ASSIGN_OR_RETURN(auto file, ModelFileReader::Open(path));
+//   Partition(file->graph(), options);
+//   RETURN_IF_ERROR(file->Read("lin1.weight", 0, 4096, buffer));
+class ModelFileReader {
+ public:
+  static absl::StatusOr<std::unique_ptr<ModelFileReader>> Open(const std::string& path);
+  ~ModelFileReader();
+
+  const Graph& graph() const { return graph_; }
+
+  // Copies `n` bytes of parameter `fqn` from byte `offset` into `out`.
+  // kInvalidArgument for an unknown parameter or a range past its end,
+  // kDataLoss when the file cannot be read.
+  absl::Status Read(const std::string& fqn, uint64_t offset, size_t n, char* out) const;
+
+ private:
+  ModelFileReader() = default;
+  int fd_ = -1;
+  std::string path_;
+  Graph graph_;
+  uint64_t data_start_ = 0;
+  absl::flat_hash_map<std::string, const TensorInfo*> params_;
+};
 
 // Writes `graph` and `weights` in the layout above, filling in each
 // TensorInfo's offset, byte_size and crc32 (the TensorInfo list is taken

@@ -1,5 +1,6 @@
 #include "runtime/tensor.h"
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -16,6 +17,40 @@ int64_t NumElements(absl::Span<const int64_t> shape) {
   return n;
 }
 
+absl::StatusOr<uint64_t> CheckedElementCount(absl::Span<const int64_t> shape) {
+  if (shape.size() > static_cast<size_t>(kMaxRank)) {
+    return absl::InvalidArgumentError(absl::StrCat("shape has ", shape.size(),
+                                                   " dimensions (at most ", kMaxRank, ")"));
+  }
+  uint64_t n = 1;
+  for (int64_t d : shape) {
+    if (d < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("shape ", ShapeToString(shape), " has a negative dimension"));
+    }
+    // n * d > kMaxElements, without overflowing.
+    if (d != 0 && n > kMaxElements / static_cast<uint64_t>(d)) {
+      // Keep checking: a later 0 makes the count 0, but a shape this large
+      // is refused either way.
+      return absl::InvalidArgumentError(absl::StrCat(
+          "shape ", ShapeToString(shape), " has more than 2^62 elements"));
+    }
+    n *= static_cast<uint64_t>(d);
+  }
+  return n;
+}
+
+absl::StatusOr<uint64_t> CheckedByteSize(absl::Span<const int64_t> shape,
+                                         uint64_t element_bytes) {
+  absl::StatusOr<uint64_t> n = CheckedElementCount(shape);
+  if (!n.ok()) return n.status();
+  if (element_bytes != 0 && *n > kMaxElements / element_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "shape ", ShapeToString(shape), " needs more than 2^62 bytes"));
+  }
+  return *n * element_bytes;
+}
+
 std::string ShapeToString(absl::Span<const int64_t> shape) {
   return absl::StrCat(
       "[",
@@ -27,13 +62,20 @@ std::string ShapeToString(absl::Span<const int64_t> shape) {
       "]");
 }
 
-std::shared_ptr<void> AllocateAligned(size_t bytes) {
+std::shared_ptr<void> TryAllocateAligned(size_t bytes) {
   // aligned_alloc wants a multiple of the alignment; never ask for 0.
+  if (bytes > SIZE_MAX - 64) return nullptr;
   size_t rounded = ((bytes + 63) / 64) * 64;
   if (rounded == 0) rounded = 64;
   void* p = std::aligned_alloc(64, rounded);
-  if (p == nullptr) throw std::bad_alloc();
+  if (p == nullptr) return nullptr;
   return std::shared_ptr<void>(p, [](void* q) { std::free(q); });
+}
+
+std::shared_ptr<void> AllocateAligned(size_t bytes) {
+  std::shared_ptr<void> p = TryAllocateAligned(bytes);
+  if (p == nullptr) throw std::bad_alloc();
+  return p;
 }
 
 Tensor::Tensor(std::shared_ptr<const void> owner, float* data, Shape shape)
@@ -53,6 +95,18 @@ Tensor Tensor::Reshaped(Shape shape) const {
 Tensor Tensor::Empty(Shape shape) {
   int64_t n = NumElements(shape);
   std::shared_ptr<void> buf = AllocateAligned(static_cast<size_t>(n) * 4);
+  float* data = static_cast<float*>(buf.get());
+  return Tensor(std::move(buf), data, std::move(shape));
+}
+
+absl::StatusOr<Tensor> Tensor::TryEmpty(Shape shape) {
+  absl::StatusOr<uint64_t> bytes = CheckedByteSize(shape, 4);
+  if (!bytes.ok()) return bytes.status();
+  std::shared_ptr<void> buf = TryAllocateAligned(*bytes);
+  if (buf == nullptr) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "cannot allocate ", *bytes, " bytes for a tensor of shape ", ShapeToString(shape)));
+  }
   float* data = static_cast<float*>(buf.get());
   return Tensor(std::move(buf), data, std::move(shape));
 }

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "absl/types/span.h"
 
 namespace pipeserve {
@@ -22,7 +23,21 @@ namespace pipeserve {
 using Shape = std::vector<int64_t>;
 
 // Number of elements of a shape with no negative (symbolic) dimension.
+// Only for shapes already checked with CheckedElementCount: it does not
+// check for overflow.
 int64_t NumElements(absl::Span<const int64_t> shape);
+
+// Shapes that come from outside (requests, model files, frames, stage
+// specs) go through these before anything is allocated or indexed. The
+// one place element counts and byte sizes are computed with overflow
+// checks. kInvalidArgument, naming the shape, for a negative dimension,
+// more than kMaxRank dimensions, or more than kMaxElements elements (or
+// bytes).
+inline constexpr int kMaxRank = 32;
+inline constexpr uint64_t kMaxElements = uint64_t{1} << 62;
+absl::StatusOr<uint64_t> CheckedElementCount(absl::Span<const int64_t> shape);
+absl::StatusOr<uint64_t> CheckedByteSize(absl::Span<const int64_t> shape,
+                                         uint64_t element_bytes);
 
 // "[16,512]"; a batch dimension (-1) prints as "B".
 std::string ShapeToString(absl::Span<const int64_t> shape);
@@ -32,8 +47,11 @@ class Tensor {
   // An empty (rank-0 placeholder) tensor with no storage.
   Tensor() = default;
 
-  // Uninitialised contents, 64-byte aligned.
+  // Uninitialised contents, 64-byte aligned. `shape` must be checked.
   static Tensor Empty(Shape shape);
+  // The same for a shape from outside: kInvalidArgument (see
+  // CheckedByteSize) or kResourceExhausted when the memory is not there.
+  static absl::StatusOr<Tensor> TryEmpty(Shape shape);
   static Tensor Zeros(Shape shape);
   static Tensor FromVector(Shape shape, const std::vector<float>& values);
   // A view of `data` (numel(shape) floats) kept alive by `owner`.
@@ -79,7 +97,9 @@ class Tensor {
 };
 
 // Allocates `bytes` bytes aligned to 64, freed when the last owner goes.
+// Throws std::bad_alloc when out of memory; TryAllocateAligned returns null.
 std::shared_ptr<void> AllocateAligned(size_t bytes);
+std::shared_ptr<void> TryAllocateAligned(size_t bytes);
 
 }  // namespace pipeserve
 

@@ -33,12 +33,15 @@ absl::StatusOr<std::unique_ptr<CoordinatorProcess>> CoordinatorProcess::Start(
   std::string dir = TempDir("coordinator");
   std::string port_file = dir + "/port";
   p->log_ = dir + "/coordinator.log";
-  std::string bin = RunfilesRoot() + "/server/coordinator";
+  std::string bin = RunfilesRoot() + "/server/coordinator/coordinator";
+  p->cluster_token_ = absl::StrCat("test-cluster-token-", ::getpid(), "-", absl::ToUnixNanos(absl::Now()));
+  std::ofstream(dir + "/cluster-token") << p->cluster_token_ << "\n";
   std::vector<std::string> args = {bin, "--port=0", "--host=127.0.0.1",
                                    "--port_file=" + port_file,
                                    "--repository=" + flags.repository,
-                                   "--stage_server_binary=" + RunfilesRoot() + "/server/stage_server",
-                                   "--metrics_port=0", "--metrics_port_file=" + dir + "/metrics_port"};
+                                   "--stage_server_binary=" + RunfilesRoot() + "/server/stage/stage_server",
+                                   "--metrics_port=0", "--metrics_port_file=" + dir + "/metrics_port",
+                                   "--cluster_token_file=" + dir + "/cluster-token"};
   for (const std::string& e : flags.extra) args.push_back(e);
   pid_t parent = ::getpid();
   pid_t pid = ::fork();
@@ -73,7 +76,9 @@ absl::StatusOr<std::unique_ptr<CoordinatorProcess>> CoordinatorProcess::Start(
   p->address_ = absl::StrCat("127.0.0.1:", port);
   std::ifstream(dir + "/metrics_port") >> p->metrics_port_;
   // Ready when the health check says SERVING.
-  auto client = Client::Connect(p->address_, {.timeout = absl::Seconds(5)});
+  ClientOptions options = flags.client;
+  options.timeout = absl::Seconds(5);
+  auto client = Client::Connect(p->address_, options);
   if (!client.ok()) return client.status();
   while (absl::Now() < deadline) {
     absl::StatusOr<std::string> h = (*client)->Health();

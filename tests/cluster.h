@@ -15,12 +15,15 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "client/client.h"
 
 namespace pipeserve {
 
 struct CoordinatorFlags {
   std::string repository;
   std::vector<std::string> extra;  // more --flag=value arguments
+  // How to reach it, for the health check that waits for it (TLS files).
+  ClientOptions client;
 };
 
 class CoordinatorProcess {
@@ -35,6 +38,9 @@ class CoordinatorProcess {
   // The Prometheus endpoint's port (GET /metrics).
   int metrics_port() const { return metrics_port_; }
   const std::string& log_path() const { return log_; }
+  // The cluster token it and its stage servers share (tests that talk to
+  // stage servers directly send it).
+  const std::string& cluster_token() const { return cluster_token_; }
   pid_t pid() const { return pid_; }
 
   // The pid of the local launcher's stage server for pool slot `index`
@@ -44,7 +50,7 @@ class CoordinatorProcess {
  private:
   pid_t pid_ = -1;
   int metrics_port_ = 0;
-  std::string address_, log_;
+  std::string address_, log_, cluster_token_;
 };
 
 // A fresh folder under $TEST_TMPDIR.

@@ -25,6 +25,29 @@ namespace pipeserve {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
+
+// 48 linear+ReLU layers of 512 in 4 stages: compute dominates a request of
+// 1024 rows (about 26 GFLOP, hundreds of ms here) while its tensors stay
+// small (2 MiB), so a deadline or a cancel can land mid-pipeline.
+std::string DeepMlp(const std::string& dir) {
+  GraphBuilder b;
+  b.Input("x", {-1, 512});
+  std::string prev = "x";
+  for (int i = 0; i < 48; ++i) {
+    if (i > 0 && i % 12 == 0) b.Split();
+    std::string w = absl::StrCat("l", i, ".weight"), bias = absl::StrCat("l", i, ".bias");
+    b.Param(w, {512, 512}).Param(bias, {512});
+    b.Op("linear", {prev, w, bias}, absl::StrCat("lin", i), absl::StrCat("l", i));
+    b.Op("relu", {absl::StrCat("lin", i)}, absl::StrCat("r", i));
+    prev = absl::StrCat("r", i);
+  }
+  b.Output(prev);
+  Model m = b.Build();
+  std::string path = dir + "/deep.psm";
+  EXPECT_TRUE(WriteModelFile(path, m.graph, m.weights).ok());
+  return path;
+}
 
 // One coordinator and the seed's models for the whole suite.
 class ServingTest : public ::testing::Test {
@@ -44,6 +67,10 @@ class ServingTest : public ::testing::Test {
       auto up = client_->Upload(name, absl::StrCat(*fixtures_, "/", name, "/model.psm"), {});
       ASSERT_TRUE(up.ok()) << name << ": " << up.status();
     }
+    UploadOptions sixteen;
+    sixteen.set_microbatches(16);
+    auto deep = client_->Upload("deep", DeepMlp(TempDir("deep")), sixteen);
+    ASSERT_TRUE(deep.ok()) << deep.status();
   }
 
   static void TearDownTestSuite() {
@@ -303,63 +330,75 @@ TEST_F(ServingTest, InvalidGraphReturnsThePartitionersMessage) {
   ExpectStillServing();
 }
 
-// Sum of frames the stages dropped (deadline or cancel) for `model`.
-uint64_t DroppedFrames(const GetPlanResponse& plan, const std::string& model) {
+// A stage server's statistics for one stage of a deployed model, asked the
+// way the coordinator asks (with the cluster token).
+absl::StatusOr<StageStatsResponse> StageStats(const GetPlanResponse& plan, int stage,
+                                              const std::string& token) {
+  auto stub = StageService::NewStub(
+      grpc::CreateChannel(plan.stage_servers(stage), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.AddMetadata("pipeserve-cluster-token", token);
+  StageStatsRequest req;
+  req.mutable_key()->set_model(plan.name());
+  req.mutable_key()->set_deployment(plan.deployment());
+  req.mutable_key()->set_stage(stage);
+  StageStatsResponse resp;
+  grpc::Status s = stub->GetStageStats(&ctx, req, &resp);
+  if (!s.ok()) return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+  return resp;
+}
+
+// Sum of frames the stages dropped (deadline or cancel) for the model.
+uint64_t DroppedFrames(const GetPlanResponse& plan, const std::string& token) {
   uint64_t dropped = 0;
   for (int s = 0; s < plan.stage_servers_size(); ++s) {
-    auto stub = StageService::NewStub(
-        grpc::CreateChannel(plan.stage_servers(s), grpc::InsecureChannelCredentials()));
-    grpc::ClientContext ctx;
-    StageStatsRequest req;
-    req.set_model(model);
-    req.set_stage(s);
-    StageStatsResponse resp;
-    if (stub->GetStageStats(&ctx, req, &resp).ok()) {
-      dropped += resp.frames_dropped_deadline() + resp.frames_dropped_cancelled();
-    }
+    auto stats = StageStats(plan, s, token);
+    EXPECT_TRUE(stats.ok()) << "stage " << s << ": " << stats.status();
+    if (stats.ok()) dropped += stats->frames_dropped_deadline() + stats->frames_dropped_cancelled();
   }
   return dropped;
 }
 
 TEST_F(ServingTest, ExpiredDeadlineIsDeadlineExceededAndStagesDropTheWork) {
-  Fixture f = Load("example_code");
-  auto plan = client_->GetPlan("example_code");
+  auto plan = client_->GetPlan("deep");
   ASSERT_TRUE(plan.ok());
-  uint64_t dropped_before = DroppedFrames(*plan, "example_code");
-  // A large batch (8192 rows: about 20 GFLOP, hundreds of ms on these
-  // cores) with a deadline that lets it reach the stages but not finish.
-  std::vector<NamedTensor> in = Named(f);
-  for (auto& t : in) t.tensor = Tensor::Zeros({8192, 512});
-  auto out = client_->Infer("example_code", in, absl::Milliseconds(150));
+  std::vector<NamedTensor> in = {{"x", Tensor::Zeros({1024, 512})}};
+  ASSERT_TRUE(client_->Infer("deep", in).ok());  // warm
+  absl::Time start = absl::Now();
+  ASSERT_TRUE(client_->Infer("deep", in).ok());
+  absl::Duration whole = absl::Now() - start;
+  uint64_t dropped_before = DroppedFrames(*plan, coordinator_->cluster_token());
+  // A third of what the request takes here now (these machines vary): it
+  // reaches the stages but cannot finish.
+  auto out = client_->Infer("deep", in, std::max(whole / 3, absl::Milliseconds(20)));
   EXPECT_EQ(out.status().code(), absl::StatusCode::kDeadlineExceeded) << out.status();
   // The stages saw the deadline (or the cancel that followed) and dropped
   // frames instead of computing them.
   uint64_t dropped = dropped_before;
   absl::Time until = absl::Now() + absl::Seconds(20);
   while (dropped == dropped_before && absl::Now() < until) {
-    dropped = DroppedFrames(*plan, "example_code");
+    dropped = DroppedFrames(*plan, coordinator_->cluster_token());
   }
-  EXPECT_GT(dropped, dropped_before);
+  EXPECT_GT(dropped, dropped_before) << "request took " << whole;
   ExpectStillServing();
 }
 
 TEST_F(ServingTest, ClientCancellationReachesTheStages) {
-  Fixture f = Load("example_code");
-  auto plan = client_->GetPlan("example_code");
+  auto plan = client_->GetPlan("deep");
   ASSERT_TRUE(plan.ok());
-  uint64_t dropped_before = DroppedFrames(*plan, "example_code");
+  auto stage0 = StageStats(*plan, 0, coordinator_->cluster_token());
+  ASSERT_TRUE(stage0.ok()) << stage0.status();
+  uint64_t dropped_before = DroppedFrames(*plan, coordinator_->cluster_token());
   auto channel = grpc::CreateChannel(coordinator_->address(), grpc::InsecureChannelCredentials());
   auto stub = inference::GRPCInferenceService::NewStub(channel);
   inference::ModelInferRequest req;
-  req.set_model_name("example_code");
-  for (const char* name : {"x", "y"}) {
-    auto* in = req.add_inputs();
-    in->set_name(name);
-    in->set_datatype("FP32");
-    in->add_shape(8192);
-    in->add_shape(512);
-    req.add_raw_input_contents(std::string(8192 * 512 * 4, '\0'));
-  }
+  req.set_model_name("deep");
+  auto* x = req.add_inputs();
+  x->set_name("x");
+  x->set_datatype("FP32");
+  x->add_shape(1024);
+  x->add_shape(512);
+  req.add_raw_input_contents(std::string(1024 * 512 * 4, '\0'));
   grpc::ClientContext ctx;
   inference::ModelInferResponse resp;
   grpc::Status status;
@@ -368,16 +407,11 @@ TEST_F(ServingTest, ClientCancellationReachesTheStages) {
     status = stub->ModelInfer(&ctx, req, &resp);
     finished.Notify();
   });
-  // Cancel once stage 0 is busy with it.
-  auto stage0 = StageService::NewStub(
-      grpc::CreateChannel(plan->stage_servers(0), grpc::InsecureChannelCredentials()));
+  // Cancel once stage 0 has computed a microbatch of it (15 wait).
   absl::Time until = absl::Now() + absl::Seconds(20);
   while (absl::Now() < until && !finished.HasBeenNotified()) {
-    grpc::ClientContext sctx;
-    StageStatsRequest sreq;
-    sreq.set_model("example_code");
-    StageStatsResponse sresp;
-    if (stage0->GetStageStats(&sctx, sreq, &sresp).ok() && sresp.queue_depth() > 0) break;
+    auto stats = StageStats(*plan, 0, coordinator_->cluster_token());
+    if (stats.ok() && stats->frames_processed() > stage0->frames_processed()) break;
   }
   ctx.TryCancel();
   call.join();
@@ -385,7 +419,7 @@ TEST_F(ServingTest, ClientCancellationReachesTheStages) {
   uint64_t dropped = dropped_before;
   until = absl::Now() + absl::Seconds(20);
   while (dropped == dropped_before && absl::Now() < until) {
-    dropped = DroppedFrames(*plan, "example_code");
+    dropped = DroppedFrames(*plan, coordinator_->cluster_token());
   }
   EXPECT_GT(dropped, dropped_before) << "no stage dropped the cancelled request's frames";
   ExpectStillServing();
@@ -398,8 +432,11 @@ TEST_F(ServingTest, PrometheusMetricsCountRequestsByModelAndCode) {
   std::string text = HttpGet(coordinator_->metrics_port(), "/metrics");
   EXPECT_THAT(text, HasSubstr("HTTP/1.1 200 OK"));
   EXPECT_THAT(text, HasSubstr("pipeserve_inference_requests_total{model=\"multi_mlp\",code=\"OK\"} "));
+  // A name that is no model's shares one series (regression: each made-up
+  // name became a series of its own, forever).
   EXPECT_THAT(text, HasSubstr(
-      "pipeserve_inference_requests_total{model=\"metrics_unknown\",code=\"NOT_FOUND\"} 1\n"));
+      "pipeserve_inference_requests_total{model=\"(unknown)\",code=\"NOT_FOUND\"} "));
+  EXPECT_THAT(text, Not(HasSubstr("metrics_unknown")));
   EXPECT_THAT(text, HasSubstr("pipeserve_model_ready{model=\"multi_mlp\"} 1\n"));
   EXPECT_THAT(text, HasSubstr("pipeserve_model_stages{model=\"example_code\"} 4\n"));
 }

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 tools/bootstrap.sh
 
 echo "== building"
-bazel build //server:coordinator //server:stage_server //client:pipeserve 2>&1 \
+bazel build //server/coordinator:coordinator //server/stage:stage_server //client:pipeserve 2>&1 \
   | grep -E '^(ERROR|FAILED)' && exit 1
 cli=bazel-bin/client/pipeserve
 
@@ -25,7 +25,7 @@ cleanup() {
 trap cleanup EXIT
 
 echo "== starting the coordinator (local launcher: one stage server per stage)"
-bazel-bin/server/coordinator --port=0 --port_file="$work/port" \
+bazel-bin/server/coordinator/coordinator --port=0 --port_file="$work/port" \
   --repository="$work/repository" > "$work/coordinator.log" 2>&1 &
 coordinator_pid=$!
 for _ in $(seq 300); do [ -s "$work/port" ] && break; sleep 0.1; done

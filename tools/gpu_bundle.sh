@@ -23,7 +23,7 @@ bundle=out/gpu_bundle
 static_libs=out/gpu_bundle_static_libs
 sys=/usr/lib/x86_64-linux-gnu
 targets=(//runtime:backend_test //runtime/cuda:cuda_backend_test //bench:cuda_bench
-         //server:coordinator //server:stage_server //client:pipeserve //bench:serving)
+         //server/coordinator:coordinator //server/stage:stage_server //client:pipeserve //bench:serving)
 
 # Static archives shadow the shared libraries of the same names: ld takes
 # the first directory on its path holding either, and -L dirs come first.
@@ -45,8 +45,8 @@ install -m 755 "$bin/runtime/backend_test" "$bundle/backend_test"
 install -m 755 "$bin/runtime/cuda/cuda_backend_test" "$bundle/cuda_backend_test"
 install -m 755 "$bin/bench/cuda_bench" "$bundle/cuda_bench"
 # The serving path: coordinator, stage server, CLI and bench/serving.
-install -m 755 "$bin/server/coordinator" "$bundle/coordinator"
-install -m 755 "$bin/server/stage_server" "$bundle/stage_server"
+install -m 755 "$bin/server/coordinator/coordinator" "$bundle/coordinator"
+install -m 755 "$bin/server/stage/stage_server" "$bundle/stage_server"
 install -m 755 "$bin/client/pipeserve" "$bundle/pipeserve"
 install -m 755 "$bin/bench/serving" "$bundle/serving_bench"
 

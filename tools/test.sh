@@ -25,7 +25,7 @@ fi
 # its tests run (the GPU cases skip without a GPU; the no-device errors are
 # checked). One entry in the count. Machines without the toolkit skip it.
 cuda_targets=(//runtime:backend_test //runtime:backends_test //runtime/cuda:cuda_backend_test
-              //bench:cuda_bench //server:stage_server)
+              //bench:cuda_bench //server/stage:stage_server)
 if [ -x /usr/local/cuda/bin/nvcc ]; then
   if bazel test --config=cuda "${cuda_targets[@]}" "$@" > "$log" 2>&1; then
     passed=$((passed + 1))

@@ -28,9 +28,9 @@ class ServingPyTest(unittest.TestCase):
         port_file = os.path.join(cls.tmp, "port")
         cls.log = open(os.path.join(cls.tmp, "coordinator.log"), "w")
         cls.proc = subprocess.Popen(
-            [os.path.join(ROOT, "server/coordinator"), "--port=0", "--host=127.0.0.1",
+            [os.path.join(ROOT, "server/coordinator/coordinator"), "--port=0", "--host=127.0.0.1",
              f"--port_file={port_file}", f"--repository={cls.tmp}/repo",
-             f"--stage_server_binary={os.path.join(ROOT, 'server/stage_server')}"],
+             f"--stage_server_binary={os.path.join(ROOT, 'server/stage/stage_server')}"],
             stdout=cls.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 60
         while not (os.path.exists(port_file) and open(port_file).read().strip()):

@@ -71,6 +71,15 @@ class Client:
         file's size; infer takes its own).
       max_message_bytes: the largest message sent or received; an inference
         request or response carries all its tensors in one message.
+      token: bearer token sent with every call (servers with --auth_tokens:
+        scope "infer" for inference, "admin" for upload, unload, plan and
+        models). Default: $PIPESERVE_TOKEN, if set.
+      tls_ca: path of the PEM CA the server's certificate must chain to;
+        setting it turns TLS on (None: plaintext).
+      tls_cert, tls_key: paths of a client certificate and key, for servers
+        that require one.
+      tls_server_name: the name the server's certificate must carry, when it
+        is not the host in `address`.
 
     The connection is made lazily: an unreachable server shows up as a
     ServerError with code "UNAVAILABLE" from the first call. Safe to use from
@@ -78,15 +87,36 @@ class Client:
     """
 
     def __init__(self, address="localhost:8001", timeout=60.0,
-                 max_message_bytes=1 << 30):
+                 max_message_bytes=1 << 30, token=None, tls_ca=None,
+                 tls_cert=None, tls_key=None, tls_server_name=None):
         self.address = address
         self.timeout = timeout
         self._pb, pb_grpc = load_proto("grpc_service.proto", grpc=True)
         self._ps, ps_grpc = load_proto("pipeserve_service.proto", grpc=True)
-        self._channel = grpc.insecure_channel(address, options=[
+        if token is None:
+            token = os.environ.get("PIPESERVE_TOKEN")
+        self._metadata = ((("authorization", f"Bearer {token.strip()}"),)
+                          if token else None)
+        options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
-        ])
+        ]
+        if tls_ca or tls_cert:
+            def read(path):
+                if path is None:
+                    return None
+                with open(path, "rb") as f:
+                    return f.read()
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=read(tls_ca), private_key=read(tls_key),
+                certificate_chain=read(tls_cert))
+            if tls_server_name:
+                options.append(("grpc.ssl_target_name_override",
+                                tls_server_name))
+            self._channel = grpc.secure_channel(address, credentials,
+                                                options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
         self._inference = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._models = ps_grpc.ModelServiceStub(self._channel)
 
@@ -159,13 +189,19 @@ class Client:
             total = os.fstat(f.fileno()).st_size
             timeout = self.timeout + total / _UPLOAD_BYTES_PER_SECOND
             try:
-                response = self._models.Upload(requests(), timeout=timeout)
+                response = self._models.Upload(requests(), timeout=timeout,
+                                               metadata=self._metadata)
             except grpc.RpcError as e:
                 if failure:
                     raise failure[0] from None
                 raise _server_error(e) from None
         return {"name": response.name, "bytes": response.bytes,
                 "num_stages": response.num_stages}
+
+    def unload(self, name):
+        """Stops serving model `name`, unloads its stages and removes it
+        from the server's repository (ServerError NOT_FOUND if unknown)."""
+        self._call(self._models.Unload, self._ps.UnloadRequest(name=name))
 
     def plan(self, name):
         """The GetPlanResponse of model `name`: .plan (pipeserve.Plan),
@@ -245,7 +281,8 @@ class Client:
     def _call(self, method, request, timeout=None):
         try:
             return method(request,
-                          timeout=self.timeout if timeout is None else timeout)
+                          timeout=self.timeout if timeout is None else timeout,
+                          metadata=self._metadata)
         except grpc.RpcError as e:
             raise _server_error(e) from None
 

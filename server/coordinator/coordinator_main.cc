@@ -1,0 +1,223 @@
+// pipeserve coordinator: model upload, partitioning, stage placement and
+// the KServe v2 inference API.
+//
+//   coordinator                                   # loopback :8001, ./model_repository, local launcher
+//   coordinator --host=0.0.0.0 --tls_cert=server.crt --tls_key=server.key --auth_tokens=tokens \
+//       --cluster_ca=ca.crt --cluster_cert=coordinator.crt --cluster_key=coordinator.key \
+//       --launcher=static --stage_servers=stage-0.stages:9000,stage-1.stages:9000
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <thread>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "server/coordinator/core.h"
+#include "server/coordinator/grpc_stage_client.h"
+#include "server/coordinator/kserve_service.h"
+#include "server/coordinator/metrics.h"
+#include "server/coordinator/model_service.h"
+#include "server/transport/auth.h"
+#include "server/transport/channels.h"
+#include "common/credentials.h"
+#include "server/transport/serve.h"
+
+ABSL_FLAG(std::string, host, "",
+          "address to listen on (default: 127.0.0.1, or 0.0.0.0 with --tls_cert)");
+ABSL_FLAG(int, port, 8001, "gRPC port (0: pick a free one)");
+ABSL_FLAG(std::string, port_file, "", "write the chosen port here once serving");
+ABSL_FLAG(bool, allow_insecure, false, "allow plaintext on a non-loopback --host (not advised)");
+ABSL_FLAG(std::string, tls_cert, "", "PEM: certificate clients see (turns TLS on)");
+ABSL_FLAG(std::string, tls_key, "", "PEM: its private key");
+ABSL_FLAG(std::string, auth_tokens, "",
+          "token file (`<scopes> <token>` per line, scopes infer and/or admin); "
+          "without it any client may call anything");
+ABSL_FLAG(std::string, cluster_ca, "", "PEM: the cluster CA stage servers are checked against");
+ABSL_FLAG(std::string, cluster_cert, "", "PEM: the coordinator's cluster (client) certificate");
+ABSL_FLAG(std::string, cluster_key, "", "PEM: its private key");
+ABSL_FLAG(std::string, cluster_token_file, "",
+          "cluster token for stage servers (the local launcher makes one when unset)");
+ABSL_FLAG(std::string, repository, "model_repository", "folder of uploaded models");
+ABSL_FLAG(std::string, launcher, "local", "local: start stage servers here; static: use --stage_servers");
+ABSL_FLAG(std::string, stage_servers, "", "comma-separated host:port list (static launcher)");
+ABSL_FLAG(std::string, stage_server_binary, "",
+          "stage_server path (default: beside this binary, or ../stage/stage_server)");
+ABSL_FLAG(int, cores, 0, "cores the local launcher divides between stages (0: all)");
+ABSL_FLAG(int, gpus, -1, "local launcher: one stage server per GPU (-1: all NVIDIA GPUs, 0: CPU only)");
+ABSL_FLAG(int, max_local_servers, 32, "most stage servers the local launcher starts");
+ABSL_FLAG(int, microbatches, 4, "default microbatches per request");
+ABSL_FLAG(int, max_microbatches, 1024, "most microbatches an upload may ask for");
+ABSL_FLAG(int, max_stages, 64, "most stages one model may be cut into");
+ABSL_FLAG(int, max_message_mb, 256,
+          "largest message accepted, MiB (at least 2: uploads come in 1 MiB chunks)");
+ABSL_FLAG(int, max_upload_mb, 16384, "largest model upload, MiB");
+ABSL_FLAG(int, max_concurrent_uploads, 2, "uploads in progress at once");
+ABSL_FLAG(int, upload_idle_timeout_s, 30, "an upload sending nothing this long is cancelled");
+ABSL_FLAG(int, max_threads, 256, "threads for RPC handlers; calls beyond get RESOURCE_EXHAUSTED");
+ABSL_FLAG(int, stream_threads, 16, "threads running ModelStreamInfer requests, all streams together");
+ABSL_FLAG(int, default_timeout_s, 60, "deadline for requests that carry none");
+ABSL_FLAG(int, metrics_port, 8002, "Prometheus GET /metrics port (0: pick one; -1: off)");
+ABSL_FLAG(std::string, metrics_port_file, "", "write the metrics port here once listening");
+
+namespace {
+
+int Fail(const std::string& what) {
+  std::cerr << "coordinator: " << what << "\n";
+  return 1;
+}
+
+// A folder only this user can enter, for the local launcher's files.
+std::string PrivateWorkDir() {
+  std::string tmpl = (std::filesystem::temp_directory_path() / "pipeserve-XXXXXX").string();
+  if (::mkdtemp(tmpl.data()) == nullptr) return std::filesystem::temp_directory_path().string();
+  return tmpl;
+}
+
+std::string DefaultStageServerBinary() {
+  std::filesystem::path self = std::filesystem::read_symlink("/proc/self/exe").parent_path();
+  for (const auto& candidate : {self / "stage_server", self.parent_path() / "stage" / "stage_server"}) {
+    if (std::filesystem::exists(candidate)) return candidate.string();
+  }
+  return (self / "stage_server").string();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  pipeserve::BlockShutdownSignals();
+  absl::ParseCommandLine(argc, argv);
+
+  // Who may call: TLS towards clients, tokens per call.
+  std::shared_ptr<grpc::ServerCredentials> credentials;
+  pipeserve::TlsFiles serving{absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key), ""};
+  if (!serving.cert.empty() || !serving.key.empty()) {
+    auto creds = pipeserve::MakeServerCredentials(serving, /*require_client_cert=*/false);
+    if (!creds.ok()) return Fail(absl::StrCat("--tls_cert/--tls_key: ", creds.status().message()));
+    credentials = *creds;
+  }
+  std::unique_ptr<pipeserve::TokenSet> tokens;
+  if (std::string f = absl::GetFlag(FLAGS_auth_tokens); !f.empty()) {
+    auto set = pipeserve::TokenSet::Load(f);
+    if (!set.ok()) return Fail(absl::StrCat("--auth_tokens: ", set.status().message()));
+    tokens = std::make_unique<pipeserve::TokenSet>(*std::move(set));
+  }
+
+  // How the coordinator reaches its stage servers.
+  pipeserve::ClusterOptions cluster;
+  cluster.tls = {absl::GetFlag(FLAGS_cluster_cert), absl::GetFlag(FLAGS_cluster_key),
+                 absl::GetFlag(FLAGS_cluster_ca)};
+  std::string token_file = absl::GetFlag(FLAGS_cluster_token_file);
+  const bool local = absl::GetFlag(FLAGS_launcher) == "local";
+  const std::string work_dir = local ? PrivateWorkDir() : "";
+  // Removed last, after the launcher has stopped its servers.
+  struct RemoveOnExit {
+    std::string dir;
+    ~RemoveOnExit() {
+      std::error_code ec;
+      if (!dir.empty()) std::filesystem::remove_all(dir, ec);
+    }
+  } remove_work_dir{work_dir};
+  if (token_file.empty() && local) {
+    // The stage servers this coordinator starts take calls only from it.
+    absl::StatusOr<std::string> token = pipeserve::RandomToken();
+    if (!token.ok()) return Fail(std::string(token.status().message()));
+    token_file = work_dir + "/cluster-token";
+    std::ofstream(token_file) << *token << "\n";
+    ::chmod(token_file.c_str(), 0600);
+  }
+  if (!token_file.empty()) {
+    auto token = pipeserve::ReadSecretFile(token_file);
+    if (!token.ok()) return Fail(absl::StrCat("--cluster_token_file: ", token.status().message()));
+    cluster.token = std::string(absl::StripAsciiWhitespace(*token));
+  }
+  auto channels = pipeserve::StageChannels::Create(cluster);
+  if (!channels.ok()) return Fail(absl::StrCat("--cluster_*: ", channels.status().message()));
+
+  auto store = pipeserve::OpenFileModelStore(absl::GetFlag(FLAGS_repository));
+  if (!store.ok()) return Fail(std::string(store.status().message()));
+  std::unique_ptr<pipeserve::Launcher> launcher;
+  if (absl::GetFlag(FLAGS_launcher) == "static") {
+    std::vector<std::string> servers =
+        absl::StrSplit(absl::GetFlag(FLAGS_stage_servers), ',', absl::SkipEmpty());
+    launcher = pipeserve::MakeStaticLauncher(servers);
+  } else if (local) {
+    pipeserve::LocalLauncherOptions lo;
+    lo.binary = absl::GetFlag(FLAGS_stage_server_binary);
+    if (lo.binary.empty()) lo.binary = DefaultStageServerBinary();
+    lo.work_dir = work_dir;
+    lo.cores = absl::GetFlag(FLAGS_cores);
+    lo.gpus = absl::GetFlag(FLAGS_gpus);
+    lo.max_servers = absl::GetFlag(FLAGS_max_local_servers);
+    if (!token_file.empty()) lo.extra_args.push_back("--cluster_token_file=" + token_file);
+    if (cluster.tls.enabled()) {
+      lo.extra_args.push_back("--cluster_ca=" + cluster.tls.ca);
+      lo.extra_args.push_back("--cluster_cert=" + cluster.tls.cert);
+      lo.extra_args.push_back("--cluster_key=" + cluster.tls.key);
+    }
+    launcher = pipeserve::MakeLocalLauncher(lo);
+  } else {
+    std::cerr << "coordinator: --launcher must be local or static\n";
+    return 2;
+  }
+
+  const bool tls = credentials != nullptr;
+  absl::StatusOr<std::string> host = pipeserve::ListenHost(
+      absl::GetFlag(FLAGS_host), tls, absl::GetFlag(FLAGS_allow_insecure));
+  if (!host.ok()) return Fail(std::string(host.status().message()));
+
+  pipeserve::CoordinatorOptions options;
+  options.default_microbatches = absl::GetFlag(FLAGS_microbatches);
+  options.max_microbatches = absl::GetFlag(FLAGS_max_microbatches);
+  options.max_stages = absl::GetFlag(FLAGS_max_stages);
+  options.default_timeout = absl::Seconds(absl::GetFlag(FLAGS_default_timeout_s));
+  options.max_upload_bytes = uint64_t(std::max(1, absl::GetFlag(FLAGS_max_upload_mb))) << 20;
+  options.max_concurrent_uploads = absl::GetFlag(FLAGS_max_concurrent_uploads);
+  pipeserve::GrpcStageClient stage_client(*channels, /*send_capacity=*/8);
+  pipeserve::Coordinator coordinator(options, *std::move(store), std::move(launcher),
+                                     &stage_client);
+  pipeserve::Metrics metrics;
+  pipeserve::MetricsHttpServer metrics_http(&metrics, [&] { return coordinator.ListModels(); });
+  if (int port = absl::GetFlag(FLAGS_metrics_port); port >= 0) {
+    absl::Status s = metrics_http.Start(*host, port);
+    if (!s.ok()) return Fail(std::string(s.message()));
+    if (std::string f = absl::GetFlag(FLAGS_metrics_port_file); !f.empty()) {
+      std::ofstream(f + ".tmp") << metrics_http.port() << "\n";
+      std::rename((f + ".tmp").c_str(), f.c_str());
+    }
+  }
+  pipeserve::KServeOptions kserve_options;
+  kserve_options.stream_threads = absl::GetFlag(FLAGS_stream_threads);
+  pipeserve::KServeService kserve(&coordinator, &metrics, tokens.get(), kserve_options);
+  pipeserve::ModelServiceImpl models(&coordinator, tokens.get(),
+                                     absl::Seconds(absl::GetFlag(FLAGS_upload_idle_timeout_s)));
+  if (tokens == nullptr) {
+    std::cerr << "coordinator: no --auth_tokens: any client that reaches the port may upload "
+                 "and run models\n";
+  }
+  std::thread loader;
+  pipeserve::ServeOptions serve;
+  serve.name = "coordinator";
+  serve.host = *host;
+  serve.port = absl::GetFlag(FLAGS_port);
+  serve.port_file = absl::GetFlag(FLAGS_port_file);
+  serve.credentials = credentials;
+  serve.allow_insecure = absl::GetFlag(FLAGS_allow_insecure);
+  serve.max_receive_bytes = std::max(2, absl::GetFlag(FLAGS_max_message_mb)) * (1 << 20);
+  serve.max_threads = absl::GetFlag(FLAGS_max_threads);
+  serve.serving = [&] { return coordinator.Serving(); };
+  serve.on_started = [&](grpc::Server*) {
+    loader = std::thread([&] { coordinator.LoadStoredModels(); });
+  };
+  int rc = pipeserve::Serve({&kserve, &models}, serve);
+  if (loader.joinable()) loader.join();
+  return rc;
+}

@@ -1,0 +1,379 @@
+#include "server/coordinator/core.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "common/model_name.h"
+#include "common/status_macros.h"
+#include "partitioner/partition.h"
+#include "runtime/model_file.h"
+
+namespace pipeserve {
+namespace {
+
+// An upload that holds one of the coordinator's upload slots while it
+// lives and refuses data past the size limit.
+class LimitedUpload : public PendingUpload {
+ public:
+  LimitedUpload(std::unique_ptr<PendingUpload> inner, std::string name, uint64_t limit,
+                std::atomic<int>* slots)
+      : inner_(std::move(inner)), name_(std::move(name)), limit_(limit), slots_(slots) {}
+  ~LimitedUpload() override { --*slots_; }
+
+  absl::Status Append(absl::string_view data) override {
+    if (data.size() > limit_ || inner_->bytes() > limit_ - data.size()) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "upload of \"", name_, "\" is larger than this coordinator accepts (", limit_,
+          " bytes, --max_upload_mb); nothing was stored"));
+    }
+    return inner_->Append(data);
+  }
+  uint64_t bytes() const override { return inner_->bytes(); }
+  uint32_t crc32() const override { return inner_->crc32(); }
+  const std::string& path() const override { return inner_->path(); }
+  absl::Status Commit(const UploadOptions& options) override { return inner_->Commit(options); }
+
+ private:
+  const std::unique_ptr<PendingUpload> inner_;
+  const std::string name_;
+  const uint64_t limit_;
+  std::atomic<int>* const slots_;
+};
+
+}  // namespace
+
+Coordinator::Coordinator(CoordinatorOptions options, std::unique_ptr<ModelStore> store,
+                         std::unique_ptr<Launcher> launcher, StageClient* stages)
+    : options_(options),
+      store_(std::move(store)),
+      launcher_(std::move(launcher)),
+      stages_(stages) {
+  config_.stages = stages_;
+  config_.default_microbatches = options_.default_microbatches;
+  config_.max_microbatches = options_.max_microbatches;
+  config_.default_timeout = options_.default_timeout;
+  config_.load_timeout = options_.load_timeout;
+  config_.on_broken = [this](const std::string& model) { ScheduleRepair(model); };
+  monitor_thread_ = std::thread([this] { MonitorLoop(); });
+  repair_thread_ = std::thread([this] { RepairLoop(); });
+}
+
+Coordinator::~Coordinator() {
+  {
+    absl::MutexLock lock(&repair_mu_);
+    stopping_ = true;
+  }
+  monitor_thread_.join();
+  repair_thread_.join();
+  std::map<std::string, std::shared_ptr<Deployment>> models;
+  {
+    absl::MutexLock lock(&mu_);
+    models.swap(models_);
+  }
+  for (auto& [name, d] : models) d->Close("the coordinator is shutting down");
+}
+
+void Coordinator::LoadStoredModels() {
+  absl::StatusOr<std::vector<StoredModel>> stored = store_->List();
+  if (stored.ok()) {
+    for (const StoredModel& m : *stored) {
+      absl::StatusOr<std::shared_ptr<Deployment>> d;
+      {
+        absl::MutexLock deploy_lock(&deploy_mu_);
+        d = Deploy(m.name, m.path, m.options, m.bytes);
+      }
+      absl::MutexLock lock(&mu_);
+      if (d.ok()) {
+        models_[m.name] = *d;
+        failed_.erase(m.name);
+        continue;
+      }
+      ModelInfo info;
+      info.name = m.name;
+      info.state = ModelState::kUnavailable;
+      info.reason = std::string(d.status().message());
+      info.bytes = m.bytes;
+      failed_[m.name] = info;
+      // Stage servers may come up later (a Kubernetes rollout): keep trying.
+      ScheduleRepair(m.name);
+    }
+  }
+  absl::MutexLock lock(&mu_);
+  loaded_ = true;
+}
+
+bool Coordinator::Serving() {
+  std::vector<std::shared_ptr<Deployment>> deployments;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!loaded_) return false;
+    if (models_.empty() && failed_.empty()) return true;
+    for (auto& [name, d] : models_) deployments.push_back(d);
+  }
+  for (const auto& d : deployments) {
+    if (d->Info().state == ModelState::kReady) return true;
+  }
+  return false;
+}
+
+absl::StatusOr<std::unique_ptr<PendingUpload>> Coordinator::StartUpload(const std::string& name) {
+  RETURN_IF_ERROR(ValidModelName(name));
+  if (++uploads_in_progress_ > options_.max_concurrent_uploads) {
+    --uploads_in_progress_;
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the coordinator is taking ", options_.max_concurrent_uploads,
+        " uploads already (--max_concurrent_uploads); try again when one finishes"));
+  }
+  absl::StatusOr<std::unique_ptr<PendingUpload>> upload = store_->StartUpload(name);
+  if (!upload.ok()) {
+    --uploads_in_progress_;
+    return upload.status();
+  }
+  return std::unique_ptr<PendingUpload>(new LimitedUpload(
+      *std::move(upload), name, options_.max_upload_bytes, &uploads_in_progress_));
+}
+
+absl::StatusOr<UploadResponse> Coordinator::FinishUpload(const std::string& name,
+                                                         const UploadOptions& options,
+                                                         std::unique_ptr<PendingUpload> upload,
+                                                         uint64_t total_bytes,
+                                                         uint32_t crc32) {
+  if (upload->bytes() != total_bytes) {
+    return absl::DataLossError(absl::StrCat("upload of \"", name, "\" is truncated: received ",
+                                            upload->bytes(), " of ", total_bytes, " bytes"));
+  }
+  if (upload->crc32() != crc32) {
+    return absl::DataLossError(absl::StrCat("upload of \"", name,
+                                            "\" is corrupt: CRC-32 of the received bytes is ",
+                                            upload->crc32(), ", the client sent ", crc32));
+  }
+  if (options.microbatches() < 0 || options.num_stages() < 0) {
+    return absl::InvalidArgumentError("microbatches and num_stages must be >= 0");
+  }
+  absl::MutexLock deploy_lock(&deploy_mu_);
+  ASSIGN_OR_RETURN(std::shared_ptr<Deployment> d,
+                   Deploy(name, upload->path(), options, upload->bytes()));
+  absl::Status committed = upload->Commit(options);
+  if (!committed.ok()) {
+    d->Close("the upload could not be stored");
+    return committed;
+  }
+  std::shared_ptr<Deployment> old;
+  {
+    absl::MutexLock lock(&mu_);
+    old = std::exchange(models_[name], d);
+    failed_.erase(name);
+  }
+  {
+    absl::MutexLock lock(&repair_mu_);
+    to_repair_.erase(name);
+    repair_attempts_.erase(name);
+  }
+  // New requests go to `d` from here on; the old version's stages go.
+  if (old) old->Close(absl::StrCat("model \"", name, "\" was replaced by a new upload"));
+  UploadResponse resp;
+  resp.set_name(name);
+  resp.set_bytes(total_bytes);
+  resp.set_num_stages(d->plan().stages_size());
+  return resp;
+}
+
+absl::Status Coordinator::Unload(const std::string& name) {
+  absl::MutexLock deploy_lock(&deploy_mu_);
+  std::shared_ptr<Deployment> d;
+  {
+    absl::MutexLock lock(&mu_);
+    bool known = models_.count(name) || failed_.count(name);
+    if (!known) return absl::NotFoundError(absl::StrCat("model \"", name, "\" is not known"));
+  }
+  RETURN_IF_ERROR(store_->Remove(name));
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = models_.find(name);
+    if (it != models_.end()) {
+      d = std::move(it->second);
+      models_.erase(it);
+    }
+    failed_.erase(name);
+  }
+  {
+    absl::MutexLock lock(&repair_mu_);
+    to_repair_.erase(name);
+    repair_attempts_.erase(name);
+  }
+  if (d) d->Close(absl::StrCat("model \"", name, "\" was unloaded"));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::shared_ptr<Deployment>> Coordinator::Deploy(const std::string& name,
+                                                                const std::string& path,
+                                                                const UploadOptions& options,
+                                                                uint64_t bytes) {
+  ASSIGN_OR_RETURN(std::unique_ptr<ModelFileReader> file, ModelFileReader::Open(path));
+  PartitionOptions popts;
+  popts.num_stages = options.num_stages();
+  if (popts.num_stages > options_.max_stages) {
+    return absl::InvalidArgumentError(absl::StrCat("num_stages ", popts.num_stages,
+                                                   " is more than this coordinator serves (",
+                                                   options_.max_stages, ", --max_stages)"));
+  }
+  for (const SplitSpecEntry& e : options.split_spec()) popts.split_spec[e.module()] = e.point();
+  ASSIGN_OR_RETURN(Plan plan, Partition(file->graph(), popts));
+  const int n = plan.stages_size();
+  if (n > options_.max_stages) {
+    return absl::InvalidArgumentError(absl::StrCat("model \"", name, "\" cuts into ", n,
+                                                   " stages; this coordinator serves at most ",
+                                                   options_.max_stages, " (--max_stages)"));
+  }
+  ASSIGN_OR_RETURN(std::vector<std::string> servers, launcher_->ServersFor(n));
+  DeploymentConfig config = config_;
+  config.threads_per_stage = launcher_->ThreadsPerStage();
+  return Deployment::Create(config, name, *file, plan, options, std::move(servers), bytes);
+}
+
+void Coordinator::ScheduleRepair(const std::string& name) {
+  absl::MutexLock lock(&repair_mu_);
+  int attempt = repair_attempts_[name]++;
+  // 0.2 s, 0.4 s, ... up to 10 s between attempts.
+  absl::Duration wait = std::min(absl::Milliseconds(200) * (1 << std::min(attempt, 6)),
+                                 absl::Seconds(10));
+  to_repair_[name] = absl::Now() + wait;
+}
+
+void Coordinator::Repair(const std::string& name) {
+  std::shared_ptr<Deployment> broken = Current(name);
+  if (broken != nullptr && broken->Info().state == ModelState::kReady) return;
+  absl::StatusOr<std::vector<StoredModel>> stored = store_->List();
+  const StoredModel* m = nullptr;
+  if (stored.ok()) {
+    for (const StoredModel& s : *stored) {
+      if (s.name == name) m = &s;
+    }
+  }
+  if (m == nullptr) return;  // unloaded meanwhile
+  absl::MutexLock deploy_lock(&deploy_mu_);
+  if (Current(name) != broken) return;  // a new upload took over meanwhile
+  absl::StatusOr<std::shared_ptr<Deployment>> d = Deploy(m->name, m->path, m->options, m->bytes);
+  if (!d.ok()) {
+    absl::MutexLock lock(&mu_);
+    std::string why = absl::StrCat("redeploying failed: ", d.status().message());
+    if (broken == nullptr) {
+      ModelInfo& info = failed_[name];
+      info.name = name;
+      info.state = ModelState::kUnavailable;
+      info.reason = why;
+      info.bytes = m->bytes;
+    }
+    ScheduleRepair(name);
+    return;
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    models_[name] = *d;
+    failed_.erase(name);
+  }
+  if (broken) broken->Close("replaced by a redeployment");
+  absl::MutexLock lock(&repair_mu_);
+  repair_attempts_.erase(name);
+}
+
+void Coordinator::RepairLoop() {
+  while (true) {
+    std::string name;
+    {
+      absl::MutexLock lock(&repair_mu_);
+      auto due = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(repair_mu_) {
+        if (stopping_) return true;
+        for (auto& [n, t] : to_repair_) {
+          if (t <= absl::Now()) return true;
+        }
+        return false;
+      };
+      repair_mu_.AwaitWithTimeout(absl::Condition(&due), absl::Milliseconds(100));
+      if (stopping_) return;
+      for (auto& [n, t] : to_repair_) {
+        if (t <= absl::Now()) {
+          name = n;
+          break;
+        }
+      }
+      if (name.empty()) continue;
+      to_repair_.erase(name);
+    }
+    Repair(name);
+  }
+}
+
+void Coordinator::MonitorLoop() {
+  while (true) {
+    {
+      absl::MutexLock lock(&repair_mu_);
+      auto stop = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(repair_mu_) { return stopping_; };
+      if (repair_mu_.AwaitWithTimeout(absl::Condition(&stop), options_.health_interval)) return;
+    }
+    std::vector<std::shared_ptr<Deployment>> deployments;
+    {
+      absl::MutexLock lock(&mu_);
+      for (auto& [name, d] : models_) deployments.push_back(d);
+    }
+    for (const std::shared_ptr<Deployment>& d : deployments) {
+      ModelInfo info = d->Info();
+      if (info.state != ModelState::kReady) continue;
+      absl::Status health = d->CheckStages(std::max(options_.health_interval, absl::Seconds(1)));
+      if (!health.ok() && d->Break(std::string(health.message()))) ScheduleRepair(info.name);
+    }
+  }
+}
+
+std::shared_ptr<Deployment> Coordinator::Current(const std::string& name) {
+  absl::MutexLock lock(&mu_);
+  auto it = models_.find(name);
+  return it == models_.end() ? nullptr : it->second;
+}
+
+std::vector<ModelInfo> Coordinator::ListModels() {
+  std::vector<std::shared_ptr<Deployment>> deployments;
+  std::vector<ModelInfo> out;
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto& [name, d] : models_) deployments.push_back(d);
+    for (auto& [name, info] : failed_) out.push_back(info);
+  }
+  for (auto& d : deployments) out.push_back(d->Info());
+  std::sort(out.begin(), out.end(),
+            [](const ModelInfo& a, const ModelInfo& b) { return a.name < b.name; });
+  return out;
+}
+
+absl::StatusOr<ModelInfo> Coordinator::GetModel(const std::string& name) {
+  if (auto d = Current(name)) return d->Info();
+  absl::MutexLock lock(&mu_);
+  auto it = failed_.find(name);
+  if (it != failed_.end()) return it->second;
+  return absl::NotFoundError(absl::StrCat("model \"", name, "\" is not known"));
+}
+
+absl::StatusOr<std::shared_ptr<Deployment>> Coordinator::Find(const std::string& name) {
+  std::shared_ptr<Deployment> d = Current(name);
+  if (d == nullptr) {
+    ASSIGN_OR_RETURN(ModelInfo info, GetModel(name));
+    return absl::UnavailableError(absl::StrCat("model \"", name, "\" is ",
+                                               ModelStateName(info.state), ": ", info.reason));
+  }
+  ModelInfo info = d->Info();
+  if (info.state != ModelState::kReady) {
+    return absl::UnavailableError(absl::StrCat("model \"", name, "\" is ",
+                                               ModelStateName(info.state), ": ", info.reason));
+  }
+  return d;
+}
+
+absl::StatusOr<std::vector<Tensor>> Coordinator::Infer(const std::string& model,
+                                                       const std::vector<Tensor>& inputs,
+                                                       absl::Time deadline,
+                                                       const std::function<bool()>& cancelled) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Deployment> d, Find(model));
+  return d->Infer(inputs, deadline, cancelled);
+}
+
+}  // namespace pipeserve

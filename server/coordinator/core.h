@@ -1,0 +1,148 @@
+// The coordinator's core: the registry of models, their uploads and
+// deployments onto stage servers (found by a Launcher, reached through a
+// StageClient), the request pipeline (each Deployment runs its requests),
+// and health and repair. It serves no RPCs and includes no gRPC:
+// server/coordinator/kserve_service.h and model_service.h are thin gRPC
+// layers over it, and its tests run it against InProcessStages.
+//
+//   Coordinator coord(options, std::move(store), std::move(launcher), &stage_client);
+//   coord.LoadStoredModels();
+//   ASSIGN_OR_RETURN(std::shared_ptr<Deployment> model, coord.Find("example"));
+//   ASSIGN_OR_RETURN(std::vector<Tensor> out, model->Infer({x, y}, deadline, nullptr));
+#ifndef PIPESERVE_SERVER_COORDINATOR_CORE_H_
+#define PIPESERVE_SERVER_COORDINATOR_CORE_H_
+
+#include <atomic>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "proto/pipeserve_service.pb.h"
+#include "server/coordinator/deployment.h"
+#include "server/coordinator/launcher.h"
+#include "server/coordinator/model_store.h"
+#include "server/coordinator/stage_client.h"
+
+namespace pipeserve {
+
+struct CoordinatorOptions {
+  // Microbatches per request when the upload does not say, and the most
+  // an upload may ask for.
+  int default_microbatches = 4;
+  int max_microbatches = 1024;
+  // Deadline for requests that come without one.
+  absl::Duration default_timeout = absl::Seconds(60);
+  // Deadline for loading one model's stages.
+  absl::Duration load_timeout = absl::Seconds(120);
+  // How often every ready model's stage servers are checked. A stage that
+  // stops answering, loses its stage, cannot send on, or loses its results
+  // subscription marks the model UNAVAILABLE, fails its requests in
+  // flight, and the model is redeployed from the store, retrying with
+  // backoff until it is back.
+  absl::Duration health_interval = absl::Seconds(1);
+  // Most stages one model may be cut into.
+  int max_stages = 64;
+  // Largest upload, and uploads in progress at once.
+  uint64_t max_upload_bytes = uint64_t{16} << 30;
+  int max_concurrent_uploads = 2;
+};
+
+class Coordinator {
+ public:
+  // `stages` must outlive the coordinator.
+  Coordinator(CoordinatorOptions options, std::unique_ptr<ModelStore> store,
+              std::unique_ptr<Launcher> launcher, StageClient* stages);
+  // Closes every deployment (unloading its stages).
+  ~Coordinator();
+
+  // Deploys every model in the store (after a restart). Models that fail
+  // are listed as UNAVAILABLE with the reason and repaired like broken
+  // ones.
+  void LoadStoredModels();
+
+  // Whether the coordinator can serve: the stored models have been loaded
+  // once, and some model is READY (or there is no model at all, so nothing
+  // is down). Health checks and KServe ServerReady report this.
+  bool Serving();
+
+  // Uploads: stage the bytes with StartUpload (kResourceExhausted when
+  // max_concurrent_uploads are in progress; the upload refuses data past
+  // max_upload_bytes with kResourceExhausted), then FinishUpload checks the
+  // size and CRC-32 (kDataLoss), partitions (kInvalidArgument with the
+  // partitioner's message, or naming the limit a model exceeds), deploys
+  // (kUnavailable if stage servers fail) and only then commits the file to
+  // the store and switches requests to it. On any error nothing is stored
+  // and a model already serving under the name keeps serving.
+  absl::StatusOr<std::unique_ptr<PendingUpload>> StartUpload(const std::string& name);
+  absl::StatusOr<UploadResponse> FinishUpload(const std::string& name,
+                                              const UploadOptions& options,
+                                              std::unique_ptr<PendingUpload> upload,
+                                              uint64_t total_bytes, uint32_t crc32);
+
+  // Stops serving `name`, unloads its stages and removes it from the
+  // store. kNotFound for an unknown model.
+  absl::Status Unload(const std::string& name);
+
+  std::vector<ModelInfo> ListModels();
+  // kNotFound for an unknown model.
+  absl::StatusOr<ModelInfo> GetModel(const std::string& name);
+
+  // The deployment serving `name`, to run requests on: kNotFound for an
+  // unknown model, kUnavailable for one that is not READY. A caller checks
+  // inputs against, and reads outputs by, this deployment's plan, so a
+  // re-upload meanwhile cannot mix two versions.
+  absl::StatusOr<std::shared_ptr<Deployment>> Find(const std::string& name);
+
+  // Find(model), then Infer on it (see Deployment::Infer).
+  absl::StatusOr<std::vector<Tensor>> Infer(const std::string& model,
+                                            const std::vector<Tensor>& inputs,
+                                            absl::Time deadline,
+                                            const std::function<bool()>& cancelled = nullptr);
+
+ private:
+  absl::StatusOr<std::shared_ptr<Deployment>> Deploy(const std::string& name,
+                                                     const std::string& path,
+                                                     const UploadOptions& options,
+                                                     uint64_t bytes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(deploy_mu_);
+  std::shared_ptr<Deployment> Current(const std::string& name);
+  // Checks stage servers every health_interval.
+  void MonitorLoop();
+  // Redeploys models marked broken.
+  void RepairLoop();
+  void ScheduleRepair(const std::string& name);
+  void Repair(const std::string& name);
+
+  const CoordinatorOptions options_;
+  const std::unique_ptr<ModelStore> store_;
+  const std::unique_ptr<Launcher> launcher_;
+  StageClient* const stages_;
+  DeploymentConfig config_;
+  std::atomic<int> uploads_in_progress_{0};
+
+  absl::Mutex mu_;
+  std::map<std::string, std::shared_ptr<Deployment>> models_ ABSL_GUARDED_BY(mu_);
+  // Models found in the store that failed to deploy.
+  std::map<std::string, ModelInfo> failed_ ABSL_GUARDED_BY(mu_);
+  bool loaded_ ABSL_GUARDED_BY(mu_) = false;
+  // Serialises uploads, unloads and deployments (they share stage
+  // servers and the store).
+  absl::Mutex deploy_mu_;
+
+  absl::Mutex repair_mu_;
+  std::map<std::string, absl::Time> to_repair_ ABSL_GUARDED_BY(repair_mu_);  // name -> not before
+  std::map<std::string, int> repair_attempts_ ABSL_GUARDED_BY(repair_mu_);
+  bool stopping_ ABSL_GUARDED_BY(repair_mu_) = false;
+  std::thread monitor_thread_;
+  std::thread repair_thread_;
+};
+
+}  // namespace pipeserve
+
+#endif  // PIPESERVE_SERVER_COORDINATOR_CORE_H_

@@ -1,0 +1,437 @@
+// The coordinator's core against stage servers running in this process
+// (InProcessStages): the request pipeline, uploads and their limits,
+// health, repair, and the failure paths (a stage that stops, a link that
+// breaks, a results stream taken over, frames no stage should send).
+#include "server/coordinator/core.h"
+
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "partitioner/graph_builder.h"
+#include "partitioner/partition.h"
+#include "runtime/cpu/cpu_backend.h"
+#include "runtime/local_pipeline.h"
+#include "runtime/model_file.h"
+#include "server/coordinator/in_process_stages.h"
+#include "server/testing/gated_backend.h"
+
+namespace pipeserve {
+namespace {
+
+using ::testing::HasSubstr;
+
+std::string TempDir(const std::string& name) {
+  static int counter = 0;
+  std::string dir = absl::StrCat(std::getenv("TEST_TMPDIR"), "/", name, ".", counter++);
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+// x -> [mm w_i, relu] per stage -> ... -> h - y   (y rides to the end)
+Model Mlp(int stages, int width = 8, uint32_t seed = 1) {
+  GraphBuilder b(seed);
+  b.Input("x", {-1, width}).Input("y", {-1, width});
+  std::string h = "x";
+  for (int i = 0; i < stages; ++i) {
+    if (i > 0) b.Split();
+    std::string w = absl::StrCat("w", i);
+    b.Param(w, {width, width});
+    b.Op("mm", {h, w}, absl::StrCat("m", i)).Op("relu", {absl::StrCat("m", i)}, absl::StrCat("h", i));
+    h = absl::StrCat("h", i);
+  }
+  b.Op("sub", {h, "y"}, "out").Output("out");
+  return b.Build();
+}
+
+Tensor Ramp(Shape shape, float scale) {
+  Tensor t = Tensor::Empty(shape);
+  for (int64_t i = 0; i < t.numel(); ++i) t.data()[i] = scale * static_cast<float>(i % 17 - 8);
+  return t;
+}
+
+class CoordinatorTest : public ::testing::Test {
+ protected:
+  static constexpr int kServers = 4;
+
+  void SetUp() override { Start(); }
+
+  void Start(CoordinatorOptions options = Options()) {
+    StageServerOptions so;
+    so.queue_capacity = 1;
+    so.backend = std::make_shared<GatedBackend>(&gate_);
+    stages_ = std::make_unique<InProcessStages>(so);
+    std::vector<std::string> addresses;
+    for (int i = 0; i < kServers; ++i) {
+      addresses.push_back(absl::StrCat("s", i, ":9000"));
+      stages_->AddServer(addresses.back());
+    }
+    repo_ = TempDir("repo");
+    coordinator_ = std::make_unique<Coordinator>(options, *OpenFileModelStore(repo_),
+                                                 MakeStaticLauncher(addresses), stages_.get());
+    coordinator_->LoadStoredModels();
+  }
+
+  void TearDown() override {
+    gate_.Set(true);
+    coordinator_.reset();
+    stages_.reset();
+  }
+
+  static CoordinatorOptions Options() {
+    CoordinatorOptions o;
+    o.health_interval = absl::Milliseconds(50);
+    o.default_timeout = absl::Seconds(20);
+    return o;
+  }
+
+  std::string Write(const Model& m) {
+    std::string path = TempDir("model") + "/model.psm";
+    EXPECT_TRUE(WriteModelFile(path, m.graph, m.weights).ok());
+    return path;
+  }
+
+  absl::StatusOr<UploadResponse> Upload(const std::string& name, const Model& m,
+                                        UploadOptions options = {}) {
+    std::ifstream in(Write(m), std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    auto upload = coordinator_->StartUpload(name);
+    if (!upload.ok()) return upload.status();
+    absl::Status s = (*upload)->Append(bytes);
+    if (!s.ok()) return s;
+    return coordinator_->FinishUpload(name, options, *std::move(upload), bytes.size(),
+                                      Crc32(bytes.data(), bytes.size()));
+  }
+
+  absl::StatusOr<std::vector<Tensor>> Infer(const std::string& name, std::vector<Tensor> in,
+                                            absl::Duration timeout = absl::Seconds(20)) {
+    auto d = coordinator_->Find(name);
+    if (!d.ok()) return d.status();
+    return (*d)->Infer(in, absl::Now() + timeout, nullptr);
+  }
+
+  // What the model computes, run unsplit by LocalPipeline.
+  static std::vector<Tensor> Expected(const Model& m, const std::vector<Tensor>& in) {
+    Plan plan = *Partition(m.graph, {});
+    auto cpu = MakeCpuBackend({});
+    auto pipe = LocalPipeline::Create(m, plan, *cpu, {4});
+    return *(*pipe)->Run(in);
+  }
+
+  static void ExpectEqual(const Tensor& a, const Tensor& b) {
+    ASSERT_EQ(a.shape(), b.shape());
+    for (int64_t i = 0; i < a.numel(); ++i) ASSERT_EQ(a.data()[i], b.data()[i]) << i;
+  }
+
+  // Loaded stages across every server.
+  int StagesLoaded() {
+    int n = 0;
+    for (int i = 0; i < kServers; ++i) {
+      if (auto s = stages_->Server(absl::StrCat("s", i, ":9000"))) n += static_cast<int>(s->size());
+    }
+    return n;
+  }
+
+  // Polls until the model is READY again (after a repair).
+  bool WaitReady(const std::string& name, absl::Duration limit = absl::Seconds(20)) {
+    absl::Time until = absl::Now() + limit;
+    while (absl::Now() < until) {
+      auto info = coordinator_->GetModel(name);
+      if (info.ok() && info->state == ModelState::kReady) return true;
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+    return false;
+  }
+
+  Gate gate_;
+  std::unique_ptr<InProcessStages> stages_;
+  std::string repo_;
+  std::unique_ptr<Coordinator> coordinator_;
+};
+
+TEST_F(CoordinatorTest, RequestsThroughFourStagesMatchTheUnsplitModel) {
+  Model m = Mlp(4);
+  auto up = Upload("mlp", m);
+  ASSERT_TRUE(up.ok()) << up.status();
+  EXPECT_EQ(up->num_stages(), 4);
+  std::vector<Tensor> in = {Ramp({37, 8}, 0.25f), Ramp({37, 8}, -0.5f)};
+  auto out = Infer("mlp", in);
+  ASSERT_TRUE(out.ok()) << out.status();
+  ExpectEqual((*out)[0], Expected(m, in)[0]);
+  EXPECT_EQ(StagesLoaded(), 4);
+}
+
+// Regression: a batch of 0 rows sent no microbatch, so nothing ever
+// completed the request and it waited out its whole deadline.
+TEST_F(CoordinatorTest, BatchOfZeroRowsAnswersAtOnceWithEmptyOutputs) {
+  ASSERT_TRUE(Upload("mlp", Mlp(2)).ok());
+  absl::Time start = absl::Now();
+  auto out = Infer("mlp", {Tensor::Zeros({0, 8}), Tensor::Zeros({0, 8})}, absl::Seconds(30));
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(1));
+  ASSERT_EQ(out->size(), 1u);
+  EXPECT_EQ((*out)[0].shape(), (Shape{0, 8}));
+}
+
+// Regression: Send blocked with no deadline while stage 0 was full, so a
+// request outlived its deadline behind a wedged stage.
+TEST_F(CoordinatorTest, DeadlinePassingWhileStageZeroIsFullIsDeadlineExceeded) {
+  UploadOptions eight;
+  eight.set_microbatches(8);
+  ASSERT_TRUE(Upload("mlp", Mlp(2), eight).ok());
+  gate_.Set(false);  // every stage stops computing
+  absl::Time start = absl::Now();
+  auto out = Infer("mlp", {Ramp({64, 8}, 1), Ramp({64, 8}, 1)}, absl::Milliseconds(300));
+  absl::Duration took = absl::Now() - start;
+  EXPECT_EQ(out.status().code(), absl::StatusCode::kDeadlineExceeded) << out.status();
+  EXPECT_THAT(std::string(out.status().message()), HasSubstr("while stage 0 was full"));
+  EXPECT_LT(took, absl::Seconds(2));
+  gate_.Set(true);
+  auto again = Infer("mlp", {Ramp({4, 8}, 1), Ramp({4, 8}, 1)});
+  EXPECT_TRUE(again.ok()) << again.status();
+}
+
+// The last stage's results sink, as a stranger with access to the stage
+// server would reach it.
+std::shared_ptr<FrameSink> ResultsSink(InProcessStages& stages, const ModelInfo& info) {
+  StageKey key;
+  key.set_model(info.name);
+  key.set_deployment(info.deployment);
+  key.set_stage(static_cast<int>(info.servers.size()) - 1);
+  std::shared_ptr<StageHost> host = stages.Server(info.servers.back())->Find(key);
+  std::shared_ptr<FrameSink> sink = host->SetSink(nullptr);
+  host->SetSink(sink);
+  return sink;
+}
+
+// Regression: an ERROR frame with error_code 0 built an OK status, and the
+// coordinator then merged microbatches that never arrived (a crash).
+TEST_F(CoordinatorTest, FramesNoStageShouldSendFailTheRequestNotTheCoordinator) {
+  ASSERT_TRUE(Upload("mlp", Mlp(2)).ok());
+  auto info = coordinator_->GetModel("mlp");
+  std::shared_ptr<FrameSink> results = ResultsSink(*stages_, *info);
+  gate_.Set(false);
+  auto run = [&](absl::StatusOr<std::vector<Tensor>>* out) {
+    *out = Infer("mlp", {Ramp({8, 8}, 1), Ramp({8, 8}, 1)});
+  };
+  struct Case {
+    FrameHeader header;
+    std::vector<std::pair<std::string, Tensor>> tensors;
+    const char* expect;
+  };
+  std::vector<Case> cases(3);
+  cases[0].header.set_kind(FrameHeader::ERROR);  // error_code 0
+  cases[0].expect = "without an error code";
+  cases[1].header.set_kind(FrameHeader::DATA);  // no tensors at all
+  cases[1].expect = "came back with 0 tensors, the model has 1 outputs";
+  cases[2].header.set_kind(FrameHeader::DATA);
+  cases[2].tensors = {{"out", Tensor::Zeros({3, 8})}};  // 3 rows where 2 were due
+  cases[2].expect = "came back with \"out\" [3,8] where output \"out\" [B,8] was due (2 rows)";
+  uint64_t id = 1;
+  for (const Case& c : cases) {
+    absl::StatusOr<std::vector<Tensor>> out;
+    std::thread t(run, &out);
+    ASSERT_TRUE(gate_.WaitHeld(1));  // the request is in flight
+    Frame f;
+    f.header = c.header;
+    f.header.set_request_id(id++);
+    for (const auto& [name, tensor] : c.tensors) f.Add(name, tensor);
+    ASSERT_TRUE(results->Send(std::move(f), absl::InfiniteFuture()).ok());
+    t.join();
+    EXPECT_EQ(out.status().code(), absl::StatusCode::kInternal) << out.status();
+    EXPECT_THAT(std::string(out.status().message()), HasSubstr(c.expect));
+    // Drain the request's real frames: a request behind them completes
+    // only once they have passed (each stage is first in, first out).
+    gate_.Set(true);
+    ASSERT_TRUE(Infer("mlp", {Ramp({8, 8}, 1), Ramp({8, 8}, 1)}).ok());
+    ++id;
+    gate_.Set(false);
+  }
+  gate_.Set(true);
+  // A frame for a request that is not in flight is counted and dropped.
+  Frame stray;
+  stray.header.set_request_id(999);
+  ASSERT_TRUE(results->Send(std::move(stray), absl::InfiniteFuture()).ok());
+  EXPECT_GE((*coordinator_->Find("mlp"))->stray_frames(), 1u);
+  auto again = Infer("mlp", {Ramp({4, 8}, 1), Ramp({4, 8}, 1)});
+  EXPECT_TRUE(again.ok()) << again.status();
+}
+
+// Regression (results takeover): a stranger subscribing to the last
+// stage's results took every user's outputs, and when it hung up the stage
+// wedged. Now the coordinator sees its subscription end, fails what was in
+// flight, and redeploys.
+TEST_F(CoordinatorTest, LosingTheResultsSubscriptionIsRepaired) {
+  ASSERT_TRUE(Upload("mlp", Mlp(2)).ok());
+  auto info = coordinator_->GetModel("mlp");
+  StageKey key;
+  key.set_model("mlp");
+  key.set_deployment(info->deployment);
+  key.set_stage(1);
+  struct Stranger : FrameSink {
+    absl::Status Send(Frame, absl::Time) override { return absl::OkStatus(); }
+    void Close() override {}
+  };
+  ASSERT_TRUE(stages_->Server(info->servers[1])->SubscribeResults(key, std::make_shared<Stranger>()).ok());
+  ASSERT_TRUE(WaitReady("mlp"));
+  EXPECT_NE(coordinator_->GetModel("mlp")->deployment, info->deployment);
+  Model m = Mlp(2);
+  std::vector<Tensor> in = {Ramp({4, 8}, 1), Ramp({4, 8}, 2)};
+  auto out = Infer("mlp", in);
+  ASSERT_TRUE(out.ok()) << out.status();
+  ExpectEqual((*out)[0], Expected(m, in)[0]);
+  EXPECT_EQ(StagesLoaded(), 2) << "the old deployment's stages are unloaded";
+}
+
+TEST_F(CoordinatorTest, AStageServerThatDiesFailsRequestsFastAndTheModelComesBack) {
+  ASSERT_TRUE(Upload("mlp", Mlp(4)).ok());
+  gate_.Set(false);
+  absl::StatusOr<std::vector<Tensor>> out;
+  std::thread t([&] { out = Infer("mlp", {Ramp({8, 8}, 1), Ramp({8, 8}, 1)}, absl::Seconds(30)); });
+  ASSERT_TRUE(gate_.WaitHeld(1));
+  absl::Time killed = absl::Now();
+  stages_->KillServer("s2:9000");
+  t.join();
+  EXPECT_EQ(out.status().code(), absl::StatusCode::kUnavailable) << out.status();
+  EXPECT_LT(absl::Now() - killed, absl::Seconds(5));
+  gate_.Set(true);
+  stages_->AddServer("s2:9000");  // the pod comes back, empty
+  ASSERT_TRUE(WaitReady("mlp"));
+  auto again = Infer("mlp", {Ramp({4, 8}, 1), Ramp({4, 8}, 1)});
+  EXPECT_TRUE(again.ok()) << again.status();
+}
+
+// Regression: a failed send left a stage without a sink, waiting forever,
+// while the model stayed READY.
+TEST_F(CoordinatorTest, ABrokenLinkBetweenStagesIsReportedAndRepaired) {
+  ASSERT_TRUE(Upload("mlp", Mlp(3)).ok());
+  ModelInfo before = *coordinator_->GetModel("mlp");
+  // Stage 1's downstream (s2) goes away; stage 1 reports it cannot send.
+  stages_->KillServer("s2:9000");
+  auto out = Infer("mlp", {Ramp({4, 8}, 1), Ramp({4, 8}, 1)}, absl::Seconds(10));
+  EXPECT_EQ(out.status().code(), absl::StatusCode::kUnavailable) << out.status();
+  stages_->AddServer("s2:9000");
+  ASSERT_TRUE(WaitReady("mlp"));
+  EXPECT_NE(coordinator_->GetModel("mlp")->deployment, before.deployment);
+  auto again = Infer("mlp", {Ramp({4, 8}, 1), Ramp({4, 8}, 1)});
+  EXPECT_TRUE(again.ok()) << again.status();
+}
+
+// Regression: KServe ModelInfer looked the model up twice, so a re-upload
+// in between could check inputs against one plan and run another. A
+// request now holds one deployment throughout.
+TEST_F(CoordinatorTest, ARequestKeepsTheDeploymentItStartedWithAcrossAReupload) {
+  ASSERT_TRUE(Upload("m", Mlp(2, 8, /*seed=*/1)).ok());
+  auto old = coordinator_->Find("m");
+  ASSERT_TRUE(old.ok());
+  // A different model under the same name: other width, other stages.
+  ASSERT_TRUE(Upload("m", Mlp(3, 16, /*seed=*/2)).ok());
+  EXPECT_EQ((*old)->plan().inputs(0).shape(1), 8) << "the handle's plan does not change";
+  auto stale = (*old)->Infer({Ramp({2, 8}, 1), Ramp({2, 8}, 1)}, absl::Now() + absl::Seconds(5),
+                             nullptr);
+  EXPECT_EQ(stale.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(stale.status().message()), HasSubstr("replaced by a new upload"));
+  auto fresh = Infer("m", {Ramp({2, 16}, 1), Ramp({2, 16}, 1)});
+  EXPECT_TRUE(fresh.ok()) << fresh.status();
+}
+
+// Regression: nothing unloaded the stages of a replaced upload, so a
+// re-upload with fewer stages left the old ones loaded for good.
+TEST_F(CoordinatorTest, AReuploadWithFewerStagesUnloadsTheOldOnes) {
+  ASSERT_TRUE(Upload("m", Mlp(4)).ok());
+  EXPECT_EQ(StagesLoaded(), 4);
+  ASSERT_TRUE(Upload("m", Mlp(2)).ok());
+  EXPECT_EQ(StagesLoaded(), 2);
+  ASSERT_TRUE(coordinator_->Unload("m").ok());
+  EXPECT_EQ(StagesLoaded(), 0);
+  EXPECT_EQ(coordinator_->GetModel("m").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(coordinator_->Unload("m").code(), absl::StatusCode::kNotFound);
+}
+
+// Regression: 5000 pipe_split markers were taken as 5001 stages.
+TEST_F(CoordinatorTest, AModelCutIntoTooManyStagesIsRefused) {
+  auto up = Upload("deep", Mlp(65));
+  EXPECT_EQ(up.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(up.status().message()),
+              HasSubstr("cuts into 65 stages; this coordinator serves at most 64 (--max_stages)"));
+  EXPECT_EQ(StagesLoaded(), 0);
+}
+
+// Regression: uploads had no size or concurrency limit.
+TEST_F(CoordinatorTest, UploadsAreLimitedInSizeAndNumber) {
+  CoordinatorOptions o = Options();
+  o.max_upload_bytes = 1000;
+  o.max_concurrent_uploads = 2;
+  TearDown();
+  Start(o);
+  auto a = coordinator_->StartUpload("a");
+  auto b = coordinator_->StartUpload("b");
+  ASSERT_TRUE(a.ok() && b.ok());
+  auto c = coordinator_->StartUpload("c");
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(c.status().message()), HasSubstr("--max_concurrent_uploads"));
+  EXPECT_TRUE((*a)->Append(std::string(600, 'x')).ok());
+  absl::Status big = (*a)->Append(std::string(600, 'x'));
+  EXPECT_EQ(big.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(big.message()), HasSubstr("--max_upload_mb"));
+  a->reset();  // a finished upload frees its slot
+  EXPECT_TRUE(coordinator_->StartUpload("c").ok());
+  EXPECT_EQ(coordinator_->StartUpload("../x").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Regression: readiness always said SERVING whatever the models' state.
+TEST_F(CoordinatorTest, ServingTellsWhetherAnyModelCanServe) {
+  EXPECT_TRUE(coordinator_->Serving()) << "no models: nothing is down";
+  ASSERT_TRUE(Upload("mlp", Mlp(2)).ok());
+  EXPECT_TRUE(coordinator_->Serving());
+  stages_->KillServer("s1:9000");
+  absl::Time until = absl::Now() + absl::Seconds(10);
+  while (coordinator_->Serving() && absl::Now() < until) absl::SleepFor(absl::Milliseconds(10));
+  EXPECT_FALSE(coordinator_->Serving()) << "the only model is down";
+  stages_->AddServer("s1:9000");
+  ASSERT_TRUE(WaitReady("mlp"));
+  EXPECT_TRUE(coordinator_->Serving());
+}
+
+TEST_F(CoordinatorTest, NotServingUntilTheStoredModelsAreLoaded) {
+  ASSERT_TRUE(Upload("kept", Mlp(2)).ok());
+  // A restart: a new coordinator over the same repository.
+  coordinator_.reset();
+  coordinator_ = std::make_unique<Coordinator>(Options(), *OpenFileModelStore(repo_),
+                                               MakeStaticLauncher({"s0:9000", "s1:9000"}), stages_.get());
+  EXPECT_FALSE(coordinator_->Serving());
+  coordinator_->LoadStoredModels();
+  EXPECT_TRUE(coordinator_->Serving());
+  EXPECT_TRUE(Infer("kept", {Ramp({2, 8}, 1), Ramp({2, 8}, 1)}).ok());
+}
+
+TEST_F(CoordinatorTest, ManyConcurrentRequestsAllGetTheirOwnAnswers) {
+  Model m = Mlp(4);
+  ASSERT_TRUE(Upload("mlp", m).ok());
+  std::vector<std::thread> clients;
+  std::atomic<int> good{0};
+  for (int c = 0; c < 8; ++c) {
+    clients.emplace_back([&, c] {
+      std::vector<Tensor> in = {Ramp({5 + c, 8}, 0.1f * (c + 1)), Ramp({5 + c, 8}, 1)};
+      std::vector<Tensor> want = Expected(m, in);
+      for (int r = 0; r < 5; ++r) {
+        auto out = Infer("mlp", in);
+        if (!out.ok() || (*out)[0].shape() != want[0].shape()) return;
+        for (int64_t i = 0; i < want[0].numel(); ++i) {
+          if ((*out)[0].data()[i] != want[0].data()[i]) return;
+        }
+        ++good;
+      }
+    });
+  }
+  for (auto& t : clients) t.join();
+  EXPECT_EQ(good.load(), 40);
+}
+
+}  // namespace
+}  // namespace pipeserve

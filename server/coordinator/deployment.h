@@ -1,0 +1,149 @@
+// One deployment of a model: an upload, partitioned and loaded onto stage
+// servers under its own random id, with stage 0's input open and the last
+// stage's results subscribed. It runs requests (microbatching, deadlines,
+// cancellation), checks every frame that comes back, and when it closes it
+// unloads its stages. A re-upload makes a new deployment beside the old one
+// and closes the old one only once the new one serves.
+//
+//   ASSIGN_OR_RETURN(std::shared_ptr<Deployment> d,
+//                    Deployment::Create(config, "example", file, options, bytes));
+//   ASSIGN_OR_RETURN(std::vector<Tensor> out, d->Infer({x, y}, deadline, nullptr));
+//   d->Close("replaced by a new upload");
+#ifndef PIPESERVE_SERVER_COORDINATOR_DEPLOYMENT_H_
+#define PIPESERVE_SERVER_COORDINATOR_DEPLOYMENT_H_
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "proto/pipeserve_service.pb.h"
+#include "runtime/model_file.h"
+#include "runtime/tensor.h"
+#include "server/coordinator/stage_client.h"
+
+namespace pipeserve {
+
+enum class ModelState { kLoading, kReady, kUnavailable };
+const char* ModelStateName(ModelState s);
+
+struct ModelInfo {
+  std::string name;
+  ModelState state = ModelState::kLoading;
+  std::string reason;  // why not ready
+  // Shared and immutable: ModelInfo is copied freely, the plan (every
+  // stage's graph) is not.
+  std::shared_ptr<const Plan> plan = std::make_shared<const Plan>();
+  std::vector<std::string> servers;  // per stage
+  uint64_t deployment = 0;
+  int microbatches = 0;
+  uint64_t bytes = 0;
+};
+
+// What every deployment of a coordinator shares.
+struct DeploymentConfig {
+  StageClient* stages = nullptr;
+  // Microbatches per request when the upload does not say.
+  int default_microbatches = 4;
+  // Most microbatches an upload may ask for.
+  int max_microbatches = 1024;
+  // Deadline for requests that come without one.
+  absl::Duration default_timeout = absl::Seconds(60);
+  // Deadline for loading all of a model's stages.
+  absl::Duration load_timeout = absl::Seconds(120);
+  // GEMM threads per stage (0: the servers decide).
+  int threads_per_stage = 0;
+  // Called with the model's name when a deployment breaks by itself (its
+  // results stream ended), so it gets repaired.
+  std::function<void(const std::string&)> on_broken;
+};
+
+class Deployment {
+ public:
+  // Partitions `file`'s graph as `options` say, loads every stage on
+  // `servers` (one per stage), subscribes to the results and opens stage
+  // 0's input. kInvalidArgument for a model or options that do not
+  // partition, or a stage server's refusal; kUnavailable when a server
+  // cannot be reached. On error, stages already loaded are unloaded.
+  static absl::StatusOr<std::shared_ptr<Deployment>> Create(
+      const DeploymentConfig& config, const std::string& name, const ModelFileReader& file,
+      const Plan& plan, const UploadOptions& options, std::vector<std::string> servers,
+      uint64_t bytes);
+
+  ~Deployment();
+
+  ModelInfo Info() const;
+  const Plan& plan() const { return *plan_; }
+
+  // Runs `inputs` (in the plan's input order) through the pipeline in the
+  // deployment's microbatch count; returns the outputs in order. A batch of
+  // 0 rows answers at once with empty outputs. kInvalidArgument (inputs
+  // that do not fit, naming the input), kUnavailable (not ready, or the
+  // pipeline broke), kDeadlineExceeded (also while stage 0 is full),
+  // kCancelled (when `cancelled` turns true), kInternal (a stage sent
+  // something that does not fit the plan), or the error a stage reported.
+  // Thread-safe; many requests pipeline together.
+  absl::StatusOr<std::vector<Tensor>> Infer(const std::vector<Tensor>& inputs,
+                                            absl::Time deadline,
+                                            const std::function<bool()>& cancelled);
+
+  // Asks every stage server how its stage is: the first problem found
+  // (unreachable, stage lost, a broken link downstream, no results
+  // subscription), or OK.
+  absl::Status CheckStages(absl::Duration timeout);
+
+  // Marks the deployment UNAVAILABLE and fails the requests in flight with
+  // kUnavailable(why). Returns false if it was not READY (already broken or
+  // closing): only the first caller repairs.
+  bool Break(const std::string& why);
+
+  // Stops serving: fails requests in flight with kUnavailable(why), closes
+  // the streams and unloads every stage. Idempotent.
+  void Close(const std::string& why);
+
+  // Frames that came back for no request in flight (late, or injected).
+  uint64_t stray_frames() const { return stray_frames_.load(); }
+
+ private:
+  struct Pending;
+  Deployment(const DeploymentConfig& config, ModelInfo info, std::vector<StageSpec> specs);
+
+  // Handles one frame from the last stage.
+  void Deliver(Frame frame);
+  // Checks a DATA frame against the plan's outputs for microbatch `m`.
+  absl::Status CheckOutputs(const Frame& frame, const Pending& p) const;
+  void Finish(uint64_t id, absl::Status error) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void FailAll(const absl::Status& error) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void SendCancel(uint64_t id);
+  void UnloadStages();
+
+  const DeploymentConfig config_;
+  const std::string name_;
+  const std::vector<std::string> servers_;
+  const int microbatches_;
+  const std::shared_ptr<const Plan> plan_;
+  const std::vector<StageSpec> specs_;
+  std::vector<bool> input_batched_, output_batched_;
+  std::vector<int> first_inputs_;  // plan input index of each value sent to stage 0
+  std::shared_ptr<FrameSink> input_;
+  std::unique_ptr<StageClient::Subscription> results_;
+  std::atomic<uint64_t> next_request_id_{1};
+  std::atomic<uint64_t> stray_frames_{0};
+
+  mutable absl::Mutex mu_;
+  ModelInfo info_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<uint64_t, std::shared_ptr<Pending>> pending_ ABSL_GUARDED_BY(mu_);
+  bool closing_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Mutex close_mu_;  // serialises Close
+  bool closed_ ABSL_GUARDED_BY(close_mu_) = false;
+};
+
+}  // namespace pipeserve
+
+#endif  // PIPESERVE_SERVER_COORDINATOR_DEPLOYMENT_H_

@@ -1,0 +1,142 @@
+#include "server/coordinator/kserve_request.h"
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace pipeserve {
+namespace {
+
+using ::testing::HasSubstr;
+
+// Inputs x [B, 4] and y [B, 4]; one output "out" [B, 4].
+Plan TwoInputPlan() {
+  Plan plan;
+  for (const char* name : {"x", "y"}) {
+    ValueSpec* v = plan.add_inputs();
+    v->set_name(name);
+    v->set_dtype(DT_FLOAT32);
+    v->add_shape(-1);
+    v->add_shape(4);
+    v->set_batched(true);
+  }
+  ValueSpec* out = plan.add_outputs();
+  out->set_name("out");
+  out->add_shape(-1);
+  out->add_shape(4);
+  out->set_batched(true);
+  return plan;
+}
+
+inference::ModelInferRequest Request(std::vector<int64_t> x_shape, size_t x_bytes) {
+  inference::ModelInferRequest req;
+  req.set_model_name("m");
+  auto* x = req.add_inputs();
+  x->set_name("x");
+  x->set_datatype("FP32");
+  for (int64_t d : x_shape) x->add_shape(d);
+  req.add_raw_input_contents(std::string(x_bytes, '\0'));
+  auto* y = req.add_inputs();
+  y->set_name("y");
+  y->set_datatype("FP32");
+  y->add_shape(2);
+  y->add_shape(4);
+  req.add_raw_input_contents(std::string(32, '\0'));
+  return req;
+}
+
+void ExpectInvalid(const absl::StatusOr<std::vector<Tensor>>& r, const std::string& text) {
+  ASSERT_FALSE(r.ok()) << "expected: " << text;
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr(text));
+}
+
+TEST(ParseInferInputsTest, RawInputsBecomeTensorsInThePlansOrder) {
+  inference::ModelInferRequest req = Request({2, 4}, 32);
+  std::swap(*req.mutable_inputs(0), *req.mutable_inputs(1));
+  std::swap(*req.mutable_raw_input_contents(0), *req.mutable_raw_input_contents(1));
+  req.mutable_raw_input_contents(1)->assign(std::string(31, '\0') + "\x3f");
+  auto r = ParseInferInputs(req, TwoInputPlan());
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->size(), 2u);
+  EXPECT_EQ((*r)[0].shape(), (Shape{2, 4}));
+  EXPECT_NE((*r)[0].data()[7], 0.0f) << "x's bytes went to x";
+}
+
+// Regression: [1<<53, 32] with no bytes went to Tensor::Empty first, which
+// threw std::bad_alloc (UNKNOWN "Unexpected error in RPC handling").
+TEST(ParseInferInputsTest, HugeShapeWithoutItsBytesIsRefusedBeforeAllocating) {
+  ExpectInvalid(ParseInferInputs(Request({int64_t{1} << 53, 32}, 0), TwoInputPlan()),
+                "input \"x\": raw contents hold 0 bytes, but FP32 [9007199254740992,32] needs "
+                "1152921504606846976");
+}
+
+// Regression: element counts overflowed, so 2^62 elements "needed" 0 bytes
+// and an empty payload matched.
+TEST(ParseInferInputsTest, ShapeWhoseSizeOverflowsIsRefused) {
+  ExpectInvalid(ParseInferInputs(Request({int64_t{1} << 31, int64_t{1} << 31}, 0), TwoInputPlan()),
+                "input \"x\": shape [2147483648,2147483648] needs more than 2^62 bytes");
+  ExpectInvalid(ParseInferInputs(Request({-1, 4}, 0), TwoInputPlan()),
+                "input \"x\": shape [B,4] has a negative dimension");
+  ExpectInvalid(ParseInferInputs(Request(std::vector<int64_t>(40, 1), 4), TwoInputPlan()),
+                "input \"x\": shape has 40 dimensions (at most 32)");
+}
+
+// Regression: ModelStreamInfer with typed contents and shape [1<<50]
+// aborted the coordinator (bad_alloc on a request thread).
+TEST(ParseInferInputsTest, TypedContentsAreCountedBeforeAllocating) {
+  inference::ModelInferRequest req;
+  req.set_model_name("m");
+  auto* x = req.add_inputs();
+  x->set_name("x");
+  x->set_datatype("FP32");
+  x->add_shape(int64_t{1} << 50);
+  x->mutable_contents()->add_fp32_contents(1.0f);
+  ExpectInvalid(ParseInferInputs(req, TwoInputPlan()),
+                "input \"x\": contents.fp32_contents holds 1 values, but [1125899906842624] needs "
+                "1125899906842624");
+}
+
+TEST(ParseInferInputsTest, NamesDatatypesAndContentsAreChecked) {
+  Plan plan = TwoInputPlan();
+  inference::ModelInferRequest req = Request({2, 4}, 32);
+  req.mutable_inputs(1)->set_name("z");
+  ExpectInvalid(ParseInferInputs(req, plan), "unexpected input \"z\" (the model's inputs: x, y)");
+  req = Request({2, 4}, 32);
+  req.mutable_inputs(1)->set_name("x");
+  ExpectInvalid(ParseInferInputs(req, plan), "input \"x\" is given twice");
+  req = Request({2, 4}, 32);
+  req.mutable_inputs()->RemoveLast();
+  req.mutable_raw_input_contents()->RemoveLast();
+  ExpectInvalid(ParseInferInputs(req, plan), "missing input \"y\"");
+  req = Request({2, 4}, 32);
+  req.mutable_inputs(0)->set_datatype("FP64");
+  ExpectInvalid(ParseInferInputs(req, plan), "input \"x\": datatype FP64 is not supported");
+  req = Request({2, 4}, 32);
+  req.mutable_inputs(0)->mutable_contents()->add_fp32_contents(1);
+  ExpectInvalid(ParseInferInputs(req, plan), "contents must be empty when raw_input_contents");
+  req = Request({2, 4}, 32);
+  req.mutable_raw_input_contents()->RemoveLast();
+  ExpectInvalid(ParseInferInputs(req, plan), "raw_input_contents has 1 entries for 2 inputs");
+  req = Request({2, 4}, 32);
+  req.mutable_inputs(1)->set_name(std::string(1 << 20, 'n'));
+  auto r = ParseInferInputs(req, plan);
+  ASSERT_FALSE(r.ok());
+  EXPECT_LT(r.status().message().size(), 300u) << "a long name is not echoed whole";
+}
+
+TEST(ChooseOutputsTest, AllByDefaultOrThoseNamedOnce) {
+  Plan plan = TwoInputPlan();
+  inference::ModelInferRequest req;
+  EXPECT_EQ(*ChooseOutputs(req, plan), std::vector<int>({0}));
+  req.add_outputs()->set_name("out");
+  EXPECT_EQ(*ChooseOutputs(req, plan), std::vector<int>({0}));
+  req.add_outputs()->set_name("out");
+  EXPECT_THAT(std::string(ChooseOutputs(req, plan).status().message()),
+              HasSubstr("output \"out\" is requested twice"));
+  req.mutable_outputs(1)->set_name("nope");
+  EXPECT_THAT(std::string(ChooseOutputs(req, plan).status().message()),
+              HasSubstr("unknown output \"nope\""));
+}
+
+}  // namespace
+}  // namespace pipeserve

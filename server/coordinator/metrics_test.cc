@@ -1,0 +1,56 @@
+#include "server/coordinator/metrics.h"
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/http_get.h"
+
+namespace pipeserve {
+namespace {
+
+using ::testing::HasSubstr;
+
+TEST(MetricsTest, CountsRequestsByCodeAndBucketsLatency) {
+  Metrics m;
+  m.RecordInference("ex", absl::OkStatus(), absl::Milliseconds(3));
+  m.RecordInference("ex", absl::OkStatus(), absl::Milliseconds(30));
+  m.RecordInference("ex", absl::NotFoundError("x"), absl::Milliseconds(1));
+  ModelInfo info;
+  info.name = "ex";
+  info.state = ModelState::kReady;
+  std::string text = m.Render({info});
+  EXPECT_THAT(text, HasSubstr("pipeserve_inference_requests_total{model=\"ex\",code=\"OK\"} 2\n"));
+  EXPECT_THAT(text, HasSubstr(
+                        "pipeserve_inference_requests_total{model=\"ex\",code=\"NOT_FOUND\"} 1\n"));
+  // 1 ms and 3 ms are under 5 ms; 30 ms is not.
+  EXPECT_THAT(text, HasSubstr("pipeserve_inference_duration_seconds_bucket{model=\"ex\",le=\"0.005\"} 2\n"));
+  EXPECT_THAT(text, HasSubstr("pipeserve_inference_duration_seconds_bucket{model=\"ex\",le=\"+Inf\"} 3\n"));
+  EXPECT_THAT(text, HasSubstr("pipeserve_model_ready{model=\"ex\"} 1\n"));
+}
+
+TEST(MetricsTest, ServesTheTextOverHttpAnd404sOtherPaths) {
+  Metrics m;
+  m.RecordInference("ex", absl::OkStatus(), absl::Milliseconds(3));
+  MetricsHttpServer http(&m, [] { return std::vector<ModelInfo>(); });
+  ASSERT_TRUE(http.Start("127.0.0.1", 0).ok());
+  std::string got = HttpGet(http.port(), "/metrics");
+  EXPECT_THAT(got, HasSubstr("HTTP/1.1 200 OK"));
+  EXPECT_THAT(got, HasSubstr("text/plain; version=0.0.4"));
+  EXPECT_THAT(got, HasSubstr("pipeserve_inference_requests_total{model=\"ex\",code=\"OK\"} 1"));
+  EXPECT_THAT(HttpGet(http.port(), "/other"), HasSubstr("404 Not Found"));
+}
+
+// Regression: every model name a request made up became a series of its
+// own, forever (a 200 MiB name was a 200 MiB label).
+TEST(MetricsTest, UnknownModelsShareOneSeries) {
+  Metrics m;
+  for (int i = 0; i < 100; ++i) {
+    m.RecordUnknownModelInference(absl::NotFoundError("x"), absl::Milliseconds(1));
+  }
+  std::string text = m.Render({});
+  EXPECT_THAT(text, HasSubstr(
+      "pipeserve_inference_requests_total{model=\"(unknown)\",code=\"NOT_FOUND\"} 100\n"));
+  EXPECT_LT(text.size(), 3000u);
+}
+
+}  // namespace
+}  // namespace pipeserve

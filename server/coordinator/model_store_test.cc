@@ -1,0 +1,106 @@
+#include "server/coordinator/model_store.h"
+
+#include <filesystem>
+#include <fstream>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace pipeserve {
+namespace {
+
+using ::testing::HasSubstr;
+
+std::string FreshRoot(const std::string& name) {
+  std::string root = std::string(std::getenv("TEST_TMPDIR")) + "/" + name;
+  std::filesystem::remove_all(root);
+  return root;
+}
+
+std::string ReadAll(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+TEST(ModelStoreTest, CommittedUploadIsListedWithItsOptions) {
+  auto store = OpenFileModelStore(FreshRoot("a"));
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto up = (*store)->StartUpload("example");
+  ASSERT_TRUE(up.ok());
+  ASSERT_TRUE((*up)->Append("hello ").ok());
+  ASSERT_TRUE((*up)->Append("world").ok());
+  EXPECT_EQ((*up)->bytes(), 11u);
+  UploadOptions opts;
+  opts.set_microbatches(8);
+  ASSERT_TRUE((*up)->Commit(opts).ok());
+  auto list = (*store)->List();
+  ASSERT_TRUE(list.ok());
+  ASSERT_EQ(list->size(), 1u);
+  EXPECT_EQ((*list)[0].name, "example");
+  EXPECT_EQ((*list)[0].options.microbatches(), 8);
+  EXPECT_EQ(ReadAll((*list)[0].path), "hello world");
+}
+
+TEST(ModelStoreTest, AbandonedUploadIsNeverVisible) {
+  std::string root = FreshRoot("b");
+  auto store = OpenFileModelStore(root);
+  {
+    auto up = (*store)->StartUpload("half");
+    ASSERT_TRUE((*up)->Append("partial").ok());
+    EXPECT_TRUE((*(*store)->List()).empty());
+  }  // destroyed without Commit
+  EXPECT_TRUE((*(*store)->List()).empty());
+  EXPECT_TRUE(std::filesystem::is_empty(root + "/.staging"));
+}
+
+TEST(ModelStoreTest, ReplacingKeepsOneVersionAndSurvivesReopen) {
+  std::string root = FreshRoot("c");
+  {
+    auto store = OpenFileModelStore(root);
+    for (const char* body : {"v1", "v2"}) {
+      auto up = (*store)->StartUpload("m");
+      ASSERT_TRUE((*up)->Append(body).ok());
+      ASSERT_TRUE((*up)->Commit({}).ok());
+    }
+  }
+  auto reopened = OpenFileModelStore(root);
+  auto list = (*reopened)->List();
+  ASSERT_EQ(list->size(), 1u);
+  EXPECT_EQ(ReadAll((*list)[0].path), "v2");
+  int versions = 0;
+  for (auto& e : std::filesystem::directory_iterator(root + "/.versions")) {
+    (void)e;
+    ++versions;
+  }
+  EXPECT_EQ(versions, 1);
+}
+
+TEST(ModelStoreTest, BadNamesAreRejectedWithTheRule) {
+  auto store = OpenFileModelStore(FreshRoot("d"));
+  for (const char* bad : {"", ".hidden", "a/b", "../x", "sp ace"}) {
+    auto up = (*store)->StartUpload(bad);
+    ASSERT_FALSE(up.ok()) << bad;
+    EXPECT_EQ(up.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(up.status().message()), HasSubstr("bad model name"));
+  }
+}
+
+TEST(ModelStoreTest, RemovedModelIsGoneAndStaysGoneAfterReopen) {
+  std::string root = FreshRoot("e");
+  {
+    auto store = OpenFileModelStore(root);
+    auto up = (*store)->StartUpload("gone");
+    ASSERT_TRUE((*up)->Append("bytes").ok());
+    ASSERT_TRUE((*up)->Commit(UploadOptions()).ok());
+    ASSERT_TRUE((*store)->Remove("gone").ok());
+    EXPECT_TRUE((*store)->List()->empty());
+    EXPECT_EQ((*store)->Remove("gone").code(), absl::StatusCode::kNotFound);
+    EXPECT_EQ((*store)->Remove("../etc").code(), absl::StatusCode::kInvalidArgument);
+  }
+  auto again = OpenFileModelStore(root);
+  EXPECT_TRUE((*again)->List()->empty());
+  EXPECT_TRUE(std::filesystem::is_empty(root + "/.versions"));
+}
+
+}  // namespace
+}  // namespace pipeserve

@@ -1,0 +1,136 @@
+// StageHost: one loaded pipeline stage on a stage server, with its worker
+// threads, a bounded queue of incoming frames and a sink for what it makes.
+// Knows nothing of gRPC: streams (or in-process callers) feed it frames as
+// Producers and give it a sink.
+//
+//   auto host = std::make_shared<StageHost>(spec, std::move(program), options);
+//   host->SetSink(downstream);                    // next stage or results
+//   if (host->Push(std::move(frame), producer)) { /* read the next frame */ }
+//
+// Every frame is checked on arrival: a DATA frame must carry exactly the
+// values in spec.receives (names, shapes, one batch size); one that does not
+// becomes an ERROR frame (kInvalidArgument, naming the value) that travels
+// on to the coordinator, so the request fails at once. Each good DATA
+// frame's tensors are the values this stage receives; the stage runs its
+// program on them and sends on a frame holding spec.forward. Frames whose
+// deadline has passed or whose request was cancelled are dropped; a compute
+// failure becomes an ERROR frame. A frame that cannot be sent on (no sink,
+// or the link failed twice in a row) is dropped and counted, and the link's
+// error is reported in stats() until a send succeeds again: the stage never
+// waits for a sink and never stops sending because one send failed.
+#ifndef PIPESERVE_SERVER_STAGE_STAGE_HOST_H_
+#define PIPESERVE_SERVER_STAGE_STAGE_HOST_H_
+
+#include <deque>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/synchronization/mutex.h"
+#include "proto/pipeserve_service.pb.h"
+#include "runtime/backend.h"
+#include "server/transport/frame_sink.h"
+
+namespace pipeserve {
+
+// Microseconds since the Unix epoch, the clock of FrameHeader::deadline_us.
+int64_t NowMicros();
+
+class StageHost {
+ public:
+  struct Options {
+    // Frames that may wait; beyond that Push asks producers to pause.
+    size_t queue_capacity = 8;
+    // Threads taking frames from the queue, each running the program (which
+    // must allow that many concurrent Runs: see
+    // StageProgram::max_concurrent_runs). On a GPU, two workers overlap one
+    // microbatch's copies with the next one's kernels; frames may then leave
+    // out of order (the coordinator reassembles by microbatch index).
+    int workers = 1;
+  };
+
+  struct Stats {
+    uint64_t processed = 0;
+    uint64_t dropped_deadline = 0;
+    uint64_t dropped_cancelled = 0;
+    uint64_t rejected = 0;       // frames that did not match the stage
+    uint64_t undeliverable = 0;  // frames that could not be sent on
+    uint64_t queue_depth = 0;
+    bool has_sink = false;
+    std::string downstream_error;  // "" while sends succeed
+  };
+
+  // One source of frames (an incoming stream). The host keeps it weakly and
+  // calls it from worker threads or from Stop, never with its lock held.
+  class Producer {
+   public:
+    virtual ~Producer() = default;
+    // The queue has room again after Push returned false: read on.
+    virtual void Resume() = 0;
+    // The host stopped (unloaded or replaced): end the stream. At most once.
+    virtual void Stopped() = 0;
+  };
+
+  StageHost(StageSpec spec, std::unique_ptr<StageProgram> program, Options options);
+  // Stop()s first.
+  ~StageHost();
+
+  const StageSpec& spec() const { return spec_; }
+  bool last_stage() const { return spec_.next_address().empty(); }
+
+  // Sets where made frames go; returns the sink it replaces (the caller
+  // closes it, outside any lock of its own).
+  std::shared_ptr<FrameSink> SetSink(std::shared_ptr<FrameSink> sink);
+  // Removes the sink if it is still `sink` (a results subscriber leaving).
+  void ClearSink(const FrameSink* sink);
+
+  // Registers a producer; false once the host has stopped.
+  bool AddProducer(const std::shared_ptr<Producer>& producer);
+
+  // Queues a frame from `from` (null for a caller that never pauses).
+  // Returns true when the producer may go on, false when the queue is now
+  // full: the producer then gets Resume() once there is room. Never blocks.
+  // After Stop, frames are dropped.
+  bool Push(Frame frame, const std::shared_ptr<Producer>& from);
+
+  // Stops the workers (waiting for them), closes the sink, drops queued
+  // frames and tells every producer. Idempotent; thread-safe.
+  void Stop();
+
+  Stats stats() const;
+
+ private:
+  void Work();
+  void RememberCancel(uint64_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Checks an arriving frame; a DATA frame that does not match the stage
+  // becomes an ERROR frame.
+  Frame Admit(Frame frame);
+  // Runs one DATA frame through the program; returns the frame to send on.
+  Frame Compute(const Frame& in);
+  // Sends `out` downstream, retrying once on a broken link.
+  void Deliver(Frame out);
+
+  const StageSpec spec_;
+  const std::unique_ptr<StageProgram> program_;
+  const Options options_;
+
+  mutable absl::Mutex mu_;
+  std::deque<Frame> queue_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::weak_ptr<Producer>> producers_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::weak_ptr<Producer>> paused_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<FrameSink> sink_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  Stats stats_ ABSL_GUARDED_BY(mu_);
+  // Recently cancelled request ids (bounded: oldest forgotten first).
+  absl::flat_hash_set<uint64_t> cancelled_ ABSL_GUARDED_BY(mu_);
+  std::deque<uint64_t> cancelled_order_ ABSL_GUARDED_BY(mu_);
+
+  absl::Mutex stop_mu_;  // serialises Stop
+  std::vector<std::thread> workers_;
+};
+
+}  // namespace pipeserve
+
+#endif  // PIPESERVE_SERVER_STAGE_STAGE_HOST_H_

@@ -1,0 +1,327 @@
+#include "server/stage/stage_host.h"
+
+#include <atomic>
+#include <set>
+
+#include "absl/synchronization/notification.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "partitioner/graph_builder.h"
+#include "partitioner/partition.h"
+#include "runtime/cpu/cpu_backend.h"
+#include "server/stage/stage_spec.h"
+
+namespace pipeserve {
+namespace {
+
+using ::testing::HasSubstr;
+
+// Collects frames; can be made to block or to fail.
+class FakeSink : public FrameSink {
+ public:
+  absl::Status Send(Frame f, absl::Time deadline) override {
+    absl::MutexLock lock(&mu_);
+    ++sends_;
+    auto open = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !blocked_ || closed_; };
+    if (!mu_.AwaitWithDeadline(absl::Condition(&open), deadline)) {
+      return absl::DeadlineExceededError("blocked past the deadline");
+    }
+    if (closed_) return absl::UnavailableError("closed");
+    if (failing_) return absl::UnavailableError("link down");
+    frames_.push_back(std::move(f));
+    return absl::OkStatus();
+  }
+  void Close() override {
+    absl::MutexLock lock(&mu_);
+    closed_ = true;
+  }
+  void Block(bool b) {
+    absl::MutexLock lock(&mu_);
+    blocked_ = b;
+  }
+  void Fail(bool f) {
+    absl::MutexLock lock(&mu_);
+    failing_ = f;
+  }
+  int sends() {
+    absl::MutexLock lock(&mu_);
+    return sends_;
+  }
+  // Waits for n frames and returns them.
+  std::vector<Frame> Wait(size_t n) {
+    absl::MutexLock lock(&mu_);
+    auto enough = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return frames_.size() >= n; };
+    mu_.AwaitWithTimeout(absl::Condition(&enough), absl::Seconds(10));
+    return frames_;
+  }
+
+ private:
+  absl::Mutex mu_;
+  std::vector<Frame> frames_ ABSL_GUARDED_BY(mu_);
+  bool blocked_ ABSL_GUARDED_BY(mu_) = false;
+  bool failing_ ABSL_GUARDED_BY(mu_) = false;
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;
+  int sends_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+// A producer that records what the host tells it.
+class FakeProducer : public StageHost::Producer {
+ public:
+  void Resume() override { ++resumed; }
+  void Stopped() override { ++stopped; }
+  std::atomic<int> resumed{0}, stopped{0};
+};
+
+// Stage `stage` of: x -> relu -> a | a -> add(a, y) -> out   (y rides along)
+struct Fixture {
+  Model model;
+  Plan plan;
+  std::shared_ptr<StageHost> host;
+  std::shared_ptr<FakeSink> sink = std::make_shared<FakeSink>();
+
+  explicit Fixture(int stage, size_t capacity = 8, int workers = 1) {
+    GraphBuilder b;
+    b.Input("x", {-1, 4}).Input("y", {-1, 4});
+    b.Op("relu", {"x"}, "a").Split().Op("add", {"a", "y"}, "out").Output("out");
+    model = b.Build();
+    plan = *Partition(model.graph, {});
+    StageSpec spec = MakeStageSpecs(plan, "m", 1, {"s0:1", "s1:1"}, 1)[stage];
+    auto prog = MakeCpuBackend({})->Compile(plan.stages(stage).graph(), model.weights);
+    host = std::make_shared<StageHost>(spec, std::move(*prog),
+                                       StageHost::Options{capacity, workers});
+    host->SetSink(sink);
+  }
+};
+
+Frame DataFrame(uint64_t id, std::vector<std::pair<std::string, Tensor>> ts,
+                int64_t deadline = 0) {
+  Frame f;
+  f.header.set_request_id(id);
+  f.header.set_deadline_us(deadline);
+  for (auto& [n, t] : ts) f.Add(n, t);
+  return f;
+}
+
+TEST(StageHostTest, ComputesAndForwardsWhatLaterStagesNeed) {
+  Fixture fx(0);
+  Tensor x = Tensor::FromVector({1, 4}, {-1, 2, -3, 4});
+  Tensor y = Tensor::FromVector({1, 4}, {1, 1, 1, 1});
+  fx.host->Push(DataFrame(7, {{"x", x}, {"y", y}}), nullptr);
+  std::vector<Frame> got = fx.sink->Wait(1);
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].header.request_id(), 7u);
+  // Stage 0 sends y (read by stage 1) and its output a.
+  ASSERT_EQ(got[0].header.tensors_size(), 2);
+  EXPECT_EQ(got[0].header.tensors(0).name(), "y");
+  EXPECT_EQ(got[0].header.tensors(1).name(), "a");
+  EXPECT_EQ(got[0].tensors[1].data()[0], 0.0f);  // relu(-1)
+  EXPECT_EQ(got[0].tensors[1].data()[1], 2.0f);
+  EXPECT_EQ(fx.host->stats().processed, 1u);
+}
+
+// A thread-safe program that copies its input through and records how many
+// Runs overlapped.
+class SlowIdentity : public StageProgram {
+ public:
+  absl::StatusOr<std::vector<Tensor>> Run(absl::Span<const Tensor> in) override {
+    int now = ++running_;
+    int seen = max_running_.load();
+    while (now > seen && !max_running_.compare_exchange_weak(seen, now)) {}
+    absl::SleepFor(absl::Milliseconds(5));  // stands in for compute
+    --running_;
+    return std::vector<Tensor>{in[0]};
+  }
+  std::atomic<int> running_{0}, max_running_{0};
+};
+
+TEST(StageHostTest, TwoWorkersRunTwoFramesAtOnceAndProcessEachOnce) {
+  GraphBuilder b;
+  b.Input("x", {-1, 4}).Op("identity", {"x"}, "out").Output("out");
+  StageSpec spec = MakeStageSpecs(*Partition(b.Build().graph, {}), "m", 1, {"s0:1"}, 1)[0];
+  auto program = std::make_unique<SlowIdentity>();
+  SlowIdentity* p = program.get();
+  auto sink = std::make_shared<FakeSink>();
+  StageHost host(spec, std::move(program), {/*queue_capacity=*/8, /*workers=*/2});
+  host.SetSink(sink);
+  Tensor x = Tensor::Zeros({1, 4});
+  for (uint64_t id = 1; id <= 20; ++id) host.Push(DataFrame(id, {{"x", x}}), nullptr);
+  std::vector<Frame> got = sink->Wait(20);
+  ASSERT_EQ(got.size(), 20u);
+  std::set<uint64_t> ids;
+  for (const Frame& f : got) ids.insert(f.header.request_id());
+  EXPECT_EQ(ids.size(), 20u);
+  EXPECT_EQ(p->max_running_.load(), 2);
+  EXPECT_EQ(host.stats().processed, 20u);
+}
+
+TEST(StageHostTest, ExpiredDeadlineIsDroppedNotComputed) {
+  Fixture fx(0);
+  Tensor x = Tensor::Zeros({1, 4});
+  fx.host->Push(DataFrame(1, {{"x", x}, {"y", x}}, NowMicros() - 1000), nullptr);
+  fx.host->Push(DataFrame(2, {{"x", x}, {"y", x}}), nullptr);
+  std::vector<Frame> got = fx.sink->Wait(1);
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].header.request_id(), 2u);
+  EXPECT_EQ(fx.host->stats().dropped_deadline, 1u);
+}
+
+TEST(StageHostTest, CancelledRequestIsDroppedAndTheCancelTravelsOn) {
+  Fixture fx(0);
+  Tensor x = Tensor::Zeros({1, 4});
+  Frame cancel;
+  cancel.header.set_kind(FrameHeader::CANCEL);
+  cancel.header.set_request_id(5);
+  fx.host->Push(std::move(cancel), nullptr);
+  fx.host->Push(DataFrame(5, {{"x", x}, {"y", x}}), nullptr);
+  fx.host->Push(DataFrame(6, {{"x", x}, {"y", x}}), nullptr);
+  std::vector<Frame> got = fx.sink->Wait(2);
+  ASSERT_EQ(got.size(), 2u);
+  EXPECT_EQ(got[0].header.kind(), FrameHeader::CANCEL);
+  EXPECT_EQ(got[1].header.request_id(), 6u);
+  EXPECT_EQ(fx.host->stats().dropped_cancelled, 1u);
+}
+
+// Frames that disagree with the stage's plan are refused on arrival: the
+// request fails at once, nothing runs on them.
+TEST(StageHostTest, FrameThatDoesNotMatchTheStageBecomesAnErrorFrame) {
+  Fixture fx(1);
+  Tensor wrong = Tensor::Zeros({2, 5});
+  Tensor right = Tensor::Zeros({2, 4});
+  fx.host->Push(DataFrame(3, {{"a", wrong}, {"y", wrong}}), nullptr);
+  fx.host->Push(DataFrame(4, {{"a", right}}), nullptr);
+  fx.host->Push(DataFrame(5, {{"a", right}, {"y", Tensor::Zeros({3, 4})}}), nullptr);
+  fx.host->Push(DataFrame(6, {{"a", right}, {"z", right}}), nullptr);
+  std::vector<Frame> got = fx.sink->Wait(4);
+  ASSERT_EQ(got.size(), 4u);
+  for (const Frame& f : got) {
+    EXPECT_EQ(f.header.kind(), FrameHeader::ERROR);
+    EXPECT_EQ(f.header.error_code(), int(absl::StatusCode::kInvalidArgument));
+  }
+  EXPECT_THAT(got[0].header.error_message(), HasSubstr("stage 1: input \"y\": shape [2,5]"));
+  EXPECT_THAT(got[1].header.error_message(), HasSubstr("frame carries 1 values, the stage receives 2"));
+  EXPECT_THAT(got[2].header.error_message(), HasSubstr("does not match [B,4] (batch 3)"));
+  EXPECT_THAT(got[3].header.error_message(), HasSubstr("frame lacks value \"y\""));
+  EXPECT_EQ(fx.host->stats().rejected, 4u);
+  EXPECT_EQ(fx.host->stats().processed, 0u);
+}
+
+TEST(StageHostTest, ErrorFrameWithoutAnErrorCodeTravelsOnAsInternal) {
+  Fixture fx(1);
+  Frame f;
+  f.header.set_kind(FrameHeader::ERROR);
+  f.header.set_request_id(9);
+  fx.host->Push(std::move(f), nullptr);
+  std::vector<Frame> got = fx.sink->Wait(1);
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].header.error_code(), int(absl::StatusCode::kInternal));
+}
+
+TEST(StageHostTest, FullQueuePausesTheProducerUntilTheWorkerCatchesUp) {
+  Fixture fx(0, /*capacity=*/2);
+  fx.sink->Block(true);  // downstream stalls
+  Tensor x = Tensor::Zeros({1, 4});
+  auto producer = std::make_shared<FakeProducer>();
+  ASSERT_TRUE(fx.host->AddProducer(producer));
+  // The worker takes frame 1 and blocks in Send; frames 2 and 3 fill the
+  // queue, so the third Push must pause the producer.
+  EXPECT_TRUE(fx.host->Push(DataFrame(1, {{"x", x}, {"y", x}}), producer));
+  for (int i = 0; i < 10000 && fx.host->stats().queue_depth != 0; ++i) {
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  ASSERT_EQ(fx.host->stats().queue_depth, 0u);
+  EXPECT_TRUE(fx.host->Push(DataFrame(2, {{"x", x}, {"y", x}}), producer));
+  EXPECT_FALSE(fx.host->Push(DataFrame(3, {{"x", x}, {"y", x}}), producer));
+  EXPECT_EQ(producer->resumed.load(), 0);
+  EXPECT_EQ(fx.host->stats().queue_depth, 2u);
+  fx.sink->Block(false);
+  EXPECT_EQ(fx.sink->Wait(3).size(), 3u);
+  EXPECT_EQ(producer->resumed.load(), 1);
+}
+
+// Regression: a second incoming stream overwrote the first one's resume
+// callback, so the first stream stayed paused for good.
+TEST(StageHostTest, EveryPausedProducerIsResumed) {
+  Fixture fx(0, /*capacity=*/1);
+  fx.sink->Block(true);
+  Tensor x = Tensor::Zeros({1, 4});
+  auto first = std::make_shared<FakeProducer>();
+  auto second = std::make_shared<FakeProducer>();
+  ASSERT_TRUE(fx.host->AddProducer(first));
+  ASSERT_TRUE(fx.host->AddProducer(second));
+  fx.host->Push(DataFrame(1, {{"x", x}, {"y", x}}), first);  // taken by the worker
+  for (int i = 0; i < 10000 && fx.host->stats().queue_depth != 0; ++i) {
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  EXPECT_FALSE(fx.host->Push(DataFrame(2, {{"x", x}, {"y", x}}), first));
+  EXPECT_FALSE(fx.host->Push(DataFrame(3, {{"x", x}, {"y", x}}), second));
+  fx.sink->Block(false);
+  EXPECT_EQ(fx.sink->Wait(3).size(), 3u);
+  EXPECT_GE(first->resumed.load(), 1);
+  EXPECT_EQ(second->resumed.load(), 1) << "the second stream must not stay paused";
+}
+
+// Regression: a failed send cleared the sink and the worker then waited
+// forever for a new one; no error was reported and the stage wedged.
+TEST(StageHostTest, AFailedLinkIsRetriedReportedAndUsedAgainWhenItRecovers) {
+  Fixture fx(0);
+  Tensor x = Tensor::Zeros({1, 4});
+  fx.sink->Fail(true);
+  fx.host->Push(DataFrame(1, {{"x", x}, {"y", x}}), nullptr);
+  for (int i = 0; i < 10000 && fx.host->stats().undeliverable == 0; ++i) {
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  StageHost::Stats s = fx.host->stats();
+  EXPECT_EQ(s.undeliverable, 1u);
+  EXPECT_EQ(s.downstream_error, "link down");
+  EXPECT_EQ(fx.sink->sends(), 2) << "one retry on a new stream, then the frame is dropped";
+  fx.sink->Fail(false);
+  fx.host->Push(DataFrame(2, {{"x", x}, {"y", x}}), nullptr);
+  std::vector<Frame> got = fx.sink->Wait(1);
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].header.request_id(), 2u);
+  for (int i = 0; i < 10000 && !fx.host->stats().downstream_error.empty(); ++i) {
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  EXPECT_EQ(fx.host->stats().downstream_error, "") << "a good send clears the error";
+}
+
+TEST(StageHostTest, WithoutASinkFramesAreDroppedNotWaitedFor) {
+  Fixture fx(1);
+  fx.host->ClearSink(fx.sink.get());
+  Tensor x = Tensor::Zeros({1, 4});
+  fx.host->Push(DataFrame(1, {{"a", x}, {"y", x}}), nullptr);
+  fx.host->Push(DataFrame(2, {{"a", x}, {"y", x}}), nullptr);
+  for (int i = 0; i < 10000 && fx.host->stats().undeliverable < 2; ++i) {
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  EXPECT_EQ(fx.host->stats().undeliverable, 2u);
+  EXPECT_EQ(fx.host->stats().downstream_error, "no coordinator is subscribed to the results");
+  // A subscriber arriving later gets what comes next.
+  fx.host->SetSink(fx.sink);
+  fx.host->Push(DataFrame(3, {{"a", x}, {"y", x}}), nullptr);
+  EXPECT_EQ(fx.sink->Wait(1).size(), 1u);
+}
+
+// Regression: a stage whose reader had no read outstanding was never freed
+// after an unload; now Stop tells every producer so its stream can end.
+TEST(StageHostTest, StopTellsEveryProducerOnceAndRefusesNewOnes) {
+  Fixture fx(0, /*capacity=*/1);
+  fx.sink->Block(true);
+  auto paused = std::make_shared<FakeProducer>();
+  auto idle = std::make_shared<FakeProducer>();
+  ASSERT_TRUE(fx.host->AddProducer(paused));
+  ASSERT_TRUE(fx.host->AddProducer(idle));
+  Tensor x = Tensor::Zeros({1, 4});
+  fx.host->Push(DataFrame(1, {{"x", x}, {"y", x}}), paused);
+  fx.host->Push(DataFrame(2, {{"x", x}, {"y", x}}), paused);
+  fx.host->Stop();  // the blocked Send is woken by the sink's Close
+  fx.host->Stop();
+  EXPECT_EQ(paused->stopped.load(), 1);
+  EXPECT_EQ(idle->stopped.load(), 1);
+  EXPECT_FALSE(fx.host->AddProducer(std::make_shared<FakeProducer>()));
+  EXPECT_TRUE(fx.host->Push(DataFrame(3, {{"x", x}, {"y", x}}), paused)) << "dropped, not queued";
+  EXPECT_EQ(fx.host->stats().queue_depth, 0u);
+}
+
+}  // namespace
+}  // namespace pipeserve

@@ -1,0 +1,346 @@
+#include "server/stage/stage_server_core.h"
+
+#include <cstring>
+#include <set>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "common/model_name.h"
+#include "common/status_macros.h"
+#include "partitioner/validate.h"
+#include "runtime/cpu/cpu_backend.h"
+#include "server/transport/frame_stream.h"
+
+namespace pipeserve {
+namespace {
+
+constexpr int kMaxStagesPerModel = 4096;
+constexpr int kMaxThreads = 1024;
+
+template <typename... Args>
+absl::Status Invalid(const Args&... parts) {
+  return absl::InvalidArgumentError(absl::StrCat("LoadStage: ", parts...));
+}
+
+// host:port with a DNS name, IPv4 address or [IPv6] address and a port in
+// 1..65535: nothing gRPC would read as another scheme (unix:, ipv4:, ...).
+absl::Status CheckAddress(const std::string& address) {
+  size_t colon = address.rfind(':');
+  if (address.size() > 255 || colon == std::string::npos || colon == 0) {
+    return Invalid("next_address \"", absl::CHexEscape(address.substr(0, 64)),
+                   "\" is not host:port");
+  }
+  std::string host = address.substr(0, colon);
+  int port = 0;
+  if (!absl::SimpleAtoi(address.substr(colon + 1), &port) || port < 1 || port > 65535) {
+    return Invalid("next_address \"", absl::CHexEscape(address.substr(0, 64)),
+                   "\" has no port in 1..65535");
+  }
+  bool bracketed = host.size() > 2 && host.front() == '[' && host.back() == ']';
+  for (char c : bracketed ? host.substr(1, host.size() - 2) : host) {
+    bool ok = absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '-' ||
+              (bracketed && c == ':');
+    if (!ok) {
+      return Invalid("next_address \"", absl::CHexEscape(address.substr(0, 64)),
+                     "\" has a character a host name cannot have");
+    }
+  }
+  return absl::OkStatus();
+}
+
+// The input of one running stage, for in-process callers: pushes into the
+// stage and waits, up to the frame's deadline, while it is paused.
+class InputSink : public FrameSink,
+                  public StageHost::Producer,
+                  public std::enable_shared_from_this<InputSink> {
+ public:
+  InputSink(StageServerCore* core, StageKey key) : core_(core), key_(std::move(key)) {}
+
+  absl::Status Send(Frame frame, absl::Time deadline) override {
+    absl::MutexLock lock(&mu_);
+    auto go = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return closed_ || !paused_; };
+    if (!mu_.AwaitWithDeadline(absl::Condition(&go), deadline)) {
+      return absl::DeadlineExceededError(
+          absl::StrCat("the deadline passed while ", StageKeyName(key_), " was full"));
+    }
+    if (closed_) return absl::UnavailableError("the input was closed");
+    std::shared_ptr<StageHost> host = core_->Find(key_);
+    if (host == nullptr) {
+      return absl::UnavailableError(absl::StrCat(StageKeyName(key_), " is not loaded"));
+    }
+    if (host.get() != host_) {
+      // A new load of the key: this sink produces for it from now on.
+      if (!host->AddProducer(shared_from_this())) {
+        return absl::UnavailableError(absl::StrCat(StageKeyName(key_), " is stopping"));
+      }
+      host_ = host.get();
+    }
+    paused_ = !host->Push(std::move(frame), shared_from_this());
+    return absl::OkStatus();
+  }
+
+  void Close() override {
+    absl::MutexLock lock(&mu_);
+    closed_ = true;
+  }
+  void Resume() override {
+    absl::MutexLock lock(&mu_);
+    paused_ = false;
+  }
+  void Stopped() override {
+    absl::MutexLock lock(&mu_);
+    paused_ = false;  // the next Send finds the stage gone (or reloaded)
+  }
+
+ private:
+  StageServerCore* const core_;
+  const StageKey key_;
+  absl::Mutex mu_;
+  const StageHost* host_ ABSL_GUARDED_BY(mu_) = nullptr;  // identity only
+  bool paused_ ABSL_GUARDED_BY(mu_) = false;
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+}  // namespace
+
+absl::Status ValidateStageSpec(const StageSpec& spec, const StageServerOptions& options) {
+  const StageKey& key = spec.key();
+  absl::Status name = ValidModelName(key.model());
+  if (!name.ok()) return Invalid("key: ", name.message());
+  if (spec.num_stages() < 1 || spec.num_stages() > kMaxStagesPerModel) {
+    return Invalid("num_stages ", spec.num_stages(), " is not in 1..", kMaxStagesPerModel);
+  }
+  if (key.stage() < 0 || key.stage() >= spec.num_stages()) {
+    return Invalid("stage ", key.stage(), " is not in 0..", spec.num_stages() - 1);
+  }
+  if (spec.stage().index() != key.stage()) {
+    return Invalid("the stage graph is stage ", spec.stage().index(), ", the key says ",
+                   key.stage());
+  }
+  const bool last = key.stage() == spec.num_stages() - 1;
+  if (last != spec.next_address().empty()) {
+    return Invalid(last ? "the last stage has a next_address"
+                        : "a stage before the last has no next_address");
+  }
+  if (!last) RETURN_IF_ERROR(CheckAddress(spec.next_address()));
+  if (spec.threads() < 0 || spec.threads() > kMaxThreads) {
+    return Invalid("threads ", spec.threads(), " is not in 0..", kMaxThreads);
+  }
+  // The graph: ops, arity, shapes, and each parameter's size against its
+  // shape, all with checked arithmetic.
+  absl::StatusOr<ValueShapes> shapes = ValidateGraph(spec.stage().graph());
+  if (!shapes.ok()) return Invalid("stage graph: ", shapes.status().message());
+  uint64_t total = 0;
+  for (const TensorInfo& p : spec.stage().graph().params()) {
+    total += p.byte_size();  // each checked against its shape above
+    if (options.max_stage_bytes > 0 && total > options.max_stage_bytes) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "LoadStage: the stage's weights exceed this server's limit of ",
+          options.max_stage_bytes, " bytes"));
+    }
+  }
+  std::set<std::string> received;
+  for (const ValueSpec& v : spec.receives()) {
+    if (v.name().empty() || !received.insert(v.name()).second) {
+      return Invalid("received value \"", v.name(), "\" is unnamed or listed twice");
+    }
+    if (v.shape_size() > kMaxRank) {
+      return Invalid("received value \"", v.name(), "\" has ", v.shape_size(), " dimensions");
+    }
+    for (int d = 0; d < v.shape_size(); ++d) {
+      if (v.shape(d) < -1 || (v.shape(d) == -1 && (d != 0 || !v.batched()))) {
+        return Invalid("received value \"", v.name(), "\": only dim 0 of a batched value may be -1");
+      }
+    }
+    Shape fixed(v.shape().begin(), v.shape().end());
+    if (!fixed.empty() && fixed[0] == -1) fixed[0] = 1;
+    absl::Status size = CheckedByteSize(fixed, 4).status();
+    if (!size.ok()) return Invalid("received value \"", v.name(), "\": ", size.message());
+  }
+  for (const ValueSpec& in : spec.stage().graph().inputs()) {
+    if (!received.count(in.name())) {
+      return Invalid("the stage reads \"", in.name(), "\" but does not receive it");
+    }
+  }
+  for (const std::string& f : spec.forward()) {
+    if (f.empty()) return Invalid("an empty name in forward");
+  }
+  return absl::OkStatus();
+}
+
+class StageServerCore::LoadImpl : public StageServerCore::Load {
+ public:
+  LoadImpl(StageServerCore* core, StageSpec spec, WeightMap weights)
+      : core_(core), spec_(std::move(spec)), weights_(std::move(weights)) {}
+
+  absl::Status AddChunk(const WeightChunk& c) override {
+    auto it = weights_.find(c.fqn());
+    if (it == weights_.end()) {
+      return Invalid("weight chunk for \"", c.fqn().substr(0, 256),
+                     "\", which the stage does not hold");
+    }
+    Tensor& t = it->second;
+    const uint64_t size = static_cast<uint64_t>(t.byte_size());
+    if (c.offset() > size || c.data().size() > size - c.offset()) {
+      return Invalid("chunk of \"", c.fqn(), "\" at offset ", c.offset(), " runs past its ",
+                     size, " bytes");
+    }
+    std::memcpy(reinterpret_cast<char*>(t.data()) + c.offset(), c.data().data(), c.data().size());
+    received_[c.fqn()] += c.data().size();
+    return absl::OkStatus();
+  }
+
+  absl::Status Finish() override {
+    const Graph& graph = spec_.stage().graph();
+    for (const TensorInfo& info : graph.params()) {
+      const Tensor& t = weights_.at(info.fqn());
+      if (received_[info.fqn()] != static_cast<uint64_t>(t.byte_size()) ||
+          Crc32(t.data(), t.byte_size()) != info.crc32()) {
+        return absl::DataLossError(absl::StrCat("LoadStage: weights of \"", info.fqn(),
+                                                "\" are incomplete or fail their checksum"));
+      }
+    }
+    const StageServerOptions& o = core_->options_;
+    absl::StatusOr<std::unique_ptr<StageProgram>> program;
+    if (o.backend != nullptr) {
+      program = o.backend->Compile(graph, weights_);
+    } else {
+      CpuBackendOptions cpu;
+      cpu.threads = spec_.threads() > 0 ? spec_.threads() : o.default_threads;
+      program = MakeCpuBackend(cpu)->Compile(graph, weights_);
+    }
+    if (!program.ok()) return program.status();
+    StageHost::Options host_options;
+    host_options.queue_capacity = static_cast<size_t>(std::max(1, o.queue_capacity));
+    // As many workers as the program can run at once (2 on a GPU: one
+    // microbatch's copies overlap the next one's kernels; 1 on the CPU).
+    host_options.workers = (*program)->max_concurrent_runs();
+    auto host = std::make_shared<StageHost>(spec_, *std::move(program), host_options);
+    if (!spec_.next_address().empty()) {
+      StageKey next = spec_.key();
+      next.set_stage(next.stage() + 1);
+      host->SetSink(core_->dialer_->Dial(spec_.next_address(), next));
+    }
+    std::shared_ptr<StageHost> old = core_->Install(std::move(host));
+    if (old) old->Stop();
+    return absl::OkStatus();
+  }
+
+ private:
+  StageServerCore* const core_;
+  const StageSpec spec_;
+  WeightMap weights_;
+  std::map<std::string, uint64_t> received_;
+};
+
+StageServerCore::StageServerCore(StageServerOptions options, Dialer* dialer)
+    : options_(std::move(options)), dialer_(dialer) {}
+
+StageServerCore::~StageServerCore() { UnloadAll(); }
+
+void StageServerCore::UnloadAll() {
+  std::map<Key, std::shared_ptr<StageHost>> hosts;
+  {
+    absl::MutexLock lock(&mu_);
+    hosts.swap(hosts_);
+  }
+  for (auto& [key, host] : hosts) host->Stop();
+}
+
+absl::StatusOr<std::unique_ptr<StageServerCore::Load>> StageServerCore::BeginLoad(
+    const StageSpec& spec) {
+  RETURN_IF_ERROR(ValidateStageSpec(spec, options_));
+  {
+    absl::MutexLock lock(&mu_);
+    if (static_cast<int>(hosts_.size()) >= options_.max_stages && !hosts_.count(KeyOf(spec.key()))) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "LoadStage: this server holds ", hosts_.size(), " stages, its limit (--max_stages)"));
+    }
+  }
+  // Weights arrive in chunks into buffers shaped by the stage's TensorInfos.
+  WeightMap weights;
+  for (const TensorInfo& info : spec.stage().graph().params()) {
+    ASSIGN_OR_RETURN(Tensor t, Tensor::TryEmpty(Shape(info.shape().begin(), info.shape().end())));
+    weights[info.fqn()] = std::move(t);
+  }
+  return std::unique_ptr<Load>(new LoadImpl(this, spec, std::move(weights)));
+}
+
+std::shared_ptr<StageHost> StageServerCore::Install(std::shared_ptr<StageHost> host) {
+  absl::MutexLock lock(&mu_);
+  std::shared_ptr<StageHost>& slot = hosts_[KeyOf(host->spec().key())];
+  std::swap(slot, host);
+  return host;
+}
+
+absl::Status StageServerCore::Unload(const StageKey& key) {
+  std::shared_ptr<StageHost> old;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = hosts_.find(KeyOf(key));
+    if (it == hosts_.end()) {
+      return absl::NotFoundError(absl::StrCat(StageKeyName(key), " is not loaded here"));
+    }
+    old = std::move(it->second);
+    hosts_.erase(it);
+  }
+  old->Stop();
+  return absl::OkStatus();
+}
+
+std::shared_ptr<StageHost> StageServerCore::Find(const StageKey& key) {
+  absl::MutexLock lock(&mu_);
+  auto it = hosts_.find(KeyOf(key));
+  return it == hosts_.end() ? nullptr : it->second;
+}
+
+absl::StatusOr<StageStatsResponse> StageServerCore::Stats(const StageKey& key) {
+  std::shared_ptr<StageHost> host = Find(key);
+  if (host == nullptr) {
+    return absl::NotFoundError(absl::StrCat(StageKeyName(key), " is not loaded here"));
+  }
+  StageHost::Stats s = host->stats();
+  StageStatsResponse r;
+  r.set_frames_processed(s.processed);
+  r.set_frames_dropped_deadline(s.dropped_deadline);
+  r.set_frames_dropped_cancelled(s.dropped_cancelled);
+  r.set_frames_rejected(s.rejected);
+  r.set_frames_undeliverable(s.undeliverable);
+  r.set_queue_depth(s.queue_depth);
+  r.set_downstream_error(s.downstream_error);
+  r.set_last_stage(host->last_stage());
+  r.set_results_subscribed(host->last_stage() && s.has_sink);
+  return r;
+}
+
+absl::Status StageServerCore::SubscribeResults(const StageKey& key,
+                                               std::shared_ptr<FrameSink> sink) {
+  std::shared_ptr<StageHost> host = Find(key);
+  if (host == nullptr) {
+    return absl::NotFoundError(absl::StrCat(StageKeyName(key), " is not loaded here"));
+  }
+  if (!host->last_stage()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(StageKeyName(key), " is not the last stage; only its results stream"));
+  }
+  std::shared_ptr<FrameSink> old = host->SetSink(std::move(sink));
+  if (old) old->Close();
+  return absl::OkStatus();
+}
+
+void StageServerCore::UnsubscribeResults(const StageKey& key, const FrameSink* sink) {
+  if (std::shared_ptr<StageHost> host = Find(key)) host->ClearSink(sink);
+}
+
+std::shared_ptr<FrameSink> StageServerCore::OpenInput(const StageKey& key) {
+  return std::make_shared<InputSink>(this, key);
+}
+
+size_t StageServerCore::size() {
+  absl::MutexLock lock(&mu_);
+  return hosts_.size();
+}
+
+}  // namespace pipeserve

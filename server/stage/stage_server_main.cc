@@ -1,0 +1,117 @@
+// pipeserve stage server: hosts pipeline stages loaded by the coordinator.
+//
+//   stage_server --port=9000 [--threads=2] [--port_file=PATH]
+//                [--device=cpu|cuda|cuda:N|auto] [--precision=fp32|tf32|bf16]
+//                [--cluster_ca=ca.crt --cluster_cert=stage.crt --cluster_key=stage.key]
+//                [--cluster_token_file=FILE]
+//
+// With cluster certificates it serves mutual TLS and takes calls only from
+// peers the cluster CA signed; without, it listens on loopback unless
+// --allow_insecure.
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <thread>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "runtime/backends.h"
+#include "server/stage/stage_server_core.h"
+#include "server/stage/stage_service.h"
+#include "server/transport/channels.h"
+#include "common/credentials.h"
+#include "server/transport/serve.h"
+
+ABSL_FLAG(std::string, host, "",
+          "address to listen on (default: 127.0.0.1, or 0.0.0.0 with --cluster_cert)");
+ABSL_FLAG(int, port, 9000, "port (0: pick a free one)");
+ABSL_FLAG(std::string, port_file, "", "write the chosen port here once serving");
+ABSL_FLAG(bool, allow_insecure, false, "allow plaintext on a non-loopback --host (not advised)");
+ABSL_FLAG(std::string, cluster_ca, "", "PEM: the cluster CA (client certificates must chain to it)");
+ABSL_FLAG(std::string, cluster_cert, "", "PEM: this server's cluster certificate");
+ABSL_FLAG(std::string, cluster_key, "", "PEM: its private key");
+ABSL_FLAG(std::string, cluster_token_file, "",
+          "file holding the cluster token every StageService call must carry");
+ABSL_FLAG(int, threads, 1, "default GEMM threads per stage");
+ABSL_FLAG(int, queue_capacity, 8, "frames waiting per stage before backpressure");
+ABSL_FLAG(int, max_stages, 64, "stages held at once");
+ABSL_FLAG(int, parent_pid, 0, "exit when this process is gone (set by the local launcher)");
+ABSL_FLAG(std::string, device, "auto",
+          "compute backend: cpu, cuda (device 0), cuda:N, or auto (a GPU if there is one)");
+ABSL_FLAG(std::string, precision, "fp32", "GPU GEMM precision: fp32, tf32 or bf16");
+
+namespace {
+
+int Fail(const std::string& what) {
+  std::fprintf(stderr, "stage_server: %s\n", what.c_str());
+  return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  pipeserve::BlockShutdownSignals();
+  absl::ParseCommandLine(argc, argv);
+
+  pipeserve::ClusterOptions cluster;
+  cluster.tls = {absl::GetFlag(FLAGS_cluster_cert), absl::GetFlag(FLAGS_cluster_key),
+                 absl::GetFlag(FLAGS_cluster_ca)};
+  if (std::string f = absl::GetFlag(FLAGS_cluster_token_file); !f.empty()) {
+    absl::StatusOr<std::string> token = pipeserve::ReadSecretFile(f);
+    if (!token.ok()) return Fail(std::string(token.status().message()));
+    cluster.token = std::string(absl::StripAsciiWhitespace(*token));
+  }
+  std::shared_ptr<grpc::ServerCredentials> credentials;
+  if (cluster.tls.enabled()) {
+    auto creds = pipeserve::MakeServerCredentials(cluster.tls, /*require_client_cert=*/true);
+    if (!creds.ok()) return Fail(absl::StrCat("--cluster_*: ", creds.status().message()));
+    credentials = *creds;
+  }
+  auto channels = pipeserve::StageChannels::Create(cluster);
+  if (!channels.ok()) return Fail(absl::StrCat("--cluster_*: ", channels.status().message()));
+
+  pipeserve::StageServerOptions options;
+  options.default_threads = absl::GetFlag(FLAGS_threads);
+  options.queue_capacity = absl::GetFlag(FLAGS_queue_capacity);
+  options.max_stages = absl::GetFlag(FLAGS_max_stages);
+  absl::StatusOr<pipeserve::Precision> precision =
+      pipeserve::ParsePrecision(absl::GetFlag(FLAGS_precision));
+  if (!precision.ok()) return Fail(absl::StrCat("--precision: ", precision.status().ToString()));
+  pipeserve::BackendOptions backend_options;
+  backend_options.threads = options.default_threads;
+  backend_options.precision = *precision;
+  absl::StatusOr<std::unique_ptr<pipeserve::ComputeBackend>> backend =
+      pipeserve::MakeBackend(absl::GetFlag(FLAGS_device), backend_options);
+  if (!backend.ok()) {
+    return Fail(absl::StrCat("--device=", absl::GetFlag(FLAGS_device), ": ",
+                             backend.status().ToString()));
+  }
+  // The CPU backend is made per stage (each spec may set its threads).
+  if ((*backend)->Name() != "cpu") options.backend = *std::move(backend);
+
+  pipeserve::GrpcDialer dialer(*channels, /*send_capacity=*/4);
+  pipeserve::StageServerCore core(options, &dialer);
+  pipeserve::StageServiceImpl service(&core, cluster.token);
+  if (int parent = absl::GetFlag(FLAGS_parent_pid); parent > 0) {
+    // Started by a coordinator's local launcher: stop with it.
+    std::thread([parent] {
+      while (::getppid() == parent) std::this_thread::sleep_for(std::chrono::milliseconds(250));
+      ::kill(::getpid(), SIGTERM);
+    }).detach();
+  }
+  pipeserve::ServeOptions serve;
+  serve.name = "stage_server";
+  serve.host = absl::GetFlag(FLAGS_host);
+  serve.port = absl::GetFlag(FLAGS_port);
+  serve.port_file = absl::GetFlag(FLAGS_port_file);
+  serve.credentials = credentials;
+  serve.allow_insecure = absl::GetFlag(FLAGS_allow_insecure);
+  serve.configure = [](grpc::ServerBuilder& b) {
+    pipeserve::SetBulkTransferArgs([&](const char* k, int v) { b.AddChannelArgument(k, v); });
+  };
+  return pipeserve::Serve({&service}, serve);
+}

@@ -1,0 +1,53 @@
+#include "server/transport/channels.h"
+
+#include "server/transport/auth.h"
+
+namespace pipeserve {
+
+void SetBulkTransferArgs(const std::function<void(const char*, int)>& set) {
+  // Activations are large: read the socket in big chunks (fewer syscalls
+  // and slices, so a received tensor is more often one contiguous slice
+  // that needs no copy) and let a stream run ahead of flow control.
+  set(GRPC_ARG_TCP_READ_CHUNK_SIZE, 4 << 20);
+  set(GRPC_ARG_TCP_MIN_READ_CHUNK_SIZE, 256 << 10);
+  set(GRPC_ARG_TCP_MAX_READ_CHUNK_SIZE, 64 << 20);
+  set(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 << 20);
+  set(GRPC_ARG_HTTP2_WRITE_BUFFER_SIZE, 16 << 20);
+}
+
+grpc::ChannelArguments StageChannelArgs() {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(-1);
+  args.SetMaxSendMessageSize(-1);
+  SetBulkTransferArgs([&](const char* k, int v) { args.SetInt(k, v); });
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 20000);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
+  args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  return args;
+}
+
+absl::StatusOr<std::shared_ptr<StageChannels>> StageChannels::Create(
+    const ClusterOptions& options) {
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> creds =
+      MakeChannelCredentials(options.tls);
+  if (!creds.ok()) return creds.status();
+  return std::shared_ptr<StageChannels>(
+      new StageChannels(*std::move(creds), options.tls.enabled(), options.token));
+}
+
+StageChannels::StageChannels(std::shared_ptr<grpc::ChannelCredentials> credentials, bool tls,
+                             std::string token)
+    : credentials_(std::move(credentials)), tls_(tls), token_(std::move(token)) {}
+
+std::shared_ptr<grpc::Channel> StageChannels::To(const std::string& address) {
+  absl::MutexLock lock(&mu_);
+  auto& c = channels_[address];
+  if (!c) c = grpc::CreateCustomChannel(address, credentials_, StageChannelArgs());
+  return c;
+}
+
+void StageChannels::Prepare(grpc::ClientContext* ctx) const {
+  if (!token_.empty()) ctx->AddMetadata(kClusterTokenKey, token_);
+}
+
+}  // namespace pipeserve

@@ -1,0 +1,225 @@
+#include "server/transport/frame.h"
+
+#include <atomic>
+#include <cstring>
+#include <memory>
+
+#include "absl/strings/str_cat.h"
+
+namespace pipeserve {
+namespace {
+
+// Releases the tensor storage a zero-copy slice referenced.
+void ReleaseStorage(void* user_data) {
+  delete static_cast<std::shared_ptr<const void>*>(user_data);
+}
+
+// Reads sequentially across a list of slices.
+class SliceReader {
+ public:
+  explicit SliceReader(const std::vector<grpc::Slice>& slices) : slices_(slices) {}
+
+  uint64_t remaining() const { return remaining_; }
+
+  void Init() {
+    remaining_ = 0;
+    for (const grpc::Slice& s : slices_) remaining_ += s.size();
+  }
+
+  // Copies n bytes into dst.
+  void Copy(void* dst, uint64_t n) {
+    char* out = static_cast<char*>(dst);
+    while (n > 0) {
+      const grpc::Slice& s = slices_[index_];
+      uint64_t take = std::min<uint64_t>(n, s.size() - offset_);
+      std::memcpy(out, s.begin() + offset_, take);
+      out += take;
+      Advance(take);
+      n -= take;
+    }
+  }
+
+  // A pointer to the next n bytes if they lie in one slice (and the slice
+  // index, to keep it alive), else nullptr; does not advance.
+  const uint8_t* Contiguous(uint64_t n, size_t* slice_index) {
+    SkipEmpty();
+    if (index_ >= slices_.size()) return nullptr;
+    const grpc::Slice& s = slices_[index_];
+    if (s.size() - offset_ < n) return nullptr;
+    *slice_index = index_;
+    return s.begin() + offset_;
+  }
+
+  void Advance(uint64_t n) {
+    remaining_ -= n;
+    while (n > 0) {
+      uint64_t left = slices_[index_].size() - offset_;
+      if (n < left) {
+        offset_ += n;
+        return;
+      }
+      n -= left;
+      ++index_;
+      offset_ = 0;
+    }
+    SkipEmpty();
+  }
+
+ private:
+  void SkipEmpty() {
+    while (index_ < slices_.size() && offset_ == slices_[index_].size()) {
+      ++index_;
+      offset_ = 0;
+    }
+  }
+
+  const std::vector<grpc::Slice>& slices_;
+  size_t index_ = 0;
+  uint64_t offset_ = 0;
+  uint64_t remaining_ = 0;
+};
+
+std::atomic<uint64_t> g_wrapped_bytes{0};
+std::atomic<uint64_t> g_copied_bytes{0};
+
+}  // namespace
+
+absl::Time FrameDeadline(const Frame& frame) {
+  int64_t us = frame.header.deadline_us();
+  return us == 0 ? absl::InfiniteFuture() : absl::FromUnixMicros(us);
+}
+
+FrameReceiveStats GetFrameReceiveStats() {
+  return {g_wrapped_bytes.load(), g_copied_bytes.load()};
+}
+
+void Frame::Add(const std::string& name, const Tensor& t) {
+  FrameHeader::TensorMeta* meta = header.add_tensors();
+  meta->set_name(name);
+  for (int64_t d : t.shape()) meta->add_shape(d);
+  tensors.push_back(t);
+}
+
+const Tensor* Frame::Find(const std::string& name) const {
+  for (int i = 0; i < header.tensors_size() && i < static_cast<int>(tensors.size()); ++i) {
+    if (header.tensors(i).name() == name) return &tensors[i];
+  }
+  return nullptr;
+}
+
+absl::Status FrameToByteBuffer(const Frame& frame, grpc::ByteBuffer* out) {
+  if (static_cast<size_t>(frame.header.tensors_size()) != frame.tensors.size()) {
+    return absl::InternalError(absl::StrCat(
+        "frame has ", frame.header.tensors_size(), " tensor headers but ",
+        frame.tensors.size(), " tensors"));
+  }
+  std::string head(4, '\0');
+  uint32_t n = static_cast<uint32_t>(frame.header.ByteSizeLong());
+  for (int i = 0; i < 4; ++i) head[i] = static_cast<char>((n >> (8 * i)) & 0xff);
+  frame.header.AppendToString(&head);
+  std::vector<grpc::Slice> slices;
+  slices.reserve(1 + frame.tensors.size());
+  slices.emplace_back(head.data(), head.size());  // copies the small header
+  for (const Tensor& t : frame.tensors) {
+    if (t.byte_size() == 0) continue;
+    auto* keep = new std::shared_ptr<const void>(t.storage());
+    slices.emplace_back(static_cast<void*>(t.data()), t.byte_size(),
+                        &ReleaseStorage, keep);
+  }
+  *out = grpc::ByteBuffer(slices.data(), slices.size());
+  return absl::OkStatus();
+}
+
+absl::Status FrameFromByteBuffer(const grpc::ByteBuffer& in, Frame* frame) {
+  std::vector<grpc::Slice> slices;
+  grpc::Status st = in.Dump(&slices);
+  if (!st.ok()) return absl::DataLossError("cannot read frame bytes");
+  SliceReader reader(slices);
+  reader.Init();
+  if (reader.remaining() < 4) return absl::DataLossError("frame shorter than its length prefix");
+  uint8_t len_bytes[4];
+  reader.Copy(len_bytes, 4);
+  uint32_t header_len = len_bytes[0] | (len_bytes[1] << 8) | (len_bytes[2] << 16) |
+                        (uint32_t{len_bytes[3]} << 24);
+  if (reader.remaining() < header_len) {
+    return absl::DataLossError(absl::StrCat("frame header of ", header_len,
+                                            " bytes is truncated"));
+  }
+  std::string header(header_len, '\0');
+  reader.Copy(header.data(), header_len);
+  frame->tensors.clear();
+  if (!frame->header.ParseFromString(header)) {
+    return absl::DataLossError("frame header is not a valid FrameHeader");
+  }
+  const FrameHeader& h = frame->header;
+  if (!FrameHeader::Kind_IsValid(h.kind())) {
+    return absl::InvalidArgumentError(absl::StrCat("frame kind ", h.kind(), " does not exist"));
+  }
+  if (h.kind() == FrameHeader::ERROR &&
+      (h.error_code() <= 0 || h.error_code() > static_cast<int>(absl::StatusCode::kUnauthenticated))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ERROR frame for request ", h.request_id(), " carries no valid error code (",
+        h.error_code(), ")"));
+  }
+  if (h.kind() != FrameHeader::DATA && h.tensors_size() > 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        FrameHeader::Kind_Name(h.kind()), " frame carries ", h.tensors_size(), " tensors"));
+  }
+  // Keeps received slices alive while tensors point into them.
+  auto held = std::make_shared<std::vector<grpc::Slice>>(slices);
+  for (const FrameHeader::TensorMeta& meta : frame->header.tensors()) {
+    Shape shape(meta.shape().begin(), meta.shape().end());
+    absl::StatusOr<uint64_t> size = CheckedByteSize(shape, 4);
+    if (!size.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("frame tensor \"", meta.name(), "\": ", size.status().message()));
+    }
+    const uint64_t bytes = *size;
+    if (reader.remaining() < bytes) {
+      return absl::DataLossError(absl::StrCat(
+          "frame tensor \"", meta.name(), "\" ", ShapeToString(shape), " needs ",
+          bytes, " bytes, ", reader.remaining(), " left"));
+    }
+    size_t slice_index = 0;
+    const uint8_t* p = bytes > 0 ? reader.Contiguous(bytes, &slice_index) : nullptr;
+    // Zero-copy when the tensor lies in one 4-byte-aligned slice region.
+    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 4 == 0) {
+      frame->tensors.push_back(Tensor::Wrap(
+          held, reinterpret_cast<float*>(const_cast<uint8_t*>(p)), shape));
+      reader.Advance(bytes);
+      g_wrapped_bytes += bytes;
+    } else {
+      Tensor t = Tensor::Empty(shape);
+      reader.Copy(t.data(), bytes);
+      frame->tensors.push_back(std::move(t));
+      g_copied_bytes += bytes;
+    }
+  }
+  if (reader.remaining() != 0) {
+    return absl::DataLossError(absl::StrCat("frame has ", reader.remaining(),
+                                            " bytes beyond its tensors"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace pipeserve
+
+namespace grpc {
+
+Status SerializationTraits<pipeserve::Frame, void>::Serialize(
+    const pipeserve::Frame& frame, ByteBuffer* bb, bool* own_buffer) {
+  *own_buffer = true;
+  absl::Status s = pipeserve::FrameToByteBuffer(frame, bb);
+  return s.ok() ? Status::OK
+                : Status(StatusCode::INTERNAL, std::string(s.message()));
+}
+
+Status SerializationTraits<pipeserve::Frame, void>::Deserialize(
+    ByteBuffer* bb, pipeserve::Frame* frame) {
+  absl::Status s = pipeserve::FrameFromByteBuffer(*bb, frame);
+  bb->Clear();
+  return s.ok() ? Status::OK
+                : Status(StatusCode::INTERNAL, std::string(s.message()));
+}
+
+}  // namespace grpc

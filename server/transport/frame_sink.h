@@ -1,0 +1,31 @@
+// Where frames go: the next stage's stream, the coordinator's results
+// stream, or (in tests and in-process clusters) straight into a stage.
+// Small on purpose, so stage and coordinator cores can be tested without a
+// network.
+#ifndef PIPESERVE_SERVER_TRANSPORT_FRAME_SINK_H_
+#define PIPESERVE_SERVER_TRANSPORT_FRAME_SINK_H_
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "server/transport/frame.h"
+
+namespace pipeserve {
+
+class FrameSink {
+ public:
+  virtual ~FrameSink() = default;
+
+  // Queues `frame` for sending. Blocks while the sink's queue is full (this
+  // is how backpressure travels upstream), but not past `deadline`:
+  // kDeadlineExceeded then, and the frame is not sent. kUnavailable once
+  // the sink is closed or its stream broke (a sink that can reconnect
+  // tries again on the next Send). Thread-safe.
+  virtual absl::Status Send(Frame frame, absl::Time deadline) = 0;
+
+  // Wakes any blocked Send and makes later ones fail. Thread-safe.
+  virtual void Close() = 0;
+};
+
+}  // namespace pipeserve
+
+#endif  // PIPESERVE_SERVER_TRANSPORT_FRAME_SINK_H_

@@ -1,0 +1,128 @@
+#include "server/transport/serve.h"
+
+#include <arpa/inet.h>
+#include <signal.h>
+
+#include <atomic>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <thread>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/resource_quota.h"
+
+namespace pipeserve {
+
+namespace {
+
+sigset_t ShutdownSignals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  return set;
+}
+
+}  // namespace
+
+void BlockShutdownSignals() {
+  sigset_t set = ShutdownSignals();
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+}
+
+bool IsLoopbackHost(const std::string& host) {
+  if (host == "localhost") return true;
+  std::string h = host;
+  if (h.size() > 2 && h.front() == '[' && h.back() == ']') h = h.substr(1, h.size() - 2);
+  in_addr v4;
+  if (inet_pton(AF_INET, h.c_str(), &v4) == 1) return (ntohl(v4.s_addr) >> 24) == 127;
+  in6_addr v6;
+  if (inet_pton(AF_INET6, h.c_str(), &v6) == 1) return IN6_IS_ADDR_LOOPBACK(&v6);
+  return false;
+}
+
+absl::StatusOr<std::string> ListenHost(const std::string& host, bool tls, bool allow_insecure) {
+  if (host.empty()) return std::string(tls ? "0.0.0.0" : "127.0.0.1");
+  if (tls || IsLoopbackHost(host) || allow_insecure) return host;
+  return absl::FailedPreconditionError(absl::StrCat(
+      "refusing to serve plaintext on ", host,
+      ": configure TLS, listen on loopback, or pass --allow_insecure"));
+}
+
+int Serve(const std::vector<grpc::Service*>& services, const ServeOptions& options) {
+  BlockShutdownSignals();  // before gRPC starts its threads
+  const bool tls = options.credentials != nullptr;
+  absl::StatusOr<std::string> host = ListenHost(options.host, tls, options.allow_insecure);
+  if (!host.ok()) {
+    std::cerr << options.name << ": " << host.status().message() << "\n";
+    return 2;
+  }
+  if (!tls && !IsLoopbackHost(*host)) {
+    std::cerr << options.name << ": WARNING: serving plaintext on " << *host
+              << " (--allow_insecure): anyone who can reach this port can use it\n";
+  }
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int chosen = 0;
+  std::string address = absl::StrContains(*host, ":") && host->front() != '['
+                            ? absl::StrCat("[", *host, "]:", options.port)
+                            : absl::StrCat(*host, ":", options.port);
+  builder.AddListeningPort(address, tls ? options.credentials : grpc::InsecureServerCredentials(),
+                           &chosen);
+  builder.SetMaxReceiveMessageSize(options.max_receive_bytes);
+  builder.SetMaxSendMessageSize(-1);
+  if (options.max_threads > 0) {
+    grpc::ResourceQuota quota(options.name);
+    quota.SetMaxThreads(options.max_threads);
+    builder.SetResourceQuota(quota);
+  }
+  if (options.configure) options.configure(builder);
+  for (grpc::Service* s : services) builder.RegisterService(s);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || chosen == 0) {
+    std::cerr << options.name << ": cannot listen on " << address << "\n";
+    return 1;
+  }
+  // Health follows the server's own idea of whether it can serve.
+  absl::Notification stop_health;
+  std::thread health;
+  if (options.serving) {
+    grpc::HealthCheckServiceInterface* hc = server->GetHealthCheckService();
+    hc->SetServingStatus(options.serving());
+    health = std::thread([&, hc] {
+      bool last = options.serving();
+      while (!stop_health.WaitForNotificationWithTimeout(absl::Milliseconds(100))) {
+        bool now = options.serving();
+        if (now != last) hc->SetServingStatus(now);
+        last = now;
+      }
+    });
+  }
+  if (options.on_started) options.on_started(server.get());
+  if (!options.port_file.empty()) {
+    // Written then renamed, so a reader never sees a partial number.
+    std::string tmp = options.port_file + ".tmp";
+    std::ofstream(tmp) << chosen << "\n";
+    std::rename(tmp.c_str(), options.port_file.c_str());
+  }
+  std::cerr << options.name << ": serving on " << *host << ":" << chosen
+            << (tls ? " (TLS)" : " (plaintext)") << std::endl;
+
+  // Wait on this thread for SIGINT/SIGTERM (blocked everywhere).
+  sigset_t set = ShutdownSignals();
+  int sig = 0;
+  sigwait(&set, &sig);
+  std::cerr << options.name << ": shutting down" << std::endl;
+  stop_health.Notify();
+  if (health.joinable()) health.join();
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  return 0;
+}
+
+}  // namespace pipeserve

@@ -1,0 +1,88 @@
+#include "server/transport/write_queue.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace pipeserve {
+
+WriteQueue::WriteQueue(size_t capacity,
+                       std::function<void(const grpc::ByteBuffer*)> start_write,
+                       std::function<void()> on_closed)
+    : capacity_(std::max<size_t>(1, capacity)),
+      start_write_(std::move(start_write)),
+      on_closed_(std::move(on_closed)) {}
+
+absl::Status WriteQueue::Push(grpc::ByteBuffer message, absl::Time deadline) {
+  absl::MutexLock lock(&mu_);
+  auto room = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return closed_ || queue_.size() < capacity_;
+  };
+  if (deadline == absl::InfiniteFuture()) {
+    mu_.Await(absl::Condition(&room));
+  } else if (!mu_.AwaitWithDeadline(absl::Condition(&room), deadline)) {
+    return absl::DeadlineExceededError(absl::StrCat(
+        "the deadline passed while ", queue_.size(), " messages waited to be written"));
+  }
+  if (closed_) return absl::UnavailableError(reason_);
+  if (writing_) {
+    queue_.push_back(std::move(message));
+  } else {
+    writing_ = true;
+    current_ = std::move(message);
+    start_write_(&current_);
+  }
+  return absl::OkStatus();
+}
+
+void WriteQueue::WriteDone(bool ok) {
+  bool closed_now = false;
+  {
+    absl::MutexLock lock(&mu_);
+    current_.Clear();  // releases the tensors just written
+    if (!ok) closed_now = CloseLocked("a write failed (the stream broke)");
+    if (closed_ || queue_.empty()) {
+      writing_ = false;
+    } else {
+      current_ = std::move(queue_.front());
+      queue_.pop_front();
+      start_write_(&current_);
+    }
+  }
+  if (closed_now && on_closed_) on_closed_();
+}
+
+void WriteQueue::Close(const std::string& reason) {
+  bool closed_now;
+  {
+    absl::MutexLock lock(&mu_);
+    closed_now = CloseLocked(reason);
+  }
+  if (closed_now && on_closed_) on_closed_();
+}
+
+bool WriteQueue::CloseLocked(const std::string& reason) {
+  if (closed_) return false;
+  closed_ = true;
+  reason_ = reason;
+  queue_.clear();
+  return true;
+}
+
+bool WriteQueue::closed() const {
+  absl::MutexLock lock(&mu_);
+  return closed_;
+}
+
+std::string WriteQueue::close_reason() const {
+  absl::MutexLock lock(&mu_);
+  return reason_;
+}
+
+size_t WriteQueue::size() const {
+  absl::MutexLock lock(&mu_);
+  return queue_.size();
+}
+
+}  // namespace pipeserve

@@ -1,0 +1,81 @@
+// The write side of one gRPC stream in the callback API, where only one
+// write may be in flight: messages wait in a bounded queue and the next
+// starts when the last is done. Both ends of pipeserve's frame streams use
+// it: the client writing frames into a stage (FrameSender) and the stage
+// server writing results back to the coordinator.
+//
+//   WriteQueue queue_{8, [this](const grpc::ByteBuffer* m) { StartWrite(m); }};
+//   RETURN_IF_ERROR(queue_.Push(std::move(message), deadline));  // any thread
+//   void OnWriteDone(bool ok) override { queue_.WriteDone(ok); }
+//   void OnDone(...) override { queue_.Close("the stream ended"); ... }
+//
+// Push blocks while the queue is full: that is how backpressure reaches the
+// writer, and the deadline bounds how long it waits. `start_write` runs with
+// the queue's lock held, which is safe because gRPC never runs a reaction
+// inline from StartWrite, and makes Close a barrier: once it returns, no
+// write starts again, so the owner may then Finish (server) or drop its
+// hold (client).
+#ifndef PIPESERVE_SERVER_TRANSPORT_WRITE_QUEUE_H_
+#define PIPESERVE_SERVER_TRANSPORT_WRITE_QUEUE_H_
+
+#include <cstddef>
+#include <deque>
+#include <functional>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "grpcpp/support/byte_buffer.h"
+
+namespace pipeserve {
+
+class WriteQueue {
+ public:
+  // At most `capacity` (at least 1) messages wait besides the one being
+  // written. `start_write` starts writing a message, which stays valid until
+  // the matching WriteDone.
+  // `on_closed`, if set, runs once when the queue closes (outside the lock).
+  WriteQueue(size_t capacity, std::function<void(const grpc::ByteBuffer*)> start_write,
+             std::function<void()> on_closed = nullptr);
+
+  // Queues `message`, waiting while the queue is full. kDeadlineExceeded if
+  // `deadline` passes first (the message is not queued), kUnavailable once
+  // the queue is closed (with the reason). Thread-safe.
+  absl::Status Push(grpc::ByteBuffer message, absl::Time deadline);
+
+  // Call from OnWriteDone: releases the written message and starts the
+  // next. `ok` false (the stream broke) closes the queue.
+  void WriteDone(bool ok);
+
+  // Wakes every waiting Push and fails later ones with kUnavailable naming
+  // `reason`; queued messages that were not started are dropped. The first
+  // reason given sticks. Thread-safe.
+  void Close(const std::string& reason);
+
+  // Whether the queue is closed, and why ("" while open).
+  bool closed() const;
+  std::string close_reason() const;
+  // Messages waiting (not counting the one being written).
+  size_t size() const;
+
+ private:
+  const size_t capacity_;
+  const std::function<void(const grpc::ByteBuffer*)> start_write_;
+  const std::function<void()> on_closed_;
+
+  mutable absl::Mutex mu_;
+  std::deque<grpc::ByteBuffer> queue_ ABSL_GUARDED_BY(mu_);
+  // The message being written.
+  grpc::ByteBuffer current_ ABSL_GUARDED_BY(mu_);
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;
+  std::string reason_ ABSL_GUARDED_BY(mu_);
+
+  // Marks the queue closed; true if it was open.
+  bool CloseLocked(const std::string& reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+};
+
+}  // namespace pipeserve
+
+#endif  // PIPESERVE_SERVER_TRANSPORT_WRITE_QUEUE_H_

@@ -1,0 +1,151 @@
+#include "server/transport/write_queue.h"
+
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace pipeserve {
+namespace {
+
+using ::testing::HasSubstr;
+
+grpc::ByteBuffer Message(const std::string& text) {
+  grpc::Slice s(text.data(), text.size());
+  return grpc::ByteBuffer(&s, 1);
+}
+
+std::string Text(const grpc::ByteBuffer* bb) {
+  grpc::Slice s;
+  EXPECT_TRUE(bb->DumpToSingleSlice(&s).ok());
+  return std::string(reinterpret_cast<const char*>(s.begin()), s.size());
+}
+
+// Records what a stream was asked to write; the test plays gRPC and says
+// when each write is done.
+struct FakeStream {
+  absl::Mutex mu;
+  std::vector<std::string> started ABSL_GUARDED_BY(mu);
+  WriteQueue queue{2, [this](const grpc::ByteBuffer* m) {
+                     absl::MutexLock lock(&mu);
+                     started.push_back(Text(m));
+                   }};
+  std::vector<std::string> Started() {
+    absl::MutexLock lock(&mu);
+    return started;
+  }
+};
+
+TEST(WriteQueueTest, OneWriteInFlightAndTheRestInOrder) {
+  FakeStream s;
+  absl::Time later = absl::Now() + absl::Seconds(5);
+  ASSERT_TRUE(s.queue.Push(Message("a"), later).ok());
+  ASSERT_TRUE(s.queue.Push(Message("b"), later).ok());
+  ASSERT_TRUE(s.queue.Push(Message("c"), later).ok());
+  EXPECT_EQ(s.Started(), std::vector<std::string>({"a"}));
+  EXPECT_EQ(s.queue.size(), 2u);
+  s.queue.WriteDone(true);
+  EXPECT_EQ(s.Started(), std::vector<std::string>({"a", "b"}));
+  s.queue.WriteDone(true);
+  s.queue.WriteDone(true);
+  EXPECT_EQ(s.Started(), std::vector<std::string>({"a", "b", "c"}));
+  // Idle again: the next push starts at once.
+  ASSERT_TRUE(s.queue.Push(Message("d"), later).ok());
+  EXPECT_EQ(s.Started().back(), "d");
+}
+
+// Regression: FrameSender::Send waited on a full queue with no deadline, so
+// requests blocked behind a wedged stage outlived their deadlines and
+// SIGTERM hung behind them.
+TEST(WriteQueueTest, PushOnAFullQueueGivesUpAtTheDeadline) {
+  FakeStream s;
+  absl::Time later = absl::Now() + absl::Seconds(5);
+  for (const char* m : {"a", "b", "c"}) ASSERT_TRUE(s.queue.Push(Message(m), later).ok());
+  absl::Time start = absl::Now();
+  absl::Status st = s.queue.Push(Message("d"), start + absl::Milliseconds(100));
+  absl::Duration waited = absl::Now() - start;
+  EXPECT_EQ(st.code(), absl::StatusCode::kDeadlineExceeded) << st;
+  EXPECT_GE(waited, absl::Milliseconds(90));
+  EXPECT_LT(waited, absl::Seconds(3));
+  EXPECT_EQ(s.queue.size(), 2u) << "the late message must not be queued";
+}
+
+TEST(WriteQueueTest, CloseWakesABlockedPushWithTheReason) {
+  FakeStream s;
+  absl::Time later = absl::Now() + absl::Seconds(30);
+  for (const char* m : {"a", "b", "c"}) ASSERT_TRUE(s.queue.Push(Message(m), later).ok());
+  absl::Status blocked;
+  absl::Notification done;
+  std::thread t([&] {
+    blocked = s.queue.Push(Message("d"), absl::InfiniteFuture());
+    done.Notify();
+  });
+  EXPECT_FALSE(done.WaitForNotificationWithTimeout(absl::Milliseconds(50)));
+  s.queue.Close("the stage was unloaded");
+  t.join();
+  EXPECT_EQ(blocked.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(blocked.message()), HasSubstr("the stage was unloaded"));
+  EXPECT_TRUE(s.queue.closed());
+  EXPECT_EQ(s.queue.Push(Message("e"), later).code(), absl::StatusCode::kUnavailable);
+}
+
+TEST(WriteQueueTest, AFailedWriteClosesTheQueue) {
+  FakeStream s;
+  absl::Time later = absl::Now() + absl::Seconds(5);
+  ASSERT_TRUE(s.queue.Push(Message("a"), later).ok());
+  ASSERT_TRUE(s.queue.Push(Message("b"), later).ok());
+  s.queue.WriteDone(false);
+  EXPECT_EQ(s.Started(), std::vector<std::string>({"a"})) << "nothing starts after a failure";
+  absl::Status st = s.queue.Push(Message("c"), later);
+  EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(st.message()), HasSubstr("stream broke"));
+}
+
+TEST(WriteQueueTest, ManyWritersLoseNothing) {
+  absl::Mutex mu;
+  std::vector<std::string> written;
+  int to_complete = 0;  // writes started and not yet done
+  bool stop = false;
+  WriteQueue queue(3, [&](const grpc::ByteBuffer* m) {
+    absl::MutexLock lock(&mu);
+    written.push_back(Text(m));
+    ++to_complete;
+  });
+  // Completes writes on its own thread, as gRPC does (never inline).
+  std::thread completer([&] {
+    while (true) {
+      {
+        absl::MutexLock lock(&mu);
+        auto ready = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return stop || to_complete > 0; };
+        mu.Await(absl::Condition(&ready));
+        if (to_complete == 0) return;
+        --to_complete;
+      }
+      queue.WriteDone(true);
+    }
+  });
+  std::vector<std::thread> writers;
+  for (int w = 0; w < 4; ++w) {
+    writers.emplace_back([&, w] {
+      for (int i = 0; i < 50; ++i) {
+        EXPECT_TRUE(queue.Push(Message(absl::StrCat(w, ":", i)), absl::InfiniteFuture()).ok());
+      }
+    });
+  }
+  for (auto& t : writers) t.join();
+  {
+    absl::MutexLock lock(&mu);
+    auto all = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return written.size() == 200; };
+    EXPECT_TRUE(mu.AwaitWithTimeout(absl::Condition(&all), absl::Seconds(10)));
+    stop = true;
+  }
+  completer.join();
+  absl::MutexLock lock(&mu);
+  EXPECT_EQ(written.size(), 200u);
+}
+
+}  // namespace
+}  // namespace pipeserve
