@@ -1,14 +1,21 @@
 """Checks that the Kubernetes manifests agree with each other and with the
 binaries' flags: the coordinator's static stage list names every
 StatefulSet pod on the stage servers' port, probes use gRPC health on the
-ports the servers listen on, and the entry point knows every role used."""
+ports the servers listen on, the entry point knows every role used, and
+every object passes the Kubernetes API's schemas (npm kubernetes-models,
+installed by tools/bootstrap.sh)."""
+import hashlib
+import json
 import os
 import re
+import shutil
+import subprocess
 import unittest
 
 import yaml
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+MANIFESTS = ("deploy/k8s/stages.yaml", "deploy/k8s/coordinator.yaml")
 
 
 def load(path):
@@ -79,6 +86,66 @@ class DeployTest(unittest.TestCase):
         for docs, kind in ((self.stages, "StatefulSet"), (self.coord, "Deployment")):
             role = find(docs, kind)["spec"]["template"]["spec"]["containers"][0]["args"][0]
             self.assertIn(role, roles)
+
+
+def node_modules():
+    """Where tools/bootstrap.sh put kubernetes-models."""
+    lock = os.path.join(ROOT, "tests/k8s_schema/package-lock.json")
+    with open(lock, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    base = os.environ.get("PIPESERVE_NODE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "pipeserve-node")
+    return os.path.join(base, digest)
+
+
+class SchemaTest(unittest.TestCase):
+    """Every manifest object against the Kubernetes API's schemas."""
+
+    def validate(self, named_docs):
+        node = shutil.which("node") or shutil.which("nodejs")
+        self.assertIsNotNone(node, "node not found: run tools/bootstrap.sh")
+        modules = node_modules()
+        self.assertTrue(os.path.isfile(os.path.join(modules, ".complete")),
+                        f"kubernetes-models is not installed in {modules}: run tools/bootstrap.sh")
+        docs = [{"name": n, "doc": d} for n, d in named_docs]
+        run = subprocess.run(
+            [node, os.path.join(ROOT, "tests/k8s_schema/validate.js"),
+             os.path.join(modules, "node_modules")],
+            input=json.dumps(docs), capture_output=True, text=True, timeout=120)
+        self.assertIn(run.returncode, (0, 1), run.stderr)
+        return run.returncode, run.stdout.splitlines()
+
+    def test_manifests_match_the_kubernetes_schemas(self):
+        named = []
+        for path in MANIFESTS:
+            for i, doc in enumerate(load(path)):
+                named.append((f"{path} #{i} {doc.get('kind')} "
+                              f"{doc.get('metadata', {}).get('name')}", doc))
+        self.assertEqual(len(named), 5)
+        rc, problems = self.validate(named)
+        self.assertEqual(problems, [])
+        self.assertEqual(rc, 0)
+
+    def test_the_schema_check_catches_mistakes(self):
+        # So a broken validator cannot pass the manifests silently.
+        doc = find(load("deploy/k8s/coordinator.yaml"), "Deployment")
+        misspelt = json.loads(json.dumps(doc))
+        c = misspelt["spec"]["template"]["spec"]["containers"][0]
+        c["readinesProbe"] = c.pop("readinessProbe")
+        c["volumeMounts"][0]["readonly"] = True
+        wrong_type = json.loads(json.dumps(doc))
+        wrong_type["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "8001"
+        missing = json.loads(json.dumps(doc))
+        del missing["spec"]["selector"]
+        rc, problems = self.validate([("misspelt", misspelt), ("wrong_type", wrong_type),
+                                      ("missing", missing)])
+        self.assertEqual(rc, 1)
+        text = "\n".join(problems)
+        self.assertIn('misspelt: /spec/template/spec/containers/0: unknown field "readinesProbe"',
+                      text)
+        self.assertIn('unknown field "readonly"', text)
+        self.assertRegex(text, r"wrong_type: .*containerPort must be integer")
+        self.assertRegex(text, r"missing: .*must have required property '?selector'?")
 
 
 if __name__ == "__main__":
