@@ -75,7 +75,10 @@ done
 
 outputs=(ca.crt ca.key coordinator.crt coordinator.key stage.crt stage.key
          tokens admin.token infer.token)
-mkdir -p -m 0700 "$out"
+if [ ! -d "$out" ]; then
+  mkdir -p "$out"
+  chmod 0700 "$out"  # a new folder for keys: owner only
+fi
 if [ "$force" = 0 ]; then
   existing=()
   for f in "${outputs[@]}"; do
