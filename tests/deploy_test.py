@@ -1,19 +1,37 @@
-"""Checks that the Kubernetes manifests agree with each other and with the
-binaries' flags: the coordinator's static stage list names every
-StatefulSet pod on the stage servers' port, probes use gRPC health on the
-ports the servers listen on, and the entry point knows every role used."""
+"""Checks that the Kubernetes manifests agree with each other, with the
+binaries' flags and with deploy/README.md: the coordinator's static stage
+list names every StatefulSet pod on the stage servers' port; nothing serves
+without TLS; every certificate, key and token path in the args and probes is
+a file of a mounted, documented Secret; probes run the CLI's health check
+over TLS on the serving ports; the entry point knows every role used; and
+every object passes the Kubernetes API's schemas (npm kubernetes-models,
+installed by tools/bootstrap.sh)."""
+import hashlib
+import json
 import os
+import posixpath
 import re
+import shutil
+import subprocess
 import unittest
 
 import yaml
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+MANIFESTS = ("deploy/k8s/stages.yaml", "deploy/k8s/coordinator.yaml")
+CLI = "/usr/local/bin/pipeserve"
+# Flags naming a certificate, key or token file: the servers' and the CLI's.
+FILE_FLAGS = re.compile(r"^--(tls_ca|tls_cert|tls_key|cluster_ca|cluster_cert|cluster_key|"
+                        r"auth_tokens|token_file|cluster_token_file)=(.*)$")
+
+
+def read(path):
+    with open(os.path.join(ROOT, path)) as f:
+        return f.read()
 
 
 def load(path):
-    with open(os.path.join(ROOT, path)) as f:
-        return [d for d in yaml.safe_load_all(f) if d]
+    return [d for d in yaml.safe_load_all(read(path)) if d]
 
 
 def find(docs, kind, name=None):
@@ -30,10 +48,95 @@ def flag(args, name):
     raise AssertionError(f"no --{name} in {args}")
 
 
+def has_flag(args, name):
+    return any(a.startswith(f"--{name}=") for a in args)
+
+
+def documented_secrets():
+    """{secret name: set of keys} from the `kubectl create secret generic NAME
+    --from-file=KEY=PATH ...` commands in deploy/README.md."""
+    text = read("deploy/README.md").replace("\\\n", " ")
+    secrets = {}
+    for line in text.splitlines():
+        m = re.search(r"kubectl create secret generic ([a-z0-9-]+)(.*)", line)
+        if m:
+            keys = re.findall(r"--from-file=([A-Za-z0-9._-]+)=\S+", m.group(2))
+            secrets.setdefault(m.group(1), set()).update(keys)
+    return secrets
+
+
+def secret_files(volume):
+    """{file name in the mount: (secret name, key)} for a secret or projected
+    volume; None for other volumes."""
+    sources = []
+    if "secret" in volume:
+        sources = [volume["secret"]]
+    elif "projected" in volume:
+        sources = [s["secret"] for s in volume["projected"]["sources"] if "secret" in s]
+        if not sources:
+            return None
+    else:
+        return None
+    files = {}
+    for s in sources:
+        name = s["secretName"] if "secretName" in s else s["name"]
+        items = s.get("items")
+        if items is None:
+            # Every key of the Secret becomes a file of the same name.
+            for key in documented_secrets().get(name, ()):
+                files[key] = (name, key)
+        else:
+            for item in items:
+                files[item["path"]] = (name, item["key"])
+    return files
+
+
+class Workload:
+    """The pod template of a Deployment or StatefulSet and its one container."""
+
+    def __init__(self, doc):
+        self.doc = doc
+        self.name = f"{doc['kind']} {doc['metadata']['name']}"
+        self.pod = doc["spec"]["template"]["spec"]
+        (self.container,) = self.pod["containers"]
+        self.args = self.container["args"]
+        self.volumes = {v["name"]: v for v in self.pod.get("volumes", [])}
+
+    def probes(self):
+        return [(kind, self.container[kind])
+                for kind in ("readinessProbe", "livenessProbe", "startupProbe")
+                if kind in self.container]
+
+    def resolve(self, path):
+        """(secret, key) behind a file path in the container, or raise."""
+        for mount in self.container.get("volumeMounts", []):
+            root = mount["mountPath"].rstrip("/")
+            if posixpath.dirname(path) != root:
+                continue
+            volume = self.volumes.get(mount["name"])
+            if volume is None:
+                raise AssertionError(f"{self.name}: mount {mount['name']} has no volume")
+            files = secret_files(volume)
+            if files is None:
+                raise AssertionError(f"{self.name}: {path} is on volume {mount['name']}, "
+                                     "which is not a Secret")
+            if not mount.get("readOnly"):
+                raise AssertionError(f"{self.name}: Secret mount {root} is not readOnly")
+            name = posixpath.basename(path)
+            if name not in files:
+                raise AssertionError(f"{self.name}: {path}: volume {mount['name']} has no "
+                                     f"file {name} (it has {sorted(files)})")
+            return files[name]
+        raise AssertionError(f"{self.name}: {path} is under no volume mount")
+
+
 class DeployTest(unittest.TestCase):
     def setUp(self):
         self.stages = load("deploy/k8s/stages.yaml")
         self.coord = load("deploy/k8s/coordinator.yaml")
+        self.stage = Workload(find(self.stages, "StatefulSet"))
+        self.coordinator = Workload(find(self.coord, "Deployment"))
+        self.workloads = (self.stage, self.coordinator)
 
     def test_static_stage_list_names_every_statefulset_pod(self):
         sts = find(self.stages, "StatefulSet")
@@ -42,43 +145,229 @@ class DeployTest(unittest.TestCase):
                          "the stage Service must be headless for per-pod DNS")
         self.assertEqual(sts["spec"]["serviceName"], svc["metadata"]["name"])
         port = svc["spec"]["ports"][0]["port"]
-        container = sts["spec"]["template"]["spec"]["containers"][0]
-        self.assertEqual(flag(container["args"], "port"), str(port))
-        args = find(self.coord, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+        self.assertEqual(flag(self.stage.args, "port"), str(port))
+        args = self.coordinator.args
         self.assertEqual(flag(args, "launcher"), "static")
         expected = [f"{sts['metadata']['name']}-{i}.{svc['metadata']['name']}:{port}"
                     for i in range(sts["spec"]["replicas"])]
         self.assertEqual(flag(args, "stage_servers").split(","), expected)
 
-    def test_probes_use_grpc_health_on_the_serving_ports(self):
-        sts = find(self.stages, "StatefulSet")
-        c = sts["spec"]["template"]["spec"]["containers"][0]
-        self.assertEqual(c["readinessProbe"]["grpc"]["port"], int(flag(c["args"], "port")))
-        d = find(self.coord, "Deployment")["spec"]["template"]["spec"]["containers"][0]
-        self.assertEqual(d["readinessProbe"]["grpc"]["port"], int(flag(d["args"], "port")))
+    def test_probes_run_the_cli_health_check_on_the_serving_ports(self):
+        # Kubernetes' grpc probes cannot speak TLS: every probe execs the
+        # image's CLI against the port the server listens on.
+        dockerfile = read("deploy/Dockerfile")
+        self.assertIn("bazel-bin/client/pipeserve", dockerfile)
+        self.assertIn("COPY --from=build /out/ /usr/local/bin/", dockerfile)
+        for w in self.workloads:
+            kinds = [k for k, _ in w.probes()]
+            self.assertIn("readinessProbe", kinds, w.name)
+            self.assertIn("livenessProbe", kinds, w.name)
+            port = int(flag(w.args, "port"))
+            for kind, probe in w.probes():
+                with self.subTest(workload=w.name, probe=kind):
+                    self.assertEqual(set(probe) & {"exec", "grpc", "httpGet", "tcpSocket"},
+                                     {"exec"})
+                    cmd = probe["exec"]["command"]
+                    self.assertEqual(cmd[:2], [CLI, "health"])
+                    self.assertEqual(flag(cmd, "server"), f"localhost:{port}")
+                    self.assertGreaterEqual(probe.get("timeoutSeconds", 1), 2,
+                                            "a TLS health check needs more than 1 s")
         self.assertEqual(find(self.coord, "Service")["spec"]["ports"][0]["targetPort"],
-                         int(flag(d["args"], "port")))
+                         int(flag(self.coordinator.args, "port")))
+
+    def test_probes_use_tls_with_mounted_files(self):
+        for w in self.workloads:
+            ca = w.resolve(flag(w.args, "cluster_ca"))
+            for kind, probe in w.probes():
+                with self.subTest(workload=w.name, probe=kind):
+                    cmd = probe["exec"]["command"]
+                    # The server's certificate chains to the cluster CA.
+                    self.assertEqual(w.resolve(flag(cmd, "tls_ca")), ca)
+                    if has_flag(w.args, "tls_cert"):
+                        continue  # the coordinator: no client certificate needed
+                    # Stage servers require a client certificate: the probe
+                    # presents the pod's own.
+                    self.assertEqual(w.resolve(flag(cmd, "tls_cert")),
+                                     w.resolve(flag(w.args, "cluster_cert")))
+                    self.assertEqual(w.resolve(flag(cmd, "tls_key")),
+                                     w.resolve(flag(w.args, "cluster_key")))
+
+    def test_nothing_serves_without_tls(self):
+        required = {
+            self.coordinator.name: ["tls_cert", "tls_key", "auth_tokens",
+                                    "cluster_ca", "cluster_cert", "cluster_key"],
+            self.stage.name: ["cluster_ca", "cluster_cert", "cluster_key"],
+        }
+        for w in self.workloads:
+            with self.subTest(workload=w.name):
+                self.assertEqual(flag(w.args, "host"), "0.0.0.0")
+                for name in required[w.name]:
+                    self.assertTrue(has_flag(w.args, name), f"{w.name}: no --{name}")
+                commands = [w.args] + [p["exec"]["command"] for _, p in w.probes()
+                                       if "exec" in p]
+                for cmd in commands:
+                    for a in cmd:
+                        if "allow_insecure" in a:
+                            self.assertIn(a, ("--allow_insecure=false", "--noallow_insecure"),
+                                          f"{w.name} runs with {a}")
+                for env in w.container.get("env", []):
+                    self.assertNotIn("INSECURE", env["name"].upper())
+
+    def test_every_file_flag_names_a_documented_key_of_a_mounted_secret(self):
+        documented = documented_secrets()
+        self.assertIn("pipeserve-tls", documented)
+        self.assertIn("pipeserve-tokens", documented)
+        for w in self.workloads:
+            commands = [w.args] + [p["exec"]["command"] for _, p in w.probes() if "exec" in p]
+            paths = [m.group(2) for cmd in commands for a in cmd
+                     for m in [FILE_FLAGS.match(a)] if m]
+            self.assertTrue(paths, w.name)
+            for path in paths:
+                with self.subTest(workload=w.name, path=path):
+                    secret, key = w.resolve(path)
+                    self.assertIn(secret, documented,
+                                  f"{secret} is not made in deploy/README.md")
+                    self.assertIn(key, documented[secret],
+                                  f"deploy/README.md makes {secret} without key {key}")
+
+    def test_every_mount_has_a_volume_and_every_secret_is_documented(self):
+        documented = documented_secrets()
+        for w in self.workloads:
+            mounts = {m["name"] for m in w.container.get("volumeMounts", [])}
+            for name in mounts:
+                self.assertIn(name, w.volumes, f"{w.name}: mount {name} has no volume")
+            for name, volume in w.volumes.items():
+                files = secret_files(volume)
+                if files is None:
+                    continue
+                with self.subTest(workload=w.name, volume=name):
+                    self.assertIn(name, mounts, "Secret volume never mounted")
+                    for secret, key in files.values():
+                        self.assertIn(key, documented.get(secret, ()), f"{secret}/{key}")
+                    mode = volume.get("secret", {}).get("defaultMode", 0o644)
+                    self.assertEqual(mode & 0o007, 0, f"{name}: world-readable key files")
+        # The stage pods get no coordinator key, the coordinator no stage key.
+        stage_keys = {k for _, k in secret_files(self.stage.volumes["tls"]).values()}
+        coord_keys = {k for _, k in secret_files(self.coordinator.volumes["tls"]).values()}
+        self.assertNotIn("coordinator.key", stage_keys)
+        self.assertNotIn("stage.key", coord_keys)
+        for w in self.workloads:
+            for volume in w.volumes.values():
+                for secret, key in (secret_files(volume) or {}).values():
+                    self.assertNotEqual(key, "ca.key", "the CA key stays off the cluster")
+
+    def test_pods_run_as_the_image_user_who_can_read_the_secrets(self):
+        dockerfile = read("deploy/Dockerfile")
+        uid = int(re.search(r"useradd .*--uid (\d+)", dockerfile).group(1))
+        gid = int(re.search(r"groupadd .*--gid (\d+)", dockerfile).group(1))
+        self.assertIn(f"USER {uid}", dockerfile)
+        for w in self.workloads:
+            with self.subTest(workload=w.name):
+                ctx = w.pod["securityContext"]
+                self.assertTrue(ctx["runAsNonRoot"])
+                self.assertEqual((ctx["runAsUser"], ctx["runAsGroup"], ctx["fsGroup"]),
+                                 (uid, gid, gid))
+                self.assertFalse(w.container["securityContext"]["allowPrivilegeEscalation"])
+                for name, volume in w.volumes.items():
+                    if "secret" in volume:
+                        # Secret files belong to root and the fsGroup.
+                        self.assertTrue(volume["secret"].get("defaultMode", 0o644) & 0o040,
+                                        f"{name}: the group cannot read the files")
+
+    def test_stage_servers_admit_only_pipeserve_pods(self):
+        policy = find(self.stages, "NetworkPolicy")
+        labels = self.stage.doc["spec"]["template"]["metadata"]["labels"]
+        selector = policy["spec"]["podSelector"]["matchLabels"]
+        self.assertTrue(selector.items() <= labels.items())
+        (rule,) = policy["spec"]["ingress"]
+        self.assertEqual([p["port"] for p in rule["ports"]], [int(flag(self.stage.args, "port"))])
+        coord_labels = self.coordinator.doc["spec"]["template"]["metadata"]["labels"]
+        for peer in rule["from"]:
+            self.assertEqual(set(peer), {"podSelector"}, "only pods of this namespace")
+            allowed = peer["podSelector"]["matchLabels"].items()
+            self.assertTrue(allowed <= coord_labels.items() and allowed <= labels.items(),
+                            "the coordinator and the stages must both be admitted")
 
     def test_prometheus_scrapes_the_metrics_port(self):
-        tmpl = find(self.coord, "Deployment")["spec"]["template"]
-        port = flag(tmpl["spec"]["containers"][0]["args"], "metrics_port")
+        tmpl = self.coordinator.doc["spec"]["template"]
+        port = flag(self.coordinator.args, "metrics_port")
         self.assertEqual(tmpl["metadata"]["annotations"]["prometheus.io/port"], port)
         ports = {p["name"]: p["targetPort"] for p in find(self.coord, "Service")["spec"]["ports"]}
         self.assertEqual(ports["metrics"], int(port))
 
     def test_model_repository_is_on_the_persistent_volume(self):
-        spec = find(self.coord, "Deployment")["spec"]["template"]["spec"]
-        mount = spec["containers"][0]["volumeMounts"][0]
-        self.assertEqual(flag(spec["containers"][0]["args"], "repository"), mount["mountPath"])
-        claim = spec["volumes"][0]["persistentVolumeClaim"]["claimName"]
+        w = self.coordinator
+        (mount,) = [m for m in w.container["volumeMounts"]
+                    if m["mountPath"] == flag(w.args, "repository")]
+        claim = w.volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
         find(self.coord, "PersistentVolumeClaim", claim)
+        self.assertFalse(mount.get("readOnly", False))
 
     def test_entrypoint_knows_every_role_the_manifests_use(self):
-        with open(os.path.join(ROOT, "deploy/entrypoint.sh")) as f:
-            roles = re.search(r"^\s*([a-z_|]+)\) exec", f.read(), re.M).group(1).split("|")
-        for docs, kind in ((self.stages, "StatefulSet"), (self.coord, "Deployment")):
-            role = find(docs, kind)["spec"]["template"]["spec"]["containers"][0]["args"][0]
-            self.assertIn(role, roles)
+        roles = re.search(r"^\s*([a-z_|]+)\) exec", read("deploy/entrypoint.sh"),
+                          re.M).group(1).split("|")
+        for w in self.workloads:
+            self.assertIn(w.args[0], roles)
+
+
+def node_modules():
+    """Where tools/bootstrap.sh put kubernetes-models."""
+    lock = os.path.join(ROOT, "tests/k8s_schema/package-lock.json")
+    with open(lock, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    base = os.environ.get("PIPESERVE_NODE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "pipeserve-node")
+    return os.path.join(base, digest)
+
+
+class SchemaTest(unittest.TestCase):
+    """Every manifest object against the Kubernetes API's schemas."""
+
+    def validate(self, named_docs):
+        node = shutil.which("node") or shutil.which("nodejs")
+        self.assertIsNotNone(node, "node not found: run tools/bootstrap.sh")
+        modules = node_modules()
+        self.assertTrue(os.path.isfile(os.path.join(modules, ".complete")),
+                        f"kubernetes-models is not installed in {modules}: run tools/bootstrap.sh")
+        docs = [{"name": n, "doc": d} for n, d in named_docs]
+        run = subprocess.run(
+            [node, os.path.join(ROOT, "tests/k8s_schema/validate.js"),
+             os.path.join(modules, "node_modules")],
+            input=json.dumps(docs), capture_output=True, text=True, timeout=120)
+        self.assertIn(run.returncode, (0, 1), run.stderr)
+        return run.returncode, run.stdout.splitlines()
+
+    def test_manifests_match_the_kubernetes_schemas(self):
+        named = []
+        for path in MANIFESTS:
+            for i, doc in enumerate(load(path)):
+                named.append((f"{path} #{i} {doc.get('kind')} "
+                              f"{doc.get('metadata', {}).get('name')}", doc))
+        self.assertEqual(len(named), 6)
+        rc, problems = self.validate(named)
+        self.assertEqual(problems, [])
+        self.assertEqual(rc, 0)
+
+    def test_the_schema_check_catches_mistakes(self):
+        # So a broken validator cannot pass the manifests silently.
+        doc = find(load("deploy/k8s/coordinator.yaml"), "Deployment")
+        misspelt = json.loads(json.dumps(doc))
+        c = misspelt["spec"]["template"]["spec"]["containers"][0]
+        c["readinesProbe"] = c.pop("readinessProbe")
+        c["volumeMounts"][1]["readonly"] = c["volumeMounts"][1].pop("readOnly")
+        wrong_type = json.loads(json.dumps(doc))
+        wrong_type["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "8001"
+        missing = json.loads(json.dumps(doc))
+        del missing["spec"]["selector"]
+        rc, problems = self.validate([("misspelt", misspelt), ("wrong_type", wrong_type),
+                                      ("missing", missing)])
+        self.assertEqual(rc, 1)
+        text = "\n".join(problems)
+        self.assertIn('misspelt: /spec/template/spec/containers/0: unknown field "readinesProbe"',
+                      text)
+        self.assertIn('unknown field "readonly"', text)
+        self.assertRegex(text, r"wrong_type: .*containerPort must be integer")
+        self.assertRegex(text, r"missing: .*must have required property '?selector'?")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs every Debian package pipeserve needs to build, test and demo.
+# Installs every Debian package pipeserve needs to build, test and demo,
+# and the npm packages the deploy test validates manifests with.
 # Idempotent: when all are present it only checks (well under a second);
 # otherwise it runs `apt-get update` once and installs what is missing.
 set -euo pipefail
@@ -16,20 +17,57 @@ PACKAGES=(
   libopenblas0-pthread     # PyTorch's BLAS, for the reference and baselines
 )
 
+# --- deploy tooling: tools/make_dev_certs.sh and //tests:deploy_test -------
+# openssl makes the development certificates; Node.js and npm run the
+# Kubernetes schema check (the npm install is at the end of this file).
+# Machines that already have npm (e.g. from NodeSource) keep theirs.
+PACKAGES+=(openssl)
+if ! command -v npm >/dev/null 2>&1; then
+  PACKAGES+=(nodejs npm)
+fi
+# --- end deploy tooling ------------------------------------------------------
+
 missing=()
 for p in "${PACKAGES[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
     missing+=("$p")
   fi
 done
-if [ ${#missing[@]} -eq 0 ]; then
-  exit 0
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "bootstrap: installing ${missing[*]}" >&2
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  echo "bootstrap: done" >&2
 fi
 
-echo "bootstrap: installing ${missing[*]}" >&2
-SUDO=""
-if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-echo "bootstrap: done" >&2
+# --- deploy tooling: npm packages for //tests:deploy_test --------------------
+# kubernetes-models (the Kubernetes API's schemas), at the versions
+# tests/k8s_schema/package-lock.json pins, goes to
+# ${PIPESERVE_NODE_DIR:-$HOME/.cache/pipeserve-node}/<lockfile hash>/node_modules,
+# outside the tree so Bazel never scans it; tests/deploy_test.py looks there.
+# Skipped when that folder is complete; no package's install scripts run.
+node_lock="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/tests/k8s_schema/package-lock.json"
+node_base="${PIPESERVE_NODE_DIR:-$HOME/.cache/pipeserve-node}"
+node_dir="$node_base/$(sha256sum "$node_lock" | cut -c1-16)"
+if [ ! -f "$node_dir/.complete" ]; then
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "bootstrap: npm not found; install Debian's nodejs and npm packages (apt-get install nodejs npm)" >&2
+    exit 1
+  fi
+  echo "bootstrap: npm ci (kubernetes-models) into $node_dir" >&2
+  mkdir -p "$node_base"
+  node_tmp=$(mktemp -d "$node_base/.install.XXXXXX")
+  cp "$node_lock" "$(dirname "$node_lock")/package.json" "$node_tmp/"
+  if ! (cd "$node_tmp" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error >&2); then
+    rm -rf "$node_tmp"
+    echo "bootstrap: npm ci failed (is the npm registry reachable?)" >&2
+    exit 1
+  fi
+  touch "$node_tmp/.complete"
+  rm -rf "$node_dir"
+  mv -T "$node_tmp" "$node_dir" 2>/dev/null || rm -rf "$node_tmp"  # another bootstrap won
+fi
+# --- end deploy tooling ------------------------------------------------------
