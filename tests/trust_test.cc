@@ -1,0 +1,305 @@
+// The trust defects of issue 7 that a client can reach, end to end: a real
+// coordinator and stage server processes, driven through the client stub
+// and raw KServe / ModelService stubs as a careless or hostile client
+// would. Each test failed (or crashed the coordinator) before the fix.
+#include <signal.h>
+
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "client/client.h"
+#include "partitioner/graph_builder.h"
+#include "proto/grpc_service.grpc.pb.h"
+#include "proto/pipeserve_service.grpc.pb.h"
+#include "runtime/model_file.h"
+#include "tests/cluster.h"
+#include "tests/http_get.h"
+
+namespace pipeserve {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+// x [B, 8] -> (mm w_i, relu) per stage -> out.
+std::string WriteMlp(const std::string& dir, int stages) {
+  GraphBuilder b;
+  b.Input("x", {-1, 8});
+  std::string h = "x";
+  for (int i = 0; i < stages; ++i) {
+    if (i > 0) b.Split();
+    std::string w = absl::StrCat("w", i);
+    b.Param(w, {8, 8});
+    b.Op("mm", {h, w}, absl::StrCat("m", i)).Op("relu", {absl::StrCat("m", i)}, absl::StrCat("h", i));
+    h = absl::StrCat("h", i);
+  }
+  b.Output(h);
+  Model m = b.Build();
+  std::string path = absl::StrCat(dir, "/mlp", stages, ".psm");
+  EXPECT_TRUE(WriteModelFile(path, m.graph, m.weights).ok());
+  return path;
+}
+
+inference::ModelInferRequest Request(const std::string& model, std::vector<int64_t> shape,
+                                     const std::string& raw) {
+  inference::ModelInferRequest req;
+  req.set_model_name(model);
+  auto* x = req.add_inputs();
+  x->set_name("x");
+  x->set_datatype("FP32");
+  for (int64_t d : shape) x->add_shape(d);
+  req.add_raw_input_contents(raw);
+  return req;
+}
+
+// A coordinator with a two-stage model for the tests that share one.
+class TrustTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    auto c = CoordinatorProcess::Start({TempDir("trust_repo"), {}});
+    ASSERT_TRUE(c.ok()) << c.status();
+    coordinator_ = c->release();
+    client_ = Client::Connect(coordinator_->address())->release();
+    dir_ = new std::string(TempDir("trust_models"));
+    auto up = client_->Upload("mlp", WriteMlp(*dir_, 2), {});
+    ASSERT_TRUE(up.ok()) << up.status();
+  }
+  static void TearDownTestSuite() {
+    delete client_;
+    delete coordinator_;
+    delete dir_;
+  }
+
+  static std::unique_ptr<inference::GRPCInferenceService::Stub> KServe() {
+    return inference::GRPCInferenceService::NewStub(
+        grpc::CreateChannel(coordinator_->address(), grpc::InsecureChannelCredentials()));
+  }
+
+  static void ExpectStillServing() {
+    auto out = client_->Infer("mlp", {{"x", Tensor::Zeros({3, 8})}});
+    ASSERT_TRUE(out.ok()) << out.status();
+    EXPECT_EQ((*out)[0].tensor.shape(), (Shape{3, 8}));
+  }
+
+  static CoordinatorProcess* coordinator_;
+  static Client* client_;
+  static std::string* dir_;
+};
+
+CoordinatorProcess* TrustTest::coordinator_ = nullptr;
+Client* TrustTest::client_ = nullptr;
+std::string* TrustTest::dir_ = nullptr;
+
+// Was: std::bad_alloc on the request's thread, std::terminate, the
+// coordinator gone.
+TEST_F(TrustTest, StreamInferWithAShapeOfTwoToTheFiftyIsAnErrorAndTheServerLives) {
+  auto stub = KServe();
+  grpc::ClientContext ctx;
+  auto stream = stub->ModelStreamInfer(&ctx);
+  inference::ModelInferRequest req;
+  req.set_model_name("mlp");
+  req.set_id("huge");
+  auto* x = req.add_inputs();
+  x->set_name("x");
+  x->set_datatype("FP32");
+  x->add_shape(int64_t{1} << 50);
+  ASSERT_TRUE(stream->Write(req));
+  stream->WritesDone();
+  inference::ModelStreamInferResponse resp;
+  ASSERT_TRUE(stream->Read(&resp));
+  EXPECT_THAT(resp.error_message(), HasSubstr("INVALID_ARGUMENT"));
+  EXPECT_THAT(resp.error_message(), HasSubstr("input \"x\""));
+  EXPECT_TRUE(stream->Finish().ok());
+  ExpectStillServing();
+}
+
+// Was: UNKNOWN "Unexpected error in RPC handling" (an exception in the
+// handler) for [1<<53, 32] with no bytes.
+TEST_F(TrustTest, InferWithAShapeItsBytesDoNotBackIsInvalidArgument) {
+  auto stub = KServe();
+  for (std::vector<int64_t> shape : {std::vector<int64_t>{int64_t{1} << 53, 32},
+                                     std::vector<int64_t>{int64_t{1} << 31, int64_t{1} << 31}}) {
+    grpc::ClientContext ctx;
+    inference::ModelInferResponse resp;
+    grpc::Status s = stub->ModelInfer(&ctx, Request("mlp", shape, ""), &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+    EXPECT_THAT(s.error_message(), HasSubstr("input \"x\""));
+  }
+  ExpectStillServing();
+}
+
+// Was: zero microbatches were sent and nothing completed the request until
+// its deadline.
+TEST_F(TrustTest, BatchOfZeroRowsAnswersAtOnce) {
+  absl::Time start = absl::Now();
+  auto out = client_->Infer("mlp", {{"x", Tensor::Zeros({0, 8})}}, absl::Seconds(30));
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ((*out)[0].tensor.shape(), (Shape{0, 8}));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+}
+
+// Was: every made-up model name became a Prometheus series, forever.
+TEST_F(TrustTest, MadeUpModelNamesDoNotBecomeMetricsSeries) {
+  for (int i = 0; i < 3; ++i) {
+    client_->Infer(absl::StrCat("nonexistent_", i), {{"x", Tensor::Zeros({1, 8})}}).IgnoreError();
+  }
+  // And a name far longer than any model's.
+  auto stub = KServe();
+  grpc::ClientContext ctx;
+  inference::ModelInferResponse resp;
+  grpc::Status s = stub->ModelInfer(&ctx, Request(std::string(1 << 20, 'n'), {1, 8},
+                                                  std::string(32, '\0')), &resp);
+  EXPECT_NE(s.error_code(), grpc::StatusCode::OK);
+  EXPECT_LT(s.error_message().size(), 4200u);
+  std::string text = HttpGet(coordinator_->metrics_port(), "/metrics");
+  EXPECT_THAT(text, Not(HasSubstr("nonexistent_")));
+  EXPECT_THAT(text, Not(HasSubstr("nnnnnnnnnnnnnnnn")));
+  EXPECT_LT(text.size(), 64u << 10);
+}
+
+// Was: a weight of shape [2^53, 512] claiming 0 bytes was accepted, and a
+// CPU stage server wrote out of bounds transposing it.
+TEST_F(TrustTest, AWeightWhoseSizeOverflowsIsRefusedAtUpload) {
+  GraphBuilder b;
+  b.Input("x", {-1, 512}).Param("w", {4, 512});
+  b.Op("linear", {"x", "w"}, "y").Output("y");
+  Model m = b.Build();
+  std::string path = *dir_ + "/overflow.psm";
+  ASSERT_TRUE(WriteModelFile(path, m.graph, m.weights).ok());
+  // Rewrite the header: w is [2^53, 512] of "0 bytes".
+  std::ifstream in(path, std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  uint64_t header_len = 0;
+  for (int i = 0; i < 8; ++i) header_len |= uint64_t{uint8_t(bytes[8 + i])} << (8 * i);
+  Graph g;
+  ASSERT_TRUE(g.ParseFromString(bytes.substr(16, header_len)));
+  TensorInfo* w = g.mutable_params(0);
+  w->set_shape(0, int64_t{1} << 53);
+  w->set_byte_size(0);
+  std::string header = g.SerializeAsString();
+  std::string out = bytes.substr(0, 8);
+  for (int i = 0; i < 8; ++i) out.push_back(char((header.size() >> (8 * i)) & 0xff));
+  out += header;
+  out.resize((out.size() + 63) / 64 * 64, '\0');
+  out += bytes.substr((16 + header_len + 63) / 64 * 64);
+  std::ofstream(path, std::ios::binary | std::ios::trunc) << out;
+  auto up = client_->Upload("overflow", path, {});
+  EXPECT_EQ(up.status().code(), absl::StatusCode::kInvalidArgument) << up.status();
+  EXPECT_THAT(std::string(up.status().message()), HasSubstr("parameter \"w\""));
+  ExpectStillServing();
+}
+
+int StageServersOf(pid_t coordinator) {
+  int n = 0;
+  std::string parent = absl::StrCat("--parent_pid=", coordinator);
+  for (const auto& e : std::filesystem::directory_iterator("/proc")) {
+    std::ifstream cmdline(e.path() / "cmdline", std::ios::binary);
+    std::string cmd((std::istreambuf_iterator<char>(cmdline)), std::istreambuf_iterator<char>());
+    std::replace(cmd.begin(), cmd.end(), '\0', ' ');
+    if (cmd.find("stage_server") != std::string::npos && cmd.find(parent) != std::string::npos) ++n;
+  }
+  return n;
+}
+
+// Was: 5000 pipe_split markers made the local launcher fork 5000 stage
+// servers.
+TEST_F(TrustTest, FiveThousandCutsAreRefusedWithoutStartingServers) {
+  int before = StageServersOf(coordinator_->pid());
+  GraphBuilder b;
+  b.Input("x", {-1, 4});
+  std::string h = "x";
+  for (int i = 0; i < 5000; ++i) {
+    if (i > 0) b.Split();
+    b.Op("relu", {h}, absl::StrCat("r", i));
+    h = absl::StrCat("r", i);
+  }
+  b.Output(h);
+  Model m = b.Build();
+  std::string path = *dir_ + "/cuts.psm";
+  ASSERT_TRUE(WriteModelFile(path, m.graph, m.weights).ok());
+  auto up = client_->Upload("cuts", path, {});
+  EXPECT_EQ(up.status().code(), absl::StatusCode::kInvalidArgument) << up.status();
+  EXPECT_THAT(std::string(up.status().message()), HasSubstr("5000 stages"));
+  EXPECT_EQ(StageServersOf(coordinator_->pid()), before);
+  ExpectStillServing();
+}
+
+// Was: ServerReady and grpc.health said ready/SERVING whatever the models'
+// state.
+TEST(TrustReadinessTest, ReadinessIsFalseWhileTheOnlyModelIsDown) {
+  auto c = CoordinatorProcess::Start({TempDir("ready_repo"), {}});
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto client = *Client::Connect((*c)->address(), {.timeout = absl::Seconds(5)});
+  ASSERT_TRUE(client->Upload("only", WriteMlp(TempDir("ready_models"), 2), {}).ok());
+  EXPECT_TRUE(*client->ServerReady());
+  pid_t stage = (*c)->StageServerPid(1);
+  ASSERT_GT(stage, 0);
+  ASSERT_EQ(::kill(stage, SIGSTOP), 0);  // stops answering, does not exit
+  bool went_down = false;
+  absl::Time until = absl::Now() + absl::Seconds(30);
+  while (!went_down && absl::Now() < until) {
+    auto ready = client->ServerReady();
+    auto health = client->Health();
+    went_down = ready.ok() && !*ready && health.ok() && *health == "NOT_SERVING";
+    if (!went_down) absl::SleepFor(absl::Milliseconds(50));
+  }
+  ::kill(stage, SIGCONT);
+  EXPECT_TRUE(went_down) << "readiness never reflected the model being down";
+}
+
+// Was: an upload could idle forever holding a thread and a file, and any
+// number could run at once.
+TEST(TrustUploadTest, AnIdleUploadIsCancelledAndFreesItsSlot) {
+  auto c = CoordinatorProcess::Start(
+      {TempDir("idle_repo"), {"--upload_idle_timeout_s=1", "--max_concurrent_uploads=1"}});
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto stub = ModelService::NewStub(
+      grpc::CreateChannel((*c)->address(), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext idle_ctx;
+  UploadResponse idle_resp;
+  auto idle = stub->Upload(&idle_ctx, &idle_resp);
+  UploadRequest first;
+  first.set_name("idle");
+  first.set_data("some bytes, then nothing");
+  ASSERT_TRUE(idle->Write(first));
+  // While it idles it holds the only slot.
+  auto client = *Client::Connect((*c)->address());
+  std::string path = WriteMlp(TempDir("idle_models"), 1);
+  absl::StatusOr<UploadResult> second = client->Upload("second", path, {});
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kResourceExhausted) << second.status();
+  // The server gives up on it, and the slot frees.
+  absl::Time start = absl::Now();
+  grpc::Status s = idle->Finish();
+  EXPECT_FALSE(s.ok());
+  EXPECT_LT(absl::Now() - start, absl::Seconds(10));
+  absl::Time until = absl::Now() + absl::Seconds(10);
+  while (!second.ok() && absl::Now() < until) {
+    second = client->Upload("second", path, {});
+    if (!second.ok()) absl::SleepFor(absl::Milliseconds(50));
+  }
+  EXPECT_TRUE(second.ok()) << second.status();
+  auto models = client->ListModels();
+  ASSERT_TRUE(models.ok());
+  for (const ModelSummary& m : *models) EXPECT_NE(m.name(), "idle");
+}
+
+// Was: no limit on an upload's size.
+TEST(TrustUploadTest, AnUploadOverTheSizeLimitIsRefusedAndStoresNothing) {
+  auto c = CoordinatorProcess::Start({TempDir("big_repo"), {"--max_upload_mb=1"}});
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto client = *Client::Connect((*c)->address());
+  std::string path = TempDir("big_models") + "/big.psm";
+  std::ofstream(path, std::ios::binary) << std::string(3 << 20, 'x');
+  auto up = client->Upload("big", path, {});
+  EXPECT_EQ(up.status().code(), absl::StatusCode::kResourceExhausted) << up.status();
+  EXPECT_THAT(std::string(up.status().message()), HasSubstr("larger than this coordinator accepts"));
+  EXPECT_TRUE(client->ListModels()->empty());
+}
+
+}  // namespace
+}  // namespace pipeserve
