@@ -145,6 +145,7 @@ TEST_F(TrustTest, BatchOfZeroRowsAnswersAtOnce) {
 
 // Was: every made-up model name became a Prometheus series, forever.
 TEST_F(TrustTest, MadeUpModelNamesDoNotBecomeMetricsSeries) {
+  ExpectStillServing();
   for (int i = 0; i < 3; ++i) {
     client_->Infer(absl::StrCat("nonexistent_", i), {{"x", Tensor::Zeros({1, 8})}}).IgnoreError();
   }
@@ -157,6 +158,9 @@ TEST_F(TrustTest, MadeUpModelNamesDoNotBecomeMetricsSeries) {
   EXPECT_NE(s.error_code(), grpc::StatusCode::OK);
   EXPECT_LT(s.error_message().size(), 4200u);
   std::string text = HttpGet(coordinator_->metrics_port(), "/metrics");
+  ASSERT_THAT(text, HasSubstr("HTTP/1.1 200 OK"));
+  EXPECT_THAT(text, HasSubstr("pipeserve_inference_requests_total{model=\"mlp\""))
+      << "the model that exists keeps its own series";
   EXPECT_THAT(text, Not(HasSubstr("nonexistent_")));
   EXPECT_THAT(text, Not(HasSubstr("nnnnnnnnnnnnnnnn")));
   EXPECT_LT(text.size(), 64u << 10);

@@ -11,43 +11,15 @@
 #include "common/status_macros.h"
 #include "partitioner/validate.h"
 #include "runtime/cpu/cpu_backend.h"
+#include "server/stage/stage_spec.h"
 #include "server/transport/frame_stream.h"
 
 namespace pipeserve {
 namespace {
 
-constexpr int kMaxStagesPerModel = 4096;
-constexpr int kMaxThreads = 1024;
-
 template <typename... Args>
 absl::Status Invalid(const Args&... parts) {
   return absl::InvalidArgumentError(absl::StrCat("LoadStage: ", parts...));
-}
-
-// host:port with a DNS name, IPv4 address or [IPv6] address and a port in
-// 1..65535: nothing gRPC would read as another scheme (unix:, ipv4:, ...).
-absl::Status CheckAddress(const std::string& address) {
-  size_t colon = address.rfind(':');
-  if (address.size() > 255 || colon == std::string::npos || colon == 0) {
-    return Invalid("next_address \"", absl::CHexEscape(address.substr(0, 64)),
-                   "\" is not host:port");
-  }
-  std::string host = address.substr(0, colon);
-  int port = 0;
-  if (!absl::SimpleAtoi(address.substr(colon + 1), &port) || port < 1 || port > 65535) {
-    return Invalid("next_address \"", absl::CHexEscape(address.substr(0, 64)),
-                   "\" has no port in 1..65535");
-  }
-  bool bracketed = host.size() > 2 && host.front() == '[' && host.back() == ']';
-  for (char c : bracketed ? host.substr(1, host.size() - 2) : host) {
-    bool ok = absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '-' ||
-              (bracketed && c == ':');
-    if (!ok) {
-      return Invalid("next_address \"", absl::CHexEscape(address.substr(0, 64)),
-                     "\" has a character a host name cannot have");
-    }
-  }
-  return absl::OkStatus();
 }
 
 // The input of one running stage, for in-process callers: pushes into the
@@ -104,71 +76,6 @@ class InputSink : public FrameSink,
 };
 
 }  // namespace
-
-absl::Status ValidateStageSpec(const StageSpec& spec, const StageServerOptions& options) {
-  const StageKey& key = spec.key();
-  absl::Status name = ValidModelName(key.model());
-  if (!name.ok()) return Invalid("key: ", name.message());
-  if (spec.num_stages() < 1 || spec.num_stages() > kMaxStagesPerModel) {
-    return Invalid("num_stages ", spec.num_stages(), " is not in 1..", kMaxStagesPerModel);
-  }
-  if (key.stage() < 0 || key.stage() >= spec.num_stages()) {
-    return Invalid("stage ", key.stage(), " is not in 0..", spec.num_stages() - 1);
-  }
-  if (spec.stage().index() != key.stage()) {
-    return Invalid("the stage graph is stage ", spec.stage().index(), ", the key says ",
-                   key.stage());
-  }
-  const bool last = key.stage() == spec.num_stages() - 1;
-  if (last != spec.next_address().empty()) {
-    return Invalid(last ? "the last stage has a next_address"
-                        : "a stage before the last has no next_address");
-  }
-  if (!last) RETURN_IF_ERROR(CheckAddress(spec.next_address()));
-  if (spec.threads() < 0 || spec.threads() > kMaxThreads) {
-    return Invalid("threads ", spec.threads(), " is not in 0..", kMaxThreads);
-  }
-  // The graph: ops, arity, shapes, and each parameter's size against its
-  // shape, all with checked arithmetic.
-  absl::StatusOr<ValueShapes> shapes = ValidateGraph(spec.stage().graph());
-  if (!shapes.ok()) return Invalid("stage graph: ", shapes.status().message());
-  uint64_t total = 0;
-  for (const TensorInfo& p : spec.stage().graph().params()) {
-    total += p.byte_size();  // each checked against its shape above
-    if (options.max_stage_bytes > 0 && total > options.max_stage_bytes) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "LoadStage: the stage's weights exceed this server's limit of ",
-          options.max_stage_bytes, " bytes"));
-    }
-  }
-  std::set<std::string> received;
-  for (const ValueSpec& v : spec.receives()) {
-    if (v.name().empty() || !received.insert(v.name()).second) {
-      return Invalid("received value \"", v.name(), "\" is unnamed or listed twice");
-    }
-    if (v.shape_size() > kMaxRank) {
-      return Invalid("received value \"", v.name(), "\" has ", v.shape_size(), " dimensions");
-    }
-    for (int d = 0; d < v.shape_size(); ++d) {
-      if (v.shape(d) < -1 || (v.shape(d) == -1 && (d != 0 || !v.batched()))) {
-        return Invalid("received value \"", v.name(), "\": only dim 0 of a batched value may be -1");
-      }
-    }
-    Shape fixed(v.shape().begin(), v.shape().end());
-    if (!fixed.empty() && fixed[0] == -1) fixed[0] = 1;
-    absl::Status size = CheckedByteSize(fixed, 4).status();
-    if (!size.ok()) return Invalid("received value \"", v.name(), "\": ", size.message());
-  }
-  for (const ValueSpec& in : spec.stage().graph().inputs()) {
-    if (!received.count(in.name())) {
-      return Invalid("the stage reads \"", in.name(), "\" but does not receive it");
-    }
-  }
-  for (const std::string& f : spec.forward()) {
-    if (f.empty()) return Invalid("an empty name in forward");
-  }
-  return absl::OkStatus();
-}
 
 class StageServerCore::LoadImpl : public StageServerCore::Load {
  public:
@@ -251,7 +158,7 @@ void StageServerCore::UnloadAll() {
 
 absl::StatusOr<std::unique_ptr<StageServerCore::Load>> StageServerCore::BeginLoad(
     const StageSpec& spec) {
-  RETURN_IF_ERROR(ValidateStageSpec(spec, options_));
+  RETURN_IF_ERROR(ValidateStageSpec(spec, options_.max_stage_bytes));
   {
     absl::MutexLock lock(&mu_);
     if (static_cast<int>(hosts_.size()) >= options_.max_stages && !hosts_.count(KeyOf(spec.key()))) {

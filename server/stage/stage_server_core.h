@@ -117,9 +117,6 @@ class StageServerCore {
   std::map<Key, std::shared_ptr<StageHost>> hosts_ ABSL_GUARDED_BY(mu_);
 };
 
-// Checks a spec as BeginLoad does; exposed for the fuzzer and tests.
-absl::Status ValidateStageSpec(const StageSpec& spec, const StageServerOptions& options);
-
 }  // namespace pipeserve
 
 #endif  // PIPESERVE_SERVER_STAGE_STAGE_SERVER_CORE_H_

@@ -13,10 +13,21 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "proto/model.pb.h"
 #include "proto/pipeserve_service.pb.h"
 
 namespace pipeserve {
+
+// What a stage server checks in a spec before it loads anything: the key
+// (a valid model name, a stage index within num_stages), the next address
+// (host:port, and only before the last stage), the thread count, the
+// stage graph (validated, each weight's byte size against its shape with
+// overflow checks, and their total against `max_weight_bytes` when not 0:
+// kResourceExhausted), and the received values (unique names, shapes that
+// can exist, every graph input among them). kInvalidArgument naming the
+// field otherwise.
+absl::Status ValidateStageSpec(const StageSpec& spec, uint64_t max_weight_bytes = 0);
 
 // One spec per stage of `plan`; servers[i] is stage i's server address
 // (so stage i's next_address is servers[i + 1]). `threads`: GEMM threads
