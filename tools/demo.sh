@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The pipeserve demo: start a coordinator (which starts one stage server per
-# stage on this machine), export the seed's ExampleCode from PyTorch, upload
-# it, print its plan, send batches through the KServe v2 API with the Python
-# client, compare with PyTorch, and shut everything down. Exits non-zero if
-# anything disagrees or fails; leaves no process running.
+# The pipeserve demo: start a coordinator with API tokens (it starts one
+# stage server per stage on this machine, which take calls only from it),
+# export the seed's ExampleCode from PyTorch, upload it with the admin
+# token, print its plan, send batches through the KServe v2 API with the
+# Python client and the infer token, compare with PyTorch, and shut
+# everything down. Exits non-zero if anything disagrees or fails; leaves no
+# process running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/bootstrap.sh
@@ -24,9 +26,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "== starting the coordinator (local launcher: one stage server per stage)"
+echo "== making API tokens: one with the admin scope, one with infer"
+umask 077
+admin_token=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+infer_token=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+printf 'admin %s\ninfer %s\n' "$admin_token" "$infer_token" > "$work/tokens"
+printf '%s\n' "$admin_token" > "$work/admin.token"
+
+echo "== starting the coordinator (loopback only, tokens required; the local launcher"
+echo "   starts one stage server per stage)"
 bazel-bin/server/coordinator/coordinator --port=0 --port_file="$work/port" \
-  --repository="$work/repository" > "$work/coordinator.log" 2>&1 &
+  --repository="$work/repository" --auth_tokens="$work/tokens" > "$work/coordinator.log" 2>&1 &
 coordinator_pid=$!
 for _ in $(seq 300); do [ -s "$work/port" ] && break; sleep 0.1; done
 [ -s "$work/port" ] || { cat "$work/coordinator.log"; exit 1; }
@@ -37,14 +47,21 @@ echo "== exporting ExampleCode (d_hid 512, batch 256) with PyTorch"
 /usr/bin/python3 tests/pytorch/make_fixtures.py --out "$work" --case example_code --batch 256
 case_dir="$work/example_code"
 
-echo "== uploading (16 microbatches per request)"
-"$cli" upload --server "$server" --name example_code --model "$case_dir/model.psm" --microbatches 16
+echo "== an upload without a token is refused"
+if "$cli" upload --server "$server" --name example_code --model "$case_dir/model.psm" 2>"$work/refused"; then
+  echo "the upload without a token went through"; exit 1
+fi
+cat "$work/refused"
+
+echo "== uploading with the admin token (16 microbatches per request)"
+"$cli" upload --server "$server" --token_file "$work/admin.token" --name example_code \
+  --model "$case_dir/model.psm" --microbatches 16
 
 echo "== plan"
-"$cli" plan --server "$server" --name example_code
+"$cli" plan --server "$server" --token_file "$work/admin.token" --name example_code
 
-echo "== inference through the KServe v2 API (Python client)"
-/usr/bin/python3 tools/demo_client.py "$server" example_code "$case_dir"
+echo "== inference through the KServe v2 API (Python client, infer token)"
+PIPESERVE_TOKEN="$infer_token" /usr/bin/python3 tools/demo_client.py "$server" example_code "$case_dir"
 
 echo "== shutting down"
 pid=$coordinator_pid
