@@ -27,9 +27,14 @@ class ServingPyTest(unittest.TestCase):
         cls.tmp = tempfile.mkdtemp(dir=os.environ.get("TEST_TMPDIR"))
         port_file = os.path.join(cls.tmp, "port")
         cls.log = open(os.path.join(cls.tmp, "coordinator.log"), "w")
+        cls.admin, cls.infer_only = "a" * 32, "i" * 32
+        tokens = os.path.join(cls.tmp, "tokens")
+        with open(tokens, "w") as f:
+            f.write(f"admin {cls.admin}\ninfer {cls.infer_only}\n")
         cls.proc = subprocess.Popen(
             [os.path.join(ROOT, "server/coordinator/coordinator"), "--port=0", "--host=127.0.0.1",
              f"--port_file={port_file}", f"--repository={cls.tmp}/repo",
+             f"--auth_tokens={tokens}",
              f"--stage_server_binary={os.path.join(ROOT, 'server/stage/stage_server')}"],
             stdout=cls.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 60
@@ -37,7 +42,8 @@ class ServingPyTest(unittest.TestCase):
             if time.time() > deadline or cls.proc.poll() is not None:
                 raise RuntimeError("coordinator did not start")
             time.sleep(0.02)
-        cls.client = pipeserve.Client(f"127.0.0.1:{open(port_file).read().strip()}")
+        cls.address = f"127.0.0.1:{open(port_file).read().strip()}"
+        cls.client = pipeserve.Client(cls.address, token=cls.admin)
         while not cls.client.health():  # health check, not a sleep
             if time.time() > deadline:
                 raise RuntimeError("coordinator not healthy")
@@ -65,6 +71,26 @@ class ServingPyTest(unittest.TestCase):
             ref = self.model(*inputs.values()).numpy()
         self.assertEqual(out.shape, (10, 512))
         np.testing.assert_allclose(out, ref, rtol=1.3e-6, atol=1e-5)
+
+    def test_tokens_are_required_and_scoped(self):
+        self.client.upload("scoped", self.path)
+        x = {"x": np.zeros((2, 512), np.float32), "y": np.zeros((2, 512), np.float32)}
+        with pipeserve.Client(self.address) as anonymous:
+            self.assertTrue(anonymous.health())  # probes need no token
+            with self.assertRaises(pipeserve.ServerError) as e:
+                anonymous.infer("scoped", x)
+            self.assertEqual(e.exception.code, "UNAUTHENTICATED")
+        with pipeserve.Client(self.address, token=self.infer_only) as user:
+            (out,) = user.infer("scoped", x)
+            self.assertEqual(out.shape, (2, 512))
+            with self.assertRaises(pipeserve.ServerError) as e:
+                user.unload("scoped")
+            self.assertEqual(e.exception.code, "PERMISSION_DENIED")
+        self.client.unload("scoped")
+        self.assertNotIn("scoped", [m["name"] for m in self.client.models()])
+        with self.assertRaises(pipeserve.ServerError) as e:
+            self.client.unload("scoped")
+        self.assertEqual(e.exception.code, "NOT_FOUND")
 
     def test_errors_carry_grpc_codes(self):
         with self.assertRaises(pipeserve.ServerError) as e:
