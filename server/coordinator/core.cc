@@ -74,6 +74,16 @@ Coordinator::~Coordinator() {
 }
 
 void Coordinator::LoadStoredModels() {
+  // Stages a predecessor loaded would hold their memory for good: nothing
+  // else knows their deployment ids.
+  const absl::Time deadline = absl::Now() + absl::Seconds(5);
+  for (const std::string& address : launcher_->ExistingServers()) {
+    absl::StatusOr<std::vector<StageKey>> keys = stages_->ListStages(address, deadline);
+    if (!keys.ok()) continue;  // not up yet: then it holds nothing either
+    for (const StageKey& key : *keys) {
+      stages_->UnloadStage(address, key, deadline).IgnoreError();
+    }
+  }
   absl::StatusOr<std::vector<StoredModel>> stored = store_->List();
   if (stored.ok()) {
     for (const StoredModel& m : *stored) {

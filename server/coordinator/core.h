@@ -61,7 +61,9 @@ class Coordinator {
   // Closes every deployment (unloading its stages).
   ~Coordinator();
 
-  // Deploys every model in the store (after a restart). Models that fail
+  // Unloads whatever stages an earlier coordinator left on the launcher's
+  // existing servers (one coordinator owns its stage servers), then
+  // deploys every model in the store (after a restart). Models that fail
   // are listed as UNAVAILABLE with the reason and repaired like broken
   // ones.
   void LoadStoredModels();

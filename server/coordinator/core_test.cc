@@ -18,6 +18,7 @@
 #include "runtime/local_pipeline.h"
 #include "runtime/model_file.h"
 #include "server/coordinator/in_process_stages.h"
+#include "server/stage/stage_spec.h"
 #include "server/testing/gated_backend.h"
 
 namespace pipeserve {
@@ -400,6 +401,7 @@ TEST_F(CoordinatorTest, ServingTellsWhetherAnyModelCanServe) {
 
 TEST_F(CoordinatorTest, NotServingUntilTheStoredModelsAreLoaded) {
   ASSERT_TRUE(Upload("kept", Mlp(2)).ok());
+  ASSERT_TRUE(Upload("other", Mlp(2)).ok());
   // A restart: a new coordinator over the same repository.
   coordinator_.reset();
   coordinator_ = std::make_unique<Coordinator>(Options(), *OpenFileModelStore(repo_),
@@ -408,6 +410,30 @@ TEST_F(CoordinatorTest, NotServingUntilTheStoredModelsAreLoaded) {
   coordinator_->LoadStoredModels();
   EXPECT_TRUE(coordinator_->Serving());
   EXPECT_TRUE(Infer("kept", {Ramp({2, 8}, 1), Ramp({2, 8}, 1)}).ok());
+}
+
+// A coordinator that crashed (no clean shutdown) leaves its stages loaded
+// on static stage servers; the next one clears them before deploying.
+TEST_F(CoordinatorTest, ARestartClearsStagesAPredecessorLeftBehind) {
+  // What a killed predecessor left: a 4-stage deployment nobody knows.
+  std::vector<std::string> servers;
+  for (int i = 0; i < kServers; ++i) servers.push_back(absl::StrCat("s", i, ":9000"));
+  auto file = ModelFileReader::Open(Write(Mlp(4)));
+  ASSERT_TRUE(file.ok());
+  Plan plan = *Partition((*file)->graph(), {});
+  WeightReader read = [&](const std::string& fqn, uint64_t off, size_t n, char* out) {
+    return (*file)->Read(fqn, off, n, out);
+  };
+  std::vector<StageSpec> specs = MakeStageSpecs(plan, "ghost", 12345, servers, 0);
+  for (int i = 3; i >= 0; --i) {
+    ASSERT_TRUE(stages_->LoadStage(servers[i], specs[i], read, absl::InfiniteFuture()).ok());
+  }
+  EXPECT_EQ(StagesLoaded(), 4);
+  auto fresh = std::make_unique<Coordinator>(Options(), *OpenFileModelStore(TempDir("repo2")),
+                                             MakeStaticLauncher(servers), stages_.get());
+  fresh->LoadStoredModels();
+  EXPECT_EQ(StagesLoaded(), 0);
+  fresh.reset();
 }
 
 TEST_F(CoordinatorTest, ManyConcurrentRequestsAllGetTheirOwnAnswers) {

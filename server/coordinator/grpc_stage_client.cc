@@ -69,6 +69,19 @@ absl::Status GrpcStageClient::UnloadStage(const std::string& address, const Stag
                         absl::StrCat("unloading ", StageKeyName(key), " on ", address));
 }
 
+absl::StatusOr<std::vector<StageKey>> GrpcStageClient::ListStages(const std::string& address,
+                                                                  absl::Time deadline) {
+  auto stub = StageService::NewStub(channels_->To(address));
+  grpc::ClientContext ctx;
+  channels_->Prepare(&ctx);
+  ctx.set_deadline(absl::ToChronoTime(deadline));
+  ListStagesResponse resp;
+  absl::Status s = FromGrpcStatus(stub->ListStages(&ctx, ListStagesRequest(), &resp),
+                                  absl::StrCat("listing the stages on ", address));
+  if (!s.ok()) return s;
+  return std::vector<StageKey>(resp.keys().begin(), resp.keys().end());
+}
+
 absl::StatusOr<StageStatsResponse> GrpcStageClient::GetStageStats(const std::string& address,
                                                                   const StageKey& key,
                                                                   absl::Time deadline) {

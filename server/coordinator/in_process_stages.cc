@@ -182,6 +182,12 @@ absl::Status InProcessStages::UnloadStage(const std::string& address, const Stag
   return server->Unload(key);
 }
 
+absl::StatusOr<std::vector<StageKey>> InProcessStages::ListStages(const std::string& address,
+                                                                  absl::Time) {
+  ASSIGN_OR_RETURN(std::shared_ptr<StageServerCore> server, Reach(address));
+  return server->Keys();
+}
+
 absl::StatusOr<StageStatsResponse> InProcessStages::GetStageStats(const std::string& address,
                                                                   const StageKey& key,
                                                                   absl::Time) {

@@ -40,6 +40,8 @@ class InProcessStages : public StageClient, public Dialer {
                          const WeightReader& weights, absl::Time deadline) override;
   absl::Status UnloadStage(const std::string& address, const StageKey& key,
                            absl::Time deadline) override;
+  absl::StatusOr<std::vector<StageKey>> ListStages(const std::string& address,
+                                                   absl::Time deadline) override;
   absl::StatusOr<StageStatsResponse> GetStageStats(const std::string& address,
                                                    const StageKey& key,
                                                    absl::Time deadline) override;

@@ -46,6 +46,7 @@ class StaticLauncher : public Launcher {
     return out;
   }
   int ThreadsPerStage() const override { return 0; }
+  std::vector<std::string> ExistingServers() const override { return addresses_; }
 
  private:
   const std::vector<std::string> addresses_;

@@ -32,6 +32,9 @@ class Launcher {
   virtual absl::StatusOr<std::vector<std::string>> ServersFor(int num_stages) = 0;
   // GEMM threads each stage should use (0: the server decides).
   virtual int ThreadsPerStage() const = 0;
+  // The servers that already exist before anything was asked (the static
+  // list; none for a launcher that starts its own).
+  virtual std::vector<std::string> ExistingServers() const { return {}; }
 };
 
 std::unique_ptr<Launcher> MakeStaticLauncher(std::vector<std::string> addresses);

@@ -14,6 +14,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -47,6 +48,10 @@ class StageClient {
   // kNotFound when the server does not hold the stage.
   virtual absl::Status UnloadStage(const std::string& address, const StageKey& key,
                                    absl::Time deadline) = 0;
+
+  // Every stage the server at `address` holds.
+  virtual absl::StatusOr<std::vector<StageKey>> ListStages(const std::string& address,
+                                                           absl::Time deadline) = 0;
 
   // kNotFound when the server does not hold the stage (it lost it, e.g.
   // after a restart), kUnavailable when the server cannot be reached.

@@ -245,6 +245,13 @@ std::shared_ptr<FrameSink> StageServerCore::OpenInput(const StageKey& key) {
   return std::make_shared<InputSink>(this, key);
 }
 
+std::vector<StageKey> StageServerCore::Keys() {
+  absl::MutexLock lock(&mu_);
+  std::vector<StageKey> keys;
+  for (const auto& [key, host] : hosts_) keys.push_back(host->spec().key());
+  return keys;
+}
+
 size_t StageServerCore::size() {
   absl::MutexLock lock(&mu_);
   return hosts_.size();

@@ -102,6 +102,9 @@ class StageServerCore {
   // Stops and drops every stage (a server going away).
   void UnloadAll();
 
+  // The keys of every stage held.
+  std::vector<StageKey> Keys();
+
   size_t size();
 
  private:

@@ -216,6 +216,14 @@ grpc::Status StageServiceImpl::GetStageStats(grpc::ServerContext* ctx,
   return grpc::Status::OK;
 }
 
+grpc::Status StageServiceImpl::ListStages(grpc::ServerContext* ctx, const ListStagesRequest*,
+                                          ListStagesResponse* resp) {
+  absl::Status auth = CheckClusterToken(cluster_token_, *ctx);
+  if (!auth.ok()) return ToGrpcStatus(auth);
+  for (const StageKey& key : core_->Keys()) *resp->add_keys() = key;
+  return grpc::Status::OK;
+}
+
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* StageServiceImpl::Process(
     grpc::CallbackServerContext* ctx) {
   using Bidi = grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>;

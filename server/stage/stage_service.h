@@ -46,6 +46,8 @@ class StageServiceImpl final
                            UnloadStageResponse* response) override;
   grpc::Status GetStageStats(grpc::ServerContext* ctx, const StageStatsRequest* req,
                              StageStatsResponse* response) override;
+  grpc::Status ListStages(grpc::ServerContext* ctx, const ListStagesRequest* req,
+                          ListStagesResponse* response) override;
   grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* Process(
       grpc::CallbackServerContext* ctx) override;
   grpc::ServerWriteReactor<grpc::ByteBuffer>* Results(grpc::CallbackServerContext* ctx,
