@@ -184,7 +184,8 @@ TEST_F(TrustTest, AWeightWhoseSizeOverflowsIsRefusedAtUpload) {
   ASSERT_TRUE(g.ParseFromString(bytes.substr(16, header_len)));
   TensorInfo* w = g.mutable_params(0);
   w->set_shape(0, int64_t{1} << 53);
-  w->set_byte_size(0);
+  w->set_byte_size(0);  // what [2^53, 512] float32 came to when sizes wrapped
+  w->set_crc32(0);      // the CRC-32 of no bytes
   std::string header = g.SerializeAsString();
   std::string out = bytes.substr(0, 8);
   for (int i = 0; i < 8; ++i) out.push_back(char((header.size() >> (8 * i)) & 0xff));
