@@ -22,12 +22,16 @@ class GrpcSubscription : public StageClient::Subscription {
 
 }  // namespace
 
+void GrpcStageClient::Prepare(grpc::ClientContext* ctx, absl::Time deadline) const {
+  channels_->Prepare(ctx);
+  ctx->set_deadline(absl::ToChronoTime(deadline));
+}
+
 absl::Status GrpcStageClient::LoadStage(const std::string& address, const StageSpec& spec,
                                         const WeightReader& weights, absl::Time deadline) {
   auto stub = StageService::NewStub(channels_->To(address));
   grpc::ClientContext ctx;
-  channels_->Prepare(&ctx);
-  ctx.set_deadline(absl::ToChronoTime(deadline));
+  Prepare(&ctx, deadline);
   LoadStageResponse resp;
   auto writer = stub->LoadStage(&ctx, &resp);
   LoadStageRequest req;
@@ -60,8 +64,7 @@ absl::Status GrpcStageClient::UnloadStage(const std::string& address, const Stag
                                           absl::Time deadline) {
   auto stub = StageService::NewStub(channels_->To(address));
   grpc::ClientContext ctx;
-  channels_->Prepare(&ctx);
-  ctx.set_deadline(absl::ToChronoTime(deadline));
+  Prepare(&ctx, deadline);
   UnloadStageRequest req;
   *req.mutable_key() = key;
   UnloadStageResponse resp;
@@ -73,8 +76,7 @@ absl::StatusOr<std::vector<StageKey>> GrpcStageClient::ListStages(const std::str
                                                                   absl::Time deadline) {
   auto stub = StageService::NewStub(channels_->To(address));
   grpc::ClientContext ctx;
-  channels_->Prepare(&ctx);
-  ctx.set_deadline(absl::ToChronoTime(deadline));
+  Prepare(&ctx, deadline);
   ListStagesResponse resp;
   absl::Status s = FromGrpcStatus(stub->ListStages(&ctx, ListStagesRequest(), &resp),
                                   absl::StrCat("listing the stages on ", address));
@@ -87,8 +89,7 @@ absl::StatusOr<StageStatsResponse> GrpcStageClient::GetStageStats(const std::str
                                                                   absl::Time deadline) {
   auto stub = StageService::NewStub(channels_->To(address));
   grpc::ClientContext ctx;
-  channels_->Prepare(&ctx);
-  ctx.set_deadline(absl::ToChronoTime(deadline));
+  Prepare(&ctx, deadline);
   StageStatsRequest req;
   *req.mutable_key() = key;
   StageStatsResponse resp;

@@ -35,6 +35,9 @@ class GrpcStageClient : public StageClient {
       std::function<void(const absl::Status&)> on_done, absl::Time deadline) override;
 
  private:
+  // The cluster token and the deadline, for one call.
+  void Prepare(grpc::ClientContext* ctx, absl::Time deadline) const;
+
   const std::shared_ptr<StageChannels> channels_;
   const size_t send_capacity_;
 };

@@ -58,14 +58,19 @@ grpc::Status KServeService::ServerReady(grpc::ServerContext*,
   return grpc::Status::OK;
 }
 
+absl::StatusOr<ModelInfo> KServeService::GetModel(const grpc::ServerContext& ctx,
+                                                  const std::string& name,
+                                                  const std::string& version) {
+  RETURN_IF_ERROR(AuthorizeCall(tokens_, ctx, Scope::kInfer));
+  RETURN_IF_ERROR(ValidModelName(name));
+  RETURN_IF_ERROR(CheckVersion(name, version));
+  return coordinator_->GetModel(name);
+}
+
 grpc::Status KServeService::ModelReady(grpc::ServerContext* ctx,
                                        const inference::ModelReadyRequest* req,
                                        inference::ModelReadyResponse* resp) {
-  absl::Status s = AuthorizeCall(tokens_, *ctx, Scope::kInfer);
-  if (s.ok()) s = ValidModelName(req->name());
-  if (s.ok()) s = CheckVersion(req->name(), req->version());
-  if (!s.ok()) return ToGrpcStatus(s);
-  absl::StatusOr<ModelInfo> info = coordinator_->GetModel(req->name());
+  absl::StatusOr<ModelInfo> info = GetModel(*ctx, req->name(), req->version());
   if (!info.ok()) return ToGrpcStatus(info.status());
   resp->set_ready(info->state == ModelState::kReady);
   return grpc::Status::OK;
@@ -86,11 +91,7 @@ grpc::Status KServeService::ServerMetadata(grpc::ServerContext* ctx,
 grpc::Status KServeService::ModelMetadata(grpc::ServerContext* ctx,
                                           const inference::ModelMetadataRequest* req,
                                           inference::ModelMetadataResponse* resp) {
-  absl::Status s = AuthorizeCall(tokens_, *ctx, Scope::kInfer);
-  if (s.ok()) s = ValidModelName(req->name());
-  if (s.ok()) s = CheckVersion(req->name(), req->version());
-  if (!s.ok()) return ToGrpcStatus(s);
-  absl::StatusOr<ModelInfo> info = coordinator_->GetModel(req->name());
+  absl::StatusOr<ModelInfo> info = GetModel(*ctx, req->name(), req->version());
   if (!info.ok()) return ToGrpcStatus(info.status());
   resp->set_name(info->name);
   resp->add_versions(kModelVersion);

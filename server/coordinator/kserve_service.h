@@ -55,6 +55,9 @@ class KServeService final : public inference::GRPCInferenceService::Service {
                                inference::RepositoryIndexResponse*) override;
 
  private:
+  // Authorizes the call, checks the name and version, and looks the model up.
+  absl::StatusOr<ModelInfo> GetModel(const grpc::ServerContext& ctx, const std::string& name,
+                                     const std::string& version);
   // One inference request, metered.
   absl::Status Infer(const inference::ModelInferRequest& req, absl::Time deadline,
                      const std::function<bool()>& cancelled, inference::ModelInferResponse* resp);
