@@ -98,6 +98,11 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(options.max_message_bytes);
   args.SetMaxSendMessageSize(options.max_message_bytes);
+  // A connection of its own: gRPC otherwise shares subchannels between
+  // channels to the same address in a process, and one left in reconnect
+  // backoff by an earlier server on that port would fail this client's
+  // calls for up to two minutes.
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   if (!options.tls_server_name.empty()) {
     args.SetSslTargetNameOverride(options.tls_server_name);
   }

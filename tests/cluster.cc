@@ -80,12 +80,15 @@ absl::StatusOr<std::unique_ptr<CoordinatorProcess>> CoordinatorProcess::Start(
   options.timeout = absl::Seconds(5);
   auto client = Client::Connect(p->address_, options);
   if (!client.ok()) return client.status();
+  std::string last;
   while (absl::Now() < deadline) {
     absl::StatusOr<std::string> h = (*client)->Health();
     if (h.ok() && *h == "SERVING") return p;
+    last = h.ok() ? *h : h.status().ToString();
     absl::SleepFor(absl::Milliseconds(20));
   }
-  return absl::DeadlineExceededError("coordinator never reported SERVING");
+  return absl::DeadlineExceededError(absl::StrCat(
+      "coordinator never reported SERVING (last: ", last, "); log: ", p->log_));
 }
 
 pid_t CoordinatorProcess::StageServerPid(int index) const {

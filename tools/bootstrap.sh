@@ -15,6 +15,9 @@ PACKAGES=(
   zlib1g-dev               # CRC-32 of model weights
   python3-torch python3-numpy python3-protobuf python3-grpcio python3-yaml
   libopenblas0-pthread     # PyTorch's BLAS, for the reference and baselines
+  # tools/fuzz.sh: clang with libFuzzer, its sanitizer runtimes, and OpenMP
+  # for the CPU kernels (gcc's ASan/UBSan/TSan runtimes come with g++).
+  clang-14 libclang-rt-14-dev libfuzzer-14-dev libomp-14-dev
 )
 
 # --- deploy tooling: tools/make_dev_certs.sh and //tests:deploy_test -------

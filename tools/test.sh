@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
-# Builds pipeserve and runs every test: `bazel test //...`, then the CUDA
-# configuration (`bazel test --config=cuda` of the CUDA targets, one entry),
-# then one line "N passed, N failed" counting every Bazel test target and
-# that entry. Exits non-zero on any failure.
+# Builds pipeserve and runs every test, then the same suite again under
+# AddressSanitizer + UndefinedBehaviorSanitizer, the concurrency tests under
+# ThreadSanitizer, the CUDA configuration, and each fuzz target for
+# $PIPESERVE_FUZZ_SECONDS (default 30) seconds. Ends with one line
+# "N passed, N failed" counting every Bazel test target of the normal run
+# and one entry for each of: the ASan run, the TSan run, the CUDA build,
+# the fuzzing. Exits non-zero on any failure.
+#
 # Usage: tools/test.sh [extra bazel test flags]
+#   PIPESERVE_TEST_QUICK=1 tools/test.sh   # the normal run only
 set -uo pipefail
 cd "$(dirname "$0")/.."
 tools/bootstrap.sh || exit 1
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
+start=$(date +%s)
+stamp() { echo "[tools/test.sh $(( $(date +%s) - start ))s] $*"; }
+
+stamp "bazel test //..."
 bazel test //... "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 
@@ -21,23 +30,48 @@ if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then
   echo "bazel exited with status $status before reporting test results" >&2
 fi
 
-# The CUDA backend: compiled by nvcc and linked against /usr/local/cuda, and
-# its tests run (the GPU cases skip without a GPU; the no-device errors are
-# checked). One entry in the count. Machines without the toolkit skip it.
-cuda_targets=(//runtime:backend_test //runtime:backends_test //runtime/cuda:cuda_backend_test
-              //bench:cuda_bench //server/stage:stage_server)
-if [ -x /usr/local/cuda/bin/nvcc ]; then
-  if bazel test --config=cuda "${cuda_targets[@]}" "$@" > "$log" 2>&1; then
+# One counted entry: runs `cmd...`, prints its output only when it fails.
+entry() {
+  local name=$1
+  shift
+  stamp "$name"
+  if "$@" > "$log" 2>&1; then
     passed=$((passed + 1))
-    echo "cuda build (bazel test --config=cuda ${cuda_targets[*]}): PASSED"
+    grep -E '^//.* (PASSED|FAILED)|executions|^target' "$log" | sed 's/^/  /'
+    echo "$name: PASSED"
   else
     failed=$((failed + 1))
     cat "$log"
-    echo "cuda build (bazel test --config=cuda ${cuda_targets[*]}): FAILED"
+    echo "$name: FAILED"
     status=1
   fi
-else
-  echo "cuda build: skipped (no /usr/local/cuda/bin/nvcc on this machine)"
+}
+
+if [ "${PIPESERVE_TEST_QUICK:-0}" != 1 ]; then
+  # The whole suite again with ASan + UBSan (third_party/sanitizers/README.md).
+  entry "asan+ubsan (bazel test --config=asan //...)" bazel test --config=asan //... "$@"
+
+  # The concurrency tests with TSan: the ones whose threads meet through
+  # synchronization TSan can see (the list and why is in that README).
+  entry "tsan (bazel test --config=tsan //third_party/sanitizers:tsan_tests)" \
+    bazel test --config=tsan //third_party/sanitizers:tsan_tests "$@"
+
+  # The CUDA backend: compiled by nvcc and linked against /usr/local/cuda,
+  # and its tests run (the GPU cases skip without a GPU; the no-device
+  # errors are checked). Machines without the toolkit skip it.
+  cuda_targets=(//runtime:backend_test //runtime:backends_test //runtime/cuda:cuda_backend_test
+                //bench:cuda_bench //server/stage:stage_server)
+  if [ -x /usr/local/cuda/bin/nvcc ]; then
+    entry "cuda build (bazel test --config=cuda ${cuda_targets[*]})" \
+      bazel test --config=cuda "${cuda_targets[@]}" "$@"
+  else
+    echo "cuda build: skipped (no /usr/local/cuda/bin/nvcc on this machine)"
+  fi
+
+  # libFuzzer on every input parser, starting from the seed corpora.
+  entry "fuzzing (tools/fuzz.sh ${PIPESERVE_FUZZ_SECONDS:-30})" tools/fuzz.sh "${PIPESERVE_FUZZ_SECONDS:-30}"
 fi
+
+stamp "done"
 echo "${passed} passed, ${failed} failed"
 [ "$failed" -eq 0 ] && [ "$status" -eq 0 ]

@@ -253,6 +253,7 @@ absl::Status LoweredStage::Build(const WeightMap& weights,
 
 void LoweredStage::FillWeights(void* dst) const {
   char* base = static_cast<char*>(dst);
+  if (weight_bytes_ == 0) return;  // a stage without weights: dst may be null
   std::memset(base, 0, weight_bytes_);
   for (const Value& v : values_) {
     if (v.param < 0) continue;

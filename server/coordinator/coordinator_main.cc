@@ -2,8 +2,8 @@
 // the KServe v2 inference API.
 //
 //   coordinator                                   # loopback :8001, ./model_repository, local launcher
-//   coordinator --host=0.0.0.0 --tls_cert=server.crt --tls_key=server.key --auth_tokens=tokens \
-//       --cluster_ca=ca.crt --cluster_cert=coordinator.crt --cluster_key=coordinator.key \
+//   coordinator --tls_cert=server.crt --tls_key=server.key --auth_tokens=tokens
+//       --cluster_ca=ca.crt --cluster_cert=coordinator.crt --cluster_key=coordinator.key
 //       --launcher=static --stage_servers=stage-0.stages:9000,stage-1.stages:9000
 #include <sys/stat.h>
 #include <unistd.h>

@@ -129,15 +129,25 @@ class ResultsReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   ResultsReactor(StageServerCore* core, StageKey key, size_t capacity,
                  grpc::CallbackServerContext* ctx)
       : core_(core), key_(std::move(key)), sink_(std::make_shared<Sink>(this, capacity)) {
-    absl::Status s = core_->SubscribeResults(key_, sink_);
+    // Refusals go back trailers-only (no marker); a subscription sends its
+    // initial metadata before the sink can start any write.
+    std::shared_ptr<StageHost> host = core_->Find(key_);
+    absl::Status s = host == nullptr
+                         ? absl::NotFoundError(absl::StrCat(StageKeyName(key_), " is not loaded here"))
+                     : !host->last_stage()
+                         ? absl::FailedPreconditionError(absl::StrCat(
+                               StageKeyName(key_), " is not the last stage; only its results stream"))
+                         : absl::OkStatus();
+    if (s.ok()) {
+      ctx->AddInitialMetadata(kSubscribedKey, "1");
+      StartSendInitialMetadata();
+      s = core_->SubscribeResults(key_, sink_);
+    }
     if (!s.ok()) {
       subscribed_ = false;
       status_ = ToGrpcStatus(s);
       sink_->queue_.Close("not subscribed");  // finishes via Closed()
-      return;
     }
-    ctx->AddInitialMetadata(kSubscribedKey, "1");
-    StartSendInitialMetadata();
   }
 
   void OnWriteDone(bool ok) override { sink_->queue_.WriteDone(ok); }

@@ -94,9 +94,10 @@ int Serve(const std::vector<grpc::Service*>& services, const ServeOptions& optio
   std::thread health;
   if (options.serving) {
     grpc::HealthCheckServiceInterface* hc = server->GetHealthCheckService();
-    hc->SetServingStatus(options.serving());
-    health = std::thread([&, hc] {
-      bool last = options.serving();
+    const bool initial = options.serving();
+    hc->SetServingStatus(initial);
+    health = std::thread([&, hc, initial] {
+      bool last = initial;  // what was set, not what holds by now
       while (!stop_health.WaitForNotificationWithTimeout(absl::Milliseconds(100))) {
         bool now = options.serving();
         if (now != last) hc->SetServingStatus(now);
