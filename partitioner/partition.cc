@@ -235,9 +235,18 @@ absl::StatusOr<Plan> Partition(const Graph& graph,
 
   Plan plan;
   for (const ValueSpec& in : graph.inputs()) *plan.add_inputs() = in;
+  // A model output may be a parameter itself (a model that returns a
+  // weight): the last stage holds a copy and sends it.
+  std::vector<std::string> param_outputs;
   for (const std::string& out : graph.outputs()) {
     *plan.add_outputs() = SpecFor(out, shapes);
-    plan.add_output_stages(value_stage.at(out));
+    auto made = value_stage.find(out);
+    if (made != value_stage.end()) {
+      plan.add_output_stages(made->second);
+    } else {
+      plan.add_output_stages(num_stages - 1);
+      param_outputs.push_back(out);
+    }
   }
   for (int s = 0; s < num_stages; ++s) {
     Stage* stage = plan.add_stages();
@@ -265,6 +274,21 @@ absl::StatusOr<Plan> Partition(const Graph& graph,
       }
       *g->add_nodes() = *n;
       for (const std::string& out : n->outputs()) have.insert(out);
+    }
+    if (s == num_stages - 1) {
+      for (const std::string& v : param_outputs) {
+        if (!have.contains(v)) {
+          const Node* pn = param_node.at(v);
+          *g->add_nodes() = *pn;
+          const std::string& fqn = pn->attrs().at("fqn").s();
+          if (params_added.insert(fqn).second) {
+            *g->add_params() = *param_info.at(fqn);
+            stage->add_param_fqns(fqn);
+          }
+          have.insert(v);
+        }
+        g->add_outputs(v);
+      }
     }
     // Outputs: values made here that later stages or the model read.
     for (const Node* n : stage_nodes[s]) {

@@ -291,5 +291,20 @@ TEST(PartitionTest, ValidationErrorsComeThrough) {
   ExpectError(b.graph(), {}, "unknown op \"conv2d\"");
 }
 
+// Found by fuzzing (fuzz/corpus/model_file_fuzz/crash-5661e4f7...): a model
+// whose output is one of its parameters threw std::out_of_range here, which
+// took the coordinator down on upload.
+TEST(PartitionTest, AModelOutputThatIsAParameterComesFromTheLastStage) {
+  GraphBuilder b;
+  b.Input("x", {-1, 3}).Param("w0", {3, 3}).Param("w1", {3, 3});
+  b.Op("mm", {"x", "w0"}, "h0").Split().Op("mm", {"h0", "w1"}, "h1");
+  b.Output("h1").Output("w1");
+  Plan p = MustPartition(b.Build().graph);
+  ASSERT_EQ(p.stages_size(), 2);
+  EXPECT_THAT(p.output_stages(), ElementsAre(1, 1));
+  EXPECT_THAT(OutputNames(p.stages(1)), ElementsAre("w1", "h1"));
+  EXPECT_THAT(Fqns(p.stages(1)), ElementsAre("w1"));
+}
+
 }  // namespace
 }  // namespace pipeserve

@@ -320,6 +320,41 @@ def node_modules():
     return os.path.join(base, digest)
 
 
+def binary_flags(path, *args):
+    """The --flags a binary of this build declares, from its help text."""
+    out = subprocess.run([os.path.join(ROOT, path), *args], capture_output=True, text=True,
+                         timeout=60)
+    return set(re.findall(r"--([a-z_]+)", out.stdout + out.stderr))
+
+
+@unittest.skipUnless(os.environ.get("TEST_SRCDIR"), "needs the binaries: run it with bazel test")
+class FlagsTest(unittest.TestCase):
+    """Every flag the manifests pass is one the binaries know: a renamed
+    flag fails here, not at a pod's start."""
+
+    def test_manifest_flags_exist_in_the_binaries(self):
+        binaries = {
+            "coordinator": binary_flags("server/coordinator/coordinator", "--helpfull"),
+            "stage_server": binary_flags("server/stage/stage_server", "--helpfull"),
+        }
+        health = binary_flags("client/pipeserve", "health", "--help")
+        for path in MANIFESTS:
+            for doc in load(path):
+                if doc["kind"] not in ("Deployment", "StatefulSet"):
+                    continue
+                w = Workload(doc)
+                role, args = w.args[0], w.args[1:]
+                for a in args:
+                    name = a[2:].split("=", 1)[0]
+                    with self.subTest(workload=w.name, flag=name):
+                        self.assertIn(name, binaries[role])
+                for kind, probe in w.probes():
+                    for a in probe["exec"]["command"][2:]:
+                        name = a[2:].split("=", 1)[0]
+                        with self.subTest(workload=w.name, probe=kind, flag=name):
+                            self.assertIn(name, health)
+
+
 class SchemaTest(unittest.TestCase):
     """Every manifest object against the Kubernetes API's schemas."""
 

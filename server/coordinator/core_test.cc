@@ -436,6 +436,21 @@ TEST_F(CoordinatorTest, ARestartClearsStagesAPredecessorLeftBehind) {
   fresh.reset();
 }
 
+// Found by fuzzing: an upload whose model returns one of its weights
+// crashed the coordinator (an exception in Partition).
+TEST_F(CoordinatorTest, AModelThatReturnsAWeightIsServed) {
+  GraphBuilder b;
+  b.Input("x", {-1, 8}).Param("w0", {8, 8}).Param("w1", {8, 8});
+  b.Op("mm", {"x", "w0"}, "h0").Split().Op("mm", {"h0", "w1"}, "h1");
+  b.Output("h1").Output("w1");
+  Model m = b.Build();
+  ASSERT_TRUE(Upload("weights", m).ok());
+  auto out = Infer("weights", {Ramp({3, 8}, 1)});
+  ASSERT_TRUE(out.ok()) << out.status();
+  ASSERT_EQ(out->size(), 2u);
+  ExpectEqual((*out)[1], m.weights.at("w1"));
+}
+
 TEST_F(CoordinatorTest, ManyConcurrentRequestsAllGetTheirOwnAnswers) {
   Model m = Mlp(4);
   ASSERT_TRUE(Upload("mlp", m).ok());
