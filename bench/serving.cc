@@ -130,12 +130,11 @@ double LoopbackTcpBandwidth(size_t total) {
 
 // ---- in-process pipeserve ---------------------------------------------------
 
-// The cluster's channels (plaintext on loopback, as the local launcher's).
-std::shared_ptr<StageChannels> Channels() {
-  static std::shared_ptr<StageChannels>* channels =
-      new std::shared_ptr<StageChannels>(*StageChannels::Create({}));
-  return *channels;
-}
+// Channels of one cluster member (plaintext on loopback, as the local
+// launcher's). Each in-process server and the coordinator get their own,
+// as separate processes would: a shared set would put their streams to
+// one address on one HTTP/2 connection.
+std::shared_ptr<StageChannels> Channels() { return *StageChannels::Create({}); }
 
 struct StageServer {
   std::unique_ptr<GrpcDialer> dialer;

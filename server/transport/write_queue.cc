@@ -15,59 +15,88 @@ WriteQueue::WriteQueue(size_t capacity,
       on_closed_(std::move(on_closed)) {}
 
 absl::Status WriteQueue::Push(grpc::ByteBuffer message, absl::Time deadline) {
-  absl::MutexLock lock(&mu_);
-  auto room = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return closed_ || queue_.size() < capacity_;
-  };
-  if (deadline == absl::InfiniteFuture()) {
-    mu_.Await(absl::Condition(&room));
-  } else if (!mu_.AwaitWithDeadline(absl::Condition(&room), deadline)) {
-    return absl::DeadlineExceededError(absl::StrCat(
-        "the deadline passed while ", queue_.size(), " messages waited to be written"));
-  }
-  if (closed_) return absl::UnavailableError(reason_);
-  if (writing_) {
-    queue_.push_back(std::move(message));
-  } else {
+  {
+    absl::MutexLock lock(&mu_);
+    auto room = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return closed_ || queue_.size() < capacity_;
+    };
+    if (deadline == absl::InfiniteFuture()) {
+      mu_.Await(absl::Condition(&room));
+    } else if (!mu_.AwaitWithDeadline(absl::Condition(&room), deadline)) {
+      return absl::DeadlineExceededError(absl::StrCat(
+          "the deadline passed while ", queue_.size(), " messages waited to be written"));
+    }
+    if (closed_) return absl::UnavailableError(reason_);
+    if (writing_) {
+      queue_.push_back(std::move(message));
+      return absl::OkStatus();
+    }
     writing_ = true;
     current_ = std::move(message);
-    start_write_(&current_);
+    ++starting_;
   }
+  StartCurrent();
   return absl::OkStatus();
 }
 
 void WriteQueue::WriteDone(bool ok) {
-  bool closed_now = false;
+  bool start = false;
   {
     absl::MutexLock lock(&mu_);
     current_.Clear();  // releases the tensors just written
-    if (!ok) closed_now = CloseLocked("a write failed (the stream broke)");
+    if (!ok && !closed_) {
+      closed_ = true;
+      reason_ = "a write failed (the stream broke)";
+      queue_.clear();
+    }
     if (closed_ || queue_.empty()) {
       writing_ = false;
     } else {
       current_ = std::move(queue_.front());
       queue_.pop_front();
-      start_write_(&current_);
+      ++starting_;
+      start = true;
     }
   }
-  if (closed_now && on_closed_) on_closed_();
+  if (start) {
+    StartCurrent();
+  } else {
+    MaybeFireClosed();
+  }
 }
 
 void WriteQueue::Close(const std::string& reason) {
-  bool closed_now;
   {
     absl::MutexLock lock(&mu_);
-    closed_now = CloseLocked(reason);
+    if (closed_) return;
+    closed_ = true;
+    reason_ = reason;
+    queue_.clear();
   }
-  if (closed_now && on_closed_) on_closed_();
+  MaybeFireClosed();
 }
 
-bool WriteQueue::CloseLocked(const std::string& reason) {
-  if (closed_) return false;
-  closed_ = true;
-  reason_ = reason;
-  queue_.clear();
-  return true;
+void WriteQueue::StartCurrent() {
+  // Outside the lock: StartWrite may write to the socket on this thread, and
+  // the thread finishing the previous write must not wait for that. The
+  // message stays put: nothing touches current_ until its WriteDone.
+  start_write_(&current_);
+  {
+    absl::MutexLock lock(&mu_);
+    --starting_;
+  }
+  MaybeFireClosed();
+}
+
+void WriteQueue::MaybeFireClosed() {
+  bool fire;
+  {
+    absl::MutexLock lock(&mu_);
+    // Closed, and no StartWrite under way: none can start any more.
+    fire = closed_ && starting_ == 0 && !closed_reported_;
+    if (fire) closed_reported_ = true;
+  }
+  if (fire && on_closed_) on_closed_();
 }
 
 bool WriteQueue::closed() const {

@@ -10,11 +10,11 @@
 //   void OnDone(...) override { queue_.Close("the stream ended"); ... }
 //
 // Push blocks while the queue is full: that is how backpressure reaches the
-// writer, and the deadline bounds how long it waits. `start_write` runs with
-// the queue's lock held, which is safe because gRPC never runs a reaction
-// inline from StartWrite, and makes Close a barrier: once it returns, no
-// write starts again, so the owner may then Finish (server) or drop its
-// hold (client).
+// writer, and the deadline bounds how long it waits. `start_write` runs
+// without the queue's lock (StartWrite may write to the socket on the
+// calling thread). `on_closed` runs once the queue is closed and no
+// StartWrite is under way, after which none starts again: then the owner
+// may Finish (server) or drop its hold (client).
 #ifndef PIPESERVE_SERVER_TRANSPORT_WRITE_QUEUE_H_
 #define PIPESERVE_SERVER_TRANSPORT_WRITE_QUEUE_H_
 
@@ -35,7 +35,8 @@ class WriteQueue {
   // At most `capacity` (at least 1) messages wait besides the one being
   // written. `start_write` starts writing a message, which stays valid until
   // the matching WriteDone.
-  // `on_closed`, if set, runs once when the queue closes (outside the lock).
+  // `on_closed`, if set, runs once when the queue is closed and no write is
+  // being started (outside the lock).
   WriteQueue(size_t capacity, std::function<void(const grpc::ByteBuffer*)> start_write,
              std::function<void()> on_closed = nullptr);
 
@@ -66,14 +67,19 @@ class WriteQueue {
 
   mutable absl::Mutex mu_;
   std::deque<grpc::ByteBuffer> queue_ ABSL_GUARDED_BY(mu_);
-  // The message being written.
-  grpc::ByteBuffer current_ ABSL_GUARDED_BY(mu_);
+  // The message being written: set under the lock before its start, read
+  // by gRPC until its WriteDone, which clears it under the lock.
+  grpc::ByteBuffer current_;
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  int starting_ ABSL_GUARDED_BY(mu_) = 0;  // StartWrite calls under way (0 or 1)
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
+  bool closed_reported_ ABSL_GUARDED_BY(mu_) = false;
   std::string reason_ ABSL_GUARDED_BY(mu_);
 
-  // Marks the queue closed; true if it was open.
-  bool CloseLocked(const std::string& reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Starts writing current_, outside the lock.
+  void StartCurrent();
+  // Runs on_closed once the queue is closed and no start is under way.
+  void MaybeFireClosed();
 };
 
 }  // namespace pipeserve

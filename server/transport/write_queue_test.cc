@@ -1,5 +1,6 @@
 #include "server/transport/write_queue.h"
 
+#include <atomic>
 #include <thread>
 #include <vector>
 
@@ -145,6 +146,37 @@ TEST(WriteQueueTest, ManyWritersLoseNothing) {
   completer.join();
   absl::MutexLock lock(&mu);
   EXPECT_EQ(written.size(), 200u);
+}
+
+// The owner drops its hold (client) or finishes (server) in on_closed, so
+// it must not run while a StartWrite is still under way.
+TEST(WriteQueueTest, OnClosedWaitsForAStartUnderWayAndRunsOnce) {
+  absl::Notification in_start, let_start_finish;
+  std::atomic<int> closed_calls{0};
+  std::atomic<bool> start_returned{false};
+  WriteQueue queue(
+      2,
+      [&](const grpc::ByteBuffer*) {
+        in_start.Notify();
+        let_start_finish.WaitForNotification();
+        start_returned = true;
+      },
+      [&] {
+        EXPECT_TRUE(start_returned.load()) << "on_closed ran during a StartWrite";
+        ++closed_calls;
+      });
+  std::thread writer([&] {
+    EXPECT_TRUE(queue.Push(Message("a"), absl::InfiniteFuture()).ok());
+  });
+  in_start.WaitForNotification();
+  queue.Close("closing");
+  EXPECT_EQ(closed_calls.load(), 0);
+  let_start_finish.Notify();
+  writer.join();
+  EXPECT_EQ(closed_calls.load(), 1);
+  queue.WriteDone(false);  // the write's completion after the close
+  queue.Close("again");
+  EXPECT_EQ(closed_calls.load(), 1);
 }
 
 }  // namespace
