@@ -37,7 +37,7 @@ entry() {
   stamp "$name"
   if "$@" > "$log" 2>&1; then
     passed=$((passed + 1))
-    grep -E '^//.* (PASSED|FAILED)|executions|^target' "$log" | sed 's/^/  /'
+    grep -E '^//.* (PASSED|FAILED)|^target |_fuzz ' "$log" | sed 's/^/  /'
     echo "$name: PASSED"
   else
     failed=$((failed + 1))
