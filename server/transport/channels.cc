@@ -37,12 +37,12 @@ absl::StatusOr<std::shared_ptr<StageChannels>> StageChannels::Create(
       MakeChannelCredentials(options.tls);
   if (!creds.ok()) return creds.status();
   return std::shared_ptr<StageChannels>(
-      new StageChannels(*std::move(creds), options.tls.enabled(), options.token));
+      new StageChannels(*std::move(creds), options.token));
 }
 
-StageChannels::StageChannels(std::shared_ptr<grpc::ChannelCredentials> credentials, bool tls,
+StageChannels::StageChannels(std::shared_ptr<grpc::ChannelCredentials> credentials,
                              std::string token)
-    : credentials_(std::move(credentials)), tls_(tls), token_(std::move(token)) {}
+    : credentials_(std::move(credentials)), token_(std::move(token)) {}
 
 std::shared_ptr<grpc::Channel> StageChannels::To(const std::string& address) {
   absl::MutexLock lock(&mu_);

@@ -53,14 +53,10 @@ class StageChannels {
   // Adds the cluster token, if any, to a call's metadata.
   void Prepare(grpc::ClientContext* ctx) const;
 
-  bool tls() const { return tls_; }
-
  private:
-  StageChannels(std::shared_ptr<grpc::ChannelCredentials> credentials, bool tls,
-                std::string token);
+  StageChannels(std::shared_ptr<grpc::ChannelCredentials> credentials, std::string token);
 
   const std::shared_ptr<grpc::ChannelCredentials> credentials_;
-  const bool tls_;
   const std::string token_;
   absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<grpc::Channel>> channels_ ABSL_GUARDED_BY(mu_);

@@ -104,11 +104,6 @@ bool WriteQueue::closed() const {
   return closed_;
 }
 
-std::string WriteQueue::close_reason() const {
-  absl::MutexLock lock(&mu_);
-  return reason_;
-}
-
 size_t WriteQueue::size() const {
   absl::MutexLock lock(&mu_);
   return queue_.size();

@@ -54,9 +54,8 @@ class WriteQueue {
   // reason given sticks. Thread-safe.
   void Close(const std::string& reason);
 
-  // Whether the queue is closed, and why ("" while open).
+  // Whether the queue is closed.
   bool closed() const;
-  std::string close_reason() const;
   // Messages waiting (not counting the one being written).
   size_t size() const;
 
