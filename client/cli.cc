@@ -506,7 +506,7 @@ std::map<std::string, Command> Commands() {
         [](FlagSet& f) {
           AddPartitionFlags(f);
           f.Add("input", "[NAME=]FILE.npy",
-                "a model input (float32 .npy), by name or in input order", true,
+                "a model input (.npy of the input's dtype), by name or in input order", true,
                 "", true);
           f.Add("chunks", "N", "microbatches per call", false, "1");
           f.Add("threads", "T", "GEMM threads", false, "1");
@@ -536,7 +536,7 @@ std::map<std::string, Command> Commands() {
           AddServerFlag(f);
           f.Add("name", "NAME", "the deployed model", true);
           f.Add("input", "[NAME=]FILE.npy",
-                "a model input (float32 .npy), by name or in input order", true,
+                "a model input (.npy of the input's dtype), by name or in input order", true,
                 "", true);
           f.Add("output_dir", "DIR",
                 "write outputs there as <output name>.npy");

@@ -1,5 +1,7 @@
 #include "client/client.h"
 
+#include "runtime/dtype.h"
+
 #include <google/protobuf/io/coded_stream.h>
 #include <google/protobuf/wire_format_lite.h>
 #include <grpcpp/generic/generic_stub.h>
@@ -241,12 +243,12 @@ absl::StatusOr<std::vector<NamedTensor>> Client::Infer(
     }
     auto* t = request.add_inputs();
     t->set_name(in.name);
-    t->set_datatype("FP32");
+    t->set_datatype(KServeName(in.tensor.dtype()));
     for (int64_t d : in.tensor.shape()) t->add_shape(d);
-    // Row-major float32, little-endian like every machine this runs on.
+    // Row-major, little-endian like every machine this runs on.
     std::string* raw = request.add_raw_input_contents();
     if (in.tensor.numel() > 0) {
-      raw->assign(reinterpret_cast<const char*>(in.tensor.data()),
+      raw->assign(static_cast<const char*>(in.tensor.raw_data()),
                   static_cast<size_t>(in.tensor.byte_size()));
     }
   }
@@ -274,29 +276,26 @@ absl::StatusOr<std::vector<NamedTensor>> Client::Infer(
       return absl::InternalError(absl::StrCat("malformed response: output \"",
                                               out.name(), "\": ", what));
     };
-    if (out.datatype() != "FP32") {
-      return bad(
-          absl::StrCat("datatype \"", out.datatype(), "\", expected FP32"));
-    }
+    absl::StatusOr<DataType> dtype = ParseKServeName(out.datatype());
+    if (!dtype.ok()) return bad(std::string(dtype.status().message()));
+    const int element = ElementSize(*dtype);
     Shape shape(out.shape().begin(), out.shape().end());
-    absl::StatusOr<uint64_t> size = CheckedByteSize(shape, 4);
+    absl::StatusOr<uint64_t> size = CheckedByteSize(shape, element);
     if (!size.ok()) return bad(std::string(size.status().message()));
-    const int64_t numel = static_cast<int64_t>(*size / 4);
+    const int64_t numel = static_cast<int64_t>(*size / element);
+    if (!raw && *dtype != DT_FLOAT32) {
+      return bad(absl::StrCat(out.datatype(), " output without raw_output_contents"));
+    }
     // The bytes are checked before anything is allocated.
     if (raw ? response.raw_output_contents(i).size() != *size
             : static_cast<uint64_t>(out.contents().fp32_contents().size()) != *size / 4) {
       return bad(absl::StrCat("contents do not match shape ", ShapeToString(shape), " (",
                               *size, " bytes expected)"));
     }
-    Tensor t = Tensor::Empty(shape);
+    Tensor t = Tensor::Empty(shape, *dtype);
     if (raw) {
       const std::string& bytes = response.raw_output_contents(i);
-      if (static_cast<int64_t>(bytes.size()) != numel * 4) {
-        return bad(absl::StrCat(bytes.size(), " bytes for shape ",
-                                ShapeToString(shape), " (", numel * 4,
-                                " expected)"));
-      }
-      if (numel > 0) std::memcpy(t.data(), bytes.data(), bytes.size());
+      if (numel > 0) std::memcpy(t.raw_data(), bytes.data(), bytes.size());
     } else {
       const auto& values = out.contents().fp32_contents();
       if (values.size() != numel) {

@@ -7,8 +7,14 @@
 //                                                      {256, 512}, {256}}));
 //   // out == {{-1, 256}}
 //
-// Shapes may hold -1, the batch dimension, which broadcasts only with 1 or
-// with itself.
+// Shapes may hold -1, a dimension not known before run time (the batch, a
+// sequence length, or a size computed from one): it broadcasts with
+// anything. Integer arguments that depend on input sizes (`x.view(B, T, 12,
+// 64)`) are rank-0 int64 values made by `size` nodes; an attribute list
+// "shape" takes them through "shape_from": entry k > 0 means "the value of
+// the node's input k - 1" instead of shape[i] (an int attribute "start"
+// likewise through "start_from"). The ops and their attributes are the
+// registry in op_schema.cc; the exporter's _ops.py emits them.
 #ifndef PIPESERVE_PARTITIONER_OP_SCHEMA_H_
 #define PIPESERVE_PARTITIONER_OP_SCHEMA_H_
 
@@ -39,7 +45,33 @@ struct OpSchema {
       infer;
   // Floating-point operations for concrete input shapes.
   std::function<double(const std::vector<Shape>& inputs)> flops;
+  // The output's element type for the inputs' types; kInvalidArgument
+  // when they do not fit the op. Null: the first input's type.
+  std::function<absl::StatusOr<DataType>(
+      const Node& node, const std::vector<DataType>& inputs)>
+      dtype;
 };
+
+// The value of integer-list attribute `name` with its "<name>_from"
+// entries (k > 0) replaced by the runtime integers `sym` (sym[k - 1] is the
+// value of the node's input k - 1, a rank-0 integer), or by `unknown` when
+// `sym` is empty (shape inference before run time).
+std::vector<int64_t> ResolvedInts(const Node& node, const std::string& name,
+                                  const std::vector<int64_t>& sym,
+                                  int64_t unknown);
+// An integer attribute, or `fallback` when absent; "<name>_from" > 0 as above.
+int64_t IntAttr(const Node& node, const std::string& name, int64_t fallback,
+                const std::vector<int64_t>& sym = {}, int64_t unknown = -1);
+double FloatAttr(const Node& node, const std::string& name, double fallback);
+std::string StringAttr(const Node& node, const std::string& name);
+
+// A copy of `node` with every "<name>_from" attribute applied: entries
+// taken from `sym` (sym[i] is the integer value of input i) and the
+// "_from" attributes removed. Backends call it at run time.
+Node ResolveSymbolic(const Node& node, const std::vector<int64_t>& sym);
+
+// `dim` counted from the end when negative; kInvalidArgument outside rank.
+absl::StatusOr<int> NormalizeDim(int64_t dim, int rank);
 
 // The schema of `op`, or nullptr if pipeserve does not know it.
 const OpSchema* FindOp(absl::string_view op);

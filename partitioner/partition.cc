@@ -128,13 +128,15 @@ std::vector<Cut> BalancedCuts(const std::vector<double>& cost, int k) {
   return cuts;
 }
 
-ValueSpec SpecFor(const std::string& name, const ValueShapes& shapes) {
+ValueSpec SpecFor(const std::string& name, const ValueShapes& shapes,
+                  const ValueTypes& types,
+                  const absl::flat_hash_set<std::string>& unbatched) {
   ValueSpec spec;
   spec.set_name(name);
-  spec.set_dtype(DT_FLOAT32);
+  spec.set_dtype(types.at(name));
   const Shape& s = shapes.at(name);
   for (int64_t d : s) spec.add_shape(d);
-  spec.set_batched(!s.empty() && s[0] < 0);
+  spec.set_batched(!s.empty() && s[0] < 0 && !unbatched.contains(name));
   return spec;
 }
 
@@ -142,7 +144,16 @@ ValueSpec SpecFor(const std::string& name, const ValueShapes& shapes) {
 
 absl::StatusOr<Plan> Partition(const Graph& graph,
                                const PartitionOptions& options) {
-  ASSIGN_OR_RETURN(ValueShapes shapes, ValidateGraph(graph));
+  ValueTypes types;
+  ASSIGN_OR_RETURN(ValueShapes shapes, ValidateGraph(graph, &types));
+  absl::flat_hash_set<std::string> unbatched;  // free dim 0 that is not the batch
+  for (const Node& n : graph.nodes()) {
+    if (n.unbatched()) unbatched.insert(n.outputs().begin(), n.outputs().end());
+  }
+  // Model inputs keep the flag they were exported with.
+  for (const ValueSpec& in : graph.inputs()) {
+    if (!in.batched()) unbatched.insert(in.name());
+  }
   if (options.num_stages < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("num_stages must be >= 0, got ", options.num_stages));
@@ -239,7 +250,7 @@ absl::StatusOr<Plan> Partition(const Graph& graph,
   // weight): the last stage holds a copy and sends it.
   std::vector<std::string> param_outputs;
   for (const std::string& out : graph.outputs()) {
-    *plan.add_outputs() = SpecFor(out, shapes);
+    *plan.add_outputs() = SpecFor(out, shapes, types, unbatched);
     auto made = value_stage.find(out);
     if (made != value_stage.end()) {
       plan.add_output_stages(made->second);
@@ -267,7 +278,7 @@ absl::StatusOr<Plan> Partition(const Graph& graph,
             stage->add_param_fqns(fqn);
           }
         } else {
-          *g->add_inputs() = SpecFor(v, shapes);
+          *g->add_inputs() = SpecFor(v, shapes, types, unbatched);
           stage->add_input_sources(value_stage.at(v));
         }
         have.insert(v);

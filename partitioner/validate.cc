@@ -8,6 +8,7 @@
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
 #include "partitioner/op_schema.h"
+#include "runtime/dtype.h"
 
 namespace pipeserve {
 namespace {
@@ -21,31 +22,32 @@ std::string NodeLabel(const Node& node) {
   return absl::StrCat("node \"", node.name(), "\" (", node.op(), ")");
 }
 
-absl::Status CheckInputs(const Graph& graph, ValueShapes* shapes) {
+absl::Status CheckInputs(const Graph& graph, ValueShapes* shapes,
+                         ValueTypes* types) {
   for (const ValueSpec& in : graph.inputs()) {
     if (in.name().empty()) return Invalid("a model input has no name");
     if (shapes->contains(in.name())) {
       return Invalid("duplicate model input name \"", in.name(), "\"");
     }
-    if (in.dtype() != DT_FLOAT32) {
-      return Invalid("input \"", in.name(), "\": dtype ",
-                     DataType_Name(in.dtype()),
-                     " is not supported (expected DT_FLOAT32)");
+    if (!IsValidDataType(in.dtype())) {
+      return Invalid("input \"", in.name(), "\": dtype ", TorchName(in.dtype()),
+                     " is not supported");
     }
     Shape shape(in.shape().begin(), in.shape().end());
     if (in.batched() && (shape.empty() || shape[0] != -1)) {
       return Invalid("input \"", in.name(), "\": a batched input needs ",
                      "dim 0 = -1 (batch), got ", ShapeToString(shape));
     }
-    for (size_t i = in.batched() ? 1 : 0; i < shape.size(); ++i) {
-      if (shape[i] < 0) {
-        return Invalid("input \"", in.name(), "\": only dim 0 of a batched ",
-                       "input may be -1, got ", ShapeToString(shape));
-      }
-    }
     Shape one_row = shape;
-    if (in.batched()) one_row[0] = 1;
-    absl::Status size = CheckedByteSize(one_row, 4).status();
+    for (int64_t& d : one_row) {
+      if (d < -1) {
+        return Invalid("input \"", in.name(), "\": invalid dimension ", absl::StrCat(d),
+                       " (-1 is a free dimension)");
+      }
+      if (d == -1) d = 1;
+    }
+    (*types)[in.name()] = in.dtype();
+    absl::Status size = CheckedByteSize(one_row, ElementSize(in.dtype())).status();
     if (!size.ok()) return Invalid("input \"", in.name(), "\": ", size.message());
     (*shapes)[in.name()] = std::move(shape);
   }
@@ -53,27 +55,28 @@ absl::Status CheckInputs(const Graph& graph, ValueShapes* shapes) {
 }
 
 absl::Status CheckParams(const Graph& graph,
-                         absl::flat_hash_map<std::string, Shape>* params) {
+                         absl::flat_hash_map<std::string, Shape>* params,
+                         absl::flat_hash_map<std::string, DataType>* param_types) {
   for (const TensorInfo& p : graph.params()) {
     if (params->contains(p.fqn())) {
       return Invalid("duplicate parameter \"", p.fqn(), "\"");
     }
-    if (p.dtype() != DT_FLOAT32) {
-      return Invalid("parameter \"", p.fqn(), "\": dtype ",
-                     DataType_Name(p.dtype()),
-                     " is not supported (expected DT_FLOAT32)");
+    if (!IsValidDataType(p.dtype())) {
+      return Invalid("parameter \"", p.fqn(), "\": dtype ", TorchName(p.dtype()),
+                     " is not supported");
     }
     Shape shape(p.shape().begin(), p.shape().end());
-    absl::StatusOr<uint64_t> size = CheckedByteSize(shape, 4);
+    absl::StatusOr<uint64_t> size = CheckedByteSize(shape, ElementSize(p.dtype()));
     if (!size.ok()) return Invalid("parameter \"", p.fqn(), "\": ", size.status().message());
     const uint64_t expected = *size;
     if (p.byte_size() != expected) {
       return Invalid("parameter \"", p.fqn(), "\": byte_size ",
                      absl::StrCat(p.byte_size()), " does not match shape ",
                      ShapeToString(shape),
-                     absl::StrCat(" (", expected, " bytes of float32)"));
+                     absl::StrCat(" (", expected, " bytes of ", TorchName(p.dtype()), ")"));
     }
     (*params)[p.fqn()] = std::move(shape);
+    (*param_types)[p.fqn()] = p.dtype();
   }
   return absl::OkStatus();
 }
@@ -125,11 +128,13 @@ absl::Status ForwardReference(const Graph& graph, int user, int producer,
 
 }  // namespace
 
-absl::StatusOr<ValueShapes> ValidateGraph(const Graph& graph) {
+absl::StatusOr<ValueShapes> ValidateGraph(const Graph& graph, ValueTypes* types_out) {
   ValueShapes shapes;
-  RETURN_IF_ERROR(CheckInputs(graph, &shapes));
+  ValueTypes types;
+  RETURN_IF_ERROR(CheckInputs(graph, &shapes, &types));
   absl::flat_hash_map<std::string, Shape> params;
-  RETURN_IF_ERROR(CheckParams(graph, &params));
+  absl::flat_hash_map<std::string, DataType> param_types;
+  RETURN_IF_ERROR(CheckParams(graph, &params, &param_types));
 
   // Where each value is made, to tell undefined values from cycles.
   absl::flat_hash_map<std::string, int> producer_of;
@@ -171,6 +176,7 @@ absl::StatusOr<ValueShapes> ValidateGraph(const Graph& graph) {
                          n_in, " and ", node.outputs_size()));
     }
     std::vector<Shape> in_shapes;
+    std::vector<DataType> in_types;
     for (const std::string& in : node.inputs()) {
       auto it = shapes.find(in);
       if (it == shapes.end()) {
@@ -182,8 +188,10 @@ absl::StatusOr<ValueShapes> ValidateGraph(const Graph& graph) {
                        "\" is not defined by any node or model input");
       }
       in_shapes.push_back(it->second);
+      in_types.push_back(types.at(in));
     }
     std::vector<Shape> out_shapes;
+    DataType out_type = in_types.empty() ? DT_FLOAT32 : in_types[0];
     if (node.op() == kParamOp) {
       auto attr = node.attrs().find("fqn");
       if (attr == node.attrs().end() || attr->second.s().empty()) {
@@ -195,15 +203,22 @@ absl::StatusOr<ValueShapes> ValidateGraph(const Graph& graph) {
                        "\" is missing from the model's parameters");
       }
       out_shapes.push_back(p->second);
+      out_type = param_types.at(attr->second.s());
     } else {
       absl::StatusOr<std::vector<Shape>> inferred = op->infer(node, in_shapes);
       if (!inferred.ok()) {
         return Invalid(NodeLabel(node), ": ", inferred.status().message());
       }
       out_shapes = *std::move(inferred);
+      if (op->dtype != nullptr) {
+        absl::StatusOr<DataType> t = op->dtype(node, in_types);
+        if (!t.ok()) return Invalid(NodeLabel(node), ": ", t.status().message());
+        out_type = *t;
+      }
     }
     for (int k = 0; k < node.outputs_size(); ++k) {
       shapes[node.outputs(k)] = out_shapes[k];
+      types[node.outputs(k)] = out_type;
     }
   }
 
@@ -214,6 +229,7 @@ absl::StatusOr<ValueShapes> ValidateGraph(const Graph& graph) {
                      "\" is not defined by any node or model input");
     }
   }
+  if (types_out != nullptr) *types_out = std::move(types);
   return shapes;
 }
 

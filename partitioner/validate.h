@@ -19,14 +19,19 @@ namespace pipeserve {
 
 // The shape of every value: model inputs, node outputs (param outputs too).
 using ValueShapes = absl::flat_hash_map<std::string, Shape>;
+// The element type of every value.
+using ValueTypes = absl::flat_hash_map<std::string, DataType>;
 
-// Checks, in order: model inputs (unique names, float32, batched inputs have
-// dim 0 = -1); parameters (unique FQNs, float32, byte_size matching the
-// shape); nodes (unique names, known op, arity, each value defined once,
+// Checks, in order: model inputs (unique names, a valid dtype, batched
+// inputs have dim 0 = -1); parameters (unique FQNs, a valid dtype,
+// byte_size matching the shape); nodes (unique names, known op, arity, each value defined once,
 // every input defined by an earlier node or a model input — a cycle is
-// reported as one — `param` nodes naming a stored parameter); shapes (each
-// op's rule); model outputs (defined). Returns the inferred shapes.
-absl::StatusOr<ValueShapes> ValidateGraph(const Graph& graph);
+// reported as one — `param` nodes naming a stored parameter); shapes and
+// dtypes (each op's rules); model outputs (defined). Returns the inferred
+// shapes (-1 where only the run decides) and, when `types` is given,
+// fills it with the inferred dtypes.
+absl::StatusOr<ValueShapes> ValidateGraph(const Graph& graph,
+                                          ValueTypes* types = nullptr);
 
 }  // namespace pipeserve
 

@@ -67,7 +67,8 @@ absl::StatusOr<Tensor> ConcatRows(absl::Span<const Tensor> parts) {
     Shape rest_a(shape.begin() + 1, shape.end());
     Shape rest_b(p.shape().begin() + std::min<size_t>(1, p.shape().size()),
                  p.shape().end());
-    if (p.rank() != static_cast<int>(shape.size()) || rest_a != rest_b) {
+    if (p.rank() != static_cast<int>(shape.size()) || rest_a != rest_b ||
+        p.dtype() != parts[0].dtype()) {
       return absl::InvalidArgumentError(
           absl::StrCat("cannot concatenate ", ShapeToString(p.shape()),
                        " with ", ShapeToString(shape), " along dim 0"));
@@ -75,10 +76,10 @@ absl::StatusOr<Tensor> ConcatRows(absl::Span<const Tensor> parts) {
     rows += p.dim(0);
   }
   shape[0] = rows;
-  Tensor out = Tensor::Empty(shape);
-  char* dst = reinterpret_cast<char*>(out.data());
+  Tensor out = Tensor::Empty(shape, parts[0].dtype());
+  char* dst = static_cast<char*>(out.raw_data());
   for (const Tensor& p : parts) {
-    if (p.numel() > 0) std::memcpy(dst, p.data(), p.byte_size());
+    if (p.numel() > 0) std::memcpy(dst, p.raw_data(), p.byte_size());
     dst += p.byte_size();
   }
   return out;

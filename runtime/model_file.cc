@@ -1,5 +1,7 @@
 #include "runtime/model_file.h"
 
+#include "runtime/dtype.h"
+
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -36,13 +38,13 @@ constexpr uint64_t kMaxHeaderBytes = uint64_t{1} << 30;
 
 // The byte size a TensorInfo's dtype and shape call for.
 absl::StatusOr<uint64_t> ExpectedBytes(const TensorInfo& info) {
-  if (info.dtype() != DT_FLOAT32) {
+  if (!IsValidDataType(info.dtype())) {
     return absl::InvalidArgumentError(
         absl::StrCat("parameter \"", info.fqn(), "\": unsupported dtype ",
-                     DataType_Name(info.dtype())));
+                     static_cast<int>(info.dtype())));
   }
-  absl::StatusOr<uint64_t> bytes =
-      CheckedByteSize(Shape(info.shape().begin(), info.shape().end()), 4);
+  absl::StatusOr<uint64_t> bytes = CheckedByteSize(
+      Shape(info.shape().begin(), info.shape().end()), ElementSize(info.dtype()));
   if (!bytes.ok()) {
     return absl::InvalidArgumentError(
         absl::StrCat("parameter \"", info.fqn(), "\": ", bytes.status().message()));
@@ -61,7 +63,7 @@ absl::Status CheckParamTable(const Graph& graph, uint64_t data_bytes) {
           "parameter \"", info.fqn(), "\": byte_size ", info.byte_size(),
           " does not match shape ",
           ShapeToString(Shape(info.shape().begin(), info.shape().end())),
-          " (", expected, " bytes of float32)"));
+          " (", expected, " bytes of ", TorchName(info.dtype()), ")"));
     }
     if (info.offset() % 64 != 0 || info.offset() > data_bytes ||
         info.byte_size() > data_bytes - info.offset()) {
@@ -113,8 +115,8 @@ absl::StatusOr<Model> FromParts(const char* header, uint64_t header_size,
           info.crc32(), ", computed ", crc, ")"));
     }
     model.weights[info.fqn()] =
-        Tensor::Wrap(data, reinterpret_cast<float*>(p),
-                     Shape(info.shape().begin(), info.shape().end()));
+        Tensor::Wrap(data, p, Shape(info.shape().begin(), info.shape().end()),
+                     info.dtype());
   }
   return model;
 }

@@ -21,6 +21,17 @@ absl::string_view Field(absl::string_view header, absl::string_view key) {
   return absl::StripLeadingAsciiWhitespace(rest);
 }
 
+// .npy descr strings. numpy has no bfloat16: BF16 tensors are written as
+// float32 (WriteNpy) and cannot be read.
+struct NpyType {
+  const char* descr;
+  DataType dtype;
+};
+constexpr NpyType kNpyTypes[] = {
+    {"'<f4'", DT_FLOAT32}, {"'<f2'", DT_FLOAT16}, {"'<i8'", DT_INT64},
+    {"'<i4'", DT_INT32},   {"'|b1'", DT_BOOL},
+};
+
 }  // namespace
 
 absl::StatusOr<Tensor> ParseNpy(const std::string& bytes) {
@@ -46,10 +57,14 @@ absl::StatusOr<Tensor> ParseNpy(const std::string& bytes) {
   }
   absl::string_view header(bytes.data() + header_start, header_len);
   absl::string_view descr = Field(header, "descr");
-  if (!absl::StartsWith(descr, "'<f4'")) {
+  DataType dtype = DT_INVALID;
+  for (const NpyType& t : kNpyTypes) {
+    if (absl::StartsWith(descr, t.descr)) dtype = t.dtype;
+  }
+  if (dtype == DT_INVALID) {
     return absl::InvalidArgumentError(absl::StrCat(
         ".npy dtype ", descr.substr(0, descr.find(',')),
-        " is not supported (expected little-endian float32 '<f4')"));
+        " is not supported (expected little-endian '<f4', '<f2', '<i8', '<i4' or '|b1')"));
   }
   if (absl::StartsWith(Field(header, "fortran_order"), "True")) {
     return absl::InvalidArgumentError(".npy in Fortran order is not supported");
@@ -68,14 +83,21 @@ absl::StatusOr<Tensor> ParseNpy(const std::string& bytes) {
     }
     shape.push_back(v);
   }
-  Tensor t = Tensor::Empty(shape);
+  absl::StatusOr<uint64_t> checked = CheckedByteSize(shape, ElementSize(dtype));
+  if (!checked.ok()) return checked.status();
+  if (*checked > bytes.size()) {
+    return absl::DataLossError(absl::StrCat(".npy data truncated: ", ShapeToString(shape),
+                                            " needs ", *checked, " bytes, the file has ",
+                                            bytes.size()));
+  }
+  Tensor t = Tensor::Empty(shape, dtype);
   size_t data_start = header_start + header_len;
   if (bytes.size() - data_start < static_cast<size_t>(t.byte_size())) {
     return absl::DataLossError(absl::StrCat(".npy data truncated: ", ShapeToString(shape),
                                             " needs ", t.byte_size(), " bytes, found ",
                                             bytes.size() - data_start));
   }
-  if (t.numel() > 0) std::memcpy(t.data(), bytes.data() + data_start, t.byte_size());
+  if (t.numel() > 0) std::memcpy(t.raw_data(), bytes.data() + data_start, t.byte_size());
   return t;
 }
 
@@ -90,10 +112,19 @@ absl::StatusOr<Tensor> ReadNpy(const std::string& path) {
   return t;
 }
 
-absl::Status WriteNpy(const std::string& path, const Tensor& t) {
+absl::Status WriteNpy(const std::string& path, const Tensor& in) {
+  Tensor t = in;
+  if (t.dtype() == DT_BFLOAT16) {  // numpy has no bfloat16
+    t = Tensor::Empty(in.shape());
+    for (int64_t i = 0; i < t.numel(); ++i) t.data()[i] = Bf16ToFloat(in.data_as<uint16_t>()[i]);
+  }
+  const char* descr = "'<f4'";
+  for (const NpyType& n : kNpyTypes) {
+    if (n.dtype == t.dtype()) descr = n.descr;
+  }
   std::string shape = absl::StrJoin(t.shape(), ", ");
   if (t.rank() == 1) shape += ",";
-  std::string header = absl::StrCat("{'descr': '<f4', 'fortran_order': False, 'shape': (",
+  std::string header = absl::StrCat("{'descr': ", descr, ", 'fortran_order': False, 'shape': (",
                                     shape, "), }");
   // Pad with spaces so data starts at a multiple of 64, newline last.
   size_t total = 10 + header.size() + 1;
@@ -106,7 +137,7 @@ absl::Status WriteNpy(const std::string& path, const Tensor& t) {
                      static_cast<char>(header.size() >> 8)};
   out.write(prefix, 10);
   out.write(header.data(), header.size());
-  out.write(reinterpret_cast<const char*>(t.data()), t.byte_size());
+  out.write(static_cast<const char*>(t.raw_data()), t.byte_size());
   if (!out) return absl::UnavailableError(absl::StrCat("short write to ", path));
   return absl::OkStatus();
 }

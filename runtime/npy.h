@@ -1,5 +1,6 @@
-// Reading and writing NumPy .npy files (float32, C order), the exchange
-// format of the CLI and the tests.
+// Reading and writing NumPy .npy files (C order; float32, float16, int64,
+// int32 and bool; bfloat16 is written as float32), the exchange format of
+// the CLI and the tests.
 //
 //   ASSIGN_OR_RETURN(Tensor x, ReadNpy("x.npy"));
 //   RETURN_IF_ERROR(WriteNpy("y.npy", y));
@@ -13,8 +14,8 @@
 
 namespace pipeserve {
 
-// kNotFound (no file), kInvalidArgument (not .npy, not little-endian
-// float32 '<f4', Fortran order), kDataLoss (truncated).
+// kNotFound (no file), kInvalidArgument (not .npy, a dtype other than
+// '<f4', '<f2', '<i8', '<i4', '|b1', Fortran order), kDataLoss (truncated).
 absl::StatusOr<Tensor> ReadNpy(const std::string& path);
 absl::StatusOr<Tensor> ParseNpy(const std::string& bytes);
 

@@ -15,11 +15,19 @@ absl::StatusOr<int64_t> CheckTensorsMatch(
   for (int i = 0; i < specs.size(); ++i) {
     const ValueSpec& spec = specs.Get(i);
     const Tensor& t = tensors[i];
+    DataType want_type = spec.dtype() == DT_INVALID ? DT_FLOAT32 : spec.dtype();
+    if (t.dtype() != want_type) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "input \"", spec.name(), "\": dtype ", TorchName(t.dtype()), " (", KServeName(t.dtype()),
+          ") does not match the model's ", TorchName(want_type), " (", KServeName(want_type), ")"));
+    }
     bool ok = t.rank() == spec.shape_size();
     for (int d = 0; ok && d < t.rank(); ++d) {
       int64_t want = spec.shape(d);
       if (want >= 0) {
         ok = t.dim(d) == want;
+      } else if (d != 0 || !spec.batched()) {
+        // Another free dimension (a sequence length): any size.
       } else if (batch < 0) {
         batch = t.dim(d);
       } else {

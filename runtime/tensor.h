@@ -1,4 +1,5 @@
-// A dense float32 tensor: a shape and a shared, 64-byte-aligned buffer.
+// A dense tensor: an element type, a shape and a shared, 64-byte-aligned
+// buffer. float32 unless made with another DataType.
 //
 // Copies are shallow (they share the buffer), as with torch.Tensor; weights
 // loaded from a model file are views into the file's buffer.
@@ -7,6 +8,8 @@
 //   x.data()[0] = 1.0f;
 //   Tensor y = x;               // same storage
 //   Tensor z = x.Clone();       // new storage
+//   Tensor ids = Tensor::Empty({2, 7}, DT_INT64);
+//   ids.data_as<int64_t>()[0] = 50256;
 #ifndef PIPESERVE_RUNTIME_TENSOR_H_
 #define PIPESERVE_RUNTIME_TENSOR_H_
 
@@ -17,6 +20,8 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "proto/model.pb.h"
+#include "runtime/dtype.h"
 
 namespace pipeserve {
 
@@ -48,24 +53,36 @@ class Tensor {
   Tensor() = default;
 
   // Uninitialised contents, 64-byte aligned. `shape` must be checked.
-  static Tensor Empty(Shape shape);
+  static Tensor Empty(Shape shape, DataType dtype = DT_FLOAT32);
   // The same for a shape from outside: kInvalidArgument (see
   // CheckedByteSize) or kResourceExhausted when the memory is not there.
-  static absl::StatusOr<Tensor> TryEmpty(Shape shape);
-  static Tensor Zeros(Shape shape);
+  static absl::StatusOr<Tensor> TryEmpty(Shape shape, DataType dtype = DT_FLOAT32);
+  static Tensor Zeros(Shape shape, DataType dtype = DT_FLOAT32);
   static Tensor FromVector(Shape shape, const std::vector<float>& values);
-  // A view of `data` (numel(shape) floats) kept alive by `owner`.
-  static Tensor Wrap(std::shared_ptr<const void> owner, float* data,
-                     Shape shape);
+  static Tensor FromInt64s(Shape shape, const std::vector<int64_t>& values);
+  // A rank-0 int64 tensor (a symbolic size in a graph).
+  static Tensor Scalar(int64_t value);
+  // A view of `data` (numel(shape) elements of `dtype`) kept alive by `owner`.
+  static Tensor Wrap(std::shared_ptr<const void> owner, void* data,
+                     Shape shape, DataType dtype = DT_FLOAT32);
 
   const Shape& shape() const { return shape_; }
   int64_t dim(int i) const { return shape_[i]; }
   int rank() const { return static_cast<int>(shape_.size()); }
   int64_t numel() const { return numel_; }
-  int64_t byte_size() const { return numel_ * 4; }
+  DataType dtype() const { return dtype_; }
+  int element_size() const { return ElementSize(dtype_); }
+  int64_t byte_size() const { return numel_ * ElementSize(dtype_); }
   bool defined() const { return data_ != nullptr || numel_ == 0; }
 
-  float* data() const { return data_; }
+  // The elements as float32: only for DT_FLOAT32 tensors.
+  float* data() const { return static_cast<float*>(data_); }
+  void* raw_data() const { return data_; }
+  template <typename T>
+  T* data_as() const { return static_cast<T*>(data_); }
+
+  // The element at flat index i of an integer or bool tensor, as int64.
+  int64_t IntAt(int64_t i) const;
 
   // A deep copy.
   Tensor Clone() const;
@@ -75,6 +92,9 @@ class Tensor {
 
   // The same storage viewed with another shape of no more elements.
   Tensor Reshaped(Shape shape) const;
+  // The same storage viewed as another type of the same element size, or
+  // of no more bytes (reuse of a scratch buffer).
+  Tensor Retyped(DataType dtype, Shape shape) const;
 
   // The object keeping the storage alive (to hand to zero-copy I/O).
   const std::shared_ptr<const void>& storage() const { return owner_; }
@@ -87,11 +107,13 @@ class Tensor {
   Tensor SliceRows(int64_t begin, int64_t end) const;
 
  private:
-  Tensor(std::shared_ptr<const void> owner, float* data, Shape shape);
+  Tensor(std::shared_ptr<const void> owner, void* data, Shape shape,
+         DataType dtype);
 
   std::shared_ptr<const void> owner_;
   int64_t capacity_ = 0;
-  float* data_ = nullptr;
+  void* data_ = nullptr;
+  DataType dtype_ = DT_FLOAT32;
   Shape shape_;
   int64_t numel_ = 0;
 };

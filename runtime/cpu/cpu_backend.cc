@@ -5,11 +5,13 @@
 #include <utility>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "partitioner/op_schema.h"
 #include "partitioner/validate.h"
 #include "runtime/cpu/cpu_kernels.h"
+#include "runtime/cpu/cpu_ops.h"
 #include "runtime/signature.h"
 
 namespace pipeserve {
@@ -18,21 +20,35 @@ namespace {
 enum class Kind {
   kMm, kMatmul, kLinear, kAdd, kSub, kMul, kRelu, kClone, kIdentity,
   kForward,  // a ReLU already fused into the linear before it
+  kGeneric,  // RunCpuOp (cpu_ops.h): every other op, and other dtypes
 };
 
-absl::StatusOr<Kind> KindOf(const std::string& op) {
+// The float32 fast paths; everything else is kGeneric.
+Kind KindOf(const Node& node, const ValueShapes& shapes, const ValueTypes& types) {
   static const auto* kinds = new absl::flat_hash_map<std::string, Kind>{
       {"mm", Kind::kMm},         {"matmul", Kind::kMatmul},
       {"linear", Kind::kLinear}, {"add", Kind::kAdd},
       {"sub", Kind::kSub},       {"mul", Kind::kMul},
       {"relu", Kind::kRelu},     {"clone", Kind::kClone},
       {"identity", Kind::kIdentity}};
-  auto it = kinds->find(op);
-  if (it == kinds->end()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("the cpu backend has no kernel for op \"", op, "\""));
+  auto it = kinds->find(node.op());
+  if (it == kinds->end()) return Kind::kGeneric;
+  if (it->second == Kind::kIdentity) return Kind::kIdentity;
+  for (const std::string& v : node.inputs()) {
+    if (types.at(v) != DT_FLOAT32) return Kind::kGeneric;
+  }
+  if (it->second == Kind::kMatmul &&
+      (shapes.at(node.inputs(1)).size() != 2 || shapes.at(node.inputs(0)).size() < 2)) {
+    return Kind::kGeneric;  // batched or vector operands
   }
   return it->second;
+}
+
+bool HasSymbolicAttrs(const Node& node) {
+  for (const auto& [key, value] : node.attrs()) {
+    if (absl::EndsWith(key, "_from")) return true;
+  }
+  return false;
 }
 
 BinaryOp BinaryOf(Kind k) {
@@ -49,6 +65,8 @@ struct Step {
   int out = -1;            // value slot written
   bool fused_relu = false; // linear: apply ReLU in the same pass
   bool w_transposed = false;  // linear: in[1] holds weight^T [in, out]
+  bool symbolic = false;      // attributes taken from runtime integers
+  DataType out_type = DT_FLOAT32;
 };
 
 class CpuProgram : public StageProgram {
@@ -56,9 +74,10 @@ class CpuProgram : public StageProgram {
   static absl::StatusOr<std::unique_ptr<CpuProgram>> Create(
       const Graph& graph, const WeightMap& weights,
       const CpuBackendOptions& options) {
-    ASSIGN_OR_RETURN(ValueShapes shapes, ValidateGraph(graph));
+    ValueTypes types;
+    ASSIGN_OR_RETURN(ValueShapes shapes, ValidateGraph(graph, &types));
     auto prog = std::unique_ptr<CpuProgram>(new CpuProgram(graph, options));
-    RETURN_IF_ERROR(prog->Build(weights, shapes));
+    RETURN_IF_ERROR(prog->Build(weights, shapes, types));
     return prog;
   }
 
@@ -82,6 +101,10 @@ class CpuProgram : public StageProgram {
         values[step.out] = values[step.in[0]];
         continue;
       }
+      if (step.kind == Kind::kGeneric) {
+        RETURN_IF_ERROR(RunGeneric(step_index, in_shapes, &values));
+        continue;
+      }
       absl::StatusOr<std::vector<Shape>> out_shape =
           step.schema->infer(*step.node, in_shapes);
       if (!out_shape.ok()) {
@@ -102,7 +125,56 @@ class CpuProgram : public StageProgram {
   CpuProgram(const Graph& graph, const CpuBackendOptions& options)
       : graph_(graph), options_(options) {}
 
-  absl::Status Build(const WeightMap& weights, const ValueShapes& shapes) {
+  // Runs a kGeneric step: its attributes resolved from runtime integers
+  // when symbolic, its output shape from the op's rule.
+  absl::Status RunGeneric(size_t step_index, const std::vector<Shape>& in_shapes,
+                          std::vector<Tensor>* values) {
+    const Step& step = steps_[step_index];
+    std::vector<const Tensor*> in;
+    for (int slot : step.in) in.push_back(&(*values)[slot]);
+    Node resolved;
+    const Node* node = step.node;
+    if (step.symbolic) {
+      std::vector<int64_t> sym(in.size(), 0);
+      for (size_t k = 0; k < in.size(); ++k) {
+        if (in[k]->rank() == 0 && in[k]->numel() == 1 && in[k]->dtype() != DT_FLOAT32) {
+          sym[k] = in[k]->IntAt(0);
+        }
+      }
+      resolved = ResolveSymbolic(*step.node, sym);
+      node = &resolved;
+    }
+    absl::StatusOr<std::vector<Shape>> out_shape = step.schema->infer(*node, in_shapes);
+    if (out_shape.ok()) {
+      for (int64_t d : (*out_shape)[0]) {
+        if (d < 0) {
+          out_shape = absl::InvalidArgumentError(
+              absl::StrCat("output shape ", ShapeToString((*out_shape)[0]), " is not concrete"));
+          break;
+        }
+      }
+    }
+    if (!out_shape.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "node \"", step.node->name(), "\" (", step.node->op(), "): ",
+          out_shape.status().message()));
+    }
+    absl::StatusOr<Tensor> out =
+        RunCpuOp(*node, in, (*out_shape)[0], step.out_type, scratch_[step_index]);
+    if (!out.ok()) {
+      return absl::Status(out.status().code(),
+                          absl::StrCat("node \"", step.node->name(), "\" (", step.node->op(),
+                                       "): ", out.status().message()));
+    }
+    if (out->storage() != (*values)[step.in.empty() ? 0 : step.in[0]].storage() || step.in.empty()) {
+      scratch_[step_index] = *out;
+    }
+    (*values)[step.out] = *std::move(out);
+    return absl::OkStatus();
+  }
+
+  absl::Status Build(const WeightMap& weights, const ValueShapes& shapes,
+                     const ValueTypes& types) {
     absl::flat_hash_map<std::string, int> slot;
     auto slot_of = [&](const std::string& v) {
       auto [it, inserted] = slot.emplace(v, static_cast<int>(slot.size()));
@@ -135,8 +207,14 @@ class CpuProgram : public StageProgram {
         params.emplace_back(slot_of(node.outputs(0)), w->second);
         continue;
       }
-      ASSIGN_OR_RETURN(Kind kind, KindOf(node.op()));
+      if (!HasCpuOp(node.op())) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("the cpu backend has no kernel for op \"", node.op(), "\""));
+      }
+      Kind kind = KindOf(node, shapes, types);
       Step step{kind, &node, FindOp(node.op()), {}, slot_of(node.outputs(0))};
+      step.symbolic = HasSymbolicAttrs(node);
+      step.out_type = types.at(node.outputs(0));
       for (const std::string& v : node.inputs()) step.in.push_back(slot_of(v));
       if (kind == Kind::kRelu && options_.fuse_linear_relu) {
         auto lin = linear_step_of_slot.find(step.in[0]);
@@ -150,7 +228,7 @@ class CpuProgram : public StageProgram {
         // A constant weight [out, in] is transposed once, here, so every
         // run multiplies by [in, out] (the fast GEMM layout).
         auto p = param_index.find(step.in[1]);
-        if (p != param_index.end()) {
+        if (p != param_index.end() && kind == Kind::kLinear) {
           const Tensor& w = params[p->second].second;
           auto [t, inserted] = transposed.emplace(step.in[1], -1);
           if (inserted) {

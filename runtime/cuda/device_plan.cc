@@ -57,22 +57,6 @@ std::vector<DeviceOp> MergeCopies(std::vector<DeviceOp> copies) {
 
 }  // namespace
 
-uint16_t FloatToBf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u)
-    return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
-  return static_cast<uint16_t>(u >> 16);
-}
-
-float Bf16ToFloat(uint16_t b) {
-  uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
 float RoundToTf32(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
@@ -106,7 +90,35 @@ absl::StatusOr<LoweredStage> LoweredStage::Create(const Graph& graph,
                                                   const WeightMap& weights,
                                                   Precision precision,
                                                   bool fuse_linear_relu) {
-  RETURN_IF_ERROR(ValidateGraph(graph).status());
+  ValueTypes types;
+  ASSIGN_OR_RETURN(ValueShapes shapes, ValidateGraph(graph, &types));
+  for (const Node& node : graph.nodes()) {
+    if (node.op() == "matmul" && (shapes.at(node.inputs(1)).size() != 2 ||
+                                  shapes.at(node.inputs(0)).size() < 2)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the cuda backend has no kernel for node \"", node.name(),
+          "\" (matmul of ", ShapeToString(shapes.at(node.inputs(0))), " and ",
+          ShapeToString(shapes.at(node.inputs(1))), "; it runs [..., K] @ [K, N])"));
+    }
+  }
+  // The CUDA backend runs float32 graphs (GEMMs in the chosen precision).
+  for (const Node& node : graph.nodes()) {
+    for (const std::string& v : node.outputs()) {
+      if (types.at(v) != DT_FLOAT32) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "the cuda backend has no ", TorchName(types.at(v)), " kernels: node \"", node.name(),
+            "\" (", node.op(), ") makes a ", TorchName(types.at(v)),
+            " value (it runs float32 graphs; serve this model with --device=cpu)"));
+      }
+    }
+  }
+  for (const ValueSpec& in : graph.inputs()) {
+    if (in.dtype() != DT_FLOAT32) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the cuda backend has no ", TorchName(in.dtype()), " kernels: input \"", in.name(),
+          "\" is ", TorchName(in.dtype()), " (serve this model with --device=cpu)"));
+    }
+  }
   LoweredStage stage;
   stage.graph_ = graph;
   stage.precision_ = precision;

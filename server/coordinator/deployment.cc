@@ -165,9 +165,15 @@ absl::Status Deployment::CheckOutputs(const Frame& frame, const Pending& p) cons
   for (int j = 0; j < plan_->outputs_size(); ++j) {
     const ValueSpec& spec = plan_->outputs(j);
     const Tensor& t = frame.tensors[j];
-    bool ok = frame.header.tensors(j).name() == spec.name() && t.rank() == spec.shape_size();
+    const DataType want = spec.dtype() == DT_INVALID ? DT_FLOAT32 : spec.dtype();
+    bool ok = frame.header.tensors(j).name() == spec.name() && t.rank() == spec.shape_size() &&
+              t.dtype() == want;
     for (int d = 0; ok && d < t.rank(); ++d) {
-      ok = t.dim(d) == (spec.shape(d) < 0 ? p.rows[m] : spec.shape(d));
+      if (spec.shape(d) >= 0) {
+        ok = t.dim(d) == spec.shape(d);
+      } else if (d == 0 && spec.batched()) {
+        ok = t.dim(d) == p.rows[m];  // the microbatch's rows
+      }  // else a free dimension (a sequence length): any size
     }
     if (!ok) {
       return absl::InternalError(absl::StrCat(

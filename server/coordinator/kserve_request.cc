@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
+#include "runtime/dtype.h"
 
 namespace pipeserve {
 namespace {
@@ -49,13 +50,21 @@ absl::StatusOr<std::vector<Tensor>> ParseInferInputs(const inference::ModelInfer
     }
     if (seen[it->second]) return Invalid("input ", Quoted(in.name()), " is given twice");
     seen[it->second] = true;
-    if (in.datatype() != "FP32") {
+    const DataType want =
+        plan.inputs(it->second).dtype() == DT_INVALID ? DT_FLOAT32 : plan.inputs(it->second).dtype();
+    absl::StatusOr<DataType> got = ParseKServeName(in.datatype());
+    if (!got.ok()) {
       return Invalid("input ", Quoted(in.name()), ": datatype ",
                      in.datatype().empty() ? "(none)" : in.datatype().substr(0, 32),
-                     " is not supported (expected FP32)");
+                     " is not supported (the model takes ", KServeName(want), ")");
     }
+    if (*got != want) {
+      return Invalid("input ", Quoted(in.name()), ": datatype ", KServeName(*got),
+                     " does not match the model's ", KServeName(want));
+    }
+    const int element = ElementSize(want);
     Shape shape(in.shape().begin(), in.shape().end());
-    absl::StatusOr<uint64_t> bytes = CheckedByteSize(shape, 4);
+    absl::StatusOr<uint64_t> bytes = CheckedByteSize(shape, element);
     if (!bytes.ok()) return Invalid("input ", Quoted(in.name()), ": ", bytes.status().message());
     // Sizes first: nothing is allocated for a shape the request does not
     // back with bytes.
@@ -68,20 +77,49 @@ absl::StatusOr<std::vector<Tensor>> ParseInferInputs(const inference::ModelInfer
       const std::string& data = req.raw_input_contents(k);
       if (data.size() != *bytes) {
         return Invalid("input ", Quoted(in.name()), ": raw contents hold ", data.size(),
-                       " bytes, but FP32 ", ShapeToString(shape), " needs ", *bytes);
+                       " bytes, but ", KServeName(want), " ", ShapeToString(shape), " needs ",
+                       *bytes);
       }
       source = data.data();
     } else {
-      const auto& values = in.contents().fp32_contents();
-      if (static_cast<uint64_t>(values.size()) * 4 != *bytes) {
-        return Invalid("input ", Quoted(in.name()), ": contents.fp32_contents holds ",
-                       values.size(), " values, but ", ShapeToString(shape), " needs ",
-                       *bytes / 4);
+      // The typed field KServe v2 puts each datatype in.
+      const auto& c = in.contents();
+      int64_t count = -1;
+      const char* field = "";
+      switch (want) {
+        case DT_FLOAT32: count = c.fp32_contents_size(); field = "fp32_contents"; break;
+        case DT_INT64: count = c.int64_contents_size(); field = "int64_contents"; break;
+        case DT_INT32: count = c.int_contents_size(); field = "int_contents"; break;
+        case DT_BOOL: count = c.bool_contents_size(); field = "bool_contents"; break;
+        default:
+          return Invalid("input ", Quoted(in.name()), ": ", KServeName(want),
+                         " has no typed contents field in KServe v2; send it in "
+                         "raw_input_contents");
       }
-      source = reinterpret_cast<const char*>(values.data());
+      if (static_cast<uint64_t>(count) * element != *bytes) {
+        return Invalid("input ", Quoted(in.name()), ": contents.", field, " holds ", count,
+                       " values, but ", ShapeToString(shape), " needs ", *bytes / element);
+      }
+      if (want == DT_FLOAT32) source = reinterpret_cast<const char*>(c.fp32_contents().data());
+      if (want == DT_INT64) source = reinterpret_cast<const char*>(c.int64_contents().data());
+      if (want == DT_INT32) source = reinterpret_cast<const char*>(c.int_contents().data());
+      if (want == DT_BOOL) {
+        ASSIGN_OR_RETURN(Tensor t, Tensor::TryEmpty(shape, want));
+        for (int64_t i = 0; i < count; ++i) t.data_as<uint8_t>()[i] = c.bool_contents(i) ? 1 : 0;
+        tensors[it->second] = std::move(t);
+        continue;
+      }
     }
-    ASSIGN_OR_RETURN(Tensor t, Tensor::TryEmpty(shape));
-    if (*bytes > 0) std::memcpy(t.data(), source, *bytes);
+    ASSIGN_OR_RETURN(Tensor t, Tensor::TryEmpty(shape, want));
+    if (*bytes > 0) std::memcpy(t.raw_data(), source, *bytes);
+    if (want == DT_BOOL) {
+      for (int64_t i = 0; i < t.numel(); ++i) {
+        if (t.data_as<uint8_t>()[i] > 1) {
+          return Invalid("input ", Quoted(in.name()), ": BOOL byte ", i, " is ",
+                         static_cast<int>(t.data_as<uint8_t>()[i]), " (must be 0 or 1)");
+        }
+      }
+    }
     tensors[it->second] = std::move(t);
   }
   for (int i = 0; i < plan.inputs_size(); ++i) {
@@ -123,9 +161,9 @@ void BuildInferResponse(const inference::ModelInferRequest& req, const Plan& pla
   for (int j : chosen) {
     auto* o = resp->add_outputs();
     o->set_name(plan.outputs(j).name());
-    o->set_datatype("FP32");
+    o->set_datatype(KServeName(outputs[j].dtype()));
     for (int64_t d : outputs[j].shape()) o->add_shape(d);
-    resp->add_raw_output_contents(reinterpret_cast<const char*>(outputs[j].data()),
+    resp->add_raw_output_contents(static_cast<const char*>(outputs[j].raw_data()),
                                   outputs[j].byte_size());
   }
 }

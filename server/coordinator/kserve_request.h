@@ -25,8 +25,11 @@ inline constexpr char kModelVersion[] = "1";
 
 // Tensors for the request's inputs, in the plan's input order.
 // kInvalidArgument naming the input for an unknown, missing or repeated
-// input, a datatype other than FP32, a shape that cannot exist, contents
-// whose size does not match the shape, or raw and typed contents mixed.
+// input, a datatype other than the model input's (FP32, FP16, BF16,
+// INT64, INT32, BOOL), a shape that cannot exist, contents whose size does
+// not match the shape (typed contents: fp32_contents, int64_contents,
+// int_contents, bool_contents; FP16 and BF16 only raw), a BOOL byte other
+// than 0 or 1, or raw and typed contents mixed.
 absl::StatusOr<std::vector<Tensor>> ParseInferInputs(const inference::ModelInferRequest& req,
                                                      const Plan& plan);
 
@@ -37,7 +40,7 @@ absl::StatusOr<std::vector<int>> ChooseOutputs(const inference::ModelInferReques
                                                const Plan& plan);
 
 // The response: model name and version, the request's id, and the chosen
-// outputs as FP32 raw contents.
+// outputs as raw contents in their datatypes.
 void BuildInferResponse(const inference::ModelInferRequest& req, const Plan& plan,
                         const std::vector<int>& chosen, const std::vector<Tensor>& outputs,
                         inference::ModelInferResponse* resp);

@@ -1,5 +1,7 @@
 #include "server/coordinator/kserve_service.h"
 
+#include "runtime/dtype.h"
+
 #include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
 #include "common/model_name.h"
@@ -29,7 +31,7 @@ void AddTensorMetadata(const ValueSpec& v,
                            inference::ModelMetadataResponse::TensorMetadata>* out) {
   auto* m = out->Add();
   m->set_name(v.name());
-  m->set_datatype("FP32");
+  m->set_datatype(KServeName(v.dtype() == DT_INVALID ? DT_FLOAT32 : v.dtype()));
   for (int64_t d : v.shape()) m->add_shape(d);
 }
 

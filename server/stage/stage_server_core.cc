@@ -169,7 +169,8 @@ absl::StatusOr<std::unique_ptr<StageServerCore::Load>> StageServerCore::BeginLoa
   // Weights arrive in chunks into buffers shaped by the stage's TensorInfos.
   WeightMap weights;
   for (const TensorInfo& info : spec.stage().graph().params()) {
-    ASSIGN_OR_RETURN(Tensor t, Tensor::TryEmpty(Shape(info.shape().begin(), info.shape().end())));
+    ASSIGN_OR_RETURN(Tensor t, Tensor::TryEmpty(Shape(info.shape().begin(), info.shape().end()),
+                                                     info.dtype()));
     weights[info.fqn()] = std::move(t);
   }
   return std::unique_ptr<Load>(new LoadImpl(this, spec, std::move(weights)));

@@ -96,13 +96,16 @@ absl::Status ValidateStageSpec(const StageSpec& spec, uint64_t max_weight_bytes)
       return Invalid("received value \"", v.name(), "\" has ", v.shape_size(), " dimensions");
     }
     for (int d = 0; d < v.shape_size(); ++d) {
-      if (v.shape(d) < -1 || (v.shape(d) == -1 && (d != 0 || !v.batched()))) {
-        return Invalid("received value \"", v.name(), "\": only dim 0 of a batched value may be -1");
+      if (v.shape(d) < -1) {
+        return Invalid("received value \"", v.name(), "\": dimension ", v.shape(d),
+                       " (-1 is a free dimension)");
       }
     }
     Shape fixed(v.shape().begin(), v.shape().end());
-    if (!fixed.empty() && fixed[0] == -1) fixed[0] = 1;
-    absl::Status size = CheckedByteSize(fixed, 4).status();
+    for (int64_t& d : fixed) {
+      if (d == -1) d = 1;
+    }
+    absl::Status size = CheckedByteSize(fixed, 8).status();
     if (!size.ok()) return Invalid("received value \"", v.name(), "\": ", size.message());
   }
   for (const ValueSpec& in : spec.stage().graph().inputs()) {

@@ -97,6 +97,7 @@ void Frame::Add(const std::string& name, const Tensor& t) {
   FrameHeader::TensorMeta* meta = header.add_tensors();
   meta->set_name(name);
   for (int64_t d : t.shape()) meta->add_shape(d);
+  if (t.dtype() != DT_FLOAT32) meta->set_dtype(t.dtype());
   tensors.push_back(t);
 }
 
@@ -123,7 +124,7 @@ absl::Status FrameToByteBuffer(const Frame& frame, grpc::ByteBuffer* out) {
   for (const Tensor& t : frame.tensors) {
     if (t.byte_size() == 0) continue;
     auto* keep = new std::shared_ptr<const void>(t.storage());
-    slices.emplace_back(static_cast<void*>(t.data()), t.byte_size(),
+    slices.emplace_back(static_cast<void*>(t.raw_data()), t.byte_size(),
                         &ReleaseStorage, keep);
   }
   *out = grpc::ByteBuffer(slices.data(), slices.size());
@@ -169,7 +170,13 @@ absl::Status FrameFromByteBuffer(const grpc::ByteBuffer& in, Frame* frame) {
   auto held = std::make_shared<std::vector<grpc::Slice>>(slices);
   for (const FrameHeader::TensorMeta& meta : frame->header.tensors()) {
     Shape shape(meta.shape().begin(), meta.shape().end());
-    absl::StatusOr<uint64_t> size = CheckedByteSize(shape, 4);
+    DataType dtype = meta.dtype() == DT_INVALID ? DT_FLOAT32 : meta.dtype();
+    if (!IsValidDataType(dtype)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "frame tensor \"", meta.name(), "\": unknown dtype ", static_cast<int>(meta.dtype())));
+    }
+    const int align = ElementSize(dtype);
+    absl::StatusOr<uint64_t> size = CheckedByteSize(shape, align);
     if (!size.ok()) {
       return absl::InvalidArgumentError(
           absl::StrCat("frame tensor \"", meta.name(), "\": ", size.status().message()));
@@ -182,15 +189,14 @@ absl::Status FrameFromByteBuffer(const grpc::ByteBuffer& in, Frame* frame) {
     }
     size_t slice_index = 0;
     const uint8_t* p = bytes > 0 ? reader.Contiguous(bytes, &slice_index) : nullptr;
-    // Zero-copy when the tensor lies in one 4-byte-aligned slice region.
-    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 4 == 0) {
-      frame->tensors.push_back(Tensor::Wrap(
-          held, reinterpret_cast<float*>(const_cast<uint8_t*>(p)), shape));
+    // Zero-copy when the tensor lies in one element-aligned slice region.
+    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % align == 0) {
+      frame->tensors.push_back(Tensor::Wrap(held, const_cast<uint8_t*>(p), shape, dtype));
       reader.Advance(bytes);
       g_wrapped_bytes += bytes;
     } else {
-      Tensor t = Tensor::Empty(shape);
-      reader.Copy(t.data(), bytes);
+      Tensor t = Tensor::Empty(shape, dtype);
+      reader.Copy(t.raw_data(), bytes);
       frame->tensors.push_back(std::move(t));
       g_copied_bytes += bytes;
     }

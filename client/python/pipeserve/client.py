@@ -228,8 +228,11 @@ class Client:
           inputs: a list of arrays in the model's input order (the order is
             read from the model's metadata, one more call), or a dict
             {input name: array}. Anything np.asarray takes (numpy arrays,
-            CPU torch tensors, nested lists) is converted to C-contiguous
-            float32.
+            CPU torch tensors, nested lists) is sent C-contiguous in its
+            dtype: float32 as FP32, float16 FP16, int64 INT64, int32 INT32,
+            bool BOOL; float64 is sent as FP32. A torch.bfloat16 tensor is
+            sent as BF16. BF16 outputs come back as float32 arrays, the
+            others in their dtype.
           timeout: seconds (None or 0: the client's timeout).
         """
         if isinstance(inputs, dict):
@@ -243,9 +246,9 @@ class Client:
             named = list(zip(names, inputs))
         request = self._pb.ModelInferRequest(model_name=name)
         for input_name, value in named:
-            # Row-major float32, little-endian, as raw_input_contents wants.
-            array = np.ascontiguousarray(np.asarray(value), dtype="<f4")
-            request.inputs.add(name=input_name, datatype="FP32",
+            # Row-major, little-endian, as raw_input_contents wants.
+            datatype, array = _to_wire(value)
+            request.inputs.add(name=input_name, datatype=datatype,
                                shape=array.shape)
             request.raw_input_contents.append(array.tobytes())
         response = self._call(self._inference.ModelInfer, request,
@@ -299,8 +302,36 @@ def _split_point(point):
     return int(point)
 
 
+_WIRE = {  # numpy dtype -> (KServe datatype, little-endian dtype)
+    np.dtype(np.float32): ("FP32", "<f4"),
+    np.dtype(np.float64): ("FP32", "<f4"),
+    np.dtype(np.float16): ("FP16", "<f2"),
+    np.dtype(np.int64): ("INT64", "<i8"),
+    np.dtype(np.int32): ("INT32", "<i4"),
+    np.dtype(np.bool_): ("BOOL", "?"),
+}
+_FROM_WIRE = {"FP32": "<f4", "FP16": "<f2", "INT64": "<i8", "INT32": "<i4",
+              "BOOL": "?", "BF16": "<u2"}
+
+
+def _to_wire(value):
+    """(KServe datatype, C-contiguous little-endian array) for an input."""
+    if type(value).__module__.startswith("torch") and \
+            str(getattr(value, "dtype", "")) == "torch.bfloat16":
+        import torch  # only when a torch tensor was given
+        bits = value.detach().cpu().contiguous().view(torch.int16).numpy()
+        return "BF16", np.ascontiguousarray(bits.view("<u2"))
+    array = np.asarray(value)
+    wire = _WIRE.get(array.dtype)
+    if wire is None:
+        raise ValueError(f"inputs of dtype {array.dtype} are not supported "
+                         "(float32, float16, int64, int32, bool; float64 is "
+                         "sent as float32)")
+    return wire[0], np.ascontiguousarray(array, dtype=wire[1])
+
+
 def _outputs(response):
-    """The outputs of a ModelInferResponse as float32 arrays; ServerError
+    """The outputs of a ModelInferResponse as numpy arrays; ServerError
     with code "INTERNAL" naming the output when the response is malformed."""
     raw = response.raw_output_contents
     if raw and len(raw) != len(response.outputs):
@@ -312,17 +343,25 @@ def _outputs(response):
         def bad(what, out=out):
             return ServerError("INTERNAL", f"malformed response: output "
                                f"\"{out.name}\": {what}")
-        if out.datatype != "FP32":
-            raise bad(f"datatype \"{out.datatype}\", expected FP32")
+        wire = _FROM_WIRE.get(out.datatype)
+        if wire is None:
+            raise bad(f"datatype \"{out.datatype}\" is not supported")
         shape = tuple(out.shape)
         if any(d < 0 for d in shape):
             raise bad(f"negative dimension in shape {list(shape)}")
         numel = int(np.prod(shape, dtype=np.int64))
+        size = np.dtype(wire).itemsize
         if raw:
-            if len(raw[i]) != 4 * numel:
+            if len(raw[i]) != size * numel:
                 raise bad(f"{len(raw[i])} bytes for shape {list(shape)} "
-                          f"({4 * numel} expected)")
-            array = np.frombuffer(raw[i], dtype="<f4").reshape(shape)
+                          f"({size * numel} expected)")
+            array = np.frombuffer(raw[i], dtype=wire).reshape(shape)
+            if out.datatype == "BF16":  # numpy has no bfloat16
+                array = (array.astype(np.uint32) << 16).view(np.float32)
+            outputs.append(np.array(array, dtype=array.dtype.newbyteorder("=")))
+            continue
+        elif out.datatype != "FP32":
+            raise bad(f"{out.datatype} output without raw_output_contents")
         else:
             values = out.contents.fp32_contents
             if len(values) != numel:

@@ -29,14 +29,21 @@ Usage:
 
 Graph conventions (the C++ side relies on them):
   * Inputs are forward's arguments (positional, then keywords), named by the
-    argument name. Batched inputs have shape[0] == -1.
+    argument name. Batched inputs have shape[0] == -1; dynamic_dims are -1
+    too.
   * Node names are the FX node names; a node's single output value has the
     node's name. A "param" node is named by its canonical FQN ("lin0.weight")
     and is emitted once, just before the first node that reads it, with that
     node's module_path.
-  * Ops: param, mm, matmul, linear, relu, add, sub, mul, clone, identity,
-    pipe_split. add/sub/mul with a Python number carry attrs "scalar" (f) and,
-    when the number is the left operand, "reverse" (i = 1).
+  * Ops: those of partitioner/op_schema.cc (_ops.py converts each PyTorch
+    call). Binary ops with a Python number carry attrs "scalar" (f) and,
+    when the number is the left operand, "reverse" (i = 1). Run-time sizes
+    are rank-0 int64 values of "size" nodes; an int attribute takes one
+    through "<attr>_from" = 1 + the input's index.
+  * Every op sees inputs of one dtype: where PyTorch promotes, the exporter
+    inserts "cast" nodes first.
+  * A node whose output's dim 0 is free but is not the batch (a length) is
+    marked `unbatched`.
   * Anything else raises ExportError naming the op or module type and the
     module path where it was called.
 """
@@ -92,18 +99,24 @@ class ExportInfo:
 
 
 def export(module, example_args, path, example_kwargs=None, split_spec=None,
-           replicated=()):
+           replicated=(), dynamic_dims=None):
     """Traces `module` and writes it to `path` as a pipeserve model file.
 
     Args:
       module: the torch.nn.Module to export. Dropout must be in eval mode.
-      example_args: tuple of forward's positional arguments, float32 tensors.
-        Only their shapes and dtypes are used.
+      example_args: tuple of forward's positional arguments: tensors of
+        float32, float16, bfloat16, int64, int32 or bool. Export runs the
+        module on them (and on copies with a grown batch and grown
+        dynamic_dims) to learn which sizes are free; token ids must be valid.
       path: destination file; written atomically (path + ".tmp", renamed).
-      example_kwargs: dict of forward's keyword arguments, float32 tensors.
+      example_kwargs: dict of forward's keyword arguments, tensors as above.
       split_spec: {module FQN: SplitPoint}, cuts at module boundaries.
       replicated: names of inputs that are passed whole to every microbatch;
-        all other inputs are split along dim 0.
+        all other inputs are split along dim 0 (the batch: any size).
+      dynamic_dims: {input name: [dims]}: dimensions besides the batch that
+        may take any size at run time (a sequence length: {"ids": [1]}).
+        Sizes computed from them (x.size(1), views, masks sliced to the
+        length) are traced as run-time integers.
 
     Returns:
       ExportInfo.
@@ -121,19 +134,40 @@ def export(module, example_args, path, example_kwargs=None, split_spec=None,
     replicated = ((replicated,) if isinstance(replicated, str)
                   else tuple(replicated))
 
+    dynamic_dims = {k: list(v) for k, v in (dynamic_dims or {}).items()}
     inputs = _bind_inputs(module, example_args, example_kwargs)
-    unknown = set(replicated) - {name for name, _, _ in inputs}
+    names = [name for name, _, _ in inputs]
+    unknown = (set(replicated) | set(dynamic_dims)) - set(names)
     if unknown:
-        raise ExportError(f"replicated names unknown inputs {sorted(unknown)}; "
-                          f"inputs are {[name for name, _, _ in inputs]}")
+        raise ExportError(f"replicated/dynamic_dims name unknown inputs "
+                          f"{sorted(unknown)}; inputs are {names}")
+    examples, free = {}, {}
+    for name, _, value in inputs:
+        batched = name not in replicated
+        dims = []
+        for d in dynamic_dims.get(name, []):
+            if not -value.dim() <= d < value.dim() or (batched and d % value.dim() == 0):
+                raise ExportError(f"dynamic_dims['{name}']: {d} is not a "
+                                  f"non-batch dimension of {tuple(value.shape)}")
+            dims.append(d % value.dim())
+        free[name] = dims
+        grown_batch = _grow(value, 0) if batched and value.dim() else value
+        grown_free = value
+        for d in dims:
+            grown_free = _grow(grown_free, d)
+        examples[name] = [value, grown_batch, grown_free]
 
     state = _StateTensors(module)
-    tracer = _Tracer(state, inputs)
+    for key, t in module.state_dict(keep_vars=True).items():
+        if isinstance(t, torch.Tensor):
+            _proto_dtype(t.dtype, f"parameter '{key}'")
+    tracer = _Tracer(state, inputs, examples)
     fx_graph = tracer.trace_module(module)
 
     converter = _Converter(module, tracer, state)
     for name, _, value in inputs:
-        converter.add_input(name, value, batched=name not in replicated)
+        converter.add_input(name, value, batched=name not in replicated,
+                            free_dims=free[name])
     graph = converter.convert(fx_graph)
 
     num_stages = _count_stages(graph, split_spec, module)
@@ -149,10 +183,11 @@ def export(module, example_args, path, example_kwargs=None, split_spec=None,
 
     arrays = []
     for t in converter.stored:
-        graph.params.add(fqn=t.fqn, dtype=model_pb2.DT_FLOAT32,
+        graph.params.add(fqn=t.fqn,
+                         dtype=_proto_dtype(t.tensor.dtype, f"parameter '{t.fqn}'"),
                          shape=list(t.tensor.shape), is_buffer=t.is_buffer,
                          in_state_dict=t.in_state_dict)
-        arrays.append(t.tensor.detach().cpu().numpy())
+        arrays.append(_numpy_of(t.tensor))
     model_file.write_model(path, graph, arrays)
 
     return ExportInfo(num_stages=num_stages,
@@ -178,11 +213,10 @@ def _bind_inputs(module, example_args, example_kwargs):
                     inspect.Parameter.VAR_KEYWORD):
             raise ExportError(f"input '{name}': forward's *args/**kwargs "
                               "inputs are not supported")
-        if not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
-            got = (f"a {value.dtype} tensor" if isinstance(value, torch.Tensor)
-                   else type(value).__name__)
-            raise ExportError(f"input '{name}': only float32 tensors are "
-                              f"supported, got {got}")
+        if not isinstance(value, torch.Tensor):
+            raise ExportError(f"input '{name}': only tensors are supported, "
+                              f"got {type(value).__name__}")
+        _proto_dtype(value.dtype, f"input '{name}'")
         inputs.append((name, i >= len(example_args), value))
     return inputs
 
@@ -235,8 +269,147 @@ class _StateTensors:
         return self._by_id.get(id(tensor))
 
 
+_REQUIRED = object()
+
+# Examples: every traced value carries three concrete values, computed by
+# running each op eagerly as it is traced. Variant 0 is the user's example;
+# variant 1 grows the batch dimension of every batched input by one row;
+# variant 2 grows every other free dimension (export's dynamic_dims) by one.
+# A dimension that differs between the variants is free (-1 in the graph);
+# one that differs between variants 0 and 1 is the batch. `x.size(d)` of a
+# fixed dimension is a Python int while tracing (so `math.sqrt(x.size(-1))`
+# works); of a free one it is a traced int ("size" node).
+_VARIANTS = 3
+
+
+def _grow(t, dim):
+    """`t` with one more entry along `dim` (a copy of its first)."""
+    return torch.cat([t, t.narrow(dim, 0, 1)], dim)
+
+
+class _ExProxy(torch.fx.Proxy):
+    """A proxy whose sizes, dtype and device are read from its examples."""
+
+    def _ex(self):
+        return self.node.meta["ex"]
+
+    def size(self, dim=None):
+        return self.tracer.traced_size(self, dim)
+
+    @property
+    def shape(self):
+        return self.tracer.traced_size(self, None)
+
+    def dim(self):
+        return self._ex()[0].dim()
+
+    @property
+    def ndim(self):
+        return self._ex()[0].dim()
+
+    @property
+    def dtype(self):
+        return self._ex()[0].dtype
+
+    @property
+    def device(self):
+        return self._ex()[0].device
+
+    @property
+    def is_cuda(self):
+        return False
+
+    def __len__(self):
+        ex = self._ex()[0]
+        if isinstance(ex, (tuple, list)):
+            return len(ex)
+        if isinstance(ex, torch.Tensor) and ex.dim() > 0:
+            size = self.tracer.traced_size(self, 0)
+            if isinstance(size, int):
+                return size
+        raise ExportError(f"len() of a traced value whose length is only known "
+                          f"at run time ('{self.node.name}')")
+
+    def __iter__(self):
+        ex = self._ex()[0]
+        if isinstance(ex, (tuple, list)):
+            return iter([self[i] for i in range(len(ex))])
+        return iter([self[i] for i in range(len(self))])
+
+    def __bool__(self):
+        # Control flow on sizes that agree in every variant (`if T >
+        # block_size`) is decided while tracing; on tensors it is not.
+        ex = self._ex()
+        if all(isinstance(e, (bool, int)) for e in ex) and len(set(map(bool, ex))) == 1:
+            return bool(ex[0])
+        raise ExportError(f"control flow depends on a traced value "
+                          f"('{self.node.name}'), which only the run knows")
+
+    def __index__(self):
+        raise ExportError(f"a size known only at run time ('{self.node.name}') "
+                          "is used as a Python int (range(), list index, ...)")
+
+
+# Module.__getattr__ and __call__ as they are outside tracing: FX patches
+# both while it traces, and example values are computed eagerly then.
+_MODULE_GETATTR = torch.nn.Module.__getattr__
+_MODULE_CALL = torch.nn.Module.__call__
+
+
+class _Untraced:
+    """Eager PyTorch inside a trace: FX's module patches undone for a while."""
+
+    def __enter__(self):
+        global _ACTIVE_TRACER
+        self._saved = (torch.nn.Module.__getattr__, torch.nn.Module.__call__,
+                       _ACTIVE_TRACER)
+        torch.nn.Module.__getattr__ = _MODULE_GETATTR
+        torch.nn.Module.__call__ = _MODULE_CALL
+        _ACTIVE_TRACER = None  # pipe_split() does nothing
+        return self
+
+    def __exit__(self, *exc):
+        global _ACTIVE_TRACER
+        (torch.nn.Module.__getattr__, torch.nn.Module.__call__,
+         _ACTIVE_TRACER) = self._saved
+        return False
+
+
+class _SizeArgumentsTraced:
+    """While tracing, torch.arange(T), torch.zeros(B, T), ... with a traced
+    int T become call_function nodes (torch's argument parser does not let
+    a proxy stand for a number, so FX alone cannot record them)."""
+
+    FUNCTIONS = ("arange", "zeros", "ones", "full")
+
+    def __init__(self, tracer):
+        self._tracer = tracer
+        self._saved = {}
+
+    def __enter__(self):
+        tracer = self._tracer
+        for name in self.FUNCTIONS:
+            original = getattr(torch, name)
+            self._saved[name] = original
+
+            def wrapper(*args, _original=original, **kwargs):
+                # Recorded whenever forward calls it (examples run eagerly).
+                if _ACTIVE_TRACER is tracer:
+                    return tracer.create_proxy("call_function", _original,
+                                               args, kwargs)
+                return _original(*args, **kwargs)
+            setattr(torch, name, wrapper)
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(torch, name, original)
+        return False
+
+
 class _Tracer(torch.fx.Tracer):
-    """A torch.fx tracer that records the module path of every node.
+    """A torch.fx tracer that records the module path of every node and
+    runs every op on example values as it traces (see _VARIANTS).
 
     It keeps its own stack of the modules whose forward is running (FX's
     node meta does not say which alias a module was called under), makes
@@ -246,15 +419,17 @@ class _Tracer(torch.fx.Tracer):
 
     proxy_buffer_attributes = True
 
-    def __init__(self, state, inputs):
+    def __init__(self, state, inputs, examples):
         super().__init__()
         self._state = state
         self._inputs = inputs
+        self._examples = examples  # input name -> [variant tensors]
         # (path, module) of every module whose forward is running.
         self._stack = [("", None)]
         self._last_module_attr = None  # (attribute name, module) last read
         self.module_path_of = {}  # torch.fx.Node -> module path
         self.error_path = None  # innermost module path of a failure
+        self._running_examples = False
 
     def current_path(self):
         return self._stack[-1][0]
@@ -267,7 +442,8 @@ class _Tracer(torch.fx.Tracer):
         self._stack = [("", root)]
         _ACTIVE_TRACER = self
         try:
-            return self.trace(root)
+            with torch.no_grad(), _SizeArgumentsTraced(self):
+                return self.trace(root)
         except ExportError:
             raise
         except Exception as e:
@@ -276,6 +452,9 @@ class _Tracer(torch.fx.Tracer):
                               f"{type(e).__name__}: {e}") from e
         finally:
             _ACTIVE_TRACER = None
+
+    def proxy(self, node):
+        return _ExProxy(node, self)
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         # One placeholder per given input; forward is called the way the
@@ -298,6 +477,50 @@ class _Tracer(torch.fx.Tracer):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         self.module_path_of[node] = self.current_path()
         return node
+
+    def create_proxy(self, kind, target, args, kwargs, name=None,
+                     type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name,
+                                     type_expr, proxy_factory_fn)
+        node = proxy.node
+        if kind == "placeholder":
+            node.meta["ex"] = list(self._examples[target])
+        elif kind == "get_attr":
+            with _Untraced():
+                obj = self.root
+                for atom in target.split("."):
+                    obj = getattr(obj, atom)
+            node.meta["ex"] = [obj] * _VARIANTS
+        elif target is pipe_split:
+            node.meta["ex"] = [None] * _VARIANTS
+        else:
+            node.meta["ex"] = [self._run_example(node, i)
+                               for i in range(_VARIANTS)]
+        return proxy
+
+    def _run_example(self, node, i):
+        def value(n):
+            return n.meta["ex"][i]
+        args = torch.fx.node.map_arg(node.args, value)
+        kwargs = torch.fx.node.map_arg(node.kwargs, value)
+        with _Untraced():
+            if node.op == "call_function":
+                return node.target(*args, **kwargs)
+            if node.op == "call_method":
+                return getattr(args[0], node.target)(*args[1:], **kwargs)
+            return self.root.get_submodule(node.target)(*args, **kwargs)
+
+    def traced_size(self, proxy, dim):
+        """x.size(dim): an int for a fixed dimension, else a traced int."""
+        ex = proxy.node.meta["ex"]
+        rank = ex[0].dim()
+        if dim is None:
+            return tuple(self.traced_size(proxy, d) for d in range(rank))
+        d = dim + rank if dim < 0 else dim
+        sizes = {e.shape[d] for e in ex}
+        if len(sizes) == 1:
+            return ex[0].shape[d]
+        return self.create_proxy("call_method", "size", (proxy, d), {})
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         if isinstance(attr_val, torch.nn.Module):
@@ -344,39 +567,30 @@ class _Tracer(torch.fx.Tracer):
         return self.path_of_module(m)
 
 
-_REQUIRED = object()
-
-# Supported calls: target -> (pipeserve op, [(argument name, default)]).
-# A method's receiver is its first argument, "self".
-_FUNCTIONS = {
-    torch.mm: ("mm", [("input", _REQUIRED), ("mat2", _REQUIRED)]),
-    torch.matmul: ("matmul", [("input", _REQUIRED), ("other", _REQUIRED)]),
-    operator.matmul: ("matmul", [("a", _REQUIRED), ("b", _REQUIRED)]),
-    F.linear: ("linear", [("input", _REQUIRED), ("weight", _REQUIRED),
-                          ("bias", None)]),
-    torch.relu: ("relu", [("input", _REQUIRED)]),
-    F.relu: ("relu", [("input", _REQUIRED), ("inplace", False)]),
-    torch.clone: ("clone", [("input", _REQUIRED), ("memory_format", None)]),
-    pipe_split: ("pipe_split", []),
+_TORCH_DTYPES = {
+    torch.float32: model_pb2.DT_FLOAT32,
+    torch.float16: model_pb2.DT_FLOAT16,
+    torch.bfloat16: model_pb2.DT_BFLOAT16,
+    torch.int64: model_pb2.DT_INT64,
+    torch.int32: model_pb2.DT_INT32,
+    torch.bool: model_pb2.DT_BOOL,
 }
-_METHODS = {
-    "mm": ("mm", [("self", _REQUIRED), ("mat2", _REQUIRED)]),
-    "matmul": ("matmul", [("self", _REQUIRED), ("other", _REQUIRED)]),
-    "relu": ("relu", [("self", _REQUIRED)]),
-    "clone": ("clone", [("self", _REQUIRED), ("memory_format", None)]),
-    "contiguous": ("identity", [("self", _REQUIRED), ("memory_format", None)]),
-    "detach": ("identity", [("self", _REQUIRED)]),
-}
-for _op in ("add", "sub", "mul"):
-    _FUNCTIONS[getattr(operator, _op)] = (_op, [("a", _REQUIRED),
-                                                ("b", _REQUIRED)])
-    _alpha = [("alpha", 1)] if _op != "mul" else []
-    _FUNCTIONS[getattr(torch, _op)] = (
-        _op, [("input", _REQUIRED), ("other", _REQUIRED)] + _alpha)
-    _METHODS[_op] = (_op, [("self", _REQUIRED), ("other", _REQUIRED)] + _alpha)
 
-# Arguments that are checked and then dropped: they do not reach the graph.
-_OPTIONS = ("alpha", "inplace", "memory_format")
+
+def _proto_dtype(dtype, what):
+    try:
+        return _TORCH_DTYPES[dtype]
+    except KeyError:
+        raise ExportError(f"{what} has dtype {dtype}; supported: float32, "
+                          "float16, bfloat16, int64, int32, bool") from None
+
+
+def _numpy_of(tensor):
+    """The tensor's bytes as a numpy array (bfloat16 as uint16 bits)."""
+    t = tensor.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view("<u2")
+    return t.numpy()
 
 
 def _function_name(fn):
@@ -403,7 +617,10 @@ def _is_number(x):
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-class _Converter:
+from ._ops import OpConverter  # noqa: E402  (needs the names above)
+
+
+class _Converter(OpConverter):
     """Turns a traced torch.fx graph into a model_pb2.Graph."""
 
     def __init__(self, root, tracer, state):
@@ -416,18 +633,24 @@ class _Converter:
         self._attr = {}  # get_attr torch.fx.Node -> tensor
         self._param_value = {}  # canonical FQN -> value name
         self._position = {}  # torch.fx.Node -> index in the trace
+        self._dtype = {}  # value name -> torch dtype
+        self._virtual = {}  # split/chunk node -> [(value, dim, start, stop)]
         self.stored = []  # _Tensor of every param node, in emission order
 
-    def add_input(self, name, example, batched):
+    def add_input(self, name, example, batched, free_dims):
         shape = list(example.shape)
         if batched:
             if not shape:
                 raise ExportError(f"input '{name}' is a scalar tensor; list it "
                                   "in replicated or give it a batch dim")
             shape[0] = -1
-        self._graph.inputs.add(name=name, dtype=model_pb2.DT_FLOAT32,
-                               shape=shape, batched=batched)
+        for d in free_dims:
+            shape[d] = -1
+        self._graph.inputs.add(
+            name=name, dtype=_proto_dtype(example.dtype, f"input '{name}'"),
+            shape=shape, batched=batched)
         self._names.add(name)
+        self._dtype[name] = example.dtype
 
     def convert(self, fx_graph):
         nodes = list(fx_graph.nodes)
@@ -478,15 +701,13 @@ class _Converter:
                               "is not a parameter or buffer of the module")
         name = self._param_value.get(entry.fqn)
         if name is None:
-            if entry.tensor.dtype != torch.float32:
-                raise ExportError(f"parameter '{entry.fqn}' has dtype "
-                                  f"{entry.tensor.dtype}; only float32 is "
-                                  "supported")
+            _proto_dtype(entry.tensor.dtype, f"parameter '{entry.fqn}'")
             name = self._fresh(entry.fqn)
             node = self._graph.nodes.add(name=name, op="param", outputs=[name],
                                          module_path=module_path)
             node.attrs["fqn"].s = entry.fqn
             self._param_value[entry.fqn] = name
+            self._dtype[name] = entry.tensor.dtype
             self.stored.append(entry)
         return name
 
@@ -494,6 +715,9 @@ class _Converter:
         """The value name of a tensor argument (an FX node)."""
         if arg in self._attr:
             return self._param(self._attr[arg], module_path)
+        if arg in self._virtual:
+            raise ExportError(f"the result of '{arg.name}' (a split or chunk) "
+                              "is used whole; only its pieces can be used")
         return self._value[arg]
 
     # Nodes.
@@ -504,55 +728,27 @@ class _Converter:
             self._convert_module(node, path)
             return
         if node.op == "call_function":
-            spec = _FUNCTIONS.get(node.target)
+            handler = self.FUNCTIONS.get(node.target)
             display = _function_name(node.target)
         else:  # call_method
-            spec = _METHODS.get(node.target)
+            handler = self.METHODS.get(node.target)
             display = f"Tensor.{node.target}"
-        if spec is None:
+        if handler is None:
             raise ExportError(f"unsupported op {display} at module path "
                               f"'{path}'")
-        op, params = spec
-        bound = self._bind(node, params, display, path)
-        if bound.get("alpha", 1) != 1:
-            raise ExportError(f"unsupported op {display} with alpha="
-                              f"{bound['alpha']} at module path '{path}'")
-        if bound.get("inplace"):
-            self._check_inplace(node, next(iter(bound.values())), display,
-                                path)
-        operands = [v for k, v in bound.items()
-                    if k not in _OPTIONS and not (k == "bias" and v is None)]
-        if op == "pipe_split":
-            self._graph.nodes.add(name=node.name, op=op, module_path=path)
-        elif op in ("add", "sub", "mul"):
-            self._emit_elementwise(node, op, operands, display, path)
-        else:
-            self._emit(node, op, operands, display, path)
+        handler(self, node, display, path)
 
     def _convert_module(self, node, path):
         m = self._root.get_submodule(node.target)
         display = _module_type_name(m)
-        if isinstance(m, torch.nn.Linear):
-            (x,) = self._bind(node, [("input", _REQUIRED)], display,
-                              path).values()
-            operands = [x, m.weight] + ([m.bias] if m.bias is not None else [])
-            self._emit(node, "linear", operands, display, path)
-        elif isinstance(m, torch.nn.ReLU):
-            (x,) = self._bind(node, [("input", _REQUIRED)], display,
-                              path).values()
-            if m.inplace:
-                self._check_inplace(node, x, display, path)
-            self._emit(node, "relu", [x], display, path)
-        elif isinstance(m, (torch.nn.Identity, torch.nn.Dropout)):
-            if isinstance(m, torch.nn.Dropout) and m.training and m.p > 0:
-                raise ExportError(f"unsupported module {display} in training "
-                                  f"mode (p={m.p}) at '{path}'; call "
-                                  "module.eval() before export")
-            (x,) = self._bind(node, [("input", _REQUIRED)], display,
-                              path).values()
-            self._emit(node, "identity", [x], display, path)
-        else:
+        handler = None
+        for cls, h in self.MODULES:
+            if isinstance(m, cls):
+                handler = h
+                break
+        if handler is None:
             raise ExportError(f"unsupported module {display} at '{path}'")
+        handler(self, node, m, display, path)
 
     def _bind(self, node, params, display, path):
         """Matches node.args/kwargs to params: {name: value} in params order."""
@@ -589,38 +785,6 @@ class _Converter:
                               "again (or a parameter); use the out-of-place "
                               "form")
 
-    def _tensor_input(self, operand, display, path):
-        if isinstance(operand, torch.fx.Node):
-            return self._use(operand, path)
-        if isinstance(operand, torch.nn.Parameter) or (
-                isinstance(operand, torch.Tensor) and
-                self._state.lookup(operand) is not None):
-            return self._param(operand, path)  # a leaf module's weight
-        raise ExportError(f"unsupported operand of {display} at module path "
-                          f"'{path}': expected a tensor, got "
-                          f"{type(operand).__name__}")
-
-    def _emit(self, node, op, operands, display, path, attrs=None):
-        inputs = [self._tensor_input(o, display, path) for o in operands]
-        out = self._graph.nodes.add(name=node.name, op=op, inputs=inputs,
-                                    outputs=[node.name], module_path=path)
-        for key, value in (attrs or {}).items():
-            if isinstance(value, float):
-                out.attrs[key].f = value
-            else:
-                out.attrs[key].i = value
-        self._value[node] = node.name
-
-    def _emit_elementwise(self, node, op, operands, display, path):
-        a, b = operands
-        if _is_number(a) and not _is_number(b):
-            self._emit(node, op, [b], display, path,
-                       {"scalar": float(a), "reverse": 1})
-        elif _is_number(b) and not _is_number(a):
-            self._emit(node, op, [a], display, path, {"scalar": float(b)})
-        else:
-            self._emit(node, op, [a, b], display, path)
-
     def _convert_output(self, node):
         result = node.args[0]
         values = list(result) if isinstance(result, (tuple, list)) else [result]
@@ -630,6 +794,10 @@ class _Converter:
                 raise ExportError(f"forward returns a {type(v).__name__}; only "
                                   "a tensor or a tuple/list of tensors can be "
                                   "exported")
+            if not isinstance(v.meta["ex"][0], torch.Tensor):
+                raise ExportError(f"forward returns '{v.name}', a "
+                                  f"{type(v.meta['ex'][0]).__name__}; only "
+                                  "tensors can be model outputs")
             name = self._use(v, "")
             if v.op == "placeholder":
                 # Every output must be made by a node, even an input returned

@@ -8,12 +8,13 @@ the raw bytes of every parameter and buffer the graph uses. The C++ reader
     offset 8 : uint64 little-endian H = byte length of the header
     offset 16: header = serialized pipeserve.Graph, H bytes
     zero padding up to D = the first multiple of 64 at or after 16 + H
-    data     : tensor i's bytes (float32 little-endian, row-major) at
+    data     : tensor i's bytes (little-endian, row-major, in its dtype) at
                D + params[i].offset; offsets are multiples of 64 with zero
                padding between; the file ends after the last tensor's bytes
                (at D when there are none).
 
-    TensorInfo.byte_size = numel * 4
+    TensorInfo.byte_size = numel * element size (4 FP32/INT32, 2 FP16/BF16,
+                           8 INT64, 1 BOOL)
     TensorInfo.crc32     = zlib.crc32(bytes) & 0xffffffff
 
 Usage:
@@ -52,9 +53,24 @@ def _align(n):
     return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
 
 
+# numpy dtype of each DataType's stored bytes. numpy has no bfloat16: BF16
+# tensors are read and written as their uint16 bit patterns.
+NUMPY_DTYPES = {
+    model_pb2.DT_FLOAT32: np.dtype("<f4"),
+    model_pb2.DT_FLOAT16: np.dtype("<f2"),
+    model_pb2.DT_BFLOAT16: np.dtype("<u2"),
+    model_pb2.DT_INT64: np.dtype("<i8"),
+    model_pb2.DT_INT32: np.dtype("<i4"),
+    model_pb2.DT_BOOL: np.dtype("?"),
+}
+
+
 def _bytes_view(array):
-    """A flat byte view of a contiguous little-endian float32 array."""
-    return memoryview(np.ascontiguousarray(array, dtype="<f4")).cast("B")
+    """A flat byte view of a contiguous little-endian array."""
+    array = np.asarray(array)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return memoryview(np.ascontiguousarray(array)).cast("B")
 
 
 def _crc32(view):
@@ -71,7 +87,8 @@ def write_model(path, graph, arrays):
       path: destination; written as path + ".tmp", then renamed over path.
       graph: a model_pb2.Graph whose `params` list fqn, dtype, shape,
         is_buffer and in_state_dict. Modified in place.
-      arrays: one float32 numpy array per graph.params entry, same order.
+      arrays: one numpy array per graph.params entry, same order, in the
+        entry's dtype (NUMPY_DTYPES; BF16 as uint16 bit patterns).
     """
     if len(arrays) != len(graph.params):
         raise ValueError(f"{len(arrays)} arrays for {len(graph.params)} params")
@@ -112,7 +129,8 @@ def load_model(path):
 
     Returns:
       (graph, tensors): the model_pb2.Graph header and a dict from each stored
-      tensor's FQN (graph.params[i].fqn) to a float32 numpy array of its shape.
+      tensor's FQN (graph.params[i].fqn) to a numpy array of its shape and
+      dtype (NUMPY_DTYPES: BF16 as uint16 bit patterns).
 
     Raises:
       ModelFormatError: bad magic, truncated or oversized file, a tensor that
@@ -146,14 +164,15 @@ def load_model(path):
             where = f"{path}: tensor '{info.fqn}'"
             if info.fqn in tensors:
                 raise ModelFormatError(f"{where} is stored twice")
-            if info.dtype != model_pb2.DT_FLOAT32:
-                raise ModelFormatError(f"{where}: dtype {info.dtype}, expected "
-                                       "DT_FLOAT32")
+            np_dtype = NUMPY_DTYPES.get(info.dtype)
+            if np_dtype is None:
+                raise ModelFormatError(f"{where}: unknown dtype {info.dtype}")
             numel = int(np.prod(info.shape, dtype=np.int64))
-            if info.byte_size != numel * 4:
+            if info.byte_size != numel * np_dtype.itemsize:
                 raise ModelFormatError(f"{where}: byte_size {info.byte_size} "
                                        f"does not match shape "
-                                       f"{list(info.shape)} ({numel * 4})")
+                                       f"{list(info.shape)} "
+                                       f"({numel * np_dtype.itemsize})")
             if info.offset % ALIGNMENT:
                 raise ModelFormatError(f"{where}: offset {info.offset} is not "
                                        f"a multiple of {ALIGNMENT}")
@@ -172,8 +191,8 @@ def load_model(path):
             if crc != info.crc32:
                 raise ModelFormatError(f"{where}: crc32 {crc:#010x} does not "
                                        f"match the header's {info.crc32:#010x}")
-            tensors[info.fqn] = np.frombuffer(buf, dtype="<f4").reshape(
-                tuple(info.shape)).astype(np.float32, copy=False)
+            tensors[info.fqn] = np.frombuffer(buf, dtype=np_dtype).reshape(
+                tuple(info.shape))
             end = data_start + info.offset + info.byte_size
         if file_size != end:
             raise ModelFormatError(f"{path}: file is {file_size} bytes, "

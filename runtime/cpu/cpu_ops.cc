@@ -1,0 +1,674 @@
+#include "runtime/cpu/cpu_ops.h"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "partitioner/op_schema.h"
+#include "runtime/cpu/cpu_kernels.h"
+#include "runtime/dtype.h"
+
+namespace pipeserve {
+namespace {
+
+using Strides = std::vector<int64_t>;
+
+Strides ContiguousStrides(const Shape& s) {
+  Strides st(s.size(), 1);
+  for (int i = static_cast<int>(s.size()) - 2; i >= 0; --i) st[i] = st[i + 1] * s[i + 1];
+  return st;
+}
+
+// Strides of `in` read at the indices of `out` (numpy broadcasting: 0 for
+// dims `in` lacks or has as 1).
+Strides BroadcastStrides(const Shape& in, const Shape& out) {
+  Strides st(out.size(), 0);
+  Strides own = ContiguousStrides(in);
+  size_t lead = out.size() - in.size();
+  for (size_t i = 0; i < in.size(); ++i) {
+    st[lead + i] = in[i] == 1 ? 0 : own[i];
+  }
+  return st;
+}
+
+// Calls f(out_index, offsets) for every element of `out` in row-major
+// order; offsets[k] = sum over dims of index * st[k][dim].
+template <size_t N, typename F>
+void Iterate(const Shape& out, const std::array<Strides, N>& st, F f) {
+  const int r = static_cast<int>(out.size());
+  const int64_t total = NumElements(out);
+  if (total == 0) return;
+  std::array<int64_t, N> off{};
+  if (r == 0) {
+    f(0, off);
+    return;
+  }
+  std::vector<int64_t> idx(r, 0);
+  const int64_t inner = out[r - 1];
+  for (int64_t o = 0; o < total; o += inner) {
+    std::array<int64_t, N> cur = off;
+    for (int64_t i = 0; i < inner; ++i) {
+      f(o + i, cur);
+      for (size_t k = 0; k < N; ++k) cur[k] += st[k][r - 1];
+    }
+    for (int d = r - 2; d >= 0; --d) {
+      ++idx[d];
+      for (size_t k = 0; k < N; ++k) off[k] += st[k][d];
+      if (idx[d] < out[d]) break;
+      for (size_t k = 0; k < N; ++k) off[k] -= st[k][d] * out[d];
+      idx[d] = 0;
+    }
+  }
+}
+
+// Copies elements of `elem` bytes: out[o] = in[base + off].
+void GatherCopy(const Tensor& in, int64_t base, const Strides& st, Tensor* out) {
+  const char* src = static_cast<const char*>(in.raw_data());
+  char* dst = static_cast<char*>(out->raw_data());
+  const int e = in.element_size();
+  std::array<Strides, 1> s = {st};
+  switch (e) {
+#define PIPESERVE_GATHER(BYTES, T)                                                \
+  case BYTES:                                                                     \
+    Iterate<1>(out->shape(), s, [&](int64_t o, const std::array<int64_t, 1>& f) { \
+      reinterpret_cast<T*>(dst)[o] = reinterpret_cast<const T*>(src)[base + f[0]]; \
+    });                                                                           \
+    break;
+    PIPESERVE_GATHER(1, uint8_t)
+    PIPESERVE_GATHER(2, uint16_t)
+    PIPESERVE_GATHER(4, uint32_t)
+    PIPESERVE_GATHER(8, uint64_t)
+#undef PIPESERVE_GATHER
+  }
+}
+
+Tensor Output(const Shape& shape, DataType type, const Tensor& scratch) {
+  int64_t bytes = NumElements(shape) * ElementSize(type);
+  if (scratch.SoleOwner() && scratch.capacity_bytes() >= bytes) {
+    return scratch.Retyped(type, shape);
+  }
+  return Tensor::Empty(shape, type);
+}
+
+absl::Status Bad(absl::string_view what) { return absl::InvalidArgumentError(what); }
+
+// ---- elementwise ----------------------------------------------------------
+
+template <typename T>
+T ApplyBinary(const std::string& op, T a, T b, bool* div_by_zero) {
+  if (op == "add") return a + b;
+  if (op == "sub") return a - b;
+  if (op == "mul") return a * b;
+  if (op == "maximum") return a > b ? a : b;
+  if (op == "minimum") return a < b ? a : b;
+  if constexpr (std::is_floating_point_v<T>) {
+    if (op == "div") return a / b;
+    if (op == "floordiv") return std::floor(a / b);
+    if (op == "pow") return std::pow(a, b);
+  } else {
+    if (op == "pow") {
+      T r = 1;
+      for (T i = 0; i < b; ++i) r *= a;
+      return r;
+    }
+    if (b == 0) {
+      *div_by_zero = true;
+      return 0;
+    }
+    if (op == "div") return a / b;
+    if (op == "floordiv") {  // Python floor division
+      T q = a / b;
+      if ((a % b != 0) && ((a < 0) != (b < 0))) --q;
+      return q;
+    }
+  }
+  return 0;
+}
+
+template <typename T>
+bool ApplyCompare(const std::string& op, T a, T b) {
+  if (op == "eq") return a == b;
+  if (op == "ne") return a != b;
+  if (op == "lt") return a < b;
+  if (op == "le") return a <= b;
+  if (op == "gt") return a > b;
+  if (op == "ge") return a >= b;
+  if (op == "logical_and") return a && b;
+  if (op == "logical_or") return a || b;
+  return false;
+}
+
+bool IsCompare(const std::string& op) {
+  static const auto* ops = new absl::flat_hash_set<std::string>{
+      "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or"};
+  return ops->contains(op);
+}
+
+template <typename T>
+absl::Status BinaryT(const Node& node, const std::vector<const Tensor*>& in, Tensor* out) {
+  const std::string& op = node.op();
+  const T* a = in[0]->data_as<T>();
+  bool scalar = HasScalarOperand(node);
+  const T s = static_cast<T>(FloatAttr(node, "scalar", 0));
+  const bool reverse = IntAttr(node, "reverse", 0) != 0;
+  const T* b = scalar ? &s : in[1]->data_as<T>();
+  Strides sa = BroadcastStrides(in[0]->shape(), out->shape());
+  Strides sb = scalar ? Strides(out->rank(), 0) : BroadcastStrides(in[1]->shape(), out->shape());
+  if (scalar && reverse) std::swap(a, b), std::swap(sa, sb);
+  bool div_by_zero = false;
+  std::array<Strides, 2> st = {sa, sb};
+  if (IsCompare(op)) {
+    uint8_t* o = out->data_as<uint8_t>();
+    Iterate<2>(out->shape(), st, [&](int64_t i, const std::array<int64_t, 2>& f) {
+      o[i] = ApplyCompare<T>(op, a[f[0]], b[f[1]]) ? 1 : 0;
+    });
+  } else {
+    T* o = out->data_as<T>();
+    Iterate<2>(out->shape(), st, [&](int64_t i, const std::array<int64_t, 2>& f) {
+      o[i] = ApplyBinary<T>(op, a[f[0]], b[f[1]], &div_by_zero);
+    });
+  }
+  if (div_by_zero) {
+    return Bad(absl::StrCat("integer division by zero in ", op));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Binary(const Node& node, const std::vector<const Tensor*>& in, Tensor* out) {
+  switch (in[0]->dtype()) {
+    case DT_FLOAT32: return BinaryT<float>(node, in, out);
+    case DT_INT64: return BinaryT<int64_t>(node, in, out);
+    case DT_INT32: return BinaryT<int32_t>(node, in, out);
+    case DT_BOOL: return BinaryT<uint8_t>(node, in, out);
+    default: return Bad(absl::StrCat(node.op(), " has no ", TorchName(in[0]->dtype()), " kernel"));
+  }
+}
+
+float Gelu(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f)); }
+float GeluTanh(float x) {
+  return 0.5f * x * (1.0f + std::tanh(0.79788456080286536f * (x + 0.044715f * x * x * x)));
+}
+
+absl::Status UnaryFloat(const Node& node, const Tensor& x, Tensor* out) {
+  const std::string& op = node.op();
+  const float* a = x.data();
+  float* o = out->data();
+  const int64_t n = x.numel();
+  auto run = [&](auto f) {
+    for (int64_t i = 0; i < n; ++i) o[i] = f(a[i]);
+    return absl::OkStatus();
+  };
+  if (op == "gelu") {
+    std::string approx = StringAttr(node, "approximate");
+    if (approx == "tanh") return run(GeluTanh);
+    if (!approx.empty() && approx != "none") {
+      return Bad(absl::StrCat("gelu approximate=\"", approx, "\" is unknown (none, tanh)"));
+    }
+    return run(Gelu);
+  }
+  if (op == "silu") return run([](float v) { return v / (1.0f + std::exp(-v)); });
+  if (op == "tanh") return run([](float v) { return std::tanh(v); });
+  if (op == "sigmoid") return run([](float v) { return 1.0f / (1.0f + std::exp(-v)); });
+  if (op == "sqrt") return run([](float v) { return std::sqrt(v); });
+  if (op == "rsqrt") return run([](float v) { return 1.0f / std::sqrt(v); });
+  if (op == "exp") return run([](float v) { return std::exp(v); });
+  if (op == "log") return run([](float v) { return std::log(v); });
+  if (op == "cos") return run([](float v) { return std::cos(v); });
+  if (op == "sin") return run([](float v) { return std::sin(v); });
+  if (op == "neg") return run([](float v) { return -v; });
+  if (op == "abs") return run([](float v) { return std::fabs(v); });
+  if (op == "relu") return run([](float v) { return v > 0 || std::isnan(v) ? v : 0.0f; });
+  return Bad(absl::StrCat("no float32 kernel for ", op));
+}
+
+template <typename T>
+absl::Status UnaryInt(const Node& node, const Tensor& x, Tensor* out) {
+  const T* a = x.data_as<T>();
+  const std::string& op = node.op();
+  const int64_t n = x.numel();
+  if (op == "logical_not") {
+    uint8_t* o = out->data_as<uint8_t>();
+    for (int64_t i = 0; i < n; ++i) o[i] = a[i] == 0;
+    return absl::OkStatus();
+  }
+  T* o = out->data_as<T>();
+  if (op == "neg") for (int64_t i = 0; i < n; ++i) o[i] = static_cast<T>(-a[i]);
+  else if (op == "abs") for (int64_t i = 0; i < n; ++i) o[i] = a[i] < 0 ? static_cast<T>(-a[i]) : a[i];
+  else if (op == "relu") for (int64_t i = 0; i < n; ++i) o[i] = a[i] > 0 ? a[i] : 0;
+  else return Bad(absl::StrCat("no ", TorchName(x.dtype()), " kernel for ", op));
+  return absl::OkStatus();
+}
+
+absl::Status Unary(const Node& node, const Tensor& x, Tensor* out) {
+  if (node.op() == "logical_not" && x.dtype() == DT_FLOAT32) {
+    for (int64_t i = 0; i < x.numel(); ++i) out->data_as<uint8_t>()[i] = x.data()[i] == 0;
+    return absl::OkStatus();
+  }
+  switch (x.dtype()) {
+    case DT_FLOAT32: return UnaryFloat(node, x, out);
+    case DT_INT64: return UnaryInt<int64_t>(node, x, out);
+    case DT_INT32: return UnaryInt<int32_t>(node, x, out);
+    case DT_BOOL: return UnaryInt<uint8_t>(node, x, out);
+    default: return Bad(absl::StrCat(node.op(), " has no ", TorchName(x.dtype()), " kernel"));
+  }
+}
+
+// ---- normalisation and reductions ----------------------------------------
+
+void Softmax(const Tensor& x, int dim, bool log, Tensor* out) {
+  const Shape& s = x.shape();
+  int64_t n = s.empty() ? 1 : s[dim];
+  int64_t inner = 1, outer = 1;
+  for (size_t i = dim + 1; i < s.size(); ++i) inner *= s[i];
+  for (int i = 0; i < dim; ++i) outer *= s[i];
+  const float* a = x.data();
+  float* o = out->data();
+  for (int64_t p = 0; p < outer; ++p) {
+    for (int64_t q = 0; q < inner; ++q) {
+      const float* row = a + p * n * inner + q;
+      float* orow = o + p * n * inner + q;
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t i = 0; i < n; ++i) m = std::max(m, row[i * inner]);
+      if (std::isinf(m) && m < 0) m = 0;  // a fully masked row: exp(-inf) = 0
+      double sum = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        float e = std::exp(row[i * inner] - m);
+        if (!log) orow[i * inner] = e;
+        sum += e;
+      }
+      if (log) {
+        float ls = static_cast<float>(std::log(sum));
+        for (int64_t i = 0; i < n; ++i) orow[i * inner] = row[i * inner] - m - ls;
+      } else {
+        float inv = static_cast<float>(1.0 / sum);
+        for (int64_t i = 0; i < n; ++i) orow[i * inner] *= inv;
+      }
+    }
+  }
+}
+
+void LayerNorm(const Node& node, const std::vector<const Tensor*>& in, Tensor* out) {
+  const Tensor& x = *in[0];
+  int64_t nd = IntAttr(node, "ndim", 1);
+  int64_t n = 1;
+  for (int i = x.rank() - nd; i < x.rank(); ++i) n *= x.dim(i);
+  const float eps = static_cast<float>(FloatAttr(node, "eps", 1e-5));
+  size_t k = 1;
+  const float* w = IntAttr(node, "has_weight", 0) ? in[k++]->data() : nullptr;
+  const float* b = IntAttr(node, "has_bias", 0) ? in[k++]->data() : nullptr;
+  const int64_t rows = n == 0 ? 0 : x.numel() / n;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x.data() + r * n;
+    float* o = out->data() + r * n;
+    double mean = 0;
+    for (int64_t i = 0; i < n; ++i) mean += row[i];
+    mean /= n;
+    double var = 0;
+    for (int64_t i = 0; i < n; ++i) var += (row[i] - mean) * (row[i] - mean);
+    var /= n;
+    const float inv = static_cast<float>(1.0 / std::sqrt(var + eps));
+    const float m = static_cast<float>(mean);
+    for (int64_t i = 0; i < n; ++i) {
+      float v = (row[i] - m) * inv;
+      if (w != nullptr) v *= w[i];
+      if (b != nullptr) v += b[i];
+      o[i] = v;
+    }
+  }
+}
+
+template <typename T, typename Acc>
+void ReduceT(const Node& node, const Tensor& x, Tensor* out) {
+  std::vector<int64_t> dims = ResolvedInts(node, "dims", {}, 0);
+  std::vector<bool> reduce(x.rank(), dims.empty());
+  for (int64_t d : dims) reduce[*NormalizeDim(d, x.rank())] = true;
+  // Output strides over the input's dims: 0 for reduced ones.
+  Shape kept;
+  for (int i = 0; i < x.rank(); ++i) kept.push_back(reduce[i] ? 1 : x.dim(i));
+  Strides st = ContiguousStrides(kept);
+  for (int i = 0; i < x.rank(); ++i) if (reduce[i]) st[i] = 0;
+  const int64_t m = out->numel();
+  const bool is_max = node.op() == "amax";
+  std::vector<Acc> acc(m, is_max ? std::numeric_limits<Acc>::lowest() : Acc{0});
+  const T* a = x.data_as<T>();
+  std::array<Strides, 1> s = {st};
+  Iterate<1>(x.shape(), s, [&](int64_t i, const std::array<int64_t, 1>& f) {
+    Acc v = static_cast<Acc>(a[i]);
+    if (is_max) acc[f[0]] = std::max(acc[f[0]], v);
+    else acc[f[0]] += v;
+  });
+  int64_t count = m == 0 ? 0 : x.numel() / m;
+  T* o = out->data_as<T>();
+  for (int64_t i = 0; i < m; ++i) {
+    Acc v = acc[i];
+    if (node.op() == "mean" && count > 0) v /= static_cast<Acc>(count);
+    o[i] = static_cast<T>(v);
+  }
+}
+
+absl::Status Reduce(const Node& node, const Tensor& x, Tensor* out) {
+  switch (x.dtype()) {
+    case DT_FLOAT32: ReduceT<float, double>(node, x, out); break;
+    case DT_INT64: ReduceT<int64_t, int64_t>(node, x, out); break;
+    case DT_INT32: ReduceT<int32_t, int64_t>(node, x, out); break;
+    default: return Bad(absl::StrCat(node.op(), " has no ", TorchName(x.dtype()), " kernel"));
+  }
+  return absl::OkStatus();
+}
+
+// ---- GEMMs -----------------------------------------------------------------
+
+absl::Status Matmul(const Tensor& a_in, const Tensor& b_in, Tensor* out) {
+  Shape a = a_in.shape(), b = b_in.shape();
+  if (a.size() == 1) a.insert(a.begin(), 1);
+  if (b.size() == 1) b.push_back(1);
+  const int64_t m = a[a.size() - 2], k = a.back(), n = b.back();
+  Shape batch_a(a.begin(), a.end() - 2), batch_b(b.begin(), b.end() - 2);
+  if (batch_b.empty() || NumElements(batch_b) == 1) {
+    // b is one matrix: a's batch rows are contiguous, one GEMM does all.
+    int64_t rows = NumElements(batch_a) * m;
+    return Gemm(false, rows, n, k, a_in.data(), b_in.data(), 0.0f, out->data());
+  }
+  Shape batch = batch_a.size() >= batch_b.size() ? batch_a : batch_b;
+  for (size_t i = 0; i < batch.size(); ++i) {  // broadcast batch shape
+    size_t ia = i + batch_a.size() - batch.size(), ib = i + batch_b.size() - batch.size();
+    int64_t da = i + batch_a.size() >= batch.size() ? batch_a[ia] : 1;
+    int64_t db = i + batch_b.size() >= batch.size() ? batch_b[ib] : 1;
+    batch[i] = std::max(da, db);
+  }
+  Strides sa = BroadcastStrides(batch_a, batch), sb = BroadcastStrides(batch_b, batch);
+  std::array<Strides, 2> st = {sa, sb};
+  absl::Status status;
+  Iterate<2>(batch, st, [&](int64_t i, const std::array<int64_t, 2>& f) {
+    if (!status.ok()) return;
+    status = Gemm(false, m, n, k, a_in.data() + f[0] * m * k, b_in.data() + f[1] * k * n, 0.0f,
+                  out->data() + i * m * n);
+  });
+  return status;
+}
+
+absl::Status Addmm(const Node& node, const std::vector<const Tensor*>& in, Tensor* out) {
+  const float beta = static_cast<float>(FloatAttr(node, "beta", 1.0));
+  const float alpha = static_cast<float>(FloatAttr(node, "alpha", 1.0));
+  const Tensor& bias = *in[0];
+  Strides sb = BroadcastStrides(bias.shape(), out->shape());
+  std::array<Strides, 1> st = {sb};
+  float* o = out->data();
+  const float* bp = bias.data();
+  Iterate<1>(out->shape(), st, [&](int64_t i, const std::array<int64_t, 1>& f) {
+    o[i] = beta * bp[f[0]];
+  });
+  const int64_t m = in[1]->dim(0), k = in[1]->dim(1), n = in[2]->dim(1);
+  if (alpha == 1.0f) return Gemm(false, m, n, k, in[1]->data(), in[2]->data(), 1.0f, o);
+  Tensor tmp = Tensor::Empty({m, n});
+  RETURN_IF_ERROR(Gemm(false, m, n, k, in[1]->data(), in[2]->data(), 0.0f, tmp.data()));
+  for (int64_t i = 0; i < m * n; ++i) o[i] += alpha * tmp.data()[i];
+  return absl::OkStatus();
+}
+
+// ---- data movement ---------------------------------------------------------
+
+absl::Status Embedding(const Tensor& ids, const Tensor& weight, Tensor* out) {
+  const int64_t rows = weight.dim(0);
+  const int64_t row_bytes = weight.dim(1) * weight.element_size();
+  const char* w = static_cast<const char*>(weight.raw_data());
+  char* o = static_cast<char*>(out->raw_data());
+  for (int64_t i = 0; i < ids.numel(); ++i) {
+    int64_t id = ids.IntAt(i);
+    if (id < 0 || id >= rows) {
+      return Bad(absl::StrCat("embedding id ", id, " (at flat index ", i,
+                              ") is out of range for a table of ", rows, " rows"));
+    }
+    std::memcpy(o + i * row_bytes, w + id * row_bytes, row_bytes);
+  }
+  return absl::OkStatus();
+}
+
+void Cat(const Node& node, const std::vector<const Tensor*>& in, Tensor* out) {
+  const bool stack = node.op() == "stack";
+  int dim = *NormalizeDim(IntAttr(node, "dim", 0), out->rank());
+  int64_t outer = 1;
+  for (int i = 0; i < dim; ++i) outer *= out->dim(i);
+  const int e = out->element_size();
+  int64_t out_row = NumElements(out->shape()) / std::max<int64_t>(outer, 1) * e;
+  char* o = static_cast<char*>(out->raw_data());
+  int64_t at = 0;
+  for (const Tensor* t : in) {
+    int64_t part = outer == 0 ? 0 : t->numel() / outer * e;  // bytes per outer row
+    const char* src = static_cast<const char*>(t->raw_data());
+    for (int64_t p = 0; p < outer; ++p) {
+      std::memcpy(o + p * out_row + at, src + p * part, part);
+    }
+    at += part;
+  }
+  (void)stack;
+}
+
+void Tri(const Node& node, const Tensor& x, Tensor* out) {
+  const bool upper = node.op() == "triu";
+  const int64_t diag = IntAttr(node, "diagonal", 0);
+  const int64_t r = x.dim(x.rank() - 2), c = x.dim(x.rank() - 1);
+  const int e = x.element_size();
+  std::memcpy(out->raw_data(), x.raw_data(), x.byte_size());
+  char* o = static_cast<char*>(out->raw_data());
+  const int64_t mats = r * c == 0 ? 0 : x.numel() / (r * c);
+  for (int64_t m = 0; m < mats; ++m) {
+    for (int64_t i = 0; i < r; ++i) {
+      for (int64_t j = 0; j < c; ++j) {
+        bool keep = upper ? j - i >= diag : j - i <= diag;
+        if (!keep) std::memset(o + ((m * r + i) * c + j) * e, 0, e);
+      }
+    }
+  }
+}
+
+double ReadAsDouble(const Tensor& t, int64_t i) {
+  switch (t.dtype()) {
+    case DT_FLOAT32: return t.data()[i];
+    case DT_FLOAT16: return HalfToFloat(t.data_as<uint16_t>()[i]);
+    case DT_BFLOAT16: return Bf16ToFloat(t.data_as<uint16_t>()[i]);
+    case DT_INT64: return static_cast<double>(t.data_as<int64_t>()[i]);
+    case DT_INT32: return t.data_as<int32_t>()[i];
+    case DT_BOOL: return t.data_as<uint8_t>()[i];
+    default: return 0;
+  }
+}
+
+void WriteFromDouble(Tensor* t, int64_t i, double v) {
+  switch (t->dtype()) {
+    case DT_FLOAT32: t->data()[i] = static_cast<float>(v); break;
+    case DT_FLOAT16: t->data_as<uint16_t>()[i] = FloatToHalf(static_cast<float>(v)); break;
+    case DT_BFLOAT16: t->data_as<uint16_t>()[i] = FloatToBf16(static_cast<float>(v)); break;
+    case DT_INT64: t->data_as<int64_t>()[i] = static_cast<int64_t>(v); break;
+    case DT_INT32: t->data_as<int32_t>()[i] = static_cast<int32_t>(v); break;
+    case DT_BOOL: t->data_as<uint8_t>()[i] = v != 0; break;
+    default: break;
+  }
+}
+
+void Cast(const Tensor& x, Tensor* out) {
+  if (x.dtype() == out->dtype()) {
+    std::memcpy(out->raw_data(), x.raw_data(), x.byte_size());
+  } else if (x.dtype() == DT_INT64 && out->dtype() == DT_INT32) {
+    for (int64_t i = 0; i < x.numel(); ++i) out->data_as<int32_t>()[i] = static_cast<int32_t>(x.data_as<int64_t>()[i]);
+  } else if (out->dtype() == DT_INT64 && IsInteger(x.dtype())) {
+    for (int64_t i = 0; i < x.numel(); ++i) out->data_as<int64_t>()[i] = x.IntAt(i);
+  } else {
+    for (int64_t i = 0; i < x.numel(); ++i) WriteFromDouble(out, i, ReadAsDouble(x, i));
+  }
+}
+
+bool IsMovement(const std::string& op) {
+  static const auto* ops = new absl::flat_hash_set<std::string>{
+      "reshape", "permute", "unsqueeze", "squeeze", "expand", "slice", "select", "cat",
+      "stack", "identity", "clone", "embedding", "where", "triu", "tril", "size", "full",
+      "cast", "arange"};
+  return ops->contains(op);
+}
+
+bool IsHalf(DataType t) { return t == DT_FLOAT16 || t == DT_BFLOAT16; }
+
+absl::StatusOr<Tensor> RunFloat32(const Node& node, const std::vector<const Tensor*>& in,
+                                  const Shape& out_shape, DataType out_type,
+                                  const Tensor& scratch);
+
+}  // namespace
+
+bool HasCpuOp(const std::string& op) {
+  static const auto* ops = new absl::flat_hash_set<std::string>{
+      "mm", "matmul", "linear", "addmm", "add", "sub", "mul", "div", "floordiv", "pow",
+      "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or",
+      "logical_not", "relu", "clone", "identity", "neg", "abs", "gelu", "silu", "tanh",
+      "sigmoid", "sqrt", "rsqrt", "exp", "log", "cos", "sin", "where", "softmax",
+      "log_softmax", "layer_norm", "sum", "mean", "amax", "embedding", "reshape", "permute",
+      "unsqueeze", "squeeze", "expand", "slice", "select", "cat", "stack", "arange", "full",
+      "cast", "triu", "tril", "size"};
+  return ops->contains(op);
+}
+
+Tensor ToFloat32(const Tensor& t) {
+  if (t.dtype() == DT_FLOAT32) return t;
+  Tensor out = Tensor::Empty(t.shape(), DT_FLOAT32);
+  const uint16_t* a = t.data_as<uint16_t>();
+  float* o = out.data();
+  if (t.dtype() == DT_BFLOAT16) {
+    for (int64_t i = 0; i < t.numel(); ++i) o[i] = Bf16ToFloat(a[i]);
+  } else {
+    for (int64_t i = 0; i < t.numel(); ++i) o[i] = HalfToFloat(a[i]);
+  }
+  return out;
+}
+
+Tensor FromFloat32(const Tensor& t, DataType to) {
+  if (to == DT_FLOAT32) return t;
+  Tensor out = Tensor::Empty(t.shape(), to);
+  uint16_t* o = out.data_as<uint16_t>();
+  const float* a = t.data();
+  if (to == DT_BFLOAT16) {
+    for (int64_t i = 0; i < t.numel(); ++i) o[i] = FloatToBf16(a[i]);
+  } else {
+    for (int64_t i = 0; i < t.numel(); ++i) o[i] = FloatToHalf(a[i]);
+  }
+  return out;
+}
+
+absl::StatusOr<Tensor> RunCpuOp(const Node& node, const std::vector<const Tensor*>& in,
+                                const Shape& out_shape, DataType out_type,
+                                const Tensor& scratch) {
+  const std::string& op = node.op();
+  bool half = IsHalf(out_type);
+  for (const Tensor* t : in) half = half || IsHalf(t->dtype());
+  if (!half || IsMovement(op)) return RunFloat32(node, in, out_shape, out_type, scratch);
+  // float16/bfloat16 math: in float32, rounded back to the value's type.
+  std::vector<Tensor> wide;
+  wide.reserve(in.size());
+  std::vector<const Tensor*> ptrs;
+  for (const Tensor* t : in) {
+    wide.push_back(IsHalf(t->dtype()) ? ToFloat32(*t) : *t);
+    ptrs.push_back(&wide.back());
+  }
+  DataType wide_type = IsHalf(out_type) ? DT_FLOAT32 : out_type;
+  ASSIGN_OR_RETURN(Tensor y, RunFloat32(node, ptrs, out_shape, wide_type, Tensor()));
+  return IsHalf(out_type) ? FromFloat32(y, out_type) : y;
+}
+
+namespace {
+
+absl::StatusOr<Tensor> RunFloat32(const Node& node, const std::vector<const Tensor*>& in,
+                                  const Shape& out_shape, DataType out_type,
+                                  const Tensor& scratch) {
+  const std::string& op = node.op();
+  const Tensor& x = in.empty() ? Tensor() : *in[0];
+  // Views: the same storage (every tensor here is contiguous).
+  if (op == "reshape" || op == "unsqueeze" || op == "squeeze" || op == "identity") {
+    return x.Reshaped(out_shape);
+  }
+  if (op == "size") {
+    int d = *NormalizeDim(IntAttr(node, "dim", 0), x.rank());
+    return Tensor::Scalar(x.rank() == 0 ? 1 : x.dim(d));
+  }
+  Tensor out = Output(out_shape, out_type, scratch);
+  if (op == "mm" || op == "matmul") {
+    if (x.dtype() != DT_FLOAT32) return Bad(absl::StrCat(op, " needs float inputs"));
+    RETURN_IF_ERROR(Matmul(x, *in[1], &out));
+  } else if (op == "linear") {
+    const int64_t k = in[1]->dim(1), n = in[1]->dim(0);
+    RETURN_IF_ERROR(LinearForward(x.data(), in[1]->data(), in.size() > 2 ? in[2]->data() : nullptr,
+                                  k == 0 ? 0 : x.numel() / k, n, k, out.data(), false, false));
+  } else if (op == "addmm") {
+    RETURN_IF_ERROR(Addmm(node, in, &out));
+  } else if (op == "where") {
+    std::array<Strides, 3> st = {BroadcastStrides(in[0]->shape(), out_shape),
+                                 BroadcastStrides(in[1]->shape(), out_shape),
+                                 BroadcastStrides(in[2]->shape(), out_shape)};
+    const uint8_t* c = in[0]->data_as<uint8_t>();
+    const char* a = static_cast<const char*>(in[1]->raw_data());
+    const char* b = static_cast<const char*>(in[2]->raw_data());
+    char* o = static_cast<char*>(out.raw_data());
+    const int e = out.element_size();
+    Iterate<3>(out_shape, st, [&](int64_t i, const std::array<int64_t, 3>& f) {
+      std::memcpy(o + i * e, c[f[0]] ? a + f[1] * e : b + f[2] * e, e);
+    });
+  } else if (op == "softmax" || op == "log_softmax") {
+    Softmax(x, *NormalizeDim(IntAttr(node, "dim", -1), x.rank()), op == "log_softmax", &out);
+  } else if (op == "layer_norm") {
+    LayerNorm(node, in, &out);
+  } else if (op == "sum" || op == "mean" || op == "amax") {
+    RETURN_IF_ERROR(Reduce(node, x, &out));
+  } else if (op == "embedding") {
+    RETURN_IF_ERROR(Embedding(x, *in[1], &out));
+  } else if (op == "permute") {
+    std::vector<int64_t> dims = ResolvedInts(node, "dims", {}, 0);
+    Strides own = ContiguousStrides(x.shape()), st;
+    for (int64_t d : dims) st.push_back(own[*NormalizeDim(d, x.rank())]);
+    GatherCopy(x, 0, st, &out);
+  } else if (op == "expand") {
+    GatherCopy(x, 0, BroadcastStrides(x.shape(), out_shape), &out);
+  } else if (op == "slice" || op == "select") {
+    int d = *NormalizeDim(IntAttr(node, "dim", 0), x.rank());
+    Strides st = ContiguousStrides(x.shape());
+    int64_t n = x.dim(d), base;
+    if (op == "slice") {
+      int64_t start = IntAttr(node, "start", 0);
+      if (start < 0) start += n;
+      base = std::min(std::max<int64_t>(start, 0), n) * st[d];
+      st[d] *= IntAttr(node, "step", 1);
+    } else {
+      int64_t index = IntAttr(node, "index", 0);
+      if (index < 0) index += n;
+      base = index * st[d];
+      st.erase(st.begin() + d);
+    }
+    GatherCopy(x, base, st, &out);
+  } else if (op == "cat" || op == "stack") {
+    Cat(node, in, &out);
+  } else if (op == "triu" || op == "tril") {
+    Tri(node, x, &out);
+  } else if (op == "cast" || op == "clone") {
+    Cast(x, &out);
+  } else if (op == "arange") {
+    const int64_t start = IntAttr(node, "start", 0), step = IntAttr(node, "step", 1);
+    for (int64_t i = 0; i < out.numel(); ++i) WriteFromDouble(&out, i, static_cast<double>(start + i * step));
+  } else if (op == "full") {
+    const double v = FloatAttr(node, "value", 0);
+    if (out.numel() > 0) {
+      WriteFromDouble(&out, 0, v);
+      const int e = out.element_size();
+      char* o = static_cast<char*>(out.raw_data());
+      for (int64_t i = 1; i < out.numel(); ++i) std::memcpy(o + i * e, o, e);
+    }
+  } else if (in.size() == 1 && !HasScalarOperand(node)) {
+    RETURN_IF_ERROR(Unary(node, x, &out));
+  } else {
+    RETURN_IF_ERROR(Binary(node, in, &out));
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace pipeserve

@@ -1,0 +1,41 @@
+// The CPU implementation of every op in partitioner/op_schema.h beyond the
+// float32 fast paths of cpu_kernels.h: transformer math (layer_norm,
+// softmax, gelu, embedding, batched matmul), masks, shape and data-movement
+// ops, casts and symbolic sizes, over float32, int64, int32 and bool.
+// float16 and bfloat16 math runs in float32 and is rounded back to the
+// value's type (data movement copies their bytes as they are).
+//
+//   Node n = ResolveSymbolic(node, sym);           // concrete attributes
+//   ASSIGN_OR_RETURN(Tensor y, RunCpuOp(n, {&x}, out_shape, out_type, {}));
+#ifndef PIPESERVE_RUNTIME_CPU_CPU_OPS_H_
+#define PIPESERVE_RUNTIME_CPU_CPU_OPS_H_
+
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "proto/model.pb.h"
+#include "runtime/tensor.h"
+
+namespace pipeserve {
+
+// True for ops RunCpuOp implements.
+bool HasCpuOp(const std::string& op);
+
+// Runs `node` (attributes already resolved) on `inputs`. `out_shape` and
+// `out_type` come from the op's schema for these inputs. `scratch`, when
+// it is the caller's sole reference with room enough, is reused for the
+// output. kInvalidArgument for inputs the op cannot take at run time (an
+// embedding id out of range), naming the problem.
+absl::StatusOr<Tensor> RunCpuOp(const Node& node,
+                                const std::vector<const Tensor*>& inputs,
+                                const Shape& out_shape, DataType out_type,
+                                const Tensor& scratch);
+
+// A float32 copy of a float16/bfloat16/float32 tensor (float32 is shared),
+// and the reverse.
+Tensor ToFloat32(const Tensor& t);
+Tensor FromFloat32(const Tensor& t, DataType to);
+
+}  // namespace pipeserve
+
+#endif  // PIPESERVE_RUNTIME_CPU_CPU_OPS_H_

@@ -1,0 +1,189 @@
+"""Transformers end to end: GPT-2- and Llama-style models (transformer_models.py)
+exported with int64 token ids in, cut by pipe_split() and by split_spec,
+uploaded to a real coordinator that starts one stage server per stage,
+and queried through the KServe v2 API (pipeserve.Client) at several batch
+sizes and sequence lengths from one export; PyTorch eager is the oracle."""
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(HERE, "..", "..")
+sys.path.insert(0, HERE)
+
+import pipeserve  # noqa: E402
+import transformer_models as transformers  # noqa: E402
+
+
+def rel_err(out, ref):
+    ref = np.asarray(ref, np.float64)
+    return np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
+
+
+class TransformerServingTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(dir=os.environ.get("TEST_TMPDIR"))
+        port_file = os.path.join(cls.tmp, "port")
+        cls.log = open(os.path.join(cls.tmp, "coordinator.log"), "w")
+        cls.proc = subprocess.Popen(
+            [os.path.join(ROOT, "server/coordinator/coordinator"), "--port=0",
+             f"--port_file={port_file}", f"--repository={cls.tmp}/repo",
+             f"--stage_server_binary={os.path.join(ROOT, 'server/stage/stage_server')}"],
+            stdout=cls.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while not (os.path.exists(port_file) and open(port_file).read().strip()):
+            if time.time() > deadline or cls.proc.poll() is not None:
+                raise RuntimeError("coordinator did not start")
+            time.sleep(0.02)
+        cls.client = pipeserve.Client(f"localhost:{open(port_file).read().strip()}")
+        while not cls.client.health():  # health check, not a sleep
+            if time.time() > deadline:
+                raise RuntimeError("coordinator not healthy")
+            time.sleep(0.02)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.client.close()
+        cls.proc.send_signal(signal.SIGTERM)
+        cls.proc.wait(timeout=30)
+        cls.log.close()
+
+    def export(self, name, cut=True, dtype=None, tag=""):
+        model = transformers.make(name, cut=cut)
+        if dtype is not None:
+            model = model.to(dtype)
+        ids = torch.randint(0, transformers.vocab(name), (2, 5))
+        input_name = "idx" if name == "gpt2" else "input_ids"
+        path = os.path.join(self.tmp, f"{name}{tag}.psm")
+        info = pipeserve.export(
+            model, (ids,), path, dynamic_dims={input_name: [1]},
+            split_spec=None if cut else transformers.SPLIT_SPECS[name])
+        return model, path, info, input_name
+
+    def check_served(self, name, cut):
+        model, path, info, input_name = self.export(name, cut, tag=f"_{cut}")
+        served = f"{name}-{'pipe' if cut else 'spec'}"
+        self.client.upload(served, path, microbatches=2)
+        plan = self.client.plan(served)
+        self.assertEqual(len(plan.stage_servers), info.num_stages)
+        # Stage FQNs are PyTorch's state_dict keys, every one held by a
+        # stage (the tied lm_head alias by the last stage).
+        held = set()
+        for stage in plan.plan.stages:
+            held.update(stage.param_fqns)
+            held.update(stage.graph.aliases.keys())
+        state_dict = set(model.state_dict().keys())
+        self.assertLessEqual(state_dict, held | set(plan.plan.unused_state_dict_keys))
+        # Beyond the state_dict, only non-persistent buffers (rotary tables).
+        self.assertEqual(held - state_dict,
+                         {n for n, _ in model.named_buffers()} - state_dict)
+        torch.manual_seed(1)
+        for batch, seq in ((1, 1), (3, 7), (4, 16)):
+            ids = torch.randint(0, transformers.vocab(name), (batch, seq))
+            outs = self.client.infer(served, {input_name: ids.numpy()})
+            with torch.no_grad():
+                ref = model(ids)
+            ref = ref if isinstance(ref, tuple) else (ref,)
+            self.assertEqual(len(outs), len(ref))
+            for out, r in zip(outs, ref):
+                self.assertEqual(out.shape, tuple(r.shape))
+                self.assertLess(rel_err(out, r.numpy()), 1e-4,
+                                f"{served} batch {batch} seq {seq}")
+        return info
+
+    def test_gpt2_cut_by_pipe_split(self):
+        info = self.check_served("gpt2", cut=True)
+        self.assertEqual(info.num_stages, 3)
+
+    def test_gpt2_cut_by_split_spec(self):
+        info = self.check_served("gpt2", cut=False)
+        self.assertEqual(info.num_stages, 3)
+
+    def test_llama_cut_by_pipe_split_and_split_spec(self):
+        self.assertEqual(self.check_served("llama", cut=True).num_stages, 2)
+        self.assertEqual(self.check_served("llama", cut=False).num_stages, 2)
+
+    def test_bfloat16_model_is_half_the_size_and_close_to_float32(self):
+        fp32, fp32_path, _, input_name = self.export("gpt2", tag="_fp32")
+        bf16, bf16_path, _, _ = self.export("gpt2", dtype=torch.bfloat16, tag="_bf16")
+        # Weights are stored in the dtype they were exported in.
+        self.assertLess(os.path.getsize(bf16_path), 0.55 * os.path.getsize(fp32_path))
+        self.client.upload("gpt2-bf16", bf16_path)
+        meta = self.client.metadata("gpt2-bf16")
+        self.assertEqual([o.datatype for o in meta.outputs], ["BF16", "BF16"])
+        self.assertEqual(meta.inputs[0].datatype, "INT64")
+        ids = torch.randint(0, transformers.vocab("gpt2"), (2, 9))
+        logits, _ = self.client.infer("gpt2-bf16", {input_name: ids.numpy()})
+        with torch.no_grad():
+            ref = fp32(ids)[0].numpy()
+        self.assertEqual(logits.dtype, np.float32)  # BF16 comes back widened
+        self.assertLess(rel_err(logits, ref), 2e-2)
+
+    def test_bad_token_input_is_invalid_argument_naming_it(self):
+        _, path, _, input_name = self.export("gpt2", tag="_errors")
+        self.client.upload("gpt2-errors", path)
+        with self.assertRaises(pipeserve.ServerError) as e:
+            self.client.infer("gpt2-errors", {input_name: np.zeros((1, 4), np.float32)})
+        self.assertEqual(e.exception.code, "INVALID_ARGUMENT")
+        self.assertIn('input "idx": datatype FP32 does not match the model\'s INT64',
+                      str(e.exception))
+        with self.assertRaises(pipeserve.ServerError) as e:
+            self.client.infer("gpt2-errors", {input_name: np.array([[1, 97]], np.int64)})
+        self.assertEqual(e.exception.code, "INVALID_ARGUMENT")
+        self.assertIn("embedding id 97", str(e.exception))
+        self.assertIn("out of range for a table of 97 rows", str(e.exception))
+        # Longer than the causal-mask buffer (24 positions): refused.
+        with self.assertRaises(pipeserve.ServerError) as e:
+            self.client.infer("gpt2-errors", {input_name: np.zeros((1, 30), np.int64)})
+        self.assertEqual(e.exception.code, "INVALID_ARGUMENT")
+        # The server keeps serving.
+        (logits, _) = self.client.infer("gpt2-errors", {input_name: np.ones((1, 3), np.int64)})
+        self.assertEqual(logits.shape, (1, 3, 97))
+
+
+class TransformerExportTest(unittest.TestCase):
+    def test_unsupported_module_is_named_with_its_path(self):
+        layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+        model = torch.nn.Sequential(layer).eval()
+        with self.assertRaises(pipeserve.ExportError) as e:
+            pipeserve.export(model, (torch.randn(2, 5, 16),),
+                             os.path.join(tempfile.mkdtemp(), "m.psm"))
+        self.assertIn("torch.nn.TransformerEncoderLayer", str(e.exception))
+        self.assertIn("'0'", str(e.exception))
+
+    def test_sizes_of_fixed_dims_are_python_ints_and_free_ones_are_traced(self):
+        model = transformers.make("gpt2")
+        path = os.path.join(tempfile.mkdtemp(), "g.psm")
+        pipeserve.export(model, (torch.randint(0, 97, (2, 5)),), path,
+                         dynamic_dims={"idx": [1]})
+        graph, _ = pipeserve.load_model(path)
+        self.assertEqual(list(graph.inputs[0].shape), [-1, -1])
+        self.assertEqual(graph.inputs[0].dtype, pipeserve.model_file.model_pb2.DT_INT64)
+        # math.sqrt(k.size(-1)) folded to a number: head size is fixed.
+        scales = [n.attrs["scalar"].f for n in graph.nodes
+                  if n.op == "mul" and "scalar" in n.attrs]
+        self.assertTrue(any(abs(s - 1.0 / np.sqrt(8)) < 1e-12 for s in scales), scales)
+        # Sequence-length sizes are `size` nodes feeding views and the mask.
+        self.assertTrue(any(n.op == "size" and n.attrs["dim"].i == 1
+                            for n in graph.nodes))
+        self.assertTrue(any(n.op == "slice" and "stop_from" in n.attrs
+                            for n in graph.nodes))
+
+    def test_without_dynamic_dims_the_sequence_length_is_fixed(self):
+        model = transformers.make("gpt2")
+        path = os.path.join(tempfile.mkdtemp(), "g.psm")
+        pipeserve.export(model, (torch.randint(0, 97, (2, 5)),), path)
+        graph, _ = pipeserve.load_model(path)
+        self.assertEqual(list(graph.inputs[0].shape), [-1, 5])
+
+
+if __name__ == "__main__":
+    unittest.main()
