@@ -1,11 +1,14 @@
 #include "runtime/cpu/cpu_backend.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <utility>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/match.h"
+#include "absl/time/clock.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "partitioner/op_schema.h"
@@ -21,6 +24,8 @@ enum class Kind {
   kMm, kMatmul, kLinear, kAdd, kSub, kMul, kRelu, kClone, kIdentity,
   kForward,  // a ReLU already fused into the linear before it
   kGeneric,  // RunCpuOp (cpu_ops.h): every other op, and other dtypes
+  kAttention,  // matmul -> scale -> mask -> softmax -> matmul, fused
+  kSkip,       // folded into a kAttention step
 };
 
 // The float32 fast paths; everything else is kGeneric.
@@ -67,6 +72,10 @@ struct Step {
   bool w_transposed = false;  // linear: in[1] holds weight^T [in, out]
   bool symbolic = false;      // attributes taken from runtime integers
   DataType out_type = DT_FLOAT32;
+  // kAttention: in = {q, k, v}; the scale and the mask (value slots).
+  float scale = 1.0f;
+  int mask_cond = -1, mask_add = -1;
+  float mask_fill = 0.0f;
 };
 
 class CpuProgram : public StageProgram {
@@ -92,6 +101,7 @@ class CpuProgram : public StageProgram {
     std::vector<Shape> in_shapes;
     for (size_t step_index = 0; step_index < steps_.size(); ++step_index) {
       const Step& step = steps_[step_index];
+      StepTimer timer(profile_.empty() ? nullptr : &profile_[step_index]);
       in_shapes.clear();
       for (int slot : step.in) in_shapes.push_back(values[slot].shape());
       if (step.w_transposed) {  // shape rules see the weight as [out, in]
@@ -99,6 +109,24 @@ class CpuProgram : public StageProgram {
       }
       if (step.kind == Kind::kForward || step.kind == Kind::kIdentity) {
         values[step.out] = values[step.in[0]];
+        continue;
+      }
+      if (step.kind == Kind::kSkip) continue;
+      if (step.kind == Kind::kAttention) {
+        AttentionMask mask;
+        if (step.mask_cond >= 0) mask.cond = &values[step.mask_cond];
+        if (step.mask_add >= 0) mask.add = &values[step.mask_add];
+        mask.fill = step.mask_fill;
+        absl::StatusOr<Tensor> out = FusedAttention(values[step.in[0]], values[step.in[1]],
+                                                    values[step.in[2]], step.scale, mask,
+                                                    scratch_[step_index]);
+        if (!out.ok()) {
+          return absl::Status(out.status().code(),
+                              absl::StrCat("node \"", step.node->name(), "\" (attention): ",
+                                           out.status().message()));
+        }
+        scratch_[step_index] = *out;
+        values[step.out] = *std::move(out);
         continue;
       }
       if (step.kind == Kind::kGeneric) {
@@ -124,6 +152,45 @@ class CpuProgram : public StageProgram {
  private:
   CpuProgram(const Graph& graph, const CpuBackendOptions& options)
       : graph_(graph), options_(options) {}
+
+ public:
+  ~CpuProgram() override { PrintProfile(); }
+
+ private:
+  // PIPESERVE_CPU_PROFILE=1: time spent per op, printed to stderr when the
+  // program is destroyed (where a stage's time goes, op by op).
+  struct StepTimer {
+    explicit StepTimer(double* sink) : sink(sink) {
+      if (sink != nullptr) start = absl::Now();
+    }
+    ~StepTimer() {
+      if (sink != nullptr) *sink += absl::ToDoubleMilliseconds(absl::Now() - start);
+    }
+    double* sink;
+    absl::Time start;
+  };
+
+  void PrintProfile() const {
+    if (profile_.empty()) return;
+    absl::flat_hash_map<std::string, double> by_op;
+    double total = 0;
+    for (size_t i = 0; i < steps_.size(); ++i) {
+      std::string name = steps_[i].kind == Kind::kAttention ? "attention (fused)"
+                         : steps_[i].kind == Kind::kGeneric
+                             ? steps_[i].node->op()
+                             : absl::StrCat(steps_[i].node->op(), " (fast)");
+      if (steps_[i].kind == Kind::kSkip) continue;
+      by_op[name] += profile_[i];
+      total += profile_[i];
+    }
+    std::vector<std::pair<double, std::string>> rows;
+    for (const auto& [op, ms] : by_op) rows.emplace_back(ms, op);
+    std::sort(rows.rbegin(), rows.rend());
+    std::fprintf(stderr, "cpu profile: %.1f ms in all runs\n", total);
+    for (const auto& [ms, op] : rows) {
+      std::fprintf(stderr, "  %-24s %10.1f ms  %5.1f%%\n", op.c_str(), ms, 100 * ms / total);
+    }
+  }
 
   // Runs a kGeneric step: its attributes resolved from runtime integers
   // when symbolic, its output shape from the op's rule.
@@ -244,10 +311,111 @@ class CpuProgram : public StageProgram {
       steps_.push_back(std::move(step));
     }
     for (const std::string& v : graph_.outputs()) output_slots_.push_back(slot_of(v));
+    if (options_.fuse_attention) FuseAttention(shapes, types);
     constants_.resize(slot.size());
     scratch_.resize(steps_.size());
+    static const bool profile = [] {
+      const char* v = std::getenv("PIPESERVE_CPU_PROFILE");
+      return v != nullptr && v[0] != '\0' && v[0] != '0';
+    }();
+    if (profile) profile_.assign(steps_.size(), 0.0);
     for (auto& [s, t] : params) constants_[s] = std::move(t);
     return absl::OkStatus();
+  }
+
+  // Finds matmul(q, k^T) -> [mul/div by a number] -> [where(mask, c, .) or
+  // + mask] -> softmax(-1) -> matmul(., v), every value in between read
+  // once (identities and casts seen through), and turns the last matmul
+  // into one kAttention step; the others become kSkip.
+  void FuseAttention(const ValueShapes& shapes, const ValueTypes& types) {
+    absl::flat_hash_map<int, int> producer;  // slot -> step
+    absl::flat_hash_map<int, int> readers;   // slot -> reads
+    for (size_t i = 0; i < steps_.size(); ++i) {
+      producer[steps_[i].out] = static_cast<int>(i);
+      for (int v : steps_[i].in) ++readers[v];
+    }
+    for (int v : output_slots_) ++readers[v];
+    auto step_of = [&](int slot) -> Step* {
+      auto it = producer.find(slot);
+      return it == producer.end() ? nullptr : &steps_[it->second];
+    };
+    auto op_of = [&](Step* s) { return s == nullptr ? std::string() : s->node->op(); };
+    for (Step& last : steps_) {
+      if (last.node->op() != "matmul" || last.kind == Kind::kSkip) continue;
+      std::vector<Step*> chain;
+      // Back from the probabilities through identities and casts.
+      auto back = [&](int slot) {
+        Step* s = step_of(slot);
+        while (s != nullptr && (s->kind == Kind::kIdentity || op_of(s) == "cast") &&
+               readers[slot] == 1) {
+          chain.push_back(s);
+          slot = s->in[0];
+          s = step_of(slot);
+        }
+        return std::make_pair(slot, s);
+      };
+      auto [p_slot, softmax] = back(last.in[0]);
+      if (op_of(softmax) != "softmax" || readers[p_slot] != 1) continue;
+      const Shape& sshape = shapes.at(softmax->node->inputs(0));
+      int64_t dim = IntAttr(*softmax->node, "dim", -1);
+      if (dim != -1 && dim != static_cast<int64_t>(sshape.size()) - 1) continue;
+      chain.push_back(softmax);
+      auto [s2_slot, masked] = back(softmax->in[0]);
+      if (readers[s2_slot] != 1) continue;
+      int s1_slot = s2_slot;
+      int cond = -1, add = -1;
+      float fill = 0.0f;
+      if (op_of(masked) == "where" && !HasScalarOperand(*masked->node)) {
+        Step* c = step_of(masked->in[1]);
+        if (op_of(c) != "full" || !ResolvedInts(*c->node, "shape", {}, -1).empty()) continue;
+        fill = static_cast<float>(FloatAttr(*c->node, "value", 0));
+        cond = masked->in[0];
+        s1_slot = masked->in[2];
+        chain.push_back(masked);
+      } else if (op_of(masked) == "add" && !HasScalarOperand(*masked->node)) {
+        add = masked->in[1];
+        s1_slot = masked->in[0];
+        chain.push_back(masked);
+      }
+      if (readers[s1_slot] != 1) continue;
+      float scale = 1.0f;
+      int s0_slot = s1_slot;
+      Step* scaled = step_of(s1_slot);
+      if ((op_of(scaled) == "mul" || op_of(scaled) == "div") && HasScalarOperand(*scaled->node) &&
+          IntAttr(*scaled->node, "reverse", 0) == 0) {
+        const float v = static_cast<float>(FloatAttr(*scaled->node, "scalar", 1));
+        scale = op_of(scaled) == "mul" ? v : 1.0f / v;
+        s0_slot = scaled->in[0];
+        chain.push_back(scaled);
+      }
+      Step* scores = step_of(s0_slot);
+      if (op_of(scores) != "matmul" || readers[s0_slot] != 1) continue;
+      Step* kt = step_of(scores->in[1]);
+      if (op_of(kt) != "permute" || readers[scores->in[1]] != 1) continue;
+      const Shape& kshape = shapes.at(kt->node->inputs(0));
+      std::vector<int64_t> dims = ResolvedInts(*kt->node, "dims", {}, -1);
+      const int r = static_cast<int>(kshape.size());
+      bool swap_last = r >= 2 && static_cast<int>(dims.size()) == r;
+      for (int i = 0; swap_last && i < r; ++i) {
+        int want = i == r - 2 ? r - 1 : i == r - 1 ? r - 2 : i;
+        swap_last = dims[i] == want;
+      }
+      if (!swap_last || shapes.at(scores->node->inputs(0)).size() != kshape.size() ||
+          shapes.at(last.node->inputs(1)).size() != kshape.size()) {
+        continue;
+      }
+      if (!IsFloatingPoint(types.at(scores->node->inputs(0)))) continue;
+      chain.push_back(scores);
+      chain.push_back(kt);
+      for (Step* s : chain) s->kind = Kind::kSkip;
+      last.kind = Kind::kAttention;
+      last.in = {scores->in[0], kt->in[0], last.in[1]};
+      last.scale = scale;
+      last.mask_cond = cond;
+      last.mask_add = add;
+      last.mask_fill = fill;
+      ++fused_attention_;
+    }
   }
 
   // A buffer for step i's output: last run's, when nobody else holds it any
@@ -320,6 +488,8 @@ class CpuProgram : public StageProgram {
   std::vector<Step> steps_;
   std::vector<Tensor> constants_;  // weights in their slots, others empty
   std::vector<Tensor> scratch_;    // per step: its last output buffer
+  std::vector<double> profile_;    // per step: ms in all runs (when profiling)
+  int fused_attention_ = 0;
   std::vector<int> input_slots_;
   std::vector<int> output_slots_;
 };

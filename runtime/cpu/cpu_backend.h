@@ -19,6 +19,10 @@ struct CpuBackendOptions {
   // Fuse `relu(linear(...))` into one pass when the linear's output has no
   // other reader.
   bool fuse_linear_relu = true;
+  // Run matmul(q, k^T) -> scale -> mask -> softmax -> matmul(., v) as one
+  // blocked kernel (FusedAttention in cpu_ops.h) when the values between
+  // have no other reader.
+  bool fuse_attention = true;
 };
 
 std::unique_ptr<ComputeBackend> MakeCpuBackend(const CpuBackendOptions& options);

@@ -1,12 +1,15 @@
 #include "runtime/cpu/cpu_kernels.h"
 
 #include <dnnl.h>
+#include <dnnl.hpp>
 #include <omp.h>
 
 #include <algorithm>
 #include <cstring>
+#include <unordered_map>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 
 namespace pipeserve {
@@ -140,6 +143,67 @@ void BinaryBroadcast(BinaryOp op, const float* a,
       }
     }
   });
+}
+
+namespace {
+
+struct Bf16Key {
+  bool trans_b, bias;
+  int64_t m, n, k;
+  bool operator==(const Bf16Key& o) const {
+    return trans_b == o.trans_b && bias == o.bias && m == o.m && n == o.n && k == o.k;
+  }
+  template <typename H>
+  friend H AbslHashValue(H h, const Bf16Key& key) {
+    return H::combine(std::move(h), key.trans_b, key.bias, key.m, key.n, key.k);
+  }
+};
+
+const dnnl::engine& CpuEngine() {
+  static const auto* engine = new dnnl::engine(dnnl::engine::kind::cpu, 0);
+  return *engine;
+}
+
+}  // namespace
+
+absl::Status GemmBf16(bool trans_b, int64_t m, int64_t n, int64_t k, const uint16_t* a,
+                      const uint16_t* b, const uint16_t* bias, uint16_t* c) {
+  if (m == 0 || n == 0) return absl::OkStatus();
+  using dt = dnnl::memory::data_type;
+  using dims = dnnl::memory::dims;
+  const dnnl::memory::desc a_md(dims{m, k}, dt::bf16, dims{k, 1});
+  const dnnl::memory::desc b_md(dims{k, n}, dt::bf16, trans_b ? dims{1, k} : dims{n, 1});
+  const dnnl::memory::desc c_md(dims{m, n}, dt::bf16, dims{n, 1});
+  const dnnl::memory::desc bias_md(dims{1, n}, dt::bf16, dims{n, 1});
+  // Creating a primitive costs milliseconds: one per shape, per thread.
+  thread_local absl::flat_hash_map<Bf16Key, dnnl::matmul> cache;
+  const Bf16Key key{trans_b, bias != nullptr, m, n, k};
+  try {
+    auto it = cache.find(key);
+    if (it == cache.end()) {
+      if (cache.size() > 256) cache.clear();
+      dnnl::matmul::primitive_desc pd =
+          bias != nullptr
+              ? dnnl::matmul::primitive_desc(dnnl::matmul::desc(a_md, b_md, bias_md, c_md),
+                                             CpuEngine())
+              : dnnl::matmul::primitive_desc(dnnl::matmul::desc(a_md, b_md, c_md), CpuEngine());
+      it = cache.emplace(key, dnnl::matmul(pd)).first;
+    }
+    dnnl::stream stream(CpuEngine());
+    std::unordered_map<int, dnnl::memory> args = {
+        {DNNL_ARG_SRC, dnnl::memory(a_md, CpuEngine(), const_cast<uint16_t*>(a))},
+        {DNNL_ARG_WEIGHTS, dnnl::memory(b_md, CpuEngine(), const_cast<uint16_t*>(b))},
+        {DNNL_ARG_DST, dnnl::memory(c_md, CpuEngine(), c)}};
+    if (bias != nullptr) {
+      args.emplace(DNNL_ARG_BIAS, dnnl::memory(bias_md, CpuEngine(), const_cast<uint16_t*>(bias)));
+    }
+    it->second.execute(stream, args);
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return absl::InternalError(absl::StrCat("oneDNN bf16 matmul ", m, "x", n, "x", k,
+                                            " failed: ", e.what()));
+  }
+  return absl::OkStatus();
 }
 
 void Transpose(const float* in, int64_t rows, int64_t cols, float* out) {

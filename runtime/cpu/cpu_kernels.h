@@ -33,6 +33,15 @@ absl::Status LinearForward(const float* x, const float* w, const float* bias,
                            int64_t m, int64_t n, int64_t k, float* y,
                            bool relu, bool w_transposed = false);
 
+// bfloat16 GEMM through oneDNN's matmul primitive (float32 accumulation;
+// AVX512-BF16 or AMX kernels where the CPU has them):
+// c [m, n] = a [m, k] @ op(b) + bias [n] (bias may be null), all bf16 bit
+// patterns, op(b) = b [k, n], or b^T for b [n, k] when trans_b (PyTorch's
+// linear weight as stored). Primitives are cached per shape and thread.
+absl::Status GemmBf16(bool trans_b, int64_t m, int64_t n, int64_t k,
+                      const uint16_t* a, const uint16_t* b, const uint16_t* bias,
+                      uint16_t* c);
+
 // out [cols, rows] = in [rows, cols]^T
 void Transpose(const float* in, int64_t rows, int64_t cols, float* out);
 

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
@@ -99,82 +100,136 @@ absl::Status Bad(absl::string_view what) { return absl::InvalidArgumentError(wha
 
 // ---- elementwise ----------------------------------------------------------
 
-template <typename T>
-T ApplyBinary(const std::string& op, T a, T b, bool* div_by_zero) {
-  if (op == "add") return a + b;
-  if (op == "sub") return a - b;
-  if (op == "mul") return a * b;
-  if (op == "maximum") return a > b ? a : b;
-  if (op == "minimum") return a < b ? a : b;
-  if constexpr (std::is_floating_point_v<T>) {
-    if (op == "div") return a / b;
-    if (op == "floordiv") return std::floor(a / b);
-    if (op == "pow") return std::pow(a, b);
+enum class BinOp {
+  kAdd, kSub, kMul, kDiv, kFloorDiv, kPow, kMax, kMin,
+  kEq, kNe, kLt, kLe, kGt, kGe, kAnd, kOr, kUnknown,
+};
+
+BinOp BinOpOf(const std::string& op) {
+  static const auto* ops = new absl::flat_hash_map<std::string, BinOp>{
+      {"add", BinOp::kAdd},   {"sub", BinOp::kSub},      {"mul", BinOp::kMul},
+      {"div", BinOp::kDiv},   {"floordiv", BinOp::kFloorDiv}, {"pow", BinOp::kPow},
+      {"maximum", BinOp::kMax}, {"minimum", BinOp::kMin}, {"eq", BinOp::kEq},
+      {"ne", BinOp::kNe},     {"lt", BinOp::kLt},        {"le", BinOp::kLe},
+      {"gt", BinOp::kGt},     {"ge", BinOp::kGe},        {"logical_and", BinOp::kAnd},
+      {"logical_or", BinOp::kOr}};
+  auto it = ops->find(op);
+  return it == ops->end() ? BinOp::kUnknown : it->second;
+}
+
+bool IsCompare(BinOp op) { return op >= BinOp::kEq; }
+
+// out[i] = f(a[i], b[i]) over the broadcast of a and b; contiguous and
+// scalar operands take plain loops the compiler vectorises.
+template <typename T, typename U, typename F>
+void ForEachPair(const T* a, const Strides& sa, const T* b, const Strides& sb,
+                 const Shape& out_shape, U* o, F f) {
+  const int64_t n = NumElements(out_shape);
+  auto all = [](const Strides& st, const Shape& shape) {  // contiguous?
+    return st == ContiguousStrides(shape);
+  };
+  auto zero = [](const Strides& st) {
+    return std::all_of(st.begin(), st.end(), [](int64_t v) { return v == 0; });
+  };
+  if (all(sa, out_shape) && all(sb, out_shape)) {
+    for (int64_t i = 0; i < n; ++i) o[i] = f(a[i], b[i]);
+  } else if (all(sa, out_shape) && zero(sb)) {
+    const T vb = b[0];
+    for (int64_t i = 0; i < n; ++i) o[i] = f(a[i], vb);
+  } else if (zero(sa) && all(sb, out_shape)) {
+    const T va = a[0];
+    for (int64_t i = 0; i < n; ++i) o[i] = f(va, b[i]);
   } else {
-    if (op == "pow") {
-      T r = 1;
-      for (T i = 0; i < b; ++i) r *= a;
-      return r;
-    }
-    if (b == 0) {
-      *div_by_zero = true;
-      return 0;
-    }
-    if (op == "div") return a / b;
-    if (op == "floordiv") {  // Python floor division
-      T q = a / b;
-      if ((a % b != 0) && ((a < 0) != (b < 0))) --q;
-      return q;
-    }
+    std::array<Strides, 2> st = {sa, sb};
+    Iterate<2>(out_shape, st, [&](int64_t i, const std::array<int64_t, 2>& off) {
+      o[i] = f(a[off[0]], b[off[1]]);
+    });
   }
-  return 0;
 }
 
 template <typename T>
-bool ApplyCompare(const std::string& op, T a, T b) {
-  if (op == "eq") return a == b;
-  if (op == "ne") return a != b;
-  if (op == "lt") return a < b;
-  if (op == "le") return a <= b;
-  if (op == "gt") return a > b;
-  if (op == "ge") return a >= b;
-  if (op == "logical_and") return a && b;
-  if (op == "logical_or") return a || b;
-  return false;
-}
-
-bool IsCompare(const std::string& op) {
-  static const auto* ops = new absl::flat_hash_set<std::string>{
-      "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or"};
-  return ops->contains(op);
+T IntPow(T a, T b) {
+  T r = 1;
+  for (T i = 0; i < b; ++i) r *= a;
+  return r;
 }
 
 template <typename T>
 absl::Status BinaryT(const Node& node, const std::vector<const Tensor*>& in, Tensor* out) {
-  const std::string& op = node.op();
+  const BinOp op = BinOpOf(node.op());
   const T* a = in[0]->data_as<T>();
-  bool scalar = HasScalarOperand(node);
-  const T s = static_cast<T>(FloatAttr(node, "scalar", 0));
+  const bool scalar = HasScalarOperand(node);
+  const double scalar_value = FloatAttr(node, "scalar", 0);
+  const T s = static_cast<T>(scalar_value);
   const bool reverse = IntAttr(node, "reverse", 0) != 0;
   const T* b = scalar ? &s : in[1]->data_as<T>();
   Strides sa = BroadcastStrides(in[0]->shape(), out->shape());
   Strides sb = scalar ? Strides(out->rank(), 0) : BroadcastStrides(in[1]->shape(), out->shape());
   if (scalar && reverse) std::swap(a, b), std::swap(sa, sb);
-  bool div_by_zero = false;
-  std::array<Strides, 2> st = {sa, sb};
+  const Shape& shape = out->shape();
   if (IsCompare(op)) {
     uint8_t* o = out->data_as<uint8_t>();
-    Iterate<2>(out->shape(), st, [&](int64_t i, const std::array<int64_t, 2>& f) {
-      o[i] = ApplyCompare<T>(op, a[f[0]], b[f[1]]) ? 1 : 0;
-    });
-  } else {
-    T* o = out->data_as<T>();
-    Iterate<2>(out->shape(), st, [&](int64_t i, const std::array<int64_t, 2>& f) {
-      o[i] = ApplyBinary<T>(op, a[f[0]], b[f[1]], &div_by_zero);
-    });
+    auto cmp = [&](auto f) { ForEachPair(a, sa, b, sb, shape, o, f); };
+    switch (op) {
+      case BinOp::kEq: cmp([](T x, T y) -> uint8_t { return x == y; }); break;
+      case BinOp::kNe: cmp([](T x, T y) -> uint8_t { return x != y; }); break;
+      case BinOp::kLt: cmp([](T x, T y) -> uint8_t { return x < y; }); break;
+      case BinOp::kLe: cmp([](T x, T y) -> uint8_t { return x <= y; }); break;
+      case BinOp::kGt: cmp([](T x, T y) -> uint8_t { return x > y; }); break;
+      case BinOp::kGe: cmp([](T x, T y) -> uint8_t { return x >= y; }); break;
+      case BinOp::kAnd: cmp([](T x, T y) -> uint8_t { return x && y; }); break;
+      case BinOp::kOr: cmp([](T x, T y) -> uint8_t { return x || y; }); break;
+      default: break;
+    }
+    return absl::OkStatus();
   }
-  if (div_by_zero) {
-    return Bad(absl::StrCat("integer division by zero in ", op));
+  T* o = out->data_as<T>();
+  auto run = [&](auto f) { ForEachPair(a, sa, b, sb, shape, o, f); };
+  switch (op) {
+    case BinOp::kAdd: run([](T x, T y) { return static_cast<T>(x + y); }); break;
+    case BinOp::kSub: run([](T x, T y) { return static_cast<T>(x - y); }); break;
+    case BinOp::kMul: run([](T x, T y) { return static_cast<T>(x * y); }); break;
+    case BinOp::kMax: run([](T x, T y) { return x > y ? x : y; }); break;
+    case BinOp::kMin: run([](T x, T y) { return x < y ? x : y; }); break;
+    case BinOp::kDiv:
+    case BinOp::kFloorDiv:
+    case BinOp::kPow:
+      if constexpr (std::is_floating_point_v<T>) {
+        if (op == BinOp::kDiv) run([](T x, T y) { return x / y; });
+        if (op == BinOp::kFloorDiv) run([](T x, T y) { return std::floor(x / y); });
+        if (op == BinOp::kPow) {
+          // x ** 2 and x ** 3 (GPT-2's gelu) as products, as PyTorch does.
+          if (scalar && !reverse && scalar_value == 2.0) {
+            run([](T x, T) { return x * x; });
+          } else if (scalar && !reverse && scalar_value == 3.0) {
+            run([](T x, T) { return x * x * x; });
+          } else if (scalar && !reverse && scalar_value == 0.5) {
+            run([](T x, T) { return std::sqrt(x); });
+          } else {
+            run([](T x, T y) { return std::pow(x, y); });
+          }
+        }
+      } else {
+        if (op == BinOp::kPow) {
+          run([](T x, T y) { return IntPow(x, y); });
+          break;
+        }
+        const int64_t nb = b == &s ? 1 : (scalar ? in[0]->numel() : in[1]->numel());
+        for (int64_t i = 0; i < nb; ++i) {
+          if (b[i] == 0) return Bad(absl::StrCat("integer division by zero in ", node.op()));
+        }
+        if (op == BinOp::kDiv) run([](T x, T y) { return static_cast<T>(x / y); });
+        if (op == BinOp::kFloorDiv) {
+          run([](T x, T y) {  // Python floor division
+            T q = static_cast<T>(x / y);
+            if ((x % y != 0) && ((x < 0) != (y < 0))) --q;
+            return q;
+          });
+        }
+      }
+      break;
+    default:
+      return Bad(absl::StrCat("no ", node.op(), " kernel"));
   }
   return absl::OkStatus();
 }
@@ -189,20 +244,56 @@ absl::Status Binary(const Node& node, const std::vector<const Tensor*>& in, Tens
   }
 }
 
-float Gelu(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f)); }
-float GeluTanh(float x) {
-  return 0.5f * x * (1.0f + std::tanh(0.79788456080286536f * (x + 0.044715f * x * x * x)));
+// exp(x) for float: Cephes' expf (range reduction by ln 2, a degree-6
+// polynomial, the exponent built in the bits), written so loops over it
+// vectorise; within 2 ulp of std::exp on [-87, 88]; -inf and large
+// negatives give 0, large positives +inf; NaN stays NaN.
+inline float FastExp(float x) {
+  const float clamped = std::min(std::max(x, -87.33654f), 88.72283f);
+  const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
+  float r = clamped - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500E-4f;
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  float y = p * scale;
+  y = x < -87.33654f ? 0.0f : y;
+  y = x > 88.72283f ? std::numeric_limits<float>::infinity() : y;
+  return x != x ? x : y;
 }
 
-absl::Status UnaryFloat(const Node& node, const Tensor& x, Tensor* out) {
+// tanh: Cephes' odd polynomial for |x| < 0.625, 1 - 2 / (exp(2|x|) + 1)
+// with the sign restored above; both computed, one kept (vectorises).
+inline float FastTanh(float x) {
+  const float ax = std::fabs(x);
+  const float z = x * x;
+  float p = -5.70498872745E-3f;
+  p = p * z + 2.06390887954E-2f;
+  p = p * z - 5.37397155531E-2f;
+  p = p * z + 1.33314422036E-1f;
+  p = p * z - 3.33332819422E-1f;
+  const float small = p * z * x + x;
+  const float e = FastExp(2.0f * std::min(ax, 9.0f));
+  const float large = std::copysign(1.0f - 2.0f / (e + 1.0f), x);
+  return ax < 0.625f ? small : large;
+}
+
+float Gelu(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f)); }
+float GeluTanh(float x) {
+  return 0.5f * x * (1.0f + FastTanh(0.79788456080286536f * (x + 0.044715f * x * x * x)));
+}
+
+// Calls run(f) with the float function of a unary op.
+template <typename Run>
+absl::Status WithUnary(const Node& node, Run run) {
   const std::string& op = node.op();
-  const float* a = x.data();
-  float* o = out->data();
-  const int64_t n = x.numel();
-  auto run = [&](auto f) {
-    for (int64_t i = 0; i < n; ++i) o[i] = f(a[i]);
-    return absl::OkStatus();
-  };
   if (op == "gelu") {
     std::string approx = StringAttr(node, "approximate");
     if (approx == "tanh") return run(GeluTanh);
@@ -211,19 +302,89 @@ absl::Status UnaryFloat(const Node& node, const Tensor& x, Tensor* out) {
     }
     return run(Gelu);
   }
-  if (op == "silu") return run([](float v) { return v / (1.0f + std::exp(-v)); });
-  if (op == "tanh") return run([](float v) { return std::tanh(v); });
-  if (op == "sigmoid") return run([](float v) { return 1.0f / (1.0f + std::exp(-v)); });
+  if (op == "silu") return run([](float v) { return v / (1.0f + FastExp(-v)); });
+  if (op == "tanh") return run([](float v) { return FastTanh(v); });
+  if (op == "sigmoid") return run([](float v) { return 1.0f / (1.0f + FastExp(-v)); });
   if (op == "sqrt") return run([](float v) { return std::sqrt(v); });
   if (op == "rsqrt") return run([](float v) { return 1.0f / std::sqrt(v); });
-  if (op == "exp") return run([](float v) { return std::exp(v); });
+  if (op == "exp") return run([](float v) { return FastExp(v); });
   if (op == "log") return run([](float v) { return std::log(v); });
   if (op == "cos") return run([](float v) { return std::cos(v); });
   if (op == "sin") return run([](float v) { return std::sin(v); });
   if (op == "neg") return run([](float v) { return -v; });
   if (op == "abs") return run([](float v) { return std::fabs(v); });
   if (op == "relu") return run([](float v) { return v > 0 || std::isnan(v) ? v : 0.0f; });
-  return Bad(absl::StrCat("no float32 kernel for ", op));
+  return Bad(absl::StrCat("no float kernel for ", op));
+}
+
+absl::Status UnaryFloat(const Node& node, const Tensor& x, Tensor* out) {
+  const float* a = x.data();
+  float* o = out->data();
+  const int64_t n = x.numel();
+  return WithUnary(node, [&](auto f) {
+    for (int64_t i = 0; i < n; ++i) o[i] = f(a[i]);
+    return absl::OkStatus();
+  });
+}
+
+// bfloat16 in and out, float32 math per element (no temporaries).
+absl::Status UnaryBf16(const Node& node, const Tensor& x, Tensor* out) {
+  const uint16_t* a = x.data_as<uint16_t>();
+  uint16_t* o = out->data_as<uint16_t>();
+  const int64_t n = x.numel();
+  return WithUnary(node, [&](auto f) {
+    for (int64_t i = 0; i < n; ++i) o[i] = FloatToBf16(f(Bf16ToFloat(a[i])));
+    return absl::OkStatus();
+  });
+}
+
+absl::Status BinaryBf16(const Node& node, const std::vector<const Tensor*>& in, Tensor* out) {
+  const BinOp op = BinOpOf(node.op());
+  const uint16_t* a = in[0]->data_as<uint16_t>();
+  const bool scalar = HasScalarOperand(node);
+  const double scalar_value = FloatAttr(node, "scalar", 0);
+  const uint16_t s = FloatToBf16(static_cast<float>(scalar_value));
+  const bool reverse = IntAttr(node, "reverse", 0) != 0;
+  const uint16_t* b = scalar ? &s : in[1]->data_as<uint16_t>();
+  Strides sa = BroadcastStrides(in[0]->shape(), out->shape());
+  Strides sb = scalar ? Strides(out->rank(), 0) : BroadcastStrides(in[1]->shape(), out->shape());
+  if (scalar && reverse) std::swap(a, b), std::swap(sa, sb);
+  uint16_t* o = out->data_as<uint16_t>();
+  // PyTorch computes a bf16 tensor with a Python scalar in float32, using the
+  // scalar unrounded.
+  const float sf = static_cast<float>(scalar_value);
+  auto run = [&](auto f) {
+    if (scalar) {
+      ForEachPair(a, sa, b, sb, out->shape(), o, [&](uint16_t x, uint16_t y) {
+        float fx = reverse ? sf : Bf16ToFloat(x), fy = reverse ? Bf16ToFloat(y) : sf;
+        return FloatToBf16(f(fx, fy));
+      });
+    } else {
+      ForEachPair(a, sa, b, sb, out->shape(), o, [&](uint16_t x, uint16_t y) {
+        return FloatToBf16(f(Bf16ToFloat(x), Bf16ToFloat(y)));
+      });
+    }
+  };
+  switch (op) {
+    case BinOp::kAdd: run([](float x, float y) { return x + y; }); break;
+    case BinOp::kSub: run([](float x, float y) { return x - y; }); break;
+    case BinOp::kMul: run([](float x, float y) { return x * y; }); break;
+    case BinOp::kDiv: run([](float x, float y) { return x / y; }); break;
+    case BinOp::kMax: run([](float x, float y) { return x > y ? x : y; }); break;
+    case BinOp::kMin: run([](float x, float y) { return x < y ? x : y; }); break;
+    case BinOp::kPow:
+      if (scalar && !reverse && scalar_value == 2.0) {
+        run([](float x, float) { return x * x; });
+      } else if (scalar && !reverse && scalar_value == 3.0) {
+        run([](float x, float) { return x * x * x; });
+      } else {
+        run([](float x, float y) { return std::pow(x, y); });
+      }
+      break;
+    default:
+      return Bad(absl::StrCat("no bfloat16 kernel for ", node.op()));
+  }
+  return absl::OkStatus();
 }
 
 template <typename T>
@@ -531,6 +692,87 @@ bool HasCpuOp(const std::string& op) {
   return ops->contains(op);
 }
 
+absl::StatusOr<Tensor> FusedAttention(const Tensor& q_in, const Tensor& k_in,
+                                      const Tensor& v_in, float scale,
+                                      const AttentionMask& mask, const Tensor& scratch) {
+  const DataType type = q_in.dtype();
+  if (q_in.rank() < 2 || k_in.rank() != q_in.rank() || v_in.rank() != q_in.rank()) {
+    return Bad("attention: q, k and v need the same rank >= 2");
+  }
+  const int r = q_in.rank();
+  const int64_t tq = q_in.dim(r - 2), d = q_in.dim(r - 1);
+  const int64_t tk = k_in.dim(r - 2), dv = v_in.dim(r - 1);
+  Shape batch(q_in.shape().begin(), q_in.shape().end() - 2);
+  if (Shape(k_in.shape().begin(), k_in.shape().end() - 2) != batch ||
+      Shape(v_in.shape().begin(), v_in.shape().end() - 2) != batch || k_in.dim(r - 1) != d ||
+      v_in.dim(r - 2) != tk) {
+    return Bad(absl::StrCat("attention: q ", ShapeToString(q_in.shape()), ", k ",
+                            ShapeToString(k_in.shape()), ", v ", ShapeToString(v_in.shape()),
+                            " do not fit"));
+  }
+  Tensor q = ToFloat32(q_in), k = ToFloat32(k_in), v = ToFloat32(v_in);
+  Shape out_shape = batch;
+  out_shape.push_back(tq);
+  out_shape.push_back(dv);
+  Tensor out = type == DT_FLOAT32 ? Output(out_shape, DT_FLOAT32, scratch)
+                                  : Tensor::Empty(out_shape, DT_FLOAT32);
+  Shape scores = batch;
+  scores.push_back(tq);
+  scores.push_back(tk);
+  // Masks index [batch..., Tq, Tk] through broadcast strides.
+  Tensor add = mask.add != nullptr ? ToFloat32(*mask.add) : Tensor();
+  Strides cond_st, add_st;
+  if (mask.cond != nullptr) cond_st = BroadcastStrides(mask.cond->shape(), scores);
+  if (mask.add != nullptr) add_st = BroadcastStrides(add.shape(), scores);
+  const int64_t batches = NumElements(batch);
+  constexpr int64_t kRows = 64;
+  std::vector<float> s_block(static_cast<size_t>(std::min(tq, kRows) * tk));
+  for (int64_t b = 0; b < batches; ++b) {
+    // Offsets of this batch index in the masks.
+    int64_t cond_base = 0, add_base = 0, rest = b;
+    for (int i = static_cast<int>(batch.size()) - 1; i >= 0; --i) {
+      const int64_t idx = rest % batch[i];
+      rest /= batch[i];
+      if (mask.cond != nullptr) cond_base += idx * cond_st[i];
+      if (mask.add != nullptr) add_base += idx * add_st[i];
+    }
+    const float* qb = q.data() + b * tq * d;
+    const float* kb = k.data() + b * tk * d;
+    const float* vb = v.data() + b * tk * dv;
+    float* ob = out.data() + b * tq * dv;
+    for (int64_t r0 = 0; r0 < tq; r0 += kRows) {
+      const int64_t m = std::min(kRows, tq - r0);
+      float* sb = s_block.data();
+      RETURN_IF_ERROR(Gemm(true, m, tk, d, qb + r0 * d, kb, 0.0f, sb));
+      for (int64_t i = 0; i < m; ++i) {
+        float* row = sb + i * tk;
+        const int64_t qi = r0 + i;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < tk; ++j) {
+          float x = row[j] * scale;
+          if (mask.cond != nullptr &&
+              mask.cond->data_as<uint8_t>()[cond_base + qi * cond_st[r - 2] + j * cond_st[r - 1]]) {
+            x = mask.fill;
+          }
+          if (mask.add != nullptr) x += add.data()[add_base + qi * add_st[r - 2] + j * add_st[r - 1]];
+          row[j] = x;
+          mx = std::max(mx, x);
+        }
+        if (std::isinf(mx) && mx < 0) mx = 0;  // a fully masked row: NaN, as in PyTorch
+        double sum = 0;
+        for (int64_t j = 0; j < tk; ++j) {
+          row[j] = std::exp(row[j] - mx);
+          sum += row[j];
+        }
+        const float inv = static_cast<float>(1.0 / sum);
+        for (int64_t j = 0; j < tk; ++j) row[j] *= inv;
+      }
+      RETURN_IF_ERROR(Gemm(false, m, dv, tk, sb, vb, 0.0f, ob + r0 * dv));
+    }
+  }
+  return type == DT_FLOAT32 ? out : FromFloat32(out, type);
+}
+
 Tensor ToFloat32(const Tensor& t) {
   if (t.dtype() == DT_FLOAT32) return t;
   Tensor out = Tensor::Empty(t.shape(), DT_FLOAT32);
@@ -562,8 +804,45 @@ absl::StatusOr<Tensor> RunCpuOp(const Node& node, const std::vector<const Tensor
                                 const Tensor& scratch) {
   const std::string& op = node.op();
   bool half = IsHalf(out_type);
-  for (const Tensor* t : in) half = half || IsHalf(t->dtype());
+  bool all_bf16 = out_type == DT_BFLOAT16;
+  for (const Tensor* t : in) {
+    half = half || IsHalf(t->dtype());
+    all_bf16 = all_bf16 && t->dtype() == DT_BFLOAT16;
+  }
   if (!half || IsMovement(op)) return RunFloat32(node, in, out_shape, out_type, scratch);
+  if (all_bf16 && !HasScalarOperand(node) && in.size() == 2 && BinOpOf(op) != BinOp::kUnknown &&
+      !IsCompare(BinOpOf(op)) && BinOpOf(op) != BinOp::kFloorDiv) {
+    Tensor out = Output(out_shape, out_type, scratch);
+    RETURN_IF_ERROR(BinaryBf16(node, in, &out));
+    return out;
+  }
+  if (all_bf16 && HasScalarOperand(node) && in.size() == 1 && BinOpOf(op) != BinOp::kUnknown &&
+      !IsCompare(BinOpOf(op)) && BinOpOf(op) != BinOp::kFloorDiv) {
+    Tensor out = Output(out_shape, out_type, scratch);
+    RETURN_IF_ERROR(BinaryBf16(node, in, &out));
+    return out;
+  }
+  if (all_bf16 && in.size() == 1 && !HasScalarOperand(node) &&
+      (op == "relu" || op == "gelu" || op == "silu" || op == "tanh" || op == "sigmoid" ||
+       op == "sqrt" || op == "rsqrt" || op == "exp" || op == "log" || op == "cos" ||
+       op == "sin" || op == "neg" || op == "abs")) {
+    Tensor out = Output(out_shape, out_type, scratch);
+    RETURN_IF_ERROR(UnaryBf16(node, *in[0], &out));
+    return out;
+  }
+  if (all_bf16 && (op == "linear" || op == "mm" ||
+                   (op == "matmul" && in[1]->rank() == 2 && in[0]->rank() >= 2))) {
+    // bfloat16 GEMMs stay in bfloat16 (oneDNN, float32 accumulation).
+    Tensor out = Output(out_shape, out_type, scratch);
+    const bool linear = op == "linear";
+    const int64_t k = linear ? in[1]->dim(1) : in[1]->dim(0);
+    const int64_t n = linear ? in[1]->dim(0) : in[1]->dim(1);
+    RETURN_IF_ERROR(GemmBf16(linear, k == 0 ? 0 : in[0]->numel() / k, n, k,
+                             in[0]->data_as<uint16_t>(), in[1]->data_as<uint16_t>(),
+                             linear && in.size() > 2 ? in[2]->data_as<uint16_t>() : nullptr,
+                             out.data_as<uint16_t>()));
+    return out;
+  }
   // float16/bfloat16 math: in float32, rounded back to the value's type.
   std::vector<Tensor> wide;
   wide.reserve(in.size());

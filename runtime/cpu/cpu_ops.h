@@ -31,6 +31,24 @@ absl::StatusOr<Tensor> RunCpuOp(const Node& node,
                                 const Shape& out_shape, DataType out_type,
                                 const Tensor& scratch);
 
+// Attention fused into one pass over blocks of query rows (the pattern
+// matmul(q, k^T) -> scale -> mask -> softmax(-1) -> matmul(., v) that the
+// CPU backend recognises in a stage graph): per batch index and block of
+// up to 64 query rows, S = q k^T (one GEMM), S *= scale, masked entries
+// set to `fill` (where `cond` is true) or `add_mask` added, softmax over
+// keys, then S v (one GEMM). Only a block of S is ever held.
+// q [..., Tq, d], k [..., Tk, d], v [..., Tk, dv] with equal leading dims;
+// cond (bool) and add_mask (float) may be null and broadcast to
+// [..., Tq, Tk]. float32, bfloat16 or float16 (computed in float32).
+struct AttentionMask {
+  const Tensor* cond = nullptr;  // where(cond, fill, S)
+  float fill = 0.0f;
+  const Tensor* add = nullptr;   // S + add
+};
+absl::StatusOr<Tensor> FusedAttention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                      float scale, const AttentionMask& mask,
+                                      const Tensor& scratch);
+
 // A float32 copy of a float16/bfloat16/float32 tensor (float32 is shared),
 // and the reverse.
 Tensor ToFloat32(const Tensor& t);
