@@ -8,6 +8,11 @@ split_spec (`SPLIT_SPECS`).
          sliced to the sequence, masked_fill, softmax, tanh-GELU MLP written
          out, and an lm_head tied to the token embedding (an alias across
          the first and last stage). Returns (logits, last hidden state).
+  encoder: a torch.nn.TransformerEncoder classifier (BERT style: token
+         embeddings, 3 post-norm layers with GELU, batch_first) taking a
+         bool padding mask [batch, seq] (True = padding) besides the ids;
+         mean over the sequence, a linear head. Cut by pipe_split() after
+         the embedding and by split_spec at layers.2.
   llama: Llama style: RMSNorm (pow, mean keepdim, rsqrt), rotary position
          embeddings from cos/sin buffers, grouped-query attention (2 KV heads
          for 4 query heads, via expand/reshape), a causal mask from triu and
@@ -195,19 +200,41 @@ class Llama(torch.nn.Module):
         return self.lm_head(self.norm(x))
 
 
-# split_spec cuts equivalent to the pipe_split() markers above.
+class EncoderClassifier(torch.nn.Module):
+    def __init__(self, vocab=61, d=32, heads=4, layers=3, classes=5, cut=True):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, d)
+        layer = torch.nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.1,
+                                                 activation="gelu", batch_first=True)
+        # enable_nested_tensor=False: PyTorch's no_grad fast path would zero
+        # the outputs at padded positions (README: what pipeserve computes).
+        self.encoder = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(d, classes)
+        self.cut = cut
+
+    def forward(self, ids, pad_mask):
+        x = self.embed(ids)
+        if self.cut:
+            pipeserve.pipe_split()
+        x = self.encoder(x, src_key_padding_mask=pad_mask)
+        return self.head(x.mean(dim=1))
+
+
+# split_spec cuts equivalent to the pipe_split() markers above (the
+# encoder's split_spec cuts inside torch.nn.TransformerEncoder instead).
 SPLIT_SPECS = {
     "gpt2": {"h.1": pipeserve.SplitPoint.BEGINNING,
              "h.3": pipeserve.SplitPoint.BEGINNING},
     "llama": {"layers.1": pipeserve.SplitPoint.BEGINNING},
+    "encoder": {"encoder.layers.2": pipeserve.SplitPoint.BEGINNING},
 }
 
 
 def make(name, cut=True, seed=0):
     torch.manual_seed(seed)
-    model = {"gpt2": Gpt2, "llama": Llama}[name](cut=cut)
+    model = {"gpt2": Gpt2, "llama": Llama, "encoder": EncoderClassifier}[name](cut=cut)
     return model.eval()
 
 
 def vocab(name):
-    return {"gpt2": 97, "llama": 89}[name]
+    return {"gpt2": 97, "llama": 89, "encoder": 61}[name]

@@ -111,6 +111,34 @@ class TransformerServingTest(unittest.TestCase):
         self.assertEqual(self.check_served("llama", cut=True).num_stages, 2)
         self.assertEqual(self.check_served("llama", cut=False).num_stages, 2)
 
+    def test_transformer_encoder_with_a_bool_padding_mask(self):
+        # torch.nn.TransformerEncoder traced through: FQNs are PyTorch's
+        # (encoder.layers.0.self_attn.in_proj_weight, ...), the mask is a
+        # BOOL input over KServe.
+        for cut in (True, False):
+            model = transformers.make("encoder", cut=cut)
+            ids = torch.randint(0, 61, (2, 5))
+            mask = torch.zeros(2, 5, dtype=torch.bool)
+            path = os.path.join(self.tmp, f"encoder_{cut}.psm")
+            info = pipeserve.export(
+                model, (ids, mask), path, dynamic_dims={"ids": [1], "pad_mask": [1]},
+                split_spec=None if cut else transformers.SPLIT_SPECS["encoder"])
+            self.assertEqual(info.num_stages, 2)
+            self.assertIn("encoder.layers.0.self_attn.in_proj_weight", info.param_names)
+            name = f"encoder-{cut}"
+            self.client.upload(name, path, microbatches=2)
+            meta = self.client.metadata(name)
+            self.assertEqual([t.datatype for t in meta.inputs], ["INT64", "BOOL"])
+            torch.manual_seed(2)
+            for batch, seq in ((3, 7), (4, 12)):
+                ids = torch.randint(0, 61, (batch, seq))
+                lengths = torch.randint(1, seq + 1, (batch,))
+                mask = torch.arange(seq)[None, :] >= lengths[:, None]  # True = padding
+                (out,) = self.client.infer(name, {"ids": ids.numpy(), "pad_mask": mask.numpy()})
+                with torch.no_grad():
+                    ref = model(ids, mask).numpy()
+                self.assertLess(rel_err(out, ref), 1e-4, f"{name} {batch}x{seq}")
+
     def test_bfloat16_model_is_half_the_size_and_close_to_float32(self):
         fp32, fp32_path, _, input_name = self.export("gpt2", tag="_fp32")
         bf16, bf16_path, _, _ = self.export("gpt2", dtype=torch.bfloat16, tag="_bf16")
@@ -151,13 +179,27 @@ class TransformerServingTest(unittest.TestCase):
 
 class TransformerExportTest(unittest.TestCase):
     def test_unsupported_module_is_named_with_its_path(self):
-        layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
-        model = torch.nn.Sequential(layer).eval()
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GRU(4, 4)).eval()
         with self.assertRaises(pipeserve.ExportError) as e:
-            pipeserve.export(model, (torch.randn(2, 5, 16),),
+            pipeserve.export(model, (torch.randn(2, 5, 4),),
                              os.path.join(tempfile.mkdtemp(), "m.psm"))
-        self.assertIn("torch.nn.TransformerEncoderLayer", str(e.exception))
-        self.assertIn("'0'", str(e.exception))
+        self.assertIn("torch.nn.GRU", str(e.exception))
+        self.assertIn("'1'", str(e.exception))
+
+    def test_attention_weights_are_refused_when_used(self):
+        class Weights(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
+            def forward(self, x):
+                out, weights = self.mha(x, x, x)
+                return out + weights.sum()
+        with self.assertRaises(pipeserve.ExportError) as e:
+            pipeserve.export(Weights().eval(), (torch.randn(2, 3, 8),),
+                             os.path.join(tempfile.mkdtemp(), "m.psm"))
+        self.assertIn("need_weights=False", str(e.exception))
+        self.assertIn("'mha'", str(e.exception))
 
     def test_sizes_of_fixed_dims_are_python_ints_and_free_ones_are_traced(self):
         model = transformers.make("gpt2")

@@ -242,6 +242,15 @@ class OpConverter:
 
     def _getitem(self, node, display, path):
         x, index = node.args
+        if x in self._tuples:
+            value = self._tuples[x][index]
+            if value is None:  # an error only if something reads it
+                self._poisoned[node] = (f"'{x.name}'[{index}] at module path '{path}' "
+                                        "is not supported (attention weights: call "
+                                        "with need_weights=False)")
+                return
+            self._emit("identity", [value], {}, fx=node, path=path)
+            return
         if x in self._virtual:
             value, dim, start, stop = self._virtual[x][index]
             self._slice_node(value, dim, start, stop, 1, path, fx=node)
@@ -387,6 +396,107 @@ class OpConverter:
         if bias is not None:
             inputs.append(self._tensor(bias, display, path))
         self._emit("linear", inputs, {}, fx=node, path=path)
+
+
+def _multi_head_attention(self, node, display, path):
+    """F.multi_head_attention_forward (what nn.MultiheadAttention and the
+    nn.Transformer* layers call), decomposed: input projections, heads,
+    scaled scores, masks, softmax, values, output projection. Query, key
+    and value are [L, N, E] (sequence first), as the function takes them."""
+    names = ["query", "key", "value", "embed_dim_to_check", "num_heads",
+             "in_proj_weight", "in_proj_bias", "bias_k", "bias_v", "add_zero_attn",
+             "dropout_p", "out_proj_weight", "out_proj_bias", "training",
+             "key_padding_mask", "need_weights", "attn_mask", "use_separate_proj_weight",
+             "q_proj_weight", "k_proj_weight", "v_proj_weight", "static_k", "static_v",
+             "average_attn_weights"]
+    defaults = {"training": True, "key_padding_mask": None, "need_weights": True,
+                "attn_mask": None, "use_separate_proj_weight": False, "q_proj_weight": None,
+                "k_proj_weight": None, "v_proj_weight": None, "static_k": None,
+                "static_v": None, "average_attn_weights": True}
+    b = self._bind(node, [(n, defaults.get(n, _ex._REQUIRED)) for n in names], display, path)
+
+    def unsupported(what):
+        return _ex.ExportError(f"{display} at module path '{path}': {what} is not supported")
+    if b["bias_k"] is not None or b["bias_v"] is not None or b["add_zero_attn"]:
+        raise unsupported("add_bias_kv / add_zero_attn")
+    if b["static_k"] is not None or b["static_v"] is not None:
+        raise unsupported("static_k / static_v")
+    if b["training"] and b["dropout_p"] > 0:
+        raise unsupported("dropout in training mode (call module.eval())")
+    query = b["query"]
+    if _result(query).dim() != 3:
+        raise unsupported("an unbatched (2-D) query")
+    dtype = _result(query).dtype
+    E = _result(query).shape[-1]
+    H = int(b["num_heads"])
+    hd = E // H
+
+    def emit(op, inputs, attrs=None):
+        return self._emit(op, inputs, attrs or {}, path=path, dtype=dtype, base=f"{node.name}_{op}")
+
+    def param_rows(t, lo, hi):
+        v = self._tensor(t, display, path)
+        return emit("slice", [v], {"dim": 0, "start": lo, "stop": hi, "step": 1})
+
+    x = {k: self._tensor(b[k], display, path) for k in ("query", "key", "value")}
+    projected = {}
+    for i, k in enumerate(("query", "key", "value")):
+        if b["use_separate_proj_weight"]:
+            w = self._tensor(b[k[0] + "_proj_weight"], display, path)
+        else:
+            w = param_rows(b["in_proj_weight"], i * E, (i + 1) * E)
+        inputs = [x[k], w]
+        if b["in_proj_bias"] is not None:
+            inputs.append(param_rows(b["in_proj_bias"], i * E, (i + 1) * E))
+        y = emit("linear", inputs)
+        # [L, N, E] -> [L, N*H, hd] -> [N*H, L, hd]
+        inputs, attrs = [y], {}
+        self._ints([self._tracer_size(b[k], 0), -1, hd], inputs, attrs, "shape")
+        y = emit("reshape", inputs, attrs)
+        projected[k] = emit("permute", [y], {"dims": [1, 0, 2]})
+    kt = emit("permute", [projected["key"]], {"dims": [0, 2, 1]})
+    scores = emit("matmul", [projected["query"], kt])
+    scores = emit("mul", [scores], {"scalar": 1.0 / math.sqrt(hd)})
+    for mask_name in ("attn_mask", "key_padding_mask"):
+        mask = b[mask_name]
+        if mask is None:
+            continue
+        m = self._tensor(mask, display, path)
+        if mask_name == "key_padding_mask":
+            # [N, S] -> [N*H, 1, S]: every head of a batch row.
+            if self._dtype[m] != torch.bool:
+                raise unsupported("a float key_padding_mask")
+            inputs, attrs = [m], {}
+            n_item = self._tracer_size(b["query"], 1)
+            s_item = self._tracer_size(b["key"], 0)
+            self._ints([n_item, 1, 1, s_item], inputs, attrs, "shape")
+            m = self._emit("reshape", inputs, attrs, path=path, dtype=torch.bool,
+                           base=f"{node.name}_kpm")
+            inputs, attrs = [m], {}
+            self._ints([n_item, H, 1, s_item], inputs, attrs, "shape")
+            m = self._emit("expand", inputs, attrs, path=path, dtype=torch.bool,
+                           base=f"{node.name}_kpm")
+            inputs, attrs = [m], {}
+            self._ints([-1, 1, s_item], inputs, attrs, "shape")
+            m = self._emit("reshape", inputs, attrs, path=path, dtype=torch.bool,
+                           base=f"{node.name}_kpm")
+        if self._dtype[m] == torch.bool:
+            inf = self._constant(float("-inf"), dtype, path)
+            scores = emit("where", [m, inf, scores])
+        else:
+            scores = emit("add", [scores, self._cast(m, dtype, path)])
+    attn = emit("softmax", [scores], {"dim": -1})
+    out = emit("matmul", [attn, projected["value"]])      # [N*H, L, hd]
+    out = emit("permute", [out], {"dims": [1, 0, 2]})       # [L, N*H, hd]
+    inputs, attrs = [out], {}
+    self._ints([self._tracer_size(b["query"], 0), self._tracer_size(b["query"], 1), E],
+               inputs, attrs, "shape")
+    out = self._emit("reshape", inputs, attrs, path=path, dtype=dtype, base=f"{node.name}_out")
+    inputs = [out, self._tensor(b["out_proj_weight"], display, path)]
+    if b["out_proj_bias"] is not None:
+        inputs.append(self._tensor(b["out_proj_bias"], display, path))
+    out = emit("linear", inputs)
+    self._tuples[node] = [out, None]
 
 
 class _SymValue:
@@ -657,6 +767,7 @@ def _handlers():
                 [("tensors", R), ("dim", 0)],
                 lambda self, n, d, p, b, op=op: self._cat(n, d, p, b["tensors"], b["dim"], op))
 
+    fn[F.multi_head_attention_forward] = _multi_head_attention
     fn[torch.where] = bound([("condition", R), ("input", R), ("other", R)],
                             lambda self, n, d, p, b: self._where(
                                 n, d, p, b["condition"], b["input"], b["other"]))

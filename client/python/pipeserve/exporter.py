@@ -319,6 +319,16 @@ class _ExProxy(torch.fx.Proxy):
     def is_cuda(self):
         return False
 
+    def __getattr__(self, k):
+        # Plain attributes of the example (is_nested, requires_grad, layout,
+        # ...) are read from it; methods and tensors are traced.
+        ex = self.node.meta["ex"][0] if "ex" in self.node.meta else None
+        if isinstance(ex, torch.Tensor) and not k.startswith("__"):
+            v = getattr(ex, k, None)
+            if v is not None and not callable(v) and not isinstance(v, torch.Tensor):
+                return v
+        return super().__getattr__(k)
+
     def __len__(self):
         ex = self._ex()[0]
         if isinstance(ex, (tuple, list)):
@@ -522,6 +532,18 @@ class _Tracer(torch.fx.Tracer):
             return ex[0].shape[d]
         return self.create_proxy("call_method", "size", (proxy, d), {})
 
+    # torch.nn modules FX would keep whole: traced through, so their
+    # parameters keep PyTorch's FQNs and F.multi_head_attention_forward is
+    # converted by _ops.py.
+    TRACED_THROUGH = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer,
+                      torch.nn.TransformerEncoder, torch.nn.TransformerDecoderLayer,
+                      torch.nn.TransformerDecoder)
+
+    def is_leaf_module(self, m, module_qualified_name):
+        if isinstance(m, self.TRACED_THROUGH):
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
+
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         if isinstance(attr_val, torch.nn.Module):
             self._last_module_attr = (attr, attr_val)
@@ -635,6 +657,8 @@ class _Converter(OpConverter):
         self._position = {}  # torch.fx.Node -> index in the trace
         self._dtype = {}  # value name -> torch dtype
         self._virtual = {}  # split/chunk node -> [(value, dim, start, stop)]
+        self._tuples = {}  # node returning a tuple -> [value name or None]
+        self._poisoned = {}  # node -> why it cannot be used
         self.stored = []  # _Tensor of every param node, in emission order
 
     def add_input(self, name, example, batched, free_dims):
@@ -715,15 +739,20 @@ class _Converter(OpConverter):
         """The value name of a tensor argument (an FX node)."""
         if arg in self._attr:
             return self._param(self._attr[arg], module_path)
-        if arg in self._virtual:
-            raise ExportError(f"the result of '{arg.name}' (a split or chunk) "
-                              "is used whole; only its pieces can be used")
+        if arg in self._poisoned:
+            raise ExportError(self._poisoned[arg])
+        if arg in self._virtual or arg in self._tuples:
+            raise ExportError(f"the result of '{arg.name}' (a tuple) is used "
+                              "whole; only its items can be used")
         return self._value[arg]
 
     # Nodes.
 
     def _convert_call(self, node):
         path = self._tracer.module_path_of[node]
+        if (not node.users and node.target is not pipe_split and
+                not isinstance(node.meta["ex"][0], torch.Tensor)):
+            return  # a check whose answer tracing already took (a fast-path test)
         if node.op == "call_module":
             self._convert_module(node, path)
             return
