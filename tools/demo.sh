@@ -3,7 +3,8 @@
 # stage server per stage on this machine, which take calls only from it),
 # export the seed's ExampleCode from PyTorch, upload it with the admin
 # token, print its plan, send batches through the KServe v2 API with the
-# Python client and the infer token, compare with PyTorch, and shut
+# Python client and the infer token, compare with PyTorch; then the same for
+# a small GPT-2-style model with token ids in (tools/demo_gpt.py); and shut
 # everything down. Exits non-zero if anything disagrees or fails; leaves no
 # process running.
 set -euo pipefail
@@ -63,6 +64,8 @@ echo "== plan"
 echo "== inference through the KServe v2 API (Python client, infer token)"
 PIPESERVE_TOKEN="$infer_token" /usr/bin/python3 tools/demo_client.py "$server" example_code "$case_dir"
 
+echo "== a GPT-2-style transformer: int64 token ids in, any sequence length, 3 stages"
+/usr/bin/python3 tools/demo_gpt.py "$server" "$work/admin.token" "$work"
 echo "== shutting down"
 pid=$coordinator_pid
 coordinator_pid=""

@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/match.h"
 #include "absl/time/clock.h"
 #include "absl/strings/str_cat.h"
@@ -319,7 +320,17 @@ class CpuProgram : public StageProgram {
       return v != nullptr && v[0] != '\0' && v[0] != '0';
     }();
     if (profile) profile_.assign(steps_.size(), 0.0);
-    for (auto& [s, t] : params) constants_[s] = std::move(t);
+    // Keep only the weights some step reads: a linear weight whose every
+    // reader takes its transposed copy is not held twice.
+    absl::flat_hash_set<int> read(output_slots_.begin(), output_slots_.end());
+    for (const Step& step : steps_) {
+      if (step.kind != Kind::kSkip) read.insert(step.in.begin(), step.in.end());
+      if (step.mask_cond >= 0) read.insert(step.mask_cond);
+      if (step.mask_add >= 0) read.insert(step.mask_add);
+    }
+    for (auto& [s, t] : params) {
+      if (read.contains(s)) constants_[s] = std::move(t);
+    }
     return absl::OkStatus();
   }
 

@@ -1,0 +1,53 @@
+"""The demo's transformer part: export a small GPT-2-style model (4 layers,
+d 64, vocab 1000; random weights; tests/pytorch/transformer_models.Gpt2) with
+int64 token ids in and a free sequence length, upload it (cut by its
+pipe_split() markers into 3 stages), and send token ids of two lengths
+through the KServe v2 API; compare the logits with PyTorch.
+
+    /usr/bin/python3 tools/demo_gpt.py SERVER ADMIN_TOKEN_FILE WORK_DIR
+"""
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path[:0] = [os.path.join(ROOT, "client", "python"), os.path.join(ROOT, "tests", "pytorch")]
+
+import pipeserve  # noqa: E402
+import transformer_models  # noqa: E402
+
+
+def main():
+    server, token_file, work = sys.argv[1:4]
+    token = open(token_file).read().strip()
+    torch.manual_seed(0)
+    model = transformer_models.Gpt2(vocab=1000, d=64, heads=4, layers=4, max_len=64).eval()
+    path = os.path.join(work, "gpt.psm")
+    info = pipeserve.export(model, (torch.randint(0, 1000, (2, 8)),), path,
+                            dynamic_dims={"idx": [1]})
+    print(f"exported {path}: {info.num_stages} stages, inputs {info.input_names} "
+          f"(int64 [batch, seq], both free), outputs {info.output_names}")
+    with pipeserve.Client(server, token=token) as client:
+        client.upload("gpt", path, microbatches=2)
+        for batch, seq in ((2, 5), (4, 33)):
+            ids = torch.randint(0, 1000, (batch, seq))
+            t = time.perf_counter()
+            logits, hidden = client.infer("gpt", {"idx": ids.numpy()})
+            ms = (time.perf_counter() - t) * 1000
+            with torch.no_grad():
+                ref_logits, _ = model(ids)
+            err = (np.linalg.norm(logits - ref_logits.numpy()) /
+                   np.linalg.norm(ref_logits.numpy()))
+            print(f"  ids [{batch},{seq}] -> logits {list(logits.shape)} in {ms:.1f} ms; "
+                  f"relative error vs PyTorch {err:.2e}; next tokens "
+                  f"{logits[:, -1].argmax(-1).tolist()}")
+            if err > 1e-4:
+                raise SystemExit(f"logits differ from PyTorch ({err:.2e})")
+        client.unload("gpt")
+
+
+if __name__ == "__main__":
+    main()
