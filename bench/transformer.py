@@ -101,26 +101,48 @@ def rss_of_children(pid):
     return rss
 
 
-def serving(tmp, model_path, ids_path, repeat):
-    sys.path[:0] = [os.path.join(ROOT, "client/python")]
-    import numpy as np
-    import pipeserve
-    port_file = os.path.join(tmp, "port")
-    log = open(os.path.join(tmp, "coordinator.log"), "w")
-    proc = subprocess.Popen(
-        [os.path.join(BIN, "server/coordinator/coordinator"), "--port=0",
-         f"--port_file={port_file}", f"--repository={tmp}/repo", "--metrics_port=0",
-         f"--stage_server_binary={os.path.join(BIN, 'server/stage/stage_server')}"],
-        stdout=log, stderr=subprocess.STDOUT)
-    try:
+class Coordinator:
+    """A coordinator (and the stage servers it starts) in `tmp`, for a
+    `with` block; .client is a pipeserve.Client connected to it."""
+
+    def __init__(self, tmp, timeout=600):
+        sys.path[:0] = [os.path.join(ROOT, "client/python")]
+        import pipeserve
+        port_file = os.path.join(tmp, "port")
+        self.log = open(os.path.join(tmp, "coordinator.log"), "w")
+        self.proc = subprocess.Popen(
+            [os.path.join(BIN, "server/coordinator/coordinator"), "--port=0",
+             f"--port_file={port_file}", f"--repository={tmp}/repo", "--metrics_port=-1",
+             f"--stage_server_binary={os.path.join(BIN, 'server/stage/stage_server')}"],
+            stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 120
         while not (os.path.exists(port_file) and open(port_file).read().strip()):
-            if time.time() > deadline or proc.poll() is not None:
+            if time.time() > deadline or self.proc.poll() is not None:
+                self.close()
                 raise RuntimeError("coordinator did not start")
             time.sleep(0.05)
-        client = pipeserve.Client(f"localhost:{open(port_file).read().strip()}", timeout=600)
-        while not client.health():
+        self.client = pipeserve.Client(f"localhost:{open(port_file).read().strip()}",
+                                       timeout=timeout)
+        while not self.client.health():
             time.sleep(0.05)
+
+    def close(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=120)
+        self.log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def serving(tmp, model_path, ids_path, repeat):
+    import numpy as np
+    with Coordinator(tmp) as c:
+        client, proc = c.client, c.proc
         client.upload("gpt2", model_path, num_stages=4, microbatches=4)
         plan = client.plan("gpt2")
         weights = [sum(p.byte_size for p in s.graph.params) for s in plan.plan.stages]
@@ -146,10 +168,6 @@ def serving(tmp, model_path, ids_path, repeat):
         busy = time.perf_counter() - t
         rss = sorted(rss_of_children(proc.pid).values())
         return statistics.median(lat), 4 * n_each * BATCH * SEQ / busy, weights, rss_loaded, rss
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-        log.close()
 
 
 def main():

@@ -26,7 +26,8 @@ enum class Kind {
   kForward,  // a ReLU already fused into the linear before it
   kGeneric,  // RunCpuOp (cpu_ops.h): every other op, and other dtypes
   kAttention,  // matmul -> scale -> mask -> softmax -> matmul, fused
-  kSkip,       // folded into a kAttention step
+  kElementwise,  // a group of elementwise ops in one pass (ElementwiseGroup)
+  kSkip,       // folded into a kAttention or kElementwise step
 };
 
 // The float32 fast paths; everything else is kGeneric.
@@ -77,6 +78,11 @@ struct Step {
   float scale = 1.0f;
   int mask_cond = -1, mask_add = -1;
   float mask_fill = 0.0f;
+  // kElementwise: the group, its external inputs are `in`; its member
+  // steps (this one last), run one by one when a shape does not fit.
+  std::shared_ptr<const ElementwiseGroup> group;
+  std::vector<int> members;
+  std::vector<int> own_in;  // the last member's own inputs
 };
 
 class CpuProgram : public StageProgram {
@@ -113,6 +119,10 @@ class CpuProgram : public StageProgram {
         continue;
       }
       if (step.kind == Kind::kSkip) continue;
+      if (step.kind == Kind::kElementwise) {
+        RETURN_IF_ERROR(RunElementwise(step_index, &values));
+        continue;
+      }
       if (step.kind == Kind::kAttention) {
         AttentionMask mask;
         if (step.mask_cond >= 0) mask.cond = &values[step.mask_cond];
@@ -176,7 +186,8 @@ class CpuProgram : public StageProgram {
     absl::flat_hash_map<std::string, double> by_op;
     double total = 0;
     for (size_t i = 0; i < steps_.size(); ++i) {
-      std::string name = steps_[i].kind == Kind::kAttention ? "attention (fused)"
+      std::string name = steps_[i].kind == Kind::kAttention     ? "attention (fused)"
+                         : steps_[i].kind == Kind::kElementwise ? "elementwise (fused)"
                          : steps_[i].kind == Kind::kGeneric
                              ? steps_[i].node->op()
                              : absl::StrCat(steps_[i].node->op(), " (fast)");
@@ -190,6 +201,128 @@ class CpuProgram : public StageProgram {
     std::fprintf(stderr, "cpu profile: %.1f ms in all runs\n", total);
     for (const auto& [ms, op] : rows) {
       std::fprintf(stderr, "  %-24s %10.1f ms  %5.1f%%\n", op.c_str(), ms, 100 * ms / total);
+    }
+  }
+
+  absl::Status RunElementwise(size_t step_index, std::vector<Tensor>* values) {
+    const Step& step = steps_[step_index];
+    std::vector<const Tensor*> in;
+    Shape shape;
+    for (int slot : step.in) {
+      in.push_back(&(*values)[slot]);
+      absl::StatusOr<Shape> b = BroadcastShapes(shape, (*values)[slot].shape());
+      if (b.ok()) shape = *b;
+    }
+    absl::StatusOr<Tensor> out = step.group->Run(in, shape, step.out_type, scratch_[step_index]);
+    if (out.ok()) {
+      scratch_[step_index] = *out;
+      (*values)[step.out] = *std::move(out);
+      return absl::OkStatus();
+    }
+    if (out.status().code() != absl::StatusCode::kUnimplemented) return out.status();
+    // Shapes the fused pass does not take: the member ops one by one.
+    for (int j : step.members) {
+      const Step& m = steps_[j];
+      std::vector<const Tensor*> args;
+      std::vector<Shape> shapes;
+      for (int slot : j == static_cast<int>(step_index) ? m.own_in : m.in) {
+        args.push_back(&(*values)[slot]);
+        shapes.push_back((*values)[slot].shape());
+      }
+      absl::StatusOr<std::vector<Shape>> out_shape = m.schema->infer(*m.node, shapes);
+      if (!out_shape.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("node \"", m.node->name(), "\" (",
+                                                       m.node->op(), "): ",
+                                                       out_shape.status().message()));
+      }
+      ASSIGN_OR_RETURN(Tensor t, RunCpuOp(*m.node, args, (*out_shape)[0], m.out_type, Tensor()));
+      (*values)[m.out] = std::move(t);
+    }
+    return absl::OkStatus();
+  }
+
+  // Groups elementwise float ops (ElementwiseGroup::Fusable) of one shape
+  // whose values between them have no other reader into one kElementwise
+  // step at the last of them.
+  void FuseElementwise(const ValueShapes& shapes, const ValueTypes& types) {
+    absl::flat_hash_map<int, int> producer;
+    absl::flat_hash_map<int, int> readers;
+    for (size_t i = 0; i < steps_.size(); ++i) {
+      producer[steps_[i].out] = static_cast<int>(i);
+      if (steps_[i].kind == Kind::kSkip) continue;
+      for (int v : steps_[i].in) ++readers[v];
+      if (steps_[i].mask_cond >= 0) ++readers[steps_[i].mask_cond];
+      if (steps_[i].mask_add >= 0) ++readers[steps_[i].mask_add];
+    }
+    for (int v : output_slots_) ++readers[v];
+    std::vector<bool> grouped(steps_.size(), false);
+    auto candidate = [&](int i) {
+      const Step& s = steps_[i];
+      if (s.kind == Kind::kSkip || s.kind == Kind::kAttention || s.kind == Kind::kForward ||
+          s.kind == Kind::kIdentity || s.kind == Kind::kElementwise || s.fused_relu ||
+          s.symbolic || !ElementwiseGroup::Fusable(*s.node)) {
+        return false;
+      }
+      if (s.out_type != DT_FLOAT32 && s.out_type != DT_BFLOAT16) return false;
+      for (const std::string& v : s.node->inputs()) {
+        if (types.at(v) != s.out_type) return false;
+      }
+      return true;
+    };
+    for (int i = static_cast<int>(steps_.size()) - 1; i >= 0; --i) {
+      if (grouped[i] || !candidate(i)) continue;
+      const Shape& out_shape = shapes.at(steps_[i].node->outputs(0));
+      std::vector<int> members = {i}, work = {i};
+      while (!work.empty()) {
+        const int m = work.back();
+        work.pop_back();
+        for (int v : steps_[m].in) {
+          auto p = producer.find(v);
+          if (p == producer.end()) continue;
+          const int j = p->second;
+          if (grouped[j] || std::find(members.begin(), members.end(), j) != members.end() ||
+              !candidate(j) || readers[v] != 1 ||
+              shapes.at(steps_[j].node->outputs(0)) != out_shape) {
+            continue;
+          }
+          members.push_back(j);
+          work.push_back(j);
+        }
+      }
+      if (members.size() < 2) continue;
+      std::sort(members.begin(), members.end());
+      absl::flat_hash_map<int, int> op_of;  // member step -> op index
+      std::vector<int> externals;
+      auto operand = [&](int slot) {
+        auto p = producer.find(slot);
+        if (p != producer.end() && op_of.contains(p->second)) return op_of[p->second];
+        auto e = std::find(externals.begin(), externals.end(), slot);
+        if (e == externals.end()) {
+          externals.push_back(slot);
+          e = externals.end() - 1;
+        }
+        return -1 - static_cast<int>(e - externals.begin());
+      };
+      std::vector<ElementwiseGroup::Op> ops;
+      for (int j : members) {
+        ElementwiseGroup::Op op{steps_[j].node};
+        op.a = operand(steps_[j].in[0]);
+        if (steps_[j].in.size() > 1) op.b = operand(steps_[j].in[1]);
+        op_of[j] = static_cast<int>(ops.size());
+        ops.push_back(op);
+      }
+      Step& root = steps_[i];
+      root.group = std::make_shared<ElementwiseGroup>(std::move(ops),
+                                                      static_cast<int>(externals.size()));
+      root.members = members;
+      for (int j : members) {
+        grouped[j] = true;
+        if (j != i) steps_[j].kind = Kind::kSkip;
+      }
+      root.kind = Kind::kElementwise;
+      root.own_in = root.in;
+      root.in = externals;
+      ++fused_elementwise_;
     }
   }
 
@@ -313,6 +446,7 @@ class CpuProgram : public StageProgram {
     }
     for (const std::string& v : graph_.outputs()) output_slots_.push_back(slot_of(v));
     if (options_.fuse_attention) FuseAttention(shapes, types);
+    if (options_.fuse_elementwise) FuseElementwise(shapes, types);
     constants_.resize(slot.size());
     scratch_.resize(steps_.size());
     static const bool profile = [] {
@@ -501,6 +635,7 @@ class CpuProgram : public StageProgram {
   std::vector<Tensor> scratch_;    // per step: its last output buffer
   std::vector<double> profile_;    // per step: ms in all runs (when profiling)
   int fused_attention_ = 0;
+  int fused_elementwise_ = 0;
   std::vector<int> input_slots_;
   std::vector<int> output_slots_;
 };

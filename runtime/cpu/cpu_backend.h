@@ -23,6 +23,9 @@ struct CpuBackendOptions {
   // blocked kernel (FusedAttention in cpu_ops.h) when the values between
   // have no other reader.
   bool fuse_attention = true;
+  // Run chains of elementwise float ops of one shape, whose values between
+  // them nothing else reads, as one pass (ElementwiseGroup in cpu_ops.h).
+  bool fuse_elementwise = true;
 };
 
 std::unique_ptr<ComputeBackend> MakeCpuBackend(const CpuBackendOptions& options);

@@ -950,4 +950,208 @@ absl::StatusOr<Tensor> RunFloat32(const Node& node, const std::vector<const Tens
 }
 
 }  // namespace
+
+namespace {
+
+enum UnaryKind {
+  kURelu, kUGelu, kUGeluTanh, kUSilu, kUTanh, kUSigmoid, kUSqrt, kURsqrt, kUExp, kULog,
+  kUCos, kUSin, kUNeg, kUAbs, kUNone,
+};
+
+UnaryKind UnaryOf(const Node& node) {
+  static const auto* ops = new absl::flat_hash_map<std::string, UnaryKind>{
+      {"relu", kURelu}, {"gelu", kUGelu}, {"silu", kUSilu}, {"tanh", kUTanh},
+      {"sigmoid", kUSigmoid}, {"sqrt", kUSqrt}, {"rsqrt", kURsqrt}, {"exp", kUExp},
+      {"log", kULog}, {"cos", kUCos}, {"sin", kUSin}, {"neg", kUNeg}, {"abs", kUAbs}};
+  auto it = ops->find(node.op());
+  if (it == ops->end()) return kUNone;
+  if (it->second == kUGelu) {
+    const std::string approx = StringAttr(node, "approximate");
+    if (approx == "tanh") return kUGeluTanh;
+    if (!approx.empty() && approx != "none") return kUNone;
+  }
+  return it->second;
+}
+
+constexpr int64_t kBlock = 256;
+
+void ApplyUnary(int kind, const float* x, float* o, int64_t n) {
+  switch (kind) {
+#define PIPESERVE_UNARY(K, EXPR) \
+  case K:                        \
+    for (int64_t i = 0; i < n; ++i) { const float v = x[i]; o[i] = (EXPR); } \
+    break;
+    PIPESERVE_UNARY(kURelu, v > 0 || std::isnan(v) ? v : 0.0f)
+    PIPESERVE_UNARY(kUGelu, Gelu(v))
+    PIPESERVE_UNARY(kUGeluTanh, GeluTanh(v))
+    PIPESERVE_UNARY(kUSilu, v / (1.0f + FastExp(-v)))
+    PIPESERVE_UNARY(kUTanh, FastTanh(v))
+    PIPESERVE_UNARY(kUSigmoid, 1.0f / (1.0f + FastExp(-v)))
+    PIPESERVE_UNARY(kUSqrt, std::sqrt(v))
+    PIPESERVE_UNARY(kURsqrt, 1.0f / std::sqrt(v))
+    PIPESERVE_UNARY(kUExp, FastExp(v))
+    PIPESERVE_UNARY(kULog, std::log(v))
+    PIPESERVE_UNARY(kUCos, std::cos(v))
+    PIPESERVE_UNARY(kUSin, std::sin(v))
+    PIPESERVE_UNARY(kUNeg, -v)
+    PIPESERVE_UNARY(kUAbs, std::fabs(v))
+#undef PIPESERVE_UNARY
+    default: break;
+  }
+}
+
+template <typename F>
+void BinaryLoop(const float* x, const float* y, float* o, int64_t n, F f) {
+  for (int64_t i = 0; i < n; ++i) o[i] = f(x[i], y[i]);
+}
+
+void ApplyBinary(int kind, const float* x, const float* y, float* o, int64_t n) {
+  switch (static_cast<BinOp>(kind)) {
+    case BinOp::kAdd: BinaryLoop(x, y, o, n, [](float a, float b) { return a + b; }); break;
+    case BinOp::kSub: BinaryLoop(x, y, o, n, [](float a, float b) { return a - b; }); break;
+    case BinOp::kMul: BinaryLoop(x, y, o, n, [](float a, float b) { return a * b; }); break;
+    case BinOp::kDiv: BinaryLoop(x, y, o, n, [](float a, float b) { return a / b; }); break;
+    case BinOp::kMax: BinaryLoop(x, y, o, n, [](float a, float b) { return a > b ? a : b; }); break;
+    case BinOp::kMin: BinaryLoop(x, y, o, n, [](float a, float b) { return a < b ? a : b; }); break;
+    case BinOp::kPow: BinaryLoop(x, y, o, n, [](float a, float b) { return std::pow(a, b); }); break;
+    default: break;
+  }
+}
+
+// How an external input maps onto the output's flat index: all of it, its
+// trailing dims repeated ([D] or [T, D] against [B, H, T, D]), one value
+// per row ([..., 1]), or one value.
+enum class Broadcast { kFull, kRows, kPerRow, kScalar };
+
+// `s`, without leading 1s, equals the trailing dims of `out`.
+bool IsTrailingBlock(const Shape& s, const Shape& out) {
+  size_t first = 0;
+  while (first < s.size() && s[first] == 1) ++first;
+  const size_t n = s.size() - first;
+  if (n == 0 || n > out.size()) return false;
+  return std::equal(s.begin() + first, s.end(), out.end() - n);
+}
+
+}  // namespace
+
+bool ElementwiseGroup::Fusable(const Node& node) {
+  if (UnaryOf(node) != kUNone) return true;
+  BinOp op = BinOpOf(node.op());
+  return op == BinOp::kAdd || op == BinOp::kSub || op == BinOp::kMul || op == BinOp::kDiv ||
+         op == BinOp::kMax || op == BinOp::kMin || op == BinOp::kPow;
+}
+
+ElementwiseGroup::ElementwiseGroup(std::vector<Op> ops, int externals)
+    : ops_(std::move(ops)), externals_(externals) {
+  for (const Op& op : ops_) {
+    Code c{};
+    c.a = op.a;
+    c.b = op.b;
+    UnaryKind u = UnaryOf(*op.node);
+    if (u != kUNone) {
+      c.kind = u;
+    } else {
+      c.binary = true;
+      c.kind = static_cast<int>(BinOpOf(op.node->op()));
+      c.scalar = HasScalarOperand(*op.node);
+      c.reverse = IntAttr(*op.node, "reverse", 0) != 0;
+      c.number = static_cast<float>(FloatAttr(*op.node, "scalar", 0));
+    }
+    codes_.push_back(c);
+  }
+}
+
+absl::StatusOr<Tensor> ElementwiseGroup::Run(const std::vector<const Tensor*>& externals,
+                                             const Shape& out_shape, DataType type,
+                                             const Tensor& scratch) const {
+  const int64_t n = NumElements(out_shape);
+  const int64_t last = out_shape.empty() ? 1 : out_shape.back();
+  std::vector<Broadcast> how(externals.size());
+  for (size_t k = 0; k < externals.size(); ++k) {
+    const Tensor& t = *externals[k];
+    if (t.dtype() != type) return absl::UnimplementedError("mixed dtypes");
+    const Shape& s = t.shape();
+    if (s == out_shape) {
+      how[k] = Broadcast::kFull;
+    } else if (t.numel() == 1) {
+      how[k] = Broadcast::kScalar;
+    } else if (IsTrailingBlock(s, out_shape)) {
+      how[k] = Broadcast::kRows;  // repeats every t.numel() elements
+    } else if (s.size() == out_shape.size() && !s.empty() && s.back() == 1 &&
+               Shape(s.begin(), s.end() - 1) == Shape(out_shape.begin(), out_shape.end() - 1)) {
+      how[k] = Broadcast::kPerRow;
+    } else {
+      return absl::UnimplementedError("unsupported broadcast");
+    }
+  }
+  Tensor out = Output(out_shape, type, scratch);
+  const bool bf16 = type == DT_BFLOAT16;
+  std::vector<float> regs((codes_.size() + externals.size()) * kBlock);
+  auto ext = [&](size_t k) { return regs.data() + (codes_.size() + k) * kBlock; };
+  auto load = [&](size_t k, int64_t i0, int64_t m) {
+    const Tensor& t = *externals[k];
+    float* dst = ext(k);
+    auto read = [&](int64_t i) {
+      return bf16 ? Bf16ToFloat(t.data_as<uint16_t>()[i]) : t.data()[i];
+    };
+    switch (how[k]) {
+      case Broadcast::kFull:
+        if (bf16) {
+          for (int64_t t2 = 0; t2 < m; ++t2) dst[t2] = Bf16ToFloat(t.data_as<uint16_t>()[i0 + t2]);
+        } else {
+          std::memcpy(dst, t.data() + i0, m * sizeof(float));
+        }
+        break;
+      case Broadcast::kRows: {
+        const int64_t period = t.numel();
+        for (int64_t t2 = 0; t2 < m; ++t2) dst[t2] = read((i0 + t2) % period);
+        break;
+      }
+      case Broadcast::kPerRow:
+        for (int64_t t2 = 0; t2 < m; ++t2) dst[t2] = read((i0 + t2) / last);
+        break;
+      case Broadcast::kScalar: {
+        const float v = read(0);
+        for (int64_t t2 = 0; t2 < m; ++t2) dst[t2] = v;
+        break;
+      }
+    }
+  };
+  std::vector<float> number(kBlock);
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int64_t m = std::min(kBlock, n - i0);
+    for (size_t k = 0; k < externals.size(); ++k) load(k, i0, m);
+    for (size_t j = 0; j < codes_.size(); ++j) {
+      const Code& c = codes_[j];
+      float* r = regs.data() + j * kBlock;
+      const float* x = c.a >= 0 ? regs.data() + c.a * kBlock : ext(-1 - c.a);
+      if (!c.binary) {
+        ApplyUnary(c.kind, x, r, m);
+      } else if (c.scalar) {
+        std::fill(number.begin(), number.begin() + m, c.number);
+        if (c.kind == static_cast<int>(BinOp::kPow) && !c.reverse &&
+            (c.number == 2.0f || c.number == 3.0f)) {
+          if (c.number == 2.0f) BinaryLoop(x, x, r, m, [](float a, float b) { return a * b; });
+          else for (int64_t t2 = 0; t2 < m; ++t2) r[t2] = x[t2] * x[t2] * x[t2];
+        } else if (c.reverse) {
+          ApplyBinary(c.kind, number.data(), x, r, m);
+        } else {
+          ApplyBinary(c.kind, x, number.data(), r, m);
+        }
+      } else {
+        const float* y = c.b >= 0 ? regs.data() + c.b * kBlock : ext(-1 - c.b);
+        ApplyBinary(c.kind, x, y, r, m);
+      }
+    }
+    const float* result = regs.data() + (codes_.size() - 1) * kBlock;
+    if (bf16) {
+      uint16_t* o = out.data_as<uint16_t>() + i0;
+      for (int64_t t2 = 0; t2 < m; ++t2) o[t2] = FloatToBf16(result[t2]);
+    } else {
+      std::memcpy(out.data() + i0, result, m * sizeof(float));
+    }
+  }
+  return out;
+}
+
 }  // namespace pipeserve

@@ -49,6 +49,46 @@ absl::StatusOr<Tensor> FusedAttention(const Tensor& q, const Tensor& k, const Te
                                       float scale, const AttentionMask& mask,
                                       const Tensor& scratch);
 
+// Elementwise float ops fused into one pass over blocks of 256 elements
+// held in L1 (the CPU backend groups ops whose intermediate values nothing
+// else reads: GPT-2's gelu written out, residual adds, RMSNorm's scaling).
+class ElementwiseGroup {
+ public:
+  // One op; an operand k >= 0 is the result of op k, k < 0 the external
+  // input -1 - k. Binary ops with a "scalar" attribute take one operand.
+  struct Op {
+    const Node* node;
+    int a = 0, b = 0;
+  };
+  // Unary float ops (relu, gelu, silu, tanh, sigmoid, sqrt, rsqrt, exp,
+  // log, cos, sin, neg, abs) and add/sub/mul/div/pow/maximum/minimum.
+  static bool Fusable(const Node& node);
+
+  ElementwiseGroup(std::vector<Op> ops, int externals);
+
+  // float32 or bfloat16 externals, each of out_shape, or broadcast to it
+  // as its trailing dims ([D], [T, D]), [..., 1] per row, or one element.
+  // kUnimplemented for any other shape (the caller runs the ops one by one).
+  absl::StatusOr<Tensor> Run(const std::vector<const Tensor*>& externals,
+                             const Shape& out_shape, DataType type,
+                             const Tensor& scratch) const;
+
+  int size() const { return static_cast<int>(ops_.size()); }
+
+ private:
+  struct Code {
+    int kind;          // unary function or binary op
+    bool binary;
+    bool scalar;       // binary with a number
+    bool reverse;      // the number on the left
+    float number;
+    int a, b;
+  };
+  std::vector<Op> ops_;
+  std::vector<Code> codes_;
+  int externals_;
+};
+
 // A float32 copy of a float16/bfloat16/float32 tensor (float32 is shared),
 // and the reverse.
 Tensor ToFloat32(const Tensor& t);

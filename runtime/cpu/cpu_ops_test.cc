@@ -351,6 +351,57 @@ TEST_F(CpuOpsConformance, GemmsAndFusedAttention) {
   }
 }
 
+// GPT-2's gelu written out, plus a residual add with a row-broadcast
+// vector and a per-row scale, as one ElementwiseGroup.
+TEST_F(CpuOpsConformance, FusedElementwiseGroup) {
+  auto scalar_op = [](const std::string& op, double v, bool reverse = false) {
+    Node n = MakeNode(op);
+    (*n.mutable_attrs())["scalar"].set_f(v);
+    if (reverse) (*n.mutable_attrs())["reverse"].set_i(1);
+    return n;
+  };
+  // externals: 0 = h [5, 300], 1 = r [300] (rows), 2 = s [5, 1] (per row)
+  const Node pow3 = scalar_op("pow", 3.0), mul_c = scalar_op("mul", 0.044715), add = MakeNode("add"),
+             mul_k = scalar_op("mul", std::sqrt(2 / M_PI)), tanh = MakeNode("tanh"),
+             one_plus = scalar_op("add", 1.0, true), half = scalar_op("mul", 0.5, true),
+             mul = MakeNode("mul"), add_rows = MakeNode("add"), mul_rows = MakeNode("mul");
+  std::vector<ElementwiseGroup::Op> ops = {
+      {&pow3, -1},      // 0: h ** 3
+      {&mul_c, 0},      // 1: 0.044715 * h**3
+      {&add, -1, 1},    // 2: h + 1
+      {&mul_k, 2},      // 3: c * 2
+      {&tanh, 3},       // 4
+      {&one_plus, 4},   // 5: 1 + tanh
+      {&half, -1},      // 6: 0.5 * h
+      {&mul, 6, 5},     // 7: gelu
+      {&add_rows, 7, -2},  // 8: + r
+      {&mul_rows, 8, -3},  // 9: * s
+  };
+  ElementwiseGroup group(ops, 3);
+  for (DataType t : {DT_FLOAT32, DT_BFLOAT16}) {
+    Tensor h = Make({5, 300}, t, Random(1500, -4, 4, 51));
+    Tensor r = Make({300}, t, Random(300, -1, 1, 52));
+    Tensor sc = Make({5, 1}, t, Random(5, 0.5, 2, 53));
+    std::vector<double> hh = Held(h), hr = Held(r), hs = Held(sc), ref(1500);
+    for (int i = 0; i < 1500; ++i) {
+      double x = hh[i];
+      double g = 0.5 * x * (1 + std::tanh(std::sqrt(2 / M_PI) * (x + 0.044715 * x * x * x)));
+      ref[i] = (g + hr[i % 300]) * hs[i / 300];
+    }
+    absl::StatusOr<Tensor> out = group.Run({&h, &r, &sc}, {5, 300}, t, Tensor());
+    ASSERT_TRUE(out.ok()) << out.status();
+    double err = NormError(*out, ref);
+    rows_->push_back({"elementwise (fused)", TorchName(t), err, Bound(t)});
+    EXPECT_LE(err, Bound(t));
+  }
+  // A broadcast the fused pass does not take is reported, not computed.
+  Tensor h = Make({5, 300}, DT_FLOAT32, Random(1500, -1, 1, 54));
+  Tensor col = Make({1, 300, 1}, DT_FLOAT32, Random(300, -1, 1, 55));
+  Tensor r = Make({300}, DT_FLOAT32, Random(300, -1, 1, 56));
+  EXPECT_EQ(group.Run({&h, &r, &col}, {5, 300}, DT_FLOAT32, Tensor()).status().code(),
+            absl::StatusCode::kUnimplemented);
+}
+
 TEST_F(CpuOpsConformance, DataMovementIsExact) {
   // permute, slice with a step, select, cat, where, triu, embedding, cast.
   Tensor x = Make({2, 3, 4}, DT_BFLOAT16, Random(24, -2, 2, 41));

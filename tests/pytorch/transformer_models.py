@@ -170,14 +170,15 @@ class LlamaLayer(torch.nn.Module):
 
 class Llama(torch.nn.Module):
     def __init__(self, vocab=89, d=32, heads=4, kv_heads=2, hidden=48,
-                 layers=3, max_len=20, cut=True):
+                 layers=3, max_len=20, cut=True, tie=True):
         super().__init__()
         self.embed_tokens = torch.nn.Embedding(vocab, d)
         self.layers = torch.nn.ModuleList(LlamaLayer(d, heads, kv_heads, hidden)
                                           for _ in range(layers))
         self.norm = RmsNorm(d)
         self.lm_head = torch.nn.Linear(d, vocab, bias=False)
-        self.lm_head.weight = self.embed_tokens.weight
+        if tie:
+            self.lm_head.weight = self.embed_tokens.weight
         hd = d // heads
         inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
         freqs = torch.outer(torch.arange(max_len).float(), inv)
