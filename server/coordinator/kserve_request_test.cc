@@ -138,5 +138,88 @@ TEST(ChooseOutputsTest, AllByDefaultOrThoseNamedOnce) {
               HasSubstr("unknown output \"nope\""));
 }
 
+// Token ids and a padding mask: INT64 and BOOL, typed and raw.
+Plan TokenPlan() {
+  Plan plan;
+  for (auto [name, dtype] : {std::pair<const char*, DataType>{"ids", DT_INT64},
+                             std::pair<const char*, DataType>{"mask", DT_BOOL}}) {
+    ValueSpec* v = plan.add_inputs();
+    v->set_name(name);
+    v->set_dtype(dtype);
+    v->add_shape(-1);
+    v->add_shape(-1);
+    v->set_batched(true);
+  }
+  return plan;
+}
+
+TEST(ParseInferInputsTest, Int64AndBoolInputsTypedOrRaw) {
+  inference::ModelInferRequest req;
+  auto* ids = req.add_inputs();
+  ids->set_name("ids");
+  ids->set_datatype("INT64");
+  ids->add_shape(1);
+  ids->add_shape(3);
+  for (int64_t v : {50256, 7, -1}) ids->mutable_contents()->add_int64_contents(v);
+  auto* mask = req.add_inputs();
+  mask->set_name("mask");
+  mask->set_datatype("BOOL");
+  mask->add_shape(1);
+  mask->add_shape(3);
+  for (bool v : {false, false, true}) mask->mutable_contents()->add_bool_contents(v);
+  auto r = ParseInferInputs(req, TokenPlan());
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ((*r)[0].dtype(), DT_INT64);
+  EXPECT_EQ((*r)[0].data_as<int64_t>()[0], 50256);
+  EXPECT_EQ((*r)[0].data_as<int64_t>()[2], -1);
+  EXPECT_EQ((*r)[1].dtype(), DT_BOOL);
+  EXPECT_EQ((*r)[1].data_as<uint8_t>()[2], 1);
+
+  // The same as raw contents; a BOOL byte must be 0 or 1.
+  inference::ModelInferRequest raw = req;
+  for (auto& in : *raw.mutable_inputs()) in.clear_contents();
+  int64_t values[3] = {50256, 7, -1};
+  raw.add_raw_input_contents(std::string(reinterpret_cast<char*>(values), 24));
+  raw.add_raw_input_contents(std::string("\0\0\1", 3));
+  r = ParseInferInputs(raw, TokenPlan());
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ((*r)[0].data_as<int64_t>()[1], 7);
+  raw.mutable_raw_input_contents(1)->assign("\0\2\1", 3);
+  ExpectInvalid(ParseInferInputs(raw, TokenPlan()), "input \"mask\": BOOL byte 1 is 2");
+
+  // Wrong datatype for the model, and typed contents in the wrong field.
+  inference::ModelInferRequest wrong = req;
+  wrong.mutable_inputs(0)->set_datatype("FP32");
+  ExpectInvalid(ParseInferInputs(wrong, TokenPlan()),
+                "input \"ids\": datatype FP32 does not match the model's INT64");
+  wrong = req;
+  wrong.mutable_inputs(0)->mutable_contents()->clear_int64_contents();
+  wrong.mutable_inputs(0)->mutable_contents()->add_int_contents(1);
+  ExpectInvalid(ParseInferInputs(wrong, TokenPlan()),
+                "input \"ids\": contents.int64_contents holds 0 values, but [1,3] needs 3");
+}
+
+TEST(ParseInferInputsTest, HalfPrecisionComesOnlyRaw) {
+  Plan plan;
+  ValueSpec* v = plan.add_inputs();
+  v->set_name("x");
+  v->set_dtype(DT_BFLOAT16);
+  v->add_shape(2);
+  inference::ModelInferRequest req;
+  auto* x = req.add_inputs();
+  x->set_name("x");
+  x->set_datatype("BF16");
+  x->add_shape(2);
+  x->mutable_contents()->add_fp32_contents(1.0f);
+  ExpectInvalid(ParseInferInputs(req, plan),
+                "input \"x\": BF16 has no typed contents field in KServe v2; send it in "
+                "raw_input_contents");
+  x->clear_contents();
+  req.add_raw_input_contents(std::string("\x80\x3f\x00\x40", 4));  // 1.0, 2.0
+  auto r = ParseInferInputs(req, plan);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(Bf16ToFloat((*r)[0].data_as<uint16_t>()[1]), 2.0f);
+}
+
 }  // namespace
 }  // namespace pipeserve
