@@ -139,6 +139,45 @@ class TransformerServingTest(unittest.TestCase):
                     ref = model(ids, mask).numpy()
                 self.assertLess(rel_err(out, ref), 1e-4, f"{name} {batch}x{seq}")
 
+    def test_transformer_decoder_cross_attention_and_causal_mask(self):
+        class Decoder(torch.nn.Module):
+            def __init__(self, norm_first):
+                super().__init__()
+                layer = torch.nn.TransformerDecoderLayer(16, 2, 32, batch_first=True,
+                                                         norm_first=norm_first)
+                self.dec = torch.nn.TransformerDecoder(layer, 2)
+
+            def forward(self, tgt, memory):
+                T = tgt.size(1)
+                mask = torch.triu(torch.full((T, T), float("-inf")), diagonal=1)
+                return self.dec(tgt, memory, tgt_mask=mask)
+        for norm_first in (False, True):
+            torch.manual_seed(3)
+            model = Decoder(norm_first).eval()
+            path = os.path.join(self.tmp, f"decoder_{norm_first}.psm")
+            pipeserve.export(model, (torch.randn(2, 5, 16), torch.randn(2, 7, 16)), path,
+                             dynamic_dims={"tgt": [1], "memory": [1]})
+            name = f"decoder-{norm_first}"
+            self.client.upload(name, path)
+            tgt, memory = torch.randn(3, 6, 16), torch.randn(3, 9, 16)
+            (out,) = self.client.infer(name, {"tgt": tgt.numpy(), "memory": memory.numpy()})
+            with torch.no_grad():
+                ref = model(tgt, memory).numpy()
+            self.assertLess(rel_err(out, ref), 1e-4, name)
+
+    def test_baddbmm_and_max_over_a_dim(self):
+        class Ops(torch.nn.Module):
+            def forward(self, x, y):
+                a = torch.baddbmm(x, x, y.transpose(1, 2), beta=0.5, alpha=2.0)
+                return a - a.max(dim=-1, keepdim=True)[0], torch.max(x, y)
+        path = os.path.join(self.tmp, "ops.psm")
+        pipeserve.export(Ops(), (torch.randn(2, 4, 4), torch.randn(2, 4, 4)), path)
+        self.client.upload("ops", path)
+        x, y = torch.randn(3, 4, 4), torch.randn(3, 4, 4)
+        outs = self.client.infer("ops", {"x": x.numpy(), "y": y.numpy()})
+        for out, ref in zip(outs, Ops()(x, y)):
+            self.assertLess(rel_err(out, ref.numpy()), 1e-6)
+
     def test_bfloat16_model_is_half_the_size_and_close_to_float32(self):
         fp32, fp32_path, _, input_name = self.export("gpt2", tag="_fp32")
         bf16, bf16_path, _, _ = self.export("gpt2", dtype=torch.bfloat16, tag="_bf16")

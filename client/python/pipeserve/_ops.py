@@ -247,7 +247,8 @@ class OpConverter:
             if value is None:  # an error only if something reads it
                 self._poisoned[node] = (f"'{x.name}'[{index}] at module path '{path}' "
                                         "is not supported (attention weights: call "
-                                        "with need_weights=False)")
+                                        "with need_weights=False; max indices: use "
+                                        "amax)")
                 return
             self._emit("identity", [value], {}, fx=node, path=path)
             return
@@ -646,6 +647,27 @@ def _handlers():
     fn[torch.addmm] = bound([("input", R), ("mat1", R), ("mat2", R), ("beta", 1),
                              ("alpha", 1)], addmm)
 
+    def baddbmm(first):
+        def body(self, node, display, path, b):
+            # beta * input + alpha * (batch1 @ batch2)
+            dtype = _result_dtype(node)
+            x = self._cast(self._tensor(b[first], display, path), dtype, path)
+            p = self._emit("matmul", [self._cast(self._tensor(b["batch1"], display, path),
+                                                 dtype, path),
+                                      self._cast(self._tensor(b["batch2"], display, path),
+                                                 dtype, path)],
+                           {}, path=path, dtype=dtype, base=f"{node.name}_bmm")
+            if b["alpha"] != 1:
+                p = self._emit("mul", [p], {"scalar": float(b["alpha"])}, path=path,
+                               dtype=dtype, base=f"{node.name}_alpha")
+            if b["beta"] != 1:
+                x = self._emit("mul", [x], {"scalar": float(b["beta"])}, path=path,
+                               dtype=dtype, base=f"{node.name}_beta")
+            self._emit("add", [x, p], {}, fx=node, path=path)
+        return bound([(first, R), ("batch1", R), ("batch2", R), ("beta", 1), ("alpha", 1)], body)
+    fn[torch.baddbmm] = baddbmm("input")
+    meth["baddbmm"] = baddbmm("self")
+
     # Normalisation.
     def softmax(op):
         def body(self, node, display, path, b):
@@ -684,6 +706,26 @@ def _handlers():
                                           ("dtype", None)], red())
         meth[name] = bound([("self", R), ("dim", None), ("keepdim", False),
                             ("dtype", None)], red(first="self"))
+
+    def max_(first):
+        # x.max() is amax over everything; x.max(dim) is (values, indices):
+        # the values are amax, the indices are not supported.
+        def handler(self, node, display, path):
+            b = self._bind(node, [(first, R), ("dim", None), ("keepdim", False)], display, path)
+            if b["dim"] is None or isinstance(b["dim"], torch.fx.Node):
+                if isinstance(b["dim"], torch.fx.Node):  # torch.max(a, b): elementwise
+                    self._binary(node, display, path, "maximum", b[first], b["dim"])
+                    return
+                self._reduce(node, display, path, "amax", b[first], None, False)
+                return
+            x = self._tensor(b[first], display, path)
+            values = self._emit("amax", [x], {"dims": [int(b["dim"])],
+                                              "keepdim": int(bool(b["keepdim"]))},
+                                path=path, dtype=self._dtype[x], base=f"{node.name}_values")
+            self._tuples[node] = [values, None]
+        return handler
+    fn[torch.max] = max_("input")
+    meth["max"] = max_("self")
 
     # Shapes.
     def view(self, node, display, path):
