@@ -88,12 +88,17 @@ void GatherCopy(const Tensor& in, int64_t base, const Strides& st, Tensor* out) 
   }
 }
 
-Tensor Output(const Shape& shape, DataType type, const Tensor& scratch) {
-  int64_t bytes = NumElements(shape) * ElementSize(type);
-  if (scratch.SoleOwner() && scratch.capacity_bytes() >= bytes) {
+// A buffer for an op's output: `scratch` when the caller holds its only
+// reference and it is large enough, else a new one. Shapes can come from a
+// model's attributes (full, arange, expand): kInvalidArgument or
+// kResourceExhausted, not a crash, when one is too large.
+absl::StatusOr<Tensor> Output(const Shape& shape, DataType type, const Tensor& scratch) {
+  absl::StatusOr<uint64_t> bytes = CheckedByteSize(shape, ElementSize(type));
+  if (!bytes.ok()) return bytes.status();
+  if (scratch.SoleOwner() && static_cast<uint64_t>(scratch.capacity_bytes()) >= *bytes) {
     return scratch.Retyped(type, shape);
   }
-  return Tensor::Empty(shape, type);
+  return Tensor::TryEmpty(shape, type);
 }
 
 absl::Status Bad(absl::string_view what) { return absl::InvalidArgumentError(what); }
@@ -714,8 +719,8 @@ absl::StatusOr<Tensor> FusedAttention(const Tensor& q_in, const Tensor& k_in,
   Shape out_shape = batch;
   out_shape.push_back(tq);
   out_shape.push_back(dv);
-  Tensor out = type == DT_FLOAT32 ? Output(out_shape, DT_FLOAT32, scratch)
-                                  : Tensor::Empty(out_shape, DT_FLOAT32);
+  ASSIGN_OR_RETURN(Tensor out, Output(out_shape, DT_FLOAT32,
+                                      type == DT_FLOAT32 ? scratch : Tensor()));
   Shape scores = batch;
   scores.push_back(tq);
   scores.push_back(tk);
@@ -812,13 +817,13 @@ absl::StatusOr<Tensor> RunCpuOp(const Node& node, const std::vector<const Tensor
   if (!half || IsMovement(op)) return RunFloat32(node, in, out_shape, out_type, scratch);
   if (all_bf16 && !HasScalarOperand(node) && in.size() == 2 && BinOpOf(op) != BinOp::kUnknown &&
       !IsCompare(BinOpOf(op)) && BinOpOf(op) != BinOp::kFloorDiv) {
-    Tensor out = Output(out_shape, out_type, scratch);
+    ASSIGN_OR_RETURN(Tensor out, Output(out_shape, out_type, scratch));
     RETURN_IF_ERROR(BinaryBf16(node, in, &out));
     return out;
   }
   if (all_bf16 && HasScalarOperand(node) && in.size() == 1 && BinOpOf(op) != BinOp::kUnknown &&
       !IsCompare(BinOpOf(op)) && BinOpOf(op) != BinOp::kFloorDiv) {
-    Tensor out = Output(out_shape, out_type, scratch);
+    ASSIGN_OR_RETURN(Tensor out, Output(out_shape, out_type, scratch));
     RETURN_IF_ERROR(BinaryBf16(node, in, &out));
     return out;
   }
@@ -826,14 +831,14 @@ absl::StatusOr<Tensor> RunCpuOp(const Node& node, const std::vector<const Tensor
       (op == "relu" || op == "gelu" || op == "silu" || op == "tanh" || op == "sigmoid" ||
        op == "sqrt" || op == "rsqrt" || op == "exp" || op == "log" || op == "cos" ||
        op == "sin" || op == "neg" || op == "abs")) {
-    Tensor out = Output(out_shape, out_type, scratch);
+    ASSIGN_OR_RETURN(Tensor out, Output(out_shape, out_type, scratch));
     RETURN_IF_ERROR(UnaryBf16(node, *in[0], &out));
     return out;
   }
   if (all_bf16 && (op == "linear" || op == "mm" ||
                    (op == "matmul" && in[1]->rank() == 2 && in[0]->rank() >= 2))) {
     // bfloat16 GEMMs stay in bfloat16 (oneDNN, float32 accumulation).
-    Tensor out = Output(out_shape, out_type, scratch);
+    ASSIGN_OR_RETURN(Tensor out, Output(out_shape, out_type, scratch));
     const bool linear = op == "linear";
     const int64_t k = linear ? in[1]->dim(1) : in[1]->dim(0);
     const int64_t n = linear ? in[1]->dim(0) : in[1]->dim(1);
@@ -871,7 +876,7 @@ absl::StatusOr<Tensor> RunFloat32(const Node& node, const std::vector<const Tens
     int d = *NormalizeDim(IntAttr(node, "dim", 0), x.rank());
     return Tensor::Scalar(x.rank() == 0 ? 1 : x.dim(d));
   }
-  Tensor out = Output(out_shape, out_type, scratch);
+  ASSIGN_OR_RETURN(Tensor out, Output(out_shape, out_type, scratch));
   if (op == "mm" || op == "matmul") {
     if (x.dtype() != DT_FLOAT32) return Bad(absl::StrCat(op, " needs float inputs"));
     RETURN_IF_ERROR(Matmul(x, *in[1], &out));
@@ -1084,7 +1089,7 @@ absl::StatusOr<Tensor> ElementwiseGroup::Run(const std::vector<const Tensor*>& e
       return absl::UnimplementedError("unsupported broadcast");
     }
   }
-  Tensor out = Output(out_shape, type, scratch);
+  ASSIGN_OR_RETURN(Tensor out, Output(out_shape, type, scratch));
   const bool bf16 = type == DT_BFLOAT16;
   std::vector<float> regs((codes_.size() + externals.size()) * kBlock);
   auto ext = [&](size_t k) { return regs.data() + (codes_.size() + k) * kBlock; };

@@ -402,6 +402,18 @@ TEST_F(CpuOpsConformance, FusedElementwiseGroup) {
             absl::StatusCode::kUnimplemented);
 }
 
+// Output sizes can come from a model's attributes (full, arange, expand):
+// one too large is an error, not a crash.
+TEST(CpuOpsTest, HugeOutputsAreRefusedNotAllocated) {
+  Node full = MakeNode("full");
+  (*full.mutable_attrs())["value"].set_f(1.0);
+  absl::StatusOr<Tensor> out =
+      RunCpuOp(full, {}, {int64_t{1} << 40, int64_t{1} << 40}, DT_FLOAT32, Tensor());
+  EXPECT_EQ(out.status().code(), absl::StatusCode::kInvalidArgument);
+  out = RunCpuOp(full, {}, {int64_t{1} << 46}, DT_FLOAT32, Tensor());  // 256 TiB
+  EXPECT_EQ(out.status().code(), absl::StatusCode::kResourceExhausted);
+}
+
 TEST_F(CpuOpsConformance, DataMovementIsExact) {
   // permute, slice with a step, select, cat, where, triu, embedding, cast.
   Tensor x = Make({2, 3, 4}, DT_BFLOAT16, Random(24, -2, 2, 41));
