@@ -305,5 +305,36 @@ TEST(DevicePlanTest, StagingRoundTripsTheInputsAndReusesReleasedOutputs) {
   EXPECT_NE(outputs[0].data(), held.data());
 }
 
+// What the CUDA backend cannot run is refused at load, naming the node or
+// input and the dtype (the CPU backend serves such models).
+TEST(DevicePlanTest, OtherDtypesAndTransformerOpsAreRefusedNamingThem) {
+  GraphBuilder ids;
+  ids.Input("ids", {-1, 8});
+  ids.graph().mutable_inputs(0)->set_dtype(DT_INT64);
+  ids.Param("emb", {10, 4}).Op("embedding", {"ids", "emb"}, "e").Output("e");
+  Model m = ids.Build();
+  absl::StatusOr<LoweredStage> stage = LoweredStage::Create(m.graph, m.weights, Precision::kFloat32);
+  EXPECT_EQ(stage.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(stage.status().message(), HasSubstr("the cuda backend has no int64 kernels"));
+
+  GraphBuilder norm;
+  norm.Input("x", {-1, 4});
+  norm.Op("softmax", {"x"}, "p");
+  (*norm.graph().mutable_nodes(0)->mutable_attrs())["dim"].set_i(-1);
+  norm.Output("p");
+  m = norm.Build();
+  stage = LoweredStage::Create(m.graph, m.weights, Precision::kFloat32);
+  EXPECT_EQ(stage.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(stage.status().message(), HasSubstr("has no kernel for op \"softmax\""));
+
+  GraphBuilder batched;
+  batched.Input("a", {-1, 3, 4}).Input("b", {-1, 4, 5});
+  batched.Op("matmul", {"a", "b"}, "c").Output("c");
+  m = batched.Build();
+  stage = LoweredStage::Create(m.graph, m.weights, Precision::kFloat32);
+  EXPECT_EQ(stage.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(stage.status().message(), HasSubstr("node \"c\" (matmul of [B,3,4] and [B,4,5]"));
+}
+
 }  // namespace
 }  // namespace pipeserve
