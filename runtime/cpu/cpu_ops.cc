@@ -254,7 +254,8 @@ absl::Status Binary(const Node& node, const std::vector<const Tensor*>& in, Tens
 // vectorise; within 2 ulp of std::exp on [-87, 88]; -inf and large
 // negatives give 0, large positives +inf; NaN stays NaN.
 inline float FastExp(float x) {
-  const float clamped = std::min(std::max(x, -87.33654f), 88.72283f);
+  // NaN becomes 0 here (no float->int cast of a NaN) and is restored below.
+  const float clamped = x != x ? 0.0f : std::min(std::max(x, -87.33654f), 88.72283f);
   const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
   float r = clamped - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
