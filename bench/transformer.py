@@ -35,7 +35,8 @@ ROOT = os.path.abspath(os.path.join(HERE, ".."))
 BIN = os.path.join(ROOT, "bazel-bin")
 PY = "/usr/bin/python3"
 
-SHAPE = dict(vocab=50257, d=768, heads=12, layers=12, max_len=1024, cut=False)
+# nanoGPT's layout (nn.Linear MLP), as measured in the README.
+SHAPE = dict(vocab=50257, d=768, heads=12, layers=12, max_len=1024, cut=False, conv1d=False)
 BATCH, SEQ = 8, 128
 
 # Runs in a child process: builds the model (seed 0) and either exports it

@@ -836,6 +836,15 @@ absl::StatusOr<Tensor> RunCpuOp(const Node& node, const std::vector<const Tensor
     RETURN_IF_ERROR(UnaryBf16(node, *in[0], &out));
     return out;
   }
+  if (all_bf16 && op == "addmm" && in[0]->rank() == 1 && FloatAttr(node, "beta", 1) == 1 &&
+      FloatAttr(node, "alpha", 1) == 1) {
+    // GPT-2's Conv1D: bias [N] + x [M, K] @ w [K, N], in bfloat16.
+    ASSIGN_OR_RETURN(Tensor out, Output(out_shape, out_type, scratch));
+    RETURN_IF_ERROR(GemmBf16(false, in[1]->dim(0), in[2]->dim(1), in[1]->dim(1),
+                             in[1]->data_as<uint16_t>(), in[2]->data_as<uint16_t>(),
+                             in[0]->data_as<uint16_t>(), out.data_as<uint16_t>()));
+    return out;
+  }
   if (all_bf16 && (op == "linear" || op == "mm" ||
                    (op == "matmul" && in[1]->rank() == 2 && in[0]->rank() >= 2))) {
     // bfloat16 GEMMs stay in bfloat16 (oneDNN, float32 accumulation).

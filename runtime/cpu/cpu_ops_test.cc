@@ -310,6 +310,12 @@ TEST_F(CpuOpsConformance, GemmsAndFusedAttention) {
         lref[i * 9 + j] = s;
       }
     Check(MakeNode("linear"), {x, w, bias}, {7, 9}, t, lref, t == DT_FLOAT32 ? 2e-6 : 1e-2);
+    // addmm: bias [9] + x [7, 16] @ w^T as [16, 9] (GPT-2's Conv1D).
+    std::vector<double> wt(144);
+    for (int j = 0; j < 9; ++j)
+      for (int k = 0; k < 16; ++k) wt[k * 9 + j] = hw[j * 16 + k];
+    Tensor w_kn = Make({16, 9}, t, wt);
+    Check(MakeNode("addmm"), {bias, x, w_kn}, {7, 9}, t, lref, t == DT_FLOAT32 ? 2e-6 : 1e-2);
   }
   // Fused attention with a causal bool mask, against the float64 formula.
   for (DataType t : {DT_FLOAT32, DT_BFLOAT16}) {

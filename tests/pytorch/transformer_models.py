@@ -4,7 +4,8 @@ transformer tests (random weights, eval mode). Each takes int64 token ids
 split_spec (`SPLIT_SPECS`).
 
   gpt2:  GPT-2 style: token + position embeddings (arange), pre-norm blocks
-         with a fused qkv linear split three ways, a causal-mask buffer
+         with a fused qkv linear split three ways, an MLP of Conv1D (addmm)
+         layers, a causal-mask buffer
          sliced to the sequence, masked_fill, softmax, tanh-GELU MLP written
          out, and an lm_head tied to the token embedding (an alias across
          the first and last stage). Returns (logits, last hidden state).
@@ -49,11 +50,27 @@ class GptAttention(torch.nn.Module):
         return self.c_proj(y)
 
 
-class GptMlp(torch.nn.Module):
-    def __init__(self, d):
+class Conv1D(torch.nn.Module):
+    """GPT-2's (Hugging Face's) linear layer: weight [in, out], addmm."""
+
+    def __init__(self, nf, nx):
         super().__init__()
-        self.c_fc = torch.nn.Linear(d, 4 * d)
-        self.c_proj = torch.nn.Linear(4 * d, d)
+        self.nf = nf
+        self.weight = torch.nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = torch.nn.Parameter(torch.randn(nf) * 0.02)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return x.view(size_out)
+
+
+class GptMlp(torch.nn.Module):
+    def __init__(self, d, conv1d=True):
+        super().__init__()
+        layer = (lambda n_in, n_out: Conv1D(n_out, n_in)) if conv1d else torch.nn.Linear
+        self.c_fc = layer(d, 4 * d)
+        self.c_proj = layer(4 * d, d)
 
     def forward(self, x):
         h = self.c_fc(x)
@@ -64,12 +81,12 @@ class GptMlp(torch.nn.Module):
 
 
 class GptBlock(torch.nn.Module):
-    def __init__(self, d, heads, max_len):
+    def __init__(self, d, heads, max_len, conv1d=True):
         super().__init__()
         self.ln_1 = torch.nn.LayerNorm(d)
         self.attn = GptAttention(d, heads, max_len)
         self.ln_2 = torch.nn.LayerNorm(d)
-        self.mlp = GptMlp(d)
+        self.mlp = GptMlp(d, conv1d)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
@@ -77,11 +94,12 @@ class GptBlock(torch.nn.Module):
 
 
 class Gpt2(torch.nn.Module):
-    def __init__(self, vocab=97, d=32, heads=4, layers=4, max_len=24, cut=True):
+    def __init__(self, vocab=97, d=32, heads=4, layers=4, max_len=24, cut=True,
+                 conv1d=True):
         super().__init__()
         self.wte = torch.nn.Embedding(vocab, d)
         self.wpe = torch.nn.Embedding(max_len, d)
-        self.h = torch.nn.ModuleList(GptBlock(d, heads, max_len)
+        self.h = torch.nn.ModuleList(GptBlock(d, heads, max_len, conv1d)
                                      for _ in range(layers))
         self.ln_f = torch.nn.LayerNorm(d)
         self.lm_head = torch.nn.Linear(d, vocab, bias=False)
