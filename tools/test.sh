@@ -49,7 +49,10 @@ entry() {
 
 if [ "${PIPESERVE_TEST_QUICK:-0}" != 1 ]; then
   # The whole suite again with ASan + UBSan (third_party/sanitizers/README.md).
-  entry "asan+ubsan (bazel test --config=asan //...)" bazel test --config=asan //... "$@"
+  # Only what the tests need is rebuilt (benchmarks and tools built above
+  # are not built again with the sanitizers).
+  entry "asan+ubsan (bazel test --config=asan --build_tests_only //...)" \
+    bazel test --config=asan --build_tests_only //... "$@"
 
   # The concurrency tests with TSan: the ones whose threads meet through
   # synchronization TSan can see (the list and why is in that README).
