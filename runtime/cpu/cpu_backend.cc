@@ -245,16 +245,7 @@ class CpuProgram : public StageProgram {
   // whose values between them have no other reader into one kElementwise
   // step at the last of them.
   void FuseElementwise(const ValueShapes& shapes, const ValueTypes& types) {
-    absl::flat_hash_map<int, int> producer;
-    absl::flat_hash_map<int, int> readers;
-    for (size_t i = 0; i < steps_.size(); ++i) {
-      producer[steps_[i].out] = static_cast<int>(i);
-      if (steps_[i].kind == Kind::kSkip) continue;
-      for (int v : steps_[i].in) ++readers[v];
-      if (steps_[i].mask_cond >= 0) ++readers[steps_[i].mask_cond];
-      if (steps_[i].mask_add >= 0) ++readers[steps_[i].mask_add];
-    }
-    for (int v : output_slots_) ++readers[v];
+    auto [producer, readers] = CountSlotUses();
     std::vector<bool> grouped(steps_.size(), false);
     auto candidate = [&](int i) {
       const Step& s = steps_[i];
@@ -456,16 +447,30 @@ class CpuProgram : public StageProgram {
     if (profile) profile_.assign(steps_.size(), 0.0);
     // Keep only the weights some step reads: a linear weight whose every
     // reader takes its transposed copy is not held twice.
-    absl::flat_hash_set<int> read(output_slots_.begin(), output_slots_.end());
-    for (const Step& step : steps_) {
-      if (step.kind != Kind::kSkip) read.insert(step.in.begin(), step.in.end());
-      if (step.mask_cond >= 0) read.insert(step.mask_cond);
-      if (step.mask_add >= 0) read.insert(step.mask_add);
-    }
+    const absl::flat_hash_map<int, int> slot_readers = CountSlotUses().readers;
     for (auto& [s, t] : params) {
-      if (read.contains(s)) constants_[s] = std::move(t);
+      if (slot_readers.contains(s)) constants_[s] = std::move(t);
     }
     return absl::OkStatus();
+  }
+
+  // Who makes each value slot (step index) and how often live steps and
+  // the outputs read it; the fusion passes and the weight pruning use it.
+  struct SlotUses {
+    absl::flat_hash_map<int, int> producer;
+    absl::flat_hash_map<int, int> readers;
+  };
+  SlotUses CountSlotUses() const {
+    SlotUses u;
+    for (size_t i = 0; i < steps_.size(); ++i) {
+      u.producer[steps_[i].out] = static_cast<int>(i);
+      if (steps_[i].kind == Kind::kSkip) continue;
+      for (int v : steps_[i].in) ++u.readers[v];
+      if (steps_[i].mask_cond >= 0) ++u.readers[steps_[i].mask_cond];
+      if (steps_[i].mask_add >= 0) ++u.readers[steps_[i].mask_add];
+    }
+    for (int v : output_slots_) ++u.readers[v];
+    return u;
   }
 
   // Finds matmul(q, k^T) -> [mul/div by a number] -> [where(mask, c, .) or
@@ -473,13 +478,7 @@ class CpuProgram : public StageProgram {
   // once (identities and casts seen through), and turns the last matmul
   // into one kAttention step; the others become kSkip.
   void FuseAttention(const ValueShapes& shapes, const ValueTypes& types) {
-    absl::flat_hash_map<int, int> producer;  // slot -> step
-    absl::flat_hash_map<int, int> readers;   // slot -> reads
-    for (size_t i = 0; i < steps_.size(); ++i) {
-      producer[steps_[i].out] = static_cast<int>(i);
-      for (int v : steps_[i].in) ++readers[v];
-    }
-    for (int v : output_slots_) ++readers[v];
+    auto [producer, readers] = CountSlotUses();
     auto step_of = [&](int slot) -> Step* {
       auto it = producer.find(slot);
       return it == producer.end() ? nullptr : &steps_[it->second];

@@ -597,7 +597,6 @@ absl::Status Embedding(const Tensor& ids, const Tensor& weight, Tensor* out) {
 }
 
 void Cat(const Node& node, const std::vector<const Tensor*>& in, Tensor* out) {
-  const bool stack = node.op() == "stack";
   int dim = *NormalizeDim(IntAttr(node, "dim", 0), out->rank());
   int64_t outer = 1;
   for (int i = 0; i < dim; ++i) outer *= out->dim(i);
@@ -613,7 +612,6 @@ void Cat(const Node& node, const std::vector<const Tensor*>& in, Tensor* out) {
     }
     at += part;
   }
-  (void)stack;
 }
 
 void Tri(const Node& node, const Tensor& x, Tensor* out) {
@@ -816,14 +814,9 @@ absl::StatusOr<Tensor> RunCpuOp(const Node& node, const std::vector<const Tensor
     all_bf16 = all_bf16 && t->dtype() == DT_BFLOAT16;
   }
   if (!half || IsMovement(op)) return RunFloat32(node, in, out_shape, out_type, scratch);
-  if (all_bf16 && !HasScalarOperand(node) && in.size() == 2 && BinOpOf(op) != BinOp::kUnknown &&
-      !IsCompare(BinOpOf(op)) && BinOpOf(op) != BinOp::kFloorDiv) {
-    ASSIGN_OR_RETURN(Tensor out, Output(out_shape, out_type, scratch));
-    RETURN_IF_ERROR(BinaryBf16(node, in, &out));
-    return out;
-  }
-  if (all_bf16 && HasScalarOperand(node) && in.size() == 1 && BinOpOf(op) != BinOp::kUnknown &&
-      !IsCompare(BinOpOf(op)) && BinOpOf(op) != BinOp::kFloorDiv) {
+  const BinOp bin = BinOpOf(op);
+  if (all_bf16 && bin != BinOp::kUnknown && !IsCompare(bin) && bin != BinOp::kFloorDiv &&
+      in.size() == (HasScalarOperand(node) ? 1u : 2u)) {
     ASSIGN_OR_RETURN(Tensor out, Output(out_shape, out_type, scratch));
     RETURN_IF_ERROR(BinaryBf16(node, in, &out));
     return out;

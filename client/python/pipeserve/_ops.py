@@ -11,7 +11,6 @@ op in the graph sees inputs of one dtype.
 """
 
 import math
-import numbers
 import operator
 
 import torch
@@ -22,7 +21,7 @@ from . import exporter as _ex
 
 
 def _is_number(x):
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+    return _ex._is_number(x)
 
 
 def _is_sym(x):
@@ -509,7 +508,6 @@ class _SymValue:
 
 def _handlers():
     """(functions, methods, modules) tables: target -> handler."""
-    C = OpConverter
     R = _ex._REQUIRED
     fn, meth = {}, {}
 
