@@ -396,9 +396,12 @@ TEST_F(ServingTest, ClientCancellationReachesTheStages) {
   auto* x = req.add_inputs();
   x->set_name("x");
   x->set_datatype("FP32");
-  x->add_shape(1024);
+  // 4096 rows: each stage spends tens of ms on each of the 16 microbatches,
+  // so the cancel lands long before the stages could drain the request
+  // (with 1024 rows, fast stages sometimes finished first under load).
+  x->add_shape(4096);
   x->add_shape(512);
-  req.add_raw_input_contents(std::string(1024 * 512 * 4, '\0'));
+  req.add_raw_input_contents(std::string(4096 * 512 * 4, '\0'));
   grpc::ClientContext ctx;
   inference::ModelInferResponse resp;
   grpc::Status status;

@@ -245,7 +245,10 @@ class CpuProgram : public StageProgram {
   // whose values between them have no other reader into one kElementwise
   // step at the last of them.
   void FuseElementwise(const ValueShapes& shapes, const ValueTypes& types) {
-    auto [producer, readers] = CountSlotUses();
+    // Named, not a structured binding: clang 14 cannot capture those in lambdas.
+    SlotUses uses = CountSlotUses();
+    auto& producer = uses.producer;
+    auto& readers = uses.readers;
     std::vector<bool> grouped(steps_.size(), false);
     auto candidate = [&](int i) {
       const Step& s = steps_[i];
@@ -478,7 +481,10 @@ class CpuProgram : public StageProgram {
   // once (identities and casts seen through), and turns the last matmul
   // into one kAttention step; the others become kSkip.
   void FuseAttention(const ValueShapes& shapes, const ValueTypes& types) {
-    auto [producer, readers] = CountSlotUses();
+    // Named, not a structured binding: clang 14 cannot capture those in lambdas.
+    SlotUses uses = CountSlotUses();
+    auto& producer = uses.producer;
+    auto& readers = uses.readers;
     auto step_of = [&](int slot) -> Step* {
       auto it = producer.find(slot);
       return it == producer.end() ? nullptr : &steps_[it->second];
