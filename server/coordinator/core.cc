@@ -59,6 +59,7 @@ Coordinator::Coordinator(CoordinatorOptions options, std::unique_ptr<ModelStore>
 }
 
 Coordinator::~Coordinator() {
+  shutting_down_ = true;
   {
     absl::MutexLock lock(&repair_mu_);
     stopping_ = true;
@@ -71,6 +72,7 @@ Coordinator::~Coordinator() {
     models.swap(models_);
   }
   for (auto& [name, d] : models) d->Close("the coordinator is shutting down");
+  CloseDrained(/*all=*/true);
 }
 
 void Coordinator::LoadStoredModels() {
@@ -179,8 +181,17 @@ absl::StatusOr<UploadResponse> Coordinator::FinishUpload(const std::string& name
     to_repair_.erase(name);
     repair_attempts_.erase(name);
   }
-  // New requests go to `d` from here on; the old version's stages go.
-  if (old) old->Close(absl::StrCat("model \"", name, "\" was replaced by a new upload"));
+  // New requests go to `d` from here on; the old version finishes the
+  // requests it has in flight, then its stages go.
+  if (old) {
+    old->Retire(absl::StrCat("model \"", name, "\" was replaced by a new upload"));
+    if (old->Drained()) {
+      old->Close(absl::StrCat("model \"", name, "\" was replaced by a new upload"));
+    } else {
+      absl::MutexLock lock(&mu_);
+      retired_.emplace_back(old, absl::Now() + options_.drain_timeout);
+    }
+  }
   UploadResponse resp;
   resp.set_name(name);
   resp.set_bytes(total_bytes);
@@ -321,6 +332,7 @@ void Coordinator::MonitorLoop() {
       auto stop = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(repair_mu_) { return stopping_; };
       if (repair_mu_.AwaitWithTimeout(absl::Condition(&stop), options_.health_interval)) return;
     }
+    CloseDrained(/*all=*/false);
     std::vector<std::shared_ptr<Deployment>> deployments;
     {
       absl::MutexLock lock(&mu_);
@@ -370,12 +382,132 @@ absl::StatusOr<std::shared_ptr<Deployment>> Coordinator::Find(const std::string&
     return absl::UnavailableError(absl::StrCat("model \"", name, "\" is ",
                                                ModelStateName(info.state), ": ", info.reason));
   }
-  ModelInfo info = d->Info();
-  if (info.state != ModelState::kReady) {
-    return absl::UnavailableError(absl::StrCat("model \"", name, "\" is ",
-                                               ModelStateName(info.state), ": ", info.reason));
+  return d;  // READY, or broken and being repaired (InferOn waits for that)
+}
+
+void Coordinator::CloseDrained(bool all) {
+  std::vector<std::shared_ptr<Deployment>> done;
+  {
+    absl::MutexLock lock(&mu_);
+    const absl::Time now = absl::Now();
+    auto it = std::partition(retired_.begin(), retired_.end(), [&](const auto& r) {
+      return !all && !r.first->Drained() && r.second > now;
+    });
+    for (auto j = it; j != retired_.end(); ++j) done.push_back(j->first);
+    retired_.erase(it, retired_.end());
   }
-  return d;
+  for (const auto& d : done) {
+    d->Close(absl::StrCat("model \"", d->Info().name, "\" was replaced by a new upload and ",
+                          d->Drained() ? "has drained" : "ran out of time to drain (--drain_timeout_s)"));
+  }
+}
+
+bool Coordinator::Admit(const std::string& name) {
+  absl::MutexLock lock(&admit_mu_);
+  int& n = admitted_[name];
+  if (options_.max_queued_requests > 0 && n >= options_.max_queued_requests) {
+    if (n == 0) admitted_.erase(name);
+    return false;
+  }
+  ++n;
+  return true;
+}
+
+void Coordinator::Release(const std::string& name) {
+  absl::MutexLock lock(&admit_mu_);
+  if (--admitted_[name] <= 0) admitted_.erase(name);
+}
+
+namespace {
+
+// Whether a request checked against `a`'s plan can run on `b`.
+bool SameSignature(const Plan& a, const Plan& b) {
+  if (a.inputs_size() != b.inputs_size() || a.outputs_size() != b.outputs_size()) return false;
+  for (int i = 0; i < a.inputs_size(); ++i) {
+    if (a.inputs(i).SerializeAsString() != b.inputs(i).SerializeAsString()) return false;
+  }
+  for (int i = 0; i < a.outputs_size(); ++i) {
+    if (a.outputs(i).SerializeAsString() != b.outputs(i).SerializeAsString()) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+absl::StatusOr<std::shared_ptr<Deployment>> Coordinator::AwaitDeployment(
+    const std::string& name, const std::shared_ptr<Deployment>& failed, const absl::Status& why,
+    absl::Time deadline, absl::Duration backoff, const std::function<bool()>& cancelled) {
+  // The first look comes after `backoff`, so a transient failure is not
+  // retried in a tight loop; a new deployment ends the wait at once.
+  absl::Time not_before = absl::Now() + backoff;
+  while (true) {
+    if (shutting_down_) return why;
+    if (cancelled && cancelled()) return absl::CancelledError("the client cancelled the request");
+    const absl::Time now = absl::Now();
+    if (now >= deadline) {
+      return absl::DeadlineExceededError(absl::StrCat(
+          "request to \"", name, "\" missed its deadline waiting for the model to serve again "
+          "after: ", why.message()));
+    }
+    std::shared_ptr<Deployment> current;
+    bool repairing = false;
+    {
+      absl::MutexLock lock(&mu_);
+      auto changed = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        auto it = models_.find(name);
+        return it == models_.end() || it->second != failed;
+      };
+      if (now < not_before) {
+        if (mu_.AwaitWithDeadline(absl::Condition(&changed),
+                                  std::min({not_before, deadline, now + absl::Milliseconds(20)}))) {
+          not_before = now;  // replaced: no need to wait out the backoff
+        }
+        continue;  // look again (the client may have gone)
+      }
+      auto it = models_.find(name);
+      if (it != models_.end()) current = it->second;
+      repairing = failed_.count(name) > 0;
+    }
+    if (current == nullptr && !repairing) return why;  // unloaded
+    if (current != nullptr && current->Info().state == ModelState::kReady) {
+      if (current != failed && !SameSignature(failed->plan(), current->plan())) {
+        return absl::UnavailableError(absl::StrCat(
+            why.message(), "; the model now serving under the name takes other inputs or "
+                           "outputs, so the request was not run again"));
+      }
+      return current;
+    }
+    // Broken and being repaired: look again shortly.
+    not_before = absl::Now() + absl::Milliseconds(20);
+  }
+}
+
+absl::StatusOr<std::vector<Tensor>> Coordinator::InferOn(std::shared_ptr<Deployment> model,
+                                                         const std::vector<Tensor>& inputs,
+                                                         absl::Time deadline,
+                                                         const std::function<bool()>& cancelled) {
+  const std::string name = model->Info().name;
+  if (!Admit(name)) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "model \"", name, "\" has ", options_.max_queued_requests,
+        " requests queued or running, as many as its queue holds (--max_queued_requests); "
+        "try again later"));
+  }
+  struct Releaser {
+    Coordinator* c;
+    const std::string& name;
+    ~Releaser() { c->Release(name); }
+  } releaser{this, name};
+  if (deadline == absl::InfiniteFuture()) deadline = absl::Now() + options_.default_timeout;
+  absl::Duration backoff = absl::Milliseconds(10);
+  while (true) {
+    absl::StatusOr<std::vector<Tensor>> out = model->Infer(inputs, deadline, cancelled);
+    if (out.ok() || out.status().code() != absl::StatusCode::kUnavailable) return out;
+    ASSIGN_OR_RETURN(model,
+                     AwaitDeployment(name, model, out.status(), deadline, backoff, cancelled));
+    backoff = std::min(backoff * 2, absl::Milliseconds(200));
+    ++retried_requests_;
+  }
 }
 
 absl::StatusOr<std::vector<Tensor>> Coordinator::Infer(const std::string& model,
@@ -383,7 +515,7 @@ absl::StatusOr<std::vector<Tensor>> Coordinator::Infer(const std::string& model,
                                                        absl::Time deadline,
                                                        const std::function<bool()>& cancelled) {
   ASSIGN_OR_RETURN(std::shared_ptr<Deployment> d, Find(model));
-  return d->Infer(inputs, deadline, cancelled);
+  return InferOn(std::move(d), inputs, deadline, cancelled);
 }
 
 }  // namespace pipeserve

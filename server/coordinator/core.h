@@ -51,6 +51,12 @@ struct CoordinatorOptions {
   // Largest upload, and uploads in progress at once.
   uint64_t max_upload_bytes = uint64_t{16} << 30;
   int max_concurrent_uploads = 2;
+  // Requests one model may have queued or running at once; beyond it a
+  // request gets kResourceExhausted at once (0: no limit).
+  int max_queued_requests = 128;
+  // Longest a replaced version may take to finish its requests in flight
+  // before its stages are unloaded anyway.
+  absl::Duration drain_timeout = absl::Seconds(60);
 };
 
 class Coordinator {
@@ -95,17 +101,39 @@ class Coordinator {
   // kNotFound for an unknown model.
   absl::StatusOr<ModelInfo> GetModel(const std::string& name);
 
-  // The deployment serving `name`, to run requests on: kNotFound for an
-  // unknown model, kUnavailable for one that is not READY. A caller checks
+  // The deployment serving `name`, to run requests on with InferOn: READY,
+  // or broken and being repaired. kNotFound for an unknown model,
+  // kUnavailable for one that has never deployed since the coordinator
+  // started (its stage servers are not up yet). A caller checks
   // inputs against, and reads outputs by, this deployment's plan, so a
   // re-upload meanwhile cannot mix two versions.
   absl::StatusOr<std::shared_ptr<Deployment>> Find(const std::string& name);
 
-  // Find(model), then Infer on it (see Deployment::Infer).
+  // Runs a request on `model` (from Find), and keeps it alive across
+  // failures: when the deployment breaks (a stage server dies, a link
+  // fails) or is replaced, the request waits, within its deadline, for the
+  // repaired deployment (or a new version with the same inputs and
+  // outputs) and runs again there; inference is idempotent, and each
+  // attempt has its own request id, so frames of an earlier attempt are
+  // dropped as strays. Errors as Deployment::Infer, except that
+  // kUnavailable only comes back when the model was unloaded, the
+  // coordinator is stopping, or the replacement has another signature;
+  // kDeadlineExceeded when the deadline passes while waiting (naming the
+  // failure waited out); kResourceExhausted when max_queued_requests of
+  // the model are queued or running already.
+  absl::StatusOr<std::vector<Tensor>> InferOn(std::shared_ptr<Deployment> model,
+                                              const std::vector<Tensor>& inputs,
+                                              absl::Time deadline,
+                                              const std::function<bool()>& cancelled = nullptr);
+
+  // Find(model), then InferOn it.
   absl::StatusOr<std::vector<Tensor>> Infer(const std::string& model,
                                             const std::vector<Tensor>& inputs,
                                             absl::Time deadline,
                                             const std::function<bool()>& cancelled = nullptr);
+
+  // Requests that ran again after a failure, since start.
+  uint64_t retried_requests() const { return retried_requests_.load(); }
 
  private:
   absl::StatusOr<std::shared_ptr<Deployment>> Deploy(const std::string& name,
@@ -114,6 +142,19 @@ class Coordinator {
                                                      uint64_t bytes)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(deploy_mu_);
   std::shared_ptr<Deployment> Current(const std::string& name);
+  // After `failed` (a deployment of `name`) failed a request with `why`:
+  // the deployment to run it again on, once there is one that is READY.
+  // `failed` itself again if it is still READY (a transient failure),
+  // after a short wait.
+  absl::StatusOr<std::shared_ptr<Deployment>> AwaitDeployment(
+      const std::string& name, const std::shared_ptr<Deployment>& failed,
+      const absl::Status& why, absl::Time deadline, absl::Duration backoff,
+      const std::function<bool()>& cancelled);
+  // Counts a request against its model's queue limit; false when full.
+  bool Admit(const std::string& name);
+  void Release(const std::string& name);
+  // Closes retired deployments that have drained (or run out of time).
+  void CloseDrained(bool all);
   // Checks stage servers every health_interval.
   void MonitorLoop();
   // Redeploys models marked broken.
@@ -133,6 +174,13 @@ class Coordinator {
   // Models found in the store that failed to deploy.
   std::map<std::string, ModelInfo> failed_ ABSL_GUARDED_BY(mu_);
   bool loaded_ ABSL_GUARDED_BY(mu_) = false;
+  // Replaced versions finishing their requests in flight, with the time
+  // they are closed by regardless.
+  std::vector<std::pair<std::shared_ptr<Deployment>, absl::Time>> retired_ ABSL_GUARDED_BY(mu_);
+  std::atomic<bool> shutting_down_{false};
+  std::atomic<uint64_t> retried_requests_{0};
+  absl::Mutex admit_mu_;
+  std::map<std::string, int> admitted_ ABSL_GUARDED_BY(admit_mu_);
   // Serialises uploads, unloads and deployments (they share stage
   // servers and the store).
   absl::Mutex deploy_mu_;

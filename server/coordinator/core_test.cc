@@ -474,5 +474,128 @@ TEST_F(CoordinatorTest, ManyConcurrentRequestsAllGetTheirOwnAnswers) {
   EXPECT_EQ(good.load(), 40);
 }
 
+// Zero lost requests (issue 9): a request in flight when a stage server
+// dies waits for the repair and runs again, within its deadline.
+TEST_F(CoordinatorTest, ARequestInFlightWhenAStageServerDiesIsRunAgainAndAnswered) {
+  Model m = Mlp(4);
+  ASSERT_TRUE(Upload("mlp", m).ok());
+  const uint64_t first = coordinator_->GetModel("mlp")->deployment;
+  std::vector<Tensor> in = {Ramp({8, 8}, 1), Ramp({8, 8}, 2)};
+  gate_.Set(false);
+  absl::StatusOr<std::vector<Tensor>> out;
+  std::thread t([&] { out = coordinator_->Infer("mlp", in, absl::Now() + absl::Seconds(30)); });
+  ASSERT_TRUE(gate_.WaitHeld(1));
+  stages_->KillServer("s2:9000");
+  gate_.Set(true);
+  stages_->AddServer("s2:9000");  // the pod comes back, empty
+  t.join();
+  ASSERT_TRUE(out.ok()) << out.status();
+  ExpectEqual((*out)[0], Expected(m, in)[0]);
+  EXPECT_NE(coordinator_->GetModel("mlp")->deployment, first) << "it was redeployed";
+  EXPECT_GE(coordinator_->retried_requests(), 1u);
+}
+
+// A request that arrives while the model is being repaired waits for it.
+TEST_F(CoordinatorTest, ARequestArrivingWhileTheModelIsRepairedWaitsForIt) {
+  Model m = Mlp(2);
+  ASSERT_TRUE(Upload("mlp", m).ok());
+  stages_->KillServer("s1:9000");
+  absl::Time until = absl::Now() + absl::Seconds(10);
+  while (coordinator_->GetModel("mlp")->state == ModelState::kReady && absl::Now() < until) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  ASSERT_NE(coordinator_->GetModel("mlp")->state, ModelState::kReady);
+  std::vector<Tensor> in = {Ramp({3, 8}, 1), Ramp({3, 8}, 1)};
+  absl::StatusOr<std::vector<Tensor>> out;
+  std::thread t([&] { out = coordinator_->Infer("mlp", in, absl::Now() + absl::Seconds(30)); });
+  stages_->AddServer("s1:9000");
+  t.join();
+  ASSERT_TRUE(out.ok()) << out.status();
+  ExpectEqual((*out)[0], Expected(m, in)[0]);
+}
+
+// Only the request's own deadline ends the wait, as DEADLINE_EXCEEDED
+// naming what it waited out.
+TEST_F(CoordinatorTest, ARequestWaitingForARepairThatNeverComesMissesItsDeadline) {
+  ASSERT_TRUE(Upload("mlp", Mlp(3)).ok());
+  stages_->KillServer("s1:9000");
+  absl::Time start = absl::Now();
+  auto out = coordinator_->Infer("mlp", {Ramp({4, 8}, 1), Ramp({4, 8}, 1)},
+                                 absl::Now() + absl::Milliseconds(800));
+  EXPECT_EQ(out.status().code(), absl::StatusCode::kDeadlineExceeded) << out.status();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(3)) << "no wait past the deadline";
+  stages_->AddServer("s1:9000");
+  ASSERT_TRUE(WaitReady("mlp"));
+}
+
+// A re-upload under load: the old version finishes what it has in flight
+// (with its own weights), new requests go to the new one, and the old
+// stages are unloaded once drained.
+TEST_F(CoordinatorTest, AReuploadLetsTheOldVersionFinishItsRequestsThenUnloadsIt) {
+  Model v1 = Mlp(2, 8, /*seed=*/1), v2 = Mlp(2, 8, /*seed=*/2);
+  ASSERT_TRUE(Upload("m", v1).ok());
+  std::vector<Tensor> in = {Ramp({6, 8}, 1), Ramp({6, 8}, 2)};
+  gate_.Set(false);
+  absl::StatusOr<std::vector<Tensor>> old_out;
+  std::thread t([&] { old_out = coordinator_->Infer("m", in, absl::Now() + absl::Seconds(30)); });
+  ASSERT_TRUE(gate_.WaitHeld(1));
+  ASSERT_TRUE(Upload("m", v2).ok());
+  EXPECT_EQ(StagesLoaded(), 4) << "both versions are loaded while the old one drains";
+  gate_.Set(true);
+  t.join();
+  ASSERT_TRUE(old_out.ok()) << old_out.status();
+  ExpectEqual((*old_out)[0], Expected(v1, in)[0]);
+  auto new_out = coordinator_->Infer("m", in, absl::Now() + absl::Seconds(20));
+  ASSERT_TRUE(new_out.ok()) << new_out.status();
+  ExpectEqual((*new_out)[0], Expected(v2, in)[0]);
+  absl::Time until = absl::Now() + absl::Seconds(10);
+  while (StagesLoaded() != 2 && absl::Now() < until) absl::SleepFor(absl::Milliseconds(10));
+  EXPECT_EQ(StagesLoaded(), 2) << "the drained version's stages are unloaded";
+}
+
+// A request on a handle to a replaced version runs on the new one when it
+// takes the same inputs and outputs.
+TEST_F(CoordinatorTest, ARequestOnAReplacedVersionMovesToTheNewOne) {
+  ASSERT_TRUE(Upload("m", Mlp(2, 8, /*seed=*/1)).ok());
+  auto old = coordinator_->Find("m");
+  ASSERT_TRUE(old.ok());
+  Model v2 = Mlp(3, 8, /*seed=*/2);
+  ASSERT_TRUE(Upload("m", v2).ok());
+  std::vector<Tensor> in = {Ramp({2, 8}, 1), Ramp({2, 8}, 1)};
+  auto out = coordinator_->InferOn(*old, in, absl::Now() + absl::Seconds(20));
+  ASSERT_TRUE(out.ok()) << out.status();
+  ExpectEqual((*out)[0], Expected(v2, in)[0]);
+}
+
+TEST_F(CoordinatorTest, RequestsBeyondTheModelsQueueAreResourceExhaustedAtOnce) {
+  CoordinatorOptions o = Options();
+  o.max_queued_requests = 2;
+  TearDown();
+  Start(o);
+  Model m = Mlp(2);
+  ASSERT_TRUE(Upload("mlp", m).ok());
+  std::vector<Tensor> in = {Ramp({2, 8}, 1), Ramp({2, 8}, 1)};
+  gate_.Set(false);
+  absl::StatusOr<std::vector<Tensor>> a, b;
+  std::thread ta([&] { a = coordinator_->Infer("mlp", in, absl::Now() + absl::Seconds(30)); });
+  std::thread tb([&] { b = coordinator_->Infer("mlp", in, absl::Now() + absl::Seconds(30)); });
+  auto d = coordinator_->Find("mlp");
+  absl::Time until = absl::Now() + absl::Seconds(10);
+  while ((*d)->InFlight() < 2 && absl::Now() < until) absl::SleepFor(absl::Milliseconds(5));
+  ASSERT_EQ((*d)->InFlight(), 2);
+  absl::Time start = absl::Now();
+  auto c = coordinator_->Infer("mlp", in, absl::Now() + absl::Seconds(30));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(1)) << "refused at once, not queued";
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kResourceExhausted) << c.status();
+  EXPECT_THAT(std::string(c.status().message()), HasSubstr("2 requests queued or running"));
+  gate_.Set(true);
+  ta.join();
+  tb.join();
+  EXPECT_TRUE(a.ok()) << a.status();
+  EXPECT_TRUE(b.ok()) << b.status();
+  auto again = coordinator_->Infer("mlp", in, absl::Now() + absl::Seconds(20));
+  EXPECT_TRUE(again.ok()) << again.status();
+}
+
 }  // namespace
 }  // namespace pipeserve

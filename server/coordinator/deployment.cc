@@ -250,6 +250,7 @@ absl::StatusOr<std::vector<Tensor>> Deployment::Infer(const std::vector<Tensor>&
   const std::string& model = name_;
   {
     absl::MutexLock lock(&mu_);
+    if (!retired_.empty()) return absl::UnavailableError(retired_);
     if (info_.state != ModelState::kReady) {
       return absl::UnavailableError(absl::StrCat("model \"", model, "\" is ",
                                                  ModelStateName(info_.state), ": ", info_.reason));
@@ -287,6 +288,7 @@ absl::StatusOr<std::vector<Tensor>> Deployment::Infer(const std::vector<Tensor>&
   auto pending = std::make_shared<Pending>(rows);
   {
     absl::MutexLock lock(&mu_);
+    if (!retired_.empty()) return absl::UnavailableError(retired_);
     if (closing_ || info_.state != ModelState::kReady) {
       return absl::UnavailableError(absl::StrCat("model \"", model, "\" is ",
                                                  ModelStateName(info_.state), ": ", info_.reason));
@@ -397,6 +399,18 @@ bool Deployment::Break(const std::string& why) {
   info_.reason = why;
   FailAll(absl::UnavailableError(why));
   return true;
+}
+
+void Deployment::Retire(const std::string& why) {
+  absl::MutexLock lock(&mu_);
+  if (retired_.empty()) retired_ = why;
+}
+
+bool Deployment::Drained() const { return InFlight() == 0; }
+
+int Deployment::InFlight() const {
+  absl::MutexLock lock(&mu_);
+  return static_cast<int>(pending_.size());
 }
 
 void Deployment::UnloadStages() {

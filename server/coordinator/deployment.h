@@ -103,6 +103,15 @@ class Deployment {
   // closing): only the first caller repairs.
   bool Break(const std::string& why);
 
+  // Takes no new requests (they get kUnavailable(why) at once) but lets
+  // those in flight finish: a re-upload retires the version it replaces
+  // and closes it once Drained() (or its drain time is up).
+  void Retire(const std::string& why);
+  // No request in flight.
+  bool Drained() const;
+  // Requests in flight.
+  int InFlight() const;
+
   // Stops serving: fails requests in flight with kUnavailable(why), closes
   // the streams and unloads every stage. Idempotent.
   void Close(const std::string& why);
@@ -140,6 +149,7 @@ class Deployment {
   ModelInfo info_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<uint64_t, std::shared_ptr<Pending>> pending_ ABSL_GUARDED_BY(mu_);
   bool closing_ ABSL_GUARDED_BY(mu_) = false;
+  std::string retired_ ABSL_GUARDED_BY(mu_);  // why, once retired
   absl::Mutex close_mu_;  // serialises Close
   bool closed_ ABSL_GUARDED_BY(close_mu_) = false;
 };

@@ -131,7 +131,8 @@ absl::Status KServeService::InferUnmetered(const inference::ModelInferRequest& r
   ASSIGN_OR_RETURN(std::shared_ptr<Deployment> model, coordinator_->Find(req.model_name()));
   ASSIGN_OR_RETURN(std::vector<Tensor> inputs, ParseInferInputs(req, model->plan()));
   ASSIGN_OR_RETURN(std::vector<int> chosen, ChooseOutputs(req, model->plan()));
-  ASSIGN_OR_RETURN(std::vector<Tensor> outputs, model->Infer(inputs, deadline, cancelled));
+  ASSIGN_OR_RETURN(std::vector<Tensor> outputs,
+                   coordinator_->InferOn(model, inputs, deadline, cancelled));
   BuildInferResponse(req, model->plan(), chosen, outputs, resp);
   return absl::OkStatus();
 }
