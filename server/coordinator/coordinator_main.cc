@@ -65,6 +65,11 @@ ABSL_FLAG(int, upload_idle_timeout_s, 30, "an upload sending nothing this long i
 ABSL_FLAG(int, max_threads, 256, "threads for RPC handlers; calls beyond get RESOURCE_EXHAUSTED");
 ABSL_FLAG(int, stream_threads, 16, "threads running ModelStreamInfer requests, all streams together");
 ABSL_FLAG(int, default_timeout_s, 60, "deadline for requests that carry none");
+ABSL_FLAG(int, max_queued_requests, 128,
+          "requests one model may have queued or running; beyond, RESOURCE_EXHAUSTED at once "
+          "(0: no limit)");
+ABSL_FLAG(int, drain_timeout_s, 60,
+          "longest a replaced model version may take to finish its requests in flight");
 ABSL_FLAG(int, metrics_port, 8002, "Prometheus GET /metrics port (0: pick one; -1: off)");
 ABSL_FLAG(std::string, metrics_port_file, "", "write the metrics port here once listening");
 
@@ -181,6 +186,8 @@ int main(int argc, char** argv) {
   options.default_timeout = absl::Seconds(absl::GetFlag(FLAGS_default_timeout_s));
   options.max_upload_bytes = uint64_t(std::max(1, absl::GetFlag(FLAGS_max_upload_mb))) << 20;
   options.max_concurrent_uploads = absl::GetFlag(FLAGS_max_concurrent_uploads);
+  options.max_queued_requests = std::max(0, absl::GetFlag(FLAGS_max_queued_requests));
+  options.drain_timeout = absl::Seconds(std::max(0, absl::GetFlag(FLAGS_drain_timeout_s)));
   pipeserve::GrpcStageClient stage_client(*channels, /*send_capacity=*/8);
   pipeserve::Coordinator coordinator(options, *std::move(store), std::move(launcher),
                                      &stage_client);
