@@ -91,6 +91,31 @@ Client::Client(std::string address, ClientOptions options,
 
 Client::~Client() = default;
 
+namespace {
+
+// gRPC's retry policy for the calls that are safe to repeat: UNAVAILABLE
+// (a coordinator restarting, a connection lost) is tried again.
+std::string RetryServiceConfig(int attempts) {
+  std::string names;
+  for (const char* m : {"ModelInfer", "ServerLive", "ServerReady", "ModelReady", "ServerMetadata",
+                        "ModelMetadata", "RepositoryIndex"}) {
+    absl::StrAppend(&names, "{\"service\":\"inference.GRPCInferenceService\",\"method\":\"",
+                    m, "\"},");
+  }
+  for (const char* m : {"GetPlan", "ListModels"}) {
+    absl::StrAppend(&names, "{\"service\":\"pipeserve.ModelService\",\"method\":\"", m,
+                    "\"},");
+  }
+  names += "{\"service\":\"grpc.health.v1.Health\",\"method\":\"Check\"}";
+  return absl::StrCat(
+      "{\"methodConfig\":[{\"name\":[", names,
+      "],\"retryPolicy\":{\"maxAttempts\":", std::min(attempts, 5),
+      ",\"initialBackoff\":\"0.05s\",\"maxBackoff\":\"1s\",\"backoffMultiplier\":2,"
+      "\"retryableStatusCodes\":[\"UNAVAILABLE\"]}}]}");
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<Client>> Client::Connect(
     const std::string& address, ClientOptions options) {
   if (address.empty()) {
@@ -105,6 +130,13 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(
   // backoff by an earlier server on that port would fail this client's
   // calls for up to two minutes.
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  if (options.retry_attempts > 1) {
+    args.SetServiceConfigJSON(RetryServiceConfig(options.retry_attempts));
+    // A request is kept for its retries while it is in flight; gRPC's
+    // default (256 KiB) would leave most inference requests unretried.
+    args.SetInt(GRPC_ARG_PER_RPC_RETRY_BUFFER_SIZE,
+                std::min(options.max_message_bytes, 256 << 20));
+  }
   if (!options.tls_server_name.empty()) {
     args.SetSslTargetNameOverride(options.tls_server_name);
   }

@@ -38,6 +38,12 @@ namespace pipeserve {
 struct ClientOptions {
   // Deadline of each call (Upload adds time for the file's size, see there).
   absl::Duration timeout = absl::Seconds(60);
+  // Attempts at an idempotent call (inference, metadata, readiness,
+  // GetPlan, ListModels) that fails with UNAVAILABLE, with exponential
+  // backoff from 50 ms to 1 s, always within the call's deadline (gRPC's
+  // retry policy, set through the channel's service config; gRPC allows at
+  // most 5). 1: no retries.
+  int retry_attempts = 5;
   // Largest message sent or received; an inference request or response
   // carries all its tensors in one message.
   int max_message_bytes = 1 << 30;

@@ -146,6 +146,38 @@ TEST_F(ClientTest, InferRoundTripsShapesAndValues) {
   }
 }
 
+// Issue 9: idempotent calls that fail with UNAVAILABLE are tried again
+// (gRPC's retry policy), up to retry_attempts in all.
+TEST_F(ClientTest, InferRetriesUnavailableAndSucceeds) {
+  Tensor x = Tensor::FromVector({1, 3}, {1, 2, 3});
+  // A request larger than gRPC's default retry buffer (256 KiB) too.
+  Tensor big = Tensor::Zeros({512, 1024});
+  server_->SetFlakyFailures(3);
+  auto outputs = client_->Infer("flaky", {{"x", x}, {"y", big}});
+  ASSERT_TRUE(outputs.ok()) << outputs.status();
+  EXPECT_EQ((*outputs)[0].tensor.data()[2], -3);
+  EXPECT_EQ(server_->flaky_attempts(), 4);
+}
+
+TEST_F(ClientTest, RetriesStopAtTheAttemptLimitWithTheServersError) {
+  server_->SetFlakyFailures(100);
+  auto outputs = client_->Infer("flaky", {{"x", Tensor::Zeros({1, 1})}});
+  EXPECT_EQ(outputs.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(outputs.status().message()), HasSubstr("flaky: not this time"));
+  EXPECT_EQ(server_->flaky_attempts(), 5);
+}
+
+TEST_F(ClientTest, RetriesCanBeTurnedOff) {
+  ClientOptions options;
+  options.retry_attempts = 1;
+  auto client = Client::Connect(server_->address(), options);
+  ASSERT_TRUE(client.ok());
+  server_->SetFlakyFailures(1);
+  EXPECT_EQ((*client)->Infer("flaky", {{"x", Tensor::Zeros({1, 1})}}).status().code(),
+            absl::StatusCode::kUnavailable);
+  EXPECT_EQ(server_->flaky_attempts(), 1);
+}
+
 TEST_F(ClientTest, InferOfAnEmptyBatchWorks) {
   auto outputs = client_->Infer("neg", {{"x", Tensor::Zeros({0, 4})}});
   ASSERT_TRUE(outputs.ok()) << outputs.status();

@@ -26,7 +26,7 @@ grpc::Status NotKnown(const std::string& model) {
 }
 
 bool IsInferModel(const std::string& m) {
-  return m == "neg" || m == "slow" || m == "bad";
+  return m == "neg" || m == "slow" || m == "bad" || m == "flaky";
 }
 
 // Shared by both services; guarded by its own mutex.
@@ -35,6 +35,8 @@ struct State {
   std::vector<FakeServer::Upload> uploads ABSL_GUARDED_BY(mu);
   std::map<std::string, GetPlanResponse> plans ABSL_GUARDED_BY(mu);
   bool serving ABSL_GUARDED_BY(mu) = true;
+  int flaky_failures ABSL_GUARDED_BY(mu) = 0;  // UNAVAILABLE answers left for "flaky"
+  int flaky_attempts ABSL_GUARDED_BY(mu) = 0;
 };
 
 class InferenceService final : public inference::GRPCInferenceService::Service {
@@ -88,6 +90,14 @@ class InferenceService final : public inference::GRPCInferenceService::Service {
                           inference::ModelInferResponse* out) override {
     const std::string& model = in->model_name();
     if (!IsInferModel(model)) return NotKnown(model);
+    if (model == "flaky") {
+      absl::MutexLock lock(&state_->mu);
+      ++state_->flaky_attempts;
+      if (state_->flaky_failures > 0) {
+        --state_->flaky_failures;
+        return grpc::Status(grpc::StatusCode::UNAVAILABLE, "flaky: not this time");
+      }
+    }
     if (model == "slow") {
       auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
       while (std::chrono::steady_clock::now() < until && !ctx->IsCancelled()) {
@@ -267,6 +277,17 @@ void FakeServer::SetServing(bool serving) {
     impl_->state.serving = serving;
   }
   impl_->server->GetHealthCheckService()->SetServingStatus(serving);
+}
+
+void FakeServer::SetFlakyFailures(int n) {
+  absl::MutexLock lock(&impl_->state.mu);
+  impl_->state.flaky_failures = n;
+  impl_->state.flaky_attempts = 0;
+}
+
+int FakeServer::flaky_attempts() const {
+  absl::MutexLock lock(&impl_->state.mu);
+  return impl_->state.flaky_attempts;
 }
 
 }  // namespace pipeserve

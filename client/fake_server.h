@@ -11,6 +11,8 @@
 //   "neg"   inputs x and y (any float32 shape); outputs neg_x, neg_y.
 //   "slow"  like "neg" after sleeping 2 s (for deadlines).
 //   "bad"   answers an output whose raw bytes do not match its shape.
+//   "flaky" like "neg", after failing SetFlakyFailures(n) attempts with
+//           UNAVAILABLE (for the client's retries).
 //   other   kNotFound `model "<name>" is not known`, from every model RPC.
 // Uploads check the CRC-32 and size the client sends, and are listed by
 // ListModels as READY (num_stages: the requested count, or 1); a model named
@@ -49,6 +51,11 @@ class FakeServer {
   void SetPlan(const GetPlanResponse& response);
   // ServerReady and the health status of service "".
   void SetServing(bool serving);
+  // The next `n` ModelInfer calls to "flaky" fail with UNAVAILABLE; resets
+  // the attempt count.
+  void SetFlakyFailures(int n);
+  // ModelInfer calls to "flaky" since SetFlakyFailures.
+  int flaky_attempts() const;
 
  private:
   struct Impl;

@@ -35,12 +35,13 @@ def _not_known(context, name):
     context.abort(grpc.StatusCode.NOT_FOUND, f'model "{name}" is not known')
 
 
-_INFER_MODELS = ("neg", "slow", "bad")
+_INFER_MODELS = ("neg", "slow", "bad", "flaky")
 
 
 class FakeInference(pb_grpc.GRPCInferenceServiceServicer):
     """Models: "neg" answers each input negated as neg_<input>; "slow" the
-    same after up to 2 s; "bad" an output whose bytes miss half its shape."""
+    same after up to 2 s; "bad" an output whose bytes miss half its shape; "flaky" like
+    "neg" after state["flaky_failures"] UNAVAILABLE answers."""
 
     def __init__(self, state):
         self.state = state
@@ -68,6 +69,11 @@ class FakeInference(pb_grpc.GRPCInferenceServiceServicer):
     def ModelInfer(self, request, context):
         if request.model_name not in _INFER_MODELS:
             _not_known(context, request.model_name)
+        if request.model_name == "flaky":
+            self.state["flaky_attempts"] += 1
+            if self.state["flaky_failures"] > 0:
+                self.state["flaky_failures"] -= 1
+                context.abort(grpc.StatusCode.UNAVAILABLE, "flaky: not this time")
         if request.model_name == "slow":
             end = time.monotonic() + 2
             while time.monotonic() < end and context.is_active():
@@ -128,7 +134,8 @@ class FakeModels(ps_grpc.ModelServiceServicer):
 class FakeServer:
     def __init__(self):
         self.state = {"serving": True, "uploads": [], "plans": {},
-                      "requests": []}
+                      "requests": [], "flaky_failures": 0,
+                      "flaky_attempts": 0}
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             FakeInference(self.state), self.server)
@@ -273,6 +280,32 @@ class ClientTest(unittest.TestCase):
                                     r'\[2, 2\] \(16 expected\)') as cm:
             self.client.infer("bad", {"x": np.zeros((2, 2))})
         self.assertEqual(cm.exception.code, "INTERNAL")
+
+    def test_infer_retries_unavailable_and_succeeds(self):
+        # Larger than gRPC's default retry buffer (256 KiB) too.
+        big = np.zeros((512, 1024), np.float32)
+        self.server.state["flaky_failures"] = 3
+        out = self.client.infer("flaky", [np.array([[1, 2, 3]], np.float32),
+                                          big])
+        np.testing.assert_array_equal(out[0], [[-1, -2, -3]])
+        self.assertEqual(self.server.state["flaky_attempts"], 4)
+
+    def test_retries_stop_at_the_attempt_limit_with_the_servers_error(self):
+        self.server.state["flaky_failures"] = 100
+        with self.assertRaises(pipeserve.ServerError) as e:
+            self.client.infer("flaky", [np.zeros((1, 1), np.float32)] * 2)
+        self.assertEqual(e.exception.code, "UNAVAILABLE")
+        self.assertIn("flaky: not this time", str(e.exception))
+        self.assertEqual(self.server.state["flaky_attempts"], 5)
+
+    def test_retries_can_be_turned_off(self):
+        client = pipeserve.Client(self.server.address, timeout=10,
+                                  retry_attempts=1)
+        self.server.state["flaky_failures"] = 1
+        with self.assertRaises(pipeserve.ServerError):
+            client.infer("flaky", [np.zeros((1, 1), np.float32)] * 2)
+        client.close()
+        self.assertEqual(self.server.state["flaky_attempts"], 1)
 
     def test_infer_timeout_is_deadline_exceeded(self):
         with self.assertRaises(pipeserve.ServerError) as cm:

@@ -28,6 +28,7 @@ Local problems raise the usual Python exceptions (FileNotFoundError for a
 missing model file, ValueError for an unusable input).
 """
 
+import json
 import os
 import zlib
 
@@ -62,6 +63,28 @@ def _server_error(e):
                        details if details is not None else str(e))
 
 
+def _retry_service_config(attempts):
+    """gRPC's retry policy for the calls that are safe to repeat: UNAVAILABLE
+    (a coordinator restarting, a connection lost) is tried again, with
+    backoff from 50 ms to 1 s, within each call's deadline."""
+    names = [{"service": "inference.GRPCInferenceService", "method": m}
+             for m in ("ModelInfer", "ServerLive", "ServerReady", "ModelReady",
+                       "ServerMetadata", "ModelMetadata", "RepositoryIndex")]
+    names += [{"service": "pipeserve.ModelService", "method": m}
+              for m in ("GetPlan", "ListModels")]
+    names.append({"service": "grpc.health.v1.Health", "method": "Check"})
+    return json.dumps({"methodConfig": [{
+        "name": names,
+        "retryPolicy": {
+            "maxAttempts": min(attempts, 5),
+            "initialBackoff": "0.05s",
+            "maxBackoff": "1s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        },
+    }]})
+
+
 class Client:
     """A client of the coordinator at `address` ("host:port").
 
@@ -80,6 +103,10 @@ class Client:
         that require one.
       tls_server_name: the name the server's certificate must carry, when it
         is not the host in `address`.
+      retry_attempts: attempts at an idempotent call (inference, metadata,
+        readiness, plan, list) that fails with UNAVAILABLE, with backoff
+        from 50 ms to 1 s within the call's deadline (gRPC allows at most
+        5); 1 turns retries off.
 
     The connection is made lazily: an unreachable server shows up as a
     ServerError with code "UNAVAILABLE" from the first call. Safe to use from
@@ -88,7 +115,8 @@ class Client:
 
     def __init__(self, address="localhost:8001", timeout=60.0,
                  max_message_bytes=1 << 30, token=None, tls_ca=None,
-                 tls_cert=None, tls_key=None, tls_server_name=None):
+                 tls_cert=None, tls_key=None, tls_server_name=None,
+                 retry_attempts=5):
         self.address = address
         self.timeout = timeout
         self._pb, pb_grpc = load_proto("grpc_service.proto", grpc=True)
@@ -101,6 +129,14 @@ class Client:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
+        if retry_attempts > 1:
+            options += [
+                ("grpc.service_config", _retry_service_config(retry_attempts)),
+                # Requests are kept for their retries while in flight;
+                # gRPC's default (256 KiB) would leave most unretried.
+                ("grpc.per_rpc_retry_buffer_size",
+                 min(max_message_bytes, 256 << 20)),
+            ]
         if tls_ca or tls_cert:
             def read(path):
                 if path is None:
