@@ -14,6 +14,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "client/client.h"
+#include "grpcpp/grpcpp.h"
+#include "proto/pipeserve_service.grpc.pb.h"
 #include "tests/fixtures.h"
 
 namespace pipeserve {
@@ -108,14 +110,40 @@ pid_t CoordinatorProcess::StageServerPid(int index) const {
 }
 
 CoordinatorProcess::~CoordinatorProcess() {
-  if (pid_ <= 0) return;
+  if (pid_ > 0) Terminate(absl::Seconds(10));
+}
+
+int CoordinatorProcess::Terminate(absl::Duration limit) {
   ::kill(pid_, SIGTERM);
-  for (int i = 0; i < 200; ++i) {
-    if (::waitpid(pid_, nullptr, WNOHANG) == pid_) return;
-    absl::SleepFor(absl::Milliseconds(50));
+  const absl::Time until = absl::Now() + limit;
+  int status = 0;
+  while (absl::Now() < until) {
+    if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+      pid_ = -1;
+      return status;
+    }
+    absl::SleepFor(absl::Milliseconds(20));
   }
   ::kill(pid_, SIGKILL);
   ::waitpid(pid_, nullptr, 0);
+  pid_ = -1;
+  return -1;
+}
+
+absl::StatusOr<StageStatsResponse> StageStats(const GetPlanResponse& plan, int stage,
+                                              const std::string& token) {
+  auto stub = StageService::NewStub(
+      grpc::CreateChannel(plan.stage_servers(stage), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.AddMetadata("pipeserve-cluster-token", token);
+  StageStatsRequest req;
+  req.mutable_key()->set_model(plan.name());
+  req.mutable_key()->set_deployment(plan.deployment());
+  req.mutable_key()->set_stage(stage);
+  StageStatsResponse resp;
+  grpc::Status s = stub->GetStageStats(&ctx, req, &resp);
+  if (!s.ok()) return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+  return resp;
 }
 
 }  // namespace pipeserve

@@ -15,7 +15,9 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "client/client.h"
+#include "proto/pipeserve_service.pb.h"
 
 namespace pipeserve {
 
@@ -33,6 +35,10 @@ class CoordinatorProcess {
   static absl::StatusOr<std::unique_ptr<CoordinatorProcess>> Start(CoordinatorFlags flags);
   // SIGTERM, then waits for it (and so its stage servers) to exit.
   ~CoordinatorProcess();
+
+  // SIGTERM, then waits up to `limit` for it to exit: its wait status
+  // (see waitpid), or -1 if it had to be killed.
+  int Terminate(absl::Duration limit);
 
   const std::string& address() const { return address_; }
   // The Prometheus endpoint's port (GET /metrics).
@@ -52,6 +58,11 @@ class CoordinatorProcess {
   int metrics_port_ = 0;
   std::string address_, log_, cluster_token_;
 };
+
+// A stage server's statistics for one stage of a deployed model, asked the
+// way the coordinator asks (with the cluster token).
+absl::StatusOr<StageStatsResponse> StageStats(const GetPlanResponse& plan, int stage,
+                                              const std::string& token);
 
 // A fresh folder under $TEST_TMPDIR.
 std::string TempDir(const std::string& name);

@@ -2,11 +2,14 @@
 
 #include <sys/stat.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "partitioner/graph_builder.h"
+#include "runtime/model_file.h"
 #include "runtime/npy.h"
 
 namespace pipeserve {
@@ -65,6 +68,29 @@ absl::StatusOr<Fixture> LoadFixture(const std::string& dir,
     f.exact.push_back(std::move(exact));
   }
   return f;
+}
+
+std::string WriteDeepMlp(const std::string& dir) {
+  GraphBuilder b;
+  b.Input("x", {-1, 512});
+  std::string prev = "x";
+  for (int i = 0; i < 48; ++i) {
+    if (i > 0 && i % 12 == 0) b.Split();
+    std::string w = absl::StrCat("l", i, ".weight"), bias = absl::StrCat("l", i, ".bias");
+    b.Param(w, {512, 512}).Param(bias, {512});
+    b.Op("linear", {prev, w, bias}, absl::StrCat("lin", i), absl::StrCat("l", i));
+    b.Op("relu", {absl::StrCat("lin", i)}, absl::StrCat("r", i));
+    prev = absl::StrCat("r", i);
+  }
+  b.Output(prev);
+  Model m = b.Build();
+  std::string path = dir + "/deep.psm";
+  absl::Status s = WriteModelFile(path, m.graph, m.weights);
+  if (!s.ok()) {
+    std::fprintf(stderr, "WriteDeepMlp: %s\n", s.ToString().c_str());
+    std::abort();
+  }
+  return path;
 }
 
 }  // namespace pipeserve

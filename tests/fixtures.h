@@ -33,6 +33,12 @@ absl::StatusOr<std::string> MakeFixtures(const std::vector<std::string>& cases,
 absl::StatusOr<Fixture> LoadFixture(const std::string& dir,
                                     const std::string& name);
 
+// Writes a model of 48 linear+ReLU layers of 512 in 4 stages to
+// `dir`/deep.psm and returns the path. Compute dominates a request of 1024
+// rows (about 26 GFLOP, hundreds of ms here) while its tensors stay small
+// (2 MiB), so a deadline, a cancel or a shutdown can land mid-pipeline.
+std::string WriteDeepMlp(const std::string& dir);
+
 // The repository root inside the test's runfiles (or the working directory
 // outside Bazel).
 std::string RunfilesRoot();

@@ -4,6 +4,7 @@
 // succeed with the right answer; each test prints a table with the
 // latencies, p99 during the disruption included.
 #include <signal.h>
+#include <sys/wait.h>
 
 #include <algorithm>
 #include <atomic>
@@ -172,6 +173,45 @@ TEST_F(ReliabilityTest, ReuploadingUnderLoadLosesNoRequest) {
       &uploaded);
   ASSERT_TRUE(upload.ok()) << upload;
   Report("re-upload of the model", outcomes, uploaded);
+}
+
+// SIGTERM: health turns NOT_SERVING, the request in flight finishes, and
+// the coordinator exits 0 (regression: it gave requests 5 s, whatever
+// they needed).
+TEST(ShutdownTest, SigtermLetsARequestInFlightFinishThenExitsZero) {
+  auto c = CoordinatorProcess::Start({TempDir("shutdown_repo"), {"--shutdown_grace_s=60"}});
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto client = Client::Connect((*c)->address());
+  ASSERT_TRUE(client.ok());
+  UploadOptions sixteen;
+  sixteen.set_microbatches(16);
+  ASSERT_TRUE((*client)->Upload("deep", WriteDeepMlp(TempDir("deep")), sixteen).ok());
+  auto plan = (*client)->GetPlan("deep");
+  ASSERT_TRUE(plan.ok());
+  const int64_t rows = 16384;  // longer after the signal than the old 5 s grace
+  absl::StatusOr<std::vector<NamedTensor>> out;
+  absl::Duration took;
+  std::thread request([&] {
+    absl::Time start = absl::Now();
+    out = (*client)->Infer("deep", {{"x", Tensor::Zeros({rows, 512})}}, absl::Seconds(120));
+    took = absl::Now() - start;
+  });
+  // In flight: stage 0 has computed a microbatch of it.
+  absl::Time until = absl::Now() + absl::Seconds(60);
+  while (absl::Now() < until) {
+    auto stats = StageStats(*plan, 0, (*c)->cluster_token());
+    if (stats.ok() && stats->frames_processed() > 0) break;
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  absl::Time signalled = absl::Now();
+  int status = (*c)->Terminate(absl::Seconds(90));
+  request.join();
+  ASSERT_TRUE(out.ok()) << out.status() << " after " << took;
+  EXPECT_EQ((*out)[0].tensor.dim(0), rows);
+  ASSERT_NE(status, -1) << "did not exit within 90 s";
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "wait status " << status;
+  std::printf("request took %.1f s; the coordinator exited %.1f s after SIGTERM\n",
+              absl::ToDoubleSeconds(took), absl::ToDoubleSeconds(absl::Now() - signalled));
 }
 
 }  // namespace

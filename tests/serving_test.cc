@@ -27,28 +27,6 @@ namespace {
 using ::testing::HasSubstr;
 using ::testing::Not;
 
-// 48 linear+ReLU layers of 512 in 4 stages: compute dominates a request of
-// 1024 rows (about 26 GFLOP, hundreds of ms here) while its tensors stay
-// small (2 MiB), so a deadline or a cancel can land mid-pipeline.
-std::string DeepMlp(const std::string& dir) {
-  GraphBuilder b;
-  b.Input("x", {-1, 512});
-  std::string prev = "x";
-  for (int i = 0; i < 48; ++i) {
-    if (i > 0 && i % 12 == 0) b.Split();
-    std::string w = absl::StrCat("l", i, ".weight"), bias = absl::StrCat("l", i, ".bias");
-    b.Param(w, {512, 512}).Param(bias, {512});
-    b.Op("linear", {prev, w, bias}, absl::StrCat("lin", i), absl::StrCat("l", i));
-    b.Op("relu", {absl::StrCat("lin", i)}, absl::StrCat("r", i));
-    prev = absl::StrCat("r", i);
-  }
-  b.Output(prev);
-  Model m = b.Build();
-  std::string path = dir + "/deep.psm";
-  EXPECT_TRUE(WriteModelFile(path, m.graph, m.weights).ok());
-  return path;
-}
-
 // One coordinator and the seed's models for the whole suite.
 class ServingTest : public ::testing::Test {
  protected:
@@ -69,7 +47,7 @@ class ServingTest : public ::testing::Test {
     }
     UploadOptions sixteen;
     sixteen.set_microbatches(16);
-    auto deep = client_->Upload("deep", DeepMlp(TempDir("deep")), sixteen);
+    auto deep = client_->Upload("deep", WriteDeepMlp(TempDir("deep")), sixteen);
     ASSERT_TRUE(deep.ok()) << deep.status();
   }
 
@@ -328,24 +306,6 @@ TEST_F(ServingTest, InvalidGraphReturnsThePartitionersMessage) {
                "node \"h\" (mm): mm inner dimensions differ: [B,8] and [4,4]");
   EXPECT_EQ(client_->GetPlan("bad_graph").status().code(), absl::StatusCode::kNotFound);
   ExpectStillServing();
-}
-
-// A stage server's statistics for one stage of a deployed model, asked the
-// way the coordinator asks (with the cluster token).
-absl::StatusOr<StageStatsResponse> StageStats(const GetPlanResponse& plan, int stage,
-                                              const std::string& token) {
-  auto stub = StageService::NewStub(
-      grpc::CreateChannel(plan.stage_servers(stage), grpc::InsecureChannelCredentials()));
-  grpc::ClientContext ctx;
-  ctx.AddMetadata("pipeserve-cluster-token", token);
-  StageStatsRequest req;
-  req.mutable_key()->set_model(plan.name());
-  req.mutable_key()->set_deployment(plan.deployment());
-  req.mutable_key()->set_stage(stage);
-  StageStatsResponse resp;
-  grpc::Status s = stub->GetStageStats(&ctx, req, &resp);
-  if (!s.ok()) return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
-  return resp;
 }
 
 // Sum of frames the stages dropped (deadline or cancel) for the model.

@@ -68,6 +68,8 @@ ABSL_FLAG(int, default_timeout_s, 60, "deadline for requests that carry none");
 ABSL_FLAG(int, max_queued_requests, 128,
           "requests one model may have queued or running; beyond, RESOURCE_EXHAUSTED at once "
           "(0: no limit)");
+ABSL_FLAG(int, shutdown_grace_s, 25,
+          "on SIGTERM: longest time requests in flight get to finish before the coordinator exits");
 ABSL_FLAG(int, drain_timeout_s, 60,
           "longest a replaced model version may take to finish its requests in flight");
 ABSL_FLAG(int, metrics_port, 8002, "Prometheus GET /metrics port (0: pick one; -1: off)");
@@ -221,6 +223,14 @@ int main(int argc, char** argv) {
   serve.max_receive_bytes = std::max(2, absl::GetFlag(FLAGS_max_message_mb)) * (1 << 20);
   serve.max_threads = absl::GetFlag(FLAGS_max_threads);
   serve.serving = [&] { return coordinator.Serving(); };
+  serve.grace = absl::Seconds(std::max(0, absl::GetFlag(FLAGS_shutdown_grace_s)));
+  serve.drain = [&](absl::Time deadline) {
+    // Requests in flight finish before the server stops: gRPC's own
+    // shutdown cancels a synchronous call still running.
+    if (!coordinator.WaitIdle(deadline)) {
+      std::cerr << "coordinator: grace period over with requests still running\n";
+    }
+  };
   serve.on_started = [&](grpc::Server*) {
     loader = std::thread([&] { coordinator.LoadStoredModels(); });
   };

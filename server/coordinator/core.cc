@@ -413,6 +413,12 @@ bool Coordinator::Admit(const std::string& name) {
   return true;
 }
 
+bool Coordinator::WaitIdle(absl::Time deadline) {
+  absl::MutexLock lock(&admit_mu_);
+  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(admit_mu_) { return admitted_.empty(); };
+  return admit_mu_.AwaitWithDeadline(absl::Condition(&idle), deadline);
+}
+
 void Coordinator::Release(const std::string& name) {
   absl::MutexLock lock(&admit_mu_);
   if (--admitted_[name] <= 0) admitted_.erase(name);

@@ -132,6 +132,10 @@ class Coordinator {
                                             absl::Time deadline,
                                             const std::function<bool()>& cancelled = nullptr);
 
+  // For a graceful shutdown: waits until no request is queued or running,
+  // or `deadline`. True if none is.
+  bool WaitIdle(absl::Time deadline);
+
   // Requests that ran again after a failure, since start.
   uint64_t retried_requests() const { return retried_requests_.load(); }
 

@@ -1,11 +1,14 @@
 #include "server/stage/stage_server_core.h"
 
+#include <atomic>
+
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "partitioner/graph_builder.h"
 #include "partitioner/partition.h"
 #include "runtime/model_file.h"
 #include "server/stage/stage_spec.h"
+#include "server/testing/gated_backend.h"
 
 namespace pipeserve {
 namespace {
@@ -26,9 +29,9 @@ struct Fixture {
   Model model;
   std::vector<StageSpec> specs;
   RecordingDialer dialer;
-  StageServerCore core{{}, &dialer};
+  StageServerCore core;
 
-  Fixture() {
+  explicit Fixture(StageServerOptions options = {}) : core(options, &dialer) {
     GraphBuilder b;
     b.Input("x", {-1, 4}).Param("w", {4, 4});
     b.Op("mm", {"x", "w"}, "h").Split().Op("relu", {"h"}, "y").Output("y");
@@ -164,6 +167,41 @@ TEST(StageServerCoreTest, OnlyTheLastStageHasResults) {
             absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(fx.core.SubscribeResults(fx.specs[1].key(), nullptr).code(),
             absl::StatusCode::kNotFound);
+}
+
+// A graceful shutdown finishes the frames a stage holds.
+TEST(StageServerCoreTest, FinishQueuedWaitsForTheFramesHeldAtTheCall) {
+  Gate gate;
+  StageServerOptions options;
+  options.backend = std::make_shared<GatedBackend>(&gate);
+  options.queue_capacity = 4;
+  Fixture fx(options);
+  const StageKey& key = fx.specs[1].key();
+  ASSERT_TRUE(fx.Load(fx.specs[1]).ok());
+  struct Collect : FrameSink {
+    absl::Status Send(Frame, absl::Time) override {
+      ++frames;
+      return absl::OkStatus();
+    }
+    void Close() override {}
+    std::atomic<int> frames{0};
+  };
+  auto results = std::make_shared<Collect>();
+  ASSERT_TRUE(fx.core.SubscribeResults(key, results).ok());
+  gate.Set(false);
+  std::shared_ptr<FrameSink> in = fx.core.OpenInput(key);
+  for (int m = 0; m < 3; ++m) {
+    Frame f;
+    f.header.set_request_id(1);
+    f.header.set_microbatch(m);
+    f.Add(fx.specs[1].receives(0).name(), Tensor::Zeros({2, 4}));
+    ASSERT_TRUE(in->Send(std::move(f), absl::Now() + absl::Seconds(5)).ok());
+  }
+  ASSERT_TRUE(gate.WaitHeld(1));
+  EXPECT_FALSE(fx.core.FinishQueued(absl::Now() + absl::Milliseconds(50)));
+  gate.Set(true);
+  EXPECT_TRUE(fx.core.FinishQueued(absl::Now() + absl::Seconds(10)));
+  EXPECT_GE(results->frames.load(), 2) << "the queued frames were computed and sent on";
 }
 
 }  // namespace

@@ -26,6 +26,8 @@
 #include "common/credentials.h"
 #include "server/transport/serve.h"
 
+ABSL_FLAG(int, shutdown_grace_s, 25,
+          "on SIGTERM: longest time to finish the frames queued here before exiting");
 ABSL_FLAG(std::string, host, "",
           "address to listen on (default: 127.0.0.1, or 0.0.0.0 with --cluster_cert)");
 ABSL_FLAG(int, port, 9000, "port (0: pick a free one)");
@@ -113,5 +115,15 @@ int main(int argc, char** argv) {
   serve.configure = [](grpc::ServerBuilder& b) {
     pipeserve::SetBulkTransferArgs([&](const char* k, int v) { b.AddChannelArgument(k, v); });
   };
+  serve.grace = absl::Seconds(std::max(0, absl::GetFlag(FLAGS_shutdown_grace_s)));
+  serve.drain = [&core](absl::Time deadline) {
+    // Finish the frames already here; the streams into this server are
+    // then cancelled, and the coordinator runs what did not get through
+    // again on the stage's next server.
+    if (!core.FinishQueued(deadline)) {
+      std::fprintf(stderr, "stage_server: grace period over with frames still queued\n");
+    }
+  };
+  serve.cancel_after_drain = true;  // incoming streams never end by themselves
   return pipeserve::Serve({&service}, serve);
 }

@@ -119,10 +119,17 @@ int Serve(const std::vector<grpc::Service*>& services, const ServeOptions& optio
   sigset_t set = ShutdownSignals();
   int sig = 0;
   sigwait(&set, &sig);
-  std::cerr << options.name << ": shutting down" << std::endl;
+  const absl::Time deadline = absl::Now() + options.grace;
+  std::cerr << options.name << ": shutting down (grace " << options.grace << ")" << std::endl;
   stop_health.Notify();
   if (health.joinable()) health.join();
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  // Load balancers and the coordinator stop sending here first.
+  server->GetHealthCheckService()->SetServingStatus(false);
+  if (options.drain) options.drain(deadline);
+  // Refuses new calls; those in progress get until the deadline.
+  server->Shutdown(options.cancel_after_drain ? std::chrono::system_clock::now()
+                                             : absl::ToChronoTime(deadline));
+  std::cerr << options.name << ": stopped" << std::endl;
   return 0;
 }
 

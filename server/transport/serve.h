@@ -1,7 +1,8 @@
 // Running a gRPC server the way every pipeserve binary does: health
 // checking and reflection on, the chosen port written to a file (for
 // launchers and tests that pick ports at run time), health that follows the
-// server's real state, and a clean shutdown on SIGINT/SIGTERM.
+// server's real state, and a graceful shutdown on SIGINT/SIGTERM (NOT_SERVING
+// at once, work in flight finished within a grace period, exit 0).
 //
 // Where it listens: without TLS, only on loopback unless told otherwise
 // (`allow_insecure`), since a plaintext port hands data and control to
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "grpcpp/grpcpp.h"
 
 namespace pipeserve {
@@ -48,6 +50,15 @@ struct ServeOptions {
   std::function<void(grpc::Server*)> on_started;
   // Extra channel arguments for the server (e.g. bulk transfer tuning).
   std::function<void(grpc::ServerBuilder&)> configure;
+  // On SIGTERM/SIGINT: health turns NOT_SERVING at once, `drain` (if set)
+  // runs until its work in flight is done or the deadline it is given,
+  // then the server stops taking calls and waits for those in progress
+  // until `grace` from the signal is up, cancelling what is left.
+  absl::Duration grace = absl::Seconds(25);
+  std::function<void(absl::Time deadline)> drain;
+  // After `drain`, cancel the calls still in progress at once instead of
+  // waiting out the grace period (for servers whose streams never end).
+  bool cancel_after_drain = false;
 };
 
 // Blocks SIGINT and SIGTERM in the calling thread and in every thread it
