@@ -36,7 +36,10 @@ absl::StatusOr<std::unique_ptr<CoordinatorProcess>> CoordinatorProcess::Start(
   std::string port_file = dir + "/port";
   p->log_ = dir + "/coordinator.log";
   std::string bin = RunfilesRoot() + "/server/coordinator/coordinator";
-  p->cluster_token_ = absl::StrCat("test-cluster-token-", ::getpid(), "-", absl::ToUnixNanos(absl::Now()));
+  p->cluster_token_ = !flags.cluster_token.empty()
+                         ? flags.cluster_token
+                         : absl::StrCat("test-cluster-token-", ::getpid(), "-",
+                                        absl::ToUnixNanos(absl::Now()));
   std::ofstream(dir + "/cluster-token") << p->cluster_token_ << "\n";
   std::vector<std::string> args = {bin, "--port=0", "--host=127.0.0.1",
                                    "--port_file=" + port_file,
@@ -128,6 +131,62 @@ int CoordinatorProcess::Terminate(absl::Duration limit) {
   ::waitpid(pid_, nullptr, 0);
   pid_ = -1;
   return -1;
+}
+
+absl::StatusOr<std::unique_ptr<StageServerProcess>> StageServerProcess::Start(
+    const std::string& cluster_token, std::vector<std::string> extra) {
+  auto p = std::unique_ptr<StageServerProcess>(new StageServerProcess());
+  std::string dir = TempDir("stage_server");
+  std::string port_file = dir + "/port", log = dir + "/stage_server.log";
+  std::ofstream(dir + "/cluster-token") << cluster_token << "\n";
+  std::string bin = RunfilesRoot() + "/server/stage/stage_server";
+  std::vector<std::string> args = {bin, "--port=0", "--host=127.0.0.1", "--device=cpu",
+                                   "--port_file=" + port_file,
+                                   "--cluster_token_file=" + dir + "/cluster-token"};
+  for (const std::string& e : extra) args.push_back(e);
+  pid_t parent = ::getpid();
+  pid_t pid = ::fork();
+  if (pid < 0) return absl::InternalError("fork failed");
+  if (pid == 0) {
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (::getppid() != parent) ::_exit(1);
+    FILE* out = std::fopen(log.c_str(), "w");
+    if (out) {
+      ::dup2(fileno(out), 1);
+      ::dup2(fileno(out), 2);
+    }
+    std::vector<char*> argv;
+    for (std::string& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    ::execv(bin.c_str(), argv.data());
+    ::_exit(127);
+  }
+  p->pid_ = pid;
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  int port = 0;
+  while (absl::Now() < deadline) {
+    std::ifstream in(port_file);
+    if (in >> port && port > 0) break;
+    if (::waitpid(pid, nullptr, WNOHANG) == pid) {
+      p->pid_ = -1;
+      return absl::InternalError(absl::StrCat("stage_server exited at start; log: ", log));
+    }
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  if (port <= 0) return absl::DeadlineExceededError("stage_server wrote no port file");
+  p->address_ = absl::StrCat("127.0.0.1:", port);
+  return p;
+}
+
+StageServerProcess::~StageServerProcess() {
+  if (pid_ <= 0) return;
+  ::kill(pid_, SIGTERM);
+  for (int i = 0; i < 200; ++i) {
+    if (::waitpid(pid_, nullptr, WNOHANG) == pid_) return;
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  ::kill(pid_, SIGKILL);
+  ::waitpid(pid_, nullptr, 0);
 }
 
 absl::StatusOr<StageStatsResponse> StageStats(const GetPlanResponse& plan, int stage,

@@ -24,6 +24,8 @@ namespace pipeserve {
 struct CoordinatorFlags {
   std::string repository;
   std::vector<std::string> extra;  // more --flag=value arguments
+  // The cluster token it shares with its stage servers ("": a new one).
+  std::string cluster_token;
   // How to reach it, for the health check that waits for it (TLS files).
   ClientOptions client;
 };
@@ -57,6 +59,23 @@ class CoordinatorProcess {
   pid_t pid_ = -1;
   int metrics_port_ = 0;
   std::string address_, log_, cluster_token_;
+};
+
+// A stage_server process of its own (for the static launcher), on a port
+// it picks itself, ready once it wrote its port file and accepts
+// connections.
+class StageServerProcess {
+ public:
+  static absl::StatusOr<std::unique_ptr<StageServerProcess>> Start(
+      const std::string& cluster_token, std::vector<std::string> extra = {});
+  // SIGTERM, then waits for it to exit.
+  ~StageServerProcess();
+  const std::string& address() const { return address_; }
+  pid_t pid() const { return pid_; }
+
+ private:
+  pid_t pid_ = -1;
+  std::string address_;
 };
 
 // A stage server's statistics for one stage of a deployed model, asked the

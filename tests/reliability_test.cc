@@ -175,6 +175,57 @@ TEST_F(ReliabilityTest, ReuploadingUnderLoadLosesNoRequest) {
   Report("re-upload of the model", outcomes, uploaded);
 }
 
+// Stage servers that outlive the coordinator (the static launcher, as on
+// Kubernetes) keep their stages; a restarted coordinator adopts them and
+// serves again at once, without sending a weight (same deployment id).
+TEST(RestartTest, ARestartedCoordinatorAdoptsLoadedStagesAndServesAtOnce) {
+  auto dir = MakeFixtures({"example_code"}, 16);
+  ASSERT_TRUE(dir.ok()) << dir.status();
+  auto f = LoadFixture(*dir, "example_code");
+  ASSERT_TRUE(f.ok());
+  const std::string token = absl::StrCat("restart-test-token-", ::getpid());
+  std::vector<std::unique_ptr<StageServerProcess>> servers;
+  std::string list;
+  for (int i = 0; i < 4; ++i) {
+    auto s = StageServerProcess::Start(token);
+    ASSERT_TRUE(s.ok()) << s.status();
+    absl::StrAppend(&list, i ? "," : "", (*s)->address());
+    servers.push_back(*std::move(s));
+  }
+  const std::string repo = TempDir("restart_repo");
+  CoordinatorFlags flags{repo, {"--launcher=static", "--stage_servers=" + list}, token};
+  std::vector<NamedTensor> in;
+  for (int i = 0; i < f->model.graph.inputs_size(); ++i) {
+    in.push_back({f->model.graph.inputs(i).name(), f->inputs[i]});
+  }
+  uint64_t deployment = 0;
+  Tensor want;
+  {
+    auto c = CoordinatorProcess::Start(flags);
+    ASSERT_TRUE(c.ok()) << c.status();
+    auto client = Client::Connect((*c)->address());
+    ASSERT_TRUE((*client)->Upload("m", f->path, {}).ok());
+    deployment = (*client)->GetPlan("m")->deployment();
+    auto out = (*client)->Infer("m", in);
+    ASSERT_TRUE(out.ok()) << out.status();
+    want = (*out)[0].tensor;
+    ASSERT_GE((*c)->Terminate(absl::Seconds(30)), 0);
+  }
+  absl::Time start = absl::Now();
+  auto c = CoordinatorProcess::Start(flags);  // returns once health says SERVING
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto client = Client::Connect((*c)->address());
+  auto out = (*client)->Infer("m", in);
+  const absl::Duration serving_again = absl::Now() - start;
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_TRUE(SameAnswer((*out)[0].tensor, want));
+  EXPECT_EQ((*client)->GetPlan("m")->deployment(), deployment) << "adopted, not loaded again";
+  std::printf("restarted coordinator answered %.2f s after it was started (deployment %llu "
+              "adopted)\n",
+              absl::ToDoubleSeconds(serving_again), static_cast<unsigned long long>(deployment));
+  EXPECT_LT(serving_again, absl::Seconds(2));
+}
+
 // SIGTERM: health turns NOT_SERVING, the request in flight finishes, and
 // the coordinator exits 0 (regression: it gave requests 5 s, whatever
 // they needed).

@@ -190,6 +190,9 @@ int main(int argc, char** argv) {
   options.max_concurrent_uploads = absl::GetFlag(FLAGS_max_concurrent_uploads);
   options.max_queued_requests = std::max(0, absl::GetFlag(FLAGS_max_queued_requests));
   options.drain_timeout = absl::Seconds(std::max(0, absl::GetFlag(FLAGS_drain_timeout_s)));
+  // Static stage servers outlive this process: a restarted coordinator
+  // adopts what they hold instead of loading it again.
+  options.keep_stages_on_exit = !local;
   pipeserve::GrpcStageClient stage_client(*channels, /*send_capacity=*/8);
   pipeserve::Coordinator coordinator(options, *std::move(store), std::move(launcher),
                                      &stage_client);

@@ -71,47 +71,131 @@ Coordinator::~Coordinator() {
     absl::MutexLock lock(&mu_);
     models.swap(models_);
   }
-  for (auto& [name, d] : models) d->Close("the coordinator is shutting down");
+  for (auto& [name, d] : models) {
+    d->Close("the coordinator is shutting down", /*unload=*/!options_.keep_stages_on_exit);
+  }
   CloseDrained(/*all=*/true);
 }
 
 void Coordinator::LoadStoredModels() {
-  // Stages a predecessor loaded would hold their memory for good: nothing
-  // else knows their deployment ids.
+  // What the servers hold already: a predecessor's stages.
   const absl::Time deadline = absl::Now() + absl::Seconds(5);
+  std::vector<HeldStage> held;
   for (const std::string& address : launcher_->ExistingServers()) {
     absl::StatusOr<std::vector<StageKey>> keys = stages_->ListStages(address, deadline);
     if (!keys.ok()) continue;  // not up yet: then it holds nothing either
     for (const StageKey& key : *keys) {
-      stages_->UnloadStage(address, key, deadline).IgnoreError();
+      absl::StatusOr<StageStatsResponse> stats = stages_->GetStageStats(address, key, deadline);
+      held.push_back({address, key, stats.ok() ? stats->fingerprint() : 0, false});
     }
   }
   absl::StatusOr<std::vector<StoredModel>> stored = store_->List();
+  std::vector<StoredModel> to_deploy;
   if (stored.ok()) {
     for (const StoredModel& m : *stored) {
-      absl::StatusOr<std::shared_ptr<Deployment>> d;
-      {
+      std::shared_ptr<Deployment> adopted;
+      if (!held.empty()) {
         absl::MutexLock deploy_lock(&deploy_mu_);
-        d = Deploy(m.name, m.path, m.options, m.bytes);
+        adopted = TryAdopt(m, held);
       }
-      absl::MutexLock lock(&mu_);
-      if (d.ok()) {
-        models_[m.name] = *d;
-        failed_.erase(m.name);
+      if (adopted == nullptr) {
+        to_deploy.push_back(m);
         continue;
       }
-      ModelInfo info;
-      info.name = m.name;
-      info.state = ModelState::kUnavailable;
-      info.reason = std::string(d.status().message());
-      info.bytes = m.bytes;
-      failed_[m.name] = info;
-      // Stage servers may come up later (a Kubernetes rollout): keep trying.
-      ScheduleRepair(m.name);
+      ++adopted_models_;
+      absl::MutexLock lock(&mu_);
+      models_[m.name] = adopted;
     }
+  }
+  // The rest would hold their memory for good: nothing else knows them.
+  for (const HeldStage& h : held) {
+    if (!h.adopted) stages_->UnloadStage(h.address, h.key, deadline).IgnoreError();
+  }
+  for (const StoredModel& m : to_deploy) {
+    absl::StatusOr<std::shared_ptr<Deployment>> d;
+    {
+      absl::MutexLock deploy_lock(&deploy_mu_);
+      d = Deploy(m.name, m.path, m.options, m.bytes);
+    }
+    absl::MutexLock lock(&mu_);
+    if (d.ok()) {
+      models_[m.name] = *d;
+      failed_.erase(m.name);
+      continue;
+    }
+    ModelInfo info;
+    info.name = m.name;
+    info.state = ModelState::kUnavailable;
+    info.reason = std::string(d.status().message());
+    info.bytes = m.bytes;
+    failed_[m.name] = info;
+    // Stage servers may come up later (a Kubernetes rollout): keep trying.
+    ScheduleRepair(m.name);
   }
   absl::MutexLock lock(&mu_);
   loaded_ = true;
+}
+
+std::shared_ptr<Deployment> Coordinator::TryAdopt(const StoredModel& m,
+                                                  std::vector<HeldStage>& held) {
+  absl::StatusOr<std::unique_ptr<ModelFileReader>> file = ModelFileReader::Open(m.path);
+  if (!file.ok()) return nullptr;
+  absl::StatusOr<Plan> plan = PlanFor(m.name, **file, m.options);
+  if (!plan.ok()) return nullptr;
+  absl::StatusOr<std::vector<std::string>> servers = launcher_->ServersFor(plan->stages_size());
+  if (!servers.ok()) return nullptr;
+  DeploymentConfig config = config_;
+  config.threads_per_stage = launcher_->ThreadsPerStage();
+  const std::vector<StageSpec> want = Deployment::Specs(config, m.name, *plan, *servers);
+  // The held stage that is stage `i` of deployment `id`, as it would be
+  // loaded now.
+  auto find = [&](size_t i, uint64_t id) -> HeldStage* {
+    for (HeldStage& h : held) {
+      if (!h.adopted && h.address == (*servers)[i] && h.key.model() == m.name &&
+          h.key.stage() == static_cast<int>(i) && h.key.deployment() == id &&
+          h.fingerprint == want[i].fingerprint()) {
+        return &h;
+      }
+    }
+    return nullptr;
+  };
+  for (const HeldStage& first : held) {
+    if (first.adopted || first.key.model() != m.name || first.key.stage() != 0) continue;
+    const uint64_t id = first.key.deployment();
+    std::vector<HeldStage*> parts;
+    for (size_t i = 0; i < want.size(); ++i) {
+      HeldStage* h = find(i, id);
+      if (h == nullptr) break;
+      parts.push_back(h);
+    }
+    if (parts.size() != want.size()) continue;
+    absl::StatusOr<std::shared_ptr<Deployment>> d =
+        Deployment::Adopt(config, m.name, *plan, m.options, *servers, m.bytes, id);
+    if (!d.ok()) continue;
+    for (HeldStage* h : parts) h->adopted = true;
+    return *d;
+  }
+  return nullptr;
+}
+
+absl::StatusOr<Plan> Coordinator::PlanFor(const std::string& name, const ModelFileReader& file,
+                                          const UploadOptions& options) {
+  PartitionOptions popts;
+  popts.num_stages = options.num_stages();
+  if (popts.num_stages > options_.max_stages) {
+    return absl::InvalidArgumentError(absl::StrCat("num_stages ", popts.num_stages,
+                                                   " is more than this coordinator serves (",
+                                                   options_.max_stages, ", --max_stages)"));
+  }
+  for (const SplitSpecEntry& e : options.split_spec()) popts.split_spec[e.module()] = e.point();
+  ASSIGN_OR_RETURN(Plan plan, Partition(file.graph(), popts));
+  const int n = plan.stages_size();
+  if (n > options_.max_stages) {
+    return absl::InvalidArgumentError(absl::StrCat("model \"", name, "\" cuts into ", n,
+                                                   " stages; this coordinator serves at most ",
+                                                   options_.max_stages, " (--max_stages)"));
+  }
+  return plan;
 }
 
 bool Coordinator::Serving() {
@@ -231,21 +315,8 @@ absl::StatusOr<std::shared_ptr<Deployment>> Coordinator::Deploy(const std::strin
                                                                 const UploadOptions& options,
                                                                 uint64_t bytes) {
   ASSIGN_OR_RETURN(std::unique_ptr<ModelFileReader> file, ModelFileReader::Open(path));
-  PartitionOptions popts;
-  popts.num_stages = options.num_stages();
-  if (popts.num_stages > options_.max_stages) {
-    return absl::InvalidArgumentError(absl::StrCat("num_stages ", popts.num_stages,
-                                                   " is more than this coordinator serves (",
-                                                   options_.max_stages, ", --max_stages)"));
-  }
-  for (const SplitSpecEntry& e : options.split_spec()) popts.split_spec[e.module()] = e.point();
-  ASSIGN_OR_RETURN(Plan plan, Partition(file->graph(), popts));
+  ASSIGN_OR_RETURN(Plan plan, PlanFor(name, *file, options));
   const int n = plan.stages_size();
-  if (n > options_.max_stages) {
-    return absl::InvalidArgumentError(absl::StrCat("model \"", name, "\" cuts into ", n,
-                                                   " stages; this coordinator serves at most ",
-                                                   options_.max_stages, " (--max_stages)"));
-  }
   ASSIGN_OR_RETURN(std::vector<std::string> servers, launcher_->ServersFor(n));
   DeploymentConfig config = config_;
   config.threads_per_stage = launcher_->ThreadsPerStage();

@@ -57,6 +57,10 @@ struct CoordinatorOptions {
   // Longest a replaced version may take to finish its requests in flight
   // before its stages are unloaded anyway.
   absl::Duration drain_timeout = absl::Seconds(60);
+  // Leave the stages loaded when the coordinator goes away, for the next
+  // one to adopt (stage servers that outlive the coordinator: the static
+  // launcher).
+  bool keep_stages_on_exit = false;
 };
 
 class Coordinator {
@@ -67,12 +71,17 @@ class Coordinator {
   // Closes every deployment (unloading its stages).
   ~Coordinator();
 
-  // Unloads whatever stages an earlier coordinator left on the launcher's
-  // existing servers (one coordinator owns its stage servers), then
-  // deploys every model in the store (after a restart). Models that fail
-  // are listed as UNAVAILABLE with the reason and repaired like broken
-  // ones.
+  // Deploys every model in the store (after a restart). A model whose
+  // stages an earlier coordinator left loaded on the launcher's existing
+  // servers, exactly as this one would load them (same fingerprints, see
+  // StageFingerprint), is adopted without sending a weight; every other
+  // stage found there is unloaded (one coordinator owns its stage
+  // servers). Models that fail are listed as UNAVAILABLE with the reason
+  // and repaired like broken ones.
   void LoadStoredModels();
+
+  // Stored models adopted from loaded stages by LoadStoredModels.
+  int adopted_models() const { return adopted_models_.load(); }
 
   // Whether the coordinator can serve: the stored models have been loaded
   // once, and some model is READY (or there is no model at all, so nothing
@@ -146,6 +155,20 @@ class Coordinator {
                                                      uint64_t bytes)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(deploy_mu_);
   std::shared_ptr<Deployment> Current(const std::string& name);
+  // Partitions `file` as `options` say, within max_stages.
+  absl::StatusOr<Plan> PlanFor(const std::string& name, const ModelFileReader& file,
+                               const UploadOptions& options);
+  // A stage loaded on one of the launcher's servers when the coordinator
+  // started.
+  struct HeldStage {
+    std::string address;
+    StageKey key;
+    uint64_t fingerprint = 0;
+    bool adopted = false;
+  };
+  // A deployment of stored model `m` made of stages in `held` (marked
+  // adopted), or null when they do not make one.
+  std::shared_ptr<Deployment> TryAdopt(const StoredModel& m, std::vector<HeldStage>& held);
   // After `failed` (a deployment of `name`) failed a request with `why`:
   // the deployment to run it again on, once there is one that is READY.
   // `failed` itself again if it is still READY (a transient failure),
@@ -183,6 +206,7 @@ class Coordinator {
   std::vector<std::pair<std::shared_ptr<Deployment>, absl::Time>> retired_ ABSL_GUARDED_BY(mu_);
   std::atomic<bool> shutting_down_{false};
   std::atomic<uint64_t> retried_requests_{0};
+  std::atomic<int> adopted_models_{0};
   absl::Mutex admit_mu_;
   std::map<std::string, int> admitted_ ABSL_GUARDED_BY(admit_mu_);
   // Serialises uploads, unloads and deployments (they share stage

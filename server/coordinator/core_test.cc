@@ -436,6 +436,60 @@ TEST_F(CoordinatorTest, ARestartClearsStagesAPredecessorLeftBehind) {
   fresh.reset();
 }
 
+// Issue 9: stage servers keep their stages when the coordinator goes away;
+// the next one adopts them (same fingerprints) without sending a weight.
+TEST_F(CoordinatorTest, ARestartedCoordinatorAdoptsTheStagesItsPredecessorLeft) {
+  CoordinatorOptions o = Options();
+  o.keep_stages_on_exit = true;
+  TearDown();
+  Start(o);
+  Model m = Mlp(4);
+  ASSERT_TRUE(Upload("mlp", m).ok());
+  const uint64_t id = coordinator_->GetModel("mlp")->deployment;
+  coordinator_.reset();
+  EXPECT_EQ(StagesLoaded(), 4) << "kept for the next coordinator";
+  const int loads = stages_->load_calls();
+  std::vector<std::string> addresses;
+  for (int i = 0; i < kServers; ++i) addresses.push_back(absl::StrCat("s", i, ":9000"));
+  coordinator_ = std::make_unique<Coordinator>(o, *OpenFileModelStore(repo_),
+                                               MakeStaticLauncher(addresses), stages_.get());
+  coordinator_->LoadStoredModels();
+  EXPECT_EQ(coordinator_->adopted_models(), 1);
+  EXPECT_EQ(stages_->load_calls(), loads) << "no weight was sent again";
+  EXPECT_EQ(coordinator_->GetModel("mlp")->deployment, id);
+  EXPECT_EQ(StagesLoaded(), 4);
+  std::vector<Tensor> in = {Ramp({5, 8}, 1), Ramp({5, 8}, 2)};
+  auto out = coordinator_->Infer("mlp", in, absl::Now() + absl::Seconds(20));
+  ASSERT_TRUE(out.ok()) << out.status();
+  ExpectEqual((*out)[0], Expected(m, in)[0]);
+}
+
+// A predecessor's deployment missing a stage is not adopted: its stages
+// are unloaded and the model is loaded afresh.
+TEST_F(CoordinatorTest, AnIncompleteLeftoverDeploymentIsReloadedNotAdopted) {
+  CoordinatorOptions o = Options();
+  o.keep_stages_on_exit = true;
+  TearDown();
+  Start(o);
+  ASSERT_TRUE(Upload("mlp", Mlp(4)).ok());
+  ModelInfo before = *coordinator_->GetModel("mlp");
+  coordinator_.reset();
+  StageKey lost;
+  lost.set_model("mlp");
+  lost.set_deployment(before.deployment);
+  lost.set_stage(2);
+  ASSERT_TRUE(stages_->Server(before.servers[2])->Unload(lost).ok());
+  std::vector<std::string> addresses;
+  for (int i = 0; i < kServers; ++i) addresses.push_back(absl::StrCat("s", i, ":9000"));
+  coordinator_ = std::make_unique<Coordinator>(o, *OpenFileModelStore(repo_),
+                                               MakeStaticLauncher(addresses), stages_.get());
+  coordinator_->LoadStoredModels();
+  EXPECT_EQ(coordinator_->adopted_models(), 0);
+  ASSERT_EQ(coordinator_->GetModel("mlp")->state, ModelState::kReady);
+  EXPECT_NE(coordinator_->GetModel("mlp")->deployment, before.deployment);
+  EXPECT_EQ(StagesLoaded(), 4) << "the leftover stages were unloaded";
+}
+
 // Found by fuzzing: an upload whose model returns one of its weights
 // crashed the coordinator (an exception in Partition).
 TEST_F(CoordinatorTest, AModelThatReturnsAWeightIsServed) {

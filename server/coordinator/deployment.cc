@@ -77,10 +77,10 @@ Deployment::Deployment(const DeploymentConfig& config, ModelInfo info,
 
 Deployment::~Deployment() { Close("the deployment was dropped"); }
 
-absl::StatusOr<std::shared_ptr<Deployment>> Deployment::Create(
-    const DeploymentConfig& config, const std::string& name, const ModelFileReader& file,
-    const Plan& plan, const UploadOptions& options, std::vector<std::string> servers,
-    uint64_t bytes) {
+absl::StatusOr<std::shared_ptr<Deployment>> Deployment::Make(
+    const DeploymentConfig& config, const std::string& name, const Plan& plan,
+    const UploadOptions& options, std::vector<std::string> servers, uint64_t bytes,
+    uint64_t id) {
   const int n = plan.stages_size();
   if (n < 1 || static_cast<int>(servers.size()) != n) {
     return absl::InternalError(absl::StrCat("a plan of ", n, " stages got ", servers.size(),
@@ -97,13 +97,27 @@ absl::StatusOr<std::shared_ptr<Deployment>> Deployment::Create(
   info.name = name;
   info.plan = std::make_shared<const Plan>(plan);
   info.servers = servers;
-  info.deployment = NewDeploymentId();
+  info.deployment = id;
   info.bytes = bytes;
   info.microbatches = microbatches;
   std::vector<StageSpec> specs =
       MakeStageSpecs(plan, name, info.deployment, servers, config.threads_per_stage);
-  std::shared_ptr<Deployment> d(new Deployment(config, std::move(info), std::move(specs)));
+  return std::shared_ptr<Deployment>(new Deployment(config, std::move(info), std::move(specs)));
+}
 
+std::vector<StageSpec> Deployment::Specs(const DeploymentConfig& config, const std::string& name,
+                                         const Plan& plan,
+                                         const std::vector<std::string>& servers) {
+  return MakeStageSpecs(plan, name, 0, servers, config.threads_per_stage);
+}
+
+absl::StatusOr<std::shared_ptr<Deployment>> Deployment::Create(
+    const DeploymentConfig& config, const std::string& name, const ModelFileReader& file,
+    const Plan& plan, const UploadOptions& options, std::vector<std::string> servers,
+    uint64_t bytes) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Deployment> d,
+                   Make(config, name, plan, options, std::move(servers), bytes,
+                        NewDeploymentId()));
   // Load from the last stage back, so each stage's next hop is ready
   // before anything can flow into it.
   const absl::Time deadline = absl::Now() + config.load_timeout;
@@ -111,42 +125,56 @@ absl::StatusOr<std::shared_ptr<Deployment>> Deployment::Create(
     return file.Read(fqn, offset, len, out);
   };
   absl::Status s;
-  for (int i = n - 1; i >= 0 && s.ok(); --i) {
-    s = config.stages->LoadStage(servers[i], d->specs_[i], read, deadline);
+  for (int i = static_cast<int>(d->specs_.size()) - 1; i >= 0 && s.ok(); --i) {
+    s = config.stages->LoadStage(d->servers_[i], d->specs_[i], read, deadline);
   }
-  if (s.ok()) {
-    std::weak_ptr<Deployment> weak = d;
-    const std::string last = servers[n - 1];
-    absl::StatusOr<std::unique_ptr<StageClient::Subscription>> results =
-        config.stages->SubscribeResults(
-            last, d->specs_[n - 1].key(),
-            [weak](Frame f) {
-              if (auto dep = weak.lock()) dep->Deliver(std::move(f));
-            },
-            [weak, last](const absl::Status& end) {
-              auto dep = weak.lock();
-              if (dep == nullptr) return;
-              std::string why = absl::StrCat("the results stream from the last stage (", last,
-                                             ") ended: ", end.message());
-              if (dep->Break(why) && dep->config_.on_broken) {
-                dep->config_.on_broken(dep->name_);
-              }
-            },
-            deadline);
-    if (results.ok()) {
-      d->results_ = *std::move(results);
-    } else {
-      s = results.status();
-    }
-  }
+  if (s.ok()) s = d->Connect(deadline);
   if (!s.ok()) {
     d->Close(absl::StrCat("deploying failed: ", s.message()));
     return s;
   }
-  d->input_ = config.stages->OpenInput(servers[0], d->specs_[0].key());
-  absl::MutexLock lock(&d->mu_);
-  d->info_.state = ModelState::kReady;
   return d;
+}
+
+absl::StatusOr<std::shared_ptr<Deployment>> Deployment::Adopt(
+    const DeploymentConfig& config, const std::string& name, const Plan& plan,
+    const UploadOptions& options, std::vector<std::string> servers, uint64_t bytes,
+    uint64_t id) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Deployment> d,
+                   Make(config, name, plan, options, std::move(servers), bytes, id));
+  absl::Status s = d->Connect(absl::Now() + config.load_timeout);
+  if (!s.ok()) {
+    // Its stages stay for the caller to unload or keep.
+    d->Close(absl::StrCat("adopting failed: ", s.message()), /*unload=*/false);
+    return s;
+  }
+  return d;
+}
+
+absl::Status Deployment::Connect(absl::Time deadline) {
+  const int n = static_cast<int>(specs_.size());
+  std::weak_ptr<Deployment> weak = shared_from_this();
+  const std::string last = servers_[n - 1];
+  absl::StatusOr<std::unique_ptr<StageClient::Subscription>> results =
+      config_.stages->SubscribeResults(
+          last, specs_[n - 1].key(),
+          [weak](Frame f) {
+            if (auto dep = weak.lock()) dep->Deliver(std::move(f));
+          },
+          [weak, last](const absl::Status& end) {
+            auto dep = weak.lock();
+            if (dep == nullptr) return;
+            std::string why = absl::StrCat("the results stream from the last stage (", last,
+                                           ") ended: ", end.message());
+            if (dep->Break(why) && dep->config_.on_broken) dep->config_.on_broken(dep->name_);
+          },
+          deadline);
+  if (!results.ok()) return results.status();
+  results_ = *std::move(results);
+  input_ = config_.stages->OpenInput(servers_[0], specs_[0].key());
+  absl::MutexLock lock(&mu_);
+  info_.state = ModelState::kReady;
+  return absl::OkStatus();
 }
 
 ModelInfo Deployment::Info() const {
@@ -420,7 +448,7 @@ void Deployment::UnloadStages() {
   }
 }
 
-void Deployment::Close(const std::string& why) {
+void Deployment::Close(const std::string& why, bool unload) {
   absl::MutexLock close_lock(&close_mu_);
   if (closed_) return;
   closed_ = true;
@@ -433,7 +461,7 @@ void Deployment::Close(const std::string& why) {
   }
   if (input_) input_->Close();
   results_.reset();  // ends the subscription
-  UnloadStages();
+  if (unload) UnloadStages();
 }
 
 }  // namespace pipeserve

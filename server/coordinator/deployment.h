@@ -64,7 +64,7 @@ struct DeploymentConfig {
   std::function<void(const std::string&)> on_broken;
 };
 
-class Deployment {
+class Deployment : public std::enable_shared_from_this<Deployment> {
  public:
   // Partitions `file`'s graph as `options` say, loads every stage on
   // `servers` (one per stage), subscribes to the results and opens stage
@@ -75,6 +75,20 @@ class Deployment {
       const DeploymentConfig& config, const std::string& name, const ModelFileReader& file,
       const Plan& plan, const UploadOptions& options, std::vector<std::string> servers,
       uint64_t bytes);
+
+  // A deployment of stages already loaded under deployment id `id` (left
+  // by a coordinator that went away, see Specs): subscribes to the results
+  // and opens stage 0's input without sending a weight. On error nothing
+  // is unloaded.
+  static absl::StatusOr<std::shared_ptr<Deployment>> Adopt(
+      const DeploymentConfig& config, const std::string& name, const Plan& plan,
+      const UploadOptions& options, std::vector<std::string> servers, uint64_t bytes,
+      uint64_t id);
+
+  // The specs Create would load (deployment id 0): their fingerprints say
+  // which loaded stages Adopt can take over.
+  static std::vector<StageSpec> Specs(const DeploymentConfig& config, const std::string& name,
+                                      const Plan& plan, const std::vector<std::string>& servers);
 
   ~Deployment();
 
@@ -113,8 +127,9 @@ class Deployment {
   int InFlight() const;
 
   // Stops serving: fails requests in flight with kUnavailable(why), closes
-  // the streams and unloads every stage. Idempotent.
-  void Close(const std::string& why);
+  // the streams and unloads every stage (or, with `unload` false, leaves
+  // them loaded for a coordinator that comes after). Idempotent.
+  void Close(const std::string& why, bool unload = true);
 
   // Frames that came back for no request in flight (late, or injected).
   uint64_t stray_frames() const { return stray_frames_.load(); }
@@ -122,6 +137,13 @@ class Deployment {
  private:
   struct Pending;
   Deployment(const DeploymentConfig& config, ModelInfo info, std::vector<StageSpec> specs);
+  static absl::StatusOr<std::shared_ptr<Deployment>> Make(
+      const DeploymentConfig& config, const std::string& name, const Plan& plan,
+      const UploadOptions& options, std::vector<std::string> servers, uint64_t bytes,
+      uint64_t id);
+  // Subscribes to the last stage's results and opens stage 0's input;
+  // READY once done.
+  absl::Status Connect(absl::Time deadline);
 
   // Handles one frame from the last stage.
   void Deliver(Frame frame);

@@ -158,6 +158,7 @@ absl::StatusOr<std::shared_ptr<StageServerCore>> InProcessStages::Reach(
 
 absl::Status InProcessStages::LoadStage(const std::string& address, const StageSpec& spec,
                                         const WeightReader& weights, absl::Time) {
+  ++load_calls_;
   ASSIGN_OR_RETURN(std::shared_ptr<StageServerCore> server, Reach(address));
   ASSIGN_OR_RETURN(std::unique_ptr<StageServerCore::Load> load, server->BeginLoad(spec));
   std::string buffer;

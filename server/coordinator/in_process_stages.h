@@ -12,6 +12,7 @@
 #ifndef PIPESERVE_SERVER_COORDINATOR_IN_PROCESS_STAGES_H_
 #define PIPESERVE_SERVER_COORDINATOR_IN_PROCESS_STAGES_H_
 
+#include <atomic>
 #include <map>
 #include <memory>
 #include <string>
@@ -34,6 +35,8 @@ class InProcessStages : public StageClient, public Dialer {
   void KillServer(const std::string& address);
   // The server at `address`, or null; shared so a test can hold it.
   std::shared_ptr<StageServerCore> Server(const std::string& address);
+  // LoadStage calls so far (each sends a stage's weights).
+  int load_calls() const { return load_calls_.load(); }
 
   // StageClient
   absl::Status LoadStage(const std::string& address, const StageSpec& spec,
@@ -57,6 +60,7 @@ class InProcessStages : public StageClient, public Dialer {
   absl::StatusOr<std::shared_ptr<StageServerCore>> Reach(const std::string& address);
 
   const StageServerOptions options_;
+  std::atomic<int> load_calls_{0};
   absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<StageServerCore>> servers_ ABSL_GUARDED_BY(mu_);
 };

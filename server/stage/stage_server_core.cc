@@ -245,6 +245,7 @@ absl::StatusOr<StageStatsResponse> StageServerCore::Stats(const StageKey& key) {
   r.set_downstream_error(s.downstream_error);
   r.set_last_stage(host->last_stage());
   r.set_results_subscribed(host->last_stage() && s.has_sink);
+  r.set_fingerprint(host->spec().fingerprint());
   return r;
 }
 

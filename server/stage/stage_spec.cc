@@ -154,8 +154,23 @@ std::vector<StageSpec> MakeStageSpecs(const Plan& plan, const std::string& model
       spec.set_next_address(servers[i + 1]);
     }
     spec.set_threads(threads);
+    spec.set_fingerprint(StageFingerprint(spec));
   }
   return out;
+}
+
+uint64_t StageFingerprint(const StageSpec& spec) {
+  StageSpec bare = spec;
+  bare.mutable_key()->clear_deployment();
+  bare.clear_fingerprint();
+  std::string bytes;
+  bare.SerializeToString(&bytes);
+  uint64_t h = 14695981039346656037ull;
+  for (unsigned char c : bytes) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  return h;
 }
 
 }  // namespace pipeserve

@@ -31,10 +31,16 @@ absl::Status ValidateStageSpec(const StageSpec& spec, uint64_t max_weight_bytes 
 
 // One spec per stage of `plan`; servers[i] is stage i's server address
 // (so stage i's next_address is servers[i + 1]). `threads`: GEMM threads
-// per stage, 0 for the server's default.
+// per stage, 0 for the server's default. Each carries its fingerprint.
 std::vector<StageSpec> MakeStageSpecs(const Plan& plan, const std::string& model,
                                       uint64_t deployment, const std::vector<std::string>& servers,
                                       int threads);
+
+// A 64-bit FNV-1a hash of everything in `spec` but its deployment id and
+// fingerprint: the stage graph with each weight's CRC-32, what it
+// receives and forwards, where it sends, its threads. Equal for the same
+// stage of the same model file, options and servers, in any process.
+uint64_t StageFingerprint(const StageSpec& spec);
 
 }  // namespace pipeserve
 
