@@ -372,13 +372,40 @@ class SchemaTest(unittest.TestCase):
         self.assertIn(run.returncode, (0, 1), run.stderr)
         return run.returncode, run.stdout.splitlines()
 
+    def test_pods_get_longer_to_stop_than_the_servers_grace_period(self):
+        # SIGTERM → the server's --shutdown_grace_s → exit 0; the kubelet's
+        # SIGKILL must never come first (preStop time counts against it).
+        for path in MANIFESTS:
+            for doc in load(path):
+                if doc["kind"] not in ("Deployment", "StatefulSet"):
+                    continue
+                pod = doc["spec"]["template"]["spec"]
+                for c in pod["containers"]:
+                    grace = [int(a.split("=", 1)[1]) for a in c["args"]
+                             if a.startswith("--shutdown_grace_s=")]
+                    self.assertEqual(len(grace), 1, f"{path} {c['name']}")
+                    pre = c.get("lifecycle", {}).get("preStop", {})
+                    sleep = pre.get("exec", {}).get("command", [None, "0"])
+                    pre_s = int(sleep[1]) if sleep[0] == "sleep" else 0
+                    self.assertGreaterEqual(
+                        pod.get("terminationGracePeriodSeconds", 30),
+                        grace[0] + pre_s + 5, f"{path} {c['name']}")
+
+    def test_a_disruption_budget_takes_one_stage_server_at_a_time(self):
+        docs = load("deploy/k8s/stages.yaml")
+        pdb = find(docs, "PodDisruptionBudget")
+        sts = find(docs, "StatefulSet", "stage")
+        self.assertEqual(pdb["spec"]["maxUnavailable"], 1)
+        self.assertEqual(pdb["spec"]["selector"]["matchLabels"],
+                         sts["spec"]["selector"]["matchLabels"])
+
     def test_manifests_match_the_kubernetes_schemas(self):
         named = []
         for path in MANIFESTS:
             for i, doc in enumerate(load(path)):
                 named.append((f"{path} #{i} {doc.get('kind')} "
                               f"{doc.get('metadata', {}).get('name')}", doc))
-        self.assertEqual(len(named), 6)
+        self.assertEqual(len(named), 7)
         rc, problems = self.validate(named)
         self.assertEqual(problems, [])
         self.assertEqual(rc, 0)
