@@ -429,6 +429,54 @@ TEST_F(ServingTest, KServeMetadataReadinessAndRepositoryIndex) {
   EXPECT_TRUE(names.count("example_code") && names.count("param_alias"));
 }
 
+// Each upload of a name is its next version: metadata, the repository
+// index and responses say which; a request naming another is NOT_FOUND.
+TEST_F(ServingTest, ReuploadsAreNumberedVersionsThatRequestsMayName) {
+  Fixture f = Load("multi_mlp");
+  const std::string path = absl::StrCat(*fixtures_, "/multi_mlp/model.psm");
+  ASSERT_TRUE(client_->Upload("versioned", path, {}).ok());
+  ASSERT_TRUE(client_->Upload("versioned", path, {}).ok());
+  auto meta = client_->ModelMetadata("versioned");
+  ASSERT_TRUE(meta.ok()) << meta.status();
+  ASSERT_EQ(meta->versions_size(), 1);
+  EXPECT_EQ(meta->versions(0), "2");
+  auto stub = inference::GRPCInferenceService::NewStub(
+      grpc::CreateChannel(coordinator_->address(), grpc::InsecureChannelCredentials()));
+  auto request = [&](const std::string& version) {
+    inference::ModelInferRequest req;
+    req.set_model_name("versioned");
+    req.set_model_version(version);
+    for (int i = 0; i < 2; ++i) {
+      auto* in = req.add_inputs();
+      in->set_name(f.model.graph.inputs(i).name());
+      in->set_datatype("FP32");
+      for (int64_t d : f.inputs[i].shape()) in->add_shape(d);
+      req.add_raw_input_contents(std::string(reinterpret_cast<const char*>(f.inputs[i].data()),
+                                             f.inputs[i].byte_size()));
+    }
+    return req;
+  };
+  for (const char* version : {"", "2"}) {
+    grpc::ClientContext ctx;
+    inference::ModelInferResponse resp;
+    grpc::Status s = stub->ModelInfer(&ctx, request(version), &resp);
+    ASSERT_TRUE(s.ok()) << version << ": " << s.error_message();
+    EXPECT_EQ(resp.model_version(), "2");
+  }
+  grpc::ClientContext ctx;
+  inference::ModelInferResponse resp;
+  grpc::Status old = stub->ModelInfer(&ctx, request("1"), &resp);
+  EXPECT_EQ(old.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_THAT(old.error_message(), HasSubstr("serves version 2"));
+  grpc::ClientContext index_ctx;
+  inference::RepositoryIndexResponse index;
+  ASSERT_TRUE(stub->RepositoryIndex(&index_ctx, {}, &index).ok());
+  for (const auto& m : index.models()) {
+    if (m.name() == "versioned") EXPECT_EQ(m.version(), "2");
+  }
+  ASSERT_TRUE(client_->Unload("versioned").ok());
+}
+
 TEST_F(ServingTest, StreamInferAnswersEveryRequestOnTheStream) {
   Fixture f = Load("multi_mlp");
   auto channel = grpc::CreateChannel(coordinator_->address(), grpc::InsecureChannelCredentials());

@@ -32,6 +32,7 @@ class LimitedUpload : public PendingUpload {
   uint32_t crc32() const override { return inner_->crc32(); }
   const std::string& path() const override { return inner_->path(); }
   absl::Status Commit(const UploadOptions& options) override { return inner_->Commit(options); }
+  int64_t version() const override { return inner_->version(); }
 
  private:
   const std::unique_ptr<PendingUpload> inner_;
@@ -103,6 +104,7 @@ void Coordinator::LoadStoredModels() {
         continue;
       }
       ++adopted_models_;
+      adopted->set_version(m.version);
       absl::MutexLock lock(&mu_);
       models_[m.name] = adopted;
     }
@@ -119,6 +121,7 @@ void Coordinator::LoadStoredModels() {
     }
     absl::MutexLock lock(&mu_);
     if (d.ok()) {
+      (*d)->set_version(m.version);
       models_[m.name] = *d;
       failed_.erase(m.name);
       continue;
@@ -254,6 +257,7 @@ absl::StatusOr<UploadResponse> Coordinator::FinishUpload(const std::string& name
     d->Close("the upload could not be stored");
     return committed;
   }
+  d->set_version(upload->version());
   std::shared_ptr<Deployment> old;
   {
     absl::MutexLock lock(&mu_);
@@ -355,10 +359,12 @@ void Coordinator::Repair(const std::string& name) {
       info.state = ModelState::kUnavailable;
       info.reason = why;
       info.bytes = m->bytes;
+      info.version = m->version;
     }
     ScheduleRepair(name);
     return;
   }
+  (*d)->set_version(m->version);
   {
     absl::MutexLock lock(&mu_);
     models_[name] = *d;
@@ -513,7 +519,8 @@ bool SameSignature(const Plan& a, const Plan& b) {
 
 absl::StatusOr<std::shared_ptr<Deployment>> Coordinator::AwaitDeployment(
     const std::string& name, const std::shared_ptr<Deployment>& failed, const absl::Status& why,
-    absl::Time deadline, absl::Duration backoff, const std::function<bool()>& cancelled) {
+    absl::Time deadline, absl::Duration backoff, const std::function<bool()>& cancelled,
+    int64_t pinned_version) {
   // The first look comes after `backoff`, so a transient failure is not
   // retried in a tight loop; a new deployment ends the wait at once.
   absl::Time not_before = absl::Now() + backoff;
@@ -547,6 +554,11 @@ absl::StatusOr<std::shared_ptr<Deployment>> Coordinator::AwaitDeployment(
     }
     if (current == nullptr && !repairing) return why;  // unloaded
     if (current != nullptr && current->Info().state == ModelState::kReady) {
+      if (pinned_version != 0 && current->version() != pinned_version) {
+        return absl::UnavailableError(absl::StrCat(
+            why.message(), "; the request named version ", pinned_version, ", and model \"",
+            name, "\" is now version ", current->version()));
+      }
       if (current != failed && !SameSignature(failed->plan(), current->plan())) {
         return absl::UnavailableError(absl::StrCat(
             why.message(), "; the model now serving under the name takes other inputs or "
@@ -562,7 +574,9 @@ absl::StatusOr<std::shared_ptr<Deployment>> Coordinator::AwaitDeployment(
 absl::StatusOr<std::vector<Tensor>> Coordinator::InferOn(std::shared_ptr<Deployment> model,
                                                          const std::vector<Tensor>& inputs,
                                                          absl::Time deadline,
-                                                         const std::function<bool()>& cancelled) {
+                                                         const std::function<bool()>& cancelled,
+                                                         int64_t pinned_version,
+                                                         int64_t* answered_version) {
   const std::string name = model->Info().name;
   if (!Admit(name)) {
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -579,9 +593,10 @@ absl::StatusOr<std::vector<Tensor>> Coordinator::InferOn(std::shared_ptr<Deploym
   absl::Duration backoff = absl::Milliseconds(10);
   while (true) {
     absl::StatusOr<std::vector<Tensor>> out = model->Infer(inputs, deadline, cancelled);
+    if (out.ok() && answered_version != nullptr) *answered_version = model->version();
     if (out.ok() || out.status().code() != absl::StatusCode::kUnavailable) return out;
-    ASSIGN_OR_RETURN(model,
-                     AwaitDeployment(name, model, out.status(), deadline, backoff, cancelled));
+    ASSIGN_OR_RETURN(model, AwaitDeployment(name, model, out.status(), deadline, backoff,
+                                            cancelled, pinned_version));
     backoff = std::min(backoff * 2, absl::Milliseconds(200));
     ++retried_requests_;
   }

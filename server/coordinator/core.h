@@ -130,10 +130,15 @@ class Coordinator {
   // kDeadlineExceeded when the deadline passes while waiting (naming the
   // failure waited out); kResourceExhausted when max_queued_requests of
   // the model are queued or running already.
+  // With `pinned_version` (not 0) the request runs only on that version
+  // (a repair keeps it; a new upload does not). `answered_version`, when
+  // not null, gets the version that answered.
   absl::StatusOr<std::vector<Tensor>> InferOn(std::shared_ptr<Deployment> model,
                                               const std::vector<Tensor>& inputs,
                                               absl::Time deadline,
-                                              const std::function<bool()>& cancelled = nullptr);
+                                              const std::function<bool()>& cancelled = nullptr,
+                                              int64_t pinned_version = 0,
+                                              int64_t* answered_version = nullptr);
 
   // Find(model), then InferOn it.
   absl::StatusOr<std::vector<Tensor>> Infer(const std::string& model,
@@ -176,7 +181,7 @@ class Coordinator {
   absl::StatusOr<std::shared_ptr<Deployment>> AwaitDeployment(
       const std::string& name, const std::shared_ptr<Deployment>& failed,
       const absl::Status& why, absl::Time deadline, absl::Duration backoff,
-      const std::function<bool()>& cancelled);
+      const std::function<bool()>& cancelled, int64_t pinned_version);
   // Counts a request against its model's queue limit; false when full.
   bool Admit(const std::string& name);
   void Release(const std::string& name);

@@ -621,6 +621,20 @@ TEST_F(CoordinatorTest, ARequestOnAReplacedVersionMovesToTheNewOne) {
   ExpectEqual((*out)[0], Expected(v2, in)[0]);
 }
 
+// A request that named its version does not move to another one.
+TEST_F(CoordinatorTest, ARequestPinnedToAVersionDoesNotMoveToTheNextOne) {
+  ASSERT_TRUE(Upload("m", Mlp(2, 8, /*seed=*/1)).ok());
+  auto old = coordinator_->Find("m");
+  ASSERT_TRUE(old.ok());
+  EXPECT_EQ((*old)->version(), 1);
+  ASSERT_TRUE(Upload("m", Mlp(2, 8, /*seed=*/2)).ok());
+  EXPECT_EQ(coordinator_->GetModel("m")->version, 2);
+  auto out = coordinator_->InferOn(*old, {Ramp({2, 8}, 1), Ramp({2, 8}, 1)},
+                                   absl::Now() + absl::Seconds(5), nullptr, /*pinned_version=*/1);
+  EXPECT_EQ(out.status().code(), absl::StatusCode::kUnavailable) << out.status();
+  EXPECT_THAT(std::string(out.status().message()), HasSubstr("named version 1"));
+}
+
 TEST_F(CoordinatorTest, RequestsBeyondTheModelsQueueAreResourceExhaustedAtOnce) {
   CoordinatorOptions o = Options();
   o.max_queued_requests = 2;

@@ -182,6 +182,16 @@ ModelInfo Deployment::Info() const {
   return info_;
 }
 
+int64_t Deployment::version() const {
+  absl::MutexLock lock(&mu_);
+  return info_.version;
+}
+
+void Deployment::set_version(int64_t version) {
+  absl::MutexLock lock(&mu_);
+  info_.version = version;
+}
+
 absl::Status Deployment::CheckOutputs(const Frame& frame, const Pending& p) const {
   const int m = frame.header.microbatch();
   if (frame.tensors.size() != static_cast<size_t>(plan_->outputs_size()) ||

@@ -44,6 +44,7 @@ struct ModelInfo {
   uint64_t deployment = 0;
   int microbatches = 0;
   uint64_t bytes = 0;
+  int64_t version = 1;  // the store's version of the upload (KServe model_version)
 };
 
 // What every deployment of a coordinator shares.
@@ -93,6 +94,8 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   ~Deployment();
 
   ModelInfo Info() const;
+  int64_t version() const;
+  void set_version(int64_t version);
   const Plan& plan() const { return *plan_; }
 
   // Runs `inputs` (in the plan's input order) through the pipeline in the

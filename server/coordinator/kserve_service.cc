@@ -11,11 +11,12 @@
 namespace pipeserve {
 namespace {
 
-absl::Status CheckVersion(const std::string& model, const std::string& version) {
-  if (version.empty() || version == kModelVersion) return absl::OkStatus();
+// A request's model_version against the version serving: "" for any.
+absl::Status CheckVersion(const std::string& model, int64_t serving, const std::string& version) {
+  if (version.empty() || version == absl::StrCat(serving)) return absl::OkStatus();
   return absl::NotFoundError(absl::StrCat("model \"", model, "\" has no version \"",
-                                          version.substr(0, 64), "\" (pipeserve serves version ",
-                                          kModelVersion, ")"));
+                                          version.substr(0, 64), "\" (it serves version ",
+                                          serving, "; each upload of a name is its next version)"));
 }
 
 absl::Time DeadlineOf(grpc::ServerContext* ctx) {
@@ -65,8 +66,9 @@ absl::StatusOr<ModelInfo> KServeService::GetModel(const grpc::ServerContext& ctx
                                                   const std::string& version) {
   RETURN_IF_ERROR(AuthorizeCall(tokens_, ctx, Scope::kInfer));
   RETURN_IF_ERROR(ValidModelName(name));
-  RETURN_IF_ERROR(CheckVersion(name, version));
-  return coordinator_->GetModel(name);
+  ASSIGN_OR_RETURN(ModelInfo info, coordinator_->GetModel(name));
+  RETURN_IF_ERROR(CheckVersion(name, info.version, version));
+  return info;
 }
 
 grpc::Status KServeService::ModelReady(grpc::ServerContext* ctx,
@@ -96,7 +98,7 @@ grpc::Status KServeService::ModelMetadata(grpc::ServerContext* ctx,
   absl::StatusOr<ModelInfo> info = GetModel(*ctx, req->name(), req->version());
   if (!info.ok()) return ToGrpcStatus(info.status());
   resp->set_name(info->name);
-  resp->add_versions(kModelVersion);
+  resp->add_versions(absl::StrCat(info->version));
   resp->set_platform("pipeserve");
   for (const ValueSpec& in : info->plan->inputs()) AddTensorMetadata(in, resp->mutable_inputs());
   for (const ValueSpec& out : info->plan->outputs()) AddTensorMetadata(out, resp->mutable_outputs());
@@ -125,15 +127,20 @@ absl::Status KServeService::InferUnmetered(const inference::ModelInferRequest& r
                                            const std::function<bool()>& cancelled,
                                            inference::ModelInferResponse* resp) {
   RETURN_IF_ERROR(ValidModelName(req.model_name()));
-  RETURN_IF_ERROR(CheckVersion(req.model_name(), req.model_version()));
   // One deployment for the whole request: its plan checks the inputs, runs
-  // them, and names the outputs.
+  // them, and names the outputs (a retry moves only to one with the same
+  // signature, and only to the same version if the request named one).
   ASSIGN_OR_RETURN(std::shared_ptr<Deployment> model, coordinator_->Find(req.model_name()));
+  const int64_t serving = model->version();
+  RETURN_IF_ERROR(CheckVersion(req.model_name(), serving, req.model_version()));
   ASSIGN_OR_RETURN(std::vector<Tensor> inputs, ParseInferInputs(req, model->plan()));
   ASSIGN_OR_RETURN(std::vector<int> chosen, ChooseOutputs(req, model->plan()));
+  int64_t answered = serving;
   ASSIGN_OR_RETURN(std::vector<Tensor> outputs,
-                   coordinator_->InferOn(model, inputs, deadline, cancelled));
+                   coordinator_->InferOn(model, inputs, deadline, cancelled,
+                                         req.model_version().empty() ? 0 : serving, &answered));
   BuildInferResponse(req, model->plan(), chosen, outputs, resp);
+  resp->set_model_version(absl::StrCat(answered));
   return absl::OkStatus();
 }
 
@@ -209,7 +216,7 @@ grpc::Status KServeService::RepositoryIndex(grpc::ServerContext* ctx,
     if (req->ready() && m.state != ModelState::kReady) continue;
     auto* idx = resp->add_models();
     idx->set_name(m.name);
-    idx->set_version(kModelVersion);
+    idx->set_version(absl::StrCat(m.version));
     idx->set_state(ModelStateName(m.state));
     idx->set_reason(m.reason);
   }

@@ -31,6 +31,16 @@ absl::Status SyncPath(const std::string& path) {
   return rc == 0 ? absl::OkStatus() : Errno("fsync " + path);
 }
 
+// The version number stored in `dir`/version; `missing` when there is
+// none (a store written before versions were, counts as version 1).
+int64_t ReadVersion(const std::string& dir, int64_t missing) {
+  std::error_code ec;
+  if (!fs::exists(dir, ec)) return missing;
+  std::ifstream in(dir + "/version");
+  int64_t v = 0;
+  return (in >> v && v > 0) ? v : 1;
+}
+
 class FilePendingUpload : public PendingUpload {
  public:
   FilePendingUpload(std::string root, std::string name, std::string dir)
@@ -55,6 +65,7 @@ class FilePendingUpload : public PendingUpload {
   }
   uint64_t bytes() const override { return bytes_; }
   uint32_t crc32() const override { return static_cast<uint32_t>(crc_); }
+  int64_t version() const override { return version_; }
   const std::string& path() const override {
     const_cast<std::ofstream&>(out_).flush();
     return path_;
@@ -69,8 +80,16 @@ class FilePendingUpload : public PendingUpload {
         return absl::UnavailableError("cannot write options.pb");
       }
     }
+    // One more than the version this replaces (uploads of one name are
+    // serialised by the coordinator).
+    version_ = ReadVersion(root_ + "/" + name_, /*missing=*/0) + 1;
+    {
+      std::ofstream v(dir_ + "/version", std::ios::trunc);
+      if (!(v << version_ << "\n")) return absl::UnavailableError("cannot write version");
+    }
     absl::Status s = SyncPath(path_);
     if (s.ok()) s = SyncPath(dir_ + "/options.pb");
+    if (s.ok()) s = SyncPath(dir_ + "/version");
     if (!s.ok()) return s;
     // Move the staged folder to its version name, then swap the symlink.
     static std::atomic<uint64_t> counter{0};
@@ -98,6 +117,7 @@ class FilePendingUpload : public PendingUpload {
   std::ofstream out_;
   uLong crc_;
   uint64_t bytes_ = 0;
+  int64_t version_ = 0;
   bool committed_ = false;
 };
 
@@ -161,6 +181,7 @@ class FileModelStore : public ModelStore {
       m.path = (e.path() / "model.psm").string();
       std::ifstream opts((e.path() / "options.pb").string(), std::ios::binary);
       if (!opts || !m.options.ParseFromIstream(&opts)) continue;
+      m.version = ReadVersion(e.path().string(), 1);
       m.bytes = fs::file_size(m.path, ec);
       if (ec) continue;
       models.push_back(std::move(m));

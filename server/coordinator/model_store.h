@@ -26,6 +26,9 @@ struct StoredModel {
   std::string path;  // the .psm file
   UploadOptions options;
   uint64_t bytes = 0;
+  // 1 for a name's first upload, one more for each upload replacing it
+  // (KServe model_version).
+  int64_t version = 1;
 };
 
 // One upload in progress. Destroying it without Commit discards it.
@@ -39,8 +42,11 @@ class PendingUpload {
   // The staged file (complete once the last Append is done), for checking
   // before Commit.
   virtual const std::string& path() const = 0;
-  // Publishes the upload under its name, replacing any earlier version.
+  // Publishes the upload under its name, replacing any earlier version,
+  // as the next version number of the name (see version()).
   virtual absl::Status Commit(const UploadOptions& options) = 0;
+  // The version Commit published (0 before).
+  virtual int64_t version() const = 0;
 };
 
 class ModelStore {
@@ -57,7 +63,8 @@ class ModelStore {
 };
 
 // A store in a directory: `<root>/<name>` is a symlink to
-// `<root>/.versions/<name>.<n>/` holding model.psm and options.pb; commit
+// `<root>/.versions/<name>.<n>/` holding model.psm, options.pb and version
+// (the version number, as text); commit
 // swaps the symlink with rename(2), which is atomic. Leftover staging and
 // unreferenced versions are removed when the store opens.
 absl::StatusOr<std::unique_ptr<ModelStore>> OpenFileModelStore(const std::string& root);

@@ -67,12 +67,29 @@ TEST(ModelStoreTest, ReplacingKeepsOneVersionAndSurvivesReopen) {
   auto list = (*reopened)->List();
   ASSERT_EQ(list->size(), 1u);
   EXPECT_EQ(ReadAll((*list)[0].path), "v2");
+  EXPECT_EQ((*list)[0].version, 2) << "each upload of a name is its next version";
   int versions = 0;
   for (auto& e : std::filesystem::directory_iterator(root + "/.versions")) {
     (void)e;
     ++versions;
   }
   EXPECT_EQ(versions, 1);
+}
+
+TEST(ModelStoreTest, VersionsCountUploadsOfANameAndStartAgainAfterRemoval) {
+  auto store = OpenFileModelStore(FreshRoot("v"));
+  for (int64_t want : {1, 2, 3}) {
+    auto up = (*store)->StartUpload("m");
+    ASSERT_TRUE((*up)->Commit({}).ok());
+    EXPECT_EQ((*up)->version(), want);
+  }
+  auto other = (*store)->StartUpload("other");
+  ASSERT_TRUE((*other)->Commit({}).ok());
+  EXPECT_EQ((*other)->version(), 1);
+  ASSERT_TRUE((*store)->Remove("m").ok());
+  auto again = (*store)->StartUpload("m");
+  ASSERT_TRUE((*again)->Commit({}).ok());
+  EXPECT_EQ((*again)->version(), 1);
 }
 
 TEST(ModelStoreTest, BadNamesAreRejectedWithTheRule) {
