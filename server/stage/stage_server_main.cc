@@ -114,6 +114,7 @@ int main(int argc, char** argv) {
   serve.allow_insecure = absl::GetFlag(FLAGS_allow_insecure);
   serve.configure = [](grpc::ServerBuilder& b) {
     pipeserve::SetBulkTransferArgs([&](const char* k, int v) { b.AddChannelArgument(k, v); });
+    pipeserve::SetKeepaliveServerArgs([&](const char* k, int v) { b.AddChannelArgument(k, v); });
   };
   serve.grace = absl::Seconds(std::max(0, absl::GetFlag(FLAGS_shutdown_grace_s)));
   serve.drain = [&core](absl::Time deadline) {

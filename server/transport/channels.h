@@ -38,6 +38,10 @@ grpc::ChannelArguments StageChannelArgs();
 
 // The bulk-transfer tuning of StageChannelArgs, for a ServerBuilder too:
 //   SetBulkTransferArgs([&](const char* k, int v) { builder.AddChannelArgument(k, v); });
+// Server arguments that let the cluster's channels keep alive with a ping
+// every second (StageChannelArgs).
+void SetKeepaliveServerArgs(const std::function<void(const char*, int)>& set);
+
 void SetBulkTransferArgs(const std::function<void(const char*, int)>& set);
 
 class StageChannels {
