@@ -134,7 +134,8 @@ int CoordinatorProcess::Terminate(absl::Duration limit) {
 }
 
 absl::StatusOr<std::unique_ptr<StageServerProcess>> StageServerProcess::Start(
-    const std::string& cluster_token, std::vector<std::string> extra) {
+    const std::string& cluster_token, std::vector<std::string> extra,
+    std::vector<std::string> prefix) {
   auto p = std::unique_ptr<StageServerProcess>(new StageServerProcess());
   std::string dir = TempDir("stage_server");
   std::string port_file = dir + "/port", log = dir + "/stage_server.log";
@@ -144,6 +145,7 @@ absl::StatusOr<std::unique_ptr<StageServerProcess>> StageServerProcess::Start(
                                    "--port_file=" + port_file,
                                    "--cluster_token_file=" + dir + "/cluster-token"};
   for (const std::string& e : extra) args.push_back(e);
+  args.insert(args.begin(), prefix.begin(), prefix.end());
   pid_t parent = ::getpid();
   pid_t pid = ::fork();
   if (pid < 0) return absl::InternalError("fork failed");
@@ -158,7 +160,7 @@ absl::StatusOr<std::unique_ptr<StageServerProcess>> StageServerProcess::Start(
     std::vector<char*> argv;
     for (std::string& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
-    ::execv(bin.c_str(), argv.data());
+    ::execvp(argv[0], argv.data());
     ::_exit(127);
   }
   p->pid_ = pid;

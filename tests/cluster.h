@@ -66,8 +66,11 @@ class CoordinatorProcess {
 // connections.
 class StageServerProcess {
  public:
+  // `prefix`: a command that runs the server (e.g. {"ip", "netns", "exec",
+  // "ns0"}), exec'ing it in place.
   static absl::StatusOr<std::unique_ptr<StageServerProcess>> Start(
-      const std::string& cluster_token, std::vector<std::string> extra = {});
+      const std::string& cluster_token, std::vector<std::string> extra = {},
+      std::vector<std::string> prefix = {});
   // SIGTERM, then waits for it to exit.
   ~StageServerProcess();
   const std::string& address() const { return address_; }

@@ -1,121 +1,28 @@
 // Zero lost requests, end to end: a real coordinator process and its stage
 // server processes under 16 concurrent clients, while a stage server is
-// killed with SIGKILL or the model is uploaded again. Every request must
-// succeed with the right answer; each test prints a table with the
-// latencies, p99 during the disruption included.
+// killed with SIGKILL or the model is uploaded again (every request must
+// succeed with the right answer; each prints a table with the latencies,
+// p99 during the disruption included); a coordinator restarted beside
+// stage servers that kept their stages; and a SIGTERM with a request in
+// flight.
 #include <signal.h>
 #include <sys/wait.h>
 
-#include <algorithm>
-#include <atomic>
-#include <cmath>
 #include <cstdio>
-#include <functional>
 #include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
 #include "gtest/gtest.h"
 #include "client/client.h"
 #include "tests/cluster.h"
 #include "tests/fixtures.h"
+#include "tests/load.h"
 
 namespace pipeserve {
 namespace {
 
 constexpr int kClients = 16;
-
-struct Outcome {
-  absl::Time start;
-  absl::Duration latency;
-  absl::Status status;
-  bool right = false;
-};
-
-// Whether `got` is `want` (the answer before any disruption) up to float
-// rounding.
-bool SameAnswer(const Tensor& got, const Tensor& want) {
-  if (got.shape() != want.shape()) return false;
-  for (int64_t i = 0; i < want.numel(); ++i) {
-    float a = got.data()[i], b = want.data()[i];
-    if (!(std::fabs(a - b) <= 1e-5f * (1 + std::fabs(b)))) return false;
-  }
-  return true;
-}
-
-double Percentile(std::vector<double> v, double p) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, static_cast<size_t>(p * static_cast<double>(v.size())))];
-}
-
-// Runs kClients clients sending `inputs` to `model` for `length`, calling
-// `disrupt` once from another thread after `after`; returns every request's
-// outcome and the time `disrupt` was called.
-std::vector<Outcome> RunLoad(const std::string& address, const std::string& model,
-                             const std::vector<NamedTensor>& inputs, const Tensor& want,
-                             absl::Duration length, absl::Duration after,
-                             const std::function<void()>& disrupt, absl::Time* disrupted) {
-  absl::Mutex mu;
-  std::vector<Outcome> outcomes;
-  const absl::Time start = absl::Now(), end = start + length;
-  std::vector<std::thread> clients;
-  for (int c = 0; c < kClients; ++c) {
-    clients.emplace_back([&] {
-      auto client = Client::Connect(address);
-      if (!client.ok()) {
-        absl::MutexLock lock(&mu);
-        outcomes.push_back({absl::Now(), absl::ZeroDuration(), client.status(), false});
-        return;
-      }
-      while (absl::Now() < end) {
-        Outcome o;
-        o.start = absl::Now();
-        auto out = (*client)->Infer(model, inputs, absl::Seconds(30));
-        o.latency = absl::Now() - o.start;
-        o.status = out.status();
-        o.right = out.ok() && !out->empty() && SameAnswer((*out)[0].tensor, want);
-        absl::MutexLock lock(&mu);
-        outcomes.push_back(o);
-      }
-    });
-  }
-  absl::SleepFor(after);
-  *disrupted = absl::Now();
-  disrupt();
-  for (std::thread& t : clients) t.join();
-  return outcomes;
-}
-
-// Prints the table (p99 and max latency of the requests started from 1 s
-// before the disruption to 5 s after) and checks: no request failed, no answer was wrong.
-void Report(const std::string& what, const std::vector<Outcome>& outcomes, absl::Time disrupted) {
-  int failed = 0, wrong = 0;
-  std::vector<double> all, during;
-  absl::Status first_error;
-  for (const Outcome& o : outcomes) {
-    if (!o.status.ok()) {
-      ++failed;
-      if (first_error.ok()) first_error = o.status;
-    } else if (!o.right) {
-      ++wrong;
-    }
-    double ms = absl::ToDoubleMilliseconds(o.latency);
-    all.push_back(ms);
-    if (o.start >= disrupted - absl::Seconds(1) && o.start < disrupted + absl::Seconds(5)) {
-      during.push_back(ms);
-    }
-  }
-  std::printf("\n%-30s %9s %7s %6s %8s %8s %15s %15s\n", what.c_str(), "requests", "failed",
-              "wrong", "p50 ms", "p99 ms", "p99 disrupt ms", "max disrupt ms");
-  std::printf("%-30s %9zu %7d %6d %8.1f %8.1f %15.1f %15.1f\n", "", outcomes.size(), failed,
-              wrong, Percentile(all, 0.5), Percentile(all, 0.99), Percentile(during, 0.99),
-              Percentile(during, 1.0));
-  EXPECT_GT(outcomes.size(), static_cast<size_t>(kClients));
-  EXPECT_EQ(failed, 0) << "first failure: " << first_error;
-  EXPECT_EQ(wrong, 0);
-}
 
 class ReliabilityTest : public ::testing::Test {
  protected:
@@ -155,7 +62,7 @@ TEST_F(ReliabilityTest, KillingAStageServerUnderLoadLosesNoRequest) {
   std::string before = client_->GetPlan("m")->stage_servers(2);
   absl::Time killed;
   auto outcomes = RunLoad(
-      coordinator_->address(), "m", inputs_, want_, absl::Seconds(20), absl::Seconds(5),
+      coordinator_->address(), "m", inputs_, want_, kClients, absl::Seconds(20), absl::Seconds(5),
       [&] { ASSERT_EQ(::kill(victim, SIGKILL), 0); }, &killed);
   Report("kill -9 stage server 2 of 4", outcomes, killed);
   EXPECT_NE(client_->GetPlan("m")->stage_servers(2), before) << "stage 2 moved to a new server";
@@ -165,7 +72,7 @@ TEST_F(ReliabilityTest, ReuploadingUnderLoadLosesNoRequest) {
   absl::Time uploaded;
   absl::Status upload;
   auto outcomes = RunLoad(
-      coordinator_->address(), "m", inputs_, want_, absl::Seconds(12), absl::Seconds(4),
+      coordinator_->address(), "m", inputs_, want_, kClients, absl::Seconds(12), absl::Seconds(4),
       [&] {
         auto client = Client::Connect(coordinator_->address());
         upload = (*client)->Upload("m", fixture_.path, {}).status();

@@ -50,9 +50,11 @@ entry() {
 if [ "${PIPESERVE_TEST_QUICK:-0}" != 1 ]; then
   # The whole suite again with ASan + UBSan (third_party/sanitizers/README.md).
   # Only what the tests need is rebuilt (benchmarks and tools built above
-  # are not built again with the sanitizers).
-  entry "asan+ubsan (bazel test --config=asan --build_tests_only //...)" \
-    bazel test --config=asan --build_tests_only //... "$@"
+  # are not built again with the sanitizers). Tests tagged long_running
+  # (minutes of load against real processes: tests/reliability_test,
+  # netns_test) ran above; their code paths run here in serving_test.
+  entry "asan+ubsan (bazel test --config=asan --build_tests_only --test_tag_filters=-long_running //...)" \
+    bazel test --config=asan --build_tests_only --test_tag_filters=-long_running //... "$@"
 
   # The concurrency tests with TSan: the ones whose threads meet through
   # synchronization TSan can see (the list and why is in that README).
