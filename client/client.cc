@@ -110,7 +110,7 @@ std::string RetryServiceConfig(int attempts) {
   return absl::StrCat(
       "{\"methodConfig\":[{\"name\":[", names,
       "],\"retryPolicy\":{\"maxAttempts\":", std::min(attempts, 5),
-      ",\"initialBackoff\":\"0.05s\",\"maxBackoff\":\"1s\",\"backoffMultiplier\":2,"
+      ",\"initialBackoff\":\"0.1s\",\"maxBackoff\":\"2s\",\"backoffMultiplier\":2,"
       "\"retryableStatusCodes\":[\"UNAVAILABLE\"]}}]}");
 }
 

@@ -40,7 +40,7 @@ struct ClientOptions {
   absl::Duration timeout = absl::Seconds(60);
   // Attempts at an idempotent call (inference, metadata, readiness,
   // GetPlan, ListModels) that fails with UNAVAILABLE, with exponential
-  // backoff from 50 ms to 1 s, always within the call's deadline (gRPC's
+  // backoff from 100 ms to 2 s, always within the call's deadline (gRPC's
   // retry policy, set through the channel's service config; gRPC allows at
   // most 5). 1: no retries.
   int retry_attempts = 5;

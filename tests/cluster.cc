@@ -11,9 +11,11 @@
 #include <fstream>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "client/client.h"
+#include "common/status_macros.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/pipeserve_service.grpc.pb.h"
 #include "tests/fixtures.h"
@@ -28,6 +30,52 @@ std::string TempDir(const std::string& name) {
   std::filesystem::create_directories(dir);
   return dir;
 }
+
+namespace {
+
+// Forks and execs `args` (argv[0] looked up on PATH) with stdout and stderr
+// going to `log`; the child gets `death_signal` when this process dies.
+absl::StatusOr<pid_t> Spawn(std::vector<std::string> args, const std::string& log,
+                            int death_signal) {
+  pid_t parent = ::getpid();
+  pid_t pid = ::fork();
+  if (pid < 0) return absl::InternalError("fork failed");
+  if (pid == 0) {
+    ::prctl(PR_SET_PDEATHSIG, death_signal);
+    if (::getppid() != parent) ::_exit(1);
+    FILE* out = std::fopen(log.c_str(), "w");
+    if (out) {
+      ::dup2(fileno(out), 1);
+      ::dup2(fileno(out), 2);
+    }
+    std::vector<char*> argv;
+    for (std::string& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    ::execvp(argv[0], argv.data());
+    ::_exit(127);
+  }
+  return pid;
+}
+
+// Waits for the port a server started as `*pid` writes to `port_file`;
+// an error naming `what` and its log if it exits first (`*pid` is then -1)
+// or writes none by `deadline`.
+absl::StatusOr<int> WaitForPort(pid_t* pid, const std::string& port_file, absl::Time deadline,
+                                const std::string& what, const std::string& log) {
+  while (absl::Now() < deadline) {
+    int port = 0;
+    std::ifstream in(port_file);
+    if (in >> port && port > 0) return port;
+    if (::waitpid(*pid, nullptr, WNOHANG) == *pid) {
+      *pid = -1;
+      return absl::InternalError(absl::StrCat(what, " exited at start; log: ", log));
+    }
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  return absl::DeadlineExceededError(absl::StrCat(what, " wrote no port file; log: ", log));
+}
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<CoordinatorProcess>> CoordinatorProcess::Start(
     CoordinatorFlags flags) {
@@ -48,36 +96,9 @@ absl::StatusOr<std::unique_ptr<CoordinatorProcess>> CoordinatorProcess::Start(
                                    "--metrics_port=0", "--metrics_port_file=" + dir + "/metrics_port",
                                    "--cluster_token_file=" + dir + "/cluster-token"};
   for (const std::string& e : flags.extra) args.push_back(e);
-  pid_t parent = ::getpid();
-  pid_t pid = ::fork();
-  if (pid < 0) return absl::InternalError("fork failed");
-  if (pid == 0) {
-    ::prctl(PR_SET_PDEATHSIG, SIGTERM);
-    if (::getppid() != parent) ::_exit(1);
-    FILE* log = std::fopen(p->log_.c_str(), "w");
-    if (log) {
-      ::dup2(fileno(log), 1);
-      ::dup2(fileno(log), 2);
-    }
-    std::vector<char*> argv;
-    for (std::string& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    ::execv(bin.c_str(), argv.data());
-    ::_exit(127);
-  }
-  p->pid_ = pid;
-  absl::Time deadline = absl::Now() + absl::Seconds(60);
-  int port = 0;
-  while (absl::Now() < deadline) {
-    std::ifstream in(port_file);
-    if (in >> port && port > 0) break;
-    if (::waitpid(pid, nullptr, WNOHANG) == pid) {
-      p->pid_ = -1;
-      return absl::InternalError(absl::StrCat("coordinator exited at start; log: ", p->log_));
-    }
-    absl::SleepFor(absl::Milliseconds(20));
-  }
-  if (port <= 0) return absl::DeadlineExceededError("coordinator wrote no port file");
+  ASSIGN_OR_RETURN(p->pid_, Spawn(args, p->log_, SIGTERM));
+  const absl::Time deadline = absl::Now() + absl::Seconds(60);
+  ASSIGN_OR_RETURN(int port, WaitForPort(&p->pid_, port_file, deadline, "coordinator", p->log_));
   p->address_ = absl::StrCat("127.0.0.1:", port);
   std::ifstream(dir + "/metrics_port") >> p->metrics_port_;
   // Ready when the health check says SERVING.
@@ -146,37 +167,14 @@ absl::StatusOr<std::unique_ptr<StageServerProcess>> StageServerProcess::Start(
                                    "--cluster_token_file=" + dir + "/cluster-token"};
   for (const std::string& e : extra) args.push_back(e);
   args.insert(args.begin(), prefix.begin(), prefix.end());
-  pid_t parent = ::getpid();
-  pid_t pid = ::fork();
-  if (pid < 0) return absl::InternalError("fork failed");
-  if (pid == 0) {
-    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-    if (::getppid() != parent) ::_exit(1);
-    FILE* out = std::fopen(log.c_str(), "w");
-    if (out) {
-      ::dup2(fileno(out), 1);
-      ::dup2(fileno(out), 2);
-    }
-    std::vector<char*> argv;
-    for (std::string& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    ::execvp(argv[0], argv.data());
-    ::_exit(127);
+  ASSIGN_OR_RETURN(p->pid_, Spawn(args, log, SIGKILL));
+  ASSIGN_OR_RETURN(int port, WaitForPort(&p->pid_, port_file, absl::Now() + absl::Seconds(30),
+                                         "stage_server", log));
+  std::string host = "127.0.0.1";
+  for (const std::string& e : extra) {
+    if (absl::StartsWith(e, "--host=")) host = e.substr(7);
   }
-  p->pid_ = pid;
-  const absl::Time deadline = absl::Now() + absl::Seconds(30);
-  int port = 0;
-  while (absl::Now() < deadline) {
-    std::ifstream in(port_file);
-    if (in >> port && port > 0) break;
-    if (::waitpid(pid, nullptr, WNOHANG) == pid) {
-      p->pid_ = -1;
-      return absl::InternalError(absl::StrCat("stage_server exited at start; log: ", log));
-    }
-    absl::SleepFor(absl::Milliseconds(20));
-  }
-  if (port <= 0) return absl::DeadlineExceededError("stage_server wrote no port file");
-  p->address_ = absl::StrCat("127.0.0.1:", port);
+  p->address_ = absl::StrCat(host, ":", port);
   return p;
 }
 

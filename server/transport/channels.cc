@@ -58,9 +58,22 @@ StageChannels::StageChannels(std::shared_ptr<grpc::ChannelCredentials> credentia
 
 std::shared_ptr<grpc::Channel> StageChannels::To(const std::string& address) {
   absl::MutexLock lock(&mu_);
-  auto& c = channels_[address];
-  if (!c) c = grpc::CreateCustomChannel(address, credentials_, StageChannelArgs());
-  return c;
+  auto it = channels_.find(address);
+  if (it != channels_.end()) return it->second;
+  // A new address: servers that were replaced (a new port, a new pod) are
+  // gone for good, so channels that cannot connect are dropped rather
+  // than kept forever (whoever still holds one keeps it alive).
+  for (auto c = channels_.begin(); c != channels_.end();) {
+    grpc_connectivity_state state = c->second->GetState(/*try_to_connect=*/false);
+    if (state == GRPC_CHANNEL_TRANSIENT_FAILURE || state == GRPC_CHANNEL_SHUTDOWN) {
+      c = channels_.erase(c);
+    } else {
+      ++c;
+    }
+  }
+  auto channel = grpc::CreateCustomChannel(address, credentials_, StageChannelArgs());
+  channels_[address] = channel;
+  return channel;
 }
 
 void StageChannels::Prepare(grpc::ClientContext* ctx) const {

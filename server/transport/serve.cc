@@ -1,6 +1,7 @@
 #include "server/transport/serve.h"
 
 #include <arpa/inet.h>
+#include <malloc.h>
 #include <signal.h>
 
 #include <atomic>
@@ -19,6 +20,9 @@
 namespace pipeserve {
 
 namespace {
+
+// How often free heap memory is returned to the system.
+constexpr absl::Duration kTrimEvery = absl::Seconds(5);
 
 sigset_t ShutdownSignals() {
   sigset_t set;
@@ -90,21 +94,28 @@ int Serve(const std::vector<grpc::Service*>& services, const ServeOptions& optio
     return 1;
   }
   // Health follows the server's own idea of whether it can serve.
+  grpc::HealthCheckServiceInterface* hc = server->GetHealthCheckService();
+  const bool initial = options.serving ? options.serving() : true;
+  hc->SetServingStatus(initial);
   absl::Notification stop_health;
-  std::thread health;
-  if (options.serving) {
-    grpc::HealthCheckServiceInterface* hc = server->GetHealthCheckService();
-    const bool initial = options.serving();
-    hc->SetServingStatus(initial);
-    health = std::thread([&, hc, initial] {
-      bool last = initial;  // what was set, not what holds by now
-      while (!stop_health.WaitForNotificationWithTimeout(absl::Milliseconds(100))) {
+  std::thread health([&, hc, initial] {
+    bool last = initial;  // what was set, not what holds by now
+    absl::Time next_trim = absl::Now() + kTrimEvery;
+    while (!stop_health.WaitForNotificationWithTimeout(absl::Milliseconds(100))) {
+      if (options.serving) {
         bool now = options.serving();
         if (now != last) hc->SetServingStatus(now);
         last = now;
       }
-    });
-  }
+      if (absl::Now() >= next_trim) {
+        // Bursts (a pipeline refilling after a repair, a model loaded and
+        // unloaded) leave freed memory in malloc's arenas; give it back,
+        // so resident memory shows what is really in use.
+        ::malloc_trim(0);
+        next_trim = absl::Now() + kTrimEvery;
+      }
+    }
+  });
   if (options.on_started) options.on_started(server.get());
   if (!options.port_file.empty()) {
     // Written then renamed, so a reader never sees a partial number.
@@ -122,7 +133,7 @@ int Serve(const std::vector<grpc::Service*>& services, const ServeOptions& optio
   const absl::Time deadline = absl::Now() + options.grace;
   std::cerr << options.name << ": shutting down (grace " << options.grace << ")" << std::endl;
   stop_health.Notify();
-  if (health.joinable()) health.join();
+  health.join();
   // Load balancers and the coordinator stop sending here first.
   server->GetHealthCheckService()->SetServingStatus(false);
   if (options.drain) options.drain(deadline);

@@ -66,7 +66,7 @@ def _server_error(e):
 def _retry_service_config(attempts):
     """gRPC's retry policy for the calls that are safe to repeat: UNAVAILABLE
     (a coordinator restarting, a connection lost) is tried again, with
-    backoff from 50 ms to 1 s, within each call's deadline."""
+    backoff from 100 ms to 2 s, within each call's deadline."""
     names = [{"service": "inference.GRPCInferenceService", "method": m}
              for m in ("ModelInfer", "ServerLive", "ServerReady", "ModelReady",
                        "ServerMetadata", "ModelMetadata", "RepositoryIndex")]
@@ -77,8 +77,8 @@ def _retry_service_config(attempts):
         "name": names,
         "retryPolicy": {
             "maxAttempts": min(attempts, 5),
-            "initialBackoff": "0.05s",
-            "maxBackoff": "1s",
+            "initialBackoff": "0.1s",
+            "maxBackoff": "2s",
             "backoffMultiplier": 2,
             "retryableStatusCodes": ["UNAVAILABLE"],
         },
@@ -105,7 +105,7 @@ class Client:
         is not the host in `address`.
       retry_attempts: attempts at an idempotent call (inference, metadata,
         readiness, plan, list) that fails with UNAVAILABLE, with backoff
-        from 50 ms to 1 s within the call's deadline (gRPC allows at most
+        from 100 ms to 2 s within the call's deadline (gRPC allows at most
         5); 1 turns retries off.
 
     The connection is made lazily: an unreachable server shows up as a
