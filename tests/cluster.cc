@@ -122,10 +122,15 @@ pid_t CoordinatorProcess::StageServerPid(int index) const {
   // stage-<index>.<coordinator pid>.port (server/launcher.cc).
   std::string parent = absl::StrCat("--parent_pid=", pid_);
   std::string slot = absl::StrCat("/stage-", index, ".", pid_, ".port");
-  for (const auto& e : std::filesystem::directory_iterator("/proc")) {
+  // Processes come and go while /proc is read: the error_code forms,
+  // which do not throw (regression: the soak test died in std::terminate
+  // when an entry vanished mid-iteration).
+  std::error_code ec;
+  for (std::filesystem::directory_iterator it("/proc", ec), end; !ec && it != end;
+       it.increment(ec)) {
     pid_t pid = 0;
-    if (!absl::SimpleAtoi(e.path().filename().string(), &pid)) continue;
-    std::ifstream in(e.path() / "cmdline", std::ios::binary);
+    if (!absl::SimpleAtoi(it->path().filename().string(), &pid)) continue;
+    std::ifstream in(it->path() / "cmdline", std::ios::binary);
     std::string cmd((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     std::replace(cmd.begin(), cmd.end(), '\0', ' ');
     if (cmd.find(parent) != std::string::npos && cmd.find(slot) != std::string::npos) return pid;

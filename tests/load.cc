@@ -6,9 +6,27 @@
 #include <thread>
 
 #include "absl/synchronization/mutex.h"
+#include "common/status_macros.h"
 #include "gtest/gtest.h"
 
 namespace pipeserve {
+
+std::vector<NamedTensor> NamedInputs(const Fixture& f) {
+  std::vector<NamedTensor> in;
+  for (int i = 0; i < f.model.graph.inputs_size(); ++i) {
+    in.push_back({f.model.graph.inputs(i).name(), f.inputs[i]});
+  }
+  return in;
+}
+
+absl::StatusOr<Tensor> UploadAndAnswer(const std::string& address, const std::string& name,
+                                       const Fixture& f) {
+  ASSIGN_OR_RETURN(std::unique_ptr<Client> client, Client::Connect(address));
+  RETURN_IF_ERROR(client->Upload(name, f.path, {}).status());
+  ASSIGN_OR_RETURN(std::vector<NamedTensor> out, client->Infer(name, NamedInputs(f)));
+  if (out.empty()) return absl::InternalError("no outputs");
+  return out[0].tensor;
+}
 
 bool SameAnswer(const Tensor& got, const Tensor& want) {
   if (got.shape() != want.shape()) return false;

@@ -17,6 +17,7 @@
 #include "absl/time/time.h"
 #include "client/client.h"
 #include "runtime/tensor.h"
+#include "tests/fixtures.h"
 
 namespace pipeserve {
 
@@ -26,6 +27,14 @@ struct Outcome {
   absl::Status status;
   bool right = false;
 };
+
+// A fixture's inputs, named as its graph names them.
+std::vector<NamedTensor> NamedInputs(const Fixture& f);
+
+// Uploads fixture `f` as model `name` to the coordinator at `address` and
+// runs its inputs once: that first answer is what later ones must match.
+absl::StatusOr<Tensor> UploadAndAnswer(const std::string& address, const std::string& name,
+                                       const Fixture& f);
 
 // Whether `got` is `want` (the answer before any disruption) up to float
 // rounding.

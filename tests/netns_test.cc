@@ -105,14 +105,10 @@ TEST_F(NetnsTest, ACutAndAThrottledLinkLoseNoRequest) {
   auto c = CoordinatorProcess::Start(flags);
   ASSERT_TRUE(c.ok()) << c.status();
   auto client = Client::Connect((*c)->address());
-  ASSERT_TRUE((*client)->Upload("m", f->path, {}).ok());
-  std::vector<NamedTensor> in;
-  for (int i = 0; i < f->model.graph.inputs_size(); ++i) {
-    in.push_back({f->model.graph.inputs(i).name(), f->inputs[i]});
-  }
-  auto first = (*client)->Infer("m", in);
+  auto first = UploadAndAnswer((*c)->address(), "m", *f);
   ASSERT_TRUE(first.ok()) << first.status();
-  const Tensor want = (*first)[0].tensor;
+  const Tensor want = *first;
+  const std::vector<NamedTensor> in = NamedInputs(*f);
 
   auto state = [&] {
     auto plan = (*client)->GetPlan("m");

@@ -38,15 +38,11 @@ class ReliabilityTest : public ::testing::Test {
     auto client = Client::Connect(coordinator_->address());
     ASSERT_TRUE(client.ok());
     client_ = *std::move(client);
-    auto up = client_->Upload("m", fixture_.path, {});
-    ASSERT_TRUE(up.ok()) << up.status();
-    ASSERT_EQ(up->num_stages, 4);
-    for (int i = 0; i < fixture_.model.graph.inputs_size(); ++i) {
-      inputs_.push_back({fixture_.model.graph.inputs(i).name(), fixture_.inputs[i]});
-    }
-    auto out = client_->Infer("m", inputs_);
-    ASSERT_TRUE(out.ok()) << out.status();
-    want_ = (*out)[0].tensor;
+    auto first = UploadAndAnswer(coordinator_->address(), "m", fixture_);
+    ASSERT_TRUE(first.ok()) << first.status();
+    ASSERT_EQ(client_->GetPlan("m")->stage_servers_size(), 4);
+    want_ = *first;
+    inputs_ = NamedInputs(fixture_);
   }
 
   Fixture fixture_;
@@ -101,21 +97,16 @@ TEST(RestartTest, ARestartedCoordinatorAdoptsLoadedStagesAndServesAtOnce) {
   }
   const std::string repo = TempDir("restart_repo");
   CoordinatorFlags flags{repo, {"--launcher=static", "--stage_servers=" + list}, token};
-  std::vector<NamedTensor> in;
-  for (int i = 0; i < f->model.graph.inputs_size(); ++i) {
-    in.push_back({f->model.graph.inputs(i).name(), f->inputs[i]});
-  }
+  const std::vector<NamedTensor> in = NamedInputs(*f);
   uint64_t deployment = 0;
   Tensor want;
   {
     auto c = CoordinatorProcess::Start(flags);
     ASSERT_TRUE(c.ok()) << c.status();
-    auto client = Client::Connect((*c)->address());
-    ASSERT_TRUE((*client)->Upload("m", f->path, {}).ok());
-    deployment = (*client)->GetPlan("m")->deployment();
-    auto out = (*client)->Infer("m", in);
-    ASSERT_TRUE(out.ok()) << out.status();
-    want = (*out)[0].tensor;
+    auto first = UploadAndAnswer((*c)->address(), "m", *f);
+    ASSERT_TRUE(first.ok()) << first.status();
+    want = *first;
+    deployment = (*Client::Connect((*c)->address()))->GetPlan("m")->deployment();
     ASSERT_GE((*c)->Terminate(absl::Seconds(30)), 0);
   }
   absl::Time start = absl::Now();

@@ -93,21 +93,16 @@ TEST(SoakTest, StageServersKilledAgainAndAgainLoseNoRequestAndNothingGrows) {
   ASSERT_TRUE(f.ok());
   auto c = CoordinatorProcess::Start({TempDir("soak_repo"), {}});
   ASSERT_TRUE(c.ok()) << c.status();
-  auto client = Client::Connect((*c)->address());
-  ASSERT_TRUE((*client)->Upload("m", f->path, {}).ok());
-  std::vector<NamedTensor> in;
-  for (int i = 0; i < f->model.graph.inputs_size(); ++i) {
-    in.push_back({f->model.graph.inputs(i).name(), f->inputs[i]});
-  }
-  auto first = (*client)->Infer("m", in);
+  auto first = UploadAndAnswer((*c)->address(), "m", *f);
   ASSERT_TRUE(first.ok()) << first.status();
+  const std::vector<NamedTensor> in = NamedInputs(*f);
 
   std::vector<Sample> samples;
   int kills = 0;
   const absl::Time start = absl::Now();
   absl::Time disrupted;
   auto outcomes = RunLoad(
-      (*c)->address(), "m", in, (*first)[0].tensor, clients, length, absl::ZeroDuration(),
+      (*c)->address(), "m", in, *first, clients, length, absl::ZeroDuration(),
       [&] {
         absl::Time next_kill = start + kill_every, next_sample = start + warm;
         const absl::Time end = start + length - absl::Seconds(2);

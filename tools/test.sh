@@ -2,7 +2,7 @@
 # Builds pipeserve and runs every test, then the same suite again under
 # AddressSanitizer + UndefinedBehaviorSanitizer, the concurrency tests under
 # ThreadSanitizer, the CUDA configuration, and each fuzz target for
-# $PIPESERVE_FUZZ_SECONDS (default 30) seconds. Ends with one line
+# $PIPESERVE_FUZZ_SECONDS (default 20) seconds. Ends with one line
 # "N passed, N failed" counting every Bazel test target of the normal run
 # and one entry for each of: the ASan run, the TSan run, the CUDA build,
 # the fuzzing. Exits non-zero on any failure.
@@ -74,7 +74,7 @@ if [ "${PIPESERVE_TEST_QUICK:-0}" != 1 ]; then
   fi
 
   # libFuzzer on every input parser, starting from the seed corpora.
-  entry "fuzzing (tools/fuzz.sh ${PIPESERVE_FUZZ_SECONDS:-30})" tools/fuzz.sh "${PIPESERVE_FUZZ_SECONDS:-30}"
+  entry "fuzzing (tools/fuzz.sh ${PIPESERVE_FUZZ_SECONDS:-20})" tools/fuzz.sh "${PIPESERVE_FUZZ_SECONDS:-20}"
 fi
 
 stamp "done"
