@@ -137,7 +137,7 @@ TEST(ShutdownTest, SigtermLetsARequestInFlightFinishThenExitsZero) {
   ASSERT_TRUE((*client)->Upload("deep", WriteDeepMlp(TempDir("deep")), sixteen).ok());
   auto plan = (*client)->GetPlan("deep");
   ASSERT_TRUE(plan.ok());
-  const int64_t rows = 16384;  // longer after the signal than the old 5 s grace
+  const int64_t rows = 32768;  // seconds longer after the signal than the old 5 s grace
   absl::StatusOr<std::vector<NamedTensor>> out;
   absl::Duration took;
   std::thread request([&] {
