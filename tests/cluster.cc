@@ -75,6 +75,21 @@ absl::StatusOr<int> WaitForPort(pid_t* pid, const std::string& port_file, absl::
   return absl::DeadlineExceededError(absl::StrCat(what, " wrote no port file; log: ", log));
 }
 
+// SIGTERM, then waits up to `limit` for `pid` to exit: its wait status,
+// or -1 if it had to be killed.
+int Stop(pid_t pid, absl::Duration limit) {
+  ::kill(pid, SIGTERM);
+  const absl::Time until = absl::Now() + limit;
+  int status = 0;
+  while (absl::Now() < until) {
+    if (::waitpid(pid, &status, WNOHANG) == pid) return status;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  ::kill(pid, SIGKILL);
+  ::waitpid(pid, nullptr, 0);
+  return -1;
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<CoordinatorProcess>> CoordinatorProcess::Start(
@@ -143,20 +158,9 @@ CoordinatorProcess::~CoordinatorProcess() {
 }
 
 int CoordinatorProcess::Terminate(absl::Duration limit) {
-  ::kill(pid_, SIGTERM);
-  const absl::Time until = absl::Now() + limit;
-  int status = 0;
-  while (absl::Now() < until) {
-    if (::waitpid(pid_, &status, WNOHANG) == pid_) {
-      pid_ = -1;
-      return status;
-    }
-    absl::SleepFor(absl::Milliseconds(20));
-  }
-  ::kill(pid_, SIGKILL);
-  ::waitpid(pid_, nullptr, 0);
+  int status = Stop(pid_, limit);
   pid_ = -1;
-  return -1;
+  return status;
 }
 
 absl::StatusOr<std::unique_ptr<StageServerProcess>> StageServerProcess::Start(
@@ -184,14 +188,7 @@ absl::StatusOr<std::unique_ptr<StageServerProcess>> StageServerProcess::Start(
 }
 
 StageServerProcess::~StageServerProcess() {
-  if (pid_ <= 0) return;
-  ::kill(pid_, SIGTERM);
-  for (int i = 0; i < 200; ++i) {
-    if (::waitpid(pid_, nullptr, WNOHANG) == pid_) return;
-    absl::SleepFor(absl::Milliseconds(50));
-  }
-  ::kill(pid_, SIGKILL);
-  ::waitpid(pid_, nullptr, 0);
+  if (pid_ > 0) Stop(pid_, absl::Seconds(10));
 }
 
 absl::StatusOr<StageStatsResponse> StageStats(const GetPlanResponse& plan, int stage,

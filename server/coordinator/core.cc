@@ -474,7 +474,7 @@ void Coordinator::CloseDrained(bool all) {
     retired_.erase(it, retired_.end());
   }
   for (const auto& d : done) {
-    d->Close(absl::StrCat("model \"", d->Info().name, "\" was replaced by a new upload and ",
+    d->Close(absl::StrCat("model \"", d->name(), "\" was replaced by a new upload and ",
                           d->Drained() ? "has drained" : "ran out of time to drain (--drain_timeout_s)"));
   }
 }
@@ -577,7 +577,7 @@ absl::StatusOr<std::vector<Tensor>> Coordinator::InferOn(std::shared_ptr<Deploym
                                                          const std::function<bool()>& cancelled,
                                                          int64_t pinned_version,
                                                          int64_t* answered_version) {
-  const std::string name = model->Info().name;
+  const std::string name = model->name();
   if (!Admit(name)) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "model \"", name, "\" has ", options_.max_queued_requests,

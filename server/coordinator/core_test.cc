@@ -67,15 +67,24 @@ class CoordinatorTest : public ::testing::Test {
     so.queue_capacity = 1;
     so.backend = std::make_shared<GatedBackend>(&gate_);
     stages_ = std::make_unique<InProcessStages>(so);
-    std::vector<std::string> addresses;
-    for (int i = 0; i < kServers; ++i) {
-      addresses.push_back(absl::StrCat("s", i, ":9000"));
-      stages_->AddServer(addresses.back());
-    }
+    for (const std::string& address : Addresses()) stages_->AddServer(address);
     repo_ = TempDir("repo");
+    Restart(options);
+  }
+
+  // A new coordinator over the same store and stage servers (the old one,
+  // if any, goes first).
+  void Restart(CoordinatorOptions options) {
+    coordinator_.reset();
     coordinator_ = std::make_unique<Coordinator>(options, *OpenFileModelStore(repo_),
-                                                 MakeStaticLauncher(addresses), stages_.get());
+                                                 MakeStaticLauncher(Addresses()), stages_.get());
     coordinator_->LoadStoredModels();
+  }
+
+  static std::vector<std::string> Addresses() {
+    std::vector<std::string> addresses;
+    for (int i = 0; i < kServers; ++i) addresses.push_back(absl::StrCat("s", i, ":9000"));
+    return addresses;
   }
 
   void TearDown() override {
@@ -449,11 +458,7 @@ TEST_F(CoordinatorTest, ARestartedCoordinatorAdoptsTheStagesItsPredecessorLeft) 
   coordinator_.reset();
   EXPECT_EQ(StagesLoaded(), 4) << "kept for the next coordinator";
   const int loads = stages_->load_calls();
-  std::vector<std::string> addresses;
-  for (int i = 0; i < kServers; ++i) addresses.push_back(absl::StrCat("s", i, ":9000"));
-  coordinator_ = std::make_unique<Coordinator>(o, *OpenFileModelStore(repo_),
-                                               MakeStaticLauncher(addresses), stages_.get());
-  coordinator_->LoadStoredModels();
+  Restart(o);
   EXPECT_EQ(coordinator_->adopted_models(), 1);
   EXPECT_EQ(stages_->load_calls(), loads) << "no weight was sent again";
   EXPECT_EQ(coordinator_->GetModel("mlp")->deployment, id);
@@ -479,11 +484,7 @@ TEST_F(CoordinatorTest, AnIncompleteLeftoverDeploymentIsReloadedNotAdopted) {
   lost.set_deployment(before.deployment);
   lost.set_stage(2);
   ASSERT_TRUE(stages_->Server(before.servers[2])->Unload(lost).ok());
-  std::vector<std::string> addresses;
-  for (int i = 0; i < kServers; ++i) addresses.push_back(absl::StrCat("s", i, ":9000"));
-  coordinator_ = std::make_unique<Coordinator>(o, *OpenFileModelStore(repo_),
-                                               MakeStaticLauncher(addresses), stages_.get());
-  coordinator_->LoadStoredModels();
+  Restart(o);
   EXPECT_EQ(coordinator_->adopted_models(), 0);
   ASSERT_EQ(coordinator_->GetModel("mlp")->state, ModelState::kReady);
   EXPECT_NE(coordinator_->GetModel("mlp")->deployment, before.deployment);

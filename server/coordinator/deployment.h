@@ -93,6 +93,7 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
 
   ~Deployment();
 
+  const std::string& name() const { return name_; }
   ModelInfo Info() const;
   int64_t version() const;
   void set_version(int64_t version);
