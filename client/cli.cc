@@ -285,8 +285,10 @@ absl::Status Upload(const FlagSet& flags, Client& client, std::ostream& out,
   UploadOptions options;
   ASSIGN_OR_RETURN(int num_stages, flags.GetInt("num_stages"));
   ASSIGN_OR_RETURN(int microbatches, flags.GetInt("microbatches"));
+  ASSIGN_OR_RETURN(int replicas, flags.GetInt("replicas"));
   options.set_num_stages(num_stages);
   options.set_microbatches(microbatches);
+  options.set_replicas(replicas);
   for (const std::string& s : flags.GetAll("split")) {
     ASSIGN_OR_RETURN(auto split, ParseSplit(s));
     SplitSpecEntry* e = options.add_split_spec();
@@ -344,11 +346,28 @@ absl::Status PlanRemote(const FlagSet& flags, Client& client, std::ostream& out,
   ASSIGN_OR_RETURN(GetPlanResponse r, client.GetPlan(flags.Get("name")));
   out << "model \"" << r.name() << "\" on " << client.address();
   if (!r.state().empty()) out << " (" << r.state() << ")";
+  // stage_servers: one per stage for each replica, lane by lane.
+  const int n = r.plan().stages_size();
+  const int replicas = std::max(1, r.replicas());
   out << "\n"
       << FormatPlan(r.plan(),
-                    std::vector<std::string>(r.stage_servers().begin(),
-                                             r.stage_servers().end()))
-      << r.microbatches() << " microbatch"
+                    std::vector<std::string>(
+                        r.stage_servers().begin(),
+                        r.stage_servers().begin() +
+                            std::min(n, r.stage_servers_size())));
+  for (int lane = 1; lane < replicas; ++lane) {
+    out << "replica " << lane << ":";
+    for (int i = lane * n; i < (lane + 1) * n && i < r.stage_servers_size();
+         ++i) {
+      out << " " << r.stage_servers(i);
+    }
+    out << "\n";
+  }
+  if (replicas > 1) {
+    out << replicas << " replicas of every stage (" << r.ready_replicas()
+        << " serving); microbatches alternate between them\n";
+  }
+  out << r.microbatches() << " microbatch"
       << (r.microbatches() == 1 ? "" : "es") << " per request\n";
   return absl::OkStatus();
 }
@@ -525,6 +544,10 @@ std::map<std::string, Command> Commands() {
           f.Add("microbatches", "M",
                 "microbatches per request (0: the server's default)", false,
                 "0");
+          f.Add("replicas", "R",
+                "replicas of every stage, R x stages servers (0: the "
+                "server's default)",
+                false, "0");
         },
         Remote(Upload)}},
       {"models",

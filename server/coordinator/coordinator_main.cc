@@ -55,6 +55,9 @@ ABSL_FLAG(int, cores, 0, "cores the local launcher divides between stages (0: al
 ABSL_FLAG(int, gpus, -1, "local launcher: one stage server per GPU (-1: all NVIDIA GPUs, 0: CPU only)");
 ABSL_FLAG(int, max_local_servers, 32, "most stage servers the local launcher starts");
 ABSL_FLAG(int, microbatches, 4, "default microbatches per request");
+ABSL_FLAG(int, replicas, 1,
+          "default replicas of every stage: a model of S stages runs on R x S stage servers and "
+          "keeps serving, without waiting, when one dies");
 ABSL_FLAG(int, max_microbatches, 1024, "most microbatches an upload may ask for");
 ABSL_FLAG(int, max_stages, 64, "most stages one model may be cut into");
 ABSL_FLAG(int, max_message_mb, 256,
@@ -181,8 +184,14 @@ int main(int argc, char** argv) {
       absl::GetFlag(FLAGS_host), tls, absl::GetFlag(FLAGS_allow_insecure));
   if (!host.ok()) return Fail(std::string(host.status().message()));
 
+  if (absl::GetFlag(FLAGS_replicas) < 1 ||
+      absl::GetFlag(FLAGS_replicas) > pipeserve::kMaxReplicas) {
+    return Fail(absl::StrCat("--replicas ", absl::GetFlag(FLAGS_replicas), " is not in 1..",
+                             pipeserve::kMaxReplicas));
+  }
   pipeserve::CoordinatorOptions options;
   options.default_microbatches = absl::GetFlag(FLAGS_microbatches);
+  options.default_replicas = absl::GetFlag(FLAGS_replicas);
   options.max_microbatches = absl::GetFlag(FLAGS_max_microbatches);
   options.max_stages = absl::GetFlag(FLAGS_max_stages);
   options.default_timeout = absl::Seconds(absl::GetFlag(FLAGS_default_timeout_s));

@@ -51,6 +51,7 @@ Coordinator::Coordinator(CoordinatorOptions options, std::unique_ptr<ModelStore>
       stages_(stages) {
   config_.stages = stages_;
   config_.default_microbatches = options_.default_microbatches;
+  config_.default_replicas = options_.default_replicas;
   config_.max_microbatches = options_.max_microbatches;
   config_.default_timeout = options_.default_timeout;
   config_.load_timeout = options_.load_timeout;
@@ -145,25 +146,31 @@ std::shared_ptr<Deployment> Coordinator::TryAdopt(const StoredModel& m,
   if (!file.ok()) return nullptr;
   absl::StatusOr<Plan> plan = PlanFor(m.name, **file, m.options);
   if (!plan.ok()) return nullptr;
-  absl::StatusOr<std::vector<std::string>> servers = launcher_->ServersFor(plan->stages_size());
-  if (!servers.ok()) return nullptr;
   DeploymentConfig config = config_;
+  absl::StatusOr<int> replicas = Deployment::Replicas(config, m.options);
+  if (!replicas.ok()) return nullptr;
+  const int n = plan->stages_size();
+  absl::StatusOr<std::vector<std::string>> servers = launcher_->ServersFor(n * *replicas);
+  if (!servers.ok()) return nullptr;
   config.threads_per_stage = launcher_->ThreadsPerStage();
-  const std::vector<StageSpec> want = Deployment::Specs(config, m.name, *plan, *servers);
-  // The held stage that is stage `i` of deployment `id`, as it would be
-  // loaded now.
+  const std::vector<StageSpec> want = Deployment::Specs(config, m.name, *plan, *servers, *replicas);
+  // The held stage that is stage `i % n` of replica `i / n` of deployment
+  // `id`, as it would be loaded now.
   auto find = [&](size_t i, uint64_t id) -> HeldStage* {
     for (HeldStage& h : held) {
       if (!h.adopted && h.address == (*servers)[i] && h.key.model() == m.name &&
-          h.key.stage() == static_cast<int>(i) && h.key.deployment() == id &&
-          h.fingerprint == want[i].fingerprint()) {
+          h.key.stage() == static_cast<int>(i) % n && h.key.replica() == static_cast<int>(i) / n &&
+          h.key.deployment() == id && h.fingerprint == want[i].fingerprint()) {
         return &h;
       }
     }
     return nullptr;
   };
   for (const HeldStage& first : held) {
-    if (first.adopted || first.key.model() != m.name || first.key.stage() != 0) continue;
+    if (first.adopted || first.key.model() != m.name || first.key.stage() != 0 ||
+        first.key.replica() != 0) {
+      continue;
+    }
     const uint64_t id = first.key.deployment();
     std::vector<HeldStage*> parts;
     for (size_t i = 0; i < want.size(); ++i) {
@@ -246,8 +253,8 @@ absl::StatusOr<UploadResponse> Coordinator::FinishUpload(const std::string& name
                                             "\" is corrupt: CRC-32 of the received bytes is ",
                                             upload->crc32(), ", the client sent ", crc32));
   }
-  if (options.microbatches() < 0 || options.num_stages() < 0) {
-    return absl::InvalidArgumentError("microbatches and num_stages must be >= 0");
+  if (options.microbatches() < 0 || options.num_stages() < 0 || options.replicas() < 0) {
+    return absl::InvalidArgumentError("microbatches, num_stages and replicas must be >= 0");
   }
   absl::MutexLock deploy_lock(&deploy_mu_);
   ASSIGN_OR_RETURN(std::shared_ptr<Deployment> d,
@@ -320,9 +327,10 @@ absl::StatusOr<std::shared_ptr<Deployment>> Coordinator::Deploy(const std::strin
                                                                 uint64_t bytes) {
   ASSIGN_OR_RETURN(std::unique_ptr<ModelFileReader> file, ModelFileReader::Open(path));
   ASSIGN_OR_RETURN(Plan plan, PlanFor(name, *file, options));
-  const int n = plan.stages_size();
-  ASSIGN_OR_RETURN(std::vector<std::string> servers, launcher_->ServersFor(n));
   DeploymentConfig config = config_;
+  ASSIGN_OR_RETURN(const int replicas, Deployment::Replicas(config, options));
+  ASSIGN_OR_RETURN(std::vector<std::string> servers,
+                   launcher_->ServersFor(plan.stages_size() * replicas));
   config.threads_per_stage = launcher_->ThreadsPerStage();
   return Deployment::Create(config, name, *file, plan, options, std::move(servers), bytes);
 }
@@ -338,7 +346,8 @@ void Coordinator::ScheduleRepair(const std::string& name) {
 
 void Coordinator::Repair(const std::string& name) {
   std::shared_ptr<Deployment> broken = Current(name);
-  if (broken != nullptr && broken->Info().state == ModelState::kReady) return;
+  const bool serving = broken != nullptr && broken->Info().state == ModelState::kReady;
+  if (serving && broken->BrokenLanes().empty()) return;
   absl::StatusOr<std::vector<StoredModel>> stored = store_->List();
   const StoredModel* m = nullptr;
   if (stored.ok()) {
@@ -349,6 +358,17 @@ void Coordinator::Repair(const std::string& name) {
   if (m == nullptr) return;  // unloaded meanwhile
   absl::MutexLock deploy_lock(&deploy_mu_);
   if (Current(name) != broken) return;  // a new upload took over meanwhile
+  if (serving) {
+    // Some lanes still serve: reload only the broken ones beside them.
+    absl::Status s = RepairLanes(*m, *broken);
+    if (!s.ok()) {
+      ScheduleRepair(name);
+      return;
+    }
+    absl::MutexLock lock(&repair_mu_);
+    repair_attempts_.erase(name);
+    return;
+  }
   absl::StatusOr<std::shared_ptr<Deployment>> d = Deploy(m->name, m->path, m->options, m->bytes);
   if (!d.ok()) {
     absl::MutexLock lock(&mu_);
@@ -373,6 +393,21 @@ void Coordinator::Repair(const std::string& name) {
   if (broken) broken->Close("replaced by a redeployment");
   absl::MutexLock lock(&repair_mu_);
   repair_attempts_.erase(name);
+}
+
+absl::Status Coordinator::RepairLanes(const StoredModel& m, Deployment& d) {
+  ASSIGN_OR_RETURN(std::unique_ptr<ModelFileReader> file, ModelFileReader::Open(m.path));
+  const int n = d.plan().stages_size();
+  // The launcher's servers now: it replaces servers that died.
+  ASSIGN_OR_RETURN(std::vector<std::string> servers, launcher_->ServersFor(n * d.replicas()));
+  const int threads = launcher_->ThreadsPerStage();
+  for (int lane : d.BrokenLanes()) {
+    std::vector<std::string> lane_servers(servers.begin() + lane * n,
+                                          servers.begin() + (lane + 1) * n);
+    RETURN_IF_ERROR(d.ReloadLane(lane, *file, lane_servers, threads));
+    ++reloaded_lanes_;
+  }
+  return absl::OkStatus();
 }
 
 void Coordinator::RepairLoop() {
@@ -416,10 +451,15 @@ void Coordinator::MonitorLoop() {
       for (auto& [name, d] : models_) deployments.push_back(d);
     }
     for (const std::shared_ptr<Deployment>& d : deployments) {
-      ModelInfo info = d->Info();
-      if (info.state != ModelState::kReady) continue;
-      absl::Status health = d->CheckStages(std::max(options_.health_interval, absl::Seconds(1)));
-      if (!health.ok() && d->Break(std::string(health.message()))) ScheduleRepair(info.name);
+      if (d->Info().state != ModelState::kReady) continue;
+      // A lane that fails is taken out at once (its work moves to the
+      // others); the last one to fail breaks the deployment.
+      for (const Deployment::LaneHealth& h :
+           d->CheckLanes(std::max(options_.health_interval, absl::Seconds(1)))) {
+        if (!h.status.ok() && d->BreakLane(h.lane, h.generation, std::string(h.status.message()))) {
+          ScheduleRepair(d->name());
+        }
+      }
     }
   }
 }

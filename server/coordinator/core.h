@@ -36,15 +36,19 @@ struct CoordinatorOptions {
   // an upload may ask for.
   int default_microbatches = 4;
   int max_microbatches = 1024;
+  // Replicas of every stage when the upload does not say (R lanes of S
+  // stages on R x S stage servers).
+  int default_replicas = 1;
   // Deadline for requests that come without one.
   absl::Duration default_timeout = absl::Seconds(60);
   // Deadline for loading one model's stages.
   absl::Duration load_timeout = absl::Seconds(120);
   // How often every ready model's stage servers are checked. A stage that
   // stops answering, loses its stage, cannot send on, or loses its results
-  // subscription marks the model UNAVAILABLE, fails its requests in
-  // flight, and the model is redeployed from the store, retrying with
-  // backoff until it is back.
+  // subscription takes its lane out of service (its microbatches run again
+  // on the other lanes) and the lane is reloaded; with no lane left the
+  // model is UNAVAILABLE, its requests wait, and it is redeployed from the
+  // store, retrying with backoff until it is back.
   absl::Duration health_interval = absl::Seconds(1);
   // Most stages one model may be cut into.
   int max_stages = 64;
@@ -152,6 +156,8 @@ class Coordinator {
 
   // Requests that ran again after a failure, since start.
   uint64_t retried_requests() const { return retried_requests_.load(); }
+  // Lanes of replicated deployments reloaded after a failure, since start.
+  uint64_t reloaded_lanes() const { return reloaded_lanes_.load(); }
 
  private:
   absl::StatusOr<std::shared_ptr<Deployment>> Deploy(const std::string& name,
@@ -193,6 +199,9 @@ class Coordinator {
   void RepairLoop();
   void ScheduleRepair(const std::string& name);
   void Repair(const std::string& name);
+  // Reloads the broken lanes of `d` (still serving on the others).
+  absl::Status RepairLanes(const StoredModel& m, Deployment& d)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(deploy_mu_);
 
   const CoordinatorOptions options_;
   const std::unique_ptr<ModelStore> store_;
@@ -211,6 +220,7 @@ class Coordinator {
   std::vector<std::pair<std::shared_ptr<Deployment>, absl::Time>> retired_ ABSL_GUARDED_BY(mu_);
   std::atomic<bool> shutting_down_{false};
   std::atomic<uint64_t> retried_requests_{0};
+  std::atomic<uint64_t> reloaded_lanes_{0};
   std::atomic<int> adopted_models_{0};
   absl::Mutex admit_mu_;
   std::map<std::string, int> admitted_ ABSL_GUARDED_BY(admit_mu_);

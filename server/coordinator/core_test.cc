@@ -250,6 +250,7 @@ TEST_F(CoordinatorTest, FramesNoStageShouldSendFailTheRequestNotTheCoordinator) 
     Frame f;
     f.header = c.header;
     f.header.set_request_id(id++);
+    f.header.set_attempt(1);  // microbatch 0's first (and only) attempt
     for (const auto& [name, tensor] : c.tensors) f.Add(name, tensor);
     ASSERT_TRUE(results->Send(std::move(f), absl::InfiniteFuture()).ok());
     t.join();
@@ -664,6 +665,163 @@ TEST_F(CoordinatorTest, RequestsBeyondTheModelsQueueAreResourceExhaustedAtOnce) 
   EXPECT_TRUE(b.ok()) << b.status();
   auto again = coordinator_->Infer("mlp", in, absl::Now() + absl::Seconds(20));
   EXPECT_TRUE(again.ok()) << again.status();
+}
+
+UploadOptions Replicas(int r) {
+  UploadOptions o;
+  o.set_replicas(r);
+  return o;
+}
+
+// Frames stage 0 of each lane has taken so far.
+std::vector<uint64_t> LaneFrames(InProcessStages& stages, const ModelInfo& info) {
+  const int n = info.plan->stages_size();
+  std::vector<uint64_t> out;
+  for (int lane = 0; lane < info.replicas; ++lane) {
+    StageKey key;
+    key.set_model(info.name);
+    key.set_deployment(info.deployment);
+    key.set_stage(0);
+    key.set_replica(lane);
+    auto stats = stages.Server(info.servers[lane * n])->Stats(key);
+    out.push_back(stats.ok() ? stats->frames_processed() : 0);
+  }
+  return out;
+}
+
+TEST_F(CoordinatorTest, ReplicasSpreadMicrobatchesOverLanesAndMatchTheUnsplitModel) {
+  Model m = Mlp(2);
+  ASSERT_TRUE(Upload("mlp", m, Replicas(2)).ok());
+  ModelInfo info = *coordinator_->GetModel("mlp");
+  EXPECT_EQ(info.replicas, 2);
+  EXPECT_EQ(info.ready_replicas, 2);
+  EXPECT_THAT(info.servers, ::testing::ElementsAre("s0:9000", "s1:9000", "s2:9000", "s3:9000"));
+  EXPECT_EQ(StagesLoaded(), 4);
+  std::vector<Tensor> in = {Ramp({37, 8}, 0.25f), Ramp({37, 8}, -0.5f)};
+  auto out = Infer("mlp", in);
+  ASSERT_TRUE(out.ok()) << out.status();
+  ExpectEqual((*out)[0], Expected(m, in)[0]);
+  // 4 microbatches, 2 on each lane.
+  EXPECT_THAT(LaneFrames(*stages_, info), ::testing::ElementsAre(2, 2));
+}
+
+TEST_F(CoordinatorTest, ReplicasBeyondTheLimitOrNegativeAreRefused) {
+  auto many = Upload("mlp", Mlp(1), Replicas(kMaxReplicas + 1));
+  EXPECT_EQ(many.status().code(), absl::StatusCode::kInvalidArgument) << many.status();
+  EXPECT_THAT(std::string(many.status().message()),
+              HasSubstr("replicas 65 is more than a stage may have (64)"));
+  auto negative = Upload("mlp", Mlp(1), Replicas(-1));
+  EXPECT_EQ(negative.status().code(), absl::StatusCode::kInvalidArgument) << negative.status();
+  EXPECT_EQ(StagesLoaded(), 0);
+}
+
+// A replica dying moves its lane's unfinished microbatches to the other
+// lane at once: the request is answered without waiting for a redeploy,
+// and the lane comes back on its own, reloading only its stages.
+TEST_F(CoordinatorTest, WhenAReplicaDiesItsMicrobatchesRunOnTheOtherLaneAtOnce) {
+  Model m = Mlp(2);
+  ASSERT_TRUE(Upload("mlp", m, Replicas(2)).ok());
+  const ModelInfo before = *coordinator_->GetModel("mlp");
+  std::vector<Tensor> in = {Ramp({8, 8}, 1), Ramp({8, 8}, 2)};
+  gate_.Set(false);
+  absl::StatusOr<std::vector<Tensor>> out;
+  std::thread t([&] { out = coordinator_->Infer("mlp", in, absl::Now() + absl::Seconds(30)); });
+  ASSERT_TRUE(gate_.WaitHeld(2));  // both lanes hold a microbatch
+  const int loads = stages_->load_calls();
+  const absl::Time killed = absl::Now();
+  stages_->KillServer("s3:9000");  // lane 1's last stage
+  gate_.Set(true);
+  t.join();
+  ASSERT_TRUE(out.ok()) << out.status();
+  ExpectEqual((*out)[0], Expected(m, in)[0]);
+  EXPECT_LT(absl::Now() - killed, absl::Seconds(5));
+  EXPECT_EQ(coordinator_->retried_requests(), 0u) << "no request had to start over";
+  auto d = *coordinator_->Find("mlp");
+  EXPECT_GE(d->replayed_microbatches(), 1u);
+  ModelInfo during = *coordinator_->GetModel("mlp");
+  EXPECT_EQ(during.state, ModelState::kReady);
+  EXPECT_EQ(during.deployment, before.deployment) << "not redeployed";
+  EXPECT_EQ(during.ready_replicas, 1);
+  // Served by lane 0 alone meanwhile.
+  auto alone = Infer("mlp", in);
+  ASSERT_TRUE(alone.ok()) << alone.status();
+  ExpectEqual((*alone)[0], Expected(m, in)[0]);
+  stages_->AddServer("s3:9000");  // the pod comes back, empty
+  absl::Time until = absl::Now() + absl::Seconds(20);
+  while (coordinator_->GetModel("mlp")->ready_replicas < 2 && absl::Now() < until) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  ModelInfo after = *coordinator_->GetModel("mlp");
+  EXPECT_EQ(after.ready_replicas, 2);
+  EXPECT_EQ(after.deployment, before.deployment);
+  EXPECT_EQ(coordinator_->reloaded_lanes(), 1u);
+  EXPECT_EQ(stages_->load_calls() - loads, 2) << "only the lane's two stages were loaded";
+  std::vector<uint64_t> frames = LaneFrames(*stages_, after);
+  auto again = Infer("mlp", in);
+  ASSERT_TRUE(again.ok()) << again.status();
+  ExpectEqual((*again)[0], Expected(m, in)[0]);
+  std::vector<uint64_t> now = LaneFrames(*stages_, after);
+  EXPECT_GT(now[1], frames[1]) << "the reloaded lane serves again";
+}
+
+// A frame of an earlier attempt of a microbatch (from a lane that broke)
+// is dropped, not taken as the answer or as an error.
+TEST_F(CoordinatorTest, FramesOfAnEarlierAttemptAreDropped) {
+  Model m = Mlp(2);
+  ASSERT_TRUE(Upload("mlp", m).ok());
+  auto info = coordinator_->GetModel("mlp");
+  std::shared_ptr<FrameSink> results = ResultsSink(*stages_, *info);
+  std::vector<Tensor> in = {Ramp({8, 8}, 1), Ramp({8, 8}, 2)};
+  gate_.Set(false);
+  absl::StatusOr<std::vector<Tensor>> out;
+  std::thread t([&] { out = Infer("mlp", in); });
+  ASSERT_TRUE(gate_.WaitHeld(1));
+  auto d = *coordinator_->Find("mlp");
+  const uint64_t strays = d->stray_frames();
+  for (int attempt : {0, 2}) {
+    Frame f;
+    f.header.set_request_id(1);
+    f.header.set_microbatch(0);
+    f.header.set_attempt(attempt);
+    f.Add("out", Tensor::Zeros({2, 8}));  // would fit, but is not the answer
+    ASSERT_TRUE(results->Send(std::move(f), absl::InfiniteFuture()).ok());
+    Frame e;
+    e.header.set_kind(FrameHeader::ERROR);
+    e.header.set_request_id(1);
+    e.header.set_microbatch(1);
+    e.header.set_attempt(attempt);
+    e.header.set_error_code(static_cast<int>(absl::StatusCode::kUnavailable));
+    e.header.set_error_message("a stage of a lane that broke");
+    ASSERT_TRUE(results->Send(std::move(e), absl::InfiniteFuture()).ok());
+  }
+  EXPECT_EQ(d->stray_frames(), strays + 4);
+  gate_.Set(true);
+  t.join();
+  ASSERT_TRUE(out.ok()) << out.status();
+  ExpectEqual((*out)[0], Expected(m, in)[0]);
+}
+
+TEST_F(CoordinatorTest, ARestartedCoordinatorAdoptsEveryReplica) {
+  CoordinatorOptions o = Options();
+  o.keep_stages_on_exit = true;
+  TearDown();
+  Start(o);
+  Model m = Mlp(2);
+  ASSERT_TRUE(Upload("mlp", m, Replicas(2)).ok());
+  const uint64_t id = coordinator_->GetModel("mlp")->deployment;
+  coordinator_.reset();
+  EXPECT_EQ(StagesLoaded(), 4);
+  const int loads = stages_->load_calls();
+  Restart(o);
+  EXPECT_EQ(coordinator_->adopted_models(), 1);
+  EXPECT_EQ(stages_->load_calls(), loads) << "no weight was sent again";
+  ModelInfo info = *coordinator_->GetModel("mlp");
+  EXPECT_EQ(info.deployment, id);
+  EXPECT_EQ(info.ready_replicas, 2);
+  std::vector<Tensor> in = {Ramp({5, 8}, 1), Ramp({5, 8}, 2)};
+  auto out = coordinator_->Infer("mlp", in, absl::Now() + absl::Seconds(20));
+  ASSERT_TRUE(out.ok()) << out.status();
+  ExpectEqual((*out)[0], Expected(m, in)[0]);
 }
 
 }  // namespace

@@ -1,6 +1,8 @@
 #include "server/coordinator/deployment.h"
 
 #include <algorithm>
+#include <deque>
+#include <utility>
 
 #include "absl/random/random.h"
 #include "absl/strings/str_cat.h"
@@ -46,44 +48,88 @@ bool ValidErrorCode(int code) {
 
 }  // namespace
 
-// One request in flight: what came back per microbatch.
+// One request in flight: what came back per microbatch, and where each
+// microbatch is.
 struct Deployment::Pending {
   explicit Pending(std::vector<int64_t> r)
-      : rows(std::move(r)), remaining(static_cast<int>(rows.size())), outputs(rows.size()) {}
+      : rows(std::move(r)),
+        remaining(static_cast<int>(rows.size())),
+        outputs(rows.size()),
+        lane(rows.size(), -1),
+        attempt(rows.size(), 0) {
+    for (int m = 0; m < static_cast<int>(rows.size()); ++m) to_send.push_back(m);
+  }
   const std::vector<int64_t> rows;  // batch rows of each microbatch (-1: none)
   int remaining;
   std::vector<std::vector<Tensor>> outputs;
+  std::vector<int> lane;     // where each microbatch was sent last (-1: waiting to be)
+  std::vector<int> attempt;  // its attempt number there
+  std::deque<int> to_send;   // microbatches not sent yet, or lost with their lane
   absl::Status error;
   absl::Notification done;
+  absl::CondVar wake;  // with mu_: done, or more to send
 };
 
-Deployment::Deployment(const DeploymentConfig& config, ModelInfo info,
-                       std::vector<StageSpec> specs)
+Deployment::Deployment(const DeploymentConfig& config, ModelInfo info, int replicas,
+                       std::vector<Lane> lanes)
     : config_(config),
       name_(info.name),
-      servers_(info.servers),
+      id_(info.deployment),
       microbatches_(info.microbatches),
+      replicas_(replicas),
       plan_(info.plan),
-      specs_(std::move(specs)),
-      info_(std::move(info)) {
+      info_(std::move(info)),
+      lanes_(std::move(lanes)) {
   for (const ValueSpec& in : plan_->inputs()) input_batched_.push_back(in.batched());
   for (const ValueSpec& out : plan_->outputs()) output_batched_.push_back(out.batched());
-  for (const ValueSpec& v : specs_.front().receives()) {
+  for (const ValueSpec& v : lanes_.front().specs.front().receives()) {
     for (int i = 0; i < plan_->inputs_size(); ++i) {
-      if (plan_->inputs(i).name() == v.name()) first_inputs_.push_back(i);
+      if (plan_->inputs(i).name() == v.name()) {
+        first_inputs_.push_back(i);
+        first_names_.push_back(v.name());
+      }
     }
   }
 }
 
 Deployment::~Deployment() { Close("the deployment was dropped"); }
 
+absl::StatusOr<int> Deployment::Replicas(const DeploymentConfig& config,
+                                         const UploadOptions& options) {
+  const int replicas = options.replicas() > 0 ? options.replicas()
+                                              : std::max(1, config.default_replicas);
+  if (replicas > kMaxReplicas) {
+    return absl::InvalidArgumentError(absl::StrCat("replicas ", replicas,
+                                                   " is more than a stage may have (",
+                                                   kMaxReplicas, ")"));
+  }
+  return replicas;
+}
+
+std::vector<StageSpec> Deployment::Specs(const DeploymentConfig& config, const std::string& name,
+                                         const Plan& plan,
+                                         const std::vector<std::string>& servers,
+                                         int replicas) {
+  const int n = plan.stages_size();
+  std::vector<StageSpec> out;
+  for (int r = 0; r < replicas; ++r) {
+    std::vector<std::string> lane(servers.begin() + r * n, servers.begin() + (r + 1) * n);
+    for (StageSpec& spec : MakeStageSpecs(plan, name, 0, lane, config.threads_per_stage, r)) {
+      out.push_back(std::move(spec));
+    }
+  }
+  return out;
+}
+
 absl::StatusOr<std::shared_ptr<Deployment>> Deployment::Make(
     const DeploymentConfig& config, const std::string& name, const Plan& plan,
     const UploadOptions& options, std::vector<std::string> servers, uint64_t bytes,
     uint64_t id) {
   const int n = plan.stages_size();
-  if (n < 1 || static_cast<int>(servers.size()) != n) {
-    return absl::InternalError(absl::StrCat("a plan of ", n, " stages got ", servers.size(),
+  ASSIGN_OR_RETURN(const int replicas, Replicas(config, options));
+  if (n < 1 || static_cast<int>(servers.size()) != n * replicas) {
+    return absl::InternalError(absl::StrCat("a plan of ", n, " stages in ", replicas,
+                                            " replicas got ", servers.size(),
                                             " stage servers"));
   }
   int microbatches = options.microbatches() > 0 ? options.microbatches()
@@ -97,18 +143,32 @@ absl::StatusOr<std::shared_ptr<Deployment>> Deployment::Make(
   info.name = name;
   info.plan = std::make_shared<const Plan>(plan);
   info.servers = servers;
+  info.replicas = replicas;
   info.deployment = id;
   info.bytes = bytes;
   info.microbatches = microbatches;
-  std::vector<StageSpec> specs =
-      MakeStageSpecs(plan, name, info.deployment, servers, config.threads_per_stage);
-  return std::shared_ptr<Deployment>(new Deployment(config, std::move(info), std::move(specs)));
+  std::vector<Lane> lanes(replicas);
+  for (int r = 0; r < replicas; ++r) {
+    lanes[r].servers.assign(servers.begin() + r * n, servers.begin() + (r + 1) * n);
+    lanes[r].specs =
+        MakeStageSpecs(plan, name, id, lanes[r].servers, config.threads_per_stage, r);
+  }
+  return std::shared_ptr<Deployment>(
+      new Deployment(config, std::move(info), replicas, std::move(lanes)));
 }
 
-std::vector<StageSpec> Deployment::Specs(const DeploymentConfig& config, const std::string& name,
-                                         const Plan& plan,
-                                         const std::vector<std::string>& servers) {
-  return MakeStageSpecs(plan, name, 0, servers, config.threads_per_stage);
+absl::Status Deployment::LoadLane(const std::vector<std::string>& servers,
+                                  const std::vector<StageSpec>& specs,
+                                  const ModelFileReader& file, absl::Time deadline) {
+  // From the last stage back, so each stage's next hop is ready before
+  // anything can flow into it.
+  WeightReader read = [&file](const std::string& fqn, uint64_t offset, size_t len, char* out) {
+    return file.Read(fqn, offset, len, out);
+  };
+  for (int i = static_cast<int>(specs.size()) - 1; i >= 0; --i) {
+    RETURN_IF_ERROR(config_.stages->LoadStage(servers[i], specs[i], read, deadline));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::shared_ptr<Deployment>> Deployment::Create(
@@ -118,17 +178,19 @@ absl::StatusOr<std::shared_ptr<Deployment>> Deployment::Create(
   ASSIGN_OR_RETURN(std::shared_ptr<Deployment> d,
                    Make(config, name, plan, options, std::move(servers), bytes,
                         NewDeploymentId()));
-  // Load from the last stage back, so each stage's next hop is ready
-  // before anything can flow into it.
   const absl::Time deadline = absl::Now() + config.load_timeout;
-  WeightReader read = [&file](const std::string& fqn, uint64_t offset, size_t len, char* out) {
-    return file.Read(fqn, offset, len, out);
-  };
   absl::Status s;
-  for (int i = static_cast<int>(d->specs_.size()) - 1; i >= 0 && s.ok(); --i) {
-    s = config.stages->LoadStage(d->servers_[i], d->specs_[i], read, deadline);
+  for (int r = 0; r < d->replicas_ && s.ok(); ++r) {
+    std::vector<std::string> lane_servers;
+    std::vector<StageSpec> lane_specs;
+    {
+      absl::MutexLock lock(&d->mu_);
+      lane_servers = d->lanes_[r].servers;
+      lane_specs = d->lanes_[r].specs;
+    }
+    s = d->LoadLane(lane_servers, lane_specs, file, deadline);
+    if (s.ok()) s = d->ConnectLane(r, std::move(lane_servers), std::move(lane_specs), deadline);
   }
-  if (s.ok()) s = d->Connect(deadline);
   if (!s.ok()) {
     d->Close(absl::StrCat("deploying failed: ", s.message()));
     return s;
@@ -142,7 +204,18 @@ absl::StatusOr<std::shared_ptr<Deployment>> Deployment::Adopt(
     uint64_t id) {
   ASSIGN_OR_RETURN(std::shared_ptr<Deployment> d,
                    Make(config, name, plan, options, std::move(servers), bytes, id));
-  absl::Status s = d->Connect(absl::Now() + config.load_timeout);
+  const absl::Time deadline = absl::Now() + config.load_timeout;
+  absl::Status s;
+  for (int r = 0; r < d->replicas_ && s.ok(); ++r) {
+    std::vector<std::string> lane_servers;
+    std::vector<StageSpec> lane_specs;
+    {
+      absl::MutexLock lock(&d->mu_);
+      lane_servers = d->lanes_[r].servers;
+      lane_specs = d->lanes_[r].specs;
+    }
+    s = d->ConnectLane(r, std::move(lane_servers), std::move(lane_specs), deadline);
+  }
   if (!s.ok()) {
     // Its stages stay for the caller to unload or keep.
     d->Close(absl::StrCat("adopting failed: ", s.message()), /*unload=*/false);
@@ -151,35 +224,102 @@ absl::StatusOr<std::shared_ptr<Deployment>> Deployment::Adopt(
   return d;
 }
 
-absl::Status Deployment::Connect(absl::Time deadline) {
-  const int n = static_cast<int>(specs_.size());
+absl::Status Deployment::ConnectLane(int lane, std::vector<std::string> servers,
+                                     std::vector<StageSpec> specs, absl::Time deadline) {
+  const int n = static_cast<int>(specs.size());
+  uint64_t generation;
+  {
+    absl::MutexLock lock(&mu_);
+    generation = lanes_[lane].generation + 1;
+  }
   std::weak_ptr<Deployment> weak = shared_from_this();
-  const std::string last = servers_[n - 1];
+  const std::string last = servers[n - 1];
   absl::StatusOr<std::unique_ptr<StageClient::Subscription>> results =
       config_.stages->SubscribeResults(
-          last, specs_[n - 1].key(),
-          [weak](Frame f) {
-            if (auto dep = weak.lock()) dep->Deliver(std::move(f));
+          last, specs[n - 1].key(),
+          [weak, lane](Frame f) {
+            if (auto dep = weak.lock()) dep->Deliver(lane, std::move(f));
           },
-          [weak, last](const absl::Status& end) {
+          [weak, last, lane, generation](const absl::Status& end) {
             auto dep = weak.lock();
             if (dep == nullptr) return;
             std::string why = absl::StrCat("the results stream from the last stage (", last,
+                                           dep->replicas_ > 1 ? absl::StrCat(", replica ", lane)
+                                                              : std::string(),
                                            ") ended: ", end.message());
-            if (dep->Break(why) && dep->config_.on_broken) dep->config_.on_broken(dep->name_);
+            if (dep->BreakLane(lane, generation, why) && dep->config_.on_broken) {
+              dep->config_.on_broken(dep->name_);
+            }
           },
           deadline);
   if (!results.ok()) return results.status();
-  results_ = *std::move(results);
-  input_ = config_.stages->OpenInput(servers_[0], specs_[0].key());
-  absl::MutexLock lock(&mu_);
-  info_.state = ModelState::kReady;
+  std::shared_ptr<FrameSink> input = config_.stages->OpenInput(servers[0], specs[0].key());
+  std::shared_ptr<FrameSink> old_input;
+  std::unique_ptr<StageClient::Subscription> old_results;
+  {
+    absl::MutexLock lock(&mu_);
+    Lane& l = lanes_[lane];
+    old_input = std::exchange(l.input, input);
+    old_results = std::exchange(l.results, *std::move(results));
+    l.servers = std::move(servers);
+    l.specs = std::move(specs);
+    l.generation = generation;
+    if (closing_) {
+      old_input = std::move(input);  // closed below; Close unloads the stages
+    } else {
+      l.ready = true;
+      for (int i = 0; i < n; ++i) info_.servers[lane * n + i] = l.servers[i];
+      // A broken deployment (no lane left) is redeployed whole, not here.
+      if (info_.state == ModelState::kLoading) info_.state = ModelState::kReady;
+    }
+  }
+  // Ending a results stream calls BreakLane, which takes mu_.
+  if (old_input) old_input->Close();
+  old_results.reset();
+  return absl::OkStatus();
+}
+
+absl::Status Deployment::ReloadLane(int lane, const ModelFileReader& file,
+                                    const std::vector<std::string>& servers, int threads) {
+  const int n = plan_->stages_size();
+  if (lane < 0 || lane >= replicas_ || static_cast<int>(servers.size()) != n) {
+    return absl::InternalError(absl::StrCat("lane ", lane, " of ", replicas_, " got ",
+                                            servers.size(), " servers for ", n, " stages"));
+  }
+  std::vector<std::string> old_servers;
+  std::vector<StageSpec> old_specs;
+  {
+    absl::MutexLock lock(&mu_);
+    if (closing_) return absl::UnavailableError("the deployment is closing");
+    old_servers = lanes_[lane].servers;
+    old_specs = lanes_[lane].specs;
+  }
+  std::vector<StageSpec> specs = MakeStageSpecs(*plan_, name_, id_, servers, threads, lane);
+  const absl::Time deadline = absl::Now() + config_.load_timeout;
+  absl::Status s = LoadLane(servers, specs, file, deadline);
+  if (s.ok()) s = ConnectLane(lane, servers, specs, deadline);
+  const absl::Time unload_by = absl::Now() + kUnloadTimeout;
+  if (!s.ok()) {
+    for (int i = 0; i < n; ++i) {
+      config_.stages->UnloadStage(servers[i], specs[i].key(), unload_by).IgnoreError();
+    }
+    return s;
+  }
+  // A server of the lane that was replaced by another address (restarted
+  // on a new port) may still hold the stage: it goes.
+  for (int i = 0; i < n; ++i) {
+    if (old_servers[i] != servers[i]) {
+      config_.stages->UnloadStage(old_servers[i], old_specs[i].key(), unload_by).IgnoreError();
+    }
+  }
   return absl::OkStatus();
 }
 
 ModelInfo Deployment::Info() const {
   absl::MutexLock lock(&mu_);
-  return info_;
+  ModelInfo info = info_;
+  info.ready_replicas = info_.state == ModelState::kReady ? ReadyLanes() : 0;
+  return info;
 }
 
 int64_t Deployment::version() const {
@@ -190,6 +330,23 @@ int64_t Deployment::version() const {
 void Deployment::set_version(int64_t version) {
   absl::MutexLock lock(&mu_);
   info_.version = version;
+}
+
+int Deployment::ReadyLanes() const {
+  int ready = 0;
+  for (const Lane& l : lanes_) ready += l.ready ? 1 : 0;
+  return ready;
+}
+
+int Deployment::PickLane(int avoid) {
+  int fallback = -1;
+  for (int i = 0; i < replicas_; ++i) {
+    const int r = static_cast<int>(next_lane_++ % replicas_);
+    if (!lanes_[r].ready) continue;
+    if (r != avoid) return r;
+    fallback = r;
+  }
+  return fallback;
 }
 
 absl::Status Deployment::CheckOutputs(const Frame& frame, const Pending& p) const {
@@ -229,6 +386,7 @@ void Deployment::Finish(uint64_t id, absl::Status error) {
   if (it == pending_.end()) return;
   it->second->error = std::move(error);
   it->second->done.Notify();
+  it->second->wake.SignalAll();
   pending_.erase(it);
 }
 
@@ -236,7 +394,7 @@ void Deployment::FailAll(const absl::Status& error) {
   while (!pending_.empty()) Finish(pending_.begin()->first, error);
 }
 
-void Deployment::Deliver(Frame frame) {
+void Deployment::Deliver(int lane, Frame frame) {
   const FrameHeader& h = frame.header;
   absl::MutexLock lock(&mu_);
   auto it = pending_.find(h.request_id());
@@ -246,6 +404,11 @@ void Deployment::Deliver(Frame frame) {
   }
   Pending& p = *it->second;
   const int m = h.microbatch();
+  const bool known = m >= 0 && m < static_cast<int>(p.outputs.size());
+  if (known && (p.lane[m] != lane || p.attempt[m] != h.attempt())) {
+    ++stray_frames_;  // an earlier attempt, from a lane that broke
+    return;
+  }
   if (h.kind() == FrameHeader::ERROR) {
     // A stage's error, passed on; an ERROR frame never means success.
     Finish(h.request_id(),
@@ -256,12 +419,10 @@ void Deployment::Deliver(Frame frame) {
     return;
   }
   if (h.kind() != FrameHeader::DATA) return;  // a CANCEL that travelled to the end
-  if (m < 0 || m >= static_cast<int>(p.outputs.size()) || !p.outputs[m].empty()) {
+  if (!known || !p.outputs[m].empty()) {
     Finish(h.request_id(), absl::InternalError(absl::StrCat(
                                "the last stage sent microbatch ", m, " of a request split into ",
-                               p.outputs.size(), (m >= 0 && m < static_cast<int>(p.outputs.size()))
-                                                     ? ", twice"
-                                                     : "")));
+                               p.outputs.size(), known ? ", twice" : "")));
     return;
   }
   absl::Status fits = CheckOutputs(frame, p);
@@ -276,10 +437,19 @@ void Deployment::Deliver(Frame frame) {
 void Deployment::SendCancel(uint64_t id) {
   // Tell the stages to drop whatever of this request they still hold; a
   // stage 0 too full to take it soon is left alone (the deadlines go on).
-  Frame cancel;
-  cancel.header.set_kind(FrameHeader::CANCEL);
-  cancel.header.set_request_id(id);
-  input_->Send(std::move(cancel), absl::Now() + absl::Milliseconds(100)).IgnoreError();
+  std::vector<std::shared_ptr<FrameSink>> inputs;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const Lane& l : lanes_) {
+      if (l.ready) inputs.push_back(l.input);
+    }
+  }
+  for (const std::shared_ptr<FrameSink>& input : inputs) {
+    Frame cancel;
+    cancel.header.set_kind(FrameHeader::CANCEL);
+    cancel.header.set_request_id(id);
+    input->Send(std::move(cancel), absl::Now() + absl::Milliseconds(100)).IgnoreError();
+  }
 }
 
 absl::StatusOr<std::vector<Tensor>> Deployment::Infer(const std::vector<Tensor>& inputs,
@@ -321,6 +491,7 @@ absl::StatusOr<std::vector<Tensor>> Deployment::Infer(const std::vector<Tensor>&
     }
     rows.push_back(r);
   }
+  const int total = static_cast<int>(microbatches.size());
 
   const uint64_t id = next_request_id_++;
   auto pending = std::make_shared<Pending>(rows);
@@ -333,71 +504,111 @@ absl::StatusOr<std::vector<Tensor>> Deployment::Infer(const std::vector<Tensor>&
     }
     pending_[id] = pending;
   }
-  auto forget = [&] {
-    absl::MutexLock lock(&mu_);
-    pending_.erase(id);
-  };
   const int64_t deadline_us = absl::ToUnixMicros(deadline);
-  for (size_t m = 0; m < microbatches.size(); ++m) {
+
+  // Send every microbatch to a ready lane, then wait; a lane that breaks
+  // meanwhile hands its unfinished microbatches back to be sent again.
+  absl::Status ended;
+  int sent = 0;     // first sends done (for the messages)
+  int avoid = -1;   // a lane whose stage 0 could not be reached
+  while (true) {
+    int m = -1, lane = -1, attempt = 0;
+    std::shared_ptr<FrameSink> input;
+    {
+      absl::MutexLock lock(&mu_);
+      while (!pending->done.HasBeenNotified() && pending->to_send.empty()) {
+        const absl::Time now = absl::Now();
+        if (now >= deadline || (cancelled && cancelled())) break;
+        pending->wake.WaitWithDeadline(
+            &mu_, std::min(deadline, now + absl::Milliseconds(cancelled ? 20 : 1000)));
+      }
+      if (pending->done.HasBeenNotified()) break;  // its status says how it ended
+      if (pending->to_send.empty()) {
+        if (cancelled && cancelled()) {
+          ended = absl::CancelledError("the client cancelled the request");
+        } else {
+          ended = absl::DeadlineExceededError(absl::StrCat(
+              "request to \"", model, "\" missed its deadline with ", pending->remaining,
+              " of ", total, " microbatches unfinished"));
+        }
+        break;
+      }
+      lane = PickLane(avoid);
+      if (lane < 0) {
+        // No lane left: Break failed the request already, or is about to.
+        ended = absl::UnavailableError(absl::StrCat("model \"", model, "\" has no ready replica: ",
+                                                    info_.reason));
+        break;
+      }
+      m = pending->to_send.front();
+      pending->to_send.pop_front();
+      pending->lane[m] = lane;
+      attempt = ++pending->attempt[m];
+      if (attempt > 1) ++replayed_microbatches_;
+      input = lanes_[lane].input;
+    }
     Frame f;
     f.header.set_request_id(id);
-    f.header.set_microbatch(static_cast<int>(m));
+    f.header.set_microbatch(m);
     f.header.set_deadline_us(deadline_us);
+    f.header.set_attempt(attempt);
     for (size_t k = 0; k < first_inputs_.size(); ++k) {
-      f.Add(specs_.front().receives(static_cast<int>(k)).name(),
-            microbatches[m][first_inputs_[k]]);
+      f.Add(first_names_[k], microbatches[m][first_inputs_[k]]);
     }
     // Sent in slices of the deadline, so a request that ends while stage 0
     // is full (a stage's error, a broken pipeline, the client gone) stops
     // waiting for room at once.
-    absl::Status sent;
+    absl::Status s;
     while (true) {
-      sent = input_->Send(f, std::min(deadline, absl::Now() + absl::Milliseconds(50)));
-      if (sent.code() != absl::StatusCode::kDeadlineExceeded || absl::Now() >= deadline) break;
+      s = input->Send(f, std::min(deadline, absl::Now() + absl::Milliseconds(50)));
+      if (s.code() != absl::StatusCode::kDeadlineExceeded || absl::Now() >= deadline) break;
       if (pending->done.HasBeenNotified() || (cancelled && cancelled())) break;
     }
-    if (pending->done.HasBeenNotified()) break;  // ended already: its status says why
-    if (sent.ok() && !(cancelled && cancelled())) continue;
-    forget();
-    if (m > 0) SendCancel(id);
-    if (sent.ok() || (cancelled && cancelled())) {
-      return absl::CancelledError("the client cancelled the request");
-    }
-    if (sent.code() == absl::StatusCode::kDeadlineExceeded) {
-      return absl::DeadlineExceededError(absl::StrCat(
-          "request to \"", model, "\" missed its deadline while stage 0 was full (", m, " of ",
-          microbatches.size(), " microbatches sent)"));
-    }
-    return absl::UnavailableError(
-        absl::StrCat("cannot reach stage 0 of \"", model, "\": ", sent.message()));
-  }
-
-  // Wait for every microbatch, the deadline, or the client to go away.
-  absl::Status ended;
-  while (!pending->done.HasBeenNotified()) {
-    absl::Time now = absl::Now();
-    if (now >= deadline) {
-      int left;
-      {
-        absl::MutexLock lock(&mu_);
-        left = pending->remaining;
-      }
-      ended = absl::DeadlineExceededError(absl::StrCat("request to \"", model,
-                                                       "\" missed its deadline with ", left, " of ",
-                                                       microbatches.size(),
-                                                       " microbatches unfinished"));
-      break;
-    }
+    if (pending->done.HasBeenNotified()) break;
     if (cancelled && cancelled()) {
       ended = absl::CancelledError("the client cancelled the request");
       break;
     }
-    pending->done.WaitForNotificationWithTimeout(
-        std::min(deadline - now, absl::Milliseconds(cancelled ? 20 : 1000)));
+    if (s.ok()) {
+      if (attempt == 1) ++sent;
+      avoid = -1;
+      continue;
+    }
+    if (s.code() == absl::StatusCode::kDeadlineExceeded) {
+      ended = absl::DeadlineExceededError(absl::StrCat(
+          "request to \"", model, "\" missed its deadline while stage 0 was full (", sent, " of ",
+          total, " microbatches sent)"));
+      break;
+    }
+    // This lane's stage 0 cannot be reached: another lane takes the
+    // microbatch (the health check decides about the lane), or, with none
+    // other, the request fails over as the coordinator decides.
+    {
+      absl::MutexLock lock(&mu_);
+      if (!pending->done.HasBeenNotified() && pending->lane[m] == lane &&
+          pending->attempt[m] == attempt) {
+        bool other = false;
+        for (int r = 0; r < replicas_; ++r) other = other || (r != lane && lanes_[r].ready);
+        if (other) {
+          pending->lane[m] = -1;
+          pending->to_send.push_front(m);
+          avoid = lane;
+          continue;
+        }
+      } else if (pending->lane[m] == -1) {
+        continue;  // its lane broke meanwhile and handed it back
+      }
+    }
+    ended = absl::UnavailableError(
+        absl::StrCat("cannot reach stage 0 of \"", model, "\": ", s.message()));
+    break;
   }
   if (!ended.ok()) {
-    forget();
-    SendCancel(id);
+    {
+      absl::MutexLock lock(&mu_);
+      pending_.erase(id);
+    }
+    if (sent > 0) SendCancel(id);
     return ended;
   }
   if (!pending->error.ok()) {
@@ -407,27 +618,88 @@ absl::StatusOr<std::vector<Tensor>> Deployment::Infer(const std::vector<Tensor>&
   return MergeMicrobatches(output_batched_, pending->outputs);
 }
 
-absl::Status Deployment::CheckStages(absl::Duration timeout) {
-  const absl::Time deadline = absl::Now() + timeout;
-  for (size_t i = 0; i < specs_.size(); ++i) {
-    const std::string& address = servers_[i];
-    absl::StatusOr<StageStatsResponse> stats =
-        config_.stages->GetStageStats(address, specs_[i].key(), deadline);
-    if (!stats.ok()) {
-      return absl::UnavailableError(absl::StrCat("stage ", i, " on ", address,
-                                                 " failed its health check: ",
-                                                 stats.status().message()));
-    }
-    if (!stats->downstream_error().empty()) {
-      return absl::UnavailableError(absl::StrCat("stage ", i, " on ", address,
-                                                 " cannot send on: ", stats->downstream_error()));
-    }
-    if (i + 1 == specs_.size() && !stats->results_subscribed()) {
-      return absl::UnavailableError(absl::StrCat("stage ", i, " on ", address,
-                                                 " has lost the results subscription"));
+std::vector<Deployment::LaneHealth> Deployment::CheckLanes(absl::Duration timeout) {
+  struct Ask {
+    int lane;
+    uint64_t generation;
+    std::vector<std::string> servers;
+    std::vector<StageKey> keys;
+  };
+  std::vector<Ask> asks;
+  {
+    absl::MutexLock lock(&mu_);
+    for (int r = 0; r < replicas_; ++r) {
+      const Lane& l = lanes_[r];
+      if (!l.ready) continue;
+      Ask a{r, l.generation, l.servers, {}};
+      for (const StageSpec& spec : l.specs) a.keys.push_back(spec.key());
+      asks.push_back(std::move(a));
     }
   }
-  return absl::OkStatus();
+  const absl::Time deadline = absl::Now() + timeout;
+  std::vector<LaneHealth> out;
+  for (const Ask& a : asks) {
+    LaneHealth h{a.lane, a.generation, absl::OkStatus()};
+    const std::string replica =
+        replicas_ > 1 ? absl::StrCat(" (replica ", a.lane, ")") : std::string();
+    for (size_t i = 0; i < a.keys.size() && h.status.ok(); ++i) {
+      const std::string& address = a.servers[i];
+      absl::StatusOr<StageStatsResponse> stats =
+          config_.stages->GetStageStats(address, a.keys[i], deadline);
+      if (!stats.ok()) {
+        h.status = absl::UnavailableError(absl::StrCat("stage ", i, replica, " on ", address,
+                                                       " failed its health check: ",
+                                                       stats.status().message()));
+      } else if (!stats->downstream_error().empty()) {
+        h.status = absl::UnavailableError(absl::StrCat("stage ", i, replica, " on ", address,
+                                                       " cannot send on: ",
+                                                       stats->downstream_error()));
+      } else if (i + 1 == a.keys.size() && !stats->results_subscribed()) {
+        h.status = absl::UnavailableError(absl::StrCat(
+            "stage ", i, replica, " on ", address, " has lost the results subscription"));
+      }
+    }
+    out.push_back(std::move(h));
+  }
+  return out;
+}
+
+bool Deployment::BreakLane(int lane, uint64_t generation, const std::string& why) {
+  absl::MutexLock lock(&mu_);
+  if (closing_ || info_.state != ModelState::kReady || lane < 0 || lane >= replicas_) {
+    return false;
+  }
+  Lane& l = lanes_[lane];
+  if (!l.ready || l.generation != generation) return false;
+  l.ready = false;
+  if (ReadyLanes() == 0) {
+    info_.state = ModelState::kUnavailable;
+    info_.reason = why;
+    FailAll(absl::UnavailableError(why));
+    return true;
+  }
+  // The others carry on; what was in this lane runs again there.
+  for (auto& [id, p] : pending_) {
+    bool handed_back = false;
+    for (size_t m = 0; m < p->outputs.size(); ++m) {
+      if (p->lane[m] == lane && p->outputs[m].empty()) {
+        p->lane[m] = -1;
+        p->to_send.push_back(static_cast<int>(m));
+        handed_back = true;
+      }
+    }
+    if (handed_back) p->wake.SignalAll();
+  }
+  return true;
+}
+
+std::vector<int> Deployment::BrokenLanes() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<int> out;
+  for (int r = 0; r < replicas_; ++r) {
+    if (!lanes_[r].ready) out.push_back(r);
+  }
+  return out;
 }
 
 bool Deployment::Break(const std::string& why) {
@@ -435,6 +707,7 @@ bool Deployment::Break(const std::string& why) {
   if (closing_ || info_.state != ModelState::kReady) return false;
   info_.state = ModelState::kUnavailable;
   info_.reason = why;
+  for (Lane& l : lanes_) l.ready = false;
   FailAll(absl::UnavailableError(why));
   return true;
 }
@@ -452,9 +725,16 @@ int Deployment::InFlight() const {
 }
 
 void Deployment::UnloadStages() {
+  std::vector<std::pair<std::string, StageKey>> stages;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const Lane& l : lanes_) {
+      for (size_t i = 0; i < l.specs.size(); ++i) stages.emplace_back(l.servers[i], l.specs[i].key());
+    }
+  }
   const absl::Time deadline = absl::Now() + kUnloadTimeout;
-  for (size_t i = 0; i < specs_.size(); ++i) {
-    config_.stages->UnloadStage(servers_[i], specs_[i].key(), deadline).IgnoreError();
+  for (const auto& [address, key] : stages) {
+    config_.stages->UnloadStage(address, key, deadline).IgnoreError();
   }
 }
 
@@ -462,15 +742,22 @@ void Deployment::Close(const std::string& why, bool unload) {
   absl::MutexLock close_lock(&close_mu_);
   if (closed_) return;
   closed_ = true;
+  std::vector<std::shared_ptr<FrameSink>> inputs;
+  std::vector<std::unique_ptr<StageClient::Subscription>> results;
   {
     absl::MutexLock lock(&mu_);
     closing_ = true;
     if (info_.state == ModelState::kReady) info_.state = ModelState::kUnavailable;
     if (info_.reason.empty()) info_.reason = why;
+    for (Lane& l : lanes_) {
+      l.ready = false;
+      if (l.input) inputs.push_back(l.input);
+      results.push_back(std::move(l.results));
+    }
     FailAll(absl::UnavailableError(why));
   }
-  if (input_) input_->Close();
-  results_.reset();  // ends the subscription
+  for (const auto& input : inputs) input->Close();
+  results.clear();  // ends the subscriptions
   if (unload) UnloadStages();
 }
 

@@ -5,8 +5,16 @@
 // unloads its stages. A re-upload makes a new deployment beside the old one
 // and closes the old one only once the new one serves.
 //
+// With R replicas the deployment is R lanes, each a whole chain of the
+// stages on its own servers (replica r of stage s sends to replica r of
+// stage s+1). A request's microbatches are spread over the ready lanes;
+// when a lane breaks (a server in it dies, a link of it fails) its
+// unfinished microbatches run again at once on the others, with the next
+// attempt number, while the lane is reloaded (ReloadLane). Only when no
+// lane is left does the deployment break.
+//
 //   ASSIGN_OR_RETURN(std::shared_ptr<Deployment> d,
-//                    Deployment::Create(config, "example", file, options, bytes));
+//                    Deployment::Create(config, "example", file, plan, options, servers, bytes));
 //   ASSIGN_OR_RETURN(std::vector<Tensor> out, d->Infer({x, y}, deadline, nullptr));
 //   d->Close("replaced by a new upload");
 #ifndef PIPESERVE_SERVER_COORDINATOR_DEPLOYMENT_H_
@@ -40,7 +48,9 @@ struct ModelInfo {
   // Shared and immutable: ModelInfo is copied freely, the plan (every
   // stage's graph) is not.
   std::shared_ptr<const Plan> plan = std::make_shared<const Plan>();
-  std::vector<std::string> servers;  // per stage
+  std::vector<std::string> servers;  // per stage of lane 0, then of lane 1, ...
+  int replicas = 1;                  // lanes
+  int ready_replicas = 0;            // lanes serving now
   uint64_t deployment = 0;
   int microbatches = 0;
   uint64_t bytes = 0;
@@ -52,6 +62,8 @@ struct DeploymentConfig {
   StageClient* stages = nullptr;
   // Microbatches per request when the upload does not say.
   int default_microbatches = 4;
+  // Replicas of every stage when the upload does not say.
+  int default_replicas = 1;
   // Most microbatches an upload may ask for.
   int max_microbatches = 1024;
   // Deadline for requests that come without one.
@@ -60,18 +72,22 @@ struct DeploymentConfig {
   absl::Duration load_timeout = absl::Seconds(120);
   // GEMM threads per stage (0: the servers decide).
   int threads_per_stage = 0;
-  // Called with the model's name when a deployment breaks by itself (its
-  // results stream ended), so it gets repaired.
+  // Called with the model's name when a deployment or one of its lanes
+  // breaks by itself (a results stream ended), so it gets repaired.
   std::function<void(const std::string&)> on_broken;
 };
 
+// Most replicas of a stage (StageKey.replica is below it).
+inline constexpr int kMaxReplicas = 64;
+
 class Deployment : public std::enable_shared_from_this<Deployment> {
  public:
-  // Partitions `file`'s graph as `options` say, loads every stage on
-  // `servers` (one per stage), subscribes to the results and opens stage
-  // 0's input. kInvalidArgument for a model or options that do not
-  // partition, or a stage server's refusal; kUnavailable when a server
-  // cannot be reached. On error, stages already loaded are unloaded.
+  // Partitions `file`'s graph as `options` say, loads every stage of every
+  // lane on `servers` (replicas x stages, lane by lane), subscribes to the
+  // results and opens stage 0's inputs. kInvalidArgument for a model or
+  // options that do not partition, or a stage server's refusal;
+  // kUnavailable when a server cannot be reached. On error, stages already
+  // loaded are unloaded.
   static absl::StatusOr<std::shared_ptr<Deployment>> Create(
       const DeploymentConfig& config, const std::string& name, const ModelFileReader& file,
       const Plan& plan, const UploadOptions& options, std::vector<std::string> servers,
@@ -79,17 +95,23 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
 
   // A deployment of stages already loaded under deployment id `id` (left
   // by a coordinator that went away, see Specs): subscribes to the results
-  // and opens stage 0's input without sending a weight. On error nothing
+  // and opens stage 0's inputs without sending a weight. On error nothing
   // is unloaded.
   static absl::StatusOr<std::shared_ptr<Deployment>> Adopt(
       const DeploymentConfig& config, const std::string& name, const Plan& plan,
       const UploadOptions& options, std::vector<std::string> servers, uint64_t bytes,
       uint64_t id);
 
-  // The specs Create would load (deployment id 0): their fingerprints say
-  // which loaded stages Adopt can take over.
+  // The replicas `options` ask for (or the default); kInvalidArgument
+  // beyond kMaxReplicas.
+  static absl::StatusOr<int> Replicas(const DeploymentConfig& config,
+                                      const UploadOptions& options);
+
+  // The specs Create would load (deployment id 0), lane by lane: their
+  // fingerprints say which loaded stages Adopt can take over.
   static std::vector<StageSpec> Specs(const DeploymentConfig& config, const std::string& name,
-                                      const Plan& plan, const std::vector<std::string>& servers);
+                                      const Plan& plan, const std::vector<std::string>& servers,
+                                      int replicas);
 
   ~Deployment();
 
@@ -98,23 +120,46 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   int64_t version() const;
   void set_version(int64_t version);
   const Plan& plan() const { return *plan_; }
+  int replicas() const { return replicas_; }
 
   // Runs `inputs` (in the plan's input order) through the pipeline in the
-  // deployment's microbatch count; returns the outputs in order. A batch of
-  // 0 rows answers at once with empty outputs. kInvalidArgument (inputs
-  // that do not fit, naming the input), kUnavailable (not ready, or the
-  // pipeline broke), kDeadlineExceeded (also while stage 0 is full),
-  // kCancelled (when `cancelled` turns true), kInternal (a stage sent
-  // something that does not fit the plan), or the error a stage reported.
-  // Thread-safe; many requests pipeline together.
+  // deployment's microbatch count, spread over the ready lanes; returns the
+  // outputs in order. A batch of 0 rows answers at once with empty
+  // outputs. kInvalidArgument (inputs that do not fit, naming the input),
+  // kUnavailable (not ready, or every lane broke), kDeadlineExceeded (also
+  // while stage 0 is full), kCancelled (when `cancelled` turns true),
+  // kInternal (a stage sent something that does not fit the plan), or the
+  // error a stage reported. Thread-safe; many requests pipeline together.
   absl::StatusOr<std::vector<Tensor>> Infer(const std::vector<Tensor>& inputs,
                                             absl::Time deadline,
                                             const std::function<bool()>& cancelled);
 
-  // Asks every stage server how its stage is: the first problem found
-  // (unreachable, stage lost, a broken link downstream, no results
-  // subscription), or OK.
-  absl::Status CheckStages(absl::Duration timeout);
+  // The health of one ready lane: the first problem found asking its stage
+  // servers (unreachable, stage lost, a broken link downstream, no results
+  // subscription), or OK, with the lane's generation when asked (for
+  // BreakLane).
+  struct LaneHealth {
+    int lane = 0;
+    uint64_t generation = 0;
+    absl::Status status;
+  };
+  std::vector<LaneHealth> CheckLanes(absl::Duration timeout);
+
+  // Takes lane `lane` (still at `generation`) out of service: its
+  // unfinished microbatches run again on the other lanes. When it was the
+  // last ready lane the deployment breaks as with Break. Returns false if
+  // the lane was not ready (or was reloaded since): only the first caller
+  // repairs.
+  bool BreakLane(int lane, uint64_t generation, const std::string& why);
+
+  // Lanes out of service, waiting for ReloadLane.
+  std::vector<int> BrokenLanes() const;
+
+  // Loads lane `lane` again on `servers` (one per stage; the launcher's
+  // servers now) with `threads` GEMM threads per stage, reconnects it and
+  // puts it back in service. The other lanes serve throughout.
+  absl::Status ReloadLane(int lane, const ModelFileReader& file,
+                          const std::vector<std::string>& servers, int threads);
 
   // Marks the deployment UNAVAILABLE and fails the requests in flight with
   // kUnavailable(why). Returns false if it was not READY (already broken or
@@ -135,24 +180,49 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   // them loaded for a coordinator that comes after). Idempotent.
   void Close(const std::string& why, bool unload = true);
 
-  // Frames that came back for no request in flight (late, or injected).
+  // Frames that came back for no request in flight (late, injected, or of
+  // an earlier attempt of a microbatch).
   uint64_t stray_frames() const { return stray_frames_.load(); }
+  // Microbatches sent again after their lane broke.
+  uint64_t replayed_microbatches() const { return replayed_microbatches_.load(); }
 
  private:
   struct Pending;
-  Deployment(const DeploymentConfig& config, ModelInfo info, std::vector<StageSpec> specs);
+  // One chain of the stages.
+  struct Lane {
+    std::vector<std::string> servers;  // per stage
+    std::vector<StageSpec> specs;
+    std::shared_ptr<FrameSink> input;
+    std::unique_ptr<StageClient::Subscription> results;
+    bool ready = false;
+    // Counts connects, so a results stream of an earlier load that ends
+    // late does not break the lane loaded since.
+    uint64_t generation = 0;
+  };
+  Deployment(const DeploymentConfig& config, ModelInfo info, int replicas,
+             std::vector<Lane> lanes);
   static absl::StatusOr<std::shared_ptr<Deployment>> Make(
       const DeploymentConfig& config, const std::string& name, const Plan& plan,
       const UploadOptions& options, std::vector<std::string> servers, uint64_t bytes,
       uint64_t id);
-  // Subscribes to the last stage's results and opens stage 0's input;
-  // READY once done.
-  absl::Status Connect(absl::Time deadline);
+  // Loads `specs` on `servers`, from the last stage back.
+  absl::Status LoadLane(const std::vector<std::string>& servers,
+                        const std::vector<StageSpec>& specs, const ModelFileReader& file,
+                        absl::Time deadline);
+  // Subscribes to lane `lane`'s results and opens its stage 0's input on
+  // `servers`, and puts the lane (with `specs`) in service. READY once one
+  // lane is.
+  absl::Status ConnectLane(int lane, std::vector<std::string> servers,
+                           std::vector<StageSpec> specs, absl::Time deadline);
 
-  // Handles one frame from the last stage.
-  void Deliver(Frame frame);
+  // Handles one frame from lane `lane`'s last stage.
+  void Deliver(int lane, Frame frame);
   // Checks a DATA frame against the plan's outputs for microbatch `m`.
   absl::Status CheckOutputs(const Frame& frame, const Pending& p) const;
+  // The next ready lane in turn, preferring one other than `avoid`; -1
+  // when none is ready.
+  int PickLane(int avoid) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  int ReadyLanes() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Finish(uint64_t id, absl::Status error) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FailAll(const absl::Status& error) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void SendCancel(uint64_t id);
@@ -160,23 +230,25 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
 
   const DeploymentConfig config_;
   const std::string name_;
-  const std::vector<std::string> servers_;
+  const uint64_t id_;
   const int microbatches_;
+  const int replicas_;
   const std::shared_ptr<const Plan> plan_;
-  const std::vector<StageSpec> specs_;
   std::vector<bool> input_batched_, output_batched_;
   std::vector<int> first_inputs_;  // plan input index of each value sent to stage 0
-  std::shared_ptr<FrameSink> input_;
-  std::unique_ptr<StageClient::Subscription> results_;
+  std::vector<std::string> first_names_;  // and its name there
   std::atomic<uint64_t> next_request_id_{1};
   std::atomic<uint64_t> stray_frames_{0};
+  std::atomic<uint64_t> replayed_microbatches_{0};
 
   mutable absl::Mutex mu_;
   ModelInfo info_ ABSL_GUARDED_BY(mu_);
+  std::vector<Lane> lanes_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_lane_ ABSL_GUARDED_BY(mu_) = 0;
   absl::flat_hash_map<uint64_t, std::shared_ptr<Pending>> pending_ ABSL_GUARDED_BY(mu_);
   bool closing_ ABSL_GUARDED_BY(mu_) = false;
   std::string retired_ ABSL_GUARDED_BY(mu_);  // why, once retired
-  absl::Mutex close_mu_;  // serialises Close
+  absl::Mutex close_mu_;  // serialises Close and ReloadLane
   bool closed_ ABSL_GUARDED_BY(close_mu_) = false;
 };
 

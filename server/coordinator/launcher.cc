@@ -101,7 +101,7 @@ class LocalLauncher : public Launcher {
     int want = options_.gpus > 0 ? std::min(num_stages, options_.gpus) : num_stages;
     if (want > options_.max_servers) {
       return absl::ResourceExhaustedError(absl::StrCat(
-          "a model of ", num_stages, " stages needs ", want,
+          "a model of ", num_stages, " stages (replicas counted) needs ", want,
           " stage servers; the local launcher starts at most ", options_.max_servers,
           " (--max_local_servers)"));
     }

@@ -27,7 +27,8 @@ class Launcher {
  public:
   virtual ~Launcher() = default;
   virtual std::string Name() const = 0;
-  // The server address for each of `num_stages` stages. kUnavailable when
+  // The server address for each of `num_stages` stages (a model of S
+  // stages in R replicas asks for R x S, lane by lane). kUnavailable when
   // servers cannot be started or reached. Thread-safe.
   virtual absl::StatusOr<std::vector<std::string>> ServersFor(int num_stages) = 0;
   // GEMM threads each stage should use (0: the server decides).

@@ -117,6 +117,8 @@ grpc::Status ModelServiceImpl::GetPlan(grpc::ServerContext* ctx, const GetPlanRe
   *response->mutable_plan() = *info->plan;
   for (const std::string& s : info->servers) response->add_stage_servers(s);
   response->set_microbatches(info->microbatches);
+  response->set_replicas(info->replicas);
+  response->set_ready_replicas(info->ready_replicas);
   response->set_state(ModelStateName(info->state));
   response->set_deployment(info->deployment);
   return grpc::Status::OK;
@@ -133,6 +135,8 @@ grpc::Status ModelServiceImpl::ListModels(grpc::ServerContext* ctx, const ListMo
     s->set_num_stages(m.plan->stages_size());
     s->set_bytes(m.bytes);
     s->set_reason(m.reason);
+    s->set_replicas(m.replicas);
+    s->set_ready_replicas(m.ready_replicas);
   }
   return grpc::Status::OK;
 }

@@ -21,6 +21,7 @@ Frame ErrorFrame(const FrameHeader& about, const absl::Status& status) {
   f.header.set_request_id(about.request_id());
   f.header.set_microbatch(about.microbatch());
   f.header.set_deadline_us(about.deadline_us());
+  f.header.set_attempt(about.attempt());
   f.header.set_error_code(static_cast<int>(status.code()));
   f.header.set_error_message(std::string(status.message()));
   return f;
@@ -208,6 +209,7 @@ Frame StageHost::Compute(const Frame& in) {
   out.header.set_request_id(in.header.request_id());
   out.header.set_microbatch(in.header.microbatch());
   out.header.set_deadline_us(in.header.deadline_us());
+  out.header.set_attempt(in.header.attempt());
   for (const std::string& name : spec_.forward()) {
     const Tensor* t = nullptr;
     for (int k = 0; k < g.outputs_size() && k < static_cast<int>(outs->size()); ++k) {

@@ -113,8 +113,10 @@ class StageServerCore {
 
  private:
   class LoadImpl;
-  using Key = std::tuple<std::string, uint64_t, int>;
-  static Key KeyOf(const StageKey& key) { return {key.model(), key.deployment(), key.stage()}; }
+  using Key = std::tuple<std::string, uint64_t, int, int>;
+  static Key KeyOf(const StageKey& key) {
+    return {key.model(), key.deployment(), key.stage(), key.replica()};
+  }
   // Puts a loaded stage in place; returns the one it replaces.
   std::shared_ptr<StageHost> Install(std::shared_ptr<StageHost> host);
 

@@ -23,6 +23,13 @@ absl::StatusOr<StageKey> KeyFromMetadata(const grpc::ServerContextBase& ctx) {
   }
   key.set_deployment(deployment);
   key.set_stage(stage);
+  // Absent (a sender from before replicas): replica 0.
+  const std::string replica = MetadataValue(ctx, kReplicaKey);
+  int r = 0;
+  if (!replica.empty() && !absl::SimpleAtoi(replica, &r)) {
+    return absl::InvalidArgumentError("Process: the pipeserve-replica metadata must be a number");
+  }
+  key.set_replica(r);
   return key;
 }
 

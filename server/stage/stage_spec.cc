@@ -17,6 +17,7 @@ namespace {
 
 constexpr int kMaxStagesPerModel = 4096;
 constexpr int kMaxThreads = 1024;
+constexpr int kMaxReplicas = 64;
 
 template <typename... Args>
 absl::Status Invalid(const Args&... parts) {
@@ -60,6 +61,9 @@ absl::Status ValidateStageSpec(const StageSpec& spec, uint64_t max_weight_bytes)
   }
   if (key.stage() < 0 || key.stage() >= spec.num_stages()) {
     return Invalid("stage ", key.stage(), " is not in 0..", spec.num_stages() - 1);
+  }
+  if (key.replica() < 0 || key.replica() >= kMaxReplicas) {
+    return Invalid("replica ", key.replica(), " is not in 0..", kMaxReplicas - 1);
   }
   if (spec.stage().index() != key.stage()) {
     return Invalid("the stage graph is stage ", spec.stage().index(), ", the key says ",
@@ -122,7 +126,7 @@ absl::Status ValidateStageSpec(const StageSpec& spec, uint64_t max_weight_bytes)
 
 std::vector<StageSpec> MakeStageSpecs(const Plan& plan, const std::string& model,
                                       uint64_t deployment, const std::vector<std::string>& servers,
-                                      int threads) {
+                                      int threads, int replica) {
   const Routing routing = RoutePlan(plan);
   // Every value that crosses a hop is a model input, some later stage's
   // input, or a model output: each is described there.
@@ -140,6 +144,7 @@ std::vector<StageSpec> MakeStageSpecs(const Plan& plan, const std::string& model
     spec.mutable_key()->set_model(model);
     spec.mutable_key()->set_deployment(deployment);
     spec.mutable_key()->set_stage(i);
+    spec.mutable_key()->set_replica(replica);
     *spec.mutable_stage() = plan.stages(i);
     spec.set_num_stages(n);
     const std::vector<std::string>& incoming = i == 0 ? routing.to_first : routing.forward[i - 1];

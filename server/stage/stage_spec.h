@@ -20,7 +20,8 @@
 namespace pipeserve {
 
 // What a stage server checks in a spec before it loads anything: the key
-// (a valid model name, a stage index within num_stages), the next address
+// (a valid model name, a stage index within num_stages, a replica in
+// 0..63), the next address
 // (host:port, and only before the last stage), the thread count, the
 // stage graph (validated, each weight's byte size against its shape with
 // overflow checks, and their total against `max_weight_bytes` when not 0:
@@ -31,10 +32,12 @@ absl::Status ValidateStageSpec(const StageSpec& spec, uint64_t max_weight_bytes 
 
 // One spec per stage of `plan`; servers[i] is stage i's server address
 // (so stage i's next_address is servers[i + 1]). `threads`: GEMM threads
-// per stage, 0 for the server's default. Each carries its fingerprint.
+// per stage, 0 for the server's default. `replica`: which replica of the
+// stages these are (one lane of a replicated deployment). Each carries its
+// fingerprint.
 std::vector<StageSpec> MakeStageSpecs(const Plan& plan, const std::string& model,
                                       uint64_t deployment, const std::vector<std::string>& servers,
-                                      int threads);
+                                      int threads, int replica = 0);
 
 // A 64-bit FNV-1a hash of everything in `spec` but its deployment id and
 // fingerprint: the stage graph with each weight's CRC-32, what it

@@ -11,8 +11,8 @@
 namespace pipeserve {
 
 std::string StageKeyName(const StageKey& key) {
-  return absl::StrCat("stage ", key.stage(), " of \"", key.model(), "\" (deployment ",
-                      absl::Hex(key.deployment()), ")");
+  return absl::StrCat("stage ", key.stage(), key.replica() > 0 ? absl::StrCat(" replica ", key.replica()) : "",
+                      " of \"", key.model(), "\" (deployment ", absl::Hex(key.deployment()), ")");
 }
 
 // One Process call carrying frames to a stage. Owns itself until OnDone.
@@ -31,6 +31,7 @@ class FrameSender::Call : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc:
     ctx_.AddMetadata(kModelKey, key.model());
     ctx_.AddMetadata(kDeploymentKey, absl::StrCat(key.deployment()));
     ctx_.AddMetadata(kStageKey, absl::StrCat(key.stage()));
+    ctx_.AddMetadata(kReplicaKey, absl::StrCat(key.replica()));
     self_ = shared_from_this();
     channel_ = channels.To(address);
     grpc::GenericStub stub(channel_);

@@ -33,6 +33,7 @@ inline constexpr char kResultsMethod[] = "/pipeserve.StageService/Results";
 inline constexpr char kModelKey[] = "pipeserve-model";
 inline constexpr char kDeploymentKey[] = "pipeserve-deployment";
 inline constexpr char kStageKey[] = "pipeserve-stage";
+inline constexpr char kReplicaKey[] = "pipeserve-replica";
 // Initial metadata a stage server sends once a Results subscription is in
 // place.
 inline constexpr char kSubscribedKey[] = "pipeserve-subscribed";

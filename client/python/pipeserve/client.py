@@ -168,7 +168,7 @@ class Client:
     # -- pipeserve.ModelService ----------------------------------------------
 
     def upload(self, name, path, num_stages=None, microbatches=None,
-               split_spec=None, progress=None):
+               split_spec=None, progress=None, replicas=None):
         """Streams the model file `path` to the server as model `name`.
 
         The file is read and sent in 1 MiB chunks (it may be larger than
@@ -179,6 +179,9 @@ class Client:
           num_stages: stages for automatic cutting of a model without cut
             points (None: as the model says).
           microbatches: microbatches per request (None: the server default).
+          replicas: replicas of every stage (None: the server default); a
+            model of S stages then runs on replicas x S stage servers, and
+            survives one dying without waiting for it.
           split_spec: {module FQN: SplitPoint, 1/2 or "BEGINNING"/"END"},
             overriding the model's own split_spec.
           progress: called as progress(sent_bytes, total_bytes) after each
@@ -188,7 +191,8 @@ class Client:
           {"name": ..., "bytes": bytes received, "num_stages": ...}.
         """
         options = self._ps.UploadOptions(num_stages=num_stages or 0,
-                                         microbatches=microbatches or 0)
+                                         microbatches=microbatches or 0,
+                                         replicas=replicas or 0)
         for module, point in (split_spec or {}).items():
             options.split_spec.add(module=module, point=_split_point(point))
         f = open(path, "rb")  # FileNotFoundError names the path
