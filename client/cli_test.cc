@@ -14,6 +14,7 @@ namespace pipeserve {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 struct Result {
   int code;
@@ -150,7 +151,8 @@ class CliRemoteTest : public ::testing::Test {
 TEST_F(CliRemoteTest, UploadShowsProgressAndTheResult) {
   std::string model = WriteSmallModel();
   Result r = Run({"upload", "--name", "small", "--model", model, "--num_stages",
-                  "2", "--microbatches", "8", "--split", "lin:END"});
+                  "2", "--microbatches", "8", "--replicas", "3", "--split",
+                  "lin:END"});
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_THAT(r.err, HasSubstr("\r[##############################] "));
   EXPECT_THAT(r.err, HasSubstr(" MiB/s\n"));
@@ -161,6 +163,7 @@ TEST_F(CliRemoteTest, UploadShowsProgressAndTheResult) {
   ASSERT_EQ(ups.size(), 1);
   EXPECT_EQ(ups[0].options.num_stages(), 2);
   EXPECT_EQ(ups[0].options.microbatches(), 8);
+  EXPECT_EQ(ups[0].options.replicas(), 3);
   ASSERT_EQ(ups[0].options.split_spec_size(), 1);
   EXPECT_EQ(ups[0].options.split_spec(0).module(), "lin");
   EXPECT_EQ(ups[0].options.split_spec(0).point(), END);
@@ -204,6 +207,20 @@ TEST_F(CliRemoteTest, PlanOfADeployedModelShowsStageServersAndMicrobatches) {
   EXPECT_THAT(r.out, HasSubstr("stage 0 @ 10.0.0.1:9000: "));
   EXPECT_THAT(r.out, HasSubstr("stage 1 @ 10.0.0.2:9000: "));
   EXPECT_THAT(r.out, HasSubstr("4 microbatches per request"));
+
+  EXPECT_THAT(r.out, Not(HasSubstr("replica")));
+
+  // Two replicas: lane 1's servers on a line of their own.
+  response.add_stage_servers("10.0.0.3:9000");
+  response.add_stage_servers("10.0.0.4:9000");
+  response.set_replicas(2);
+  response.set_ready_replicas(1);
+  server_->SetPlan(response);
+  r = Run({"plan", "--name", "small"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("stage 1 @ 10.0.0.2:9000: "));
+  EXPECT_THAT(r.out, HasSubstr("replica 1: 10.0.0.3:9000 10.0.0.4:9000\n"));
+  EXPECT_THAT(r.out, HasSubstr("2 replicas of every stage (1 serving)"));
 
   r = Run({"plan", "--name", "other"});
   EXPECT_EQ(r.code, 1);

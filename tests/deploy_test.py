@@ -152,6 +152,18 @@ class DeployTest(unittest.TestCase):
                     for i in range(sts["spec"]["replicas"])]
         self.assertEqual(flag(args, "stage_servers").split(","), expected)
 
+    def test_stage_pods_hold_every_replica_of_every_stage(self):
+        # R replicas of S stages take R x S pods, one per node (so a node
+        # lost takes one replica, while the others serve).
+        sts = find(self.stages, "StatefulSet")
+        replicas = int(flag(self.coordinator.args, "replicas"))
+        self.assertGreaterEqual(replicas, 2, "the example shows replicated stages")
+        pods = sts["spec"]["replicas"]
+        self.assertEqual(pods % replicas, 0,
+                         f"{pods} stage pods do not hold {replicas} replicas of each stage")
+        anti = sts["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+        self.assertIn("requiredDuringSchedulingIgnoredDuringExecution", anti)
+
     def test_probes_run_the_cli_health_check_on_the_serving_ports(self):
         # Kubernetes' grpc probes cannot speak TLS: every probe execs the
         # image's CLI against the port the server listens on.

@@ -20,9 +20,9 @@ std::vector<NamedTensor> NamedInputs(const Fixture& f) {
 }
 
 absl::StatusOr<Tensor> UploadAndAnswer(const std::string& address, const std::string& name,
-                                       const Fixture& f) {
+                                       const Fixture& f, const UploadOptions& options) {
   ASSIGN_OR_RETURN(std::unique_ptr<Client> client, Client::Connect(address));
-  RETURN_IF_ERROR(client->Upload(name, f.path, {}).status());
+  RETURN_IF_ERROR(client->Upload(name, f.path, options).status());
   ASSIGN_OR_RETURN(std::vector<NamedTensor> out, client->Infer(name, NamedInputs(f)));
   if (out.empty()) return absl::InternalError("no outputs");
   return out[0].tensor;

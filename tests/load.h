@@ -34,7 +34,7 @@ std::vector<NamedTensor> NamedInputs(const Fixture& f);
 // Uploads fixture `f` as model `name` to the coordinator at `address` and
 // runs its inputs once: that first answer is what later ones must match.
 absl::StatusOr<Tensor> UploadAndAnswer(const std::string& address, const std::string& name,
-                                       const Fixture& f);
+                                       const Fixture& f, const UploadOptions& options = {});
 
 // Whether `got` is `want` (the answer before any disruption) up to float
 // rounding.

@@ -38,12 +38,16 @@ class ReliabilityTest : public ::testing::Test {
     auto client = Client::Connect(coordinator_->address());
     ASSERT_TRUE(client.ok());
     client_ = *std::move(client);
-    auto first = UploadAndAnswer(coordinator_->address(), "m", fixture_);
+    UploadOptions options;
+    options.set_replicas(Replicas());
+    auto first = UploadAndAnswer(coordinator_->address(), "m", fixture_, options);
     ASSERT_TRUE(first.ok()) << first.status();
-    ASSERT_EQ(client_->GetPlan("m")->stage_servers_size(), 4);
+    ASSERT_EQ(client_->GetPlan("m")->stage_servers_size(), 4 * Replicas());
     want_ = *first;
     inputs_ = NamedInputs(fixture_);
   }
+
+  virtual int Replicas() const { return 1; }
 
   Fixture fixture_;
   std::unique_ptr<CoordinatorProcess> coordinator_;
@@ -62,6 +66,31 @@ TEST_F(ReliabilityTest, KillingAStageServerUnderLoadLosesNoRequest) {
       [&] { ASSERT_EQ(::kill(victim, SIGKILL), 0); }, &killed);
   Report("kill -9 stage server 2 of 4", outcomes, killed);
   EXPECT_NE(client_->GetPlan("m")->stage_servers(2), before) << "stage 2 moved to a new server";
+}
+
+// The same model in 2 replicas (2 lanes of 4 stage servers): a replica
+// dying hands its lane's microbatches to the other lane at once, and only
+// that lane is reloaded (same deployment).
+class ReplicatedReliabilityTest : public ReliabilityTest {
+ protected:
+  int Replicas() const override { return 2; }
+};
+
+TEST_F(ReplicatedReliabilityTest, KillingAReplicaUnderLoadLosesNoRequestAndRedeploysNothing) {
+  pid_t victim = coordinator_->StageServerPid(6);  // replica 1's stage 2
+  ASSERT_GT(victim, 0);
+  const GetPlanResponse before = *client_->GetPlan("m");
+  ASSERT_EQ(before.ready_replicas(), 2);
+  absl::Time killed;
+  auto outcomes = RunLoad(
+      coordinator_->address(), "m", inputs_, want_, kClients, absl::Seconds(20), absl::Seconds(5),
+      [&] { ASSERT_EQ(::kill(victim, SIGKILL), 0); }, &killed);
+  Report("kill -9 replica 1's stage 2 (2 x 4)", outcomes, killed);
+  const GetPlanResponse after = *client_->GetPlan("m");
+  EXPECT_EQ(after.deployment(), before.deployment()) << "the lane was reloaded, not the model";
+  EXPECT_NE(after.stage_servers(6), before.stage_servers(6)) << "on a new server";
+  for (int i : {0, 1, 2, 3, 4, 5, 7}) EXPECT_EQ(after.stage_servers(i), before.stage_servers(i));
+  EXPECT_EQ(after.ready_replicas(), 2);
 }
 
 TEST_F(ReliabilityTest, ReuploadingUnderLoadLosesNoRequest) {

@@ -73,6 +73,9 @@ ABSL_FLAG(int, max_queued_requests, 128,
           "(0: no limit)");
 ABSL_FLAG(int, shutdown_grace_s, 25,
           "on SIGTERM: longest time requests in flight get to finish before the coordinator exits");
+ABSL_FLAG(int, health_interval_ms, 500,
+          "how often every model's stage servers are checked: a stage server that dies in the "
+          "middle of a pipeline is found within this (the first and last stage's at once)");
 ABSL_FLAG(int, drain_timeout_s, 60,
           "longest a replaced model version may take to finish its requests in flight");
 ABSL_FLAG(int, metrics_port, 8002, "Prometheus GET /metrics port (0: pick one; -1: off)");
@@ -199,6 +202,8 @@ int main(int argc, char** argv) {
   options.max_concurrent_uploads = absl::GetFlag(FLAGS_max_concurrent_uploads);
   options.max_queued_requests = std::max(0, absl::GetFlag(FLAGS_max_queued_requests));
   options.drain_timeout = absl::Seconds(std::max(0, absl::GetFlag(FLAGS_drain_timeout_s)));
+  options.health_interval =
+      absl::Milliseconds(std::max(10, absl::GetFlag(FLAGS_health_interval_ms)));
   // Static stage servers outlive this process: a restarted coordinator
   // adopts what they hold instead of loading it again.
   options.keep_stages_on_exit = !local;

@@ -49,7 +49,7 @@ struct CoordinatorOptions {
   // on the other lanes) and the lane is reloaded; with no lane left the
   // model is UNAVAILABLE, its requests wait, and it is redeployed from the
   // store, retrying with backoff until it is back.
-  absl::Duration health_interval = absl::Seconds(1);
+  absl::Duration health_interval = absl::Milliseconds(500);
   // Most stages one model may be cut into.
   int max_stages = 64;
   // Largest upload, and uploads in progress at once.

@@ -100,6 +100,21 @@ std::string Metrics::Render(const std::vector<ModelInfo>& models) const {
     absl::StrAppend(&out, "pipeserve_model_stages{model=\"", Escape(info.name), "\"} ",
                     info.plan->stages_size(), "\n");
   }
+  absl::StrAppend(&out,
+                  "# HELP pipeserve_model_replicas Replicas of every stage of each model.\n"
+                  "# TYPE pipeserve_model_replicas gauge\n");
+  for (const ModelInfo& info : models) {
+    absl::StrAppend(&out, "pipeserve_model_replicas{model=\"", Escape(info.name), "\"} ",
+                    info.replicas, "\n");
+  }
+  absl::StrAppend(&out,
+                  "# HELP pipeserve_model_ready_replicas Replicas serving now (fewer while one "
+                  "is reloaded after a failure).\n"
+                  "# TYPE pipeserve_model_ready_replicas gauge\n");
+  for (const ModelInfo& info : models) {
+    absl::StrAppend(&out, "pipeserve_model_ready_replicas{model=\"", Escape(info.name), "\"} ",
+                    info.ready_replicas, "\n");
+  }
   return out;
 }
 

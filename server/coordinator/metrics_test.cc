@@ -17,6 +17,8 @@ TEST(MetricsTest, CountsRequestsByCodeAndBucketsLatency) {
   ModelInfo info;
   info.name = "ex";
   info.state = ModelState::kReady;
+  info.replicas = 2;
+  info.ready_replicas = 1;
   std::string text = m.Render({info});
   EXPECT_THAT(text, HasSubstr("pipeserve_inference_requests_total{model=\"ex\",code=\"OK\"} 2\n"));
   EXPECT_THAT(text, HasSubstr(
@@ -25,6 +27,8 @@ TEST(MetricsTest, CountsRequestsByCodeAndBucketsLatency) {
   EXPECT_THAT(text, HasSubstr("pipeserve_inference_duration_seconds_bucket{model=\"ex\",le=\"0.005\"} 2\n"));
   EXPECT_THAT(text, HasSubstr("pipeserve_inference_duration_seconds_bucket{model=\"ex\",le=\"+Inf\"} 3\n"));
   EXPECT_THAT(text, HasSubstr("pipeserve_model_ready{model=\"ex\"} 1\n"));
+  EXPECT_THAT(text, HasSubstr("pipeserve_model_replicas{model=\"ex\"} 2\n"));
+  EXPECT_THAT(text, HasSubstr("pipeserve_model_ready_replicas{model=\"ex\"} 1\n"));
 }
 
 TEST(MetricsTest, ServesTheTextOverHttpAnd404sOtherPaths) {

@@ -67,6 +67,27 @@ void ExpectInvalid(const absl::Status& s, const std::string& text) {
   EXPECT_THAT(std::string(s.message()), HasSubstr(text));
 }
 
+// Two replicas of one stage on one server are two stages: unloading one
+// leaves the other, and each has its own fingerprint.
+TEST(StageServerCoreTest, ReplicasOfAStageAreSeparateStages) {
+  Fixture fx;
+  StageSpec second = fx.specs[0];
+  second.mutable_key()->set_replica(1);
+  second.set_fingerprint(StageFingerprint(second));
+  EXPECT_NE(second.fingerprint(), fx.specs[0].fingerprint());
+  ASSERT_TRUE(fx.Load(fx.specs[0]).ok());
+  ASSERT_TRUE(fx.Load(second).ok());
+  EXPECT_EQ(fx.core.size(), 2u);
+  EXPECT_TRUE(fx.core.Unload(fx.specs[0].key()).ok());
+  EXPECT_TRUE(fx.core.Stats(second.key()).ok());
+  EXPECT_EQ(fx.core.Stats(fx.specs[0].key()).status().code(), absl::StatusCode::kNotFound);
+  StageSpec bad = fx.specs[0];
+  bad.mutable_key()->set_replica(64);
+  ExpectInvalid(fx.core.BeginLoad(bad).status(), "replica 64 is not in 0..63");
+  bad.mutable_key()->set_replica(-1);
+  ExpectInvalid(fx.core.BeginLoad(bad).status(), "replica -1 is not in 0..63");
+}
+
 TEST(StageServerCoreTest, LoadsStatsAndUnloads) {
   Fixture fx;
   ASSERT_TRUE(fx.Load(fx.specs[0]).ok());

@@ -278,5 +278,30 @@ TEST_F(StageServiceTest, UnloadingFreesAStageWhoseReaderIsPaused) {
   EXPECT_EQ(core_->Find(spec_.key()), nullptr);
 }
 
+// Process and Results name the replica (pipeserve-replica metadata and
+// StageKey.replica): frames for replica 1 reach replica 1 of the stage,
+// and nothing reaches replica 0.
+TEST_F(StageServiceTest, FramesReachTheReplicaTheirStreamNames) {
+  StageSpec replica = spec_;
+  replica.mutable_key()->set_replica(1);
+  auto load = core_->BeginLoad(replica);
+  ASSERT_TRUE(load.ok()) << load.status();
+  ASSERT_TRUE((*load)->Finish().ok());
+  Collector zero, one;
+  auto sub0 = Subscribe(&zero);
+  ASSERT_TRUE(sub0.ok()) << sub0.status();
+  auto sub1 = ResultsSubscription::Start(
+      channels_, address_, replica.key(), [&one](Frame f) { one.Frame_(std::move(f)); },
+      [&one](const absl::Status& s) { one.Done(s); }, absl::Now() + absl::Seconds(10));
+  ASSERT_TRUE(sub1.ok()) << sub1.status();
+  auto sender = FrameSender::Create(channels_, address_, replica.key(), 4);
+  ASSERT_TRUE(sender->Send(Data(7), absl::Now() + absl::Seconds(5)).ok());
+  ASSERT_TRUE(one.WaitFor(1));
+  EXPECT_EQ(core_->Stats(replica.key())->frames_processed(), 1u);
+  EXPECT_EQ(Stats().frames_processed(), 0u);
+  absl::MutexLock lock(&zero.mu);
+  EXPECT_TRUE(zero.ids.empty());
+}
+
 }  // namespace
 }  // namespace pipeserve

@@ -175,7 +175,7 @@ class ClientTest(unittest.TestCase):
         crc = _write(path, size)
         calls = []
         info = self.client.upload(
-            "m", path, num_stages=3, microbatches=8,
+            "m", path, num_stages=3, microbatches=8, replicas=2,
             split_spec={"layers.1": "END", "layers.3": 1},
             progress=lambda sent, total: calls.append((sent, total)))
         self.assertEqual(info, {"name": "m", "bytes": size, "num_stages": 3})
@@ -184,6 +184,7 @@ class ClientTest(unittest.TestCase):
         self.assertEqual(up["crc"], crc)
         self.assertEqual(up["options"].num_stages, 3)
         self.assertEqual(up["options"].microbatches, 8)
+        self.assertEqual(up["options"].replicas, 2)
         self.assertEqual([(e.module, e.point)
                           for e in up["options"].split_spec],
                          [("layers.1", 2), ("layers.3", 1)])

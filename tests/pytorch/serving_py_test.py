@@ -72,6 +72,21 @@ class ServingPyTest(unittest.TestCase):
         self.assertEqual(out.shape, (10, 512))
         np.testing.assert_allclose(out, ref, rtol=1.3e-6, atol=1e-5)
 
+    def test_replicated_stages_serve_pytorchs_answer(self):
+        info = self.client.upload("mlp_r", self.path, replicas=2)
+        self.assertEqual(info["num_stages"], 4)
+        plan = self.client.plan("mlp_r")
+        self.assertEqual(plan.replicas, 2)
+        self.assertEqual(plan.ready_replicas, 2)
+        self.assertEqual(len(plan.stage_servers), 8)
+        self.assertEqual(len(set(plan.stage_servers)), 8)
+        inputs = models.example_inputs("multi_mlp", batch=13)
+        (out,) = self.client.infer("mlp_r", {k: v.numpy() for k, v in inputs.items()})
+        with torch.no_grad():
+            ref = self.model(*inputs.values()).numpy()
+        np.testing.assert_allclose(out, ref, rtol=1.3e-6, atol=1e-5)
+        self.client.unload("mlp_r")
+
     def test_tokens_are_required_and_scoped(self):
         self.client.upload("scoped", self.path)
         x = {"x": np.zeros((2, 512), np.float32), "y": np.zeros((2, 512), np.float32)}
