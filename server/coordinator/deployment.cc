@@ -294,6 +294,17 @@ absl::Status Deployment::ReloadLane(int lane, const ModelFileReader& file,
     old_servers = lanes_[lane].servers;
     old_specs = lanes_[lane].specs;
   }
+  // A server that does not answer at once (not back yet, its link still
+  // down) is not worth a load that would wait for it: the repair is tried
+  // again later.
+  for (const std::string& address : servers) {
+    absl::Status up =
+        config_.stages->ListStages(address, absl::Now() + absl::Seconds(2)).status();
+    if (!up.ok()) {
+      return absl::UnavailableError(absl::StrCat("replica ", lane, ": stage server ", address,
+                                                 " does not answer: ", up.message()));
+    }
+  }
   std::vector<StageSpec> specs = MakeStageSpecs(*plan_, name_, id_, servers, threads, lane);
   const absl::Time deadline = absl::Now() + config_.load_timeout;
   absl::Status s = LoadLane(servers, specs, file, deadline);
