@@ -256,22 +256,33 @@ absl::Status Deployment::ConnectLane(int lane, std::vector<std::string> servers,
   std::shared_ptr<FrameSink> input = config_.stages->OpenInput(servers[0], specs[0].key());
   std::shared_ptr<FrameSink> old_input;
   std::unique_ptr<StageClient::Subscription> old_results;
+  bool closing;
   {
     absl::MutexLock lock(&mu_);
-    Lane& l = lanes_[lane];
-    old_input = std::exchange(l.input, input);
-    old_results = std::exchange(l.results, *std::move(results));
-    l.servers = std::move(servers);
-    l.specs = std::move(specs);
-    l.generation = generation;
-    if (closing_) {
-      old_input = std::move(input);  // closed below; Close unloads the stages
-    } else {
+    closing = closing_;
+    if (!closing) {
+      Lane& l = lanes_[lane];
+      old_input = std::exchange(l.input, input);
+      old_results = std::exchange(l.results, *std::move(results));
+      l.servers = servers;
+      l.specs = specs;
+      l.generation = generation;
       l.ready = true;
-      for (int i = 0; i < n; ++i) info_.servers[lane * n + i] = l.servers[i];
+      for (int i = 0; i < n; ++i) info_.servers[lane * n + i] = servers[i];
       // A broken deployment (no lane left) is redeployed whole, not here.
       if (info_.state == ModelState::kLoading) info_.state = ModelState::kReady;
     }
+  }
+  if (closing) {
+    // Closed meanwhile (a re-upload, an unload): what this connect made
+    // goes, and so do the stages it connected.
+    input->Close();
+    results->reset();
+    const absl::Time unload_by = absl::Now() + kUnloadTimeout;
+    for (int i = 0; i < n; ++i) {
+      config_.stages->UnloadStage(servers[i], specs[i].key(), unload_by).IgnoreError();
+    }
+    return absl::UnavailableError("the deployment closed while a replica was connected");
   }
   // Ending a results stream calls BreakLane, which takes mu_.
   if (old_input) old_input->Close();
