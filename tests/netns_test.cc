@@ -113,6 +113,12 @@ class NetnsTest : public ::testing::Test {
     return UploadAndAnswer(coordinator_->address(), "m", f, options);
   }
 
+  // The seed's ExampleCode at batch 16.
+  static absl::StatusOr<Fixture> Example() {
+    ASSIGN_OR_RETURN(std::string dir, MakeFixtures({"example_code"}, 16));
+    return LoadFixture(dir, "example_code");
+  }
+
   GetPlanResponse Plan() {
     auto plan = client_->GetPlan("m");
     return plan.ok() ? *plan : GetPlanResponse();
@@ -131,10 +137,8 @@ class NetnsTest : public ::testing::Test {
 };
 
 TEST_F(NetnsTest, ACutAndAThrottledLinkLoseNoRequest) {
-  auto dir = MakeFixtures({"example_code"}, 16);
-  ASSERT_TRUE(dir.ok()) << dir.status();
-  auto f = LoadFixture(*dir, "example_code");
-  ASSERT_TRUE(f.ok());
+  auto f = Example();
+  ASSERT_TRUE(f.ok()) << f.status();
   auto first = StartCluster(*f);
   ASSERT_TRUE(first.ok()) << first.status();
   const Tensor want = *first;
@@ -188,10 +192,8 @@ class ReplicatedNetnsTest : public NetnsTest {
 // model stays READY on the other), no request waits for the link, and
 // the lane is loaded again once the link is back.
 TEST_F(ReplicatedNetnsTest, ACutLinkOfOneReplicaMovesItsWorkToTheOther) {
-  auto dir = MakeFixtures({"example_code"}, 16);
-  ASSERT_TRUE(dir.ok()) << dir.status();
-  auto f = LoadFixture(*dir, "example_code");
-  ASSERT_TRUE(f.ok());
+  auto f = Example();
+  ASSERT_TRUE(f.ok()) << f.status();
   auto first = StartCluster(*f);
   ASSERT_TRUE(first.ok()) << first.status();
   ASSERT_EQ(Plan().ready_replicas(), 2);

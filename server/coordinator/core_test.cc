@@ -158,6 +158,33 @@ class CoordinatorTest : public ::testing::Test {
     return false;
   }
 
+  // Uploads `m` to a coordinator that keeps its stages on exit, restarts
+  // it, and expects the stages adopted: same deployment, no weight sent
+  // again, every replica serving, the right answer.
+  void ExpectAdoptedAfterRestart(const Model& m, const UploadOptions& options) {
+    CoordinatorOptions o = Options();
+    o.keep_stages_on_exit = true;
+    TearDown();
+    Start(o);
+    ASSERT_TRUE(Upload("mlp", m, options).ok());
+    const ModelInfo before = *coordinator_->GetModel("mlp");
+    const int stages = static_cast<int>(before.servers.size());
+    coordinator_.reset();
+    EXPECT_EQ(StagesLoaded(), stages) << "kept for the next coordinator";
+    const int loads = stages_->load_calls();
+    Restart(o);
+    EXPECT_EQ(coordinator_->adopted_models(), 1);
+    EXPECT_EQ(stages_->load_calls(), loads) << "no weight was sent again";
+    const ModelInfo after = *coordinator_->GetModel("mlp");
+    EXPECT_EQ(after.deployment, before.deployment);
+    EXPECT_EQ(after.ready_replicas, before.replicas);
+    EXPECT_EQ(StagesLoaded(), stages);
+    std::vector<Tensor> in = {Ramp({5, 8}, 1), Ramp({5, 8}, 2)};
+    auto out = coordinator_->Infer("mlp", in, absl::Now() + absl::Seconds(20));
+    ASSERT_TRUE(out.ok()) << out.status();
+    ExpectEqual((*out)[0], Expected(m, in)[0]);
+  }
+
   Gate gate_;
   std::unique_ptr<InProcessStages> stages_;
   std::string repo_;
@@ -449,25 +476,7 @@ TEST_F(CoordinatorTest, ARestartClearsStagesAPredecessorLeftBehind) {
 // Issue 9: stage servers keep their stages when the coordinator goes away;
 // the next one adopts them (same fingerprints) without sending a weight.
 TEST_F(CoordinatorTest, ARestartedCoordinatorAdoptsTheStagesItsPredecessorLeft) {
-  CoordinatorOptions o = Options();
-  o.keep_stages_on_exit = true;
-  TearDown();
-  Start(o);
-  Model m = Mlp(4);
-  ASSERT_TRUE(Upload("mlp", m).ok());
-  const uint64_t id = coordinator_->GetModel("mlp")->deployment;
-  coordinator_.reset();
-  EXPECT_EQ(StagesLoaded(), 4) << "kept for the next coordinator";
-  const int loads = stages_->load_calls();
-  Restart(o);
-  EXPECT_EQ(coordinator_->adopted_models(), 1);
-  EXPECT_EQ(stages_->load_calls(), loads) << "no weight was sent again";
-  EXPECT_EQ(coordinator_->GetModel("mlp")->deployment, id);
-  EXPECT_EQ(StagesLoaded(), 4);
-  std::vector<Tensor> in = {Ramp({5, 8}, 1), Ramp({5, 8}, 2)};
-  auto out = coordinator_->Infer("mlp", in, absl::Now() + absl::Seconds(20));
-  ASSERT_TRUE(out.ok()) << out.status();
-  ExpectEqual((*out)[0], Expected(m, in)[0]);
+  ExpectAdoptedAfterRestart(Mlp(4), {});
 }
 
 // A predecessor's deployment missing a stage is not adopted: its stages
@@ -802,26 +811,7 @@ TEST_F(CoordinatorTest, FramesOfAnEarlierAttemptAreDropped) {
 }
 
 TEST_F(CoordinatorTest, ARestartedCoordinatorAdoptsEveryReplica) {
-  CoordinatorOptions o = Options();
-  o.keep_stages_on_exit = true;
-  TearDown();
-  Start(o);
-  Model m = Mlp(2);
-  ASSERT_TRUE(Upload("mlp", m, Replicas(2)).ok());
-  const uint64_t id = coordinator_->GetModel("mlp")->deployment;
-  coordinator_.reset();
-  EXPECT_EQ(StagesLoaded(), 4);
-  const int loads = stages_->load_calls();
-  Restart(o);
-  EXPECT_EQ(coordinator_->adopted_models(), 1);
-  EXPECT_EQ(stages_->load_calls(), loads) << "no weight was sent again";
-  ModelInfo info = *coordinator_->GetModel("mlp");
-  EXPECT_EQ(info.deployment, id);
-  EXPECT_EQ(info.ready_replicas, 2);
-  std::vector<Tensor> in = {Ramp({5, 8}, 1), Ramp({5, 8}, 2)};
-  auto out = coordinator_->Infer("mlp", in, absl::Now() + absl::Seconds(20));
-  ASSERT_TRUE(out.ok()) << out.status();
-  ExpectEqual((*out)[0], Expected(m, in)[0]);
+  ExpectAdoptedAfterRestart(Mlp(2), Replicas(2));
 }
 
 }  // namespace

@@ -171,6 +171,22 @@ absl::Status Deployment::LoadLane(const std::vector<std::string>& servers,
   return absl::OkStatus();
 }
 
+absl::Status Deployment::LoadAndConnect(const ModelFileReader* file) {
+  const absl::Time deadline = absl::Now() + config_.load_timeout;
+  for (int r = 0; r < replicas_; ++r) {
+    std::vector<std::string> servers;
+    std::vector<StageSpec> specs;
+    {
+      absl::MutexLock lock(&mu_);
+      servers = lanes_[r].servers;
+      specs = lanes_[r].specs;
+    }
+    if (file != nullptr) RETURN_IF_ERROR(LoadLane(servers, specs, *file, deadline));
+    RETURN_IF_ERROR(ConnectLane(r, std::move(servers), std::move(specs), deadline));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::shared_ptr<Deployment>> Deployment::Create(
     const DeploymentConfig& config, const std::string& name, const ModelFileReader& file,
     const Plan& plan, const UploadOptions& options, std::vector<std::string> servers,
@@ -178,19 +194,7 @@ absl::StatusOr<std::shared_ptr<Deployment>> Deployment::Create(
   ASSIGN_OR_RETURN(std::shared_ptr<Deployment> d,
                    Make(config, name, plan, options, std::move(servers), bytes,
                         NewDeploymentId()));
-  const absl::Time deadline = absl::Now() + config.load_timeout;
-  absl::Status s;
-  for (int r = 0; r < d->replicas_ && s.ok(); ++r) {
-    std::vector<std::string> lane_servers;
-    std::vector<StageSpec> lane_specs;
-    {
-      absl::MutexLock lock(&d->mu_);
-      lane_servers = d->lanes_[r].servers;
-      lane_specs = d->lanes_[r].specs;
-    }
-    s = d->LoadLane(lane_servers, lane_specs, file, deadline);
-    if (s.ok()) s = d->ConnectLane(r, std::move(lane_servers), std::move(lane_specs), deadline);
-  }
+  absl::Status s = d->LoadAndConnect(&file);
   if (!s.ok()) {
     d->Close(absl::StrCat("deploying failed: ", s.message()));
     return s;
@@ -204,18 +208,7 @@ absl::StatusOr<std::shared_ptr<Deployment>> Deployment::Adopt(
     uint64_t id) {
   ASSIGN_OR_RETURN(std::shared_ptr<Deployment> d,
                    Make(config, name, plan, options, std::move(servers), bytes, id));
-  const absl::Time deadline = absl::Now() + config.load_timeout;
-  absl::Status s;
-  for (int r = 0; r < d->replicas_ && s.ok(); ++r) {
-    std::vector<std::string> lane_servers;
-    std::vector<StageSpec> lane_specs;
-    {
-      absl::MutexLock lock(&d->mu_);
-      lane_servers = d->lanes_[r].servers;
-      lane_specs = d->lanes_[r].specs;
-    }
-    s = d->ConnectLane(r, std::move(lane_servers), std::move(lane_specs), deadline);
-  }
+  absl::Status s = d->LoadAndConnect(nullptr);
   if (!s.ok()) {
     // Its stages stay for the caller to unload or keep.
     d->Close(absl::StrCat("adopting failed: ", s.message()), /*unload=*/false);

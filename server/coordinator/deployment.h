@@ -209,6 +209,9 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   absl::Status LoadLane(const std::vector<std::string>& servers,
                         const std::vector<StageSpec>& specs, const ModelFileReader& file,
                         absl::Time deadline);
+  // Loads every lane from `file` (null: they are loaded already) and
+  // connects it.
+  absl::Status LoadAndConnect(const ModelFileReader* file);
   // Subscribes to lane `lane`'s results and opens its stage 0's input on
   // `servers`, and puts the lane (with `specs`) in service. READY once one
   // lane is.
