@@ -173,7 +173,8 @@ absl::StatusOr<std::unique_ptr<StageServerProcess>> StageServerProcess::Start(
   std::string bin = RunfilesRoot() + "/server/stage/stage_server";
   std::vector<std::string> args = {bin, "--port=0", "--host=127.0.0.1", "--device=cpu",
                                    "--port_file=" + port_file,
-                                   "--cluster_token_file=" + dir + "/cluster-token"};
+                                   "--cluster_token_file=" + dir + "/cluster-token",
+                                   "--metrics_port=0", "--metrics_port_file=" + dir + "/metrics_port"};
   for (const std::string& e : extra) args.push_back(e);
   args.insert(args.begin(), prefix.begin(), prefix.end());
   ASSIGN_OR_RETURN(p->pid_, Spawn(args, log, SIGKILL));
@@ -184,6 +185,8 @@ absl::StatusOr<std::unique_ptr<StageServerProcess>> StageServerProcess::Start(
     if (absl::StartsWith(e, "--host=")) host = e.substr(7);
   }
   p->address_ = absl::StrCat(host, ":", port);
+  // Written before the gRPC port (the metrics listen first).
+  std::ifstream(dir + "/metrics_port") >> p->metrics_port_;
   return p;
 }
 

@@ -63,7 +63,7 @@ class CoordinatorProcess {
 
 // A stage_server process of its own (for the static launcher), on a port
 // it picks itself, ready once it wrote its port file and accepts
-// connections.
+// connections; its Prometheus metrics on another port it picks.
 class StageServerProcess {
  public:
   // `prefix`: a command that runs the server (e.g. {"ip", "netns", "exec",
@@ -75,10 +75,13 @@ class StageServerProcess {
   ~StageServerProcess();
   const std::string& address() const { return address_; }
   pid_t pid() const { return pid_; }
+  // Its GET /metrics port.
+  int metrics_port() const { return metrics_port_; }
 
  private:
   pid_t pid_ = -1;
   std::string address_;
+  int metrics_port_ = 0;
 };
 
 // A stage server's statistics for one stage of a deployed model, asked the

@@ -291,8 +291,15 @@ class DeployTest(unittest.TestCase):
         labels = self.stage.doc["spec"]["template"]["metadata"]["labels"]
         selector = policy["spec"]["podSelector"]["matchLabels"]
         self.assertTrue(selector.items() <= labels.items())
-        (rule,) = policy["spec"]["ingress"]
-        self.assertEqual([p["port"] for p in rule["ports"]], [int(flag(self.stage.args, "port"))])
+        grpc = int(flag(self.stage.args, "port"))
+        (rule,) = [r for r in policy["spec"]["ingress"]
+                   if grpc in [p["port"] for p in r["ports"]]]
+        self.assertEqual([p["port"] for p in rule["ports"]], [grpc])
+        # Any other rule opens only the metrics port.
+        metrics = int(flag(self.stage.args, "metrics_port"))
+        for other in policy["spec"]["ingress"]:
+            if other is not rule:
+                self.assertEqual([p["port"] for p in other["ports"]], [metrics])
         coord_labels = self.coordinator.doc["spec"]["template"]["metadata"]["labels"]
         for peer in rule["from"]:
             self.assertEqual(set(peer), {"podSelector"}, "only pods of this namespace")
@@ -305,6 +312,16 @@ class DeployTest(unittest.TestCase):
         port = flag(self.coordinator.args, "metrics_port")
         self.assertEqual(tmpl["metadata"]["annotations"]["prometheus.io/port"], port)
         ports = {p["name"]: p["targetPort"] for p in find(self.coord, "Service")["spec"]["ports"]}
+        self.assertEqual(ports["metrics"], int(port))
+
+    def test_prometheus_scrapes_every_stage_server(self):
+        tmpl = self.stage.doc["spec"]["template"]
+        port = flag(self.stage.args, "metrics_port")
+        self.assertIsNotNone(port, "stage servers export metrics")
+        notes = tmpl["metadata"]["annotations"]
+        self.assertEqual(notes["prometheus.io/scrape"], "true")
+        self.assertEqual(notes["prometheus.io/port"], port)
+        ports = {p["name"]: p["containerPort"] for p in self.stage.container["ports"]}
         self.assertEqual(ports["metrics"], int(port))
 
     def test_model_repository_is_on_the_persistent_volume(self):

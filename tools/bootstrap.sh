@@ -18,6 +18,7 @@ PACKAGES=(
   # tools/fuzz.sh: clang with libFuzzer, its sanitizer runtimes, and OpenMP
   # for the CPU kernels (gcc's ASan/UBSan/TSan runtimes come with g++).
   clang-14 libclang-rt-14-dev libfuzzer-14-dev libomp-14-dev
+  prometheus               # promtool checks the metrics text in tests
 )
 
 # --- deploy tooling: tools/make_dev_certs.sh and //tests:deploy_test -------

@@ -29,6 +29,7 @@
 #include "server/transport/auth.h"
 #include "server/transport/channels.h"
 #include "common/credentials.h"
+#include "server/transport/metrics_http.h"
 #include "server/transport/serve.h"
 
 ABSL_FLAG(std::string, host, "",
@@ -211,14 +212,11 @@ int main(int argc, char** argv) {
   pipeserve::Coordinator coordinator(options, *std::move(store), std::move(launcher),
                                      &stage_client);
   pipeserve::Metrics metrics;
-  pipeserve::MetricsHttpServer metrics_http(&metrics, [&] { return coordinator.ListModels(); });
+  pipeserve::MetricsHttpServer metrics_http(
+      [&] { return metrics.Render(coordinator.ListModels()); });
   if (int port = absl::GetFlag(FLAGS_metrics_port); port >= 0) {
-    absl::Status s = metrics_http.Start(*host, port);
+    absl::Status s = metrics_http.Start(*host, port, absl::GetFlag(FLAGS_metrics_port_file));
     if (!s.ok()) return Fail(std::string(s.message()));
-    if (std::string f = absl::GetFlag(FLAGS_metrics_port_file); !f.empty()) {
-      std::ofstream(f + ".tmp") << metrics_http.port() << "\n";
-      std::rename((f + ".tmp").c_str(), f.c_str());
-    }
   }
   pipeserve::KServeOptions kserve_options;
   kserve_options.stream_threads = absl::GetFlag(FLAGS_stream_threads);

@@ -1,10 +1,10 @@
 // Prometheus metrics for the coordinator, in the text exposition format,
-// served over plain HTTP (`GET /metrics`) on their own port (8002 by
-// convention, as Triton does).
+// served over plain HTTP (`GET /metrics`, server/transport/metrics_http.h)
+// on their own port (8002 by convention, as Triton does).
 //
 //   Metrics metrics;
 //   metrics.RecordInference("example", absl::OkStatus(), absl::Milliseconds(12));
-//   MetricsHttpServer http(&metrics, [&] { return coordinator.ListModels(); });
+//   MetricsHttpServer http([&] { return metrics.Render(coordinator.ListModels()); });
 //   RETURN_IF_ERROR(http.Start("0.0.0.0", 8002));
 #ifndef PIPESERVE_SERVER_COORDINATOR_METRICS_H_
 #define PIPESERVE_SERVER_COORDINATOR_METRICS_H_
@@ -54,28 +54,6 @@ class Metrics {
   // (model, code) -> requests
   std::map<std::pair<std::string, std::string>, uint64_t> requests_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, Histogram> latency_ ABSL_GUARDED_BY(mu_);
-};
-
-// A minimal HTTP/1.1 server for GET /metrics (anything else: 404).
-class MetricsHttpServer {
- public:
-  MetricsHttpServer(const Metrics* metrics, std::function<std::vector<ModelInfo>()> models);
-  ~MetricsHttpServer();
-
-  // Listens on host:port (0 picks a port; see port()). kUnavailable if the
-  // port cannot be bound.
-  absl::Status Start(const std::string& host, int port);
-  int port() const { return port_; }
-
- private:
-  void Serve();
-
-  const Metrics* metrics_;
-  std::function<std::vector<ModelInfo>()> models_;
-  int listener_ = -1;
-  int port_ = 0;
-  std::atomic<bool> stopping_{false};
-  std::thread thread_;
 };
 
 }  // namespace pipeserve

@@ -2,7 +2,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "tests/http_get.h"
+#include "tests/promtool.h"
 
 namespace pipeserve {
 namespace {
@@ -29,18 +29,7 @@ TEST(MetricsTest, CountsRequestsByCodeAndBucketsLatency) {
   EXPECT_THAT(text, HasSubstr("pipeserve_model_ready{model=\"ex\"} 1\n"));
   EXPECT_THAT(text, HasSubstr("pipeserve_model_replicas{model=\"ex\"} 2\n"));
   EXPECT_THAT(text, HasSubstr("pipeserve_model_ready_replicas{model=\"ex\"} 1\n"));
-}
-
-TEST(MetricsTest, ServesTheTextOverHttpAnd404sOtherPaths) {
-  Metrics m;
-  m.RecordInference("ex", absl::OkStatus(), absl::Milliseconds(3));
-  MetricsHttpServer http(&m, [] { return std::vector<ModelInfo>(); });
-  ASSERT_TRUE(http.Start("127.0.0.1", 0).ok());
-  std::string got = HttpGet(http.port(), "/metrics");
-  EXPECT_THAT(got, HasSubstr("HTTP/1.1 200 OK"));
-  EXPECT_THAT(got, HasSubstr("text/plain; version=0.0.4"));
-  EXPECT_THAT(got, HasSubstr("pipeserve_inference_requests_total{model=\"ex\",code=\"OK\"} 1"));
-  EXPECT_THAT(HttpGet(http.port(), "/other"), HasSubstr("404 Not Found"));
+  EXPECT_EQ(PromtoolProblems(text), "");
 }
 
 // Regression: every model name a request made up became a series of its

@@ -52,6 +52,13 @@ absl::Status CheckReceives(const StageSpec& spec, const Frame& f) {
   return CheckTensorsMatch(want, ordered).status();
 }
 
+// The bytes of a frame's tensors.
+uint64_t TensorBytes(const Frame& f) {
+  uint64_t n = 0;
+  for (const Tensor& t : f.tensors) n += t.byte_size();
+  return n;
+}
+
 }  // namespace
 
 int64_t NowMicros() {
@@ -131,10 +138,15 @@ bool StageHost::Push(Frame frame, const std::shared_ptr<Producer>& from) {
   frame = Admit(std::move(frame));
   absl::MutexLock lock(&mu_);
   if (stopping_) return true;
+  if (frame.header.kind() == FrameHeader::DATA) {
+    ++stats_.frames_in;
+    stats_.bytes_in += TensorBytes(frame);
+  }
   // A cancel takes effect at once: frames of that request already queued
   // ahead of it are dropped when a worker reaches them.
   if (frame.header.kind() == FrameHeader::CANCEL) RememberCancel(frame.header.request_id());
   queue_.push_back(std::move(frame));
+  queued_at_.push_back(absl::Now());
   if (queue_.size() < options_.queue_capacity || from == nullptr) return true;
   paused_.push_back(from);
   return false;
@@ -158,6 +170,7 @@ void StageHost::Stop() {
     if (!stopping_) {
       stopping_ = true;
       queue_.clear();
+      queued_at_.clear();
       paused_.clear();
       producers.swap(producers_);
       sink = std::move(sink_);
@@ -241,12 +254,20 @@ void StageHost::Deliver(Frame out) {
       return;
     }
   }
+  const bool data = out.header.kind() == FrameHeader::DATA;
+  const uint64_t bytes = data ? TensorBytes(out) : 0;
+  const absl::Time start = absl::Now();
   absl::Status s = sink->Send(out, deadline);
   // A broken stream is replaced on the next Send: try once more at once.
   if (s.code() == absl::StatusCode::kUnavailable) s = sink->Send(out, deadline);
   absl::MutexLock lock(&mu_);
+  stats_.send_seconds += absl::ToDoubleSeconds(absl::Now() - start);
   if (s.ok()) {
     stats_.downstream_error.clear();
+    if (data) {
+      ++stats_.frames_out;
+      stats_.bytes_out += bytes;
+    }
   } else if (s.code() == absl::StatusCode::kDeadlineExceeded) {
     ++stats_.dropped_deadline;  // a slow link, not a broken one
   } else if (!stopping_) {
@@ -268,6 +289,8 @@ void StageHost::Work() {
       if (stopping_) return;
       in = std::move(queue_.front());
       queue_.pop_front();
+      stats_.queue_seconds += absl::ToDoubleSeconds(absl::Now() - queued_at_.front());
+      queued_at_.pop_front();
       if (queue_.size() < options_.queue_capacity) resume.swap(paused_);
     }
     for (const std::weak_ptr<Producer>& p : resume) {
@@ -291,10 +314,13 @@ void StageHost::Work() {
       }
     }
     if (in.header.kind() == FrameHeader::DATA) {
+      const absl::Time start = absl::Now();
       Frame out = Compute(in);
+      const double took = absl::ToDoubleSeconds(absl::Now() - start);
       {
         absl::MutexLock lock(&mu_);
         ++stats_.processed;
+        stats_.compute_seconds += took;
       }
       Deliver(std::move(out));
     } else {

@@ -52,6 +52,17 @@ class StageHost {
   };
 
   struct Stats {
+    // DATA frames that arrived and fit the stage, and their tensor bytes.
+    uint64_t frames_in = 0;
+    uint64_t bytes_in = 0;
+    // DATA frames sent on (to the next stage or the results subscriber).
+    uint64_t frames_out = 0;
+    uint64_t bytes_out = 0;
+    // Seconds spent computing, waiting in the queue (frames taken by a
+    // worker), and sending on (blocked by a slow or full downstream).
+    double compute_seconds = 0;
+    double queue_seconds = 0;
+    double send_seconds = 0;
     uint64_t processed = 0;
     uint64_t dropped_deadline = 0;
     uint64_t dropped_cancelled = 0;
@@ -118,6 +129,7 @@ class StageHost {
 
   mutable absl::Mutex mu_;
   std::deque<Frame> queue_ ABSL_GUARDED_BY(mu_);
+  std::deque<absl::Time> queued_at_ ABSL_GUARDED_BY(mu_);  // per frame in queue_
   std::vector<std::weak_ptr<Producer>> producers_ ABSL_GUARDED_BY(mu_);
   std::vector<std::weak_ptr<Producer>> paused_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<FrameSink> sink_ ABSL_GUARDED_BY(mu_);

@@ -20,10 +20,12 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "runtime/backends.h"
+#include "server/stage/stage_metrics.h"
 #include "server/stage/stage_server_core.h"
 #include "server/stage/stage_service.h"
 #include "server/transport/channels.h"
 #include "common/credentials.h"
+#include "server/transport/metrics_http.h"
 #include "server/transport/serve.h"
 
 ABSL_FLAG(int, shutdown_grace_s, 25,
@@ -41,6 +43,9 @@ ABSL_FLAG(std::string, cluster_token_file, "",
 ABSL_FLAG(int, threads, 1, "default GEMM threads per stage");
 ABSL_FLAG(int, queue_capacity, 8, "frames waiting per stage before backpressure");
 ABSL_FLAG(int, max_stages, 64, "stages held at once");
+ABSL_FLAG(int, metrics_port, -1,
+          "Prometheus GET /metrics port for the stages' metrics (0: pick one; -1: off)");
+ABSL_FLAG(std::string, metrics_port_file, "", "write the metrics port here once listening");
 ABSL_FLAG(int, parent_pid, 0, "exit when this process is gone (set by the local launcher)");
 ABSL_FLAG(std::string, device, "auto",
           "compute backend: cpu, cuda (device 0), cuda:N, or auto (a GPU if there is one)");
@@ -104,6 +109,14 @@ int main(int argc, char** argv) {
       while (::getppid() == parent) std::this_thread::sleep_for(std::chrono::milliseconds(250));
       ::kill(::getpid(), SIGTERM);
     }).detach();
+  }
+  pipeserve::MetricsHttpServer metrics_http([&core] { return pipeserve::RenderStageMetrics(core); });
+  if (int port = absl::GetFlag(FLAGS_metrics_port); port >= 0) {
+    absl::StatusOr<std::string> host = pipeserve::ListenHost(
+        absl::GetFlag(FLAGS_host), credentials != nullptr, absl::GetFlag(FLAGS_allow_insecure));
+    if (!host.ok()) return Fail(std::string(host.status().message()));
+    absl::Status s = metrics_http.Start(*host, port, absl::GetFlag(FLAGS_metrics_port_file));
+    if (!s.ok()) return Fail(std::string(s.message()));
   }
   pipeserve::ServeOptions serve;
   serve.name = "stage_server";
