@@ -419,10 +419,13 @@ absl::Status Infer(const FlagSet& flags, Client& client, std::ostream& out,
   for (size_t i = 0; i < names.size(); ++i)
     inputs.push_back({names[i], tensors[i]});
 
+  const std::string trace_path = flags.Get("trace");
+  std::string trace;
   auto start = std::chrono::steady_clock::now();
   ASSIGN_OR_RETURN(
       std::vector<NamedTensor> outputs,
-      client.Infer(model, inputs, absl::Milliseconds(std::max(0, timeout_ms))));
+      client.Infer(model, inputs, absl::Milliseconds(std::max(0, timeout_ms)),
+                   trace_path.empty() ? nullptr : &trace));
   double ms = std::chrono::duration<double, std::milli>(
                   std::chrono::steady_clock::now() - start)
                   .count();
@@ -448,6 +451,19 @@ absl::Status Infer(const FlagSet& flags, Client& client, std::ostream& out,
     out << "\n";
   }
   out << absl::StrFormat("latency %.3f ms\n", ms);
+  if (!trace_path.empty()) {
+    if (trace.empty()) {
+      return absl::UnimplementedError(
+          "--trace: the server sent no timeline (it is not pipeserve, or too old)");
+    }
+    std::ofstream f(trace_path, std::ios::binary);
+    f << trace;
+    if (!f.good()) {
+      return absl::PermissionDeniedError(
+          absl::StrCat("--trace: cannot write \"", trace_path, "\""));
+    }
+    out << "trace -> " << trace_path << " (open it in ui.perfetto.dev)\n";
+  }
   return absl::OkStatus();
 }
 
@@ -565,6 +581,10 @@ std::map<std::string, Command> Commands() {
                 "write outputs there as <output name>.npy");
           f.Add("timeout_ms", "N", "deadline of the request (0: 60 s)", false,
                 "0");
+          f.Add("trace", "FILE",
+                "ask for the request's timeline (every microbatch on every "
+                "stage) and write it there as Chrome trace JSON, for "
+                "ui.perfetto.dev");
         },
         Remote(Infer)}},
       {"health",

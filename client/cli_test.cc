@@ -1,6 +1,7 @@
 #include "client/cli.h"
 
 #include <cstdlib>
+#include <fstream>
 #include <sstream>
 
 #include "client/fake_server.h"
@@ -257,6 +258,23 @@ TEST_F(CliRemoteTest, InferTakesInputsByNameOrOrderAndWritesOutputs) {
            Tmp("iy.npy"), "--timeout_ms", "50"});
   EXPECT_EQ(r.code, 1);
   EXPECT_THAT(r.err, HasSubstr("Deadline Exceeded"));
+}
+
+TEST_F(CliRemoteTest, InferWritesTheTimelineItAskedFor) {
+  ASSERT_TRUE(WriteNpy(Tmp("tx.npy"), Tensor::FromVector({1, 1}, {1})).ok());
+  const std::string path = Tmp("trace.json");
+  Result r = Run({"infer", "--name", "neg", "--input", Tmp("tx.npy"), "--input",
+                  Tmp("tx.npy"), "--trace", path});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("trace -> " + path + " (open it in ui.perfetto.dev)"));
+  std::ifstream in(path);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(text, "{\"traceEvents\":[]}\n");
+  // A server that sends no timeline is an error, not an empty file.
+  r = Run({"infer", "--name", "slow", "--input", Tmp("tx.npy"), "--input", Tmp("tx.npy"),
+           "--trace", Tmp("none.json")});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.err, HasSubstr("--trace: the server sent no timeline"));
 }
 
 TEST_F(CliRemoteTest, HealthExitsOneWhenNotServing) {

@@ -265,9 +265,10 @@ absl::StatusOr<std::vector<ModelSummary>> Client::ListModels() {
 
 absl::StatusOr<std::vector<NamedTensor>> Client::Infer(
     const std::string& model, const std::vector<NamedTensor>& inputs,
-    absl::Duration timeout) {
+    absl::Duration timeout, std::string* trace) {
   inference::ModelInferRequest request;
   request.set_model_name(model);
+  if (trace != nullptr) (*request.mutable_parameters())["trace"].set_bool_param(true);
   for (const NamedTensor& in : inputs) {
     if (in.tensor.data() == nullptr && in.tensor.numel() != 0) {
       return absl::InvalidArgumentError(
@@ -337,6 +338,10 @@ absl::StatusOr<std::vector<NamedTensor>> Client::Infer(
       std::copy(values.begin(), values.end(), t.data());
     }
     outputs.push_back({out.name(), std::move(t)});
+  }
+  if (trace != nullptr) {
+    auto it = response.parameters().find("trace");
+    *trace = it == response.parameters().end() ? "" : it->second.string_param();
   }
   return outputs;
 }

@@ -123,10 +123,14 @@ class Client {
   // output order. `timeout` of zero means options.timeout. kInvalidArgument
   // for an input without storage; kInternal naming the output when the
   // response is malformed (not FP32, a size that does not match its shape,
-  // contents missing); otherwise the server's error.
+  // contents missing); otherwise the server's error. With `trace`, the
+  // request asks for its timeline (KServe parameter "trace") and `*trace`
+  // gets it as Chrome trace JSON, for Perfetto ("" when the server sent
+  // none).
   absl::StatusOr<std::vector<NamedTensor>> Infer(
       const std::string& model, const std::vector<NamedTensor>& inputs,
-      absl::Duration timeout = absl::ZeroDuration());
+      absl::Duration timeout = absl::ZeroDuration(),
+      std::string* trace = nullptr);
 
   // The model's input and output names, datatypes and shapes (-1: batch).
   absl::StatusOr<inference::ModelMetadataResponse> ModelMetadata(

@@ -131,6 +131,12 @@ class InferenceService final : public inference::GRPCInferenceService::Service {
       if (model == "bad") bytes.resize(bytes.size() / 2);
       out->add_raw_output_contents(std::move(bytes));
     }
+    // A timeline when asked for one (model "neg" only, as a server that
+    // cannot trace would not send one).
+    auto trace = in->parameters().find("trace");
+    if (model == "neg" && trace != in->parameters().end() && trace->second.bool_param()) {
+      (*out->mutable_parameters())["trace"].set_string_param("{\"traceEvents\":[]}\n");
+    }
     return grpc::Status::OK;
   }
 

@@ -616,7 +616,8 @@ absl::StatusOr<std::vector<Tensor>> Coordinator::InferOn(std::shared_ptr<Deploym
                                                          absl::Time deadline,
                                                          const std::function<bool()>& cancelled,
                                                          int64_t pinned_version,
-                                                         int64_t* answered_version) {
+                                                         int64_t* answered_version,
+                                                         std::vector<TraceSpan>* trace) {
   const std::string name = model->name();
   if (!Admit(name)) {
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -632,7 +633,8 @@ absl::StatusOr<std::vector<Tensor>> Coordinator::InferOn(std::shared_ptr<Deploym
   if (deadline == absl::InfiniteFuture()) deadline = absl::Now() + options_.default_timeout;
   absl::Duration backoff = absl::Milliseconds(10);
   while (true) {
-    absl::StatusOr<std::vector<Tensor>> out = model->Infer(inputs, deadline, cancelled);
+    if (trace != nullptr) trace->clear();  // only the attempt that answers
+    absl::StatusOr<std::vector<Tensor>> out = model->Infer(inputs, deadline, cancelled, trace);
     if (out.ok() && answered_version != nullptr) *answered_version = model->version();
     if (out.ok() || out.status().code() != absl::StatusCode::kUnavailable) return out;
     ASSIGN_OR_RETURN(model, AwaitDeployment(name, model, out.status(), deadline, backoff,

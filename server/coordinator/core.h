@@ -136,13 +136,15 @@ class Coordinator {
   // the model are queued or running already.
   // With `pinned_version` (not 0) the request runs only on that version
   // (a repair keeps it; a new upload does not). `answered_version`, when
-  // not null, gets the version that answered.
+  // not null, gets the version that answered. `trace`, when not null, gets
+  // the timeline of the attempt that answered (Deployment::Infer).
   absl::StatusOr<std::vector<Tensor>> InferOn(std::shared_ptr<Deployment> model,
                                               const std::vector<Tensor>& inputs,
                                               absl::Time deadline,
                                               const std::function<bool()>& cancelled = nullptr,
                                               int64_t pinned_version = 0,
-                                              int64_t* answered_version = nullptr);
+                                              int64_t* answered_version = nullptr,
+                                              std::vector<TraceSpan>* trace = nullptr);
 
   // Find(model), then InferOn it.
   absl::StatusOr<std::vector<Tensor>> Infer(const std::string& model,

@@ -5,6 +5,8 @@
 #include "server/coordinator/core.h"
 
 #include <filesystem>
+#include <map>
+#include <tuple>
 #include <fstream>
 #include <thread>
 
@@ -18,6 +20,7 @@
 #include "runtime/local_pipeline.h"
 #include "runtime/model_file.h"
 #include "server/coordinator/in_process_stages.h"
+#include "server/coordinator/trace.h"
 #include "server/stage/stage_spec.h"
 #include "server/testing/gated_backend.h"
 
@@ -812,6 +815,56 @@ TEST_F(CoordinatorTest, FramesOfAnEarlierAttemptAreDropped) {
 
 TEST_F(CoordinatorTest, ARestartedCoordinatorAdoptsEveryReplica) {
   ExpectAdoptedAfterRestart(Mlp(2), Replicas(2));
+}
+
+// A traced request's timeline: every microbatch's send, then on every
+// stage its transfer, queue and compute, then its transfer back, in order
+// on one clock; and the Chrome JSON of it.
+TEST_F(CoordinatorTest, ATracedRequestGetsEveryMicrobatchsTimelineOnEveryStage) {
+  Model m = Mlp(3);
+  ASSERT_TRUE(Upload("mlp", m).ok());
+  std::vector<Tensor> in = {Ramp({8, 8}, 1), Ramp({8, 8}, 2)};
+  std::vector<TraceSpan> spans;
+  auto d = *coordinator_->Find("mlp");
+  auto out = coordinator_->InferOn(d, in, absl::Now() + absl::Seconds(20), nullptr, 0, nullptr,
+                                   &spans);
+  ASSERT_TRUE(out.ok()) << out.status();
+  ExpectEqual((*out)[0], Expected(m, in)[0]);
+  const ModelInfo info = d->Info();
+  // (stage, what, microbatch) -> span
+  std::map<std::tuple<int, std::string, int>, TraceSpan> by;
+  for (const TraceSpan& s : spans) {
+    EXPECT_GE(s.duration_us(), 0);
+    EXPECT_TRUE(by.emplace(std::make_tuple(s.stage(), s.what(), s.microbatch()), s).second)
+        << "one " << s.what() << " per stage and microbatch";
+  }
+  ASSERT_EQ(spans.size(), 1u + 4 * (2 + 3 * 3)) << "request; per microbatch send, receive and "
+                                                    "3 spans on each of 3 stages";
+  auto end = [](const TraceSpan& s) { return s.start_us() + s.duration_us(); };
+  const TraceSpan& request = by.at({-1, "request", -1});
+  for (int mb = 0; mb < 4; ++mb) {
+    SCOPED_TRACE(mb);
+    int64_t t = by.at({-1, "send", mb}).start_us();
+    EXPECT_GE(t, request.start_us());
+    for (int stage = 0; stage < 3; ++stage) {
+      const TraceSpan& transfer = by.at({stage, "transfer", mb});
+      const TraceSpan& queue = by.at({stage, "queue", mb});
+      const TraceSpan& compute = by.at({stage, "compute", mb});
+      EXPECT_GE(transfer.start_us(), t);
+      EXPECT_EQ(end(transfer), queue.start_us());
+      EXPECT_EQ(end(queue), compute.start_us());
+      t = end(compute);
+    }
+    const TraceSpan& back = by.at({-1, "receive", mb});
+    EXPECT_GE(back.start_us(), t);
+    EXPECT_LE(end(back), end(request));
+  }
+  const std::string json = TraceToChromeJson(spans, info);
+  EXPECT_THAT(json, HasSubstr("\"traceEvents\":["));
+  EXPECT_THAT(json, HasSubstr("\"args\":{\"name\":\"stage 2 @ s2:9000\"}"));
+  EXPECT_THAT(json, HasSubstr("\"args\":{\"name\":\"coordinator\"}"));
+  EXPECT_THAT(json, HasSubstr("{\"name\":\"compute 3\",\"cat\":\"compute\",\"ph\":\"X\",\"ts\":"));
+  EXPECT_THAT(json, HasSubstr("{\"name\":\"request\",\"cat\":\"request\",\"ph\":\"X\",\"ts\":0,"));
 }
 
 }  // namespace

@@ -65,6 +65,9 @@ struct Deployment::Pending {
   std::vector<int> lane;     // where each microbatch was sent last (-1: waiting to be)
   std::vector<int> attempt;  // its attempt number there
   std::deque<int> to_send;   // microbatches not sent yet, or lost with their lane
+  // Traced requests: each microbatch's spans from the stages, and the
+  // coordinator's own.
+  std::vector<std::vector<TraceSpan>> spans;
   absl::Status error;
   absl::Notification done;
   absl::CondVar wake;  // with mu_: done, or more to send
@@ -446,6 +449,19 @@ void Deployment::Deliver(int lane, Frame frame) {
     return;
   }
   p.outputs[m] = std::move(frame.tensors);
+  if (h.trace() && !p.spans.empty()) {
+    std::vector<TraceSpan>& spans = p.spans[m];
+    spans.insert(spans.end(), h.spans().begin(), h.spans().end());
+    TraceSpan back;
+    back.set_what("receive");
+    back.set_stage(-1);
+    back.set_replica(lane);
+    back.set_microbatch(m);
+    const int64_t now_us = absl::ToUnixMicros(absl::Now());
+    back.set_start_us(std::min(h.sent_us(), now_us));
+    back.set_duration_us(now_us - back.start_us());
+    spans.push_back(back);
+  }
   if (--p.remaining == 0) Finish(h.request_id(), absl::OkStatus());
 }
 
@@ -469,8 +485,10 @@ void Deployment::SendCancel(uint64_t id) {
 
 absl::StatusOr<std::vector<Tensor>> Deployment::Infer(const std::vector<Tensor>& inputs,
                                                       absl::Time deadline,
-                                                      const std::function<bool()>& cancelled) {
+                                                      const std::function<bool()>& cancelled,
+                                                      std::vector<TraceSpan>* trace) {
   const std::string& model = name_;
+  const absl::Time began = absl::Now();
   {
     absl::MutexLock lock(&mu_);
     if (!retired_.empty()) return absl::UnavailableError(retired_);
@@ -510,6 +528,7 @@ absl::StatusOr<std::vector<Tensor>> Deployment::Infer(const std::vector<Tensor>&
 
   const uint64_t id = next_request_id_++;
   auto pending = std::make_shared<Pending>(rows);
+  if (trace != nullptr) pending->spans.resize(rows.size());
   {
     absl::MutexLock lock(&mu_);
     if (!retired_.empty()) return absl::UnavailableError(retired_);
@@ -570,6 +589,11 @@ absl::StatusOr<std::vector<Tensor>> Deployment::Infer(const std::vector<Tensor>&
     for (size_t k = 0; k < first_inputs_.size(); ++k) {
       f.Add(first_names_[k], microbatches[m][first_inputs_[k]]);
     }
+    const absl::Time send_began = absl::Now();
+    if (trace != nullptr) {
+      f.header.set_trace(true);
+      f.header.set_sent_us(absl::ToUnixMicros(send_began));
+    }
     // Sent in slices of the deadline, so a request that ends while stage 0
     // is full (a stage's error, a broken pipeline, the client gone) stops
     // waiting for room at once.
@@ -587,6 +611,18 @@ absl::StatusOr<std::vector<Tensor>> Deployment::Infer(const std::vector<Tensor>&
     if (s.ok()) {
       if (attempt == 1) ++sent;
       avoid = -1;
+      if (trace != nullptr) {
+        // Time blocked on stage 0's backpressure, and encoding.
+        TraceSpan span;
+        span.set_what("send");
+        span.set_stage(-1);
+        span.set_replica(lane);
+        span.set_microbatch(m);
+        span.set_start_us(absl::ToUnixMicros(send_began));
+        span.set_duration_us(absl::ToInt64Microseconds(absl::Now() - send_began));
+        absl::MutexLock lock(&mu_);
+        pending->spans[m].push_back(span);
+      }
       continue;
     }
     if (s.code() == absl::StatusCode::kDeadlineExceeded) {
@@ -630,7 +666,21 @@ absl::StatusOr<std::vector<Tensor>> Deployment::Infer(const std::vector<Tensor>&
     SendCancel(id);  // the stages drop what is left of it
     return pending->error;
   }
-  return MergeMicrobatches(output_batched_, pending->outputs);
+  absl::StatusOr<std::vector<Tensor>> merged = MergeMicrobatches(output_batched_, pending->outputs);
+  if (trace != nullptr) {
+    TraceSpan whole;
+    whole.set_what("request");
+    whole.set_stage(-1);
+    whole.set_microbatch(-1);
+    whole.set_start_us(absl::ToUnixMicros(began));
+    whole.set_duration_us(absl::ToInt64Microseconds(absl::Now() - began));
+    trace->push_back(whole);
+    // Finished: no frame of this request touches its spans any more.
+    for (std::vector<TraceSpan>& spans : pending->spans) {
+      trace->insert(trace->end(), spans.begin(), spans.end());
+    }
+  }
+  return merged;
 }
 
 std::vector<Deployment::LaneHealth> Deployment::CheckLanes(absl::Duration timeout) {

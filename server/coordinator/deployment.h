@@ -130,9 +130,14 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   // while stage 0 is full), kCancelled (when `cancelled` turns true),
   // kInternal (a stage sent something that does not fit the plan), or the
   // error a stage reported. Thread-safe; many requests pipeline together.
+  // With `trace`, the request's timeline is appended there: the request
+  // and each microbatch's send on the coordinator (stage -1), its
+  // transfer, queue and compute on every stage, and its transfer back
+  // ("receive").
   absl::StatusOr<std::vector<Tensor>> Infer(const std::vector<Tensor>& inputs,
                                             absl::Time deadline,
-                                            const std::function<bool()>& cancelled);
+                                            const std::function<bool()>& cancelled,
+                                            std::vector<TraceSpan>* trace = nullptr);
 
   // The health of one ready lane: the first problem found asking its stage
   // servers (unreachable, stage lost, a broken link downstream, no results

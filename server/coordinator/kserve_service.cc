@@ -1,15 +1,31 @@
 #include "server/coordinator/kserve_service.h"
 
-#include "runtime/dtype.h"
-
 #include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
 #include "common/model_name.h"
 #include "common/status_macros.h"
+#include "runtime/dtype.h"
 #include "server/coordinator/kserve_request.h"
+#include "server/coordinator/trace.h"
 
 namespace pipeserve {
 namespace {
+
+// Whether the request asks for its timeline: parameter "trace" true (a
+// bool, or the string "true"); kInvalidArgument for anything else.
+absl::StatusOr<bool> TraceRequested(const inference::ModelInferRequest& req) {
+  auto it = req.parameters().find("trace");
+  if (it == req.parameters().end()) return false;
+  const inference::InferParameter& p = it->second;
+  if (p.parameter_choice_case() == inference::InferParameter::kBoolParam) return p.bool_param();
+  if (p.parameter_choice_case() == inference::InferParameter::kStringParam &&
+      (p.string_param() == "true" || p.string_param() == "false")) {
+    return p.string_param() == "true";
+  }
+  return absl::InvalidArgumentError(
+      "parameter \"trace\" must be a bool (true: the response's parameter \"trace\" holds the "
+      "request's timeline as Chrome trace JSON)");
+}
 
 // A request's model_version against the version serving: "" for any.
 absl::Status CheckVersion(const std::string& model, int64_t serving, const std::string& version) {
@@ -135,12 +151,19 @@ absl::Status KServeService::InferUnmetered(const inference::ModelInferRequest& r
   RETURN_IF_ERROR(CheckVersion(req.model_name(), serving, req.model_version()));
   ASSIGN_OR_RETURN(std::vector<Tensor> inputs, ParseInferInputs(req, model->plan()));
   ASSIGN_OR_RETURN(std::vector<int> chosen, ChooseOutputs(req, model->plan()));
+  ASSIGN_OR_RETURN(const bool traced, TraceRequested(req));
   int64_t answered = serving;
+  std::vector<TraceSpan> spans;
   ASSIGN_OR_RETURN(std::vector<Tensor> outputs,
                    coordinator_->InferOn(model, inputs, deadline, cancelled,
-                                         req.model_version().empty() ? 0 : serving, &answered));
+                                         req.model_version().empty() ? 0 : serving, &answered,
+                                         traced ? &spans : nullptr));
   BuildInferResponse(req, model->plan(), chosen, outputs, resp);
   resp->set_model_version(absl::StrCat(answered));
+  if (traced) {
+    (*resp->mutable_parameters())["trace"].set_string_param(
+        TraceToChromeJson(spans, model->Info()));
+  }
   return absl::OkStatus();
 }
 

@@ -198,6 +198,26 @@ StageHost::Stats StageHost::stats() const {
   return s;
 }
 
+void StageHost::AddSpans(const FrameHeader& in, absl::Time arrived, absl::Time start,
+                         absl::Time end, FrameHeader* out) const {
+  out->set_trace(true);
+  *out->mutable_spans() = in.spans();
+  auto add = [&](const char* what, int64_t from_us, int64_t to_us) {
+    TraceSpan* s = out->add_spans();
+    s->set_what(what);
+    s->set_stage(spec_.key().stage());
+    s->set_replica(spec_.key().replica());
+    s->set_microbatch(in.microbatch());
+    s->set_start_us(from_us);
+    s->set_duration_us(std::max<int64_t>(0, to_us - from_us));
+  };
+  const int64_t arrived_us = absl::ToUnixMicros(arrived);
+  const int64_t start_us = absl::ToUnixMicros(start);
+  if (in.sent_us() > 0) add("transfer", std::min(in.sent_us(), arrived_us), arrived_us);
+  add("queue", arrived_us, start_us);
+  add("compute", start_us, absl::ToUnixMicros(end));
+}
+
 Frame StageHost::Compute(const Frame& in) {
   const Graph& g = spec_.stage().graph();
   const int stage = spec_.key().stage();
@@ -255,6 +275,7 @@ void StageHost::Deliver(Frame out) {
     }
   }
   const bool data = out.header.kind() == FrameHeader::DATA;
+  if (out.header.trace()) out.header.set_sent_us(NowMicros());
   const uint64_t bytes = data ? TensorBytes(out) : 0;
   const absl::Time start = absl::Now();
   absl::Status s = sink->Send(out, deadline);
@@ -279,6 +300,7 @@ void StageHost::Deliver(Frame out) {
 void StageHost::Work() {
   while (true) {
     Frame in;
+    absl::Time arrived;
     std::vector<std::weak_ptr<Producer>> resume;
     {
       absl::MutexLock lock(&mu_);
@@ -289,7 +311,8 @@ void StageHost::Work() {
       if (stopping_) return;
       in = std::move(queue_.front());
       queue_.pop_front();
-      stats_.queue_seconds += absl::ToDoubleSeconds(absl::Now() - queued_at_.front());
+      arrived = queued_at_.front();
+      stats_.queue_seconds += absl::ToDoubleSeconds(absl::Now() - arrived);
       queued_at_.pop_front();
       if (queue_.size() < options_.queue_capacity) resume.swap(paused_);
     }
@@ -316,7 +339,11 @@ void StageHost::Work() {
     if (in.header.kind() == FrameHeader::DATA) {
       const absl::Time start = absl::Now();
       Frame out = Compute(in);
-      const double took = absl::ToDoubleSeconds(absl::Now() - start);
+      const absl::Time end = absl::Now();
+      const double took = absl::ToDoubleSeconds(end - start);
+      if (in.header.trace() && out.header.kind() == FrameHeader::DATA) {
+        AddSpans(in.header, arrived, start, end, &out.header);
+      }
       {
         absl::MutexLock lock(&mu_);
         ++stats_.processed;

@@ -120,6 +120,11 @@ class StageHost {
   Frame Admit(Frame frame);
   // Runs one DATA frame through the program; returns the frame to send on.
   Frame Compute(const Frame& in);
+  // For a traced frame: `out` (made from `in`) carries `in`'s spans and
+  // this stage's transfer (from `in`'s sent_us to `arrived`), queue and
+  // compute (`start` to `end`) spans.
+  void AddSpans(const FrameHeader& in, absl::Time arrived, absl::Time start, absl::Time end,
+                FrameHeader* out) const;
   // Sends `out` downstream, retrying once on a broken link.
   void Deliver(Frame out);
 

@@ -2,6 +2,7 @@
 upload a model exported from PyTorch, query it through the KServe v2 API,
 and check errors come back with their gRPC codes. The same wire format a
 Triton Python client uses (grpc_service.proto, package `inference`)."""
+import json
 import os
 import signal
 import subprocess
@@ -71,6 +72,45 @@ class ServingPyTest(unittest.TestCase):
             ref = self.model(*inputs.values()).numpy()
         self.assertEqual(out.shape, (10, 512))
         np.testing.assert_allclose(out, ref, rtol=1.3e-6, atol=1e-5)
+
+    def test_a_traced_request_writes_its_timeline_for_perfetto(self):
+        self.client.upload("mlp_t", self.path, microbatches=3)
+        inputs = models.example_inputs("multi_mlp", batch=9)
+        path = os.path.join(self.tmp, "trace.json")
+        (out,) = self.client.infer("mlp_t", {k: v.numpy() for k, v in inputs.items()},
+                                   trace=path)
+        with torch.no_grad():
+            ref = self.model(*inputs.values()).numpy()
+        np.testing.assert_allclose(out, ref, rtol=1.3e-6, atol=1e-5)
+        with open(path) as f:
+            trace = json.load(f)
+        spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+        names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"]
+                 if e["ph"] == "M" and e["name"] == "process_name"}
+        plan = self.client.plan("mlp_t")
+        self.assertEqual(sorted(names.values()),
+                         sorted(["coordinator"] + [f"stage {i} @ {s}" for i, s in
+                                                  enumerate(plan.stage_servers)]))
+        # Every microbatch computed once on each of the 4 stages, each
+        # after its transfer in and its wait in the queue.
+        by = {}
+        for e in spans:
+            by.setdefault((names[e["pid"]], e["cat"], e["args"].get("microbatch")), []).append(e)
+        for mb in range(3):
+            end = by[("coordinator", "send", mb)][0]["ts"]
+            for i, server in enumerate(plan.stage_servers):
+                stage = f"stage {i} @ {server}"
+                (transfer,) = by[(stage, "transfer", mb)]
+                (queue,) = by[(stage, "queue", mb)]
+                (compute,) = by[(stage, "compute", mb)]
+                self.assertGreaterEqual(transfer["ts"], end)
+                self.assertEqual(transfer["ts"] + transfer["dur"], queue["ts"])
+                self.assertEqual(queue["ts"] + queue["dur"], compute["ts"])
+                end = compute["ts"] + compute["dur"]
+            self.assertGreaterEqual(by[("coordinator", "receive", mb)][0]["ts"], end)
+        (request,) = by[("coordinator", "request", None)]
+        self.assertEqual(request["ts"], 0)
+        self.client.unload("mlp_t")
 
     def test_replicated_stages_serve_pytorchs_answer(self):
         info = self.client.upload("mlp_r", self.path, replicas=2)

@@ -260,7 +260,7 @@ class Client:
 
     # -- KServe v2 ------------------------------------------------------------
 
-    def infer(self, name, inputs, timeout=None):
+    def infer(self, name, inputs, timeout=None, trace=None):
         """Runs model `name` and returns its outputs as float32 arrays, in
         the model's output order.
 
@@ -274,6 +274,9 @@ class Client:
             sent as BF16. BF16 outputs come back as float32 arrays, the
             others in their dtype.
           timeout: seconds (None or 0: the client's timeout).
+          trace: a file path: the request asks for its timeline (every
+            microbatch's transfer, queue and compute on every stage) and it
+            is written there as Chrome trace JSON, for ui.perfetto.dev.
         """
         if isinstance(inputs, dict):
             named = list(inputs.items())
@@ -291,8 +294,15 @@ class Client:
             request.inputs.add(name=input_name, datatype=datatype,
                                shape=array.shape)
             request.raw_input_contents.append(array.tobytes())
+        if trace is not None:
+            request.parameters["trace"].bool_param = True
         response = self._call(self._inference.ModelInfer, request,
                               timeout=timeout or None)
+        if trace is not None:
+            if "trace" not in response.parameters:
+                raise RuntimeError("the server sent no timeline for trace=")
+            with open(trace, "w") as f:
+                f.write(response.parameters["trace"].string_param)
         return _outputs(response)
 
     def metadata(self, name):
