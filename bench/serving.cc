@@ -13,6 +13,8 @@
 //   3. Pipelining: a 2-stage model (balanced) against the same model in one
 //      stage, many microbatches in flight, one GEMM thread per stage.
 //   4. ExampleCode at batch 256 through 4 stages against PyTorch eager.
+//   5. Where a served request's time goes (traced requests): transfer,
+//      queue and compute per stage, serialization measured alone.
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -24,6 +26,9 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <map>
+#include <mutex>
+#include <optional>
 #include <fstream>
 #include <random>
 #include <thread>
@@ -351,9 +356,14 @@ void Pipelining() {
 }
 
 
-void ExampleCodeEndToEnd() {
-  std::printf("\n4. ExampleCode, batch 256, 4 stages (%s), 16 microbatches, 4 clients\n",
-              g_device == "cpu" ? "1 GEMM thread each" : g_device.c_str());
+// The seed's ExampleCode at batch 256 (exported here with PyTorch unless
+// --fixtures gave an export).
+struct ExampleCode {
+  Model model;
+  Tensor x, y;
+};
+
+std::optional<ExampleCode> LoadExampleCode() {
   std::string dir = g_fixtures;
   if (dir.empty()) {
     dir = absl::StrCat(std::filesystem::temp_directory_path().string(), "/pipeserve_bench_ec_",
@@ -362,23 +372,32 @@ void ExampleCodeEndToEnd() {
                                    " --case example_code --batch 256 > /dev/null");
     if (std::system(cmd.c_str()) != 0) {
       std::printf("exporting ExampleCode failed\n");
-      return;
+      return std::nullopt;
     }
   }
   auto model = ReadModelFile(dir + "/example_code/model.psm");
   auto x = ReadNpy(dir + "/example_code/in_x.npy");
   auto y = ReadNpy(dir + "/example_code/in_y.npy");
+  if (g_fixtures.empty()) std::filesystem::remove_all(dir);
   if (!model.ok() || !x.ok() || !y.ok()) {
     std::printf("cannot load ExampleCode from %s\n", dir.c_str());
-    return;
+    return std::nullopt;
   }
+  return ExampleCode{*std::move(model), *std::move(x), *std::move(y)};
+}
+
+void ExampleCodeEndToEnd() {
+  std::printf("\n4. ExampleCode, batch 256, 4 stages (%s), 16 microbatches, 4 clients\n",
+              g_device == "cpu" ? "1 GEMM thread each" : g_device.c_str());
+  std::optional<ExampleCode> ec = LoadExampleCode();
+  if (!ec) return;
   Cluster four(4, 1);
-  four.Upload("ec", *model, 16);
-  double rps = Throughput(*four.coordinator, "ec", {*x, *y}, 4, 25);
+  four.Upload("ec", ec->model, 16);
+  double rps = Throughput(*four.coordinator, "ec", {ec->x, ec->y}, 4, 25);
   std::vector<double> lat;
   for (int i = 0; i < 30; ++i) {
     auto t0 = Clock::now();
-    four.coordinator->Infer("ec", {*x, *y}, absl::Now() + absl::Seconds(30)).IgnoreError();
+    four.coordinator->Infer("ec", {ec->x, ec->y}, absl::Now() + absl::Seconds(30)).IgnoreError();
     lat.push_back(Seconds(t0, Clock::now()) * 1e3);
   }
   double t1 = TorchMedianMs("/usr/bin/python3 bench/torch_eager.py --batch 256 --threads 1 --iters 50");
@@ -397,7 +416,80 @@ void ExampleCodeEndToEnd() {
   row("PyTorch eager (CPU), 1 thread", t1);
   row("PyTorch eager (CPU), 2 threads", t2);
   row("PyTorch eager (CPU), 2 threads, OpenBLAS SkylakeX", t2s);
-  if (g_fixtures.empty()) std::filesystem::remove_all(dir);
+}
+
+// Median of `us` in milliseconds (0 for none).
+double MedianMs(std::vector<double> us) { return us.empty() ? 0 : Median(std::move(us)) / 1e3; }
+
+void TimeBreakdown() {
+  std::printf("\n5. Where a served request's time goes: ExampleCode, batch 256, 4 stages,\n"
+              "   16 microbatches, traced requests (medians per microbatch, ms)\n");
+  std::optional<ExampleCode> ec = LoadExampleCode();
+  if (!ec) return;
+  Cluster four(4, 1);
+  if (!four.Upload("ec", ec->model, 16)) return;
+  const int stages = 4;
+  // Serialization alone: encoding and decoding one hop's frame (16 rows
+  // of the 512-wide activation), as every transfer does once.
+  Frame hop;
+  hop.header.set_request_id(1);
+  hop.Add("h", RandomTensor({16, 512}, 4));
+  std::vector<double> codec;
+  for (int i = 0; i < 300; ++i) {
+    auto t0 = Clock::now();
+    grpc::ByteBuffer bb;
+    Frame back;
+    if (!FrameToByteBuffer(hop, &bb).ok() || !FrameFromByteBuffer(bb, &back).ok()) return;
+    codec.push_back(Seconds(t0, Clock::now()) * 1e6);
+  }
+  for (int clients : {1, 4}) {
+    std::mutex mu;
+    std::map<std::pair<int, std::string>, std::vector<double>> spans;  // (stage, what) -> us
+    std::vector<double> latency, busiest;
+    auto d = four.coordinator->Find("ec");
+    if (!d.ok()) return;
+    auto run = [&] {
+      for (int r = 0; r < 20; ++r) {
+        std::vector<TraceSpan> trace;
+        auto out = four.coordinator->InferOn(*d, {ec->x, ec->y}, absl::Now() + absl::Seconds(60),
+                                             nullptr, 0, nullptr, &trace);
+        if (!out.ok()) continue;
+        std::lock_guard<std::mutex> lock(mu);
+        std::vector<double> compute(stages, 0);
+        for (const TraceSpan& t : trace) {
+          if (t.what() == "request") {
+            latency.push_back(t.duration_us());
+            continue;
+          }
+          spans[{t.stage(), t.what()}].push_back(t.duration_us());
+          if (t.what() == "compute") compute[t.stage()] += t.duration_us();
+        }
+        busiest.push_back(*std::max_element(compute.begin(), compute.end()));
+      }
+    };
+    run();  // warm up (and discarded)
+    spans.clear();
+    latency.clear();
+    busiest.clear();
+    std::vector<std::thread> ts;
+    for (int c = 0; c < clients; ++c) ts.emplace_back(run);
+    for (auto& t : ts) t.join();
+    std::printf("\n   %d client%s, %zu requests\n", clients, clients == 1 ? "" : "s",
+                latency.size());
+    std::printf("   %-34s %12s %10s %10s\n", "", "transfer in", "queue", "compute");
+    for (int i = 0; i < stages; ++i) {
+      std::printf("   %-34s %12.3f %10.3f %10.3f\n", absl::StrCat("stage ", i).c_str(),
+                  MedianMs(spans[{i, "transfer"}]), MedianMs(spans[{i, "queue"}]),
+                  MedianMs(spans[{i, "compute"}]));
+    }
+    std::printf("   %-34s %12.3f\n", "coordinator: send into stage 0", MedianMs(spans[{-1, "send"}]));
+    std::printf("   %-34s %12.3f\n", "last stage -> coordinator", MedianMs(spans[{-1, "receive"}]));
+    std::printf("   %-34s %12.3f   (in every transfer)\n", "serialization alone (encode+decode)",
+                MedianMs(codec));
+    const double l = MedianMs(latency), b = MedianMs(busiest);
+    std::printf("   request latency %.2f ms; the busiest stage computes %.2f ms of it (%.0f%%)\n",
+                l, b, 100 * b / std::max(l, 1e-9));
+  }
 }
 
 }  // namespace
@@ -420,5 +512,6 @@ int main(int argc, char** argv) {
   if (only.empty() || only == "large") pipeserve::LargeActivation();
   if (only.empty() || only == "pipeline") pipeserve::Pipelining();
   if (only.empty() || only == "e2e") pipeserve::ExampleCodeEndToEnd();
+  if (only.empty() || only == "breakdown") pipeserve::TimeBreakdown();
   return 0;
 }

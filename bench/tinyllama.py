@@ -19,6 +19,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, ".."))
 sys.path[:0] = [HERE, os.path.join(ROOT, "client/python"), os.path.join(ROOT, "tests/pytorch")]
 
+# The baseline runs on 2 threads: OpenBLAS's pool is sized from the
+# environment when torch loads, not by torch.set_num_threads.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = "2"
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 

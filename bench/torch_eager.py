@@ -17,6 +17,22 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(_HERE, "..", "client", "python"))
 sys.path.insert(0, os.path.join(_HERE, "..", "tests", "pytorch"))
 
+
+def _threads_asked():
+    for i, arg in enumerate(sys.argv):
+        if arg == "--threads" and i + 1 < len(sys.argv):
+            return sys.argv[i + 1]
+        if arg.startswith("--threads="):
+            return arg.split("=", 1)[1]
+    return "1"
+
+
+# torch.set_num_threads does not reach OpenBLAS's own pool (torch.mm used
+# both cores with it set to 1): the thread count a baseline claims must be
+# in the environment before torch loads its BLAS.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = _threads_asked()
+
 import torch  # noqa: E402
 
 import models  # noqa: E402
@@ -41,7 +57,8 @@ def main():
             model(*inputs)
             times.append((time.perf_counter() - t0) * 1e3)
     print(f"median_ms={statistics.median(times):.4f} "
-          f"blas_core={os.environ.get('OPENBLAS_CORETYPE', 'default')}")
+          f"blas_core={os.environ.get('OPENBLAS_CORETYPE', 'default')} "
+          f"threads={a.threads} openblas_threads={os.environ['OPENBLAS_NUM_THREADS']}")
 
 
 if __name__ == "__main__":
