@@ -15,6 +15,8 @@
 //   4. ExampleCode at batch 256 through 4 stages against PyTorch eager.
 //   5. Where a served request's time goes (traced requests): transfer,
 //      queue and compute per stage, serialization measured alone.
+//   6. Dynamic batching: 64 clients sending batch-1 ExampleCode requests,
+//      with batching against without.
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -209,15 +211,15 @@ struct Cluster {
     std::filesystem::remove_all(dir);
   }
 
-  // Uploads `m` as `name` with `microbatches` per request.
-  bool Upload(const std::string& name, const Model& m, int microbatches) {
+  // Uploads `m` as `name` with `microbatches` per request (and `o`'s other
+  // options).
+  bool Upload(const std::string& name, const Model& m, int microbatches, UploadOptions o = {}) {
     std::string path = dir + "/" + name + ".psm";
     if (!WriteModelFile(path, m.graph, m.weights).ok()) return false;
     std::ifstream in(path, std::ios::binary);
     std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     auto up = coordinator->StartUpload(name);
     if (!up.ok() || !(*up)->Append(bytes).ok()) return false;
-    UploadOptions o;
     o.set_microbatches(microbatches);
     auto r = coordinator->FinishUpload(name, o, *std::move(up), bytes.size(),
                                        Crc32(bytes.data(), bytes.size()));
@@ -492,6 +494,78 @@ void TimeBreakdown() {
   }
 }
 
+// `clients` threads sending `in` to `model` for `length`: requests/s and
+// the p50 and p99 latency in ms.
+struct LoadResult {
+  double rps = 0, p50 = 0, p99 = 0;
+  int failed = 0;
+};
+
+LoadResult ClosedLoop(Coordinator& c, const std::string& model, const std::vector<Tensor>& in,
+                      int clients, absl::Duration length) {
+  std::mutex mu;
+  std::vector<double> ms;
+  std::atomic<int> failed{0};
+  const absl::Time end = absl::Now() + length;
+  std::vector<std::thread> ts;
+  auto t0 = Clock::now();
+  for (int k = 0; k < clients; ++k) {
+    ts.emplace_back([&] {
+      std::vector<double> mine;
+      while (absl::Now() < end) {
+        auto a = Clock::now();
+        if (!c.Infer(model, in, absl::Now() + absl::Seconds(30)).ok()) ++failed;
+        mine.push_back(Seconds(a, Clock::now()) * 1e3);
+      }
+      std::lock_guard<std::mutex> lock(mu);
+      ms.insert(ms.end(), mine.begin(), mine.end());
+    });
+  }
+  for (auto& t : ts) t.join();
+  LoadResult r;
+  r.rps = ms.size() / Seconds(t0, Clock::now());
+  std::sort(ms.begin(), ms.end());
+  r.p50 = ms.empty() ? 0 : ms[ms.size() / 2];
+  r.p99 = ms.empty() ? 0 : ms[std::min(ms.size() - 1, ms.size() * 99 / 100)];
+  r.failed = failed;
+  return r;
+}
+
+void DynamicBatching() {
+  std::printf("\n6. Dynamic batching: 64 clients, each sending batch-1 ExampleCode requests\n"
+              "   one after another for 5 s, 4 stages (a merged request goes as one microbatch)\n");
+  std::optional<ExampleCode> ec = LoadExampleCode();
+  if (!ec) return;
+  Cluster four(4, 1);
+  UploadOptions off;
+  off.set_max_batch_rows(-1);
+  UploadOptions two;
+  two.set_max_batches_in_flight(2);  // as many as this machine's cores
+  if (!four.Upload("alone", ec->model, 4, off) || !four.Upload("merged", ec->model, 4) ||
+      !four.Upload("merged2", ec->model, 4, two)) {
+    return;
+  }
+  const std::vector<Tensor> one = {ec->x.SliceRows(0, 1), ec->y.SliceRows(0, 1)};
+  ClosedLoop(*four.coordinator, "alone", one, 8, absl::Seconds(1));  // warm up
+  LoadResult a = ClosedLoop(*four.coordinator, "alone", one, 64, absl::Seconds(5));
+  LoadResult b = ClosedLoop(*four.coordinator, "merged", one, 64, absl::Seconds(5));
+  LoadResult c = ClosedLoop(*four.coordinator, "merged2", one, 64, absl::Seconds(5));
+  auto d = four.coordinator->Find("merged");
+  std::printf("%-44s %10s %9s %9s\n", "", "req/s", "p50 ms", "p99 ms");
+  std::printf("%-44s %10.1f %9.2f %9.2f%s\n", "no batching (baseline)", a.rps, a.p50, a.p99,
+              a.failed ? "  (failures)" : "");
+  std::printf("%-44s %10.1f %9.2f %9.2f  (%.2fx; target >= 5x at no worse p99)%s\n",
+              "batching, defaults (64 rows, 4 in flight)", b.rps, b.p50, b.p99, b.rps / a.rps,
+              b.failed ? "  (failures)" : "");
+  std::printf("%-44s %10.1f %9.2f %9.2f  (%.2fx)%s\n", "batching, 2 in flight (= cores)", c.rps,
+              c.p50, c.p99, c.rps / a.rps, c.failed ? "  (failures)" : "");
+  if (d.ok()) {
+    std::printf("%-44s %10.1f requests per merged request\n", "",
+                (*d)->batches() ? static_cast<double>((*d)->merged_requests()) / (*d)->batches()
+                                : 0.0);
+  }
+}
+
 }  // namespace
 }  // namespace pipeserve
 
@@ -513,5 +587,6 @@ int main(int argc, char** argv) {
   if (only.empty() || only == "pipeline") pipeserve::Pipelining();
   if (only.empty() || only == "e2e") pipeserve::ExampleCodeEndToEnd();
   if (only.empty() || only == "breakdown") pipeserve::TimeBreakdown();
+  if (only.empty() || only == "batching") pipeserve::DynamicBatching();
   return 0;
 }

@@ -286,6 +286,10 @@ absl::Status Upload(const FlagSet& flags, Client& client, std::ostream& out,
   ASSIGN_OR_RETURN(int num_stages, flags.GetInt("num_stages"));
   ASSIGN_OR_RETURN(int microbatches, flags.GetInt("microbatches"));
   ASSIGN_OR_RETURN(int replicas, flags.GetInt("replicas"));
+  ASSIGN_OR_RETURN(int max_batch_rows, flags.GetInt("max_batch_rows"));
+  ASSIGN_OR_RETURN(int max_queue_delay_us, flags.GetInt("max_queue_delay_us"));
+  options.set_max_batch_rows(max_batch_rows);
+  options.set_max_queue_delay_us(max_queue_delay_us);
   options.set_num_stages(num_stages);
   options.set_microbatches(microbatches);
   options.set_replicas(replicas);
@@ -369,6 +373,15 @@ absl::Status PlanRemote(const FlagSet& flags, Client& client, std::ostream& out,
   }
   out << r.microbatches() << " microbatch"
       << (r.microbatches() == 1 ? "" : "es") << " per request\n";
+  if (r.max_batch_rows() > 0) {
+    out << "dynamic batching: requests merged up to " << r.max_batch_rows()
+        << " rows while " << r.max_batches_in_flight()
+        << " merged requests run";
+    if (r.max_queue_delay_us() > 0) {
+      out << ", waiting up to " << r.max_queue_delay_us() << " us for company";
+    }
+    out << "\n";
+  }
   return absl::OkStatus();
 }
 
@@ -563,6 +576,15 @@ std::map<std::string, Command> Commands() {
           f.Add("replicas", "R",
                 "replicas of every stage, R x stages servers (0: the "
                 "server's default)",
+                false, "0");
+          f.Add("max_batch_rows", "N",
+                "dynamic batching: merge concurrent smaller requests into "
+                "requests of up to N rows while the model is busy (0: the "
+                "server's default; -1: never)",
+                false, "0");
+          f.Add("max_queue_delay_us", "US",
+                "dynamic batching: how long a request waits for others (0: "
+                "the server's default)",
                 false, "0");
         },
         Remote(Upload)}},

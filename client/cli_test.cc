@@ -153,7 +153,8 @@ TEST_F(CliRemoteTest, UploadShowsProgressAndTheResult) {
   std::string model = WriteSmallModel();
   Result r = Run({"upload", "--name", "small", "--model", model, "--num_stages",
                   "2", "--microbatches", "8", "--replicas", "3", "--split",
-                  "lin:END"});
+                  "lin:END", "--max_batch_rows", "16", "--max_queue_delay_us",
+                  "500"});
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_THAT(r.err, HasSubstr("\r[##############################] "));
   EXPECT_THAT(r.err, HasSubstr(" MiB/s\n"));
@@ -165,6 +166,8 @@ TEST_F(CliRemoteTest, UploadShowsProgressAndTheResult) {
   EXPECT_EQ(ups[0].options.num_stages(), 2);
   EXPECT_EQ(ups[0].options.microbatches(), 8);
   EXPECT_EQ(ups[0].options.replicas(), 3);
+  EXPECT_EQ(ups[0].options.max_batch_rows(), 16);
+  EXPECT_EQ(ups[0].options.max_queue_delay_us(), 500);
   ASSERT_EQ(ups[0].options.split_spec_size(), 1);
   EXPECT_EQ(ups[0].options.split_spec(0).module(), "lin");
   EXPECT_EQ(ups[0].options.split_spec(0).point(), END);
@@ -222,6 +225,13 @@ TEST_F(CliRemoteTest, PlanOfADeployedModelShowsStageServersAndMicrobatches) {
   EXPECT_THAT(r.out, HasSubstr("stage 1 @ 10.0.0.2:9000: "));
   EXPECT_THAT(r.out, HasSubstr("replica 1: 10.0.0.3:9000 10.0.0.4:9000\n"));
   EXPECT_THAT(r.out, HasSubstr("2 replicas of every stage (1 serving)"));
+  EXPECT_THAT(r.out, Not(HasSubstr("dynamic batching")));
+  response.set_max_batch_rows(64);
+  response.set_max_batches_in_flight(4);
+  server_->SetPlan(response);
+  r = Run({"plan", "--name", "small"});
+  EXPECT_THAT(r.out, HasSubstr("dynamic batching: requests merged up to 64 rows "
+                               "while 4 merged requests run\n"));
 
   r = Run({"plan", "--name", "other"});
   EXPECT_EQ(r.code, 1);

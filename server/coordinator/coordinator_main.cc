@@ -74,6 +74,14 @@ ABSL_FLAG(int, max_queued_requests, 128,
           "(0: no limit)");
 ABSL_FLAG(int, shutdown_grace_s, 25,
           "on SIGTERM: longest time requests in flight get to finish before the coordinator exits");
+ABSL_FLAG(int, max_batch_rows, 64,
+          "dynamic batching: while a model is busy, concurrent requests of fewer rows are merged "
+          "into requests of up to this many rows (0: never)");
+ABSL_FLAG(int, max_queue_delay_us, 0,
+          "dynamic batching: how long a request waits for others to merge with (0: only while "
+          "the model is busy)");
+ABSL_FLAG(int, max_batches_in_flight, 0,
+          "dynamic batching: merged requests of one model running at once (0: its stage servers)");
 ABSL_FLAG(int, health_interval_ms, 500,
           "how often every model's stage servers are checked: a stage server that dies in the "
           "middle of a pipeline is found within this (the first and last stage's at once)");
@@ -196,6 +204,10 @@ int main(int argc, char** argv) {
   pipeserve::CoordinatorOptions options;
   options.default_microbatches = absl::GetFlag(FLAGS_microbatches);
   options.default_replicas = absl::GetFlag(FLAGS_replicas);
+  options.batching.max_rows = std::max(0, absl::GetFlag(FLAGS_max_batch_rows));
+  options.batching.max_queue_delay =
+      absl::Microseconds(std::clamp(absl::GetFlag(FLAGS_max_queue_delay_us), 0, 10'000'000));
+  options.batching.max_in_flight = std::max(0, absl::GetFlag(FLAGS_max_batches_in_flight));
   options.max_microbatches = absl::GetFlag(FLAGS_max_microbatches);
   options.max_stages = absl::GetFlag(FLAGS_max_stages);
   options.default_timeout = absl::Seconds(absl::GetFlag(FLAGS_default_timeout_s));

@@ -52,6 +52,7 @@ Coordinator::Coordinator(CoordinatorOptions options, std::unique_ptr<ModelStore>
   config_.stages = stages_;
   config_.default_microbatches = options_.default_microbatches;
   config_.default_replicas = options_.default_replicas;
+  config_.batching = options_.batching;
   config_.max_microbatches = options_.max_microbatches;
   config_.default_timeout = options_.default_timeout;
   config_.load_timeout = options_.load_timeout;

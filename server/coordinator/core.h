@@ -39,6 +39,9 @@ struct CoordinatorOptions {
   // Replicas of every stage when the upload does not say (R lanes of S
   // stages on R x S stage servers).
   int default_replicas = 1;
+  // Dynamic batching when the upload does not say (see Batcher; max_rows
+  // 0 turns it off, max_in_flight 0: a model's stage servers).
+  BatcherOptions batching = {64, absl::ZeroDuration(), 0};
   // Deadline for requests that come without one.
   absl::Duration default_timeout = absl::Seconds(60);
   // Deadline for loading one model's stages.

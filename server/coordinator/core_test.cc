@@ -867,5 +867,44 @@ TEST_F(CoordinatorTest, ATracedRequestGetsEveryMicrobatchsTimelineOnEveryStage) 
   EXPECT_THAT(json, HasSubstr("{\"name\":\"request\",\"cat\":\"request\",\"ph\":\"X\",\"ts\":0,"));
 }
 
+// Small requests that arrive while the model is busy are merged into one
+// pipeline request, and each gets exactly the unsplit model's answer for
+// its own rows.
+TEST_F(CoordinatorTest, SmallRequestsArrivingWhileTheModelIsBusyAreMergedAndAnsweredRowByRow) {
+  Model m = Mlp(2);
+  UploadOptions one_at_a_time;
+  one_at_a_time.set_max_batches_in_flight(1);
+  ASSERT_TRUE(Upload("mlp", m, one_at_a_time).ok());
+  EXPECT_EQ(coordinator_->GetModel("mlp")->batching.max_rows, 64);
+  gate_.Set(false);
+  std::vector<std::thread> threads;
+  std::vector<absl::StatusOr<std::vector<Tensor>>> out(7);
+  std::vector<std::vector<Tensor>> in(7);
+  for (int i = 0; i < 7; ++i) {
+    in[i] = {Ramp({1 + i % 3, 8}, 0.5f + i), Ramp({1 + i % 3, 8}, -1.0f * i)};
+    threads.emplace_back([&, i] { out[i] = Infer("mlp", in[i]); });
+    if (i == 0) ASSERT_TRUE(gate_.WaitHeld(1));  // the first one runs, the rest queue
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  gate_.Set(true);
+  for (auto& t : threads) t.join();
+  for (int i = 0; i < 7; ++i) {
+    ASSERT_TRUE(out[i].ok()) << i << ": " << out[i].status();
+    ExpectEqual((*out[i])[0], Expected(m, in[i])[0]);
+  }
+  auto d = *coordinator_->Find("mlp");
+  EXPECT_EQ(d->merged_requests(), 6u);
+  EXPECT_EQ(d->batches(), 2u);
+  // Batching off: every request alone.
+  UploadOptions off;
+  off.set_max_batch_rows(-1);
+  ASSERT_TRUE(Upload("alone", m, off).ok());
+  EXPECT_EQ(coordinator_->GetModel("alone")->batching.max_rows, 0);
+  UploadOptions bad;
+  bad.set_max_batch_rows(-2);
+  auto refused = Upload("bad", m, bad);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << refused.status();
+}
+
 }  // namespace
 }  // namespace pipeserve

@@ -74,7 +74,7 @@ struct Deployment::Pending {
 };
 
 Deployment::Deployment(const DeploymentConfig& config, ModelInfo info, int replicas,
-                       std::vector<Lane> lanes)
+                       std::vector<Lane> lanes, BatcherOptions batching)
     : config_(config),
       name_(info.name),
       id_(info.deployment),
@@ -82,7 +82,8 @@ Deployment::Deployment(const DeploymentConfig& config, ModelInfo info, int repli
       replicas_(replicas),
       plan_(info.plan),
       info_(std::move(info)),
-      lanes_(std::move(lanes)) {
+      lanes_(std::move(lanes)),
+      batching_(batching) {
   for (const ValueSpec& in : plan_->inputs()) input_batched_.push_back(in.batched());
   for (const ValueSpec& out : plan_->outputs()) output_batched_.push_back(out.batched());
   for (const ValueSpec& v : lanes_.front().specs.front().receives()) {
@@ -93,9 +94,47 @@ Deployment::Deployment(const DeploymentConfig& config, ModelInfo info, int repli
       }
     }
   }
+  // Requests merge only when every input and output follows the batch.
+  const bool mergeable =
+      !input_batched_.empty() &&
+      std::all_of(input_batched_.begin(), input_batched_.end(), [](bool b) { return b; }) &&
+      std::all_of(output_batched_.begin(), output_batched_.end(), [](bool b) { return b; });
+  batcher_ = std::make_unique<Batcher>(
+      batching_, mergeable,
+      [this](const std::vector<Tensor>& inputs, absl::Time deadline,
+             const std::function<bool()>& cancelled, bool merged) {
+        // A merged request goes whole: the merged requests in flight keep
+        // the stages busy, and fewer, larger frames cost less per row.
+        return InferDirect(inputs, deadline, cancelled, nullptr, merged ? 1 : 0);
+      });
 }
 
 Deployment::~Deployment() { Close("the deployment was dropped"); }
+
+absl::StatusOr<BatcherOptions> Deployment::Batching(const DeploymentConfig& config,
+                                                   const UploadOptions& options, int servers) {
+  BatcherOptions b = config.batching;
+  if (options.max_batch_rows() < -1 || options.max_queue_delay_us() < 0 ||
+      options.max_batches_in_flight() < 0) {
+    return absl::InvalidArgumentError(
+        "max_batch_rows must be >= -1 (-1: no batching), max_queue_delay_us and "
+        "max_batches_in_flight >= 0");
+  }
+  if (options.max_queue_delay_us() > 10'000'000) {
+    return absl::InvalidArgumentError(absl::StrCat("max_queue_delay_us ",
+                                                   options.max_queue_delay_us(),
+                                                   " is more than 10 s"));
+  }
+  if (options.max_batch_rows() == -1) b.max_rows = 0;
+  if (options.max_batch_rows() > 0) b.max_rows = options.max_batch_rows();
+  if (options.max_queue_delay_us() > 0) {
+    b.max_queue_delay = absl::Microseconds(options.max_queue_delay_us());
+  }
+  if (options.max_batches_in_flight() > 0) b.max_in_flight = options.max_batches_in_flight();
+  if (b.max_in_flight <= 0) b.max_in_flight = std::max(2, servers);
+  b.max_in_flight = std::min(b.max_in_flight, 64);
+  return b;
+}
 
 absl::StatusOr<int> Deployment::Replicas(const DeploymentConfig& config,
                                          const UploadOptions& options) {
@@ -156,8 +195,10 @@ absl::StatusOr<std::shared_ptr<Deployment>> Deployment::Make(
     lanes[r].specs =
         MakeStageSpecs(plan, name, id, lanes[r].servers, config.threads_per_stage, r);
   }
+  ASSIGN_OR_RETURN(BatcherOptions batching, Batching(config, options, n * replicas));
+  info.batching = batching;
   return std::shared_ptr<Deployment>(
-      new Deployment(config, std::move(info), replicas, std::move(lanes)));
+      new Deployment(config, std::move(info), replicas, std::move(lanes), batching));
 }
 
 absl::Status Deployment::LoadLane(const std::vector<std::string>& servers,
@@ -487,6 +528,18 @@ absl::StatusOr<std::vector<Tensor>> Deployment::Infer(const std::vector<Tensor>&
                                                       absl::Time deadline,
                                                       const std::function<bool()>& cancelled,
                                                       std::vector<TraceSpan>* trace) {
+  if (trace != nullptr) return InferDirect(inputs, deadline, cancelled, trace);
+  // Checked here, so one bad request never fails a merged one.
+  RETURN_IF_ERROR(CheckTensorsMatch(plan_->inputs(), inputs).status());
+  if (deadline == absl::InfiniteFuture()) deadline = absl::Now() + config_.default_timeout;
+  return batcher_->Infer(inputs, deadline, cancelled);
+}
+
+absl::StatusOr<std::vector<Tensor>> Deployment::InferDirect(const std::vector<Tensor>& inputs,
+                                                            absl::Time deadline,
+                                                            const std::function<bool()>& cancelled,
+                                                            std::vector<TraceSpan>* trace,
+                                                            int chunks) {
   const std::string& model = name_;
   const absl::Time began = absl::Now();
   {
@@ -514,7 +567,8 @@ absl::StatusOr<std::vector<Tensor>> Deployment::Infer(const std::vector<Tensor>&
     }
     microbatches.push_back(inputs);  // one empty microbatch makes the rest
   } else {
-    ASSIGN_OR_RETURN(microbatches, SplitMicrobatches(inputs, input_batched_, microbatches_));
+    ASSIGN_OR_RETURN(microbatches, SplitMicrobatches(inputs, input_batched_,
+                                                     chunks > 0 ? chunks : microbatches_));
   }
   std::vector<int64_t> rows;
   for (const std::vector<Tensor>& mb : microbatches) {

@@ -34,6 +34,7 @@
 #include "proto/pipeserve_service.pb.h"
 #include "runtime/model_file.h"
 #include "runtime/tensor.h"
+#include "server/coordinator/batcher.h"
 #include "server/coordinator/stage_client.h"
 
 namespace pipeserve {
@@ -55,6 +56,7 @@ struct ModelInfo {
   int microbatches = 0;
   uint64_t bytes = 0;
   int64_t version = 1;  // the store's version of the upload (KServe model_version)
+  BatcherOptions batching;  // dynamic batching (max_rows 0: none)
 };
 
 // What every deployment of a coordinator shares.
@@ -64,6 +66,9 @@ struct DeploymentConfig {
   int default_microbatches = 4;
   // Replicas of every stage when the upload does not say.
   int default_replicas = 1;
+  // Dynamic batching when the upload does not say (max_in_flight 0: the
+  // deployment's stages x replicas).
+  BatcherOptions batching = {64, absl::ZeroDuration(), 0};
   // Most microbatches an upload may ask for.
   int max_microbatches = 1024;
   // Deadline for requests that come without one.
@@ -102,6 +107,12 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
       const UploadOptions& options, std::vector<std::string> servers, uint64_t bytes,
       uint64_t id);
 
+  // The dynamic batching `options` ask for (or the default) for a
+  // deployment on `servers` stage servers; kInvalidArgument for values out
+  // of range.
+  static absl::StatusOr<BatcherOptions> Batching(const DeploymentConfig& config,
+                                                 const UploadOptions& options, int servers);
+
   // The replicas `options` ask for (or the default); kInvalidArgument
   // beyond kMaxReplicas.
   static absl::StatusOr<int> Replicas(const DeploymentConfig& config,
@@ -130,6 +141,8 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   // while stage 0 is full), kCancelled (when `cancelled` turns true),
   // kInternal (a stage sent something that does not fit the plan), or the
   // error a stage reported. Thread-safe; many requests pipeline together.
+  // Small requests are merged with concurrent ones while the deployment
+  // is busy (dynamic batching, see Batcher), except traced ones.
   // With `trace`, the request's timeline is appended there: the request
   // and each microbatch's send on the coordinator (stage -1), its
   // transfer, queue and compute on every stage, and its transfer back
@@ -190,6 +203,12 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   uint64_t stray_frames() const { return stray_frames_.load(); }
   // Microbatches sent again after their lane broke.
   uint64_t replayed_microbatches() const { return replayed_microbatches_.load(); }
+  // Requests answered from a merged request (dynamic batching), and the
+  // requests the batcher ran (merged or alone).
+  uint64_t merged_requests() const { return batcher_->merged_requests(); }
+  uint64_t batches() const { return batcher_->batches(); }
+  // The batching this deployment does (max_rows 0: none).
+  const BatcherOptions& batching() const { return batching_; }
 
  private:
   struct Pending;
@@ -205,7 +224,14 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
     uint64_t generation = 0;
   };
   Deployment(const DeploymentConfig& config, ModelInfo info, int replicas,
-             std::vector<Lane> lanes);
+             std::vector<Lane> lanes, BatcherOptions batching);
+  // Infer without the batcher: one request through the pipeline, in
+  // `chunks` microbatches (0: the deployment's count).
+  absl::StatusOr<std::vector<Tensor>> InferDirect(const std::vector<Tensor>& inputs,
+                                                  absl::Time deadline,
+                                                  const std::function<bool()>& cancelled,
+                                                  std::vector<TraceSpan>* trace,
+                                                  int chunks = 0);
   static absl::StatusOr<std::shared_ptr<Deployment>> Make(
       const DeploymentConfig& config, const std::string& name, const Plan& plan,
       const UploadOptions& options, std::vector<std::string> servers, uint64_t bytes,
@@ -256,8 +282,12 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   absl::flat_hash_map<uint64_t, std::shared_ptr<Pending>> pending_ ABSL_GUARDED_BY(mu_);
   bool closing_ ABSL_GUARDED_BY(mu_) = false;
   std::string retired_ ABSL_GUARDED_BY(mu_);  // why, once retired
-  absl::Mutex close_mu_;  // serialises Close and ReloadLane
+  absl::Mutex close_mu_;  // serialises Close
   bool closed_ ABSL_GUARDED_BY(close_mu_) = false;
+
+  const BatcherOptions batching_;
+  // Last: its workers run InferDirect, so it goes (joining them) first.
+  std::unique_ptr<Batcher> batcher_;
 };
 
 }  // namespace pipeserve

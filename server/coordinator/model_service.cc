@@ -119,6 +119,9 @@ grpc::Status ModelServiceImpl::GetPlan(grpc::ServerContext* ctx, const GetPlanRe
   response->set_microbatches(info->microbatches);
   response->set_replicas(info->replicas);
   response->set_ready_replicas(info->ready_replicas);
+  response->set_max_batch_rows(static_cast<int32_t>(info->batching.max_rows));
+  response->set_max_batches_in_flight(info->batching.max_in_flight);
+  response->set_max_queue_delay_us(absl::ToInt64Microseconds(info->batching.max_queue_delay));
   response->set_state(ModelStateName(info->state));
   response->set_deployment(info->deployment);
   return grpc::Status::OK;

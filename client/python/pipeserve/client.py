@@ -168,7 +168,8 @@ class Client:
     # -- pipeserve.ModelService ----------------------------------------------
 
     def upload(self, name, path, num_stages=None, microbatches=None,
-               split_spec=None, progress=None, replicas=None):
+               split_spec=None, progress=None, replicas=None,
+               max_batch_rows=None, max_queue_delay_us=None):
         """Streams the model file `path` to the server as model `name`.
 
         The file is read and sent in 1 MiB chunks (it may be larger than
@@ -182,6 +183,11 @@ class Client:
           replicas: replicas of every stage (None: the server default); a
             model of S stages then runs on replicas x S stage servers, and
             survives one dying without waiting for it.
+          max_batch_rows: dynamic batching: while the model is busy,
+            concurrent requests with fewer rows are merged into requests of
+            up to this many rows (None: the server default; -1: never).
+          max_queue_delay_us: how long a request waits for others to merge
+            with (None: the server default).
           split_spec: {module FQN: SplitPoint, 1/2 or "BEGINNING"/"END"},
             overriding the model's own split_spec.
           progress: called as progress(sent_bytes, total_bytes) after each
@@ -192,7 +198,9 @@ class Client:
         """
         options = self._ps.UploadOptions(num_stages=num_stages or 0,
                                          microbatches=microbatches or 0,
-                                         replicas=replicas or 0)
+                                         replicas=replicas or 0,
+                                         max_batch_rows=max_batch_rows or 0,
+                                         max_queue_delay_us=max_queue_delay_us or 0)
         for module, point in (split_spec or {}).items():
             options.split_spec.add(module=module, point=_split_point(point))
         f = open(path, "rb")  # FileNotFoundError names the path

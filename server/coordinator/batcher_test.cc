@@ -1,0 +1,202 @@
+#include "server/coordinator/batcher.h"
+
+#include <thread>
+
+#include "absl/synchronization/mutex.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace pipeserve {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+// A model that echoes its input, logs the rows of every run, and holds
+// runs while closed.
+class Echo {
+ public:
+  Batcher::Run run() {
+    return [this](const std::vector<Tensor>& in, absl::Time deadline, const std::function<bool()>&,
+                  bool) -> absl::StatusOr<std::vector<Tensor>> {
+      absl::MutexLock lock(&mu_);
+      runs_.push_back(in[0].dim(0));
+      ++running_;
+      auto open = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return open_; };
+      mu_.AwaitWithDeadline(absl::Condition(&open), deadline);
+      --running_;
+      if (!error_.ok()) return error_;
+      return in;
+    };
+  }
+  void Set(bool open) {
+    absl::MutexLock lock(&mu_);
+    open_ = open;
+  }
+  void Fail(absl::Status s) {
+    absl::MutexLock lock(&mu_);
+    error_ = std::move(s);
+  }
+  // Waits until `n` runs are held.
+  bool WaitRunning(int n) {
+    absl::MutexLock lock(&mu_);
+    auto held = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return running_ >= n; };
+    return mu_.AwaitWithTimeout(absl::Condition(&held), absl::Seconds(10));
+  }
+  std::vector<int64_t> runs() {
+    absl::MutexLock lock(&mu_);
+    return runs_;
+  }
+
+ private:
+  absl::Mutex mu_;
+  bool open_ ABSL_GUARDED_BY(mu_) = true;
+  int running_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::Status error_ ABSL_GUARDED_BY(mu_);
+  std::vector<int64_t> runs_ ABSL_GUARDED_BY(mu_);
+};
+
+// `rows` rows of width 2 whose values are `tag`.
+Tensor Rows(int64_t rows, float tag, int64_t width = 2) {
+  Tensor t = Tensor::Empty({rows, width});
+  for (int64_t i = 0; i < t.numel(); ++i) t.data()[i] = tag;
+  return t;
+}
+
+bool AllEqual(const Tensor& t, float tag) {
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    if (t.data()[i] != tag) return false;
+  }
+  return true;
+}
+
+absl::Time Soon() { return absl::Now() + absl::Seconds(10); }
+
+// Runs requests of `rows` each (tagged 1, 2, ...) on their own threads.
+struct Clients {
+  std::vector<std::thread> threads;
+  std::vector<absl::StatusOr<std::vector<Tensor>>> out;
+  Clients(Batcher& b, const std::vector<int64_t>& rows, absl::Duration timeout = absl::Seconds(10),
+          const std::vector<int64_t>& widths = {})
+      : out(rows.size()) {
+    for (size_t i = 0; i < rows.size(); ++i) {
+      threads.emplace_back([&, i] {
+        out[i] = b.Infer({Rows(rows[i], i + 1.0f, widths.empty() ? 2 : widths[i])},
+                         absl::Now() + timeout, nullptr);
+      });
+      absl::SleepFor(absl::Milliseconds(5));  // queue in this order
+    }
+  }
+  void Join() {
+    for (auto& t : threads) t.join();
+  }
+};
+
+TEST(BatcherTest, ARequestToAnIdleModelRunsAloneAtOnce) {
+  Echo echo;
+  Batcher b({64, absl::ZeroDuration(), 2}, true, echo.run());
+  auto out = b.Infer({Rows(3, 7)}, Soon(), nullptr);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_TRUE(AllEqual((*out)[0], 7));
+  EXPECT_THAT(echo.runs(), ElementsAre(3));
+  EXPECT_EQ(b.merged_requests(), 0u);
+}
+
+TEST(BatcherTest, RequestsQueuedWhileTheModelIsBusyRunMergedAndGetTheirOwnRows) {
+  Echo echo;
+  Batcher b({64, absl::ZeroDuration(), 1}, true, echo.run());
+  echo.Set(false);
+  Clients first(b, {2});
+  ASSERT_TRUE(echo.WaitRunning(1));
+  Clients queued(b, {1, 3, 1, 2});
+  echo.Set(true);
+  first.Join();
+  queued.Join();
+  EXPECT_THAT(echo.runs(), ElementsAre(2, 7)) << "the four queued ones ran as one";
+  for (size_t i = 0; i < queued.out.size(); ++i) {
+    ASSERT_TRUE(queued.out[i].ok()) << queued.out[i].status();
+    EXPECT_EQ((*queued.out[i])[0].dim(0), std::vector<int64_t>({1, 3, 1, 2})[i]);
+    EXPECT_TRUE(AllEqual((*queued.out[i])[0], i + 1.0f)) << "request " << i;
+  }
+  EXPECT_EQ(b.merged_requests(), 4u);
+  EXPECT_EQ(b.batches(), 2u);
+}
+
+TEST(BatcherTest, AMergedRequestKeepsToMaxRowsAndToOneShape) {
+  Echo echo;
+  Batcher b({4, absl::ZeroDuration(), 1}, true, echo.run());
+  echo.Set(false);
+  Clients first(b, {1});
+  ASSERT_TRUE(echo.WaitRunning(1));
+  // 3 and 1 fit 4 rows; 2 waits; the width-3 one never merges with them.
+  Clients queued(b, {3, 2, 1, 1}, absl::Seconds(10), {2, 2, 2, 3});
+  echo.Set(true);
+  first.Join();
+  queued.Join();
+  EXPECT_THAT(echo.runs(), ElementsAre(1, 4, 2, 1));
+  for (const auto& o : queued.out) EXPECT_TRUE(o.ok()) << o.status();
+  // As many rows as max_rows or more: alone, never queued.
+  echo.Set(false);
+  Clients busy(b, {1});
+  ASSERT_TRUE(echo.WaitRunning(1));
+  Clients big(b, {4});
+  ASSERT_TRUE(echo.WaitRunning(2)) << "ran beside the busy one";
+  echo.Set(true);
+  busy.Join();
+  big.Join();
+}
+
+TEST(BatcherTest, AQueuedRequestWhoseDeadlinePassesIsNotRun) {
+  Echo echo;
+  Batcher b({64, absl::ZeroDuration(), 1}, true, echo.run());
+  echo.Set(false);
+  Clients first(b, {1});
+  ASSERT_TRUE(echo.WaitRunning(1));
+  auto late = b.Infer({Rows(1, 9)}, absl::Now() + absl::Milliseconds(50), nullptr);
+  EXPECT_EQ(late.status().code(), absl::StatusCode::kDeadlineExceeded) << late.status();
+  EXPECT_THAT(std::string(late.status().message()), HasSubstr("waiting to be batched"));
+  echo.Set(true);
+  first.Join();
+  EXPECT_THAT(echo.runs(), ElementsAre(1)) << "the late request never ran";
+}
+
+TEST(BatcherTest, AMergedRequestsErrorIsEveryMembers) {
+  Echo echo;
+  Batcher b({64, absl::ZeroDuration(), 1}, true, echo.run());
+  echo.Set(false);
+  Clients first(b, {1});
+  ASSERT_TRUE(echo.WaitRunning(1));
+  Clients queued(b, {1, 1});
+  echo.Fail(absl::UnavailableError("a stage went away"));
+  echo.Set(true);
+  first.Join();
+  queued.Join();
+  for (const auto& o : queued.out) {
+    EXPECT_EQ(o.status().code(), absl::StatusCode::kUnavailable) << o.status();
+  }
+}
+
+TEST(BatcherTest, WithAQueueDelayRequestsToAnIdleModelWaitForCompany) {
+  Echo echo;
+  Batcher b({64, absl::Milliseconds(300), 2}, true, echo.run());
+  Clients three(b, {1, 1, 1});
+  three.Join();
+  EXPECT_THAT(echo.runs(), ElementsAre(3));
+  for (const auto& o : three.out) EXPECT_TRUE(o.ok()) << o.status();
+}
+
+TEST(BatcherTest, OffOrUnmergeableEveryRequestRunsAloneAtOnce) {
+  for (auto [rows, mergeable] : {std::pair<int64_t, bool>{0, true}, {64, false}}) {
+    Echo echo;
+    Batcher b({rows, absl::ZeroDuration(), 1}, mergeable, echo.run());
+    echo.Set(false);
+    Clients two(b, {1, 1});
+    ASSERT_TRUE(echo.WaitRunning(2)) << "both ran at once";
+    echo.Set(true);
+    two.Join();
+    EXPECT_THAT(echo.runs(), ElementsAre(1, 1));
+  }
+}
+
+}  // namespace
+}  // namespace pipeserve
