@@ -472,7 +472,9 @@ TEST_F(ServingTest, ReuploadsAreNumberedVersionsThatRequestsMayName) {
   inference::RepositoryIndexResponse index;
   ASSERT_TRUE(stub->RepositoryIndex(&index_ctx, {}, &index).ok());
   for (const auto& m : index.models()) {
-    if (m.name() == "versioned") EXPECT_EQ(m.version(), "2");
+    if (m.name() == "versioned") {
+      EXPECT_EQ(m.version(), "2");
+    }
   }
   ASSERT_TRUE(client_->Unload("versioned").ok());
 }

@@ -1,5 +1,6 @@
 #include "server/coordinator/batcher.h"
 
+#include <memory>
 #include <thread>
 
 #include "absl/synchronization/mutex.h"
@@ -72,6 +73,7 @@ bool AllEqual(const Tensor& t, float tag) {
 
 absl::Time Soon() { return absl::Now() + absl::Seconds(10); }
 
+
 // Runs requests of `rows` each (tagged 1, 2, ...) on their own threads.
 struct Clients {
   std::vector<std::thread> threads;
@@ -80,9 +82,10 @@ struct Clients {
           const std::vector<int64_t>& widths = {})
       : out(rows.size()) {
     for (size_t i = 0; i < rows.size(); ++i) {
-      threads.emplace_back([&, i] {
-        out[i] = b.Infer({Rows(rows[i], i + 1.0f, widths.empty() ? 2 : widths[i])},
-                         absl::Now() + timeout, nullptr);
+      // By value: the thread may start after the caller's vectors are gone.
+      const int64_t r = rows[i], w = widths.empty() ? 2 : widths[i];
+      threads.emplace_back([this, &b, i, r, w, timeout] {
+        out[i] = b.Infer({Rows(r, i + 1.0f, w)}, absl::Now() + timeout, nullptr);
       });
       absl::SleepFor(absl::Milliseconds(5));  // queue in this order
     }
@@ -91,6 +94,15 @@ struct Clients {
     for (auto& t : threads) t.join();
   }
 };
+
+// Makes the model busy: one request of `rows` runs, held by `echo`
+// (closed) until echo.Set(true).
+std::unique_ptr<Clients> Busy(Batcher& b, Echo& echo, int64_t rows = 1) {
+  echo.Set(false);
+  auto busy = std::make_unique<Clients>(b, std::vector<int64_t>{rows});
+  EXPECT_TRUE(echo.WaitRunning(1));
+  return busy;
+}
 
 TEST(BatcherTest, ARequestToAnIdleModelRunsAloneAtOnce) {
   Echo echo;
@@ -105,12 +117,10 @@ TEST(BatcherTest, ARequestToAnIdleModelRunsAloneAtOnce) {
 TEST(BatcherTest, RequestsQueuedWhileTheModelIsBusyRunMergedAndGetTheirOwnRows) {
   Echo echo;
   Batcher b({64, absl::ZeroDuration(), 1}, true, echo.run());
-  echo.Set(false);
-  Clients first(b, {2});
-  ASSERT_TRUE(echo.WaitRunning(1));
+  auto first = Busy(b, echo, 2);
   Clients queued(b, {1, 3, 1, 2});
   echo.Set(true);
-  first.Join();
+  first->Join();
   queued.Join();
   EXPECT_THAT(echo.runs(), ElementsAre(2, 7)) << "the four queued ones ran as one";
   for (size_t i = 0; i < queued.out.size(); ++i) {
@@ -125,51 +135,43 @@ TEST(BatcherTest, RequestsQueuedWhileTheModelIsBusyRunMergedAndGetTheirOwnRows) 
 TEST(BatcherTest, AMergedRequestKeepsToMaxRowsAndToOneShape) {
   Echo echo;
   Batcher b({4, absl::ZeroDuration(), 1}, true, echo.run());
-  echo.Set(false);
-  Clients first(b, {1});
-  ASSERT_TRUE(echo.WaitRunning(1));
+  auto first = Busy(b, echo);
   // 3 and 1 fit 4 rows; 2 waits; the width-3 one never merges with them.
   Clients queued(b, {3, 2, 1, 1}, absl::Seconds(10), {2, 2, 2, 3});
   echo.Set(true);
-  first.Join();
+  first->Join();
   queued.Join();
   EXPECT_THAT(echo.runs(), ElementsAre(1, 4, 2, 1));
   for (const auto& o : queued.out) EXPECT_TRUE(o.ok()) << o.status();
   // As many rows as max_rows or more: alone, never queued.
-  echo.Set(false);
-  Clients busy(b, {1});
-  ASSERT_TRUE(echo.WaitRunning(1));
+  auto busy = Busy(b, echo);
   Clients big(b, {4});
   ASSERT_TRUE(echo.WaitRunning(2)) << "ran beside the busy one";
   echo.Set(true);
-  busy.Join();
+  busy->Join();
   big.Join();
 }
 
 TEST(BatcherTest, AQueuedRequestWhoseDeadlinePassesIsNotRun) {
   Echo echo;
   Batcher b({64, absl::ZeroDuration(), 1}, true, echo.run());
-  echo.Set(false);
-  Clients first(b, {1});
-  ASSERT_TRUE(echo.WaitRunning(1));
+  auto first = Busy(b, echo);
   auto late = b.Infer({Rows(1, 9)}, absl::Now() + absl::Milliseconds(50), nullptr);
   EXPECT_EQ(late.status().code(), absl::StatusCode::kDeadlineExceeded) << late.status();
   EXPECT_THAT(std::string(late.status().message()), HasSubstr("waiting to be batched"));
   echo.Set(true);
-  first.Join();
+  first->Join();
   EXPECT_THAT(echo.runs(), ElementsAre(1)) << "the late request never ran";
 }
 
 TEST(BatcherTest, AMergedRequestsErrorIsEveryMembers) {
   Echo echo;
   Batcher b({64, absl::ZeroDuration(), 1}, true, echo.run());
-  echo.Set(false);
-  Clients first(b, {1});
-  ASSERT_TRUE(echo.WaitRunning(1));
+  auto first = Busy(b, echo);
   Clients queued(b, {1, 1});
   echo.Fail(absl::UnavailableError("a stage went away"));
   echo.Set(true);
-  first.Join();
+  first->Join();
   queued.Join();
   for (const auto& o : queued.out) {
     EXPECT_EQ(o.status().code(), absl::StatusCode::kUnavailable) << o.status();

@@ -883,7 +883,9 @@ TEST_F(CoordinatorTest, SmallRequestsArrivingWhileTheModelIsBusyAreMergedAndAnsw
   for (int i = 0; i < 7; ++i) {
     in[i] = {Ramp({1 + i % 3, 8}, 0.5f + i), Ramp({1 + i % 3, 8}, -1.0f * i)};
     threads.emplace_back([&, i] { out[i] = Infer("mlp", in[i]); });
-    if (i == 0) ASSERT_TRUE(gate_.WaitHeld(1));  // the first one runs, the rest queue
+    if (i == 0) {
+      ASSERT_TRUE(gate_.WaitHeld(1));  // the first one runs, the rest queue
+    }
     absl::SleepFor(absl::Milliseconds(5));
   }
   gate_.Set(true);

@@ -657,6 +657,20 @@ absl::StatusOr<std::vector<Tensor>> Deployment::InferDirect(const std::vector<Te
       if (s.code() != absl::StatusCode::kDeadlineExceeded || absl::Now() >= deadline) break;
       if (pending->done.HasBeenNotified() || (cancelled && cancelled())) break;
     }
+    if (s.ok() && trace != nullptr) {
+      // Time blocked on stage 0's backpressure, and encoding (recorded
+      // even when the answer is back already: in-process stages can be
+      // that fast).
+      TraceSpan span;
+      span.set_what("send");
+      span.set_stage(-1);
+      span.set_replica(lane);
+      span.set_microbatch(m);
+      span.set_start_us(absl::ToUnixMicros(send_began));
+      span.set_duration_us(absl::ToInt64Microseconds(absl::Now() - send_began));
+      absl::MutexLock lock(&mu_);
+      pending->spans[m].push_back(span);
+    }
     if (pending->done.HasBeenNotified()) break;
     if (cancelled && cancelled()) {
       ended = absl::CancelledError("the client cancelled the request");
@@ -665,18 +679,6 @@ absl::StatusOr<std::vector<Tensor>> Deployment::InferDirect(const std::vector<Te
     if (s.ok()) {
       if (attempt == 1) ++sent;
       avoid = -1;
-      if (trace != nullptr) {
-        // Time blocked on stage 0's backpressure, and encoding.
-        TraceSpan span;
-        span.set_what("send");
-        span.set_stage(-1);
-        span.set_replica(lane);
-        span.set_microbatch(m);
-        span.set_start_us(absl::ToUnixMicros(send_began));
-        span.set_duration_us(absl::ToInt64Microseconds(absl::Now() - send_began));
-        absl::MutexLock lock(&mu_);
-        pending->spans[m].push_back(span);
-      }
       continue;
     }
     if (s.code() == absl::StatusCode::kDeadlineExceeded) {
