@@ -908,5 +908,39 @@ TEST_F(CoordinatorTest, SmallRequestsArrivingWhileTheModelIsBusyAreMergedAndAnsw
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << refused.status();
 }
 
+int ThreadsOfThisProcess() {
+  int n = 0;
+  for (const auto& e : std::filesystem::directory_iterator("/proc/self/task")) {
+    (void)e;
+    ++n;
+  }
+  return n;
+}
+
+// Each redeployment makes a new deployment (its batcher's workers
+// included) and the one it replaces goes with its threads.
+TEST_F(CoordinatorTest, RepairsLeaveNoThreadsBehind) {
+  Model m = Mlp(2);
+  ASSERT_TRUE(Upload("mlp", m).ok());
+  std::vector<Tensor> in = {Ramp({2, 8}, 1), Ramp({2, 8}, 2)};
+  auto repair = [&] {
+    const uint64_t before = coordinator_->GetModel("mlp")->deployment;
+    stages_->KillServer("s1:9000");
+    stages_->AddServer("s1:9000");
+    absl::Time until = absl::Now() + absl::Seconds(20);
+    while (absl::Now() < until) {
+      auto info = coordinator_->GetModel("mlp");
+      if (info->state == ModelState::kReady && info->deployment != before) break;
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+    auto out = coordinator_->Infer("mlp", in, absl::Now() + absl::Seconds(20));
+    ASSERT_TRUE(out.ok()) << out.status();
+  };
+  repair();
+  const int threads = ThreadsOfThisProcess();
+  for (int i = 0; i < 5; ++i) repair();
+  EXPECT_LE(ThreadsOfThisProcess(), threads + 2) << "5 redeployments left threads behind";
+}
+
 }  // namespace
 }  // namespace pipeserve
