@@ -4,6 +4,7 @@
 // would. Each test failed (or crashed the coordinator) before the fix.
 #include <signal.h>
 
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <thread>
@@ -27,14 +28,14 @@ using ::testing::HasSubstr;
 using ::testing::Not;
 
 // x [B, 8] -> (mm w_i, relu) per stage -> out.
-std::string WriteMlp(const std::string& dir, int stages) {
+std::string WriteMlp(const std::string& dir, int stages, int64_t width = 8) {
   GraphBuilder b;
-  b.Input("x", {-1, 8});
+  b.Input("x", {-1, width});
   std::string h = "x";
   for (int i = 0; i < stages; ++i) {
     if (i > 0) b.Split();
     std::string w = absl::StrCat("w", i);
-    b.Param(w, {8, 8});
+    b.Param(w, {width, width});
     b.Op("mm", {h, w}, absl::StrCat("m", i)).Op("relu", {absl::StrCat("m", i)}, absl::StrCat("h", i));
     h = absl::StrCat("h", i);
   }
@@ -291,6 +292,28 @@ TEST(TrustUploadTest, AnIdleUploadIsCancelledAndFreesItsSlot) {
   auto models = client->ListModels();
   ASSERT_TRUE(models.ok());
   for (const ModelSummary& m : *models) EXPECT_NE(m.name(), "idle");
+}
+
+// Regression: the idle watchdog went on watching an upload after its last
+// chunk, so a model whose deploy took longer than --upload_idle_timeout_s
+// had its upload cancelled (CANCELLED) while the coordinator deployed it.
+TEST(TrustUploadTest, ADeployLongerThanTheIdleTimeoutIsNotCancelled) {
+  auto c = CoordinatorProcess::Start({TempDir("slow_deploy_repo"), {"--upload_idle_timeout_s=1"}});
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto client = *Client::Connect((*c)->address());
+  // 2 stages of 4096 x 4096 float32: 128 MiB to load, well over a second.
+  std::string path = WriteMlp(TempDir("slow_deploy_models"), 2, 4096);
+  absl::Time start = absl::Now();
+  absl::StatusOr<UploadResult> up = client->Upload("slow", path, {});
+  const absl::Duration took = absl::Now() - start;
+  ASSERT_TRUE(up.ok()) << up.status() << " after " << took;
+  std::printf("128 MiB uploaded and deployed in %.1f s with a 1 s idle timeout\n",
+              absl::ToDoubleSeconds(took));
+  EXPECT_GT(took, absl::Seconds(1)) << "the case needs a deploy longer than the timeout";
+  auto models = client->ListModels();
+  ASSERT_TRUE(models.ok());
+  ASSERT_EQ(models->size(), 1u);
+  EXPECT_EQ((*models)[0].state(), "READY");
 }
 
 // Was: no limit on an upload's size.

@@ -74,7 +74,7 @@ if [ "${PIPESERVE_TEST_QUICK:-0}" != 1 ]; then
   fi
 
   # libFuzzer on every input parser, starting from the seed corpora.
-  entry "fuzzing (tools/fuzz.sh ${PIPESERVE_FUZZ_SECONDS:-20})" tools/fuzz.sh "${PIPESERVE_FUZZ_SECONDS:-20}"
+  entry "fuzzing (tools/fuzz.sh ${PIPESERVE_FUZZ_SECONDS:-15})" tools/fuzz.sh "${PIPESERVE_FUZZ_SECONDS:-15}"
 fi
 
 stamp "done"

@@ -93,6 +93,12 @@ grpc::Status ModelServiceImpl::Upload(grpc::ServerContext* ctx,
                         absl::StrCat("upload of \"", name, "\" ended after ", (*upload)->bytes(),
                                      " bytes without its last chunk; nothing was stored"));
   }
+  {
+    // Every byte is in: the deploy takes what it takes (a large model's
+    // load can outlast the idle timeout), so the watchdog lets go.
+    absl::MutexLock lock(&mu_);
+    active_.erase(ctx);
+  }
   absl::StatusOr<UploadResponse> r =
       coordinator_->FinishUpload(name, options, *std::move(upload), total, crc);
   if (!r.ok()) return ToGrpcStatus(r.status());
