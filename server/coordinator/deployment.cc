@@ -42,6 +42,19 @@ uint64_t NewDeploymentId() {
   return id;
 }
 
+// A span of the coordinator's own (stage -1) from `start` to now.
+TraceSpan CoordinatorSpan(const char* what, int replica, int microbatch, int64_t start_us) {
+  TraceSpan span;
+  span.set_what(what);
+  span.set_stage(-1);
+  span.set_replica(replica);
+  span.set_microbatch(microbatch);
+  const int64_t now_us = absl::ToUnixMicros(absl::Now());
+  span.set_start_us(std::min(start_us, now_us));
+  span.set_duration_us(now_us - span.start_us());
+  return span;
+}
+
 bool ValidErrorCode(int code) {
   return code > 0 && code <= static_cast<int>(absl::StatusCode::kUnauthenticated);
 }
@@ -184,7 +197,6 @@ absl::StatusOr<std::shared_ptr<Deployment>> Deployment::Make(
   ModelInfo info;
   info.name = name;
   info.plan = std::make_shared<const Plan>(plan);
-  info.servers = servers;
   info.replicas = replicas;
   info.deployment = id;
   info.bytes = bytes;
@@ -305,7 +317,6 @@ absl::Status Deployment::ConnectLane(int lane, std::vector<std::string> servers,
       l.specs = specs;
       l.generation = generation;
       l.ready = true;
-      for (int i = 0; i < n; ++i) info_.servers[lane * n + i] = servers[i];
       // A broken deployment (no lane left) is redeployed whole, not here.
       if (info_.state == ModelState::kLoading) info_.state = ModelState::kReady;
     }
@@ -378,6 +389,11 @@ ModelInfo Deployment::Info() const {
   absl::MutexLock lock(&mu_);
   ModelInfo info = info_;
   info.ready_replicas = info_.state == ModelState::kReady ? ReadyLanes() : 0;
+  // The lanes' servers now (a reloaded lane may be on new ones).
+  info.servers.clear();
+  for (const Lane& l : lanes_) {
+    info.servers.insert(info.servers.end(), l.servers.begin(), l.servers.end());
+  }
   return info;
 }
 
@@ -493,15 +509,7 @@ void Deployment::Deliver(int lane, Frame frame) {
   if (h.trace() && !p.spans.empty()) {
     std::vector<TraceSpan>& spans = p.spans[m];
     spans.insert(spans.end(), h.spans().begin(), h.spans().end());
-    TraceSpan back;
-    back.set_what("receive");
-    back.set_stage(-1);
-    back.set_replica(lane);
-    back.set_microbatch(m);
-    const int64_t now_us = absl::ToUnixMicros(absl::Now());
-    back.set_start_us(std::min(h.sent_us(), now_us));
-    back.set_duration_us(now_us - back.start_us());
-    spans.push_back(back);
+    spans.push_back(CoordinatorSpan("receive", lane, m, h.sent_us()));
   }
   if (--p.remaining == 0) Finish(h.request_id(), absl::OkStatus());
 }
@@ -661,15 +669,9 @@ absl::StatusOr<std::vector<Tensor>> Deployment::InferDirect(const std::vector<Te
       // Time blocked on stage 0's backpressure, and encoding (recorded
       // even when the answer is back already: in-process stages can be
       // that fast).
-      TraceSpan span;
-      span.set_what("send");
-      span.set_stage(-1);
-      span.set_replica(lane);
-      span.set_microbatch(m);
-      span.set_start_us(absl::ToUnixMicros(send_began));
-      span.set_duration_us(absl::ToInt64Microseconds(absl::Now() - send_began));
+      TraceSpan span = CoordinatorSpan("send", lane, m, absl::ToUnixMicros(send_began));
       absl::MutexLock lock(&mu_);
-      pending->spans[m].push_back(span);
+      pending->spans[m].push_back(std::move(span));
     }
     if (pending->done.HasBeenNotified()) break;
     if (cancelled && cancelled()) {
@@ -724,13 +726,7 @@ absl::StatusOr<std::vector<Tensor>> Deployment::InferDirect(const std::vector<Te
   }
   absl::StatusOr<std::vector<Tensor>> merged = MergeMicrobatches(output_batched_, pending->outputs);
   if (trace != nullptr) {
-    TraceSpan whole;
-    whole.set_what("request");
-    whole.set_stage(-1);
-    whole.set_microbatch(-1);
-    whole.set_start_us(absl::ToUnixMicros(began));
-    whole.set_duration_us(absl::ToInt64Microseconds(absl::Now() - began));
-    trace->push_back(whole);
+    trace->push_back(CoordinatorSpan("request", 0, -1, absl::ToUnixMicros(began)));
     // Finished: no frame of this request touches its spans any more.
     for (std::vector<TraceSpan>& spans : pending->spans) {
       trace->insert(trace->end(), spans.begin(), spans.end());

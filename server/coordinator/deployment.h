@@ -49,7 +49,7 @@ struct ModelInfo {
   // Shared and immutable: ModelInfo is copied freely, the plan (every
   // stage's graph) is not.
   std::shared_ptr<const Plan> plan = std::make_shared<const Plan>();
-  std::vector<std::string> servers;  // per stage of lane 0, then of lane 1, ...
+  std::vector<std::string> servers;  // per stage of lane 0, then of lane 1, ... (as Info() is asked)
   int replicas = 1;                  // lanes
   int ready_replicas = 0;            // lanes serving now
   uint64_t deployment = 0;
