@@ -17,6 +17,9 @@
 //      queue and compute per stage, serialization measured alone.
 //   6. Dynamic batching: 64 clients sending batch-1 ExampleCode requests,
 //      with batching against without.
+//   7. Partitioning: a model of very different layer widths cut into 2
+//      stages by measured node times against the FLOPs-plus-bytes
+//      estimate, predicted against measured time per stage.
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -184,6 +187,12 @@ StageServer StartStageServer(int threads) {
   return s;
 }
 
+// One GEMM thread, as each stage server here computes with.
+ComputeBackend* CalibrationBackend() {
+  static ComputeBackend* cpu = MakeBackend("cpu", {}).value().release();
+  return cpu;
+}
+
 struct Cluster {
   std::vector<StageServer> stages;
   GrpcStageClient client{Channels(), 8};
@@ -199,6 +208,7 @@ struct Cluster {
     dir = absl::StrCat(std::filesystem::temp_directory_path().string(), "/pipeserve_bench_",
                        ::getpid(), "_", n, "_", counter_++);
     CoordinatorOptions co;
+    co.calibration_backend = CalibrationBackend();  // for section 7's automatic cuts
     coordinator = std::make_unique<Coordinator>(co, *OpenFileModelStore(dir + "/repo"),
                                                 MakeStaticLauncher(addresses), &client);
   }
@@ -566,6 +576,88 @@ void DynamicBatching() {
   }
 }
 
+
+// `wide` linear+ReLU layers of 1024, then `narrow` of 32, no cut points.
+Model WideThenNarrow(int wide, int narrow) {
+  GraphBuilder b;
+  b.Input("x", {-1, 1024});
+  std::string prev = "x";
+  for (int i = 0; i < wide + narrow; ++i) {
+    const int64_t in = i <= wide ? 1024 : 32, out = i < wide ? 1024 : 32;
+    std::string w = absl::StrCat("l", i, ".weight"), bias = absl::StrCat("l", i, ".bias");
+    b.Param(w, {out, in}).Param(bias, {out});
+    b.Op("linear", {prev, w, bias}, absl::StrCat("lin", i), absl::StrCat("l", i));
+    b.Op("relu", {absl::StrCat("lin", i)}, absl::StrCat("r", i));
+    prev = absl::StrCat("r", i);
+  }
+  b.Output(prev);
+  return b.Build();
+}
+
+void MeasuredPartitioning() {
+  constexpr int kWide = 4, kNarrow = 200;
+  std::printf("\n7. Partitioning: %d linear+ReLU layers of 1024 then %d of 32 (no cut points),\n"
+              "   cut into 2 stages; batch 256 in 16 microbatches, 8 clients for 5 s, one GEMM\n"
+              "   thread per stage. Times are per 16-row microbatch.\n",
+              kWide, kNarrow);
+  const Model m = WideThenNarrow(kWide, kNarrow);
+  const Tensor x = RandomTensor({256, 1024}, 5);
+  Cluster one(1, 1), two(2, 1);
+  UploadOptions measured, estimated;
+  measured.set_num_stages(2);
+  measured.set_balance(UploadOptions::BALANCE_MEASURED);
+  estimated.set_num_stages(2);
+  estimated.set_balance(UploadOptions::BALANCE_ESTIMATED);
+  if (!one.Upload("whole", m, 16) || !two.Upload("measured", m, 16, measured) ||
+      !two.Upload("estimated", m, 16, estimated)) {
+    return;
+  }
+  // The node times the measured cut used (kept with its upload), to
+  // predict the estimate's cut by them too.
+  std::vector<double> node_seconds;
+  auto stored = (*OpenFileModelStore(two.dir + "/repo"))->List();
+  for (const StoredModel& s : stored.value()) {
+    if (s.name == "measured") {
+      node_seconds.assign(s.options.profile().seconds().begin(),
+                          s.options.profile().seconds().end());
+    }
+  }
+  ClosedLoop(*one.coordinator, "whole", {x}, 8, absl::Seconds(1));  // warm up
+  LoadResult base = ClosedLoop(*one.coordinator, "whole", {x}, 8, absl::Seconds(5));
+  std::printf("%-30s %7s %14s %14s %9s %9s\n", "", "nodes", "predicted ms", "measured ms",
+              "req/s", "p99 ms");
+  std::printf("%-30s %7d %14s %14s %9.1f %9.2f\n", "1 stage (baseline)", 2 * (kWide + kNarrow),
+              "", "", base.rps, base.p99);
+  double rps[2] = {0, 0};
+  int row = 0;
+  for (const char* name : {"estimated", "measured"}) {
+    ClosedLoop(*two.coordinator, name, {x}, 8, absl::Seconds(1));  // warm up
+    LoadResult r = ClosedLoop(*two.coordinator, name, {x}, 8, absl::Seconds(5));
+    rps[row++] = r.rps;
+    const Plan plan = *two.coordinator->GetModel(name)->plan;
+    const std::vector<double> served = two.coordinator->MeasuredComputeSeconds(name);
+    std::printf("%-30s %7s %14s %14s %9.1f %9.2f  (%.2fx the baseline)\n",
+                name == std::string("measured") ? "cut by measured node times"
+                                                : "cut by estimate (as before)",
+                "", "", "", r.rps, r.p99, r.rps / base.rps);
+    size_t first = 0;  // the stage's first compute node
+    for (const Stage& s : plan.stages()) {
+      size_t nodes = 0;
+      for (const Node& n : s.graph().nodes()) nodes += n.op() != "param";
+      double predicted = 0;
+      for (size_t i = first; i < first + nodes && i < node_seconds.size(); ++i) {
+        predicted += node_seconds[i];
+      }
+      first += nodes;
+      std::printf("%-30s %7zu %14.3f %14.3f\n", absl::StrCat("  stage ", s.index()).c_str(),
+                  nodes, predicted * 1e3,
+                  static_cast<size_t>(s.index()) < served.size() ? served[s.index()] * 1e3 : 0.0);
+    }
+  }
+  std::printf("%-30s %7s %14s %14s %9s  %.2fx (target: > 1x)\n", "measured vs estimate", "", "",
+              "", "", rps[1] / std::max(1e-9, rps[0]));
+}
+
 }  // namespace
 }  // namespace pipeserve
 
@@ -588,5 +680,6 @@ int main(int argc, char** argv) {
   if (only.empty() || only == "e2e") pipeserve::ExampleCodeEndToEnd();
   if (only.empty() || only == "breakdown") pipeserve::TimeBreakdown();
   if (only.empty() || only == "batching") pipeserve::DynamicBatching();
+  if (only.empty() || only == "partition") pipeserve::MeasuredPartitioning();
   return 0;
 }

@@ -10,6 +10,7 @@
 #include <memory>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
@@ -293,6 +294,21 @@ absl::Status Upload(const FlagSet& flags, Client& client, std::ostream& out,
   options.set_num_stages(num_stages);
   options.set_microbatches(microbatches);
   options.set_replicas(replicas);
+  const std::string balance = flags.Get("balance");
+  if (balance == "measured") {
+    options.set_balance(UploadOptions::BALANCE_MEASURED);
+  } else if (balance == "estimated") {
+    options.set_balance(UploadOptions::BALANCE_ESTIMATED);
+  } else if (!balance.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--balance must be measured or estimated, got \"", balance, "\""));
+  }
+  double link_gb_per_s = 0;
+  if (!absl::SimpleAtod(flags.Get("link_gb_per_s"), &link_gb_per_s) || link_gb_per_s < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--link_gb_per_s must be a number >= 0, got \"", flags.Get("link_gb_per_s"), "\""));
+  }
+  options.set_link_gb_per_s(link_gb_per_s);
   for (const std::string& s : flags.GetAll("split")) {
     ASSIGN_OR_RETURN(auto split, ParseSplit(s));
     SplitSpecEntry* e = options.add_split_spec();
@@ -358,7 +374,9 @@ absl::Status PlanRemote(const FlagSet& flags, Client& client, std::ostream& out,
                     std::vector<std::string>(
                         r.stage_servers().begin(),
                         r.stage_servers().begin() +
-                            std::min(n, r.stage_servers_size())));
+                            std::min(n, r.stage_servers_size())),
+                    std::vector<double>(r.measured_compute_us().begin(),
+                                        r.measured_compute_us().end()));
   for (int lane = 1; lane < replicas; ++lane) {
     out << "replica " << lane << ":";
     for (int i = lane * n; i < (lane + 1) * n && i < r.stage_servers_size();
@@ -584,6 +602,15 @@ std::map<std::string, Command> Commands() {
                 false, "0");
           f.Add("max_queue_delay_us", "US",
                 "dynamic batching: how long a request waits for others (0: "
+                "the server's default)",
+                false, "0");
+          f.Add("balance", "HOW",
+                "how --num_stages cuts are balanced: measured (node times "
+                "measured on the server) or estimated (FLOPs + parameter "
+                "bytes); default: measured where the server can",
+                false, "");
+          f.Add("link_gb_per_s", "G",
+                "link bandwidth between stages for measured balancing (0: "
                 "the server's default)",
                 false, "0");
         },

@@ -11,6 +11,7 @@
 #include "common/status_macros.h"
 #include "partitioner/op_schema.h"
 #include "partitioner/validate.h"
+#include "runtime/dtype.h"
 
 namespace pipeserve {
 namespace {
@@ -128,6 +129,91 @@ std::vector<Cut> BalancedCuts(const std::vector<double>& cost, int k) {
   return cuts;
 }
 
+// Bytes that cross each cut position p in 0..n (n compute nodes): values
+// made before node p (model inputs count as made before node 0) and read at
+// or after it (model outputs count as read after the last node), with the
+// batch dimension (and any other -1) at `rows`.
+std::vector<double> CrossingBytes(const Graph& graph, const std::vector<int>& compute,
+                                  const ValueShapes& shapes, const ValueTypes& types,
+                                  int64_t rows) {
+  const int n = static_cast<int>(compute.size());
+  absl::flat_hash_map<std::string, int> made;  // value -> position of its maker
+  for (const ValueSpec& in : graph.inputs()) made[in.name()] = -1;
+  absl::flat_hash_map<std::string, int> last_read;
+  for (int p = 0; p < n; ++p) {
+    const Node& node = graph.nodes(compute[p]);
+    for (const std::string& v : node.inputs()) last_read[v] = p;
+    for (const std::string& v : node.outputs()) made[v] = p;
+  }
+  for (const std::string& v : graph.outputs()) last_read[v] = n;
+  std::vector<double> diff(n + 2, 0.0);
+  for (const auto& [v, maker] : made) {
+    auto r = last_read.find(v);
+    if (r == last_read.end() || r->second <= maker) continue;
+    double bytes = ElementSize(types.at(v));
+    for (int64_t d : shapes.at(v)) bytes *= static_cast<double>(d < 0 ? rows : d);
+    diff[maker + 1] += bytes;  // crosses cuts maker+1 .. last reader
+    diff[r->second + 1] -= bytes;
+  }
+  std::vector<double> crossing(n + 1);
+  double acc = 0;
+  for (int p = 0; p <= n; ++p) crossing[p] = acc += diff[p];
+  return crossing;
+}
+
+struct Prediction {
+  std::vector<Cut> cuts;
+  std::vector<double> compute_seconds;   // per stage
+  std::vector<double> transfer_seconds;  // per stage
+};
+
+// The k-stage cut of nodes with times `seconds` minimising the slowest
+// stage's time: its nodes' seconds plus (bytes crossing its first cut +
+// bytes crossing its last) / bw. Exact: dynamic programming over cut points,
+// O(k n^2).
+Prediction FastestCuts(const std::vector<double>& seconds,
+                       const std::vector<double>& crossing, double bw, int k) {
+  const int n = static_cast<int>(seconds.size());
+  std::vector<double> prefix(n + 1, 0.0);
+  for (int i = 0; i < n; ++i) prefix[i + 1] = prefix[i] + seconds[i];
+  auto transfer = [&](int from, int to) {
+    return bw > 0 ? (crossing[from] + crossing[to]) / bw : 0.0;
+  };
+  auto stage_time = [&](int from, int to) {  // nodes from .. to-1
+    return prefix[to] - prefix[from] + transfer(from, to);
+  };
+  const double inf = std::numeric_limits<double>::infinity();
+  // best[j][i]: the slowest stage of the best cut of nodes 0..i-1 into j
+  // stages; from[j][i]: where its last stage starts.
+  std::vector<std::vector<double>> best(k + 1, std::vector<double>(n + 1, inf));
+  std::vector<std::vector<int>> from(k + 1, std::vector<int>(n + 1, -1));
+  for (int i = 1; i <= n; ++i) best[1][i] = stage_time(0, i);
+  for (int j = 2; j <= k; ++j) {
+    for (int i = j; i <= n; ++i) {
+      for (int t = j - 1; t < i; ++t) {
+        double slowest = std::max(best[j - 1][t], stage_time(t, i));
+        if (slowest < best[j][i]) {
+          best[j][i] = slowest;
+          from[j][i] = t;
+        }
+      }
+    }
+  }
+  std::vector<int> starts(k, 0);  // first node of each stage
+  for (int j = k, i = n; j >= 2; --j) {
+    starts[j - 1] = from[j][i];
+    i = from[j][i];
+  }
+  Prediction p;
+  for (int s = 0; s < k; ++s) {
+    int begin = starts[s], end = s + 1 < k ? starts[s + 1] : n;
+    if (s > 0) p.cuts.push_back({begin, absl::StrCat("measured cut ", s)});
+    p.compute_seconds.push_back(prefix[end] - prefix[begin]);
+    p.transfer_seconds.push_back(transfer(begin, end));
+  }
+  return p;
+}
+
 ValueSpec SpecFor(const std::string& name, const ValueShapes& shapes,
                   const ValueTypes& types,
                   const absl::flat_hash_set<std::string>& unbatched) {
@@ -159,16 +245,16 @@ absl::StatusOr<Plan> Partition(const Graph& graph,
         absl::StrCat("num_stages must be >= 0, got ", options.num_stages));
   }
 
-  std::vector<int> compute;  // indices of compute nodes, in order
-  for (int i = 0; i < graph.nodes_size(); ++i) {
-    if (IsCompute(graph.nodes(i))) compute.push_back(i);
-  }
+  const std::vector<int> compute = ComputeNodes(graph);
   if (compute.empty()) {
     return absl::InvalidArgumentError("the graph has no compute nodes");
   }
   ASSIGN_OR_RETURN(std::vector<Cut> cuts, CutsFromModel(graph, compute, options));
   int num_stages;
+  std::string balance = "one stage";
+  Prediction prediction;  // filled when cut by measured times
   if (!cuts.empty()) {
+    balance = "the model's cut points";
     num_stages = static_cast<int>(cuts.size()) + 1;
     if (options.num_stages != 0 && options.num_stages != num_stages) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -182,29 +268,24 @@ absl::StatusOr<Plan> Partition(const Graph& graph,
           "cannot cut ", compute.size(), " nodes into ", num_stages,
           " non-empty stages"));
     }
-    // Cost of a compute node: FLOPs plus bytes of the parameters it reads.
-    absl::flat_hash_map<std::string, double> param_bytes;
-    for (const Node& n : graph.nodes()) {
-      if (n.op() != kParamOp) continue;
-      for (const TensorInfo& p : graph.params()) {
-        if (p.fqn() == n.attrs().at("fqn").s()) {
-          param_bytes[n.outputs(0)] = static_cast<double>(p.byte_size());
-        }
+    if (num_stages > 1 && !options.node_seconds.empty()) {
+      if (options.node_seconds.size() != compute.size()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "node_seconds has ", options.node_seconds.size(), " entries for ",
+            compute.size(), " compute nodes"));
       }
+      std::vector<double> crossing =
+          CrossingBytes(graph, compute, shapes, types, options.cost_rows);
+      const double bw = options.link_bytes_per_second;
+      prediction = FastestCuts(options.node_seconds, crossing, bw, num_stages);
+      cuts = prediction.cuts;
+      balance = absl::StrCat(options.cost_source.empty() ? "measured" : options.cost_source,
+                             bw > 0 ? absl::StrCat("; link ", bw / 1e9, " GB/s")
+                                    : std::string("; transfers not counted"));
+    } else if (num_stages > 1) {
+      cuts = BalancedCuts(EstimatedNodeCosts(graph, shapes), num_stages);
+      balance = kEstimatedBalance;
     }
-    std::vector<double> cost;
-    for (int i : compute) {
-      const Node& n = graph.nodes(i);
-      std::vector<Shape> in;
-      double bytes = 0;
-      for (const std::string& v : n.inputs()) {
-        in.push_back(shapes.at(v));
-        auto it = param_bytes.find(v);
-        if (it != param_bytes.end()) bytes += it->second;
-      }
-      cost.push_back(FindOp(n.op())->flops(in) + bytes + 1.0);
-    }
-    if (num_stages > 1) cuts = BalancedCuts(cost, num_stages);
   }
 
   // Stage of each compute node; producer stage of each value (-1: model
@@ -245,6 +326,7 @@ absl::StatusOr<Plan> Partition(const Graph& graph,
                                                  graph.outputs().end());
 
   Plan plan;
+  plan.set_balance(balance);
   for (const ValueSpec& in : graph.inputs()) *plan.add_inputs() = in;
   // A model output may be a parameter itself (a model that returns a
   // weight): the last stage holds a copy and sends it.
@@ -262,6 +344,10 @@ absl::StatusOr<Plan> Partition(const Graph& graph,
   for (int s = 0; s < num_stages; ++s) {
     Stage* stage = plan.add_stages();
     stage->set_index(s);
+    if (!prediction.compute_seconds.empty()) {
+      stage->set_predicted_compute_us(prediction.compute_seconds[s] * 1e6);
+      stage->set_predicted_transfer_us(prediction.transfer_seconds[s] * 1e6);
+    }
     Graph* g = stage->mutable_graph();
     absl::flat_hash_set<std::string> have;     // values available in s
     absl::flat_hash_set<std::string> params_added;
@@ -328,6 +414,38 @@ absl::StatusOr<Plan> Partition(const Graph& graph,
     if (!covered_set.contains(key)) plan.add_unused_state_dict_keys(key);
   }
   return plan;
+}
+
+std::vector<int> ComputeNodes(const Graph& graph) {
+  std::vector<int> compute;
+  for (int i = 0; i < graph.nodes_size(); ++i) {
+    if (IsCompute(graph.nodes(i))) compute.push_back(i);
+  }
+  return compute;
+}
+
+std::vector<double> EstimatedNodeCosts(const Graph& graph, const ValueShapes& shapes) {
+  absl::flat_hash_map<std::string, double> param_bytes;  // param value -> bytes
+  absl::flat_hash_map<std::string, const TensorInfo*> info;
+  for (const TensorInfo& p : graph.params()) info[p.fqn()] = &p;
+  for (const Node& n : graph.nodes()) {
+    if (n.op() != kParamOp) continue;
+    auto it = info.find(n.attrs().at("fqn").s());
+    if (it != info.end()) param_bytes[n.outputs(0)] = static_cast<double>(it->second->byte_size());
+  }
+  std::vector<double> cost;
+  for (int i : ComputeNodes(graph)) {
+    const Node& n = graph.nodes(i);
+    std::vector<Shape> in;
+    double bytes = 0;
+    for (const std::string& v : n.inputs()) {
+      in.push_back(shapes.at(v));
+      auto it = param_bytes.find(v);
+      if (it != param_bytes.end()) bytes += it->second;
+    }
+    cost.push_back(FindOp(n.op())->flops(in) + bytes + 1.0);
+  }
+  return cost;
 }
 
 std::vector<std::string> CoveredStateDictKeys(const Graph& graph,

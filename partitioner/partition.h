@@ -10,8 +10,14 @@
 //   2. split_spec (options.split_spec if non-empty, else the graph's):
 //      BEGINNING cuts just before the first node made inside the module,
 //      END just after the last one (both may be combined with markers);
-//   3. neither: options.num_stages stages (default 1) balancing estimated
-//      cost (FLOPs at a 16-row batch plus parameter bytes read).
+//   3. neither: options.num_stages stages (default 1). With measured node
+//      times (options.node_seconds, see calibrate.h) the cut is the one
+//      that minimises the slowest stage's predicted time: its nodes' times
+//      plus the bytes it receives and sends over the link, found exactly by
+//      dynamic programming over the cut points. Without them it balances
+//      estimated cost (FLOPs at a 16-row batch plus parameter bytes read).
+//      plan.balance says which, and with measured times each stage records
+//      its prediction.
 //
 // Each stage gets the nodes between its cuts, a copy of every `param` node
 // it reads (a parameter used in several stages goes to each, under its
@@ -22,11 +28,13 @@
 #ifndef PIPESERVE_PARTITIONER_PARTITION_H_
 #define PIPESERVE_PARTITIONER_PARTITION_H_
 
+#include <cstdint>
 #include <map>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "partitioner/validate.h"
 #include "proto/model.pb.h"
 
 namespace pipeserve {
@@ -38,7 +46,28 @@ struct PartitionOptions {
   int num_stages = 0;
   // Module FQN -> where to cut; overrides the graph's split_spec.
   std::map<std::string, SplitPoint> split_spec;
+  // Measured seconds of each compute node (ComputeNodes order) for a
+  // microbatch of `cost_rows` rows. Empty: cut by the estimate. Used only
+  // for automatic cutting.
+  std::vector<double> node_seconds;
+  int64_t cost_rows = 16;
+  // Bytes per second a stage receives and sends at (0: transfers are free).
+  double link_bytes_per_second = 0;
+  // Where node_seconds came from, for plan.balance ("measured on cpu ...").
+  std::string cost_source;
 };
+
+// plan.balance of automatic cuts made by the estimate.
+inline constexpr char kEstimatedBalance[] = "estimated cost (FLOPs + parameter bytes)";
+
+// The indices into graph.nodes of the nodes that compute (not `param`, not
+// `pipe_split`), in order: the nodes a stage is cut from.
+std::vector<int> ComputeNodes(const Graph& graph);
+
+// The estimated cost of each compute node (FLOPs at a 16-row batch plus
+// bytes of the parameters it reads, plus 1), in ComputeNodes order; the
+// graph must be valid.
+std::vector<double> EstimatedNodeCosts(const Graph& graph, const ValueShapes& shapes);
 
 // Validates `graph` (see validate.h) and cuts it. Errors are
 // kInvalidArgument naming the node, module or value at fault, e.g. a cut

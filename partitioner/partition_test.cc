@@ -1,5 +1,8 @@
 #include "partitioner/partition.h"
 
+#include <functional>
+#include <numeric>
+#include <random>
 #include <set>
 
 #include "gmock/gmock.h"
@@ -304,6 +307,121 @@ TEST(PartitionTest, AModelOutputThatIsAParameterComesFromTheLastStage) {
   EXPECT_THAT(p.output_stages(), ElementsAre(1, 1));
   EXPECT_THAT(OutputNames(p.stages(1)), ElementsAre("w1", "h1"));
   EXPECT_THAT(Fqns(p.stages(1)), ElementsAre("w1"));
+}
+
+
+int ComputeNodeCount(const Stage& s) {
+  int n = 0;
+  for (const Node& node : s.graph().nodes()) n += node.op() != "param";
+  return n;
+}
+
+TEST(PartitionTest, BalanceSaysHowTheCutsWereChosen) {
+  EXPECT_EQ(MustPartition(Layers(3).Build().graph).balance(), "one stage");
+  EXPECT_EQ(MustPartition(ExampleCode().Build().graph).balance(), "the model's cut points");
+  PartitionOptions o;
+  o.num_stages = 2;
+  Plan p = MustPartition(Layers(4).Build().graph, o);
+  EXPECT_EQ(p.balance(), "estimated cost (FLOPs + parameter bytes)");
+  EXPECT_EQ(p.stages(0).predicted_compute_us(), 0);  // no units to predict in
+}
+
+TEST(PartitionTest, MeasuredTimesDecideTheCut) {
+  // Six equal relus by the estimate (a 3 | 3 cut), but the first is
+  // measured 5x slower than the rest.
+  PartitionOptions o;
+  o.num_stages = 2;
+  o.node_seconds = {5e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3};
+  o.cost_source = "measured on test";
+  Plan p = MustPartition(Layers(6).Build().graph, o);
+  ASSERT_EQ(p.stages_size(), 2);
+  EXPECT_EQ(ComputeNodeCount(p.stages(0)), 1);
+  EXPECT_EQ(ComputeNodeCount(p.stages(1)), 5);
+  EXPECT_DOUBLE_EQ(p.stages(0).predicted_compute_us(), 5000);
+  EXPECT_DOUBLE_EQ(p.stages(1).predicted_compute_us(), 5000);
+  EXPECT_EQ(p.balance(), "measured on test; transfers not counted");
+  o.node_seconds = {};
+  EXPECT_EQ(ComputeNodeCount(MustPartition(Layers(6).Build().graph, o).stages(0)), 3);
+}
+
+TEST(PartitionTest, ASlowLinkMovesTheCutOffAWideActivation) {
+  // x (4 wide) -> 1024 wide -> relu -> back to 4 -> relu -> relu: five
+  // nodes of 1 ms. Cutting after 2 or after 3 nodes both make a 3 ms
+  // stage; over a slow link only the cut where 4 values cross is cheap.
+  GraphBuilder b;
+  b.Input("x", {-1, 4}).Param("up", {4, 1024}).Param("down", {1024, 4});
+  b.Op("mm", {"x", "up"}, "h0").Op("relu", {"h0"}, "h1");
+  b.Op("mm", {"h1", "down"}, "h2").Op("relu", {"h2"}, "h3").Op("relu", {"h3"}, "h4");
+  b.Output("h4");
+  const Graph g = b.Build().graph;
+  PartitionOptions o;
+  o.num_stages = 2;
+  o.node_seconds = std::vector<double>(5, 1e-3);
+  o.cost_rows = 16;
+  Plan free_link = MustPartition(g, o);
+  EXPECT_EQ(ComputeNodeCount(free_link.stages(0)), 2);  // the first of the ties
+  o.link_bytes_per_second = 1e8;
+  Plan slow_link = MustPartition(g, o);
+  EXPECT_EQ(ComputeNodeCount(slow_link.stages(0)), 3);
+  EXPECT_THAT(slow_link.balance(), HasSubstr("link 0.1 GB/s"));
+  // Stage 0 receives x and sends h2: 2 x 16 rows x 4 floats = 512 bytes.
+  EXPECT_NEAR(slow_link.stages(0).predicted_transfer_us(), 5.12, 1e-9);
+  EXPECT_DOUBLE_EQ(slow_link.stages(0).predicted_compute_us(), 3000);
+}
+
+// Every way to cut n nodes into k stages, the slowest stage of the best.
+double BruteForceSlowest(const std::vector<double>& t, int k, double transfer) {
+  const int n = static_cast<int>(t.size());
+  double best = 1e300;
+  std::vector<int> cut(k - 1);
+  std::function<void(int, int)> place = [&](int j, int first) {
+    if (j == k - 1) {
+      double slowest = 0;
+      for (int s = 0; s < k; ++s) {
+        int from = s == 0 ? 0 : cut[s - 1], to = s == k - 1 ? n : cut[s];
+        double sum = 2 * transfer;
+        for (int i = from; i < to; ++i) sum += t[i];
+        slowest = std::max(slowest, sum);
+      }
+      best = std::min(best, slowest);
+      return;
+    }
+    for (int c = first; c <= n - (k - 1 - j); ++c) {
+      cut[j] = c;
+      place(j + 1, c + 1);
+    }
+  };
+  place(0, 1);
+  return best;
+}
+
+TEST(PartitionTest, MeasuredCutsAreTheBestThereAre) {
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<double> ms(0.1e-3, 5e-3);
+  for (int trial = 0; trial < 20; ++trial) {
+    const int n = 9, k = 2 + trial % 3;
+    PartitionOptions o;
+    o.num_stages = k;
+    for (int i = 0; i < n; ++i) o.node_seconds.push_back(ms(rng));
+    o.cost_rows = 8;
+    o.link_bytes_per_second = 1e6;  // every cut carries 8 x 4 floats: 128 us
+    Plan p = MustPartition(Layers(n).Build().graph, o);
+    ASSERT_EQ(p.stages_size(), k);
+    double slowest = 0, total = 0;
+    for (const Stage& s : p.stages()) {
+      slowest = std::max(slowest, (s.predicted_compute_us() + s.predicted_transfer_us()) / 1e6);
+      total += s.predicted_compute_us() / 1e6;
+    }
+    EXPECT_NEAR(slowest, BruteForceSlowest(o.node_seconds, k, 128e-6), 1e-12) << trial;
+    EXPECT_NEAR(total, std::accumulate(o.node_seconds.begin(), o.node_seconds.end(), 0.0), 1e-12);
+  }
+}
+
+TEST(PartitionTest, NodeTimesMustCoverEveryComputeNode) {
+  PartitionOptions o;
+  o.num_stages = 2;
+  o.node_seconds = {1e-3, 1e-3};
+  ExpectError(Layers(3).Build().graph, o, "node_seconds has 2 entries for 3 compute nodes");
 }
 
 }  // namespace

@@ -25,7 +25,8 @@ std::string Bytes(uint64_t b) {
 }  // namespace
 
 std::string FormatPlan(const Plan& plan,
-                       const std::vector<std::string>& servers) {
+                       const std::vector<std::string>& servers,
+                       const std::vector<double>& measured_us) {
   // Which stages read each value, for the "-> stage k" arrows.
   std::map<std::string, std::set<std::string>> readers;
   for (const Stage& s : plan.stages()) {
@@ -37,6 +38,7 @@ std::string FormatPlan(const Plan& plan,
 
   std::string text = absl::StrCat(plan.stages_size(), " stage",
                                   plan.stages_size() == 1 ? "" : "s", "\n");
+  if (!plan.balance().empty()) absl::StrAppend(&text, "cut by   ", plan.balance(), "\n");
   for (const Stage& s : plan.stages()) {
     int compute = 0;
     for (const Node& n : s.graph().nodes()) {
@@ -70,6 +72,22 @@ std::string FormatPlan(const Plan& plan,
       outs.push_back(absl::StrCat(o, " -> ", absl::StrJoin(readers[o], ", ")));
     }
     absl::StrAppend(&text, "  outputs  ", absl::StrJoin(outs, ", "), "\n");
+    const bool predicted = s.predicted_compute_us() > 0 || s.predicted_transfer_us() > 0;
+    const double measured =
+        static_cast<size_t>(s.index()) < measured_us.size() ? measured_us[s.index()] : 0;
+    if (predicted || measured > 0) {
+      absl::StrAppend(&text, "  time     ");
+      if (predicted) {
+        absl::StrAppend(&text, absl::StrFormat("predicted %.1f us compute + %.1f us transfer",
+                                               s.predicted_compute_us(),
+                                               s.predicted_transfer_us()));
+      }
+      if (measured > 0) {
+        absl::StrAppend(&text, predicted ? "; " : "",
+                        absl::StrFormat("measured %.1f us compute", measured));
+      }
+      absl::StrAppend(&text, " per microbatch\n");
+    }
   }
   if (plan.unused_state_dict_keys_size() > 0) {
     absl::StrAppend(&text, "unused parameters (never read by forward): ",

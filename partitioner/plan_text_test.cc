@@ -9,6 +9,7 @@ namespace pipeserve {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 TEST(PlanTextTest, ShowsParamsCrossingValuesAndServers) {
   GraphBuilder b;
@@ -24,6 +25,28 @@ TEST(PlanTextTest, ShowsParamsCrossingValuesAndServers) {
   EXPECT_THAT(text, HasSubstr("outputs  a -> stage 1"));
   EXPECT_THAT(text, HasSubstr("inputs   a [B,4] <- stage 0, y [B,4] <- model input"));
   EXPECT_THAT(text, HasSubstr("outputs  out -> output"));
+  EXPECT_THAT(text, HasSubstr("cut by   the model's cut points\n"));
+  EXPECT_THAT(text, Not(HasSubstr("  time ")));
+}
+
+TEST(PlanTextTest, ShowsPredictedAndMeasuredTimes) {
+  GraphBuilder b;
+  b.Input("x", {-1, 4});
+  b.Op("relu", {"x"}, "a").Op("relu", {"a"}, "r").Output("r");
+  PartitionOptions o;
+  o.num_stages = 2;
+  o.node_seconds = {30e-6, 10e-6};
+  o.cost_source = "measured on cpu at 16 rows (2 nodes run)";
+  auto plan = Partition(b.Build().graph, o);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  std::string text = FormatPlan(*plan, {}, {28.0, 11.5});
+  EXPECT_THAT(text, HasSubstr("cut by   measured on cpu at 16 rows (2 nodes run); transfers "
+                              "not counted\n"));
+  EXPECT_THAT(text, HasSubstr("stage 0: 1 nodes, 0 parameters (0 B)\n"));
+  EXPECT_THAT(text, HasSubstr("  time     predicted 30.0 us compute + 0.0 us transfer; "
+                              "measured 28.0 us compute per microbatch\n"));
+  EXPECT_THAT(text, HasSubstr("  time     predicted 10.0 us compute + 0.0 us transfer; "
+                              "measured 11.5 us compute per microbatch\n"));
 }
 
 }  // namespace

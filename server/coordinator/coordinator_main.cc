@@ -21,6 +21,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "runtime/backends.h"
 #include "server/coordinator/core.h"
 #include "server/coordinator/grpc_stage_client.h"
 #include "server/coordinator/kserve_service.h"
@@ -87,6 +88,12 @@ ABSL_FLAG(int, health_interval_ms, 500,
           "middle of a pipeline is found within this (the first and last stage's at once)");
 ABSL_FLAG(int, drain_timeout_s, 60,
           "longest a replaced model version may take to finish its requests in flight");
+ABSL_FLAG(std::string, calibration_device, "cpu",
+          "where node times are measured at upload to balance automatic cuts (--num_stages on a "
+          "model without cut points): cpu, cuda, cuda:N, auto; empty: balance by estimate");
+ABSL_FLAG(int, calibration_rows, 16, "microbatch rows node times are measured at");
+ABSL_FLAG(double, link_gb_per_s, 1.0,
+          "link bandwidth between stages assumed by measured balancing, GB/s (an upload may say)");
 ABSL_FLAG(int, metrics_port, 8002, "Prometheus GET /metrics port (0: pick one; -1: off)");
 ABSL_FLAG(std::string, metrics_port_file, "", "write the metrics port here once listening");
 
@@ -220,6 +227,17 @@ int main(int argc, char** argv) {
   // Static stage servers outlive this process: a restarted coordinator
   // adopts what they hold instead of loading it again.
   options.keep_stages_on_exit = !local;
+  std::unique_ptr<pipeserve::ComputeBackend> calibration_backend;
+  if (const std::string device = absl::GetFlag(FLAGS_calibration_device); !device.empty()) {
+    absl::StatusOr<std::unique_ptr<pipeserve::ComputeBackend>> b =
+        pipeserve::MakeBackend(device, pipeserve::BackendOptions());
+    if (!b.ok()) return Fail(absl::StrCat("--calibration_device: ", b.status().message()));
+    calibration_backend = *std::move(b);
+  }
+  options.calibration_backend = calibration_backend.get();
+  options.calibration.rows = std::max(1, absl::GetFlag(FLAGS_calibration_rows));
+  if (!(absl::GetFlag(FLAGS_link_gb_per_s) > 0)) return Fail("--link_gb_per_s must be > 0");
+  options.link_bytes_per_second = absl::GetFlag(FLAGS_link_gb_per_s) * 1e9;
   pipeserve::GrpcStageClient stage_client(*channels, /*send_capacity=*/8);
   pipeserve::Coordinator coordinator(options, *std::move(store), std::move(launcher),
                                      &stage_client);

@@ -1,6 +1,7 @@
 #include "server/coordinator/core.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "absl/strings/str_cat.h"
 #include "common/model_name.h"
@@ -190,7 +191,7 @@ std::shared_ptr<Deployment> Coordinator::TryAdopt(const StoredModel& m,
 }
 
 absl::StatusOr<Plan> Coordinator::PlanFor(const std::string& name, const ModelFileReader& file,
-                                          const UploadOptions& options) {
+                                          const UploadOptions& options, NodeProfile* measured) {
   PartitionOptions popts;
   popts.num_stages = options.num_stages();
   if (popts.num_stages > options_.max_stages) {
@@ -206,7 +207,63 @@ absl::StatusOr<Plan> Coordinator::PlanFor(const std::string& name, const ModelFi
                                                    " stages; this coordinator serves at most ",
                                                    options_.max_stages, " (--max_stages)"));
   }
-  return plan;
+  const UploadOptions::Balance balance = options.balance();
+  if (plan.balance() != kEstimatedBalance || balance == UploadOptions::BALANCE_ESTIMATED) {
+    return plan;  // the model's own cuts, one stage, or the estimate asked for
+  }
+  // Automatic cuts: balance them by time.
+  const double gbps = options.link_gb_per_s();
+  if (!(gbps >= 0) || !std::isfinite(gbps)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("link_gb_per_s must be a finite number >= 0, got ", gbps));
+  }
+  popts.link_bytes_per_second = gbps > 0 ? gbps * 1e9 : options_.link_bytes_per_second;
+  NodeProfile profile = options.profile();
+  if (profile.seconds().empty()) {
+    if (options_.calibration_backend == nullptr) {
+      if (balance == UploadOptions::BALANCE_MEASURED) {
+        return absl::FailedPreconditionError(
+            "balance MEASURED: this coordinator has no calibration backend "
+            "(--calibration_device is empty)");
+      }
+      return plan;
+    }
+    ParamReader read = [&file](const TensorInfo& p) -> absl::StatusOr<Tensor> {
+      ASSIGN_OR_RETURN(Tensor t, Tensor::TryEmpty({p.shape().begin(), p.shape().end()}, p.dtype()));
+      RETURN_IF_ERROR(file.Read(p.fqn(), 0, t.byte_size(), reinterpret_cast<char*>(t.data())));
+      return t;
+    };
+    absl::StatusOr<Calibration> c =
+        Calibrate(file.graph(), read, *options_.calibration_backend, options_.calibration);
+    if (!c.ok()) {
+      if (balance == UploadOptions::BALANCE_MEASURED) return c.status();
+      plan.set_balance(absl::StrCat(plan.balance(), "; measuring failed: ", c.status().message()));
+      return plan;
+    }
+    *profile.mutable_seconds() = {c->node_seconds.begin(), c->node_seconds.end()};
+    profile.set_rows(c->rows);
+    profile.set_source(c->Describe());
+    if (measured != nullptr) *measured = profile;
+  }
+  for (double t : profile.seconds()) {
+    if (!(t >= 0) || !std::isfinite(t)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "profile: node times must be finite seconds >= 0, got ", t));
+    }
+  }
+  if (profile.rows() < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("profile: rows must be >= 1, got ", profile.rows()));
+  }
+  popts.node_seconds = {profile.seconds().begin(), profile.seconds().end()};
+  popts.cost_rows = profile.rows();
+  popts.cost_source = profile.source().empty() ? "profile sent with the upload" : profile.source();
+  absl::StatusOr<Plan> timed = Partition(file.graph(), popts);
+  if (!timed.ok()) {
+    return absl::Status(timed.status().code(),
+                        absl::StrCat("profile: ", timed.status().message()));
+  }
+  return timed;
 }
 
 bool Coordinator::Serving() {
@@ -258,9 +315,14 @@ absl::StatusOr<UploadResponse> Coordinator::FinishUpload(const std::string& name
     return absl::InvalidArgumentError("microbatches, num_stages and replicas must be >= 0");
   }
   absl::MutexLock deploy_lock(&deploy_mu_);
+  NodeProfile measured;
   ASSIGN_OR_RETURN(std::shared_ptr<Deployment> d,
-                   Deploy(name, upload->path(), options, upload->bytes()));
-  absl::Status committed = upload->Commit(options);
+                   Deploy(name, upload->path(), options, upload->bytes(), &measured));
+  // Keep what was measured with the model: a restart or a redeployment
+  // then cuts exactly as now (and can adopt the stages it finds loaded).
+  UploadOptions stored = options;
+  if (!measured.seconds().empty()) *stored.mutable_profile() = measured;
+  absl::Status committed = upload->Commit(stored);
   if (!committed.ok()) {
     d->Close("the upload could not be stored");
     return committed;
@@ -325,9 +387,10 @@ absl::Status Coordinator::Unload(const std::string& name) {
 absl::StatusOr<std::shared_ptr<Deployment>> Coordinator::Deploy(const std::string& name,
                                                                 const std::string& path,
                                                                 const UploadOptions& options,
-                                                                uint64_t bytes) {
+                                                                uint64_t bytes,
+                                                                NodeProfile* measured) {
   ASSIGN_OR_RETURN(std::unique_ptr<ModelFileReader> file, ModelFileReader::Open(path));
-  ASSIGN_OR_RETURN(Plan plan, PlanFor(name, *file, options));
+  ASSIGN_OR_RETURN(Plan plan, PlanFor(name, *file, options, measured));
   DeploymentConfig config = config_;
   ASSIGN_OR_RETURN(const int replicas, Deployment::Replicas(config, options));
   ASSIGN_OR_RETURN(std::vector<std::string> servers,
@@ -491,6 +554,12 @@ absl::StatusOr<ModelInfo> Coordinator::GetModel(const std::string& name) {
   auto it = failed_.find(name);
   if (it != failed_.end()) return it->second;
   return absl::NotFoundError(absl::StrCat("model \"", name, "\" is not known"));
+}
+
+std::vector<double> Coordinator::MeasuredComputeSeconds(const std::string& name) {
+  std::shared_ptr<Deployment> d = Current(name);
+  if (d == nullptr) return {};
+  return d->MeasuredComputeSeconds(absl::Seconds(2));
 }
 
 absl::StatusOr<std::shared_ptr<Deployment>> Coordinator::Find(const std::string& name) {

@@ -23,7 +23,9 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "partitioner/calibrate.h"
 #include "proto/pipeserve_service.pb.h"
+#include "runtime/backend.h"
 #include "server/coordinator/deployment.h"
 #include "server/coordinator/launcher.h"
 #include "server/coordinator/model_store.h"
@@ -68,6 +70,14 @@ struct CoordinatorOptions {
   // one to adopt (stage servers that outlive the coordinator: the static
   // launcher).
   bool keep_stages_on_exit = false;
+  // Automatic cuts (an upload's num_stages on a model without cut points)
+  // are balanced by node times measured on this backend at upload (not
+  // owned; null: by estimate, unless the upload brings a profile), with
+  // `calibration` saying how, and links of this bandwidth between stages
+  // when the upload does not say.
+  ComputeBackend* calibration_backend = nullptr;
+  CalibrationOptions calibration;
+  double link_bytes_per_second = 1e9;
 };
 
 class Coordinator {
@@ -116,6 +126,10 @@ class Coordinator {
   std::vector<ModelInfo> ListModels();
   // kNotFound for an unknown model.
   absl::StatusOr<ModelInfo> GetModel(const std::string& name);
+  // Per stage of a READY model: the mean seconds its stage servers took to
+  // compute a microbatch so far (see Deployment::MeasuredComputeSeconds);
+  // empty for a model that is not deployed.
+  std::vector<double> MeasuredComputeSeconds(const std::string& name);
 
   // The deployment serving `name`, to run requests on with InferOn: READY,
   // or broken and being repaired. kNotFound for an unknown model,
@@ -165,15 +179,20 @@ class Coordinator {
   uint64_t reloaded_lanes() const { return reloaded_lanes_.load(); }
 
  private:
+  // `measured`, when given, receives the node profile measured to plan
+  // the model (nothing when none was measured).
   absl::StatusOr<std::shared_ptr<Deployment>> Deploy(const std::string& name,
                                                      const std::string& path,
                                                      const UploadOptions& options,
-                                                     uint64_t bytes)
+                                                     uint64_t bytes,
+                                                     NodeProfile* measured = nullptr)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(deploy_mu_);
   std::shared_ptr<Deployment> Current(const std::string& name);
-  // Partitions `file` as `options` say, within max_stages.
+  // Partitions `file` as `options` say, within max_stages: automatic cuts
+  // by the upload's profile, else by times measured now (returned in
+  // `measured`), else by estimate (see UploadOptions.balance).
   absl::StatusOr<Plan> PlanFor(const std::string& name, const ModelFileReader& file,
-                               const UploadOptions& options);
+                               const UploadOptions& options, NodeProfile* measured = nullptr);
   // A stage loaded on one of the launcher's servers when the coordinator
   // started.
   struct HeldStage {

@@ -5,6 +5,7 @@
 #include "server/coordinator/core.h"
 
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <tuple>
 #include <fstream>
@@ -919,6 +920,137 @@ int ThreadsOfThisProcess() {
 
 // Each redeployment makes a new deployment (its batcher's workers
 // included) and the one it replaces goes with its threads.
+// x -> 8 wide -> 256 wide -> 256 wide -> 8 wide - y, with no cut points:
+// layers of very different cost for automatic cutting.
+Model NarrowAndWide() {
+  GraphBuilder b(3);
+  b.Input("x", {-1, 8}).Input("y", {-1, 8});
+  b.Param("w0", {8, 8}).Param("w1", {8, 256}).Param("w2", {256, 256}).Param("w3", {256, 8});
+  b.Op("mm", {"x", "w0"}, "m0").Op("relu", {"m0"}, "h0");
+  b.Op("mm", {"h0", "w1"}, "m1").Op("relu", {"m1"}, "h1");
+  b.Op("mm", {"h1", "w2"}, "m2").Op("relu", {"m2"}, "h2");
+  b.Op("mm", {"h2", "w3"}, "m3").Op("sub", {"m3", "y"}, "out").Output("out");
+  return b.Build();
+}
+
+// A calibration backend that cannot compile anything: a coordinator that
+// measured again with it would fall back to the estimate.
+class NoCompileBackend : public ComputeBackend {
+ public:
+  std::string Name() const override { return "broken"; }
+  absl::StatusOr<std::unique_ptr<StageProgram>> Compile(const Graph&, const WeightMap&) override {
+    return absl::InternalError("this backend compiles nothing");
+  }
+};
+
+UploadOptions Stages(int n, UploadOptions::Balance balance = UploadOptions::BALANCE_DEFAULT) {
+  UploadOptions o;
+  o.set_num_stages(n);
+  o.set_balance(balance);
+  return o;
+}
+
+TEST_F(CoordinatorTest, AutomaticCutsAreBalancedByMeasuredTimesKeptWithTheModel) {
+  auto cpu = MakeCpuBackend({});
+  CoordinatorOptions o = Options();
+  o.keep_stages_on_exit = true;
+  o.calibration_backend = cpu.get();
+  TearDown();
+  Start(o);
+  const Model m = NarrowAndWide();
+  auto up = Upload("mlp", m, Stages(2));
+  ASSERT_TRUE(up.ok()) << up.status();
+  const ModelInfo before = *coordinator_->GetModel("mlp");
+  const Plan& plan = *before.plan;
+  ASSERT_EQ(plan.stages_size(), 2);
+  EXPECT_THAT(plan.balance(), HasSubstr("measured on cpu at 16 rows (8 nodes run); link 1 GB/s"));
+  for (const Stage& s : plan.stages()) EXPECT_GT(s.predicted_compute_us(), 0);
+
+  std::vector<Tensor> in = {Ramp({32, 8}, 0.25f), Ramp({32, 8}, -0.5f)};
+  auto out = Infer("mlp", in);
+  ASSERT_TRUE(out.ok()) << out.status();
+  ExpectEqual((*out)[0], Expected(m, in)[0]);
+  std::vector<double> measured = coordinator_->MeasuredComputeSeconds("mlp");
+  ASSERT_EQ(measured.size(), 2u);
+  EXPECT_GT(measured[0], 0);
+  EXPECT_GT(measured[1], 0);
+
+  // The times are kept with the upload ...
+  auto stored = OpenFileModelStore(repo_).value()->List();
+  ASSERT_TRUE(stored.ok());
+  ASSERT_EQ(stored->size(), 1u);
+  EXPECT_EQ((*stored)[0].options.profile().seconds_size(), 8);
+  EXPECT_EQ((*stored)[0].options.profile().rows(), 16);
+  // ... so a restarted coordinator cuts the same way without measuring (its
+  // calibration backend is broken) and adopts the stages left loaded.
+  NoCompileBackend broken;
+  o.calibration_backend = &broken;
+  coordinator_.reset();
+  Restart(o);
+  EXPECT_EQ(coordinator_->adopted_models(), 1);
+  const ModelInfo after = *coordinator_->GetModel("mlp");
+  EXPECT_EQ(after.deployment, before.deployment);
+  EXPECT_EQ(after.plan->balance(), plan.balance());
+  EXPECT_EQ(after.plan->stages(0).predicted_compute_us(), plan.stages(0).predicted_compute_us());
+  // A new upload measures again, fails, and falls back to the estimate.
+  up = Upload("mlp2", m, Stages(2));
+  ASSERT_TRUE(up.ok()) << up.status();
+  EXPECT_THAT(coordinator_->GetModel("mlp2")->plan->balance(),
+              HasSubstr("estimated cost (FLOPs + parameter bytes); measuring failed: "
+                        "calibrating node"));
+}
+
+TEST_F(CoordinatorTest, BalanceOptionsAndProfilesAreChecked) {
+  const Model m = NarrowAndWide();
+  // This coordinator has no calibration backend.
+  ASSERT_TRUE(Upload("a", m, Stages(2)).ok());
+  EXPECT_EQ(coordinator_->GetModel("a")->plan->balance(), kEstimatedBalance);
+  auto up = Upload("b", m, Stages(2, UploadOptions::BALANCE_MEASURED));
+  EXPECT_EQ(up.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(up.status().message()), HasSubstr("no calibration backend"));
+
+  // A profile sent with the upload: the first node is slow, so it is a
+  // stage of its own.
+  UploadOptions o = Stages(2);
+  for (int i = 0; i < 8; ++i) o.mutable_profile()->add_seconds(i == 0 ? 1.0 : 1e-3);
+  o.mutable_profile()->set_rows(16);
+  o.set_link_gb_per_s(2);
+  ASSERT_TRUE(Upload("c", m, o).ok());
+  const Plan c = *coordinator_->GetModel("c")->plan;
+  EXPECT_EQ(c.balance(), "profile sent with the upload; link 2 GB/s");
+  EXPECT_EQ(c.stages(0).predicted_compute_us(), 1e6);
+  EXPECT_NEAR(c.stages(1).predicted_compute_us(), 7e3, 1e-6);
+  std::vector<Tensor> in = {Ramp({8, 8}, 0.25f), Ramp({8, 8}, -0.5f)};
+  auto out = Infer("c", in);
+  ASSERT_TRUE(out.ok()) << out.status();
+  ExpectEqual((*out)[0], Expected(m, in)[0]);
+
+  struct Bad {
+    std::function<void(UploadOptions&)> change;
+    std::string error;
+  };
+  for (const Bad& bad : std::vector<Bad>{
+           {[](UploadOptions& u) { u.mutable_profile()->mutable_seconds()->Truncate(2); },
+            "profile: node_seconds has 2 entries for 8 compute nodes"},
+           {[](UploadOptions& u) { u.mutable_profile()->set_seconds(3, -1); },
+            "profile: node times must be finite seconds >= 0, got -1"},
+           {[](UploadOptions& u) { u.mutable_profile()->set_rows(0); },
+            "profile: rows must be >= 1, got 0"},
+           {[](UploadOptions& u) { u.set_link_gb_per_s(-1); },
+            "link_gb_per_s must be a finite number >= 0, got -1"},
+       }) {
+    UploadOptions u = o;
+    bad.change(u);
+    auto r = Upload("d", m, u);
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << bad.error;
+    EXPECT_THAT(std::string(r.status().message()), HasSubstr(bad.error));
+  }
+  // Asking for the estimate skips the profile.
+  o.set_balance(UploadOptions::BALANCE_ESTIMATED);
+  ASSERT_TRUE(Upload("e", m, o).ok());
+  EXPECT_EQ(coordinator_->GetModel("e")->plan->balance(), kEstimatedBalance);
+}
+
 TEST_F(CoordinatorTest, RepairsLeaveNoThreadsBehind) {
   Model m = Mlp(2);
   ASSERT_TRUE(Upload("mlp", m).ok());

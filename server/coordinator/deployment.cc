@@ -735,6 +735,29 @@ absl::StatusOr<std::vector<Tensor>> Deployment::InferDirect(const std::vector<Te
   return merged;
 }
 
+std::vector<double> Deployment::MeasuredComputeSeconds(absl::Duration timeout) {
+  std::vector<std::pair<std::string, StageKey>> asks;  // server, stage
+  {
+    absl::MutexLock lock(&mu_);
+    for (const Lane& l : lanes_) {
+      if (!l.ready) continue;
+      for (size_t i = 0; i < l.specs.size(); ++i) asks.emplace_back(l.servers[i], l.specs[i].key());
+    }
+  }
+  const int n = plan().stages_size();
+  std::vector<double> seconds(n, 0.0), frames(n, 0.0);
+  const absl::Time deadline = absl::Now() + timeout;
+  for (const auto& [address, key] : asks) {
+    absl::StatusOr<StageStatsResponse> stats =
+        config_.stages->GetStageStats(address, key, deadline);
+    if (!stats.ok() || key.stage() < 0 || key.stage() >= n) continue;
+    seconds[key.stage()] += stats->compute_seconds();
+    frames[key.stage()] += static_cast<double>(stats->frames_processed());
+  }
+  for (int s = 0; s < n; ++s) seconds[s] = frames[s] > 0 ? seconds[s] / frames[s] : 0.0;
+  return seconds;
+}
+
 std::vector<Deployment::LaneHealth> Deployment::CheckLanes(absl::Duration timeout) {
   struct Ask {
     int lane;

@@ -170,6 +170,11 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   // repairs.
   bool BreakLane(int lane, uint64_t generation, const std::string& why);
 
+  // Per stage: mean seconds computing a microbatch so far, over the ready
+  // lanes' servers (from their stats; 0 for a stage none has computed for,
+  // or whose servers did not answer within `timeout`).
+  std::vector<double> MeasuredComputeSeconds(absl::Duration timeout);
+
   // Lanes out of service, waiting for ReloadLane.
   std::vector<int> BrokenLanes() const;
 

@@ -130,6 +130,9 @@ grpc::Status ModelServiceImpl::GetPlan(grpc::ServerContext* ctx, const GetPlanRe
   response->set_max_queue_delay_us(absl::ToInt64Microseconds(info->batching.max_queue_delay));
   response->set_state(ModelStateName(info->state));
   response->set_deployment(info->deployment);
+  for (double seconds : coordinator_->MeasuredComputeSeconds(info->name)) {
+    response->add_measured_compute_us(seconds * 1e6);
+  }
   return grpc::Status::OK;
 }
 

@@ -237,6 +237,7 @@ absl::StatusOr<StageStatsResponse> StageServerCore::Stats(const StageKey& key) {
   StageHost::Stats s = host->stats();
   StageStatsResponse r;
   r.set_frames_processed(s.processed);
+  r.set_compute_seconds(s.compute_seconds);
   r.set_frames_dropped_deadline(s.dropped_deadline);
   r.set_frames_dropped_cancelled(s.dropped_cancelled);
   r.set_frames_rejected(s.rejected);

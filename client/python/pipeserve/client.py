@@ -169,7 +169,8 @@ class Client:
 
     def upload(self, name, path, num_stages=None, microbatches=None,
                split_spec=None, progress=None, replicas=None,
-               max_batch_rows=None, max_queue_delay_us=None):
+               max_batch_rows=None, max_queue_delay_us=None, balance=None,
+               link_gb_per_s=None):
         """Streams the model file `path` to the server as model `name`.
 
         The file is read and sent in 1 MiB chunks (it may be larger than
@@ -190,6 +191,11 @@ class Client:
             with (None: the server default).
           split_spec: {module FQN: SplitPoint, 1/2 or "BEGINNING"/"END"},
             overriding the model's own split_spec.
+          balance: how num_stages cuts are balanced: "measured" (node times
+            measured on the server) or "estimated" (FLOPs + parameter
+            bytes); None: measured where the server can.
+          link_gb_per_s: link bandwidth between stages that measured
+            balancing assumes (None: the server default).
           progress: called as progress(sent_bytes, total_bytes) after each
             chunk.
 
@@ -200,7 +206,12 @@ class Client:
                                          microbatches=microbatches or 0,
                                          replicas=replicas or 0,
                                          max_batch_rows=max_batch_rows or 0,
-                                         max_queue_delay_us=max_queue_delay_us or 0)
+                                         max_queue_delay_us=max_queue_delay_us or 0,
+                                         link_gb_per_s=link_gb_per_s or 0)
+        balances = {None: 0, "measured": 1, "estimated": 2}
+        if balance not in balances:
+            raise ValueError(f"balance must be 'measured' or 'estimated', got {balance!r}")
+        options.balance = balances[balance]
         for module, point in (split_spec or {}).items():
             options.split_spec.add(module=module, point=_split_point(point))
         f = open(path, "rb")  # FileNotFoundError names the path
