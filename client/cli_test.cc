@@ -154,7 +154,7 @@ TEST_F(CliRemoteTest, UploadShowsProgressAndTheResult) {
   Result r = Run({"upload", "--name", "small", "--model", model, "--num_stages",
                   "2", "--microbatches", "8", "--replicas", "3", "--split",
                   "lin:END", "--max_batch_rows", "16", "--max_queue_delay_us",
-                  "500"});
+                  "500", "--balance", "measured", "--link_gb_per_s", "2.5"});
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_THAT(r.err, HasSubstr("\r[##############################] "));
   EXPECT_THAT(r.err, HasSubstr(" MiB/s\n"));
@@ -168,9 +168,25 @@ TEST_F(CliRemoteTest, UploadShowsProgressAndTheResult) {
   EXPECT_EQ(ups[0].options.replicas(), 3);
   EXPECT_EQ(ups[0].options.max_batch_rows(), 16);
   EXPECT_EQ(ups[0].options.max_queue_delay_us(), 500);
+  EXPECT_EQ(ups[0].options.balance(), UploadOptions::BALANCE_MEASURED);
+  EXPECT_EQ(ups[0].options.link_gb_per_s(), 2.5);
   ASSERT_EQ(ups[0].options.split_spec_size(), 1);
   EXPECT_EQ(ups[0].options.split_spec(0).module(), "lin");
   EXPECT_EQ(ups[0].options.split_spec(0).point(), END);
+}
+
+TEST_F(CliRemoteTest, UploadChecksBalanceAndLinkFlags) {
+  std::string model = WriteSmallModel();
+  Result r = Run({"upload", "--name", "small", "--model", model, "--balance", "fastest"});
+  EXPECT_NE(r.code, 0);
+  EXPECT_THAT(r.err, HasSubstr("--balance must be measured or estimated, got \"fastest\""));
+  r = Run({"upload", "--name", "small", "--model", model, "--link_gb_per_s", "-1"});
+  EXPECT_NE(r.code, 0);
+  EXPECT_THAT(r.err, HasSubstr("--link_gb_per_s must be a number >= 0, got \"-1\""));
+  EXPECT_TRUE(server_->uploads().empty());
+  ASSERT_EQ(Run({"upload", "--name", "small", "--model", model, "--balance", "estimated"}).code,
+            0);
+  EXPECT_EQ(server_->uploads()[0].options.balance(), UploadOptions::BALANCE_ESTIMATED);
 }
 
 TEST_F(CliRemoteTest, ModelsPrintsATable) {
@@ -213,6 +229,17 @@ TEST_F(CliRemoteTest, PlanOfADeployedModelShowsStageServersAndMicrobatches) {
   EXPECT_THAT(r.out, HasSubstr("4 microbatches per request"));
 
   EXPECT_THAT(r.out, Not(HasSubstr("replica")));
+  EXPECT_THAT(r.out, HasSubstr("cut by   the model's cut points\n"));
+  EXPECT_THAT(r.out, Not(HasSubstr("measured")));
+  // Measured compute times from the stage servers, per stage.
+  response.add_measured_compute_us(120.5);
+  response.add_measured_compute_us(80.25);
+  server_->SetPlan(response);
+  r = Run({"plan", "--name", "small"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("  time     measured 120.5 us compute per microbatch\n"));
+  EXPECT_THAT(r.out, HasSubstr("  time     measured 80.2 us compute per microbatch\n"));
+  response.clear_measured_compute_us();
 
   // Two replicas: lane 1's servers on a line of their own.
   response.add_stage_servers("10.0.0.3:9000");

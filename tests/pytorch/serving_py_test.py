@@ -34,6 +34,7 @@ class ServingPyTest(unittest.TestCase):
             f.write(f"admin {cls.admin}\ninfer {cls.infer_only}\n")
         cls.proc = subprocess.Popen(
             [os.path.join(ROOT, "server/coordinator/coordinator"), "--port=0", "--host=127.0.0.1",
+             "--metrics_port=-1",  # the default, 8002, is shared with the other tests
              f"--port_file={port_file}", f"--repository={cls.tmp}/repo",
              f"--auth_tokens={tokens}",
              f"--stage_server_binary={os.path.join(ROOT, 'server/stage/stage_server')}"],

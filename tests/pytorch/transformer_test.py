@@ -35,6 +35,7 @@ class TransformerServingTest(unittest.TestCase):
         cls.log = open(os.path.join(cls.tmp, "coordinator.log"), "w")
         cls.proc = subprocess.Popen(
             [os.path.join(ROOT, "server/coordinator/coordinator"), "--port=0",
+             "--metrics_port=-1",  # the default, 8002, is shared with the other tests
              f"--port_file={port_file}", f"--repository={cls.tmp}/repo",
              f"--stage_server_binary={os.path.join(ROOT, 'server/stage/stage_server')}"],
             stdout=cls.log, stderr=subprocess.STDOUT)
