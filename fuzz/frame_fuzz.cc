@@ -19,15 +19,18 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     slices.emplace_back(bytes + off, std::min(step, n - off));
   }
   grpc::ByteBuffer bb(slices.data(), slices.size());
-  pipeserve::Frame frame;
-  absl::Status s = pipeserve::FrameFromByteBuffer(bb, &frame);
+  std::vector<pipeserve::Frame> frames;  // a message may hold several
+  absl::Status s = pipeserve::FramesFromByteBuffer(bb, &frames);
   if (!s.ok()) return 0;
+  if (frames.empty() || frames.size() > pipeserve::kMaxFramesPerMessage) __builtin_trap();
   // Whatever decodes must describe itself consistently and re-encode.
-  if (static_cast<size_t>(frame.header.tensors_size()) != frame.tensors.size()) __builtin_trap();
-  for (const pipeserve::Tensor& t : frame.tensors) {
-    if (t.numel() > 0 && t.data() == nullptr) __builtin_trap();
+  for (const pipeserve::Frame& frame : frames) {
+    if (static_cast<size_t>(frame.header.tensors_size()) != frame.tensors.size()) __builtin_trap();
+    for (const pipeserve::Tensor& t : frame.tensors) {
+      if (t.numel() > 0 && t.data() == nullptr) __builtin_trap();
+    }
+    grpc::ByteBuffer again;
+    if (!pipeserve::FrameToByteBuffer(frame, &again).ok()) __builtin_trap();
   }
-  grpc::ByteBuffer again;
-  if (!pipeserve::FrameToByteBuffer(frame, &again).ok()) __builtin_trap();
   return 0;
 }

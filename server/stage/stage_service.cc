@@ -51,14 +51,19 @@ class ProcessReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
       End(grpc::Status::OK);  // the sender closed its side
       return;
     }
-    Frame frame;
-    absl::Status s = FrameFromByteBuffer(buf_, &frame);
+    std::vector<Frame> frames;  // the sender may have merged several
+    absl::Status s = FramesFromByteBuffer(buf_, &frames);
     buf_.Clear();
     if (!s.ok()) {
       End(ToGrpcStatus(s));  // a malformed frame ends the stream
       return;
     }
-    if (host_->Push(std::move(frame), link_)) ReadNext();
+    // Only the last frame may pause the stream (one Resume, one read).
+    bool more = true;
+    for (size_t i = 0; i < frames.size(); ++i) {
+      more = host_->Push(std::move(frames[i]), i + 1 == frames.size() ? link_ : nullptr);
+    }
+    if (more) ReadNext();
   }
 
   void OnCancel() override { End(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled")); }
@@ -119,7 +124,7 @@ class ResultsReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
     Sink(ResultsReactor* r, size_t capacity)
         : queue_(
               capacity, [r](const grpc::ByteBuffer* m) { r->StartWrite(m); },
-              [r] { r->Closed(); }) {}
+              [r] { r->Closed(); }, kFrameMergeBytes) {}
 
     absl::Status Send(Frame frame, absl::Time deadline) override {
       grpc::ByteBuffer bb;

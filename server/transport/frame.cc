@@ -5,6 +5,7 @@
 #include <memory>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 
 namespace pipeserve {
 namespace {
@@ -81,6 +82,8 @@ class SliceReader {
 
 std::atomic<uint64_t> g_wrapped_bytes{0};
 std::atomic<uint64_t> g_copied_bytes{0};
+std::atomic<uint64_t> g_messages{0};
+std::atomic<uint64_t> g_frames{0};
 
 }  // namespace
 
@@ -90,7 +93,7 @@ absl::Time FrameDeadline(const Frame& frame) {
 }
 
 FrameReceiveStats GetFrameReceiveStats() {
-  return {g_wrapped_bytes.load(), g_copied_bytes.load()};
+  return {g_wrapped_bytes.load(), g_copied_bytes.load(), g_messages.load(), g_frames.load()};
 }
 
 void Frame::Add(const std::string& name, const Tensor& t) {
@@ -131,12 +134,13 @@ absl::Status FrameToByteBuffer(const Frame& frame, grpc::ByteBuffer* out) {
   return absl::OkStatus();
 }
 
-absl::Status FrameFromByteBuffer(const grpc::ByteBuffer& in, Frame* frame) {
-  std::vector<grpc::Slice> slices;
-  grpc::Status st = in.Dump(&slices);
-  if (!st.ok()) return absl::DataLossError("cannot read frame bytes");
-  SliceReader reader(slices);
-  reader.Init();
+namespace {
+
+// Parses the frame at `reader`'s position, leaving it after the frame's
+// tensors. Tensors lying in one aligned slice wrap it (kept alive by
+// `held`), others are copied once.
+absl::Status ParseFrame(SliceReader& reader, const std::shared_ptr<std::vector<grpc::Slice>>& held,
+                        Frame* frame) {
   if (reader.remaining() < 4) return absl::DataLossError("frame shorter than its length prefix");
   uint8_t len_bytes[4];
   reader.Copy(len_bytes, 4);
@@ -166,8 +170,6 @@ absl::Status FrameFromByteBuffer(const grpc::ByteBuffer& in, Frame* frame) {
     return absl::InvalidArgumentError(absl::StrCat(
         FrameHeader::Kind_Name(h.kind()), " frame carries ", h.tensors_size(), " tensors"));
   }
-  // Keeps received slices alive while tensors point into them.
-  auto held = std::make_shared<std::vector<grpc::Slice>>(slices);
   for (const FrameHeader::TensorMeta& meta : frame->header.tensors()) {
     Shape shape(meta.shape().begin(), meta.shape().end());
     DataType dtype = meta.dtype() == DT_INVALID ? DT_FLOAT32 : meta.dtype();
@@ -201,10 +203,44 @@ absl::Status FrameFromByteBuffer(const grpc::ByteBuffer& in, Frame* frame) {
       g_copied_bytes += bytes;
     }
   }
-  if (reader.remaining() != 0) {
-    return absl::DataLossError(absl::StrCat("frame has ", reader.remaining(),
-                                            " bytes beyond its tensors"));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status FramesFromByteBuffer(const grpc::ByteBuffer& in, std::vector<Frame>* frames) {
+  frames->clear();
+  auto held = std::make_shared<std::vector<grpc::Slice>>();  // keeps wrapped tensors' bytes
+  grpc::Status st = in.Dump(held.get());
+  if (!st.ok()) return absl::DataLossError("cannot read frame bytes");
+  SliceReader reader(*held);
+  reader.Init();
+  do {
+    if (frames->size() == kMaxFramesPerMessage) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "message holds more than ", kMaxFramesPerMessage, " frames"));
+    }
+    frames->emplace_back();
+    absl::Status s = ParseFrame(reader, held, &frames->back());
+    if (!s.ok()) {
+      if (frames->size() == 1) return s;
+      return absl::Status(s.code(), absl::StrCat("frame ", frames->size() - 1,
+                                                 " of the message: ", s.message()));
+    }
+  } while (reader.remaining() > 0);
+  g_messages += 1;
+  g_frames += frames->size();
+  return absl::OkStatus();
+}
+
+absl::Status FrameFromByteBuffer(const grpc::ByteBuffer& in, Frame* frame) {
+  std::vector<Frame> frames;
+  RETURN_IF_ERROR(FramesFromByteBuffer(in, &frames));
+  if (frames.size() != 1) {
+    return absl::DataLossError(
+        absl::StrCat("message holds ", frames.size(), " frames where one was expected"));
   }
+  *frame = std::move(frames[0]);
   return absl::OkStatus();
 }
 

@@ -4,6 +4,10 @@
 //
 //   wire: [uint32 LE header length][FrameHeader bytes][tensor 0 bytes]...
 //
+// One gRPC message holds one frame or several back to back (a sender
+// coalesces the frames queued for a stream into one write: see
+// WriteQueue), so a receiver reads them with FramesFromByteBuffer.
+//
 // Sending takes no copy of tensor bytes (each becomes a gRPC slice that
 // holds a reference to the tensor's storage); receiving wraps the received
 // slice when a tensor lies inside one, else copies it once. gRPC picks this
@@ -54,6 +58,9 @@ absl::Status FrameToByteBuffer(const Frame& frame, grpc::ByteBuffer* out);
 struct FrameReceiveStats {
   uint64_t wrapped_bytes = 0;
   uint64_t copied_bytes = 0;
+  // Messages parsed by FramesFromByteBuffer, and the frames they held.
+  uint64_t messages = 0;
+  uint64_t frames = 0;
 };
 FrameReceiveStats GetFrameReceiveStats();
 
@@ -62,8 +69,21 @@ FrameReceiveStats GetFrameReceiveStats();
 // kInvalidArgument for a frame kind that does not exist, a shape that
 // cannot exist (negative or overflowing, see CheckedByteSize), an ERROR
 // frame without an error code, or tensors on a frame that is not DATA.
-// Nothing is allocated beyond the bytes actually received.
+// Nothing is allocated beyond the bytes actually received. Expects exactly
+// one frame (kDataLoss for more).
 absl::Status FrameFromByteBuffer(const grpc::ByteBuffer& in, Frame* frame);
+
+// Most frames one message may hold.
+inline constexpr size_t kMaxFramesPerMessage = 256;
+// Frames queued for one stream are sent together in messages of up to this
+// many bytes (a WriteQueue's merge_bytes); a larger frame goes alone.
+inline constexpr size_t kFrameMergeBytes = size_t{4} << 20;
+
+// Parses every frame of a message (one or more back to back), with the
+// checks of FrameFromByteBuffer on each; an error in a later frame names
+// it ("frame 2 of the message: ..."). kInvalidArgument beyond
+// kMaxFramesPerMessage frames.
+absl::Status FramesFromByteBuffer(const grpc::ByteBuffer& in, std::vector<Frame>* frames);
 
 }  // namespace pipeserve
 

@@ -24,7 +24,7 @@ class FrameSender::Call : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc:
             capacity, [this](const grpc::ByteBuffer* m) { StartWrite(m); },
             // No write starts after the queue closes: the hold that let
             // writes start from other threads can go.
-            [this] { RemoveHold(); }) {}
+            [this] { RemoveHold(); }, kFrameMergeBytes) {}
 
   void Start(StageChannels& channels, const std::string& address, const StageKey& key) {
     channels.Prepare(&ctx_);
@@ -177,8 +177,8 @@ class ResultsSubscription::Call
 
   void OnReadDone(bool ok) override {
     if (!ok) return;  // OnDone follows
-    Frame frame;
-    absl::Status s = FrameFromByteBuffer(buf_, &frame);
+    std::vector<Frame> frames;  // the stage may have merged several
+    absl::Status s = FramesFromByteBuffer(buf_, &frames);
     buf_.Clear();
     if (!s.ok()) {
       // A malformed frame from the stage ends the subscription.
@@ -189,7 +189,7 @@ class ResultsSubscription::Call
       ctx_.TryCancel();
       return;
     }
-    on_frame_(std::move(frame));
+    for (Frame& frame : frames) on_frame_(std::move(frame));
     StartRead(&buf_);
   }
 

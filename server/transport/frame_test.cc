@@ -36,6 +36,58 @@ TEST(FrameTest, RoundTripsHeaderAndTensors) {
   EXPECT_EQ(g.Find("skip")->data()[3], 103.0f);
 }
 
+// Two frames' bytes back to back in one message, as a WriteQueue that
+// merges sends them.
+grpc::ByteBuffer Concat(const std::vector<grpc::ByteBuffer>& parts) {
+  std::vector<grpc::Slice> slices;
+  for (const grpc::ByteBuffer& bb : parts) {
+    std::vector<grpc::Slice> more;
+    EXPECT_TRUE(bb.Dump(&more).ok());
+    slices.insert(slices.end(), more.begin(), more.end());
+  }
+  return grpc::ByteBuffer(slices.data(), slices.size());
+}
+
+TEST(FrameTest, AMessageOfSeveralFramesParsesIntoEachInOrder) {
+  std::vector<grpc::ByteBuffer> parts(3);
+  for (int i = 0; i < 3; ++i) {
+    Frame f;
+    f.header.set_request_id(10 + i);
+    if (i != 1) f.Add("x", Iota({2, 2}, 10.0f * i));  // the middle one has no tensor
+    ASSERT_TRUE(FrameToByteBuffer(f, &parts[i]).ok());
+  }
+  std::vector<Frame> frames;
+  ASSERT_TRUE(FramesFromByteBuffer(Concat(parts), &frames).ok());
+  ASSERT_EQ(frames.size(), 3u);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(frames[i].header.request_id(), 10u + i);
+  EXPECT_TRUE(frames[1].tensors.empty());
+  ASSERT_EQ(frames[2].tensors.size(), 1u);
+  EXPECT_EQ(frames[2].tensors[0].data()[3], 23.0f);
+  // Where exactly one frame is expected, more is an error.
+  Frame one;
+  absl::Status s = FrameFromByteBuffer(Concat(parts), &one);
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("holds 3 frames where one was expected"));
+}
+
+TEST(FrameTest, ABadFrameLaterInAMessageIsNamedAndBytesAfterTheLastAreRefused) {
+  Frame f;
+  f.Add("x", Iota({2, 2}, 0));
+  grpc::ByteBuffer good;
+  ASSERT_TRUE(FrameToByteBuffer(f, &good).ok());
+  grpc::Slice junk("\x05\x00", 2);  // a length prefix cut short
+  std::vector<Frame> frames;
+  absl::Status s = FramesFromByteBuffer(Concat({good, good, grpc::ByteBuffer(&junk, 1)}), &frames);
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("frame 2 of the message: frame shorter than its length prefix"));
+  // More frames than a message may hold.
+  std::vector<grpc::ByteBuffer> many(kMaxFramesPerMessage + 1, good);
+  s = FramesFromByteBuffer(Concat(many), &frames);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("more than 256 frames"));
+}
+
 TEST(FrameTest, SendingDoesNotCopyTensorBytes) {
   Frame f;
   Tensor big = Iota({256, 512}, 0);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 
@@ -9,10 +10,11 @@ namespace pipeserve {
 
 WriteQueue::WriteQueue(size_t capacity,
                        std::function<void(const grpc::ByteBuffer*)> start_write,
-                       std::function<void()> on_closed)
+                       std::function<void()> on_closed, size_t merge_bytes)
     : capacity_(std::max<size_t>(1, capacity)),
       start_write_(std::move(start_write)),
-      on_closed_(std::move(on_closed)) {}
+      on_closed_(std::move(on_closed)),
+      merge_bytes_(merge_bytes) {}
 
 absl::Status WriteQueue::Push(grpc::ByteBuffer message, absl::Time deadline) {
   {
@@ -33,6 +35,8 @@ absl::Status WriteQueue::Push(grpc::ByteBuffer message, absl::Time deadline) {
     }
     writing_ = true;
     current_ = std::move(message);
+    ++writes_;
+    ++messages_written_;
     ++starting_;
   }
   StartCurrent();
@@ -52,8 +56,7 @@ void WriteQueue::WriteDone(bool ok) {
     if (closed_ || queue_.empty()) {
       writing_ = false;
     } else {
-      current_ = std::move(queue_.front());
-      queue_.pop_front();
+      TakeNext();
       ++starting_;
       start = true;
     }
@@ -63,6 +66,29 @@ void WriteQueue::WriteDone(bool ok) {
   } else {
     MaybeFireClosed();
   }
+}
+
+void WriteQueue::TakeNext() {
+  current_ = std::move(queue_.front());
+  queue_.pop_front();
+  ++writes_;
+  ++messages_written_;
+  size_t total = current_.Length();
+  if (queue_.empty() || total + queue_.front().Length() > merge_bytes_) return;
+  std::vector<grpc::Slice> slices;
+  (void)current_.Dump(&slices);
+  size_t merged = 1;
+  while (!queue_.empty() && merged < kMaxMerged &&
+         total + queue_.front().Length() <= merge_bytes_) {
+    std::vector<grpc::Slice> more;
+    (void)queue_.front().Dump(&more);
+    total += queue_.front().Length();
+    slices.insert(slices.end(), more.begin(), more.end());
+    queue_.pop_front();
+    ++merged;
+    ++messages_written_;
+  }
+  current_ = grpc::ByteBuffer(slices.data(), slices.size());
 }
 
 void WriteQueue::Close(const std::string& reason) {
@@ -107,6 +133,16 @@ bool WriteQueue::closed() const {
 size_t WriteQueue::size() const {
   absl::MutexLock lock(&mu_);
   return queue_.size();
+}
+
+uint64_t WriteQueue::writes() const {
+  absl::MutexLock lock(&mu_);
+  return writes_;
+}
+
+uint64_t WriteQueue::messages_written() const {
+  absl::MutexLock lock(&mu_);
+  return messages_written_;
 }
 
 }  // namespace pipeserve

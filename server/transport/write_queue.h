@@ -15,6 +15,12 @@
 // calling thread). `on_closed` runs once the queue is closed and no
 // StartWrite is under way, after which none starts again: then the owner
 // may Finish (server) or drop its hold (client).
+//
+// With `merge_bytes` set, the messages waiting when a write starts go out
+// together as one message (their slices, not copied) up to that many bytes
+// in all: a burst of small frames for one stream then costs one write and
+// one completion instead of one each. The receiver must split them (frame
+// streams: FramesFromByteBuffer).
 #ifndef PIPESERVE_SERVER_TRANSPORT_WRITE_QUEUE_H_
 #define PIPESERVE_SERVER_TRANSPORT_WRITE_QUEUE_H_
 
@@ -37,8 +43,14 @@ class WriteQueue {
   // the matching WriteDone.
   // `on_closed`, if set, runs once when the queue is closed and no write is
   // being started (outside the lock).
+  // Messages queued behind a write are merged into one of at most
+  // `merge_bytes` bytes (0: never merged; one message larger than it goes
+  // alone).
   WriteQueue(size_t capacity, std::function<void(const grpc::ByteBuffer*)> start_write,
-             std::function<void()> on_closed = nullptr);
+             std::function<void()> on_closed = nullptr, size_t merge_bytes = 0);
+
+  // Most messages merged into one write.
+  static constexpr size_t kMaxMerged = 64;
 
   // Queues `message`, waiting while the queue is full. kDeadlineExceeded if
   // `deadline` passes first (the message is not queued), kUnavailable once
@@ -58,11 +70,16 @@ class WriteQueue {
   bool closed() const;
   // Messages waiting (not counting the one being written).
   size_t size() const;
+  // Writes started, and the messages they carried (more than the writes
+  // when messages were merged).
+  uint64_t writes() const;
+  uint64_t messages_written() const;
 
  private:
   const size_t capacity_;
   const std::function<void(const grpc::ByteBuffer*)> start_write_;
   const std::function<void()> on_closed_;
+  const size_t merge_bytes_;
 
   mutable absl::Mutex mu_;
   std::deque<grpc::ByteBuffer> queue_ ABSL_GUARDED_BY(mu_);
@@ -74,6 +91,12 @@ class WriteQueue {
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
   bool closed_reported_ ABSL_GUARDED_BY(mu_) = false;
   std::string reason_ ABSL_GUARDED_BY(mu_);
+  uint64_t writes_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t messages_written_ ABSL_GUARDED_BY(mu_) = 0;
+
+  // Moves the front message (merged with those behind it, as merge_bytes
+  // allows) into current_.
+  void TakeNext() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Starts writing current_, outside the lock.
   void StartCurrent();

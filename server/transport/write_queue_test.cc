@@ -58,6 +58,29 @@ TEST(WriteQueueTest, OneWriteInFlightAndTheRestInOrder) {
   EXPECT_EQ(s.Started().back(), "d");
 }
 
+TEST(WriteQueueTest, MessagesWaitingBehindAWriteGoOutAsOneUpToTheMergeLimit) {
+  absl::Mutex mu;
+  std::vector<std::string> started;
+  WriteQueue queue(
+      8,
+      [&](const grpc::ByteBuffer* m) {
+        absl::MutexLock lock(&mu);
+        started.push_back(Text(m));
+      },
+      nullptr, /*merge_bytes=*/10);
+  absl::Time later = absl::Now() + absl::Seconds(5);
+  for (const char* m : {"aaa", "bb", "cc", "dddd", "eeeeeeeeeeee", "f"}) {
+    ASSERT_TRUE(queue.Push(Message(m), later).ok());
+  }
+  for (int i = 0; i < 4; ++i) queue.WriteDone(true);
+  absl::MutexLock lock(&mu);
+  // "aaa" went at once; then what waited, in order, in writes of at most
+  // 10 bytes; the 12-byte message alone, though it is over the limit.
+  EXPECT_EQ(started, std::vector<std::string>({"aaa", "bbccdddd", "eeeeeeeeeeee", "f"}));
+  EXPECT_EQ(queue.writes(), 4u);
+  EXPECT_EQ(queue.messages_written(), 6u);
+}
+
 // Regression: FrameSender::Send waited on a full queue with no deadline, so
 // requests blocked behind a wedged stage outlived their deadlines and
 // SIGTERM hung behind them.
