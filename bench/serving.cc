@@ -44,6 +44,8 @@
 #include "grpcpp/grpcpp.h"
 #include "bench/bench_util.h"
 #include "partitioner/graph_builder.h"
+#include "partitioner/partition.h"
+#include "runtime/local_pipeline.h"
 #include "runtime/model_file.h"
 #include "runtime/npy.h"
 #include "runtime/backends.h"
@@ -427,6 +429,36 @@ void ExampleCodeEndToEnd() {
   };
   std::printf("%-44s %10s %12s\n", "", "batch/s", "latency ms");
   std::printf("%-44s %10.1f %12.2f\n", "pipeserve, 4 stages over gRPC", rps, Median(lat));
+  // The same with 4 microbatches of 64 rows: a quarter of the hops.
+  four.Upload("ec4", ec->model, 4);
+  double rps4 = Throughput(*four.coordinator, "ec4", {ec->x, ec->y}, 4, 25);
+  std::vector<double> lat4;
+  for (int i = 0; i < 30; ++i) {
+    auto t0 = Clock::now();
+    four.coordinator->Infer("ec4", {ec->x, ec->y}, absl::Now() + absl::Seconds(30)).IgnoreError();
+    lat4.push_back(Seconds(t0, Clock::now()) * 1e3);
+  }
+  std::printf("%-44s %10.1f %12.2f\n", "pipeserve, the same with 4 microbatches", rps4,
+              Median(lat4));
+  // The compute-only limit: every stage's program run in this process, one
+  // after another on one thread (no transport), so two cores could do
+  // twice as many batches.
+  auto limit = [&](int chunks) {
+    auto cpu = MakeBackend("cpu", {}).value();
+    auto pipe = LocalPipeline::Create(ec->model, *Partition(ec->model.graph, {}), *cpu, {chunks});
+    std::vector<double> ms;
+    for (int i = 0; i < 60; ++i) {
+      auto t0 = Clock::now();
+      (*pipe)->Run({ec->x, ec->y}).IgnoreError();
+      if (i >= 10) ms.push_back(Seconds(t0, Clock::now()) * 1e3);
+    }
+    return 2 * 1e3 / Median(ms);  // batches/s on 2 cores
+  };
+  const double limit16 = limit(16), limit4 = limit(4);
+  std::printf("%-44s %10.1f  (served: %.0f%% of it; target >= 80%%)\n",
+              "compute-only limit, 16 microbatches, 2 cores", limit16, 100 * rps / limit16);
+  std::printf("%-44s %10.1f  (served: %.0f%% of it)\n",
+              "compute-only limit, 4 microbatches, 2 cores", limit4, 100 * rps4 / limit4);
   row("PyTorch eager (CPU), 1 thread", t1);
   row("PyTorch eager (CPU), 2 threads", t2);
   row("PyTorch eager (CPU), 2 threads, OpenBLAS SkylakeX", t2s);
