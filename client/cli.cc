@@ -17,6 +17,7 @@
 #include "client/cli_flags.h"
 #include "client/client.h"
 #include "common/status_macros.h"
+#include "partitioner/calibrate.h"
 #include "partitioner/partition.h"
 #include "partitioner/plan_text.h"
 #include "runtime/cpu/cpu_backend.h"
@@ -164,10 +165,47 @@ std::string FileNameFor(const std::string& name) {
 // ---------------------------------------------------------------------------
 // Local commands: plan --model, run-local.
 
+// --balance: "" (the server's default), measured or estimated.
+absl::StatusOr<UploadOptions::Balance> BalanceFlag(const FlagSet& flags) {
+  const std::string balance = flags.Get("balance");
+  if (balance.empty()) return UploadOptions::BALANCE_DEFAULT;
+  if (balance == "measured") return UploadOptions::BALANCE_MEASURED;
+  if (balance == "estimated") return UploadOptions::BALANCE_ESTIMATED;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--balance must be measured or estimated, got \"", balance, "\""));
+}
+
+// --link_gb_per_s: a bandwidth >= 0 (0: the default).
+absl::StatusOr<double> LinkFlag(const FlagSet& flags) {
+  double gbps = 0;
+  if (!absl::SimpleAtod(flags.Get("link_gb_per_s"), &gbps) || !(gbps >= 0)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--link_gb_per_s must be a number >= 0, got \"", flags.Get("link_gb_per_s"), "\""));
+  }
+  return gbps;
+}
+
 absl::Status PlanLocal(const FlagSet& flags, std::ostream& out) {
   ASSIGN_OR_RETURN(PartitionOptions opts, PartitionOptionsFrom(flags));
+  ASSIGN_OR_RETURN(UploadOptions::Balance balance, BalanceFlag(flags));
+  ASSIGN_OR_RETURN(double gbps, LinkFlag(flags));
   ASSIGN_OR_RETURN(Model model, ReadModelFile(flags.Get("model")));
   ASSIGN_OR_RETURN(Plan plan, Partition(model.graph, opts));
+  if (balance == UploadOptions::BALANCE_MEASURED && plan.balance() == kEstimatedBalance) {
+    // As a coordinator would: time every node here, then cut by the times.
+    std::unique_ptr<ComputeBackend> cpu = MakeCpuBackend({});
+    ParamReader read = [&model](const TensorInfo& p) -> absl::StatusOr<Tensor> {
+      auto it = model.weights.find(p.fqn());
+      if (it == model.weights.end()) return absl::NotFoundError(p.fqn());
+      return it->second;
+    };
+    ASSIGN_OR_RETURN(Calibration c, Calibrate(model.graph, read, *cpu, {}));
+    opts.node_seconds = c.node_seconds;
+    opts.cost_rows = c.rows;
+    opts.cost_source = c.Describe();
+    opts.link_bytes_per_second = (gbps > 0 ? gbps : 1.0) * 1e9;
+    ASSIGN_OR_RETURN(plan, Partition(model.graph, opts));
+  }
   out << FormatPlan(plan);
   return absl::OkStatus();
 }
@@ -294,20 +332,9 @@ absl::Status Upload(const FlagSet& flags, Client& client, std::ostream& out,
   options.set_num_stages(num_stages);
   options.set_microbatches(microbatches);
   options.set_replicas(replicas);
-  const std::string balance = flags.Get("balance");
-  if (balance == "measured") {
-    options.set_balance(UploadOptions::BALANCE_MEASURED);
-  } else if (balance == "estimated") {
-    options.set_balance(UploadOptions::BALANCE_ESTIMATED);
-  } else if (!balance.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--balance must be measured or estimated, got \"", balance, "\""));
-  }
-  double link_gb_per_s = 0;
-  if (!absl::SimpleAtod(flags.Get("link_gb_per_s"), &link_gb_per_s) || link_gb_per_s < 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--link_gb_per_s must be a number >= 0, got \"", flags.Get("link_gb_per_s"), "\""));
-  }
+  ASSIGN_OR_RETURN(UploadOptions::Balance balance, BalanceFlag(flags));
+  options.set_balance(balance);
+  ASSIGN_OR_RETURN(double link_gb_per_s, LinkFlag(flags));
   options.set_link_gb_per_s(link_gb_per_s);
   for (const std::string& s : flags.GetAll("split")) {
     ASSIGN_OR_RETURN(auto split, ParseSplit(s));
@@ -562,6 +589,14 @@ std::map<std::string, Command> Commands() {
         "of a model deployed on --server (with its stage servers).",
         [](FlagSet& f) {
           AddPartitionFlags(f, /*model_required=*/false);
+          f.Add("balance", "HOW",
+                "with --model and --num_stages: estimated (FLOPs + "
+                "parameter bytes) or measured (every node timed on this "
+                "machine's CPU, as a coordinator does at upload)",
+                false, "estimated");
+          f.Add("link_gb_per_s", "G",
+                "link bandwidth measured balancing assumes (0: 1 GB/s)", false,
+                "0");
           f.Add("name", "NAME", "a model deployed on --server");
           AddServerFlag(f);
         },

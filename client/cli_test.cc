@@ -91,6 +91,28 @@ TEST(CliTest, PlanPrintsStages) {
               HasSubstr("inputs   a [B,4] <- stage 0, y [B,4] <- model input"));
 }
 
+TEST(CliTest, PlanCutsAutomaticallyByEstimateOrByTimesMeasuredHere) {
+  GraphBuilder b;
+  b.Input("x", {-1, 64}).Param("w0", {64, 64}).Param("w1", {64, 64});
+  b.Op("mm", {"x", "w0"}, "a").Op("relu", {"a"}, "r").Op("mm", {"r", "w1"}, "out");
+  b.Output("out");
+  Model m = b.Build();
+  const std::string path = Tmp("uncut.psm");
+  ASSERT_TRUE(WriteModelFile(path, m.graph, m.weights).ok());
+  Result r = RunPipeserve({"plan", "--model", path, "--num_stages", "2"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("cut by   estimated cost (FLOPs + parameter bytes)\n"));
+  EXPECT_THAT(r.out, Not(HasSubstr("predicted")));
+  r = RunPipeserve({"plan", "--model", path, "--num_stages", "2", "--balance", "measured",
+                    "--link_gb_per_s", "4"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("cut by   measured on cpu at 16 rows (3 nodes run); link 4 GB/s\n"));
+  EXPECT_THAT(r.out, HasSubstr("  time     predicted "));
+  r = RunPipeserve({"plan", "--model", path, "--num_stages", "2", "--balance", "guessed"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.err, HasSubstr("--balance must be measured or estimated, got \"guessed\""));
+}
+
 TEST(CliTest, PlanOfMissingFileNamesIt) {
   Result r = RunPipeserve({"plan", "--model", Tmp("nope.psm")});
   EXPECT_EQ(r.code, 1);
