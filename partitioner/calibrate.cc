@@ -80,6 +80,7 @@ absl::StatusOr<Calibration> Calibrate(const Graph& graph, const ParamReader& rea
   c.backend = backend.Name();
   c.rows = options.rows;
   c.node_seconds.assign(compute.size(), -1);  // -1: estimated below
+  std::vector<bool> reads_weights(compute.size(), false);
   for (int p = 0; p < static_cast<int>(compute.size()); ++p) {
     const Node& node = graph.nodes(compute[p]);
     // The node as a graph of its own: its non-parameter inputs, the param
@@ -108,6 +109,7 @@ absl::StatusOr<Calibration> Calibrate(const Graph& graph, const ParamReader& rea
     }
     *g.add_nodes() = node;
     for (const std::string& out : node.outputs()) g.add_outputs(out);
+    reads_weights[p] = weight_bytes > 0;
 
     std::vector<Tensor> outputs;
     if (weight_bytes > options.max_node_bytes) {
@@ -148,14 +150,19 @@ absl::StatusOr<Calibration> Calibrate(const Graph& graph, const ParamReader& rea
     }
   }
   if (c.estimated > 0) {
-    // Seconds per unit of estimate, from the nodes that ran.
+    // Seconds per unit of estimate, from the nodes that ran and read
+    // weights as the skipped ones do (GEMMs, embeddings), else from all
+    // that ran.
     std::vector<double> estimate = EstimatedNodeCosts(graph, shapes);
     double run_seconds = 0, run_estimate = 0;
-    for (size_t p = 0; p < compute.size(); ++p) {
-      if (c.node_seconds[p] >= 0) {
-        run_seconds += c.node_seconds[p];
-        run_estimate += estimate[p];
+    for (bool weighted : {true, false}) {
+      for (size_t p = 0; p < compute.size(); ++p) {
+        if (c.node_seconds[p] >= 0 && (reads_weights[p] || !weighted)) {
+          run_seconds += c.node_seconds[p];
+          run_estimate += estimate[p];
+        }
       }
+      if (run_estimate > 0) break;
     }
     if (run_estimate == 0) {
       return absl::FailedPreconditionError(absl::StrCat(

@@ -16,7 +16,8 @@
 // are valid indices), so shapes stay consistent through reshapes. A node
 // whose parameters exceed max_node_bytes is not run: its time is its
 // estimated cost (EstimatedNodeCosts) times the seconds per unit of
-// estimate that the measured nodes showed, and its outputs are zeros.
+// estimate that the measured nodes reading weights showed (all measured
+// nodes if none does), and its outputs are zeros.
 #ifndef PIPESERVE_PARTITIONER_CALIBRATE_H_
 #define PIPESERVE_PARTITIONER_CALIBRATE_H_
 

@@ -4,6 +4,7 @@
 #include "gtest/gtest.h"
 #include "partitioner/graph_builder.h"
 #include "partitioner/partition.h"
+#include "partitioner/validate.h"
 #include "runtime/cpu/cpu_backend.h"
 
 namespace pipeserve {
@@ -60,6 +61,15 @@ TEST(CalibrateTest, NodesOverTheWeightLimitAreScaledFromTheEstimate) {
   EXPECT_EQ(c->estimated, 1);
   EXPECT_GT(c->node_seconds[7], c->node_seconds[0]);
   EXPECT_THAT(c->Describe(), HasSubstr("1 over the weight limit estimated"));
+  // Scaled by the seconds per unit of estimate of the nodes that ran and
+  // read weights (the matmuls, not the relu, node 8).
+  std::vector<double> estimate = EstimatedNodeCosts(m.graph, *ValidateGraph(m.graph));
+  double seconds = 0, units = 0;
+  for (int i : {0, 1, 2, 3, 4, 5, 6, 9}) {
+    seconds += c->node_seconds[i];
+    units += estimate[i];
+  }
+  EXPECT_NEAR(c->node_seconds[7], estimate[7] * seconds / units, 1e-12);
   o.max_node_bytes = 0;  // only the relu, which reads no weights, runs
   absl::StatusOr<Calibration> relu_only = Calibrate(m.graph, FromModel(m), *cpu, o);
   ASSERT_TRUE(relu_only.ok()) << relu_only.status();
