@@ -1,5 +1,8 @@
 #include "partitioner/calibrate.h"
 
+#include <algorithm>
+#include <vector>
+
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "partitioner/graph_builder.h"
@@ -45,8 +48,12 @@ TEST(CalibrateTest, TimesEveryComputeNodeAndTheWideOneMost) {
   EXPECT_EQ(c->measured, 10);
   EXPECT_EQ(c->estimated, 0);
   for (double s : c->node_seconds) EXPECT_GT(s, 0);
-  // The 1024 x 1024 matmul (node 7) does 4096x the FLOPs of a 16 x 16 one.
-  EXPECT_GT(c->node_seconds[7], 10 * c->node_seconds[0]);
+  // The 1024 x 1024 matmul (node 7) does 4096x the FLOPs of a 16 x 16 one:
+  // well above the narrow matmuls' median even in a sanitizer build on a
+  // busy machine.
+  std::vector<double> narrow(c->node_seconds.begin(), c->node_seconds.begin() + 6);
+  std::sort(narrow.begin(), narrow.end());
+  EXPECT_GT(c->node_seconds[7], 2 * narrow[3]);
   EXPECT_EQ(c->Describe(), "measured on cpu at 32 rows (10 nodes run)");
 }
 
