@@ -44,6 +44,16 @@ void AddPartitionFlags(FlagSet& flags, bool model_required = true) {
             true);
 }
 
+// --balance and --link_gb_per_s (read by BalanceFlag and LinkFlag).
+void AddBalanceFlags(FlagSet& flags, const std::string& default_balance,
+                     const std::string& balance_help, const std::string& link_default) {
+  flags.Add("balance", "HOW", balance_help, false, default_balance);
+  flags.Add("link_gb_per_s", "G",
+            absl::StrCat("link bandwidth between stages for measured balancing (0: ",
+                         link_default, ")"),
+            false, "0");
+}
+
 void AddServerFlag(FlagSet& flags) {
   flags.Add("server", "HOST:PORT", "the coordinator's gRPC address", false,
             kDefaultServer);
@@ -589,14 +599,11 @@ std::map<std::string, Command> Commands() {
         "of a model deployed on --server (with its stage servers).",
         [](FlagSet& f) {
           AddPartitionFlags(f, /*model_required=*/false);
-          f.Add("balance", "HOW",
-                "with --model and --num_stages: estimated (FLOPs + "
-                "parameter bytes) or measured (every node timed on this "
-                "machine's CPU, as a coordinator does at upload)",
-                false, "estimated");
-          f.Add("link_gb_per_s", "G",
-                "link bandwidth measured balancing assumes (0: 1 GB/s)", false,
-                "0");
+          AddBalanceFlags(f, "estimated",
+                          "with --model and --num_stages: estimated (FLOPs + "
+                          "parameter bytes) or measured (every node timed on "
+                          "this machine's CPU, as a coordinator does at upload)",
+                          "1 GB/s");
           f.Add("name", "NAME", "a model deployed on --server");
           AddServerFlag(f);
         },
@@ -639,15 +646,12 @@ std::map<std::string, Command> Commands() {
                 "dynamic batching: how long a request waits for others (0: "
                 "the server's default)",
                 false, "0");
-          f.Add("balance", "HOW",
-                "how --num_stages cuts are balanced: measured (node times "
-                "measured on the server) or estimated (FLOPs + parameter "
-                "bytes); default: measured where the server can",
-                false, "");
-          f.Add("link_gb_per_s", "G",
-                "link bandwidth between stages for measured balancing (0: "
-                "the server's default)",
-                false, "0");
+          AddBalanceFlags(f, "",
+                          "how --num_stages cuts are balanced: measured (node "
+                          "times measured on the server) or estimated (FLOPs + "
+                          "parameter bytes); default: measured where the "
+                          "server can",
+                          "the server's default");
         },
         Remote(Upload)}},
       {"models",

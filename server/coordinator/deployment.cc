@@ -735,50 +735,42 @@ absl::StatusOr<std::vector<Tensor>> Deployment::InferDirect(const std::vector<Te
   return merged;
 }
 
-std::vector<double> Deployment::MeasuredComputeSeconds(absl::Duration timeout) {
-  std::vector<std::pair<std::string, StageKey>> asks;  // server, stage
-  {
-    absl::MutexLock lock(&mu_);
-    for (const Lane& l : lanes_) {
-      if (!l.ready) continue;
-      for (size_t i = 0; i < l.specs.size(); ++i) asks.emplace_back(l.servers[i], l.specs[i].key());
-    }
+std::vector<Deployment::ReadyLane> Deployment::ReadyLaneStages() const {
+  std::vector<ReadyLane> out;
+  absl::MutexLock lock(&mu_);
+  for (int r = 0; r < replicas_; ++r) {
+    const Lane& l = lanes_[r];
+    if (!l.ready) continue;
+    ReadyLane a{r, l.generation, l.servers, {}};
+    for (const StageSpec& spec : l.specs) a.keys.push_back(spec.key());
+    out.push_back(std::move(a));
   }
+  return out;
+}
+
+std::vector<double> Deployment::MeasuredComputeSeconds(absl::Duration timeout) {
   const int n = plan().stages_size();
   std::vector<double> seconds(n, 0.0), frames(n, 0.0);
   const absl::Time deadline = absl::Now() + timeout;
-  for (const auto& [address, key] : asks) {
-    absl::StatusOr<StageStatsResponse> stats =
-        config_.stages->GetStageStats(address, key, deadline);
-    if (!stats.ok() || key.stage() < 0 || key.stage() >= n) continue;
-    seconds[key.stage()] += stats->compute_seconds();
-    frames[key.stage()] += static_cast<double>(stats->frames_processed());
+  for (const ReadyLane& lane : ReadyLaneStages()) {
+    for (size_t i = 0; i < lane.keys.size(); ++i) {
+      const StageKey& key = lane.keys[i];
+      absl::StatusOr<StageStatsResponse> stats =
+          config_.stages->GetStageStats(lane.servers[i], key, deadline);
+      if (!stats.ok() || key.stage() < 0 || key.stage() >= n) continue;
+      seconds[key.stage()] += stats->compute_seconds();
+      frames[key.stage()] += static_cast<double>(stats->frames_processed());
+    }
   }
   for (int s = 0; s < n; ++s) seconds[s] = frames[s] > 0 ? seconds[s] / frames[s] : 0.0;
   return seconds;
 }
 
 std::vector<Deployment::LaneHealth> Deployment::CheckLanes(absl::Duration timeout) {
-  struct Ask {
-    int lane;
-    uint64_t generation;
-    std::vector<std::string> servers;
-    std::vector<StageKey> keys;
-  };
-  std::vector<Ask> asks;
-  {
-    absl::MutexLock lock(&mu_);
-    for (int r = 0; r < replicas_; ++r) {
-      const Lane& l = lanes_[r];
-      if (!l.ready) continue;
-      Ask a{r, l.generation, l.servers, {}};
-      for (const StageSpec& spec : l.specs) a.keys.push_back(spec.key());
-      asks.push_back(std::move(a));
-    }
-  }
+  const std::vector<ReadyLane> asks = ReadyLaneStages();
   const absl::Time deadline = absl::Now() + timeout;
   std::vector<LaneHealth> out;
-  for (const Ask& a : asks) {
+  for (const ReadyLane& a : asks) {
     LaneHealth h{a.lane, a.generation, absl::OkStatus()};
     const std::string replica =
         replicas_ > 1 ? absl::StrCat(" (replica ", a.lane, ")") : std::string();

@@ -228,6 +228,14 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
     // late does not break the lane loaded since.
     uint64_t generation = 0;
   };
+  // A ready lane's stages as they are now: where each is and its key.
+  struct ReadyLane {
+    int lane;
+    uint64_t generation;
+    std::vector<std::string> servers;
+    std::vector<StageKey> keys;
+  };
+  std::vector<ReadyLane> ReadyLaneStages() const;
   Deployment(const DeploymentConfig& config, ModelInfo info, int replicas,
              std::vector<Lane> lanes, BatcherOptions batching);
   // Infer without the batcher: one request through the pipeline, in
