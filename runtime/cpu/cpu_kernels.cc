@@ -32,11 +32,6 @@ void Apply(BinaryOp op, F&& loop) {
 
 }  // namespace
 
-// The elementwise loops are built for the baseline x86-64 and again for
-// AVX2 and AVX-512; the loader picks the best the CPU runs (GCC ifunc).
-#define PIPESERVE_VECTOR_CLONES \
-  __attribute__((target_clones("avx512f", "avx2", "default")))
-
 void SetComputeThreads(int threads) { omp_set_num_threads(std::max(1, threads)); }
 
 absl::Status Gemm(bool trans_b, int64_t m, int64_t n, int64_t k,

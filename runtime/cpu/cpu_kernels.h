@@ -15,6 +15,11 @@
 #include "absl/status/status.h"
 #include "absl/types/span.h"
 
+// The elementwise loops are built for the baseline x86-64 and again for
+// AVX2 and AVX-512; the loader picks the best the CPU runs (GCC ifunc).
+#define PIPESERVE_VECTOR_CLONES \
+  __attribute__((target_clones("avx512f", "avx2", "default")))
+
 namespace pipeserve {
 
 // Sets how many threads GEMMs started from this thread may use.

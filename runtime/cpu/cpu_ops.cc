@@ -72,6 +72,17 @@ void GatherCopy(const Tensor& in, int64_t base, const Strides& st, Tensor* out) 
   const char* src = static_cast<const char*>(in.raw_data());
   char* dst = static_cast<char*>(out->raw_data());
   const int e = in.element_size();
+  const Shape& shape = out->shape();
+  if (!shape.empty() && st.back() == 1 && shape.back() > 1) {
+    // Rows contiguous in the input: one memcpy per row.
+    const int64_t inner = shape.back();
+    Shape rows(shape.begin(), shape.end() - 1);
+    std::array<Strides, 1> rs = {Strides(st.begin(), st.end() - 1)};
+    Iterate<1>(rows, rs, [&](int64_t o, const std::array<int64_t, 1>& f) {
+      std::memcpy(dst + o * inner * e, src + (base + f[0]) * e, inner * e);
+    });
+    return;
+  }
   std::array<Strides, 1> s = {st};
   switch (e) {
 #define PIPESERVE_GATHER(BYTES, T)                                                \
@@ -296,6 +307,195 @@ float GeluTanh(float x) {
   return 0.5f * x * (1.0f + FastTanh(0.79788456080286536f * (x + 0.044715f * x * x * x)));
 }
 
+enum UnaryKind {
+  kURelu, kUGelu, kUGeluTanh, kUSilu, kUTanh, kUSigmoid, kUSqrt, kURsqrt, kUExp, kULog,
+  kUCos, kUSin, kUNeg, kUAbs, kUNone,
+};
+
+UnaryKind UnaryOf(const Node& node) {
+  static const auto* ops = new absl::flat_hash_map<std::string, UnaryKind>{
+      {"relu", kURelu}, {"gelu", kUGelu}, {"silu", kUSilu}, {"tanh", kUTanh},
+      {"sigmoid", kUSigmoid}, {"sqrt", kUSqrt}, {"rsqrt", kURsqrt}, {"exp", kUExp},
+      {"log", kULog}, {"cos", kUCos}, {"sin", kUSin}, {"neg", kUNeg}, {"abs", kUAbs}};
+  auto it = ops->find(node.op());
+  if (it == ops->end()) return kUNone;
+  if (it->second == kUGelu) {
+    const std::string approx = StringAttr(node, "approximate");
+    if (approx == "tanh") return kUGeluTanh;
+    if (!approx.empty() && approx != "none") return kUNone;
+  }
+  return it->second;
+}
+
+constexpr int64_t kBlock = 256;
+
+PIPESERVE_VECTOR_CLONES
+void ApplyUnary(int kind, const float* x, float* o, int64_t n) {
+  switch (kind) {
+#define PIPESERVE_UNARY(K, EXPR) \
+  case K:                        \
+    for (int64_t i = 0; i < n; ++i) { const float v = x[i]; o[i] = (EXPR); } \
+    break;
+    PIPESERVE_UNARY(kURelu, v > 0 || std::isnan(v) ? v : 0.0f)
+    PIPESERVE_UNARY(kUGelu, Gelu(v))
+    PIPESERVE_UNARY(kUGeluTanh, GeluTanh(v))
+    PIPESERVE_UNARY(kUSilu, v / (1.0f + FastExp(-v)))
+    PIPESERVE_UNARY(kUTanh, FastTanh(v))
+    PIPESERVE_UNARY(kUSigmoid, 1.0f / (1.0f + FastExp(-v)))
+    PIPESERVE_UNARY(kUSqrt, std::sqrt(v))
+    PIPESERVE_UNARY(kURsqrt, 1.0f / std::sqrt(v))
+    PIPESERVE_UNARY(kUExp, FastExp(v))
+    PIPESERVE_UNARY(kULog, std::log(v))
+    PIPESERVE_UNARY(kUCos, std::cos(v))
+    PIPESERVE_UNARY(kUSin, std::sin(v))
+    PIPESERVE_UNARY(kUNeg, -v)
+    PIPESERVE_UNARY(kUAbs, std::fabs(v))
+#undef PIPESERVE_UNARY
+    default: break;
+  }
+}
+
+template <typename F>
+void BinaryLoop(const float* x, const float* y, float* o, int64_t n, F f) {
+  for (int64_t i = 0; i < n; ++i) o[i] = f(x[i], y[i]);
+}
+
+PIPESERVE_VECTOR_CLONES
+void ApplyBinary(int kind, const float* x, const float* y, float* o, int64_t n) {
+  switch (static_cast<BinOp>(kind)) {
+    case BinOp::kAdd: BinaryLoop(x, y, o, n, [](float a, float b) { return a + b; }); break;
+    case BinOp::kSub: BinaryLoop(x, y, o, n, [](float a, float b) { return a - b; }); break;
+    case BinOp::kMul: BinaryLoop(x, y, o, n, [](float a, float b) { return a * b; }); break;
+    case BinOp::kDiv: BinaryLoop(x, y, o, n, [](float a, float b) { return a / b; }); break;
+    case BinOp::kMax: BinaryLoop(x, y, o, n, [](float a, float b) { return a > b ? a : b; }); break;
+    case BinOp::kMin: BinaryLoop(x, y, o, n, [](float a, float b) { return a < b ? a : b; }); break;
+    case BinOp::kPow: BinaryLoop(x, y, o, n, [](float a, float b) { return std::pow(a, b); }); break;
+    default: break;
+  }
+}
+
+// How an external input maps onto the output's flat index: all of it, its
+// trailing dims repeated ([D] or [T, D] against [B, H, T, D]), one value
+// per row ([..., 1]), or one value.
+enum class Broadcast { kFull, kRows, kPerRow, kScalar };
+
+// `s`, without leading 1s, equals the trailing dims of `out`.
+bool IsTrailingBlock(const Shape& s, const Shape& out) {
+  size_t first = 0;
+  while (first < s.size() && s[first] == 1) ++first;
+  const size_t n = s.size() - first;
+  if (n == 0 || n > out.size()) return false;
+  return std::equal(s.begin() + first, s.end(), out.end() - n);
+}
+
+// ---- vector loops -----------------------------------------------------------
+// Built for the baseline x86-64 and again for AVX2 and AVX-512
+// (PIPESERVE_VECTOR_CLONES); what they call is inline. Sums use 16 float
+// lanes so they vectorise without reassociating flags.
+
+PIPESERVE_VECTOR_CLONES
+void WidenBf16(const uint16_t* a, int64_t n, float* o) {
+  for (int64_t i = 0; i < n; ++i) o[i] = Bf16ToFloat(a[i]);
+}
+
+PIPESERVE_VECTOR_CLONES
+void NarrowToBf16(const float* a, int64_t n, uint16_t* o) {
+  for (int64_t i = 0; i < n; ++i) o[i] = FloatToBf16(a[i]);
+}
+
+constexpr int kLanes = 16;
+
+inline float LaneSum(const float* x, int64_t n) {
+  float lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) lane[j] += x[i + j];
+  }
+  float s = 0;
+  for (int j = 0; j < kLanes; ++j) s += lane[j];
+  for (; i < n; ++i) s += x[i];
+  return s;
+}
+
+// Softmax of one row in place. A row with every entry -inf becomes NaN,
+// as in PyTorch.
+PIPESERVE_VECTOR_CLONES
+void SoftmaxRow(float* row, int64_t n) {
+  float lane[kLanes];
+  std::fill(lane, lane + kLanes, -std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) lane[j] = row[i + j] > lane[j] ? row[i + j] : lane[j];
+  }
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int j = 0; j < kLanes; ++j) mx = lane[j] > mx ? lane[j] : mx;
+  for (; i < n; ++i) mx = row[i] > mx ? row[i] : mx;
+  if (std::isinf(mx) && mx < 0) mx = 0;
+  for (int64_t k = 0; k < n; ++k) row[k] = FastExp(row[k] - mx);
+  const float inv = 1.0f / LaneSum(row, n);
+  for (int64_t k = 0; k < n; ++k) row[k] *= inv;
+}
+
+// One row of attention scores: row *= scale, then entries whose mask is
+// true set to `fill`, then `add` added (each mask read with its step).
+PIPESERVE_VECTOR_CLONES
+void ScaleMaskRow(float* row, int64_t n, float scale, const uint8_t* cond, int64_t cond_step,
+                  float fill, const float* add, int64_t add_step) {
+  for (int64_t j = 0; j < n; ++j) row[j] *= scale;
+  if (cond != nullptr) {
+    if (cond_step == 1) {
+      for (int64_t j = 0; j < n; ++j) row[j] = cond[j] ? fill : row[j];
+    } else {
+      for (int64_t j = 0; j < n; ++j) row[j] = cond[j * cond_step] ? fill : row[j];
+    }
+  }
+  if (add != nullptr) {
+    if (add_step == 1) {
+      for (int64_t j = 0; j < n; ++j) row[j] += add[j];
+    } else {
+      for (int64_t j = 0; j < n; ++j) row[j] += add[j * add_step];
+    }
+  }
+}
+
+// o = (x - mean) / sqrt(var + eps) * w + b over one row of n; w and b may
+// be null. With `add`, x + add is normalised instead and written to `sum`
+// (rounded to bfloat16 first when round_bf16, as a bfloat16 add would be).
+PIPESERVE_VECTOR_CLONES
+void LayerNormRow(const float* x, const float* add, bool round_bf16, int64_t n,
+                  const float* w, const float* b, float eps, float* sum, float* o) {
+  if (add != nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = x[i] + add[i];
+      sum[i] = round_bf16 ? Bf16ToFloat(FloatToBf16(v)) : v;
+    }
+    x = sum;
+  }
+  const float mean = LaneSum(x, n) / static_cast<float>(n);
+  float lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const float d = x[i + j] - mean;
+      lane[j] += d * d;
+    }
+  }
+  float var = 0;
+  for (int j = 0; j < kLanes; ++j) var += lane[j];
+  for (; i < n; ++i) var += (x[i] - mean) * (x[i] - mean);
+  var /= static_cast<float>(n);
+  const float inv = 1.0f / std::sqrt(var + eps);
+  if (w != nullptr && b != nullptr) {
+    for (int64_t k = 0; k < n; ++k) o[k] = (x[k] - mean) * inv * w[k] + b[k];
+  } else if (w != nullptr) {
+    for (int64_t k = 0; k < n; ++k) o[k] = (x[k] - mean) * inv * w[k];
+  } else if (b != nullptr) {
+    for (int64_t k = 0; k < n; ++k) o[k] = (x[k] - mean) * inv + b[k];
+  } else {
+    for (int64_t k = 0; k < n; ++k) o[k] = (x[k] - mean) * inv;
+  }
+}
+
 // Calls run(f) with the float function of a unary op.
 template <typename Run>
 absl::Status WithUnary(const Node& node, Run run) {
@@ -324,24 +524,29 @@ absl::Status WithUnary(const Node& node, Run run) {
 }
 
 absl::Status UnaryFloat(const Node& node, const Tensor& x, Tensor* out) {
-  const float* a = x.data();
-  float* o = out->data();
-  const int64_t n = x.numel();
-  return WithUnary(node, [&](auto f) {
-    for (int64_t i = 0; i < n; ++i) o[i] = f(a[i]);
+  const UnaryKind kind = UnaryOf(node);
+  if (kind != kUNone) {
+    ApplyUnary(kind, x.data(), out->data(), x.numel());
     return absl::OkStatus();
-  });
+  }
+  return WithUnary(node, [&](auto) { return absl::OkStatus(); });  // names the problem
 }
 
-// bfloat16 in and out, float32 math per element (no temporaries).
+// bfloat16 in and out, float32 math in blocks held in L1.
 absl::Status UnaryBf16(const Node& node, const Tensor& x, Tensor* out) {
+  const UnaryKind kind = UnaryOf(node);
+  if (kind == kUNone) return WithUnary(node, [&](auto) { return absl::OkStatus(); });
   const uint16_t* a = x.data_as<uint16_t>();
   uint16_t* o = out->data_as<uint16_t>();
   const int64_t n = x.numel();
-  return WithUnary(node, [&](auto f) {
-    for (int64_t i = 0; i < n; ++i) o[i] = FloatToBf16(f(Bf16ToFloat(a[i])));
-    return absl::OkStatus();
-  });
+  float v[kBlock], r[kBlock];
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int64_t m = std::min(kBlock, n - i0);
+    WidenBf16(a + i0, m, v);
+    ApplyUnary(kind, v, r, m);
+    NarrowToBf16(r, m, o + i0);
+  }
+  return absl::OkStatus();
 }
 
 absl::Status BinaryBf16(const Node& node, const std::vector<const Tensor*>& in, Tensor* out) {
@@ -359,6 +564,27 @@ absl::Status BinaryBf16(const Node& node, const std::vector<const Tensor*>& in, 
   // PyTorch computes a bf16 tensor with a Python scalar in float32, using the
   // scalar unrounded.
   const float sf = static_cast<float>(scalar_value);
+  if (op != BinOp::kPow && in[0]->shape() == out->shape() &&
+      (scalar || in[1]->shape() == out->shape())) {
+    // Both operands whole (or one a number): float blocks held in L1.
+    const uint16_t* x16 = in[0]->data_as<uint16_t>();
+    const uint16_t* y16 = scalar ? nullptr : in[1]->data_as<uint16_t>();
+    const int64_t n = out->numel();
+    float x[kBlock], y[kBlock], r[kBlock];
+    if (scalar) std::fill(y, y + kBlock, sf);
+    for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+      const int64_t m = std::min(kBlock, n - i0);
+      WidenBf16(x16 + i0, m, x);
+      if (!scalar) WidenBf16(y16 + i0, m, y);
+      if (scalar && reverse) {
+        ApplyBinary(static_cast<int>(op), y, x, r, m);
+      } else {
+        ApplyBinary(static_cast<int>(op), x, y, r, m);
+      }
+      NarrowToBf16(r, m, o + i0);
+    }
+    return absl::OkStatus();
+  }
   auto run = [&](auto f) {
     if (scalar) {
       ForEachPair(a, sa, b, sb, out->shape(), o, [&](uint16_t x, uint16_t y) {
@@ -459,6 +685,38 @@ void Softmax(const Tensor& x, int dim, bool log, Tensor* out) {
   }
 }
 
+// layer_norm over rows of n of x (float32 or bfloat16; w and b of x's type
+// or null). With `add` (x's type; x's shape, or a trailing block of it
+// repeated), x + add is normalised and also written to `sum`.
+void LayerNormRows(const Tensor& x, const Tensor* add, const Tensor* w, const Tensor* b,
+                   int64_t n, float eps, Tensor* sum, Tensor* out) {
+  const int64_t rows = n == 0 ? 0 : x.numel() / n;
+  const int64_t period = add == nullptr ? 0 : add->numel();
+  if (x.dtype() == DT_FLOAT32) {
+    for (int64_t r = 0; r < rows; ++r) {
+      LayerNormRow(x.data() + r * n, add == nullptr ? nullptr : add->data() + (r * n) % period,
+                   false, n, w == nullptr ? nullptr : w->data(),
+                   b == nullptr ? nullptr : b->data(), eps,
+                   add == nullptr ? nullptr : sum->data() + r * n, out->data() + r * n);
+    }
+    return;
+  }
+  // bfloat16: each row widened into L1, normalised, rounded back.
+  std::vector<float> wf(w == nullptr ? 0 : n), bf(b == nullptr ? 0 : n);
+  if (w != nullptr) WidenBf16(w->data_as<uint16_t>(), n, wf.data());
+  if (b != nullptr) WidenBf16(b->data_as<uint16_t>(), n, bf.data());
+  std::vector<float> xr(n), ar(add == nullptr ? 0 : n), sr(add == nullptr ? 0 : n), orow(n);
+  for (int64_t r = 0; r < rows; ++r) {
+    WidenBf16(x.data_as<uint16_t>() + r * n, n, xr.data());
+    if (add != nullptr) WidenBf16(add->data_as<uint16_t>() + (r * n) % period, n, ar.data());
+    LayerNormRow(xr.data(), add == nullptr ? nullptr : ar.data(), true, n,
+                 w == nullptr ? nullptr : wf.data(), b == nullptr ? nullptr : bf.data(), eps,
+                 sr.data(), orow.data());
+    if (add != nullptr) NarrowToBf16(sr.data(), n, sum->data_as<uint16_t>() + r * n);
+    NarrowToBf16(orow.data(), n, out->data_as<uint16_t>() + r * n);
+  }
+}
+
 void LayerNorm(const Node& node, const std::vector<const Tensor*>& in, Tensor* out) {
   const Tensor& x = *in[0];
   int64_t nd = IntAttr(node, "ndim", 1);
@@ -466,27 +724,9 @@ void LayerNorm(const Node& node, const std::vector<const Tensor*>& in, Tensor* o
   for (int i = x.rank() - nd; i < x.rank(); ++i) n *= x.dim(i);
   const float eps = static_cast<float>(FloatAttr(node, "eps", 1e-5));
   size_t k = 1;
-  const float* w = IntAttr(node, "has_weight", 0) ? in[k++]->data() : nullptr;
-  const float* b = IntAttr(node, "has_bias", 0) ? in[k++]->data() : nullptr;
-  const int64_t rows = n == 0 ? 0 : x.numel() / n;
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = x.data() + r * n;
-    float* o = out->data() + r * n;
-    double mean = 0;
-    for (int64_t i = 0; i < n; ++i) mean += row[i];
-    mean /= n;
-    double var = 0;
-    for (int64_t i = 0; i < n; ++i) var += (row[i] - mean) * (row[i] - mean);
-    var /= n;
-    const float inv = static_cast<float>(1.0 / std::sqrt(var + eps));
-    const float m = static_cast<float>(mean);
-    for (int64_t i = 0; i < n; ++i) {
-      float v = (row[i] - m) * inv;
-      if (w != nullptr) v *= w[i];
-      if (b != nullptr) v += b[i];
-      o[i] = v;
-    }
-  }
+  const Tensor* w = IntAttr(node, "has_weight", 0) ? in[k++] : nullptr;
+  const Tensor* b = IntAttr(node, "has_bias", 0) ? in[k++] : nullptr;
+  LayerNormRows(x, nullptr, w, b, n, eps, nullptr, out);
 }
 
 template <typename T, typename Acc>
@@ -714,12 +954,10 @@ absl::StatusOr<Tensor> FusedAttention(const Tensor& q_in, const Tensor& k_in,
                             ShapeToString(k_in.shape()), ", v ", ShapeToString(v_in.shape()),
                             " do not fit"));
   }
-  Tensor q = ToFloat32(q_in), k = ToFloat32(k_in), v = ToFloat32(v_in);
   Shape out_shape = batch;
   out_shape.push_back(tq);
   out_shape.push_back(dv);
-  ASSIGN_OR_RETURN(Tensor out, Output(out_shape, DT_FLOAT32,
-                                      type == DT_FLOAT32 ? scratch : Tensor()));
+  ASSIGN_OR_RETURN(Tensor out, Output(out_shape, type, scratch));
   Shape scores = batch;
   scores.push_back(tq);
   scores.push_back(tk);
@@ -731,6 +969,19 @@ absl::StatusOr<Tensor> FusedAttention(const Tensor& q_in, const Tensor& k_in,
   const int64_t batches = NumElements(batch);
   constexpr int64_t kRows = 64;
   std::vector<float> s_block(static_cast<size_t>(std::min(tq, kRows) * tk));
+  // float16/bfloat16: one batch index of q, k and v widened at a time, and
+  // each block of output rows rounded back.
+  const bool wide = type == DT_FLOAT32;
+  std::vector<float> qf(wide ? 0 : tq * d), kf(wide ? 0 : tk * d), vf(wide ? 0 : tk * dv),
+      of(wide ? 0 : std::min(tq, kRows) * dv);
+  auto widen = [&](const Tensor& t, int64_t offset, int64_t n, float* to) {
+    const uint16_t* a = t.data_as<uint16_t>() + offset;
+    if (type == DT_BFLOAT16) {
+      WidenBf16(a, n, to);
+    } else {
+      for (int64_t i = 0; i < n; ++i) to[i] = HalfToFloat(a[i]);
+    }
+  };
   for (int64_t b = 0; b < batches; ++b) {
     // Offsets of this batch index in the masks.
     int64_t cond_base = 0, add_base = 0, rest = b;
@@ -740,41 +991,71 @@ absl::StatusOr<Tensor> FusedAttention(const Tensor& q_in, const Tensor& k_in,
       if (mask.cond != nullptr) cond_base += idx * cond_st[i];
       if (mask.add != nullptr) add_base += idx * add_st[i];
     }
-    const float* qb = q.data() + b * tq * d;
-    const float* kb = k.data() + b * tk * d;
-    const float* vb = v.data() + b * tk * dv;
-    float* ob = out.data() + b * tq * dv;
+    const float* qb = wide ? q_in.data() + b * tq * d : qf.data();
+    const float* kb = wide ? k_in.data() + b * tk * d : kf.data();
+    const float* vb = wide ? v_in.data() + b * tk * dv : vf.data();
+    if (!wide) {
+      widen(q_in, b * tq * d, tq * d, qf.data());
+      widen(k_in, b * tk * d, tk * d, kf.data());
+      widen(v_in, b * tk * dv, tk * dv, vf.data());
+    }
     for (int64_t r0 = 0; r0 < tq; r0 += kRows) {
       const int64_t m = std::min(kRows, tq - r0);
       float* sb = s_block.data();
       RETURN_IF_ERROR(Gemm(true, m, tk, d, qb + r0 * d, kb, 0.0f, sb));
       for (int64_t i = 0; i < m; ++i) {
-        float* row = sb + i * tk;
         const int64_t qi = r0 + i;
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < tk; ++j) {
-          float x = row[j] * scale;
-          if (mask.cond != nullptr &&
-              mask.cond->data_as<uint8_t>()[cond_base + qi * cond_st[r - 2] + j * cond_st[r - 1]]) {
-            x = mask.fill;
-          }
-          if (mask.add != nullptr) x += add.data()[add_base + qi * add_st[r - 2] + j * add_st[r - 1]];
-          row[j] = x;
-          mx = std::max(mx, x);
-        }
-        if (std::isinf(mx) && mx < 0) mx = 0;  // a fully masked row: NaN, as in PyTorch
-        double sum = 0;
-        for (int64_t j = 0; j < tk; ++j) {
-          row[j] = std::exp(row[j] - mx);
-          sum += row[j];
-        }
-        const float inv = static_cast<float>(1.0 / sum);
-        for (int64_t j = 0; j < tk; ++j) row[j] *= inv;
+        const uint8_t* cond =
+            mask.cond == nullptr
+                ? nullptr
+                : mask.cond->data_as<uint8_t>() + cond_base + qi * cond_st[r - 2];
+        const float* added =
+            mask.add == nullptr ? nullptr : add.data() + add_base + qi * add_st[r - 2];
+        ScaleMaskRow(sb + i * tk, tk, scale, cond, cond == nullptr ? 0 : cond_st[r - 1],
+                     mask.fill, added, added == nullptr ? 0 : add_st[r - 1]);
+        SoftmaxRow(sb + i * tk, tk);
       }
-      RETURN_IF_ERROR(Gemm(false, m, dv, tk, sb, vb, 0.0f, ob + r0 * dv));
+      float* ob = wide ? out.data() + (b * tq + r0) * dv : of.data();
+      RETURN_IF_ERROR(Gemm(false, m, dv, tk, sb, vb, 0.0f, ob));
+      if (!wide) {
+        uint16_t* o16 = out.data_as<uint16_t>() + (b * tq + r0) * dv;
+        if (type == DT_BFLOAT16) {
+          NarrowToBf16(ob, m * dv, o16);
+        } else {
+          for (int64_t i = 0; i < m * dv; ++i) o16[i] = FloatToHalf(ob[i]);
+        }
+      }
     }
   }
-  return type == DT_FLOAT32 ? out : FromFloat32(out, type);
+  return out;
+}
+
+absl::Status AddLayerNorm(const Node& norm, const Tensor& x, const Tensor& residual,
+                          const Tensor* w, const Tensor* b, Tensor* sum, Tensor* out) {
+  const int64_t nd = IntAttr(norm, "ndim", 1);
+  if (nd < 1 || nd > x.rank()) return Bad(absl::StrCat("layer_norm over ", nd, " dims"));
+  int64_t n = 1;
+  for (int i = x.rank() - static_cast<int>(nd); i < x.rank(); ++i) n *= x.dim(i);
+  if (x.dtype() != DT_FLOAT32 && x.dtype() != DT_BFLOAT16) {
+    return Bad(absl::StrCat("add + layer_norm over ", TorchName(x.dtype())));
+  }
+  for (const Tensor* t : {&residual, w, b, static_cast<const Tensor*>(sum),
+                          static_cast<const Tensor*>(out)}) {
+    if (t != nullptr && t->dtype() != x.dtype()) {
+      return Bad("add + layer_norm needs one dtype throughout");
+    }
+  }
+  if ((w != nullptr && w->numel() != n) || (b != nullptr && b->numel() != n) ||
+      sum->numel() != x.numel() || out->numel() != x.numel() || residual.numel() == 0 ||
+      residual.numel() % n != 0 || x.numel() % residual.numel() != 0 ||
+      !IsTrailingBlock(residual.shape(), x.shape())) {
+    return absl::UnimplementedError(absl::StrCat(
+        "add + layer_norm: x ", ShapeToString(x.shape()), ", residual ",
+        ShapeToString(residual.shape()), " over rows of ", n));
+  }
+  LayerNormRows(x, &residual, w, b, n, static_cast<float>(FloatAttr(norm, "eps", 1e-5)), sum,
+                out);
+  return absl::OkStatus();
 }
 
 Tensor ToFloat32(const Tensor& t) {
@@ -783,7 +1064,7 @@ Tensor ToFloat32(const Tensor& t) {
   const uint16_t* a = t.data_as<uint16_t>();
   float* o = out.data();
   if (t.dtype() == DT_BFLOAT16) {
-    for (int64_t i = 0; i < t.numel(); ++i) o[i] = Bf16ToFloat(a[i]);
+    WidenBf16(a, t.numel(), o);
   } else {
     for (int64_t i = 0; i < t.numel(); ++i) o[i] = HalfToFloat(a[i]);
   }
@@ -796,7 +1077,7 @@ Tensor FromFloat32(const Tensor& t, DataType to) {
   uint16_t* o = out.data_as<uint16_t>();
   const float* a = t.data();
   if (to == DT_BFLOAT16) {
-    for (int64_t i = 0; i < t.numel(); ++i) o[i] = FloatToBf16(a[i]);
+    NarrowToBf16(a, t.numel(), o);
   } else {
     for (int64_t i = 0; i < t.numel(); ++i) o[i] = FloatToHalf(a[i]);
   }
@@ -849,6 +1130,11 @@ absl::StatusOr<Tensor> RunCpuOp(const Node& node, const std::vector<const Tensor
                              in[0]->data_as<uint16_t>(), in[1]->data_as<uint16_t>(),
                              linear && in.size() > 2 ? in[2]->data_as<uint16_t>() : nullptr,
                              out.data_as<uint16_t>()));
+    return out;
+  }
+  if (all_bf16 && op == "layer_norm") {
+    ASSIGN_OR_RETURN(Tensor out, Output(out_shape, out_type, scratch));
+    LayerNorm(node, in, &out);
     return out;
   }
   // float16/bfloat16 math: in float32, rounded back to the value's type.
@@ -959,88 +1245,6 @@ absl::StatusOr<Tensor> RunFloat32(const Node& node, const std::vector<const Tens
 
 }  // namespace
 
-namespace {
-
-enum UnaryKind {
-  kURelu, kUGelu, kUGeluTanh, kUSilu, kUTanh, kUSigmoid, kUSqrt, kURsqrt, kUExp, kULog,
-  kUCos, kUSin, kUNeg, kUAbs, kUNone,
-};
-
-UnaryKind UnaryOf(const Node& node) {
-  static const auto* ops = new absl::flat_hash_map<std::string, UnaryKind>{
-      {"relu", kURelu}, {"gelu", kUGelu}, {"silu", kUSilu}, {"tanh", kUTanh},
-      {"sigmoid", kUSigmoid}, {"sqrt", kUSqrt}, {"rsqrt", kURsqrt}, {"exp", kUExp},
-      {"log", kULog}, {"cos", kUCos}, {"sin", kUSin}, {"neg", kUNeg}, {"abs", kUAbs}};
-  auto it = ops->find(node.op());
-  if (it == ops->end()) return kUNone;
-  if (it->second == kUGelu) {
-    const std::string approx = StringAttr(node, "approximate");
-    if (approx == "tanh") return kUGeluTanh;
-    if (!approx.empty() && approx != "none") return kUNone;
-  }
-  return it->second;
-}
-
-constexpr int64_t kBlock = 256;
-
-void ApplyUnary(int kind, const float* x, float* o, int64_t n) {
-  switch (kind) {
-#define PIPESERVE_UNARY(K, EXPR) \
-  case K:                        \
-    for (int64_t i = 0; i < n; ++i) { const float v = x[i]; o[i] = (EXPR); } \
-    break;
-    PIPESERVE_UNARY(kURelu, v > 0 || std::isnan(v) ? v : 0.0f)
-    PIPESERVE_UNARY(kUGelu, Gelu(v))
-    PIPESERVE_UNARY(kUGeluTanh, GeluTanh(v))
-    PIPESERVE_UNARY(kUSilu, v / (1.0f + FastExp(-v)))
-    PIPESERVE_UNARY(kUTanh, FastTanh(v))
-    PIPESERVE_UNARY(kUSigmoid, 1.0f / (1.0f + FastExp(-v)))
-    PIPESERVE_UNARY(kUSqrt, std::sqrt(v))
-    PIPESERVE_UNARY(kURsqrt, 1.0f / std::sqrt(v))
-    PIPESERVE_UNARY(kUExp, FastExp(v))
-    PIPESERVE_UNARY(kULog, std::log(v))
-    PIPESERVE_UNARY(kUCos, std::cos(v))
-    PIPESERVE_UNARY(kUSin, std::sin(v))
-    PIPESERVE_UNARY(kUNeg, -v)
-    PIPESERVE_UNARY(kUAbs, std::fabs(v))
-#undef PIPESERVE_UNARY
-    default: break;
-  }
-}
-
-template <typename F>
-void BinaryLoop(const float* x, const float* y, float* o, int64_t n, F f) {
-  for (int64_t i = 0; i < n; ++i) o[i] = f(x[i], y[i]);
-}
-
-void ApplyBinary(int kind, const float* x, const float* y, float* o, int64_t n) {
-  switch (static_cast<BinOp>(kind)) {
-    case BinOp::kAdd: BinaryLoop(x, y, o, n, [](float a, float b) { return a + b; }); break;
-    case BinOp::kSub: BinaryLoop(x, y, o, n, [](float a, float b) { return a - b; }); break;
-    case BinOp::kMul: BinaryLoop(x, y, o, n, [](float a, float b) { return a * b; }); break;
-    case BinOp::kDiv: BinaryLoop(x, y, o, n, [](float a, float b) { return a / b; }); break;
-    case BinOp::kMax: BinaryLoop(x, y, o, n, [](float a, float b) { return a > b ? a : b; }); break;
-    case BinOp::kMin: BinaryLoop(x, y, o, n, [](float a, float b) { return a < b ? a : b; }); break;
-    case BinOp::kPow: BinaryLoop(x, y, o, n, [](float a, float b) { return std::pow(a, b); }); break;
-    default: break;
-  }
-}
-
-// How an external input maps onto the output's flat index: all of it, its
-// trailing dims repeated ([D] or [T, D] against [B, H, T, D]), one value
-// per row ([..., 1]), or one value.
-enum class Broadcast { kFull, kRows, kPerRow, kScalar };
-
-// `s`, without leading 1s, equals the trailing dims of `out`.
-bool IsTrailingBlock(const Shape& s, const Shape& out) {
-  size_t first = 0;
-  while (first < s.size() && s[first] == 1) ++first;
-  const size_t n = s.size() - first;
-  if (n == 0 || n > out.size()) return false;
-  return std::equal(s.begin() + first, s.end(), out.end() - n);
-}
-
-}  // namespace
 
 bool ElementwiseGroup::Fusable(const Node& node) {
   if (UnaryOf(node) != kUNone) return true;
@@ -1099,30 +1303,41 @@ absl::StatusOr<Tensor> ElementwiseGroup::Run(const std::vector<const Tensor*>& e
   auto load = [&](size_t k, int64_t i0, int64_t m) {
     const Tensor& t = *externals[k];
     float* dst = ext(k);
+    // Copies (widening bfloat16) c elements of t from p.
+    auto copy = [&](int64_t p, int64_t c, float* to) {
+      if (bf16) {
+        WidenBf16(t.data_as<uint16_t>() + p, c, to);
+      } else {
+        std::memcpy(to, t.data() + p, c * sizeof(float));
+      }
+    };
     auto read = [&](int64_t i) {
       return bf16 ? Bf16ToFloat(t.data_as<uint16_t>()[i]) : t.data()[i];
     };
     switch (how[k]) {
       case Broadcast::kFull:
-        if (bf16) {
-          for (int64_t t2 = 0; t2 < m; ++t2) dst[t2] = Bf16ToFloat(t.data_as<uint16_t>()[i0 + t2]);
-        } else {
-          std::memcpy(dst, t.data() + i0, m * sizeof(float));
+        copy(i0, m, dst);
+        break;
+      case Broadcast::kRows: {  // the block in runs of t's elements
+        const int64_t period = t.numel();
+        for (int64_t done = 0, p = i0 % period; done < m; p = 0) {
+          const int64_t c = std::min(m - done, period - p);
+          copy(p, c, dst + done);
+          done += c;
         }
         break;
-      case Broadcast::kRows: {
-        const int64_t period = t.numel();
-        for (int64_t t2 = 0; t2 < m; ++t2) dst[t2] = read((i0 + t2) % period);
-        break;
       }
-      case Broadcast::kPerRow:
-        for (int64_t t2 = 0; t2 < m; ++t2) dst[t2] = read((i0 + t2) / last);
+      case Broadcast::kPerRow:  // one value per output row
+        for (int64_t done = 0; done < m;) {
+          const int64_t row = (i0 + done) / last;
+          const int64_t c = std::min(m - done, (row + 1) * last - (i0 + done));
+          std::fill(dst + done, dst + done + c, read(row));
+          done += c;
+        }
         break;
-      case Broadcast::kScalar: {
-        const float v = read(0);
-        for (int64_t t2 = 0; t2 < m; ++t2) dst[t2] = v;
+      case Broadcast::kScalar:
+        std::fill(dst, dst + m, read(0));
         break;
-      }
     }
   };
   std::vector<float> number(kBlock);
@@ -1153,8 +1368,7 @@ absl::StatusOr<Tensor> ElementwiseGroup::Run(const std::vector<const Tensor*>& e
     }
     const float* result = regs.data() + (codes_.size() - 1) * kBlock;
     if (bf16) {
-      uint16_t* o = out.data_as<uint16_t>() + i0;
-      for (int64_t t2 = 0; t2 < m; ++t2) o[t2] = FloatToBf16(result[t2]);
+      NarrowToBf16(result, m, out.data_as<uint16_t>() + i0);
     } else {
       std::memcpy(out.data() + i0, result, m * sizeof(float));
     }

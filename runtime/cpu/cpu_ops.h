@@ -49,6 +49,17 @@ absl::StatusOr<Tensor> FusedAttention(const Tensor& q, const Tensor& k, const Te
                                       float scale, const AttentionMask& mask,
                                       const Tensor& scratch);
 
+// A residual add and the layer_norm of its result in one pass per row (the
+// CPU backend fuses add -> layer_norm): *sum = x + residual (rounded to
+// x's type), *out = layer_norm(*sum) with `norm`'s attributes (ndim, eps,
+// has_weight, has_bias) and w, b (null when absent). float32 or bfloat16,
+// all of one type; residual has x's shape or is a block of its trailing
+// dims repeated ([T, D] against [B, T, D]); kUnimplemented for other shapes
+// (the caller runs the two ops one by one). *sum and *out are allocated by
+// the caller with x's shape and type.
+absl::Status AddLayerNorm(const Node& norm, const Tensor& x, const Tensor& residual,
+                          const Tensor* w, const Tensor* b, Tensor* sum, Tensor* out);
+
 // Elementwise float ops fused into one pass over blocks of 256 elements
 // held in L1 (the CPU backend groups ops whose intermediate values nothing
 // else reads: GPT-2's gelu written out, residual adds, RMSNorm's scaling).

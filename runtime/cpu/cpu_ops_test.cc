@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <random>
 #include <string>
@@ -357,6 +358,70 @@ TEST_F(CpuOpsConformance, GemmsAndFusedAttention) {
   }
 }
 
+// The residual add and the layer_norm after it, in one pass: the sum is
+// exactly what the add alone gives (rounded to the dtype), the norm is
+// checked against float64 over that sum. Rows of 40 and of 100 (16-lane
+// sums with tails), a residual of the whole shape and one of its trailing
+// dims repeated ([T, D] against [B, T, D]), with and without affine.
+TEST_F(CpuOpsConformance, AddThenLayerNormInOnePass) {
+  for (DataType t : {DT_FLOAT32, DT_BFLOAT16}) {
+    for (int64_t n : {40, 100}) {
+      for (bool whole : {true, false}) {
+        for (bool affine : {true, false}) {
+          const Shape shape = {3, 5, n};
+          const Shape rshape = whole ? shape : Shape{5, n};
+          Tensor x = Make(shape, t, Random(15 * n, -3, 3, 61));
+          Tensor r = Make(rshape, t, Random(NumElements(rshape), -3, 3, 62));
+          Tensor w = Make({n}, t, Random(n, 0.5, 1.5, 63));
+          Tensor b = Make({n}, t, Random(n, -1, 1, 64));
+          Node norm = MakeNode("layer_norm");
+          (*norm.mutable_attrs())["ndim"].set_i(1);
+          (*norm.mutable_attrs())["eps"].set_f(1e-5);
+          (*norm.mutable_attrs())["has_weight"].set_i(affine);
+          (*norm.mutable_attrs())["has_bias"].set_i(affine);
+          Tensor sum = Tensor::Empty(shape, t), out = Tensor::Empty(shape, t);
+          ASSERT_TRUE(AddLayerNorm(norm, x, r, affine ? &w : nullptr, affine ? &b : nullptr,
+                                   &sum, &out).ok());
+          // The sum: bit for bit what the add op computes.
+          absl::StatusOr<Tensor> added =
+              RunCpuOp(MakeNode("add"), {&x, &r}, shape, t, Tensor());
+          ASSERT_TRUE(added.ok()) << added.status();
+          ASSERT_EQ(std::memcmp(sum.raw_data(), added->raw_data(), sum.byte_size()), 0)
+              << TorchName(t) << " n " << n;
+          // The norm of that sum, against float64.
+          std::vector<double> h = Held(sum), hw = Held(w), hb = Held(b), ref(15 * n);
+          for (int row = 0; row < 15; ++row) {
+            double mean = 0, var = 0;
+            for (int64_t k = 0; k < n; ++k) mean += h[row * n + k] / n;
+            for (int64_t k = 0; k < n; ++k) var += (h[row * n + k] - mean) * (h[row * n + k] - mean) / n;
+            for (int64_t k = 0; k < n; ++k) {
+              const double v = (h[row * n + k] - mean) / std::sqrt(var + 1e-5);
+              ref[row * n + k] = affine ? v * hw[k] + hb[k] : v;
+            }
+          }
+          const double err = NormError(out, ref);
+          if (n == 100 && !whole && affine) {
+            rows_->push_back({"add + layer_norm (fused)", TorchName(t), err, Bound(t)});
+          }
+          EXPECT_LE(err, Bound(t)) << TorchName(t) << " n " << n << " whole " << whole;
+        }
+      }
+    }
+  }
+  // A residual that is not a trailing block is left to the two ops.
+  Tensor x = Make({3, 5, 40}, DT_FLOAT32, Random(600, -1, 1, 65));
+  Tensor col = Make({3, 1, 40}, DT_FLOAT32, Random(120, -1, 1, 66));
+  Tensor sum = Tensor::Empty({3, 5, 40}), out = Tensor::Empty({3, 5, 40});
+  Node norm = MakeNode("layer_norm");
+  (*norm.mutable_attrs())["ndim"].set_i(1);
+  EXPECT_EQ(AddLayerNorm(norm, x, col, nullptr, nullptr, &sum, &out).code(),
+            absl::StatusCode::kUnimplemented);
+  // Mixed dtypes are refused, naming the problem.
+  Tensor r16 = Make({3, 5, 40}, DT_BFLOAT16, Random(600, -1, 1, 67));
+  EXPECT_THAT(AddLayerNorm(norm, x, r16, nullptr, nullptr, &sum, &out).message(),
+              HasSubstr("one dtype"));
+}
+
 // GPT-2's gelu written out, plus a residual add with a row-broadcast
 // vector and a per-row scale, as one ElementwiseGroup.
 TEST_F(CpuOpsConformance, FusedElementwiseGroup) {
@@ -431,6 +496,25 @@ TEST_F(CpuOpsConformance, DataMovementIsExact) {
     for (int i = 0; i < 2; ++i)
       for (int j = 0; j < 3; ++j) pref.push_back(h[i * 12 + j * 4 + k]);
   Check(perm, {x}, {4, 2, 3}, DT_BFLOAT16, pref, 0);
+  // Permutes and slices that keep the last dim copy whole rows:
+  // [2, 3, 4] -> [3, 2, 4] (attention's transpose(1, 2)) and [:, 1:3, :].
+  for (DataType t : {DT_FLOAT32, DT_BFLOAT16}) {
+    Tensor y = Make({2, 3, 4}, t, Random(24, -2, 2, 43));
+    std::vector<double> hy = Held(y), tref, rref;
+    Node swap = MakeNode("permute");
+    for (int d : {1, 0, 2}) (*swap.mutable_attrs())["dims"].mutable_ints()->add_v(d);
+    for (int j = 0; j < 3; ++j)
+      for (int i = 0; i < 2; ++i)
+        for (int k = 0; k < 4; ++k) tref.push_back(hy[i * 12 + j * 4 + k]);
+    Check(swap, {y}, {3, 2, 4}, t, tref, 0, "permute (rows kept)");
+    Node rows = MakeNode("slice");
+    (*rows.mutable_attrs())["dim"].set_i(1);
+    (*rows.mutable_attrs())["start"].set_i(1);
+    for (int i = 0; i < 2; ++i)
+      for (int j = 1; j < 3; ++j)
+        for (int k = 0; k < 4; ++k) rref.push_back(hy[i * 12 + j * 4 + k]);
+    Check(rows, {y}, {2, 2, 4}, t, rref, 0, "slice (rows kept)");
+  }
   Node slice = MakeNode("slice");
   (*slice.mutable_attrs())["dim"].set_i(2);
   (*slice.mutable_attrs())["start"].set_i(-3);

@@ -1,0 +1,117 @@
+// The CPU backend's graph-level fusions, seen from outside: a fused
+// program gives what the unfused one gives, and the profile
+// (PIPESERVE_CPU_PROFILE) names the fused steps it ran.
+#include "runtime/cpu/cpu_backend.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "partitioner/graph_builder.h"
+#include "runtime/random_tensor.h"
+
+namespace pipeserve {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+AttrValue F(double f) {
+  AttrValue a;
+  a.set_f(f);
+  return a;
+}
+
+AttrValue I(int64_t i) {
+  AttrValue a;
+  a.set_i(i);
+  return a;
+}
+
+// The pre-norm transformer's residual stream: h = x + pos, y = norm(h),
+// z = h + y (h read again after the norm). With `late_weight`, the norm's
+// weight is computed after the add, so the add cannot carry the norm.
+Model ResidualStream(bool late_weight) {
+  GraphBuilder b(7);
+  b.Input("x", {-1, 4, 40});
+  b.Param("pos", {4, 40});
+  b.Param("ln.weight", {40});
+  b.Param("ln.bias", {40});
+  b.Op("add", {"x", "pos"}, "h");
+  std::string weight = "ln.weight";
+  if (late_weight) {
+    b.Op("mul", {"ln.weight"}, "w2", "", {{"scalar", F(2.0)}});
+    weight = "w2";
+  }
+  b.Op("layer_norm", {"h", weight, "ln.bias"}, "y", "ln",
+       {{"ndim", I(1)}, {"eps", F(1e-5)}, {"has_weight", I(1)}, {"has_bias", I(1)}});
+  b.Op("add", {"h", "y"}, "z");
+  b.Output("y");
+  b.Output("z");
+  return b.Build();
+}
+
+struct Ran {
+  std::vector<Tensor> outputs;
+  std::string profile;  // what the program printed when destroyed
+};
+
+Ran RunTwice(const Model& m, bool fuse, const Tensor& x) {
+  CpuBackendOptions o;
+  o.fuse_elementwise = fuse;
+  std::unique_ptr<ComputeBackend> cpu = MakeCpuBackend(o);
+  absl::StatusOr<std::unique_ptr<StageProgram>> prog = cpu->Compile(m.graph, m.weights);
+  EXPECT_TRUE(prog.ok()) << prog.status();
+  if (!prog.ok()) return {};
+  Ran r;
+  for (int i = 0; i < 2; ++i) {
+    absl::StatusOr<std::vector<Tensor>> out = (*prog)->Run({x});
+    EXPECT_TRUE(out.ok()) << out.status();
+    if (out.ok()) r.outputs = *out;
+  }
+  ::testing::internal::CaptureStderr();
+  prog->reset();
+  r.profile = ::testing::internal::GetCapturedStderr();
+  return r;
+}
+
+class CpuBackendFusionTest : public ::testing::Test {
+ protected:
+  // The profile flag is read once per process, at the first compile.
+  static void SetUpTestSuite() { setenv("PIPESERVE_CPU_PROFILE", "1", 1); }
+};
+
+void ExpectSameBits(const std::vector<Tensor>& a, const std::vector<Tensor>& b) {
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    ASSERT_EQ(a[i].shape(), b[i].shape());
+    EXPECT_EQ(std::memcmp(a[i].raw_data(), b[i].raw_data(), a[i].byte_size()), 0)
+        << "output " << i;
+  }
+}
+
+TEST_F(CpuBackendFusionTest, AResidualAddAndTheLayerNormAfterItRunAsOneStep) {
+  const Model m = ResidualStream(/*late_weight=*/false);
+  const Tensor x = RandomTensor({3, 4, 40}, 11);
+  Ran fused = RunTwice(m, true, x), plain = RunTwice(m, false, x);
+  EXPECT_THAT(fused.profile, HasSubstr("add + layer_norm (fused)"));
+  EXPECT_THAT(plain.profile, Not(HasSubstr("add + layer_norm (fused)")));
+  EXPECT_THAT(plain.profile, HasSubstr("layer_norm"));
+  // Same arithmetic, one pass: the same bits, both the norm and the sum
+  // the later add reads.
+  ExpectSameBits(fused.outputs, plain.outputs);
+}
+
+TEST_F(CpuBackendFusionTest, ANormWhoseWeightIsMadeAfterTheAddIsNotFused) {
+  const Model m = ResidualStream(/*late_weight=*/true);
+  const Tensor x = RandomTensor({2, 4, 40}, 12);
+  Ran fused = RunTwice(m, true, x), plain = RunTwice(m, false, x);
+  EXPECT_THAT(fused.profile, Not(HasSubstr("add + layer_norm (fused)")));
+  ExpectSameBits(fused.outputs, plain.outputs);
+}
+
+}  // namespace
+}  // namespace pipeserve
