@@ -28,8 +28,8 @@ enum class Kind {
   kGeneric,  // RunCpuOp (cpu_ops.h): every other op, and other dtypes
   kAttention,  // matmul -> scale -> mask -> softmax -> matmul, fused
   kElementwise,  // a group of elementwise ops in one pass (ElementwiseGroup)
-  kAddNorm,    // add -> layer_norm: both results in one pass (AddLayerNorm)
-  kSkip,       // folded into a kAttention, kElementwise or kAddNorm step
+  kNorm,       // [add ->] layer_norm or RMSNorm in one pass (FusedNorm)
+  kSkip,       // folded into a kAttention, kElementwise or kNorm step
 };
 
 // The float32 fast paths; everything else is kGeneric.
@@ -85,8 +85,13 @@ struct Step {
   std::shared_ptr<const ElementwiseGroup> group;
   std::vector<int> members;
   std::vector<int> own_in;  // the last member's own inputs
-  // kAddNorm (at the add): in = {x, residual, weight?, bias?}, `out` the
-  // sum; the layer_norm step (now kSkip) and the slot of its result.
+  // kNorm: in = {x, residual?, weight?, bias?}; at the residual add (`out`
+  // the sum) or, without one, at the norm's last step. norm_step is the
+  // step whose result the norm's is (its buffer is reused), norm_out its
+  // slot; `members` (with `own_in`) run the ops one by one when the fused
+  // pass cannot take the shapes.
+  NormKind norm;
+  bool residual = false, norm_weight = false, norm_bias = false;
   int norm_step = -1, norm_out = -1;
 };
 
@@ -150,8 +155,8 @@ class CpuProgram : public StageProgram {
         RETURN_IF_ERROR(RunGeneric(step_index, in_shapes, &values));
         continue;
       }
-      if (step.kind == Kind::kAddNorm) {
-        RETURN_IF_ERROR(RunAddNorm(step_index, &values));
+      if (step.kind == Kind::kNorm) {
+        RETURN_IF_ERROR(RunNorm(step_index, &values));
         continue;
       }
       absl::StatusOr<std::vector<Shape>> out_shape =
@@ -199,7 +204,10 @@ class CpuProgram : public StageProgram {
     for (size_t i = 0; i < steps_.size(); ++i) {
       std::string name = steps_[i].kind == Kind::kAttention     ? "attention (fused)"
                          : steps_[i].kind == Kind::kElementwise ? "elementwise (fused)"
-                         : steps_[i].kind == Kind::kAddNorm ? "add + layer_norm (fused)"
+                         : steps_[i].kind == Kind::kNorm
+                             ? absl::StrCat(steps_[i].residual ? "add + " : "",
+                                            steps_[i].norm.rms ? "RMSNorm" : "layer_norm",
+                                            " (fused)")
                          : steps_[i].kind == Kind::kGeneric
                              ? steps_[i].node->op()
                              : absl::StrCat(steps_[i].node->op(), " (fast)");
@@ -254,33 +262,35 @@ class CpuProgram : public StageProgram {
     return absl::OkStatus();
   }
 
-  absl::Status RunAddNorm(size_t step_index, std::vector<Tensor>* values) {
+  absl::Status RunNorm(size_t step_index, std::vector<Tensor>* values) {
     const Step& step = steps_[step_index];
     const Tensor& x = (*values)[step.in[0]];
-    const Node& norm = *steps_[step.norm_step].node;
-    size_t k = 2;
-    const Tensor* w = IntAttr(norm, "has_weight", 0) ? &(*values)[step.in[k++]] : nullptr;
-    const Tensor* b = IntAttr(norm, "has_bias", 0) ? &(*values)[step.in[k++]] : nullptr;
-    Tensor sum = Buffer(step_index, x.shape(), x.dtype());
+    size_t k = 1;
+    const Tensor* residual = step.residual ? &(*values)[step.in[k++]] : nullptr;
+    const Tensor* w = step.norm_weight ? &(*values)[step.in[k++]] : nullptr;
+    const Tensor* b = step.norm_bias ? &(*values)[step.in[k++]] : nullptr;
     Tensor out = Buffer(step.norm_step, x.shape(), x.dtype());
-    absl::Status st = AddLayerNorm(norm, x, (*values)[step.in[1]], w, b, &sum, &out);
+    Tensor sum = residual == nullptr ? Tensor() : Buffer(step_index, x.shape(), x.dtype());
+    absl::Status st = FusedNorm(step.norm, x, residual, w, b, &sum, &out);
     if (st.code() == absl::StatusCode::kUnimplemented) {
-      // Shapes the fused pass does not take: the add, then the norm.
+      // Shapes the fused pass does not take: the ops one by one.
       sum = Tensor();
       out = Tensor();
-      std::vector<const Tensor*> args = {&x, &(*values)[step.in[1]]};
-      RETURN_IF_ERROR(RunOne(*step.node, args, step.out_type, &(*values)[step.out]));
-      args = {&(*values)[step.out]};
-      if (w != nullptr) args.push_back(w);
-      if (b != nullptr) args.push_back(b);
-      return RunOne(norm, args, step.out_type, &(*values)[step.norm_out]);
+      for (int j : step.members) {
+        const Step& m = steps_[j];
+        std::vector<const Tensor*> args;
+        for (int slot : j == static_cast<int>(step_index) ? step.own_in : m.in) {
+          args.push_back(&(*values)[slot]);
+        }
+        RETURN_IF_ERROR(RunOne(*m.node, args, m.out_type, &(*values)[m.out]));
+      }
+      return absl::OkStatus();
     }
     if (!st.ok()) {
-      return absl::Status(st.code(), absl::StrCat("node \"", step.node->name(), "\" (add) and \"",
-                                                  norm.name(), "\" (layer_norm): ",
-                                                  st.message()));
+      return absl::Status(st.code(), absl::StrCat("node \"", steps_[step.norm_step].node->name(),
+                                                  "\" (fused norm): ", st.message()));
     }
-    (*values)[step.out] = std::move(sum);
+    if (residual != nullptr) (*values)[step.out] = std::move(sum);
     (*values)[step.norm_out] = std::move(out);
     return absl::OkStatus();
   }
@@ -299,59 +309,161 @@ class CpuProgram : public StageProgram {
     return absl::OkStatus();
   }
 
-  // Finds add(x, residual) -> layer_norm (float32 or bfloat16, x of the
-  // sum's shape, the residual of it or of its trailing dims; the norm's
-  // weight and bias made before the add) and runs both at the add as one
-  // kAddNorm step: the pre-norm transformer's residual stream, where the
-  // sum is read again later.
-  void FuseAddNorm(const ValueShapes& shapes, const ValueTypes& types) {
+  struct SlotUses;  // below
+
+  // A norm found in the graph: its input, weight and bias slots, its steps
+  // (in order) and the step whose result is the norm's.
+  struct NormMatch {
+    NormKind kind;
+    int x = -1, weight = -1, bias = -1;
+    std::vector<int> steps;
+    int last = -1;
+  };
+
+  // The RMSNorm pattern ending at step i: mul(w, mul(x, rsqrt(add(mean(
+  // pow(x, 2), [-1], keepdim), eps)))), either operand order of the muls,
+  // every value between read once, w of x's last dim.
+  bool MatchRms(int i, const SlotUses& uses, const ValueShapes& shapes, NormMatch* m) const {
+    auto made_by = [&](int slot, const char* op) -> const Step* {
+      auto p = uses.producer.find(slot);
+      if (p == uses.producer.end() || uses.readers.at(slot) != 1) return nullptr;
+      const Step& s = steps_[p->second];
+      if (s.node->op() != op || s.kind == Kind::kSkip || s.symbolic) return nullptr;
+      return &s;
+    };
+    auto index = [&](const Step* s) { return static_cast<int>(s - steps_.data()); };
+    const Step& root = steps_[i];
+    if (root.node->op() != "mul" || root.in.size() != 2 || HasScalarOperand(*root.node)) {
+      return false;
+    }
+    for (int wi : {0, 1}) {
+      const Step* h = made_by(root.in[1 - wi], "mul");
+      if (h == nullptr || h->in.size() != 2 || HasScalarOperand(*h->node)) continue;
+      for (int xi : {0, 1}) {
+        const Step* r = made_by(h->in[1 - xi], "rsqrt");
+        const Step* a = r == nullptr ? nullptr : made_by(r->in[0], "add");
+        if (a == nullptr || !HasScalarOperand(*a->node)) continue;
+        const Step* mean = made_by(a->in[0], "mean");
+        if (mean == nullptr || IntAttr(*mean->node, "keepdim", 0) == 0) continue;
+        const Shape& xs = shapes.at(h->node->inputs(xi));
+        const std::vector<int64_t> dims = ResolvedInts(*mean->node, "dims", {}, -1);
+        if (xs.empty() || dims.size() != 1 ||
+            (dims[0] != -1 && dims[0] != static_cast<int64_t>(xs.size()) - 1)) {
+          continue;
+        }
+        const Step* pow = made_by(mean->in[0], "pow");
+        if (pow == nullptr || !HasScalarOperand(*pow->node) ||
+            IntAttr(*pow->node, "reverse", 0) != 0 || FloatAttr(*pow->node, "scalar", 0) != 2 ||
+            pow->in[0] != h->in[xi]) {
+          continue;
+        }
+        const Shape& ws = shapes.at(root.node->inputs(wi));
+        if (NumElements(ws) != xs.back() || shapes.at(root.node->outputs(0)) != xs) continue;
+        m->kind.rms = true;
+        m->kind.ndim = 1;
+        m->kind.eps = static_cast<float>(FloatAttr(*a->node, "scalar", 0));
+        m->x = h->in[xi];
+        m->weight = root.in[wi];
+        m->steps = {index(pow), index(mean), index(a), index(r), index(h), i};
+        m->last = i;
+        return true;
+      }
+    }
+    return false;
+  }
+
+  // Finds each layer_norm and each RMSNorm pattern (float32 or bfloat16,
+  // one dtype throughout) and runs it as one kNorm step. When its input is
+  // made by add(x, residual) (x of the sum's shape, the residual of it or
+  // of its trailing dims; the norm's weight and bias made before the add),
+  // the add joins: the pre-norm transformer's residual stream, where the
+  // sum is read again later. A lone layer_norm is left as it is (it is one
+  // pass already).
+  void FuseNorms(const ValueShapes& shapes, const ValueTypes& types) {
     SlotUses uses = CountSlotUses();
-    for (size_t li = 0; li < steps_.size(); ++li) {
-      Step& norm = steps_[li];
-      if (norm.node->op() != "layer_norm" || norm.kind != Kind::kGeneric || norm.symbolic) {
+    for (size_t i = 0; i < steps_.size(); ++i) {
+      Step& last = steps_[i];
+      if (last.kind == Kind::kSkip || last.symbolic) continue;
+      NormMatch m;
+      if (last.node->op() == "layer_norm" && last.kind == Kind::kGeneric) {
+        m.kind.ndim = IntAttr(*last.node, "ndim", 1);
+        m.kind.eps = static_cast<float>(FloatAttr(*last.node, "eps", 1e-5));
+        m.x = last.in[0];
+        size_t k = 1;
+        if (IntAttr(*last.node, "has_weight", 0)) m.weight = last.in[k++];
+        if (IntAttr(*last.node, "has_bias", 0)) m.bias = last.in[k++];
+        m.steps = {static_cast<int>(i)};
+        m.last = static_cast<int>(i);
+      } else if (!MatchRms(static_cast<int>(i), uses, shapes, &m)) {
         continue;
       }
-      auto p = uses.producer.find(norm.in[0]);
-      if (p == uses.producer.end()) continue;
-      const size_t ai = p->second;
-      Step& add = steps_[ai];
-      if (add.node->op() != "add" || (add.kind != Kind::kAdd && add.kind != Kind::kGeneric) ||
-          add.symbolic || add.in.size() != 2 || HasScalarOperand(*add.node) ||
-          FloatAttr(*add.node, "alpha", 1) != 1) {
-        continue;
+      const DataType type = last.out_type;
+      if (type != DT_FLOAT32 && type != DT_BFLOAT16) continue;
+      bool one_type = true;
+      for (int j : m.steps) {
+        for (const std::string& v : steps_[j].node->inputs()) {
+          one_type = one_type && types.at(v) == type;
+        }
       }
-      const DataType type = add.out_type;
-      if ((type != DT_FLOAT32 && type != DT_BFLOAT16) || norm.out_type != type) continue;
-      const Shape& sum_shape = shapes.at(add.node->outputs(0));
-      std::vector<int> in = add.in;
-      std::vector<std::string> names = {add.node->inputs(0), add.node->inputs(1)};
-      if (shapes.at(names[0]) != sum_shape) {
-        std::swap(in[0], in[1]);
-        std::swap(names[0], names[1]);
+      if (!one_type) continue;
+      // The residual add, if the norm's input is one.
+      int host = m.last;
+      std::vector<int> residual;
+      auto p = uses.producer.find(m.x);
+      if (p != uses.producer.end()) {
+        const int ai = p->second;
+        const Step& add = steps_[ai];
+        std::vector<int> in = add.in;
+        std::vector<std::string> names;
+        for (const std::string& v : add.node->inputs()) names.push_back(v);
+        const Shape& sum_shape = shapes.at(add.node->outputs(0));
+        bool ok = add.node->op() == "add" &&
+                  (add.kind == Kind::kAdd || add.kind == Kind::kGeneric) && !add.symbolic &&
+                  in.size() == 2 && !HasScalarOperand(*add.node) &&
+                  FloatAttr(*add.node, "alpha", 1) == 1 && add.out_type == type;
+        if (ok && shapes.at(names[0]) != sum_shape) {
+          std::swap(in[0], in[1]);
+          std::swap(names[0], names[1]);
+        }
+        ok = ok && shapes.at(names[0]) == sum_shape && types.at(names[0]) == type &&
+             types.at(names[1]) == type;
+        for (int slot : {m.weight, m.bias}) {
+          if (slot < 0) continue;
+          auto q = uses.producer.find(slot);
+          ok = ok && (q == uses.producer.end() || q->second < ai);
+        }
+        if (ok) {
+          const Shape& r = shapes.at(names[1]);
+          size_t first = 0;
+          while (first < r.size() && r[first] == 1) ++first;
+          ok = r.size() - first <= sum_shape.size() &&
+               std::equal(r.begin() + first, r.end(), sum_shape.end() - (r.size() - first));
+        }
+        if (ok) {
+          host = ai;
+          residual = in;
+        }
       }
-      bool ok = shapes.at(names[0]) == sum_shape && types.at(names[0]) == type &&
-                types.at(names[1]) == type;
-      for (int k = 1; k < norm.node->inputs_size(); ++k) {
-        auto q = uses.producer.find(norm.in[k]);
-        ok = ok && (q == uses.producer.end() || q->second < static_cast<int>(ai)) &&
-             types.at(norm.node->inputs(k)) == type;
+      if (residual.empty() && !m.kind.rms) continue;
+      Step& h = steps_[host];
+      std::vector<int> members = m.steps;
+      if (host != m.last) members.insert(members.begin(), host);
+      h.own_in = h.in;
+      h.members = members;
+      h.in = residual.empty() ? std::vector<int>{m.x} : residual;
+      if (m.weight >= 0) h.in.push_back(m.weight);
+      if (m.bias >= 0) h.in.push_back(m.bias);
+      h.kind = Kind::kNorm;
+      h.norm = m.kind;
+      h.residual = !residual.empty();
+      h.norm_weight = m.weight >= 0;
+      h.norm_bias = m.bias >= 0;
+      h.norm_step = m.last;
+      h.norm_out = steps_[m.last].out;
+      for (int j : members) {
+        if (j != host) steps_[j].kind = Kind::kSkip;
       }
-      if (!ok) continue;
-      const Shape& residual = shapes.at(names[1]);
-      size_t first = 0;
-      while (first < residual.size() && residual[first] == 1) ++first;
-      if (residual.size() - first > sum_shape.size() ||
-          !std::equal(residual.begin() + first, residual.end(),
-                      sum_shape.end() - (residual.size() - first))) {
-        continue;
-      }
-      add.kind = Kind::kAddNorm;
-      add.in = in;
-      add.in.insert(add.in.end(), norm.in.begin() + 1, norm.in.end());
-      add.norm_step = static_cast<int>(li);
-      add.norm_out = norm.out;
-      norm.kind = Kind::kSkip;
-      ++fused_add_norm_;
+      ++fused_norms_;
     }
   }
 
@@ -378,7 +490,7 @@ class CpuProgram : public StageProgram {
     std::vector<bool> grouped(steps_.size(), false);
     auto candidate = [&](int i) {
       const Step& s = steps_[i];
-      if (s.kind == Kind::kSkip || s.kind == Kind::kAttention || s.kind == Kind::kAddNorm ||
+      if (s.kind == Kind::kSkip || s.kind == Kind::kAttention || s.kind == Kind::kNorm ||
           s.kind == Kind::kForward ||
           s.kind == Kind::kIdentity || s.kind == Kind::kElementwise || s.fused_relu ||
           s.symbolic || !ElementwiseGroup::Fusable(*s.node)) {
@@ -567,7 +679,7 @@ class CpuProgram : public StageProgram {
     }
     for (const std::string& v : graph_.outputs()) output_slots_.push_back(slot_of(v));
     if (options_.fuse_attention) FuseAttention(shapes, types);
-    if (options_.fuse_elementwise) FuseAddNorm(shapes, types);
+    if (options_.fuse_elementwise) FuseNorms(shapes, types);
     if (options_.fuse_elementwise) FuseElementwise(shapes, types);
     constants_.resize(slot.size());
     scratch_.resize(steps_.size());
@@ -770,7 +882,7 @@ class CpuProgram : public StageProgram {
   std::atomic<int> runs_{0};  // Run calls so far
   int fused_attention_ = 0;
   int fused_elementwise_ = 0;
-  int fused_add_norm_ = 0;
+  int fused_norms_ = 0;
   std::vector<int> input_slots_;
   std::vector<int> output_slots_;
 };

@@ -3,6 +3,7 @@
 // (PIPESERVE_CPU_PROFILE) names the fused steps it ran.
 #include "runtime/cpu/cpu_backend.h"
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -49,6 +50,33 @@ Model ResidualStream(bool late_weight) {
   b.Op("layer_norm", {"h", weight, "ln.bias"}, "y", "ln",
        {{"ndim", I(1)}, {"eps", F(1e-5)}, {"has_weight", I(1)}, {"has_bias", I(1)}});
   b.Op("add", {"h", "y"}, "z");
+  b.Output("y");
+  b.Output("z");
+  return b.Build();
+}
+
+// Llama's residual stream: h = x + pos, y = RMSNorm(h) written out as
+// w * (h * rsqrt(mean(h^2, -1, keepdim) + eps)), z = h + y. Without
+// `residual`, the norm reads the model input x directly.
+Model RmsStream(bool residual) {
+  GraphBuilder b(8);
+  b.Input("x", {-1, 4, 40});
+  b.Param("pos", {4, 40});
+  b.Param("norm.weight", {40});
+  std::string h = "x";
+  if (residual) {
+    b.Op("add", {"x", "pos"}, "h");
+    h = "h";
+  }
+  AttrValue dims;
+  dims.mutable_ints()->add_v(-1);
+  b.Op("pow", {h}, "sq", "norm", {{"scalar", F(2.0)}});
+  b.Op("mean", {"sq"}, "ms", "norm", {{"dims", dims}, {"keepdim", I(1)}});
+  b.Op("add", {"ms"}, "mse", "norm", {{"scalar", F(1e-6)}});
+  b.Op("rsqrt", {"mse"}, "inv", "norm");
+  b.Op("mul", {h, "inv"}, "normed", "norm");
+  b.Op("mul", {"norm.weight", "normed"}, "y", "norm");
+  b.Op("add", {h, "y"}, "z");
   b.Output("y");
   b.Output("z");
   return b.Build();
@@ -111,6 +139,41 @@ TEST_F(CpuBackendFusionTest, ANormWhoseWeightIsMadeAfterTheAddIsNotFused) {
   Ran fused = RunTwice(m, true, x), plain = RunTwice(m, false, x);
   EXPECT_THAT(fused.profile, Not(HasSubstr("add + layer_norm (fused)")));
   ExpectSameBits(fused.outputs, plain.outputs);
+}
+
+// Outputs equal to within `rel` of the norm of the reference.
+void ExpectClose(const std::vector<Tensor>& a, const std::vector<Tensor>& ref, double rel) {
+  ASSERT_EQ(a.size(), ref.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    ASSERT_EQ(a[i].shape(), ref[i].shape());
+    double num = 0, den = 0;
+    for (int64_t k = 0; k < a[i].numel(); ++k) {
+      const double d = a[i].data()[k] - ref[i].data()[k];
+      num += d * d;
+      den += static_cast<double>(ref[i].data()[k]) * ref[i].data()[k];
+    }
+    EXPECT_LE(std::sqrt(num / den), rel) << "output " << i;
+  }
+}
+
+TEST_F(CpuBackendFusionTest, TheRmsNormPatternAndTheResidualAddBeforeItRunAsOneStep) {
+  const Model m = RmsStream(/*residual=*/true);
+  const Tensor x = RandomTensor({3, 4, 40}, 13);
+  Ran fused = RunTwice(m, true, x), plain = RunTwice(m, false, x);
+  EXPECT_THAT(fused.profile, HasSubstr("add + RMSNorm (fused)"));
+  EXPECT_THAT(fused.profile, Not(HasSubstr("rsqrt")));
+  EXPECT_THAT(plain.profile, HasSubstr("rsqrt"));
+  // One rounding instead of five: equal to float32 precision.
+  ExpectClose(fused.outputs, plain.outputs, 1e-6);
+}
+
+TEST_F(CpuBackendFusionTest, AnRmsNormOfAModelInputRunsAsOneStep) {
+  const Model m = RmsStream(/*residual=*/false);
+  const Tensor x = RandomTensor({2, 4, 40}, 14);
+  Ran fused = RunTwice(m, true, x), plain = RunTwice(m, false, x);
+  EXPECT_THAT(fused.profile, HasSubstr("RMSNorm (fused)"));
+  EXPECT_THAT(fused.profile, Not(HasSubstr("add + RMSNorm")));
+  ExpectClose(fused.outputs, plain.outputs, 1e-6);
 }
 
 }  // namespace

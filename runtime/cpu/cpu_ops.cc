@@ -458,11 +458,12 @@ void ScaleMaskRow(float* row, int64_t n, float scale, const uint8_t* cond, int64
   }
 }
 
-// o = (x - mean) / sqrt(var + eps) * w + b over one row of n; w and b may
-// be null. With `add`, x + add is normalised instead and written to `sum`
+// o = (x - mean) / sqrt(var + eps) * w + b over one row of n (layer_norm),
+// or with `rms` o = x / sqrt(mean(x^2) + eps) * w (RMSNorm); w and b may be
+// null. With `add`, x + add is normalised instead and written to `sum`
 // (rounded to bfloat16 first when round_bf16, as a bfloat16 add would be).
 PIPESERVE_VECTOR_CLONES
-void LayerNormRow(const float* x, const float* add, bool round_bf16, int64_t n,
+void LayerNormRow(const float* x, const float* add, bool round_bf16, bool rms, int64_t n,
                   const float* w, const float* b, float eps, float* sum, float* o) {
   if (add != nullptr) {
     for (int64_t i = 0; i < n; ++i) {
@@ -470,6 +471,23 @@ void LayerNormRow(const float* x, const float* add, bool round_bf16, int64_t n,
       sum[i] = round_bf16 ? Bf16ToFloat(FloatToBf16(v)) : v;
     }
     x = sum;
+  }
+  if (rms) {
+    float lane[kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) lane[j] += x[i + j] * x[i + j];
+    }
+    float ss = 0;
+    for (int j = 0; j < kLanes; ++j) ss += lane[j];
+    for (; i < n; ++i) ss += x[i] * x[i];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+    if (w != nullptr) {
+      for (int64_t k = 0; k < n; ++k) o[k] = x[k] * inv * w[k];
+    } else {
+      for (int64_t k = 0; k < n; ++k) o[k] = x[k] * inv;
+    }
+    return;
   }
   const float mean = LaneSum(x, n) / static_cast<float>(n);
   float lane[kLanes] = {};
@@ -689,13 +707,13 @@ void Softmax(const Tensor& x, int dim, bool log, Tensor* out) {
 // or null). With `add` (x's type; x's shape, or a trailing block of it
 // repeated), x + add is normalised and also written to `sum`.
 void LayerNormRows(const Tensor& x, const Tensor* add, const Tensor* w, const Tensor* b,
-                   int64_t n, float eps, Tensor* sum, Tensor* out) {
+                   int64_t n, float eps, bool rms, Tensor* sum, Tensor* out) {
   const int64_t rows = n == 0 ? 0 : x.numel() / n;
   const int64_t period = add == nullptr ? 0 : add->numel();
   if (x.dtype() == DT_FLOAT32) {
     for (int64_t r = 0; r < rows; ++r) {
       LayerNormRow(x.data() + r * n, add == nullptr ? nullptr : add->data() + (r * n) % period,
-                   false, n, w == nullptr ? nullptr : w->data(),
+                   false, rms, n, w == nullptr ? nullptr : w->data(),
                    b == nullptr ? nullptr : b->data(), eps,
                    add == nullptr ? nullptr : sum->data() + r * n, out->data() + r * n);
     }
@@ -709,7 +727,7 @@ void LayerNormRows(const Tensor& x, const Tensor* add, const Tensor* w, const Te
   for (int64_t r = 0; r < rows; ++r) {
     WidenBf16(x.data_as<uint16_t>() + r * n, n, xr.data());
     if (add != nullptr) WidenBf16(add->data_as<uint16_t>() + (r * n) % period, n, ar.data());
-    LayerNormRow(xr.data(), add == nullptr ? nullptr : ar.data(), true, n,
+    LayerNormRow(xr.data(), add == nullptr ? nullptr : ar.data(), true, rms, n,
                  w == nullptr ? nullptr : wf.data(), b == nullptr ? nullptr : bf.data(), eps,
                  sr.data(), orow.data());
     if (add != nullptr) NarrowToBf16(sr.data(), n, sum->data_as<uint16_t>() + r * n);
@@ -726,7 +744,7 @@ void LayerNorm(const Node& node, const std::vector<const Tensor*>& in, Tensor* o
   size_t k = 1;
   const Tensor* w = IntAttr(node, "has_weight", 0) ? in[k++] : nullptr;
   const Tensor* b = IntAttr(node, "has_bias", 0) ? in[k++] : nullptr;
-  LayerNormRows(x, nullptr, w, b, n, eps, nullptr, out);
+  LayerNormRows(x, nullptr, w, b, n, eps, /*rms=*/false, nullptr, out);
 }
 
 template <typename T, typename Acc>
@@ -1030,31 +1048,37 @@ absl::StatusOr<Tensor> FusedAttention(const Tensor& q_in, const Tensor& k_in,
   return out;
 }
 
-absl::Status AddLayerNorm(const Node& norm, const Tensor& x, const Tensor& residual,
-                          const Tensor* w, const Tensor* b, Tensor* sum, Tensor* out) {
-  const int64_t nd = IntAttr(norm, "ndim", 1);
-  if (nd < 1 || nd > x.rank()) return Bad(absl::StrCat("layer_norm over ", nd, " dims"));
-  int64_t n = 1;
-  for (int i = x.rank() - static_cast<int>(nd); i < x.rank(); ++i) n *= x.dim(i);
-  if (x.dtype() != DT_FLOAT32 && x.dtype() != DT_BFLOAT16) {
-    return Bad(absl::StrCat("add + layer_norm over ", TorchName(x.dtype())));
+absl::Status FusedNorm(const NormKind& kind, const Tensor& x, const Tensor* residual,
+                       const Tensor* w, const Tensor* b, Tensor* sum, Tensor* out) {
+  const char* name = kind.rms ? "RMSNorm" : "layer_norm";
+  if (kind.ndim < 1 || kind.ndim > x.rank()) {
+    return Bad(absl::StrCat(name, " over ", kind.ndim, " dims of ", ShapeToString(x.shape())));
   }
-  for (const Tensor* t : {&residual, w, b, static_cast<const Tensor*>(sum),
+  int64_t n = 1;
+  for (int i = x.rank() - static_cast<int>(kind.ndim); i < x.rank(); ++i) n *= x.dim(i);
+  if (x.dtype() != DT_FLOAT32 && x.dtype() != DT_BFLOAT16) {
+    return Bad(absl::StrCat(name, " over ", TorchName(x.dtype())));
+  }
+  if (kind.rms && b != nullptr) return Bad("RMSNorm takes no bias");
+  for (const Tensor* t : {residual, w, b, static_cast<const Tensor*>(sum),
                           static_cast<const Tensor*>(out)}) {
     if (t != nullptr && t->dtype() != x.dtype()) {
-      return Bad("add + layer_norm needs one dtype throughout");
+      return Bad(absl::StrCat(name, " (fused) needs one dtype throughout"));
     }
   }
   if ((w != nullptr && w->numel() != n) || (b != nullptr && b->numel() != n) ||
-      sum->numel() != x.numel() || out->numel() != x.numel() || residual.numel() == 0 ||
-      residual.numel() % n != 0 || x.numel() % residual.numel() != 0 ||
-      !IsTrailingBlock(residual.shape(), x.shape())) {
-    return absl::UnimplementedError(absl::StrCat(
-        "add + layer_norm: x ", ShapeToString(x.shape()), ", residual ",
-        ShapeToString(residual.shape()), " over rows of ", n));
+      out->numel() != x.numel() || (residual != nullptr && sum->numel() != x.numel())) {
+    return Bad(absl::StrCat(name, ": x ", ShapeToString(x.shape()), " over rows of ", n,
+                            " with weights of ", w == nullptr ? 0 : w->numel()));
   }
-  LayerNormRows(x, &residual, w, b, n, static_cast<float>(FloatAttr(norm, "eps", 1e-5)), sum,
-                out);
+  if (residual != nullptr &&
+      (residual->numel() == 0 || residual->numel() % n != 0 ||
+       x.numel() % residual->numel() != 0 || !IsTrailingBlock(residual->shape(), x.shape()))) {
+    return absl::UnimplementedError(absl::StrCat(
+        "add + ", name, ": x ", ShapeToString(x.shape()), ", residual ",
+        ShapeToString(residual->shape()), " over rows of ", n));
+  }
+  LayerNormRows(x, residual, w, b, n, kind.eps, kind.rms, sum, out);
   return absl::OkStatus();
 }
 

@@ -49,16 +49,23 @@ absl::StatusOr<Tensor> FusedAttention(const Tensor& q, const Tensor& k, const Te
                                       float scale, const AttentionMask& mask,
                                       const Tensor& scratch);
 
-// A residual add and the layer_norm of its result in one pass per row (the
-// CPU backend fuses add -> layer_norm): *sum = x + residual (rounded to
-// x's type), *out = layer_norm(*sum) with `norm`'s attributes (ndim, eps,
-// has_weight, has_bias) and w, b (null when absent). float32 or bfloat16,
+// A normalisation over the last `ndim` dims, optionally of a residual sum,
+// in one pass per row (the CPU backend fuses add -> layer_norm and the
+// RMSNorm pattern pow -> mean -> add eps -> rsqrt -> mul -> mul weight):
+// with `residual`, *sum = x + residual (rounded to x's type) is what gets
+// normalised; *out = layer_norm(.) with w, b, or with `rms`
+// . / sqrt(mean(.^2) + eps) * w. w, b may be null. float32 or bfloat16,
 // all of one type; residual has x's shape or is a block of its trailing
-// dims repeated ([T, D] against [B, T, D]); kUnimplemented for other shapes
-// (the caller runs the two ops one by one). *sum and *out are allocated by
-// the caller with x's shape and type.
-absl::Status AddLayerNorm(const Node& norm, const Tensor& x, const Tensor& residual,
-                          const Tensor* w, const Tensor* b, Tensor* sum, Tensor* out);
+// dims repeated ([T, D] against [B, T, D]); kUnimplemented for other
+// residual shapes (the caller runs the ops one by one). *sum (with a
+// residual) and *out are allocated by the caller with x's shape and type.
+struct NormKind {
+  bool rms = false;
+  int64_t ndim = 1;
+  float eps = 1e-5f;
+};
+absl::Status FusedNorm(const NormKind& kind, const Tensor& x, const Tensor* residual,
+                       const Tensor* w, const Tensor* b, Tensor* sum, Tensor* out);
 
 // Elementwise float ops fused into one pass over blocks of 256 elements
 // held in L1 (the CPU backend groups ops whose intermediate values nothing

@@ -358,68 +358,84 @@ TEST_F(CpuOpsConformance, GemmsAndFusedAttention) {
   }
 }
 
-// The residual add and the layer_norm after it, in one pass: the sum is
-// exactly what the add alone gives (rounded to the dtype), the norm is
-// checked against float64 over that sum. Rows of 40 and of 100 (16-lane
-// sums with tails), a residual of the whole shape and one of its trailing
-// dims repeated ([T, D] against [B, T, D]), with and without affine.
-TEST_F(CpuOpsConformance, AddThenLayerNormInOnePass) {
+// A residual add and the norm after it (layer_norm, or RMSNorm), in one
+// pass: the sum is exactly what the add alone gives (rounded to the
+// dtype), the norm is checked against float64 over that sum. Rows of 40
+// and of 100 (16-lane sums with tails), a residual of the whole shape, one
+// of its trailing dims repeated ([T, D] against [B, T, D]), and none; with
+// and without affine.
+TEST_F(CpuOpsConformance, ResidualAddAndNormInOnePass) {
   for (DataType t : {DT_FLOAT32, DT_BFLOAT16}) {
-    for (int64_t n : {40, 100}) {
-      for (bool whole : {true, false}) {
-        for (bool affine : {true, false}) {
-          const Shape shape = {3, 5, n};
-          const Shape rshape = whole ? shape : Shape{5, n};
-          Tensor x = Make(shape, t, Random(15 * n, -3, 3, 61));
-          Tensor r = Make(rshape, t, Random(NumElements(rshape), -3, 3, 62));
-          Tensor w = Make({n}, t, Random(n, 0.5, 1.5, 63));
-          Tensor b = Make({n}, t, Random(n, -1, 1, 64));
-          Node norm = MakeNode("layer_norm");
-          (*norm.mutable_attrs())["ndim"].set_i(1);
-          (*norm.mutable_attrs())["eps"].set_f(1e-5);
-          (*norm.mutable_attrs())["has_weight"].set_i(affine);
-          (*norm.mutable_attrs())["has_bias"].set_i(affine);
-          Tensor sum = Tensor::Empty(shape, t), out = Tensor::Empty(shape, t);
-          ASSERT_TRUE(AddLayerNorm(norm, x, r, affine ? &w : nullptr, affine ? &b : nullptr,
-                                   &sum, &out).ok());
-          // The sum: bit for bit what the add op computes.
-          absl::StatusOr<Tensor> added =
-              RunCpuOp(MakeNode("add"), {&x, &r}, shape, t, Tensor());
-          ASSERT_TRUE(added.ok()) << added.status();
-          ASSERT_EQ(std::memcmp(sum.raw_data(), added->raw_data(), sum.byte_size()), 0)
-              << TorchName(t) << " n " << n;
-          // The norm of that sum, against float64.
-          std::vector<double> h = Held(sum), hw = Held(w), hb = Held(b), ref(15 * n);
-          for (int row = 0; row < 15; ++row) {
-            double mean = 0, var = 0;
-            for (int64_t k = 0; k < n; ++k) mean += h[row * n + k] / n;
-            for (int64_t k = 0; k < n; ++k) var += (h[row * n + k] - mean) * (h[row * n + k] - mean) / n;
-            for (int64_t k = 0; k < n; ++k) {
-              const double v = (h[row * n + k] - mean) / std::sqrt(var + 1e-5);
-              ref[row * n + k] = affine ? v * hw[k] + hb[k] : v;
+    for (bool rms : {false, true}) {
+      for (int64_t n : {40, 100}) {
+        for (int residual_kind : {0, 1, 2}) {  // whole, trailing block, none
+          for (bool affine : {true, false}) {
+            const Shape shape = {3, 5, n};
+            const Shape rshape = residual_kind == 0 ? shape : Shape{5, n};
+            Tensor x = Make(shape, t, Random(15 * n, -3, 3, 61));
+            Tensor r = Make(rshape, t, Random(NumElements(rshape), -3, 3, 62));
+            Tensor w = Make({n}, t, Random(n, 0.5, 1.5, 63));
+            Tensor b = Make({n}, t, Random(n, -1, 1, 64));
+            NormKind kind;
+            kind.rms = rms;
+            kind.eps = 1e-5f;
+            const Tensor* res = residual_kind == 2 ? nullptr : &r;
+            Tensor sum = Tensor::Empty(shape, t), out = Tensor::Empty(shape, t);
+            ASSERT_TRUE(FusedNorm(kind, x, res, affine ? &w : nullptr,
+                                  affine && !rms ? &b : nullptr, &sum, &out)
+                            .ok());
+            std::vector<double> h = Held(x);
+            if (res != nullptr) {
+              // The sum: bit for bit what the add op computes.
+              absl::StatusOr<Tensor> added =
+                  RunCpuOp(MakeNode("add"), {&x, &r}, shape, t, Tensor());
+              ASSERT_TRUE(added.ok()) << added.status();
+              ASSERT_EQ(std::memcmp(sum.raw_data(), added->raw_data(), sum.byte_size()), 0)
+                  << TorchName(t) << " n " << n;
+              h = Held(sum);
             }
+            // The norm of that sum, against float64.
+            std::vector<double> hw = Held(w), hb = Held(b), ref(15 * n);
+            for (int row = 0; row < 15; ++row) {
+              double mean = 0, var = 0, ms = 0;
+              for (int64_t k = 0; k < n; ++k) mean += h[row * n + k] / n;
+              for (int64_t k = 0; k < n; ++k) {
+                var += (h[row * n + k] - mean) * (h[row * n + k] - mean) / n;
+                ms += h[row * n + k] * h[row * n + k] / n;
+              }
+              for (int64_t k = 0; k < n; ++k) {
+                const double v = rms ? h[row * n + k] / std::sqrt(ms + 1e-5)
+                                     : (h[row * n + k] - mean) / std::sqrt(var + 1e-5);
+                ref[row * n + k] = !affine ? v : rms ? v * hw[k] : v * hw[k] + hb[k];
+              }
+            }
+            const double err = NormError(out, ref);
+            if (n == 100 && residual_kind == 1 && affine) {
+              rows_->push_back({rms ? "add + RMSNorm (fused)" : "add + layer_norm (fused)",
+                                TorchName(t), err, Bound(t)});
+            }
+            EXPECT_LE(err, Bound(t)) << TorchName(t) << (rms ? " rms" : " layer_norm") << " n "
+                                     << n << " residual " << residual_kind;
           }
-          const double err = NormError(out, ref);
-          if (n == 100 && !whole && affine) {
-            rows_->push_back({"add + layer_norm (fused)", TorchName(t), err, Bound(t)});
-          }
-          EXPECT_LE(err, Bound(t)) << TorchName(t) << " n " << n << " whole " << whole;
         }
       }
     }
   }
-  // A residual that is not a trailing block is left to the two ops.
+  // A residual that is not a trailing block is left to the separate ops.
   Tensor x = Make({3, 5, 40}, DT_FLOAT32, Random(600, -1, 1, 65));
   Tensor col = Make({3, 1, 40}, DT_FLOAT32, Random(120, -1, 1, 66));
   Tensor sum = Tensor::Empty({3, 5, 40}), out = Tensor::Empty({3, 5, 40});
-  Node norm = MakeNode("layer_norm");
-  (*norm.mutable_attrs())["ndim"].set_i(1);
-  EXPECT_EQ(AddLayerNorm(norm, x, col, nullptr, nullptr, &sum, &out).code(),
+  EXPECT_EQ(FusedNorm({}, x, &col, nullptr, nullptr, &sum, &out).code(),
             absl::StatusCode::kUnimplemented);
-  // Mixed dtypes are refused, naming the problem.
+  // Mixed dtypes and an RMSNorm bias are refused, naming the problem.
   Tensor r16 = Make({3, 5, 40}, DT_BFLOAT16, Random(600, -1, 1, 67));
-  EXPECT_THAT(AddLayerNorm(norm, x, r16, nullptr, nullptr, &sum, &out).message(),
+  EXPECT_THAT(FusedNorm({}, x, &r16, nullptr, nullptr, &sum, &out).message(),
               HasSubstr("one dtype"));
+  Tensor bias = Make({40}, DT_FLOAT32, Random(40, -1, 1, 68));
+  NormKind rms;
+  rms.rms = true;
+  EXPECT_THAT(FusedNorm(rms, x, nullptr, nullptr, &bias, &sum, &out).message(),
+              HasSubstr("no bias"));
 }
 
 // GPT-2's gelu written out, plus a residual add with a row-broadcast
