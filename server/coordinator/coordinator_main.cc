@@ -29,6 +29,7 @@
 #include "server/coordinator/model_service.h"
 #include "server/transport/auth.h"
 #include "server/transport/channels.h"
+#include "common/huge_pages.h"
 #include "common/credentials.h"
 #include "server/transport/metrics_http.h"
 #include "server/transport/serve.h"
@@ -122,6 +123,7 @@ std::string DefaultStageServerBinary() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  pipeserve::ReexecWithHugePages(argv);
   pipeserve::BlockShutdownSignals();
   absl::ParseCommandLine(argc, argv);
 

@@ -24,6 +24,7 @@
 #include "server/stage/stage_server_core.h"
 #include "server/stage/stage_service.h"
 #include "server/transport/channels.h"
+#include "common/huge_pages.h"
 #include "common/credentials.h"
 #include "server/transport/metrics_http.h"
 #include "server/transport/serve.h"
@@ -61,6 +62,7 @@ int Fail(const std::string& what) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  pipeserve::ReexecWithHugePages(argv);
   pipeserve::BlockShutdownSignals();
   absl::ParseCommandLine(argc, argv);
 
