@@ -43,6 +43,7 @@
 #include "bench/echo.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "bench/bench_util.h"
+#include "common/huge_pages.h"
 #include "partitioner/graph_builder.h"
 #include "partitioner/partition.h"
 #include "runtime/local_pipeline.h"
@@ -700,6 +701,8 @@ void MeasuredPartitioning() {
 }  // namespace pipeserve
 
 int main(int argc, char** argv) {
+  // As the coordinator and the stage servers do (common/huge_pages.h).
+  pipeserve::ReexecWithHugePages(argv);
   std::string only;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];

@@ -29,8 +29,8 @@
 #include "server/coordinator/model_service.h"
 #include "server/transport/auth.h"
 #include "server/transport/channels.h"
-#include "common/huge_pages.h"
 #include "common/credentials.h"
+#include "common/huge_pages.h"
 #include "server/transport/metrics_http.h"
 #include "server/transport/serve.h"
 

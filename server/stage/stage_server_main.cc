@@ -24,8 +24,8 @@
 #include "server/stage/stage_server_core.h"
 #include "server/stage/stage_service.h"
 #include "server/transport/channels.h"
-#include "common/huge_pages.h"
 #include "common/credentials.h"
+#include "common/huge_pages.h"
 #include "server/transport/metrics_http.h"
 #include "server/transport/serve.h"
 
