@@ -271,7 +271,8 @@ class CpuProgram : public StageProgram {
     const Tensor* b = step.norm_bias ? &(*values)[step.in[k++]] : nullptr;
     Tensor out = Buffer(step.norm_step, x.shape(), x.dtype());
     Tensor sum = residual == nullptr ? Tensor() : Buffer(step_index, x.shape(), x.dtype());
-    absl::Status st = FusedNorm(step.norm, x, residual, w, b, &sum, &out);
+    absl::Status st =
+        FusedNorm(step.norm, x, residual, w, b, residual == nullptr ? nullptr : &sum, &out);
     if (st.code() == absl::StatusCode::kUnimplemented) {
       // Shapes the fused pass does not take: the ops one by one.
       sum = Tensor();

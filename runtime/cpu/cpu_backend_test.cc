@@ -12,6 +12,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "partitioner/graph_builder.h"
+#include "runtime/cpu/cpu_ops.h"
 #include "runtime/random_tensor.h"
 
 namespace pipeserve {
@@ -80,6 +81,24 @@ Model RmsStream(bool residual) {
   b.Output("y");
   b.Output("z");
   return b.Build();
+}
+
+// The same model in bfloat16: inputs, parameters and weights.
+Model ToBf16(Model m) {
+  for (ValueSpec& in : *m.graph.mutable_inputs()) in.set_dtype(DT_BFLOAT16);
+  for (TensorInfo& p : *m.graph.mutable_params()) {
+    p.set_dtype(DT_BFLOAT16);
+    p.set_byte_size(p.byte_size() / 2);
+  }
+  for (auto& [fqn, w] : m.weights) w = FromFloat32(w, DT_BFLOAT16);
+  return m;
+}
+
+// float32 copies of bfloat16 outputs.
+std::vector<Tensor> Widened(const std::vector<Tensor>& ts) {
+  std::vector<Tensor> out;
+  for (const Tensor& t : ts) out.push_back(ToFloat32(t));
+  return out;
 }
 
 struct Ran {
@@ -174,6 +193,24 @@ TEST_F(CpuBackendFusionTest, AnRmsNormOfAModelInputRunsAsOneStep) {
   EXPECT_THAT(fused.profile, HasSubstr("RMSNorm (fused)"));
   EXPECT_THAT(fused.profile, Not(HasSubstr("add + RMSNorm")));
   ExpectClose(fused.outputs, plain.outputs, 1e-6);
+}
+
+// Regression: a lone bfloat16 RMSNorm (no residual add, so no sum to
+// write) was refused at run time with "needs one dtype throughout".
+TEST_F(CpuBackendFusionTest, BFloat16NormsRunFused) {
+  for (bool residual : {false, true}) {
+    const Model m = ToBf16(RmsStream(residual));
+    const Tensor x = FromFloat32(RandomTensor({2, 4, 40}, 15), DT_BFLOAT16);
+    Ran fused = RunTwice(m, true, x), plain = RunTwice(m, false, x);
+    EXPECT_THAT(fused.profile, HasSubstr(residual ? "add + RMSNorm (fused)" : "RMSNorm (fused)"));
+    // One rounding against five, in bfloat16 (8 significant bits).
+    ExpectClose(Widened(fused.outputs), Widened(plain.outputs), 1e-2);
+  }
+  const Model ln = ToBf16(ResidualStream(/*late_weight=*/false));
+  const Tensor x = FromFloat32(RandomTensor({2, 4, 40}, 16), DT_BFLOAT16);
+  Ran fused = RunTwice(ln, true, x), plain = RunTwice(ln, false, x);
+  EXPECT_THAT(fused.profile, HasSubstr("add + layer_norm (fused)"));
+  ExpectSameBits(fused.outputs, plain.outputs);
 }
 
 }  // namespace

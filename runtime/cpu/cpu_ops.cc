@@ -1060,8 +1060,8 @@ absl::Status FusedNorm(const NormKind& kind, const Tensor& x, const Tensor* resi
     return Bad(absl::StrCat(name, " over ", TorchName(x.dtype())));
   }
   if (kind.rms && b != nullptr) return Bad("RMSNorm takes no bias");
-  for (const Tensor* t : {residual, w, b, static_cast<const Tensor*>(sum),
-                          static_cast<const Tensor*>(out)}) {
+  const Tensor* written_sum = residual == nullptr ? nullptr : sum;
+  for (const Tensor* t : {residual, w, b, written_sum, static_cast<const Tensor*>(out)}) {
     if (t != nullptr && t->dtype() != x.dtype()) {
       return Bad(absl::StrCat(name, " (fused) needs one dtype throughout"));
     }

@@ -58,7 +58,8 @@ absl::StatusOr<Tensor> FusedAttention(const Tensor& q, const Tensor& k, const Te
 // all of one type; residual has x's shape or is a block of its trailing
 // dims repeated ([T, D] against [B, T, D]); kUnimplemented for other
 // residual shapes (the caller runs the ops one by one). *sum (with a
-// residual) and *out are allocated by the caller with x's shape and type.
+// residual; may be null without) and *out are allocated by the caller with
+// x's shape and type.
 struct NormKind {
   bool rms = false;
   int64_t ndim = 1;
