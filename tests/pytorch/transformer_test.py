@@ -195,6 +195,22 @@ class TransformerServingTest(unittest.TestCase):
         self.assertEqual(logits.dtype, np.float32)  # BF16 comes back widened
         self.assertLess(rel_err(logits, ref), 2e-2)
 
+    def test_bfloat16_llama_is_close_to_float32(self):
+        # In bfloat16 the CPU backend runs Llama's RMSNorms (alone and after
+        # a residual add) fused.
+        for name in ("llama",):
+            fp32, _, _, input_name = self.export(name, tag="_fp32_ref")
+            _, bf16_path, _, _ = self.export(name, dtype=torch.bfloat16, tag="_bf16")
+            self.client.upload(f"{name}-bf16", bf16_path)
+            ids = torch.randint(0, transformers.vocab(name), (2, 9))
+            outs = self.client.infer(f"{name}-bf16", {input_name: ids.numpy()})
+            with torch.no_grad():
+                ref = fp32(ids)
+            ref = ref if isinstance(ref, tuple) else (ref,)
+            self.assertEqual(len(outs), len(ref))
+            for out, r in zip(outs, ref):
+                self.assertLess(rel_err(out, r.numpy()), 2e-2, name)
+
     def test_bad_token_input_is_invalid_argument_naming_it(self):
         _, path, _, input_name = self.export("gpt2", tag="_errors")
         self.client.upload("gpt2-errors", path)
