@@ -6,6 +6,18 @@
 
 namespace pipeserve {
 
+AttrValue AttrF(double f) {
+  AttrValue a;
+  a.set_f(f);
+  return a;
+}
+
+AttrValue AttrI(int64_t i) {
+  AttrValue a;
+  a.set_i(i);
+  return a;
+}
+
 GraphBuilder& GraphBuilder::Input(const std::string& name, Shape shape) {
   ValueSpec* in = model_.graph.add_inputs();
   in->set_name(name);

@@ -22,6 +22,10 @@
 
 namespace pipeserve {
 
+// Attribute values for Op(): {{"scalar", AttrF(2.0)}, {"dim", AttrI(-1)}}.
+AttrValue AttrF(double f);
+AttrValue AttrI(int64_t i);
+
 class GraphBuilder {
  public:
   explicit GraphBuilder(uint32_t seed = 1) : rng_(seed) {}

@@ -254,17 +254,6 @@ class BackendTest : public ::testing::TestWithParam<BackendCase> {
   std::unique_ptr<ComputeBackend> backend_;
 };
 
-AttrValue F(double f) {
-  AttrValue a;
-  a.set_f(f);
-  return a;
-}
-AttrValue I(int64_t i) {
-  AttrValue a;
-  a.set_i(i);
-  return a;
-}
-
 TEST_P(BackendTest, Mm) {
   GraphBuilder b;
   b.Input("x", {-1, 64}).Param("w", {64, 48});
@@ -320,9 +309,9 @@ TEST_P(BackendTest, AddSubMulWithRowAndColumnBroadcast) {
 TEST_P(BackendTest, ScalarOperands) {
   GraphBuilder b;
   b.Input("x", {-1, 7});
-  b.Op("sub", {"x"}, "a", "", {{"scalar", F(1.5)}, {"reverse", I(1)}});
-  b.Op("mul", {"a"}, "m", "", {{"scalar", F(-2.0)}});
-  b.Op("add", {"m"}, "y", "", {{"scalar", F(0.25)}}).Output("y");
+  b.Op("sub", {"x"}, "a", "", {{"scalar", AttrF(1.5)}, {"reverse", AttrI(1)}});
+  b.Op("mul", {"a"}, "m", "", {{"scalar", AttrF(-2.0)}});
+  b.Op("add", {"m"}, "y", "", {{"scalar", AttrF(0.25)}}).Output("y");
   CheckAgainstReference(b.Build());
 }
 

@@ -21,18 +21,6 @@ namespace {
 using ::testing::HasSubstr;
 using ::testing::Not;
 
-AttrValue F(double f) {
-  AttrValue a;
-  a.set_f(f);
-  return a;
-}
-
-AttrValue I(int64_t i) {
-  AttrValue a;
-  a.set_i(i);
-  return a;
-}
-
 // The pre-norm transformer's residual stream: h = x + pos, y = norm(h),
 // z = h + y (h read again after the norm). With `late_weight`, the norm's
 // weight is computed after the add, so the add cannot carry the norm.
@@ -45,11 +33,11 @@ Model ResidualStream(bool late_weight) {
   b.Op("add", {"x", "pos"}, "h");
   std::string weight = "ln.weight";
   if (late_weight) {
-    b.Op("mul", {"ln.weight"}, "w2", "", {{"scalar", F(2.0)}});
+    b.Op("mul", {"ln.weight"}, "w2", "", {{"scalar", AttrF(2.0)}});
     weight = "w2";
   }
   b.Op("layer_norm", {"h", weight, "ln.bias"}, "y", "ln",
-       {{"ndim", I(1)}, {"eps", F(1e-5)}, {"has_weight", I(1)}, {"has_bias", I(1)}});
+       {{"ndim", AttrI(1)}, {"eps", AttrF(1e-5)}, {"has_weight", AttrI(1)}, {"has_bias", AttrI(1)}});
   b.Op("add", {"h", "y"}, "z");
   b.Output("y");
   b.Output("z");
@@ -71,9 +59,9 @@ Model RmsStream(bool residual) {
   }
   AttrValue dims;
   dims.mutable_ints()->add_v(-1);
-  b.Op("pow", {h}, "sq", "norm", {{"scalar", F(2.0)}});
-  b.Op("mean", {"sq"}, "ms", "norm", {{"dims", dims}, {"keepdim", I(1)}});
-  b.Op("add", {"ms"}, "mse", "norm", {{"scalar", F(1e-6)}});
+  b.Op("pow", {h}, "sq", "norm", {{"scalar", AttrF(2.0)}});
+  b.Op("mean", {"sq"}, "ms", "norm", {{"dims", dims}, {"keepdim", AttrI(1)}});
+  b.Op("add", {"ms"}, "mse", "norm", {{"scalar", AttrF(1e-6)}});
   b.Op("rsqrt", {"mse"}, "inv", "norm");
   b.Op("mul", {h, "inv"}, "normed", "norm");
   b.Op("mul", {"norm.weight", "normed"}, "y", "norm");
