@@ -242,22 +242,20 @@ class CpuProgram : public StageProgram {
     }
     if (out.status().code() != absl::StatusCode::kUnimplemented) return out.status();
     // Shapes the fused pass does not take: the member ops one by one.
+    return RunMembers(step_index, values);
+  }
+
+  // Runs a fused step's member ops one by one (the step itself with the
+  // inputs it had before fusion).
+  absl::Status RunMembers(size_t step_index, std::vector<Tensor>* values) {
+    const Step& step = steps_[step_index];
     for (int j : step.members) {
       const Step& m = steps_[j];
       std::vector<const Tensor*> args;
-      std::vector<Shape> shapes;
-      for (int slot : j == static_cast<int>(step_index) ? m.own_in : m.in) {
+      for (int slot : j == static_cast<int>(step_index) ? step.own_in : m.in) {
         args.push_back(&(*values)[slot]);
-        shapes.push_back((*values)[slot].shape());
       }
-      absl::StatusOr<std::vector<Shape>> out_shape = m.schema->infer(*m.node, shapes);
-      if (!out_shape.ok()) {
-        return absl::InvalidArgumentError(absl::StrCat("node \"", m.node->name(), "\" (",
-                                                       m.node->op(), "): ",
-                                                       out_shape.status().message()));
-      }
-      ASSIGN_OR_RETURN(Tensor t, RunCpuOp(*m.node, args, (*out_shape)[0], m.out_type, Tensor()));
-      (*values)[m.out] = std::move(t);
+      RETURN_IF_ERROR(RunOne(*m.node, args, m.out_type, &(*values)[m.out]));
     }
     return absl::OkStatus();
   }
@@ -277,15 +275,7 @@ class CpuProgram : public StageProgram {
       // Shapes the fused pass does not take: the ops one by one.
       sum = Tensor();
       out = Tensor();
-      for (int j : step.members) {
-        const Step& m = steps_[j];
-        std::vector<const Tensor*> args;
-        for (int slot : j == static_cast<int>(step_index) ? step.own_in : m.in) {
-          args.push_back(&(*values)[slot]);
-        }
-        RETURN_IF_ERROR(RunOne(*m.node, args, m.out_type, &(*values)[m.out]));
-      }
-      return absl::OkStatus();
+      return RunMembers(step_index, values);
     }
     if (!st.ok()) {
       return absl::Status(st.code(), absl::StrCat("node \"", steps_[step.norm_step].node->name(),
@@ -812,15 +802,7 @@ class CpuProgram : public StageProgram {
   // A buffer for step i's output: last run's, when nobody else holds it any
   // more and it is large enough, else a new one. Reuse matters: a fresh
   // 512 KiB buffer costs 128 page faults on first touch.
-  Tensor OutputBuffer(size_t i, Shape shape) {
-    Tensor& cached = scratch_[i];
-    int64_t bytes = NumElements(shape) * 4;
-    if (cached.SoleOwner() && cached.capacity_bytes() >= bytes) {
-      return cached.Reshaped(std::move(shape));
-    }
-    cached = Tensor::Empty(std::move(shape));
-    return cached;
-  }
+  Tensor OutputBuffer(size_t i, Shape shape) { return Buffer(i, shape, DT_FLOAT32); }
 
   absl::Status Compute(const Step& step, const std::vector<Tensor>& v,
                        Tensor* out) const {
