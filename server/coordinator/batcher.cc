@@ -15,8 +15,10 @@ struct Batcher::Waiter {
   absl::Time deadline;
   absl::Time arrived;
   bool dispatched = false;  // with mu_
-  bool done = false;        // with mu_
-  absl::CondVar wake;       // with mu_: done
+  // Notified once `result` is set. The group's worker answers each member
+  // through its own notification, outside the batcher's lock, so the
+  // members wake side by side instead of queueing for mu_ one by one.
+  absl::Notification answered;
   absl::StatusOr<std::vector<Tensor>> result;
   std::atomic<bool> gone{false};  // returned before its group answered
 };
@@ -75,14 +77,19 @@ absl::StatusOr<std::vector<Tensor>> Batcher::Infer(const std::vector<Tensor>& in
   w->rows = rows;
   w->deadline = deadline;
   w->arrived = absl::Now();
-  absl::MutexLock lock(&mu_);
-  queue_.push_back(w);
-  queued_rows_ += rows;
-  Dispatch();
-  while (!w->done) {
-    const absl::Time now = absl::Now();
+  absl::Time wake;
+  {
+    absl::MutexLock lock(&mu_);
+    queue_.push_back(w);
+    queued_rows_ += rows;
+    Dispatch();
+    wake = WakeAt(*w, cancelled != nullptr);
+  }
+  while (!w->answered.WaitForNotificationWithDeadline(wake)) {
+    absl::MutexLock lock(&mu_);
+    if (w->answered.HasBeenNotified()) break;
     absl::Status gave_up;
-    if (now >= deadline) {
+    if (absl::Now() >= deadline) {
       gave_up = absl::DeadlineExceededError(
           w->dispatched ? "the request missed its deadline while the batch it was merged into ran"
                         : absl::StrCat("the request missed its deadline waiting to be batched (",
@@ -100,14 +107,18 @@ absl::StatusOr<std::vector<Tensor>> Batcher::Infer(const std::vector<Tensor>& in
       }
       return gave_up;
     }
-    absl::Time wake = std::min(deadline, now + absl::Milliseconds(cancelled ? 20 : 1000));
-    if (!w->dispatched && options_.max_queue_delay > absl::ZeroDuration()) {
-      wake = std::min(wake, w->arrived + options_.max_queue_delay);
-    }
-    w->wake.WaitWithDeadline(&mu_, wake);
     Dispatch();  // the front's delay may be over
+    wake = WakeAt(*w, cancelled != nullptr);
   }
   return std::move(w->result);
+}
+
+absl::Time Batcher::WakeAt(const Waiter& w, bool cancellable) const {
+  absl::Time wake = std::min(w.deadline, absl::Now() + absl::Milliseconds(cancellable ? 20 : 1000));
+  if (!w.dispatched && options_.max_queue_delay > absl::ZeroDuration()) {
+    wake = std::min(wake, w.arrived + options_.max_queue_delay);
+  }
+  return wake;
 }
 
 void Batcher::Dispatch() {
@@ -211,11 +222,9 @@ void Batcher::RunGroup(const Group& group) {
       at += group[k]->rows;
     }
   }
-  absl::MutexLock lock(&mu_);
   for (size_t k = 0; k < group.size(); ++k) {
     group[k]->result = std::move(answers[k]);
-    group[k]->done = true;
-    group[k]->wake.Signal();
+    group[k]->answered.Notify();
   }
 }
 

@@ -25,6 +25,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "runtime/tensor.h"
 
@@ -75,6 +76,9 @@ class Batcher {
   // Hands groups from the queue's front to idle workers (with a queue
   // delay, once the front has waited it out or rows enough are queued).
   void Dispatch() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // When a waiting member next looks at its deadline, its cancellation
+  // (every 20 ms when it can be cancelled) and the queue delay.
+  absl::Time WakeAt(const Waiter& w, bool cancellable) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A worker: runs groups until the batcher goes.
   void Work();
   // Runs `group` merged and answers each member.
