@@ -760,8 +760,12 @@ TEST_F(CoordinatorTest, WhenAReplicaDiesItsMicrobatchesRunOnTheOtherLaneAtOnce) 
   ASSERT_TRUE(alone.ok()) << alone.status();
   ExpectEqual((*alone)[0], Expected(m, in)[0]);
   stages_->AddServer("s3:9000");  // the pod comes back, empty
+  // The repair counts a reloaded lane just after the lane is back, so
+  // wait for both.
   absl::Time until = absl::Now() + absl::Seconds(20);
-  while (coordinator_->GetModel("mlp")->ready_replicas < 2 && absl::Now() < until) {
+  while ((coordinator_->GetModel("mlp")->ready_replicas < 2 ||
+          coordinator_->reloaded_lanes() < 1) &&
+         absl::Now() < until) {
     absl::SleepFor(absl::Milliseconds(10));
   }
   ModelInfo after = *coordinator_->GetModel("mlp");
