@@ -155,6 +155,18 @@ def serving(tmp, model_path, ids_path, repeat):
             t = time.perf_counter()
             client.infer("gpt2", {"idx": ids})
             lat.append(time.perf_counter() - t)
+        # The same request the way the client made it before 2026-12-01:
+        # protobuf's generated stub, the response parsed by protobuf.
+        proto = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            request = client._pb.ModelInferRequest(model_name="gpt2")
+            request.inputs.add(name="idx", datatype="INT64", shape=ids.shape)
+            request.raw_input_contents.append(ids.astype("<i8").tobytes())
+            response = client._inference.ModelInfer(request, timeout=600)
+            [np.array(np.frombuffer(r, dtype="<f4")) for r in response.raw_output_contents]
+            proto.append(time.perf_counter() - t)
+            del request, response
         # 4 requests in flight.
         n_each = max(1, repeat // 2)
         def worker():
@@ -168,7 +180,8 @@ def serving(tmp, model_path, ids_path, repeat):
             th.join()
         busy = time.perf_counter() - t
         rss = sorted(rss_of_children(proc.pid).values())
-        return statistics.median(lat), 4 * n_each * BATCH * SEQ / busy, weights, rss_loaded, rss
+        return (statistics.median(lat), statistics.median(proto),
+                4 * n_each * BATCH * SEQ / busy, weights, rss_loaded, rss)
 
 
 def main():
@@ -203,7 +216,7 @@ def main():
         return
     torch_2t = child(2, repeat=a.repeat, ids=ids)["median_s"]
     for label, path in (("fp32", fp32), ("bf16", bf16)):
-        lat, tps, weights, rss_loaded, rss = serving(tempfile.mkdtemp(dir=tmp), path, ids,
+        lat, lat_proto, tps, weights, rss_loaded, rss = serving(tempfile.mkdtemp(dir=tmp), path, ids,
                                                      a.repeat)
         print(f"2. Served in 4 stages over gRPC ({label}), batch {BATCH} x {SEQ}, "
               f"4 microbatches, all 2 cores")
@@ -211,6 +224,8 @@ def main():
               f"{tokens / torch_2t:.0f} tokens/s")
         print(f"   pipeserve, one request at a time:        {lat:.3f} s, "
               f"{tokens / lat:.0f} tokens/s ({torch_2t / lat:.2f}x)")
+        print(f"     the same through protobuf's stub:      {lat_proto:.3f} s "
+              f"(the client before 2026-12-01; {lat_proto / lat:.2f}x the time)")
         print(f"   pipeserve, 4 requests in flight:          {tps:.0f} tokens/s "
               f"({tps / (tokens / torch_2t):.2f}x)")
         mib = lambda xs: [round(x / 2**20) for x in sorted(xs)]  # noqa: E731

@@ -136,7 +136,9 @@ class FakeServer:
         self.state = {"serving": True, "uploads": [], "plans": {},
                       "requests": [], "flaky_failures": 0,
                       "flaky_attempts": 0}
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
+                                  options=[("grpc.max_receive_message_length", -1),
+                                           ("grpc.max_send_message_length", -1)])
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             FakeInference(self.state), self.server)
         ps_grpc.add_ModelServiceServicer_to_server(FakeModels(self.state),
@@ -344,6 +346,74 @@ class ClientTest(unittest.TestCase):
             t.join()
         for i, r in enumerate(results):
             np.testing.assert_array_equal(r, np.full((2, 2), -i))
+
+
+    def test_large_tensors_round_trip_exactly_and_come_back_writable(self):
+        # 64 MiB each way, through the raw-bytes request and response path.
+        x = np.random.default_rng(1).standard_normal((4096, 4096)).astype(np.float32)
+        (nx,) = self.client.infer("neg", {"x": x})
+        np.testing.assert_array_equal(nx, -x)
+        self.assertTrue(nx.flags.writeable)
+        nx[0, 0] = 1  # its own memory
+        self.assertEqual(self.server.state["requests"][0].raw_input_contents[0],
+                         x.tobytes())
+
+
+class WireTest(unittest.TestCase):
+    """pipeserve._wire: ModelInfer messages with tensor bytes kept out of
+    protobuf, checked against protobuf's own encoding."""
+
+    def test_encoded_request_parses_as_the_same_request(self):
+        from pipeserve import _wire
+        head = pb.ModelInferRequest(model_name="m", id="7")
+        head.inputs.add(name="x", datatype="FP32", shape=[2, 3])
+        head.inputs.add(name="ids", datatype="INT64", shape=[300])
+        head.inputs.add(name="empty", datatype="BOOL", shape=[0])
+        head.parameters["trace"].bool_param = True
+        arrays = [np.arange(6, dtype="<f4").reshape(2, 3),
+                  np.arange(300, dtype="<i8"), np.zeros(0, dtype=bool)]
+        data = _wire.encode_request(head.SerializeToString(), arrays)
+        expected = pb.ModelInferRequest()
+        expected.CopyFrom(head)
+        for a in arrays:
+            expected.raw_input_contents.append(a.tobytes())
+        self.assertEqual(pb.ModelInferRequest.FromString(data), expected)
+
+    def test_split_response_finds_each_raw_output_in_any_order(self):
+        from pipeserve import _wire
+        rest = pb.ModelInferResponse(model_name="m", model_version="1")
+        rest.outputs.add(name="a", datatype="FP32", shape=[2])
+        rest.outputs.add(name="b", datatype="INT32", shape=[200])
+        a = np.array([1.5, -2], dtype="<f4").tobytes()
+        b = np.arange(200, dtype="<i4").tobytes()
+        raw_a, raw_b = (pb.ModelInferResponse(raw_output_contents=[a]).SerializeToString(),
+                        pb.ModelInferResponse(raw_output_contents=[b]).SerializeToString())
+        unknown = bytes([15 << 3 | 0, 150, 1])  # field 15, varint 150
+        # Raw outputs before, between and after the other fields.
+        data = raw_a + rest.SerializeToString() + unknown + raw_b
+        head, raws = _wire.split_response(data)
+        parsed = pb.ModelInferResponse.FromString(head)
+        self.assertEqual(parsed.model_name, "m")
+        self.assertEqual([o.name for o in parsed.outputs], ["a", "b"])
+        self.assertEqual(len(parsed.raw_output_contents), 0)
+        self.assertEqual([data[o:o + n] for o, n in raws], [a, b])
+        self.assertEqual(pb.ModelInferResponse.FromString(data).raw_output_contents[:], [a, b])
+
+    def test_truncated_or_corrupt_responses_are_refused_by_name(self):
+        from pipeserve import _wire
+        r = pb.ModelInferResponse(model_name="m", raw_output_contents=[b"x" * 1000])
+        data = r.SerializeToString()
+        with self.assertRaisesRegex(_wire.MalformedMessage,
+                                    r"raw_output_contents 0 needs 1000 bytes, 999 left"):
+            _wire.split_response(data[:-1])
+        with self.assertRaisesRegex(_wire.MalformedMessage, "runs past the end"):
+            _wire.split_response(bytes([1 << 3 | 2, 5, 0x61]))  # model_name of 5, 1 byte
+        with self.assertRaisesRegex(_wire.MalformedMessage, "varint runs past the end"):
+            _wire.split_response(bytes([0x80]))
+        with self.assertRaisesRegex(_wire.MalformedMessage, "wire type 7"):
+            _wire.split_response(bytes([1 << 3 | 7]))
+        with self.assertRaisesRegex(_wire.MalformedMessage, "field number 0"):
+            _wire.split_response(bytes([0, 0]))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ import zlib
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
+from . import _wire
 from ._proto import load_proto
 
 # Bytes of file data per Upload message (as the C++ client).
@@ -154,6 +156,10 @@ class Client:
         else:
             self._channel = grpc.insecure_channel(address, options=options)
         self._inference = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        # ModelInfer as raw bytes both ways: tensor bytes skip protobuf's
+        # copies (_wire.py).
+        self._model_infer = self._channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer")
         self._models = ps_grpc.ModelServiceStub(self._channel)
 
     def close(self):
@@ -307,22 +313,29 @@ class Client:
                                  f"({', '.join(names)}), got {len(inputs)}")
             named = list(zip(names, inputs))
         request = self._pb.ModelInferRequest(model_name=name)
+        arrays = []
         for input_name, value in named:
             # Row-major, little-endian, as raw_input_contents wants.
             datatype, array = _to_wire(value)
             request.inputs.add(name=input_name, datatype=datatype,
                                shape=array.shape)
-            request.raw_input_contents.append(array.tobytes())
+            arrays.append(array)
         if trace is not None:
             request.parameters["trace"].bool_param = True
-        response = self._call(self._inference.ModelInfer, request,
-                              timeout=timeout or None)
+        data = self._call(self._model_infer,
+                          _wire.encode_request(request.SerializeToString(), arrays),
+                          timeout=timeout or None)
+        try:
+            rest, raws = _wire.split_response(data)
+            response = self._pb.ModelInferResponse.FromString(rest)
+        except (_wire.MalformedMessage, DecodeError) as e:
+            raise ServerError("INTERNAL", f"malformed response: {e}") from None
         if trace is not None:
             if "trace" not in response.parameters:
                 raise RuntimeError("the server sent no timeline for trace=")
             with open(trace, "w") as f:
                 f.write(response.parameters["trace"].string_param)
-        return _outputs(response)
+        return _outputs(response, data, raws)
 
     def metadata(self, name):
         """The ModelMetadataResponse of model `name`: .inputs and .outputs,
@@ -399,10 +412,11 @@ def _to_wire(value):
     return wire[0], np.ascontiguousarray(array, dtype=wire[1])
 
 
-def _outputs(response):
+def _outputs(response, data, raw):
     """The outputs of a ModelInferResponse as numpy arrays; ServerError
-    with code "INTERNAL" naming the output when the response is malformed."""
-    raw = response.raw_output_contents
+    with code "INTERNAL" naming the output when the response is malformed.
+    `response` is the message without raw_output_contents, `raw` the
+    (offset, length) of each of them in `data` (_wire.split_response)."""
     if raw and len(raw) != len(response.outputs):
         raise ServerError("INTERNAL",
                           f"malformed response: {len(response.outputs)} "
@@ -421,10 +435,12 @@ def _outputs(response):
         numel = int(np.prod(shape, dtype=np.int64))
         size = np.dtype(wire).itemsize
         if raw:
-            if len(raw[i]) != size * numel:
-                raise bad(f"{len(raw[i])} bytes for shape {list(shape)} "
+            offset, length = raw[i]
+            if length != size * numel:
+                raise bad(f"{length} bytes for shape {list(shape)} "
                           f"({size * numel} expected)")
-            array = np.frombuffer(raw[i], dtype=wire).reshape(shape)
+            array = np.frombuffer(data, dtype=wire, count=numel,
+                                  offset=offset).reshape(shape)
             if out.datatype == "BF16":  # numpy has no bfloat16
                 array = (array.astype(np.uint32) << 16).view(np.float32)
             outputs.append(np.array(array, dtype=array.dtype.newbyteorder("=")))
