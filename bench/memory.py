@@ -13,7 +13,9 @@ coordinator's peak is its VmHWM (the kernel's high-water mark of resident
 memory, start-up included).
 """
 import argparse
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -47,6 +49,7 @@ def main():
     a = p.parse_args()
     layers = max(a.stages, round(a.gib * (1 << 30) / (WIDTH * WIDTH * 4)))
     tmp = tempfile.mkdtemp(prefix="pipeserve-memory-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # GiBs of model files
     path = os.path.join(tmp, "mlp.psm")
     t = time.perf_counter()
     mods = []

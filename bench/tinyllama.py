@@ -10,7 +10,9 @@ and queried through the KServe API, against PyTorch eager on the same cores.
 Needs about 12 GiB of memory and 7 GiB of disk in $TMPDIR.
 """
 import argparse
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -37,6 +39,7 @@ def main():
     p.add_argument("--seq", type=int, default=32)
     a = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="pipeserve-tinyllama-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # GiBs of model files
     torch.manual_seed(0)
     t = time.perf_counter()
     model = transformer_models.Llama(vocab=32000, d=2048, heads=32, kv_heads=4, hidden=5632,

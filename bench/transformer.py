@@ -20,8 +20,10 @@ Prints three tables:
 Every PyTorch run happens in its own process, so thread settings hold.
 """
 import argparse
+import atexit
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -190,6 +192,7 @@ def main():
     p.add_argument("--skip_serving", action="store_true")
     a = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="pipeserve-bench-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # GiBs of model files
     import numpy as np
     rng = np.random.default_rng(0)
     ids = os.path.join(tmp, "ids.npy")

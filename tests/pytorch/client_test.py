@@ -165,7 +165,7 @@ class ClientTest(unittest.TestCase):
     def setUp(self):
         self.server = FakeServer()
         self.client = pipeserve.Client(self.server.address, timeout=10)
-        self.tmp = tempfile.mkdtemp(prefix="client_test_")
+        self.tmp = tempfile.mkdtemp(prefix="client_test_", dir=os.environ.get("TEST_TMPDIR"))
 
     def tearDown(self):
         self.client.close()

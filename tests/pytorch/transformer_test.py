@@ -233,12 +233,17 @@ class TransformerServingTest(unittest.TestCase):
         self.assertEqual(logits.shape, (1, 3, 97))
 
 
+def _scratch():
+    """A new directory under Bazel's test tmpdir (cleaned by Bazel)."""
+    return tempfile.mkdtemp(dir=os.environ.get("TEST_TMPDIR"))
+
+
 class TransformerExportTest(unittest.TestCase):
     def test_unsupported_module_is_named_with_its_path(self):
         model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GRU(4, 4)).eval()
         with self.assertRaises(pipeserve.ExportError) as e:
             pipeserve.export(model, (torch.randn(2, 5, 4),),
-                             os.path.join(tempfile.mkdtemp(), "m.psm"))
+                             os.path.join(_scratch(), "m.psm"))
         self.assertIn("torch.nn.GRU", str(e.exception))
         self.assertIn("'1'", str(e.exception))
 
@@ -253,13 +258,13 @@ class TransformerExportTest(unittest.TestCase):
                 return out + weights.sum()
         with self.assertRaises(pipeserve.ExportError) as e:
             pipeserve.export(Weights().eval(), (torch.randn(2, 3, 8),),
-                             os.path.join(tempfile.mkdtemp(), "m.psm"))
+                             os.path.join(_scratch(), "m.psm"))
         self.assertIn("need_weights=False", str(e.exception))
         self.assertIn("'mha'", str(e.exception))
 
     def test_sizes_of_fixed_dims_are_python_ints_and_free_ones_are_traced(self):
         model = transformers.make("gpt2")
-        path = os.path.join(tempfile.mkdtemp(), "g.psm")
+        path = os.path.join(_scratch(), "g.psm")
         pipeserve.export(model, (torch.randint(0, 97, (2, 5)),), path,
                          dynamic_dims={"idx": [1]})
         graph, _ = pipeserve.load_model(path)
@@ -277,7 +282,7 @@ class TransformerExportTest(unittest.TestCase):
 
     def test_without_dynamic_dims_the_sequence_length_is_fixed(self):
         model = transformers.make("gpt2")
-        path = os.path.join(tempfile.mkdtemp(), "g.psm")
+        path = os.path.join(_scratch(), "g.psm")
         pipeserve.export(model, (torch.randint(0, 97, (2, 5)),), path)
         graph, _ = pipeserve.load_model(path)
         self.assertEqual(list(graph.inputs[0].shape), [-1, 5])
