@@ -363,8 +363,8 @@ class CpuProgram : public StageProgram {
     return false;
   }
 
-  // Finds each layer_norm and each RMSNorm pattern (float32 or bfloat16,
-  // one dtype throughout) and runs it as one kNorm step. When its input is
+  // Finds each layer_norm and each RMSNorm pattern (float32, bfloat16 or
+  // float16, one dtype throughout) and runs it as one kNorm step. When its input is
   // made by add(x, residual) (x of the sum's shape, the residual of it or
   // of its trailing dims; the norm's weight and bias made before the add),
   // the add joins: the pre-norm transformer's residual stream, where the
@@ -389,7 +389,7 @@ class CpuProgram : public StageProgram {
         continue;
       }
       const DataType type = last.out_type;
-      if (type != DT_FLOAT32 && type != DT_BFLOAT16) continue;
+      if (type != DT_FLOAT32 && type != DT_BFLOAT16 && type != DT_FLOAT16) continue;
       bool one_type = true;
       for (int j : m.steps) {
         for (const std::string& v : steps_[j].node->inputs()) {

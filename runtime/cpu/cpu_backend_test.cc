@@ -72,17 +72,18 @@ Model RmsStream(bool residual) {
 }
 
 // The same model in bfloat16: inputs, parameters and weights.
-Model ToBf16(Model m) {
-  for (ValueSpec& in : *m.graph.mutable_inputs()) in.set_dtype(DT_BFLOAT16);
+// `m` in a 16-bit dtype: its inputs and weights.
+Model To16(Model m, DataType type) {
+  for (ValueSpec& in : *m.graph.mutable_inputs()) in.set_dtype(type);
   for (TensorInfo& p : *m.graph.mutable_params()) {
-    p.set_dtype(DT_BFLOAT16);
+    p.set_dtype(type);
     p.set_byte_size(p.byte_size() / 2);
   }
-  for (auto& [fqn, w] : m.weights) w = FromFloat32(w, DT_BFLOAT16);
+  for (auto& [fqn, w] : m.weights) w = FromFloat32(w, type);
   return m;
 }
 
-// float32 copies of bfloat16 outputs.
+// float32 copies of 16-bit outputs.
 std::vector<Tensor> Widened(const std::vector<Tensor>& ts) {
   std::vector<Tensor> out;
   for (const Tensor& t : ts) out.push_back(ToFloat32(t));
@@ -185,20 +186,25 @@ TEST_F(CpuBackendFusionTest, AnRmsNormOfAModelInputRunsAsOneStep) {
 
 // Regression: a lone bfloat16 RMSNorm (no residual add, so no sum to
 // write) was refused at run time with "needs one dtype throughout".
-TEST_F(CpuBackendFusionTest, BFloat16NormsRunFused) {
-  for (bool residual : {false, true}) {
-    const Model m = ToBf16(RmsStream(residual));
-    const Tensor x = FromFloat32(RandomTensor({2, 4, 40}, 15), DT_BFLOAT16);
-    Ran fused = RunTwice(m, true, x), plain = RunTwice(m, false, x);
-    EXPECT_THAT(fused.profile, HasSubstr(residual ? "add + RMSNorm (fused)" : "RMSNorm (fused)"));
-    // One rounding against five, in bfloat16 (8 significant bits).
-    ExpectClose(Widened(fused.outputs), Widened(plain.outputs), 1e-2);
+TEST_F(CpuBackendFusionTest, SixteenBitNormsRunFused) {
+  for (DataType type : {DT_BFLOAT16, DT_FLOAT16}) {
+    for (bool residual : {false, true}) {
+      const Model m = To16(RmsStream(residual), type);
+      const Tensor x = FromFloat32(RandomTensor({2, 4, 40}, 15), type);
+      Ran fused = RunTwice(m, true, x), plain = RunTwice(m, false, x);
+      EXPECT_THAT(fused.profile,
+                  HasSubstr(residual ? "add + RMSNorm (fused)" : "RMSNorm (fused)"))
+          << TorchName(type);
+      // One rounding against five, in bfloat16 (8 significant bits) or
+      // float16 (11).
+      ExpectClose(Widened(fused.outputs), Widened(plain.outputs), 1e-2);
+    }
+    const Model ln = To16(ResidualStream(/*late_weight=*/false), type);
+    const Tensor x = FromFloat32(RandomTensor({2, 4, 40}, 16), type);
+    Ran fused = RunTwice(ln, true, x), plain = RunTwice(ln, false, x);
+    EXPECT_THAT(fused.profile, HasSubstr("add + layer_norm (fused)")) << TorchName(type);
+    ExpectSameBits(fused.outputs, plain.outputs);
   }
-  const Model ln = ToBf16(ResidualStream(/*late_weight=*/false));
-  const Tensor x = FromFloat32(RandomTensor({2, 4, 40}, 16), DT_BFLOAT16);
-  Ran fused = RunTwice(ln, true, x), plain = RunTwice(ln, false, x);
-  EXPECT_THAT(fused.profile, HasSubstr("add + layer_norm (fused)"));
-  ExpectSameBits(fused.outputs, plain.outputs);
 }
 
 }  // namespace

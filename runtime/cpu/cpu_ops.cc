@@ -703,7 +703,7 @@ void Softmax(const Tensor& x, int dim, bool log, Tensor* out) {
   }
 }
 
-// layer_norm over rows of n of x (float32 or bfloat16; w and b of x's type
+// layer_norm over rows of n of x (float32, bfloat16 or float16; w and b of x's type
 // or null). With `add` (x's type; x's shape, or a trailing block of it
 // repeated), x + add is normalised and also written to `sum`.
 void LayerNormRows(const Tensor& x, const Tensor* add, const Tensor* w, const Tensor* b,
@@ -719,19 +719,46 @@ void LayerNormRows(const Tensor& x, const Tensor* add, const Tensor* w, const Te
     }
     return;
   }
-  // bfloat16: each row widened into L1, normalised, rounded back.
+  // bfloat16 or float16: each row widened into L1, normalised, rounded
+  // back.
+  const bool bf16 = x.dtype() == DT_BFLOAT16;
+  auto widen = [bf16](const uint16_t* a, int64_t count, float* o) {
+    if (bf16) {
+      WidenBf16(a, count, o);
+    } else {
+      for (int64_t i = 0; i < count; ++i) o[i] = HalfToFloat(a[i]);
+    }
+  };
+  auto narrow = [bf16](const float* a, int64_t count, uint16_t* o) {
+    if (bf16) {
+      NarrowToBf16(a, count, o);
+    } else {
+      for (int64_t i = 0; i < count; ++i) o[i] = FloatToHalf(a[i]);
+    }
+  };
   std::vector<float> wf(w == nullptr ? 0 : n), bf(b == nullptr ? 0 : n);
-  if (w != nullptr) WidenBf16(w->data_as<uint16_t>(), n, wf.data());
-  if (b != nullptr) WidenBf16(b->data_as<uint16_t>(), n, bf.data());
+  if (w != nullptr) widen(w->data_as<uint16_t>(), n, wf.data());
+  if (b != nullptr) widen(b->data_as<uint16_t>(), n, bf.data());
   std::vector<float> xr(n), ar(add == nullptr ? 0 : n), sr(add == nullptr ? 0 : n), orow(n);
   for (int64_t r = 0; r < rows; ++r) {
-    WidenBf16(x.data_as<uint16_t>() + r * n, n, xr.data());
-    if (add != nullptr) WidenBf16(add->data_as<uint16_t>() + (r * n) % period, n, ar.data());
-    LayerNormRow(xr.data(), add == nullptr ? nullptr : ar.data(), true, rms, n,
-                 w == nullptr ? nullptr : wf.data(), b == nullptr ? nullptr : bf.data(), eps,
-                 sr.data(), orow.data());
-    if (add != nullptr) NarrowToBf16(sr.data(), n, sum->data_as<uint16_t>() + r * n);
-    NarrowToBf16(orow.data(), n, out->data_as<uint16_t>() + r * n);
+    widen(x.data_as<uint16_t>() + r * n, n, xr.data());
+    const float* row = xr.data();
+    const float* row_add = nullptr;
+    if (add != nullptr) {
+      widen(add->data_as<uint16_t>() + (r * n) % period, n, ar.data());
+      row_add = ar.data();
+      if (!bf16) {
+        // float16: the sum rounded as a float16 add rounds it, then
+        // normalised.
+        for (int64_t i = 0; i < n; ++i) sr[i] = HalfToFloat(FloatToHalf(xr[i] + ar[i]));
+        row = sr.data();
+        row_add = nullptr;
+      }
+    }
+    LayerNormRow(row, row_add, /*round_bf16=*/bf16, rms, n, w == nullptr ? nullptr : wf.data(),
+                 b == nullptr ? nullptr : bf.data(), eps, sr.data(), orow.data());
+    if (add != nullptr) narrow(sr.data(), n, sum->data_as<uint16_t>() + r * n);
+    narrow(orow.data(), n, out->data_as<uint16_t>() + r * n);
   }
 }
 
@@ -1056,7 +1083,7 @@ absl::Status FusedNorm(const NormKind& kind, const Tensor& x, const Tensor* resi
   }
   int64_t n = 1;
   for (int i = x.rank() - static_cast<int>(kind.ndim); i < x.rank(); ++i) n *= x.dim(i);
-  if (x.dtype() != DT_FLOAT32 && x.dtype() != DT_BFLOAT16) {
+  if (x.dtype() != DT_FLOAT32 && !IsHalf(x.dtype())) {
     return Bad(absl::StrCat(name, " over ", TorchName(x.dtype())));
   }
   if (kind.rms && b != nullptr) return Bad("RMSNorm takes no bias");
@@ -1114,9 +1141,11 @@ absl::StatusOr<Tensor> RunCpuOp(const Node& node, const std::vector<const Tensor
   const std::string& op = node.op();
   bool half = IsHalf(out_type);
   bool all_bf16 = out_type == DT_BFLOAT16;
+  bool all_fp16 = out_type == DT_FLOAT16;
   for (const Tensor* t : in) {
     half = half || IsHalf(t->dtype());
     all_bf16 = all_bf16 && t->dtype() == DT_BFLOAT16;
+    all_fp16 = all_fp16 && t->dtype() == DT_FLOAT16;
   }
   if (!half || IsMovement(op)) return RunFloat32(node, in, out_shape, out_type, scratch);
   const BinOp bin = BinOpOf(op);
@@ -1156,7 +1185,7 @@ absl::StatusOr<Tensor> RunCpuOp(const Node& node, const std::vector<const Tensor
                              out.data_as<uint16_t>()));
     return out;
   }
-  if (all_bf16 && op == "layer_norm") {
+  if ((all_bf16 || all_fp16) && op == "layer_norm") {
     ASSIGN_OR_RETURN(Tensor out, Output(out_shape, out_type, scratch));
     LayerNorm(node, in, &out);
     return out;

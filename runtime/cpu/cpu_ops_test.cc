@@ -232,7 +232,7 @@ TEST_F(CpuOpsConformance, IntegerDivisionByZeroIsAnError) {
 
 TEST_F(CpuOpsConformance, SoftmaxLayerNormAndReductions) {
   const Shape shape = {3, 4, 6};
-  for (DataType t : {DT_FLOAT32, DT_BFLOAT16}) {
+  for (DataType t : {DT_FLOAT32, DT_BFLOAT16, DT_FLOAT16}) {
     Tensor x = Make(shape, t, Random(72, -4, 4, 11));
     std::vector<double> h = Held(x);
     for (int dim : {2, 1}) {
@@ -365,7 +365,7 @@ TEST_F(CpuOpsConformance, GemmsAndFusedAttention) {
 // of its trailing dims repeated ([T, D] against [B, T, D]), and none; with
 // and without affine.
 TEST_F(CpuOpsConformance, ResidualAddAndNormInOnePass) {
-  for (DataType t : {DT_FLOAT32, DT_BFLOAT16}) {
+  for (DataType t : {DT_FLOAT32, DT_BFLOAT16, DT_FLOAT16}) {
     for (bool rms : {false, true}) {
       for (int64_t n : {40, 100}) {
         for (int residual_kind : {0, 1, 2}) {  // whole, trailing block, none
