@@ -364,12 +364,12 @@ class CpuProgram : public StageProgram {
   }
 
   // Finds each layer_norm and each RMSNorm pattern (float32, bfloat16 or
-  // float16, one dtype throughout) and runs it as one kNorm step. When its input is
-  // made by add(x, residual) (x of the sum's shape, the residual of it or
-  // of its trailing dims; the norm's weight and bias made before the add),
-  // the add joins: the pre-norm transformer's residual stream, where the
-  // sum is read again later. A lone layer_norm is left as it is (it is one
-  // pass already).
+  // float16, one dtype throughout) and runs it as one kNorm step. When its
+  // input is made by add(x, residual) (x of the sum's shape, the residual
+  // of it or of its trailing dims; the norm's weight and bias made before
+  // the add), the add joins: the pre-norm transformer's residual stream,
+  // where the sum is read again later. A lone layer_norm is left as it is
+  // (it is one pass already).
   void FuseNorms(const ValueShapes& shapes, const ValueTypes& types) {
     SlotUses uses = CountSlotUses();
     for (size_t i = 0; i < steps_.size(); ++i) {

@@ -403,6 +403,23 @@ void NarrowToBf16(const float* a, int64_t n, uint16_t* o) {
   for (int64_t i = 0; i < n; ++i) o[i] = FloatToBf16(a[i]);
 }
 
+// n values of a 16-bit type (bfloat16 or float16) as float32, and back.
+void Widen16(DataType type, const uint16_t* a, int64_t n, float* o) {
+  if (type == DT_BFLOAT16) {
+    WidenBf16(a, n, o);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) o[i] = HalfToFloat(a[i]);
+}
+
+void Narrow16(DataType type, const float* a, int64_t n, uint16_t* o) {
+  if (type == DT_BFLOAT16) {
+    NarrowToBf16(a, n, o);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) o[i] = FloatToHalf(a[i]);
+}
+
 constexpr int kLanes = 16;
 
 inline float LaneSum(const float* x, int64_t n) {
@@ -461,14 +478,17 @@ void ScaleMaskRow(float* row, int64_t n, float scale, const uint8_t* cond, int64
 // o = (x - mean) / sqrt(var + eps) * w + b over one row of n (layer_norm),
 // or with `rms` o = x / sqrt(mean(x^2) + eps) * w (RMSNorm); w and b may be
 // null. With `add`, x + add is normalised instead and written to `sum`
-// (rounded to bfloat16 first when round_bf16, as a bfloat16 add would be).
+// (rounded to `type` first, as an add of that type would round it).
 PIPESERVE_VECTOR_CLONES
-void LayerNormRow(const float* x, const float* add, bool round_bf16, bool rms, int64_t n,
+void LayerNormRow(const float* x, const float* add, DataType type, bool rms, int64_t n,
                   const float* w, const float* b, float eps, float* sum, float* o) {
   if (add != nullptr) {
-    for (int64_t i = 0; i < n; ++i) {
-      const float v = x[i] + add[i];
-      sum[i] = round_bf16 ? Bf16ToFloat(FloatToBf16(v)) : v;
+    if (type == DT_BFLOAT16) {
+      for (int64_t i = 0; i < n; ++i) sum[i] = Bf16ToFloat(FloatToBf16(x[i] + add[i]));
+    } else if (type == DT_FLOAT16) {
+      for (int64_t i = 0; i < n; ++i) sum[i] = HalfToFloat(FloatToHalf(x[i] + add[i]));
+    } else {
+      for (int64_t i = 0; i < n; ++i) sum[i] = x[i] + add[i];
     }
     x = sum;
   }
@@ -703,9 +723,9 @@ void Softmax(const Tensor& x, int dim, bool log, Tensor* out) {
   }
 }
 
-// layer_norm over rows of n of x (float32, bfloat16 or float16; w and b of x's type
-// or null). With `add` (x's type; x's shape, or a trailing block of it
-// repeated), x + add is normalised and also written to `sum`.
+// layer_norm over rows of n of x (float32, bfloat16 or float16; w and b of
+// x's type or null). With `add` (x's type; x's shape, or a trailing block
+// of it repeated), x + add is normalised and also written to `sum`.
 void LayerNormRows(const Tensor& x, const Tensor* add, const Tensor* w, const Tensor* b,
                    int64_t n, float eps, bool rms, Tensor* sum, Tensor* out) {
   const int64_t rows = n == 0 ? 0 : x.numel() / n;
@@ -713,7 +733,7 @@ void LayerNormRows(const Tensor& x, const Tensor* add, const Tensor* w, const Te
   if (x.dtype() == DT_FLOAT32) {
     for (int64_t r = 0; r < rows; ++r) {
       LayerNormRow(x.data() + r * n, add == nullptr ? nullptr : add->data() + (r * n) % period,
-                   false, rms, n, w == nullptr ? nullptr : w->data(),
+                   DT_FLOAT32, rms, n, w == nullptr ? nullptr : w->data(),
                    b == nullptr ? nullptr : b->data(), eps,
                    add == nullptr ? nullptr : sum->data() + r * n, out->data() + r * n);
     }
@@ -721,44 +741,21 @@ void LayerNormRows(const Tensor& x, const Tensor* add, const Tensor* w, const Te
   }
   // bfloat16 or float16: each row widened into L1, normalised, rounded
   // back.
-  const bool bf16 = x.dtype() == DT_BFLOAT16;
-  auto widen = [bf16](const uint16_t* a, int64_t count, float* o) {
-    if (bf16) {
-      WidenBf16(a, count, o);
-    } else {
-      for (int64_t i = 0; i < count; ++i) o[i] = HalfToFloat(a[i]);
-    }
-  };
-  auto narrow = [bf16](const float* a, int64_t count, uint16_t* o) {
-    if (bf16) {
-      NarrowToBf16(a, count, o);
-    } else {
-      for (int64_t i = 0; i < count; ++i) o[i] = FloatToHalf(a[i]);
-    }
-  };
+  const DataType type = x.dtype();
   std::vector<float> wf(w == nullptr ? 0 : n), bf(b == nullptr ? 0 : n);
-  if (w != nullptr) widen(w->data_as<uint16_t>(), n, wf.data());
-  if (b != nullptr) widen(b->data_as<uint16_t>(), n, bf.data());
+  if (w != nullptr) Widen16(type, w->data_as<uint16_t>(), n, wf.data());
+  if (b != nullptr) Widen16(type, b->data_as<uint16_t>(), n, bf.data());
   std::vector<float> xr(n), ar(add == nullptr ? 0 : n), sr(add == nullptr ? 0 : n), orow(n);
   for (int64_t r = 0; r < rows; ++r) {
-    widen(x.data_as<uint16_t>() + r * n, n, xr.data());
-    const float* row = xr.data();
-    const float* row_add = nullptr;
+    Widen16(type, x.data_as<uint16_t>() + r * n, n, xr.data());
     if (add != nullptr) {
-      widen(add->data_as<uint16_t>() + (r * n) % period, n, ar.data());
-      row_add = ar.data();
-      if (!bf16) {
-        // float16: the sum rounded as a float16 add rounds it, then
-        // normalised.
-        for (int64_t i = 0; i < n; ++i) sr[i] = HalfToFloat(FloatToHalf(xr[i] + ar[i]));
-        row = sr.data();
-        row_add = nullptr;
-      }
+      Widen16(type, add->data_as<uint16_t>() + (r * n) % period, n, ar.data());
     }
-    LayerNormRow(row, row_add, /*round_bf16=*/bf16, rms, n, w == nullptr ? nullptr : wf.data(),
-                 b == nullptr ? nullptr : bf.data(), eps, sr.data(), orow.data());
-    if (add != nullptr) narrow(sr.data(), n, sum->data_as<uint16_t>() + r * n);
-    narrow(orow.data(), n, out->data_as<uint16_t>() + r * n);
+    LayerNormRow(xr.data(), add == nullptr ? nullptr : ar.data(), type, rms, n,
+                 w == nullptr ? nullptr : wf.data(), b == nullptr ? nullptr : bf.data(), eps,
+                 sr.data(), orow.data());
+    if (add != nullptr) Narrow16(type, sr.data(), n, sum->data_as<uint16_t>() + r * n);
+    Narrow16(type, orow.data(), n, out->data_as<uint16_t>() + r * n);
   }
 }
 
@@ -1019,14 +1016,6 @@ absl::StatusOr<Tensor> FusedAttention(const Tensor& q_in, const Tensor& k_in,
   const bool wide = type == DT_FLOAT32;
   std::vector<float> qf(wide ? 0 : tq * d), kf(wide ? 0 : tk * d), vf(wide ? 0 : tk * dv),
       of(wide ? 0 : std::min(tq, kRows) * dv);
-  auto widen = [&](const Tensor& t, int64_t offset, int64_t n, float* to) {
-    const uint16_t* a = t.data_as<uint16_t>() + offset;
-    if (type == DT_BFLOAT16) {
-      WidenBf16(a, n, to);
-    } else {
-      for (int64_t i = 0; i < n; ++i) to[i] = HalfToFloat(a[i]);
-    }
-  };
   for (int64_t b = 0; b < batches; ++b) {
     // Offsets of this batch index in the masks.
     int64_t cond_base = 0, add_base = 0, rest = b;
@@ -1040,9 +1029,9 @@ absl::StatusOr<Tensor> FusedAttention(const Tensor& q_in, const Tensor& k_in,
     const float* kb = wide ? k_in.data() + b * tk * d : kf.data();
     const float* vb = wide ? v_in.data() + b * tk * dv : vf.data();
     if (!wide) {
-      widen(q_in, b * tq * d, tq * d, qf.data());
-      widen(k_in, b * tk * d, tk * d, kf.data());
-      widen(v_in, b * tk * dv, tk * dv, vf.data());
+      Widen16(type, q_in.data_as<uint16_t>() + b * tq * d, tq * d, qf.data());
+      Widen16(type, k_in.data_as<uint16_t>() + b * tk * d, tk * d, kf.data());
+      Widen16(type, v_in.data_as<uint16_t>() + b * tk * dv, tk * dv, vf.data());
     }
     for (int64_t r0 = 0; r0 < tq; r0 += kRows) {
       const int64_t m = std::min(kRows, tq - r0);
@@ -1063,12 +1052,7 @@ absl::StatusOr<Tensor> FusedAttention(const Tensor& q_in, const Tensor& k_in,
       float* ob = wide ? out.data() + (b * tq + r0) * dv : of.data();
       RETURN_IF_ERROR(Gemm(false, m, dv, tk, sb, vb, 0.0f, ob));
       if (!wide) {
-        uint16_t* o16 = out.data_as<uint16_t>() + (b * tq + r0) * dv;
-        if (type == DT_BFLOAT16) {
-          NarrowToBf16(ob, m * dv, o16);
-        } else {
-          for (int64_t i = 0; i < m * dv; ++i) o16[i] = FloatToHalf(ob[i]);
-        }
+        Narrow16(type, ob, m * dv, out.data_as<uint16_t>() + (b * tq + r0) * dv);
       }
     }
   }
@@ -1112,26 +1096,14 @@ absl::Status FusedNorm(const NormKind& kind, const Tensor& x, const Tensor* resi
 Tensor ToFloat32(const Tensor& t) {
   if (t.dtype() == DT_FLOAT32) return t;
   Tensor out = Tensor::Empty(t.shape(), DT_FLOAT32);
-  const uint16_t* a = t.data_as<uint16_t>();
-  float* o = out.data();
-  if (t.dtype() == DT_BFLOAT16) {
-    WidenBf16(a, t.numel(), o);
-  } else {
-    for (int64_t i = 0; i < t.numel(); ++i) o[i] = HalfToFloat(a[i]);
-  }
+  Widen16(t.dtype(), t.data_as<uint16_t>(), t.numel(), out.data());
   return out;
 }
 
 Tensor FromFloat32(const Tensor& t, DataType to) {
   if (to == DT_FLOAT32) return t;
   Tensor out = Tensor::Empty(t.shape(), to);
-  uint16_t* o = out.data_as<uint16_t>();
-  const float* a = t.data();
-  if (to == DT_BFLOAT16) {
-    NarrowToBf16(a, t.numel(), o);
-  } else {
-    for (int64_t i = 0; i < t.numel(); ++i) o[i] = FloatToHalf(a[i]);
-  }
+  Narrow16(to, t.data(), t.numel(), out.data_as<uint16_t>());
   return out;
 }
 

@@ -54,10 +54,10 @@ absl::StatusOr<Tensor> FusedAttention(const Tensor& q, const Tensor& k, const Te
 // RMSNorm pattern pow -> mean -> add eps -> rsqrt -> mul -> mul weight):
 // with `residual`, *sum = x + residual (rounded to x's type) is what gets
 // normalised; *out = layer_norm(.) with w, b, or with `rms`
-// . / sqrt(mean(.^2) + eps) * w. w, b may be null. float32, bfloat16 or float16,
-// all of one type; residual has x's shape or is a block of its trailing
-// dims repeated ([T, D] against [B, T, D]); kUnimplemented for other
-// residual shapes (the caller runs the ops one by one). *sum (with a
+// . / sqrt(mean(.^2) + eps) * w. w, b may be null. float32, bfloat16 or
+// float16, all of one type; residual has x's shape or is a block of its
+// trailing dims repeated ([T, D] against [B, T, D]); kUnimplemented for
+// other residual shapes (the caller runs the ops one by one). *sum (with a
 // residual; may be null without) and *out are allocated by the caller with
 // x's shape and type.
 struct NormKind {
