@@ -49,7 +49,7 @@ TraceSpan CoordinatorSpan(const char* what, int replica, int microbatch, int64_t
   span.set_stage(-1);
   span.set_replica(replica);
   span.set_microbatch(microbatch);
-  const int64_t now_us = absl::ToUnixMicros(absl::Now());
+  const int64_t now_us = absl::ToUnixMicros(FrameClockNow());
   span.set_start_us(std::min(start_us, now_us));
   span.set_duration_us(now_us - span.start_us());
   return span;
@@ -549,7 +549,7 @@ absl::StatusOr<std::vector<Tensor>> Deployment::InferDirect(const std::vector<Te
                                                             std::vector<TraceSpan>* trace,
                                                             int chunks) {
   const std::string& model = name_;
-  const absl::Time began = absl::Now();
+  const absl::Time began = FrameClockNow();
   {
     absl::MutexLock lock(&mu_);
     if (!retired_.empty()) return absl::UnavailableError(retired_);
@@ -651,7 +651,7 @@ absl::StatusOr<std::vector<Tensor>> Deployment::InferDirect(const std::vector<Te
     for (size_t k = 0; k < first_inputs_.size(); ++k) {
       f.Add(first_names_[k], microbatches[m][first_inputs_[k]]);
     }
-    const absl::Time send_began = absl::Now();
+    const absl::Time send_began = FrameClockNow();
     if (trace != nullptr) {
       f.header.set_trace(true);
       f.header.set_sent_us(absl::ToUnixMicros(send_began));

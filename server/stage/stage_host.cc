@@ -1,7 +1,6 @@
 #include "server/stage/stage_host.h"
 
 #include <algorithm>
-#include <chrono>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -61,11 +60,7 @@ uint64_t TensorBytes(const Frame& f) {
 
 }  // namespace
 
-int64_t NowMicros() {
-  return std::chrono::duration_cast<std::chrono::microseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
+int64_t NowMicros() { return absl::ToUnixMicros(FrameClockNow()); }
 
 namespace {
 StageHost::Options Sane(StageHost::Options o) {
@@ -146,7 +141,7 @@ bool StageHost::Push(Frame frame, const std::shared_ptr<Producer>& from) {
   // ahead of it are dropped when a worker reaches them.
   if (frame.header.kind() == FrameHeader::CANCEL) RememberCancel(frame.header.request_id());
   queue_.push_back(std::move(frame));
-  queued_at_.push_back(absl::Now());
+  queued_at_.push_back(FrameClockNow());
   if (queue_.size() < options_.queue_capacity || from == nullptr) return true;
   paused_.push_back(from);
   return false;
@@ -312,7 +307,7 @@ void StageHost::Work() {
       in = std::move(queue_.front());
       queue_.pop_front();
       arrived = queued_at_.front();
-      stats_.queue_seconds += absl::ToDoubleSeconds(absl::Now() - arrived);
+      stats_.queue_seconds += absl::ToDoubleSeconds(FrameClockNow() - arrived);
       queued_at_.pop_front();
       if (queue_.size() < options_.queue_capacity) resume.swap(paused_);
     }
@@ -337,9 +332,9 @@ void StageHost::Work() {
       }
     }
     if (in.header.kind() == FrameHeader::DATA) {
-      const absl::Time start = absl::Now();
+      const absl::Time start = FrameClockNow();
       Frame out = Compute(in);
-      const absl::Time end = absl::Now();
+      const absl::Time end = FrameClockNow();
       const double took = absl::ToDoubleSeconds(end - start);
       if (in.header.trace() && out.header.kind() == FrameHeader::DATA) {
         AddSpans(in.header, arrived, start, end, &out.header);

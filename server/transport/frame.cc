@@ -1,6 +1,7 @@
 #include "server/transport/frame.h"
 
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <memory>
 
@@ -86,6 +87,8 @@ std::atomic<uint64_t> g_messages{0};
 std::atomic<uint64_t> g_frames{0};
 
 }  // namespace
+
+absl::Time FrameClockNow() { return absl::FromChrono(std::chrono::system_clock::now()); }
 
 absl::Time FrameDeadline(const Frame& frame) {
   int64_t us = frame.header.deadline_us();

@@ -50,6 +50,12 @@ struct Frame {
 // InfiniteFuture when it has none.
 absl::Time FrameDeadline(const Frame& frame);
 
+// Now, on the clock of every time a frame carries (deadline_us, sent_us,
+// trace spans): the kernel's clock, which every process on a host reads
+// alike. (absl::Now() may interpolate the cycle counter per process; mixed
+// with the kernel's clock, a trace's spans came out of order.)
+absl::Time FrameClockNow();
+
 // Serializes `frame`; tensor bytes are referenced, not copied.
 absl::Status FrameToByteBuffer(const Frame& frame, grpc::ByteBuffer* out);
 
