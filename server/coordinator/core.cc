@@ -155,7 +155,7 @@ std::shared_ptr<Deployment> Coordinator::TryAdopt(const StoredModel& m,
   absl::StatusOr<std::vector<std::string>> servers = launcher_->ServersFor(n * *replicas);
   if (!servers.ok()) return nullptr;
   config.threads_per_stage = launcher_->ThreadsPerStage();
-  const std::vector<StageSpec> want = Deployment::Specs(config, m.name, *plan, *servers, *replicas);
+  const std::vector<StageSpec> want = Deployment::Specs(config, m.name, *plan, m.options, *servers, *replicas);
   // The held stage that is stage `i % n` of replica `i / n` of deployment
   // `id`, as it would be loaded now.
   auto find = [&](size_t i, uint64_t id) -> HeldStage* {

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <functional>
 #include <map>
+#include <set>
 #include <tuple>
 #include <fstream>
 #include <thread>
@@ -907,6 +908,20 @@ TEST_F(CoordinatorTest, SmallRequestsArrivingWhileTheModelIsBusyAreMergedAndAnsw
   off.set_max_batch_rows(-1);
   ASSERT_TRUE(Upload("alone", m, off).ok());
   EXPECT_EQ(coordinator_->GetModel("alone")->batching.max_rows, 0);
+  // Stages join a request's queued microbatches under the same licence
+  // and limit.
+  auto merge_rows = [&](const std::string& model) {
+    std::set<int64_t> seen;
+    for (const std::string& a : Addresses()) {
+      std::shared_ptr<StageServerCore> server = stages_->Server(a);
+      for (const StageKey& k : server->Keys()) {
+        if (k.model() == model) seen.insert(server->Find(k)->spec().merge_rows());
+      }
+    }
+    return seen;
+  };
+  EXPECT_EQ(merge_rows("mlp"), std::set<int64_t>{64});
+  EXPECT_EQ(merge_rows("alone"), std::set<int64_t>{0});
   UploadOptions bad;
   bad.set_max_batch_rows(-2);
   auto refused = Upload("bad", m, bad);

@@ -161,15 +161,25 @@ absl::StatusOr<int> Deployment::Replicas(const DeploymentConfig& config,
   return replicas;
 }
 
+int64_t Deployment::MergeRows(const Plan& plan, const BatcherOptions& batching) {
+  bool batched = plan.inputs_size() > 0 && plan.outputs_size() > 0;
+  for (const ValueSpec& v : plan.inputs()) batched = batched && v.batched();
+  for (const ValueSpec& v : plan.outputs()) batched = batched && v.batched();
+  return batched ? std::max<int64_t>(0, batching.max_rows) : 0;
+}
+
 std::vector<StageSpec> Deployment::Specs(const DeploymentConfig& config, const std::string& name,
-                                         const Plan& plan,
+                                         const Plan& plan, const UploadOptions& options,
                                          const std::vector<std::string>& servers,
                                          int replicas) {
   const int n = plan.stages_size();
+  absl::StatusOr<BatcherOptions> batching = Batching(config, options, n * replicas);
+  const int64_t merge_rows = batching.ok() ? MergeRows(plan, *batching) : 0;
   std::vector<StageSpec> out;
   for (int r = 0; r < replicas; ++r) {
     std::vector<std::string> lane(servers.begin() + r * n, servers.begin() + (r + 1) * n);
-    for (StageSpec& spec : MakeStageSpecs(plan, name, 0, lane, config.threads_per_stage, r)) {
+    for (StageSpec& spec :
+         MakeStageSpecs(plan, name, 0, lane, config.threads_per_stage, r, merge_rows)) {
       out.push_back(std::move(spec));
     }
   }
@@ -201,14 +211,14 @@ absl::StatusOr<std::shared_ptr<Deployment>> Deployment::Make(
   info.deployment = id;
   info.bytes = bytes;
   info.microbatches = microbatches;
+  ASSIGN_OR_RETURN(BatcherOptions batching, Batching(config, options, n * replicas));
+  info.batching = batching;
   std::vector<Lane> lanes(replicas);
   for (int r = 0; r < replicas; ++r) {
     lanes[r].servers.assign(servers.begin() + r * n, servers.begin() + (r + 1) * n);
-    lanes[r].specs =
-        MakeStageSpecs(plan, name, id, lanes[r].servers, config.threads_per_stage, r);
+    lanes[r].specs = MakeStageSpecs(plan, name, id, lanes[r].servers, config.threads_per_stage,
+                                    r, MergeRows(plan, batching));
   }
-  ASSIGN_OR_RETURN(BatcherOptions batching, Batching(config, options, n * replicas));
-  info.batching = batching;
   return std::shared_ptr<Deployment>(
       new Deployment(config, std::move(info), replicas, std::move(lanes), batching));
 }
@@ -364,7 +374,8 @@ absl::Status Deployment::ReloadLane(int lane, const ModelFileReader& file,
                                                  " does not answer: ", up.message()));
     }
   }
-  std::vector<StageSpec> specs = MakeStageSpecs(*plan_, name_, id_, servers, threads, lane);
+  std::vector<StageSpec> specs =
+      MakeStageSpecs(*plan_, name_, id_, servers, threads, lane, MergeRows(*plan_, batching_));
   const absl::Time deadline = absl::Now() + config_.load_timeout;
   absl::Status s = LoadLane(servers, specs, file, deadline);
   if (s.ok()) s = ConnectLane(lane, servers, specs, deadline);

@@ -121,8 +121,13 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   // The specs Create would load (deployment id 0), lane by lane: their
   // fingerprints say which loaded stages Adopt can take over.
   static std::vector<StageSpec> Specs(const DeploymentConfig& config, const std::string& name,
-                                      const Plan& plan, const std::vector<std::string>& servers,
-                                      int replicas);
+                                      const Plan& plan, const UploadOptions& options,
+                                      const std::vector<std::string>& servers, int replicas);
+
+  // StageSpec.merge_rows for `plan`'s stages: the batcher's max_rows when
+  // every input and output of the model follows the batch (the licence
+  // the batcher takes to merge requests), else 0.
+  static int64_t MergeRows(const Plan& plan, const BatcherOptions& batching);
 
   ~Deployment();
 

@@ -4,12 +4,19 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "runtime/microbatch.h"
 #include "runtime/signature.h"
 
 namespace pipeserve {
 namespace {
 
 constexpr size_t kCancelMemory = 4096;
+// A joined run takes at most this many frames (its frames leave as one
+// message, which WriteQueue merges with others up to 64 frames) and this
+// many received bytes: larger frames gain nothing from joining, and their
+// pipelining would suffer.
+constexpr size_t kMaxJoinedFrames = 64;
+constexpr uint64_t kMaxJoinedBytes = uint64_t{1} << 20;
 // How long a CANCEL or ERROR frame (which carry no deadline of their own)
 // may wait for room downstream.
 constexpr absl::Duration kControlFrameWait = absl::Seconds(5);
@@ -63,15 +70,21 @@ uint64_t TensorBytes(const Frame& f) {
 int64_t NowMicros() { return absl::ToUnixMicros(FrameClockNow()); }
 
 namespace {
-StageHost::Options Sane(StageHost::Options o) {
+StageHost::Options Sane(StageHost::Options o, const StageSpec& spec) {
   o.queue_capacity = std::max<size_t>(1, o.queue_capacity);
   o.workers = std::max(1, o.workers);
+  o.merge_rows = std::max<int64_t>(0, o.merge_rows);
+  // Rows join only where every received value follows the batch.
+  for (const ValueSpec& v : spec.receives()) {
+    if (!v.batched() || v.shape_size() == 0) o.merge_rows = 0;
+  }
+  if (spec.receives_size() == 0) o.merge_rows = 0;
   return o;
 }
 }  // namespace
 
 StageHost::StageHost(StageSpec spec, std::unique_ptr<StageProgram> program, Options options)
-    : spec_(std::move(spec)), program_(std::move(program)), options_(Sane(options)) {
+    : spec_(std::move(spec)), program_(std::move(program)), options_(Sane(options, spec_)) {
   for (int i = 0; i < options_.workers; ++i) {
     workers_.emplace_back([this] { Work(); });
   }
@@ -232,6 +245,12 @@ Frame StageHost::Compute(const Frame& in) {
                                               absl::StrCat("stage ", stage, ": ",
                                                            outs.status().message())));
   }
+  return Forward(in, *outs, 0, -1);
+}
+
+Frame StageHost::Forward(const Frame& in, const std::vector<Tensor>& outs, int64_t begin,
+                         int64_t end) {
+  const Graph& g = spec_.stage().graph();
   Frame out;
   out.header.set_kind(FrameHeader::DATA);
   out.header.set_request_id(in.header.request_id());
@@ -240,22 +259,98 @@ Frame StageHost::Compute(const Frame& in) {
   out.header.set_attempt(in.header.attempt());
   for (const std::string& name : spec_.forward()) {
     const Tensor* t = nullptr;
-    for (int k = 0; k < g.outputs_size() && k < static_cast<int>(outs->size()); ++k) {
-      if (g.outputs(k) == name) t = &(*outs)[k];
+    for (int k = 0; k < g.outputs_size() && k < static_cast<int>(outs.size()); ++k) {
+      if (g.outputs(k) == name) t = &outs[k];
     }
-    if (t == nullptr) t = in.Find(name);
+    if (t != nullptr && end >= 0) {
+      out.Add(name, t->SliceRows(begin, end));
+      continue;
+    }
+    if (t == nullptr) t = in.Find(name);  // passed through: the frame's own
     if (t == nullptr) {
       return ErrorFrame(in.header, absl::InternalError(absl::StrCat(
-                                       "stage ", stage, ": no value \"", name, "\" to send on")));
+                                       "stage ", spec_.key().stage(), ": no value \"", name,
+                                       "\" to send on")));
     }
     out.Add(name, *t);
   }
   return out;
 }
 
-void StageHost::Deliver(Frame out) {
-  absl::Time deadline = FrameDeadline(out);
-  if (out.header.kind() != FrameHeader::DATA) {
+int64_t StageHost::Rows(const Frame& f) {
+  return f.tensors.empty() || f.tensors[0].rank() == 0 ? 0 : f.tensors[0].dim(0);
+}
+
+bool StageHost::CanJoin(const Frame& first, const Frame& next, int64_t rows) const {
+  if (next.header.kind() != FrameHeader::DATA ||
+      next.header.request_id() != first.header.request_id() ||
+      next.header.attempt() != first.header.attempt()) {
+    return false;
+  }
+  const int64_t more = Rows(next);
+  if (more <= 0 || rows + more > options_.merge_rows) return false;
+  for (const ValueSpec& v : spec_.receives()) {
+    const Tensor* a = first.Find(v.name());
+    const Tensor* b = next.Find(v.name());
+    if (a == nullptr || b == nullptr || a->rank() != b->rank() || a->rank() == 0 ||
+        a->dtype() != b->dtype() ||
+        !std::equal(a->shape().begin() + 1, a->shape().end(), b->shape().begin() + 1)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+std::vector<Frame> StageHost::ComputeJoined(const std::vector<Frame>& in, uint64_t* runs) {
+  auto one_by_one = [&] {
+    std::vector<Frame> outs;
+    for (const Frame& f : in) {
+      outs.push_back(Compute(f));
+      ++*runs;
+    }
+    return outs;
+  };
+  const Graph& g = spec_.stage().graph();
+  std::vector<int64_t> offsets = {0};
+  for (const Frame& f : in) offsets.push_back(offsets.back() + Rows(f));
+  std::vector<Tensor> inputs;
+  inputs.reserve(g.inputs_size());
+  for (const ValueSpec& v : g.inputs()) {
+    std::vector<Tensor> parts;
+    for (const Frame& f : in) {
+      const Tensor* t = f.Find(v.name());
+      if (t == nullptr) return one_by_one();  // each gets its own error
+      parts.push_back(*t);
+    }
+    absl::StatusOr<Tensor> joined = ConcatRows(parts);
+    if (!joined.ok()) return one_by_one();
+    inputs.push_back(*std::move(joined));
+  }
+  absl::StatusOr<std::vector<Tensor>> outs = program_->Run(inputs);
+  ++*runs;
+  std::vector<Frame> result;
+  if (!outs.ok()) {
+    for (const Frame& f : in) {
+      result.push_back(ErrorFrame(
+          f.header, absl::Status(outs.status().code(), absl::StrCat("stage ", spec_.key().stage(),
+                                                                    ": ", outs.status().message()))));
+    }
+    return result;
+  }
+  // Rows split back only where every output kept them.
+  for (const Tensor& t : *outs) {
+    if (t.rank() == 0 || t.dim(0) != offsets.back()) return one_by_one();
+  }
+  for (size_t i = 0; i < in.size(); ++i) {
+    result.push_back(Forward(in[i], *outs, offsets[i], offsets[i + 1]));
+  }
+  return result;
+}
+
+void StageHost::Deliver(std::vector<Frame> outs) {
+  // One frame, or the frames of one joined run (one request, one deadline).
+  absl::Time deadline = FrameDeadline(outs.front());
+  if (outs.front().header.kind() != FrameHeader::DATA) {
     deadline = std::min(deadline, absl::Now() + kControlFrameWait);
   }
   std::shared_ptr<FrameSink> sink;
@@ -263,40 +358,48 @@ void StageHost::Deliver(Frame out) {
     absl::MutexLock lock(&mu_);
     sink = sink_;
     if (sink == nullptr) {
-      ++stats_.undeliverable;
+      stats_.undeliverable += outs.size();
       stats_.downstream_error =
           last_stage() ? "no coordinator is subscribed to the results" : "no downstream sink";
       return;
     }
   }
-  const bool data = out.header.kind() == FrameHeader::DATA;
-  if (out.header.trace()) out.header.set_sent_us(NowMicros());
-  const uint64_t bytes = data ? TensorBytes(out) : 0;
+  uint64_t data = 0, bytes = 0;
+  const int64_t now_us = NowMicros();
+  for (Frame& out : outs) {
+    if (out.header.kind() != FrameHeader::DATA) continue;
+    ++data;
+    bytes += TensorBytes(out);
+    if (out.header.trace()) out.header.set_sent_us(now_us);
+  }
   const absl::Time start = absl::Now();
-  absl::Status s = sink->Send(out, deadline);
+  absl::Status s = outs.size() == 1 ? sink->Send(outs.front(), deadline) : sink->SendAll(outs, deadline);
   // A broken stream is replaced on the next Send: try once more at once.
-  if (s.code() == absl::StatusCode::kUnavailable) s = sink->Send(out, deadline);
+  if (s.code() == absl::StatusCode::kUnavailable) {
+    s = outs.size() == 1 ? sink->Send(outs.front(), deadline) : sink->SendAll(outs, deadline);
+  }
   absl::MutexLock lock(&mu_);
   stats_.send_seconds += absl::ToDoubleSeconds(absl::Now() - start);
   if (s.ok()) {
     stats_.downstream_error.clear();
-    if (data) {
-      ++stats_.frames_out;
-      stats_.bytes_out += bytes;
-    }
+    stats_.frames_out += data;
+    stats_.bytes_out += bytes;
   } else if (s.code() == absl::StatusCode::kDeadlineExceeded) {
-    ++stats_.dropped_deadline;  // a slow link, not a broken one
+    stats_.dropped_deadline += outs.size();  // a slow link, not a broken one
   } else if (!stopping_) {
-    ++stats_.undeliverable;
+    stats_.undeliverable += outs.size();
     stats_.downstream_error = std::string(s.message());
   }
 }
 
 void StageHost::Work() {
   while (true) {
-    Frame in;
-    absl::Time arrived;
+    // One frame, or DATA frames of one request that waited back to back
+    // and are computed in one run (Options::merge_rows).
+    std::vector<Frame> group;
+    std::vector<absl::Time> arrived;
     std::vector<std::weak_ptr<Producer>> resume;
+    bool drop = false;
     {
       absl::MutexLock lock(&mu_);
       auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -304,50 +407,69 @@ void StageHost::Work() {
       };
       mu_.Await(absl::Condition(&ready));
       if (stopping_) return;
-      in = std::move(queue_.front());
-      queue_.pop_front();
-      arrived = queued_at_.front();
-      stats_.queue_seconds += absl::ToDoubleSeconds(FrameClockNow() - arrived);
-      queued_at_.pop_front();
+      auto take = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        group.push_back(std::move(queue_.front()));
+        queue_.pop_front();
+        arrived.push_back(queued_at_.front());
+        queued_at_.pop_front();
+        stats_.queue_seconds += absl::ToDoubleSeconds(FrameClockNow() - arrived.back());
+      };
+      take();
+      const FrameHeader& h = group.front().header;
+      if (h.kind() == FrameHeader::CANCEL) {
+        RememberCancel(h.request_id());
+      } else if (h.kind() == FrameHeader::DATA) {
+        if (cancelled_.contains(h.request_id())) {
+          ++stats_.dropped_cancelled;
+          drop = true;
+        } else if (h.deadline_us() != 0 && h.deadline_us() < NowMicros()) {
+          ++stats_.dropped_deadline;
+          drop = true;
+        } else if (options_.merge_rows > 0) {
+          int64_t rows = Rows(group.front());
+          uint64_t bytes = TensorBytes(group.front());
+          while (!queue_.empty() && group.size() < kMaxJoinedFrames &&
+                 bytes + TensorBytes(queue_.front()) <= kMaxJoinedBytes &&
+                 CanJoin(group.front(), queue_.front(), rows)) {
+            rows += Rows(queue_.front());
+            bytes += TensorBytes(queue_.front());
+            take();
+          }
+        }
+      }
       if (queue_.size() < options_.queue_capacity) resume.swap(paused_);
     }
     for (const std::weak_ptr<Producer>& p : resume) {
       if (auto alive = p.lock()) alive->Resume();  // the reader may read again
     }
+    if (drop) continue;
 
-    const uint64_t id = in.header.request_id();
+    if (group.front().header.kind() != FrameHeader::DATA) {
+      Deliver(std::move(group));  // CANCEL and ERROR frames travel on
+      continue;
+    }
+    const absl::Time start = FrameClockNow();
+    uint64_t runs = 1;
+    std::vector<Frame> outs;
+    if (group.size() == 1) {
+      outs.push_back(Compute(group.front()));
+    } else {
+      runs = 0;
+      outs = ComputeJoined(group, &runs);
+    }
+    const absl::Time end = FrameClockNow();
+    for (size_t i = 0; i < group.size(); ++i) {
+      if (group[i].header.trace() && outs[i].header.kind() == FrameHeader::DATA) {
+        AddSpans(group[i].header, arrived[i], start, end, &outs[i].header);
+      }
+    }
     {
       absl::MutexLock lock(&mu_);
-      if (in.header.kind() == FrameHeader::CANCEL) {
-        RememberCancel(id);
-      } else if (in.header.kind() == FrameHeader::DATA) {
-        if (cancelled_.contains(id)) {
-          ++stats_.dropped_cancelled;
-          continue;
-        }
-        if (in.header.deadline_us() != 0 && in.header.deadline_us() < NowMicros()) {
-          ++stats_.dropped_deadline;
-          continue;
-        }
-      }
+      stats_.processed += group.size();
+      stats_.runs += runs;
+      stats_.compute_seconds += absl::ToDoubleSeconds(end - start);
     }
-    if (in.header.kind() == FrameHeader::DATA) {
-      const absl::Time start = FrameClockNow();
-      Frame out = Compute(in);
-      const absl::Time end = FrameClockNow();
-      const double took = absl::ToDoubleSeconds(end - start);
-      if (in.header.trace() && out.header.kind() == FrameHeader::DATA) {
-        AddSpans(in.header, arrived, start, end, &out.header);
-      }
-      {
-        absl::MutexLock lock(&mu_);
-        ++stats_.processed;
-        stats_.compute_seconds += took;
-      }
-      Deliver(std::move(out));
-    } else {
-      Deliver(std::move(in));  // CANCEL and ERROR frames travel on
-    }
+    Deliver(std::move(outs));
   }
 }
 

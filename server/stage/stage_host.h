@@ -49,6 +49,15 @@ class StageHost {
     // microbatch's copies with the next one's kernels; frames may then leave
     // out of order (the coordinator reassembles by microbatch index).
     int workers = 1;
+    // Most rows one program run may take (StageSpec.merge_rows): a worker
+    // taking a DATA frame also takes the frames of the same request that
+    // wait right behind it, while their rows fit, their other dimensions
+    // agree and they hold at most 1 MiB (larger frames gain nothing),
+    // runs the program once on their rows joined, and sends each frame's
+    // rows on in its own frame, all in one message. 0: one frame per run.
+    // The outputs must follow the batch (dim 0); a run whose outputs do
+    // not is done again one frame at a time.
+    int64_t merge_rows = 0;
   };
 
   struct Stats {
@@ -64,6 +73,7 @@ class StageHost {
     double queue_seconds = 0;
     double send_seconds = 0;
     uint64_t processed = 0;
+    uint64_t runs = 0;  // program runs for the processed frames
     uint64_t dropped_deadline = 0;
     uint64_t dropped_cancelled = 0;
     uint64_t rejected = 0;       // frames that did not match the stage
@@ -120,13 +130,26 @@ class StageHost {
   Frame Admit(Frame frame);
   // Runs one DATA frame through the program; returns the frame to send on.
   Frame Compute(const Frame& in);
+  // Runs DATA frames of one request through the program as one run on
+  // their rows joined; returns a frame to send on per frame, in order.
+  // `runs` counts the program runs it took.
+  std::vector<Frame> ComputeJoined(const std::vector<Frame>& in, uint64_t* runs);
+  // The frame to send on for `in`, from the program's `outs` (rows
+  // [begin, end) of each when `end` >= 0, else whole).
+  Frame Forward(const Frame& in, const std::vector<Tensor>& outs, int64_t begin, int64_t end);
+  // Whether `next` (queued right behind `first`) may join its run, with
+  // `rows` rows taken so far.
+  bool CanJoin(const Frame& first, const Frame& next, int64_t rows) const;
   // For a traced frame: `out` (made from `in`) carries `in`'s spans and
   // this stage's transfer (from `in`'s sent_us to `arrived`), queue and
   // compute (`start` to `end`) spans.
   void AddSpans(const FrameHeader& in, absl::Time arrived, absl::Time start, absl::Time end,
                 FrameHeader* out) const;
-  // Sends `out` downstream, retrying once on a broken link.
-  void Deliver(Frame out);
+  // Sends `outs` (one frame, or a joined run's frames, which go together)
+  // downstream, retrying once on a broken link.
+  void Deliver(std::vector<Frame> outs);
+  // Rows of a DATA frame that fits the stage (dim 0 of its first value).
+  static int64_t Rows(const Frame& f);
 
   const StageSpec spec_;
   const std::unique_ptr<StageProgram> program_;

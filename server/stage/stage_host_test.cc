@@ -323,5 +323,214 @@ TEST(StageHostTest, StopTellsEveryProducerOnceAndRefusesNewOnes) {
   EXPECT_EQ(fx.host->stats().queue_depth, 0u);
 }
 
+
+// Runs `inner`, recording each run's rows; the first run waits for open.
+class GatedProgram : public StageProgram {
+ public:
+  explicit GatedProgram(std::unique_ptr<StageProgram> inner) : inner_(std::move(inner)) {}
+  absl::StatusOr<std::vector<Tensor>> Run(absl::Span<const Tensor> in) override {
+    {
+      absl::MutexLock lock(&mu_);
+      rows_.push_back(in[0].dim(0));
+      if (rows_.size() == 1) {
+        entered_.Notify();
+        mu_.Await(absl::Condition(&open_));
+      }
+    }
+    return inner_->Run(in);
+  }
+  void Open() {
+    absl::MutexLock lock(&mu_);
+    open_ = true;
+  }
+  std::vector<int64_t> rows() {
+    absl::MutexLock lock(&mu_);
+    return rows_;
+  }
+  absl::Notification entered_;
+
+ private:
+  std::unique_ptr<StageProgram> inner_;
+  absl::Mutex mu_;
+  bool open_ ABSL_GUARDED_BY(mu_) = false;
+  std::vector<int64_t> rows_ ABSL_GUARDED_BY(mu_);
+};
+
+// Stage 0 of the fixture's model (relu of x; y rides along) on a gated
+// program that joins up to `merge_rows` rows.
+struct JoinFixture {
+  std::shared_ptr<StageHost> host;
+  GatedProgram* program = nullptr;
+  std::shared_ptr<FakeSink> sink = std::make_shared<FakeSink>();
+
+  JoinFixture(int64_t merge_rows, std::unique_ptr<StageProgram> inner = nullptr) {
+    GraphBuilder b;
+    b.Input("x", {-1, 4}).Input("y", {-1, 4});
+    b.Op("relu", {"x"}, "a").Split().Op("add", {"a", "y"}, "out").Output("out");
+    Model model = b.Build();
+    Plan plan = *Partition(model.graph, {});
+    StageSpec spec = MakeStageSpecs(plan, "m", 1, {"s0:1", "s1:1"}, 1, 0, merge_rows)[0];
+    EXPECT_EQ(spec.merge_rows(), merge_rows);
+    if (inner == nullptr) inner = *MakeCpuBackend({})->Compile(plan.stages(0).graph(), model.weights);
+    auto gated = std::make_unique<GatedProgram>(std::move(inner));
+    program = gated.get();
+    StageHost::Options o;
+    o.queue_capacity = 16;
+    o.merge_rows = spec.merge_rows();
+    host = std::make_shared<StageHost>(spec, std::move(gated), o);
+    host->SetSink(sink);
+  }
+};
+
+// Microbatch `mb` of request `id`: `rows` rows of x counting down from
+// -(mb * 10) (so relu keeps some, zeroes others), y = mb.
+Frame Microbatch(uint64_t id, int mb, int64_t rows, bool trace = false) {
+  std::vector<float> x, y;
+  for (int64_t i = 0; i < rows * 4; ++i) {
+    x.push_back(static_cast<float>(mb * 10 - i));
+    y.push_back(static_cast<float>(mb));
+  }
+  Frame f = DataFrame(id, {{"x", Tensor::FromVector({rows, 4}, x)},
+                           {"y", Tensor::FromVector({rows, 4}, y)}});
+  f.header.set_microbatch(mb);
+  f.header.set_trace(trace);
+  if (trace) f.header.set_sent_us(NowMicros());
+  return f;
+}
+
+// Each frame out of stage 0 must carry its own microbatch's y and relu(x).
+void ExpectForwardedOwnRows(const Frame& out, int mb, int64_t rows) {
+  ASSERT_EQ(out.header.kind(), FrameHeader::DATA) << out.header.error_message();
+  EXPECT_EQ(out.header.microbatch(), mb);
+  const Tensor* a = out.Find("a");
+  const Tensor* y = out.Find("y");
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(y, nullptr);
+  ASSERT_EQ(a->shape(), Shape({rows, 4}));
+  ASSERT_EQ(y->shape(), Shape({rows, 4}));
+  for (int64_t i = 0; i < rows * 4; ++i) {
+    EXPECT_EQ(a->data()[i], std::max(0.0f, static_cast<float>(mb * 10 - i))) << "mb " << mb;
+    EXPECT_EQ(y->data()[i], static_cast<float>(mb));
+  }
+}
+
+// Microbatches of one request that queue behind a busy worker are computed
+// in one run, up to merge_rows rows, and leave as their own frames; a
+// frame of another request is never joined with them.
+TEST(StageHostTest, QueuedMicrobatchesOfOneRequestRunAsOne) {
+  JoinFixture fx(/*merge_rows=*/6);
+  fx.host->Push(Microbatch(7, 0, 2), nullptr);
+  ASSERT_TRUE(fx.program->entered_.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  for (int mb = 1; mb <= 4; ++mb) fx.host->Push(Microbatch(7, mb, 2), nullptr);
+  fx.host->Push(Microbatch(8, 0, 2), nullptr);
+  fx.host->Push(Microbatch(7, 5, 2), nullptr);
+  fx.host->Push(Microbatch(7, 6, 3), nullptr);
+  fx.program->Open();
+  std::vector<Frame> got = fx.sink->Wait(8);
+  ASSERT_EQ(got.size(), 8u);
+  // mb 0 alone (the worker was busy with it), mb 1-3 (6 rows), mb 4 (mb 5
+  // is behind request 8's frame), request 8, mb 5 and 6 (5 rows).
+  EXPECT_EQ(fx.program->rows(), (std::vector<int64_t>{2, 6, 2, 2, 5}));
+  const std::vector<std::pair<uint64_t, int>> order = {{7, 0}, {7, 1}, {7, 2}, {7, 3},
+                                                       {7, 4}, {8, 0}, {7, 5}, {7, 6}};
+  for (size_t i = 0; i < got.size(); ++i) {
+    EXPECT_EQ(got[i].header.request_id(), order[i].first);
+    ExpectForwardedOwnRows(got[i], order[i].second, order[i].second == 6 ? 3 : 2);
+  }
+  StageHost::Stats s = fx.host->stats();
+  EXPECT_EQ(s.processed, 8u);
+  EXPECT_EQ(s.runs, 5u);
+}
+
+TEST(StageHostTest, WithoutMergeRowsEveryMicrobatchRunsAlone) {
+  JoinFixture fx(/*merge_rows=*/0);
+  fx.host->Push(Microbatch(7, 0, 2), nullptr);
+  ASSERT_TRUE(fx.program->entered_.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  for (int mb = 1; mb <= 3; ++mb) fx.host->Push(Microbatch(7, mb, 2), nullptr);
+  fx.program->Open();
+  std::vector<Frame> got = fx.sink->Wait(4);
+  ASSERT_EQ(got.size(), 4u);
+  for (int mb = 0; mb < 4; ++mb) ExpectForwardedOwnRows(got[mb], mb, 2);
+  EXPECT_EQ(fx.program->rows(), (std::vector<int64_t>{2, 2, 2, 2}));
+  EXPECT_EQ(fx.host->stats().runs, 4u);
+}
+
+// A traced microbatch that ran joined still carries its own transfer and
+// queue spans, and the shared run as its compute span.
+TEST(StageHostTest, JoinedMicrobatchesKeepTheirOwnSpans) {
+  JoinFixture fx(/*merge_rows=*/8);
+  fx.host->Push(Microbatch(7, 0, 2, /*trace=*/true), nullptr);
+  ASSERT_TRUE(fx.program->entered_.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  fx.host->Push(Microbatch(7, 1, 2, true), nullptr);
+  fx.host->Push(Microbatch(7, 2, 2, true), nullptr);
+  fx.program->Open();
+  std::vector<Frame> got = fx.sink->Wait(3);
+  ASSERT_EQ(got.size(), 3u);
+  EXPECT_EQ(fx.program->rows(), (std::vector<int64_t>{2, 4}));
+  for (int mb = 0; mb < 3; ++mb) {
+    std::set<std::string> what;
+    for (const TraceSpan& span : got[mb].header.spans()) {
+      EXPECT_EQ(span.microbatch(), mb);
+      what.insert(span.what());
+    }
+    EXPECT_EQ(what, (std::set<std::string>{"transfer", "queue", "compute"}));
+  }
+  const auto compute = [](const Frame& f) {
+    for (const TraceSpan& span : f.header.spans()) {
+      if (span.what() == "compute") return span.start_us();
+    }
+    return int64_t{-1};
+  };
+  EXPECT_EQ(compute(got[1]), compute(got[2]));
+}
+
+// Returns one row whatever it is given: its output does not follow the
+// batch, so a joined run cannot be split back.
+class OneRow : public StageProgram {
+ public:
+  absl::StatusOr<std::vector<Tensor>> Run(absl::Span<const Tensor> in) override {
+    return std::vector<Tensor>{in[0].SliceRows(0, 1)};
+  }
+};
+
+TEST(StageHostTest, AJoinedRunWhoseOutputLostTheRowsIsDoneAgainFrameByFrame) {
+  JoinFixture fx(/*merge_rows=*/8, std::make_unique<OneRow>());
+  fx.host->Push(Microbatch(7, 0, 1), nullptr);
+  ASSERT_TRUE(fx.program->entered_.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  fx.host->Push(Microbatch(7, 1, 2), nullptr);
+  fx.host->Push(Microbatch(7, 2, 2), nullptr);
+  fx.program->Open();
+  std::vector<Frame> got = fx.sink->Wait(3);
+  ASSERT_EQ(got.size(), 3u);
+  // The joined run (4 rows) gave 1 row: mb 1 and 2 ran again alone.
+  EXPECT_EQ(fx.program->rows(), (std::vector<int64_t>{1, 4, 2, 2}));
+  for (int mb = 0; mb < 3; ++mb) {
+    EXPECT_EQ(got[mb].header.microbatch(), mb);
+    ASSERT_EQ(got[mb].header.kind(), FrameHeader::DATA);
+    EXPECT_EQ(got[mb].Find("a")->dim(0), 1);
+    EXPECT_EQ(got[mb].Find("y")->dim(0), mb == 0 ? 1 : 2) << "y rides along whole";
+  }
+  EXPECT_EQ(fx.host->stats().runs, 4u);
+}
+
+// A value that does not follow the batch (here: y is replicated to every
+// microbatch) keeps a stage from joining rows.
+TEST(StageHostTest, AStageReceivingAnUnbatchedValueNeverJoins) {
+  GraphBuilder b;
+  b.Input("x", {-1, 4}).Input("y", {1, 4});
+  b.Op("relu", {"x"}, "a").Split().Op("add", {"a", "y"}, "out").Output("out");
+  Model model = b.Build();
+  Plan plan = *Partition(model.graph, {});
+  for (const StageSpec& spec : MakeStageSpecs(plan, "m", 1, {"s0:1", "s1:1"}, 1, 0, 64)) {
+    EXPECT_EQ(spec.merge_rows(), 0) << "stage " << spec.key().stage();
+  }
+  GraphBuilder c;
+  c.Input("x", {-1, 4}).Op("relu", {"x"}, "a").Split().Op("relu", {"a"}, "out").Output("out");
+  for (const StageSpec& spec :
+       MakeStageSpecs(*Partition(c.Build().graph, {}), "m", 1, {"s0:1", "s1:1"}, 1, 0, 64)) {
+    EXPECT_EQ(spec.merge_rows(), 64) << "stage " << spec.key().stage();
+  }
+}
+
 }  // namespace
 }  // namespace pipeserve

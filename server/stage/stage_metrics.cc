@@ -62,6 +62,10 @@ std::string RenderStageMetrics(StageServerCore& core) {
          "Tensor bytes of those frames.", count(&StageHost::Stats::bytes_out));
   Family(&out, rows, "pipeserve_stage_frames_computed_total", "counter",
          "Frames the stage computed.", count(&StageHost::Stats::processed));
+  Family(&out, rows, "pipeserve_stage_program_runs_total", "counter",
+         "Program runs that computed them (fewer when queued microbatches of a request were "
+         "joined into one run).",
+         count(&StageHost::Stats::runs));
   Family(&out, rows, "pipeserve_stage_compute_seconds_total", "counter",
          "Time spent computing frames.", seconds(&StageHost::Stats::compute_seconds));
   Family(&out, rows, "pipeserve_stage_queue_seconds_total", "counter",

@@ -124,6 +124,7 @@ class StageServerCore::LoadImpl : public StageServerCore::Load {
     // As many workers as the program can run at once (2 on a GPU: one
     // microbatch's copies overlap the next one's kernels; 1 on the CPU).
     host_options.workers = (*program)->max_concurrent_runs();
+    host_options.merge_rows = spec_.merge_rows();
     auto host = std::make_shared<StageHost>(spec_, *std::move(program), host_options);
     if (!spec_.next_address().empty()) {
       StageKey next = spec_.key();
@@ -240,6 +241,7 @@ absl::StatusOr<StageStatsResponse> StageServerCore::Stats(const StageKey& key) {
   r.set_compute_seconds(s.compute_seconds);
   r.set_frames_dropped_deadline(s.dropped_deadline);
   r.set_frames_dropped_cancelled(s.dropped_cancelled);
+  r.set_program_runs(s.runs);
   r.set_frames_rejected(s.rejected);
   r.set_frames_undeliverable(s.undeliverable);
   r.set_queue_depth(s.queue_depth);

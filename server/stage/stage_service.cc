@@ -132,6 +132,12 @@ class ResultsReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
       if (!s.ok()) return s;
       return queue_.Push(std::move(bb), deadline);
     }
+    absl::Status SendAll(std::vector<Frame> frames, absl::Time deadline) override {
+      grpc::ByteBuffer bb;
+      absl::Status s = FramesToByteBuffer(frames, &bb);
+      if (!s.ok()) return s;
+      return queue_.Push(std::move(bb), deadline, frames.size());
+    }
     // The stage was unloaded or a newer subscriber took over.
     void Close() override { queue_.Close("the stage closed the results stream"); }
 

@@ -78,6 +78,9 @@ absl::Status ValidateStageSpec(const StageSpec& spec, uint64_t max_weight_bytes)
   if (spec.threads() < 0 || spec.threads() > kMaxThreads) {
     return Invalid("threads ", spec.threads(), " is not in 0..", kMaxThreads);
   }
+  if (spec.merge_rows() < 0) {
+    return Invalid("merge_rows ", spec.merge_rows(), " is negative (0: no joining)");
+  }
   // The graph: ops, arity, shapes, and each parameter's size against its
   // shape, all with checked arithmetic.
   absl::StatusOr<ValueShapes> shapes = ValidateGraph(spec.stage().graph());
@@ -126,7 +129,7 @@ absl::Status ValidateStageSpec(const StageSpec& spec, uint64_t max_weight_bytes)
 
 std::vector<StageSpec> MakeStageSpecs(const Plan& plan, const std::string& model,
                                       uint64_t deployment, const std::vector<std::string>& servers,
-                                      int threads, int replica) {
+                                      int threads, int replica, int64_t merge_rows) {
   const Routing routing = RoutePlan(plan);
   // Every value that crosses a hop is a model input, some later stage's
   // input, or a model output: each is described there.
@@ -155,6 +158,15 @@ std::vector<StageSpec> MakeStageSpecs(const Plan& plan, const std::string& model
       v->set_name(name);
     }
     for (const std::string& f : routing.forward[i]) spec.add_forward(f);
+    // Rows join only where everything received and sent on follows the
+    // batch; a value no spec describes does not.
+    bool batched = spec.receives_size() > 0;
+    for (const ValueSpec& v : spec.receives()) batched = batched && v.batched();
+    for (const std::string& f : routing.forward[i]) {
+      auto it = specs.find(f);
+      batched = batched && it != specs.end() && it->second.batched();
+    }
+    if (batched) spec.set_merge_rows(merge_rows);
     if (i + 1 < n && i + 1 < static_cast<int>(servers.size())) {
       spec.set_next_address(servers[i + 1]);
     }

@@ -33,11 +33,12 @@ absl::Status ValidateStageSpec(const StageSpec& spec, uint64_t max_weight_bytes 
 // One spec per stage of `plan`; servers[i] is stage i's server address
 // (so stage i's next_address is servers[i + 1]). `threads`: GEMM threads
 // per stage, 0 for the server's default. `replica`: which replica of the
-// stages these are (one lane of a replicated deployment). Each carries its
-// fingerprint.
+// stages these are (one lane of a replicated deployment). `merge_rows`:
+// StageSpec.merge_rows for each stage whose received and forwarded values
+// all follow the batch (the others get 0). Each carries its fingerprint.
 std::vector<StageSpec> MakeStageSpecs(const Plan& plan, const std::string& model,
                                       uint64_t deployment, const std::vector<std::string>& servers,
-                                      int threads, int replica = 0);
+                                      int threads, int replica = 0, int64_t merge_rows = 0);
 
 // A 64-bit FNV-1a hash of everything in `spec` but its deployment id and
 // fingerprint: the stage graph with each weight's CRC-32, what it

@@ -115,23 +115,30 @@ const Tensor* Frame::Find(const std::string& name) const {
 }
 
 absl::Status FrameToByteBuffer(const Frame& frame, grpc::ByteBuffer* out) {
-  if (static_cast<size_t>(frame.header.tensors_size()) != frame.tensors.size()) {
-    return absl::InternalError(absl::StrCat(
-        "frame has ", frame.header.tensors_size(), " tensor headers but ",
-        frame.tensors.size(), " tensors"));
-  }
-  std::string head(4, '\0');
-  uint32_t n = static_cast<uint32_t>(frame.header.ByteSizeLong());
-  for (int i = 0; i < 4; ++i) head[i] = static_cast<char>((n >> (8 * i)) & 0xff);
-  frame.header.AppendToString(&head);
+  return FramesToByteBuffer(absl::MakeConstSpan(&frame, 1), out);
+}
+
+absl::Status FramesToByteBuffer(absl::Span<const Frame> frames, grpc::ByteBuffer* out) {
   std::vector<grpc::Slice> slices;
-  slices.reserve(1 + frame.tensors.size());
-  slices.emplace_back(head.data(), head.size());  // copies the small header
-  for (const Tensor& t : frame.tensors) {
-    if (t.byte_size() == 0) continue;
-    auto* keep = new std::shared_ptr<const void>(t.storage());
-    slices.emplace_back(static_cast<void*>(t.raw_data()), t.byte_size(),
-                        &ReleaseStorage, keep);
+  for (const Frame& frame : frames) {
+    if (static_cast<size_t>(frame.header.tensors_size()) != frame.tensors.size()) {
+      return absl::InternalError(absl::StrCat(
+          "frame has ", frame.header.tensors_size(), " tensor headers but ",
+          frame.tensors.size(), " tensors"));
+    }
+  }
+  for (const Frame& frame : frames) {
+    std::string head(4, '\0');
+    uint32_t n = static_cast<uint32_t>(frame.header.ByteSizeLong());
+    for (int i = 0; i < 4; ++i) head[i] = static_cast<char>((n >> (8 * i)) & 0xff);
+    frame.header.AppendToString(&head);
+    slices.emplace_back(head.data(), head.size());  // copies the small header
+    for (const Tensor& t : frame.tensors) {
+      if (t.byte_size() == 0) continue;
+      auto* keep = new std::shared_ptr<const void>(t.storage());
+      slices.emplace_back(static_cast<void*>(t.raw_data()), t.byte_size(),
+                          &ReleaseStorage, keep);
+    }
   }
   *out = grpc::ByteBuffer(slices.data(), slices.size());
   return absl::OkStatus();

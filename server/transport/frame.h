@@ -27,6 +27,7 @@
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "grpcpp/support/byte_buffer.h"
 #include "grpcpp/impl/serialization_traits.h"
 #include "grpcpp/support/status.h"
@@ -58,6 +59,9 @@ absl::Time FrameClockNow();
 
 // Serializes `frame`; tensor bytes are referenced, not copied.
 absl::Status FrameToByteBuffer(const Frame& frame, grpc::ByteBuffer* out);
+// Serializes `frames` back to back into one message (read back with
+// FramesFromByteBuffer); tensor bytes are referenced, not copied.
+absl::Status FramesToByteBuffer(absl::Span<const Frame> frames, grpc::ByteBuffer* out);
 
 // Process-wide counts of received tensor bytes that were wrapped in place
 // and that had to be copied (they spanned gRPC slices).

@@ -5,6 +5,8 @@
 #ifndef PIPESERVE_SERVER_TRANSPORT_FRAME_SINK_H_
 #define PIPESERVE_SERVER_TRANSPORT_FRAME_SINK_H_
 
+#include <vector>
+
 #include "absl/status/status.h"
 #include "absl/time/time.h"
 #include "server/transport/frame.h"
@@ -21,6 +23,17 @@ class FrameSink {
   // the sink is closed or its stream broke (a sink that can reconnect
   // tries again on the next Send). Thread-safe.
   virtual absl::Status Send(Frame frame, absl::Time deadline) = 0;
+
+  // Queues `frames` (of one request, in order) to go together: a sink on a
+  // stream sends them as one message, all or none. This default sends them
+  // one by one and stops at the first error.
+  virtual absl::Status SendAll(std::vector<Frame> frames, absl::Time deadline) {
+    for (Frame& f : frames) {
+      absl::Status s = Send(std::move(f), deadline);
+      if (!s.ok()) return s;
+    }
+    return absl::OkStatus();
+  }
 
   // Wakes any blocked Send and makes later ones fail. Thread-safe.
   virtual void Close() = 0;

@@ -41,11 +41,11 @@ class FrameSender::Call : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc:
     StartCall();
   }
 
-  absl::Status Push(const Frame& frame, absl::Time deadline) {
+  absl::Status Push(absl::Span<const Frame> frames, absl::Time deadline) {
     grpc::ByteBuffer bb;
-    absl::Status s = FrameToByteBuffer(frame, &bb);
+    absl::Status s = FramesToByteBuffer(frames, &bb);
     if (!s.ok()) return s;
-    return queue_.Push(std::move(bb), deadline);
+    return queue_.Push(std::move(bb), deadline, frames.size());
   }
 
   bool broken() const { return queue_.closed(); }
@@ -93,6 +93,12 @@ std::shared_ptr<FrameSender> FrameSender::Create(std::shared_ptr<StageChannels> 
 FrameSender::~FrameSender() { Close(); }
 
 absl::Status FrameSender::Send(Frame frame, absl::Time deadline) {
+  std::vector<Frame> one;
+  one.push_back(std::move(frame));
+  return SendAll(std::move(one), deadline);
+}
+
+absl::Status FrameSender::SendAll(std::vector<Frame> frames, absl::Time deadline) {
   std::shared_ptr<Call> call;
   {
     absl::MutexLock lock(&mu_);
@@ -103,7 +109,7 @@ absl::Status FrameSender::Send(Frame frame, absl::Time deadline) {
     }
     call = call_;
   }
-  absl::Status s = call->Push(frame, deadline);
+  absl::Status s = call->Push(frames, deadline);
   if (s.code() == absl::StatusCode::kUnavailable) {
     return absl::UnavailableError(
         absl::StrCat("sending to ", StageKeyName(key_), " at ", address_, ": ", s.message()));

@@ -70,6 +70,29 @@ TEST(FrameTest, AMessageOfSeveralFramesParsesIntoEachInOrder) {
   EXPECT_THAT(std::string(s.message()), HasSubstr("holds 3 frames where one was expected"));
 }
 
+TEST(FrameTest, FramesSerializedTogetherParseBackInOrder) {
+  std::vector<Frame> out(3);
+  for (int i = 0; i < 3; ++i) {
+    out[i].header.set_request_id(5);
+    out[i].header.set_microbatch(i);
+    out[i].Add("x", Iota({1 + i, 4}, 100 * i));
+  }
+  grpc::ByteBuffer bb;
+  ASSERT_TRUE(FramesToByteBuffer(out, &bb).ok());
+  std::vector<Frame> back;
+  ASSERT_TRUE(FramesFromByteBuffer(bb, &back).ok());
+  ASSERT_EQ(back.size(), 3u);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(back[i].header.microbatch(), i);
+    ASSERT_EQ(back[i].tensors.size(), 1u);
+    EXPECT_EQ(back[i].tensors[0].shape(), Shape({1 + i, 4}));
+    EXPECT_EQ(back[i].tensors[0].data()[1], 100.0f * i + 1);
+  }
+  // A frame whose headers and tensors disagree fails the whole message.
+  out[1].tensors.clear();
+  EXPECT_EQ(FramesToByteBuffer(out, &bb).code(), absl::StatusCode::kInternal);
+}
+
 TEST(FrameTest, ABadFrameLaterInAMessageIsNamedAndBytesAfterTheLastAreRefused) {
   Frame f;
   f.Add("x", Iota({2, 2}, 0));

@@ -16,7 +16,7 @@ WriteQueue::WriteQueue(size_t capacity,
       on_closed_(std::move(on_closed)),
       merge_bytes_(merge_bytes) {}
 
-absl::Status WriteQueue::Push(grpc::ByteBuffer message, absl::Time deadline) {
+absl::Status WriteQueue::Push(grpc::ByteBuffer message, absl::Time deadline, size_t parts) {
   {
     absl::MutexLock lock(&mu_);
     auto room = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -30,7 +30,7 @@ absl::Status WriteQueue::Push(grpc::ByteBuffer message, absl::Time deadline) {
     }
     if (closed_) return absl::UnavailableError(reason_);
     if (writing_) {
-      queue_.push_back(std::move(message));
+      queue_.push_back({std::move(message), std::max<size_t>(1, parts)});
       return absl::OkStatus();
     }
     writing_ = true;
@@ -69,23 +69,26 @@ void WriteQueue::WriteDone(bool ok) {
 }
 
 void WriteQueue::TakeNext() {
-  current_ = std::move(queue_.front());
+  current_ = std::move(queue_.front().message);
+  size_t parts = queue_.front().parts;
   queue_.pop_front();
   ++writes_;
   ++messages_written_;
   size_t total = current_.Length();
-  if (queue_.empty() || total + queue_.front().Length() > merge_bytes_) return;
+  auto fits = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return !queue_.empty() && parts + queue_.front().parts <= kMaxMerged &&
+           total + queue_.front().message.Length() <= merge_bytes_;
+  };
+  if (!fits()) return;
   std::vector<grpc::Slice> slices;
   (void)current_.Dump(&slices);
-  size_t merged = 1;
-  while (!queue_.empty() && merged < kMaxMerged &&
-         total + queue_.front().Length() <= merge_bytes_) {
+  while (fits()) {
     std::vector<grpc::Slice> more;
-    (void)queue_.front().Dump(&more);
-    total += queue_.front().Length();
+    (void)queue_.front().message.Dump(&more);
+    total += queue_.front().message.Length();
+    parts += queue_.front().parts;
     slices.insert(slices.end(), more.begin(), more.end());
     queue_.pop_front();
-    ++merged;
     ++messages_written_;
   }
   current_ = grpc::ByteBuffer(slices.data(), slices.size());

@@ -49,13 +49,15 @@ class WriteQueue {
   WriteQueue(size_t capacity, std::function<void(const grpc::ByteBuffer*)> start_write,
              std::function<void()> on_closed = nullptr, size_t merge_bytes = 0);
 
-  // Most messages merged into one write.
+  // Most parts (a message's `parts`: the frames it holds) merged into one
+  // write. A message of more parts than this goes alone.
   static constexpr size_t kMaxMerged = 64;
 
   // Queues `message`, waiting while the queue is full. kDeadlineExceeded if
   // `deadline` passes first (the message is not queued), kUnavailable once
   // the queue is closed (with the reason). Thread-safe.
-  absl::Status Push(grpc::ByteBuffer message, absl::Time deadline);
+  // `parts`: how many units (frames) the message holds, for kMaxMerged.
+  absl::Status Push(grpc::ByteBuffer message, absl::Time deadline, size_t parts = 1);
 
   // Call from OnWriteDone: releases the written message and starts the
   // next. `ok` false (the stream broke) closes the queue.
@@ -82,7 +84,11 @@ class WriteQueue {
   const size_t merge_bytes_;
 
   mutable absl::Mutex mu_;
-  std::deque<grpc::ByteBuffer> queue_ ABSL_GUARDED_BY(mu_);
+  struct Queued {
+    grpc::ByteBuffer message;
+    size_t parts;
+  };
+  std::deque<Queued> queue_ ABSL_GUARDED_BY(mu_);
   // The message being written: set under the lock before its start, read
   // by gRPC until its WriteDone, which clears it under the lock.
   grpc::ByteBuffer current_;

@@ -81,6 +81,32 @@ TEST(WriteQueueTest, MessagesWaitingBehindAWriteGoOutAsOneUpToTheMergeLimit) {
   EXPECT_EQ(queue.messages_written(), 6u);
 }
 
+// A message of several frames counts each toward kMaxMerged, so a merged
+// write never holds more frames than a receiver takes in one message.
+TEST(WriteQueueTest, MergingCountsTheFramesAMessageHolds) {
+  absl::Mutex mu;
+  std::vector<std::string> started;
+  WriteQueue queue(
+      8,
+      [&](const grpc::ByteBuffer* m) {
+        absl::MutexLock lock(&mu);
+        started.push_back(Text(m));
+      },
+      nullptr, /*merge_bytes=*/1 << 20);
+  absl::Time later = absl::Now() + absl::Seconds(5);
+  ASSERT_TRUE(queue.Push(Message("a"), later).ok());
+  ASSERT_TRUE(queue.Push(Message("b"), later, WriteQueue::kMaxMerged - 2).ok());
+  ASSERT_TRUE(queue.Push(Message("c"), later, 2).ok());
+  ASSERT_TRUE(queue.Push(Message("d"), later).ok());
+  ASSERT_TRUE(queue.Push(Message("e"), later).ok());
+  ASSERT_TRUE(queue.Push(Message("f"), later, WriteQueue::kMaxMerged + 1).ok());
+  for (int i = 0; i < 4; ++i) queue.WriteDone(true);
+  absl::MutexLock lock(&mu);
+  // b and c make kMaxMerged frames; d and e go next; f, over the limit
+  // alone, goes by itself.
+  EXPECT_EQ(started, std::vector<std::string>({"a", "bc", "de", "f"}));
+}
+
 // Regression: FrameSender::Send waited on a full queue with no deadline, so
 // requests blocked behind a wedged stage outlived their deadlines and
 // SIGTERM hung behind them.
