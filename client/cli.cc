@@ -642,8 +642,9 @@ std::map<std::string, Command> Commands() {
                 false, "0");
           f.Add("max_batch_rows", "N",
                 "dynamic batching: merge concurrent smaller requests into "
-                "requests of up to N rows while the model is busy (0: the "
-                "server's default; -1: never)",
+                "requests of up to N rows while the model is busy, and let "
+                "stages compute a request's queued microbatches together up "
+                "to N rows (0: the server's default; -1: never)",
                 false, "0");
           f.Add("max_queue_delay_us", "US",
                 "dynamic batching: how long a request waits for others (0: "

@@ -192,7 +192,9 @@ class Client:
             survives one dying without waiting for it.
           max_batch_rows: dynamic batching: while the model is busy,
             concurrent requests with fewer rows are merged into requests of
-            up to this many rows (None: the server default; -1: never).
+            up to this many rows, and stages compute a request's queued
+            microbatches together up to it (None: the server default; -1:
+            never).
           max_queue_delay_us: how long a request waits for others to merge
             with (None: the server default).
           split_spec: {module FQN: SplitPoint, 1/2 or "BEGINNING"/"END"},
