@@ -28,12 +28,17 @@ std::string Text(const grpc::ByteBuffer* bb) {
 // Records what a stream was asked to write; the test plays gRPC and says
 // when each write is done.
 struct FakeStream {
+  explicit FakeStream(size_t capacity = 2, size_t merge_bytes = 0)
+      : queue(
+            capacity,
+            [this](const grpc::ByteBuffer* m) {
+              absl::MutexLock lock(&mu);
+              started.push_back(Text(m));
+            },
+            nullptr, merge_bytes) {}
   absl::Mutex mu;
   std::vector<std::string> started ABSL_GUARDED_BY(mu);
-  WriteQueue queue{2, [this](const grpc::ByteBuffer* m) {
-                     absl::MutexLock lock(&mu);
-                     started.push_back(Text(m));
-                   }};
+  WriteQueue queue;
   std::vector<std::string> Started() {
     absl::MutexLock lock(&mu);
     return started;
@@ -59,52 +64,34 @@ TEST(WriteQueueTest, OneWriteInFlightAndTheRestInOrder) {
 }
 
 TEST(WriteQueueTest, MessagesWaitingBehindAWriteGoOutAsOneUpToTheMergeLimit) {
-  absl::Mutex mu;
-  std::vector<std::string> started;
-  WriteQueue queue(
-      8,
-      [&](const grpc::ByteBuffer* m) {
-        absl::MutexLock lock(&mu);
-        started.push_back(Text(m));
-      },
-      nullptr, /*merge_bytes=*/10);
+  FakeStream s(8, /*merge_bytes=*/10);
   absl::Time later = absl::Now() + absl::Seconds(5);
   for (const char* m : {"aaa", "bb", "cc", "dddd", "eeeeeeeeeeee", "f"}) {
-    ASSERT_TRUE(queue.Push(Message(m), later).ok());
+    ASSERT_TRUE(s.queue.Push(Message(m), later).ok());
   }
-  for (int i = 0; i < 4; ++i) queue.WriteDone(true);
-  absl::MutexLock lock(&mu);
+  for (int i = 0; i < 4; ++i) s.queue.WriteDone(true);
   // "aaa" went at once; then what waited, in order, in writes of at most
   // 10 bytes; the 12-byte message alone, though it is over the limit.
-  EXPECT_EQ(started, std::vector<std::string>({"aaa", "bbccdddd", "eeeeeeeeeeee", "f"}));
-  EXPECT_EQ(queue.writes(), 4u);
-  EXPECT_EQ(queue.messages_written(), 6u);
+  EXPECT_EQ(s.Started(), std::vector<std::string>({"aaa", "bbccdddd", "eeeeeeeeeeee", "f"}));
+  EXPECT_EQ(s.queue.writes(), 4u);
+  EXPECT_EQ(s.queue.messages_written(), 6u);
 }
 
 // A message of several frames counts each toward kMaxMerged, so a merged
 // write never holds more frames than a receiver takes in one message.
 TEST(WriteQueueTest, MergingCountsTheFramesAMessageHolds) {
-  absl::Mutex mu;
-  std::vector<std::string> started;
-  WriteQueue queue(
-      8,
-      [&](const grpc::ByteBuffer* m) {
-        absl::MutexLock lock(&mu);
-        started.push_back(Text(m));
-      },
-      nullptr, /*merge_bytes=*/1 << 20);
+  FakeStream s(8, /*merge_bytes=*/1 << 20);
   absl::Time later = absl::Now() + absl::Seconds(5);
-  ASSERT_TRUE(queue.Push(Message("a"), later).ok());
-  ASSERT_TRUE(queue.Push(Message("b"), later, WriteQueue::kMaxMerged - 2).ok());
-  ASSERT_TRUE(queue.Push(Message("c"), later, 2).ok());
-  ASSERT_TRUE(queue.Push(Message("d"), later).ok());
-  ASSERT_TRUE(queue.Push(Message("e"), later).ok());
-  ASSERT_TRUE(queue.Push(Message("f"), later, WriteQueue::kMaxMerged + 1).ok());
-  for (int i = 0; i < 4; ++i) queue.WriteDone(true);
-  absl::MutexLock lock(&mu);
+  ASSERT_TRUE(s.queue.Push(Message("a"), later).ok());
+  ASSERT_TRUE(s.queue.Push(Message("b"), later, WriteQueue::kMaxMerged - 2).ok());
+  ASSERT_TRUE(s.queue.Push(Message("c"), later, 2).ok());
+  ASSERT_TRUE(s.queue.Push(Message("d"), later).ok());
+  ASSERT_TRUE(s.queue.Push(Message("e"), later).ok());
+  ASSERT_TRUE(s.queue.Push(Message("f"), later, WriteQueue::kMaxMerged + 1).ok());
+  for (int i = 0; i < 4; ++i) s.queue.WriteDone(true);
   // b and c make kMaxMerged frames; d and e go next; f, over the limit
   // alone, goes by itself.
-  EXPECT_EQ(started, std::vector<std::string>({"a", "bc", "de", "f"}));
+  EXPECT_EQ(s.Started(), std::vector<std::string>({"a", "bc", "de", "f"}));
 }
 
 // Regression: FrameSender::Send waited on a full queue with no deadline, so
