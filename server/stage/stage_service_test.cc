@@ -68,11 +68,13 @@ class StageServiceTest : public ::testing::Test {
   struct Collector {
     absl::Mutex mu;
     std::vector<uint64_t> ids ABSL_GUARDED_BY(mu);
+    std::vector<Frame> frames ABSL_GUARDED_BY(mu);
     absl::Status ended ABSL_GUARDED_BY(mu);
     bool done ABSL_GUARDED_BY(mu) = false;
     void Frame_(Frame f) {
       absl::MutexLock lock(&mu);
       ids.push_back(f.header.request_id());
+      frames.push_back(std::move(f));
     }
     void Done(const absl::Status& s) {
       absl::MutexLock lock(&mu);
@@ -167,6 +169,52 @@ TEST_F(StageServiceTest, FramesFlowFromProcessToTheResultsSubscriber) {
     ASSERT_TRUE(sender->Send(Data(id), absl::Now() + absl::Seconds(5)).ok());
   }
   ASSERT_TRUE(c.WaitFor(5));
+}
+
+// Microbatches of one request queued behind a busy worker run as one and
+// go back as one message, each in its own frame, over real streams.
+TEST_F(StageServiceTest, JoinedMicrobatchesTravelBackAsOneMessage) {
+  spec_.set_merge_rows(8);
+  auto load = core_->BeginLoad(spec_);
+  ASSERT_TRUE(load.ok()) << load.status();
+  ASSERT_TRUE((*load)->Finish().ok());
+  Collector c;
+  auto sub = Subscribe(&c);
+  ASSERT_TRUE(sub.ok()) << sub.status();
+  auto microbatch = [](int mb) {
+    Frame f;
+    f.header.set_request_id(9);
+    f.header.set_microbatch(mb);
+    f.Add("x", Tensor::FromVector({2, 4}, {-1, 2, -3, 4, float(mb), -5, 6, -7}));
+    return f;
+  };
+  gate_.Set(false);
+  auto sender = FrameSender::Create(channels_, address_, spec_.key(), 4);
+  const absl::Time later = absl::Now() + absl::Seconds(5);
+  ASSERT_TRUE(sender->Send(microbatch(0), later).ok());
+  ASSERT_TRUE(gate_.WaitHeld(1));
+  // Three in one message: all queue at once behind the held run.
+  ASSERT_TRUE(sender->SendAll({microbatch(1), microbatch(2), microbatch(3)}, later).ok());
+  for (int i = 0; i < 1000 && Stats().queue_depth() < 3; ++i) absl::SleepFor(absl::Milliseconds(2));
+  ASSERT_EQ(Stats().queue_depth(), 3u);
+  const FrameReceiveStats before = GetFrameReceiveStats();
+  gate_.Set(true);
+  ASSERT_TRUE(c.WaitFor(4));
+  const FrameReceiveStats after = GetFrameReceiveStats();
+  absl::MutexLock lock(&c.mu);
+  for (int mb = 0; mb < 4; ++mb) {
+    const Frame& f = c.frames[mb];
+    EXPECT_EQ(f.header.microbatch(), mb);
+    ASSERT_EQ(f.tensors.size(), 1u);
+    EXPECT_EQ(f.tensors[0].shape(), Shape({2, 4}));
+    EXPECT_EQ(f.tensors[0].data()[4], float(mb)) << "its own rows";
+    EXPECT_EQ(f.tensors[0].data()[5], 0.0f);
+  }
+  EXPECT_EQ(Stats().frames_processed(), 4u);
+  EXPECT_EQ(Stats().program_runs(), 2u);
+  // Back to the subscriber: microbatch 0, then the three together.
+  EXPECT_EQ(after.frames - before.frames, 4u);
+  EXPECT_EQ(after.messages - before.messages, 2u);
 }
 
 // Regression: when a results subscriber hung up, the stage's sink was gone
