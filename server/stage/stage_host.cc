@@ -415,14 +415,17 @@ void StageHost::Work() {
         stats_.queue_seconds += absl::ToDoubleSeconds(FrameClockNow() - arrived.back());
       };
       take();
-      const FrameHeader& h = group.front().header;
-      if (h.kind() == FrameHeader::CANCEL) {
-        RememberCancel(h.request_id());
-      } else if (h.kind() == FrameHeader::DATA) {
-        if (cancelled_.contains(h.request_id())) {
+      // (Copies: take() below may move the group's frames.)
+      const FrameHeader::Kind kind = group.front().header.kind();
+      const uint64_t id = group.front().header.request_id();
+      const int64_t deadline_us = group.front().header.deadline_us();
+      if (kind == FrameHeader::CANCEL) {
+        RememberCancel(id);
+      } else if (kind == FrameHeader::DATA) {
+        if (cancelled_.contains(id)) {
           ++stats_.dropped_cancelled;
           drop = true;
-        } else if (h.deadline_us() != 0 && h.deadline_us() < NowMicros()) {
+        } else if (deadline_us != 0 && deadline_us < NowMicros()) {
           ++stats_.dropped_deadline;
           drop = true;
         } else if (options_.merge_rows > 0) {
