@@ -107,13 +107,8 @@ Deployment::Deployment(const DeploymentConfig& config, ModelInfo info, int repli
       }
     }
   }
-  // Requests merge only when every input and output follows the batch.
-  const bool mergeable =
-      !input_batched_.empty() &&
-      std::all_of(input_batched_.begin(), input_batched_.end(), [](bool b) { return b; }) &&
-      std::all_of(output_batched_.begin(), output_batched_.end(), [](bool b) { return b; });
   batcher_ = std::make_unique<Batcher>(
-      batching_, mergeable,
+      batching_, FollowsTheBatch(*plan_),
       [this](const std::vector<Tensor>& inputs, absl::Time deadline,
              const std::function<bool()>& cancelled, bool merged) {
         // A merged request goes whole: the merged requests in flight keep
@@ -161,11 +156,15 @@ absl::StatusOr<int> Deployment::Replicas(const DeploymentConfig& config,
   return replicas;
 }
 
-int64_t Deployment::MergeRows(const Plan& plan, const BatcherOptions& batching) {
-  bool batched = plan.inputs_size() > 0 && plan.outputs_size() > 0;
+bool Deployment::FollowsTheBatch(const Plan& plan) {
+  bool batched = plan.inputs_size() > 0;
   for (const ValueSpec& v : plan.inputs()) batched = batched && v.batched();
   for (const ValueSpec& v : plan.outputs()) batched = batched && v.batched();
-  return batched ? std::max<int64_t>(0, batching.max_rows) : 0;
+  return batched;
+}
+
+int64_t Deployment::MergeRows(const Plan& plan, const BatcherOptions& batching) {
+  return FollowsTheBatch(plan) ? std::max<int64_t>(0, batching.max_rows) : 0;
 }
 
 std::vector<StageSpec> Deployment::Specs(const DeploymentConfig& config, const std::string& name,

@@ -70,21 +70,25 @@ uint64_t TensorBytes(const Frame& f) {
 int64_t NowMicros() { return absl::ToUnixMicros(FrameClockNow()); }
 
 namespace {
-StageHost::Options Sane(StageHost::Options o, const StageSpec& spec) {
+StageHost::Options Sane(StageHost::Options o) {
   o.queue_capacity = std::max<size_t>(1, o.queue_capacity);
   o.workers = std::max(1, o.workers);
-  o.merge_rows = std::max<int64_t>(0, o.merge_rows);
-  // Rows join only where every received value follows the batch.
-  for (const ValueSpec& v : spec.receives()) {
-    if (!v.batched() || v.shape_size() == 0) o.merge_rows = 0;
-  }
-  if (spec.receives_size() == 0) o.merge_rows = 0;
   return o;
+}
+
+// spec.merge_rows, where every received value follows the batch; else 0.
+int64_t JoinableRows(const StageSpec& spec) {
+  bool batched = spec.receives_size() > 0;
+  for (const ValueSpec& v : spec.receives()) batched = batched && v.batched() && v.shape_size() > 0;
+  return batched ? std::max<int64_t>(0, spec.merge_rows()) : 0;
 }
 }  // namespace
 
 StageHost::StageHost(StageSpec spec, std::unique_ptr<StageProgram> program, Options options)
-    : spec_(std::move(spec)), program_(std::move(program)), options_(Sane(options, spec_)) {
+    : spec_(std::move(spec)),
+      program_(std::move(program)),
+      options_(Sane(options)),
+      merge_rows_(JoinableRows(spec_)) {
   for (int i = 0; i < options_.workers; ++i) {
     workers_.emplace_back([this] { Work(); });
   }
@@ -288,7 +292,7 @@ bool StageHost::CanJoin(const Frame& first, const Frame& next, int64_t rows) con
     return false;
   }
   const int64_t more = Rows(next);
-  if (more <= 0 || rows + more > options_.merge_rows) return false;
+  if (more <= 0 || rows + more > merge_rows_) return false;
   for (const ValueSpec& v : spec_.receives()) {
     const Tensor* a = first.Find(v.name());
     const Tensor* b = next.Find(v.name());
@@ -373,11 +377,13 @@ void StageHost::Deliver(std::vector<Frame> outs) {
     if (out.header.trace()) out.header.set_sent_us(now_us);
   }
   const absl::Time start = absl::Now();
-  absl::Status s = outs.size() == 1 ? sink->Send(outs.front(), deadline) : sink->SendAll(outs, deadline);
+  // Copies (the frames share their tensors): a failed send may be retried.
+  auto send = [&] {
+    return outs.size() == 1 ? sink->Send(outs.front(), deadline) : sink->SendAll(outs, deadline);
+  };
+  absl::Status s = send();
   // A broken stream is replaced on the next Send: try once more at once.
-  if (s.code() == absl::StatusCode::kUnavailable) {
-    s = outs.size() == 1 ? sink->Send(outs.front(), deadline) : sink->SendAll(outs, deadline);
-  }
+  if (s.code() == absl::StatusCode::kUnavailable) s = send();
   absl::MutexLock lock(&mu_);
   stats_.send_seconds += absl::ToDoubleSeconds(absl::Now() - start);
   if (s.ok()) {
@@ -395,7 +401,7 @@ void StageHost::Deliver(std::vector<Frame> outs) {
 void StageHost::Work() {
   while (true) {
     // One frame, or DATA frames of one request that waited back to back
-    // and are computed in one run (Options::merge_rows).
+    // and are computed in one run (StageSpec.merge_rows).
     std::vector<Frame> group;
     std::vector<absl::Time> arrived;
     std::vector<std::weak_ptr<Producer>> resume;
@@ -428,7 +434,7 @@ void StageHost::Work() {
         } else if (deadline_us != 0 && deadline_us < NowMicros()) {
           ++stats_.dropped_deadline;
           drop = true;
-        } else if (options_.merge_rows > 0) {
+        } else if (merge_rows_ > 0) {
           int64_t rows = Rows(group.front());
           uint64_t bytes = TensorBytes(group.front());
           while (!queue_.empty() && group.size() < kMaxJoinedFrames &&

@@ -18,6 +18,15 @@
 // or the link failed twice in a row) is dropped and counted, and the link's
 // error is reported in stats() until a send succeeds again: the stage never
 // waits for a sink and never stops sending because one send failed.
+//
+// With spec.merge_rows > 0 (and every received value following the batch),
+// a worker taking a DATA frame also takes the frames of the same request
+// that wait right behind it, while their rows fit merge_rows, their other
+// dimensions agree and they hold at most 1 MiB (larger frames gain
+// nothing); it runs the program once on their rows joined and sends each
+// frame's rows on in its own frame, all in one message. The outputs must
+// follow the batch (dim 0); a run whose outputs do not is done again one
+// frame at a time.
 #ifndef PIPESERVE_SERVER_STAGE_STAGE_HOST_H_
 #define PIPESERVE_SERVER_STAGE_STAGE_HOST_H_
 
@@ -49,15 +58,6 @@ class StageHost {
     // microbatch's copies with the next one's kernels; frames may then leave
     // out of order (the coordinator reassembles by microbatch index).
     int workers = 1;
-    // Most rows one program run may take (StageSpec.merge_rows): a worker
-    // taking a DATA frame also takes the frames of the same request that
-    // wait right behind it, while their rows fit, their other dimensions
-    // agree and they hold at most 1 MiB (larger frames gain nothing),
-    // runs the program once on their rows joined, and sends each frame's
-    // rows on in its own frame, all in one message. 0: one frame per run.
-    // The outputs must follow the batch (dim 0); a run whose outputs do
-    // not is done again one frame at a time.
-    int64_t merge_rows = 0;
   };
 
   struct Stats {
@@ -154,6 +154,7 @@ class StageHost {
   const StageSpec spec_;
   const std::unique_ptr<StageProgram> program_;
   const Options options_;
+  const int64_t merge_rows_;  // most rows a joined run takes; 0: none joins
 
   mutable absl::Mutex mu_;
   std::deque<Frame> queue_ ABSL_GUARDED_BY(mu_);

@@ -376,7 +376,6 @@ struct JoinFixture {
     program = gated.get();
     StageHost::Options o;
     o.queue_capacity = 16;
-    o.merge_rows = spec.merge_rows();
     host = std::make_shared<StageHost>(spec, std::move(gated), o);
     host->SetSink(sink);
   }

@@ -124,7 +124,6 @@ class StageServerCore::LoadImpl : public StageServerCore::Load {
     // As many workers as the program can run at once (2 on a GPU: one
     // microbatch's copies overlap the next one's kernels; 1 on the CPU).
     host_options.workers = (*program)->max_concurrent_runs();
-    host_options.merge_rows = spec_.merge_rows();
     auto host = std::make_shared<StageHost>(spec_, *std::move(program), host_options);
     if (!spec_.next_address().empty()) {
       StageKey next = spec_.key();

@@ -127,12 +127,13 @@ class ResultsReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
               [r] { r->Closed(); }, kFrameMergeBytes) {}
 
     absl::Status Send(Frame frame, absl::Time deadline) override {
-      grpc::ByteBuffer bb;
-      absl::Status s = FrameToByteBuffer(frame, &bb);
-      if (!s.ok()) return s;
-      return queue_.Push(std::move(bb), deadline);
+      return Push(absl::MakeConstSpan(&frame, 1), deadline);
     }
     absl::Status SendAll(std::vector<Frame> frames, absl::Time deadline) override {
+      return Push(frames, deadline);
+    }
+    // `frames` as one message.
+    absl::Status Push(absl::Span<const Frame> frames, absl::Time deadline) {
       grpc::ByteBuffer bb;
       absl::Status s = FramesToByteBuffer(frames, &bb);
       if (!s.ok()) return s;

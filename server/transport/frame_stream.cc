@@ -93,12 +93,14 @@ std::shared_ptr<FrameSender> FrameSender::Create(std::shared_ptr<StageChannels> 
 FrameSender::~FrameSender() { Close(); }
 
 absl::Status FrameSender::Send(Frame frame, absl::Time deadline) {
-  std::vector<Frame> one;
-  one.push_back(std::move(frame));
-  return SendAll(std::move(one), deadline);
+  return Push(absl::MakeConstSpan(&frame, 1), deadline);
 }
 
 absl::Status FrameSender::SendAll(std::vector<Frame> frames, absl::Time deadline) {
+  return Push(frames, deadline);
+}
+
+absl::Status FrameSender::Push(absl::Span<const Frame> frames, absl::Time deadline) {
   std::shared_ptr<Call> call;
   {
     absl::MutexLock lock(&mu_);

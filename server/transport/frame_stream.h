@@ -58,6 +58,8 @@ class FrameSender : public FrameSink {
  private:
   FrameSender(std::shared_ptr<StageChannels> channels, std::string address, StageKey key,
               size_t capacity);
+  // Send and SendAll: `frames` as one message on the current stream.
+  absl::Status Push(absl::Span<const Frame> frames, absl::Time deadline);
 
   const std::shared_ptr<StageChannels> channels_;
   const std::string address_;
