@@ -85,6 +85,13 @@ std::atomic<uint64_t> g_wrapped_bytes{0};
 std::atomic<uint64_t> g_copied_bytes{0};
 std::atomic<uint64_t> g_messages{0};
 std::atomic<uint64_t> g_frames{0};
+std::atomic<uint64_t> g_largest_slice{0};
+
+void NoteSliceSize(uint64_t size) {
+  uint64_t seen = g_largest_slice.load(std::memory_order_relaxed);
+  while (size > seen && !g_largest_slice.compare_exchange_weak(seen, size)) {
+  }
+}
 
 }  // namespace
 
@@ -96,7 +103,8 @@ absl::Time FrameDeadline(const Frame& frame) {
 }
 
 FrameReceiveStats GetFrameReceiveStats() {
-  return {g_wrapped_bytes.load(), g_copied_bytes.load(), g_messages.load(), g_frames.load()};
+  return {g_wrapped_bytes.load(), g_copied_bytes.load(), g_messages.load(), g_frames.load(),
+          g_largest_slice.load()};
 }
 
 void Frame::Add(const std::string& name, const Tensor& t) {
@@ -223,6 +231,7 @@ absl::Status FramesFromByteBuffer(const grpc::ByteBuffer& in, std::vector<Frame>
   auto held = std::make_shared<std::vector<grpc::Slice>>();  // keeps wrapped tensors' bytes
   grpc::Status st = in.Dump(held.get());
   if (!st.ok()) return absl::DataLossError("cannot read frame bytes");
+  for (const grpc::Slice& s : *held) NoteSliceSize(s.size());
   SliceReader reader(*held);
   reader.Init();
   do {

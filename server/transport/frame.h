@@ -71,6 +71,9 @@ struct FrameReceiveStats {
   // Messages parsed by FramesFromByteBuffer, and the frames they held.
   uint64_t messages = 0;
   uint64_t frames = 0;
+  // The largest slice gRPC handed over in one message. A tensor larger
+  // than this cannot be wrapped: it spans slices and is copied.
+  uint64_t largest_slice = 0;
 };
 FrameReceiveStats GetFrameReceiveStats();
 
