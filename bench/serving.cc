@@ -41,6 +41,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "bench/echo.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "bench/bench_util.h"
@@ -109,6 +110,29 @@ double ProcessCpuSeconds() {
   timespec ts{};
   ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
   return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+// CPU per thread wake-up: two threads hand a turn back and forth, each
+// sleeping until the other wakes it.
+double ThreadHandOffMicros() {
+  constexpr int kRounds = 5000;
+  absl::Mutex mu;
+  int turn = 0;  // even: ping's, odd: pong's
+  const double cpu0 = ProcessCpuSeconds();
+  std::thread pong([&] {
+    for (int i = 0; i < kRounds; ++i) {
+      absl::MutexLock lock(&mu);
+      mu.Await(absl::Condition(+[](int* t) { return *t % 2 == 1; }, &turn));
+      ++turn;
+    }
+  });
+  for (int i = 0; i < kRounds; ++i) {
+    absl::MutexLock lock(&mu);
+    ++turn;
+    mu.Await(absl::Condition(+[](int* t) { return *t % 2 == 0; }, &turn));
+  }
+  pong.join();
+  return 1e6 * (ProcessCpuSeconds() - cpu0) / (2 * kRounds);
 }
 
 // Loopback TCP, one stream: its bandwidth and what a byte costs in CPU
@@ -631,6 +655,7 @@ void TimeBreakdown() {
 // the p50 and p99 latency in ms.
 struct LoadResult {
   double rps = 0, p50 = 0, p99 = 0;
+  double cpu_us = 0;  // CPU per request, where measured
   int failed = 0;
 };
 
@@ -680,9 +705,16 @@ void DynamicBatching() {
   }
   const std::vector<Tensor> one = {ec->x.SliceRows(0, 1), ec->y.SliceRows(0, 1)};
   ClosedLoop(*four.coordinator, "alone", one, 8, absl::Seconds(1));  // warm up
+  // CPU per request: with both cores busy in every run, the throughput
+  // ratio is the inverse ratio of what a request costs in CPU.
+  double cpu0 = ProcessCpuSeconds();
   LoadResult a = ClosedLoop(*four.coordinator, "alone", one, 64, absl::Seconds(5));
+  double cpu1 = ProcessCpuSeconds();
   LoadResult b = ClosedLoop(*four.coordinator, "merged", one, 64, absl::Seconds(5));
+  double cpu2 = ProcessCpuSeconds();
   LoadResult c = ClosedLoop(*four.coordinator, "merged2", one, 64, absl::Seconds(5));
+  a.cpu_us = 1e6 * (cpu1 - cpu0) / std::max(1.0, a.rps * 5);
+  b.cpu_us = 1e6 * (cpu2 - cpu1) / std::max(1.0, b.rps * 5);
   auto d = four.coordinator->Find("merged");
   std::printf("%-44s %10s %9s %9s\n", "", "req/s", "p50 ms", "p99 ms");
   std::printf("%-44s %10.1f %9.2f %9.2f%s\n", "no batching (baseline)", a.rps, a.p50, a.p99,
@@ -692,11 +724,29 @@ void DynamicBatching() {
               b.failed ? "  (failures)" : "");
   std::printf("%-44s %10.1f %9.2f %9.2f  (%.2fx)%s\n", "batching, 2 in flight (= cores)", c.rps,
               c.p50, c.p99, c.rps / a.rps, c.failed ? "  (failures)" : "");
-  if (d.ok()) {
-    std::printf("%-44s %10.1f requests per merged request\n", "",
-                (*d)->batches() ? static_cast<double>((*d)->merged_requests()) / (*d)->batches()
-                                : 0.0);
+  const double per_merge =
+      d.ok() && (*d)->batches() ? static_cast<double>((*d)->merged_requests()) / (*d)->batches()
+                                : 0.0;
+  std::printf("%-44s %10.1f requests per merged request\n", "", per_merge);
+  // What 5x would take: a request's CPU, against what it cannot do
+  // without: its compute at the merged size (in process, one thread) and
+  // one thread wake-up (its client's, when its answer is in).
+  auto cpu = MakeBackend("cpu", {}).value();
+  auto pipe = LocalPipeline::Create(ec->model, *Partition(ec->model.graph, {}), *cpu, {1});
+  const int64_t rows = std::max<int64_t>(1, std::llround(per_merge));
+  const std::vector<Tensor> merged = {ec->x.SliceRows(0, rows), ec->y.SliceRows(0, rows)};
+  std::vector<double> us;
+  for (int i = 0; i < 200; ++i) {
+    auto t0 = Clock::now();
+    (*pipe)->Run(merged).IgnoreError();
+    if (i >= 20) us.push_back(Seconds(t0, Clock::now()) * 1e6 / rows);
   }
+  std::printf("%-44s %10.1f us  (batching: %.1f us; 5x needs <= %.1f us)\n",
+              "CPU per request, no batching", a.cpu_us, b.cpu_us, a.cpu_us / 5);
+  std::printf("%-44s %10.1f us\n", absl::StrCat("  compute alone at ", rows, " rows, per row").c_str(),
+              Median(us));
+  std::printf("%-44s %10.1f us\n", "  one thread wake-up (hand-off round trip / 2)",
+              ThreadHandOffMicros());
 }
 
 
