@@ -45,7 +45,7 @@
 #include "bench/echo.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "bench/bench_util.h"
-#include "common/huge_pages.h"
+#include "common/server_process.h"
 #include "partitioner/graph_builder.h"
 #include "partitioner/partition.h"
 #include "runtime/local_pipeline.h"
@@ -835,10 +835,7 @@ void MeasuredPartitioning() {
 }  // namespace pipeserve
 
 int main(int argc, char** argv) {
-  // As the coordinator and the stage servers do (common/huge_pages.h,
-  // and no lock graph).
-  pipeserve::ReexecWithHugePages(argv);
-  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+  pipeserve::StartServerProcess(argv);  // as the coordinator and stage servers do
   std::string only;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];

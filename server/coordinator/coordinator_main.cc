@@ -18,7 +18,6 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -31,7 +30,7 @@
 #include "server/transport/auth.h"
 #include "server/transport/channels.h"
 #include "common/credentials.h"
-#include "common/huge_pages.h"
+#include "common/server_process.h"
 #include "server/transport/metrics_http.h"
 #include "server/transport/serve.h"
 
@@ -124,12 +123,9 @@ std::string DefaultStageServerBinary() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  pipeserve::ReexecWithHugePages(argv);
+  pipeserve::StartServerProcess(argv);
   pipeserve::BlockShutdownSignals();
   absl::ParseCommandLine(argc, argv);
-  // Abseil's lock-graph deadlock detector (on in Debian's build) takes one
-  // global lock on every Mutex lock: the tests keep it, a server does not.
-  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
 
   // Who may call: TLS towards clients, tokens per call.
   std::shared_ptr<grpc::ServerCredentials> credentials;

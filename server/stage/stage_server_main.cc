@@ -17,7 +17,6 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "runtime/backends.h"
@@ -26,7 +25,7 @@
 #include "server/stage/stage_service.h"
 #include "server/transport/channels.h"
 #include "common/credentials.h"
-#include "common/huge_pages.h"
+#include "common/server_process.h"
 #include "server/transport/metrics_http.h"
 #include "server/transport/serve.h"
 
@@ -63,12 +62,9 @@ int Fail(const std::string& what) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  pipeserve::ReexecWithHugePages(argv);
+  pipeserve::StartServerProcess(argv);
   pipeserve::BlockShutdownSignals();
   absl::ParseCommandLine(argc, argv);
-  // Abseil's lock-graph deadlock detector (on in Debian's build) takes one
-  // global lock on every Mutex lock: the tests keep it, a server does not.
-  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
 
   pipeserve::ClusterOptions cluster;
   cluster.tls = {absl::GetFlag(FLAGS_cluster_cert), absl::GetFlag(FLAGS_cluster_key),
