@@ -249,11 +249,10 @@ Frame StageHost::Compute(const Frame& in) {
                                               absl::StrCat("stage ", stage, ": ",
                                                            outs.status().message())));
   }
-  return Forward(in, *outs, 0, -1);
+  return Forward(in, *outs);
 }
 
-Frame StageHost::Forward(const Frame& in, const std::vector<Tensor>& outs, int64_t begin,
-                         int64_t end) {
+Frame StageHost::Forward(const Frame& in, const std::vector<Tensor>& outs) {
   const Graph& g = spec_.stage().graph();
   Frame out;
   out.header.set_kind(FrameHeader::DATA);
@@ -265,10 +264,6 @@ Frame StageHost::Forward(const Frame& in, const std::vector<Tensor>& outs, int64
     const Tensor* t = nullptr;
     for (int k = 0; k < g.outputs_size() && k < static_cast<int>(outs.size()); ++k) {
       if (g.outputs(k) == name) t = &outs[k];
-    }
-    if (t != nullptr && end >= 0) {
-      out.Add(name, t->SliceRows(begin, end));
-      continue;
     }
     if (t == nullptr) t = in.Find(name);  // passed through: the frame's own
     if (t == nullptr) {
@@ -346,7 +341,10 @@ std::vector<Frame> StageHost::ComputeJoined(const std::vector<Frame>& in, uint64
     if (t.rank() == 0 || t.dim(0) != offsets.back()) return one_by_one();
   }
   for (size_t i = 0; i < in.size(); ++i) {
-    result.push_back(Forward(in[i], *outs, offsets[i], offsets[i + 1]));
+    std::vector<Tensor> rows;  // views of frame i's rows of every output
+    rows.reserve(outs->size());
+    for (const Tensor& t : *outs) rows.push_back(t.SliceRows(offsets[i], offsets[i + 1]));
+    result.push_back(Forward(in[i], rows));
   }
   return result;
 }

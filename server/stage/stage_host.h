@@ -134,9 +134,9 @@ class StageHost {
   // their rows joined; returns a frame to send on per frame, in order.
   // `runs` counts the program runs it took.
   std::vector<Frame> ComputeJoined(const std::vector<Frame>& in, uint64_t* runs);
-  // The frame to send on for `in`, from the program's `outs` (rows
-  // [begin, end) of each when `end` >= 0, else whole).
-  Frame Forward(const Frame& in, const std::vector<Tensor>& outs, int64_t begin, int64_t end);
+  // The frame to send on for `in`: the program's `outs` for it, and the
+  // values passed through from `in` itself.
+  Frame Forward(const Frame& in, const std::vector<Tensor>& outs);
   // Whether `next` (queued right behind `first`) may join its run, with
   // `rows` rows taken so far.
   bool CanJoin(const Frame& first, const Frame& next, int64_t rows) const;
