@@ -12,11 +12,15 @@
 //   2. A 16 MiB activation across a hop, against loopback TCP bandwidth.
 //   3. Pipelining: a 2-stage model (balanced) against the same model in one
 //      stage, many microbatches in flight, one GEMM thread per stage.
-//   4. ExampleCode at batch 256 through 4 stages against PyTorch eager.
+//   4. ExampleCode at batch 256 through 4 stages against PyTorch eager and
+//      the compute-only limit.
+//   3 and 4 also print a ceiling: the cores' time over a request's compute
+//   plus what loopback TCP (measured in the same run) spends in CPU to move
+//   the request's bytes, which no transport over TCP could beat here.
 //   5. Where a served request's time goes (traced requests): transfer,
 //      queue and compute per stage, serialization measured alone.
 //   6. Dynamic batching: 64 clients sending batch-1 ExampleCode requests,
-//      with batching against without.
+//      with batching against without, and the CPU each request costs.
 //   7. Partitioning: a model of very different layer widths cut into 2
 //      stages by measured node times against the FLOPs-plus-bytes
 //      estimate, predicted against measured time per stage.
@@ -331,7 +335,8 @@ double InferMedianMicros(Coordinator& c, const std::string& model, const Tensor&
   return Median(t);
 }
 
-// Requests/s with `clients` threads each sending `per_client` requests.
+// Requests/s with `clients` threads each sending `per_client` requests
+// (after one warm-up request, not timed).
 double Throughput(Coordinator& c, const std::string& model, const std::vector<Tensor>& in,
                   int clients, int per_client) {
   c.Infer(model, in, absl::Now() + absl::Seconds(30)).IgnoreError();  // warm up
@@ -412,13 +417,38 @@ void Pipelining() {
   // Alternating runs, medians: a single short run on this VM swings by
   // 10% either way.
   std::vector<double> r1s, r2s;
+  uint64_t bytes = 0;  // tensor bytes received in the 2-stage runs
   for (int i = 0; i < 3; ++i) {
     r1s.push_back(Throughput(*one.coordinator, "mlp", {x}, 8, 10));
+    const FrameReceiveStats before = GetFrameReceiveStats();
     r2s.push_back(Throughput(*two.coordinator, "mlp", {x}, 8, 10));
+    const FrameReceiveStats after = GetFrameReceiveStats();
+    bytes += after.copied_bytes - before.copied_bytes + after.wrapped_bytes - before.wrapped_bytes;
   }
   const double r1 = Median(r1s), r2 = Median(r2s);
   std::printf("%-44s %10.1f req/s\n", "1 stage (baseline)", r1);
   std::printf("%-44s %10.1f req/s  (%.2fx; target >= 1.85x)\n", "2 stages", r2, r2 / r1);
+  // The 1-stage run computes on one core and moves its bytes on the
+  // other; 2 stages compute on both, and their transport takes its CPU
+  // from them. The most 2 stages could serve: both cores' time over each
+  // request's compute (in process, one thread) plus loopback TCP's CPU for
+  // the bytes it sends across the 3 hops (both measured in this run).
+  auto cpu = MakeBackend("cpu", {}).value();
+  Model m = Mlp(4, 1, 1024);
+  auto pipe = LocalPipeline::Create(m, *Partition(m.graph, {}), *cpu, {4});
+  std::vector<double> compute;
+  for (int i = 0; i < 25; ++i) {
+    auto t0 = Clock::now();
+    (*pipe)->Run({x}).IgnoreError();
+    if (i >= 5) compute.push_back(Seconds(t0, Clock::now()));
+  }
+  const double c = Median(compute);
+  const TcpBaseline tcp = LoopbackTcp(size_t{1} << 30);
+  const double per_request = static_cast<double>(bytes) / (3 * (8 * 10 + 1));  // + warm-up
+  const double ceiling = 2 / (c + per_request * tcp.cpu_s_per_byte);
+  std::printf("%-44s %10.1f req/s\n", "compute only, one core", 1 / c);
+  std::printf("%-44s %10.1f req/s  (%.2fx the 1-stage run)\n",
+              "2 stages' ceiling: compute + TCP's CPU", ceiling, ceiling / r1);
 }
 
 
@@ -547,7 +577,7 @@ void ExampleCodeEndToEnd() {
   const TcpBaseline tcp = LoopbackTcp(size_t{1} << 30);
   const double bytes_per_batch =
       static_cast<double>(after.copied_bytes - before.copied_bytes + after.wrapped_bytes -
-                          before.wrapped_bytes) / kE2eRequests;
+                          before.wrapped_bytes) / (kE2eRequests + 1);  // + warm-up
   const double ceiling = 2 / (2 / limit16 + bytes_per_batch * tcp.cpu_s_per_byte);
   std::printf("%-44s %10.2f MiB  (TCP: %.2f ms of CPU per MiB)\n",
               "tensor bytes crossing the 5 hops, per batch", bytes_per_batch / (1 << 20),
