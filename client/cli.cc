@@ -209,7 +209,12 @@ absl::Status PlanLocal(const FlagSet& flags, std::ostream& out) {
       if (it == model.weights.end()) return absl::NotFoundError(p.fqn());
       return it->second;
     };
-    ASSIGN_OR_RETURN(Calibration c, Calibrate(model.graph, read, *cpu, {}));
+    // A loaded stage computes up to max_batch_rows rows of a request's
+    // queued microbatches at once, where the model follows the batch.
+    CalibrationOptions calibration;
+    ASSIGN_OR_RETURN(int max_batch_rows, flags.GetInt("max_batch_rows"));
+    if (max_batch_rows > 0 && FollowsTheBatch(plan)) calibration.joined_rows = max_batch_rows;
+    ASSIGN_OR_RETURN(Calibration c, Calibrate(model.graph, read, *cpu, calibration));
     opts.node_seconds = c.node_seconds;
     opts.cost_rows = c.rows;
     opts.cost_source = c.Describe();
@@ -607,6 +612,11 @@ std::map<std::string, Command> Commands() {
                           "parameter bytes) or measured (every node timed on "
                           "this machine's CPU, as a coordinator does at upload)",
                           "1 GB/s");
+          f.Add("max_batch_rows", "N",
+                "with --balance measured: the rows a loaded stage computes at once "
+                "(its queued microbatches of a request joined), as a server's "
+                "max_batch_rows; -1: one microbatch at a time",
+                false, "64");
           f.Add("name", "NAME", "a model deployed on --server");
           AddServerFlag(f);
         },

@@ -106,8 +106,13 @@ TEST(CliTest, PlanCutsAutomaticallyByEstimateOrByTimesMeasuredHere) {
   r = RunPipeserve({"plan", "--model", path, "--num_stages", "2", "--balance", "measured",
                     "--link_gb_per_s", "4"});
   ASSERT_EQ(r.code, 0) << r.err;
-  EXPECT_THAT(r.out, HasSubstr("cut by   measured on cpu at 16 rows (3 nodes run); link 4 GB/s\n"));
+  EXPECT_THAT(r.out, HasSubstr("cut by   measured on cpu at 64 rows joined, per 16-row "
+                               "microbatch (3 nodes run); link 4 GB/s\n"));
   EXPECT_THAT(r.out, HasSubstr("  time     predicted "));
+  r = RunPipeserve({"plan", "--model", path, "--num_stages", "2", "--balance", "measured",
+                    "--max_batch_rows", "-1"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("cut by   measured on cpu at 16 rows (3 nodes run); link 1 GB/s\n"));
   r = RunPipeserve({"plan", "--model", path, "--num_stages", "2", "--balance", "guessed"});
   EXPECT_EQ(r.code, 1);
   EXPECT_THAT(r.err, HasSubstr("--balance must be measured or estimated, got \"guessed\""));

@@ -16,10 +16,12 @@
 namespace pipeserve {
 namespace {
 
-Shape Concrete(const Shape& shape, int64_t rows) {
+// `shape` with its free dimensions set: the batch dimension (dim 0 of a
+// value that follows the batch) to `batch_rows`, any other to `rows`.
+Shape Concrete(const Shape& shape, bool batched, int64_t batch_rows, int64_t rows) {
   Shape out = shape;
-  for (int64_t& d : out) {
-    if (d < 0) d = rows;
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (out[i] < 0) out[i] = i == 0 && batched ? batch_rows : rows;
   }
   return out;
 }
@@ -40,8 +42,12 @@ double Seconds(std::chrono::steady_clock::duration d) {
 }  // namespace
 
 std::string Calibration::Describe() const {
-  std::string s = absl::StrCat("measured on ", backend, " at ", rows, " rows (", measured,
-                               " nodes run");
+  std::string s = joined_rows > rows
+                      ? absl::StrCat("measured on ", backend, " at ", joined_rows,
+                                     " rows joined, per ", rows, "-row microbatch (", measured,
+                                     " nodes run")
+                      : absl::StrCat("measured on ", backend, " at ", rows, " rows (", measured,
+                                     " nodes run");
   if (estimated > 0) absl::StrAppend(&s, "; ", estimated, " over the weight limit estimated");
   return absl::StrCat(s, ")");
 }
@@ -70,15 +76,18 @@ absl::StatusOr<Calibration> Calibrate(const Graph& graph, const ParamReader& rea
     for (const std::string& v : graph.nodes(compute[p]).inputs()) last_read[v] = p;
   }
 
+  const int64_t batch_rows = std::max(options.rows, options.joined_rows);
   std::mt19937 rng(1);
   absl::flat_hash_map<std::string, Tensor> values;
   for (const ValueSpec& in : graph.inputs()) {
     Shape shape(in.shape().begin(), in.shape().end());
-    values[in.name()] = Sample(Concrete(shape, options.rows), in.dtype(), &rng);
+    values[in.name()] = Sample(Concrete(shape, in.batched(), batch_rows, options.rows),
+                               in.dtype(), &rng);
   }
   Calibration c;
   c.backend = backend.Name();
   c.rows = options.rows;
+  if (batch_rows > options.rows) c.joined_rows = batch_rows;
   c.node_seconds.assign(compute.size(), -1);  // -1: estimated below
   std::vector<bool> reads_weights(compute.size(), false);
   for (int p = 0; p < static_cast<int>(compute.size()); ++p) {
@@ -115,7 +124,9 @@ absl::StatusOr<Calibration> Calibrate(const Graph& graph, const ParamReader& rea
     if (weight_bytes > options.max_node_bytes) {
       ++c.estimated;
       for (const std::string& out : node.outputs()) {
-        outputs.push_back(Tensor::Zeros(Concrete(shapes.at(out), options.rows), types.at(out)));
+        outputs.push_back(Tensor::Zeros(
+            Concrete(shapes.at(out), !unbatched.contains(out), batch_rows, options.rows),
+            types.at(out)));
       }
     } else {
       auto fail = [&](const absl::Status& s) {
@@ -139,7 +150,8 @@ absl::StatusOr<Calibration> Calibrate(const Graph& graph, const ParamReader& rea
         outputs = *std::move(out);
       }
       std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
-      c.node_seconds[p] = times[times.size() / 2];
+      // Per `rows`-row microbatch of the joined run.
+      c.node_seconds[p] = times[times.size() / 2] * options.rows / batch_rows;
       ++c.measured;
     }
     for (size_t k = 0; k < outputs.size(); ++k) {

@@ -2,6 +2,7 @@
 // partitioner can balance stages by time instead of by estimate.
 //
 //   CalibrationOptions opts;            // 16-row microbatches
+//   opts.joined_rows = 64;              // run 4 at a time by a loaded stage
 //   ASSIGN_OR_RETURN(Calibration c,
 //                    Calibrate(graph, ReadFromFile(reader), *cpu, opts));
 //   PartitionOptions p;
@@ -37,6 +38,12 @@ struct CalibrationOptions {
   // Rows of the batch dimension (and any other dimension left -1): the
   // microbatch size the times are for.
   int64_t rows = 16;
+  // Rows a loaded stage computes in one run, where it joins the queued
+  // microbatches of a request (StageSpec.merge_rows); 0 or <= rows: none.
+  // Nodes then run on this many rows of the batch dimension and each is
+  // charged its time pro rata per `rows`-row microbatch, as the stage
+  // pays it under load: per-node overheads shrink, per-row work does not.
+  int64_t joined_rows = 0;
   // Timed runs per node after one warm-up; the median counts.
   int repeats = 5;
   // Nodes reading more parameter bytes than this are estimated, not run,
@@ -50,9 +57,11 @@ struct Calibration {
   int measured = 0;   // nodes run
   int estimated = 0;  // nodes over max_node_bytes
   std::string backend;
-  int64_t rows = 0;
+  int64_t rows = 0;         // the microbatch the times are per
+  int64_t joined_rows = 0;  // rows the nodes ran on, where more than `rows`
 
-  // "measured on cpu at 16 rows (12 nodes; 2 estimated)".
+  // "measured on cpu at 16 rows (12 nodes run; 2 ... estimated)", or
+  // "measured on cpu at 64 rows joined, per 16-row microbatch (...)".
   std::string Describe() const;
 };
 

@@ -1,6 +1,8 @@
 #include "partitioner/calibrate.h"
 
 #include <algorithm>
+#include <chrono>
+#include <thread>
 #include <vector>
 
 #include "gmock/gmock.h"
@@ -94,6 +96,58 @@ TEST(CalibrateTest, AReadErrorNamesTheNode) {
   EXPECT_EQ(c.status().code(), absl::StatusCode::kDataLoss);
   EXPECT_THAT(std::string(c.status().message()), HasSubstr("cannot read narrow.0"));
   EXPECT_THAT(std::string(c.status().message()), HasSubstr("calibrating node"));
+}
+
+// A backend whose every run takes 2 ms whatever its rows (a node that is
+// all overhead), recording the shape of each run's first input.
+class FixedCostBackend : public ComputeBackend {
+ public:
+  std::string Name() const override { return "fixed"; }
+  absl::StatusOr<std::unique_ptr<StageProgram>> Compile(const Graph&,
+                                                        const WeightMap&) override {
+    return std::unique_ptr<StageProgram>(new Program(this));
+  }
+  std::vector<Shape> seen;
+
+ private:
+  class Program : public StageProgram {
+   public:
+    explicit Program(FixedCostBackend* b) : b_(b) {}
+    absl::StatusOr<std::vector<Tensor>> Run(absl::Span<const Tensor> inputs) override {
+      b_->seen.push_back(inputs[0].shape());
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      return std::vector<Tensor>{Tensor::Zeros(inputs[0].shape())};
+    }
+
+   private:
+    FixedCostBackend* b_;
+  };
+};
+
+TEST(CalibrateTest, JoinedRowsChargeEachMicrobatchItsShareOfTheRun) {
+  GraphBuilder b;
+  b.Input("x", {-1, -1});  // the batch, and a free dimension that is not
+  b.Op("relu", {"x"}, "r").Output("r");
+  Model m = b.Build();
+  FixedCostBackend fixed;
+  CalibrationOptions o;
+  o.rows = 16;
+  absl::StatusOr<Calibration> alone = Calibrate(m.graph, FromModel(m), fixed, o);
+  ASSERT_TRUE(alone.ok()) << alone.status();
+  EXPECT_EQ(fixed.seen.back(), Shape({16, 16}));
+  EXPECT_GE(alone->node_seconds[0], 0.002);
+  EXPECT_EQ(alone->Describe(), "measured on fixed at 16 rows (1 nodes run)");
+  // A loaded stage runs 4 microbatches at once: the batch dimension only
+  // grows, and each microbatch pays a quarter of the run.
+  o.joined_rows = 64;
+  absl::StatusOr<Calibration> joined = Calibrate(m.graph, FromModel(m), fixed, o);
+  ASSERT_TRUE(joined.ok()) << joined.status();
+  EXPECT_EQ(fixed.seen.back(), Shape({64, 16}));
+  EXPECT_GE(joined->node_seconds[0], 0.002 / 4);
+  EXPECT_LT(joined->node_seconds[0], 0.75 * alone->node_seconds[0]);
+  EXPECT_EQ(joined->rows, 16);
+  EXPECT_EQ(joined->Describe(),
+            "measured on fixed at 64 rows joined, per 16-row microbatch (1 nodes run)");
 }
 
 TEST(CalibrateTest, AMeasuredPlanPredictsTheSlowestStageOfTheBestCut) {

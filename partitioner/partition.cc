@@ -450,6 +450,13 @@ absl::StatusOr<Plan> Partition(const Graph& graph,
   return plan;
 }
 
+bool FollowsTheBatch(const Plan& plan) {
+  bool batched = plan.inputs_size() > 0;
+  for (const ValueSpec& v : plan.inputs()) batched = batched && v.batched();
+  for (const ValueSpec& v : plan.outputs()) batched = batched && v.batched();
+  return batched;
+}
+
 std::vector<int> ComputeNodes(const Graph& graph) {
   std::vector<int> compute;
   for (int i = 0; i < graph.nodes_size(); ++i) {

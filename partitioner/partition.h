@@ -69,6 +69,11 @@ std::vector<int> ComputeNodes(const Graph& graph);
 // graph must be valid.
 std::vector<double> EstimatedNodeCosts(const Graph& graph, const ValueShapes& shapes);
 
+// Whether every input (at least one) and every output of `plan` follows
+// the batch (dim 0): the licence to merge requests, and to join a
+// request's microbatches at its stages (and to time nodes that way).
+bool FollowsTheBatch(const Plan& plan);
+
 // Validates `graph` (see validate.h) and cuts it. Errors are
 // kInvalidArgument naming the node, module or value at fault, e.g. a cut
 // that leaves a stage with no nodes, or more stages asked for than there

@@ -233,8 +233,16 @@ absl::StatusOr<Plan> Coordinator::PlanFor(const std::string& name, const ModelFi
       RETURN_IF_ERROR(file.Read(p.fqn(), 0, t.byte_size(), reinterpret_cast<char*>(t.data())));
       return t;
     };
+    // Under load a stage computes the queued microbatches of a request in
+    // one run, up to the model's max_batch_rows (Deployment::MergeRows):
+    // that run's cost per microbatch is what bounds its throughput.
+    CalibrationOptions calibration = options_.calibration;
+    if (absl::StatusOr<BatcherOptions> batching = Deployment::Batching(config_, options, 1);
+        batching.ok()) {
+      calibration.joined_rows = Deployment::MergeRows(plan, *batching);
+    }
     absl::StatusOr<Calibration> c =
-        Calibrate(file.graph(), read, *options_.calibration_backend, options_.calibration);
+        Calibrate(file.graph(), read, *options_.calibration_backend, calibration);
     if (!c.ok()) {
       if (balance == UploadOptions::BALANCE_MEASURED) return c.status();
       plan.set_balance(absl::StrCat(plan.balance(), "; measuring failed: ", c.status().message()));

@@ -969,6 +969,28 @@ UploadOptions Stages(int n, UploadOptions::Balance balance = UploadOptions::BALA
   return o;
 }
 
+// A loaded stage computes up to max_batch_rows rows of a request's queued
+// microbatches in one run: node times are measured at that size and
+// charged per microbatch, where the model lets stages join.
+TEST_F(CoordinatorTest, NodeTimesAreMeasuredAtTheRowsALoadedStageJoins) {
+  auto cpu = MakeCpuBackend({});
+  CoordinatorOptions o = Options();
+  o.calibration_backend = cpu.get();
+  TearDown();
+  Start(o);
+  const Model m = NarrowAndWide();
+  UploadOptions wide = Stages(2);
+  wide.set_max_batch_rows(128);
+  ASSERT_TRUE(Upload("joined", m, wide).ok());
+  EXPECT_THAT(coordinator_->GetModel("joined")->plan->balance(),
+              HasSubstr("measured on cpu at 128 rows joined, per 16-row microbatch"));
+  UploadOptions alone = Stages(2);
+  alone.set_max_batch_rows(-1);  // no joining: times at the microbatch's rows
+  ASSERT_TRUE(Upload("alone", m, alone).ok());
+  EXPECT_THAT(coordinator_->GetModel("alone")->plan->balance(),
+              HasSubstr("measured on cpu at 16 rows (8 nodes run)"));
+}
+
 TEST_F(CoordinatorTest, AutomaticCutsAreBalancedByMeasuredTimesKeptWithTheModel) {
   auto cpu = MakeCpuBackend({});
   CoordinatorOptions o = Options();
@@ -982,7 +1004,9 @@ TEST_F(CoordinatorTest, AutomaticCutsAreBalancedByMeasuredTimesKeptWithTheModel)
   const ModelInfo before = *coordinator_->GetModel("mlp");
   const Plan& plan = *before.plan;
   ASSERT_EQ(plan.stages_size(), 2);
-  EXPECT_THAT(plan.balance(), HasSubstr("measured on cpu at 16 rows (8 nodes run); link 1 GB/s"));
+  EXPECT_THAT(plan.balance(),
+              HasSubstr("measured on cpu at 64 rows joined, per 16-row microbatch (8 nodes run); "
+                        "link 1 GB/s"));
   for (const Stage& s : plan.stages()) EXPECT_GT(s.predicted_compute_us(), 0);
 
   std::vector<Tensor> in = {Ramp({32, 8}, 0.25f), Ramp({32, 8}, -0.5f)};

@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "common/status_macros.h"
+#include "partitioner/partition.h"
 #include "runtime/microbatch.h"
 #include "runtime/signature.h"
 #include "server/stage/stage_spec.h"
@@ -154,13 +155,6 @@ absl::StatusOr<int> Deployment::Replicas(const DeploymentConfig& config,
                                                    kMaxReplicas, ")"));
   }
   return replicas;
-}
-
-bool Deployment::FollowsTheBatch(const Plan& plan) {
-  bool batched = plan.inputs_size() > 0;
-  for (const ValueSpec& v : plan.inputs()) batched = batched && v.batched();
-  for (const ValueSpec& v : plan.outputs()) batched = batched && v.batched();
-  return batched;
 }
 
 int64_t Deployment::MergeRows(const Plan& plan, const BatcherOptions& batching) {

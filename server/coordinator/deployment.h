@@ -124,12 +124,9 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
                                       const Plan& plan, const UploadOptions& options,
                                       const std::vector<std::string>& servers, int replicas);
 
-  // Whether every input (at least one) and every output of the model
-  // follows the batch (dim 0): the licence to merge requests, and to join
-  // a request's microbatches at its stages.
-  static bool FollowsTheBatch(const Plan& plan);
   // StageSpec.merge_rows for `plan`'s stages: the batcher's max_rows when
-  // FollowsTheBatch, else 0.
+  // the model follows the batch (FollowsTheBatch, partitioner/partition.h),
+  // else 0.
   static int64_t MergeRows(const Plan& plan, const BatcherOptions& batching);
 
   ~Deployment();
