@@ -88,7 +88,8 @@ StageHost::StageHost(StageSpec spec, std::unique_ptr<StageProgram> program, Opti
     : spec_(std::move(spec)),
       program_(std::move(program)),
       options_(Sane(options)),
-      merge_rows_(JoinableRows(spec_)) {
+      merge_rows_(JoinableRows(spec_)),
+      joining_(merge_rows_ > 0) {
   for (int i = 0; i < options_.workers; ++i) {
     workers_.emplace_back([this] { Work(); });
   }
@@ -327,19 +328,22 @@ std::vector<Frame> StageHost::ComputeJoined(const std::vector<Frame>& in, uint64
   }
   absl::StatusOr<std::vector<Tensor>> outs = program_->Run(inputs);
   ++*runs;
-  std::vector<Frame> result;
-  if (!outs.ok()) {
-    for (const Frame& f : in) {
-      result.push_back(ErrorFrame(
-          f.header, absl::Status(outs.status().code(), absl::StrCat("stage ", spec_.key().stage(),
-                                                                    ": ", outs.status().message()))));
-    }
-    return result;
-  }
-  // Rows split back only where every output kept them.
+  // A joined run that fails (more rows than a device's memory or
+  // workspace takes, say) fails no microbatch: each runs again alone and
+  // gets its own answer.
+  if (!outs.ok()) return one_by_one();
+  // Rows split back only where every output kept them. A stage whose
+  // outputs do not never tries joining again.
   for (const Tensor& t : *outs) {
-    if (t.rank() == 0 || t.dim(0) != offsets.back()) return one_by_one();
+    if (t.rank() == 0 || t.dim(0) != offsets.back()) {
+      {
+        absl::MutexLock lock(&mu_);
+        joining_ = false;
+      }
+      return one_by_one();
+    }
   }
+  std::vector<Frame> result;
   for (size_t i = 0; i < in.size(); ++i) {
     std::vector<Tensor> rows;  // views of frame i's rows of every output
     rows.reserve(outs->size());
@@ -366,28 +370,40 @@ void StageHost::Deliver(std::vector<Frame> outs) {
       return;
     }
   }
+  // DATA frames and their tensor bytes, of all or of those left unsent.
+  auto count = [](const std::vector<Frame>& frames, uint64_t* data, uint64_t* bytes) {
+    for (const Frame& f : frames) {
+      if (f.header.kind() != FrameHeader::DATA) continue;
+      ++*data;
+      *bytes += TensorBytes(f);
+    }
+  };
   uint64_t data = 0, bytes = 0;
+  count(outs, &data, &bytes);
   const int64_t now_us = NowMicros();
   for (Frame& out : outs) {
-    if (out.header.kind() != FrameHeader::DATA) continue;
-    ++data;
-    bytes += TensorBytes(out);
-    if (out.header.trace()) out.header.set_sent_us(now_us);
+    if (out.header.kind() == FrameHeader::DATA && out.header.trace()) out.header.set_sent_us(now_us);
   }
   const absl::Time start = absl::Now();
-  // Copies (the frames share their tensors): a failed send may be retried.
+  // Sends what is left of `outs`, taking out what was sent.
   auto send = [&] {
-    return outs.size() == 1 ? sink->Send(outs.front(), deadline) : sink->SendAll(outs, deadline);
+    if (outs.size() > 1) return sink->SendAll(&outs, deadline);
+    absl::Status s = sink->Send(outs.front(), deadline);  // a copy: kept for a retry
+    if (s.ok()) outs.clear();
+    return s;
   };
   absl::Status s = send();
-  // A broken stream is replaced on the next Send: try once more at once.
+  // A broken stream is replaced on the next Send: try once more at once,
+  // with the frames it did not take.
   if (s.code() == absl::StatusCode::kUnavailable) s = send();
+  uint64_t unsent_data = 0, unsent_bytes = 0;
+  count(outs, &unsent_data, &unsent_bytes);
   absl::MutexLock lock(&mu_);
   stats_.send_seconds += absl::ToDoubleSeconds(absl::Now() - start);
+  stats_.frames_out += data - unsent_data;
+  stats_.bytes_out += bytes - unsent_bytes;
   if (s.ok()) {
     stats_.downstream_error.clear();
-    stats_.frames_out += data;
-    stats_.bytes_out += bytes;
   } else if (s.code() == absl::StatusCode::kDeadlineExceeded) {
     stats_.dropped_deadline += outs.size();  // a slow link, not a broken one
   } else if (!stopping_) {
@@ -432,7 +448,7 @@ void StageHost::Work() {
         } else if (deadline_us != 0 && deadline_us < NowMicros()) {
           ++stats_.dropped_deadline;
           drop = true;
-        } else if (merge_rows_ > 0) {
+        } else if (joining_) {
           int64_t rows = Rows(group.front());
           uint64_t bytes = TensorBytes(group.front());
           while (!queue_.empty() && group.size() < kMaxJoinedFrames &&

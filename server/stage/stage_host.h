@@ -163,6 +163,9 @@ class StageHost {
   std::vector<std::weak_ptr<Producer>> paused_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<FrameSink> sink_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  // Whether queued microbatches are joined: merge_rows_ > 0, until a joined
+  // run's outputs did not keep the rows.
+  bool joining_ ABSL_GUARDED_BY(mu_);
   Stats stats_ ABSL_GUARDED_BY(mu_);
   // Recently cancelled request ids (bounded: oldest forgotten first).
   absl::flat_hash_set<uint64_t> cancelled_ ABSL_GUARDED_BY(mu_);

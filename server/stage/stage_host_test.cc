@@ -27,7 +27,7 @@ class FakeSink : public FrameSink {
       return absl::DeadlineExceededError("blocked past the deadline");
     }
     if (closed_) return absl::UnavailableError("closed");
-    if (failing_) return absl::UnavailableError("link down");
+    if (failing_ || sends_ == fail_send_) return absl::UnavailableError("link down");
     frames_.push_back(std::move(f));
     return absl::OkStatus();
   }
@@ -42,6 +42,11 @@ class FakeSink : public FrameSink {
   void Fail(bool f) {
     absl::MutexLock lock(&mu_);
     failing_ = f;
+  }
+  // The n-th Send (counting from 1) fails, as a stream that broke would.
+  void FailSend(int n) {
+    absl::MutexLock lock(&mu_);
+    fail_send_ = n;
   }
   int sends() {
     absl::MutexLock lock(&mu_);
@@ -62,6 +67,7 @@ class FakeSink : public FrameSink {
   bool failing_ ABSL_GUARDED_BY(mu_) = false;
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
   int sends_ ABSL_GUARDED_BY(mu_) = 0;
+  int fail_send_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 // A producer that records what the host tells it.
@@ -324,7 +330,8 @@ TEST(StageHostTest, StopTellsEveryProducerOnceAndRefusesNewOnes) {
 }
 
 
-// Runs `inner`, recording each run's rows; the first run waits for open.
+// Runs `inner`, recording each run's rows; the first run (and the next
+// one after Rearm) waits for Open.
 class GatedProgram : public StageProgram {
  public:
   explicit GatedProgram(std::unique_ptr<StageProgram> inner) : inner_(std::move(inner)) {}
@@ -332,8 +339,8 @@ class GatedProgram : public StageProgram {
     {
       absl::MutexLock lock(&mu_);
       rows_.push_back(in[0].dim(0));
-      if (rows_.size() == 1) {
-        entered_.Notify();
+      if (rows_.size() == gated_run_) {
+        if (gated_run_ == 1) entered_.Notify();
         mu_.Await(absl::Condition(&open_));
       }
     }
@@ -342,6 +349,18 @@ class GatedProgram : public StageProgram {
   void Open() {
     absl::MutexLock lock(&mu_);
     open_ = true;
+  }
+  // The next run waits for Open again.
+  void Rearm() {
+    absl::MutexLock lock(&mu_);
+    open_ = false;
+    gated_run_ = rows_.size() + 1;
+  }
+  // Waits until `n` runs have started.
+  bool WaitRuns(size_t n) {
+    absl::MutexLock lock(&mu_);
+    auto started = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return rows_.size() >= n; };
+    return mu_.AwaitWithTimeout(absl::Condition(&started), absl::Seconds(10));
   }
   std::vector<int64_t> rows() {
     absl::MutexLock lock(&mu_);
@@ -353,6 +372,7 @@ class GatedProgram : public StageProgram {
   std::unique_ptr<StageProgram> inner_;
   absl::Mutex mu_;
   bool open_ ABSL_GUARDED_BY(mu_) = false;
+  size_t gated_run_ ABSL_GUARDED_BY(mu_) = 1;
   std::vector<int64_t> rows_ ABSL_GUARDED_BY(mu_);
 };
 
@@ -510,6 +530,75 @@ TEST(StageHostTest, AJoinedRunWhoseOutputLostTheRowsIsDoneAgainFrameByFrame) {
     EXPECT_EQ(got[mb].Find("y")->dim(0), mb == 0 ? 1 : 2) << "y rides along whole";
   }
   EXPECT_EQ(fx.host->stats().runs, 4u);
+  // Having seen that, the stage joins no more: queued microbatches run
+  // alone at once instead of a joined run and then each again.
+  fx.program->Rearm();
+  fx.host->Push(Microbatch(9, 0, 1), nullptr);
+  ASSERT_TRUE(fx.program->WaitRuns(5));
+  fx.host->Push(Microbatch(9, 1, 2), nullptr);
+  fx.host->Push(Microbatch(9, 2, 2), nullptr);
+  fx.program->Open();
+  ASSERT_EQ(fx.sink->Wait(6).size(), 6u);
+  EXPECT_EQ(fx.program->rows(), (std::vector<int64_t>{1, 4, 2, 2, 1, 2, 2}));
+}
+
+// Fails any run of more than 2 rows, as a device out of memory for a large
+// joined run would.
+class AtMostTwoRows : public StageProgram {
+ public:
+  explicit AtMostTwoRows(std::unique_ptr<StageProgram> inner) : inner_(std::move(inner)) {}
+  absl::StatusOr<std::vector<Tensor>> Run(absl::Span<const Tensor> in) override {
+    if (in[0].dim(0) > 2) return absl::ResourceExhaustedError("out of device memory");
+    return inner_->Run(in);
+  }
+
+ private:
+  std::unique_ptr<StageProgram> inner_;
+};
+
+TEST(StageHostTest, AJoinedRunThatFailsIsDoneAgainFrameByFrame) {
+  std::unique_ptr<StageProgram> relu;
+  {
+    GraphBuilder b;
+    b.Input("x", {-1, 4}).Input("y", {-1, 4});
+    b.Op("relu", {"x"}, "a").Split().Op("add", {"a", "y"}, "out").Output("out");
+    Model model = b.Build();
+    relu = *MakeCpuBackend({})->Compile(Partition(model.graph, {})->stages(0).graph(),
+                                        model.weights);
+  }
+  JoinFixture fx(/*merge_rows=*/8, std::make_unique<AtMostTwoRows>(std::move(relu)));
+  fx.host->Push(Microbatch(7, 0, 2), nullptr);
+  ASSERT_TRUE(fx.program->entered_.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  for (int mb = 1; mb <= 3; ++mb) fx.host->Push(Microbatch(7, mb, 2), nullptr);
+  fx.program->Open();
+  std::vector<Frame> got = fx.sink->Wait(4);
+  ASSERT_EQ(got.size(), 4u);
+  // The joined run of 6 rows failed; each microbatch then got its answer.
+  EXPECT_EQ(fx.program->rows(), (std::vector<int64_t>{2, 6, 2, 2, 2}));
+  for (int mb = 0; mb < 4; ++mb) ExpectForwardedOwnRows(got[mb], mb, 2);
+}
+
+// Regression: when a stream broke partway through a joined group, the
+// retry sent the group again from its first frame, and the frames the
+// sink had already taken went twice (the coordinator fails a request on
+// a microbatch that comes back twice).
+TEST(StageHostTest, ARetryAfterAPartialSendSendsOnlyTheRest) {
+  JoinFixture fx(/*merge_rows=*/8);
+  fx.sink->FailSend(3);  // mb 0's send, mb 1's, then mb 2's fails once
+  fx.host->Push(Microbatch(7, 0, 2), nullptr);
+  ASSERT_TRUE(fx.program->entered_.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  for (int mb = 1; mb <= 3; ++mb) fx.host->Push(Microbatch(7, mb, 2), nullptr);
+  fx.program->Open();
+  std::vector<Frame> got = fx.sink->Wait(4);
+  absl::SleepFor(absl::Milliseconds(50));  // a duplicate would follow at once
+  got = fx.sink->Wait(4);
+  ASSERT_EQ(got.size(), 4u);
+  for (int mb = 0; mb < 4; ++mb) ExpectForwardedOwnRows(got[mb], mb, 2);
+  EXPECT_EQ(fx.program->rows(), (std::vector<int64_t>{2, 6}));
+  EXPECT_EQ(fx.sink->sends(), 5);
+  StageHost::Stats st = fx.host->stats();
+  EXPECT_EQ(st.frames_out, 4u);
+  EXPECT_EQ(st.undeliverable, 0u);
 }
 
 // A value that does not follow the batch (here: y is replicated to every

@@ -129,8 +129,10 @@ class ResultsReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
     absl::Status Send(Frame frame, absl::Time deadline) override {
       return Push(absl::MakeConstSpan(&frame, 1), deadline);
     }
-    absl::Status SendAll(std::vector<Frame> frames, absl::Time deadline) override {
-      return Push(frames, deadline);
+    absl::Status SendAll(std::vector<Frame>* frames, absl::Time deadline) override {
+      absl::Status s = Push(*frames, deadline);
+      if (s.ok()) frames->clear();  // all or none
+      return s;
     }
     // `frames` as one message.
     absl::Status Push(absl::Span<const Frame> frames, absl::Time deadline) {

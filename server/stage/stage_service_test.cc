@@ -194,7 +194,9 @@ TEST_F(StageServiceTest, JoinedMicrobatchesTravelBackAsOneMessage) {
   ASSERT_TRUE(sender->Send(microbatch(0), later).ok());
   ASSERT_TRUE(gate_.WaitHeld(1));
   // Three in one message: all queue at once behind the held run.
-  ASSERT_TRUE(sender->SendAll({microbatch(1), microbatch(2), microbatch(3)}, later).ok());
+  std::vector<Frame> three = {microbatch(1), microbatch(2), microbatch(3)};
+  ASSERT_TRUE(sender->SendAll(&three, later).ok());
+  EXPECT_TRUE(three.empty()) << "all sent";
   for (int i = 0; i < 1000 && Stats().queue_depth() < 3; ++i) absl::SleepFor(absl::Milliseconds(2));
   ASSERT_EQ(Stats().queue_depth(), 3u);
   const FrameReceiveStats before = GetFrameReceiveStats();

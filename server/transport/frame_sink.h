@@ -24,15 +24,21 @@ class FrameSink {
   // tries again on the next Send). Thread-safe.
   virtual absl::Status Send(Frame frame, absl::Time deadline) = 0;
 
-  // Queues `frames` (of one request, in order) to go together: a sink on a
-  // stream sends them as one message, all or none. This default sends them
-  // one by one and stops at the first error.
-  virtual absl::Status SendAll(std::vector<Frame> frames, absl::Time deadline) {
-    for (Frame& f : frames) {
-      absl::Status s = Send(std::move(f), deadline);
-      if (!s.ok()) return s;
+  // Queues `*frames` (of one request, in order) to go together: a sink on
+  // a stream sends them as one message, all or none. Takes out of
+  // `*frames` what it queued, so after an error it holds exactly the
+  // frames not sent, and a retry sends no frame twice. This default sends
+  // them one by one and stops at the first error.
+  virtual absl::Status SendAll(std::vector<Frame>* frames, absl::Time deadline) {
+    size_t sent = 0;
+    absl::Status s;
+    while (sent < frames->size()) {
+      s = Send((*frames)[sent], deadline);  // a copy: kept if it fails
+      if (!s.ok()) break;
+      ++sent;
     }
-    return absl::OkStatus();
+    frames->erase(frames->begin(), frames->begin() + sent);
+    return s;
   }
 
   // Wakes any blocked Send and makes later ones fail. Thread-safe.

@@ -96,8 +96,10 @@ absl::Status FrameSender::Send(Frame frame, absl::Time deadline) {
   return Push(absl::MakeConstSpan(&frame, 1), deadline);
 }
 
-absl::Status FrameSender::SendAll(std::vector<Frame> frames, absl::Time deadline) {
-  return Push(frames, deadline);
+absl::Status FrameSender::SendAll(std::vector<Frame>* frames, absl::Time deadline) {
+  absl::Status s = Push(*frames, deadline);
+  if (s.ok()) frames->clear();  // all or none
+  return s;
 }
 
 absl::Status FrameSender::Push(absl::Span<const Frame> frames, absl::Time deadline) {

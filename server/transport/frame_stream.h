@@ -49,7 +49,7 @@ class FrameSender : public FrameSink {
   ~FrameSender() override;
 
   absl::Status Send(Frame frame, absl::Time deadline) override;
-  absl::Status SendAll(std::vector<Frame> frames, absl::Time deadline) override;
+  absl::Status SendAll(std::vector<Frame>* frames, absl::Time deadline) override;
   // Cancels the stream and waits (up to 5 s) for gRPC to finish with it.
   void Close() override;
 
