@@ -404,7 +404,7 @@ void LargeActivation() {
   // gRPC reads the socket into slices of its own size; a tensor that
   // spans two of them cannot be wrapped.
   std::printf("%-44s %10.0f KiB  (a larger tensor is copied once)\n",
-              "largest slice gRPC handed over", after.largest_slice / 1024.0);
+              "largest slice gRPC handed over (this process)", after.largest_slice / 1024.0);
 }
 
 void Pipelining() {
@@ -506,24 +506,30 @@ void ExampleCodeEndToEnd() {
     }
     return Median(lat);
   };
-  // Microbatches the stages of `model` computed per program run.
-  auto per_run = [&](const std::string& model) {
-    uint64_t frames = 0, runs = 0;
+  // Microbatches the stages of `model` computed so far, and program runs.
+  auto computed = [&](const std::string& model) {
+    std::pair<uint64_t, uint64_t> frames_runs{0, 0};
     for (StageServer& server : four.stages) {
       for (const StageKey& k : server.core->Keys()) {
         if (k.model() != model) continue;
         auto st = server.core->Stats(k);
         if (!st.ok()) continue;
-        frames += st->frames_processed();
-        runs += st->program_runs();
+        frames_runs.first += st->frames_processed();
+        frames_runs.second += st->program_runs();
       }
     }
-    return static_cast<double>(frames) / std::max<uint64_t>(1, runs);
+    return frames_runs;
   };
   const double rps_alone = Throughput(*four.coordinator, "ec_alone", {ec->x, ec->y}, 4, 100);
   const FrameReceiveStats before = GetFrameReceiveStats();
+  const auto computed_before = computed("ec");
   double rps = Throughput(*four.coordinator, "ec", {ec->x, ec->y}, 4, kE2eRequests / 4);
+  const auto computed_after = computed("ec");
   const FrameReceiveStats after = GetFrameReceiveStats();
+  // Microbatches per program run in the 4-client run.
+  const double per_run =
+      static_cast<double>(computed_after.first - computed_before.first) /
+      std::max<uint64_t>(1, computed_after.second - computed_before.second);
   const double lat = latency("ec"), lat_alone = latency("ec_alone");
   double t1 = TorchMedianMs("/usr/bin/python3 bench/torch_eager.py --batch 256 --threads 1 --iters 50");
   double t2 = TorchMedianMs("/usr/bin/python3 bench/torch_eager.py --batch 256 --threads 2 --iters 50");
@@ -572,13 +578,15 @@ void ExampleCodeEndToEnd() {
               "compute-only limit, 4 microbatches, 2 cores", limit4, 100 * rps4 / limit4);
   // What moving the batch's bytes over loopback TCP costs in CPU alone,
   // at the rate one plain TCP stream pays in this run, added to the
-  // compute: the most any transport over TCP could serve on these cores
+  // compute (at the faster of 16- and 64-row runs: stages join up to 64
+  // rows): the most any transport over TCP could serve on these cores
   // (gRPC framing, wake-ups and the receive copy come on top).
   const TcpBaseline tcp = LoopbackTcp(size_t{1} << 30);
   const double bytes_per_batch =
       static_cast<double>(after.copied_bytes - before.copied_bytes + after.wrapped_bytes -
                           before.wrapped_bytes) / (kE2eRequests + 1);  // + warm-up
-  const double ceiling = 2 / (2 / limit16 + bytes_per_batch * tcp.cpu_s_per_byte);
+  const double ceiling =
+      2 / (2 / std::max(limit16, limit4) + bytes_per_batch * tcp.cpu_s_per_byte);
   std::printf("%-44s %10.2f MiB  (TCP: %.2f ms of CPU per MiB)\n",
               "tensor bytes crossing the 5 hops, per batch", bytes_per_batch / (1 << 20),
               tcp.cpu_s_per_byte * (1 << 20) * 1e3);
@@ -597,7 +605,7 @@ void ExampleCodeEndToEnd() {
                   std::max<uint64_t>(1, after.copied_bytes - before.copied_bytes +
                                             after.wrapped_bytes - before.wrapped_bytes));
   std::printf("%-44s %10.2f  (queued microbatches of a request joined; 1 without)\n",
-              "microbatches per stage program run", per_run("ec"));
+              "microbatches per stage program run", per_run);
 }
 
 // Median of `us` in milliseconds (0 for none).
@@ -686,6 +694,7 @@ void TimeBreakdown() {
 struct LoadResult {
   double rps = 0, p50 = 0, p99 = 0;
   double cpu_us = 0;  // CPU per request, where measured
+  size_t requests = 0;
   int failed = 0;
 };
 
@@ -711,6 +720,7 @@ LoadResult ClosedLoop(Coordinator& c, const std::string& model, const std::vecto
   }
   for (auto& t : ts) t.join();
   LoadResult r;
+  r.requests = ms.size();
   r.rps = ms.size() / Seconds(t0, Clock::now());
   std::sort(ms.begin(), ms.end());
   r.p50 = ms.empty() ? 0 : ms[ms.size() / 2];
@@ -743,8 +753,8 @@ void DynamicBatching() {
   LoadResult b = ClosedLoop(*four.coordinator, "merged", one, 64, absl::Seconds(5));
   double cpu2 = ProcessCpuSeconds();
   LoadResult c = ClosedLoop(*four.coordinator, "merged2", one, 64, absl::Seconds(5));
-  a.cpu_us = 1e6 * (cpu1 - cpu0) / std::max(1.0, a.rps * 5);
-  b.cpu_us = 1e6 * (cpu2 - cpu1) / std::max(1.0, b.rps * 5);
+  a.cpu_us = 1e6 * (cpu1 - cpu0) / std::max<size_t>(1, a.requests);
+  b.cpu_us = 1e6 * (cpu2 - cpu1) / std::max<size_t>(1, b.requests);
   auto d = four.coordinator->Find("merged");
   std::printf("%-44s %10s %9s %9s\n", "", "req/s", "p50 ms", "p99 ms");
   std::printf("%-44s %10.1f %9.2f %9.2f%s\n", "no batching (baseline)", a.rps, a.p50, a.p99,
@@ -763,7 +773,7 @@ void DynamicBatching() {
   // one thread wake-up (its client's, when its answer is in).
   auto cpu = MakeBackend("cpu", {}).value();
   auto pipe = LocalPipeline::Create(ec->model, *Partition(ec->model.graph, {}), *cpu, {1});
-  const int64_t rows = std::max<int64_t>(1, std::llround(per_merge));
+  const int64_t rows = std::clamp<int64_t>(std::llround(per_merge), 1, ec->x.dim(0));
   const std::vector<Tensor> merged = {ec->x.SliceRows(0, rows), ec->y.SliceRows(0, rows)};
   std::vector<double> us;
   for (int i = 0; i < 200; ++i) {
