@@ -474,6 +474,56 @@ TEST(StageHostTest, WithoutMergeRowsEveryMicrobatchRunsAlone) {
   EXPECT_EQ(fx.host->stats().runs, 4u);
 }
 
+// A replayed microbatch (a later attempt of the request) never joins
+// frames of the attempt before it: each attempt is answered on its own.
+TEST(StageHostTest, OnlyFramesOfOneAttemptJoin) {
+  JoinFixture fx(/*merge_rows=*/8);
+  auto attempt = [](Frame f, int a) {
+    f.header.set_attempt(a);
+    return f;
+  };
+  fx.host->Push(attempt(Microbatch(7, 0, 2), 1), nullptr);
+  ASSERT_TRUE(fx.program->entered_.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  fx.host->Push(attempt(Microbatch(7, 1, 2), 1), nullptr);
+  fx.host->Push(attempt(Microbatch(7, 2, 2), 2), nullptr);
+  fx.host->Push(attempt(Microbatch(7, 3, 2), 2), nullptr);
+  fx.program->Open();
+  std::vector<Frame> got = fx.sink->Wait(4);
+  ASSERT_EQ(got.size(), 4u);
+  EXPECT_EQ(fx.program->rows(), (std::vector<int64_t>{2, 2, 4}));
+  for (int mb = 0; mb < 4; ++mb) {
+    ExpectForwardedOwnRows(got[mb], mb, 2);
+    EXPECT_EQ(got[mb].header.attempt(), mb < 2 ? 1 : 2);
+  }
+}
+
+// A joined run takes at most 64 frames and 1 MiB of input, whatever
+// merge_rows allows.
+TEST(StageHostTest, AJoinedRunTakesAtMost64FramesAndOneMiB) {
+  JoinFixture fx(/*merge_rows=*/1 << 20);
+  fx.host->Push(Microbatch(7, 0, 2), nullptr);
+  ASSERT_TRUE(fx.program->entered_.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  for (int mb = 1; mb <= 70; ++mb) fx.host->Push(Microbatch(7, mb, 1), nullptr);
+  fx.program->Open();
+  std::vector<Frame> got = fx.sink->Wait(71);
+  ASSERT_EQ(got.size(), 71u);
+  EXPECT_EQ(fx.program->rows(), (std::vector<int64_t>{2, 64, 6}));
+  for (int mb = 0; mb <= 70; ++mb) ExpectForwardedOwnRows(got[mb], mb, mb == 0 ? 2 : 1);
+  // Frames of 512 KiB (x and y, 16384 rows of 4 floats each): two join.
+  fx.program->Rearm();
+  fx.host->Push(Microbatch(8, 0, 2), nullptr);
+  ASSERT_TRUE(fx.program->WaitRuns(4));
+  for (int mb = 1; mb <= 3; ++mb) fx.host->Push(Microbatch(8, mb, 16384), nullptr);
+  fx.program->Open();
+  got = fx.sink->Wait(75);
+  ASSERT_EQ(got.size(), 75u);
+  EXPECT_EQ(fx.program->rows(), (std::vector<int64_t>{2, 64, 6, 2, 32768, 16384}));
+  for (int mb = 1; mb <= 3; ++mb) {
+    EXPECT_EQ(got[71 + mb].header.microbatch(), mb);
+    EXPECT_EQ(got[71 + mb].Find("a")->shape(), Shape({16384, 4}));
+  }
+}
+
 // A traced microbatch that ran joined still carries its own transfer and
 // queue spans, and the shared run as its compute span.
 TEST(StageHostTest, JoinedMicrobatchesKeepTheirOwnSpans) {
