@@ -329,9 +329,8 @@ TEST(StageHostTest, StopTellsEveryProducerOnceAndRefusesNewOnes) {
   EXPECT_EQ(fx.host->stats().queue_depth, 0u);
 }
 
-
-// Runs `inner`, recording each run's rows; the first run (and the next
-// one after Rearm) waits for Open.
+// Runs `inner`, recording each run's rows; the first run, and the first
+// after each Rearm, waits for Open.
 class GatedProgram : public StageProgram {
  public:
   explicit GatedProgram(std::unique_ptr<StageProgram> inner) : inner_(std::move(inner)) {}
@@ -339,10 +338,7 @@ class GatedProgram : public StageProgram {
     {
       absl::MutexLock lock(&mu_);
       rows_.push_back(in[0].dim(0));
-      if (rows_.size() == gated_run_) {
-        if (gated_run_ == 1) entered_.Notify();
-        mu_.Await(absl::Condition(&open_));
-      }
+      if (rows_.size() == gated_run_) mu_.Await(absl::Condition(&open_));
     }
     return inner_->Run(in);
   }
@@ -366,7 +362,6 @@ class GatedProgram : public StageProgram {
     absl::MutexLock lock(&mu_);
     return rows_;
   }
-  absl::Notification entered_;
 
  private:
   std::unique_ptr<StageProgram> inner_;
@@ -399,6 +394,20 @@ struct JoinFixture {
     host = std::make_shared<StageHost>(spec, std::move(gated), o);
     host->SetSink(sink);
   }
+
+  // Pushes `first` and, once the worker is held in its run, `queued`
+  // behind it; then lets the program go and returns every frame sent on
+  // so far (waiting up to 10 s for these to come out).
+  std::vector<Frame> RunBehind(Frame first, std::vector<Frame> queued) {
+    const size_t runs = program->rows().size();
+    const size_t out = sink->Wait(0).size() + 1 + queued.size();
+    program->Rearm();
+    host->Push(std::move(first), nullptr);
+    EXPECT_TRUE(program->WaitRuns(runs + 1));
+    for (Frame& f : queued) host->Push(std::move(f), nullptr);
+    program->Open();
+    return sink->Wait(out);
+  }
 };
 
 // Microbatch `mb` of request `id`: `rows` rows of x counting down from
@@ -415,6 +424,13 @@ Frame Microbatch(uint64_t id, int mb, int64_t rows, bool trace = false) {
   f.header.set_trace(trace);
   if (trace) f.header.set_sent_us(NowMicros());
   return f;
+}
+
+// Microbatches `from` to `to` of request `id`, `rows` rows each.
+std::vector<Frame> Microbatches(uint64_t id, int from, int to, int64_t rows) {
+  std::vector<Frame> out;
+  for (int mb = from; mb <= to; ++mb) out.push_back(Microbatch(id, mb, rows));
+  return out;
 }
 
 // Each frame out of stage 0 must carry its own microbatch's y and relu(x).
@@ -438,14 +454,11 @@ void ExpectForwardedOwnRows(const Frame& out, int mb, int64_t rows) {
 // frame of another request is never joined with them.
 TEST(StageHostTest, QueuedMicrobatchesOfOneRequestRunAsOne) {
   JoinFixture fx(/*merge_rows=*/6);
-  fx.host->Push(Microbatch(7, 0, 2), nullptr);
-  ASSERT_TRUE(fx.program->entered_.WaitForNotificationWithTimeout(absl::Seconds(10)));
-  for (int mb = 1; mb <= 4; ++mb) fx.host->Push(Microbatch(7, mb, 2), nullptr);
-  fx.host->Push(Microbatch(8, 0, 2), nullptr);
-  fx.host->Push(Microbatch(7, 5, 2), nullptr);
-  fx.host->Push(Microbatch(7, 6, 3), nullptr);
-  fx.program->Open();
-  std::vector<Frame> got = fx.sink->Wait(8);
+  std::vector<Frame> queued = Microbatches(7, 1, 4, 2);
+  queued.push_back(Microbatch(8, 0, 2));
+  queued.push_back(Microbatch(7, 5, 2));
+  queued.push_back(Microbatch(7, 6, 3));
+  std::vector<Frame> got = fx.RunBehind(Microbatch(7, 0, 2), std::move(queued));
   ASSERT_EQ(got.size(), 8u);
   // mb 0 alone (the worker was busy with it), mb 1-3 (6 rows), mb 4 (mb 5
   // is behind request 8's frame), request 8, mb 5 and 6 (5 rows).
@@ -463,11 +476,7 @@ TEST(StageHostTest, QueuedMicrobatchesOfOneRequestRunAsOne) {
 
 TEST(StageHostTest, WithoutMergeRowsEveryMicrobatchRunsAlone) {
   JoinFixture fx(/*merge_rows=*/0);
-  fx.host->Push(Microbatch(7, 0, 2), nullptr);
-  ASSERT_TRUE(fx.program->entered_.WaitForNotificationWithTimeout(absl::Seconds(10)));
-  for (int mb = 1; mb <= 3; ++mb) fx.host->Push(Microbatch(7, mb, 2), nullptr);
-  fx.program->Open();
-  std::vector<Frame> got = fx.sink->Wait(4);
+  std::vector<Frame> got = fx.RunBehind(Microbatch(7, 0, 2), Microbatches(7, 1, 3, 2));
   ASSERT_EQ(got.size(), 4u);
   for (int mb = 0; mb < 4; ++mb) ExpectForwardedOwnRows(got[mb], mb, 2);
   EXPECT_EQ(fx.program->rows(), (std::vector<int64_t>{2, 2, 2, 2}));
@@ -482,13 +491,10 @@ TEST(StageHostTest, OnlyFramesOfOneAttemptJoin) {
     f.header.set_attempt(a);
     return f;
   };
-  fx.host->Push(attempt(Microbatch(7, 0, 2), 1), nullptr);
-  ASSERT_TRUE(fx.program->entered_.WaitForNotificationWithTimeout(absl::Seconds(10)));
-  fx.host->Push(attempt(Microbatch(7, 1, 2), 1), nullptr);
-  fx.host->Push(attempt(Microbatch(7, 2, 2), 2), nullptr);
-  fx.host->Push(attempt(Microbatch(7, 3, 2), 2), nullptr);
-  fx.program->Open();
-  std::vector<Frame> got = fx.sink->Wait(4);
+  std::vector<Frame> got =
+      fx.RunBehind(attempt(Microbatch(7, 0, 2), 1),
+                   {attempt(Microbatch(7, 1, 2), 1), attempt(Microbatch(7, 2, 2), 2),
+                    attempt(Microbatch(7, 3, 2), 2)});
   ASSERT_EQ(got.size(), 4u);
   EXPECT_EQ(fx.program->rows(), (std::vector<int64_t>{2, 2, 4}));
   for (int mb = 0; mb < 4; ++mb) {
@@ -501,21 +507,12 @@ TEST(StageHostTest, OnlyFramesOfOneAttemptJoin) {
 // merge_rows allows.
 TEST(StageHostTest, AJoinedRunTakesAtMost64FramesAndOneMiB) {
   JoinFixture fx(/*merge_rows=*/1 << 20);
-  fx.host->Push(Microbatch(7, 0, 2), nullptr);
-  ASSERT_TRUE(fx.program->entered_.WaitForNotificationWithTimeout(absl::Seconds(10)));
-  for (int mb = 1; mb <= 70; ++mb) fx.host->Push(Microbatch(7, mb, 1), nullptr);
-  fx.program->Open();
-  std::vector<Frame> got = fx.sink->Wait(71);
+  std::vector<Frame> got = fx.RunBehind(Microbatch(7, 0, 2), Microbatches(7, 1, 70, 1));
   ASSERT_EQ(got.size(), 71u);
   EXPECT_EQ(fx.program->rows(), (std::vector<int64_t>{2, 64, 6}));
   for (int mb = 0; mb <= 70; ++mb) ExpectForwardedOwnRows(got[mb], mb, mb == 0 ? 2 : 1);
   // Frames of 512 KiB (x and y, 16384 rows of 4 floats each): two join.
-  fx.program->Rearm();
-  fx.host->Push(Microbatch(8, 0, 2), nullptr);
-  ASSERT_TRUE(fx.program->WaitRuns(4));
-  for (int mb = 1; mb <= 3; ++mb) fx.host->Push(Microbatch(8, mb, 16384), nullptr);
-  fx.program->Open();
-  got = fx.sink->Wait(75);
+  got = fx.RunBehind(Microbatch(8, 0, 2), Microbatches(8, 1, 3, 16384));
   ASSERT_EQ(got.size(), 75u);
   EXPECT_EQ(fx.program->rows(), (std::vector<int64_t>{2, 64, 6, 2, 32768, 16384}));
   for (int mb = 1; mb <= 3; ++mb) {
@@ -528,12 +525,8 @@ TEST(StageHostTest, AJoinedRunTakesAtMost64FramesAndOneMiB) {
 // queue spans, and the shared run as its compute span.
 TEST(StageHostTest, JoinedMicrobatchesKeepTheirOwnSpans) {
   JoinFixture fx(/*merge_rows=*/8);
-  fx.host->Push(Microbatch(7, 0, 2, /*trace=*/true), nullptr);
-  ASSERT_TRUE(fx.program->entered_.WaitForNotificationWithTimeout(absl::Seconds(10)));
-  fx.host->Push(Microbatch(7, 1, 2, true), nullptr);
-  fx.host->Push(Microbatch(7, 2, 2, true), nullptr);
-  fx.program->Open();
-  std::vector<Frame> got = fx.sink->Wait(3);
+  std::vector<Frame> got = fx.RunBehind(Microbatch(7, 0, 2, /*trace=*/true),
+                                        {Microbatch(7, 1, 2, true), Microbatch(7, 2, 2, true)});
   ASSERT_EQ(got.size(), 3u);
   EXPECT_EQ(fx.program->rows(), (std::vector<int64_t>{2, 4}));
   for (int mb = 0; mb < 3; ++mb) {
@@ -564,12 +557,7 @@ class OneRow : public StageProgram {
 
 TEST(StageHostTest, AJoinedRunWhoseOutputLostTheRowsIsDoneAgainFrameByFrame) {
   JoinFixture fx(/*merge_rows=*/8, std::make_unique<OneRow>());
-  fx.host->Push(Microbatch(7, 0, 1), nullptr);
-  ASSERT_TRUE(fx.program->entered_.WaitForNotificationWithTimeout(absl::Seconds(10)));
-  fx.host->Push(Microbatch(7, 1, 2), nullptr);
-  fx.host->Push(Microbatch(7, 2, 2), nullptr);
-  fx.program->Open();
-  std::vector<Frame> got = fx.sink->Wait(3);
+  std::vector<Frame> got = fx.RunBehind(Microbatch(7, 0, 1), Microbatches(7, 1, 2, 2));
   ASSERT_EQ(got.size(), 3u);
   // The joined run (4 rows) gave 1 row: mb 1 and 2 ran again alone.
   EXPECT_EQ(fx.program->rows(), (std::vector<int64_t>{1, 4, 2, 2}));
@@ -582,13 +570,7 @@ TEST(StageHostTest, AJoinedRunWhoseOutputLostTheRowsIsDoneAgainFrameByFrame) {
   EXPECT_EQ(fx.host->stats().runs, 4u);
   // Having seen that, the stage joins no more: queued microbatches run
   // alone at once instead of a joined run and then each again.
-  fx.program->Rearm();
-  fx.host->Push(Microbatch(9, 0, 1), nullptr);
-  ASSERT_TRUE(fx.program->WaitRuns(5));
-  fx.host->Push(Microbatch(9, 1, 2), nullptr);
-  fx.host->Push(Microbatch(9, 2, 2), nullptr);
-  fx.program->Open();
-  ASSERT_EQ(fx.sink->Wait(6).size(), 6u);
+  ASSERT_EQ(fx.RunBehind(Microbatch(9, 0, 1), Microbatches(9, 1, 2, 2)).size(), 6u);
   EXPECT_EQ(fx.program->rows(), (std::vector<int64_t>{1, 4, 2, 2, 1, 2, 2}));
 }
 
@@ -617,11 +599,7 @@ TEST(StageHostTest, AJoinedRunThatFailsIsDoneAgainFrameByFrame) {
                                         model.weights);
   }
   JoinFixture fx(/*merge_rows=*/8, std::make_unique<AtMostTwoRows>(std::move(relu)));
-  fx.host->Push(Microbatch(7, 0, 2), nullptr);
-  ASSERT_TRUE(fx.program->entered_.WaitForNotificationWithTimeout(absl::Seconds(10)));
-  for (int mb = 1; mb <= 3; ++mb) fx.host->Push(Microbatch(7, mb, 2), nullptr);
-  fx.program->Open();
-  std::vector<Frame> got = fx.sink->Wait(4);
+  std::vector<Frame> got = fx.RunBehind(Microbatch(7, 0, 2), Microbatches(7, 1, 3, 2));
   ASSERT_EQ(got.size(), 4u);
   // The joined run of 6 rows failed; each microbatch then got its answer.
   EXPECT_EQ(fx.program->rows(), (std::vector<int64_t>{2, 6, 2, 2, 2}));
@@ -635,11 +613,7 @@ TEST(StageHostTest, AJoinedRunThatFailsIsDoneAgainFrameByFrame) {
 TEST(StageHostTest, ARetryAfterAPartialSendSendsOnlyTheRest) {
   JoinFixture fx(/*merge_rows=*/8);
   fx.sink->FailSend(3);  // mb 0's send, mb 1's, then mb 2's fails once
-  fx.host->Push(Microbatch(7, 0, 2), nullptr);
-  ASSERT_TRUE(fx.program->entered_.WaitForNotificationWithTimeout(absl::Seconds(10)));
-  for (int mb = 1; mb <= 3; ++mb) fx.host->Push(Microbatch(7, mb, 2), nullptr);
-  fx.program->Open();
-  std::vector<Frame> got = fx.sink->Wait(4);
+  std::vector<Frame> got = fx.RunBehind(Microbatch(7, 0, 2), Microbatches(7, 1, 3, 2));
   absl::SleepFor(absl::Milliseconds(50));  // a duplicate would follow at once
   got = fx.sink->Wait(4);
   ASSERT_EQ(got.size(), 4u);
