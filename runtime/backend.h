@@ -38,6 +38,13 @@ class StageProgram {
   // 1, the default: thread-compatible only, as described above.
   virtual int max_concurrent_runs() const { return 1; }
 
+  // Whether each new set of input shapes costs the program a setup that it
+  // caches for a few shapes (the CUDA program: buffers, GEMM plans and a
+  // CUDA graph per shape set). A stage server that joins queued
+  // microbatches into one run then keeps to few run sizes, so joining does
+  // not thrash that cache. false, the default: any batch size is as cheap.
+  virtual bool prefers_few_shapes() const { return false; }
+
   // Runs the stage on host tensors given in the order of the stage graph's
   // inputs; returns host tensors in the order of its outputs. The batch
   // dimension (-1 in the graph) may take any size, the same for all inputs.

@@ -242,6 +242,8 @@ class CudaProgram : public CudaStageProgram {
   }
 
   int max_concurrent_runs() const override { return slots_.max_slots(); }
+  // Buffers, plans and a graph per input shape set, max_cached_shapes kept.
+  bool prefers_few_shapes() const override { return true; }
 
   absl::StatusOr<std::vector<Tensor>> Run(
       absl::Span<const Tensor> inputs) override {

@@ -89,6 +89,7 @@ StageHost::StageHost(StageSpec spec, std::unique_ptr<StageProgram> program, Opti
       program_(std::move(program)),
       options_(Sane(options)),
       merge_rows_(JoinableRows(spec_)),
+      few_shapes_(program_->prefers_few_shapes()),
       joining_(merge_rows_ > 0) {
   for (int i = 0; i < options_.workers; ++i) {
     workers_.emplace_back([this] { Work(); });
@@ -301,6 +302,26 @@ bool StageHost::CanJoin(const Frame& first, const Frame& next, int64_t rows) con
   return true;
 }
 
+size_t StageHost::JoinableBehind(const Frame& first) const {
+  const int64_t first_rows = Rows(first);
+  int64_t rows = first_rows;
+  uint64_t bytes = TensorBytes(first);
+  size_t n = 0;
+  while (n < queue_.size() && 1 + n < kMaxJoinedFrames &&
+         bytes + TensorBytes(queue_[n]) <= kMaxJoinedBytes && CanJoin(first, queue_[n], rows) &&
+         (!few_shapes_ || Rows(queue_[n]) == first_rows)) {
+    rows += Rows(queue_[n]);
+    bytes += TensorBytes(queue_[n]);
+    ++n;
+  }
+  if (few_shapes_) {  // a power of two of microbatches in all
+    size_t run = 1;
+    while (run * 2 <= n + 1) run *= 2;
+    n = run - 1;
+  }
+  return n;
+}
+
 std::vector<Frame> StageHost::ComputeJoined(const std::vector<Frame>& in, uint64_t* runs) {
   auto one_by_one = [&] {
     std::vector<Frame> outs;
@@ -449,15 +470,7 @@ void StageHost::Work() {
           ++stats_.dropped_deadline;
           drop = true;
         } else if (joining_) {
-          int64_t rows = Rows(group.front());
-          uint64_t bytes = TensorBytes(group.front());
-          while (!queue_.empty() && group.size() < kMaxJoinedFrames &&
-                 bytes + TensorBytes(queue_.front()) <= kMaxJoinedBytes &&
-                 CanJoin(group.front(), queue_.front(), rows)) {
-            rows += Rows(queue_.front());
-            bytes += TensorBytes(queue_.front());
-            take();
-          }
+          for (size_t n = JoinableBehind(group.front()); n > 0; --n) take();
         }
       }
       if (queue_.size() < options_.queue_capacity) resume.swap(paused_);

@@ -140,6 +140,11 @@ class StageHost {
   // Whether `next` (queued right behind `first`) may join its run, with
   // `rows` rows taken so far.
   bool CanJoin(const Frame& first, const Frame& next, int64_t rows) const;
+  // How many of the frames queued right behind `first` (just taken) join
+  // its run: within merge_rows, 64 frames and 1 MiB of input. For a
+  // program that prefers few shapes, only microbatches of `first`'s rows,
+  // a power of two of them in all (run sizes: rows x 1, 2, 4, ... 64).
+  size_t JoinableBehind(const Frame& first) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // For a traced frame: `out` (made from `in`) carries `in`'s spans and
   // this stage's transfer (from `in`'s sent_us to `arrived`), queue and
   // compute (`start` to `end`) spans.
@@ -155,6 +160,7 @@ class StageHost {
   const std::unique_ptr<StageProgram> program_;
   const Options options_;
   const int64_t merge_rows_;  // most rows a joined run takes; 0: none joins
+  const bool few_shapes_;     // the program's prefers_few_shapes()
 
   mutable absl::Mutex mu_;
   std::deque<Frame> queue_ ABSL_GUARDED_BY(mu_);

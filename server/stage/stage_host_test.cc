@@ -342,6 +342,7 @@ class GatedProgram : public StageProgram {
     }
     return inner_->Run(in);
   }
+  bool prefers_few_shapes() const override { return inner_->prefers_few_shapes(); }
   void Open() {
     absl::MutexLock lock(&mu_);
     open_ = true;
@@ -378,15 +379,24 @@ struct JoinFixture {
   GatedProgram* program = nullptr;
   std::shared_ptr<FakeSink> sink = std::make_shared<FakeSink>();
 
-  JoinFixture(int64_t merge_rows, std::unique_ptr<StageProgram> inner = nullptr) {
+  static Model TheModel() {
     GraphBuilder b;
     b.Input("x", {-1, 4}).Input("y", {-1, 4});
     b.Op("relu", {"x"}, "a").Split().Op("add", {"a", "y"}, "out").Output("out");
-    Model model = b.Build();
-    Plan plan = *Partition(model.graph, {});
+    return b.Build();
+  }
+  // Stage 0 compiled on the CPU backend.
+  static std::unique_ptr<StageProgram> Stage0() {
+    Model model = TheModel();
+    return *MakeCpuBackend({})->Compile(Partition(model.graph, {})->stages(0).graph(),
+                                        model.weights);
+  }
+
+  JoinFixture(int64_t merge_rows, std::unique_ptr<StageProgram> inner = nullptr) {
+    Plan plan = *Partition(TheModel().graph, {});
     StageSpec spec = MakeStageSpecs(plan, "m", 1, {"s0:1", "s1:1"}, 1, 0, merge_rows)[0];
     EXPECT_EQ(spec.merge_rows(), merge_rows);
-    if (inner == nullptr) inner = *MakeCpuBackend({})->Compile(plan.stages(0).graph(), model.weights);
+    if (inner == nullptr) inner = Stage0();
     auto gated = std::make_unique<GatedProgram>(std::move(inner));
     program = gated.get();
     StageHost::Options o;
@@ -589,21 +599,42 @@ class AtMostTwoRows : public StageProgram {
 };
 
 TEST(StageHostTest, AJoinedRunThatFailsIsDoneAgainFrameByFrame) {
-  std::unique_ptr<StageProgram> relu;
-  {
-    GraphBuilder b;
-    b.Input("x", {-1, 4}).Input("y", {-1, 4});
-    b.Op("relu", {"x"}, "a").Split().Op("add", {"a", "y"}, "out").Output("out");
-    Model model = b.Build();
-    relu = *MakeCpuBackend({})->Compile(Partition(model.graph, {})->stages(0).graph(),
-                                        model.weights);
-  }
-  JoinFixture fx(/*merge_rows=*/8, std::make_unique<AtMostTwoRows>(std::move(relu)));
+  JoinFixture fx(/*merge_rows=*/8, std::make_unique<AtMostTwoRows>(JoinFixture::Stage0()));
   std::vector<Frame> got = fx.RunBehind(Microbatch(7, 0, 2), Microbatches(7, 1, 3, 2));
   ASSERT_EQ(got.size(), 4u);
   // The joined run of 6 rows failed; each microbatch then got its answer.
   EXPECT_EQ(fx.program->rows(), (std::vector<int64_t>{2, 6, 2, 2, 2}));
   for (int mb = 0; mb < 4; ++mb) ExpectForwardedOwnRows(got[mb], mb, 2);
+}
+
+// Sets up each new input shape, as the CUDA program does (a graph each).
+class FewShapes : public StageProgram {
+ public:
+  explicit FewShapes(std::unique_ptr<StageProgram> inner) : inner_(std::move(inner)) {}
+  bool prefers_few_shapes() const override { return true; }
+  absl::StatusOr<std::vector<Tensor>> Run(absl::Span<const Tensor> in) override {
+    return inner_->Run(in);
+  }
+
+ private:
+  std::unique_ptr<StageProgram> inner_;
+};
+
+// For such a program a stage joins only microbatches of equal rows, a
+// power of two of them: few run sizes, so its shape cache holds them all.
+TEST(StageHostTest, AProgramThatPrefersFewShapesJoinsPowersOfTwoOfEqualMicrobatches) {
+  JoinFixture fx(/*merge_rows=*/64, std::make_unique<FewShapes>(JoinFixture::Stage0()));
+  // 7 queued behind mb 0: 4 of them run together (8 rows), then 2, then 1.
+  std::vector<Frame> got = fx.RunBehind(Microbatch(7, 0, 2), Microbatches(7, 1, 7, 2));
+  ASSERT_EQ(got.size(), 8u);
+  EXPECT_EQ(fx.program->rows(), (std::vector<int64_t>{2, 8, 4, 2}));
+  for (int mb = 0; mb < 8; ++mb) ExpectForwardedOwnRows(got[mb], mb, 2);
+  // A microbatch of other rows ends the group.
+  got = fx.RunBehind(Microbatch(8, 0, 2),
+                     {Microbatch(8, 1, 2), Microbatch(8, 2, 3), Microbatch(8, 3, 3)});
+  ASSERT_EQ(got.size(), 12u);
+  EXPECT_EQ(fx.program->rows(), (std::vector<int64_t>{2, 8, 4, 2, 2, 2, 6}));
+  for (int mb = 0; mb < 4; ++mb) ExpectForwardedOwnRows(got[8 + mb], mb, mb < 2 ? 2 : 3);
 }
 
 // Regression: when a stream broke partway through a joined group, the
