@@ -407,6 +407,21 @@ void LargeActivation() {
               "largest slice gRPC handed over (this process)", after.largest_slice / 1024.0);
 }
 
+// Median seconds of `m` run in this process on one thread (every stage
+// one after another, `chunks` microbatches, no transport): what the
+// compute alone costs.
+double ComputeOnlySeconds(const Model& m, const std::vector<Tensor>& in, int chunks, int runs) {
+  auto cpu = MakeBackend("cpu", {}).value();
+  auto pipe = LocalPipeline::Create(m, *Partition(m.graph, {}), *cpu, {chunks});
+  std::vector<double> seconds;
+  for (int i = 0; i < runs + runs / 5; ++i) {  // the first fifth warms up
+    auto t0 = Clock::now();
+    (*pipe)->Run(in).IgnoreError();
+    if (i >= runs / 5) seconds.push_back(Seconds(t0, Clock::now()));
+  }
+  return Median(seconds);
+}
+
 void Pipelining() {
   std::printf("\n3. Pipelining: 4 linear+ReLU layers of 1024, batch 256 in 4 microbatches,\n"
               "   8 clients (up to 32 microbatches in flight), one GEMM thread per stage\n");
@@ -433,16 +448,7 @@ void Pipelining() {
   // from them. The most 2 stages could serve: both cores' time over each
   // request's compute (in process, one thread) plus loopback TCP's CPU for
   // the bytes it sends across the 3 hops (both measured in this run).
-  auto cpu = MakeBackend("cpu", {}).value();
-  Model m = Mlp(4, 1, 1024);
-  auto pipe = LocalPipeline::Create(m, *Partition(m.graph, {}), *cpu, {4});
-  std::vector<double> compute;
-  for (int i = 0; i < 25; ++i) {
-    auto t0 = Clock::now();
-    (*pipe)->Run({x}).IgnoreError();
-    if (i >= 5) compute.push_back(Seconds(t0, Clock::now()));
-  }
-  const double c = Median(compute);
+  const double c = ComputeOnlySeconds(Mlp(4, 1, 1024), {x}, 4, 20);
   const TcpBaseline tcp = LoopbackTcp(size_t{1} << 30);
   const double per_request = static_cast<double>(bytes) / (3 * (8 * 10 + 1));  // + warm-up
   const double ceiling = 2 / (c + per_request * tcp.cpu_s_per_byte);
@@ -549,27 +555,13 @@ void ExampleCodeEndToEnd() {
   // The same with 4 microbatches of 64 rows: a quarter of the hops.
   four.Upload("ec4", ec->model, 4);
   double rps4 = Throughput(*four.coordinator, "ec4", {ec->x, ec->y}, 4, 100);
-  std::vector<double> lat4;
-  for (int i = 0; i < 30; ++i) {
-    auto t0 = Clock::now();
-    four.coordinator->Infer("ec4", {ec->x, ec->y}, absl::Now() + absl::Seconds(30)).IgnoreError();
-    lat4.push_back(Seconds(t0, Clock::now()) * 1e3);
-  }
   std::printf("%-44s %10.1f %12.2f\n", "pipeserve, the same with 4 microbatches", rps4,
-              Median(lat4));
+              latency("ec4"));
   // The compute-only limit: every stage's program run in this process, one
   // after another on one thread (no transport), so two cores could do
   // twice as many batches.
-  auto limit = [&](int chunks) {
-    auto cpu = MakeBackend("cpu", {}).value();
-    auto pipe = LocalPipeline::Create(ec->model, *Partition(ec->model.graph, {}), *cpu, {chunks});
-    std::vector<double> ms;
-    for (int i = 0; i < 60; ++i) {
-      auto t0 = Clock::now();
-      (*pipe)->Run({ec->x, ec->y}).IgnoreError();
-      if (i >= 10) ms.push_back(Seconds(t0, Clock::now()) * 1e3);
-    }
-    return 2 * 1e3 / Median(ms);  // batches/s on 2 cores
+  auto limit = [&](int chunks) {  // batches/s on 2 cores
+    return 2 / ComputeOnlySeconds(ec->model, {ec->x, ec->y}, chunks, 50);
   };
   const double limit16 = limit(16), limit4 = limit(4);
   std::printf("%-44s %10.1f  (served: %.0f%% of it; target >= 80%%)\n",
@@ -771,20 +763,14 @@ void DynamicBatching() {
   // What 5x would take: a request's CPU, against what it cannot do
   // without: its compute at the merged size (in process, one thread) and
   // one thread wake-up (its client's, when its answer is in).
-  auto cpu = MakeBackend("cpu", {}).value();
-  auto pipe = LocalPipeline::Create(ec->model, *Partition(ec->model.graph, {}), *cpu, {1});
   const int64_t rows = std::clamp<int64_t>(std::llround(per_merge), 1, ec->x.dim(0));
-  const std::vector<Tensor> merged = {ec->x.SliceRows(0, rows), ec->y.SliceRows(0, rows)};
-  std::vector<double> us;
-  for (int i = 0; i < 200; ++i) {
-    auto t0 = Clock::now();
-    (*pipe)->Run(merged).IgnoreError();
-    if (i >= 20) us.push_back(Seconds(t0, Clock::now()) * 1e6 / rows);
-  }
+  const double per_row_us =
+      1e6 / rows *
+      ComputeOnlySeconds(ec->model, {ec->x.SliceRows(0, rows), ec->y.SliceRows(0, rows)}, 1, 180);
   std::printf("%-44s %10.1f us  (batching: %.1f us; 5x needs <= %.1f us)\n",
               "CPU per request, no batching", a.cpu_us, b.cpu_us, a.cpu_us / 5);
   std::printf("%-44s %10.1f us\n", absl::StrCat("  compute alone at ", rows, " rows, per row").c_str(),
-              Median(us));
+              per_row_us);
   std::printf("%-44s %10.1f us\n", "  one thread wake-up (hand-off round trip / 2)",
               ThreadHandOffMicros());
 }

@@ -24,9 +24,11 @@
 // that wait right behind it, while their rows fit merge_rows, their other
 // dimensions agree and they hold at most 1 MiB (larger frames gain
 // nothing); it runs the program once on their rows joined and sends each
-// frame's rows on in its own frame, all in one message. The outputs must
-// follow the batch (dim 0); a run whose outputs do not is done again one
-// frame at a time.
+// frame's rows on in its own frame, all in one message. A joined run that
+// fails is done again one frame at a time; so is one whose outputs do not
+// follow the batch (dim 0), and the stage then stops joining. For a
+// program that prefers few shapes (StageProgram::prefers_few_shapes) only
+// frames of equal rows join, a power of two of them.
 #ifndef PIPESERVE_SERVER_STAGE_STAGE_HOST_H_
 #define PIPESERVE_SERVER_STAGE_STAGE_HOST_H_
 

@@ -333,16 +333,28 @@ TEST(StageHostTest, StopTellsEveryProducerOnceAndRefusesNewOnes) {
 // after each Rearm, waits for Open.
 class GatedProgram : public StageProgram {
  public:
-  explicit GatedProgram(std::unique_ptr<StageProgram> inner) : inner_(std::move(inner)) {}
+  // How it behaves beyond `inner`.
+  struct Traits {
+    // Runs of more rows fail, as a device out of memory for a large joined
+    // run would (0: none do).
+    int64_t fail_above_rows = 0;
+    // Its prefers_few_shapes(), as the CUDA program's (a graph per shape).
+    bool few_shapes = false;
+  };
+  GatedProgram(std::unique_ptr<StageProgram> inner, Traits traits)
+      : inner_(std::move(inner)), traits_(traits) {}
   absl::StatusOr<std::vector<Tensor>> Run(absl::Span<const Tensor> in) override {
     {
       absl::MutexLock lock(&mu_);
       rows_.push_back(in[0].dim(0));
       if (rows_.size() == gated_run_) mu_.Await(absl::Condition(&open_));
     }
+    if (traits_.fail_above_rows > 0 && in[0].dim(0) > traits_.fail_above_rows) {
+      return absl::ResourceExhaustedError("out of device memory");
+    }
     return inner_->Run(in);
   }
-  bool prefers_few_shapes() const override { return inner_->prefers_few_shapes(); }
+  bool prefers_few_shapes() const override { return traits_.few_shapes; }
   void Open() {
     absl::MutexLock lock(&mu_);
     open_ = true;
@@ -366,6 +378,7 @@ class GatedProgram : public StageProgram {
 
  private:
   std::unique_ptr<StageProgram> inner_;
+  const Traits traits_;
   absl::Mutex mu_;
   bool open_ ABSL_GUARDED_BY(mu_) = false;
   size_t gated_run_ ABSL_GUARDED_BY(mu_) = 1;
@@ -379,25 +392,19 @@ struct JoinFixture {
   GatedProgram* program = nullptr;
   std::shared_ptr<FakeSink> sink = std::make_shared<FakeSink>();
 
-  static Model TheModel() {
+  JoinFixture(int64_t merge_rows, std::unique_ptr<StageProgram> inner = nullptr,
+              GatedProgram::Traits traits = {}) {
     GraphBuilder b;
     b.Input("x", {-1, 4}).Input("y", {-1, 4});
     b.Op("relu", {"x"}, "a").Split().Op("add", {"a", "y"}, "out").Output("out");
-    return b.Build();
-  }
-  // Stage 0 compiled on the CPU backend.
-  static std::unique_ptr<StageProgram> Stage0() {
-    Model model = TheModel();
-    return *MakeCpuBackend({})->Compile(Partition(model.graph, {})->stages(0).graph(),
-                                        model.weights);
-  }
-
-  JoinFixture(int64_t merge_rows, std::unique_ptr<StageProgram> inner = nullptr) {
-    Plan plan = *Partition(TheModel().graph, {});
+    Model model = b.Build();
+    Plan plan = *Partition(model.graph, {});
     StageSpec spec = MakeStageSpecs(plan, "m", 1, {"s0:1", "s1:1"}, 1, 0, merge_rows)[0];
     EXPECT_EQ(spec.merge_rows(), merge_rows);
-    if (inner == nullptr) inner = Stage0();
-    auto gated = std::make_unique<GatedProgram>(std::move(inner));
+    if (inner == nullptr) {
+      inner = *MakeCpuBackend({})->Compile(plan.stages(0).graph(), model.weights);
+    }
+    auto gated = std::make_unique<GatedProgram>(std::move(inner), traits);
     program = gated.get();
     StageHost::Options o;
     o.queue_capacity = 16;
@@ -584,22 +591,10 @@ TEST(StageHostTest, AJoinedRunWhoseOutputLostTheRowsIsDoneAgainFrameByFrame) {
   EXPECT_EQ(fx.program->rows(), (std::vector<int64_t>{1, 4, 2, 2, 1, 2, 2}));
 }
 
-// Fails any run of more than 2 rows, as a device out of memory for a large
-// joined run would.
-class AtMostTwoRows : public StageProgram {
- public:
-  explicit AtMostTwoRows(std::unique_ptr<StageProgram> inner) : inner_(std::move(inner)) {}
-  absl::StatusOr<std::vector<Tensor>> Run(absl::Span<const Tensor> in) override {
-    if (in[0].dim(0) > 2) return absl::ResourceExhaustedError("out of device memory");
-    return inner_->Run(in);
-  }
-
- private:
-  std::unique_ptr<StageProgram> inner_;
-};
-
 TEST(StageHostTest, AJoinedRunThatFailsIsDoneAgainFrameByFrame) {
-  JoinFixture fx(/*merge_rows=*/8, std::make_unique<AtMostTwoRows>(JoinFixture::Stage0()));
+  GatedProgram::Traits out_of_memory;
+  out_of_memory.fail_above_rows = 2;
+  JoinFixture fx(/*merge_rows=*/8, nullptr, out_of_memory);
   std::vector<Frame> got = fx.RunBehind(Microbatch(7, 0, 2), Microbatches(7, 1, 3, 2));
   ASSERT_EQ(got.size(), 4u);
   // The joined run of 6 rows failed; each microbatch then got its answer.
@@ -607,23 +602,13 @@ TEST(StageHostTest, AJoinedRunThatFailsIsDoneAgainFrameByFrame) {
   for (int mb = 0; mb < 4; ++mb) ExpectForwardedOwnRows(got[mb], mb, 2);
 }
 
-// Sets up each new input shape, as the CUDA program does (a graph each).
-class FewShapes : public StageProgram {
- public:
-  explicit FewShapes(std::unique_ptr<StageProgram> inner) : inner_(std::move(inner)) {}
-  bool prefers_few_shapes() const override { return true; }
-  absl::StatusOr<std::vector<Tensor>> Run(absl::Span<const Tensor> in) override {
-    return inner_->Run(in);
-  }
-
- private:
-  std::unique_ptr<StageProgram> inner_;
-};
-
-// For such a program a stage joins only microbatches of equal rows, a
-// power of two of them: few run sizes, so its shape cache holds them all.
+// For a program that prefers few shapes (as the CUDA one does) a stage
+// joins only microbatches of equal rows, a power of two of them: few run
+// sizes, so its shape cache holds them all.
 TEST(StageHostTest, AProgramThatPrefersFewShapesJoinsPowersOfTwoOfEqualMicrobatches) {
-  JoinFixture fx(/*merge_rows=*/64, std::make_unique<FewShapes>(JoinFixture::Stage0()));
+  GatedProgram::Traits like_cuda;
+  like_cuda.few_shapes = true;
+  JoinFixture fx(/*merge_rows=*/64, nullptr, like_cuda);
   // 7 queued behind mb 0: 4 of them run together (8 rows), then 2, then 1.
   std::vector<Frame> got = fx.RunBehind(Microbatch(7, 0, 2), Microbatches(7, 1, 7, 2));
   ASSERT_EQ(got.size(), 8u);

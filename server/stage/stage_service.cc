@@ -119,30 +119,21 @@ class ProcessReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::By
 // stops sending here.
 class ResultsReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
-  class Sink : public FrameSink {
+  class Sink : public MessageSink {
    public:
     Sink(ResultsReactor* r, size_t capacity)
         : queue_(
               capacity, [r](const grpc::ByteBuffer* m) { r->StartWrite(m); },
               [r] { r->Closed(); }, kFrameMergeBytes) {}
 
-    absl::Status Send(Frame frame, absl::Time deadline) override {
-      return Push(absl::MakeConstSpan(&frame, 1), deadline);
-    }
-    absl::Status SendAll(std::vector<Frame>* frames, absl::Time deadline) override {
-      absl::Status s = Push(*frames, deadline);
-      if (s.ok()) frames->clear();  // all or none
-      return s;
-    }
-    // `frames` as one message.
-    absl::Status Push(absl::Span<const Frame> frames, absl::Time deadline) {
+    // The stage was unloaded or a newer subscriber took over.
+    void Close() override { queue_.Close("the stage closed the results stream"); }
+    absl::Status Push(absl::Span<const Frame> frames, absl::Time deadline) override {
       grpc::ByteBuffer bb;
       absl::Status s = FramesToByteBuffer(frames, &bb);
       if (!s.ok()) return s;
       return queue_.Push(std::move(bb), deadline, frames.size());
     }
-    // The stage was unloaded or a newer subscriber took over.
-    void Close() override { queue_.Close("the stage closed the results stream"); }
 
     WriteQueue queue_;
   };

@@ -9,6 +9,7 @@
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "server/transport/frame.h"
 
 namespace pipeserve {
@@ -43,6 +44,24 @@ class FrameSink {
 
   // Wakes any blocked Send and makes later ones fail. Thread-safe.
   virtual void Close() = 0;
+};
+
+// A sink on a stream: Send and SendAll both queue their frames as one
+// message through Push, which takes them all or none.
+class MessageSink : public FrameSink {
+ public:
+  absl::Status Send(Frame frame, absl::Time deadline) override {
+    return Push(absl::MakeConstSpan(&frame, 1), deadline);
+  }
+  absl::Status SendAll(std::vector<Frame>* frames, absl::Time deadline) override {
+    absl::Status s = Push(*frames, deadline);
+    if (s.ok()) frames->clear();
+    return s;
+  }
+
+ protected:
+  // Queues `frames` as one message (all of them, or none on an error).
+  virtual absl::Status Push(absl::Span<const Frame> frames, absl::Time deadline) = 0;
 };
 
 }  // namespace pipeserve

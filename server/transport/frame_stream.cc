@@ -92,16 +92,6 @@ std::shared_ptr<FrameSender> FrameSender::Create(std::shared_ptr<StageChannels> 
 
 FrameSender::~FrameSender() { Close(); }
 
-absl::Status FrameSender::Send(Frame frame, absl::Time deadline) {
-  return Push(absl::MakeConstSpan(&frame, 1), deadline);
-}
-
-absl::Status FrameSender::SendAll(std::vector<Frame>* frames, absl::Time deadline) {
-  absl::Status s = Push(*frames, deadline);
-  if (s.ok()) frames->clear();  // all or none
-  return s;
-}
-
 absl::Status FrameSender::Push(absl::Span<const Frame> frames, absl::Time deadline) {
   std::shared_ptr<Call> call;
   {

@@ -41,15 +41,13 @@ inline constexpr char kSubscribedKey[] = "pipeserve-subscribed";
 // "stage 2 of \"example\" (deployment 7f3a...)", for messages.
 std::string StageKeyName(const StageKey& key);
 
-class FrameSender : public FrameSink {
+class FrameSender : public MessageSink {
  public:
   static std::shared_ptr<FrameSender> Create(std::shared_ptr<StageChannels> channels,
                                              std::string address, StageKey key,
                                              size_t queue_capacity);
   ~FrameSender() override;
 
-  absl::Status Send(Frame frame, absl::Time deadline) override;
-  absl::Status SendAll(std::vector<Frame>* frames, absl::Time deadline) override;
   // Cancels the stream and waits (up to 5 s) for gRPC to finish with it.
   void Close() override;
 
@@ -58,8 +56,8 @@ class FrameSender : public FrameSink {
  private:
   FrameSender(std::shared_ptr<StageChannels> channels, std::string address, StageKey key,
               size_t capacity);
-  // Send and SendAll: `frames` as one message on the current stream.
-  absl::Status Push(absl::Span<const Frame> frames, absl::Time deadline);
+  // `frames` as one message on the current stream (a new one if it broke).
+  absl::Status Push(absl::Span<const Frame> frames, absl::Time deadline) override;
 
   const std::shared_ptr<StageChannels> channels_;
   const std::string address_;
