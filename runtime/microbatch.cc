@@ -76,7 +76,11 @@ absl::StatusOr<Tensor> ConcatRows(absl::Span<const Tensor> parts) {
     rows += p.dim(0);
   }
   shape[0] = rows;
-  Tensor out = Tensor::Empty(shape, parts[0].dtype());
+  // Rows from several requests or microbatches may add up to more memory
+  // than there is: kResourceExhausted, not a crash.
+  absl::StatusOr<Tensor> joined = Tensor::TryEmpty(shape, parts[0].dtype());
+  if (!joined.ok()) return joined.status();
+  Tensor out = *std::move(joined);
   char* dst = static_cast<char*>(out.raw_data());
   for (const Tensor& p : parts) {
     if (p.numel() > 0) std::memcpy(dst, p.raw_data(), p.byte_size());

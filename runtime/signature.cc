@@ -21,6 +21,13 @@ absl::StatusOr<int64_t> CheckTensorsMatch(
           "input \"", spec.name(), "\": dtype ", TorchName(t.dtype()), " (", KServeName(t.dtype()),
           ") does not match the model's ", TorchName(want_type), " (", KServeName(want_type), ")"));
     }
+    // A shape with a 0 beside huge dimensions holds nothing, yet kernels
+    // would walk all of it.
+    if (absl::Status extent = t.numel() == 0 ? CheckDataExtent(t.shape()) : absl::OkStatus();
+        !extent.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("input \"", spec.name(), "\": ", extent.message()));
+    }
     bool ok = t.rank() == spec.shape_size();
     for (int d = 0; ok && d < t.rank(); ++d) {
       int64_t want = spec.shape(d);

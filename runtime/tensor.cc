@@ -22,22 +22,41 @@ absl::StatusOr<uint64_t> CheckedElementCount(absl::Span<const int64_t> shape) {
     return absl::InvalidArgumentError(absl::StrCat("shape has ", shape.size(),
                                                    " dimensions (at most ", kMaxRank, ")"));
   }
-  uint64_t n = 1;
+  // n counts elements; extent counts them with every 0 taken as 1, so a
+  // 0 dimension does not hide huge ones beside it ([0, 2^63-1]).
+  uint64_t n = 1, extent = 1;
   for (int64_t d : shape) {
     if (d < 0) {
       return absl::InvalidArgumentError(
           absl::StrCat("shape ", ShapeToString(shape), " has a negative dimension"));
     }
-    // n * d > kMaxElements, without overflowing.
-    if (d != 0 && n > kMaxElements / static_cast<uint64_t>(d)) {
-      // Keep checking: a later 0 makes the count 0, but a shape this large
-      // is refused either way.
+    const uint64_t e = d == 0 ? 1 : static_cast<uint64_t>(d);
+    // extent * e > kMaxElements, without overflowing (n <= extent).
+    if (extent > kMaxElements / e) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "shape ", ShapeToString(shape), " has more than 2^62 elements"));
+          "shape ", ShapeToString(shape), " has more than 2^62 elements (counting a 0 as 1)"));
     }
+    extent *= e;
     n *= static_cast<uint64_t>(d);
   }
   return n;
+}
+
+uint64_t ShapeExtent(absl::Span<const int64_t> shape) {
+  uint64_t extent = 1;
+  for (int64_t d : shape) extent *= d <= 0 ? 1 : static_cast<uint64_t>(d);
+  return extent;
+}
+
+absl::Status CheckDataExtent(absl::Span<const int64_t> shape) {
+  absl::StatusOr<uint64_t> n = CheckedElementCount(shape);
+  if (!n.ok()) return n.status();
+  if (ShapeExtent(shape) > kMaxDataExtent) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "shape ", ShapeToString(shape), " spans more than 2^31 positions (counting a 0 as 1); "
+        "no tensor a message carries is that large"));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<uint64_t> CheckedByteSize(absl::Span<const int64_t> shape,

@@ -37,12 +37,26 @@ int64_t NumElements(absl::Span<const int64_t> shape);
 // one place element counts and byte sizes are computed with overflow
 // checks. kInvalidArgument, naming the shape, for a negative dimension,
 // more than kMaxRank dimensions, or more than kMaxElements elements (or
-// bytes).
+// bytes), counting a 0 dimension as 1 (a kernel walks the other
+// dimensions of an empty tensor all the same: see ShapeExtent).
 inline constexpr int kMaxRank = 32;
 inline constexpr uint64_t kMaxElements = uint64_t{1} << 62;
 absl::StatusOr<uint64_t> CheckedElementCount(absl::Span<const int64_t> shape);
 absl::StatusOr<uint64_t> CheckedByteSize(absl::Span<const int64_t> shape,
                                          uint64_t element_bytes);
+
+// The product of max(d, 1) over a checked shape: how many times a kernel
+// walking its dimensions may loop, elements or none ([2^40, 0] holds no
+// element, yet an attention over it loops 2^40 times).
+uint64_t ShapeExtent(absl::Span<const int64_t> shape);
+
+// Shapes that arrive with their data (a request's inputs, a frame's
+// tensors) bound that extent too: no tensor a message can carry (2 GiB at
+// most) has more than kMaxDataExtent elements, so a larger extent can only
+// come from a 0 dimension beside huge ones. kInvalidArgument naming the
+// shape.
+inline constexpr uint64_t kMaxDataExtent = uint64_t{1} << 31;
+absl::Status CheckDataExtent(absl::Span<const int64_t> shape);
 
 // "[16,512]"; a batch dimension (-1) prints as "B".
 std::string ShapeToString(absl::Span<const int64_t> shape);

@@ -30,6 +30,17 @@ TEST(CheckedSizeTest, SizesPastTwoToTheSixtyTwoAreRefusedNotWrapped) {
               HasSubstr("shape [1099511627776,1099511627776] has more than 2^62 elements"));
 }
 
+// Regression: a 0 dimension made the count 0 and the check stopped looking,
+// so [0, 2^63-1] passed as an empty tensor.
+TEST(CheckedSizeTest, AZeroDimensionDoesNotHideHugeOnes) {
+  absl::StatusOr<uint64_t> n = CheckedElementCount({0, INT64_MAX});
+  ASSERT_FALSE(n.ok());
+  EXPECT_EQ(n.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(n.status().message()), HasSubstr("counting a 0 as 1"));
+  EXPECT_FALSE(CheckedByteSize({int64_t{1} << 40, 0, int64_t{1} << 40}, 4).ok());
+  EXPECT_EQ(*CheckedElementCount({int64_t{1} << 40, 0}), 0u) << "can exist: it holds nothing";
+}
+
 TEST(CheckedSizeTest, NegativeDimensionsAndHugeRanksAreRefused) {
   EXPECT_THAT(std::string(CheckedElementCount({4, -1}).status().message()),
               HasSubstr("negative dimension"));

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <utility>
 
 #include "absl/container/flat_hash_map.h"
@@ -109,6 +110,21 @@ class CpuProgram : public StageProgram {
 
   absl::StatusOr<std::vector<Tensor>> Run(
       absl::Span<const Tensor> inputs) override {
+    // Kernels allocate their outputs, and some (Tensor::Empty) throw when
+    // memory runs out: a request that needs more than there is fails with
+    // kResourceExhausted, and the process serving it lives on.
+    try {
+      return RunSteps(inputs);
+    } catch (const std::bad_alloc&) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "out of memory running the stage on inputs of shape ",
+          inputs.empty() ? std::string("[]") : ShapeToString(inputs[0].shape()),
+          "; send fewer rows per request"));
+    }
+  }
+
+ private:
+  absl::StatusOr<std::vector<Tensor>> RunSteps(absl::Span<const Tensor> inputs) {
     RETURN_IF_ERROR(CheckTensorsMatch(graph_.inputs(), inputs).status());
     std::vector<Tensor> values = constants_;
     for (size_t i = 0; i < inputs.size(); ++i) {
@@ -176,7 +192,6 @@ class CpuProgram : public StageProgram {
     return outputs;
   }
 
- private:
   CpuProgram(const Graph& graph, const CpuBackendOptions& options)
       : graph_(graph), options_(options) {}
 

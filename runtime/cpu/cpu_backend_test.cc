@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "partitioner/graph_builder.h"
@@ -205,6 +206,47 @@ TEST_F(CpuBackendFusionTest, SixteenBitNormsRunFused) {
     EXPECT_THAT(fused.profile, HasSubstr("add + layer_norm (fused)")) << TorchName(type);
     ExpectSameBits(fused.outputs, plain.outputs);
   }
+}
+
+// Regression: an op whose output does not fit in memory threw
+// std::bad_alloc out of Run (Tensor::Empty), which ended the process that
+// served it. x [B, 1] @ y [1, N] with B = N = 2^21 asks for 16 TiB.
+TEST(CpuBackendTest, AnOutputLargerThanMemoryIsResourceExhaustedNotACrash) {
+  GraphBuilder b;
+  b.Input("x", {-1, 1}).Input("y", {1, -1});
+  b.Op("mm", {"x", "y"}, "out").Output("out");
+  Model m = b.Build();
+  auto program = MakeCpuBackend({})->Compile(m.graph, m.weights);
+  ASSERT_TRUE(program.ok()) << program.status();
+  const int64_t n = int64_t{1} << 21;
+  absl::StatusOr<std::vector<Tensor>> out =
+      (*program)->Run({Tensor::Zeros({n, 1}), Tensor::Zeros({1, n})});
+  ASSERT_FALSE(out.ok());
+  EXPECT_EQ(out.status().code(), absl::StatusCode::kResourceExhausted) << out.status();
+  EXPECT_THAT(std::string(out.status().message()), HasSubstr("out of memory"));
+  absl::StatusOr<std::vector<Tensor>> small =
+      (*program)->Run({Tensor::Zeros({2, 1}), Tensor::Zeros({1, 3})});
+  ASSERT_TRUE(small.ok()) << "the program runs on";
+  EXPECT_EQ((*small)[0].shape(), (Shape{2, 3}));
+}
+
+// Regression: an output with a 0 dimension has nothing to compute, but
+// attention over q [2^26, 1, 0] still walked 2^26 batch indices (and, for
+// [2^40, 0] token ids, a stage hung for hours).
+TEST(CpuBackendTest, KernelsOverEmptyTensorsReturnAtOnceHoweverWideTheOtherDimensions) {
+  const int64_t wide = int64_t{1} << 26;
+  Tensor q = Tensor::Zeros({wide, 1, 0});
+  absl::Time start = absl::Now();
+  absl::StatusOr<Tensor> att = FusedAttention(q, q, q, 1.0f, AttentionMask{}, Tensor());
+  ASSERT_TRUE(att.ok()) << att.status();
+  EXPECT_EQ(att->shape(), (Shape{wide, 1, 0}));
+  Node softmax;
+  softmax.set_op("softmax");
+  (*softmax.mutable_attrs())["dim"].set_i(-1);
+  Tensor x = Tensor::Zeros({wide, 0});
+  absl::StatusOr<Tensor> s = RunCpuOp(softmax, {&x}, {wide, 0}, DT_FLOAT32, Tensor());
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(1)) << "nothing to compute takes no time";
 }
 
 }  // namespace

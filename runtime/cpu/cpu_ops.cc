@@ -1000,6 +1000,7 @@ absl::StatusOr<Tensor> FusedAttention(const Tensor& q_in, const Tensor& k_in,
   out_shape.push_back(tq);
   out_shape.push_back(dv);
   ASSIGN_OR_RETURN(Tensor out, Output(out_shape, type, scratch));
+  if (out.numel() == 0) return out;  // nothing to write (see RunCpuOp)
   Shape scores = batch;
   scores.push_back(tq);
   scores.push_back(tk);
@@ -1089,6 +1090,7 @@ absl::Status FusedNorm(const NormKind& kind, const Tensor& x, const Tensor* resi
         "add + ", name, ": x ", ShapeToString(x.shape()), ", residual ",
         ShapeToString(residual->shape()), " over rows of ", n));
   }
+  if (x.numel() == 0) return absl::OkStatus();  // no row to normalise
   LayerNormRows(x, residual, w, b, n, kind.eps, kind.rms, sum, out);
   return absl::OkStatus();
 }
@@ -1110,6 +1112,10 @@ Tensor FromFloat32(const Tensor& t, DataType to) {
 absl::StatusOr<Tensor> RunCpuOp(const Node& node, const std::vector<const Tensor*>& in,
                                 const Shape& out_shape, DataType out_type,
                                 const Tensor& scratch) {
+  // An output with no elements has nothing to compute, however many
+  // positions its other dimensions span ([2^40, 0]): a kernel walking
+  // them would loop for hours writing nothing.
+  if (NumElements(out_shape) == 0) return Output(out_shape, out_type, scratch);
   const std::string& op = node.op();
   bool half = IsHalf(out_type);
   bool all_bf16 = out_type == DT_BFLOAT16;

@@ -65,7 +65,11 @@ absl::StatusOr<std::vector<Tensor>> ParseInferInputs(const inference::ModelInfer
     const int element = ElementSize(want);
     Shape shape(in.shape().begin(), in.shape().end());
     absl::StatusOr<uint64_t> bytes = CheckedByteSize(shape, element);
-    if (!bytes.ok()) return Invalid("input ", Quoted(in.name()), ": ", bytes.status().message());
+    // An empty tensor's shape is backed by no bytes: bound what it spans.
+    absl::Status extent = !bytes.ok()   ? bytes.status()
+                          : *bytes == 0 ? CheckDataExtent(shape)
+                                        : absl::OkStatus();
+    if (!extent.ok()) return Invalid("input ", Quoted(in.name()), ": ", extent.message());
     // Sizes first: nothing is allocated for a shape the request does not
     // back with bytes.
     const char* source = nullptr;

@@ -81,6 +81,14 @@ TEST(ParseInferInputsTest, ShapeWhoseSizeOverflowsIsRefused) {
                 "input \"x\": shape has 40 dimensions (at most 32)");
 }
 
+// Regression: [2^40, 0] holds no element, so it needed (and matched) 0
+// bytes; split into microbatches of 2^38 rows, it hung a stage's kernel.
+TEST(ParseInferInputsTest, AnEmptyShapeSpanningHugeDimensionsIsRefused) {
+  ExpectInvalid(ParseInferInputs(Request({int64_t{1} << 40, 0}, 0), TwoInputPlan()),
+                "input \"x\": shape [1099511627776,0] spans more than 2^31 positions");
+  ExpectInvalid(ParseInferInputs(Request({0, INT64_MAX}, 0), TwoInputPlan()), "input \"x\"");
+}
+
 // Regression: ModelStreamInfer with typed contents and shape [1<<50]
 // aborted the coordinator (bad_alloc on a request thread).
 TEST(ParseInferInputsTest, TypedContentsAreCountedBeforeAllocating) {

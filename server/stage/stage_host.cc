@@ -1,6 +1,7 @@
 #include "server/stage/stage_host.h"
 
 #include <algorithm>
+#include <new>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -56,6 +57,18 @@ absl::Status CheckReceives(const StageSpec& spec, const Frame& f) {
     ordered.push_back(*t);
   }
   return CheckTensorsMatch(want, ordered).status();
+}
+
+// The program's run. A backend that throws std::bad_alloc (host memory
+// ran out) fails the run with kResourceExhausted: one request too large
+// for the machine must not end the process serving every other.
+absl::StatusOr<std::vector<Tensor>> RunProgram(StageProgram& program,
+                                               absl::Span<const Tensor> inputs) {
+  try {
+    return program.Run(inputs);
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError("out of memory running the stage; send fewer rows");
+  }
 }
 
 // The bytes of a frame's tensors.
@@ -245,7 +258,7 @@ Frame StageHost::Compute(const Frame& in) {
     }
     inputs.push_back(*t);
   }
-  absl::StatusOr<std::vector<Tensor>> outs = program_->Run(inputs);
+  absl::StatusOr<std::vector<Tensor>> outs = RunProgram(*program_, inputs);
   if (!outs.ok()) {
     return ErrorFrame(in.header, absl::Status(outs.status().code(),
                                               absl::StrCat("stage ", stage, ": ",
@@ -347,7 +360,7 @@ std::vector<Frame> StageHost::ComputeJoined(const std::vector<Frame>& in, uint64
     if (!joined.ok()) return one_by_one();
     inputs.push_back(*std::move(joined));
   }
-  absl::StatusOr<std::vector<Tensor>> outs = program_->Run(inputs);
+  absl::StatusOr<std::vector<Tensor>> outs = RunProgram(*program_, inputs);
   ++*runs;
   // A joined run that fails (more rows than a device's memory or
   // workspace takes, say) fails no microbatch: each runs again alone and
@@ -454,6 +467,7 @@ void StageHost::Work() {
         arrived.push_back(queued_at_.front());
         queued_at_.pop_front();
         stats_.queue_seconds += absl::ToDoubleSeconds(FrameClockNow() - arrived.back());
+        ++taken_;
       };
       take();
       // (Copies: take() below may move the group's frames.)
@@ -473,6 +487,7 @@ void StageHost::Work() {
           for (size_t n = JoinableBehind(group.front()); n > 0; --n) take();
         }
       }
+      if (drop) finished_ += group.size();
       if (queue_.size() < options_.queue_capacity) resume.swap(paused_);
     }
     for (const std::weak_ptr<Producer>& p : resume) {
@@ -481,7 +496,10 @@ void StageHost::Work() {
     if (drop) continue;
 
     if (group.front().header.kind() != FrameHeader::DATA) {
+      const size_t n = group.size();
       Deliver(std::move(group));  // CANCEL and ERROR frames travel on
+      absl::MutexLock lock(&mu_);
+      finished_ += n;
       continue;
     }
     const absl::Time start = FrameClockNow();
@@ -506,7 +524,22 @@ void StageHost::Work() {
       stats_.compute_seconds += absl::ToDoubleSeconds(end - start);
     }
     Deliver(std::move(outs));
+    // Finished once sent on (or given up on), not once computed: a
+    // graceful shutdown waiting on this never leaves a frame in hand.
+    absl::MutexLock lock(&mu_);
+    finished_ += group.size();
   }
+}
+
+bool StageHost::FinishHeld(absl::Time deadline) {
+  absl::MutexLock lock(&mu_);
+  // Every frame queued or in a worker now: those taken so far and those
+  // waiting, which workers take in order.
+  const uint64_t target = taken_ + queue_.size();
+  auto done = [this, target]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return stopping_ || finished_ >= target;
+  };
+  return mu_.AwaitWithDeadline(absl::Condition(&done), deadline);
 }
 
 }  // namespace pipeserve

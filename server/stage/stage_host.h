@@ -124,6 +124,11 @@ class StageHost {
 
   Stats stats() const;
 
+  // For a graceful shutdown: waits until every frame queued or being
+  // computed at the call has been sent on (or dropped), or `deadline`.
+  // True if they were, or the host stopped.
+  bool FinishHeld(absl::Time deadline);
+
  private:
   void Work();
   void RememberCancel(uint64_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -175,6 +180,10 @@ class StageHost {
   // run's outputs did not keep the rows.
   bool joining_ ABSL_GUARDED_BY(mu_);
   Stats stats_ ABSL_GUARDED_BY(mu_);
+  // Frames workers took off the queue, and those of them fully handled
+  // (sent on or dropped): FinishHeld waits for the second to catch up.
+  uint64_t taken_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t finished_ ABSL_GUARDED_BY(mu_) = 0;
   // Recently cancelled request ids (bounded: oldest forgotten first).
   absl::flat_hash_set<uint64_t> cancelled_ ABSL_GUARDED_BY(mu_);
   std::deque<uint64_t> cancelled_order_ ABSL_GUARDED_BY(mu_);

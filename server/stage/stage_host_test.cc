@@ -1,6 +1,7 @@
 #include "server/stage/stage_host.h"
 
 #include <atomic>
+#include <new>
 #include <set>
 
 #include "absl/synchronization/notification.h"
@@ -220,6 +221,46 @@ TEST(StageHostTest, ErrorFrameWithoutAnErrorCodeTravelsOnAsInternal) {
   std::vector<Frame> got = fx.sink->Wait(1);
   ASSERT_EQ(got.size(), 1u);
   EXPECT_EQ(got[0].header.error_code(), int(absl::StatusCode::kInternal));
+}
+
+// A program whose backend runs out of host memory on more than 2 rows
+// (its allocation throws, as Tensor::Empty does).
+class OutOfMemoryProgram : public StageProgram {
+ public:
+  explicit OutOfMemoryProgram(std::unique_ptr<StageProgram> inner) : inner_(std::move(inner)) {}
+  absl::StatusOr<std::vector<Tensor>> Run(absl::Span<const Tensor> in) override {
+    if (in[0].dim(0) > 2) throw std::bad_alloc();
+    return inner_->Run(in);
+  }
+
+ private:
+  std::unique_ptr<StageProgram> inner_;
+};
+
+// Regression: std::bad_alloc from a kernel went uncaught and ended the
+// stage server; the coordinator then replayed the request on each
+// replacement. Now the request gets RESOURCE_EXHAUSTED and the stage serves on.
+TEST(StageHostTest, AProgramOutOfMemoryFailsOnlyThatFrameWithResourceExhausted) {
+  GraphBuilder b;
+  b.Input("x", {-1, 4}).Input("y", {-1, 4});
+  b.Op("relu", {"x"}, "a").Split().Op("add", {"a", "y"}, "out").Output("out");
+  Model model = b.Build();
+  Plan plan = *Partition(model.graph, {});
+  StageSpec spec = MakeStageSpecs(plan, "m", 1, {"s0:1", "s1:1"}, 1)[1];
+  auto inner = MakeCpuBackend({})->Compile(plan.stages(1).graph(), model.weights);
+  auto host = std::make_shared<StageHost>(
+      spec, std::make_unique<OutOfMemoryProgram>(*std::move(inner)), StageHost::Options{});
+  auto sink = std::make_shared<FakeSink>();
+  host->SetSink(sink);
+  host->Push(DataFrame(1, {{"a", Tensor::Zeros({3, 4})}, {"y", Tensor::Zeros({3, 4})}}), nullptr);
+  host->Push(DataFrame(2, {{"a", Tensor::Zeros({2, 4})}, {"y", Tensor::Zeros({2, 4})}}), nullptr);
+  std::vector<Frame> got = sink->Wait(2);
+  ASSERT_EQ(got.size(), 2u);
+  EXPECT_EQ(got[0].header.kind(), FrameHeader::ERROR);
+  EXPECT_EQ(got[0].header.error_code(), int(absl::StatusCode::kResourceExhausted));
+  EXPECT_THAT(got[0].header.error_message(), HasSubstr("stage 1: out of memory"));
+  EXPECT_EQ(got[1].header.kind(), FrameHeader::DATA) << "the next request is served";
+  host->Stop();
 }
 
 TEST(StageHostTest, FullQueuePausesTheProducerUntilTheWorkerCatchesUp) {

@@ -204,23 +204,9 @@ bool StageServerCore::FinishQueued(absl::Time deadline) {
     absl::MutexLock lock(&mu_);
     for (auto& [key, host] : hosts_) hosts.push_back(host);
   }
-  auto done = [](const StageHost::Stats& s) {
-    return s.processed + s.dropped_deadline + s.dropped_cancelled + s.rejected;
-  };
-  // Each host is done with what it held once it has finished as many
-  // frames again as it had queued.
-  std::vector<uint64_t> until;
-  for (const auto& h : hosts) {
-    StageHost::Stats s = h->stats();
-    until.push_back(done(s) + s.queue_depth);
-  }
-  for (size_t i = 0; i < hosts.size(); ++i) {
-    while (done(hosts[i]->stats()) < until[i]) {
-      if (absl::Now() >= deadline) return false;
-      absl::SleepFor(absl::Milliseconds(5));
-    }
-  }
-  return true;
+  bool all = true;
+  for (const auto& h : hosts) all = h->FinishHeld(deadline) && all;
+  return all;
 }
 
 std::shared_ptr<StageHost> StageServerCore::Find(const StageKey& key) {

@@ -102,8 +102,9 @@ class StageServerCore {
   // Stops and drops every stage (a server going away).
   void UnloadAll();
 
-  // For a graceful shutdown: waits until every frame queued at the call
-  // has been computed (or dropped), or `deadline`. True if they were.
+  // For a graceful shutdown: waits until every frame queued or being
+  // computed at the call has been sent on (or dropped), or `deadline`.
+  // True if they were.
   bool FinishQueued(absl::Time deadline);
 
   // The keys of every stage held.

@@ -4,6 +4,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "absl/synchronization/notification.h"
 #include "partitioner/graph_builder.h"
 #include "partitioner/partition.h"
 #include "runtime/model_file.h"
@@ -190,8 +191,12 @@ TEST(StageServerCoreTest, OnlyTheLastStageHasResults) {
             absl::StatusCode::kNotFound);
 }
 
-// A graceful shutdown finishes the frames a stage holds.
-TEST(StageServerCoreTest, FinishQueuedWaitsForTheFramesHeldAtTheCall) {
+// A graceful shutdown finishes the frames a stage holds. Regression:
+// FinishQueued aimed at the frames done plus those queued, leaving out the
+// one in the worker, and counted a frame done before it was sent on, so a
+// stage server leaving on SIGTERM could drop its last frame (the test
+// asserted only ">= 2" of 3).
+TEST(StageServerCoreTest, FinishQueuedWaitsUntilEveryFrameHeldAtTheCallIsSentOn) {
   Gate gate;
   StageServerOptions options;
   options.backend = std::make_shared<GatedBackend>(&gate);
@@ -199,13 +204,16 @@ TEST(StageServerCoreTest, FinishQueuedWaitsForTheFramesHeldAtTheCall) {
   Fixture fx(options);
   const StageKey& key = fx.specs[1].key();
   ASSERT_TRUE(fx.Load(fx.specs[1]).ok());
+  // Takes every frame, but holds the send of microbatch 2 until released.
   struct Collect : FrameSink {
-    absl::Status Send(Frame, absl::Time) override {
+    absl::Status Send(Frame f, absl::Time) override {
+      if (f.header.microbatch() == 2) release.WaitForNotification();
       ++frames;
       return absl::OkStatus();
     }
     void Close() override {}
     std::atomic<int> frames{0};
+    absl::Notification release;
   };
   auto results = std::make_shared<Collect>();
   ASSERT_TRUE(fx.core.SubscribeResults(key, results).ok());
@@ -218,11 +226,15 @@ TEST(StageServerCoreTest, FinishQueuedWaitsForTheFramesHeldAtTheCall) {
     f.Add(fx.specs[1].receives(0).name(), Tensor::Zeros({2, 4}));
     ASSERT_TRUE(in->Send(std::move(f), absl::Now() + absl::Seconds(5)).ok());
   }
-  ASSERT_TRUE(gate.WaitHeld(1));
+  ASSERT_TRUE(gate.WaitHeld(1));  // frame 0 in the worker, 1 and 2 queued
   EXPECT_FALSE(fx.core.FinishQueued(absl::Now() + absl::Milliseconds(50)));
   gate.Set(true);
+  // Frames 0 and 1 go through; frame 2 is computed but not yet sent on,
+  // so it is still held.
+  EXPECT_FALSE(fx.core.FinishQueued(absl::Now() + absl::Milliseconds(300)));
+  results->release.Notify();
   EXPECT_TRUE(fx.core.FinishQueued(absl::Now() + absl::Seconds(10)));
-  EXPECT_GE(results->frames.load(), 2) << "the queued frames were computed and sent on";
+  EXPECT_EQ(results->frames.load(), 3) << "every frame held at the call was sent on";
 }
 
 }  // namespace

@@ -197,9 +197,13 @@ absl::Status ParseFrame(SliceReader& reader, const std::shared_ptr<std::vector<g
     }
     const int align = ElementSize(dtype);
     absl::StatusOr<uint64_t> size = CheckedByteSize(shape, align);
-    if (!size.ok()) {
+    // An empty tensor's shape is backed by no bytes: bound what it spans.
+    absl::Status extent = !size.ok()   ? size.status()
+                          : *size == 0 ? CheckDataExtent(shape)
+                                       : absl::OkStatus();
+    if (!extent.ok()) {
       return absl::InvalidArgumentError(
-          absl::StrCat("frame tensor \"", meta.name(), "\": ", size.status().message()));
+          absl::StrCat("frame tensor \"", meta.name(), "\": ", extent.message()));
     }
     const uint64_t bytes = *size;
     if (reader.remaining() < bytes) {
