@@ -39,10 +39,11 @@ bool SameTails(const std::vector<Tensor>& a, const std::vector<Tensor>& b) {
 
 }  // namespace
 
-Batcher::Batcher(BatcherOptions options, bool mergeable, Run run)
+Batcher::Batcher(BatcherOptions options, bool mergeable, Run run, MayRunAlone may_run_alone)
     : options_(options),
       enabled_(mergeable && options.max_rows > 0 && options.max_in_flight > 0),
-      run_(std::move(run)) {
+      run_(std::move(run)),
+      may_run_alone_(std::move(may_run_alone)) {
   if (!enabled_) return;
   for (int i = 0; i < options_.max_in_flight; ++i) workers_.emplace_back([this] { Work(); });
 }
@@ -53,6 +54,11 @@ Batcher::~Batcher() {
     stopping_ = true;
   }
   for (std::thread& w : workers_) w.join();
+}
+
+size_t Batcher::queued() const {
+  absl::MutexLock lock(&mu_);
+  return queue_.size();
 }
 
 uint64_t Batcher::merged_requests() const {
@@ -172,60 +178,77 @@ void Batcher::Work() {
 }
 
 void Batcher::RunGroup(const Group& group) {
+  absl::StatusOr<std::vector<Tensor>> out = RunMerged(group);
+  std::vector<absl::StatusOr<std::vector<Tensor>>> answers;
+  const absl::StatusCode code = out.status().code();
+  if (out.ok()) {
+    answers = SplitAnswers(group, *out);
+  } else if (group.size() > 1 && code != absl::StatusCode::kUnavailable &&
+             code != absl::StatusCode::kDeadlineExceeded &&
+             code != absl::StatusCode::kCancelled &&
+             (may_run_alone_ == nullptr || may_run_alone_(out.status()))) {
+    // Maybe one member's fault (a bad id, its rows too many for memory):
+    // each runs alone and gets its own answer, or its own error naming
+    // its own positions.
+    for (const auto& w : group) {
+      answers.push_back(w->gone ? absl::StatusOr<std::vector<Tensor>>(out.status())
+                                : run_(w->inputs, w->deadline,
+                                       [&w] { return w->gone.load(); }, /*merged=*/false));
+    }
+  } else {
+    answers.assign(group.size(), out.status());
+  }
+  for (size_t k = 0; k < group.size(); ++k) {
+    group[k]->result = std::move(answers[k]);
+    group[k]->answered.Notify();
+  }
+}
+
+absl::StatusOr<std::vector<Tensor>> Batcher::RunMerged(const Group& group) {
   absl::Time deadline = absl::InfinitePast();
   for (const auto& w : group) deadline = std::max(deadline, w->deadline);
   // The merged request ends early only when every member has gone.
   auto all_gone = [&group] {
     return std::all_of(group.begin(), group.end(), [](const auto& w) { return w->gone.load(); });
   };
-  absl::StatusOr<std::vector<Tensor>> out;
-  if (group.size() == 1) {
-    out = run_(group[0]->inputs, deadline, all_gone, /*merged=*/false);
-  } else {
-    std::vector<Tensor> merged;
-    absl::Status s;
-    for (size_t i = 0; i < group[0]->inputs.size() && s.ok(); ++i) {
-      std::vector<Tensor> parts;
-      for (const auto& w : group) parts.push_back(w->inputs[i]);
-      absl::StatusOr<Tensor> rows = ConcatRows(parts);
-      if (rows.ok()) merged.push_back(*std::move(rows));
-      s = rows.status();
-    }
-    out = s.ok() ? run_(merged, deadline, all_gone, /*merged=*/true)
-                 : absl::StatusOr<std::vector<Tensor>>(s);
+  if (group.size() == 1) return run_(group[0]->inputs, deadline, all_gone, /*merged=*/false);
+  std::vector<Tensor> merged;
+  for (size_t i = 0; i < group[0]->inputs.size(); ++i) {
+    std::vector<Tensor> parts;
+    for (const auto& w : group) parts.push_back(w->inputs[i]);
+    absl::StatusOr<Tensor> rows = ConcatRows(parts);
+    if (!rows.ok()) return rows.status();
+    merged.push_back(*std::move(rows));
   }
-  // Each member's rows of every output.
+  return run_(merged, deadline, all_gone, /*merged=*/true);
+}
+
+std::vector<absl::StatusOr<std::vector<Tensor>>> Batcher::SplitAnswers(
+    const Group& group, const std::vector<Tensor>& out) {
   std::vector<absl::StatusOr<std::vector<Tensor>>> answers(group.size());
-  if (!out.ok()) {
-    for (auto& a : answers) a = out.status();
-  } else {
-    int64_t total = 0;
-    for (const auto& w : group) total += w->rows;
-    int64_t at = 0;
-    for (size_t k = 0; k < group.size(); ++k) {
-      std::vector<Tensor> mine;
-      absl::Status fits;
-      for (const Tensor& t : *out) {
-        if (t.rank() == 0 || t.dim(0) != total) {
-          fits = absl::InternalError(absl::StrCat("a merged request of ", total,
-                                                  " rows came back with an output of ",
-                                                  ShapeToString(t.shape())));
-          break;
-        }
-        mine.push_back(group.size() == 1 ? t : t.SliceRows(at, at + group[k]->rows));
-      }
-      if (fits.ok()) {
-        answers[k] = std::move(mine);
-      } else {
-        answers[k] = fits;
-      }
-      at += group[k]->rows;
-    }
-  }
+  int64_t total = 0;
+  for (const auto& w : group) total += w->rows;
+  int64_t at = 0;
   for (size_t k = 0; k < group.size(); ++k) {
-    group[k]->result = std::move(answers[k]);
-    group[k]->answered.Notify();
+    std::vector<Tensor> mine;
+    absl::Status fits;
+    for (const Tensor& t : out) {
+      if (t.rank() == 0 || t.dim(0) != total) {
+        fits = absl::InternalError(absl::StrCat("a merged request of ", total,
+                                                " rows came back with an output of ",
+                                                ShapeToString(t.shape())));
+        break;
+      }
+      mine.push_back(group.size() == 1 ? t : t.SliceRows(at, at + group[k]->rows));
+    }
+    if (fits.ok()) {
+      answers[k] = std::move(mine);
+    } else {
+      answers[k] = fits;
+    }
+    at += group[k]->rows;
   }
+  return answers;
 }
 
 }  // namespace pipeserve

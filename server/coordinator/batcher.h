@@ -49,18 +49,28 @@ class Batcher {
       const std::vector<Tensor>& inputs, absl::Time deadline,
       const std::function<bool()>& cancelled, bool merged)>;
 
+  // Whether a merged request that failed with this error may run each of
+  // its members alone instead (see Infer).
+  using MayRunAlone = std::function<bool(const absl::Status&)>;
+
   // `mergeable`: every input and every output of the model follows the
   // batch (dim 0), so requests can be merged; otherwise (or with max_rows
   // 0) every request runs alone, at once. `run` runs one (merged) request.
-  Batcher(BatcherOptions options, bool mergeable, Run run);
+  // `may_run_alone` (null: always) narrows which failures of a merged
+  // request are run again member by member.
+  Batcher(BatcherOptions options, bool mergeable, Run run, MayRunAlone may_run_alone = nullptr);
   // Waits for the merged requests still running.
   ~Batcher();
 
   // Runs `inputs` (checked already against the model's inputs), merged
   // with others when the model is busy; the outputs are this request's
   // rows. Returns at `deadline` (kDeadlineExceeded) or when `cancelled`
-  // turns true (kCancelled) even if its merged request still runs; the
-  // merged request's error is every member's.
+  // turns true (kCancelled) even if its merged request still runs. A
+  // merged request that fails with kUnavailable, kDeadlineExceeded or
+  // kCancelled (the pipeline's trouble, not a member's) fails every
+  // member; one that fails otherwise (a member's bad value, memory for the
+  // merged size) runs each member alone, so each gets its own answer or
+  // error and no member sees another's values or positions.
   absl::StatusOr<std::vector<Tensor>> Infer(const std::vector<Tensor>& inputs,
                                             absl::Time deadline,
                                             const std::function<bool()>& cancelled);
@@ -69,6 +79,8 @@ class Batcher {
   uint64_t merged_requests() const;
   // Merged requests run (of one request or more).
   uint64_t batches() const;
+  // Requests waiting in the queue now.
+  size_t queued() const;
 
  private:
   struct Waiter;
@@ -83,10 +95,16 @@ class Batcher {
   void Work();
   // Runs `group` merged and answers each member.
   void RunGroup(const Group& group);
+  // Runs `group`'s members as one request (or the one member alone).
+  absl::StatusOr<std::vector<Tensor>> RunMerged(const Group& group);
+  // Each member's rows of every output of the merged request `out`.
+  static std::vector<absl::StatusOr<std::vector<Tensor>>> SplitAnswers(
+      const Group& group, const std::vector<Tensor>& out);
 
   const BatcherOptions options_;
   const bool enabled_;
   const Run run_;
+  const MayRunAlone may_run_alone_;
 
   mutable absl::Mutex mu_;
   std::deque<std::shared_ptr<Waiter>> queue_ ABSL_GUARDED_BY(mu_);

@@ -71,6 +71,8 @@ ABSL_FLAG(int, upload_idle_timeout_s, 30, "an upload sending nothing this long i
 ABSL_FLAG(int, max_threads, 256, "threads for RPC handlers; calls beyond get RESOURCE_EXHAUSTED");
 ABSL_FLAG(int, stream_threads, 16, "threads running ModelStreamInfer requests, all streams together");
 ABSL_FLAG(int, default_timeout_s, 60, "deadline for requests that carry none");
+ABSL_FLAG(int64_t, max_request_rows, int64_t{1} << 24,
+          "most batch rows one request may carry; more is INVALID_ARGUMENT (0: no limit)");
 ABSL_FLAG(int, max_queued_requests, 128,
           "requests one model may have queued or running; beyond, RESOURCE_EXHAUSTED at once "
           "(0: no limit)");
@@ -220,6 +222,7 @@ int main(int argc, char** argv) {
   options.max_microbatches = absl::GetFlag(FLAGS_max_microbatches);
   options.max_stages = absl::GetFlag(FLAGS_max_stages);
   options.default_timeout = absl::Seconds(absl::GetFlag(FLAGS_default_timeout_s));
+  options.max_request_rows = std::max<int64_t>(0, absl::GetFlag(FLAGS_max_request_rows));
   options.max_upload_bytes = uint64_t(std::max(1, absl::GetFlag(FLAGS_max_upload_mb))) << 20;
   options.max_concurrent_uploads = absl::GetFlag(FLAGS_max_concurrent_uploads);
   options.max_queued_requests = std::max(0, absl::GetFlag(FLAGS_max_queued_requests));

@@ -56,6 +56,7 @@ Coordinator::Coordinator(CoordinatorOptions options, std::unique_ptr<ModelStore>
   config_.batching = options_.batching;
   config_.max_microbatches = options_.max_microbatches;
   config_.default_timeout = options_.default_timeout;
+  config_.max_request_rows = options_.max_request_rows;
   config_.load_timeout = options_.load_timeout;
   config_.on_broken = [this](const std::string& model) { ScheduleRepair(model); };
   monitor_thread_ = std::thread([this] { MonitorLoop(); });
@@ -81,6 +82,39 @@ Coordinator::~Coordinator() {
   CloseDrained(/*all=*/true);
 }
 
+Coordinator::ModelLock::ModelLock(Coordinator* c, const std::string& name) : c_(c), name_(name) {
+  {
+    absl::MutexLock lock(&c_->locks_mu_);
+    std::unique_ptr<LockEntry>& e = c_->locks_[name_];
+    if (e == nullptr) e = std::make_unique<LockEntry>();
+    ++e->users;
+    mu_ = &e->mu;
+  }
+  mu_->Lock();
+}
+
+Coordinator::ModelLock::~ModelLock() {
+  mu_->Unlock();
+  absl::MutexLock lock(&c_->locks_mu_);
+  auto it = c_->locks_.find(name_);
+  if (--it->second->users == 0) c_->locks_.erase(it);
+}
+
+absl::Status Coordinator::CheckLoaded() {
+  absl::MutexLock lock(&mu_);
+  if (loaded_) return absl::OkStatus();
+  return absl::UnavailableError(
+      "the coordinator is still loading its stored models; try again shortly");
+}
+
+absl::StatusOr<absl::optional<StoredModel>> Coordinator::Stored(const std::string& name) {
+  ASSIGN_OR_RETURN(std::vector<StoredModel> stored, store_->List());
+  for (StoredModel& m : stored) {
+    if (m.name == name) return absl::optional<StoredModel>(std::move(m));
+  }
+  return absl::optional<StoredModel>();
+}
+
 void Coordinator::LoadStoredModels() {
   // What the servers hold already: a predecessor's stages.
   const absl::Time deadline = absl::Now() + absl::Seconds(5);
@@ -99,7 +133,7 @@ void Coordinator::LoadStoredModels() {
     for (const StoredModel& m : *stored) {
       std::shared_ptr<Deployment> adopted;
       if (!held.empty()) {
-        absl::MutexLock deploy_lock(&deploy_mu_);
+        ModelLock model_lock(this, m.name);
         adopted = TryAdopt(m, held);
       }
       if (adopted == nullptr) {
@@ -117,10 +151,18 @@ void Coordinator::LoadStoredModels() {
     if (!h.adopted) stages_->UnloadStage(h.address, h.key, deadline).IgnoreError();
   }
   for (const StoredModel& m : to_deploy) {
-    absl::StatusOr<std::shared_ptr<Deployment>> d;
+    ModelLock model_lock(this, m.name);
+    absl::StatusOr<std::shared_ptr<Deployment>> d = Deploy(m.name, m.path, m.options, m.bytes);
+    std::shared_ptr<Deployment> newer;
     {
-      absl::MutexLock deploy_lock(&deploy_mu_);
-      d = Deploy(m.name, m.path, m.options, m.bytes);
+      absl::MutexLock lock(&mu_);
+      auto it = models_.find(m.name);
+      // A loaded model never takes the place of a newer version.
+      if (it != models_.end() && it->second->version() >= m.version) newer = it->second;
+    }
+    if (newer != nullptr) {
+      if (d.ok()) (*d)->Close("a newer version is serving");
+      continue;
     }
     absl::MutexLock lock(&mu_);
     if (d.ok()) {
@@ -290,6 +332,7 @@ bool Coordinator::Serving() {
 
 absl::StatusOr<std::unique_ptr<PendingUpload>> Coordinator::StartUpload(const std::string& name) {
   RETURN_IF_ERROR(ValidModelName(name));
+  RETURN_IF_ERROR(CheckLoaded());
   if (++uploads_in_progress_ > options_.max_concurrent_uploads) {
     --uploads_in_progress_;
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -322,7 +365,8 @@ absl::StatusOr<UploadResponse> Coordinator::FinishUpload(const std::string& name
   if (options.microbatches() < 0 || options.num_stages() < 0 || options.replicas() < 0) {
     return absl::InvalidArgumentError("microbatches, num_stages and replicas must be >= 0");
   }
-  absl::MutexLock deploy_lock(&deploy_mu_);
+  RETURN_IF_ERROR(CheckLoaded());
+  ModelLock model_lock(this, name);
   NodeProfile measured;
   ASSIGN_OR_RETURN(std::shared_ptr<Deployment> d,
                    Deploy(name, upload->path(), options, upload->bytes(), &measured));
@@ -366,7 +410,8 @@ absl::StatusOr<UploadResponse> Coordinator::FinishUpload(const std::string& name
 }
 
 absl::Status Coordinator::Unload(const std::string& name) {
-  absl::MutexLock deploy_lock(&deploy_mu_);
+  RETURN_IF_ERROR(CheckLoaded());
+  ModelLock model_lock(this, name);
   std::shared_ptr<Deployment> d;
   {
     absl::MutexLock lock(&mu_);
@@ -417,23 +462,26 @@ void Coordinator::ScheduleRepair(const std::string& name) {
 }
 
 void Coordinator::Repair(const std::string& name) {
+  // Under the model's lock, with the store read now: an unload or upload
+  // in between cannot leave this repair acting on what it replaced.
+  ModelLock model_lock(this, name);
   std::shared_ptr<Deployment> broken = Current(name);
   const bool serving = broken != nullptr && broken->Info().state == ModelState::kReady;
   if (serving && broken->BrokenLanes().empty()) return;
-  absl::StatusOr<std::vector<StoredModel>> stored = store_->List();
-  const StoredModel* m = nullptr;
-  if (stored.ok()) {
-    for (const StoredModel& s : *stored) {
-      if (s.name == name) m = &s;
-    }
+  absl::StatusOr<absl::optional<StoredModel>> stored = Stored(name);
+  if (!stored.ok()) {
+    ScheduleRepair(name);  // the store could not be read: try again later
+    return;
   }
-  if (m == nullptr) return;  // unloaded meanwhile
-  absl::MutexLock deploy_lock(&deploy_mu_);
-  if (Current(name) != broken) return;  // a new upload took over meanwhile
+  if (!stored->has_value()) {  // unloaded meanwhile: nothing to repair
+    absl::MutexLock lock(&mu_);
+    failed_.erase(name);
+    return;
+  }
+  const StoredModel& m = **stored;
   if (serving) {
     // Some lanes still serve: reload only the broken ones beside them.
-    absl::Status s = RepairLanes(*m, *broken);
-    if (!s.ok()) {
+    if (!RepairLanes(m, *broken).ok()) {
       ScheduleRepair(name);
       return;
     }
@@ -441,7 +489,7 @@ void Coordinator::Repair(const std::string& name) {
     repair_attempts_.erase(name);
     return;
   }
-  absl::StatusOr<std::shared_ptr<Deployment>> d = Deploy(m->name, m->path, m->options, m->bytes);
+  absl::StatusOr<std::shared_ptr<Deployment>> d = Deploy(m.name, m.path, m.options, m.bytes);
   if (!d.ok()) {
     absl::MutexLock lock(&mu_);
     std::string why = absl::StrCat("redeploying failed: ", d.status().message());
@@ -450,13 +498,13 @@ void Coordinator::Repair(const std::string& name) {
       info.name = name;
       info.state = ModelState::kUnavailable;
       info.reason = why;
-      info.bytes = m->bytes;
-      info.version = m->version;
+      info.bytes = m.bytes;
+      info.version = m.version;
     }
     ScheduleRepair(name);
     return;
   }
-  (*d)->set_version(m->version);
+  (*d)->set_version(m.version);
   {
     absl::MutexLock lock(&mu_);
     models_[name] = *d;
@@ -561,6 +609,11 @@ absl::StatusOr<ModelInfo> Coordinator::GetModel(const std::string& name) {
   absl::MutexLock lock(&mu_);
   auto it = failed_.find(name);
   if (it != failed_.end()) return it->second;
+  if (!loaded_) {
+    return absl::UnavailableError(absl::StrCat(
+        "model \"", name, "\" is not loaded: the coordinator is still loading its stored "
+        "models; try again shortly"));
+  }
   return absl::NotFoundError(absl::StrCat("model \"", name, "\" is not known"));
 }
 
@@ -710,11 +763,15 @@ absl::StatusOr<std::vector<Tensor>> Coordinator::InferOn(std::shared_ptr<Deploym
   } releaser{this, name};
   if (deadline == absl::InfiniteFuture()) deadline = absl::Now() + options_.default_timeout;
   absl::Duration backoff = absl::Milliseconds(10);
+  int lost = 0;  // attempts lost with a stage server that failed
   while (true) {
     if (trace != nullptr) trace->clear();  // only the attempt that answers
     absl::StatusOr<std::vector<Tensor>> out = model->Infer(inputs, deadline, cancelled, trace);
     if (out.ok() && answered_version != nullptr) *answered_version = model->version();
     if (out.ok() || out.status().code() != absl::StatusCode::kUnavailable) return out;
+    // Run again once after its stage servers failed holding it, not more:
+    // a request that brings servers down must not take down every one.
+    if (IsLostInFlight(out.status()) && ++lost >= 2) return LostTwice(out.status().message());
     ASSIGN_OR_RETURN(model, AwaitDeployment(name, model, out.status(), deadline, backoff,
                                             cancelled, pinned_version));
     backoff = std::min(backoff * 2, absl::Milliseconds(200));

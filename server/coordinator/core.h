@@ -23,6 +23,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "absl/types/optional.h"
 #include "partitioner/calibrate.h"
 #include "proto/pipeserve_service.pb.h"
 #include "runtime/backend.h"
@@ -46,6 +47,8 @@ struct CoordinatorOptions {
   BatcherOptions batching = {64, absl::ZeroDuration(), 0};
   // Deadline for requests that come without one.
   absl::Duration default_timeout = absl::Seconds(60);
+  // Most batch rows one request may carry (0: no limit).
+  int64_t max_request_rows = int64_t{1} << 24;
   // Deadline for loading one model's stages.
   absl::Duration load_timeout = absl::Seconds(120);
   // How often every ready model's stage servers are checked. A stage that
@@ -105,6 +108,10 @@ class Coordinator {
   // is down). Health checks and KServe ServerReady report this.
   bool Serving();
 
+  // Model calls (uploads, unloads, lookups of a model not loaded yet)
+  // answer kUnavailable until LoadStoredModels has run: an upload must not
+  // race the loader, which would put the stored version back over it.
+  //
   // Uploads: stage the bytes with StartUpload (kResourceExhausted when
   // max_concurrent_uploads are in progress; the upload refuses data past
   // max_upload_bytes with kResourceExhausted), then FinishUpload checks the
@@ -179,14 +186,33 @@ class Coordinator {
   uint64_t reloaded_lanes() const { return reloaded_lanes_.load(); }
 
  private:
-  // `measured`, when given, receives the node profile measured to plan
-  // the model (nothing when none was measured).
+  // One model's lock: its uploads, unloads, deployments and repairs
+  // happen one at a time, while other models' go on beside them (they
+  // share stage servers, the launcher and the store, which are
+  // thread-safe). Held while the object lives.
+  class ModelLock {
+   public:
+    ModelLock(Coordinator* c, const std::string& name);
+    ~ModelLock();
+    ModelLock(const ModelLock&) = delete;
+    ModelLock& operator=(const ModelLock&) = delete;
+
+   private:
+    Coordinator* const c_;
+    const std::string name_;
+    absl::Mutex* mu_;
+  };
+  // kUnavailable until LoadStoredModels has run.
+  absl::Status CheckLoaded();
+  // The model's stored entry, read now; nullopt when it is not stored.
+  absl::StatusOr<absl::optional<StoredModel>> Stored(const std::string& name);
+  // Deploys `name` (its ModelLock held). `measured`, when given, receives
+  // the node profile measured to plan the model (nothing when none was).
   absl::StatusOr<std::shared_ptr<Deployment>> Deploy(const std::string& name,
                                                      const std::string& path,
                                                      const UploadOptions& options,
                                                      uint64_t bytes,
-                                                     NodeProfile* measured = nullptr)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(deploy_mu_);
+                                                     NodeProfile* measured = nullptr);
   std::shared_ptr<Deployment> Current(const std::string& name);
   // Partitions `file` as `options` say, within max_stages: automatic cuts
   // by the upload's profile, else by times measured now (returned in
@@ -223,9 +249,9 @@ class Coordinator {
   void RepairLoop();
   void ScheduleRepair(const std::string& name);
   void Repair(const std::string& name);
-  // Reloads the broken lanes of `d` (still serving on the others).
-  absl::Status RepairLanes(const StoredModel& m, Deployment& d)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(deploy_mu_);
+  // Reloads the broken lanes of `d` (still serving on the others; the
+  // model's ModelLock held).
+  absl::Status RepairLanes(const StoredModel& m, Deployment& d);
 
   const CoordinatorOptions options_;
   const std::unique_ptr<ModelStore> store_;
@@ -248,9 +274,14 @@ class Coordinator {
   std::atomic<int> adopted_models_{0};
   absl::Mutex admit_mu_;
   std::map<std::string, int> admitted_ ABSL_GUARDED_BY(admit_mu_);
-  // Serialises uploads, unloads and deployments (they share stage
-  // servers and the store).
-  absl::Mutex deploy_mu_;
+  // Each model's lock (ModelLock), with how many hold or wait for it; an
+  // entry goes when nobody does.
+  struct LockEntry {
+    absl::Mutex mu;
+    int users = 0;
+  };
+  absl::Mutex locks_mu_;
+  std::map<std::string, std::unique_ptr<LockEntry>> locks_ ABSL_GUARDED_BY(locks_mu_);
 
   absl::Mutex repair_mu_;
   std::map<std::string, absl::Time> to_repair_ ABSL_GUARDED_BY(repair_mu_);  // name -> not before

@@ -4,6 +4,7 @@
 // breaks, a results stream taken over, frames no stage should send).
 #include "server/coordinator/core.h"
 
+#include <atomic>
 #include <filesystem>
 #include <functional>
 #include <map>
@@ -16,6 +17,7 @@
 #include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "common/status_macros.h"
 #include "partitioner/graph_builder.h"
 #include "partitioner/partition.h"
 #include "runtime/cpu/cpu_backend.h"
@@ -1115,6 +1117,189 @@ TEST_F(CoordinatorTest, RepairsLeaveNoThreadsBehind) {
   const int threads = ThreadsOfThisProcess();
   for (int i = 0; i < 5; ++i) repair();
   EXPECT_LE(ThreadsOfThisProcess(), threads + 2) << "5 redeployments left threads behind";
+}
+
+// A backend whose programs call `crash` before they run an input whose
+// first value is 666: a request that brings a stage server down.
+class CrashingBackend : public ComputeBackend {
+ public:
+  explicit CrashingBackend(std::function<void()> crash) : crash_(std::move(crash)) {}
+  std::string Name() const override { return "crashing-cpu"; }
+  absl::StatusOr<std::unique_ptr<StageProgram>> Compile(const Graph& graph,
+                                                        const WeightMap& weights) override {
+    ASSIGN_OR_RETURN(std::unique_ptr<StageProgram> inner, cpu_->Compile(graph, weights));
+    return std::unique_ptr<StageProgram>(new Program(std::move(inner), crash_));
+  }
+
+ private:
+  class Program : public StageProgram {
+   public:
+    Program(std::unique_ptr<StageProgram> inner, std::function<void()> crash)
+        : inner_(std::move(inner)), crash_(std::move(crash)) {}
+    absl::StatusOr<std::vector<Tensor>> Run(absl::Span<const Tensor> in) override {
+      if (!in.empty() && in[0].dtype() == DT_FLOAT32 && in[0].numel() > 0 &&
+          in[0].data()[0] == 666.0f) {
+        crash_();
+      }
+      return inner_->Run(in);
+    }
+
+   private:
+    std::unique_ptr<StageProgram> inner_;
+    std::function<void()> crash_;
+  };
+  std::function<void()> crash_;
+  std::unique_ptr<ComputeBackend> cpu_ = MakeCpuBackend({});
+};
+
+// Regression: a request that brought its stage server down was replayed on
+// every redeployment until its deadline (35 deaths in 60 s in the attack),
+// and with replicas on every lane. A request lost with a stage server is
+// now run again once; lost again, it fails with INTERNAL.
+TEST_F(CoordinatorTest, ARequestLostWithItsStageServerTwiceIsNotRunAThirdTime) {
+  TearDown();
+  std::atomic<int> crashes{0};
+  StageServerOptions so;
+  so.queue_capacity = 1;
+  so.backend = std::make_shared<CrashingBackend>([&] {
+    ++crashes;
+    // Stage 1's server dies with the microbatch on its way there, and its
+    // pod comes back empty.
+    stages_->KillServer("s1:9000");
+    stages_->AddServer("s1:9000");
+  });
+  stages_ = std::make_unique<InProcessStages>(so);
+  for (const std::string& address : Addresses()) stages_->AddServer(address);
+  repo_ = TempDir("repo");
+  Restart(Options());
+  Model m = Mlp(2);
+  ASSERT_TRUE(Upload("mlp", m).ok());
+  Tensor poison = Ramp({4, 8}, 1);
+  poison.data()[0] = 666.0f;
+  absl::Time start = absl::Now();
+  auto out = coordinator_->Infer("mlp", {poison, Ramp({4, 8}, 1)}, absl::Now() + absl::Seconds(15));
+  EXPECT_EQ(out.status().code(), absl::StatusCode::kInternal) << out.status();
+  EXPECT_THAT(std::string(out.status().message()), HasSubstr("failed twice"));
+  EXPECT_EQ(crashes.load(), 2) << "run once, and once again";
+  EXPECT_LT(absl::Now() - start, absl::Seconds(10)) << "not retried until the deadline";
+  ASSERT_TRUE(WaitReady("mlp"));
+  std::vector<Tensor> in = {Ramp({4, 8}, 1), Ramp({4, 8}, 2)};
+  auto good = coordinator_->Infer("mlp", in, absl::Now() + absl::Seconds(20));
+  ASSERT_TRUE(good.ok()) << good.status();
+  ExpectEqual((*good)[0], Expected(m, in)[0]);
+}
+
+// Regression: one lock serialised every upload, unload and repair, so a
+// model whose stage server died stayed down for as long as an unrelated
+// upload took (its calibration, its loads).
+TEST_F(CoordinatorTest, ARepairDoesNotWaitForAnotherModelsUpload) {
+  Gate calibration_gate;
+  GatedBackend calibration(&calibration_gate);
+  CoordinatorOptions o = Options();
+  o.calibration_backend = &calibration;
+  TearDown();
+  Start(o);
+  ASSERT_TRUE(Upload("a", Mlp(2)).ok());
+  const uint64_t before = coordinator_->GetModel("a")->deployment;
+  calibration_gate.Set(false);
+  absl::StatusOr<UploadResponse> b;
+  std::thread upload([&] { b = Upload("b", NarrowAndWide(), Stages(2)); });
+  ASSERT_TRUE(calibration_gate.WaitHeld(1)) << "b's upload is measuring its nodes";
+  stages_->KillServer("s1:9000");
+  stages_->AddServer("s1:9000");
+  bool repaired = false;
+  absl::Time until = absl::Now() + absl::Seconds(10);
+  while (!repaired && absl::Now() < until) {
+    auto info = coordinator_->GetModel("a");
+    repaired = info.ok() && info->state == ModelState::kReady && info->deployment != before;
+    if (!repaired) absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_TRUE(repaired) << "model a stayed down while b uploaded";
+  calibration_gate.Set(true);
+  upload.join();
+  EXPECT_TRUE(b.ok()) << b.status();
+}
+
+// Regression: an upload acknowledged while the coordinator was still
+// loading its stored models was then replaced by the loader's older
+// version. Model calls now answer UNAVAILABLE until the store is loaded.
+TEST_F(CoordinatorTest, ModelCallsAreUnavailableUntilTheStoredModelsAreLoaded) {
+  ASSERT_TRUE(Upload("mlp", Mlp(2)).ok());
+  coordinator_.reset();
+  coordinator_ = std::make_unique<Coordinator>(Options(), *OpenFileModelStore(repo_),
+                                               MakeStaticLauncher(Addresses()), stages_.get());
+  auto upload = coordinator_->StartUpload("mlp");
+  EXPECT_EQ(upload.status().code(), absl::StatusCode::kUnavailable) << upload.status();
+  EXPECT_THAT(std::string(upload.status().message()), HasSubstr("loading its stored models"));
+  EXPECT_EQ(coordinator_->Unload("mlp").code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(coordinator_->Find("mlp").status().code(), absl::StatusCode::kUnavailable)
+      << "a stored model is not unknown while it loads";
+  coordinator_->LoadStoredModels();
+  ASSERT_TRUE(Upload("mlp", Mlp(2, 8, /*seed=*/2)).ok());
+  EXPECT_EQ(coordinator_->GetModel("mlp")->version, 2);
+}
+
+// A store whose List() can be held at a gate, as a slow disk would.
+class GatedStore : public ModelStore {
+ public:
+  GatedStore(std::unique_ptr<ModelStore> inner, Gate* gate) : inner_(std::move(inner)), gate_(gate) {}
+  absl::StatusOr<std::unique_ptr<PendingUpload>> StartUpload(const std::string& name) override {
+    return inner_->StartUpload(name);
+  }
+  absl::Status Remove(const std::string& name) override { return inner_->Remove(name); }
+  // Held after reading, so what it returns may be out of date.
+  absl::StatusOr<std::vector<StoredModel>> List() override {
+    absl::StatusOr<std::vector<StoredModel>> models = inner_->List();
+    gate_->Pass();
+    return models;
+  }
+
+ private:
+  std::unique_ptr<ModelStore> inner_;
+  Gate* gate_;
+};
+
+// Regression: a repair read the store, then took the lock; an unload in
+// between left the repair deploying (or listing as failed) a model no
+// longer stored: it could not be unloaded, and health said NOT_SERVING.
+TEST_F(CoordinatorTest, AnUnloadDuringARepairLeavesNothingBehind) {
+  ASSERT_TRUE(Upload("mlp", Mlp(2)).ok());
+  coordinator_.reset();
+  stages_->KillServer("s1:9000");  // the model cannot deploy at the restart
+  Gate list_gate;
+  coordinator_ = std::make_unique<Coordinator>(
+      Options(), std::make_unique<GatedStore>(*OpenFileModelStore(repo_), &list_gate),
+      MakeStaticLauncher(Addresses()), stages_.get());
+  coordinator_->LoadStoredModels();
+  ASSERT_EQ(coordinator_->GetModel("mlp")->state, ModelState::kUnavailable);
+  list_gate.Set(false);
+  ASSERT_TRUE(list_gate.WaitHeld(1)) << "a repair is reading the store";
+  stages_->AddServer("s1:9000");
+  std::thread release([&] {
+    absl::SleepFor(absl::Milliseconds(200));
+    list_gate.Set(true);
+  });
+  absl::Status unloaded = coordinator_->Unload("mlp");
+  release.join();
+  EXPECT_TRUE(unloaded.ok()) << unloaded;
+  absl::SleepFor(absl::Milliseconds(500));  // repairs that were due have run
+  EXPECT_EQ(coordinator_->GetModel("mlp").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(coordinator_->Serving());
+  EXPECT_EQ(StagesLoaded(), 0);
+}
+
+// Item 1's cap: a request's rows are bounded, as Triton bounds a batch.
+TEST_F(CoordinatorTest, ARequestOfMoreRowsThanTheLimitIsRefusedNamingIt) {
+  CoordinatorOptions o = Options();
+  o.max_request_rows = 16;
+  TearDown();
+  Start(o);
+  ASSERT_TRUE(Upload("mlp", Mlp(2)).ok());
+  auto out = Infer("mlp", {Ramp({17, 8}, 1), Ramp({17, 8}, 1)});
+  EXPECT_EQ(out.status().code(), absl::StatusCode::kInvalidArgument) << out.status();
+  EXPECT_THAT(std::string(out.status().message()), HasSubstr("17 rows"));
+  EXPECT_THAT(std::string(out.status().message()), HasSubstr("--max_request_rows"));
+  EXPECT_TRUE(Infer("mlp", {Ramp({16, 8}, 1), Ramp({16, 8}, 1)}).ok());
 }
 
 }  // namespace

@@ -5,7 +5,9 @@
 #include <utility>
 
 #include "absl/random/random.h"
+#include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
+#include "absl/types/optional.h"
 #include "absl/synchronization/notification.h"
 #include "common/status_macros.h"
 #include "partitioner/partition.h"
@@ -26,6 +28,34 @@ const char* ModelStateName(ModelState s) {
       return "UNAVAILABLE";
   }
   return "UNKNOWN";
+}
+
+namespace {
+
+// Marks LostInFlight and LostTwice errors.
+constexpr char kLostPayload[] = "type.pipeserve.dev/lost-in-flight";
+
+}  // namespace
+
+absl::Status LostInFlight(absl::string_view why) {
+  absl::Status s = absl::UnavailableError(why);
+  s.SetPayload(kLostPayload, absl::Cord("once"));
+  return s;
+}
+
+absl::Status LostTwice(absl::string_view why) {
+  absl::Status s = absl::InternalError(absl::StrCat(
+      "stage servers failed twice while computing this request (or one merged with it); it "
+      "was not run again, in case it is what brings them down. Last: ", why));
+  s.SetPayload(kLostPayload, absl::Cord("twice"));
+  return s;
+}
+
+bool IsLostInFlight(const absl::Status& s) { return s.GetPayload(kLostPayload).has_value(); }
+
+bool IsLostTwice(const absl::Status& s) {
+  absl::optional<absl::Cord> p = s.GetPayload(kLostPayload);
+  return p.has_value() && *p == "twice";
 }
 
 namespace {
@@ -70,7 +100,8 @@ struct Deployment::Pending {
         remaining(static_cast<int>(rows.size())),
         outputs(rows.size()),
         lane(rows.size(), -1),
-        attempt(rows.size(), 0) {
+        attempt(rows.size(), 0),
+        lost(rows.size(), 0) {
     for (int m = 0; m < static_cast<int>(rows.size()); ++m) to_send.push_back(m);
   }
   const std::vector<int64_t> rows;  // batch rows of each microbatch (-1: none)
@@ -78,6 +109,7 @@ struct Deployment::Pending {
   std::vector<std::vector<Tensor>> outputs;
   std::vector<int> lane;     // where each microbatch was sent last (-1: waiting to be)
   std::vector<int> attempt;  // its attempt number there
+  std::vector<int> lost;     // times it was in flight on a lane that broke
   std::deque<int> to_send;   // microbatches not sent yet, or lost with their lane
   // Traced requests: each microbatch's spans from the stages, and the
   // coordinator's own.
@@ -115,7 +147,10 @@ Deployment::Deployment(const DeploymentConfig& config, ModelInfo info, int repli
         // A merged request goes whole: the merged requests in flight keep
         // the stages busy, and fewer, larger frames cost less per row.
         return InferDirect(inputs, deadline, cancelled, nullptr, merged ? 1 : 0);
-      });
+      },
+      // A merged request lost twice with its stage servers is not run
+      // again member by member: one of them may be what kills them.
+      [](const absl::Status& s) { return !IsLostTwice(s); });
 }
 
 Deployment::~Deployment() { Close("the deployment was dropped"); }
@@ -540,9 +575,14 @@ absl::StatusOr<std::vector<Tensor>> Deployment::Infer(const std::vector<Tensor>&
                                                       absl::Time deadline,
                                                       const std::function<bool()>& cancelled,
                                                       std::vector<TraceSpan>* trace) {
-  if (trace != nullptr) return InferDirect(inputs, deadline, cancelled, trace);
   // Checked here, so one bad request never fails a merged one.
-  RETURN_IF_ERROR(CheckTensorsMatch(plan_->inputs(), inputs).status());
+  ASSIGN_OR_RETURN(const int64_t rows, CheckTensorsMatch(plan_->inputs(), inputs));
+  if (config_.max_request_rows > 0 && rows > config_.max_request_rows) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a batch of ", rows, " rows is more than this coordinator takes in one request (",
+        config_.max_request_rows, ", --max_request_rows); send it in parts"));
+  }
+  if (trace != nullptr) return InferDirect(inputs, deadline, cancelled, trace);
   if (deadline == absl::InfiniteFuture()) deadline = absl::Now() + config_.default_timeout;
   return batcher_->Infer(inputs, deadline, cancelled);
 }
@@ -811,21 +851,26 @@ bool Deployment::BreakLane(int lane, uint64_t generation, const std::string& why
   if (ReadyLanes() == 0) {
     info_.state = ModelState::kUnavailable;
     info_.reason = why;
-    FailAll(absl::UnavailableError(why));
+    FailAll(LostInFlight(why));
     return true;
   }
-  // The others carry on; what was in this lane runs again there.
+  // The others carry on; what was in this lane runs again there, once.
+  std::vector<uint64_t> lost_twice;
   for (auto& [id, p] : pending_) {
     bool handed_back = false;
     for (size_t m = 0; m < p->outputs.size(); ++m) {
-      if (p->lane[m] == lane && p->outputs[m].empty()) {
-        p->lane[m] = -1;
-        p->to_send.push_back(static_cast<int>(m));
-        handed_back = true;
+      if (p->lane[m] != lane || !p->outputs[m].empty()) continue;
+      if (++p->lost[m] >= 2) {
+        lost_twice.push_back(id);
+        break;
       }
+      p->lane[m] = -1;
+      p->to_send.push_back(static_cast<int>(m));
+      handed_back = true;
     }
     if (handed_back) p->wake.SignalAll();
   }
+  for (uint64_t id : lost_twice) Finish(id, LostTwice(why));
   return true;
 }
 
@@ -844,7 +889,7 @@ bool Deployment::Break(const std::string& why) {
   info_.state = ModelState::kUnavailable;
   info_.reason = why;
   for (Lane& l : lanes_) l.ready = false;
-  FailAll(absl::UnavailableError(why));
+  FailAll(LostInFlight(why));
   return true;
 }
 

@@ -29,6 +29,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "proto/pipeserve_service.pb.h"
@@ -73,6 +74,8 @@ struct DeploymentConfig {
   int max_microbatches = 1024;
   // Deadline for requests that come without one.
   absl::Duration default_timeout = absl::Seconds(60);
+  // Most batch rows one request may carry (0: no limit).
+  int64_t max_request_rows = int64_t{1} << 24;
   // Deadline for loading all of a model's stages.
   absl::Duration load_timeout = absl::Seconds(120);
   // GEMM threads per stage (0: the servers decide).
@@ -84,6 +87,18 @@ struct DeploymentConfig {
 
 // Most replicas of a stage (StageKey.replica is below it).
 inline constexpr int kMaxReplicas = 64;
+
+// The error of requests in flight on a deployment, or microbatches in
+// flight on a lane, that broke (a stage server died or was cut off while
+// it may have held their work): kUnavailable, so they run again once there
+// is somewhere to run, and marked, because a request lost like this twice
+// is not run a third time: it may be what brings the servers down.
+absl::Status LostInFlight(absl::string_view why);
+// The error of a request lost twice: kInternal, naming the last loss.
+absl::Status LostTwice(absl::string_view why);
+// Whether `s` came from LostInFlight (or LostTwice, with `twice`).
+bool IsLostInFlight(const absl::Status& s);
+bool IsLostTwice(const absl::Status& s);
 
 class Deployment : public std::enable_shared_from_this<Deployment> {
  public:
@@ -141,11 +156,12 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   // Runs `inputs` (in the plan's input order) through the pipeline in the
   // deployment's microbatch count, spread over the ready lanes; returns the
   // outputs in order. A batch of 0 rows answers at once with empty
-  // outputs. kInvalidArgument (inputs that do not fit, naming the input),
-  // kUnavailable (not ready, or every lane broke), kDeadlineExceeded (also
-  // while stage 0 is full), kCancelled (when `cancelled` turns true),
-  // kInternal (a stage sent something that does not fit the plan), or the
-  // error a stage reported. Thread-safe; many requests pipeline together.
+  // outputs. kInvalidArgument (inputs that do not fit, naming the input,
+  // or more rows than max_request_rows), kUnavailable (not ready, or every
+  // lane broke: LostInFlight), kDeadlineExceeded (also while stage 0 is
+  // full), kCancelled (when `cancelled` turns true), kInternal (a stage
+  // sent something that does not fit the plan, or a microbatch was lost
+  // with its lane twice: LostTwice), or the error a stage reported. Thread-safe; many requests pipeline together.
   // Small requests are merged with concurrent ones while the deployment
   // is busy (dynamic batching, see Batcher), except traced ones.
   // With `trace`, the request's timeline is appended there: the request

@@ -101,14 +101,21 @@ class FilePendingUpload : public PendingUpload {
       return Errno("rename staged upload");
     }
     committed_ = true;
+    // The version folder's entries, and the rename's both ends, reach the
+    // disk before the name points there.
+    s = SyncPath(root_ + "/" + version);
+    if (s.ok()) s = SyncPath(root_ + "/.versions");
+    if (s.ok()) s = SyncPath(root_ + "/.staging");
+    if (!s.ok()) return s;
     if (::symlink(version.c_str(), link_tmp.c_str()) != 0) return Errno("symlink");
     std::string link = root_ + "/" + name_;
     std::string old_target;
     std::error_code ec;
     if (fs::is_symlink(link, ec)) old_target = fs::read_symlink(link, ec).string();
     if (::rename(link_tmp.c_str(), link.c_str()) != 0) return Errno("publish " + link);
-    SyncPath(root_).IgnoreError();
-    if (!old_target.empty()) fs::remove_all(root_ + "/" + old_target, ec);
+    // Only once the name's new target is on disk does the old version go
+    // (if that cannot be made sure, the next start removes it instead).
+    if (SyncPath(root_).ok() && !old_target.empty()) fs::remove_all(root_ + "/" + old_target, ec);
     return absl::OkStatus();
   }
 

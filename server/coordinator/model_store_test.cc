@@ -1,10 +1,37 @@
 #include "server/coordinator/model_store.h"
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <string>
+#include <vector>
+
+#include "absl/synchronization/mutex.h"
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+
+// Every fsync() of this program, as the paths synced in order: this
+// definition takes the place of libc's for the whole executable, the
+// store's calls included.
+absl::Mutex synced_mu;
+std::vector<std::string>& Synced() {
+  static auto* paths = new std::vector<std::string>;
+  return *paths;
+}
+extern "C" int fsync(int fd) {
+  char path[4096];
+  const std::string link = "/proc/self/fd/" + std::to_string(fd);
+  const ssize_t n = ::readlink(link.c_str(), path, sizeof path);
+  {
+    absl::MutexLock lock(&synced_mu);
+    Synced().push_back(n > 0 ? std::string(path, n) : "?");
+  }
+  return static_cast<int>(::syscall(SYS_fsync, fd));
+}
 
 namespace pipeserve {
 namespace {
@@ -117,6 +144,40 @@ TEST(ModelStoreTest, RemovedModelIsGoneAndStaysGoneAfterReopen) {
   auto again = OpenFileModelStore(root);
   EXPECT_TRUE((*again)->List()->empty());
   EXPECT_TRUE(std::filesystem::is_empty(root + "/.versions"));
+}
+
+// Regression: a commit renamed its staged folder into .versions, published
+// the name and deleted the version it replaced without syncing the folders
+// the rename changed, so a crash could leave the name pointing at a folder
+// whose entry never reached the disk, with the old version gone too.
+TEST(ModelStoreTest, ACommitSyncsEveryFolderItChangesBeforeDeletingTheOldVersion) {
+  const std::string root = std::filesystem::weakly_canonical(FreshRoot("sync")).string();
+  auto store = OpenFileModelStore(root);
+  ASSERT_TRUE(store.ok());
+  for (const char* body : {"v1", "v2"}) {
+    {
+      absl::MutexLock lock(&synced_mu);
+      Synced().clear();
+    }
+    auto up = (*store)->StartUpload("m");
+    ASSERT_TRUE((*up)->Append(body).ok());
+    ASSERT_TRUE((*up)->Commit({}).ok());
+    std::vector<std::string> synced;
+    {
+      absl::MutexLock lock(&synced_mu);
+      synced = Synced();
+    }
+    auto at = [&](const std::string& path) {
+      return std::find(synced.begin(), synced.end(), path) - synced.begin();
+    };
+    const auto n = static_cast<long>(synced.size());
+    const std::string version = std::filesystem::read_symlink(root + "/m").filename().string();
+    EXPECT_LT(at(root + "/.versions/" + version), n) << "the version folder's own entries";
+    EXPECT_LT(at(root + "/.versions"), n) << "the folder the version was renamed into";
+    EXPECT_LT(at(root + "/.staging"), n) << "the folder it was renamed out of";
+    ASSERT_LT(at(root), n);
+    EXPECT_LT(at(root + "/.versions"), at(root)) << "synced before the name is published";
+  }
 }
 
 }  // namespace
