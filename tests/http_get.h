@@ -1,4 +1,4 @@
-// A plain HTTP GET over loopback, for tests of HTTP endpoints (metrics).
+// A plain HTTP GET, for tests of HTTP endpoints (metrics).
 #ifndef PIPESERVE_TESTS_HTTP_GET_H_
 #define PIPESERVE_TESTS_HTTP_GET_H_
 
@@ -7,8 +7,10 @@
 namespace pipeserve {
 
 // The whole response (status line, headers, body) of GET `path` on
-// 127.0.0.1:`port`, or "" if the connection fails.
-std::string HttpGet(int port, const std::string& path);
+// `host`:`port` (an IPv4 or IPv6 address), or "" if the connection fails
+// or the server has not answered within `timeout_ms`.
+std::string HttpGet(int port, const std::string& path, const std::string& host = "127.0.0.1",
+                    int timeout_ms = 10000);
 
 }  // namespace pipeserve
 

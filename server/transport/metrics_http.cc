@@ -1,18 +1,73 @@
 #include "server/transport/metrics_http.h"
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
+#include <fcntl.h>
+#include <netdb.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 
 namespace pipeserve {
+namespace {
+
+constexpr size_t kMaxRequestHead = 16 << 10;
+constexpr int kPollMillis = 200;
+
+void SetNonBlocking(int fd) { ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL, 0) | O_NONBLOCK); }
+
+// Binds a listening socket to `ai` (its port replaced by `port`); -1 with
+// errno set on failure.
+int Listen(const addrinfo& ai, int port) {
+  int fd = ::socket(ai.ai_family, ai.ai_socktype | SOCK_CLOEXEC, ai.ai_protocol);
+  if (fd < 0) return -1;
+  int one = 1;
+  ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (ai.ai_family == AF_INET6) ::setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+  sockaddr_storage addr{};
+  std::memcpy(&addr, ai.ai_addr, ai.ai_addrlen);
+  if (ai.ai_family == AF_INET6) {
+    reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port = htons(port);
+  } else {
+    reinterpret_cast<sockaddr_in*>(&addr)->sin_port = htons(port);
+  }
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), ai.ai_addrlen) != 0 || ::listen(fd, 64) != 0) {
+    const int saved = errno;
+    ::close(fd);
+    errno = saved;
+    return -1;
+  }
+  SetNonBlocking(fd);
+  return fd;
+}
+
+int BoundPort(int fd) {
+  sockaddr_storage addr{};
+  socklen_t len = sizeof addr;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  return ntohs(addr.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port
+                                          : reinterpret_cast<sockaddr_in*>(&addr)->sin_port);
+}
+
+}  // namespace
+
+// One client: what it sent so far, then the answer going out.
+struct MetricsHttpServer::Connection {
+  int fd = -1;
+  absl::Time deadline;
+  std::string in;
+  std::string out;
+  size_t written = 0;
+  bool answering = false;
+};
 
 MetricsHttpServer::MetricsHttpServer(std::function<std::string()> render)
     : render_(std::move(render)) {}
@@ -20,28 +75,42 @@ MetricsHttpServer::MetricsHttpServer(std::function<std::string()> render)
 MetricsHttpServer::~MetricsHttpServer() {
   stopping_ = true;
   if (thread_.joinable()) thread_.join();
-  if (listener_ >= 0) ::close(listener_);
+  for (int fd : listeners_) ::close(fd);
 }
 
 absl::Status MetricsHttpServer::Start(const std::string& host, int port,
                                       const std::string& port_file) {
-  listener_ = ::socket(AF_INET, SOCK_STREAM, 0);
-  int one = 1;
-  ::setsockopt(listener_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(port);
-  if (::inet_pton(AF_INET, host.c_str(), &addr.sin_addr) != 1) {
-    return absl::InvalidArgumentError(absl::StrCat("metrics: bad IPv4 address \"", host, "\""));
+  std::string name = host;
+  if (name.size() > 2 && name.front() == '[' && name.back() == ']') {
+    name = name.substr(1, name.size() - 2);
   }
-  if (::bind(listener_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
-      ::listen(listener_, 16) != 0) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE;
+  addrinfo* found = nullptr;
+  if (int rc = ::getaddrinfo(name.c_str(), nullptr, &hints, &found); rc != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("metrics: cannot resolve host \"", host, "\": ", ::gai_strerror(rc)));
+  }
+  // Every address the name has ("localhost": 127.0.0.1 and ::1), on one
+  // port: the first one bound picks it when `port` is 0.
+  std::string failure;
+  for (const addrinfo* ai = found; ai != nullptr; ai = ai->ai_next) {
+    int fd = Listen(*ai, port);
+    if (fd < 0) {
+      failure = std::strerror(errno);
+      continue;
+    }
+    if (port == 0) port = BoundPort(fd);
+    listeners_.push_back(fd);
+  }
+  ::freeaddrinfo(found);
+  if (listeners_.empty()) {
     return absl::UnavailableError(
-        absl::StrCat("metrics: cannot listen on ", host, ":", port, ": ", std::strerror(errno)));
+        absl::StrCat("metrics: cannot listen on ", host, ":", port, ": ", failure));
   }
-  socklen_t len = sizeof addr;
-  ::getsockname(listener_, reinterpret_cast<sockaddr*>(&addr), &len);
-  port_ = ntohs(addr.sin_port);
+  port_ = port;
   thread_ = std::thread([this] { Serve(); });
   if (!port_file.empty()) {
     std::ofstream(port_file + ".tmp") << port_ << "\n";
@@ -50,40 +119,98 @@ absl::Status MetricsHttpServer::Start(const std::string& host, int port,
   return absl::OkStatus();
 }
 
-void MetricsHttpServer::Serve() {
-  while (!stopping_) {
-    pollfd p{listener_, POLLIN, 0};
-    if (::poll(&p, 1, 200) <= 0) continue;  // wakes to check stopping_
-    int c = ::accept(listener_, nullptr, nullptr);
-    if (c < 0) continue;
-    // Read the request head (small; a scrape sends a few hundred bytes).
-    std::string req;
-    char buf[2048];
-    while (req.find("\r\n\r\n") == std::string::npos && req.size() < 16384) {
-      pollfd q{c, POLLIN, 0};
-      if (::poll(&q, 1, 2000) <= 0) break;
-      ssize_t n = ::read(c, buf, sizeof buf);
-      if (n <= 0) break;
-      req.append(buf, n);
-    }
-    std::string body, status = "200 OK", type = "text/plain; version=0.0.4; charset=utf-8";
-    if (req.rfind("GET /metrics ", 0) == 0 || req.rfind("GET /metrics?", 0) == 0) {
-      body = render_();
-    } else {
-      status = "404 Not Found";
-      body = "pipeserve serves GET /metrics here\n";
-    }
-    std::string resp = absl::StrCat("HTTP/1.1 ", status, "\r\nContent-Type: ", type,
-                                    "\r\nContent-Length: ", body.size(),
-                                    "\r\nConnection: close\r\n\r\n", body);
-    size_t off = 0;
-    while (off < resp.size()) {
-      ssize_t n = ::write(c, resp.data() + off, resp.size() - off);
-      if (n <= 0) break;
-      off += n;
-    }
-    ::close(c);
+std::string MetricsHttpServer::Answer(const std::string& head) {
+  std::string body, status = "200 OK", type = "text/plain; version=0.0.4; charset=utf-8";
+  if (head.size() >= kMaxRequestHead && !absl::StrContains(head, "\r\n\r\n")) {
+    status = "431 Request Header Fields Too Large";
+    body = "the request head is over 16 KiB\n";
+  } else if (absl::StartsWith(head, "GET /metrics ") || absl::StartsWith(head, "GET /metrics?")) {
+    body = render_();
+  } else {
+    status = "404 Not Found";
+    body = "pipeserve serves GET /metrics here\n";
   }
+  return absl::StrCat("HTTP/1.1 ", status, "\r\nContent-Type: ", type,
+                      "\r\nContent-Length: ", body.size(), "\r\nConnection: close\r\n\r\n", body);
+}
+
+void MetricsHttpServer::Read(Connection& c) {
+  char buf[4096];
+  while (c.in.size() < kMaxRequestHead) {
+    const ssize_t n = ::read(c.fd, buf, std::min(sizeof buf, kMaxRequestHead - c.in.size()));
+    if (n <= 0) {
+      // The client closed (or failed) before its head was complete.
+      if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) c.deadline = absl::InfinitePast();
+      break;
+    }
+    c.in.append(buf, n);
+    if (absl::StrContains(c.in, "\r\n\r\n")) break;
+  }
+  if (absl::StrContains(c.in, "\r\n\r\n") || c.in.size() >= kMaxRequestHead) {
+    c.out = Answer(c.in);
+    c.answering = true;
+  }
+}
+
+bool MetricsHttpServer::Write(Connection& c) {
+  while (c.written < c.out.size()) {
+    const ssize_t n = ::send(c.fd, c.out.data() + c.written, c.out.size() - c.written, MSG_NOSIGNAL);
+    if (n <= 0) {
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return false;
+      return true;  // the client went away: nothing more to write
+    }
+    c.written += n;
+  }
+  return true;
+}
+
+void MetricsHttpServer::Serve() {
+  std::vector<Connection> conns;
+  std::vector<pollfd> fds;
+  while (!stopping_) {
+    fds.clear();
+    for (int l : listeners_) fds.push_back({l, POLLIN, 0});
+    absl::Time wake = absl::Now() + absl::Milliseconds(kPollMillis);
+    for (const Connection& c : conns) {
+      fds.push_back({c.fd, static_cast<short>(c.answering ? POLLOUT : POLLIN), 0});
+      wake = std::min(wake, c.deadline);
+    }
+    const int ms = static_cast<int>(std::max<int64_t>(0, absl::ToInt64Milliseconds(wake - absl::Now())));
+    if (::poll(fds.data(), fds.size(), ms) < 0 && errno != EINTR) break;
+    const size_t first_conn = listeners_.size();
+    // Existing connections first (fds holds them in conns' order).
+    for (size_t i = 0; i < conns.size(); ++i) {
+      Connection& c = conns[i];
+      const short ev = fds[first_conn + i].revents;
+      if (ev & (POLLIN | POLLHUP | POLLERR) && !c.answering) Read(c);
+      if (c.answering && Write(c)) c.deadline = absl::InfinitePast();  // done: close
+    }
+    // Close the finished and the too slow.
+    const absl::Time now = absl::Now();
+    auto done = [now](const Connection& c) { return c.deadline <= now; };
+    for (const Connection& c : conns) {
+      if (done(c)) ::close(c.fd);
+    }
+    conns.erase(std::remove_if(conns.begin(), conns.end(), done), conns.end());
+    // Then new ones. At the limit the oldest goes: a flood of clients that
+    // connect and send nothing never keeps a scrape out for long.
+    for (size_t i = 0; i < first_conn; ++i) {
+      if (!(fds[i].revents & POLLIN)) continue;
+      while (true) {
+        int fd = ::accept4(listeners_[i], nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) break;
+        if (conns.size() >= static_cast<size_t>(kMaxConnections)) {
+          ::close(conns.front().fd);
+          conns.erase(conns.begin());
+        }
+        Connection c;
+        c.fd = fd;
+        c.deadline = now + kRequestTimeout;
+        conns.push_back(std::move(c));
+      }
+    }
+  }
+  for (const Connection& c : conns) ::close(c.fd);
 }
 
 }  // namespace pipeserve

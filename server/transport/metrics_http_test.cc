@@ -1,6 +1,17 @@
 #include "server/transport/metrics_http.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <memory>
 #include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/time/clock.h"
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -25,6 +36,96 @@ TEST(MetricsHttpServerTest, ServesTheTextOverHttpAnd404sOtherPaths) {
   // Every scrape renders afresh.
   EXPECT_THAT(HttpGet(http.port(), "/metrics"), HasSubstr("code=\"OK\"} 2"));
   EXPECT_THAT(HttpGet(http.port(), "/other"), HasSubstr("404 Not Found"));
+}
+
+// A client that connects and then sends its request head one byte every
+// 100 ms: too slow ever to finish it.
+class SlowClient {
+ public:
+  explicit SlowClient(int port) {
+    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(port);
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    connected_ = ::connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
+    thread_ = std::thread([this] {
+      const std::string head = "GET /metrics HTTP/1.1\r\nX-Slow: " + std::string(1 << 20, 'a');
+      for (size_t i = 0; i < head.size() && !stop_; ++i) {
+        if (::send(fd_, &head[i], 1, MSG_NOSIGNAL) != 1) break;
+        ++sent_;
+        absl::SleepFor(absl::Milliseconds(100));
+      }
+    });
+  }
+  ~SlowClient() {
+    stop_ = true;
+    thread_.join();
+    ::close(fd_);
+  }
+  bool connected() const { return connected_; }
+  int sent() const { return sent_; }
+
+ private:
+  int fd_ = -1;
+  bool connected_ = false;
+  std::atomic<bool> stop_{false};
+  std::atomic<int> sent_{0};
+  std::thread thread_;
+};
+
+// Regression: one thread read each client's request head in turn, waiting
+// up to 2 s per read, so a client sending a byte a second held the port:
+// scrapes waited behind it, and so did the server's shutdown (the
+// coordinator stayed 21 s past SIGTERM).
+TEST(MetricsHttpServerTest, ASlowClientHoldsUpNeitherScrapesNorShutdown) {
+  auto http = std::make_unique<MetricsHttpServer>([] { return std::string("up 1\n"); });
+  ASSERT_TRUE(http->Start("127.0.0.1", 0).ok());
+  SlowClient slow(http->port());
+  ASSERT_TRUE(slow.connected());
+  while (slow.sent() < 3) absl::SleepFor(absl::Milliseconds(10));
+  absl::Time start = absl::Now();
+  EXPECT_THAT(HttpGet(http->port(), "/metrics", "127.0.0.1", 5000), HasSubstr("up 1"));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(1)) << "the scrape waited for the slow client";
+  start = absl::Now();
+  http.reset();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(1)) << "shutdown waited for the slow client";
+}
+
+// Connections that send nothing are closed after a while, and past the
+// limit are closed at once: they never crowd out a scrape.
+TEST(MetricsHttpServerTest, ManyIdleConnectionsDoNotCrowdOutAScrape) {
+  MetricsHttpServer http([] { return std::string("up 1\n"); });
+  ASSERT_TRUE(http.Start("127.0.0.1", 0).ok());
+  std::vector<int> idle;
+  for (int i = 0; i < 100; ++i) {
+    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(http.port());
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+    idle.push_back(fd);
+  }
+  absl::Time start = absl::Now();
+  EXPECT_THAT(HttpGet(http.port(), "/metrics", "127.0.0.1", 5000), HasSubstr("up 1"));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(2));
+  for (int fd : idle) ::close(fd);
+}
+
+// Regression: --host=localhost or ::1 made the coordinator exit ("metrics:
+// bad IPv4 address \"localhost\"").
+TEST(MetricsHttpServerTest, ListensOnHostNamesAndIpv6Addresses) {
+  MetricsHttpServer by_name([] { return std::string("up 1\n"); });
+  absl::Status s = by_name.Start("localhost", 0);
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_THAT(HttpGet(by_name.port(), "/metrics"), HasSubstr("up 1"));
+  MetricsHttpServer v6([] { return std::string("up 1\n"); });
+  s = v6.Start("::1", 0);
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_THAT(HttpGet(v6.port(), "/metrics", "::1"), HasSubstr("up 1"));
+  MetricsHttpServer bad([] { return std::string(); });
+  EXPECT_EQ(bad.Start("no.such.host.invalid", 0).code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace
