@@ -6,11 +6,20 @@
 #include <filesystem>
 #include <fstream>
 
+#include <chrono>
+#include <cstdio>
+#include <thread>
+#include <vector>
+
 #include "absl/strings/str_cat.h"
+#include "common/credentials.h"
 #include "gmock/gmock.h"
+#include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "client/client.h"
 #include "partitioner/graph_builder.h"
+#include "proto/grpc_service.grpc.pb.h"
+#include "proto/pipeserve_service.grpc.pb.h"
 #include "runtime/model_file.h"
 #include "tests/cluster.h"
 #include "tests/fixtures.h"
@@ -163,6 +172,133 @@ TEST_F(SecurityTest, StageServersTakeOnlyClusterCertificates) {
   auto h = health(member);
   ASSERT_TRUE(h.ok()) << h.status();
   EXPECT_EQ(*h, "SERVING");
+}
+
+// A StageService stub presenting `role`'s certificate from `certs`.
+std::unique_ptr<StageService::Stub> StageStub(const std::string& address, const std::string& certs,
+                                              const std::string& role) {
+  auto creds = MakeChannelCredentials(
+      {certs + "/" + role + ".crt", certs + "/" + role + ".key", certs + "/ca.crt"});
+  EXPECT_TRUE(creds.ok()) << creds.status();
+  return StageService::NewStub(grpc::CreateChannel(address, *creds));
+}
+
+std::unique_ptr<grpc::ClientContext> Context() {
+  auto ctx = std::make_unique<grpc::ClientContext>();
+  ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  return ctx;
+}
+
+// Regression: stage servers checked that a peer's certificate was signed by
+// the cluster CA, never whose it was. Every stage pod holds one, so any
+// of them could load, unload and list stages and take results on every
+// other stage server. Control calls and results now take the coordinator's
+// certificate only; frames the coordinator's or a stage server's.
+TEST_F(SecurityTest, AStageServersCertificateCannotControlAnotherStageServer) {
+  auto server = StageServerProcess::Start(
+      "", {"--cluster_ca=" + *certs_ + "/ca.crt", "--cluster_cert=" + *certs_ + "/stage.crt",
+           "--cluster_key=" + *certs_ + "/stage.key"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  const std::string address = (*server)->address();
+  auto stage = StageStub(address, *certs_, "stage");
+  auto denied = [](const grpc::Status& s, const std::string& what) {
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED) << what << ": " << s.error_message();
+    EXPECT_THAT(s.error_message(), HasSubstr("pipeserve coordinator")) << what;
+  };
+  {
+    ListStagesResponse resp;
+    denied(stage->ListStages(Context().get(), {}, &resp), "ListStages");
+  }
+  {
+    UnloadStageRequest req;
+    UnloadStageResponse resp;
+    denied(stage->UnloadStage(Context().get(), req, &resp), "UnloadStage");
+  }
+  {
+    StageStatsRequest req;
+    StageStatsResponse resp;
+    denied(stage->GetStageStats(Context().get(), req, &resp), "GetStageStats");
+  }
+  {
+    auto ctx = Context();
+    LoadStageResponse resp;
+    auto writer = stage->LoadStage(ctx.get(), &resp);
+    LoadStageRequest req;
+    req.mutable_spec()->mutable_key()->set_model("intruder");
+    writer->Write(req);
+    writer->WritesDone();
+    denied(writer->Finish(), "LoadStage");
+  }
+  {
+    auto ctx = Context();
+    auto reader = stage->Results(ctx.get(), ResultsRequest());
+    FrameHeader h;
+    while (reader->Read(&h)) {
+    }
+    denied(reader->Finish(), "Results");
+  }
+  {
+    // Frames: a stage server may send them (this stage is not loaded).
+    auto ctx = Context();
+    ctx->AddMetadata("pipeserve-model", "m");
+    ctx->AddMetadata("pipeserve-deployment", "1");
+    ctx->AddMetadata("pipeserve-stage", "1");
+    auto stream = stage->Process(ctx.get());
+    stream->WritesDone();
+    FrameHeader h;
+    while (stream->Read(&h)) {
+    }
+    grpc::Status s = stream->Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
+  }
+  ListStagesResponse listed;
+  grpc::Status s = StageStub(address, *certs_, "coordinator")->ListStages(Context().get(), {}, &listed);
+  EXPECT_TRUE(s.ok()) << "the coordinator's certificate may: " << s.error_message();
+}
+
+// Resident memory high-water mark of process `pid`, in KiB.
+int64_t HighWaterKiB(pid_t pid) {
+  std::ifstream in(absl::StrCat("/proc/", pid, "/status"));
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::stoll(line.substr(6));
+  }
+  return -1;
+}
+
+// Regression: tokens were checked inside the handlers, after gRPC had read
+// a call's whole message (up to --max_message_mb): six tokenless calls of
+// 200 MB raised the coordinator from 20 MB to 2.67 GB. Calls are now
+// checked on their headers, and refused before the body is read.
+TEST(AuthBeforeBodyTest, TokenlessCallsCostTheCoordinatorTheirHeadersNotTheirBodies) {
+  const std::string certs = MakeCerts("gate_certs");
+  auto c = CoordinatorProcess::Start({TempDir("gate_repo"), {"--auth_tokens=" + certs + "/tokens"}});
+  ASSERT_TRUE(c.ok()) << c.status();
+  const int64_t before = HighWaterKiB((*c)->pid());
+  inference::ModelInferRequest req;
+  req.set_model_name("m");
+  auto* x = req.add_inputs();
+  x->set_name("x");
+  x->set_datatype("FP32");
+  x->add_shape(25 << 20);
+  req.add_raw_input_contents(std::string(100 << 20, '\0'));
+  grpc::ChannelArguments args;
+  args.SetMaxSendMessageSize(-1);
+  auto stub = inference::GRPCInferenceService::NewStub(
+      grpc::CreateCustomChannel((*c)->address(), grpc::InsecureChannelCredentials(), args));
+  std::vector<std::thread> calls;
+  for (int i = 0; i < 4; ++i) {
+    calls.emplace_back([&] {
+      inference::ModelInferResponse resp;
+      grpc::Status s = stub->ModelInfer(Context().get(), req, &resp);
+      EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED) << s.error_message();
+    });
+  }
+  for (auto& t : calls) t.join();
+  const int64_t grew = HighWaterKiB((*c)->pid()) - before;
+  std::printf("4 tokenless calls of 100 MiB: the coordinator's peak memory grew %lld KiB\n",
+              static_cast<long long>(grew));
+  EXPECT_LT(grew, 64 << 10) << "the bodies were read";
 }
 
 TEST(ListenTest, PlaintextOnANonLoopbackAddressNeedsTheFlag) {

@@ -301,13 +301,14 @@ TEST(TrustUploadTest, ADeployLongerThanTheIdleTimeoutIsNotCancelled) {
   auto c = CoordinatorProcess::Start({TempDir("slow_deploy_repo"), {"--upload_idle_timeout_s=1"}});
   ASSERT_TRUE(c.ok()) << c.status();
   auto client = *Client::Connect((*c)->address());
-  // 2 stages of 4096 x 4096 float32: 128 MiB to load, well over a second.
-  std::string path = WriteMlp(TempDir("slow_deploy_models"), 2, 4096);
+  // 4 stages of 4096 x 4096 float32: 256 MiB to load, well over a second
+  // (2 stages took 0.85 s on a fast machine, too close to the timeout).
+  std::string path = WriteMlp(TempDir("slow_deploy_models"), 4, 4096);
   absl::Time start = absl::Now();
   absl::StatusOr<UploadResult> up = client->Upload("slow", path, {});
   const absl::Duration took = absl::Now() - start;
   ASSERT_TRUE(up.ok()) << up.status() << " after " << took;
-  std::printf("128 MiB uploaded and deployed in %.1f s with a 1 s idle timeout\n",
+  std::printf("256 MiB uploaded and deployed in %.1f s with a 1 s idle timeout\n",
               absl::ToDoubleSeconds(took));
   EXPECT_GT(took, absl::Seconds(1)) << "the case needs a deploy longer than the timeout";
   auto models = client->ListModels();

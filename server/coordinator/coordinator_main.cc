@@ -28,6 +28,7 @@
 #include "server/coordinator/metrics.h"
 #include "server/coordinator/model_service.h"
 #include "server/transport/auth.h"
+#include "server/transport/call_gate.h"
 #include "server/transport/channels.h"
 #include "common/credentials.h"
 #include "common/server_process.h"
@@ -66,6 +67,9 @@ ABSL_FLAG(int, max_stages, 64, "most stages one model may be cut into");
 ABSL_FLAG(int, max_message_mb, 256,
           "largest message accepted, MiB (at least 2: uploads come in 1 MiB chunks)");
 ABSL_FLAG(int, max_upload_mb, 16384, "largest model upload, MiB");
+ABSL_FLAG(int, max_call_memory_mb, 2048,
+          "memory all calls may hold at once, their messages included, MiB (gRPC's resource quota; "
+          "0: no bound)");
 ABSL_FLAG(int, max_concurrent_uploads, 2, "uploads in progress at once");
 ABSL_FLAG(int, upload_idle_timeout_s, 30, "an upload sending nothing this long is cancelled");
 ABSL_FLAG(int, max_threads, 256, "threads for RPC handlers; calls beyond get RESOURCE_EXHAUSTED");
@@ -262,6 +266,15 @@ int main(int argc, char** argv) {
     std::cerr << "coordinator: no --auth_tokens: any client that reaches the port may upload "
                  "and run models\n";
   }
+  // Tokens are checked on a call's headers, before its body is read.
+  pipeserve::CallGate gate(pipeserve::CallGate::TokenScope(tokens.get(), pipeserve::Scope::kInfer));
+  for (const char* open : {"/grpc.health.v1.Health/", "/grpc.reflection.",
+                           "/inference.GRPCInferenceService/ServerLive",
+                           "/inference.GRPCInferenceService/ServerReady"}) {
+    gate.Add(open, pipeserve::CallGate::Anyone());  // probes carry no tokens
+  }
+  gate.Add("/pipeserve.ModelService/",
+           pipeserve::CallGate::TokenScope(tokens.get(), pipeserve::Scope::kAdmin));
   std::thread loader;
   pipeserve::ServeOptions serve;
   serve.name = "coordinator";
@@ -269,8 +282,10 @@ int main(int argc, char** argv) {
   serve.port = absl::GetFlag(FLAGS_port);
   serve.port_file = absl::GetFlag(FLAGS_port_file);
   serve.credentials = credentials;
+  serve.gate = tokens != nullptr ? &gate : nullptr;
+  serve.max_call_memory_bytes = int64_t{std::max(0, absl::GetFlag(FLAGS_max_call_memory_mb))} << 20;
   serve.allow_insecure = absl::GetFlag(FLAGS_allow_insecure);
-  serve.max_receive_bytes = std::max(2, absl::GetFlag(FLAGS_max_message_mb)) * (1 << 20);
+  serve.max_receive_bytes = std::clamp(absl::GetFlag(FLAGS_max_message_mb), 2, 2047) * (1 << 20);
   serve.max_threads = absl::GetFlag(FLAGS_max_threads);
   serve.serving = [&] { return coordinator.Serving(); };
   serve.grace = absl::Seconds(std::max(0, absl::GetFlag(FLAGS_shutdown_grace_s)));

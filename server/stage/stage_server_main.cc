@@ -11,6 +11,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <thread>
@@ -23,6 +24,7 @@
 #include "server/stage/stage_metrics.h"
 #include "server/stage/stage_server_core.h"
 #include "server/stage/stage_service.h"
+#include "server/transport/call_gate.h"
 #include "server/transport/channels.h"
 #include "common/credentials.h"
 #include "common/server_process.h"
@@ -41,6 +43,15 @@ ABSL_FLAG(std::string, cluster_cert, "", "PEM: this server's cluster certificate
 ABSL_FLAG(std::string, cluster_key, "", "PEM: its private key");
 ABSL_FLAG(std::string, cluster_token_file, "",
           "file holding the cluster token every StageService call must carry");
+ABSL_FLAG(std::string, coordinator_identity, "pipeserve coordinator",
+          "with --cluster_cert: the certificate name (CN) of the coordinator, the one peer that may "
+          "load, unload, list and inspect stages and take results");
+ABSL_FLAG(std::string, stage_identity, "pipeserve stage",
+          "with --cluster_cert: the certificate name (CN) of stage servers, which (besides the "
+          "coordinator) may send frames");
+ABSL_FLAG(int, max_message_mb, 1024,
+          "largest message accepted, MiB (a frame message, a weight chunk): a bound on what one "
+          "call can make this server hold");
 ABSL_FLAG(int, threads, 1, "default GEMM threads per stage");
 ABSL_FLAG(int, queue_capacity, 8, "frames waiting per stage before backpressure");
 ABSL_FLAG(int, max_stages, 64, "stages held at once");
@@ -120,8 +131,19 @@ int main(int argc, char** argv) {
     absl::Status s = metrics_http.Start(*host, port, absl::GetFlag(FLAGS_metrics_port_file));
     if (!s.ok()) return Fail(std::string(s.message()));
   }
+  // Who may call, checked on a call's headers before its body is read:
+  // the cluster token, and with certificates, the peer's name (control
+  // calls and results: the coordinator only; frames: it or a stage).
+  const std::string coordinator = absl::GetFlag(FLAGS_coordinator_identity);
+  pipeserve::CallGate gate(pipeserve::CallGate::ClusterMember(cluster.token, {coordinator}));
+  gate.Add("/grpc.health.v1.Health/", pipeserve::CallGate::Anyone());
+  gate.Add("/pipeserve.StageService/Process",
+           pipeserve::CallGate::ClusterMember(
+               cluster.token, {coordinator, absl::GetFlag(FLAGS_stage_identity)}));
   pipeserve::ServeOptions serve;
   serve.name = "stage_server";
+  serve.gate = &gate;
+  serve.max_receive_bytes = std::clamp(absl::GetFlag(FLAGS_max_message_mb), 1, 2047) * (1 << 20);
   serve.host = absl::GetFlag(FLAGS_host);
   serve.port = absl::GetFlag(FLAGS_port);
   serve.port_file = absl::GetFlag(FLAGS_port_file);

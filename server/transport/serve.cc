@@ -58,6 +58,24 @@ absl::StatusOr<std::string> ListenHost(const std::string& host, bool tls, bool a
       ": configure TLS, listen on loopback, or pass --allow_insecure"));
 }
 
+namespace {
+
+// TLS as configured, or plaintext: local TCP credentials on a loopback
+// host when there is a gate to run (they admit loopback peers only, speak
+// plain HTTP/2 as insecure ones do, and run an AuthMetadataProcessor).
+std::shared_ptr<grpc::ServerCredentials> Credentials(const ServeOptions& options,
+                                                     const std::string& host) {
+  std::shared_ptr<grpc::ServerCredentials> creds = options.credentials;
+  if (creds == nullptr) {
+    if (options.gate == nullptr || !IsLoopbackHost(host)) return grpc::InsecureServerCredentials();
+    creds = grpc::experimental::LocalServerCredentials(LOCAL_TCP);
+  }
+  if (options.gate != nullptr) options.gate->Attach(creds.get());
+  return creds;
+}
+
+}  // namespace
+
 int Serve(const std::vector<grpc::Service*>& services, const ServeOptions& options) {
   BlockShutdownSignals();  // before gRPC starts its threads
   const bool tls = options.credentials != nullptr;
@@ -77,13 +95,13 @@ int Serve(const std::vector<grpc::Service*>& services, const ServeOptions& optio
   std::string address = absl::StrContains(*host, ":") && host->front() != '['
                             ? absl::StrCat("[", *host, "]:", options.port)
                             : absl::StrCat(*host, ":", options.port);
-  builder.AddListeningPort(address, tls ? options.credentials : grpc::InsecureServerCredentials(),
-                           &chosen);
+  builder.AddListeningPort(address, Credentials(options, *host), &chosen);
   builder.SetMaxReceiveMessageSize(options.max_receive_bytes);
   builder.SetMaxSendMessageSize(-1);
-  if (options.max_threads > 0) {
+  if (options.max_threads > 0 || options.max_call_memory_bytes > 0) {
     grpc::ResourceQuota quota(options.name);
-    quota.SetMaxThreads(options.max_threads);
+    if (options.max_threads > 0) quota.SetMaxThreads(options.max_threads);
+    if (options.max_call_memory_bytes > 0) quota.Resize(options.max_call_memory_bytes);
     builder.SetResourceQuota(quota);
   }
   if (options.configure) options.configure(builder);

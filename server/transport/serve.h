@@ -22,6 +22,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "grpcpp/grpcpp.h"
+#include "server/transport/call_gate.h"
 
 namespace pipeserve {
 
@@ -35,6 +36,14 @@ struct ServeOptions {
   std::string port_file;
   // TLS; null serves plaintext.
   std::shared_ptr<grpc::ServerCredentials> credentials;
+  // Who may make which call, checked on a call's headers before its body
+  // is read (not owned; null: only the services' own checks). It runs with
+  // TLS and, in plaintext, on a loopback host (local TCP credentials); a
+  // plaintext server on another host (allow_insecure) cannot run it.
+  const CallGate* gate = nullptr;
+  // Memory all calls may hold at once, their messages included (gRPC's
+  // resource quota); 0: no bound.
+  int64_t max_call_memory_bytes = 0;
   // Allows plaintext on an address other than loopback (logs a warning).
   bool allow_insecure = false;
   // Largest request message; -1: no limit (gRPC answers RESOURCE_EXHAUSTED
