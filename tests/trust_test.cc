@@ -4,10 +4,12 @@
 // would. Each test failed (or crashed the coordinator) before the fix.
 #include <signal.h>
 
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
@@ -328,6 +330,77 @@ TEST(TrustUploadTest, AnUploadOverTheSizeLimitIsRefusedAndStoresNothing) {
   EXPECT_EQ(up.status().code(), absl::StatusCode::kResourceExhausted) << up.status();
   EXPECT_THAT(std::string(up.status().message()), HasSubstr("larger than this coordinator accepts"));
   EXPECT_TRUE(client->ListModels()->empty());
+}
+
+inference::ModelInferRequest MlpRequest(const std::string& id) {
+  inference::ModelInferRequest req = Request("mlp", {1, 8}, std::string(32, '\0'));
+  req.set_id(id);
+  return req;
+}
+
+// Regression: each ModelStreamInfer stream holds a handler thread for as
+// long as it stays open, and nothing bounded them: with --max_threads=8,
+// eight idle streams made ServerLive and ModelInfer answer
+// RESOURCE_EXHAUSTED while health said SERVING.
+TEST(TrustStreamTest, IdleStreamsCannotTakeEveryHandlerThread) {
+  auto c = CoordinatorProcess::Start({TempDir("streams_repo"), {"--max_threads=8"}});
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto client = *Client::Connect((*c)->address(), {.timeout = absl::Seconds(10)});
+  ASSERT_TRUE(client->Upload("mlp", WriteMlp(TempDir("streams_models"), 2), {}).ok());
+  auto stub = inference::GRPCInferenceService::NewStub(
+      grpc::CreateChannel((*c)->address(), grpc::InsecureChannelCredentials()));
+  struct Open {
+    grpc::ClientContext ctx;
+    std::unique_ptr<grpc::ClientReaderWriter<inference::ModelInferRequest,
+                                             inference::ModelStreamInferResponse>> stream;
+  };
+  std::vector<std::unique_ptr<Open>> streams;
+  int answered = 0, refused = 0;
+  for (int i = 0; i < 8; ++i) {
+    auto o = std::make_unique<Open>();
+    o->ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    o->stream = stub->ModelStreamInfer(&o->ctx);
+    inference::ModelStreamInferResponse resp;
+    if (o->stream->Write(MlpRequest(absl::StrCat(i))) && o->stream->Read(&resp)) {
+      ++answered;  // open, and now idle
+      streams.push_back(std::move(o));
+      continue;
+    }
+    grpc::Status s = o->stream->Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
+    ++refused;
+  }
+  EXPECT_GT(answered, 0);
+  EXPECT_GT(refused, 0) << "streams are bounded below the handler threads";
+  auto live = client->ServerLive();
+  ASSERT_TRUE(live.ok()) << live.status();
+  auto out = client->Infer("mlp", {{"x", Tensor::Zeros({3, 8})}});
+  EXPECT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ(*client->Health(), "SERVING");
+  for (auto& o : streams) o->ctx.TryCancel();
+}
+
+// A stream that sends nothing (and has nothing in flight) for
+// --stream_idle_timeout_s is ended, giving its thread back.
+TEST(TrustStreamTest, AnIdleStreamIsEndedAfterTheIdleTimeout) {
+  auto c = CoordinatorProcess::Start({TempDir("idle_stream_repo"), {"--stream_idle_timeout_s=1"}});
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto client = *Client::Connect((*c)->address(), {.timeout = absl::Seconds(10)});
+  ASSERT_TRUE(client->Upload("mlp", WriteMlp(TempDir("idle_stream_models"), 1), {}).ok());
+  auto stub = inference::GRPCInferenceService::NewStub(
+      grpc::CreateChannel((*c)->address(), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  auto stream = stub->ModelStreamInfer(&ctx);
+  inference::ModelStreamInferResponse resp;
+  ASSERT_TRUE(stream->Write(MlpRequest("first")));
+  ASSERT_TRUE(stream->Read(&resp));
+  EXPECT_EQ(resp.error_message(), "");
+  absl::Time idle_from = absl::Now();
+  EXPECT_FALSE(stream->Read(&resp)) << "ended by the server";
+  EXPECT_LT(absl::Now() - idle_from, absl::Seconds(5));
+  EXPECT_GE(absl::Now() - idle_from, absl::Milliseconds(900));
+  EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::CANCELLED);
 }
 
 }  // namespace

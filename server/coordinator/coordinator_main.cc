@@ -74,6 +74,13 @@ ABSL_FLAG(int, max_concurrent_uploads, 2, "uploads in progress at once");
 ABSL_FLAG(int, upload_idle_timeout_s, 30, "an upload sending nothing this long is cancelled");
 ABSL_FLAG(int, max_threads, 256, "threads for RPC handlers; calls beyond get RESOURCE_EXHAUSTED");
 ABSL_FLAG(int, stream_threads, 16, "threads running ModelStreamInfer requests, all streams together");
+ABSL_FLAG(int, max_streams, -1,
+          "ModelStreamInfer streams open at once, all clients together (each holds a handler "
+          "thread; -1: a quarter of --max_threads)");
+ABSL_FLAG(int, max_streams_per_client, 16, "ModelStreamInfer streams open at once per connection");
+ABSL_FLAG(int, stream_idle_timeout_s, 60,
+          "a ModelStreamInfer stream with nothing in flight that sends nothing this long is ended");
+ABSL_FLAG(int, max_timeout_s, 3600, "the longest deadline a client may give a request");
 ABSL_FLAG(int, default_timeout_s, 60, "deadline for requests that carry none");
 ABSL_FLAG(int64_t, max_request_rows, int64_t{1} << 24,
           "most batch rows one request may carry; more is INVALID_ARGUMENT (0: no limit)");
@@ -259,6 +266,14 @@ int main(int argc, char** argv) {
   }
   pipeserve::KServeOptions kserve_options;
   kserve_options.stream_threads = absl::GetFlag(FLAGS_stream_threads);
+  const int max_threads = absl::GetFlag(FLAGS_max_threads);
+  kserve_options.max_streams = absl::GetFlag(FLAGS_max_streams) >= 0
+                                   ? absl::GetFlag(FLAGS_max_streams)
+                                   : std::max(1, max_threads / 4);
+  kserve_options.max_streams_per_client = std::max(1, absl::GetFlag(FLAGS_max_streams_per_client));
+  kserve_options.stream_idle_timeout =
+      absl::Seconds(std::max(1, absl::GetFlag(FLAGS_stream_idle_timeout_s)));
+  kserve_options.max_timeout = absl::Seconds(std::max(1, absl::GetFlag(FLAGS_max_timeout_s)));
   pipeserve::KServeService kserve(&coordinator, &metrics, tokens.get(), kserve_options);
   pipeserve::ModelServiceImpl models(&coordinator, tokens.get(),
                                      absl::Seconds(absl::GetFlag(FLAGS_upload_idle_timeout_s)));
@@ -287,7 +302,11 @@ int main(int argc, char** argv) {
   serve.allow_insecure = absl::GetFlag(FLAGS_allow_insecure);
   serve.max_receive_bytes = std::clamp(absl::GetFlag(FLAGS_max_message_mb), 2, 2047) * (1 << 20);
   serve.max_threads = absl::GetFlag(FLAGS_max_threads);
-  serve.serving = [&] { return coordinator.Serving(); };
+  // Not serving also while every handler thread is taken: calls then get
+  // RESOURCE_EXHAUSTED, and health says so.
+  serve.serving = [&] {
+    return coordinator.Serving() && (max_threads <= 0 || kserve.active_calls() < max_threads - 1);
+  };
   serve.grace = absl::Seconds(std::max(0, absl::GetFlag(FLAGS_shutdown_grace_s)));
   serve.drain = [&](absl::Time deadline) {
     // Requests in flight finish before the server stops: gRPC's own

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/model_name.h"
@@ -650,15 +651,25 @@ void Coordinator::CloseDrained(bool all) {
   }
 }
 
-bool Coordinator::Admit(const std::string& name) {
+Coordinator::Admission::Admission(Admission&& other) noexcept
+    : c_(std::exchange(other.c_, nullptr)), name_(std::move(other.name_)) {}
+
+Coordinator::Admission::~Admission() {
+  if (c_ != nullptr) c_->Release(name_);
+}
+
+absl::StatusOr<Coordinator::Admission> Coordinator::Admit(const std::string& name) {
   absl::MutexLock lock(&admit_mu_);
   int& n = admitted_[name];
   if (options_.max_queued_requests > 0 && n >= options_.max_queued_requests) {
     if (n == 0) admitted_.erase(name);
-    return false;
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "model \"", name.substr(0, 128), "\" has ", options_.max_queued_requests,
+        " requests queued or running, as many as its queue holds (--max_queued_requests); "
+        "try again later"));
   }
   ++n;
-  return true;
+  return Admission(this, name);
 }
 
 bool Coordinator::WaitIdle(absl::Time deadline) {
@@ -749,18 +760,16 @@ absl::StatusOr<std::vector<Tensor>> Coordinator::InferOn(std::shared_ptr<Deploym
                                                          int64_t pinned_version,
                                                          int64_t* answered_version,
                                                          std::vector<TraceSpan>* trace) {
-  const std::string name = model->name();
-  if (!Admit(name)) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "model \"", name, "\" has ", options_.max_queued_requests,
-        " requests queued or running, as many as its queue holds (--max_queued_requests); "
-        "try again later"));
-  }
-  struct Releaser {
-    Coordinator* c;
-    const std::string& name;
-    ~Releaser() { c->Release(name); }
-  } releaser{this, name};
+  ASSIGN_OR_RETURN(Admission admission, Admit(model->name()));
+  return InferAdmitted(admission, std::move(model), inputs, deadline, cancelled, pinned_version,
+                       answered_version, trace);
+}
+
+absl::StatusOr<std::vector<Tensor>> Coordinator::InferAdmitted(
+    const Admission& admission, std::shared_ptr<Deployment> model,
+    const std::vector<Tensor>& inputs, absl::Time deadline, const std::function<bool()>& cancelled,
+    int64_t pinned_version, int64_t* answered_version, std::vector<TraceSpan>* trace) {
+  const std::string name = admission.model();
   if (deadline == absl::InfiniteFuture()) deadline = absl::Now() + options_.default_timeout;
   absl::Duration backoff = absl::Milliseconds(10);
   int lost = 0;  // attempts lost with a stage server that failed

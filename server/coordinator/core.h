@@ -170,6 +170,35 @@ class Coordinator {
                                               int64_t* answered_version = nullptr,
                                               std::vector<TraceSpan>* trace = nullptr);
 
+  // A request counted against its model's queue (max_queued_requests) from
+  // Admit until it is destroyed. Callers that queue requests before they
+  // run them (ModelStreamInfer) admit them first, so what waits is counted.
+  class Admission {
+   public:
+    Admission(Admission&& other) noexcept;
+    Admission& operator=(Admission&&) = delete;
+    ~Admission();
+    const std::string& model() const { return name_; }
+
+   private:
+    friend class Coordinator;
+    Admission(Coordinator* c, std::string name) : c_(c), name_(std::move(name)) {}
+    Coordinator* c_;
+    std::string name_;
+  };
+  // kResourceExhausted, naming the limit, when max_queued_requests of
+  // `name` are queued or running already.
+  absl::StatusOr<Admission> Admit(const std::string& name);
+  // InferOn for a request admitted already (`admission` of model->name()).
+  absl::StatusOr<std::vector<Tensor>> InferAdmitted(const Admission& admission,
+                                                    std::shared_ptr<Deployment> model,
+                                                    const std::vector<Tensor>& inputs,
+                                                    absl::Time deadline,
+                                                    const std::function<bool()>& cancelled,
+                                                    int64_t pinned_version,
+                                                    int64_t* answered_version,
+                                                    std::vector<TraceSpan>* trace);
+
   // Find(model), then InferOn it.
   absl::StatusOr<std::vector<Tensor>> Infer(const std::string& model,
                                             const std::vector<Tensor>& inputs,
@@ -179,6 +208,9 @@ class Coordinator {
   // For a graceful shutdown: waits until no request is queued or running,
   // or `deadline`. True if none is.
   bool WaitIdle(absl::Time deadline);
+
+  // The deadline a request without one gets.
+  absl::Duration default_timeout() const { return options_.default_timeout; }
 
   // Requests that ran again after a failure, since start.
   uint64_t retried_requests() const { return retried_requests_.load(); }
@@ -238,8 +270,6 @@ class Coordinator {
       const std::string& name, const std::shared_ptr<Deployment>& failed,
       const absl::Status& why, absl::Time deadline, absl::Duration backoff,
       const std::function<bool()>& cancelled, int64_t pinned_version);
-  // Counts a request against its model's queue limit; false when full.
-  bool Admit(const std::string& name);
   void Release(const std::string& name);
   // Closes retired deployments that have drained (or run out of time).
   void CloseDrained(bool all);

@@ -35,13 +35,6 @@ absl::Status CheckVersion(const std::string& model, int64_t serving, const std::
                                           serving, "; each upload of a name is its next version)"));
 }
 
-absl::Time DeadlineOf(grpc::ServerContext* ctx) {
-  auto d = ctx->deadline();
-  if (d >= std::chrono::system_clock::time_point::max() - std::chrono::hours(24 * 365)) {
-    return absl::InfiniteFuture();
-  }
-  return absl::FromChrono(d);
-}
 
 void AddTensorMetadata(const ValueSpec& v,
                        google::protobuf::RepeatedPtrField<
@@ -54,13 +47,43 @@ void AddTensorMetadata(const ValueSpec& v,
 
 }  // namespace
 
+// One open ModelStreamInfer stream. The state is shared with the work the
+// stream queued, so it outlives the last request's unlock.
+struct KServeService::Stream {
+  grpc::ServerContext* ctx;
+  std::string client;  // the peer: one client connection
+  absl::Mutex mu;
+  int inflight ABSL_GUARDED_BY(mu) = 0;
+  absl::Time last_active ABSL_GUARDED_BY(mu);
+  absl::Mutex write_mu;
+};
+
 KServeService::KServeService(Coordinator* coordinator, Metrics* metrics, const TokenSet* tokens,
                              KServeOptions options)
     : coordinator_(coordinator),
       metrics_(metrics),
       tokens_(tokens),
       options_(options),
-      stream_pool_(options.stream_threads) {}
+      stream_pool_(options.stream_threads) {
+  reaper_ = std::thread([this] { ReapIdleStreams(); });
+}
+
+KServeService::~KServeService() {
+  {
+    absl::MutexLock lock(&streams_mu_);
+    stopping_ = true;
+  }
+  reaper_.join();
+}
+
+absl::Time KServeService::Deadline(const grpc::ServerContext& ctx) const {
+  const absl::Time cap = absl::Now() + options_.max_timeout;
+  auto d = ctx.deadline();
+  if (d >= std::chrono::system_clock::time_point::max() - std::chrono::hours(24 * 365)) {
+    return absl::InfiniteFuture();  // none: the default applies (it is below the cap)
+  }
+  return std::min(absl::FromChrono(d), cap);
+}
 
 // Liveness and readiness answer anyone, as grpc.health.v1 does: probes
 // carry no tokens, and the answers reveal nothing else.
@@ -123,25 +146,30 @@ grpc::Status KServeService::ModelMetadata(grpc::ServerContext* ctx,
 
 absl::Status KServeService::Infer(const inference::ModelInferRequest& req, absl::Time deadline,
                                   const std::function<bool()>& cancelled,
-                                  inference::ModelInferResponse* resp) {
+                                  inference::ModelInferResponse* resp,
+                                  const Coordinator::Admission* admission) {
   absl::Time start = absl::Now();
-  absl::Status s = InferUnmetered(req, deadline, cancelled, resp);
-  if (metrics_ != nullptr) {
-    // Only models that exist get a series of their own: names from
-    // requests would otherwise grow the metrics without bound.
-    if (coordinator_->GetModel(req.model_name()).ok()) {
-      metrics_->RecordInference(req.model_name(), s, absl::Now() - start);
-    } else {
-      metrics_->RecordUnknownModelInference(s, absl::Now() - start);
-    }
-  }
+  absl::Status s = InferUnmetered(req, deadline, cancelled, resp, admission);
+  Meter(req.model_name(), s, absl::Now() - start);
   return s;
+}
+
+void KServeService::Meter(const std::string& model, const absl::Status& s, absl::Duration took) {
+  if (metrics_ == nullptr) return;
+  // Only models that exist get a series of their own: names from
+  // requests would otherwise grow the metrics without bound.
+  if (coordinator_->GetModel(model).ok()) {
+    metrics_->RecordInference(model, s, took);
+  } else {
+    metrics_->RecordUnknownModelInference(s, took);
+  }
 }
 
 absl::Status KServeService::InferUnmetered(const inference::ModelInferRequest& req,
                                            absl::Time deadline,
                                            const std::function<bool()>& cancelled,
-                                           inference::ModelInferResponse* resp) {
+                                           inference::ModelInferResponse* resp,
+                                           const Coordinator::Admission* admission) {
   RETURN_IF_ERROR(ValidModelName(req.model_name()));
   // One deployment for the whole request: its plan checks the inputs, runs
   // them, and names the outputs (a retry moves only to one with the same
@@ -154,11 +182,15 @@ absl::Status KServeService::InferUnmetered(const inference::ModelInferRequest& r
   ASSIGN_OR_RETURN(const bool traced, TraceRequested(req));
   int64_t answered = serving;
   std::vector<TraceSpan> spans;
-  ASSIGN_OR_RETURN(std::vector<Tensor> outputs,
-                   coordinator_->InferOn(model, inputs, deadline, cancelled,
-                                         req.model_version().empty() ? 0 : serving, &answered,
-                                         traced ? &spans : nullptr));
-  BuildInferResponse(req, model->plan(), chosen, outputs, resp);
+  const int64_t pinned = req.model_version().empty() ? 0 : serving;
+  absl::StatusOr<std::vector<Tensor>> outputs =
+      admission != nullptr
+          ? coordinator_->InferAdmitted(*admission, model, inputs, deadline, cancelled, pinned,
+                                        &answered, traced ? &spans : nullptr)
+          : coordinator_->InferOn(model, inputs, deadline, cancelled, pinned, &answered,
+                                  traced ? &spans : nullptr);
+  if (!outputs.ok()) return outputs.status();
+  BuildInferResponse(req, model->plan(), chosen, *outputs, resp);
   resp->set_model_version(absl::StrCat(answered));
   if (traced) {
     (*resp->mutable_parameters())["trace"].set_string_param(
@@ -170,64 +202,137 @@ absl::Status KServeService::InferUnmetered(const inference::ModelInferRequest& r
 grpc::Status KServeService::ModelInfer(grpc::ServerContext* ctx,
                                        const inference::ModelInferRequest* req,
                                        inference::ModelInferResponse* resp) {
+  ActiveCall active(this);
   absl::Status auth = AuthorizeCall(tokens_, *ctx, Scope::kInfer);
   if (!auth.ok()) return ToGrpcStatus(auth);
-  return ToGrpcStatus(Infer(*req, DeadlineOf(ctx), [ctx] { return ctx->IsCancelled(); }, resp));
+  return ToGrpcStatus(Infer(*req, Deadline(*ctx), [ctx] { return ctx->IsCancelled(); }, resp));
 }
 
 grpc::Status KServeService::ModelStreamInfer(
     grpc::ServerContext* ctx,
     grpc::ServerReaderWriter<inference::ModelStreamInferResponse, inference::ModelInferRequest>*
         stream) {
+  ActiveCall active(this);
   absl::Status auth = AuthorizeCall(tokens_, *ctx, Scope::kInfer);
   if (!auth.ok()) return ToGrpcStatus(auth);
+  absl::StatusOr<std::shared_ptr<Stream>> st = OpenStream(ctx);
+  if (!st.ok()) return ToGrpcStatus(st.status());
+  ReadRequests(*st, ctx, stream);
+  {
+    absl::MutexLock lock(&(*st)->mu);
+    auto idle = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED((*st)->mu) { return (*st)->inflight == 0; };
+    (*st)->mu.Await(absl::Condition(&idle));
+  }
+  CloseStream(*st);
+  return grpc::Status::OK;
+}
+
+void KServeService::ReadRequests(
+    const std::shared_ptr<Stream>& st, grpc::ServerContext* ctx,
+    grpc::ServerReaderWriter<inference::ModelStreamInferResponse, inference::ModelInferRequest>*
+        stream) {
   // Requests run on the shared pool, at most stream_inflight of this
   // stream's at once (the stream is not read further until one finishes);
-  // responses are written as they finish, one at a time. The state is
-  // shared with the work so it outlives the last request's unlock.
-  struct StreamState {
-    absl::Mutex mu;
-    int inflight ABSL_GUARDED_BY(mu) = 0;
-    absl::Mutex write_mu;
-  };
-  auto state = std::make_shared<StreamState>();
+  // responses are written as they finish, one at a time.
   const int limit = options_.stream_inflight;
-  auto below = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(state->mu) { return state->inflight < limit; };
-  auto idle = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(state->mu) { return state->inflight == 0; };
-  const absl::Time deadline = DeadlineOf(ctx);
+  const absl::Time stream_deadline = Deadline(*ctx);
+  auto respond = [st, stream](const inference::ModelInferRequest& req, const absl::Status& s,
+                              inference::ModelStreamInferResponse* out) {
+    if (!s.ok()) {
+      out->clear_infer_response();
+      out->set_error_message(absl::StrCat(absl::StatusCodeToString(s.code()), ": ",
+                                          s.message().substr(0, kMaxStatusMessageBytes)));
+      out->mutable_infer_response()->set_id(req.id().substr(0, 256));
+      out->mutable_infer_response()->set_model_name(req.model_name().substr(0, 128));
+    }
+    absl::MutexLock lock(&st->write_mu);
+    stream->Write(*out);
+  };
   inference::ModelInferRequest req;
   while (true) {
     {
-      absl::MutexLock lock(&state->mu);
-      state->mu.Await(absl::Condition(&below));
+      absl::MutexLock lock(&st->mu);
+      auto below = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(st->mu) { return st->inflight < limit; };
+      st->mu.Await(absl::Condition(&below));
     }
     if (!stream->Read(&req)) break;
-    {
-      absl::MutexLock lock(&state->mu);
-      ++state->inflight;
+    // The deadline runs from arrival; the request counts against its
+    // model's queue before it waits for a thread.
+    const absl::Time deadline =
+        std::min(stream_deadline, absl::Now() + coordinator_->default_timeout());
+    absl::StatusOr<Coordinator::Admission> admitted = coordinator_->Admit(req.model_name());
+    if (!admitted.ok()) {
+      Meter(req.model_name(), admitted.status(), absl::ZeroDuration());
+      inference::ModelStreamInferResponse out;
+      respond(req, admitted.status(), &out);
+      continue;
     }
-    stream_pool_.Submit([this, state, ctx, stream, deadline, req] {
+    {
+      absl::MutexLock lock(&st->mu);
+      ++st->inflight;
+      st->last_active = absl::Now();
+    }
+    auto admission = std::make_shared<Coordinator::Admission>(*std::move(admitted));
+    stream_pool_.Submit(req.model_name(), [this, st, ctx, req, deadline, admission, respond] {
       inference::ModelStreamInferResponse out;
       absl::Status s = Infer(req, deadline, [ctx] { return ctx->IsCancelled(); },
-                             out.mutable_infer_response());
-      if (!s.ok()) {
-        out.clear_infer_response();
-        out.set_error_message(absl::StrCat(absl::StatusCodeToString(s.code()), ": ",
-                                           s.message().substr(0, kMaxStatusMessageBytes)));
-        out.mutable_infer_response()->set_id(req.id().substr(0, 256));
-        out.mutable_infer_response()->set_model_name(req.model_name().substr(0, 128));
-      }
-      {
-        absl::MutexLock lock(&state->write_mu);
-        stream->Write(out);
-      }
-      absl::MutexLock lock(&state->mu);
-      --state->inflight;
+                             out.mutable_infer_response(), admission.get());
+      respond(req, s, &out);
+      absl::MutexLock lock(&st->mu);
+      --st->inflight;
+      st->last_active = absl::Now();
     });
   }
-  absl::MutexLock lock(&state->mu);
-  state->mu.Await(absl::Condition(&idle));
-  return grpc::Status::OK;
+}
+
+absl::StatusOr<std::shared_ptr<KServeService::Stream>> KServeService::OpenStream(
+    grpc::ServerContext* ctx) {
+  auto st = std::make_shared<Stream>();
+  st->ctx = ctx;
+  st->client = ctx->peer();
+  {
+    absl::MutexLock lock(&st->mu);
+    st->last_active = absl::Now();
+  }
+  absl::MutexLock lock(&streams_mu_);
+  if (static_cast<int>(streams_.size()) >= options_.max_streams) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "this coordinator has ", streams_.size(), " ModelStreamInfer streams open, its limit "
+        "(--max_streams); use ModelInfer, or share a stream"));
+  }
+  int& mine = streams_per_client_[st->client];
+  if (mine >= options_.max_streams_per_client) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "this connection has ", mine, " ModelStreamInfer streams open, the limit per client "
+        "connection (--max_streams_per_client); one stream carries many requests"));
+  }
+  ++mine;
+  streams_.push_back(st);
+  return st;
+}
+
+void KServeService::CloseStream(const std::shared_ptr<Stream>& st) {
+  absl::MutexLock lock(&streams_mu_);
+  streams_.erase(std::remove(streams_.begin(), streams_.end(), st), streams_.end());
+  auto it = streams_per_client_.find(st->client);
+  if (it != streams_per_client_.end() && --it->second <= 0) streams_per_client_.erase(it);
+}
+
+void KServeService::ReapIdleStreams() {
+  absl::MutexLock lock(&streams_mu_);
+  auto stop = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(streams_mu_) { return stopping_; };
+  while (!streams_mu_.AwaitWithTimeout(absl::Condition(&stop), absl::Milliseconds(250))) {
+    const absl::Time now = absl::Now();
+    for (const std::shared_ptr<Stream>& st : streams_) {
+      // A registered stream's context is alive: its handler unregisters
+      // (under streams_mu_) before it returns.
+      absl::MutexLock stream_lock(&st->mu);
+      if (st->inflight == 0 && now - st->last_active > options_.stream_idle_timeout) {
+        st->ctx->TryCancel();
+        st->last_active = absl::InfiniteFuture();  // once
+      }
+    }
+  }
 }
 
 grpc::Status KServeService::RepositoryIndex(grpc::ServerContext* ctx,

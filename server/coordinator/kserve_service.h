@@ -8,8 +8,16 @@
 #ifndef PIPESERVE_SERVER_COORDINATOR_KSERVE_SERVICE_H_
 #define PIPESERVE_SERVER_COORDINATOR_KSERVE_SERVICE_H_
 
+#include <atomic>
 #include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
 
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "proto/grpc_service.grpc.pb.h"
 #include "server/coordinator/core.h"
 #include "server/coordinator/metrics.h"
@@ -20,11 +28,24 @@ namespace pipeserve {
 
 struct KServeOptions {
   // Threads running requests that arrive on ModelStreamInfer streams, for
-  // all streams together.
+  // all streams together; models take turns on them (WorkerPool).
   int stream_threads = 16;
-  // Requests one stream may have running at once; the stream is not read
-  // further until one finishes.
+  // Requests one stream may have queued or running at once; the stream is
+  // not read further until one finishes.
   int stream_inflight = 32;
+  // ModelStreamInfer streams open at once, all clients together, and from
+  // one client connection; more are RESOURCE_EXHAUSTED. Each open stream
+  // holds one of the server's handler threads (--max_threads), so these
+  // keep threads for the other calls.
+  int max_streams = 64;
+  int max_streams_per_client = 16;
+  // A stream with no request in flight that sends nothing for this long
+  // is ended (CANCELLED), giving its thread back.
+  absl::Duration stream_idle_timeout = absl::Seconds(60);
+  // The longest deadline a client may give a request. (A request without
+  // one gets the coordinator's default, counted from its arrival: a
+  // streamed request's clock starts before it waits for a thread.)
+  absl::Duration max_timeout = absl::Hours(1);
 };
 
 class KServeService final : public inference::GRPCInferenceService::Service {
@@ -34,6 +55,10 @@ class KServeService final : public inference::GRPCInferenceService::Service {
   // service.
   KServeService(Coordinator* coordinator, Metrics* metrics, const TokenSet* tokens,
                 KServeOptions options);
+  ~KServeService() override;
+
+  // Calls in this service's handlers now (each holds a handler thread).
+  int active_calls() const { return active_calls_.load(); }
 
   grpc::Status ServerLive(grpc::ServerContext*, const inference::ServerLiveRequest*,
                           inference::ServerLiveResponse*) override;
@@ -58,17 +83,49 @@ class KServeService final : public inference::GRPCInferenceService::Service {
   // Authorizes the call, checks the name and version, and looks the model up.
   absl::StatusOr<ModelInfo> GetModel(const grpc::ServerContext& ctx, const std::string& name,
                                      const std::string& version);
-  // One inference request, metered.
+  struct Stream;
+  // Counts a handler's call in active_calls() while it lives.
+  struct ActiveCall {
+    explicit ActiveCall(KServeService* s) : s(s) { ++s->active_calls_; }
+    ~ActiveCall() { --s->active_calls_; }
+    KServeService* s;
+  };
+  // One inference request, metered. `admission`: already counted against
+  // its model's queue (null: admitted here).
   absl::Status Infer(const inference::ModelInferRequest& req, absl::Time deadline,
-                     const std::function<bool()>& cancelled, inference::ModelInferResponse* resp);
+                     const std::function<bool()>& cancelled, inference::ModelInferResponse* resp,
+                     const Coordinator::Admission* admission = nullptr);
+  // Counts one request in the metrics.
+  void Meter(const std::string& model, const absl::Status& s, absl::Duration took);
   absl::Status InferUnmetered(const inference::ModelInferRequest& req, absl::Time deadline,
                               const std::function<bool()>& cancelled,
-                              inference::ModelInferResponse* resp);
+                              inference::ModelInferResponse* resp,
+                              const Coordinator::Admission* admission);
+  // The client's deadline, no later than max_timeout from now (infinite
+  // when the client set none).
+  absl::Time Deadline(const grpc::ServerContext& ctx) const;
+  // Registers a new stream, or kResourceExhausted naming the limit.
+  absl::StatusOr<std::shared_ptr<Stream>> OpenStream(grpc::ServerContext* ctx);
+  void CloseStream(const std::shared_ptr<Stream>& stream);
+  // Reads requests from one stream and queues each on the pool.
+  void ReadRequests(const std::shared_ptr<Stream>& st, grpc::ServerContext* ctx,
+                    grpc::ServerReaderWriter<inference::ModelStreamInferResponse,
+                                             inference::ModelInferRequest>* stream);
+  // Ends streams idle past stream_idle_timeout, every 250 ms.
+  void ReapIdleStreams();
 
   Coordinator* const coordinator_;
   Metrics* const metrics_;
   const TokenSet* const tokens_;
   const KServeOptions options_;
+  std::atomic<int> active_calls_{0};
+
+  absl::Mutex streams_mu_;
+  std::vector<std::shared_ptr<Stream>> streams_ ABSL_GUARDED_BY(streams_mu_);
+  std::map<std::string, int> streams_per_client_ ABSL_GUARDED_BY(streams_mu_);
+  bool stopping_ ABSL_GUARDED_BY(streams_mu_) = false;
+  std::thread reaper_;
+  // Last: its threads run requests that use everything above.
   WorkerPool stream_pool_;
 };
 

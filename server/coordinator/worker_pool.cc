@@ -16,9 +16,17 @@ WorkerPool::~WorkerPool() {
   for (std::thread& t : threads_) t.join();
 }
 
-void WorkerPool::Submit(std::function<void()> work) {
+void WorkerPool::Submit(const std::string& key, std::function<void()> work) {
   absl::MutexLock lock(&mu_);
-  queue_.push_back(std::move(work));
+  std::deque<std::function<void()>>& q = queues_[key];
+  if (q.empty()) turns_.push_back(key);
+  q.push_back(std::move(work));
+  ++queued_;
+}
+
+size_t WorkerPool::queued() const {
+  absl::MutexLock lock(&mu_);
+  return queued_;
 }
 
 void WorkerPool::Run() {
@@ -27,12 +35,23 @@ void WorkerPool::Run() {
     {
       absl::MutexLock lock(&mu_);
       auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-        return stopping_ || !queue_.empty();
+        return stopping_ || !turns_.empty();
       };
       mu_.Await(absl::Condition(&ready));
-      if (queue_.empty()) return;  // stopping, and everything ran
-      work = std::move(queue_.front());
-      queue_.pop_front();
+      if (turns_.empty()) return;  // stopping, and everything ran
+      // The key whose turn it is runs its oldest work; it goes to the back
+      // of the turns if it has more.
+      const std::string key = std::move(turns_.front());
+      turns_.pop_front();
+      auto it = queues_.find(key);
+      work = std::move(it->second.front());
+      it->second.pop_front();
+      if (it->second.empty()) {
+        queues_.erase(it);
+      } else {
+        turns_.push_back(key);
+      }
+      --queued_;
     }
     work();
   }

@@ -1,14 +1,19 @@
-// A fixed set of threads running submitted work in order of arrival: the
-// coordinator's bounded home for work that must not get a thread each
-// (requests arriving on ModelStreamInfer streams).
+// A fixed set of threads running submitted work: the coordinator's bounded
+// home for work that must not get a thread each (requests arriving on
+// ModelStreamInfer streams). Work is queued per key (a model's name) and
+// the keys take turns, so a model whose requests are slow, or many, does
+// not hold up another's behind it: each key's work runs in order of
+// arrival, and a free thread takes the next key in turn.
 //
 //   WorkerPool pool(16);
-//   pool.Submit([&] { Handle(request); });
+//   pool.Submit("gpt2", [&] { Handle(request); });
 #ifndef PIPESERVE_SERVER_COORDINATOR_WORKER_POOL_H_
 #define PIPESERVE_SERVER_COORDINATOR_WORKER_POOL_H_
 
 #include <deque>
 #include <functional>
+#include <map>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -22,15 +27,20 @@ class WorkerPool {
   // Runs what was submitted, then joins the threads.
   ~WorkerPool();
 
-  // Queues `work`; never blocks (callers bound how much they submit).
-  // Thread-safe.
-  void Submit(std::function<void()> work);
+  // Queues `work` under `key`; never blocks (callers bound how much they
+  // submit). Thread-safe.
+  void Submit(const std::string& key, std::function<void()> work);
+
+  // Work queued and not yet started.
+  size_t queued() const;
 
  private:
   void Run();
 
-  absl::Mutex mu_;
-  std::deque<std::function<void()>> queue_ ABSL_GUARDED_BY(mu_);
+  mutable absl::Mutex mu_;
+  std::map<std::string, std::deque<std::function<void()>>> queues_ ABSL_GUARDED_BY(mu_);
+  std::deque<std::string> turns_ ABSL_GUARDED_BY(mu_);  // keys with work queued, in turn
+  size_t queued_ ABSL_GUARDED_BY(mu_) = 0;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::thread> threads_;
 };

@@ -1,0 +1,164 @@
+// The KServe service over a real coordinator and in-process stage servers,
+// through a real gRPC server on loopback: how ModelStreamInfer requests
+// wait for threads and count against their model's queue.
+#include "server/coordinator/kserve_service.h"
+
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "gmock/gmock.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "partitioner/graph_builder.h"
+#include "runtime/model_file.h"
+#include "server/coordinator/in_process_stages.h"
+#include "server/testing/gated_backend.h"
+
+namespace pipeserve {
+namespace {
+
+using ::testing::HasSubstr;
+
+std::string TempDir(const std::string& name) {
+  static int counter = 0;
+  std::string dir = absl::StrCat(std::getenv("TEST_TMPDIR"), "/", name, ".", counter++);
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+class KServeServiceTest : public ::testing::Test {
+ protected:
+  void Start(CoordinatorOptions co, KServeOptions ko) {
+    StageServerOptions so;
+    so.backend = std::make_shared<GatedBackend>(&gate_);
+    stages_ = std::make_unique<InProcessStages>(so);
+    stages_->AddServer("s0:9000");
+    coordinator_ = std::make_unique<Coordinator>(co, *OpenFileModelStore(TempDir("repo")),
+                                                 MakeStaticLauncher({"s0:9000"}), stages_.get());
+    coordinator_->LoadStoredModels();
+    kserve_ = std::make_unique<KServeService>(coordinator_.get(), nullptr, nullptr, ko);
+    grpc::ServerBuilder b;
+    int port = 0;
+    b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    b.RegisterService(kserve_.get());
+    server_ = b.BuildAndStart();
+    ASSERT_NE(port, 0);
+    stub_ = inference::GRPCInferenceService::NewStub(
+        grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials()));
+    ASSERT_TRUE(Upload("m").ok());
+  }
+
+  void TearDown() override {
+    gate_.Set(true);
+    if (server_) server_->Shutdown(std::chrono::system_clock::now());
+    server_.reset();
+    kserve_.reset();
+    coordinator_.reset();
+    stages_.reset();
+  }
+
+  // x [B, 4] -> relu -> out, one stage.
+  absl::Status Upload(const std::string& name) {
+    GraphBuilder b;
+    b.Input("x", {-1, 4}).Op("relu", {"x"}, "out").Output("out");
+    Model m = b.Build();
+    std::string path = TempDir("model") + "/m.psm";
+    RETURN_IF_ERROR(WriteModelFile(path, m.graph, m.weights));
+    std::ifstream in(path, std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    ASSIGN_OR_RETURN(auto upload, coordinator_->StartUpload(name));
+    RETURN_IF_ERROR(upload->Append(bytes));
+    return coordinator_->FinishUpload(name, {}, std::move(upload), bytes.size(),
+                                      Crc32(bytes.data(), bytes.size()))
+        .status();
+  }
+
+  static inference::ModelInferRequest Request(const std::string& id) {
+    inference::ModelInferRequest req;
+    req.set_model_name("m");
+    req.set_id(id);
+    auto* x = req.add_inputs();
+    x->set_name("x");
+    x->set_datatype("FP32");
+    x->add_shape(1);
+    x->add_shape(4);
+    req.add_raw_input_contents(std::string(16, '\0'));
+    return req;
+  }
+
+  Gate gate_;
+  std::unique_ptr<InProcessStages> stages_;
+  std::unique_ptr<Coordinator> coordinator_;
+  std::unique_ptr<KServeService> kserve_;
+  std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<inference::GRPCInferenceService::Stub> stub_;
+};
+
+// Regression: a streamed request's default deadline started when a pool
+// thread took it, not when it arrived, so one that had waited out its
+// whole deadline behind a slow request still ran in full afterwards.
+TEST_F(KServeServiceTest, AStreamedRequestsDeadlineRunsFromItsArrival) {
+  CoordinatorOptions co;
+  co.default_timeout = absl::Seconds(1);
+  KServeOptions ko;
+  ko.stream_threads = 1;
+  Start(co, ko);
+  gate_.Set(false);
+  grpc::ClientContext ctx;
+  auto stream = stub_->ModelStreamInfer(&ctx);
+  ASSERT_TRUE(stream->Write(Request("slow")));
+  ASSERT_TRUE(gate_.WaitHeld(1)) << "the pool's only thread is busy";
+  ASSERT_TRUE(stream->Write(Request("queued")));
+  absl::SleepFor(absl::Milliseconds(1500));  // past the queued one's deadline
+  gate_.Set(true);
+  stream->WritesDone();
+  std::map<std::string, std::string> errors;
+  inference::ModelStreamInferResponse resp;
+  while (stream->Read(&resp)) errors[resp.infer_response().id()] = resp.error_message();
+  EXPECT_TRUE(stream->Finish().ok());
+  ASSERT_TRUE(errors.count("queued"));
+  EXPECT_THAT(errors["queued"], HasSubstr("DEADLINE_EXCEEDED"));
+}
+
+// Regression: requests queued for the stream pool were not counted against
+// their model's queue (--max_queued_requests): a stream could park any
+// number, each holding a full copy of its request, behind a busy model.
+TEST_F(KServeServiceTest, StreamedRequestsCountAgainstTheModelsQueueBeforeTheyWait) {
+  CoordinatorOptions co;
+  co.max_queued_requests = 2;
+  KServeOptions ko;
+  ko.stream_threads = 1;
+  Start(co, ko);
+  gate_.Set(false);
+  grpc::ClientContext ctx;
+  auto stream = stub_->ModelStreamInfer(&ctx);
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(stream->Write(Request(absl::StrCat("r", i))));
+  ASSERT_TRUE(gate_.WaitHeld(1));
+  // Three are refused at once, while the gate is still shut.
+  std::vector<std::string> refused;
+  inference::ModelStreamInferResponse resp;
+  std::thread opener([&] {
+    absl::SleepFor(absl::Seconds(3));
+    gate_.Set(true);
+  });
+  for (int i = 0; i < 3 && stream->Read(&resp); ++i) {
+    EXPECT_THAT(resp.error_message(), HasSubstr("RESOURCE_EXHAUSTED"));
+    EXPECT_THAT(resp.error_message(), HasSubstr("--max_queued_requests"));
+    refused.push_back(resp.infer_response().id());
+  }
+  EXPECT_THAT(refused, ::testing::ElementsAre("r2", "r3", "r4"));
+  opener.join();
+  stream->WritesDone();
+  int ok = 0;
+  while (stream->Read(&resp)) ok += resp.error_message().empty();
+  EXPECT_EQ(ok, 2) << "the two admitted ran";
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
+}  // namespace
+}  // namespace pipeserve
