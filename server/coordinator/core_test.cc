@@ -330,6 +330,9 @@ TEST_F(CoordinatorTest, LosingTheResultsSubscriptionIsRepaired) {
   auto out = Infer("mlp", in);
   ASSERT_TRUE(out.ok()) << out.status();
   ExpectEqual((*out)[0], Expected(m, in)[0]);
+  // The repair serves the new deployment first, then unloads the old one.
+  absl::Time until = absl::Now() + absl::Seconds(10);
+  while (StagesLoaded() != 2 && absl::Now() < until) absl::SleepFor(absl::Milliseconds(5));
   EXPECT_EQ(StagesLoaded(), 2) << "the old deployment's stages are unloaded";
 }
 

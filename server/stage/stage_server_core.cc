@@ -79,52 +79,66 @@ class InputSink : public FrameSink,
 
 class StageServerCore::LoadImpl : public StageServerCore::Load {
  public:
-  LoadImpl(StageServerCore* core, StageSpec spec, WeightMap weights)
-      : core_(core), spec_(std::move(spec)), weights_(std::move(weights)) {}
+  LoadImpl(StageServerCore* core, StageSpec spec) : core_(core), spec_(std::move(spec)) {
+    for (const TensorInfo& info : spec_.stage().graph().params()) infos_[info.fqn()] = &info;
+  }
+  // Frees its place among the loads in progress.
+  ~LoadImpl() override { core_->EndLoad(); }
 
   absl::Status AddChunk(const WeightChunk& c) override {
-    auto it = weights_.find(c.fqn());
-    if (it == weights_.end()) {
+    auto info = infos_.find(c.fqn());
+    if (info == infos_.end()) {
       return Invalid("weight chunk for \"", c.fqn().substr(0, 256),
                      "\", which the stage does not hold");
     }
-    Tensor& t = it->second;
-    const uint64_t size = static_cast<uint64_t>(t.byte_size());
+    const uint64_t size = info->second->byte_size();
     if (c.offset() > size || c.data().size() > size - c.offset()) {
       return Invalid("chunk of \"", c.fqn(), "\" at offset ", c.offset(), " runs past its ",
                      size, " bytes");
     }
-    std::memcpy(reinterpret_cast<char*>(t.data()) + c.offset(), c.data().data(), c.data().size());
-    received_[c.fqn()] += c.data().size();
+    // A weight's chunks come in order, one weight at a time, and its
+    // buffer is made when its first chunk comes: what a load holds beyond
+    // the bytes that arrived is at most one weight's remainder.
+    uint64_t& got = received_[c.fqn()];
+    if (c.offset() != got) {
+      return Invalid("chunk of \"", c.fqn(), "\" at offset ", c.offset(), "; expected ", got,
+                     " (a weight's chunks come in order)");
+    }
+    if (!weights_.count(c.fqn())) {
+      if (!current_.empty() && received_[current_] != infos_[current_]->byte_size()) {
+        return Invalid("weight \"", c.fqn(), "\" started before \"", current_,
+                       "\" was complete (weights come one at a time)");
+      }
+      ASSIGN_OR_RETURN(weights_[c.fqn()], Allocate(*info->second));
+      current_ = c.fqn();
+    }
+    Tensor& t = weights_[c.fqn()];
+    std::memcpy(reinterpret_cast<char*>(t.raw_data()) + c.offset(), c.data().data(),
+                c.data().size());
+    got += c.data().size();
     return absl::OkStatus();
   }
 
   absl::Status Finish() override {
     const Graph& graph = spec_.stage().graph();
     for (const TensorInfo& info : graph.params()) {
-      const Tensor& t = weights_.at(info.fqn());
-      if (received_[info.fqn()] != static_cast<uint64_t>(t.byte_size()) ||
-          Crc32(t.data(), t.byte_size()) != info.crc32()) {
+      if (!weights_.count(info.fqn()) && info.byte_size() == 0) {
+        ASSIGN_OR_RETURN(weights_[info.fqn()], Allocate(info));  // no chunk to wait for
+      }
+      auto it = weights_.find(info.fqn());
+      if (it == weights_.end() || received_[info.fqn()] != info.byte_size() ||
+          Crc32(it->second.raw_data(), it->second.byte_size()) != info.crc32()) {
         return absl::DataLossError(absl::StrCat("LoadStage: weights of \"", info.fqn(),
                                                 "\" are incomplete or fail their checksum"));
       }
     }
-    const StageServerOptions& o = core_->options_;
-    absl::StatusOr<std::unique_ptr<StageProgram>> program;
-    if (o.backend != nullptr) {
-      program = o.backend->Compile(graph, weights_);
-    } else {
-      CpuBackendOptions cpu;
-      cpu.threads = spec_.threads() > 0 ? spec_.threads() : o.default_threads;
-      program = MakeCpuBackend(cpu)->Compile(graph, weights_);
-    }
-    if (!program.ok()) return program.status();
+    ASSIGN_OR_RETURN(std::unique_ptr<StageProgram> program, Compile());
     StageHost::Options host_options;
-    host_options.queue_capacity = static_cast<size_t>(std::max(1, o.queue_capacity));
+    host_options.queue_capacity = static_cast<size_t>(std::max(1, core_->options_.queue_capacity));
     // As many workers as the program can run at once (2 on a GPU: one
     // microbatch's copies overlap the next one's kernels; 1 on the CPU).
-    host_options.workers = (*program)->max_concurrent_runs();
-    auto host = std::make_shared<StageHost>(spec_, *std::move(program), host_options);
+    host_options.workers = program->max_concurrent_runs();
+    auto host = std::make_shared<StageHost>(spec_, std::move(program), host_options);
     if (!spec_.next_address().empty()) {
       StageKey next = spec_.key();
       next.set_stage(next.stage() + 1);
@@ -136,10 +150,24 @@ class StageServerCore::LoadImpl : public StageServerCore::Load {
   }
 
  private:
+  static absl::StatusOr<Tensor> Allocate(const TensorInfo& info) {
+    return Tensor::TryEmpty(Shape(info.shape().begin(), info.shape().end()), info.dtype());
+  }
+
+  absl::StatusOr<std::unique_ptr<StageProgram>> Compile() {
+    const StageServerOptions& o = core_->options_;
+    if (o.backend != nullptr) return o.backend->Compile(spec_.stage().graph(), weights_);
+    CpuBackendOptions cpu;
+    cpu.threads = spec_.threads() > 0 ? spec_.threads() : o.default_threads;
+    return MakeCpuBackend(cpu)->Compile(spec_.stage().graph(), weights_);
+  }
+
   StageServerCore* const core_;
   const StageSpec spec_;
-  WeightMap weights_;
+  std::map<std::string, const TensorInfo*> infos_;  // into spec_
+  WeightMap weights_;                                // those whose bytes began to arrive
   std::map<std::string, uint64_t> received_;
+  std::string current_;  // the weight whose chunks come now
 };
 
 StageServerCore::StageServerCore(StageServerOptions options, Dialer* dialer)
@@ -160,20 +188,23 @@ absl::StatusOr<std::unique_ptr<StageServerCore::Load>> StageServerCore::BeginLoa
     const StageSpec& spec) {
   RETURN_IF_ERROR(ValidateStageSpec(spec, options_.max_stage_bytes));
   {
+    // Loads in progress hold places too: their weights arrive into memory.
     absl::MutexLock lock(&mu_);
-    if (static_cast<int>(hosts_.size()) >= options_.max_stages && !hosts_.count(KeyOf(spec.key()))) {
+    const size_t held = hosts_.size() + loading_;
+    if (static_cast<int>(held) >= options_.max_stages && !hosts_.count(KeyOf(spec.key()))) {
       return absl::ResourceExhaustedError(absl::StrCat(
-          "LoadStage: this server holds ", hosts_.size(), " stages, its limit (--max_stages)"));
+          "LoadStage: this server holds or is loading ", held,
+          " stages, its limit (--max_stages)"));
     }
+    ++loading_;
   }
   // Weights arrive in chunks into buffers shaped by the stage's TensorInfos.
-  WeightMap weights;
-  for (const TensorInfo& info : spec.stage().graph().params()) {
-    ASSIGN_OR_RETURN(Tensor t, Tensor::TryEmpty(Shape(info.shape().begin(), info.shape().end()),
-                                                     info.dtype()));
-    weights[info.fqn()] = std::move(t);
-  }
-  return std::unique_ptr<Load>(new LoadImpl(this, spec, std::move(weights)));
+  return std::unique_ptr<Load>(new LoadImpl(this, spec));
+}
+
+void StageServerCore::EndLoad() {
+  absl::MutexLock lock(&mu_);
+  --loading_;
 }
 
 std::shared_ptr<StageHost> StageServerCore::Install(std::shared_ptr<StageHost> host) {

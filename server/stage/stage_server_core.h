@@ -73,8 +73,10 @@ class StageServerCore {
 
   // Checks the spec (kInvalidArgument naming the field: key, stage graph,
   // shapes and sizes of weights and received values, next address, thread
-  // count) and allocates its weights (kResourceExhausted when they do not
-  // fit the limits or memory). Thread-safe.
+  // count) and takes a place among the stages (kResourceExhausted beyond
+  // max_stages, counting loads in progress, or max_stage_bytes). Weights
+  // are allocated as their chunks arrive: in order, one weight at a time
+  // (kResourceExhausted when memory runs out). Thread-safe.
   absl::StatusOr<std::unique_ptr<Load>> BeginLoad(const StageSpec& spec);
 
   // Stops and drops a stage: its incoming streams end, its sink closes.
@@ -120,11 +122,14 @@ class StageServerCore {
   }
   // Puts a loaded stage in place; returns the one it replaces.
   std::shared_ptr<StageHost> Install(std::shared_ptr<StageHost> host);
+  // A load finished or was abandoned.
+  void EndLoad();
 
   const StageServerOptions options_;
   Dialer* const dialer_;
   absl::Mutex mu_;
   std::map<Key, std::shared_ptr<StageHost>> hosts_ ABSL_GUARDED_BY(mu_);
+  size_t loading_ ABSL_GUARDED_BY(mu_) = 0;  // loads begun, not yet ended
 };
 
 }  // namespace pipeserve

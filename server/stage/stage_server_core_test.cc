@@ -1,6 +1,8 @@
 #include "server/stage/stage_server_core.h"
 
 #include <atomic>
+#include <fstream>
+#include <string>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -180,6 +182,59 @@ TEST(StageServerCoreTest, HoldsAtMostMaxStages) {
   other.mutable_key()->set_deployment(8);
   EXPECT_EQ(core.BeginLoad(other).status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_TRUE(core.BeginLoad(fx.specs[1]).ok()) << "reloading a held key is fine";
+}
+
+// Virtual memory of this process, in KiB.
+int64_t VmSizeKiB() {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("VmSize:", 0) == 0) return std::stoll(line.substr(7));
+  }
+  return -1;
+}
+
+// Regression: BeginLoad allocated every weight its spec named before any
+// byte arrived, so a spec alone could make a stage server reserve any
+// amount of memory (and a client that then sent nothing kept it).
+TEST(StageServerCoreTest, AWeightIsAllocatedWhenItsBytesStartArrivingNotBefore) {
+  GraphBuilder b;
+  b.Input("x", {-1, 4}).Param("w", {4});
+  b.Op("relu", {"w"}, "rw").Op("relu", {"x"}, "y").Output("y").Output("rw");
+  Model m = b.Build();
+  StageSpec spec = MakeStageSpecs(*Partition(m.graph, {}), "m", 7, {"s:1"}, 1)[0];
+  TensorInfo* w = spec.mutable_stage()->mutable_graph()->mutable_params(0);
+  w->set_shape(0, int64_t{1} << 30);  // 4 GiB of float32
+  w->set_byte_size(uint64_t{4} << 30);
+  RecordingDialer dialer;
+  StageServerCore core({}, &dialer);
+  const int64_t before = VmSizeKiB();
+  auto load = core.BeginLoad(spec);
+  ASSERT_TRUE(load.ok()) << load.status();
+  EXPECT_LT(VmSizeKiB() - before, 512 << 10) << "4 GiB reserved before a byte of it came";
+  WeightChunk c;
+  c.set_fqn("w");
+  c.set_offset(1024);
+  c.set_data(std::string(16, 'x'));
+  ExpectInvalid((*load)->AddChunk(c), "chunk of \"w\" at offset 1024; expected 0");
+}
+
+// Regression: loads in progress were not counted against --max_stages, so
+// any number could hold their weights at once.
+TEST(StageServerCoreTest, LoadsInProgressCountAgainstMaxStages) {
+  RecordingDialer dialer;
+  StageServerOptions o;
+  o.max_stages = 1;
+  StageServerCore core(o, &dialer);
+  Fixture fx;
+  auto first = core.BeginLoad(fx.specs[1]);
+  ASSERT_TRUE(first.ok());
+  StageSpec other = fx.specs[1];
+  other.mutable_key()->set_deployment(8);
+  auto second = core.BeginLoad(other);
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kResourceExhausted) << second.status();
+  first->reset();  // abandoned: its place frees
+  EXPECT_TRUE(core.BeginLoad(other).ok());
 }
 
 TEST(StageServerCoreTest, OnlyTheLastStageHasResults) {

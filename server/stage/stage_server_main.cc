@@ -54,7 +54,8 @@ ABSL_FLAG(int, max_message_mb, 1024,
           "call can make this server hold");
 ABSL_FLAG(int, threads, 1, "default GEMM threads per stage");
 ABSL_FLAG(int, queue_capacity, 8, "frames waiting per stage before backpressure");
-ABSL_FLAG(int, max_stages, 64, "stages held at once");
+ABSL_FLAG(int, max_stages, 64, "stages held or being loaded at once");
+ABSL_FLAG(int64_t, max_stage_mb, 0, "weights one stage may hold, MiB (0: no limit but memory)");
 ABSL_FLAG(int, metrics_port, -1,
           "Prometheus GET /metrics port for the stages' metrics (0: pick one; -1: off)");
 ABSL_FLAG(std::string, metrics_port_file, "", "write the metrics port here once listening");
@@ -98,6 +99,7 @@ int main(int argc, char** argv) {
   options.default_threads = absl::GetFlag(FLAGS_threads);
   options.queue_capacity = absl::GetFlag(FLAGS_queue_capacity);
   options.max_stages = absl::GetFlag(FLAGS_max_stages);
+  options.max_stage_bytes = static_cast<uint64_t>(std::max<int64_t>(0, absl::GetFlag(FLAGS_max_stage_mb))) << 20;
   absl::StatusOr<pipeserve::Precision> precision =
       pipeserve::ParsePrecision(absl::GetFlag(FLAGS_precision));
   if (!precision.ok()) return Fail(absl::StrCat("--precision: ", precision.status().ToString()));
