@@ -1,6 +1,11 @@
 #include "common/server_process.h"
 
+#include <cstdio>
+#include <cstdlib>
+#include <thread>
+
 #include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
 #include "common/huge_pages.h"
 
 namespace pipeserve {
@@ -8,6 +13,16 @@ namespace pipeserve {
 void StartServerProcess(char** argv) {
   ReexecWithHugePages(argv);
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+}
+
+void ExitWithin(absl::Duration limit, int code, const char* name) {
+  std::thread([limit, code, name] {
+    absl::SleepFor(limit);
+    std::fprintf(stderr, "%s: still stopping after %s (a kernel still running?); leaving now\n",
+                 name, absl::FormatDuration(limit).c_str());
+    std::fflush(stderr);
+    std::_Exit(code);
+  }).detach();
 }
 
 }  // namespace pipeserve

@@ -9,12 +9,23 @@
 // off Abseil's lock-graph deadlock detector: Debian's build leaves it on,
 // and it takes one global lock on every Mutex lock (about 5% of served
 // throughput in bench/serving). Tests keep the detector.
+//
+// At the end of main, once serving has stopped, ExitWithin bounds the
+// clean-up that follows (destructors joining worker threads, one of which
+// may be inside a long kernel): the process leaves with `code` after
+// `limit` whatever is still running.
 #ifndef PIPESERVE_COMMON_SERVER_PROCESS_H_
 #define PIPESERVE_COMMON_SERVER_PROCESS_H_
+
+#include "absl/time/time.h"
 
 namespace pipeserve {
 
 void StartServerProcess(char** argv);
+
+// Ends the process with `code` after `limit` unless it has ended by then.
+// `name` is for the log line that says so.
+void ExitWithin(absl::Duration limit, int code, const char* name);
 
 }  // namespace pipeserve
 

@@ -194,6 +194,12 @@ StageServerProcess::~StageServerProcess() {
   if (pid_ > 0) Stop(pid_, absl::Seconds(10));
 }
 
+int StageServerProcess::Terminate(absl::Duration limit) {
+  int status = Stop(pid_, limit);
+  pid_ = -1;
+  return status;
+}
+
 absl::StatusOr<StageStatsResponse> StageStats(const GetPlanResponse& plan, int stage,
                                               const std::string& token) {
   auto stub = StageService::NewStub(

@@ -73,6 +73,9 @@ class StageServerProcess {
       std::vector<std::string> prefix = {});
   // SIGTERM, then waits for it to exit.
   ~StageServerProcess();
+  // SIGTERM, then waits up to `limit` for it to exit: its wait status, or
+  // -1 if it had to be killed.
+  int Terminate(absl::Duration limit);
   const std::string& address() const { return address_; }
   pid_t pid() const { return pid_; }
   // Its GET /metrics port.

@@ -11,7 +11,9 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "gmock/gmock.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
@@ -29,13 +31,13 @@ namespace {
 using ::testing::HasSubstr;
 using ::testing::Not;
 
-// x [B, 8] -> (mm w_i, relu) per stage -> out.
-std::string WriteMlp(const std::string& dir, int stages, int64_t width = 8) {
+// x [B, width] -> (mm w_i, relu) `layers` times per stage -> out.
+std::string WriteMlp(const std::string& dir, int stages, int64_t width = 8, int layers = 1) {
   GraphBuilder b;
   b.Input("x", {-1, width});
   std::string h = "x";
-  for (int i = 0; i < stages; ++i) {
-    if (i > 0) b.Split();
+  for (int i = 0; i < stages * layers; ++i) {
+    if (i > 0 && i % layers == 0) b.Split();
     std::string w = absl::StrCat("w", i);
     b.Param(w, {width, width});
     b.Op("mm", {h, w}, absl::StrCat("m", i)).Op("relu", {absl::StrCat("m", i)}, absl::StrCat("h", i));
@@ -43,7 +45,7 @@ std::string WriteMlp(const std::string& dir, int stages, int64_t width = 8) {
   }
   b.Output(h);
   Model m = b.Build();
-  std::string path = absl::StrCat(dir, "/mlp", stages, ".psm");
+  std::string path = absl::StrCat(dir, "/mlp", stages, "x", layers, ".psm");
   EXPECT_TRUE(WriteModelFile(path, m.graph, m.weights).ok());
   return path;
 }
@@ -199,6 +201,55 @@ TEST_F(TrustTest, AWeightWhoseSizeOverflowsIsRefusedAtUpload) {
   auto up = client_->Upload("overflow", path, {});
   EXPECT_EQ(up.status().code(), absl::StatusCode::kInvalidArgument) << up.status();
   EXPECT_THAT(std::string(up.status().message()), HasSubstr("parameter \"w\""));
+  ExpectStillServing();
+}
+
+// Regression: INT64 or FP32 [2^40, 0] carries no bytes and passed every
+// check; split into 2^38-row microbatches, it hung the stage's kernels for
+// good (later requests timed out while health said SERVING).
+TEST_F(TrustTest, AnEmptyShapeSpanningHugeDimensionsIsRefusedAndTheModelServesOn) {
+  GraphBuilder b;
+  b.Input("x", {-1, -1}).Op("softmax", {"x"}, "p", "", {{"dim", AttrI(-1)}}).Output("p");
+  Model m = b.Build();
+  std::string path = *dir_ + "/seq.psm";
+  ASSERT_TRUE(WriteModelFile(path, m.graph, m.weights).ok());
+  ASSERT_TRUE(client_->Upload("seq", path, {}).ok());
+  auto stub = KServe();
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+  inference::ModelInferResponse resp;
+  grpc::Status s = stub->ModelInfer(&ctx, Request("seq", {int64_t{1} << 40, 0}, ""), &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  EXPECT_THAT(s.error_message(), HasSubstr("input \"x\""));
+  auto out = client_->Infer("seq", {{"x", Tensor::Zeros({2, 3})}}, absl::Seconds(10));
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_FLOAT_EQ((*out)[0].tensor.data()[0], 1.0f / 3);
+  ExpectStillServing();
+}
+
+// Regression: a kernel out of memory threw std::bad_alloc, uncaught: the
+// stage server died, and the coordinator replayed the request on every
+// replacement until its deadline (35 deaths in 60 s in the attack). Now it
+// answers RESOURCE_EXHAUSTED and the stage server lives.
+TEST_F(TrustTest, ARequestTooLargeForMemoryIsResourceExhaustedAndTheStageLives) {
+  GraphBuilder b;
+  b.Input("x", {-1, 1}).Input("y", {1, -1});
+  b.Op("mm", {"x", "y"}, "out").Output("out");
+  Model m = b.Build();
+  std::string path = *dir_ + "/outer.psm";
+  ASSERT_TRUE(WriteModelFile(path, m.graph, m.weights).ok());
+  ASSERT_TRUE(client_->Upload("outer", path, {}).ok());
+  const pid_t stage = coordinator_->StageServerPid(0);
+  ASSERT_GT(stage, 0);
+  const int64_t n = int64_t{1} << 21;  // [2^21, 1] @ [1, 2^21]: 16 TiB out
+  auto out = client_->Infer("outer", {{"x", Tensor::Zeros({n, 1})}, {"y", Tensor::Zeros({1, n})}},
+                            absl::Seconds(30));
+  EXPECT_EQ(out.status().code(), absl::StatusCode::kResourceExhausted) << out.status();
+  EXPECT_THAT(std::string(out.status().message()), HasSubstr("out of memory"));
+  EXPECT_EQ(coordinator_->StageServerPid(0), stage) << "the same stage server serves on";
+  EXPECT_EQ(::kill(stage, 0), 0);
+  auto small = client_->Infer("outer", {{"x", Tensor::Zeros({2, 1})}, {"y", Tensor::Zeros({1, 3})}});
+  EXPECT_TRUE(small.ok()) << small.status();
   ExpectStillServing();
 }
 
@@ -401,6 +452,95 @@ TEST(TrustStreamTest, AnIdleStreamIsEndedAfterTheIdleTimeout) {
   EXPECT_LT(absl::Now() - idle_from, absl::Seconds(5));
   EXPECT_GE(absl::Now() - idle_from, absl::Milliseconds(900));
   EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::CANCELLED);
+}
+
+// Regression: failure reasons carried stage-server addresses ("stage 1 on
+// 127.0.0.1:40213 failed its health check") to clients holding only the
+// infer scope, in request errors and RepositoryIndex.
+TEST(TrustAddressTest, InferenceClientsNeverSeeStageServerAddresses) {
+  auto c = CoordinatorProcess::Start({TempDir("address_repo"), {"--default_timeout_s=2"}});
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto client = *Client::Connect((*c)->address(), {.timeout = absl::Seconds(5)});
+  ASSERT_TRUE(client->Upload("mlp", WriteMlp(TempDir("address_models"), 2), {}).ok());
+  auto plan = client->GetPlan("mlp");
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  ASSERT_EQ(plan->stage_servers_size(), 2) << "administrators see the addresses";
+  pid_t stage = (*c)->StageServerPid(1);
+  ASSERT_GT(stage, 0);
+  ASSERT_EQ(::kill(stage, SIGSTOP), 0);  // stops answering its health checks
+  auto stub = inference::GRPCInferenceService::NewStub(
+      grpc::CreateChannel((*c)->address(), grpc::InsecureChannelCredentials()));
+  std::vector<std::string> seen;
+  absl::Time until = absl::Now() + absl::Seconds(30);
+  bool down = false;
+  while (!down && absl::Now() < until) {
+    grpc::ClientContext ctx;
+    inference::RepositoryIndexResponse index;
+    ASSERT_TRUE(stub->RepositoryIndex(&ctx, {}, &index).ok());
+    for (const auto& m : index.models()) {
+      if (m.state() != "READY") {
+        down = true;
+        seen.push_back(m.reason());
+      }
+    }
+    if (!down) absl::SleepFor(absl::Milliseconds(50));
+  }
+  ASSERT_TRUE(down);
+  grpc::ClientContext ctx;  // no deadline: the coordinator's default (2 s) ends it
+  inference::ModelInferResponse resp;
+  grpc::Status s = stub->ModelInfer(&ctx, Request("mlp", {1, 8}, std::string(32, '\0')), &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << s.error_message();
+  seen.push_back(s.error_message());
+  ::kill(stage, SIGCONT);
+  for (const std::string& message : seen) {
+    EXPECT_THAT(message, HasSubstr("stage 1")) << "the reason still names the stage";
+    for (const std::string& address : plan->stage_servers()) {
+      EXPECT_THAT(message, Not(HasSubstr(address)));
+      EXPECT_THAT(message, Not(HasSubstr(address.substr(address.rfind(':')))))
+          << "not even its port";
+    }
+  }
+}
+
+// Regression: a stage server given SIGTERM while a kernel ran waited for
+// the kernel however long it took (StageHost::Stop joined the worker);
+// with [2^40, 0] it never ended. It now leaves soon after its grace period.
+TEST(TrustShutdownTest, AStageServerLeavesSoonAfterItsGracePeriodWhileAKernelRuns) {
+  auto stage = StageServerProcess::Start("", {"--shutdown_grace_s=1", "--threads=1"});
+  ASSERT_TRUE(stage.ok()) << stage.status();
+  auto c = CoordinatorProcess::Start({TempDir("kernel_repo"),
+                                      {"--launcher=static", "--shutdown_grace_s=1",
+                                       "--stage_servers=" + (*stage)->address()}});
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto client = *Client::Connect((*c)->address(), {.timeout = absl::Seconds(120)});
+  // 32 layers of 1024 x 1024 on 57344 rows in one run: about 3.9 TFLOP,
+  // 14 s on one core of a fast machine; the server must not wait for it.
+  UploadOptions one_run;
+  one_run.set_microbatches(1);
+  ASSERT_TRUE(client->Upload("slow", WriteMlp(TempDir("kernel_models"), 1, 1024, 32), one_run).ok());
+  std::thread request([&] {
+    client->Infer("slow", {{"x", Tensor::Zeros({57344, 1024})}}, absl::Seconds(120)).IgnoreError();
+  });
+  // Wait until the stage server computes.
+  bool computing = false;
+  for (absl::Time until = absl::Now() + absl::Seconds(30); !computing && absl::Now() < until;) {
+    for (absl::string_view line : absl::StrSplit(HttpGet((*stage)->metrics_port(), "/metrics"), '\n')) {
+      computing = computing || (absl::StartsWith(line, "pipeserve_stage_frames_received_total{") &&
+                                absl::StrContains(line, "model=\"slow\"") &&
+                                !absl::EndsWith(line, " 0"));
+    }
+    if (!computing) absl::SleepFor(absl::Milliseconds(50));
+  }
+  ASSERT_TRUE(computing);
+  absl::SleepFor(absl::Milliseconds(300));  // inside the kernels
+  const absl::Time term = absl::Now();
+  const int status = (*stage)->Terminate(absl::Seconds(20));
+  const absl::Duration took = absl::Now() - term;
+  std::printf("the stage server left %.1f s after SIGTERM (grace 1 s)\n", absl::ToDoubleSeconds(took));
+  EXPECT_NE(status, -1);
+  EXPECT_LT(took, absl::Seconds(5));
+  (*c)->Terminate(absl::Seconds(30));  // ends the request waiting for a repair
+  request.join();
 }
 
 }  // namespace

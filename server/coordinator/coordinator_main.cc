@@ -319,6 +319,8 @@ int main(int argc, char** argv) {
     loader = std::thread([&] { coordinator.LoadStoredModels(); });
   };
   int rc = pipeserve::Serve({&kserve, &models}, serve);
+  // Clean-up (unloading stages, the local launcher's servers) is bounded.
+  pipeserve::ExitWithin(absl::Seconds(15), rc, "coordinator");
   if (loader.joinable()) loader.join();
   return rc;
 }

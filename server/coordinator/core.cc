@@ -605,6 +605,17 @@ std::vector<ModelInfo> Coordinator::ListModels() {
   return out;
 }
 
+std::vector<std::string> Coordinator::StageServerAddresses() {
+  std::vector<std::string> out = launcher_->ExistingServers();
+  for (const ModelInfo& m : ListModels()) out.insert(out.end(), m.servers.begin(), m.servers.end());
+  std::sort(out.begin(), out.end());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+  // Longest first: "s1:90001" must not be cut by "s1:9000".
+  std::sort(out.begin(), out.end(),
+            [](const std::string& a, const std::string& b) { return a.size() > b.size(); });
+  return out;
+}
+
 absl::StatusOr<ModelInfo> Coordinator::GetModel(const std::string& name) {
   if (auto d = Current(name)) return d->Info();
   absl::MutexLock lock(&mu_);

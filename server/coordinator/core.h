@@ -131,6 +131,9 @@ class Coordinator {
   absl::Status Unload(const std::string& name);
 
   std::vector<ModelInfo> ListModels();
+  // Every stage server address the coordinator knows now: its models'
+  // and its launcher's.
+  std::vector<std::string> StageServerAddresses();
   // kNotFound for an unknown model.
   absl::StatusOr<ModelInfo> GetModel(const std::string& name);
   // Per stage of a READY model: the mean seconds its stage servers took to

@@ -1,11 +1,14 @@
 #include "server/coordinator/kserve_service.h"
 
+#include <iostream>
+
 #include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
 #include "common/model_name.h"
 #include "common/status_macros.h"
 #include "runtime/dtype.h"
 #include "server/coordinator/kserve_request.h"
+#include "server/coordinator/redact.h"
 #include "server/coordinator/trace.h"
 
 namespace pipeserve {
@@ -114,7 +117,7 @@ grpc::Status KServeService::ModelReady(grpc::ServerContext* ctx,
                                        const inference::ModelReadyRequest* req,
                                        inference::ModelReadyResponse* resp) {
   absl::StatusOr<ModelInfo> info = GetModel(*ctx, req->name(), req->version());
-  if (!info.ok()) return ToGrpcStatus(info.status());
+  if (!info.ok()) return ToGrpcStatus(Public(info.status()));
   resp->set_ready(info->state == ModelState::kReady);
   return grpc::Status::OK;
 }
@@ -135,7 +138,7 @@ grpc::Status KServeService::ModelMetadata(grpc::ServerContext* ctx,
                                           const inference::ModelMetadataRequest* req,
                                           inference::ModelMetadataResponse* resp) {
   absl::StatusOr<ModelInfo> info = GetModel(*ctx, req->name(), req->version());
-  if (!info.ok()) return ToGrpcStatus(info.status());
+  if (!info.ok()) return ToGrpcStatus(Public(info.status()));
   resp->set_name(info->name);
   resp->add_versions(absl::StrCat(info->version));
   resp->set_platform("pipeserve");
@@ -152,6 +155,16 @@ absl::Status KServeService::Infer(const inference::ModelInferRequest& req, absl:
   absl::Status s = InferUnmetered(req, deadline, cancelled, resp, admission);
   Meter(req.model_name(), s, absl::Now() - start);
   return s;
+}
+
+absl::Status KServeService::Public(const absl::Status& s) {
+  if (s.ok()) return s;
+  absl::Status shown = RedactAddresses(s, coordinator_->StageServerAddresses());
+  if (shown.message() != s.message()) {
+    std::cerr << "coordinator: told a client \"" << shown.message() << "\" for: " << s.message()
+              << "\n";
+  }
+  return shown;
 }
 
 void KServeService::Meter(const std::string& model, const absl::Status& s, absl::Duration took) {
@@ -205,7 +218,8 @@ grpc::Status KServeService::ModelInfer(grpc::ServerContext* ctx,
   ActiveCall active(this);
   absl::Status auth = AuthorizeCall(tokens_, *ctx, Scope::kInfer);
   if (!auth.ok()) return ToGrpcStatus(auth);
-  return ToGrpcStatus(Infer(*req, Deadline(*ctx), [ctx] { return ctx->IsCancelled(); }, resp));
+  return ToGrpcStatus(
+      Public(Infer(*req, Deadline(*ctx), [ctx] { return ctx->IsCancelled(); }, resp)));
 }
 
 grpc::Status KServeService::ModelStreamInfer(
@@ -236,8 +250,10 @@ void KServeService::ReadRequests(
   // responses are written as they finish, one at a time.
   const int limit = options_.stream_inflight;
   const absl::Time stream_deadline = Deadline(*ctx);
-  auto respond = [st, stream](const inference::ModelInferRequest& req, const absl::Status& s,
-                              inference::ModelStreamInferResponse* out) {
+  auto respond = [this, st, stream](const inference::ModelInferRequest& req,
+                                    const absl::Status& result,
+                                    inference::ModelStreamInferResponse* out) {
+    const absl::Status s = Public(result);
     if (!s.ok()) {
       out->clear_infer_response();
       out->set_error_message(absl::StrCat(absl::StatusCodeToString(s.code()), ": ",
@@ -340,13 +356,14 @@ grpc::Status KServeService::RepositoryIndex(grpc::ServerContext* ctx,
                                             inference::RepositoryIndexResponse* resp) {
   absl::Status auth = AuthorizeCall(tokens_, *ctx, Scope::kInfer);
   if (!auth.ok()) return ToGrpcStatus(auth);
+  const std::vector<std::string> known = coordinator_->StageServerAddresses();
   for (const ModelInfo& m : coordinator_->ListModels()) {
     if (req->ready() && m.state != ModelState::kReady) continue;
     auto* idx = resp->add_models();
     idx->set_name(m.name);
     idx->set_version(absl::StrCat(m.version));
     idx->set_state(ModelStateName(m.state));
-    idx->set_reason(m.reason);
+    idx->set_reason(RedactAddresses(m.reason, known));
   }
   return grpc::Status::OK;
 }

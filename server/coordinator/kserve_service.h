@@ -95,6 +95,9 @@ class KServeService final : public inference::GRPCInferenceService::Service {
   absl::Status Infer(const inference::ModelInferRequest& req, absl::Time deadline,
                      const std::function<bool()>& cancelled, inference::ModelInferResponse* resp,
                      const Coordinator::Admission* admission = nullptr);
+  // `s` as a client with the infer scope may see it: stage-server
+  // addresses redacted (RedactAddresses), the full message logged.
+  absl::Status Public(const absl::Status& s);
   // Counts one request in the metrics.
   void Meter(const std::string& model, const absl::Status& s, absl::Duration took);
   absl::Status InferUnmetered(const inference::ModelInferRequest& req, absl::Time deadline,

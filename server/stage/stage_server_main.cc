@@ -165,5 +165,9 @@ int main(int argc, char** argv) {
     }
   };
   serve.cancel_after_drain = true;  // incoming streams never end by themselves
-  return pipeserve::Serve({&service}, serve);
+  const int rc = pipeserve::Serve({&service}, serve);
+  // Stopping the stages joins their workers; one inside a long kernel is
+  // not waited for past the grace period.
+  pipeserve::ExitWithin(absl::Seconds(2), rc, "stage_server");
+  return rc;
 }
