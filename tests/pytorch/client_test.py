@@ -35,13 +35,15 @@ def _not_known(context, name):
     context.abort(grpc.StatusCode.NOT_FOUND, f'model "{name}" is not known')
 
 
-_INFER_MODELS = ("neg", "slow", "bad", "flaky")
+_INFER_MODELS = ("neg", "slow", "bad", "flaky", "huge")
 
 
 class FakeInference(pb_grpc.GRPCInferenceServiceServicer):
     """Models: "neg" answers each input negated as neg_<input>; "slow" the
     same after up to 2 s; "bad" an output whose bytes miss half its shape; "flaky" like
-    "neg" after state["flaky_failures"] UNAVAILABLE answers."""
+    "neg" after state["flaky_failures"] UNAVAILABLE answers; "huge" an
+    empty output claiming shape [2^40, 2^40] (2^80 elements, 0 when counted
+    in int64)."""
 
     def __init__(self, state):
         self.state = state
@@ -80,6 +82,10 @@ class FakeInference(pb_grpc.GRPCInferenceServiceServicer):
                 time.sleep(0.01)
         self.state["requests"].append(request)
         r = pb.ModelInferResponse(model_name=request.model_name)
+        if request.model_name == "huge":
+            r.outputs.add(name="neg_x", datatype="FP32", shape=[1 << 40, 1 << 40])
+            r.raw_output_contents.append(b"")
+            return r
         for t, raw in zip(request.inputs, request.raw_input_contents):
             r.outputs.add(name="neg_" + t.name, datatype="FP32", shape=t.shape)
             neg = (-np.frombuffer(raw, dtype="<f4")).astype("<f4").tobytes()
@@ -283,6 +289,23 @@ class ClientTest(unittest.TestCase):
                                     r'\[2, 2\] \(16 expected\)') as cm:
             self.client.infer("bad", {"x": np.zeros((2, 2))})
         self.assertEqual(cm.exception.code, "INTERNAL")
+
+    def test_a_shape_whose_size_overflows_int64_is_a_server_error(self):
+        # Regression: np.prod wrapped 2^80 to 0, so no bytes "matched" and
+        # reshape raised ValueError instead of a ServerError.
+        with self.assertRaisesRegex(pipeserve.ServerError,
+                                    r'output "neg_x": 0 bytes for shape') as cm:
+            self.client.infer("huge", {"x": np.zeros((1, 1))})
+        self.assertEqual(cm.exception.code, "INTERNAL")
+
+    def test_a_batch_of_zero_rows_round_trips(self):
+        # Regression: memoryview(...).cast("B") refused any array with a 0
+        # in its shape (TypeError), though the server answers such batches.
+        (nx,) = self.client.infer("neg", {"x": np.zeros((0, 4), np.float32)})
+        self.assertEqual(nx.shape, (0, 4))
+        self.assertEqual(nx.dtype, np.float32)
+        (request,) = self.server.state["requests"]
+        self.assertEqual(list(request.inputs[0].shape), [0, 4])
 
     def test_infer_retries_unavailable_and_succeeds(self):
         # Larger than gRPC's default retry buffer (256 KiB) too.

@@ -60,7 +60,10 @@ def encode_request(head, raws):
     parts = [head]
     key = _varint((RAW_INPUT_CONTENTS << 3) | _LENGTH_DELIMITED)
     for raw in raws:
-        view = memoryview(raw).cast("B")
+        # An array with a 0 in its shape has no bytes, and memoryview
+        # cannot cast it.
+        view = memoryview(raw)
+        view = view.cast("B") if view.nbytes else memoryview(b"")
         parts += [key, _varint(view.nbytes), view]
     return b"".join(parts)
 

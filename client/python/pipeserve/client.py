@@ -29,6 +29,7 @@ missing model file, ValueError for an unusable input).
 """
 
 import json
+import math
 import os
 import zlib
 
@@ -434,15 +435,18 @@ def _outputs(response, data, raw):
         shape = tuple(out.shape)
         if any(d < 0 for d in shape):
             raise bad(f"negative dimension in shape {list(shape)}")
-        numel = int(np.prod(shape, dtype=np.int64))
+        numel = math.prod(shape)  # exact: np.prod in int64 wraps
         size = np.dtype(wire).itemsize
         if raw:
             offset, length = raw[i]
             if length != size * numel:
                 raise bad(f"{length} bytes for shape {list(shape)} "
                           f"({size * numel} expected)")
-            array = np.frombuffer(data, dtype=wire, count=numel,
-                                  offset=offset).reshape(shape)
+            try:
+                array = np.frombuffer(data, dtype=wire, count=numel,
+                                      offset=offset).reshape(shape)
+            except ValueError as e:  # a shape numpy cannot hold
+                raise bad(f"shape {list(shape)}: {e}") from None
             if out.datatype == "BF16":  # numpy has no bfloat16
                 array = (array.astype(np.uint32) << 16).view(np.float32)
             outputs.append(np.array(array, dtype=array.dtype.newbyteorder("=")))

@@ -70,7 +70,8 @@ def _bytes_view(array):
     array = np.asarray(array)
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
-    return memoryview(np.ascontiguousarray(array)).cast("B")
+    view = memoryview(np.ascontiguousarray(array))
+    return view.cast("B") if view.nbytes else memoryview(b"")  # no cast with a 0 in the shape
 
 
 def _crc32(view):
