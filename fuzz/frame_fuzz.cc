@@ -28,6 +28,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (static_cast<size_t>(frame.header.tensors_size()) != frame.tensors.size()) __builtin_trap();
     for (const pipeserve::Tensor& t : frame.tensors) {
       if (t.numel() > 0 && t.data() == nullptr) __builtin_trap();
+      // A stage's kernels walk every position a tensor spans, elements or not.
+      if (pipeserve::ShapeExtent(t.shape()) > pipeserve::kMaxDataExtent) __builtin_trap();
     }
     grpc::ByteBuffer again;
     if (!pipeserve::FrameToByteBuffer(frame, &again).ok()) __builtin_trap();

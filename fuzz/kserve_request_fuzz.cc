@@ -1,7 +1,8 @@
 // Fuzz target: KServe v2 ModelInferRequests as a client may send them,
 // checked against a plan with a batched input, a fixed-shape input and two
 // outputs: input parsing (names, datatypes, shapes and their byte sizes,
-// raw and typed contents) and output selection.
+// raw and typed contents, and what an empty tensor may span) and output
+// selection.
 #include <cstdint>
 
 #include "proto/grpc_service.pb.h"
@@ -41,6 +42,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (inputs.ok()) {
     if (inputs->size() != 2) __builtin_trap();
     for (const pipeserve::Tensor& t : *inputs) {
+      // No tensor handed on spans more than data could fill ([2^40, 0]).
+      if (pipeserve::ShapeExtent(t.shape()) > pipeserve::kMaxDataExtent) __builtin_trap();
       // Every tensor handed on is fully backed by its bytes.
       volatile float sink = 0;
       for (int64_t i = 0; i < t.numel(); i += 97) sink = sink + t.data()[i];

@@ -82,8 +82,12 @@ void FrameSeeds(const std::string& dir) {
   error.header.set_kind(FrameHeader::ERROR);
   error.header.set_error_code(3);
   error.header.set_error_message("stage 1: input \"x\": shape [2,5] does not match [B,4]");
+  // No element, yet 2^40 rows to walk: decoding refuses it (seed6, seed7).
+  Frame wide;
+  wide.header.set_request_id(8);
+  wide.Add("ids", Tensor::Zeros({int64_t{1} << 40, 0}, DT_INT64));
   int i = 0;
-  for (const Frame* f : {&data, &cancel, &error}) {
+  for (const Frame* f : {&data, &cancel, &error, &wide}) {
     grpc::ByteBuffer bb;
     FrameToByteBuffer(*f, &bb).IgnoreError();
     grpc::Slice whole;
@@ -126,6 +130,12 @@ void KServeSeeds(const std::string& dir) {
   tb->add_shape(4);
   for (int i = 0; i < 4; ++i) tb->mutable_contents()->add_fp32_contents(-i);
   Write(dir + "/kserve_request_fuzz/typed", typed.SerializeAsString());
+  // No bytes for no elements, yet 2^40 rows: refused at parsing.
+  inference::ModelInferRequest wide = raw;
+  wide.mutable_inputs(0)->set_shape(0, int64_t{1} << 40);
+  wide.mutable_inputs(0)->set_shape(1, 0);
+  wide.set_raw_input_contents(0, "");
+  Write(dir + "/kserve_request_fuzz/empty_wide", wide.SerializeAsString());
 }
 
 void StageSpecSeeds(const std::string& dir) {
