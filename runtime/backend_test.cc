@@ -39,6 +39,8 @@ struct BackendCase {
   // Fresh random inputs every run (GPU backends), else fixed seeds so CI
   // on the CPU is deterministic.
   bool fresh_inputs = false;
+  // Runs on a CUDA device: skipped (only) where there is none.
+  bool needs_gpu = false;
 };
 
 BackendCase Cuda(const std::string& name, Precision p, double tol,
@@ -51,7 +53,7 @@ BackendCase Cuda(const std::string& name, Precision p, double tol,
             o.use_cublaslt = cublaslt;
             return MakeCudaBackend(o);
           },
-          tol, /*fresh_inputs=*/true};
+          tol, /*fresh_inputs=*/true, /*needs_gpu=*/true};
 }
 
 BackendCase Emulated(const std::string& name, Precision p, double tol) {
@@ -198,8 +200,11 @@ class BackendTest : public ::testing::TestWithParam<BackendCase> {
   void SetUp() override {
     absl::StatusOr<std::unique_ptr<ComputeBackend>> b = GetParam().make();
     if (!b.ok()) {
-      GTEST_SKIP() << GetParam().name
-                   << " is not available here: " << b.status();
+      // Only a missing device skips; a backend that fails where its device
+      // is present (or one that needs none) is a failure.
+      absl::Status device = GetParam().needs_gpu ? CudaDeviceCount().status() : absl::OkStatus();
+      if (!device.ok()) GTEST_SKIP() << GetParam().name << ": no CUDA device here: " << device;
+      FAIL() << GetParam().name << " cannot be made: " << b.status();
     }
     backend_ = *std::move(b);
   }

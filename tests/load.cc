@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/status_macros.h"
 #include "gtest/gtest.h"
@@ -24,15 +25,24 @@ absl::StatusOr<Tensor> UploadAndAnswer(const std::string& address, const std::st
   ASSIGN_OR_RETURN(std::unique_ptr<Client> client, Client::Connect(address));
   RETURN_IF_ERROR(client->Upload(name, f.path, options).status());
   ASSIGN_OR_RETURN(std::vector<NamedTensor> out, client->Infer(name, NamedInputs(f)));
-  if (out.empty()) return absl::InternalError("no outputs");
-  return out[0].tensor;
+  if (out.empty() || f.expected.empty()) return absl::InternalError("no outputs");
+  if (!SameAnswer(out[0].tensor, f.expected[0])) {
+    return absl::InternalError(absl::StrCat("the first answer of \"", name,
+                                            "\" differs from PyTorch's: shape ",
+                                            ShapeToString(out[0].tensor.shape()), " vs ",
+                                            ShapeToString(f.expected[0].shape())));
+  }
+  return f.expected[0];
 }
 
 bool SameAnswer(const Tensor& got, const Tensor& want) {
-  if (got.shape() != want.shape()) return false;
+  if (got.shape() != want.shape() || got.dtype() != DT_FLOAT32 || want.dtype() != DT_FLOAT32) {
+    return false;
+  }
+  float scale = 1;
+  for (int64_t i = 0; i < want.numel(); ++i) scale = std::max(scale, std::fabs(want.data()[i]));
   for (int64_t i = 0; i < want.numel(); ++i) {
-    float a = got.data()[i], b = want.data()[i];
-    if (!(std::fabs(a - b) <= 1e-5f * (1 + std::fabs(b)))) return false;
+    if (!(std::fabs(got.data()[i] - want.data()[i]) <= 1e-4f * scale)) return false;
   }
   return true;
 }
@@ -80,10 +90,14 @@ std::vector<Outcome> RunLoad(const std::string& address, const std::string& mode
 
 void Report(const std::string& what, const std::vector<Outcome>& outcomes, absl::Time disrupted,
             absl::Duration window) {
-  int failed = 0, wrong = 0;
+  int failed = 0, wrong = 0, later = 0, served_later = 0;
   std::vector<double> all, during;
   absl::Status first_error;
   for (const Outcome& o : outcomes) {
+    if (o.start >= disrupted + window) {
+      ++later;
+      served_later += o.status.ok() && o.right;
+    }
     if (!o.status.ok()) {
       ++failed;
       if (first_error.ok()) first_error = o.status;
@@ -105,6 +119,10 @@ void Report(const std::string& what, const std::vector<Outcome>& outcomes, absl:
   EXPECT_GT(outcomes.size(), 0u);
   EXPECT_EQ(failed, 0) << "first failure: " << first_error;
   EXPECT_EQ(wrong, 0);
+  if (later > 0) {
+    EXPECT_GT(served_later, 0) << "none of the " << later
+                               << " requests started after the disruption window was served";
+  }
 }
 
 }  // namespace pipeserve

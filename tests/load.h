@@ -31,13 +31,15 @@ struct Outcome {
 // A fixture's inputs, named as its graph names them.
 std::vector<NamedTensor> NamedInputs(const Fixture& f);
 
-// Uploads fixture `f` as model `name` to the coordinator at `address` and
-// runs its inputs once: that first answer is what later ones must match.
+// Uploads fixture `f` as model `name` to the coordinator at `address`,
+// runs its inputs once and checks that answer against PyTorch's (the
+// fixture's expected output, kInternal naming the difference otherwise);
+// returns PyTorch's answer, which every later one must match.
 absl::StatusOr<Tensor> UploadAndAnswer(const std::string& address, const std::string& name,
                                        const Fixture& f, const UploadOptions& options = {});
 
-// Whether `got` is `want` (the answer before any disruption) up to float
-// rounding.
+// Whether `got` is `want` (PyTorch's answer) up to float32 rounding: every
+// element within 1e-4 of the largest magnitude (at least 1).
 bool SameAnswer(const Tensor& got, const Tensor& want);
 
 // The value at fraction `p` of `v` (0.99: p99; 1: the largest).
@@ -54,8 +56,9 @@ std::vector<Outcome> RunLoad(const std::string& address, const std::string& mode
 
 // Prints a table (requests, failed, wrong, p50 and p99 latency, and p99 and
 // largest latency of the requests started from 1 s before the disruption
-// to `window` after) and checks with gtest that none failed and none was
-// wrong.
+// to `window` after) and checks with gtest that none failed, none was
+// wrong, and, when requests went on past the window, that some of those
+// succeeded (the model serves again after the disruption).
 void Report(const std::string& what, const std::vector<Outcome>& outcomes, absl::Time disrupted,
             absl::Duration window = absl::Seconds(5));
 

@@ -2,10 +2,13 @@
 # Builds pipeserve and runs every test, then the same suite again under
 # AddressSanitizer + UndefinedBehaviorSanitizer, the concurrency tests under
 # ThreadSanitizer, the CUDA configuration, and each fuzz target for
-# $PIPESERVE_FUZZ_SECONDS (default 20) seconds. Ends with one line
-# "N passed, N failed" counting every Bazel test target of the normal run
-# and one entry for each of: the ASan run, the TSan run, the CUDA build,
-# the fuzzing. Exits non-zero on any failure.
+# $PIPESERVE_FUZZ_SECONDS (default 15) seconds. Ends with one line
+# "N passed, N failed, N skipped": passed and failed count every Bazel test
+# target of the normal run and one entry for each of the ASan run, the TSan
+# run, the CUDA build and the fuzzing; skipped counts the test cases that
+# skipped (GTEST_SKIP, unittest skips: from each target's test.xml or log,
+# in every run) and the steps not run here. Each skip is listed by target.
+# Exits non-zero on any failure.
 #
 # Usage: tools/test.sh [extra bazel test flags]
 #   PIPESERVE_TEST_QUICK=1 tools/test.sh   # the normal run only
@@ -14,7 +17,7 @@ cd "$(dirname "$0")/.."
 tools/bootstrap.sh || exit 1
 
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+trap 'rm -f "$log" "$log.skips"' EXIT
 start=$(date +%s)
 stamp() { echo "[tools/test.sh $(( $(date +%s) - start ))s] $*"; }
 
@@ -29,6 +32,21 @@ if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then
   failed=1  # the build broke before any test could report
   echo "bazel exited with status $status before reporting test results" >&2
 fi
+
+# Test cases that skipped in the bazel run logged in $log, whose test logs
+# lie where `bazel info [flags] bazel-testlogs` says; each target listed.
+skipped=0
+count_skips() {
+  local dir n
+  dir=$(bazel info "$@" bazel-testlogs 2>/dev/null) || return 0
+  n=$(tools/count_skipped.py "$dir" "$log" 2>"$log.skips") || n=0
+  skipped=$((skipped + n))
+  if [ "$n" -gt 0 ]; then
+    echo "skipped test cases:"
+    cat "$log.skips"
+  fi
+}
+count_skips
 
 # One counted entry: runs `cmd...`, prints its output only when it fails.
 entry() {
@@ -55,11 +73,13 @@ if [ "${PIPESERVE_TEST_QUICK:-0}" != 1 ]; then
   # netns_test) ran above; their code paths run here in serving_test.
   entry "asan+ubsan (bazel test --config=asan --build_tests_only --test_tag_filters=-long_running //...)" \
     bazel test --config=asan --build_tests_only --test_tag_filters=-long_running //... "$@"
+  count_skips --config=asan
 
   # The concurrency tests with TSan: the ones whose threads meet through
   # synchronization TSan can see (the list and why is in that README).
   entry "tsan (bazel test --config=tsan //third_party/sanitizers:tsan_tests)" \
     bazel test --config=tsan //third_party/sanitizers:tsan_tests "$@"
+  count_skips --config=tsan
 
   # The CUDA backend: compiled by nvcc and linked against /usr/local/cuda,
   # and its tests run (the GPU cases skip without a GPU; the no-device
@@ -69,8 +89,10 @@ if [ "${PIPESERVE_TEST_QUICK:-0}" != 1 ]; then
   if [ -x /usr/local/cuda/bin/nvcc ]; then
     entry "cuda build (bazel test --config=cuda ${cuda_targets[*]})" \
       bazel test --config=cuda "${cuda_targets[@]}" "$@"
+    count_skips --config=cuda
   else
-    echo "cuda build: skipped (no /usr/local/cuda/bin/nvcc on this machine)"
+    echo "cuda build: SKIPPED (no /usr/local/cuda/bin/nvcc on this machine)"
+    skipped=$((skipped + 1))
   fi
 
   # libFuzzer on every input parser, starting from the seed corpora.
@@ -78,5 +100,6 @@ if [ "${PIPESERVE_TEST_QUICK:-0}" != 1 ]; then
 fi
 
 stamp "done"
-echo "${passed} passed, ${failed} failed"
+echo "(passed and failed count test targets and steps; skipped counts test cases that skipped, listed above, and steps not run)"
+echo "${passed} passed, ${failed} failed, ${skipped} skipped"
 [ "$failed" -eq 0 ] && [ "$status" -eq 0 ]

@@ -140,11 +140,40 @@ TEST_P(CudaBackendTest, TimeDeviceWorkReturnsOneTimePerIteration) {
     ASSERT_EQ(ms->size(), 5u);
     for (double t : *ms) EXPECT_GT(t, 0.0);
   }
-  // Outputs are still right after timing replays.
+  // Outputs are still right after timing replays: the CPU backend's, to
+  // the precision's tolerance (an unwritten NaN fails too).
   auto out = prog->Run(in);
   ASSERT_TRUE(out.ok()) << out.status();
-  for (int64_t i = 0; i < (*out)[0].numel(); ++i)
-    ASSERT_FALSE(std::isnan((*out)[0].data()[i]));
+  auto cpu = MakeCpuBackend({})->Compile(m.graph, m.weights);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  auto want = (*cpu)->Run(in);
+  ASSERT_TRUE(want.ok()) << want.status();
+  ASSERT_EQ(out->size(), want->size());
+  const double tol = GetParam() == Precision::kFloat32   ? 1e-5
+                     : GetParam() == Precision::kTF32 ? 1e-3
+                                                      : 1e-2;
+  for (size_t o = 0; o < out->size(); ++o) {
+    const Tensor &g = (*out)[o], &w = (*want)[o];
+    ASSERT_EQ(g.shape(), w.shape());
+    double scale = 1e-30;
+    for (int64_t i = 0; i < w.numel(); ++i) scale = std::max<double>(scale, std::fabs(w.data()[i]));
+    for (int64_t i = 0; i < g.numel(); ++i) {
+      ASSERT_LE(std::fabs(g.data()[i] - w.data()[i]), tol * scale)
+          << "output " << o << " element " << i << ": " << g.data()[i] << " vs " << w.data()[i];
+    }
+  }
+}
+
+// The CUDA program keeps buffers, plans and a graph per shape set, so it
+// asks the stage to join only equal microbatches, a power of two of them
+// (StageProgram::prefers_few_shapes; the README states it).
+TEST_P(CudaBackendTest, TheProgramPrefersFewShapes) {
+  Model m = Stage(64);
+  auto prog = Compile(m, /*graphs=*/true);
+  EXPECT_TRUE(prog->prefers_few_shapes());
+  auto cpu = MakeCpuBackend({})->Compile(m.graph, m.weights);
+  ASSERT_TRUE(cpu.ok());
+  EXPECT_FALSE((*cpu)->prefers_few_shapes()) << "the CPU program runs any shape alike";
 }
 
 // `threads` threads each run `runs` different inputs (batch sizes 16, 3

@@ -87,20 +87,30 @@ bool AllEqual(const Tensor& t, float tag) {
 absl::Time Soon() { return absl::Now() + absl::Seconds(10); }
 
 
+enum class Queue { kInOrder, kNot };
+
 // Runs requests of `rows` each (tagged 1, 2, ...) on their own threads.
+// With Queue::kInOrder each request is in the batcher's queue before the
+// next starts, so they queue in this order; kNot: requests that run at once.
 struct Clients {
   std::vector<std::thread> threads;
   std::vector<absl::StatusOr<std::vector<Tensor>>> out;
   Clients(Batcher& b, const std::vector<int64_t>& rows, absl::Duration timeout = absl::Seconds(10),
-          const std::vector<int64_t>& widths = {})
+          const std::vector<int64_t>& widths = {}, Queue queue = Queue::kInOrder)
       : out(rows.size()) {
+    const size_t before = b.queued();
     for (size_t i = 0; i < rows.size(); ++i) {
       // By value: the thread may start after the caller's vectors are gone.
       const int64_t r = rows[i], w = widths.empty() ? 2 : widths[i];
       threads.emplace_back([this, &b, i, r, w, timeout] {
         out[i] = b.Infer({Rows(r, i + 1.0f, w)}, absl::Now() + timeout, nullptr);
       });
-      absl::SleepFor(absl::Milliseconds(5));  // queue in this order
+      if (queue == Queue::kNot) continue;
+      const absl::Time until = absl::Now() + absl::Seconds(10);
+      while (b.queued() < before + i + 1 && absl::Now() < until) {
+        absl::SleepFor(absl::Microseconds(200));  // polls the queue, no guess
+      }
+      EXPECT_GE(b.queued(), before + i + 1) << "request " << i << " never queued";
     }
   }
   void Join() {
@@ -112,7 +122,8 @@ struct Clients {
 // (closed) until echo.Set(true).
 std::unique_ptr<Clients> Busy(Batcher& b, Echo& echo, int64_t rows = 1) {
   echo.Set(false);
-  auto busy = std::make_unique<Clients>(b, std::vector<int64_t>{rows});
+  auto busy = std::make_unique<Clients>(b, std::vector<int64_t>{rows}, absl::Seconds(10),
+                                        std::vector<int64_t>{}, Queue::kNot);
   EXPECT_TRUE(echo.WaitRunning(1));
   return busy;
 }
@@ -158,7 +169,7 @@ TEST(BatcherTest, AMergedRequestKeepsToMaxRowsAndToOneShape) {
   for (const auto& o : queued.out) EXPECT_TRUE(o.ok()) << o.status();
   // As many rows as max_rows or more: alone, never queued.
   auto busy = Busy(b, echo);
-  Clients big(b, {4});
+  Clients big(b, {4}, absl::Seconds(10), {}, Queue::kNot);
   ASSERT_TRUE(echo.WaitRunning(2)) << "ran beside the busy one";
   echo.Set(true);
   busy->Join();
@@ -229,7 +240,7 @@ TEST(BatcherTest, OffOrUnmergeableEveryRequestRunsAloneAtOnce) {
     Echo echo;
     Batcher b({rows, absl::ZeroDuration(), 1}, mergeable, echo.run());
     echo.Set(false);
-    Clients two(b, {1, 1});
+    Clients two(b, {1, 1}, absl::Seconds(10), {}, Queue::kNot);
     ASSERT_TRUE(echo.WaitRunning(2)) << "both ran at once";
     echo.Set(true);
     two.Join();

@@ -21,7 +21,6 @@
 #include "partitioner/graph_builder.h"
 #include "partitioner/partition.h"
 #include "runtime/cpu/cpu_backend.h"
-#include "runtime/local_pipeline.h"
 #include "runtime/model_file.h"
 #include "server/coordinator/in_process_stages.h"
 #include "server/coordinator/trace.h"
@@ -132,12 +131,16 @@ class CoordinatorTest : public ::testing::Test {
     return (*d)->Infer(in, absl::Now() + timeout, nullptr);
   }
 
-  // What the model computes, run unsplit by LocalPipeline.
+  // What the model computes: its whole graph as one CPU program, cut
+  // nowhere (its split markers ignored) and in one batch, as seed_test's
+  // oracle. (It was the same cuts and microbatches as the system under
+  // test, run by LocalPipeline.)
   static std::vector<Tensor> Expected(const Model& m, const std::vector<Tensor>& in) {
-    Plan plan = *Partition(m.graph, {});
-    auto cpu = MakeCpuBackend({});
-    auto pipe = LocalPipeline::Create(m, plan, *cpu, {4});
-    return *(*pipe)->Run(in);
+    auto program = MakeCpuBackend({})->Compile(m.graph, m.weights);
+    EXPECT_TRUE(program.ok()) << program.status();
+    absl::StatusOr<std::vector<Tensor>> out = (*program)->Run(in);
+    EXPECT_TRUE(out.ok()) << out.status();
+    return *std::move(out);
   }
 
   static void ExpectEqual(const Tensor& a, const Tensor& b) {

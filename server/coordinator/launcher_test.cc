@@ -1,5 +1,11 @@
 #include "server/coordinator/launcher.h"
 
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -48,6 +54,62 @@ TEST(LocalLauncherTest, AModelNeedingMoreServersThanTheLimitIsRefusedBeforeAnyFo
   EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(std::string(r.status().message()),
               HasSubstr("needs 5001 stage servers; the local launcher starts at most 8"));
+}
+
+// A stand-in stage server: a Python script that listens on a free port,
+// writes it where --port_file says, records its arguments in
+// `<port_file>.args` and then waits to be stopped.
+std::string FakeStageServer() {
+  const std::string path = std::string(std::getenv("TEST_TMPDIR")) + "/fake_stage_server";
+  std::ofstream(path) << R"(#!/usr/bin/env python3
+import signal, socket, sys
+args = sys.argv[1:]
+port_file = next(a.split("=", 1)[1] for a in args if a.startswith("--port_file="))
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(16)
+with open(port_file + ".args", "w") as f:
+    f.write(" ".join(args))
+with open(port_file + ".tmp", "w") as f:
+    f.write(str(s.getsockname()[1]))
+import os
+os.rename(port_file + ".tmp", port_file)
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+while True:
+    c, _ = s.accept()
+    c.close()
+)";
+  std::filesystem::permissions(path, std::filesystem::perms::owner_all);
+  return path;
+}
+
+// The per-GPU path had no test: with GPUs, the local launcher starts one
+// server per GPU, each with --device=cuda:<its index>, and places stage i
+// on GPU i mod N.
+TEST(LocalLauncherTest, WithGpusItStartsOneServerPerGpuEachOnItsDevice) {
+  LocalLauncherOptions o;
+  o.binary = FakeStageServer();
+  o.work_dir = std::string(std::getenv("TEST_TMPDIR")) + "/gpus";
+  std::filesystem::create_directories(o.work_dir);
+  o.gpus = 2;
+  auto l = MakeLocalLauncher(o);
+  auto servers = l->ServersFor(3);
+  ASSERT_TRUE(servers.ok()) << servers.status();
+  ASSERT_EQ(servers->size(), 3u);
+  EXPECT_NE((*servers)[0], (*servers)[1]);
+  EXPECT_EQ((*servers)[2], (*servers)[0]) << "stage 2 goes to GPU 0's server";
+  EXPECT_EQ(l->ThreadsPerStage(), 1);
+  std::vector<std::string> devices;
+  for (const auto& e : std::filesystem::directory_iterator(o.work_dir)) {
+    if (e.path().extension() != ".args") continue;
+    std::ifstream in(e.path());
+    std::string word;
+    while (in >> word) {
+      if (word.rfind("--device=", 0) == 0) devices.push_back(word);
+    }
+  }
+  std::sort(devices.begin(), devices.end());
+  EXPECT_THAT(devices, ElementsAre("--device=cuda:0", "--device=cuda:1"));
 }
 
 }  // namespace

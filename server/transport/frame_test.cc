@@ -28,6 +28,7 @@ TEST(FrameTest, RoundTripsHeaderAndTensors) {
   ASSERT_TRUE(FrameFromByteBuffer(bb, &g).ok());
   EXPECT_EQ(g.header.request_id(), 42u);
   EXPECT_EQ(g.header.microbatch(), 3);
+  EXPECT_EQ(g.header.deadline_us(), 123456789);
   ASSERT_EQ(g.tensors.size(), 3u);
   EXPECT_EQ(g.tensors[0].shape(), (Shape{2, 3}));
   EXPECT_EQ(g.tensors[0].data()[5], 5.0f);
