@@ -357,6 +357,20 @@ def binary_flags(path, *args):
 
 
 @unittest.skipUnless(os.environ.get("TEST_SRCDIR"), "needs the binaries: run it with bazel test")
+class IdentityTest(unittest.TestCase):
+    """Stage servers admit control calls from the coordinator's certificate
+    name only: the names the manifests pass are the ones
+    tools/make_dev_certs.sh gives (make_dev_certs_test checks those)."""
+
+    def test_stage_servers_know_the_certificate_names(self):
+        (doc,) = [d for d in load("deploy/k8s/stages.yaml") if d["kind"] == "StatefulSet"]
+        args = Workload(doc).args
+        self.assertEqual(flag(args, "coordinator_identity"), "pipeserve coordinator")
+        self.assertEqual(flag(args, "stage_identity"), "pipeserve stage")
+        self.assertIn('-subj "/O=pipeserve development/CN=pipeserve $role"',
+                      read("tools/make_dev_certs.sh"))
+
+
 class FlagsTest(unittest.TestCase):
     """Every flag the manifests pass is one the binaries know: a renamed
     flag fails here, not at a pod's start."""

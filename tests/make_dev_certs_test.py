@@ -146,6 +146,16 @@ class MakeDevCertsTest(unittest.TestCase):
             _, from_cert = openssl("x509", "-in", self.path(role + ".crt"), "-noout", "-pubkey")
             self.assertEqual(from_key, from_cert, f"{role}.key does not match {role}.crt")
 
+    def test_leaf_certificates_are_named_by_role(self):
+        # Stage servers tell the coordinator from a stage server by these
+        # common names (--coordinator_identity, --stage_identity; the
+        # manifests pass them, deploy_test checks that).
+        for role in ("coordinator", "stage"):
+            rc, out = openssl("x509", "-in", self.path(role + ".crt"), "-noout", "-subject",
+                              "-nameopt", "multiline")
+            self.assertEqual(rc, 0, out)
+            self.assertIn(f"commonName                = pipeserve {role}", out)
+
     def test_subject_alternative_names(self):
         common = {"DNS:localhost", "IP:127.0.0.1", "IP:::1",
                   "DNS:pipeserve.example.com", "IP:10.1.2.3", "IP:fd00::7"}
