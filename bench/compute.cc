@@ -10,20 +10,25 @@
 //    to end at batch 16 and 256: LocalPipeline over its 4 stages, against
 //    PyTorch eager with the same thread count (its OpenBLAS as Debian ships
 //    it, and with OPENBLAS_CORETYPE=SkylakeX, its best kernels here).
+// A timed call that fails stops the benchmark, naming it (exit status 1);
+// a PyTorch baseline that printed no time shows as n/a.
 #include <dnnl.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <functional>
 #include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "bench/bench_util.h"
 #include "partitioner/graph_builder.h"
 #include "partitioner/partition.h"
@@ -36,19 +41,35 @@
 namespace pipeserve {
 namespace {
 
-// Median seconds of `iters` timed calls after a warm-up.
-double MedianSeconds(int iters, const std::function<void()>& fn) {
-  for (int i = 0; i < 3; ++i) fn();
+// Stops the benchmark: `what` failed, so a time taken around it would be
+// the time of a failure.
+[[noreturn]] void Fail(const std::string& what, const absl::Status& status) {
+  std::printf("bench/compute: %s failed: %s\n", what.c_str(), status.ToString().c_str());
+  std::fflush(stdout);
+  std::exit(1);
+}
+
+// Median seconds of `iters` timed calls of `fn` after a warm-up; the
+// benchmark stops at the first call that fails, naming `what`.
+double MedianSeconds(const std::string& what, int iters, const std::function<absl::Status()>& fn) {
+  for (int i = 0; i < 3; ++i) {
+    absl::Status s = fn();
+    if (!s.ok()) Fail(absl::StrCat(what, ", warm-up call ", i), s);
+  }
   std::vector<double> t;
   for (int i = 0; i < iters; ++i) {
     auto t0 = std::chrono::steady_clock::now();
-    fn();
-    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    absl::Status s = fn();
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (!s.ok()) Fail(absl::StrCat(what, ", timed call ", i), s);
+    t.push_back(dt);
   }
   std::sort(t.begin(), t.end());
   return t[t.size() / 2];
 }
 
+// `ms` to 3 decimals, or "n/a" for a PyTorch baseline that printed no time.
+std::string MsOrNa(double ms) { return ms > 0 ? absl::StrFormat("%.3f", ms) : "n/a"; }
 
 void GemmTable(int threads, int iters) {
   std::printf("\nGEMM, %d thread(s), median of %d (GFLOP/s)\n", threads, iters);
@@ -62,21 +83,23 @@ void GemmTable(int threads, int iters) {
     CpuBackendOptions o;
     o.threads = threads;
     auto prog = MakeCpuBackend(o)->Compile(model.graph, model.weights);
-    if (!prog.ok()) {
-      std::printf("compile failed: %s\n", std::string(prog.status().message()).c_str());
-      return;
-    }
+    if (!prog.ok()) Fail(absl::StrCat("compiling the ", m, "x", n, "x", k, " GEMM"), prog.status());
     Tensor x = RandomTensor({m, k}, 1);
     const Tensor& w = model.weights.at("w");
     Tensor c = Tensor::Empty({m, n});
     SetComputeThreads(threads);
     double flop = 2.0 * m * n * k;
+    const std::string shape = absl::StrCat(m, "x", n, "x", k);
     // Interleave the two so drift on a noisy machine hits both alike.
     double exec = 0, direct = 0;
     for (int round = 0; round < 3; ++round) {
-      exec += MedianSeconds(iters, [&] { (void)(*prog)->Run({x}); });
-      direct += MedianSeconds(iters, [&] {
-        dnnl_sgemm('N', 'N', m, n, k, 1.0f, x.data(), k, w.data(), n, 0.0f, c.data(), n);
+      exec += MedianSeconds("executor GEMM " + shape, iters,
+                            [&] { return (*prog)->Run({x}).status(); });
+      direct += MedianSeconds("oneDNN sgemm " + shape, iters, [&] {
+        dnnl_status_t s =
+            dnnl_sgemm('N', 'N', m, n, k, 1.0f, x.data(), k, w.data(), n, 0.0f, c.data(), n);
+        return s == dnnl_success ? absl::OkStatus()
+                                 : absl::InternalError(absl::StrCat("dnnl_status_t ", s));
       });
     }
     std::printf("%4d x %d x %d %12.1f %14.1f %8.3f\n", m, n, k, 3 * flop / exec / 1e9,
@@ -84,6 +107,53 @@ void GemmTable(int threads, int iters) {
   }
 }
 
+// ExampleCode at `batch`, exported with PyTorch into `dir`.
+struct Export {
+  Model model;
+  std::vector<Tensor> in;  // x, y
+};
+
+Export ExportExampleCode(const std::string& dir, int batch) {
+  std::string cmd = absl::StrCat("/usr/bin/python3 tests/pytorch/make_fixtures.py --out ", dir,
+                                 " --case example_code --batch ", batch, " > /dev/null");
+  if (std::system(cmd.c_str()) != 0) {
+    Fail("exporting ExampleCode", absl::InternalError(absl::StrCat("`", cmd, "` failed")));
+  }
+  std::string cdir = dir + "/example_code";
+  auto model = ReadModelFile(cdir + "/model.psm");
+  auto x = ReadNpy(cdir + "/in_x.npy");
+  auto y = ReadNpy(cdir + "/in_y.npy");
+  if (!model.ok()) Fail("loading " + cdir + "/model.psm", model.status());
+  if (!x.ok()) Fail("loading " + cdir + "/in_x.npy", x.status());
+  if (!y.ok()) Fail("loading " + cdir + "/in_y.npy", y.status());
+  return {*std::move(model), {*std::move(x), *std::move(y)}};
+}
+
+// One row of the ExampleCode table: pipeserve split and unsplit against
+// PyTorch eager (n/a where bench/torch_eager.py printed no time).
+void ExampleCodeRow(const Export& ec, int batch, int threads, int iters) {
+  auto plan = Partition(ec.model.graph, {});
+  if (!plan.ok()) Fail("partitioning ExampleCode", plan.status());
+  CpuBackendOptions o;
+  o.threads = threads;
+  auto backend = MakeCpuBackend(o);
+  auto pipe = LocalPipeline::Create(ec.model, *plan, *backend, {});
+  if (!pipe.ok()) Fail("compiling ExampleCode's 4 stages", pipe.status());
+  auto whole = backend->Compile(ec.model.graph, ec.model.weights);
+  if (!whole.ok()) Fail("compiling ExampleCode unsplit", whole.status());
+  const std::string at = absl::StrCat(" at batch ", batch);
+  double ours = MedianSeconds("ExampleCode's 4 stages" + at, iters,
+                              [&] { return (*pipe)->Run(ec.in).status(); }) * 1e3;
+  double unsplit = MedianSeconds("ExampleCode unsplit" + at, iters,
+                                 [&] { return (*whole)->Run(ec.in).status(); }) * 1e3;
+  std::string torch = absl::StrCat("/usr/bin/python3 bench/torch_eager.py --batch ", batch,
+                                   " --threads ", threads, " --iters ", iters);
+  double t_default = TorchMedianMs(torch);
+  double t_skx = TorchMedianMs("OPENBLAS_CORETYPE=SkylakeX " + torch);
+  const std::string vs_skx = t_skx > 0 ? absl::StrFormat("%.2fx", t_skx / ours) : "n/a";
+  std::printf("%-6d %12.3f %12.3f %16s %12s %12s\n", batch, ours, unsplit,
+              MsOrNa(t_default).c_str(), MsOrNa(t_skx).c_str(), vs_skx.c_str());
+}
 
 void ExampleCodeTable(int threads, int iters) {
   std::printf("\nExampleCode end to end (4 stages), %d thread(s), median ms per batch\n",
@@ -92,43 +162,8 @@ void ExampleCodeTable(int threads, int iters) {
               "torch(default)", "torch(SKX)", "vs SKX");
   const char* tmp = std::getenv("TMPDIR");
   std::string dir = absl::StrCat(tmp ? tmp : "/tmp", "/pipeserve_bench_", getpid());
-  for (int batch : {16, 256}) {
-    std::string cmd = absl::StrCat("/usr/bin/python3 tests/pytorch/make_fixtures.py --out ",
-                                   dir, " --case example_code --batch ", batch,
-                                   " > /dev/null");
-    if (std::system(cmd.c_str()) != 0) {
-      std::printf("exporting ExampleCode failed (%s)\n", cmd.c_str());
-      return;
-    }
-    std::string cdir = dir + "/example_code";
-    auto model = ReadModelFile(cdir + "/model.psm");
-    auto x = ReadNpy(cdir + "/in_x.npy");
-    auto y = ReadNpy(cdir + "/in_y.npy");
-    if (!model.ok() || !x.ok() || !y.ok()) {
-      std::printf("loading the export failed\n");
-      return;
-    }
-    auto plan = Partition(model->graph, {});
-    CpuBackendOptions o;
-    o.threads = threads;
-    auto backend = MakeCpuBackend(o);
-    auto pipe = LocalPipeline::Create(*model, *plan, *backend, {});
-    auto whole = backend->Compile(model->graph, model->weights);
-    if (!pipe.ok() || !whole.ok()) {
-      std::printf("compile failed\n");
-      return;
-    }
-    std::vector<Tensor> in = {*x, *y};
-    double ours = MedianSeconds(iters, [&] { (void)(*pipe)->Run(in); }) * 1e3;
-    double unsplit = MedianSeconds(iters, [&] { (void)(*whole)->Run(in); }) * 1e3;
-    std::string torch = absl::StrCat("/usr/bin/python3 bench/torch_eager.py --batch ", batch,
-                                     " --threads ", threads, " --iters ", iters);
-    double t_default = TorchMedianMs(torch);
-    double t_skx = TorchMedianMs("OPENBLAS_CORETYPE=SkylakeX " + torch);
-    std::printf("%-6d %12.3f %12.3f %16.3f %12.3f %11.2fx\n", batch, ours, unsplit,
-                t_default, t_skx, t_skx / ours);
-  }
-  std::system(absl::StrCat("rm -rf ", dir).c_str());
+  for (int batch : {16, 256}) ExampleCodeRow(ExportExampleCode(dir, batch), batch, threads, iters);
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

@@ -1,6 +1,14 @@
 // bench/serving: what the gRPC pipeline costs, against same-run baselines.
 //
-//   bazel run -c opt //bench:serving
+//   bazel run -c opt //bench:serving [-- SECTION] [--device=cuda:0]
+//       [--fixtures=DIR] [--python=PATH]
+//
+// SECTION runs one section (hop, large, pipeline, e2e, breakdown,
+// batching, partition); --python is the interpreter that runs
+// bench/torch_eager.py (it needs torch), found relative to the working
+// directory. Rates count successful requests only, and every row whose
+// requests did not all succeed says how many failed; a call that is timed
+// alone (a latency, a baseline) and fails stops the benchmark, naming it.
 //
 // Everything runs in this process over loopback: stage servers are real
 // StageServiceImpl gRPC servers on their own ports, driven by a real
@@ -16,7 +24,9 @@
 //      the compute-only limit.
 //   3 and 4 also print a ceiling: the cores' time over a request's compute
 //   plus what loopback TCP (measured in the same run) spends in CPU to move
-//   the request's bytes, which no transport over TCP could beat here.
+//   the request's bytes, which no transport over TCP could beat here. The
+//   compute-only limits and ceilings time the CPU backend, so they are left
+//   out (with a line saying so) when the stages compute on another device.
 //   5. Where a served request's time goes (traced requests): transfer,
 //      queue and compute per stage, serialization measured alone.
 //   6. Dynamic batching: 64 clients sending batch-1 ExampleCode requests,
@@ -32,8 +42,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <map>
 #include <set>
@@ -43,8 +56,10 @@
 #include <random>
 #include <thread>
 
+#include "absl/status/status.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "bench/echo.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
@@ -77,6 +92,36 @@ double Seconds(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
 }
 
+// Stops the benchmark: `what` failed, so a time taken around it would be
+// the time of a failure. _Exit, not exit: in-process stage servers may
+// still be running, and static destruction under them is not safe.
+[[noreturn]] void Fail(const std::string& what, const std::string& why) {
+  std::printf("bench/serving: %s failed: %s\n", what.c_str(), why.c_str());
+  std::fflush(stdout);
+  std::_Exit(1);
+}
+
+[[noreturn]] void Fail(const std::string& what, const absl::Status& status) {
+  Fail(what, status.ToString());
+}
+
+// "  (3 of 80 requests failed)" for a row whose requests did not all
+// succeed, else "".
+std::string FailureNote(int failed, size_t succeeded) {
+  if (failed == 0) return "";
+  return absl::StrCat("  (", failed, " of ", failed + succeeded, " requests failed)");
+}
+
+// The machine's cores: what a ceiling divides among compute and transport.
+int MachineCores() { return std::max(1, static_cast<int>(std::thread::hardware_concurrency())); }
+
+// Cores the stages' compute can keep busy at once: one GEMM thread per
+// stage, and no more than the machine has.
+int ComputeCores(int stages) { return std::min(stages, MachineCores()); }
+
+// "1 core", "4 cores".
+std::string CoresLabel(int cores) { return absl::StrCat(cores, cores == 1 ? " core" : " cores"); }
+
 // ---- baselines ------------------------------------------------------------
 
 class EchoService final : public bench::Echo::Service {
@@ -100,12 +145,15 @@ double PingPongMicros(const std::string& address, size_t payload, int iters) {
   std::vector<double> t;
   for (int i = 0; i < iters + 20; ++i) {
     auto t0 = Clock::now();
-    stream->Write(out);
-    stream->Read(&in);
+    if (!stream->Write(out) || !stream->Read(&in)) {
+      Fail(absl::StrCat("gRPC ping-pong round trip ", i, " (the hop baseline)"),
+           stream->Finish().error_message());
+    }
     if (i >= 20) t.push_back(Seconds(t0, Clock::now()) * 1e6);
   }
   stream->WritesDone();
-  stream->Finish();
+  const grpc::Status finished = stream->Finish();
+  if (!finished.ok()) Fail("gRPC ping-pong stream (the hop baseline)", finished.error_message());
   return Median(t);
 }
 
@@ -152,23 +200,27 @@ TcpBaseline LoopbackTcp(size_t total) {
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ::bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
   socklen_t len = sizeof addr;
-  ::getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len);
-  ::listen(listener, 1);
+  if (listener < 0 || ::bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+      ::getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len) != 0 ||
+      ::listen(listener, 1) != 0) {
+    Fail("loopback TCP baseline: listening on 127.0.0.1", std::strerror(errno));
+  }
+  size_t got = 0;  // written by the reader, read after it is joined
   std::thread reader([&] {
     int c = ::accept(listener, nullptr, nullptr);
     std::vector<char> buf(1 << 20);
-    size_t got = 0;
-    while (got < total) {
+    while (c >= 0 && got < total) {
       ssize_t n = ::read(c, buf.data(), buf.size());
       if (n <= 0) break;
       got += n;
     }
-    ::close(c);
+    if (c >= 0) ::close(c);
   });
   int s = ::socket(AF_INET, SOCK_STREAM, 0);
-  ::connect(s, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  if (s < 0 || ::connect(s, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    Fail("loopback TCP baseline: connecting to the listener", std::strerror(errno));
+  }
   std::vector<char> buf(1 << 20, 'x');
   const double cpu0 = ProcessCpuSeconds();
   auto t0 = Clock::now();
@@ -183,6 +235,10 @@ TcpBaseline LoopbackTcp(size_t total) {
   double dt = Seconds(t0, Clock::now());
   const double cpu = ProcessCpuSeconds() - cpu0;
   ::close(listener);
+  if (sent < total || got < total) {
+    Fail("loopback TCP baseline",
+         absl::StrCat("sent ", sent, " and received ", got, " of ", total, " bytes"));
+  }
   return {total / dt, cpu / total};
 }
 
@@ -207,6 +263,30 @@ std::string g_device = "cpu";
 // --fixtures: an ExampleCode export (DIR/example_code/...) to use instead
 // of exporting one with PyTorch here.
 std::string g_fixtures;
+// --python: the interpreter that runs bench/torch_eager.py (needs torch).
+std::string g_python = "/usr/bin/python3";
+// Sections that could not run (no ExampleCode export): the exit status is
+// 1 when any did.
+int g_sections_skipped = 0;
+
+// Whether the stage servers compute on the CPU (--device=auto may pick it).
+bool StagesOnCpu() {
+  static const bool on_cpu = [] {
+    if (g_device == "cpu") return true;
+    auto backend = MakeBackend(g_device, {});
+    return backend.ok() && (*backend)->Name() == "cpu";
+  }();
+  return on_cpu;
+}
+
+// Whether `what`, a limit timed on the CPU backend, compares with this
+// run's stages; where they compute elsewhere, prints why it is left out.
+bool CpuLimitApplies(const std::string& what) {
+  if (StagesOnCpu()) return true;
+  std::printf("%s: not measured for --device=%s (they time the CPU backend)\n", what.c_str(),
+              g_device.c_str());
+  return false;
+}
 
 StageServer StartStageServer(int threads) {
   StageServer s;
@@ -257,8 +337,12 @@ struct Cluster {
                        ::getpid(), "_", n, "_", counter_++);
     CoordinatorOptions co;
     co.calibration_backend = CalibrationBackend();  // for section 7's automatic cuts
-    coordinator = std::make_unique<Coordinator>(co, *OpenFileModelStore(dir + "/repo"),
+    auto store = OpenFileModelStore(dir + "/repo");
+    if (!store.ok()) Fail("opening the model store in " + dir, store.status());
+    coordinator = std::make_unique<Coordinator>(co, *std::move(store),
                                                 MakeStaticLauncher(addresses), &client);
+    // Model calls answer UNAVAILABLE until the (empty) store is loaded.
+    coordinator->LoadStoredModels();
   }
   ~Cluster() {
     coordinator.reset();
@@ -270,19 +354,22 @@ struct Cluster {
   }
 
   // Uploads `m` as `name` with `microbatches` per request (and `o`'s other
-  // options).
-  bool Upload(const std::string& name, const Model& m, int microbatches, UploadOptions o = {}) {
+  // options); stops the benchmark if that fails.
+  void Upload(const std::string& name, const Model& m, int microbatches, UploadOptions o = {}) {
+    const std::string what = absl::StrCat("uploading \"", name, "\"");
     std::string path = dir + "/" + name + ".psm";
-    if (!WriteModelFile(path, m.graph, m.weights).ok()) return false;
+    absl::Status written = WriteModelFile(path, m.graph, m.weights);
+    if (!written.ok()) Fail(what + ": writing " + path, written);
     std::ifstream in(path, std::ios::binary);
     std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     auto up = coordinator->StartUpload(name);
-    if (!up.ok() || !(*up)->Append(bytes).ok()) return false;
+    if (!up.ok()) Fail(what, up.status());
+    absl::Status appended = (*up)->Append(bytes);
+    if (!appended.ok()) Fail(what, appended);
     o.set_microbatches(microbatches);
     auto r = coordinator->FinishUpload(name, o, *std::move(up), bytes.size(),
                                        Crc32(bytes.data(), bytes.size()));
-    if (!r.ok()) std::printf("upload failed: %s\n", std::string(r.status().message()).c_str());
-    return r.ok();
+    if (!r.ok()) Fail(what, r.status());
   }
 
   static inline int counter_ = 0;
@@ -327,33 +414,66 @@ double InferMedianMicros(Coordinator& c, const std::string& model, const Tensor&
     auto t0 = Clock::now();
     auto out = c.Infer(model, {x}, absl::Now() + absl::Seconds(30));
     if (!out.ok()) {
-      std::printf("infer failed: %s\n", std::string(out.status().message()).c_str());
-      return -1;
+      Fail(absl::StrCat("request ", i, " to \"", model, "\" (a timed round trip)"), out.status());
     }
     if (i >= 20) t.push_back(Seconds(t0, Clock::now()) * 1e6);
   }
   return Median(t);
 }
 
-// Requests/s with `clients` threads each sending `per_client` requests
-// (after one warm-up request, not timed).
-double Throughput(Coordinator& c, const std::string& model, const std::vector<Tensor>& in,
-                  int clients, int per_client) {
-  c.Infer(model, in, absl::Now() + absl::Seconds(30)).IgnoreError();  // warm up
-  std::atomic<int> failures{0};
+// What a load run served: successful requests/s, the p50 and p99 latency
+// of the successful requests in ms, and how many failed.
+struct LoadResult {
+  double rps = 0, p50 = 0, p99 = 0;
+  double cpu_us = 0;  // CPU per successful request, where measured
+  size_t requests = 0;  // that succeeded
+  int failed = 0;
+};
+
+// Successful requests/s with `clients` threads each sending `per_client`
+// requests (after one warm-up request, not timed, that must succeed).
+LoadResult Throughput(Coordinator& c, const std::string& model, const std::vector<Tensor>& in,
+                      int clients, int per_client) {
+  auto warm = c.Infer(model, in, absl::Now() + absl::Seconds(30));
+  if (!warm.ok()) Fail(absl::StrCat("warm-up request to \"", model, "\""), warm.status());
+  std::atomic<int> succeeded{0}, failed{0};
   auto t0 = Clock::now();
   std::vector<std::thread> ts;
   for (int k = 0; k < clients; ++k) {
     ts.emplace_back([&] {
       for (int r = 0; r < per_client; ++r) {
-        if (!c.Infer(model, in, absl::Now() + absl::Seconds(60)).ok()) ++failures;
+        if (c.Infer(model, in, absl::Now() + absl::Seconds(60)).ok()) {
+          ++succeeded;
+        } else {
+          ++failed;
+        }
       }
     });
   }
   for (auto& t : ts) t.join();
-  double dt = Seconds(t0, Clock::now());
-  if (failures > 0) std::printf("  (%d requests failed)\n", failures.load());
-  return clients * per_client / dt;
+  LoadResult result;
+  result.requests = succeeded;
+  result.failed = failed;
+  result.rps = succeeded / Seconds(t0, Clock::now());
+  return result;
+}
+
+// The median rate and p50 and p99 of `runs`, with the requests and
+// failures of them all.
+LoadResult MedianRate(const std::vector<LoadResult>& runs) {
+  std::vector<double> rps, p50, p99;
+  LoadResult median;
+  for (const LoadResult& r : runs) {
+    rps.push_back(r.rps);
+    p50.push_back(r.p50);
+    p99.push_back(r.p99);
+    median.requests += r.requests;
+    median.failed += r.failed;
+  }
+  median.rps = Median(rps);
+  median.p50 = Median(p50);
+  median.p99 = Median(p99);
+  return median;
 }
 
 void HopLatency() {
@@ -407,19 +527,35 @@ void LargeActivation() {
               "largest slice gRPC handed over (this process)", after.largest_slice / 1024.0);
 }
 
-// Median seconds of `m` run in this process on one thread (every stage
-// one after another, `chunks` microbatches, no transport): what the
-// compute alone costs.
+// Median seconds of `m` run in this process on one thread of the CPU
+// backend (every stage one after another, `chunks` microbatches, no
+// transport): what the compute alone costs on the CPU.
 double ComputeOnlySeconds(const Model& m, const std::vector<Tensor>& in, int chunks, int runs) {
-  auto cpu = MakeBackend("cpu", {}).value();
-  auto pipe = LocalPipeline::Create(m, *Partition(m.graph, {}), *cpu, {chunks});
+  const std::string what = absl::StrCat("compute-only run (CPU, ", chunks, " microbatches)");
+  auto cpu = MakeBackend("cpu", {});
+  if (!cpu.ok()) Fail(what + ": the CPU backend", cpu.status());
+  auto plan = Partition(m.graph, {});
+  if (!plan.ok()) Fail(what + ": partitioning", plan.status());
+  auto pipe = LocalPipeline::Create(m, *plan, **cpu, {chunks});
+  if (!pipe.ok()) Fail(what + ": compiling", pipe.status());
   std::vector<double> seconds;
   for (int i = 0; i < runs + runs / 5; ++i) {  // the first fifth warms up
     auto t0 = Clock::now();
-    (*pipe)->Run(in).IgnoreError();
-    if (i >= runs / 5) seconds.push_back(Seconds(t0, Clock::now()));
+    auto out = (*pipe)->Run(in);
+    const double dt = Seconds(t0, Clock::now());
+    if (!out.ok()) Fail(absl::StrCat(what, " ", i), out.status());
+    if (i >= runs / 5) seconds.push_back(dt);
   }
   return Median(seconds);
+}
+
+// The most `stages` single-threaded stages could serve, in requests/s,
+// when a request costs `compute_s` of compute in all and its transport
+// `transport_cpu_s` of CPU: the stages' cores' time over the compute, and
+// the machine's over compute and transport together.
+double Ceiling(int stages, double compute_s, double transport_cpu_s) {
+  return std::min(ComputeCores(stages) / compute_s,
+                  MachineCores() / (compute_s + transport_cpu_s));
 }
 
 void Pipelining() {
@@ -431,7 +567,7 @@ void Pipelining() {
   two.Upload("mlp", Mlp(4, 2, 1024), 4);
   // Alternating runs, medians: a single short run on this VM swings by
   // 10% either way.
-  std::vector<double> r1s, r2s;
+  std::vector<LoadResult> r1s, r2s;
   uint64_t bytes = 0;  // tensor bytes received in the 2-stage runs
   for (int i = 0; i < 3; ++i) {
     r1s.push_back(Throughput(*one.coordinator, "mlp", {x}, 8, 10));
@@ -440,21 +576,26 @@ void Pipelining() {
     const FrameReceiveStats after = GetFrameReceiveStats();
     bytes += after.copied_bytes - before.copied_bytes + after.wrapped_bytes - before.wrapped_bytes;
   }
-  const double r1 = Median(r1s), r2 = Median(r2s);
-  std::printf("%-44s %10.1f req/s\n", "1 stage (baseline)", r1);
-  std::printf("%-44s %10.1f req/s  (%.2fx; target >= 1.85x)\n", "2 stages", r2, r2 / r1);
-  // The 1-stage run computes on one core and moves its bytes on the
-  // other; 2 stages compute on both, and their transport takes its CPU
-  // from them. The most 2 stages could serve: both cores' time over each
+  const LoadResult r1 = MedianRate(r1s), r2 = MedianRate(r2s);
+  std::printf("%-44s %10.1f req/s%s\n", "1 stage (baseline)", r1.rps,
+              FailureNote(r1.failed, r1.requests).c_str());
+  std::printf("%-44s %10.1f req/s  (%.2fx; target >= 1.85x)%s\n", "2 stages", r2.rps,
+              r2.rps / std::max(r1.rps, 1e-9), FailureNote(r2.failed, r2.requests).c_str());
+  if (!CpuLimitApplies("compute-only rate and 2 stages' TCP ceiling")) return;
+  // The 1-stage run computes on one core and moves its bytes on another;
+  // 2 stages compute on two, and on a 2-core machine their transport
+  // takes its CPU from them. The most 2 stages could serve (Ceiling): each
   // request's compute (in process, one thread) plus loopback TCP's CPU for
   // the bytes it sends across the 3 hops (both measured in this run).
   const double c = ComputeOnlySeconds(Mlp(4, 1, 1024), {x}, 4, 20);
   const TcpBaseline tcp = LoopbackTcp(size_t{1} << 30);
   const double per_request = static_cast<double>(bytes) / (3 * (8 * 10 + 1));  // + warm-up
-  const double ceiling = 2 / (c + per_request * tcp.cpu_s_per_byte);
+  const double ceiling = Ceiling(2, c, per_request * tcp.cpu_s_per_byte);
   std::printf("%-44s %10.1f req/s\n", "compute only, one core", 1 / c);
   std::printf("%-44s %10.1f req/s  (%.2fx the 1-stage run)\n",
-              "2 stages' ceiling: compute + TCP's CPU", ceiling, ceiling / r1);
+              absl::StrCat("2 stages' ceiling, ", CoresLabel(MachineCores()), ": compute + TCP")
+                  .c_str(),
+              ceiling, ceiling / std::max(r1.rps, 1e-9));
 }
 
 
@@ -470,10 +611,11 @@ std::optional<ExampleCode> LoadExampleCode() {
   if (dir.empty()) {
     dir = absl::StrCat(std::filesystem::temp_directory_path().string(), "/pipeserve_bench_ec_",
                        ::getpid());
-    std::string cmd = absl::StrCat("/usr/bin/python3 tests/pytorch/make_fixtures.py --out ", dir,
+    std::string cmd = absl::StrCat(g_python, " tests/pytorch/make_fixtures.py --out ", dir,
                                    " --case example_code --batch 256 > /dev/null");
     if (std::system(cmd.c_str()) != 0) {
-      std::printf("exporting ExampleCode failed\n");
+      std::printf("exporting ExampleCode failed (%s); section skipped\n", cmd.c_str());
+      ++g_sections_skipped;
       return std::nullopt;
     }
   }
@@ -482,7 +624,8 @@ std::optional<ExampleCode> LoadExampleCode() {
   auto y = ReadNpy(dir + "/example_code/in_y.npy");
   if (g_fixtures.empty()) std::filesystem::remove_all(dir);
   if (!model.ok() || !x.ok() || !y.ok()) {
-    std::printf("cannot load ExampleCode from %s\n", dir.c_str());
+    std::printf("cannot load ExampleCode from %s; section skipped\n", dir.c_str());
+    ++g_sections_skipped;
     return std::nullopt;
   }
   return ExampleCode{*std::move(model), *std::move(x), *std::move(y)};
@@ -491,129 +634,160 @@ std::optional<ExampleCode> LoadExampleCode() {
 // Requests the served ExampleCode run sends (4 clients).
 constexpr int kE2eRequests = 400;
 
-void ExampleCodeEndToEnd() {
-  std::printf("\n4. ExampleCode, batch 256, 4 stages (%s), 16 microbatches, 4 clients\n",
-              g_device == "cpu" ? "1 GEMM thread each" : g_device.c_str());
-  std::optional<ExampleCode> ec = LoadExampleCode();
-  if (!ec) return;
-  Cluster four(4, 1);
-  four.Upload("ec", ec->model, 16);
-  // The same-run baseline: stages that compute one microbatch per run
-  // (max_batch_rows -1 turns joining off with request batching).
-  UploadOptions alone;
-  alone.set_max_batch_rows(-1);
-  four.Upload("ec_alone", ec->model, 16, alone);
-  auto latency = [&](const std::string& model) {
-    std::vector<double> lat;
-    for (int i = 0; i < 30; ++i) {
-      auto t0 = Clock::now();
-      four.coordinator->Infer(model, {ec->x, ec->y}, absl::Now() + absl::Seconds(30)).IgnoreError();
-      lat.push_back(Seconds(t0, Clock::now()) * 1e3);
+// Median latency in ms of 30 requests to `model`, sent one at a time.
+double LatencyMs(Coordinator& c, const std::string& model, const std::vector<Tensor>& in) {
+  std::vector<double> lat;
+  for (int i = 0; i < 30; ++i) {
+    auto t0 = Clock::now();
+    auto out = c.Infer(model, in, absl::Now() + absl::Seconds(30));
+    if (!out.ok()) {
+      Fail(absl::StrCat("request ", i, " to \"", model, "\" (a timed latency)"), out.status());
     }
-    return Median(lat);
-  };
-  // Microbatches the stages of `model` computed so far, and program runs.
-  auto computed = [&](const std::string& model) {
-    std::pair<uint64_t, uint64_t> frames_runs{0, 0};
-    for (StageServer& server : four.stages) {
-      for (const StageKey& k : server.core->Keys()) {
-        if (k.model() != model) continue;
-        auto st = server.core->Stats(k);
-        if (!st.ok()) continue;
-        frames_runs.first += st->frames_processed();
-        frames_runs.second += st->program_runs();
-      }
+    lat.push_back(Seconds(t0, Clock::now()) * 1e3);
+  }
+  return Median(lat);
+}
+
+// Microbatches the stages of `model` computed so far, and program runs.
+std::pair<uint64_t, uint64_t> Computed(Cluster& cluster, const std::string& model) {
+  std::pair<uint64_t, uint64_t> frames_runs{0, 0};
+  for (StageServer& server : cluster.stages) {
+    for (const StageKey& k : server.core->Keys()) {
+      if (k.model() != model) continue;
+      auto st = server.core->Stats(k);
+      if (!st.ok()) continue;
+      frames_runs.first += st->frames_processed();
+      frames_runs.second += st->program_runs();
     }
-    return frames_runs;
-  };
-  const double rps_alone = Throughput(*four.coordinator, "ec_alone", {ec->x, ec->y}, 4, 100);
-  const FrameReceiveStats before = GetFrameReceiveStats();
-  const auto computed_before = computed("ec");
-  double rps = Throughput(*four.coordinator, "ec", {ec->x, ec->y}, 4, kE2eRequests / 4);
-  const auto computed_after = computed("ec");
-  const FrameReceiveStats after = GetFrameReceiveStats();
-  // Microbatches per program run in the 4-client run.
-  const double per_run =
-      static_cast<double>(computed_after.first - computed_before.first) /
-      std::max<uint64_t>(1, computed_after.second - computed_before.second);
-  const double lat = latency("ec"), lat_alone = latency("ec_alone");
-  double t1 = TorchMedianMs("/usr/bin/python3 bench/torch_eager.py --batch 256 --threads 1 --iters 50");
-  double t2 = TorchMedianMs("/usr/bin/python3 bench/torch_eager.py --batch 256 --threads 2 --iters 50");
-  double t2s = TorchMedianMs(
-      "OPENBLAS_CORETYPE=SkylakeX /usr/bin/python3 bench/torch_eager.py --batch 256 --threads 2 --iters 50");
-  auto row = [](const char* name, double ms) {
-    if (ms > 0) {
-      std::printf("%-44s %10.1f %12.2f\n", name, 1e3 / ms, ms);
-    } else {
-      std::printf("%-44s %10s %12s\n", name, "n/a", "n/a");
-    }
-  };
-  std::printf("%-44s %10s %12s\n", "", "batch/s", "latency ms");
-  std::printf("%-44s %10.1f %12.2f\n", "pipeserve, 4 stages over gRPC", rps, lat);
-  std::printf("%-44s %10.1f %12.2f  (joining: %.2fx)\n",
-              "  the same, one microbatch per stage run", rps_alone, lat_alone, rps / rps_alone);
-  // The same with 4 microbatches of 64 rows: a quarter of the hops.
-  four.Upload("ec4", ec->model, 4);
-  double rps4 = Throughput(*four.coordinator, "ec4", {ec->x, ec->y}, 4, 100);
-  std::printf("%-44s %10.1f %12.2f\n", "pipeserve, the same with 4 microbatches", rps4,
-              latency("ec4"));
-  // The compute-only limit: every stage's program run in this process, one
-  // after another on one thread (no transport), so two cores could do
-  // twice as many batches.
-  auto limit = [&](int chunks) {  // batches/s on 2 cores
-    return 2 / ComputeOnlySeconds(ec->model, {ec->x, ec->y}, chunks, 50);
-  };
-  const double limit16 = limit(16), limit4 = limit(4);
+  }
+  return frames_runs;
+}
+
+// Tensor bytes this process received between two snapshots.
+uint64_t ReceivedBytes(const FrameReceiveStats& before, const FrameReceiveStats& after) {
+  return after.copied_bytes - before.copied_bytes + after.wrapped_bytes - before.wrapped_bytes;
+}
+
+// Section 4's compute-only limits and TCP ceiling, for stages on the CPU:
+// every stage's program run in this process, one after another on one
+// thread (no transport), so the cores the 4 stages can keep busy could do
+// that many times as many batches.
+void PrintE2eLimits(const ExampleCode& ec, const LoadResult& served16,
+                    const LoadResult& served4, double bytes_per_batch) {
+  if (!CpuLimitApplies("compute-only limit and TCP ceiling")) return;
+  const int cores = ComputeCores(4);
+  const double c16 = ComputeOnlySeconds(ec.model, {ec.x, ec.y}, 16, 50);
+  const double c4 = ComputeOnlySeconds(ec.model, {ec.x, ec.y}, 4, 50);
+  const double limit16 = cores / c16, limit4 = cores / c4;
   std::printf("%-44s %10.1f  (served: %.0f%% of it; target >= 80%%)\n",
-              "compute-only limit, 16 microbatches, 2 cores", limit16, 100 * rps / limit16);
+              absl::StrCat("compute-only limit, 16 microbatches, ", CoresLabel(cores)).c_str(),
+              limit16, 100 * served16.rps / limit16);
   std::printf("%-44s %10.1f  (served: %.0f%% of it)\n",
-              "compute-only limit, 4 microbatches, 2 cores", limit4, 100 * rps4 / limit4);
+              absl::StrCat("compute-only limit, 4 microbatches, ", CoresLabel(cores)).c_str(),
+              limit4, 100 * served4.rps / limit4);
   // What moving the batch's bytes over loopback TCP costs in CPU alone,
   // at the rate one plain TCP stream pays in this run, added to the
   // compute (at the faster of 16- and 64-row runs: stages join up to 64
   // rows): the most any transport over TCP could serve on these cores
   // (gRPC framing, wake-ups and the receive copy come on top).
   const TcpBaseline tcp = LoopbackTcp(size_t{1} << 30);
-  const double bytes_per_batch =
-      static_cast<double>(after.copied_bytes - before.copied_bytes + after.wrapped_bytes -
-                          before.wrapped_bytes) / (kE2eRequests + 1);  // + warm-up
-  const double ceiling =
-      2 / (2 / std::max(limit16, limit4) + bytes_per_batch * tcp.cpu_s_per_byte);
+  const double ceiling = Ceiling(4, std::min(c16, c4), bytes_per_batch * tcp.cpu_s_per_byte);
   std::printf("%-44s %10.2f MiB  (TCP: %.2f ms of CPU per MiB)\n",
               "tensor bytes crossing the 5 hops, per batch", bytes_per_batch / (1 << 20),
               tcp.cpu_s_per_byte * (1 << 20) * 1e3);
-  std::printf("%-44s %10.1f  (%.0f%% of the limit; served: %.0f%% of it)\n",
-              "ceiling: compute + TCP's CPU for those bytes", ceiling, 100 * ceiling / limit16,
-              100 * rps / ceiling);
-  row("PyTorch eager (CPU), 1 thread", t1);
-  row("PyTorch eager (CPU), 2 threads", t2);
-  row("PyTorch eager (CPU), 2 threads, OpenBLAS SkylakeX", t2s);
+  std::printf("%-44s %10.1f  (%s; %.0f%% of the limit; served: %.0f%% of it)\n",
+              "ceiling: compute + TCP's CPU for those bytes", ceiling,
+              CoresLabel(MachineCores()).c_str(), 100 * ceiling / limit16,
+              100 * served16.rps / ceiling);
+}
+
+// PyTorch eager on the CPU, at batch 256, measured now (n/a where
+// bench/torch_eager.py printed no time; its error is on stderr).
+void PrintTorchRows() {
+  const std::string run = absl::StrCat(g_python, " bench/torch_eager.py --batch 256 --iters 50");
+  const struct {
+    const char* name;
+    std::string cmd;
+  } rows[] = {
+      {"PyTorch eager (CPU), 1 thread", run + " --threads 1"},
+      {"PyTorch eager (CPU), 2 threads", run + " --threads 2"},
+      {"PyTorch eager (CPU), 2 threads, OpenBLAS SkylakeX",
+       "OPENBLAS_CORETYPE=SkylakeX " + run + " --threads 2"},
+  };
+  for (const auto& row : rows) {
+    const double ms = TorchMedianMs(row.cmd);
+    if (ms > 0) {
+      std::printf("%-44s %10.1f %12.2f\n", row.name, 1e3 / ms, ms);
+    } else {
+      std::printf("%-44s %10s %12s  (bench/torch_eager.py under %s failed)\n", row.name, "n/a",
+                  "n/a", g_python.c_str());
+    }
+  }
+}
+
+// How the 4-client run's frames travelled: frames per message, the share
+// of received tensor bytes copied, microbatches per stage program run.
+void PrintTransferStats(const FrameReceiveStats& before, const FrameReceiveStats& after,
+                        double per_run) {
   std::printf("%-44s %10.2f  (frames queued for one stream go as one message)\n",
               "frames per message received, 4 clients",
               static_cast<double>(after.frames - before.frames) /
                   std::max<uint64_t>(1, after.messages - before.messages));
   std::printf("%-44s %10.0f%%\n", "received tensor bytes copied (rest wrapped)",
               100.0 * (after.copied_bytes - before.copied_bytes) /
-                  std::max<uint64_t>(1, after.copied_bytes - before.copied_bytes +
-                                            after.wrapped_bytes - before.wrapped_bytes));
+                  std::max<uint64_t>(1, ReceivedBytes(before, after)));
   std::printf("%-44s %10.2f  (queued microbatches of a request joined; 1 without)\n",
               "microbatches per stage program run", per_run);
+}
+
+void ExampleCodeEndToEnd() {
+  std::printf("\n4. ExampleCode, batch 256, 4 stages (%s), 16 microbatches, 4 clients\n",
+              g_device == "cpu" ? "1 GEMM thread each" : g_device.c_str());
+  std::optional<ExampleCode> ec = LoadExampleCode();
+  if (!ec) return;
+  const std::vector<Tensor> in = {ec->x, ec->y};
+  Cluster four(4, 1);
+  // The same-run baseline: stages that compute one microbatch per run
+  // (max_batch_rows -1 turns joining off with request batching).
+  UploadOptions alone;
+  alone.set_max_batch_rows(-1);
+  four.Upload("ec", ec->model, 16);
+  four.Upload("ec_alone", ec->model, 16, alone);
+  Coordinator& c = *four.coordinator;
+  const LoadResult served_alone = Throughput(c, "ec_alone", in, 4, 100);
+  const FrameReceiveStats before = GetFrameReceiveStats();
+  const auto computed_before = Computed(four, "ec");
+  const LoadResult served = Throughput(c, "ec", in, 4, kE2eRequests / 4);
+  const auto computed_after = Computed(four, "ec");
+  const FrameReceiveStats after = GetFrameReceiveStats();
+  // Microbatches per program run in the 4-client run.
+  const double per_run =
+      static_cast<double>(computed_after.first - computed_before.first) /
+      std::max<uint64_t>(1, computed_after.second - computed_before.second);
+  std::printf("%-44s %10s %12s\n", "", "batch/s", "latency ms");
+  std::printf("%-44s %10.1f %12.2f%s\n", "pipeserve, 4 stages over gRPC", served.rps,
+              LatencyMs(c, "ec", in), FailureNote(served.failed, served.requests).c_str());
+  std::printf("%-44s %10.1f %12.2f  (joining: %.2fx)%s\n",
+              "  the same, one microbatch per stage run", served_alone.rps,
+              LatencyMs(c, "ec_alone", in), served.rps / std::max(served_alone.rps, 1e-9),
+              FailureNote(served_alone.failed, served_alone.requests).c_str());
+  // The same with 4 microbatches of 64 rows: a quarter of the hops.
+  four.Upload("ec4", ec->model, 4);
+  const LoadResult served4 = Throughput(c, "ec4", in, 4, 100);
+  std::printf("%-44s %10.1f %12.2f%s\n", "pipeserve, the same with 4 microbatches", served4.rps,
+              LatencyMs(c, "ec4", in), FailureNote(served4.failed, served4.requests).c_str());
+  PrintE2eLimits(*ec, served, served4,
+                 static_cast<double>(ReceivedBytes(before, after)) / (kE2eRequests + 1));
+  PrintTorchRows();
+  PrintTransferStats(before, after, per_run);
 }
 
 // Median of `us` in milliseconds (0 for none).
 double MedianMs(std::vector<double> us) { return us.empty() ? 0 : Median(std::move(us)) / 1e3; }
 
-void TimeBreakdown() {
-  std::printf("\n5. Where a served request's time goes: ExampleCode, batch 256, 4 stages,\n"
-              "   16 microbatches, traced requests (medians per microbatch, ms; compute:\n"
-              "   per program run, which may join queued microbatches)\n");
-  std::optional<ExampleCode> ec = LoadExampleCode();
-  if (!ec) return;
-  Cluster four(4, 1);
-  if (!four.Upload("ec", ec->model, 16)) return;
-  const int stages = 4;
-  // Serialization alone: encoding and decoding one hop's frame (16 rows
-  // of the 512-wide activation), as every transfer does once.
+// Serialization alone: encoding and decoding one hop's frame (16 rows of
+// the 512-wide activation), as every transfer does once; 300 times, in us.
+std::vector<double> CodecMicros() {
   Frame hop;
   hop.header.set_request_id(1);
   hop.Add("h", RandomTensor({16, 512}, 4));
@@ -622,74 +796,109 @@ void TimeBreakdown() {
     auto t0 = Clock::now();
     grpc::ByteBuffer bb;
     Frame back;
-    if (!FrameToByteBuffer(hop, &bb).ok() || !FrameFromByteBuffer(bb, &back).ok()) return;
+    absl::Status status = FrameToByteBuffer(hop, &bb);
+    if (status.ok()) status = FrameFromByteBuffer(bb, &back);
+    if (!status.ok()) Fail("encoding and decoding a 16x512 frame (timed alone)", status);
     codec.push_back(Seconds(t0, Clock::now()) * 1e6);
   }
-  for (int clients : {1, 4}) {
-    std::mutex mu;
-    std::map<std::pair<int, std::string>, std::vector<double>> spans;  // (stage, what) -> us
-    std::vector<double> latency, busiest;
-    auto d = four.coordinator->Find("ec");
-    if (!d.ok()) return;
-    auto run = [&] {
-      for (int r = 0; r < 20; ++r) {
-        std::vector<TraceSpan> trace;
-        auto out = four.coordinator->InferOn(*d, {ec->x, ec->y}, absl::Now() + absl::Seconds(60),
-                                             nullptr, 0, nullptr, &trace);
-        if (!out.ok()) continue;
-        std::lock_guard<std::mutex> lock(mu);
-        std::vector<double> compute(stages, 0);
-        // Microbatches computed in one joined run share its compute span:
-        // count each run once.
-        std::set<std::tuple<int, int, int64_t>> runs;
-        for (const TraceSpan& t : trace) {
-          if (t.what() == "request") {
-            latency.push_back(t.duration_us());
-            continue;
-          }
-          if (t.what() == "compute") {
-            if (!runs.insert({t.stage(), t.replica(), t.start_us()}).second) continue;
-            compute[t.stage()] += t.duration_us();
-          }
-          spans[{t.stage(), t.what()}].push_back(t.duration_us());
-        }
-        busiest.push_back(*std::max_element(compute.begin(), compute.end()));
-      }
-    };
-    run();  // warm up (and discarded)
-    spans.clear();
-    latency.clear();
-    busiest.clear();
-    std::vector<std::thread> ts;
-    for (int c = 0; c < clients; ++c) ts.emplace_back(run);
-    for (auto& t : ts) t.join();
-    std::printf("\n   %d client%s, %zu requests\n", clients, clients == 1 ? "" : "s",
-                latency.size());
-    std::printf("   %-34s %12s %10s %10s\n", "", "transfer in", "queue", "compute");
-    for (int i = 0; i < stages; ++i) {
-      std::printf("   %-34s %12.3f %10.3f %10.3f\n", absl::StrCat("stage ", i).c_str(),
-                  MedianMs(spans[{i, "transfer"}]), MedianMs(spans[{i, "queue"}]),
-                  MedianMs(spans[{i, "compute"}]));
-    }
-    std::printf("   %-34s %12.3f\n", "coordinator: send into stage 0", MedianMs(spans[{-1, "send"}]));
-    std::printf("   %-34s %12.3f\n", "last stage -> coordinator", MedianMs(spans[{-1, "receive"}]));
-    std::printf("   %-34s %12.3f   (in every transfer)\n", "serialization alone (encode+decode)",
-                MedianMs(codec));
-    const double l = MedianMs(latency), b = MedianMs(busiest);
-    std::printf("   request latency %.2f ms; the busiest stage computes %.2f ms of it (%.0f%%)\n",
-                l, b, 100 * b / std::max(l, 1e-9));
-  }
+  return codec;
 }
 
-// `clients` threads sending `in` to `model` for `length`: requests/s and
-// the p50 and p99 latency in ms.
-struct LoadResult {
-  double rps = 0, p50 = 0, p99 = 0;
-  double cpu_us = 0;  // CPU per request, where measured
-  size_t requests = 0;
+// What traced requests recorded: span durations per (stage, what) in us,
+// each successful request's latency and its busiest stage's compute, and
+// how many requests failed.
+struct Traces {
+  std::map<std::pair<int, std::string>, std::vector<double>> spans;
+  std::vector<double> latency, busiest;
+  size_t succeeded = 0;
   int failed = 0;
 };
 
+// Adds one request's `trace` (of `stages` stages) to `traces`.
+void AddTrace(const std::vector<TraceSpan>& trace, int stages, Traces& traces) {
+  std::vector<double> compute(stages, 0);
+  // Microbatches computed in one joined run share its compute span: count
+  // each run once.
+  std::set<std::tuple<int, int, int64_t>> runs;
+  for (const TraceSpan& t : trace) {
+    if (t.what() == "request") {
+      traces.latency.push_back(t.duration_us());
+      continue;
+    }
+    if (t.what() == "compute") {
+      if (!runs.insert({t.stage(), t.replica(), t.start_us()}).second) continue;
+      compute[t.stage()] += t.duration_us();
+    }
+    traces.spans[{t.stage(), t.what()}].push_back(t.duration_us());
+  }
+  traces.busiest.push_back(*std::max_element(compute.begin(), compute.end()));
+  ++traces.succeeded;
+}
+
+// `clients` threads each sending 20 traced requests of `in` to `d`.
+Traces TracedRequests(Coordinator& c, const std::shared_ptr<Deployment>& d,
+                      const std::vector<Tensor>& in, int clients, int stages) {
+  std::mutex mu;
+  Traces traces;
+  auto run = [&] {
+    for (int r = 0; r < 20; ++r) {
+      std::vector<TraceSpan> trace;
+      auto out = c.InferOn(d, in, absl::Now() + absl::Seconds(60), nullptr, 0, nullptr, &trace);
+      std::lock_guard<std::mutex> lock(mu);
+      if (out.ok()) {
+        AddTrace(trace, stages, traces);
+      } else {
+        ++traces.failed;
+      }
+    }
+  };
+  std::vector<std::thread> ts;
+  for (int k = 0; k < clients; ++k) ts.emplace_back(run);
+  for (auto& t : ts) t.join();
+  return traces;
+}
+
+void PrintTraces(Traces& t, int clients, int stages, const std::vector<double>& codec) {
+  std::printf("\n   %d client%s, %zu requests%s\n", clients, clients == 1 ? "" : "s", t.succeeded,
+              FailureNote(t.failed, t.succeeded).c_str());
+  std::printf("   %-34s %12s %10s %10s\n", "", "transfer in", "queue", "compute");
+  for (int i = 0; i < stages; ++i) {
+    std::printf("   %-34s %12.3f %10.3f %10.3f\n", absl::StrCat("stage ", i).c_str(),
+                MedianMs(t.spans[{i, "transfer"}]), MedianMs(t.spans[{i, "queue"}]),
+                MedianMs(t.spans[{i, "compute"}]));
+  }
+  std::printf("   %-34s %12.3f\n", "coordinator: send into stage 0",
+              MedianMs(t.spans[{-1, "send"}]));
+  std::printf("   %-34s %12.3f\n", "last stage -> coordinator", MedianMs(t.spans[{-1, "receive"}]));
+  std::printf("   %-34s %12.3f   (in every transfer)\n", "serialization alone (encode+decode)",
+              MedianMs(codec));
+  const double l = MedianMs(t.latency), b = MedianMs(t.busiest);
+  std::printf("   request latency %.2f ms; the busiest stage computes %.2f ms of it (%.0f%%)\n", l,
+              b, 100 * b / std::max(l, 1e-9));
+}
+
+void TimeBreakdown() {
+  std::printf("\n5. Where a served request's time goes: ExampleCode, batch 256, 4 stages,\n"
+              "   16 microbatches, traced requests (medians per microbatch, ms; compute:\n"
+              "   per program run, which may join queued microbatches)\n");
+  std::optional<ExampleCode> ec = LoadExampleCode();
+  if (!ec) return;
+  Cluster four(4, 1);
+  four.Upload("ec", ec->model, 16);
+  const int stages = 4;
+  const std::vector<double> codec = CodecMicros();
+  auto d = four.coordinator->Find("ec");
+  if (!d.ok()) Fail("finding the uploaded \"ec\"", d.status());
+  const std::vector<Tensor> in = {ec->x, ec->y};
+  for (int clients : {1, 4}) {
+    TracedRequests(*four.coordinator, *d, in, 1, stages);  // warm up (and discarded)
+    Traces traces = TracedRequests(*four.coordinator, *d, in, clients, stages);
+    PrintTraces(traces, clients, stages, codec);
+  }
+}
+
+// `clients` threads sending `in` to `model` for `length`: successful
+// requests/s, their p50 and p99 latency in ms, and the failures.
 LoadResult ClosedLoop(Coordinator& c, const std::string& model, const std::vector<Tensor>& in,
                       int clients, absl::Duration length) {
   std::mutex mu;
@@ -700,10 +909,13 @@ LoadResult ClosedLoop(Coordinator& c, const std::string& model, const std::vecto
   auto t0 = Clock::now();
   for (int k = 0; k < clients; ++k) {
     ts.emplace_back([&] {
-      std::vector<double> mine;
+      std::vector<double> mine;  // successful requests' latency
       while (absl::Now() < end) {
         auto a = Clock::now();
-        if (!c.Infer(model, in, absl::Now() + absl::Seconds(30)).ok()) ++failed;
+        if (!c.Infer(model, in, absl::Now() + absl::Seconds(30)).ok()) {
+          ++failed;
+          continue;
+        }
         mine.push_back(Seconds(a, Clock::now()) * 1e3);
       }
       std::lock_guard<std::mutex> lock(mu);
@@ -721,6 +933,32 @@ LoadResult ClosedLoop(Coordinator& c, const std::string& model, const std::vecto
   return r;
 }
 
+// A row of section 6's table: `r`, then `note`, then its failures.
+void PrintBatchingRow(const std::string& name, const LoadResult& r, const std::string& note) {
+  std::printf("%-44s %10.1f %9.2f %9.2f%s%s\n", name.c_str(), r.rps, r.p50, r.p99, note.c_str(),
+              FailureNote(r.failed, r.requests).c_str());
+}
+
+// What 5x would take: a request's CPU, against what it cannot do
+// without: its compute at the merged size (`per_merge` rows, in process,
+// one thread; CPU stages only) and one thread wake-up (its client's, when
+// its answer is in).
+void PrintRequestCpu(const ExampleCode& ec, const LoadResult& alone, const LoadResult& merged,
+                     double per_merge) {
+  std::printf("%-44s %10.1f us  (batching: %.1f us; 5x needs <= %.1f us)\n",
+              "CPU per request, no batching", alone.cpu_us, merged.cpu_us, alone.cpu_us / 5);
+  if (CpuLimitApplies("  compute alone per row")) {
+    const int64_t rows = std::clamp<int64_t>(std::llround(per_merge), 1, ec.x.dim(0));
+    const double per_row_us =
+        1e6 / rows *
+        ComputeOnlySeconds(ec.model, {ec.x.SliceRows(0, rows), ec.y.SliceRows(0, rows)}, 1, 180);
+    std::printf("%-44s %10.1f us\n",
+                absl::StrCat("  compute alone at ", rows, " rows, per row").c_str(), per_row_us);
+  }
+  std::printf("%-44s %10.1f us\n", "  one thread wake-up (hand-off round trip / 2)",
+              ThreadHandOffMicros());
+}
+
 void DynamicBatching() {
   std::printf("\n6. Dynamic batching: 64 clients, each sending batch-1 ExampleCode requests\n"
               "   one after another for 5 s, 4 stages (a merged request goes as one microbatch)\n");
@@ -729,52 +967,39 @@ void DynamicBatching() {
   Cluster four(4, 1);
   UploadOptions off;
   off.set_max_batch_rows(-1);
-  UploadOptions two;
-  two.set_max_batches_in_flight(2);  // as many as this machine's cores
-  if (!four.Upload("alone", ec->model, 4, off) || !four.Upload("merged", ec->model, 4) ||
-      !four.Upload("merged2", ec->model, 4, two)) {
-    return;
-  }
+  const int cores = MachineCores();
+  UploadOptions per_core;
+  per_core.set_max_batches_in_flight(cores);  // as many as this machine's cores
+  four.Upload("alone", ec->model, 4, off);
+  four.Upload("merged", ec->model, 4);
+  four.Upload("merged_cores", ec->model, 4, per_core);
   const std::vector<Tensor> one = {ec->x.SliceRows(0, 1), ec->y.SliceRows(0, 1)};
-  ClosedLoop(*four.coordinator, "alone", one, 8, absl::Seconds(1));  // warm up
-  // CPU per request: with both cores busy in every run, the throughput
+  Coordinator& coordinator = *four.coordinator;
+  ClosedLoop(coordinator, "alone", one, 8, absl::Seconds(1));  // warm up
+  // CPU per request: with the cores busy in every run, the throughput
   // ratio is the inverse ratio of what a request costs in CPU.
   double cpu0 = ProcessCpuSeconds();
-  LoadResult a = ClosedLoop(*four.coordinator, "alone", one, 64, absl::Seconds(5));
+  LoadResult a = ClosedLoop(coordinator, "alone", one, 64, absl::Seconds(5));
   double cpu1 = ProcessCpuSeconds();
-  LoadResult b = ClosedLoop(*four.coordinator, "merged", one, 64, absl::Seconds(5));
+  LoadResult b = ClosedLoop(coordinator, "merged", one, 64, absl::Seconds(5));
   double cpu2 = ProcessCpuSeconds();
-  LoadResult c = ClosedLoop(*four.coordinator, "merged2", one, 64, absl::Seconds(5));
+  LoadResult c = ClosedLoop(coordinator, "merged_cores", one, 64, absl::Seconds(5));
   a.cpu_us = 1e6 * (cpu1 - cpu0) / std::max<size_t>(1, a.requests);
   b.cpu_us = 1e6 * (cpu2 - cpu1) / std::max<size_t>(1, b.requests);
-  auto d = four.coordinator->Find("merged");
+  const double base = std::max(a.rps, 1e-9);
   std::printf("%-44s %10s %9s %9s\n", "", "req/s", "p50 ms", "p99 ms");
-  std::printf("%-44s %10.1f %9.2f %9.2f%s\n", "no batching (baseline)", a.rps, a.p50, a.p99,
-              a.failed ? "  (failures)" : "");
-  std::printf("%-44s %10.1f %9.2f %9.2f  (%.2fx; target >= 5x at no worse p99)%s\n",
-              "batching, defaults (64 rows, 4 in flight)", b.rps, b.p50, b.p99, b.rps / a.rps,
-              b.failed ? "  (failures)" : "");
-  std::printf("%-44s %10.1f %9.2f %9.2f  (%.2fx)%s\n", "batching, 2 in flight (= cores)", c.rps,
-              c.p50, c.p99, c.rps / a.rps, c.failed ? "  (failures)" : "");
+  PrintBatchingRow("no batching (baseline)", a, "");
+  PrintBatchingRow("batching, defaults (64 rows, 4 in flight)", b,
+                   absl::StrFormat("  (%.2fx; target >= 5x at no worse p99)", b.rps / base));
+  PrintBatchingRow(absl::StrCat("batching, ", cores, " in flight (= cores)"), c,
+                   absl::StrFormat("  (%.2fx)", c.rps / base));
+  auto d = coordinator.Find("merged");
   const double per_merge =
       d.ok() && (*d)->batches() ? static_cast<double>((*d)->merged_requests()) / (*d)->batches()
                                 : 0.0;
   std::printf("%-44s %10.1f requests per merged request\n", "", per_merge);
-  // What 5x would take: a request's CPU, against what it cannot do
-  // without: its compute at the merged size (in process, one thread) and
-  // one thread wake-up (its client's, when its answer is in).
-  const int64_t rows = std::clamp<int64_t>(std::llround(per_merge), 1, ec->x.dim(0));
-  const double per_row_us =
-      1e6 / rows *
-      ComputeOnlySeconds(ec->model, {ec->x.SliceRows(0, rows), ec->y.SliceRows(0, rows)}, 1, 180);
-  std::printf("%-44s %10.1f us  (batching: %.1f us; 5x needs <= %.1f us)\n",
-              "CPU per request, no batching", a.cpu_us, b.cpu_us, a.cpu_us / 5);
-  std::printf("%-44s %10.1f us\n", absl::StrCat("  compute alone at ", rows, " rows, per row").c_str(),
-              per_row_us);
-  std::printf("%-44s %10.1f us\n", "  one thread wake-up (hand-off round trip / 2)",
-              ThreadHandOffMicros());
+  PrintRequestCpu(*ec, a, b, per_merge);
 }
-
 
 // `wide` linear+ReLU layers of 1024, then `narrow` of 32, no cut points.
 Model WideThenNarrow(int wide, int narrow) {
@@ -793,6 +1018,42 @@ Model WideThenNarrow(int wide, int narrow) {
   return b.Build();
 }
 
+// The node times the measured cut of `name` used (kept with its upload in
+// the model store under `dir`).
+std::vector<double> MeasuredNodeSeconds(const std::string& dir, const std::string& name) {
+  auto store = OpenFileModelStore(dir + "/repo");
+  if (!store.ok()) Fail("opening the model store of section 7", store.status());
+  auto stored = (*store)->List();
+  if (!stored.ok()) Fail("listing the model store of section 7", stored.status());
+  std::vector<double> node_seconds;
+  for (const StoredModel& s : *stored) {
+    if (s.name == name) {
+      node_seconds.assign(s.options.profile().seconds().begin(),
+                          s.options.profile().seconds().end());
+    }
+  }
+  return node_seconds;
+}
+
+// One row per stage of `plan`: its compute nodes, their time predicted by
+// `node_seconds`, and the time its stage server measured (`served`).
+void PrintStageRows(const Plan& plan, const std::vector<double>& node_seconds,
+                    const std::vector<double>& served) {
+  size_t first = 0;  // the stage's first compute node
+  for (const Stage& s : plan.stages()) {
+    size_t nodes = 0;
+    for (const Node& n : s.graph().nodes()) nodes += n.op() != "param";
+    double predicted = 0;
+    for (size_t i = first; i < first + nodes && i < node_seconds.size(); ++i) {
+      predicted += node_seconds[i];
+    }
+    first += nodes;
+    std::printf("%-30s %7zu %14.3f %14.3f\n", absl::StrCat("  stage ", s.index()).c_str(), nodes,
+                predicted * 1e3,
+                static_cast<size_t>(s.index()) < served.size() ? served[s.index()] * 1e3 : 0.0);
+  }
+}
+
 void MeasuredPartitioning() {
   constexpr int kWide = 4, kNarrow = 600;
   std::printf("\n7. Partitioning: %d linear+ReLU layers of 1024 then %d of 32 (no cut points),\n"
@@ -808,62 +1069,37 @@ void MeasuredPartitioning() {
   measured.set_balance(UploadOptions::BALANCE_MEASURED);
   estimated.set_num_stages(2);
   estimated.set_balance(UploadOptions::BALANCE_ESTIMATED);
-  if (!one.Upload("whole", m, 16) || !two.Upload("measured", m, 16, measured) ||
-      !two.Upload("estimated", m, 16, estimated)) {
-    return;
-  }
-  // The node times the measured cut used (kept with its upload), to
-  // predict the estimate's cut by them too.
-  std::vector<double> node_seconds;
-  auto stored = (*OpenFileModelStore(two.dir + "/repo"))->List();
-  for (const StoredModel& s : stored.value()) {
-    if (s.name == "measured") {
-      node_seconds.assign(s.options.profile().seconds().begin(),
-                          s.options.profile().seconds().end());
-    }
-  }
+  one.Upload("whole", m, 16);
+  two.Upload("measured", m, 16, measured);
+  two.Upload("estimated", m, 16, estimated);
+  // The measured cut's node times predict the estimate's cut too.
+  const std::vector<double> node_seconds = MeasuredNodeSeconds(two.dir, "measured");
   ClosedLoop(*one.coordinator, "whole", {x}, 8, absl::Seconds(1));  // warm up
   LoadResult base = ClosedLoop(*one.coordinator, "whole", {x}, 8, absl::Seconds(5));
   std::printf("%-30s %7s %14s %14s %9s %9s\n", "", "nodes", "predicted ms", "measured ms",
               "req/s", "p99 ms");
-  std::printf("%-30s %7d %14s %14s %9.1f %9.2f\n", "1 stage (baseline)", 2 * (kWide + kNarrow),
-              "", "", base.rps, base.p99);
+  std::printf("%-30s %7d %14s %14s %9.1f %9.2f%s\n", "1 stage (baseline)", 2 * (kWide + kNarrow),
+              "", "", base.rps, base.p99, FailureNote(base.failed, base.requests).c_str());
   // Alternating runs, medians: one run on this VM swings by 15%.
   const char* const names[2] = {"estimated", "measured"};
-  std::vector<double> rpss[2], p99s[2];
+  std::vector<LoadResult> runs[2];
   for (const char* name : names) ClosedLoop(*two.coordinator, name, {x}, 8, absl::Seconds(1));
   for (int round = 0; round < 3; ++round) {
     for (int k = 0; k < 2; ++k) {
-      LoadResult r = ClosedLoop(*two.coordinator, names[k], {x}, 8, absl::Seconds(3));
-      rpss[k].push_back(r.rps);
-      p99s[k].push_back(r.p99);
+      runs[k].push_back(ClosedLoop(*two.coordinator, names[k], {x}, 8, absl::Seconds(3)));
     }
   }
   double rps[2] = {0, 0};
   for (int k = 0; k < 2; ++k) {
-    const char* name = names[k];
-    LoadResult r;
-    r.rps = rps[k] = Median(rpss[k]);
-    r.p99 = Median(p99s[k]);
-    const Plan plan = *two.coordinator->GetModel(name)->plan;
-    const std::vector<double> served = two.coordinator->MeasuredComputeSeconds(name);
-    std::printf("%-30s %7s %14s %14s %9.1f %9.2f  (%.2fx the baseline)\n",
-                name == std::string("measured") ? "cut by measured node times"
-                                                : "cut by estimate (as before)",
-                "", "", "", r.rps, r.p99, r.rps / base.rps);
-    size_t first = 0;  // the stage's first compute node
-    for (const Stage& s : plan.stages()) {
-      size_t nodes = 0;
-      for (const Node& n : s.graph().nodes()) nodes += n.op() != "param";
-      double predicted = 0;
-      for (size_t i = first; i < first + nodes && i < node_seconds.size(); ++i) {
-        predicted += node_seconds[i];
-      }
-      first += nodes;
-      std::printf("%-30s %7zu %14.3f %14.3f\n", absl::StrCat("  stage ", s.index()).c_str(),
-                  nodes, predicted * 1e3,
-                  static_cast<size_t>(s.index()) < served.size() ? served[s.index()] * 1e3 : 0.0);
-    }
+    const LoadResult r = MedianRate(runs[k]);
+    rps[k] = r.rps;
+    auto info = two.coordinator->GetModel(names[k]);
+    if (!info.ok()) Fail(absl::StrCat("looking up \"", names[k], "\"'s plan"), info.status());
+    std::printf("%-30s %7s %14s %14s %9.1f %9.2f  (%.2fx the baseline)%s\n",
+                k == 1 ? "cut by measured node times" : "cut by estimate (as before)", "", "", "",
+                r.rps, r.p99, r.rps / std::max(base.rps, 1e-9),
+                FailureNote(r.failed, r.requests).c_str());
+    PrintStageRows(*info->plan, node_seconds, two.coordinator->MeasuredComputeSeconds(names[k]));
   }
   std::printf("%-30s %7s %14s %14s %9s  %.2fx (target: > 1x)\n", "measured vs estimate", "", "",
               "", "", rps[1] / std::max(1e-9, rps[0]));
@@ -881,6 +1117,8 @@ int main(int argc, char** argv) {
       pipeserve::g_device = a.substr(9);
     } else if (a.rfind("--fixtures=", 0) == 0) {
       pipeserve::g_fixtures = a.substr(11);
+    } else if (a.rfind("--python=", 0) == 0) {
+      pipeserve::g_python = a.substr(9);
     } else {
       only = a;
     }
@@ -893,5 +1131,10 @@ int main(int argc, char** argv) {
   if (only.empty() || only == "breakdown") pipeserve::TimeBreakdown();
   if (only.empty() || only == "batching") pipeserve::DynamicBatching();
   if (only.empty() || only == "partition") pipeserve::MeasuredPartitioning();
+  if (pipeserve::g_sections_skipped > 0) {
+    std::printf("\nbench/serving: %d section(s) did not run (see above)\n",
+                pipeserve::g_sections_skipped);
+    return 1;
+  }
   return 0;
 }

@@ -13,7 +13,11 @@
 #   lib/   libdnnl.so.2 and what it needs (libgomp, libOpenCL, libstdc++),
 #          libcudart.so.13; gzip-compressed, unpacked by gpu_check.sh
 #   fixtures/b16, fixtures/b256   ExampleCode exported from PyTorch here
-#   gpu_check.sh, MANIFEST (what was built from which commit)
+#   bench/torch_eager.py with what it imports (tests/pytorch/models.py, the
+#       pipeserve package under client/python, proto/*.proto): the PyTorch
+#       baseline serving_bench runs from the bundle's folder
+#   gpu_check.sh, gpu_serving_check.sh, MANIFEST (what was built from which
+#       commit)
 # cuBLAS and cuBLASLt (about 600 MB) are the GPU machine's own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -86,9 +90,16 @@ for b in 16 256; do
 done
 
 cp tools/gpu_check.sh tools/gpu_serving_check.sh "$bundle/"
+# bench/serving's same-run PyTorch baseline: bench/torch_eager.py, run from
+# the bundle's folder, finds models.py and the pipeserve package by paths
+# relative to itself, and pipeserve generates model.proto's code on first
+# use (with protoc, where the GPU machine has it).
+for f in bench/torch_eager.py tests/pytorch/models.py client/python/pipeserve/*.py proto/*.proto; do
+  install -D -m 644 "$f" "$bundle/$f"
+done
 {
   echo "pipeserve GPU bundle"
-  echo "commit: $(git rev-parse HEAD)$(git diff --quiet HEAD -- runtime tools third_party || echo ' (+ local changes)')"
+  echo "commit: $(git rev-parse HEAD)$(git diff --quiet HEAD -- runtime server bench client proto tests/pytorch tools third_party || echo ' (+ local changes)')"
   echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m), $(ldd --version | head -1)"
   echo "nvcc: $(/usr/local/cuda/bin/nvcc --version | tail -1)"
 } > "$bundle/MANIFEST"
@@ -99,6 +110,11 @@ trap 'rm -rf "$selftest_logs"' EXIT
 check=$(cd "$bundle" && OUT="$selftest_logs" bash gpu_check.sh --self-test 2>&1) || {
   echo "$check" >&2
   echo "gpu_bundle: the bundle does not start here" >&2
+  exit 1
+}
+# Its PyTorch baseline must run from inside it (as gpu_serving_check.sh runs it).
+(cd "$bundle" && /usr/bin/python3 bench/torch_eager.py --batch 16 --iters 1 | grep -q median_ms=) || {
+  echo "gpu_bundle: bench/torch_eager.py does not run from inside the bundle" >&2
   exit 1
 }
 size=$(du -sm "$bundle" | cut -f1)

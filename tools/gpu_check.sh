@@ -18,6 +18,10 @@
 # LocalPipeline throughput, copy/compute overlap: 1 thread x 1 slot vs 2
 # threads x 2 slots).
 # Exit status: 0 all passed; 1 something failed; 3 no GPU (nothing checked).
+# Where a GPU is present (nvidia-smi lists one, or cuda_bench ran on it), a
+# test case that skipped (GTEST_SKIP, "[  SKIPPED ]") checked nothing: the
+# check fails and names it, as it does when nvidia-smi lists a GPU that
+# CUDA cannot find.
 set -u
 cd "$(dirname "$0")"
 here=$(pwd)
@@ -75,8 +79,10 @@ say "== pipeserve GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 say "   host: $(uname -m), $(ldd --version 2>&1 | head -1)"
 say "   cuBLAS: ${cublas_dir:-NOT FOUND}"
 gpu="none"
+smi_gpus=0  # GPUs nvidia-smi lists
 if command -v nvidia-smi > /dev/null; then
   gpu=$(timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)
+  smi_gpus=$(timeout 20 nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
 fi
 say "   GPU: $gpu"
 missing=$(ldd "$bindir/cuda_bench" 2>&1 | grep "not found" || true)
@@ -191,6 +197,13 @@ rm -rf "$libdir"
 
 failed=0
 for s in "${statuses[@]}"; do [ "$s" = PASS ] || failed=1; done
+# Test cases that skipped, by name: "[  SKIPPED ] Suite.Case (N ms)", a
+# parameterized one with ", where GetParam() = ..." before the time.
+skipped_cases() {
+  grep -hE '^\[  SKIPPED \] .*\([0-9]+ ms\)' "$logdir/backend_test.log" \
+      "$logdir/cuda_backend_test.log" 2>/dev/null |
+    sed -E 's/^\[  SKIPPED \] //; s/, where GetParam\(\).*//; s/ \([0-9]+ ms\)$//'
+}
 if [ "$self_test" -eq 1 ]; then
   # Without a GPU: the tests pass (GPU cases skipped), the bench refuses cleanly.
   if [ "$no_device" -eq 1 ] && [ "${statuses[0]}" = PASS ] && [ "${statuses[1]}" = PASS ] &&
@@ -201,9 +214,33 @@ if [ "$self_test" -eq 1 ]; then
   echo "self-test: FAILED"
   exit 1
 fi
+gpu_present=0
+if [ "$smi_gpus" -gt 0 ] || { [ "$no_device" -eq 0 ] && [ "${statuses[2]}" = PASS ]; }; then
+  gpu_present=1
+fi
+if [ "$gpu_present" -eq 1 ]; then
+  # The one case that skips because a device is present.
+  expected='^CudaBackendErrorTest\.NoDeviceMeansFailedPreconditionSayingWhy$'
+  skipped=$(skipped_cases | grep -vE "$expected")
+  if [ -n "$skipped" ]; then
+    say "GPU test cases skipped where a GPU is present (nvidia-smi: $gpu; cuda_bench: ${statuses[2]}): $(echo "$skipped" | wc -l)"
+    echo "$skipped" | head -40 | sed 's/^/  /' | tee -a "$log"
+    failed=1
+  fi
+fi
+if [ "$no_device" -eq 1 ] && [ "$gpu_present" -eq 1 ]; then
+  say "RESULT: nvidia-smi lists $smi_gpus GPU(s), but CUDA found no device; see $logdir/cuda_bench.log"
+  exit 1
+fi
 if [ "$no_device" -eq 1 ]; then
   echo "RESULT: no CUDA device here, nothing was checked on a GPU"
   exit 3
 fi
-if [ "$failed" -eq 0 ]; then echo "RESULT: all steps passed"; else echo "RESULT: some steps failed"; fi
+if [ "$failed" -eq 0 ]; then
+  echo "RESULT: all steps passed"
+elif [ -n "${skipped:-}" ] && ! printf '%s\n' "${statuses[@]}" | grep -qv '^PASS$'; then
+  echo "RESULT: every step passed, but GPU test cases skipped (listed above)"
+else
+  echo "RESULT: some steps failed"
+fi
 exit "$failed"

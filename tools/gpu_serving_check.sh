@@ -3,8 +3,10 @@
 # gpu_check.sh): a coordinator whose local launcher starts one stage server
 # per GPU (--device=cuda:<i>), ExampleCode uploaded and queried with the
 # pipeserve CLI and checked against PyTorch's float64 answer, then
-# bench/serving with its stage servers on cuda:0. Exit 0 when the output
-# is right.
+# bench/serving with its stage servers on cuda:0, its PyTorch baseline
+# (bench/torch_eager.py, shipped in the bundle with what it imports) run
+# by a python3 here that has torch. Exit 0 when the output is right and
+# the bench ran to its end.
 set -u
 cd "$(dirname "$0")"
 here=$(pwd)
@@ -55,7 +57,27 @@ sys.exit(0 if ok else 1)
 PY
 status=$?
 kill -TERM "$coordinator"; wait "$coordinator" 2>/dev/null; coordinator=""
+
+# The python3 that runs bench/torch_eager.py from here: it must print a time.
+torch_py=""
+for p in python3 /usr/bin/python3; do
+  command -v "$p" > /dev/null || continue
+  if timeout 60 "$p" bench/torch_eager.py --batch 16 --iters 1 2> "$tmp/torch_py.log" |
+       grep -q median_ms=; then
+    torch_py=$(command -v "$p")
+    break
+  fi
+done
+if [ -z "$torch_py" ]; then
+  echo "no PyTorch baseline: no python3 here runs bench/torch_eager.py" \
+    "($(tail -1 "$tmp/torch_py.log" 2>/dev/null)); its rows print n/a"
+fi
 echo "== bench/serving, stage servers on cuda:0 (one process)"
-timeout 120 "$bindir/serving_bench" hop --device=cuda:0 | tail -5
-timeout 120 "$bindir/serving_bench" e2e --device=cuda:0 --fixtures="$here/fixtures/b256" | tail -6
+serving_bench() {  # section, then flags
+  timeout 120 "$bindir/serving_bench" "$@" --device=cuda:0 ${torch_py:+"--python=$torch_py"}
+  local rc=$?
+  [ "$rc" -eq 0 ] || { echo "bench/serving $1: exit status $rc"; status=1; }
+}
+serving_bench hop
+serving_bench e2e --fixtures="$here/fixtures/b256"
 exit $status
