@@ -26,19 +26,12 @@
 #include "server/coordinator/trace.h"
 #include "server/stage/stage_spec.h"
 #include "server/testing/gated_backend.h"
+#include "server/testing/temp_dir.h"
 
 namespace pipeserve {
 namespace {
 
 using ::testing::HasSubstr;
-
-std::string TempDir(const std::string& name) {
-  static int counter = 0;
-  std::string dir = absl::StrCat(std::getenv("TEST_TMPDIR"), "/", name, ".", counter++);
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directories(dir);
-  return dir;
-}
 
 // x -> [mm w_i, relu] per stage -> ... -> h - y   (y rides to the end)
 Model Mlp(int stages, int width = 8, uint32_t seed = 1) {
@@ -74,7 +67,7 @@ class CoordinatorTest : public ::testing::Test {
     so.backend = std::make_shared<GatedBackend>(&gate_);
     stages_ = std::make_unique<InProcessStages>(so);
     for (const std::string& address : Addresses()) stages_->AddServer(address);
-    repo_ = TempDir("repo");
+    repo_ = TestTempDir("repo");
     Restart(options);
   }
 
@@ -107,7 +100,7 @@ class CoordinatorTest : public ::testing::Test {
   }
 
   std::string Write(const Model& m) {
-    std::string path = TempDir("model") + "/model.psm";
+    std::string path = TestTempDir("model") + "/model.psm";
     EXPECT_TRUE(WriteModelFile(path, m.graph, m.weights).ok());
     return path;
   }
@@ -479,7 +472,7 @@ TEST_F(CoordinatorTest, ARestartClearsStagesAPredecessorLeftBehind) {
     ASSERT_TRUE(stages_->LoadStage(servers[i], specs[i], read, absl::InfiniteFuture()).ok());
   }
   EXPECT_EQ(StagesLoaded(), 4);
-  auto fresh = std::make_unique<Coordinator>(Options(), *OpenFileModelStore(TempDir("repo2")),
+  auto fresh = std::make_unique<Coordinator>(Options(), *OpenFileModelStore(TestTempDir("repo2")),
                                              MakeStaticLauncher(servers), stages_.get());
   fresh->LoadStoredModels();
   EXPECT_EQ(StagesLoaded(), 0);
@@ -1176,7 +1169,7 @@ TEST_F(CoordinatorTest, ARequestLostWithItsStageServerTwiceIsNotRunAThirdTime) {
   });
   stages_ = std::make_unique<InProcessStages>(so);
   for (const std::string& address : Addresses()) stages_->AddServer(address);
-  repo_ = TempDir("repo");
+  repo_ = TestTempDir("repo");
   Restart(Options());
   Model m = Mlp(2);
   ASSERT_TRUE(Upload("mlp", m).ok());

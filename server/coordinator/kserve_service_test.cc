@@ -17,19 +17,12 @@
 #include "runtime/model_file.h"
 #include "server/coordinator/in_process_stages.h"
 #include "server/testing/gated_backend.h"
+#include "server/testing/temp_dir.h"
 
 namespace pipeserve {
 namespace {
 
 using ::testing::HasSubstr;
-
-std::string TempDir(const std::string& name) {
-  static int counter = 0;
-  std::string dir = absl::StrCat(std::getenv("TEST_TMPDIR"), "/", name, ".", counter++);
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directories(dir);
-  return dir;
-}
 
 class KServeServiceTest : public ::testing::Test {
  protected:
@@ -38,7 +31,7 @@ class KServeServiceTest : public ::testing::Test {
     so.backend = std::make_shared<GatedBackend>(&gate_);
     stages_ = std::make_unique<InProcessStages>(so);
     stages_->AddServer("s0:9000");
-    coordinator_ = std::make_unique<Coordinator>(co, *OpenFileModelStore(TempDir("repo")),
+    coordinator_ = std::make_unique<Coordinator>(co, *OpenFileModelStore(TestTempDir("repo")),
                                                  MakeStaticLauncher({"s0:9000"}), stages_.get());
     coordinator_->LoadStoredModels();
     kserve_ = std::make_unique<KServeService>(coordinator_.get(), nullptr, nullptr, ko);
@@ -67,7 +60,7 @@ class KServeServiceTest : public ::testing::Test {
     GraphBuilder b;
     b.Input("x", {-1, 4}).Op("relu", {"x"}, "out").Output("out");
     Model m = b.Build();
-    std::string path = TempDir("model") + "/m.psm";
+    std::string path = TestTempDir("model") + "/m.psm";
     RETURN_IF_ERROR(WriteModelFile(path, m.graph, m.weights));
     std::ifstream in(path, std::ios::binary);
     std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
