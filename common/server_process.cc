@@ -15,13 +15,13 @@ void StartServerProcess(char** argv) {
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
 }
 
-void ExitWithin(absl::Duration limit, int code, const char* name) {
-  std::thread([limit, code, name] {
+void ExitWithin(absl::Duration limit, const char* name) {
+  std::thread([limit, name] {
     absl::SleepFor(limit);
     std::fprintf(stderr, "%s: still stopping after %s (a kernel still running?); leaving now\n",
                  name, absl::FormatDuration(limit).c_str());
     std::fflush(stderr);
-    std::_Exit(code);
+    std::_Exit(kCutShortExitCode);
   }).detach();
 }
 

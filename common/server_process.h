@@ -12,8 +12,9 @@
 //
 // At the end of main, once serving has stopped, ExitWithin bounds the
 // clean-up that follows (destructors joining worker threads, one of which
-// may be inside a long kernel): the process leaves with `code` after
-// `limit` whatever is still running.
+// may be inside a long kernel): after `limit` the process leaves with
+// exit code 3, whatever is still running, so a shutdown that had to be cut
+// short never reports success.
 #ifndef PIPESERVE_COMMON_SERVER_PROCESS_H_
 #define PIPESERVE_COMMON_SERVER_PROCESS_H_
 
@@ -23,9 +24,10 @@ namespace pipeserve {
 
 void StartServerProcess(char** argv);
 
-// Ends the process with `code` after `limit` unless it has ended by then.
-// `name` is for the log line that says so.
-void ExitWithin(absl::Duration limit, int code, const char* name);
+// Ends the process (exit code 3) after `limit` unless it has ended by
+// then. `name` is for the log line that says so.
+inline constexpr int kCutShortExitCode = 3;
+void ExitWithin(absl::Duration limit, const char* name);
 
 }  // namespace pipeserve
 

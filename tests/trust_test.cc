@@ -3,6 +3,7 @@
 // and raw KServe / ModelService stubs as a careless or hostile client
 // would. Each test failed (or crashed the coordinator) before the fix.
 #include <signal.h>
+#include <sys/wait.h>
 
 #include <chrono>
 #include <cstdio>
@@ -537,7 +538,9 @@ TEST(TrustShutdownTest, AStageServerLeavesSoonAfterItsGracePeriodWhileAKernelRun
   const int status = (*stage)->Terminate(absl::Seconds(20));
   const absl::Duration took = absl::Now() - term;
   std::printf("the stage server left %.1f s after SIGTERM (grace 1 s)\n", absl::ToDoubleSeconds(took));
-  EXPECT_NE(status, -1);
+  ASSERT_NE(status, -1) << "killed, not left";
+  EXPECT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 3) << "a shutdown cut short does not report success";
   EXPECT_LT(took, absl::Seconds(5));
   (*c)->Terminate(absl::Seconds(30));  // ends the request waiting for a repair
   request.join();

@@ -17,6 +17,7 @@ import xml.etree.ElementTree as ET
 
 SUMMARY = re.compile(r"^(//[^ ]+) +(?:\(cached\) )?(PASSED|FAILED|FLAKY|TIMEOUT)")
 UNITTEST = re.compile(r"\((?:[a-z]+=\d+, )*skipped=(\d+)")
+UNITTEST_RAN = re.compile(r"^Ran \d+ tests? in ", re.M)
 
 
 def count_xml(path):
@@ -40,7 +41,7 @@ def count_unittest(path):
             text = f.read()
     except OSError:
         return None
-    if "Ran " not in text:
+    if not UNITTEST_RAN.search(text):
         return None
     found = UNITTEST.findall(text)
     return (int(found[-1]), None) if found else (0, None)
@@ -57,9 +58,11 @@ def main():
     total = 0
     for target in targets:
         rel = target[2:].replace(":", "/")
-        got = count_xml(os.path.join(testlogs, rel, "test.xml"))
+        # A Python unittest target's test.xml is Bazel's own (one case
+        # for the whole run): its log says what skipped.
+        got = count_unittest(os.path.join(testlogs, rel, "test.log"))
         if got is None:
-            got = count_unittest(os.path.join(testlogs, rel, "test.log"))
+            got = count_xml(os.path.join(testlogs, rel, "test.xml"))
         if not got or not got[0]:
             continue
         skipped, cases = got

@@ -38,7 +38,9 @@ fi
 skipped=0
 count_skips() {
   local dir n
-  dir=$(bazel info "$@" bazel-testlogs 2>/dev/null) || return 0
+  # With the run's own flags (-c opt moves the logs), or without them if
+  # `bazel info` takes none of them.
+  dir=$(bazel info "$@" bazel-testlogs 2>/dev/null || bazel info bazel-testlogs 2>/dev/null) || return 0
   n=$(tools/count_skipped.py "$dir" "$log" 2>"$log.skips") || n=0
   skipped=$((skipped + n))
   if [ "$n" -gt 0 ]; then
@@ -46,7 +48,7 @@ count_skips() {
     cat "$log.skips"
   fi
 }
-count_skips
+count_skips "$@"
 
 # One counted entry: runs `cmd...`, prints its output only when it fails.
 entry() {
@@ -73,13 +75,13 @@ if [ "${PIPESERVE_TEST_QUICK:-0}" != 1 ]; then
   # netns_test) ran above; their code paths run here in serving_test.
   entry "asan+ubsan (bazel test --config=asan --build_tests_only --test_tag_filters=-long_running //...)" \
     bazel test --config=asan --build_tests_only --test_tag_filters=-long_running //... "$@"
-  count_skips --config=asan
+  count_skips --config=asan "$@"
 
   # The concurrency tests with TSan: the ones whose threads meet through
   # synchronization TSan can see (the list and why is in that README).
   entry "tsan (bazel test --config=tsan //third_party/sanitizers:tsan_tests)" \
     bazel test --config=tsan //third_party/sanitizers:tsan_tests "$@"
-  count_skips --config=tsan
+  count_skips --config=tsan "$@"
 
   # The CUDA backend: compiled by nvcc and linked against /usr/local/cuda,
   # and its tests run (the GPU cases skip without a GPU; the no-device
@@ -89,7 +91,7 @@ if [ "${PIPESERVE_TEST_QUICK:-0}" != 1 ]; then
   if [ -x /usr/local/cuda/bin/nvcc ]; then
     entry "cuda build (bazel test --config=cuda ${cuda_targets[*]})" \
       bazel test --config=cuda "${cuda_targets[@]}" "$@"
-    count_skips --config=cuda
+    count_skips --config=cuda "$@"
   else
     echo "cuda build: SKIPPED (no /usr/local/cuda/bin/nvcc on this machine)"
     skipped=$((skipped + 1))

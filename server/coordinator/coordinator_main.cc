@@ -320,7 +320,7 @@ int main(int argc, char** argv) {
   };
   int rc = pipeserve::Serve({&kserve, &models}, serve);
   // Clean-up (unloading stages, the local launcher's servers) is bounded.
-  pipeserve::ExitWithin(absl::Seconds(15), rc, "coordinator");
+  pipeserve::ExitWithin(absl::Seconds(15), "coordinator");
   if (loader.joinable()) loader.join();
   return rc;
 }

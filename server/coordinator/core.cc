@@ -60,6 +60,7 @@ Coordinator::Coordinator(CoordinatorOptions options, std::unique_ptr<ModelStore>
   config_.max_request_rows = options_.max_request_rows;
   config_.load_timeout = options_.load_timeout;
   config_.on_broken = [this](const std::string& model) { ScheduleRepair(model); };
+  Remember(launcher_->ExistingServers());
   monitor_thread_ = std::thread([this] { MonitorLoop(); });
   repair_thread_ = std::thread([this] { RepairLoop(); });
 }
@@ -83,7 +84,8 @@ Coordinator::~Coordinator() {
   CloseDrained(/*all=*/true);
 }
 
-Coordinator::ModelLock::ModelLock(Coordinator* c, const std::string& name) : c_(c), name_(name) {
+Coordinator::ModelLock::ModelLock(Coordinator* c, const std::string& name, bool wait)
+    : c_(c), name_(name) {
   {
     absl::MutexLock lock(&c_->locks_mu_);
     std::unique_ptr<LockEntry>& e = c_->locks_[name_];
@@ -91,21 +93,31 @@ Coordinator::ModelLock::ModelLock(Coordinator* c, const std::string& name) : c_(
     ++e->users;
     mu_ = &e->mu;
   }
-  mu_->Lock();
+  if (wait) {
+    mu_->Lock();
+    held_ = true;
+  } else {
+    held_ = mu_->TryLock();
+  }
 }
 
 Coordinator::ModelLock::~ModelLock() {
-  mu_->Unlock();
+  if (held_) mu_->Unlock();
   absl::MutexLock lock(&c_->locks_mu_);
   auto it = c_->locks_.find(name_);
   if (--it->second->users == 0) c_->locks_.erase(it);
 }
 
-absl::Status Coordinator::CheckLoaded() {
+bool Coordinator::Loading(const std::string& name) {
+  return !store_listed_ || to_load_.count(name) > 0;
+}
+
+absl::Status Coordinator::CheckLoaded(const std::string& name) {
   absl::MutexLock lock(&mu_);
-  if (loaded_) return absl::OkStatus();
-  return absl::UnavailableError(
-      "the coordinator is still loading its stored models; try again shortly");
+  if (!Loading(name)) return absl::OkStatus();
+  return absl::UnavailableError(absl::StrCat(
+      "the coordinator is still loading its stored models (\"", name.substr(0, 128),
+      "\" among them); try again shortly"));
 }
 
 absl::StatusOr<absl::optional<StoredModel>> Coordinator::Stored(const std::string& name) {
@@ -129,6 +141,13 @@ void Coordinator::LoadStoredModels() {
     }
   }
   absl::StatusOr<std::vector<StoredModel>> stored = store_->List();
+  {
+    absl::MutexLock lock(&mu_);
+    if (stored.ok()) {
+      for (const StoredModel& m : *stored) to_load_.insert(m.name);
+    }
+    store_listed_ = true;
+  }
   std::vector<StoredModel> to_deploy;
   if (stored.ok()) {
     for (const StoredModel& m : *stored) {
@@ -145,44 +164,46 @@ void Coordinator::LoadStoredModels() {
       adopted->set_version(m.version);
       absl::MutexLock lock(&mu_);
       models_[m.name] = adopted;
+      to_load_.erase(m.name);
     }
   }
   // The rest would hold their memory for good: nothing else knows them.
   for (const HeldStage& h : held) {
     if (!h.adopted) stages_->UnloadStage(h.address, h.key, deadline).IgnoreError();
   }
-  for (const StoredModel& m : to_deploy) {
-    ModelLock model_lock(this, m.name);
-    absl::StatusOr<std::shared_ptr<Deployment>> d = Deploy(m.name, m.path, m.options, m.bytes);
-    std::shared_ptr<Deployment> newer;
-    {
-      absl::MutexLock lock(&mu_);
-      auto it = models_.find(m.name);
-      // A loaded model never takes the place of a newer version.
-      if (it != models_.end() && it->second->version() >= m.version) newer = it->second;
-    }
-    if (newer != nullptr) {
-      if (d.ok()) (*d)->Close("a newer version is serving");
-      continue;
-    }
+  for (const StoredModel& m : to_deploy) DeployStored(m);
+  absl::MutexLock lock(&mu_);
+  to_load_.clear();
+  loaded_ = true;
+}
+
+void Coordinator::DeployStored(const StoredModel& m) {
+  ModelLock model_lock(this, m.name);
+  absl::StatusOr<std::shared_ptr<Deployment>> d = Deploy(m.name, m.path, m.options, m.bytes);
+  std::shared_ptr<Deployment> unused;
+  {
     absl::MutexLock lock(&mu_);
-    if (d.ok()) {
+    to_load_.erase(m.name);
+    auto it = models_.find(m.name);
+    // A loaded model never takes the place of a newer version.
+    const bool newer = it != models_.end() && it->second->version() >= m.version;
+    if (d.ok() && newer) {
+      unused = *d;
+    } else if (d.ok()) {
       (*d)->set_version(m.version);
       models_[m.name] = *d;
       failed_.erase(m.name);
-      continue;
+    } else if (!newer) {
+      ModelInfo& info = failed_[m.name];
+      info.name = m.name;
+      info.state = ModelState::kUnavailable;
+      info.reason = std::string(d.status().message());
+      info.bytes = m.bytes;
+      // Stage servers may come up later (a Kubernetes rollout): keep trying.
+      ScheduleRepair(m.name);
     }
-    ModelInfo info;
-    info.name = m.name;
-    info.state = ModelState::kUnavailable;
-    info.reason = std::string(d.status().message());
-    info.bytes = m.bytes;
-    failed_[m.name] = info;
-    // Stage servers may come up later (a Kubernetes rollout): keep trying.
-    ScheduleRepair(m.name);
   }
-  absl::MutexLock lock(&mu_);
-  loaded_ = true;
+  if (unused) unused->Close("a newer version of the model is serving");
 }
 
 std::shared_ptr<Deployment> Coordinator::TryAdopt(const StoredModel& m,
@@ -195,7 +216,7 @@ std::shared_ptr<Deployment> Coordinator::TryAdopt(const StoredModel& m,
   absl::StatusOr<int> replicas = Deployment::Replicas(config, m.options);
   if (!replicas.ok()) return nullptr;
   const int n = plan->stages_size();
-  absl::StatusOr<std::vector<std::string>> servers = launcher_->ServersFor(n * *replicas);
+  absl::StatusOr<std::vector<std::string>> servers = ServersFor(n * *replicas);
   if (!servers.ok()) return nullptr;
   config.threads_per_stage = launcher_->ThreadsPerStage();
   const std::vector<StageSpec> want = Deployment::Specs(config, m.name, *plan, m.options, *servers, *replicas);
@@ -333,7 +354,7 @@ bool Coordinator::Serving() {
 
 absl::StatusOr<std::unique_ptr<PendingUpload>> Coordinator::StartUpload(const std::string& name) {
   RETURN_IF_ERROR(ValidModelName(name));
-  RETURN_IF_ERROR(CheckLoaded());
+  RETURN_IF_ERROR(CheckLoaded(name));
   if (++uploads_in_progress_ > options_.max_concurrent_uploads) {
     --uploads_in_progress_;
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -366,7 +387,7 @@ absl::StatusOr<UploadResponse> Coordinator::FinishUpload(const std::string& name
   if (options.microbatches() < 0 || options.num_stages() < 0 || options.replicas() < 0) {
     return absl::InvalidArgumentError("microbatches, num_stages and replicas must be >= 0");
   }
-  RETURN_IF_ERROR(CheckLoaded());
+  RETURN_IF_ERROR(CheckLoaded(name));
   ModelLock model_lock(this, name);
   NodeProfile measured;
   ASSIGN_OR_RETURN(std::shared_ptr<Deployment> d,
@@ -411,7 +432,7 @@ absl::StatusOr<UploadResponse> Coordinator::FinishUpload(const std::string& name
 }
 
 absl::Status Coordinator::Unload(const std::string& name) {
-  RETURN_IF_ERROR(CheckLoaded());
+  RETURN_IF_ERROR(CheckLoaded(name));
   ModelLock model_lock(this, name);
   std::shared_ptr<Deployment> d;
   {
@@ -447,8 +468,7 @@ absl::StatusOr<std::shared_ptr<Deployment>> Coordinator::Deploy(const std::strin
   ASSIGN_OR_RETURN(Plan plan, PlanFor(name, *file, options, measured));
   DeploymentConfig config = config_;
   ASSIGN_OR_RETURN(const int replicas, Deployment::Replicas(config, options));
-  ASSIGN_OR_RETURN(std::vector<std::string> servers,
-                   launcher_->ServersFor(plan.stages_size() * replicas));
+  ASSIGN_OR_RETURN(std::vector<std::string> servers, ServersFor(plan.stages_size() * replicas));
   config.threads_per_stage = launcher_->ThreadsPerStage();
   return Deployment::Create(config, name, *file, plan, options, std::move(servers), bytes);
 }
@@ -464,8 +484,16 @@ void Coordinator::ScheduleRepair(const std::string& name) {
 
 void Coordinator::Repair(const std::string& name) {
   // Under the model's lock, with the store read now: an unload or upload
-  // in between cannot leave this repair acting on what it replaced.
-  ModelLock model_lock(this, name);
+  // in between cannot leave this repair acting on what it replaced. The
+  // one repair thread never waits for a lock (an upload of this model may
+  // hold it for minutes, and other models' repairs are due): it comes back.
+  ModelLock model_lock(this, name, /*wait=*/false);
+  if (!model_lock.held()) {
+    absl::MutexLock lock(&repair_mu_);
+    auto [it, added] = to_repair_.emplace(name, absl::Now() + absl::Milliseconds(100));
+    if (!added) it->second = std::min(it->second, absl::Now() + absl::Milliseconds(100));
+    return;
+  }
   std::shared_ptr<Deployment> broken = Current(name);
   const bool serving = broken != nullptr && broken->Info().state == ModelState::kReady;
   if (serving && broken->BrokenLanes().empty()) return;
@@ -520,7 +548,7 @@ absl::Status Coordinator::RepairLanes(const StoredModel& m, Deployment& d) {
   ASSIGN_OR_RETURN(std::unique_ptr<ModelFileReader> file, ModelFileReader::Open(m.path));
   const int n = d.plan().stages_size();
   // The launcher's servers now: it replaces servers that died.
-  ASSIGN_OR_RETURN(std::vector<std::string> servers, launcher_->ServersFor(n * d.replicas()));
+  ASSIGN_OR_RETURN(std::vector<std::string> servers, ServersFor(n * d.replicas()));
   const int threads = launcher_->ThreadsPerStage();
   for (int lane : d.BrokenLanes()) {
     std::vector<std::string> lane_servers(servers.begin() + lane * n,
@@ -605,15 +633,30 @@ std::vector<ModelInfo> Coordinator::ListModels() {
   return out;
 }
 
-std::vector<std::string> Coordinator::StageServerAddresses() {
-  std::vector<std::string> out = launcher_->ExistingServers();
-  for (const ModelInfo& m : ListModels()) out.insert(out.end(), m.servers.begin(), m.servers.end());
-  std::sort(out.begin(), out.end());
-  out.erase(std::unique(out.begin(), out.end()), out.end());
+absl::StatusOr<std::vector<std::string>> Coordinator::ServersFor(int n) {
+  ASSIGN_OR_RETURN(std::vector<std::string> servers, launcher_->ServersFor(n));
+  Remember(servers);
+  return servers;
+}
+
+void Coordinator::Remember(const std::vector<std::string>& servers) {
+  absl::MutexLock lock(&addresses_mu_);
+  bool added = false;
+  for (const std::string& s : servers) {
+    // Bounded: a local launcher's replacements get new ports forever.
+    if (known_addresses_.size() >= kMaxKnownAddresses) break;
+    added = known_addresses_.insert(s).second || added;
+  }
+  if (!added) return;
+  addresses_.assign(known_addresses_.begin(), known_addresses_.end());
   // Longest first: "s1:90001" must not be cut by "s1:9000".
-  std::sort(out.begin(), out.end(),
-            [](const std::string& a, const std::string& b) { return a.size() > b.size(); });
-  return out;
+  std::stable_sort(addresses_.begin(), addresses_.end(),
+                   [](const std::string& a, const std::string& b) { return a.size() > b.size(); });
+}
+
+std::vector<std::string> Coordinator::StageServerAddresses() {
+  absl::MutexLock lock(&addresses_mu_);
+  return addresses_;
 }
 
 absl::StatusOr<ModelInfo> Coordinator::GetModel(const std::string& name) {
@@ -621,7 +664,7 @@ absl::StatusOr<ModelInfo> Coordinator::GetModel(const std::string& name) {
   absl::MutexLock lock(&mu_);
   auto it = failed_.find(name);
   if (it != failed_.end()) return it->second;
-  if (!loaded_) {
+  if (Loading(name)) {
     return absl::UnavailableError(absl::StrCat(
         "model \"", name, "\" is not loaded: the coordinator is still loading its stored "
         "models; try again shortly"));
@@ -786,7 +829,8 @@ absl::StatusOr<std::vector<Tensor>> Coordinator::InferAdmitted(
   int lost = 0;  // attempts lost with a stage server that failed
   while (true) {
     if (trace != nullptr) trace->clear();  // only the attempt that answers
-    absl::StatusOr<std::vector<Tensor>> out = model->Infer(inputs, deadline, cancelled, trace);
+    absl::StatusOr<std::vector<Tensor>> out =
+        model->Infer(inputs, deadline, cancelled, trace, /*lost_before=*/lost > 0);
     if (out.ok() && answered_version != nullptr) *answered_version = model->version();
     if (out.ok() || out.status().code() != absl::StatusCode::kUnavailable) return out;
     // Run again once after its stage servers failed holding it, not more:

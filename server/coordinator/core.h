@@ -16,6 +16,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -108,9 +109,11 @@ class Coordinator {
   // is down). Health checks and KServe ServerReady report this.
   bool Serving();
 
-  // Model calls (uploads, unloads, lookups of a model not loaded yet)
-  // answer kUnavailable until LoadStoredModels has run: an upload must not
-  // race the loader, which would put the stored version back over it.
+  // Calls about a stored model (uploads, unloads, lookups) answer
+  // kUnavailable until LoadStoredModels has loaded it (and calls about any
+  // model until it has read the store): an upload must not race the
+  // loader, which would put the stored version back over it. Other names
+  // are served meanwhile.
   //
   // Uploads: stage the bytes with StartUpload (kResourceExhausted when
   // max_concurrent_uploads are in progress; the upload refuses data past
@@ -131,8 +134,10 @@ class Coordinator {
   absl::Status Unload(const std::string& name);
 
   std::vector<ModelInfo> ListModels();
-  // Every stage server address the coordinator knows now: its models'
-  // and its launcher's.
+  // Every stage server address the coordinator has used since it started
+  // (up to kMaxKnownAddresses), the longest first: what RedactAddresses
+  // keeps from clients.
+  static constexpr size_t kMaxKnownAddresses = 4096;
   std::vector<std::string> StageServerAddresses();
   // kNotFound for an unknown model.
   absl::StatusOr<ModelInfo> GetModel(const std::string& name);
@@ -225,20 +230,27 @@ class Coordinator {
   // happen one at a time, while other models' go on beside them (they
   // share stage servers, the launcher and the store, which are
   // thread-safe). Held while the object lives.
+  // With `wait` false it only tries: held() says whether it got it.
   class ModelLock {
    public:
-    ModelLock(Coordinator* c, const std::string& name);
+    ModelLock(Coordinator* c, const std::string& name, bool wait = true);
     ~ModelLock();
     ModelLock(const ModelLock&) = delete;
     ModelLock& operator=(const ModelLock&) = delete;
+    bool held() const { return held_; }
 
    private:
     Coordinator* const c_;
     const std::string name_;
     absl::Mutex* mu_;
+    bool held_ = false;
   };
-  // kUnavailable until LoadStoredModels has run.
-  absl::Status CheckLoaded();
+  // kUnavailable while `name` may still be loaded from the store.
+  absl::Status CheckLoaded(const std::string& name);
+  bool Loading(const std::string& name) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The launcher's servers for `n` stages, remembered (Remember).
+  absl::StatusOr<std::vector<std::string>> ServersFor(int n);
+  void Remember(const std::vector<std::string>& servers);
   // The model's stored entry, read now; nullopt when it is not stored.
   absl::StatusOr<absl::optional<StoredModel>> Stored(const std::string& name);
   // Deploys `name` (its ModelLock held). `measured`, when given, receives
@@ -254,6 +266,10 @@ class Coordinator {
   // `measured`), else by estimate (see UploadOptions.balance).
   absl::StatusOr<Plan> PlanFor(const std::string& name, const ModelFileReader& file,
                                const UploadOptions& options, NodeProfile* measured = nullptr);
+  // Deploys stored model `m` at start (LoadStoredModels), unless a newer
+  // version serves by then; one that fails is listed UNAVAILABLE and
+  // repaired.
+  void DeployStored(const StoredModel& m);
   // A stage loaded on one of the launcher's servers when the coordinator
   // started.
   struct HeldStage {
@@ -298,6 +314,9 @@ class Coordinator {
   // Models found in the store that failed to deploy.
   std::map<std::string, ModelInfo> failed_ ABSL_GUARDED_BY(mu_);
   bool loaded_ ABSL_GUARDED_BY(mu_) = false;
+  // The store has been read, and the stored models not yet loaded.
+  bool store_listed_ ABSL_GUARDED_BY(mu_) = false;
+  std::set<std::string> to_load_ ABSL_GUARDED_BY(mu_);
   // Replaced versions finishing their requests in flight, with the time
   // they are closed by regardless.
   std::vector<std::pair<std::shared_ptr<Deployment>, absl::Time>> retired_ ABSL_GUARDED_BY(mu_);
@@ -313,6 +332,9 @@ class Coordinator {
     absl::Mutex mu;
     int users = 0;
   };
+  absl::Mutex addresses_mu_;
+  std::set<std::string> known_addresses_ ABSL_GUARDED_BY(addresses_mu_);
+  std::vector<std::string> addresses_ ABSL_GUARDED_BY(addresses_mu_);  // the same, longest first
   absl::Mutex locks_mu_;
   std::map<std::string, std::unique_ptr<LockEntry>> locks_ ABSL_GUARDED_BY(locks_mu_);
 

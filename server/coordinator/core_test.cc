@@ -1219,6 +1219,38 @@ TEST_F(CoordinatorTest, ARepairDoesNotWaitForAnotherModelsUpload) {
   EXPECT_TRUE(b.ok()) << b.status();
 }
 
+// The one repair thread never waits for a model's lock: while a model is
+// being uploaded again (its lock held through calibration), its own repair
+// comes back later, and another model's repair goes ahead.
+TEST_F(CoordinatorTest, ARepairOfAModelBeingUploadedHoldsUpNoOtherRepair) {
+  Gate calibration_gate;
+  GatedBackend calibration(&calibration_gate);
+  CoordinatorOptions o = Options();
+  o.calibration_backend = &calibration;
+  TearDown();
+  Start(o);
+  ASSERT_TRUE(Upload("a", Mlp(2)).ok());
+  ASSERT_TRUE(Upload("x", Mlp(2)).ok());
+  const uint64_t before = coordinator_->GetModel("x")->deployment;
+  calibration_gate.Set(false);
+  absl::StatusOr<UploadResponse> again;
+  std::thread upload([&] { again = Upload("a", NarrowAndWide(), Stages(2)); });
+  ASSERT_TRUE(calibration_gate.WaitHeld(1)) << "a's re-upload holds its lock";
+  stages_->KillServer("s1:9000");  // both a (its old version) and x break
+  stages_->AddServer("s1:9000");
+  bool repaired = false;
+  for (absl::Time until = absl::Now() + absl::Seconds(10); !repaired && absl::Now() < until;) {
+    auto info = coordinator_->GetModel("x");
+    repaired = info.ok() && info->state == ModelState::kReady && info->deployment != before;
+    if (!repaired) absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_TRUE(repaired) << "x waited behind a's repair, which waited for a's upload";
+  calibration_gate.Set(true);
+  upload.join();
+  EXPECT_TRUE(again.ok()) << again.status();
+  EXPECT_TRUE(WaitReady("a"));
+}
+
 // Regression: an upload acknowledged while the coordinator was still
 // loading its stored models was then replaced by the loader's older
 // version. Model calls now answer UNAVAILABLE until the store is loaded.
@@ -1236,6 +1268,50 @@ TEST_F(CoordinatorTest, ModelCallsAreUnavailableUntilTheStoredModelsAreLoaded) {
   coordinator_->LoadStoredModels();
   ASSERT_TRUE(Upload("mlp", Mlp(2, 8, /*seed=*/2)).ok());
   EXPECT_EQ(coordinator_->GetModel("mlp")->version, 2);
+}
+
+// A launcher whose first ServersFor waits at a gate: a stored model whose
+// deploy is slow at a restart.
+class FirstCallGatedLauncher : public Launcher {
+ public:
+  FirstCallGatedLauncher(std::unique_ptr<Launcher> inner, Gate* gate)
+      : inner_(std::move(inner)), gate_(gate) {}
+  std::string Name() const override { return inner_->Name(); }
+  absl::StatusOr<std::vector<std::string>> ServersFor(int n) override {
+    if (calls_++ == 0) gate_->Pass();
+    return inner_->ServersFor(n);
+  }
+  int ThreadsPerStage() const override { return inner_->ThreadsPerStage(); }
+  std::vector<std::string> ExistingServers() const override { return inner_->ExistingServers(); }
+
+ private:
+  std::unique_ptr<Launcher> inner_;
+  Gate* gate_;
+  std::atomic<int> calls_{0};
+};
+
+// Only the stored models wait for the loader: another name can be uploaded
+// while a slow stored model loads.
+TEST_F(CoordinatorTest, WhileAStoredModelLoadsOtherNamesAreServed) {
+  ASSERT_TRUE(Upload("mlp", Mlp(2)).ok());
+  coordinator_.reset();
+  Gate first_load;
+  first_load.Set(false);
+  coordinator_ = std::make_unique<Coordinator>(
+      Options(), *OpenFileModelStore(repo_),
+      std::make_unique<FirstCallGatedLauncher>(MakeStaticLauncher(Addresses()), &first_load),
+      stages_.get());
+  std::thread loader([&] { coordinator_->LoadStoredModels(); });
+  ASSERT_TRUE(first_load.WaitHeld(1)) << "mlp's deploy waits for its servers";
+  EXPECT_EQ(coordinator_->StartUpload("mlp").status().code(), absl::StatusCode::kUnavailable);
+  auto other = Upload("other", Mlp(2));
+  EXPECT_TRUE(other.ok()) << other.status();
+  EXPECT_FALSE(coordinator_->Serving()) << "not ready until every stored model is loaded";
+  first_load.Set(true);
+  loader.join();
+  EXPECT_TRUE(WaitReady("mlp"));
+  EXPECT_TRUE(WaitReady("other"));
+  EXPECT_TRUE(coordinator_->Serving());
 }
 
 // A store whose List() can be held at a gate, as a slow disk would.

@@ -508,6 +508,25 @@ void Deployment::FailAll(const absl::Status& error) {
   while (!pending_.empty()) Finish(pending_.begin()->first, error);
 }
 
+void Deployment::FailBroken(const std::string& why, int lane) {
+  // A request is lost with the servers only if some microbatch of it was
+  // out on them (sent, not answered); lost again after a replay, it is
+  // lost twice. The rest simply wait for the repair.
+  std::vector<std::pair<uint64_t, absl::Status>> ends;
+  for (auto& [id, p] : pending_) {
+    bool in_flight = false, again = false;
+    for (size_t m = 0; m < p->outputs.size(); ++m) {
+      if (p->lane[m] < 0 || (lane >= 0 && p->lane[m] != lane) || !p->outputs[m].empty()) continue;
+      in_flight = true;
+      again = again || p->lost[m] >= 1;
+    }
+    ends.emplace_back(id, again       ? LostTwice(why)
+                          : in_flight ? LostInFlight(why)
+                                      : absl::UnavailableError(why));
+  }
+  for (auto& [id, status] : ends) Finish(id, std::move(status));
+}
+
 void Deployment::Deliver(int lane, Frame frame) {
   const FrameHeader& h = frame.header;
   absl::MutexLock lock(&mu_);
@@ -574,7 +593,8 @@ void Deployment::SendCancel(uint64_t id) {
 absl::StatusOr<std::vector<Tensor>> Deployment::Infer(const std::vector<Tensor>& inputs,
                                                       absl::Time deadline,
                                                       const std::function<bool()>& cancelled,
-                                                      std::vector<TraceSpan>* trace) {
+                                                      std::vector<TraceSpan>* trace,
+                                                      bool lost_before) {
   // Checked here, so one bad request never fails a merged one.
   ASSIGN_OR_RETURN(const int64_t rows, CheckTensorsMatch(plan_->inputs(), inputs));
   if (config_.max_request_rows > 0 && rows > config_.max_request_rows) {
@@ -582,7 +602,9 @@ absl::StatusOr<std::vector<Tensor>> Deployment::Infer(const std::vector<Tensor>&
         "a batch of ", rows, " rows is more than this coordinator takes in one request (",
         config_.max_request_rows, ", --max_request_rows); send it in parts"));
   }
-  if (trace != nullptr) return InferDirect(inputs, deadline, cancelled, trace);
+  if (trace != nullptr || lost_before) {
+    return InferDirect(inputs, deadline, cancelled, trace, 0, lost_before);
+  }
   if (deadline == absl::InfiniteFuture()) deadline = absl::Now() + config_.default_timeout;
   return batcher_->Infer(inputs, deadline, cancelled);
 }
@@ -591,7 +613,7 @@ absl::StatusOr<std::vector<Tensor>> Deployment::InferDirect(const std::vector<Te
                                                             absl::Time deadline,
                                                             const std::function<bool()>& cancelled,
                                                             std::vector<TraceSpan>* trace,
-                                                            int chunks) {
+                                                            int chunks, bool lost_before) {
   const std::string& model = name_;
   const absl::Time began = FrameClockNow();
   {
@@ -634,6 +656,7 @@ absl::StatusOr<std::vector<Tensor>> Deployment::InferDirect(const std::vector<Te
 
   const uint64_t id = next_request_id_++;
   auto pending = std::make_shared<Pending>(rows);
+  if (lost_before) pending->lost.assign(rows.size(), 1);
   if (trace != nullptr) pending->spans.resize(rows.size());
   {
     absl::MutexLock lock(&mu_);
@@ -851,7 +874,7 @@ bool Deployment::BreakLane(int lane, uint64_t generation, const std::string& why
   if (ReadyLanes() == 0) {
     info_.state = ModelState::kUnavailable;
     info_.reason = why;
-    FailAll(LostInFlight(why));
+    FailBroken(why, lane);
     return true;
   }
   // The others carry on; what was in this lane runs again there, once.
@@ -889,7 +912,7 @@ bool Deployment::Break(const std::string& why) {
   info_.state = ModelState::kUnavailable;
   info_.reason = why;
   for (Lane& l : lanes_) l.ready = false;
-  FailAll(LostInFlight(why));
+  FailBroken(why, /*lane=*/-1);
   return true;
 }
 

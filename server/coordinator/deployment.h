@@ -167,11 +167,14 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   // With `trace`, the request's timeline is appended there: the request
   // and each microbatch's send on the coordinator (stage -1), its
   // transfer, queue and compute on every stage, and its transfer back
-  // ("receive").
+  // ("receive"). `lost_before`: the request was lost with its servers
+  // once already (LostInFlight): it runs alone, and a microbatch of it
+  // lost again fails it with LostTwice instead of running a third time.
   absl::StatusOr<std::vector<Tensor>> Infer(const std::vector<Tensor>& inputs,
                                             absl::Time deadline,
                                             const std::function<bool()>& cancelled,
-                                            std::vector<TraceSpan>* trace = nullptr);
+                                            std::vector<TraceSpan>* trace = nullptr,
+                                            bool lost_before = false);
 
   // The health of one ready lane: the first problem found asking its stage
   // servers (unreachable, stage lost, a broken link downstream, no results
@@ -265,7 +268,7 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
                                                   absl::Time deadline,
                                                   const std::function<bool()>& cancelled,
                                                   std::vector<TraceSpan>* trace,
-                                                  int chunks = 0);
+                                                  int chunks = 0, bool lost_before = false);
   static absl::StatusOr<std::shared_ptr<Deployment>> Make(
       const DeploymentConfig& config, const std::string& name, const Plan& plan,
       const UploadOptions& options, std::vector<std::string> servers, uint64_t bytes,
@@ -293,6 +296,11 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   int ReadyLanes() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Finish(uint64_t id, absl::Status error) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FailAll(const absl::Status& error) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Fails every request in flight after lane `lane` (-1: every lane)
+  // broke: LostInFlight for those with a microbatch out on it, LostTwice
+  // for those with one out on it again after a replay, kUnavailable for
+  // the rest.
+  void FailBroken(const std::string& why, int lane) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void SendCancel(uint64_t id);
   void UnloadStages();
 

@@ -58,6 +58,7 @@ struct KServeService::Stream {
   absl::Mutex mu;
   int inflight ABSL_GUARDED_BY(mu) = 0;
   absl::Time last_active ABSL_GUARDED_BY(mu);
+  bool reaped ABSL_GUARDED_BY(mu) = false;  // cancelled as idle
   absl::Mutex write_mu;
 };
 
@@ -160,9 +161,23 @@ absl::Status KServeService::Infer(const inference::ModelInferRequest& req, absl:
 absl::Status KServeService::Public(const absl::Status& s) {
   if (s.ok()) return s;
   absl::Status shown = RedactAddresses(s, coordinator_->StageServerAddresses());
-  if (shown.message() != s.message()) {
+  if (shown.message() == s.message()) return shown;
+  // The full message goes to the log, at most 10 a second (errors come in
+  // bursts exactly when a server fails).
+  absl::MutexLock lock(&log_mu_);
+  const absl::Time now = absl::Now();
+  if (now - log_window_ >= absl::Seconds(1)) {
+    if (log_suppressed_ > 0) {
+      std::cerr << "coordinator: (" << log_suppressed_ << " more redacted errors not logged)\n";
+    }
+    log_window_ = now;
+    log_lines_ = log_suppressed_ = 0;
+  }
+  if (log_lines_++ < 10) {
     std::cerr << "coordinator: told a client \"" << shown.message() << "\" for: " << s.message()
               << "\n";
+  } else {
+    ++log_suppressed_;
   }
   return shown;
 }
@@ -206,8 +221,11 @@ absl::Status KServeService::InferUnmetered(const inference::ModelInferRequest& r
   BuildInferResponse(req, model->plan(), chosen, *outputs, resp);
   resp->set_model_version(absl::StrCat(answered));
   if (traced) {
-    (*resp->mutable_parameters())["trace"].set_string_param(
-        TraceToChromeJson(spans, model->Info()));
+    // The timeline names stages and replicas, not their servers' addresses
+    // (the infer scope does not see those; an admin's plan lists them).
+    ModelInfo info = model->Info();
+    info.servers.clear();
+    (*resp->mutable_parameters())["trace"].set_string_param(TraceToChromeJson(spans, info));
   }
   return absl::OkStatus();
 }
@@ -232,12 +250,21 @@ grpc::Status KServeService::ModelStreamInfer(
   absl::StatusOr<std::shared_ptr<Stream>> st = OpenStream(ctx);
   if (!st.ok()) return ToGrpcStatus(st.status());
   ReadRequests(*st, ctx, stream);
+  bool reaped;
   {
     absl::MutexLock lock(&(*st)->mu);
     auto idle = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED((*st)->mu) { return (*st)->inflight == 0; };
     (*st)->mu.Await(absl::Condition(&idle));
+    reaped = (*st)->reaped;
   }
   CloseStream(*st);
+  // A handler whose call was cancelled (TryCancel) must say so.
+  if (reaped) {
+    return grpc::Status(grpc::StatusCode::CANCELLED,
+                        absl::StrCat("the stream sent nothing for ",
+                                     absl::FormatDuration(options_.stream_idle_timeout),
+                                     " with nothing in flight (--stream_idle_timeout_s)"));
+  }
   return grpc::Status::OK;
 }
 
@@ -272,21 +299,26 @@ void KServeService::ReadRequests(
       st->mu.Await(absl::Condition(&below));
     }
     if (!stream->Read(&req)) break;
-    // The deadline runs from arrival; the request counts against its
-    // model's queue before it waits for a thread.
-    const absl::Time deadline =
-        std::min(stream_deadline, absl::Now() + coordinator_->default_timeout());
+    {
+      // In flight from now (so never reaped as idle), until answered.
+      absl::MutexLock lock(&st->mu);
+      ++st->inflight;
+      st->last_active = absl::Now();
+    }
+    // The stream's deadline, or the default from the request's arrival:
+    // it counts while the request waits for a thread. The request counts
+    // against its model's queue before it waits, too.
+    const absl::Time deadline = stream_deadline != absl::InfiniteFuture()
+                                    ? stream_deadline
+                                    : absl::Now() + coordinator_->default_timeout();
     absl::StatusOr<Coordinator::Admission> admitted = coordinator_->Admit(req.model_name());
     if (!admitted.ok()) {
       Meter(req.model_name(), admitted.status(), absl::ZeroDuration());
       inference::ModelStreamInferResponse out;
       respond(req, admitted.status(), &out);
-      continue;
-    }
-    {
       absl::MutexLock lock(&st->mu);
-      ++st->inflight;
-      st->last_active = absl::Now();
+      --st->inflight;
+      continue;
     }
     auto admission = std::make_shared<Coordinator::Admission>(*std::move(admitted));
     stream_pool_.Submit(req.model_name(), [this, st, ctx, req, deadline, admission, respond] {
@@ -343,9 +375,9 @@ void KServeService::ReapIdleStreams() {
       // A registered stream's context is alive: its handler unregisters
       // (under streams_mu_) before it returns.
       absl::MutexLock stream_lock(&st->mu);
-      if (st->inflight == 0 && now - st->last_active > options_.stream_idle_timeout) {
+      if (!st->reaped && st->inflight == 0 && now - st->last_active > options_.stream_idle_timeout) {
+        st->reaped = true;
         st->ctx->TryCancel();
-        st->last_active = absl::InfiniteFuture();  // once
       }
     }
   }

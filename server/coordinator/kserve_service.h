@@ -122,6 +122,10 @@ class KServeService final : public inference::GRPCInferenceService::Service {
   const TokenSet* const tokens_;
   const KServeOptions options_;
   std::atomic<int> active_calls_{0};
+  absl::Mutex log_mu_;  // Public's log lines, at most 10 a second
+  absl::Time log_window_ ABSL_GUARDED_BY(log_mu_) = absl::InfinitePast();
+  int log_lines_ ABSL_GUARDED_BY(log_mu_) = 0;
+  int log_suppressed_ ABSL_GUARDED_BY(log_mu_) = 0;
 
   absl::Mutex streams_mu_;
   std::vector<std::shared_ptr<Stream>> streams_ ABSL_GUARDED_BY(streams_mu_);

@@ -5,7 +5,9 @@
 namespace pipeserve {
 
 WorkerPool::WorkerPool(int threads) {
-  for (int i = 0; i < std::max(1, threads); ++i) threads_.emplace_back([this] { Run(); });
+  threads = std::max(1, threads);
+  per_key_ = std::max(1, threads - 1);
+  for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { Run(); });
 }
 
 WorkerPool::~WorkerPool() {
@@ -29,20 +31,30 @@ size_t WorkerPool::queued() const {
   return queued_;
 }
 
+std::deque<std::string>::iterator WorkerPool::NextTurn() {
+  return std::find_if(turns_.begin(), turns_.end(),
+                      [this](const std::string& key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+                        auto it = running_.find(key);
+                        return it == running_.end() || it->second < per_key_;
+                      });
+}
+
 void WorkerPool::Run() {
   while (true) {
     std::function<void()> work;
+    std::string key;
     {
       absl::MutexLock lock(&mu_);
       auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-        return stopping_ || !turns_.empty();
+        return (stopping_ && turns_.empty()) || NextTurn() != turns_.end();
       };
       mu_.Await(absl::Condition(&ready));
       if (turns_.empty()) return;  // stopping, and everything ran
-      // The key whose turn it is runs its oldest work; it goes to the back
-      // of the turns if it has more.
-      const std::string key = std::move(turns_.front());
-      turns_.pop_front();
+      // The first key in turn that may run one more takes this thread for
+      // its oldest work; it goes to the back of the turns if it has more.
+      auto turn = NextTurn();
+      key = std::move(*turn);
+      turns_.erase(turn);
       auto it = queues_.find(key);
       work = std::move(it->second.front());
       it->second.pop_front();
@@ -52,8 +64,11 @@ void WorkerPool::Run() {
         turns_.push_back(key);
       }
       --queued_;
+      ++running_[key];
     }
     work();
+    absl::MutexLock lock(&mu_);
+    if (--running_[key] == 0) running_.erase(key);
   }
 }
 

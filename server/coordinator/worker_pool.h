@@ -3,7 +3,10 @@
 // ModelStreamInfer streams). Work is queued per key (a model's name) and
 // the keys take turns, so a model whose requests are slow, or many, does
 // not hold up another's behind it: each key's work runs in order of
-// arrival, and a free thread takes the next key in turn.
+// arrival, a free thread takes the next key in turn, and one key runs on
+// at most all threads but one, so another key's work always finds a
+// thread soon even while the first key's tasks wait (a model being
+// repaired holds its requests for their whole deadline).
 //
 //   WorkerPool pool(16);
 //   pool.Submit("gpt2", [&] { Handle(request); });
@@ -23,6 +26,7 @@ namespace pipeserve {
 
 class WorkerPool {
  public:
+  // `threads` >= 2 keep one for other keys; 1 runs everything on it.
   explicit WorkerPool(int threads);
   // Runs what was submitted, then joins the threads.
   ~WorkerPool();
@@ -36,10 +40,14 @@ class WorkerPool {
 
  private:
   void Run();
+  // The first key in turn that may run another task, or turns_.end().
+  std::deque<std::string>::iterator NextTurn() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   mutable absl::Mutex mu_;
   std::map<std::string, std::deque<std::function<void()>>> queues_ ABSL_GUARDED_BY(mu_);
   std::deque<std::string> turns_ ABSL_GUARDED_BY(mu_);  // keys with work queued, in turn
+  std::map<std::string, int> running_ ABSL_GUARDED_BY(mu_);  // tasks running per key
+  int per_key_ = 1;  // most tasks of one key running at once
   size_t queued_ ABSL_GUARDED_BY(mu_) = 0;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::thread> threads_;

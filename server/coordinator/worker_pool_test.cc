@@ -1,5 +1,6 @@
 #include "server/coordinator/worker_pool.h"
 
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -42,6 +43,32 @@ TEST(WorkerPoolTest, KeysTakeTurnsSoOneKeysBacklogDoesNotHoldUpAnother) {
     release.Notify();
   }  // runs what is queued, then joins
   EXPECT_THAT(ran, ElementsAre("a1", "a2", "b1", "a3", "b2", "a4"));
+}
+
+// Turns alone do not help while every thread runs one key's slow work (a
+// model waiting for its repair holds its requests up to their deadline):
+// one key runs on all threads but one.
+TEST(WorkerPoolTest, OneKeyNeverTakesTheLastThread) {
+  absl::Notification release, b_ran;
+  std::atomic<int> a_running{0};
+  {
+    WorkerPool pool(3);
+    for (int i = 0; i < 5; ++i) {
+      pool.Submit("a", [&] {
+        ++a_running;
+        release.WaitForNotification();
+      });
+    }
+    pool.Submit("b", [&] { b_ran.Notify(); });
+    EXPECT_TRUE(b_ran.WaitForNotificationWithTimeout(absl::Seconds(10)))
+        << "b waited behind a's stuck work";
+    for (absl::Time until = absl::Now() + absl::Seconds(10); a_running < 2 && absl::Now() < until;) {
+      absl::SleepFor(absl::Milliseconds(1));
+    }
+    absl::SleepFor(absl::Milliseconds(20));  // a third would start now if it could
+    EXPECT_EQ(a_running.load(), 2) << "a runs on 2 of the 3 threads";
+    release.Notify();
+  }
 }
 
 }  // namespace

@@ -288,6 +288,13 @@ Frame StageHost::Forward(const Frame& in, const std::vector<Tensor>& outs) {
     }
     out.Add(name, *t);
   }
+  if (const uint64_t bytes = TensorBytes(out); bytes > kMaxFrameTensorBytes) {
+    return ErrorFrame(in.header, absl::ResourceExhaustedError(absl::StrCat(
+                                     "stage ", spec_.key().stage(), ": a microbatch's values to send "
+                                     "on come to ", bytes, " bytes, more than one message carries (",
+                                     kMaxFrameTensorBytes, "); split the request into more "
+                                     "microbatches or send fewer rows")));
+  }
   return out;
 }
 
@@ -454,6 +461,7 @@ void StageHost::Work() {
     std::vector<absl::Time> arrived;
     std::vector<std::weak_ptr<Producer>> resume;
     bool drop = false;
+    uint64_t first = 0;  // the group's first sequence number (in_hand_)
     {
       absl::MutexLock lock(&mu_);
       auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -461,6 +469,7 @@ void StageHost::Work() {
       };
       mu_.Await(absl::Condition(&ready));
       if (stopping_) return;
+      first = taken_;
       auto take = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
         group.push_back(std::move(queue_.front()));
         queue_.pop_front();
@@ -487,7 +496,7 @@ void StageHost::Work() {
           for (size_t n = JoinableBehind(group.front()); n > 0; --n) take();
         }
       }
-      if (drop) finished_ += group.size();
+      if (!drop) in_hand_.insert(first);
       if (queue_.size() < options_.queue_capacity) resume.swap(paused_);
     }
     for (const std::weak_ptr<Producer>& p : resume) {
@@ -496,10 +505,9 @@ void StageHost::Work() {
     if (drop) continue;
 
     if (group.front().header.kind() != FrameHeader::DATA) {
-      const size_t n = group.size();
       Deliver(std::move(group));  // CANCEL and ERROR frames travel on
       absl::MutexLock lock(&mu_);
-      finished_ += n;
+      in_hand_.erase(first);
       continue;
     }
     const absl::Time start = FrameClockNow();
@@ -524,20 +532,22 @@ void StageHost::Work() {
       stats_.compute_seconds += absl::ToDoubleSeconds(end - start);
     }
     Deliver(std::move(outs));
-    // Finished once sent on (or given up on), not once computed: a
-    // graceful shutdown waiting on this never leaves a frame in hand.
+    // Out of hand once sent on (or given up on), not once computed: a
+    // graceful shutdown waiting on this never leaves a frame behind.
     absl::MutexLock lock(&mu_);
-    finished_ += group.size();
+    in_hand_.erase(first);
   }
 }
 
 bool StageHost::FinishHeld(absl::Time deadline) {
   absl::MutexLock lock(&mu_);
   // Every frame queued or in a worker now: those taken so far and those
-  // waiting, which workers take in order.
+  // waiting, which workers take in order, so all with a sequence number
+  // below `target`. Frames that arrive later do not count, and with two
+  // workers one finishing them does not stand for another still busy.
   const uint64_t target = taken_ + queue_.size();
   auto done = [this, target]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return stopping_ || finished_ >= target;
+    return stopping_ || (taken_ >= target && (in_hand_.empty() || *in_hand_.begin() >= target));
   };
   return mu_.AwaitWithDeadline(absl::Condition(&done), deadline);
 }

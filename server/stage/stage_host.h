@@ -34,6 +34,7 @@
 
 #include <deque>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -180,10 +181,11 @@ class StageHost {
   // run's outputs did not keep the rows.
   bool joining_ ABSL_GUARDED_BY(mu_);
   Stats stats_ ABSL_GUARDED_BY(mu_);
-  // Frames workers took off the queue, and those of them fully handled
-  // (sent on or dropped): FinishHeld waits for the second to catch up.
+  // Frames workers took off the queue, numbered in the order taken (the
+  // next number), and the first number of each group taken and not yet
+  // sent on or dropped: FinishHeld waits on these.
   uint64_t taken_ ABSL_GUARDED_BY(mu_) = 0;
-  uint64_t finished_ ABSL_GUARDED_BY(mu_) = 0;
+  std::set<uint64_t> in_hand_ ABSL_GUARDED_BY(mu_);
   // Recently cancelled request ids (bounded: oldest forgotten first).
   absl::flat_hash_set<uint64_t> cancelled_ ABSL_GUARDED_BY(mu_);
   std::deque<uint64_t> cancelled_order_ ABSL_GUARDED_BY(mu_);

@@ -3,6 +3,7 @@
 #include <atomic>
 #include <new>
 #include <set>
+#include <thread>
 
 #include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
@@ -260,6 +261,94 @@ TEST(StageHostTest, AProgramOutOfMemoryFailsOnlyThatFrameWithResourceExhausted) 
   EXPECT_EQ(got[0].header.error_code(), int(absl::StatusCode::kResourceExhausted));
   EXPECT_THAT(got[0].header.error_message(), HasSubstr("stage 1: out of memory"));
   EXPECT_EQ(got[1].header.kind(), FrameHeader::DATA) << "the next request is served";
+  host->Stop();
+}
+
+// A program whose output claims 4 GiB: a view of a small buffer that
+// nothing reads.
+class HugeOutputProgram : public StageProgram {
+ public:
+  absl::StatusOr<std::vector<Tensor>> Run(absl::Span<const Tensor>) override {
+    auto owner = std::make_shared<std::vector<float>>(16);
+    return std::vector<Tensor>{Tensor::Wrap(owner, owner->data(), {int64_t{1} << 30})};
+  }
+};
+
+// A microbatch whose values to send on exceed one message fails with
+// RESOURCE_EXHAUSTED at the stage that made them, instead of breaking the
+// link to the next stage (whose receive limit refused the message) and
+// with it every request in flight.
+TEST(StageHostTest, AFrameTooLargeForOneMessageFailsItsMicrobatchOnly) {
+  GraphBuilder b;
+  b.Input("x", {-1, 4}).Input("y", {-1, 4});
+  b.Op("relu", {"x"}, "a").Split().Op("add", {"a", "y"}, "out").Output("out");
+  Model model = b.Build();
+  Plan plan = *Partition(model.graph, {});
+  StageSpec spec = MakeStageSpecs(plan, "m", 1, {"s0:1", "s1:1"}, 1)[1];
+  auto host = std::make_shared<StageHost>(spec, std::make_unique<HugeOutputProgram>(),
+                                          StageHost::Options{});
+  auto sink = std::make_shared<FakeSink>();
+  host->SetSink(sink);
+  host->Push(DataFrame(1, {{"a", Tensor::Zeros({2, 4})}, {"y", Tensor::Zeros({2, 4})}}), nullptr);
+  std::vector<Frame> got = sink->Wait(1);
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].header.kind(), FrameHeader::ERROR);
+  EXPECT_EQ(got[0].header.error_code(), int(absl::StatusCode::kResourceExhausted));
+  EXPECT_THAT(got[0].header.error_message(), HasSubstr("more than one message carries"));
+  host->Stop();
+}
+
+// A program whose first run waits until released; later runs go through.
+class HoldFirstRun : public StageProgram {
+ public:
+  explicit HoldFirstRun(std::unique_ptr<StageProgram> inner) : inner_(std::move(inner)) {}
+  absl::StatusOr<std::vector<Tensor>> Run(absl::Span<const Tensor> in) override {
+    if (!first_.exchange(true)) {
+      started.Notify();
+      release.WaitForNotification();
+    }
+    return inner_->Run(in);
+  }
+  int max_concurrent_runs() const override { return 2; }
+  absl::Notification started, release;
+
+ private:
+  std::unique_ptr<StageProgram> inner_;
+  std::atomic<bool> first_{false};
+};
+
+// Regression: FinishHeld counted finished frames, not which: with two
+// workers, a frame that arrived during the drain and finished on the second
+// worker stood in for one the first still computed, and the shutdown went
+// ahead with it in hand.
+TEST(StageHostTest, FinishHeldWaitsForTheFramesHeldAtTheCallNotJustAsMany) {
+  GraphBuilder b;
+  b.Input("x", {-1, 4}).Input("y", {-1, 4});
+  b.Op("relu", {"x"}, "a").Split().Op("add", {"a", "y"}, "out").Output("out");
+  Model model = b.Build();
+  Plan plan = *Partition(model.graph, {});
+  StageSpec spec = MakeStageSpecs(plan, "m", 1, {"s0:1", "s1:1"}, 1)[1];
+  auto program = std::make_unique<HoldFirstRun>(
+      *MakeCpuBackend({})->Compile(plan.stages(1).graph(), model.weights));
+  HoldFirstRun* held = program.get();
+  auto host = std::make_shared<StageHost>(spec, std::move(program), StageHost::Options{8, 2});
+  auto sink = std::make_shared<FakeSink>();
+  host->SetSink(sink);
+  auto frame = [](uint64_t id) {
+    return DataFrame(id, {{"a", Tensor::Zeros({2, 4})}, {"y", Tensor::Zeros({2, 4})}});
+  };
+  host->Push(frame(1), nullptr);
+  held->started.WaitForNotification();  // frame 1 in the first worker
+  bool drained = true;
+  std::thread drain([&] { drained = host->FinishHeld(absl::Now() + absl::Seconds(1)); });
+  absl::SleepFor(absl::Milliseconds(50));
+  host->Push(frame(2), nullptr);  // arrives during the drain
+  EXPECT_EQ(sink->Wait(1).size(), 1u) << "the second worker sent frame 2 on";
+  drain.join();
+  EXPECT_FALSE(drained) << "frame 1 was still being computed";
+  held->release.Notify();
+  EXPECT_TRUE(host->FinishHeld(absl::Now() + absl::Seconds(10)));
+  EXPECT_EQ(sink->Wait(2).size(), 2u);
   host->Stop();
 }
 

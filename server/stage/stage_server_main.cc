@@ -49,9 +49,10 @@ ABSL_FLAG(std::string, coordinator_identity, "pipeserve coordinator",
 ABSL_FLAG(std::string, stage_identity, "pipeserve stage",
           "with --cluster_cert: the certificate name (CN) of stage servers, which (besides the "
           "coordinator) may send frames");
-ABSL_FLAG(int, max_message_mb, 1024,
-          "largest message accepted, MiB (a frame message, a weight chunk): a bound on what one "
-          "call can make this server hold");
+ABSL_FLAG(int, max_message_mb, 2047,
+          "largest message accepted, MiB: frames of one microbatch come as one message, so this "
+          "must hold the largest a model sends (gRPC's own limit, 2047, by default; stages fail a "
+          "microbatch larger than that themselves)");
 ABSL_FLAG(int, threads, 1, "default GEMM threads per stage");
 ABSL_FLAG(int, queue_capacity, 8, "frames waiting per stage before backpressure");
 ABSL_FLAG(int, max_stages, 64, "stages held or being loaded at once");
@@ -168,6 +169,6 @@ int main(int argc, char** argv) {
   const int rc = pipeserve::Serve({&service}, serve);
   // Stopping the stages joins their workers; one inside a long kernel is
   // not waited for past the grace period.
-  pipeserve::ExitWithin(absl::Seconds(2), rc, "stage_server");
+  pipeserve::ExitWithin(absl::Seconds(2), "stage_server");
   return rc;
 }

@@ -91,6 +91,11 @@ inline constexpr size_t kMaxFramesPerMessage = 256;
 // Frames queued for one stream are sent together in messages of up to this
 // many bytes (a WriteQueue's merge_bytes); a larger frame goes alone.
 inline constexpr size_t kFrameMergeBytes = size_t{4} << 20;
+// A frame goes as one gRPC message, which holds at most 2 GiB (stage
+// servers take messages up to --max_message_mb, 2047 MiB by default): a
+// stage whose outputs for one microbatch come to more fails that
+// microbatch instead of breaking its link.
+inline constexpr uint64_t kMaxFrameTensorBytes = uint64_t{2046} << 20;
 
 // Parses every frame of a message (one or more back to back), with the
 // checks of FrameFromByteBuffer on each; an error in a later frame names

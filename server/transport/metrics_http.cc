@@ -12,6 +12,7 @@
 #include <cstring>
 #include <fstream>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -83,6 +84,13 @@ absl::Status MetricsHttpServer::Start(const std::string& host, int port,
   std::string name = host;
   if (name.size() > 2 && name.front() == '[' && name.back() == ']') {
     name = name.substr(1, name.size() - 2);
+  }
+  const bool plausible = !name.empty() && std::all_of(name.begin(), name.end(), [](char c) {
+    return absl::ascii_isalnum(c) || c == '.' || c == '-' || c == ':' || c == '_' || c == '%';
+  });
+  if (!plausible) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("metrics: \"", host.substr(0, 128), "\" is not a host name or address"));
   }
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
@@ -198,6 +206,17 @@ void MetricsHttpServer::Serve() {
       if (!(fds[i].revents & POLLIN)) continue;
       while (true) {
         int fd = ::accept4(listeners_[i], nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0 && (errno == EMFILE || errno == ENFILE)) {
+          // Out of descriptors: free the oldest connection's and try again,
+          // or with none to free, wait instead of polling in a tight loop.
+          if (conns.empty()) {
+            absl::SleepFor(absl::Milliseconds(100));
+            break;
+          }
+          ::close(conns.front().fd);
+          conns.erase(conns.begin());
+          continue;
+        }
         if (fd < 0) break;
         if (conns.size() >= static_cast<size_t>(kMaxConnections)) {
           ::close(conns.front().fd);

@@ -67,7 +67,9 @@ std::shared_ptr<grpc::ServerCredentials> Credentials(const ServeOptions& options
                                                      const std::string& host) {
   std::shared_ptr<grpc::ServerCredentials> creds = options.credentials;
   if (creds == nullptr) {
-    if (options.gate == nullptr || !IsLoopbackHost(host)) return grpc::InsecureServerCredentials();
+    // gRPC's local TCP credentials take 127.0.0.1 and ::1 only (not all of 127/8).
+    const bool local = host == "127.0.0.1" || host == "::1" || host == "[::1]" || host == "localhost";
+    if (options.gate == nullptr || !local) return grpc::InsecureServerCredentials();
     creds = grpc::experimental::LocalServerCredentials(LOCAL_TCP);
   }
   if (options.gate != nullptr) options.gate->Attach(creds.get());

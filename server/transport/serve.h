@@ -38,8 +38,9 @@ struct ServeOptions {
   std::shared_ptr<grpc::ServerCredentials> credentials;
   // Who may make which call, checked on a call's headers before its body
   // is read (not owned; null: only the services' own checks). It runs with
-  // TLS and, in plaintext, on a loopback host (local TCP credentials); a
-  // plaintext server on another host (allow_insecure) cannot run it.
+  // TLS and, in plaintext, on 127.0.0.1, ::1 or localhost (local TCP
+  // credentials); a plaintext server on another host (allow_insecure, or
+  // another loopback address) cannot run it.
   const CallGate* gate = nullptr;
   // Memory all calls may hold at once, their messages included (gRPC's
   // resource quota); 0: no bound.

@@ -458,7 +458,10 @@ def _outputs(response, data, raw):
             if len(values) != numel:
                 raise bad(f"{len(values)} fp32_contents for shape "
                           f"{list(shape)}")
-            array = np.asarray(values, dtype=np.float32).reshape(shape)
+            try:
+                array = np.asarray(values, dtype=np.float32).reshape(shape)
+            except ValueError as e:  # a shape numpy cannot hold
+                raise bad(f"shape {list(shape)}: {e}") from None
         # A writable array of native float32, not a view of the message.
         outputs.append(np.array(array, dtype=np.float32))
     return outputs
