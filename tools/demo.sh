@@ -42,6 +42,9 @@ coordinator_pid=$!
 for _ in $(seq 300); do [ -s "$work/port" ] && break; sleep 0.1; done
 [ -s "$work/port" ] || { cat "$work/coordinator.log"; exit 1; }
 server="127.0.0.1:$(cat "$work/port")"
+# Health turns SERVING once the (empty) store is loaded, a moment after the
+# port is written: wait for it, as a probe would.
+for _ in $(seq 50); do "$cli" health --server "$server" >/dev/null 2>&1 && break; sleep 0.1; done
 "$cli" health --server "$server"
 
 echo "== exporting ExampleCode (d_hid 512, batch 256) with PyTorch"
