@@ -89,9 +89,13 @@ class ServingPyTest(unittest.TestCase):
         names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"]
                  if e["ph"] == "M" and e["name"] == "process_name"}
         plan = self.client.plan("mlp_t")
+        # Stages by index: the servers' addresses are for admins (plan),
+        # not in what an inference client gets back.
         self.assertEqual(sorted(names.values()),
-                         sorted(["coordinator"] + [f"stage {i} @ {s}" for i, s in
-                                                  enumerate(plan.stage_servers)]))
+                         ["coordinator"] + [f"stage {i}" for i in range(4)])
+        text = json.dumps(trace)
+        for server in plan.stage_servers:
+            self.assertNotIn(server, text)
         # Every microbatch computed once on each of the 4 stages, each
         # after its transfer in and its wait in the queue.
         by = {}
@@ -99,8 +103,8 @@ class ServingPyTest(unittest.TestCase):
             by.setdefault((names[e["pid"]], e["cat"], e["args"].get("microbatch")), []).append(e)
         for mb in range(3):
             end = by[("coordinator", "send", mb)][0]["ts"]
-            for i, server in enumerate(plan.stage_servers):
-                stage = f"stage {i} @ {server}"
+            for i in range(len(plan.stage_servers)):
+                stage = f"stage {i}"
                 (transfer,) = by[(stage, "transfer", mb)]
                 (queue,) = by[(stage, "queue", mb)]
                 (compute,) = by[(stage, "compute", mb)]
