@@ -503,7 +503,10 @@ TEST(PartitionTest, MeasuredCutsOfALargeGraphTakeLinearTime) {
   Plan p = MustPartition(g, o);
   const absl::Duration took = absl::Now() - began;
   ASSERT_EQ(p.stages_size(), k);
-  EXPECT_LT(took, 2 * uncut + absl::Seconds(2)) << "one stage: " << uncut;
+  // The quadratic programme would take 50 s (more under ASan); the margin
+  // is wide because both timings swing with what else the 2 cores run
+  // (2 x uncut + 2 s once failed by 0.2 s under ASan beside another build).
+  EXPECT_LT(took, 3 * uncut + absl::Seconds(5)) << "one stage: " << uncut;
   // Balanced: no stage is more than one node's time (at most 100 us) and
   // two transfers above the average.
   const double total = std::accumulate(o.node_seconds.begin(), o.node_seconds.end(), 0.0);

@@ -133,6 +133,69 @@ std::string DefaultStageServerBinary() {
   return (self / "stage_server").string();
 }
 
+// The coordinator's options from its flags; kInvalidArgument naming a flag
+// out of range. `local`: the stage servers are this process's children.
+absl::StatusOr<pipeserve::CoordinatorOptions> CoordinatorOptionsFromFlags(bool local) {
+  if (absl::GetFlag(FLAGS_replicas) < 1 ||
+      absl::GetFlag(FLAGS_replicas) > pipeserve::kMaxReplicas) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--replicas ", absl::GetFlag(FLAGS_replicas), " is not in 1..", pipeserve::kMaxReplicas));
+  }
+  if (!(absl::GetFlag(FLAGS_link_gb_per_s) > 0)) {
+    return absl::InvalidArgumentError("--link_gb_per_s must be > 0");
+  }
+  pipeserve::CoordinatorOptions options;
+  options.default_microbatches = absl::GetFlag(FLAGS_microbatches);
+  options.default_replicas = absl::GetFlag(FLAGS_replicas);
+  options.batching.max_rows = std::max(0, absl::GetFlag(FLAGS_max_batch_rows));
+  options.batching.max_queue_delay =
+      absl::Microseconds(std::clamp(absl::GetFlag(FLAGS_max_queue_delay_us), 0, 10'000'000));
+  options.batching.max_in_flight = std::max(0, absl::GetFlag(FLAGS_max_batches_in_flight));
+  options.max_microbatches = absl::GetFlag(FLAGS_max_microbatches);
+  options.max_stages = absl::GetFlag(FLAGS_max_stages);
+  options.default_timeout = absl::Seconds(absl::GetFlag(FLAGS_default_timeout_s));
+  options.max_request_rows = std::max<int64_t>(0, absl::GetFlag(FLAGS_max_request_rows));
+  options.max_upload_bytes = uint64_t(std::max(1, absl::GetFlag(FLAGS_max_upload_mb))) << 20;
+  options.max_concurrent_uploads = absl::GetFlag(FLAGS_max_concurrent_uploads);
+  options.max_queued_requests = std::max(0, absl::GetFlag(FLAGS_max_queued_requests));
+  options.drain_timeout = absl::Seconds(std::max(0, absl::GetFlag(FLAGS_drain_timeout_s)));
+  options.health_interval =
+      absl::Milliseconds(std::max(10, absl::GetFlag(FLAGS_health_interval_ms)));
+  // Static stage servers outlive this process: a restarted coordinator
+  // adopts what they hold instead of loading it again.
+  options.keep_stages_on_exit = !local;
+  options.calibration.rows = std::max(1, absl::GetFlag(FLAGS_calibration_rows));
+  options.link_bytes_per_second = absl::GetFlag(FLAGS_link_gb_per_s) * 1e9;
+  return options;
+}
+
+pipeserve::KServeOptions KServeOptionsFromFlags() {
+  pipeserve::KServeOptions o;
+  o.stream_threads = absl::GetFlag(FLAGS_stream_threads);
+  o.max_streams = absl::GetFlag(FLAGS_max_streams) >= 0
+                      ? absl::GetFlag(FLAGS_max_streams)
+                      : std::max(1, absl::GetFlag(FLAGS_max_threads) / 4);
+  o.max_streams_per_client = std::max(1, absl::GetFlag(FLAGS_max_streams_per_client));
+  o.stream_idle_timeout = absl::Seconds(std::max(1, absl::GetFlag(FLAGS_stream_idle_timeout_s)));
+  o.max_timeout = absl::Seconds(std::max(1, absl::GetFlag(FLAGS_max_timeout_s)));
+  return o;
+}
+
+// Who may call the client API, checked on a call's headers before its body
+// is read: probes anyone, model management the admin scope, the rest the
+// infer scope (everyone when `tokens` is null).
+pipeserve::CallGate ClientGate(const pipeserve::TokenSet* tokens) {
+  pipeserve::CallGate gate(pipeserve::CallGate::TokenScope(tokens, pipeserve::Scope::kInfer));
+  for (const char* open : {"/grpc.health.v1.Health/", "/grpc.reflection.",
+                           "/inference.GRPCInferenceService/ServerLive",
+                           "/inference.GRPCInferenceService/ServerReady"}) {
+    gate.Add(open, pipeserve::CallGate::Anyone());  // probes carry no tokens
+  }
+  gate.Add("/pipeserve.ModelService/",
+           pipeserve::CallGate::TokenScope(tokens, pipeserve::Scope::kAdmin));
+  return gate;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -218,31 +281,9 @@ int main(int argc, char** argv) {
       absl::GetFlag(FLAGS_host), tls, absl::GetFlag(FLAGS_allow_insecure));
   if (!host.ok()) return Fail(std::string(host.status().message()));
 
-  if (absl::GetFlag(FLAGS_replicas) < 1 ||
-      absl::GetFlag(FLAGS_replicas) > pipeserve::kMaxReplicas) {
-    return Fail(absl::StrCat("--replicas ", absl::GetFlag(FLAGS_replicas), " is not in 1..",
-                             pipeserve::kMaxReplicas));
-  }
-  pipeserve::CoordinatorOptions options;
-  options.default_microbatches = absl::GetFlag(FLAGS_microbatches);
-  options.default_replicas = absl::GetFlag(FLAGS_replicas);
-  options.batching.max_rows = std::max(0, absl::GetFlag(FLAGS_max_batch_rows));
-  options.batching.max_queue_delay =
-      absl::Microseconds(std::clamp(absl::GetFlag(FLAGS_max_queue_delay_us), 0, 10'000'000));
-  options.batching.max_in_flight = std::max(0, absl::GetFlag(FLAGS_max_batches_in_flight));
-  options.max_microbatches = absl::GetFlag(FLAGS_max_microbatches);
-  options.max_stages = absl::GetFlag(FLAGS_max_stages);
-  options.default_timeout = absl::Seconds(absl::GetFlag(FLAGS_default_timeout_s));
-  options.max_request_rows = std::max<int64_t>(0, absl::GetFlag(FLAGS_max_request_rows));
-  options.max_upload_bytes = uint64_t(std::max(1, absl::GetFlag(FLAGS_max_upload_mb))) << 20;
-  options.max_concurrent_uploads = absl::GetFlag(FLAGS_max_concurrent_uploads);
-  options.max_queued_requests = std::max(0, absl::GetFlag(FLAGS_max_queued_requests));
-  options.drain_timeout = absl::Seconds(std::max(0, absl::GetFlag(FLAGS_drain_timeout_s)));
-  options.health_interval =
-      absl::Milliseconds(std::max(10, absl::GetFlag(FLAGS_health_interval_ms)));
-  // Static stage servers outlive this process: a restarted coordinator
-  // adopts what they hold instead of loading it again.
-  options.keep_stages_on_exit = !local;
+  absl::StatusOr<pipeserve::CoordinatorOptions> from_flags = CoordinatorOptionsFromFlags(local);
+  if (!from_flags.ok()) return Fail(std::string(from_flags.status().message()));
+  pipeserve::CoordinatorOptions options = *from_flags;
   std::unique_ptr<pipeserve::ComputeBackend> calibration_backend;
   if (const std::string device = absl::GetFlag(FLAGS_calibration_device); !device.empty()) {
     absl::StatusOr<std::unique_ptr<pipeserve::ComputeBackend>> b =
@@ -251,9 +292,6 @@ int main(int argc, char** argv) {
     calibration_backend = *std::move(b);
   }
   options.calibration_backend = calibration_backend.get();
-  options.calibration.rows = std::max(1, absl::GetFlag(FLAGS_calibration_rows));
-  if (!(absl::GetFlag(FLAGS_link_gb_per_s) > 0)) return Fail("--link_gb_per_s must be > 0");
-  options.link_bytes_per_second = absl::GetFlag(FLAGS_link_gb_per_s) * 1e9;
   pipeserve::GrpcStageClient stage_client(*channels, /*send_capacity=*/8);
   pipeserve::Coordinator coordinator(options, *std::move(store), std::move(launcher),
                                      &stage_client);
@@ -264,32 +302,15 @@ int main(int argc, char** argv) {
     absl::Status s = metrics_http.Start(*host, port, absl::GetFlag(FLAGS_metrics_port_file));
     if (!s.ok()) return Fail(std::string(s.message()));
   }
-  pipeserve::KServeOptions kserve_options;
-  kserve_options.stream_threads = absl::GetFlag(FLAGS_stream_threads);
   const int max_threads = absl::GetFlag(FLAGS_max_threads);
-  kserve_options.max_streams = absl::GetFlag(FLAGS_max_streams) >= 0
-                                   ? absl::GetFlag(FLAGS_max_streams)
-                                   : std::max(1, max_threads / 4);
-  kserve_options.max_streams_per_client = std::max(1, absl::GetFlag(FLAGS_max_streams_per_client));
-  kserve_options.stream_idle_timeout =
-      absl::Seconds(std::max(1, absl::GetFlag(FLAGS_stream_idle_timeout_s)));
-  kserve_options.max_timeout = absl::Seconds(std::max(1, absl::GetFlag(FLAGS_max_timeout_s)));
-  pipeserve::KServeService kserve(&coordinator, &metrics, tokens.get(), kserve_options);
+  pipeserve::KServeService kserve(&coordinator, &metrics, tokens.get(), KServeOptionsFromFlags());
   pipeserve::ModelServiceImpl models(&coordinator, tokens.get(),
                                      absl::Seconds(absl::GetFlag(FLAGS_upload_idle_timeout_s)));
   if (tokens == nullptr) {
     std::cerr << "coordinator: no --auth_tokens: any client that reaches the port may upload "
                  "and run models\n";
   }
-  // Tokens are checked on a call's headers, before its body is read.
-  pipeserve::CallGate gate(pipeserve::CallGate::TokenScope(tokens.get(), pipeserve::Scope::kInfer));
-  for (const char* open : {"/grpc.health.v1.Health/", "/grpc.reflection.",
-                           "/inference.GRPCInferenceService/ServerLive",
-                           "/inference.GRPCInferenceService/ServerReady"}) {
-    gate.Add(open, pipeserve::CallGate::Anyone());  // probes carry no tokens
-  }
-  gate.Add("/pipeserve.ModelService/",
-           pipeserve::CallGate::TokenScope(tokens.get(), pipeserve::Scope::kAdmin));
+  const pipeserve::CallGate gate = ClientGate(tokens.get());
   std::thread loader;
   pipeserve::ServeOptions serve;
   serve.name = "coordinator";

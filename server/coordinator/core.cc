@@ -489,9 +489,7 @@ void Coordinator::Repair(const std::string& name) {
   // hold it for minutes, and other models' repairs are due): it comes back.
   ModelLock model_lock(this, name, /*wait=*/false);
   if (!model_lock.held()) {
-    absl::MutexLock lock(&repair_mu_);
-    auto [it, added] = to_repair_.emplace(name, absl::Now() + absl::Milliseconds(100));
-    if (!added) it->second = std::min(it->second, absl::Now() + absl::Milliseconds(100));
+    RepairSoon(name);
     return;
   }
   std::shared_ptr<Deployment> broken = Current(name);
@@ -520,17 +518,7 @@ void Coordinator::Repair(const std::string& name) {
   }
   absl::StatusOr<std::shared_ptr<Deployment>> d = Deploy(m.name, m.path, m.options, m.bytes);
   if (!d.ok()) {
-    absl::MutexLock lock(&mu_);
-    std::string why = absl::StrCat("redeploying failed: ", d.status().message());
-    if (broken == nullptr) {
-      ModelInfo& info = failed_[name];
-      info.name = name;
-      info.state = ModelState::kUnavailable;
-      info.reason = why;
-      info.bytes = m.bytes;
-      info.version = m.version;
-    }
-    ScheduleRepair(name);
+    RedeployFailed(m, broken == nullptr, d.status());
     return;
   }
   (*d)->set_version(m.version);
@@ -542,6 +530,26 @@ void Coordinator::Repair(const std::string& name) {
   if (broken) broken->Close("replaced by a redeployment");
   absl::MutexLock lock(&repair_mu_);
   repair_attempts_.erase(name);
+}
+
+void Coordinator::RepairSoon(const std::string& name) {
+  absl::MutexLock lock(&repair_mu_);
+  const absl::Time soon = absl::Now() + absl::Milliseconds(100);
+  auto [it, added] = to_repair_.emplace(name, soon);
+  if (!added) it->second = std::min(it->second, soon);
+}
+
+void Coordinator::RedeployFailed(const StoredModel& m, bool listed_failed, const absl::Status& why) {
+  absl::MutexLock lock(&mu_);
+  if (listed_failed) {  // nothing serves it: list why
+    ModelInfo& info = failed_[m.name];
+    info.name = m.name;
+    info.state = ModelState::kUnavailable;
+    info.reason = absl::StrCat("redeploying failed: ", why.message());
+    info.bytes = m.bytes;
+    info.version = m.version;
+  }
+  ScheduleRepair(m.name);
 }
 
 absl::Status Coordinator::RepairLanes(const StoredModel& m, Deployment& d) {

@@ -298,6 +298,11 @@ class Coordinator {
   void RepairLoop();
   void ScheduleRepair(const std::string& name);
   void Repair(const std::string& name);
+  // Repair `name` again in 100 ms (its lock was held).
+  void RepairSoon(const std::string& name);
+  // A redeployment of stored model `m` failed with `why`: try again with
+  // backoff, and, when nothing of it serves (`listed_failed`), list why.
+  void RedeployFailed(const StoredModel& m, bool listed_failed, const absl::Status& why);
   // Reloads the broken lanes of `d` (still serving on the others; the
   // model's ModelLock held).
   absl::Status RepairLanes(const StoredModel& m, Deployment& d);

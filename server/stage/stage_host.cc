@@ -455,88 +455,84 @@ void StageHost::Deliver(std::vector<Frame> outs) {
 
 void StageHost::Work() {
   while (true) {
-    // One frame, or DATA frames of one request that waited back to back
-    // and are computed in one run (StageSpec.merge_rows).
-    std::vector<Frame> group;
-    std::vector<absl::Time> arrived;
-    std::vector<std::weak_ptr<Producer>> resume;
-    bool drop = false;
-    uint64_t first = 0;  // the group's first sequence number (in_hand_)
-    {
-      absl::MutexLock lock(&mu_);
-      auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-        return stopping_ || !queue_.empty();
-      };
-      mu_.Await(absl::Condition(&ready));
-      if (stopping_) return;
-      first = taken_;
-      auto take = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-        group.push_back(std::move(queue_.front()));
-        queue_.pop_front();
-        arrived.push_back(queued_at_.front());
-        queued_at_.pop_front();
-        stats_.queue_seconds += absl::ToDoubleSeconds(FrameClockNow() - arrived.back());
-        ++taken_;
-      };
-      take();
-      // (Copies: take() below may move the group's frames.)
-      const FrameHeader::Kind kind = group.front().header.kind();
-      const uint64_t id = group.front().header.request_id();
-      const int64_t deadline_us = group.front().header.deadline_us();
-      if (kind == FrameHeader::CANCEL) {
-        RememberCancel(id);
-      } else if (kind == FrameHeader::DATA) {
-        if (cancelled_.contains(id)) {
-          ++stats_.dropped_cancelled;
-          drop = true;
-        } else if (deadline_us != 0 && deadline_us < NowMicros()) {
-          ++stats_.dropped_deadline;
-          drop = true;
-        } else if (joining_) {
-          for (size_t n = JoinableBehind(group.front()); n > 0; --n) take();
-        }
-      }
-      if (!drop) in_hand_.insert(first);
-      if (queue_.size() < options_.queue_capacity) resume.swap(paused_);
-    }
-    for (const std::weak_ptr<Producer>& p : resume) {
+    Taken t;
+    if (!Take(&t)) return;  // stopping
+    for (const std::weak_ptr<Producer>& p : t.resume) {
       if (auto alive = p.lock()) alive->Resume();  // the reader may read again
     }
-    if (drop) continue;
-
-    if (group.front().header.kind() != FrameHeader::DATA) {
-      Deliver(std::move(group));  // CANCEL and ERROR frames travel on
-      absl::MutexLock lock(&mu_);
-      in_hand_.erase(first);
-      continue;
-    }
-    const absl::Time start = FrameClockNow();
-    uint64_t runs = 1;
-    std::vector<Frame> outs;
-    if (group.size() == 1) {
-      outs.push_back(Compute(group.front()));
+    if (t.drop) continue;
+    if (t.group.front().header.kind() != FrameHeader::DATA) {
+      Deliver(std::move(t.group));  // CANCEL and ERROR frames travel on
     } else {
-      runs = 0;
-      outs = ComputeJoined(group, &runs);
+      ComputeAndDeliver(std::move(t.group), t.arrived);
     }
-    const absl::Time end = FrameClockNow();
-    for (size_t i = 0; i < group.size(); ++i) {
-      if (group[i].header.trace() && outs[i].header.kind() == FrameHeader::DATA) {
-        AddSpans(group[i].header, arrived[i], start, end, &outs[i].header);
-      }
-    }
-    {
-      absl::MutexLock lock(&mu_);
-      stats_.processed += group.size();
-      stats_.runs += runs;
-      stats_.compute_seconds += absl::ToDoubleSeconds(end - start);
-    }
-    Deliver(std::move(outs));
     // Out of hand once sent on (or given up on), not once computed: a
     // graceful shutdown waiting on this never leaves a frame behind.
     absl::MutexLock lock(&mu_);
-    in_hand_.erase(first);
+    in_hand_.erase(t.first);
   }
+}
+
+bool StageHost::Take(Taken* t) {
+  absl::MutexLock lock(&mu_);
+  auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopping_ || !queue_.empty(); };
+  mu_.Await(absl::Condition(&ready));
+  if (stopping_) return false;
+  t->first = taken_;
+  auto take = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    t->group.push_back(std::move(queue_.front()));
+    queue_.pop_front();
+    t->arrived.push_back(queued_at_.front());
+    queued_at_.pop_front();
+    stats_.queue_seconds += absl::ToDoubleSeconds(FrameClockNow() - t->arrived.back());
+    ++taken_;
+  };
+  take();
+  // (Copies: take() below may move the group's frames.)
+  const FrameHeader::Kind kind = t->group.front().header.kind();
+  const uint64_t id = t->group.front().header.request_id();
+  const int64_t deadline_us = t->group.front().header.deadline_us();
+  if (kind == FrameHeader::CANCEL) {
+    RememberCancel(id);
+  } else if (kind == FrameHeader::DATA) {
+    if (cancelled_.contains(id)) {
+      ++stats_.dropped_cancelled;
+      t->drop = true;
+    } else if (deadline_us != 0 && deadline_us < NowMicros()) {
+      ++stats_.dropped_deadline;
+      t->drop = true;
+    } else if (joining_) {
+      for (size_t n = JoinableBehind(t->group.front()); n > 0; --n) take();
+    }
+  }
+  if (!t->drop) in_hand_.insert(t->first);
+  if (queue_.size() < options_.queue_capacity) t->resume.swap(paused_);
+  return true;
+}
+
+void StageHost::ComputeAndDeliver(std::vector<Frame> group, const std::vector<absl::Time>& arrived) {
+  const absl::Time start = FrameClockNow();
+  uint64_t runs = 1;
+  std::vector<Frame> outs;
+  if (group.size() == 1) {
+    outs.push_back(Compute(group.front()));
+  } else {
+    runs = 0;
+    outs = ComputeJoined(group, &runs);
+  }
+  const absl::Time end = FrameClockNow();
+  for (size_t i = 0; i < group.size(); ++i) {
+    if (group[i].header.trace() && outs[i].header.kind() == FrameHeader::DATA) {
+      AddSpans(group[i].header, arrived[i], start, end, &outs[i].header);
+    }
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    stats_.processed += group.size();
+    stats_.runs += runs;
+    stats_.compute_seconds += absl::ToDoubleSeconds(end - start);
+  }
+  Deliver(std::move(outs));
 }
 
 bool StageHost::FinishHeld(absl::Time deadline) {

@@ -132,6 +132,21 @@ class StageHost {
 
  private:
   void Work();
+  // What a worker took off the queue: one frame, or DATA frames of one
+  // request joined (StageSpec.merge_rows); whether they are dropped
+  // (cancelled, past their deadline); producers to resume; the group's
+  // first sequence number (in_hand_).
+  struct Taken {
+    std::vector<Frame> group;
+    std::vector<absl::Time> arrived;
+    std::vector<std::weak_ptr<Producer>> resume;
+    bool drop = false;
+    uint64_t first = 0;
+  };
+  // Waits for frames and takes them; false once the host stops.
+  bool Take(Taken* t);
+  // Runs a group of DATA frames (one run, or joined) and sends them on.
+  void ComputeAndDeliver(std::vector<Frame> group, const std::vector<absl::Time>& arrived);
   void RememberCancel(uint64_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Checks an arriving frame; a DATA frame that does not match the stage
   // becomes an ERROR frame.

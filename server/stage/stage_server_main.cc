@@ -72,6 +72,29 @@ int Fail(const std::string& what) {
   return 1;
 }
 
+pipeserve::StageServerOptions StageServerOptionsFromFlags() {
+  pipeserve::StageServerOptions options;
+  options.default_threads = absl::GetFlag(FLAGS_threads);
+  options.queue_capacity = absl::GetFlag(FLAGS_queue_capacity);
+  options.max_stages = absl::GetFlag(FLAGS_max_stages);
+  options.max_stage_bytes =
+      static_cast<uint64_t>(std::max<int64_t>(0, absl::GetFlag(FLAGS_max_stage_mb))) << 20;
+  return options;
+}
+
+// Who may call, checked on a call's headers before its body is read: the
+// cluster token, and with certificates the peer's name (control calls and
+// results: the coordinator only; frames: it or a stage server).
+pipeserve::CallGate ClusterGate(const std::string& token) {
+  const std::string coordinator = absl::GetFlag(FLAGS_coordinator_identity);
+  pipeserve::CallGate gate(pipeserve::CallGate::ClusterMember(token, {coordinator}));
+  gate.Add("/grpc.health.v1.Health/", pipeserve::CallGate::Anyone());
+  gate.Add("/pipeserve.StageService/Process",
+           pipeserve::CallGate::ClusterMember(token,
+                                              {coordinator, absl::GetFlag(FLAGS_stage_identity)}));
+  return gate;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -96,11 +119,7 @@ int main(int argc, char** argv) {
   auto channels = pipeserve::StageChannels::Create(cluster);
   if (!channels.ok()) return Fail(absl::StrCat("--cluster_*: ", channels.status().message()));
 
-  pipeserve::StageServerOptions options;
-  options.default_threads = absl::GetFlag(FLAGS_threads);
-  options.queue_capacity = absl::GetFlag(FLAGS_queue_capacity);
-  options.max_stages = absl::GetFlag(FLAGS_max_stages);
-  options.max_stage_bytes = static_cast<uint64_t>(std::max<int64_t>(0, absl::GetFlag(FLAGS_max_stage_mb))) << 20;
+  pipeserve::StageServerOptions options = StageServerOptionsFromFlags();
   absl::StatusOr<pipeserve::Precision> precision =
       pipeserve::ParsePrecision(absl::GetFlag(FLAGS_precision));
   if (!precision.ok()) return Fail(absl::StrCat("--precision: ", precision.status().ToString()));
@@ -134,15 +153,7 @@ int main(int argc, char** argv) {
     absl::Status s = metrics_http.Start(*host, port, absl::GetFlag(FLAGS_metrics_port_file));
     if (!s.ok()) return Fail(std::string(s.message()));
   }
-  // Who may call, checked on a call's headers before its body is read:
-  // the cluster token, and with certificates, the peer's name (control
-  // calls and results: the coordinator only; frames: it or a stage).
-  const std::string coordinator = absl::GetFlag(FLAGS_coordinator_identity);
-  pipeserve::CallGate gate(pipeserve::CallGate::ClusterMember(cluster.token, {coordinator}));
-  gate.Add("/grpc.health.v1.Health/", pipeserve::CallGate::Anyone());
-  gate.Add("/pipeserve.StageService/Process",
-           pipeserve::CallGate::ClusterMember(
-               cluster.token, {coordinator, absl::GetFlag(FLAGS_stage_identity)}));
+  const pipeserve::CallGate gate = ClusterGate(cluster.token);
   pipeserve::ServeOptions serve;
   serve.name = "stage_server";
   serve.gate = &gate;
