@@ -6,7 +6,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <filesystem>
 #include <fstream>
 
@@ -16,20 +15,14 @@
 #include "absl/time/clock.h"
 #include "client/client.h"
 #include "common/status_macros.h"
+#include "server/testing/temp_dir.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/pipeserve_service.grpc.pb.h"
 #include "tests/fixtures.h"
 
 namespace pipeserve {
 
-std::string TempDir(const std::string& name) {
-  static std::atomic<int> counter{0};
-  const char* tmp = std::getenv("TEST_TMPDIR");
-  std::string dir = absl::StrCat(tmp ? tmp : "/tmp", "/", name, ".", counter++);
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directories(dir);
-  return dir;
-}
+std::string TempDir(const std::string& name) { return TestTempDir(name); }
 
 namespace {
 

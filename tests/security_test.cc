@@ -21,6 +21,7 @@
 #include "proto/grpc_service.grpc.pb.h"
 #include "proto/pipeserve_service.grpc.pb.h"
 #include "runtime/model_file.h"
+#include "server/testing/proc_status.h"
 #include "tests/cluster.h"
 #include "tests/fixtures.h"
 
@@ -256,16 +257,6 @@ TEST_F(SecurityTest, AStageServersCertificateCannotControlAnotherStageServer) {
   EXPECT_TRUE(s.ok()) << "the coordinator's certificate may: " << s.error_message();
 }
 
-// Resident memory high-water mark of process `pid`, in KiB.
-int64_t HighWaterKiB(pid_t pid) {
-  std::ifstream in(absl::StrCat("/proc/", pid, "/status"));
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind("VmHWM:", 0) == 0) return std::stoll(line.substr(6));
-  }
-  return -1;
-}
-
 // Regression: tokens were checked inside the handlers, after gRPC had read
 // a call's whole message (up to --max_message_mb): six tokenless calls of
 // 200 MB raised the coordinator from 20 MB to 2.67 GB. Calls are now
@@ -274,7 +265,7 @@ TEST(AuthBeforeBodyTest, TokenlessCallsCostTheCoordinatorTheirHeadersNotTheirBod
   const std::string certs = MakeCerts("gate_certs");
   auto c = CoordinatorProcess::Start({TempDir("gate_repo"), {"--auth_tokens=" + certs + "/tokens"}});
   ASSERT_TRUE(c.ok()) << c.status();
-  const int64_t before = HighWaterKiB((*c)->pid());
+  const int64_t before = ProcStatus((*c)->pid(), "VmHWM");
   inference::ModelInferRequest req;
   req.set_model_name("m");
   auto* x = req.add_inputs();
@@ -295,7 +286,7 @@ TEST(AuthBeforeBodyTest, TokenlessCallsCostTheCoordinatorTheirHeadersNotTheirBod
     });
   }
   for (auto& t : calls) t.join();
-  const int64_t grew = HighWaterKiB((*c)->pid()) - before;
+  const int64_t grew = ProcStatus((*c)->pid(), "VmHWM") - before;
   std::printf("4 tokenless calls of 100 MiB: the coordinator's peak memory grew %lld KiB\n",
               static_cast<long long>(grew));
   EXPECT_LT(grew, 64 << 10) << "the bodies were read";

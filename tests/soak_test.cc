@@ -23,6 +23,7 @@
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "client/client.h"
+#include "server/testing/proc_status.h"
 #include "tests/cluster.h"
 #include "tests/fixtures.h"
 #include "tests/load.h"
@@ -44,18 +45,8 @@ struct Usage {
 
 Usage Read(pid_t pid) {
   Usage u;
-  std::ifstream in(absl::StrCat("/proc/", pid, "/status"));
-  std::string key;
-  while (in >> key) {
-    if (key == "VmRSS:") {
-      double kib = 0;
-      in >> kib;
-      u.rss_mib = kib / 1024;
-    } else if (key == "Threads:") {
-      in >> u.threads;
-    }
-    in.ignore(1 << 20, '\n');
-  }
+  u.rss_mib = std::max<int64_t>(0, ProcStatus(pid, "VmRSS")) / 1024.0;
+  u.threads = static_cast<int>(std::max<int64_t>(0, ProcStatus(pid, "Threads")));
   return u;
 }
 

@@ -834,16 +834,17 @@ absl::StatusOr<std::vector<Tensor>> Coordinator::InferAdmitted(
   const std::string name = admission.model();
   if (deadline == absl::InfiniteFuture()) deadline = absl::Now() + options_.default_timeout;
   absl::Duration backoff = absl::Milliseconds(10);
-  int lost = 0;  // attempts lost with a stage server that failed
+  // Lost once with the stage servers that held it (LostInFlight): the
+  // deployment then runs it alone and fails it (LostTwice) if it is lost
+  // again, so a request that brings servers down takes down no more.
+  bool lost_before = false;
   while (true) {
     if (trace != nullptr) trace->clear();  // only the attempt that answers
     absl::StatusOr<std::vector<Tensor>> out =
-        model->Infer(inputs, deadline, cancelled, trace, /*lost_before=*/lost > 0);
+        model->Infer(inputs, deadline, cancelled, trace, lost_before);
     if (out.ok() && answered_version != nullptr) *answered_version = model->version();
     if (out.ok() || out.status().code() != absl::StatusCode::kUnavailable) return out;
-    // Run again once after its stage servers failed holding it, not more:
-    // a request that brings servers down must not take down every one.
-    if (IsLostInFlight(out.status()) && ++lost >= 2) return LostTwice(out.status().message());
+    lost_before = lost_before || IsLostInFlight(out.status());
     ASSIGN_OR_RETURN(model, AwaitDeployment(name, model, out.status(), deadline, backoff,
                                             cancelled, pinned_version));
     backoff = std::min(backoff * 2, absl::Milliseconds(200));

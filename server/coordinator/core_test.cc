@@ -27,6 +27,7 @@
 #include "server/stage/stage_spec.h"
 #include "server/testing/gated_backend.h"
 #include "server/testing/temp_dir.h"
+#include "server/testing/upload.h"
 
 namespace pipeserve {
 namespace {
@@ -107,14 +108,7 @@ class CoordinatorTest : public ::testing::Test {
 
   absl::StatusOr<UploadResponse> Upload(const std::string& name, const Model& m,
                                         UploadOptions options = {}) {
-    std::ifstream in(Write(m), std::ios::binary);
-    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    auto upload = coordinator_->StartUpload(name);
-    if (!upload.ok()) return upload.status();
-    absl::Status s = (*upload)->Append(bytes);
-    if (!s.ok()) return s;
-    return coordinator_->FinishUpload(name, options, *std::move(upload), bytes.size(),
-                                      Crc32(bytes.data(), bytes.size()));
+    return UploadModel(*coordinator_, name, m, options);
   }
 
   absl::StatusOr<std::vector<Tensor>> Infer(const std::string& name, std::vector<Tensor> in,
@@ -187,6 +181,9 @@ class CoordinatorTest : public ::testing::Test {
     ASSERT_TRUE(out.ok()) << out.status();
     ExpectEqual((*out)[0], Expected(m, in)[0]);
   }
+
+  bool RepairedDuringAnUpload(const std::vector<std::string>& first, const std::string& uploading,
+                              const std::string& watched);
 
   Gate gate_;
   std::unique_ptr<InProcessStages> stages_;
@@ -1188,66 +1185,53 @@ TEST_F(CoordinatorTest, ARequestLostWithItsStageServerTwiceIsNotRunAThirdTime) {
   ExpectEqual((*good)[0], Expected(m, in)[0]);
 }
 
-// Regression: one lock serialised every upload, unload and repair, so a
-// model whose stage server died stayed down for as long as an unrelated
-// upload took (its calibration, its loads).
-TEST_F(CoordinatorTest, ARepairDoesNotWaitForAnotherModelsUpload) {
+// Uploads `first` (2-stage MLPs), then uploads `uploading` (automatic cuts,
+// so it calibrates) with its calibration held at a gate, kills a stage
+// server every model uses, and waits up to 10 s for `watched` to be
+// redeployed; then lets the upload finish. Whether `watched` came back
+// while the upload was held.
+bool CoordinatorTest::RepairedDuringAnUpload(const std::vector<std::string>& first,
+                                             const std::string& uploading,
+                                             const std::string& watched) {
   Gate calibration_gate;
   GatedBackend calibration(&calibration_gate);
   CoordinatorOptions o = Options();
   o.calibration_backend = &calibration;
   TearDown();
   Start(o);
-  ASSERT_TRUE(Upload("a", Mlp(2)).ok());
-  const uint64_t before = coordinator_->GetModel("a")->deployment;
+  for (const std::string& name : first) EXPECT_TRUE(Upload(name, Mlp(2)).ok()) << name;
+  const uint64_t before = coordinator_->GetModel(watched)->deployment;
   calibration_gate.Set(false);
-  absl::StatusOr<UploadResponse> b;
-  std::thread upload([&] { b = Upload("b", NarrowAndWide(), Stages(2)); });
-  ASSERT_TRUE(calibration_gate.WaitHeld(1)) << "b's upload is measuring its nodes";
+  absl::StatusOr<UploadResponse> up;
+  std::thread upload([&] { up = Upload(uploading, NarrowAndWide(), Stages(2)); });
+  EXPECT_TRUE(calibration_gate.WaitHeld(1)) << uploading << "'s upload is measuring its nodes";
   stages_->KillServer("s1:9000");
   stages_->AddServer("s1:9000");
   bool repaired = false;
-  absl::Time until = absl::Now() + absl::Seconds(10);
-  while (!repaired && absl::Now() < until) {
-    auto info = coordinator_->GetModel("a");
+  for (absl::Time until = absl::Now() + absl::Seconds(10); !repaired && absl::Now() < until;) {
+    auto info = coordinator_->GetModel(watched);
     repaired = info.ok() && info->state == ModelState::kReady && info->deployment != before;
     if (!repaired) absl::SleepFor(absl::Milliseconds(10));
   }
-  EXPECT_TRUE(repaired) << "model a stayed down while b uploaded";
   calibration_gate.Set(true);
   upload.join();
-  EXPECT_TRUE(b.ok()) << b.status();
+  EXPECT_TRUE(up.ok()) << up.status();
+  return repaired;
+}
+
+// Regression: one lock serialised every upload, unload and repair, so a
+// model whose stage server died stayed down for as long as an unrelated
+// upload took (its calibration, its loads).
+TEST_F(CoordinatorTest, ARepairDoesNotWaitForAnotherModelsUpload) {
+  EXPECT_TRUE(RepairedDuringAnUpload({"a"}, "b", "a")) << "model a stayed down while b uploaded";
 }
 
 // The one repair thread never waits for a model's lock: while a model is
 // being uploaded again (its lock held through calibration), its own repair
 // comes back later, and another model's repair goes ahead.
 TEST_F(CoordinatorTest, ARepairOfAModelBeingUploadedHoldsUpNoOtherRepair) {
-  Gate calibration_gate;
-  GatedBackend calibration(&calibration_gate);
-  CoordinatorOptions o = Options();
-  o.calibration_backend = &calibration;
-  TearDown();
-  Start(o);
-  ASSERT_TRUE(Upload("a", Mlp(2)).ok());
-  ASSERT_TRUE(Upload("x", Mlp(2)).ok());
-  const uint64_t before = coordinator_->GetModel("x")->deployment;
-  calibration_gate.Set(false);
-  absl::StatusOr<UploadResponse> again;
-  std::thread upload([&] { again = Upload("a", NarrowAndWide(), Stages(2)); });
-  ASSERT_TRUE(calibration_gate.WaitHeld(1)) << "a's re-upload holds its lock";
-  stages_->KillServer("s1:9000");  // both a (its old version) and x break
-  stages_->AddServer("s1:9000");
-  bool repaired = false;
-  for (absl::Time until = absl::Now() + absl::Seconds(10); !repaired && absl::Now() < until;) {
-    auto info = coordinator_->GetModel("x");
-    repaired = info.ok() && info->state == ModelState::kReady && info->deployment != before;
-    if (!repaired) absl::SleepFor(absl::Milliseconds(10));
-  }
-  EXPECT_TRUE(repaired) << "x waited behind a's repair, which waited for a's upload";
-  calibration_gate.Set(true);
-  upload.join();
-  EXPECT_TRUE(again.ok()) << again.status();
+  EXPECT_TRUE(RepairedDuringAnUpload({"a", "x"}, "a", "x"))
+      << "x waited behind a's repair, which waited for a's upload";
   EXPECT_TRUE(WaitReady("a"));
 }
 

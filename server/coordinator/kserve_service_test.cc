@@ -4,20 +4,18 @@
 #include "server/coordinator/kserve_service.h"
 
 #include <filesystem>
-#include <fstream>
 #include <memory>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
-#include "common/status_macros.h"
 #include "gmock/gmock.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "partitioner/graph_builder.h"
-#include "runtime/model_file.h"
 #include "server/coordinator/in_process_stages.h"
 #include "server/testing/gated_backend.h"
 #include "server/testing/temp_dir.h"
+#include "server/testing/upload.h"
 
 namespace pipeserve {
 namespace {
@@ -46,6 +44,15 @@ class KServeServiceTest : public ::testing::Test {
     ASSERT_TRUE(Upload("m").ok());
   }
 
+  // One stream thread, and every run held at the gate: the first streamed
+  // request takes the thread and the rest wait behind it.
+  void StartHeld(const CoordinatorOptions& co) {
+    KServeOptions ko;
+    ko.stream_threads = 1;
+    Start(co, ko);
+    gate_.Set(false);
+  }
+
   void TearDown() override {
     gate_.Set(true);
     if (server_) server_->Shutdown(std::chrono::system_clock::now());
@@ -59,16 +66,7 @@ class KServeServiceTest : public ::testing::Test {
   absl::Status Upload(const std::string& name) {
     GraphBuilder b;
     b.Input("x", {-1, 4}).Op("relu", {"x"}, "out").Output("out");
-    Model m = b.Build();
-    std::string path = TestTempDir("model") + "/m.psm";
-    RETURN_IF_ERROR(WriteModelFile(path, m.graph, m.weights));
-    std::ifstream in(path, std::ios::binary);
-    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    ASSIGN_OR_RETURN(auto upload, coordinator_->StartUpload(name));
-    RETURN_IF_ERROR(upload->Append(bytes));
-    return coordinator_->FinishUpload(name, {}, std::move(upload), bytes.size(),
-                                      Crc32(bytes.data(), bytes.size()))
-        .status();
+    return UploadModel(*coordinator_, name, b.Build()).status();
   }
 
   static inference::ModelInferRequest Request(const std::string& id) {
@@ -98,10 +96,7 @@ class KServeServiceTest : public ::testing::Test {
 TEST_F(KServeServiceTest, AStreamedRequestsDeadlineRunsFromItsArrival) {
   CoordinatorOptions co;
   co.default_timeout = absl::Seconds(1);
-  KServeOptions ko;
-  ko.stream_threads = 1;
-  Start(co, ko);
-  gate_.Set(false);
+  StartHeld(co);
   grpc::ClientContext ctx;
   auto stream = stub_->ModelStreamInfer(&ctx);
   ASSERT_TRUE(stream->Write(Request("slow")));
@@ -124,10 +119,7 @@ TEST_F(KServeServiceTest, AStreamedRequestsDeadlineRunsFromItsArrival) {
 TEST_F(KServeServiceTest, StreamedRequestsCountAgainstTheModelsQueueBeforeTheyWait) {
   CoordinatorOptions co;
   co.max_queued_requests = 2;
-  KServeOptions ko;
-  ko.stream_threads = 1;
-  Start(co, ko);
-  gate_.Set(false);
+  StartHeld(co);
   grpc::ClientContext ctx;
   auto stream = stub_->ModelStreamInfer(&ctx);
   for (int i = 0; i < 5; ++i) ASSERT_TRUE(stream->Write(Request(absl::StrCat("r", i))));

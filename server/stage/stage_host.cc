@@ -469,7 +469,7 @@ void StageHost::Work() {
     // Out of hand once sent on (or given up on), not once computed: a
     // graceful shutdown waiting on this never leaves a frame behind.
     absl::MutexLock lock(&mu_);
-    in_hand_.erase(t.first);
+    in_hand_.erase(std::find(in_hand_.begin(), in_hand_.end(), t.first));
   }
 }
 
@@ -505,7 +505,7 @@ bool StageHost::Take(Taken* t) {
       for (size_t n = JoinableBehind(t->group.front()); n > 0; --n) take();
     }
   }
-  if (!t->drop) in_hand_.insert(t->first);
+  if (!t->drop) in_hand_.push_back(t->first);
   if (queue_.size() < options_.queue_capacity) t->resume.swap(paused_);
   return true;
 }
@@ -543,7 +543,9 @@ bool StageHost::FinishHeld(absl::Time deadline) {
   // workers one finishing them does not stand for another still busy.
   const uint64_t target = taken_ + queue_.size();
   auto done = [this, target]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return stopping_ || (taken_ >= target && (in_hand_.empty() || *in_hand_.begin() >= target));
+    return stopping_ ||
+           (taken_ >= target && std::all_of(in_hand_.begin(), in_hand_.end(),
+                                            [target](uint64_t first) { return first >= target; }));
   };
   return mu_.AwaitWithDeadline(absl::Condition(&done), deadline);
 }

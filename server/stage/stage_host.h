@@ -34,7 +34,6 @@
 
 #include <deque>
 #include <memory>
-#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -200,7 +199,7 @@ class StageHost {
   // next number), and the first number of each group taken and not yet
   // sent on or dropped: FinishHeld waits on these.
   uint64_t taken_ ABSL_GUARDED_BY(mu_) = 0;
-  std::set<uint64_t> in_hand_ ABSL_GUARDED_BY(mu_);
+  std::vector<uint64_t> in_hand_ ABSL_GUARDED_BY(mu_);  // one per busy worker
   // Recently cancelled request ids (bounded: oldest forgotten first).
   absl::flat_hash_set<uint64_t> cancelled_ ABSL_GUARDED_BY(mu_);
   std::deque<uint64_t> cancelled_order_ ABSL_GUARDED_BY(mu_);

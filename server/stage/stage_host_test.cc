@@ -1,6 +1,7 @@
 #include "server/stage/stage_host.h"
 
 #include <atomic>
+#include <functional>
 #include <new>
 #include <set>
 #include <thread>
@@ -82,24 +83,34 @@ class FakeProducer : public StageHost::Producer {
 
 // Stage `stage` of: x -> relu -> a | a -> add(a, y) -> out   (y rides along)
 struct Fixture {
+  // Makes the program the host runs from the CPU program of the stage.
+  using Wrap = std::function<std::unique_ptr<StageProgram>(std::unique_ptr<StageProgram>)>;
+
   Model model;
   Plan plan;
   std::shared_ptr<StageHost> host;
   std::shared_ptr<FakeSink> sink = std::make_shared<FakeSink>();
 
-  explicit Fixture(int stage, size_t capacity = 8, int workers = 1) {
+  explicit Fixture(int stage, size_t capacity = 8, int workers = 1)
+      : Fixture(stage, nullptr, StageHost::Options{capacity, workers}) {}
+
+  Fixture(int stage, const Wrap& wrap, StageHost::Options options) {
     GraphBuilder b;
     b.Input("x", {-1, 4}).Input("y", {-1, 4});
     b.Op("relu", {"x"}, "a").Split().Op("add", {"a", "y"}, "out").Output("out");
     model = b.Build();
     plan = *Partition(model.graph, {});
     StageSpec spec = MakeStageSpecs(plan, "m", 1, {"s0:1", "s1:1"}, 1)[stage];
-    auto prog = MakeCpuBackend({})->Compile(plan.stages(stage).graph(), model.weights);
-    host = std::make_shared<StageHost>(spec, std::move(*prog),
-                                       StageHost::Options{capacity, workers});
+    std::unique_ptr<StageProgram> prog =
+        *MakeCpuBackend({})->Compile(plan.stages(stage).graph(), model.weights);
+    if (wrap) prog = wrap(std::move(prog));
+    host = std::make_shared<StageHost>(spec, std::move(prog), options);
     host->SetSink(sink);
   }
 };
+
+// A frame of `rows` rows for stage 1 (it receives a and y).
+Frame StageOneFrame(uint64_t id, int64_t rows);
 
 Frame DataFrame(uint64_t id, std::vector<std::pair<std::string, Tensor>> ts,
                 int64_t deadline = 0) {
@@ -108,6 +119,10 @@ Frame DataFrame(uint64_t id, std::vector<std::pair<std::string, Tensor>> ts,
   f.header.set_deadline_us(deadline);
   for (auto& [n, t] : ts) f.Add(n, t);
   return f;
+}
+
+Frame StageOneFrame(uint64_t id, int64_t rows) {
+  return DataFrame(id, {{"a", Tensor::Zeros({rows, 4})}, {"y", Tensor::Zeros({rows, 4})}});
 }
 
 TEST(StageHostTest, ComputesAndForwardsWhatLaterStagesNeed) {
@@ -242,26 +257,16 @@ class OutOfMemoryProgram : public StageProgram {
 // stage server; the coordinator then replayed the request on each
 // replacement. Now the request gets RESOURCE_EXHAUSTED and the stage serves on.
 TEST(StageHostTest, AProgramOutOfMemoryFailsOnlyThatFrameWithResourceExhausted) {
-  GraphBuilder b;
-  b.Input("x", {-1, 4}).Input("y", {-1, 4});
-  b.Op("relu", {"x"}, "a").Split().Op("add", {"a", "y"}, "out").Output("out");
-  Model model = b.Build();
-  Plan plan = *Partition(model.graph, {});
-  StageSpec spec = MakeStageSpecs(plan, "m", 1, {"s0:1", "s1:1"}, 1)[1];
-  auto inner = MakeCpuBackend({})->Compile(plan.stages(1).graph(), model.weights);
-  auto host = std::make_shared<StageHost>(
-      spec, std::make_unique<OutOfMemoryProgram>(*std::move(inner)), StageHost::Options{});
-  auto sink = std::make_shared<FakeSink>();
-  host->SetSink(sink);
-  host->Push(DataFrame(1, {{"a", Tensor::Zeros({3, 4})}, {"y", Tensor::Zeros({3, 4})}}), nullptr);
-  host->Push(DataFrame(2, {{"a", Tensor::Zeros({2, 4})}, {"y", Tensor::Zeros({2, 4})}}), nullptr);
-  std::vector<Frame> got = sink->Wait(2);
+  Fixture fx(
+      1, [](auto inner) { return std::make_unique<OutOfMemoryProgram>(std::move(inner)); }, {});
+  fx.host->Push(StageOneFrame(1, 3), nullptr);
+  fx.host->Push(StageOneFrame(2, 2), nullptr);
+  std::vector<Frame> got = fx.sink->Wait(2);
   ASSERT_EQ(got.size(), 2u);
   EXPECT_EQ(got[0].header.kind(), FrameHeader::ERROR);
   EXPECT_EQ(got[0].header.error_code(), int(absl::StatusCode::kResourceExhausted));
   EXPECT_THAT(got[0].header.error_message(), HasSubstr("stage 1: out of memory"));
   EXPECT_EQ(got[1].header.kind(), FrameHeader::DATA) << "the next request is served";
-  host->Stop();
 }
 
 // A program whose output claims 4 GiB: a view of a small buffer that
@@ -279,23 +284,13 @@ class HugeOutputProgram : public StageProgram {
 // link to the next stage (whose receive limit refused the message) and
 // with it every request in flight.
 TEST(StageHostTest, AFrameTooLargeForOneMessageFailsItsMicrobatchOnly) {
-  GraphBuilder b;
-  b.Input("x", {-1, 4}).Input("y", {-1, 4});
-  b.Op("relu", {"x"}, "a").Split().Op("add", {"a", "y"}, "out").Output("out");
-  Model model = b.Build();
-  Plan plan = *Partition(model.graph, {});
-  StageSpec spec = MakeStageSpecs(plan, "m", 1, {"s0:1", "s1:1"}, 1)[1];
-  auto host = std::make_shared<StageHost>(spec, std::make_unique<HugeOutputProgram>(),
-                                          StageHost::Options{});
-  auto sink = std::make_shared<FakeSink>();
-  host->SetSink(sink);
-  host->Push(DataFrame(1, {{"a", Tensor::Zeros({2, 4})}, {"y", Tensor::Zeros({2, 4})}}), nullptr);
-  std::vector<Frame> got = sink->Wait(1);
+  Fixture fx(1, [](auto) { return std::make_unique<HugeOutputProgram>(); }, {});
+  fx.host->Push(StageOneFrame(1, 2), nullptr);
+  std::vector<Frame> got = fx.sink->Wait(1);
   ASSERT_EQ(got.size(), 1u);
   EXPECT_EQ(got[0].header.kind(), FrameHeader::ERROR);
   EXPECT_EQ(got[0].header.error_code(), int(absl::StatusCode::kResourceExhausted));
   EXPECT_THAT(got[0].header.error_message(), HasSubstr("more than one message carries"));
-  host->Stop();
 }
 
 // A program whose first run waits until released; later runs go through.
@@ -322,34 +317,27 @@ class HoldFirstRun : public StageProgram {
 // worker stood in for one the first still computed, and the shutdown went
 // ahead with it in hand.
 TEST(StageHostTest, FinishHeldWaitsForTheFramesHeldAtTheCallNotJustAsMany) {
-  GraphBuilder b;
-  b.Input("x", {-1, 4}).Input("y", {-1, 4});
-  b.Op("relu", {"x"}, "a").Split().Op("add", {"a", "y"}, "out").Output("out");
-  Model model = b.Build();
-  Plan plan = *Partition(model.graph, {});
-  StageSpec spec = MakeStageSpecs(plan, "m", 1, {"s0:1", "s1:1"}, 1)[1];
-  auto program = std::make_unique<HoldFirstRun>(
-      *MakeCpuBackend({})->Compile(plan.stages(1).graph(), model.weights));
-  HoldFirstRun* held = program.get();
-  auto host = std::make_shared<StageHost>(spec, std::move(program), StageHost::Options{8, 2});
-  auto sink = std::make_shared<FakeSink>();
-  host->SetSink(sink);
-  auto frame = [](uint64_t id) {
-    return DataFrame(id, {{"a", Tensor::Zeros({2, 4})}, {"y", Tensor::Zeros({2, 4})}});
-  };
-  host->Push(frame(1), nullptr);
+  HoldFirstRun* held = nullptr;
+  Fixture fx(
+      1,
+      [&held](auto inner) {
+        auto program = std::make_unique<HoldFirstRun>(std::move(inner));
+        held = program.get();
+        return program;
+      },
+      StageHost::Options{8, 2});
+  fx.host->Push(StageOneFrame(1, 2), nullptr);
   held->started.WaitForNotification();  // frame 1 in the first worker
   bool drained = true;
-  std::thread drain([&] { drained = host->FinishHeld(absl::Now() + absl::Seconds(1)); });
+  std::thread drain([&] { drained = fx.host->FinishHeld(absl::Now() + absl::Seconds(1)); });
   absl::SleepFor(absl::Milliseconds(50));
-  host->Push(frame(2), nullptr);  // arrives during the drain
-  EXPECT_EQ(sink->Wait(1).size(), 1u) << "the second worker sent frame 2 on";
+  fx.host->Push(StageOneFrame(2, 2), nullptr);  // arrives during the drain
+  EXPECT_EQ(fx.sink->Wait(1).size(), 1u) << "the second worker sent frame 2 on";
   drain.join();
   EXPECT_FALSE(drained) << "frame 1 was still being computed";
   held->release.Notify();
-  EXPECT_TRUE(host->FinishHeld(absl::Now() + absl::Seconds(10)));
-  EXPECT_EQ(sink->Wait(2).size(), 2u);
-  host->Stop();
+  EXPECT_TRUE(fx.host->FinishHeld(absl::Now() + absl::Seconds(10)));
+  EXPECT_EQ(fx.sink->Wait(2).size(), 2u);
 }
 
 TEST(StageHostTest, FullQueuePausesTheProducerUntilTheWorkerCatchesUp) {

@@ -1,7 +1,8 @@
 #include "server/stage/stage_server_core.h"
 
+#include <unistd.h>
+
 #include <atomic>
-#include <fstream>
 #include <string>
 
 #include "gmock/gmock.h"
@@ -12,6 +13,7 @@
 #include "runtime/model_file.h"
 #include "server/stage/stage_spec.h"
 #include "server/testing/gated_backend.h"
+#include "server/testing/proc_status.h"
 
 namespace pipeserve {
 namespace {
@@ -168,16 +170,6 @@ TEST(StageServerCoreTest, ChunksAreCheckedAgainstTheWeights) {
   EXPECT_EQ((*load)->Finish().code(), absl::StatusCode::kDataLoss) << "nothing arrived whole";
 }
 
-// Virtual memory of this process, in KiB.
-int64_t VmSizeKiB() {
-  std::ifstream in("/proc/self/status");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind("VmSize:", 0) == 0) return std::stoll(line.substr(7));
-  }
-  return -1;
-}
-
 // Regression: BeginLoad allocated every weight its spec named before any
 // byte arrived, so a spec alone could make a stage server reserve any
 // amount of memory (and a client that then sent nothing kept it).
@@ -192,10 +184,10 @@ TEST(StageServerCoreTest, AWeightIsAllocatedWhenItsBytesStartArrivingNotBefore) 
   w->set_byte_size(uint64_t{4} << 30);
   RecordingDialer dialer;
   StageServerCore core({}, &dialer);
-  const int64_t before = VmSizeKiB();
+  const int64_t before = ProcStatus(::getpid(), "VmSize");  // KiB
   auto load = core.BeginLoad(spec);
   ASSERT_TRUE(load.ok()) << load.status();
-  EXPECT_LT(VmSizeKiB() - before, 512 << 10) << "4 GiB reserved before a byte of it came";
+  EXPECT_LT(ProcStatus(::getpid(), "VmSize") - before, 512 << 10) << "4 GiB reserved before a byte of it came";
   WeightChunk c;
   c.set_fqn("w");
   c.set_offset(1024);

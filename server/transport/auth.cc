@@ -110,13 +110,14 @@ absl::Status AuthorizeCall(const TokenSet* tokens, const grpc::ServerContextBase
   return tokens->Authorize(MetadataValue(ctx, kAuthorizationKey), scope);
 }
 
-absl::Status CheckClusterToken(const std::string& expected, const grpc::ServerContextBase& ctx) {
-  if (expected.empty()) return absl::OkStatus();
-  if (ConstantTimeEquals(MetadataValue(ctx, kClusterTokenKey), expected)) {
-    return absl::OkStatus();
-  }
+absl::Status CheckClusterToken(const std::string& expected, absl::string_view given) {
+  if (expected.empty() || ConstantTimeEquals(given, expected)) return absl::OkStatus();
   return absl::UnauthenticatedError(
       "stage servers take calls only from members of their cluster (no valid cluster token)");
+}
+
+absl::Status CheckClusterToken(const std::string& expected, const grpc::ServerContextBase& ctx) {
+  return CheckClusterToken(expected, MetadataValue(ctx, kClusterTokenKey));
 }
 
 absl::StatusOr<std::string> RandomToken() {

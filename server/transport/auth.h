@@ -74,7 +74,9 @@ absl::Status AuthorizeCall(const TokenSet* tokens, const grpc::ServerContextBase
                            Scope scope);
 
 // For the stage service: OK when `expected` is empty, else the call must
-// carry it as its cluster token (kUnauthenticated otherwise).
+// carry it as its cluster token (kUnauthenticated otherwise): `given`, or
+// the call's metadata.
+absl::Status CheckClusterToken(const std::string& expected, absl::string_view given);
 absl::Status CheckClusterToken(const std::string& expected, const grpc::ServerContextBase& ctx);
 
 // 32 random bytes from the system's CSPRNG, as 64 hex digits.

@@ -64,9 +64,8 @@ CallGate::Rule CallGate::TokenScope(const TokenSet* tokens, Scope scope) {
 
 CallGate::Rule CallGate::ClusterMember(std::string token, std::vector<std::string> names) {
   return [token = std::move(token), names = std::move(names)](const CallInfo& call) {
-    if (!token.empty() && !ConstantTimeEquals(call.header(kClusterTokenKey), token)) {
-      return absl::UnauthenticatedError(
-          "stage servers take calls only from members of their cluster (no valid cluster token)");
+    if (absl::Status s = CheckClusterToken(token, call.header(kClusterTokenKey)); !s.ok()) {
+      return s;
     }
     if (!call.peer_has_certificate) return absl::OkStatus();
     for (const std::string& n : names) {
