@@ -70,6 +70,16 @@ absl::StatusOr<uint64_t> CheckedByteSize(absl::Span<const int64_t> shape,
   return *n * element_bytes;
 }
 
+absl::StatusOr<uint64_t> CheckedDataByteSize(absl::Span<const int64_t> shape,
+                                             uint64_t element_bytes) {
+  absl::StatusOr<uint64_t> bytes = CheckedByteSize(shape, element_bytes);
+  // An empty tensor's shape is backed by no bytes: bound what it spans.
+  if (bytes.ok() && *bytes == 0) {
+    if (absl::Status extent = CheckDataExtent(shape); !extent.ok()) return extent;
+  }
+  return bytes;
+}
+
 std::string ShapeToString(absl::Span<const int64_t> shape) {
   return absl::StrCat(
       "[",

@@ -57,6 +57,10 @@ uint64_t ShapeExtent(absl::Span<const int64_t> shape);
 // shape.
 inline constexpr uint64_t kMaxDataExtent = uint64_t{1} << 31;
 absl::Status CheckDataExtent(absl::Span<const int64_t> shape);
+// CheckedByteSize for a shape that arrives with its bytes: an empty one
+// also within kMaxDataExtent.
+absl::StatusOr<uint64_t> CheckedDataByteSize(absl::Span<const int64_t> shape,
+                                             uint64_t element_bytes);
 
 // "[16,512]"; a batch dimension (-1) prints as "B".
 std::string ShapeToString(absl::Span<const int64_t> shape);

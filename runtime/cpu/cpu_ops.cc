@@ -963,6 +963,11 @@ bool IsHalf(DataType t) { return t == DT_FLOAT16 || t == DT_BFLOAT16; }
 absl::StatusOr<Tensor> RunFloat32(const Node& node, const std::vector<const Tensor*>& in,
                                   const Shape& out_shape, DataType out_type,
                                   const Tensor& scratch);
+// An op with a float16 or bfloat16 value: bfloat16 kernels where there
+// are, else in float32 rounded back.
+absl::StatusOr<Tensor> RunHalf(const Node& node, const std::vector<const Tensor*>& in,
+                               const Shape& out_shape, DataType out_type, const Tensor& scratch,
+                               bool all_bf16, bool all_fp16);
 
 }  // namespace
 
@@ -1128,6 +1133,15 @@ absl::StatusOr<Tensor> RunCpuOp(const Node& node, const std::vector<const Tensor
     all_fp16 = all_fp16 && t->dtype() == DT_FLOAT16;
   }
   if (!half || IsMovement(op)) return RunFloat32(node, in, out_shape, out_type, scratch);
+  return RunHalf(node, in, out_shape, out_type, scratch, all_bf16, all_fp16);
+}
+
+namespace {
+
+absl::StatusOr<Tensor> RunHalf(const Node& node, const std::vector<const Tensor*>& in,
+                               const Shape& out_shape, DataType out_type, const Tensor& scratch,
+                               bool all_bf16, bool all_fp16) {
+  const std::string& op = node.op();
   const BinOp bin = BinOpOf(op);
   if (all_bf16 && bin != BinOp::kUnknown && !IsCompare(bin) && bin != BinOp::kFloorDiv &&
       in.size() == (HasScalarOperand(node) ? 1u : 2u)) {
@@ -1182,8 +1196,6 @@ absl::StatusOr<Tensor> RunCpuOp(const Node& node, const std::vector<const Tensor
   ASSIGN_OR_RETURN(Tensor y, RunFloat32(node, ptrs, out_shape, wide_type, Tensor()));
   return IsHalf(out_type) ? FromFloat32(y, out_type) : y;
 }
-
-namespace {
 
 absl::StatusOr<Tensor> RunFloat32(const Node& node, const std::vector<const Tensor*>& in,
                                   const Shape& out_shape, DataType out_type,

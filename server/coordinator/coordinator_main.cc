@@ -133,6 +133,71 @@ std::string DefaultStageServerBinary() {
   return (self / "stage_server").string();
 }
 
+// TLS towards clients (--tls_cert/--tls_key) and the API tokens
+// (--auth_tokens); either may be null.
+struct ClientAuth {
+  std::shared_ptr<grpc::ServerCredentials> credentials;
+  std::unique_ptr<pipeserve::TokenSet> tokens;
+};
+
+absl::StatusOr<ClientAuth> ClientAuthFromFlags() {
+  ClientAuth auth;
+  pipeserve::TlsFiles serving{absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key), ""};
+  if (!serving.cert.empty() || !serving.key.empty()) {
+    auto creds = pipeserve::MakeServerCredentials(serving, /*require_client_cert=*/false);
+    if (!creds.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--tls_cert/--tls_key: ", creds.status().message()));
+    }
+    auth.credentials = *creds;
+  }
+  if (std::string f = absl::GetFlag(FLAGS_auth_tokens); !f.empty()) {
+    auto set = pipeserve::TokenSet::Load(f);
+    if (!set.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("--auth_tokens: ", set.status().message()));
+    }
+    auth.tokens = std::make_unique<pipeserve::TokenSet>(*std::move(set));
+  }
+  return auth;
+}
+
+// A fresh random cluster token in `dir`/cluster-token (mode 0600): its path.
+absl::StatusOr<std::string> WriteClusterToken(const std::string& dir) {
+  absl::StatusOr<std::string> token = pipeserve::RandomToken();
+  if (!token.ok()) return token.status();
+  const std::string path = dir + "/cluster-token";
+  std::ofstream(path) << *token << "\n";
+  ::chmod(path.c_str(), 0600);
+  return path;
+}
+
+// The launcher --launcher names (null for neither local nor static); a
+// local one hands its servers `token_file` and the cluster certificates.
+std::unique_ptr<pipeserve::Launcher> LauncherFromFlags(const std::string& work_dir,
+                                                       const std::string& token_file,
+                                                       const pipeserve::ClusterOptions& cluster) {
+  if (absl::GetFlag(FLAGS_launcher) == "static") {
+    std::vector<std::string> servers =
+        absl::StrSplit(absl::GetFlag(FLAGS_stage_servers), ',', absl::SkipEmpty());
+    return pipeserve::MakeStaticLauncher(servers);
+  }
+  if (absl::GetFlag(FLAGS_launcher) != "local") return nullptr;
+  pipeserve::LocalLauncherOptions lo;
+  lo.binary = absl::GetFlag(FLAGS_stage_server_binary);
+  if (lo.binary.empty()) lo.binary = DefaultStageServerBinary();
+  lo.work_dir = work_dir;
+  lo.cores = absl::GetFlag(FLAGS_cores);
+  lo.gpus = absl::GetFlag(FLAGS_gpus);
+  lo.max_servers = absl::GetFlag(FLAGS_max_local_servers);
+  if (!token_file.empty()) lo.extra_args.push_back("--cluster_token_file=" + token_file);
+  if (cluster.tls.enabled()) {
+    lo.extra_args.push_back("--cluster_ca=" + cluster.tls.ca);
+    lo.extra_args.push_back("--cluster_cert=" + cluster.tls.cert);
+    lo.extra_args.push_back("--cluster_key=" + cluster.tls.key);
+  }
+  return pipeserve::MakeLocalLauncher(lo);
+}
+
 // The coordinator's options from its flags; kInvalidArgument naming a flag
 // out of range. `local`: the stage servers are this process's children.
 absl::StatusOr<pipeserve::CoordinatorOptions> CoordinatorOptionsFromFlags(bool local) {
@@ -204,19 +269,10 @@ int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
 
   // Who may call: TLS towards clients, tokens per call.
-  std::shared_ptr<grpc::ServerCredentials> credentials;
-  pipeserve::TlsFiles serving{absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key), ""};
-  if (!serving.cert.empty() || !serving.key.empty()) {
-    auto creds = pipeserve::MakeServerCredentials(serving, /*require_client_cert=*/false);
-    if (!creds.ok()) return Fail(absl::StrCat("--tls_cert/--tls_key: ", creds.status().message()));
-    credentials = *creds;
-  }
-  std::unique_ptr<pipeserve::TokenSet> tokens;
-  if (std::string f = absl::GetFlag(FLAGS_auth_tokens); !f.empty()) {
-    auto set = pipeserve::TokenSet::Load(f);
-    if (!set.ok()) return Fail(absl::StrCat("--auth_tokens: ", set.status().message()));
-    tokens = std::make_unique<pipeserve::TokenSet>(*std::move(set));
-  }
+  absl::StatusOr<ClientAuth> client_auth = ClientAuthFromFlags();
+  if (!client_auth.ok()) return Fail(std::string(client_auth.status().message()));
+  std::shared_ptr<grpc::ServerCredentials> credentials = client_auth->credentials;
+  std::unique_ptr<pipeserve::TokenSet> tokens = std::move(client_auth->tokens);
 
   // How the coordinator reaches its stage servers.
   pipeserve::ClusterOptions cluster;
@@ -235,11 +291,9 @@ int main(int argc, char** argv) {
   } remove_work_dir{work_dir};
   if (token_file.empty() && local) {
     // The stage servers this coordinator starts take calls only from it.
-    absl::StatusOr<std::string> token = pipeserve::RandomToken();
-    if (!token.ok()) return Fail(std::string(token.status().message()));
-    token_file = work_dir + "/cluster-token";
-    std::ofstream(token_file) << *token << "\n";
-    ::chmod(token_file.c_str(), 0600);
+    absl::StatusOr<std::string> made = WriteClusterToken(work_dir);
+    if (!made.ok()) return Fail(std::string(made.status().message()));
+    token_file = *made;
   }
   if (!token_file.empty()) {
     auto token = pipeserve::ReadSecretFile(token_file);
@@ -251,27 +305,8 @@ int main(int argc, char** argv) {
 
   auto store = pipeserve::OpenFileModelStore(absl::GetFlag(FLAGS_repository));
   if (!store.ok()) return Fail(std::string(store.status().message()));
-  std::unique_ptr<pipeserve::Launcher> launcher;
-  if (absl::GetFlag(FLAGS_launcher) == "static") {
-    std::vector<std::string> servers =
-        absl::StrSplit(absl::GetFlag(FLAGS_stage_servers), ',', absl::SkipEmpty());
-    launcher = pipeserve::MakeStaticLauncher(servers);
-  } else if (local) {
-    pipeserve::LocalLauncherOptions lo;
-    lo.binary = absl::GetFlag(FLAGS_stage_server_binary);
-    if (lo.binary.empty()) lo.binary = DefaultStageServerBinary();
-    lo.work_dir = work_dir;
-    lo.cores = absl::GetFlag(FLAGS_cores);
-    lo.gpus = absl::GetFlag(FLAGS_gpus);
-    lo.max_servers = absl::GetFlag(FLAGS_max_local_servers);
-    if (!token_file.empty()) lo.extra_args.push_back("--cluster_token_file=" + token_file);
-    if (cluster.tls.enabled()) {
-      lo.extra_args.push_back("--cluster_ca=" + cluster.tls.ca);
-      lo.extra_args.push_back("--cluster_cert=" + cluster.tls.cert);
-      lo.extra_args.push_back("--cluster_key=" + cluster.tls.key);
-    }
-    launcher = pipeserve::MakeLocalLauncher(lo);
-  } else {
+  std::unique_ptr<pipeserve::Launcher> launcher = LauncherFromFlags(work_dir, token_file, cluster);
+  if (launcher == nullptr) {
     std::cerr << "coordinator: --launcher must be local or static\n";
     return 2;
   }

@@ -402,6 +402,15 @@ absl::StatusOr<UploadResponse> Coordinator::FinishUpload(const std::string& name
     return committed;
   }
   d->set_version(upload->version());
+  Publish(name, d);
+  UploadResponse resp;
+  resp.set_name(name);
+  resp.set_bytes(total_bytes);
+  resp.set_num_stages(d->plan().stages_size());
+  return resp;
+}
+
+void Coordinator::Publish(const std::string& name, const std::shared_ptr<Deployment>& d) {
   std::shared_ptr<Deployment> old;
   {
     absl::MutexLock lock(&mu_);
@@ -415,20 +424,14 @@ absl::StatusOr<UploadResponse> Coordinator::FinishUpload(const std::string& name
   }
   // New requests go to `d` from here on; the old version finishes the
   // requests it has in flight, then its stages go.
-  if (old) {
-    old->Retire(absl::StrCat("model \"", name, "\" was replaced by a new upload"));
-    if (old->Drained()) {
-      old->Close(absl::StrCat("model \"", name, "\" was replaced by a new upload"));
-    } else {
-      absl::MutexLock lock(&mu_);
-      retired_.emplace_back(old, absl::Now() + options_.drain_timeout);
-    }
+  if (old == nullptr) return;
+  old->Retire(absl::StrCat("model \"", name, "\" was replaced by a new upload"));
+  if (old->Drained()) {
+    old->Close(absl::StrCat("model \"", name, "\" was replaced by a new upload"));
+  } else {
+    absl::MutexLock lock(&mu_);
+    retired_.emplace_back(old, absl::Now() + options_.drain_timeout);
   }
-  UploadResponse resp;
-  resp.set_name(name);
-  resp.set_bytes(total_bytes);
-  resp.set_num_stages(d->plan().stages_size());
-  return resp;
 }
 
 absl::Status Coordinator::Unload(const std::string& name) {

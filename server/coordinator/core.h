@@ -266,6 +266,9 @@ class Coordinator {
   // `measured`), else by estimate (see UploadOptions.balance).
   absl::StatusOr<Plan> PlanFor(const std::string& name, const ModelFileReader& file,
                                const UploadOptions& options, NodeProfile* measured = nullptr);
+  // Serves `name` from `d` (a new upload's deployment, its lock held): the
+  // version it replaces finishes its requests in flight, then closes.
+  void Publish(const std::string& name, const std::shared_ptr<Deployment>& d);
   // Deploys stored model `m` at start (LoadStoredModels), unless a newer
   // version serves by then; one that fails is listed UNAVAILABLE and
   // repaired.

@@ -609,41 +609,88 @@ absl::StatusOr<std::vector<Tensor>> Deployment::Infer(const std::vector<Tensor>&
   return batcher_->Infer(inputs, deadline, cancelled);
 }
 
+// One request on its way through the pipeline: InferDirect's state while
+// it sends the microbatches.
+struct Deployment::Request {
+  uint64_t id = 0;
+  std::shared_ptr<Pending> pending;
+  std::vector<std::vector<Tensor>> microbatches;  // each one's inputs, in plan order
+  absl::Time deadline;
+  const std::function<bool()>* cancelled = nullptr;
+  bool traced = false;
+  int sent = 0;    // first sends done (for the messages)
+  int avoid = -1;  // a lane whose stage 0 could not be reached
+
+  bool Cancelled() const { return *cancelled && (*cancelled)(); }
+};
+
+// The microbatch a request sends next, and where.
+struct Deployment::Send {
+  int m = -1;  // -1: none (the request ended meanwhile)
+  int lane = -1;
+  int attempt = 0;
+  std::shared_ptr<FrameSink> input;
+};
+
+absl::Status Deployment::CheckServing() const {
+  if (!retired_.empty()) return absl::UnavailableError(retired_);
+  if (closing_ || info_.state != ModelState::kReady) {
+    return absl::UnavailableError(absl::StrCat("model \"", name_, "\" is ",
+                                               ModelStateName(info_.state), ": ", info_.reason));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::vector<Tensor>> Deployment::InferDirect(const std::vector<Tensor>& inputs,
                                                             absl::Time deadline,
                                                             const std::function<bool()>& cancelled,
                                                             std::vector<TraceSpan>* trace,
                                                             int chunks, bool lost_before) {
-  const std::string& model = name_;
   const absl::Time began = FrameClockNow();
   {
     absl::MutexLock lock(&mu_);
-    if (!retired_.empty()) return absl::UnavailableError(retired_);
-    if (info_.state != ModelState::kReady) {
-      return absl::UnavailableError(absl::StrCat("model \"", model, "\" is ",
-                                                 ModelStateName(info_.state), ": ", info_.reason));
-    }
+    RETURN_IF_ERROR(CheckServing());
   }
   ASSIGN_OR_RETURN(int64_t batch, CheckTensorsMatch(plan_->inputs(), inputs));
-  if (deadline == absl::InfiniteFuture()) deadline = absl::Now() + config_.default_timeout;
-
-  std::vector<std::vector<Tensor>> microbatches;
+  Request r;
+  r.deadline = deadline == absl::InfiniteFuture() ? absl::Now() + config_.default_timeout : deadline;
+  r.cancelled = &cancelled;
+  r.traced = trace != nullptr;
   if (batch == 0) {
     // Nothing to compute for outputs that follow the batch.
     if (std::all_of(output_batched_.begin(), output_batched_.end(), [](bool b) { return b; })) {
-      std::vector<Tensor> empty;
-      for (const ValueSpec& out : plan_->outputs()) {
-        Shape s(out.shape().begin(), out.shape().end());
-        for (int64_t& d : s) d = std::max<int64_t>(d, 0);
-        empty.push_back(Tensor::Zeros(s));
-      }
-      return empty;
+      return EmptyOutputs();
     }
-    microbatches.push_back(inputs);  // one empty microbatch makes the rest
+    r.microbatches.push_back(inputs);  // one empty microbatch makes the rest
   } else {
-    ASSIGN_OR_RETURN(microbatches, SplitMicrobatches(inputs, input_batched_,
-                                                     chunks > 0 ? chunks : microbatches_));
+    ASSIGN_OR_RETURN(r.microbatches, SplitMicrobatches(inputs, input_batched_,
+                                                       chunks > 0 ? chunks : microbatches_));
   }
+  r.pending = std::make_shared<Pending>(MicrobatchRows(r.microbatches));
+  if (lost_before) r.pending->lost.assign(r.microbatches.size(), 1);
+  if (r.traced) r.pending->spans.resize(r.microbatches.size());
+  r.id = next_request_id_++;
+  {
+    absl::MutexLock lock(&mu_);
+    RETURN_IF_ERROR(CheckServing());
+    pending_[r.id] = r.pending;
+  }
+  const absl::Status ended = SendAll(r);
+  return Conclude(r, ended, began, trace);
+}
+
+std::vector<Tensor> Deployment::EmptyOutputs() const {
+  std::vector<Tensor> empty;
+  for (const ValueSpec& out : plan_->outputs()) {
+    Shape s(out.shape().begin(), out.shape().end());
+    for (int64_t& d : s) d = std::max<int64_t>(d, 0);
+    empty.push_back(Tensor::Zeros(s));
+  }
+  return empty;
+}
+
+std::vector<int64_t> Deployment::MicrobatchRows(
+    const std::vector<std::vector<Tensor>>& microbatches) const {
   std::vector<int64_t> rows;
   for (const std::vector<Tensor>& mb : microbatches) {
     int64_t r = -1;
@@ -652,150 +699,140 @@ absl::StatusOr<std::vector<Tensor>> Deployment::InferDirect(const std::vector<Te
     }
     rows.push_back(r);
   }
-  const int total = static_cast<int>(microbatches.size());
+  return rows;
+}
 
-  const uint64_t id = next_request_id_++;
-  auto pending = std::make_shared<Pending>(rows);
-  if (lost_before) pending->lost.assign(rows.size(), 1);
-  if (trace != nullptr) pending->spans.resize(rows.size());
-  {
-    absl::MutexLock lock(&mu_);
-    if (!retired_.empty()) return absl::UnavailableError(retired_);
-    if (closing_ || info_.state != ModelState::kReady) {
-      return absl::UnavailableError(absl::StrCat("model \"", model, "\" is ",
-                                                 ModelStateName(info_.state), ": ", info_.reason));
-    }
-    pending_[id] = pending;
-  }
-  const int64_t deadline_us = absl::ToUnixMicros(deadline);
-
+absl::Status Deployment::SendAll(Request& r) {
   // Send every microbatch to a ready lane, then wait; a lane that breaks
   // meanwhile hands its unfinished microbatches back to be sent again.
-  absl::Status ended;
-  int sent = 0;     // first sends done (for the messages)
-  int avoid = -1;   // a lane whose stage 0 could not be reached
   while (true) {
-    int m = -1, lane = -1, attempt = 0;
-    std::shared_ptr<FrameSink> input;
-    {
-      absl::MutexLock lock(&mu_);
-      while (!pending->done.HasBeenNotified() && pending->to_send.empty()) {
-        const absl::Time now = absl::Now();
-        if (now >= deadline || (cancelled && cancelled())) break;
-        pending->wake.WaitWithDeadline(
-            &mu_, std::min(deadline, now + absl::Milliseconds(cancelled ? 20 : 1000)));
-      }
-      if (pending->done.HasBeenNotified()) break;  // its status says how it ended
-      if (pending->to_send.empty()) {
-        if (cancelled && cancelled()) {
-          ended = absl::CancelledError("the client cancelled the request");
-        } else {
-          ended = absl::DeadlineExceededError(absl::StrCat(
-              "request to \"", model, "\" missed its deadline with ", pending->remaining,
-              " of ", total, " microbatches unfinished"));
-        }
-        break;
-      }
-      lane = PickLane(avoid);
-      if (lane < 0) {
-        // No lane left: Break failed the request already, or is about to.
-        ended = absl::UnavailableError(absl::StrCat("model \"", model, "\" has no ready replica: ",
-                                                    info_.reason));
-        break;
-      }
-      m = pending->to_send.front();
-      pending->to_send.pop_front();
-      pending->lane[m] = lane;
-      attempt = ++pending->attempt[m];
-      if (attempt > 1) ++replayed_microbatches_;
-      input = lanes_[lane].input;
-    }
-    Frame f;
-    f.header.set_request_id(id);
-    f.header.set_microbatch(m);
-    f.header.set_deadline_us(deadline_us);
-    f.header.set_attempt(attempt);
-    for (size_t k = 0; k < first_inputs_.size(); ++k) {
-      f.Add(first_names_[k], microbatches[m][first_inputs_[k]]);
-    }
-    const absl::Time send_began = FrameClockNow();
-    if (trace != nullptr) {
-      f.header.set_trace(true);
-      f.header.set_sent_us(absl::ToUnixMicros(send_began));
-    }
-    // Sent in slices of the deadline, so a request that ends while stage 0
-    // is full (a stage's error, a broken pipeline, the client gone) stops
-    // waiting for room at once.
-    absl::Status s;
-    while (true) {
-      s = input->Send(f, std::min(deadline, absl::Now() + absl::Milliseconds(50)));
-      if (s.code() != absl::StatusCode::kDeadlineExceeded || absl::Now() >= deadline) break;
-      if (pending->done.HasBeenNotified() || (cancelled && cancelled())) break;
-    }
-    if (s.ok() && trace != nullptr) {
-      // Time blocked on stage 0's backpressure, and encoding (recorded
-      // even when the answer is back already: in-process stages can be
-      // that fast).
-      TraceSpan span = CoordinatorSpan("send", lane, m, absl::ToUnixMicros(send_began));
-      absl::MutexLock lock(&mu_);
-      pending->spans[m].push_back(std::move(span));
-    }
-    if (pending->done.HasBeenNotified()) break;
-    if (cancelled && cancelled()) {
-      ended = absl::CancelledError("the client cancelled the request");
-      break;
-    }
+    Send next;
+    RETURN_IF_ERROR(NextSend(r, &next));
+    if (next.m < 0) return absl::OkStatus();  // done: its status says how it ended
+    absl::Status s = SendMicrobatch(r, next);
+    if (r.pending->done.HasBeenNotified()) return absl::OkStatus();
+    if (r.Cancelled()) return absl::CancelledError("the client cancelled the request");
     if (s.ok()) {
-      if (attempt == 1) ++sent;
-      avoid = -1;
+      if (next.attempt == 1) ++r.sent;
+      r.avoid = -1;
       continue;
     }
     if (s.code() == absl::StatusCode::kDeadlineExceeded) {
-      ended = absl::DeadlineExceededError(absl::StrCat(
-          "request to \"", model, "\" missed its deadline while stage 0 was full (", sent, " of ",
-          total, " microbatches sent)"));
-      break;
+      return absl::DeadlineExceededError(absl::StrCat(
+          "request to \"", name_, "\" missed its deadline while stage 0 was full (", r.sent,
+          " of ", r.microbatches.size(), " microbatches sent)"));
     }
-    // This lane's stage 0 cannot be reached: another lane takes the
-    // microbatch (the health check decides about the lane), or, with none
-    // other, the request fails over as the coordinator decides.
-    {
-      absl::MutexLock lock(&mu_);
-      if (!pending->done.HasBeenNotified() && pending->lane[m] == lane &&
-          pending->attempt[m] == attempt) {
-        bool other = false;
-        for (int r = 0; r < replicas_; ++r) other = other || (r != lane && lanes_[r].ready);
-        if (other) {
-          pending->lane[m] = -1;
-          pending->to_send.push_front(m);
-          avoid = lane;
-          continue;
-        }
-      } else if (pending->lane[m] == -1) {
-        continue;  // its lane broke meanwhile and handed it back
-      }
-    }
-    ended = absl::UnavailableError(
-        absl::StrCat("cannot reach stage 0 of \"", model, "\": ", s.message()));
-    break;
+    if (Reroute(r, next)) continue;
+    return absl::UnavailableError(
+        absl::StrCat("cannot reach stage 0 of \"", name_, "\": ", s.message()));
   }
+}
+
+absl::Status Deployment::NextSend(Request& r, Send* next) {
+  Pending& p = *r.pending;
+  absl::MutexLock lock(&mu_);
+  while (!p.done.HasBeenNotified() && p.to_send.empty()) {
+    const absl::Time now = absl::Now();
+    if (now >= r.deadline || r.Cancelled()) break;
+    p.wake.WaitWithDeadline(&mu_, std::min(r.deadline, now + absl::Milliseconds(*r.cancelled ? 20 : 1000)));
+  }
+  if (p.done.HasBeenNotified()) return absl::OkStatus();  // next->m stays -1
+  if (p.to_send.empty()) {
+    if (r.Cancelled()) return absl::CancelledError("the client cancelled the request");
+    return absl::DeadlineExceededError(absl::StrCat(
+        "request to \"", name_, "\" missed its deadline with ", p.remaining, " of ",
+        r.microbatches.size(), " microbatches unfinished"));
+  }
+  next->lane = PickLane(r.avoid);
+  if (next->lane < 0) {
+    // No lane left: Break failed the request already, or is about to.
+    return absl::UnavailableError(
+        absl::StrCat("model \"", name_, "\" has no ready replica: ", info_.reason));
+  }
+  next->m = p.to_send.front();
+  p.to_send.pop_front();
+  p.lane[next->m] = next->lane;
+  next->attempt = ++p.attempt[next->m];
+  if (next->attempt > 1) ++replayed_microbatches_;
+  next->input = lanes_[next->lane].input;
+  return absl::OkStatus();
+}
+
+absl::Status Deployment::SendMicrobatch(Request& r, const Send& next) {
+  Frame f;
+  f.header.set_request_id(r.id);
+  f.header.set_microbatch(next.m);
+  f.header.set_deadline_us(absl::ToUnixMicros(r.deadline));
+  f.header.set_attempt(next.attempt);
+  for (size_t k = 0; k < first_inputs_.size(); ++k) {
+    f.Add(first_names_[k], r.microbatches[next.m][first_inputs_[k]]);
+  }
+  const absl::Time send_began = FrameClockNow();
+  if (r.traced) {
+    f.header.set_trace(true);
+    f.header.set_sent_us(absl::ToUnixMicros(send_began));
+  }
+  // Sent in slices of the deadline, so a request that ends while stage 0
+  // is full (a stage's error, a broken pipeline, the client gone) stops
+  // waiting for room at once.
+  absl::Status s;
+  while (true) {
+    s = next.input->Send(f, std::min(r.deadline, absl::Now() + absl::Milliseconds(50)));
+    if (s.code() != absl::StatusCode::kDeadlineExceeded || absl::Now() >= r.deadline) break;
+    if (r.pending->done.HasBeenNotified() || r.Cancelled()) break;
+  }
+  if (s.ok() && r.traced) {
+    // Time blocked on stage 0's backpressure, and encoding (recorded even
+    // when the answer is back already: in-process stages can be that fast).
+    TraceSpan span = CoordinatorSpan("send", next.lane, next.m, absl::ToUnixMicros(send_began));
+    absl::MutexLock lock(&mu_);
+    r.pending->spans[next.m].push_back(std::move(span));
+  }
+  return s;
+}
+
+bool Deployment::Reroute(Request& r, const Send& next) {
+  // This lane's stage 0 cannot be reached: another lane takes the
+  // microbatch (the health check decides about the lane), or, with none
+  // other, the request fails over as the coordinator decides.
+  Pending& p = *r.pending;
+  absl::MutexLock lock(&mu_);
+  if (p.done.HasBeenNotified() || p.lane[next.m] != next.lane ||
+      p.attempt[next.m] != next.attempt) {
+    return p.lane[next.m] == -1;  // its lane broke meanwhile and handed it back
+  }
+  bool other = false;
+  for (int lane = 0; lane < replicas_; ++lane) {
+    other = other || (lane != next.lane && lanes_[lane].ready);
+  }
+  if (!other) return false;
+  p.lane[next.m] = -1;
+  p.to_send.push_front(next.m);
+  r.avoid = next.lane;
+  return true;
+}
+
+absl::StatusOr<std::vector<Tensor>> Deployment::Conclude(Request& r, const absl::Status& ended,
+                                                         absl::Time began,
+                                                         std::vector<TraceSpan>* trace) {
   if (!ended.ok()) {
     {
       absl::MutexLock lock(&mu_);
-      pending_.erase(id);
+      pending_.erase(r.id);
     }
-    if (sent > 0) SendCancel(id);
+    if (r.sent > 0) SendCancel(r.id);
     return ended;
   }
-  if (!pending->error.ok()) {
-    SendCancel(id);  // the stages drop what is left of it
-    return pending->error;
+  if (!r.pending->error.ok()) {
+    SendCancel(r.id);  // the stages drop what is left of it
+    return r.pending->error;
   }
-  absl::StatusOr<std::vector<Tensor>> merged = MergeMicrobatches(output_batched_, pending->outputs);
+  absl::StatusOr<std::vector<Tensor>> merged =
+      MergeMicrobatches(output_batched_, r.pending->outputs);
   if (trace != nullptr) {
     trace->push_back(CoordinatorSpan("request", 0, -1, absl::ToUnixMicros(began)));
     // Finished: no frame of this request touches its spans any more.
-    for (std::vector<TraceSpan>& spans : pending->spans) {
+    for (std::vector<TraceSpan>& spans : r.pending->spans) {
       trace->insert(trace->end(), spans.begin(), spans.end());
     }
   }

@@ -269,6 +269,32 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
                                                   const std::function<bool()>& cancelled,
                                                   std::vector<TraceSpan>* trace,
                                                   int chunks = 0, bool lost_before = false);
+  // InferDirect's phases: a request's state while it is sent, and the
+  // microbatch it sends next.
+  struct Request;
+  struct Send;
+  // kUnavailable when the deployment takes no new request (retired,
+  // closing, not READY), naming why.
+  absl::Status CheckServing() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The outputs of a batch of 0 rows (every output follows the batch).
+  std::vector<Tensor> EmptyOutputs() const;
+  // Each microbatch's batch rows (-1: none).
+  std::vector<int64_t> MicrobatchRows(const std::vector<std::vector<Tensor>>& microbatches) const;
+  // Sends every microbatch of `r` (again, when a lane breaks) until the
+  // request is done (OK: its Pending says how) or ends otherwise (the
+  // deadline, the client cancelled, stage 0 unreachable: that error).
+  absl::Status SendAll(Request& r);
+  // Waits for a microbatch of `r` to send and picks its lane; next->m -1
+  // when the request is done meanwhile.
+  absl::Status NextSend(Request& r, Send* next);
+  // Sends it into its lane's stage 0, waiting for room within r.deadline.
+  absl::Status SendMicrobatch(Request& r, const Send& next);
+  // After stage 0 of next's lane could not be reached: whether the
+  // microbatch goes to another lane (queued again) rather than failing r.
+  bool Reroute(Request& r, const Send& next);
+  // r's answer once SendAll ended with `ended`.
+  absl::StatusOr<std::vector<Tensor>> Conclude(Request& r, const absl::Status& ended,
+                                               absl::Time began, std::vector<TraceSpan>* trace);
   static absl::StatusOr<std::shared_ptr<Deployment>> Make(
       const DeploymentConfig& config, const std::string& name, const Plan& plan,
       const UploadOptions& options, std::vector<std::string> servers, uint64_t bytes,

@@ -54,6 +54,7 @@ void AddTensorMetadata(const ValueSpec& v,
 // stream queued, so it outlives the last request's unlock.
 struct KServeService::Stream {
   grpc::ServerContext* ctx;
+  StreamIo* io;  // reads on the handler's thread, writes under write_mu
   std::string client;  // the peer: one client connection
   absl::Mutex mu;
   int inflight ABSL_GUARDED_BY(mu) = 0;
@@ -247,9 +248,9 @@ grpc::Status KServeService::ModelStreamInfer(
   ActiveCall active(this);
   absl::Status auth = AuthorizeCall(tokens_, *ctx, Scope::kInfer);
   if (!auth.ok()) return ToGrpcStatus(auth);
-  absl::StatusOr<std::shared_ptr<Stream>> st = OpenStream(ctx);
+  absl::StatusOr<std::shared_ptr<Stream>> st = OpenStream(ctx, stream);
   if (!st.ok()) return ToGrpcStatus(st.status());
-  ReadRequests(*st, ctx, stream);
+  ReadRequests(*st, ctx);
   bool reaped;
   {
     absl::MutexLock lock(&(*st)->mu);
@@ -268,29 +269,12 @@ grpc::Status KServeService::ModelStreamInfer(
   return grpc::Status::OK;
 }
 
-void KServeService::ReadRequests(
-    const std::shared_ptr<Stream>& st, grpc::ServerContext* ctx,
-    grpc::ServerReaderWriter<inference::ModelStreamInferResponse, inference::ModelInferRequest>*
-        stream) {
+void KServeService::ReadRequests(const std::shared_ptr<Stream>& st, grpc::ServerContext* ctx) {
   // Requests run on the shared pool, at most stream_inflight of this
   // stream's at once (the stream is not read further until one finishes);
   // responses are written as they finish, one at a time.
   const int limit = options_.stream_inflight;
   const absl::Time stream_deadline = Deadline(*ctx);
-  auto respond = [this, st, stream](const inference::ModelInferRequest& req,
-                                    const absl::Status& result,
-                                    inference::ModelStreamInferResponse* out) {
-    const absl::Status s = Public(result);
-    if (!s.ok()) {
-      out->clear_infer_response();
-      out->set_error_message(absl::StrCat(absl::StatusCodeToString(s.code()), ": ",
-                                          s.message().substr(0, kMaxStatusMessageBytes)));
-      out->mutable_infer_response()->set_id(req.id().substr(0, 256));
-      out->mutable_infer_response()->set_model_name(req.model_name().substr(0, 128));
-    }
-    absl::MutexLock lock(&st->write_mu);
-    stream->Write(*out);
-  };
   inference::ModelInferRequest req;
   while (true) {
     {
@@ -298,7 +282,7 @@ void KServeService::ReadRequests(
       auto below = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(st->mu) { return st->inflight < limit; };
       st->mu.Await(absl::Condition(&below));
     }
-    if (!stream->Read(&req)) break;
+    if (!st->io->Read(&req)) break;
     {
       // In flight from now (so never reaped as idle), until answered.
       absl::MutexLock lock(&st->mu);
@@ -306,37 +290,59 @@ void KServeService::ReadRequests(
       st->last_active = absl::Now();
     }
     // The stream's deadline, or the default from the request's arrival:
-    // it counts while the request waits for a thread. The request counts
-    // against its model's queue before it waits, too.
-    const absl::Time deadline = stream_deadline != absl::InfiniteFuture()
-                                    ? stream_deadline
-                                    : absl::Now() + coordinator_->default_timeout();
-    absl::StatusOr<Coordinator::Admission> admitted = coordinator_->Admit(req.model_name());
-    if (!admitted.ok()) {
-      Meter(req.model_name(), admitted.status(), absl::ZeroDuration());
-      inference::ModelStreamInferResponse out;
-      respond(req, admitted.status(), &out);
-      absl::MutexLock lock(&st->mu);
-      --st->inflight;
-      continue;
-    }
-    auto admission = std::make_shared<Coordinator::Admission>(*std::move(admitted));
-    stream_pool_.Submit(req.model_name(), [this, st, ctx, req, deadline, admission, respond] {
-      inference::ModelStreamInferResponse out;
-      absl::Status s = Infer(req, deadline, [ctx] { return ctx->IsCancelled(); },
-                             out.mutable_infer_response(), admission.get());
-      respond(req, s, &out);
-      absl::MutexLock lock(&st->mu);
-      --st->inflight;
-      st->last_active = absl::Now();
-    });
+    // it counts while the request waits for a thread.
+    Queue(st, req,
+          stream_deadline != absl::InfiniteFuture()
+              ? stream_deadline
+              : absl::Now() + coordinator_->default_timeout());
   }
 }
 
+void KServeService::Queue(const std::shared_ptr<Stream>& st, const inference::ModelInferRequest& req,
+                          absl::Time deadline) {
+  // Counted against its model's queue before it waits for a thread.
+  absl::StatusOr<Coordinator::Admission> admitted = coordinator_->Admit(req.model_name());
+  if (!admitted.ok()) {
+    Meter(req.model_name(), admitted.status(), absl::ZeroDuration());
+    inference::ModelStreamInferResponse out;
+    Respond(st, req, admitted.status(), &out);
+    return;
+  }
+  auto admission = std::make_shared<Coordinator::Admission>(*std::move(admitted));
+  stream_pool_.Submit(req.model_name(), [this, st, req, deadline, admission] {
+    inference::ModelStreamInferResponse out;
+    grpc::ServerContext* ctx = st->ctx;
+    absl::Status s = Infer(req, deadline, [ctx] { return ctx->IsCancelled(); },
+                           out.mutable_infer_response(), admission.get());
+    Respond(st, req, s, &out);
+  });
+}
+
+void KServeService::Respond(const std::shared_ptr<Stream>& st,
+                            const inference::ModelInferRequest& req, const absl::Status& result,
+                            inference::ModelStreamInferResponse* out) {
+  const absl::Status s = Public(result);
+  if (!s.ok()) {
+    out->clear_infer_response();
+    out->set_error_message(absl::StrCat(absl::StatusCodeToString(s.code()), ": ",
+                                        s.message().substr(0, kMaxStatusMessageBytes)));
+    out->mutable_infer_response()->set_id(req.id().substr(0, 256));
+    out->mutable_infer_response()->set_model_name(req.model_name().substr(0, 128));
+  }
+  {
+    absl::MutexLock lock(&st->write_mu);
+    st->io->Write(*out);
+  }
+  absl::MutexLock lock(&st->mu);
+  --st->inflight;
+  st->last_active = absl::Now();
+}
+
 absl::StatusOr<std::shared_ptr<KServeService::Stream>> KServeService::OpenStream(
-    grpc::ServerContext* ctx) {
+    grpc::ServerContext* ctx, StreamIo* io) {
   auto st = std::make_shared<Stream>();
   st->ctx = ctx;
+  st->io = io;
   st->client = ctx->peer();
   {
     absl::MutexLock lock(&st->mu);

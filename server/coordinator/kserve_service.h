@@ -107,13 +107,21 @@ class KServeService final : public inference::GRPCInferenceService::Service {
   // The client's deadline, no later than max_timeout from now (infinite
   // when the client set none).
   absl::Time Deadline(const grpc::ServerContext& ctx) const;
+  using StreamIo =
+      grpc::ServerReaderWriter<inference::ModelStreamInferResponse, inference::ModelInferRequest>;
   // Registers a new stream, or kResourceExhausted naming the limit.
-  absl::StatusOr<std::shared_ptr<Stream>> OpenStream(grpc::ServerContext* ctx);
+  absl::StatusOr<std::shared_ptr<Stream>> OpenStream(grpc::ServerContext* ctx, StreamIo* io);
   void CloseStream(const std::shared_ptr<Stream>& stream);
-  // Reads requests from one stream and queues each on the pool.
-  void ReadRequests(const std::shared_ptr<Stream>& st, grpc::ServerContext* ctx,
-                    grpc::ServerReaderWriter<inference::ModelStreamInferResponse,
-                                             inference::ModelInferRequest>* stream);
+  // Reads requests from one stream and queues each (Queue).
+  void ReadRequests(const std::shared_ptr<Stream>& st, grpc::ServerContext* ctx);
+  // Admits `req` (read from `st`, counted in flight) and runs it on the
+  // pool, or answers its refusal at once.
+  void Queue(const std::shared_ptr<Stream>& st, const inference::ModelInferRequest& req,
+             absl::Time deadline);
+  // Writes `req`'s answer (`out`, or `result`'s error) on `st`; it is no
+  // longer in flight.
+  void Respond(const std::shared_ptr<Stream>& st, const inference::ModelInferRequest& req,
+               const absl::Status& result, inference::ModelStreamInferResponse* out);
   // Ends streams idle past stream_idle_timeout, every 250 ms.
   void ReapIdleStreams();
 

@@ -82,6 +82,57 @@ pipeserve::StageServerOptions StageServerOptionsFromFlags() {
   return options;
 }
 
+// The compute backend --device and --precision ask for, in `options` when
+// it is not the CPU (whose backend is made per stage: each spec may set its
+// threads); kInvalidArgument naming the flag.
+absl::Status SetBackendFromFlags(pipeserve::StageServerOptions* options) {
+  absl::StatusOr<pipeserve::Precision> precision =
+      pipeserve::ParsePrecision(absl::GetFlag(FLAGS_precision));
+  if (!precision.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--precision: ", precision.status().ToString()));
+  }
+  pipeserve::BackendOptions backend_options;
+  backend_options.threads = options->default_threads;
+  backend_options.precision = *precision;
+  absl::StatusOr<std::unique_ptr<pipeserve::ComputeBackend>> backend =
+      pipeserve::MakeBackend(absl::GetFlag(FLAGS_device), backend_options);
+  if (!backend.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--device=", absl::GetFlag(FLAGS_device), ": ",
+                                                   backend.status().ToString()));
+  }
+  if ((*backend)->Name() != "cpu") options->backend = *std::move(backend);
+  return absl::OkStatus();
+}
+
+// Started by a coordinator's local launcher: stop (SIGTERM) when it goes.
+void StopWithParent(int parent) {
+  std::thread([parent] {
+    while (::getppid() == parent) std::this_thread::sleep_for(std::chrono::milliseconds(250));
+    ::kill(::getpid(), SIGTERM);
+  }).detach();
+}
+
+// How the server listens and shuts down (all but `drain`).
+pipeserve::ServeOptions ServeOptionsFromFlags(std::shared_ptr<grpc::ServerCredentials> credentials,
+                                              const pipeserve::CallGate* gate) {
+  pipeserve::ServeOptions serve;
+  serve.name = "stage_server";
+  serve.gate = gate;
+  serve.max_receive_bytes = std::clamp(absl::GetFlag(FLAGS_max_message_mb), 1, 2047) * (1 << 20);
+  serve.host = absl::GetFlag(FLAGS_host);
+  serve.port = absl::GetFlag(FLAGS_port);
+  serve.port_file = absl::GetFlag(FLAGS_port_file);
+  serve.credentials = std::move(credentials);
+  serve.allow_insecure = absl::GetFlag(FLAGS_allow_insecure);
+  serve.configure = [](grpc::ServerBuilder& b) {
+    pipeserve::SetBulkTransferArgs([&](const char* k, int v) { b.AddChannelArgument(k, v); });
+    pipeserve::SetKeepaliveServerArgs([&](const char* k, int v) { b.AddChannelArgument(k, v); });
+  };
+  serve.grace = absl::Seconds(std::max(0, absl::GetFlag(FLAGS_shutdown_grace_s)));
+  serve.cancel_after_drain = true;  // incoming streams never end by themselves
+  return serve;
+}
+
 // Who may call, checked on a call's headers before its body is read: the
 // cluster token, and with certificates the peer's name (control calls and
 // results: the coordinator only; frames: it or a stage server).
@@ -120,31 +171,12 @@ int main(int argc, char** argv) {
   if (!channels.ok()) return Fail(absl::StrCat("--cluster_*: ", channels.status().message()));
 
   pipeserve::StageServerOptions options = StageServerOptionsFromFlags();
-  absl::StatusOr<pipeserve::Precision> precision =
-      pipeserve::ParsePrecision(absl::GetFlag(FLAGS_precision));
-  if (!precision.ok()) return Fail(absl::StrCat("--precision: ", precision.status().ToString()));
-  pipeserve::BackendOptions backend_options;
-  backend_options.threads = options.default_threads;
-  backend_options.precision = *precision;
-  absl::StatusOr<std::unique_ptr<pipeserve::ComputeBackend>> backend =
-      pipeserve::MakeBackend(absl::GetFlag(FLAGS_device), backend_options);
-  if (!backend.ok()) {
-    return Fail(absl::StrCat("--device=", absl::GetFlag(FLAGS_device), ": ",
-                             backend.status().ToString()));
-  }
-  // The CPU backend is made per stage (each spec may set its threads).
-  if ((*backend)->Name() != "cpu") options.backend = *std::move(backend);
+  if (absl::Status s = SetBackendFromFlags(&options); !s.ok()) return Fail(std::string(s.message()));
 
   pipeserve::GrpcDialer dialer(*channels, /*send_capacity=*/4);
   pipeserve::StageServerCore core(options, &dialer);
   pipeserve::StageServiceImpl service(&core, cluster.token);
-  if (int parent = absl::GetFlag(FLAGS_parent_pid); parent > 0) {
-    // Started by a coordinator's local launcher: stop with it.
-    std::thread([parent] {
-      while (::getppid() == parent) std::this_thread::sleep_for(std::chrono::milliseconds(250));
-      ::kill(::getpid(), SIGTERM);
-    }).detach();
-  }
+  if (int parent = absl::GetFlag(FLAGS_parent_pid); parent > 0) StopWithParent(parent);
   pipeserve::MetricsHttpServer metrics_http([&core] { return pipeserve::RenderStageMetrics(core); });
   if (int port = absl::GetFlag(FLAGS_metrics_port); port >= 0) {
     absl::StatusOr<std::string> host = pipeserve::ListenHost(
@@ -154,20 +186,7 @@ int main(int argc, char** argv) {
     if (!s.ok()) return Fail(std::string(s.message()));
   }
   const pipeserve::CallGate gate = ClusterGate(cluster.token);
-  pipeserve::ServeOptions serve;
-  serve.name = "stage_server";
-  serve.gate = &gate;
-  serve.max_receive_bytes = std::clamp(absl::GetFlag(FLAGS_max_message_mb), 1, 2047) * (1 << 20);
-  serve.host = absl::GetFlag(FLAGS_host);
-  serve.port = absl::GetFlag(FLAGS_port);
-  serve.port_file = absl::GetFlag(FLAGS_port_file);
-  serve.credentials = credentials;
-  serve.allow_insecure = absl::GetFlag(FLAGS_allow_insecure);
-  serve.configure = [](grpc::ServerBuilder& b) {
-    pipeserve::SetBulkTransferArgs([&](const char* k, int v) { b.AddChannelArgument(k, v); });
-    pipeserve::SetKeepaliveServerArgs([&](const char* k, int v) { b.AddChannelArgument(k, v); });
-  };
-  serve.grace = absl::Seconds(std::max(0, absl::GetFlag(FLAGS_shutdown_grace_s)));
+  pipeserve::ServeOptions serve = ServeOptionsFromFlags(credentials, &gate);
   serve.drain = [&core](absl::Time deadline) {
     // Finish the frames already here; the streams into this server are
     // then cancelled, and the coordinator runs what did not get through
@@ -176,7 +195,6 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "stage_server: grace period over with frames still queued\n");
     }
   };
-  serve.cancel_after_drain = true;  // incoming streams never end by themselves
   const int rc = pipeserve::Serve({&service}, serve);
   // Stopping the stages joins their workers; one inside a long kernel is
   // not waited for past the grace period.

@@ -157,8 +157,9 @@ namespace {
 // Parses the frame at `reader`'s position, leaving it after the frame's
 // tensors. Tensors lying in one aligned slice wrap it (kept alive by
 // `held`), others are copied once.
-absl::Status ParseFrame(SliceReader& reader, const std::shared_ptr<std::vector<grpc::Slice>>& held,
-                        Frame* frame) {
+// Reads a frame's header (after its length prefix) into frame->header and
+// checks its kind, error code and that only DATA frames carry tensors.
+absl::Status ParseHeader(SliceReader& reader, Frame* frame) {
   if (reader.remaining() < 4) return absl::DataLossError("frame shorter than its length prefix");
   uint8_t len_bytes[4];
   reader.Copy(len_bytes, 4);
@@ -188,42 +189,51 @@ absl::Status ParseFrame(SliceReader& reader, const std::shared_ptr<std::vector<g
     return absl::InvalidArgumentError(absl::StrCat(
         FrameHeader::Kind_Name(h.kind()), " frame carries ", h.tensors_size(), " tensors"));
   }
+  return absl::OkStatus();
+}
+
+// Reads the tensor `meta` describes, wrapping the received bytes where
+// they lie in one element-aligned region, copying them otherwise.
+absl::StatusOr<Tensor> ReadTensor(SliceReader& reader,
+                                  const std::shared_ptr<std::vector<grpc::Slice>>& held,
+                                  const FrameHeader::TensorMeta& meta) {
+  Shape shape(meta.shape().begin(), meta.shape().end());
+  DataType dtype = meta.dtype() == DT_INVALID ? DT_FLOAT32 : meta.dtype();
+  if (!IsValidDataType(dtype)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "frame tensor \"", meta.name(), "\": unknown dtype ", static_cast<int>(meta.dtype())));
+  }
+  const int align = ElementSize(dtype);
+  absl::StatusOr<uint64_t> size = CheckedDataByteSize(shape, align);
+  if (!size.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("frame tensor \"", meta.name(), "\": ", size.status().message()));
+  }
+  const uint64_t bytes = *size;
+  if (reader.remaining() < bytes) {
+    return absl::DataLossError(absl::StrCat(
+        "frame tensor \"", meta.name(), "\" ", ShapeToString(shape), " needs ",
+        bytes, " bytes, ", reader.remaining(), " left"));
+  }
+  size_t slice_index = 0;
+  const uint8_t* p = bytes > 0 ? reader.Contiguous(bytes, &slice_index) : nullptr;
+  if (p != nullptr && reinterpret_cast<uintptr_t>(p) % align == 0) {
+    reader.Advance(bytes);
+    g_wrapped_bytes += bytes;
+    return Tensor::Wrap(held, const_cast<uint8_t*>(p), shape, dtype);
+  }
+  Tensor t = Tensor::Empty(shape, dtype);
+  reader.Copy(t.raw_data(), bytes);
+  g_copied_bytes += bytes;
+  return t;
+}
+
+absl::Status ParseFrame(SliceReader& reader, const std::shared_ptr<std::vector<grpc::Slice>>& held,
+                        Frame* frame) {
+  RETURN_IF_ERROR(ParseHeader(reader, frame));
   for (const FrameHeader::TensorMeta& meta : frame->header.tensors()) {
-    Shape shape(meta.shape().begin(), meta.shape().end());
-    DataType dtype = meta.dtype() == DT_INVALID ? DT_FLOAT32 : meta.dtype();
-    if (!IsValidDataType(dtype)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "frame tensor \"", meta.name(), "\": unknown dtype ", static_cast<int>(meta.dtype())));
-    }
-    const int align = ElementSize(dtype);
-    absl::StatusOr<uint64_t> size = CheckedByteSize(shape, align);
-    // An empty tensor's shape is backed by no bytes: bound what it spans.
-    absl::Status extent = !size.ok()   ? size.status()
-                          : *size == 0 ? CheckDataExtent(shape)
-                                       : absl::OkStatus();
-    if (!extent.ok()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("frame tensor \"", meta.name(), "\": ", extent.message()));
-    }
-    const uint64_t bytes = *size;
-    if (reader.remaining() < bytes) {
-      return absl::DataLossError(absl::StrCat(
-          "frame tensor \"", meta.name(), "\" ", ShapeToString(shape), " needs ",
-          bytes, " bytes, ", reader.remaining(), " left"));
-    }
-    size_t slice_index = 0;
-    const uint8_t* p = bytes > 0 ? reader.Contiguous(bytes, &slice_index) : nullptr;
-    // Zero-copy when the tensor lies in one element-aligned slice region.
-    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % align == 0) {
-      frame->tensors.push_back(Tensor::Wrap(held, const_cast<uint8_t*>(p), shape, dtype));
-      reader.Advance(bytes);
-      g_wrapped_bytes += bytes;
-    } else {
-      Tensor t = Tensor::Empty(shape, dtype);
-      reader.Copy(t.raw_data(), bytes);
-      frame->tensors.push_back(std::move(t));
-      g_copied_bytes += bytes;
-    }
+    ASSIGN_OR_RETURN(Tensor t, ReadTensor(reader, held, meta));
+    frame->tensors.push_back(std::move(t));
   }
   return absl::OkStatus();
 }

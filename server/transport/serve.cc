@@ -78,6 +78,81 @@ std::shared_ptr<grpc::ServerCredentials> Credentials(const ServeOptions& options
 
 }  // namespace
 
+namespace {
+
+// The server listening on host:options.port with `services`, and the port
+// it got; null (having said why) if it cannot listen.
+std::unique_ptr<grpc::Server> BuildServer(const std::vector<grpc::Service*>& services,
+                                          const ServeOptions& options, const std::string& host,
+                                          int* chosen) {
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  std::string address = absl::StrContains(host, ":") && host.front() != '['
+                            ? absl::StrCat("[", host, "]:", options.port)
+                            : absl::StrCat(host, ":", options.port);
+  builder.AddListeningPort(address, Credentials(options, host), chosen);
+  builder.SetMaxReceiveMessageSize(options.max_receive_bytes);
+  builder.SetMaxSendMessageSize(-1);
+  if (options.max_threads > 0 || options.max_call_memory_bytes > 0) {
+    grpc::ResourceQuota quota(options.name);
+    if (options.max_threads > 0) quota.SetMaxThreads(options.max_threads);
+    if (options.max_call_memory_bytes > 0) quota.Resize(options.max_call_memory_bytes);
+    builder.SetResourceQuota(quota);
+  }
+  if (options.configure) options.configure(builder);
+  for (grpc::Service* s : services) builder.RegisterService(s);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || *chosen == 0) {
+    std::cerr << options.name << ": cannot listen on " << address << "\n";
+    return nullptr;
+  }
+  return server;
+}
+
+// Until `stop`: health follows options.serving (polled every 100 ms), and
+// freed heap memory goes back to the system every kTrimEvery.
+void WatchHealth(grpc::HealthCheckServiceInterface* hc, const ServeOptions& options, bool initial,
+                 absl::Notification* stop) {
+  bool last = initial;  // what was set, not what holds by now
+  absl::Time next_trim = absl::Now() + kTrimEvery;
+  while (!stop->WaitForNotificationWithTimeout(absl::Milliseconds(100))) {
+    if (options.serving) {
+      bool now = options.serving();
+      if (now != last) hc->SetServingStatus(now);
+      last = now;
+    }
+    if (absl::Now() >= next_trim) {
+      // Bursts (a pipeline refilling after a repair, a model loaded and
+      // unloaded) leave freed memory in malloc's arenas; give it back,
+      // so resident memory shows what is really in use.
+      ::malloc_trim(0);
+      next_trim = absl::Now() + kTrimEvery;
+    }
+  }
+}
+
+// Waits for SIGINT/SIGTERM (blocked everywhere), then stops `server`:
+// NOT_SERVING first, options.drain, then gRPC's shutdown within the grace.
+void StopOnSignal(grpc::Server* server, const ServeOptions& options, absl::Notification* stop_health,
+                  std::thread* health) {
+  sigset_t set = ShutdownSignals();
+  int sig = 0;
+  sigwait(&set, &sig);
+  const absl::Time deadline = absl::Now() + options.grace;
+  std::cerr << options.name << ": shutting down (grace " << options.grace << ")" << std::endl;
+  stop_health->Notify();
+  health->join();
+  // Load balancers and the coordinator stop sending here first.
+  server->GetHealthCheckService()->SetServingStatus(false);
+  if (options.drain) options.drain(deadline);
+  // Refuses new calls; those in progress get until the deadline.
+  server->Shutdown(options.cancel_after_drain ? std::chrono::system_clock::now()
+                                             : absl::ToChronoTime(deadline));
+}
+
+}  // namespace
+
 int Serve(const std::vector<grpc::Service*>& services, const ServeOptions& options) {
   BlockShutdownSignals();  // before gRPC starts its threads
   const bool tls = options.credentials != nullptr;
@@ -90,52 +165,15 @@ int Serve(const std::vector<grpc::Service*>& services, const ServeOptions& optio
     std::cerr << options.name << ": WARNING: serving plaintext on " << *host
               << " (--allow_insecure): anyone who can reach this port can use it\n";
   }
-  grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  grpc::ServerBuilder builder;
   int chosen = 0;
-  std::string address = absl::StrContains(*host, ":") && host->front() != '['
-                            ? absl::StrCat("[", *host, "]:", options.port)
-                            : absl::StrCat(*host, ":", options.port);
-  builder.AddListeningPort(address, Credentials(options, *host), &chosen);
-  builder.SetMaxReceiveMessageSize(options.max_receive_bytes);
-  builder.SetMaxSendMessageSize(-1);
-  if (options.max_threads > 0 || options.max_call_memory_bytes > 0) {
-    grpc::ResourceQuota quota(options.name);
-    if (options.max_threads > 0) quota.SetMaxThreads(options.max_threads);
-    if (options.max_call_memory_bytes > 0) quota.Resize(options.max_call_memory_bytes);
-    builder.SetResourceQuota(quota);
-  }
-  if (options.configure) options.configure(builder);
-  for (grpc::Service* s : services) builder.RegisterService(s);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr || chosen == 0) {
-    std::cerr << options.name << ": cannot listen on " << address << "\n";
-    return 1;
-  }
+  std::unique_ptr<grpc::Server> server = BuildServer(services, options, *host, &chosen);
+  if (server == nullptr) return 1;
   // Health follows the server's own idea of whether it can serve.
   grpc::HealthCheckServiceInterface* hc = server->GetHealthCheckService();
   const bool initial = options.serving ? options.serving() : true;
   hc->SetServingStatus(initial);
   absl::Notification stop_health;
-  std::thread health([&, hc, initial] {
-    bool last = initial;  // what was set, not what holds by now
-    absl::Time next_trim = absl::Now() + kTrimEvery;
-    while (!stop_health.WaitForNotificationWithTimeout(absl::Milliseconds(100))) {
-      if (options.serving) {
-        bool now = options.serving();
-        if (now != last) hc->SetServingStatus(now);
-        last = now;
-      }
-      if (absl::Now() >= next_trim) {
-        // Bursts (a pipeline refilling after a repair, a model loaded and
-        // unloaded) leave freed memory in malloc's arenas; give it back,
-        // so resident memory shows what is really in use.
-        ::malloc_trim(0);
-        next_trim = absl::Now() + kTrimEvery;
-      }
-    }
-  });
+  std::thread health([&, hc, initial] { WatchHealth(hc, options, initial, &stop_health); });
   if (options.on_started) options.on_started(server.get());
   if (!options.port_file.empty()) {
     // Written then renamed, so a reader never sees a partial number.
@@ -145,21 +183,7 @@ int Serve(const std::vector<grpc::Service*>& services, const ServeOptions& optio
   }
   std::cerr << options.name << ": serving on " << *host << ":" << chosen
             << (tls ? " (TLS)" : " (plaintext)") << std::endl;
-
-  // Wait on this thread for SIGINT/SIGTERM (blocked everywhere).
-  sigset_t set = ShutdownSignals();
-  int sig = 0;
-  sigwait(&set, &sig);
-  const absl::Time deadline = absl::Now() + options.grace;
-  std::cerr << options.name << ": shutting down (grace " << options.grace << ")" << std::endl;
-  stop_health.Notify();
-  health.join();
-  // Load balancers and the coordinator stop sending here first.
-  server->GetHealthCheckService()->SetServingStatus(false);
-  if (options.drain) options.drain(deadline);
-  // Refuses new calls; those in progress get until the deadline.
-  server->Shutdown(options.cancel_after_drain ? std::chrono::system_clock::now()
-                                             : absl::ToChronoTime(deadline));
+  StopOnSignal(server.get(), options, &stop_health, &health);
   std::cerr << options.name << ": stopped" << std::endl;
   return 0;
 }
