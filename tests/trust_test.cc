@@ -19,6 +19,7 @@
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "client/client.h"
+#include "common/status_macros.h"
 #include "partitioner/graph_builder.h"
 #include "proto/grpc_service.grpc.pb.h"
 #include "proto/pipeserve_service.grpc.pb.h"
@@ -63,6 +64,32 @@ inference::ModelInferRequest Request(const std::string& model, std::vector<int64
   return req;
 }
 
+std::unique_ptr<inference::GRPCInferenceService::Stub> KServeStub(const std::string& address) {
+  return inference::GRPCInferenceService::NewStub(
+      grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+}
+
+// A coordinator of a test's own, started with `flags`, and a client that
+// has uploaded a `stages`-stage MLP to it as `model`.
+struct OwnCoordinator {
+  std::unique_ptr<CoordinatorProcess> process;
+  std::unique_ptr<Client> client;
+};
+
+absl::StatusOr<OwnCoordinator> StartWithMlp(const std::string& name,
+                                            std::vector<std::string> flags,
+                                            const std::string& model, int stages,
+                                            absl::Duration timeout) {
+  OwnCoordinator own;
+  ASSIGN_OR_RETURN(own.process,
+                   CoordinatorProcess::Start({TempDir(name + "_repo"), std::move(flags)}));
+  ASSIGN_OR_RETURN(own.client,
+                   Client::Connect(own.process->address(), {.timeout = timeout}));
+  RETURN_IF_ERROR(own.client->Upload(model, WriteMlp(TempDir(name + "_models"), stages), {})
+                      .status());
+  return own;
+}
+
 // A coordinator with a two-stage model for the tests that share one.
 class TrustTest : public ::testing::Test {
  protected:
@@ -82,8 +109,7 @@ class TrustTest : public ::testing::Test {
   }
 
   static std::unique_ptr<inference::GRPCInferenceService::Stub> KServe() {
-    return inference::GRPCInferenceService::NewStub(
-        grpc::CreateChannel(coordinator_->address(), grpc::InsecureChannelCredentials()));
+    return KServeStub(coordinator_->address());
   }
 
   static void ExpectStillServing() {
@@ -292,12 +318,12 @@ TEST_F(TrustTest, FiveThousandCutsAreRefusedWithoutStartingServers) {
 // Was: ServerReady and grpc.health said ready/SERVING whatever the models'
 // state.
 TEST(TrustReadinessTest, ReadinessIsFalseWhileTheOnlyModelIsDown) {
-  auto c = CoordinatorProcess::Start({TempDir("ready_repo"), {}});
-  ASSERT_TRUE(c.ok()) << c.status();
-  auto client = *Client::Connect((*c)->address(), {.timeout = absl::Seconds(5)});
-  ASSERT_TRUE(client->Upload("only", WriteMlp(TempDir("ready_models"), 2), {}).ok());
+  absl::StatusOr<OwnCoordinator> own = StartWithMlp("ready", {}, "only", 2, absl::Seconds(5));
+  ASSERT_TRUE(own.ok()) << own.status();
+  CoordinatorProcess* c = own->process.get();
+  Client* client = own->client.get();
   EXPECT_TRUE(*client->ServerReady());
-  pid_t stage = (*c)->StageServerPid(1);
+  pid_t stage = c->StageServerPid(1);
   ASSERT_GT(stage, 0);
   ASSERT_EQ(::kill(stage, SIGSTOP), 0);  // stops answering, does not exit
   bool went_down = false;
@@ -395,12 +421,12 @@ inference::ModelInferRequest MlpRequest(const std::string& id) {
 // eight idle streams made ServerLive and ModelInfer answer
 // RESOURCE_EXHAUSTED while health said SERVING.
 TEST(TrustStreamTest, IdleStreamsCannotTakeEveryHandlerThread) {
-  auto c = CoordinatorProcess::Start({TempDir("streams_repo"), {"--max_threads=8"}});
-  ASSERT_TRUE(c.ok()) << c.status();
-  auto client = *Client::Connect((*c)->address(), {.timeout = absl::Seconds(10)});
-  ASSERT_TRUE(client->Upload("mlp", WriteMlp(TempDir("streams_models"), 2), {}).ok());
-  auto stub = inference::GRPCInferenceService::NewStub(
-      grpc::CreateChannel((*c)->address(), grpc::InsecureChannelCredentials()));
+  absl::StatusOr<OwnCoordinator> own =
+      StartWithMlp("streams", {"--max_threads=8"}, "mlp", 2, absl::Seconds(10));
+  ASSERT_TRUE(own.ok()) << own.status();
+  CoordinatorProcess* c = own->process.get();
+  Client* client = own->client.get();
+  auto stub = KServeStub(c->address());
   struct Open {
     grpc::ClientContext ctx;
     std::unique_ptr<grpc::ClientReaderWriter<inference::ModelInferRequest,
@@ -435,12 +461,12 @@ TEST(TrustStreamTest, IdleStreamsCannotTakeEveryHandlerThread) {
 // A stream that sends nothing (and has nothing in flight) for
 // --stream_idle_timeout_s is ended, giving its thread back.
 TEST(TrustStreamTest, AnIdleStreamIsEndedAfterTheIdleTimeout) {
-  auto c = CoordinatorProcess::Start({TempDir("idle_stream_repo"), {"--stream_idle_timeout_s=1"}});
-  ASSERT_TRUE(c.ok()) << c.status();
-  auto client = *Client::Connect((*c)->address(), {.timeout = absl::Seconds(10)});
-  ASSERT_TRUE(client->Upload("mlp", WriteMlp(TempDir("idle_stream_models"), 1), {}).ok());
-  auto stub = inference::GRPCInferenceService::NewStub(
-      grpc::CreateChannel((*c)->address(), grpc::InsecureChannelCredentials()));
+  absl::StatusOr<OwnCoordinator> own =
+      StartWithMlp("idle_stream", {"--stream_idle_timeout_s=1"}, "mlp", 1, absl::Seconds(10));
+  ASSERT_TRUE(own.ok()) << own.status();
+  CoordinatorProcess* c = own->process.get();
+  Client* client = own->client.get();
+  auto stub = KServeStub(c->address());
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
   auto stream = stub->ModelStreamInfer(&ctx);
@@ -459,18 +485,18 @@ TEST(TrustStreamTest, AnIdleStreamIsEndedAfterTheIdleTimeout) {
 // 127.0.0.1:40213 failed its health check") to clients holding only the
 // infer scope, in request errors and RepositoryIndex.
 TEST(TrustAddressTest, InferenceClientsNeverSeeStageServerAddresses) {
-  auto c = CoordinatorProcess::Start({TempDir("address_repo"), {"--default_timeout_s=2"}});
-  ASSERT_TRUE(c.ok()) << c.status();
-  auto client = *Client::Connect((*c)->address(), {.timeout = absl::Seconds(5)});
-  ASSERT_TRUE(client->Upload("mlp", WriteMlp(TempDir("address_models"), 2), {}).ok());
+  absl::StatusOr<OwnCoordinator> own =
+      StartWithMlp("address", {"--default_timeout_s=2"}, "mlp", 2, absl::Seconds(5));
+  ASSERT_TRUE(own.ok()) << own.status();
+  CoordinatorProcess* c = own->process.get();
+  Client* client = own->client.get();
   auto plan = client->GetPlan("mlp");
   ASSERT_TRUE(plan.ok()) << plan.status();
   ASSERT_EQ(plan->stage_servers_size(), 2) << "administrators see the addresses";
-  pid_t stage = (*c)->StageServerPid(1);
+  pid_t stage = c->StageServerPid(1);
   ASSERT_GT(stage, 0);
   ASSERT_EQ(::kill(stage, SIGSTOP), 0);  // stops answering its health checks
-  auto stub = inference::GRPCInferenceService::NewStub(
-      grpc::CreateChannel((*c)->address(), grpc::InsecureChannelCredentials()));
+  auto stub = KServeStub(c->address());
   std::vector<std::string> seen;
   absl::Time until = absl::Now() + absl::Seconds(30);
   bool down = false;

@@ -151,20 +151,7 @@ class CpuProgram : public StageProgram {
         continue;
       }
       if (step.kind == Kind::kAttention) {
-        AttentionMask mask;
-        if (step.mask_cond >= 0) mask.cond = &values[step.mask_cond];
-        if (step.mask_add >= 0) mask.add = &values[step.mask_add];
-        mask.fill = step.mask_fill;
-        absl::StatusOr<Tensor> out = FusedAttention(values[step.in[0]], values[step.in[1]],
-                                                    values[step.in[2]], step.scale, mask,
-                                                    scratch_[step_index]);
-        if (!out.ok()) {
-          return absl::Status(out.status().code(),
-                              absl::StrCat("node \"", step.node->name(), "\" (attention): ",
-                                           out.status().message()));
-        }
-        scratch_[step_index] = *out;
-        values[step.out] = *std::move(out);
+        RETURN_IF_ERROR(RunAttention(step_index, &values));
         continue;
       }
       if (step.kind == Kind::kGeneric) {
@@ -272,6 +259,25 @@ class CpuProgram : public StageProgram {
       }
       RETURN_IF_ERROR(RunOne(*m.node, args, m.out_type, &(*values)[m.out]));
     }
+    return absl::OkStatus();
+  }
+
+  absl::Status RunAttention(size_t step_index, std::vector<Tensor>* values) {
+    const Step& step = steps_[step_index];
+    AttentionMask mask;
+    if (step.mask_cond >= 0) mask.cond = &(*values)[step.mask_cond];
+    if (step.mask_add >= 0) mask.add = &(*values)[step.mask_add];
+    mask.fill = step.mask_fill;
+    absl::StatusOr<Tensor> out =
+        FusedAttention((*values)[step.in[0]], (*values)[step.in[1]], (*values)[step.in[2]],
+                       step.scale, mask, scratch_[step_index]);
+    if (!out.ok()) {
+      return absl::Status(out.status().code(),
+                          absl::StrCat("node \"", step.node->name(), "\" (attention): ",
+                                       out.status().message()));
+    }
+    scratch_[step_index] = *out;
+    (*values)[step.out] = *std::move(out);
     return absl::OkStatus();
   }
 

@@ -983,27 +983,51 @@ bool HasCpuOp(const std::string& op) {
   return ops->contains(op);
 }
 
+namespace {
+
+// Attention's output shape, [batch..., Tq, Dv], for q [batch..., Tq, D],
+// k [batch..., Tk, D] and v [batch..., Tk, Dv].
+absl::StatusOr<Shape> AttentionShape(const Tensor& q, const Tensor& k, const Tensor& v) {
+  if (q.rank() < 2 || k.rank() != q.rank() || v.rank() != q.rank()) {
+    return Bad("attention: q, k and v need the same rank >= 2");
+  }
+  const int r = q.rank();
+  const Shape batch(q.shape().begin(), q.shape().end() - 2);
+  if (Shape(k.shape().begin(), k.shape().end() - 2) != batch ||
+      Shape(v.shape().begin(), v.shape().end() - 2) != batch || k.dim(r - 1) != q.dim(r - 1) ||
+      v.dim(r - 2) != k.dim(r - 2)) {
+    return Bad(absl::StrCat("attention: q ", ShapeToString(q.shape()), ", k ",
+                            ShapeToString(k.shape()), ", v ", ShapeToString(v.shape()),
+                            " do not fit"));
+  }
+  Shape out = batch;
+  out.push_back(q.dim(r - 2));
+  out.push_back(v.dim(r - 1));
+  return out;
+}
+
+// The offset of flat batch index `b` over `batch` through `strides` (one
+// per batch dimension, or more).
+int64_t BatchOffset(int64_t b, const Shape& batch, const Strides& strides) {
+  int64_t offset = 0;
+  for (int i = static_cast<int>(batch.size()) - 1; i >= 0; --i) {
+    offset += (b % batch[i]) * strides[i];
+    b /= batch[i];
+  }
+  return offset;
+}
+
+}  // namespace
+
 absl::StatusOr<Tensor> FusedAttention(const Tensor& q_in, const Tensor& k_in,
                                       const Tensor& v_in, float scale,
                                       const AttentionMask& mask, const Tensor& scratch) {
   const DataType type = q_in.dtype();
-  if (q_in.rank() < 2 || k_in.rank() != q_in.rank() || v_in.rank() != q_in.rank()) {
-    return Bad("attention: q, k and v need the same rank >= 2");
-  }
+  ASSIGN_OR_RETURN(Shape out_shape, AttentionShape(q_in, k_in, v_in));
   const int r = q_in.rank();
   const int64_t tq = q_in.dim(r - 2), d = q_in.dim(r - 1);
   const int64_t tk = k_in.dim(r - 2), dv = v_in.dim(r - 1);
-  Shape batch(q_in.shape().begin(), q_in.shape().end() - 2);
-  if (Shape(k_in.shape().begin(), k_in.shape().end() - 2) != batch ||
-      Shape(v_in.shape().begin(), v_in.shape().end() - 2) != batch || k_in.dim(r - 1) != d ||
-      v_in.dim(r - 2) != tk) {
-    return Bad(absl::StrCat("attention: q ", ShapeToString(q_in.shape()), ", k ",
-                            ShapeToString(k_in.shape()), ", v ", ShapeToString(v_in.shape()),
-                            " do not fit"));
-  }
-  Shape out_shape = batch;
-  out_shape.push_back(tq);
-  out_shape.push_back(dv);
+  const Shape batch(q_in.shape().begin(), q_in.shape().end() - 2);
   ASSIGN_OR_RETURN(Tensor out, Output(out_shape, type, scratch));
   if (out.numel() == 0) return out;  // nothing to write (see RunCpuOp)
   Shape scores = batch;
@@ -1024,13 +1048,8 @@ absl::StatusOr<Tensor> FusedAttention(const Tensor& q_in, const Tensor& k_in,
       of(wide ? 0 : std::min(tq, kRows) * dv);
   for (int64_t b = 0; b < batches; ++b) {
     // Offsets of this batch index in the masks.
-    int64_t cond_base = 0, add_base = 0, rest = b;
-    for (int i = static_cast<int>(batch.size()) - 1; i >= 0; --i) {
-      const int64_t idx = rest % batch[i];
-      rest /= batch[i];
-      if (mask.cond != nullptr) cond_base += idx * cond_st[i];
-      if (mask.add != nullptr) add_base += idx * add_st[i];
-    }
+    const int64_t cond_base = mask.cond == nullptr ? 0 : BatchOffset(b, batch, cond_st);
+    const int64_t add_base = mask.add == nullptr ? 0 : BatchOffset(b, batch, add_st);
     const float* qb = wide ? q_in.data() + b * tq * d : qf.data();
     const float* kb = wide ? k_in.data() + b * tk * d : kf.data();
     const float* vb = wide ? v_in.data() + b * tk * dv : vf.data();

@@ -171,11 +171,49 @@ absl::StatusOr<std::string> WriteClusterToken(const std::string& dir) {
   return path;
 }
 
+// A folder removed, with all it holds, when this goes out of scope.
+struct RemoveOnExit {
+  std::string dir;
+  ~RemoveOnExit() {
+    std::error_code ec;
+    if (!dir.empty()) std::filesystem::remove_all(dir, ec);
+  }
+};
+
+// How the coordinator reaches its stage servers (--cluster_*), and the
+// file of the cluster token they are started with (empty: none).
+struct Cluster {
+  pipeserve::ClusterOptions options;
+  std::string token_file;
+};
+
+// A local launcher without --cluster_token_file makes one in `work_dir`:
+// the stage servers this coordinator starts take calls only from it.
+absl::StatusOr<Cluster> ClusterFromFlags(bool local, const std::string& work_dir) {
+  Cluster cluster;
+  cluster.options.tls = {absl::GetFlag(FLAGS_cluster_cert), absl::GetFlag(FLAGS_cluster_key),
+                         absl::GetFlag(FLAGS_cluster_ca)};
+  cluster.token_file = absl::GetFlag(FLAGS_cluster_token_file);
+  if (cluster.token_file.empty() && local) {
+    absl::StatusOr<std::string> made = WriteClusterToken(work_dir);
+    if (!made.ok()) return made.status();
+    cluster.token_file = *made;
+  }
+  if (!cluster.token_file.empty()) {
+    absl::StatusOr<std::string> token = pipeserve::ReadSecretFile(cluster.token_file);
+    if (!token.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--cluster_token_file: ", token.status().message()));
+    }
+    cluster.options.token = std::string(absl::StripAsciiWhitespace(*token));
+  }
+  return cluster;
+}
+
 // The launcher --launcher names (null for neither local nor static); a
 // local one hands its servers `token_file` and the cluster certificates.
 std::unique_ptr<pipeserve::Launcher> LauncherFromFlags(const std::string& work_dir,
-                                                       const std::string& token_file,
-                                                       const pipeserve::ClusterOptions& cluster) {
+                                                       const Cluster& cluster) {
   if (absl::GetFlag(FLAGS_launcher) == "static") {
     std::vector<std::string> servers =
         absl::StrSplit(absl::GetFlag(FLAGS_stage_servers), ',', absl::SkipEmpty());
@@ -189,11 +227,13 @@ std::unique_ptr<pipeserve::Launcher> LauncherFromFlags(const std::string& work_d
   lo.cores = absl::GetFlag(FLAGS_cores);
   lo.gpus = absl::GetFlag(FLAGS_gpus);
   lo.max_servers = absl::GetFlag(FLAGS_max_local_servers);
-  if (!token_file.empty()) lo.extra_args.push_back("--cluster_token_file=" + token_file);
-  if (cluster.tls.enabled()) {
-    lo.extra_args.push_back("--cluster_ca=" + cluster.tls.ca);
-    lo.extra_args.push_back("--cluster_cert=" + cluster.tls.cert);
-    lo.extra_args.push_back("--cluster_key=" + cluster.tls.key);
+  if (!cluster.token_file.empty()) {
+    lo.extra_args.push_back("--cluster_token_file=" + cluster.token_file);
+  }
+  if (const pipeserve::TlsFiles& tls = cluster.options.tls; tls.enabled()) {
+    lo.extra_args.push_back("--cluster_ca=" + tls.ca);
+    lo.extra_args.push_back("--cluster_cert=" + tls.cert);
+    lo.extra_args.push_back("--cluster_key=" + tls.key);
   }
   return pipeserve::MakeLocalLauncher(lo);
 }
@@ -261,6 +301,67 @@ pipeserve::CallGate ClientGate(const pipeserve::TokenSet* tokens) {
   return gate;
 }
 
+// Where upload-time node times are measured (--calibration_device); null
+// when the flag is empty.
+absl::StatusOr<std::unique_ptr<pipeserve::ComputeBackend>> CalibrationBackendFromFlags() {
+  const std::string device = absl::GetFlag(FLAGS_calibration_device);
+  if (device.empty()) return nullptr;
+  absl::StatusOr<std::unique_ptr<pipeserve::ComputeBackend>> b =
+      pipeserve::MakeBackend(device, pipeserve::BackendOptions());
+  if (!b.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--calibration_device: ", b.status().message()));
+  }
+  return b;
+}
+
+// The Prometheus endpoint on --metrics_port (-1: none).
+absl::Status StartMetrics(pipeserve::MetricsHttpServer& http, const std::string& host) {
+  const int port = absl::GetFlag(FLAGS_metrics_port);
+  if (port < 0) return absl::OkStatus();
+  return http.Start(host, port, absl::GetFlag(FLAGS_metrics_port_file));
+}
+
+// The client API server's options from the flags; the caller adds the
+// gate and what ties it to the coordinator (serving, drain, on_started).
+pipeserve::ServeOptions ServeOptionsFromFlags(
+    const std::string& host, std::shared_ptr<grpc::ServerCredentials> credentials) {
+  pipeserve::ServeOptions serve;
+  serve.name = "coordinator";
+  serve.host = host;
+  serve.port = absl::GetFlag(FLAGS_port);
+  serve.port_file = absl::GetFlag(FLAGS_port_file);
+  serve.credentials = std::move(credentials);
+  serve.max_call_memory_bytes = int64_t{std::max(0, absl::GetFlag(FLAGS_max_call_memory_mb))} << 20;
+  serve.allow_insecure = absl::GetFlag(FLAGS_allow_insecure);
+  serve.max_receive_bytes = std::clamp(absl::GetFlag(FLAGS_max_message_mb), 2, 2047) * (1 << 20);
+  serve.max_threads = absl::GetFlag(FLAGS_max_threads);
+  serve.grace = absl::Seconds(std::max(0, absl::GetFlag(FLAGS_shutdown_grace_s)));
+  return serve;
+}
+
+// Ties the client API server to the coordinator: health follows the
+// coordinator's, a shutdown lets requests in flight finish, and stored
+// models load (on `loader`) once the port is open.
+void TieToCoordinator(pipeserve::Coordinator& coordinator, const pipeserve::KServeService& kserve,
+                      std::thread& loader, pipeserve::ServeOptions& serve) {
+  // Not serving also while every handler thread is taken: calls then get
+  // RESOURCE_EXHAUSTED, and health says so.
+  serve.serving = [&coordinator, &kserve, max_threads = serve.max_threads] {
+    return coordinator.Serving() && (max_threads <= 0 || kserve.active_calls() < max_threads - 1);
+  };
+  serve.drain = [&coordinator](absl::Time deadline) {
+    // Requests in flight finish before the server stops: gRPC's own
+    // shutdown cancels a synchronous call still running.
+    if (!coordinator.WaitIdle(deadline)) {
+      std::cerr << "coordinator: grace period over with requests still running\n";
+    }
+  };
+  serve.on_started = [&coordinator, &loader](grpc::Server*) {
+    loader = std::thread([&coordinator] { coordinator.LoadStoredModels(); });
+  };
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -271,109 +372,56 @@ int main(int argc, char** argv) {
   // Who may call: TLS towards clients, tokens per call.
   absl::StatusOr<ClientAuth> client_auth = ClientAuthFromFlags();
   if (!client_auth.ok()) return Fail(std::string(client_auth.status().message()));
-  std::shared_ptr<grpc::ServerCredentials> credentials = client_auth->credentials;
-  std::unique_ptr<pipeserve::TokenSet> tokens = std::move(client_auth->tokens);
+  const pipeserve::TokenSet* tokens = client_auth->tokens.get();
 
   // How the coordinator reaches its stage servers.
-  pipeserve::ClusterOptions cluster;
-  cluster.tls = {absl::GetFlag(FLAGS_cluster_cert), absl::GetFlag(FLAGS_cluster_key),
-                 absl::GetFlag(FLAGS_cluster_ca)};
-  std::string token_file = absl::GetFlag(FLAGS_cluster_token_file);
   const bool local = absl::GetFlag(FLAGS_launcher) == "local";
-  const std::string work_dir = local ? PrivateWorkDir() : "";
-  // Removed last, after the launcher has stopped its servers.
-  struct RemoveOnExit {
-    std::string dir;
-    ~RemoveOnExit() {
-      std::error_code ec;
-      if (!dir.empty()) std::filesystem::remove_all(dir, ec);
-    }
-  } remove_work_dir{work_dir};
-  if (token_file.empty() && local) {
-    // The stage servers this coordinator starts take calls only from it.
-    absl::StatusOr<std::string> made = WriteClusterToken(work_dir);
-    if (!made.ok()) return Fail(std::string(made.status().message()));
-    token_file = *made;
-  }
-  if (!token_file.empty()) {
-    auto token = pipeserve::ReadSecretFile(token_file);
-    if (!token.ok()) return Fail(absl::StrCat("--cluster_token_file: ", token.status().message()));
-    cluster.token = std::string(absl::StripAsciiWhitespace(*token));
-  }
-  auto channels = pipeserve::StageChannels::Create(cluster);
+  const RemoveOnExit work_dir{local ? PrivateWorkDir() : ""};  // after the launcher stops
+  absl::StatusOr<Cluster> cluster = ClusterFromFlags(local, work_dir.dir);
+  if (!cluster.ok()) return Fail(std::string(cluster.status().message()));
+  auto channels = pipeserve::StageChannels::Create(cluster->options);
   if (!channels.ok()) return Fail(absl::StrCat("--cluster_*: ", channels.status().message()));
 
   auto store = pipeserve::OpenFileModelStore(absl::GetFlag(FLAGS_repository));
   if (!store.ok()) return Fail(std::string(store.status().message()));
-  std::unique_ptr<pipeserve::Launcher> launcher = LauncherFromFlags(work_dir, token_file, cluster);
+  std::unique_ptr<pipeserve::Launcher> launcher = LauncherFromFlags(work_dir.dir, *cluster);
   if (launcher == nullptr) {
     std::cerr << "coordinator: --launcher must be local or static\n";
     return 2;
   }
 
-  const bool tls = credentials != nullptr;
   absl::StatusOr<std::string> host = pipeserve::ListenHost(
-      absl::GetFlag(FLAGS_host), tls, absl::GetFlag(FLAGS_allow_insecure));
+      absl::GetFlag(FLAGS_host), client_auth->credentials != nullptr,
+      absl::GetFlag(FLAGS_allow_insecure));
   if (!host.ok()) return Fail(std::string(host.status().message()));
 
-  absl::StatusOr<pipeserve::CoordinatorOptions> from_flags = CoordinatorOptionsFromFlags(local);
-  if (!from_flags.ok()) return Fail(std::string(from_flags.status().message()));
-  pipeserve::CoordinatorOptions options = *from_flags;
-  std::unique_ptr<pipeserve::ComputeBackend> calibration_backend;
-  if (const std::string device = absl::GetFlag(FLAGS_calibration_device); !device.empty()) {
-    absl::StatusOr<std::unique_ptr<pipeserve::ComputeBackend>> b =
-        pipeserve::MakeBackend(device, pipeserve::BackendOptions());
-    if (!b.ok()) return Fail(absl::StrCat("--calibration_device: ", b.status().message()));
-    calibration_backend = *std::move(b);
-  }
-  options.calibration_backend = calibration_backend.get();
+  absl::StatusOr<pipeserve::CoordinatorOptions> options = CoordinatorOptionsFromFlags(local);
+  if (!options.ok()) return Fail(std::string(options.status().message()));
+  absl::StatusOr<std::unique_ptr<pipeserve::ComputeBackend>> calibration_backend =
+      CalibrationBackendFromFlags();
+  if (!calibration_backend.ok()) return Fail(std::string(calibration_backend.status().message()));
+  options->calibration_backend = calibration_backend->get();
   pipeserve::GrpcStageClient stage_client(*channels, /*send_capacity=*/8);
-  pipeserve::Coordinator coordinator(options, *std::move(store), std::move(launcher),
+  pipeserve::Coordinator coordinator(*options, *std::move(store), std::move(launcher),
                                      &stage_client);
   pipeserve::Metrics metrics;
   pipeserve::MetricsHttpServer metrics_http(
       [&] { return metrics.Render(coordinator.ListModels()); });
-  if (int port = absl::GetFlag(FLAGS_metrics_port); port >= 0) {
-    absl::Status s = metrics_http.Start(*host, port, absl::GetFlag(FLAGS_metrics_port_file));
-    if (!s.ok()) return Fail(std::string(s.message()));
+  if (absl::Status s = StartMetrics(metrics_http, *host); !s.ok()) {
+    return Fail(std::string(s.message()));
   }
-  const int max_threads = absl::GetFlag(FLAGS_max_threads);
-  pipeserve::KServeService kserve(&coordinator, &metrics, tokens.get(), KServeOptionsFromFlags());
-  pipeserve::ModelServiceImpl models(&coordinator, tokens.get(),
+  pipeserve::KServeService kserve(&coordinator, &metrics, tokens, KServeOptionsFromFlags());
+  pipeserve::ModelServiceImpl models(&coordinator, tokens,
                                      absl::Seconds(absl::GetFlag(FLAGS_upload_idle_timeout_s)));
   if (tokens == nullptr) {
     std::cerr << "coordinator: no --auth_tokens: any client that reaches the port may upload "
                  "and run models\n";
   }
-  const pipeserve::CallGate gate = ClientGate(tokens.get());
+  const pipeserve::CallGate gate = ClientGate(tokens);
   std::thread loader;
-  pipeserve::ServeOptions serve;
-  serve.name = "coordinator";
-  serve.host = *host;
-  serve.port = absl::GetFlag(FLAGS_port);
-  serve.port_file = absl::GetFlag(FLAGS_port_file);
-  serve.credentials = credentials;
+  pipeserve::ServeOptions serve = ServeOptionsFromFlags(*host, client_auth->credentials);
   serve.gate = tokens != nullptr ? &gate : nullptr;
-  serve.max_call_memory_bytes = int64_t{std::max(0, absl::GetFlag(FLAGS_max_call_memory_mb))} << 20;
-  serve.allow_insecure = absl::GetFlag(FLAGS_allow_insecure);
-  serve.max_receive_bytes = std::clamp(absl::GetFlag(FLAGS_max_message_mb), 2, 2047) * (1 << 20);
-  serve.max_threads = absl::GetFlag(FLAGS_max_threads);
-  // Not serving also while every handler thread is taken: calls then get
-  // RESOURCE_EXHAUSTED, and health says so.
-  serve.serving = [&] {
-    return coordinator.Serving() && (max_threads <= 0 || kserve.active_calls() < max_threads - 1);
-  };
-  serve.grace = absl::Seconds(std::max(0, absl::GetFlag(FLAGS_shutdown_grace_s)));
-  serve.drain = [&](absl::Time deadline) {
-    // Requests in flight finish before the server stops: gRPC's own
-    // shutdown cancels a synchronous call still running.
-    if (!coordinator.WaitIdle(deadline)) {
-      std::cerr << "coordinator: grace period over with requests still running\n";
-    }
-  };
-  serve.on_started = [&](grpc::Server*) {
-    loader = std::thread([&] { coordinator.LoadStoredModels(); });
-  };
+  TieToCoordinator(coordinator, kserve, loader, serve);
   int rc = pipeserve::Serve({&kserve, &models}, serve);
   // Clean-up (unloading stages, the local launcher's servers) is bounded.
   pipeserve::ExitWithin(absl::Seconds(15), "coordinator");
