@@ -81,13 +81,19 @@ KServeService::~KServeService() {
   reaper_.join();
 }
 
-absl::Time KServeService::Deadline(const grpc::ServerContext& ctx) const {
-  const absl::Time cap = absl::Now() + options_.max_timeout;
+absl::Time KServeService::ClientDeadline(const grpc::ServerContext& ctx) {
   auto d = ctx.deadline();
   if (d >= std::chrono::system_clock::time_point::max() - std::chrono::hours(24 * 365)) {
-    return absl::InfiniteFuture();  // none: the default applies (it is below the cap)
+    return absl::InfiniteFuture();
   }
-  return std::min(absl::FromChrono(d), cap);
+  return absl::FromChrono(d);
+}
+
+absl::Time KServeService::Capped(absl::Time client_deadline) const {
+  if (client_deadline == absl::InfiniteFuture()) {
+    return client_deadline;  // none: the default applies (it is below the cap)
+  }
+  return std::min(client_deadline, absl::Now() + options_.max_timeout);
 }
 
 // Liveness and readiness answer anyone, as grpc.health.v1 does: probes
@@ -238,7 +244,7 @@ grpc::Status KServeService::ModelInfer(grpc::ServerContext* ctx,
   absl::Status auth = AuthorizeCall(tokens_, *ctx, Scope::kInfer);
   if (!auth.ok()) return ToGrpcStatus(auth);
   return ToGrpcStatus(
-      Public(Infer(*req, Deadline(*ctx), [ctx] { return ctx->IsCancelled(); }, resp)));
+      Public(Infer(*req, Capped(ClientDeadline(*ctx)), [ctx] { return ctx->IsCancelled(); }, resp)));
 }
 
 grpc::Status KServeService::ModelStreamInfer(
@@ -274,7 +280,7 @@ void KServeService::ReadRequests(const std::shared_ptr<Stream>& st, grpc::Server
   // stream's at once (the stream is not read further until one finishes);
   // responses are written as they finish, one at a time.
   const int limit = options_.stream_inflight;
-  const absl::Time stream_deadline = Deadline(*ctx);
+  const absl::Time stream_deadline = ClientDeadline(*ctx);
   inference::ModelInferRequest req;
   while (true) {
     {
@@ -289,16 +295,16 @@ void KServeService::ReadRequests(const std::shared_ptr<Stream>& st, grpc::Server
       ++st->inflight;
       st->last_active = absl::Now();
     }
-    // The stream's deadline, or the default from the request's arrival:
-    // it counts while the request waits for a thread.
-    Queue(st, req,
-          stream_deadline != absl::InfiniteFuture()
-              ? stream_deadline
-              : absl::Now() + coordinator_->default_timeout());
+    // The stream's deadline (capped), or the default, from the request's
+    // arrival: it counts while the request waits for a thread.
+    const absl::Time deadline = Capped(stream_deadline);
+    Queue(st, std::move(req),
+          deadline != absl::InfiniteFuture() ? deadline
+                                             : absl::Now() + coordinator_->default_timeout());
   }
 }
 
-void KServeService::Queue(const std::shared_ptr<Stream>& st, const inference::ModelInferRequest& req,
+void KServeService::Queue(const std::shared_ptr<Stream>& st, inference::ModelInferRequest req,
                           absl::Time deadline) {
   // Counted against its model's queue before it waits for a thread.
   absl::StatusOr<Coordinator::Admission> admitted = coordinator_->Admit(req.model_name());
@@ -309,7 +315,8 @@ void KServeService::Queue(const std::shared_ptr<Stream>& st, const inference::Mo
     return;
   }
   auto admission = std::make_shared<Coordinator::Admission>(*std::move(admitted));
-  stream_pool_.Submit(req.model_name(), [this, st, req, deadline, admission] {
+  const std::string model = req.model_name();
+  stream_pool_.Submit(model, [this, st, req = std::move(req), deadline, admission] {
     inference::ModelStreamInferResponse out;
     grpc::ServerContext* ctx = st->ctx;
     absl::Status s = Infer(req, deadline, [ctx] { return ctx->IsCancelled(); },

@@ -104,9 +104,11 @@ class KServeService final : public inference::GRPCInferenceService::Service {
                               const std::function<bool()>& cancelled,
                               inference::ModelInferResponse* resp,
                               const Coordinator::Admission* admission);
-  // The client's deadline, no later than max_timeout from now (infinite
-  // when the client set none).
-  absl::Time Deadline(const grpc::ServerContext& ctx) const;
+  // The deadline the client set for the call (infinite when none).
+  static absl::Time ClientDeadline(const grpc::ServerContext& ctx);
+  // A request's deadline: the client's, no later than max_timeout from now
+  // (infinite when the client set none).
+  absl::Time Capped(absl::Time client_deadline) const;
   using StreamIo =
       grpc::ServerReaderWriter<inference::ModelStreamInferResponse, inference::ModelInferRequest>;
   // Registers a new stream, or kResourceExhausted naming the limit.
@@ -116,7 +118,7 @@ class KServeService final : public inference::GRPCInferenceService::Service {
   void ReadRequests(const std::shared_ptr<Stream>& st, grpc::ServerContext* ctx);
   // Admits `req` (read from `st`, counted in flight) and runs it on the
   // pool, or answers its refusal at once.
-  void Queue(const std::shared_ptr<Stream>& st, const inference::ModelInferRequest& req,
+  void Queue(const std::shared_ptr<Stream>& st, inference::ModelInferRequest req,
              absl::Time deadline);
   // Writes `req`'s answer (`out`, or `result`'s error) on `st`; it is no
   // longer in flight.

@@ -145,5 +145,29 @@ TEST_F(KServeServiceTest, StreamedRequestsCountAgainstTheModelsQueueBeforeTheyWa
   EXPECT_TRUE(stream->Finish().ok());
 }
 
+// Regression: a stream's deadline was capped at --max_timeout_s from the
+// stream's opening, so on a stream open longer than that every later
+// request failed at once with DEADLINE_EXCEEDED. The cap runs from each
+// request's arrival.
+TEST_F(KServeServiceTest, TheDeadlineCapRunsFromEachStreamedRequestsArrival) {
+  KServeOptions ko;
+  ko.max_timeout = absl::Milliseconds(500);
+  Start(CoordinatorOptions(), ko);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto stream = stub_->ModelStreamInfer(&ctx);
+  ASSERT_TRUE(stream->Write(Request("first")));
+  inference::ModelStreamInferResponse resp;
+  ASSERT_TRUE(stream->Read(&resp));
+  EXPECT_EQ(resp.error_message(), "");
+  absl::SleepFor(absl::Seconds(1));  // the stream is now open longer than the cap
+  ASSERT_TRUE(stream->Write(Request("later")));
+  ASSERT_TRUE(stream->Read(&resp));
+  EXPECT_EQ(resp.infer_response().id(), "later");
+  EXPECT_EQ(resp.error_message(), "");
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
 }  // namespace
 }  // namespace pipeserve
