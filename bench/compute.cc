@@ -36,7 +36,7 @@
 #include "runtime/cpu/cpu_kernels.h"
 #include "runtime/local_pipeline.h"
 #include "runtime/model_file.h"
-#include "runtime/npy.h"
+#include "tests/fixtures.h"
 
 namespace pipeserve {
 namespace {
@@ -107,31 +107,18 @@ void GemmTable(int threads, int iters) {
   }
 }
 
-// ExampleCode at `batch`, exported with PyTorch into `dir`.
-struct Export {
-  Model model;
-  std::vector<Tensor> in;  // x, y
-};
-
-Export ExportExampleCode(const std::string& dir, int batch) {
-  std::string cmd = absl::StrCat("/usr/bin/python3 tests/pytorch/make_fixtures.py --out ", dir,
-                                 " --case example_code --batch ", batch, " > /dev/null");
-  if (std::system(cmd.c_str()) != 0) {
-    Fail("exporting ExampleCode", absl::InternalError(absl::StrCat("`", cmd, "` failed")));
-  }
-  std::string cdir = dir + "/example_code";
-  auto model = ReadModelFile(cdir + "/model.psm");
-  auto x = ReadNpy(cdir + "/in_x.npy");
-  auto y = ReadNpy(cdir + "/in_y.npy");
-  if (!model.ok()) Fail("loading " + cdir + "/model.psm", model.status());
-  if (!x.ok()) Fail("loading " + cdir + "/in_x.npy", x.status());
-  if (!y.ok()) Fail("loading " + cdir + "/in_y.npy", y.status());
-  return {*std::move(model), {*std::move(x), *std::move(y)}};
+// ExampleCode at `batch`, exported with PyTorch (into TestTempRoot()).
+Fixture ExportExampleCode(int batch) {
+  absl::StatusOr<std::string> dir = MakeFixtures({"example_code"}, batch);
+  if (!dir.ok()) Fail("exporting ExampleCode", dir.status());
+  absl::StatusOr<Fixture> f = LoadFixture(*dir, "example_code");
+  if (!f.ok()) Fail("loading ExampleCode from " + *dir, f.status());
+  return *std::move(f);
 }
 
 // One row of the ExampleCode table: pipeserve split and unsplit against
 // PyTorch eager (n/a where bench/torch_eager.py printed no time).
-void ExampleCodeRow(const Export& ec, int batch, int threads, int iters) {
+void ExampleCodeRow(const Fixture& ec, int batch, int threads, int iters) {
   auto plan = Partition(ec.model.graph, {});
   if (!plan.ok()) Fail("partitioning ExampleCode", plan.status());
   CpuBackendOptions o;
@@ -143,9 +130,9 @@ void ExampleCodeRow(const Export& ec, int batch, int threads, int iters) {
   if (!whole.ok()) Fail("compiling ExampleCode unsplit", whole.status());
   const std::string at = absl::StrCat(" at batch ", batch);
   double ours = MedianSeconds("ExampleCode's 4 stages" + at, iters,
-                              [&] { return (*pipe)->Run(ec.in).status(); }) * 1e3;
+                              [&] { return (*pipe)->Run(ec.inputs).status(); }) * 1e3;
   double unsplit = MedianSeconds("ExampleCode unsplit" + at, iters,
-                                 [&] { return (*whole)->Run(ec.in).status(); }) * 1e3;
+                                 [&] { return (*whole)->Run(ec.inputs).status(); }) * 1e3;
   std::string torch = absl::StrCat("/usr/bin/python3 bench/torch_eager.py --batch ", batch,
                                    " --threads ", threads, " --iters ", iters);
   double t_default = TorchMedianMs(torch);
@@ -160,10 +147,7 @@ void ExampleCodeTable(int threads, int iters) {
               threads);
   std::printf("%-6s %12s %12s %16s %12s %12s\n", "batch", "pipeserve", "unsplit",
               "torch(default)", "torch(SKX)", "vs SKX");
-  const char* tmp = std::getenv("TMPDIR");
-  std::string dir = absl::StrCat(tmp ? tmp : "/tmp", "/pipeserve_bench_", getpid());
-  for (int batch : {16, 256}) ExampleCodeRow(ExportExampleCode(dir, batch), batch, threads, iters);
-  std::filesystem::remove_all(dir);
+  for (int batch : {16, 256}) ExampleCodeRow(ExportExampleCode(batch), batch, threads, iters);
 }
 
 }  // namespace

@@ -52,7 +52,6 @@
 #include <set>
 #include <mutex>
 #include <optional>
-#include <fstream>
 #include <random>
 #include <thread>
 
@@ -69,14 +68,15 @@
 #include "partitioner/partition.h"
 #include "runtime/local_pipeline.h"
 #include "runtime/model_file.h"
-#include "runtime/npy.h"
 #include "runtime/backends.h"
 #include "server/coordinator/core.h"
 #include "server/coordinator/grpc_stage_client.h"
 #include "server/stage/stage_server_core.h"
 #include "server/stage/stage_service.h"
+#include "server/testing/upload.h"
 #include "server/transport/channels.h"
 #include "server/transport/frame.h"
+#include "tests/fixtures.h"
 
 namespace pipeserve {
 namespace {
@@ -294,11 +294,7 @@ StageServer StartStageServer(int threads) {
   o.default_threads = threads;
   if (g_device != "cpu") {
     auto backend = MakeBackend(g_device, {});
-    if (!backend.ok()) {
-      std::printf("--device=%s: %s\n", g_device.c_str(),
-                  std::string(backend.status().message()).c_str());
-      std::exit(1);
-    }
+    if (!backend.ok()) Fail("--device=" + g_device, backend.status());
     o.backend = std::shared_ptr<ComputeBackend>(*std::move(backend));
   }
   s.dialer = std::make_unique<GrpcDialer>(Channels(), 4);
@@ -356,20 +352,9 @@ struct Cluster {
   // Uploads `m` as `name` with `microbatches` per request (and `o`'s other
   // options); stops the benchmark if that fails.
   void Upload(const std::string& name, const Model& m, int microbatches, UploadOptions o = {}) {
-    const std::string what = absl::StrCat("uploading \"", name, "\"");
-    std::string path = dir + "/" + name + ".psm";
-    absl::Status written = WriteModelFile(path, m.graph, m.weights);
-    if (!written.ok()) Fail(what + ": writing " + path, written);
-    std::ifstream in(path, std::ios::binary);
-    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    auto up = coordinator->StartUpload(name);
-    if (!up.ok()) Fail(what, up.status());
-    absl::Status appended = (*up)->Append(bytes);
-    if (!appended.ok()) Fail(what, appended);
     o.set_microbatches(microbatches);
-    auto r = coordinator->FinishUpload(name, o, *std::move(up), bytes.size(),
-                                       Crc32(bytes.data(), bytes.size()));
-    if (!r.ok()) Fail(what, r.status());
+    auto r = UploadModel(*coordinator, name, m, o);
+    if (!r.ok()) Fail(absl::StrCat("uploading \"", name, "\""), r.status());
   }
 
   static inline int counter_ = 0;
@@ -408,15 +393,18 @@ Model Mlp(int layers, int stages, int64_t w) {
   return b.Build();
 }
 
-double InferMedianMicros(Coordinator& c, const std::string& model, const Tensor& x, int iters) {
+// Median microseconds of `iters` requests of `in` to `model`, sent one at
+// a time after `warmup` untimed ones.
+double InferMedianMicros(Coordinator& c, const std::string& model, const std::vector<Tensor>& in,
+                         int iters, int warmup) {
   std::vector<double> t;
-  for (int i = 0; i < iters + 20; ++i) {
+  for (int i = 0; i < iters + warmup; ++i) {
     auto t0 = Clock::now();
-    auto out = c.Infer(model, {x}, absl::Now() + absl::Seconds(30));
+    auto out = c.Infer(model, in, absl::Now() + absl::Seconds(30));
     if (!out.ok()) {
       Fail(absl::StrCat("request ", i, " to \"", model, "\" (a timed round trip)"), out.status());
     }
-    if (i >= 20) t.push_back(Seconds(t0, Clock::now()) * 1e6);
+    if (i >= warmup) t.push_back(Seconds(t0, Clock::now()) * 1e6);
   }
   return Median(t);
 }
@@ -489,8 +477,8 @@ void HopLatency() {
   Cluster one(1, 1), two(2, 1);
   one.Upload("id", IdentityChain(1, 512), 1);
   two.Upload("id", IdentityChain(2, 512), 1);
-  double t1 = InferMedianMicros(*one.coordinator, "id", x, 500);
-  double t2 = InferMedianMicros(*two.coordinator, "id", x, 500);
+  double t1 = InferMedianMicros(*one.coordinator, "id", {x}, 500, 20);
+  double t2 = InferMedianMicros(*two.coordinator, "id", {x}, 500, 20);
   std::printf("%-44s %10s\n", "", "us");
   std::printf("%-44s %10.1f\n", "plain gRPC bidi ping-pong (baseline)", ping);
   std::printf("%-44s %10.1f  (%.2fx ping-pong)\n", "coordinator -> 1 identity stage -> back", t1,
@@ -509,7 +497,7 @@ void LargeActivation() {
   one.Upload("id", IdentityChain(1, 1024), 1);
   Tensor x = RandomTensor({4096, 1024}, 2);  // 16 MiB
   FrameReceiveStats before = GetFrameReceiveStats();
-  double t = InferMedianMicros(*one.coordinator, "id", x, 40) / 1e6;
+  double t = InferMedianMicros(*one.coordinator, "id", {x}, 40, 20) / 1e6;
   FrameReceiveStats after = GetFrameReceiveStats();
   double copied = after.copied_bytes - before.copied_bytes;
   double wrapped = after.wrapped_bytes - before.wrapped_bytes;
@@ -525,6 +513,11 @@ void LargeActivation() {
   // spans two of them cannot be wrapped.
   std::printf("%-44s %10.0f KiB  (a larger tensor is copied once)\n",
               "largest slice gRPC handed over (this process)", after.largest_slice / 1024.0);
+}
+
+// Tensor bytes this process received between two snapshots.
+uint64_t ReceivedBytes(const FrameReceiveStats& before, const FrameReceiveStats& after) {
+  return after.copied_bytes - before.copied_bytes + after.wrapped_bytes - before.wrapped_bytes;
 }
 
 // Median seconds of `m` run in this process on one thread of the CPU
@@ -574,7 +567,7 @@ void Pipelining() {
     const FrameReceiveStats before = GetFrameReceiveStats();
     r2s.push_back(Throughput(*two.coordinator, "mlp", {x}, 8, 10));
     const FrameReceiveStats after = GetFrameReceiveStats();
-    bytes += after.copied_bytes - before.copied_bytes + after.wrapped_bytes - before.wrapped_bytes;
+    bytes += ReceivedBytes(before, after);
   }
   const LoadResult r1 = MedianRate(r1s), r2 = MedianRate(r2s);
   std::printf("%-44s %10.1f req/s%s\n", "1 stage (baseline)", r1.rps,
@@ -619,16 +612,14 @@ std::optional<ExampleCode> LoadExampleCode() {
       return std::nullopt;
     }
   }
-  auto model = ReadModelFile(dir + "/example_code/model.psm");
-  auto x = ReadNpy(dir + "/example_code/in_x.npy");
-  auto y = ReadNpy(dir + "/example_code/in_y.npy");
+  absl::StatusOr<Fixture> f = LoadFixture(dir, "example_code");  // inputs x, y
   if (g_fixtures.empty()) std::filesystem::remove_all(dir);
-  if (!model.ok() || !x.ok() || !y.ok()) {
+  if (!f.ok()) {
     std::printf("cannot load ExampleCode from %s; section skipped\n", dir.c_str());
     ++g_sections_skipped;
     return std::nullopt;
   }
-  return ExampleCode{*std::move(model), *std::move(x), *std::move(y)};
+  return ExampleCode{std::move(f->model), std::move(f->inputs[0]), std::move(f->inputs[1])};
 }
 
 // Requests the served ExampleCode run sends (4 clients).
@@ -636,16 +627,7 @@ constexpr int kE2eRequests = 400;
 
 // Median latency in ms of 30 requests to `model`, sent one at a time.
 double LatencyMs(Coordinator& c, const std::string& model, const std::vector<Tensor>& in) {
-  std::vector<double> lat;
-  for (int i = 0; i < 30; ++i) {
-    auto t0 = Clock::now();
-    auto out = c.Infer(model, in, absl::Now() + absl::Seconds(30));
-    if (!out.ok()) {
-      Fail(absl::StrCat("request ", i, " to \"", model, "\" (a timed latency)"), out.status());
-    }
-    lat.push_back(Seconds(t0, Clock::now()) * 1e3);
-  }
-  return Median(lat);
+  return InferMedianMicros(c, model, in, 30, 0) / 1e3;
 }
 
 // Microbatches the stages of `model` computed so far, and program runs.
@@ -661,11 +643,6 @@ std::pair<uint64_t, uint64_t> Computed(Cluster& cluster, const std::string& mode
     }
   }
   return frames_runs;
-}
-
-// Tensor bytes this process received between two snapshots.
-uint64_t ReceivedBytes(const FrameReceiveStats& before, const FrameReceiveStats& after) {
-  return after.copied_bytes - before.copied_bytes + after.wrapped_bytes - before.wrapped_bytes;
 }
 
 // Section 4's compute-only limits and TCP ceiling, for stages on the CPU:

@@ -23,8 +23,7 @@ absl::StatusOr<int64_t> CheckTensorsMatch(
     }
     // A shape with a 0 beside huge dimensions holds nothing, yet kernels
     // would walk all of it.
-    if (absl::Status extent = t.numel() == 0 ? CheckDataExtent(t.shape()) : absl::OkStatus();
-        !extent.ok()) {
+    if (absl::Status extent = CheckDataExtent(t.shape()); !extent.ok()) {
       return absl::InvalidArgumentError(
           absl::StrCat("input \"", spec.name(), "\": ", extent.message()));
     }

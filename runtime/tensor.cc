@@ -17,14 +17,22 @@ int64_t NumElements(absl::Span<const int64_t> shape) {
   return n;
 }
 
-absl::StatusOr<uint64_t> CheckedElementCount(absl::Span<const int64_t> shape) {
+namespace {
+
+// A checked shape's element count, n, and its extent: the count with
+// every 0 taken as 1, so a 0 dimension does not hide huge ones beside it
+// ([0, 2^63-1]).
+struct Counts {
+  uint64_t n = 1;
+  uint64_t extent = 1;
+};
+
+absl::StatusOr<Counts> Count(absl::Span<const int64_t> shape) {
   if (shape.size() > static_cast<size_t>(kMaxRank)) {
     return absl::InvalidArgumentError(absl::StrCat("shape has ", shape.size(),
                                                    " dimensions (at most ", kMaxRank, ")"));
   }
-  // n counts elements; extent counts them with every 0 taken as 1, so a
-  // 0 dimension does not hide huge ones beside it ([0, 2^63-1]).
-  uint64_t n = 1, extent = 1;
+  Counts c;
   for (int64_t d : shape) {
     if (d < 0) {
       return absl::InvalidArgumentError(
@@ -32,14 +40,22 @@ absl::StatusOr<uint64_t> CheckedElementCount(absl::Span<const int64_t> shape) {
     }
     const uint64_t e = d == 0 ? 1 : static_cast<uint64_t>(d);
     // extent * e > kMaxElements, without overflowing (n <= extent).
-    if (extent > kMaxElements / e) {
+    if (c.extent > kMaxElements / e) {
       return absl::InvalidArgumentError(absl::StrCat(
           "shape ", ShapeToString(shape), " has more than 2^62 elements (counting a 0 as 1)"));
     }
-    extent *= e;
-    n *= static_cast<uint64_t>(d);
+    c.extent *= e;
+    c.n *= static_cast<uint64_t>(d);
   }
-  return n;
+  return c;
+}
+
+}  // namespace
+
+absl::StatusOr<uint64_t> CheckedElementCount(absl::Span<const int64_t> shape) {
+  absl::StatusOr<Counts> c = Count(shape);
+  if (!c.ok()) return c.status();
+  return c->n;
 }
 
 uint64_t ShapeExtent(absl::Span<const int64_t> shape) {
@@ -49,14 +65,13 @@ uint64_t ShapeExtent(absl::Span<const int64_t> shape) {
 }
 
 absl::Status CheckDataExtent(absl::Span<const int64_t> shape) {
-  absl::StatusOr<uint64_t> n = CheckedElementCount(shape);
-  if (!n.ok()) return n.status();
-  if (ShapeExtent(shape) > kMaxDataExtent) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "shape ", ShapeToString(shape), " spans more than 2^31 positions (counting a 0 as 1); "
-        "no tensor a message carries is that large"));
-  }
-  return absl::OkStatus();
+  absl::StatusOr<Counts> c = Count(shape);
+  if (!c.ok()) return c.status();
+  // A shape with elements is bounded by the data that came with it.
+  if (c->n > 0 || c->extent <= kMaxDataExtent) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      "shape ", ShapeToString(shape), " spans more than 2^31 positions (counting a 0 as 1); "
+      "no tensor a message carries is that large"));
 }
 
 absl::StatusOr<uint64_t> CheckedByteSize(absl::Span<const int64_t> shape,

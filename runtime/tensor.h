@@ -53,8 +53,8 @@ uint64_t ShapeExtent(absl::Span<const int64_t> shape);
 // Shapes that arrive with their data (a request's inputs, a frame's
 // tensors) bound that extent too: no tensor a message can carry (2 GiB at
 // most) has more than kMaxDataExtent elements, so a larger extent can only
-// come from a 0 dimension beside huge ones. kInvalidArgument naming the
-// shape.
+// come from a 0 dimension beside huge ones. OK for a shape with elements
+// (its data bounds it); else kInvalidArgument naming the shape.
 inline constexpr uint64_t kMaxDataExtent = uint64_t{1} << 31;
 absl::Status CheckDataExtent(absl::Span<const int64_t> shape);
 // CheckedByteSize for a shape that arrives with its bytes: an empty one

@@ -22,8 +22,6 @@
 
 namespace pipeserve {
 
-std::string TempDir(const std::string& name) { return TestTempDir(name); }
-
 namespace {
 
 // Forks and execs `args` (argv[0] looked up on PATH) with stdout and stderr
@@ -88,7 +86,7 @@ int Stop(pid_t pid, absl::Duration limit) {
 absl::StatusOr<std::unique_ptr<CoordinatorProcess>> CoordinatorProcess::Start(
     CoordinatorFlags flags) {
   auto p = std::unique_ptr<CoordinatorProcess>(new CoordinatorProcess());
-  std::string dir = TempDir("coordinator");
+  std::string dir = TestTempDir("coordinator");
   std::string port_file = dir + "/port";
   p->log_ = dir + "/coordinator.log";
   std::string bin = RunfilesRoot() + "/server/coordinator/coordinator";
@@ -160,7 +158,7 @@ absl::StatusOr<std::unique_ptr<StageServerProcess>> StageServerProcess::Start(
     const std::string& cluster_token, std::vector<std::string> extra,
     std::vector<std::string> prefix) {
   auto p = std::unique_ptr<StageServerProcess>(new StageServerProcess());
-  std::string dir = TempDir("stage_server");
+  std::string dir = TestTempDir("stage_server");
   std::string port_file = dir + "/port", log = dir + "/stage_server.log";
   std::ofstream(dir + "/cluster-token") << cluster_token << "\n";
   std::string bin = RunfilesRoot() + "/server/stage/stage_server";

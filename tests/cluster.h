@@ -92,9 +92,6 @@ class StageServerProcess {
 absl::StatusOr<StageStatsResponse> StageStats(const GetPlanResponse& plan, int stage,
                                               const std::string& token);
 
-// A fresh folder under $TEST_TMPDIR.
-std::string TempDir(const std::string& name);
-
 }  // namespace pipeserve
 
 #endif  // PIPESERVE_TESTS_CLUSTER_H_

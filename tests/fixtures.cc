@@ -7,6 +7,7 @@
 #include <fstream>
 
 #include "absl/strings/str_cat.h"
+#include "server/testing/temp_dir.h"
 #include "common/status_macros.h"
 #include "partitioner/graph_builder.h"
 #include "runtime/model_file.h"
@@ -25,10 +26,7 @@ std::string RunfilesRoot() {
 
 absl::StatusOr<std::string> MakeFixtures(const std::vector<std::string>& cases,
                                          int batch) {
-  static int counter = 0;
-  const char* tmp = std::getenv("TEST_TMPDIR");
-  std::string dir = absl::StrCat(tmp != nullptr ? tmp : "/tmp", "/fixtures_",
-                                 batch, "_", counter++);
+  const std::string dir = TestTempDir(absl::StrCat("fixtures_", batch));
   std::string cmd = absl::StrCat(
       "/usr/bin/python3 ", RunfilesRoot(), "/tests/pytorch/make_fixtures.py",
       " --out ", dir, " --batch ", batch);

@@ -26,7 +26,8 @@ struct Fixture {
 };
 
 // Exports `cases` (all when empty) with the given batch into a new folder
-// under $TEST_TMPDIR and returns it; kInternal if PyTorch fails.
+// made by TestTempDir ($TEST_TMPDIR under bazel test) and returns it;
+// kInternal if PyTorch fails.
 absl::StatusOr<std::string> MakeFixtures(const std::vector<std::string>& cases,
                                          int batch);
 

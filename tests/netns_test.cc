@@ -30,6 +30,7 @@
 #include "gtest/gtest.h"
 #include "client/client.h"
 #include "common/status_macros.h"
+#include "server/testing/temp_dir.h"
 #include "tests/cluster.h"
 #include "tests/fixtures.h"
 #include "tests/load.h"
@@ -102,7 +103,7 @@ class NetnsTest : public ::testing::Test {
       addresses.push_back(Ip(i) + ":9000");
       servers_.push_back(std::move(s));
     }
-    CoordinatorFlags flags{TempDir("netns_repo"),
+    CoordinatorFlags flags{TestTempDir("netns_repo"),
                            {"--launcher=static",
                             "--stage_servers=" + absl::StrJoin(addresses, ",")},
                            token};

@@ -10,6 +10,7 @@
 #include "absl/strings/str_join.h"
 #include "gtest/gtest.h"
 #include "client/client.h"
+#include "server/testing/temp_dir.h"
 #include "tests/cluster.h"
 #include "tests/fixtures.h"
 #include "tests/http_get.h"
@@ -46,7 +47,7 @@ TEST(ObservabilityTest, StageServersExportMetricsThatAccountForEveryMicrobatch) 
     servers.push_back(*std::move(s));
   }
   auto c = CoordinatorProcess::Start(
-      {TempDir("observability_repo"),
+      {TestTempDir("observability_repo"),
        {"--launcher=static", "--stage_servers=" + absl::StrJoin(addresses, ",")},
        token});
   ASSERT_TRUE(c.ok()) << c.status();

@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "client/client.h"
+#include "server/testing/temp_dir.h"
 #include "tests/cluster.h"
 #include "tests/fixtures.h"
 #include "tests/load.h"
@@ -32,7 +33,7 @@ class ReliabilityTest : public ::testing::Test {
     auto f = LoadFixture(*dir, "example_code");
     ASSERT_TRUE(f.ok()) << f.status();
     fixture_ = *std::move(f);
-    auto c = CoordinatorProcess::Start({TempDir("reliability_repo"), {}});
+    auto c = CoordinatorProcess::Start({TestTempDir("reliability_repo"), {}});
     ASSERT_TRUE(c.ok()) << c.status();
     coordinator_ = *std::move(c);
     auto client = Client::Connect(coordinator_->address());
@@ -124,7 +125,7 @@ TEST(RestartTest, ARestartedCoordinatorAdoptsLoadedStagesAndServesAtOnce) {
     absl::StrAppend(&list, i ? "," : "", (*s)->address());
     servers.push_back(*std::move(s));
   }
-  const std::string repo = TempDir("restart_repo");
+  const std::string repo = TestTempDir("restart_repo");
   CoordinatorFlags flags{repo, {"--launcher=static", "--stage_servers=" + list}, token};
   const std::vector<NamedTensor> in = NamedInputs(*f);
   uint64_t deployment = 0;
@@ -157,13 +158,13 @@ TEST(RestartTest, ARestartedCoordinatorAdoptsLoadedStagesAndServesAtOnce) {
 // the coordinator exits 0 (regression: it gave requests 5 s, whatever
 // they needed).
 TEST(ShutdownTest, SigtermLetsARequestInFlightFinishThenExitsZero) {
-  auto c = CoordinatorProcess::Start({TempDir("shutdown_repo"), {"--shutdown_grace_s=60"}});
+  auto c = CoordinatorProcess::Start({TestTempDir("shutdown_repo"), {"--shutdown_grace_s=60"}});
   ASSERT_TRUE(c.ok()) << c.status();
   auto client = Client::Connect((*c)->address());
   ASSERT_TRUE(client.ok());
   UploadOptions sixteen;
   sixteen.set_microbatches(16);
-  ASSERT_TRUE((*client)->Upload("deep", WriteDeepMlp(TempDir("deep")), sixteen).ok());
+  ASSERT_TRUE((*client)->Upload("deep", WriteDeepMlp(TestTempDir("deep")), sixteen).ok());
   auto plan = (*client)->GetPlan("deep");
   ASSERT_TRUE(plan.ok());
   const int64_t rows = 32768;  // seconds longer after the signal than the old 5 s grace

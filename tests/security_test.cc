@@ -22,6 +22,7 @@
 #include "proto/pipeserve_service.grpc.pb.h"
 #include "runtime/model_file.h"
 #include "server/testing/proc_status.h"
+#include "server/testing/temp_dir.h"
 #include "tests/cluster.h"
 #include "tests/fixtures.h"
 
@@ -32,7 +33,7 @@ using ::testing::HasSubstr;
 
 // Runs tools/make_dev_certs.sh into a new folder.
 std::string MakeCerts(const std::string& name) {
-  std::string dir = TempDir(name);
+  std::string dir = TestTempDir(name);
   std::string cmd = absl::StrCat(RunfilesRoot(), "/tools/make_dev_certs.sh ", dir,
                                  "/certs >", dir, "/log 2>&1");
   EXPECT_EQ(std::system(cmd.c_str()), 0) << "see " << dir << "/log";
@@ -53,7 +54,7 @@ class SecurityTest : public ::testing::Test {
     other_ = new std::string(MakeCerts("other_certs"));  // a CA nobody trusts
     const std::string& c = *certs_;
     CoordinatorFlags flags;
-    flags.repository = TempDir("secure_repo");
+    flags.repository = TestTempDir("secure_repo");
     flags.extra = {"--tls_cert=" + c + "/coordinator.crt", "--tls_key=" + c + "/coordinator.key",
                    "--auth_tokens=" + c + "/tokens",        "--cluster_ca=" + c + "/ca.crt",
                    "--cluster_cert=" + c + "/coordinator.crt",
@@ -67,7 +68,7 @@ class SecurityTest : public ::testing::Test {
     b.Input("x", {-1, 8}).Param("w", {8, 8});
     b.Op("mm", {"x", "w"}, "h").Split().Op("relu", {"h"}, "y").Output("y");
     Model m = b.Build();
-    std::string path = TempDir("secure_model") + "/m.psm";
+    std::string path = TestTempDir("secure_model") + "/m.psm";
     ASSERT_TRUE(WriteModelFile(path, m.graph, m.weights).ok());
     auto up = admin_->Upload("m", path, {});
     ASSERT_TRUE(up.ok()) << up.status();
@@ -263,7 +264,8 @@ TEST_F(SecurityTest, AStageServersCertificateCannotControlAnotherStageServer) {
 // checked on their headers, and refused before the body is read.
 TEST(AuthBeforeBodyTest, TokenlessCallsCostTheCoordinatorTheirHeadersNotTheirBodies) {
   const std::string certs = MakeCerts("gate_certs");
-  auto c = CoordinatorProcess::Start({TempDir("gate_repo"), {"--auth_tokens=" + certs + "/tokens"}});
+  auto c = CoordinatorProcess::Start(
+      {TestTempDir("gate_repo"), {"--auth_tokens=" + certs + "/tokens"}});
   ASSERT_TRUE(c.ok()) << c.status();
   const int64_t before = ProcStatus((*c)->pid(), "VmHWM");
   inference::ModelInferRequest req;
@@ -293,7 +295,7 @@ TEST(AuthBeforeBodyTest, TokenlessCallsCostTheCoordinatorTheirHeadersNotTheirBod
 }
 
 TEST(ListenTest, PlaintextOnANonLoopbackAddressNeedsTheFlag) {
-  auto refused = CoordinatorProcess::Start({TempDir("open_repo"), {"--host=0.0.0.0"}});
+  auto refused = CoordinatorProcess::Start({TestTempDir("open_repo"), {"--host=0.0.0.0"}});
   ASSERT_FALSE(refused.ok());
   // The coordinator said why before it exited.
   std::string log;
@@ -304,7 +306,7 @@ TEST(ListenTest, PlaintextOnANonLoopbackAddressNeedsTheFlag) {
   }
   EXPECT_THAT(log, HasSubstr("pass --allow_insecure"));
   auto allowed = CoordinatorProcess::Start(
-      {TempDir("open_repo2"), {"--host=0.0.0.0", "--allow_insecure"}});
+      {TestTempDir("open_repo2"), {"--host=0.0.0.0", "--allow_insecure"}});
   ASSERT_TRUE(allowed.ok()) << allowed.status();
   std::ifstream in((*allowed)->log_path());
   std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());

@@ -16,6 +16,7 @@
 #include "proto/grpc_service.grpc.pb.h"
 #include "proto/pipeserve_service.grpc.pb.h"
 #include "runtime/model_file.h"
+#include "server/testing/temp_dir.h"
 #include "tests/cluster.h"
 #include "tests/compare.h"
 #include "tests/fixtures.h"
@@ -34,7 +35,7 @@ class ServingTest : public ::testing::Test {
     auto dir = MakeFixtures({"example_code", "multi_mlp", "param_alias"}, 16);
     ASSERT_TRUE(dir.ok()) << dir.status();
     fixtures_ = new std::string(*dir);
-    repository_ = new std::string(TempDir("repository"));
+    repository_ = new std::string(TestTempDir("repository"));
     auto c = CoordinatorProcess::Start({*repository_, {}});
     ASSERT_TRUE(c.ok()) << c.status();
     coordinator_ = c->release();
@@ -47,7 +48,7 @@ class ServingTest : public ::testing::Test {
     }
     UploadOptions sixteen;
     sixteen.set_microbatches(16);
-    auto deep = client_->Upload("deep", WriteDeepMlp(TempDir("deep")), sixteen);
+    auto deep = client_->Upload("deep", WriteDeepMlp(TestTempDir("deep")), sixteen);
     ASSERT_TRUE(deep.ok()) << deep.status();
   }
 
@@ -299,7 +300,7 @@ TEST_F(ServingTest, InvalidGraphReturnsThePartitionersMessage) {
   b.Input("x", {-1, 8}).Param("w", {4, 4});
   b.Op("mm", {"x", "w"}, "h").Output("h");
   Model m = b.Build();
-  std::string path = TempDir("badgraph") + "/bad.psm";
+  std::string path = TestTempDir("badgraph") + "/bad.psm";
   ASSERT_TRUE(WriteModelFile(path, m.graph, m.weights).ok());
   auto up = client_->Upload("bad_graph", path, {});
   ExpectStatus(up.status(), absl::StatusCode::kInvalidArgument,
@@ -524,7 +525,7 @@ TEST_F(ServingTest, StreamInferAnswersEveryRequestOnTheStream) {
 TEST(ServingRestartTest, CoordinatorRestartKeepsUploadedModels) {
   auto dir = MakeFixtures({"multi_mlp"}, 8);
   ASSERT_TRUE(dir.ok());
-  std::string repo = TempDir("restart_repo");
+  std::string repo = TestTempDir("restart_repo");
   auto f = LoadFixture(*dir, "multi_mlp");
   ASSERT_TRUE(f.ok());
   {
@@ -553,7 +554,7 @@ TEST(ServingRecoveryTest, AStageServerThatDiesIsReplacedAndTheModelServesAgain) 
   auto dir = MakeFixtures({"multi_mlp"}, 8);
   ASSERT_TRUE(dir.ok());
   auto f = LoadFixture(*dir, "multi_mlp");
-  auto c = CoordinatorProcess::Start({TempDir("recovery_repo"), {}});
+  auto c = CoordinatorProcess::Start({TestTempDir("recovery_repo"), {}});
   ASSERT_TRUE(c.ok()) << c.status();
   auto client = Client::Connect((*c)->address());
   ASSERT_TRUE((*client)->Upload("m", *dir + "/multi_mlp/model.psm", {}).ok());
@@ -587,7 +588,7 @@ TEST(ServingRecoveryTest, AStageServerThatDiesIsReplacedAndTheModelServesAgain) 
 TEST(ServingLimitsTest, OversizedRequestIsResourceExhaustedAndTheServerKeepsServing) {
   auto dir = MakeFixtures({"multi_mlp"}, 8);
   ASSERT_TRUE(dir.ok());
-  auto c = CoordinatorProcess::Start({TempDir("limits_repo"), {"--max_message_mb=2"}});
+  auto c = CoordinatorProcess::Start({TestTempDir("limits_repo"), {"--max_message_mb=2"}});
   ASSERT_TRUE(c.ok()) << c.status();
   auto client = Client::Connect((*c)->address());
   ASSERT_TRUE((*client)->Upload("m", *dir + "/multi_mlp/model.psm", {}).ok());

@@ -24,6 +24,7 @@
 #include "gtest/gtest.h"
 #include "client/client.h"
 #include "server/testing/proc_status.h"
+#include "server/testing/temp_dir.h"
 #include "tests/cluster.h"
 #include "tests/fixtures.h"
 #include "tests/load.h"
@@ -82,7 +83,7 @@ TEST(SoakTest, StageServersKilledAgainAndAgainLoseNoRequestAndNothingGrows) {
   ASSERT_TRUE(dir.ok()) << dir.status();
   auto f = LoadFixture(*dir, "example_code");
   ASSERT_TRUE(f.ok());
-  auto c = CoordinatorProcess::Start({TempDir("soak_repo"), {}});
+  auto c = CoordinatorProcess::Start({TestTempDir("soak_repo"), {}});
   ASSERT_TRUE(c.ok()) << c.status();
   auto first = UploadAndAnswer((*c)->address(), "m", *f);
   ASSERT_TRUE(first.ok()) << first.status();

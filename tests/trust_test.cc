@@ -24,6 +24,7 @@
 #include "proto/grpc_service.grpc.pb.h"
 #include "proto/pipeserve_service.grpc.pb.h"
 #include "runtime/model_file.h"
+#include "server/testing/temp_dir.h"
 #include "tests/cluster.h"
 #include "tests/http_get.h"
 
@@ -82,10 +83,10 @@ absl::StatusOr<OwnCoordinator> StartWithMlp(const std::string& name,
                                             absl::Duration timeout) {
   OwnCoordinator own;
   ASSIGN_OR_RETURN(own.process,
-                   CoordinatorProcess::Start({TempDir(name + "_repo"), std::move(flags)}));
+                   CoordinatorProcess::Start({TestTempDir(name + "_repo"), std::move(flags)}));
   ASSIGN_OR_RETURN(own.client,
                    Client::Connect(own.process->address(), {.timeout = timeout}));
-  RETURN_IF_ERROR(own.client->Upload(model, WriteMlp(TempDir(name + "_models"), stages), {})
+  RETURN_IF_ERROR(own.client->Upload(model, WriteMlp(TestTempDir(name + "_models"), stages), {})
                       .status());
   return own;
 }
@@ -94,11 +95,11 @@ absl::StatusOr<OwnCoordinator> StartWithMlp(const std::string& name,
 class TrustTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    auto c = CoordinatorProcess::Start({TempDir("trust_repo"), {}});
+    auto c = CoordinatorProcess::Start({TestTempDir("trust_repo"), {}});
     ASSERT_TRUE(c.ok()) << c.status();
     coordinator_ = c->release();
     client_ = Client::Connect(coordinator_->address())->release();
-    dir_ = new std::string(TempDir("trust_models"));
+    dir_ = new std::string(TestTempDir("trust_models"));
     auto up = client_->Upload("mlp", WriteMlp(*dir_, 2), {});
     ASSERT_TRUE(up.ok()) << up.status();
   }
@@ -110,6 +111,14 @@ class TrustTest : public ::testing::Test {
 
   static std::unique_ptr<inference::GRPCInferenceService::Stub> KServe() {
     return KServeStub(coordinator_->address());
+  }
+
+  // Writes `m` to `name`.psm in dir_ and uploads it as `name`: the upload's
+  // answer, or the write's error.
+  static absl::StatusOr<UploadResult> UploadBuilt(const std::string& name, const Model& m) {
+    const std::string path = absl::StrCat(*dir_, "/", name, ".psm");
+    RETURN_IF_ERROR(WriteModelFile(path, m.graph, m.weights));
+    return client_->Upload(name, path, {});
   }
 
   static void ExpectStillServing() {
@@ -237,10 +246,7 @@ TEST_F(TrustTest, AWeightWhoseSizeOverflowsIsRefusedAtUpload) {
 TEST_F(TrustTest, AnEmptyShapeSpanningHugeDimensionsIsRefusedAndTheModelServesOn) {
   GraphBuilder b;
   b.Input("x", {-1, -1}).Op("softmax", {"x"}, "p", "", {{"dim", AttrI(-1)}}).Output("p");
-  Model m = b.Build();
-  std::string path = *dir_ + "/seq.psm";
-  ASSERT_TRUE(WriteModelFile(path, m.graph, m.weights).ok());
-  ASSERT_TRUE(client_->Upload("seq", path, {}).ok());
+  ASSERT_TRUE(UploadBuilt("seq", b.Build()).ok());
   auto stub = KServe();
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
@@ -262,10 +268,7 @@ TEST_F(TrustTest, ARequestTooLargeForMemoryIsResourceExhaustedAndTheStageLives) 
   GraphBuilder b;
   b.Input("x", {-1, 1}).Input("y", {1, -1});
   b.Op("mm", {"x", "y"}, "out").Output("out");
-  Model m = b.Build();
-  std::string path = *dir_ + "/outer.psm";
-  ASSERT_TRUE(WriteModelFile(path, m.graph, m.weights).ok());
-  ASSERT_TRUE(client_->Upload("outer", path, {}).ok());
+  ASSERT_TRUE(UploadBuilt("outer", b.Build()).ok());
   const pid_t stage = coordinator_->StageServerPid(0);
   ASSERT_GT(stage, 0);
   const int64_t n = int64_t{1} << 21;  // [2^21, 1] @ [1, 2^21]: 16 TiB out
@@ -305,10 +308,7 @@ TEST_F(TrustTest, FiveThousandCutsAreRefusedWithoutStartingServers) {
     h = absl::StrCat("r", i);
   }
   b.Output(h);
-  Model m = b.Build();
-  std::string path = *dir_ + "/cuts.psm";
-  ASSERT_TRUE(WriteModelFile(path, m.graph, m.weights).ok());
-  auto up = client_->Upload("cuts", path, {});
+  auto up = UploadBuilt("cuts", b.Build());
   EXPECT_EQ(up.status().code(), absl::StatusCode::kInvalidArgument) << up.status();
   EXPECT_THAT(std::string(up.status().message()), HasSubstr("5000 stages"));
   EXPECT_EQ(StageServersOf(coordinator_->pid()), before);
@@ -342,7 +342,7 @@ TEST(TrustReadinessTest, ReadinessIsFalseWhileTheOnlyModelIsDown) {
 // number could run at once.
 TEST(TrustUploadTest, AnIdleUploadIsCancelledAndFreesItsSlot) {
   auto c = CoordinatorProcess::Start(
-      {TempDir("idle_repo"), {"--upload_idle_timeout_s=1", "--max_concurrent_uploads=1"}});
+      {TestTempDir("idle_repo"), {"--upload_idle_timeout_s=1", "--max_concurrent_uploads=1"}});
   ASSERT_TRUE(c.ok()) << c.status();
   auto stub = ModelService::NewStub(
       grpc::CreateChannel((*c)->address(), grpc::InsecureChannelCredentials()));
@@ -355,7 +355,7 @@ TEST(TrustUploadTest, AnIdleUploadIsCancelledAndFreesItsSlot) {
   ASSERT_TRUE(idle->Write(first));
   // While it idles it holds the only slot.
   auto client = *Client::Connect((*c)->address());
-  std::string path = WriteMlp(TempDir("idle_models"), 1);
+  std::string path = WriteMlp(TestTempDir("idle_models"), 1);
   absl::StatusOr<UploadResult> second = client->Upload("second", path, {});
   EXPECT_EQ(second.status().code(), absl::StatusCode::kResourceExhausted) << second.status();
   // The server gives up on it, and the slot frees.
@@ -378,12 +378,13 @@ TEST(TrustUploadTest, AnIdleUploadIsCancelledAndFreesItsSlot) {
 // chunk, so a model whose deploy took longer than --upload_idle_timeout_s
 // had its upload cancelled (CANCELLED) while the coordinator deployed it.
 TEST(TrustUploadTest, ADeployLongerThanTheIdleTimeoutIsNotCancelled) {
-  auto c = CoordinatorProcess::Start({TempDir("slow_deploy_repo"), {"--upload_idle_timeout_s=1"}});
+  auto c =
+      CoordinatorProcess::Start({TestTempDir("slow_deploy_repo"), {"--upload_idle_timeout_s=1"}});
   ASSERT_TRUE(c.ok()) << c.status();
   auto client = *Client::Connect((*c)->address());
   // 4 stages of 4096 x 4096 float32: 256 MiB to load, well over a second
   // (2 stages took 0.85 s on a fast machine, too close to the timeout).
-  std::string path = WriteMlp(TempDir("slow_deploy_models"), 4, 4096);
+  std::string path = WriteMlp(TestTempDir("slow_deploy_models"), 4, 4096);
   absl::Time start = absl::Now();
   absl::StatusOr<UploadResult> up = client->Upload("slow", path, {});
   const absl::Duration took = absl::Now() - start;
@@ -399,10 +400,10 @@ TEST(TrustUploadTest, ADeployLongerThanTheIdleTimeoutIsNotCancelled) {
 
 // Was: no limit on an upload's size.
 TEST(TrustUploadTest, AnUploadOverTheSizeLimitIsRefusedAndStoresNothing) {
-  auto c = CoordinatorProcess::Start({TempDir("big_repo"), {"--max_upload_mb=1"}});
+  auto c = CoordinatorProcess::Start({TestTempDir("big_repo"), {"--max_upload_mb=1"}});
   ASSERT_TRUE(c.ok()) << c.status();
   auto client = *Client::Connect((*c)->address());
-  std::string path = TempDir("big_models") + "/big.psm";
+  std::string path = TestTempDir("big_models") + "/big.psm";
   std::ofstream(path, std::ios::binary) << std::string(3 << 20, 'x');
   auto up = client->Upload("big", path, {});
   EXPECT_EQ(up.status().code(), absl::StatusCode::kResourceExhausted) << up.status();
@@ -535,7 +536,7 @@ TEST(TrustAddressTest, InferenceClientsNeverSeeStageServerAddresses) {
 TEST(TrustShutdownTest, AStageServerLeavesSoonAfterItsGracePeriodWhileAKernelRuns) {
   auto stage = StageServerProcess::Start("", {"--shutdown_grace_s=1", "--threads=1"});
   ASSERT_TRUE(stage.ok()) << stage.status();
-  auto c = CoordinatorProcess::Start({TempDir("kernel_repo"),
+  auto c = CoordinatorProcess::Start({TestTempDir("kernel_repo"),
                                       {"--launcher=static", "--shutdown_grace_s=1",
                                        "--stage_servers=" + (*stage)->address()}});
   ASSERT_TRUE(c.ok()) << c.status();
@@ -544,7 +545,8 @@ TEST(TrustShutdownTest, AStageServerLeavesSoonAfterItsGracePeriodWhileAKernelRun
   // 14 s on one core of a fast machine; the server must not wait for it.
   UploadOptions one_run;
   one_run.set_microbatches(1);
-  ASSERT_TRUE(client->Upload("slow", WriteMlp(TempDir("kernel_models"), 1, 1024, 32), one_run).ok());
+  ASSERT_TRUE(
+      client->Upload("slow", WriteMlp(TestTempDir("kernel_models"), 1, 1024, 32), one_run).ok());
   std::thread request([&] {
     client->Infer("slow", {{"x", Tensor::Zeros({57344, 1024})}}, absl::Seconds(120)).IgnoreError();
   });

@@ -966,8 +966,7 @@ absl::StatusOr<Tensor> RunFloat32(const Node& node, const std::vector<const Tens
 // An op with a float16 or bfloat16 value: bfloat16 kernels where there
 // are, else in float32 rounded back.
 absl::StatusOr<Tensor> RunHalf(const Node& node, const std::vector<const Tensor*>& in,
-                               const Shape& out_shape, DataType out_type, const Tensor& scratch,
-                               bool all_bf16, bool all_fp16);
+                               const Shape& out_shape, DataType out_type, const Tensor& scratch);
 
 }  // namespace
 
@@ -1027,7 +1026,7 @@ absl::StatusOr<Tensor> FusedAttention(const Tensor& q_in, const Tensor& k_in,
   const int r = q_in.rank();
   const int64_t tq = q_in.dim(r - 2), d = q_in.dim(r - 1);
   const int64_t tk = k_in.dim(r - 2), dv = v_in.dim(r - 1);
-  const Shape batch(q_in.shape().begin(), q_in.shape().end() - 2);
+  const Shape batch(out_shape.begin(), out_shape.end() - 2);
   ASSIGN_OR_RETURN(Tensor out, Output(out_shape, type, scratch));
   if (out.numel() == 0) return out;  // nothing to write (see RunCpuOp)
   Shape scores = batch;
@@ -1142,25 +1141,23 @@ absl::StatusOr<Tensor> RunCpuOp(const Node& node, const std::vector<const Tensor
   if (std::find(out_shape.begin(), out_shape.end(), 0) != out_shape.end()) {
     return Output(out_shape, out_type, scratch);  // checks the shape, holds nothing
   }
-  const std::string& op = node.op();
   bool half = IsHalf(out_type);
-  bool all_bf16 = out_type == DT_BFLOAT16;
-  bool all_fp16 = out_type == DT_FLOAT16;
-  for (const Tensor* t : in) {
-    half = half || IsHalf(t->dtype());
-    all_bf16 = all_bf16 && t->dtype() == DT_BFLOAT16;
-    all_fp16 = all_fp16 && t->dtype() == DT_FLOAT16;
-  }
-  if (!half || IsMovement(op)) return RunFloat32(node, in, out_shape, out_type, scratch);
-  return RunHalf(node, in, out_shape, out_type, scratch, all_bf16, all_fp16);
+  for (const Tensor* t : in) half = half || IsHalf(t->dtype());
+  if (!half || IsMovement(node.op())) return RunFloat32(node, in, out_shape, out_type, scratch);
+  return RunHalf(node, in, out_shape, out_type, scratch);
 }
 
 namespace {
 
 absl::StatusOr<Tensor> RunHalf(const Node& node, const std::vector<const Tensor*>& in,
-                               const Shape& out_shape, DataType out_type, const Tensor& scratch,
-                               bool all_bf16, bool all_fp16) {
+                               const Shape& out_shape, DataType out_type, const Tensor& scratch) {
   const std::string& op = node.op();
+  bool all_bf16 = out_type == DT_BFLOAT16;
+  bool all_fp16 = out_type == DT_FLOAT16;
+  for (const Tensor* t : in) {
+    all_bf16 = all_bf16 && t->dtype() == DT_BFLOAT16;
+    all_fp16 = all_fp16 && t->dtype() == DT_FLOAT16;
+  }
   const BinOp bin = BinOpOf(op);
   if (all_bf16 && bin != BinOp::kUnknown && !IsCompare(bin) && bin != BinOp::kFloorDiv &&
       in.size() == (HasScalarOperand(node) ? 1u : 2u)) {

@@ -25,6 +25,20 @@ namespace {
 using ::testing::AnyOf;
 using ::testing::HasSubstr;
 
+// How far a CUDA result may be from the CPU backend's, relative to Scale.
+double Tolerance(Precision p) {
+  return p == Precision::kFloat32 ? 1e-5 : p == Precision::kTF32 ? 1e-3 : 1e-2;
+}
+
+// The largest |element| of the reference `want` (at least 1e-30): what
+// differences from it are measured against.
+double Scale(const Tensor& want) {
+  double scale = 1e-30;
+  for (int64_t i = 0; i < want.numel(); ++i) {
+    scale = std::max<double>(scale, std::fabs(want.data()[i]));
+  }
+  return scale;
+}
 
 // An ExampleCode-shaped stage: GEMMs with a fused epilogue, a broadcast
 // add, a skip connection, a clone.
@@ -75,9 +89,7 @@ TEST_P(CudaBackendTest, GraphReplaysMatchOpByOpLaunchesAcrossTwoShapes) {
   auto cpu = MakeCpuBackend({})->Compile(m.graph, m.weights);
   ASSERT_TRUE(cpu.ok());
   std::mt19937 rng(std::random_device{}());
-  const double tol = GetParam() == Precision::kFloat32 ? 1e-5
-                     : GetParam() == Precision::kTF32  ? 1e-3
-                                                       : 1e-2;
+  const double tol = Tolerance(GetParam());
   // Each shape: first run op by op, second captures, later ones replay.
   for (int64_t batch : {16, 3, 16, 3, 16, 3}) {
     std::vector<Tensor> in = {RandomTensor({batch, 256}, &rng),
@@ -91,9 +103,7 @@ TEST_P(CudaBackendTest, GraphReplaysMatchOpByOpLaunchesAcrossTwoShapes) {
     for (size_t o = 0; o < g->size(); ++o) {
       const Tensor &gt = (*g)[o], &et = (*e)[o], &ct = (*c)[o];
       ASSERT_EQ(gt.shape(), ct.shape());
-      double scale = 1e-30;
-      for (int64_t i = 0; i < ct.numel(); ++i)
-        scale = std::max<double>(scale, std::fabs(ct.data()[i]));
+      const double scale = Scale(ct);
       for (int64_t i = 0; i < gt.numel(); ++i) {
         // Same kernels and algorithms: graph and eager agree to rounding.
         ASSERT_LE(std::fabs(gt.data()[i] - et.data()[i]), 1e-6 * scale)
@@ -149,14 +159,11 @@ TEST_P(CudaBackendTest, TimeDeviceWorkReturnsOneTimePerIteration) {
   auto want = (*cpu)->Run(in);
   ASSERT_TRUE(want.ok()) << want.status();
   ASSERT_EQ(out->size(), want->size());
-  const double tol = GetParam() == Precision::kFloat32   ? 1e-5
-                     : GetParam() == Precision::kTF32 ? 1e-3
-                                                      : 1e-2;
+  const double tol = Tolerance(GetParam());
   for (size_t o = 0; o < out->size(); ++o) {
     const Tensor &g = (*out)[o], &w = (*want)[o];
     ASSERT_EQ(g.shape(), w.shape());
-    double scale = 1e-30;
-    for (int64_t i = 0; i < w.numel(); ++i) scale = std::max<double>(scale, std::fabs(w.data()[i]));
+    const double scale = Scale(w);
     for (int64_t i = 0; i < g.numel(); ++i) {
       ASSERT_LE(std::fabs(g.data()[i] - w.data()[i]), tol * scale)
           << "output " << o << " element " << i << ": " << g.data()[i] << " vs " << w.data()[i];
@@ -209,9 +216,7 @@ void CheckConcurrentRuns(StageProgram* prog, StageProgram* cpu, int threads,
             errors[t] = "run " + std::to_string(r) + ": wrong output shape";
             return;
           }
-          double scale = 1e-30;
-          for (int64_t i = 0; i < w.numel(); ++i)
-            scale = std::max<double>(scale, std::fabs(w.data()[i]));
+          const double scale = Scale(w);
           for (int64_t i = 0; i < g.numel(); ++i) {
             // NaN (an unwritten element) fails too.
             if (!(std::fabs(g.data()[i] - w.data()[i]) <= tol * scale)) {
@@ -230,10 +235,6 @@ void CheckConcurrentRuns(StageProgram* prog, StageProgram* cpu, int threads,
   for (int t = 0; t < threads; ++t) {
     EXPECT_EQ(errors[t], "") << "thread " << t;
   }
-}
-
-double Tolerance(Precision p) {
-  return p == Precision::kFloat32 ? 1e-5 : p == Precision::kTF32 ? 1e-3 : 1e-2;
 }
 
 TEST_P(CudaBackendTest, ConcurrentRunsWithDifferentInputsAreEachRight) {

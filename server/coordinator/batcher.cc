@@ -39,6 +39,12 @@ bool SameTails(const std::vector<Tensor>& a, const std::vector<Tensor>& b) {
 
 }  // namespace
 
+bool Batcher::MayBeOneMembersFault(const absl::Status& s) {
+  const absl::StatusCode code = s.code();
+  return code != absl::StatusCode::kUnavailable && code != absl::StatusCode::kDeadlineExceeded &&
+         code != absl::StatusCode::kCancelled;
+}
+
 Batcher::Batcher(BatcherOptions options, bool mergeable, Run run, MayRunAlone may_run_alone)
     : options_(options),
       enabled_(mergeable && options.max_rows > 0 && options.max_in_flight > 0),
@@ -180,16 +186,11 @@ void Batcher::Work() {
 void Batcher::RunGroup(const Group& group) {
   absl::StatusOr<std::vector<Tensor>> out = RunMerged(group);
   std::vector<absl::StatusOr<std::vector<Tensor>>> answers;
-  const absl::StatusCode code = out.status().code();
   if (out.ok()) {
     answers = SplitAnswers(group, *out);
-  } else if (group.size() > 1 && code != absl::StatusCode::kUnavailable &&
-             code != absl::StatusCode::kDeadlineExceeded &&
-             code != absl::StatusCode::kCancelled &&
-             (may_run_alone_ == nullptr || may_run_alone_(out.status()))) {
-    // Maybe one member's fault (a bad id, its rows too many for memory):
-    // each runs alone and gets its own answer, or its own error naming
-    // its own positions.
+  } else if (group.size() > 1 && may_run_alone_(out.status())) {
+    // Maybe one member's fault: each runs alone and gets its own answer,
+    // or its own error naming its own positions.
     for (const auto& w : group) {
       answers.push_back(w->gone ? absl::StatusOr<std::vector<Tensor>>(out.status())
                                 : run_(w->inputs, w->deadline,

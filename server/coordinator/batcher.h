@@ -52,13 +52,16 @@ class Batcher {
   // Whether a merged request that failed with this error may run each of
   // its members alone instead (see Infer).
   using MayRunAlone = std::function<bool(const absl::Status&)>;
+  // The default: an error that may be one member's fault (a bad id, its
+  // rows too many for memory), not the servers' (kUnavailable), the
+  // clock's (kDeadlineExceeded) or a cancellation.
+  static bool MayBeOneMembersFault(const absl::Status& s);
 
   // `mergeable`: every input and every output of the model follows the
   // batch (dim 0), so requests can be merged; otherwise (or with max_rows
   // 0) every request runs alone, at once. `run` runs one (merged) request.
-  // `may_run_alone` (null: always) narrows which failures of a merged
-  // request are run again member by member.
-  Batcher(BatcherOptions options, bool mergeable, Run run, MayRunAlone may_run_alone = nullptr);
+  Batcher(BatcherOptions options, bool mergeable, Run run,
+          MayRunAlone may_run_alone = &Batcher::MayBeOneMembersFault);
   // Waits for the merged requests still running.
   ~Batcher();
 

@@ -173,37 +173,29 @@ void Coordinator::LoadStoredModels() {
   }
   for (const StoredModel& m : to_deploy) DeployStored(m);
   absl::MutexLock lock(&mu_);
-  to_load_.clear();
   loaded_ = true;
 }
 
 void Coordinator::DeployStored(const StoredModel& m) {
+  // No upload or unload of this name runs meanwhile: they wait for the
+  // stored models to load (CheckLoaded).
   ModelLock model_lock(this, m.name);
   absl::StatusOr<std::shared_ptr<Deployment>> d = Deploy(m.name, m.path, m.options, m.bytes);
-  std::shared_ptr<Deployment> unused;
-  {
-    absl::MutexLock lock(&mu_);
-    to_load_.erase(m.name);
-    auto it = models_.find(m.name);
-    // A loaded model never takes the place of a newer version.
-    const bool newer = it != models_.end() && it->second->version() >= m.version;
-    if (d.ok() && newer) {
-      unused = *d;
-    } else if (d.ok()) {
-      (*d)->set_version(m.version);
-      models_[m.name] = *d;
-      failed_.erase(m.name);
-    } else if (!newer) {
-      ModelInfo& info = failed_[m.name];
-      info.name = m.name;
-      info.state = ModelState::kUnavailable;
-      info.reason = std::string(d.status().message());
-      info.bytes = m.bytes;
-      // Stage servers may come up later (a Kubernetes rollout): keep trying.
-      ScheduleRepair(m.name);
-    }
+  absl::MutexLock lock(&mu_);
+  to_load_.erase(m.name);
+  if (d.ok()) {
+    (*d)->set_version(m.version);
+    models_[m.name] = *d;
+    failed_.erase(m.name);
+    return;
   }
-  if (unused) unused->Close("a newer version of the model is serving");
+  ModelInfo& info = failed_[m.name];
+  info.name = m.name;
+  info.state = ModelState::kUnavailable;
+  info.reason = std::string(d.status().message());
+  info.bytes = m.bytes;
+  // Stage servers may come up later (a Kubernetes rollout): keep trying.
+  ScheduleRepair(m.name);
 }
 
 std::shared_ptr<Deployment> Coordinator::TryAdopt(const StoredModel& m,
@@ -659,13 +651,11 @@ void Coordinator::Remember(const std::vector<std::string>& servers) {
     added = known_addresses_.insert(s).second || added;
   }
   if (!added) return;
-  addresses_.assign(known_addresses_.begin(), known_addresses_.end());
-  // Longest first: "s1:90001" must not be cut by "s1:9000".
-  std::stable_sort(addresses_.begin(), addresses_.end(),
-                   [](const std::string& a, const std::string& b) { return a.size() > b.size(); });
+  addresses_ = std::make_shared<const std::vector<std::string>>(known_addresses_.begin(),
+                                                                known_addresses_.end());
 }
 
-std::vector<std::string> Coordinator::StageServerAddresses() {
+std::shared_ptr<const std::vector<std::string>> Coordinator::StageServerAddresses() {
   absl::MutexLock lock(&addresses_mu_);
   return addresses_;
 }
@@ -727,7 +717,6 @@ absl::StatusOr<Coordinator::Admission> Coordinator::Admit(const std::string& nam
   absl::MutexLock lock(&admit_mu_);
   int& n = admitted_[name];
   if (options_.max_queued_requests > 0 && n >= options_.max_queued_requests) {
-    if (n == 0) admitted_.erase(name);
     return absl::ResourceExhaustedError(absl::StrCat(
         "model \"", name.substr(0, 128), "\" has ", options_.max_queued_requests,
         " requests queued or running, as many as its queue holds (--max_queued_requests); "

@@ -135,10 +135,10 @@ class Coordinator {
 
   std::vector<ModelInfo> ListModels();
   // Every stage server address the coordinator has used since it started
-  // (up to kMaxKnownAddresses), the longest first: what RedactAddresses
-  // keeps from clients.
+  // (up to kMaxKnownAddresses): what RedactAddresses keeps from clients.
+  // A shared snapshot, so that redacting an error copies nothing.
   static constexpr size_t kMaxKnownAddresses = 4096;
-  std::vector<std::string> StageServerAddresses();
+  std::shared_ptr<const std::vector<std::string>> StageServerAddresses();
   // kNotFound for an unknown model.
   absl::StatusOr<ModelInfo> GetModel(const std::string& name);
   // Per stage of a READY model: the mean seconds its stage servers took to
@@ -342,7 +342,9 @@ class Coordinator {
   };
   absl::Mutex addresses_mu_;
   std::set<std::string> known_addresses_ ABSL_GUARDED_BY(addresses_mu_);
-  std::vector<std::string> addresses_ ABSL_GUARDED_BY(addresses_mu_);  // the same, longest first
+  // known_addresses_ as StageServerAddresses hands it out.
+  std::shared_ptr<const std::vector<std::string>> addresses_ ABSL_GUARDED_BY(addresses_mu_) =
+      std::make_shared<const std::vector<std::string>>();
   absl::Mutex locks_mu_;
   std::map<std::string, std::unique_ptr<LockEntry>> locks_ ABSL_GUARDED_BY(locks_mu_);
 

@@ -62,10 +62,13 @@ class CoordinatorTest : public ::testing::Test {
 
   void SetUp() override { Start(); }
 
-  void Start(CoordinatorOptions options = Options()) {
+  // Stage servers computing on `backend` (null: a GatedBackend on gate_)
+  // and a coordinator over a new store.
+  void Start(CoordinatorOptions options = Options(),
+             std::shared_ptr<ComputeBackend> backend = nullptr) {
     StageServerOptions so;
     so.queue_capacity = 1;
-    so.backend = std::make_shared<GatedBackend>(&gate_);
+    so.backend = backend != nullptr ? std::move(backend) : std::make_shared<GatedBackend>(&gate_);
     stages_ = std::make_unique<InProcessStages>(so);
     for (const std::string& address : Addresses()) stages_->AddServer(address);
     repo_ = TestTempDir("repo");
@@ -1155,19 +1158,13 @@ class CrashingBackend : public ComputeBackend {
 TEST_F(CoordinatorTest, ARequestLostWithItsStageServerTwiceIsNotRunAThirdTime) {
   TearDown();
   std::atomic<int> crashes{0};
-  StageServerOptions so;
-  so.queue_capacity = 1;
-  so.backend = std::make_shared<CrashingBackend>([&] {
-    ++crashes;
-    // Stage 1's server dies with the microbatch on its way there, and its
-    // pod comes back empty.
-    stages_->KillServer("s1:9000");
-    stages_->AddServer("s1:9000");
-  });
-  stages_ = std::make_unique<InProcessStages>(so);
-  for (const std::string& address : Addresses()) stages_->AddServer(address);
-  repo_ = TestTempDir("repo");
-  Restart(Options());
+  Start(Options(), std::make_shared<CrashingBackend>([&] {
+          ++crashes;
+          // Stage 1's server dies with the microbatch on its way there, and
+          // its pod comes back empty.
+          stages_->KillServer("s1:9000");
+          stages_->AddServer("s1:9000");
+        }));
   Model m = Mlp(2);
   ASSERT_TRUE(Upload("mlp", m).ok());
   Tensor poison = Ramp({4, 8}, 1);

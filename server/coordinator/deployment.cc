@@ -35,14 +35,14 @@ namespace {
 // Marks LostInFlight and LostTwice errors.
 constexpr char kLostPayload[] = "type.pipeserve.dev/lost-in-flight";
 
-}  // namespace
-
+// The error of requests lost with their servers (IsLostInFlight).
 absl::Status LostInFlight(absl::string_view why) {
   absl::Status s = absl::UnavailableError(why);
   s.SetPayload(kLostPayload, absl::Cord("once"));
   return s;
 }
 
+// The error of a request lost twice: kInternal, naming the last loss.
 absl::Status LostTwice(absl::string_view why) {
   absl::Status s = absl::InternalError(absl::StrCat(
       "stage servers failed twice while computing this request (or one merged with it); it "
@@ -51,14 +51,10 @@ absl::Status LostTwice(absl::string_view why) {
   return s;
 }
 
-bool IsLostInFlight(const absl::Status& s) { return s.GetPayload(kLostPayload).has_value(); }
-
 bool IsLostTwice(const absl::Status& s) {
   absl::optional<absl::Cord> p = s.GetPayload(kLostPayload);
   return p.has_value() && *p == "twice";
 }
-
-namespace {
 
 // How long an unload may take when a deployment closes (a dead server
 // should not hold up an upload for long).
@@ -92,6 +88,8 @@ bool ValidErrorCode(int code) {
 
 }  // namespace
 
+bool IsLostInFlight(const absl::Status& s) { return s.GetPayload(kLostPayload).has_value(); }
+
 // One request in flight: what came back per microbatch, and where each
 // microbatch is.
 struct Deployment::Pending {
@@ -111,6 +109,16 @@ struct Deployment::Pending {
   std::vector<int> attempt;  // its attempt number there
   std::vector<int> lost;     // times it was in flight on a lane that broke
   std::deque<int> to_send;   // microbatches not sent yet, or lost with their lane
+
+  // Whether microbatch `m` is out on `on` (any lane when -1): sent there,
+  // not answered.
+  bool Out(size_t m, int on) const {
+    return lane[m] >= 0 && (on < 0 || lane[m] == on) && outputs[m].empty();
+  }
+  // Whether losing microbatch `m` once more makes it lost twice: it is not
+  // run a third time, in case it is what brings the servers down.
+  bool LastChance(size_t m) const { return lost[m] >= 1; }
+
   // Traced requests: each microbatch's spans from the stages, and the
   // coordinator's own.
   std::vector<std::vector<TraceSpan>> spans;
@@ -150,7 +158,7 @@ Deployment::Deployment(const DeploymentConfig& config, ModelInfo info, int repli
       },
       // A merged request lost twice with its stage servers is not run
       // again member by member: one of them may be what kills them.
-      [](const absl::Status& s) { return !IsLostTwice(s); });
+      [](const absl::Status& s) { return Batcher::MayBeOneMembersFault(s) && !IsLostTwice(s); });
 }
 
 Deployment::~Deployment() { Close("the deployment was dropped"); }
@@ -516,9 +524,9 @@ void Deployment::FailBroken(const std::string& why, int lane) {
   for (auto& [id, p] : pending_) {
     bool in_flight = false, again = false;
     for (size_t m = 0; m < p->outputs.size(); ++m) {
-      if (p->lane[m] < 0 || (lane >= 0 && p->lane[m] != lane) || !p->outputs[m].empty()) continue;
+      if (!p->Out(m, lane)) continue;
       in_flight = true;
-      again = again || p->lost[m] >= 1;
+      again = again || p->LastChance(m);
     }
     ends.emplace_back(id, again       ? LostTwice(why)
                           : in_flight ? LostInFlight(why)
@@ -617,7 +625,8 @@ struct Deployment::Request {
   std::vector<std::vector<Tensor>> microbatches;  // each one's inputs, in plan order
   absl::Time deadline;
   const std::function<bool()>* cancelled = nullptr;
-  bool traced = false;
+  std::vector<TraceSpan>* trace = nullptr;  // null: not traced
+  absl::Time began;
   int sent = 0;    // first sends done (for the messages)
   int avoid = -1;  // a lane whose stage 0 could not be reached
 
@@ -646,16 +655,16 @@ absl::StatusOr<std::vector<Tensor>> Deployment::InferDirect(const std::vector<Te
                                                             const std::function<bool()>& cancelled,
                                                             std::vector<TraceSpan>* trace,
                                                             int chunks, bool lost_before) {
-  const absl::Time began = FrameClockNow();
+  Request r;
+  r.began = FrameClockNow();
   {
     absl::MutexLock lock(&mu_);
     RETURN_IF_ERROR(CheckServing());
   }
   ASSIGN_OR_RETURN(int64_t batch, CheckTensorsMatch(plan_->inputs(), inputs));
-  Request r;
   r.deadline = deadline == absl::InfiniteFuture() ? absl::Now() + config_.default_timeout : deadline;
   r.cancelled = &cancelled;
-  r.traced = trace != nullptr;
+  r.trace = trace;
   if (batch == 0) {
     // Nothing to compute for outputs that follow the batch.
     if (std::all_of(output_batched_.begin(), output_batched_.end(), [](bool b) { return b; })) {
@@ -668,7 +677,7 @@ absl::StatusOr<std::vector<Tensor>> Deployment::InferDirect(const std::vector<Te
   }
   r.pending = std::make_shared<Pending>(MicrobatchRows(r.microbatches));
   if (lost_before) r.pending->lost.assign(r.microbatches.size(), 1);
-  if (r.traced) r.pending->spans.resize(r.microbatches.size());
+  if (r.trace != nullptr) r.pending->spans.resize(r.microbatches.size());
   r.id = next_request_id_++;
   {
     absl::MutexLock lock(&mu_);
@@ -676,7 +685,7 @@ absl::StatusOr<std::vector<Tensor>> Deployment::InferDirect(const std::vector<Te
     pending_[r.id] = r.pending;
   }
   const absl::Status ended = SendAll(r);
-  return Conclude(r, ended, began, trace);
+  return Conclude(r, ended);
 }
 
 std::vector<Tensor> Deployment::EmptyOutputs() const {
@@ -768,7 +777,7 @@ absl::Status Deployment::SendMicrobatch(Request& r, const Send& next) {
     f.Add(first_names_[k], r.microbatches[next.m][first_inputs_[k]]);
   }
   const absl::Time send_began = FrameClockNow();
-  if (r.traced) {
+  if (r.trace != nullptr) {
     f.header.set_trace(true);
     f.header.set_sent_us(absl::ToUnixMicros(send_began));
   }
@@ -781,7 +790,7 @@ absl::Status Deployment::SendMicrobatch(Request& r, const Send& next) {
     if (s.code() != absl::StatusCode::kDeadlineExceeded || absl::Now() >= r.deadline) break;
     if (r.pending->done.HasBeenNotified() || r.Cancelled()) break;
   }
-  if (s.ok() && r.traced) {
+  if (s.ok() && r.trace != nullptr) {
     // Time blocked on stage 0's backpressure, and encoding (recorded even
     // when the answer is back already: in-process stages can be that fast).
     TraceSpan span = CoordinatorSpan("send", next.lane, next.m, absl::ToUnixMicros(send_began));
@@ -812,9 +821,7 @@ bool Deployment::Reroute(Request& r, const Send& next) {
   return true;
 }
 
-absl::StatusOr<std::vector<Tensor>> Deployment::Conclude(Request& r, const absl::Status& ended,
-                                                         absl::Time began,
-                                                         std::vector<TraceSpan>* trace) {
+absl::StatusOr<std::vector<Tensor>> Deployment::Conclude(Request& r, const absl::Status& ended) {
   if (!ended.ok()) {
     {
       absl::MutexLock lock(&mu_);
@@ -829,11 +836,11 @@ absl::StatusOr<std::vector<Tensor>> Deployment::Conclude(Request& r, const absl:
   }
   absl::StatusOr<std::vector<Tensor>> merged =
       MergeMicrobatches(output_batched_, r.pending->outputs);
-  if (trace != nullptr) {
-    trace->push_back(CoordinatorSpan("request", 0, -1, absl::ToUnixMicros(began)));
+  if (r.trace != nullptr) {
+    r.trace->push_back(CoordinatorSpan("request", 0, -1, absl::ToUnixMicros(r.began)));
     // Finished: no frame of this request touches its spans any more.
     for (std::vector<TraceSpan>& spans : r.pending->spans) {
-      trace->insert(trace->end(), spans.begin(), spans.end());
+      r.trace->insert(r.trace->end(), spans.begin(), spans.end());
     }
   }
   return merged;
@@ -919,11 +926,12 @@ bool Deployment::BreakLane(int lane, uint64_t generation, const std::string& why
   for (auto& [id, p] : pending_) {
     bool handed_back = false;
     for (size_t m = 0; m < p->outputs.size(); ++m) {
-      if (p->lane[m] != lane || !p->outputs[m].empty()) continue;
-      if (++p->lost[m] >= 2) {
+      if (!p->Out(m, lane)) continue;
+      if (p->LastChance(m)) {
         lost_twice.push_back(id);
         break;
       }
+      ++p->lost[m];
       p->lane[m] = -1;
       p->to_send.push_back(static_cast<int>(m));
       handed_back = true;

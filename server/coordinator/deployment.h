@@ -88,17 +88,13 @@ struct DeploymentConfig {
 // Most replicas of a stage (StageKey.replica is below it).
 inline constexpr int kMaxReplicas = 64;
 
-// The error of requests in flight on a deployment, or microbatches in
-// flight on a lane, that broke (a stage server died or was cut off while
-// it may have held their work): kUnavailable, so they run again once there
-// is somewhere to run, and marked, because a request lost like this twice
-// is not run a third time: it may be what brings the servers down.
-absl::Status LostInFlight(absl::string_view why);
-// The error of a request lost twice: kInternal, naming the last loss.
-absl::Status LostTwice(absl::string_view why);
-// Whether `s` came from LostInFlight (or LostTwice, with `twice`).
+// Whether `s` is the error of a request in flight on a deployment, or of
+// a microbatch in flight on a lane, that broke (a stage server died or was
+// cut off while it may have held their work): kUnavailable, so it runs
+// again once there is somewhere to run, but marked, because a request lost
+// like this twice is not run a third time (it may be what brings the
+// servers down: kInternal then).
 bool IsLostInFlight(const absl::Status& s);
-bool IsLostTwice(const absl::Status& s);
 
 class Deployment : public std::enable_shared_from_this<Deployment> {
  public:
@@ -293,8 +289,7 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   // microbatch goes to another lane (queued again) rather than failing r.
   bool Reroute(Request& r, const Send& next);
   // r's answer once SendAll ended with `ended`.
-  absl::StatusOr<std::vector<Tensor>> Conclude(Request& r, const absl::Status& ended,
-                                               absl::Time began, std::vector<TraceSpan>* trace);
+  absl::StatusOr<std::vector<Tensor>> Conclude(Request& r, const absl::Status& ended);
   static absl::StatusOr<std::shared_ptr<Deployment>> Make(
       const DeploymentConfig& config, const std::string& name, const Plan& plan,
       const UploadOptions& options, std::vector<std::string> servers, uint64_t bytes,

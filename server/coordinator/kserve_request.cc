@@ -28,10 +28,6 @@ std::string InputNames(const Plan& plan) {
   return absl::StrJoin(names, ", ");
 }
 
-}  // namespace
-
-namespace {
-
 using InputTensor = inference::ModelInferRequest::InferInputTensor;
 
 // Input `in`'s datatype, checked to be `want`.

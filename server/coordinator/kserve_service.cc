@@ -3,6 +3,7 @@
 #include <iostream>
 
 #include "absl/strings/str_cat.h"
+#include "absl/types/optional.h"
 #include "common/grpc_status.h"
 #include "common/model_name.h"
 #include "common/status_macros.h"
@@ -167,7 +168,7 @@ absl::Status KServeService::Infer(const inference::ModelInferRequest& req, absl:
 
 absl::Status KServeService::Public(const absl::Status& s) {
   if (s.ok()) return s;
-  absl::Status shown = RedactAddresses(s, coordinator_->StageServerAddresses());
+  absl::Status shown = RedactAddresses(s, *coordinator_->StageServerAddresses());
   if (shown.message() == s.message()) return shown;
   // The full message goes to the log, at most 10 a second (errors come in
   // bursts exactly when a server fails).
@@ -215,15 +216,17 @@ absl::Status KServeService::InferUnmetered(const inference::ModelInferRequest& r
   ASSIGN_OR_RETURN(std::vector<Tensor> inputs, ParseInferInputs(req, model->plan()));
   ASSIGN_OR_RETURN(std::vector<int> chosen, ChooseOutputs(req, model->plan()));
   ASSIGN_OR_RETURN(const bool traced, TraceRequested(req));
+  absl::optional<Coordinator::Admission> own;  // a ModelInfer call's (a stream's come admitted)
+  if (admission == nullptr) {
+    ASSIGN_OR_RETURN(Coordinator::Admission admitted, coordinator_->Admit(model->name()));
+    admission = &own.emplace(std::move(admitted));
+  }
   int64_t answered = serving;
   std::vector<TraceSpan> spans;
   const int64_t pinned = req.model_version().empty() ? 0 : serving;
   absl::StatusOr<std::vector<Tensor>> outputs =
-      admission != nullptr
-          ? coordinator_->InferAdmitted(*admission, model, inputs, deadline, cancelled, pinned,
-                                        &answered, traced ? &spans : nullptr)
-          : coordinator_->InferOn(model, inputs, deadline, cancelled, pinned, &answered,
-                                  traced ? &spans : nullptr);
+      coordinator_->InferAdmitted(*admission, model, inputs, deadline, cancelled, pinned,
+                                  &answered, traced ? &spans : nullptr);
   if (!outputs.ok()) return outputs.status();
   BuildInferResponse(req, model->plan(), chosen, *outputs, resp);
   resp->set_model_version(absl::StrCat(answered));
@@ -256,7 +259,7 @@ grpc::Status KServeService::ModelStreamInfer(
   if (!auth.ok()) return ToGrpcStatus(auth);
   absl::StatusOr<std::shared_ptr<Stream>> st = OpenStream(ctx, stream);
   if (!st.ok()) return ToGrpcStatus(st.status());
-  ReadRequests(*st, ctx);
+  ReadRequests(*st);
   bool reaped;
   {
     absl::MutexLock lock(&(*st)->mu);
@@ -275,12 +278,12 @@ grpc::Status KServeService::ModelStreamInfer(
   return grpc::Status::OK;
 }
 
-void KServeService::ReadRequests(const std::shared_ptr<Stream>& st, grpc::ServerContext* ctx) {
+void KServeService::ReadRequests(const std::shared_ptr<Stream>& st) {
   // Requests run on the shared pool, at most stream_inflight of this
   // stream's at once (the stream is not read further until one finishes);
   // responses are written as they finish, one at a time.
   const int limit = options_.stream_inflight;
-  const absl::Time stream_deadline = ClientDeadline(*ctx);
+  const absl::Time stream_deadline = ClientDeadline(*st->ctx);
   inference::ModelInferRequest req;
   while (true) {
     {
@@ -361,13 +364,13 @@ absl::StatusOr<std::shared_ptr<KServeService::Stream>> KServeService::OpenStream
         "this coordinator has ", streams_.size(), " ModelStreamInfer streams open, its limit "
         "(--max_streams); use ModelInfer, or share a stream"));
   }
-  int& mine = streams_per_client_[st->client];
+  const auto mine = std::count_if(streams_.begin(), streams_.end(),
+                                  [&st](const auto& open) { return open->client == st->client; });
   if (mine >= options_.max_streams_per_client) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "this connection has ", mine, " ModelStreamInfer streams open, the limit per client "
         "connection (--max_streams_per_client); one stream carries many requests"));
   }
-  ++mine;
   streams_.push_back(st);
   return st;
 }
@@ -375,8 +378,6 @@ absl::StatusOr<std::shared_ptr<KServeService::Stream>> KServeService::OpenStream
 void KServeService::CloseStream(const std::shared_ptr<Stream>& st) {
   absl::MutexLock lock(&streams_mu_);
   streams_.erase(std::remove(streams_.begin(), streams_.end(), st), streams_.end());
-  auto it = streams_per_client_.find(st->client);
-  if (it != streams_per_client_.end() && --it->second <= 0) streams_per_client_.erase(it);
 }
 
 void KServeService::ReapIdleStreams() {
@@ -401,14 +402,15 @@ grpc::Status KServeService::RepositoryIndex(grpc::ServerContext* ctx,
                                             inference::RepositoryIndexResponse* resp) {
   absl::Status auth = AuthorizeCall(tokens_, *ctx, Scope::kInfer);
   if (!auth.ok()) return ToGrpcStatus(auth);
-  const std::vector<std::string> known = coordinator_->StageServerAddresses();
+  const std::shared_ptr<const std::vector<std::string>> known =
+      coordinator_->StageServerAddresses();
   for (const ModelInfo& m : coordinator_->ListModels()) {
     if (req->ready() && m.state != ModelState::kReady) continue;
     auto* idx = resp->add_models();
     idx->set_name(m.name);
     idx->set_version(absl::StrCat(m.version));
     idx->set_state(ModelStateName(m.state));
-    idx->set_reason(RedactAddresses(m.reason, known));
+    idx->set_reason(RedactAddresses(m.reason, *known));
   }
   return grpc::Status::OK;
 }

@@ -10,7 +10,6 @@
 
 #include <atomic>
 #include <functional>
-#include <map>
 #include <memory>
 #include <string>
 #include <thread>
@@ -115,7 +114,7 @@ class KServeService final : public inference::GRPCInferenceService::Service {
   absl::StatusOr<std::shared_ptr<Stream>> OpenStream(grpc::ServerContext* ctx, StreamIo* io);
   void CloseStream(const std::shared_ptr<Stream>& stream);
   // Reads requests from one stream and queues each (Queue).
-  void ReadRequests(const std::shared_ptr<Stream>& st, grpc::ServerContext* ctx);
+  void ReadRequests(const std::shared_ptr<Stream>& st);
   // Admits `req` (read from `st`, counted in flight) and runs it on the
   // pool, or answers its refusal at once.
   void Queue(const std::shared_ptr<Stream>& st, inference::ModelInferRequest req,
@@ -139,7 +138,6 @@ class KServeService final : public inference::GRPCInferenceService::Service {
 
   absl::Mutex streams_mu_;
   std::vector<std::shared_ptr<Stream>> streams_ ABSL_GUARDED_BY(streams_mu_);
-  std::map<std::string, int> streams_per_client_ ABSL_GUARDED_BY(streams_mu_);
   bool stopping_ ABSL_GUARDED_BY(streams_mu_) = false;
   std::thread reaper_;
   // Last: its threads run requests that use everything above.

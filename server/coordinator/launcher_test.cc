@@ -8,6 +8,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "server/testing/temp_dir.h"
 
 namespace pipeserve {
 namespace {
@@ -60,7 +61,7 @@ TEST(LocalLauncherTest, AModelNeedingMoreServersThanTheLimitIsRefusedBeforeAnyFo
 // writes it where --port_file says, records its arguments in
 // `<port_file>.args` and then waits to be stopped.
 std::string FakeStageServer() {
-  const std::string path = std::string(std::getenv("TEST_TMPDIR")) + "/fake_stage_server";
+  const std::string path = TestTempDir("fake_stage_server") + "/fake_stage_server";
   std::ofstream(path) << R"(#!/usr/bin/env python3
 import signal, socket, sys
 args = sys.argv[1:]
@@ -89,8 +90,7 @@ while True:
 TEST(LocalLauncherTest, WithGpusItStartsOneServerPerGpuEachOnItsDevice) {
   LocalLauncherOptions o;
   o.binary = FakeStageServer();
-  o.work_dir = std::string(std::getenv("TEST_TMPDIR")) + "/gpus";
-  std::filesystem::create_directories(o.work_dir);
+  o.work_dir = TestTempDir("gpus");
   o.gpus = 2;
   auto l = MakeLocalLauncher(o);
   auto servers = l->ServersFor(3);

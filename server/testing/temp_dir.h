@@ -10,6 +10,10 @@ namespace pipeserve {
 
 std::string TestTempDir(const std::string& name);
 
+// Where TestTempDir makes its folders: $TEST_TMPDIR under `bazel test`;
+// elsewhere a folder of this process's own, removed at a normal exit.
+std::string TestTempRoot();
+
 }  // namespace pipeserve
 
 #endif  // PIPESERVE_SERVER_TESTING_TEMP_DIR_H_

@@ -97,17 +97,26 @@ absl::Status TokenSet::Authorize(absl::string_view authorization, Scope scope) c
       absl::StrCat("the token lacks the \"", ScopeName(scope), "\" scope this call needs"));
 }
 
-std::string MetadataValue(const grpc::ServerContextBase& ctx, absl::string_view key) {
-  const auto& md = ctx.client_metadata();
-  auto it = md.find(grpc::string_ref(key.data(), key.size()));
-  if (it == md.end()) return "";
+std::string MetadataValue(const std::multimap<grpc::string_ref, grpc::string_ref>& metadata,
+                          absl::string_view key) {
+  auto it = metadata.find(grpc::string_ref(key.data(), key.size()));
+  if (it == metadata.end()) return "";
   return std::string(it->second.data(), it->second.size());
+}
+
+std::string MetadataValue(const grpc::ServerContextBase& ctx, absl::string_view key) {
+  return MetadataValue(ctx.client_metadata(), key);
+}
+
+absl::Status AuthorizeCall(const TokenSet* tokens, absl::string_view authorization, Scope scope) {
+  if (tokens == nullptr) return absl::OkStatus();
+  return tokens->Authorize(authorization, scope);
 }
 
 absl::Status AuthorizeCall(const TokenSet* tokens, const grpc::ServerContextBase& ctx,
                            Scope scope) {
-  if (tokens == nullptr) return absl::OkStatus();
-  return tokens->Authorize(MetadataValue(ctx, kAuthorizationKey), scope);
+  if (tokens == nullptr) return absl::OkStatus();  // the metadata need not be read
+  return AuthorizeCall(tokens, MetadataValue(ctx, kAuthorizationKey), scope);
 }
 
 absl::Status CheckClusterToken(const std::string& expected, absl::string_view given) {

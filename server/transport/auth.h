@@ -22,6 +22,7 @@
 #ifndef PIPESERVE_SERVER_TRANSPORT_AUTH_H_
 #define PIPESERVE_SERVER_TRANSPORT_AUTH_H_
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -64,12 +65,16 @@ class TokenSet {
   std::vector<Entry> entries_;
 };
 
-// The value of request metadata `key`, or "" (gRPC has no metadata-free
-// context type, so this reads either kind of server context).
+// The value of request metadata `key`, or "": in a call's metadata (either
+// kind of server context), or in the headers an AuthMetadataProcessor gets.
+std::string MetadataValue(const std::multimap<grpc::string_ref, grpc::string_ref>& metadata,
+                          absl::string_view key);
 std::string MetadataValue(const grpc::ServerContextBase& ctx, absl::string_view key);
 
 // For services: OK when `tokens` is null (no authentication configured),
-// else the call's token must grant `scope`.
+// else the call's token (`authorization`, or the call's metadata) must
+// grant `scope`.
+absl::Status AuthorizeCall(const TokenSet* tokens, absl::string_view authorization, Scope scope);
 absl::Status AuthorizeCall(const TokenSet* tokens, const grpc::ServerContextBase& ctx,
                            Scope scope);
 

@@ -16,10 +16,7 @@ class CallGate::Processor : public grpc::AuthMetadataProcessor {
   grpc::Status Process(const InputMetadata& metadata, grpc::AuthContext* context,
                        OutputMetadata*, OutputMetadata*) override {
     CallInfo call;
-    auto value = [&metadata](absl::string_view key) -> std::string {
-      auto it = metadata.find(grpc::string_ref(key.data(), key.size()));
-      return it == metadata.end() ? "" : std::string(it->second.data(), it->second.size());
-    };
+    auto value = [&metadata](absl::string_view key) { return MetadataValue(metadata, key); };
     call.path = value(":path");
     call.header = value;
     if (context != nullptr) {
@@ -57,8 +54,7 @@ CallGate::Rule CallGate::Anyone() {
 
 CallGate::Rule CallGate::TokenScope(const TokenSet* tokens, Scope scope) {
   return [tokens, scope](const CallInfo& call) {
-    if (tokens == nullptr) return absl::OkStatus();
-    return tokens->Authorize(call.header(kAuthorizationKey), scope);
+    return AuthorizeCall(tokens, call.header(kAuthorizationKey), scope);
   };
 }
 

@@ -154,9 +154,6 @@ absl::Status FramesToByteBuffer(absl::Span<const Frame> frames, grpc::ByteBuffer
 
 namespace {
 
-// Parses the frame at `reader`'s position, leaving it after the frame's
-// tensors. Tensors lying in one aligned slice wrap it (kept alive by
-// `held`), others are copied once.
 // Reads a frame's header (after its length prefix) into frame->header and
 // checks its kind, error code and that only DATA frames carry tensors.
 absl::Status ParseHeader(SliceReader& reader, Frame* frame) {
@@ -228,6 +225,9 @@ absl::StatusOr<Tensor> ReadTensor(SliceReader& reader,
   return t;
 }
 
+// Parses the frame at `reader`'s position, leaving it after the frame's
+// tensors. Tensors lying in one aligned slice wrap it (kept alive by
+// `held`), others are copied once.
 absl::Status ParseFrame(SliceReader& reader, const std::shared_ptr<std::vector<grpc::Slice>>& held,
                         Frame* frame) {
   RETURN_IF_ERROR(ParseHeader(reader, frame));

@@ -1,6 +1,5 @@
 #include "server/transport/metrics_http.h"
 
-#include <fcntl.h>
 #include <netdb.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -23,12 +22,10 @@ namespace {
 constexpr size_t kMaxRequestHead = 16 << 10;
 constexpr int kPollMillis = 200;
 
-void SetNonBlocking(int fd) { ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL, 0) | O_NONBLOCK); }
-
 // Binds a listening socket to `ai` (its port replaced by `port`); -1 with
 // errno set on failure.
 int Listen(const addrinfo& ai, int port) {
-  int fd = ::socket(ai.ai_family, ai.ai_socktype | SOCK_CLOEXEC, ai.ai_protocol);
+  int fd = ::socket(ai.ai_family, ai.ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai.ai_protocol);
   if (fd < 0) return -1;
   int one = 1;
   ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
@@ -46,7 +43,6 @@ int Listen(const addrinfo& ai, int port) {
     errno = saved;
     return -1;
   }
-  SetNonBlocking(fd);
   return fd;
 }
 
@@ -65,9 +61,10 @@ struct MetricsHttpServer::Connection {
   int fd = -1;
   absl::Time deadline;
   std::string in;
-  std::string out;
+  std::string out;  // the answer, once the request head is in
   size_t written = 0;
-  bool answering = false;
+
+  bool answering() const { return !out.empty(); }
 };
 
 MetricsHttpServer::MetricsHttpServer(std::function<std::string()> render)
@@ -144,7 +141,8 @@ std::string MetricsHttpServer::Answer(const std::string& head) {
 
 void MetricsHttpServer::Read(Connection& c) {
   char buf[4096];
-  while (c.in.size() < kMaxRequestHead) {
+  bool complete = false;
+  while (!complete && c.in.size() < kMaxRequestHead) {
     const ssize_t n = ::read(c.fd, buf, std::min(sizeof buf, kMaxRequestHead - c.in.size()));
     if (n <= 0) {
       // The client closed (or failed) before its head was complete.
@@ -152,12 +150,9 @@ void MetricsHttpServer::Read(Connection& c) {
       break;
     }
     c.in.append(buf, n);
-    if (absl::StrContains(c.in, "\r\n\r\n")) break;
+    complete = absl::StrContains(c.in, "\r\n\r\n");
   }
-  if (absl::StrContains(c.in, "\r\n\r\n") || c.in.size() >= kMaxRequestHead) {
-    c.out = Answer(c.in);
-    c.answering = true;
-  }
+  if (complete || c.in.size() >= kMaxRequestHead) c.out = Answer(c.in);
 }
 
 bool MetricsHttpServer::Write(Connection& c) {
@@ -180,7 +175,7 @@ void MetricsHttpServer::Serve() {
     for (int l : listeners_) fds.push_back({l, POLLIN, 0});
     absl::Time wake = absl::Now() + absl::Milliseconds(kPollMillis);
     for (const Connection& c : conns) {
-      fds.push_back({c.fd, static_cast<short>(c.answering ? POLLOUT : POLLIN), 0});
+      fds.push_back({c.fd, static_cast<short>(c.answering() ? POLLOUT : POLLIN), 0});
       wake = std::min(wake, c.deadline);
     }
     const int ms = static_cast<int>(std::max<int64_t>(0, absl::ToInt64Milliseconds(wake - absl::Now())));
@@ -190,8 +185,8 @@ void MetricsHttpServer::Serve() {
     for (size_t i = 0; i < conns.size(); ++i) {
       Connection& c = conns[i];
       const short ev = fds[first_conn + i].revents;
-      if (ev & (POLLIN | POLLHUP | POLLERR) && !c.answering) Read(c);
-      if (c.answering && Write(c)) c.deadline = absl::InfinitePast();  // done: close
+      if (ev & (POLLIN | POLLHUP | POLLERR) && !c.answering()) Read(c);
+      if (c.answering() && Write(c)) c.deadline = absl::InfinitePast();  // done: close
     }
     // Close the finished and the too slow.
     const absl::Time now = absl::Now();
@@ -202,6 +197,10 @@ void MetricsHttpServer::Serve() {
     conns.erase(std::remove_if(conns.begin(), conns.end(), done), conns.end());
     // Then new ones. At the limit the oldest goes: a flood of clients that
     // connect and send nothing never keeps a scrape out for long.
+    auto close_oldest = [&conns] {
+      ::close(conns.front().fd);
+      conns.erase(conns.begin());
+    };
     for (size_t i = 0; i < first_conn; ++i) {
       if (!(fds[i].revents & POLLIN)) continue;
       while (true) {
@@ -213,15 +212,11 @@ void MetricsHttpServer::Serve() {
             absl::SleepFor(absl::Milliseconds(100));
             break;
           }
-          ::close(conns.front().fd);
-          conns.erase(conns.begin());
+          close_oldest();
           continue;
         }
         if (fd < 0) break;
-        if (conns.size() >= static_cast<size_t>(kMaxConnections)) {
-          ::close(conns.front().fd);
-          conns.erase(conns.begin());
-        }
+        if (conns.size() >= static_cast<size_t>(kMaxConnections)) close_oldest();
         Connection c;
         c.fd = fd;
         c.deadline = now + kRequestTimeout;

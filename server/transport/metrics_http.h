@@ -6,7 +6,7 @@
 // One thread serves every connection from one poll loop, so no client
 // holds up another: each connection has kRequestTimeout from its accept to
 // finish sending its request head and reading the answer, at most
-// kMaxConnections are open at once (more are closed at accept), and a
+// kMaxConnections are open at once (a new one closes the oldest), and a
 // request head over 16 KiB is answered 431 and closed. Shutdown (the
 // destructor) never waits on a client.
 //

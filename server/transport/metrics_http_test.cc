@@ -38,17 +38,26 @@ TEST(MetricsHttpServerTest, ServesTheTextOverHttpAnd404sOtherPaths) {
   EXPECT_THAT(HttpGet(http.port(), "/other"), HasSubstr("404 Not Found"));
 }
 
+// A TCP connection to 127.0.0.1:`port`: its socket, or -1.
+int ConnectLoopback(int port) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return -1;
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
 // A client that connects and then sends its request head one byte every
 // 100 ms: too slow ever to finish it.
 class SlowClient {
  public:
-  explicit SlowClient(int port) {
-    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_port = htons(port);
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    connected_ = ::connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
+  explicit SlowClient(int port) : fd_(ConnectLoopback(port)) {
     thread_ = std::thread([this] {
       const std::string head = "GET /metrics HTTP/1.1\r\nX-Slow: " + std::string(1 << 20, 'a');
       for (size_t i = 0; i < head.size() && !stop_; ++i) {
@@ -61,14 +70,13 @@ class SlowClient {
   ~SlowClient() {
     stop_ = true;
     thread_.join();
-    ::close(fd_);
+    if (fd_ >= 0) ::close(fd_);
   }
-  bool connected() const { return connected_; }
+  bool connected() const { return fd_ >= 0; }
   int sent() const { return sent_; }
 
  private:
-  int fd_ = -1;
-  bool connected_ = false;
+  const int fd_;
   std::atomic<bool> stop_{false};
   std::atomic<int> sent_{0};
   std::thread thread_;
@@ -83,7 +91,9 @@ TEST(MetricsHttpServerTest, ASlowClientHoldsUpNeitherScrapesNorShutdown) {
   ASSERT_TRUE(http->Start("127.0.0.1", 0).ok());
   SlowClient slow(http->port());
   ASSERT_TRUE(slow.connected());
-  while (slow.sent() < 3) absl::SleepFor(absl::Milliseconds(10));
+  const absl::Time until = absl::Now() + absl::Seconds(10);
+  while (slow.sent() < 3 && absl::Now() < until) absl::SleepFor(absl::Milliseconds(10));
+  ASSERT_GE(slow.sent(), 3) << "the slow client's first bytes did not go out in 10 s";
   absl::Time start = absl::Now();
   EXPECT_THAT(HttpGet(http->port(), "/metrics", "127.0.0.1", 5000), HasSubstr("up 1"));
   EXPECT_LT(absl::Now() - start, absl::Seconds(1)) << "the scrape waited for the slow client";
@@ -99,12 +109,8 @@ TEST(MetricsHttpServerTest, ManyIdleConnectionsDoNotCrowdOutAScrape) {
   ASSERT_TRUE(http.Start("127.0.0.1", 0).ok());
   std::vector<int> idle;
   for (int i = 0; i < 100; ++i) {
-    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_port = htons(http.port());
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+    const int fd = ConnectLoopback(http.port());
+    ASSERT_NE(fd, -1) << "connection " << i;
     idle.push_back(fd);
   }
   absl::Time start = absl::Now();

@@ -76,10 +76,6 @@ std::shared_ptr<grpc::ServerCredentials> Credentials(const ServeOptions& options
   return creds;
 }
 
-}  // namespace
-
-namespace {
-
 // The server listening on host:options.port with `services`, and the port
 // it got; null (having said why) if it cannot listen.
 std::unique_ptr<grpc::Server> BuildServer(const std::vector<grpc::Service*>& services,
