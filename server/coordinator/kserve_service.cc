@@ -59,8 +59,7 @@ struct KServeService::Stream {
   std::string client;  // the peer: one client connection
   absl::Mutex mu;
   int inflight ABSL_GUARDED_BY(mu) = 0;
-  absl::Time last_active ABSL_GUARDED_BY(mu);
-  bool reaped ABSL_GUARDED_BY(mu) = false;  // cancelled as idle
+  IdleWatchdog::Watch* watch = nullptr;  // the handler's, touched on every read and write
   absl::Mutex write_mu;
 };
 
@@ -70,17 +69,8 @@ KServeService::KServeService(Coordinator* coordinator, Metrics* metrics, const T
       metrics_(metrics),
       tokens_(tokens),
       options_(options),
-      stream_pool_(options.stream_threads) {
-  reaper_ = std::thread([this] { ReapIdleStreams(); });
-}
-
-KServeService::~KServeService() {
-  {
-    absl::MutexLock lock(&streams_mu_);
-    stopping_ = true;
-  }
-  reaper_.join();
-}
+      idle_streams_(options.stream_idle_timeout),
+      stream_pool_(options.stream_threads) {}
 
 absl::Time KServeService::ClientDeadline(const grpc::ServerContext& ctx) {
   auto d = ctx.deadline();
@@ -259,17 +249,23 @@ grpc::Status KServeService::ModelStreamInfer(
   if (!auth.ok()) return ToGrpcStatus(auth);
   absl::StatusOr<std::shared_ptr<Stream>> st = OpenStream(ctx, stream);
   if (!st.ok()) return ToGrpcStatus(st.status());
+  // Ended when it sends nothing, with nothing in flight, for
+  // stream_idle_timeout: its handler thread is not held for good.
+  Stream& open = **st;
+  IdleWatchdog::Watch watch(&idle_streams_, [ctx] { ctx->TryCancel(); }, [&open] {
+    absl::MutexLock lock(&open.mu);
+    return open.inflight > 0;
+  });
+  open.watch = &watch;
   ReadRequests(*st);
-  bool reaped;
   {
-    absl::MutexLock lock(&(*st)->mu);
-    auto idle = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED((*st)->mu) { return (*st)->inflight == 0; };
-    (*st)->mu.Await(absl::Condition(&idle));
-    reaped = (*st)->reaped;
+    absl::MutexLock lock(&open.mu);
+    auto idle = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(open.mu) { return open.inflight == 0; };
+    open.mu.Await(absl::Condition(&idle));
   }
   CloseStream(*st);
   // A handler whose call was cancelled (TryCancel) must say so.
-  if (reaped) {
+  if (watch.cancelled()) {
     return grpc::Status(grpc::StatusCode::CANCELLED,
                         absl::StrCat("the stream sent nothing for ",
                                      absl::FormatDuration(options_.stream_idle_timeout),
@@ -293,11 +289,11 @@ void KServeService::ReadRequests(const std::shared_ptr<Stream>& st) {
     }
     if (!st->io->Read(&req)) break;
     {
-      // In flight from now (so never reaped as idle), until answered.
+      // In flight from now (so never idle), until answered.
       absl::MutexLock lock(&st->mu);
       ++st->inflight;
-      st->last_active = absl::Now();
     }
+    st->watch->Touch();
     // The stream's deadline (capped), or the default, from the request's
     // arrival: it counts while the request waits for a thread.
     const absl::Time deadline = Capped(stream_deadline);
@@ -343,9 +339,9 @@ void KServeService::Respond(const std::shared_ptr<Stream>& st,
     absl::MutexLock lock(&st->write_mu);
     st->io->Write(*out);
   }
+  st->watch->Touch();  // before the handler, seeing nothing in flight, may end
   absl::MutexLock lock(&st->mu);
   --st->inflight;
-  st->last_active = absl::Now();
 }
 
 absl::StatusOr<std::shared_ptr<KServeService::Stream>> KServeService::OpenStream(
@@ -354,10 +350,6 @@ absl::StatusOr<std::shared_ptr<KServeService::Stream>> KServeService::OpenStream
   st->ctx = ctx;
   st->io = io;
   st->client = ctx->peer();
-  {
-    absl::MutexLock lock(&st->mu);
-    st->last_active = absl::Now();
-  }
   absl::MutexLock lock(&streams_mu_);
   if (static_cast<int>(streams_.size()) >= options_.max_streams) {
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -378,23 +370,6 @@ absl::StatusOr<std::shared_ptr<KServeService::Stream>> KServeService::OpenStream
 void KServeService::CloseStream(const std::shared_ptr<Stream>& st) {
   absl::MutexLock lock(&streams_mu_);
   streams_.erase(std::remove(streams_.begin(), streams_.end(), st), streams_.end());
-}
-
-void KServeService::ReapIdleStreams() {
-  absl::MutexLock lock(&streams_mu_);
-  auto stop = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(streams_mu_) { return stopping_; };
-  while (!streams_mu_.AwaitWithTimeout(absl::Condition(&stop), absl::Milliseconds(250))) {
-    const absl::Time now = absl::Now();
-    for (const std::shared_ptr<Stream>& st : streams_) {
-      // A registered stream's context is alive: its handler unregisters
-      // (under streams_mu_) before it returns.
-      absl::MutexLock stream_lock(&st->mu);
-      if (!st->reaped && st->inflight == 0 && now - st->last_active > options_.stream_idle_timeout) {
-        st->reaped = true;
-        st->ctx->TryCancel();
-      }
-    }
-  }
 }
 
 grpc::Status KServeService::RepositoryIndex(grpc::ServerContext* ctx,

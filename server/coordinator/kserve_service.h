@@ -12,7 +12,6 @@
 #include <functional>
 #include <memory>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "absl/synchronization/mutex.h"
@@ -22,6 +21,7 @@
 #include "server/coordinator/metrics.h"
 #include "server/coordinator/worker_pool.h"
 #include "server/transport/auth.h"
+#include "server/transport/idle_watchdog.h"
 
 namespace pipeserve {
 
@@ -54,7 +54,6 @@ class KServeService final : public inference::GRPCInferenceService::Service {
   // service.
   KServeService(Coordinator* coordinator, Metrics* metrics, const TokenSet* tokens,
                 KServeOptions options);
-  ~KServeService() override;
 
   // Calls in this service's handlers now (each holds a handler thread).
   int active_calls() const { return active_calls_.load(); }
@@ -123,8 +122,6 @@ class KServeService final : public inference::GRPCInferenceService::Service {
   // longer in flight.
   void Respond(const std::shared_ptr<Stream>& st, const inference::ModelInferRequest& req,
                const absl::Status& result, inference::ModelStreamInferResponse* out);
-  // Ends streams idle past stream_idle_timeout, every 250 ms.
-  void ReapIdleStreams();
 
   Coordinator* const coordinator_;
   Metrics* const metrics_;
@@ -138,8 +135,7 @@ class KServeService final : public inference::GRPCInferenceService::Service {
 
   absl::Mutex streams_mu_;
   std::vector<std::shared_ptr<Stream>> streams_ ABSL_GUARDED_BY(streams_mu_);
-  bool stopping_ ABSL_GUARDED_BY(streams_mu_) = false;
-  std::thread reaper_;
+  IdleWatchdog idle_streams_;
   // Last: its threads run requests that use everything above.
   WorkerPool stream_pool_;
 };

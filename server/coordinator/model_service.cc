@@ -1,59 +1,27 @@
 #include "server/coordinator/model_service.h"
 
 #include "absl/strings/str_cat.h"
+#include "absl/types/optional.h"
 #include "common/grpc_status.h"
 
 namespace pipeserve {
 
 ModelServiceImpl::ModelServiceImpl(Coordinator* coordinator, const TokenSet* tokens,
                                    absl::Duration upload_idle_timeout)
-    : coordinator_(coordinator), tokens_(tokens), idle_timeout_(upload_idle_timeout) {
-  watchdog_ = std::thread([this] { Watch(); });
-}
-
-ModelServiceImpl::~ModelServiceImpl() {
-  {
-    absl::MutexLock lock(&mu_);
-    stopping_ = true;
-  }
-  watchdog_.join();
-}
-
-void ModelServiceImpl::Watch() {
-  absl::MutexLock lock(&mu_);
-  auto stop = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopping_; };
-  const absl::Duration tick = std::min(absl::Milliseconds(250), idle_timeout_ / 4);
-  while (!mu_.AwaitWithTimeout(absl::Condition(&stop), tick)) {
-    absl::Time now = absl::Now();
-    for (auto& [ctx, last] : active_) {
-      // A cancelled read returns false in the handler, which then ends the
-      // upload (nothing stored) and frees its slot.
-      if (now - last > idle_timeout_) ctx->TryCancel();
-    }
-  }
-}
+    : coordinator_(coordinator), tokens_(tokens), idle_(upload_idle_timeout) {}
 
 grpc::Status ModelServiceImpl::Upload(grpc::ServerContext* ctx,
                                       grpc::ServerReader<UploadRequest>* reader,
                                       UploadResponse* response) {
   absl::Status auth = AuthorizeCall(tokens_, *ctx, Scope::kAdmin);
   if (!auth.ok()) return ToGrpcStatus(auth);
-  {
-    absl::MutexLock lock(&mu_);
-    active_[ctx] = absl::Now();
-  }
-  struct Unwatch {
-    ModelServiceImpl* self;
-    grpc::ServerContext* ctx;
-    ~Unwatch() {
-      absl::MutexLock lock(&self->mu_);
-      self->active_.erase(ctx);
-    }
-  } unwatch{this, ctx};
+  // A cancelled read returns false here, which ends the upload (nothing
+  // stored) and frees its slot.
+  absl::optional<IdleWatchdog::Watch> watch;
+  watch.emplace(&idle_, [ctx] { ctx->TryCancel(); });
   auto read = [&](UploadRequest* req) {
     bool ok = reader->Read(req);
-    absl::MutexLock lock(&mu_);
-    active_[ctx] = absl::Now();
+    watch->Touch();
     return ok;
   };
 
@@ -85,7 +53,7 @@ grpc::Status ModelServiceImpl::Upload(grpc::ServerContext* ctx,
   if (ctx->IsCancelled()) {
     return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
                         absl::StrCat("upload of \"", name, "\" sent nothing for ",
-                                     absl::FormatDuration(idle_timeout_),
+                                     absl::FormatDuration(idle_.timeout()),
                                      " or was cancelled; nothing was stored"));
   }
   if (!last) {
@@ -93,12 +61,9 @@ grpc::Status ModelServiceImpl::Upload(grpc::ServerContext* ctx,
                         absl::StrCat("upload of \"", name, "\" ended after ", (*upload)->bytes(),
                                      " bytes without its last chunk; nothing was stored"));
   }
-  {
-    // Every byte is in: the deploy takes what it takes (a large model's
-    // load can outlast the idle timeout), so the watchdog lets go.
-    absl::MutexLock lock(&mu_);
-    active_.erase(ctx);
-  }
+  // Every byte is in: the deploy takes what it takes (a large model's
+  // load can outlast the idle timeout), so the watchdog lets go.
+  watch.reset();
   absl::StatusOr<UploadResponse> r =
       coordinator_->FinishUpload(name, options, *std::move(upload), total, crc);
   if (!r.ok()) return ToGrpcStatus(r.status());

@@ -6,14 +6,11 @@
 #ifndef PIPESERVE_SERVER_COORDINATOR_MODEL_SERVICE_H_
 #define PIPESERVE_SERVER_COORDINATOR_MODEL_SERVICE_H_
 
-#include <map>
-#include <thread>
-
-#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "proto/pipeserve_service.grpc.pb.h"
 #include "server/coordinator/core.h"
 #include "server/transport/auth.h"
+#include "server/transport/idle_watchdog.h"
 
 namespace pipeserve {
 
@@ -22,7 +19,6 @@ class ModelServiceImpl final : public ModelService::Service {
   // `tokens` may be null (no authentication); it must outlive the service.
   ModelServiceImpl(Coordinator* coordinator, const TokenSet* tokens,
                    absl::Duration upload_idle_timeout = absl::Seconds(30));
-  ~ModelServiceImpl() override;
 
   grpc::Status Upload(grpc::ServerContext* ctx, grpc::ServerReader<UploadRequest>* reader,
                       UploadResponse* response) override;
@@ -34,16 +30,9 @@ class ModelServiceImpl final : public ModelService::Service {
                           ListModelsResponse* response) override;
 
  private:
-  // Uploads in progress and when each last received something.
-  void Watch();
-
   Coordinator* const coordinator_;
   const TokenSet* const tokens_;
-  const absl::Duration idle_timeout_;
-  absl::Mutex mu_;
-  std::map<grpc::ServerContext*, absl::Time> active_ ABSL_GUARDED_BY(mu_);
-  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
-  std::thread watchdog_;
+  IdleWatchdog idle_;  // uploads in progress
 };
 
 }  // namespace pipeserve
