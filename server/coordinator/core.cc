@@ -660,6 +660,12 @@ std::shared_ptr<const std::vector<std::string>> Coordinator::StageServerAddresse
   return addresses_;
 }
 
+bool Coordinator::Knows(const std::string& name) {
+  if (Current(name) != nullptr) return true;
+  absl::MutexLock lock(&mu_);
+  return failed_.count(name) > 0;
+}
+
 absl::StatusOr<ModelInfo> Coordinator::GetModel(const std::string& name) {
   if (auto d = Current(name)) return d->Info();
   absl::MutexLock lock(&mu_);

@@ -141,6 +141,9 @@ class Coordinator {
   std::shared_ptr<const std::vector<std::string>> StageServerAddresses();
   // kNotFound for an unknown model.
   absl::StatusOr<ModelInfo> GetModel(const std::string& name);
+  // Whether GetModel(name) would succeed, without building its ModelInfo
+  // (asked once per request, for its metrics label).
+  bool Knows(const std::string& name);
   // Per stage of a READY model: the mean seconds its stage servers took to
   // compute a microbatch so far (see Deployment::MeasuredComputeSeconds);
   // empty for a model that is not deployed.

@@ -184,7 +184,7 @@ void KServeService::Meter(const std::string& model, const absl::Status& s, absl:
   if (metrics_ == nullptr) return;
   // Only models that exist get a series of their own: names from
   // requests would otherwise grow the metrics without bound.
-  if (coordinator_->GetModel(model).ok()) {
+  if (coordinator_->Knows(model)) {
     metrics_->RecordInference(model, s, took);
   } else {
     metrics_->RecordUnknownModelInference(s, took);
