@@ -164,6 +164,32 @@ absl::StatusOr<int> DimAttr(const Node& node, const std::string& name, int rank)
 }
 
 // softmax, log_softmax (attr dim).
+// cached_attention(q, k, v, kv_positions, kv_seq, kv_blocks, kv_seq_ids)
+// (export(generation=True)): q [1, H, T, D], k and v [1, Hkv, T, D] with H
+// a multiple of Hkv, positions and seq [T], blocks [N, B], seq_ids [N].
+// The output is q's shape.
+InferResult InferCachedAttention(const Node& node, const Shapes& in) {
+  const Shape& q = in[0];
+  if (q.size() != 4 || in[1].size() != 4 || in[1] != in[2]) {
+    return Bad(absl::StrCat("q ", ShapeToString(q), ", k ", ShapeToString(in[1]), ", v ",
+                            ShapeToString(in[2]), ": need [1, heads, tokens, head_dim]"));
+  }
+  if (in[3].size() != 1 || in[4].size() != 1 || in[5].size() != 2 || in[6].size() != 1) {
+    return Bad("the cache metadata must be positions [T], seq [T], blocks [N, B], seq_ids [N]");
+  }
+  return One(q);
+}
+
+absl::StatusOr<DataType> CachedAttentionType(const Node& node, const Types& in) {
+  if (!IsFloatingPoint(in[0]) || in[1] != in[0] || in[2] != in[0]) {
+    return Bad("q, k and v must share one floating-point type");
+  }
+  for (size_t i = 3; i < in.size(); ++i) {
+    if (in[i] != DT_INT64) return Bad("the cache metadata must be int64");
+  }
+  return in[0];
+}
+
 InferResult InferSoftmax(const Node& node, const Shapes& in) {
   absl::StatusOr<int> d = DimAttr(node, "dim", static_cast<int>(in[0].size()));
   if (!d.ok()) return d.status();
@@ -484,6 +510,12 @@ absl::flat_hash_map<std::string, OpSchema> MakeRegistry() {
   }
   add({"where", 3, 3, 1, InferWhere, elementwise_flops, WhereType});
   add({"softmax", 1, 1, 1, InferSoftmax, elementwise_flops, FloatOnly});
+  add({"cached_attention", 7, 7, 1, InferCachedAttention,
+       [](const Shapes& in) {  // q.k and p.v over the tokens of the step
+         return in[0].empty() ? 0.0 : 4.0 * static_cast<double>(NumElements(in[0])) *
+                                          std::max<int64_t>(in[0][2], 1);
+       },
+       CachedAttentionType});
   add({"log_softmax", 1, 1, 1, InferSoftmax, elementwise_flops, FloatOnly});
   add({"layer_norm", 1, 3, 1, InferLayerNorm, elementwise_flops, FloatOnly});
   for (const char* name : {"sum", "mean", "amax"}) {

@@ -12,12 +12,14 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/match.h"
 #include "absl/time/clock.h"
+#include "absl/types/optional.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "partitioner/op_schema.h"
 #include "partitioner/validate.h"
 #include "runtime/cpu/cpu_kernels.h"
 #include "runtime/cpu/cpu_ops.h"
+#include "runtime/kv_cache.h"
 #include "runtime/signature.h"
 
 namespace pipeserve {
@@ -28,6 +30,7 @@ enum class Kind {
   kForward,  // a ReLU already fused into the linear before it
   kGeneric,  // RunCpuOp (cpu_ops.h): every other op, and other dtypes
   kAttention,  // matmul -> scale -> mask -> softmax -> matmul, fused
+  kCachedAttention,  // cached_attention: the stage's KvCache (kv_cache.h)
   kElementwise,  // a group of elementwise ops in one pass (ElementwiseGroup)
   kNorm,       // [add ->] layer_norm or RMSNorm in one pass (FusedNorm)
   kSkip,       // folded into a kAttention, kElementwise or kNorm step
@@ -79,6 +82,7 @@ struct Step {
   DataType out_type = DT_FLOAT32;
   // kAttention: in = {q, k, v}; the scale and the mask (value slots).
   float scale = 1.0f;
+  int kv_layer = -1;  // kCachedAttention: the layer in the program's cache
   int mask_cond = -1, mask_add = -1;
   float mask_fill = 0.0f;
   // kElementwise: the group, its external inputs are `in`; its member
@@ -132,6 +136,7 @@ class CpuProgram : public StageProgram {
     }
     SetComputeThreads(options_.threads);
     std::vector<Shape> in_shapes;
+    absl::optional<KvStep> kv_step;  // checked at the stage's first cached attention
     for (size_t step_index = 0; step_index < steps_.size(); ++step_index) {
       const Step& step = steps_[step_index];
       // The first run (page faults, oneDNN's JIT) is not profiled.
@@ -152,6 +157,10 @@ class CpuProgram : public StageProgram {
       }
       if (step.kind == Kind::kAttention) {
         RETURN_IF_ERROR(RunAttention(step_index, &values));
+        continue;
+      }
+      if (step.kind == Kind::kCachedAttention) {
+        RETURN_IF_ERROR(RunCachedAttention(step, &values, &kv_step));
         continue;
       }
       if (step.kind == Kind::kGeneric) {
@@ -279,6 +288,43 @@ class CpuProgram : public StageProgram {
     scratch_[step_index] = *out;
     (*values)[step.out] = *std::move(out);
     return absl::OkStatus();
+  }
+
+  // in = {q, k, v, kv_positions, kv_seq, kv_blocks, kv_seq_ids}.
+  absl::Status RunCachedAttention(const Step& step, std::vector<Tensor>* values,
+                                  absl::optional<KvStep>* kv_step) {
+    const std::vector<Tensor>& v = *values;
+    absl::Status st;
+    if (!kv_step->has_value()) {
+      absl::StatusOr<KvStep> checked =
+          kv_->BeginStep(v[step.in[3]], v[step.in[4]], v[step.in[5]], v[step.in[6]],
+                         v[step.in[0]].rank() == 4 ? v[step.in[0]].dim(2) : -1);
+      if (checked.ok()) *kv_step = *std::move(checked);
+      st = checked.status();
+    }
+    absl::StatusOr<Tensor> out =
+        st.ok() ? kv_->Attend(step.kv_layer, **kv_step, v[step.in[0]], v[step.in[1]],
+                              v[step.in[2]], step.scale)
+                : absl::StatusOr<Tensor>(st);
+    if (!out.ok()) {
+      return absl::Status(out.status().code(),
+                          absl::StrCat("node \"", step.node->name(), "\" (cached_attention): ",
+                                       out.status().message()));
+    }
+    (*values)[step.out] = *std::move(out);
+    return absl::OkStatus();
+  }
+
+  // The program's KV cache layer for cached_attention `node` (the cache
+  // is made with the first: num_blocks and block_size are the model's,
+  // set on every such node by the coordinator).
+  int AddCacheLayer(const Node& node, DataType dtype) {
+    if (kv_ == nullptr) {
+      kv_ = std::make_unique<KvCache>(IntAttr(node, "num_blocks", 0),
+                                      static_cast<int>(IntAttr(node, "block_size", 16)));
+    }
+    return kv_->AddLayer(static_cast<int>(IntAttr(node, "kv_heads", 1)),
+                         static_cast<int>(IntAttr(node, "head_dim", 1)), dtype);
   }
 
   absl::Status RunNorm(size_t step_index, std::vector<Tensor>* values) {
@@ -653,15 +699,20 @@ class CpuProgram : public StageProgram {
         params.emplace_back(slot_of(node.outputs(0)), w->second);
         continue;
       }
-      if (!HasCpuOp(node.op())) {
+      const bool cached = node.op() == "cached_attention";
+      if (!cached && !HasCpuOp(node.op())) {
         return absl::InvalidArgumentError(
             absl::StrCat("the cpu backend has no kernel for op \"", node.op(), "\""));
       }
-      Kind kind = KindOf(node, shapes, types);
+      Kind kind = cached ? Kind::kCachedAttention : KindOf(node, shapes, types);
       Step step{kind, &node, FindOp(node.op()), {}, slot_of(node.outputs(0))};
       step.symbolic = HasSymbolicAttrs(node);
       step.out_type = types.at(node.outputs(0));
       for (const std::string& v : node.inputs()) step.in.push_back(slot_of(v));
+      if (cached) {
+        step.kv_layer = AddCacheLayer(node, types.at(node.inputs(0)));
+        step.scale = static_cast<float>(FloatAttr(node, "scale", 1.0));
+      }
       if (kind == Kind::kRelu && options_.fuse_linear_relu) {
         auto lin = linear_step_of_slot.find(step.in[0]);
         if (lin != linear_step_of_slot.end() && readers[node.inputs(0)] == 1) {
@@ -879,6 +930,7 @@ class CpuProgram : public StageProgram {
 
   const Graph graph_;
   const CpuBackendOptions options_;
+  std::unique_ptr<KvCache> kv_;  // cache-aware graphs only
   std::vector<Step> steps_;
   std::vector<Tensor> constants_;  // weights in their slots, others empty
   std::vector<Tensor> scratch_;    // per step: its last output buffer

@@ -9,6 +9,7 @@
 #include "common/status_macros.h"
 #include "partitioner/partition.h"
 #include "runtime/model_file.h"
+#include "server/coordinator/kv_budget.h"
 
 namespace pipeserve {
 namespace {
@@ -248,6 +249,13 @@ std::shared_ptr<Deployment> Coordinator::TryAdopt(const StoredModel& m,
 
 absl::StatusOr<Plan> Coordinator::PlanFor(const std::string& name, const ModelFileReader& file,
                                           const UploadOptions& options, NodeProfile* measured) {
+  ASSIGN_OR_RETURN(Plan plan, CutFor(name, file, options, measured));
+  RETURN_IF_ERROR(SizeKvCache(file.graph(), options_.kv_cache_bytes, &plan));
+  return plan;
+}
+
+absl::StatusOr<Plan> Coordinator::CutFor(const std::string& name, const ModelFileReader& file,
+                                         const UploadOptions& options, NodeProfile* measured) {
   PartitionOptions popts;
   popts.num_stages = options.num_stages();
   if (popts.num_stages > options_.max_stages) {

@@ -82,6 +82,8 @@ struct CoordinatorOptions {
   ComputeBackend* calibration_backend = nullptr;
   CalibrationOptions calibration;
   double link_bytes_per_second = 1e9;
+  // KV cache each stage server holds for a cache-aware model (SizeKvCache).
+  int64_t kv_cache_bytes = int64_t{256} << 20;
 };
 
 class Coordinator {
@@ -269,6 +271,10 @@ class Coordinator {
   // `measured`), else by estimate (see UploadOptions.balance).
   absl::StatusOr<Plan> PlanFor(const std::string& name, const ModelFileReader& file,
                                const UploadOptions& options, NodeProfile* measured = nullptr);
+  // PlanFor's cuts, before a cache-aware model's KV cache is sized
+  // (SizeKvCache, kv_budget.h).
+  absl::StatusOr<Plan> CutFor(const std::string& name, const ModelFileReader& file,
+                              const UploadOptions& options, NodeProfile* measured);
   // Serves `name` from `d` (a new upload's deployment, its lock held): the
   // version it replaces finishes its requests in flight, then closes.
   void Publish(const std::string& name, const std::shared_ptr<Deployment>& d);

@@ -93,6 +93,8 @@ class OpConverter:
             self._value[fx] = name
             self._dtype[name] = _result_dtype(fx)
             r = _result(fx)
+            if isinstance(r, torch.Tensor):
+                self.shapes[name] = tuple(r.shape)
             if (isinstance(r, torch.Tensor) and r.dim() > 0 and
                     _free(fx, 0) and
                     fx.meta["ex"][0].shape[0] == fx.meta["ex"][1].shape[0]):

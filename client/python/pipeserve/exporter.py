@@ -58,6 +58,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from . import generation as _generation
 from . import model_file
 from .model_file import model_pb2
 
@@ -99,7 +100,7 @@ class ExportInfo:
 
 
 def export(module, example_args, path, example_kwargs=None, split_spec=None,
-           replicated=(), dynamic_dims=None):
+           replicated=(), dynamic_dims=None, generation=False, logits=None):
     """Traces `module` and writes it to `path` as a pipeserve model file.
 
     Args:
@@ -117,6 +118,14 @@ def export(module, example_args, path, example_kwargs=None, split_spec=None,
         may take any size at run time (a sequence length: {"ids": [1]}).
         Sizes computed from them (x.size(1), views, masks sliced to the
         length) are traced as run-time integers.
+      generation: export a causal language model for generation (token ids
+        [batch, seq] in, logits of every position out): every recognised
+        attention reads and extends a per-stage KV cache, and positions
+        follow each sequence's offset (see generation.py). The sequence
+        dim is dynamic without asking. A model that cannot be made
+        cache-aware raises ExportError naming the node and why.
+      logits: with generation, the output holding the logits (default:
+        the first).
 
     Returns:
       ExportInfo.
@@ -137,6 +146,8 @@ def export(module, example_args, path, example_kwargs=None, split_spec=None,
     dynamic_dims = {k: list(v) for k, v in (dynamic_dims or {}).items()}
     inputs = _bind_inputs(module, example_args, example_kwargs)
     names = [name for name, _, _ in inputs]
+    if generation and len(names) == 1 and names[0] not in dynamic_dims:
+        dynamic_dims[names[0]] = [1]
     unknown = (set(replicated) | set(dynamic_dims)) - set(names)
     if unknown:
         raise ExportError(f"replicated/dynamic_dims name unknown inputs "
@@ -169,6 +180,14 @@ def export(module, example_args, path, example_kwargs=None, split_spec=None,
         converter.add_input(name, value, batched=name not in replicated,
                             free_dims=free[name])
     graph = converter.convert(fx_graph)
+    if generation:
+        try:
+            shapes = dict(converter.shapes)
+            shapes.update((t.fqn, tuple(t.tensor.shape)) for t in converter.stored)
+            used = _generation.make_cache_aware(graph, shapes, names[0], logits=logits)
+        except _generation.GenerationError as e:
+            raise ExportError(str(e)) from None
+        converter.stored = [t for t in converter.stored if t.fqn in used]
 
     num_stages = _count_stages(graph, split_spec, module)
     for fqn, point in split_spec.items():
@@ -366,6 +385,11 @@ _MODULE_GETATTR = torch.nn.Module.__getattr__
 _MODULE_CALL = torch.nn.Module.__call__
 
 
+_TORCH_FULL = torch.full  # before tracing patches it
+_SCALAR_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int64,
+                  torch.int32, torch.bool)
+
+
 class _Untraced:
     """Eager PyTorch inside a trace: FX's module patches undone for a while."""
 
@@ -555,6 +579,12 @@ class _Tracer(torch.fx.Tracer):
         if (isinstance(a, torch.Tensor) and
                 not isinstance(a, torch.nn.Parameter) and
                 self._state.lookup(a) is None):
+            if a.dim() == 0 and a.dtype in _SCALAR_DTYPES and self.tensor_attrs.get(a) is None:
+                # A scalar made inside forward, as Hugging Face code does
+                # (torch.tensor(torch.finfo(dtype).min), torch.full([], v)):
+                # a "full" node of its value and dtype.
+                return self.create_proxy("call_function", _TORCH_FULL,
+                                         ((), a.item()), {"dtype": a.dtype}).node
             attr = self.tensor_attrs.get(a)
             what = (f"tensor attribute '{attr}' (not a parameter or buffer; "
                     "use register_buffer)" if attr else
@@ -660,6 +690,7 @@ class _Converter(OpConverter):
         self._tuples = {}  # node returning a tuple -> [value name or None]
         self._poisoned = {}  # node -> why it cannot be used
         self.stored = []  # _Tensor of every param node, in emission order
+        self.shapes = {}  # value name -> shape in the first example
 
     def add_input(self, name, example, batched, free_dims):
         shape = list(example.shape)
@@ -675,6 +706,7 @@ class _Converter(OpConverter):
             shape=shape, batched=batched)
         self._names.add(name)
         self._dtype[name] = example.dtype
+        self.shapes[name] = tuple(example.shape)
 
     def convert(self, fx_graph):
         nodes = list(fx_graph.nodes)

@@ -1,0 +1,295 @@
+"""Makes an exported causal language model cache-aware (export(generation=True)).
+
+The rewrite works on the converted pipeserve graph (proto/model.proto), whose
+ops are few and normalised, rather than on PyTorch code:
+
+  * Every attention of the form matmul(q, k^T) -> [* or / a number] ->
+    [masked by where(mask, fill, .) or + mask] -> softmax(-1) -> matmul(., v)
+    (casts and identities in between seen through) becomes one
+    "cached_attention" node reading q, and k and v from before a
+    grouped-query repeat (unsqueeze -> expand -> reshape), so the cache
+    holds the KV heads only. The model's own mask is dropped: the cache
+    applies causality per sequence, aligned to each token's position.
+  * Positions: arange(T) becomes the kv_positions input, and a table sliced
+    to the sequence (rotary cos/sin, table[:T]) becomes a gather at each
+    token's position.
+  * Whatever else still depends on the sequence length (a causal-mask
+    buffer or full((T, T)) that no attention consumed, a softmax that is
+    not part of a recognised attention) makes the export fail, naming the
+    node and why: a guess would give wrong tokens silently.
+
+The graph then runs a step of many sequences with their tokens packed along
+dim 1 ([1, T]); see GenerationSpec in proto/model.proto for its inputs.
+"""
+
+from .model_file import model_pb2
+
+BLOCK_SIZE = 16
+META_INPUTS = ("kv_positions", "kv_seq", "kv_blocks", "kv_seq_ids")
+_SEEN_THROUGH = ("identity", "cast")
+_SIZE_DEPENDENT = ("arange", "full", "triu", "tril", "slice", "expand", "zeros", "ones")
+
+
+class GenerationError(Exception):
+    """The model cannot be made cache-aware; the message names the node."""
+
+
+def make_cache_aware(graph, shapes, tokens, logits=None):
+    """Rewrites `graph` (model_pb2.Graph) in place.
+
+    Args:
+      graph: the converted graph of a causal LM taking int64 token ids
+        [batch, seq] (seq a dynamic dim) as input `tokens`.
+      shapes: value name -> shape in the export's first example.
+      tokens: the token input's name.
+      logits: the logits output's name (default: the first output).
+
+    Returns:
+      The set of parameter FQNs the rewritten graph still reads.
+    """
+    _check_inputs(graph, tokens)
+    logits = logits or graph.outputs[0]
+    if logits not in graph.outputs:
+        raise GenerationError(f"generation: logits output '{logits}' is not an output "
+                              f"of the model (outputs: {list(graph.outputs)})")
+    seq_len = shapes[tokens][1]
+    layers = _rewrite_attention(graph, shapes)
+    max_positions = _rewrite_positions(graph, shapes)
+    _prune(graph)
+    _check_no_length_left(graph, shapes)
+    logits_shape = shapes[logits]
+    if len(logits_shape) != 3 or logits_shape[1] != seq_len:
+        raise GenerationError(
+            f"generation: output '{logits}' has shape {list(logits_shape)} for tokens "
+            f"{list(shapes[tokens])}; the logits of every position, [batch, seq, vocab], "
+            "are needed")
+    for name in META_INPUTS:
+        graph.inputs.add(name=name, dtype=model_pb2.DT_INT64,
+                         shape=[-1, -1] if name == "kv_blocks" else [-1], batched=False)
+    spec = graph.generation
+    spec.tokens = tokens
+    spec.logits = logits
+    spec.block_size = BLOCK_SIZE
+    spec.max_positions = max_positions
+    spec.layers = layers
+    spec.vocab = logits_shape[2]
+    return {n.attrs["fqn"].s for n in graph.nodes if n.op == "param"}
+
+
+def _check_inputs(graph, tokens):
+    names = [v.name for v in graph.inputs]
+    if tokens not in names:
+        raise GenerationError(f"generation: no input '{tokens}' (inputs: {names})")
+    if len(names) != 1:
+        raise GenerationError(f"generation: the model must take token ids only; it "
+                              f"takes {names}")
+    clash = set(META_INPUTS) & set(names)
+    if clash:
+        raise GenerationError(f"generation: input names {sorted(clash)} are reserved")
+    spec = graph.inputs[0]
+    if spec.dtype != model_pb2.DT_INT64 or len(spec.shape) != 2 or spec.shape[1] != -1:
+        raise GenerationError(
+            f"generation: input '{tokens}' must be int64 token ids [batch, seq] with seq "
+            f"a dynamic dim (dynamic_dims={{'{tokens}': [1]}}); it is "
+            f"{model_pb2.DataType.Name(spec.dtype)} {list(spec.shape)}")
+
+
+class _Index:
+    def __init__(self, graph):
+        self.node = {n.name: n for n in graph.nodes}
+        self.readers = {}
+        for n in graph.nodes:
+            for v in n.inputs:
+                self.readers[v] = self.readers.get(v, 0) + 1
+        for v in graph.outputs:
+            self.readers[v] = self.readers.get(v, 0) + 1
+
+    def op(self, value):
+        n = self.node.get(value)
+        return n.op if n is not None else ""
+
+    def back(self, value):
+        """Through identities and casts read once."""
+        while self.op(value) in _SEEN_THROUGH and self.readers.get(value) == 1:
+            value = self.node[value].inputs[0]
+        return value
+
+
+def _where(n):
+    return f"node '{n.name}'" + (f" at module path '{n.module_path}'" if n.module_path else "")
+
+
+def _scalar(idx, n, operand):
+    """The number a mul/div multiplies or divides by, or None."""
+    if "scalar" in n.attrs and len(n.inputs) == 1:
+        reverse = "reverse" in n.attrs and n.attrs["reverse"].i
+        return None if reverse else n.attrs["scalar"].f
+    if len(n.inputs) == 2 and n.inputs[0] == operand:
+        c = idx.node.get(n.inputs[1])
+        if c is not None and c.op == "full" and len(c.attrs["shape"].ints.v) == 0 \
+                and not any(k.endswith("_from") for k in c.attrs):
+            return c.attrs["value"].f
+    return None
+
+
+def _match_attention(idx, last, shapes):
+    """(q, k, v, scale) of the attention ending at matmul `last`, or None."""
+    p = idx.back(last.inputs[0])
+    softmax = idx.node.get(p)
+    if softmax is None or softmax.op != "softmax" or idx.readers.get(p) != 1:
+        return None
+    rank = len(shapes.get(softmax.inputs[0], ()))
+    dim = softmax.attrs["dim"].i if "dim" in softmax.attrs else -1
+    if dim not in (-1, rank - 1):
+        return None
+    s = idx.back(softmax.inputs[0])
+    masked = idx.node.get(s)
+    if masked is not None and masked.op == "where" and len(masked.inputs) == 3:
+        s = masked.inputs[2]
+    elif masked is not None and masked.op == "add" and len(masked.inputs) == 2:
+        a, b = masked.inputs
+        s = a if idx.op(idx.back(a)) in ("mul", "div", "matmul") else b
+    scale = 1.0
+    scaled = idx.node.get(s)
+    if scaled is not None and scaled.op in ("mul", "div"):
+        v = _scalar(idx, scaled, scaled.inputs[0])
+        if v is not None:
+            scale = v if scaled.op == "mul" else 1.0 / v
+            s = scaled.inputs[0]
+    scores = idx.node.get(s)
+    if scores is None or scores.op != "matmul":
+        return None
+    kt = idx.node.get(scores.inputs[1])
+    if kt is None or kt.op != "permute" or list(kt.attrs["dims"].ints.v) != [0, 1, 3, 2]:
+        return None
+    return scores.inputs[0], kt.inputs[0], last.inputs[1], scale
+
+
+def _before_repeat(idx, value):
+    """k or v from before a grouped-query repeat: reshape(expand(unsqueeze(x, 2)))."""
+    r = idx.node.get(value)
+    if r is None or r.op != "reshape":
+        return value
+    e = idx.node.get(r.inputs[0])
+    if e is None or e.op != "expand":
+        return value
+    u = idx.node.get(e.inputs[0])
+    if u is None or u.op != "unsqueeze" or u.attrs["dim"].i != 2:
+        return value
+    return u.inputs[0]
+
+
+def _rewrite_attention(graph, shapes):
+    idx = _Index(graph)
+    layer = 0
+    matched = set()
+    for n in list(graph.nodes):
+        if n.op != "matmul":
+            continue
+        m = _match_attention(idx, n, shapes)
+        if m is None:
+            continue
+        q, k, v, scale = m
+        k, v = _before_repeat(idx, k), _before_repeat(idx, v)
+        qs, ks, vs = shapes.get(q, ()), shapes.get(k, ()), shapes.get(v, ())
+        if len(qs) != 4 or len(ks) != 4 or ks != vs or qs[3] != ks[3] or qs[1] % ks[1]:
+            raise GenerationError(
+                f"generation: attention at {_where(n)} has q {list(qs)}, k {list(ks)}, "
+                f"v {list(vs)}; the cache needs [batch, heads, seq, head_dim] with the "
+                "query heads a multiple of the key/value heads")
+        matched.add(idx.back(n.inputs[0]))  # the softmax
+        inputs = [q, k, v] + list(META_INPUTS)
+        del n.inputs[:]
+        n.inputs.extend(inputs)
+        n.op = "cached_attention"
+        n.attrs.clear()
+        n.attrs["scale"].f = scale
+        n.attrs["layer"].i = layer
+        n.attrs["block_size"].i = BLOCK_SIZE
+        n.attrs["heads"].i = qs[1]
+        n.attrs["kv_heads"].i = ks[1]
+        n.attrs["head_dim"].i = ks[3]
+        layer += 1
+    for n in graph.nodes:
+        if n.op == "softmax" and n.name not in matched:
+            raise GenerationError(
+                f"generation: softmax {_where(n)} is not part of a recognised attention "
+                "(matmul(q, k^T) -> scale -> mask -> softmax(-1) -> matmul(., v)), so its "
+                "keys and values cannot be cached")
+    if layer == 0:
+        raise GenerationError("generation: the model has no recognised attention")
+    return layer
+
+
+def _rewrite_positions(graph, shapes):
+    """arange(T) -> kv_positions; table[:T] -> table gathered at kv_positions."""
+    idx = _Index(graph)
+    max_positions = 0
+    for n in list(graph.nodes):
+        if n.op == "arange" and "end_from" in n.attrs:
+            start = n.attrs["start"].i if "start" in n.attrs else 0
+            step = n.attrs["step"].i if "step" in n.attrs else 1
+            if start != 0 or step != 1 or "start_from" in n.attrs:
+                raise GenerationError(f"generation: arange {_where(n)} does not count "
+                                      "positions from 0 by 1")
+            dtype = n.attrs["dtype"].i if "dtype" in n.attrs else model_pb2.DT_INT64
+            del n.inputs[:]
+            n.inputs.append("kv_positions")
+            n.attrs.clear()
+            if dtype == model_pb2.DT_INT64:
+                n.op = "identity"
+            else:
+                n.op = "cast"
+                n.attrs["dtype"].i = dtype
+        elif n.op == "slice" and "stop_from" in n.attrs:
+            table = idx.node.get(n.inputs[0])
+            if table is None or table.op != "param":
+                continue  # a mask sliced to the length: left to the checks below
+            dim = n.attrs["dim"].i if "dim" in n.attrs else 0
+            start = n.attrs["start"].i if "start" in n.attrs else 0
+            if dim != 0 or start != 0 or len(shapes.get(n.inputs[0], ())) != 2:
+                continue
+            max_positions = shapes[n.inputs[0]][0] if not max_positions else \
+                min(max_positions, shapes[n.inputs[0]][0])
+            src = n.inputs[0]
+            del n.inputs[:]
+            n.inputs.extend(["kv_positions", src])
+            n.op = "embedding"
+            n.attrs.clear()
+    for n in graph.nodes:  # position embeddings: embedding(arange(T))
+        if n.op == "embedding" and idx.op(n.inputs[0]) == "identity" and \
+                idx.node[n.inputs[0]].inputs[0] == "kv_positions":
+            rows = shapes.get(n.inputs[1], (0,))[0]
+            max_positions = rows if not max_positions else min(max_positions, rows)
+    return max_positions
+
+
+def _prune(graph):
+    """Drops nodes nothing reads (the old masks and score chains)."""
+    live = set(graph.outputs)
+    keep = []
+    for n in reversed(graph.nodes):
+        if n.op == "pipe_split" or any(o in live for o in n.outputs):
+            keep.append(n)
+            live.update(n.inputs)
+    keep.reverse()
+    kept = [model_pb2.Node() for _ in keep]
+    for dst, src in zip(kept, keep):
+        dst.CopyFrom(src)
+    del graph.nodes[:]
+    graph.nodes.extend(kept)
+
+
+def _check_no_length_left(graph, shapes):
+    """Refuses ops whose result still depends on the step's token count in a
+    way other than as its own length (a T x T mask, a table sliced to T)."""
+    idx = _Index(graph)
+    for n in graph.nodes:
+        if n.op not in _SIZE_DEPENDENT or not any(k.endswith("_from") for k in n.attrs):
+            continue
+        if n.op in ("slice", "expand") and idx.op(n.inputs[0]) != "param":
+            continue  # an activation's own length: per token already
+        raise GenerationError(
+            f"generation: {n.op} {_where(n)} depends on the sequence length "
+            f"(shape {list(shapes.get(n.name, ()))} in the example) and is not an attention "
+            "mask or a position table the cache can take over")

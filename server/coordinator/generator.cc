@@ -1,0 +1,367 @@
+#include "server/coordinator/generator.h"
+
+#include <algorithm>
+#include <random>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+
+namespace pipeserve {
+
+struct Generator::Sequence {
+  int64_t id = 0;
+  std::vector<int64_t> tokens;  // the prompt, then what was generated
+  int64_t prompt_len = 0;
+  int64_t cached = 0;           // positions every stage holds
+  std::vector<int64_t> blocks;  // its block table (reserved at admission)
+  SamplingParams sampling;
+  absl::Time deadline;
+  bool in_flight = false;       // a step holds it
+  bool ended = false;
+  bool stop = false;            // end it when its step comes back, with `stop_status`
+  absl::Status stop_status;
+  int rebuilds = 0;
+  absl::Status status;          // once ended
+  std::deque<GeneratedToken> out;  // sampled, not yet handed to the caller
+};
+
+// One step: its sequences, and per sequence the first position fed and
+// how many.
+struct Generator::Batch {
+  std::vector<SeqPtr> seqs;
+  std::vector<int64_t> from, count;
+  std::vector<int64_t> tokens;
+  absl::Time deadline = absl::InfiniteFuture();
+};
+
+namespace {
+
+bool IsCacheMiss(const absl::Status& s) {
+  return s.code() == absl::StatusCode::kFailedPrecondition &&
+         absl::StrContains(s.message(), "is not in this stage's cache");
+}
+
+}  // namespace
+
+absl::StatusOr<GenerationConfig> GenerationConfigOf(const std::string& model, const Plan& plan) {
+  if (!plan.has_generation() || plan.generation().num_blocks() <= 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "model \"", model, "\" was not exported for generation (pipeserve.export(..., "
+        "generation=True))"));
+  }
+  GenerationConfig c;
+  c.spec = plan.generation();
+  for (const ValueSpec& in : plan.inputs()) c.input_names.push_back(in.name());
+  c.logits_output = -1;
+  for (int i = 0; i < plan.outputs_size(); ++i) {
+    if (plan.outputs(i).name() == c.spec.logits()) c.logits_output = i;
+  }
+  if (c.logits_output < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("model \"", model, "\": its logits output \"",
+                                                   c.spec.logits(), "\" is not an output"));
+  }
+  return c;
+}
+
+Generator::Generator(GenerationConfig config, GeneratorOptions options, Forward forward)
+    : config_(std::move(config)), options_(options), forward_(std::move(forward)),
+      id_base_(static_cast<int64_t>(std::random_device{}() & 0x3fffffff) << 32) {
+  for (int64_t b = config_.spec.num_blocks() - 1; b >= 0; --b) free_blocks_.push_back(b);
+  stats_.blocks_total = config_.spec.num_blocks();
+  for (int i = 0; i < std::max(1, options_.steps_in_flight); ++i) {
+    threads_.emplace_back([this] { StepLoop(); });
+  }
+}
+
+Generator::~Generator() {
+  {
+    absl::MutexLock l(&mu_);
+    stopping_ = true;
+    std::vector<SeqPtr> all(running_.begin(), running_.end());
+    all.insert(all.end(), waiting_.begin(), waiting_.end());
+    for (const SeqPtr& s : all) End(s, absl::UnavailableError("the generator is stopping"));
+  }
+  for (std::thread& t : threads_) t.join();
+}
+
+absl::Status Generator::Check(const GenerateRequest& request) const {
+  const GenerationSpec& spec = config_.spec;
+  if (request.prompt.empty()) return absl::InvalidArgumentError("the prompt has no tokens");
+  for (size_t i = 0; i < request.prompt.size(); ++i) {
+    if (request.prompt[i] < 0 || request.prompt[i] >= spec.vocab()) {
+      return absl::InvalidArgumentError(absl::StrCat("prompt token ", i, " is ", request.prompt[i],
+                                                     ", not in [0, ", spec.vocab(), ")"));
+    }
+  }
+  RETURN_IF_ERROR(CheckSampling(request.sampling, spec.vocab()));
+  const int64_t positions =
+      static_cast<int64_t>(request.prompt.size()) + request.sampling.max_tokens - 1;
+  if (spec.max_positions() > 0 && positions > spec.max_positions()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a prompt of ", request.prompt.size(), " tokens and max_tokens ",
+        request.sampling.max_tokens, " need ", positions, " positions; the model has ",
+        spec.max_positions()));
+  }
+  return absl::OkStatus();
+}
+
+int64_t Generator::BlocksFor(const GenerateRequest& request) const {
+  const int64_t positions =
+      static_cast<int64_t>(request.prompt.size()) + request.sampling.max_tokens - 1;
+  const int64_t bs = config_.spec.block_size();
+  return std::max<int64_t>(1, (positions + bs - 1) / bs);
+}
+
+absl::StatusOr<Generator::SeqPtr> Generator::Enqueue(const GenerateRequest& request) {
+  const int64_t need = BlocksFor(request);
+  absl::MutexLock l(&mu_);
+  if (stopping_) return absl::UnavailableError("the generator is stopping");
+  if (need > config_.spec.num_blocks()) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the request needs ", need, " KV cache blocks of ", config_.spec.block_size(),
+        " tokens (prompt plus max_tokens); each stage holds ", config_.spec.num_blocks(),
+        " (--kv_cache_mb)"));
+  }
+  if (static_cast<int>(waiting_.size()) >= options_.max_waiting) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        options_.max_waiting, " requests already wait for KV cache blocks (the queue's limit)"));
+  }
+  auto s = std::make_shared<Sequence>();
+  s->id = id_base_ + next_id_++;
+  s->tokens = request.prompt;
+  s->prompt_len = static_cast<int64_t>(request.prompt.size());
+  s->sampling = request.sampling;
+  s->deadline = request.deadline;
+  s->blocks.resize(need);
+  waiting_.push_back(s);
+  Admit();
+  return s;
+}
+
+void Generator::Admit() {
+  while (!waiting_.empty() && static_cast<int>(running_.size()) < options_.max_running &&
+         waiting_.front()->blocks.size() <= free_blocks_.size()) {
+    SeqPtr s = waiting_.front();
+    waiting_.pop_front();
+    for (int64_t& b : s->blocks) {
+      b = free_blocks_.back();
+      free_blocks_.pop_back();
+    }
+    running_.push_back(s);
+  }
+}
+
+void Generator::End(const SeqPtr& s, absl::Status status) {
+  if (s->ended) return;
+  if (s->in_flight) {  // its step's thread ends it when the step comes back
+    if (!s->stop) s->stop_status = std::move(status);
+    s->stop = true;
+    return;
+  }
+  s->ended = true;
+  s->status = std::move(status);
+  if (!s->status.ok()) s->out.clear();
+  Release(s);
+  ++stats_.finished;
+}
+
+void Generator::Release(const SeqPtr& s) {
+  auto it = std::find(running_.begin(), running_.end(), s);
+  if (it != running_.end()) {
+    running_.erase(it);
+    for (int64_t b : s->blocks) free_blocks_.push_back(b);
+  } else {
+    waiting_.erase(std::remove(waiting_.begin(), waiting_.end(), s), waiting_.end());
+  }
+  Admit();
+}
+
+absl::Status Generator::Generate(const GenerateRequest& request,
+                                 const std::function<bool(const GeneratedToken&)>& on_token,
+                                 const std::function<bool()>& cancelled) {
+  RETURN_IF_ERROR(Check(request));
+  ASSIGN_OR_RETURN(SeqPtr s, Enqueue(request));
+  absl::MutexLock l(&mu_);
+  bool abandoned = false;  // the client stopped reading: nothing more is handed over
+  while (true) {
+    while (!s->out.empty() && !abandoned) {
+      GeneratedToken t = std::move(s->out.front());
+      s->out.pop_front();
+      mu_.Unlock();
+      abandoned = !on_token(t);
+      mu_.Lock();
+    }
+    if (abandoned) {
+      End(s, absl::CancelledError("the client stopped reading the tokens"));
+      if (s->ended) return absl::CancelledError("the client stopped reading the tokens");
+    }
+    if (s->ended) return s->status;
+    if (cancelled != nullptr && cancelled()) {
+      End(s, absl::CancelledError("generation cancelled by the client"));
+    } else if (absl::Now() > s->deadline) {
+      End(s, absl::DeadlineExceededError(absl::StrCat(
+                 "the request's deadline passed after ", s->tokens.size() - s->prompt_len,
+                 " tokens")));
+    }
+    auto ready = [&s]() { return !s->out.empty() || s->ended; };
+    mu_.AwaitWithTimeout(absl::Condition(&ready), absl::Milliseconds(20));
+  }
+}
+
+GeneratorStats Generator::Stats() {
+  absl::MutexLock l(&mu_);
+  GeneratorStats s = stats_;
+  s.blocks_used = s.blocks_total - static_cast<int64_t>(free_blocks_.size());
+  s.running = static_cast<int64_t>(running_.size());
+  s.waiting = static_cast<int64_t>(waiting_.size());
+  return s;
+}
+
+bool Generator::HasWork() const {
+  if (stopping_) return true;
+  for (const SeqPtr& s : running_) {
+    if (!s->in_flight) return true;
+  }
+  return false;
+}
+
+void Generator::StepLoop() {
+  absl::MutexLock l(&mu_);
+  while (true) {
+    mu_.Await(absl::Condition(this, &Generator::HasWork));
+    if (stopping_) return;
+    Batch b = Take();
+    if (b.seqs.empty()) continue;
+    std::vector<Tensor> inputs = Inputs(b);
+    mu_.Unlock();
+    absl::StatusOr<std::vector<Tensor>> out = forward_(inputs, b.deadline);
+    mu_.Lock();
+    Apply(b, out);
+  }
+}
+
+Generator::Batch Generator::Take() {
+  const absl::Time now = absl::Now();
+  std::vector<SeqPtr> ready;
+  for (const SeqPtr& s : running_) {
+    if (!s->in_flight) ready.push_back(s);
+  }
+  for (const SeqPtr& s : ready) {
+    if (s->stop) End(s, s->stop_status);
+    if (!s->ended && now > s->deadline) {
+      End(s, absl::DeadlineExceededError("the request's deadline passed while it generated"));
+    }
+  }
+  // As many sequences per step as keeps steps_in_flight steps busy.
+  const int64_t per_step =
+      std::max<int64_t>(1, (static_cast<int64_t>(running_.size()) + options_.steps_in_flight - 1) /
+                               options_.steps_in_flight);
+  Batch b;
+  int64_t budget = options_.max_step_tokens;
+  // Decoding sequences first (one token each), then prompts in chunks.
+  for (int pass = 0; pass < 2; ++pass) {
+    for (const SeqPtr& s : ready) {
+      if (s->ended || s->in_flight || static_cast<int64_t>(b.seqs.size()) >= per_step) continue;
+      const int64_t left = static_cast<int64_t>(s->tokens.size()) - s->cached;
+      if ((pass == 0) != (left == 1) || budget <= 0) continue;
+      const int64_t n = std::min(left, budget);
+      budget -= n;
+      s->in_flight = true;
+      b.seqs.push_back(s);
+      b.from.push_back(s->cached);
+      b.count.push_back(n);
+      b.tokens.insert(b.tokens.end(), s->tokens.begin() + s->cached,
+                      s->tokens.begin() + s->cached + n);
+      b.deadline = std::min(b.deadline, s->deadline);
+    }
+  }
+  return b;
+}
+
+std::vector<Tensor> Generator::Inputs(const Batch& b) const {
+  const int64_t t = static_cast<int64_t>(b.tokens.size());
+  const int64_t n = static_cast<int64_t>(b.seqs.size());
+  std::vector<int64_t> positions, seq, ids;
+  size_t width = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t k = 0; k < b.count[i]; ++k) {
+      positions.push_back(b.from[i] + k);
+      seq.push_back(i);
+    }
+    ids.push_back(b.seqs[i]->id);
+    width = std::max(width, b.seqs[i]->blocks.size());
+  }
+  std::vector<int64_t> blocks;
+  for (const SeqPtr& s : b.seqs) {
+    blocks.insert(blocks.end(), s->blocks.begin(), s->blocks.end());
+    blocks.resize(blocks.size() + width - s->blocks.size(), s->blocks[0]);
+  }
+  std::vector<Tensor> inputs;
+  for (const std::string& name : config_.input_names) {
+    if (name == config_.spec.tokens()) {
+      inputs.push_back(Tensor::FromInt64s({1, t}, b.tokens));
+    } else if (name == "kv_positions") {
+      inputs.push_back(Tensor::FromInt64s({t}, positions));
+    } else if (name == "kv_seq") {
+      inputs.push_back(Tensor::FromInt64s({t}, seq));
+    } else if (name == "kv_blocks") {
+      inputs.push_back(Tensor::FromInt64s({n, static_cast<int64_t>(width)}, blocks));
+    } else {
+      inputs.push_back(Tensor::FromInt64s({n}, ids));
+    }
+  }
+  return inputs;
+}
+
+void Generator::Apply(Batch& b, const absl::StatusOr<std::vector<Tensor>>& out) {
+  ++stats_.steps;
+  for (const SeqPtr& s : b.seqs) s->in_flight = false;
+  const int64_t vocab = config_.spec.vocab();
+  const Tensor* logits = out.ok() ? &(*out)[config_.logits_output] : nullptr;
+  const int64_t t = static_cast<int64_t>(b.tokens.size());
+  absl::Status failed = out.status();
+  if (logits != nullptr && (logits->dtype() != DT_FLOAT32 || logits->shape() != Shape{1, t, vocab})) {
+    failed = absl::InternalError(absl::StrCat("a step's logits came back as ",
+                                              ShapeToString(logits->shape()), ", expected [1, ", t,
+                                              ", ", vocab, "] float32"));
+  }
+  int64_t row = 0;
+  for (size_t i = 0; i < b.seqs.size(); ++i) {
+    const SeqPtr& s = b.seqs[i];
+    row += b.count[i];
+    if (s->ended) continue;
+    if (IsCacheMiss(failed) && ++s->rebuilds <= options_.max_rebuilds) {
+      s->cached = 0;  // prefill its prompt and output again, then go on
+      ++stats_.rebuilt;
+    } else if (!failed.ok()) {
+      End(s, absl::Status(failed.code(), absl::StrCat("a generation step failed: ",
+                                                      failed.message())));
+      continue;
+    } else {
+      s->cached = b.from[i] + b.count[i];
+      if (s->cached == static_cast<int64_t>(s->tokens.size()) && !s->stop) {
+        const float* r = logits->data() + (row - 1) * vocab;
+        Sampled(s, SampleToken(absl::MakeConstSpan(r, vocab), s->sampling, s->tokens,
+                               static_cast<int64_t>(s->tokens.size()) - s->prompt_len));
+      }
+    }
+    if (s->stop) End(s, s->stop_status);
+  }
+}
+
+void Generator::Sampled(const SeqPtr& s, int64_t token) {
+  s->tokens.push_back(token);
+  const int64_t generated = static_cast<int64_t>(s->tokens.size()) - s->prompt_len;
+  GeneratedToken t{token, generated - 1, ""};
+  const std::vector<int64_t>& stops = s->sampling.stop_token_ids;
+  if (std::find(stops.begin(), stops.end(), token) != stops.end()) {
+    t.finish_reason = "stop";
+  } else if (generated >= s->sampling.max_tokens) {
+    t.finish_reason = "length";
+  }
+  s->out.push_back(std::move(t));
+  if (!s->out.back().finish_reason.empty()) End(s, absl::OkStatus());
+}
+
+}  // namespace pipeserve

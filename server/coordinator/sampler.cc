@@ -1,0 +1,101 @@
+#include "server/coordinator/sampler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/str_cat.h"
+
+namespace pipeserve {
+namespace {
+
+uint64_t SplitMix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+// A uniform number in [0, 1) for draw `index` of `seed`.
+double Uniform(uint64_t seed, int64_t index) {
+  const uint64_t bits = SplitMix64(SplitMix64(seed) ^ static_cast<uint64_t>(index));
+  return static_cast<double>(bits >> 11) * (1.0 / 9007199254740992.0);
+}
+
+std::vector<double> Penalised(absl::Span<const float> logits, const SamplingParams& p,
+                              absl::Span<const int64_t> context, int64_t generated) {
+  std::vector<double> x(logits.begin(), logits.end());
+  const int64_t vocab = static_cast<int64_t>(x.size());
+  if (p.repetition_penalty != 1) {
+    std::vector<bool> seen(vocab, false);
+    for (int64_t t : context) {
+      if (t >= 0 && t < vocab) seen[t] = true;
+    }
+    for (int64_t t = 0; t < vocab; ++t) {
+      if (seen[t]) x[t] = x[t] > 0 ? x[t] / p.repetition_penalty : x[t] * p.repetition_penalty;
+    }
+  }
+  if (p.frequency_penalty != 0) {
+    for (size_t i = context.size() - std::min<size_t>(generated, context.size());
+         i < context.size(); ++i) {
+      if (context[i] >= 0 && context[i] < vocab) x[context[i]] -= p.frequency_penalty;
+    }
+  }
+  return x;
+}
+
+}  // namespace
+
+absl::Status CheckSampling(const SamplingParams& p, int64_t vocab) {
+  auto bad = [](auto... parts) { return absl::InvalidArgumentError(absl::StrCat(parts...)); };
+  if (!(p.temperature >= 0) || !std::isfinite(p.temperature)) {
+    return bad("temperature must be a finite number >= 0, got ", p.temperature);
+  }
+  if (!(p.top_p > 0 && p.top_p <= 1)) return bad("top_p must be in (0, 1], got ", p.top_p);
+  if (p.top_k < 0) return bad("top_k must be >= 0 (0: every token), got ", p.top_k);
+  if (!(p.repetition_penalty > 0) || !std::isfinite(p.repetition_penalty)) {
+    return bad("repetition_penalty must be a finite number > 0, got ", p.repetition_penalty);
+  }
+  if (!std::isfinite(p.frequency_penalty)) {
+    return bad("frequency_penalty must be finite, got ", p.frequency_penalty);
+  }
+  if (p.max_tokens < 1) return bad("max_tokens must be >= 1, got ", p.max_tokens);
+  for (int64_t t : p.stop_token_ids) {
+    if (t < 0 || t >= vocab) return bad("stop token id ", t, " is not in [0, ", vocab, ")");
+  }
+  return absl::OkStatus();
+}
+
+int64_t SampleToken(absl::Span<const float> logits, const SamplingParams& p,
+                    absl::Span<const int64_t> context, int64_t generated) {
+  std::vector<double> x = Penalised(logits, p, context, generated);
+  if (p.temperature == 0) {  // the first of the largest: ties go to the lowest id
+    return std::max_element(x.begin(), x.end()) - x.begin();
+  }
+  std::vector<int64_t> order(x.size());
+  std::iota(order.begin(), order.end(), 0);
+  // Most likely first; equal logits by id, so the order is deterministic.
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return x[a] > x[b]; });
+  size_t keep = p.top_k > 0 ? std::min<size_t>(p.top_k, order.size()) : order.size();
+  std::vector<double> prob(keep);
+  const double top = x[order[0]] / p.temperature;
+  double sum = 0;
+  for (size_t i = 0; i < keep; ++i) sum += prob[i] = std::exp(x[order[i]] / p.temperature - top);
+  if (p.top_p < 1) {
+    double acc = 0;
+    size_t n = 0;
+    while (n < keep && acc < p.top_p * sum) acc += prob[n++];
+    keep = std::max<size_t>(n, 1);
+    sum = acc;
+  }
+  const double u = Uniform(p.seed, generated) * sum;
+  double acc = 0;
+  for (size_t i = 0; i < keep; ++i) {
+    acc += prob[i];
+    if (u < acc) return order[i];
+  }
+  return order[keep - 1];
+}
+
+}  // namespace pipeserve

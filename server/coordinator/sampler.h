@@ -1,0 +1,45 @@
+// Picking the next token from a step's logits, on the coordinator: greedy,
+// temperature, top-k, top-p, repetition and frequency penalties. A seeded
+// request draws token i with a generator seeded by (seed, i) alone, so its
+// tokens depend on its own prompt and logits only: not on what else shares
+// the batch, and not on whether a step ran twice (a sequence rebuilt after
+// a failure draws the same numbers again).
+//
+//   SamplingParams p;  p.temperature = 0.8;  p.top_p = 0.95;  p.seed = 7;
+//   RETURN_IF_ERROR(CheckSampling(p, vocab));
+//   int64_t next = SampleToken(logits_row, p, context, generated.size());
+#ifndef PIPESERVE_SERVER_COORDINATOR_SAMPLER_H_
+#define PIPESERVE_SERVER_COORDINATOR_SAMPLER_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/types/span.h"
+
+namespace pipeserve {
+
+struct SamplingParams {
+  double temperature = 0;          // 0: greedy (the most likely token)
+  int64_t top_k = 0;               // 0: every token
+  double top_p = 1;                // nucleus: the fewest tokens holding p
+  double repetition_penalty = 1;   // > 1 discourages any token seen (prompt or output)
+  double frequency_penalty = 0;    // subtracted once per earlier occurrence in the output
+  std::vector<int64_t> stop_token_ids;
+  int64_t max_tokens = 16;
+  uint64_t seed = 0;
+};
+
+// kInvalidArgument naming the field out of range (temperature < 0 or not
+// finite, top_p outside (0, 1], top_k < 0, repetition_penalty <= 0,
+// max_tokens < 1, a stop token outside the vocabulary).
+absl::Status CheckSampling(const SamplingParams& p, int64_t vocab);
+
+// The next token after `context` (prompt then output so far) of which
+// `generated` are output, from `logits` (one row of the vocabulary).
+int64_t SampleToken(absl::Span<const float> logits, const SamplingParams& p,
+                    absl::Span<const int64_t> context, int64_t generated);
+
+}  // namespace pipeserve
+
+#endif  // PIPESERVE_SERVER_COORDINATOR_SAMPLER_H_

@@ -1,0 +1,90 @@
+#include "server/coordinator/sampler.h"
+
+#include <map>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace pipeserve {
+namespace {
+
+using ::testing::HasSubstr;
+
+TEST(SamplerTest, GreedyTakesTheLargestAndTheLowestIdOnTies) {
+  SamplingParams p;
+  EXPECT_EQ(SampleToken({0.1f, 2.0f, -1.0f, 2.0f}, p, {}, 0), 1);
+}
+
+TEST(SamplerTest, RepetitionPenaltyDividesPositiveAndMultipliesNegativeLogits) {
+  SamplingParams p;
+  p.repetition_penalty = 2;
+  // Token 1 (3.0 -> 1.5) was seen, token 0 (2.0) was not.
+  EXPECT_EQ(SampleToken({2.0f, 3.0f}, p, {1}, 0), 0);
+  // A negative logit seen gets more negative: -0.5 -> -1.0 < -0.8.
+  EXPECT_EQ(SampleToken({-0.8f, -0.5f}, p, {1}, 0), 0);
+}
+
+TEST(SamplerTest, FrequencyPenaltyCountsOnlyTheOutput) {
+  SamplingParams p;
+  p.frequency_penalty = 0.6;
+  // Token 1 appears twice in the output (-1.2): 2.0 - 1.2 < 1.0. The
+  // prompt's token 1 is not counted.
+  EXPECT_EQ(SampleToken({1.0f, 2.0f}, p, {1, 1, 1}, 2), 0);
+  EXPECT_EQ(SampleToken({1.0f, 2.0f}, p, {1, 1, 1}, 1), 1);
+}
+
+TEST(SamplerTest, TheSameSeedAndIndexDrawTheSameToken) {
+  SamplingParams p;
+  p.temperature = 1;
+  p.seed = 1234;
+  std::vector<float> logits(50, 0.0f);
+  for (int i = 0; i < 50; ++i) logits[i] = 0.1f * (i % 7);
+  for (int64_t index = 0; index < 20; ++index) {
+    EXPECT_EQ(SampleToken(logits, p, {}, index), SampleToken(logits, p, {3, 4}, index));
+  }
+}
+
+TEST(SamplerTest, DrawsFollowTheDistribution) {
+  SamplingParams p;
+  p.temperature = 1;
+  // Probabilities 0.1, 0.2, 0.7.
+  std::vector<float> logits = {std::log(0.1f), std::log(0.2f), std::log(0.7f)};
+  std::map<int64_t, int> n;
+  for (int64_t i = 0; i < 20000; ++i) ++n[SampleToken(logits, p, {}, i)];
+  EXPECT_NEAR(n[0] / 20000.0, 0.1, 0.015);
+  EXPECT_NEAR(n[1] / 20000.0, 0.2, 0.015);
+  EXPECT_NEAR(n[2] / 20000.0, 0.7, 0.015);
+}
+
+TEST(SamplerTest, TopKAndTopPKeepOnlyTheMostLikely) {
+  SamplingParams p;
+  p.temperature = 1;
+  std::vector<float> logits = {std::log(0.1f), std::log(0.25f), std::log(0.65f)};
+  p.top_k = 1;
+  for (int64_t i = 0; i < 200; ++i) EXPECT_EQ(SampleToken(logits, p, {}, i), 2);
+  p.top_k = 0;
+  p.top_p = 0.8;  // 0.65 < 0.8 <= 0.9: tokens 2 and 1
+  std::map<int64_t, int> n;
+  for (int64_t i = 0; i < 2000; ++i) ++n[SampleToken(logits, p, {}, i)];
+  EXPECT_EQ(n[0], 0);
+  EXPECT_GT(n[1], 0);
+}
+
+TEST(SamplerTest, ParametersOutOfRangeAreRefusedNamingThem) {
+  SamplingParams p;
+  p.top_p = 0;
+  EXPECT_THAT(CheckSampling(p, 10).message(), HasSubstr("top_p must be in (0, 1]"));
+  p = SamplingParams();
+  p.temperature = -1;
+  EXPECT_THAT(CheckSampling(p, 10).message(), HasSubstr("temperature"));
+  p = SamplingParams();
+  p.stop_token_ids = {10};
+  EXPECT_THAT(CheckSampling(p, 10).message(), HasSubstr("stop token id 10 is not in [0, 10)"));
+  p = SamplingParams();
+  p.max_tokens = 0;
+  EXPECT_THAT(CheckSampling(p, 10).message(), HasSubstr("max_tokens"));
+  EXPECT_TRUE(CheckSampling(SamplingParams(), 10).ok());
+}
+
+}  // namespace
+}  // namespace pipeserve
