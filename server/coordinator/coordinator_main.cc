@@ -23,6 +23,8 @@
 #include "absl/strings/str_split.h"
 #include "runtime/backends.h"
 #include "server/coordinator/core.h"
+#include "server/coordinator/generation.h"
+#include "server/coordinator/generation_service.h"
 #include "server/coordinator/grpc_stage_client.h"
 #include "server/coordinator/kserve_service.h"
 #include "server/coordinator/metrics.h"
@@ -82,6 +84,13 @@ ABSL_FLAG(int, stream_idle_timeout_s, 60,
           "a ModelStreamInfer stream with nothing in flight that sends nothing this long is ended");
 ABSL_FLAG(int, max_timeout_s, 3600, "the longest deadline a client may give a request");
 ABSL_FLAG(int, default_timeout_s, 60, "deadline for requests that carry none");
+ABSL_FLAG(int, kv_cache_mb, 256,
+          "KV cache each stage server holds for a model exported for generation");
+ABSL_FLAG(int, max_generating, 256, "sequences one model generates at once (holding KV cache)");
+ABSL_FLAG(int, max_generation_waiting, 256,
+          "generation requests one model queues for KV cache; beyond, RESOURCE_EXHAUSTED at once");
+ABSL_FLAG(int, generation_step_tokens, 256,
+          "most tokens one generation step carries: longer prompts are prefilled in chunks");
 ABSL_FLAG(int64_t, max_request_rows, int64_t{1} << 24,
           "most batch rows one request may carry; more is INVALID_ARGUMENT (0: no limit)");
 ABSL_FLAG(int, max_queued_requests, 128,
@@ -271,6 +280,15 @@ absl::StatusOr<pipeserve::CoordinatorOptions> CoordinatorOptionsFromFlags(bool l
   options.keep_stages_on_exit = !local;
   options.calibration.rows = std::max(1, absl::GetFlag(FLAGS_calibration_rows));
   options.link_bytes_per_second = absl::GetFlag(FLAGS_link_gb_per_s) * 1e9;
+  options.kv_cache_bytes = int64_t{std::max(1, absl::GetFlag(FLAGS_kv_cache_mb))} << 20;
+  return options;
+}
+
+pipeserve::GeneratorOptions GeneratorOptionsFromFlags() {
+  pipeserve::GeneratorOptions options;
+  options.max_running = std::max(1, absl::GetFlag(FLAGS_max_generating));
+  options.max_waiting = std::max(0, absl::GetFlag(FLAGS_max_generation_waiting));
+  options.max_step_tokens = std::max(1, absl::GetFlag(FLAGS_generation_step_tokens));
   return options;
 }
 
@@ -404,15 +422,19 @@ int main(int argc, char** argv) {
   pipeserve::GrpcStageClient stage_client(*channels, /*send_capacity=*/8);
   pipeserve::Coordinator coordinator(*options, *std::move(store), std::move(launcher),
                                      &stage_client);
+  pipeserve::Generation generation(&coordinator, GeneratorOptionsFromFlags());
   pipeserve::Metrics metrics;
-  pipeserve::MetricsHttpServer metrics_http(
-      [&] { return metrics.Render(coordinator.ListModels()); });
+  pipeserve::MetricsHttpServer metrics_http([&] {
+    return metrics.Render(coordinator.ListModels()) +
+           pipeserve::RenderGenerationMetrics(generation.Stats());
+  });
   if (absl::Status s = StartMetrics(metrics_http, *host); !s.ok()) {
     return Fail(std::string(s.message()));
   }
   pipeserve::KServeService kserve(&coordinator, &metrics, tokens, KServeOptionsFromFlags());
   pipeserve::ModelServiceImpl models(&coordinator, tokens,
                                      absl::Seconds(absl::GetFlag(FLAGS_upload_idle_timeout_s)));
+  pipeserve::GenerationServiceImpl generate(&coordinator, &generation, tokens);
   if (tokens == nullptr) {
     std::cerr << "coordinator: no --auth_tokens: any client that reaches the port may upload "
                  "and run models\n";
@@ -422,7 +444,7 @@ int main(int argc, char** argv) {
   pipeserve::ServeOptions serve = ServeOptionsFromFlags(*host, client_auth->credentials);
   serve.gate = tokens != nullptr ? &gate : nullptr;
   TieToCoordinator(coordinator, kserve, loader, serve);
-  int rc = pipeserve::Serve({&kserve, &models}, serve);
+  int rc = pipeserve::Serve({&kserve, &models, &generate}, serve);
   // Clean-up (unloading stages, the local launcher's servers) is bounded.
   pipeserve::ExitWithin(absl::Seconds(15), "coordinator");
   if (loader.joinable()) loader.join();

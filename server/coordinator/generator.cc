@@ -6,6 +6,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "runtime/dtype.h"
 
 namespace pipeserve {
 
@@ -36,6 +37,25 @@ struct Generator::Batch {
 };
 
 namespace {
+
+// Row `row` of logits [1, T, vocab] (float32, bfloat16 or float16) as floats.
+std::vector<float> LogitsRow(const Tensor& logits, int64_t row, int64_t vocab) {
+  std::vector<float> out(vocab);
+  const int64_t base = row * vocab;
+  for (int64_t i = 0; i < vocab; ++i) {
+    switch (logits.dtype()) {
+      case DT_BFLOAT16:
+        out[i] = Bf16ToFloat(static_cast<const uint16_t*>(logits.raw_data())[base + i]);
+        break;
+      case DT_FLOAT16:
+        out[i] = HalfToFloat(static_cast<const uint16_t*>(logits.raw_data())[base + i]);
+        break;
+      default:
+        out[i] = logits.data()[base + i];
+    }
+  }
+  return out;
+}
 
 bool IsCacheMiss(const absl::Status& s) {
   return s.code() == absl::StatusCode::kFailedPrecondition &&
@@ -85,7 +105,7 @@ Generator::~Generator() {
   for (std::thread& t : threads_) t.join();
 }
 
-absl::Status Generator::Check(const GenerateRequest& request) const {
+absl::Status Generator::Check(const GenerationRequest& request) const {
   const GenerationSpec& spec = config_.spec;
   if (request.prompt.empty()) return absl::InvalidArgumentError("the prompt has no tokens");
   for (size_t i = 0; i < request.prompt.size(); ++i) {
@@ -106,14 +126,14 @@ absl::Status Generator::Check(const GenerateRequest& request) const {
   return absl::OkStatus();
 }
 
-int64_t Generator::BlocksFor(const GenerateRequest& request) const {
+int64_t Generator::BlocksFor(const GenerationRequest& request) const {
   const int64_t positions =
       static_cast<int64_t>(request.prompt.size()) + request.sampling.max_tokens - 1;
   const int64_t bs = config_.spec.block_size();
   return std::max<int64_t>(1, (positions + bs - 1) / bs);
 }
 
-absl::StatusOr<Generator::SeqPtr> Generator::Enqueue(const GenerateRequest& request) {
+absl::StatusOr<Generator::SeqPtr> Generator::Enqueue(const GenerationRequest& request) {
   const int64_t need = BlocksFor(request);
   absl::MutexLock l(&mu_);
   if (stopping_) return absl::UnavailableError("the generator is stopping");
@@ -177,7 +197,7 @@ void Generator::Release(const SeqPtr& s) {
   Admit();
 }
 
-absl::Status Generator::Generate(const GenerateRequest& request,
+absl::Status Generator::Generate(const GenerationRequest& request,
                                  const std::function<bool(const GeneratedToken&)>& on_token,
                                  const std::function<bool()>& cancelled) {
   RETURN_IF_ERROR(Check(request));
@@ -321,10 +341,11 @@ void Generator::Apply(Batch& b, const absl::StatusOr<std::vector<Tensor>>& out) 
   const Tensor* logits = out.ok() ? &(*out)[config_.logits_output] : nullptr;
   const int64_t t = static_cast<int64_t>(b.tokens.size());
   absl::Status failed = out.status();
-  if (logits != nullptr && (logits->dtype() != DT_FLOAT32 || logits->shape() != Shape{1, t, vocab})) {
-    failed = absl::InternalError(absl::StrCat("a step's logits came back as ",
-                                              ShapeToString(logits->shape()), ", expected [1, ", t,
-                                              ", ", vocab, "] float32"));
+  if (logits != nullptr &&
+      (!IsFloatingPoint(logits->dtype()) || logits->shape() != Shape{1, t, vocab})) {
+    failed = absl::InternalError(absl::StrCat(
+        "a step's logits came back as ", TorchName(logits->dtype()), " ",
+        ShapeToString(logits->shape()), ", expected floating point [1, ", t, ", ", vocab, "]"));
   }
   int64_t row = 0;
   for (size_t i = 0; i < b.seqs.size(); ++i) {
@@ -341,8 +362,7 @@ void Generator::Apply(Batch& b, const absl::StatusOr<std::vector<Tensor>>& out) 
     } else {
       s->cached = b.from[i] + b.count[i];
       if (s->cached == static_cast<int64_t>(s->tokens.size()) && !s->stop) {
-        const float* r = logits->data() + (row - 1) * vocab;
-        Sampled(s, SampleToken(absl::MakeConstSpan(r, vocab), s->sampling, s->tokens,
+        Sampled(s, SampleToken(LogitsRow(*logits, row - 1, vocab), s->sampling, s->tokens,
                                static_cast<int64_t>(s->tokens.size()) - s->prompt_len));
       }
     }

@@ -64,7 +64,7 @@ struct GeneratorOptions {
   int max_rebuilds = 4;            // times one sequence may be rebuilt after losing its cache
 };
 
-struct GenerateRequest {
+struct GenerationRequest {
   std::vector<int64_t> prompt;
   SamplingParams sampling;
   absl::Time deadline = absl::InfiniteFuture();
@@ -103,7 +103,7 @@ class Generator {
   // or max_waiting requests wait already: each names the limit),
   // kDeadlineExceeded, kUnavailable (the generator is stopping), or what a
   // step failed with.
-  absl::Status Generate(const GenerateRequest& request,
+  absl::Status Generate(const GenerationRequest& request,
                         const std::function<bool(const GeneratedToken&)>& on_token,
                         const std::function<bool()>& cancelled = nullptr);
 
@@ -115,9 +115,9 @@ class Generator {
   struct Batch;
   using SeqPtr = std::shared_ptr<Sequence>;
 
-  absl::Status Check(const GenerateRequest& request) const;
-  int64_t BlocksFor(const GenerateRequest& request) const;
-  absl::StatusOr<SeqPtr> Enqueue(const GenerateRequest& request);
+  absl::Status Check(const GenerationRequest& request) const;
+  int64_t BlocksFor(const GenerationRequest& request) const;
+  absl::StatusOr<SeqPtr> Enqueue(const GenerationRequest& request);
   void Admit() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Ends `s` with `status` (and frees its blocks) unless a step holds it.
   void End(const SeqPtr& s, absl::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

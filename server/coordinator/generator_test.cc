@@ -105,7 +105,7 @@ struct Outcome {
 
 Outcome GenerateOne(Generator& gen, std::vector<int64_t> prompt, int64_t max_tokens,
                 SamplingParams sampling = {}) {
-  GenerateRequest r;
+  GenerationRequest r;
   r.prompt = std::move(prompt);
   r.sampling = sampling;
   r.sampling.max_tokens = max_tokens;
@@ -210,7 +210,7 @@ TEST_F(GeneratorTest, AStopTokenEndsTheSequence) {
 TEST_F(GeneratorTest, AClientThatStopsReadingFreesItsBlocksAtOnce) {
   model_.step_time = absl::Milliseconds(1);
   auto gen = Make(64);
-  GenerateRequest r;
+  GenerationRequest r;
   r.prompt = {1, 2};
   r.sampling.max_tokens = 200;
   int seen = 0;
@@ -242,7 +242,7 @@ TEST_F(GeneratorTest, RequestsBeyondTheCacheOrTheQueueAreRefusedNamingTheLimit) 
   // One runs, one waits for its blocks, a third is refused at once.
   std::atomic<bool> release{false};
   auto slow = [&] {
-    GenerateRequest r;
+    GenerationRequest r;
     r.prompt = {1};
     r.sampling.max_tokens = 30;  // every block
     return gen->Generate(r, [&](const GeneratedToken&) {

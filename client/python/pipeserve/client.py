@@ -162,6 +162,7 @@ class Client:
         self._model_infer = self._channel.unary_unary(
             "/inference.GRPCInferenceService/ModelInfer")
         self._models = ps_grpc.ModelServiceStub(self._channel)
+        self._generation = ps_grpc.GenerationServiceStub(self._channel)
 
     def close(self):
         self._channel.close()
@@ -286,6 +287,37 @@ class Client:
                  "bytes": m.bytes, "reason": m.reason}
                 for m in response.models]
 
+    # -- pipeserve.GenerationService -----------------------------------------
+
+    def generate(self, name, prompt, max_tokens=16, temperature=0.0, top_k=0,
+                 top_p=1.0, repetition_penalty=1.0, frequency_penalty=0.0,
+                 stop_token_ids=(), seed=None, timeout=None):
+        """Generates tokens from model `name` (exported with
+        generation=True), yielding each token id as the server samples it.
+
+        `prompt` is a list of token ids. temperature 0 is greedy; a `seed`
+        makes sampling reproducible (the same tokens whatever else the
+        server is generating). The generator's `finish_reason` attribute is
+        set at the end ("stop" or "length"). Closing the generator early
+        (or breaking out of the loop) cancels the request, and the server
+        frees its cache within a step.
+
+        Raises:
+          ServerError: INVALID_ARGUMENT, RESOURCE_EXHAUSTED (naming the
+            limit), FAILED_PRECONDITION (not a generation model), ...
+        """
+        request = self._ps.GenerateRequest(
+            model=name, prompt=[int(t) for t in prompt], max_tokens=max_tokens,
+            temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            frequency_penalty=frequency_penalty,
+            stop_token_ids=[int(t) for t in stop_token_ids])
+        if seed is not None:
+            request.seed = seed
+        return _TokenStream(self._generation.Generate(
+            request, timeout=self.timeout if timeout is None else timeout,
+            metadata=self._metadata))
+
     # -- KServe v2 ------------------------------------------------------------
 
     def infer(self, name, inputs, timeout=None, trace=None):
@@ -373,6 +405,39 @@ class Client:
                           metadata=self._metadata)
         except grpc.RpcError as e:
             raise _server_error(e) from None
+
+
+class _TokenStream:
+    """Iterates over a Generate call's token ids; `finish_reason` is set
+    once the last has come, `close()` cancels the call."""
+
+    def __init__(self, call):
+        self._call = call
+        self.finish_reason = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            response = next(self._call)
+        except grpc.RpcError as e:
+            raise _server_error(e) from None
+        if response.finish_reason:
+            self.finish_reason = response.finish_reason
+        return response.token_id
+
+    def close(self):
+        self._call.cancel()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self._call.cancel()
 
 
 def _split_point(point):

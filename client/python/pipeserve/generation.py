@@ -150,12 +150,13 @@ def _match_attention(idx, last, shapes):
         a, b = masked.inputs
         s = a if idx.op(idx.back(a)) in ("mul", "div", "matmul") else b
     scale = 1.0
+    s = idx.back(s)  # a cast to the mask's type
     scaled = idx.node.get(s)
     if scaled is not None and scaled.op in ("mul", "div"):
         v = _scalar(idx, scaled, scaled.inputs[0])
         if v is not None:
             scale = v if scaled.op == "mul" else 1.0 / v
-            s = scaled.inputs[0]
+            s = idx.back(scaled.inputs[0])
     scores = idx.node.get(s)
     if scores is None or scores.op != "matmul":
         return None

@@ -1,0 +1,89 @@
+#include "server/coordinator/generation.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+
+namespace pipeserve {
+namespace {
+
+bool SameConfig(const GenerationConfig& a, const GenerationConfig& b) {
+  return a.spec.SerializeAsString() == b.spec.SerializeAsString() &&
+         a.input_names == b.input_names && a.logits_output == b.logits_output;
+}
+
+}  // namespace
+
+Generation::Generation(Coordinator* coordinator, GeneratorOptions options)
+    : coordinator_(coordinator), options_(options) {}
+
+absl::StatusOr<std::shared_ptr<Generator>> Generation::For(const std::string& model) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Deployment> d, coordinator_->Find(model));
+  ASSIGN_OR_RETURN(GenerationConfig config, GenerationConfigOf(model, d->plan()));
+  absl::MutexLock l(&mu_);
+  std::shared_ptr<Generator>& gen = generators_[model];
+  if (gen != nullptr && SameConfig(gen->config(), config)) return gen;
+  GeneratorOptions options = options_;
+  options.steps_in_flight = std::max(options.steps_in_flight, d->plan().stages_size() + 1);
+  Coordinator* coordinator = coordinator_;
+  const absl::Duration step_timeout = coordinator_->default_timeout();
+  gen = std::make_shared<Generator>(
+      std::move(config), options,
+      [coordinator, model, step_timeout](const std::vector<Tensor>& inputs, absl::Time deadline) {
+        return coordinator->Infer(model, inputs, std::min(deadline, absl::Now() + step_timeout));
+      });
+  return gen;
+}
+
+std::vector<std::pair<std::string, GeneratorStats>> Generation::Stats() {
+  std::vector<std::pair<std::string, std::shared_ptr<Generator>>> gens;
+  {
+    absl::MutexLock l(&mu_);
+    gens.assign(generators_.begin(), generators_.end());
+  }
+  std::vector<std::pair<std::string, GeneratorStats>> out;
+  for (auto& [name, gen] : gens) out.emplace_back(name, gen->Stats());
+  return out;
+}
+
+std::string RenderGenerationMetrics(
+    const std::vector<std::pair<std::string, GeneratorStats>>& stats) {
+  if (stats.empty()) return "";
+  std::string out;
+  auto family = [&](const char* name, const char* type, const char* help, auto value) {
+    absl::StrAppend(&out, "# HELP ", name, " ", help, "\n# TYPE ", name, " ", type, "\n");
+    for (const auto& [model, s] : stats) value(model, s);
+  };
+  auto line = [&](const char* name, const std::string& model, const std::string& extra,
+                  double v) {
+    absl::StrAppend(&out, name, "{model=\"", model, "\"", extra, "} ", v, "\n");
+  };
+  family("pipeserve_kv_cache_blocks", "gauge",
+         "KV cache blocks of a generation model (every stage holds as many)",
+         [&](const std::string& m, const GeneratorStats& s) {
+           line("pipeserve_kv_cache_blocks", m, ",state=\"used\"", s.blocks_used);
+           line("pipeserve_kv_cache_blocks", m, ",state=\"free\"", s.blocks_total - s.blocks_used);
+         });
+  family("pipeserve_generation_sequences", "gauge", "Sequences generating or waiting for cache",
+         [&](const std::string& m, const GeneratorStats& s) {
+           line("pipeserve_generation_sequences", m, ",state=\"running\"", s.running);
+           line("pipeserve_generation_sequences", m, ",state=\"waiting\"", s.waiting);
+         });
+  family("pipeserve_generation_steps_total", "counter", "Generation steps run",
+         [&](const std::string& m, const GeneratorStats& s) {
+           line("pipeserve_generation_steps_total", m, "", s.steps);
+         });
+  family("pipeserve_generation_rebuilt_total", "counter",
+         "Sequences prefilled again after a stage lost their cache",
+         [&](const std::string& m, const GeneratorStats& s) {
+           line("pipeserve_generation_rebuilt_total", m, "", s.rebuilt);
+         });
+  family("pipeserve_generation_finished_total", "counter", "Sequences ended",
+         [&](const std::string& m, const GeneratorStats& s) {
+           line("pipeserve_generation_finished_total", m, "", s.finished);
+         });
+  return out;
+}
+
+}  // namespace pipeserve

@@ -1,0 +1,52 @@
+// The generators of a coordinator's cache-aware models, one per model,
+// made at the first request and made again when a new version of the model
+// changes its generation spec (the old one finishes what it runs). Each
+// step of a generator is a request through the Coordinator, which carries
+// it across stage server failures; a stage that comes back without the
+// sequence's cache makes the generator rebuild it (generator.h).
+//
+//   Generation generation(&coordinator, GeneratorOptions{});
+//   ASSIGN_OR_RETURN(std::shared_ptr<Generator> gen, generation.For("gpt2"));
+#ifndef PIPESERVE_SERVER_COORDINATOR_GENERATION_H_
+#define PIPESERVE_SERVER_COORDINATOR_GENERATION_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/synchronization/mutex.h"
+#include "server/coordinator/core.h"
+#include "server/coordinator/generator.h"
+
+namespace pipeserve {
+
+class Generation {
+ public:
+  // `coordinator` must outlive this. options.steps_in_flight is raised to
+  // a model's stages + 1 where it is lower.
+  Generation(Coordinator* coordinator, GeneratorOptions options);
+
+  // kNotFound / kUnavailable as Coordinator::Find; kFailedPrecondition for
+  // a model not exported for generation.
+  absl::StatusOr<std::shared_ptr<Generator>> For(const std::string& model);
+
+  // Every generator's model and stats (for metrics).
+  std::vector<std::pair<std::string, GeneratorStats>> Stats();
+
+ private:
+  Coordinator* const coordinator_;
+  const GeneratorOptions options_;
+  absl::Mutex mu_;
+  absl::flat_hash_map<std::string, std::shared_ptr<Generator>> generators_ ABSL_GUARDED_BY(mu_);
+};
+
+// Prometheus text for `stats`: per model, KV cache blocks used and free,
+// sequences running and waiting, steps, sequences rebuilt after a lost
+// cache, sequences finished.
+std::string RenderGenerationMetrics(
+    const std::vector<std::pair<std::string, GeneratorStats>>& stats);
+
+}  // namespace pipeserve
+
+#endif  // PIPESERVE_SERVER_COORDINATOR_GENERATION_H_

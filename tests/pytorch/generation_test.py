@@ -1,0 +1,325 @@
+"""Generation end to end: GPT-2- and Llama-style models (transformer_models.py)
+exported with generation=True, cut into 3 and 4 stages, served by a real
+coordinator and stage servers, and asked for tokens through
+pipeserve.Client.generate; PyTorch's greedy decoding by full recomputation
+is the oracle. Each step's logits are checked through ModelInfer on the
+cache-aware graph itself (chunked prefill, then decode steps of several
+sequences packed together), and a stage server killed mid-generation costs
+no sequence and changes no token."""
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(HERE, "..", "..")
+sys.path.insert(0, HERE)
+
+import pipeserve  # noqa: E402
+import transformer_models as tm  # noqa: E402
+
+TOKENS = 32
+
+
+def gpt2():
+    torch.manual_seed(0)
+    return tm.Gpt2(max_len=64).eval()  # 3 stages (pipe_split before h.1 and h.3)
+
+
+def llama(dtype=None):
+    torch.manual_seed(0)
+    model = tm.Llama(layers=4, max_len=64, cut=False).eval()  # 4 stages by split_spec
+    return model.to(dtype) if dtype is not None else model
+
+
+LLAMA_SPLIT = {f"layers.{i}": pipeserve.SplitPoint.BEGINNING for i in (1, 2, 3)}
+
+
+def logits_of(model, ids):
+    with torch.no_grad():
+        out = model(torch.tensor([ids]))
+    return (out[0] if isinstance(out, tuple) else out)[0].float()
+
+
+def greedy(model, prompt, n):
+    """PyTorch's greedy decoding by full recomputation, and each step's logits."""
+    ids, steps = list(prompt), []
+    for _ in range(n):
+        row = logits_of(model, ids)[-1]
+        steps.append(row.numpy())
+        ids.append(int(row.argmax()))
+    return ids[len(prompt):], steps
+
+
+def rel_err(out, ref):
+    ref = np.asarray(ref, np.float64)
+    return np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
+
+
+class Coordinator:
+    def __init__(self, tmp, *flags):
+        port_file = os.path.join(tmp, "port")
+        self.log = open(os.path.join(tmp, "coordinator.log"), "w")
+        self.proc = subprocess.Popen(
+            [os.path.join(ROOT, "server/coordinator/coordinator"), "--port=0",
+             "--metrics_port=-1", f"--port_file={port_file}",
+             f"--repository={tmp}/repo", "--kv_cache_mb=8",
+             f"--stage_server_binary={os.path.join(ROOT, 'server/stage/stage_server')}",
+             *flags],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while not (os.path.exists(port_file) and open(port_file).read().strip()):
+            if time.time() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("coordinator did not start")
+            time.sleep(0.02)
+        self.client = pipeserve.Client(f"localhost:{open(port_file).read().strip()}")
+        while not self.client.health():  # health check, not a sleep
+            if time.time() > deadline:
+                raise RuntimeError("coordinator not healthy")
+            time.sleep(0.02)
+
+    def stage_server_pids(self):
+        pids = []
+        for pid in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == self.proc.pid and b"stage_server" in cmd:
+                pids.append(int(pid))
+        return sorted(pids)
+
+    def close(self):
+        self.client.close()
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+
+class GenerationTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(dir=os.environ.get("TEST_TMPDIR"))
+        cls.coord = Coordinator(cls.tmp)
+        cls.client = cls.coord.client
+        cls.gpt2, cls.llama = gpt2(), llama()
+        cls.upload("gpt2", cls.gpt2, 3)
+        cls.upload("llama", cls.llama, 4, split_spec=LLAMA_SPLIT)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.coord.close()
+
+    @classmethod
+    def upload(cls, name, model, stages, split_spec=None, **kwargs):
+        path = os.path.join(cls.tmp, f"{name}.psm")
+        ids = torch.randint(0, model.lm_head.weight.shape[0], (2, 5))
+        info = pipeserve.export(model, (ids,), path, generation=True, split_spec=split_spec)
+        assert info.num_stages == stages, info.num_stages
+        cls.client.upload(name, path, **kwargs)
+        return info
+
+    def generate(self, name, prompt, n, **kwargs):
+        stream = self.client.generate(name, prompt, max_tokens=n, **kwargs)
+        tokens = list(stream)
+        return tokens, stream.finish_reason
+
+    def check_greedy(self, name, model):
+        torch.manual_seed(3)
+        vocab = model.lm_head.weight.shape[0]
+        for length in (1, 7, 20):
+            prompt = torch.randint(0, vocab, (length,)).tolist()
+            ref, _ = greedy(model, prompt, TOKENS)
+            tokens, finish = self.generate(name, prompt, TOKENS)
+            self.assertEqual(tokens, ref, f"{name}, prompt of {length}")
+            self.assertEqual(finish, "length")
+
+    def test_gpt2_greedy_tokens_equal_pytorchs_on_3_stages(self):
+        self.check_greedy("gpt2", self.gpt2)
+
+    def test_llama_greedy_tokens_equal_pytorchs_on_4_stages(self):
+        self.check_greedy("llama", self.llama)
+
+    def step(self, name, vocab, seqs, blocks_per_seq=4):
+        """One step through ModelInfer: seqs is [(seq_id, first position,
+        token ids)], every sequence with its own blocks. Returns the logits
+        [T, vocab] as numpy."""
+        tokens, positions, seq, table, ids = [], [], [], [], []
+        for i, (sid, start, toks) in enumerate(seqs):
+            tokens += toks
+            positions += list(range(start, start + len(toks)))
+            seq += [i] * len(toks)
+            table.append([(sid % 10) * blocks_per_seq + b for b in range(blocks_per_seq)])
+            ids.append(sid)
+        out = self.client.infer(name, {
+            "idx" if name.startswith("gpt2") else "input_ids": np.array([tokens], np.int64),
+            "kv_positions": np.array(positions, np.int64), "kv_seq": np.array(seq, np.int64),
+            "kv_blocks": np.array(table, np.int64), "kv_seq_ids": np.array(ids, np.int64)})
+        return out[0][0]
+
+    def check_step_logits(self, name, model):
+        """Chunked prefill of two prompts, then decode steps carrying both:
+        every position's logits against PyTorch's full recomputation."""
+        vocab = model.lm_head.weight.shape[0]
+        torch.manual_seed(4)
+        a = torch.randint(0, vocab, (13,)).tolist()
+        b = torch.randint(0, vocab, (6,)).tolist()
+        base = 1000 + 7 * len(name)  # ids no generation of this test uses
+        worst = 0.0
+        # a in chunks of 8 and 5, b whole beside a's second chunk.
+        got = self.step(name, vocab, [(base, 0, a[:8])])
+        worst = max(worst, rel_err(got, logits_of(model, a[:8])))
+        got = self.step(name, vocab, [(base, 8, a[8:]), (base + 1, 0, b)])
+        worst = max(worst, rel_err(got[:5], logits_of(model, a)[8:]))
+        worst = max(worst, rel_err(got[5:], logits_of(model, b)))
+        for _ in range(6):  # decode: one token of each per step
+            na, nb = int(logits_of(model, a)[-1].argmax()), int(logits_of(model, b)[-1].argmax())
+            got = self.step(name, vocab, [(base + 1, len(b), [nb]), (base, len(a), [na])])
+            a, b = a + [na], b + [nb]
+            worst = max(worst, rel_err(got[0], logits_of(model, b)[-1]))
+            worst = max(worst, rel_err(got[1], logits_of(model, a)[-1]))
+        self.assertLess(worst, 1e-4, name)
+        return worst
+
+    def test_every_steps_logits_equal_pytorchs(self):
+        self.check_step_logits("gpt2", self.gpt2)
+        self.check_step_logits("llama", self.llama)
+
+    def test_bfloat16_logits_stay_close_to_the_float32_reference(self):
+        model = llama(torch.bfloat16)
+        self.upload("llama_bf16", model, 4, split_spec=LLAMA_SPLIT)
+        reference = llama()
+        torch.manual_seed(5)
+        prompt = torch.randint(0, 89, (9,)).tolist()
+        got = self.step("llama_bf16", 89, [(77, 0, prompt)])
+        self.assertLess(rel_err(got, logits_of(reference, prompt)), 2e-2)
+        tokens, _ = self.generate("llama_bf16", prompt, 8)
+        ids = list(prompt)
+        for t in tokens:  # each step's logits, on the tokens generated
+            got = self.step("llama_bf16", 89, [(78, 0, ids)])
+            self.assertLess(rel_err(got[-1], logits_of(reference, ids)[-1]), 2e-2)
+            ids.append(t)
+
+    def test_seeded_sampling_is_reproducible_alone_and_in_company(self):
+        prompt = [5, 17, 3]
+        # Hot enough that the draws are not the greedy tokens.
+        kwargs = dict(temperature=4.0, top_p=0.95, top_k=60, seed=1234)
+        alone, _ = self.generate("gpt2", prompt, 24, **kwargs)
+        again, _ = self.generate("gpt2", prompt, 24, **kwargs)
+        self.assertEqual(alone, again)
+        results = {}
+
+        def other(i):
+            results[i] = self.generate("gpt2", [i % 97, 2], 20 + i, temperature=0.7, seed=i)[0]
+
+        threads = [threading.Thread(target=other, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        batched, _ = self.generate("gpt2", prompt, 24, **kwargs)
+        for t in threads:
+            t.join()
+        self.assertEqual(alone, batched)
+        self.assertNotEqual(alone, greedy(self.gpt2, prompt, 24)[0])
+
+    def test_concurrent_sequences_each_equal_their_run_alone(self):
+        torch.manual_seed(6)
+        jobs = [(torch.randint(0, 97, (1 + (i * 5) % 23,)).tolist(), 1 + (i * 7) % 30)
+                for i in range(24)]
+        results = [None] * len(jobs)
+
+        def run(i):
+            results[i] = self.generate("gpt2", *jobs[i])[0]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, (prompt, n) in enumerate(jobs):
+            self.assertEqual(results[i], greedy(self.gpt2, prompt, n)[0], f"sequence {i}")
+
+    def test_bad_requests_get_errors_naming_the_problem(self):
+        def error(name, prompt, **kwargs):
+            with self.assertRaises(pipeserve.ServerError) as e:
+                self.generate(name, prompt, kwargs.pop("n", 4), **kwargs)
+            return e.exception
+
+        e = error("gpt2", [1, 97])
+        self.assertEqual(e.code, "INVALID_ARGUMENT")
+        self.assertIn("prompt token 1 is 97, not in [0, 97)", str(e))
+        e = error("gpt2", [1] * 40, n=30)
+        self.assertIn("the model has 64", str(e))
+        self.assertIn("top_p", str(error("gpt2", [1], top_p=1.5)))
+        self.assertEqual(error("nope", [1]).code, "NOT_FOUND")
+
+    def test_a_forward_model_is_refused_for_generation(self):
+        path = os.path.join(self.tmp, "plain.psm")
+        pipeserve.export(gpt2(), (torch.randint(0, 97, (2, 5)),), path,
+                         dynamic_dims={"idx": [1]})
+        self.client.upload("plain", path)
+        with self.assertRaises(pipeserve.ServerError) as e:
+            self.generate("plain", [1, 2], 3)
+        self.assertEqual(e.exception.code, "FAILED_PRECONDITION")
+        self.assertIn("generation=True", str(e.exception))
+
+
+class GenerationExportTest(unittest.TestCase):
+    def export(self, model, example, **kwargs):
+        with tempfile.TemporaryDirectory() as d:
+            return pipeserve.export(model, example, os.path.join(d, "m.psm"), **kwargs)
+
+    def test_a_model_that_mixes_positions_outside_attention_is_refused(self):
+        class MeanOverSequence(torch.nn.Module):  # softmax over positions, not attention
+            def __init__(self):
+                super().__init__()
+                self.emb = torch.nn.Embedding(11, 8)
+                self.out = torch.nn.Linear(8, 11)
+
+            def forward(self, ids):
+                x = self.emb(ids)
+                w = torch.softmax(x.sum(-1, keepdim=True), dim=1)
+                return self.out(x * w)
+
+        with self.assertRaises(pipeserve.ExportError) as e:
+            self.export(MeanOverSequence().eval(), (torch.randint(0, 11, (2, 5)),),
+                        generation=True)
+        self.assertIn("softmax", str(e.exception))
+        self.assertIn("not part of a recognised attention", str(e.exception))
+
+    def test_the_encoder_is_refused_naming_its_inputs(self):
+        model = tm.make("encoder")
+        with self.assertRaises(pipeserve.ExportError) as e:
+            self.export(model, (torch.randint(0, 61, (2, 5)), torch.zeros(2, 5, dtype=torch.bool)),
+                        generation=True)
+        self.assertIn("token ids only", str(e.exception))
+
+    def test_cache_aware_graph_has_one_cached_attention_per_layer(self):
+        info = None
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "m.psm")
+            info = pipeserve.export(llama(), (torch.randint(0, 89, (1, 4)),), path,
+                                    generation=True, split_spec=LLAMA_SPLIT)
+            graph, tensors = pipeserve.load_model(path)
+        cached = [n for n in graph.nodes if n.op == "cached_attention"]
+        self.assertEqual(len(cached), 4)
+        self.assertEqual({n.attrs["kv_heads"].i for n in cached}, {2})  # cached before the GQA repeat
+        self.assertEqual(graph.generation.layers, 4)
+        self.assertEqual(graph.generation.max_positions, 64)
+        self.assertEqual(info.num_stages, 4)
+        self.assertNotIn("triu", {n.op for n in graph.nodes})  # the model's mask is gone
+        self.assertEqual(info.input_names,
+                         ["input_ids", "kv_positions", "kv_seq", "kv_blocks", "kv_seq_ids"])
+
+
+if __name__ == "__main__":
+    unittest.main()
