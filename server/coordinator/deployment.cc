@@ -460,7 +460,19 @@ int Deployment::ReadyLanes() const {
   return ready;
 }
 
-int Deployment::PickLane(int avoid) {
+int Deployment::HomeLane(const std::vector<Tensor>& inputs) const {
+  if (!plan_->has_generation() || replicas_ <= 1) return -1;
+  for (int i = 0; i < plan_->inputs_size(); ++i) {
+    if (plan_->inputs(i).name() == "kv_seq_ids" && inputs[i].numel() > 0) {
+      const int64_t id = static_cast<const int64_t*>(inputs[i].raw_data())[0];
+      return static_cast<int>(((id % replicas_) + replicas_) % replicas_);
+    }
+  }
+  return -1;
+}
+
+int Deployment::PickLane(int avoid, int home) {
+  if (home >= 0 && home != avoid && lanes_[home].ready) return home;
   int fallback = -1;
   for (int i = 0; i < replicas_; ++i) {
     const int r = static_cast<int>(next_lane_++ % replicas_);
@@ -629,6 +641,7 @@ struct Deployment::Request {
   absl::Time began;
   int sent = 0;    // first sends done (for the messages)
   int avoid = -1;  // a lane whose stage 0 could not be reached
+  int home = -1;   // the lane holding its sequences' KV caches (HomeLane)
 
   bool Cancelled() const { return *cancelled && (*cancelled)(); }
 };
@@ -665,6 +678,7 @@ absl::StatusOr<std::vector<Tensor>> Deployment::InferDirect(const std::vector<Te
   r.deadline = deadline == absl::InfiniteFuture() ? absl::Now() + config_.default_timeout : deadline;
   r.cancelled = &cancelled;
   r.trace = trace;
+  r.home = HomeLane(inputs);
   if (batch == 0) {
     // Nothing to compute for outputs that follow the batch.
     if (std::all_of(output_batched_.begin(), output_batched_.end(), [](bool b) { return b; })) {
@@ -752,7 +766,7 @@ absl::Status Deployment::NextSend(Request& r, Send* next) {
         "request to \"", name_, "\" missed its deadline with ", p.remaining, " of ",
         r.microbatches.size(), " microbatches unfinished"));
   }
-  next->lane = PickLane(r.avoid);
+  next->lane = PickLane(r.avoid, r.home);
   if (next->lane < 0) {
     // No lane left: Break failed the request already, or is about to.
     return absl::UnavailableError(

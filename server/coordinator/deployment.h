@@ -311,9 +311,14 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   void Deliver(int lane, Frame frame);
   // Checks a DATA frame against the plan's outputs for microbatch `m`.
   absl::Status CheckOutputs(const Frame& frame, const Pending& p) const;
-  // The next ready lane in turn, preferring one other than `avoid`; -1
-  // when none is ready.
-  int PickLane(int avoid) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // `home` when it is ready and not `avoid`, else the next ready lane in
+  // turn, preferring one other than `avoid`; -1 when none is ready.
+  int PickLane(int avoid, int home = -1) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A generation step's lane (-1: any): its first sequence's id modulo the
+  // lanes, where that sequence's KV cache is (Generator keeps every step to
+  // sequences of one home lane), so a replicated model's steps do not
+  // wander between caches.
+  int HomeLane(const std::vector<Tensor>& inputs) const;
   int ReadyLanes() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Finish(uint64_t id, absl::Status error) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FailAll(const absl::Status& error) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

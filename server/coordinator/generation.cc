@@ -10,7 +10,8 @@ namespace {
 
 bool SameConfig(const GenerationConfig& a, const GenerationConfig& b) {
   return a.spec.SerializeAsString() == b.spec.SerializeAsString() &&
-         a.input_names == b.input_names && a.logits_output == b.logits_output;
+         a.input_names == b.input_names && a.logits_output == b.logits_output &&
+         a.lanes == b.lanes;
 }
 
 }  // namespace
@@ -20,7 +21,7 @@ Generation::Generation(Coordinator* coordinator, GeneratorOptions options)
 
 absl::StatusOr<std::shared_ptr<Generator>> Generation::For(const std::string& model) {
   ASSIGN_OR_RETURN(std::shared_ptr<Deployment> d, coordinator_->Find(model));
-  ASSIGN_OR_RETURN(GenerationConfig config, GenerationConfigOf(model, d->plan()));
+  ASSIGN_OR_RETURN(GenerationConfig config, GenerationConfigOf(model, d->plan(), d->replicas()));
   absl::MutexLock l(&mu_);
   std::shared_ptr<Generator>& gen = generators_[model];
   if (gen != nullptr && SameConfig(gen->config(), config)) return gen;

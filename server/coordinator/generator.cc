@@ -64,7 +64,8 @@ bool IsCacheMiss(const absl::Status& s) {
 
 }  // namespace
 
-absl::StatusOr<GenerationConfig> GenerationConfigOf(const std::string& model, const Plan& plan) {
+absl::StatusOr<GenerationConfig> GenerationConfigOf(const std::string& model, const Plan& plan,
+                                                    int lanes) {
   if (!plan.has_generation() || plan.generation().num_blocks() <= 0) {
     return absl::FailedPreconditionError(absl::StrCat(
         "model \"", model, "\" was not exported for generation (pipeserve.export(..., "
@@ -72,6 +73,7 @@ absl::StatusOr<GenerationConfig> GenerationConfigOf(const std::string& model, co
   }
   GenerationConfig c;
   c.spec = plan.generation();
+  c.lanes = std::max(1, lanes);
   for (const ValueSpec& in : plan.inputs()) c.input_names.push_back(in.name());
   c.logits_output = -1;
   for (int i = 0; i < plan.outputs_size(); ++i) {
@@ -279,12 +281,15 @@ Generator::Batch Generator::Take() {
                                options_.steps_in_flight);
   Batch b;
   int64_t budget = options_.max_step_tokens;
+  int64_t lane = -1;  // the home lane of the step's sequences
   // Decoding sequences first (one token each), then prompts in chunks.
   for (int pass = 0; pass < 2; ++pass) {
     for (const SeqPtr& s : ready) {
       if (s->ended || s->in_flight || static_cast<int64_t>(b.seqs.size()) >= per_step) continue;
       const int64_t left = static_cast<int64_t>(s->tokens.size()) - s->cached;
       if ((pass == 0) != (left == 1) || budget <= 0) continue;
+      if (lane >= 0 && s->id % config_.lanes != lane) continue;
+      lane = s->id % config_.lanes;
       const int64_t n = std::min(left, budget);
       budget -= n;
       s->in_flight = true;

@@ -50,11 +50,15 @@ struct GenerationConfig {
   GenerationSpec spec;                   // with num_blocks (SizeKvCache)
   std::vector<std::string> input_names;  // the plan's inputs, in order
   int logits_output = 0;                 // index of spec.logits among the outputs
+  // Replicas of the model: a step holds sequences of one home lane only
+  // (sequence id modulo lanes, Deployment::HomeLane).
+  int lanes = 1;
 };
 
 // The config of `plan` (kFailedPrecondition, naming the model, when it was
 // not exported for generation).
-absl::StatusOr<GenerationConfig> GenerationConfigOf(const std::string& model, const Plan& plan);
+absl::StatusOr<GenerationConfig> GenerationConfigOf(const std::string& model, const Plan& plan,
+                                                    int lanes = 1);
 
 struct GeneratorOptions {
   int steps_in_flight = 4;         // steps running at once
