@@ -332,6 +332,11 @@ std::vector<Tensor> Generator::Inputs(const Batch& b) const {
       inputs.push_back(Tensor::FromInt64s({t}, seq));
     } else if (name == "kv_blocks") {
       inputs.push_back(Tensor::FromInt64s({n, static_cast<int64_t>(width)}, blocks));
+    } else if (name == "kv_last") {
+      std::vector<int64_t> last;
+      int64_t end = 0;
+      for (int64_t i = 0; i < n; ++i) last.push_back((end += b.count[i]) - 1);
+      inputs.push_back(Tensor::FromInt64s({n}, last));
     } else {
       inputs.push_back(Tensor::FromInt64s({n}, ids));
     }
@@ -345,12 +350,15 @@ void Generator::Apply(Batch& b, const absl::StatusOr<std::vector<Tensor>>& out) 
   const int64_t vocab = config_.spec.vocab();
   const Tensor* logits = out.ok() ? &(*out)[config_.logits_output] : nullptr;
   const int64_t t = static_cast<int64_t>(b.tokens.size());
+  const bool last_only = config_.spec.last_only();
+  // Logits of every token [1, T, vocab], or of each sequence's last [N, vocab].
+  const Shape want = last_only ? Shape{static_cast<int64_t>(b.seqs.size()), vocab}
+                               : Shape{1, t, vocab};
   absl::Status failed = out.status();
-  if (logits != nullptr &&
-      (!IsFloatingPoint(logits->dtype()) || logits->shape() != Shape{1, t, vocab})) {
+  if (logits != nullptr && (!IsFloatingPoint(logits->dtype()) || logits->shape() != want)) {
     failed = absl::InternalError(absl::StrCat(
         "a step's logits came back as ", TorchName(logits->dtype()), " ",
-        ShapeToString(logits->shape()), ", expected floating point [1, ", t, ", ", vocab, "]"));
+        ShapeToString(logits->shape()), ", expected floating point ", ShapeToString(want)));
   }
   int64_t row = 0;
   for (size_t i = 0; i < b.seqs.size(); ++i) {
@@ -367,7 +375,8 @@ void Generator::Apply(Batch& b, const absl::StatusOr<std::vector<Tensor>>& out) 
     } else {
       s->cached = b.from[i] + b.count[i];
       if (s->cached == static_cast<int64_t>(s->tokens.size()) && !s->stop) {
-        Sampled(s, SampleToken(LogitsRow(*logits, row - 1, vocab), s->sampling, s->tokens,
+        const int64_t r = last_only ? static_cast<int64_t>(i) : row - 1;
+        Sampled(s, SampleToken(LogitsRow(*logits, r, vocab), s->sampling, s->tokens,
                                static_cast<int64_t>(s->tokens.size()) - s->prompt_len));
       }
     }

@@ -130,6 +130,17 @@ class _NonPersistentBuffer(torch.nn.Module):
         return self.lin(x) * self.inner.scale
 
 
+class _ScalarConstants(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.lin(x)
+        low = torch.tensor(torch.finfo(y.dtype).min, dtype=y.dtype)
+        return torch.where(y > 0, y, low) / torch.full([], 2.0)
+
+
 class _TensorConstant(torch.nn.Module):
     def forward(self, x):
         return x + torch.tensor([1.0, 2.0, 3.0, 4.0])
@@ -433,6 +444,14 @@ class UnsupportedTest(ExporterTestCase):
     def test_tensor_constant_made_in_forward_raises(self):
         self.assertExportError(_TensorConstant(), (torch.randn(2, 4),),
                                "tensor constant", "module path ''")
+
+    def test_scalar_tensors_made_in_forward_export_as_full_nodes(self):
+        # Hugging Face's way of writing a mask value and a scale.
+        _, graph, _ = self.export(_ScalarConstants(), (torch.randn(2, 4),))
+        fulls = [n for n in graph.nodes if n.op == "full"]
+        self.assertEqual(sorted(n.attrs["value"].f for n in fulls),
+                         [torch.finfo(torch.float32).min, 2.0])
+        self.assertTrue(all(len(n.attrs["shape"].ints.v) == 0 for n in fulls))
 
     def test_inplace_relu_is_exported_unless_its_input_is_read_again(self):
         _, graph, _ = self.export(_InplaceRelu(reuse=False),

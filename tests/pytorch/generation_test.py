@@ -39,13 +39,56 @@ def llama(dtype=None):
     return model.to(dtype) if dtype is not None else model
 
 
+class HfAttention(tm.GptAttention):
+    """Attention as Hugging Face's GPT-2 writes it: scalar tensors made in
+    forward (torch.full([], ...) for the scale, torch.tensor(finfo.min) for
+    the mask value) and where(mask, scores, min)."""
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        hs = C // self.heads
+        q = q.view(B, T, self.heads, hs).transpose(1, 2)
+        k = k.view(B, T, self.heads, hs).transpose(1, 2)
+        v = v.view(B, T, self.heads, hs).transpose(1, 2)
+        w = torch.matmul(q, k.transpose(-1, -2))
+        w = w / torch.full([], v.size(-1) ** 0.5, dtype=w.dtype)
+        causal = self.bias[:, :, :T, :T] > 0
+        mask_value = torch.tensor(torch.finfo(w.dtype).min, dtype=w.dtype)
+        w = torch.where(causal, w, mask_value)
+        w = torch.nn.functional.softmax(w, dim=-1)
+        y = torch.matmul(w, v).transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class HfGpt2LastLogits(tm.Gpt2):
+    """HfAttention in every block, and only the last position's logits."""
+
+    def __init__(self):
+        super().__init__(max_len=64)
+        for block in self.h:
+            old = block.attn
+            block.attn = HfAttention(32, 4, 64)
+            block.attn.load_state_dict(old.state_dict())
+
+    def forward(self, idx):
+        _, x = super().forward(idx)
+        return self.lm_head(x[:, -1, :])
+
+
+def hf_gpt2():
+    torch.manual_seed(0)
+    return HfGpt2LastLogits().eval()
+
+
 LLAMA_SPLIT = {f"layers.{i}": pipeserve.SplitPoint.BEGINNING for i in (1, 2, 3)}
 
 
 def logits_of(model, ids):
     with torch.no_grad():
         out = model(torch.tensor([ids]))
-    return (out[0] if isinstance(out, tuple) else out)[0].float()
+    out = (out[0] if isinstance(out, tuple) else out)[0].float()
+    return out if out.dim() == 2 else out[None]  # last-position models: [1, vocab]
 
 
 def greedy(model, prompt, n):
@@ -170,6 +213,11 @@ class GenerationTest(unittest.TestCase):
 
     def test_llama_greedy_tokens_equal_pytorchs_on_4_stages(self):
         self.check_greedy("llama", self.llama)
+
+    def test_hugging_face_style_model_with_last_position_logits(self):
+        model = hf_gpt2()
+        self.upload("hf_gpt2", model, 3)
+        self.check_greedy("hf_gpt2", model)
 
     def step(self, name, vocab, seqs, blocks_per_seq=4):
         """One step through ModelInfer: seqs is [(seq_id, first position,

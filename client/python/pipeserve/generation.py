@@ -55,24 +55,28 @@ def make_cache_aware(graph, shapes, tokens, logits=None):
     seq_len = shapes[tokens][1]
     layers = _rewrite_attention(graph, shapes)
     max_positions = _rewrite_positions(graph, shapes)
+    last_only = _rewrite_last_position(graph, shapes, seq_len)
     _prune(graph)
     _check_no_length_left(graph, shapes)
     logits_shape = shapes[logits]
-    if len(logits_shape) != 3 or logits_shape[1] != seq_len:
+    batch = shapes[tokens][0]
+    if (last_only and (len(logits_shape) != 2 or logits_shape[0] != batch)) or \
+            (not last_only and (len(logits_shape) != 3 or logits_shape[1] != seq_len)):
         raise GenerationError(
             f"generation: output '{logits}' has shape {list(logits_shape)} for tokens "
-            f"{list(shapes[tokens])}; the logits of every position, [batch, seq, vocab], "
-            "are needed")
-    for name in META_INPUTS:
+            f"{list(shapes[tokens])}; the logits of every position [batch, seq, vocab], or "
+            "of the last one (x[:, -1]) [batch, vocab], are needed")
+    for name in META_INPUTS + (("kv_last",) if last_only else ()):
         graph.inputs.add(name=name, dtype=model_pb2.DT_INT64,
                          shape=[-1, -1] if name == "kv_blocks" else [-1], batched=False)
     spec = graph.generation
     spec.tokens = tokens
     spec.logits = logits
+    spec.last_only = last_only
     spec.block_size = BLOCK_SIZE
     spec.max_positions = max_positions
     spec.layers = layers
-    spec.vocab = logits_shape[2]
+    spec.vocab = logits_shape[-1]
     return {n.attrs["fqn"].s for n in graph.nodes if n.op == "param"}
 
 
@@ -144,11 +148,15 @@ def _match_attention(idx, last, shapes):
         return None
     s = idx.back(softmax.inputs[0])
     masked = idx.node.get(s)
-    if masked is not None and masked.op == "where" and len(masked.inputs) == 3:
-        s = masked.inputs[2]
-    elif masked is not None and masked.op == "add" and len(masked.inputs) == 2:
-        a, b = masked.inputs
-        s = a if idx.op(idx.back(a)) in ("mul", "div", "matmul") else b
+    # where(mask, fill, scores), where(mask, scores, fill) or scores + mask:
+    # the scores are the operand made by the scale or the matmul.
+    if masked is not None and masked.op in ("where", "add") and \
+            len(masked.inputs) == (3 if masked.op == "where" else 2):
+        operands = masked.inputs[1:] if masked.op == "where" else masked.inputs
+        made = [v for v in operands if idx.op(idx.back(v)) in ("mul", "div", "matmul")]
+        if len(made) != 1:
+            return None
+        s = made[0]
     scale = 1.0
     s = idx.back(s)  # a cast to the mask's type
     scaled = idx.node.get(s)
@@ -263,6 +271,37 @@ def _rewrite_positions(graph, shapes):
             rows = shapes.get(n.inputs[1], (0,))[0]
             max_positions = rows if not max_positions else min(max_positions, rows)
     return max_positions
+
+
+def _rewrite_last_position(graph, shapes, seq_len):
+    """x[:, -1] (the last position's activations) -> each sequence's last
+    token, gathered at kv_last from the step's packed tokens. True if any."""
+    nodes, found = [], False
+    for n in list(graph.nodes):
+        shape = shapes.get(n.inputs[0], ()) if n.inputs else ()
+        dim = n.attrs["dim"].i if "dim" in n.attrs else None
+        if n.op == "select" and len(shape) >= 3 and dim in (1, 1 - len(shape)) and \
+                n.attrs["index"].i == -1 and shape[1] == seq_len:
+            # [T, ...]: the packed batch's only row.
+            tokens = model_pb2.Node(name=f"{n.name}_tokens", op="select", inputs=[n.inputs[0]],
+                                    outputs=[f"{n.name}_tokens"], module_path=n.module_path)
+            tokens.attrs["dim"].i = 0
+            tokens.attrs["index"].i = 0
+            nodes.append(tokens)
+            src = f"{n.name}_tokens"
+            del n.inputs[:]
+            n.inputs.extend(["kv_last", src])
+            n.op = "embedding"
+            n.attrs.clear()
+            found = True
+        nodes.append(n)
+    if found:
+        kept = [model_pb2.Node() for _ in nodes]
+        for dst, src in zip(kept, nodes):
+            dst.CopyFrom(src)
+        del graph.nodes[:]
+        graph.nodes.extend(kept)
+    return found
 
 
 def _prune(graph):
