@@ -543,6 +543,82 @@ absl::Status Infer(const FlagSet& flags, Client& client, std::ostream& out,
   return absl::OkStatus();
 }
 
+absl::StatusOr<double> DoubleFlag(const FlagSet& flags, const std::string& name) {
+  double v = 0;
+  if (!absl::SimpleAtod(flags.Get(name), &v)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, " must be a number, got \"", flags.Get(name), "\""));
+  }
+  return v;
+}
+
+absl::StatusOr<std::vector<int64_t>> TokenList(const FlagSet& flags, const std::string& name) {
+  std::vector<int64_t> ids;
+  for (absl::string_view part : absl::StrSplit(flags.Get(name), ',', absl::SkipWhitespace())) {
+    int64_t id = 0;
+    if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(part), &id)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--", name, ": \"", part, "\" is not a token id"));
+    }
+    ids.push_back(id);
+  }
+  return ids;
+}
+
+absl::StatusOr<GenerateRequest> GenerateRequestFrom(const FlagSet& flags) {
+  GenerateRequest req;
+  req.set_model(flags.Get("name"));
+  ASSIGN_OR_RETURN(std::vector<int64_t> prompt, TokenList(flags, "prompt"));
+  ASSIGN_OR_RETURN(std::vector<int64_t> stops, TokenList(flags, "stop_token_ids"));
+  *req.mutable_prompt() = {prompt.begin(), prompt.end()};
+  *req.mutable_stop_token_ids() = {stops.begin(), stops.end()};
+  ASSIGN_OR_RETURN(int max_tokens, flags.GetInt("max_tokens"));
+  ASSIGN_OR_RETURN(int top_k, flags.GetInt("top_k"));
+  ASSIGN_OR_RETURN(double temperature, DoubleFlag(flags, "temperature"));
+  ASSIGN_OR_RETURN(double top_p, DoubleFlag(flags, "top_p"));
+  req.set_max_tokens(max_tokens);
+  req.set_top_k(top_k);
+  req.set_temperature(temperature);
+  req.set_top_p(top_p);
+  if (!flags.Get("seed").empty()) {
+    uint64_t seed = 0;
+    if (!absl::SimpleAtoi(flags.Get("seed"), &seed)) {
+      return absl::InvalidArgumentError("--seed must be a non-negative integer");
+    }
+    req.set_seed(seed);
+  }
+  return req;
+}
+
+// Prints each token id as it comes, then time to first token and the rate.
+absl::Status Generate(const FlagSet& flags, Client& client, std::ostream& out, std::ostream&) {
+  ASSIGN_OR_RETURN(GenerateRequest req, GenerateRequestFrom(flags));
+  ASSIGN_OR_RETURN(int timeout_ms, flags.GetInt("timeout_ms"));
+  const auto start = std::chrono::steady_clock::now();
+  double first_ms = 0;
+  int64_t n = 0;
+  std::string finish;
+  auto ms_since = [&start] {
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+        .count();
+  };
+  RETURN_IF_ERROR(client.Generate(
+      req,
+      [&](const GenerateResponse& r) {
+        if (n++ == 0) first_ms = ms_since();
+        out << (n > 1 ? " " : "") << r.token_id() << std::flush;
+        finish = r.finish_reason();
+        return true;
+      },
+      absl::Milliseconds(std::max(0, timeout_ms))));
+  const double total_ms = ms_since();
+  out << "\n"
+      << absl::StrFormat("%d tokens (%s), time to first token %.1f ms, %.1f tokens/s after it\n",
+                         n, finish, first_ms,
+                         n > 1 ? (n - 1) * 1000.0 / (total_ms - first_ms) : 0.0);
+  return absl::OkStatus();
+}
+
 absl::Status Health(const FlagSet&, Client& client, std::ostream& out,
                     std::ostream&) {
   // grpc.health.v1 decides: it answers without a token, on coordinators and
@@ -689,6 +765,22 @@ std::map<std::string, Command> Commands() {
                 "ui.perfetto.dev");
         },
         Remote(Infer)}},
+      {"generate",
+       {"Generate tokens from a model exported with generation=True, printing\n"
+        "each token id as it comes, then time to first token and tokens/s.",
+        [](FlagSet& f) {
+          AddServerFlag(f);
+          f.Add("name", "NAME", "the deployed model", true);
+          f.Add("prompt", "ID,ID,...", "the prompt's token ids", true);
+          f.Add("max_tokens", "N", "tokens to generate at most", false, "16");
+          f.Add("temperature", "T", "0: greedy", false, "0");
+          f.Add("top_k", "K", "sample among the K most likely (0: all)", false, "0");
+          f.Add("top_p", "P", "sample among the fewest tokens holding P", false, "1");
+          f.Add("stop_token_ids", "ID,ID,...", "tokens that end the generation");
+          f.Add("seed", "N", "makes sampling reproducible (default: random)");
+          f.Add("timeout_ms", "N", "deadline of the request (0: 60 s)", false, "0");
+        },
+        Remote(Generate)}},
       {"health",
        {"Check that the server is serving (grpc.health.v1; exit 1 if not).",
         AddServerFlag, Remote(Health)}},

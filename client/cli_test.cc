@@ -176,6 +176,29 @@ class CliRemoteTest : public ::testing::Test {
   std::unique_ptr<FakeServer> server_;
 };
 
+TEST_F(CliRemoteTest, GeneratePrintsTokensAsTheyComeThenTheRates) {
+  Result r = Run({"generate", "--name", "count", "--prompt", "4, 9", "--max_tokens", "3",
+                  "--temperature", "0.5", "--top_k", "7", "--top_p", "0.9", "--seed", "11",
+                  "--stop_token_ids", "1,2"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("10 11 12\n3 tokens (length), time to first token "));
+  EXPECT_THAT(r.out, HasSubstr(" tokens/s after it\n"));
+  GenerateRequest req = server_->last_generate_request();
+  EXPECT_EQ(std::vector<int64_t>(req.prompt().begin(), req.prompt().end()),
+            std::vector<int64_t>({4, 9}));
+  EXPECT_EQ(req.temperature(), 0.5);
+  EXPECT_EQ(req.top_k(), 7);
+  EXPECT_EQ(req.top_p(), 0.9);
+  EXPECT_TRUE(req.has_seed());
+  EXPECT_EQ(req.seed(), 11u);
+  EXPECT_EQ(req.stop_token_ids_size(), 2);
+  r = Run({"generate", "--name", "count", "--prompt", "4,x"});
+  EXPECT_NE(r.code, 0);
+  EXPECT_THAT(r.err, HasSubstr("--prompt: \"x\" is not a token id"));
+  r = Run({"generate", "--name", "nope", "--prompt", "1"});
+  EXPECT_THAT(r.err, HasSubstr("model \"nope\" is not known"));
+}
+
 TEST_F(CliRemoteTest, UploadShowsProgressAndTheResult) {
   std::string model = WriteSmallModel();
   Result r = Run({"upload", "--name", "small", "--model", model, "--num_stages",

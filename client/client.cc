@@ -30,6 +30,7 @@ struct Client::Stubs {
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<inference::GRPCInferenceService::Stub> inference;
   std::unique_ptr<ModelService::Stub> models;
+  std::unique_ptr<GenerationService::Stub> generation;
   std::unique_ptr<grpc::GenericStub> generic;  // for grpc.health.v1
 };
 
@@ -151,6 +152,7 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(
   stubs->channel = grpc::CreateCustomChannel(address, credentials, args);
   stubs->inference = inference::GRPCInferenceService::NewStub(stubs->channel);
   stubs->models = ModelService::NewStub(stubs->channel);
+  stubs->generation = GenerationService::NewStub(stubs->channel);
   stubs->generic = std::make_unique<grpc::GenericStub>(stubs->channel);
   return std::unique_ptr<Client>(
       new Client(address, options, std::move(stubs)));
@@ -239,6 +241,24 @@ absl::Status Client::Unload(const std::string& name) {
   request.set_name(name);
   UnloadResponse response;
   return FromGrpc(stubs_->models->Unload(&ctx, request, &response));
+}
+
+absl::Status Client::Generate(const GenerateRequest& request,
+                              const std::function<bool(const GenerateResponse&)>& on_token,
+                              absl::Duration timeout) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx, timeout > absl::ZeroDuration() ? timeout : options_.timeout);
+  std::unique_ptr<grpc::ClientReader<GenerateResponse>> reader =
+      stubs_->generation->Generate(&ctx, request);
+  GenerateResponse response;
+  while (reader->Read(&response)) {
+    if (!on_token(response)) {
+      ctx.TryCancel();
+      reader->Finish().IgnoreError();
+      return absl::CancelledError("generation stopped by the caller");
+    }
+  }
+  return FromGrpc(reader->Finish());
 }
 
 absl::StatusOr<GetPlanResponse> Client::GetPlan(const std::string& name) {

@@ -132,6 +132,15 @@ class Client {
       absl::Duration timeout = absl::ZeroDuration(),
       std::string* trace = nullptr);
 
+  // Generates tokens from `request.model()` (a model exported with
+  // generation=True; pipeserve.GenerationService), calling `on_token` with
+  // each response as it arrives (the last has finish_reason set). When
+  // `on_token` returns false the call is cancelled (kCancelled). The
+  // deadline is options.timeout unless `timeout` is given.
+  absl::Status Generate(const GenerateRequest& request,
+                        const std::function<bool(const GenerateResponse&)>& on_token,
+                        absl::Duration timeout = absl::ZeroDuration());
+
   // The model's input and output names, datatypes and shapes (-1: batch).
   absl::StatusOr<inference::ModelMetadataResponse> ModelMetadata(
       const std::string& model);

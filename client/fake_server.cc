@@ -1,5 +1,7 @@
 #include "client/fake_server.h"
 
+#include <mutex>
+
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <zlib.h>
@@ -228,12 +230,49 @@ class ModelServiceImpl final : public ModelService::Service {
   State* state_;
 };
 
+// Model "count": the tokens after the prompt's last, counting up by one,
+// max_tokens of them; the request as received is kept.
+class GenerationServiceImpl final : public GenerationService::Service {
+ public:
+  grpc::Status Generate(grpc::ServerContext*, const GenerateRequest* req,
+                        grpc::ServerWriter<GenerateResponse>* writer) override {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      last_ = *req;
+    }
+    if (req->model() != "count") {
+      return grpc::Status(grpc::StatusCode::NOT_FOUND,
+                          "model \"" + req->model() + "\" is not known");
+    }
+    if (req->prompt().empty()) {
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "the prompt has no tokens");
+    }
+    for (int64_t i = 0; i < req->max_tokens(); ++i) {
+      GenerateResponse r;
+      r.set_token_id(req->prompt(req->prompt_size() - 1) + 1 + i);
+      r.set_index(i);
+      if (i + 1 == req->max_tokens()) r.set_finish_reason("length");
+      if (!writer->Write(r)) break;
+    }
+    return grpc::Status::OK;
+  }
+  GenerateRequest last() {
+    std::lock_guard<std::mutex> l(mu_);
+    return last_;
+  }
+
+ private:
+  std::mutex mu_;
+  GenerateRequest last_;
+};
+
 }  // namespace
 
 struct FakeServer::Impl {
   State state;
   InferenceService inference{&state};
   ModelServiceImpl models{&state};
+  GenerationServiceImpl generation;
   std::unique_ptr<grpc::Server> server;
   int port = 0;
 };
@@ -255,6 +294,7 @@ std::unique_ptr<FakeServer> FakeServer::Start() {
   builder.SetMaxSendMessageSize(1 << 30);
   builder.RegisterService(&impl->inference);
   builder.RegisterService(&impl->models);
+  builder.RegisterService(&impl->generation);
   impl->server = builder.BuildAndStart();
   if (impl->server == nullptr || impl->port == 0) {
     std::cerr << "FakeServer: cannot listen on 127.0.0.1\n";
@@ -289,6 +329,10 @@ void FakeServer::SetFlakyFailures(int n) {
   absl::MutexLock lock(&impl_->state.mu);
   impl_->state.flaky_failures = n;
   impl_->state.flaky_attempts = 0;
+}
+
+GenerateRequest FakeServer::last_generate_request() const {
+  return impl_->generation.last();
 }
 
 int FakeServer::flaky_attempts() const {

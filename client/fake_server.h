@@ -13,6 +13,7 @@
 //   "bad"   answers an output whose raw bytes do not match its shape.
 //   "flaky" like "neg", after failing SetFlakyFailures(n) attempts with
 //           UNAVAILABLE (for the client's retries).
+//   "count" (Generate) the tokens after the prompt's last, counting up.
 //   other   kNotFound `model "<name>" is not known`, from every model RPC.
 // Uploads check the CRC-32 and size the client sends, and are listed by
 // ListModels as READY (num_stages: the requested count, or 1); a model named
@@ -56,6 +57,8 @@ class FakeServer {
   void SetFlakyFailures(int n);
   // ModelInfer calls to "flaky" since SetFlakyFailures.
   int flaky_attempts() const;
+  // The last GenerationService.Generate request received.
+  GenerateRequest last_generate_request() const;
 
  private:
   struct Impl;
