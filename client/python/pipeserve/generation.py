@@ -56,9 +56,16 @@ def make_cache_aware(graph, shapes, tokens, logits=None):
     layers = _rewrite_attention(graph, shapes)
     max_positions = _rewrite_positions(graph, shapes)
     last_only = _rewrite_last_position(graph, shapes, seq_len)
-    _prune(graph)
-    _check_no_length_left(graph, shapes)
     logits_shape = shapes[logits]
+    if not last_only and _project_last_tokens_only(graph, shapes, logits, seq_len):
+        # Only the rows sampled from are projected to the vocabulary and
+        # sent back: a prefill chunk of T tokens costs one row, not T.
+        last_only = True
+        logits_shape = (shapes[tokens][0], logits_shape[-1])
+    _prune(graph)
+    if last_only:
+        _mark_unbatched_downstream(graph)
+    _check_no_length_left(graph, shapes)
     batch = shapes[tokens][0]
     if (last_only and (len(logits_shape) != 2 or logits_shape[0] != batch)) or \
             (not last_only and (len(logits_shape) != 3 or logits_shape[1] != seq_len)):
@@ -273,6 +280,59 @@ def _rewrite_positions(graph, shapes):
     return max_positions
 
 
+def _gather_last(name, x, module_path):
+    """Nodes computing each sequence's last token's row of x [1, T, ...]:
+    select(x, 0, 0) -> [T, ...], then embedding(kv_last, .) -> [N, ...]."""
+    tokens = model_pb2.Node(name=f"{name}_tokens", op="select", inputs=[x],
+                            outputs=[f"{name}_tokens"], module_path=module_path)
+    tokens.attrs["dim"].i = 0
+    tokens.attrs["index"].i = 0
+    last = model_pb2.Node(name=f"{name}_last", op="embedding", inputs=["kv_last", tokens.name],
+                          outputs=[f"{name}_last"], module_path=module_path)
+    # Their dim 0 is tokens, then sequences: not the batch.
+    tokens.unbatched = last.unbatched = True
+    return tokens, last
+
+
+def _mark_unbatched_downstream(graph):
+    """Whatever is computed from a value whose dim 0 is not the batch (the
+    gathered rows) has no batch dim 0 either: so marked, its rows are not
+    checked against the request's."""
+    free = set()
+    for n in graph.nodes:
+        if n.unbatched or any(v in free for v in n.inputs):
+            n.unbatched = True
+            free.update(n.outputs)
+
+
+def _replace_nodes(graph, nodes):
+    kept = [model_pb2.Node() for _ in nodes]
+    for dst, src in zip(kept, nodes):
+        dst.CopyFrom(src)
+    del graph.nodes[:]
+    graph.nodes.extend(kept)
+
+
+def _project_last_tokens_only(graph, shapes, logits, seq_len):
+    """logits = linear(x [B, T, d]) -> linear(x at each sequence's last
+    token). False (nothing changed) for logits made otherwise."""
+    node = next((n for n in graph.nodes if logits in n.outputs), None)
+    if node is None or node.op not in ("linear", "matmul", "mm"):
+        return False
+    x = shapes.get(node.inputs[0], ())
+    if len(x) != 3 or x[1] != seq_len:
+        return False
+    nodes = []
+    for n in list(graph.nodes):
+        if n is node:
+            tokens, last = _gather_last(n.name, n.inputs[0], n.module_path)
+            nodes += [tokens, last]
+            n.inputs[0] = last.name
+        nodes.append(n)
+    _replace_nodes(graph, nodes)
+    return True
+
+
 def _rewrite_last_position(graph, shapes, seq_len):
     """x[:, -1] (the last position's activations) -> each sequence's last
     token, gathered at kv_last from the step's packed tokens. True if any."""
@@ -282,25 +342,16 @@ def _rewrite_last_position(graph, shapes, seq_len):
         dim = n.attrs["dim"].i if "dim" in n.attrs else None
         if n.op == "select" and len(shape) >= 3 and dim in (1, 1 - len(shape)) and \
                 n.attrs["index"].i == -1 and shape[1] == seq_len:
-            # [T, ...]: the packed batch's only row.
-            tokens = model_pb2.Node(name=f"{n.name}_tokens", op="select", inputs=[n.inputs[0]],
-                                    outputs=[f"{n.name}_tokens"], module_path=n.module_path)
-            tokens.attrs["dim"].i = 0
-            tokens.attrs["index"].i = 0
+            tokens, _ = _gather_last(n.name, n.inputs[0], n.module_path)
             nodes.append(tokens)
-            src = f"{n.name}_tokens"
             del n.inputs[:]
-            n.inputs.extend(["kv_last", src])
+            n.inputs.extend(["kv_last", tokens.name])
             n.op = "embedding"
             n.attrs.clear()
             found = True
         nodes.append(n)
     if found:
-        kept = [model_pb2.Node() for _ in nodes]
-        for dst, src in zip(kept, nodes):
-            dst.CopyFrom(src)
-        del graph.nodes[:]
-        graph.nodes.extend(kept)
+        _replace_nodes(graph, nodes)
     return found
 
 
@@ -313,11 +364,7 @@ def _prune(graph):
             keep.append(n)
             live.update(n.inputs)
     keep.reverse()
-    kept = [model_pb2.Node() for _ in keep]
-    for dst, src in zip(kept, keep):
-        dst.CopyFrom(src)
-    del graph.nodes[:]
-    graph.nodes.extend(kept)
+    _replace_nodes(graph, keep)
 
 
 def _check_no_length_left(graph, shapes):
