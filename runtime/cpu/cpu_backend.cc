@@ -19,7 +19,7 @@
 #include "partitioner/validate.h"
 #include "runtime/cpu/cpu_kernels.h"
 #include "runtime/cpu/cpu_ops.h"
-#include "runtime/kv_cache.h"
+#include "runtime/cpu/kv_cache.h"
 #include "runtime/signature.h"
 
 namespace pipeserve {

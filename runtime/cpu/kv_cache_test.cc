@@ -1,4 +1,4 @@
-#include "runtime/kv_cache.h"
+#include "runtime/cpu/kv_cache.h"
 
 #include <cmath>
 #include <random>
@@ -85,16 +85,17 @@ absl::StatusOr<Tensor> Step(KvCache& cache, const Meta& m, const Tensor& q, cons
 
 TEST(KvCacheTest, ChunkedPrefillThenDecodeEqualsFullCausalAttention) {
   std::mt19937 rng(1);
-  const int64_t t = 11;
+  const int64_t t = 14;
   Tensor q = Random({1, kHeads, t, kDim}, rng), k = Random({1, kKvHeads, t, kDim}, rng),
          v = Random({1, kKvHeads, t, kDim}, rng);
   const float scale = 1 / std::sqrt(static_cast<float>(kDim));
   std::vector<double> ref = Reference(q, k, v, scale);
   KvCache cache(/*num_blocks=*/8, kBlock);
   cache.AddLayer(kKvHeads, kDim, DT_FLOAT32);
-  const std::vector<int64_t> table = {5, 2, 7};  // not contiguous, not in order
-  // Positions 0..6 as one chunk, 7..9 as another, then 10 alone.
-  for (auto [from, to] : {std::pair<int64_t, int64_t>{0, 7}, {7, 10}, {10, 11}}) {
+  const std::vector<int64_t> table = {5, 2, 7, 0};  // not contiguous, not in order
+  // Positions 0..9 as one chunk (through GEMMs), 10..12 as another (the
+  // loops), then 13 alone.
+  for (auto [from, to] : {std::pair<int64_t, int64_t>{0, 10}, {10, 13}, {13, 14}}) {
     absl::StatusOr<Tensor> out = Step(cache, OneSequence(42, table, from, to),
                                       Tokens(q, from, to), Tokens(k, from, to),
                                       Tokens(v, from, to), scale);
@@ -109,7 +110,7 @@ TEST(KvCacheTest, ChunkedPrefillThenDecodeEqualsFullCausalAttention) {
       }
     }
   }
-  EXPECT_EQ(cache.blocks_in_use(), 3);
+  EXPECT_EQ(cache.blocks_in_use(), 4);
 }
 
 TEST(KvCacheTest, APositionTheStageDoesNotHoldIsRefusedNotGuessed) {

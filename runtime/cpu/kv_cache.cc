@@ -1,4 +1,4 @@
-#include "runtime/kv_cache.h"
+#include "runtime/cpu/kv_cache.h"
 
 #include <algorithm>
 #include <cmath>
@@ -7,6 +7,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "runtime/cpu/cpu_kernels.h"
 #include "runtime/dtype.h"
 
 namespace pipeserve {
@@ -17,20 +18,60 @@ std::vector<int64_t> Ints(const Tensor& t) {
   return std::vector<int64_t>(p, p + t.numel());
 }
 
-float Load(const uint8_t* p, DataType dtype, int64_t i) {
+void ToFloat(const uint8_t* p, DataType dtype, int64_t n, float* out) {
   switch (dtype) {
-    case DT_BFLOAT16: return Bf16ToFloat(reinterpret_cast<const uint16_t*>(p)[i]);
-    case DT_FLOAT16: return HalfToFloat(reinterpret_cast<const uint16_t*>(p)[i]);
-    default: return reinterpret_cast<const float*>(p)[i];
+    case DT_BFLOAT16:
+      for (int64_t i = 0; i < n; ++i) out[i] = Bf16ToFloat(reinterpret_cast<const uint16_t*>(p)[i]);
+      break;
+    case DT_FLOAT16:
+      for (int64_t i = 0; i < n; ++i) out[i] = HalfToFloat(reinterpret_cast<const uint16_t*>(p)[i]);
+      break;
+    default:
+      std::memcpy(out, p, n * sizeof(float));
   }
 }
 
-void Store(uint8_t* p, DataType dtype, int64_t i, float v) {
+void FromFloat(const float* x, int64_t n, DataType dtype, uint8_t* p) {
   switch (dtype) {
-    case DT_BFLOAT16: reinterpret_cast<uint16_t*>(p)[i] = FloatToBf16(v); break;
-    case DT_FLOAT16: reinterpret_cast<uint16_t*>(p)[i] = FloatToHalf(v); break;
-    default: reinterpret_cast<float*>(p)[i] = v;
+    case DT_BFLOAT16:
+      for (int64_t i = 0; i < n; ++i) reinterpret_cast<uint16_t*>(p)[i] = FloatToBf16(x[i]);
+      break;
+    case DT_FLOAT16:
+      for (int64_t i = 0; i < n; ++i) reinterpret_cast<uint16_t*>(p)[i] = FloatToHalf(x[i]);
+      break;
+    default:
+      std::memcpy(p, x, n * sizeof(float));
   }
+}
+
+// Sixteen partial sums, so the loop vectorises without reassociating more
+// than that (no fast-math).
+PIPESERVE_VECTOR_CLONES float Dot(const float* a, const float* b, int64_t n) {
+  float part[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    for (int j = 0; j < 16; ++j) part[j] += a[i + j] * b[i + j];
+  }
+  float sum = 0;
+  for (; i < n; ++i) sum += a[i] * b[i];
+  for (float p : part) sum += p;
+  return sum;
+}
+
+PIPESERVE_VECTOR_CLONES void Axpy(float w, const float* x, int64_t n, float* y) {
+  for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
+}
+
+// Row `s` of scores: scaled, softmax over its first `len` entries, zero
+// beyond (to `width`).
+void SoftmaxPrefix(float* s, int64_t len, int64_t width, float scale) {
+  float max = -INFINITY;
+  for (int64_t p = 0; p < len; ++p) max = std::max(max, s[p] *= scale);
+  float sum = 0;
+  for (int64_t p = 0; p < len; ++p) sum += s[p] = std::exp(s[p] - max);
+  const float inv = 1.0f / sum;
+  for (int64_t p = 0; p < len; ++p) s[p] *= inv;
+  std::fill(s + len, s + width, 0.0f);
 }
 
 }  // namespace
@@ -172,38 +213,84 @@ absl::StatusOr<Tensor> KvCache::Attend(int layer, const KvStep& step, const Tens
     }
   }
   ASSIGN_OR_RETURN(Tensor out, Tensor::TryEmpty(q.shape(), q.dtype()));
-  const auto* qp = static_cast<const uint8_t*>(q.raw_data());
-  auto* op = static_cast<uint8_t*>(out.raw_data());
-  const int64_t rep = heads / l.kv_heads;
-  std::vector<float> qv(d), acc(d), scores;
-  for (int64_t t = 0; t < tokens; ++t) {
-    const std::vector<int64_t>& table = step.tables[step.seq[t]];
-    const int64_t len = step.positions[t] + 1;
-    scores.resize(len);
-    for (int64_t h = 0; h < heads; ++h) {
-      const int g = static_cast<int>(h / rep);
-      const int64_t qi = (h * tokens + t) * d;
-      for (int64_t i = 0; i < d; ++i) qv[i] = Load(qp, l.dtype, qi + i);
-      float max = -INFINITY;
-      for (int64_t p = 0; p < len; ++p) {
-        const uint8_t* kr = Row(l, Slot(table, p), 0, g);
-        float dot = 0;
-        for (int64_t i = 0; i < d; ++i) dot += qv[i] * Load(kr, l.dtype, i);
-        scores[p] = dot * scale;
-        max = std::max(max, scores[p]);
-      }
-      float sum = 0;
-      for (int64_t p = 0; p < len; ++p) sum += scores[p] = std::exp(scores[p] - max);
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t p = 0; p < len; ++p) {
-        const uint8_t* vr = Row(l, Slot(table, p), 1, g);
-        const float w = scores[p] / sum;
-        for (int64_t i = 0; i < d; ++i) acc[i] += w * Load(vr, l.dtype, i);
-      }
-      for (int64_t i = 0; i < d; ++i) Store(op, l.dtype, qi + i, acc[i]);
+  // One task per (sequence, KV head): its tokens' query heads of the group.
+  std::vector<std::vector<int64_t>> by_seq(step.tables.size());
+  for (int64_t t = 0; t < tokens; ++t) by_seq[step.seq[t]].push_back(t);
+  std::vector<std::pair<int64_t, int>> tasks;
+  bool long_run = false;  // some sequence brings a prompt chunk: GEMMs
+  for (size_t s = 0; s < by_seq.size(); ++s) {
+    if (by_seq[s].empty()) continue;
+    long_run |= by_seq[s].size() >= kGemmTokens;
+    for (int g = 0; g < l.kv_heads; ++g) tasks.emplace_back(s, g);
+  }
+  const Group group{&l, &step, &q, &out, scale, heads / l.kv_heads};
+  absl::Status failed;
+#pragma omp parallel for schedule(dynamic) if (!long_run && tasks.size() > 1)
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    absl::Status st = AttendGroup(group, by_seq[tasks[i].first], tasks[i].second, long_run);
+    if (!st.ok()) {
+#pragma omp critical
+      failed = st;
     }
   }
+  RETURN_IF_ERROR(failed);
   return out;
+}
+
+absl::Status KvCache::AttendGroup(const Group& g, const std::vector<int64_t>& tokens, int head,
+                                  bool gemm) {
+  Layer& l = *g.layer;
+  const int64_t d = l.head_dim, n_tok = g.q->dim(2), m = static_cast<int64_t>(tokens.size());
+  const std::vector<int64_t>& table = g.step->tables[g.step->seq[tokens[0]]];
+  int64_t ctx = 0;
+  for (int64_t t : tokens) ctx = std::max(ctx, g.step->positions[t] + 1);
+  // The group's keys and values of positions [0, ctx), contiguous floats.
+  thread_local std::vector<float> kf, vf, qf, scores, of;
+  kf.resize(ctx * d);
+  vf.resize(ctx * d);
+  for (int64_t p = 0; p < ctx; ++p) {
+    const int64_t slot = Slot(table, p);
+    ToFloat(Row(l, slot, 0, head), l.dtype, d, &kf[p * d]);
+    ToFloat(Row(l, slot, 1, head), l.dtype, d, &vf[p * d]);
+  }
+  qf.resize(m * d);
+  scores.resize(m * ctx);
+  of.resize(m * d);
+  const auto* qp = static_cast<const uint8_t*>(g.q->raw_data());
+  auto* op = static_cast<uint8_t*>(g.out->raw_data());
+  const int64_t esize = ElementSize(l.dtype);
+  for (int64_t h = head * g.rep; h < (head + 1) * g.rep; ++h) {
+    for (int64_t j = 0; j < m; ++j) {
+      ToFloat(qp + (h * n_tok + tokens[j]) * d * esize, l.dtype, d, &qf[j * d]);
+    }
+    if (gemm) {
+      RETURN_IF_ERROR(Gemm(true, m, ctx, d, qf.data(), kf.data(), 0.0f, scores.data()));
+    } else {
+      for (int64_t j = 0; j < m; ++j) {
+        for (int64_t p = 0; p <= g.step->positions[tokens[j]]; ++p) {
+          scores[j * ctx + p] = Dot(&qf[j * d], &kf[p * d], d);
+        }
+      }
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      SoftmaxPrefix(&scores[j * ctx], g.step->positions[tokens[j]] + 1, ctx, g.scale);
+    }
+    if (gemm) {
+      RETURN_IF_ERROR(Gemm(false, m, d, ctx, scores.data(), vf.data(), 0.0f, of.data()));
+    } else {
+      for (int64_t j = 0; j < m; ++j) {
+        float* o = &of[j * d];
+        std::fill(o, o + d, 0.0f);
+        for (int64_t p = 0; p <= g.step->positions[tokens[j]]; ++p) {
+          Axpy(scores[j * ctx + p], &vf[p * d], d, o);
+        }
+      }
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      FromFloat(&of[j * d], d, l.dtype, op + (h * n_tok + tokens[j]) * d * esize);
+    }
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace pipeserve

@@ -17,8 +17,8 @@
 //   int layer = cache.AddLayer(/*kv_heads=*/2, /*head_dim=*/64, DT_FLOAT32);
 //   ASSIGN_OR_RETURN(KvStep step, cache.BeginStep(positions, seq, blocks, seq_ids, tokens));
 //   ASSIGN_OR_RETURN(Tensor out, cache.Attend(layer, step, q, k, v, scale));
-#ifndef PIPESERVE_RUNTIME_KV_CACHE_H_
-#define PIPESERVE_RUNTIME_KV_CACHE_H_
+#ifndef PIPESERVE_RUNTIME_CPU_KV_CACHE_H_
+#define PIPESERVE_RUNTIME_CPU_KV_CACHE_H_
 
 #include <cstdint>
 #include <memory>
@@ -80,6 +80,22 @@ class KvCache {
     int64_t seq_id = -1;
     int64_t position = -1;
   };
+  // Sequences with this many tokens in a step (a prompt chunk) attend
+  // through GEMMs; shorter ones (decoding) through loops, run in parallel.
+  static constexpr size_t kGemmTokens = 8;
+  // What AttendGroup needs of a step.
+  struct Group {
+    Layer* layer;
+    const KvStep* step;
+    const Tensor* q;
+    Tensor* out;
+    float scale;
+    int64_t rep;  // query heads per KV head
+  };
+  // Attention of `tokens` (one sequence's, in the step) for the query heads
+  // of KV head `head`.
+  absl::Status AttendGroup(const Group& g, const std::vector<int64_t>& tokens, int head,
+                           bool gemm);
   int64_t Slot(const std::vector<int64_t>& table, int64_t position) const;
   uint8_t* Row(Layer& l, int64_t slot, int kind, int head);
   absl::Status CheckHeld(const KvStep& step, const std::vector<int64_t>& ids,
@@ -93,4 +109,4 @@ class KvCache {
 
 }  // namespace pipeserve
 
-#endif  // PIPESERVE_RUNTIME_KV_CACHE_H_
+#endif  // PIPESERVE_RUNTIME_CPU_KV_CACHE_H_
