@@ -108,7 +108,7 @@ class Coordinator:
     """A coordinator (and the stage servers it starts) in `tmp`, for a
     `with` block; .client is a pipeserve.Client connected to it."""
 
-    def __init__(self, tmp, timeout=600):
+    def __init__(self, tmp, timeout=600, flags=()):
         sys.path[:0] = [os.path.join(ROOT, "client/python")]
         import pipeserve
         port_file = os.path.join(tmp, "port")
@@ -116,7 +116,8 @@ class Coordinator:
         self.proc = subprocess.Popen(
             [os.path.join(BIN, "server/coordinator/coordinator"), "--port=0",
              f"--port_file={port_file}", f"--repository={tmp}/repo", "--metrics_port=-1",
-             f"--stage_server_binary={os.path.join(BIN, 'server/stage/stage_server')}"],
+             f"--stage_server_binary={os.path.join(BIN, 'server/stage/stage_server')}",
+             *flags],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 120
         while not (os.path.exists(port_file) and open(port_file).read().strip()):

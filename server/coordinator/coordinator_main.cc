@@ -89,6 +89,9 @@ ABSL_FLAG(int, kv_cache_mb, 256,
 ABSL_FLAG(int, max_generating, 256, "sequences one model generates at once (holding KV cache)");
 ABSL_FLAG(int, max_generation_waiting, 256,
           "generation requests one model queues for KV cache; beyond, RESOURCE_EXHAUSTED at once");
+ABSL_FLAG(int, generation_steps_in_flight, 0,
+          "generation steps of one model running at once (0: its stages + 1, every stage busy "
+          "when each has its own machine; stages sharing a machine's cores want fewer)");
 ABSL_FLAG(int, generation_step_tokens, 256,
           "most tokens one generation step carries: longer prompts are prefilled in chunks");
 ABSL_FLAG(int64_t, max_request_rows, int64_t{1} << 24,
@@ -289,6 +292,7 @@ pipeserve::GeneratorOptions GeneratorOptionsFromFlags() {
   options.max_running = std::max(1, absl::GetFlag(FLAGS_max_generating));
   options.max_waiting = std::max(0, absl::GetFlag(FLAGS_max_generation_waiting));
   options.max_step_tokens = std::max(1, absl::GetFlag(FLAGS_generation_step_tokens));
+  options.steps_in_flight = std::max(0, absl::GetFlag(FLAGS_generation_steps_in_flight));
   return options;
 }
 

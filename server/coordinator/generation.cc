@@ -26,7 +26,7 @@ absl::StatusOr<std::shared_ptr<Generator>> Generation::For(const std::string& mo
   std::shared_ptr<Generator>& gen = generators_[model];
   if (gen != nullptr && SameConfig(gen->config(), config)) return gen;
   GeneratorOptions options = options_;
-  options.steps_in_flight = std::max(options.steps_in_flight, d->plan().stages_size() + 1);
+  if (options.steps_in_flight <= 0) options.steps_in_flight = d->plan().stages_size() + 1;
   Coordinator* coordinator = coordinator_;
   const absl::Duration step_timeout = coordinator_->default_timeout();
   gen = std::make_shared<Generator>(

@@ -23,8 +23,8 @@ namespace pipeserve {
 
 class Generation {
  public:
-  // `coordinator` must outlive this. options.steps_in_flight is raised to
-  // a model's stages + 1 where it is lower.
+  // `coordinator` must outlive this. options.steps_in_flight 0 means a
+  // model's stages + 1 (every stage busy when each has its own machine).
   Generation(Coordinator* coordinator, GeneratorOptions options);
 
   // kNotFound / kUnavailable as Coordinator::Find; kFailedPrecondition for
