@@ -39,6 +39,16 @@ std::string FormatPlan(const Plan& plan,
   std::string text = absl::StrCat(plan.stages_size(), " stage",
                                   plan.stages_size() == 1 ? "" : "s", "\n");
   if (!plan.balance().empty()) absl::StrAppend(&text, "cut by   ", plan.balance(), "\n");
+  if (plan.generation().num_blocks() > 0) {
+    const GenerationSpec& g = plan.generation();
+    absl::StrAppend(&text, "KV cache ", g.num_blocks(), " blocks of ", g.block_size(),
+                    " tokens per stage (", g.num_blocks() * g.block_size(),
+                    " tokens of all sequences together; ", g.layers(), " cached attentions",
+                    g.max_positions() > 0 ? absl::StrCat(", sequences up to ", g.max_positions(),
+                                                         " positions")
+                                          : std::string(),
+                    ")\n");
+  }
   for (const Stage& s : plan.stages()) {
     int compute = 0;
     for (const Node& n : s.graph().nodes()) {

@@ -26,6 +26,14 @@ TEST(PlanTextTest, ShowsParamsCrossingValuesAndServers) {
   EXPECT_THAT(text, HasSubstr("inputs   a [B,4] <- stage 0, y [B,4] <- model input"));
   EXPECT_THAT(text, HasSubstr("outputs  out -> output"));
   EXPECT_THAT(text, HasSubstr("cut by   the model's cut points\n"));
+  EXPECT_THAT(text, Not(HasSubstr("KV cache")));
+  plan->mutable_generation()->set_num_blocks(100);
+  plan->mutable_generation()->set_block_size(16);
+  plan->mutable_generation()->set_layers(4);
+  plan->mutable_generation()->set_max_positions(64);
+  EXPECT_THAT(FormatPlan(*plan, {}),
+              HasSubstr("KV cache 100 blocks of 16 tokens per stage (1600 tokens of all "
+                        "sequences together; 4 cached attentions, sequences up to 64 positions)\n"));
   EXPECT_THAT(text, Not(HasSubstr("  time ")));
 }
 

@@ -8,7 +8,6 @@ sequences packed together), and a stage server killed mid-generation costs
 no sequence and changes no token."""
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -24,6 +23,7 @@ sys.path.insert(0, HERE)
 
 import pipeserve  # noqa: E402
 import transformer_models as tm  # noqa: E402
+from coordinator_process import Coordinator, rss_mib  # noqa: E402
 
 TOKENS = 32
 
@@ -46,11 +46,7 @@ class HfAttention(tm.GptAttention):
 
     def forward(self, x):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        hs = C // self.heads
-        q = q.view(B, T, self.heads, hs).transpose(1, 2)
-        k = k.view(B, T, self.heads, hs).transpose(1, 2)
-        v = v.view(B, T, self.heads, hs).transpose(1, 2)
+        q, k, v = self.heads_of(x, B, T, C)
         w = torch.matmul(q, k.transpose(-1, -2))
         w = w / torch.full([], v.size(-1) ** 0.5, dtype=w.dtype)
         causal = self.bias[:, :, :T, :T] > 0
@@ -106,75 +102,11 @@ def rel_err(out, ref):
     return np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
 
 
-def rss_mib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise KeyError("VmRSS")
-
-
-class Coordinator:
-    def __init__(self, tmp, *flags):
-        self.tmp = tmp
-        port_file = os.path.join(tmp, "port")
-        self.log = open(os.path.join(tmp, "coordinator.log"), "w")
-        self.proc = subprocess.Popen(
-            [os.path.join(ROOT, "server/coordinator/coordinator"), "--port=0",
-             f"--port_file={port_file}",
-             f"--repository={tmp}/repo", "--kv_cache_mb=8",
-             "--metrics_port=0", f"--metrics_port_file={tmp}/metrics_port",
-             f"--stage_server_binary={os.path.join(ROOT, 'server/stage/stage_server')}",
-             *flags],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 60
-        while not (os.path.exists(port_file) and open(port_file).read().strip()):
-            if time.time() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("coordinator did not start")
-            time.sleep(0.02)
-        self.client = pipeserve.Client(f"localhost:{open(port_file).read().strip()}")
-        while not self.client.health():  # health check, not a sleep
-            if time.time() > deadline:
-                raise RuntimeError("coordinator not healthy")
-            time.sleep(0.02)
-
-    def metric(self, line_start):
-        """The value of the Prometheus sample whose line starts so."""
-        import urllib.request
-        with open(os.path.join(self.tmp, "metrics_port")) as f:
-            port = f.read().strip()
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
-        for line in text.decode().splitlines():
-            if line.startswith(line_start):
-                return float(line.rsplit(" ", 1)[1])
-        raise KeyError(line_start)
-
-    def stage_server_pids(self):
-        pids = []
-        for pid in os.listdir("/proc"):
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmd = f.read()
-            except (OSError, ValueError, IndexError):
-                continue
-            if ppid == self.proc.pid and b"stage_server" in cmd:
-                pids.append(int(pid))
-        return sorted(pids)
-
-    def close(self):
-        self.client.close()
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=30)
-        self.log.close()
-
-
 class GenerationTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.mkdtemp(dir=os.environ.get("TEST_TMPDIR"))
-        cls.coord = Coordinator(cls.tmp)
+        cls.coord = Coordinator(cls.tmp, "--kv_cache_mb=8")
         cls.client = cls.coord.client
         cls.gpt2, cls.llama = gpt2(), llama()
         cls.upload("gpt2", cls.gpt2, 3)
@@ -362,7 +294,7 @@ class GenerationFailoverTest(unittest.TestCase):
 
     def run_through_a_kill(self, replicas):
         tmp = tempfile.mkdtemp(dir=os.environ.get("TEST_TMPDIR"))
-        coord = Coordinator(tmp)
+        coord = Coordinator(tmp, "--kv_cache_mb=8")
         try:
             model = gpt2()
             path = os.path.join(tmp, "gpt2.psm")

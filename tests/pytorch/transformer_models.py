@@ -36,13 +36,15 @@ class GptAttention(torch.nn.Module):
         self.register_buffer("bias", torch.tril(torch.ones(max_len, max_len))
                              .view(1, 1, max_len, max_len))
 
-    def forward(self, x):
-        B, T, C = x.size()
+    def heads_of(self, x, B, T, C):
+        """q, k, v of x [B, T, C] as [B, heads, T, head_dim]."""
         q, k, v = self.c_attn(x).split(C, dim=2)
         hs = C // self.heads
-        q = q.view(B, T, self.heads, hs).transpose(1, 2)
-        k = k.view(B, T, self.heads, hs).transpose(1, 2)
-        v = v.view(B, T, self.heads, hs).transpose(1, 2)
+        return tuple(t.view(B, T, self.heads, hs).transpose(1, 2) for t in (q, k, v))
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.heads_of(x, B, T, C)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
         att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
         att = F.softmax(att, dim=-1)

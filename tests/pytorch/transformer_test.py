@@ -4,11 +4,8 @@ uploaded to a real coordinator that starts one stage server per stage,
 and queried through the KServe v2 API (pipeserve.Client) at several batch
 sizes and sequence lengths from one export; PyTorch eager is the oracle."""
 import os
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 import unittest
 
 import numpy as np
@@ -20,6 +17,7 @@ sys.path.insert(0, HERE)
 
 import pipeserve  # noqa: E402
 import transformer_models as transformers  # noqa: E402
+from coordinator_process import Coordinator  # noqa: E402
 
 
 def rel_err(out, ref):
@@ -31,31 +29,12 @@ class TransformerServingTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.mkdtemp(dir=os.environ.get("TEST_TMPDIR"))
-        port_file = os.path.join(cls.tmp, "port")
-        cls.log = open(os.path.join(cls.tmp, "coordinator.log"), "w")
-        cls.proc = subprocess.Popen(
-            [os.path.join(ROOT, "server/coordinator/coordinator"), "--port=0",
-             "--metrics_port=-1",  # the default, 8002, is shared with the other tests
-             f"--port_file={port_file}", f"--repository={cls.tmp}/repo",
-             f"--stage_server_binary={os.path.join(ROOT, 'server/stage/stage_server')}"],
-            stdout=cls.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 60
-        while not (os.path.exists(port_file) and open(port_file).read().strip()):
-            if time.time() > deadline or cls.proc.poll() is not None:
-                raise RuntimeError("coordinator did not start")
-            time.sleep(0.02)
-        cls.client = pipeserve.Client(f"localhost:{open(port_file).read().strip()}")
-        while not cls.client.health():  # health check, not a sleep
-            if time.time() > deadline:
-                raise RuntimeError("coordinator not healthy")
-            time.sleep(0.02)
+        cls.coordinator = Coordinator(cls.tmp)
+        cls.client = cls.coordinator.client
 
     @classmethod
     def tearDownClass(cls):
-        cls.client.close()
-        cls.proc.send_signal(signal.SIGTERM)
-        cls.proc.wait(timeout=30)
-        cls.log.close()
+        cls.coordinator.close()
 
     def export(self, name, cut=True, dtype=None, tag=""):
         model = transformers.make(name, cut=cut)
