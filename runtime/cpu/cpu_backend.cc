@@ -117,6 +117,15 @@ class CpuProgram : public StageProgram {
     // Kernels allocate their outputs, and some (Tensor::Empty) throw when
     // memory runs out: a request that needs more than there is fails with
     // kResourceExhausted, and the process serving it lives on.
+    absl::StatusOr<std::vector<Tensor>> out = RunCaught(inputs);
+    // A step that failed after its cache positions were marked written
+    // must not leave them marked: a later step would read them as held.
+    if (!out.ok() && kv_step_.has_value()) kv_->AbortStep(*kv_step_);
+    return out;
+  }
+
+ private:
+  absl::StatusOr<std::vector<Tensor>> RunCaught(absl::Span<const Tensor> inputs) {
     try {
       return RunSteps(inputs);
     } catch (const std::bad_alloc&) {
@@ -127,7 +136,6 @@ class CpuProgram : public StageProgram {
     }
   }
 
- private:
   absl::StatusOr<std::vector<Tensor>> RunSteps(absl::Span<const Tensor> inputs) {
     RETURN_IF_ERROR(CheckTensorsMatch(graph_.inputs(), inputs).status());
     std::vector<Tensor> values = constants_;
@@ -136,7 +144,7 @@ class CpuProgram : public StageProgram {
     }
     SetComputeThreads(options_.threads);
     std::vector<Shape> in_shapes;
-    absl::optional<KvStep> kv_step;  // checked at the stage's first cached attention
+    kv_step_.reset();  // checked at the stage's first cached attention
     for (size_t step_index = 0; step_index < steps_.size(); ++step_index) {
       const Step& step = steps_[step_index];
       // The first run (page faults, oneDNN's JIT) is not profiled.
@@ -160,7 +168,7 @@ class CpuProgram : public StageProgram {
         continue;
       }
       if (step.kind == Kind::kCachedAttention) {
-        RETURN_IF_ERROR(RunCachedAttention(step, &values, &kv_step));
+        RETURN_IF_ERROR(RunCachedAttention(step, &values, &kv_step_));
         continue;
       }
       if (step.kind == Kind::kGeneric) {
@@ -931,6 +939,7 @@ class CpuProgram : public StageProgram {
   const Graph graph_;
   const CpuBackendOptions options_;
   std::unique_ptr<KvCache> kv_;  // cache-aware graphs only
+  absl::optional<KvStep> kv_step_;  // the run's step, once its metadata is checked
   std::vector<Step> steps_;
   std::vector<Tensor> constants_;  // weights in their slots, others empty
   std::vector<Tensor> scratch_;    // per step: its last output buffer

@@ -176,6 +176,12 @@ absl::StatusOr<KvStep> KvCache::BeginStep(const Tensor& positions, const Tensor&
   return step;
 }
 
+void KvCache::AbortStep(const KvStep& step) {
+  for (size_t t = 0; t < step.positions.size(); ++t) {
+    tags_[Slot(step.tables[step.seq[t]], step.positions[t])] = Tag{};
+  }
+}
+
 absl::Status KvCache::CheckHeld(const KvStep& step, const std::vector<int64_t>& ids,
                                 const std::vector<int64_t>& lo) const {
   for (size_t s = 0; s < lo.size(); ++s) {
@@ -195,6 +201,13 @@ absl::Status KvCache::CheckHeld(const KvStep& step, const std::vector<int64_t>& 
 absl::StatusOr<Tensor> KvCache::Attend(int layer, const KvStep& step, const Tensor& q,
                                        const Tensor& k, const Tensor& v, float scale) {
   Layer& l = layers_[layer];
+  if (q.rank() != 4 || k.rank() != 4 || q.dim(0) != 1 || k.dim(0) != 1 ||
+      v.shape() != k.shape() || v.dtype() != k.dtype() || q.dtype() != k.dtype()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "q ", ShapeToString(q.shape()), ", k ", ShapeToString(k.shape()), ", v ",
+        ShapeToString(v.shape()),
+        ": a step's tokens come packed in one row, [1, heads, tokens, head_dim]"));
+  }
   const int64_t heads = q.dim(1), tokens = q.dim(2), d = q.dim(3);
   if (k.dim(1) != l.kv_heads || k.dim(3) != l.head_dim || d != l.head_dim ||
       heads % l.kv_heads != 0 || k.dim(2) != tokens || k.dtype() != l.dtype) {

@@ -61,6 +61,10 @@ class KvCache {
                                    const Tensor& blocks, const Tensor& seq_ids,
                                    int64_t tokens);
 
+  // Unmarks the positions BeginStep marked (the step failed before every
+  // layer wrote them).
+  void AbortStep(const KvStep& step);
+
   // Appends k and v ([1, Hkv, T, D]) of the step's tokens to layer
   // `layer`, then attends: each token's query heads (q [1, H, T, D], H a
   // multiple of Hkv) over its sequence's positions up to its own, scores

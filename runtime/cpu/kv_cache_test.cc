@@ -142,6 +142,20 @@ TEST(KvCacheTest, BadMetadataIsRefusedNamingIt) {
   EXPECT_THAT(out.status().message(), HasSubstr("block 4 is not in [0, 4)"));
   out = Step(cache, OneSequence(1, {0}, 3, 5), q, k, k, 1.0f);
   EXPECT_THAT(out.status().message(), HasSubstr("position 4 beyond its block table"));
+  // Tokens not packed in one row (ModelInfer with a batch of 0 or 2):
+  // refused before anything is read.
+  Tensor empty_q = Tensor::Empty({0, kHeads, 2, kDim}), empty_k = Tensor::Empty({0, kKvHeads, 2, kDim});
+  Meta m = OneSequence(1, {0}, 0, 2);
+  absl::StatusOr<KvStep> step = cache.BeginStep(m.positions, m.seq, m.blocks, m.ids, 2);
+  ASSERT_TRUE(step.ok());
+  out = cache.Attend(0, *step, empty_q, empty_k, empty_k, 1.0f);
+  EXPECT_EQ(out.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(out.status().message(), HasSubstr("packed in one row"));
+  // The failed step's positions are not left marked as held.
+  cache.AbortStep(*step);
+  Tensor q1 = Random({1, kHeads, 1, kDim}, rng), k1 = Random({1, kKvHeads, 1, kDim}, rng);
+  out = Step(cache, OneSequence(1, {0}, 2, 3), q1, k1, k1, 1.0f);
+  EXPECT_EQ(out.status().code(), absl::StatusCode::kFailedPrecondition);
   KvCache none(0, kBlock);
   none.AddLayer(kKvHeads, kDim, DT_FLOAT32);
   out = Step(none, OneSequence(1, {0}, 0, 2), q, k, k, 1.0f);

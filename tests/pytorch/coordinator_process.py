@@ -20,6 +20,12 @@ def rss_mib(pid):
     raise KeyError("VmRSS")
 
 
+def sanitized(pid):
+    """Whether process `pid` runs under ASan or TSan (their runtime mapped)."""
+    with open(f"/proc/{pid}/maps") as f:
+        return any("libasan" in line or "libtsan" in line for line in f)
+
+
 def _read(path):
     with open(path) as f:
         return f.read().strip()
