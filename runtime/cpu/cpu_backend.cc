@@ -117,6 +117,7 @@ class CpuProgram : public StageProgram {
     // Kernels allocate their outputs, and some (Tensor::Empty) throw when
     // memory runs out: a request that needs more than there is fails with
     // kResourceExhausted, and the process serving it lives on.
+    kv_step_.reset();  // checked at the stage's first cached attention
     absl::StatusOr<std::vector<Tensor>> out = RunCaught(inputs);
     // A step that failed after its cache positions were marked written
     // must not leave them marked: a later step would read them as held.
@@ -144,7 +145,6 @@ class CpuProgram : public StageProgram {
     }
     SetComputeThreads(options_.threads);
     std::vector<Shape> in_shapes;
-    kv_step_.reset();  // checked at the stage's first cached attention
     for (size_t step_index = 0; step_index < steps_.size(); ++step_index) {
       const Step& step = steps_[step_index];
       // The first run (page faults, oneDNN's JIT) is not profiled.

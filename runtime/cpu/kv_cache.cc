@@ -110,7 +110,7 @@ uint8_t* KvCache::Row(Layer& l, int64_t slot, int kind, int head) {
   std::unique_ptr<uint8_t[]>& b = l.blocks[block];
   const int64_t row_bytes = int64_t{l.head_dim} * ElementSize(l.dtype);
   if (b == nullptr) {
-    b.reset(new uint8_t[2 * l.kv_heads * block_size_ * row_bytes]);
+    b.reset(new uint8_t[2 * l.kv_heads * block_size_ * row_bytes]());  // zeroed
   }
   const int64_t row = (int64_t{kind} * l.kv_heads + head) * block_size_ + slot % block_size_;
   return b.get() + row * row_bytes;
@@ -159,6 +159,17 @@ absl::StatusOr<KvStep> KvCache::BeginStep(const Tensor& positions, const Tensor&
     lo[s] = lo[s] < 0 ? p : std::min(lo[s], p);
     hi[s] = std::max(hi[s], p);
     ++count[s];
+  }
+  // Distinct positions: a run of count[s] distinct ones from lo to hi.
+  std::vector<std::vector<bool>> seen(n);
+  for (int64_t s = 0; s < n; ++s) seen[s].assign(count[s] > 0 ? hi[s] - lo[s] + 1 : 0, false);
+  for (int64_t t = 0; t < tokens; ++t) {
+    const int64_t s = step.seq[t], p = step.positions[t];
+    if (p - lo[s] < static_cast<int64_t>(seen[s].size()) && seen[s][p - lo[s]]) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sequence ", Ints(seq_ids)[s], ": position ", p, " twice in one step"));
+    }
+    if (p - lo[s] < static_cast<int64_t>(seen[s].size())) seen[s][p - lo[s]] = true;
   }
   for (int64_t s = 0; s < n; ++s) {
     if (count[s] > 0 && hi[s] - lo[s] + 1 != count[s]) {

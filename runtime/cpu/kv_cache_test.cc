@@ -156,6 +156,15 @@ TEST(KvCacheTest, BadMetadataIsRefusedNamingIt) {
   Tensor q1 = Random({1, kHeads, 1, kDim}, rng), k1 = Random({1, kKvHeads, 1, kDim}, rng);
   out = Step(cache, OneSequence(1, {0}, 2, 3), q1, k1, k1, 1.0f);
   EXPECT_EQ(out.status().code(), absl::StatusCode::kFailedPrecondition);
+  // Repeated positions (a run of distinct positions is what a step holds).
+  {
+    Meta rep = OneSequence(2, {0, 1, 2}, 0, 3);
+    rep.positions = Tensor::FromInt64s({3}, {0, 0, 2});
+    Tensor q3 = Random({1, kHeads, 3, kDim}, rng), k3 = Random({1, kKvHeads, 3, kDim}, rng);
+    out = Step(cache, rep, q3, k3, k3, 1.0f);
+    EXPECT_EQ(out.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(out.status().message(), HasSubstr("sequence 2: position 0 twice in one step"));
+  }
   KvCache none(0, kBlock);
   none.AddLayer(kKvHeads, kDim, DT_FLOAT32);
   out = Step(none, OneSequence(1, {0}, 0, 2), q, k, k, 1.0f);

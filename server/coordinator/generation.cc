@@ -25,6 +25,10 @@ absl::StatusOr<std::shared_ptr<Generator>> Generation::For(const std::string& mo
   absl::MutexLock l(&mu_);
   std::shared_ptr<Generator>& gen = generators_[model];
   if (gen != nullptr && SameConfig(gen->config(), config)) return gen;
+  if (gen != nullptr) {  // a new version: the old one's sequences would share its blocks
+    gen->Stop(absl::UnavailableError(absl::StrCat(
+        "model \"", model, "\" was replaced by a new version; generate again")));
+  }
   GeneratorOptions options = options_;
   if (options.steps_in_flight <= 0) options.steps_in_flight = d->plan().stages_size() + 1;
   Coordinator* coordinator = coordinator_;

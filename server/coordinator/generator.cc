@@ -33,6 +33,8 @@ struct Generator::Batch {
   std::vector<SeqPtr> seqs;
   std::vector<int64_t> from, count;
   std::vector<int64_t> tokens;
+  // The step's own (not its sequences': one short deadline must not fail
+  // the others; each sequence's is checked on its own).
   absl::Time deadline = absl::InfiniteFuture();
 };
 
@@ -145,10 +147,6 @@ absl::StatusOr<Generator::SeqPtr> Generator::Enqueue(const GenerationRequest& re
         " tokens (prompt plus max_tokens); each stage holds ", config_.spec.num_blocks(),
         " (--kv_cache_mb)"));
   }
-  if (static_cast<int>(waiting_.size()) >= options_.max_waiting) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        options_.max_waiting, " requests already wait for KV cache blocks (the queue's limit)"));
-  }
   auto s = std::make_shared<Sequence>();
   s->id = id_base_ + next_id_++;
   s->tokens = request.prompt;
@@ -158,6 +156,12 @@ absl::StatusOr<Generator::SeqPtr> Generator::Enqueue(const GenerationRequest& re
   s->blocks.resize(need);
   waiting_.push_back(s);
   Admit();
+  if (static_cast<int>(waiting_.size()) > options_.max_waiting) {  // s did not get in
+    waiting_.pop_back();
+    return absl::ResourceExhaustedError(absl::StrCat(
+        options_.max_waiting, " requests already wait for KV cache blocks (the queue's limit, "
+        "--max_generation_waiting)"));
+  }
   return s;
 }
 
@@ -215,6 +219,7 @@ absl::Status Generator::Generate(const GenerationRequest& request,
       mu_.Lock();
     }
     if (abandoned) {
+      s->out.clear();  // nothing more is handed over (and nothing to wake for)
       End(s, absl::CancelledError("the client stopped reading the tokens"));
       if (s->ended) return absl::CancelledError("the client stopped reading the tokens");
     }
@@ -229,6 +234,14 @@ absl::Status Generator::Generate(const GenerationRequest& request,
     auto ready = [&s]() { return !s->out.empty() || s->ended; };
     mu_.AwaitWithTimeout(absl::Condition(&ready), absl::Milliseconds(20));
   }
+}
+
+void Generator::Stop(const absl::Status& why) {
+  absl::MutexLock l(&mu_);
+  std::vector<SeqPtr> all(running_.begin(), running_.end());
+  all.insert(all.end(), waiting_.begin(), waiting_.end());
+  for (const SeqPtr& s : all) End(s, why);
+  stopping_ = true;
 }
 
 GeneratorStats Generator::Stats() {
@@ -298,7 +311,6 @@ Generator::Batch Generator::Take() {
       b.count.push_back(n);
       b.tokens.insert(b.tokens.end(), s->tokens.begin() + s->cached,
                       s->tokens.begin() + s->cached + n);
-      b.deadline = std::min(b.deadline, s->deadline);
     }
   }
   return b;

@@ -111,6 +111,11 @@ class Generator {
                         const std::function<bool(const GeneratedToken&)>& on_token,
                         const std::function<bool()>& cancelled = nullptr);
 
+  // Ends every sequence with `why` (their blocks free within a step) and
+  // takes no more: a generator replaced by one for a new version of the
+  // model, whose blocks it would share.
+  void Stop(const absl::Status& why);
+
   GeneratorStats Stats();
   const GenerationConfig& config() const { return config_; }
 

@@ -257,9 +257,49 @@ TEST_F(GeneratorTest, RequestsBeyondTheCacheOrTheQueueAreRefusedNamingTheLimit) 
   Outcome third = GenerateOne(*gen, {2}, 3);
   EXPECT_EQ(third.status.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(third.status.message(), HasSubstr("already wait for KV cache blocks"));
+  EXPECT_THAT(third.status.message(), HasSubstr("--max_generation_waiting"));
   release = true;
   a.join();
   b.join();
+}
+
+TEST_F(GeneratorTest, WithNoQueueARequestThatFitsStillRuns) {
+  GeneratorOptions options;
+  options.max_waiting = 0;
+  auto gen = Make(64, options);
+  Outcome run = GenerateOne(*gen, {4, 5}, 6);
+  ASSERT_TRUE(run.status.ok()) << run.status;
+  EXPECT_EQ(run.tokens, Reference({4, 5}, 6));
+}
+
+TEST_F(GeneratorTest, OneSequencesShortDeadlineFailsOnlyThatSequence) {
+  model_.step_time = absl::Milliseconds(5);
+  auto gen = Make();
+  Outcome long_run;
+  std::thread other([&] { long_run = GenerateOne(*gen, {1, 2}, 40); });
+  while (gen->Stats().running == 0) absl::SleepFor(absl::Milliseconds(1));
+  GenerationRequest r;
+  r.prompt = {3};
+  r.sampling.max_tokens = 40;
+  r.deadline = absl::Now() + absl::Milliseconds(30);
+  absl::Status short_run = gen->Generate(r, [](const GeneratedToken&) { return true; });
+  other.join();
+  EXPECT_EQ(short_run.code(), absl::StatusCode::kDeadlineExceeded);
+  ASSERT_TRUE(long_run.status.ok()) << long_run.status;
+  EXPECT_EQ(long_run.tokens, Reference({1, 2}, 40));
+}
+
+TEST_F(GeneratorTest, AStoppedGeneratorEndsItsSequencesAndTakesNoMore) {
+  model_.step_time = absl::Milliseconds(2);
+  auto gen = Make();
+  Outcome run;
+  std::thread t([&] { run = GenerateOne(*gen, {1}, 200); });
+  while (gen->Stats().running == 0) absl::SleepFor(absl::Milliseconds(1));
+  gen->Stop(absl::UnavailableError("replaced by a new version"));
+  t.join();
+  EXPECT_EQ(run.status.code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(gen->Stats().blocks_used, 0);
+  EXPECT_EQ(GenerateOne(*gen, {1}, 2).status.code(), absl::StatusCode::kUnavailable);
 }
 
 TEST_F(GeneratorTest, BadRequestsAreRefusedNamingWhatIsWrong) {

@@ -12,13 +12,17 @@ namespace pipeserve {
 absl::StatusOr<int64_t> StageBlockBytes(const Graph& stage_graph, int block_size) {
   ValueTypes types;
   RETURN_IF_ERROR(ValidateGraph(stage_graph, &types).status());
-  int64_t bytes = 0;
+  int64_t bytes = 0, layers = 0;
   for (const Node& n : stage_graph.nodes()) {
     if (n.op() != "cached_attention") continue;
     const int64_t heads = n.attrs().at("kv_heads").i(), dim = n.attrs().at("head_dim").i();
     bytes += 2 * heads * dim * block_size * ElementSize(types.at(n.inputs(1)));
+    ++layers;
   }
-  return bytes;
+  // And the cache's bookkeeping: a tag (sequence id, position) per slot
+  // and a block pointer per layer (KvCache), so tiny layers cannot make
+  // the block count, and its tags, outgrow the budget.
+  return layers == 0 ? 0 : bytes + block_size * 16 + layers * 8;
 }
 
 absl::Status SizeKvCache(const Graph& graph, int64_t budget_bytes, Plan* plan) {

@@ -60,7 +60,9 @@ absl::Status CheckSampling(const SamplingParams& p, int64_t vocab) {
   if (!std::isfinite(p.frequency_penalty)) {
     return bad("frequency_penalty must be finite, got ", p.frequency_penalty);
   }
-  if (p.max_tokens < 1) return bad("max_tokens must be >= 1, got ", p.max_tokens);
+  if (p.max_tokens < 1 || p.max_tokens > kMaxTokens) {
+    return bad("max_tokens must be in [1, ", kMaxTokens, "], got ", p.max_tokens);
+  }
   for (int64_t t : p.stop_token_ids) {
     if (t < 0 || t >= vocab) return bad("stop token id ", t, " is not in [0, ", vocab, ")");
   }

@@ -30,9 +30,12 @@ struct SamplingParams {
   uint64_t seed = 0;
 };
 
+// The most tokens one request may ask for.
+constexpr int64_t kMaxTokens = int64_t{1} << 24;
+
 // kInvalidArgument naming the field out of range (temperature < 0 or not
 // finite, top_p outside (0, 1], top_k < 0, repetition_penalty <= 0,
-// max_tokens < 1, a stop token outside the vocabulary).
+// max_tokens outside [1, kMaxTokens], a stop token outside the vocabulary).
 absl::Status CheckSampling(const SamplingParams& p, int64_t vocab);
 
 // The next token after `context` (prompt then output so far) of which

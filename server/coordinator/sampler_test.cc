@@ -83,6 +83,8 @@ TEST(SamplerTest, ParametersOutOfRangeAreRefusedNamingThem) {
   p = SamplingParams();
   p.max_tokens = 0;
   EXPECT_THAT(CheckSampling(p, 10).message(), HasSubstr("max_tokens"));
+  p.max_tokens = int64_t{1} << 62;  // prompt + max_tokens would overflow
+  EXPECT_THAT(CheckSampling(p, 10).message(), HasSubstr("max_tokens must be in [1, 16777216]"));
   EXPECT_TRUE(CheckSampling(SamplingParams(), 10).ok());
 }
 
