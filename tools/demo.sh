@@ -67,7 +67,7 @@ echo "== plan"
 echo "== inference through the KServe v2 API (Python client, infer token)"
 PIPESERVE_TOKEN="$infer_token" /usr/bin/python3 tools/demo_client.py "$server" example_code "$case_dir"
 
-echo "== a GPT-2-style transformer: int64 token ids in, any sequence length, 3 stages"
+echo "== a GPT-2-style transformer: int64 token ids in, any sequence length, 3 stages; then generation"
 /usr/bin/python3 tools/demo_gpt.py "$server" "$work/admin.token" "$work"
 echo "== shutting down"
 pid=$coordinator_pid

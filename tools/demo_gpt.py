@@ -2,7 +2,9 @@
 d 64, vocab 1000; random weights; tests/pytorch/transformer_models.Gpt2) with
 int64 token ids in and a free sequence length, upload it (cut by its
 pipe_split() markers into 3 stages), and send token ids of two lengths
-through the KServe v2 API; compare the logits with PyTorch.
+through the KServe v2 API; compare the logits with PyTorch. Then the same
+model exported for generation (generation=True): 24 tokens streamed from
+the server as they are sampled, against PyTorch's greedy decoding.
 
     /usr/bin/python3 tools/demo_gpt.py SERVER ADMIN_TOKEN_FILE WORK_DIR
 """
@@ -47,6 +49,31 @@ def main():
             if err > 1e-4:
                 raise SystemExit(f"logits differ from PyTorch ({err:.2e})")
         client.unload("gpt")
+        generate(client, model, work)
+
+
+def generate(client, model, work):
+    path = os.path.join(work, "gpt_gen.psm")
+    pipeserve.export(model, (torch.randint(0, 1000, (1, 8)),), path, generation=True)
+    client.upload("gpt-gen", path)
+    prompt = torch.randint(0, 1000, (6,)).tolist()
+    t = time.perf_counter()
+    stream = client.generate("gpt-gen", prompt, max_tokens=24)
+    tokens, first_ms = [], None
+    for token in stream:  # each id as the server samples it
+        first_ms = first_ms or (time.perf_counter() - t) * 1000
+        tokens.append(token)
+    ms = (time.perf_counter() - t) * 1000
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(24):
+            ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+    print(f"  generate: prompt {prompt} -> {len(tokens)} tokens ({stream.finish_reason}) "
+          f"streamed in {ms:.0f} ms, first after {first_ms:.0f} ms; same as PyTorch's greedy "
+          f"decoding: {tokens == ids[len(prompt):]}")
+    if tokens != ids[len(prompt):]:
+        raise SystemExit(f"generated {tokens}, PyTorch {ids[len(prompt):]}")
+    client.unload("gpt-gen")
 
 
 if __name__ == "__main__":
