@@ -89,6 +89,9 @@ ABSL_FLAG(int, kv_cache_mb, 256,
 ABSL_FLAG(int, max_generating, 256, "sequences one model generates at once (holding KV cache)");
 ABSL_FLAG(int, max_generation_waiting, 256,
           "generation requests one model queues for KV cache; beyond, RESOURCE_EXHAUSTED at once");
+ABSL_FLAG(bool, allow_generation_infer, false,
+          "let ModelInfer run a generation model's cache-aware graph with client-given cache "
+          "metadata (it could overwrite the KV cache of generations in flight; for tests)");
 ABSL_FLAG(int, generation_steps_in_flight, 0,
           "generation steps of one model running at once (0: its stages + 1, every stage busy "
           "when each has its own machine; stages sharing a machine's cores want fewer)");
@@ -305,6 +308,7 @@ pipeserve::KServeOptions KServeOptionsFromFlags() {
   o.max_streams_per_client = std::max(1, absl::GetFlag(FLAGS_max_streams_per_client));
   o.stream_idle_timeout = absl::Seconds(std::max(1, absl::GetFlag(FLAGS_stream_idle_timeout_s)));
   o.max_timeout = absl::Seconds(std::max(1, absl::GetFlag(FLAGS_max_timeout_s)));
+  o.allow_generation_infer = absl::GetFlag(FLAGS_allow_generation_infer);
   return o;
 }
 

@@ -203,6 +203,13 @@ absl::Status KServeService::InferUnmetered(const inference::ModelInferRequest& r
   ASSIGN_OR_RETURN(std::shared_ptr<Deployment> model, coordinator_->Find(req.model_name()));
   const int64_t serving = model->version();
   RETURN_IF_ERROR(CheckVersion(req.model_name(), serving, req.model_version()));
+  if (model->plan().has_generation() && !options_.allow_generation_infer) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "model \"", req.model_name(), "\" was exported for generation: ask "
+        "pipeserve.GenerationService/Generate for its tokens (ModelInfer on its cache-aware "
+        "graph could overwrite the KV cache of generations in flight; the coordinator's "
+        "--allow_generation_infer allows it)"));
+  }
   ASSIGN_OR_RETURN(std::vector<Tensor> inputs, ParseInferInputs(req, model->plan()));
   ASSIGN_OR_RETURN(std::vector<int> chosen, ChooseOutputs(req, model->plan()));
   ASSIGN_OR_RETURN(const bool traced, TraceRequested(req));

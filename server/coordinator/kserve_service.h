@@ -45,6 +45,10 @@ struct KServeOptions {
   // one gets the coordinator's default, counted from its arrival: a
   // streamed request's clock starts before it waits for a thread.)
   absl::Duration max_timeout = absl::Hours(1);
+  // ModelInfer on a model exported for generation (its cache-aware graph,
+  // with client-given cache metadata that could overwrite the KV cache of
+  // generations in flight): refused with kFailedPrecondition unless set.
+  bool allow_generation_infer = false;
 };
 
 class KServeService final : public inference::GRPCInferenceService::Service {

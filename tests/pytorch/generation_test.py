@@ -106,7 +106,8 @@ class GenerationTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.mkdtemp(dir=os.environ.get("TEST_TMPDIR"))
-        cls.coord = Coordinator(cls.tmp, "--kv_cache_mb=8")
+        # ModelInfer on the cache-aware graphs checks each step's logits.
+        cls.coord = Coordinator(cls.tmp, "--kv_cache_mb=8", "--allow_generation_infer")
         cls.client = cls.coord.client
         cls.gpt2, cls.llama = gpt2(), llama()
         cls.upload("gpt2", cls.gpt2, 3)
@@ -341,6 +342,18 @@ class GenerationFailoverTest(unittest.TestCase):
                     self.assertLess(rss_mib(pid), 1 + 8 + 64, f"stage server {pid}")
             print(f"stage server RSS MiB at start {sorted(rss_before.values())}, "
                   f"generating {sorted(rss_mib(p) for p in servers)}")
+            # Without --allow_generation_infer, ModelInfer on a generation
+            # model is refused: client-given cache metadata could overwrite
+            # these sequences' caches.
+            with self.assertRaises(pipeserve.ServerError) as e:
+                coord.client.infer("gpt2", {"idx": np.array([[1]], np.int64),
+                                            "kv_positions": np.zeros(1, np.int64),
+                                            "kv_seq": np.zeros(1, np.int64),
+                                            "kv_blocks": np.zeros((1, 1), np.int64),
+                                            "kv_seq_ids": np.ones(1, np.int64),
+                                            "kv_last": np.zeros(1, np.int64)})
+            self.assertEqual(e.exception.code, "FAILED_PRECONDITION")
+            self.assertIn("GenerationService/Generate", str(e.exception))
             os.kill(servers[1], signal.SIGKILL)  # a middle stage
             killed_at = sum(map(len, got))
             for t in threads:
