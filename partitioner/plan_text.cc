@@ -22,6 +22,18 @@ std::string Bytes(uint64_t b) {
   return absl::StrCat(b, " B");
 }
 
+// What a generation model's stages hold ("" for other models).
+std::string KvCacheLine(const GenerationSpec& g) {
+  if (g.num_blocks() <= 0) return "";
+  return absl::StrCat(
+      "KV cache ", g.num_blocks(), " blocks of ", g.block_size(), " tokens per stage (",
+      g.num_blocks() * g.block_size(), " tokens of all sequences together; ", g.layers(),
+      " cached attentions",
+      g.max_positions() > 0 ? absl::StrCat(", sequences up to ", g.max_positions(), " positions")
+                            : std::string(),
+      ")\n");
+}
+
 }  // namespace
 
 std::string FormatPlan(const Plan& plan,
@@ -39,16 +51,7 @@ std::string FormatPlan(const Plan& plan,
   std::string text = absl::StrCat(plan.stages_size(), " stage",
                                   plan.stages_size() == 1 ? "" : "s", "\n");
   if (!plan.balance().empty()) absl::StrAppend(&text, "cut by   ", plan.balance(), "\n");
-  if (plan.generation().num_blocks() > 0) {
-    const GenerationSpec& g = plan.generation();
-    absl::StrAppend(&text, "KV cache ", g.num_blocks(), " blocks of ", g.block_size(),
-                    " tokens per stage (", g.num_blocks() * g.block_size(),
-                    " tokens of all sequences together; ", g.layers(), " cached attentions",
-                    g.max_positions() > 0 ? absl::StrCat(", sequences up to ", g.max_positions(),
-                                                         " positions")
-                                          : std::string(),
-                    ")\n");
-  }
+  absl::StrAppend(&text, KvCacheLine(plan.generation()));
   for (const Stage& s : plan.stages()) {
     int compute = 0;
     for (const Node& n : s.graph().nodes()) {

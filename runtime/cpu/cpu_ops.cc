@@ -403,7 +403,8 @@ void NarrowToBf16(const float* a, int64_t n, uint16_t* o) {
   for (int64_t i = 0; i < n; ++i) o[i] = FloatToBf16(a[i]);
 }
 
-// n values of a 16-bit type (bfloat16 or float16) as float32, and back.
+}  // namespace
+
 void Widen16(DataType type, const uint16_t* a, int64_t n, float* o) {
   if (type == DT_BFLOAT16) {
     WidenBf16(a, n, o);
@@ -419,6 +420,8 @@ void Narrow16(DataType type, const float* a, int64_t n, uint16_t* o) {
   }
   for (int64_t i = 0; i < n; ++i) o[i] = FloatToHalf(a[i]);
 }
+
+namespace {
 
 constexpr int kLanes = 16;
 

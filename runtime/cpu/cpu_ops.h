@@ -108,6 +108,11 @@ class ElementwiseGroup {
   int externals_;
 };
 
+// n values of a 16-bit type (bfloat16 or float16) as float32, and back
+// (vector loops for bfloat16).
+void Widen16(DataType type, const uint16_t* a, int64_t n, float* o);
+void Narrow16(DataType type, const float* a, int64_t n, uint16_t* o);
+
 // A float32 copy of a float16/bfloat16/float32 tensor (float32 is shared),
 // and the reverse.
 Tensor ToFloat32(const Tensor& t);

@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "runtime/cpu/cpu_kernels.h"
+#include "runtime/cpu/cpu_ops.h"
 #include "runtime/dtype.h"
 
 namespace pipeserve {
@@ -19,28 +20,18 @@ std::vector<int64_t> Ints(const Tensor& t) {
 }
 
 void ToFloat(const uint8_t* p, DataType dtype, int64_t n, float* out) {
-  switch (dtype) {
-    case DT_BFLOAT16:
-      for (int64_t i = 0; i < n; ++i) out[i] = Bf16ToFloat(reinterpret_cast<const uint16_t*>(p)[i]);
-      break;
-    case DT_FLOAT16:
-      for (int64_t i = 0; i < n; ++i) out[i] = HalfToFloat(reinterpret_cast<const uint16_t*>(p)[i]);
-      break;
-    default:
-      std::memcpy(out, p, n * sizeof(float));
+  if (dtype == DT_FLOAT32) {
+    std::memcpy(out, p, n * sizeof(float));
+  } else {
+    Widen16(dtype, reinterpret_cast<const uint16_t*>(p), n, out);
   }
 }
 
 void FromFloat(const float* x, int64_t n, DataType dtype, uint8_t* p) {
-  switch (dtype) {
-    case DT_BFLOAT16:
-      for (int64_t i = 0; i < n; ++i) reinterpret_cast<uint16_t*>(p)[i] = FloatToBf16(x[i]);
-      break;
-    case DT_FLOAT16:
-      for (int64_t i = 0; i < n; ++i) reinterpret_cast<uint16_t*>(p)[i] = FloatToHalf(x[i]);
-      break;
-    default:
-      std::memcpy(p, x, n * sizeof(float));
+  if (dtype == DT_FLOAT32) {
+    std::memcpy(p, x, n * sizeof(float));
+  } else {
+    Narrow16(dtype, x, n, reinterpret_cast<uint16_t*>(p));
   }
 }
 
@@ -129,27 +120,45 @@ absl::StatusOr<KvStep> KvCache::BeginStep(const Tensor& positions, const Tensor&
         "kv_positions and kv_seq need one entry per token (", tokens, "), got ",
         positions.numel(), " and ", seq.numel()));
   }
-  const int64_t n = blocks.rank() == 2 ? blocks.dim(0) : -1;
-  if (n != seq_ids.numel()) {
+  if (blocks.rank() != 2 || blocks.dim(0) != seq_ids.numel()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "kv_blocks ", ShapeToString(blocks.shape()), " needs a row per entry of kv_seq_ids (",
         seq_ids.numel(), ")"));
   }
   KvStep step{Ints(positions), Ints(seq), {}};
+  ASSIGN_OR_RETURN(step.tables, Tables(blocks));
+  const std::vector<int64_t> ids = Ints(seq_ids);
+  ASSIGN_OR_RETURN(std::vector<int64_t> lo, FirstNewPositions(step, ids, blocks.dim(1)));
+  RETURN_IF_ERROR(CheckHeld(step, ids, lo));
+  for (int64_t t = 0; t < tokens; ++t) {
+    const int64_t s = step.seq[t];
+    tags_[Slot(step.tables[s], step.positions[t])] = Tag{ids[s], step.positions[t]};
+  }
+  return step;
+}
+
+absl::StatusOr<std::vector<std::vector<int64_t>>> KvCache::Tables(const Tensor& blocks) const {
   const std::vector<int64_t> flat = Ints(blocks);
-  const int64_t width = n > 0 ? blocks.dim(1) : 0;
+  const int64_t n = blocks.dim(0), width = blocks.dim(1);
+  std::vector<std::vector<int64_t>> tables;
   for (int64_t s = 0; s < n; ++s) {
-    step.tables.emplace_back(flat.begin() + s * width, flat.begin() + (s + 1) * width);
-    for (int64_t b : step.tables.back()) {
+    tables.emplace_back(flat.begin() + s * width, flat.begin() + (s + 1) * width);
+    for (int64_t b : tables.back()) {
       if (b < 0 || b >= num_blocks_) {
         return absl::InvalidArgumentError(
             absl::StrCat("kv_blocks: block ", b, " is not in [0, ", num_blocks_, ")"));
       }
     }
   }
-  // Each sequence's new positions must be one run [lo, hi].
+  return tables;
+}
+
+absl::StatusOr<std::vector<int64_t>> KvCache::FirstNewPositions(const KvStep& step,
+                                                               const std::vector<int64_t>& ids,
+                                                               int64_t width) const {
+  const int64_t n = static_cast<int64_t>(ids.size());
   std::vector<int64_t> lo(n, -1), hi(n, -1), count(n, 0);
-  for (int64_t t = 0; t < tokens; ++t) {
+  for (size_t t = 0; t < step.positions.size(); ++t) {
     const int64_t s = step.seq[t], p = step.positions[t];
     if (s < 0 || s >= n || p < 0 || p / block_size_ >= width) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -160,31 +169,25 @@ absl::StatusOr<KvStep> KvCache::BeginStep(const Tensor& positions, const Tensor&
     hi[s] = std::max(hi[s], p);
     ++count[s];
   }
-  // Distinct positions: a run of count[s] distinct ones from lo to hi.
+  // Each sequence's new positions must be one run of distinct positions.
   std::vector<std::vector<bool>> seen(n);
   for (int64_t s = 0; s < n; ++s) seen[s].assign(count[s] > 0 ? hi[s] - lo[s] + 1 : 0, false);
-  for (int64_t t = 0; t < tokens; ++t) {
-    const int64_t s = step.seq[t], p = step.positions[t];
-    if (p - lo[s] < static_cast<int64_t>(seen[s].size()) && seen[s][p - lo[s]]) {
+  for (size_t t = 0; t < step.positions.size(); ++t) {
+    const int64_t s = step.seq[t], at = step.positions[t] - lo[s];
+    if (at < static_cast<int64_t>(seen[s].size()) && seen[s][at]) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "sequence ", Ints(seq_ids)[s], ": position ", p, " twice in one step"));
+          "sequence ", ids[s], ": position ", step.positions[t], " twice in one step"));
     }
-    if (p - lo[s] < static_cast<int64_t>(seen[s].size())) seen[s][p - lo[s]] = true;
+    if (at < static_cast<int64_t>(seen[s].size())) seen[s][at] = true;
   }
   for (int64_t s = 0; s < n; ++s) {
     if (count[s] > 0 && hi[s] - lo[s] + 1 != count[s]) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "sequence ", Ints(seq_ids)[s], ": the step's positions ", lo[s], "..", hi[s],
+          "sequence ", ids[s], ": the step's positions ", lo[s], "..", hi[s],
           " are not one run of ", count[s], " distinct positions"));
     }
   }
-  const std::vector<int64_t> ids = Ints(seq_ids);
-  RETURN_IF_ERROR(CheckHeld(step, ids, lo));
-  for (int64_t t = 0; t < tokens; ++t) {
-    const int64_t s = step.seq[t];
-    tags_[Slot(step.tables[s], step.positions[t])] = Tag{ids[s], step.positions[t]};
-  }
-  return step;
+  return lo;
 }
 
 void KvCache::AbortStep(const KvStep& step) {

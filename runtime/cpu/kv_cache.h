@@ -100,6 +100,14 @@ class KvCache {
   // of KV head `head`.
   absl::Status AttendGroup(const Group& g, const std::vector<int64_t>& tokens, int head,
                            bool gemm);
+  // Each sequence's block table (rows of blocks [N, B]), ids checked.
+  absl::StatusOr<std::vector<std::vector<int64_t>>> Tables(const Tensor& blocks) const;
+  // Each sequence's first position written by `step` (-1: none), after
+  // checking the tokens' sequences and positions (within the tables of
+  // `width` blocks, each sequence's a run of distinct positions).
+  absl::StatusOr<std::vector<int64_t>> FirstNewPositions(const KvStep& step,
+                                                         const std::vector<int64_t>& ids,
+                                                         int64_t width) const;
   int64_t Slot(const std::vector<int64_t>& table, int64_t position) const;
   uint8_t* Row(Layer& l, int64_t slot, int kind, int head);
   absl::Status CheckHeld(const KvStep& step, const std::vector<int64_t>& ids,

@@ -6,6 +6,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "runtime/cpu/cpu_ops.h"
 #include "runtime/dtype.h"
 
 namespace pipeserve {
@@ -39,25 +40,6 @@ struct Generator::Batch {
 };
 
 namespace {
-
-// Row `row` of logits [1, T, vocab] (float32, bfloat16 or float16) as floats.
-std::vector<float> LogitsRow(const Tensor& logits, int64_t row, int64_t vocab) {
-  std::vector<float> out(vocab);
-  const int64_t base = row * vocab;
-  for (int64_t i = 0; i < vocab; ++i) {
-    switch (logits.dtype()) {
-      case DT_BFLOAT16:
-        out[i] = Bf16ToFloat(static_cast<const uint16_t*>(logits.raw_data())[base + i]);
-        break;
-      case DT_FLOAT16:
-        out[i] = HalfToFloat(static_cast<const uint16_t*>(logits.raw_data())[base + i]);
-        break;
-      default:
-        out[i] = logits.data()[base + i];
-    }
-  }
-  return out;
-}
 
 bool IsCacheMiss(const absl::Status& s) {
   return s.code() == absl::StatusCode::kFailedPrecondition &&
@@ -372,6 +354,8 @@ void Generator::Apply(Batch& b, const absl::StatusOr<std::vector<Tensor>>& out) 
         "a step's logits came back as ", TorchName(logits->dtype()), " ",
         ShapeToString(logits->shape()), ", expected floating point ", ShapeToString(want)));
   }
+  // Float32 logits (a bfloat16 or float16 model's widened once per step).
+  const Tensor logits_f = failed.ok() ? ToFloat32(*logits) : Tensor();
   int64_t row = 0;
   for (size_t i = 0; i < b.seqs.size(); ++i) {
     const SeqPtr& s = b.seqs[i];
@@ -388,7 +372,8 @@ void Generator::Apply(Batch& b, const absl::StatusOr<std::vector<Tensor>>& out) 
       s->cached = b.from[i] + b.count[i];
       if (s->cached == static_cast<int64_t>(s->tokens.size()) && !s->stop) {
         const int64_t r = last_only ? static_cast<int64_t>(i) : row - 1;
-        Sampled(s, SampleToken(LogitsRow(*logits, r, vocab), s->sampling, s->tokens,
+        Sampled(s, SampleToken(absl::MakeConstSpan(logits_f.data() + r * vocab, vocab),
+                               s->sampling, s->tokens,
                                static_cast<int64_t>(s->tokens.size()) - s->prompt_len));
       }
     }

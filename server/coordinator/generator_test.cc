@@ -121,6 +121,15 @@ Outcome GenerateOne(Generator& gen, std::vector<int64_t> prompt, int64_t max_tok
 
 class GeneratorTest : public ::testing::Test {
  protected:
+  // Generates `max_tokens` after `prompt` on a thread of its own, returned
+  // once the sequence holds its blocks; *out gets the outcome.
+  std::thread StartRunning(Generator& gen, std::vector<int64_t> prompt, int64_t max_tokens,
+                           Outcome* out) {
+    std::thread t([&gen, prompt, max_tokens, out] { *out = GenerateOne(gen, prompt, max_tokens); });
+    while (gen.Stats().running == 0) absl::SleepFor(absl::Milliseconds(1));
+    return t;
+  }
+
   std::unique_ptr<Generator> Make(int64_t blocks = 512, GeneratorOptions options = {}) {
     return std::make_unique<Generator>(Config(blocks), options,
                                        [this](const std::vector<Tensor>& in, absl::Time) {
@@ -276,8 +285,7 @@ TEST_F(GeneratorTest, OneSequencesShortDeadlineFailsOnlyThatSequence) {
   model_.step_time = absl::Milliseconds(5);
   auto gen = Make();
   Outcome long_run;
-  std::thread other([&] { long_run = GenerateOne(*gen, {1, 2}, 40); });
-  while (gen->Stats().running == 0) absl::SleepFor(absl::Milliseconds(1));
+  std::thread other = StartRunning(*gen, {1, 2}, 40, &long_run);
   GenerationRequest r;
   r.prompt = {3};
   r.sampling.max_tokens = 40;
@@ -293,8 +301,7 @@ TEST_F(GeneratorTest, AStoppedGeneratorEndsItsSequencesAndTakesNoMore) {
   model_.step_time = absl::Milliseconds(2);
   auto gen = Make();
   Outcome run;
-  std::thread t([&] { run = GenerateOne(*gen, {1}, 200); });
-  while (gen->Stats().running == 0) absl::SleepFor(absl::Milliseconds(1));
+  std::thread t = StartRunning(*gen, {1}, 200, &run);
   gen->Stop(absl::UnavailableError("replaced by a new version"));
   t.join();
   EXPECT_EQ(run.status.code(), absl::StatusCode::kUnavailable);
