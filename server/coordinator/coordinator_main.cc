@@ -94,7 +94,8 @@ ABSL_FLAG(bool, allow_generation_infer, false,
           "metadata (it could overwrite the KV cache of generations in flight; for tests)");
 ABSL_FLAG(int, generation_steps_in_flight, 0,
           "generation steps of one model running at once (0: its stages + 1, every stage busy "
-          "when each has its own machine; stages sharing a machine's cores want fewer)");
+          "when each has its own machine; 1 where the local launcher's stages share this "
+          "machine's cores, each stage then using them all)");
 ABSL_FLAG(int, generation_step_tokens, 256,
           "most tokens one generation step carries: longer prompts are prefilled in chunks");
 ABSL_FLAG(int64_t, max_request_rows, int64_t{1} << 24,

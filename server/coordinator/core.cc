@@ -211,7 +211,7 @@ std::shared_ptr<Deployment> Coordinator::TryAdopt(const StoredModel& m,
   const int n = plan->stages_size();
   absl::StatusOr<std::vector<std::string>> servers = ServersFor(n * *replicas);
   if (!servers.ok()) return nullptr;
-  config.threads_per_stage = launcher_->ThreadsPerStage();
+  config.threads_per_stage = ThreadsPerStage(*plan);
   const std::vector<StageSpec> want = Deployment::Specs(config, m.name, *plan, m.options, *servers, *replicas);
   // The held stage that is stage `i % n` of replica `i / n` of deployment
   // `id`, as it would be loaded now.
@@ -472,8 +472,12 @@ absl::StatusOr<std::shared_ptr<Deployment>> Coordinator::Deploy(const std::strin
   DeploymentConfig config = config_;
   ASSIGN_OR_RETURN(const int replicas, Deployment::Replicas(config, options));
   ASSIGN_OR_RETURN(std::vector<std::string> servers, ServersFor(plan.stages_size() * replicas));
-  config.threads_per_stage = launcher_->ThreadsPerStage();
+  config.threads_per_stage = ThreadsPerStage(plan);
   return Deployment::Create(config, name, *file, plan, options, std::move(servers), bytes);
+}
+
+int Coordinator::ThreadsPerStage(const Plan& plan) const {
+  return launcher_->ThreadsPerStage(plan.has_generation() && launcher_->StagesShareCores());
 }
 
 void Coordinator::ScheduleRepair(const std::string& name) {
@@ -560,7 +564,7 @@ absl::Status Coordinator::RepairLanes(const StoredModel& m, Deployment& d) {
   const int n = d.plan().stages_size();
   // The launcher's servers now: it replaces servers that died.
   ASSIGN_OR_RETURN(std::vector<std::string> servers, ServersFor(n * d.replicas()));
-  const int threads = launcher_->ThreadsPerStage();
+  const int threads = ThreadsPerStage(d.plan());
   for (int lane : d.BrokenLanes()) {
     std::vector<std::string> lane_servers(servers.begin() + lane * n,
                                           servers.begin() + (lane + 1) * n);

@@ -225,6 +225,11 @@ class Coordinator {
   // The deadline a request without one gets.
   absl::Duration default_timeout() const { return options_.default_timeout; }
 
+  // Whether the stage servers compute on one machine's shared cores (the
+  // local launcher without GPUs). A generation model's stages then take
+  // turns: one step in flight, each stage using every core.
+  bool StagesShareCores() const { return launcher_->StagesShareCores(); }
+
   // Requests that ran again after a failure, since start.
   uint64_t retried_requests() const { return retried_requests_.load(); }
   // Lanes of replicated deployments reloaded after a failure, since start.
@@ -256,6 +261,8 @@ class Coordinator {
   // The launcher's servers for `n` stages, remembered (Remember).
   absl::StatusOr<std::vector<std::string>> ServersFor(int n);
   void Remember(const std::vector<std::string>& servers);
+  // GEMM threads for each stage of `plan` (StagesShareCores).
+  int ThreadsPerStage(const Plan& plan) const;
   // The model's stored entry, read now; nullopt when it is not stored.
   absl::StatusOr<absl::optional<StoredModel>> Stored(const std::string& name);
   // Deploys `name` (its ModelLock held). `measured`, when given, receives

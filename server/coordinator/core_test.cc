@@ -1262,7 +1262,7 @@ class FirstCallGatedLauncher : public Launcher {
     if (calls_++ == 0) gate_->Pass();
     return inner_->ServersFor(n);
   }
-  int ThreadsPerStage() const override { return inner_->ThreadsPerStage(); }
+  int ThreadsPerStage(bool turns) const override { return inner_->ThreadsPerStage(turns); }
   std::vector<std::string> ExistingServers() const override { return inner_->ExistingServers(); }
 
  private:

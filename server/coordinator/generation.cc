@@ -30,7 +30,10 @@ absl::StatusOr<std::shared_ptr<Generator>> Generation::For(const std::string& mo
         "model \"", model, "\" was replaced by a new version; generate again")));
   }
   GeneratorOptions options = options_;
-  if (options.steps_in_flight <= 0) options.steps_in_flight = d->plan().stages_size() + 1;
+  if (options.steps_in_flight <= 0) {  // one per stage and one more, unless they take turns
+    options.steps_in_flight =
+        coordinator_->StagesShareCores() ? 1 : d->plan().stages_size() + 1;
+  }
   Coordinator* coordinator = coordinator_;
   const absl::Duration step_timeout = coordinator_->default_timeout();
   gen = std::make_shared<Generator>(

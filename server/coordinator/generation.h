@@ -24,7 +24,8 @@ namespace pipeserve {
 class Generation {
  public:
   // `coordinator` must outlive this. options.steps_in_flight 0 means a
-  // model's stages + 1 (every stage busy when each has its own machine).
+  // model's stages + 1 (every stage busy when each has its own machine),
+  // or 1 where the stages share cores (Coordinator::StagesShareCores).
   Generation(Coordinator* coordinator, GeneratorOptions options);
 
   // kNotFound / kUnavailable as Coordinator::Find; kFailedPrecondition for

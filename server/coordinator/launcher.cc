@@ -45,7 +45,7 @@ class StaticLauncher : public Launcher {
     for (int i = 0; i < num_stages; ++i) out.push_back(addresses_[i % addresses_.size()]);
     return out;
   }
-  int ThreadsPerStage() const override { return 0; }
+  int ThreadsPerStage(bool) const override { return 0; }
   std::vector<std::string> ExistingServers() const override { return addresses_; }
 
  private:
@@ -79,12 +79,15 @@ class LocalLauncher : public Launcher {
 
   std::string Name() const override { return "local"; }
 
-  int ThreadsPerStage() const override {
+  int ThreadsPerStage(bool stages_take_turns) const override {
     absl::MutexLock lock(&mu_);
     if (options_.gpus > 0) return 1;  // the GPU computes; CPU threads only stage copies
+    if (stages_take_turns) return options_.cores;
     int n = std::max<int>(1, servers_.size());
     return std::max(1, options_.cores / n);
   }
+
+  bool StagesShareCores() const override { return options_.gpus == 0; }
 
   absl::StatusOr<std::vector<std::string>> ServersFor(int num_stages) override {
     if (num_stages < 1) return absl::InvalidArgumentError("a model needs at least one stage");

@@ -31,8 +31,13 @@ class Launcher {
   // stages in R replicas asks for R x S, lane by lane). kUnavailable when
   // servers cannot be started or reached. Thread-safe.
   virtual absl::StatusOr<std::vector<std::string>> ServersFor(int num_stages) = 0;
-  // GEMM threads each stage should use (0: the server decides).
-  virtual int ThreadsPerStage() const = 0;
+  // GEMM threads each stage should use (0: the server decides). When the
+  // stages take turns (one computes while the others wait, as a generation
+  // model's steps do where the stages share cores), each may use them all.
+  virtual int ThreadsPerStage(bool stages_take_turns = false) const = 0;
+  // Whether the stages compute on the same machine's cores (the local
+  // launcher without GPUs), so running several at once divides them.
+  virtual bool StagesShareCores() const { return false; }
   // The servers that already exist before anything was asked (the static
   // list; none for a launcher that starts its own).
   virtual std::vector<std::string> ExistingServers() const { return {}; }

@@ -99,6 +99,8 @@ TEST(LocalLauncherTest, WithGpusItStartsOneServerPerGpuEachOnItsDevice) {
   EXPECT_NE((*servers)[0], (*servers)[1]);
   EXPECT_EQ((*servers)[2], (*servers)[0]) << "stage 2 goes to GPU 0's server";
   EXPECT_EQ(l->ThreadsPerStage(), 1);
+  EXPECT_EQ(l->ThreadsPerStage(/*stages_take_turns=*/true), 1);
+  EXPECT_FALSE(l->StagesShareCores());
   std::vector<std::string> devices;
   for (const auto& e : std::filesystem::directory_iterator(o.work_dir)) {
     if (e.path().extension() != ".args") continue;
@@ -110,6 +112,21 @@ TEST(LocalLauncherTest, WithGpusItStartsOneServerPerGpuEachOnItsDevice) {
   }
   std::sort(devices.begin(), devices.end());
   EXPECT_THAT(devices, ElementsAre("--device=cuda:0", "--device=cuda:1"));
+}
+
+// On CPUs the stages divide the cores, unless they take turns (a
+// generation model's, one step in flight): then each may use them all.
+TEST(LocalLauncherTest, CpuStagesDivideTheCoresUnlessTheyTakeTurns) {
+  LocalLauncherOptions o;
+  o.binary = FakeStageServer();
+  o.work_dir = TestTempDir("cores");
+  o.gpus = 0;
+  o.cores = 8;
+  auto l = MakeLocalLauncher(o);
+  ASSERT_TRUE(l->ServersFor(4).ok());
+  EXPECT_TRUE(l->StagesShareCores());
+  EXPECT_EQ(l->ThreadsPerStage(), 2);
+  EXPECT_EQ(l->ThreadsPerStage(/*stages_take_turns=*/true), 8);
 }
 
 }  // namespace
