@@ -23,6 +23,13 @@
 
 namespace pipeserve {
 
+// The KV cache a cache-aware program keeps (runtime/cpu/kv_cache.h).
+struct KvCacheUsage {
+  int64_t blocks = 0;            // blocks it may hold (0: no cache)
+  int64_t blocks_allocated = 0;  // blocks with memory taken
+  int64_t block_bytes = 0;       // bytes of one block over its layers
+};
+
 // A compiled stage. One Run at a time per program (a stage server runs each
 // program on its own worker thread), unless max_concurrent_runs() says more.
 class StageProgram {
@@ -44,6 +51,10 @@ class StageProgram {
   // microbatches into one run then keeps to few run sizes, so joining does
   // not thrash that cache. false, the default: any batch size is as cheap.
   virtual bool prefers_few_shapes() const { return false; }
+
+  // The program's KV cache now (all 0 without one). Thread-safe, also
+  // while Run runs.
+  virtual KvCacheUsage kv_cache() const { return {}; }
 
   // Runs the stage on host tensors given in the order of the stage graph's
   // inputs; returns host tensors in the order of its outputs. The batch

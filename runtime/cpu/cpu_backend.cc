@@ -190,6 +190,7 @@ class CpuProgram : public StageProgram {
       values[step.out] = std::move(out);
     }
     ++runs_;
+    if (!profile_.empty() && runs_.load() % 40 == 0) PrintProfile();  // PROBE
     std::vector<Tensor> outputs;
     outputs.reserve(output_slots_.size());
     for (int slot : output_slots_) outputs.push_back(values[slot]);
@@ -321,6 +322,11 @@ class CpuProgram : public StageProgram {
     }
     (*values)[step.out] = *std::move(out);
     return absl::OkStatus();
+  }
+
+  KvCacheUsage kv_cache() const override {
+    if (kv_ == nullptr) return {};
+    return {kv_->num_blocks(), kv_->blocks_in_use(), kv_->BlockBytes()};
   }
 
   // The program's KV cache layer for cached_attention `node` (the cache

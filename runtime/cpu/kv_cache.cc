@@ -86,12 +86,6 @@ int64_t KvCache::BlockBytes() const {
   return bytes;
 }
 
-int64_t KvCache::blocks_in_use() const {
-  if (layers_.empty()) return 0;
-  return std::count_if(layers_[0].blocks.begin(), layers_[0].blocks.end(),
-                       [](const auto& b) { return b != nullptr; });
-}
-
 int64_t KvCache::Slot(const std::vector<int64_t>& table, int64_t position) const {
   return table[position / block_size_] * block_size_ + position % block_size_;
 }
@@ -102,6 +96,7 @@ uint8_t* KvCache::Row(Layer& l, int64_t slot, int kind, int head) {
   const int64_t row_bytes = int64_t{l.head_dim} * ElementSize(l.dtype);
   if (b == nullptr) {
     b.reset(new uint8_t[2 * l.kv_heads * block_size_ * row_bytes]());  // zeroed
+    if (&l == &layers_[0]) blocks_in_use_.fetch_add(1, std::memory_order_relaxed);
   }
   const int64_t row = (int64_t{kind} * l.kv_heads + head) * block_size_ + slot % block_size_;
   return b.get() + row * row_bytes;

@@ -20,6 +20,7 @@
 #ifndef PIPESERVE_RUNTIME_CPU_KV_CACHE_H_
 #define PIPESERVE_RUNTIME_CPU_KV_CACHE_H_
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -48,8 +49,9 @@ class KvCache {
   int block_size() const { return block_size_; }
   // Bytes of one block over every layer (keys and values).
   int64_t BlockBytes() const;
-  // Blocks with memory taken (by the first layer).
-  int64_t blocks_in_use() const;
+  // Blocks with memory taken (by the first layer). Thread-safe, also
+  // while a step runs.
+  int64_t blocks_in_use() const { return blocks_in_use_.load(std::memory_order_relaxed); }
 
   // Checks a step's metadata (int64 tensors: positions [T], seq [T],
   // blocks [N, B], seq_ids [N]) for `tokens` tokens: kInvalidArgument
@@ -116,6 +118,7 @@ class KvCache {
   const int64_t num_blocks_;
   const int block_size_;
   std::vector<Layer> layers_;
+  std::atomic<int64_t> blocks_in_use_{0};  // blocks of layers_[0] with memory
   std::vector<Tag> tags_;  // per slot (block * block_size + offset)
 };
 

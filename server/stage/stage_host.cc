@@ -222,6 +222,7 @@ StageHost::Stats StageHost::stats() const {
   Stats s = stats_;
   s.queue_depth = queue_.size();
   s.has_sink = sink_ != nullptr;
+  s.kv_cache = program_->kv_cache();
   return s;
 }
 

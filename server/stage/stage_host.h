@@ -83,6 +83,7 @@ class StageHost {
     uint64_t queue_depth = 0;
     bool has_sink = false;
     std::string downstream_error;  // "" while sends succeed
+    KvCacheUsage kv_cache;         // the program's (generation models)
   };
 
   // One source of frames (an incoming stream). The host keeps it weakly and

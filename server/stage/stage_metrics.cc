@@ -28,6 +28,25 @@ void Family(std::string* out, const std::vector<Row>& rows, const char* name, co
 
 std::string Seconds(double s) { return absl::StrFormat("%.6f", s); }
 
+// The KV cache families, for the stages that keep one (generation models).
+void RenderKvCache(std::string* out, const std::vector<Row>& all) {
+  std::vector<Row> rows;
+  for (const Row& r : all) {
+    if (r.stats.kv_cache.blocks > 0) rows.push_back(r);
+  }
+  if (rows.empty()) return;
+  Family(out, rows, "pipeserve_stage_kv_cache_blocks", "gauge",
+         "Blocks the stage's KV cache may hold (every stage of a model holds as many).",
+         [](const Row& r) { return absl::StrCat(r.stats.kv_cache.blocks); });
+  Family(out, rows, "pipeserve_stage_kv_cache_blocks_allocated", "gauge",
+         "Blocks with memory taken; kept for reuse once taken.",
+         [](const Row& r) { return absl::StrCat(r.stats.kv_cache.blocks_allocated); });
+  Family(out, rows, "pipeserve_stage_kv_cache_bytes", "gauge",
+         "Bytes of KV cache the stage holds (allocated blocks).", [](const Row& r) {
+           return absl::StrCat(r.stats.kv_cache.blocks_allocated * r.stats.kv_cache.block_bytes);
+         });
+}
+
 }  // namespace
 
 std::string RenderStageMetrics(StageServerCore& core) {
@@ -95,6 +114,7 @@ std::string RenderStageMetrics(StageServerCore& core) {
          [](const Row& r) { return r.stats.downstream_error.empty() ? "1" : "0"; });
   Family(&out, rows, "pipeserve_stage_weight_bytes", "gauge", "Bytes of weights the stage holds.",
          [](const Row& r) { return absl::StrCat(r.weight_bytes); });
+  RenderKvCache(&out, rows);
   return out;
 }
 

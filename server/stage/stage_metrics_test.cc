@@ -16,6 +16,7 @@ namespace pipeserve {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 // Results land here.
 class CountingSink : public FrameSink {
@@ -90,6 +91,80 @@ TEST(StageMetricsTest, CountsFramesBytesTimeAndDropsPerStageAndPassesPromtool) {
   // A server holding nothing renders the families without samples.
   ASSERT_TRUE(core.Unload(spec.key()).ok());
   EXPECT_EQ(PromtoolProblems(RenderStageMetrics(core)), "");
+}
+
+// A stage of one cached attention (2 KV heads of 8, 4 query heads) whose
+// KV cache holds 8 blocks of 16 tokens.
+StageSpec CacheAwareStage() {
+  GraphBuilder b;
+  b.Input("q", {1, 4, -1, 8}).Input("k", {1, 2, -1, 8}).Input("v", {1, 2, -1, 8});
+  for (const char* meta : {"kv_positions", "kv_seq", "kv_seq_ids"}) b.Input(meta, {-1});
+  b.Input("kv_blocks", {-1, -1});
+  for (int i = 0; i < 7; ++i) b.graph().mutable_inputs(i)->set_batched(false);
+  for (int i = 3; i < 7; ++i) b.graph().mutable_inputs(i)->set_dtype(DT_INT64);
+  b.Op("cached_attention", {"q", "k", "v", "kv_positions", "kv_seq", "kv_blocks", "kv_seq_ids"},
+       "a", "",
+       {{"kv_heads", AttrI(2)}, {"head_dim", AttrI(8)}, {"scale", AttrF(0.35)},
+        {"num_blocks", AttrI(8)}, {"block_size", AttrI(16)}});
+  b.Output("a");
+  Model m = b.Build();
+  return MakeStageSpecs(*Partition(m.graph, {}), "g", 0xdef, {"s0:9000"}, 1, 1)[0];
+}
+
+Tensor Int64s(Shape shape, std::vector<int64_t> values) {
+  Tensor t = Tensor::Zeros(std::move(shape), DT_INT64);
+  std::copy(values.begin(), values.end(), t.data_as<int64_t>());
+  return t;
+}
+
+TEST(StageMetricsTest, AStageWithAKvCacheReportsItsBlocksAndTheMemoryTaken) {
+  NoDialer dialer;
+  StageServerCore core({}, &dialer);
+  const StageSpec spec = CacheAwareStage();
+  auto load = core.BeginLoad(spec);
+  ASSERT_TRUE(load.ok()) << load.status();
+  ASSERT_TRUE((*load)->Finish().ok());
+  const std::string labels =
+      "{model=\"g\",deployment=\"0000000000000def\",stage=\"0\",replica=\"1\"}";
+  std::string text = RenderStageMetrics(core);
+  EXPECT_THAT(text, HasSubstr("pipeserve_stage_kv_cache_blocks" + labels + " 8\n"));
+  EXPECT_THAT(text, HasSubstr("pipeserve_stage_kv_cache_blocks_allocated" + labels + " 0\n"));
+  EXPECT_EQ(core.Stats(spec.key())->kv_cache_blocks(), 8);
+
+  // One sequence's first 3 tokens, in block 5: one block's memory taken,
+  // 2 (k, v) x 2 heads x 16 tokens x 8 x 4 bytes.
+  auto results = std::make_shared<CountingSink>();
+  ASSERT_TRUE(core.SubscribeResults(spec.key(), results).ok());
+  Frame f;
+  f.header.set_request_id(1);
+  f.Add("q", Tensor::Zeros({1, 4, 3, 8}));
+  f.Add("k", Tensor::Zeros({1, 2, 3, 8}));
+  f.Add("v", Tensor::Zeros({1, 2, 3, 8}));
+  f.Add("kv_positions", Int64s({3}, {0, 1, 2}));
+  f.Add("kv_seq", Int64s({3}, {0, 0, 0}));
+  f.Add("kv_seq_ids", Int64s({1}, {77}));
+  f.Add("kv_blocks", Int64s({1, 1}, {5}));
+  ASSERT_TRUE(core.OpenInput(spec.key())->Send(std::move(f), absl::Now() + absl::Seconds(5)).ok());
+  ASSERT_TRUE(results->WaitFor(1));
+  text = RenderStageMetrics(core);
+  EXPECT_THAT(text, HasSubstr("pipeserve_stage_kv_cache_blocks_allocated" + labels + " 1\n"));
+  EXPECT_THAT(text, HasSubstr("pipeserve_stage_kv_cache_bytes" + labels + " 2048\n"));
+  EXPECT_EQ(core.Stats(spec.key())->kv_cache_blocks_allocated(), 1);
+  EXPECT_EQ(PromtoolProblems(text), "");
+}
+
+TEST(StageMetricsTest, StagesWithoutAKvCacheHaveNoKvCacheSamples) {
+  NoDialer dialer;
+  StageServerCore core({}, &dialer);
+  GraphBuilder b;
+  b.Input("x", {-1, 4}).Op("relu", {"x"}, "y").Output("y");
+  Model m = b.Build();
+  StageSpec spec = MakeStageSpecs(*Partition(m.graph, {}), "m", 1, {"s0:9000"}, 1, 1)[0];
+  auto load = core.BeginLoad(spec);
+  ASSERT_TRUE(load.ok()) << load.status();
+  ASSERT_TRUE((*load)->Finish().ok());
+  EXPECT_THAT(RenderStageMetrics(core), Not(HasSubstr("kv_cache")));
+  EXPECT_EQ(core.Stats(spec.key())->kv_cache_blocks(), 0);
 }
 
 }  // namespace

@@ -258,6 +258,8 @@ absl::StatusOr<StageStatsResponse> StageServerCore::Stats(const StageKey& key) {
   r.set_frames_dropped_deadline(s.dropped_deadline);
   r.set_frames_dropped_cancelled(s.dropped_cancelled);
   r.set_program_runs(s.runs);
+  r.set_kv_cache_blocks(s.kv_cache.blocks);
+  r.set_kv_cache_blocks_allocated(s.kv_cache.blocks_allocated);
   r.set_frames_rejected(s.rejected);
   r.set_frames_undeliverable(s.undeliverable);
   r.set_queue_depth(s.queue_depth);
