@@ -11,6 +11,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
+#include "runtime/cpu/gemv_bf16.h"
 
 namespace pipeserve {
 namespace {
@@ -164,6 +165,10 @@ const dnnl::engine& CpuEngine() {
 absl::Status GemmBf16(bool trans_b, int64_t m, int64_t n, int64_t k, const uint16_t* a,
                       const uint16_t* b, const uint16_t* bias, uint16_t* c) {
   if (m == 0 || n == 0) return absl::OkStatus();
+  if (trans_b && GemvBf16Runs(m)) {  // a decode step: stream the weights once
+    GemvBf16(m, n, k, a, b, bias, c);
+    return absl::OkStatus();
+  }
   using dt = dnnl::memory::data_type;
   using dims = dnnl::memory::dims;
   const dnnl::memory::desc a_md(dims{m, k}, dt::bf16, dims{k, 1});

@@ -1,0 +1,32 @@
+// bfloat16 products of a few rows by a weight matrix, the shape of a
+// decode step (one row per sequence): every weight is read once for all
+// rows, through AVX512-BF16 dot products with float32 accumulation. Such a
+// step only streams the weights from memory, and this loop keeps closer to
+// the memory bandwidth than oneDNN's general GEMM does at these shapes.
+//
+//   if (GemvBf16Runs(m)) GemvBf16(m, n, k, x, w, bias, y);  // y = x @ w^T + bias
+#ifndef PIPESERVE_RUNTIME_CPU_GEMV_BF16_H_
+#define PIPESERVE_RUNTIME_CPU_GEMV_BF16_H_
+
+#include <cstdint>
+
+namespace pipeserve {
+
+// The most rows GemvBf16 takes.
+inline constexpr int64_t kGemvBf16MaxRows = 4;
+
+// Whether GemvBf16 runs `m` rows here: 1 <= m <= kGemvBf16MaxRows, on a CPU
+// with AVX512-BF16, unless PIPESERVE_GEMV=onednn is set (for comparisons).
+bool GemvBf16Runs(int64_t m);
+
+// c [m, n] = a [m, k] @ b^T + bias [n] (bias may be null), for b [n, k]
+// as PyTorch stores a linear weight; all bfloat16 bit patterns, float32
+// accumulation, rounded to nearest even. The rows of b are split between
+// the calling thread's OpenMP threads (SetComputeThreads). Only where
+// GemvBf16Runs(m).
+void GemvBf16(int64_t m, int64_t n, int64_t k, const uint16_t* a, const uint16_t* b,
+              const uint16_t* bias, uint16_t* c);
+
+}  // namespace pipeserve
+
+#endif  // PIPESERVE_RUNTIME_CPU_GEMV_BF16_H_
