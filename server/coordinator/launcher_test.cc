@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -63,14 +64,14 @@ TEST(LocalLauncherTest, AModelNeedingMoreServersThanTheLimitIsRefusedBeforeAnyFo
 std::string FakeStageServer() {
   const std::string path = TestTempDir("fake_stage_server") + "/fake_stage_server";
   std::ofstream(path) << R"(#!/usr/bin/env python3
-import signal, socket, sys
+import os, signal, socket, sys
 args = sys.argv[1:]
 port_file = next(a.split("=", 1)[1] for a in args if a.startswith("--port_file="))
 s = socket.socket()
 s.bind(("127.0.0.1", 0))
 s.listen(16)
 with open(port_file + ".args", "w") as f:
-    f.write(" ".join(args))
+    f.write(" ".join(args) + " GOMP_SPINCOUNT=" + os.environ.get("GOMP_SPINCOUNT", "-"))
 with open(port_file + ".tmp", "w") as f:
     f.write(str(s.getsockname()[1]))
 import os
@@ -112,6 +113,12 @@ TEST(LocalLauncherTest, WithGpusItStartsOneServerPerGpuEachOnItsDevice) {
   }
   std::sort(devices.begin(), devices.end());
   EXPECT_THAT(devices, ElementsAre("--device=cuda:0", "--device=cuda:1"));
+  for (const auto& e : std::filesystem::directory_iterator(o.work_dir)) {
+    if (e.path().extension() != ".args") continue;
+    std::stringstream args;
+    args << std::ifstream(e.path()).rdbuf();
+    EXPECT_THAT(args.str(), HasSubstr("GOMP_SPINCOUNT=-")) << e.path();
+  }
 }
 
 // On CPUs the stages divide the cores, unless they take turns (a
@@ -125,6 +132,14 @@ TEST(LocalLauncherTest, CpuStagesDivideTheCoresUnlessTheyTakeTurns) {
   auto l = MakeLocalLauncher(o);
   ASSERT_TRUE(l->ServersFor(4).ok());
   EXPECT_TRUE(l->StagesShareCores());
+  // Their OpenMP threads stop spinning soon after a run, leaving the cores
+  // to the next stage (the GPU servers' keep OpenMP's default).
+  for (const auto& e : std::filesystem::directory_iterator(o.work_dir)) {
+    if (e.path().extension() != ".args") continue;
+    std::stringstream args;
+    args << std::ifstream(e.path()).rdbuf();
+    EXPECT_THAT(args.str(), HasSubstr("GOMP_SPINCOUNT=10000")) << e.path();
+  }
   EXPECT_EQ(l->ThreadsPerStage(), 2);
   EXPECT_EQ(l->ThreadsPerStage(/*stages_take_turns=*/true), 8);
 }
