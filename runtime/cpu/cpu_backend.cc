@@ -190,7 +190,6 @@ class CpuProgram : public StageProgram {
       values[step.out] = std::move(out);
     }
     ++runs_;
-    if (!profile_.empty() && runs_.load() % 40 == 0) PrintProfile();  // PROBE
     std::vector<Tensor> outputs;
     outputs.reserve(output_slots_.size());
     for (int slot : output_slots_) outputs.push_back(values[slot]);
