@@ -437,8 +437,8 @@ inline float LaneSum(const float* x, int64_t n) {
   return s;
 }
 
-// Softmax of one row in place. A row with every entry -inf becomes NaN,
-// as in PyTorch.
+}  // namespace
+
 PIPESERVE_VECTOR_CLONES
 void SoftmaxRow(float* row, int64_t n) {
   float lane[kLanes];
@@ -455,6 +455,8 @@ void SoftmaxRow(float* row, int64_t n) {
   const float inv = 1.0f / LaneSum(row, n);
   for (int64_t k = 0; k < n; ++k) row[k] *= inv;
 }
+
+namespace {
 
 // One row of attention scores: row *= scale, then entries whose mask is
 // true set to `fill`, then `add` added (each mask read with its step).

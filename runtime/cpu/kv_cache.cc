@@ -56,12 +56,8 @@ PIPESERVE_VECTOR_CLONES void Axpy(float w, const float* x, int64_t n, float* y) 
 // Row `s` of scores: scaled, softmax over its first `len` entries, zero
 // beyond (to `width`).
 void SoftmaxPrefix(float* s, int64_t len, int64_t width, float scale) {
-  float max = -INFINITY;
-  for (int64_t p = 0; p < len; ++p) max = std::max(max, s[p] *= scale);
-  float sum = 0;
-  for (int64_t p = 0; p < len; ++p) sum += s[p] = std::exp(s[p] - max);
-  const float inv = 1.0f / sum;
-  for (int64_t p = 0; p < len; ++p) s[p] *= inv;
+  for (int64_t p = 0; p < len; ++p) s[p] *= scale;
+  SoftmaxRow(s, len);
   std::fill(s + len, s + width, 0.0f);
 }
 
@@ -247,7 +243,7 @@ absl::StatusOr<Tensor> KvCache::Attend(int layer, const KvStep& step, const Tens
   }
   const Group group{&l, &step, &q, &out, scale, heads / l.kv_heads};
   absl::Status failed;
-#pragma omp parallel for schedule(dynamic) if (!long_run && tasks.size() > 1)
+#pragma omp parallel for schedule(dynamic) if (tasks.size() > 1)
   for (size_t i = 0; i < tasks.size(); ++i) {
     absl::Status st = AttendGroup(group, by_seq[tasks[i].first], tasks[i].second, long_run);
     if (!st.ok()) {
@@ -263,6 +259,7 @@ absl::Status KvCache::AttendGroup(const Group& g, const std::vector<int64_t>& to
                                   bool gemm) {
   Layer& l = *g.layer;
   const int64_t d = l.head_dim, n_tok = g.q->dim(2), m = static_cast<int64_t>(tokens.size());
+  const int64_t rows = g.rep * m;  // row hh * m + j: query head hh of the group, token j
   const std::vector<int64_t>& table = g.step->tables[g.step->seq[tokens[0]]];
   int64_t ctx = 0;
   for (int64_t t : tokens) ctx = std::max(ctx, g.step->positions[t] + 1);
@@ -275,43 +272,35 @@ absl::Status KvCache::AttendGroup(const Group& g, const std::vector<int64_t>& to
     ToFloat(Row(l, slot, 0, head), l.dtype, d, &kf[p * d]);
     ToFloat(Row(l, slot, 1, head), l.dtype, d, &vf[p * d]);
   }
-  qf.resize(m * d);
-  scores.resize(m * ctx);
-  of.resize(m * d);
+  qf.resize(rows * d);
+  scores.resize(rows * ctx);
+  of.resize(rows * d);
   const auto* qp = static_cast<const uint8_t*>(g.q->raw_data());
   auto* op = static_cast<uint8_t*>(g.out->raw_data());
   const int64_t esize = ElementSize(l.dtype);
-  for (int64_t h = head * g.rep; h < (head + 1) * g.rep; ++h) {
-    for (int64_t j = 0; j < m; ++j) {
-      ToFloat(qp + (h * n_tok + tokens[j]) * d * esize, l.dtype, d, &qf[j * d]);
-    }
-    if (gemm) {
-      RETURN_IF_ERROR(Gemm(true, m, ctx, d, qf.data(), kf.data(), 0.0f, scores.data()));
-    } else {
-      for (int64_t j = 0; j < m; ++j) {
-        for (int64_t p = 0; p <= g.step->positions[tokens[j]]; ++p) {
-          scores[j * ctx + p] = Dot(&qf[j * d], &kf[p * d], d);
-        }
-      }
-    }
-    for (int64_t j = 0; j < m; ++j) {
-      SoftmaxPrefix(&scores[j * ctx], g.step->positions[tokens[j]] + 1, ctx, g.scale);
-    }
-    if (gemm) {
-      RETURN_IF_ERROR(Gemm(false, m, d, ctx, scores.data(), vf.data(), 0.0f, of.data()));
-    } else {
-      for (int64_t j = 0; j < m; ++j) {
-        float* o = &of[j * d];
-        std::fill(o, o + d, 0.0f);
-        for (int64_t p = 0; p <= g.step->positions[tokens[j]]; ++p) {
-          Axpy(scores[j * ctx + p], &vf[p * d], d, o);
-        }
-      }
-    }
-    for (int64_t j = 0; j < m; ++j) {
-      FromFloat(&of[j * d], d, l.dtype, op + (h * n_tok + tokens[j]) * d * esize);
+  auto q_row = [&](int64_t r) { return (head * g.rep + r / m) * n_tok + tokens[r % m]; };
+  for (int64_t r = 0; r < rows; ++r) ToFloat(qp + q_row(r) * d * esize, l.dtype, d, &qf[r * d]);
+  auto last = [&](int64_t r) { return g.step->positions[tokens[r % m]]; };
+  // Every query head of the group in one product: the keys and values
+  // are read once for all of them.
+  if (gemm) {
+    RETURN_IF_ERROR(Gemm(true, rows, ctx, d, qf.data(), kf.data(), 0.0f, scores.data()));
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t p = 0; p <= last(r); ++p) scores[r * ctx + p] = Dot(&qf[r * d], &kf[p * d], d);
     }
   }
+  for (int64_t r = 0; r < rows; ++r) SoftmaxPrefix(&scores[r * ctx], last(r) + 1, ctx, g.scale);
+  if (gemm) {
+    RETURN_IF_ERROR(Gemm(false, rows, d, ctx, scores.data(), vf.data(), 0.0f, of.data()));
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      float* o = &of[r * d];
+      std::fill(o, o + d, 0.0f);
+      for (int64_t p = 0; p <= last(r); ++p) Axpy(scores[r * ctx + p], &vf[p * d], d, o);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) FromFloat(&of[r * d], d, l.dtype, op + q_row(r) * d * esize);
   return absl::OkStatus();
 }
 
