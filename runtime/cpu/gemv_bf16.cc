@@ -43,9 +43,12 @@ template <int M, int R>
 PIPESERVE_BF16_TARGET inline void Step(__m512 (&acc)[R][M], const uint16_t* w, const uint16_t* a,
                                        int64_t k, int64_t kk, __mmask32 mask) {
   __m512i wv[R];
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_epi16(mask, w + r * k + kk);
+#pragma GCC unroll 8
   for (int i = 0; i < M; ++i) {
     const __m512i x = _mm512_maskz_loadu_epi16(mask, a + i * k + kk);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       acc[r][i] = _mm512_dpbf16_ps(acc[r][i], (__m512bh)x, (__m512bh)wv[r]);
     }
@@ -58,7 +61,9 @@ template <int M, int R>
 PIPESERVE_BF16_TARGET void Block(int64_t n0, int64_t n, int64_t k, const uint16_t* a,
                                  const uint16_t* b, const uint16_t* bias, uint16_t* c) {
   __m512 acc[R][M];
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
     for (int i = 0; i < M; ++i) acc[r][i] = _mm512_setzero_ps();
   const uint16_t* w = b + n0 * k;
   const int64_t whole = k / 32 * 32;
