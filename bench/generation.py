@@ -5,17 +5,25 @@ PyTorch eager decoding with a KV cache (the reference loop below, on the
 same 2 threads) and the memory-bandwidth bound measured in the same run
 (bytes of weights read per token / read bandwidth of 2 threads).
 
-    bazel build -c opt //server/coordinator:coordinator //server/stage:stage_server
+    bazel build -c opt //server/coordinator:coordinator //server/stage:stage_server \
+        //bench:read_bandwidth
     /usr/bin/python3 bench/generation.py [--shape small|tinyllama] [--dtype bfloat16]
+        [--llama_cpp] [--hops]
 
 Prints the CPU, then one table: single-sequence decode tokens/s, time to
-first token of a --prompt-token prompt, and tokens/s of --batch sequences
-at once. Checks that both sides generate the same greedy tokens first.
+first token of a --prompt-token prompt (median of 3, after a warm-up), and
+tokens/s of --batch sequences
+at once, for PyTorch, pipeserve with the model in 4 stages and uncut, and
+with --llama_cpp llama.cpp in F16 and BF16 (npm node-llama-cpp: run
+`npm ci` in bench/llama_cpp first). Checks that pipeserve generates
+PyTorch's greedy tokens. --hops adds what the stage hops cost per token on
+a GPT-2-small-shaped model (4 stages against uncut, float32).
 """
 import argparse
 import math
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -42,13 +50,16 @@ SHAPES = {
 }
 
 
-# The 4 stage servers share this machine's cores. By default the coordinator
-# keeps stages + 1 steps in flight (right when each stage has its own
-# machine) and gives each stage cores / stages threads; the second row runs
-# one step at a time with every stage on 2 threads.
+# The 4 stage servers share this machine's cores: by default a generation
+# model's stages then take turns (one step in flight, every stage on all
+# cores). The second row computes decode steps with oneDNN's GEMM instead
+# of pipeserve's AVX512-BF16 loop (runtime/cpu/gemv_bf16.h); the third is
+# the model uncut, on one stage server: the difference is what the stage
+# hops cost. (name, stages, environment of the servers)
 CONFIGS = [
-    ("pipeserve, 4 stages, defaults", ()),
-    ("pipeserve, 4 stages, 1 step, 2 threads", ("--generation_steps_in_flight=1", "--cores=8")),
+    ("pipeserve, 4 stages", 4, {}),
+    ("pipeserve, 4 stages, oneDNN GEMV", 4, {"PIPESERVE_GEMV": "onednn"}),
+    ("pipeserve, 1 stage", 1, {}),
 ]
 
 
@@ -61,14 +72,24 @@ def cpu_model():
 
 
 def read_bandwidth():
-    """GB/s of 2 threads summing 1 GiB (median of 5)."""
+    """GB/s 2 threads read: the larger of PyTorch summing 1 GiB of float32
+    and bench/read_bandwidth (64-byte loads, 8 lanes), medians; with how
+    each measured."""
     x = torch.ones(1 << 28)
     times = []
     for _ in range(5):
         t = time.perf_counter()
         x.sum()
         times.append(time.perf_counter() - t)
-    return x.numel() * 4 / sorted(times)[2] / 1e9
+    by_torch = x.numel() * 4 / sorted(times)[2] / 1e9
+    del x
+    tool = os.path.join(ROOT, "bazel-bin/bench/read_bandwidth")
+    by_tool = float("nan")
+    if os.path.exists(tool):
+        by_tool = float(subprocess.run([tool, "--threads", "2"], capture_output=True, text=True,
+                                       check=True).stdout)
+    how = f"torch sum {by_torch:.1f} GB/s, bench/read_bandwidth {by_tool:.1f} GB/s"
+    return max(by_torch, by_tool if by_tool == by_tool else 0), how
 
 
 class TorchDecoder:
@@ -145,6 +166,106 @@ def served(client, prompts, n):
     return results, sum(f - t0 for f in firsts) / len(firsts), end - max(firsts)
 
 
+def export(model, path, stages, layer_prefix, layers):
+    """Exports `model` for generation, cut before evenly spaced layers."""
+    split = {f"{layer_prefix}.{layers * i // stages}": pipeserve.SplitPoint.BEGINNING
+             for i in range(1, stages)}
+    pipeserve.export(model, (torch.randint(0, 100, (1, 5)),), path, generation=True,
+                     split_spec=split)
+
+
+def warm_ttft(first_token_s, prompts):
+    """The median time to first token over prompts[1:], after prompts[0]
+    (first runs of a shape pay for kernels made and memory first touched)."""
+    first_token_s(prompts[0])
+    return sorted(first_token_s(p) for p in prompts[1:])[(len(prompts) - 1) // 2]
+
+
+def torch_row(model, one, long, many, tokens):
+    """(name, 1-sequence tok/s, TTFT s, many-sequence tok/s), and the
+    greedy tokens of `one`."""
+    dec = TorchDecoder(model)
+    ref, _, _ = dec.generate(one, tokens)
+    _, _, rest = dec.generate(one, tokens)
+    ttft = warm_ttft(lambda prompt: dec.generate(prompt[None], 1)[1], long)
+    _, _, rest_n = dec.generate(many, tokens)
+    return ("PyTorch eager + KV cache, 2 threads", (tokens - 1) / rest, ttft,
+            many.shape[0] * (tokens - 1) / rest_n), ref[0].tolist()
+
+
+def served_row(name, home, path, one, long, many, tokens):
+    """The same figures from a coordinator serving `path`; and whether
+    its greedy tokens of `one` (first run) were `ref`."""
+    os.makedirs(home)
+    with Coordinator(home, timeout=1200) as c:
+        c.client.upload("m", path)
+        got, _, _ = served(c.client, one.tolist(), tokens)
+        _, _, rest = served(c.client, one.tolist(), tokens)
+        ttft = warm_ttft(lambda prompt: served(c.client, [prompt.tolist()], 1)[1], long)
+        _, _, rest_n = served(c.client, many.tolist(), tokens)
+    return (name, (tokens - 1) / rest, ttft, many.shape[0] * (tokens - 1) / rest_n), got[0]
+
+
+def llama_cpp_rows(shape, prompt, tokens):
+    """llama.cpp (npm node-llama-cpp) on the same shape, F16 and BF16, 2
+    threads; none when it is not installed (`npm ci` in bench/llama_cpp)."""
+    try:
+        from llama_cpp.run import llama_cpp
+    except ImportError as e:
+        print(f"llama.cpp: not run ({e})")
+        return []
+    rows = []
+    for dtype in ("f16", "bf16"):
+        r = llama_cpp(SHAPES[shape], dtype, prompt, tokens, threads=2)
+        if r is not None:
+            rows.append((f"llama.cpp {dtype.upper()}, 2 threads", r["decode_tok_s"],
+                         r["ttft_ms"] / 1000, float("nan")))
+    return rows
+
+
+def print_table(rows, bound, a):
+    print(f"| {'':38} | 1 sequence tok/s (% of bound) | TTFT {a.prompt} tokens | "
+          f"{a.batch} sequences tok/s |")
+    print("| --- | --- | --- | --- |")
+    for name, t1_, ttft_, tn_ in rows:
+        print(f"| {name:38} | {t1_:8.2f} ({100 * t1_ / bound:4.0f}%) | {ttft_ * 1000:8.0f} ms |"
+              f" {tn_:8.1f} |")
+    base = rows[0]
+    for row in rows[1:]:
+        if row[0].startswith("pipeserve"):
+            print(f"{row[0]} / PyTorch: 1 sequence {row[1] / base[1]:.2f}x, TTFT "
+                  f"{base[2] / row[2]:.2f}x faster, {a.batch} sequences "
+                  f"{row[3] / base[3]:.2f}x; {a.batch} sequences / 1 sequence "
+                  f"{row[3] / row[1]:.1f}x")
+
+
+def hop_cost(tmp, tokens):
+    """GPT-2-small-shaped (float32), one sequence: seconds per token cut
+    into 4 stages and uncut; the difference is what the hops cost."""
+    torch.manual_seed(0)
+    model = transformer_models.Gpt2(vocab=50257, d=768, heads=12, layers=12, max_len=1024,
+                                    cut=False).eval()
+    one = torch.randint(0, 50257, (1, 16))
+    per_token = {}
+    for stages in (1, 4):
+        path = os.path.join(tmp, f"gpt2-{stages}.psm")
+        export(model, path, stages, "h", 12)
+        home = os.path.join(tmp, f"gpt2-{stages}")
+        os.makedirs(home)
+        with Coordinator(home, timeout=1200) as c:
+            c.client.upload("m", path)
+            runs = []
+            for _ in range(5):
+                _, _, rest = served(c.client, one.tolist(), tokens)
+                runs.append(rest / (tokens - 1))
+        per_token[stages] = sorted(runs)[2]
+    hops = per_token[4] - per_token[1]
+    print(f"GPT-2-small shape, float32, 1 sequence, median of 5 runs of {tokens} tokens: "
+          f"{per_token[1] * 1000:.2f} ms per token uncut, {per_token[4] * 1000:.2f} ms in 4 "
+          f"stages; the 3 hops add {hops * 1000:.2f} ms ({100 * hops / per_token[4]:.1f}% of "
+          f"the per-token time)")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shape", choices=sorted(SHAPES), default="small")
@@ -152,67 +273,49 @@ def main():
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--llama_cpp", action="store_true", help="add llama.cpp's rows")
+    p.add_argument("--hops", action="store_true", help="also measure the hop cost (GPT-2 small)")
     a = p.parse_args()
     torch.set_num_threads(2)
-    dtype = getattr(torch, a.dtype)
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; shape {a.shape}, {a.dtype}")
     torch.manual_seed(0)
     model = transformer_models.Llama(**SHAPES[a.shape], max_len=2048, cut=False, tie=False).eval()
     for param in model.parameters():  # scaled so deep stacks stay finite
         param.data.mul_(0.5)
-    model = model.to(dtype)
+    model = model.to(getattr(torch, a.dtype))
     weights = sum(q.numel() * q.element_size() for name, q in model.named_parameters()
                   if not name.startswith("embed_tokens"))  # one embedding row per token
-    bandwidth = read_bandwidth()
+    bandwidth, how = read_bandwidth()
+    torch.manual_seed(1)
+    one = torch.randint(0, 32000, (1, 16))
+    long = torch.randint(0, 32000, (4, a.prompt))  # a warm-up, then 3 timed
+    many = torch.randint(0, 32000, (a.batch, 16))
+    base, ref = torch_row(model, one, long, many, a.tokens)
+    rows, same = [base], True
     tmp = tempfile.mkdtemp(prefix="pipeserve-generation-")
     try:
-        path = os.path.join(tmp, "m.psm")
-        split = {f"layers.{SHAPES[a.shape]['layers'] * i // 4}": pipeserve.SplitPoint.BEGINNING
-                 for i in (1, 2, 3)}
-        pipeserve.export(model, (torch.randint(0, 32000, (1, 5)),), path, generation=True,
-                         split_spec=split)
-        torch.manual_seed(1)
-        one = torch.randint(0, 32000, (1, 16))
-        long = torch.randint(0, 32000, (1, a.prompt))
-        many = torch.randint(0, 32000, (a.batch, 16))
-        dec = TorchDecoder(model)
-        ref, _, _ = dec.generate(one, a.tokens)
-        rows = []
-        _, _, rest = dec.generate(one, a.tokens)
-        t1 = (a.tokens - 1) / rest
-        _, ttft, _ = dec.generate(long, 1)
-        _, first, rest = dec.generate(many, a.tokens)
-        tn = a.batch * (a.tokens - 1) / rest
-        rows.append(("PyTorch eager + KV cache, 2 threads", t1, ttft, tn))
-        same = True
-        for i, (name, flags) in enumerate(CONFIGS):
-            home = os.path.join(tmp, f"config{i}")  # its own repository
-            os.makedirs(home)
-            with Coordinator(home, timeout=1200, flags=flags) as c:
-                c.client.upload("m", path)
-                got, _, _ = served(c.client, one.tolist(), a.tokens)
-                same = same and got[0] == ref[0].tolist()
-                _, _, rest = served(c.client, one.tolist(), a.tokens)
-                s1 = (a.tokens - 1) / rest
-                _, sttft, _ = served(c.client, long.tolist(), 1)
-                _, _, rest = served(c.client, many.tolist(), a.tokens)
-                sn = a.batch * (a.tokens - 1) / rest
-            rows.append((name, s1, sttft, sn))
+        for i, (name, stages, env) in enumerate(CONFIGS):
+            path = os.path.join(tmp, f"m{stages}.psm")
+            if not os.path.exists(path):
+                export(model, path, stages, "layers", SHAPES[a.shape]["layers"])
+            os.environ.update(env)  # the coordinator's stage servers inherit it
+            row, got = served_row(name, os.path.join(tmp, f"config{i}"), path, one, long,
+                                  many, a.tokens)
+            for var in env:
+                del os.environ[var]
+            rows.append(row)
+            same = same and got == ref
+        if a.llama_cpp:
+            rows += llama_cpp_rows(a.shape, a.prompt, a.tokens)
+        bound = bandwidth * 1e9 / weights
+        print(f"weights read per token {weights / 1e9:.3f} GB; read bandwidth (2 threads) "
+              f"{bandwidth:.1f} GB/s ({how}); bound {bound:.1f} tokens/s; greedy tokens "
+              f"equal: {same}")
+        print_table(rows, bound, a)
+        if a.hops:
+            hop_cost(tmp, a.tokens)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    bound = bandwidth * 1e9 / weights
-    print(f"weights read per token {weights / 1e9:.3f} GB; read bandwidth (2 threads) "
-          f"{bandwidth:.1f} GB/s; bound {bound:.1f} tokens/s; greedy tokens equal: {same}")
-    print(f"| {'':38} | 1 sequence tok/s (% of bound) | TTFT {a.prompt} tokens | "
-          f"{a.batch} sequences tok/s |")
-    print("| --- | --- | --- | --- |")
-    for name, t1_, ttft_, tn_ in rows:
-        print(f"| {name:38} | {t1_:8.2f} ({100 * t1_ / bound:4.0f}%) | {ttft_ * 1000:8.0f} ms |"
-              f" {tn_:8.1f} |")
-    for row in rows[1:]:
-        print(f"{row[0]} / PyTorch: 1 sequence {row[1] / rows[0][1]:.2f}x, TTFT "
-              f"{rows[0][2] / row[2]:.2f}x faster, {a.batch} sequences "
-              f"{row[3] / rows[0][3]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -239,7 +239,7 @@ class GenerationTest(unittest.TestCase):
     def test_concurrent_sequences_each_equal_their_run_alone(self):
         torch.manual_seed(6)
         jobs = [(torch.randint(0, 97, (1 + (i * 5) % 23,)).tolist(), 1 + (i * 7) % 30)
-                for i in range(24)]
+                for i in range(64)]
         results = [None] * len(jobs)
 
         def run(i):
