@@ -407,6 +407,24 @@ class GenerationExportTest(unittest.TestCase):
                         generation=True)
         self.assertIn("token ids only", str(e.exception))
 
+    def test_positions_written_as_hugging_face_does_give_the_position_limit(self):
+        class HfPositions(tm.Gpt2):  # arange(T).unsqueeze(0) into the position table
+            def forward(self, idx):
+                pos = torch.arange(0, idx.size(1), dtype=torch.long).unsqueeze(0)
+                x = self.wte(idx) + self.wpe(pos)
+                for block in self.h:
+                    x = block(x)
+                return self.lm_head(self.ln_f(x))
+
+        torch.manual_seed(0)
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "m.psm")
+            pipeserve.export(HfPositions(max_len=48).eval(), (torch.randint(0, 97, (1, 5)),),
+                             path, generation=True)
+            graph, _ = pipeserve.load_model(path)
+        # Before: 0 (unknown), and an over-long request failed inside a step.
+        self.assertEqual(graph.generation.max_positions, 48)
+
     def test_cache_aware_graph_has_one_cached_attention_per_layer(self):
         info = None
         with tempfile.TemporaryDirectory() as d:

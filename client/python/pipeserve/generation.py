@@ -272,12 +272,26 @@ def _rewrite_positions(graph, shapes):
             n.inputs.extend(["kv_positions", src])
             n.op = "embedding"
             n.attrs.clear()
-    for n in graph.nodes:  # position embeddings: embedding(arange(T))
-        if n.op == "embedding" and idx.op(n.inputs[0]) == "identity" and \
-                idx.node[n.inputs[0]].inputs[0] == "kv_positions":
+    for n in graph.nodes:  # position embeddings: embedding(arange(T)), also reshaped
+        if n.op == "embedding" and _counts_positions(idx, n.inputs[0]):
             rows = shapes.get(n.inputs[1], (0,))[0]
             max_positions = rows if not max_positions else min(max_positions, rows)
     return max_positions
+
+
+# Ops that keep each position's value where it was (arange(T).unsqueeze(0),
+# as Hugging Face models write it, or a view of it).
+_SAME_VALUES = ("identity", "cast", "unsqueeze", "reshape", "view", "expand", "squeeze")
+
+
+def _counts_positions(idx, value):
+    """Whether `value` is kv_positions, seen through ops that only reshape."""
+    while value != "kv_positions":
+        node = idx.node.get(value)
+        if node is None or node.op not in _SAME_VALUES or not node.inputs:
+            return False
+        value = node.inputs[0]
+    return True
 
 
 def _gather_last(name, x, module_path):
