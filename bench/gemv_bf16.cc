@@ -55,8 +55,9 @@ int main() {
         (void)pipeserve::GemmBf16(true, m, kN, kK, x.data(), wm.data(), nullptr, y.data());
       }
     });
-    if (m > pipeserve::kGemvBf16MaxRows) {
-      std::printf("%4d  %13.1f  %18s\n", m, onednn, "(oneDNN)");
+    if (m > pipeserve::kGemvBf16MaxRows || !pipeserve::CpuHasAvx512Bf16()) {
+      std::printf("%4d  %13.1f  %18s\n", m, onednn,
+                  pipeserve::CpuHasAvx512Bf16() ? "(oneDNN)" : "(no AVX512-BF16)");
       continue;
     }
     const double gemv = GbPerS([&] {

@@ -299,10 +299,12 @@ def main():
             if not os.path.exists(path):
                 export(model, path, stages, "layers", SHAPES[a.shape]["layers"])
             os.environ.update(env)  # the coordinator's stage servers inherit it
-            row, got = served_row(name, os.path.join(tmp, f"config{i}"), path, one, long,
-                                  many, a.tokens)
-            for var in env:
-                del os.environ[var]
+            try:
+                row, got = served_row(name, os.path.join(tmp, f"config{i}"), path, one, long,
+                                      many, a.tokens)
+            finally:
+                for var in env:
+                    del os.environ[var]
             rows.append(row)
             same = same and got == ref
         if a.llama_cpp:

@@ -108,12 +108,12 @@ class ElementwiseGroup {
   int externals_;
 };
 
-// n values of a 16-bit type (bfloat16 or float16) as float32, and back
-// (vector loops for bfloat16).
 // Softmax of one float row in place (vectorised, exp within 2 ulp). A row
 // with every entry -inf becomes NaN, as in PyTorch.
 void SoftmaxRow(float* row, int64_t n);
 
+// n values of a 16-bit type (bfloat16 or float16) as float32, and back
+// (vector loops for bfloat16).
 void Widen16(DataType type, const uint16_t* a, int64_t n, float* o);
 void Narrow16(DataType type, const float* a, int64_t n, uint16_t* o);
 

@@ -11,7 +11,6 @@
 #define PIPESERVE_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 namespace pipeserve {
-namespace {
 
 bool CpuHasAvx512Bf16() {
   unsigned a, b, c, d;
@@ -22,6 +21,8 @@ bool CpuHasAvx512Bf16() {
   if (!avx512 || !__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a >> 5 & 1)) return false;
   return __builtin_cpu_supports("avx512f");
 }
+
+namespace {
 
 uint16_t RoundToBf16(float f) {
   uint32_t u;
@@ -108,6 +109,13 @@ bool GemvBf16Runs(int64_t m) {
 
 void GemvBf16(int64_t m, int64_t n, int64_t k, const uint16_t* a, const uint16_t* b,
               const uint16_t* bias, uint16_t* c) {
+  if (m > kGemvBf16MaxRows) {
+    for (int64_t i = 0; i < m; i += kGemvBf16MaxRows) {
+      GemvBf16(std::min(kGemvBf16MaxRows, m - i), n, k, a + i * k, b, bias, c + i * n);
+    }
+    return;
+  }
+  if (m <= 0 || n <= 0) return;
   // Each thread streams one contiguous share of the weight rows (a
   // multiple of 4), so every weight is read once, in order.
   const int64_t groups = (n + 3) / 4;

@@ -18,15 +18,19 @@ namespace pipeserve {
 // its dot products, not memory, limit it, and oneDNN is faster.)
 inline constexpr int64_t kGemvBf16MaxRows = 4;
 
-// Whether GemvBf16 runs `m` rows here: 1 <= m <= kGemvBf16MaxRows, on a CPU
-// with AVX512-BF16, unless PIPESERVE_GEMV=onednn is set (for comparisons).
+// Whether this CPU has AVX512-BF16 (and the OS keeps AVX-512 state).
+bool CpuHasAvx512Bf16();
+
+// Whether GemmBf16 takes GemvBf16 for `m` rows: 1 <= m <= kGemvBf16MaxRows,
+// CpuHasAvx512Bf16(), and PIPESERVE_GEMV=onednn not set (for comparisons).
 bool GemvBf16Runs(int64_t m);
 
 // c [m, n] = a [m, k] @ b^T + bias [n] (bias may be null), for b [n, k]
 // as PyTorch stores a linear weight; all bfloat16 bit patterns, float32
 // accumulation, rounded to nearest even. The rows of b are split between
-// the calling thread's OpenMP threads (SetComputeThreads). Only where
-// GemvBf16Runs(m).
+// the calling thread's OpenMP threads (SetComputeThreads); more than
+// kGemvBf16MaxRows rows go kGemvBf16MaxRows at a time. Only where
+// CpuHasAvx512Bf16().
 void GemvBf16(int64_t m, int64_t n, int64_t k, const uint16_t* a, const uint16_t* b,
               const uint16_t* bias, uint16_t* c);
 

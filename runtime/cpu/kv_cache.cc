@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <new>
+
+#include <omp.h>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
@@ -243,9 +246,19 @@ absl::StatusOr<Tensor> KvCache::Attend(int layer, const KvStep& step, const Tens
   }
   const Group group{&l, &step, &q, &out, scale, heads / l.kv_heads};
   absl::Status failed;
-#pragma omp parallel for schedule(dynamic) if (tasks.size() > 1)
+  // Groups run in parallel (their GEMMs then on one thread each), unless a
+  // prompt chunk brings fewer groups than threads: then one at a time, each
+  // GEMM on every thread.
+  const bool parallel =
+      tasks.size() > 1 && (!long_run || static_cast<int>(tasks.size()) >= omp_get_max_threads());
+#pragma omp parallel for schedule(dynamic) if (parallel)
   for (size_t i = 0; i < tasks.size(); ++i) {
-    absl::Status st = AttendGroup(group, by_seq[tasks[i].first], tasks[i].second, long_run);
+    absl::Status st;
+    try {  // nothing may throw out of an OpenMP region: it would end the process
+      st = AttendGroup(group, by_seq[tasks[i].first], tasks[i].second, long_run);
+    } catch (const std::bad_alloc&) {
+      st = absl::ResourceExhaustedError("out of memory for the attention's scores");
+    }
     if (!st.ok()) {
 #pragma omp critical
       failed = st;
@@ -301,6 +314,11 @@ absl::Status KvCache::AttendGroup(const Group& g, const std::vector<int64_t>& to
     }
   }
   for (int64_t r = 0; r < rows; ++r) FromFloat(&of[r * d], d, l.dtype, op + q_row(r) * d * esize);
+  // Each thread keeps its buffers for the next step, unless a long context
+  // made them large.
+  for (std::vector<float>* buf : {&kf, &vf, &qf, &scores, &of}) {
+    if (buf->capacity() > kKeptFloats) std::vector<float>().swap(*buf);
+  }
   return absl::OkStatus();
 }
 

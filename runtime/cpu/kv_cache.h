@@ -89,6 +89,8 @@ class KvCache {
   // Sequences with this many tokens in a step (a prompt chunk) attend
   // through GEMMs; shorter ones (decoding) through loops, run in parallel.
   static constexpr size_t kGemmTokens = 8;
+  // Floats of scratch a thread keeps between steps (16 MiB per buffer).
+  static constexpr size_t kKeptFloats = size_t{4} << 20;
   // What AttendGroup needs of a step.
   struct Group {
     Layer* layer;

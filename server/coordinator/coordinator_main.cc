@@ -95,7 +95,8 @@ ABSL_FLAG(bool, allow_generation_infer, false,
 ABSL_FLAG(int, generation_steps_in_flight, 0,
           "generation steps of one model running at once (0: its stages + 1, every stage busy "
           "when each has its own machine; 1 where the local launcher's stages share this "
-          "machine's cores, each stage then using them all)");
+          "machine's cores, each stage then using them all, so more than 1 there divides "
+          "the cores between steps)");
 ABSL_FLAG(int, generation_step_tokens, 256,
           "most tokens one generation step carries: longer prompts are prefilled in chunks");
 ABSL_FLAG(int64_t, max_request_rows, int64_t{1} << 24,

@@ -1263,6 +1263,7 @@ class FirstCallGatedLauncher : public Launcher {
     return inner_->ServersFor(n);
   }
   int ThreadsPerStage(bool turns) const override { return inner_->ThreadsPerStage(turns); }
+  bool StagesShareCores() const override { return inner_->StagesShareCores(); }
   std::vector<std::string> ExistingServers() const override { return inner_->ExistingServers(); }
 
  private:

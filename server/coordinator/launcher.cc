@@ -142,7 +142,7 @@ class LocalLauncher : public Launcher {
   // (GOMP_SPINCOUNT, unless OpenMP's waiting is set already). libgomp's
   // default spin kept a finished stage's threads on the cores the next
   // stage needed: on GPT-2 small, 1 sequence, 4 stages on 2 cores, the hops
-  // cost 17 ms per token with it and 1.8 ms without (bench/generation.py
+  // cost 17 ms per token with it and 2 to 4 ms without (bench/generation.py
   // --hops).
   std::vector<std::string> Environment() const {
     std::vector<std::string> env;

@@ -6,7 +6,8 @@
 //   picks itself, and waits until each accepts connections. With GPUs: one
 //   server per GPU (`--device=cuda:<i>`), stage i on GPU i mod N. Without:
 //   one CPU server per stage (the pool grows to the largest model's stage
-//   count), the cores divided between them. They stop with the launcher
+//   count), the cores divided between them, or each with them all where the
+//   stages take turns (a generation model's). They stop with the launcher
 //   (and with the coordinator process, if it dies).
 //
 //   std::unique_ptr<Launcher> l = MakeLocalLauncher({.binary = "stage_server"});
@@ -34,7 +35,7 @@ class Launcher {
   // GEMM threads each stage should use (0: the server decides). When the
   // stages take turns (one computes while the others wait, as a generation
   // model's steps do where the stages share cores), each may use them all.
-  virtual int ThreadsPerStage(bool stages_take_turns = false) const = 0;
+  virtual int ThreadsPerStage(bool stages_take_turns) const = 0;
   // Whether the stages compute on the same machine's cores (the local
   // launcher without GPUs), so running several at once divides them.
   virtual bool StagesShareCores() const { return false; }

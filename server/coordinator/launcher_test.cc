@@ -21,7 +21,7 @@ TEST(StaticLauncherTest, StagesGoToServersInOrderWrappingAround) {
   auto l = MakeStaticLauncher({"a:1", "b:1", "c:1"});
   EXPECT_THAT(*l->ServersFor(2), ElementsAre("a:1", "b:1"));
   EXPECT_THAT(*l->ServersFor(5), ElementsAre("a:1", "b:1", "c:1", "a:1", "b:1"));
-  EXPECT_EQ(l->ThreadsPerStage(), 0);
+  EXPECT_EQ(l->ThreadsPerStage(/*stages_take_turns=*/false), 0);
 }
 
 TEST(StaticLauncherTest, NoServersIsAFailedPreconditionSayingWhich) {
@@ -99,7 +99,7 @@ TEST(LocalLauncherTest, WithGpusItStartsOneServerPerGpuEachOnItsDevice) {
   ASSERT_EQ(servers->size(), 3u);
   EXPECT_NE((*servers)[0], (*servers)[1]);
   EXPECT_EQ((*servers)[2], (*servers)[0]) << "stage 2 goes to GPU 0's server";
-  EXPECT_EQ(l->ThreadsPerStage(), 1);
+  EXPECT_EQ(l->ThreadsPerStage(/*stages_take_turns=*/false), 1);
   EXPECT_EQ(l->ThreadsPerStage(/*stages_take_turns=*/true), 1);
   EXPECT_FALSE(l->StagesShareCores());
   std::vector<std::string> devices;
@@ -140,7 +140,7 @@ TEST(LocalLauncherTest, CpuStagesDivideTheCoresUnlessTheyTakeTurns) {
     args << std::ifstream(e.path()).rdbuf();
     EXPECT_THAT(args.str(), HasSubstr("GOMP_SPINCOUNT=10000")) << e.path();
   }
-  EXPECT_EQ(l->ThreadsPerStage(), 2);
+  EXPECT_EQ(l->ThreadsPerStage(/*stages_take_turns=*/false), 2);
   EXPECT_EQ(l->ThreadsPerStage(/*stages_take_turns=*/true), 8);
 }
 
