@@ -5,8 +5,8 @@
 //
 //   bazel run -c opt //bench:gemv_bf16
 //
-// Prints GB/s of weights read (median of 5 passes) for 1 to 8 rows; the
-// loop runs where it wins (kGemvBf16MaxRows).
+// Prints GB/s of weights read (median of 5 passes) for 1 to 8, 16 and 32
+// rows; the loop runs where it wins (kGemvBf16MaxRows).
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -44,12 +44,12 @@ int main() {
   for (auto& m : w) {
     for (size_t i = 0; i < m.size(); ++i) m[i] = static_cast<uint16_t>(0x3c00 + i % 97);
   }
-  std::vector<uint16_t> x(8 * kK, 0x3f80), y(8 * kN);
+  std::vector<uint16_t> x(32 * kK, 0x3f80), y(32 * kN);
   std::printf("%lld matrices of %lld x %lld bf16 weights, 2 threads; GB/s of weights read\n",
               static_cast<long long>(kMatrices), static_cast<long long>(kN),
               static_cast<long long>(kK));
   std::printf("rows  oneDNN matmul  pipeserve GemvBf16\n");
-  for (int m = 1; m <= 8; ++m) {
+  for (int m : {1, 2, 3, 4, 5, 6, 7, 8, 16, 32}) {
     const double onednn = GbPerS([&] {
       for (auto& wm : w) {
         (void)pipeserve::GemmBf16(true, m, kN, kK, x.data(), wm.data(), nullptr, y.data());
