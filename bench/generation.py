@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 import pipeserve  # noqa: E402
 import transformer_models  # noqa: E402
-from transformer import Coordinator  # noqa: E402
+from transformer import Coordinator, rss_of_children  # noqa: E402
 
 SHAPES = {
     "small": dict(vocab=32000, d=512, heads=8, kv_heads=2, hidden=1408, layers=8),
@@ -203,7 +203,21 @@ def served_row(name, home, path, one, long, many, tokens):
         _, _, rest = served(c.client, one.tolist(), tokens)
         ttft = warm_ttft(lambda prompt: served(c.client, [prompt.tolist()], 1)[1], long)
         _, _, rest_n = served(c.client, many.tolist(), tokens)
+        print_rss(name, c)
     return (name, (tokens - 1) / rest, ttft, many.shape[0] * (tokens - 1) / rest_n), got[0]
+
+
+def print_rss(name, c, cache_mib=256):
+    """Each stage server's RSS after the runs, against its weights + its KV
+    cache budget (--kv_cache_mb, 256 MiB by default) + 64 MiB, largest with
+    largest (which server holds which stage is not known here)."""
+    plan = c.client.plan("m")
+    weights = sorted(sum(p.byte_size for p in s.graph.params) for s in plan.plan.stages)
+    rss = sorted(rss_of_children(c.proc.pid).values())[-len(weights):]
+    bounds = [w + (cache_mib + 64) * 2**20 for w in weights]
+    print(f"{name}: stage servers' RSS {[r >> 20 for r in rss]} MiB; weights + {cache_mib} MiB "
+          f"cache + 64 MiB {[b >> 20 for b in bounds]} MiB; within: "
+          f"{all(r <= b for r, b in zip(rss, bounds))}")
 
 
 def llama_cpp_rows(shape, prompt, tokens):
