@@ -47,9 +47,8 @@ void RenderKvCache(std::string* out, const std::vector<Row>& all) {
          });
 }
 
-}  // namespace
-
-std::string RenderStageMetrics(StageServerCore& core) {
+// A row per stage `core` holds now.
+std::vector<Row> RowsOf(StageServerCore& core) {
   std::vector<Row> rows;
   for (const StageKey& key : core.Keys()) {
     std::shared_ptr<StageHost> host = core.Find(key);
@@ -63,6 +62,30 @@ std::string RenderStageMetrics(StageServerCore& core) {
     for (const TensorInfo& p : host->spec().stage().graph().params()) r.weight_bytes += p.byte_size();
     rows.push_back(std::move(r));
   }
+  return rows;
+}
+
+void RenderDrops(std::string* out, const std::vector<Row>& rows) {
+  absl::StrAppend(out,
+                  "# HELP pipeserve_stage_frames_dropped_total Frames dropped, by reason.\n"
+                  "# TYPE pipeserve_stage_frames_dropped_total counter\n");
+  const std::pair<const char*, uint64_t StageHost::Stats::*> reasons[] = {
+      {"deadline", &StageHost::Stats::dropped_deadline},
+      {"cancelled", &StageHost::Stats::dropped_cancelled},
+      {"rejected", &StageHost::Stats::rejected},
+      {"undeliverable", &StageHost::Stats::undeliverable}};
+  for (const Row& r : rows) {
+    for (const auto& [reason, field] : reasons) {
+      absl::StrAppend(out, "pipeserve_stage_frames_dropped_total{", r.labels, ",reason=\"",
+                      reason, "\"} ", r.stats.*field, "\n");
+    }
+  }
+}
+
+}  // namespace
+
+std::string RenderStageMetrics(StageServerCore& core) {
+  const std::vector<Row> rows = RowsOf(core);
   std::string out;
   auto count = [](uint64_t StageHost::Stats::*field) {
     return [field](const Row& r) { return absl::StrCat(r.stats.*field); };
@@ -93,20 +116,7 @@ std::string RenderStageMetrics(StageServerCore& core) {
   Family(&out, rows, "pipeserve_stage_send_seconds_total", "counter",
          "Time spent sending frames on, waiting for room downstream included.",
          seconds(&StageHost::Stats::send_seconds));
-  absl::StrAppend(&out,
-                  "# HELP pipeserve_stage_frames_dropped_total Frames dropped, by reason.\n"
-                  "# TYPE pipeserve_stage_frames_dropped_total counter\n");
-  const std::pair<const char*, uint64_t StageHost::Stats::*> reasons[] = {
-      {"deadline", &StageHost::Stats::dropped_deadline},
-      {"cancelled", &StageHost::Stats::dropped_cancelled},
-      {"rejected", &StageHost::Stats::rejected},
-      {"undeliverable", &StageHost::Stats::undeliverable}};
-  for (const Row& r : rows) {
-    for (const auto& [reason, field] : reasons) {
-      absl::StrAppend(&out, "pipeserve_stage_frames_dropped_total{", r.labels, ",reason=\"",
-                      reason, "\"} ", r.stats.*field, "\n");
-    }
-  }
+  RenderDrops(&out, rows);
   Family(&out, rows, "pipeserve_stage_queue_depth", "gauge", "Frames waiting in the queue now.",
          count(&StageHost::Stats::queue_depth));
   Family(&out, rows, "pipeserve_stage_downstream_up", "gauge",
