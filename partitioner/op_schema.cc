@@ -190,6 +190,35 @@ absl::StatusOr<DataType> CachedAttentionType(const Node& node, const Types& in) 
   return in[0];
 }
 
+// sample_tokens(logits [N, V], floats [N, 4], ints [N, 3], context [C],
+// context_ends [N]) -> each sequence's next token [N] (int64), sampled on
+// the last stage (export(generation=True); runtime/sampler.h). floats:
+// temperature, top_p, repetition_penalty, frequency_penalty; ints: top_k,
+// seed, tokens generated so far; sequence i's context (prompt and output,
+// given only when it has penalties) is context[ends[i-1]:ends[i]].
+InferResult InferSampleTokens(const Node& node, const Shapes& in) {
+  const Shape& logits = in[0];
+  const bool fits = logits.size() == 2 && in[1] == Shape{logits[0], 4} &&
+                    in[2] == Shape{logits[0], 3} && in[3].size() == 1 &&
+                    in[4] == Shape{logits[0]};
+  if (!fits) {
+    return Bad(absl::StrCat("logits ", ShapeToString(logits), ", floats ", ShapeToString(in[1]),
+                            ", ints ", ShapeToString(in[2]), ", context ", ShapeToString(in[3]),
+                            ", ends ", ShapeToString(in[4]),
+                            ": need [N, V], [N, 4], [N, 3], [C], [N]"));
+  }
+  return One(Shape{logits[0]});
+}
+
+absl::StatusOr<DataType> SampleTokensType(const Node& node, const Types& in) {
+  if (!IsFloatingPoint(in[0]) || in[1] != DT_FLOAT32 || in[2] != DT_INT64 ||
+      in[3] != DT_INT64 || in[4] != DT_INT64) {
+    return Bad("sample_tokens takes floating-point logits, float32 floats and int64 "
+               "ints, context and ends");
+  }
+  return DT_INT64;
+}
+
 InferResult InferSoftmax(const Node& node, const Shapes& in) {
   absl::StatusOr<int> d = DimAttr(node, "dim", static_cast<int>(in[0].size()));
   if (!d.ok()) return d.status();
@@ -516,6 +545,7 @@ absl::flat_hash_map<std::string, OpSchema> MakeRegistry() {
                                           std::max<int64_t>(in[0][2], 1);
        },
        CachedAttentionType});
+  add({"sample_tokens", 5, 5, 1, InferSampleTokens, zero_flops, SampleTokensType});
   add({"log_softmax", 1, 1, 1, InferSoftmax, elementwise_flops, FloatOnly});
   add({"layer_norm", 1, 3, 1, InferLayerNorm, elementwise_flops, FloatOnly});
   for (const char* name : {"sum", "mean", "amax"}) {

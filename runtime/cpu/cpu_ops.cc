@@ -12,6 +12,7 @@
 #include "common/status_macros.h"
 #include "partitioner/op_schema.h"
 #include "runtime/cpu/cpu_kernels.h"
+#include "runtime/sampler.h"
 #include "runtime/dtype.h"
 
 namespace pipeserve {
@@ -975,6 +976,46 @@ absl::StatusOr<Tensor> RunHalf(const Node& node, const std::vector<const Tensor*
 
 }  // namespace
 
+namespace {
+
+// sample_tokens (partitioner/op_schema.cc): each sequence's next token from
+// its logits row, as the coordinator would sample it (runtime/sampler.h).
+absl::StatusOr<Tensor> SampleTokens(const std::vector<const Tensor*>& in, const Shape& out_shape,
+                                    const Tensor& scratch) {
+  const Tensor logits = ToFloat32(*in[0]);
+  const int64_t n = logits.dim(0), vocab = logits.dim(1), context = in[3]->numel();
+  const float* floats = in[1]->data();
+  const int64_t* ints = in[2]->data_as<int64_t>();
+  const int64_t* ends = in[4]->data_as<int64_t>();
+  ASSIGN_OR_RETURN(Tensor out, Output(out_shape, DT_INT64, scratch));
+  int64_t begin = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (ends[i] < begin || ends[i] > context) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sample_tokens: sequence ", i, "'s context ends at ", ends[i], ", outside [", begin,
+          ", ", context, "]"));
+    }
+    SamplingParams p;
+    p.temperature = floats[i * 4];
+    p.top_p = floats[i * 4 + 1];
+    p.repetition_penalty = floats[i * 4 + 2];
+    p.frequency_penalty = floats[i * 4 + 3];
+    p.top_k = ints[i * 3];
+    p.seed = static_cast<uint64_t>(ints[i * 3 + 1]);
+    if (absl::Status s = CheckSampling(p, vocab); !s.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sample_tokens: sequence ", i, ": ", s.message()));
+    }
+    out.data_as<int64_t>()[i] = SampleToken(
+        absl::MakeConstSpan(logits.data() + i * vocab, vocab), p,
+        absl::MakeConstSpan(in[3]->data_as<int64_t>() + begin, ends[i] - begin), ints[i * 3 + 2]);
+    begin = ends[i];
+  }
+  return out;
+}
+
+}  // namespace
+
 bool HasCpuOp(const std::string& op) {
   static const auto* ops = new absl::flat_hash_set<std::string>{
       "mm", "matmul", "linear", "addmm", "add", "sub", "mul", "div", "floordiv", "pow",
@@ -983,7 +1024,7 @@ bool HasCpuOp(const std::string& op) {
       "sigmoid", "sqrt", "rsqrt", "exp", "log", "cos", "sin", "where", "softmax",
       "log_softmax", "layer_norm", "sum", "mean", "amax", "embedding", "reshape", "permute",
       "unsqueeze", "squeeze", "expand", "slice", "select", "cat", "stack", "arange", "full",
-      "cast", "triu", "tril", "size"};
+      "cast", "triu", "tril", "size", "sample_tokens"};
   return ops->contains(op);
 }
 
@@ -1146,6 +1187,7 @@ absl::StatusOr<Tensor> RunCpuOp(const Node& node, const std::vector<const Tensor
   if (std::find(out_shape.begin(), out_shape.end(), 0) != out_shape.end()) {
     return Output(out_shape, out_type, scratch);  // checks the shape, holds nothing
   }
+  if (node.op() == "sample_tokens") return SampleTokens(in, out_shape, scratch);
   bool half = IsHalf(out_type);
   for (const Tensor* t : in) half = half || IsHalf(t->dtype());
   if (!half || IsMovement(node.op())) return RunFloat32(node, in, out_shape, out_type, scratch);

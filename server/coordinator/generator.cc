@@ -67,6 +67,13 @@ absl::StatusOr<GenerationConfig> GenerationConfigOf(const std::string& model, co
     return absl::InvalidArgumentError(absl::StrCat("model \"", model, "\": its logits output \"",
                                                    c.spec.logits(), "\" is not an output"));
   }
+  for (int i = 0; i < plan.outputs_size() && !c.spec.sampled_tokens().empty(); ++i) {
+    if (plan.outputs(i).name() == c.spec.sampled_tokens()) c.tokens_output = i;
+  }
+  if (!c.spec.sampled_tokens().empty() && c.tokens_output < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("model \"", model, "\": its tokens output \"",
+                                                   c.spec.sampled_tokens(), "\" is not an output"));
+  }
   return c;
 }
 
@@ -326,6 +333,8 @@ std::vector<Tensor> Generator::Inputs(const Batch& b) const {
       inputs.push_back(Tensor::FromInt64s({t}, seq));
     } else if (name == "kv_blocks") {
       inputs.push_back(Tensor::FromInt64s({n, static_cast<int64_t>(width)}, blocks));
+    } else if (absl::StartsWith(name, "sample_") || name == "logits_rows") {
+      inputs.push_back(SampleInput(name, b));
     } else if (name == "kv_last") {
       std::vector<int64_t> last;
       int64_t end = 0;
@@ -338,28 +347,88 @@ std::vector<Tensor> Generator::Inputs(const Batch& b) const {
   return inputs;
 }
 
-void Generator::Apply(Batch& b, const absl::StatusOr<std::vector<Tensor>>& out) {
-  ++stats_.steps;
-  for (const SeqPtr& s : b.seqs) s->in_flight = false;
+Tensor Generator::SampleInput(const std::string& name, const Batch& b) const {
+  const int64_t n = static_cast<int64_t>(b.seqs.size());
+  if (name == "sample_floats") {
+    Tensor t = Tensor::Zeros({n, 4}, DT_FLOAT32);
+    for (int64_t i = 0; i < n; ++i) {
+      const SamplingParams& p = b.seqs[i]->sampling;
+      float* row = t.data() + i * 4;
+      row[0] = static_cast<float>(p.temperature);
+      row[1] = static_cast<float>(p.top_p);
+      row[2] = static_cast<float>(p.repetition_penalty);
+      row[3] = static_cast<float>(p.frequency_penalty);
+    }
+    return t;
+  }
+  std::vector<int64_t> values, ends;
+  for (const SeqPtr& s : b.seqs) {
+    const SamplingParams& p = s->sampling;
+    const int64_t generated = static_cast<int64_t>(s->tokens.size()) - s->prompt_len;
+    if (name == "sample_ints") {
+      values.insert(values.end(), {p.top_k, static_cast<int64_t>(p.seed), generated});
+    } else if (name != "logits_rows") {  // the context only where a penalty reads it
+      if (p.repetition_penalty != 1 || p.frequency_penalty != 0) {
+        values.insert(values.end(), s->tokens.begin(), s->tokens.end());
+      }
+      ends.push_back(static_cast<int64_t>(values.size()));
+    }
+  }
+  if (name == "sample_ints") return Tensor::FromInt64s({n, 3}, values);
+  if (name == "sample_context_ends") return Tensor::FromInt64s({n}, ends);
+  if (name == "sample_context") {
+    return Tensor::FromInt64s({static_cast<int64_t>(values.size())}, values);
+  }
+  return Tensor::FromInt64s({0}, {});  // logits_rows: none travel back
+}
+
+absl::StatusOr<std::vector<int64_t>> Generator::NextTokens(const Batch& b,
+                                                           const std::vector<Tensor>& out) const {
+  const int64_t n = static_cast<int64_t>(b.seqs.size());
+  if (config_.tokens_output >= 0) {
+    const Tensor& t = out[config_.tokens_output];
+    if (t.dtype() != DT_INT64 || t.shape() != Shape{n}) {
+      return absl::InternalError(absl::StrCat("a step's tokens came back as ",
+                                              TorchName(t.dtype()), " ", ShapeToString(t.shape()),
+                                              ", expected int64 [", n, "]"));
+    }
+    const int64_t* ids = t.data_as<int64_t>();
+    return std::vector<int64_t>(ids, ids + n);
+  }
   const int64_t vocab = config_.spec.vocab();
-  const Tensor* logits = out.ok() ? &(*out)[config_.logits_output] : nullptr;
+  const Tensor& logits = out[config_.logits_output];
   const int64_t t = static_cast<int64_t>(b.tokens.size());
   const bool last_only = config_.spec.last_only();
   // Logits of every token [1, T, vocab], or of each sequence's last [N, vocab].
-  const Shape want = last_only ? Shape{static_cast<int64_t>(b.seqs.size()), vocab}
-                               : Shape{1, t, vocab};
-  absl::Status failed = out.status();
-  if (logits != nullptr && (!IsFloatingPoint(logits->dtype()) || logits->shape() != want)) {
-    failed = absl::InternalError(absl::StrCat(
-        "a step's logits came back as ", TorchName(logits->dtype()), " ",
-        ShapeToString(logits->shape()), ", expected floating point ", ShapeToString(want)));
+  const Shape want = last_only ? Shape{n, vocab} : Shape{1, t, vocab};
+  if (!IsFloatingPoint(logits.dtype()) || logits.shape() != want) {
+    return absl::InternalError(absl::StrCat(
+        "a step's logits came back as ", TorchName(logits.dtype()), " ",
+        ShapeToString(logits.shape()), ", expected floating point ", ShapeToString(want)));
   }
   // Float32 logits (a bfloat16 or float16 model's widened once per step).
-  const Tensor logits_f = failed.ok() ? ToFloat32(*logits) : Tensor();
+  const Tensor logits_f = ToFloat32(logits);
+  std::vector<int64_t> next(n, -1);
   int64_t row = 0;
-  for (size_t i = 0; i < b.seqs.size(); ++i) {
+  for (int64_t i = 0; i < n; ++i) {
     const SeqPtr& s = b.seqs[i];
     row += b.count[i];
+    if (b.from[i] + b.count[i] != static_cast<int64_t>(s->tokens.size())) continue;  // mid-prompt
+    const int64_t r = last_only ? i : row - 1;
+    next[i] = SampleToken(absl::MakeConstSpan(logits_f.data() + r * vocab, vocab), s->sampling,
+                          s->tokens, static_cast<int64_t>(s->tokens.size()) - s->prompt_len);
+  }
+  return next;
+}
+
+void Generator::Apply(Batch& b, const absl::StatusOr<std::vector<Tensor>>& out) {
+  ++stats_.steps;
+  for (const SeqPtr& s : b.seqs) s->in_flight = false;
+  absl::StatusOr<std::vector<int64_t>> next =
+      out.ok() ? NextTokens(b, *out) : absl::StatusOr<std::vector<int64_t>>(out.status());
+  const absl::Status failed = next.status();
+  for (size_t i = 0; i < b.seqs.size(); ++i) {
+    const SeqPtr& s = b.seqs[i];
     if (s->ended) continue;
     if (IsCacheMiss(failed) && ++s->rebuilds <= options_.max_rebuilds) {
       s->cached = 0;  // prefill its prompt and output again, then go on
@@ -371,10 +440,7 @@ void Generator::Apply(Batch& b, const absl::StatusOr<std::vector<Tensor>>& out) 
     } else {
       s->cached = b.from[i] + b.count[i];
       if (s->cached == static_cast<int64_t>(s->tokens.size()) && !s->stop) {
-        const int64_t r = last_only ? static_cast<int64_t>(i) : row - 1;
-        Sampled(s, SampleToken(absl::MakeConstSpan(logits_f.data() + r * vocab, vocab),
-                               s->sampling, s->tokens,
-                               static_cast<int64_t>(s->tokens.size()) - s->prompt_len));
+        Sampled(s, (*next)[i]);
       }
     }
     if (s->stop) End(s, s->stop_status);

@@ -1,7 +1,8 @@
 // Token generation for one cache-aware model (export(generation=True)):
 // sequences admitted against the stages' KV cache blocks, scheduled step by
 // step (continuous batching: each step carries the next token of every
-// sequence it holds, and new prompts in chunks), sampled here, streamed to
+// sequence it holds, and new prompts in chunks), sampled on the last stage
+// (or here, for models whose logits cover every position), streamed to
 // their callers. It knows nothing of gRPC or of stage servers: a step is
 // one call of `Forward` (Coordinator::Infer in the server, a local
 // pipeline in tests), with every sequence's tokens packed along dim 1.
@@ -41,7 +42,7 @@
 #include "absl/time/time.h"
 #include "proto/model.pb.h"
 #include "runtime/tensor.h"
-#include "server/coordinator/sampler.h"
+#include "runtime/sampler.h"
 
 namespace pipeserve {
 
@@ -50,6 +51,9 @@ struct GenerationConfig {
   GenerationSpec spec;                   // with num_blocks (SizeKvCache)
   std::vector<std::string> input_names;  // the plan's inputs, in order
   int logits_output = 0;                 // index of spec.logits among the outputs
+  // Index of spec.sampled_tokens among the outputs: the last stage samples
+  // (-1: this generator samples from the logits).
+  int tokens_output = -1;
   // Replicas of the model: a step holds sequences of one home lane only
   // (sequence id modulo lanes, Deployment::HomeLane).
   int lanes = 1;
@@ -135,6 +139,12 @@ class Generator {
   bool HasWork() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   Batch Take() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::vector<Tensor> Inputs(const Batch& b) const;
+  // The sample_* and logits_rows inputs of `b` (GenerationSpec), by name.
+  Tensor SampleInput(const std::string& name, const Batch& b) const;
+  // Each sequence's next token from the step's outputs (the last stage's
+  // samples, or sampled here from the logits), or why there is none.
+  absl::StatusOr<std::vector<int64_t>> NextTokens(const Batch& b,
+                                                  const std::vector<Tensor>& out) const;
   void Apply(Batch& b, const absl::StatusOr<std::vector<Tensor>>& out)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Sampled(const SeqPtr& s, int64_t token) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -57,6 +57,18 @@ class HfAttention(tm.GptAttention):
         return self.c_proj(y)
 
 
+def greedy_sampling(n):
+    """The last stage's sampling inputs for n sequences sampled greedily,
+    with every sequence's logits sent back (proto/model.proto,
+    GenerationSpec)."""
+    floats = np.zeros((n, 4), np.float32)
+    floats[:, 1:3] = 1  # top_p 1, repetition_penalty 1
+    return {"sample_floats": floats, "sample_ints": np.zeros((n, 3), np.int64),
+            "sample_context": np.zeros(0, np.int64),
+            "sample_context_ends": np.zeros(n, np.int64),
+            "logits_rows": np.arange(n, dtype=np.int64)}
+
+
 class HfGpt2LastLogits(tm.Gpt2):
     """HfAttention in every block, and only the last position's logits."""
 
@@ -95,6 +107,22 @@ def greedy(model, prompt, n):
         steps.append(row.numpy())
         ids.append(int(row.argmax()))
     return ids[len(prompt):], steps
+
+
+def greedy_penalised(model, prompt, n, repetition, frequency):
+    """Greedy decoding by full recomputation with a repetition penalty
+    (logits of tokens seen in prompt or output divided by it when positive,
+    multiplied when not) and a frequency penalty (subtracted once per
+    occurrence in the output), as vLLM and the sampler define them."""
+    ids = list(prompt)
+    for _ in range(n):
+        row = logits_of(model, ids)[-1].double()
+        seen = torch.tensor(sorted(set(ids)))
+        row[seen] = torch.where(row[seen] > 0, row[seen] / repetition, row[seen] * repetition)
+        for t in ids[len(prompt):]:
+            row[t] -= frequency
+        ids.append(int(row.argmax()))
+    return ids[len(prompt):]
 
 
 def rel_err(out, ref):
@@ -168,7 +196,9 @@ class GenerationTest(unittest.TestCase):
             "idx" if name.startswith("gpt2") else "input_ids": np.array([tokens], np.int64),
             "kv_positions": np.array(positions, np.int64), "kv_seq": np.array(seq, np.int64),
             "kv_blocks": np.array(table, np.int64), "kv_seq_ids": np.array(ids, np.int64),
-            "kv_last": np.array(last, np.int64)})
+            "kv_last": np.array(last, np.int64), **greedy_sampling(len(seqs))})
+        # The last stage samples too (greedy here): the most likely token.
+        np.testing.assert_array_equal(out[-1], out[0].argmax(-1))
         return out[0]
 
     def check_step_logits(self, name, model):
@@ -236,6 +266,27 @@ class GenerationTest(unittest.TestCase):
         self.assertEqual(alone, batched)
         self.assertNotEqual(alone, greedy(self.gpt2, prompt, 24)[0])
 
+    def test_penalties_reach_the_last_stage_with_each_sequences_context(self):
+        # Sampled on the last stage, which gets each penalised sequence's
+        # prompt and output; two at once, one penalised and one not.
+        torch.manual_seed(8)
+        a, b = torch.randint(0, 97, (9,)).tolist(), torch.randint(0, 97, (4,)).tolist()
+        results = {}
+
+        def run(key, prompt, **kw):
+            results[key] = self.generate("gpt2", prompt, 20, **kw)[0]
+
+        threads = [threading.Thread(target=run, args=("a", a),
+                                    kwargs=dict(repetition_penalty=1.8, frequency_penalty=0.7)),
+                   threading.Thread(target=run, args=("b", b))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(results["a"], greedy_penalised(self.gpt2, a, 20, 1.8, 0.7))
+        self.assertNotEqual(results["a"], greedy(self.gpt2, a, 20)[0])  # the penalties bite
+        self.assertEqual(results["b"], greedy(self.gpt2, b, 20)[0])
+
     def test_concurrent_sequences_each_equal_their_run_alone(self):
         torch.manual_seed(6)
         jobs = [(torch.randint(0, 97, (1 + (i * 5) % 23,)).tolist(), 1 + (i * 7) % 30)
@@ -285,7 +336,7 @@ class GenerationTest(unittest.TestCase):
                 "idx": np.zeros((0, 2), np.int64),
                 "kv_positions": np.array([0, 1], np.int64), "kv_seq": np.zeros(2, np.int64),
                 "kv_blocks": np.array([[0]], np.int64), "kv_seq_ids": np.array([5], np.int64),
-                "kv_last": np.array([1], np.int64)})
+                "kv_last": np.array([1], np.int64), **greedy_sampling(1)})
         self.assertEqual(e.exception.code, "INVALID_ARGUMENT")
         self.assertIn("packed in one row", str(e.exception))
         self.assertEqual(self.generate("gpt2", [1, 2, 3], 5)[0], greedy(self.gpt2, [1, 2, 3], 5)[0])
@@ -440,7 +491,11 @@ class GenerationExportTest(unittest.TestCase):
         self.assertEqual(info.num_stages, 4)
         self.assertNotIn("triu", {n.op for n in graph.nodes})  # the model's mask is gone
         self.assertEqual(info.input_names, ["input_ids", "kv_positions", "kv_seq", "kv_blocks",
-                                            "kv_seq_ids", "kv_last"])
+                                            "kv_seq_ids", "kv_last", "sample_floats",
+                                            "sample_ints", "sample_context",
+                                            "sample_context_ends", "logits_rows"])
+        # The last stage samples: only token ids need travel back.
+        self.assertEqual(graph.generation.sampled_tokens, "next_tokens")
         # Only each sequence's last token is projected to the vocabulary.
         self.assertTrue(graph.generation.last_only)
 

@@ -26,6 +26,15 @@ from .model_file import model_pb2
 
 BLOCK_SIZE = 16
 META_INPUTS = ("kv_positions", "kv_seq", "kv_blocks", "kv_seq_ids")
+# What the last stage samples with (proto/model.proto, GenerationSpec):
+# (name, dtype, shape), all replicated.
+SAMPLE_INPUTS = (
+    ("sample_floats", model_pb2.DT_FLOAT32, [-1, 4]),  # temperature, top_p, repetition, frequency
+    ("sample_ints", model_pb2.DT_INT64, [-1, 3]),      # top_k, seed, tokens generated so far
+    ("sample_context", model_pb2.DT_INT64, [-1]),       # the contexts of sequences with penalties
+    ("sample_context_ends", model_pb2.DT_INT64, [-1]),  # where each sequence's ends in it
+    ("logits_rows", model_pb2.DT_INT64, [-1]),          # the logits rows to send back
+)
 _SEEN_THROUGH = ("identity", "cast")
 _SIZE_DEPENDENT = ("arange", "full", "triu", "tril", "slice", "expand", "zeros", "ones")
 
@@ -64,6 +73,7 @@ def make_cache_aware(graph, shapes, tokens, logits=None):
         logits_shape = (shapes[tokens][0], logits_shape[-1])
     _prune(graph)
     if last_only:
+        sampled = _sample_on_the_last_stage(graph, logits)
         _mark_unbatched_downstream(graph)
     _check_no_length_left(graph, shapes)
     batch = shapes[tokens][0]
@@ -79,6 +89,10 @@ def make_cache_aware(graph, shapes, tokens, logits=None):
     spec = graph.generation
     spec.tokens = tokens
     spec.logits = logits
+    if last_only:
+        for name, dtype, shape in SAMPLE_INPUTS:
+            graph.inputs.add(name=name, dtype=dtype, shape=shape, batched=False)
+        spec.logits, spec.sampled_tokens = sampled
     spec.last_only = last_only
     spec.block_size = BLOCK_SIZE
     spec.max_positions = max_positions
@@ -292,6 +306,25 @@ def _counts_positions(idx, value):
             return False
         value = node.inputs[0]
     return True
+
+
+def _sample_on_the_last_stage(graph, logits):
+    """Each sequence's next token sampled where its logits are made (the
+    last stage), so only token ids travel back: sample_tokens(logits, ...)
+    -> next_tokens. The logits leave only for the rows `logits_rows` names
+    (none in generation steps; tests and ModelInfer ask for them). Returns
+    the names of the two outputs (logits kept, next tokens)."""
+    sample = model_pb2.Node(name="sample_tokens", op="sample_tokens",
+                            inputs=[logits] + [name for name, _, _ in SAMPLE_INPUTS[:4]],
+                            outputs=["next_tokens"])
+    kept = model_pb2.Node(name="logits_kept", op="embedding", inputs=["logits_rows", logits],
+                          outputs=["logits_kept"])
+    sample.unbatched = kept.unbatched = True
+    graph.nodes.extend([sample, kept])
+    outputs = [("logits_kept" if o == logits else o) for o in graph.outputs]
+    del graph.outputs[:]
+    graph.outputs.extend(outputs + ["next_tokens"])
+    return "logits_kept", "next_tokens"
 
 
 def _gather_last(name, x, module_path):

@@ -1,4 +1,4 @@
-#include "server/coordinator/sampler.h"
+#include "runtime/sampler.h"
 
 #include <map>
 

@@ -1,5 +1,7 @@
-// Picking the next token from a step's logits, on the coordinator: greedy,
-// temperature, top-k, top-p, repetition and frequency penalties. A seeded
+// Picking the next token from a step's logits: greedy, temperature, top-k,
+// top-p, repetition and frequency penalties. The last stage of a generation
+// model runs it (the sample_tokens op), or the coordinator, for models whose
+// logits cover every position. A seeded
 // request draws token i with a generator seeded by (seed, i) alone, so its
 // tokens depend on its own prompt and logits only: not on what else shares
 // the batch, and not on whether a step ran twice (a sequence rebuilt after
@@ -8,8 +10,8 @@
 //   SamplingParams p;  p.temperature = 0.8;  p.top_p = 0.95;  p.seed = 7;
 //   RETURN_IF_ERROR(CheckSampling(p, vocab));
 //   int64_t next = SampleToken(logits_row, p, context, generated.size());
-#ifndef PIPESERVE_SERVER_COORDINATOR_SAMPLER_H_
-#define PIPESERVE_SERVER_COORDINATOR_SAMPLER_H_
+#ifndef PIPESERVE_RUNTIME_SAMPLER_H_
+#define PIPESERVE_RUNTIME_SAMPLER_H_
 
 #include <cstdint>
 #include <vector>
@@ -45,4 +47,4 @@ int64_t SampleToken(absl::Span<const float> logits, const SamplingParams& p,
 
 }  // namespace pipeserve
 
-#endif  // PIPESERVE_SERVER_COORDINATOR_SAMPLER_H_
+#endif  // PIPESERVE_RUNTIME_SAMPLER_H_
