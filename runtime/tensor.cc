@@ -179,8 +179,8 @@ Tensor Tensor::FromVector(Shape shape, const std::vector<float>& values) {
 
 Tensor Tensor::FromInt64s(Shape shape, const std::vector<int64_t>& values) {
   Tensor t = Empty(std::move(shape), DT_INT64);
-  std::memcpy(t.raw_data(), values.data(),
-              std::min<size_t>(values.size(), t.numel()) * 8);
+  const size_t n = std::min<size_t>(values.size(), t.numel());
+  if (n > 0) std::memcpy(t.raw_data(), values.data(), n * 8);  // never memcpy from null
   return t;
 }
 

@@ -49,6 +49,15 @@ TEST(CheckedSizeTest, NegativeDimensionsAndHugeRanksAreRefused) {
               HasSubstr("33 dimensions (at most 32)"));
 }
 
+// Regression: an empty list (a step's sample_context with no penalised
+// sequence) was copied from a null pointer, which UBSan stops at.
+TEST(TensorTest, FromInt64sTakesAnEmptyList) {
+  Tensor t = Tensor::FromInt64s({0}, {});
+  EXPECT_EQ(t.numel(), 0);
+  EXPECT_EQ(t.dtype(), DT_INT64);
+  EXPECT_EQ(Tensor::FromInt64s({2}, {7, 9}).data_as<int64_t>()[1], 9);
+}
+
 TEST(TensorTest, TryEmptyRefusesWhatCannotExist) {
   EXPECT_EQ(Tensor::TryEmpty({int64_t{1} << 50, 1 << 20}).status().code(),
             absl::StatusCode::kInvalidArgument);

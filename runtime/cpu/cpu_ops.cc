@@ -1006,9 +1006,11 @@ absl::StatusOr<Tensor> SampleTokens(const std::vector<const Tensor*>& in, const 
       return absl::InvalidArgumentError(
           absl::StrCat("sample_tokens: sequence ", i, ": ", s.message()));
     }
-    out.data_as<int64_t>()[i] = SampleToken(
-        absl::MakeConstSpan(logits.data() + i * vocab, vocab), p,
-        absl::MakeConstSpan(in[3]->data_as<int64_t>() + begin, ends[i] - begin), ints[i * 3 + 2]);
+    const absl::Span<const int64_t> seen =
+        ends[i] > begin ? absl::MakeConstSpan(in[3]->data_as<int64_t>() + begin, ends[i] - begin)
+                        : absl::Span<const int64_t>();  // (an empty context may have no data)
+    out.data_as<int64_t>()[i] = SampleToken(absl::MakeConstSpan(logits.data() + i * vocab, vocab),
+                                            p, seen, ints[i * 3 + 2]);
     begin = ends[i];
   }
   return out;
