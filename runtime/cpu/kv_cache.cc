@@ -223,9 +223,17 @@ absl::StatusOr<Tensor> KvCache::Attend(int layer, const KvStep& step, const Tens
         "q ", ShapeToString(q.shape()), " and k ", ShapeToString(k.shape()),
         " do not fit the layer's cache of ", l.kv_heads, " heads of ", l.head_dim));
   }
+  Append(l, step, k, v);
+  ASSIGN_OR_RETURN(Tensor out, Tensor::TryEmpty(q.shape(), q.dtype()));
+  RETURN_IF_ERROR(AttendGroups(Group{&l, &step, &q, &out, scale, heads / l.kv_heads}));
+  return out;
+}
+
+void KvCache::Append(Layer& l, const KvStep& step, const Tensor& k, const Tensor& v) {
+  const int64_t tokens = k.dim(2);
   const auto* kp = static_cast<const uint8_t*>(k.raw_data());
   const auto* vp = static_cast<const uint8_t*>(v.raw_data());
-  const int64_t row_bytes = d * ElementSize(l.dtype);
+  const int64_t row_bytes = l.head_dim * ElementSize(l.dtype);
   for (int64_t t = 0; t < tokens; ++t) {
     const int64_t slot = Slot(step.tables[step.seq[t]], step.positions[t]);
     for (int h = 0; h < l.kv_heads; ++h) {
@@ -233,7 +241,11 @@ absl::StatusOr<Tensor> KvCache::Attend(int layer, const KvStep& step, const Tens
       std::memcpy(Row(l, slot, 1, h), vp + (h * tokens + t) * row_bytes, row_bytes);
     }
   }
-  ASSIGN_OR_RETURN(Tensor out, Tensor::TryEmpty(q.shape(), q.dtype()));
+}
+
+absl::Status KvCache::AttendGroups(const Group& group) {
+  const KvStep& step = *group.step;
+  const int64_t tokens = group.q->dim(2);
   // One task per (sequence, KV head): its tokens' query heads of the group.
   std::vector<std::vector<int64_t>> by_seq(step.tables.size());
   for (int64_t t = 0; t < tokens; ++t) by_seq[step.seq[t]].push_back(t);
@@ -242,9 +254,8 @@ absl::StatusOr<Tensor> KvCache::Attend(int layer, const KvStep& step, const Tens
   for (size_t s = 0; s < by_seq.size(); ++s) {
     if (by_seq[s].empty()) continue;
     long_run |= by_seq[s].size() >= kGemmTokens;
-    for (int g = 0; g < l.kv_heads; ++g) tasks.emplace_back(s, g);
+    for (int g = 0; g < group.layer->kv_heads; ++g) tasks.emplace_back(s, g);
   }
-  const Group group{&l, &step, &q, &out, scale, heads / l.kv_heads};
   absl::Status failed;
   // Groups run in parallel (their GEMMs then on one thread each), unless a
   // prompt chunk brings fewer groups than threads: then one at a time, each
@@ -264,8 +275,7 @@ absl::StatusOr<Tensor> KvCache::Attend(int layer, const KvStep& step, const Tens
       failed = st;
     }
   }
-  RETURN_IF_ERROR(failed);
-  return out;
+  return failed;
 }
 
 absl::Status KvCache::AttendGroup(const Group& g, const std::vector<int64_t>& tokens, int head,

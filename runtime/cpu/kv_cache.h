@@ -100,6 +100,10 @@ class KvCache {
     float scale;
     int64_t rep;  // query heads per KV head
   };
+  // Writes the step's k and v ([1, Hkv, T, D]) into layer `l`'s slots.
+  void Append(Layer& l, const KvStep& step, const Tensor& k, const Tensor& v);
+  // Attention of every (sequence, KV head) group of the step into g.out.
+  absl::Status AttendGroups(const Group& g);
   // Attention of `tokens` (one sequence's, in the step) for the query heads
   // of KV head `head`.
   absl::Status AttendGroup(const Group& g, const std::vector<int64_t>& tokens, int head,

@@ -362,17 +362,18 @@ Tensor Generator::SampleInput(const std::string& name, const Batch& b) const {
     return t;
   }
   std::vector<int64_t> values, ends;
+  int64_t end = 0;
   for (const SeqPtr& s : b.seqs) {
     const SamplingParams& p = s->sampling;
     const int64_t generated = static_cast<int64_t>(s->tokens.size()) - s->prompt_len;
     if (name == "sample_ints") {
       values.insert(values.end(), {p.top_k, static_cast<int64_t>(p.seed), generated});
-    } else if (name != "logits_rows") {  // the context only where a penalty reads it
-      if (p.repetition_penalty != 1 || p.frequency_penalty != 0) {
-        values.insert(values.end(), s->tokens.begin(), s->tokens.end());
-      }
-      ends.push_back(static_cast<int64_t>(values.size()));
+    } else if (p.repetition_penalty != 1 || p.frequency_penalty != 0) {
+      // The context only where a penalty reads it; the ends need only its size.
+      if (name == "sample_context") values.insert(values.end(), s->tokens.begin(), s->tokens.end());
+      end += static_cast<int64_t>(s->tokens.size());
     }
+    ends.push_back(end);
   }
   if (name == "sample_ints") return Tensor::FromInt64s({n, 3}, values);
   if (name == "sample_context_ends") return Tensor::FromInt64s({n}, ends);
