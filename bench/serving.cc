@@ -820,7 +820,10 @@ Traces TracedRequests(Coordinator& c, const std::shared_ptr<Deployment>& d,
   auto run = [&] {
     for (int r = 0; r < 20; ++r) {
       std::vector<TraceSpan> trace;
-      auto out = c.InferOn(d, in, absl::Now() + absl::Seconds(60), nullptr, 0, nullptr, &trace);
+      RequestOptions traced;
+      traced.deadline = absl::Now() + absl::Seconds(60);
+      traced.trace = &trace;
+      auto out = c.InferOn(d, in, traced);
       std::lock_guard<std::mutex> lock(mu);
       if (out.ok()) {
         AddTrace(trace, stages, traces);

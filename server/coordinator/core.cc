@@ -827,36 +827,35 @@ absl::StatusOr<std::shared_ptr<Deployment>> Coordinator::AwaitDeployment(
 
 absl::StatusOr<std::vector<Tensor>> Coordinator::InferOn(std::shared_ptr<Deployment> model,
                                                          const std::vector<Tensor>& inputs,
-                                                         absl::Time deadline,
-                                                         const std::function<bool()>& cancelled,
-                                                         int64_t pinned_version,
-                                                         int64_t* answered_version,
-                                                         std::vector<TraceSpan>* trace) {
+                                                         const RequestOptions& options) {
   ASSIGN_OR_RETURN(Admission admission, Admit(model->name()));
-  return InferAdmitted(admission, std::move(model), inputs, deadline, cancelled, pinned_version,
-                       answered_version, trace);
+  return InferAdmitted(admission, std::move(model), inputs, options);
 }
 
-absl::StatusOr<std::vector<Tensor>> Coordinator::InferAdmitted(
-    const Admission& admission, std::shared_ptr<Deployment> model,
-    const std::vector<Tensor>& inputs, absl::Time deadline, const std::function<bool()>& cancelled,
-    int64_t pinned_version, int64_t* answered_version, std::vector<TraceSpan>* trace) {
+absl::StatusOr<std::vector<Tensor>> Coordinator::InferAdmitted(const Admission& admission,
+                                                               std::shared_ptr<Deployment> model,
+                                                               const std::vector<Tensor>& inputs,
+                                                               const RequestOptions& options) {
   const std::string name = admission.model();
-  if (deadline == absl::InfiniteFuture()) deadline = absl::Now() + options_.default_timeout;
+  RequestOptions attempt = options;  // each attempt's: the deadline is set once for all
+  if (attempt.deadline == absl::InfiniteFuture()) {
+    attempt.deadline = absl::Now() + options_.default_timeout;
+  }
   absl::Duration backoff = absl::Milliseconds(10);
   // Lost once with the stage servers that held it (LostInFlight): the
   // deployment then runs it alone and fails it (LostTwice) if it is lost
   // again, so a request that brings servers down takes down no more.
   bool lost_before = false;
   while (true) {
-    if (trace != nullptr) trace->clear();  // only the attempt that answers
-    absl::StatusOr<std::vector<Tensor>> out =
-        model->Infer(inputs, deadline, cancelled, trace, lost_before);
-    if (out.ok() && answered_version != nullptr) *answered_version = model->version();
+    if (attempt.trace != nullptr) attempt.trace->clear();  // only the attempt that answers
+    absl::StatusOr<std::vector<Tensor>> out = model->Infer(inputs, attempt, lost_before);
+    if (out.ok() && attempt.answered_version != nullptr) {
+      *attempt.answered_version = model->version();
+    }
     if (out.ok() || out.status().code() != absl::StatusCode::kUnavailable) return out;
     lost_before = lost_before || IsLostInFlight(out.status());
-    ASSIGN_OR_RETURN(model, AwaitDeployment(name, model, out.status(), deadline, backoff,
-                                            cancelled, pinned_version));
+    ASSIGN_OR_RETURN(model, AwaitDeployment(name, model, out.status(), attempt.deadline, backoff,
+                                            attempt.cancelled, attempt.pinned_version));
     backoff = std::min(backoff * 2, absl::Milliseconds(200));
     ++retried_requests_;
   }
@@ -864,10 +863,19 @@ absl::StatusOr<std::vector<Tensor>> Coordinator::InferAdmitted(
 
 absl::StatusOr<std::vector<Tensor>> Coordinator::Infer(const std::string& model,
                                                        const std::vector<Tensor>& inputs,
+                                                       const RequestOptions& options) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Deployment> d, Find(model));
+  return InferOn(std::move(d), inputs, options);
+}
+
+absl::StatusOr<std::vector<Tensor>> Coordinator::Infer(const std::string& model,
+                                                       const std::vector<Tensor>& inputs,
                                                        absl::Time deadline,
                                                        const std::function<bool()>& cancelled) {
-  ASSIGN_OR_RETURN(std::shared_ptr<Deployment> d, Find(model));
-  return InferOn(std::move(d), inputs, deadline, cancelled);
+  RequestOptions options;
+  options.deadline = deadline;
+  options.cancelled = cancelled;
+  return Infer(model, inputs, options);
 }
 
 }  // namespace pipeserve

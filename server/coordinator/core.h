@@ -8,7 +8,7 @@
 //   Coordinator coord(options, std::move(store), std::move(launcher), &stage_client);
 //   coord.LoadStoredModels();
 //   ASSIGN_OR_RETURN(std::shared_ptr<Deployment> model, coord.Find("example"));
-//   ASSIGN_OR_RETURN(std::vector<Tensor> out, model->Infer({x, y}, deadline, nullptr));
+//   ASSIGN_OR_RETURN(std::vector<Tensor> out, coord.InferOn(model, {x, y}, RequestOptions{deadline}));
 #ifndef PIPESERVE_SERVER_COORDINATOR_CORE_H_
 #define PIPESERVE_SERVER_COORDINATOR_CORE_H_
 
@@ -171,17 +171,12 @@ class Coordinator {
   // kDeadlineExceeded when the deadline passes while waiting (naming the
   // failure waited out); kResourceExhausted when max_queued_requests of
   // the model are queued or running already.
-  // With `pinned_version` (not 0) the request runs only on that version
-  // (a repair keeps it; a new upload does not). `answered_version`, when
-  // not null, gets the version that answered. `trace`, when not null, gets
-  // the timeline of the attempt that answered (Deployment::Infer).
+  // options.pinned_version (not 0) keeps the request to that version;
+  // options.answered_version gets the version that answered, and
+  // options.trace the timeline of the attempt that answered.
   absl::StatusOr<std::vector<Tensor>> InferOn(std::shared_ptr<Deployment> model,
                                               const std::vector<Tensor>& inputs,
-                                              absl::Time deadline,
-                                              const std::function<bool()>& cancelled = nullptr,
-                                              int64_t pinned_version = 0,
-                                              int64_t* answered_version = nullptr,
-                                              std::vector<TraceSpan>* trace = nullptr);
+                                              const RequestOptions& options);
 
   // A request counted against its model's queue (max_queued_requests) from
   // Admit until it is destroyed. Callers that queue requests before they
@@ -206,13 +201,12 @@ class Coordinator {
   absl::StatusOr<std::vector<Tensor>> InferAdmitted(const Admission& admission,
                                                     std::shared_ptr<Deployment> model,
                                                     const std::vector<Tensor>& inputs,
-                                                    absl::Time deadline,
-                                                    const std::function<bool()>& cancelled,
-                                                    int64_t pinned_version,
-                                                    int64_t* answered_version,
-                                                    std::vector<TraceSpan>* trace);
+                                                    const RequestOptions& options);
 
   // Find(model), then InferOn it.
+  absl::StatusOr<std::vector<Tensor>> Infer(const std::string& model,
+                                            const std::vector<Tensor>& inputs,
+                                            const RequestOptions& options);
   absl::StatusOr<std::vector<Tensor>> Infer(const std::string& model,
                                             const std::vector<Tensor>& inputs,
                                             absl::Time deadline,

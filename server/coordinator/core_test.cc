@@ -118,7 +118,7 @@ class CoordinatorTest : public ::testing::Test {
                                             absl::Duration timeout = absl::Seconds(20)) {
     auto d = coordinator_->Find(name);
     if (!d.ok()) return d.status();
-    return (*d)->Infer(in, absl::Now() + timeout, nullptr);
+    return (*d)->Infer(in, RequestOptions{absl::Now() + timeout});
   }
 
   // What the model computes: its whole graph as one CPU program, cut
@@ -376,8 +376,8 @@ TEST_F(CoordinatorTest, ARequestKeepsTheDeploymentItStartedWithAcrossAReupload) 
   // A different model under the same name: other width, other stages.
   ASSERT_TRUE(Upload("m", Mlp(3, 16, /*seed=*/2)).ok());
   EXPECT_EQ((*old)->plan().inputs(0).shape(1), 8) << "the handle's plan does not change";
-  auto stale = (*old)->Infer({Ramp({2, 8}, 1), Ramp({2, 8}, 1)}, absl::Now() + absl::Seconds(5),
-                             nullptr);
+  auto stale =
+      (*old)->Infer({Ramp({2, 8}, 1), Ramp({2, 8}, 1)}, RequestOptions{absl::Now() + absl::Seconds(5)});
   EXPECT_EQ(stale.status().code(), absl::StatusCode::kUnavailable);
   EXPECT_THAT(std::string(stale.status().message()), HasSubstr("replaced by a new upload"));
   auto fresh = Infer("m", {Ramp({2, 16}, 1), Ramp({2, 16}, 1)});
@@ -633,7 +633,7 @@ TEST_F(CoordinatorTest, ARequestOnAReplacedVersionMovesToTheNewOne) {
   Model v2 = Mlp(3, 8, /*seed=*/2);
   ASSERT_TRUE(Upload("m", v2).ok());
   std::vector<Tensor> in = {Ramp({2, 8}, 1), Ramp({2, 8}, 1)};
-  auto out = coordinator_->InferOn(*old, in, absl::Now() + absl::Seconds(20));
+  auto out = coordinator_->InferOn(*old, in, RequestOptions{absl::Now() + absl::Seconds(20)});
   ASSERT_TRUE(out.ok()) << out.status();
   ExpectEqual((*out)[0], Expected(v2, in)[0]);
 }
@@ -646,8 +646,10 @@ TEST_F(CoordinatorTest, ARequestPinnedToAVersionDoesNotMoveToTheNextOne) {
   EXPECT_EQ((*old)->version(), 1);
   ASSERT_TRUE(Upload("m", Mlp(2, 8, /*seed=*/2)).ok());
   EXPECT_EQ(coordinator_->GetModel("m")->version, 2);
-  auto out = coordinator_->InferOn(*old, {Ramp({2, 8}, 1), Ramp({2, 8}, 1)},
-                                   absl::Now() + absl::Seconds(5), nullptr, /*pinned_version=*/1);
+  RequestOptions pinned;
+  pinned.deadline = absl::Now() + absl::Seconds(5);
+  pinned.pinned_version = 1;
+  auto out = coordinator_->InferOn(*old, {Ramp({2, 8}, 1), Ramp({2, 8}, 1)}, pinned);
   EXPECT_EQ(out.status().code(), absl::StatusCode::kUnavailable) << out.status();
   EXPECT_THAT(std::string(out.status().message()), HasSubstr("named version 1"));
 }
@@ -718,6 +720,34 @@ TEST_F(CoordinatorTest, ReplicasSpreadMicrobatchesOverLanesAndMatchTheUnsplitMod
   ExpectEqual((*out)[0], Expected(m, in)[0]);
   // 4 microbatches, 2 on each lane.
   EXPECT_THAT(LaneFrames(*stages_, info), ::testing::ElementsAre(2, 2));
+}
+
+// A request bound to a lane (a generation step, whose sequences' caches
+// that lane holds) sends every microbatch there, and runs on another lane
+// once its own is out of service.
+TEST_F(CoordinatorTest, ARequestBoundToALaneRunsOnItUntilTheLaneIsGone) {
+  Model m = Mlp(2);
+  ASSERT_TRUE(Upload("mlp", m, Replicas(2)).ok());
+  const ModelInfo info = *coordinator_->GetModel("mlp");
+  std::vector<Tensor> in = {Ramp({37, 8}, 0.25f), Ramp({37, 8}, -0.5f)};
+  RequestOptions on_lane_1;
+  on_lane_1.deadline = absl::Now() + absl::Seconds(20);
+  on_lane_1.lane = 1;
+  auto out = coordinator_->Infer("mlp", in, on_lane_1);
+  ASSERT_TRUE(out.ok()) << out.status();
+  ExpectEqual((*out)[0], Expected(m, in)[0]);
+  EXPECT_THAT(LaneFrames(*stages_, info), ::testing::ElementsAre(0, 4));
+  stages_->KillServer("s3:9000");  // lane 1's last stage
+  absl::Time until = absl::Now() + absl::Seconds(20);
+  while (coordinator_->GetModel("mlp")->ready_replicas > 1 && absl::Now() < until) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  ASSERT_EQ(coordinator_->GetModel("mlp")->ready_replicas, 1);
+  on_lane_1.deadline = absl::Now() + absl::Seconds(20);
+  auto moved = coordinator_->Infer("mlp", in, on_lane_1);
+  ASSERT_TRUE(moved.ok()) << moved.status();
+  ExpectEqual((*moved)[0], Expected(m, in)[0]);
+  EXPECT_EQ(LaneFrames(*stages_, info)[0], 4u) << "lane 0 took it";
 }
 
 TEST_F(CoordinatorTest, ReplicasBeyondTheLimitOrNegativeAreRefused) {
@@ -833,8 +863,10 @@ TEST_F(CoordinatorTest, ATracedRequestGetsEveryMicrobatchsTimelineOnEveryStage) 
   std::vector<Tensor> in = {Ramp({8, 8}, 1), Ramp({8, 8}, 2)};
   std::vector<TraceSpan> spans;
   auto d = *coordinator_->Find("mlp");
-  auto out = coordinator_->InferOn(d, in, absl::Now() + absl::Seconds(20), nullptr, 0, nullptr,
-                                   &spans);
+  RequestOptions traced;
+  traced.deadline = absl::Now() + absl::Seconds(20);
+  traced.trace = &spans;
+  auto out = coordinator_->InferOn(d, in, traced);
   ASSERT_TRUE(out.ok()) << out.status();
   ExpectEqual((*out)[0], Expected(m, in)[0]);
   const ModelInfo info = d->Info();

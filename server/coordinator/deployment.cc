@@ -154,7 +154,10 @@ Deployment::Deployment(const DeploymentConfig& config, ModelInfo info, int repli
              const std::function<bool()>& cancelled, bool merged) {
         // A merged request goes whole: the merged requests in flight keep
         // the stages busy, and fewer, larger frames cost less per row.
-        return InferDirect(inputs, deadline, cancelled, nullptr, merged ? 1 : 0);
+        RequestOptions options;
+        options.deadline = deadline;
+        options.cancelled = cancelled;
+        return InferDirect(inputs, options, merged ? 1 : 0);
       },
       // A merged request lost twice with its stage servers is not run
       // again member by member: one of them may be what kills them.
@@ -460,17 +463,6 @@ int Deployment::ReadyLanes() const {
   return ready;
 }
 
-int Deployment::HomeLane(const std::vector<Tensor>& inputs) const {
-  if (!plan_->has_generation() || replicas_ <= 1) return -1;
-  for (int i = 0; i < plan_->inputs_size(); ++i) {
-    if (plan_->inputs(i).name() == "kv_seq_ids" && inputs[i].numel() > 0) {
-      const int64_t id = static_cast<const int64_t*>(inputs[i].raw_data())[0];
-      return static_cast<int>(((id % replicas_) + replicas_) % replicas_);
-    }
-  }
-  return -1;
-}
-
 int Deployment::PickLane(int avoid, int home) {
   if (home >= 0 && home != avoid && lanes_[home].ready) return home;
   int fallback = -1;
@@ -611,9 +603,7 @@ void Deployment::SendCancel(uint64_t id) {
 }
 
 absl::StatusOr<std::vector<Tensor>> Deployment::Infer(const std::vector<Tensor>& inputs,
-                                                      absl::Time deadline,
-                                                      const std::function<bool()>& cancelled,
-                                                      std::vector<TraceSpan>* trace,
+                                                      const RequestOptions& options,
                                                       bool lost_before) {
   // Checked here, so one bad request never fails a merged one.
   ASSIGN_OR_RETURN(const int64_t rows, CheckTensorsMatch(plan_->inputs(), inputs));
@@ -622,11 +612,12 @@ absl::StatusOr<std::vector<Tensor>> Deployment::Infer(const std::vector<Tensor>&
         "a batch of ", rows, " rows is more than this coordinator takes in one request (",
         config_.max_request_rows, ", --max_request_rows); send it in parts"));
   }
-  if (trace != nullptr || lost_before) {
-    return InferDirect(inputs, deadline, cancelled, trace, 0, lost_before);
+  if (options.trace != nullptr || options.lane >= 0 || lost_before) {
+    return InferDirect(inputs, options, 0, lost_before);
   }
+  absl::Time deadline = options.deadline;
   if (deadline == absl::InfiniteFuture()) deadline = absl::Now() + config_.default_timeout;
-  return batcher_->Infer(inputs, deadline, cancelled);
+  return batcher_->Infer(inputs, deadline, options.cancelled);
 }
 
 // One request on its way through the pipeline: InferDirect's state while
@@ -641,7 +632,7 @@ struct Deployment::Request {
   absl::Time began;
   int sent = 0;    // first sends done (for the messages)
   int avoid = -1;  // a lane whose stage 0 could not be reached
-  int home = -1;   // the lane holding its sequences' KV caches (HomeLane)
+  int home = -1;   // the lane holding the state it reads (RequestOptions::lane)
 
   bool Cancelled() const { return *cancelled && (*cancelled)(); }
 };
@@ -664,9 +655,7 @@ absl::Status Deployment::CheckServing() const {
 }
 
 absl::StatusOr<std::vector<Tensor>> Deployment::InferDirect(const std::vector<Tensor>& inputs,
-                                                            absl::Time deadline,
-                                                            const std::function<bool()>& cancelled,
-                                                            std::vector<TraceSpan>* trace,
+                                                            const RequestOptions& options,
                                                             int chunks, bool lost_before) {
   Request r;
   r.began = FrameClockNow();
@@ -675,10 +664,12 @@ absl::StatusOr<std::vector<Tensor>> Deployment::InferDirect(const std::vector<Te
     RETURN_IF_ERROR(CheckServing());
   }
   ASSIGN_OR_RETURN(int64_t batch, CheckTensorsMatch(plan_->inputs(), inputs));
-  r.deadline = deadline == absl::InfiniteFuture() ? absl::Now() + config_.default_timeout : deadline;
-  r.cancelled = &cancelled;
-  r.trace = trace;
-  r.home = HomeLane(inputs);
+  r.deadline = options.deadline == absl::InfiniteFuture()
+                   ? absl::Now() + config_.default_timeout
+                   : options.deadline;
+  r.cancelled = &options.cancelled;
+  r.trace = options.trace;
+  r.home = options.lane < replicas_ ? options.lane : -1;
   if (batch == 0) {
     // Nothing to compute for outputs that follow the batch.
     if (std::all_of(output_batched_.begin(), output_batched_.end(), [](bool b) { return b; })) {

@@ -15,7 +15,7 @@
 //
 //   ASSIGN_OR_RETURN(std::shared_ptr<Deployment> d,
 //                    Deployment::Create(config, "example", file, plan, options, servers, bytes));
-//   ASSIGN_OR_RETURN(std::vector<Tensor> out, d->Infer({x, y}, deadline, nullptr));
+//   ASSIGN_OR_RETURN(std::vector<Tensor> out, d->Infer({x, y}, RequestOptions{deadline}));
 //   d->Close("replaced by a new upload");
 #ifndef PIPESERVE_SERVER_COORDINATOR_DEPLOYMENT_H_
 #define PIPESERVE_SERVER_COORDINATOR_DEPLOYMENT_H_
@@ -85,6 +85,32 @@ struct DeploymentConfig {
   std::function<void(const std::string&)> on_broken;
 };
 
+// How one request runs, whatever kind of work it carries: a one-shot
+// forward pass (ModelInfer) or a generation step of sequences whose KV
+// caches one lane holds.
+struct RequestOptions {
+  // When the request fails with kDeadlineExceeded (InfiniteFuture: the
+  // coordinator's default timeout from now).
+  absl::Time deadline = absl::InfiniteFuture();
+  // Polled while the request runs: true ends it with kCancelled.
+  std::function<bool()> cancelled;
+  // The lane (replica) whose stages hold the state the request reads: a
+  // generation step's KV caches. -1: any ready lane. When that lane is
+  // out of service the request runs on another (a generation step then
+  // finds no cache there, and the generator rebuilds its sequences).
+  int lane = -1;
+  // With `trace`, the timeline of the attempt that answered is appended
+  // there (see Deployment::Infer); such a request is never merged.
+  std::vector<TraceSpan>* trace = nullptr;
+  // Coordinator only: run on this version of the model only (0: whichever
+  // serves the name; a repair keeps the version, a new upload does not),
+  // and, when not null, the version that answered.
+  int64_t pinned_version = 0;
+  int64_t* answered_version = nullptr;
+
+  bool Cancelled() const { return cancelled && cancelled(); }
+};
+
 // Most replicas of a stage (StageKey.replica is below it).
 inline constexpr int kMaxReplicas = 64;
 
@@ -150,26 +176,26 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   int replicas() const { return replicas_; }
 
   // Runs `inputs` (in the plan's input order) through the pipeline in the
-  // deployment's microbatch count, spread over the ready lanes; returns the
+  // deployment's microbatch count, spread over the ready lanes (only
+  // options.lane, while it is ready); returns the
   // outputs in order. A batch of 0 rows answers at once with empty
   // outputs. kInvalidArgument (inputs that do not fit, naming the input,
   // or more rows than max_request_rows), kUnavailable (not ready, or every
   // lane broke: LostInFlight), kDeadlineExceeded (also while stage 0 is
-  // full), kCancelled (when `cancelled` turns true), kInternal (a stage
+  // full), kCancelled (when options.cancelled turns true), kInternal (a stage
   // sent something that does not fit the plan, or a microbatch was lost
   // with its lane twice: LostTwice), or the error a stage reported. Thread-safe; many requests pipeline together.
   // Small requests are merged with concurrent ones while the deployment
-  // is busy (dynamic batching, see Batcher), except traced ones.
-  // With `trace`, the request's timeline is appended there: the request
+  // is busy (dynamic batching, see Batcher), except traced ones and those
+  // bound to a lane.
+  // With options.trace, the request's timeline is appended there: the request
   // and each microbatch's send on the coordinator (stage -1), its
   // transfer, queue and compute on every stage, and its transfer back
   // ("receive"). `lost_before`: the request was lost with its servers
   // once already (LostInFlight): it runs alone, and a microbatch of it
   // lost again fails it with LostTwice instead of running a third time.
   absl::StatusOr<std::vector<Tensor>> Infer(const std::vector<Tensor>& inputs,
-                                            absl::Time deadline,
-                                            const std::function<bool()>& cancelled,
-                                            std::vector<TraceSpan>* trace = nullptr,
+                                            const RequestOptions& options,
                                             bool lost_before = false);
 
   // The health of one ready lane: the first problem found asking its stage
@@ -261,10 +287,8 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   // Infer without the batcher: one request through the pipeline, in
   // `chunks` microbatches (0: the deployment's count).
   absl::StatusOr<std::vector<Tensor>> InferDirect(const std::vector<Tensor>& inputs,
-                                                  absl::Time deadline,
-                                                  const std::function<bool()>& cancelled,
-                                                  std::vector<TraceSpan>* trace,
-                                                  int chunks = 0, bool lost_before = false);
+                                                  const RequestOptions& options, int chunks = 0,
+                                                  bool lost_before = false);
   // InferDirect's phases: a request's state while it is sent, and the
   // microbatch it sends next.
   struct Request;
@@ -314,11 +338,6 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   // `home` when it is ready and not `avoid`, else the next ready lane in
   // turn, preferring one other than `avoid`; -1 when none is ready.
   int PickLane(int avoid, int home = -1) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // A generation step's lane (-1: any): its first sequence's id modulo the
-  // lanes, where that sequence's KV cache is (Generator keeps every step to
-  // sequences of one home lane), so a replicated model's steps do not
-  // wander between caches.
-  int HomeLane(const std::vector<Tensor>& inputs) const;
   int ReadyLanes() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Finish(uint64_t id, absl::Status error) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FailAll(const absl::Status& error) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

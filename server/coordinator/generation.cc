@@ -38,8 +38,12 @@ absl::StatusOr<std::shared_ptr<Generator>> Generation::For(const std::string& mo
   const absl::Duration step_timeout = coordinator_->default_timeout();
   gen = std::make_shared<Generator>(
       std::move(config), options,
-      [coordinator, model, step_timeout](const std::vector<Tensor>& inputs, absl::Time deadline) {
-        return coordinator->Infer(model, inputs, std::min(deadline, absl::Now() + step_timeout));
+      [coordinator, model, step_timeout](const std::vector<Tensor>& inputs, absl::Time deadline,
+                                         int lane) {
+        RequestOptions step;
+        step.deadline = std::min(deadline, absl::Now() + step_timeout);
+        step.lane = lane;
+        return coordinator->Infer(model, inputs, step);
       });
   return gen;
 }

@@ -37,6 +37,7 @@ struct Generator::Batch {
   // The step's own (not its sequences': one short deadline must not fail
   // the others; each sequence's is checked on its own).
   absl::Time deadline = absl::InfiniteFuture();
+  int lane = -1;  // the lane holding its sequences' caches (-1: the model has one)
 };
 
 namespace {
@@ -259,7 +260,7 @@ void Generator::StepLoop() {
     if (b.seqs.empty()) continue;
     std::vector<Tensor> inputs = Inputs(b);
     mu_.Unlock();
-    absl::StatusOr<std::vector<Tensor>> out = forward_(inputs, b.deadline);
+    absl::StatusOr<std::vector<Tensor>> out = forward_(inputs, b.deadline, b.lane);
     mu_.Lock();
     Apply(b, out);
   }
@@ -290,8 +291,8 @@ Generator::Batch Generator::Take() {
       if (s->ended || s->in_flight || static_cast<int64_t>(b.seqs.size()) >= per_step) continue;
       const int64_t left = static_cast<int64_t>(s->tokens.size()) - s->cached;
       if ((pass == 0) != (left == 1) || budget <= 0) continue;
-      if (lane >= 0 && s->id % config_.lanes != lane) continue;
-      lane = s->id % config_.lanes;
+      if (lane >= 0 && HomeLane(*s) != lane) continue;
+      lane = HomeLane(*s);
       const int64_t n = std::min(left, budget);
       budget -= n;
       s->in_flight = true;
@@ -302,7 +303,12 @@ Generator::Batch Generator::Take() {
                       s->tokens.begin() + s->cached + n);
     }
   }
+  if (config_.lanes > 1) b.lane = static_cast<int>(lane);
   return b;
+}
+
+int64_t Generator::HomeLane(const Sequence& s) const {
+  return ((s.id % config_.lanes) + config_.lanes) % config_.lanes;
 }
 
 std::vector<Tensor> Generator::Inputs(const Batch& b) const {

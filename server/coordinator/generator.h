@@ -55,7 +55,7 @@ struct GenerationConfig {
   // (-1: this generator samples from the logits).
   int tokens_output = -1;
   // Replicas of the model: a step holds sequences of one home lane only
-  // (sequence id modulo lanes, Deployment::HomeLane).
+  // (sequence id modulo lanes), and runs there (RequestOptions::lane).
   int lanes = 1;
 };
 
@@ -92,8 +92,10 @@ struct GeneratorStats {
 
 class Generator {
  public:
+  // Runs one step on `lane`, the replica whose stages hold its sequences'
+  // caches (-1 when the model has one lane).
   using Forward = std::function<absl::StatusOr<std::vector<Tensor>>(
-      const std::vector<Tensor>& inputs, absl::Time deadline)>;
+      const std::vector<Tensor>& inputs, absl::Time deadline, int lane)>;
 
   Generator(GenerationConfig config, GeneratorOptions options, Forward forward);
   // Ends every sequence (kUnavailable) and stops the step threads.
@@ -138,6 +140,8 @@ class Generator {
   void StepLoop();
   bool HasWork() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   Batch Take() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The lane whose stages hold `s`'s cache.
+  int64_t HomeLane(const Sequence& s) const;
   std::vector<Tensor> Inputs(const Batch& b) const;
   // The sample_* and logits_rows inputs of `b` (GenerationSpec), by name.
   Tensor SampleInput(const std::string& name, const Batch& b) const;

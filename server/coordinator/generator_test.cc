@@ -132,7 +132,7 @@ class GeneratorTest : public ::testing::Test {
 
   std::unique_ptr<Generator> Make(int64_t blocks = 512, GeneratorOptions options = {}) {
     return std::make_unique<Generator>(Config(blocks), options,
-                                       [this](const std::vector<Tensor>& in, absl::Time) {
+                                       [this](const std::vector<Tensor>& in, absl::Time, int) {
                                          return model_.Step(in);
                                        });
   }
@@ -167,6 +167,37 @@ TEST_F(GeneratorTest, SixtyFourConcurrentSequencesEachEqualItsRunAlone) {
   EXPECT_LE(model_.max_tokens_per_step(), 24);
   EXPECT_LT(model_.steps(), 64 * 17) << "sequences shared steps";
   EXPECT_EQ(gen->Stats().blocks_used, 0);
+}
+
+// With replicas, every step holds sequences of one home lane and asks to
+// run on that lane, where their caches are.
+TEST_F(GeneratorTest, EachStepRunsOnTheLaneHoldingItsSequences) {
+  GenerationConfig config = Config(512);
+  config.lanes = 3;
+  absl::Mutex mu;
+  std::map<int, int> steps_per_lane;
+  int misplaced = 0;
+  Generator gen(config, GeneratorOptions{}, [&](const std::vector<Tensor>& in, absl::Time, int lane) {
+    const auto* ids = static_cast<const int64_t*>(in[4].raw_data());
+    absl::MutexLock l(&mu);
+    ++steps_per_lane[lane];
+    for (int64_t i = 0; i < in[4].numel(); ++i) misplaced += ids[i] % 3 != lane ? 1 : 0;
+    return model_.Step(in);
+  });
+  std::vector<Outcome> runs(12);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 12; ++i) {
+    threads.emplace_back([&, i] { runs[i] = GenerateOne(gen, {i % kVocab, 1}, 5); });
+  }
+  for (auto& t : threads) t.join();
+  for (int i = 0; i < 12; ++i) {
+    ASSERT_TRUE(runs[i].status.ok()) << runs[i].status;
+    EXPECT_EQ(runs[i].tokens, Reference({i % kVocab, 1}, 5));
+  }
+  absl::MutexLock l(&mu);
+  EXPECT_EQ(misplaced, 0);
+  EXPECT_EQ(steps_per_lane.size(), 3u) << "12 sequences spread over the 3 lanes";
+  EXPECT_EQ(steps_per_lane.count(-1), 0u);
 }
 
 TEST_F(GeneratorTest, ACacheLostMidwayIsRebuiltWithNoTokenLostOrRepeated) {

@@ -220,10 +220,14 @@ absl::Status KServeService::InferUnmetered(const inference::ModelInferRequest& r
   }
   int64_t answered = serving;
   std::vector<TraceSpan> spans;
-  const int64_t pinned = req.model_version().empty() ? 0 : serving;
+  RequestOptions options;
+  options.deadline = deadline;
+  options.cancelled = cancelled;
+  options.pinned_version = req.model_version().empty() ? 0 : serving;
+  options.answered_version = &answered;
+  options.trace = traced ? &spans : nullptr;
   absl::StatusOr<std::vector<Tensor>> outputs =
-      coordinator_->InferAdmitted(*admission, model, inputs, deadline, cancelled, pinned,
-                                  &answered, traced ? &spans : nullptr);
+      coordinator_->InferAdmitted(*admission, model, inputs, options);
   if (!outputs.ok()) return outputs.status();
   BuildInferResponse(req, model->plan(), chosen, *outputs, resp);
   resp->set_model_version(absl::StrCat(answered));
