@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -84,8 +85,9 @@ ABSL_FLAG(int, stream_idle_timeout_s, 60,
           "a ModelStreamInfer stream with nothing in flight that sends nothing this long is ended");
 ABSL_FLAG(int, max_timeout_s, 3600, "the longest deadline a client may give a request");
 ABSL_FLAG(int, default_timeout_s, 60, "deadline for requests that carry none");
-ABSL_FLAG(int, kv_cache_mb, 256,
-          "KV cache each stage server holds for a model exported for generation");
+ABSL_FLAG(double, kv_cache_mb, 256,
+          "KV cache (MiB, fractions too) each stage server holds for a model exported for "
+          "generation");
 ABSL_FLAG(int, max_generating, 256, "sequences one model generates at once (holding KV cache)");
 ABSL_FLAG(int, max_generation_waiting, 256,
           "generation requests one model queues for KV cache; beyond, RESOURCE_EXHAUSTED at once");
@@ -288,7 +290,8 @@ absl::StatusOr<pipeserve::CoordinatorOptions> CoordinatorOptionsFromFlags(bool l
   options.keep_stages_on_exit = !local;
   options.calibration.rows = std::max(1, absl::GetFlag(FLAGS_calibration_rows));
   options.link_bytes_per_second = absl::GetFlag(FLAGS_link_gb_per_s) * 1e9;
-  options.kv_cache_bytes = int64_t{std::max(1, absl::GetFlag(FLAGS_kv_cache_mb))} << 20;
+  options.kv_cache_bytes =
+      std::max<int64_t>(1, std::llround(absl::GetFlag(FLAGS_kv_cache_mb) * (1 << 20)));
   return options;
 }
 

@@ -91,6 +91,11 @@ std::string RenderGenerationMetrics(
          [&](const std::string& m, const GeneratorStats& s) {
            line("pipeserve_generation_rebuilt_total", m, "", s.rebuilt);
          });
+  family("pipeserve_generation_preemptions_total", "counter",
+         "Times a sequence gave its KV cache blocks up to others (it is prefilled again later)",
+         [&](const std::string& m, const GeneratorStats& s) {
+           line("pipeserve_generation_preemptions_total", m, "", s.preempted);
+         });
   family("pipeserve_generation_finished_total", "counter", "Sequences ended",
          [&](const std::string& m, const GeneratorStats& s) {
            line("pipeserve_generation_finished_total", m, "", s.finished);

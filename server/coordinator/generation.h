@@ -44,7 +44,7 @@ class Generation {
 
 // Prometheus text for `stats`: per model, KV cache blocks used and free,
 // sequences running and waiting, steps, sequences rebuilt after a lost
-// cache, sequences finished.
+// cache, preemptions, sequences finished.
 std::string RenderGenerationMetrics(
     const std::vector<std::pair<std::string, GeneratorStats>>& stats);
 

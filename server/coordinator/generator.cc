@@ -16,7 +16,8 @@ struct Generator::Sequence {
   std::vector<int64_t> tokens;  // the prompt, then what was generated
   int64_t prompt_len = 0;
   int64_t cached = 0;           // positions every stage holds
-  std::vector<int64_t> blocks;  // its block table (reserved at admission)
+  std::vector<int64_t> blocks;  // its block table (the prompt's at admission, then as it grows)
+  bool running = false;         // admitted (holds blocks), not waiting
   SamplingParams sampling;
   absl::Time deadline;
   bool in_flight = false;       // a step holds it
@@ -80,7 +81,10 @@ absl::StatusOr<GenerationConfig> GenerationConfigOf(const std::string& model, co
 
 Generator::Generator(GenerationConfig config, GeneratorOptions options, Forward forward)
     : config_(std::move(config)), options_(options), forward_(std::move(forward)),
-      id_base_(static_cast<int64_t>(std::random_device{}() & 0x3fffffff) << 32) {
+      id_base_(static_cast<int64_t>(std::random_device{}() & 0x3fffffff) << 32),
+      reserve_blocks_(options_.reserve_blocks >= 0
+                          ? options_.reserve_blocks
+                          : std::max<int64_t>(1, config_.spec.num_blocks() / 100)) {
   for (int64_t b = config_.spec.num_blocks() - 1; b >= 0; --b) free_blocks_.push_back(b);
   stats_.blocks_total = config_.spec.num_blocks();
   for (int i = 0; i < std::max(1, options_.steps_in_flight); ++i) {
@@ -120,15 +124,15 @@ absl::Status Generator::Check(const GenerationRequest& request) const {
   return absl::OkStatus();
 }
 
-int64_t Generator::BlocksFor(const GenerationRequest& request) const {
-  const int64_t positions =
-      static_cast<int64_t>(request.prompt.size()) + request.sampling.max_tokens - 1;
+int64_t Generator::BlocksFor(int64_t positions) const {
   const int64_t bs = config_.spec.block_size();
   return std::max<int64_t>(1, (positions + bs - 1) / bs);
 }
 
 absl::StatusOr<Generator::SeqPtr> Generator::Enqueue(const GenerationRequest& request) {
-  const int64_t need = BlocksFor(request);
+  // Refused if it could not finish even alone.
+  const int64_t need =
+      BlocksFor(static_cast<int64_t>(request.prompt.size()) + request.sampling.max_tokens - 1);
   absl::MutexLock l(&mu_);
   if (stopping_) return absl::UnavailableError("the generator is stopping");
   if (need > config_.spec.num_blocks()) {
@@ -143,7 +147,6 @@ absl::StatusOr<Generator::SeqPtr> Generator::Enqueue(const GenerationRequest& re
   s->prompt_len = static_cast<int64_t>(request.prompt.size());
   s->sampling = request.sampling;
   s->deadline = request.deadline;
-  s->blocks.resize(need);
   waiting_.push_back(s);
   Admit();
   if (static_cast<int>(waiting_.size()) > options_.max_waiting) {  // s did not get in
@@ -156,16 +159,52 @@ absl::StatusOr<Generator::SeqPtr> Generator::Enqueue(const GenerationRequest& re
 }
 
 void Generator::Admit() {
-  while (!waiting_.empty() && static_cast<int>(running_.size()) < options_.max_running &&
-         waiting_.front()->blocks.size() <= free_blocks_.size()) {
+  while (!waiting_.empty() && static_cast<int>(running_.size()) < options_.max_running) {
     SeqPtr s = waiting_.front();
+    const int64_t need = BlocksFor(static_cast<int64_t>(s->tokens.size()));
+    const int64_t reserve = running_.empty() ? 0 : reserve_blocks_;
+    if (need + reserve > static_cast<int64_t>(free_blocks_.size())) return;
     waiting_.pop_front();
-    for (int64_t& b : s->blocks) {
-      b = free_blocks_.back();
-      free_blocks_.pop_back();
-    }
+    s->cached = 0;  // a preempted sequence is prefilled again
+    s->running = true;
     running_.push_back(s);
+    Grow(s, static_cast<int64_t>(s->tokens.size()));
   }
+}
+
+bool Generator::Grow(const SeqPtr& s, int64_t positions) {
+  const size_t need = static_cast<size_t>(BlocksFor(positions));
+  while (s->blocks.size() < need) {
+    if (free_blocks_.empty()) {
+      // The sequence admitted last that no step holds gives its blocks up:
+      // one after `s`, or `s` itself.
+      auto victim = running_.end();
+      for (auto it = running_.end(); it != running_.begin();) {
+        --it;
+        if (*it == s || !(*it)->in_flight) {
+          victim = it;
+          break;
+        }
+      }
+      SeqPtr v = *victim;
+      Preempt(v);
+      if (v == s) return false;
+      continue;
+    }
+    s->blocks.push_back(free_blocks_.back());
+    free_blocks_.pop_back();
+  }
+  return true;
+}
+
+void Generator::Preempt(const SeqPtr& s) {
+  running_.erase(std::find(running_.begin(), running_.end(), s));
+  free_blocks_.insert(free_blocks_.end(), s->blocks.begin(), s->blocks.end());
+  s->blocks.clear();
+  s->cached = 0;
+  s->running = false;
+  waiting_.push_front(s);
+  ++stats_.preempted;
 }
 
 void Generator::End(const SeqPtr& s, absl::Status status) {
@@ -183,10 +222,11 @@ void Generator::End(const SeqPtr& s, absl::Status status) {
 }
 
 void Generator::Release(const SeqPtr& s) {
-  auto it = std::find(running_.begin(), running_.end(), s);
-  if (it != running_.end()) {
-    running_.erase(it);
-    for (int64_t b : s->blocks) free_blocks_.push_back(b);
+  if (s->running) {
+    running_.erase(std::find(running_.begin(), running_.end(), s));
+    free_blocks_.insert(free_blocks_.end(), s->blocks.begin(), s->blocks.end());
+    s->blocks.clear();
+    s->running = false;
   } else {
     waiting_.erase(std::remove(waiting_.begin(), waiting_.end(), s), waiting_.end());
   }
@@ -288,12 +328,14 @@ Generator::Batch Generator::Take() {
   // Decoding sequences first (one token each), then prompts in chunks.
   for (int pass = 0; pass < 2; ++pass) {
     for (const SeqPtr& s : ready) {
-      if (s->ended || s->in_flight || static_cast<int64_t>(b.seqs.size()) >= per_step) continue;
+      if (s->ended || !s->running || s->in_flight) continue;
+      if (static_cast<int64_t>(b.seqs.size()) >= per_step) continue;
       const int64_t left = static_cast<int64_t>(s->tokens.size()) - s->cached;
       if ((pass == 0) != (left == 1) || budget <= 0) continue;
       if (lane >= 0 && HomeLane(*s) != lane) continue;
-      lane = HomeLane(*s);
       const int64_t n = std::min(left, budget);
+      if (!Grow(s, s->cached + n)) continue;  // preempted: it waits for blocks
+      lane = HomeLane(*s);
       budget -= n;
       s->in_flight = true;
       b.seqs.push_back(s);

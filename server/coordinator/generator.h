@@ -10,9 +10,13 @@
 // Several steps are in flight at once (GeneratorOptions::steps_in_flight,
 // at least the model's stages), each with its own sequences, so that every
 // stage has work while the others compute (Orca's and vLLM's pipeline
-// schedule). A sequence's cache blocks are reserved for its prompt plus
-// max_tokens when it is admitted (so it never waits for memory midway);
-// it waits in a bounded queue until they are free.
+// schedule). A sequence is admitted when the blocks of its prompt, plus a
+// reserve while others run, are free; it waits in a bounded queue until
+// they are. It takes more blocks as it grows. When none is free, the
+// sequence admitted last that no step holds is preempted (vLLM's
+// recompute preemption): its blocks go to the others, and it goes back to
+// the front of the queue, to be prefilled again (prompt and tokens so far)
+// once blocks are free. Its caller sees only a pause.
 //
 // A step that fails because a stage no longer holds a sequence's cache (a
 // stage server that died and was replaced: KvCache refuses, it never
@@ -70,6 +74,9 @@ struct GeneratorOptions {
   int max_waiting = 256;           // queued for blocks; beyond, kResourceExhausted
   int64_t max_step_tokens = 256;   // tokens per step: longer prompts prefill in chunks
   int max_rebuilds = 4;            // times one sequence may be rebuilt after losing its cache
+  // Blocks that must stay free beyond a prompt's for it to start while
+  // other sequences run, so they can grow (-1: 1% of the cache, at least 1).
+  int64_t reserve_blocks = -1;
 };
 
 struct GenerationRequest {
@@ -88,6 +95,7 @@ struct GeneratorStats {
   int64_t blocks_total = 0, blocks_used = 0;
   int64_t running = 0, waiting = 0;
   uint64_t steps = 0, rebuilt = 0, finished = 0;
+  uint64_t preempted = 0;  // times a sequence gave its blocks up to others
 };
 
 class Generator {
@@ -131,12 +139,19 @@ class Generator {
   using SeqPtr = std::shared_ptr<Sequence>;
 
   absl::Status Check(const GenerationRequest& request) const;
-  int64_t BlocksFor(const GenerationRequest& request) const;
+  // Blocks that hold `positions` positions.
+  int64_t BlocksFor(int64_t positions) const;
   absl::StatusOr<SeqPtr> Enqueue(const GenerationRequest& request);
   void Admit() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Ends `s` with `status` (and frees its blocks) unless a step holds it.
   void End(const SeqPtr& s, absl::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Release(const SeqPtr& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Gives `s` the blocks for `positions` positions, preempting the
+  // sequences admitted after it that no step holds, or `s` itself, when
+  // too few are free. False when `s` was preempted.
+  bool Grow(const SeqPtr& s, int64_t positions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Frees the blocks of running, idle `s` and queues it first again.
+  void Preempt(const SeqPtr& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void StepLoop();
   bool HasWork() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   Batch Take() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -157,6 +172,7 @@ class Generator {
   const GeneratorOptions options_;
   const Forward forward_;
   const int64_t id_base_;  // random: a restarted coordinator's ids never match old tags
+  const int64_t reserve_blocks_;
 
   absl::Mutex mu_;
   std::vector<int64_t> free_blocks_ ABSL_GUARDED_BY(mu_);

@@ -273,6 +273,7 @@ TEST_F(GeneratorTest, AClientThatStopsReadingFreesItsBlocksAtOnce) {
 TEST_F(GeneratorTest, RequestsBeyondTheCacheOrTheQueueAreRefusedNamingTheLimit) {
   GeneratorOptions options;
   options.max_waiting = 1;
+  options.reserve_blocks = 8;  // nothing starts beside a running sequence
   model_.step_time = absl::Milliseconds(20);  // the first request holds its blocks for 0.6 s
   auto gen = Make(8, options);  // 8 blocks of 4 tokens
   Outcome big = GenerateOne(*gen, {1}, 40);
@@ -284,7 +285,7 @@ TEST_F(GeneratorTest, RequestsBeyondTheCacheOrTheQueueAreRefusedNamingTheLimit) 
   auto slow = [&] {
     GenerationRequest r;
     r.prompt = {1};
-    r.sampling.max_tokens = 30;  // every block
+    r.sampling.max_tokens = 30;  // every block by its end
     return gen->Generate(r, [&](const GeneratedToken&) {
       while (!release) absl::SleepFor(absl::Milliseconds(1));
       return true;
@@ -301,6 +302,41 @@ TEST_F(GeneratorTest, RequestsBeyondTheCacheOrTheQueueAreRefusedNamingTheLimit) 
   release = true;
   a.join();
   b.join();
+}
+
+// Blocks are taken as sequences grow, so two that would each fill the
+// cache by their end run together; when it is full, the one admitted last
+// gives its blocks up, waits, and is prefilled again: both still get
+// exactly their tokens, and every block comes back.
+TEST_F(GeneratorTest, WhenTheCacheIsFullTheLastAdmittedIsPreemptedAndResumes) {
+  model_.step_time = absl::Milliseconds(2);
+  GeneratorOptions options;
+  options.steps_in_flight = 2;
+  auto gen = Make(8, options);  // 8 blocks of 4 tokens: 32 positions
+  std::atomic<bool> done{false};
+  std::atomic<int64_t> most_running{0};
+  std::thread watch([&] {
+    while (!done) {
+      most_running = std::max(most_running.load(), gen->Stats().running);
+      absl::SleepFor(absl::Microseconds(200));
+    }
+  });
+  Outcome a, b;
+  std::thread ta([&] { a = GenerateOne(*gen, {1, 2}, 30); });  // 31 positions: 8 blocks
+  std::thread tb([&] { b = GenerateOne(*gen, {3, 4}, 30); });
+  ta.join();
+  tb.join();
+  done = true;
+  watch.join();
+  ASSERT_TRUE(a.status.ok()) << a.status;
+  ASSERT_TRUE(b.status.ok()) << b.status;
+  EXPECT_EQ(a.tokens, Reference({1, 2}, 30));
+  EXPECT_EQ(b.tokens, Reference({3, 4}, 30));
+  EXPECT_EQ(most_running.load(), 2) << "both started before either's end was reserved";
+  const GeneratorStats stats = gen->Stats();
+  EXPECT_GE(stats.preempted, 1u);
+  EXPECT_EQ(stats.blocks_used, 0);
+  EXPECT_EQ(stats.running + stats.waiting, 0);
 }
 
 TEST_F(GeneratorTest, WithNoQueueARequestThatFitsStillRuns) {

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "common/status_macros.h"
 #include "partitioner/validate.h"
 #include "runtime/dtype.h"
@@ -40,7 +41,8 @@ absl::Status SizeKvCache(const Graph& graph, int64_t budget_bytes, Plan* plan) {
   const int64_t blocks = widest == 0 ? 0 : budget_bytes / widest;
   if (widest > 0 && blocks == 0) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "the KV cache budget (", budget_bytes >> 20, " MiB per stage server, --kv_cache_mb) ",
+        "the KV cache budget (", absl::StrFormat("%.3g", budget_bytes / 1048576.0),
+        " MiB per stage server, --kv_cache_mb) ",
         "holds no block of ", block_size, " tokens: a stage needs ", widest,
         " bytes per block"));
   }

@@ -428,6 +428,47 @@ class GenerationFailoverTest(unittest.TestCase):
         self.run_through_a_kill(replicas=2)
 
 
+class GenerationPreemptionTest(unittest.TestCase):
+    """A cache too small for every sequence at once: they start on their
+    prompts' blocks, take more as they grow, and when none is left the one
+    admitted last is preempted and prefilled again later. Every sequence
+    still gets exactly PyTorch's greedy tokens, and every block comes back."""
+
+    def test_sequences_preempted_for_cache_resume_with_the_same_tokens(self):
+        tmp = tempfile.mkdtemp(dir=os.environ.get("TEST_TMPDIR"))
+        # 8 KiB per block on the widest stage (2 layers of 32 wide): 16
+        # blocks of 16 tokens. 8 sequences of up to 49 positions need 4
+        # blocks each, 32 together.
+        coord = Coordinator(tmp, "--kv_cache_mb=0.125")
+        try:
+            model = gpt2()
+            path = os.path.join(tmp, "gpt2.psm")
+            pipeserve.export(model, (torch.randint(0, 97, (2, 5)),), path, generation=True)
+            coord.client.upload("gpt2", path)
+            used = 'pipeserve_kv_cache_blocks{model="gpt2",state="used"}'
+            free = 'pipeserve_kv_cache_blocks{model="gpt2",state="free"}'
+            torch.manual_seed(8)
+            prompts = [torch.randint(0, 97, (2 + i,)).tolist() for i in range(8)]
+            got = [None] * len(prompts)
+
+            def run(i):
+                got[i] = list(coord.client.generate("gpt2", prompts[i], max_tokens=40))
+
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            for i, prompt in enumerate(prompts):
+                self.assertEqual(got[i], greedy(model, prompt, 40)[0], f"sequence {i}")
+            self.assertEqual(coord.metric(used), 0)
+            self.assertLessEqual(coord.metric(free), 16)
+            self.assertGreater(
+                coord.metric('pipeserve_generation_preemptions_total{model="gpt2"}'), 0)
+        finally:
+            coord.close()
+
+
 class GenerationExportTest(unittest.TestCase):
     def export(self, model, example, **kwargs):
         with tempfile.TemporaryDirectory() as d:
