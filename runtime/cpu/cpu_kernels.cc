@@ -11,6 +11,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
+#include "runtime/cpu/gemm_amx_bf16.h"
 #include "runtime/cpu/gemv_bf16.h"
 
 namespace pipeserve {
@@ -167,6 +168,10 @@ absl::Status GemmBf16(bool trans_b, int64_t m, int64_t n, int64_t k, const uint1
   if (m == 0 || n == 0) return absl::OkStatus();
   if (trans_b && GemvBf16Runs(m)) {  // a decode step: stream the weights once
     GemvBf16(m, n, k, a, b, bias, c);
+    return absl::OkStatus();
+  }
+  if (trans_b && AmxBf16Runs(m, k)) {  // one of many sequences: the same, on AMX tiles
+    GemmAmxBf16(m, n, k, a, b, bias, c);
     return absl::OkStatus();
   }
   using dt = dnnl::memory::data_type;
