@@ -146,54 +146,83 @@ class CpuProgram : public StageProgram {
     SetComputeThreads(options_.threads);
     std::vector<Shape> in_shapes;
     for (size_t step_index = 0; step_index < steps_.size(); ++step_index) {
-      const Step& step = steps_[step_index];
-      // The first run (page faults, oneDNN's JIT) is not profiled.
-      StepTimer timer(profile_.empty() || runs_.load() == 0 ? nullptr : &profile_[step_index]);
-      in_shapes.clear();
-      for (int slot : step.in) in_shapes.push_back(values[slot].shape());
-      if (step.w_transposed) {  // shape rules see the weight as [out, in]
-        std::reverse(in_shapes[1].begin(), in_shapes[1].end());
+      {
+        // The first run (page faults, oneDNN's JIT) is not profiled.
+        StepTimer timer(profile_.empty() || runs_.load() == 0 ? nullptr : &profile_[step_index]);
+        RETURN_IF_ERROR(RunStep(step_index, &in_shapes, &values));
       }
-      if (step.kind == Kind::kForward || step.kind == Kind::kIdentity) {
-        values[step.out] = values[step.in[0]];
-        continue;
-      }
-      if (step.kind == Kind::kSkip) continue;
-      if (step.kind == Kind::kElementwise) {
-        RETURN_IF_ERROR(RunElementwise(step_index, &values));
-        continue;
-      }
-      if (step.kind == Kind::kAttention) {
-        RETURN_IF_ERROR(RunAttention(step_index, &values));
-        continue;
-      }
-      if (step.kind == Kind::kCachedAttention) {
-        RETURN_IF_ERROR(RunCachedAttention(step, &values, &kv_step_));
-        continue;
-      }
-      if (step.kind == Kind::kGeneric) {
-        RETURN_IF_ERROR(RunGeneric(step_index, in_shapes, &values));
-        continue;
-      }
-      if (step.kind == Kind::kNorm) {
-        RETURN_IF_ERROR(RunNorm(step_index, &values));
-        continue;
-      }
-      absl::StatusOr<std::vector<Shape>> out_shape =
-          step.schema->infer(*step.node, in_shapes);
-      if (!out_shape.ok()) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "node \"", step.node->name(), "\": ", out_shape.status().message()));
-      }
-      Tensor out = OutputBuffer(step_index, std::move((*out_shape)[0]));
-      RETURN_IF_ERROR(Compute(step, values, &out));
-      values[step.out] = std::move(out);
+      // Values no later step reads go at once, so a long prompt's step
+      // holds a few layers' values at a time, not all of them.
+      for (int slot : release_after_[step_index]) values[slot] = Tensor();
     }
     ++runs_;
     std::vector<Tensor> outputs;
     outputs.reserve(output_slots_.size());
     for (int slot : output_slots_) outputs.push_back(values[slot]);
     return outputs;
+  }
+
+  absl::Status RunStep(size_t step_index, std::vector<Shape>* in_shapes,
+                       std::vector<Tensor>* values_ptr) {
+    std::vector<Tensor>& values = *values_ptr;
+    const Step& step = steps_[step_index];
+    in_shapes->clear();
+    for (int slot : step.in) in_shapes->push_back(values[slot].shape());
+    if (step.w_transposed) {  // shape rules see the weight as [out, in]
+      std::reverse((*in_shapes)[1].begin(), (*in_shapes)[1].end());
+    }
+    switch (step.kind) {
+      case Kind::kForward:
+      case Kind::kIdentity:
+        values[step.out] = values[step.in[0]];
+        return absl::OkStatus();
+      case Kind::kSkip:
+        return absl::OkStatus();
+      case Kind::kElementwise:
+        return RunElementwise(step_index, &values);
+      case Kind::kAttention:
+        return RunAttention(step_index, &values);
+      case Kind::kCachedAttention:
+        return RunCachedAttention(step, &values, &kv_step_);
+      case Kind::kGeneric:
+        return RunGeneric(step_index, *in_shapes, &values);
+      case Kind::kNorm:
+        return RunNorm(step_index, &values);
+      default:
+        break;
+    }
+    absl::StatusOr<std::vector<Shape>> out_shape = step.schema->infer(*step.node, *in_shapes);
+    if (!out_shape.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("node \"", step.node->name(), "\": ", out_shape.status().message()));
+    }
+    Tensor out = OutputBuffer(step_index, std::move((*out_shape)[0]));
+    RETURN_IF_ERROR(Compute(step, values, &out));
+    values[step.out] = std::move(out);
+    return absl::OkStatus();
+  }
+
+  // Per step, the value slots whose last reader it is (none of the
+  // outputs): a fused step reads its members' inputs too.
+  void FindLastReaders() {
+    absl::flat_hash_map<int, size_t> last;
+    auto reads = [&](const Step& st, size_t at) {
+      for (int v : st.in) last[v] = at;
+      for (int v : st.own_in) last[v] = at;
+      for (int v : {st.mask_cond, st.mask_add}) {
+        if (v >= 0) last[v] = at;
+      }
+    };
+    for (size_t i = 0; i < steps_.size(); ++i) {
+      reads(steps_[i], i);
+      for (int m : steps_[i].members) {
+        reads(steps_[m], i);
+        last[steps_[m].out] = i;  // run one by one, members write and read their own
+      }
+    }
+    for (int v : output_slots_) last.erase(v);
+    release_after_.assign(steps_.size(), {});
+    for (const auto& [slot, at] : last) release_after_[at].push_back(slot);
   }
 
   CpuProgram(const Graph& graph, const CpuBackendOptions& options)
@@ -255,7 +284,7 @@ class CpuProgram : public StageProgram {
     }
     absl::StatusOr<Tensor> out = step.group->Run(in, shape, step.out_type, scratch_[step_index]);
     if (out.ok()) {
-      scratch_[step_index] = *out;
+      Keep(step_index, *out);
       (*values)[step.out] = *std::move(out);
       return absl::OkStatus();
     }
@@ -293,7 +322,7 @@ class CpuProgram : public StageProgram {
                           absl::StrCat("node \"", step.node->name(), "\" (attention): ",
                                        out.status().message()));
     }
-    scratch_[step_index] = *out;
+    Keep(step_index, *out);
     (*values)[step.out] = *std::move(out);
     return absl::OkStatus();
   }
@@ -546,8 +575,23 @@ class CpuProgram : public StageProgram {
     if (cached.SoleOwner() && cached.capacity_bytes() >= bytes) {
       return cached.Retyped(type, shape);
     }
-    cached = Tensor::Empty(shape, type);
-    return cached;
+    Tensor fresh = Tensor::Empty(shape, type);
+    Keep(i, fresh);
+    return fresh;
+  }
+
+  // Makes `t` step i's buffer for the next runs if the kept buffers stay
+  // within kScratchBudget bytes so; else step i keeps none, and `t` is
+  // freed once its value is dead (a long prompt's step would otherwise
+  // keep every layer's buffers at its size, for good).
+  void Keep(size_t i, const Tensor& t) {
+    Tensor& cached = scratch_[i];
+    if (cached.storage() == t.storage()) return;
+    scratch_bytes_ -= cached.capacity_bytes();
+    cached = Tensor();
+    if (scratch_bytes_ + t.capacity_bytes() > kScratchBudget) return;
+    cached = t;
+    scratch_bytes_ += t.capacity_bytes();
   }
 
   // Groups elementwise float ops (ElementwiseGroup::Fusable) of one shape
@@ -672,7 +716,7 @@ class CpuProgram : public StageProgram {
                                        "): ", out.status().message()));
     }
     if (out->storage() != (*values)[step.in.empty() ? 0 : step.in[0]].storage() || step.in.empty()) {
-      scratch_[step_index] = *out;
+      Keep(step_index, *out);
     }
     (*values)[step.out] = *std::move(out);
     return absl::OkStatus();
@@ -759,6 +803,7 @@ class CpuProgram : public StageProgram {
     if (options_.fuse_elementwise) FuseElementwise(shapes, types);
     constants_.resize(slot.size());
     scratch_.resize(steps_.size());
+    FindLastReaders();
     static const bool profile = [] {
       const char* v = std::getenv("PIPESERVE_CPU_PROFILE");
       return v != nullptr && v[0] != '\0' && v[0] != '0';
@@ -948,6 +993,10 @@ class CpuProgram : public StageProgram {
   std::vector<Step> steps_;
   std::vector<Tensor> constants_;  // weights in their slots, others empty
   std::vector<Tensor> scratch_;    // per step: its last output buffer
+  // Most bytes of scratch_ kept between runs, and those kept now.
+  static constexpr int64_t kScratchBudget = int64_t{32} << 20;
+  int64_t scratch_bytes_ = 0;
+  std::vector<std::vector<int>> release_after_;  // per step: slots it reads last
   std::vector<double> profile_;    // per step: ms in runs after the first (when profiling)
   std::atomic<int> runs_{0};  // Run calls so far
   int fused_attention_ = 0;
