@@ -51,7 +51,8 @@ Coordinator::Coordinator(CoordinatorOptions options, std::unique_ptr<ModelStore>
     : options_(options),
       store_(std::move(store)),
       launcher_(std::move(launcher)),
-      stages_(stages) {
+      stages_(stages),
+      admission_(options_.max_queued_requests) {
   config_.stages = stages_;
   config_.default_microbatches = options_.default_microbatches;
   config_.default_replicas = options_.default_replicas;
@@ -724,36 +725,7 @@ void Coordinator::CloseDrained(bool all) {
   }
 }
 
-Coordinator::Admission::Admission(Admission&& other) noexcept
-    : c_(std::exchange(other.c_, nullptr)), name_(std::move(other.name_)) {}
-
-Coordinator::Admission::~Admission() {
-  if (c_ != nullptr) c_->Release(name_);
-}
-
-absl::StatusOr<Coordinator::Admission> Coordinator::Admit(const std::string& name) {
-  absl::MutexLock lock(&admit_mu_);
-  int& n = admitted_[name];
-  if (options_.max_queued_requests > 0 && n >= options_.max_queued_requests) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "model \"", name.substr(0, 128), "\" has ", options_.max_queued_requests,
-        " requests queued or running, as many as its queue holds (--max_queued_requests); "
-        "try again later"));
-  }
-  ++n;
-  return Admission(this, name);
-}
-
-bool Coordinator::WaitIdle(absl::Time deadline) {
-  absl::MutexLock lock(&admit_mu_);
-  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(admit_mu_) { return admitted_.empty(); };
-  return admit_mu_.AwaitWithDeadline(absl::Condition(&idle), deadline);
-}
-
-void Coordinator::Release(const std::string& name) {
-  absl::MutexLock lock(&admit_mu_);
-  if (--admitted_[name] <= 0) admitted_.erase(name);
-}
+bool Coordinator::WaitIdle(absl::Time deadline) { return admission_.WaitIdle(deadline); }
 
 namespace {
 

@@ -28,6 +28,7 @@
 #include "partitioner/calibrate.h"
 #include "proto/pipeserve_service.pb.h"
 #include "runtime/backend.h"
+#include "server/coordinator/admission.h"
 #include "server/coordinator/deployment.h"
 #include "server/coordinator/launcher.h"
 #include "server/coordinator/model_store.h"
@@ -179,24 +180,13 @@ class Coordinator {
                                               const RequestOptions& options);
 
   // A request counted against its model's queue (max_queued_requests) from
-  // Admit until it is destroyed. Callers that queue requests before they
-  // run them (ModelStreamInfer) admit them first, so what waits is counted.
-  class Admission {
-   public:
-    Admission(Admission&& other) noexcept;
-    Admission& operator=(Admission&&) = delete;
-    ~Admission();
-    const std::string& model() const { return name_; }
-
-   private:
-    friend class Coordinator;
-    Admission(Coordinator* c, std::string name) : c_(c), name_(std::move(name)) {}
-    Coordinator* c_;
-    std::string name_;
-  };
+  // Admit until it is destroyed (AdmissionQueue). Callers that queue
+  // requests before they run them (ModelStreamInfer) admit them first, so
+  // what waits is counted.
+  using Admission = AdmissionQueue::Ticket;
   // kResourceExhausted, naming the limit, when max_queued_requests of
   // `name` are queued or running already.
-  absl::StatusOr<Admission> Admit(const std::string& name);
+  absl::StatusOr<Admission> Admit(const std::string& name) { return admission_.Admit(name); }
   // InferOn for a request admitted already (`admission` of model->name()).
   absl::StatusOr<std::vector<Tensor>> InferAdmitted(const Admission& admission,
                                                     std::shared_ptr<Deployment> model,
@@ -302,7 +292,6 @@ class Coordinator {
       const std::string& name, const std::shared_ptr<Deployment>& failed,
       const absl::Status& why, absl::Time deadline, absl::Duration backoff,
       const std::function<bool()>& cancelled, int64_t pinned_version);
-  void Release(const std::string& name);
   // Closes retired deployments that have drained (or run out of time).
   void CloseDrained(bool all);
   // Checks stage servers every health_interval.
@@ -342,8 +331,7 @@ class Coordinator {
   std::atomic<uint64_t> retried_requests_{0};
   std::atomic<uint64_t> reloaded_lanes_{0};
   std::atomic<int> adopted_models_{0};
-  absl::Mutex admit_mu_;
-  std::map<std::string, int> admitted_ ABSL_GUARDED_BY(admit_mu_);
+  AdmissionQueue admission_;
   // Each model's lock (ModelLock), with how many hold or wait for it; an
   // entry goes when nobody does.
   struct LockEntry {
