@@ -58,7 +58,7 @@ SHAPES = {
 # hops cost. (name, stages, environment of the servers)
 CONFIGS = [
     ("pipeserve, 4 stages", 4, {}),
-    ("pipeserve, 4 stages, oneDNN GEMV", 4, {"PIPESERVE_GEMV": "onednn"}),
+    ("pipeserve, 4 stages, oneDNN only", 4, {"PIPESERVE_GEMV": "onednn"}),
     ("pipeserve, 1 stage", 1, {}),
 ]
 
