@@ -2,37 +2,16 @@
 
 #include <omp.h>
 
-#include <cmath>
 #include <cstdlib>
-#include <cstring>
 #include <random>
 #include <tuple>
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "runtime/cpu/bf16_reference.h"
 
 namespace pipeserve {
 namespace {
-
-uint16_t ToBf16(float f) {  // truncation is enough for test inputs
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-double FromBf16(uint16_t h) {
-  const uint32_t u = uint32_t{h} << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-std::vector<uint16_t> Random(size_t n, std::mt19937& rng) {
-  std::normal_distribution<float> d(0.0f, 1.0f);
-  std::vector<uint16_t> v(n);
-  for (uint16_t& x : v) x = ToBf16(d(rng));
-  return v;
-}
 
 // m rows, n outputs, k columns, bias or not, threads.
 class GemvBf16Test : public ::testing::TestWithParam<std::tuple<int, int, int, bool, int>> {};
@@ -41,23 +20,12 @@ TEST_P(GemvBf16Test, MatchesAFloat64ReferenceRoundedToBfloat16) {
   if (!CpuHasAvx512Bf16()) GTEST_SKIP() << "this CPU has no AVX512-BF16";
   const auto [m, n, k, with_bias, threads] = GetParam();
   std::mt19937 rng(m * 1000 + n + k);
-  const std::vector<uint16_t> a = Random(m * k, rng), b = Random(n * k, rng),
-                              bias = Random(n, rng);
+  const std::vector<uint16_t> a = RandomBf16(m * k, rng), b = RandomBf16(n * k, rng),
+                              bias = RandomBf16(n, rng);
   std::vector<uint16_t> c(m * n, 0xffff);
   omp_set_num_threads(threads);
   GemvBf16(m, n, k, a.data(), b.data(), with_bias ? bias.data() : nullptr, c.data());
-  for (int i = 0; i < m; ++i) {
-    for (int j = 0; j < n; ++j) {
-      double ref = with_bias ? FromBf16(bias[j]) : 0.0, scale = std::abs(ref);
-      for (int p = 0; p < k; ++p) {
-        ref += FromBf16(a[i * k + p]) * FromBf16(b[j * k + p]);
-        scale += std::abs(FromBf16(a[i * k + p]) * FromBf16(b[j * k + p]));
-      }
-      // One bfloat16 rounding of the result, and float32 sums.
-      EXPECT_NEAR(FromBf16(c[i * n + j]), ref, std::ldexp(std::abs(ref), -8) + 1e-6 * scale)
-          << "row " << i << " output " << j;
-    }
-  }
+  ExpectProductOf(m, n, k, a, b, with_bias ? bias.data() : nullptr, c);
 }
 
 // k: whole 32-column steps, a tail, and k below one step; n: whole groups
@@ -82,11 +50,11 @@ TEST(GemvBf16Test, GemmTakesItForAFewRowsOnly) {
 
 TEST(GemvBf16Test, NoColumnsGivesTheBias) {
   if (!CpuHasAvx512Bf16()) GTEST_SKIP() << "this CPU has no AVX512-BF16";
-  const std::vector<uint16_t> bias = {ToBf16(1.5f), ToBf16(-2.0f)};
+  const std::vector<uint16_t> bias = {0x3fc0, 0xc000};  // 1.5, -2
   std::vector<uint16_t> c(2, 0);
   GemvBf16(1, 2, 0, nullptr, nullptr, bias.data(), c.data());
-  EXPECT_EQ(FromBf16(c[0]), 1.5);
-  EXPECT_EQ(FromBf16(c[1]), -2.0);
+  EXPECT_EQ(Bf16ToDouble(c[0]), 1.5);
+  EXPECT_EQ(Bf16ToDouble(c[1]), -2.0);
 }
 
 }  // namespace

@@ -352,18 +352,29 @@ class GenerationTest(unittest.TestCase):
         self.assertIn("generation=True", str(e.exception))
 
 
+def serve_gpt2(*flags, replicas=1):
+    """A coordinator of its own started with `flags`, serving gpt2()
+    exported for generation as "gpt2"; and the model."""
+    tmp = tempfile.mkdtemp(dir=os.environ.get("TEST_TMPDIR"))
+    coord = Coordinator(tmp, *flags)
+    try:
+        model = gpt2()
+        path = os.path.join(tmp, "gpt2.psm")
+        pipeserve.export(model, (torch.randint(0, 97, (2, 5)),), path, generation=True)
+        coord.client.upload("gpt2", path, replicas=replicas)
+    except BaseException:
+        coord.close()
+        raise
+    return coord, model
+
+
 class GenerationFailoverTest(unittest.TestCase):
     """kill -9 of a stage server while 16 sequences generate: none fails,
     and every one's tokens are those of the undisturbed run."""
 
     def run_through_a_kill(self, replicas):
-        tmp = tempfile.mkdtemp(dir=os.environ.get("TEST_TMPDIR"))
-        coord = Coordinator(tmp, "--kv_cache_mb=8")
+        coord, model = serve_gpt2("--kv_cache_mb=8", replicas=replicas)
         try:
-            model = gpt2()
-            path = os.path.join(tmp, "gpt2.psm")
-            pipeserve.export(model, (torch.randint(0, 97, (2, 5)),), path, generation=True)
-            coord.client.upload("gpt2", path, replicas=replicas)
             servers = coord.stage_server_pids()
             self.assertEqual(len(servers), 3 * replicas)
             rss_before = {pid: rss_mib(pid) for pid in servers}
@@ -435,16 +446,11 @@ class GenerationPreemptionTest(unittest.TestCase):
     still gets exactly PyTorch's greedy tokens, and every block comes back."""
 
     def test_sequences_preempted_for_cache_resume_with_the_same_tokens(self):
-        tmp = tempfile.mkdtemp(dir=os.environ.get("TEST_TMPDIR"))
         # 8 KiB per block on the widest stage (2 layers of 32 wide): 16
         # blocks of 16 tokens. 8 sequences of up to 49 positions need 4
         # blocks each, 32 together.
-        coord = Coordinator(tmp, "--kv_cache_mb=0.125")
+        coord, model = serve_gpt2("--kv_cache_mb=0.125")
         try:
-            model = gpt2()
-            path = os.path.join(tmp, "gpt2.psm")
-            pipeserve.export(model, (torch.randint(0, 97, (2, 5)),), path, generation=True)
-            coord.client.upload("gpt2", path)
             used = 'pipeserve_kv_cache_blocks{model="gpt2",state="used"}'
             free = 'pipeserve_kv_cache_blocks{model="gpt2",state="free"}'
             torch.manual_seed(8)
