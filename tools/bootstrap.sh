@@ -19,6 +19,7 @@ PACKAGES=(
   # for the CPU kernels (gcc's ASan/UBSan/TSan runtimes come with g++).
   clang-14 libclang-rt-14-dev libfuzzer-14-dev libomp-14-dev
   prometheus               # promtool checks the metrics text in tests
+  nlohmann-json3-dev       # JSON: tokenizer vocabularies (server/text)
 )
 
 # --- deploy tooling: tools/make_dev_certs.sh and //tests:deploy_test -------
