@@ -20,6 +20,7 @@ PACKAGES=(
   clang-14 libclang-rt-14-dev libfuzzer-14-dev libomp-14-dev
   prometheus               # promtool checks the metrics text in tests
   nlohmann-json3-dev       # JSON: tokenizer vocabularies (server/text)
+  libmicrohttpd-dev        # HTTP server (server/transport/http_server)
 )
 
 # --- deploy tooling: tools/make_dev_certs.sh and //tests:deploy_test -------

@@ -1,0 +1,275 @@
+#include "server/transport/http_server.h"
+
+#include <arpa/inet.h>
+#include <microhttpd.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <thread>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "server/transport/listen.h"
+
+namespace pipeserve {
+namespace {
+
+// Bytes a stream may queue ahead of the connection before Write waits.
+constexpr size_t kMaxQueuedStreamBytes = size_t{1} << 20;
+
+bool PeerClosed(int fd) {
+  pollfd p{fd, POLLRDHUP, 0};
+  return ::poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0;
+}
+
+std::string PeerOf(MHD_Connection* c) {
+  const MHD_ConnectionInfo* info = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+  if (info == nullptr || info->client_addr == nullptr) return "";
+  char host[INET6_ADDRSTRLEN] = {};
+  const sockaddr* a = info->client_addr;
+  if (a->sa_family == AF_INET6) {
+    const auto* in6 = reinterpret_cast<const sockaddr_in6*>(a);
+    ::inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
+    return absl::StrCat("[", host, "]:", ntohs(in6->sin6_port));
+  }
+  const auto* in = reinterpret_cast<const sockaddr_in*>(a);
+  ::inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
+  return absl::StrCat(host, ":", ntohs(in->sin_port));
+}
+
+int ConnectionFd(MHD_Connection* c) {
+  const MHD_ConnectionInfo* info = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
+  return info == nullptr ? -1 : info->connect_fd;
+}
+
+MHD_Result AddHeader(void* cls, MHD_ValueKind, const char* key, const char* value) {
+  auto* headers = static_cast<absl::flat_hash_map<std::string, std::string>*>(cls);
+  (*headers)[absl::AsciiStrToLower(key)] = value == nullptr ? "" : value;
+  return MHD_YES;
+}
+
+// A streamed response: the producer's thread queues pieces, libmicrohttpd's
+// connection thread takes them (Read), and Close (the response freed: sent,
+// or the client gone) stops the producer and waits for it.
+class Stream final : public HttpStream {
+ public:
+  explicit Stream(int fd) : fd_(fd) {}
+
+  bool Write(absl::string_view data) override {
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait(l, [&] { return gone_ || queued_ < kMaxQueuedStreamBytes; });
+    if (gone_) return false;
+    pieces_.emplace_back(data);
+    queued_ += data.size();
+    cv_.notify_all();
+    return true;
+  }
+
+  bool ClientGone() override {
+    std::lock_guard<std::mutex> l(mu_);
+    return gone_;
+  }
+
+  void Run(std::function<void(HttpStream&)> produce) {
+    producer_ = std::thread([this, produce = std::move(produce)] {
+      produce(*this);
+      std::lock_guard<std::mutex> l(mu_);
+      done_ = true;
+      cv_.notify_all();
+    });
+  }
+
+  // Up to `max` bytes for the connection; waits for the producer, checking
+  // the client meanwhile.
+  ssize_t Read(char* buf, size_t max) {
+    std::unique_lock<std::mutex> l(mu_);
+    while (pieces_.empty() && !done_ && !gone_) {
+      if (cv_.wait_for(l, std::chrono::milliseconds(50)) == std::cv_status::timeout &&
+          PeerClosed(fd_)) {
+        gone_ = true;
+        cv_.notify_all();
+      }
+    }
+    if (gone_) return MHD_CONTENT_READER_END_WITH_ERROR;
+    if (pieces_.empty()) return MHD_CONTENT_READER_END_OF_STREAM;
+    std::string& front = pieces_.front();
+    const size_t n = std::min(max, front.size() - offset_);
+    std::memcpy(buf, front.data() + offset_, n);
+    offset_ += n;
+    queued_ -= n;
+    if (offset_ == front.size()) {
+      pieces_.pop_front();
+      offset_ = 0;
+    }
+    cv_.notify_all();
+    return static_cast<ssize_t>(n);
+  }
+
+  void Close() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (!done_) gone_ = true;
+      cv_.notify_all();
+    }
+    if (producer_.joinable()) producer_.join();
+  }
+
+ private:
+  const int fd_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::string> pieces_;
+  size_t offset_ = 0, queued_ = 0;
+  bool done_ = false, gone_ = false;
+  std::thread producer_;
+};
+
+ssize_t ReadStream(void* cls, uint64_t, char* buf, size_t max) {
+  return static_cast<Stream*>(cls)->Read(buf, max);
+}
+
+void FreeStream(void* cls) {
+  auto* s = static_cast<Stream*>(cls);
+  s->Close();
+  delete s;
+}
+
+MHD_Result Queue(MHD_Connection* c, const HttpResponse& r) {
+  MHD_Response* resp;
+  if (r.stream) {
+    auto* s = new Stream(ConnectionFd(c));
+    s->Run(r.stream);
+    resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 32 << 10, &ReadStream, s,
+                                             &FreeStream);
+  } else {
+    resp = MHD_create_response_from_buffer(r.body.size(), const_cast<char*>(r.body.data()),
+                                           MHD_RESPMEM_MUST_COPY);
+  }
+  if (resp == nullptr) return MHD_NO;
+  MHD_add_response_header(resp, "Content-Type", r.content_type.c_str());
+  for (const auto& [k, v] : r.headers) MHD_add_response_header(resp, k.c_str(), v.c_str());
+  const MHD_Result queued = MHD_queue_response(c, static_cast<unsigned>(r.status), resp);
+  MHD_destroy_response(resp);
+  return queued;
+}
+
+}  // namespace
+
+std::string HttpRequest::Header(const std::string& name) const {
+  auto it = headers.find(name);
+  return it == headers.end() ? "" : it->second;
+}
+
+HttpResponse HttpResponse::Text(int status, std::string body, std::string content_type) {
+  HttpResponse r;
+  r.status = status;
+  r.body = std::move(body);
+  r.content_type = std::move(content_type);
+  return r;
+}
+
+// libmicrohttpd calls Handle for a request's head, for each piece of its
+// body, and once more at the body's end; `state` keeps the request meanwhile.
+struct HttpServer::Context {
+  struct Pending {
+    HttpRequest request;
+    bool refused = false;    // answered already (413)
+    bool too_large = false;  // its body grew past max_body_bytes
+  };
+
+  static MHD_Result Handle(void* cls, MHD_Connection* c, const char* url, const char* method,
+                           const char*, const char* upload, size_t* upload_size, void** state) {
+    auto* server = static_cast<HttpServer*>(cls);
+    auto* p = static_cast<Pending*>(*state);
+    if (p == nullptr) return Begin(server, c, url, method, state);
+    if (*upload_size > 0) {
+      // A body that grows too large (chunked) is read to its end unkept,
+      // then refused: libmicrohttpd answers only once the upload is done.
+      if (p->request.body.size() + *upload_size > server->options_.max_body_bytes) {
+        p->too_large = true;
+        p->request.body.clear();
+      }
+      if (!p->too_large) p->request.body.append(upload, *upload_size);
+      *upload_size = 0;
+      return MHD_YES;
+    }
+    if (p->refused) return MHD_YES;
+    if (p->too_large) {
+      p->refused = true;
+      return Queue(c, TooLarge(server));
+    }
+    const int fd = ConnectionFd(c);
+    p->request.client_gone = [fd] { return PeerClosed(fd); };
+    return Queue(c, server->handler_(p->request));
+  }
+
+  static MHD_Result Begin(HttpServer* server, MHD_Connection* c, const char* url,
+                          const char* method, void** state) {
+    auto* p = new Pending;
+    *state = p;
+    p->request.method = method;
+    p->request.path = url;
+    p->request.peer = PeerOf(c);
+    MHD_get_connection_values(c, MHD_HEADER_KIND, &AddHeader, &p->request.headers);
+    uint64_t length = 0;
+    if (absl::SimpleAtoi(p->request.Header("content-length"), &length) &&
+        length > server->options_.max_body_bytes) {
+      p->refused = true;  // before a byte of it is read
+      return Queue(c, TooLarge(server));
+    }
+    return MHD_YES;
+  }
+
+  static HttpResponse TooLarge(HttpServer* server) {
+    return HttpResponse::Text(
+        413, absl::StrCat("the request body is larger than this server takes (",
+                          server->options_.max_body_bytes, " bytes)\n"));
+  }
+
+  static void Completed(void*, MHD_Connection*, void** state, MHD_RequestTerminationCode) {
+    delete static_cast<Pending*>(*state);
+    *state = nullptr;
+  }
+};
+
+absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string& host, int port,
+                                                              const HttpServerOptions& options,
+                                                              HttpHandler handler) {
+  absl::StatusOr<Listeners> listeners = ListenOn(host, port, "http");
+  if (!listeners.ok()) return listeners.status();
+  std::unique_ptr<HttpServer> server(new HttpServer(options, std::move(handler)));
+  server->port_ = listeners->port;
+  const unsigned timeout_s =
+      static_cast<unsigned>(std::max<int64_t>(1, absl::ToInt64Seconds(options.idle_timeout)));
+  for (int fd : listeners->fds) {
+    // The socket libmicrohttpd gets must block: its thread per connection
+    // reads and writes it so.
+    MHD_Daemon* d = MHD_start_daemon(
+        MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL, 0,
+        nullptr, nullptr, &Context::Handle, server.get(), MHD_OPTION_LISTEN_SOCKET, fd,
+        MHD_OPTION_CONNECTION_LIMIT, static_cast<unsigned>(options.max_connections),
+        MHD_OPTION_CONNECTION_TIMEOUT, timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
+        options.max_header_bytes, MHD_OPTION_NOTIFY_COMPLETED, &Context::Completed, nullptr,
+        MHD_OPTION_END);
+    if (d == nullptr) {
+      ::close(fd);
+      return absl::UnavailableError(
+          absl::StrCat("http: cannot serve on ", host, ":", listeners->port));
+    }
+    server->daemons_.push_back(d);
+  }
+  return server;
+}
+
+HttpServer::~HttpServer() {
+  for (MHD_Daemon* d : daemons_) MHD_stop_daemon(d);  // closes its listening socket too
+}
+
+}  // namespace pipeserve

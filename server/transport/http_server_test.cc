@@ -1,0 +1,211 @@
+#include "server/transport/http_server.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace pipeserve {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::StartsWith;
+
+int Connect(int port) {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+void Send(int fd, const std::string& data) {
+  for (size_t sent = 0; sent < data.size();) {
+    const ssize_t n = ::send(fd, data.data() + sent, data.size() - sent, MSG_NOSIGNAL);
+    if (n <= 0) return;
+    sent += n;
+  }
+}
+
+// What the server sends until it closes, `until` appears, or the time is up.
+std::string Receive(int fd, absl::Duration timeout, const std::string& until = "") {
+  std::string got;
+  const absl::Time end = absl::Now() + timeout;
+  while (absl::Now() < end && (until.empty() || got.find(until) == std::string::npos)) {
+    pollfd p{fd, POLLIN, 0};
+    if (::poll(&p, 1, 20) <= 0) continue;
+    char buf[4096];
+    const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+    if (n <= 0) break;
+    got.append(buf, n);
+  }
+  return got;
+}
+
+// Whether the server closed `fd` within `timeout`.
+bool ClosedWithin(int fd, absl::Duration timeout) {
+  const absl::Time end = absl::Now() + timeout;
+  while (absl::Now() < end) {
+    pollfd p{fd, POLLIN, 0};
+    if (::poll(&p, 1, 20) <= 0) continue;
+    char buf[256];
+    if (::recv(fd, buf, sizeof buf, 0) <= 0) return true;
+  }
+  return false;
+}
+
+std::string Exchange(int port, const std::string& request) {
+  int fd = Connect(port);
+  Send(fd, request);
+  std::string got = Receive(fd, absl::Seconds(10));
+  ::close(fd);
+  return got;
+}
+
+class HttpServerTest : public ::testing::Test {
+ protected:
+  void Start(HttpServerOptions options = {}) {
+    auto s = HttpServer::Start("127.0.0.1", 0, options, [this](const HttpRequest& r) {
+      if (r.path == "/stream") {
+        HttpResponse resp;
+        resp.content_type = "text/event-stream";
+        resp.stream = [this](HttpStream& out) {
+          for (int i = 0; i < 200 && out.Write(absl::StrCat("data: ", i, "\n\n")); ++i) {
+            absl::SleepFor(absl::Milliseconds(i < 3 ? 1 : 50));
+          }
+          stream_saw_gone_ = out.ClientGone();
+          stream_ended_ = true;
+        };
+        return resp;
+      }
+      return HttpResponse::Text(200, absl::StrCat(r.method, " ", r.path, " [", r.body, "] ",
+                                                  r.Header("x-test")));
+    });
+    ASSERT_TRUE(s.ok()) << s.status();
+    server_ = std::move(*s);
+  }
+  std::unique_ptr<HttpServer> server_;
+  std::atomic<bool> stream_ended_{false}, stream_saw_gone_{false};
+};
+
+TEST_F(HttpServerTest, AnswersRequestsAndKeepsTheConnectionAlive) {
+  Start();
+  const int fd = Connect(server_->port());
+  Send(fd, "GET /a?q=1 HTTP/1.1\r\nHost: x\r\nX-Test: yes\r\n\r\n");
+  std::string first = Receive(fd, absl::Seconds(10), "GET /a [] yes");
+  EXPECT_THAT(first, StartsWith("HTTP/1.1 200"));
+  EXPECT_THAT(first, HasSubstr("GET /a [] yes"));
+  Send(fd, "POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello");
+  EXPECT_THAT(Receive(fd, absl::Seconds(10), "POST /b [hello]"), HasSubstr("POST /b [hello]"))
+      << "the same connection serves a second request";
+  ::close(fd);
+}
+
+TEST_F(HttpServerTest, AHeadBeyondTheLimitGets431) {
+  HttpServerOptions o;
+  o.max_header_bytes = 4096;
+  Start(o);
+  const std::string got = Exchange(
+      server_->port(), "GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + std::string(8000, 'a') + "\r\n\r\n");
+  EXPECT_THAT(got, StartsWith("HTTP/1.1 431"));
+}
+
+TEST_F(HttpServerTest, ABodyBeyondTheLimitGets413BeforeItIsSent) {
+  HttpServerOptions o;
+  o.max_body_bytes = 1000;
+  Start(o);
+  // Content-Length says too much, and nothing of the body is sent.
+  std::string got =
+      Exchange(server_->port(), "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n");
+  EXPECT_THAT(got, StartsWith("HTTP/1.1 413"));
+  EXPECT_THAT(got, HasSubstr("larger than this server takes (1000 bytes)"));
+  // A chunked body that grows past the limit.
+  const std::string chunk = "3e8\r\n" + std::string(1000, 'x') + "\r\n";
+  got = Exchange(server_->port(),
+                 "POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                 "Transfer-Encoding: chunked\r\n\r\n" + chunk +
+                     chunk + "0\r\n\r\n");
+  EXPECT_THAT(got, StartsWith("HTTP/1.1 413"));
+  EXPECT_THAT(Exchange(server_->port(), "GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+              HasSubstr("GET /ok")) << "the server serves on";
+}
+
+TEST_F(HttpServerTest, AStreamArrivesPieceByPieceChunked) {
+  Start();
+  const int fd = Connect(server_->port());
+  Send(fd, "GET /stream HTTP/1.1\r\nHost: x\r\n\r\n");
+  const std::string got = Receive(fd, absl::Seconds(10), "data: 2\n\n");
+  EXPECT_THAT(got, StartsWith("HTTP/1.1 200"));
+  EXPECT_THAT(got, HasSubstr("Transfer-Encoding: chunked"));
+  EXPECT_THAT(got, HasSubstr("text/event-stream"));
+  EXPECT_THAT(got, HasSubstr("data: 0\n\n"));
+  EXPECT_THAT(got, HasSubstr("data: 2\n\n"));
+  EXPECT_FALSE(stream_ended_) << "the first pieces came before the stream's end";
+  ::close(fd);
+}
+
+// A client that goes away mid-stream ends the stream's producer: its
+// writes fail and ClientGone turns true.
+TEST_F(HttpServerTest, AClientThatHangsUpEndsTheStream) {
+  Start();
+  const int fd = Connect(server_->port());
+  Send(fd, "GET /stream HTTP/1.1\r\nHost: x\r\n\r\n");
+  Receive(fd, absl::Seconds(10), "data: 3\n\n");
+  ::close(fd);
+  const absl::Time end = absl::Now() + absl::Seconds(5);
+  while (!stream_ended_ && absl::Now() < end) absl::SleepFor(absl::Milliseconds(10));
+  EXPECT_TRUE(stream_ended_) << "200 pieces at 50 ms would take 10 s";
+  EXPECT_TRUE(stream_saw_gone_);
+}
+
+TEST_F(HttpServerTest, AnIdleConnectionIsClosed) {
+  HttpServerOptions o;
+  o.idle_timeout = absl::Seconds(1);
+  Start(o);
+  const int fd = Connect(server_->port());
+  Send(fd, "GET / HTTP/1.1\r\n");  // a head never finished
+  EXPECT_TRUE(ClosedWithin(fd, absl::Seconds(5)));
+  ::close(fd);
+}
+
+TEST_F(HttpServerTest, ConnectionsBeyondTheLimitAreClosedAtOnce) {
+  HttpServerOptions o;
+  o.max_connections = 2;
+  Start(o);
+  const int a = Connect(server_->port()), b = Connect(server_->port());
+  absl::SleepFor(absl::Milliseconds(200));  // both accepted
+  const int c = Connect(server_->port());
+  EXPECT_TRUE(ClosedWithin(c, absl::Seconds(2)));
+  ::close(a);
+  ::close(b);
+  ::close(c);
+  absl::Time end = absl::Now() + absl::Seconds(5);
+  std::string got;
+  while (got.empty() && absl::Now() < end) {
+    got = Exchange(server_->port(), "GET /again HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+  }
+  EXPECT_THAT(got, HasSubstr("GET /again")) << "room again once they closed";
+}
+
+TEST(HttpServerStartTest, AHostThatIsNoAddressIsRefused) {
+  auto s = HttpServer::Start("not a host!", 0, {}, [](const HttpRequest&) { return HttpResponse(); });
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.status().message()), HasSubstr("is not a host name or address"));
+}
+
+}  // namespace
+}  // namespace pipeserve
