@@ -15,40 +15,6 @@
 namespace pipeserve {
 namespace {
 
-// Whether the request asks for its timeline: parameter "trace" true (a
-// bool, or the string "true"); kInvalidArgument for anything else.
-absl::StatusOr<bool> TraceRequested(const inference::ModelInferRequest& req) {
-  auto it = req.parameters().find("trace");
-  if (it == req.parameters().end()) return false;
-  const inference::InferParameter& p = it->second;
-  if (p.parameter_choice_case() == inference::InferParameter::kBoolParam) return p.bool_param();
-  if (p.parameter_choice_case() == inference::InferParameter::kStringParam &&
-      (p.string_param() == "true" || p.string_param() == "false")) {
-    return p.string_param() == "true";
-  }
-  return absl::InvalidArgumentError(
-      "parameter \"trace\" must be a bool (true: the response's parameter \"trace\" holds the "
-      "request's timeline as Chrome trace JSON)");
-}
-
-// A request's model_version against the version serving: "" for any.
-absl::Status CheckVersion(const std::string& model, int64_t serving, const std::string& version) {
-  if (version.empty() || version == absl::StrCat(serving)) return absl::OkStatus();
-  return absl::NotFoundError(absl::StrCat("model \"", model, "\" has no version \"",
-                                          version.substr(0, 64), "\" (it serves version ",
-                                          serving, "; each upload of a name is its next version)"));
-}
-
-
-void AddTensorMetadata(const ValueSpec& v,
-                       google::protobuf::RepeatedPtrField<
-                           inference::ModelMetadataResponse::TensorMetadata>* out) {
-  auto* m = out->Add();
-  m->set_name(v.name());
-  m->set_datatype(KServeName(v.dtype() == DT_INVALID ? DT_FLOAT32 : v.dtype()));
-  for (int64_t d : v.shape()) m->add_shape(d);
-}
-
 }  // namespace
 
 // One open ModelStreamInfer stream. The state is shared with the work the
@@ -66,9 +32,9 @@ struct KServeService::Stream {
 KServeService::KServeService(Coordinator* coordinator, Metrics* metrics, const TokenSet* tokens,
                              KServeOptions options)
     : coordinator_(coordinator),
-      metrics_(metrics),
       tokens_(tokens),
       options_(options),
+      core_(coordinator, metrics, {options.max_timeout, options.allow_generation_infer}),
       idle_streams_(options.stream_idle_timeout),
       stream_pool_(options.stream_threads) {}
 
@@ -78,13 +44,6 @@ absl::Time KServeService::ClientDeadline(const grpc::ServerContext& ctx) {
     return absl::InfiniteFuture();
   }
   return absl::FromChrono(d);
-}
-
-absl::Time KServeService::Capped(absl::Time client_deadline) const {
-  if (client_deadline == absl::InfiniteFuture()) {
-    return client_deadline;  // none: the default applies (it is below the cap)
-  }
-  return std::min(client_deadline, absl::Now() + options_.max_timeout);
 }
 
 // Liveness and readiness answer anyone, as grpc.health.v1 does: probes
@@ -98,7 +57,7 @@ grpc::Status KServeService::ServerLive(grpc::ServerContext*, const inference::Se
 grpc::Status KServeService::ServerReady(grpc::ServerContext*,
                                         const inference::ServerReadyRequest*,
                                         inference::ServerReadyResponse* resp) {
-  resp->set_ready(coordinator_->Serving());
+  resp->set_ready(core_.ServerReady());
   return grpc::Status::OK;
 }
 
@@ -106,17 +65,14 @@ absl::StatusOr<ModelInfo> KServeService::GetModel(const grpc::ServerContext& ctx
                                                   const std::string& name,
                                                   const std::string& version) {
   RETURN_IF_ERROR(AuthorizeCall(tokens_, ctx, Scope::kInfer));
-  RETURN_IF_ERROR(ValidModelName(name));
-  ASSIGN_OR_RETURN(ModelInfo info, coordinator_->GetModel(name));
-  RETURN_IF_ERROR(CheckVersion(name, info.version, version));
-  return info;
+  return core_.Model(name, version);
 }
 
 grpc::Status KServeService::ModelReady(grpc::ServerContext* ctx,
                                        const inference::ModelReadyRequest* req,
                                        inference::ModelReadyResponse* resp) {
   absl::StatusOr<ModelInfo> info = GetModel(*ctx, req->name(), req->version());
-  if (!info.ok()) return ToGrpcStatus(Public(info.status()));
+  if (!info.ok()) return ToGrpcStatus(core_.Public(info.status()));
   resp->set_ready(info->state == ModelState::kReady);
   return grpc::Status::OK;
 }
@@ -126,119 +82,16 @@ grpc::Status KServeService::ServerMetadata(grpc::ServerContext* ctx,
                                            inference::ServerMetadataResponse* resp) {
   absl::Status s = AuthorizeCall(tokens_, *ctx, Scope::kInfer);
   if (!s.ok()) return ToGrpcStatus(s);
-  resp->set_name("pipeserve");
-  resp->set_version("0.2.0");
-  resp->add_extensions("model_repository");
-  resp->add_extensions("pipeline_parallel");
+  core_.ServerMetadata(resp);
   return grpc::Status::OK;
 }
 
 grpc::Status KServeService::ModelMetadata(grpc::ServerContext* ctx,
                                           const inference::ModelMetadataRequest* req,
                                           inference::ModelMetadataResponse* resp) {
-  absl::StatusOr<ModelInfo> info = GetModel(*ctx, req->name(), req->version());
-  if (!info.ok()) return ToGrpcStatus(Public(info.status()));
-  resp->set_name(info->name);
-  resp->add_versions(absl::StrCat(info->version));
-  resp->set_platform("pipeserve");
-  for (const ValueSpec& in : info->plan->inputs()) AddTensorMetadata(in, resp->mutable_inputs());
-  for (const ValueSpec& out : info->plan->outputs()) AddTensorMetadata(out, resp->mutable_outputs());
-  return grpc::Status::OK;
-}
-
-absl::Status KServeService::Infer(const inference::ModelInferRequest& req, absl::Time deadline,
-                                  const std::function<bool()>& cancelled,
-                                  inference::ModelInferResponse* resp,
-                                  const Coordinator::Admission* admission) {
-  absl::Time start = absl::Now();
-  absl::Status s = InferUnmetered(req, deadline, cancelled, resp, admission);
-  Meter(req.model_name(), s, absl::Now() - start);
-  return s;
-}
-
-absl::Status KServeService::Public(const absl::Status& s) {
-  if (s.ok()) return s;
-  absl::Status shown = RedactAddresses(s, *coordinator_->StageServerAddresses());
-  if (shown.message() == s.message()) return shown;
-  // The full message goes to the log, at most 10 a second (errors come in
-  // bursts exactly when a server fails).
-  absl::MutexLock lock(&log_mu_);
-  const absl::Time now = absl::Now();
-  if (now - log_window_ >= absl::Seconds(1)) {
-    if (log_suppressed_ > 0) {
-      std::cerr << "coordinator: (" << log_suppressed_ << " more redacted errors not logged)\n";
-    }
-    log_window_ = now;
-    log_lines_ = log_suppressed_ = 0;
-  }
-  if (log_lines_++ < 10) {
-    std::cerr << "coordinator: told a client \"" << shown.message() << "\" for: " << s.message()
-              << "\n";
-  } else {
-    ++log_suppressed_;
-  }
-  return shown;
-}
-
-void KServeService::Meter(const std::string& model, const absl::Status& s, absl::Duration took) {
-  if (metrics_ == nullptr) return;
-  // Only models that exist get a series of their own: names from
-  // requests would otherwise grow the metrics without bound.
-  if (coordinator_->Knows(model)) {
-    metrics_->RecordInference(model, s, took);
-  } else {
-    metrics_->RecordUnknownModelInference(s, took);
-  }
-}
-
-absl::Status KServeService::InferUnmetered(const inference::ModelInferRequest& req,
-                                           absl::Time deadline,
-                                           const std::function<bool()>& cancelled,
-                                           inference::ModelInferResponse* resp,
-                                           const Coordinator::Admission* admission) {
-  RETURN_IF_ERROR(ValidModelName(req.model_name()));
-  // One deployment for the whole request: its plan checks the inputs, runs
-  // them, and names the outputs (a retry moves only to one with the same
-  // signature, and only to the same version if the request named one).
-  ASSIGN_OR_RETURN(std::shared_ptr<Deployment> model, coordinator_->Find(req.model_name()));
-  const int64_t serving = model->version();
-  RETURN_IF_ERROR(CheckVersion(req.model_name(), serving, req.model_version()));
-  if (model->plan().has_generation() && !options_.allow_generation_infer) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "model \"", req.model_name(), "\" was exported for generation: ask "
-        "pipeserve.GenerationService/Generate for its tokens (ModelInfer on its cache-aware "
-        "graph could overwrite the KV cache of generations in flight; the coordinator's "
-        "--allow_generation_infer allows it)"));
-  }
-  ASSIGN_OR_RETURN(std::vector<Tensor> inputs, ParseInferInputs(req, model->plan()));
-  ASSIGN_OR_RETURN(std::vector<int> chosen, ChooseOutputs(req, model->plan()));
-  ASSIGN_OR_RETURN(const bool traced, TraceRequested(req));
-  absl::optional<Coordinator::Admission> own;  // a ModelInfer call's (a stream's come admitted)
-  if (admission == nullptr) {
-    ASSIGN_OR_RETURN(Coordinator::Admission admitted, coordinator_->Admit(model->name()));
-    admission = &own.emplace(std::move(admitted));
-  }
-  int64_t answered = serving;
-  std::vector<TraceSpan> spans;
-  RequestOptions options;
-  options.deadline = deadline;
-  options.cancelled = cancelled;
-  options.pinned_version = req.model_version().empty() ? 0 : serving;
-  options.answered_version = &answered;
-  options.trace = traced ? &spans : nullptr;
-  absl::StatusOr<std::vector<Tensor>> outputs =
-      coordinator_->InferAdmitted(*admission, model, inputs, options);
-  if (!outputs.ok()) return outputs.status();
-  BuildInferResponse(req, model->plan(), chosen, *outputs, resp);
-  resp->set_model_version(absl::StrCat(answered));
-  if (traced) {
-    // The timeline names stages and replicas, not their servers' addresses
-    // (the infer scope does not see those; an admin's plan lists them).
-    ModelInfo info = model->Info();
-    info.servers.clear();
-    (*resp->mutable_parameters())["trace"].set_string_param(TraceToChromeJson(spans, info));
-  }
-  return absl::OkStatus();
+  absl::Status s = AuthorizeCall(tokens_, *ctx, Scope::kInfer);
+  if (s.ok()) s = core_.ModelMetadata(req->name(), req->version(), resp);
+  return ToGrpcStatus(core_.Public(s));
 }
 
 grpc::Status KServeService::ModelInfer(grpc::ServerContext* ctx,
@@ -248,7 +101,8 @@ grpc::Status KServeService::ModelInfer(grpc::ServerContext* ctx,
   absl::Status auth = AuthorizeCall(tokens_, *ctx, Scope::kInfer);
   if (!auth.ok()) return ToGrpcStatus(auth);
   return ToGrpcStatus(
-      Public(Infer(*req, Capped(ClientDeadline(*ctx)), [ctx] { return ctx->IsCancelled(); }, resp)));
+      core_.Public(core_.Infer(*req, core_.Capped(ClientDeadline(*ctx)),
+                               [ctx] { return ctx->IsCancelled(); }, resp)));
 }
 
 grpc::Status KServeService::ModelStreamInfer(
@@ -307,7 +161,7 @@ void KServeService::ReadRequests(const std::shared_ptr<Stream>& st) {
     st->watch->Touch();
     // The stream's deadline (capped), or the default, from the request's
     // arrival: it counts while the request waits for a thread.
-    const absl::Time deadline = Capped(stream_deadline);
+    const absl::Time deadline = core_.Capped(stream_deadline);
     Queue(st, std::move(req),
           deadline != absl::InfiniteFuture() ? deadline
                                              : absl::Now() + coordinator_->default_timeout());
@@ -319,7 +173,7 @@ void KServeService::Queue(const std::shared_ptr<Stream>& st, inference::ModelInf
   // Counted against its model's queue before it waits for a thread.
   absl::StatusOr<Coordinator::Admission> admitted = coordinator_->Admit(req.model_name());
   if (!admitted.ok()) {
-    Meter(req.model_name(), admitted.status(), absl::ZeroDuration());
+    core_.Meter(req.model_name(), admitted.status(), absl::ZeroDuration());
     inference::ModelStreamInferResponse out;
     Respond(st, req, admitted.status(), &out);
     return;
@@ -329,7 +183,7 @@ void KServeService::Queue(const std::shared_ptr<Stream>& st, inference::ModelInf
   stream_pool_.Submit(model, [this, st, req = std::move(req), deadline, admission] {
     inference::ModelStreamInferResponse out;
     grpc::ServerContext* ctx = st->ctx;
-    absl::Status s = Infer(req, deadline, [ctx] { return ctx->IsCancelled(); },
+    absl::Status s = core_.Infer(req, deadline, [ctx] { return ctx->IsCancelled(); },
                            out.mutable_infer_response(), admission.get());
     Respond(st, req, s, &out);
   });
@@ -338,7 +192,7 @@ void KServeService::Queue(const std::shared_ptr<Stream>& st, inference::ModelInf
 void KServeService::Respond(const std::shared_ptr<Stream>& st,
                             const inference::ModelInferRequest& req, const absl::Status& result,
                             inference::ModelStreamInferResponse* out) {
-  const absl::Status s = Public(result);
+  const absl::Status s = core_.Public(result);
   if (!s.ok()) {
     out->clear_infer_response();
     out->set_error_message(absl::StrCat(absl::StatusCodeToString(s.code()), ": ",

@@ -1,7 +1,7 @@
 // inference.GRPCInferenceService (KServe v2 / Open Inference Protocol) over
 // the Coordinator. Thin: authentication (the `infer` scope when tokens are
-// configured), then kserve_request.h checks the request against the plan of
-// the deployment that runs it, found once per request.
+// configured) and ModelStreamInfer's streams, then KServeCore
+// (kserve_core.h) does the work.
 //
 //   KServeService kserve(&coordinator, &metrics, tokens.get(), {});
 //   builder.RegisterService(&kserve);
@@ -18,6 +18,7 @@
 #include "absl/time/time.h"
 #include "proto/grpc_service.grpc.pb.h"
 #include "server/coordinator/core.h"
+#include "server/coordinator/kserve_core.h"
 #include "server/coordinator/metrics.h"
 #include "server/coordinator/worker_pool.h"
 #include "server/transport/auth.h"
@@ -92,25 +93,8 @@ class KServeService final : public inference::GRPCInferenceService::Service {
     ~ActiveCall() { --s->active_calls_; }
     KServeService* s;
   };
-  // One inference request, metered. `admission`: already counted against
-  // its model's queue (null: admitted here).
-  absl::Status Infer(const inference::ModelInferRequest& req, absl::Time deadline,
-                     const std::function<bool()>& cancelled, inference::ModelInferResponse* resp,
-                     const Coordinator::Admission* admission = nullptr);
-  // `s` as a client with the infer scope may see it: stage-server
-  // addresses redacted (RedactAddresses), the full message logged.
-  absl::Status Public(const absl::Status& s);
-  // Counts one request in the metrics.
-  void Meter(const std::string& model, const absl::Status& s, absl::Duration took);
-  absl::Status InferUnmetered(const inference::ModelInferRequest& req, absl::Time deadline,
-                              const std::function<bool()>& cancelled,
-                              inference::ModelInferResponse* resp,
-                              const Coordinator::Admission* admission);
   // The deadline the client set for the call (infinite when none).
   static absl::Time ClientDeadline(const grpc::ServerContext& ctx);
-  // A request's deadline: the client's, no later than max_timeout from now
-  // (infinite when the client set none).
-  absl::Time Capped(absl::Time client_deadline) const;
   using StreamIo =
       grpc::ServerReaderWriter<inference::ModelStreamInferResponse, inference::ModelInferRequest>;
   // Registers a new stream, or kResourceExhausted naming the limit.
@@ -128,14 +112,10 @@ class KServeService final : public inference::GRPCInferenceService::Service {
                const absl::Status& result, inference::ModelStreamInferResponse* out);
 
   Coordinator* const coordinator_;
-  Metrics* const metrics_;
   const TokenSet* const tokens_;
   const KServeOptions options_;
   std::atomic<int> active_calls_{0};
-  absl::Mutex log_mu_;  // Public's log lines, at most 10 a second
-  absl::Time log_window_ ABSL_GUARDED_BY(log_mu_) = absl::InfinitePast();
-  int log_lines_ ABSL_GUARDED_BY(log_mu_) = 0;
-  int log_suppressed_ ABSL_GUARDED_BY(log_mu_) = 0;
+  KServeCore core_;
 
   absl::Mutex streams_mu_;
   std::vector<std::shared_ptr<Stream>> streams_ ABSL_GUARDED_BY(streams_mu_);
