@@ -26,6 +26,8 @@
 #include "server/coordinator/core.h"
 #include "server/coordinator/generation.h"
 #include "server/coordinator/generation_service.h"
+#include "server/coordinator/kserve_core.h"
+#include "server/coordinator/kserve_rest.h"
 #include "server/coordinator/grpc_stage_client.h"
 #include "server/coordinator/kserve_service.h"
 #include "server/coordinator/metrics.h"
@@ -35,6 +37,8 @@
 #include "server/transport/channels.h"
 #include "common/credentials.h"
 #include "common/server_process.h"
+#include "server/transport/http_server.h"
+#include "server/transport/listen.h"
 #include "server/transport/metrics_http.h"
 #include "server/transport/serve.h"
 
@@ -128,6 +132,11 @@ ABSL_FLAG(int, calibration_rows, 16, "microbatch rows node times are measured at
 ABSL_FLAG(double, link_gb_per_s, 1.0,
           "link bandwidth between stages assumed by measured balancing, GB/s (an upload may say)");
 ABSL_FLAG(int, metrics_port, 8002, "Prometheus GET /metrics port (0: pick one; -1: off)");
+ABSL_FLAG(int, http_port, -1,
+          "KServe v2 REST port (health, metadata, JSON inference) on 127.0.0.1 (0: pick one; "
+          "-1: off). It checks no tokens and speaks no TLS yet, so it is refused beside "
+          "--auth_tokens or --tls_cert");
+ABSL_FLAG(std::string, http_port_file, "", "write the HTTP port here once listening");
 ABSL_FLAG(std::string, metrics_port_file, "", "write the metrics port here once listening");
 
 namespace {
@@ -353,6 +362,25 @@ absl::Status StartMetrics(pipeserve::MetricsHttpServer& http, const std::string&
   return http.Start(host, port, absl::GetFlag(FLAGS_metrics_port_file));
 }
 
+// The KServe v2 REST port (--http_port), or null when off. On loopback
+// only, and never beside tokens or TLS, which it does not check yet.
+absl::StatusOr<std::unique_ptr<pipeserve::HttpServer>> StartHttp(pipeserve::KServeRest& rest,
+                                                                   bool secured) {
+  const int port = absl::GetFlag(FLAGS_http_port);
+  if (port < 0) return nullptr;
+  if (secured) {
+    return absl::InvalidArgumentError(
+        "--http_port: the HTTP port checks no tokens and speaks no TLS yet; it cannot serve "
+        "beside --auth_tokens or --tls_cert");
+  }
+  absl::StatusOr<std::unique_ptr<pipeserve::HttpServer>> http = pipeserve::HttpServer::Start(
+      "127.0.0.1", port, {}, [&rest](const pipeserve::HttpRequest& r) { return rest.Handle(r); });
+  if (http.ok() && !absl::GetFlag(FLAGS_http_port_file).empty()) {
+    pipeserve::WritePortFile(absl::GetFlag(FLAGS_http_port_file), (*http)->port());
+  }
+  return http;
+}
+
 // The client API server's options from the flags; the caller adds the
 // gate and what ties it to the coordinator (serving, drain, on_started).
 pipeserve::ServeOptions ServeOptionsFromFlags(
@@ -445,6 +473,13 @@ int main(int argc, char** argv) {
     return Fail(std::string(s.message()));
   }
   pipeserve::KServeService kserve(&coordinator, &metrics, tokens, KServeOptionsFromFlags());
+  pipeserve::KServeCore rest_core(&coordinator, &metrics,
+                                  {KServeOptionsFromFlags().max_timeout,
+                                   KServeOptionsFromFlags().allow_generation_infer});
+  pipeserve::KServeRest rest(&rest_core);
+  absl::StatusOr<std::unique_ptr<pipeserve::HttpServer>> http =
+      StartHttp(rest, tokens != nullptr || client_auth->credentials != nullptr);
+  if (!http.ok()) return Fail(std::string(http.status().message()));
   pipeserve::ModelServiceImpl models(&coordinator, tokens,
                                      absl::Seconds(absl::GetFlag(FLAGS_upload_idle_timeout_s)));
   pipeserve::GenerationServiceImpl generate(&coordinator, &generation, tokens);

@@ -1,0 +1,96 @@
+#include "server/coordinator/kserve_json.h"
+
+#include <cstring>
+#include <string>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace pipeserve {
+namespace {
+
+using ::testing::HasSubstr;
+
+std::string ErrorOf(const std::string& body) {
+  auto req = InferRequestFromJson(body, "m", "");
+  EXPECT_FALSE(req.ok()) << body;
+  EXPECT_EQ(req.status().code(), absl::StatusCode::kInvalidArgument);
+  return std::string(req.status().message());
+}
+
+TEST(KServeJsonTest, NestedAndFlatDataPackIntoRawContents) {
+  auto req = InferRequestFromJson(
+      R"({"id": "r1", "inputs": [
+            {"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [[1, 2.5], [-3, 4]]},
+            {"name": "ids", "datatype": "INT64", "shape": [3], "data": [1, -2, 9007199254740993]},
+            {"name": "b", "datatype": "BOOL", "shape": [2], "data": [true, false]}],
+          "outputs": [{"name": "y"}]})",
+      "mlp", "2");
+  ASSERT_TRUE(req.ok()) << req.status();
+  EXPECT_EQ(req->model_name(), "mlp");
+  EXPECT_EQ(req->model_version(), "2");
+  EXPECT_EQ(req->id(), "r1");
+  ASSERT_EQ(req->raw_input_contents_size(), 3);
+  float x[4];
+  std::memcpy(x, req->raw_input_contents(0).data(), 16);
+  EXPECT_EQ(x[1], 2.5f);
+  EXPECT_EQ(x[2], -3.0f);
+  int64_t ids[3];
+  std::memcpy(ids, req->raw_input_contents(1).data(), 24);
+  EXPECT_EQ(ids[2], 9007199254740993) << "int64 beyond a double's 53 bits stays exact";
+  EXPECT_EQ(req->raw_input_contents(2), std::string("\x01\x00", 2));
+  EXPECT_EQ(req->outputs(0).name(), "y");
+}
+
+TEST(KServeJsonTest, BadRequestsAreRefusedNamingWhatIsWrong) {
+  EXPECT_THAT(ErrorOf("{\"inputs\": ["), HasSubstr("not valid JSON"));
+  EXPECT_THAT(ErrorOf("{\"inputs\": [{\"name\": \"\xFF\"}]}"), HasSubstr("not valid JSON"));
+  EXPECT_THAT(ErrorOf(std::string(100, '[') + std::string(100, ']')),
+              HasSubstr("nests deeper than 32 levels"));
+  EXPECT_THAT(ErrorOf("[]"), HasSubstr("must be a JSON object"));
+  EXPECT_THAT(ErrorOf("{}"), HasSubstr("needs \"inputs\""));
+  EXPECT_THAT(ErrorOf(R"({"inputs": [{"name": "x", "datatype": "FP99", "shape": [1], "data": [1]}]})"),
+              HasSubstr("input \"x\": "));
+  EXPECT_THAT(ErrorOf(R"({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 3], "data": [1, 2]}]})"),
+              HasSubstr("data holds 2 values, but shape [2,3] needs 6"));
+  EXPECT_THAT(ErrorOf(R"({"inputs": [{"name": "x", "datatype": "INT32", "shape": [1], "data": [3000000000]}]})"),
+              HasSubstr("3000000000 is outside INT32's range"));
+  EXPECT_THAT(ErrorOf(R"({"inputs": [{"name": "x", "datatype": "INT64", "shape": [1], "data": [1.5]}]})"),
+              HasSubstr("INT64 data must be integers"));
+  EXPECT_THAT(ErrorOf(R"({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1e300]}]})"),
+              HasSubstr("outside FP32's range"));
+  EXPECT_THAT(ErrorOf(R"({"inputs": [{"name": "x", "datatype": "BF16", "shape": [1], "data": [1]}]})"),
+              HasSubstr("BF16 travels only as binary data"));
+  EXPECT_THAT(ErrorOf(R"({"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1], "data": []}]})"),
+              HasSubstr("must hold non-negative integers"));
+  EXPECT_THAT(ErrorOf(R"({"inputs": [{"name": "x", "datatype": "FP32", "shape": [4294967296, 4294967296], "data": [1]}]})"),
+              HasSubstr("data holds 1 values"));
+}
+
+TEST(KServeJsonTest, ResponsesCarryEachOutputsData) {
+  inference::ModelInferResponse resp;
+  resp.set_model_name("mlp");
+  resp.set_model_version("1");
+  auto* o = resp.add_outputs();
+  o->set_name("y");
+  o->set_datatype("FP32");
+  o->add_shape(1);
+  o->add_shape(2);
+  const float y[2] = {0.5f, -1.0f};
+  resp.add_raw_output_contents(std::string(reinterpret_cast<const char*>(y), 8));
+  auto json = InferResponseToJson(resp);
+  ASSERT_TRUE(json.ok()) << json.status();
+  EXPECT_EQ(*json, R"({"model_name":"mlp","model_version":"1","outputs":[{"data":[0.5,-1.0],)"
+                   R"("datatype":"FP32","name":"y","shape":[1,2]}]})");
+  o->set_datatype("BF16");
+  EXPECT_THAT(std::string(InferResponseToJson(resp).status().message()),
+              HasSubstr("output \"y\" is BF16, which travels only as binary data"));
+}
+
+TEST(KServeJsonTest, ErrorsAreJsonEvenForBadBytes) {
+  EXPECT_EQ(ErrorJson("bad \"x\""), R"({"error":"bad \"x\""})");
+  EXPECT_EQ(ErrorJson("\xFF"), "{\"error\":\"\xEF\xBF\xBD\"}");
+}
+
+}  // namespace
+}  // namespace pipeserve

@@ -1,0 +1,118 @@
+#include "server/coordinator/kserve_rest.h"
+
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "server/coordinator/kserve_json.h"
+
+namespace pipeserve {
+namespace {
+
+HttpResponse Error(int status, absl::string_view message) {
+  HttpResponse r;
+  r.status = status;
+  r.body = ErrorJson(message);
+  return r;
+}
+
+HttpResponse Error(const absl::Status& s) { return Error(HttpStatusOf(s.code()), s.message()); }
+
+HttpResponse Json(std::string body) {
+  HttpResponse r;
+  r.body = std::move(body);
+  return r;
+}
+
+HttpResponse WrongMethod(const HttpRequest& r, const char* allowed) {
+  HttpResponse resp = Error(405, absl::StrCat(r.method, " is not allowed on ", r.path.substr(0, 200),
+                                              "; use ", allowed));
+  resp.headers.emplace_back("Allow", allowed);
+  return resp;
+}
+
+}  // namespace
+
+int HttpStatusOf(absl::StatusCode code) {
+  switch (code) {
+    case absl::StatusCode::kOk: return 200;
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kFailedPrecondition:
+    case absl::StatusCode::kOutOfRange: return 400;
+    case absl::StatusCode::kUnauthenticated: return 401;
+    case absl::StatusCode::kPermissionDenied: return 403;
+    case absl::StatusCode::kNotFound: return 404;
+    case absl::StatusCode::kResourceExhausted: return 429;
+    case absl::StatusCode::kCancelled: return 499;
+    case absl::StatusCode::kUnimplemented: return 501;
+    case absl::StatusCode::kUnavailable: return 503;
+    case absl::StatusCode::kDeadlineExceeded: return 504;
+    default: return 500;
+  }
+}
+
+HttpResponse KServeRest::Handle(const HttpRequest& r) {
+  const std::vector<std::string> p = absl::StrSplit(r.path, '/', absl::SkipEmpty());
+  const bool get = r.method == "GET" || r.method == "HEAD";
+  if (p.size() == 1 && p[0] == "v2") {
+    if (!get) return WrongMethod(r, "GET");
+    inference::ServerMetadataResponse m;
+    core_->ServerMetadata(&m);
+    return Json(ServerMetadataToJson(m));
+  }
+  if (p.size() == 3 && p[0] == "v2" && p[1] == "health" && (p[2] == "live" || p[2] == "ready")) {
+    if (!get) return WrongMethod(r, "GET");
+    if (p[2] == "ready" && !core_->ServerReady()) return Error(503, "the server is not ready");
+    return HttpResponse::Text(200, "");
+  }
+  if (p.size() >= 3 && p[0] == "v2" && p[1] == "models") {
+    if (p.size() == 3 || p.size() == 4) return Model(r, p[2], "", p.size() == 4 ? p[3] : "");
+    if ((p.size() == 5 || p.size() == 6) && p[3] == "versions") {
+      return Model(r, p[2], p[4], p.size() == 6 ? p[5] : "");
+    }
+  }
+  return Error(404, absl::StrCat("no route ", r.method, " ", r.path.substr(0, 200),
+                                 " (KServe v2 REST: /v2, /v2/health/{live,ready}, "
+                                 "/v2/models/{model}[/versions/{version}][/ready|/infer])"));
+}
+
+HttpResponse KServeRest::Model(const HttpRequest& r, const std::string& model,
+                               const std::string& version, const std::string& action) {
+  const bool get = r.method == "GET" || r.method == "HEAD";
+  if (action == "infer") {
+    if (r.method != "POST") return WrongMethod(r, "POST");
+    return Infer(r, model, version);
+  }
+  if (action == "ready") {
+    if (!get) return WrongMethod(r, "GET");
+    absl::StatusOr<ModelInfo> info = core_->Model(model, version);
+    if (!info.ok()) return Error(core_->Public(info.status()));
+    if (info->state != ModelState::kReady) {
+      return Error(503, absl::StrCat("model \"", model, "\" is ", ModelStateName(info->state)));
+    }
+    return HttpResponse::Text(200, "");
+  }
+  if (!action.empty()) {
+    return Error(404, absl::StrCat("no route ", r.method, " ", r.path.substr(0, 200)));
+  }
+  if (!get) return WrongMethod(r, "GET");
+  inference::ModelMetadataResponse m;
+  absl::Status s = core_->ModelMetadata(model, version, &m);
+  if (!s.ok()) return Error(core_->Public(s));
+  return Json(ModelMetadataToJson(m));
+}
+
+HttpResponse KServeRest::Infer(const HttpRequest& r, const std::string& model,
+                               const std::string& version) {
+  absl::StatusOr<inference::ModelInferRequest> req = InferRequestFromJson(r.body, model, version);
+  if (!req.ok()) return Error(req.status());
+  inference::ModelInferResponse resp;
+  absl::Status s = core_->Public(core_->Infer(*req, core_->Capped(absl::InfiniteFuture()),
+                                              r.client_gone, &resp));
+  if (!s.ok()) return Error(s);
+  absl::StatusOr<std::string> body = InferResponseToJson(resp);
+  if (!body.ok()) return Error(body.status());
+  return Json(*std::move(body));
+}
+
+}  // namespace pipeserve

@@ -1,0 +1,43 @@
+// KServe v2 REST (the Open Inference Protocol's HTTP binding, as Triton
+// serves it on :8000) over KServeCore: health, server and model metadata,
+// model readiness, and inference with JSON tensors (kserve_json.h). Thin:
+// it routes, converts and maps errors, the core does the work, so answers
+// equal the gRPC service's. Errors are KServe's {"error": "..."} with 400
+// (a bad request), 404 (no such model, version or route), 405, 429 (the
+// model's queue is full), 503 (not ready) and 504 (the deadline passed).
+//
+//   KServeRest rest(&core);
+//   HttpServer::Start("127.0.0.1", 8000, {}, [&](const HttpRequest& r) { return rest.Handle(r); });
+#ifndef PIPESERVE_SERVER_COORDINATOR_KSERVE_REST_H_
+#define PIPESERVE_SERVER_COORDINATOR_KSERVE_REST_H_
+
+#include <string>
+
+#include "absl/status/status.h"
+#include "server/coordinator/kserve_core.h"
+#include "server/transport/http_server.h"
+
+namespace pipeserve {
+
+// The HTTP status KServe's REST binding gives an error of this code.
+int HttpStatusOf(absl::StatusCode code);
+
+class KServeRest {
+ public:
+  // `core` must outlive this.
+  explicit KServeRest(KServeCore* core) : core_(core) {}
+
+  HttpResponse Handle(const HttpRequest& r);
+
+ private:
+  // /v2/models/{model}[/versions/{version}][/{action}]
+  HttpResponse Model(const HttpRequest& r, const std::string& model, const std::string& version,
+                     const std::string& action);
+  HttpResponse Infer(const HttpRequest& r, const std::string& model, const std::string& version);
+
+  KServeCore* const core_;
+};
+
+}  // namespace pipeserve
+
+#endif  // PIPESERVE_SERVER_COORDINATOR_KSERVE_REST_H_
