@@ -1,13 +1,11 @@
-// A minimal HTTP/1.1 server for Prometheus: GET /metrics answers with the
-// text `render` returns (the exposition format); anything else is 404. The
-// coordinator serves its request metrics with it, each stage server its
-// stages'.
+// Prometheus's endpoint: GET /metrics answers with the text `render`
+// returns (the exposition format); anything else is 404. The coordinator
+// serves its request metrics with it, each stage server its stages'.
 //
-// One thread serves every connection from one poll loop, so no client
-// holds up another: each connection has kRequestTimeout from its accept to
-// finish sending its request head and reading the answer, at most
-// kMaxConnections are open at once (a new one closes the oldest), and a
-// request head over 16 KiB is answered 431 and closed. Shutdown (the
+// It runs on HttpServer (libmicrohttpd, a thread per connection), so no
+// client holds up another: a connection silent for kRequestTimeout is
+// closed, at most kMaxConnections are open at once (more are closed at
+// once), a request head over 16 KiB is answered 431, and shutdown (the
 // destructor) never waits on a client.
 //
 //   MetricsHttpServer http([&] { return metrics.Render(coordinator.ListModels()); });
@@ -15,25 +13,23 @@
 #ifndef PIPESERVE_SERVER_TRANSPORT_METRICS_HTTP_H_
 #define PIPESERVE_SERVER_TRANSPORT_METRICS_HTTP_H_
 
-#include <atomic>
 #include <functional>
+#include <memory>
 #include <string>
-#include <thread>
-#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "server/transport/http_server.h"
 
 namespace pipeserve {
 
 class MetricsHttpServer {
  public:
   static constexpr absl::Duration kRequestTimeout = absl::Seconds(5);
-  static constexpr int kMaxConnections = 32;
+  static constexpr int kMaxConnections = 256;
 
-  // `render` is called on the server's thread for every scrape.
+  // `render` is called on a connection's thread for every scrape.
   explicit MetricsHttpServer(std::function<std::string()> render);
-  // Stops serving within a poll interval (200 ms), closing every connection.
   ~MetricsHttpServer();
 
   // Listens on host:port: an IPv4 or IPv6 address, or a name ("localhost":
@@ -42,22 +38,13 @@ class MetricsHttpServer {
   // kInvalidArgument for a host that does not resolve, kUnavailable if the
   // port cannot be bound.
   absl::Status Start(const std::string& host, int port, const std::string& port_file = "");
-  int port() const { return port_; }
+  int port() const { return http_ == nullptr ? 0 : http_->port(); }
 
  private:
-  struct Connection;
-  void Serve();
-  // Reads what `c` sent; once its request head is complete, makes the answer.
-  void Read(Connection& c);
-  // Writes what is left of `c`'s answer; true when all of it is written.
-  bool Write(Connection& c);
-  std::string Answer(const std::string& request_head);
+  HttpResponse Answer(const HttpRequest& r) const;
 
   const std::function<std::string()> render_;
-  std::vector<int> listeners_;
-  int port_ = 0;
-  std::atomic<bool> stopping_{false};
-  std::thread thread_;
+  std::unique_ptr<HttpServer> http_;
 };
 
 }  // namespace pipeserve
