@@ -133,9 +133,9 @@ ABSL_FLAG(double, link_gb_per_s, 1.0,
           "link bandwidth between stages assumed by measured balancing, GB/s (an upload may say)");
 ABSL_FLAG(int, metrics_port, 8002, "Prometheus GET /metrics port (0: pick one; -1: off)");
 ABSL_FLAG(int, http_port, -1,
-          "KServe v2 REST port (health, metadata, JSON inference) on 127.0.0.1 (0: pick one; "
-          "-1: off). It checks no tokens and speaks no TLS yet, so it is refused beside "
-          "--auth_tokens or --tls_cert");
+          "KServe v2 REST port (health, metadata, JSON inference; 0: pick one; -1: off): on "
+          "--host with --auth_tokens (Authorization: Bearer, as on gRPC), else on 127.0.0.1 "
+          "only. It speaks no TLS yet, so it is refused beside --tls_cert");
 ABSL_FLAG(std::string, http_port_file, "", "write the HTTP port here once listening");
 ABSL_FLAG(std::string, metrics_port_file, "", "write the metrics port here once listening");
 
@@ -362,19 +362,21 @@ absl::Status StartMetrics(pipeserve::MetricsHttpServer& http, const std::string&
   return http.Start(host, port, absl::GetFlag(FLAGS_metrics_port_file));
 }
 
-// The KServe v2 REST port (--http_port), or null when off. On loopback
-// only, and never beside tokens or TLS, which it does not check yet.
+// The KServe v2 REST port (--http_port), or null when off: on `host`, as
+// gRPC, when tokens guard it, else on loopback only. Never beside TLS,
+// which it does not speak yet.
 absl::StatusOr<std::unique_ptr<pipeserve::HttpServer>> StartHttp(pipeserve::KServeRest& rest,
-                                                                   bool secured) {
+                                                                   bool tokens, bool tls,
+                                                                   const std::string& host) {
   const int port = absl::GetFlag(FLAGS_http_port);
   if (port < 0) return nullptr;
-  if (secured) {
+  if (tls) {
     return absl::InvalidArgumentError(
-        "--http_port: the HTTP port checks no tokens and speaks no TLS yet; it cannot serve "
-        "beside --auth_tokens or --tls_cert");
+        "--http_port: the HTTP port speaks no TLS yet; it cannot serve beside --tls_cert");
   }
   absl::StatusOr<std::unique_ptr<pipeserve::HttpServer>> http = pipeserve::HttpServer::Start(
-      "127.0.0.1", port, {}, [&rest](const pipeserve::HttpRequest& r) { return rest.Handle(r); });
+      tokens ? host : "127.0.0.1", port, {},
+      [&rest](const pipeserve::HttpRequest& r) { return rest.Handle(r); });
   if (http.ok() && !absl::GetFlag(FLAGS_http_port_file).empty()) {
     pipeserve::WritePortFile(absl::GetFlag(FLAGS_http_port_file), (*http)->port());
   }
@@ -476,9 +478,9 @@ int main(int argc, char** argv) {
   pipeserve::KServeCore rest_core(&coordinator, &metrics,
                                   {KServeOptionsFromFlags().max_timeout,
                                    KServeOptionsFromFlags().allow_generation_infer});
-  pipeserve::KServeRest rest(&rest_core);
+  pipeserve::KServeRest rest(&rest_core, tokens);
   absl::StatusOr<std::unique_ptr<pipeserve::HttpServer>> http =
-      StartHttp(rest, tokens != nullptr || client_auth->credentials != nullptr);
+      StartHttp(rest, tokens != nullptr, client_auth->credentials != nullptr, *host);
   if (!http.ok()) return Fail(std::string(http.status().message()));
   pipeserve::ModelServiceImpl models(&coordinator, tokens,
                                      absl::Seconds(absl::GetFlag(FLAGS_upload_idle_timeout_s)));

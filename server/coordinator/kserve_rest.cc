@@ -54,16 +54,23 @@ int HttpStatusOf(absl::StatusCode code) {
 HttpResponse KServeRest::Handle(const HttpRequest& r) {
   const std::vector<std::string> p = absl::StrSplit(r.path, '/', absl::SkipEmpty());
   const bool get = r.method == "GET" || r.method == "HEAD";
+  if (p.size() == 3 && p[0] == "v2" && p[1] == "health" && (p[2] == "live" || p[2] == "ready")) {
+    // Probes answer anyone, as grpc.health.v1 does: they carry no tokens.
+    if (!get) return WrongMethod(r, "GET");
+    if (p[2] == "ready" && !core_->ServerReady()) return Error(503, "the server is not ready");
+    return HttpResponse::Text(200, "");
+  }
+  if (absl::Status auth = AuthorizeCall(tokens_, r.Header("authorization"), Scope::kInfer);
+      !auth.ok()) {
+    HttpResponse denied = Error(auth);
+    if (denied.status == 401) denied.headers.emplace_back("WWW-Authenticate", "Bearer");
+    return denied;
+  }
   if (p.size() == 1 && p[0] == "v2") {
     if (!get) return WrongMethod(r, "GET");
     inference::ServerMetadataResponse m;
     core_->ServerMetadata(&m);
     return Json(ServerMetadataToJson(m));
-  }
-  if (p.size() == 3 && p[0] == "v2" && p[1] == "health" && (p[2] == "live" || p[2] == "ready")) {
-    if (!get) return WrongMethod(r, "GET");
-    if (p[2] == "ready" && !core_->ServerReady()) return Error(503, "the server is not ready");
-    return HttpResponse::Text(200, "");
   }
   if (p.size() >= 3 && p[0] == "v2" && p[1] == "models") {
     if (p.size() == 3 || p.size() == 4) return Model(r, p[2], "", p.size() == 4 ? p[3] : "");

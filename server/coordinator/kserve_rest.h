@@ -6,7 +6,11 @@
 // (a bad request), 404 (no such model, version or route), 405, 429 (the
 // model's queue is full), 503 (not ready) and 504 (the deadline passed).
 //
-//   KServeRest rest(&core);
+// With tokens, every route but the health probes needs a token with the
+// infer scope (`Authorization: Bearer ...`): 401 without a valid one, 403
+// for one without the scope, as on gRPC.
+//
+//   KServeRest rest(&core, tokens);
 //   HttpServer::Start("127.0.0.1", 8000, {}, [&](const HttpRequest& r) { return rest.Handle(r); });
 #ifndef PIPESERVE_SERVER_COORDINATOR_KSERVE_REST_H_
 #define PIPESERVE_SERVER_COORDINATOR_KSERVE_REST_H_
@@ -15,6 +19,7 @@
 
 #include "absl/status/status.h"
 #include "server/coordinator/kserve_core.h"
+#include "server/transport/auth.h"
 #include "server/transport/http_server.h"
 
 namespace pipeserve {
@@ -24,8 +29,8 @@ int HttpStatusOf(absl::StatusCode code);
 
 class KServeRest {
  public:
-  // `core` must outlive this.
-  explicit KServeRest(KServeCore* core) : core_(core) {}
+  // `core` and `tokens` (null: no authentication) must outlive this.
+  KServeRest(KServeCore* core, const TokenSet* tokens) : core_(core), tokens_(tokens) {}
 
   HttpResponse Handle(const HttpRequest& r);
 
@@ -36,6 +41,7 @@ class KServeRest {
   HttpResponse Infer(const HttpRequest& r, const std::string& model, const std::string& version);
 
   KServeCore* const core_;
+  const TokenSet* const tokens_;
 };
 
 }  // namespace pipeserve

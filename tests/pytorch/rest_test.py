@@ -149,19 +149,56 @@ class RestTest(unittest.TestCase):
         self.assertEqual(self.request("GET", "/v2/health/live")[0], 200)
 
 
-class RestRefusedTest(unittest.TestCase):
-    def test_the_http_port_is_refused_beside_tokens_it_does_not_check(self):
+class RestTokensTest(unittest.TestCase):
+    """With --auth_tokens the REST routes need a token with the infer
+    scope (admin tokens have it), as gRPC calls do; the health probes
+    answer anyone."""
+
+    def test_routes_need_a_token_with_the_infer_scope(self):
         tmp = tempfile.mkdtemp(dir=os.environ.get("TEST_TMPDIR"))
         tokens = os.path.join(tmp, "tokens")
+        infer, admin = "i" * 32, "a" * 32
         with open(tokens, "w") as f:
-            f.write("admin " + "a" * 32 + "\n")
+            f.write(f"infer {infer}\nadmin {admin}\n")
+        coord = Coordinator(tmp, f"--auth_tokens={tokens}", "--http_port=0",
+                            f"--http_port_file={tmp}/http_port")
+        try:
+            port = int(_read(os.path.join(tmp, "http_port")))
+
+            def get(path, token=None):
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                conn.request("GET", path, headers={"Authorization": f"Bearer {token}"}
+                             if token else {})
+                resp = conn.getresponse()
+                body = resp.read()
+                conn.close()
+                return resp.status, resp.getheader("WWW-Authenticate"), body
+
+            self.assertEqual(get("/v2/health/ready")[0], 200)
+            status, challenge, body = get("/v2")
+            self.assertEqual((status, challenge), (401, "Bearer"))
+            self.assertIn("needs a token", json.loads(body)["error"])
+            self.assertEqual(get("/v2", "x" * 32)[0], 401)
+            self.assertEqual(get("/v2", infer)[0], 200)
+            self.assertEqual(get("/v2", admin)[0], 200, "an admin token may infer too")
+        finally:
+            coord.close()
+
+
+class RestRefusedTest(unittest.TestCase):
+    def test_the_http_port_is_refused_beside_tls_it_does_not_speak(self):
+        tmp = tempfile.mkdtemp(dir=os.environ.get("TEST_TMPDIR"))
+        cert, key = os.path.join(tmp, "c.pem"), os.path.join(tmp, "k.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:P-256", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                        "-keyout", key, "-out", cert], check=True, capture_output=True)
         root = os.path.join(HERE, "..", "..")
         run = subprocess.run(
             [os.path.join(root, "server/coordinator/coordinator"), "--port=0",
-             "--metrics_port=-1", f"--repository={tmp}/repo", f"--auth_tokens={tokens}",
-             "--http_port=0"], capture_output=True, text=True, timeout=60)
+             "--metrics_port=-1", f"--repository={tmp}/repo", f"--tls_cert={cert}",
+             f"--tls_key={key}", "--http_port=0"], capture_output=True, text=True, timeout=60)
         self.assertNotEqual(run.returncode, 0)
-        self.assertIn("checks no tokens and speaks no TLS yet", run.stderr)
+        self.assertIn("speaks no TLS yet", run.stderr)
 
 
 if __name__ == "__main__":
