@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <iostream>
 #include <thread>
 
@@ -23,6 +24,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "runtime/backends.h"
+#include "common/status_macros.h"
 #include "server/coordinator/core.h"
 #include "server/coordinator/generation.h"
 #include "server/coordinator/generation_service.h"
@@ -133,9 +135,9 @@ ABSL_FLAG(double, link_gb_per_s, 1.0,
           "link bandwidth between stages assumed by measured balancing, GB/s (an upload may say)");
 ABSL_FLAG(int, metrics_port, 8002, "Prometheus GET /metrics port (0: pick one; -1: off)");
 ABSL_FLAG(int, http_port, -1,
-          "KServe v2 REST port (health, metadata, JSON inference; 0: pick one; -1: off): on "
-          "--host with --auth_tokens (Authorization: Bearer, as on gRPC), else on 127.0.0.1 "
-          "only. It speaks no TLS yet, so it is refused beside --tls_cert");
+          "KServe v2 REST port (health, metadata, JSON inference; 0: pick one; -1: off): "
+          "HTTPS with --tls_cert/--tls_key; on --host with --auth_tokens (Authorization: "
+          "Bearer, as on gRPC), else on 127.0.0.1 only");
 ABSL_FLAG(std::string, http_port_file, "", "write the HTTP port here once listening");
 ABSL_FLAG(std::string, metrics_port_file, "", "write the metrics port here once listening");
 
@@ -362,20 +364,32 @@ absl::Status StartMetrics(pipeserve::MetricsHttpServer& http, const std::string&
   return http.Start(host, port, absl::GetFlag(FLAGS_metrics_port_file));
 }
 
-// The KServe v2 REST port (--http_port), or null when off: on `host`, as
-// gRPC, when tokens guard it, else on loopback only. Never beside TLS,
-// which it does not speak yet.
+// The contents of PEM file `path` (kInvalidArgument naming `flag`).
+absl::StatusOr<std::string> ReadPem(const std::string& flag, const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream pem;
+  pem << in.rdbuf();
+  if (!in || pem.str().empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(flag, ": cannot read ", path));
+  }
+  return pem.str();
+}
+
+// The KServe v2 REST port (--http_port), or null when off: with TLS when
+// gRPC has it (--tls_cert/--tls_key), on `host` as gRPC when tokens guard
+// it, else on loopback only.
 absl::StatusOr<std::unique_ptr<pipeserve::HttpServer>> StartHttp(pipeserve::KServeRest& rest,
-                                                                   bool tokens, bool tls,
+                                                                   bool tokens,
                                                                    const std::string& host) {
   const int port = absl::GetFlag(FLAGS_http_port);
   if (port < 0) return nullptr;
-  if (tls) {
-    return absl::InvalidArgumentError(
-        "--http_port: the HTTP port speaks no TLS yet; it cannot serve beside --tls_cert");
+  pipeserve::HttpServerOptions options;
+  if (!absl::GetFlag(FLAGS_tls_cert).empty()) {
+    ASSIGN_OR_RETURN(options.tls_cert_pem, ReadPem("--tls_cert", absl::GetFlag(FLAGS_tls_cert)));
+    ASSIGN_OR_RETURN(options.tls_key_pem, ReadPem("--tls_key", absl::GetFlag(FLAGS_tls_key)));
   }
   absl::StatusOr<std::unique_ptr<pipeserve::HttpServer>> http = pipeserve::HttpServer::Start(
-      tokens ? host : "127.0.0.1", port, {},
+      tokens ? host : "127.0.0.1", port, options,
       [&rest](const pipeserve::HttpRequest& r) { return rest.Handle(r); });
   if (http.ok() && !absl::GetFlag(FLAGS_http_port_file).empty()) {
     pipeserve::WritePortFile(absl::GetFlag(FLAGS_http_port_file), (*http)->port());
@@ -480,7 +494,7 @@ int main(int argc, char** argv) {
                                    KServeOptionsFromFlags().allow_generation_infer});
   pipeserve::KServeRest rest(&rest_core, tokens);
   absl::StatusOr<std::unique_ptr<pipeserve::HttpServer>> http =
-      StartHttp(rest, tokens != nullptr, client_auth->credentials != nullptr, *host);
+      StartHttp(rest, tokens != nullptr, *host);
   if (!http.ok()) return Fail(std::string(http.status().message()));
   pipeserve::ModelServiceImpl models(&coordinator, tokens,
                                      absl::Seconds(absl::GetFlag(FLAGS_upload_idle_timeout_s)));

@@ -249,19 +249,29 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string&
   const unsigned timeout_s =
       static_cast<unsigned>(std::max<int64_t>(1, absl::ToInt64Seconds(options.idle_timeout)));
   for (int fd : listeners->fds) {
-    // The socket libmicrohttpd gets must block: its thread per connection
-    // reads and writes it so.
-    MHD_Daemon* d = MHD_start_daemon(
-        MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL, 0,
-        nullptr, nullptr, &Context::Handle, server.get(), MHD_OPTION_LISTEN_SOCKET, fd,
-        MHD_OPTION_CONNECTION_LIMIT, static_cast<unsigned>(options.max_connections),
-        MHD_OPTION_CONNECTION_TIMEOUT, timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
-        options.max_header_bytes, MHD_OPTION_NOTIFY_COMPLETED, &Context::Completed, nullptr,
-        MHD_OPTION_END);
+    const HttpServerOptions& o = server->options_;
+    std::vector<MHD_OptionItem> items = {
+        {MHD_OPTION_LISTEN_SOCKET, fd, nullptr},
+        {MHD_OPTION_CONNECTION_LIMIT, o.max_connections, nullptr},
+        {MHD_OPTION_CONNECTION_TIMEOUT, timeout_s, nullptr},
+        {MHD_OPTION_CONNECTION_MEMORY_LIMIT, static_cast<intptr_t>(o.max_header_bytes), nullptr},
+        {MHD_OPTION_NOTIFY_COMPLETED, reinterpret_cast<intptr_t>(&Context::Completed), nullptr},
+    };
+    unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL;
+    if (!o.tls_cert_pem.empty()) {
+      flags |= MHD_USE_TLS;
+      // Not copied: the options (and so the PEM) live as long as the server.
+      items.push_back({MHD_OPTION_HTTPS_MEM_KEY, 0, const_cast<char*>(o.tls_key_pem.c_str())});
+      items.push_back({MHD_OPTION_HTTPS_MEM_CERT, 0, const_cast<char*>(o.tls_cert_pem.c_str())});
+    }
+    items.push_back({MHD_OPTION_END, 0, nullptr});
+    MHD_Daemon* d = MHD_start_daemon(flags, 0, nullptr, nullptr, &Context::Handle, server.get(),
+                                     MHD_OPTION_ARRAY, items.data(), MHD_OPTION_END);
     if (d == nullptr) {
       ::close(fd);
-      return absl::UnavailableError(
-          absl::StrCat("http: cannot serve on ", host, ":", listeners->port));
+      return absl::UnavailableError(absl::StrCat(
+          "http: cannot serve on ", host, ":", listeners->port,
+          o.tls_cert_pem.empty() ? "" : " (is the TLS certificate and key a PEM pair?)"));
     }
     server->daemons_.push_back(d);
   }

@@ -78,6 +78,8 @@ struct HttpServerOptions {
   size_t max_header_bytes = size_t{16} << 10;
   size_t max_body_bytes = size_t{64} << 20;
   absl::Duration idle_timeout = absl::Seconds(30);
+  // PEM: with a certificate and its key, HTTPS (clients present none).
+  std::string tls_cert_pem, tls_key_pem;
 };
 
 class HttpServer {

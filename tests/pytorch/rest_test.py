@@ -7,9 +7,11 @@ import http.client
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 
 import numpy as np
@@ -185,20 +187,55 @@ class RestTokensTest(unittest.TestCase):
             coord.close()
 
 
-class RestRefusedTest(unittest.TestCase):
-    def test_the_http_port_is_refused_beside_tls_it_does_not_speak(self):
+class RestTlsTest(unittest.TestCase):
+    """With --tls_cert the REST port speaks HTTPS with the gRPC port's
+    certificate, and with --auth_tokens it checks the same tokens."""
+
+    def test_https_with_the_grpc_certificate_and_tokens(self):
         tmp = tempfile.mkdtemp(dir=os.environ.get("TEST_TMPDIR"))
         cert, key = os.path.join(tmp, "c.pem"), os.path.join(tmp, "k.pem")
         subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
                         "ec_paramgen_curve:P-256", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
                         "-keyout", key, "-out", cert], check=True, capture_output=True)
+        tokens = os.path.join(tmp, "tokens")
+        with open(tokens, "w") as f:
+            f.write("infer " + "i" * 32 + "\n")
         root = os.path.join(HERE, "..", "..")
-        run = subprocess.run(
+        port_file = os.path.join(tmp, "http_port")
+        log = open(os.path.join(tmp, "coordinator.log"), "w")
+        proc = subprocess.Popen(
             [os.path.join(root, "server/coordinator/coordinator"), "--port=0",
              "--metrics_port=-1", f"--repository={tmp}/repo", f"--tls_cert={cert}",
-             f"--tls_key={key}", "--http_port=0"], capture_output=True, text=True, timeout=60)
-        self.assertNotEqual(run.returncode, 0)
-        self.assertIn("speaks no TLS yet", run.stderr)
+             f"--tls_key={key}", f"--auth_tokens={tokens}", "--http_port=0",
+             f"--http_port_file={port_file}",
+             f"--stage_server_binary={os.path.join(root, 'server/stage/stage_server')}"],
+            stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 60
+            while not (os.path.exists(port_file) and _read(port_file)):
+                self.assertIsNone(proc.poll(), open(log.name).read())
+                self.assertLess(time.time(), deadline)
+                time.sleep(0.02)
+            port = int(_read(port_file))
+            ctx = ssl.create_default_context(cafile=cert)
+            conn = http.client.HTTPSConnection("localhost", port, context=ctx, timeout=30)
+            conn.request("GET", "/v2/health/live")
+            live = conn.getresponse()
+            live.read()
+            self.assertEqual(live.status, 200)
+            conn.request("GET", "/v2", headers={"Authorization": "Bearer " + "i" * 32})
+            resp = conn.getresponse()
+            self.assertEqual(resp.status, 200)
+            self.assertEqual(json.loads(resp.read())["name"], "pipeserve")
+            conn.close()
+            plain = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            with self.assertRaises((http.client.HTTPException, OSError)):
+                plain.request("GET", "/v2/health/live")
+                plain.getresponse().read()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 if __name__ == "__main__":
