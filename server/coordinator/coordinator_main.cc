@@ -492,7 +492,7 @@ int main(int argc, char** argv) {
   pipeserve::KServeCore rest_core(&coordinator, &metrics,
                                   {KServeOptionsFromFlags().max_timeout,
                                    KServeOptionsFromFlags().allow_generation_infer});
-  pipeserve::KServeRest rest(&rest_core, tokens);
+  pipeserve::KServeRest rest(&rest_core, tokens, &generation);
   absl::StatusOr<std::unique_ptr<pipeserve::HttpServer>> http =
       StartHttp(rest, tokens != nullptr, *host);
   if (!http.ok()) return Fail(std::string(http.status().message()));

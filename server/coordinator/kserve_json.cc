@@ -47,7 +47,9 @@ absl::Status CheckDepth(absl::string_view body) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<Json> Parse(absl::string_view body) {
+}  // namespace
+
+absl::StatusOr<Json> ParseJsonBody(absl::string_view body) {
   RETURN_IF_ERROR(CheckDepth(body));
   Json j = Json::parse(body.begin(), body.end(), nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) {
@@ -61,6 +63,8 @@ absl::StatusOr<Json> Parse(absl::string_view body) {
   }
   return j;
 }
+
+namespace {
 
 template <typename T>
 void Append(T v, std::string* raw) {
@@ -199,7 +203,7 @@ absl::StatusOr<Json> DataOf(const std::string& name, DataType dt, const std::str
 absl::StatusOr<inference::ModelInferRequest> InferRequestFromJson(absl::string_view body,
                                                                   const std::string& model,
                                                                   const std::string& version) {
-  ASSIGN_OR_RETURN(Json j, Parse(body));
+  ASSIGN_OR_RETURN(Json j, ParseJsonBody(body));
   if (!j.is_object()) return Invalid("the request must be a JSON object");
   inference::ModelInferRequest req;
   req.set_model_name(model);

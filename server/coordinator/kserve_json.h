@@ -18,11 +18,17 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "nlohmann/json.hpp"
 #include "proto/grpc_service.pb.h"
 
 namespace pipeserve {
 
 inline constexpr int kMaxJsonDepth = 32;
+
+// `body` parsed: kInvalidArgument for nesting beyond kMaxJsonDepth, or
+// JSON that does not parse (invalid UTF-8 included), with the parser's
+// account of where.
+absl::StatusOr<nlohmann::json> ParseJsonBody(absl::string_view body);
 
 // The request for model `model` at `version` ("": any) that `body` asks for.
 absl::StatusOr<inference::ModelInferRequest> InferRequestFromJson(absl::string_view body,

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "server/coordinator/generate_json.h"
 #include "server/coordinator/kserve_json.h"
 
 namespace pipeserve {
@@ -90,6 +91,13 @@ HttpResponse KServeRest::Model(const HttpRequest& r, const std::string& model,
     if (r.method != "POST") return WrongMethod(r, "POST");
     return Infer(r, model, version);
   }
+  if (action == "generate" || action == "generate_stream") {
+    if (r.method != "POST") return WrongMethod(r, "POST");
+    if (generation_ == nullptr || !version.empty()) {
+      return Error(404, absl::StrCat("no route ", r.method, " ", r.path.substr(0, 200)));
+    }
+    return Generate(r, model, action == "generate_stream");
+  }
   if (action == "ready") {
     if (!get) return WrongMethod(r, "GET");
     absl::StatusOr<ModelInfo> info = core_->Model(model, version);
@@ -120,6 +128,47 @@ HttpResponse KServeRest::Infer(const HttpRequest& r, const std::string& model,
   absl::StatusOr<std::string> body = InferResponseToJson(resp);
   if (!body.ok()) return Error(body.status());
   return Json(*std::move(body));
+}
+
+HttpResponse KServeRest::Generate(const HttpRequest& r, const std::string& model, bool stream) {
+  absl::StatusOr<GenerationRequest> req = GenerationRequestFromJson(r.body);
+  if (!req.ok()) return Error(req.status());
+  absl::StatusOr<std::shared_ptr<Generator>> gen = generation_->For(model);
+  if (!gen.ok()) return Error(core_->Public(gen.status()));
+  req->deadline = absl::Now() + core_->coordinator()->default_timeout();
+  const int64_t prompt_tokens = static_cast<int64_t>(req->prompt.size());
+  if (!stream) {
+    std::vector<int64_t> ids;
+    std::string finish;
+    absl::Status s = (*gen)->Generate(
+        *req,
+        [&](const GeneratedToken& t) {
+          ids.push_back(t.id);
+          finish = t.finish_reason;
+          return true;
+        },
+        r.client_gone);
+    if (!s.ok()) return Error(core_->Public(s));
+    return Json(GenerateResponseJson(model, ids, finish, prompt_tokens));
+  }
+  HttpResponse events;
+  events.content_type = "text/event-stream";
+  events.headers.emplace_back("Cache-Control", "no-cache");
+  KServeCore* core = core_;
+  std::shared_ptr<Generator> g = *gen;
+  GenerationRequest request = *std::move(req);
+  events.stream = [core, g, request, prompt_tokens](HttpStream& out) {
+    absl::Status s = g->Generate(
+        request,
+        [&](const GeneratedToken& t) {
+          return out.Write(absl::StrCat("data: ", TokenEventJson(t, prompt_tokens), "\n\n"));
+        },
+        [&out] { return out.ClientGone(); });
+    if (!s.ok() && !out.ClientGone()) {
+      out.Write(absl::StrCat("data: ", ErrorJson(core->Public(s).message()), "\n\n"));
+    }
+  };
+  return events;
 }
 
 }  // namespace pipeserve

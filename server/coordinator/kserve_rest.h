@@ -6,6 +6,12 @@
 // (a bad request), 404 (no such model, version or route), 405, 429 (the
 // model's queue is full), 503 (not ready) and 504 (the deadline passed).
 //
+// With a Generation, models exported for generation also answer Triton's
+// generate extension in token ids: POST .../generate (the whole answer)
+// and .../generate_stream (server-sent events, one per token; an error
+// after the first event arrives as an event {"error": ...}). A client that
+// hangs up stops its sequence, and its blocks are free within a step.
+//
 // With tokens, every route but the health probes needs a token with the
 // infer scope (`Authorization: Bearer ...`): 401 without a valid one, 403
 // for one without the scope, as on gRPC.
@@ -18,6 +24,7 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "server/coordinator/generation.h"
 #include "server/coordinator/kserve_core.h"
 #include "server/transport/auth.h"
 #include "server/transport/http_server.h"
@@ -29,8 +36,10 @@ int HttpStatusOf(absl::StatusCode code);
 
 class KServeRest {
  public:
-  // `core` and `tokens` (null: no authentication) must outlive this.
-  KServeRest(KServeCore* core, const TokenSet* tokens) : core_(core), tokens_(tokens) {}
+  // `core`, `tokens` (null: no authentication) and `generation` (null: no
+  // generate routes) must outlive this.
+  KServeRest(KServeCore* core, const TokenSet* tokens, Generation* generation = nullptr)
+      : core_(core), tokens_(tokens), generation_(generation) {}
 
   HttpResponse Handle(const HttpRequest& r);
 
@@ -39,9 +48,12 @@ class KServeRest {
   HttpResponse Model(const HttpRequest& r, const std::string& model, const std::string& version,
                      const std::string& action);
   HttpResponse Infer(const HttpRequest& r, const std::string& model, const std::string& version);
+  // generate (stream false) and generate_stream.
+  HttpResponse Generate(const HttpRequest& r, const std::string& model, bool stream);
 
   KServeCore* const core_;
   const TokenSet* const tokens_;
+  Generation* const generation_;
 };
 
 }  // namespace pipeserve

@@ -41,6 +41,10 @@ class RestTest(unittest.TestCase):
         path = os.path.join(cls.tmp, "gpt2.psm")
         pipeserve.export(cls.gpt2, (torch.randint(0, 97, (2, 16)),), path)
         cls.coord.client.upload("gpt2", path)
+        path = os.path.join(cls.tmp, "gen.psm")
+        pipeserve.export(tm.Gpt2(max_len=64).eval(), (torch.randint(0, 97, (2, 5)),), path,
+                         generation=True)
+        cls.coord.client.upload("gen", path)
 
     @classmethod
     def tearDownClass(cls):
@@ -127,6 +131,68 @@ class RestTest(unittest.TestCase):
         out = subprocess.run(["curl", "-s", "-H", "Content-Type: application/json", "-d", body,
                               f"{base}/v2/models/mlp/infer"], capture_output=True, text=True)
         self.assertEqual(json.loads(out.stdout)["outputs"][0]["shape"], [1, 8])
+
+    def events(self, body):
+        """The server-sent events of generate_stream for `body`, parsed."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        conn.request("POST", "/v2/models/gen/generate_stream", json.dumps(body))
+        resp = conn.getresponse()
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(resp.getheader("Content-Type"), "text/event-stream")
+        got = []
+        for line in resp.read().decode().split("\n"):
+            if line.startswith("data: "):
+                got.append(json.loads(line[6:]))
+        conn.close()
+        return got
+
+    def test_generate_gives_the_grpc_paths_tokens(self):
+        want = list(self.coord.client.generate("gen", [1, 2, 3], max_tokens=8))
+        status, data = self.request("POST", "/v2/models/gen/generate",
+                                    json.dumps({"input_ids": [1, 2, 3], "max_tokens": 8}))
+        self.assertEqual(status, 200, data)
+        out = json.loads(data)
+        self.assertEqual(out["token_ids"], want)
+        self.assertEqual((out["finish_reason"], out["prompt_tokens"]), ("length", 3))
+        events = self.events({"input_ids": [1, 2, 3], "parameters": {"max_tokens": 8}})
+        self.assertEqual([e["token_id"] for e in events], want)
+        self.assertEqual([e["index"] for e in events], list(range(8)))
+        self.assertEqual(events[-1]["finish_reason"], "length")
+        self.assertNotIn("finish_reason", events[0])
+        # Seeded sampling: the same tokens over HTTP and gRPC.
+        sampled = {"input_ids": [4, 5], "max_tokens": 6, "temperature": 0.9, "top_k": 20,
+                   "seed": 11}
+        want = list(self.coord.client.generate("gen", [4, 5], max_tokens=6, temperature=0.9,
+                                               top_k=20, seed=11))
+        self.assertEqual([e["token_id"] for e in self.events(sampled)], want)
+
+    def test_a_client_that_hangs_up_mid_stream_frees_its_blocks(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        conn.request("POST", "/v2/models/gen/generate_stream",
+                     json.dumps({"input_ids": [1, 2, 3], "max_tokens": 60}))
+        resp = conn.getresponse()
+        self.assertTrue(resp.readline().startswith(b"data: "))
+        used = 'pipeserve_kv_cache_blocks{model="gen",state="used"}'
+        self.assertGreater(self.coord.metric(used), 0)
+        conn.sock.close()
+        conn.close()
+        deadline = time.time() + 10
+        while self.coord.metric(used) > 0 and time.time() < deadline:
+            time.sleep(0.02)
+        self.assertEqual(self.coord.metric(used), 0)
+
+    def test_bad_generate_requests_get_errors_naming_the_problem(self):
+        def error(model, body, status, text):
+            got, data = self.request("POST", f"/v2/models/{model}/generate", json.dumps(body))
+            self.assertEqual(got, status, data)
+            self.assertIn(text, json.loads(data)["error"])
+
+        error("gen", {"input_ids": [1], "max_token": 5}, 400, 'unknown key "max_token"')
+        error("gen", {"input_ids": [1], "temperature": -1}, 400, "temperature")
+        error("gen", {"input_ids": []}, 400, "input_ids")
+        error("gen", {"input_ids": [1000]}, 400, "not in [0, 97)")
+        error("mlp", {"input_ids": [1]}, 400, "not exported for generation")
+        error("nope", {"input_ids": [1]}, 404, "nope")
 
     def test_bad_requests_get_errors_naming_the_problem(self):
         def error(method, path, body, status, text):

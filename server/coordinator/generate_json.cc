@@ -1,0 +1,105 @@
+#include "server/coordinator/generate_json.h"
+
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "nlohmann/json.hpp"
+#include "server/coordinator/kserve_json.h"
+
+namespace pipeserve {
+namespace {
+
+using Json = nlohmann::json;
+
+absl::Status Invalid(absl::string_view key, absl::string_view want) {
+  return absl::InvalidArgumentError(absl::StrCat("\"", key, "\" must be ", want));
+}
+
+absl::StatusOr<std::vector<int64_t>> Ids(const Json& v, absl::string_view key) {
+  if (!v.is_array()) return Invalid(key, "an array of token ids");
+  std::vector<int64_t> ids;
+  for (const Json& id : v) {
+    if (!id.is_number_integer()) return Invalid(key, "an array of token ids (integers)");
+    ids.push_back(id.get<int64_t>());
+  }
+  return ids;
+}
+
+// One sampling key into `p`; kInvalidArgument for an unknown key or a
+// value of the wrong type (ranges are checked by CheckSampling).
+absl::Status SamplingKey(const std::string& key, const Json& v, SamplingParams* p, bool* seeded) {
+  if (key == "max_tokens" || key == "top_k" || key == "seed") {
+    if (!v.is_number_integer()) return Invalid(key, "an integer");
+    if (key == "max_tokens") p->max_tokens = v.get<int64_t>();
+    if (key == "top_k") p->top_k = v.get<int64_t>();
+    if (key == "seed") {
+      p->seed = v.is_number_unsigned() ? v.get<uint64_t>() : static_cast<uint64_t>(v.get<int64_t>());
+      *seeded = true;
+    }
+    return absl::OkStatus();
+  }
+  if (key == "temperature" || key == "top_p" || key == "repetition_penalty" ||
+      key == "frequency_penalty") {
+    if (!v.is_number()) return Invalid(key, "a number");
+    const double x = v.get<double>();
+    if (key == "temperature") p->temperature = x;
+    if (key == "top_p") p->top_p = x;
+    if (key == "repetition_penalty") p->repetition_penalty = x;
+    if (key == "frequency_penalty") p->frequency_penalty = x;
+    return absl::OkStatus();
+  }
+  if (key == "stop_token_ids") {
+    ASSIGN_OR_RETURN(p->stop_token_ids, Ids(v, key));
+    return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown key \"", key.substr(0, 64), "\" (a generate request takes input_ids, "
+      "max_tokens, temperature, top_k, top_p, repetition_penalty, frequency_penalty, "
+      "stop_token_ids, seed; at the top or under \"parameters\")"));
+}
+
+}  // namespace
+
+absl::StatusOr<GenerationRequest> GenerationRequestFromJson(absl::string_view body) {
+  ASSIGN_OR_RETURN(Json j, ParseJsonBody(body));
+  if (!j.is_object()) return absl::InvalidArgumentError("the request must be a JSON object");
+  GenerationRequest r;
+  bool seeded = false;
+  for (const auto& [key, v] : j.items()) {
+    if (key == "input_ids") {
+      ASSIGN_OR_RETURN(r.prompt, Ids(v, key));
+    } else if (key == "parameters") {
+      if (!v.is_object()) return Invalid(key, "an object");
+      for (const auto& [k, pv] : v.items()) RETURN_IF_ERROR(SamplingKey(k, pv, &r.sampling, &seeded));
+    } else {
+      RETURN_IF_ERROR(SamplingKey(key, v, &r.sampling, &seeded));
+    }
+  }
+  if (r.prompt.empty()) return Invalid("input_ids", "a non-empty array of token ids");
+  if (!seeded) {
+    std::random_device rd;
+    r.sampling.seed = (static_cast<uint64_t>(rd()) << 32) | rd();
+  }
+  return r;
+}
+
+std::string TokenEventJson(const GeneratedToken& t, int64_t prompt_tokens) {
+  Json j{{"token_id", t.id}, {"index", t.index}};
+  if (!t.finish_reason.empty()) {
+    j["finish_reason"] = t.finish_reason;
+    j["prompt_tokens"] = prompt_tokens;
+  }
+  return j.dump();
+}
+
+std::string GenerateResponseJson(const std::string& model, const std::vector<int64_t>& ids,
+                                 const std::string& finish_reason, int64_t prompt_tokens) {
+  return Json{{"model_name", model},
+              {"token_ids", ids},
+              {"finish_reason", finish_reason},
+              {"prompt_tokens", prompt_tokens}}
+      .dump(-1, ' ', false, Json::error_handler_t::replace);
+}
+
+}  // namespace pipeserve
