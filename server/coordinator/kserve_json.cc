@@ -1,5 +1,6 @@
 #include "server/coordinator/kserve_json.h"
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <cstring>
@@ -111,8 +112,8 @@ absl::Status AppendValue(const Json& v, const std::string& name, DataType dt, st
     }
     default:
       return Invalid("input \"", name, "\": ", KServeName(dt),
-                     " travels only as binary data (Triton's binary tensor extension), not in "
-                     "JSON");
+                     " travels only as binary data (Triton's binary tensor extension: "
+                     "\"parameters\": {\"binary_data_size\": N}), not in JSON");
   }
 }
 
@@ -144,8 +145,24 @@ absl::StatusOr<std::vector<int64_t>> ShapeOf(const Json& in, const std::string& 
   return dims;
 }
 
-// One JSON input into `req` (its tensor metadata and raw contents).
-absl::Status AddInput(const Json& in, inference::ModelInferRequest* req) {
+// The bytes an input's "parameters" say follow the JSON
+// ("binary_data_size"), or -1 when its data is in the JSON.
+absl::StatusOr<int64_t> BinarySize(const Json& in, const std::string& name) {
+  if (!in.contains("parameters")) return -1;
+  const Json& p = in["parameters"];
+  if (!p.is_object()) return Invalid("input \"", name, "\": \"parameters\" must be an object");
+  if (!p.contains("binary_data_size")) return -1;
+  const Json& size = p["binary_data_size"];
+  if (!size.is_number_unsigned()) {
+    return Invalid("input \"", name, "\": binary_data_size must be a non-negative integer");
+  }
+  return static_cast<int64_t>(std::min<uint64_t>(size.get<uint64_t>(), INT64_MAX));
+}
+
+// One JSON input into `req` (its tensor metadata and raw contents); a
+// binary one takes its bytes from the front of *binary.
+absl::Status AddInput(const Json& in, absl::string_view* binary,
+                      inference::ModelInferRequest* req) {
   if (!in.is_object() || !in.contains("name") || !in["name"].is_string()) {
     return Invalid("each input must be an object with a string \"name\"");
   }
@@ -156,7 +173,10 @@ absl::Status AddInput(const Json& in, inference::ModelInferRequest* req) {
   absl::StatusOr<DataType> dt = ParseKServeName(in["datatype"].get<std::string>());
   if (!dt.ok()) return Invalid("input \"", name, "\": ", dt.status().message());
   ASSIGN_OR_RETURN(std::vector<int64_t> shape, ShapeOf(in, name));
-  if (!in.contains("data")) return Invalid("input \"", name, "\" has no \"data\"");
+  ASSIGN_OR_RETURN(const int64_t binary_size, BinarySize(in, name));
+  if (binary_size < 0 && !in.contains("data")) {
+    return Invalid("input \"", name, "\" has no \"data\" (nor a binary_data_size)");
+  }
   auto* t = req->add_inputs();
   t->set_name(name);
   t->set_datatype(in["datatype"].get<std::string>());
@@ -169,6 +189,25 @@ absl::Status AddInput(const Json& in, inference::ModelInferRequest* req) {
                : want * u;
   }
   std::string* raw = req->add_raw_input_contents();
+  if (binary_size >= 0) {
+    if (in.contains("data")) {
+      return Invalid("input \"", name, "\" has both \"data\" and a binary_data_size");
+    }
+    if (static_cast<uint64_t>(binary_size) > binary->size()) {
+      return Invalid("input \"", name, "\": binary_data_size ", binary_size, " is more than the ",
+                     binary->size(), " bytes left after the JSON");
+    }
+    const uint64_t element = ElementSize(*dt);
+    if (want == std::numeric_limits<uint64_t>::max() ||
+        static_cast<uint64_t>(binary_size) != want * element) {
+      return Invalid("input \"", name, "\": binary_data_size ", binary_size, " does not fit ",
+                     KServeName(*dt), " ", in["shape"].dump(), " (", want, " x ", element,
+                     " bytes)");
+    }
+    raw->assign(binary->data(), binary_size);
+    binary->remove_prefix(binary_size);
+    return absl::OkStatus();
+  }
   int64_t count = 0;
   RETURN_IF_ERROR(Flatten(in["data"], name, *dt, raw, &count));
   if (static_cast<uint64_t>(count) != want) {
@@ -176,6 +215,28 @@ absl::Status AddInput(const Json& in, inference::ModelInferRequest* req) {
                    in["shape"].dump(), " needs ", want);
   }
   return absl::OkStatus();
+}
+
+// Whether `j`'s "parameters" hold `key` true; kInvalidArgument when it is
+// there and not a bool.
+absl::StatusOr<bool> BoolParameter(const Json& j, const char* key, const std::string& what) {
+  if (!j.contains("parameters")) return false;
+  const Json& p = j["parameters"];
+  if (!p.is_object()) return Invalid(what, ": \"parameters\" must be an object");
+  if (!p.contains(key)) return false;
+  if (!p[key].is_boolean()) return Invalid(what, ": ", key, " must be true or false");
+  return p[key].get<bool>();
+}
+
+void SetBool(google::protobuf::Map<std::string, inference::InferParameter>* params,
+             const char* key) {
+  (*params)[key].set_bool_param(true);
+}
+
+bool GetBool(const google::protobuf::Map<std::string, inference::InferParameter>& params,
+             const char* key) {
+  auto it = params.find(key);
+  return it != params.end() && it->second.bool_param();
 }
 
 // `raw`'s elements of `dt` as a JSON array.
@@ -191,8 +252,8 @@ absl::StatusOr<Json> DataOf(const std::string& name, DataType dt, const std::str
       case DT_FLOAT32: { float v; std::memcpy(&v, p, 4); data.push_back(v); break; }
       default:
         return Invalid("output \"", name, "\" is ", KServeName(dt),
-                       ", which travels only as binary data (Triton's binary tensor extension), "
-                       "not in JSON");
+                       ", which travels only as binary data: ask for it with \"parameters\": "
+                       "{\"binary_data\": true} (Triton's binary tensor extension)");
     }
   }
   return data;
@@ -202,7 +263,17 @@ absl::StatusOr<Json> DataOf(const std::string& name, DataType dt, const std::str
 
 absl::StatusOr<inference::ModelInferRequest> InferRequestFromJson(absl::string_view body,
                                                                   const std::string& model,
-                                                                  const std::string& version) {
+                                                                  const std::string& version,
+                                                                  int64_t json_length) {
+  if (json_length > static_cast<int64_t>(body.size())) {
+    return Invalid("Inference-Header-Content-Length ", json_length, " is more than the body's ",
+                   body.size(), " bytes");
+  }
+  absl::string_view binary;
+  if (json_length >= 0) {
+    binary = body.substr(json_length);
+    body = body.substr(0, json_length);
+  }
   ASSIGN_OR_RETURN(Json j, ParseJsonBody(body));
   if (!j.is_object()) return Invalid("the request must be a JSON object");
   inference::ModelInferRequest req;
@@ -212,28 +283,41 @@ absl::StatusOr<inference::ModelInferRequest> InferRequestFromJson(absl::string_v
     if (!j["id"].is_string()) return Invalid("\"id\" must be a string");
     req.set_id(j["id"].get<std::string>());
   }
+  ASSIGN_OR_RETURN(bool all_binary, BoolParameter(j, "binary_data_output", "the request"));
+  if (all_binary) SetBool(req.mutable_parameters(), "binary_data_output");
   if (!j.contains("inputs") || !j["inputs"].is_array()) {
     return Invalid("the request needs \"inputs\": an array of tensors");
   }
-  for (const Json& in : j["inputs"]) RETURN_IF_ERROR(AddInput(in, &req));
+  for (const Json& in : j["inputs"]) RETURN_IF_ERROR(AddInput(in, &binary, &req));
+  if (!binary.empty()) {
+    return Invalid(binary.size(), " bytes after the JSON belong to no input's binary_data_size");
+  }
   if (j.contains("outputs")) {
     if (!j["outputs"].is_array()) return Invalid("\"outputs\" must be an array");
     for (const Json& out : j["outputs"]) {
       if (!out.is_object() || !out.contains("name") || !out["name"].is_string()) {
         return Invalid("each requested output must be an object with a string \"name\"");
       }
-      req.add_outputs()->set_name(out["name"].get<std::string>());
+      auto* o = req.add_outputs();
+      o->set_name(out["name"].get<std::string>());
+      ASSIGN_OR_RETURN(bool binary_out,
+                       BoolParameter(out, "binary_data", absl::StrCat("output \"", o->name(), "\"")));
+      if (binary_out) SetBool(o->mutable_parameters(), "binary_data");
     }
   }
   return req;
 }
 
-absl::StatusOr<std::string> InferResponseToJson(const inference::ModelInferResponse& resp) {
+absl::StatusOr<RestBody> InferResponseToJson(const inference::ModelInferResponse& resp,
+                                             const inference::ModelInferRequest& req) {
+  const bool all_binary = GetBool(req.parameters(), "binary_data_output");
   Json j;
   j["model_name"] = resp.model_name();
   j["model_version"] = resp.model_version();
   if (!resp.id().empty()) j["id"] = resp.id();
   j["outputs"] = Json::array();
+  std::string binary;
+  bool any_binary = false;
   for (int i = 0; i < resp.outputs_size(); ++i) {
     const auto& out = resp.outputs(i);
     ASSIGN_OR_RETURN(DataType dt, ParseKServeName(out.datatype()));
@@ -242,10 +326,26 @@ absl::StatusOr<std::string> InferResponseToJson(const inference::ModelInferRespo
     o["datatype"] = out.datatype();
     o["shape"] = std::vector<int64_t>(out.shape().begin(), out.shape().end());
     const std::string raw = i < resp.raw_output_contents_size() ? resp.raw_output_contents(i) : "";
-    ASSIGN_OR_RETURN(o["data"], DataOf(out.name(), dt, raw));
+    bool as_binary = all_binary;
+    for (const auto& wanted : req.outputs()) {
+      if (wanted.name() == out.name()) as_binary = as_binary || GetBool(wanted.parameters(), "binary_data");
+    }
+    if (as_binary) {
+      o["parameters"] = {{"binary_data_size", raw.size()}};
+      binary += raw;
+      any_binary = true;
+    } else {
+      ASSIGN_OR_RETURN(o["data"], DataOf(out.name(), dt, raw));
+    }
     j["outputs"].push_back(std::move(o));
   }
-  return j.dump(-1, ' ', false, Json::error_handler_t::replace);
+  RestBody body;
+  body.body = j.dump(-1, ' ', false, Json::error_handler_t::replace);
+  if (any_binary) {
+    body.json_length = static_cast<int64_t>(body.body.size());
+    body.body += binary;
+  }
+  return body;
 }
 
 std::string ServerMetadataToJson(const inference::ServerMetadataResponse& m) {

@@ -5,9 +5,14 @@
 // gets kInvalidArgument naming what is wrong: JSON that does not parse
 // (invalid UTF-8 too), nesting deeper than kMaxJsonDepth, a field of the
 // wrong type, an unknown datatype, data that does not fill the shape, a
-// number outside its datatype's range. FP16 and BF16 travel only as
-// binary data (Triton's binary tensor extension, not served yet), so
-// they are refused in JSON either way.
+// number outside its datatype's range.
+//
+// Triton's binary tensor data extension: the body's first
+// `json_length` bytes (Inference-Header-Content-Length) are the JSON, and
+// after them come the bytes of each input whose "parameters" say
+// "binary_data_size", in input order; outputs come back the same way when
+// the request's "binary_data_output" or an output's "binary_data" is
+// true. FP16 and BF16 travel only so.
 //
 //   ASSIGN_OR_RETURN(inference::ModelInferRequest req, InferRequestFromJson(body, "mlp", ""));
 //   ASSIGN_OR_RETURN(std::string json, InferResponseToJson(resp));
@@ -30,14 +35,26 @@ inline constexpr int kMaxJsonDepth = 32;
 // account of where.
 absl::StatusOr<nlohmann::json> ParseJsonBody(absl::string_view body);
 
-// The request for model `model` at `version` ("": any) that `body` asks for.
+// The request for model `model` at `version` ("": any) that `body` asks
+// for; `json_length` -1 when the body is all JSON. The binary output
+// wishes travel in the request's parameters ("binary_data_output", and
+// each output's "binary_data"), for InferResponseToJson.
 absl::StatusOr<inference::ModelInferRequest> InferRequestFromJson(absl::string_view body,
                                                                   const std::string& model,
-                                                                  const std::string& version);
+                                                                  const std::string& version,
+                                                                  int64_t json_length = -1);
 
-// `resp` as KServe v2 JSON: model_name, model_version, id, and each output's
-// name, datatype, shape and data (flat, row-major).
-absl::StatusOr<std::string> InferResponseToJson(const inference::ModelInferResponse& resp);
+// A response body: JSON, then binary outputs' bytes (json_length -1: none).
+struct RestBody {
+  std::string body;
+  int64_t json_length = -1;
+};
+
+// `resp` (to `req`) as KServe v2 JSON: model_name, model_version, id, and
+// each output's name, datatype, shape and data (flat, row-major), or its
+// "binary_data_size" with its bytes after the JSON.
+absl::StatusOr<RestBody> InferResponseToJson(const inference::ModelInferResponse& resp,
+                                             const inference::ModelInferRequest& req = {});
 
 // Server and model metadata as KServe v2 JSON.
 std::string ServerMetadataToJson(const inference::ServerMetadataResponse& m);

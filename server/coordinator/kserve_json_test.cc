@@ -80,11 +80,47 @@ TEST(KServeJsonTest, ResponsesCarryEachOutputsData) {
   resp.add_raw_output_contents(std::string(reinterpret_cast<const char*>(y), 8));
   auto json = InferResponseToJson(resp);
   ASSERT_TRUE(json.ok()) << json.status();
-  EXPECT_EQ(*json, R"({"model_name":"mlp","model_version":"1","outputs":[{"data":[0.5,-1.0],)"
-                   R"("datatype":"FP32","name":"y","shape":[1,2]}]})");
+  EXPECT_EQ(json->body, R"({"model_name":"mlp","model_version":"1","outputs":[{"data":[0.5,-1.0],)"
+                        R"("datatype":"FP32","name":"y","shape":[1,2]}]})");
+  EXPECT_EQ(json->json_length, -1);
   o->set_datatype("BF16");
   EXPECT_THAT(std::string(InferResponseToJson(resp).status().message()),
               HasSubstr("output \"y\" is BF16, which travels only as binary data"));
+  // Asked for as binary: its bytes after the JSON.
+  inference::ModelInferRequest req;
+  (*req.mutable_parameters())["binary_data_output"].set_bool_param(true);
+  auto binary = InferResponseToJson(resp, req);
+  ASSERT_TRUE(binary.ok()) << binary.status();
+  ASSERT_GT(binary->json_length, 0);
+  EXPECT_THAT(binary->body.substr(0, binary->json_length), HasSubstr(R"("binary_data_size":8)"));
+  EXPECT_EQ(binary->body.substr(binary->json_length), std::string(reinterpret_cast<const char*>(y), 8));
+}
+
+// Triton's binary tensor extension: the JSON, then each binary input's bytes.
+TEST(KServeJsonTest, BinaryInputsFollowTheJson) {
+  const std::string json =
+      R"({"inputs": [{"name": "h", "datatype": "BF16", "shape": [2], "parameters": {"binary_data_size": 4}},)"
+      R"( {"name": "x", "datatype": "FP32", "shape": [1], "data": [2]},)"
+      R"( {"name": "i", "datatype": "INT64", "shape": [1], "parameters": {"binary_data_size": 8}}],)"
+      R"( "outputs": [{"name": "y", "parameters": {"binary_data": true}}]})";
+  const std::string bytes("\x80\x3f\x00\x40" "\x07\0\0\0\0\0\0\0", 12);
+  auto req = InferRequestFromJson(json + bytes, "m", "", json.size());
+  ASSERT_TRUE(req.ok()) << req.status();
+  EXPECT_EQ(req->raw_input_contents(0), bytes.substr(0, 4));
+  EXPECT_EQ(req->raw_input_contents(2), bytes.substr(4));
+  EXPECT_TRUE(req->outputs(0).parameters().at("binary_data").bool_param());
+  EXPECT_THAT(std::string(InferRequestFromJson(json + bytes + "x", "m", "", json.size())
+                              .status().message()),
+              HasSubstr("1 bytes after the JSON belong to no input"));
+  EXPECT_THAT(std::string(InferRequestFromJson(json + bytes.substr(0, 6), "m", "", json.size())
+                              .status().message()),
+              HasSubstr("binary_data_size 8 is more than the 2 bytes left"));
+  EXPECT_THAT(std::string(InferRequestFromJson(json, "m", "", json.size() + 1).status().message()),
+              HasSubstr("Inference-Header-Content-Length"));
+  const std::string odd =
+      R"({"inputs": [{"name": "h", "datatype": "BF16", "shape": [3], "parameters": {"binary_data_size": 4}}]})";
+  EXPECT_THAT(std::string(InferRequestFromJson(odd + "abcd", "m", "", odd.size()).status().message()),
+              HasSubstr("binary_data_size 4 does not fit BF16 [3] (3 x 2 bytes)"));
 }
 
 TEST(KServeJsonTest, ErrorsAreJsonEvenForBadBytes) {

@@ -2,6 +2,7 @@
 
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "server/coordinator/generate_json.h"
@@ -71,6 +72,8 @@ HttpResponse KServeRest::Handle(const HttpRequest& r) {
     if (!get) return WrongMethod(r, "GET");
     inference::ServerMetadataResponse m;
     core_->ServerMetadata(&m);
+    m.add_extensions("binary_tensor_data");  // this REST binding's
+    if (generation_ != nullptr) m.add_extensions("generate");
     return Json(ServerMetadataToJson(m));
   }
   if (p.size() >= 3 && p[0] == "v2" && p[1] == "models") {
@@ -119,15 +122,28 @@ HttpResponse KServeRest::Model(const HttpRequest& r, const std::string& model,
 
 HttpResponse KServeRest::Infer(const HttpRequest& r, const std::string& model,
                                const std::string& version) {
-  absl::StatusOr<inference::ModelInferRequest> req = InferRequestFromJson(r.body, model, version);
+  int64_t json_length = -1;
+  if (const std::string h = r.Header("inference-header-content-length"); !h.empty()) {
+    if (!absl::SimpleAtoi(h, &json_length) || json_length < 0) {
+      return Error(400, absl::StrCat("Inference-Header-Content-Length \"", h.substr(0, 32),
+                                     "\" is not a byte count"));
+    }
+  }
+  absl::StatusOr<inference::ModelInferRequest> req =
+      InferRequestFromJson(r.body, model, version, json_length);
   if (!req.ok()) return Error(req.status());
   inference::ModelInferResponse resp;
   absl::Status s = core_->Public(core_->Infer(*req, core_->Capped(absl::InfiniteFuture()),
                                               r.client_gone, &resp));
   if (!s.ok()) return Error(s);
-  absl::StatusOr<std::string> body = InferResponseToJson(resp);
+  absl::StatusOr<RestBody> body = InferResponseToJson(resp, *req);
   if (!body.ok()) return Error(body.status());
-  return Json(*std::move(body));
+  HttpResponse out = Json(std::move(body->body));
+  if (body->json_length >= 0) {
+    out.content_type = "application/octet-stream";
+    out.headers.emplace_back("Inference-Header-Content-Length", absl::StrCat(body->json_length));
+  }
+  return out;
 }
 
 HttpResponse KServeRest::Generate(const HttpRequest& r, const std::string& model, bool stream) {

@@ -41,6 +41,10 @@ class RestTest(unittest.TestCase):
         path = os.path.join(cls.tmp, "gpt2.psm")
         pipeserve.export(cls.gpt2, (torch.randint(0, 97, (2, 16)),), path)
         cls.coord.client.upload("gpt2", path)
+        path = os.path.join(cls.tmp, "mlp16.psm")
+        pipeserve.export(models.MLPModule(8).eval().to(torch.bfloat16),
+                         (torch.randn(4, 8).to(torch.bfloat16),), path)
+        cls.coord.client.upload("mlp16", path)
         path = os.path.join(cls.tmp, "gen.psm")
         pipeserve.export(tm.Gpt2(max_len=64).eval(), (torch.randint(0, 97, (2, 5)),), path,
                          generation=True)
@@ -118,6 +122,54 @@ class RestTest(unittest.TestCase):
         self.assertEqual(logits["shape"], list(grpc.shape))
         np.testing.assert_allclose(np.array(logits["data"], np.float32).reshape(grpc.shape),
                                    grpc, rtol=1e-5, atol=1e-6)
+
+    def infer_binary(self, model, header, blob):
+        """A binary-extension request: its response's JSON and the bytes after it."""
+        body = json.dumps(header).encode()
+        status, data, length = None, None, None
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        conn.request("POST", f"/v2/models/{model}/infer", body + blob,
+                     {"Inference-Header-Content-Length": str(len(body)),
+                      "Content-Type": "application/octet-stream"})
+        resp = conn.getresponse()
+        data = resp.read()
+        status, length = resp.status, resp.getheader("Inference-Header-Content-Length")
+        conn.close()
+        self.assertEqual(status, 200, data)
+        if length is None:
+            return json.loads(data), b""
+        return json.loads(data[:int(length)]), data[int(length):]
+
+    def test_bf16_travels_as_binary_and_equals_grpc(self):
+        x = torch.randn(3, 8).to(torch.bfloat16)
+        bits = x.view(torch.int16).numpy().astype("<i2").tobytes()
+        out, blob = self.infer_binary(
+            "mlp16", {"inputs": [{"name": "x", "datatype": "BF16", "shape": [3, 8],
+                                  "parameters": {"binary_data_size": len(bits)}}],
+                      "parameters": {"binary_data_output": True}}, bits)
+        y = out["outputs"][0]
+        self.assertEqual((y["datatype"], y["shape"]), ("BF16", [3, 8]))
+        self.assertEqual(y["parameters"]["binary_data_size"], len(blob))
+        got = torch.from_numpy(np.frombuffer(blob, "<i2").copy()).view(torch.bfloat16)
+        grpc = self.coord.client.infer("mlp16", [x])[0]  # float32 from BF16
+        np.testing.assert_allclose(got.float().numpy().reshape(3, 8), grpc, rtol=1e-2, atol=1e-2)
+        self.assertIn("binary_tensor_data", json.loads(self.request("GET", "/v2")[1])["extensions"])
+        # Without asking for binary, a BF16 output is refused, naming how to ask.
+        status, data = self.request("POST", "/v2/models/mlp16/infer", json.dumps(
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 8], "data": [0] * 8}]}))
+        self.assertEqual(status, 400)
+
+    def test_fp32_binary_input_and_output_equal_json(self):
+        x = np.random.RandomState(3).randn(2, 8).astype(np.float32)
+        out, blob = self.infer_binary(
+            "mlp", {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 8],
+                                "parameters": {"binary_data_size": x.nbytes}}],
+                    "outputs": [{"name": self.coord.client.metadata("mlp").outputs[0].name,
+                                 "parameters": {"binary_data": True}}]}, x.tobytes())
+        y = np.frombuffer(blob, np.float32).reshape(2, 8)
+        as_json = self.infer_json("mlp", "x", "FP32", x)["outputs"][0]["data"]
+        np.testing.assert_allclose(y, np.array(as_json, np.float32).reshape(2, 8), rtol=1e-6,
+                                   atol=1e-6)
 
     def test_curl_reaches_every_kind_of_route(self):
         if shutil.which("curl") is None:
