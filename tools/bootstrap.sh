@@ -21,6 +21,7 @@ PACKAGES=(
   prometheus               # promtool checks the metrics text in tests
   nlohmann-json3-dev       # JSON: tokenizer vocabularies (server/text)
   libmicrohttpd-dev        # HTTP server (server/transport/http_server)
+  curl                     # the demo and the REST tests speak HTTP with it
 )
 
 # --- deploy tooling: tools/make_dev_certs.sh and //tests:deploy_test -------

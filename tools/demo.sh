@@ -37,7 +37,8 @@ printf '%s\n' "$admin_token" > "$work/admin.token"
 echo "== starting the coordinator (loopback only, tokens required; the local launcher"
 echo "   starts one stage server per stage)"
 bazel-bin/server/coordinator/coordinator --port=0 --port_file="$work/port" \
-  --repository="$work/repository" --auth_tokens="$work/tokens" > "$work/coordinator.log" 2>&1 &
+  --repository="$work/repository" --auth_tokens="$work/tokens" \
+  --http_port=0 --http_port_file="$work/http_port" > "$work/coordinator.log" 2>&1 &
 coordinator_pid=$!
 for _ in $(seq 300); do [ -s "$work/port" ] && break; sleep 0.1; done
 [ -s "$work/port" ] || { cat "$work/coordinator.log"; exit 1; }
@@ -69,6 +70,12 @@ PIPESERVE_TOKEN="$infer_token" /usr/bin/python3 tools/demo_client.py "$server" e
 
 echo "== a GPT-2-style transformer: int64 token ids in, any sequence length, 3 stages; then generation"
 /usr/bin/python3 tools/demo_gpt.py "$server" "$work/admin.token" "$work"
+
+echo "== the same over HTTP (KServe v2 REST): readiness, then tokens streamed as server-sent events"
+http="http://127.0.0.1:$(cat "$work/http_port")"
+curl -s -o /dev/null -w "GET /v2/health/ready: %{http_code}\n" "$http/v2/health/ready"
+curl -sN --fail-with-body -H "Authorization: Bearer $infer_token" \
+  -d '{"input_ids": [5, 17, 42], "max_tokens": 8}' "$http/v2/models/gpt-gen/generate_stream"
 echo "== shutting down"
 pid=$coordinator_pid
 coordinator_pid=""

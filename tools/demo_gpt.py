@@ -73,7 +73,7 @@ def generate(client, model, work):
           f"decoding: {tokens == ids[len(prompt):]}")
     if tokens != ids[len(prompt):]:
         raise SystemExit(f"generated {tokens}, PyTorch {ids[len(prompt):]}")
-    client.unload("gpt-gen")
+    # gpt-gen stays loaded: the demo streams from it over HTTP next.
 
 
 if __name__ == "__main__":
