@@ -375,26 +375,39 @@ absl::StatusOr<std::string> ReadPem(const std::string& flag, const std::string& 
   return pem.str();
 }
 
-// The KServe v2 REST port (--http_port), or null when off: with TLS when
-// gRPC has it (--tls_cert/--tls_key), on `host` as gRPC when tokens guard
-// it, else on loopback only.
-absl::StatusOr<std::unique_ptr<pipeserve::HttpServer>> StartHttp(pipeserve::KServeRest& rest,
-                                                                   bool tokens,
-                                                                   const std::string& host) {
+// The KServe v2 REST port: its core, its routes and, once started, its
+// server (null while --http_port is off).
+struct HttpFrontDoor {
+  HttpFrontDoor(pipeserve::Coordinator* coordinator, pipeserve::Metrics* metrics,
+                const pipeserve::TokenSet* tokens, pipeserve::Generation* generation)
+      : core(coordinator, metrics,
+             {KServeOptionsFromFlags().max_timeout, KServeOptionsFromFlags().allow_generation_infer}),
+        rest(&core, tokens, generation) {}
+  pipeserve::KServeCore core;
+  pipeserve::KServeRest rest;
+  std::unique_ptr<pipeserve::HttpServer> server;
+};
+
+// Starts `door`'s server when --http_port is on: with TLS when gRPC has it
+// (--tls_cert/--tls_key), on `host` as gRPC when tokens guard it, else on
+// loopback only.
+absl::Status StartHttp(HttpFrontDoor& door, bool tokens, const std::string& host) {
   const int port = absl::GetFlag(FLAGS_http_port);
-  if (port < 0) return nullptr;
+  if (port < 0) return absl::OkStatus();
   pipeserve::HttpServerOptions options;
   if (!absl::GetFlag(FLAGS_tls_cert).empty()) {
     ASSIGN_OR_RETURN(options.tls_cert_pem, ReadPem("--tls_cert", absl::GetFlag(FLAGS_tls_cert)));
     ASSIGN_OR_RETURN(options.tls_key_pem, ReadPem("--tls_key", absl::GetFlag(FLAGS_tls_key)));
   }
-  absl::StatusOr<std::unique_ptr<pipeserve::HttpServer>> http = pipeserve::HttpServer::Start(
-      tokens ? host : "127.0.0.1", port, options,
-      [&rest](const pipeserve::HttpRequest& r) { return rest.Handle(r); });
-  if (http.ok() && !absl::GetFlag(FLAGS_http_port_file).empty()) {
-    pipeserve::WritePortFile(absl::GetFlag(FLAGS_http_port_file), (*http)->port());
+  pipeserve::KServeRest* rest = &door.rest;
+  ASSIGN_OR_RETURN(door.server,
+                   pipeserve::HttpServer::Start(
+                       tokens ? host : "127.0.0.1", port, options,
+                       [rest](const pipeserve::HttpRequest& r) { return rest->Handle(r); }));
+  if (!absl::GetFlag(FLAGS_http_port_file).empty()) {
+    pipeserve::WritePortFile(absl::GetFlag(FLAGS_http_port_file), door.server->port());
   }
-  return http;
+  return absl::OkStatus();
 }
 
 // The client API server's options from the flags; the caller adds the
@@ -489,13 +502,10 @@ int main(int argc, char** argv) {
     return Fail(std::string(s.message()));
   }
   pipeserve::KServeService kserve(&coordinator, &metrics, tokens, KServeOptionsFromFlags());
-  pipeserve::KServeCore rest_core(&coordinator, &metrics,
-                                  {KServeOptionsFromFlags().max_timeout,
-                                   KServeOptionsFromFlags().allow_generation_infer});
-  pipeserve::KServeRest rest(&rest_core, tokens, &generation);
-  absl::StatusOr<std::unique_ptr<pipeserve::HttpServer>> http =
-      StartHttp(rest, tokens != nullptr, *host);
-  if (!http.ok()) return Fail(std::string(http.status().message()));
+  HttpFrontDoor http(&coordinator, &metrics, tokens, &generation);
+  if (absl::Status s = StartHttp(http, tokens != nullptr, *host); !s.ok()) {
+    return Fail(std::string(s.message()));
+  }
   pipeserve::ModelServiceImpl models(&coordinator, tokens,
                                      absl::Seconds(absl::GetFlag(FLAGS_upload_idle_timeout_s)));
   pipeserve::GenerationServiceImpl generate(&coordinator, &generation, tokens);
