@@ -198,7 +198,7 @@ absl::Status AddInput(const Json& in, absl::string_view* binary,
                      binary->size(), " bytes left after the JSON");
     }
     const uint64_t element = ElementSize(*dt);
-    if (want == std::numeric_limits<uint64_t>::max() ||
+    if (want > std::numeric_limits<uint64_t>::max() / element ||
         static_cast<uint64_t>(binary_size) != want * element) {
       return Invalid("input \"", name, "\": binary_data_size ", binary_size, " does not fit ",
                      KServeName(*dt), " ", in["shape"].dump(), " (", want, " x ", element,
@@ -353,7 +353,7 @@ std::string ServerMetadataToJson(const inference::ServerMetadataResponse& m) {
   j["name"] = m.name();
   j["version"] = m.version();
   j["extensions"] = std::vector<std::string>(m.extensions().begin(), m.extensions().end());
-  return j.dump();
+  return j.dump(-1, ' ', false, Json::error_handler_t::replace);
 }
 
 std::string ModelMetadataToJson(const inference::ModelMetadataResponse& m) {
@@ -370,7 +370,7 @@ std::string ModelMetadataToJson(const inference::ModelMetadataResponse& m) {
                          {"shape", std::vector<int64_t>(t.shape().begin(), t.shape().end())}});
     }
   }
-  return j.dump();
+  return j.dump(-1, ' ', false, Json::error_handler_t::replace);
 }
 
 std::string ErrorJson(absl::string_view message) {

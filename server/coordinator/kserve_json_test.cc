@@ -117,6 +117,11 @@ TEST(KServeJsonTest, BinaryInputsFollowTheJson) {
               HasSubstr("binary_data_size 8 is more than the 2 bytes left"));
   EXPECT_THAT(std::string(InferRequestFromJson(json, "m", "", json.size() + 1).status().message()),
               HasSubstr("Inference-Header-Content-Length"));
+  // A shape whose byte size wraps around 2^64 does not pass for 0 bytes.
+  const std::string wraps =
+      R"({"inputs": [{"name": "w", "datatype": "FP32", "shape": [4611686018427387904], "parameters": {"binary_data_size": 0}}]})";
+  EXPECT_THAT(std::string(InferRequestFromJson(wraps, "m", "", wraps.size()).status().message()),
+              HasSubstr("binary_data_size 0 does not fit FP32"));
   const std::string odd =
       R"({"inputs": [{"name": "h", "datatype": "BF16", "shape": [3], "parameters": {"binary_data_size": 4}}]})";
   EXPECT_THAT(std::string(InferRequestFromJson(odd + "abcd", "m", "", odd.size()).status().message()),

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <deque>
 #include <mutex>
+#include <system_error>
 #include <thread>
 
 #include "absl/strings/ascii.h"
@@ -64,6 +65,7 @@ class Stream final : public HttpStream {
 
   bool Write(absl::string_view data) override {
     std::unique_lock<std::mutex> l(mu_);
+    if (data.empty()) return !gone_;  // a read of 0 bytes would make libmicrohttpd spin
     cv_.wait(l, [&] { return gone_ || queued_ < kMaxQueuedStreamBytes; });
     if (gone_) return false;
     pieces_.emplace_back(data);
@@ -77,13 +79,19 @@ class Stream final : public HttpStream {
     return gone_;
   }
 
-  void Run(std::function<void(HttpStream&)> produce) {
-    producer_ = std::thread([this, produce = std::move(produce)] {
-      produce(*this);
-      std::lock_guard<std::mutex> l(mu_);
-      done_ = true;
-      cv_.notify_all();
-    });
+  // Starts the producer; false when no thread could be made.
+  bool Run(std::function<void(HttpStream&)> produce) {
+    try {
+      producer_ = std::thread([this, produce = std::move(produce)] {
+        produce(*this);
+        std::lock_guard<std::mutex> l(mu_);
+        done_ = true;
+        cv_.notify_all();
+      });
+    } catch (const std::system_error&) {
+      return false;
+    }
+    return true;
   }
 
   // Up to `max` bytes for the connection; waits for the producer, checking
@@ -145,9 +153,21 @@ MHD_Result Queue(MHD_Connection* c, const HttpResponse& r) {
   MHD_Response* resp;
   if (r.stream) {
     auto* s = new Stream(ConnectionFd(c));
-    s->Run(r.stream);
     resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 32 << 10, &ReadStream, s,
                                              &FreeStream);
+    if (resp == nullptr) {
+      delete s;
+      return MHD_NO;
+    }
+    if (!s->Run(r.stream)) {
+      MHD_destroy_response(resp);  // frees s
+      return Queue(c, HttpResponse::Text(503, "no thread is free for the stream; try again\n"));
+    }
+    // A stream may be silent longer than the idle timeout (a long prompt,
+    // blocks to wait for), and libmicrohttpd's timer runs while Read waits:
+    // its connection has none. Read's check for a closed peer and Write's
+    // bound on queued bytes still end it when the client goes away.
+    MHD_set_connection_option(c, MHD_CONNECTION_OPTION_TIMEOUT, 0u);
   } else {
     resp = MHD_create_response_from_buffer(r.body.size(), const_cast<char*>(r.body.data()),
                                            MHD_RESPMEM_MUST_COPY);
@@ -182,6 +202,7 @@ struct HttpServer::Context {
     HttpRequest request;
     bool refused = false;    // answered already (413)
     bool too_large = false;  // its body grew past max_body_bytes
+    uint64_t received = 0;   // body bytes read, kept or not
   };
 
   static MHD_Result Handle(void* cls, MHD_Connection* c, const char* url, const char* method,
@@ -197,8 +218,10 @@ struct HttpServer::Context {
         p->request.body.clear();
       }
       if (!p->too_large) p->request.body.append(upload, *upload_size);
+      p->received += *upload_size;
       *upload_size = 0;
-      return MHD_YES;
+      // Past twice the limit it is not read to its end: the connection closes.
+      return p->received > 2 * server->options_.max_body_bytes ? MHD_NO : MHD_YES;
     }
     if (p->refused) return MHD_YES;
     if (p->too_large) {
@@ -207,7 +230,13 @@ struct HttpServer::Context {
     }
     const int fd = ConnectionFd(c);
     p->request.client_gone = [fd] { return PeerClosed(fd); };
-    return Queue(c, server->handler_(p->request));
+    HttpResponse answer;
+    try {  // nothing may unwind into libmicrohttpd's C
+      answer = server->handler_(p->request);
+    } catch (const std::exception& e) {
+      answer = HttpResponse::Text(500, absl::StrCat("internal error: ", e.what(), "\n"));
+    }
+    return Queue(c, answer);
   }
 
   static MHD_Result Begin(HttpServer* server, MHD_Connection* c, const char* url,
@@ -248,7 +277,8 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string&
   server->port_ = listeners->port;
   const unsigned timeout_s =
       static_cast<unsigned>(std::max<int64_t>(1, absl::ToInt64Seconds(options.idle_timeout)));
-  for (int fd : listeners->fds) {
+  for (size_t i = 0; i < listeners->fds.size(); ++i) {
+    const int fd = listeners->fds[i];
     const HttpServerOptions& o = server->options_;
     std::vector<MHD_OptionItem> items = {
         {MHD_OPTION_LISTEN_SOCKET, fd, nullptr},
@@ -268,7 +298,7 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string&
     MHD_Daemon* d = MHD_start_daemon(flags, 0, nullptr, nullptr, &Context::Handle, server.get(),
                                      MHD_OPTION_ARRAY, items.data(), MHD_OPTION_END);
     if (d == nullptr) {
-      ::close(fd);
+      for (size_t k = i; k < listeners->fds.size(); ++k) ::close(listeners->fds[k]);
       return absl::UnavailableError(absl::StrCat(
           "http: cannot serve on ", host, ":", listeners->port,
           o.tls_cert_pem.empty() ? "" : " (is the TLS certificate and key a PEM pair?)"));

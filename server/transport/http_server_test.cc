@@ -80,6 +80,15 @@ class HttpServerTest : public ::testing::Test {
  protected:
   void Start(HttpServerOptions options = {}) {
     auto s = HttpServer::Start("127.0.0.1", 0, options, [this](const HttpRequest& r) {
+      if (r.path == "/slow") {  // pieces further apart than the idle timeout
+        HttpResponse resp;
+        resp.stream = [](HttpStream& out) {
+          for (int i = 0; i < 3 && out.Write(absl::StrCat("piece ", i, "\n")); ++i) {
+            absl::SleepFor(absl::Milliseconds(2500));
+          }
+        };
+        return resp;
+      }
       if (r.path == "/stream") {
         HttpResponse resp;
         resp.content_type = "text/event-stream";
@@ -155,6 +164,21 @@ TEST_F(HttpServerTest, AStreamArrivesPieceByPieceChunked) {
   EXPECT_THAT(got, HasSubstr("data: 0\n\n"));
   EXPECT_THAT(got, HasSubstr("data: 2\n\n"));
   EXPECT_FALSE(stream_ended_) << "the first pieces came before the stream's end";
+  ::close(fd);
+}
+
+// Regression: libmicrohttpd's idle timer ran while a stream waited for
+// its next piece, so a generation whose next token took longer than the
+// idle timeout (a long prompt, blocks to wait for) was cut off mid-body.
+TEST_F(HttpServerTest, AStreamOutlivesTheIdleTimeoutBetweenPieces) {
+  HttpServerOptions o;
+  o.idle_timeout = absl::Seconds(1);
+  Start(o);
+  const int fd = Connect(server_->port());
+  Send(fd, "GET /slow HTTP/1.1\r\nHost: x\r\n\r\n");
+  const std::string got = Receive(fd, absl::Seconds(15), "\r\n0\r\n\r\n");
+  EXPECT_THAT(got, HasSubstr("piece 2"));
+  EXPECT_THAT(got, HasSubstr("\r\n0\r\n\r\n")) << "the chunked body ends properly";
   ::close(fd);
 }
 
