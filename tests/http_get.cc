@@ -1,6 +1,7 @@
 #include "tests/http_get.h"
 
 #include <netdb.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
@@ -35,6 +36,20 @@ std::string HttpGet(int port, const std::string& path, const std::string& host, 
   while ((n = ::read(s, buf, sizeof buf)) > 0) out.append(buf, n);
   ::close(s);
   return n < 0 ? "" : out;  // a timeout: no (whole) answer
+}
+
+int ConnectLoopback(int port) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return -1;
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
 }
 
 }  // namespace pipeserve

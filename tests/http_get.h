@@ -12,6 +12,9 @@ namespace pipeserve {
 std::string HttpGet(int port, const std::string& path, const std::string& host = "127.0.0.1",
                     int timeout_ms = 10000);
 
+// A TCP connection to 127.0.0.1:`port`: its socket, or -1.
+int ConnectLoopback(int port);
+
 }  // namespace pipeserve
 
 #endif  // PIPESERVE_TESTS_HTTP_GET_H_

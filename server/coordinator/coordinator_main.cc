@@ -14,7 +14,6 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
-#include <sstream>
 #include <iostream>
 #include <thread>
 
@@ -364,24 +363,13 @@ absl::Status StartMetrics(pipeserve::MetricsHttpServer& http, const std::string&
   return http.Start(host, port, absl::GetFlag(FLAGS_metrics_port_file));
 }
 
-// The contents of PEM file `path` (kInvalidArgument naming `flag`).
-absl::StatusOr<std::string> ReadPem(const std::string& flag, const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream pem;
-  pem << in.rdbuf();
-  if (!in || pem.str().empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(flag, ": cannot read ", path));
-  }
-  return pem.str();
-}
-
 // The KServe v2 REST port: its core, its routes and, once started, its
 // server (null while --http_port is off).
 struct HttpFrontDoor {
   HttpFrontDoor(pipeserve::Coordinator* coordinator, pipeserve::Metrics* metrics,
-                const pipeserve::TokenSet* tokens, pipeserve::Generation* generation)
-      : core(coordinator, metrics,
-             {KServeOptionsFromFlags().max_timeout, KServeOptionsFromFlags().allow_generation_infer}),
+                const pipeserve::TokenSet* tokens, pipeserve::Generation* generation,
+                const pipeserve::KServeOptions& kserve)
+      : core(coordinator, metrics, {kserve.max_timeout, kserve.allow_generation_infer}),
         rest(&core, tokens, generation) {}
   pipeserve::KServeCore core;
   pipeserve::KServeRest rest;
@@ -396,8 +384,10 @@ absl::Status StartHttp(HttpFrontDoor& door, bool tokens, const std::string& host
   if (port < 0) return absl::OkStatus();
   pipeserve::HttpServerOptions options;
   if (!absl::GetFlag(FLAGS_tls_cert).empty()) {
-    ASSIGN_OR_RETURN(options.tls_cert_pem, ReadPem("--tls_cert", absl::GetFlag(FLAGS_tls_cert)));
-    ASSIGN_OR_RETURN(options.tls_key_pem, ReadPem("--tls_key", absl::GetFlag(FLAGS_tls_key)));
+    // Read already once by ClientAuthFromFlags, so these are known to read.
+    ASSIGN_OR_RETURN(options.tls_cert_pem,
+                     pipeserve::ReadSecretFile(absl::GetFlag(FLAGS_tls_cert)));
+    ASSIGN_OR_RETURN(options.tls_key_pem, pipeserve::ReadSecretFile(absl::GetFlag(FLAGS_tls_key)));
   }
   pipeserve::KServeRest* rest = &door.rest;
   ASSIGN_OR_RETURN(door.server,
@@ -501,8 +491,9 @@ int main(int argc, char** argv) {
   if (absl::Status s = StartMetrics(metrics_http, *host); !s.ok()) {
     return Fail(std::string(s.message()));
   }
-  pipeserve::KServeService kserve(&coordinator, &metrics, tokens, KServeOptionsFromFlags());
-  HttpFrontDoor http(&coordinator, &metrics, tokens, &generation);
+  const pipeserve::KServeOptions kserve_options = KServeOptionsFromFlags();
+  pipeserve::KServeService kserve(&coordinator, &metrics, tokens, kserve_options);
+  HttpFrontDoor http(&coordinator, &metrics, tokens, &generation, kserve_options);
   if (absl::Status s = StartHttp(http, tokens != nullptr, *host); !s.ok()) {
     return Fail(std::string(s.message()));
   }

@@ -13,25 +13,13 @@
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/http_get.h"
 
 namespace pipeserve {
 namespace {
 
 using ::testing::HasSubstr;
 using ::testing::StartsWith;
-
-int Connect(int port) {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(port);
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
-    ::close(fd);
-    return -1;
-  }
-  return fd;
-}
 
 void Send(int fd, const std::string& data) {
   for (size_t sent = 0; sent < data.size();) {
@@ -69,7 +57,7 @@ bool ClosedWithin(int fd, absl::Duration timeout) {
 }
 
 std::string Exchange(int port, const std::string& request) {
-  int fd = Connect(port);
+  int fd = ConnectLoopback(port);
   Send(fd, request);
   std::string got = Receive(fd, absl::Seconds(10));
   ::close(fd);
@@ -113,7 +101,7 @@ class HttpServerTest : public ::testing::Test {
 
 TEST_F(HttpServerTest, AnswersRequestsAndKeepsTheConnectionAlive) {
   Start();
-  const int fd = Connect(server_->port());
+  const int fd = ConnectLoopback(server_->port());
   Send(fd, "GET /a?q=1 HTTP/1.1\r\nHost: x\r\nX-Test: yes\r\n\r\n");
   std::string first = Receive(fd, absl::Seconds(10), "GET /a [] yes");
   EXPECT_THAT(first, StartsWith("HTTP/1.1 200"));
@@ -155,7 +143,7 @@ TEST_F(HttpServerTest, ABodyBeyondTheLimitGets413BeforeItIsSent) {
 
 TEST_F(HttpServerTest, AStreamArrivesPieceByPieceChunked) {
   Start();
-  const int fd = Connect(server_->port());
+  const int fd = ConnectLoopback(server_->port());
   Send(fd, "GET /stream HTTP/1.1\r\nHost: x\r\n\r\n");
   const std::string got = Receive(fd, absl::Seconds(10), "data: 2\n\n");
   EXPECT_THAT(got, StartsWith("HTTP/1.1 200"));
@@ -174,7 +162,7 @@ TEST_F(HttpServerTest, AStreamOutlivesTheIdleTimeoutBetweenPieces) {
   HttpServerOptions o;
   o.idle_timeout = absl::Seconds(1);
   Start(o);
-  const int fd = Connect(server_->port());
+  const int fd = ConnectLoopback(server_->port());
   Send(fd, "GET /slow HTTP/1.1\r\nHost: x\r\n\r\n");
   const std::string got = Receive(fd, absl::Seconds(15), "\r\n0\r\n\r\n");
   EXPECT_THAT(got, HasSubstr("piece 2"));
@@ -186,7 +174,7 @@ TEST_F(HttpServerTest, AStreamOutlivesTheIdleTimeoutBetweenPieces) {
 // writes fail and ClientGone turns true.
 TEST_F(HttpServerTest, AClientThatHangsUpEndsTheStream) {
   Start();
-  const int fd = Connect(server_->port());
+  const int fd = ConnectLoopback(server_->port());
   Send(fd, "GET /stream HTTP/1.1\r\nHost: x\r\n\r\n");
   Receive(fd, absl::Seconds(10), "data: 3\n\n");
   ::close(fd);
@@ -200,7 +188,7 @@ TEST_F(HttpServerTest, AnIdleConnectionIsClosed) {
   HttpServerOptions o;
   o.idle_timeout = absl::Seconds(1);
   Start(o);
-  const int fd = Connect(server_->port());
+  const int fd = ConnectLoopback(server_->port());
   Send(fd, "GET / HTTP/1.1\r\n");  // a head never finished
   EXPECT_TRUE(ClosedWithin(fd, absl::Seconds(5)));
   ::close(fd);
@@ -210,9 +198,9 @@ TEST_F(HttpServerTest, ConnectionsBeyondTheLimitAreClosedAtOnce) {
   HttpServerOptions o;
   o.max_connections = 2;
   Start(o);
-  const int a = Connect(server_->port()), b = Connect(server_->port());
+  const int a = ConnectLoopback(server_->port()), b = ConnectLoopback(server_->port());
   absl::SleepFor(absl::Milliseconds(200));  // both accepted
-  const int c = Connect(server_->port());
+  const int c = ConnectLoopback(server_->port());
   EXPECT_TRUE(ClosedWithin(c, absl::Seconds(2)));
   ::close(a);
   ::close(b);

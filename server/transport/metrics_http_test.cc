@@ -38,21 +38,6 @@ TEST(MetricsHttpServerTest, ServesTheTextOverHttpAnd404sOtherPaths) {
   EXPECT_THAT(HttpGet(http.port(), "/other"), HasSubstr("404 Not Found"));
 }
 
-// A TCP connection to 127.0.0.1:`port`: its socket, or -1.
-int ConnectLoopback(int port) {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return -1;
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(port);
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
-    ::close(fd);
-    return -1;
-  }
-  return fd;
-}
-
 // A client that connects and then sends its request head one byte every
 // 100 ms: too slow ever to finish it.
 class SlowClient {
