@@ -1,6 +1,9 @@
 #include "server/text/gpt2_bpe.h"
 
+#include <functional>
 #include <limits>
+#include <queue>
+#include <tuple>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -133,45 +136,74 @@ absl::StatusOr<std::unique_ptr<Gpt2Bpe>> Gpt2Bpe::Load(absl::string_view vocab_j
       return absl::InvalidArgumentError(absl::StrCat(
           "merge ", rank + 1, " is \"", line.substr(0, 80), "\", not two symbols and a space"));
     }
-    bpe->ranks_.emplace(std::string(line), rank++);
+    RETURN_IF_ERROR(bpe->AddMerge(parts[0], parts[1], rank++));
+  }
+  for (int b = 0; b < 256; ++b) {
+    auto it = bpe->ids_.find(bpe->byte_symbol_[b]);
+    bpe->byte_id_[b] = it != bpe->ids_.end() ? it->second : -1;
   }
   return bpe;
 }
 
+absl::Status Gpt2Bpe::AddMerge(absl::string_view left, absl::string_view right, int rank) {
+  auto l = ids_.find(left), r = ids_.find(right), m = ids_.find(absl::StrCat(left, right));
+  if (l == ids_.end() || r == ids_.end() || m == ids_.end()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "merge ", rank + 1, " (\"", left.substr(0, 40), " ", right.substr(0, 40),
+        "\") has a symbol, or makes one, that the vocabulary lacks"));
+  }
+  merges_.try_emplace(PairKey(l->second, r->second), Merge{rank, m->second});
+  return absl::OkStatus();
+}
+
+// Merges as GPT-2 does (the ranked pair of lowest rank, all its
+// occurrences left to right, again until no pair is ranked), in
+// O(n log n): symbols are a linked list, candidate pairs a heap by (rank,
+// position); all of one rank merge before the pairs they make are looked at.
 void Gpt2Bpe::EncodePiece(absl::string_view bytes, std::vector<int64_t>* ids) const {
-  std::vector<std::string> symbols;
-  for (char b : bytes) symbols.push_back(byte_symbol_[static_cast<uint8_t>(b)]);
-  std::string key;
-  while (symbols.size() > 1) {
-    // The ranked pair of lowest rank; all its occurrences merge, left to right.
-    int best = std::numeric_limits<int>::max();
-    size_t at = 0;
-    for (size_t i = 0; i + 1 < symbols.size(); ++i) {
-      key = absl::StrCat(symbols[i], " ", symbols[i + 1]);
-      auto r = ranks_.find(key);
-      if (r != ranks_.end() && r->second < best) {
-        best = r->second;
-        at = i;
-      }
-    }
-    if (best == std::numeric_limits<int>::max()) break;
-    const std::string left = symbols[at], right = symbols[at + 1];
-    std::vector<std::string> merged;
-    for (size_t i = 0; i < symbols.size(); ++i) {
-      if (i + 1 < symbols.size() && symbols[i] == left && symbols[i + 1] == right) {
-        merged.push_back(left + right);
-        ++i;
-      } else {
-        merged.push_back(std::move(symbols[i]));
-      }
-    }
-    symbols = std::move(merged);
+  const int n = static_cast<int>(bytes.size());
+  std::vector<int64_t> sym(n);
+  std::vector<int> next(n), prev(n);
+  for (int i = 0; i < n; ++i) {
+    sym[i] = byte_id_[static_cast<uint8_t>(bytes[i])];
+    next[i] = i + 1;
+    prev[i] = i - 1;
   }
-  for (const std::string& s : symbols) {
-    auto it = ids_.find(s);
-    // Every byte's symbol is in GPT-2's vocabulary, and so is every merge.
-    ids->push_back(it != ids_.end() ? it->second : -1);
+  struct Candidate {
+    int rank, at;
+    int64_t left, right;
+    bool operator>(const Candidate& o) const { return std::tie(rank, at) > std::tie(o.rank, o.at); }
+  };
+  std::priority_queue<Candidate, std::vector<Candidate>, std::greater<Candidate>> heap;
+  auto consider = [&](int i) {
+    if (i < 0 || i >= n || next[i] >= n || sym[i] < 0 || sym[next[i]] < 0) return;
+    auto m = merges_.find(PairKey(sym[i], sym[next[i]]));
+    if (m != merges_.end()) heap.push({m->second.rank, i, sym[i], sym[next[i]]});
+  };
+  for (int i = 0; i + 1 < n; ++i) consider(i);
+  std::vector<int> merged;
+  while (!heap.empty()) {
+    const int rank = heap.top().rank;
+    merged.clear();
+    while (!heap.empty() && heap.top().rank == rank) {
+      const Candidate c = heap.top();
+      heap.pop();
+      // Stale: an earlier merge took one of its symbols.
+      if (sym[c.at] != c.left || next[c.at] >= n || sym[next[c.at]] != c.right) continue;
+      const int j = next[c.at];
+      sym[c.at] = merges_.at(PairKey(c.left, c.right)).id;
+      sym[j] = -2;  // gone
+      next[c.at] = next[j];
+      if (next[j] < n) prev[next[j]] = c.at;
+      merged.push_back(c.at);
+    }
+    for (int i : merged) {
+      if (sym[i] < 0) continue;
+      consider(prev[i]);
+      consider(i);
+    }
   }
+  for (int i = 0; i < n; i = next[i]) ids->push_back(sym[i]);
 }
 
 absl::StatusOr<std::vector<int64_t>> Gpt2Bpe::Encode(absl::string_view text) const {

@@ -50,13 +50,22 @@ class Gpt2Bpe {
 
  private:
   Gpt2Bpe();
+  struct Merge {
+    int rank;
+    int64_t id;  // of the merged symbol
+  };
+  static uint64_t PairKey(int64_t left, int64_t right) {
+    return (static_cast<uint64_t>(left) << 32) | static_cast<uint64_t>(right);
+  }
+  absl::Status AddMerge(absl::string_view left, absl::string_view right, int rank);
   // Appends the ids of one piece (its UTF-8 bytes) after merging.
   void EncodePiece(absl::string_view bytes, std::vector<int64_t>* ids) const;
 
   std::array<std::string, 256> byte_symbol_;   // byte -> its symbol (UTF-8)
   absl::flat_hash_map<uint32_t, uint8_t> symbol_byte_;  // and back, per code point
   absl::flat_hash_map<std::string, int64_t> ids_;       // symbol -> id
-  absl::flat_hash_map<std::string, int> ranks_;         // "left right" -> rank
+  std::array<int64_t, 256> byte_id_;                    // byte -> its symbol's id (-1: none)
+  absl::flat_hash_map<uint64_t, Merge> merges_;         // PairKey(left, right) -> merge
   std::vector<std::string> token_bytes_;                // id -> bytes
 };
 

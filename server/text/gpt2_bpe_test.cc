@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -75,6 +76,24 @@ TEST_F(Gpt2BpeTest, StreamedTokensNeverSplitACharacter) {
   }
   EXPECT_EQ(joined, "café 🚀");
   EXPECT_THAT(pieces, ::testing::Contains("")) << "🚀's first bytes waited for its last";
+}
+
+// One piece of 1 MiB of random letters (a single "word": the pattern never
+// splits a run of letters), so thousands of distinct merges apply.
+// Rescanning the piece once per merge rank took hours at this size.
+TEST_F(Gpt2BpeTest, AHugeWordEncodesInLinearishTime) {
+  std::string word;
+  uint64_t x = 12345;
+  for (int i = 0; i < (1 << 20); ++i) {
+    x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+    word.push_back(static_cast<char>('a' + (x >> 33) % 26));
+  }
+  const absl::Time start = absl::Now();
+  auto ids = bpe_->Encode(word);
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  EXPECT_LT(ids->size(), word.size() * 2 / 3);  // merged: 1.68 bytes a token
+  EXPECT_EQ(*bpe_->Decode(*ids), word);
+  EXPECT_LT(absl::Now() - start, absl::Seconds(60));
 }
 
 TEST_F(Gpt2BpeTest, BadTextAndBadIdsAreRefusedNamingThem) {
