@@ -22,6 +22,8 @@ PACKAGES=(
   nlohmann-json3-dev       # JSON: tokenizer vocabularies (server/text)
   libmicrohttpd-dev        # HTTP server (server/transport/http_server)
   curl                     # the demo and the REST tests speak HTTP with it
+  libsentencepiece-dev     # SentencePiece tokenizers (server/text)
+  python3-sentencepiece    # trains the SentencePiece models the tests check against
 )
 
 # --- deploy tooling: tools/make_dev_certs.sh and //tests:deploy_test -------

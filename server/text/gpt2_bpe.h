@@ -47,6 +47,12 @@ class Gpt2Bpe {
   absl::StatusOr<std::string> Decode(absl::Span<const int64_t> ids) const;
 
   int64_t vocab_size() const { return static_cast<int64_t>(token_bytes_.size()); }
+  // The id of a vocabulary symbol as written in the vocabulary
+  // ("<|endoftext|>"), or -1.
+  int64_t SymbolId(absl::string_view symbol) const {
+    auto it = ids_.find(symbol);
+    return it != ids_.end() ? it->second : -1;
+  }
 
  private:
   Gpt2Bpe();
