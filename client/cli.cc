@@ -17,6 +17,7 @@
 #include "client/cli_flags.h"
 #include "client/client.h"
 #include "common/status_macros.h"
+#include "nlohmann/json.hpp"
 #include "partitioner/calibrate.h"
 #include "partitioner/partition.h"
 #include "partitioner/plan_text.h"
@@ -337,6 +338,74 @@ class ProgressBar {
   bool drawn_ = false;
 };
 
+absl::StatusOr<std::string> ReadWhole(const std::string& flag, const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("--", flag, ": cannot read ", path));
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+// --chat_template's JSON file: {"roles": {"user": "... {content} ..."},
+// "prefix": "...", "generation_prompt": "..."}.
+absl::Status ChatTemplateFlag(const std::string& path, ChatTemplate* chat) {
+  ASSIGN_OR_RETURN(std::string text, ReadWhole("chat_template", path));
+  const nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  auto bad = [&](const std::string& why) {
+    return absl::InvalidArgumentError(absl::StrCat("--chat_template ", path, ": ", why));
+  };
+  if (!j.is_object()) return bad("not a JSON object");
+  for (const auto& [key, v] : j.items()) {
+    if (key == "roles" && v.is_object()) {
+      for (const auto& [role, format] : v.items()) {
+        if (!format.is_string()) return bad("each role's format must be a string");
+        (*chat->mutable_roles())[role] = format.get<std::string>();
+      }
+    } else if ((key == "prefix" || key == "generation_prompt") && v.is_string()) {
+      (key == "prefix" ? chat->mutable_prefix() : chat->mutable_generation_prompt())
+          ->assign(v.get<std::string>());
+    } else {
+      return bad(absl::StrCat("\"", key, "\" is not roles (an object), prefix or "
+                              "generation_prompt (strings)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// The tokenizer flags of upload into options.tokenizer (none given: none).
+absl::Status TokenizerFlags(const FlagSet& flags, UploadOptions* options) {
+  TokenizerSpec* t = options->mutable_tokenizer();
+  const std::string vocab = flags.Get("gpt2_vocab"), merges = flags.Get("gpt2_merges");
+  const std::string sp = flags.Get("sentencepiece");
+  if (vocab.empty() != merges.empty()) {
+    return absl::InvalidArgumentError("--gpt2_vocab and --gpt2_merges go together");
+  }
+  if (!vocab.empty() && !sp.empty()) {
+    return absl::InvalidArgumentError("give --gpt2_vocab/--gpt2_merges or --sentencepiece, not both");
+  }
+  if (!vocab.empty()) {
+    ASSIGN_OR_RETURN(*t->mutable_gpt2_bpe()->mutable_vocab_json(), ReadWhole("gpt2_vocab", vocab));
+    ASSIGN_OR_RETURN(*t->mutable_gpt2_bpe()->mutable_merges(), ReadWhole("gpt2_merges", merges));
+  }
+  if (!sp.empty()) {
+    ASSIGN_OR_RETURN(*t->mutable_sentencepiece_model(), ReadWhole("sentencepiece", sp));
+  }
+  if (const std::string chat = flags.Get("chat_template"); !chat.empty()) {
+    RETURN_IF_ERROR(ChatTemplateFlag(chat, t->mutable_chat_template()));
+  }
+  for (const std::string& s : flags.GetAll("stop_token")) {
+    int64_t id = 0;
+    if (!absl::SimpleAtoi(s, &id)) {
+      return absl::InvalidArgumentError(absl::StrCat("--stop_token \"", s, "\" is not a token id"));
+    }
+    t->add_stop_token_ids(id);
+  }
+  if (t->kind_case() == TokenizerSpec::KIND_NOT_SET && t->ByteSizeLong() > 0) {
+    return absl::InvalidArgumentError(
+        "--chat_template and --stop_token need a tokenizer (--gpt2_vocab/--gpt2_merges or "
+        "--sentencepiece)");
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Upload(const FlagSet& flags, Client& client, std::ostream& out,
                     std::ostream& err) {
   UploadOptions options;
@@ -360,6 +429,7 @@ absl::Status Upload(const FlagSet& flags, Client& client, std::ostream& out,
     e->set_module(split.first);
     e->set_point(split.second);
   }
+  RETURN_IF_ERROR(TokenizerFlags(flags, &options));
   absl::StatusOr<UploadResult> result;
   {
     ProgressBar bar(err);
@@ -742,6 +812,18 @@ std::map<std::string, Command> Commands() {
                           "parameter bytes); default: measured where the "
                           "server can",
                           "the server's default");
+          f.Add("gpt2_vocab", "FILE",
+                "with --gpt2_merges, GPT-2 BPE files (vocab.json, merges.txt) for "
+                "the text APIs of a model exported for generation");
+          f.Add("gpt2_merges", "FILE", "see --gpt2_vocab");
+          f.Add("sentencepiece", "FILE",
+                "a SentencePiece model (tokenizer.model) for the text APIs");
+          f.Add("chat_template", "FILE",
+                "JSON {\"roles\": {\"user\": \"[INST] {content} [/INST]\", ...}, "
+                "\"prefix\": ..., \"generation_prompt\": ...} for /v1/chat/completions");
+          f.Add("stop_token", "ID",
+                "a token that ends text besides the tokenizer's end of text (repeatable)",
+                false, "", /*repeated=*/true);
         },
         Remote(Upload)}},
       {"models",

@@ -239,6 +239,46 @@ TEST_F(CliRemoteTest, UploadChecksBalanceAndLinkFlags) {
   EXPECT_EQ(server_->uploads()[0].options.balance(), UploadOptions::BALANCE_ESTIMATED);
 }
 
+std::string WriteText(const std::string& name, const std::string& text) {
+  std::ofstream(Tmp(name), std::ios::binary) << text;
+  return Tmp(name);
+}
+
+TEST_F(CliRemoteTest, UploadSendsTheTokenizerFlags) {
+  const std::string model = WriteSmallModel();
+  const std::string vocab = WriteText("vocab.json", R"({"a": 0})");
+  const std::string merges = WriteText("merges.txt", "#version: 0.2\n");
+  const std::string chat = WriteText(
+      "chat.json", R"({"roles": {"user": "U: {content}"}, "generation_prompt": "A:"})");
+  ASSERT_EQ(Run({"upload", "--name", "small", "--model", model, "--gpt2_vocab", vocab,
+                 "--gpt2_merges", merges, "--chat_template", chat, "--stop_token", "7",
+                 "--stop_token", "9"})
+                .code,
+            0);
+  ASSERT_EQ(server_->uploads().size(), 1u);
+  const TokenizerSpec t = server_->uploads()[0].options.tokenizer();
+  EXPECT_EQ(t.gpt2_bpe().vocab_json(), R"({"a": 0})");
+  EXPECT_EQ(t.gpt2_bpe().merges(), "#version: 0.2\n");
+  EXPECT_EQ(t.chat_template().roles().at("user"), "U: {content}");
+  EXPECT_EQ(t.chat_template().generation_prompt(), "A:");
+  EXPECT_THAT(t.stop_token_ids(), ::testing::ElementsAre(7, 9));
+  const std::pair<std::vector<std::string>, std::string> bad[] = {
+      {{"--gpt2_vocab", vocab}, "--gpt2_vocab and --gpt2_merges go together"},
+      {{"--sentencepiece", Tmp("missing.model")}, "--sentencepiece: cannot read"},
+      {{"--chat_template", vocab, "--sentencepiece", vocab}, "\"a\" is not roles"},
+      {{"--stop_token", "7"}, "need a tokenizer"},
+      {{"--stop_token", "x", "--sentencepiece", vocab}, "--stop_token \"x\" is not a token id"},
+  };
+  for (const auto& [flags, want] : bad) {
+    std::vector<std::string> args = {"upload", "--name", "small", "--model", model};
+    args.insert(args.end(), flags.begin(), flags.end());
+    Result r = Run(args);
+    EXPECT_NE(r.code, 0) << want;
+    EXPECT_THAT(r.err, HasSubstr(want));
+  }
+  EXPECT_EQ(server_->uploads().size(), 1u);
+}
+
 TEST_F(CliRemoteTest, ModelsPrintsATable) {
   Result r = Run({"models"});
   ASSERT_EQ(r.code, 0) << r.err;

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs every Debian package pipeserve needs to build, test and demo,
-# and the npm packages the deploy test validates manifests with.
+# and the npm packages the tests drive (kubernetes-models, openai).
 # Idempotent: when all are present it only checks (well under a second);
 # otherwise it runs `apt-get update` once and installs what is missing.
 set -euo pipefail
@@ -28,7 +28,8 @@ PACKAGES=(
 
 # --- deploy tooling: tools/make_dev_certs.sh and //tests:deploy_test -------
 # openssl makes the development certificates; Node.js and npm run the
-# Kubernetes schema check (the npm install is at the end of this file).
+# Kubernetes schema check and the OpenAI client test (the npm installs are at
+# the end of this file).
 # Machines that already have npm (e.g. from NodeSource) keep theirs.
 PACKAGES+=(openssl)
 if ! command -v npm >/dev/null 2>&1; then
@@ -52,21 +53,22 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "bootstrap: done" >&2
 fi
 
-# --- deploy tooling: npm packages for //tests:deploy_test --------------------
-# kubernetes-models (the Kubernetes API's schemas), at the versions
-# tests/k8s_schema/package-lock.json pins, goes to
-# ${PIPESERVE_NODE_DIR:-$HOME/.cache/pipeserve-node}/<lockfile hash>/node_modules,
-# outside the tree so Bazel never scans it; tests/deploy_test.py looks there.
+# --- npm packages the tests drive: kubernetes-models (the Kubernetes API's
+# schemas, //tests:deploy_test) and openai (OpenAI's Node client,
+# //tests/pytorch:openai_test), at the versions each package-lock.json pins,
+# go to ${PIPESERVE_NODE_DIR:-$HOME/.cache/pipeserve-node}/<lockfile hash>/node_modules,
+# outside the tree so Bazel never scans it; the tests look there.
 # Skipped when that folder is complete; no package's install scripts run.
-node_lock="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/tests/k8s_schema/package-lock.json"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 node_base="${PIPESERVE_NODE_DIR:-$HOME/.cache/pipeserve-node}"
-node_dir="$node_base/$(sha256sum "$node_lock" | cut -c1-16)"
-if [ ! -f "$node_dir/.complete" ]; then
+for node_lock in "$root/tests/k8s_schema/package-lock.json" "$root/tests/openai_client/package-lock.json"; do
+  node_dir="$node_base/$(sha256sum "$node_lock" | cut -c1-16)"
+  [ -f "$node_dir/.complete" ] && continue
   if ! command -v npm >/dev/null 2>&1; then
     echo "bootstrap: npm not found; install Debian's nodejs and npm packages (apt-get install nodejs npm)" >&2
     exit 1
   fi
-  echo "bootstrap: npm ci (kubernetes-models) into $node_dir" >&2
+  echo "bootstrap: npm ci ($(dirname "$node_lock")) into $node_dir" >&2
   mkdir -p "$node_base"
   node_tmp=$(mktemp -d "$node_base/.install.XXXXXX")
   cp "$node_lock" "$(dirname "$node_lock")/package.json" "$node_tmp/"
@@ -78,5 +80,5 @@ if [ ! -f "$node_dir/.complete" ]; then
   touch "$node_tmp/.complete"
   rm -rf "$node_dir"
   mv -T "$node_tmp" "$node_dir" 2>/dev/null || rm -rf "$node_tmp"  # another bootstrap won
-fi
-# --- end deploy tooling ------------------------------------------------------
+done
+# --- end npm packages -------------------------------------------------------

@@ -76,6 +76,10 @@ http="http://127.0.0.1:$(cat "$work/http_port")"
 curl -s -o /dev/null -w "GET /v2/health/ready: %{http_code}\n" "$http/v2/health/ready"
 curl -sN --fail-with-body -H "Authorization: Bearer $infer_token" \
   -d '{"input_ids": [5, 17, 42], "max_tokens": 8}' "$http/v2/models/gpt-gen/generate_stream"
+echo "== text in, text streamed out: OpenAI's /v1/completions (GPT-2's tokenizer; random weights)"
+curl -sN --fail-with-body -H "Authorization: Bearer $infer_token" -H "Content-Type: application/json" \
+  -d '{"model": "gpt2-text", "prompt": "Pipelines serve", "max_tokens": 8, "seed": 1, "stream": true}' \
+  "$http/v1/completions"
 echo "== shutting down"
 pid=$coordinator_pid
 coordinator_pid=""

@@ -4,7 +4,10 @@ int64 token ids in and a free sequence length, upload it (cut by its
 pipe_split() markers into 3 stages), and send token ids of two lengths
 through the KServe v2 API; compare the logits with PyTorch. Then the same
 model exported for generation (generation=True): 24 tokens streamed from
-the server as they are sampled, against PyTorch's greedy decoding.
+the server as they are sampled, against PyTorch's greedy decoding. Last, a
+GPT-2-sized vocabulary (50257 tokens, random weights, so its words are
+random too) uploaded with GPT-2's real tokenizer files, for the text APIs
+(/v1/completions) the demo calls over HTTP next.
 
     /usr/bin/python3 tools/demo_gpt.py SERVER ADMIN_TOKEN_FILE WORK_DIR
 """
@@ -74,6 +77,15 @@ def generate(client, model, work):
     if tokens != ids[len(prompt):]:
         raise SystemExit(f"generated {tokens}, PyTorch {ids[len(prompt):]}")
     # gpt-gen stays loaded: the demo streams from it over HTTP next.
+    path = os.path.join(work, "gpt2_text.psm")
+    pipeserve.export(transformer_models.Gpt2(vocab=50257, d=64, heads=4, layers=2,
+                                             max_len=128).eval(),
+                     (torch.randint(0, 50257, (1, 8)),), path, generation=True)
+    gpt2 = os.path.join(ROOT, "third_party", "gpt2_bpe")
+    client.upload("gpt2-text", path,
+                  tokenizer={"gpt2_vocab": os.path.join(gpt2, "encoder.json"),
+                             "gpt2_merges": os.path.join(gpt2, "vocab.bpe")})
+    print("  uploaded gpt2-text with GPT-2's tokenizer (vocab.json + merges.txt)")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 #
 # Usage: tools/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]
 #   SECONDS_PER_TARGET  default 60
-#   TARGET              model_file_fuzz frame_fuzz kserve_request_fuzz kserve_json_fuzz stage_spec_fuzz
+#   TARGET              model_file_fuzz frame_fuzz kserve_request_fuzz kserve_json_fuzz text_request_fuzz stage_spec_fuzz
 #                       (default: all)
 #
 # Each target starts from its seed corpus in fuzz/corpus/TARGET (never
@@ -21,7 +21,7 @@ tools/bootstrap.sh || exit 1
 seconds=${1:-60}
 [ $# -gt 0 ] && shift
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(model_file_fuzz frame_fuzz kserve_request_fuzz kserve_json_fuzz stage_spec_fuzz)
+[ ${#targets[@]} -gt 0 ] || targets=(model_file_fuzz frame_fuzz kserve_request_fuzz kserve_json_fuzz text_request_fuzz stage_spec_fuzz)
 
 # Its own output base: switching the C++ compiler would otherwise rebuild
 # the normal configuration's outputs from scratch next time.

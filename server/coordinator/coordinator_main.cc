@@ -20,6 +20,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "runtime/backends.h"
@@ -29,6 +30,7 @@
 #include "server/coordinator/generation_service.h"
 #include "server/coordinator/kserve_core.h"
 #include "server/coordinator/kserve_rest.h"
+#include "server/coordinator/openai_rest.h"
 #include "server/coordinator/grpc_stage_client.h"
 #include "server/coordinator/kserve_service.h"
 #include "server/coordinator/metrics.h"
@@ -370,9 +372,15 @@ struct HttpFrontDoor {
                 const pipeserve::TokenSet* tokens, pipeserve::Generation* generation,
                 const pipeserve::KServeOptions& kserve)
       : core(coordinator, metrics, {kserve.max_timeout, kserve.allow_generation_infer}),
-        rest(&core, tokens, generation) {}
+        rest(&core, tokens, generation),
+        openai(&core, tokens, generation) {}
+  // OpenAI's routes under /v1/, KServe's (and Triton's) elsewhere.
+  pipeserve::HttpResponse Handle(const pipeserve::HttpRequest& r) {
+    return absl::StartsWith(r.path, "/v1/") ? openai.Handle(r) : rest.Handle(r);
+  }
   pipeserve::KServeCore core;
   pipeserve::KServeRest rest;
+  pipeserve::OpenAiRest openai;
   std::unique_ptr<pipeserve::HttpServer> server;
 };
 
@@ -389,11 +397,11 @@ absl::Status StartHttp(HttpFrontDoor& door, bool tokens, const std::string& host
                      pipeserve::ReadSecretFile(absl::GetFlag(FLAGS_tls_cert)));
     ASSIGN_OR_RETURN(options.tls_key_pem, pipeserve::ReadSecretFile(absl::GetFlag(FLAGS_tls_key)));
   }
-  pipeserve::KServeRest* rest = &door.rest;
+  HttpFrontDoor* d = &door;
   ASSIGN_OR_RETURN(door.server,
                    pipeserve::HttpServer::Start(
                        tokens ? host : "127.0.0.1", port, options,
-                       [rest](const pipeserve::HttpRequest& r) { return rest->Handle(r); }));
+                       [d](const pipeserve::HttpRequest& r) { return d->Handle(r); }));
   if (!absl::GetFlag(FLAGS_http_port_file).empty()) {
     pipeserve::WritePortFile(absl::GetFlag(FLAGS_http_port_file), door.server->port());
   }

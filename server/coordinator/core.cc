@@ -8,6 +8,7 @@
 #include "common/model_name.h"
 #include "common/status_macros.h"
 #include "partitioner/partition.h"
+#include "server/text/tokenizer.h"
 #include "runtime/model_file.h"
 #include "server/coordinator/kv_budget.h"
 
@@ -252,7 +253,29 @@ absl::StatusOr<Plan> Coordinator::PlanFor(const std::string& name, const ModelFi
                                           const UploadOptions& options, NodeProfile* measured) {
   ASSIGN_OR_RETURN(Plan plan, CutFor(name, file, options, measured));
   RETURN_IF_ERROR(SizeKvCache(file.graph(), options_.kv_cache_bytes, &plan));
+  RETURN_IF_ERROR(AttachTokenizer(name, options.tokenizer(), &plan));
   return plan;
+}
+
+absl::Status AttachTokenizer(const std::string& name, const TokenizerSpec& spec, Plan* plan) {
+  if (spec.ByteSizeLong() == 0) return absl::OkStatus();
+  if (plan->generation().tokens().empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a tokenizer is for models exported for generation (export(generation=True)); \"",
+        name, "\" was not"));
+  }
+  absl::StatusOr<std::unique_ptr<Tokenizer>> t = MakeTokenizer(spec);
+  if (!t.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("tokenizer: ", t.status().message()));
+  }
+  const int64_t vocab = plan->generation().vocab();
+  if (vocab > 0 && (*t)->size() > vocab) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tokenizer: it has ", (*t)->size(), " tokens, more than the vocabulary of \"", name,
+        "\" (", vocab, "): it is not this model's tokenizer"));
+  }
+  *plan->mutable_tokenizer() = spec;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<Plan> Coordinator::CutFor(const std::string& name, const ModelFileReader& file,

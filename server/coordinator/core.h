@@ -87,6 +87,12 @@ struct CoordinatorOptions {
   int64_t kv_cache_bytes = int64_t{256} << 20;
 };
 
+// Checks `spec` (UploadOptions.tokenizer; empty: none) against the model
+// of `plan` and puts it in the plan: kInvalidArgument naming the problem
+// for a model not exported for generation, files that do not parse, or a
+// tokenizer with more tokens than the model's vocabulary.
+absl::Status AttachTokenizer(const std::string& name, const TokenizerSpec& spec, Plan* plan);
+
 class Coordinator {
  public:
   // `stages` must outlive the coordinator.

@@ -54,14 +54,16 @@ absl::Status SamplingKey(const std::string& key, const Json& v, SamplingParams* 
     return absl::OkStatus();
   }
   return absl::InvalidArgumentError(absl::StrCat(
-      "unknown key \"", key.substr(0, 64), "\" (a generate request takes input_ids, "
+      "unknown key \"", key.substr(0, 64), "\" (a generate request takes input_ids or "
+      "text_input, "
       "max_tokens, temperature, top_k, top_p, repetition_penalty, frequency_penalty, "
       "stop_token_ids, seed; at the top or under \"parameters\")"));
 }
 
 }  // namespace
 
-absl::StatusOr<GenerationRequest> GenerationRequestFromJson(absl::string_view body) {
+absl::StatusOr<GenerationRequest> GenerationRequestFromJson(absl::string_view body,
+                                                            std::string* text_input) {
   ASSIGN_OR_RETURN(Json j, ParseJsonBody(body));
   if (!j.is_object()) return absl::InvalidArgumentError("the request must be a JSON object");
   GenerationRequest r;
@@ -69,6 +71,9 @@ absl::StatusOr<GenerationRequest> GenerationRequestFromJson(absl::string_view bo
   for (const auto& [key, v] : j.items()) {
     if (key == "input_ids") {
       ASSIGN_OR_RETURN(r.prompt, Ids(v, key));
+    } else if (key == "text_input") {
+      if (!v.is_string() || v.get<std::string>().empty()) return Invalid(key, "non-empty text");
+      *text_input = v.get<std::string>();
     } else if (key == "parameters") {
       if (!v.is_object()) return Invalid(key, "an object");
       for (const auto& [k, pv] : v.items()) RETURN_IF_ERROR(SamplingKey(k, pv, &r.sampling, &seeded));
@@ -76,7 +81,12 @@ absl::StatusOr<GenerationRequest> GenerationRequestFromJson(absl::string_view bo
       RETURN_IF_ERROR(SamplingKey(key, v, &r.sampling, &seeded));
     }
   }
-  if (r.prompt.empty()) return Invalid("input_ids", "a non-empty array of token ids");
+  if (!text_input->empty() && !r.prompt.empty()) {
+    return absl::InvalidArgumentError("give input_ids or text_input, not both");
+  }
+  if (r.prompt.empty() && text_input->empty()) {
+    return Invalid("input_ids", "a non-empty array of token ids (or give text_input)");
+  }
   if (!seeded) {
     std::random_device rd;
     r.sampling.seed = (static_cast<uint64_t>(rd()) << 32) | rd();
@@ -100,6 +110,34 @@ std::string GenerateResponseJson(const std::string& model, const std::vector<int
               {"finish_reason", finish_reason},
               {"prompt_tokens", prompt_tokens}}
       .dump(-1, ' ', false, Json::error_handler_t::replace);
+}
+
+namespace {
+
+Json TextJson(const std::string& model, absl::string_view text, const std::string& finish_reason,
+              int64_t prompt_tokens, int64_t completion_tokens) {
+  Json j{{"model_name", model}, {"text_output", std::string(text)}};
+  if (!finish_reason.empty()) {
+    j["finish_reason"] = finish_reason;
+    j["prompt_tokens"] = prompt_tokens;
+    j["completion_tokens"] = completion_tokens;
+  }
+  return j;
+}
+
+}  // namespace
+
+std::string TextEventJson(const std::string& model, absl::string_view text,
+                          const std::string& finish_reason, int64_t prompt_tokens,
+                          int64_t completion_tokens) {
+  return TextJson(model, text, finish_reason, prompt_tokens, completion_tokens)
+      .dump(-1, ' ', false, Json::error_handler_t::replace);
+}
+
+std::string GenerateTextResponseJson(const std::string& model, const std::string& text,
+                                     const std::string& finish_reason, int64_t prompt_tokens,
+                                     int64_t completion_tokens) {
+  return TextEventJson(model, text, finish_reason, prompt_tokens, completion_tokens);
 }
 
 }  // namespace pipeserve

@@ -21,6 +21,35 @@ Generation::Generation(Coordinator* coordinator, GeneratorOptions options)
 
 absl::StatusOr<std::shared_ptr<Generator>> Generation::For(const std::string& model) {
   ASSIGN_OR_RETURN(std::shared_ptr<Deployment> d, coordinator_->Find(model));
+  return ForDeployment(model, *d);
+}
+
+absl::StatusOr<TextModel> Generation::Text(const std::string& model) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Deployment> d, coordinator_->Find(model));
+  TextModel text;
+  ASSIGN_OR_RETURN(text.generator, ForDeployment(model, *d));
+  const TokenizerSpec& spec = d->plan().tokenizer();
+  if (spec.kind_case() == TokenizerSpec::KIND_NOT_SET) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "model \"", model, "\" was uploaded without a tokenizer: send token ids, or upload it "
+        "with one (UploadOptions.tokenizer)"));
+  }
+  text.chat = spec.chat_template();
+  const int64_t version = d->version();
+  absl::MutexLock l(&mu_);
+  Tokenized& t = tokenizers_[model];
+  if (t.tokenizer == nullptr || t.version != version) {
+    // Checked at upload; only a library that went missing since fails here.
+    ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> made, MakeTokenizer(spec));
+    t = Tokenized{version, std::move(made)};
+  }
+  text.tokenizer = t.tokenizer;
+  return text;
+}
+
+absl::StatusOr<std::shared_ptr<Generator>> Generation::ForDeployment(const std::string& model,
+                                                                     const Deployment& d_ref) {
+  const Deployment* d = &d_ref;
   ASSIGN_OR_RETURN(GenerationConfig config, GenerationConfigOf(model, d->plan(), d->replicas()));
   absl::MutexLock l(&mu_);
   std::shared_ptr<Generator>& gen = generators_[model];

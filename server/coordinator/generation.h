@@ -18,8 +18,16 @@
 #include "absl/synchronization/mutex.h"
 #include "server/coordinator/core.h"
 #include "server/coordinator/generator.h"
+#include "server/text/tokenizer.h"
 
 namespace pipeserve {
+
+// A model's generator with the tokenizer it was uploaded with.
+struct TextModel {
+  std::shared_ptr<Generator> generator;
+  std::shared_ptr<const Tokenizer> tokenizer;
+  ChatTemplate chat;  // no roles: the model has no chat template
+};
 
 class Generation {
  public:
@@ -31,15 +39,27 @@ class Generation {
   // kNotFound / kUnavailable as Coordinator::Find; kFailedPrecondition for
   // a model not exported for generation.
   absl::StatusOr<std::shared_ptr<Generator>> For(const std::string& model);
+  // For, with the model's tokenizer (made once per version of the model);
+  // kFailedPrecondition, naming the model, for one uploaded without a
+  // tokenizer.
+  absl::StatusOr<TextModel> Text(const std::string& model);
 
   // Every generator's model and stats (for metrics).
   std::vector<std::pair<std::string, GeneratorStats>> Stats();
 
  private:
+  struct Tokenized {
+    int64_t version = 0;
+    std::shared_ptr<const Tokenizer> tokenizer;
+  };
+  absl::StatusOr<std::shared_ptr<Generator>> ForDeployment(const std::string& model,
+                                                           const Deployment& d);
+
   Coordinator* const coordinator_;
   const GeneratorOptions options_;
   absl::Mutex mu_;
   absl::flat_hash_map<std::string, std::shared_ptr<Generator>> generators_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, Tokenized> tokenizers_ ABSL_GUARDED_BY(mu_);
 };
 
 // Prometheus text for `stats`: per model, KV cache blocks used and free,

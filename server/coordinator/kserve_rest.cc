@@ -7,6 +7,7 @@
 #include "absl/strings/str_split.h"
 #include "server/coordinator/generate_json.h"
 #include "server/coordinator/kserve_json.h"
+#include "server/coordinator/text_completion.h"
 
 namespace pipeserve {
 namespace {
@@ -147,8 +148,10 @@ HttpResponse KServeRest::Infer(const HttpRequest& r, const std::string& model,
 }
 
 HttpResponse KServeRest::Generate(const HttpRequest& r, const std::string& model, bool stream) {
-  absl::StatusOr<GenerationRequest> req = GenerationRequestFromJson(r.body);
+  std::string text_input;
+  absl::StatusOr<GenerationRequest> req = GenerationRequestFromJson(r.body, &text_input);
   if (!req.ok()) return Error(req.status());
+  if (!text_input.empty()) return GenerateText(r, model, stream, *std::move(req), text_input);
   absl::StatusOr<std::shared_ptr<Generator>> gen = generation_->For(model);
   if (!gen.ok()) return Error(core_->Public(gen.status()));
   req->deadline = absl::Now() + core_->coordinator()->default_timeout();
@@ -183,6 +186,44 @@ HttpResponse KServeRest::Generate(const HttpRequest& r, const std::string& model
     if (!s.ok() && !out.ClientGone()) {
       out.Write(absl::StrCat("data: ", ErrorJson(core->Public(s).message()), "\n\n"));
     }
+  };
+  return events;
+}
+
+HttpResponse KServeRest::GenerateText(const HttpRequest& r, const std::string& model, bool stream,
+                                      GenerationRequest req, const std::string& text_input) {
+  absl::StatusOr<TextModel> text = generation_->Text(model);
+  if (!text.ok()) return Error(core_->Public(text.status()));
+  absl::StatusOr<std::vector<int64_t>> ids = text->tokenizer->Encode(text_input, /*add_bos=*/true);
+  if (!ids.ok()) return Error(ids.status());
+  req.prompt = *std::move(ids);
+  req.deadline = absl::Now() + core_->coordinator()->default_timeout();
+  const int64_t prompt_tokens = static_cast<int64_t>(req.prompt.size());
+  if (!stream) {
+    std::string out;
+    absl::StatusOr<Completion> c = Complete(
+        *text->generator, *text->tokenizer, req, {},
+        [&](absl::string_view s) { return out.append(s.data(), s.size()), true; }, r.client_gone);
+    if (!c.ok()) return Error(core_->Public(c.status()));
+    return Json(GenerateTextResponseJson(model, out, c->finish_reason, prompt_tokens, c->tokens));
+  }
+  HttpResponse events;
+  events.content_type = "text/event-stream";
+  events.headers.emplace_back("Cache-Control", "no-cache");
+  KServeCore* core = core_;
+  TextModel m = *std::move(text);
+  events.stream = [core, m, req, model, prompt_tokens](HttpStream& out) {
+    auto event = [&](const std::string& json) { return out.Write(absl::StrCat("data: ", json, "\n\n")); };
+    absl::StatusOr<Completion> c = Complete(
+        *m.generator, *m.tokenizer, req, {},
+        [&](absl::string_view s) { return event(TextEventJson(model, s, "", 0, 0)); },
+        [&out] { return out.ClientGone(); });
+    if (out.ClientGone()) return;
+    if (!c.ok()) {
+      event(ErrorJson(core->Public(c.status()).message()));
+      return;
+    }
+    event(TextEventJson(model, "", c->finish_reason, prompt_tokens, c->tokens));
   };
   return events;
 }

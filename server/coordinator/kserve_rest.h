@@ -7,9 +7,11 @@
 // model's queue is full), 503 (not ready) and 504 (the deadline passed).
 //
 // With a Generation, models exported for generation also answer Triton's
-// generate extension in token ids: POST .../generate (the whole answer)
-// and .../generate_stream (server-sent events, one per token; an error
-// after the first event arrives as an event {"error": ...}). A client that
+// generate extension: POST .../generate (the whole answer) and
+// .../generate_stream (server-sent events; an error after the first event
+// arrives as an event {"error": ...}), in token ids ("input_ids", an
+// event per token) or, for models uploaded with a tokenizer, in text
+// ("text_input" and "text_output", an event per piece of text). A client that
 // hangs up stops its sequence, and its blocks are free within a step.
 //
 // With tokens, every route but the health probes needs a token with the
@@ -50,6 +52,9 @@ class KServeRest {
   HttpResponse Infer(const HttpRequest& r, const std::string& model, const std::string& version);
   // generate (stream false) and generate_stream.
   HttpResponse Generate(const HttpRequest& r, const std::string& model, bool stream);
+  // Generate with "text_input": through the model's tokenizer, "text_output" back.
+  HttpResponse GenerateText(const HttpRequest& r, const std::string& model, bool stream,
+                            GenerationRequest req, const std::string& text_input);
 
   KServeCore* const core_;
   const TokenSet* const tokens_;

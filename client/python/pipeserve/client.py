@@ -178,7 +178,7 @@ class Client:
     def upload(self, name, path, num_stages=None, microbatches=None,
                split_spec=None, progress=None, replicas=None,
                max_batch_rows=None, max_queue_delay_us=None, balance=None,
-               link_gb_per_s=None):
+               link_gb_per_s=None, tokenizer=None):
         """Streams the model file `path` to the server as model `name`.
 
         The file is read and sent in 1 MiB chunks (it may be larger than
@@ -206,6 +206,15 @@ class Client:
             bytes); None: measured where the server can.
           link_gb_per_s: link bandwidth between stages that measured
             balancing assumes (None: the server default).
+          tokenizer: for the text APIs (/v1/completions, Triton generate's
+            text_input) of a model exported for generation, stored with it:
+            {"gpt2_vocab": "vocab.json", "gpt2_merges": "merges.txt"} or
+            {"sentencepiece": "tokenizer.model"}, each path a file, plus
+            optionally "stop_token_ids": [...] (besides the tokenizer's end
+            of text) and "chat_template": {"roles": {"user":
+            "<|user|>\\n{content}</s>\\n", ...}, "prefix": "...",
+            "generation_prompt": "<|assistant|>\\n"} for
+            /v1/chat/completions.
           progress: called as progress(sent_bytes, total_bytes) after each
             chunk.
 
@@ -224,6 +233,8 @@ class Client:
         options.balance = balances[balance]
         for module, point in (split_spec or {}).items():
             options.split_spec.add(module=module, point=_split_point(point))
+        if tokenizer is not None:
+            _tokenizer_spec(tokenizer, options.tokenizer)
         f = open(path, "rb")  # FileNotFoundError names the path
         failure = []  # an error reading the file, raised after the call
 
@@ -438,6 +449,35 @@ class _TokenStream:
 
     def __del__(self):
         self._call.cancel()
+
+
+def _read(path):
+    with open(path, "rb") as f:  # FileNotFoundError names the path
+        return f.read()
+
+
+def _tokenizer_spec(tokenizer, spec):
+    """Fills TokenizerSpec `spec` from upload()'s `tokenizer` dict."""
+    known = {"gpt2_vocab", "gpt2_merges", "sentencepiece", "stop_token_ids",
+             "chat_template"}
+    unknown = set(tokenizer) - known
+    if unknown:
+        raise ValueError(f"tokenizer: unknown keys {sorted(unknown)} "
+                         f"(it takes {sorted(known)})")
+    if "sentencepiece" in tokenizer:
+        spec.sentencepiece_model = _read(tokenizer["sentencepiece"])
+    elif "gpt2_vocab" in tokenizer and "gpt2_merges" in tokenizer:
+        spec.gpt2_bpe.vocab_json = _read(tokenizer["gpt2_vocab"])
+        spec.gpt2_bpe.merges = _read(tokenizer["gpt2_merges"])
+    else:
+        raise ValueError("tokenizer: give \"sentencepiece\" (a .model file) or "
+                         "\"gpt2_vocab\" and \"gpt2_merges\" (vocab.json, merges.txt)")
+    spec.stop_token_ids.extend(tokenizer.get("stop_token_ids", []))
+    chat = tokenizer.get("chat_template")
+    if chat is not None:
+        spec.chat_template.roles.update(chat.get("roles", {}))
+        spec.chat_template.prefix = chat.get("prefix", "")
+        spec.chat_template.generation_prompt = chat.get("generation_prompt", "")
 
 
 def _split_point(point):
