@@ -116,6 +116,7 @@ class Coordinator:
         self.proc = subprocess.Popen(
             [os.path.join(BIN, "server/coordinator/coordinator"), "--port=0",
              f"--port_file={port_file}", f"--repository={tmp}/repo", "--metrics_port=-1",
+             "--http_port=-1",
              f"--stage_server_binary={os.path.join(BIN, 'server/stage/stage_server')}",
              *flags],
             stdout=self.log, stderr=subprocess.STDOUT)

@@ -100,6 +100,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorProcess>> CoordinatorProcess::Start(
                                    "--repository=" + flags.repository,
                                    "--stage_server_binary=" + RunfilesRoot() + "/server/stage/stage_server",
                                    "--metrics_port=0", "--metrics_port_file=" + dir + "/metrics_port",
+                                   "--http_port=-1",  // tests that want it say so
                                    "--cluster_token_file=" + dir + "/cluster-token"};
   for (const std::string& e : flags.extra) args.push_back(e);
   ASSIGN_OR_RETURN(p->pid_, Spawn(args, p->log_, SIGTERM));

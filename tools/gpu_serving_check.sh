@@ -22,7 +22,7 @@ cli=("$bindir/pipeserve")
 fx="$here/fixtures/b256/example_code"
 
 "$bindir/coordinator" --port=0 --host=127.0.0.1 --port_file="$tmp/port" \
-  --repository="$tmp/repo" --metrics_port=-1 \
+  --repository="$tmp/repo" --metrics_port=-1 --http_port=-1 \
   --stage_server_binary="$bindir/stage_server" > "$tmp/coordinator.log" 2>&1 &
 coordinator=$!
 for _ in $(seq 300); do [ -s "$tmp/port" ] && break; sleep 0.1; done

@@ -135,8 +135,9 @@ ABSL_FLAG(int, calibration_rows, 16, "microbatch rows node times are measured at
 ABSL_FLAG(double, link_gb_per_s, 1.0,
           "link bandwidth between stages assumed by measured balancing, GB/s (an upload may say)");
 ABSL_FLAG(int, metrics_port, 8002, "Prometheus GET /metrics port (0: pick one; -1: off)");
-ABSL_FLAG(int, http_port, -1,
-          "KServe v2 REST port (health, metadata, JSON inference; 0: pick one; -1: off): "
+ABSL_FLAG(int, http_port, 8000,
+          "HTTP port: KServe v2 REST (health, metadata, JSON inference, Triton's generate) and "
+          "OpenAI's /v1 completions (0: pick one; -1: off): "
           "HTTPS with --tls_cert/--tls_key; on --host with --auth_tokens (Authorization: "
           "Bearer, as on gRPC), else on 127.0.0.1 only");
 ABSL_FLAG(std::string, http_port_file, "", "write the HTTP port here once listening");

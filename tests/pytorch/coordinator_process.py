@@ -44,6 +44,7 @@ class Coordinator:
              f"--port_file={port_file}",
              f"--repository={tmp}/repo",
              "--metrics_port=0", f"--metrics_port_file={tmp}/metrics_port",
+             "--http_port=-1",  # tests that want it say so (a later flag wins)
              f"--stage_server_binary={os.path.join(ROOT, 'server/stage/stage_server')}",
              *flags],
             stdout=self.log, stderr=subprocess.STDOUT)

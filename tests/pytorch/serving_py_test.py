@@ -35,6 +35,7 @@ class ServingPyTest(unittest.TestCase):
         cls.proc = subprocess.Popen(
             [os.path.join(ROOT, "server/coordinator/coordinator"), "--port=0", "--host=127.0.0.1",
              "--metrics_port=-1",  # the default, 8002, is shared with the other tests
+             "--http_port=-1",  # and so is 8000
              f"--port_file={port_file}", f"--repository={cls.tmp}/repo",
              f"--auth_tokens={tokens}",
              f"--stage_server_binary={os.path.join(ROOT, 'server/stage/stage_server')}"],
