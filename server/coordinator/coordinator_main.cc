@@ -369,17 +369,14 @@ absl::Status StartMetrics(pipeserve::MetricsHttpServer& http, const std::string&
 // The KServe v2 REST port: its core, its routes and, once started, its
 // server (null while --http_port is off).
 struct HttpFrontDoor {
-  HttpFrontDoor(pipeserve::Coordinator* coordinator, pipeserve::Metrics* metrics,
-                const pipeserve::TokenSet* tokens, pipeserve::Generation* generation,
-                const pipeserve::KServeOptions& kserve)
-      : core(coordinator, metrics, {kserve.max_timeout, kserve.allow_generation_infer}),
-        rest(&core, tokens, generation),
-        openai(&core, tokens, generation) {}
+  // `core` is the gRPC service's too.
+  HttpFrontDoor(pipeserve::KServeCore* core, const pipeserve::TokenSet* tokens,
+                pipeserve::Generation* generation)
+      : rest(core, tokens, generation), openai(core, tokens, generation) {}
   // OpenAI's routes under /v1/, KServe's (and Triton's) elsewhere.
   pipeserve::HttpResponse Handle(const pipeserve::HttpRequest& r) {
     return absl::StartsWith(r.path, "/v1/") ? openai.Handle(r) : rest.Handle(r);
   }
-  pipeserve::KServeCore core;
   pipeserve::KServeRest rest;
   pipeserve::OpenAiRest openai;
   std::unique_ptr<pipeserve::HttpServer> server;
@@ -501,8 +498,10 @@ int main(int argc, char** argv) {
     return Fail(std::string(s.message()));
   }
   const pipeserve::KServeOptions kserve_options = KServeOptionsFromFlags();
-  pipeserve::KServeService kserve(&coordinator, &metrics, tokens, kserve_options);
-  HttpFrontDoor http(&coordinator, &metrics, tokens, &generation, kserve_options);
+  pipeserve::KServeCore core(&coordinator, &metrics,
+                             {kserve_options.max_timeout, kserve_options.allow_generation_infer});
+  pipeserve::KServeService kserve(&core, tokens, kserve_options);
+  HttpFrontDoor http(&core, tokens, &generation);
   if (absl::Status s = StartHttp(http, tokens != nullptr, *host); !s.ok()) {
     return Fail(std::string(s.message()));
   }

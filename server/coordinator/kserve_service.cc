@@ -29,12 +29,11 @@ struct KServeService::Stream {
   absl::Mutex write_mu;
 };
 
-KServeService::KServeService(Coordinator* coordinator, Metrics* metrics, const TokenSet* tokens,
-                             KServeOptions options)
-    : coordinator_(coordinator),
+KServeService::KServeService(KServeCore* core, const TokenSet* tokens, KServeOptions options)
+    : coordinator_(core->coordinator()),
       tokens_(tokens),
       options_(options),
-      core_(coordinator, metrics, {options.max_timeout, options.allow_generation_infer}),
+      core_(core),
       idle_streams_(options.stream_idle_timeout),
       stream_pool_(options.stream_threads) {}
 
@@ -57,7 +56,7 @@ grpc::Status KServeService::ServerLive(grpc::ServerContext*, const inference::Se
 grpc::Status KServeService::ServerReady(grpc::ServerContext*,
                                         const inference::ServerReadyRequest*,
                                         inference::ServerReadyResponse* resp) {
-  resp->set_ready(core_.ServerReady());
+  resp->set_ready(core_->ServerReady());
   return grpc::Status::OK;
 }
 
@@ -65,14 +64,14 @@ absl::StatusOr<ModelInfo> KServeService::GetModel(const grpc::ServerContext& ctx
                                                   const std::string& name,
                                                   const std::string& version) {
   RETURN_IF_ERROR(AuthorizeCall(tokens_, ctx, Scope::kInfer));
-  return core_.Model(name, version);
+  return core_->Model(name, version);
 }
 
 grpc::Status KServeService::ModelReady(grpc::ServerContext* ctx,
                                        const inference::ModelReadyRequest* req,
                                        inference::ModelReadyResponse* resp) {
   absl::StatusOr<ModelInfo> info = GetModel(*ctx, req->name(), req->version());
-  if (!info.ok()) return ToGrpcStatus(core_.Public(info.status()));
+  if (!info.ok()) return ToGrpcStatus(core_->Public(info.status()));
   resp->set_ready(info->state == ModelState::kReady);
   return grpc::Status::OK;
 }
@@ -82,7 +81,7 @@ grpc::Status KServeService::ServerMetadata(grpc::ServerContext* ctx,
                                            inference::ServerMetadataResponse* resp) {
   absl::Status s = AuthorizeCall(tokens_, *ctx, Scope::kInfer);
   if (!s.ok()) return ToGrpcStatus(s);
-  core_.ServerMetadata(resp);
+  core_->ServerMetadata(resp);
   return grpc::Status::OK;
 }
 
@@ -90,8 +89,8 @@ grpc::Status KServeService::ModelMetadata(grpc::ServerContext* ctx,
                                           const inference::ModelMetadataRequest* req,
                                           inference::ModelMetadataResponse* resp) {
   absl::Status s = AuthorizeCall(tokens_, *ctx, Scope::kInfer);
-  if (s.ok()) s = core_.ModelMetadata(req->name(), req->version(), resp);
-  return ToGrpcStatus(core_.Public(s));
+  if (s.ok()) s = core_->ModelMetadata(req->name(), req->version(), resp);
+  return ToGrpcStatus(core_->Public(s));
 }
 
 grpc::Status KServeService::ModelInfer(grpc::ServerContext* ctx,
@@ -101,7 +100,7 @@ grpc::Status KServeService::ModelInfer(grpc::ServerContext* ctx,
   absl::Status auth = AuthorizeCall(tokens_, *ctx, Scope::kInfer);
   if (!auth.ok()) return ToGrpcStatus(auth);
   return ToGrpcStatus(
-      core_.Public(core_.Infer(*req, core_.Capped(ClientDeadline(*ctx)),
+      core_->Public(core_->Infer(*req, core_->Capped(ClientDeadline(*ctx)),
                                [ctx] { return ctx->IsCancelled(); }, resp)));
 }
 
@@ -161,7 +160,7 @@ void KServeService::ReadRequests(const std::shared_ptr<Stream>& st) {
     st->watch->Touch();
     // The stream's deadline (capped), or the default, from the request's
     // arrival: it counts while the request waits for a thread.
-    const absl::Time deadline = core_.Capped(stream_deadline);
+    const absl::Time deadline = core_->Capped(stream_deadline);
     Queue(st, std::move(req),
           deadline != absl::InfiniteFuture() ? deadline
                                              : absl::Now() + coordinator_->default_timeout());
@@ -173,7 +172,7 @@ void KServeService::Queue(const std::shared_ptr<Stream>& st, inference::ModelInf
   // Counted against its model's queue before it waits for a thread.
   absl::StatusOr<Coordinator::Admission> admitted = coordinator_->Admit(req.model_name());
   if (!admitted.ok()) {
-    core_.Meter(req.model_name(), admitted.status(), absl::ZeroDuration());
+    core_->Meter(req.model_name(), admitted.status(), absl::ZeroDuration());
     inference::ModelStreamInferResponse out;
     Respond(st, req, admitted.status(), &out);
     return;
@@ -183,7 +182,7 @@ void KServeService::Queue(const std::shared_ptr<Stream>& st, inference::ModelInf
   stream_pool_.Submit(model, [this, st, req = std::move(req), deadline, admission] {
     inference::ModelStreamInferResponse out;
     grpc::ServerContext* ctx = st->ctx;
-    absl::Status s = core_.Infer(req, deadline, [ctx] { return ctx->IsCancelled(); },
+    absl::Status s = core_->Infer(req, deadline, [ctx] { return ctx->IsCancelled(); },
                            out.mutable_infer_response(), admission.get());
     Respond(st, req, s, &out);
   });
@@ -192,7 +191,7 @@ void KServeService::Queue(const std::shared_ptr<Stream>& st, inference::ModelInf
 void KServeService::Respond(const std::shared_ptr<Stream>& st,
                             const inference::ModelInferRequest& req, const absl::Status& result,
                             inference::ModelStreamInferResponse* out) {
-  const absl::Status s = core_.Public(result);
+  const absl::Status s = core_->Public(result);
   if (!s.ok()) {
     out->clear_infer_response();
     out->set_error_message(absl::StrCat(absl::StatusCodeToString(s.code()), ": ",

@@ -54,11 +54,10 @@ struct KServeOptions {
 
 class KServeService final : public inference::GRPCInferenceService::Service {
  public:
-  // `metrics` (may be null) counts every inference request; `tokens` (may
-  // be null: no authentication) must grant `infer`. Both must outlive the
+  // `core` (shared with the REST routes) does the work; `tokens` (may be
+  // null: no authentication) must grant `infer`. Both must outlive the
   // service.
-  KServeService(Coordinator* coordinator, Metrics* metrics, const TokenSet* tokens,
-                KServeOptions options);
+  KServeService(KServeCore* core, const TokenSet* tokens, KServeOptions options);
 
   // Calls in this service's handlers now (each holds a handler thread).
   int active_calls() const { return active_calls_.load(); }
@@ -115,7 +114,7 @@ class KServeService final : public inference::GRPCInferenceService::Service {
   const TokenSet* const tokens_;
   const KServeOptions options_;
   std::atomic<int> active_calls_{0};
-  KServeCore core_;
+  KServeCore* const core_;
 
   absl::Mutex streams_mu_;
   std::vector<std::shared_ptr<Stream>> streams_ ABSL_GUARDED_BY(streams_mu_);

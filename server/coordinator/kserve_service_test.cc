@@ -32,7 +32,9 @@ class KServeServiceTest : public ::testing::Test {
     coordinator_ = std::make_unique<Coordinator>(co, *OpenFileModelStore(TestTempDir("repo")),
                                                  MakeStaticLauncher({"s0:9000"}), stages_.get());
     coordinator_->LoadStoredModels();
-    kserve_ = std::make_unique<KServeService>(coordinator_.get(), nullptr, nullptr, ko);
+    core_ = std::make_unique<KServeCore>(coordinator_.get(), nullptr,
+                                         KServeCoreOptions{ko.max_timeout, ko.allow_generation_infer});
+    kserve_ = std::make_unique<KServeService>(core_.get(), nullptr, ko);
     grpc::ServerBuilder b;
     int port = 0;
     b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
@@ -85,6 +87,7 @@ class KServeServiceTest : public ::testing::Test {
   Gate gate_;
   std::unique_ptr<InProcessStages> stages_;
   std::unique_ptr<Coordinator> coordinator_;
+  std::unique_ptr<KServeCore> core_;
   std::unique_ptr<KServeService> kserve_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<inference::GRPCInferenceService::Stub> stub_;
