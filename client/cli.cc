@@ -406,6 +406,22 @@ absl::Status TokenizerFlags(const FlagSet& flags, UploadOptions* options) {
   return absl::OkStatus();
 }
 
+// upload's tokenizer flags (TokenizerFlags reads them).
+void AddTokenizerFlags(FlagSet& f) {
+  f.Add("gpt2_vocab", "FILE",
+        "with --gpt2_merges, GPT-2 BPE files (vocab.json, merges.txt) for "
+        "the text APIs of a model exported for generation");
+  f.Add("gpt2_merges", "FILE", "see --gpt2_vocab");
+  f.Add("sentencepiece", "FILE",
+        "a SentencePiece model (tokenizer.model) for the text APIs");
+  f.Add("chat_template", "FILE",
+        "JSON {\"roles\": {\"user\": \"[INST] {content} [/INST]\", ...}, "
+        "\"prefix\": ..., \"generation_prompt\": ...} for /v1/chat/completions");
+  f.Add("stop_token", "ID",
+        "a token that ends text besides the tokenizer's end of text (repeatable)",
+        false, "", /*repeated=*/true);
+}
+
 absl::Status Upload(const FlagSet& flags, Client& client, std::ostream& out,
                     std::ostream& err) {
   UploadOptions options;
@@ -812,18 +828,7 @@ std::map<std::string, Command> Commands() {
                           "parameter bytes); default: measured where the "
                           "server can",
                           "the server's default");
-          f.Add("gpt2_vocab", "FILE",
-                "with --gpt2_merges, GPT-2 BPE files (vocab.json, merges.txt) for "
-                "the text APIs of a model exported for generation");
-          f.Add("gpt2_merges", "FILE", "see --gpt2_vocab");
-          f.Add("sentencepiece", "FILE",
-                "a SentencePiece model (tokenizer.model) for the text APIs");
-          f.Add("chat_template", "FILE",
-                "JSON {\"roles\": {\"user\": \"[INST] {content} [/INST]\", ...}, "
-                "\"prefix\": ..., \"generation_prompt\": ...} for /v1/chat/completions");
-          f.Add("stop_token", "ID",
-                "a token that ends text besides the tokenizer's end of text (repeatable)",
-                false, "", /*repeated=*/true);
+          AddTokenizerFlags(f);
         },
         Remote(Upload)}},
       {"models",

@@ -448,6 +448,47 @@ void TieToCoordinator(pipeserve::Coordinator& coordinator, const pipeserve::KSer
 
 }  // namespace
 
+// Serves `coordinator` until a shutdown signal: metrics, the HTTP port,
+// and the gRPC services (KServe, models, generation) on `host`.
+int ServeCoordinator(pipeserve::Coordinator& coordinator, const ClientAuth& client_auth,
+                     const std::string& host) {
+  const pipeserve::TokenSet* tokens = client_auth.tokens.get();
+  pipeserve::Generation generation(&coordinator, GeneratorOptionsFromFlags());
+  pipeserve::Metrics metrics;
+  pipeserve::MetricsHttpServer metrics_http([&] {
+    return metrics.Render(coordinator.ListModels()) +
+           pipeserve::RenderGenerationMetrics(generation.Stats());
+  });
+  if (absl::Status s = StartMetrics(metrics_http, host); !s.ok()) {
+    return Fail(std::string(s.message()));
+  }
+  const pipeserve::KServeOptions kserve_options = KServeOptionsFromFlags();
+  pipeserve::KServeCore core(&coordinator, &metrics,
+                             {kserve_options.max_timeout, kserve_options.allow_generation_infer});
+  pipeserve::KServeService kserve(&core, tokens, kserve_options);
+  HttpFrontDoor http(&core, tokens, &generation);
+  if (absl::Status s = StartHttp(http, tokens != nullptr, host); !s.ok()) {
+    return Fail(std::string(s.message()));
+  }
+  pipeserve::ModelServiceImpl models(&coordinator, tokens,
+                                     absl::Seconds(absl::GetFlag(FLAGS_upload_idle_timeout_s)));
+  pipeserve::GenerationServiceImpl generate(&coordinator, &generation, tokens);
+  if (tokens == nullptr) {
+    std::cerr << "coordinator: no --auth_tokens: any client that reaches the port may upload "
+                 "and run models\n";
+  }
+  const pipeserve::CallGate gate = ClientGate(tokens);
+  std::thread loader;
+  pipeserve::ServeOptions serve = ServeOptionsFromFlags(host, client_auth.credentials);
+  serve.gate = tokens != nullptr ? &gate : nullptr;
+  TieToCoordinator(coordinator, kserve, loader, serve);
+  int rc = pipeserve::Serve({&kserve, &models, &generate}, serve);
+  // Clean-up (unloading stages, the local launcher's servers) is bounded.
+  pipeserve::ExitWithin(absl::Seconds(15), "coordinator");
+  if (loader.joinable()) loader.join();
+  return rc;
+}
+
 int main(int argc, char** argv) {
   pipeserve::StartServerProcess(argv);
   pipeserve::BlockShutdownSignals();
@@ -456,7 +497,6 @@ int main(int argc, char** argv) {
   // Who may call: TLS towards clients, tokens per call.
   absl::StatusOr<ClientAuth> client_auth = ClientAuthFromFlags();
   if (!client_auth.ok()) return Fail(std::string(client_auth.status().message()));
-  const pipeserve::TokenSet* tokens = client_auth->tokens.get();
 
   // How the coordinator reaches its stage servers.
   const bool local = absl::GetFlag(FLAGS_launcher) == "local";
@@ -488,38 +528,5 @@ int main(int argc, char** argv) {
   pipeserve::GrpcStageClient stage_client(*channels, /*send_capacity=*/8);
   pipeserve::Coordinator coordinator(*options, *std::move(store), std::move(launcher),
                                      &stage_client);
-  pipeserve::Generation generation(&coordinator, GeneratorOptionsFromFlags());
-  pipeserve::Metrics metrics;
-  pipeserve::MetricsHttpServer metrics_http([&] {
-    return metrics.Render(coordinator.ListModels()) +
-           pipeserve::RenderGenerationMetrics(generation.Stats());
-  });
-  if (absl::Status s = StartMetrics(metrics_http, *host); !s.ok()) {
-    return Fail(std::string(s.message()));
-  }
-  const pipeserve::KServeOptions kserve_options = KServeOptionsFromFlags();
-  pipeserve::KServeCore core(&coordinator, &metrics,
-                             {kserve_options.max_timeout, kserve_options.allow_generation_infer});
-  pipeserve::KServeService kserve(&core, tokens, kserve_options);
-  HttpFrontDoor http(&core, tokens, &generation);
-  if (absl::Status s = StartHttp(http, tokens != nullptr, *host); !s.ok()) {
-    return Fail(std::string(s.message()));
-  }
-  pipeserve::ModelServiceImpl models(&coordinator, tokens,
-                                     absl::Seconds(absl::GetFlag(FLAGS_upload_idle_timeout_s)));
-  pipeserve::GenerationServiceImpl generate(&coordinator, &generation, tokens);
-  if (tokens == nullptr) {
-    std::cerr << "coordinator: no --auth_tokens: any client that reaches the port may upload "
-                 "and run models\n";
-  }
-  const pipeserve::CallGate gate = ClientGate(tokens);
-  std::thread loader;
-  pipeserve::ServeOptions serve = ServeOptionsFromFlags(*host, client_auth->credentials);
-  serve.gate = tokens != nullptr ? &gate : nullptr;
-  TieToCoordinator(coordinator, kserve, loader, serve);
-  int rc = pipeserve::Serve({&kserve, &models, &generate}, serve);
-  // Clean-up (unloading stages, the local launcher's servers) is bounded.
-  pipeserve::ExitWithin(absl::Seconds(15), "coordinator");
-  if (loader.joinable()) loader.join();
-  return rc;
+  return ServeCoordinator(coordinator, *client_auth, *host);
 }

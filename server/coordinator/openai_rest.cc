@@ -170,10 +170,8 @@ HttpResponse OpenAiRest::Chat(const HttpRequest& r) {
   return Run(r, *text, NewHeader(common.model, true), common, *std::move(jobs), prompt_tokens);
 }
 
-namespace {
-
 // One request's choices as they run, shared by their threads.
-struct Choices {
+struct OpenAiRest::Choices {
   TextModel text;
   OpenAiHeader header;
   OpenAiCommon common;
@@ -204,8 +202,6 @@ struct Choices {
   }
 };
 
-}  // namespace
-
 HttpResponse OpenAiRest::Run(const HttpRequest& r, const TextModel& text, const OpenAiHeader& h,
                              const OpenAiCommon& common, std::vector<Job> jobs,
                              int64_t prompt_tokens) {
@@ -220,57 +216,61 @@ HttpResponse OpenAiRest::Run(const HttpRequest& r, const TextModel& text, const 
     run->usage.prompt_tokens = prompt_tokens;
     run->remaining = run->jobs.size();
   }
-  if (!common.stream) {
-    std::vector<OpenAiChoice> out(run->jobs.size());
-    RunAll(out.size(), [&](size_t i) {
-      out[i].text = run->jobs[i].echo;
-      absl::StatusOr<Completion> c = run->Complete(
-          i, [&](absl::string_view s) { return out[i].text.append(s.data(), s.size()), true; },
-          r.client_gone);
-      if (c.ok()) out[i].finish_reason = c->finish_reason;
-    });
-    absl::MutexLock l(&run->mu);
-    if (run->failed.load()) return Error(run->error);
-    HttpResponse resp;
-    resp.body = OpenAiResponseJson(h, out, run->usage);
-    return resp;
-  }
+  if (!common.stream) return RunWhole(r, *run);
   HttpResponse events;
   events.content_type = "text/event-stream";
   events.headers.emplace_back("Cache-Control", "no-cache");
   KServeCore* core = core_;
-  events.stream = [run, core](HttpStream& out) {
-    absl::Mutex write_mu;
-    auto write = [&](const std::string& json) {
-      absl::MutexLock l(&write_mu);
-      return out.Write(Event(json));
-    };
-    const OpenAiHeader& h = run->header;
-    RunAll(run->jobs.size(), [&](size_t i) {
-      const int index = static_cast<int>(i);
-      if (h.chat) write(OpenAiChunkJson(h, index, "", "", /*first=*/true, nullptr));
-      if (!run->jobs[i].echo.empty()) {
-        write(OpenAiChunkJson(h, index, run->jobs[i].echo, "", false, nullptr));
-      }
-      absl::StatusOr<Completion> c = run->Complete(
-          i, [&](absl::string_view s) { return write(OpenAiChunkJson(h, index, s, "", false, nullptr)); },
-          [&out] { return out.ClientGone(); });
-      if (!c.ok()) return;
-      absl::MutexLock l(&run->mu);  // the last to finish carries the usage
-      const bool last = run->remaining == 0 && !run->common.include_usage;
-      write(OpenAiChunkJson(h, index, "", c->finish_reason, false, last ? &run->usage : nullptr));
-    });
-    if (out.ClientGone()) return;
-    absl::MutexLock l(&run->mu);
-    if (run->failed.load()) {
-      const absl::Status p = core->Public(run->error);
-      write(OpenAiErrorJson(HttpStatusOf(p.code()), p.message()));
-    } else if (run->common.include_usage) {
-      write(OpenAiUsageChunkJson(h, run->usage));
-    }
-    out.Write("data: [DONE]\n\n");
-  };
+  events.stream = [run, core](HttpStream& out) { Stream(*run, core, out); };
   return events;
+}
+
+HttpResponse OpenAiRest::RunWhole(const HttpRequest& r, Choices& run) {
+  std::vector<OpenAiChoice> out(run.jobs.size());
+  RunAll(out.size(), [&](size_t i) {
+    out[i].text = run.jobs[i].echo;
+    absl::StatusOr<Completion> c = run.Complete(
+        i, [&](absl::string_view s) { return out[i].text.append(s.data(), s.size()), true; },
+        r.client_gone);
+    if (c.ok()) out[i].finish_reason = c->finish_reason;
+  });
+  absl::MutexLock l(&run.mu);
+  if (run.failed.load()) return Error(run.error);
+  HttpResponse resp;
+  resp.body = OpenAiResponseJson(run.header, out, run.usage);
+  return resp;
+}
+
+void OpenAiRest::Stream(Choices& run, KServeCore* core, HttpStream& out) {
+  absl::Mutex write_mu;
+  auto write = [&](const std::string& json) {
+    absl::MutexLock l(&write_mu);
+    return out.Write(Event(json));
+  };
+  const OpenAiHeader& h = run.header;
+  RunAll(run.jobs.size(), [&](size_t i) {
+    const int index = static_cast<int>(i);
+    if (h.chat) write(OpenAiChunkJson(h, index, "", "", /*first=*/true, nullptr));
+    if (!run.jobs[i].echo.empty()) {
+      write(OpenAiChunkJson(h, index, run.jobs[i].echo, "", false, nullptr));
+    }
+    absl::StatusOr<Completion> c = run.Complete(
+        i, [&](absl::string_view s) { return write(OpenAiChunkJson(h, index, s, "", false, nullptr)); },
+        [&out] { return out.ClientGone(); });
+    if (!c.ok()) return;
+    absl::MutexLock l(&run.mu);  // the last to finish carries the usage
+    const bool last = run.remaining == 0 && !run.common.include_usage;
+    write(OpenAiChunkJson(h, index, "", c->finish_reason, false, last ? &run.usage : nullptr));
+  });
+  if (out.ClientGone()) return;
+  absl::MutexLock l(&run.mu);
+  if (run.failed.load()) {
+    const absl::Status p = core->Public(run.error);
+    write(OpenAiErrorJson(HttpStatusOf(p.code()), p.message()));
+  } else if (run.common.include_usage) {
+    write(OpenAiUsageChunkJson(h, run.usage));
+  }
+  out.Write("data: [DONE]\n\n");
 }
 
 }  // namespace pipeserve

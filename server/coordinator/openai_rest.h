@@ -49,9 +49,13 @@ class OpenAiRest {
   HttpResponse Models(const std::string& only);
   HttpResponse Completions(const HttpRequest& r);
   HttpResponse Chat(const HttpRequest& r);
+  struct Choices;
   // Runs `jobs` (one per choice, in order) and answers, whole or streamed.
   HttpResponse Run(const HttpRequest& r, const TextModel& text, const OpenAiHeader& h,
                    const OpenAiCommon& common, std::vector<Job> jobs, int64_t prompt_tokens);
+  HttpResponse RunWhole(const HttpRequest& r, Choices& run);
+  // The stream's body: each choice's chunks, the usage, then [DONE].
+  static void Stream(Choices& run, KServeCore* core, HttpStream& out);
   HttpResponse Error(const absl::Status& s);
 
   KServeCore* const core_;
