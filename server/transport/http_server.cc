@@ -247,6 +247,16 @@ struct HttpServer::Context {
     p->request.path = url;
     p->request.peer = PeerOf(c);
     MHD_get_connection_values(c, MHD_HEADER_KIND, &AddHeader, &p->request.headers);
+    if (const int open = server->open_connections_.load();
+        open > server->options_.max_connections) {
+      p->refused = true;
+      HttpResponse busy = HttpResponse::Text(
+          503, absl::StrCat("too many connections: ", open, " are open, and this server takes ",
+                            server->options_.max_connections, "; try again\n"));
+      busy.headers.emplace_back("Connection", "close");
+      busy.headers.emplace_back("Retry-After", "1");
+      return Queue(c, busy);
+    }
     uint64_t length = 0;
     if (absl::SimpleAtoi(p->request.Header("content-length"), &length) &&
         length > server->options_.max_body_bytes) {
@@ -266,6 +276,11 @@ struct HttpServer::Context {
     delete static_cast<Pending*>(*state);
     *state = nullptr;
   }
+
+  static void Connection(void* cls, MHD_Connection*, void**, MHD_ConnectionNotificationCode code) {
+    auto* server = static_cast<HttpServer*>(cls);
+    server->open_connections_ += code == MHD_CONNECTION_NOTIFY_STARTED ? 1 : -1;
+  }
 };
 
 absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string& host, int port,
@@ -282,10 +297,12 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string&
     const HttpServerOptions& o = server->options_;
     std::vector<MHD_OptionItem> items = {
         {MHD_OPTION_LISTEN_SOCKET, fd, nullptr},
-        {MHD_OPTION_CONNECTION_LIMIT, o.max_connections, nullptr},
+        {MHD_OPTION_CONNECTION_LIMIT, o.max_connections + kConnectionOverflow, nullptr},
         {MHD_OPTION_CONNECTION_TIMEOUT, timeout_s, nullptr},
         {MHD_OPTION_CONNECTION_MEMORY_LIMIT, static_cast<intptr_t>(o.max_header_bytes), nullptr},
         {MHD_OPTION_NOTIFY_COMPLETED, reinterpret_cast<intptr_t>(&Context::Completed), nullptr},
+        {MHD_OPTION_NOTIFY_CONNECTION, reinterpret_cast<intptr_t>(&Context::Connection),
+         server.get()},
     };
     unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL;
     if (!o.tls_cert_pem.empty()) {

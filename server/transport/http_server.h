@@ -21,6 +21,7 @@
 #define PIPESERVE_SERVER_TRANSPORT_HTTP_SERVER_H_
 
 #include <cstddef>
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <string>
@@ -74,6 +75,9 @@ struct HttpResponse {
 using HttpHandler = std::function<HttpResponse(const HttpRequest&)>;
 
 struct HttpServerOptions {
+  // Open connections, over every listening address. A request on one
+  // beyond gets 503 and its connection closes; beyond that by
+  // kConnectionOverflow more, connections close as they are accepted.
   int max_connections = 256;
   size_t max_header_bytes = size_t{16} << 10;
   size_t max_body_bytes = size_t{64} << 20;
@@ -84,6 +88,8 @@ struct HttpServerOptions {
 
 class HttpServer {
  public:
+  static constexpr int kConnectionOverflow = 16;
+
   // Listens on host:port (an IPv4 or IPv6 address, or a name: every
   // address it resolves to; port 0 picks one, see port()) and serves
   // `handler`. kInvalidArgument for a host that does not resolve,
@@ -110,6 +116,7 @@ class HttpServer {
   const HttpHandler handler_;
   std::vector<MHD_Daemon*> daemons_;
   int port_ = 0;
+  std::atomic<int> open_connections_{0};
 };
 
 }  // namespace pipeserve

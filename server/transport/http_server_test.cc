@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "absl/strings/match.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/http_get.h"
@@ -194,20 +195,35 @@ TEST_F(HttpServerTest, AnIdleConnectionIsClosed) {
   ::close(fd);
 }
 
-TEST_F(HttpServerTest, ConnectionsBeyondTheLimitAreClosedAtOnce) {
+TEST_F(HttpServerTest, ARequestBeyondTheConnectionLimitGets503) {
   HttpServerOptions o;
   o.max_connections = 2;
   Start(o);
   const int a = ConnectLoopback(server_->port()), b = ConnectLoopback(server_->port());
   absl::SleepFor(absl::Milliseconds(200));  // both accepted
   const int c = ConnectLoopback(server_->port());
-  EXPECT_TRUE(ClosedWithin(c, absl::Seconds(2)));
+  Send(c, "GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+  const std::string busy = Receive(c, absl::Seconds(10), "try again");
+  EXPECT_THAT(busy, StartsWith("HTTP/1.1 503"));
+  EXPECT_THAT(busy, HasSubstr("too many connections: 3 are open, and this server takes 2"));
+  EXPECT_TRUE(ClosedWithin(c, absl::Seconds(5))) << "the refused connection closes";
+  // Beyond the overflow, connections close as they are accepted.
+  std::vector<int> more;
+  for (int i = 0; i < HttpServer::kConnectionOverflow; ++i) {
+    more.push_back(ConnectLoopback(server_->port()));
+  }
+  absl::SleepFor(absl::Milliseconds(300));
+  const int beyond = ConnectLoopback(server_->port());
+  EXPECT_TRUE(ClosedWithin(beyond, absl::Seconds(2)));
+  for (int fd : more) ::close(fd);
+  ::close(beyond);
   ::close(a);
   ::close(b);
   ::close(c);
   absl::Time end = absl::Now() + absl::Seconds(5);
   std::string got;
-  while (got.empty() && absl::Now() < end) {
+  // Until the server has seen them close: 503, or closed at accept.
+  while (!absl::StrContains(got, "GET /again") && absl::Now() < end) {
     got = Exchange(server_->port(), "GET /again HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
   }
   EXPECT_THAT(got, HasSubstr("GET /again")) << "room again once they closed";
