@@ -117,14 +117,156 @@ absl::Status AppendValue(const Json& v, const std::string& name, DataType dt, st
   }
 }
 
-// Input `name`'s data (flat or nested arrays, row-major), appended to `raw`.
-absl::Status Flatten(const Json& data, const std::string& name, DataType dt, std::string* raw,
-                     int64_t* count) {
-  if (!data.is_array()) {
-    ++*count;
-    return AppendValue(data, name, dt, raw);
+// An infer request's "inputs"[i]."data", converted as the body is read:
+// straight into raw bytes when the input's "datatype" came before its
+// data (as clients write it), else kept as scalars until it is known.
+struct InputData {
+  bool present = false;
+  std::string name;            // "name" when it came before the data
+  DataType dtype = DT_INVALID;  // "datatype" when it came before the data
+  std::string raw;              // converted values
+  std::vector<Json> pending;    // values before the datatype was known
+  int64_t count = 0;
+};
+
+// Parses an infer request with nlohmann's SAX interface: everything but the
+// inputs' "data" becomes a DOM (it is small); data goes into InputData, so
+// a body of numbers costs about its tensor's bytes, not a DOM of them
+// (16 bytes and more per number).
+class InferSax : public nlohmann::json_sax<Json> {
+ public:
+  Json root;
+  std::vector<InputData> data;  // by index in "inputs"
+  absl::Status error;
+
+  bool null() override { return Scalar(Json(nullptr)); }
+  bool boolean(bool v) override { return Scalar(Json(v)); }
+  bool number_integer(number_integer_t v) override { return Scalar(Json(v)); }
+  bool number_unsigned(number_unsigned_t v) override { return Scalar(Json(v)); }
+  bool number_float(number_float_t v, const string_t&) override { return Scalar(Json(v)); }
+  bool string(string_t& v) override { return Scalar(Json(std::move(v))); }
+  bool binary(binary_t&) override { return Fail(Invalid("binary JSON values are not taken")); }
+  bool start_object(std::size_t) override {
+    if (in_data_) return Fail(Wrong("an object"));
+    return Open(Json::object());
   }
-  for (const Json& v : data) RETURN_IF_ERROR(Flatten(v, name, dt, raw, count));
+  bool end_object() override {
+    stack_.pop_back();
+    return true;
+  }
+  bool start_array(std::size_t) override {
+    if (in_data_) {
+      ++data_depth_;
+      return true;
+    }
+    return Open(Json::array());
+  }
+  bool end_array() override {
+    if (in_data_) {
+      if (--data_depth_ == 0) in_data_ = false;
+      return true;
+    }
+    stack_.pop_back();
+    return true;
+  }
+  bool key(string_t& k) override {
+    key_ = k;
+    if (k == "data" && stack_.size() == 3 && stack_[1]->is_array() && IsInputs(stack_[1])) {
+      InputData& d = Current();
+      if (d.present) return Fail(Invalid("an input has \"data\" twice"));
+      d.present = true;
+      const Json& in = *stack_[2];
+      if (in.contains("name") && in["name"].is_string()) d.name = in["name"].get<std::string>();
+      if (in.contains("datatype") && in["datatype"].is_string()) {
+        absl::StatusOr<DataType> dt = ParseKServeName(in["datatype"].get<std::string>());
+        if (dt.ok()) d.dtype = *dt;
+      }
+      (*stack_.back())[k] = Json();  // a placeholder: the input has data
+      in_data_ = true;
+      data_depth_ = 0;
+    }
+    return true;
+  }
+  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception& e) override {
+    if (error.ok()) error = Invalid("the request is not valid JSON: ", e.what());
+    return false;
+  }
+
+ private:
+  bool IsInputs(const Json* p) const {
+    auto it = root.find("inputs");
+    return it != root.end() && &*it == p;
+  }
+  InputData& Current() {
+    const size_t i = stack_[1]->size() - 1;  // the input being read
+    if (data.size() <= i) data.resize(i + 1);
+    return data[i];
+  }
+  absl::Status Wrong(const char* what) {
+    return Invalid("input \"", Current().name, "\": data must be numbers or booleans (in "
+                   "nested arrays), not ", what);
+  }
+  bool Fail(absl::Status s) {
+    if (error.ok()) error = std::move(s);
+    return false;
+  }
+  bool Scalar(Json v) {
+    if (!in_data_) {
+      Insert(std::move(v));
+      return true;
+    }
+    if (data_depth_ == 0) in_data_ = false;  // "data": 5, one value
+    InputData& d = Current();
+    ++d.count;
+    if (d.dtype == DT_INVALID) {
+      d.pending.push_back(std::move(v));
+      return true;
+    }
+    absl::Status s = AppendValue(v, d.name, d.dtype, &d.raw);
+    return s.ok() || Fail(std::move(s));
+  }
+  bool Open(Json container) {
+    stack_.push_back(Insert(std::move(container)));
+    return true;
+  }
+  Json* Insert(Json v) {
+    if (stack_.empty()) {
+      root = std::move(v);
+      return &root;
+    }
+    Json& top = *stack_.back();
+    if (top.is_array()) {
+      top.push_back(std::move(v));
+      return &top.back();
+    }
+    Json& slot = top[key_];
+    slot = std::move(v);
+    return &slot;
+  }
+
+  std::vector<Json*> stack_;
+  std::string key_;
+  bool in_data_ = false;
+  int data_depth_ = 0;
+};
+
+// Parses `body` (depth-checked first) with InferSax.
+absl::Status ParseInferBody(absl::string_view body, InferSax* sax) {
+  RETURN_IF_ERROR(CheckDepth(body));
+  const bool ok = Json::sax_parse(body.begin(), body.end(), sax);
+  if (!sax->error.ok()) return sax->error;
+  if (!ok) return Invalid("the request is not valid JSON");
+  return absl::OkStatus();
+}
+
+// Input `name`'s data as `dt` in `d.raw` (InferSax converted what came
+// after the datatype; the rest is converted here).
+absl::Status Convert(InputData& d, const std::string& name, DataType dt) {
+  if (d.dtype != DT_INVALID && d.dtype != dt) {
+    return Invalid("input \"", name, "\": \"datatype\" is given twice");
+  }
+  for (const Json& v : d.pending) RETURN_IF_ERROR(AppendValue(v, name, dt, &d.raw));
+  d.pending = {};
   return absl::OkStatus();
 }
 
@@ -159,9 +301,9 @@ absl::StatusOr<int64_t> BinarySize(const Json& in, const std::string& name) {
   return static_cast<int64_t>(std::min<uint64_t>(size.get<uint64_t>(), INT64_MAX));
 }
 
-// One JSON input into `req` (its tensor metadata and raw contents); a
-// binary one takes its bytes from the front of *binary.
-absl::Status AddInput(const Json& in, absl::string_view* binary,
+// One JSON input into `req` (its tensor metadata and raw contents, from
+// `data`); a binary one takes its bytes from the front of *binary.
+absl::Status AddInput(const Json& in, InputData& data, absl::string_view* binary,
                       inference::ModelInferRequest* req) {
   if (!in.is_object() || !in.contains("name") || !in["name"].is_string()) {
     return Invalid("each input must be an object with a string \"name\"");
@@ -208,12 +350,12 @@ absl::Status AddInput(const Json& in, absl::string_view* binary,
     binary->remove_prefix(binary_size);
     return absl::OkStatus();
   }
-  int64_t count = 0;
-  RETURN_IF_ERROR(Flatten(in["data"], name, *dt, raw, &count));
-  if (static_cast<uint64_t>(count) != want) {
-    return Invalid("input \"", name, "\": data holds ", count, " values, but shape ",
+  RETURN_IF_ERROR(Convert(data, name, *dt));
+  if (static_cast<uint64_t>(data.count) != want) {
+    return Invalid("input \"", name, "\": data holds ", data.count, " values, but shape ",
                    in["shape"].dump(), " needs ", want);
   }
+  *raw = std::move(data.raw);
   return absl::OkStatus();
 }
 
@@ -274,7 +416,9 @@ absl::StatusOr<inference::ModelInferRequest> InferRequestFromJson(absl::string_v
     binary = body.substr(json_length);
     body = body.substr(0, json_length);
   }
-  ASSIGN_OR_RETURN(Json j, ParseJsonBody(body));
+  InferSax sax;
+  RETURN_IF_ERROR(ParseInferBody(body, &sax));
+  const Json& j = sax.root;
   if (!j.is_object()) return Invalid("the request must be a JSON object");
   inference::ModelInferRequest req;
   req.set_model_name(model);
@@ -288,7 +432,10 @@ absl::StatusOr<inference::ModelInferRequest> InferRequestFromJson(absl::string_v
   if (!j.contains("inputs") || !j["inputs"].is_array()) {
     return Invalid("the request needs \"inputs\": an array of tensors");
   }
-  for (const Json& in : j["inputs"]) RETURN_IF_ERROR(AddInput(in, &binary, &req));
+  sax.data.resize(j["inputs"].size());
+  for (size_t i = 0; i < j["inputs"].size(); ++i) {
+    RETURN_IF_ERROR(AddInput(j["inputs"][i], sax.data[i], &binary, &req));
+  }
   if (!binary.empty()) {
     return Invalid(binary.size(), " bytes after the JSON belong to no input's binary_data_size");
   }

@@ -42,6 +42,36 @@ TEST(KServeJsonTest, NestedAndFlatDataPackIntoRawContents) {
   EXPECT_EQ(req->outputs(0).name(), "y");
 }
 
+// Data is converted as it is read when "datatype" came first, and kept
+// until the datatype is known otherwise: both give the same bytes.
+TEST(KServeJsonTest, DataBeforeItsDatatypeAndNameIsConvertedToo) {
+  auto req = InferRequestFromJson(
+      R"({"inputs": [{"data": [[1, 2.5], [-3, 4]], "shape": [2, 2], "name": "x", "datatype": "FP32"},
+                     {"name": "n", "datatype": "INT32", "shape": [], "data": 7}]})",
+      "m", "");
+  ASSERT_TRUE(req.ok()) << req.status();
+  float x[4];
+  std::memcpy(x, req->raw_input_contents(0).data(), 16);
+  EXPECT_EQ(x[1], 2.5f);
+  EXPECT_EQ(x[3], 4.0f);
+  int32_t n;
+  std::memcpy(&n, req->raw_input_contents(1).data(), 4);
+  EXPECT_EQ(n, 7);
+  EXPECT_THAT(ErrorOf(R"({"inputs": [{"data": [1.5], "name": "x", "datatype": "INT64", "shape": [1]}]})"),
+              HasSubstr("input \"x\": INT64 data must be integers, not 1.5"));
+  EXPECT_THAT(ErrorOf(R"({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1], "data": [2]}]})"),
+              HasSubstr("has \"data\" twice"));
+  EXPECT_THAT(ErrorOf(R"({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [{"a": 1}]}]})"),
+              HasSubstr("input \"x\": data must be numbers or booleans (in nested arrays), not an object"));
+  EXPECT_THAT(ErrorOf(R"({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": ["1"]}]})"),
+              HasSubstr("FP32 data must be numbers, not \"1\""));
+  // "data" elsewhere is not an input's.
+  auto other = InferRequestFromJson(
+      R"({"parameters": {"p": {"data": [1, 2]}}, "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]})",
+      "m", "");
+  EXPECT_TRUE(other.ok()) << other.status();
+}
+
 TEST(KServeJsonTest, BadRequestsAreRefusedNamingWhatIsWrong) {
   EXPECT_THAT(ErrorOf("{\"inputs\": ["), HasSubstr("not valid JSON"));
   EXPECT_THAT(ErrorOf("{\"inputs\": [{\"name\": \"\xFF\"}]}"), HasSubstr("not valid JSON"));
