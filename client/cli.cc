@@ -339,8 +339,11 @@ class ProgressBar {
 };
 
 absl::StatusOr<std::string> ReadWhole(const std::string& flag, const std::string& path) {
+  std::error_code ec;
   std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("--", flag, ": cannot read ", path));
+  if (!std::filesystem::is_regular_file(path, ec) || !in) {
+    return absl::NotFoundError(absl::StrCat("--", flag, ": cannot read ", path, " (not a file)"));
+  }
   return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
 }
 
@@ -348,10 +351,15 @@ absl::StatusOr<std::string> ReadWhole(const std::string& flag, const std::string
 // "prefix": "...", "generation_prompt": "..."}.
 absl::Status ChatTemplateFlag(const std::string& path, ChatTemplate* chat) {
   ASSIGN_OR_RETURN(std::string text, ReadWhole("chat_template", path));
-  const nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   auto bad = [&](const std::string& why) {
     return absl::InvalidArgumentError(absl::StrCat("--chat_template ", path, ": ", why));
   };
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    return bad(e.what());
+  }
   if (!j.is_object()) return bad("not a JSON object");
   for (const auto& [key, v] : j.items()) {
     if (key == "roles" && v.is_object()) {

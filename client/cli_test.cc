@@ -265,6 +265,8 @@ TEST_F(CliRemoteTest, UploadSendsTheTokenizerFlags) {
   const std::pair<std::vector<std::string>, std::string> bad[] = {
       {{"--gpt2_vocab", vocab}, "--gpt2_vocab and --gpt2_merges go together"},
       {{"--sentencepiece", Tmp("missing.model")}, "--sentencepiece: cannot read"},
+      {{"--sentencepiece", Tmp("")}, "(not a file)"},
+      {{"--chat_template", merges, "--sentencepiece", vocab}, "--chat_template " + merges + ": [json.exception.parse_error"},
       {{"--chat_template", vocab, "--sentencepiece", vocab}, "\"a\" is not roles"},
       {{"--stop_token", "7"}, "need a tokenizer"},
       {{"--stop_token", "x", "--sentencepiece", vocab}, "--stop_token \"x\" is not a token id"},

@@ -36,14 +36,20 @@ absl::StatusOr<TextModel> Generation::Text(const std::string& model) {
   }
   text.chat = spec.chat_template();
   const int64_t version = d->version();
-  absl::MutexLock l(&mu_);
-  Tokenized& t = tokenizers_[model];
-  if (t.tokenizer == nullptr || t.version != version) {
-    // Checked at upload; only a library that went missing since fails here.
-    ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> made, MakeTokenizer(spec));
-    t = Tokenized{version, std::move(made)};
+  {
+    absl::MutexLock l(&mu_);
+    const Tokenized& t = tokenizers_[model];
+    if (t.tokenizer != nullptr && t.version == version) {
+      text.tokenizer = t.tokenizer;
+      return text;
+    }
   }
-  text.tokenizer = t.tokenizer;
+  // Made outside the lock (loading one takes a while); checked at upload,
+  // so only a library that went missing since fails here.
+  ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> made, MakeTokenizer(spec));
+  text.tokenizer = std::move(made);
+  absl::MutexLock l(&mu_);
+  tokenizers_[model] = Tokenized{version, text.tokenizer};
   return text;
 }
 

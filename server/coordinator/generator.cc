@@ -121,7 +121,19 @@ absl::Status Generator::Check(const GenerationRequest& request) const {
         request.sampling.max_tokens, " need ", positions, " positions; the model has ",
         spec.max_positions()));
   }
+  if (const int64_t need = BlocksFor(positions); need > spec.num_blocks()) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the request needs ", need, " KV cache blocks of ", spec.block_size(),
+        " tokens (prompt plus max_tokens); each stage holds ", spec.num_blocks(),
+        " (--kv_cache_mb)"));
+  }
   return absl::OkStatus();
+}
+
+int64_t Generator::MaxPositions() const {
+  const GenerationSpec& spec = config_.spec;
+  const int64_t cached = spec.num_blocks() * spec.block_size();
+  return spec.max_positions() > 0 ? std::min(spec.max_positions(), cached) : cached;
 }
 
 int64_t Generator::BlocksFor(int64_t positions) const {
@@ -130,17 +142,8 @@ int64_t Generator::BlocksFor(int64_t positions) const {
 }
 
 absl::StatusOr<Generator::SeqPtr> Generator::Enqueue(const GenerationRequest& request) {
-  // Refused if it could not finish even alone.
-  const int64_t need =
-      BlocksFor(static_cast<int64_t>(request.prompt.size()) + request.sampling.max_tokens - 1);
-  absl::MutexLock l(&mu_);
+  absl::MutexLock l(&mu_);  // Check refused what could not finish even alone
   if (stopping_) return absl::UnavailableError("the generator is stopping");
-  if (need > config_.spec.num_blocks()) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "the request needs ", need, " KV cache blocks of ", config_.spec.block_size(),
-        " tokens (prompt plus max_tokens); each stage holds ", config_.spec.num_blocks(),
-        " (--kv_cache_mb)"));
-  }
   auto s = std::make_shared<Sequence>();
   s->id = id_base_ + next_id_++;
   s->tokens = request.prompt;

@@ -133,12 +133,20 @@ class Generator {
   GeneratorStats Stats();
   const GenerationConfig& config() const { return config_; }
 
+  // What Generate refuses a request for before it runs: kInvalidArgument
+  // (an empty prompt, a token outside the vocabulary, sampling out of
+  // range, more positions than the model's), kResourceExhausted (more KV
+  // cache blocks than a stage holds: it could never run).
+  absl::Status Check(const GenerationRequest& request) const;
+  // The most positions one sequence can reach: the model's, and what the
+  // cache holds.
+  int64_t MaxPositions() const;
+
  private:
   struct Sequence;
   struct Batch;
   using SeqPtr = std::shared_ptr<Sequence>;
 
-  absl::Status Check(const GenerationRequest& request) const;
   // Blocks that hold `positions` positions.
   int64_t BlocksFor(int64_t positions) const;
   absl::StatusOr<SeqPtr> Enqueue(const GenerationRequest& request);

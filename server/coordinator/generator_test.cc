@@ -139,6 +139,18 @@ class GeneratorTest : public ::testing::Test {
   FakeModel model_;
 };
 
+TEST_F(GeneratorTest, MaxPositionsIsTheModelsOrWhatTheCacheHolds) {
+  EXPECT_EQ(Make(512)->MaxPositions(), 1000);  // the model's
+  EXPECT_EQ(Make(10)->MaxPositions(), 40);     // 10 blocks of 4 tokens
+  auto gen = Make(10);
+  GenerationRequest r;
+  r.prompt = {1, 2};
+  r.sampling.max_tokens = 40;
+  EXPECT_EQ(gen->Check(r).code(), absl::StatusCode::kResourceExhausted) << "41 positions";
+  r.sampling.max_tokens = 39;
+  EXPECT_TRUE(gen->Check(r).ok());
+}
+
 TEST_F(GeneratorTest, GreedyTokensEqualTheReference) {
   auto gen = Make();
   Outcome run = GenerateOne(*gen, {1, 2, 3}, 12);

@@ -1,6 +1,8 @@
 #include "server/coordinator/openai_rest.h"
 
+#include <algorithm>
 #include <atomic>
+#include <system_error>
 #include <thread>
 
 #include "absl/strings/match.h"
@@ -23,37 +25,65 @@ HttpResponse ErrorResponse(int status, absl::string_view message) {
   return r;
 }
 
-// Calls run(i) for i in [0, n), each on a thread of its own when n > 1.
+// Calls run(i) for i in [0, n), each on a thread of its own when n > 1
+// (on this one, after the others, where no thread can be had).
 void RunAll(size_t n, const std::function<void(size_t)>& run) {
   if (n == 1) return run(0);
   std::vector<std::thread> threads;
-  for (size_t i = 0; i < n; ++i) threads.emplace_back(run, i);
+  std::vector<size_t> here;
+  for (size_t i = 0; i < n; ++i) {
+    try {
+      threads.emplace_back(run, i);
+    } catch (const std::system_error&) {
+      here.push_back(i);
+    }
+  }
+  for (size_t i : here) run(i);
   for (std::thread& t : threads) t.join();
 }
 
 std::string Event(absl::string_view json) { return absl::StrCat("data: ", json, "\n\n"); }
 
+// The job of prompt `p`, checked as Generate would before it runs, so that
+// a stream starts only for a request that can run (a request that could
+// never fit the cache is a bad request here: trying again cannot help).
+// Without max_tokens, `to_the_end` lets it run to the last position.
+absl::StatusOr<OpenAiRest::Job> JobOf(const OpenAiPrompt& prompt, size_t p, const OpenAiCommon& c,
+                                      const TextModel& text, bool to_the_end) {
+  OpenAiRest::Job job;
+  job.request.prompt = prompt.ids;
+  if (prompt.is_text) {
+    ASSIGN_OR_RETURN(job.request.prompt, text.tokenizer->Encode(prompt.text, /*add_bos=*/true));
+  }
+  if (job.request.prompt.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt ", p, " is empty (no tokens)"));
+  }
+  job.request.sampling = c.sampling;
+  const int64_t length = static_cast<int64_t>(job.request.prompt.size());
+  if (to_the_end && !c.max_tokens_given) {
+    job.request.sampling.max_tokens = std::max<int64_t>(1, text.generator->MaxPositions() - length + 1);
+  }
+  if (absl::Status s = text.generator->Check(job.request); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt ", p, ": ", s.message()));
+  }
+  return job;
+}
+
 // The jobs of `prompts` (each n times, the seed of choice k seed + k).
 absl::StatusOr<std::vector<OpenAiRest::Job>> Jobs(const std::vector<OpenAiPrompt>& prompts,
-                                                  const OpenAiCommon& c, const Tokenizer& t,
-                                                  bool echo, int64_t* prompt_tokens) {
+                                                  const OpenAiCommon& c, const TextModel& text,
+                                                  bool echo, bool to_the_end,
+                                                  int64_t* prompt_tokens) {
   std::vector<OpenAiRest::Job> jobs;
   for (size_t p = 0; p < prompts.size(); ++p) {
-    std::vector<int64_t> ids = prompts[p].ids;
-    if (prompts[p].is_text) {
-      ASSIGN_OR_RETURN(ids, t.Encode(prompts[p].text, /*add_bos=*/true));
+    ASSIGN_OR_RETURN(OpenAiRest::Job job, JobOf(prompts[p], p, c, text, to_the_end));
+    *prompt_tokens += static_cast<int64_t>(job.request.prompt.size());
+    if (echo) {
+      job.echo = prompts[p].is_text ? prompts[p].text : text.tokenizer->Decode(job.request.prompt, true);
     }
-    if (ids.empty()) {
-      return absl::InvalidArgumentError(absl::StrCat("prompt ", p, " is empty (no tokens)"));
-    }
-    *prompt_tokens += static_cast<int64_t>(ids.size());
     for (int k = 0; k < c.n; ++k) {
-      OpenAiRest::Job job;
-      job.request.prompt = ids;
-      job.request.sampling = c.sampling;
-      job.request.sampling.seed += jobs.size();
-      if (echo) job.echo = prompts[p].is_text ? prompts[p].text : t.Decode(ids, true);
-      jobs.push_back(std::move(job));
+      jobs.push_back(job);
+      jobs.back().request.sampling.seed += jobs.size() - 1;
     }
   }
   return jobs;
@@ -144,7 +174,7 @@ HttpResponse OpenAiRest::Completions(const HttpRequest& r) {
   if (!text.ok()) return Error(text.status());
   int64_t prompt_tokens = 0;
   absl::StatusOr<std::vector<Job>> jobs =
-      Jobs(req->prompts, req->common, *text->tokenizer, req->echo, &prompt_tokens);
+      Jobs(req->prompts, req->common, *text, req->echo, /*to_the_end=*/false, &prompt_tokens);
   if (!jobs.ok()) return Error(jobs.status());
   return Run(r, *text, NewHeader(req->common.model, false), req->common, *std::move(jobs),
              prompt_tokens);
@@ -157,17 +187,14 @@ HttpResponse OpenAiRest::Chat(const HttpRequest& r) {
   if (!text.ok()) return Error(text.status());
   absl::StatusOr<std::string> prompt = RenderChat(req->common.model, text->chat, req->messages);
   if (!prompt.ok()) return Error(prompt.status());
-  OpenAiCommon common = req->common;
+  // Without max_tokens, a reply may run to the last position the model
+  // (and the cache) holds.
   int64_t prompt_tokens = 0;
-  absl::StatusOr<std::vector<Job>> jobs =
-      Jobs({OpenAiPrompt{true, *prompt, {}}}, common, *text->tokenizer, false, &prompt_tokens);
+  absl::StatusOr<std::vector<Job>> jobs = Jobs({OpenAiPrompt{true, *prompt, {}}}, req->common,
+                                               *text, false, /*to_the_end=*/true, &prompt_tokens);
   if (!jobs.ok()) return Error(jobs.status());
-  // Without max_tokens, a reply may run to the model's last position.
-  const int64_t positions = text->generator->config().spec.max_positions();
-  if (!common.max_tokens_given && positions > prompt_tokens) {
-    for (Job& job : *jobs) job.request.sampling.max_tokens = positions - prompt_tokens;
-  }
-  return Run(r, *text, NewHeader(common.model, true), common, *std::move(jobs), prompt_tokens);
+  return Run(r, *text, NewHeader(req->common.model, true), req->common, *std::move(jobs),
+             prompt_tokens);
 }
 
 // One request's choices as they run, shared by their threads.
@@ -184,8 +211,10 @@ struct OpenAiRest::Choices {
   size_t remaining ABSL_GUARDED_BY(mu) = 0;
 
   // Runs choice i; `on_text` gets its text, `cancelled` says to stop.
+  // *last (if not null) says whether it is the last choice to finish.
   absl::StatusOr<Completion> Complete(size_t i, const std::function<bool(absl::string_view)>& on_text,
-                                      const std::function<bool()>& cancelled) {
+                                      const std::function<bool()>& cancelled,
+                                      bool* last = nullptr) {
     GenerationRequest request = jobs[i].request;
     request.deadline = deadline;
     absl::StatusOr<Completion> c = pipeserve::Complete(
@@ -198,6 +227,7 @@ struct OpenAiRest::Choices {
     }
     usage.completion_tokens += c->tokens;
     --remaining;
+    if (last != nullptr) *last = remaining == 0;
     return c;
   }
 };
@@ -254,21 +284,33 @@ void OpenAiRest::Stream(Choices& run, KServeCore* core, HttpStream& out) {
     if (!run.jobs[i].echo.empty()) {
       write(OpenAiChunkJson(h, index, run.jobs[i].echo, "", false, nullptr));
     }
+    bool last = false;
     absl::StatusOr<Completion> c = run.Complete(
         i, [&](absl::string_view s) { return write(OpenAiChunkJson(h, index, s, "", false, nullptr)); },
-        [&out] { return out.ClientGone(); });
+        [&out] { return out.ClientGone(); }, &last);
     if (!c.ok()) return;
-    absl::MutexLock l(&run.mu);  // the last to finish carries the usage
-    const bool last = run.remaining == 0 && !run.common.include_usage;
-    write(OpenAiChunkJson(h, index, "", c->finish_reason, false, last ? &run.usage : nullptr));
+    // The last to finish carries the usage (once all have added theirs).
+    OpenAiUsage usage;
+    if (last && !run.common.include_usage) {
+      absl::MutexLock l(&run.mu);
+      usage = run.usage;
+    }
+    write(OpenAiChunkJson(h, index, "", c->finish_reason, false,
+                          last && !run.common.include_usage ? &usage : nullptr));
   });
   if (out.ClientGone()) return;
-  absl::MutexLock l(&run.mu);
+  absl::Status error;
+  OpenAiUsage usage;
+  {
+    absl::MutexLock l(&run.mu);
+    error = run.error;
+    usage = run.usage;
+  }
   if (run.failed.load()) {
-    const absl::Status p = core->Public(run.error);
+    const absl::Status p = core->Public(error);
     write(OpenAiErrorJson(HttpStatusOf(p.code()), p.message()));
   } else if (run.common.include_usage) {
-    write(OpenAiUsageChunkJson(h, run.usage));
+    write(OpenAiUsageChunkJson(h, usage));
   }
   out.Write("data: [DONE]\n\n");
 }

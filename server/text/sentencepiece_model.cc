@@ -54,16 +54,18 @@ LoadFn FindLoad(std::string* error) {
     }
     std::string tried;
     for (const std::string& path : Candidates()) {
+      if (!tried.empty()) tried += "; ";
       void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
       if (lib == nullptr) {
-        tried += (tried.empty() ? "" : ", ") + path;
+        const char* e = dlerror();
+        tried += path + ": " + (e != nullptr ? e : "not loaded");
         continue;
       }
       load = reinterpret_cast<LoadFn>(dlsym(lib, "PipeserveLoadSentencePiece"));
       if (load != nullptr) return;
-      tried += path + " (no PipeserveLoadSentencePiece)";
+      tried += path + ": no PipeserveLoadSentencePiece in it";
     }
-    why = std::string(kLibrary) + " was not found (tried " + tried +
+    why = std::string(kLibrary) + " could not be loaded (" + tried +
           "; set PIPESERVE_SENTENCEPIECE_LIB to its path)";
   });
   if (load == nullptr) *error = why;

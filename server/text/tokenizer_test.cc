@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "absl/strings/match.h"
+#include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -89,6 +90,20 @@ TEST_F(SentencePieceTokenizerTest, SpecialTokensBosAndEos) {
   ASSERT_TRUE(eos.ok());
   EXPECT_EQ(eos->back(), 2);
   EXPECT_EQ((*t)->Decode(*eos, /*at_start=*/true), "a") << "special tokens decode to nothing";
+}
+
+// A megabyte of "</s>": each found special once sent the search for "<s>"
+// (which is not there) through the whole rest of the text again.
+TEST_F(SentencePieceTokenizerTest, ManySpecialTokensEncodeInLinearTime) {
+  auto t = MakeTokenizer(SentencePieceSpec());
+  ASSERT_TRUE(t.ok());
+  std::string text;
+  for (int i = 0; i < (1 << 18); ++i) text += "</s>";
+  const absl::Time start = absl::Now();
+  auto ids = (*t)->Encode(text, /*add_bos=*/false);
+  ASSERT_TRUE(ids.ok());
+  EXPECT_EQ(ids->size(), size_t{1} << 18);
+  EXPECT_LT(absl::Now() - start, absl::Seconds(20));
 }
 
 TEST_F(SentencePieceTokenizerTest, AContinuationKeepsItsLeadingSpace) {

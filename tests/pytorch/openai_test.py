@@ -182,6 +182,10 @@ class OpenAiTest(unittest.TestCase):
         for e in streamed[:-1]:
             c = json.loads(e)["choices"][0]
             by_choice[c["index"]] = by_choice.get(c["index"], "") + c["text"]
+        with_usage = [json.loads(e) for e in streamed[:-1] if "usage" in json.loads(e)]
+        self.assertEqual(len(with_usage), 1, "the usage comes once, on the last chunk")
+        self.assertEqual(with_usage[0], json.loads(streamed[-2]))
+        self.assertEqual(with_usage[0]["usage"]["completion_tokens"], 15)
         self.assertEqual([by_choice[k] for k in range(3)],
                          [t[len("Hello world"):] for t in texts[:2]] +
                          [self.grpc_text([15496, 995], 5, seed=42)[0]])
@@ -286,13 +290,16 @@ class OpenAiTest(unittest.TestCase):
             ({"model": "nope", "prompt": "x"}, 404, '"nope"'),
             ({"model": "ids", "prompt": "x"}, 400, "uploaded without a tokenizer"),
         ]
+        cases.append(({"model": "gpt2", "prompt": [1] * 200, "n": 64}, 400,
+                      "prompt 0: a prompt of 200 tokens"))
         for body, status, message in cases:
-            got, data = self.post("/v1/completions", body)
-            self.assertEqual(got, status, (body, data))
-            err = json.loads(data)["error"]
-            self.assertIn(message, err["message"], body)
-            self.assertEqual(err["type"], "not_found_error" if status == 404
-                             else "invalid_request_error")
+            for stream in (False, True):  # checked before a stream starts
+                got, data = self.post("/v1/completions", dict(body, stream=stream))
+                self.assertEqual(got, status, (body, stream, data))
+                err = json.loads(data)["error"]
+                self.assertIn(message, err["message"], body)
+                self.assertEqual(err["type"], "not_found_error" if status == 404
+                                 else "invalid_request_error")
 
     def test_a_tokenizer_that_does_not_fit_the_model_is_refused_at_upload(self):
         path = os.path.join(self.tmp, "small.psm")
