@@ -1,11 +1,15 @@
-"""Checks that the Kubernetes manifests agree with each other, with the
-binaries' flags and with deploy/README.md: the coordinator's static stage
-list names every StatefulSet pod on the stage servers' port; nothing serves
-without TLS; every certificate, key and token path in the args and probes is
-a file of a mounted, documented Secret; probes run the CLI's health check
-over TLS on the serving ports; the entry point knows every role used; and
-every object passes the Kubernetes API's schemas (npm kubernetes-models,
-installed by tools/bootstrap.sh)."""
+"""Checks that the Kubernetes manifests, as each kustomize overlay renders
+them (`kubectl kustomize deploy/k8s/overlays/<name>`), agree with each
+other, with the binaries' flags and with deploy/README.md: the
+coordinator's static stage list (from the pipeserve-layout ConfigMap) names
+every StatefulSet pod on the stage servers' port; every Service and
+container port is a port a server listens on; nothing serves without TLS;
+every certificate, key and token path in the args and probes is a file of a
+mounted, documented Secret; probes run the CLI's health check over TLS on
+the serving ports; the entry point knows every role used; the GPU overlays
+ask for a GPU per stage pod and the CPU one for none; and every object
+passes the Kubernetes API's schemas (npm kubernetes-models, installed by
+tools/bootstrap.sh)."""
 import hashlib
 import json
 import os
@@ -13,12 +17,13 @@ import posixpath
 import re
 import shutil
 import subprocess
+import tempfile
 import unittest
 
 import yaml
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-MANIFESTS = ("deploy/k8s/stages.yaml", "deploy/k8s/coordinator.yaml")
+OVERLAYS = ("cpu", "gpu", "gpu-replicated")
 CLI = "/usr/local/bin/pipeserve"
 # Flags naming a certificate, key or token file: the servers' and the CLI's.
 FILE_FLAGS = re.compile(r"^--(tls_ca|tls_cert|tls_key|cluster_ca|cluster_cert|cluster_key|"
@@ -32,6 +37,39 @@ def read(path):
 
 def load(path):
     return [d for d in yaml.safe_load_all(read(path)) if d]
+
+
+_rendered = {}
+
+
+def render(overlay):
+    """The objects `kubectl kustomize` makes of deploy/k8s/overlays/<overlay>."""
+    if overlay not in _rendered:
+        kubectl = shutil.which("kubectl")
+        if kubectl is None:
+            raise AssertionError("kubectl not found: the tests render the kustomize overlays "
+                                 "with `kubectl kustomize` (kubectl 1.32 comes with the machine)")
+        # A copy: kustomize does not take the symlinks of Bazel's runfiles.
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copytree(os.path.join(ROOT, "deploy/k8s"), os.path.join(tmp, "k8s"))
+            run = subprocess.run([kubectl, "kustomize", os.path.join(tmp, "k8s/overlays", overlay)],
+                                 capture_output=True, text=True, timeout=60)
+        if run.returncode != 0:
+            raise AssertionError(f"kubectl kustomize {overlay}: {run.stderr}")
+        _rendered[overlay] = [d for d in yaml.safe_load_all(run.stdout) if d]
+    return _rendered[overlay]
+
+
+def expand(args, env):
+    """`args` with $(VAR) replaced from `env`, as the kubelet does."""
+    out = []
+    for a in args:
+        for name in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", a):
+            if name not in env:
+                raise AssertionError(f"{a}: ${name} is not in the container's environment")
+            a = a.replace(f"$({name})", env[name])
+        out.append(a)
+    return out
 
 
 def find(docs, kind, name=None):
@@ -92,14 +130,22 @@ def secret_files(volume):
 
 
 class Workload:
-    """The pod template of a Deployment or StatefulSet and its one container."""
+    """The pod template of a Deployment or StatefulSet and its one
+    container, its args expanded from its environment (`env`, and `envFrom`
+    ConfigMaps found in `docs`)."""
 
-    def __init__(self, doc):
+    def __init__(self, doc, docs=()):
         self.doc = doc
         self.name = f"{doc['kind']} {doc['metadata']['name']}"
         self.pod = doc["spec"]["template"]["spec"]
         (self.container,) = self.pod["containers"]
-        self.args = self.container["args"]
+        self.env = {}
+        for source in self.container.get("envFrom", []):
+            ref = source["configMapRef"]["name"]
+            self.env.update(find(docs, "ConfigMap", ref)["data"])
+        self.env.update({e["name"]: e["value"] for e in self.container.get("env", [])
+                         if "value" in e})
+        self.args = expand(self.container["args"], self.env)
         self.volumes = {v["name"]: v for v in self.pod.get("volumes", [])}
 
     def probes(self):
@@ -130,17 +176,45 @@ class Workload:
         raise AssertionError(f"{self.name}: {path} is under no volume mount")
 
 
-class DeployTest(unittest.TestCase):
+class OverlayChecks:
+    """What every overlay must get right; a DeployTest_<overlay> class per
+    overlay runs it (below)."""
+    overlay = None
+
     def setUp(self):
-        self.stages = load("deploy/k8s/stages.yaml")
-        self.coord = load("deploy/k8s/coordinator.yaml")
-        self.stage = Workload(find(self.stages, "StatefulSet"))
-        self.coordinator = Workload(find(self.coord, "Deployment"))
+        docs = render(self.overlay)
+        self.stages = self.coord = docs
+        self.stage = Workload(find(docs, "StatefulSet"), docs)
+        self.coordinator = Workload(find(docs, "Deployment"), docs)
         self.workloads = (self.stage, self.coordinator)
+
+    def test_every_port_is_one_a_server_listens_on(self):
+        for w in self.workloads:
+            listening = {int(flag(w.args, f)) for f in ("port", "http_port", "metrics_port")
+                         if has_flag(w.args, f)}
+            container = {p["containerPort"] for p in w.container["ports"]}
+            self.assertEqual(container, listening, w.name)
+            labels = w.doc["spec"]["template"]["metadata"]["labels"]
+            for svc in [d for d in self.coord if d["kind"] == "Service"]:
+                if svc["spec"]["selector"].items() <= labels.items():
+                    for p in svc["spec"]["ports"]:
+                        self.assertIn(p.get("targetPort", p["port"]), container,
+                                      f"Service {svc['metadata']['name']} port {p['name']}")
+
+    def test_stage_resources_fit_the_overlay(self):
+        limits = self.stage.container["resources"].get("limits", {})
+        if self.overlay.startswith("gpu"):
+            self.assertEqual(limits.get("nvidia.com/gpu"), 1, "one GPU per stage pod")
+            tolerated = [t["key"] for t in self.stage.pod.get("tolerations", [])]
+            self.assertIn("nvidia.com/gpu", tolerated)
+            self.assertIn("nodeAffinity", self.stage.pod["affinity"])
+        else:
+            self.assertNotIn("nvidia.com/gpu", limits)
+        self.assertEqual(flag(self.stage.args, "device"), "auto")
 
     def test_static_stage_list_names_every_statefulset_pod(self):
         sts = find(self.stages, "StatefulSet")
-        svc = find(self.stages, "Service")
+        svc = find(self.stages, "Service", "pipeserve-stages")
         self.assertEqual(svc["spec"]["clusterIP"], "None",
                          "the stage Service must be headless for per-pod DNS")
         self.assertEqual(sts["spec"]["serviceName"], svc["metadata"]["name"])
@@ -157,7 +231,7 @@ class DeployTest(unittest.TestCase):
         # lost takes one replica, while the others serve).
         sts = find(self.stages, "StatefulSet")
         replicas = int(flag(self.coordinator.args, "replicas"))
-        self.assertGreaterEqual(replicas, 2, "the example shows replicated stages")
+        self.assertGreaterEqual(replicas, 2 if "replicated" in self.overlay else 1)
         pods = sts["spec"]["replicas"]
         self.assertEqual(pods % replicas, 0,
                          f"{pods} stage pods do not hold {replicas} replicas of each stage")
@@ -184,7 +258,7 @@ class DeployTest(unittest.TestCase):
                     self.assertEqual(flag(cmd, "server"), f"localhost:{port}")
                     self.assertGreaterEqual(probe.get("timeoutSeconds", 1), 2,
                                             "a TLS health check needs more than 1 s")
-        self.assertEqual(find(self.coord, "Service")["spec"]["ports"][0]["targetPort"],
+        self.assertEqual(find(self.coord, "Service", "pipeserve")["spec"]["ports"][0]["targetPort"],
                          int(flag(self.coordinator.args, "port")))
 
     def test_probes_use_tls_with_mounted_files(self):
@@ -311,7 +385,7 @@ class DeployTest(unittest.TestCase):
         tmpl = self.coordinator.doc["spec"]["template"]
         port = flag(self.coordinator.args, "metrics_port")
         self.assertEqual(tmpl["metadata"]["annotations"]["prometheus.io/port"], port)
-        ports = {p["name"]: p["targetPort"] for p in find(self.coord, "Service")["spec"]["ports"]}
+        ports = {p["name"]: p["targetPort"] for p in find(self.coord, "Service", "pipeserve")["spec"]["ports"]}
         self.assertEqual(ports["metrics"], int(port))
 
     def test_prometheus_scrapes_every_stage_server(self):
@@ -363,8 +437,7 @@ class IdentityTest(unittest.TestCase):
     tools/make_dev_certs.sh gives (make_dev_certs_test checks those)."""
 
     def test_stage_servers_know_the_certificate_names(self):
-        (doc,) = [d for d in load("deploy/k8s/stages.yaml") if d["kind"] == "StatefulSet"]
-        args = Workload(doc).args
+        args = Workload(find(render("gpu"), "StatefulSet")).args
         self.assertEqual(flag(args, "coordinator_identity"), "pipeserve coordinator")
         self.assertEqual(flag(args, "stage_identity"), "pipeserve stage")
         self.assertIn('-subj "/O=pipeserve development/CN=pipeserve $role"',
@@ -381,11 +454,12 @@ class FlagsTest(unittest.TestCase):
             "stage_server": binary_flags("server/stage/stage_server", "--helpfull"),
         }
         health = binary_flags("client/pipeserve", "health", "--help")
-        for path in MANIFESTS:
-            for doc in load(path):
+        for overlay in OVERLAYS:
+            docs = render(overlay)
+            for doc in docs:
                 if doc["kind"] not in ("Deployment", "StatefulSet"):
                     continue
-                w = Workload(doc)
+                w = Workload(doc, docs)
                 role, args = w.args[0], w.args[1:]
                 for a in args:
                     name = a[2:].split("=", 1)[0]
@@ -418,8 +492,8 @@ class SchemaTest(unittest.TestCase):
     def test_pods_get_longer_to_stop_than_the_servers_grace_period(self):
         # SIGTERM → the server's --shutdown_grace_s → exit 0; the kubelet's
         # SIGKILL must never come first (preStop time counts against it).
-        for path in MANIFESTS:
-            for doc in load(path):
+        for path in OVERLAYS:
+            for doc in render(path):
                 if doc["kind"] not in ("Deployment", "StatefulSet"):
                     continue
                 pod = doc["spec"]["template"]["spec"]
@@ -435,7 +509,7 @@ class SchemaTest(unittest.TestCase):
                         grace[0] + pre_s + 5, f"{path} {c['name']}")
 
     def test_a_disruption_budget_takes_one_stage_server_at_a_time(self):
-        docs = load("deploy/k8s/stages.yaml")
+        docs = render("gpu-replicated")
         pdb = find(docs, "PodDisruptionBudget")
         sts = find(docs, "StatefulSet", "stage")
         self.assertEqual(pdb["spec"]["maxUnavailable"], 1)
@@ -444,18 +518,18 @@ class SchemaTest(unittest.TestCase):
 
     def test_manifests_match_the_kubernetes_schemas(self):
         named = []
-        for path in MANIFESTS:
-            for i, doc in enumerate(load(path)):
-                named.append((f"{path} #{i} {doc.get('kind')} "
+        for overlay in OVERLAYS:
+            for i, doc in enumerate(render(overlay)):
+                named.append((f"overlays/{overlay} #{i} {doc.get('kind')} "
                               f"{doc.get('metadata', {}).get('name')}", doc))
-        self.assertEqual(len(named), 7)
+        self.assertEqual(len(named), 8 * len(OVERLAYS))
         rc, problems = self.validate(named)
         self.assertEqual(problems, [])
         self.assertEqual(rc, 0)
 
     def test_the_schema_check_catches_mistakes(self):
         # So a broken validator cannot pass the manifests silently.
-        doc = find(load("deploy/k8s/coordinator.yaml"), "Deployment")
+        doc = find(render("gpu"), "Deployment")
         misspelt = json.loads(json.dumps(doc))
         c = misspelt["spec"]["template"]["spec"]["containers"][0]
         c["readinesProbe"] = c.pop("readinessProbe")
@@ -473,6 +547,11 @@ class SchemaTest(unittest.TestCase):
         self.assertIn('unknown field "readonly"', text)
         self.assertRegex(text, r"wrong_type: .*containerPort must be integer")
         self.assertRegex(text, r"missing: .*must have required property '?selector'?")
+
+
+for _overlay in OVERLAYS:
+    _name = "DeployTest_" + _overlay.replace("-", "_")
+    globals()[_name] = type(_name, (OverlayChecks, unittest.TestCase), {"overlay": _overlay})
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ certificate is refused) both in openssl and in gRPC 1.51 (Debian's grpcio,
 the same gRPC core as the servers), under the names coordinator.yaml
 dials."""
 import ipaddress
+import glob
 import os
 import re
 import stat
@@ -76,14 +77,20 @@ def parse_tokens(text):
 
 
 def stage_server_hosts():
-    with open(os.path.join(ROOT, "deploy/k8s/coordinator.yaml")) as f:
-        for doc in yaml.safe_load_all(f):
-            if doc and doc["kind"] == "Deployment":
-                args = doc["spec"]["template"]["spec"]["containers"][0]["args"]
-                (servers,) = [a.split("=", 1)[1] for a in args
-                              if a.startswith("--stage_servers=")]
-                return [s.rsplit(":", 1)[0] for s in servers.split(",")]
-    raise AssertionError("no Deployment in coordinator.yaml")
+    """Every stage pod any kustomization names (PIPESERVE_STAGE_SERVERS of
+    the base's and the overlays' pipeserve-layout ConfigMaps)."""
+    hosts = []
+    for path in glob.glob(os.path.join(ROOT, "deploy/k8s/**/kustomization.yaml"), recursive=True):
+        with open(path) as f:
+            k = yaml.safe_load(f)
+        for gen in k.get("configMapGenerator", []):
+            for literal in gen.get("literals", []):
+                if literal.startswith("PIPESERVE_STAGE_SERVERS="):
+                    servers = literal.split("=", 1)[1].split(",")
+                    hosts += [s.rsplit(":", 1)[0] for s in servers if s.rsplit(":", 1)[0] not in hosts]
+    if not hosts:
+        raise AssertionError("no PIPESERVE_STAGE_SERVERS in deploy/k8s")
+    return hosts
 
 
 class MakeDevCertsTest(unittest.TestCase):
