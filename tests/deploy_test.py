@@ -242,8 +242,8 @@ class OverlayChecks:
         # Kubernetes' grpc probes cannot speak TLS: every probe execs the
         # image's CLI against the port the server listens on.
         dockerfile = read("deploy/Dockerfile")
-        self.assertIn("bazel-bin/client/pipeserve", dockerfile)
-        self.assertIn("COPY --from=build /out/ /usr/local/bin/", dockerfile)
+        self.assertIn("COPY bin/ /usr/local/bin/", dockerfile)
+        self.assertIn('"$bin/client/pipeserve"', read("tools/image.sh"))
         for w in self.workloads:
             kinds = [k for k, _ in w.probes()]
             self.assertIn("readinessProbe", kinds, w.name)

@@ -24,6 +24,8 @@ PACKAGES=(
   curl                     # the demo and the REST tests speak HTTP with it
   libsentencepiece-dev     # SentencePiece tokenizers (server/text)
   python3-sentencepiece    # trains the SentencePiece models the tests check against
+  # tools/image.sh: the container image, from a debootstrapped Debian 12 base
+  podman runc catatonit debootstrap
 )
 
 # --- deploy tooling: tools/make_dev_certs.sh and //tests:deploy_test -------

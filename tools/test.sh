@@ -2,10 +2,11 @@
 # Builds pipeserve and runs every test, then the same suite again under
 # AddressSanitizer + UndefinedBehaviorSanitizer, the concurrency tests under
 # ThreadSanitizer, the CUDA configuration, and each fuzz target for
-# $PIPESERVE_FUZZ_SECONDS (default 15) seconds. Ends with one line
+# $PIPESERVE_FUZZ_SECONDS (default 15) seconds, and builds the container
+# image and smoke-tests it (tools/image.sh --smoke). Ends with one line
 # "N passed, N failed, N skipped": passed and failed count every Bazel test
 # target of the normal run and one entry for each of the ASan run, the TSan
-# run, the CUDA build and the fuzzing; skipped counts the test cases that
+# run, the CUDA build, the fuzzing and the image; skipped counts the test cases that
 # skipped (GTEST_SKIP, unittest skips: from each target's test.xml or log,
 # in every run) and the steps not run here. Each skip is listed by target.
 # Exits non-zero on any failure.
@@ -99,6 +100,17 @@ if [ "${PIPESERVE_TEST_QUICK:-0}" != 1 ]; then
 
   # libFuzzer on every input parser, starting from the seed corpora.
   entry "fuzzing (tools/fuzz.sh ${PIPESERVE_FUZZ_SECONDS:-15})" tools/fuzz.sh "${PIPESERVE_FUZZ_SECONDS:-15}"
+
+  # The container image from this run's binaries, and its smoke test
+  # (containers in secure mode against PyTorch's answers, clean stops).
+  # Skipped, and counted so, where podman cannot run containers (exit 77).
+  stamp "image (PIPESERVE_IMAGE_MODE=fastbuild tools/image.sh --smoke)"
+  PIPESERVE_IMAGE_MODE=fastbuild tools/image.sh --smoke > "$log" 2>&1
+  case $? in
+    0) passed=$((passed + 1)); grep -E '^(image|podman|  )' "$log"; echo "image: PASSED" ;;
+    77) skipped=$((skipped + 1)); grep SKIPPED "$log" ;;
+    *) failed=$((failed + 1)); cat "$log"; echo "image: FAILED"; status=1 ;;
+  esac
 fi
 
 stamp "done"
