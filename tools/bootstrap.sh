@@ -26,6 +26,7 @@ PACKAGES=(
   python3-sentencepiece    # trains the SentencePiece models the tests check against
   # tools/image.sh: the container image, from a debootstrapped Debian 12 base
   podman runc catatonit debootstrap
+  dnsmasq-base             # the DNS server the dns launcher's tests change records of
 )
 
 # --- deploy tooling: tools/make_dev_certs.sh and //tests:deploy_test -------

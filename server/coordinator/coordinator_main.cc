@@ -26,6 +26,7 @@
 #include "runtime/backends.h"
 #include "common/status_macros.h"
 #include "server/coordinator/core.h"
+#include "server/coordinator/dns_launcher.h"
 #include "server/coordinator/generation.h"
 #include "server/coordinator/generation_service.h"
 #include "server/coordinator/kserve_core.h"
@@ -61,8 +62,16 @@ ABSL_FLAG(std::string, cluster_key, "", "PEM: its private key");
 ABSL_FLAG(std::string, cluster_token_file, "",
           "cluster token for stage servers (the local launcher makes one when unset)");
 ABSL_FLAG(std::string, repository, "model_repository", "folder of uploaded models");
-ABSL_FLAG(std::string, launcher, "local", "local: start stage servers here; static: use --stage_servers");
+ABSL_FLAG(std::string, launcher, "local",
+          "local: start stage servers here; static: use --stage_servers; dns: the servers "
+          "--stage_dns lists");
 ABSL_FLAG(std::string, stage_servers, "", "comma-separated host:port list (static launcher)");
+ABSL_FLAG(std::string, stage_dns, "",
+          "dns launcher: the SRV name listing the stage servers, looked up again for every "
+          "deployment (a Kubernetes headless Service's: "
+          "_grpc._tcp.pipeserve-stages.NAMESPACE.svc.cluster.local)");
+ABSL_FLAG(std::string, stage_dns_server, "",
+          "dns launcher: ask this DNS server (IPv4[:port]) instead of /etc/resolv.conf's");
 ABSL_FLAG(std::string, stage_server_binary, "",
           "stage_server path (default: beside this binary, or ../stage/stage_server)");
 ABSL_FLAG(int, cores, 0, "cores the local launcher divides between stages (0: all)");
@@ -242,7 +251,7 @@ absl::StatusOr<Cluster> ClusterFromFlags(bool local, const std::string& work_dir
   return cluster;
 }
 
-// The launcher --launcher names (null for neither local nor static); a
+// The launcher --launcher names (null for none of local, static, dns); a
 // local one hands its servers `token_file` and the cluster certificates.
 std::unique_ptr<pipeserve::Launcher> LauncherFromFlags(const std::string& work_dir,
                                                        const Cluster& cluster) {
@@ -250,6 +259,11 @@ std::unique_ptr<pipeserve::Launcher> LauncherFromFlags(const std::string& work_d
     std::vector<std::string> servers =
         absl::StrSplit(absl::GetFlag(FLAGS_stage_servers), ',', absl::SkipEmpty());
     return pipeserve::MakeStaticLauncher(servers);
+  }
+  if (absl::GetFlag(FLAGS_launcher) == "dns" && !absl::GetFlag(FLAGS_stage_dns).empty()) {
+    return pipeserve::MakeDnsLauncher(
+        {absl::GetFlag(FLAGS_stage_dns),
+         pipeserve::MakeSystemSrvResolver(absl::GetFlag(FLAGS_stage_dns_server))});
   }
   if (absl::GetFlag(FLAGS_launcher) != "local") return nullptr;
   pipeserve::LocalLauncherOptions lo;
@@ -510,7 +524,7 @@ int main(int argc, char** argv) {
   if (!store.ok()) return Fail(std::string(store.status().message()));
   std::unique_ptr<pipeserve::Launcher> launcher = LauncherFromFlags(work_dir.dir, *cluster);
   if (launcher == nullptr) {
-    std::cerr << "coordinator: --launcher must be local or static\n";
+    std::cerr << "coordinator: --launcher must be local, static, or dns (with --stage_dns)\n";
     return 2;
   }
 

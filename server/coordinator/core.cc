@@ -445,6 +445,7 @@ void Coordinator::Publish(const std::string& name, const std::shared_ptr<Deploym
     absl::MutexLock lock(&repair_mu_);
     to_repair_.erase(name);
     repair_attempts_.erase(name);
+    repair_why_.erase(name);
   }
   // New requests go to `d` from here on; the old version finishes the
   // requests it has in flight, then its stages go.
@@ -481,6 +482,7 @@ absl::Status Coordinator::Unload(const std::string& name) {
     absl::MutexLock lock(&repair_mu_);
     to_repair_.erase(name);
     repair_attempts_.erase(name);
+    repair_why_.erase(name);
   }
   if (d) d->Close(absl::StrCat("model \"", name, "\" was unloaded"));
   return absl::OkStatus();
@@ -539,12 +541,14 @@ void Coordinator::Repair(const std::string& name) {
   const StoredModel& m = **stored;
   if (serving) {
     // Some lanes still serve: reload only the broken ones beside them.
-    if (!RepairLanes(m, *broken).ok()) {
+    if (absl::Status s = RepairLanes(m, *broken); !s.ok()) {
+      RepairFailed(name, s);
       ScheduleRepair(name);
       return;
     }
     absl::MutexLock lock(&repair_mu_);
     repair_attempts_.erase(name);
+    repair_why_.erase(name);
     return;
   }
   absl::StatusOr<std::shared_ptr<Deployment>> d = Deploy(m.name, m.path, m.options, m.bytes);
@@ -561,6 +565,7 @@ void Coordinator::Repair(const std::string& name) {
   if (broken) broken->Close("replaced by a redeployment");
   absl::MutexLock lock(&repair_mu_);
   repair_attempts_.erase(name);
+  repair_why_.erase(name);
 }
 
 void Coordinator::RepairSoon(const std::string& name) {
@@ -580,7 +585,24 @@ void Coordinator::RedeployFailed(const StoredModel& m, bool listed_failed, const
     info.bytes = m.bytes;
     info.version = m.version;
   }
+  RepairFailed(m.name, why);
   ScheduleRepair(m.name);
+}
+
+void Coordinator::RepairFailed(const std::string& name, const absl::Status& why) {
+  absl::MutexLock lock(&repair_mu_);
+  repair_why_[name] = std::string(why.message());
+}
+
+ModelInfo Coordinator::WithRepairReason(ModelInfo info) {
+  if (info.state == ModelState::kReady && info.ready_replicas >= info.replicas) return info;
+  absl::MutexLock lock(&repair_mu_);
+  auto it = repair_why_.find(info.name);
+  if (it != repair_why_.end() && info.reason.find(it->second) == std::string::npos) {
+    info.reason = info.reason.empty() ? absl::StrCat("repairing: ", it->second)
+                                      : absl::StrCat(info.reason, "; repairing: ", it->second);
+  }
+  return info;
 }
 
 absl::Status Coordinator::RepairLanes(const StoredModel& m, Deployment& d) {
@@ -666,7 +688,7 @@ std::vector<ModelInfo> Coordinator::ListModels() {
     for (auto& [name, d] : models_) deployments.push_back(d);
     for (auto& [name, info] : failed_) out.push_back(info);
   }
-  for (auto& d : deployments) out.push_back(d->Info());
+  for (auto& d : deployments) out.push_back(WithRepairReason(d->Info()));
   std::sort(out.begin(), out.end(),
             [](const ModelInfo& a, const ModelInfo& b) { return a.name < b.name; });
   return out;
@@ -703,7 +725,7 @@ bool Coordinator::Knows(const std::string& name) {
 }
 
 absl::StatusOr<ModelInfo> Coordinator::GetModel(const std::string& name) {
-  if (auto d = Current(name)) return d->Info();
+  if (auto d = Current(name)) return WithRepairReason(d->Info());
   absl::MutexLock lock(&mu_);
   auto it = failed_.find(name);
   if (it != failed_.end()) return it->second;

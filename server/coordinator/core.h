@@ -355,6 +355,12 @@ class Coordinator {
   absl::Mutex repair_mu_;
   std::map<std::string, absl::Time> to_repair_ ABSL_GUARDED_BY(repair_mu_);  // name -> not before
   std::map<std::string, int> repair_attempts_ ABSL_GUARDED_BY(repair_mu_);
+  // Why the last repair of a model failed (what it waits for), shown in its
+  // status until a repair succeeds.
+  std::map<std::string, std::string> repair_why_ ABSL_GUARDED_BY(repair_mu_);
+  // `info` with the reason its repair waits, where one is on record.
+  ModelInfo WithRepairReason(ModelInfo info);
+  void RepairFailed(const std::string& name, const absl::Status& why);
   bool stopping_ ABSL_GUARDED_BY(repair_mu_) = false;
   std::thread monitor_thread_;
   std::thread repair_thread_;

@@ -1,0 +1,162 @@
+#include "server/coordinator/dns_launcher.h"
+
+#include <arpa/inet.h>
+#include <arpa/nameser.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <resolv.h>
+
+#include <algorithm>
+#include <cstring>
+#include <tuple>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/synchronization/mutex.h"
+
+namespace pipeserve {
+namespace {
+
+class SystemSrvResolver : public SrvResolver {
+ public:
+  explicit SystemSrvResolver(std::string server) : server_(std::move(server)) {}
+
+  absl::StatusOr<std::vector<SrvTarget>> Lookup(const std::string& name) override {
+    struct __res_state state;
+    std::memset(&state, 0, sizeof(state));
+    if (res_ninit(&state) != 0) return absl::UnavailableError("the resolver does not start");
+    if (!server_.empty()) {
+      absl::Status s = UseServer(&state);
+      if (!s.ok()) {
+        res_nclose(&state);
+        return s;
+      }
+    }
+    std::vector<unsigned char> answer(65536);
+    const int n = res_nquery(&state, name.c_str(), ns_c_in, ns_t_srv, answer.data(),
+                             static_cast<int>(answer.size()));
+    const int herr = state.res_h_errno;
+    res_nclose(&state);
+    if (n < 0) {
+      if (herr == HOST_NOT_FOUND || herr == NO_DATA) {
+        return absl::NotFoundError(absl::StrCat("DNS has no SRV records for ", name));
+      }
+      return absl::UnavailableError(absl::StrCat("DNS lookup of ", name, " failed (",
+                                                 hstrerror(herr), ")"));
+    }
+    return Parse(answer.data(), n, name);
+  }
+
+ private:
+  absl::Status UseServer(struct __res_state* state) {
+    std::vector<std::string> parts = absl::StrSplit(server_, ':');
+    int port = 53;
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    if (parts.size() > 2 || inet_pton(AF_INET, parts[0].c_str(), &addr.sin_addr) != 1 ||
+        (parts.size() == 2 && (!absl::SimpleAtoi(parts[1], &port) || port < 1 || port > 65535))) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("DNS server \"", server_, "\" is not an IPv4 address[:port]"));
+    }
+    addr.sin_port = htons(static_cast<uint16_t>(port));
+    state->nsaddr_list[0] = addr;
+    state->nscount = 1;
+    return absl::OkStatus();
+  }
+
+  static absl::StatusOr<std::vector<SrvTarget>> Parse(const unsigned char* msg, int len,
+                                                      const std::string& name) {
+    ns_msg handle;
+    if (ns_initparse(msg, len, &handle) != 0) {
+      return absl::UnavailableError(absl::StrCat("DNS answer for ", name, " does not parse"));
+    }
+    std::vector<SrvTarget> out;
+    for (int i = 0; i < ns_msg_count(handle, ns_s_an); ++i) {
+      ns_rr rr;
+      if (ns_parserr(&handle, ns_s_an, i, &rr) != 0 || ns_rr_type(rr) != ns_t_srv ||
+          ns_rr_rdlen(rr) < 7) {
+        continue;
+      }
+      const unsigned char* rd = ns_rr_rdata(rr);  // priority, weight, port, target
+      char host[NS_MAXDNAME];
+      if (dn_expand(ns_msg_base(handle), ns_msg_end(handle), rd + 6, host, sizeof(host)) < 0) {
+        continue;
+      }
+      out.push_back({host, (rd[4] << 8) | rd[5]});
+    }
+    if (out.empty()) return absl::NotFoundError(absl::StrCat("DNS has no SRV records for ", name));
+    return out;
+  }
+
+  const std::string server_;
+};
+
+class DnsLauncher : public Launcher {
+ public:
+  explicit DnsLauncher(DnsLauncherOptions o) : options_(std::move(o)) {
+    if (options_.resolver == nullptr) options_.resolver = MakeSystemSrvResolver();
+  }
+  std::string Name() const override { return "dns"; }
+
+  absl::StatusOr<std::vector<std::string>> ServersFor(int num_stages) override {
+    absl::StatusOr<std::vector<std::string>> servers = Servers();
+    if (!servers.ok()) {
+      return absl::UnavailableError(absl::StrCat("waiting for ", num_stages,
+                                                 " stage servers: ", servers.status().message()));
+    }
+    if (static_cast<int>(servers->size()) < num_stages) {
+      return absl::UnavailableError(absl::StrCat(
+          "waiting for ", num_stages, " stage servers: the DNS name ", options_.name, " lists ",
+          servers->size(), servers->empty() ? "" : " (", absl::StrJoin(*servers, ", "),
+          servers->empty() ? "" : ")"));
+    }
+    std::vector<std::string> out;
+    for (int i = 0; i < num_stages; ++i) out.push_back((*servers)[i % servers->size()]);
+    return out;
+  }
+  int ThreadsPerStage(bool) const override { return 0; }
+  std::vector<std::string> ExistingServers() const override {
+    absl::StatusOr<std::vector<std::string>> servers = Servers();
+    return servers.ok() ? *servers : std::vector<std::string>{};
+  }
+
+ private:
+  // Every server the name lists, "host:port", in order of host then port
+  // (stage-0, stage-1, ..., as a StatefulSet names its pods).
+  absl::StatusOr<std::vector<std::string>> Servers() const {
+    absl::StatusOr<std::vector<SrvTarget>> targets;
+    {
+      absl::MutexLock l(&mu_);  // one lookup at a time
+      targets = options_.resolver->Lookup(options_.name);
+    }
+    if (!targets.ok()) return targets.status();
+    std::sort(targets->begin(), targets->end(), [](const SrvTarget& a, const SrvTarget& b) {
+      return std::tie(a.host, a.port) < std::tie(b.host, b.port);
+    });
+    std::vector<std::string> out;
+    for (const SrvTarget& t : *targets) {
+      std::string host = t.host;
+      if (!host.empty() && host.back() == '.') host.pop_back();
+      std::string address = absl::StrCat(host, ":", t.port);
+      if (out.empty() || out.back() != address) out.push_back(std::move(address));
+    }
+    return out;
+  }
+
+  DnsLauncherOptions options_;
+  mutable absl::Mutex mu_;
+};
+
+}  // namespace
+
+std::unique_ptr<SrvResolver> MakeSystemSrvResolver(const std::string& server) {
+  return std::make_unique<SystemSrvResolver>(server);
+}
+
+std::unique_ptr<Launcher> MakeDnsLauncher(DnsLauncherOptions options) {
+  return std::make_unique<DnsLauncher>(std::move(options));
+}
+
+}  // namespace pipeserve
