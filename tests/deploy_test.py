@@ -24,6 +24,7 @@ import yaml
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 OVERLAYS = ("cpu", "gpu", "gpu-replicated")
+NAMESPACE = "ml"  # what the downward API gives $(POD_NAMESPACE) here
 CLI = "/usr/local/bin/pipeserve"
 # Flags naming a certificate, key or token file: the servers' and the CLI's.
 FILE_FLAGS = re.compile(r"^--(tls_ca|tls_cert|tls_key|cluster_ca|cluster_cert|cluster_key|"
@@ -143,8 +144,11 @@ class Workload:
         for source in self.container.get("envFrom", []):
             ref = source["configMapRef"]["name"]
             self.env.update(find(docs, "ConfigMap", ref)["data"])
-        self.env.update({e["name"]: e["value"] for e in self.container.get("env", [])
-                         if "value" in e})
+        for e in self.container.get("env", []):
+            if "value" in e:
+                self.env[e["name"]] = e["value"]
+            elif e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.namespace":
+                self.env[e["name"]] = NAMESPACE
         self.args = expand(self.container["args"], self.env)
         self.volumes = {v["name"]: v for v in self.pod.get("volumes", [])}
 
@@ -212,19 +216,24 @@ class OverlayChecks:
             self.assertNotIn("nvidia.com/gpu", limits)
         self.assertEqual(flag(self.stage.args, "device"), "auto")
 
-    def test_static_stage_list_names_every_statefulset_pod(self):
+    def test_the_coordinator_finds_every_stage_pod_in_dns(self):
+        # The headless Service publishes each ready pod of the StatefulSet
+        # as an SRV record of its port name; the dns launcher reads those.
         sts = find(self.stages, "StatefulSet")
         svc = find(self.stages, "Service", "pipeserve-stages")
         self.assertEqual(svc["spec"]["clusterIP"], "None",
                          "the stage Service must be headless for per-pod DNS")
+        self.assertNotIn("publishNotReadyAddresses", svc["spec"], "ready pods only")
         self.assertEqual(sts["spec"]["serviceName"], svc["metadata"]["name"])
-        port = svc["spec"]["ports"][0]["port"]
-        self.assertEqual(flag(self.stage.args, "port"), str(port))
+        (port,) = svc["spec"]["ports"]
+        self.assertEqual(flag(self.stage.args, "port"), str(port["port"]))
+        self.assertEqual(port.get("protocol", "TCP"), "TCP")
         args = self.coordinator.args
-        self.assertEqual(flag(args, "launcher"), "static")
-        expected = [f"{sts['metadata']['name']}-{i}.{svc['metadata']['name']}:{port}"
-                    for i in range(sts["spec"]["replicas"])]
-        self.assertEqual(flag(args, "stage_servers").split(","), expected)
+        self.assertEqual(flag(args, "launcher"), "dns")
+        self.assertEqual(flag(args, "stage_dns"),
+                         f"_{port['name']}._tcp.{svc['metadata']['name']}.{NAMESPACE}"
+                         ".svc.cluster.local")
+        self.assertFalse(has_flag(args, "stage_servers"))
 
     def test_stage_pods_hold_every_replica_of_every_stage(self):
         # R replicas of S stages take R x S pods, one per node (so a node

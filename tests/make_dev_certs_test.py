@@ -76,21 +76,23 @@ def parse_tokens(text):
     return tokens
 
 
-def stage_server_hosts():
-    """Every stage pod any kustomization names (PIPESERVE_STAGE_SERVERS of
-    the base's and the overlays' pipeserve-layout ConfigMaps)."""
-    hosts = []
-    for path in glob.glob(os.path.join(ROOT, "deploy/k8s/**/kustomization.yaml"), recursive=True):
+def stage_server_hosts(namespace="ml"):
+    """The names the coordinator's dns launcher dials: every stage pod of
+    the largest StatefulSet any kustomization makes, as the headless
+    Service's SRV records name them."""
+    pods = 0
+    for path in glob.glob(os.path.join(ROOT, "deploy/k8s/**/*.yaml"), recursive=True):
         with open(path) as f:
-            k = yaml.safe_load(f)
-        for gen in k.get("configMapGenerator", []):
-            for literal in gen.get("literals", []):
-                if literal.startswith("PIPESERVE_STAGE_SERVERS="):
-                    servers = literal.split("=", 1)[1].split(",")
-                    hosts += [s.rsplit(":", 1)[0] for s in servers if s.rsplit(":", 1)[0] not in hosts]
-    if not hosts:
-        raise AssertionError("no PIPESERVE_STAGE_SERVERS in deploy/k8s")
-    return hosts
+            for doc in yaml.safe_load_all(f):
+                if not doc:
+                    continue
+                if doc.get("kind") == "StatefulSet":  # the base's, or an overlay's patch
+                    pods = max(pods, doc["spec"].get("replicas", 0))
+                if path.endswith("kustomization.yaml"):
+                    pods = max([pods] + [r["count"] for r in doc.get("replicas", [])])
+    if not pods:
+        raise AssertionError("no stage StatefulSet in deploy/k8s")
+    return [f"stage-{i}.pipeserve-stages.{namespace}.svc.cluster.local" for i in range(pods)]
 
 
 class MakeDevCertsTest(unittest.TestCase):
