@@ -1,7 +1,10 @@
 // The coordinator's dns launcher (--launcher=dns) for real: stage servers
 // found in the SRV records of a DNS server (dnsmasq, on a loopback port,
 // its records changed by the test as a headless Service's change when pods
-// come and go; each record names localhost and a server's port). A model
+// come and go). DnsTest runs the servers on this machine's loopback (each
+// record names localhost and a server's port); DnsNetnsTest (its own
+// process: //tests:dns_netns_test) puts each in a network namespace of its
+// own on port 9000, as pods are, its record naming its address. A model
 // needing more servers than are listed is refused naming what it waits
 // for; a scale-up is used without a restart; a server that goes away and
 // one that replaces it are followed; and a stored model waits, saying so
@@ -21,6 +24,7 @@
 #include "tests/compare.h"
 #include "tests/fixtures.h"
 #include "tests/load.h"
+#include "tests/test_network.h"
 
 namespace pipeserve {
 namespace {
@@ -31,8 +35,17 @@ constexpr char kName[] = "_grpc._tcp.stages.test";
 
 class DnsTest : public ::testing::Test {
  protected:
+  virtual bool InNamespaces() const { return false; }
+
   void SetUp() override {
     if (!Dnsmasq::Installed()) GTEST_SKIP() << "no dnsmasq (tools/bootstrap.sh installs dnsmasq-base)";
+    if (InNamespaces()) {
+      if (std::string why = TestNetwork::Unsupported(); !why.empty()) GTEST_SKIP() << why;
+      if (absl::Status s = net_.Enter(); !s.ok()) {
+        if (s.code() == absl::StatusCode::kFailedPrecondition) GTEST_SKIP() << s.message();
+        FAIL() << s;
+      }
+    }
     auto dir = MakeFixtures({"example_code"}, 16);
     ASSERT_TRUE(dir.ok()) << dir.status();
     auto f = LoadFixture(*dir, "example_code");
@@ -43,18 +56,29 @@ class DnsTest : public ::testing::Test {
 
   // Starts one more stage server; its SRV record is added by Publish.
   StageServerProcess* AddServer() {
-    auto s = StageServerProcess::Start(token_);
+    const int i = static_cast<int>(servers_.size());
+    absl::StatusOr<std::unique_ptr<StageServerProcess>> s;
+    if (InNamespaces()) {
+      EXPECT_TRUE(net_.AddHost(i).ok());
+      s = StageServerProcess::Start(
+          token_, {"--host=" + TestNetwork::Ip(i), "--port=9000", "--allow_insecure"},
+          TestNetwork::Prefix(i));
+    } else {
+      s = StageServerProcess::Start(token_);
+    }
     EXPECT_TRUE(s.ok()) << s.status();
     servers_.push_back(*std::move(s));
     return servers_.back().get();
   }
 
-  // The DNS name lists exactly `servers`.
+  // The DNS name lists exactly `servers`: on loopback as localhost and its
+  // port, in a namespace as its address (a name gRPC reads as one).
   void Publish(const std::vector<StageServerProcess*>& servers) {
     std::vector<std::string> records;
     for (StageServerProcess* s : servers) {
-      const std::string port = s->address().substr(s->address().rfind(':') + 1);
-      records.push_back(absl::StrCat(kName, ",localhost,", port));
+      const size_t colon = s->address().rfind(':');
+      const std::string host = InNamespaces() ? s->address().substr(0, colon) : "localhost";
+      records.push_back(absl::StrCat(kName, ",", host, ",", s->address().substr(colon + 1)));
     }
     if (dns_ == nullptr) {
       dns_ = std::make_unique<Dnsmasq>(records);
@@ -88,13 +112,26 @@ class DnsTest : public ::testing::Test {
     return models.ok() && !models->empty() ? (*models)[0] : ModelSummary();
   }
 
+  // Refused with 2 of 4 servers listed, scaled up, one replaced, one gone
+  // and the model waiting, then one more: the whole test.
+  void Scenario();
+
+  TestNetwork net_;  // destroyed last: after the servers in it
   Fixture fixture_;
   std::string token_, repo_ = TestTempDir("dns_repo");
   std::vector<std::unique_ptr<StageServerProcess>> servers_;
   std::unique_ptr<Dnsmasq> dns_;
 };
 
-TEST_F(DnsTest, StageServersAreFoundInDnsAsTheyComeAndGo) {
+class DnsNetnsTest : public DnsTest {
+ protected:
+  bool InNamespaces() const override { return true; }
+};
+
+TEST_F(DnsTest, StageServersAreFoundInDnsAsTheyComeAndGo) { Scenario(); }
+TEST_F(DnsNetnsTest, StageServersInNamespacesAreFoundInDnsAsTheyComeAndGo) { Scenario(); }
+
+void DnsTest::Scenario() {
   StageServerProcess* a = AddServer();
   StageServerProcess* b = AddServer();
   Publish({a, b});

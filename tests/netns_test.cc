@@ -34,58 +34,29 @@
 #include "tests/cluster.h"
 #include "tests/fixtures.h"
 #include "tests/load.h"
+#include "tests/test_network.h"
 
 namespace pipeserve {
 namespace {
 
 constexpr int kStages = 4;
 
-// Runs a shell command; its exit status (0: success).
-int Sh(const std::string& cmd) {
-  int rc = std::system(("(" + cmd + ") >/dev/null 2>&1").c_str());
-  return rc == -1 ? -1 : WEXITSTATUS(rc);
-}
-
 class NetnsTest : public ::testing::Test {
  protected:
-  // Names unique to this run: namespaces psn<pid>s<i>, host-side veths
-  // psv<pid>s<i> (at most 15 characters), addresses 10.77.0.10+i.
-  static std::string Ns(int i) { return absl::StrCat("psn", ::getpid() % 100000, "s", i); }
-  static std::string Veth(int i) { return absl::StrCat("psv", ::getpid() % 100000, "s", i); }
-  static std::string Ip(int i) { return absl::StrCat("10.77.0.", 10 + i); }
+  static std::string Ns(int i) { return TestNetwork::Ns(i); }
+  static std::string Veth(int i) { return TestNetwork::Veth(i); }
+  static std::string Ip(int i) { return TestNetwork::Ip(i); }
 
   void SetUp() override {
-    if (::geteuid() != 0) GTEST_SKIP() << "needs root to create network namespaces";
-    if (Sh("command -v ip && command -v tc") != 0) {
-      GTEST_SKIP() << "needs iproute2 (ip, tc)";
+    if (std::string why = TestNetwork::Unsupported(); !why.empty()) GTEST_SKIP() << why;
+    if (absl::Status s = net_.Enter(); !s.ok()) {
+      if (s.code() == absl::StatusCode::kFailedPrecondition) GTEST_SKIP() << s.message();
+      FAIL() << s;
     }
-    // This process, and every process and thread it starts from here on,
-    // lives in a namespace of its own: nothing it does reaches the host's
-    // network.
-    if (::unshare(CLONE_NEWNET) != 0) {
-      GTEST_SKIP() << "cannot create a network namespace (unshare: " << std::strerror(errno)
-                   << ")";
-    }
-    ASSERT_EQ(Sh("ip link set lo up"), 0);
-    ASSERT_EQ(Sh("ip link add psbr type bridge && ip addr add 10.77.0.1/24 dev psbr && "
-                 "ip link set psbr up"),
-              0);
-    for (int i = 0; i < kStages * Replicas(); ++i) {
-      made_.push_back(Ns(i));
-      ASSERT_EQ(Sh(absl::StrCat("ip netns add ", Ns(i))), 0) << "ip netns add " << Ns(i);
-      ASSERT_EQ(Sh(absl::StrCat("ip link add ", Veth(i), " type veth peer name eth0 netns ",
-                                Ns(i), " && ip link set ", Veth(i),
-                                " master psbr up && ip -n ", Ns(i), " addr add ", Ip(i),
-                                "/24 dev eth0 && ip -n ", Ns(i), " link set eth0 up && ip -n ",
-                                Ns(i), " link set lo up")),
-                0);
-    }
+    for (int i = 0; i < kStages * Replicas(); ++i) ASSERT_TRUE(net_.AddHost(i).ok()) << i;
   }
 
-  void TearDown() override {
-    servers_.clear();
-    for (const std::string& ns : made_) Sh("ip netns del " + ns);
-  }
+  void TearDown() override { servers_.clear(); }
 
   virtual int Replicas() const { return 1; }
 
@@ -131,7 +102,7 @@ class NetnsTest : public ::testing::Test {
     return done();
   }
 
-  std::vector<std::string> made_;
+  TestNetwork net_;  // destroyed last: after the servers in it
   std::vector<std::unique_ptr<StageServerProcess>> servers_;
   std::unique_ptr<CoordinatorProcess> coordinator_;
   std::unique_ptr<Client> client_;
