@@ -108,9 +108,9 @@ def main():
         stage_flags = [f"--cluster_cert={TLS}/stage.crt", f"--cluster_key={TLS}/stage.key",
                        "--coordinator_identity=pipeserve coordinator",
                        "--stage_identity=pipeserve stage", "--device=cpu"]
-        ports = [c.start(f"pipeserve-smoke-stage{i}", "stage_server", *stage_flags)
-                 for i in range(2)]
-        port = c.start("pipeserve-smoke-coordinator", "coordinator",
+        run = f"pipeserve-smoke-{os.getpid()}"  # names of this run's containers
+        ports = [c.start(f"{run}-stage{i}", "stage_server", *stage_flags) for i in range(2)]
+        port = c.start(f"{run}-coordinator", "coordinator",
                        "--repository=/models", "--launcher=static",
                        "--stage_servers=" + ",".join(f"localhost:{p}" for p in ports),
                        f"--tls_cert={TLS}/coordinator.crt", f"--tls_key={TLS}/coordinator.key",

@@ -25,11 +25,19 @@ out=out/image
 mkdir -p "$out"
 start=$(date +%s.%N)
 
-# podman's configuration, with this host's hard limit on open files.
-sed "s/@NOFILE@/$(ulimit -Hn)/g" deploy/containers.conf.in > "$out/containers.conf"
+# podman's configuration, with this host's hard limits on open files and
+# processes.
+nproc=$(ulimit -Hu)
+{ [ "$nproc" = unlimited ] || [ "$nproc" -gt 32768 ]; } && nproc=32768
+sed "s/@NOFILE@/$(ulimit -Hn)/g; s/@NPROC@/$nproc/g" deploy/containers.conf.in > "$out/containers.conf"
 export CONTAINERS_CONF="$PWD/$out/containers.conf"
 if [ "$(id -u)" != 0 ]; then
-  echo "image: SKIPPED: podman needs root here (rootless podman needs subuid ranges)" >&2
+  echo "image: SKIPPED: podman and debootstrap need root here (rootless podman needs subuid ranges)" >&2
+  exit 77
+fi
+if ! podman info > "$out/podman.log" 2>&1; then
+  cat "$out/podman.log" >&2
+  echo "image: SKIPPED: podman does not run here (above)" >&2
   exit 77
 fi
 
@@ -48,8 +56,8 @@ if [ ! -f "$base_tar" ]; then
   if ! debootstrap --variant=minbase --include="$packages" "$suite" "$root" "$mirror" \
       > "$cache/debootstrap.log" 2>&1; then
     tail -20 "$cache/debootstrap.log" >&2
-    echo "image: debootstrap failed (is $mirror reachable?)" >&2
-    exit 1
+    echo "image: SKIPPED: debootstrap cannot build the base here (above; is $mirror reachable?)" >&2
+    exit 77
   fi
   # Runtime only: no package lists, caches, documentation or locales.
   rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/* "$root"/usr/share/doc/* \
@@ -76,7 +84,11 @@ fi
 # --- 2. the image --------------------------------------------------------------
 targets=(//server/coordinator:coordinator //server/stage:stage_server //client:pipeserve
          //server/text:libpipeserve_sentencepiece.so)
-bazel build -c "$mode" "${targets[@]}" 2>&1 | grep -E '^(ERROR|FAILED)' && exit 1
+if ! bazel build -c "$mode" "${targets[@]}" > "$out/bazel.log" 2>&1; then
+  grep -E '^(ERROR|FAILED)|error:' "$out/bazel.log" | head -20 >&2
+  echo "image: the build failed (above; $out/bazel.log)" >&2
+  exit 1
+fi
 bin=$(bazel info -c "$mode" bazel-bin 2>/dev/null)
 ctx="$out/context"
 rm -rf "$ctx"
@@ -85,13 +97,16 @@ install -m 755 "$bin/server/coordinator/coordinator" "$bin/server/stage/stage_se
   "$bin/client/pipeserve" "$ctx/bin/"
 install -m 644 "$bin/server/text/libpipeserve_sentencepiece.so" "$ctx/bin/"
 install -m 755 deploy/entrypoint.sh "$ctx/entrypoint.sh"
+previous=$(podman image inspect --format '{{.Id}}' localhost/pipeserve:0.1 2>/dev/null || true)
 if ! podman build --quiet --build-arg "BASE=$base" -f deploy/Dockerfile -t localhost/pipeserve:0.1 \
     "$ctx" > /dev/null 2> "$out/podman.log"; then
   cat "$out/podman.log" >&2
   echo "image: podman build failed" >&2
   exit 1
 fi
-podman image prune --force > /dev/null 2>&1 || true  # what earlier builds left untagged
+if [ -n "$previous" ] && [ "$previous" != "$(podman image inspect --format '{{.Id}}' localhost/pipeserve:0.1)" ]; then
+  podman rmi "$previous" > /dev/null 2>&1 || true  # the build this one replaced
+fi
 rm -f "$out/pipeserve-oci.tar"
 podman save --quiet --format oci-archive -o "$out/pipeserve-oci.tar" localhost/pipeserve:0.1
 awk -v start="$start" -v now="$(date +%s.%N)" -v mode="$mode" -v out="$out/pipeserve-oci.tar" \

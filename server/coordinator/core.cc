@@ -2,15 +2,16 @@
 
 #include <algorithm>
 #include <cmath>
+#include <set>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/model_name.h"
 #include "common/status_macros.h"
 #include "partitioner/partition.h"
-#include "server/text/tokenizer.h"
 #include "runtime/model_file.h"
 #include "server/coordinator/kv_budget.h"
+#include "server/text/tokenizer.h"
 
 namespace pipeserve {
 namespace {
@@ -610,14 +611,45 @@ absl::Status Coordinator::RepairLanes(const StoredModel& m, Deployment& d) {
   const int n = d.plan().stages_size();
   // The launcher's servers now: it replaces servers that died.
   ASSIGN_OR_RETURN(std::vector<std::string> servers, ServersFor(n * d.replicas()));
+  const std::vector<int> broken = d.BrokenLanes();
+  ASSIGN_OR_RETURN(std::vector<std::string> free,
+                   ServersForBrokenLanes(d.Info(), broken, n, servers));
   const int threads = ThreadsPerStage(d.plan());
-  for (int lane : d.BrokenLanes()) {
-    std::vector<std::string> lane_servers(servers.begin() + lane * n,
-                                          servers.begin() + (lane + 1) * n);
-    RETURN_IF_ERROR(d.ReloadLane(lane, *file, lane_servers, threads));
+  for (size_t k = 0; k < broken.size(); ++k) {
+    std::vector<std::string> lane_servers(free.begin() + k * n, free.begin() + (k + 1) * n);
+    RETURN_IF_ERROR(d.ReloadLane(broken[k], *file, lane_servers, threads));
     ++reloaded_lanes_;
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<std::string>> ServersForBrokenLanes(
+    const ModelInfo& info, const std::vector<int>& broken, int n,
+    const std::vector<std::string>& servers) {
+  std::vector<std::string> out;
+  const std::set<std::string> distinct(servers.begin(), servers.end());
+  if (distinct.size() != servers.size()) {  // shared servers (the static launcher's wrap)
+    for (int lane : broken) out.insert(out.end(), servers.begin() + lane * n,
+                                       servers.begin() + (lane + 1) * n);
+    return out;
+  }
+  // The healthy lanes keep theirs; the broken ones take the rest in order.
+  std::set<std::string> busy;
+  for (int lane = 0; lane * n < static_cast<int>(info.servers.size()); ++lane) {
+    if (std::find(broken.begin(), broken.end(), lane) != broken.end()) continue;
+    for (int s = lane * n; s < (lane + 1) * n && s < static_cast<int>(info.servers.size()); ++s) {
+      busy.insert(info.servers[s]);
+    }
+  }
+  for (const std::string& s : servers) {
+    if (busy.count(s) == 0 && out.size() < broken.size() * n) out.push_back(s);
+  }
+  if (out.size() < broken.size() * n) {
+    return absl::UnavailableError(absl::StrCat(
+        "waiting for ", broken.size() * n, " stage servers no serving lane uses (", out.size(),
+        " now)"));
+  }
+  return out;
 }
 
 void Coordinator::RepairLoop() {

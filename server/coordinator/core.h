@@ -93,6 +93,16 @@ struct CoordinatorOptions {
 // tokenizer with more tokens than the model's vocabulary.
 absl::Status AttachTokenizer(const std::string& name, const TokenizerSpec& spec, Plan* plan);
 
+// The servers for the `broken` lanes of a model of `n` stages (`info`:
+// its servers, lane by lane), from the launcher's `servers` (n per lane):
+// those no serving lane uses, in order, so a launcher whose list shifted
+// (a DNS name that lost a pod) never puts a lane onto another's servers.
+// Where the launcher shares servers between stages, by position.
+// kUnavailable when too few are free.
+absl::StatusOr<std::vector<std::string>> ServersForBrokenLanes(
+    const ModelInfo& info, const std::vector<int>& broken, int n,
+    const std::vector<std::string>& servers);
+
 class Coordinator {
  public:
   // `stages` must outlive the coordinator.

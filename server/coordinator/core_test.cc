@@ -32,6 +32,7 @@
 namespace pipeserve {
 namespace {
 
+using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 
 // x -> [mm w_i, relu] per stage -> ... -> h - y   (y rides to the end)
@@ -193,6 +194,24 @@ class CoordinatorTest : public ::testing::Test {
   std::string repo_;
   std::unique_ptr<Coordinator> coordinator_;
 };
+
+// Lane 0 of a 2-stage model in 2 lanes broke; the launcher's list shifted
+// (a DNS name lost b, and c moved up): lane 0 must not take lane 1's c.
+TEST(ServersForBrokenLanesTest, ABrokenLaneNeverTakesAServingLanesServers) {
+  ModelInfo info;
+  info.servers = {"a", "b", "c", "d"};
+  auto free = ServersForBrokenLanes(info, {0}, 2, {"a", "c", "d", "e"});
+  ASSERT_TRUE(free.ok()) << free.status();
+  EXPECT_THAT(*free, ElementsAre("a", "e"));
+  auto short_of = ServersForBrokenLanes(info, {0}, 2, {"a", "c", "d"});
+  EXPECT_THAT(std::string(short_of.status().message()),
+              HasSubstr("waiting for 2 stage servers no serving lane uses (1 now)"));
+  // The static launcher's wrap (4 servers for 8 stages): by position.
+  info.servers = {"a", "b", "c", "d", "a", "b", "c", "d"};
+  auto wrapped = ServersForBrokenLanes(info, {1}, 4, {"a", "b", "c", "d", "a", "b", "c", "d"});
+  ASSERT_TRUE(wrapped.ok());
+  EXPECT_THAT(*wrapped, ElementsAre("a", "b", "c", "d"));
+}
 
 TEST_F(CoordinatorTest, RequestsThroughFourStagesMatchTheUnsplitModel) {
   Model m = Mlp(4);

@@ -7,6 +7,7 @@
 #include <resolv.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstring>
 #include <tuple>
 
@@ -14,7 +15,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
-#include "absl/synchronization/mutex.h"
 
 namespace pipeserve {
 namespace {
@@ -27,6 +27,8 @@ class SystemSrvResolver : public SrvResolver {
     struct __res_state state;
     std::memset(&state, 0, sizeof(state));
     if (res_ninit(&state) != 0) return absl::UnavailableError("the resolver does not start");
+    state.retrans = 2;  // seconds per try, and two tries: a silent server costs
+    state.retry = 2;    // the repair loop seconds, not half a minute
     if (!server_.empty()) {
       absl::Status s = UseServer(&state);
       if (!s.ok()) {
@@ -93,6 +95,33 @@ class SystemSrvResolver : public SrvResolver {
   const std::string server_;
 };
 
+// <0, 0, >0 as `a` sorts before, with or after `b`, runs of digits compared
+// by value.
+int NaturalCompare(const std::string& a, const std::string& b) {
+  size_t i = 0, j = 0;
+  while (i < a.size() && j < b.size()) {
+    if (std::isdigit(static_cast<unsigned char>(a[i])) &&
+        std::isdigit(static_cast<unsigned char>(b[j]))) {
+      size_t ie = i, je = j;
+      while (ie < a.size() && std::isdigit(static_cast<unsigned char>(a[ie]))) ++ie;
+      while (je < b.size() && std::isdigit(static_cast<unsigned char>(b[je]))) ++je;
+      const std::string x = a.substr(i, ie - i), y = b.substr(j, je - j);
+      const size_t xs = x.find_first_not_of('0'), ys = y.find_first_not_of('0');
+      const std::string xv = xs == std::string::npos ? "" : x.substr(xs);
+      const std::string yv = ys == std::string::npos ? "" : y.substr(ys);
+      if (xv.size() != yv.size()) return xv.size() < yv.size() ? -1 : 1;
+      if (xv != yv) return xv < yv ? -1 : 1;
+      i = ie;
+      j = je;
+    } else {
+      if (a[i] != b[j]) return a[i] < b[j] ? -1 : 1;
+      ++i;
+      ++j;
+    }
+  }
+  return (a.size() - i) == (b.size() - j) ? 0 : (a.size() - i) < (b.size() - j) ? -1 : 1;
+}
+
 class DnsLauncher : public Launcher {
  public:
   explicit DnsLauncher(DnsLauncherOptions o) : options_(std::move(o)) {
@@ -112,9 +141,8 @@ class DnsLauncher : public Launcher {
           servers->size(), servers->empty() ? "" : " (", absl::StrJoin(*servers, ", "),
           servers->empty() ? "" : ")"));
     }
-    std::vector<std::string> out;
-    for (int i = 0; i < num_stages; ++i) out.push_back((*servers)[i % servers->size()]);
-    return out;
+    servers->resize(num_stages);  // one server a stage, the first in order
+    return servers;
   }
   int ThreadsPerStage(bool) const override { return 0; }
   std::vector<std::string> ExistingServers() const override {
@@ -123,17 +151,15 @@ class DnsLauncher : public Launcher {
   }
 
  private:
-  // Every server the name lists, "host:port", in order of host then port
-  // (stage-0, stage-1, ..., as a StatefulSet names its pods).
+  // Every server the name lists, "host:port", in order of host (numbers in
+  // it by value: stage-2 before stage-10, as a StatefulSet counts its pods),
+  // then port.
   absl::StatusOr<std::vector<std::string>> Servers() const {
-    absl::StatusOr<std::vector<SrvTarget>> targets;
-    {
-      absl::MutexLock l(&mu_);  // one lookup at a time
-      targets = options_.resolver->Lookup(options_.name);
-    }
+    absl::StatusOr<std::vector<SrvTarget>> targets = options_.resolver->Lookup(options_.name);
     if (!targets.ok()) return targets.status();
     std::sort(targets->begin(), targets->end(), [](const SrvTarget& a, const SrvTarget& b) {
-      return std::tie(a.host, a.port) < std::tie(b.host, b.port);
+      const int c = NaturalCompare(a.host, b.host);
+      return c != 0 ? c < 0 : a.port < b.port;
     });
     std::vector<std::string> out;
     for (const SrvTarget& t : *targets) {
@@ -146,7 +172,6 @@ class DnsLauncher : public Launcher {
   }
 
   DnsLauncherOptions options_;
-  mutable absl::Mutex mu_;
 };
 
 }  // namespace

@@ -4,10 +4,11 @@
 // server as a stable host name and a port (stage-0.pipeserve-stages...:9000).
 // Each ServersFor looks again, so a scale-up is used by the next upload or
 // repair, and a replaced pod (same name, new address) by the next
-// connection; nothing is restarted. Servers are taken in order of name,
-// stage i on server i mod N, as the static launcher does; a model that
-// needs more servers than the name lists gets kUnavailable naming what it
-// waits for, and is deployed as soon as enough answer (a stored model by
+// connection; nothing is restarted. Servers are taken in order of name
+// (stage-2 before stage-10), one per stage: unlike the static launcher it
+// never puts two stages on one server, so a model of S stages in R
+// replicas needs R x S listed; with fewer it gets kUnavailable naming what
+// it waits for, and is deployed as soon as enough answer (a stored model by
 // the coordinator's repair loop; an upload when the client tries again).
 //
 //   std::unique_ptr<Launcher> l = MakeDnsLauncher({.name = "_grpc._tcp.stages"});

@@ -40,6 +40,11 @@ TEST(DnsLauncherTest, TakesServersInOrderOfNameAndLooksAgainEachTime) {
   records->push_back({"stage-2.stages.", 9000});  // scaled up
   EXPECT_THAT(*l->ServersFor(3), ElementsAre("stage-0.stages:9000", "stage-1.stages:9000",
                                              "stage-2.stages:9000"));
+  records = std::vector<SrvTarget>{{"stage-10.stages.", 9000}, {"stage-2.stages.", 9000},
+                                   {"stage-9.stages.", 9000}};
+  EXPECT_THAT(l->ExistingServers(), ElementsAre("stage-2.stages:9000", "stage-9.stages:9000",
+                                                "stage-10.stages:9000"))
+      << "numbers in names are ordered by value, as a StatefulSet counts its pods";
   records = absl::NotFoundError("DNS has no SRV records for _grpc._tcp.stages");
   EXPECT_THAT(std::string(l->ServersFor(1).status().message()),
               HasSubstr("waiting for 1 stage servers: DNS has no SRV records"));

@@ -1,6 +1,8 @@
 """A coordinator process (and the stage servers it starts) for the Python
 tests that serve real models: started on ports picked at run time, waited
 on by its health check, stopped with SIGTERM."""
+import http.client
+import json
 import os
 import signal
 import subprocess
@@ -58,6 +60,23 @@ class Coordinator:
             if time.time() > deadline:
                 raise RuntimeError("coordinator not healthy")
             time.sleep(0.02)
+
+    def assert_hang_up_frees_blocks(self, test, http_port, path, body, model):
+        """Opens a streamed generation over HTTP, reads its first event and
+        hangs up; `test` asserts the model's KV cache blocks were in use and
+        are free again within 10 s."""
+        conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=60)
+        conn.request("POST", path, json.dumps(body))
+        resp = conn.getresponse()
+        test.assertTrue(resp.readline().startswith(b"data: "))
+        used = f'pipeserve_kv_cache_blocks{{model="{model}",state="used"}}'
+        test.assertGreater(self.metric(used), 0)
+        conn.sock.close()
+        conn.close()
+        deadline = time.time() + 10
+        while self.metric(used) > 0 and time.time() < deadline:
+            time.sleep(0.02)
+        test.assertEqual(self.metric(used), 0)
 
     def metric(self, line_start):
         """The value of the Prometheus sample whose line starts so."""

@@ -219,19 +219,9 @@ class RestTest(unittest.TestCase):
         self.assertEqual([e["token_id"] for e in self.events(sampled)], want)
 
     def test_a_client_that_hangs_up_mid_stream_frees_its_blocks(self):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        conn.request("POST", "/v2/models/gen/generate_stream",
-                     json.dumps({"input_ids": [1, 2, 3], "max_tokens": 60}))
-        resp = conn.getresponse()
-        self.assertTrue(resp.readline().startswith(b"data: "))
-        used = 'pipeserve_kv_cache_blocks{model="gen",state="used"}'
-        self.assertGreater(self.coord.metric(used), 0)
-        conn.sock.close()
-        conn.close()
-        deadline = time.time() + 10
-        while self.coord.metric(used) > 0 and time.time() < deadline:
-            time.sleep(0.02)
-        self.assertEqual(self.coord.metric(used), 0)
+        self.coord.assert_hang_up_frees_blocks(
+            self, self.port, "/v2/models/gen/generate_stream",
+            {"input_ids": [1, 2, 3], "max_tokens": 60}, "gen")
 
     def test_bad_generate_requests_get_errors_naming_the_problem(self):
         def error(model, body, status, text):
