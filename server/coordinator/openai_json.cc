@@ -216,7 +216,12 @@ absl::StatusOr<ChatMessage> Message(const Json& m) {
     msg.content = content.get<std::string>();
   } else if (content.is_array()) {  // parts: only text
     for (const Json& part : content) {
-      if (!part.is_object() || part.value("type", "") != "text" || !part["text"].is_string()) {
+      // Checked key by key: a const json's [] of a missing key asserts, and
+      // value() of a key of another type throws.
+      const bool text_part = part.is_object() && part.contains("type") &&
+                             part["type"].is_string() && part["type"] == "text" &&
+                             part.contains("text") && part["text"].is_string();
+      if (!text_part) {
         return Invalid("messages", "text: content parts other than {\"type\": \"text\"} are "
                                    "not supported");
       }

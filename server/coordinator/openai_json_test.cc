@@ -102,6 +102,13 @@ TEST(OpenAiJsonTest, ChatMessagesAsTextOrTextParts) {
   auto image = ChatRequestFromJson(R"({"model": "m", "messages": [{"role": "user",
       "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})");
   EXPECT_THAT(Message(image.status()), HasSubstr("other than {\"type\": \"text\"}"));
+  // Found by text_request_fuzz: a part without "text" asserted in nlohmann.
+  auto no_text = ChatRequestFromJson(R"({"model": "m", "messages": [{"role": "user",
+      "content": [{"type": "text", "t[xt": "hi"}]}]})");
+  EXPECT_THAT(Message(no_text.status()), HasSubstr("other than {\"type\": \"text\"}"));
+  auto typed = ChatRequestFromJson(R"({"model": "m", "messages": [{"role": "user",
+      "content": [{"type": 5, "text": "x"}]}]})");
+  EXPECT_THAT(Message(typed.status()), HasSubstr("other than {\"type\": \"text\"}"));
   auto empty = ChatRequestFromJson(R"({"model": "m", "messages": []})");
   EXPECT_THAT(Message(empty.status()), HasSubstr("a non-empty list of messages"));
   auto tools = ChatRequestFromJson(R"({"model": "m", "messages": [{"role": "user", "content": "x"}],
