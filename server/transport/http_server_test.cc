@@ -207,16 +207,6 @@ TEST_F(HttpServerTest, ARequestBeyondTheConnectionLimitGets503) {
   EXPECT_THAT(busy, StartsWith("HTTP/1.1 503"));
   EXPECT_THAT(busy, HasSubstr("too many connections: 3 are open, and this server takes 2"));
   EXPECT_TRUE(ClosedWithin(c, absl::Seconds(5))) << "the refused connection closes";
-  // Beyond the overflow, connections close as they are accepted.
-  std::vector<int> more;
-  for (int i = 0; i < HttpServer::kConnectionOverflow; ++i) {
-    more.push_back(ConnectLoopback(server_->port()));
-  }
-  absl::SleepFor(absl::Milliseconds(300));
-  const int beyond = ConnectLoopback(server_->port());
-  EXPECT_TRUE(ClosedWithin(beyond, absl::Seconds(2)));
-  for (int fd : more) ::close(fd);
-  ::close(beyond);
   ::close(a);
   ::close(b);
   ::close(c);
