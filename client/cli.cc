@@ -430,6 +430,37 @@ void AddTokenizerFlags(FlagSet& f) {
         false, "", /*repeated=*/true);
 }
 
+// upload's flags.
+void AddUploadFlags(FlagSet& f) {
+  AddServerFlag(f);
+  f.Add("name", "NAME", "the name to serve the model under", true);
+  AddPartitionFlags(f);
+  f.Add("microbatches", "M",
+        "microbatches per request (0: the server's default)", false,
+        "0");
+  f.Add("replicas", "R",
+        "replicas of every stage, R x stages servers (0: the "
+        "server's default)",
+        false, "0");
+  f.Add("max_batch_rows", "N",
+        "dynamic batching: merge concurrent smaller requests into "
+        "requests of up to N rows while the model is busy, and let "
+        "stages compute a request's queued microbatches together up "
+        "to N rows (0: the server's default; -1: never)",
+        false, "0");
+  f.Add("max_queue_delay_us", "US",
+        "dynamic batching: how long a request waits for others (0: "
+        "the server's default)",
+        false, "0");
+  AddBalanceFlags(f, "",
+                  "how --num_stages cuts are balanced: measured (node "
+                  "times measured on the server) or estimated (FLOPs + "
+                  "parameter bytes); default: measured where the "
+                  "server can",
+                  "the server's default");
+  AddTokenizerFlags(f);
+}
+
 absl::Status Upload(const FlagSet& flags, Client& client, std::ostream& out,
                     std::ostream& err) {
   UploadOptions options;
@@ -809,35 +840,7 @@ std::map<std::string, Command> Commands() {
       {"upload",
        {"Upload a model file to the coordinator, which cuts it into stages\n"
         "and deploys them on its stage servers.",
-        [](FlagSet& f) {
-          AddServerFlag(f);
-          f.Add("name", "NAME", "the name to serve the model under", true);
-          AddPartitionFlags(f);
-          f.Add("microbatches", "M",
-                "microbatches per request (0: the server's default)", false,
-                "0");
-          f.Add("replicas", "R",
-                "replicas of every stage, R x stages servers (0: the "
-                "server's default)",
-                false, "0");
-          f.Add("max_batch_rows", "N",
-                "dynamic batching: merge concurrent smaller requests into "
-                "requests of up to N rows while the model is busy, and let "
-                "stages compute a request's queued microbatches together up "
-                "to N rows (0: the server's default; -1: never)",
-                false, "0");
-          f.Add("max_queue_delay_us", "US",
-                "dynamic batching: how long a request waits for others (0: "
-                "the server's default)",
-                false, "0");
-          AddBalanceFlags(f, "",
-                          "how --num_stages cuts are balanced: measured (node "
-                          "times measured on the server) or estimated (FLOPs + "
-                          "parameter bytes); default: measured where the "
-                          "server can",
-                          "the server's default");
-          AddTokenizerFlags(f);
-        },
+        AddUploadFlags,
         Remote(Upload)}},
       {"models",
        {"List the models on the server with their state, stages and size.",

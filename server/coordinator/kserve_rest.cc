@@ -170,24 +170,20 @@ HttpResponse KServeRest::Generate(const HttpRequest& r, const std::string& model
     if (!s.ok()) return Error(core_->Public(s));
     return Json(GenerateResponseJson(model, ids, finish, prompt_tokens));
   }
-  HttpResponse events;
-  events.content_type = "text/event-stream";
-  events.headers.emplace_back("Cache-Control", "no-cache");
   KServeCore* core = core_;
   std::shared_ptr<Generator> g = *gen;
   GenerationRequest request = *std::move(req);
-  events.stream = [core, g, request, prompt_tokens](HttpStream& out) {
+  return HttpResponse::EventStream([core, g, request, prompt_tokens](HttpStream& out) {
     absl::Status s = g->Generate(
         request,
         [&](const GeneratedToken& t) {
-          return out.Write(absl::StrCat("data: ", TokenEventJson(t, prompt_tokens), "\n\n"));
+          return WriteEvent(out, TokenEventJson(t, prompt_tokens));
         },
         [&out] { return out.ClientGone(); });
     if (!s.ok() && !out.ClientGone()) {
-      out.Write(absl::StrCat("data: ", ErrorJson(core->Public(s).message()), "\n\n"));
+      WriteEvent(out, ErrorJson(core->Public(s).message()));
     }
-  };
-  return events;
+  });
 }
 
 HttpResponse KServeRest::GenerateText(const HttpRequest& r, const std::string& model, bool stream,
@@ -207,13 +203,10 @@ HttpResponse KServeRest::GenerateText(const HttpRequest& r, const std::string& m
     if (!c.ok()) return Error(core_->Public(c.status()));
     return Json(GenerateTextResponseJson(model, out, c->finish_reason, prompt_tokens, c->tokens));
   }
-  HttpResponse events;
-  events.content_type = "text/event-stream";
-  events.headers.emplace_back("Cache-Control", "no-cache");
   KServeCore* core = core_;
   TextModel m = *std::move(text);
-  events.stream = [core, m, req, model, prompt_tokens](HttpStream& out) {
-    auto event = [&](const std::string& json) { return out.Write(absl::StrCat("data: ", json, "\n\n")); };
+  return HttpResponse::EventStream([core, m, req, model, prompt_tokens](HttpStream& out) {
+    auto event = [&](const std::string& json) { return WriteEvent(out, json); };
     absl::StatusOr<Completion> c = Complete(
         *m.generator, *m.tokenizer, req, {},
         [&](absl::string_view s) { return event(TextEventJson(model, s, "", 0, 0)); },
@@ -224,8 +217,7 @@ HttpResponse KServeRest::GenerateText(const HttpRequest& r, const std::string& m
       return;
     }
     event(TextEventJson(model, "", c->finish_reason, prompt_tokens, c->tokens));
-  };
-  return events;
+  });
 }
 
 }  // namespace pipeserve

@@ -42,8 +42,6 @@ void RunAll(size_t n, const std::function<void(size_t)>& run) {
   for (std::thread& t : threads) t.join();
 }
 
-std::string Event(absl::string_view json) { return absl::StrCat("data: ", json, "\n\n"); }
-
 // The job of prompt `p`, checked as Generate would before it runs, so that
 // a stream starts only for a request that can run (a request that could
 // never fit the cache is a bad request here: trying again cannot help).
@@ -247,12 +245,8 @@ HttpResponse OpenAiRest::Run(const HttpRequest& r, const TextModel& text, const 
     run->remaining = run->jobs.size();
   }
   if (!common.stream) return RunWhole(r, *run);
-  HttpResponse events;
-  events.content_type = "text/event-stream";
-  events.headers.emplace_back("Cache-Control", "no-cache");
   KServeCore* core = core_;
-  events.stream = [run, core](HttpStream& out) { Stream(*run, core, out); };
-  return events;
+  return HttpResponse::EventStream([run, core](HttpStream& out) { Stream(*run, core, out); });
 }
 
 HttpResponse OpenAiRest::RunWhole(const HttpRequest& r, Choices& run) {
@@ -275,7 +269,7 @@ void OpenAiRest::Stream(Choices& run, KServeCore* core, HttpStream& out) {
   absl::Mutex write_mu;
   auto write = [&](const std::string& json) {
     absl::MutexLock l(&write_mu);
-    return out.Write(Event(json));
+    return WriteEvent(out, json);
   };
   const OpenAiHeader& h = run.header;
   RunAll(run.jobs.size(), [&](size_t i) {
@@ -312,7 +306,7 @@ void OpenAiRest::Stream(Choices& run, KServeCore* core, HttpStream& out) {
   } else if (run.common.include_usage) {
     write(OpenAiUsageChunkJson(h, usage));
   }
-  out.Write("data: [DONE]\n\n");
+  WriteEvent(out, "[DONE]");
 }
 
 }  // namespace pipeserve

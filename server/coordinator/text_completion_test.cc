@@ -24,9 +24,6 @@ constexpr int64_t kEnd = 7;
 class FakeTokenizer : public Tokenizer {
  public:
   FakeTokenizer() { stop_tokens_ = {kEnd}; }
-  absl::StatusOr<std::vector<int64_t>> Encode(absl::string_view, bool) const override {
-    return std::vector<int64_t>{8};
-  }
   std::string TokenBytes(int64_t id) const override { return kPieces[id]; }
   int64_t size() const override { return kVocab; }
 

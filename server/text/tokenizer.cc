@@ -21,9 +21,6 @@ class Gpt2Tokenizer : public Tokenizer {
       stop_tokens_.push_back(eot);
     }
   }
-  absl::StatusOr<std::vector<int64_t>> Encode(absl::string_view text, bool add_bos) const override {
-    return EncodeWithSpecials(text, add_bos);
-  }
   std::string TokenBytes(int64_t id) const override {
     for (const auto& special : specials_) {
       if (special.second == id) return "";
@@ -48,9 +45,6 @@ class SentencePieceTokenizer : public Tokenizer {
     for (int id = 0; id < sp_->size(); ++id) {
       if (sp_->IsControl(id) && !sp_->Piece(id).empty()) specials_.emplace_back(sp_->Piece(id), id);
     }
-  }
-  absl::StatusOr<std::vector<int64_t>> Encode(absl::string_view text, bool add_bos) const override {
-    return EncodeWithSpecials(text, add_bos);
   }
   std::string TokenBytes(int64_t id) const override {
     if (id < 0 || id >= size()) return "";
@@ -133,8 +127,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> MakeTokenizer(const TokenizerSpec& sp
   return t;
 }
 
-absl::StatusOr<std::vector<int64_t>> Tokenizer::EncodeWithSpecials(absl::string_view text,
-                                                                   bool add_bos) const {
+absl::StatusOr<std::vector<int64_t>> Tokenizer::Encode(absl::string_view text,
+                                                       bool add_bos) const {
   RETURN_IF_ERROR(DecodeUtf8(text).status());
   std::vector<int64_t> ids;
   if (add_bos && bos_ >= 0) {

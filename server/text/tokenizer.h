@@ -33,8 +33,7 @@ class Tokenizer {
   // The ids of `text` (valid UTF-8, else kInvalidArgument naming the byte
   // offset), its special tokens as their ids; with `add_bos`, the BOS
   // first where the tokenizer has one (unless the text starts with it).
-  virtual absl::StatusOr<std::vector<int64_t>> Encode(absl::string_view text,
-                                                      bool add_bos) const = 0;
+  absl::StatusOr<std::vector<int64_t>> Encode(absl::string_view text, bool add_bos) const;
   // The bytes token `id` adds to a text: empty for special tokens and ids
   // beyond the vocabulary, a part of a character for some.
   virtual std::string TokenBytes(int64_t id) const = 0;
@@ -56,10 +55,7 @@ class Tokenizer {
   // Special tokens' texts and ids, which Encode finds in a text.
   std::vector<std::pair<std::string, int64_t>> specials_;
   int64_t bos_ = -1;
-  // Encode's parts: `text` splits at its special tokens, the rest is
-  // EncodePlain's.
-  absl::StatusOr<std::vector<int64_t>> EncodeWithSpecials(absl::string_view text,
-                                                          bool add_bos) const;
+  // The ids of text without special tokens (Encode splits at those).
   virtual absl::StatusOr<std::vector<int64_t>> EncodePlain(absl::string_view text) const = 0;
 };
 

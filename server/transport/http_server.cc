@@ -182,6 +182,18 @@ MHD_Result Queue(MHD_Connection* c, const HttpResponse& r) {
 
 }  // namespace
 
+HttpResponse HttpResponse::EventStream(std::function<void(HttpStream&)> produce) {
+  HttpResponse events;
+  events.content_type = "text/event-stream";
+  events.headers.emplace_back("Cache-Control", "no-cache");
+  events.stream = std::move(produce);
+  return events;
+}
+
+bool WriteEvent(HttpStream& out, absl::string_view data) {
+  return out.Write(absl::StrCat("data: ", data, "\n\n"));
+}
+
 std::string HttpRequest::Header(const std::string& name) const {
   auto it = headers.find(name);
   return it == headers.end() ? "" : it->second;

@@ -70,7 +70,14 @@ struct HttpResponse {
 
   static HttpResponse Text(int status, std::string body,
                            std::string content_type = "text/plain; charset=utf-8");
+  // A stream of server-sent events (text/event-stream, not cached) that
+  // `produce` writes (WriteEvent).
+  static HttpResponse EventStream(std::function<void(HttpStream&)> produce);
 };
+
+// Writes one server-sent event, "data: <data>\n\n"; false once the client
+// is gone.
+bool WriteEvent(HttpStream& out, absl::string_view data);
 
 using HttpHandler = std::function<HttpResponse(const HttpRequest&)>;
 
