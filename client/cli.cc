@@ -494,8 +494,12 @@ absl::Status Upload(const FlagSet& flags, Client& client, std::ostream& out,
   }
   RETURN_IF_ERROR(result.status());
   out << "uploaded model \"" << result->name << "\": " << result->bytes
-      << " bytes (" << HumanBytes(result->bytes) << "), " << result->num_stages
-      << " stage" << (result->num_stages == 1 ? "" : "s") << "\n";
+      << " bytes (" << HumanBytes(result->bytes) << "), ";
+  if (!result->waiting.empty()) {
+    out << "stored; it deploys once stage servers answer (" << result->waiting << ")\n";
+    return absl::OkStatus();
+  }
+  out << result->num_stages << " stage" << (result->num_stages == 1 ? "" : "s") << "\n";
   return absl::OkStatus();
 }
 

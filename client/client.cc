@@ -224,7 +224,8 @@ absl::StatusOr<UploadResult> Client::Upload(
   writer->WritesDone();
   grpc::Status s = writer->Finish();
   if (!s.ok()) return FromGrpc(s);
-  return UploadResult{response.name(), response.bytes(), response.num_stages()};
+  return UploadResult{response.name(), response.bytes(), response.num_stages(),
+                      response.waiting()};
 }
 
 void Client::Prepare(grpc::ClientContext* ctx, absl::Duration timeout) const {

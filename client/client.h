@@ -72,7 +72,9 @@ struct NamedTensor {
 struct UploadResult {
   std::string name;
   uint64_t bytes = 0;  // bytes the server received
-  int num_stages = 0;  // stages the model was cut into
+  int num_stages = 0;  // stages the model was cut into (0 while waiting)
+  // Stored but not deployed yet: what it waits for (UploadResponse.waiting).
+  std::string waiting;
 };
 
 // Thread-safe: methods may be called concurrently (each is its own call).

@@ -4,11 +4,15 @@
 // come and go). DnsTest runs the servers on this machine's loopback (each
 // record names 127.0.0.1 and a server's port); DnsNetnsTest (its own
 // process: //tests:dns_netns_test) puts each in a network namespace of its
-// own on port 9000, as pods are, its record naming its address. A model
-// needing more servers than are listed is refused naming what it waits
-// for; a scale-up is used without a restart; a server that goes away and
-// one that replaces it are followed; and a stored model waits, saying so
-// in its status, until enough servers answer, then serves.
+// own on port 9000, as pods are, its record naming a host name whose A
+// record is its address (dnsmasq on the namespaces' bridge, and every
+// process's /etc/resolv.conf pointing there). A model needing more servers
+// than are listed is refused naming what it waits for; a scale-up is used
+// without a restart; a server that goes away and one that replaces it are
+// followed; a stored model waits, saying so in its status, until enough
+// servers answer, then serves; and (in namespaces) a server replaced under
+// the same name at a new address, as a StatefulSet replaces a pod, is
+// followed too.
 #include <memory>
 #include <string>
 #include <vector>
@@ -32,6 +36,7 @@ namespace {
 using ::testing::HasSubstr;
 
 constexpr char kName[] = "_grpc._tcp.stages.test";
+constexpr char kBridge[] = "10.77.0.1";  // TestNetwork's
 
 class DnsTest : public ::testing::Test {
  protected:
@@ -45,6 +50,7 @@ class DnsTest : public ::testing::Test {
         if (s.code() == absl::StatusCode::kFailedPrecondition) GTEST_SKIP() << s.message();
         FAIL() << s;
       }
+      if (absl::Status s = net_.UseNameserver(kBridge); !s.ok()) GTEST_SKIP() << s.message();
     }
     auto dir = MakeFixtures({"example_code"}, 16);
     ASSERT_TRUE(dir.ok()) << dir.status();
@@ -54,9 +60,11 @@ class DnsTest : public ::testing::Test {
     token_ = absl::StrCat("dns-test-token-", ::getpid());
   }
 
-  // Starts one more stage server; its SRV record is added by Publish.
-  StageServerProcess* AddServer() {
+  // Starts one more stage server; its SRV record is added by Publish. In
+  // namespaces its host name is `name` (default s<i>.stages.test).
+  StageServerProcess* AddServer(std::string name = "") {
     const int i = static_cast<int>(servers_.size());
+    names_.push_back(name.empty() ? absl::StrCat("s", i, ".stages.test") : name);
     absl::StatusOr<std::unique_ptr<StageServerProcess>> s;
     if (InNamespaces()) {
       EXPECT_TRUE(net_.AddHost(i).ok());
@@ -71,21 +79,31 @@ class DnsTest : public ::testing::Test {
     return servers_.back().get();
   }
 
-  // The DNS name lists exactly `servers`, each as its address and port (a
-  // target name gRPC reads as an address: no second lookup, whose c-ares
-  // leaks 10 bytes LeakSanitizer would count).
+  // The DNS name lists exactly `servers`: on loopback each as its address
+  // and port (a target name gRPC reads as an address), in namespaces as its
+  // host name, port 9000, and an A record.
   void Publish(const std::vector<StageServerProcess*>& servers) {
-    std::vector<std::string> records;
+    std::vector<std::string> srv, hosts;
     for (StageServerProcess* s : servers) {
       const size_t colon = s->address().rfind(':');
-      records.push_back(absl::StrCat(kName, ",", s->address().substr(0, colon), ",",
-                                     s->address().substr(colon + 1)));
+      const std::string ip = s->address().substr(0, colon);
+      const std::string target = InNamespaces() ? NameOf(s) : ip;
+      srv.push_back(absl::StrCat(kName, ",", target, ",", s->address().substr(colon + 1)));
+      if (InNamespaces()) hosts.push_back(absl::StrCat(target, ",", ip));
     }
     if (dns_ == nullptr) {
-      dns_ = std::make_unique<Dnsmasq>(records);
+      dns_ = std::make_unique<Dnsmasq>(DnsRecords{
+          .srv_hosts = srv, .host_records = hosts, .listen = InNamespaces() ? kBridge : ""});
     } else {
-      dns_->Restart(records);
+      dns_->Restart(srv, hosts);
     }
+  }
+
+  std::string NameOf(StageServerProcess* s) const {
+    for (size_t i = 0; i < servers_.size(); ++i) {
+      if (servers_[i].get() == s) return names_[i];
+    }
+    return "";
   }
 
   std::unique_ptr<CoordinatorProcess> StartCoordinator() {
@@ -102,6 +120,15 @@ class DnsTest : public ::testing::Test {
     auto out = (*client)->Infer("m", NamedInputs(fixture_), absl::Seconds(60));
     ASSERT_TRUE(out.ok()) << out.status();
     ExpectMatchesPyTorch((*out)[0].tensor, fixture_.expected[0], fixture_.exact[0]);
+  }
+
+  // Until the model is READY (the repair loop's next try), up to a minute.
+  void WaitReady(const std::string& address) {
+    const absl::Time end = absl::Now() + absl::Seconds(60);
+    while (Status(address).state() != "READY" && absl::Now() < end) {
+      absl::SleepFor(absl::Milliseconds(200));
+    }
+    EXPECT_EQ(Status(address).state(), "READY") << Status(address).reason();
   }
 
   // The model's status, as `pipeserve models` shows it.
@@ -121,6 +148,7 @@ class DnsTest : public ::testing::Test {
   Fixture fixture_;
   std::string token_, repo_ = TestTempDir("dns_repo");
   std::vector<std::unique_ptr<StageServerProcess>> servers_;
+  std::vector<std::string> names_;  // servers_[i]'s host name in namespaces
   std::unique_ptr<Dnsmasq> dns_;
 };
 
@@ -139,21 +167,28 @@ void DnsTest::Scenario() {
   auto c = StartCoordinator();
   ASSERT_NE(c, nullptr);
 
-  // ExampleCode has 4 stages: 2 listed servers are not enough.
-  auto early = UploadAndAnswer(c->address(), "m", fixture_);
-  ASSERT_FALSE(early.ok());
-  EXPECT_EQ(early.status().code(), absl::StatusCode::kUnavailable);
-  EXPECT_THAT(std::string(early.status().message()),
-              HasSubstr(absl::StrCat("waiting for 4 stage servers: the DNS name ", kName,
-                                     " lists 2")));
+  // ExampleCode has 4 stages: 2 listed servers are not enough. The upload
+  // is stored and waits, saying for what, in its answer and its status.
+  auto client = Client::Connect(c->address());
+  ASSERT_TRUE(client.ok());
+  auto early = (*client)->Upload("m", fixture_.path, UploadOptions());
+  ASSERT_TRUE(early.ok()) << early.status();
+  const std::string waits =
+      absl::StrCat("waiting for 4 stage servers: the DNS name ", kName, " lists 2");
+  EXPECT_THAT(early->waiting, HasSubstr(waits));
+  EXPECT_EQ(early->num_stages, 0);
+  EXPECT_EQ(Status(c->address()).state(), "UNAVAILABLE");
+  EXPECT_THAT(Status(c->address()).reason(), HasSubstr(waits));
+  auto refused = (*client)->Infer("m", NamedInputs(fixture_), absl::Seconds(5));
+  EXPECT_FALSE(refused.ok());
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr(waits));
 
-  // Scaled up to 4: the same coordinator uses them.
+  // Scaled up to 4: the same coordinator deploys it, with no new upload.
   StageServerProcess* d3 = AddServer();
   StageServerProcess* d4 = AddServer();
   Publish({a, b, d3, d4});
-  auto answer = UploadAndAnswer(c->address(), "m", fixture_);
-  ASSERT_TRUE(answer.ok()) << answer.status();
-  ExpectMatchesPyTorch(*answer, fixture_.expected[0], fixture_.exact[0]);
+  WaitReady(c->address());
+  ExpectAnswers(c->address());
 
   // A server goes away and another takes its place (a pod replaced): the
   // model is repaired onto what DNS lists now.
@@ -179,12 +214,24 @@ void DnsTest::Scenario() {
                                                        kName, " lists 3")));
   StageServerProcess* f = AddServer();
   Publish({a, e, d3, f});
-  end = absl::Now() + absl::Seconds(60);
-  while (Status(c->address()).state() != "READY" && absl::Now() < end) {
-    absl::SleepFor(absl::Milliseconds(200));  // the repair loop's next try
-  }
-  EXPECT_EQ(Status(c->address()).state(), "READY");
+  WaitReady(c->address());
   ExpectAnswers(c->address());
+  if (!InNamespaces()) return;
+
+  // Each pod replaced under its name at a new address (a StatefulSet's
+  // stage-1 recreated elsewhere), one at a time: the name now leads to a
+  // server that has never loaded the stage, and the model is repaired onto
+  // it, whichever stage it held (the coordinator's stream into stage 0,
+  // links between stages, the results stream from the last).
+  std::vector<StageServerProcess*> now = {a, e, d3, f};
+  for (StageServerProcess*& old : now) {
+    const std::string name = NameOf(old);
+    old->Terminate(absl::Seconds(30));
+    old = AddServer(name);
+    Publish(now);
+    ExpectAnswers(c->address());
+    EXPECT_EQ(Status(c->address()).state(), "READY") << name;
+  }
 }
 
 }  // namespace

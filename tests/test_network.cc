@@ -1,13 +1,16 @@
 #include "tests/test_network.h"
 
 #include <sched.h>
+#include <sys/mount.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 
 #include "absl/strings/str_cat.h"
+#include "server/testing/temp_dir.h"
 
 namespace pipeserve {
 
@@ -37,6 +40,20 @@ absl::Status TestNetwork::Enter() {
       Sh("ip link add psbr type bridge && ip addr add 10.77.0.1/24 dev psbr && "
          "ip link set psbr up") != 0) {
     return absl::InternalError("cannot bring up lo and the bridge psbr");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status TestNetwork::UseNameserver(const std::string& ip) {
+  const std::string conf = TestTempDir("resolv") + "/resolv.conf";
+  std::ofstream(conf) << "nameserver " << ip << "\noptions timeout:1 attempts:2\n";
+  // Private mounts: the bind below is seen by this process and its
+  // children only, never by the machine.
+  if (::unshare(CLONE_NEWNS) != 0 ||
+      ::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0 ||
+      ::mount(conf.c_str(), "/etc/resolv.conf", nullptr, MS_BIND, nullptr) != 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "cannot point /etc/resolv.conf at ", ip, " in a mount namespace: ", std::strerror(errno)));
   }
   return absl::OkStatus();
 }

@@ -30,6 +30,11 @@ class TestNetwork {
   ~TestNetwork();
 
   absl::Status Enter();
+  // Every process started from here on (in the hosts' namespaces too)
+  // resolves names through the DNS server at `ip` (port 53): this process
+  // moves into a mount namespace of its own, where /etc/resolv.conf is a
+  // file of the test's. Call right after Enter, before any thread starts.
+  absl::Status UseNameserver(const std::string& ip);
   absl::Status AddHost(int i);
 
   // Names unique to this run: namespaces psn<pid>s<i>, host-side veths

@@ -415,8 +415,16 @@ absl::StatusOr<UploadResponse> Coordinator::FinishUpload(const std::string& name
   RETURN_IF_ERROR(CheckLoaded(name));
   ModelLock model_lock(this, name);
   NodeProfile measured;
-  ASSIGN_OR_RETURN(std::shared_ptr<Deployment> d,
-                   Deploy(name, upload->path(), options, upload->bytes(), &measured));
+  absl::StatusOr<std::shared_ptr<Deployment>> deployed =
+      Deploy(name, upload->path(), options, upload->bytes(), &measured);
+  if (!deployed.ok()) {
+    if (deployed.status().code() != absl::StatusCode::kUnavailable ||
+        !launcher_->ServersComeLater() || Current(name) != nullptr) {
+      return deployed.status();
+    }
+    return StoreWaiting(name, options, std::move(upload), deployed.status());
+  }
+  std::shared_ptr<Deployment> d = *std::move(deployed);
   // Keep what was measured with the model: a restart or a redeployment
   // then cuts exactly as now (and can adopt the stages it finds loaded).
   UploadOptions stored = options;
@@ -432,6 +440,34 @@ absl::StatusOr<UploadResponse> Coordinator::FinishUpload(const std::string& name
   resp.set_name(name);
   resp.set_bytes(total_bytes);
   resp.set_num_stages(d->plan().stages_size());
+  return resp;
+}
+
+absl::StatusOr<UploadResponse> Coordinator::StoreWaiting(const std::string& name,
+                                                         const UploadOptions& options,
+                                                         std::unique_ptr<PendingUpload> upload,
+                                                         const absl::Status& why) {
+  RETURN_IF_ERROR(upload->Commit(options));
+  {
+    absl::MutexLock lock(&mu_);
+    ModelInfo& info = failed_[name];
+    info = ModelInfo();
+    info.name = name;
+    info.state = ModelState::kUnavailable;
+    info.reason = std::string(why.message());
+    info.bytes = upload->bytes();
+    info.version = upload->version();
+  }
+  {
+    absl::MutexLock lock(&repair_mu_);
+    repair_attempts_.erase(name);
+    repair_why_.erase(name);
+  }
+  ScheduleRepair(name);
+  UploadResponse resp;
+  resp.set_name(name);
+  resp.set_bytes(upload->bytes());
+  resp.set_waiting(std::string(why.message()));
   return resp;
 }
 

@@ -141,7 +141,11 @@ class Coordinator {
   // partitioner's message, or naming the limit a model exceeds), deploys
   // (kUnavailable if stage servers fail) and only then commits the file to
   // the store and switches requests to it. On any error nothing is stored
-  // and a model already serving under the name keeps serving.
+  // and a model already serving under the name keeps serving. One
+  // exception: with a launcher whose servers come later (the dns one) and
+  // too few now, a model that nothing serves yet is stored and waits, its
+  // status saying for what, and the repair loop deploys it once enough
+  // answer; the response's `waiting` says so.
   absl::StatusOr<std::unique_ptr<PendingUpload>> StartUpload(const std::string& name);
   absl::StatusOr<UploadResponse> FinishUpload(const std::string& name,
                                               const UploadOptions& options,
@@ -285,6 +289,12 @@ class Coordinator {
   // Serves `name` from `d` (a new upload's deployment, its lock held): the
   // version it replaces finishes its requests in flight, then closes.
   void Publish(const std::string& name, const std::shared_ptr<Deployment>& d);
+  // FinishUpload's exception above: stores `upload` and lists the model as
+  // waiting (`why`), for the repair loop.
+  absl::StatusOr<UploadResponse> StoreWaiting(const std::string& name,
+                                              const UploadOptions& options,
+                                              std::unique_ptr<PendingUpload> upload,
+                                              const absl::Status& why);
   // Deploys stored model `m` at start (LoadStoredModels), unless a newer
   // version serves by then; one that fails is listed UNAVAILABLE and
   // repaired.

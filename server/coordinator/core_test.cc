@@ -1396,6 +1396,62 @@ TEST_F(CoordinatorTest, AnUnloadDuringARepairLeavesNothingBehind) {
   EXPECT_EQ(StagesLoaded(), 0);
 }
 
+// A launcher like the dns one: too few servers now, more later.
+class ComeLaterLauncher : public Launcher {
+ public:
+  explicit ComeLaterLauncher(std::vector<std::string> servers) : servers_(std::move(servers)) {}
+  std::string Name() const override { return "come-later"; }
+  absl::StatusOr<std::vector<std::string>> ServersFor(int n) override {
+    if (!enough.load()) {
+      return absl::UnavailableError(absl::StrCat("waiting for ", n, " stage servers: 1 listed"));
+    }
+    return std::vector<std::string>(servers_.begin(), servers_.begin() + n);
+  }
+  int ThreadsPerStage(bool) const override { return 0; }
+  bool ServersComeLater() const override { return true; }
+  std::atomic<bool> enough{false};
+
+ private:
+  std::vector<std::string> servers_;
+};
+
+// Issue 24: with a launcher whose servers come later, an upload made
+// before there are enough is stored and waits, saying for what, and
+// deploys by itself once they answer; a re-upload of a model that serves
+// fails instead, and the old version keeps serving.
+TEST_F(CoordinatorTest, AnUploadWithTooFewServersWaitsForThemStored) {
+  auto owned = std::make_unique<ComeLaterLauncher>(Addresses());
+  ComeLaterLauncher* launcher = owned.get();
+  coordinator_ = std::make_unique<Coordinator>(Options(), *OpenFileModelStore(repo_),
+                                               std::move(owned), stages_.get());
+  coordinator_->LoadStoredModels();
+  const Model m = Mlp(2);
+  auto up = Upload("mlp", m);
+  ASSERT_TRUE(up.ok()) << up.status();
+  EXPECT_EQ(up->waiting(), "waiting for 2 stage servers: 1 listed");
+  EXPECT_EQ(up->num_stages(), 0);
+  auto info = coordinator_->GetModel("mlp");
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->state, ModelState::kUnavailable);
+  EXPECT_THAT(info->reason, HasSubstr("waiting for 2 stage servers"));
+  EXPECT_EQ(info->version, 1);
+  EXPECT_THAT(std::string(coordinator_->Find("mlp").status().message()),
+              HasSubstr("waiting for 2 stage servers"));
+
+  launcher->enough = true;
+  ASSERT_TRUE(WaitReady("mlp"));
+  const std::vector<Tensor> in = {Ramp({4, 8}, 1), Ramp({4, 8}, 2)};
+  auto out = Infer("mlp", in);
+  ASSERT_TRUE(out.ok()) << out.status();
+  ExpectEqual((*out)[0], Expected(m, in)[0]);
+
+  launcher->enough = false;
+  auto again = Upload("mlp", Mlp(2, 8, /*seed=*/2));
+  EXPECT_EQ(again.status().code(), absl::StatusCode::kUnavailable) << again.status();
+  EXPECT_EQ(coordinator_->GetModel("mlp")->version, 1);
+  EXPECT_TRUE(Infer("mlp", in).ok()) << "the old version serves on";
+}
+
 // Item 1's cap: a request's rows are bounded, as Triton bounds a batch.
 TEST_F(CoordinatorTest, ARequestOfMoreRowsThanTheLimitIsRefusedNamingIt) {
   CoordinatorOptions o = Options();

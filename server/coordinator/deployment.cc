@@ -857,7 +857,7 @@ std::vector<Deployment::ReadyLane> Deployment::ReadyLaneStages() const {
   for (int r = 0; r < replicas_; ++r) {
     const Lane& l = lanes_[r];
     if (!l.ready) continue;
-    ReadyLane a{r, l.generation, l.servers, {}};
+    ReadyLane a{r, l.generation, l.servers, {}, l.input};
     for (const StageSpec& spec : l.specs) a.keys.push_back(spec.key());
     out.push_back(std::move(a));
   }
@@ -890,6 +890,10 @@ std::vector<Deployment::LaneHealth> Deployment::CheckLanes(absl::Duration timeou
     LaneHealth h{a.lane, a.generation, absl::OkStatus()};
     const std::string replica =
         replicas_ > 1 ? absl::StrCat(" (replica ", a.lane, ")") : std::string();
+    if (absl::Status lost = a.input ? a.input->Lost() : absl::OkStatus(); !lost.ok()) {
+      h.status = absl::UnavailableError(absl::StrCat("the stream to stage 0", replica, " on ",
+                                                     a.servers[0], " broke: ", lost.message()));
+    }
     for (size_t i = 0; i < a.keys.size() && h.status.ok(); ++i) {
       const std::string& address = a.servers[i];
       absl::StatusOr<StageStatsResponse> stats =

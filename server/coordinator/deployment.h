@@ -280,6 +280,7 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
     uint64_t generation;
     std::vector<std::string> servers;
     std::vector<StageKey> keys;
+    std::shared_ptr<FrameSink> input;  // to its first stage
   };
   std::vector<ReadyLane> ReadyLaneStages() const;
   Deployment(const DeploymentConfig& config, ModelInfo info, int replicas,

@@ -145,6 +145,7 @@ class DnsLauncher : public Launcher {
     return servers;
   }
   int ThreadsPerStage(bool) const override { return 0; }
+  bool ServersComeLater() const override { return true; }
   std::vector<std::string> ExistingServers() const override {
     absl::StatusOr<std::vector<std::string>> servers = Servers();
     return servers.ok() ? *servers : std::vector<std::string>{};

@@ -42,6 +42,10 @@ class Launcher {
   // The servers that already exist before anything was asked (the static
   // list; none for a launcher that starts its own).
   virtual std::vector<std::string> ExistingServers() const { return {}; }
+  // Whether servers too few now may come later without anyone asking (a
+  // DNS name a scale-up adds to): an upload then waits for them, stored,
+  // instead of failing.
+  virtual bool ServersComeLater() const { return false; }
 };
 
 std::unique_ptr<Launcher> MakeStaticLauncher(std::vector<std::string> addresses);

@@ -222,6 +222,9 @@ StageHost::Stats StageHost::stats() const {
   Stats s = stats_;
   s.queue_depth = queue_.size();
   s.has_sink = sink_ != nullptr;
+  if (s.downstream_error.empty() && sink_ != nullptr) {
+    s.downstream_error = std::string(sink_->Lost().message());  // frames sent, never taken
+  }
   s.kv_cache = program_->kv_cache();
   return s;
 }

@@ -219,6 +219,30 @@ TEST_F(StageServiceTest, JoinedMicrobatchesTravelBackAsOneMessage) {
   EXPECT_EQ(after.messages - before.messages, 2u);
 }
 
+// Regression: a stage whose next stage's server refused the stream after
+// taking frames (a pod replaced under the same name: the name now leads
+// to a server where the stage is not loaded) reported no error, so the
+// coordinator's health check passed and the request waited forever.
+TEST_F(StageServiceTest, FramesTheNextServerRefusedAfterTakingThemAreReportedLost) {
+  GraphBuilder g;
+  g.Input("x", {-1, 4}).Op("relu", {"x"}, "a").Split().Op("relu", {"a"}, "y").Output("y");
+  // Stage 1 is meant to be here too, but never loaded.
+  const StageSpec first =
+      MakeStageSpecs(*Partition(g.Build().graph, {}), "two", 43, {address_, address_}, 1)[0];
+  auto load = core_->BeginLoad(first);
+  ASSERT_TRUE(load.ok()) << load.status();
+  ASSERT_TRUE((*load)->Finish().ok());
+  auto sender = FrameSender::Create(channels_, address_, first.key(), 4);
+  ASSERT_TRUE(sender->Send(Data(1), absl::Now() + absl::Seconds(5)).ok());
+  auto error = [&] { return core_->Stats(first.key())->downstream_error(); };
+  const absl::Time until = absl::Now() + absl::Seconds(10);
+  while (error().empty() && absl::Now() < until) absl::SleepFor(absl::Milliseconds(5));
+  EXPECT_THAT(error(), HasSubstr("may be lost"));
+  EXPECT_THAT(error(), HasSubstr("stage 1 of \"two\""));
+  EXPECT_THAT(error(), HasSubstr("is not loaded here"));
+  EXPECT_EQ(core_->Stats(first.key())->frames_processed(), 1u);
+}
+
 // Regression: when a results subscriber hung up, the stage's sink was gone
 // and the stage waited for a new one forever while health said SERVING.
 TEST_F(StageServiceTest, ASubscriberThatHangsUpLeavesTheStageServingAndSaysSo) {

@@ -1,5 +1,6 @@
 #include "server/testing/dnsmasq.h"
 
+#include <arpa/inet.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -42,9 +43,9 @@ int FreePort() {
   return 0;
 }
 
-// Whether a DNS server on 127.0.0.1:`port` answers a query (for "test.",
-// type A) within 100 ms.
-bool Answers(int port) {
+// Whether a DNS server on `ip`:`port` answers a query (for "test.", type
+// A) within 100 ms.
+bool Answers(const std::string& ip, int port) {
   static const unsigned char kQuery[] = {0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0,
                                          4, 't', 'e', 's', 't', 0, 0, 1, 0, 1};
   const int fd = socket(AF_INET, SOCK_DGRAM, 0);
@@ -52,7 +53,7 @@ bool Answers(int port) {
   setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
   sockaddr_in a{};
   a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  inet_pton(AF_INET, ip.c_str(), &a.sin_addr);
   a.sin_port = htons(static_cast<uint16_t>(port));
   char reply[512];
   const bool answered =
@@ -74,29 +75,45 @@ bool Dnsmasq::Installed() {
          system("command -v dnsmasq > /dev/null 2>&1") == 0;
 }
 
-Dnsmasq::Dnsmasq(const std::vector<std::string>& srv_hosts) : port_(FreePort()) {
-  Run(srv_hosts);
+Dnsmasq::Dnsmasq(const std::vector<std::string>& srv_hosts)
+    : Dnsmasq(DnsRecords{.srv_hosts = srv_hosts}) {}
+
+Dnsmasq::Dnsmasq(DnsRecords records) : records_(std::move(records)) {
+  if (records_.listen.empty()) {
+    records_.listen = "127.0.0.1";
+    port_ = FreePort();
+  } else {
+    port_ = 53;
+  }
+  Run();
 }
 
 Dnsmasq::~Dnsmasq() { Stop(); }
 
 void Dnsmasq::Restart(const std::vector<std::string>& srv_hosts) {
-  Stop();
-  Run(srv_hosts);
+  Restart(srv_hosts, {});
 }
 
-std::string Dnsmasq::address() const { return absl::StrCat("127.0.0.1:", port_); }
+void Dnsmasq::Restart(std::vector<std::string> srv_hosts, std::vector<std::string> host_records) {
+  Stop();
+  records_.srv_hosts = std::move(srv_hosts);
+  records_.host_records = std::move(host_records);
+  Run();
+}
 
-void Dnsmasq::Run(const std::vector<std::string>& srv_hosts) {
+std::string Dnsmasq::address() const { return absl::StrCat(records_.listen, ":", port_); }
+
+void Dnsmasq::Run() {
   std::vector<std::string> args = {
       Binary(), "--no-daemon", "--no-resolv", "--no-hosts", "--conf-file=/dev/null",
-      "--cache-size=0", "--listen-address=127.0.0.1", "--bind-interfaces",
-      absl::StrCat("--port=", port_)};
+      "--cache-size=0", "--local-ttl=0", "--listen-address=" + records_.listen,
+      "--bind-interfaces", absl::StrCat("--port=", port_)};
   if (geteuid() == 0) {  // else it would switch to a user "dnsmasq" that may not exist
     args.push_back("--user=root");
     args.push_back("--group=root");
   }
-  for (const std::string& s : srv_hosts) args.push_back("--srv-host=" + s);
+  for (const std::string& s : records_.srv_hosts) args.push_back("--srv-host=" + s);
+  for (const std::string& h : records_.host_records) args.push_back("--host-record=" + h);
   pid_ = fork();
   if (pid_ == 0) {
     std::vector<char*> argv;
@@ -107,7 +124,7 @@ void Dnsmasq::Run(const std::vector<std::string>& srv_hosts) {
   }
   // Ready once it answers a query (any answer).
   const absl::Time end = absl::Now() + absl::Seconds(10);
-  while (!Answers(port_) && absl::Now() < end) {
+  while (!Answers(records_.listen, port_) && absl::Now() < end) {
   }
 }
 

@@ -1,6 +1,7 @@
 #include "server/transport/frame_stream.h"
 
 #include <algorithm>
+#include <atomic>
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
@@ -15,12 +16,19 @@ std::string StageKeyName(const StageKey& key) {
                       " of \"", key.model(), "\" (deployment ", absl::Hex(key.deployment()), ")");
 }
 
+struct FrameSender::LostState {
+  mutable absl::Mutex mu;
+  absl::Status status ABSL_GUARDED_BY(mu);
+};
+
 // One Process call carrying frames to a stage. Owns itself until OnDone.
 class FrameSender::Call : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>,
                           public std::enable_shared_from_this<Call> {
  public:
-  explicit Call(size_t capacity)
-      : queue_(
+  Call(size_t capacity, std::shared_ptr<LostState> lost, std::string where)
+      : lost_(std::move(lost)),
+        where_(std::move(where)),
+        queue_(
             capacity, [this](const grpc::ByteBuffer* m) { StartWrite(m); },
             // No write starts after the queue closes: the hold that let
             // writes start from other threads can go.
@@ -45,12 +53,15 @@ class FrameSender::Call : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc:
     grpc::ByteBuffer bb;
     absl::Status s = FramesToByteBuffer(frames, &bb);
     if (!s.ok()) return s;
-    return queue_.Push(std::move(bb), deadline, frames.size());
+    s = queue_.Push(std::move(bb), deadline, frames.size());
+    if (s.ok()) carried_.store(true);
+    return s;
   }
 
   bool broken() const { return queue_.closed(); }
 
   void Cancel() {
+    cancelled_.store(true);
     ctx_.TryCancel();
     queue_.Close("the frame sender was closed");
   }
@@ -61,13 +72,26 @@ class FrameSender::Call : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc:
   void OnReadDone(bool) override { queue_.Close("the stage ended the stream"); }
 
   void OnDone(const grpc::Status& s) override {
-    queue_.Close(s.ok() ? std::string("the stream finished")
-                        : absl::StrCat("the stream failed: ", s.error_message()));
+    const std::string why = s.ok() ? std::string("the stream finished")
+                                   : absl::StrCat("the stream failed: ", s.error_message());
+    queue_.Close(why);
+    if (carried_.load() && !cancelled_.load()) {
+      // Frames went into a stream the far end never finished taking: the
+      // stage is gone, restarted or refused it (not loaded there).
+      absl::MutexLock lock(&lost_->mu);
+      if (lost_->status.ok()) {
+        lost_->status = absl::UnavailableError(
+            absl::StrCat("frames sent to ", where_, " may be lost: ", why));
+      }
+    }
     finished_.Notify();
     self_.reset();  // may delete this
   }
 
  private:
+  const std::shared_ptr<LostState> lost_;
+  const std::string where_;  // "stage 2 of ... at host:port"
+  std::atomic<bool> carried_{false}, cancelled_{false};
   grpc::ClientContext ctx_;
   std::shared_ptr<grpc::Channel> channel_;
   std::shared_ptr<Call> self_;
@@ -81,7 +105,8 @@ FrameSender::FrameSender(std::shared_ptr<StageChannels> channels, std::string ad
     : channels_(std::move(channels)),
       address_(std::move(address)),
       key_(std::move(key)),
-      capacity_(std::max<size_t>(1, capacity)) {}
+      capacity_(std::max<size_t>(1, capacity)),
+      lost_(std::make_shared<LostState>()) {}
 
 std::shared_ptr<FrameSender> FrameSender::Create(std::shared_ptr<StageChannels> channels,
                                                  std::string address, StageKey key,
@@ -98,7 +123,8 @@ absl::Status FrameSender::Push(absl::Span<const Frame> frames, absl::Time deadli
     absl::MutexLock lock(&mu_);
     if (closed_) return absl::UnavailableError("the frame sender is closed");
     if (call_ == nullptr || call_->broken()) {
-      call_ = std::make_shared<Call>(capacity_);
+      call_ = std::make_shared<Call>(capacity_, lost_,
+                                     absl::StrCat(StageKeyName(key_), " at ", address_));
       call_->Start(*channels_, address_, key_);
     }
     call = call_;
@@ -109,6 +135,11 @@ absl::Status FrameSender::Push(absl::Span<const Frame> frames, absl::Time deadli
         absl::StrCat("sending to ", StageKeyName(key_), " at ", address_, ": ", s.message()));
   }
   return s;
+}
+
+absl::Status FrameSender::Lost() const {
+  absl::MutexLock lock(&lost_->mu);
+  return lost_->status;
 }
 
 void FrameSender::Close() {

@@ -50,8 +50,11 @@ class FrameSender : public MessageSink {
 
   // Cancels the stream and waits (up to 5 s) for gRPC to finish with it.
   void Close() override;
+  // Set once a stream that carried frames ended other than by Close.
+  absl::Status Lost() const override;
 
   class Call;
+  struct LostState;
 
  private:
   FrameSender(std::shared_ptr<StageChannels> channels, std::string address, StageKey key,
@@ -63,6 +66,7 @@ class FrameSender : public MessageSink {
   const std::string address_;
   const StageKey key_;
   const size_t capacity_;
+  const std::shared_ptr<LostState> lost_;  // shared with calls that outlive this
   absl::Mutex mu_;
   std::shared_ptr<Call> call_ ABSL_GUARDED_BY(mu_);
   bool closed_ ABSL_GUARDED_BY(mu_) = false;

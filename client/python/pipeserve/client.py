@@ -219,7 +219,10 @@ class Client:
             chunk.
 
         Returns:
-          {"name": ..., "bytes": bytes received, "num_stages": ...}.
+          {"name": ..., "bytes": bytes received, "num_stages": ...}; with
+          "waiting": why, and num_stages 0, when the model is stored but
+          waits for stage servers (a coordinator with --launcher=dns whose
+          DNS name lists too few): it deploys as soon as they answer.
         """
         options = self._ps.UploadOptions(num_stages=num_stages or 0,
                                          microbatches=microbatches or 0,
@@ -275,8 +278,11 @@ class Client:
                 if failure:
                     raise failure[0] from None
                 raise _server_error(e) from None
-        return {"name": response.name, "bytes": response.bytes,
-                "num_stages": response.num_stages}
+        out = {"name": response.name, "bytes": response.bytes,
+               "num_stages": response.num_stages}
+        if response.waiting:  # stored; deploys once its stage servers answer
+            out["waiting"] = response.waiting
+        return out
 
     def unload(self, name):
         """Stops serving model `name`, unloads its stages and removes it
