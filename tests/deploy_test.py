@@ -232,7 +232,7 @@ class OverlayChecks:
         self.assertEqual(flag(args, "launcher"), "dns")
         self.assertEqual(flag(args, "stage_dns"),
                          f"_{port['name']}._tcp.{svc['metadata']['name']}.{NAMESPACE}"
-                         ".svc.cluster.local")
+                         ".svc")
         self.assertFalse(has_flag(args, "stage_servers"))
 
     def test_stage_pods_hold_every_replica_of_every_stage(self):

@@ -37,8 +37,10 @@ class SystemSrvResolver : public SrvResolver {
       }
     }
     std::vector<unsigned char> answer(65536);
-    const int n = res_nquery(&state, name.c_str(), ns_c_in, ns_t_srv, answer.data(),
-                             static_cast<int>(answer.size()));
+    // With the search list of resolv.conf, so that a name without the
+    // cluster's domain (..svc) resolves in any cluster.
+    const int n = res_nsearch(&state, name.c_str(), ns_c_in, ns_t_srv, answer.data(),
+                              static_cast<int>(answer.size()));
     const int herr = state.res_h_errno;
     res_nclose(&state);
     if (n < 0) {
