@@ -1,6 +1,6 @@
 #include "client/client.h"
 
-#include "runtime/dtype.h"
+#include "graph/dtype.h"
 
 #include <google/protobuf/io/coded_stream.h>
 #include <google/protobuf/wire_format_lite.h>

@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <string>
 
-#include "runtime/dtype.h"
+#include "graph/dtype.h"
 #include "server/coordinator/kserve_json.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {

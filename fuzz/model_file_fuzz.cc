@@ -7,7 +7,7 @@
 #include <string>
 
 #include "partitioner/partition.h"
-#include "partitioner/validate.h"
+#include "graph/validate.h"
 #include "runtime/model_file.h"
 #include "server/stage/stage_spec.h"
 

@@ -9,9 +9,9 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
-#include "partitioner/op_schema.h"
+#include "graph/op_schema.h"
 #include "partitioner/partition.h"
-#include "partitioner/validate.h"
+#include "graph/validate.h"
 
 namespace pipeserve {
 namespace {

@@ -9,7 +9,7 @@
 #include "gtest/gtest.h"
 #include "partitioner/graph_builder.h"
 #include "partitioner/partition.h"
-#include "partitioner/validate.h"
+#include "graph/validate.h"
 #include "runtime/cpu/cpu_backend.h"
 
 namespace pipeserve {

@@ -9,9 +9,9 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
-#include "partitioner/op_schema.h"
-#include "partitioner/validate.h"
-#include "runtime/dtype.h"
+#include "graph/op_schema.h"
+#include "graph/validate.h"
+#include "graph/dtype.h"
 
 namespace pipeserve {
 namespace {

@@ -34,7 +34,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "partitioner/validate.h"
+#include "graph/validate.h"
 #include "proto/model.pb.h"
 
 namespace pipeserve {

@@ -21,7 +21,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "partitioner/graph_builder.h"
-#include "partitioner/op_schema.h"
+#include "graph/op_schema.h"
 #include "runtime/cpu/cpu_backend.h"
 #include "runtime/cuda/cuda_backend.h"
 #include "runtime/cuda/device_emulator.h"

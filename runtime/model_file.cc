@@ -1,6 +1,6 @@
 #include "runtime/model_file.h"
 
-#include "runtime/dtype.h"
+#include "graph/dtype.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>

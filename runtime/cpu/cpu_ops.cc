@@ -10,10 +10,10 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
-#include "partitioner/op_schema.h"
+#include "graph/op_schema.h"
 #include "runtime/cpu/cpu_kernels.h"
 #include "runtime/sampler.h"
-#include "runtime/dtype.h"
+#include "graph/dtype.h"
 
 namespace pipeserve {
 namespace {
@@ -978,7 +978,7 @@ absl::StatusOr<Tensor> RunHalf(const Node& node, const std::vector<const Tensor*
 
 namespace {
 
-// sample_tokens (partitioner/op_schema.cc): each sequence's next token from
+// sample_tokens (graph/op_schema.cc): each sequence's next token from
 // its logits row, as the coordinator would sample it (runtime/sampler.h).
 absl::StatusOr<Tensor> SampleTokens(const std::vector<const Tensor*>& in, const Shape& out_shape,
                                     const Tensor& scratch) {

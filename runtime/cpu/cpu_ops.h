@@ -1,4 +1,4 @@
-// The CPU implementation of every op in partitioner/op_schema.h beyond the
+// The CPU implementation of every op in graph/op_schema.h beyond the
 // float32 fast paths of cpu_kernels.h: transformer math (layer_norm,
 // softmax, gelu, embedding, batched matmul), masks, shape and data-movement
 // ops, casts and symbolic sizes, over float32, int64, int32 and bool.

@@ -13,8 +13,8 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "partitioner/op_schema.h"
-#include "runtime/dtype.h"
+#include "graph/op_schema.h"
+#include "graph/dtype.h"
 
 namespace pipeserve {
 namespace {

@@ -12,7 +12,7 @@
 #include "common/status_macros.h"
 #include "runtime/cpu/cpu_kernels.h"
 #include "runtime/cpu/cpu_ops.h"
-#include "runtime/dtype.h"
+#include "graph/dtype.h"
 
 namespace pipeserve {
 namespace {

@@ -7,8 +7,8 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
-#include "partitioner/op_schema.h"
-#include "partitioner/validate.h"
+#include "graph/op_schema.h"
+#include "graph/validate.h"
 
 namespace pipeserve {
 namespace {

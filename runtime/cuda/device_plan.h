@@ -195,7 +195,7 @@ class LoweredStage {
   int fused_relus_ = 0;
 };
 
-// Host float32 <-> bfloat16 is in runtime/dtype.h; float32 rounded to TF32 (nearest even; as the CUDA conversion kernel).
+// Host float32 <-> bfloat16 is in graph/dtype.h; float32 rounded to TF32 (nearest even; as the CUDA conversion kernel).
 float RoundToTf32(float f);
 // dst = src as `to` (a copy for kF32).
 void ConvertFloats(const float* src, int64_t n, DType to, void* dst);

@@ -7,7 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "runtime/cpu/cpu_ops.h"
-#include "runtime/dtype.h"
+#include "graph/dtype.h"
 
 namespace pipeserve {
 

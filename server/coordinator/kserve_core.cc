@@ -6,7 +6,7 @@
 #include "absl/types/optional.h"
 #include "common/model_name.h"
 #include "common/status_macros.h"
-#include "runtime/dtype.h"
+#include "graph/dtype.h"
 #include "server/coordinator/kserve_request.h"
 #include "server/coordinator/redact.h"
 #include "server/coordinator/trace.h"

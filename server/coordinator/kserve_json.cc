@@ -10,7 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "nlohmann/json.hpp"
-#include "runtime/dtype.h"
+#include "graph/dtype.h"
 
 namespace pipeserve {
 namespace {

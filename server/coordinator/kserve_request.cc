@@ -7,7 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
-#include "runtime/dtype.h"
+#include "graph/dtype.h"
 
 namespace pipeserve {
 namespace {

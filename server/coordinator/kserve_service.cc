@@ -7,7 +7,7 @@
 #include "common/grpc_status.h"
 #include "common/model_name.h"
 #include "common/status_macros.h"
-#include "runtime/dtype.h"
+#include "graph/dtype.h"
 #include "server/coordinator/kserve_request.h"
 #include "server/coordinator/redact.h"
 #include "server/coordinator/trace.h"

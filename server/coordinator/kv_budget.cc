@@ -5,8 +5,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/status_macros.h"
-#include "partitioner/validate.h"
-#include "runtime/dtype.h"
+#include "graph/validate.h"
+#include "graph/dtype.h"
 
 namespace pipeserve {
 

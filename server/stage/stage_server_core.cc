@@ -9,7 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/model_name.h"
 #include "common/status_macros.h"
-#include "partitioner/validate.h"
+#include "graph/validate.h"
 #include "runtime/cpu/cpu_backend.h"
 #include "server/stage/stage_spec.h"
 #include "server/transport/frame_stream.h"

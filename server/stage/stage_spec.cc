@@ -9,7 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/model_name.h"
 #include "common/status_macros.h"
-#include "partitioner/validate.h"
+#include "graph/validate.h"
 #include "partitioner/routing.h"
 
 namespace pipeserve {

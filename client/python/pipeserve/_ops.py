@@ -1,6 +1,6 @@
 """How each traced PyTorch call becomes pipeserve ops (exporter.py's half
 that knows torch's API). The ops and their attributes are listed in
-partitioner/op_schema.cc, which checks them.
+graph/op_schema.cc, which checks them.
 
 Every handler reads the call's arguments (FX nodes, Python numbers, sizes
 that are Python ints or traced ints) and the examples of its result

@@ -35,7 +35,7 @@ Graph conventions (the C++ side relies on them):
     node's name. A "param" node is named by its canonical FQN ("lin0.weight")
     and is emitted once, just before the first node that reads it, with that
     node's module_path.
-  * Ops: those of partitioner/op_schema.cc (_ops.py converts each PyTorch
+  * Ops: those of graph/op_schema.cc (_ops.py converts each PyTorch
     call). Binary ops with a Python number carry attrs "scalar" (f) and,
     when the number is the left operand, "reverse" (i = 1). Run-time sizes
     are rank-0 int64 values of "size" nodes; an int attribute takes one

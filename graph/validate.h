@@ -5,15 +5,16 @@
 //
 // Every failure is kInvalidArgument with a message naming the node, value,
 // input or parameter that is wrong.
-#ifndef PIPESERVE_PARTITIONER_VALIDATE_H_
-#define PIPESERVE_PARTITIONER_VALIDATE_H_
+#ifndef PIPESERVE_GRAPH_VALIDATE_H_
+#define PIPESERVE_GRAPH_VALIDATE_H_
 
 #include <string>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "proto/model.pb.h"
-#include "runtime/tensor.h"
+#include "graph/dtype.h"
+#include "graph/shape.h"
 
 namespace pipeserve {
 
@@ -35,4 +36,4 @@ absl::StatusOr<ValueShapes> ValidateGraph(const Graph& graph,
 
 }  // namespace pipeserve
 
-#endif  // PIPESERVE_PARTITIONER_VALIDATE_H_
+#endif  // PIPESERVE_GRAPH_VALIDATE_H_

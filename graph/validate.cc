@@ -1,4 +1,4 @@
-#include "partitioner/validate.h"
+#include "graph/validate.h"
 
 #include <algorithm>
 #include <vector>
@@ -7,8 +7,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
-#include "partitioner/op_schema.h"
-#include "runtime/dtype.h"
+#include "graph/op_schema.h"
+#include "graph/dtype.h"
 
 namespace pipeserve {
 namespace {

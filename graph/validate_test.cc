@@ -1,4 +1,4 @@
-#include "partitioner/validate.h"
+#include "graph/validate.h"
 
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"

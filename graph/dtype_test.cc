@@ -1,4 +1,4 @@
-#include "runtime/dtype.h"
+#include "graph/dtype.h"
 
 #include <cmath>
 #include <limits>

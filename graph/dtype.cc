@@ -1,4 +1,4 @@
-#include "runtime/dtype.h"
+#include "graph/dtype.h"
 
 #include "absl/strings/str_cat.h"
 

@@ -4,8 +4,8 @@
 //   KServeName(DT_INT64)               // "INT64"
 //   ParseKServeName("BF16")            // DT_BFLOAT16
 //   float f = Bf16ToFloat(FloatToBf16(1.5f));
-#ifndef PIPESERVE_RUNTIME_DTYPE_H_
-#define PIPESERVE_RUNTIME_DTYPE_H_
+#ifndef PIPESERVE_GRAPH_DTYPE_H_
+#define PIPESERVE_GRAPH_DTYPE_H_
 
 #include <cstdint>
 #include <cstring>
@@ -56,4 +56,4 @@ float HalfToFloat(uint16_t h);
 
 }  // namespace pipeserve
 
-#endif  // PIPESERVE_RUNTIME_DTYPE_H_
+#endif  // PIPESERVE_GRAPH_DTYPE_H_

@@ -1,4 +1,4 @@
-#include "partitioner/op_schema.h"
+#include "graph/op_schema.h"
 
 #include <algorithm>
 #include <cmath>
@@ -7,7 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/match.h"
-#include "runtime/dtype.h"
+#include "graph/dtype.h"
 
 namespace pipeserve {
 namespace {

@@ -15,8 +15,8 @@
 // the node's input k - 1" instead of shape[i] (an int attribute "start"
 // likewise through "start_from"). The ops and their attributes are the
 // registry in op_schema.cc; the exporter's _ops.py emits them.
-#ifndef PIPESERVE_PARTITIONER_OP_SCHEMA_H_
-#define PIPESERVE_PARTITIONER_OP_SCHEMA_H_
+#ifndef PIPESERVE_GRAPH_OP_SCHEMA_H_
+#define PIPESERVE_GRAPH_OP_SCHEMA_H_
 
 #include <functional>
 #include <string>
@@ -25,7 +25,8 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "proto/model.pb.h"
-#include "runtime/tensor.h"
+#include "graph/dtype.h"
+#include "graph/shape.h"
 
 namespace pipeserve {
 
@@ -88,4 +89,4 @@ bool HasScalarOperand(const Node& node);
 
 }  // namespace pipeserve
 
-#endif  // PIPESERVE_PARTITIONER_OP_SCHEMA_H_
+#endif  // PIPESERVE_GRAPH_OP_SCHEMA_H_
