@@ -1,5 +1,7 @@
-// The op conformance suite: every op run on each compute backend, checked
-// against a naive float64 reference. Outputs are fresh buffers (the CUDA
+// Small graphs (fusions, chains across cut markers, broadcasts, unaligned
+// GEMMs) run on each compute backend, checked node by node against the
+// float64 reference of runtime/conformance (ReferenceOp; each op alone, in
+// every dtype, is //runtime/conformance:conformance_test). Outputs are fresh buffers (the CUDA
 // backends and the device emulator also NaN-fill every device buffer before
 // each run); inputs are random, never zeros (fresh every run on the GPU,
 // fixed seeds on the CPU so CI is deterministic), and each program
@@ -22,6 +24,7 @@
 #include "gtest/gtest.h"
 #include "partitioner/graph_builder.h"
 #include "graph/op_schema.h"
+#include "runtime/conformance/reference.h"
 #include "runtime/cpu/cpu_backend.h"
 #include "runtime/cuda/cuda_backend.h"
 #include "runtime/cuda/device_emulator.h"
@@ -97,83 +100,7 @@ uint32_t FreshSeed() {
 }
 
 
-// A dense float64 array with a shape, for the reference.
-struct Ref {
-  Shape shape;
-  std::vector<double> v;
-};
-
-Ref ToRef(const Tensor& t) {
-  return {t.shape(), std::vector<double>(t.data(), t.data() + t.numel())};
-}
-
-// Element of `r` for the output coordinates `coord`, broadcasting from the
-// right (size-1 dimensions repeat).
-double At(const Ref& r, const std::vector<int64_t>& coord) {
-  int64_t idx = 0, stride = 1;
-  for (int e = static_cast<int>(r.shape.size()) - 1,
-           d = static_cast<int>(coord.size()) - 1;
-       e >= 0; --e, --d) {
-    if (r.shape[e] != 1) idx += coord[d] * stride;
-    stride *= r.shape[e];
-  }
-  return r.v[idx];
-}
-
-std::vector<int64_t> Coords(int64_t flat, const Shape& shape) {
-  std::vector<int64_t> c(shape.size());
-  for (int d = static_cast<int>(shape.size()) - 1; d >= 0; --d) {
-    c[d] = flat % shape[d];
-    flat /= shape[d];
-  }
-  return c;
-}
-
-// The naive reference interpreter: one node at a time, in float64.
-Ref RefNode(const Node& n, const std::vector<Ref>& in) {
-  const std::string& op = n.op();
-  if (op == "mm" || op == "matmul" || op == "linear") {
-    const Ref& x = in[0];
-    const Ref& w = in[1];
-    bool lin = op == "linear";
-    int64_t k = x.shape.back();
-    int64_t cols = lin ? w.shape[0] : w.shape[1];
-    int64_t rows = static_cast<int64_t>(x.v.size()) / k;
-    Ref out{x.shape, std::vector<double>(rows * cols)};
-    out.shape.back() = cols;
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t j = 0; j < cols; ++j) {
-        double acc = lin && in.size() > 2 ? in[2].v[j] : 0.0;
-        for (int64_t p = 0; p < k; ++p)
-          acc += x.v[i * k + p] * (lin ? w.v[j * k + p] : w.v[p * cols + j]);
-        out.v[i * cols + j] = acc;
-      }
-    return out;
-  }
-  if (op == "add" || op == "sub" || op == "mul") {
-    auto f = [&](double a, double b) {
-      return op == "add" ? a + b : op == "sub" ? a - b : a * b;
-    };
-    if (n.attrs().contains("scalar")) {
-      double s = n.attrs().at("scalar").f();
-      bool rev = n.attrs().contains("reverse") && n.attrs().at("reverse").i();
-      Ref out = in[0];
-      for (double& v : out.v) v = rev ? f(s, v) : f(v, s);
-      return out;
-    }
-    Shape shape = *BroadcastShapes(in[0].shape, in[1].shape);
-    Ref out{shape, std::vector<double>(NumElements(shape))};
-    for (int64_t i = 0; i < static_cast<int64_t>(out.v.size()); ++i) {
-      std::vector<int64_t> c = Coords(i, shape);
-      out.v[i] = f(At(in[0], c), At(in[1], c));
-    }
-    return out;
-  }
-  Ref out = in[0];
-  if (op == "relu")
-    for (double& v : out.v) v = v < 0 ? 0 : v;
-  return out;  // clone, identity
-}
+using Ref = RefTensor;
 
 // Runs the whole graph in the reference interpreter.
 std::vector<Ref> RefRun(const Model& m, const std::vector<Tensor>& inputs) {
@@ -188,7 +115,9 @@ std::vector<Ref> RefRun(const Model& m, const std::vector<Tensor>& inputs) {
     }
     std::vector<Ref> in;
     for (const std::string& v : n.inputs()) in.push_back(values.at(v));
-    values[n.outputs(0)] = RefNode(n, in);
+    absl::StatusOr<Ref> out = ReferenceOp(n, in);  // runtime/conformance/reference.h
+    EXPECT_TRUE(out.ok()) << n.name() << ": " << out.status();
+    values[n.outputs(0)] = out.ok() ? *std::move(out) : Ref();
   }
   std::vector<Ref> out;
   for (const std::string& o : m.graph.outputs()) out.push_back(values.at(o));

@@ -26,7 +26,8 @@ tools/bootstrap.sh
 bundle=out/gpu_bundle
 static_libs=out/gpu_bundle_static_libs
 sys=/usr/lib/x86_64-linux-gnu
-targets=(//runtime:backend_test //runtime/cuda:cuda_backend_test //bench:cuda_bench
+targets=(//runtime:backend_test //runtime/conformance:conformance_test
+         //runtime/cuda:cuda_backend_test //bench:cuda_bench
          //server/coordinator:coordinator //server/stage:stage_server //client:pipeserve //bench:serving)
 
 # Static archives shadow the shared libraries of the same names: ld takes
@@ -46,6 +47,7 @@ flags=(--config=cuda -c opt --dynamic_mode=off --strip=always
 bazel build "${flags[@]}" "${targets[@]}"
 bin=$(bazel info "${flags[@]}" bazel-bin 2>/dev/null)
 install -m 755 "$bin/runtime/backend_test" "$bundle/backend_test"
+install -m 755 "$bin/runtime/conformance/conformance_test" "$bundle/conformance_test"
 install -m 755 "$bin/runtime/cuda/cuda_backend_test" "$bundle/cuda_backend_test"
 install -m 755 "$bin/bench/cuda_bench" "$bundle/cuda_bench"
 # The serving path: coordinator, stage server, CLI and bench/serving.
@@ -65,7 +67,8 @@ done
 # Nothing else outside the allowed set may be needed.
 allowed='linux-vdso|ld-linux|libc\.so|libm\.so|libdl\.so|libpthread\.so|librt\.so|libgcc_s\.so|libcublas\.so|libcublasLt\.so|libcudart\.so|libdnnl\.so|libgomp\.so|libOpenCL\.so|libstdc\+\+\.so'
 bad=0
-for f in "$bundle"/backend_test "$bundle"/cuda_backend_test "$bundle"/cuda_bench \
+for f in "$bundle"/backend_test "$bundle"/conformance_test "$bundle"/cuda_backend_test \
+         "$bundle"/cuda_bench \
          "$bundle"/coordinator "$bundle"/stage_server "$bundle"/pipeserve "$bundle"/serving_bench \
          "$bundle"/lib/*.so*; do
   extra=$(LD_LIBRARY_PATH="$bundle/lib" ldd "$f" | grep -vE "$allowed" || true)
@@ -79,7 +82,8 @@ done
 gzip -9 "$bundle"/lib/*
 # The binaries too (the statically linked gRPC ones are ~18 MiB each):
 # gpu_check.sh unpacks them next to the libraries.
-for b in backend_test cuda_backend_test cuda_bench coordinator stage_server pipeserve serving_bench; do
+for b in backend_test conformance_test cuda_backend_test cuda_bench coordinator stage_server \
+         pipeserve serving_bench; do
   gzip -9 "$bundle/$b"
 done
 

@@ -12,6 +12,8 @@
 #
 # Steps: backend_test (the op suite: every op on cuda_fp32/tf32/bf16 against
 # a float64 reference, buffers NaN-poisoned, fresh random inputs),
+# conformance_test (the op registry's cases, every op in every dtype, on the
+# CPU and on the CUDA backend where it has a kernel; coverage per dtype),
 # cuda_backend_test (CUDA graphs vs op-by-op over two shapes, shape cache,
 # concurrent runs on one program's slots, errors), cuda_bench (ExampleCode
 # GPU vs CPU, GEMM TFLOP/s vs cuBLAS, stage latency with/without graphs,
@@ -113,6 +115,7 @@ run_step() {  # name timeout_seconds command...
 }
 
 run_step backend_test 100 "$bindir/backend_test"
+run_step conformance_test 60 "$bindir/conformance_test"
 run_step cuda_backend_test 60 "$bindir/cuda_backend_test"
 run_step cuda_bench 150 "$bindir/cuda_bench" --fixtures "$here/fixtures" --iters 200
 if [ "$self_test" -eq 0 ] && [ -e "$bindir/coordinator" ]; then
@@ -141,7 +144,12 @@ prefix=cuda
       "$(grep -cE '^\[  SKIPPED \] .*\([0-9]+ ms\)' "$f" 2>/dev/null)"
   }
   gtest_counts backend_test
+  gtest_counts conformance_test
   gtest_counts cuda_backend_test
+  # The op registry's cases per dtype: what the CUDA backend covers, what it refuses.
+  grep -h '^\[ coverage \]' "$logdir/conformance_test.log" 2>/dev/null | sed 's/^/  /'
+  grep -hE '^\[  FAILED  \] .*\([0-9]+ ms\)' "$logdir/conformance_test.log" 2>/dev/null |
+    sed 's/, where GetParam.*//; s/^/  /' | head -20
   # How many slots the concurrent-run tests' programs made (2..4: runs overlapped).
   grep -h '^\[ slots \]' "$logdir/cuda_backend_test.log" 2>/dev/null | sed 's/^/  /' | head -6
   grep -hE '^\[  FAILED  \] .*\([0-9]+ ms\)' "$logdir/backend_test.log" \
@@ -201,13 +209,13 @@ for s in "${statuses[@]}"; do [ "$s" = PASS ] || failed=1; done
 # parameterized one with ", where GetParam() = ..." before the time.
 skipped_cases() {
   grep -hE '^\[  SKIPPED \] .*\([0-9]+ ms\)' "$logdir/backend_test.log" \
-      "$logdir/cuda_backend_test.log" 2>/dev/null |
+      "$logdir/conformance_test.log" "$logdir/cuda_backend_test.log" 2>/dev/null |
     sed -E 's/^\[  SKIPPED \] //; s/, where GetParam\(\).*//; s/ \([0-9]+ ms\)$//'
 }
 if [ "$self_test" -eq 1 ]; then
   # Without a GPU: the tests pass (GPU cases skipped), the bench refuses cleanly.
   if [ "$no_device" -eq 1 ] && [ "${statuses[0]}" = PASS ] && [ "${statuses[1]}" = PASS ] &&
-     [ -z "$missing" ]; then
+     [ "${statuses[2]}" = PASS ] && [ -z "$missing" ]; then
     echo "self-test: OK (bundle starts, finds its libraries, reports no CUDA device)"
     exit 0
   fi

@@ -88,7 +88,7 @@ if [ "${PIPESERVE_TEST_QUICK:-0}" != 1 ]; then
   # and its tests run (the GPU cases skip without a GPU; the no-device
   # errors are checked). Machines without the toolkit skip it.
   cuda_targets=(//runtime:backend_test //runtime:backends_test //runtime/cuda:cuda_backend_test
-                //bench:cuda_bench //server/stage:stage_server)
+                //runtime/conformance:conformance_test //bench:cuda_bench //server/stage:stage_server)
   if [ -x /usr/local/cuda/bin/nvcc ]; then
     entry "cuda build (bazel test --config=cuda ${cuda_targets[*]})" \
       bazel test --config=cuda "${cuda_targets[@]}" "$@"

@@ -1,0 +1,43 @@
+// Every op of graph/op_schema.h computed naively in float64: the oracle the
+// conformance cases (cases.h) check each backend's kernels against. No
+// fusion, no blocking, no vector code: each op is the textbook loop over
+// its output, so what it computes is easy to check by reading. Integers
+// and booleans are held as their values (bool 0/1); float16 and bfloat16
+// inputs are widened exactly.
+//
+//   RefTensor x = ToRef(Tensor::FromVector({2, 3}, {...}));
+//   ASSIGN_OR_RETURN(RefTensor y, ReferenceOp(node, {x}));
+#ifndef PIPESERVE_RUNTIME_CONFORMANCE_REFERENCE_H_
+#define PIPESERVE_RUNTIME_CONFORMANCE_REFERENCE_H_
+
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "graph/dtype.h"
+#include "graph/shape.h"
+#include "proto/model.pb.h"
+#include "runtime/tensor.h"
+
+namespace pipeserve {
+
+struct RefTensor {
+  Shape shape;                  // concrete (no -1)
+  DataType dtype = DT_FLOAT32;  // the value's type in the graph
+  std::vector<double> v;        // row-major, NumElements(shape) values
+};
+
+// `t`'s values, widened to double (any dtype).
+RefTensor ToRef(const Tensor& t);
+
+// Runs `node` (attributes already resolved: no "<name>_from" entries) on
+// `inputs`, which the op's schema accepts. The result's dtype is the
+// schema's output type for the inputs' types; integer results (argmax,
+// size, casts to int) hold exact integers, bool results 0 or 1, and a cast
+// to float16 or bfloat16 rounds to that type (round to nearest even).
+// kInvalidArgument naming the problem for inputs the op cannot take (an
+// embedding id out of range); kUnimplemented for an op it does not know.
+absl::StatusOr<RefTensor> ReferenceOp(const Node& node, const std::vector<RefTensor>& inputs);
+
+}  // namespace pipeserve
+
+#endif  // PIPESERVE_RUNTIME_CONFORMANCE_REFERENCE_H_
