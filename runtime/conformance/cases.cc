@@ -60,6 +60,30 @@ InputSpec Param(std::string name, Shape shape) {
   return s;
 }
 
+// Values where a kernel and PyTorch part ways if it takes a shortcut.
+void AddEdges(std::vector<ConformanceCase>* out) {
+  const double nan = std::nan("");
+  // 1 // 0.1f is 9: the quotient 1 / 0.1f rounds up to 10.
+  out->push_back(Case("floordiv_exact_remainder", "floordiv",
+                      {Given("a", {6}, DT_INVALID, {1, 7, -7, 2.5, -1, 5}),
+                       Given("b", {6}, DT_INVALID, {0.1, 0.7, 0.7, -0.5, 0.3, 3})},
+                      {}, {DT_FLOAT32}));
+  // A NaN on either side is the result.
+  for (const char* op : {"maximum", "minimum"}) {
+    out->push_back(Case(std::string(op) + "_nan", op,
+                        {Given("a", {4}, DT_INVALID, {nan, 1, -2, nan}),
+                         Given("b", {4}, DT_INVALID, {0, nan, -3, nan})},
+                        {}, kFloats));
+  }
+  out->push_back(Case("amax_nan", "amax", {Given("x", {2, 3}, DT_INVALID, {1, nan, 2, 3, 4, 5})},
+                      {{"dims", Is({1})}}, kFloats));
+  // Negative integer exponents: 1 / a^|b|, truncated.
+  out->push_back(Case("pow_int_negative", "pow",
+                      {Given("a", {6}, DT_INVALID, {2, -2, 1, -1, 3, 0}),
+                       Given("b", {6}, DT_INVALID, {-1, -1, -3, -3, 39, 2})},
+                      {}, {DT_INT64}));
+}
+
 void AddArithmetic(std::vector<ConformanceCase>* out) {
   for (const char* op : {"add", "sub", "mul", "div", "maximum", "minimum", "pow", "floordiv"}) {
     const std::string o = op;
@@ -76,6 +100,7 @@ void AddArithmetic(std::vector<ConformanceCase>* out) {
                         {In("a", {6, 5}, Values::kSmallInt), In("b", {5}, Values::kSmallInt)},
                         {}, kInts));
   }
+  AddEdges(out);
   for (const char* op : {"eq", "ne", "lt", "le", "gt", "ge"}) {
     std::vector<DataType> types = kFloats;
     types.insert(types.end(), kInts.begin(), kInts.end());

@@ -164,11 +164,42 @@ void ForEachPair(const T* a, const Strides& sa, const T* b, const Strides& sb,
   }
 }
 
+// a ** b for integers, as PyTorch: by squaring (b may be large), and a
+// negative exponent gives the truncated 1 / a^|b| (0 unless a is 1 or -1).
 template <typename T>
 T IntPow(T a, T b) {
+  if (b < 0) return a == 1 ? 1 : a == -1 ? (b % 2 == 0 ? 1 : -1) : 0;
   T r = 1;
-  for (T i = 0; i < b; ++i) r *= a;
+  for (; b > 0; b >>= 1, a *= a) {
+    if (b & 1) r *= a;
+  }
   return r;
+}
+
+// maximum and minimum as PyTorch: a NaN on either side is the result
+// (x > y ? x : y would drop a NaN in x).
+template <typename T>
+T MaxOf(T x, T y) {
+  return (x > y || x != x) ? x : y;
+}
+template <typename T>
+T MinOf(T x, T y) {
+  return (x < y || x != x) ? x : y;
+}
+
+// Python's floor division of floats, as PyTorch computes it: from the
+// exact remainder, so 1 // 0.1f is 9 (1 / 0.1f rounds to 10, whose floor
+// is 10).
+template <typename T>
+T FloorDivFloat(T x, T y) {
+  if (y == 0) return x / y;
+  const T mod = std::fmod(x, y);
+  T div = (x - mod) / y;
+  if (mod != 0 && (y < 0) != (mod < 0)) div -= 1;
+  if (div == 0) return std::copysign(T(0), x / y);
+  T floor = std::floor(div);
+  if (div - floor > T(0.5)) floor += 1;
+  return floor;
 }
 
 template <typename T>
@@ -206,14 +237,14 @@ absl::Status BinaryT(const Node& node, const std::vector<const Tensor*>& in, Ten
     case BinOp::kAdd: run([](T x, T y) { return static_cast<T>(x + y); }); break;
     case BinOp::kSub: run([](T x, T y) { return static_cast<T>(x - y); }); break;
     case BinOp::kMul: run([](T x, T y) { return static_cast<T>(x * y); }); break;
-    case BinOp::kMax: run([](T x, T y) { return x > y ? x : y; }); break;
-    case BinOp::kMin: run([](T x, T y) { return x < y ? x : y; }); break;
+    case BinOp::kMax: run([](T x, T y) { return MaxOf(x, y); }); break;
+    case BinOp::kMin: run([](T x, T y) { return MinOf(x, y); }); break;
     case BinOp::kDiv:
     case BinOp::kFloorDiv:
     case BinOp::kPow:
       if constexpr (std::is_floating_point_v<T>) {
         if (op == BinOp::kDiv) run([](T x, T y) { return x / y; });
-        if (op == BinOp::kFloorDiv) run([](T x, T y) { return std::floor(x / y); });
+        if (op == BinOp::kFloorDiv) run([](T x, T y) { return FloorDivFloat(x, y); });
         if (op == BinOp::kPow) {
           // x ** 2 and x ** 3 (GPT-2's gelu) as products, as PyTorch does.
           if (scalar && !reverse && scalar_value == 2.0) {
@@ -368,8 +399,8 @@ void ApplyBinary(int kind, const float* x, const float* y, float* o, int64_t n) 
     case BinOp::kSub: BinaryLoop(x, y, o, n, [](float a, float b) { return a - b; }); break;
     case BinOp::kMul: BinaryLoop(x, y, o, n, [](float a, float b) { return a * b; }); break;
     case BinOp::kDiv: BinaryLoop(x, y, o, n, [](float a, float b) { return a / b; }); break;
-    case BinOp::kMax: BinaryLoop(x, y, o, n, [](float a, float b) { return a > b ? a : b; }); break;
-    case BinOp::kMin: BinaryLoop(x, y, o, n, [](float a, float b) { return a < b ? a : b; }); break;
+    case BinOp::kMax: BinaryLoop(x, y, o, n, [](float a, float b) { return MaxOf(a, b); }); break;
+    case BinOp::kMin: BinaryLoop(x, y, o, n, [](float a, float b) { return MinOf(a, b); }); break;
     case BinOp::kPow: BinaryLoop(x, y, o, n, [](float a, float b) { return std::pow(a, b); }); break;
     default: break;
   }
@@ -646,8 +677,8 @@ absl::Status BinaryBf16(const Node& node, const std::vector<const Tensor*>& in, 
     case BinOp::kSub: run([](float x, float y) { return x - y; }); break;
     case BinOp::kMul: run([](float x, float y) { return x * y; }); break;
     case BinOp::kDiv: run([](float x, float y) { return x / y; }); break;
-    case BinOp::kMax: run([](float x, float y) { return x > y ? x : y; }); break;
-    case BinOp::kMin: run([](float x, float y) { return x < y ? x : y; }); break;
+    case BinOp::kMax: run([](float x, float y) { return MaxOf(x, y); }); break;
+    case BinOp::kMin: run([](float x, float y) { return MinOf(x, y); }); break;
     case BinOp::kPow:
       if (scalar && !reverse && scalar_value == 2.0) {
         run([](float x, float) { return x * x; });
@@ -794,7 +825,7 @@ void ReduceT(const Node& node, const Tensor& x, Tensor* out) {
   std::array<Strides, 1> s = {st};
   Iterate<1>(x.shape(), s, [&](int64_t i, const std::array<int64_t, 1>& f) {
     Acc v = static_cast<Acc>(a[i]);
-    if (is_max) acc[f[0]] = std::max(acc[f[0]], v);
+    if (is_max) acc[f[0]] = MaxOf(acc[f[0]], v);  // a NaN stays
     else acc[f[0]] += v;
   });
   int64_t count = m == 0 ? 0 : x.numel() / m;
