@@ -29,6 +29,7 @@ absl::StatusOr<std::unique_ptr<ComputeBackend>> Cuda(
   cuda.device = device;
   cuda.precision = options.precision;
   cuda.use_cuda_graphs = options.use_cuda_graphs;
+  cuda.cuda_ops = options.cuda_ops;
   return MakeCudaBackend(cuda);
 }
 

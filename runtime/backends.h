@@ -13,6 +13,7 @@
 
 #include "absl/status/statusor.h"
 #include "runtime/backend.h"
+#include "runtime/cuda/kernel_gate.h"
 #include "runtime/precision.h"
 
 namespace pipeserve {
@@ -25,6 +26,8 @@ struct BackendOptions {
   Precision precision = Precision::kFloat32;
   // CUDA: capture and replay CUDA graphs.
   bool use_cuda_graphs = true;
+  // CUDA: also kernels a GPU has not confirmed (runtime/cuda/kernel_gate.h).
+  CudaOps cuda_ops = CudaOps::kConfirmed;
 };
 
 // device: "cpu", "cuda" (device 0), "cuda:N", or "auto" (CUDA device 0 when

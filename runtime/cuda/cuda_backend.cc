@@ -607,7 +607,7 @@ class CudaBackend : public ComputeBackend {
     ASSIGN_OR_RETURN(
         LoweredStage stage,
         LoweredStage::Create(stage_graph, weights, options_.precision,
-                             options_.fuse_linear_relu));
+                             options_.fuse_linear_relu, options_.cuda_ops));
     ASSIGN_OR_RETURN(std::unique_ptr<CudaProgram> prog,
                      CudaProgram::Create(std::move(stage), options_));
     return std::unique_ptr<StageProgram>(std::move(prog));

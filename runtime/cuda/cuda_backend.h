@@ -31,6 +31,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "runtime/backend.h"
+#include "runtime/cuda/kernel_gate.h"
 #include "runtime/precision.h"
 
 namespace pipeserve {
@@ -46,6 +47,9 @@ struct CudaBackendOptions {
   // Fuse `relu(linear(...))` into the GEMM's epilogue when the linear's
   // output has no other reader.
   bool fuse_linear_relu = true;
+  // Kernels a GPU has not confirmed yet run only with kUnconfirmed
+  // (kernel_gate.h; the stage server's --cuda_ops).
+  CudaOps cuda_ops = CudaOps::kConfirmed;
   // NaN-fill every activation buffer and the output staging before each
   // run, so an element no kernel writes shows in the outputs (tests).
   bool poison_buffers = false;

@@ -89,7 +89,8 @@ void ConvertFloats(const float* src, int64_t n, DType to, void* dst) {
 absl::StatusOr<LoweredStage> LoweredStage::Create(const Graph& graph,
                                                   const WeightMap& weights,
                                                   Precision precision,
-                                                  bool fuse_linear_relu) {
+                                                  bool fuse_linear_relu,
+                                                  CudaOps cuda_ops) {
   ValueTypes types;
   ASSIGN_OR_RETURN(ValueShapes shapes, ValidateGraph(graph, &types));
   for (const Node& node : graph.nodes()) {
@@ -125,7 +126,7 @@ absl::StatusOr<LoweredStage> LoweredStage::Create(const Graph& graph,
   stage.gemm_type_ = precision == Precision::kBF16   ? DType::kBF16
                      : precision == Precision::kTF32 ? DType::kTF32
                                                      : DType::kF32;
-  RETURN_IF_ERROR(stage.Build(weights, fuse_linear_relu));
+  RETURN_IF_ERROR(stage.Build(weights, fuse_linear_relu, cuda_ops));
   return stage;
 }
 
@@ -135,7 +136,7 @@ int LoweredStage::Canonical(int v) const {
 }
 
 absl::Status LoweredStage::Build(const WeightMap& weights,
-                                 bool fuse_linear_relu) {
+                                 bool fuse_linear_relu, CudaOps cuda_ops) {
   // Pass 1: an id per value. Identity outputs share their input's id and a
   // parameter read by several `param` nodes has one id. Readers are counted
   // per id (an identity is not a reader; the readers of its output are).
@@ -225,6 +226,7 @@ absl::Status LoweredStage::Build(const WeightMap& weights,
       return absl::InvalidArgumentError(
           absl::StrCat("the cuda backend has no kernel for op \"", op, "\""));
     }
+    RETURN_IF_ERROR(CheckKernelGate(node.name(), op, DT_FLOAT32, cuda_ops));
     values_[step.out].producer = static_cast<int>(steps_.size());
     steps_.push_back(std::move(step));
   }

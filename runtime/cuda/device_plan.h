@@ -38,6 +38,7 @@
 #include "absl/types/span.h"
 #include "proto/model.pb.h"
 #include "runtime/cuda/broadcast_index.h"
+#include "runtime/cuda/kernel_gate.h"
 #include "runtime/model_file.h"
 #include "runtime/precision.h"
 #include "runtime/tensor.h"
@@ -132,13 +133,15 @@ class LoweredStage {
  public:
   // Validates `graph`, resolves aliases and fusions, chooses every value's
   // dtypes and lays out the weights arena. Errors: kInvalidArgument (invalid
-  // graph, an op without a device kernel, a parameter missing from
-  // `weights`). The stage keeps shallow references to the weights until
-  // ReleaseWeights().
+  // graph, an op without a device kernel or, with CudaOps::kConfirmed,
+  // without one a GPU has confirmed (kernel_gate.h), a parameter missing
+  // from `weights`). The stage keeps shallow references to the weights
+  // until ReleaseWeights().
   static absl::StatusOr<LoweredStage> Create(const Graph& graph,
                                              const WeightMap& weights,
                                              Precision precision,
-                                             bool fuse_linear_relu = true);
+                                             bool fuse_linear_relu = true,
+                                             CudaOps cuda_ops = CudaOps::kConfirmed);
 
   const Graph& graph() const { return graph_; }
   Precision precision() const { return precision_; }
@@ -180,7 +183,7 @@ class LoweredStage {
   };
 
   LoweredStage() = default;
-  absl::Status Build(const WeightMap& weights, bool fuse_linear_relu);
+  absl::Status Build(const WeightMap& weights, bool fuse_linear_relu, CudaOps cuda_ops);
   int Canonical(int v) const;
   const Node& NodeOf(const Step& s) const { return graph_.nodes(s.node); }
 

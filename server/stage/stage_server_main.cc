@@ -65,6 +65,9 @@ ABSL_FLAG(int, parent_pid, 0, "exit when this process is gone (set by the local 
 ABSL_FLAG(std::string, device, "auto",
           "compute backend: cpu, cuda (device 0), cuda:N, or auto (a GPU if there is one)");
 ABSL_FLAG(std::string, precision, "fp32", "GPU GEMM precision: fp32, tf32 or bf16");
+ABSL_FLAG(std::string, cuda_ops, "confirmed",
+          "CUDA kernels to run: confirmed (those a GPU has passed, runtime/cuda/gpu_results/"
+          "confirmed_kernels.txt) or unconfirmed (also those checked only in emulation)");
 
 namespace {
 
@@ -92,9 +95,13 @@ absl::Status SetBackendFromFlags(pipeserve::StageServerOptions* options) {
   if (!precision.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("--precision: ", precision.status().ToString()));
   }
+  absl::StatusOr<pipeserve::CudaOps> cuda_ops =
+      pipeserve::ParseCudaOps(absl::GetFlag(FLAGS_cuda_ops));
+  if (!cuda_ops.ok()) return cuda_ops.status();
   pipeserve::BackendOptions backend_options;
   backend_options.threads = options->default_threads;
   backend_options.precision = *precision;
+  backend_options.cuda_ops = *cuda_ops;
   absl::StatusOr<std::unique_ptr<pipeserve::ComputeBackend>> backend =
       pipeserve::MakeBackend(absl::GetFlag(FLAGS_device), backend_options);
   if (!backend.ok()) {
