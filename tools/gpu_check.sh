@@ -148,6 +148,12 @@ prefix=cuda
   gtest_counts cuda_backend_test
   # The op registry's cases per dtype: what the CUDA backend covers, what it refuses.
   grep -h '^\[ coverage \]' "$logdir/conformance_test.log" 2>/dev/null | sed 's/^/  /'
+  # What this run confirms: lines for runtime/cuda/gpu_results/confirmed_kernels.txt
+  # (commit them with this log, renamed to its card and date).
+  grep -h '^\[ confirms \]' "$logdir/conformance_test.log" 2>/dev/null |
+    sed 's/^\[ confirms \] \(.*\)/\1 gpu_check.log/' > "$logdir/confirmed_kernels.add"
+  echo "  kernels confirmed by this run: $(wc -l < "$logdir/confirmed_kernels.add")" \
+       "(lines in $logdir/confirmed_kernels.add)"
   grep -hE '^\[  FAILED  \] .*\([0-9]+ ms\)' "$logdir/conformance_test.log" 2>/dev/null |
     sed 's/, where GetParam.*//; s/^/  /' | head -20
   # How many slots the concurrent-run tests' programs made (2..4: runs overlapped).
