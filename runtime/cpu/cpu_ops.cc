@@ -1049,18 +1049,6 @@ absl::StatusOr<Tensor> SampleTokens(const std::vector<const Tensor*>& in, const 
 
 }  // namespace
 
-bool HasCpuOp(const std::string& op) {
-  static const auto* ops = new absl::flat_hash_set<std::string>{
-      "mm", "matmul", "linear", "addmm", "add", "sub", "mul", "div", "floordiv", "pow",
-      "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or",
-      "logical_not", "relu", "clone", "identity", "neg", "abs", "gelu", "silu", "tanh",
-      "sigmoid", "sqrt", "rsqrt", "exp", "log", "cos", "sin", "where", "softmax",
-      "log_softmax", "layer_norm", "sum", "mean", "amax", "embedding", "reshape", "permute",
-      "unsqueeze", "squeeze", "expand", "slice", "select", "cat", "stack", "arange", "full",
-      "cast", "triu", "tril", "size", "sample_tokens"};
-  return ops->contains(op);
-}
-
 namespace {
 
 // Attention's output shape, [batch..., Tq, Dv], for q [batch..., Tq, D],
@@ -1293,98 +1281,185 @@ absl::StatusOr<Tensor> RunHalf(const Node& node, const std::vector<const Tensor*
   return IsHalf(out_type) ? FromFloat32(y, out_type) : y;
 }
 
+// ---- the kernel table -------------------------------------------------------
+// One entry per op that computes into a new output (views and sizes are
+// RunFloat32's own): float32, integer and bool values; float16 and
+// bfloat16 reach them through RunHalf.
+using Args = std::vector<const Tensor*>;
+using Kernel = absl::Status (*)(const Node& node, const Args& in, Tensor* out);
+
+absl::Status MatmulKernel(const Node& node, const Args& in, Tensor* out) {
+  if (in[0]->dtype() != DT_FLOAT32) return Bad(absl::StrCat(node.op(), " needs float inputs"));
+  return Matmul(*in[0], *in[1], out);
+}
+
+absl::Status LinearKernel(const Node&, const Args& in, Tensor* out) {
+  const int64_t k = in[1]->dim(1), n = in[1]->dim(0);
+  return LinearForward(in[0]->data(), in[1]->data(), in.size() > 2 ? in[2]->data() : nullptr,
+                       k == 0 ? 0 : in[0]->numel() / k, n, k, out->data(), false, false);
+}
+
+absl::Status WhereKernel(const Node&, const Args& in, Tensor* out) {
+  const Shape& shape = out->shape();
+  std::array<Strides, 3> st = {BroadcastStrides(in[0]->shape(), shape),
+                               BroadcastStrides(in[1]->shape(), shape),
+                               BroadcastStrides(in[2]->shape(), shape)};
+  const uint8_t* c = in[0]->data_as<uint8_t>();
+  const char* a = static_cast<const char*>(in[1]->raw_data());
+  const char* b = static_cast<const char*>(in[2]->raw_data());
+  char* o = static_cast<char*>(out->raw_data());
+  const int e = out->element_size();
+  Iterate<3>(shape, st, [&](int64_t i, const std::array<int64_t, 3>& f) {
+    std::memcpy(o + i * e, c[f[0]] ? a + f[1] * e : b + f[2] * e, e);
+  });
+  return absl::OkStatus();
+}
+
+absl::Status SoftmaxKernel(const Node& node, const Args& in, Tensor* out) {
+  const Tensor& x = *in[0];
+  Softmax(x, *NormalizeDim(IntAttr(node, "dim", -1), x.rank()), node.op() == "log_softmax", out);
+  return absl::OkStatus();
+}
+
+absl::Status LayerNormKernel(const Node& node, const Args& in, Tensor* out) {
+  LayerNorm(node, in, out);
+  return absl::OkStatus();
+}
+
+absl::Status ReduceKernel(const Node& node, const Args& in, Tensor* out) {
+  return Reduce(node, *in[0], out);
+}
+
+absl::Status EmbeddingKernel(const Node&, const Args& in, Tensor* out) {
+  return Embedding(*in[0], *in[1], out);
+}
+
+absl::Status PermuteKernel(const Node& node, const Args& in, Tensor* out) {
+  const Tensor& x = *in[0];
+  Strides own = ContiguousStrides(x.shape()), st;
+  for (int64_t d : ResolvedInts(node, "dims", {}, 0)) st.push_back(own[*NormalizeDim(d, x.rank())]);
+  GatherCopy(x, 0, st, out);
+  return absl::OkStatus();
+}
+
+absl::Status ExpandKernel(const Node&, const Args& in, Tensor* out) {
+  GatherCopy(*in[0], 0, BroadcastStrides(in[0]->shape(), out->shape()), out);
+  return absl::OkStatus();
+}
+
+// slice and select: a strided view of x, copied.
+absl::Status SliceKernel(const Node& node, const Args& in, Tensor* out) {
+  const Tensor& x = *in[0];
+  const int d = *NormalizeDim(IntAttr(node, "dim", 0), x.rank());
+  Strides st = ContiguousStrides(x.shape());
+  const int64_t n = x.dim(d);
+  int64_t base;
+  if (node.op() == "slice") {
+    int64_t start = IntAttr(node, "start", 0);
+    if (start < 0) start += n;
+    base = std::min(std::max<int64_t>(start, 0), n) * st[d];
+    st[d] *= IntAttr(node, "step", 1);
+  } else {
+    int64_t index = IntAttr(node, "index", 0);
+    if (index < 0) index += n;
+    base = index * st[d];
+    st.erase(st.begin() + d);
+  }
+  GatherCopy(x, base, st, out);
+  return absl::OkStatus();
+}
+
+absl::Status CatKernel(const Node& node, const Args& in, Tensor* out) {
+  Cat(node, in, out);
+  return absl::OkStatus();
+}
+
+absl::Status TriKernel(const Node& node, const Args& in, Tensor* out) {
+  Tri(node, *in[0], out);
+  return absl::OkStatus();
+}
+
+// cast and clone: the values converted to the output's type.
+absl::Status CastKernel(const Node&, const Args& in, Tensor* out) {
+  Cast(*in[0], out);
+  return absl::OkStatus();
+}
+
+absl::Status ArangeKernel(const Node& node, const Args&, Tensor* out) {
+  const int64_t start = IntAttr(node, "start", 0), step = IntAttr(node, "step", 1);
+  for (int64_t i = 0; i < out->numel(); ++i) {
+    WriteFromDouble(out, i, static_cast<double>(start + i * step));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status FullKernel(const Node& node, const Args&, Tensor* out) {
+  if (out->numel() == 0) return absl::OkStatus();
+  WriteFromDouble(out, 0, FloatAttr(node, "value", 0));
+  const int e = out->element_size();
+  char* o = static_cast<char*>(out->raw_data());
+  for (int64_t i = 1; i < out->numel(); ++i) std::memcpy(o + i * e, o, e);
+  return absl::OkStatus();
+}
+
+absl::Status UnaryKernel(const Node& node, const Args& in, Tensor* out) {
+  return Unary(node, *in[0], out);
+}
+
+const absl::flat_hash_map<std::string, Kernel>& Kernels() {
+  static const auto* kernels = [] {
+    auto* k = new absl::flat_hash_map<std::string, Kernel>{
+        {"mm", MatmulKernel},       {"matmul", MatmulKernel},   {"linear", LinearKernel},
+        {"addmm", Addmm},           {"where", WhereKernel},     {"softmax", SoftmaxKernel},
+        {"log_softmax", SoftmaxKernel}, {"layer_norm", LayerNormKernel},
+        {"sum", ReduceKernel},      {"mean", ReduceKernel},     {"amax", ReduceKernel},
+        {"embedding", EmbeddingKernel}, {"permute", PermuteKernel}, {"expand", ExpandKernel},
+        {"slice", SliceKernel},     {"select", SliceKernel},    {"cat", CatKernel},
+        {"stack", CatKernel},       {"triu", TriKernel},        {"tril", TriKernel},
+        {"cast", CastKernel},       {"clone", CastKernel},      {"arange", ArangeKernel},
+        {"full", FullKernel},       {"logical_not", UnaryKernel}};
+    for (const char* op : {"relu", "gelu", "silu", "tanh", "sigmoid", "sqrt", "rsqrt", "exp",
+                           "log", "cos", "sin", "neg", "abs"}) {
+      (*k)[op] = UnaryKernel;
+    }
+    for (const char* op : {"add", "sub", "mul", "div", "floordiv", "pow", "maximum", "minimum",
+                           "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or"}) {
+      (*k)[op] = Binary;
+    }
+    return k;
+  }();
+  return *kernels;
+}
+
+// Ops that make no new values: views of their input's storage (every
+// tensor here is contiguous) and sizes.
+bool IsViewOrSize(const std::string& op) {
+  return op == "reshape" || op == "unsqueeze" || op == "squeeze" || op == "identity" ||
+         op == "size";
+}
+
 absl::StatusOr<Tensor> RunFloat32(const Node& node, const std::vector<const Tensor*>& in,
                                   const Shape& out_shape, DataType out_type,
                                   const Tensor& scratch) {
   const std::string& op = node.op();
   const Tensor& x = in.empty() ? Tensor() : *in[0];
-  // Views: the same storage (every tensor here is contiguous).
-  if (op == "reshape" || op == "unsqueeze" || op == "squeeze" || op == "identity") {
-    return x.Reshaped(out_shape);
-  }
   if (op == "size") {
     int d = *NormalizeDim(IntAttr(node, "dim", 0), x.rank());
     return Tensor::Scalar(x.rank() == 0 ? 1 : x.dim(d));
   }
+  if (IsViewOrSize(op)) return x.Reshaped(out_shape);
+  auto kernel = Kernels().find(op);
+  if (kernel == Kernels().end()) return Bad(absl::StrCat("no CPU kernel for op \"", op, "\""));
   ASSIGN_OR_RETURN(Tensor out, Output(out_shape, out_type, scratch));
-  if (op == "mm" || op == "matmul") {
-    if (x.dtype() != DT_FLOAT32) return Bad(absl::StrCat(op, " needs float inputs"));
-    RETURN_IF_ERROR(Matmul(x, *in[1], &out));
-  } else if (op == "linear") {
-    const int64_t k = in[1]->dim(1), n = in[1]->dim(0);
-    RETURN_IF_ERROR(LinearForward(x.data(), in[1]->data(), in.size() > 2 ? in[2]->data() : nullptr,
-                                  k == 0 ? 0 : x.numel() / k, n, k, out.data(), false, false));
-  } else if (op == "addmm") {
-    RETURN_IF_ERROR(Addmm(node, in, &out));
-  } else if (op == "where") {
-    std::array<Strides, 3> st = {BroadcastStrides(in[0]->shape(), out_shape),
-                                 BroadcastStrides(in[1]->shape(), out_shape),
-                                 BroadcastStrides(in[2]->shape(), out_shape)};
-    const uint8_t* c = in[0]->data_as<uint8_t>();
-    const char* a = static_cast<const char*>(in[1]->raw_data());
-    const char* b = static_cast<const char*>(in[2]->raw_data());
-    char* o = static_cast<char*>(out.raw_data());
-    const int e = out.element_size();
-    Iterate<3>(out_shape, st, [&](int64_t i, const std::array<int64_t, 3>& f) {
-      std::memcpy(o + i * e, c[f[0]] ? a + f[1] * e : b + f[2] * e, e);
-    });
-  } else if (op == "softmax" || op == "log_softmax") {
-    Softmax(x, *NormalizeDim(IntAttr(node, "dim", -1), x.rank()), op == "log_softmax", &out);
-  } else if (op == "layer_norm") {
-    LayerNorm(node, in, &out);
-  } else if (op == "sum" || op == "mean" || op == "amax") {
-    RETURN_IF_ERROR(Reduce(node, x, &out));
-  } else if (op == "embedding") {
-    RETURN_IF_ERROR(Embedding(x, *in[1], &out));
-  } else if (op == "permute") {
-    std::vector<int64_t> dims = ResolvedInts(node, "dims", {}, 0);
-    Strides own = ContiguousStrides(x.shape()), st;
-    for (int64_t d : dims) st.push_back(own[*NormalizeDim(d, x.rank())]);
-    GatherCopy(x, 0, st, &out);
-  } else if (op == "expand") {
-    GatherCopy(x, 0, BroadcastStrides(x.shape(), out_shape), &out);
-  } else if (op == "slice" || op == "select") {
-    int d = *NormalizeDim(IntAttr(node, "dim", 0), x.rank());
-    Strides st = ContiguousStrides(x.shape());
-    int64_t n = x.dim(d), base;
-    if (op == "slice") {
-      int64_t start = IntAttr(node, "start", 0);
-      if (start < 0) start += n;
-      base = std::min(std::max<int64_t>(start, 0), n) * st[d];
-      st[d] *= IntAttr(node, "step", 1);
-    } else {
-      int64_t index = IntAttr(node, "index", 0);
-      if (index < 0) index += n;
-      base = index * st[d];
-      st.erase(st.begin() + d);
-    }
-    GatherCopy(x, base, st, &out);
-  } else if (op == "cat" || op == "stack") {
-    Cat(node, in, &out);
-  } else if (op == "triu" || op == "tril") {
-    Tri(node, x, &out);
-  } else if (op == "cast" || op == "clone") {
-    Cast(x, &out);
-  } else if (op == "arange") {
-    const int64_t start = IntAttr(node, "start", 0), step = IntAttr(node, "step", 1);
-    for (int64_t i = 0; i < out.numel(); ++i) WriteFromDouble(&out, i, static_cast<double>(start + i * step));
-  } else if (op == "full") {
-    const double v = FloatAttr(node, "value", 0);
-    if (out.numel() > 0) {
-      WriteFromDouble(&out, 0, v);
-      const int e = out.element_size();
-      char* o = static_cast<char*>(out.raw_data());
-      for (int64_t i = 1; i < out.numel(); ++i) std::memcpy(o + i * e, o, e);
-    }
-  } else if (in.size() == 1 && !HasScalarOperand(node)) {
-    RETURN_IF_ERROR(Unary(node, x, &out));
-  } else {
-    RETURN_IF_ERROR(Binary(node, in, &out));
-  }
+  RETURN_IF_ERROR(kernel->second(node, in, &out));
   return out;
 }
 
 }  // namespace
+
+bool HasCpuOp(const std::string& op) {
+  return Kernels().contains(op) || IsViewOrSize(op) || op == "sample_tokens";
+}
 
 
 bool ElementwiseGroup::Fusable(const Node& node) {
