@@ -137,10 +137,19 @@ int LoweredStage::Canonical(int v) const {
 
 absl::Status LoweredStage::Build(const WeightMap& weights,
                                  bool fuse_linear_relu, CudaOps cuda_ops) {
+  ValueIds ids;
+  RETURN_IF_ERROR(NumberValues(weights, &ids));
+  RETURN_IF_ERROR(MakeSteps(ids, fuse_linear_relu, cuda_ops));
+  LayOutWeights();
+  return absl::OkStatus();
+}
+
+absl::Status LoweredStage::NumberValues(const WeightMap& weights, ValueIds* ids) {
+  absl::flat_hash_map<std::string, int>& id = ids->id;
+  absl::flat_hash_map<int, int>& readers = ids->readers;
   // Pass 1: an id per value. Identity outputs share their input's id and a
   // parameter read by several `param` nodes has one id. Readers are counted
   // per id (an identity is not a reader; the readers of its output are).
-  absl::flat_hash_map<std::string, int> id;
   auto new_value = [&](const std::string& name) {
     id[name] = static_cast<int>(values_.size());
     values_.emplace_back();
@@ -152,7 +161,6 @@ absl::Status LoweredStage::Build(const WeightMap& weights,
     input_values_.push_back(v);
   }
   absl::flat_hash_map<std::string, int> param_value;  // by FQN
-  absl::flat_hash_map<int, int> readers;
   for (const Node& node : graph_.nodes()) {
     const std::string& op = node.op();
     if (op == kPipeSplitOp) continue;
@@ -182,6 +190,20 @@ absl::Status LoweredStage::Build(const WeightMap& weights,
   }
   for (const std::string& out : graph_.outputs()) ++readers[id.at(out)];
 
+  return absl::OkStatus();
+}
+
+namespace {
+int ReadersOf(const absl::flat_hash_map<int, int>& readers, int v) {
+  auto it = readers.find(v);
+  return it == readers.end() ? 0 : it->second;
+}
+}  // namespace
+
+absl::Status LoweredStage::MakeSteps(const ValueIds& ids, bool fuse_linear_relu,
+                                     CudaOps cuda_ops) {
+  const absl::flat_hash_map<std::string, int>& id = ids.id;
+  const absl::flat_hash_map<int, int>& readers = ids.readers;
   // Pass 2: steps. A linear output read only by a ReLU takes the ReLU as
   // its GEMM epilogue; the relu's output id becomes an alias of it.
   for (int ni = 0; ni < graph_.nodes_size(); ++ni) {
@@ -214,7 +236,7 @@ absl::Status LoweredStage::Build(const WeightMap& weights,
       int producer = values_[step.in[0]].producer;
       if (fuse_linear_relu && producer >= 0 &&
           steps_[producer].kind == Kind::kLinear && !steps_[producer].relu &&
-          readers[step.in[0]] == 1) {
+          ReadersOf(readers, step.in[0]) == 1) {
         steps_[producer].relu = true;
         ++fused_relus_;
         values_[step.out].alias = step.in[0];
@@ -234,6 +256,10 @@ absl::Status LoweredStage::Build(const WeightMap& weights,
     output_values_.push_back(Canonical(id.at(out)));
   }
 
+  return absl::OkStatus();
+}
+
+void LoweredStage::LayOutWeights() {
   // Which forms each value needs: GEMM operands in the GEMM dtype, anything
   // elementwise, biases and outputs in float32.
   auto need = [&](int v, bool as_gemm_operand) {
@@ -262,7 +288,6 @@ absl::Status LoweredStage::Build(const WeightMap& weights,
     if (v.need_gemm) v.w_gemm = w.Take(n * DTypeBytes(gemm_type_)).offset;
   }
   weight_bytes_ = w.size();
-  return absl::OkStatus();
 }
 
 void LoweredStage::FillWeights(void* dst) const {

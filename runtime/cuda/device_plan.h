@@ -34,6 +34,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "proto/model.pb.h"
@@ -183,7 +184,19 @@ class LoweredStage {
   };
 
   LoweredStage() = default;
+  // Value ids by name (identity outputs share their input's; one per
+  // parameter), and how many steps or outputs read each id.
+  struct ValueIds {
+    absl::flat_hash_map<std::string, int> id;
+    absl::flat_hash_map<int, int> readers;
+  };
   absl::Status Build(const WeightMap& weights, bool fuse_linear_relu, CudaOps cuda_ops);
+  // Pass 1: values_ and their ids.
+  absl::Status NumberValues(const WeightMap& weights, ValueIds* ids);
+  // Pass 2: steps_, with fused ReLUs; every op's kernel through the gate.
+  absl::Status MakeSteps(const ValueIds& ids, bool fuse_linear_relu, CudaOps cuda_ops);
+  // The forms each value needs, and the weights arena.
+  void LayOutWeights();
   int Canonical(int v) const;
   const Node& NodeOf(const Step& s) const { return graph_.nodes(s.node); }
 
