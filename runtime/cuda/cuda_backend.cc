@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "runtime/cuda/cuda_kernels.h"
+#include "runtime/cuda/kernels/transformer_kernels.h"
 #include "runtime/cuda/cuda_status.h"
 #include "runtime/cuda/device_plan.h"
 #include "runtime/cuda/device_slots.h"
@@ -579,6 +580,12 @@ class CudaProgram : public CudaStageProgram {
         return absl::OkStatus();
       case DeviceOp::Type::kRelu:
         CUDA_RETURN_IF_ERROR(LaunchRelu(F(e, op.src), F(e, op.dst), op.n, s));
+        return absl::OkStatus();
+      case DeviceOp::Type::kLayerNorm:
+        CUDA_RETURN_IF_ERROR(kernels::LaunchLayerNorm(
+            F(e, op.src), op.has_weight ? F(e, op.src2) : nullptr,
+            op.has_bias ? F(e, op.src3) : nullptr, F(e, op.dst), op.rows,
+            static_cast<int>(op.cols), op.eps, s));
         return absl::OkStatus();
     }
     return absl::InternalError("unknown device op");

@@ -8,6 +8,8 @@
 #include "common/status_macros.h"
 #include "runtime/cuda/device_plan.h"
 #include "runtime/cuda/device_slots.h"
+#include "runtime/cuda/kernels/layer_norm.h"
+#include "runtime/cuda/simt/simt.h"
 #include "runtime/signature.h"
 
 namespace pipeserve {
@@ -53,7 +55,13 @@ class EmulatedProgram : public StageProgram {
     a->in.assign(plan.staging_in_bytes, '\xff');
     a->out.assign(plan.staging_out_bytes, '\xff');
     StageInputs(plan, inputs, a->in.data());
-    for (const DeviceOp& op : plan.ops) Execute(*a, op);
+    for (const DeviceOp& op : plan.ops) {
+      if (op.type == DeviceOp::Type::kLayerNorm) {
+        RETURN_IF_ERROR(EmulateLayerNorm(*a, op));
+      } else {
+        Execute(*a, op);
+      }
+    }
     std::vector<Tensor> outputs;
     UnstageOutputs(plan, a->out.data(), &outputs);
     return outputs;
@@ -111,6 +119,21 @@ class EmulatedProgram : public StageProgram {
         return a * b;
     }
     return 0;
+  }
+
+  // The kernel's own source (kernels/layer_norm.h) on the simt emulator: a
+  // race or barrier misuse in it fails the run.
+  absl::Status EmulateLayerNorm(Arenas& arenas, const DeviceOp& op) const {
+    const View view{&weights_, &arenas};
+    const float* w = op.has_weight ? view.F(op.src2) : nullptr;
+    const float* b = op.has_bias ? view.F(op.src3) : nullptr;
+    absl::Status s = simt::Emulate(
+        static_cast<unsigned>(op.rows), kernels::kLayerNormThreads, [&] {
+          kernels::LayerNormRows<float, float>(view.F(op.src), w, b, view.F(op.dst), op.rows,
+                                               static_cast<int>(op.cols), op.eps);
+        });
+    if (!s.ok()) return absl::InternalError(absl::StrCat("node \"", op.node, "\": ", s.message()));
+    return absl::OkStatus();
   }
 
   void Execute(Arenas& arenas, const DeviceOp& op) const {
@@ -188,6 +211,8 @@ class EmulatedProgram : public StageProgram {
           F(op.dst)[i] = x < 0 ? 0.0f : x;  // NaN stays NaN, as in PyTorch
         }
         return;
+      case DeviceOp::Type::kLayerNorm:
+        return;  // EmulateLayerNorm
     }
   }
 
@@ -206,7 +231,10 @@ class EmulatorBackend : public ComputeBackend {
   absl::StatusOr<std::unique_ptr<StageProgram>> Compile(
       const Graph& graph, const WeightMap& weights) override {
     ASSIGN_OR_RETURN(LoweredStage stage,
-                     LoweredStage::Create(graph, weights, precision_));
+                     LoweredStage::Create(graph, weights, precision_,
+                                          /*fuse_linear_relu=*/true,
+                                          // it checks kernels before a GPU does
+                                          CudaOps::kUnconfirmed));
     return std::unique_ptr<StageProgram>(
         new EmulatedProgram(std::move(stage), concurrent_runs_));
   }

@@ -244,6 +244,8 @@ absl::Status LoweredStage::MakeSteps(const ValueIds& ids, bool fuse_linear_relu,
       }
     } else if (op == "clone") {
       step.kind = Kind::kClone;
+    } else if (op == "layer_norm") {
+      step.kind = Kind::kLayerNorm;
     } else {
       return absl::InvalidArgumentError(
           absl::StrCat("the cuda backend has no kernel for op \"", op, "\""));
@@ -310,6 +312,25 @@ void LoweredStage::ReleaseWeights() {
     Shape s = t.shape();
     t = Tensor::Wrap(nullptr, nullptr, std::move(s));  // shape only
   }
+}
+
+DeviceOp LoweredStage::LayerNormOp(const Step& s, const Shape& x,
+                                   const std::vector<BufferRef>& f32, BufferRef out) const {
+  const Node& node = NodeOf(s);
+  DeviceOp op{DeviceOp::Type::kLayerNorm, node.name()};
+  const int64_t ndim = IntAttr(node, "ndim", 1);
+  op.cols = 1;
+  for (size_t d = x.size() - ndim; d < x.size(); ++d) op.cols *= x[d];
+  op.rows = op.cols == 0 ? 0 : NumElements(x) / op.cols;
+  op.eps = static_cast<float>(FloatAttr(node, "eps", 1e-5));
+  op.has_weight = IntAttr(node, "has_weight", 0) != 0;
+  op.has_bias = IntAttr(node, "has_bias", 0) != 0;
+  op.src = f32[s.in[0]];
+  if (op.has_weight) op.src2 = f32[s.in[1]];
+  if (op.has_bias) op.src3 = f32[s.in[op.has_weight ? 2 : 1]];
+  op.dst = out;
+  op.n = op.rows * op.cols;
+  return op;
 }
 
 absl::StatusOr<DevicePlan> LoweredStage::Plan(
@@ -485,6 +506,11 @@ absl::StatusOr<DevicePlan> LoweredStage::Plan(
         op.src = f32[s.in[0]];
         op.dst = out;
         op.n = n_out;
+        if (n_out > 0) compute.push_back(op);
+        break;
+      }
+      case Kind::kLayerNorm: {
+        DeviceOp op = LayerNormOp(s, shape[s.in[0]], f32, out);
         if (n_out > 0) compute.push_back(op);
         break;
       }

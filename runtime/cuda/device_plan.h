@@ -93,6 +93,7 @@ struct DeviceOp {
     kBinary,   // dst[i] = src[ia] op src2[ib] over n outputs (index)
     kScalar,   // dst = src op scalar, or scalar op src when reverse
     kRelu,     // dst = max(src, 0)
+    kLayerNorm,  // dst [rows, cols] = layer_norm(src) * src2 + src3 (kernels/layer_norm.h)
     kCopy,     // bytes: device src -> device dst (clone)
     kCopyOut,  // bytes: device src -> staging_out dst
   };
@@ -107,6 +108,11 @@ struct DeviceOp {
   float scalar = 0;
   bool reverse = false;
   DType dtype = DType::kBF16;  // kConvert's target
+  // kLayerNorm: src3 the bias; the weight (src2) and bias are optional.
+  BufferRef src3;
+  int64_t rows = 0, cols = 0;
+  float eps = 0;
+  bool has_weight = false, has_bias = false;
 };
 
 // Host side of one input or output.
@@ -163,7 +169,7 @@ class LoweredStage {
   absl::StatusOr<DevicePlan> Plan(const std::vector<Shape>& input_shapes) const;
 
  private:
-  enum class Kind { kMm, kLinear, kBinary, kScalar, kRelu, kClone };
+  enum class Kind { kMm, kLinear, kBinary, kScalar, kRelu, kClone, kLayerNorm };
   struct Value {
     int input = -1;     // graph input number, or -1
     int param = -1;     // index into params_, or -1
@@ -184,6 +190,9 @@ class LoweredStage {
   };
 
   LoweredStage() = default;
+  // The kLayerNorm op of step `s` on x of shape `x`.
+  DeviceOp LayerNormOp(const Step& s, const Shape& x, const std::vector<BufferRef>& f32,
+                       BufferRef out) const;
   // Value ids by name (identity outputs share their input's; one per
   // parameter), and how many steps or outputs read each id.
   struct ValueIds {

@@ -266,6 +266,34 @@ TEST(DevicePlanTest, OpWithoutADeviceKernelFailsNamingIt) {
   EXPECT_EQ(stage.status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+// The kernel gate: layer_norm's kernel has run only in emulation, so the
+// CUDA lowering refuses it by default, saying how to open the gate, and
+// takes it with CudaOps::kUnconfirmed (--cuda_ops=unconfirmed).
+TEST(DevicePlanTest, AnUnconfirmedKernelIsRefusedByDefaultAndTakenWithTheFlag) {
+  GraphBuilder b;
+  b.Input("x", {-1, 6, 10}).Param("w", {10}).Param("b", {10});
+  b.Op("layer_norm", {"x", "w", "b"}, "y", "",
+       {{"ndim", AttrI(1)}, {"has_weight", AttrI(1)}, {"has_bias", AttrI(1)}, {"eps", AttrF(1e-5)}})
+      .Output("y");
+  Model m = b.Build();
+  absl::StatusOr<LoweredStage> refused = LoweredStage::Create(m.graph, m.weights, Precision::kFloat32);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("(layer_norm, float32)"));
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("--cuda_ops=unconfirmed"));
+  absl::StatusOr<LoweredStage> taken =
+      LoweredStage::Create(m.graph, m.weights, Precision::kFloat32, true, CudaOps::kUnconfirmed);
+  ASSERT_TRUE(taken.ok()) << taken.status();
+  absl::StatusOr<DevicePlan> plan = taken->Plan({{3, 6, 10}});
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  ASSERT_EQ(Compute(*plan), std::vector<Type>{Type::kLayerNorm});
+  const DeviceOp& op = plan->ops[plan->compute_begin];
+  EXPECT_EQ(op.rows, 18);
+  EXPECT_EQ(op.cols, 10);
+  EXPECT_FLOAT_EQ(op.eps, 1e-5f);
+  EXPECT_TRUE(op.has_weight && op.has_bias);
+}
+
 TEST(DevicePlanTest, ShapeErrorsNameTheNode) {
   GraphBuilder b;
   b.Input("x", {-1, 4}).Input("y", {-1, 4});

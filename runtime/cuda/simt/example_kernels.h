@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "runtime/cuda/simt/reduce.h"
 #include "runtime/cuda/simt/simt.h"
 
 namespace pipeserve::simt::example {
@@ -40,18 +41,6 @@ SIMT_GLOBAL void RowSum(const T* __restrict__ x, float* __restrict__ out,
   if (t == 0) out[row] = partial[0];
 }
 
-// The sum of v over the warp, in every lane (butterfly).
-SIMT_DEVICE float WarpAllSum(float v) {
-  for (int m = kWarpSize / 2; m > 0; m >>= 1) v += ShflXor(v, m);
-  return v;
-}
-
-// The sum of v over the warp, in lane 0 (other lanes hold partial sums).
-SIMT_DEVICE float WarpSumToLane0(float v) {
-  for (int d = kWarpSize / 2; d > 0; d >>= 1) v += ShflDown(v, d);
-  return v;
-}
-
 // RowSum with one warp per row and no shared memory: blockDim is
 // (32, warps), row = blockIdx.x * warps + threadIdx.y.
 template <typename T>
@@ -64,27 +53,6 @@ SIMT_GLOBAL void RowSumWarp(const T* __restrict__ x, float* __restrict__ out,
   for (int c = LaneId(); c < cols; c += kWarpSize) sum += ToFloat(xr[c]);
   sum = WarpAllSum(sum);
   if (LaneId() == 0) out[row] = sum;
-}
-
-// The sum of v over the block, returned to every thread. scratch holds
-// kWarpSize floats; the block is whole warps, at most 1024 threads.
-SIMT_DEVICE float BlockAllSum(float v, SharedPtr<float> scratch) {
-  const int warp = WarpId();
-  const int lane = LaneId();
-  const int warps =
-      static_cast<int>(BlockDim().x * BlockDim().y * BlockDim().z) / kWarpSize;
-  v = WarpSumToLane0(v);
-  if (lane == 0) scratch[warp] = v;
-  SyncThreads();
-  if (warp == 0) {
-    v = WarpSumToLane0(lane < warps ? scratch[lane] : 0.0f);
-    if (lane == 0) scratch[0] = v;
-  }
-  SyncThreads();
-  const float total = scratch[0];
-  // A second call writes scratch[0] again: every thread must have read it.
-  SyncThreads();
-  return total;
 }
 
 // y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * weight for x, y

@@ -1,0 +1,22 @@
+// The GPU launchers of the kernels in this folder (nvcc compiles
+// transformer_kernels.cu under --config=cuda; nothing else may include
+// this header). Each enqueues one kernel on `stream` and returns
+// cudaGetLastError() (cudaSuccess without a launch when there is no work).
+// Buffers are device memory.
+#ifndef PIPESERVE_RUNTIME_CUDA_KERNELS_TRANSFORMER_KERNELS_H_
+#define PIPESERVE_RUNTIME_CUDA_KERNELS_TRANSFORMER_KERNELS_H_
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace pipeserve::kernels {
+
+// layer_norm over the last `cols` values of x [rows, cols] (float32), with
+// w and b [cols] (float32, either may be null): layer_norm.h.
+cudaError_t LaunchLayerNorm(const float* x, const float* w, const float* b, float* y,
+                            int64_t rows, int cols, float eps, cudaStream_t stream);
+
+}  // namespace pipeserve::kernels
+
+#endif  // PIPESERVE_RUNTIME_CUDA_KERNELS_TRANSFORMER_KERNELS_H_

@@ -1,0 +1,44 @@
+// Warp and block reductions for kernels written against simt.h.
+#ifndef PIPESERVE_RUNTIME_CUDA_SIMT_REDUCE_H_
+#define PIPESERVE_RUNTIME_CUDA_SIMT_REDUCE_H_
+
+#include "runtime/cuda/simt/simt.h"
+
+namespace pipeserve::simt {
+
+// The sum of v over the warp, in every lane (butterfly).
+SIMT_DEVICE float WarpAllSum(float v) {
+  for (int m = kWarpSize / 2; m > 0; m >>= 1) v += ShflXor(v, m);
+  return v;
+}
+
+// The sum of v over the warp, in lane 0 (other lanes hold partial sums).
+SIMT_DEVICE float WarpSumToLane0(float v) {
+  for (int d = kWarpSize / 2; d > 0; d >>= 1) v += ShflDown(v, d);
+  return v;
+}
+
+// The sum of v over the block, returned to every thread. scratch holds
+// kWarpSize floats; the block is whole warps, at most 1024 threads.
+SIMT_DEVICE float BlockAllSum(float v, SharedPtr<float> scratch) {
+  const int warp = WarpId();
+  const int lane = LaneId();
+  const int warps =
+      static_cast<int>(BlockDim().x * BlockDim().y * BlockDim().z) / kWarpSize;
+  v = WarpSumToLane0(v);
+  if (lane == 0) scratch[warp] = v;
+  SyncThreads();
+  if (warp == 0) {
+    v = WarpSumToLane0(lane < warps ? scratch[lane] : 0.0f);
+    if (lane == 0) scratch[0] = v;
+  }
+  SyncThreads();
+  const float total = scratch[0];
+  // A second call writes scratch[0] again: every thread must have read it.
+  SyncThreads();
+  return total;
+}
+
+}  // namespace pipeserve::simt
+
+#endif  // PIPESERVE_RUNTIME_CUDA_SIMT_REDUCE_H_
