@@ -229,7 +229,7 @@ if [ "$self_test" -eq 1 ]; then
   exit 1
 fi
 gpu_present=0
-if [ "$smi_gpus" -gt 0 ] || { [ "$no_device" -eq 0 ] && [ "${statuses[2]}" = PASS ]; }; then
+if [ "$smi_gpus" -gt 0 ] || { [ "$no_device" -eq 0 ] && [ "${statuses[3]}" = PASS ]; }; then
   gpu_present=1
 fi
 if [ "$gpu_present" -eq 1 ]; then
@@ -237,7 +237,7 @@ if [ "$gpu_present" -eq 1 ]; then
   expected='^CudaBackendErrorTest\.NoDeviceMeansFailedPreconditionSayingWhy$'
   skipped=$(skipped_cases | grep -vE "$expected")
   if [ -n "$skipped" ]; then
-    say "GPU test cases skipped where a GPU is present (nvidia-smi: $gpu; cuda_bench: ${statuses[2]}): $(echo "$skipped" | wc -l)"
+    say "GPU test cases skipped where a GPU is present (nvidia-smi: $gpu; cuda_bench: ${statuses[3]}): $(echo "$skipped" | wc -l)"
     echo "$skipped" | head -40 | sed 's/^/  /' | tee -a "$log"
     failed=1
   fi

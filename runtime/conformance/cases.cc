@@ -144,6 +144,8 @@ void AddNormalizations(std::vector<ConformanceCase>* out) {
                         kFloats));
     out->push_back(Case(std::string(op) + "_dim1", op, {In("x", {3, 5, 19})}, {{"dim", I(1)}},
                         kFloats));
+    out->push_back(Case(std::string(op) + "_long_rows", op, {In("x", {2, 1000})},
+                        {{"dim", I(-1)}}, kFloats));
   }
   out->push_back(Case("layer_norm_affine", "layer_norm",
                       {In("x", {4, 6, 33}), Param("w", {33}), Param("b", {33})},
@@ -152,6 +154,9 @@ void AddNormalizations(std::vector<ConformanceCase>* out) {
                       kFloats));
   out->push_back(Case("layer_norm_two_dims", "layer_norm", {In("x", {4, 6, 33})},
                       {{"ndim", I(2)}, {"eps", F(1e-5)}}, kFloats));
+  // Rows longer than a GPU block (several elements per thread), bias alone.
+  out->push_back(Case("layer_norm_long_rows_bias", "layer_norm", {In("x", {3, 1000}), Param("b", {1000})},
+                      {{"ndim", I(1)}, {"eps", F(1e-5)}, {"has_bias", I(1)}}, kFloats));
   for (const char* op : {"sum", "mean", "amax"}) {
     const std::string o = op;
     out->push_back(Case(o + "_dim1", o, {In("x", {4, 5, 6})}, {{"dims", Is({1})}}, kFloats));

@@ -164,16 +164,19 @@ void ForEachPair(const T* a, const Strides& sa, const T* b, const Strides& sb,
   }
 }
 
-// a ** b for integers, as PyTorch: by squaring (b may be large), and a
+// a ** b for integers, as PyTorch: by squaring (b may be large), wrapping
+// on overflow (in the unsigned type: no undefined behaviour), and a
 // negative exponent gives the truncated 1 / a^|b| (0 unless a is 1 or -1).
 template <typename T>
 T IntPow(T a, T b) {
   if (b < 0) return a == 1 ? 1 : a == -1 ? (b % 2 == 0 ? 1 : -1) : 0;
-  T r = 1;
-  for (; b > 0; b >>= 1, a *= a) {
-    if (b & 1) r *= a;
+  using U = std::make_unsigned_t<T>;
+  U r = 1, base = static_cast<U>(a);
+  for (U e = static_cast<U>(b); e > 0; e >>= 1) {
+    if (e & 1) r = static_cast<U>(r * base);
+    if (e > 1) base = static_cast<U>(base * base);
   }
-  return r;
+  return static_cast<T>(r);
 }
 
 // maximum and minimum as PyTorch: a NaN on either side is the result

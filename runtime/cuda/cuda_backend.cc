@@ -587,6 +587,13 @@ class CudaProgram : public CudaStageProgram {
             op.has_bias ? F(e, op.src3) : nullptr, F(e, op.dst), op.rows,
             static_cast<int>(op.cols), op.eps, s));
         return absl::OkStatus();
+      case DeviceOp::Type::kUnary:
+        CUDA_RETURN_IF_ERROR(kernels::LaunchUnary(op.unary, F(e, op.src), F(e, op.dst), op.n, s));
+        return absl::OkStatus();
+      case DeviceOp::Type::kSoftmax:
+        CUDA_RETURN_IF_ERROR(kernels::LaunchSoftmax(F(e, op.src), F(e, op.dst), op.rows,
+                                                    static_cast<int>(op.cols), op.log, s));
+        return absl::OkStatus();
     }
     return absl::InternalError("unknown device op");
   }

@@ -8,6 +8,7 @@
 #include "common/status_macros.h"
 #include "runtime/cuda/device_plan.h"
 #include "runtime/cuda/device_slots.h"
+#include "runtime/cuda/kernels/elementwise.h"
 #include "runtime/cuda/kernels/layer_norm.h"
 #include "runtime/cuda/simt/simt.h"
 #include "runtime/signature.h"
@@ -56,8 +57,9 @@ class EmulatedProgram : public StageProgram {
     a->out.assign(plan.staging_out_bytes, '\xff');
     StageInputs(plan, inputs, a->in.data());
     for (const DeviceOp& op : plan.ops) {
-      if (op.type == DeviceOp::Type::kLayerNorm) {
-        RETURN_IF_ERROR(EmulateLayerNorm(*a, op));
+      if (op.type == DeviceOp::Type::kLayerNorm || op.type == DeviceOp::Type::kUnary ||
+          op.type == DeviceOp::Type::kSoftmax) {
+        RETURN_IF_ERROR(EmulateKernel(*a, op));
       } else {
         Execute(*a, op);
       }
@@ -121,17 +123,31 @@ class EmulatedProgram : public StageProgram {
     return 0;
   }
 
-  // The kernel's own source (kernels/layer_norm.h) on the simt emulator: a
-  // race or barrier misuse in it fails the run.
-  absl::Status EmulateLayerNorm(Arenas& arenas, const DeviceOp& op) const {
+  // The kernels' own source (runtime/cuda/kernels) on the simt emulator,
+  // launched as the CUDA backend launches them: a race or barrier misuse
+  // in one fails the run.
+  absl::Status EmulateKernel(Arenas& arenas, const DeviceOp& op) const {
     const View view{&weights_, &arenas};
-    const float* w = op.has_weight ? view.F(op.src2) : nullptr;
-    const float* b = op.has_bias ? view.F(op.src3) : nullptr;
-    absl::Status s = simt::Emulate(
-        static_cast<unsigned>(op.rows), kernels::kLayerNormThreads, [&] {
-          kernels::LayerNormRows<float, float>(view.F(op.src), w, b, view.F(op.dst), op.rows,
-                                               static_cast<int>(op.cols), op.eps);
-        });
+    const float* x = view.F(op.src);
+    float* y = view.F(op.dst);
+    absl::Status s;
+    if (op.type == DeviceOp::Type::kLayerNorm) {
+      const float* w = op.has_weight ? view.F(op.src2) : nullptr;
+      const float* b = op.has_bias ? view.F(op.src3) : nullptr;
+      s = simt::Emulate(static_cast<unsigned>(op.rows), kernels::kLayerNormThreads, [&] {
+        kernels::LayerNormRows<float, float>(x, w, b, y, op.rows, static_cast<int>(op.cols),
+                                             op.eps);
+      });
+    } else if (op.type == DeviceOp::Type::kUnary) {
+      const int64_t blocks =
+          (op.n + kernels::kElementwiseThreads - 1) / kernels::kElementwiseThreads;
+      s = simt::Emulate(static_cast<unsigned>(blocks), kernels::kElementwiseThreads,
+                        [&] { kernels::UnaryElementwise<float>(x, y, op.n, op.unary); });
+    } else {
+      s = simt::Emulate(static_cast<unsigned>(op.rows), kernels::kSoftmaxThreads, [&] {
+        kernels::SoftmaxRows<float>(x, y, op.rows, static_cast<int>(op.cols), op.log);
+      });
+    }
     if (!s.ok()) return absl::InternalError(absl::StrCat("node \"", op.node, "\": ", s.message()));
     return absl::OkStatus();
   }
@@ -212,7 +228,9 @@ class EmulatedProgram : public StageProgram {
         }
         return;
       case DeviceOp::Type::kLayerNorm:
-        return;  // EmulateLayerNorm
+      case DeviceOp::Type::kUnary:
+      case DeviceOp::Type::kSoftmax:
+        return;  // EmulateKernel
     }
   }
 

@@ -101,6 +101,16 @@ absl::StatusOr<LoweredStage> LoweredStage::Create(const Graph& graph,
           "\" (matmul of ", ShapeToString(shapes.at(node.inputs(0))), " and ",
           ShapeToString(shapes.at(node.inputs(1))), "; it runs [..., K] @ [K, N])"));
     }
+    if (node.op() == "softmax" || node.op() == "log_softmax") {
+      const int rank = static_cast<int>(shapes.at(node.inputs(0)).size());
+      absl::StatusOr<int> dim = NormalizeDim(IntAttr(node, "dim", -1), rank);
+      if (dim.ok() && *dim != std::max(rank - 1, 0)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "the cuda backend has no kernel for node \"", node.name(), "\" (", node.op(),
+            " over dim ", *dim, " of ", ShapeToString(shapes.at(node.inputs(0))),
+            "; it runs the last dim)"));
+      }
+    }
   }
   // The CUDA backend runs float32 graphs (GEMMs in the chosen precision).
   for (const Node& node : graph.nodes()) {
@@ -246,6 +256,11 @@ absl::Status LoweredStage::MakeSteps(const ValueIds& ids, bool fuse_linear_relu,
       step.kind = Kind::kClone;
     } else if (op == "layer_norm") {
       step.kind = Kind::kLayerNorm;
+    } else if ((step.unary = kernels::UnaryKindOf(op, StringAttr(node, "approximate"))) !=
+               kernels::UnaryKind::kNone) {
+      step.kind = Kind::kUnary;
+    } else if (op == "softmax" || op == "log_softmax") {  // over the last dim (Create)
+      step.kind = Kind::kSoftmax;
     } else {
       return absl::InvalidArgumentError(
           absl::StrCat("the cuda backend has no kernel for op \"", op, "\""));
@@ -511,6 +526,27 @@ absl::StatusOr<DevicePlan> LoweredStage::Plan(
       }
       case Kind::kLayerNorm: {
         DeviceOp op = LayerNormOp(s, shape[s.in[0]], f32, out);
+        if (n_out > 0) compute.push_back(op);
+        break;
+      }
+      case Kind::kUnary: {
+        DeviceOp op{DeviceOp::Type::kUnary, name};
+        op.src = f32[s.in[0]];
+        op.dst = out;
+        op.n = n_out;
+        op.unary = s.unary;
+        if (n_out > 0) compute.push_back(op);
+        break;
+      }
+      case Kind::kSoftmax: {
+        DeviceOp op{DeviceOp::Type::kSoftmax, name};
+        const Shape& x = shape[s.in[0]];
+        op.src = f32[s.in[0]];
+        op.dst = out;
+        op.cols = x.empty() ? 1 : x.back();
+        op.rows = op.cols == 0 ? 0 : n_out / op.cols;
+        op.n = n_out;
+        op.log = NodeOf(s).op() == "log_softmax";
         if (n_out > 0) compute.push_back(op);
         break;
       }

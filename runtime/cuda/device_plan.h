@@ -40,6 +40,7 @@
 #include "proto/model.pb.h"
 #include "runtime/cuda/broadcast_index.h"
 #include "runtime/cuda/kernel_gate.h"
+#include "runtime/cuda/kernels/unary_kind.h"
 #include "runtime/model_file.h"
 #include "runtime/precision.h"
 #include "runtime/tensor.h"
@@ -94,6 +95,8 @@ struct DeviceOp {
     kScalar,   // dst = src op scalar, or scalar op src when reverse
     kRelu,     // dst = max(src, 0)
     kLayerNorm,  // dst [rows, cols] = layer_norm(src) * src2 + src3 (kernels/layer_norm.h)
+    kUnary,      // dst = f(src) over n, f = unary (kernels/elementwise.h)
+    kSoftmax,    // dst [rows, cols] = softmax(src) over cols, log_softmax when `log`
     kCopy,     // bytes: device src -> device dst (clone)
     kCopyOut,  // bytes: device src -> staging_out dst
   };
@@ -113,6 +116,8 @@ struct DeviceOp {
   int64_t rows = 0, cols = 0;
   float eps = 0;
   bool has_weight = false, has_bias = false;
+  kernels::UnaryKind unary = kernels::UnaryKind::kNone;  // kUnary
+  bool log = false;                                      // kSoftmax
 };
 
 // Host side of one input or output.
@@ -169,7 +174,7 @@ class LoweredStage {
   absl::StatusOr<DevicePlan> Plan(const std::vector<Shape>& input_shapes) const;
 
  private:
-  enum class Kind { kMm, kLinear, kBinary, kScalar, kRelu, kClone, kLayerNorm };
+  enum class Kind { kMm, kLinear, kBinary, kScalar, kRelu, kClone, kLayerNorm, kUnary, kSoftmax };
   struct Value {
     int input = -1;     // graph input number, or -1
     int param = -1;     // index into params_, or -1
@@ -187,6 +192,7 @@ class LoweredStage {
     ElementwiseOp op = ElementwiseOp::kAdd;
     float scalar = 0;
     bool reverse = false;
+    kernels::UnaryKind unary = kernels::UnaryKind::kNone;
   };
 
   LoweredStage() = default;

@@ -353,7 +353,13 @@ TEST(DevicePlanTest, OtherDtypesAndTransformerOpsAreRefusedNamingThem) {
   m = norm.Build();
   stage = LoweredStage::Create(m.graph, m.weights, Precision::kFloat32);
   EXPECT_EQ(stage.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(stage.status().message(), HasSubstr("has no kernel for op \"softmax\""));
+  EXPECT_THAT(stage.status().message(), HasSubstr("(softmax, float32): its CUDA kernel has not "
+                                                  "been confirmed on a GPU yet"));
+  (*m.graph.mutable_nodes(0)->mutable_attrs())["dim"].set_i(0);
+  stage = LoweredStage::Create(m.graph, m.weights, Precision::kFloat32, true, CudaOps::kUnconfirmed);
+  EXPECT_EQ(stage.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(stage.status().message(),
+              HasSubstr("no kernel for node \"p\" (softmax over dim 0 of [B,4]; it runs the last dim)"));
 
   GraphBuilder batched;
   batched.Input("a", {-1, 3, 4}).Input("b", {-1, 4, 5});

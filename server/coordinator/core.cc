@@ -5,6 +5,7 @@
 #include <set>
 #include <utility>
 
+#include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "common/model_name.h"
 #include "common/status_macros.h"
@@ -418,11 +419,13 @@ absl::StatusOr<UploadResponse> Coordinator::FinishUpload(const std::string& name
   absl::StatusOr<std::shared_ptr<Deployment>> deployed =
       Deploy(name, upload->path(), options, upload->bytes(), &measured);
   if (!deployed.ok()) {
-    if (deployed.status().code() != absl::StatusCode::kUnavailable ||
-        !launcher_->ServersComeLater() || Current(name) != nullptr) {
+    if (!deployed.status().GetPayload(kWaitingForServers).has_value() ||
+        Current(name) != nullptr) {
       return deployed.status();
     }
-    return StoreWaiting(name, options, std::move(upload), deployed.status());
+    UploadOptions stored = options;
+    if (!measured.seconds().empty()) *stored.mutable_profile() = measured;
+    return StoreWaiting(name, stored, std::move(upload), deployed.status());
   }
   std::shared_ptr<Deployment> d = *std::move(deployed);
   // Keep what was measured with the model: a restart or a redeployment
@@ -763,7 +766,16 @@ std::vector<ModelInfo> Coordinator::ListModels() {
 }
 
 absl::StatusOr<std::vector<std::string>> Coordinator::ServersFor(int n) {
-  ASSIGN_OR_RETURN(std::vector<std::string> servers, launcher_->ServersFor(n));
+  absl::StatusOr<std::vector<std::string>> found = launcher_->ServersFor(n);
+  if (!found.ok()) {
+    absl::Status s = found.status();
+    // Too few now, more later: FinishUpload stores the model to wait.
+    if (s.code() == absl::StatusCode::kUnavailable && launcher_->ServersComeLater()) {
+      s.SetPayload(kWaitingForServers, absl::Cord("1"));
+    }
+    return s;
+  }
+  std::vector<std::string> servers = *std::move(found);
   Remember(servers);
   return servers;
 }

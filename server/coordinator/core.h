@@ -103,6 +103,10 @@ absl::StatusOr<std::vector<std::string>> ServersForBrokenLanes(
     const ModelInfo& info, const std::vector<int>& broken, int n,
     const std::vector<std::string>& servers);
 
+// The payload marking a status as "too few stage servers now, with a
+// launcher whose servers come later" (Coordinator::ServersFor).
+inline constexpr char kWaitingForServers[] = "pipeserve/waiting-for-servers";
+
 class Coordinator {
  public:
   // `stages` must outlive the coordinator.

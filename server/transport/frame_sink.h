@@ -45,11 +45,11 @@ class FrameSink {
   // Wakes any blocked Send and makes later ones fail. Thread-safe.
   virtual void Close() = 0;
 
-  // Why frames this sink took may never have arrived (a stream that ended
-  // after taking them, not closed by Close: the far end went away or
-  // refused the stream), or OK. Once set it stays: a request those frames
-  // carried will not be answered through this sink, so whoever waits on it
-  // must treat the path as broken. Thread-safe.
+  // Why frames this sink took never arrived (a stream the far end refused,
+  // or one that ended, not by Close, with frames it took still unwritten),
+  // or OK. Once set it stays: a request those frames carried will not be
+  // answered through this sink, so whoever waits on it must treat the path
+  // as broken. Thread-safe.
   virtual absl::Status Lost() const { return absl::OkStatus(); }
 };
 

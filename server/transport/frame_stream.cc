@@ -53,9 +53,10 @@ class FrameSender::Call : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc:
     grpc::ByteBuffer bb;
     absl::Status s = FramesToByteBuffer(frames, &bb);
     if (!s.ok()) return s;
-    s = queue_.Push(std::move(bb), deadline, frames.size());
-    if (s.ok()) carried_.store(true);
-    return s;
+    // Before the push: the stream may end (and OnDone look) the moment
+    // the message is in the queue.
+    carried_.store(true);
+    return queue_.Push(std::move(bb), deadline, frames.size());
   }
 
   bool broken() const { return queue_.closed(); }
@@ -75,9 +76,14 @@ class FrameSender::Call : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc:
     const std::string why = s.ok() ? std::string("the stream finished")
                                    : absl::StrCat("the stream failed: ", s.error_message());
     queue_.Close(why);
-    if (carried_.load() && !cancelled_.load()) {
-      // Frames went into a stream the far end never finished taking: the
-      // stage is gone, restarted or refused it (not loaded there).
+    // The far end refused the stream (the stage is not loaded there: a
+    // server replaced under the same name), or frames it took were never
+    // written: they are lost. A stream that ends after writing all it
+    // took (an idle link that broke) loses nothing; the next Send opens
+    // another.
+    const bool refused = s.error_code() == grpc::StatusCode::FAILED_PRECONDITION ||
+                         s.error_code() == grpc::StatusCode::NOT_FOUND;
+    if (carried_.load() && !cancelled_.load() && (refused || queue_.dropped() > 0)) {
       absl::MutexLock lock(&lost_->mu);
       if (lost_->status.ok()) {
         lost_->status = absl::UnavailableError(

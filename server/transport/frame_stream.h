@@ -50,7 +50,8 @@ class FrameSender : public MessageSink {
 
   // Cancels the stream and waits (up to 5 s) for gRPC to finish with it.
   void Close() override;
-  // Set once a stream that carried frames ended other than by Close.
+  // Set once a stream that carried frames was refused, or ended other than
+  // by Close with frames unwritten (FrameSink::Lost).
   absl::Status Lost() const override;
 
   class Call;

@@ -48,9 +48,11 @@ void WriteQueue::WriteDone(bool ok) {
   {
     absl::MutexLock lock(&mu_);
     current_.Clear();  // releases the tensors just written
+    if (!ok) ++dropped_;
     if (!ok && !closed_) {
       closed_ = true;
       reason_ = "a write failed (the stream broke)";
+      dropped_ += queue_.size();
       queue_.clear();
     }
     if (closed_ || queue_.empty()) {
@@ -100,6 +102,7 @@ void WriteQueue::Close(const std::string& reason) {
     if (closed_) return;
     closed_ = true;
     reason_ = reason;
+    dropped_ += queue_.size();
     queue_.clear();
   }
   MaybeFireClosed();
@@ -146,6 +149,11 @@ uint64_t WriteQueue::writes() const {
 uint64_t WriteQueue::messages_written() const {
   absl::MutexLock lock(&mu_);
   return messages_written_;
+}
+
+uint64_t WriteQueue::dropped() const {
+  absl::MutexLock lock(&mu_);
+  return dropped_;
 }
 
 }  // namespace pipeserve

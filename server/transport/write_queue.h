@@ -76,6 +76,9 @@ class WriteQueue {
   // when messages were merged).
   uint64_t writes() const;
   uint64_t messages_written() const;
+  // Messages that were taken by Push but never fully written: dropped from
+  // the queue by a close, or in a write that failed.
+  uint64_t dropped() const;
 
  private:
   const size_t capacity_;
@@ -98,6 +101,7 @@ class WriteQueue {
   bool closed_reported_ ABSL_GUARDED_BY(mu_) = false;
   std::string reason_ ABSL_GUARDED_BY(mu_);
   uint64_t writes_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t dropped_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t messages_written_ ABSL_GUARDED_BY(mu_) = 0;
 
   // Moves the front message (merged with those behind it, as merge_bytes

@@ -1,5 +1,6 @@
 // nvcc's side of the kernels in this folder: the same source the device
 // emulator runs on the CPU, launched on the GPU.
+#include "runtime/cuda/kernels/elementwise.h"
 #include "runtime/cuda/kernels/layer_norm.h"
 #include "runtime/cuda/kernels/transformer_kernels.h"
 
@@ -13,6 +14,23 @@ cudaError_t LaunchLayerNorm(const float* x, const float* w, const float* b, floa
   return cudaGetLastError();
 }
 
+cudaError_t LaunchUnary(UnaryKind kind, const float* x, float* y, int64_t n,
+                        cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  const int64_t blocks = (n + kElementwiseThreads - 1) / kElementwiseThreads;
+  UnaryElementwise<float><<<static_cast<unsigned>(blocks), kElementwiseThreads, 0, stream>>>(
+      x, y, n, kind);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchSoftmax(const float* x, float* y, int64_t rows, int cols, bool log,
+                          cudaStream_t stream) {
+  if (rows <= 0 || cols <= 0) return cudaSuccess;
+  SoftmaxRows<float><<<static_cast<unsigned>(rows), kSoftmaxThreads, 0, stream>>>(
+      x, y, rows, cols, log);
+  return cudaGetLastError();
+}
+
 // Every dtype the kernels take, so that --config=cuda proves nvcc accepts
 // all of the source the emulator runs.
 template __global__ void LayerNormRows<__half, float>(const __half*, const float*, const float*,
@@ -20,5 +38,11 @@ template __global__ void LayerNormRows<__half, float>(const __half*, const float
 template __global__ void LayerNormRows<__nv_bfloat16, float>(const __nv_bfloat16*, const float*,
                                                              const float*, __nv_bfloat16*,
                                                              int64_t, int, float);
+template __global__ void UnaryElementwise<__half>(const __half*, __half*, int64_t, UnaryKind);
+template __global__ void UnaryElementwise<__nv_bfloat16>(const __nv_bfloat16*, __nv_bfloat16*,
+                                                         int64_t, UnaryKind);
+template __global__ void SoftmaxRows<__half>(const __half*, __half*, int64_t, int, bool);
+template __global__ void SoftmaxRows<__nv_bfloat16>(const __nv_bfloat16*, __nv_bfloat16*,
+                                                    int64_t, int, bool);
 
 }  // namespace pipeserve::kernels

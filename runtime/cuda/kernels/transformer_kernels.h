@@ -10,12 +10,23 @@
 
 #include <cstdint>
 
+#include "runtime/cuda/kernels/unary_kind.h"
+
 namespace pipeserve::kernels {
 
 // layer_norm over the last `cols` values of x [rows, cols] (float32), with
 // w and b [cols] (float32, either may be null): layer_norm.h.
 cudaError_t LaunchLayerNorm(const float* x, const float* w, const float* b, float* y,
                             int64_t rows, int cols, float eps, cudaStream_t stream);
+
+// y = f(x) elementwise over n float32 values: elementwise.h.
+cudaError_t LaunchUnary(UnaryKind kind, const float* x, float* y, int64_t n,
+                        cudaStream_t stream);
+
+// Softmax (log_softmax when `log`) over the last `cols` values of x
+// [rows, cols], float32: elementwise.h.
+cudaError_t LaunchSoftmax(const float* x, float* y, int64_t rows, int cols, bool log,
+                          cudaStream_t stream);
 
 }  // namespace pipeserve::kernels
 

@@ -39,6 +39,27 @@ SIMT_DEVICE float BlockAllSum(float v, SharedPtr<float> scratch) {
   return total;
 }
 
+// The largest v over the block (a NaN may or may not win, as fmaxf),
+// returned to every thread; scratch as BlockAllSum's.
+SIMT_DEVICE float BlockAllMax(float v, SharedPtr<float> scratch) {
+  const int warp = WarpId();
+  const int lane = LaneId();
+  const int warps =
+      static_cast<int>(BlockDim().x * BlockDim().y * BlockDim().z) / kWarpSize;
+  for (int m = kWarpSize / 2; m > 0; m >>= 1) v = Max(v, ShflXor(v, m));
+  if (lane == 0) scratch[warp] = v;
+  SyncThreads();
+  if (warp == 0) {
+    v = lane < warps ? scratch[lane] : -INFINITY;
+    for (int m = kWarpSize / 2; m > 0; m >>= 1) v = Max(v, ShflXor(v, m));
+    if (lane == 0) scratch[0] = v;
+  }
+  SyncThreads();
+  const float top = scratch[0];
+  SyncThreads();  // as BlockAllSum: every thread has read scratch[0]
+  return top;
+}
+
 }  // namespace pipeserve::simt
 
 #endif  // PIPESERVE_RUNTIME_CUDA_SIMT_REDUCE_H_

@@ -96,6 +96,8 @@ SIMT_DEVICE float Erf(float x) { return erff(x); }
 SIMT_DEVICE float Max(float a, float b) { return fmaxf(a, b); }
 SIMT_DEVICE float Min(float a, float b) { return fminf(a, b); }
 SIMT_DEVICE float Abs(float x) { return fabsf(x); }
+SIMT_DEVICE float Cos(float x) { return cosf(x); }
+SIMT_DEVICE float Sin(float x) { return sinf(x); }
 
 }  // namespace pipeserve::simt
 

@@ -344,6 +344,8 @@ inline float Erf(float x) { return std::erf(x); }
 inline float Max(float a, float b) { return std::fmax(a, b); }
 inline float Min(float a, float b) { return std::fmin(a, b); }
 inline float Abs(float x) { return std::fabs(x); }
+inline float Cos(float x) { return std::cos(x); }
+inline float Sin(float x) { return std::sin(x); }
 
 }  // namespace pipeserve::simt
 
