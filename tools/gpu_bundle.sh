@@ -57,15 +57,21 @@ install -m 755 "$bin/client/pipeserve" "$bundle/pipeserve"
 install -m 755 "$bin/bench/serving" "$bundle/serving_bench"
 
 # Shared libraries the binaries still need besides glibc, the driver and
-# cuBLAS: oneDNN (Debian ships no static one) and its dependencies, and
-# the CUDA runtime built against. Compressed to fit the size budget.
+# cuBLAS: oneDNN (Debian ships no static one) and its dependencies, the
+# CUDA runtime built against, and the HTTP server with its TLS (the
+# coordinator's and stage servers' REST and metrics: libmicrohttpd and
+# GnuTLS, whose Debian builds are shared only). Compressed to fit the size
+# budget.
+http_libs=(libmicrohttpd.so.12 libgnutls.so.30 libp11-kit.so.0 libidn2.so.0 libunistring.so.2
+           libtasn1.so.6 libnettle.so.8 libhogweed.so.6 libgmp.so.10 libffi.so.8)
 for so in "$sys/libdnnl.so.2" "$sys/libgomp.so.1" "$sys/libOpenCL.so.1" \
-          "$sys/libstdc++.so.6" /usr/local/cuda/lib64/libcudart.so.13; do
+          "$sys/libstdc++.so.6" /usr/local/cuda/lib64/libcudart.so.13 \
+          "${http_libs[@]/#/$sys/}"; do
   cp -L "$so" "$bundle/lib/"
 done
 
 # Nothing else outside the allowed set may be needed.
-allowed='linux-vdso|ld-linux|libc\.so|libm\.so|libdl\.so|libpthread\.so|librt\.so|libgcc_s\.so|libcublas\.so|libcublasLt\.so|libcudart\.so|libdnnl\.so|libgomp\.so|libOpenCL\.so|libstdc\+\+\.so'
+allowed='linux-vdso|ld-linux|libc\.so|libm\.so|libdl\.so|libpthread\.so|librt\.so|libresolv\.so|libgcc_s\.so|libcublas\.so|libcublasLt\.so|libcudart\.so|libdnnl\.so|libgomp\.so|libOpenCL\.so|libstdc\+\+\.so|libmicrohttpd\.so|libgnutls\.so|libp11-kit\.so|libidn2\.so|libunistring\.so|libtasn1\.so|libnettle\.so|libhogweed\.so|libgmp\.so|libffi\.so'
 bad=0
 for f in "$bundle"/backend_test "$bundle"/conformance_test "$bundle"/cuda_backend_test \
          "$bundle"/cuda_bench \
