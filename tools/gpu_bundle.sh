@@ -11,7 +11,7 @@
 #   backend_test, cuda_backend_test, cuda_bench   -c opt, --config=cuda;
 #       Abseil, protobuf, gtest, libstdc++ and libgcc linked statically
 #   lib/   libdnnl.so.2 and what it needs (libgomp, libOpenCL, libstdc++),
-#          libcudart.so.13; gzip-compressed, unpacked by gpu_check.sh
+#          libcudart.so.13; xz-compressed, unpacked by gpu_check.sh
 #   fixtures/b16, fixtures/b256   ExampleCode exported from PyTorch here
 #   bench/torch_eager.py with what it imports (tests/pytorch/models.py, the
 #       pipeserve package under client/python, proto/*.proto): the PyTorch
@@ -85,12 +85,12 @@ for f in "$bundle"/backend_test "$bundle"/conformance_test "$bundle"/cuda_backen
   fi
 done
 [ "$bad" -eq 0 ] || exit 1
-gzip -9 "$bundle"/lib/*
+xz -9 -T2 "$bundle"/lib/*
 # The binaries too (the statically linked gRPC ones are ~18 MiB each):
 # gpu_check.sh unpacks them next to the libraries.
 for b in backend_test conformance_test cuda_backend_test cuda_bench coordinator stage_server \
          pipeserve serving_bench; do
-  gzip -9 "$bundle/$b"
+  xz -9 -T2 "$bundle/$b"
 done
 
 # ExampleCode fixtures (model, inputs, PyTorch's outputs, float64 answer).

@@ -39,19 +39,29 @@ start=$(date +%s)
 
 # --- libraries ---------------------------------------------------------------
 libdir=$(mktemp -d "${TMPDIR:-/tmp}/pipeserve_gpu_lib.XXXXXX")
-unzip_to() {  # file.gz destination
-  if command -v gzip > /dev/null; then
-    gzip -dc "$1" > "$2"
-  else
-    python3 -c 'import gzip, shutil, sys; shutil.copyfileobj(gzip.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$1" "$2"
-  fi
+unzip_to() {  # file.xz (or .gz) destination
+  case "$1" in
+    *.xz)
+      if command -v xz > /dev/null; then
+        xz -dc "$1" > "$2"
+      else
+        python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$1" "$2"
+      fi ;;
+    *)
+      if command -v gzip > /dev/null; then
+        gzip -dc "$1" > "$2"
+      else
+        python3 -c 'import gzip, shutil, sys; shutil.copyfileobj(gzip.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$1" "$2"
+      fi ;;
+  esac
 }
-for f in lib/*.gz; do
+for f in lib/*.xz lib/*.gz; do
   [ -e "$f" ] || continue
-  unzip_to "$f" "$libdir/$(basename "${f%.gz}")"
+  b=$(basename "$f")
+  unzip_to "$f" "$libdir/${b%.*}"
 done
 for f in lib/*.so*; do  # uncompressed copies, if any
-  case "$f" in *.gz) ;; *) [ -e "$f" ] && cp "$f" "$libdir/" ;; esac
+  case "$f" in *.gz|*.xz) ;; *) [ -e "$f" ] && cp "$f" "$libdir/" ;; esac
 done
 # cuBLAS/cuBLASLt 13: the machine's CUDA toolkit, else PyTorch's wheels.
 cublas_dir=""
@@ -67,12 +77,12 @@ if [ -z "$cublas_dir" ]; then
   cublas_dir=$(timeout 60 find / -xdev -name libcublasLt.so.13 2>/dev/null | head -1 | xargs -r dirname)
 fi
 export LD_LIBRARY_PATH="$libdir${cublas_dir:+:$cublas_dir}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-# The binaries come gzipped: unpack them beside the libraries.
+# The binaries come compressed (xz): unpack them beside the libraries.
 bindir=$libdir
 bins=()
-for f in *.gz; do
+for f in *.xz *.gz; do
   [ -e "$f" ] || continue
-  b=${f%.gz}
+  b=${f%.*}
   unzip_to "$f" "$bindir/$b" && chmod +x "$bindir/$b" && bins+=("$b")
 done
 
