@@ -348,10 +348,8 @@ DeviceOp LoweredStage::LayerNormOp(const Step& s, const Shape& x,
   return op;
 }
 
-absl::StatusOr<DevicePlan> LoweredStage::Plan(
+absl::StatusOr<std::vector<Shape>> LoweredStage::ShapesFor(
     const std::vector<Shape>& input_shapes) const {
-  DevicePlan plan;
-  plan.input_shapes = input_shapes;
   std::vector<Shape> shape(values_.size());
   for (size_t v = 0; v < values_.size(); ++v) {
     if (values_[v].param >= 0) shape[v] = params_[values_[v].param].shape();
@@ -372,14 +370,18 @@ absl::StatusOr<DevicePlan> LoweredStage::Plan(
     }
     shape[s.out] = std::move((*out)[0]);
   }
+  return shape;
+}
 
-  // Buffers: each value's float32 and bfloat16 forms.
-  ArenaLayout act(Arena::kActivations), in_stage(Arena::kStagingIn),
-      out_stage(Arena::kStagingOut);
-  // f32: each value's float32 buffer; gm: its GEMM-operand form (bf16, or
+LoweredStage::Buffers LoweredStage::LayOutBuffers(const std::vector<Shape>& shape) const {
+  Buffers b;
+  ArenaLayout act(Arena::kActivations);
+  // b.f32: each value's float32 buffer; b.gm: its GEMM-operand form (bf16, or
   // float32 rounded to TF32), when the precision has one.
-  std::vector<BufferRef> f32(values_.size()), gm(values_.size());
-  std::vector<bool> has_f32(values_.size()), has_gm(values_.size());
+  b.f32.resize(values_.size());
+  b.gm.resize(values_.size());
+  b.has_f32.resize(values_.size());
+  b.has_gm.resize(values_.size());
   const int64_t gm_bytes = DTypeBytes(gemm_type_);
   // A GEMM output that only GEMMs read, and that has no bias epilogue
   // (whose vector is float32), is written as bfloat16 directly (cuBLAS
@@ -395,10 +397,10 @@ absl::StatusOr<DevicePlan> LoweredStage::Plan(
     const Value& val = values_[v];
     int64_t n = NumElements(shape[v]);
     if (val.param >= 0) {
-      if (val.w_f32 >= 0) f32[v] = {Arena::kWeights, val.w_f32};
-      if (val.w_gemm >= 0) gm[v] = {Arena::kWeights, val.w_gemm};
-      has_f32[v] = val.w_f32 >= 0;
-      has_gm[v] = val.w_gemm >= 0;
+      if (val.w_f32 >= 0) b.f32[v] = {Arena::kWeights, val.w_f32};
+      if (val.w_gemm >= 0) b.gm[v] = {Arena::kWeights, val.w_gemm};
+      b.has_f32[v] = val.w_f32 >= 0;
+      b.has_gm[v] = val.w_gemm >= 0;
       continue;
     }
     if (val.input < 0 && val.producer < 0) continue;  // an alias
@@ -406,183 +408,226 @@ absl::StatusOr<DevicePlan> LoweredStage::Plan(
     if (val.producer >= 0 && val.need_gemm && !bf16_only_gemm_output(v)) {
       want_f32 = true;  // computed in float32, then converted
     }
-    if (want_f32) f32[v] = act.Take(n * 4);
-    if (val.need_gemm) gm[v] = act.Take(n * gm_bytes);
-    has_f32[v] = want_f32;
-    has_gm[v] = val.need_gemm;
+    if (want_f32) b.f32[v] = act.Take(n * 4);
+    if (val.need_gemm) b.gm[v] = act.Take(n * gm_bytes);
+    b.has_f32[v] = want_f32;
+    b.has_gm[v] = val.need_gemm;
   }
+  b.activation_bytes = act.size();
+  return b;
+}
 
-  // Inputs: staged as float32, or in the GEMM form when only GEMMs read
-  // them (converted by the host while it copies them anyway).
-  std::vector<DeviceOp> copy_in, compute, copy_out;
+// Inputs: staged as float32, or in the GEMM form when only GEMMs read
+// them (converted by the host while it copies them anyway).
+void LoweredStage::InputOps(const std::vector<Shape>& shape, const Buffers& b, DevicePlan* plan,
+                            std::vector<DeviceOp>* copy_in,
+                            std::vector<DeviceOp>* compute) const {
+  ArenaLayout in_stage(Arena::kStagingIn);
   for (size_t i = 0; i < input_values_.size(); ++i) {
     int v = input_values_[i];
-    if (!has_f32[v] && !has_gm[v]) continue;  // an input nothing reads
-    bool as_gm = !has_f32[v];
+    if (!b.has_f32[v] && !b.has_gm[v]) continue;  // an input nothing reads
+    bool as_gm = !b.has_f32[v];
     DType t = as_gm ? gemm_type_ : DType::kF32;
     int64_t bytes = NumElements(shape[v]) * DTypeBytes(t);
     StagedValue sv{static_cast<int>(i), in_stage.Take(bytes), t, shape[v]};
     DeviceOp op{DeviceOp::Type::kCopyIn, graph_.inputs(i).name()};
     op.src = sv.staging;
-    op.dst = as_gm ? gm[v] : f32[v];
+    op.dst = as_gm ? b.gm[v] : b.f32[v];
     op.bytes = bytes;
-    if (bytes > 0) copy_in.push_back(op);
-    if (!as_gm && has_gm[v]) {
+    if (bytes > 0) copy_in->push_back(op);
+    if (!as_gm && b.has_gm[v]) {
       DeviceOp conv{DeviceOp::Type::kConvert, graph_.inputs(i).name()};
-      conv.src = f32[v];
-      conv.dst = gm[v];
+      conv.src = b.f32[v];
+      conv.dst = b.gm[v];
       conv.dtype = gemm_type_;
       conv.n = NumElements(shape[v]);
-      compute.push_back(conv);
+      compute->push_back(conv);
     }
-    plan.inputs.push_back(std::move(sv));
+    plan->inputs.push_back(std::move(sv));
   }
+  plan->staging_in_bytes = in_stage.size();
+}
 
-  for (const Step& s : steps_) {
-    const std::string& name = NodeOf(s).name();
-    const int64_t n_out = NumElements(shape[s.out]);
-    const BufferRef out = has_f32[s.out] ? f32[s.out] : gm[s.out];
-    switch (s.kind) {
-      case Kind::kMm:
-      case Kind::kLinear: {
-        // x [..., K] is M rows; mm: w [K, N]; linear: w [N, K], bias [N].
-        const Shape& x = shape[s.in[0]];
-        const Shape& w = shape[s.in[1]];
-        const bool lin = s.kind == Kind::kLinear;
-        const int64_t k = x.back();
-        const int64_t n = lin ? w[0] : w[1];
-        int64_t m = 1;
-        for (size_t d = 0; d + 1 < x.size(); ++d) m *= x[d];
-        if (m == 0 || n == 0) break;  // nothing to write
-        GemmOp g;
-        g.m = n;  // column-major D is Y^T: [N, M]
-        g.n = m;
-        g.k = k;
-        g.d = out;
-        g.ldd = n;
-        g.d_type = has_f32[s.out] ? DType::kF32 : DType::kBF16;
-        g.relu = s.relu;
-        if (lin && s.in.size() > 2) {
-          g.has_bias = true;
-          g.bias = f32[s.in[2]];
-        }
-        if (k == 0) {
-          DeviceOp fill{DeviceOp::Type::kFill, name};
-          fill.gemm = g;
-          compute.push_back(fill);
-          break;
-        }
-        g.precision = precision_;
-        g.ab_type = gemm_type_;
-        auto operand = [&](int v) {
-          return gemm_type_ == DType::kF32 ? f32[v] : gm[v];
-        };
-        g.trans_a = lin;  // w [N, K] row-major is [K, N] column-major
-        g.a = operand(s.in[1]);
-        g.lda = lin ? k : n;
-        g.b = operand(s.in[0]);  // x [M, K] row-major is [K, M] column-major
-        g.ldb = k;
-        DeviceOp op{DeviceOp::Type::kGemm, name};
-        op.gemm = g;
-        compute.push_back(op);
-        break;
-      }
-      case Kind::kBinary: {
-        DeviceOp op{DeviceOp::Type::kBinary, name};
-        op.src = f32[s.in[0]];
-        op.src2 = f32[s.in[1]];
-        op.dst = out;
-        op.n = n_out;
-        op.op = s.op;
-        if (!MakeBroadcastIndex(shape[s.in[0]], shape[s.in[1]], shape[s.out],
-                                &op.index)) {
-          return absl::UnimplementedError(
-              absl::StrCat("node \"", name, "\": broadcasting ",
-                           ShapeToString(shape[s.in[0]]), " with ",
-                           ShapeToString(shape[s.in[1]]), " needs more than ",
-                           kMaxBroadcastRank, " dimensions"));
-        }
-        if (n_out > 0) compute.push_back(op);
-        break;
-      }
-      case Kind::kScalar: {
-        DeviceOp op{DeviceOp::Type::kScalar, name};
-        op.src = f32[s.in[0]];
-        op.dst = out;
-        op.n = n_out;
-        op.op = s.op;
-        op.scalar = s.scalar;
-        op.reverse = s.reverse;
-        if (n_out > 0) compute.push_back(op);
-        break;
-      }
-      case Kind::kRelu: {
-        DeviceOp op{DeviceOp::Type::kRelu, name};
-        op.src = f32[s.in[0]];
-        op.dst = out;
-        op.n = n_out;
-        if (n_out > 0) compute.push_back(op);
-        break;
-      }
-      case Kind::kLayerNorm: {
-        DeviceOp op = LayerNormOp(s, shape[s.in[0]], f32, out);
-        if (n_out > 0) compute.push_back(op);
-        break;
-      }
-      case Kind::kUnary: {
-        DeviceOp op{DeviceOp::Type::kUnary, name};
-        op.src = f32[s.in[0]];
-        op.dst = out;
-        op.n = n_out;
-        op.unary = s.unary;
-        if (n_out > 0) compute.push_back(op);
-        break;
-      }
-      case Kind::kSoftmax: {
-        DeviceOp op{DeviceOp::Type::kSoftmax, name};
-        const Shape& x = shape[s.in[0]];
-        op.src = f32[s.in[0]];
-        op.dst = out;
-        op.cols = x.empty() ? 1 : x.back();
-        op.rows = op.cols == 0 ? 0 : n_out / op.cols;
-        op.n = n_out;
-        op.log = NodeOf(s).op() == "log_softmax";
-        if (n_out > 0) compute.push_back(op);
-        break;
-      }
-      case Kind::kClone: {
-        DeviceOp op{DeviceOp::Type::kCopy, name};
-        op.src = f32[s.in[0]];
-        op.dst = out;
-        op.bytes = n_out * 4;
-        if (n_out > 0) compute.push_back(op);
-        break;
-      }
+// The GEMM of an mm or linear step (or a fill, when K is 0).
+void LoweredStage::GemmOps(const Step& s, const std::vector<Shape>& shape, const Buffers& b,
+                           BufferRef out, std::vector<DeviceOp>* compute) const {
+  const std::string& name = NodeOf(s).name();
+  // x [..., K] is M rows; mm: w [K, N]; linear: w [N, K], bias [N].
+  const Shape& x = shape[s.in[0]];
+  const Shape& w = shape[s.in[1]];
+  const bool lin = s.kind == Kind::kLinear;
+  const int64_t k = x.back();
+  const int64_t n = lin ? w[0] : w[1];
+  int64_t m = 1;
+  for (size_t d = 0; d + 1 < x.size(); ++d) m *= x[d];
+  if (m == 0 || n == 0) return;  // nothing to write
+  GemmOp g;
+  g.m = n;  // column-major D is Y^T: [N, M]
+  g.n = m;
+  g.k = k;
+  g.d = out;
+  g.ldd = n;
+  g.d_type = b.has_f32[s.out] ? DType::kF32 : DType::kBF16;
+  g.relu = s.relu;
+  if (lin && s.in.size() > 2) {
+    g.has_bias = true;
+    g.bias = b.f32[s.in[2]];
+  }
+  if (k == 0) {
+    DeviceOp fill{DeviceOp::Type::kFill, name};
+    fill.gemm = g;
+    compute->push_back(fill);
+    return;
+  }
+  g.precision = precision_;
+  g.ab_type = gemm_type_;
+  auto operand = [&](int v) {
+    return gemm_type_ == DType::kF32 ? b.f32[v] : b.gm[v];
+  };
+  g.trans_a = lin;  // w [N, K] row-major is [K, N] column-major
+  g.a = operand(s.in[1]);
+  g.lda = lin ? k : n;
+  g.b = operand(s.in[0]);  // x [M, K] row-major is [K, M] column-major
+  g.ldb = k;
+  DeviceOp op{DeviceOp::Type::kGemm, name};
+  op.gemm = g;
+  compute->push_back(op);
+}
+
+// The broadcasting binary op of an add, sub or mul step.
+absl::Status LoweredStage::BinaryOps(const Step& s, const std::vector<Shape>& shape,
+                                     const Buffers& b, BufferRef out,
+                                     std::vector<DeviceOp>* compute) const {
+  const std::string& name = NodeOf(s).name();
+  const int64_t n_out = NumElements(shape[s.out]);
+  DeviceOp op{DeviceOp::Type::kBinary, name};
+  op.src = b.f32[s.in[0]];
+  op.src2 = b.f32[s.in[1]];
+  op.dst = out;
+  op.n = n_out;
+  op.op = s.op;
+  if (!MakeBroadcastIndex(shape[s.in[0]], shape[s.in[1]], shape[s.out],
+                          &op.index)) {
+    return absl::UnimplementedError(
+        absl::StrCat("node \"", name, "\": broadcasting ",
+                     ShapeToString(shape[s.in[0]]), " with ",
+                     ShapeToString(shape[s.in[1]]), " needs more than ",
+                     kMaxBroadcastRank, " dimensions"));
+  }
+  if (n_out > 0) compute->push_back(op);
+  return absl::OkStatus();
+}
+
+DeviceOp LoweredStage::SoftmaxOp(const Step& s, const Shape& x, const std::vector<BufferRef>& f32,
+                                 BufferRef out) const {
+  DeviceOp op{DeviceOp::Type::kSoftmax, NodeOf(s).name()};
+  op.src = f32[s.in[0]];
+  op.dst = out;
+  op.n = NumElements(x);
+  op.cols = x.empty() ? 1 : x.back();
+  op.rows = op.cols == 0 ? 0 : op.n / op.cols;
+  op.log = NodeOf(s).op() == "log_softmax";
+  return op;
+}
+
+absl::Status LoweredStage::StepOps(const Step& s, const std::vector<Shape>& shape,
+                                   const Buffers& b, std::vector<DeviceOp>* compute) const {
+  const std::string& name = NodeOf(s).name();
+  const int64_t n_out = NumElements(shape[s.out]);
+  const BufferRef out = b.has_f32[s.out] ? b.f32[s.out] : b.gm[s.out];
+  switch (s.kind) {
+    case Kind::kMm:
+    case Kind::kLinear:
+      GemmOps(s, shape, b, out, compute);
+      break;
+    case Kind::kBinary:
+      RETURN_IF_ERROR(BinaryOps(s, shape, b, out, compute));
+      break;
+    case Kind::kScalar: {
+      DeviceOp op{DeviceOp::Type::kScalar, name};
+      op.src = b.f32[s.in[0]];
+      op.dst = out;
+      op.n = n_out;
+      op.op = s.op;
+      op.scalar = s.scalar;
+      op.reverse = s.reverse;
+      if (n_out > 0) compute->push_back(op);
+      break;
     }
-    // A float32 result that GEMMs read in another form gets it now.
-    if (has_f32[s.out] && has_gm[s.out] && n_out > 0) {
-      DeviceOp conv{DeviceOp::Type::kConvert, name};
-      conv.src = f32[s.out];
-      conv.dst = gm[s.out];
-      conv.dtype = gemm_type_;
-      conv.n = n_out;
-      compute.push_back(conv);
+    case Kind::kRelu: {
+      DeviceOp op{DeviceOp::Type::kRelu, name};
+      op.src = b.f32[s.in[0]];
+      op.dst = out;
+      op.n = n_out;
+      if (n_out > 0) compute->push_back(op);
+      break;
+    }
+    case Kind::kLayerNorm: {
+      DeviceOp op = LayerNormOp(s, shape[s.in[0]], b.f32, out);
+      if (n_out > 0) compute->push_back(op);
+      break;
+    }
+    case Kind::kUnary: {
+      DeviceOp op{DeviceOp::Type::kUnary, name};
+      op.src = b.f32[s.in[0]];
+      op.dst = out;
+      op.n = n_out;
+      op.unary = s.unary;
+      if (n_out > 0) compute->push_back(op);
+      break;
+    }
+    case Kind::kSoftmax:
+      if (n_out > 0) compute->push_back(SoftmaxOp(s, shape[s.in[0]], b.f32, out));
+      break;
+    case Kind::kClone: {
+      DeviceOp op{DeviceOp::Type::kCopy, name};
+      op.src = b.f32[s.in[0]];
+      op.dst = out;
+      op.bytes = n_out * 4;
+      if (n_out > 0) compute->push_back(op);
+      break;
     }
   }
+  // A float32 result that GEMMs read in another form gets it now.
+  if (b.has_f32[s.out] && b.has_gm[s.out] && n_out > 0) {
+    DeviceOp conv{DeviceOp::Type::kConvert, name};
+    conv.src = b.f32[s.out];
+    conv.dst = b.gm[s.out];
+    conv.dtype = gemm_type_;
+    conv.n = n_out;
+    compute->push_back(conv);
+  }
+  return absl::OkStatus();
+}
 
+void LoweredStage::OutputOps(const std::vector<Shape>& shape, const Buffers& b, DevicePlan* plan,
+                             std::vector<DeviceOp>* copy_out) const {
+  ArenaLayout out_stage(Arena::kStagingOut);
   for (size_t o = 0; o < output_values_.size(); ++o) {
     int v = output_values_[o];
     int64_t bytes = NumElements(shape[v]) * 4;
     StagedValue sv{static_cast<int>(o), out_stage.Take(bytes), DType::kF32,
                    shape[v]};
     DeviceOp op{DeviceOp::Type::kCopyOut, graph_.outputs(o)};
-    op.src = f32[v];
+    op.src = b.f32[v];
     op.dst = sv.staging;
     op.bytes = bytes;
-    if (bytes > 0) copy_out.push_back(op);
-    plan.outputs.push_back(std::move(sv));
+    if (bytes > 0) copy_out->push_back(op);
+    plan->outputs.push_back(std::move(sv));
   }
+  plan->staging_out_bytes = out_stage.size();
+}
 
+absl::StatusOr<DevicePlan> LoweredStage::Plan(
+    const std::vector<Shape>& input_shapes) const {
+  DevicePlan plan;
+  plan.input_shapes = input_shapes;
+  ASSIGN_OR_RETURN(const std::vector<Shape> shape, ShapesFor(input_shapes));
+  const Buffers b = LayOutBuffers(shape);
+  std::vector<DeviceOp> copy_in, compute, copy_out;
+  InputOps(shape, b, &plan, &copy_in, &compute);
+  for (const Step& s : steps_) RETURN_IF_ERROR(StepOps(s, shape, b, &compute));
+  OutputOps(shape, b, &plan, &copy_out);
   copy_in = MergeCopies(std::move(copy_in));
   copy_out = MergeCopies(std::move(copy_out));
   plan.compute_begin = copy_in.size();
@@ -590,9 +635,7 @@ absl::StatusOr<DevicePlan> LoweredStage::Plan(
   plan.ops = std::move(copy_in);
   plan.ops.insert(plan.ops.end(), compute.begin(), compute.end());
   plan.ops.insert(plan.ops.end(), copy_out.begin(), copy_out.end());
-  plan.activation_bytes = act.size();
-  plan.staging_in_bytes = in_stage.size();
-  plan.staging_out_bytes = out_stage.size();
+  plan.activation_bytes = b.activation_bytes;
   return plan;
 }
 

@@ -196,6 +196,29 @@ class LoweredStage {
   };
 
   LoweredStage() = default;
+  // Plan's parts. Each value's buffers: float32 (f32) and the GEMM form
+  // (gm: bfloat16, or float32 rounded to TF32) where the precision has one.
+  struct Buffers {
+    std::vector<BufferRef> f32, gm;
+    std::vector<bool> has_f32, has_gm;
+    int64_t activation_bytes = 0;
+  };
+  // Every value's shape for these inputs; kInvalidArgument naming a node
+  // whose shape rule fails.
+  absl::StatusOr<std::vector<Shape>> ShapesFor(const std::vector<Shape>& input_shapes) const;
+  Buffers LayOutBuffers(const std::vector<Shape>& shape) const;
+  void InputOps(const std::vector<Shape>& shape, const Buffers& b, DevicePlan* plan,
+                std::vector<DeviceOp>* copy_in, std::vector<DeviceOp>* compute) const;
+  absl::Status StepOps(const Step& s, const std::vector<Shape>& shape, const Buffers& b,
+                       std::vector<DeviceOp>* compute) const;
+  absl::Status BinaryOps(const Step& s, const std::vector<Shape>& shape, const Buffers& b,
+                         BufferRef out, std::vector<DeviceOp>* compute) const;
+  DeviceOp SoftmaxOp(const Step& s, const Shape& x, const std::vector<BufferRef>& f32,
+                     BufferRef out) const;
+  void GemmOps(const Step& s, const std::vector<Shape>& shape, const Buffers& b, BufferRef out,
+               std::vector<DeviceOp>* compute) const;
+  void OutputOps(const std::vector<Shape>& shape, const Buffers& b, DevicePlan* plan,
+                 std::vector<DeviceOp>* copy_out) const;
   // The kLayerNorm op of step `s` on x of shape `x`.
   DeviceOp LayerNormOp(const Step& s, const Shape& x, const std::vector<BufferRef>& f32,
                        BufferRef out) const;

@@ -167,6 +167,17 @@ TEST(DevicePlanTest,
   EXPECT_EQ(plan.ops[plan.compute_begin].gemm.d_type, DType::kF32);
 }
 
+// Every step's float32 result that a GEMM reads gets its GEMM form, an
+// elementwise one too (a refactor once returned before the conversion).
+TEST(DevicePlanTest, Bf16SumFeedingAGemmIsConvertedAfterTheAdd) {
+  GraphBuilder b;
+  b.Input("x", {-1, 8}).Input("y", {-1, 8}).Param("w", {8, 8});
+  b.Op("add", {"x", "y"}, "s").Op("mm", {"s", "w"}, "z").Output("z");
+  DevicePlan plan = PlanFor(b.Build(), Precision::kBF16, {{4, 8}, {4, 8}});
+  EXPECT_EQ(Compute(plan),
+            (std::vector<Type>{Type::kBinary, Type::kConvert, Type::kGemm}));
+}
+
 TEST(DevicePlanTest, Tf32OperandsAreRoundedToTf32EverywhereTheyComeFrom) {
   Model m = LinearRelu();
   std::optional<LoweredStage> stage;
