@@ -146,8 +146,43 @@ class DnsTest : public ::testing::Test {
     return models.ok() && !models->empty() ? (*models)[0] : ModelSummary();
   }
 
-  // Refused with 2 of 4 servers listed, scaled up, one replaced, one gone
-  // and the model waiting, then one more: the whole test.
+  // ExampleCode has 4 stages: `listed` servers are not enough. The upload
+  // is stored and waits, saying for what, in its answer and its status.
+  void ExpectUploadWaitsFor(const std::string& address, int listed) {
+    auto client = Client::Connect(address);
+    ASSERT_TRUE(client.ok());
+    auto early = (*client)->Upload("m", fixture_.path, UploadOptions());
+    ASSERT_TRUE(early.ok()) << early.status();
+    const std::string waits =
+        absl::StrCat("waiting for 4 stage servers: the DNS name ", kName, " lists ", listed);
+    EXPECT_THAT(early->waiting, HasSubstr(waits));
+    EXPECT_EQ(early->num_stages, 0);
+    EXPECT_EQ(Status(address).state(), "UNAVAILABLE");
+    EXPECT_THAT(Status(address).reason(), HasSubstr(waits));
+    auto refused = (*client)->Infer("m", NamedInputs(fixture_), absl::Seconds(5));
+    EXPECT_FALSE(refused.ok());
+    EXPECT_THAT(std::string(refused.status().message()), HasSubstr(waits));
+  }
+
+  // Each pod replaced under its name at a new address (a StatefulSet's
+  // stage-1 recreated elsewhere), one at a time: the name now leads to a
+  // server that has never loaded the stage, and the model is repaired onto
+  // it, whichever stage it held (the coordinator's stream into stage 0,
+  // links between stages, the results stream from the last).
+  void ReplaceEachUnderItsName(const std::string& address, std::vector<StageServerProcess*> now) {
+    for (StageServerProcess*& old : now) {
+      const std::string name = NameOf(old);
+      old->Terminate(absl::Seconds(30));
+      old = AddServer(name);
+      Publish(now);
+      ExpectAnswers(address);
+      EXPECT_EQ(Status(address).state(), "READY") << name;
+    }
+  }
+
+  // An upload waiting with 2 of 4 servers listed, scaled up, one
+  // replaced, one gone and the model waiting, then one more, then (with
+  // names in DNS) each replaced under its name: the whole test.
   void Scenario();
 
   TestNetwork net_;  // destroyed last: after the servers in it
@@ -174,21 +209,8 @@ void DnsTest::Scenario() {
   auto c = StartCoordinator();
   ASSERT_NE(c, nullptr);
 
-  // ExampleCode has 4 stages: 2 listed servers are not enough. The upload
-  // is stored and waits, saying for what, in its answer and its status.
-  auto client = Client::Connect(c->address());
-  ASSERT_TRUE(client.ok());
-  auto early = (*client)->Upload("m", fixture_.path, UploadOptions());
-  ASSERT_TRUE(early.ok()) << early.status();
-  const std::string waits =
-      absl::StrCat("waiting for 4 stage servers: the DNS name ", kName, " lists 2");
-  EXPECT_THAT(early->waiting, HasSubstr(waits));
-  EXPECT_EQ(early->num_stages, 0);
-  EXPECT_EQ(Status(c->address()).state(), "UNAVAILABLE");
-  EXPECT_THAT(Status(c->address()).reason(), HasSubstr(waits));
-  auto refused = (*client)->Infer("m", NamedInputs(fixture_), absl::Seconds(5));
-  EXPECT_FALSE(refused.ok());
-  EXPECT_THAT(std::string(refused.status().message()), HasSubstr(waits));
+  ExpectUploadWaitsFor(c->address(), 2);
+  if (HasFatalFailure()) return;
 
   // Scaled up to 4: the same coordinator deploys it, with no new upload.
   StageServerProcess* d3 = AddServer();
@@ -225,20 +247,7 @@ void DnsTest::Scenario() {
   ExpectAnswers(c->address());
   if (!names_in_dns_) return;  // (the loopback test names addresses)
 
-  // Each pod replaced under its name at a new address (a StatefulSet's
-  // stage-1 recreated elsewhere), one at a time: the name now leads to a
-  // server that has never loaded the stage, and the model is repaired onto
-  // it, whichever stage it held (the coordinator's stream into stage 0,
-  // links between stages, the results stream from the last).
-  std::vector<StageServerProcess*> now = {a, e, d3, f};
-  for (StageServerProcess*& old : now) {
-    const std::string name = NameOf(old);
-    old->Terminate(absl::Seconds(30));
-    old = AddServer(name);
-    Publish(now);
-    ExpectAnswers(c->address());
-    EXPECT_EQ(Status(c->address()).state(), "READY") << name;
-  }
+  ReplaceEachUnderItsName(c->address(), {a, e, d3, f});
 }
 
 }  // namespace
