@@ -509,6 +509,34 @@ class CudaProgram : public CudaStageProgram {
     return absl::OkStatus();
   }
 
+  // cuBLASLt, or cublasGemmEx and an epilogue kernel where cuBLASLt had no
+  // algorithm.
+  absl::Status EnqueueGemm(Slot& slot, const ShapeEntry& e, size_t i, const DeviceOp& op) {
+    cudaStream_t s = slot.stream.get();
+    const GemmOp& g = op.gemm;
+    const LtGemm& lt = *e.gemms[i];
+    const float alpha = 1.0f, beta = 0.0f;
+    void* d = Address(e, g.d);
+    if (lt.fallback) {
+      CUBLAS_RETURN_IF_ERROR(cublasGemmEx(
+          slot.blas.get(), g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+          CUBLAS_OP_N, g.m, g.n, g.k, &alpha, Address(e, g.a),
+          CudaType(g.ab_type), g.lda, Address(e, g.b), CudaType(g.ab_type),
+          g.ldb, &beta, d, CudaType(g.d_type), g.ldd, ComputeType(g),
+          CUBLAS_GEMM_DEFAULT));
+      CUDA_RETURN_IF_ERROR(LaunchBiasRelu(
+          d, g.d_type == DType::kBF16, g.has_bias ? F(e, g.bias) : nullptr,
+          g.m, g.n, g.ldd, g.relu, s));
+      return absl::OkStatus();
+    }
+    CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(
+        slot.lt.get(), lt.desc.get(), &alpha, Address(e, g.a), lt.a.get(),
+        Address(e, g.b), lt.b.get(), &beta, d, lt.d.get(), d, lt.d.get(),
+        &lt.algo, slot.workspace.get(),
+        static_cast<size_t>(options_.workspace_bytes), s));
+    return absl::OkStatus();
+  }
+
   absl::Status EnqueueOp(Slot& slot, const ShapeEntry& e, size_t i,
                          const DeviceOp& op) {
     cudaStream_t s = slot.stream.get();
@@ -537,30 +565,8 @@ class CudaProgram : public CudaStageProgram {
               LaunchToBf16(F(e, op.src), Address(e, op.dst), op.n, s));
         }
         return absl::OkStatus();
-      case DeviceOp::Type::kGemm: {
-        const GemmOp& g = op.gemm;
-        const LtGemm& lt = *e.gemms[i];
-        const float alpha = 1.0f, beta = 0.0f;
-        void* d = Address(e, g.d);
-        if (lt.fallback) {
-          CUBLAS_RETURN_IF_ERROR(cublasGemmEx(
-              slot.blas.get(), g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
-              CUBLAS_OP_N, g.m, g.n, g.k, &alpha, Address(e, g.a),
-              CudaType(g.ab_type), g.lda, Address(e, g.b), CudaType(g.ab_type),
-              g.ldb, &beta, d, CudaType(g.d_type), g.ldd, ComputeType(g),
-              CUBLAS_GEMM_DEFAULT));
-          CUDA_RETURN_IF_ERROR(LaunchBiasRelu(
-              d, g.d_type == DType::kBF16, g.has_bias ? F(e, g.bias) : nullptr,
-              g.m, g.n, g.ldd, g.relu, s));
-          return absl::OkStatus();
-        }
-        CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(
-            slot.lt.get(), lt.desc.get(), &alpha, Address(e, g.a), lt.a.get(),
-            Address(e, g.b), lt.b.get(), &beta, d, lt.d.get(), d, lt.d.get(),
-            &lt.algo, slot.workspace.get(),
-            static_cast<size_t>(options_.workspace_bytes), s));
-        return absl::OkStatus();
-      }
+      case DeviceOp::Type::kGemm:
+        return EnqueueGemm(slot, e, i, op);
       case DeviceOp::Type::kFill: {
         const GemmOp& g = op.gemm;
         CUDA_RETURN_IF_ERROR(LaunchFill(

@@ -152,6 +152,34 @@ class EmulatedProgram : public StageProgram {
     return absl::OkStatus();
   }
 
+  // cuBLAS, column-major: D(i, j) = sum_p op(A)(i, p) * B(p, j).
+  static void Gemm(const View& view, const GemmOp& g) {
+    auto F = [&](const BufferRef& r) { return view.F(r); };
+    auto Load = [&](const BufferRef& r, DType t, int64_t i) { return view.Load(r, t, i); };
+    auto Store = [&](const BufferRef& r, DType t, int64_t i, float x) {
+      view.Store(r, t, i, x);
+    };
+    bool tf32 = g.precision == Precision::kTF32;
+    auto operand = [&](const BufferRef& r, int64_t idx) {
+      float v = Load(r, g.ab_type, idx);
+      return tf32 ? TruncateToTf32(v) : v;
+    };
+    for (int64_t j = 0; j < g.n; ++j) {
+      for (int64_t i = 0; i < g.m; ++i) {
+        double acc = 0;
+        for (int64_t p = 0; p < g.k; ++p) {
+          float a = operand(g.a, g.trans_a ? p + i * g.lda : i + p * g.lda);
+          float b = operand(g.b, p + j * g.ldb);
+          acc += static_cast<double>(a) * b;
+        }
+        float v = static_cast<float>(acc);
+        if (g.has_bias) v += F(g.bias)[i];
+        if (g.relu && v < 0) v = 0;
+        Store(g.d, g.d_type, i + j * g.ldd, v);
+      }
+    }
+  }
+
   void Execute(Arenas& arenas, const DeviceOp& op) const {
     const View view{&weights_, &arenas};
     auto Ptr = [&](const BufferRef& r) { return view.Ptr(r); };
@@ -171,30 +199,9 @@ class EmulatedProgram : public StageProgram {
       case DeviceOp::Type::kConvert:
         ConvertFloats(F(op.src), op.n, op.dtype, Ptr(op.dst));
         return;
-      case DeviceOp::Type::kGemm: {
-        // cuBLAS, column-major: D(i, j) = sum_p op(A)(i, p) * B(p, j).
-        const GemmOp& g = op.gemm;
-        bool tf32 = g.precision == Precision::kTF32;
-        auto operand = [&](const BufferRef& r, int64_t idx) {
-          float v = Load(r, g.ab_type, idx);
-          return tf32 ? TruncateToTf32(v) : v;
-        };
-        for (int64_t j = 0; j < g.n; ++j) {
-          for (int64_t i = 0; i < g.m; ++i) {
-            double acc = 0;
-            for (int64_t p = 0; p < g.k; ++p) {
-              float a = operand(g.a, g.trans_a ? p + i * g.lda : i + p * g.lda);
-              float b = operand(g.b, p + j * g.ldb);
-              acc += static_cast<double>(a) * b;
-            }
-            float v = static_cast<float>(acc);
-            if (g.has_bias) v += F(g.bias)[i];
-            if (g.relu && v < 0) v = 0;
-            Store(g.d, g.d_type, i + j * g.ldd, v);
-          }
-        }
+      case DeviceOp::Type::kGemm:
+        Gemm(view, op.gemm);
         return;
-      }
       case DeviceOp::Type::kFill: {
         const GemmOp& g = op.gemm;
         for (int64_t j = 0; j < g.n; ++j) {
