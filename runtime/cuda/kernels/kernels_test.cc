@@ -1,0 +1,109 @@
+// Each kernel of this folder in float32, float16 and bfloat16, its source
+// run on the simt emulator, against the float64 reference on the
+// conformance cases of its op (runtime/conformance): rows shorter and
+// longer than a block, weight and bias present or not, every elementwise
+// function. The device plan (float32 graphs) reaches only the float32
+// instantiations; this reaches the other two, as a float16 or bfloat16
+// graph on the GPU will.
+#include <cmath>
+#include <string>
+
+#include "graph/op_schema.h"
+#include "gtest/gtest.h"
+#include "runtime/conformance/cases.h"
+#include "runtime/conformance/reference.h"
+#include "runtime/cuda/kernels/elementwise.h"
+#include "runtime/cuda/kernels/layer_norm.h"
+
+namespace pipeserve::kernels {
+namespace {
+
+double Tolerance(DataType t) {
+  return t == DT_BFLOAT16 ? 1e-2 : t == DT_FLOAT16 ? 1e-3 : 1e-5;
+}
+
+// ||got - want|| / ||want||.
+double Error(const Tensor& got, const RefTensor& want) {
+  const RefTensor g = ToRef(got);
+  double err = 0, norm = 0;
+  for (size_t i = 0; i < g.v.size(); ++i) {
+    err += (g.v[i] - want.v[i]) * (g.v[i] - want.v[i]);
+    norm += want.v[i] * want.v[i];
+  }
+  return norm == 0 ? std::sqrt(err) : std::sqrt(err / norm);
+}
+
+template <typename T>
+T* As(const Tensor& t) {
+  return static_cast<T*>(t.raw_data());
+}
+
+// Runs the kernel for case `c`'s node on its inputs, in storage type T.
+template <typename T>
+absl::Status RunKernel(const Node& node, const std::vector<Tensor>& in, const Tensor& out) {
+  const std::string& op = node.op();
+  const Shape& x = in[0].shape();
+  const int64_t n = in[0].numel();
+  if (op == "layer_norm") {
+    const int cols = static_cast<int>(x.back());
+    const bool w = IntAttr(node, "has_weight", 0) != 0, b = IntAttr(node, "has_bias", 0) != 0;
+    const T* weight = w ? As<T>(in[1]) : nullptr;
+    const T* bias = b ? As<T>(in[w ? 2 : 1]) : nullptr;
+    return simt::Emulate(static_cast<unsigned>(n / cols), kLayerNormThreads, [&] {
+      LayerNormRows<T, T>(As<T>(in[0]), weight, bias, As<T>(out), n / cols, cols,
+                          static_cast<float>(FloatAttr(node, "eps", 1e-5)));
+    });
+  }
+  if (op == "softmax" || op == "log_softmax") {
+    const int cols = static_cast<int>(x.back());
+    return simt::Emulate(static_cast<unsigned>(n / cols), kSoftmaxThreads, [&] {
+      SoftmaxRows<T>(As<T>(in[0]), As<T>(out), n / cols, cols, op == "log_softmax");
+    });
+  }
+  const UnaryKind kind = UnaryKindOf(op, StringAttr(node, "approximate"));
+  const unsigned blocks = static_cast<unsigned>((n + kElementwiseThreads - 1) / kElementwiseThreads);
+  return simt::Emulate(blocks, kElementwiseThreads,
+                       [&] { UnaryElementwise<T>(As<T>(in[0]), As<T>(out), n, kind); });
+}
+
+// Whether the kernels here run case `c` (layer_norm over the last dim,
+// softmax over the last dim, the elementwise functions).
+bool Covers(const ConformanceCase& c) {
+  const std::string& op = c.node.op();
+  if (op == "layer_norm") return IntAttr(c.node, "ndim", 1) == 1;
+  if (op == "softmax" || op == "log_softmax") {
+    return IntAttr(c.node, "dim", -1) == -1 ||
+           IntAttr(c.node, "dim", -1) == static_cast<int64_t>(c.inputs[0].shape.size()) - 1;
+  }
+  return UnaryKindOf(op, StringAttr(c.node, "approximate")) != UnaryKind::kNone;
+}
+
+TEST(KernelsTest, EveryKernelInEveryFloatTypeMatchesTheReference) {
+  int checked = 0;
+  for (const ConformanceCase& c : ConformanceCases()) {
+    if (!Covers(c)) continue;
+    for (DataType t : c.dtypes) {
+      if (!IsFloatingPoint(t)) continue;  // the kernels take float types
+      absl::StatusOr<CaseInstance> run = Instantiate(c, t, 11);
+      ASSERT_TRUE(run.ok()) << c.name << ": " << run.status();
+      std::vector<RefTensor> refs;
+      for (const Tensor& x : run->node_inputs) refs.push_back(ToRef(x));
+      absl::StatusOr<RefTensor> want = ReferenceOp(run->node, refs);
+      ASSERT_TRUE(want.ok()) << c.name << ": " << want.status();
+      Tensor out = Tensor::Empty(want->shape, t);
+      absl::Status s = t == DT_FLOAT32   ? RunKernel<float>(run->node, run->node_inputs, out)
+                       : t == DT_FLOAT16 ? RunKernel<simt::Half>(run->node, run->node_inputs, out)
+                                         : RunKernel<simt::Bf16>(run->node, run->node_inputs, out);
+      ASSERT_TRUE(s.ok()) << c.name << " " << TorchName(t) << ": " << s;
+      const double err = Error(out, *want);
+      EXPECT_LE(err, Tolerance(t)) << c.name << " " << TorchName(t);
+      std::printf("[ max_rel_err ] simt_%s %s %.1e tol %.0e\n", TorchName(t).c_str(),
+                  c.name.c_str(), err, Tolerance(t));
+      ++checked;
+    }
+  }
+  EXPECT_GE(checked, 3 * 18) << "cases of layer_norm, softmax and the elementwise functions";
+}
+
+}  // namespace
+}  // namespace pipeserve::kernels
