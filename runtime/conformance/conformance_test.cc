@@ -26,15 +26,6 @@
 namespace pipeserve {
 namespace {
 
-// Relative (norm) error allowed for outputs computed in each type.
-double Tolerance(DataType t) {
-  switch (t) {
-    case DT_FLOAT16: return 1e-3;
-    case DT_BFLOAT16: return 1e-2;
-    default: return 1e-5;
-  }
-}
-
 TEST(ConformanceRegistryTest, EveryOpHasACaseAndEveryCaseAKnownOp) {
   std::set<std::string> with_case, names;
   for (const ConformanceCase& c : ConformanceCases()) {
@@ -63,25 +54,6 @@ TEST(ConformanceRegistryTest, TheReferenceComputesEveryCase) {
       EXPECT_TRUE(want.ok()) << c.name << " " << TorchName(t) << ": " << want.status();
     }
   }
-}
-
-// ||got - want|| / ||want|| for float outputs; for integer and bool ones,
-// the fraction of elements that differ.
-double Error(const Tensor& got, const RefTensor& want) {
-  const RefTensor g = ToRef(got);
-  if (!IsFloatingPoint(got.dtype())) {
-    int64_t differ = 0;
-    for (size_t i = 0; i < g.v.size(); ++i) differ += g.v[i] != want.v[i];
-    return g.v.empty() ? 0.0 : static_cast<double>(differ) / g.v.size();
-  }
-  double err = 0, norm = 0;
-  for (size_t i = 0; i < g.v.size(); ++i) {
-    if (std::isnan(g.v[i]) != std::isnan(want.v[i])) return INFINITY;  // unwritten, or wrong
-    if (std::isnan(g.v[i])) continue;
-    err += (g.v[i] - want.v[i]) * (g.v[i] - want.v[i]);
-    norm += want.v[i] * want.v[i];
-  }
-  return norm == 0 ? std::sqrt(err) : std::sqrt(err / norm);
 }
 
 struct BackendCase {
@@ -153,7 +125,7 @@ class ConformanceTest : public ::testing::TestWithParam<BackendCase> {
       EXPECT_EQ(out.shape(), want->shape) << where;
       EXPECT_EQ(out.dtype(), want->dtype) << where;
       if (out.shape() != want->shape || out.dtype() != want->dtype) return true;
-      const double err = Error(out, *want);
+      const double err = RelativeError(out, *want);
       const double tol = IsFloatingPoint(out.dtype()) ? Tolerance(dtype) : 0.0;
       EXPECT_LE(err, tol) << where << (again ? " (second run)" : "");
       if (again == 0) {

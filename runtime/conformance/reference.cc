@@ -1007,4 +1007,30 @@ absl::StatusOr<RefTensor> ReferenceOp(const Node& node,
   return out;
 }
 
+double RelativeError(const Tensor& got, const RefTensor& want) {
+  const RefTensor g = ToRef(got);
+  if (!IsFloatingPoint(got.dtype())) {
+    int64_t differ = 0;
+    for (size_t i = 0; i < g.v.size(); ++i) differ += g.v[i] != want.v[i];
+    return g.v.empty() ? 0.0 : static_cast<double>(differ) / g.v.size();
+  }
+  double err = 0, norm = 0;
+  for (size_t i = 0; i < g.v.size(); ++i) {
+    if (std::isnan(g.v[i]) != std::isnan(want.v[i])) return INFINITY;  // unwritten, or wrong
+    if (std::isnan(g.v[i])) continue;
+    err += (g.v[i] - want.v[i]) * (g.v[i] - want.v[i]);
+    norm += want.v[i] * want.v[i];
+  }
+  return norm == 0 ? std::sqrt(err) : std::sqrt(err / norm);
+}
+
+double Tolerance(DataType dtype) {
+  switch (dtype) {
+    case DT_FLOAT32: return 1e-5;
+    case DT_FLOAT16: return 1e-3;
+    case DT_BFLOAT16: return 1e-2;
+    default: return 0.0;
+  }
+}
+
 }  // namespace pipeserve

@@ -38,6 +38,16 @@ RefTensor ToRef(const Tensor& t);
 // embedding id out of range); kUnimplemented for an op it does not know.
 absl::StatusOr<RefTensor> ReferenceOp(const Node& node, const std::vector<RefTensor>& inputs);
 
+// How far `got` is from `want`: ||got - want|| / ||want|| for float
+// outputs (infinite where one holds a NaN the other does not: an element
+// left unwritten), the fraction of elements that differ for integer and
+// bool ones.
+double RelativeError(const Tensor& got, const RefTensor& want);
+
+// The error a backend may have computing in `dtype`: 1e-5 for float32,
+// 1e-3 for float16, 1e-2 for bfloat16 (integers and bools: none).
+double Tolerance(DataType dtype);
+
 }  // namespace pipeserve
 
 #endif  // PIPESERVE_RUNTIME_CONFORMANCE_REFERENCE_H_

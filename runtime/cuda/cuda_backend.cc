@@ -537,6 +537,27 @@ class CudaProgram : public CudaStageProgram {
     return absl::OkStatus();
   }
 
+  // The kernels of runtime/cuda/kernels (those the emulator runs as simt).
+  absl::Status EnqueueKernel(const ShapeEntry& e, const DeviceOp& op, cudaStream_t s) {
+    switch (op.type) {
+      case DeviceOp::Type::kLayerNorm:
+        CUDA_RETURN_IF_ERROR(kernels::LaunchLayerNorm(
+            F(e, op.src), op.has_weight ? F(e, op.src2) : nullptr,
+            op.has_bias ? F(e, op.src3) : nullptr, F(e, op.dst), op.rows,
+            static_cast<int>(op.cols), op.eps, s));
+        return absl::OkStatus();
+      case DeviceOp::Type::kUnary:
+        CUDA_RETURN_IF_ERROR(kernels::LaunchUnary(op.unary, F(e, op.src), F(e, op.dst), op.n, s));
+        return absl::OkStatus();
+      case DeviceOp::Type::kSoftmax:
+        CUDA_RETURN_IF_ERROR(kernels::LaunchSoftmax(F(e, op.src), F(e, op.dst), op.rows,
+                                                    static_cast<int>(op.cols), op.log, s));
+        return absl::OkStatus();
+      default:
+        return absl::InternalError("not a kernels/ op");
+    }
+  }
+
   absl::Status EnqueueOp(Slot& slot, const ShapeEntry& e, size_t i,
                          const DeviceOp& op) {
     cudaStream_t s = slot.stream.get();
@@ -588,18 +609,9 @@ class CudaProgram : public CudaStageProgram {
         CUDA_RETURN_IF_ERROR(LaunchRelu(F(e, op.src), F(e, op.dst), op.n, s));
         return absl::OkStatus();
       case DeviceOp::Type::kLayerNorm:
-        CUDA_RETURN_IF_ERROR(kernels::LaunchLayerNorm(
-            F(e, op.src), op.has_weight ? F(e, op.src2) : nullptr,
-            op.has_bias ? F(e, op.src3) : nullptr, F(e, op.dst), op.rows,
-            static_cast<int>(op.cols), op.eps, s));
-        return absl::OkStatus();
       case DeviceOp::Type::kUnary:
-        CUDA_RETURN_IF_ERROR(kernels::LaunchUnary(op.unary, F(e, op.src), F(e, op.dst), op.n, s));
-        return absl::OkStatus();
       case DeviceOp::Type::kSoftmax:
-        CUDA_RETURN_IF_ERROR(kernels::LaunchSoftmax(F(e, op.src), F(e, op.dst), op.rows,
-                                                    static_cast<int>(op.cols), op.log, s));
-        return absl::OkStatus();
+        return EnqueueKernel(e, op, s);
     }
     return absl::InternalError("unknown device op");
   }

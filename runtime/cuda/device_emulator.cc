@@ -56,14 +56,7 @@ class EmulatedProgram : public StageProgram {
     a->in.assign(plan.staging_in_bytes, '\xff');
     a->out.assign(plan.staging_out_bytes, '\xff');
     StageInputs(plan, inputs, a->in.data());
-    for (const DeviceOp& op : plan.ops) {
-      if (op.type == DeviceOp::Type::kLayerNorm || op.type == DeviceOp::Type::kUnary ||
-          op.type == DeviceOp::Type::kSoftmax) {
-        RETURN_IF_ERROR(EmulateKernel(*a, op));
-      } else {
-        Execute(*a, op);
-      }
-    }
+    for (const DeviceOp& op : plan.ops) RETURN_IF_ERROR(Execute(*a, op));
     std::vector<Tensor> outputs;
     UnstageOutputs(plan, a->out.data(), &outputs);
     return outputs;
@@ -180,7 +173,7 @@ class EmulatedProgram : public StageProgram {
     }
   }
 
-  void Execute(Arenas& arenas, const DeviceOp& op) const {
+  absl::Status Execute(Arenas& arenas, const DeviceOp& op) const {
     const View view{&weights_, &arenas};
     auto Ptr = [&](const BufferRef& r) { return view.Ptr(r); };
     auto F = [&](const BufferRef& r) { return view.F(r); };
@@ -195,13 +188,13 @@ class EmulatedProgram : public StageProgram {
       case DeviceOp::Type::kCopy:
       case DeviceOp::Type::kCopyOut:
         std::memcpy(Ptr(op.dst), Ptr(op.src), op.bytes);
-        return;
+        return absl::OkStatus();
       case DeviceOp::Type::kConvert:
         ConvertFloats(F(op.src), op.n, op.dtype, Ptr(op.dst));
-        return;
+        return absl::OkStatus();
       case DeviceOp::Type::kGemm:
         Gemm(view, op.gemm);
-        return;
+        return absl::OkStatus();
       case DeviceOp::Type::kFill: {
         const GemmOp& g = op.gemm;
         for (int64_t j = 0; j < g.n; ++j) {
@@ -211,7 +204,7 @@ class EmulatedProgram : public StageProgram {
             Store(g.d, g.d_type, i + j * g.ldd, v);
           }
         }
-        return;
+        return absl::OkStatus();
       }
       case DeviceOp::Type::kBinary:
         for (int64_t i = 0; i < op.n; ++i) {
@@ -219,7 +212,7 @@ class EmulatedProgram : public StageProgram {
           op.index.Offsets(i, &ia, &ib);
           F(op.dst)[i] = Apply(op.op, F(op.src)[ia], F(op.src2)[ib]);
         }
-        return;
+        return absl::OkStatus();
       case DeviceOp::Type::kScalar:
         for (int64_t i = 0; i < op.n; ++i) {
           float x = F(op.src)[i];
@@ -227,18 +220,19 @@ class EmulatedProgram : public StageProgram {
           [i] = op.reverse ? Apply(op.op, op.scalar, x)
                            : Apply(op.op, x, op.scalar);
         }
-        return;
+        return absl::OkStatus();
       case DeviceOp::Type::kRelu:
         for (int64_t i = 0; i < op.n; ++i) {
           float x = F(op.src)[i];
           F(op.dst)[i] = x < 0 ? 0.0f : x;  // NaN stays NaN, as in PyTorch
         }
-        return;
+        return absl::OkStatus();
       case DeviceOp::Type::kLayerNorm:
       case DeviceOp::Type::kUnary:
       case DeviceOp::Type::kSoftmax:
-        return;  // EmulateKernel
+        return EmulateKernel(arenas, op);
     }
+    return absl::OkStatus();
   }
 
   LoweredStage stage_;

@@ -210,6 +210,43 @@ int ReadersOf(const absl::flat_hash_map<int, int>& readers, int v) {
 }
 }  // namespace
 
+// The kernel a node's step runs (and its operands' details), or
+// kInvalidArgument for an op the cuda backend has no kernel for.
+absl::Status LoweredStage::ChooseKind(const Node& node, Step* step) {
+  const std::string& op = node.op();
+  if (op == "mm" || op == "matmul") {
+    step->kind = Kind::kMm;
+  } else if (op == "linear") {
+    step->kind = Kind::kLinear;
+  } else if (op == "add" || op == "sub" || op == "mul") {
+    step->op = op == "add"   ? ElementwiseOp::kAdd
+               : op == "sub" ? ElementwiseOp::kSub
+                             : ElementwiseOp::kMul;
+    step->kind = Kind::kBinary;
+    if (HasScalarOperand(node)) {
+      step->kind = Kind::kScalar;
+      step->scalar = static_cast<float>(node.attrs().at("scalar").f());
+      auto rev = node.attrs().find("reverse");
+      step->reverse = rev != node.attrs().end() && rev->second.i() != 0;
+    }
+  } else if (op == "relu") {
+    step->kind = Kind::kRelu;
+  } else if (op == "clone") {
+    step->kind = Kind::kClone;
+  } else if (op == "layer_norm") {
+    step->kind = Kind::kLayerNorm;
+  } else if ((step->unary = kernels::UnaryKindOf(op, StringAttr(node, "approximate"))) !=
+             kernels::UnaryKind::kNone) {
+    step->kind = Kind::kUnary;
+  } else if (op == "softmax" || op == "log_softmax") {  // over the last dim (Create)
+    step->kind = Kind::kSoftmax;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the cuda backend has no kernel for op \"", op, "\""));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status LoweredStage::MakeSteps(const ValueIds& ids, bool fuse_linear_relu,
                                      CudaOps cuda_ops) {
   const absl::flat_hash_map<std::string, int>& id = ids.id;
@@ -226,23 +263,8 @@ absl::Status LoweredStage::MakeSteps(const ValueIds& ids, bool fuse_linear_relu,
       step.in.push_back(Canonical(id.at(in)));
     }
     step.out = id.at(node.outputs(0));
-    if (op == "mm" || op == "matmul") {
-      step.kind = Kind::kMm;
-    } else if (op == "linear") {
-      step.kind = Kind::kLinear;
-    } else if (op == "add" || op == "sub" || op == "mul") {
-      step.op = op == "add"   ? ElementwiseOp::kAdd
-                : op == "sub" ? ElementwiseOp::kSub
-                              : ElementwiseOp::kMul;
-      step.kind = Kind::kBinary;
-      if (HasScalarOperand(node)) {
-        step.kind = Kind::kScalar;
-        step.scalar = static_cast<float>(node.attrs().at("scalar").f());
-        auto rev = node.attrs().find("reverse");
-        step.reverse = rev != node.attrs().end() && rev->second.i() != 0;
-      }
-    } else if (op == "relu") {
-      step.kind = Kind::kRelu;
+    RETURN_IF_ERROR(ChooseKind(node, &step));
+    if (step.kind == Kind::kRelu) {
       int producer = values_[step.in[0]].producer;
       if (fuse_linear_relu && producer >= 0 &&
           steps_[producer].kind == Kind::kLinear && !steps_[producer].relu &&
@@ -252,18 +274,6 @@ absl::Status LoweredStage::MakeSteps(const ValueIds& ids, bool fuse_linear_relu,
         values_[step.out].alias = step.in[0];
         continue;
       }
-    } else if (op == "clone") {
-      step.kind = Kind::kClone;
-    } else if (op == "layer_norm") {
-      step.kind = Kind::kLayerNorm;
-    } else if ((step.unary = kernels::UnaryKindOf(op, StringAttr(node, "approximate"))) !=
-               kernels::UnaryKind::kNone) {
-      step.kind = Kind::kUnary;
-    } else if (op == "softmax" || op == "log_softmax") {  // over the last dim (Create)
-      step.kind = Kind::kSoftmax;
-    } else {
-      return absl::InvalidArgumentError(
-          absl::StrCat("the cuda backend has no kernel for op \"", op, "\""));
     }
     RETURN_IF_ERROR(CheckKernelGate(node.name(), op, DT_FLOAT32, cuda_ops));
     values_[step.out].producer = static_cast<int>(steps_.size());
@@ -436,12 +446,8 @@ void LoweredStage::InputOps(const std::vector<Shape>& shape, const Buffers& b, D
     op.bytes = bytes;
     if (bytes > 0) copy_in->push_back(op);
     if (!as_gm && b.has_gm[v]) {
-      DeviceOp conv{DeviceOp::Type::kConvert, graph_.inputs(i).name()};
-      conv.src = b.f32[v];
-      conv.dst = b.gm[v];
-      conv.dtype = gemm_type_;
-      conv.n = NumElements(shape[v]);
-      compute->push_back(conv);
+      compute->push_back(ConvertOp(graph_.inputs(i).name(), b.f32[v], b.gm[v],
+                                   NumElements(shape[v])));
     }
     plan->inputs.push_back(std::move(sv));
   }
@@ -530,11 +536,32 @@ DeviceOp LoweredStage::SoftmaxOp(const Step& s, const Shape& x, const std::vecto
   return op;
 }
 
+DeviceOp LoweredStage::ConvertOp(const std::string& node, BufferRef f32, BufferRef gm,
+                                 int64_t n) const {
+  DeviceOp conv{DeviceOp::Type::kConvert, node};
+  conv.src = f32;
+  conv.dst = gm;
+  conv.dtype = gemm_type_;
+  conv.n = n;
+  return conv;
+}
+
 absl::Status LoweredStage::StepOps(const Step& s, const std::vector<Shape>& shape,
                                    const Buffers& b, std::vector<DeviceOp>* compute) const {
   const std::string& name = NodeOf(s).name();
   const int64_t n_out = NumElements(shape[s.out]);
   const BufferRef out = b.has_f32[s.out] ? b.f32[s.out] : b.gm[s.out];
+  // An op from the step's first input to its output, n_out elements.
+  auto elementwise = [&](DeviceOp::Type type) {
+    DeviceOp op{type, name};
+    op.src = b.f32[s.in[0]];
+    op.dst = out;
+    op.n = n_out;
+    return op;
+  };
+  auto add = [&](const DeviceOp& op) {
+    if (n_out > 0) compute->push_back(op);  // nothing to write otherwise
+  };
   switch (s.kind) {
     case Kind::kMm:
     case Kind::kLinear:
@@ -544,58 +571,39 @@ absl::Status LoweredStage::StepOps(const Step& s, const std::vector<Shape>& shap
       RETURN_IF_ERROR(BinaryOps(s, shape, b, out, compute));
       break;
     case Kind::kScalar: {
-      DeviceOp op{DeviceOp::Type::kScalar, name};
-      op.src = b.f32[s.in[0]];
-      op.dst = out;
-      op.n = n_out;
+      DeviceOp op = elementwise(DeviceOp::Type::kScalar);
       op.op = s.op;
       op.scalar = s.scalar;
       op.reverse = s.reverse;
-      if (n_out > 0) compute->push_back(op);
+      add(op);
       break;
     }
-    case Kind::kRelu: {
-      DeviceOp op{DeviceOp::Type::kRelu, name};
-      op.src = b.f32[s.in[0]];
-      op.dst = out;
-      op.n = n_out;
-      if (n_out > 0) compute->push_back(op);
+    case Kind::kRelu:
+      add(elementwise(DeviceOp::Type::kRelu));
       break;
-    }
-    case Kind::kLayerNorm: {
-      DeviceOp op = LayerNormOp(s, shape[s.in[0]], b.f32, out);
-      if (n_out > 0) compute->push_back(op);
+    case Kind::kLayerNorm:
+      add(LayerNormOp(s, shape[s.in[0]], b.f32, out));
       break;
-    }
     case Kind::kUnary: {
-      DeviceOp op{DeviceOp::Type::kUnary, name};
-      op.src = b.f32[s.in[0]];
-      op.dst = out;
-      op.n = n_out;
+      DeviceOp op = elementwise(DeviceOp::Type::kUnary);
       op.unary = s.unary;
-      if (n_out > 0) compute->push_back(op);
+      add(op);
       break;
     }
     case Kind::kSoftmax:
-      if (n_out > 0) compute->push_back(SoftmaxOp(s, shape[s.in[0]], b.f32, out));
+      add(SoftmaxOp(s, shape[s.in[0]], b.f32, out));
       break;
     case Kind::kClone: {
-      DeviceOp op{DeviceOp::Type::kCopy, name};
-      op.src = b.f32[s.in[0]];
-      op.dst = out;
+      DeviceOp op = elementwise(DeviceOp::Type::kCopy);
+      op.n = 0;
       op.bytes = n_out * 4;
-      if (n_out > 0) compute->push_back(op);
+      add(op);
       break;
     }
   }
   // A float32 result that GEMMs read in another form gets it now.
   if (b.has_f32[s.out] && b.has_gm[s.out] && n_out > 0) {
-    DeviceOp conv{DeviceOp::Type::kConvert, name};
-    conv.src = b.f32[s.out];
-    conv.dst = b.gm[s.out];
-    conv.dtype = gemm_type_;
-    conv.n = n_out;
-    compute->push_back(conv);
+    compute->push_back(ConvertOp(name, b.f32[s.out], b.gm[s.out], n_out));
   }
   return absl::OkStatus();
 }

@@ -213,6 +213,8 @@ class LoweredStage {
                        std::vector<DeviceOp>* compute) const;
   absl::Status BinaryOps(const Step& s, const std::vector<Shape>& shape, const Buffers& b,
                          BufferRef out, std::vector<DeviceOp>* compute) const;
+  // The conversion of n float32 values to their GEMM form.
+  DeviceOp ConvertOp(const std::string& node, BufferRef f32, BufferRef gm, int64_t n) const;
   DeviceOp SoftmaxOp(const Step& s, const Shape& x, const std::vector<BufferRef>& f32,
                      BufferRef out) const;
   void GemmOps(const Step& s, const std::vector<Shape>& shape, const Buffers& b, BufferRef out,
@@ -231,6 +233,7 @@ class LoweredStage {
   absl::Status Build(const WeightMap& weights, bool fuse_linear_relu, CudaOps cuda_ops);
   // Pass 1: values_ and their ids.
   absl::Status NumberValues(const WeightMap& weights, ValueIds* ids);
+  static absl::Status ChooseKind(const Node& node, Step* step);
   // Pass 2: steps_, with fused ReLUs; every op's kernel through the gate.
   absl::Status MakeSteps(const ValueIds& ids, bool fuse_linear_relu, CudaOps cuda_ops);
   // The forms each value needs, and the weights arena.

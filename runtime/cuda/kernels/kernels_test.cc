@@ -18,21 +18,6 @@
 namespace pipeserve::kernels {
 namespace {
 
-double Tolerance(DataType t) {
-  return t == DT_BFLOAT16 ? 1e-2 : t == DT_FLOAT16 ? 1e-3 : 1e-5;
-}
-
-// ||got - want|| / ||want||.
-double Error(const Tensor& got, const RefTensor& want) {
-  const RefTensor g = ToRef(got);
-  double err = 0, norm = 0;
-  for (size_t i = 0; i < g.v.size(); ++i) {
-    err += (g.v[i] - want.v[i]) * (g.v[i] - want.v[i]);
-    norm += want.v[i] * want.v[i];
-  }
-  return norm == 0 ? std::sqrt(err) : std::sqrt(err / norm);
-}
-
 template <typename T>
 T* As(const Tensor& t) {
   return static_cast<T*>(t.raw_data());
@@ -95,7 +80,7 @@ TEST(KernelsTest, EveryKernelInEveryFloatTypeMatchesTheReference) {
                        : t == DT_FLOAT16 ? RunKernel<simt::Half>(run->node, run->node_inputs, out)
                                          : RunKernel<simt::Bf16>(run->node, run->node_inputs, out);
       ASSERT_TRUE(s.ok()) << c.name << " " << TorchName(t) << ": " << s;
-      const double err = Error(out, *want);
+      const double err = RelativeError(out, *want);
       EXPECT_LE(err, Tolerance(t)) << c.name << " " << TorchName(t);
       std::printf("[ max_rel_err ] simt_%s %s %.1e tol %.0e\n", TorchName(t).c_str(),
                   c.name.c_str(), err, Tolerance(t));

@@ -18,18 +18,29 @@ SIMT_DEVICE float WarpSumToLane0(float v) {
   return v;
 }
 
-// The sum of v over the block, returned to every thread. scratch holds
-// kWarpSize floats; the block is whole warps, at most 1024 threads.
-SIMT_DEVICE float BlockAllSum(float v, SharedPtr<float> scratch) {
+struct Plus {
+  SIMT_DEVICE float operator()(float a, float b) const { return a + b; }
+};
+struct Maximum {  // a NaN may or may not win, as fmaxf
+  SIMT_DEVICE float operator()(float a, float b) const { return Max(a, b); }
+};
+
+// op over v of every thread of the block, returned to every thread (a
+// warp butterfly, each warp's result in scratch, warp 0 combines them).
+// scratch holds kWarpSize floats; the block is whole warps, at most 1024
+// threads; `identity` is op's (0 for a sum).
+template <typename Op>
+SIMT_DEVICE float BlockAllReduce(float v, SharedPtr<float> scratch, Op op, float identity) {
   const int warp = WarpId();
   const int lane = LaneId();
   const int warps =
       static_cast<int>(BlockDim().x * BlockDim().y * BlockDim().z) / kWarpSize;
-  v = WarpSumToLane0(v);
+  for (int m = kWarpSize / 2; m > 0; m >>= 1) v = op(v, ShflXor(v, m));
   if (lane == 0) scratch[warp] = v;
   SyncThreads();
   if (warp == 0) {
-    v = WarpSumToLane0(lane < warps ? scratch[lane] : 0.0f);
+    v = lane < warps ? scratch[lane] : identity;
+    for (int m = kWarpSize / 2; m > 0; m >>= 1) v = op(v, ShflXor(v, m));
     if (lane == 0) scratch[0] = v;
   }
   SyncThreads();
@@ -39,25 +50,12 @@ SIMT_DEVICE float BlockAllSum(float v, SharedPtr<float> scratch) {
   return total;
 }
 
-// The largest v over the block (a NaN may or may not win, as fmaxf),
-// returned to every thread; scratch as BlockAllSum's.
+SIMT_DEVICE float BlockAllSum(float v, SharedPtr<float> scratch) {
+  return BlockAllReduce(v, scratch, Plus(), 0.0f);
+}
+
 SIMT_DEVICE float BlockAllMax(float v, SharedPtr<float> scratch) {
-  const int warp = WarpId();
-  const int lane = LaneId();
-  const int warps =
-      static_cast<int>(BlockDim().x * BlockDim().y * BlockDim().z) / kWarpSize;
-  for (int m = kWarpSize / 2; m > 0; m >>= 1) v = Max(v, ShflXor(v, m));
-  if (lane == 0) scratch[warp] = v;
-  SyncThreads();
-  if (warp == 0) {
-    v = lane < warps ? scratch[lane] : -INFINITY;
-    for (int m = kWarpSize / 2; m > 0; m >>= 1) v = Max(v, ShflXor(v, m));
-    if (lane == 0) scratch[0] = v;
-  }
-  SyncThreads();
-  const float top = scratch[0];
-  SyncThreads();  // as BlockAllSum: every thread has read scratch[0]
-  return top;
+  return BlockAllReduce(v, scratch, Maximum(), -INFINITY);
 }
 
 }  // namespace pipeserve::simt
