@@ -2,6 +2,7 @@
 // emulator runs on the CPU, launched on the GPU.
 #include "runtime/cuda/kernels/elementwise.h"
 #include "runtime/cuda/kernels/layer_norm.h"
+#include "runtime/cuda/kernels/paged_attention.h"
 #include "runtime/cuda/kernels/transformer_kernels.h"
 
 namespace pipeserve::kernels {
@@ -31,6 +32,19 @@ cudaError_t LaunchSoftmax(const float* x, float* y, int64_t rows, int cols, bool
   return cudaGetLastError();
 }
 
+cudaError_t LaunchPagedAttention(const float* q, const float* k, const float* v, float* cache,
+                                 const PagedCache& c, const int32_t* tiles, int64_t num_tiles,
+                                 int heads, float scale, float* out, cudaStream_t stream) {
+  if (c.tokens <= 0) return cudaSuccess;
+  KvAppend<float><<<AppendBlocks(c.tokens, c.kv_heads, c.head_dim), kKvThreads, 0, stream>>>(
+      k, v, cache, c);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess || num_tiles == 0) return e;
+  PagedAttention<float><<<dim3(static_cast<unsigned>(num_tiles), heads), kAttentionThreads, 0,
+                          stream>>>(q, cache, tiles, out, c, heads, scale);
+  return cudaGetLastError();
+}
+
 // Every dtype the kernels take, so that --config=cuda proves nvcc accepts
 // all of the source the emulator runs.
 template __global__ void LayerNormRows<__half, float>(const __half*, const float*, const float*,
@@ -44,5 +58,14 @@ template __global__ void UnaryElementwise<__nv_bfloat16>(const __nv_bfloat16*, _
 template __global__ void SoftmaxRows<__half>(const __half*, __half*, int64_t, int, bool);
 template __global__ void SoftmaxRows<__nv_bfloat16>(const __nv_bfloat16*, __nv_bfloat16*,
                                                     int64_t, int, bool);
+
+template __global__ void KvAppend<__half>(const __half*, const __half*, __half*, PagedCache);
+template __global__ void KvAppend<__nv_bfloat16>(const __nv_bfloat16*, const __nv_bfloat16*,
+                                                 __nv_bfloat16*, PagedCache);
+template __global__ void PagedAttention<__half>(const __half*, const __half*, const int32_t*,
+                                                __half*, PagedCache, int, float);
+template __global__ void PagedAttention<__nv_bfloat16>(const __nv_bfloat16*,
+                                                       const __nv_bfloat16*, const int32_t*,
+                                                       __nv_bfloat16*, PagedCache, int, float);
 
 }  // namespace pipeserve::kernels

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "runtime/cuda/kernels/paged_attention.h"
 #include "runtime/cuda/kernels/unary_kind.h"
 
 namespace pipeserve::kernels {
@@ -27,6 +28,14 @@ cudaError_t LaunchUnary(UnaryKind kind, const float* x, float* y, int64_t n,
 // [rows, cols], float32: elementwise.h.
 cudaError_t LaunchSoftmax(const float* x, float* y, int64_t rows, int cols, bool log,
                           cudaStream_t stream);
+
+// cached_attention of one step on one layer's paged cache (float32):
+// appends k and v, then attends q over the cache (paged_attention.h).
+// `c`'s metadata pointers and `tiles` (AttentionTiles of the step, device
+// copies) are device memory.
+cudaError_t LaunchPagedAttention(const float* q, const float* k, const float* v, float* cache,
+                                 const PagedCache& c, const int32_t* tiles, int64_t num_tiles,
+                                 int heads, float scale, float* out, cudaStream_t stream);
 
 }  // namespace pipeserve::kernels
 

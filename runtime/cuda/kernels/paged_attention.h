@@ -1,0 +1,218 @@
+// cached_attention on the GPU, written once against simt.h: the step's keys
+// and values go into a paged KV cache, then every query token attends over
+// its sequence's cached positions up to its own, flash-style (keys in
+// tiles through shared memory, an online softmax, the output accumulated
+// in registers and divided once at the end). One kernel serves prefill (a
+// sequence's prompt chunk: its tokens share each key tile) and decode (one
+// token per sequence). The semantics are the CPU's (runtime/cpu/kv_cache.h)
+// and the float64 reference's (runtime/conformance/reference.cc).
+//
+// The cache of one layer is num_blocks blocks of
+//   [2 (keys, values)][kv_heads][block_size][head_dim]
+// values of the storage type T, as the CPU cache lays out a block; token
+// position p of a sequence whose block table is `table` lives in block
+// table[p / block_size] at row p % block_size.
+//
+// Host side (checks the CPU cache makes — block ids, positions within the
+// table, positions a sequence holds — happen before a launch, on the host):
+//   std::vector<int32_t> tiles = AttentionTiles(seq);   // per launch
+//   KvAppend<<<AppendBlocks(T, kv_heads, D), kKvThreads>>>(...);
+//   PagedAttention<<<dim3(tiles.size() / kQueryTile, heads),
+//                    kAttentionThreads>>>(...);
+//
+// Not yet: tensor cores (scores and P·V are CUDA-core FMAs, so prefill is
+// far from the card's bf16 throughput), splitting a long decode's keys
+// over several blocks (flash-decoding), and sharing one KV tile between
+// the query heads of a group.
+#ifndef PIPESERVE_RUNTIME_CUDA_KERNELS_PAGED_ATTENTION_H_
+#define PIPESERVE_RUNTIME_CUDA_KERNELS_PAGED_ATTENTION_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "runtime/cuda/simt/simt.h"
+
+namespace pipeserve::kernels {
+
+inline constexpr int kQueryTile = 8;         // query tokens of one sequence per block
+inline constexpr int kKeyTile = 32;          // keys per shared-memory tile
+inline constexpr int kMaxHeadDim = 128;      // head_dim the shared tiles hold
+inline constexpr int kAttentionThreads = 128;
+inline constexpr int kAccumulators = kQueryTile * kMaxHeadDim / kAttentionThreads;
+inline constexpr int kKvThreads = 256;
+
+// Where one layer's cache and one step's metadata are. positions, seq
+// [tokens]; tables [sequences, table_width] (block ids).
+struct PagedCache {
+  int64_t tokens = 0;
+  int kv_heads = 0, head_dim = 0, block_size = 0;
+  int64_t table_width = 0;
+  const int64_t* positions = nullptr;
+  const int64_t* seq = nullptr;
+  const int64_t* tables = nullptr;
+};
+
+// Offset (in elements) of token position `p`'s row of head `h`, keys
+// (kind 0) or values (kind 1), in the cache of sequence `s`.
+SIMT_HOST_DEVICE int64_t CacheRow(const PagedCache& c, int64_t s, int64_t p, int kind, int h) {
+  const int64_t block = c.tables[s * c.table_width + p / c.block_size];
+  return (((block * 2 + kind) * c.kv_heads + h) * c.block_size + p % c.block_size) * c.head_dim;
+}
+
+// Writes k and v [1, kv_heads, tokens, head_dim] of the step into `cache`:
+// one thread per element of k (grid: AppendBlocks).
+template <typename T>
+SIMT_GLOBAL void KvAppend(const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ cache,
+                          PagedCache c) {
+  using namespace simt;  // NOLINT: the kernel vocabulary
+  const int64_t i = int64_t{BlockIdx().x} * kKvThreads + ThreadIdx().x;
+  if (i >= c.tokens * c.kv_heads * c.head_dim) return;
+  const int64_t d = i % c.head_dim;
+  const int64_t t = i / c.head_dim % c.tokens;
+  const int h = static_cast<int>(i / c.head_dim / c.tokens);
+  cache[CacheRow(c, c.seq[t], c.positions[t], 0, h) + d] = k[i];
+  cache[CacheRow(c, c.seq[t], c.positions[t], 1, h) + d] = v[i];
+}
+
+inline unsigned AppendBlocks(int64_t tokens, int kv_heads, int head_dim) {
+  return static_cast<unsigned>((tokens * kv_heads * head_dim + kKvThreads - 1) / kKvThreads);
+}
+
+// The step's tokens grouped for PagedAttention: each sequence's tokens in
+// step order, kQueryTile per tile, -1 filling a tile's tail.
+inline std::vector<int32_t> AttentionTiles(const std::vector<int64_t>& seq) {
+  std::vector<std::vector<int32_t>> by_seq;
+  for (size_t t = 0; t < seq.size(); ++t) {
+    if (by_seq.size() <= static_cast<size_t>(seq[t])) by_seq.resize(seq[t] + 1);
+    by_seq[seq[t]].push_back(static_cast<int32_t>(t));
+  }
+  std::vector<int32_t> tiles;
+  for (const std::vector<int32_t>& tokens : by_seq) {
+    for (size_t i = 0; i < tokens.size(); i += kQueryTile) {
+      for (size_t r = i; r < i + kQueryTile; ++r) tiles.push_back(r < tokens.size() ? tokens[r] : -1);
+    }
+  }
+  return tiles;
+}
+
+// One key tile [key0, key0 + kKeyTile) of sequence `s` into k_s and v_s
+// (rows past `last` zero), as float.
+template <typename T>
+SIMT_DEVICE void LoadKeyTile(const T* cache, const PagedCache& c, int64_t s, int kv_head,
+                             int64_t key0, int64_t last, simt::SharedPtr<float> k_s,
+                             simt::SharedPtr<float> v_s) {
+  using namespace simt;  // NOLINT
+  for (int i = ThreadIdx().x; i < kKeyTile * c.head_dim; i += kAttentionThreads) {
+    const int j = i / c.head_dim, d = i % c.head_dim;
+    const int64_t p = key0 + j;
+    const bool in = p <= last;
+    k_s[j * kMaxHeadDim + d] = in ? ToFloat(cache[CacheRow(c, s, p, 0, kv_head) + d]) : 0.0f;
+    v_s[j * kMaxHeadDim + d] = in ? ToFloat(cache[CacheRow(c, s, p, 1, kv_head) + d]) : 0.0f;
+  }
+}
+
+// Scores of the tile's rows against the key tile, -inf where a key lies
+// past the row's position (or the row is empty).
+SIMT_DEVICE void TileScores(const PagedCache& c, const int64_t* row_pos, int64_t key0,
+                            simt::SharedPtr<float> q_s, simt::SharedPtr<float> k_s,
+                            simt::SharedPtr<float> p_s) {
+  using namespace simt;  // NOLINT
+  for (int i = ThreadIdx().x; i < kQueryTile * kKeyTile; i += kAttentionThreads) {
+    const int r = i / kKeyTile, j = i % kKeyTile;
+    float score = -__builtin_huge_valf();
+    if (key0 + j <= row_pos[r]) {
+      score = 0.0f;
+      for (int d = 0; d < c.head_dim; ++d) score += q_s[r * kMaxHeadDim + d] * k_s[j * kMaxHeadDim + d];
+    }
+    p_s[i] = score;
+  }
+}
+
+// The online softmax of one row over one key tile: the row's running max
+// m and sum l take the tile in, its scores become exp(score - m), and
+// alpha is what the row's accumulators are scaled by.
+SIMT_DEVICE void RowUpdate(int r, simt::SharedPtr<float> p_s, simt::SharedPtr<float> m_s,
+                           simt::SharedPtr<float> l_s, simt::SharedPtr<float> alpha_s) {
+  using namespace simt;  // NOLINT
+  const float m_old = m_s[r];
+  float m_new = m_old;
+  for (int j = 0; j < kKeyTile; ++j) m_new = Max(m_new, static_cast<float>(p_s[r * kKeyTile + j]));
+  const bool none = m_new == -__builtin_huge_valf();  // nothing visible yet
+  float sum = 0.0f;
+  for (int j = 0; j < kKeyTile; ++j) {
+    const float e = none ? 0.0f : Exp(p_s[r * kKeyTile + j] - m_new);
+    p_s[r * kKeyTile + j] = e;
+    sum += e;
+  }
+  const float alpha = none ? 1.0f : Exp(m_old - m_new);
+  m_s[r] = m_new;
+  l_s[r] = l_s[r] * alpha + sum;
+  alpha_s[r] = alpha;
+}
+
+// out [1, heads, tokens, head_dim] = attention of q (same shape, scaled by
+// `scale`) over the cache: block (tile, head) takes the kQueryTile tokens
+// tiles[tile * kQueryTile ...] (one sequence's; -1 = none) for query head
+// `head`, which reads KV head head / (heads / kv_heads). head_dim <=
+// kMaxHeadDim. The step's own keys must be in the cache (KvAppend first).
+template <typename T>
+SIMT_GLOBAL void PagedAttention(const T* __restrict__ q, const T* __restrict__ cache,
+                                const int32_t* __restrict__ tiles, T* __restrict__ out,
+                                PagedCache c, int heads, float scale) {
+  using namespace simt;  // NOLINT: the kernel vocabulary
+  SIMT_SHARED(float, q_s, kQueryTile * kMaxHeadDim);
+  SIMT_SHARED(float, k_s, kKeyTile * kMaxHeadDim);
+  SIMT_SHARED(float, v_s, kKeyTile * kMaxHeadDim);
+  SIMT_SHARED(float, p_s, kQueryTile * kKeyTile);
+  SIMT_SHARED(float, m_s, kQueryTile);
+  SIMT_SHARED(float, l_s, kQueryTile);
+  SIMT_SHARED(float, alpha_s, kQueryTile);
+  const int head = static_cast<int>(BlockIdx().y);
+  const int kv_head = head / (heads / c.kv_heads);
+  const int32_t* tile = tiles + int64_t{BlockIdx().x} * kQueryTile;
+  const int t = static_cast<int>(ThreadIdx().x);
+  const int D = c.head_dim;
+  int64_t row_pos[kQueryTile];  // -1: an empty row sees no key
+  int64_t last = -1;
+  for (int r = 0; r < kQueryTile; ++r) {
+    row_pos[r] = tile[r] < 0 ? -1 : c.positions[tile[r]];
+    last = row_pos[r] > last ? row_pos[r] : last;
+  }
+  const int64_t s = c.seq[tile[0]];
+  for (int i = t; i < kQueryTile * D; i += kAttentionThreads) {
+    const int r = i / D, d = i % D;
+    q_s[r * kMaxHeadDim + d] =
+        tile[r] < 0 ? 0.0f : ToFloat(q[(int64_t{head} * c.tokens + tile[r]) * D + d]) * scale;
+  }
+  if (t < kQueryTile) {
+    m_s[t] = -__builtin_huge_valf();
+    l_s[t] = 0.0f;
+  }
+  float acc[kAccumulators];
+  for (float& a : acc) a = 0.0f;
+  for (int64_t key0 = 0; key0 <= last; key0 += kKeyTile) {
+    SyncThreads();  // the previous tile's k_s, v_s, p_s are read
+    LoadKeyTile(cache, c, s, kv_head, key0, last, k_s, v_s);
+    SyncThreads();
+    TileScores(c, row_pos, key0, q_s, k_s, p_s);
+    SyncThreads();
+    if (t < kQueryTile) RowUpdate(t, p_s, m_s, l_s, alpha_s);
+    SyncThreads();
+    for (int a = 0; a < kAccumulators; ++a) {
+      const int i = t + a * kAttentionThreads, r = i / D, d = i % D;
+      if (i >= kQueryTile * D) break;
+      float pv = 0.0f;
+      for (int j = 0; j < kKeyTile; ++j) pv += p_s[r * kKeyTile + j] * v_s[j * kMaxHeadDim + d];
+      acc[a] = acc[a] * alpha_s[r] + pv;
+    }
+  }
+  for (int a = 0; a < kAccumulators; ++a) {
+    const int i = t + a * kAttentionThreads, r = i / D, d = i % D;
+    if (i >= kQueryTile * D || tile[r] < 0) continue;
+    out[(int64_t{head} * c.tokens + tile[r]) * D + d] = FromFloat<T>(acc[a] / l_s[r]);
+  }
+}
+
+}  // namespace pipeserve::kernels
+
+#endif  // PIPESERVE_RUNTIME_CUDA_KERNELS_PAGED_ATTENTION_H_
