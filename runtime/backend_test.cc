@@ -54,6 +54,7 @@ BackendCase Cuda(const std::string& name, Precision p, double tol,
             o.precision = p;
             o.poison_buffers = true;
             o.use_cublaslt = cublaslt;
+            o.cuda_ops = CudaOps::kUnconfirmed;  // on a GPU, check every kernel
             return MakeCudaBackend(o);
           },
           tol, /*fresh_inputs=*/true, /*needs_gpu=*/true};
@@ -114,8 +115,13 @@ std::vector<Ref> RefRun(const Model& m, const std::vector<Tensor>& inputs) {
       continue;
     }
     std::vector<Ref> in;
-    for (const std::string& v : n.inputs()) in.push_back(values.at(v));
-    absl::StatusOr<Ref> out = ReferenceOp(n, in);  // runtime/conformance/reference.h
+    std::vector<int64_t> sym;  // sizes, for "_from" attributes
+    for (const std::string& v : n.inputs()) {
+      in.push_back(values.at(v));
+      sym.push_back(in.back().v.size() == 1 ? static_cast<int64_t>(in.back().v[0]) : 0);
+    }
+    // runtime/conformance/reference.h
+    absl::StatusOr<Ref> out = ReferenceOp(ResolveSymbolic(n, sym), in);
     EXPECT_TRUE(out.ok()) << n.name() << ": " << out.status();
     values[n.outputs(0)] = out.ok() ? *std::move(out) : Ref();
   }
@@ -337,6 +343,39 @@ TEST_P(BackendTest, ThreeDimensionalBroadcasts) {
   b.Input("x", {-1, 3, 4}).Param("col", {3, 1}).Param("row", {4});
   b.Op("add", {"x", "col"}, "a").Op("mul", {"row", "a"}, "m");
   b.Op("sub", {"m", "x"}, "y").Output("y");
+  CheckAgainstReference(b.Build());
+}
+
+AttrValue Ints(std::vector<int64_t> v) {
+  AttrValue a;
+  a.mutable_ints()->mutable_v()->Assign(v.begin(), v.end());
+  return a;
+}
+
+// Attention's shape ops around GEMMs: a reshape whose size comes from the
+// input at run time (a view), permute, slice with a step, select, cat,
+// unsqueeze and expand; a GEMM reads a permuted value and another a view
+// of a GEMM's output that nothing else reads (in bf16 the GEMM writes
+// bfloat16 only and the view shares that buffer).
+TEST_P(BackendTest, ShapeOpsAroundGemms) {
+  GraphBuilder b;
+  b.Input("x", {-1, 6, 8}).Param("w", {3, 4}).Param("w2", {5, 3});
+  b.Op("size", {"x"}, "t", "", {{"dim", AttrI(1)}})
+      .Op("reshape", {"x", "t"}, "h", "",
+          {{"shape", Ints({-1, 0, 2, 4})}, {"shape_from", Ints({0, 2, 0, 0})}})
+      .Op("permute", {"h"}, "p", "", {{"dims", Ints({0, 2, 1, 3})}})
+      .Op("linear", {"p", "w"}, "q")  // [B, 2, 6, 3]
+      .Op("reshape", {"q"}, "qv", "", {{"shape", Ints({-1, 12, 3})}})
+      .Op("linear", {"qv", "w2"}, "r")  // [B, 12, 5]
+      .Op("slice", {"p"}, "s", "",
+          {{"dim", AttrI(2)}, {"start", AttrI(1)}, {"stop", AttrI(6)}, {"step", AttrI(2)}})
+      .Op("select", {"s"}, "last", "", {{"dim", AttrI(1)}, {"index", AttrI(-1)}})  // [B, 3, 4]
+      .Op("select", {"s"}, "first", "", {{"dim", AttrI(1)}, {"index", AttrI(0)}})
+      .Op("cat", {"last", "first"}, "c", "", {{"dim", AttrI(2)}})  // [B, 3, 8]
+      .Op("unsqueeze", {"c"}, "u", "", {{"dim", AttrI(1)}})
+      .Op("expand", {"u"}, "e", "", {{"shape", Ints({-1, 2, 3, 8})}})
+      .Output("r")
+      .Output("e");
   CheckAgainstReference(b.Build());
 }
 

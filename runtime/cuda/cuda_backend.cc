@@ -553,6 +553,9 @@ class CudaProgram : public CudaStageProgram {
         CUDA_RETURN_IF_ERROR(kernels::LaunchSoftmax(F(e, op.src), F(e, op.dst), op.rows,
                                                     static_cast<int>(op.cols), op.log, s));
         return absl::OkStatus();
+      case DeviceOp::Type::kStridedCopy:
+        CUDA_RETURN_IF_ERROR(kernels::LaunchStridedCopy(F(e, op.src), F(e, op.dst), op.copy, s));
+        return absl::OkStatus();
       default:
         return absl::InternalError("not a kernels/ op");
     }
@@ -611,6 +614,7 @@ class CudaProgram : public CudaStageProgram {
       case DeviceOp::Type::kLayerNorm:
       case DeviceOp::Type::kUnary:
       case DeviceOp::Type::kSoftmax:
+      case DeviceOp::Type::kStridedCopy:
         return EnqueueKernel(e, op, s);
     }
     return absl::InternalError("unknown device op");

@@ -10,6 +10,7 @@
 #include "runtime/cuda/device_slots.h"
 #include "runtime/cuda/kernels/elementwise.h"
 #include "runtime/cuda/kernels/layer_norm.h"
+#include "runtime/cuda/kernels/strided_copy.h"
 #include "runtime/cuda/simt/simt.h"
 #include "runtime/signature.h"
 
@@ -131,6 +132,9 @@ class EmulatedProgram : public StageProgram {
         kernels::LayerNormRows<float, float>(x, w, b, y, op.rows, static_cast<int>(op.cols),
                                              op.eps);
       });
+    } else if (op.type == DeviceOp::Type::kStridedCopy) {
+      s = simt::Emulate(kernels::CopyBlocks(op.n), kernels::kCopyThreads,
+                        [&] { kernels::StridedCopy<float>(x, y, op.copy); });
     } else if (op.type == DeviceOp::Type::kUnary) {
       const int64_t blocks =
           (op.n + kernels::kElementwiseThreads - 1) / kernels::kElementwiseThreads;
@@ -230,6 +234,7 @@ class EmulatedProgram : public StageProgram {
       case DeviceOp::Type::kLayerNorm:
       case DeviceOp::Type::kUnary:
       case DeviceOp::Type::kSoftmax:
+      case DeviceOp::Type::kStridedCopy:
         return EmulateKernel(arenas, op);
     }
     return absl::OkStatus();

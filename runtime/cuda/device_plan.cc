@@ -9,6 +9,7 @@
 #include "common/status_macros.h"
 #include "graph/op_schema.h"
 #include "graph/validate.h"
+#include "runtime/cuda/data_movement.h"
 
 namespace pipeserve {
 namespace {
@@ -114,6 +115,7 @@ absl::StatusOr<LoweredStage> LoweredStage::Create(const Graph& graph,
   }
   // The CUDA backend runs float32 graphs (GEMMs in the chosen precision).
   for (const Node& node : graph.nodes()) {
+    if (node.op() == "size") continue;  // a host integer (LoweredStage::Kind::kSize)
     for (const std::string& v : node.outputs()) {
       if (types.at(v) != DT_FLOAT32) {
         return absl::InvalidArgumentError(absl::StrCat(
@@ -240,6 +242,12 @@ absl::Status LoweredStage::ChooseKind(const Node& node, Step* step) {
     step->kind = Kind::kUnary;
   } else if (op == "softmax" || op == "log_softmax") {  // over the last dim (Create)
     step->kind = Kind::kSoftmax;
+  } else if (IsView(op)) {
+    step->kind = Kind::kView;
+  } else if (IsMovement(op)) {
+    step->kind = Kind::kMove;
+  } else if (op == "size") {
+    step->kind = Kind::kSize;
   } else {
     return absl::InvalidArgumentError(
         absl::StrCat("the cuda backend has no kernel for op \"", op, "\""));
@@ -275,21 +283,31 @@ absl::Status LoweredStage::MakeSteps(const ValueIds& ids, bool fuse_linear_relu,
         continue;
       }
     }
+    RETURN_IF_ERROR(CheckSizeReaders(node, step));
     RETURN_IF_ERROR(CheckKernelGate(node.name(), op, DT_FLOAT32, cuda_ops));
+    if (step.kind == Kind::kSize) values_[step.out].host = true;
+    if (step.kind == Kind::kView) values_[step.out].view_of = step.in[0];
     values_[step.out].producer = static_cast<int>(steps_.size());
     steps_.push_back(std::move(step));
   }
   for (const std::string& out : graph_.outputs()) {
     output_values_.push_back(Canonical(id.at(out)));
+    if (values_[output_values_.back()].host) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the cuda backend has no int64 outputs: output \"", out,
+          "\" is a size (serve this model with --device=cpu)"));
+    }
   }
 
   return absl::OkStatus();
 }
 
-void LoweredStage::LayOutWeights() {
+void LoweredStage::MarkNeeds() {
   // Which forms each value needs: GEMM operands in the GEMM dtype, anything
-  // elementwise, biases and outputs in float32.
+  // elementwise, biases and outputs in float32. Sizes live on the host; a
+  // view needs what its readers need, and passes that on to its input.
   auto need = [&](int v, bool as_gemm_operand) {
+    if (values_[v].host) return;
     if (as_gemm_operand && gemm_type_ != DType::kF32) {
       values_[v].need_gemm = true;
     } else {
@@ -297,16 +315,27 @@ void LoweredStage::LayOutWeights() {
     }
   };
   for (const Step& s : steps_) {
+    if (s.kind == Kind::kView) continue;
     bool gemm = s.kind == Kind::kMm || s.kind == Kind::kLinear;
     for (size_t i = 0; i < s.in.size(); ++i) need(s.in[i], gemm && i < 2);
   }
   for (int v : output_values_) need(v, false);
+  for (auto s = steps_.rbegin(); s != steps_.rend(); ++s) {
+    if (s->kind != Kind::kView) continue;
+    values_[s->in[0]].need_f32 |= values_[s->out].need_f32;
+    values_[s->in[0]].need_gemm |= values_[s->out].need_gemm;
+  }
   for (const Step& s : steps_) {
     Value& out = values_[s.out];
     // A result nobody reads is still computed (as the CPU backend does).
-    if (!out.need_f32 && !out.need_gemm) out.need_f32 = true;
+    if (s.kind != Kind::kView && !out.host && !out.need_f32 && !out.need_gemm) {
+      out.need_f32 = true;
+    }
   }
+}
 
+void LoweredStage::LayOutWeights() {
+  MarkNeeds();
   ArenaLayout w(Arena::kWeights);
   for (Value& v : values_) {
     if (v.param < 0) continue;
@@ -358,9 +387,12 @@ DeviceOp LoweredStage::LayerNormOp(const Step& s, const Shape& x,
   return op;
 }
 
-absl::StatusOr<std::vector<Shape>> LoweredStage::ShapesFor(
+absl::StatusOr<LoweredStage::Sizes> LoweredStage::ShapesFor(
     const std::vector<Shape>& input_shapes) const {
-  std::vector<Shape> shape(values_.size());
+  Sizes sizes;
+  std::vector<Shape>& shape = sizes.shape;
+  shape.resize(values_.size());
+  std::vector<int64_t> host(values_.size(), 0);  // the sizes' values
   for (size_t v = 0; v < values_.size(); ++v) {
     if (values_[v].param >= 0) shape[v] = params_[values_[v].param].shape();
   }
@@ -368,19 +400,28 @@ absl::StatusOr<std::vector<Shape>> LoweredStage::ShapesFor(
     shape[input_values_[i]] = input_shapes[i];
   }
   std::vector<Shape> in_shapes;
+  std::vector<int64_t> sym;
   for (const Step& s : steps_) {
     in_shapes.clear();
-    for (int v : s.in) in_shapes.push_back(shape[v]);
-    const Node& node = NodeOf(s);
-    absl::StatusOr<std::vector<Shape>> out =
-        FindOp(node.op())->infer(node, in_shapes);
+    sym.clear();
+    for (int v : s.in) {
+      in_shapes.push_back(shape[v]);
+      sym.push_back(host[v]);
+    }
+    sizes.node.push_back(ResolveSymbolic(NodeOf(s), sym));
+    const Node& node = sizes.node.back();
+    absl::StatusOr<std::vector<Shape>> out = FindOp(node.op())->infer(node, in_shapes);
     if (!out.ok()) {
       return absl::InvalidArgumentError(
           absl::StrCat("node \"", node.name(), "\": ", out.status().message()));
     }
     shape[s.out] = std::move((*out)[0]);
+    if (s.kind == Kind::kSize) {
+      const Shape& x = in_shapes[0];
+      host[s.out] = x.empty() ? 1 : x[*NormalizeDim(IntAttr(node, "dim", 0), static_cast<int>(x.size()))];
+    }
   }
-  return shape;
+  return sizes;
 }
 
 LoweredStage::Buffers LoweredStage::LayOutBuffers(const std::vector<Shape>& shape) const {
@@ -406,6 +447,14 @@ LoweredStage::Buffers LoweredStage::LayOutBuffers(const std::vector<Shape>& shap
   for (size_t v = 0; v < values_.size(); ++v) {
     const Value& val = values_[v];
     int64_t n = NumElements(shape[v]);
+    if (val.host) continue;
+    if (val.view_of >= 0) {  // its input's buffers (laid out before it)
+      b.f32[v] = b.f32[val.view_of];
+      b.gm[v] = b.gm[val.view_of];
+      b.has_f32[v] = b.has_f32[val.view_of];
+      b.has_gm[v] = b.has_gm[val.view_of];
+      continue;
+    }
     if (val.param >= 0) {
       if (val.w_f32 >= 0) b.f32[v] = {Arena::kWeights, val.w_f32};
       if (val.w_gemm >= 0) b.gm[v] = {Arena::kWeights, val.w_gemm};
@@ -546,9 +595,11 @@ DeviceOp LoweredStage::ConvertOp(const std::string& node, BufferRef f32, BufferR
   return conv;
 }
 
-absl::Status LoweredStage::StepOps(const Step& s, const std::vector<Shape>& shape,
-                                   const Buffers& b, std::vector<DeviceOp>* compute) const {
-  const std::string& name = NodeOf(s).name();
+absl::Status LoweredStage::StepOps(const Step& s, const Node& node,
+                                   const std::vector<Shape>& shape, const Buffers& b,
+                                   std::vector<DeviceOp>* compute) const {
+  if (s.kind == Kind::kView || s.kind == Kind::kSize) return absl::OkStatus();  // no work
+  const std::string& name = node.name();
   const int64_t n_out = NumElements(shape[s.out]);
   const BufferRef out = b.has_f32[s.out] ? b.f32[s.out] : b.gm[s.out];
   // An op from the step's first input to its output, n_out elements.
@@ -600,10 +651,52 @@ absl::Status LoweredStage::StepOps(const Step& s, const std::vector<Shape>& shap
       add(op);
       break;
     }
+    case Kind::kMove:
+      RETURN_IF_ERROR(MoveOps(s, node, shape, b, out, compute));
+      break;
+    case Kind::kView:
+    case Kind::kSize:
+      break;
   }
   // A float32 result that GEMMs read in another form gets it now.
   if (b.has_f32[s.out] && b.has_gm[s.out] && n_out > 0) {
     compute->push_back(ConvertOp(name, b.f32[s.out], b.gm[s.out], n_out));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LoweredStage::MoveOps(const Step& s, const Node& node,
+                                   const std::vector<Shape>& shape, const Buffers& b,
+                                   BufferRef out, std::vector<DeviceOp>* compute) const {
+  std::vector<Shape> in;
+  for (int v : s.in) in.push_back(shape[v]);
+  absl::StatusOr<std::vector<Move>> moves = MovesOf(node, in, shape[s.out]);
+  if (!moves.ok()) {
+    return absl::Status(moves.status().code(), absl::StrCat("node \"", node.name(), "\": ",
+                                                            moves.status().message()));
+  }
+  for (const Move& m : *moves) {
+    DeviceOp op{DeviceOp::Type::kStridedCopy, node.name()};
+    op.src = b.f32[s.in[m.input]];
+    op.dst = out;
+    op.n = m.copy.n;
+    op.copy = m.copy;
+    compute->push_back(op);
+  }
+  return absl::OkStatus();
+}
+
+// Sizes are host integers: only shape ops may read them, and only as
+// their sizes (inputs after the first).
+absl::Status LoweredStage::CheckSizeReaders(const Node& node, const Step& step) const {
+  const bool takes_sizes = step.kind == Kind::kView || step.kind == Kind::kMove;
+  for (size_t i = 0; i < step.in.size(); ++i) {
+    if (values_[step.in[i]].host && !(takes_sizes && i > 0)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the cuda backend has no kernel for node \"", node.name(), "\" (", node.op(),
+          " of the size \"", node.inputs(i),
+          "\": it keeps sizes on the host; serve this model with --device=cpu)"));
+    }
   }
   return absl::OkStatus();
 }
@@ -630,11 +723,14 @@ absl::StatusOr<DevicePlan> LoweredStage::Plan(
     const std::vector<Shape>& input_shapes) const {
   DevicePlan plan;
   plan.input_shapes = input_shapes;
-  ASSIGN_OR_RETURN(const std::vector<Shape> shape, ShapesFor(input_shapes));
+  ASSIGN_OR_RETURN(const Sizes sizes, ShapesFor(input_shapes));
+  const std::vector<Shape>& shape = sizes.shape;
   const Buffers b = LayOutBuffers(shape);
   std::vector<DeviceOp> copy_in, compute, copy_out;
   InputOps(shape, b, &plan, &copy_in, &compute);
-  for (const Step& s : steps_) RETURN_IF_ERROR(StepOps(s, shape, b, &compute));
+  for (size_t i = 0; i < steps_.size(); ++i) {
+    RETURN_IF_ERROR(StepOps(steps_[i], sizes.node[i], shape, b, &compute));
+  }
   OutputOps(shape, b, &plan, &copy_out);
   copy_in = MergeCopies(std::move(copy_in));
   copy_out = MergeCopies(std::move(copy_out));

@@ -40,6 +40,7 @@
 #include "proto/model.pb.h"
 #include "runtime/cuda/broadcast_index.h"
 #include "runtime/cuda/kernel_gate.h"
+#include "runtime/cuda/kernels/launch_args.h"
 #include "runtime/cuda/kernels/unary_kind.h"
 #include "runtime/model_file.h"
 #include "runtime/precision.h"
@@ -97,6 +98,7 @@ struct DeviceOp {
     kLayerNorm,  // dst [rows, cols] = layer_norm(src) * src2 + src3 (kernels/layer_norm.h)
     kUnary,      // dst = f(src) over n, f = unary (kernels/elementwise.h)
     kSoftmax,    // dst [rows, cols] = softmax(src) over cols, log_softmax when `log`
+    kStridedCopy,  // dst = src moved as `copy` says (kernels/strided_copy.h)
     kCopy,     // bytes: device src -> device dst (clone)
     kCopyOut,  // bytes: device src -> staging_out dst
   };
@@ -118,6 +120,7 @@ struct DeviceOp {
   bool has_weight = false, has_bias = false;
   kernels::UnaryKind unary = kernels::UnaryKind::kNone;  // kUnary
   bool log = false;                                      // kSoftmax
+  kernels::StridedCopyOp copy;                           // kStridedCopy
 };
 
 // Host side of one input or output.
@@ -174,12 +177,19 @@ class LoweredStage {
   absl::StatusOr<DevicePlan> Plan(const std::vector<Shape>& input_shapes) const;
 
  private:
-  enum class Kind { kMm, kLinear, kBinary, kScalar, kRelu, kClone, kLayerNorm, kUnary, kSoftmax };
+  enum class Kind {
+    kMm, kLinear, kBinary, kScalar, kRelu, kClone, kLayerNorm, kUnary, kSoftmax,
+    kView,  // reshape, squeeze, unsqueeze: the input's buffers, no work
+    kMove,  // permute, slice, select, expand, cat, stack: strided copies
+    kSize,  // size: an integer known on the host when the plan is made
+  };
   struct Value {
     int input = -1;     // graph input number, or -1
     int param = -1;     // index into params_, or -1
     int producer = -1;  // step index, or -1
     int alias = -1;     // this id is another's (identity, fused relu)
+    int view_of = -1;   // a kView step's output: its input's buffers
+    bool host = false;  // a kSize step's output: no buffer
     bool need_f32 = false, need_gemm = false;  // GEMM form: gemm_type_
     int64_t w_f32 = -1, w_gemm = -1;           // weights arena offsets (params)
   };
@@ -203,14 +213,22 @@ class LoweredStage {
     std::vector<bool> has_f32, has_gm;
     int64_t activation_bytes = 0;
   };
-  // Every value's shape for these inputs; kInvalidArgument naming a node
-  // whose shape rule fails.
-  absl::StatusOr<std::vector<Shape>> ShapesFor(const std::vector<Shape>& input_shapes) const;
+  // Every value's shape for these inputs, and every step's node with its
+  // "_from" attributes taken from the sizes (host integers) they name.
+  struct Sizes {
+    std::vector<Shape> shape;
+    std::vector<Node> node;  // by step
+  };
+  // kInvalidArgument naming a node whose shape rule fails.
+  absl::StatusOr<Sizes> ShapesFor(const std::vector<Shape>& input_shapes) const;
   Buffers LayOutBuffers(const std::vector<Shape>& shape) const;
   void InputOps(const std::vector<Shape>& shape, const Buffers& b, DevicePlan* plan,
                 std::vector<DeviceOp>* copy_in, std::vector<DeviceOp>* compute) const;
-  absl::Status StepOps(const Step& s, const std::vector<Shape>& shape, const Buffers& b,
-                       std::vector<DeviceOp>* compute) const;
+  absl::Status StepOps(const Step& s, const Node& node, const std::vector<Shape>& shape,
+                       const Buffers& b, std::vector<DeviceOp>* compute) const;
+  // The strided copies of a kMove step.
+  absl::Status MoveOps(const Step& s, const Node& node, const std::vector<Shape>& shape,
+                       const Buffers& b, BufferRef out, std::vector<DeviceOp>* compute) const;
   absl::Status BinaryOps(const Step& s, const std::vector<Shape>& shape, const Buffers& b,
                          BufferRef out, std::vector<DeviceOp>* compute) const;
   // The conversion of n float32 values to their GEMM form.
@@ -234,10 +252,14 @@ class LoweredStage {
   // Pass 1: values_ and their ids.
   absl::Status NumberValues(const WeightMap& weights, ValueIds* ids);
   static absl::Status ChooseKind(const Node& node, Step* step);
+  // kInvalidArgument when `step` computes on a size (a host integer).
+  absl::Status CheckSizeReaders(const Node& node, const Step& step) const;
   // Pass 2: steps_, with fused ReLUs; every op's kernel through the gate.
   absl::Status MakeSteps(const ValueIds& ids, bool fuse_linear_relu, CudaOps cuda_ops);
   // The forms each value needs, and the weights arena.
   void LayOutWeights();
+  // Which forms each value needs (LayOutWeights' first part).
+  void MarkNeeds();
   int Canonical(int v) const;
   const Node& NodeOf(const Step& s) const { return graph_.nodes(s.node); }
 

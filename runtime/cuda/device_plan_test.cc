@@ -344,6 +344,56 @@ TEST(DevicePlanTest, StagingRoundTripsTheInputsAndReusesReleasedOutputs) {
   EXPECT_NE(outputs[0].data(), held.data());
 }
 
+AttrValue Ints(std::vector<int64_t> v) {
+  AttrValue a;
+  a.mutable_ints()->mutable_v()->Assign(v.begin(), v.end());
+  return a;
+}
+
+// A reshape is a view (no op; its input's buffers), its size a host
+// integer taken from the input's shape when the plan is made; a permute is
+// one strided copy. In bf16 a GEMM output read only through a view by
+// another GEMM is written as bfloat16 and never converted.
+TEST(DevicePlanTest, ReshapesAreViewsSizesStayOnTheHostAndPermutesCopy) {
+  GraphBuilder b;
+  b.Input("x", {-1, 6, 8}).Param("w", {3, 4}).Param("w2", {5, 3});
+  b.Op("size", {"x"}, "t", "", {{"dim", AttrI(1)}})
+      .Op("reshape", {"x", "t"}, "h", "",
+          {{"shape", Ints({-1, 0, 2, 4})}, {"shape_from", Ints({0, 2, 0, 0})}})
+      .Op("permute", {"h"}, "p", "", {{"dims", Ints({0, 2, 1, 3})}})
+      .Op("linear", {"p", "w"}, "q")
+      .Op("reshape", {"q"}, "qv", "", {{"shape", Ints({-1, 12, 3})}})
+      .Op("linear", {"qv", "w2"}, "r")
+      .Output("r");
+  Model m = b.Build();
+  absl::StatusOr<LoweredStage> stage =
+      LoweredStage::Create(m.graph, m.weights, Precision::kBF16, true, CudaOps::kUnconfirmed);
+  ASSERT_TRUE(stage.ok()) << stage.status();
+  absl::StatusOr<DevicePlan> plan = stage->Plan({{5, 6, 8}});
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(Compute(*plan),
+            (std::vector<Type>{Type::kStridedCopy, Type::kConvert, Type::kGemm, Type::kGemm}));
+  const DeviceOp& copy = plan->ops[plan->compute_begin];
+  EXPECT_EQ(copy.node, "p");
+  EXPECT_EQ(copy.copy.n, 5 * 6 * 8);
+  EXPECT_EQ(copy.copy.rank, 4);
+  EXPECT_EQ(copy.copy.dims[1], 2);  // [B, 2, 6, 4] from [B, 6, 2, 4]
+  EXPECT_EQ(copy.copy.src_strides[1], 4);
+  EXPECT_EQ(copy.copy.src_strides[2], 8);
+  EXPECT_EQ(copy.src.offset, plan->ops[0].dst.offset);  // x itself: the reshape copied nothing
+  const DeviceOp& q = plan->ops[plan->compute_begin + 2];
+  const DeviceOp& r = plan->ops[plan->compute_begin + 3];
+  EXPECT_EQ(q.gemm.d_type, DType::kBF16);
+  EXPECT_EQ(r.gemm.b.offset, q.gemm.d.offset);  // qv is q's buffer
+  EXPECT_EQ(r.gemm.n, 5 * 12);
+
+  m.graph.add_outputs("t");  // a size cannot leave the device plan
+  absl::StatusOr<LoweredStage> refused =
+      LoweredStage::Create(m.graph, m.weights, Precision::kBF16, true, CudaOps::kUnconfirmed);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(refused.status().message(), HasSubstr("output \"t\" is a size"));
+}
+
 // What the CUDA backend cannot run is refused at load, naming the node or
 // input and the dtype (the CPU backend serves such models).
 TEST(DevicePlanTest, OtherDtypesAndTransformerOpsAreRefusedNamingThem) {

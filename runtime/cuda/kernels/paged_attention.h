@@ -30,27 +30,12 @@
 #include <cstdint>
 #include <vector>
 
+#include "runtime/cuda/kernels/launch_args.h"
 #include "runtime/cuda/simt/simt.h"
 
 namespace pipeserve::kernels {
 
-inline constexpr int kQueryTile = 8;         // query tokens of one sequence per block
-inline constexpr int kKeyTile = 32;          // keys per shared-memory tile
-inline constexpr int kMaxHeadDim = 128;      // head_dim the shared tiles hold
-inline constexpr int kAttentionThreads = 128;
 inline constexpr int kAccumulators = kQueryTile * kMaxHeadDim / kAttentionThreads;
-inline constexpr int kKvThreads = 256;
-
-// Where one layer's cache and one step's metadata are. positions, seq
-// [tokens]; tables [sequences, table_width] (block ids).
-struct PagedCache {
-  int64_t tokens = 0;
-  int kv_heads = 0, head_dim = 0, block_size = 0;
-  int64_t table_width = 0;
-  const int64_t* positions = nullptr;
-  const int64_t* seq = nullptr;
-  const int64_t* tables = nullptr;
-};
 
 // Offset (in elements) of token position `p`'s row of head `h`, keys
 // (kind 0) or values (kind 1), in the cache of sequence `s`.
@@ -72,10 +57,6 @@ SIMT_GLOBAL void KvAppend(const T* __restrict__ k, const T* __restrict__ v, T* _
   const int h = static_cast<int>(i / c.head_dim / c.tokens);
   cache[CacheRow(c, c.seq[t], c.positions[t], 0, h) + d] = k[i];
   cache[CacheRow(c, c.seq[t], c.positions[t], 1, h) + d] = v[i];
-}
-
-inline unsigned AppendBlocks(int64_t tokens, int kv_heads, int head_dim) {
-  return static_cast<unsigned>((tokens * kv_heads * head_dim + kKvThreads - 1) / kKvThreads);
 }
 
 // The step's tokens grouped for PagedAttention: each sequence's tokens in

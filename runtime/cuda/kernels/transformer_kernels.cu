@@ -3,6 +3,7 @@
 #include "runtime/cuda/kernels/elementwise.h"
 #include "runtime/cuda/kernels/layer_norm.h"
 #include "runtime/cuda/kernels/paged_attention.h"
+#include "runtime/cuda/kernels/strided_copy.h"
 #include "runtime/cuda/kernels/transformer_kernels.h"
 
 namespace pipeserve::kernels {
@@ -29,6 +30,13 @@ cudaError_t LaunchSoftmax(const float* x, float* y, int64_t rows, int cols, bool
   if (rows <= 0 || cols <= 0) return cudaSuccess;
   SoftmaxRows<float><<<static_cast<unsigned>(rows), kSoftmaxThreads, 0, stream>>>(
       x, y, rows, cols, log);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchStridedCopy(const float* src, float* dst, const StridedCopyOp& op,
+                              cudaStream_t stream) {
+  if (op.n <= 0) return cudaSuccess;
+  StridedCopy<float><<<CopyBlocks(op.n), kCopyThreads, 0, stream>>>(src, dst, op);
   return cudaGetLastError();
 }
 

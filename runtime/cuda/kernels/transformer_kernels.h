@@ -10,7 +10,7 @@
 
 #include <cstdint>
 
-#include "runtime/cuda/kernels/paged_attention.h"
+#include "runtime/cuda/kernels/launch_args.h"
 #include "runtime/cuda/kernels/unary_kind.h"
 
 namespace pipeserve::kernels {
@@ -28,6 +28,11 @@ cudaError_t LaunchUnary(UnaryKind kind, const float* x, float* y, int64_t n,
 // [rows, cols], float32: elementwise.h.
 cudaError_t LaunchSoftmax(const float* x, float* y, int64_t rows, int cols, bool log,
                           cudaStream_t stream);
+
+// The copies of permute, slice, select, expand, cat and stack on float32
+// values (strided_copy.h).
+cudaError_t LaunchStridedCopy(const float* src, float* dst, const StridedCopyOp& op,
+                              cudaStream_t stream);
 
 // cached_attention of one step on one layer's paged cache (float32):
 // appends k and v, then attends q over the cache (paged_attention.h).
