@@ -169,6 +169,17 @@ absl::StatusOr<std::unique_ptr<LtGemm>> MakeLtGemm(cublasLtHandle_t lt,
   CUBLAS_RETURN_IF_ERROR(
       cublasLtMatrixLayoutCreate(&l, CudaType(g.d_type), g.m, g.n, g.ldd));
   out->d.reset(l);
+  if (g.batch > 1) {  // strided batches: each layout's count and stride
+    const int32_t count = static_cast<int32_t>(g.batch);
+    const std::pair<cublasLtMatrixLayout_t, int64_t> layouts[] = {
+        {out->a.get(), g.stride_a}, {out->b.get(), g.stride_b}, {out->d.get(), g.stride_d}};
+    for (const auto& [layout, stride] : layouts) {
+      CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutSetAttribute(
+          layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)));
+      CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutSetAttribute(
+          layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)));
+    }
+  }
 
   cublasLtMatmulPreference_t pref = nullptr;
   CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceCreate(&pref));
@@ -443,6 +454,7 @@ class CudaProgram : public CudaStageProgram {
                         absl::Span<const Tensor> inputs) {
     const DevicePlan& plan = e->plan;
     cudaStream_t stream = slot.stream.get();
+    RETURN_IF_ERROR(CheckIndices(plan, inputs));
     StageInputs(plan, inputs, e->staging_in.get());
     if (options_.poison_buffers) {
       std::memset(e->staging_out.get(), 0xff, plan.staging_out_bytes);
@@ -518,15 +530,16 @@ class CudaProgram : public CudaStageProgram {
     const float alpha = 1.0f, beta = 0.0f;
     void* d = Address(e, g.d);
     if (lt.fallback) {
-      CUBLAS_RETURN_IF_ERROR(cublasGemmEx(
+      CUBLAS_RETURN_IF_ERROR(cublasGemmStridedBatchedEx(
           slot.blas.get(), g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
           CUBLAS_OP_N, g.m, g.n, g.k, &alpha, Address(e, g.a),
-          CudaType(g.ab_type), g.lda, Address(e, g.b), CudaType(g.ab_type),
-          g.ldb, &beta, d, CudaType(g.d_type), g.ldd, ComputeType(g),
-          CUBLAS_GEMM_DEFAULT));
+          CudaType(g.ab_type), g.lda, g.stride_a, Address(e, g.b), CudaType(g.ab_type),
+          g.ldb, g.stride_b, &beta, d, CudaType(g.d_type), g.ldd, g.stride_d, g.batch,
+          ComputeType(g), CUBLAS_GEMM_DEFAULT));
+      // A batch's outputs lie side by side: n * batch columns.
       CUDA_RETURN_IF_ERROR(LaunchBiasRelu(
           d, g.d_type == DType::kBF16, g.has_bias ? F(e, g.bias) : nullptr,
-          g.m, g.n, g.ldd, g.relu, s));
+          g.m, g.n * g.batch, g.ldd, g.relu, s));
       return absl::OkStatus();
     }
     CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(
@@ -554,7 +567,22 @@ class CudaProgram : public CudaStageProgram {
                                                     static_cast<int>(op.cols), op.log, s));
         return absl::OkStatus();
       case DeviceOp::Type::kStridedCopy:
-        CUDA_RETURN_IF_ERROR(kernels::LaunchStridedCopy(F(e, op.src), F(e, op.dst), op.copy, s));
+        CUDA_RETURN_IF_ERROR(kernels::LaunchStridedCopy(Address(e, op.src), Address(e, op.dst),
+                                                        static_cast<int>(op.element_bytes),
+                                                        op.copy, s));
+        return absl::OkStatus();
+      case DeviceOp::Type::kProgram: {
+        kernels::EwPointers at;
+        const BufferRef* srcs[] = {&op.src, &op.src2, &op.src3};
+        for (int i = 0; i < op.program.num_inputs; ++i) at.in[i] = Address(e, *srcs[i]);
+        at.out = Address(e, op.dst);
+        CUDA_RETURN_IF_ERROR(kernels::LaunchProgram(op.program, at, s));
+        return absl::OkStatus();
+      }
+      case DeviceOp::Type::kEmbedding:
+        CUDA_RETURN_IF_ERROR(kernels::LaunchEmbedding(
+            reinterpret_cast<const int64_t*>(Address(e, op.src)), F(e, op.src2), F(e, op.dst), op.n,
+            op.rows, op.cols, s));
         return absl::OkStatus();
       default:
         return absl::InternalError("not a kernels/ op");
@@ -615,6 +643,8 @@ class CudaProgram : public CudaStageProgram {
       case DeviceOp::Type::kUnary:
       case DeviceOp::Type::kSoftmax:
       case DeviceOp::Type::kStridedCopy:
+      case DeviceOp::Type::kProgram:
+      case DeviceOp::Type::kEmbedding:
         return EnqueueKernel(e, op, s);
     }
     return absl::InternalError("unknown device op");

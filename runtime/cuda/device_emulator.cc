@@ -9,6 +9,8 @@
 #include "runtime/cuda/device_plan.h"
 #include "runtime/cuda/device_slots.h"
 #include "runtime/cuda/kernels/elementwise.h"
+#include "runtime/cuda/kernels/elementwise_program.h"
+#include "runtime/cuda/kernels/embedding.h"
 #include "runtime/cuda/kernels/layer_norm.h"
 #include "runtime/cuda/kernels/strided_copy.h"
 #include "runtime/cuda/simt/simt.h"
@@ -50,6 +52,7 @@ class EmulatedProgram : public StageProgram {
     std::vector<Shape> shapes;
     for (const Tensor& t : inputs) shapes.push_back(t.shape());
     ASSIGN_OR_RETURN(DevicePlan plan, stage_.Plan(shapes));
+    RETURN_IF_ERROR(CheckIndices(plan, inputs));
     // Per-run arenas, as the CUDA program's slots; the weights are shared.
     ASSIGN_OR_RETURN(SlotPool<Arenas>::Lease a, slots_.Acquire());
     // NaN everywhere a run should write.
@@ -133,8 +136,19 @@ class EmulatedProgram : public StageProgram {
                                              op.eps);
       });
     } else if (op.type == DeviceOp::Type::kStridedCopy) {
-      s = simt::Emulate(kernels::CopyBlocks(op.n), kernels::kCopyThreads,
-                        [&] { kernels::StridedCopy<float>(x, y, op.copy); });
+      s = EmulateCopy(view, op);
+    } else if (op.type == DeviceOp::Type::kProgram) {
+      kernels::EwPointers at;
+      const BufferRef* srcs[] = {&op.src, &op.src2, &op.src3};
+      for (int i = 0; i < op.program.num_inputs; ++i) at.in[i] = view.Ptr(*srcs[i]);
+      at.out = view.Ptr(op.dst);
+      s = simt::Emulate(kernels::ProgramBlocks(op.n), kernels::kProgramThreads,
+                        [&] { kernels::ElementwiseProgram<float>(op.program, at); });
+    } else if (op.type == DeviceOp::Type::kEmbedding) {
+      const auto* ids = reinterpret_cast<const int64_t*>(view.Ptr(op.src));
+      s = simt::Emulate(kernels::EmbeddingBlocks(op.n, op.cols), kernels::kEmbeddingThreads, [&] {
+        kernels::EmbeddingRows<float>(ids, view.F(op.src2), y, op.n, op.rows, op.cols);
+      });
     } else if (op.type == DeviceOp::Type::kUnary) {
       const int64_t blocks =
           (op.n + kernels::kElementwiseThreads - 1) / kernels::kElementwiseThreads;
@@ -149,8 +163,43 @@ class EmulatedProgram : public StageProgram {
     return absl::OkStatus();
   }
 
-  // cuBLAS, column-major: D(i, j) = sum_p op(A)(i, p) * B(p, j).
-  static void Gemm(const View& view, const GemmOp& g) {
+  // The strided copy kernel for the value's element size.
+  static absl::Status EmulateCopy(const View& view, const DeviceOp& op) {
+    const unsigned blocks = kernels::CopyBlocks(op.n);
+    const int threads = kernels::kCopyThreads;
+    char* src = view.Ptr(op.src);
+    char* dst = view.Ptr(op.dst);
+    switch (op.element_bytes) {
+      case 1:
+        return simt::Emulate(blocks, threads, [&] {
+          kernels::StridedCopy<uint8_t>(reinterpret_cast<uint8_t*>(src),
+                                        reinterpret_cast<uint8_t*>(dst), op.copy);
+        });
+      case 8:
+        return simt::Emulate(blocks, threads, [&] {
+          kernels::StridedCopy<int64_t>(reinterpret_cast<int64_t*>(src),
+                                        reinterpret_cast<int64_t*>(dst), op.copy);
+        });
+      default:
+        return simt::Emulate(blocks, threads, [&] {
+          kernels::StridedCopy<float>(reinterpret_cast<float*>(src),
+                                      reinterpret_cast<float*>(dst), op.copy);
+        });
+    }
+  }
+
+  // cuBLAS, column-major: D(i, j) = sum_p op(A)(i, p) * B(p, j), for each
+  // GEMM of a batch.
+  static void Gemm(const View& view, GemmOp g) {
+    for (int64_t i = 0; i < g.batch; ++i) {
+      GemmOne(view, g);
+      g.a.offset += g.stride_a * DTypeBytes(g.ab_type);
+      g.b.offset += g.stride_b * DTypeBytes(g.ab_type);
+      g.d.offset += g.stride_d * DTypeBytes(g.d_type);
+    }
+  }
+
+  static void GemmOne(const View& view, const GemmOp& g) {
     auto F = [&](const BufferRef& r) { return view.F(r); };
     auto Load = [&](const BufferRef& r, DType t, int64_t i) { return view.Load(r, t, i); };
     auto Store = [&](const BufferRef& r, DType t, int64_t i, float x) {
@@ -235,6 +284,8 @@ class EmulatedProgram : public StageProgram {
       case DeviceOp::Type::kUnary:
       case DeviceOp::Type::kSoftmax:
       case DeviceOp::Type::kStridedCopy:
+      case DeviceOp::Type::kProgram:
+      case DeviceOp::Type::kEmbedding:
         return EmulateKernel(arenas, op);
     }
     return absl::OkStatus();

@@ -10,6 +10,7 @@
 #include "graph/op_schema.h"
 #include "graph/validate.h"
 #include "runtime/cuda/data_movement.h"
+#include "runtime/cuda/elementwise_lowering.h"
 
 namespace pipeserve {
 namespace {
@@ -21,7 +22,7 @@ int64_t AlignUp(int64_t bytes) {
 // Hands out aligned offsets in one arena.
 class ArenaLayout {
  public:
-  explicit ArenaLayout(Arena arena) : arena_(arena) {}
+  explicit ArenaLayout(Arena arena, int64_t start = 0) : arena_(arena), size_(start) {}
   BufferRef Take(int64_t bytes) {
     BufferRef r{arena_, size_};
     size_ += AlignUp(std::max<int64_t>(bytes, 1));
@@ -95,12 +96,14 @@ absl::StatusOr<LoweredStage> LoweredStage::Create(const Graph& graph,
   ValueTypes types;
   ASSIGN_OR_RETURN(ValueShapes shapes, ValidateGraph(graph, &types));
   for (const Node& node : graph.nodes()) {
-    if (node.op() == "matmul" && (shapes.at(node.inputs(1)).size() != 2 ||
-                                  shapes.at(node.inputs(0)).size() < 2)) {
+    const size_t rank_a = node.op() == "matmul" ? shapes.at(node.inputs(0)).size() : 2;
+    const size_t rank_b = node.op() == "matmul" ? shapes.at(node.inputs(1)).size() : 2;
+    if (rank_a < 2 || rank_b < 2 || (rank_b > 2 && rank_a != rank_b)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "the cuda backend has no kernel for node \"", node.name(),
           "\" (matmul of ", ShapeToString(shapes.at(node.inputs(0))), " and ",
-          ShapeToString(shapes.at(node.inputs(1))), "; it runs [..., K] @ [K, N])"));
+          ShapeToString(shapes.at(node.inputs(1))),
+          "; it runs [..., K] @ [K, N] and batches of equal rank)"));
     }
     if (node.op() == "softmax" || node.op() == "log_softmax") {
       const int rank = static_cast<int>(shapes.at(node.inputs(0)).size());
@@ -113,20 +116,10 @@ absl::StatusOr<LoweredStage> LoweredStage::Create(const Graph& graph,
       }
     }
   }
-  // The CUDA backend runs float32 graphs (GEMMs in the chosen precision).
-  for (const Node& node : graph.nodes()) {
-    if (node.op() == "size") continue;  // a host integer (LoweredStage::Kind::kSize)
-    for (const std::string& v : node.outputs()) {
-      if (types.at(v) != DT_FLOAT32) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "the cuda backend has no ", TorchName(types.at(v)), " kernels: node \"", node.name(),
-            "\" (", node.op(), ") makes a ", TorchName(types.at(v)),
-            " value (it runs float32 graphs; serve this model with --device=cpu)"));
-      }
-    }
-  }
+  // Float32 graphs (GEMMs in the chosen precision); int64 and bool values
+  // where an op takes them (CheckTypes).
   for (const ValueSpec& in : graph.inputs()) {
-    if (in.dtype() != DT_FLOAT32) {
+    if (in.dtype() != DT_FLOAT32 && in.dtype() != DT_INT64 && in.dtype() != DT_BOOL) {
       return absl::InvalidArgumentError(absl::StrCat(
           "the cuda backend has no ", TorchName(in.dtype()), " kernels: input \"", in.name(),
           "\" is ", TorchName(in.dtype()), " (serve this model with --device=cpu)"));
@@ -138,7 +131,7 @@ absl::StatusOr<LoweredStage> LoweredStage::Create(const Graph& graph,
   stage.gemm_type_ = precision == Precision::kBF16   ? DType::kBF16
                      : precision == Precision::kTF32 ? DType::kTF32
                                                      : DType::kF32;
-  RETURN_IF_ERROR(stage.Build(weights, fuse_linear_relu, cuda_ops));
+  RETURN_IF_ERROR(stage.Build(weights, types, fuse_linear_relu, cuda_ops));
   return stage;
 }
 
@@ -147,16 +140,17 @@ int LoweredStage::Canonical(int v) const {
   return v;
 }
 
-absl::Status LoweredStage::Build(const WeightMap& weights,
+absl::Status LoweredStage::Build(const WeightMap& weights, const ValueTypes& types,
                                  bool fuse_linear_relu, CudaOps cuda_ops) {
   ValueIds ids;
-  RETURN_IF_ERROR(NumberValues(weights, &ids));
+  RETURN_IF_ERROR(NumberValues(weights, types, &ids));
   RETURN_IF_ERROR(MakeSteps(ids, fuse_linear_relu, cuda_ops));
   LayOutWeights();
   return absl::OkStatus();
 }
 
-absl::Status LoweredStage::NumberValues(const WeightMap& weights, ValueIds* ids) {
+absl::Status LoweredStage::NumberValues(const WeightMap& weights, const ValueTypes& types,
+                                        ValueIds* ids) {
   absl::flat_hash_map<std::string, int>& id = ids->id;
   absl::flat_hash_map<int, int>& readers = ids->readers;
   // Pass 1: an id per value. Identity outputs share their input's id and a
@@ -165,6 +159,7 @@ absl::Status LoweredStage::NumberValues(const WeightMap& weights, ValueIds* ids)
   auto new_value = [&](const std::string& name) {
     id[name] = static_cast<int>(values_.size());
     values_.emplace_back();
+    values_.back().type = types.at(name);
     return id[name];
   };
   for (int i = 0; i < graph_.inputs_size(); ++i) {
@@ -186,6 +181,11 @@ absl::Status LoweredStage::NumberValues(const WeightMap& weights, ValueIds* ids)
       if (w == weights.end()) {
         return absl::InvalidArgumentError(
             absl::StrCat("parameter \"", fqn, "\" has no loaded weights"));
+      }
+      if (w->second.dtype() != DT_FLOAT32) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "the cuda backend has no ", TorchName(w->second.dtype()), " kernels: parameter \"",
+            fqn, "\" is ", TorchName(w->second.dtype()), " (serve this model with --device=cpu)"));
       }
       auto [it, inserted] = param_value.emplace(fqn, -1);
       if (inserted) {
@@ -248,6 +248,14 @@ absl::Status LoweredStage::ChooseKind(const Node& node, Step* step) {
     step->kind = Kind::kMove;
   } else if (op == "size") {
     step->kind = Kind::kSize;
+  } else if (op == "arange" || op == "full") {
+    step->kind = Kind::kConstant;
+  } else if (IsProgramOp(op)) {
+    step->kind = Kind::kProgram;
+  } else if (op == "embedding") {
+    step->kind = Kind::kEmbedding;
+  } else if (op == "addmm") {
+    step->kind = Kind::kAddmm;
   } else {
     return absl::InvalidArgumentError(
         absl::StrCat("the cuda backend has no kernel for op \"", op, "\""));
@@ -284,6 +292,7 @@ absl::Status LoweredStage::MakeSteps(const ValueIds& ids, bool fuse_linear_relu,
       }
     }
     RETURN_IF_ERROR(CheckSizeReaders(node, step));
+    RETURN_IF_ERROR(CheckTypes(node, step));
     RETURN_IF_ERROR(CheckKernelGate(node.name(), op, DT_FLOAT32, cuda_ops));
     if (step.kind == Kind::kSize) values_[step.out].host = true;
     if (step.kind == Kind::kView) values_[step.out].view_of = step.in[0];
@@ -308,7 +317,7 @@ void LoweredStage::MarkNeeds() {
   // view needs what its readers need, and passes that on to its input.
   auto need = [&](int v, bool as_gemm_operand) {
     if (values_[v].host) return;
-    if (as_gemm_operand && gemm_type_ != DType::kF32) {
+    if (as_gemm_operand && gemm_type_ != DType::kF32 && values_[v].type == DT_FLOAT32) {
       values_[v].need_gemm = true;
     } else {
       values_[v].need_f32 = true;
@@ -316,8 +325,11 @@ void LoweredStage::MarkNeeds() {
   };
   for (const Step& s : steps_) {
     if (s.kind == Kind::kView) continue;
-    bool gemm = s.kind == Kind::kMm || s.kind == Kind::kLinear;
-    for (size_t i = 0; i < s.in.size(); ++i) need(s.in[i], gemm && i < 2);
+    const bool gemm = s.kind == Kind::kMm || s.kind == Kind::kLinear;
+    const size_t first = s.kind == Kind::kAddmm ? 1 : 0;  // addmm: bias, x, w
+    for (size_t i = 0; i < s.in.size(); ++i) {
+      need(s.in[i], (gemm && i < 2) || (s.kind == Kind::kAddmm && i >= first));
+    }
   }
   for (int v : output_values_) need(v, false);
   for (auto s = steps_.rbegin(); s != steps_.rend(); ++s) {
@@ -467,7 +479,7 @@ LoweredStage::Buffers LoweredStage::LayOutBuffers(const std::vector<Shape>& shap
     if (val.producer >= 0 && val.need_gemm && !bf16_only_gemm_output(v)) {
       want_f32 = true;  // computed in float32, then converted
     }
-    if (want_f32) b.f32[v] = act.Take(n * 4);
+    if (want_f32) b.f32[v] = act.Take(n * ElementSize(val.type));  // f32: the value's own type
     if (val.need_gemm) b.gm[v] = act.Take(n * gm_bytes);
     b.has_f32[v] = want_f32;
     b.has_gm[v] = val.need_gemm;
@@ -487,8 +499,9 @@ void LoweredStage::InputOps(const std::vector<Shape>& shape, const Buffers& b, D
     if (!b.has_f32[v] && !b.has_gm[v]) continue;  // an input nothing reads
     bool as_gm = !b.has_f32[v];
     DType t = as_gm ? gemm_type_ : DType::kF32;
-    int64_t bytes = NumElements(shape[v]) * DTypeBytes(t);
-    StagedValue sv{static_cast<int>(i), in_stage.Take(bytes), t, shape[v]};
+    const DataType dtype = values_[v].type;
+    int64_t bytes = NumElements(shape[v]) * (dtype == DT_FLOAT32 ? DTypeBytes(t) : ElementSize(dtype));
+    StagedValue sv{static_cast<int>(i), in_stage.Take(bytes), t, shape[v], dtype};
     DeviceOp op{DeviceOp::Type::kCopyIn, graph_.inputs(i).name()};
     op.src = sv.staging;
     op.dst = as_gm ? b.gm[v] : b.f32[v];
@@ -503,20 +516,79 @@ void LoweredStage::InputOps(const std::vector<Shape>& shape, const Buffers& b, D
   plan->staging_in_bytes = in_stage.size();
 }
 
-// The GEMM of an mm or linear step (or a fill, when K is 0).
-void LoweredStage::GemmOps(const Step& s, const std::vector<Shape>& shape, const Buffers& b,
-                           BufferRef out, std::vector<DeviceOp>* compute) const {
+// arange and full, computed now and staged after the inputs.
+void LoweredStage::ConstantOps(const Sizes& sizes, const Buffers& b, DevicePlan* plan,
+                               std::vector<DeviceOp>* copy_in) const {
+  ArenaLayout in_stage(Arena::kStagingIn, plan->staging_in_bytes);
+  for (size_t i = 0; i < steps_.size(); ++i) {
+    const Step& s = steps_[i];
+    if (s.kind != Kind::kConstant || !b.has_f32[s.out]) continue;
+    const Node& node = sizes.node[i];
+    Tensor t = Tensor::Empty(sizes.shape[s.out], values_[s.out].type);
+    for (int64_t e = 0; e < t.numel(); ++e) {
+      const double v = node.op() == "arange"
+                           ? static_cast<double>(IntAttr(node, "start", 0) +
+                                                 e * IntAttr(node, "step", 1))
+                           : FloatAttr(node, "value", 0);
+      switch (t.dtype()) {
+        case DT_INT64: t.data_as<int64_t>()[e] = static_cast<int64_t>(v); break;
+        case DT_BOOL: t.data_as<uint8_t>()[e] = v != 0; break;
+        default: t.data()[e] = static_cast<float>(v); break;
+      }
+    }
+    DeviceOp op{DeviceOp::Type::kCopyIn, node.name()};
+    op.bytes = t.byte_size();
+    op.src = in_stage.Take(op.bytes);
+    op.dst = b.f32[s.out];
+    if (op.bytes > 0) copy_in->push_back(op);
+    plan->constants.push_back({op.src, std::move(t)});
+  }
+  plan->staging_in_bytes = in_stage.size();
+}
+
+// Embeddings reading a graph input (or a view of one) check its ids on
+// the host first.
+void LoweredStage::IndexChecks(const std::vector<Shape>& shape, DevicePlan* plan) const {
+  for (const Step& s : steps_) {
+    if (s.kind != Kind::kEmbedding) continue;
+    int v = s.in[0];
+    while (values_[v].view_of >= 0) v = values_[v].view_of;
+    if (values_[v].input < 0) continue;
+    plan->index_checks.push_back({values_[v].input, shape[s.in[1]][0], NodeOf(s).name()});
+  }
+}
+
+// The GEMM of an mm, matmul, linear or addmm step (or a fill, when K is
+// 0); a matmul of equal-rank operands is a batch of GEMMs.
+absl::Status LoweredStage::GemmOps(const Step& s, const std::vector<Shape>& shape,
+                                   const Buffers& b, BufferRef out,
+                                   std::vector<DeviceOp>* compute) const {
   const std::string& name = NodeOf(s).name();
-  // x [..., K] is M rows; mm: w [K, N]; linear: w [N, K], bias [N].
-  const Shape& x = shape[s.in[0]];
-  const Shape& w = shape[s.in[1]];
+  // x [..., K] is M rows; mm: w [K, N]; linear: w [N, K], bias [N];
+  // addmm: bias [N], x [M, K], w [K, N]; batched matmul: x [..., M, K], w [..., K, N].
+  const bool addmm = s.kind == Kind::kAddmm;
+  const int xi = addmm ? 1 : 0;
+  const Shape& x = shape[s.in[xi]];
+  const Shape& w = shape[s.in[xi + 1]];
   const bool lin = s.kind == Kind::kLinear;
   const int64_t k = x.back();
-  const int64_t n = lin ? w[0] : w[1];
-  int64_t m = 1;
+  const int64_t n = lin ? w[0] : w.back();
+  const bool batched = w.size() > 2;
+  int64_t m = 1, batch = 1;
   for (size_t d = 0; d + 1 < x.size(); ++d) m *= x[d];
-  if (m == 0 || n == 0) return;  // nothing to write
+  if (batched) {
+    m = x[x.size() - 2];
+    batch = NumElements(shape[s.out]) / std::max<int64_t>(m * n, 1);
+  }
+  RETURN_IF_ERROR(CheckGemmOperands(NodeOf(s), shape, s, xi, n));
+  if (m == 0 || n == 0 || batch == 0) return absl::OkStatus();  // nothing to write
   GemmOp g;
+  if (batched) {
+    g.batch = batch;
+    g.stride_a = NumElements(w) == k * n ? 0 : k * n;  // one w for every batch, or one each
+    g.stride_b = NumElements(x) == m * k ? 0 : m * k;
+    g.stride_d = m * n;
+  }
   g.m = n;  // column-major D is Y^T: [N, M]
   g.n = m;
   g.k = k;
@@ -528,11 +600,17 @@ void LoweredStage::GemmOps(const Step& s, const std::vector<Shape>& shape, const
     g.has_bias = true;
     g.bias = b.f32[s.in[2]];
   }
+  if (addmm) {
+    g.has_bias = true;
+    g.bias = b.f32[s.in[0]];
+  }
   if (k == 0) {
     DeviceOp fill{DeviceOp::Type::kFill, name};
     fill.gemm = g;
+    fill.gemm.n = m * batch;  // the batch's outputs lie side by side
+    fill.gemm.batch = 1;
     compute->push_back(fill);
-    return;
+    return absl::OkStatus();
   }
   g.precision = precision_;
   g.ab_type = gemm_type_;
@@ -540,13 +618,37 @@ void LoweredStage::GemmOps(const Step& s, const std::vector<Shape>& shape, const
     return gemm_type_ == DType::kF32 ? b.f32[v] : b.gm[v];
   };
   g.trans_a = lin;  // w [N, K] row-major is [K, N] column-major
-  g.a = operand(s.in[1]);
+  g.a = operand(s.in[xi + 1]);
   g.lda = lin ? k : n;
-  g.b = operand(s.in[0]);  // x [M, K] row-major is [K, M] column-major
+  g.b = operand(s.in[xi]);  // x [M, K] row-major is [K, M] column-major
   g.ldb = k;
   DeviceOp op{DeviceOp::Type::kGemm, name};
   op.gemm = g;
   compute->push_back(op);
+  return absl::OkStatus();
+}
+
+// What the GEMMs cannot express: a batched operand whose batch dims are
+// neither the output's nor all 1, and an addmm bias that is not a row.
+absl::Status LoweredStage::CheckGemmOperands(const Node& node, const std::vector<Shape>& shape,
+                                             const Step& s, int xi, int64_t n) const {
+  const Shape& out = shape[s.out];
+  for (int i : {xi, xi + 1}) {
+    const Shape& op = shape[s.in[i]];
+    if (op.size() <= 2 || out.size() <= 2) continue;
+    const Shape batch(op.begin(), op.end() - 2), want(out.begin(), out.end() - 2);
+    if (batch != want && NumElements(batch) != 1) {
+      return absl::UnimplementedError(absl::StrCat(
+          "node \"", node.name(), "\": the cuda GEMMs batch ", ShapeToString(op),
+          " only over ", ShapeToString(want), " or all ones (expand it first)"));
+    }
+  }
+  if (s.kind == Kind::kAddmm && NumElements(shape[s.in[0]]) != n) {
+    return absl::UnimplementedError(absl::StrCat(
+        "node \"", node.name(), "\": the cuda addmm adds a row of ", n, " values, not ",
+        ShapeToString(shape[s.in[0]])));
+  }
+  return absl::OkStatus();
 }
 
 // The broadcasting binary op of an add, sub or mul step.
@@ -616,7 +718,16 @@ absl::Status LoweredStage::StepOps(const Step& s, const Node& node,
   switch (s.kind) {
     case Kind::kMm:
     case Kind::kLinear:
-      GemmOps(s, shape, b, out, compute);
+    case Kind::kAddmm:
+      RETURN_IF_ERROR(GemmOps(s, shape, b, out, compute));
+      break;
+    case Kind::kProgram:
+      RETURN_IF_ERROR(ProgramOps(s, node, shape, b, out, compute));
+      break;
+    case Kind::kEmbedding:
+      add(EmbeddingOp(s, shape, b, out));
+      break;
+    case Kind::kConstant:  // staged with the inputs (ConstantOps)
       break;
     case Kind::kBinary:
       RETURN_IF_ERROR(BinaryOps(s, shape, b, out, compute));
@@ -647,7 +758,7 @@ absl::Status LoweredStage::StepOps(const Step& s, const Node& node,
     case Kind::kClone: {
       DeviceOp op = elementwise(DeviceOp::Type::kCopy);
       op.n = 0;
-      op.bytes = n_out * 4;
+      op.bytes = n_out * ElementSize(values_[s.out].type);
       add(op);
       break;
     }
@@ -681,9 +792,47 @@ absl::Status LoweredStage::MoveOps(const Step& s, const Node& node,
     op.dst = out;
     op.n = m.copy.n;
     op.copy = m.copy;
+    op.element_bytes = ElementSize(values_[s.out].type);
     compute->push_back(op);
   }
   return absl::OkStatus();
+}
+
+absl::Status LoweredStage::ProgramOps(const Step& s, const Node& node,
+                                      const std::vector<Shape>& shape, const Buffers& b,
+                                      BufferRef out, std::vector<DeviceOp>* compute) const {
+  std::vector<Shape> in;
+  std::vector<DataType> types;
+  for (int v : s.in) {
+    in.push_back(shape[v]);
+    types.push_back(values_[v].type);
+  }
+  absl::StatusOr<kernels::ElementwiseProgramOp> p =
+      ProgramOf(node, in, types, shape[s.out], values_[s.out].type);
+  if (!p.ok()) {
+    return absl::Status(p.status().code(),
+                        absl::StrCat("node \"", node.name(), "\": ", p.status().message()));
+  }
+  DeviceOp op{DeviceOp::Type::kProgram, node.name()};
+  BufferRef* srcs[] = {&op.src, &op.src2, &op.src3};
+  for (size_t i = 0; i < s.in.size(); ++i) *srcs[i] = b.f32[s.in[i]];
+  op.dst = out;
+  op.n = p->n;
+  op.program = *p;
+  if (op.n > 0) compute->push_back(op);
+  return absl::OkStatus();
+}
+
+DeviceOp LoweredStage::EmbeddingOp(const Step& s, const std::vector<Shape>& shape,
+                                   const Buffers& b, BufferRef out) const {
+  DeviceOp op{DeviceOp::Type::kEmbedding, NodeOf(s).name()};
+  op.src = b.f32[s.in[0]];
+  op.src2 = b.f32[s.in[1]];
+  op.dst = out;
+  op.n = NumElements(shape[s.in[0]]);
+  op.rows = shape[s.in[1]][0];
+  op.cols = shape[s.in[1]][1];
+  return op;
 }
 
 // Sizes are host integers: only shape ops may read them, and only as
@@ -701,14 +850,45 @@ absl::Status LoweredStage::CheckSizeReaders(const Node& node, const Step& step) 
   return absl::OkStatus();
 }
 
+// Float32 everywhere, except: shape ops, clones and constants of any of
+// float32, int64 and bool; embedding ids (int64); comparisons, which make
+// bool; where's bool condition.
+absl::Status LoweredStage::CheckTypes(const Node& node, const Step& step) const {
+  const DataType out = values_[step.out].type;
+  auto refuse = [&](DataType t, const std::string& what) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the cuda backend has no ", TorchName(t), " kernels: node \"", node.name(), "\" (",
+        node.op(), ") ", what, " a ", TorchName(t),
+        " value (serve this model with --device=cpu)"));
+  };
+  const bool any_type = step.kind == Kind::kView || step.kind == Kind::kMove ||
+                        step.kind == Kind::kClone || step.kind == Kind::kConstant ||
+                        step.kind == Kind::kSize;
+  if (any_type) {
+    if (out != DT_FLOAT32 && out != DT_INT64 && out != DT_BOOL) return refuse(out, "makes");
+    return absl::OkStatus();
+  }
+  const bool compare = step.kind == Kind::kProgram && node.op() != "where" &&
+                       FindOp(node.op())->dtype != nullptr && out == DT_BOOL;
+  if (out != DT_FLOAT32 && !compare) return refuse(out, "makes");
+  for (size_t i = 0; i < step.in.size(); ++i) {
+    const DataType t = values_[step.in[i]].type;
+    const bool ok = t == DT_FLOAT32 ||
+                    (step.kind == Kind::kEmbedding && i == 0 && t == DT_INT64) ||
+                    (node.op() == "where" && i == 0 && t == DT_BOOL);
+    if (!ok) return refuse(t, "reads");
+  }
+  return absl::OkStatus();
+}
+
 void LoweredStage::OutputOps(const std::vector<Shape>& shape, const Buffers& b, DevicePlan* plan,
                              std::vector<DeviceOp>* copy_out) const {
   ArenaLayout out_stage(Arena::kStagingOut);
   for (size_t o = 0; o < output_values_.size(); ++o) {
     int v = output_values_[o];
-    int64_t bytes = NumElements(shape[v]) * 4;
-    StagedValue sv{static_cast<int>(o), out_stage.Take(bytes), DType::kF32,
-                   shape[v]};
+    int64_t bytes = NumElements(shape[v]) * ElementSize(values_[v].type);
+    StagedValue sv{static_cast<int>(o), out_stage.Take(bytes), DType::kF32, shape[v],
+                   values_[v].type};
     DeviceOp op{DeviceOp::Type::kCopyOut, graph_.outputs(o)};
     op.src = b.f32[v];
     op.dst = sv.staging;
@@ -728,6 +908,8 @@ absl::StatusOr<DevicePlan> LoweredStage::Plan(
   const Buffers b = LayOutBuffers(shape);
   std::vector<DeviceOp> copy_in, compute, copy_out;
   InputOps(shape, b, &plan, &copy_in, &compute);
+  ConstantOps(sizes, b, &plan, &copy_in);
+  IndexChecks(shape, &plan);
   for (size_t i = 0; i < steps_.size(); ++i) {
     RETURN_IF_ERROR(StepOps(steps_[i], sizes.node[i], shape, b, &compute));
   }
@@ -749,8 +931,32 @@ void StageInputs(const DevicePlan& plan, absl::Span<const Tensor> inputs,
   for (const StagedValue& sv : plan.inputs) {
     const Tensor& t = inputs[sv.index];
     if (t.numel() == 0) continue;
+    if (sv.dtype != DT_FLOAT32) {
+      std::memcpy(base + sv.staging.offset, t.raw_data(), t.byte_size());
+      continue;
+    }
     ConvertFloats(t.data(), t.numel(), sv.type, base + sv.staging.offset);
   }
+  for (const StagedConstant& c : plan.constants) {
+    if (c.value.numel() > 0) {
+      std::memcpy(base + c.staging.offset, c.value.raw_data(), c.value.byte_size());
+    }
+  }
+}
+
+absl::Status CheckIndices(const DevicePlan& plan, absl::Span<const Tensor> inputs) {
+  for (const IndexCheck& c : plan.index_checks) {
+    const Tensor& ids = inputs[c.input];
+    const int64_t* id = ids.data_as<int64_t>();
+    for (int64_t i = 0; i < ids.numel(); ++i) {
+      if (id[i] < 0 || id[i] >= c.rows) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "node \"", c.node, "\": embedding id ", id[i], " (at flat index ", i,
+            ") is out of range for a table of ", c.rows, " rows"));
+      }
+    }
+  }
+  return absl::OkStatus();
 }
 
 void UnstageOutputs(const DevicePlan& plan, const void* staging_out,
@@ -759,9 +965,10 @@ void UnstageOutputs(const DevicePlan& plan, const void* staging_out,
   outputs->resize(plan.outputs.size());
   for (const StagedValue& sv : plan.outputs) {
     Tensor& t = (*outputs)[sv.index];
-    if (!(t.SoleOwner() && t.shape() == sv.shape)) t = Tensor::Empty(sv.shape);
-    if (t.numel() > 0)
-      std::memcpy(t.data(), base + sv.staging.offset, t.byte_size());
+    if (!(t.SoleOwner() && t.shape() == sv.shape && t.dtype() == sv.dtype)) {
+      t = Tensor::Empty(sv.shape, sv.dtype);
+    }
+    if (t.numel() > 0) std::memcpy(t.raw_data(), base + sv.staging.offset, t.byte_size());
   }
 }
 

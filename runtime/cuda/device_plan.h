@@ -37,6 +37,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "graph/validate.h"
 #include "proto/model.pb.h"
 #include "runtime/cuda/broadcast_index.h"
 #include "runtime/cuda/kernel_gate.h"
@@ -70,7 +71,9 @@ struct BufferRef {
 
 // D = op(A) · B (+ bias per row of D) (then max(., 0)), all column-major:
 // op(A) is [m, k] (A is [k, m] with lda when trans_a, else [m, k]), B is
-// [k, n] with ldb, D is [m, n] with ldd.
+// [k, n] with ldb, D is [m, n] with ldd. Batched (batch > 1): GEMM i reads
+// A + i * stride_a (0: one A for all), B + i * stride_b and writes
+// D + i * stride_d (strides in elements).
 struct GemmOp {
   bool trans_a = false;
   int64_t m = 0, n = 0, k = 0;
@@ -82,6 +85,8 @@ struct GemmOp {
   bool has_bias = false;
   BufferRef bias;  // float32 [m]
   bool relu = false;
+  int64_t batch = 1;
+  int64_t stride_a = 0, stride_b = 0, stride_d = 0;
 };
 
 enum class ElementwiseOp { kAdd, kSub, kMul };
@@ -99,6 +104,8 @@ struct DeviceOp {
     kUnary,      // dst = f(src) over n, f = unary (kernels/elementwise.h)
     kSoftmax,    // dst [rows, cols] = softmax(src) over cols, log_softmax when `log`
     kStridedCopy,  // dst = src moved as `copy` says (kernels/strided_copy.h)
+    kProgram,      // dst = `program` of src, src2, src3 (kernels/elementwise_program.h)
+    kEmbedding,    // dst [n, cols] = rows of table src2 [rows, cols] at int64 ids src [n]
     kCopy,     // bytes: device src -> device dst (clone)
     kCopyOut,  // bytes: device src -> staging_out dst
   };
@@ -121,6 +128,8 @@ struct DeviceOp {
   kernels::UnaryKind unary = kernels::UnaryKind::kNone;  // kUnary
   bool log = false;                                      // kSoftmax
   kernels::StridedCopyOp copy;                           // kStridedCopy
+  kernels::ElementwiseProgramOp program;                 // kProgram
+  int64_t element_bytes = 4;                             // kStridedCopy
 };
 
 // Host side of one input or output.
@@ -130,6 +139,22 @@ struct StagedValue {
   DType type =
       DType::kF32;  // inputs: the GEMM form when converted while staging
   Shape shape;
+  DataType dtype = DT_FLOAT32;  // int64 and bool values go as they are
+};
+
+// A value the plan computed on the host (arange, full), staged with the
+// inputs.
+struct StagedConstant {
+  BufferRef staging;
+  Tensor value;
+};
+
+// Ids an embedding reads straight from graph input `input`: each must be
+// in [0, rows) (CheckIndices).
+struct IndexCheck {
+  int input = 0;
+  int64_t rows = 0;
+  std::string node;
 };
 
 // Everything one run does for one set of input shapes.
@@ -138,6 +163,8 @@ struct DevicePlan {
   int64_t activation_bytes = 0, staging_in_bytes = 0, staging_out_bytes = 0;
   std::vector<StagedValue> inputs;   // host tensor -> staging_in
   std::vector<StagedValue> outputs;  // staging_out -> host tensor
+  std::vector<StagedConstant> constants;  // -> staging_in, after the inputs
+  std::vector<IndexCheck> index_checks;
   // kCopyIn ops first, then compute in graph order, then kCopyOut ops;
   // ops [compute_begin, compute_end) are the compute.
   std::vector<DeviceOp> ops;
@@ -182,6 +209,10 @@ class LoweredStage {
     kView,  // reshape, squeeze, unsqueeze: the input's buffers, no work
     kMove,  // permute, slice, select, expand, cat, stack: strided copies
     kSize,  // size: an integer known on the host when the plan is made
+    kConstant,   // arange, full: computed on the host when the plan is made
+    kProgram,    // div, pow, maximum, minimum, comparisons, where
+    kEmbedding,  // int64 ids into a float32 table
+    kAddmm,      // bias [N] + x @ w: a GEMM with a bias epilogue
   };
   struct Value {
     int input = -1;     // graph input number, or -1
@@ -190,6 +221,7 @@ class LoweredStage {
     int alias = -1;     // this id is another's (identity, fused relu)
     int view_of = -1;   // a kView step's output: its input's buffers
     bool host = false;  // a kSize step's output: no buffer
+    DataType type = DT_FLOAT32;  // float32, int64 or bool
     bool need_f32 = false, need_gemm = false;  // GEMM form: gemm_type_
     int64_t w_f32 = -1, w_gemm = -1;           // weights arena offsets (params)
   };
@@ -226,6 +258,15 @@ class LoweredStage {
                 std::vector<DeviceOp>* copy_in, std::vector<DeviceOp>* compute) const;
   absl::Status StepOps(const Step& s, const Node& node, const std::vector<Shape>& shape,
                        const Buffers& b, std::vector<DeviceOp>* compute) const;
+  // The ops of kProgram, kEmbedding and kConstant steps.
+  absl::Status ProgramOps(const Step& s, const Node& node, const std::vector<Shape>& shape,
+                          const Buffers& b, BufferRef out, std::vector<DeviceOp>* compute) const;
+  DeviceOp EmbeddingOp(const Step& s, const std::vector<Shape>& shape, const Buffers& b,
+                       BufferRef out) const;
+  void ConstantOps(const Sizes& sizes, const Buffers& b, DevicePlan* plan,
+                   std::vector<DeviceOp>* copy_in) const;
+  // Index checks of embeddings that read graph inputs.
+  void IndexChecks(const std::vector<Shape>& shape, DevicePlan* plan) const;
   // The strided copies of a kMove step.
   absl::Status MoveOps(const Step& s, const Node& node, const std::vector<Shape>& shape,
                        const Buffers& b, BufferRef out, std::vector<DeviceOp>* compute) const;
@@ -235,8 +276,11 @@ class LoweredStage {
   DeviceOp ConvertOp(const std::string& node, BufferRef f32, BufferRef gm, int64_t n) const;
   DeviceOp SoftmaxOp(const Step& s, const Shape& x, const std::vector<BufferRef>& f32,
                      BufferRef out) const;
-  void GemmOps(const Step& s, const std::vector<Shape>& shape, const Buffers& b, BufferRef out,
-               std::vector<DeviceOp>* compute) const;
+  absl::Status GemmOps(const Step& s, const std::vector<Shape>& shape, const Buffers& b,
+                       BufferRef out, std::vector<DeviceOp>* compute) const;
+  // kUnimplemented for operands the GEMMs cannot take (x is input xi).
+  absl::Status CheckGemmOperands(const Node& node, const std::vector<Shape>& shape, const Step& s,
+                                 int xi, int64_t n) const;
   void OutputOps(const std::vector<Shape>& shape, const Buffers& b, DevicePlan* plan,
                  std::vector<DeviceOp>* copy_out) const;
   // The kLayerNorm op of step `s` on x of shape `x`.
@@ -248,9 +292,13 @@ class LoweredStage {
     absl::flat_hash_map<std::string, int> id;
     absl::flat_hash_map<int, int> readers;
   };
-  absl::Status Build(const WeightMap& weights, bool fuse_linear_relu, CudaOps cuda_ops);
-  // Pass 1: values_ and their ids.
-  absl::Status NumberValues(const WeightMap& weights, ValueIds* ids);
+  absl::Status Build(const WeightMap& weights, const ValueTypes& types, bool fuse_linear_relu,
+                     CudaOps cuda_ops);
+  // Pass 1: values_ (with their types) and their ids.
+  absl::Status NumberValues(const WeightMap& weights, const ValueTypes& types, ValueIds* ids);
+  // kInvalidArgument naming the node when a step's kernel does not take
+  // its values' types.
+  absl::Status CheckTypes(const Node& node, const Step& step) const;
   static absl::Status ChooseKind(const Node& node, Step* step);
   // kInvalidArgument when `step` computes on a size (a host integer).
   absl::Status CheckSizeReaders(const Node& node, const Step& step) const;
@@ -283,6 +331,11 @@ void ConvertFloats(const float* src, int64_t n, DType to, void* dst);
 // GEMM form where the plan says.
 void StageInputs(const DevicePlan& plan, absl::Span<const Tensor> inputs,
                  void* staging_in);
+
+// kInvalidArgument naming the node, the id and its index when an
+// embedding id in `inputs` is out of its table (plan.index_checks); call
+// before StageInputs.
+absl::Status CheckIndices(const DevicePlan& plan, absl::Span<const Tensor> inputs);
 
 // Copies the outputs out of the staging arena into `outputs` (resized to
 // the graph's outputs; a tensor already there with the right shape and no

@@ -394,17 +394,56 @@ TEST(DevicePlanTest, ReshapesAreViewsSizesStayOnTheHostAndPermutesCopy) {
   EXPECT_THAT(refused.status().message(), HasSubstr("output \"t\" is a size"));
 }
 
+// int64 ids go up as they are and are checked on the host first, with
+// the CPU backend's error; a bool comparison result comes back as bool.
+TEST(DevicePlanTest, EmbeddingIdsAreCheckedOnTheHostAndIntegersGoUpAsTheyAre) {
+  GraphBuilder b;
+  b.Input("ids", {-1, 3}).Param("emb", {10, 4});
+  b.graph().mutable_inputs(0)->set_dtype(DT_INT64);
+  b.Op("reshape", {"ids"}, "flat", "", {{"shape", Ints({-1})}})
+      .Op("embedding", {"flat", "emb"}, "e")
+      .Op("gt", {"e"}, "positive", "", {{"scalar", AttrF(0)}})
+      .Output("e")
+      .Output("positive");
+  Model m = b.Build();
+  absl::StatusOr<LoweredStage> stage =
+      LoweredStage::Create(m.graph, m.weights, Precision::kFloat32, true, CudaOps::kUnconfirmed);
+  ASSERT_TRUE(stage.ok()) << stage.status();
+  absl::StatusOr<DevicePlan> plan = stage->Plan({{2, 3}});
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(Compute(*plan), (std::vector<Type>{Type::kEmbedding, Type::kProgram}));
+  ASSERT_EQ(plan->index_checks.size(), 1u);
+  EXPECT_EQ(plan->index_checks[0].rows, 10);
+  EXPECT_EQ(plan->inputs[0].dtype, DT_INT64);
+  EXPECT_EQ(plan->outputs[1].dtype, DT_BOOL);
+  Tensor ids = Tensor::Empty({2, 3}, DT_INT64);
+  for (int64_t i = 0; i < 6; ++i) ids.data_as<int64_t>()[i] = i;
+  EXPECT_TRUE(CheckIndices(*plan, {ids}).ok());
+  ids.data_as<int64_t>()[4] = 10;
+  absl::Status bad = CheckIndices(*plan, {ids});
+  EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(bad.message(), HasSubstr("embedding id 10 (at flat index 4) is out of range for a "
+                                       "table of 10 rows"));
+  std::vector<char> in(plan->staging_in_bytes);
+  ids.data_as<int64_t>()[4] = 7;
+  StageInputs(*plan, {ids}, in.data());
+  EXPECT_EQ(std::memcmp(in.data() + plan->inputs[0].staging.offset, ids.raw_data(), 48), 0);
+}
+
 // What the CUDA backend cannot run is refused at load, naming the node or
 // input and the dtype (the CPU backend serves such models).
 TEST(DevicePlanTest, OtherDtypesAndTransformerOpsAreRefusedNamingThem) {
   GraphBuilder ids;
   ids.Input("ids", {-1, 8});
   ids.graph().mutable_inputs(0)->set_dtype(DT_INT64);
-  ids.Param("emb", {10, 4}).Op("embedding", {"ids", "emb"}, "e").Output("e");
+  ids.Op("add", {"ids", "ids"}, "twice").Output("twice");
   Model m = ids.Build();
-  absl::StatusOr<LoweredStage> stage = LoweredStage::Create(m.graph, m.weights, Precision::kFloat32);
+  absl::StatusOr<LoweredStage> stage =
+      LoweredStage::Create(m.graph, m.weights, Precision::kFloat32, true, CudaOps::kUnconfirmed);
   EXPECT_EQ(stage.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(stage.status().message(), HasSubstr("the cuda backend has no int64 kernels"));
+  EXPECT_THAT(stage.status().message(),
+              HasSubstr("the cuda backend has no int64 kernels: node \"twice\" (add) makes a "
+                        "int64 value"));
 
   GraphBuilder norm;
   norm.Input("x", {-1, 4});
@@ -423,12 +462,14 @@ TEST(DevicePlanTest, OtherDtypesAndTransformerOpsAreRefusedNamingThem) {
               HasSubstr("no kernel for node \"p\" (softmax over dim 0 of [B,4]; it runs the last dim)"));
 
   GraphBuilder batched;
-  batched.Input("a", {-1, 3, 4}).Input("b", {-1, 4, 5});
+  batched.Input("a", {2, -1, 3, 4}).Input("b", {-1, 4, 5});
   batched.Op("matmul", {"a", "b"}, "c").Output("c");
   m = batched.Build();
   stage = LoweredStage::Create(m.graph, m.weights, Precision::kFloat32);
   EXPECT_EQ(stage.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(stage.status().message(), HasSubstr("node \"c\" (matmul of [B,3,4] and [B,4,5]"));
+  EXPECT_THAT(stage.status().message(),
+              HasSubstr("node \"c\" (matmul of [2,B,3,4] and [B,4,5]; it runs [..., K] @ [K, N] "
+                        "and batches of equal rank)"));
 }
 
 }  // namespace

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "runtime/cuda/kernels/unary_kind.h"
+
 namespace pipeserve::kernels {
 
 // ---- strided_copy.h --------------------------------------------------------
@@ -27,6 +29,61 @@ struct StridedCopyOp {
 
 inline unsigned CopyBlocks(int64_t n) {
   return static_cast<unsigned>((n + kCopyThreads - 1) / kCopyThreads);
+}
+
+// ---- elementwise_program.h ------------------------------------------------
+
+inline constexpr int kMaxProgramInputs = 4;
+inline constexpr int kMaxProgramOps = 16;
+inline constexpr int kProgramThreads = 256;
+
+// One instruction: its result is register i (the instruction's index).
+enum class EwCode : uint8_t {
+  kInput,  // input `a`'s element at this output position
+  kConst,  // `value`
+  kUnary,  // unary(r[a])
+  kAdd, kSub, kMul, kDiv, kPow, kMaximum, kMinimum,  // r[a] op r[b]
+  kEq, kNe, kLt, kLe, kGt, kGe,                      // 1 or 0
+  kWhere,                                            // r[a] != 0 ? r[b] : r[c]
+};
+struct EwInstr {
+  EwCode code = EwCode::kConst;
+  uint8_t a = 0, b = 0, c = 0;
+  UnaryKind unary = UnaryKind::kNone;
+  float value = 0;
+};
+enum class EwType : uint8_t { kF32, kBool };  // bool: one byte, 0 or 1
+struct EwInput {
+  EwType type = EwType::kF32;
+  int64_t strides[kMaxCopyRank] = {};  // against the output's dims; 0 broadcasts
+};
+// out[i] = the last register, for each element i of a dims-shaped output.
+struct ElementwiseProgramOp {
+  int rank = 0;
+  int64_t dims[kMaxCopyRank] = {};
+  int64_t n = 0;
+  int num_inputs = 0;
+  EwInput inputs[kMaxProgramInputs];
+  int num_ops = 0;
+  EwInstr ops[kMaxProgramOps];
+  EwType out_type = EwType::kF32;
+};
+// Where the inputs and the output are (device memory).
+struct EwPointers {
+  const void* in[kMaxProgramInputs] = {};
+  void* out = nullptr;
+};
+
+inline unsigned ProgramBlocks(int64_t n) {
+  return static_cast<unsigned>((n + kProgramThreads - 1) / kProgramThreads);
+}
+
+// ---- embedding.h -----------------------------------------------------------
+
+inline constexpr int kEmbeddingThreads = 256;
+
+inline unsigned EmbeddingBlocks(int64_t n, int64_t dim) {
+  return static_cast<unsigned>((n * dim + kEmbeddingThreads - 1) / kEmbeddingThreads);
 }
 
 // ---- paged_attention.h -----------------------------------------------------

@@ -1,6 +1,8 @@
 // nvcc's side of the kernels in this folder: the same source the device
 // emulator runs on the CPU, launched on the GPU.
 #include "runtime/cuda/kernels/elementwise.h"
+#include "runtime/cuda/kernels/elementwise_program.h"
+#include "runtime/cuda/kernels/embedding.h"
 #include "runtime/cuda/kernels/layer_norm.h"
 #include "runtime/cuda/kernels/paged_attention.h"
 #include "runtime/cuda/kernels/strided_copy.h"
@@ -33,10 +35,35 @@ cudaError_t LaunchSoftmax(const float* x, float* y, int64_t rows, int cols, bool
   return cudaGetLastError();
 }
 
-cudaError_t LaunchStridedCopy(const float* src, float* dst, const StridedCopyOp& op,
-                              cudaStream_t stream) {
+cudaError_t LaunchStridedCopy(const void* src, void* dst, int element_bytes,
+                              const StridedCopyOp& op, cudaStream_t stream) {
   if (op.n <= 0) return cudaSuccess;
-  StridedCopy<float><<<CopyBlocks(op.n), kCopyThreads, 0, stream>>>(src, dst, op);
+  const unsigned blocks = CopyBlocks(op.n);
+  if (element_bytes == 1) {
+    StridedCopy<uint8_t><<<blocks, kCopyThreads, 0, stream>>>(
+        static_cast<const uint8_t*>(src), static_cast<uint8_t*>(dst), op);
+  } else if (element_bytes == 8) {
+    StridedCopy<int64_t><<<blocks, kCopyThreads, 0, stream>>>(
+        static_cast<const int64_t*>(src), static_cast<int64_t*>(dst), op);
+  } else {
+    StridedCopy<float><<<blocks, kCopyThreads, 0, stream>>>(static_cast<const float*>(src),
+                                                            static_cast<float*>(dst), op);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchProgram(const ElementwiseProgramOp& p, const EwPointers& at,
+                          cudaStream_t stream) {
+  if (p.n <= 0) return cudaSuccess;
+  ElementwiseProgram<float><<<ProgramBlocks(p.n), kProgramThreads, 0, stream>>>(p, at);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchEmbedding(const int64_t* ids, const float* table, float* out, int64_t n,
+                            int64_t rows, int64_t dim, cudaStream_t stream) {
+  if (n <= 0 || dim <= 0) return cudaSuccess;
+  EmbeddingRows<float><<<EmbeddingBlocks(n, dim), kEmbeddingThreads, 0, stream>>>(
+      ids, table, out, n, rows, dim);
   return cudaGetLastError();
 }
 
@@ -67,6 +94,12 @@ template __global__ void SoftmaxRows<__half>(const __half*, __half*, int64_t, in
 template __global__ void SoftmaxRows<__nv_bfloat16>(const __nv_bfloat16*, __nv_bfloat16*,
                                                     int64_t, int, bool);
 
+template __global__ void ElementwiseProgram<__half>(ElementwiseProgramOp, EwPointers);
+template __global__ void ElementwiseProgram<__nv_bfloat16>(ElementwiseProgramOp, EwPointers);
+template __global__ void EmbeddingRows<__half>(const int64_t*, const __half*, __half*, int64_t,
+                                               int64_t, int64_t);
+template __global__ void EmbeddingRows<__nv_bfloat16>(const int64_t*, const __nv_bfloat16*,
+                                                      __nv_bfloat16*, int64_t, int64_t, int64_t);
 template __global__ void KvAppend<__half>(const __half*, const __half*, __half*, PagedCache);
 template __global__ void KvAppend<__nv_bfloat16>(const __nv_bfloat16*, const __nv_bfloat16*,
                                                  __nv_bfloat16*, PagedCache);

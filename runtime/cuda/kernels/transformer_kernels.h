@@ -29,10 +29,20 @@ cudaError_t LaunchUnary(UnaryKind kind, const float* x, float* y, int64_t n,
 cudaError_t LaunchSoftmax(const float* x, float* y, int64_t rows, int cols, bool log,
                           cudaStream_t stream);
 
-// The copies of permute, slice, select, expand, cat and stack on float32
-// values (strided_copy.h).
-cudaError_t LaunchStridedCopy(const float* src, float* dst, const StridedCopyOp& op,
-                              cudaStream_t stream);
+// The copies of permute, slice, select, expand, cat and stack, on values
+// of 1 (bool), 4 (float32) or 8 (int64) bytes (strided_copy.h).
+cudaError_t LaunchStridedCopy(const void* src, void* dst, int element_bytes,
+                              const StridedCopyOp& op, cudaStream_t stream);
+
+// An elementwise program over float32 (and bool) values
+// (elementwise_program.h).
+cudaError_t LaunchProgram(const ElementwiseProgramOp& p, const EwPointers& at,
+                          cudaStream_t stream);
+
+// out [n, dim] = rows of table [rows, dim] (float32) at ids [n] (int64)
+// (embedding.h).
+cudaError_t LaunchEmbedding(const int64_t* ids, const float* table, float* out, int64_t n,
+                            int64_t rows, int64_t dim, cudaStream_t stream);
 
 // cached_attention of one step on one layer's paged cache (float32):
 // appends k and v, then attends q over the cache (paged_attention.h).

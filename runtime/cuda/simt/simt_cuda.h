@@ -98,6 +98,7 @@ SIMT_DEVICE float Min(float a, float b) { return fminf(a, b); }
 SIMT_DEVICE float Abs(float x) { return fabsf(x); }
 SIMT_DEVICE float Cos(float x) { return cosf(x); }
 SIMT_DEVICE float Sin(float x) { return sinf(x); }
+SIMT_DEVICE float Pow(float x, float y) { return powf(x, y); }
 
 }  // namespace pipeserve::simt
 

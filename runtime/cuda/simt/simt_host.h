@@ -346,6 +346,7 @@ inline float Min(float a, float b) { return std::fmin(a, b); }
 inline float Abs(float x) { return std::fabs(x); }
 inline float Cos(float x) { return std::cos(x); }
 inline float Sin(float x) { return std::sin(x); }
+inline float Pow(float x, float y) { return std::pow(x, y); }
 
 }  // namespace pipeserve::simt
 
