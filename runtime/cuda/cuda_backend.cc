@@ -579,6 +579,14 @@ class CudaProgram : public CudaStageProgram {
         CUDA_RETURN_IF_ERROR(kernels::LaunchProgram(op.program, at, s));
         return absl::OkStatus();
       }
+      case DeviceOp::Type::kReduce:
+        CUDA_RETURN_IF_ERROR(kernels::LaunchReduce(F(e, op.src), F(e, op.dst), op.reduce, s));
+        return absl::OkStatus();
+      case DeviceOp::Type::kTriangle:
+        CUDA_RETURN_IF_ERROR(kernels::LaunchTriangle(
+            Address(e, op.src), Address(e, op.dst), static_cast<int>(op.element_bytes), op.n,
+            op.rows, op.cols, op.diagonal, op.upper, s));
+        return absl::OkStatus();
       case DeviceOp::Type::kEmbedding:
         CUDA_RETURN_IF_ERROR(kernels::LaunchEmbedding(
             reinterpret_cast<const int64_t*>(Address(e, op.src)), F(e, op.src2), F(e, op.dst), op.n,
@@ -645,6 +653,8 @@ class CudaProgram : public CudaStageProgram {
       case DeviceOp::Type::kStridedCopy:
       case DeviceOp::Type::kProgram:
       case DeviceOp::Type::kEmbedding:
+      case DeviceOp::Type::kReduce:
+      case DeviceOp::Type::kTriangle:
         return EnqueueKernel(e, op, s);
     }
     return absl::InternalError("unknown device op");

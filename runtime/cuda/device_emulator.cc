@@ -11,6 +11,8 @@
 #include "runtime/cuda/kernels/elementwise.h"
 #include "runtime/cuda/kernels/elementwise_program.h"
 #include "runtime/cuda/kernels/embedding.h"
+#include "runtime/cuda/kernels/reduction.h"
+#include "runtime/cuda/kernels/triangle.h"
 #include "runtime/cuda/kernels/layer_norm.h"
 #include "runtime/cuda/kernels/strided_copy.h"
 #include "runtime/cuda/simt/simt.h"
@@ -144,6 +146,11 @@ class EmulatedProgram : public StageProgram {
       at.out = view.Ptr(op.dst);
       s = simt::Emulate(kernels::ProgramBlocks(op.n), kernels::kProgramThreads,
                         [&] { kernels::ElementwiseProgram<float>(op.program, at); });
+    } else if (op.type == DeviceOp::Type::kReduce) {
+      s = simt::Emulate(static_cast<unsigned>(op.reduce.out_n), kernels::kReduceThreads,
+                        [&] { kernels::Reduce<float>(x, y, op.reduce); });
+    } else if (op.type == DeviceOp::Type::kTriangle) {
+      s = EmulateTriangle(view, op);
     } else if (op.type == DeviceOp::Type::kEmbedding) {
       const auto* ids = reinterpret_cast<const int64_t*>(view.Ptr(op.src));
       s = simt::Emulate(kernels::EmbeddingBlocks(op.n, op.cols), kernels::kEmbeddingThreads, [&] {
@@ -186,6 +193,23 @@ class EmulatedProgram : public StageProgram {
                                       reinterpret_cast<float*>(dst), op.copy);
         });
     }
+  }
+
+  // The triangle kernel for the value's element size.
+  static absl::Status EmulateTriangle(const View& view, const DeviceOp& op) {
+    const unsigned blocks = kernels::CopyBlocks(op.n);
+    char* src = view.Ptr(op.src);
+    char* dst = view.Ptr(op.dst);
+    auto run = [&](auto zero) {
+      using T = decltype(zero);
+      return simt::Emulate(blocks, kernels::kCopyThreads, [&] {
+        kernels::Triangle<T>(reinterpret_cast<T*>(src), reinterpret_cast<T*>(dst), op.n, op.rows,
+                             op.cols, op.diagonal, op.upper);
+      });
+    };
+    return op.element_bytes == 1   ? run(uint8_t{})
+           : op.element_bytes == 8 ? run(int64_t{})
+                                   : run(float{});
   }
 
   // cuBLAS, column-major: D(i, j) = sum_p op(A)(i, p) * B(p, j), for each
@@ -286,6 +310,8 @@ class EmulatedProgram : public StageProgram {
       case DeviceOp::Type::kStridedCopy:
       case DeviceOp::Type::kProgram:
       case DeviceOp::Type::kEmbedding:
+      case DeviceOp::Type::kReduce:
+      case DeviceOp::Type::kTriangle:
         return EmulateKernel(arenas, op);
     }
     return absl::OkStatus();

@@ -11,6 +11,7 @@
 #include "graph/validate.h"
 #include "runtime/cuda/data_movement.h"
 #include "runtime/cuda/elementwise_lowering.h"
+#include "runtime/cuda/reduction_lowering.h"
 
 namespace pipeserve {
 namespace {
@@ -256,6 +257,10 @@ absl::Status LoweredStage::ChooseKind(const Node& node, Step* step) {
     step->kind = Kind::kEmbedding;
   } else if (op == "addmm") {
     step->kind = Kind::kAddmm;
+  } else if (IsReduction(op)) {
+    step->kind = Kind::kReduce;
+  } else if (op == "triu" || op == "tril") {
+    step->kind = Kind::kTriangle;
   } else {
     return absl::InvalidArgumentError(
         absl::StrCat("the cuda backend has no kernel for op \"", op, "\""));
@@ -729,6 +734,28 @@ absl::Status LoweredStage::StepOps(const Step& s, const Node& node,
       break;
     case Kind::kConstant:  // staged with the inputs (ConstantOps)
       break;
+    case Kind::kReduce: {
+      absl::StatusOr<kernels::ReduceOp> r = ReductionOf(node, shape[s.in[0]]);
+      if (!r.ok()) {
+        return absl::Status(r.status().code(),
+                            absl::StrCat("node \"", name, "\": ", r.status().message()));
+      }
+      DeviceOp op = elementwise(DeviceOp::Type::kReduce);
+      op.reduce = *r;
+      add(op);
+      break;
+    }
+    case Kind::kTriangle: {
+      const Shape& x = shape[s.in[0]];
+      DeviceOp op = elementwise(DeviceOp::Type::kTriangle);
+      op.rows = x[x.size() - 2];
+      op.cols = x.back();
+      op.diagonal = IntAttr(node, "diagonal", 0);
+      op.upper = node.op() == "triu";
+      op.element_bytes = ElementSize(values_[s.out].type);
+      add(op);
+      break;
+    }
     case Kind::kBinary:
       RETURN_IF_ERROR(BinaryOps(s, shape, b, out, compute));
       break;
@@ -863,7 +890,7 @@ absl::Status LoweredStage::CheckTypes(const Node& node, const Step& step) const 
   };
   const bool any_type = step.kind == Kind::kView || step.kind == Kind::kMove ||
                         step.kind == Kind::kClone || step.kind == Kind::kConstant ||
-                        step.kind == Kind::kSize;
+                        step.kind == Kind::kSize || step.kind == Kind::kTriangle;
   if (any_type) {
     if (out != DT_FLOAT32 && out != DT_INT64 && out != DT_BOOL) return refuse(out, "makes");
     return absl::OkStatus();

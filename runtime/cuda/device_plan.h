@@ -106,6 +106,8 @@ struct DeviceOp {
     kStridedCopy,  // dst = src moved as `copy` says (kernels/strided_copy.h)
     kProgram,      // dst = `program` of src, src2, src3 (kernels/elementwise_program.h)
     kEmbedding,    // dst [n, cols] = rows of table src2 [rows, cols] at int64 ids src [n]
+    kReduce,       // dst = `reduce` of src (kernels/reduction.h)
+    kTriangle,     // dst = src with entries off the triangle zeroed (kernels/triangle.h)
     kCopy,     // bytes: device src -> device dst (clone)
     kCopyOut,  // bytes: device src -> staging_out dst
   };
@@ -129,7 +131,10 @@ struct DeviceOp {
   bool log = false;                                      // kSoftmax
   kernels::StridedCopyOp copy;                           // kStridedCopy
   kernels::ElementwiseProgramOp program;                 // kProgram
-  int64_t element_bytes = 4;                             // kStridedCopy
+  int64_t element_bytes = 4;                             // kStridedCopy, kTriangle
+  kernels::ReduceOp reduce;                              // kReduce
+  int64_t diagonal = 0;                                  // kTriangle (rows, cols)
+  bool upper = false;
 };
 
 // Host side of one input or output.
@@ -213,6 +218,8 @@ class LoweredStage {
     kProgram,    // div, pow, maximum, minimum, comparisons, where
     kEmbedding,  // int64 ids into a float32 table
     kAddmm,      // bias [N] + x @ w: a GEMM with a bias epilogue
+    kReduce,     // sum, mean, amax
+    kTriangle,   // triu, tril
   };
   struct Value {
     int input = -1;     // graph input number, or -1

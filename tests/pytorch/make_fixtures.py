@@ -4,6 +4,8 @@ For each case (a model of models.py) it writes, under DIR/NAME/:
 
     model.psm          the exported model (pipeserve.export)
     in_<input>.npy     float32 inputs [batch, d], torch.randn, fixed seed
+                       (the transformers of transformer_models.py, gpt2 and
+                       llama: int64 token ids [batch, 7], fixed seed)
     out_<i>.npy        float32 outputs of the module run eagerly (no_grad)
     out64hi_<i>.npy,   the same module and inputs run in float64, the
     out64lo_<i>.npy    exact answer both float32 implementations are judged
@@ -36,14 +38,26 @@ import torch  # noqa: E402
 
 import models  # noqa: E402
 import pipeserve  # noqa: E402
+import transformer_models  # noqa: E402
+
+# Transformer cases (token ids in), by name.
+TRANSFORMERS = ("gpt2", "llama")
+
+
+def make_case(name, batch):
+    """(model, {input name: tensor}) of case `name`."""
+    if name in TRANSFORMERS:
+        generator = torch.Generator().manual_seed(1234)
+        ids = torch.randint(0, transformer_models.vocab(name), (batch, 7), generator=generator)
+        return transformer_models.make(name), {"ids": ids}
+    return models.make(name), models.example_inputs(name, batch=batch)
 
 
 def write_case(name, out_dir, batch):
     """Exports case `name` into out_dir/name and returns its manifest."""
     case_dir = os.path.join(out_dir, name)
     os.makedirs(case_dir, exist_ok=True)
-    model = models.make(name)
-    inputs = models.example_inputs(name, batch=batch)
+    model, inputs = make_case(name, batch)
     info = pipeserve.export(model, tuple(inputs.values()),
                             os.path.join(case_dir, "model.psm"),
                             split_spec=getattr(model, "split_spec", None))
@@ -51,15 +65,16 @@ def write_case(name, out_dir, batch):
         outputs = model(*inputs.values())
         # A float64 copy (deepcopy keeps aliased parameters aliased).
         exact = copy.deepcopy(model).double()(
-            *[t.double() for t in inputs.values()])
+            *[t if t.dtype == torch.int64 else t.double() for t in inputs.values()])
     if isinstance(outputs, torch.Tensor):
         outputs = (outputs,)
         exact = (exact,)
 
     # Files are named by the graph's input names (forward's argument names).
     for input_name, tensor in zip(info.input_names, inputs.values()):
+        array = tensor.numpy()
         np.save(os.path.join(case_dir, f"in_{input_name}.npy"),
-                tensor.numpy().astype(np.float32))
+                array if array.dtype == np.int64 else array.astype(np.float32))
     for i, tensor in enumerate(outputs):
         np.save(os.path.join(case_dir, f"out_{i}.npy"),
                 tensor.numpy().astype(np.float32))
@@ -87,7 +102,7 @@ def write_case(name, out_dir, batch):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--case", action="append", choices=models.NAMES,
+    parser.add_argument("--case", action="append", choices=models.NAMES + TRANSFORMERS,
                         help="a case to write (repeatable; default: all)")
     parser.add_argument("--batch", type=int, default=16,
                         help="batch size of the inputs (default 16)")

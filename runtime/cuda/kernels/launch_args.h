@@ -86,6 +86,22 @@ inline unsigned EmbeddingBlocks(int64_t n, int64_t dim) {
   return static_cast<unsigned>((n * dim + kEmbeddingThreads - 1) / kEmbeddingThreads);
 }
 
+// ---- reduction.h -----------------------------------------------------------
+
+inline constexpr int kReduceThreads = 256;
+
+enum class ReduceKind : uint8_t { kSum, kMean, kAmax };
+
+// Output element o (of out_n, row-major over out_dims) reduces the red_n
+// elements of x at out offset + the reduced index space's offsets.
+struct ReduceOp {
+  ReduceKind kind = ReduceKind::kSum;
+  int out_rank = 0, red_rank = 0;
+  int64_t out_dims[kMaxCopyRank] = {}, out_strides[kMaxCopyRank] = {};
+  int64_t red_dims[kMaxCopyRank] = {}, red_strides[kMaxCopyRank] = {};
+  int64_t out_n = 0, red_n = 0;
+};
+
 // ---- paged_attention.h -----------------------------------------------------
 
 inline constexpr int kQueryTile = 8;     // query tokens of one sequence per block

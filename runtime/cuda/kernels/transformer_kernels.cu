@@ -3,6 +3,8 @@
 #include "runtime/cuda/kernels/elementwise.h"
 #include "runtime/cuda/kernels/elementwise_program.h"
 #include "runtime/cuda/kernels/embedding.h"
+#include "runtime/cuda/kernels/reduction.h"
+#include "runtime/cuda/kernels/triangle.h"
 #include "runtime/cuda/kernels/layer_norm.h"
 #include "runtime/cuda/kernels/paged_attention.h"
 #include "runtime/cuda/kernels/strided_copy.h"
@@ -59,6 +61,29 @@ cudaError_t LaunchProgram(const ElementwiseProgramOp& p, const EwPointers& at,
   return cudaGetLastError();
 }
 
+cudaError_t LaunchReduce(const float* x, float* y, const ReduceOp& op, cudaStream_t stream) {
+  if (op.out_n <= 0) return cudaSuccess;
+  Reduce<float><<<static_cast<unsigned>(op.out_n), kReduceThreads, 0, stream>>>(x, y, op);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchTriangle(const void* x, void* y, int element_bytes, int64_t n, int64_t rows,
+                           int64_t cols, int64_t diagonal, bool upper, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  const unsigned blocks = CopyBlocks(n);
+  if (element_bytes == 1) {
+    Triangle<uint8_t><<<blocks, kCopyThreads, 0, stream>>>(
+        static_cast<const uint8_t*>(x), static_cast<uint8_t*>(y), n, rows, cols, diagonal, upper);
+  } else if (element_bytes == 8) {
+    Triangle<int64_t><<<blocks, kCopyThreads, 0, stream>>>(
+        static_cast<const int64_t*>(x), static_cast<int64_t*>(y), n, rows, cols, diagonal, upper);
+  } else {
+    Triangle<float><<<blocks, kCopyThreads, 0, stream>>>(
+        static_cast<const float*>(x), static_cast<float*>(y), n, rows, cols, diagonal, upper);
+  }
+  return cudaGetLastError();
+}
+
 cudaError_t LaunchEmbedding(const int64_t* ids, const float* table, float* out, int64_t n,
                             int64_t rows, int64_t dim, cudaStream_t stream) {
   if (n <= 0 || dim <= 0) return cudaSuccess;
@@ -100,6 +125,8 @@ template __global__ void EmbeddingRows<__half>(const int64_t*, const __half*, __
                                                int64_t, int64_t);
 template __global__ void EmbeddingRows<__nv_bfloat16>(const int64_t*, const __nv_bfloat16*,
                                                       __nv_bfloat16*, int64_t, int64_t, int64_t);
+template __global__ void Reduce<__half>(const __half*, __half*, ReduceOp);
+template __global__ void Reduce<__nv_bfloat16>(const __nv_bfloat16*, __nv_bfloat16*, ReduceOp);
 template __global__ void KvAppend<__half>(const __half*, const __half*, __half*, PagedCache);
 template __global__ void KvAppend<__nv_bfloat16>(const __nv_bfloat16*, const __nv_bfloat16*,
                                                  __nv_bfloat16*, PagedCache);

@@ -39,6 +39,14 @@ cudaError_t LaunchStridedCopy(const void* src, void* dst, int element_bytes,
 cudaError_t LaunchProgram(const ElementwiseProgramOp& p, const EwPointers& at,
                           cudaStream_t stream);
 
+// sum, mean or amax of float32 x (reduction.h).
+cudaError_t LaunchReduce(const float* x, float* y, const ReduceOp& op, cudaStream_t stream);
+
+// triu or tril over the last two dims of x [..., rows, cols], values of 1,
+// 4 or 8 bytes (triangle.h).
+cudaError_t LaunchTriangle(const void* x, void* y, int element_bytes, int64_t n, int64_t rows,
+                           int64_t cols, int64_t diagonal, bool upper, cudaStream_t stream);
+
 // out [n, dim] = rows of table [rows, dim] (float32) at ids [n] (int64)
 // (embedding.h).
 cudaError_t LaunchEmbedding(const int64_t* ids, const float* table, float* out, int64_t n,
