@@ -14,7 +14,10 @@
 # a float64 reference, buffers NaN-poisoned, fresh random inputs),
 # conformance_test (the op registry's cases, every op in every dtype, on the
 # CPU and on the CUDA backend where it has a kernel; coverage per dtype),
-# cuda_backend_test (CUDA graphs vs op-by-op over two shapes, shape cache,
+# transformers (cuda_transformer_test: GPT-2- and Llama-style models, every
+# stage on the CUDA backend with every kernel allowed, float32 and bf16,
+# against PyTorch's float64 answer), cuda_backend_test (CUDA graphs vs
+# op-by-op over two shapes, shape cache,
 # concurrent runs on one program's slots, errors), cuda_bench (ExampleCode
 # GPU vs CPU, GEMM TFLOP/s vs cuBLAS, stage latency with/without graphs,
 # LocalPipeline throughput, copy/compute overlap: 1 thread x 1 slot vs 2
@@ -126,6 +129,8 @@ run_step() {  # name timeout_seconds command...
 
 run_step backend_test 100 "$bindir/backend_test"
 run_step conformance_test 60 "$bindir/conformance_test"
+run_step transformers 60 env PIPESERVE_TRANSFORMER_FIXTURES="$here/fixtures/transformers" \
+  "$bindir/cuda_transformer_test" --gtest_filter='*cuda_*' 
 run_step cuda_backend_test 60 "$bindir/cuda_backend_test"
 run_step cuda_bench 150 "$bindir/cuda_bench" --fixtures "$here/fixtures" --iters 200
 if [ "$self_test" -eq 0 ] && [ -e "$bindir/coordinator" ]; then
@@ -155,7 +160,9 @@ prefix=cuda
   }
   gtest_counts backend_test
   gtest_counts conformance_test
+  gtest_counts transformers
   gtest_counts cuda_backend_test
+  grep -h '^\[ max_rel_err \] cuda_' "$logdir/transformers.log" 2>/dev/null | sed 's/^/  /' 
   # The op registry's cases per dtype: what the CUDA backend covers, what it refuses.
   grep -h '^\[ coverage \]' "$logdir/conformance_test.log" 2>/dev/null | sed 's/^/  /'
   # What this run confirms: lines for runtime/cuda/gpu_results/confirmed_kernels.txt
@@ -221,17 +228,23 @@ rm -rf "$libdir"
 
 failed=0
 for s in "${statuses[@]}"; do [ "$s" = PASS ] || failed=1; done
+status_of() {  # step name -> its status
+  local i
+  for i in "${!names[@]}"; do [ "${names[$i]}" = "$1" ] && echo "${statuses[$i]}"; done
+}
 # Test cases that skipped, by name: "[  SKIPPED ] Suite.Case (N ms)", a
 # parameterized one with ", where GetParam() = ..." before the time.
 skipped_cases() {
   grep -hE '^\[  SKIPPED \] .*\([0-9]+ ms\)' "$logdir/backend_test.log" \
-      "$logdir/conformance_test.log" "$logdir/cuda_backend_test.log" 2>/dev/null |
+      "$logdir/conformance_test.log" "$logdir/transformers.log" \
+      "$logdir/cuda_backend_test.log" 2>/dev/null |
     sed -E 's/^\[  SKIPPED \] //; s/, where GetParam\(\).*//; s/ \([0-9]+ ms\)$//'
 }
 if [ "$self_test" -eq 1 ]; then
   # Without a GPU: the tests pass (GPU cases skipped), the bench refuses cleanly.
-  if [ "$no_device" -eq 1 ] && [ "${statuses[0]}" = PASS ] && [ "${statuses[1]}" = PASS ] &&
-     [ "${statuses[2]}" = PASS ] && [ -z "$missing" ]; then
+  if [ "$no_device" -eq 1 ] && [ "$(status_of backend_test)" = PASS ] &&
+     [ "$(status_of conformance_test)" = PASS ] && [ "$(status_of transformers)" = PASS ] &&
+     [ "$(status_of cuda_backend_test)" = PASS ] && [ -z "$missing" ]; then
     echo "self-test: OK (bundle starts, finds its libraries, reports no CUDA device)"
     exit 0
   fi
@@ -239,7 +252,7 @@ if [ "$self_test" -eq 1 ]; then
   exit 1
 fi
 gpu_present=0
-if [ "$smi_gpus" -gt 0 ] || { [ "$no_device" -eq 0 ] && [ "${statuses[3]}" = PASS ]; }; then
+if [ "$smi_gpus" -gt 0 ] || { [ "$no_device" -eq 0 ] && [ "$(status_of cuda_bench)" = PASS ]; }; then
   gpu_present=1
 fi
 if [ "$gpu_present" -eq 1 ]; then
@@ -247,7 +260,7 @@ if [ "$gpu_present" -eq 1 ]; then
   expected='^CudaBackendErrorTest\.NoDeviceMeansFailedPreconditionSayingWhy$'
   skipped=$(skipped_cases | grep -vE "$expected")
   if [ -n "$skipped" ]; then
-    say "GPU test cases skipped where a GPU is present (nvidia-smi: $gpu; cuda_bench: ${statuses[3]}): $(echo "$skipped" | wc -l)"
+    say "GPU test cases skipped where a GPU is present (nvidia-smi: $gpu; cuda_bench: $(status_of cuda_bench)): $(echo "$skipped" | wc -l)"
     echo "$skipped" | head -40 | sed 's/^/  /' | tee -a "$log"
     failed=1
   fi
