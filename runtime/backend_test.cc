@@ -379,6 +379,23 @@ TEST_P(BackendTest, ShapeOpsAroundGemms) {
   CheckAgainstReference(b.Build());
 }
 
+// A chain of elementwise ops whose inputs broadcast (a row, a column, a
+// scalar operand), with a comparison feeding where: one program on the
+// device backends (fused), op by op on the CPU.
+TEST_P(BackendTest, ElementwiseChainWithBroadcastInputs) {
+  GraphBuilder b;
+  b.Input("x", {-1, 6}).Input("col", {-1, 1}).Param("row", {6});
+  b.Op("mul", {"x", "row"}, "a")
+      .Op("sub", {"a", "col"}, "d")
+      .Op("sigmoid", {"d"}, "s")
+      .Op("gt", {"s"}, "big", "", {{"scalar", AttrF(0.5)}})
+      .Op("where", {"big", "s", "x"}, "w")
+      .Op("maximum", {"w"}, "m", "", {{"scalar", AttrF(0.25)}})
+      .Op("relu", {"m"}, "y")
+      .Output("y");
+  CheckAgainstReference(b.Build());
+}
+
 TEST_P(BackendTest, UnalignedGemmSizes) {
   GraphBuilder b;
   b.Input("x", {-1, 7}).Param("l.weight", {13, 7}).Param("l.bias", {13});

@@ -573,7 +573,7 @@ class CudaProgram : public CudaStageProgram {
         return absl::OkStatus();
       case DeviceOp::Type::kProgram: {
         kernels::EwPointers at;
-        const BufferRef* srcs[] = {&op.src, &op.src2, &op.src3};
+        const BufferRef* srcs[] = {&op.src, &op.src2, &op.src3, &op.src4};
         for (int i = 0; i < op.program.num_inputs; ++i) at.in[i] = Address(e, *srcs[i]);
         at.out = Address(e, op.dst);
         CUDA_RETURN_IF_ERROR(kernels::LaunchProgram(op.program, at, s));

@@ -141,7 +141,7 @@ class EmulatedProgram : public StageProgram {
       s = EmulateCopy(view, op);
     } else if (op.type == DeviceOp::Type::kProgram) {
       kernels::EwPointers at;
-      const BufferRef* srcs[] = {&op.src, &op.src2, &op.src3};
+      const BufferRef* srcs[] = {&op.src, &op.src2, &op.src3, &op.src4};
       for (int i = 0; i < op.program.num_inputs; ++i) at.in[i] = view.Ptr(*srcs[i]);
       at.out = view.Ptr(op.dst);
       s = simt::Emulate(kernels::ProgramBlocks(op.n), kernels::kProgramThreads,

@@ -146,6 +146,7 @@ absl::Status LoweredStage::Build(const WeightMap& weights, const ValueTypes& typ
   ValueIds ids;
   RETURN_IF_ERROR(NumberValues(weights, types, &ids));
   RETURN_IF_ERROR(MakeSteps(ids, fuse_linear_relu, cuda_ops));
+  if (cuda_ops == CudaOps::kUnconfirmed) FuseElementwise();
   LayOutWeights();
   return absl::OkStatus();
 }
@@ -937,8 +938,19 @@ absl::StatusOr<DevicePlan> LoweredStage::Plan(
   InputOps(shape, b, &plan, &copy_in, &compute);
   ConstantOps(sizes, b, &plan, &copy_in);
   IndexChecks(shape, &plan);
+  const absl::flat_hash_map<int, DeviceOp> fused = FusedOps(sizes, b);
   for (size_t i = 0; i < steps_.size(); ++i) {
-    RETURN_IF_ERROR(StepOps(steps_[i], sizes.node[i], shape, b, &compute));
+    const Step& s = steps_[i];
+    if (s.fused_into >= 0 && IsFusedStep(fused, i)) continue;  // in its reader's program
+    auto f = fused.find(static_cast<int>(i));
+    if (f == fused.end()) {
+      RETURN_IF_ERROR(StepOps(s, sizes.node[i], shape, b, &compute));
+      continue;
+    }
+    compute.push_back(f->second);
+    if (b.has_f32[s.out] && b.has_gm[s.out] && f->second.n > 0) {
+      compute.push_back(ConvertOp(f->second.node, b.f32[s.out], b.gm[s.out], f->second.n));
+    }
   }
   OutputOps(shape, b, &plan, &copy_out);
   copy_in = MergeCopies(std::move(copy_in));

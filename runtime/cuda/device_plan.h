@@ -49,6 +49,8 @@
 
 namespace pipeserve {
 
+class ProgramBuilder;  // elementwise_lowering.h
+
 // kTF32 is float32 storage whose low 13 mantissa bits are zero (rounded to
 // nearest even): TF32 GEMM operands, so the tensor cores' treatment of the
 // bits they ignore cannot change results.
@@ -123,7 +125,8 @@ struct DeviceOp {
   bool reverse = false;
   DType dtype = DType::kBF16;  // kConvert's target
   // kLayerNorm: src3 the bias; the weight (src2) and bias are optional.
-  BufferRef src3;
+  // kProgram: src, src2, src3, src4 its inputs.
+  BufferRef src3, src4;
   int64_t rows = 0, cols = 0;
   float eps = 0;
   bool has_weight = false, has_bias = false;
@@ -242,6 +245,9 @@ class LoweredStage {
     float scalar = 0;
     bool reverse = false;
     kernels::UnaryKind unary = kernels::UnaryKind::kNone;
+    // An elementwise step whose only reader is elementwise: computed inside
+    // that step's program (FuseElementwise), not on its own.
+    int fused_into = -1;
   };
 
   LoweredStage() = default;
@@ -299,6 +305,22 @@ class LoweredStage {
     absl::flat_hash_map<std::string, int> id;
     absl::flat_hash_map<int, int> readers;
   };
+  // Marks chains of elementwise steps for fusion into one program kernel
+  // (only with CudaOps::kUnconfirmed: the program kernel is not what a GPU
+  // confirmed add, sub, mul and relu with).
+  void FuseElementwise();
+  static bool Fusable(const Step& s);
+  // The fused programs for these shapes, by their last step; groups whose
+  // shapes differ or that overflow a program run op by op instead.
+  absl::flat_hash_map<int, DeviceOp> FusedOps(const Sizes& sizes, const Buffers& b) const;
+  // The last step of the fused chain step `i` belongs to (i itself when
+  // nothing reads it inside a program).
+  int RootOf(int i) const;
+  bool IsFusedStep(const absl::flat_hash_map<int, DeviceOp>& fused, size_t i) const {
+    return fused.contains(RootOf(static_cast<int>(i)));
+  }
+  // Step `i`'s result in `builder`, its fused inputs computed first.
+  int EmitFused(int i, const Sizes& sizes, ProgramBuilder* builder) const;
   absl::Status Build(const WeightMap& weights, const ValueTypes& types, bool fuse_linear_relu,
                      CudaOps cuda_ops);
   // Pass 1: values_ (with their types) and their ids.

@@ -430,6 +430,46 @@ TEST(DevicePlanTest, EmbeddingIdsAreCheckedOnTheHostAndIntegersGoUpAsTheyAre) {
   EXPECT_EQ(std::memcmp(in.data() + plan->inputs[0].staging.offset, ids.raw_data(), 48), 0);
 }
 
+// GELU written out (as GPT-2's MLP has it): eight elementwise ops, each
+// read only by the next, run as one program reading x once, with the
+// unconfirmed kernels allowed; with the confirmed ones only, op by op. A
+// chain whose intermediate is broadcast runs op by op.
+TEST(DevicePlanTest, ElementwiseChainsFuseIntoOneProgram) {
+  GraphBuilder b;
+  b.Input("x", {-1, 16});
+  b.Op("mul", {"x"}, "a", "", {{"scalar", AttrF(0.5)}})
+      .Op("pow", {"x"}, "p", "", {{"scalar", AttrF(3.0)}})
+      .Op("mul", {"p"}, "q", "", {{"scalar", AttrF(0.044715)}})
+      .Op("add", {"x", "q"}, "r")
+      .Op("mul", {"r"}, "t", "", {{"scalar", AttrF(0.7978845608)}})
+      .Op("tanh", {"t"}, "u")
+      .Op("add", {"u"}, "w", "", {{"scalar", AttrF(1.0)}})
+      .Op("mul", {"a", "w"}, "y")
+      .Output("y");
+  Model m = b.Build();
+  absl::StatusOr<LoweredStage> stage =
+      LoweredStage::Create(m.graph, m.weights, Precision::kFloat32, true, CudaOps::kUnconfirmed);
+  ASSERT_TRUE(stage.ok()) << stage.status();
+  absl::StatusOr<DevicePlan> plan = stage->Plan({{3, 16}});
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  ASSERT_EQ(Compute(*plan), std::vector<Type>{Type::kProgram});
+  const DeviceOp& op = plan->ops[plan->compute_begin];
+  EXPECT_EQ(op.node, "y (+7 fused)");
+  EXPECT_EQ(op.program.num_inputs, 1);
+  EXPECT_EQ(op.src.offset, plan->ops[0].dst.offset);  // x
+  EXPECT_EQ(op.program.num_ops, 14);
+
+  GraphBuilder bc;
+  bc.Input("x", {-1, 16}).Input("row", {1, 16});
+  bc.Op("tanh", {"row"}, "t").Op("mul", {"x", "t"}, "y").Output("y");
+  m = bc.Build();
+  stage = LoweredStage::Create(m.graph, m.weights, Precision::kFloat32, true, CudaOps::kUnconfirmed);
+  ASSERT_TRUE(stage.ok()) << stage.status();
+  plan = stage->Plan({{3, 16}, {1, 16}});
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(Compute(*plan), (std::vector<Type>{Type::kUnary, Type::kBinary}));
+}
+
 // What the CUDA backend cannot run is refused at load, naming the node or
 // input and the dtype (the CPU backend serves such models).
 TEST(DevicePlanTest, OtherDtypesAndTransformerOpsAreRefusedNamingThem) {

@@ -1,5 +1,7 @@
 #include "runtime/cuda/elementwise_lowering.h"
 
+#include <algorithm>
+
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "graph/op_schema.h"
@@ -13,6 +15,7 @@ using kernels::EwType;
 
 const absl::flat_hash_map<std::string, EwCode>& Codes() {
   static const auto* codes = new absl::flat_hash_map<std::string, EwCode>{
+      {"add", EwCode::kAdd},         {"sub", EwCode::kSub}, {"mul", EwCode::kMul},
       {"div", EwCode::kDiv},         {"pow", EwCode::kPow}, {"maximum", EwCode::kMaximum},
       {"minimum", EwCode::kMinimum}, {"eq", EwCode::kEq},   {"ne", EwCode::kNe},
       {"lt", EwCode::kLt},           {"le", EwCode::kLe},   {"gt", EwCode::kGt},
@@ -30,52 +33,96 @@ void BroadcastStrides(const Shape& in, const Shape& out, int64_t* strides) {
   }
 }
 
-EwInstr Instr(EwCode code, int a = 0, int b = 0, int c = 0) {
+}  // namespace
+
+bool IsProgramOp(const std::string& op) {
+  return Codes().contains(op) && op != "add" && op != "sub" && op != "mul";
+}
+
+ProgramBuilder::ProgramBuilder(const Shape& out, DataType out_type) : out_(out) {
+  full_ = out.size() > static_cast<size_t>(kernels::kMaxCopyRank);
+  p_.rank = static_cast<int>(std::min<size_t>(out.size(), kernels::kMaxCopyRank));
+  for (int k = 0; k < p_.rank; ++k) p_.dims[k] = out[k];
+  p_.n = NumElements(out);
+  p_.out_type = out_type == DT_BOOL ? EwType::kBool : EwType::kF32;
+}
+
+int ProgramBuilder::Add(EwInstr op) {
+  if (full_ || p_.num_ops == kernels::kMaxProgramOps) {
+    full_ = true;
+    return -1;
+  }
+  p_.ops[p_.num_ops] = op;
+  return p_.num_ops++;
+}
+
+int ProgramBuilder::Input(int key, const Shape& shape, DataType type) {
+  auto at = std::find(keys_.begin(), keys_.end(), key);
+  if (at != keys_.end()) return loaded_[at - keys_.begin()];
+  if (full_ || p_.num_inputs == kernels::kMaxProgramInputs || shape.size() > out_.size()) {
+    full_ = true;
+    return -1;
+  }
+  const int j = p_.num_inputs++;
+  keys_.push_back(key);
+  p_.inputs[j].type = type == DT_BOOL ? EwType::kBool : EwType::kF32;
+  BroadcastStrides(shape, out_, p_.inputs[j].strides);
+  EwInstr op;
+  op.code = EwCode::kInput;
+  op.a = static_cast<uint8_t>(j);
+  loaded_.push_back(Add(op));
+  return loaded_.back();
+}
+
+int ProgramBuilder::Const(float value) {
+  EwInstr op;
+  op.code = EwCode::kConst;
+  op.value = value;
+  return Add(op);
+}
+
+int ProgramBuilder::Unary(kernels::UnaryKind kind, int a) {
+  EwInstr op;
+  op.code = EwCode::kUnary;
+  op.unary = kind;
+  op.a = static_cast<uint8_t>(a);
+  return a < 0 ? -1 : Add(op);
+}
+
+int ProgramBuilder::Op(EwCode code, int a, int b, int c) {
+  if (a < 0 || b < 0 || c < 0) return -1;
   EwInstr op;
   op.code = code;
   op.a = static_cast<uint8_t>(a);
   op.b = static_cast<uint8_t>(b);
   op.c = static_cast<uint8_t>(c);
-  return op;
+  return Add(op);
 }
 
-}  // namespace
-
-bool IsProgramOp(const std::string& op) { return Codes().contains(op); }
+int ProgramBuilder::NodeOp(const Node& node, const std::vector<int>& in) {
+  const EwCode code = Codes().at(node.op());
+  if (code == EwCode::kWhere) return Op(code, in[0], in[1], in[2]);
+  if (!HasScalarOperand(node)) return Op(code, in[0], in[1]);
+  const int s = Const(static_cast<float>(FloatAttr(node, "scalar", 0)));
+  return IntAttr(node, "reverse", 0) != 0 ? Op(code, s, in[0]) : Op(code, in[0], s);
+}
 
 absl::StatusOr<kernels::ElementwiseProgramOp> ProgramOf(const Node& node,
                                                         const std::vector<Shape>& in,
                                                         const std::vector<DataType>& types,
                                                         const Shape& out, DataType out_type) {
-  if (out.size() > static_cast<size_t>(kernels::kMaxCopyRank)) {
+  ProgramBuilder b(out, out_type);
+  std::vector<int> regs;
+  for (size_t j = 0; j < in.size(); ++j) {
+    regs.push_back(b.Input(static_cast<int>(j), in[j], types[j]));
+  }
+  b.NodeOp(node, regs);
+  if (b.full()) {
     return absl::UnimplementedError(absl::StrCat(
         "an elementwise op over ", out.size(), " dims; the cuda kernels take at most ",
         kernels::kMaxCopyRank));
   }
-  kernels::ElementwiseProgramOp p;
-  p.rank = static_cast<int>(out.size());
-  for (size_t k = 0; k < out.size(); ++k) p.dims[k] = out[k];
-  p.n = NumElements(out);
-  p.num_inputs = static_cast<int>(in.size());
-  for (size_t j = 0; j < in.size(); ++j) {
-    p.inputs[j].type = types[j] == DT_BOOL ? EwType::kBool : EwType::kF32;
-    BroadcastStrides(in[j], out, p.inputs[j].strides);
-    p.ops[p.num_ops++] = Instr(EwCode::kInput, static_cast<int>(j));
-  }
-  const EwCode code = Codes().at(node.op());
-  if (code == EwCode::kWhere) {
-    p.ops[p.num_ops++] = Instr(code, 0, 1, 2);
-  } else if (HasScalarOperand(node)) {
-    EwInstr c = Instr(EwCode::kConst);
-    c.value = static_cast<float>(FloatAttr(node, "scalar", 0));
-    p.ops[p.num_ops++] = c;
-    const bool reverse = IntAttr(node, "reverse", 0) != 0;
-    p.ops[p.num_ops++] = reverse ? Instr(code, 1, 0) : Instr(code, 0, 1);
-  } else {
-    p.ops[p.num_ops++] = Instr(code, 0, 1);
-  }
-  p.out_type = out_type == DT_BOOL ? EwType::kBool : EwType::kF32;
-  return p;
+  return b.program();
 }
 
 }  // namespace pipeserve

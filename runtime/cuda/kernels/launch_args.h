@@ -34,7 +34,7 @@ inline unsigned CopyBlocks(int64_t n) {
 // ---- elementwise_program.h ------------------------------------------------
 
 inline constexpr int kMaxProgramInputs = 4;
-inline constexpr int kMaxProgramOps = 16;
+inline constexpr int kMaxProgramOps = 24;
 inline constexpr int kProgramThreads = 256;
 
 // One instruction: its result is register i (the instruction's index).
