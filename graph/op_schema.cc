@@ -646,6 +646,34 @@ Node ResolveSymbolic(const Node& node, const std::vector<int64_t>& sym) {
   return out;
 }
 
+std::vector<int64_t> ContiguousStrides(const Shape& s) {
+  std::vector<int64_t> st(s.size());
+  int64_t n = 1;
+  for (size_t i = s.size(); i-- > 0;) {
+    st[i] = n;
+    n *= s[i];
+  }
+  return st;
+}
+
+StridedView SliceView(const Node& node, const Shape& x) {
+  const int d = *NormalizeDim(IntAttr(node, "dim", 0), static_cast<int>(x.size()));
+  StridedView v{0, ContiguousStrides(x)};
+  const int64_t n = x[d];
+  if (node.op() == "slice") {
+    int64_t start = IntAttr(node, "start", 0);
+    if (start < 0) start += n;
+    v.offset = std::min(std::max<int64_t>(start, 0), n) * v.strides[d];
+    v.strides[d] *= IntAttr(node, "step", 1);
+  } else {
+    int64_t index = IntAttr(node, "index", 0);
+    if (index < 0) index += n;
+    v.offset = index * v.strides[d];
+    v.strides.erase(v.strides.begin() + d);
+  }
+  return v;
+}
+
 absl::StatusOr<int> NormalizeDim(int64_t dim, int rank) {
   if (dim < -rank || dim >= rank || rank == 0) {
     if (!(rank == 0 && (dim == 0 || dim == -1))) {

@@ -71,6 +71,19 @@ std::string StringAttr(const Node& node, const std::string& name);
 // "_from" attributes removed. Backends call it at run time.
 Node ResolveSymbolic(const Node& node, const std::vector<int64_t>& sym);
 
+// The strided view of a contiguous x of shape `x` that slice (start,
+// step) or select (index) reads, `node`'s attributes resolved: the offset
+// of its first element and x's strides (in elements) with slice's dim
+// stepped or select's dim removed. Every backend copies from it.
+struct StridedView {
+  int64_t offset = 0;
+  std::vector<int64_t> strides;
+};
+StridedView SliceView(const Node& node, const Shape& x);
+
+// Row-major strides (in elements) of a contiguous tensor of shape `s`.
+std::vector<int64_t> ContiguousStrides(const Shape& s);
+
 // `dim` counted from the end when negative; kInvalidArgument outside rank.
 absl::StatusOr<int> NormalizeDim(int64_t dim, int rank);
 

@@ -18,6 +18,12 @@ AttrValue AttrI(int64_t i) {
   return a;
 }
 
+AttrValue AttrInts(const std::vector<int64_t>& v) {
+  AttrValue a;
+  a.mutable_ints()->mutable_v()->Assign(v.begin(), v.end());
+  return a;
+}
+
 GraphBuilder& GraphBuilder::Input(const std::string& name, Shape shape) {
   ValueSpec* in = model_.graph.add_inputs();
   in->set_name(name);

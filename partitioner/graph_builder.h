@@ -25,6 +25,7 @@ namespace pipeserve {
 // Attribute values for Op(): {{"scalar", AttrF(2.0)}, {"dim", AttrI(-1)}}.
 AttrValue AttrF(double f);
 AttrValue AttrI(int64_t i);
+AttrValue AttrInts(const std::vector<int64_t>& v);  // {{"dims", AttrInts({0, 2, 1})}}
 
 class GraphBuilder {
  public:

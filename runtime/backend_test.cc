@@ -346,12 +346,6 @@ TEST_P(BackendTest, ThreeDimensionalBroadcasts) {
   CheckAgainstReference(b.Build());
 }
 
-AttrValue Ints(std::vector<int64_t> v) {
-  AttrValue a;
-  a.mutable_ints()->mutable_v()->Assign(v.begin(), v.end());
-  return a;
-}
-
 // Attention's shape ops around GEMMs: a reshape whose size comes from the
 // input at run time (a view), permute, slice with a step, select, cat,
 // unsqueeze and expand; a GEMM reads a permuted value and another a view
@@ -362,10 +356,10 @@ TEST_P(BackendTest, ShapeOpsAroundGemms) {
   b.Input("x", {-1, 6, 8}).Param("w", {3, 4}).Param("w2", {5, 3});
   b.Op("size", {"x"}, "t", "", {{"dim", AttrI(1)}})
       .Op("reshape", {"x", "t"}, "h", "",
-          {{"shape", Ints({-1, 0, 2, 4})}, {"shape_from", Ints({0, 2, 0, 0})}})
-      .Op("permute", {"h"}, "p", "", {{"dims", Ints({0, 2, 1, 3})}})
+          {{"shape", AttrInts({-1, 0, 2, 4})}, {"shape_from", AttrInts({0, 2, 0, 0})}})
+      .Op("permute", {"h"}, "p", "", {{"dims", AttrInts({0, 2, 1, 3})}})
       .Op("linear", {"p", "w"}, "q")  // [B, 2, 6, 3]
-      .Op("reshape", {"q"}, "qv", "", {{"shape", Ints({-1, 12, 3})}})
+      .Op("reshape", {"q"}, "qv", "", {{"shape", AttrInts({-1, 12, 3})}})
       .Op("linear", {"qv", "w2"}, "r")  // [B, 12, 5]
       .Op("slice", {"p"}, "s", "",
           {{"dim", AttrI(2)}, {"start", AttrI(1)}, {"stop", AttrI(6)}, {"step", AttrI(2)}})
@@ -373,7 +367,7 @@ TEST_P(BackendTest, ShapeOpsAroundGemms) {
       .Op("select", {"s"}, "first", "", {{"dim", AttrI(1)}, {"index", AttrI(0)}})
       .Op("cat", {"last", "first"}, "c", "", {{"dim", AttrI(2)}})  // [B, 3, 8]
       .Op("unsqueeze", {"c"}, "u", "", {{"dim", AttrI(1)}})
-      .Op("expand", {"u"}, "e", "", {{"shape", Ints({-1, 2, 3, 8})}})
+      .Op("expand", {"u"}, "e", "", {{"shape", AttrInts({-1, 2, 3, 8})}})
       .Output("r")
       .Output("e");
   CheckAgainstReference(b.Build());

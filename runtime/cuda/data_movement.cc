@@ -10,16 +10,6 @@ namespace {
 
 using Strides = std::vector<int64_t>;
 
-Strides Contiguous(const Shape& s) {
-  Strides st(s.size());
-  int64_t n = 1;
-  for (size_t i = s.size(); i-- > 0;) {
-    st[i] = n;
-    n *= s[i];
-  }
-  return st;
-}
-
 // A copy over `dims` reading src at offset/strides into a contiguous dst
 // (or dst at dst_offset/dst_strides when given).
 absl::StatusOr<Move> MakeMove(int input, const Shape& dims, int64_t src_offset,
@@ -46,22 +36,8 @@ absl::StatusOr<Move> MakeMove(int input, const Shape& dims, int64_t src_offset,
 
 // slice (start, step) and select (index) along one dim: a strided view.
 absl::StatusOr<Move> SliceMove(const Node& node, const Shape& x, const Shape& out) {
-  const int d = *NormalizeDim(IntAttr(node, "dim", 0), static_cast<int>(x.size()));
-  Strides st = Contiguous(x);
-  const int64_t n = x[d];
-  int64_t base;
-  if (node.op() == "slice") {
-    int64_t start = IntAttr(node, "start", 0);
-    if (start < 0) start += n;
-    base = std::min(std::max<int64_t>(start, 0), n) * st[d];
-    st[d] *= IntAttr(node, "step", 1);
-  } else {
-    int64_t index = IntAttr(node, "index", 0);
-    if (index < 0) index += n;
-    base = index * st[d];
-    st.erase(st.begin() + d);
-  }
-  return MakeMove(0, out, base, st, 0, Contiguous(out));
+  const StridedView view = SliceView(node, x);  // graph/op_schema.h, as the CPU reads it
+  return MakeMove(0, out, view.offset, view.strides, 0, ContiguousStrides(out));
 }
 
 // cat and stack: input j into its part of the output.
@@ -69,7 +45,7 @@ absl::StatusOr<std::vector<Move>> CatMoves(const Node& node, const std::vector<S
                                            const Shape& out) {
   const bool stack = node.op() == "stack";
   const int d = *NormalizeDim(IntAttr(node, "dim", 0), static_cast<int>(out.size()));
-  Strides dst = Contiguous(out);
+  Strides dst = ContiguousStrides(out);
   const int64_t along = dst[d];
   if (stack) dst.erase(dst.begin() + d);  // each input fills one index of d
   std::vector<Move> moves;
@@ -77,7 +53,7 @@ absl::StatusOr<std::vector<Move>> CatMoves(const Node& node, const std::vector<S
   for (size_t j = 0; j < in.size(); ++j) {
     if (NumElements(in[j]) > 0) {
       absl::StatusOr<Move> m =
-          MakeMove(static_cast<int>(j), in[j], 0, Contiguous(in[j]), at * along, dst);
+          MakeMove(static_cast<int>(j), in[j], 0, ContiguousStrides(in[j]), at * along, dst);
       if (!m.ok()) return m.status();
       moves.push_back(*m);
     }
@@ -105,18 +81,18 @@ absl::StatusOr<std::vector<Move>> MovesOf(const Node& node, const std::vector<Sh
   const Shape& x = in[0];
   absl::StatusOr<Move> m;
   if (op == "permute") {
-    const Strides own = Contiguous(x);
+    const Strides own = ContiguousStrides(x);
     Strides st;
     for (int64_t d : ResolvedInts(node, "dims", {}, 0)) {
       st.push_back(own[*NormalizeDim(d, static_cast<int>(x.size()))]);
     }
-    m = MakeMove(0, out, 0, st, 0, Contiguous(out));
+    m = MakeMove(0, out, 0, st, 0, ContiguousStrides(out));
   } else if (op == "expand") {
     Strides st(out.size(), 0);
-    const Strides own = Contiguous(x);
+    const Strides own = ContiguousStrides(x);
     const size_t lead = out.size() - x.size();
     for (size_t i = 0; i < x.size(); ++i) st[lead + i] = x[i] == 1 ? 0 : own[i];
-    m = MakeMove(0, out, 0, st, 0, Contiguous(out));
+    m = MakeMove(0, out, 0, st, 0, ContiguousStrides(out));
   } else {
     m = SliceMove(node, x, out);
   }

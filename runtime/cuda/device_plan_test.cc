@@ -344,12 +344,6 @@ TEST(DevicePlanTest, StagingRoundTripsTheInputsAndReusesReleasedOutputs) {
   EXPECT_NE(outputs[0].data(), held.data());
 }
 
-AttrValue Ints(std::vector<int64_t> v) {
-  AttrValue a;
-  a.mutable_ints()->mutable_v()->Assign(v.begin(), v.end());
-  return a;
-}
-
 // A reshape is a view (no op; its input's buffers), its size a host
 // integer taken from the input's shape when the plan is made; a permute is
 // one strided copy. In bf16 a GEMM output read only through a view by
@@ -359,10 +353,10 @@ TEST(DevicePlanTest, ReshapesAreViewsSizesStayOnTheHostAndPermutesCopy) {
   b.Input("x", {-1, 6, 8}).Param("w", {3, 4}).Param("w2", {5, 3});
   b.Op("size", {"x"}, "t", "", {{"dim", AttrI(1)}})
       .Op("reshape", {"x", "t"}, "h", "",
-          {{"shape", Ints({-1, 0, 2, 4})}, {"shape_from", Ints({0, 2, 0, 0})}})
-      .Op("permute", {"h"}, "p", "", {{"dims", Ints({0, 2, 1, 3})}})
+          {{"shape", AttrInts({-1, 0, 2, 4})}, {"shape_from", AttrInts({0, 2, 0, 0})}})
+      .Op("permute", {"h"}, "p", "", {{"dims", AttrInts({0, 2, 1, 3})}})
       .Op("linear", {"p", "w"}, "q")
-      .Op("reshape", {"q"}, "qv", "", {{"shape", Ints({-1, 12, 3})}})
+      .Op("reshape", {"q"}, "qv", "", {{"shape", AttrInts({-1, 12, 3})}})
       .Op("linear", {"qv", "w2"}, "r")
       .Output("r");
   Model m = b.Build();
@@ -400,7 +394,7 @@ TEST(DevicePlanTest, EmbeddingIdsAreCheckedOnTheHostAndIntegersGoUpAsTheyAre) {
   GraphBuilder b;
   b.Input("ids", {-1, 3}).Param("emb", {10, 4});
   b.graph().mutable_inputs(0)->set_dtype(DT_INT64);
-  b.Op("reshape", {"ids"}, "flat", "", {{"shape", Ints({-1})}})
+  b.Op("reshape", {"ids"}, "flat", "", {{"shape", AttrInts({-1})}})
       .Op("embedding", {"flat", "emb"}, "e")
       .Op("gt", {"e"}, "positive", "", {{"scalar", AttrF(0)}})
       .Output("e")

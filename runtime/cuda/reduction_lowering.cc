@@ -23,12 +23,7 @@ absl::StatusOr<kernels::ReduceOp> ReductionOf(const Node& node, const Shape& x) 
             : node.op() == "mean" ? kernels::ReduceKind::kMean
                                   : kernels::ReduceKind::kAmax;
   op.out_n = op.red_n = 1;
-  std::vector<int64_t> strides(x.size());
-  int64_t n = 1;
-  for (size_t k = x.size(); k-- > 0;) {
-    strides[k] = n;
-    n *= x[k];
-  }
+  const std::vector<int64_t> strides = ContiguousStrides(x);
   for (size_t k = 0; k < x.size(); ++k) {  // out and reduced dims in x's order
     if (reduce[k]) {
       op.red_dims[op.red_rank] = x[k];

@@ -26,7 +26,6 @@ using cpu_ops::AllOfType;
 using cpu_ops::Args;
 using cpu_ops::Bad;
 using cpu_ops::BroadcastStrides;
-using cpu_ops::ContiguousStrides;
 using cpu_ops::FastExp;
 using cpu_ops::IsTrailingBlock;
 using cpu_ops::Iterate;

@@ -5,12 +5,6 @@
 
 namespace pipeserve::cpu_ops {
 
-Strides ContiguousStrides(const Shape& s) {
-  Strides st(s.size(), 1);
-  for (int i = static_cast<int>(s.size()) - 2; i >= 0; --i) st[i] = st[i + 1] * s[i + 1];
-  return st;
-}
-
 Strides BroadcastStrides(const Shape& in, const Shape& out) {
   Strides st(out.size(), 0);
   Strides own = ContiguousStrides(in);

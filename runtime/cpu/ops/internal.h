@@ -23,6 +23,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "graph/op_schema.h"
 #include "proto/model.pb.h"
 #include "runtime/tensor.h"
 
@@ -30,8 +31,8 @@ namespace pipeserve::cpu_ops {
 
 using Strides = std::vector<int64_t>;
 
-// Row-major strides of a contiguous tensor of shape `s`.
-Strides ContiguousStrides(const Shape& s);
+// Row-major strides of a contiguous tensor: pipeserve::ContiguousStrides
+// (graph/op_schema.h).
 
 // Strides of `in` read at the indices of `out` (numpy broadcasting: 0 for
 // dims `in` lacks or has as 1).

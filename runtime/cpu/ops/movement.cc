@@ -17,7 +17,6 @@ namespace {
 using cpu_ops::Args;
 using cpu_ops::Bad;
 using cpu_ops::BroadcastStrides;
-using cpu_ops::ContiguousStrides;
 using cpu_ops::GatherCopy;
 using cpu_ops::Strides;
 
@@ -128,23 +127,8 @@ absl::Status ExpandKernel(const Node&, const Args& in, Tensor* out) {
 
 // slice and select: a strided view of x, copied.
 absl::Status SliceKernel(const Node& node, const Args& in, Tensor* out) {
-  const Tensor& x = *in[0];
-  const int d = *NormalizeDim(IntAttr(node, "dim", 0), x.rank());
-  Strides st = ContiguousStrides(x.shape());
-  const int64_t n = x.dim(d);
-  int64_t base;
-  if (node.op() == "slice") {
-    int64_t start = IntAttr(node, "start", 0);
-    if (start < 0) start += n;
-    base = std::min(std::max<int64_t>(start, 0), n) * st[d];
-    st[d] *= IntAttr(node, "step", 1);
-  } else {
-    int64_t index = IntAttr(node, "index", 0);
-    if (index < 0) index += n;
-    base = index * st[d];
-    st.erase(st.begin() + d);
-  }
-  GatherCopy(x, base, st, out);
+  const StridedView view = SliceView(node, in[0]->shape());  // graph/op_schema.h
+  GatherCopy(*in[0], view.offset, view.strides, out);
   return absl::OkStatus();
 }
 

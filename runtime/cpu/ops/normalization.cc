@@ -21,7 +21,6 @@ namespace {
 using cpu_ops::AllOfType;
 using cpu_ops::Args;
 using cpu_ops::Bad;
-using cpu_ops::ContiguousStrides;
 using cpu_ops::FastExp;
 using cpu_ops::IsHalf;
 using cpu_ops::IsTrailingBlock;
