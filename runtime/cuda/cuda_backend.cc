@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <utility>
 
@@ -15,6 +16,7 @@
 #include "runtime/cuda/cuda_kernels.h"
 #include "runtime/cuda/kernels/transformer_kernels.h"
 #include "runtime/cuda/cuda_status.h"
+#include "runtime/cuda/device_generation.h"
 #include "runtime/cuda/device_plan.h"
 #include "runtime/cuda/device_slots.h"
 #include "runtime/signature.h"
@@ -254,6 +256,7 @@ class CudaProgram : public CudaStageProgram {
   }
 
   int max_concurrent_runs() const override { return slots_.max_slots(); }
+  KvCacheUsage kv_cache() const override { return kv_.usage(); }
   // Buffers, plans and a graph per input shape set, max_cached_shapes kept.
   bool prefers_few_shapes() const override { return true; }
 
@@ -264,7 +267,13 @@ class CudaProgram : public CudaStageProgram {
         CheckTensorsMatch(stage_.graph().inputs(), inputs).status());
     ASSIGN_OR_RETURN(SlotPool<Slot>::Lease slot, slots_.Acquire());
     ASSIGN_OR_RETURN(ShapeEntry * e, EntryFor(*slot, inputs));
-    RETURN_IF_ERROR(RunEntry(*slot, e, inputs));
+    ASSIGN_OR_RETURN(std::optional<KvStep> step, kv_.Begin(e->plan, inputs));
+    absl::Status run = RunEntry(*slot, e, inputs);
+    if (run.ok()) run = RunHostSteps(e->plan, e->staging_out.get(), inputs, &e->outputs);
+    if (!run.ok()) {
+      kv_.Abort(step);
+      return run;
+    }
     return e->outputs;  // copied while the slot is still ours
   }
 
@@ -336,10 +345,12 @@ class CudaProgram : public CudaStageProgram {
   }
 
  private:
+  // A stage with a KV cache runs one step at a time (the cache is shared).
   CudaProgram(LoweredStage stage, const CudaBackendOptions& options)
       : stage_(std::move(stage)),
         options_(options),
-        slots_(options.concurrent_runs, [this] { return MakeSlot(); }) {}
+        kv_(stage_),
+        slots_(kv_.present() ? 1 : options.concurrent_runs, [this] { return MakeSlot(); }) {}
 
   absl::Status Init() {
     CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device));
@@ -353,6 +364,11 @@ class CudaProgram : public CudaStageProgram {
                                       image.size(), cudaMemcpyHostToDevice));
     }
     stage_.ReleaseWeights();
+    // The KV cache: every layer's blocks, zeroed once, kept across runs.
+    ASSIGN_OR_RETURN(cache_, AllocDevice(stage_.cache_bytes()));
+    if (stage_.cache_bytes() > 0) {
+      CUDA_RETURN_IF_ERROR(cudaMemset(cache_.get(), 0, stage_.cache_bytes()));
+    }
     // The first slot now, so a device without room for its workspace
     // fails Compile; the others when concurrent runs first need them.
     ASSIGN_OR_RETURN(SlotPool<Slot>::Lease first, slots_.Acquire());
@@ -388,6 +404,8 @@ class CudaProgram : public CudaStageProgram {
         return static_cast<char*>(weights_.get()) + r.offset;
       case Arena::kActivations:
         return static_cast<char*>(e.activations.get()) + r.offset;
+      case Arena::kCache:
+        return static_cast<char*>(cache_.get()) + r.offset;
       case Arena::kStagingIn:
         return static_cast<char*>(e.staging_in.get()) + r.offset;
       case Arena::kStagingOut:
@@ -587,6 +605,17 @@ class CudaProgram : public CudaStageProgram {
             Address(e, op.src), Address(e, op.dst), static_cast<int>(op.element_bytes), op.n,
             op.rows, op.cols, op.diagonal, op.upper, s));
         return absl::OkStatus();
+      case DeviceOp::Type::kAttention: {
+        kernels::PagedCache c = op.paged;
+        c.positions = reinterpret_cast<const int64_t*>(Address(e, op.src4));
+        c.seq = reinterpret_cast<const int64_t*>(Address(e, op.seq));
+        c.tables = reinterpret_cast<const int64_t*>(Address(e, op.tables));
+        CUDA_RETURN_IF_ERROR(kernels::LaunchPagedAttention(
+            F(e, op.src), F(e, op.src2), F(e, op.src3), F(e, op.cache), c,
+            reinterpret_cast<const int32_t*>(Address(e, op.tiles)), op.num_tiles, op.heads,
+            op.scalar, F(e, op.dst), s));
+        return absl::OkStatus();
+      }
       case DeviceOp::Type::kEmbedding:
         CUDA_RETURN_IF_ERROR(kernels::LaunchEmbedding(
             reinterpret_cast<const int64_t*>(Address(e, op.src)), F(e, op.src2), F(e, op.dst), op.n,
@@ -655,6 +684,7 @@ class CudaProgram : public CudaStageProgram {
       case DeviceOp::Type::kEmbedding:
       case DeviceOp::Type::kReduce:
       case DeviceOp::Type::kTriangle:
+      case DeviceOp::Type::kAttention:
         return EnqueueKernel(e, op, s);
     }
     return absl::InternalError("unknown device op");
@@ -663,6 +693,8 @@ class CudaProgram : public CudaStageProgram {
   LoweredStage stage_;
   const CudaBackendOptions options_;
   DeviceBuffer weights_;  // shared by every slot, read only
+  DeviceKv kv_;           // the KV cache's bookkeeping
+  DeviceBuffer cache_;    // the KV cache's keys and values (Arena::kCache)
   mutable std::mutex stats_mu_;
   Stats stats_;  // guarded by stats_mu_ (fused_relus, slots filled in)
   // Declared last, destroyed first: the slots' graphs and plans read the

@@ -1,16 +1,19 @@
 #include "runtime/cuda/device_emulator.h"
 
 #include <cstring>
+#include <optional>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "runtime/cuda/device_generation.h"
 #include "runtime/cuda/device_plan.h"
 #include "runtime/cuda/device_slots.h"
 #include "runtime/cuda/kernels/elementwise.h"
 #include "runtime/cuda/kernels/elementwise_program.h"
 #include "runtime/cuda/kernels/embedding.h"
+#include "runtime/cuda/kernels/paged_attention.h"
 #include "runtime/cuda/kernels/reduction.h"
 #include "runtime/cuda/kernels/triangle.h"
 #include "runtime/cuda/kernels/layer_norm.h"
@@ -35,17 +38,22 @@ float TruncateToTf32(float f) {
 
 class EmulatedProgram : public StageProgram {
  public:
+  // A stage with a KV cache runs one step at a time (the cache is shared).
   EmulatedProgram(LoweredStage stage, int concurrent_runs)
-      : stage_(std::move(stage)), slots_(concurrent_runs, [] {
+      : stage_(std::move(stage)),
+        kv_(stage_),
+        slots_(kv_.present() ? 1 : concurrent_runs, [] {
           return absl::StatusOr<std::unique_ptr<Arenas>>(
               std::make_unique<Arenas>());
         }) {
+    cache_.assign(stage_.cache_bytes(), 0);
     weights_.resize(stage_.weight_bytes());
     stage_.FillWeights(weights_.data());
     stage_.ReleaseWeights();  // as the CUDA program does after its upload
   }
 
   int max_concurrent_runs() const override { return slots_.max_slots(); }
+  KvCacheUsage kv_cache() const override { return kv_.usage(); }
 
   absl::StatusOr<std::vector<Tensor>> Run(
       absl::Span<const Tensor> inputs) override {
@@ -61,10 +69,18 @@ class EmulatedProgram : public StageProgram {
     a->act.assign(plan.activation_bytes, '\xff');
     a->in.assign(plan.staging_in_bytes, '\xff');
     a->out.assign(plan.staging_out_bytes, '\xff');
+    ASSIGN_OR_RETURN(std::optional<KvStep> step, kv_.Begin(plan, inputs));
     StageInputs(plan, inputs, a->in.data());
-    for (const DeviceOp& op : plan.ops) RETURN_IF_ERROR(Execute(*a, op));
+    for (const DeviceOp& op : plan.ops) {
+      absl::Status s = Execute(*a, op);
+      if (!s.ok()) {
+        kv_.Abort(step);
+        return s;
+      }
+    }
     std::vector<Tensor> outputs;
     UnstageOutputs(plan, a->out.data(), &outputs);
+    RETURN_IF_ERROR(RunHostSteps(plan, a->out.data(), inputs, &outputs));
     return outputs;
   }
 
@@ -73,10 +89,11 @@ class EmulatedProgram : public StageProgram {
     std::vector<char> act, in, out;
   };
 
-  // Each run's view: the shared weights and its slot's arenas.
+  // Each run's view: the shared weights and cache, and its slot's arenas.
   struct View {
     const std::vector<char>* weights;
     Arenas* a;
+    char* cache;
 
     char* Ptr(const BufferRef& r) const {
       switch (r.arena) {
@@ -85,6 +102,8 @@ class EmulatedProgram : public StageProgram {
           return const_cast<char*>(weights->data()) + r.offset;
         case Arena::kActivations:
           return a->act.data() + r.offset;
+        case Arena::kCache:
+          return cache + r.offset;
         case Arena::kStagingIn:
           return a->in.data() + r.offset;
         case Arena::kStagingOut:
@@ -126,7 +145,7 @@ class EmulatedProgram : public StageProgram {
   // launched as the CUDA backend launches them: a race or barrier misuse
   // in one fails the run.
   absl::Status EmulateKernel(Arenas& arenas, const DeviceOp& op) const {
-    const View view{&weights_, &arenas};
+    const View view{&weights_, &arenas, cache_.data()};
     const float* x = view.F(op.src);
     float* y = view.F(op.dst);
     absl::Status s;
@@ -151,6 +170,8 @@ class EmulatedProgram : public StageProgram {
                         [&] { kernels::Reduce<float>(x, y, op.reduce); });
     } else if (op.type == DeviceOp::Type::kTriangle) {
       s = EmulateTriangle(view, op);
+    } else if (op.type == DeviceOp::Type::kAttention) {
+      s = EmulateAttention(view, op);
     } else if (op.type == DeviceOp::Type::kEmbedding) {
       const auto* ids = reinterpret_cast<const int64_t*>(view.Ptr(op.src));
       s = simt::Emulate(kernels::EmbeddingBlocks(op.n, op.cols), kernels::kEmbeddingThreads, [&] {
@@ -193,6 +214,26 @@ class EmulatedProgram : public StageProgram {
                                       reinterpret_cast<float*>(dst), op.copy);
         });
     }
+  }
+
+  // cached_attention: the step's keys and values into the cache, then the
+  // attention over it.
+  static absl::Status EmulateAttention(const View& view, const DeviceOp& op) {
+    kernels::PagedCache c = op.paged;
+    c.positions = reinterpret_cast<const int64_t*>(view.Ptr(op.src4));
+    c.seq = reinterpret_cast<const int64_t*>(view.Ptr(op.seq));
+    c.tables = reinterpret_cast<const int64_t*>(view.Ptr(op.tables));
+    float* cache = view.F(op.cache);
+    absl::Status s = simt::Emulate(
+        kernels::AppendBlocks(c.tokens, c.kv_heads, c.head_dim), kernels::kKvThreads,
+        [&] { kernels::KvAppend<float>(view.F(op.src2), view.F(op.src3), cache, c); });
+    if (!s.ok() || op.num_tiles == 0) return s;
+    const auto* tiles = reinterpret_cast<const int32_t*>(view.Ptr(op.tiles));
+    return simt::Emulate(simt::Dim3(static_cast<unsigned>(op.num_tiles), op.heads),
+                         kernels::kAttentionThreads, [&] {
+                           kernels::PagedAttention<float>(view.F(op.src), cache, tiles,
+                                                          view.F(op.dst), c, op.heads, op.scalar);
+                         });
   }
 
   // The triangle kernel for the value's element size.
@@ -251,7 +292,7 @@ class EmulatedProgram : public StageProgram {
   }
 
   absl::Status Execute(Arenas& arenas, const DeviceOp& op) const {
-    const View view{&weights_, &arenas};
+    const View view{&weights_, &arenas, cache_.data()};
     auto Ptr = [&](const BufferRef& r) { return view.Ptr(r); };
     auto F = [&](const BufferRef& r) { return view.F(r); };
     auto Load = [&](const BufferRef& r, DType t, int64_t i) {
@@ -312,12 +353,15 @@ class EmulatedProgram : public StageProgram {
       case DeviceOp::Type::kEmbedding:
       case DeviceOp::Type::kReduce:
       case DeviceOp::Type::kTriangle:
+      case DeviceOp::Type::kAttention:
         return EmulateKernel(arenas, op);
     }
     return absl::OkStatus();
   }
 
   LoweredStage stage_;
+  DeviceKv kv_;
+  mutable std::vector<char> cache_;  // the KV cache's keys and values (Arena::kCache)
   std::vector<char> weights_;  // read only after construction
   SlotPool<Arenas> slots_;
 };

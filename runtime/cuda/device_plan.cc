@@ -262,6 +262,10 @@ absl::Status LoweredStage::ChooseKind(const Node& node, Step* step) {
     step->kind = Kind::kReduce;
   } else if (op == "triu" || op == "tril") {
     step->kind = Kind::kTriangle;
+  } else if (op == "cached_attention") {
+    step->kind = Kind::kAttention;
+  } else if (op == "sample_tokens") {
+    step->kind = Kind::kHostSample;
   } else {
     return absl::InvalidArgumentError(
         absl::StrCat("the cuda backend has no kernel for op \"", op, "\""));
@@ -299,6 +303,11 @@ absl::Status LoweredStage::MakeSteps(const ValueIds& ids, bool fuse_linear_relu,
     }
     RETURN_IF_ERROR(CheckSizeReaders(node, step));
     RETURN_IF_ERROR(CheckTypes(node, step));
+    if (step.kind == Kind::kAttention) RETURN_IF_ERROR(CheckAttention(node, &step));
+    if (step.kind == Kind::kHostSample) {
+      RETURN_IF_ERROR(CheckHostSample(node, step));
+      values_[step.out].host_output = true;
+    }
     RETURN_IF_ERROR(CheckKernelGate(node.name(), op, DT_FLOAT32, cuda_ops));
     if (step.kind == Kind::kSize) values_[step.out].host = true;
     if (step.kind == Kind::kView) values_[step.out].view_of = step.in[0];
@@ -307,7 +316,7 @@ absl::Status LoweredStage::MakeSteps(const ValueIds& ids, bool fuse_linear_relu,
   }
   for (const std::string& out : graph_.outputs()) {
     output_values_.push_back(Canonical(id.at(out)));
-    if (values_[output_values_.back()].host) {
+    if (values_[output_values_.back()].host && !values_[output_values_.back()].host_output) {
       return absl::InvalidArgumentError(absl::StrCat(
           "the cuda backend has no int64 outputs: output \"", out,
           "\" is a size (serve this model with --device=cpu)"));
@@ -322,7 +331,7 @@ void LoweredStage::MarkNeeds() {
   // elementwise, biases and outputs in float32. Sizes live on the host; a
   // view needs what its readers need, and passes that on to its input.
   auto need = [&](int v, bool as_gemm_operand) {
-    if (values_[v].host) return;
+    if (values_[v].host || values_[v].host_output) return;
     if (as_gemm_operand && gemm_type_ != DType::kF32 && values_[v].type == DT_FLOAT32) {
       values_[v].need_gemm = true;
     } else {
@@ -346,7 +355,8 @@ void LoweredStage::MarkNeeds() {
   for (const Step& s : steps_) {
     Value& out = values_[s.out];
     // A result nobody reads is still computed (as the CPU backend does).
-    if (s.kind != Kind::kView && !out.host && !out.need_f32 && !out.need_gemm) {
+    if (s.kind != Kind::kView && !out.host && !out.host_output && !out.need_f32 &&
+        !out.need_gemm) {
       out.need_f32 = true;
     }
   }
@@ -465,7 +475,7 @@ LoweredStage::Buffers LoweredStage::LayOutBuffers(const std::vector<Shape>& shap
   for (size_t v = 0; v < values_.size(); ++v) {
     const Value& val = values_[v];
     int64_t n = NumElements(shape[v]);
-    if (val.host) continue;
+    if (val.host || val.host_output) continue;
     if (val.view_of >= 0) {  // its input's buffers (laid out before it)
       b.f32[v] = b.f32[val.view_of];
       b.gm[v] = b.gm[val.view_of];
@@ -489,6 +499,11 @@ LoweredStage::Buffers LoweredStage::LayOutBuffers(const std::vector<Shape>& shap
     if (val.need_gemm) b.gm[v] = act.Take(n * gm_bytes);
     b.has_f32[v] = want_f32;
     b.has_gm[v] = val.need_gemm;
+  }
+  if (kv_inputs_.positions >= 0) {  // cached_attention's tiles
+    b.num_tiles = kernels::MaxAttentionTiles(shape[input_values_[kv_inputs_.seq]][0],
+                                             shape[input_values_[kv_inputs_.blocks]][0]);
+    b.tiles = act.Take(b.num_tiles * kernels::kQueryTile * 4);
   }
   b.activation_bytes = act.size();
   return b;
@@ -706,7 +721,9 @@ DeviceOp LoweredStage::ConvertOp(const std::string& node, BufferRef f32, BufferR
 absl::Status LoweredStage::StepOps(const Step& s, const Node& node,
                                    const std::vector<Shape>& shape, const Buffers& b,
                                    std::vector<DeviceOp>* compute) const {
-  if (s.kind == Kind::kView || s.kind == Kind::kSize) return absl::OkStatus();  // no work
+  if (s.kind == Kind::kView || s.kind == Kind::kSize || s.kind == Kind::kHostSample) {
+    return absl::OkStatus();  // no device work
+  }
   const std::string& name = node.name();
   const int64_t n_out = NumElements(shape[s.out]);
   const BufferRef out = b.has_f32[s.out] ? b.f32[s.out] : b.gm[s.out];
@@ -793,8 +810,12 @@ absl::Status LoweredStage::StepOps(const Step& s, const Node& node,
     case Kind::kMove:
       RETURN_IF_ERROR(MoveOps(s, node, shape, b, out, compute));
       break;
+    case Kind::kAttention:
+      add(AttentionOp(s, node, shape, b, out));
+      break;
     case Kind::kView:
     case Kind::kSize:
+    case Kind::kHostSample:  // on the host, after the copies back
       break;
   }
   // A float32 result that GEMMs read in another form gets it now.
@@ -868,6 +889,12 @@ DeviceOp LoweredStage::EmbeddingOp(const Step& s, const std::vector<Shape>& shap
 absl::Status LoweredStage::CheckSizeReaders(const Node& node, const Step& step) const {
   const bool takes_sizes = step.kind == Kind::kView || step.kind == Kind::kMove;
   for (size_t i = 0; i < step.in.size(); ++i) {
+    if (values_[step.in[i]].host_output) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the cuda backend has no kernel for node \"", node.name(), "\" (", node.op(),
+          " of the sampled tokens \"", node.inputs(i),
+          "\": they are made on the host; serve this model with --device=cpu)"));
+    }
     if (values_[step.in[i]].host && !(takes_sizes && i > 0)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "the cuda backend has no kernel for node \"", node.name(), "\" (", node.op(),
@@ -896,6 +923,10 @@ absl::Status LoweredStage::CheckTypes(const Node& node, const Step& step) const 
     if (out != DT_FLOAT32 && out != DT_INT64 && out != DT_BOOL) return refuse(out, "makes");
     return absl::OkStatus();
   }
+  if (step.kind == Kind::kHostSample) {  // its logits go back; the rest are host tensors
+    const DataType t = values_[step.in[0]].type;
+    return t == DT_FLOAT32 ? absl::OkStatus() : refuse(t, "reads");
+  }
   const bool compare = step.kind == Kind::kProgram && node.op() != "where" &&
                        FindOp(node.op())->dtype != nullptr && out == DT_BOOL;
   if (out != DT_FLOAT32 && !compare) return refuse(out, "makes");
@@ -903,6 +934,7 @@ absl::Status LoweredStage::CheckTypes(const Node& node, const Step& step) const 
     const DataType t = values_[step.in[i]].type;
     const bool ok = t == DT_FLOAT32 ||
                     (step.kind == Kind::kEmbedding && i == 0 && t == DT_INT64) ||
+                    (step.kind == Kind::kAttention && i >= 3 && t == DT_INT64) ||
                     (node.op() == "where" && i == 0 && t == DT_BOOL);
     if (!ok) return refuse(t, "reads");
   }
@@ -914,6 +946,11 @@ void LoweredStage::OutputOps(const std::vector<Shape>& shape, const Buffers& b, 
   ArenaLayout out_stage(Arena::kStagingOut);
   for (size_t o = 0; o < output_values_.size(); ++o) {
     int v = output_values_[o];
+    if (values_[v].host_output) {  // a host step's (HostSampleOps)
+      plan->outputs.push_back({static_cast<int>(o), {}, DType::kF32, shape[v], values_[v].type,
+                               /*host=*/true});
+      continue;
+    }
     int64_t bytes = NumElements(shape[v]) * ElementSize(values_[v].type);
     StagedValue sv{static_cast<int>(o), out_stage.Take(bytes), DType::kF32, shape[v],
                    values_[v].type};
@@ -937,6 +974,7 @@ absl::StatusOr<DevicePlan> LoweredStage::Plan(
   std::vector<DeviceOp> copy_in, compute, copy_out;
   InputOps(shape, b, &plan, &copy_in, &compute);
   ConstantOps(sizes, b, &plan, &copy_in);
+  TileOps(shape, b, &plan, &copy_in);
   IndexChecks(shape, &plan);
   const absl::flat_hash_map<int, DeviceOp> fused = FusedOps(sizes, b);
   for (size_t i = 0; i < steps_.size(); ++i) {
@@ -953,6 +991,7 @@ absl::StatusOr<DevicePlan> LoweredStage::Plan(
     }
   }
   OutputOps(shape, b, &plan, &copy_out);
+  HostSampleOps(sizes, b, &plan, &copy_out);
   copy_in = MergeCopies(std::move(copy_in));
   copy_out = MergeCopies(std::move(copy_out));
   plan.compute_begin = copy_in.size();
@@ -981,6 +1020,12 @@ void StageInputs(const DevicePlan& plan, absl::Span<const Tensor> inputs,
       std::memcpy(base + c.staging.offset, c.value.raw_data(), c.value.byte_size());
     }
   }
+  for (const StagedTiles& t : plan.tiles) {  // the seq input's tiles, spare ones -1
+    const Tensor& seq = inputs[t.seq_input];
+    std::vector<int32_t> tiles = kernels::AttentionTiles(seq.data_as<int64_t>(), seq.numel());
+    tiles.resize(t.capacity * kernels::kQueryTile, -1);  // KvCache::BeginStep checked seq
+    std::memcpy(base + t.staging.offset, tiles.data(), tiles.size() * sizeof(int32_t));
+  }
 }
 
 absl::Status CheckIndices(const DevicePlan& plan, absl::Span<const Tensor> inputs) {
@@ -1003,6 +1048,7 @@ void UnstageOutputs(const DevicePlan& plan, const void* staging_out,
   const char* base = static_cast<const char*>(staging_out);
   outputs->resize(plan.outputs.size());
   for (const StagedValue& sv : plan.outputs) {
+    if (sv.host) continue;  // RunHostSteps makes it
     Tensor& t = (*outputs)[sv.index];
     if (!(t.SoleOwner() && t.shape() == sv.shape && t.dtype() == sv.dtype)) {
       t = Tensor::Empty(sv.shape, sv.dtype);

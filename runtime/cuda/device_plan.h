@@ -64,6 +64,8 @@ enum class Arena {
   kActivations,  // device: inputs, intermediates, outputs of one plan
   kStagingIn,    // pinned host: inputs on their way to the device
   kStagingOut,   // pinned host: outputs on their way back
+  kCache,        // device: the KV cache of the stage's cached_attention layers,
+                 // kept across runs (cache_bytes(); zeroed once)
 };
 
 struct BufferRef {
@@ -110,6 +112,7 @@ struct DeviceOp {
     kEmbedding,    // dst [n, cols] = rows of table src2 [rows, cols] at int64 ids src [n]
     kReduce,       // dst = `reduce` of src (kernels/reduction.h)
     kTriangle,     // dst = src with entries off the triangle zeroed (kernels/triangle.h)
+    kAttention,    // cached_attention: KvAppend then PagedAttention (kernels/paged_attention.h)
     kCopy,     // bytes: device src -> device dst (clone)
     kCopyOut,  // bytes: device src -> staging_out dst
   };
@@ -138,6 +141,14 @@ struct DeviceOp {
   kernels::ReduceOp reduce;                              // kReduce
   int64_t diagonal = 0;                                  // kTriangle (rows, cols)
   bool upper = false;
+  // kAttention: q src, k src2, v src3, positions src4 (all [1, H|Hkv, T, D]
+  // float32 and int64 metadata); `paged` without its pointers (the
+  // launcher sets them from the buffers); tiles: num_tiles * kQueryTile
+  // token indices (int32); cache: the layer's blocks; scale in `scalar`.
+  BufferRef seq, tables, tiles, cache;
+  kernels::PagedCache paged;
+  int heads = 0;
+  int64_t num_tiles = 0;
 };
 
 // Host side of one input or output.
@@ -148,6 +159,7 @@ struct StagedValue {
       DType::kF32;  // inputs: the GEMM form when converted while staging
   Shape shape;
   DataType dtype = DT_FLOAT32;  // int64 and bool values go as they are
+  bool host = false;  // outputs: made by a host step, not copied back
 };
 
 // A value the plan computed on the host (arange, full), staged with the
@@ -155,6 +167,39 @@ struct StagedValue {
 struct StagedConstant {
   BufferRef staging;
   Tensor value;
+};
+
+// The attention tiles of a step (AttentionTiles of graph input
+// `seq_input`), written by StageInputs: `capacity` tiles, spare ones -1.
+struct StagedTiles {
+  BufferRef staging;
+  int seq_input = 0;
+  int64_t capacity = 0;
+};
+
+// A step the host runs after the copies back (sample_tokens: only token
+// ids come back, from the logits that came back): its node (attributes
+// resolved) on inputs that are graph inputs (`graph_input` >= 0) or values
+// copied back (`read`, an index into DevicePlan::host_reads); its result
+// is graph output `output`.
+struct HostStep {
+  Node node;
+  struct Input {
+    int graph_input = -1;
+    int read = -1;
+  };
+  std::vector<Input> inputs;
+  std::vector<int> outputs;  // every graph output that is this value
+  Shape out_shape;
+  DataType out_type = DT_INT64;
+};
+
+// The checks a cached_attention stage makes on the host before a step
+// (KvCache::BeginStep, runtime/cpu/kv_cache.h): graph inputs holding
+// positions, seq, blocks and seq_ids, and the step's token count.
+struct KvInputs {
+  int positions = -1, seq = -1, blocks = -1, seq_ids = -1;
+  int64_t tokens = 0;
 };
 
 // Ids an embedding reads straight from graph input `input`: each must be
@@ -173,6 +218,10 @@ struct DevicePlan {
   std::vector<StagedValue> outputs;  // staging_out -> host tensor
   std::vector<StagedConstant> constants;  // -> staging_in, after the inputs
   std::vector<IndexCheck> index_checks;
+  std::vector<StagedTiles> tiles;         // -> staging_in, after the constants
+  std::vector<StagedValue> host_reads;    // staging_out -> host, for host_steps
+  std::vector<HostStep> host_steps;
+  KvInputs kv;                            // positions < 0: the stage has no cache
   // kCopyIn ops first, then compute in graph order, then kCopyOut ops;
   // ops [compute_begin, compute_end) are the compute.
   std::vector<DeviceOp> ops;
@@ -199,6 +248,18 @@ class LoweredStage {
   // Linear layers whose ReLU became their GEMM's epilogue.
   int fused_relus() const { return fused_relus_; }
 
+  // The KV cache of the stage's cached_attention layers (none: no layers):
+  // num_blocks blocks of block_size tokens per layer, each layer's kv_heads
+  // and head_dim; cache_bytes() of device memory (Arena::kCache).
+  struct CacheLayer {
+    int kv_heads = 0, head_dim = 0;
+    int64_t offset = 0;  // in the cache arena
+  };
+  const std::vector<CacheLayer>& cache_layers() const { return cache_layers_; }
+  int64_t num_blocks() const { return num_blocks_; }
+  int block_size() const { return block_size_; }
+  int64_t cache_bytes() const { return cache_bytes_; }
+
   // Writes the weights arena (weight_bytes() bytes): float32 and GEMM-form
   // copies of the parameters, as the plans read them.
   void FillWeights(void* dst) const;
@@ -223,6 +284,8 @@ class LoweredStage {
     kAddmm,      // bias [N] + x @ w: a GEMM with a bias epilogue
     kReduce,     // sum, mean, amax
     kTriangle,   // triu, tril
+    kAttention,  // cached_attention, on the stage's device KV cache
+    kHostSample, // sample_tokens, on the host after the logits come back
   };
   struct Value {
     int input = -1;     // graph input number, or -1
@@ -231,6 +294,7 @@ class LoweredStage {
     int alias = -1;     // this id is another's (identity, fused relu)
     int view_of = -1;   // a kView step's output: its input's buffers
     bool host = false;  // a kSize step's output: no buffer
+    bool host_output = false;  // a kHostSample step's output: made on the host
     DataType type = DT_FLOAT32;  // float32, int64 or bool
     bool need_f32 = false, need_gemm = false;  // GEMM form: gemm_type_
     int64_t w_f32 = -1, w_gemm = -1;           // weights arena offsets (params)
@@ -248,6 +312,7 @@ class LoweredStage {
     // An elementwise step whose only reader is elementwise: computed inside
     // that step's program (FuseElementwise), not on its own.
     int fused_into = -1;
+    int layer = -1;  // kAttention: its cache layer
   };
 
   LoweredStage() = default;
@@ -256,6 +321,8 @@ class LoweredStage {
   struct Buffers {
     std::vector<BufferRef> f32, gm;
     std::vector<bool> has_f32, has_gm;
+    BufferRef tiles;  // cached_attention's tiles (int32), num_tiles of them
+    int64_t num_tiles = 0;
     int64_t activation_bytes = 0;
   };
   // Every value's shape for these inputs, and every step's node with its
@@ -280,6 +347,19 @@ class LoweredStage {
                    std::vector<DeviceOp>* copy_in) const;
   // Index checks of embeddings that read graph inputs.
   void IndexChecks(const std::vector<Shape>& shape, DevicePlan* plan) const;
+  // cached_attention: the tiles staged after the constants, each layer's op.
+  void TileOps(const std::vector<Shape>& shape, const Buffers& b, DevicePlan* plan,
+               std::vector<DeviceOp>* copy_in) const;
+  DeviceOp AttentionOp(const Step& s, const Node& node, const std::vector<Shape>& shape,
+                       const Buffers& b, BufferRef out) const;
+  // sample_tokens: its logits copied back, the host step after.
+  void HostSampleOps(const Sizes& sizes, const Buffers& b, DevicePlan* plan,
+                     std::vector<DeviceOp>* copy_out) const;
+  // The graph input value `v` is (through identities and views), or -1.
+  int GraphInputOf(int v) const;
+  // cached_attention's and sample_tokens' requirements (MakeSteps).
+  absl::Status CheckAttention(const Node& node, Step* step);
+  absl::Status CheckHostSample(const Node& node, const Step& step) const;
   // The strided copies of a kMove step.
   absl::Status MoveOps(const Step& s, const Node& node, const std::vector<Shape>& shape,
                        const Buffers& b, BufferRef out, std::vector<DeviceOp>* compute) const;
@@ -349,6 +429,11 @@ class LoweredStage {
   std::vector<Tensor> params_;  // one per param value that is read
   int64_t weight_bytes_ = 0;
   int fused_relus_ = 0;
+  std::vector<CacheLayer> cache_layers_;
+  int64_t num_blocks_ = 0;
+  int block_size_ = 16;
+  int64_t cache_bytes_ = 0;
+  KvInputs kv_inputs_;  // graph inputs; tokens set per plan
 };
 
 // Host float32 <-> bfloat16 is in graph/dtype.h; float32 rounded to TF32 (nearest even; as the CUDA conversion kernel).
@@ -357,7 +442,8 @@ float RoundToTf32(float f);
 void ConvertFloats(const float* src, int64_t n, DType to, void* dst);
 
 // Copies `inputs` (graph order) into the staging arena, converting to the
-// GEMM form where the plan says.
+// GEMM form where the plan says, with the plan's constants and attention
+// tiles.
 void StageInputs(const DevicePlan& plan, absl::Span<const Tensor> inputs,
                  void* staging_in);
 

@@ -40,8 +40,28 @@ import models  # noqa: E402
 import pipeserve  # noqa: E402
 import transformer_models  # noqa: E402
 
-# Transformer cases (token ids in), by name.
+# Transformer cases (token ids in), by name; the _gen ones are exported
+# for generation (model.psm and manifest.json only: their steps' inputs are
+# made by the test).
 TRANSFORMERS = ("gpt2", "llama")
+GENERATION = ("gpt2_gen", "llama_gen")
+
+
+def write_generation_case(name, out_dir):
+    """Exports transformer `name` without _gen for generation."""
+    case_dir = os.path.join(out_dir, name)
+    os.makedirs(case_dir, exist_ok=True)
+    model_name = name[:-len("_gen")]
+    ids = torch.randint(0, transformer_models.vocab(model_name), (1, 7),
+                        generator=torch.Generator().manual_seed(1234))
+    info = pipeserve.export(transformer_models.make(model_name), (ids,),
+                            os.path.join(case_dir, "model.psm"), generation=True)
+    manifest = {"name": name, "num_stages": info.num_stages,
+                "input_names": info.input_names, "output_names": info.output_names}
+    with open(os.path.join(case_dir, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+    return manifest
 
 
 def make_case(name, batch):
@@ -55,6 +75,8 @@ def make_case(name, batch):
 
 def write_case(name, out_dir, batch):
     """Exports case `name` into out_dir/name and returns its manifest."""
+    if name in GENERATION:
+        return write_generation_case(name, out_dir)
     case_dir = os.path.join(out_dir, name)
     os.makedirs(case_dir, exist_ok=True)
     model, inputs = make_case(name, batch)
@@ -102,7 +124,7 @@ def write_case(name, out_dir, batch):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--case", action="append", choices=models.NAMES + TRANSFORMERS,
+    parser.add_argument("--case", action="append", choices=models.NAMES + TRANSFORMERS + GENERATION,
                         help="a case to write (repeatable; default: all)")
     parser.add_argument("--batch", type=int, default=16,
                         help="batch size of the inputs (default 16)")

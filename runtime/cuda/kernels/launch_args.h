@@ -5,6 +5,7 @@
 #define PIPESERVE_RUNTIME_CUDA_KERNELS_LAUNCH_ARGS_H_
 
 #include <cstdint>
+#include <vector>
 
 #include "runtime/cuda/kernels/unary_kind.h"
 
@@ -120,6 +121,29 @@ struct PagedCache {
   const int64_t* seq = nullptr;
   const int64_t* tables = nullptr;
 };
+
+// The step's tokens grouped for PagedAttention: each sequence's tokens in
+// step order, kQueryTile per tile, -1 filling a tile's tail.
+inline std::vector<int32_t> AttentionTiles(const int64_t* seq, int64_t tokens) {
+  std::vector<std::vector<int32_t>> by_seq;
+  for (int64_t t = 0; t < tokens; ++t) {
+    if (by_seq.size() <= static_cast<size_t>(seq[t])) by_seq.resize(seq[t] + 1);
+    by_seq[seq[t]].push_back(static_cast<int32_t>(t));
+  }
+  std::vector<int32_t> tiles;
+  for (const std::vector<int32_t>& mine : by_seq) {
+    for (size_t i = 0; i < mine.size(); i += kQueryTile) {
+      for (size_t r = i; r < i + kQueryTile; ++r) tiles.push_back(r < mine.size() ? mine[r] : -1);
+    }
+  }
+  return tiles;
+}
+
+// The most tiles a step of `tokens` tokens of at most `sequences`
+// sequences makes.
+inline int64_t MaxAttentionTiles(int64_t tokens, int64_t sequences) {
+  return (tokens + kQueryTile - 1) / kQueryTile + sequences;
+}
 
 inline unsigned AppendBlocks(int64_t tokens, int kv_heads, int head_dim) {
   return static_cast<unsigned>((tokens * kv_heads * head_dim + kKvThreads - 1) / kKvThreads);

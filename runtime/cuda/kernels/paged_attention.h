@@ -59,23 +59,6 @@ SIMT_GLOBAL void KvAppend(const T* __restrict__ k, const T* __restrict__ v, T* _
   cache[CacheRow(c, c.seq[t], c.positions[t], 1, h) + d] = v[i];
 }
 
-// The step's tokens grouped for PagedAttention: each sequence's tokens in
-// step order, kQueryTile per tile, -1 filling a tile's tail.
-inline std::vector<int32_t> AttentionTiles(const std::vector<int64_t>& seq) {
-  std::vector<std::vector<int32_t>> by_seq;
-  for (size_t t = 0; t < seq.size(); ++t) {
-    if (by_seq.size() <= static_cast<size_t>(seq[t])) by_seq.resize(seq[t] + 1);
-    by_seq[seq[t]].push_back(static_cast<int32_t>(t));
-  }
-  std::vector<int32_t> tiles;
-  for (const std::vector<int32_t>& tokens : by_seq) {
-    for (size_t i = 0; i < tokens.size(); i += kQueryTile) {
-      for (size_t r = i; r < i + kQueryTile; ++r) tiles.push_back(r < tokens.size() ? tokens[r] : -1);
-    }
-  }
-  return tiles;
-}
-
 // One key tile [key0, key0 + kKeyTile) of sequence `s` into k_s and v_s
 // (rows past `last` zero), as float.
 template <typename T>
@@ -136,6 +119,8 @@ SIMT_DEVICE void RowUpdate(int r, simt::SharedPtr<float> p_s, simt::SharedPtr<fl
 // tiles[tile * kQueryTile ...] (one sequence's; -1 = none) for query head
 // `head`, which reads KV head head / (heads / kv_heads). head_dim <=
 // kMaxHeadDim. The step's own keys must be in the cache (KvAppend first).
+// A tile whose first token is -1 is spare (a grid sized for the most tiles
+// a step of this shape can have) and does nothing.
 template <typename T>
 SIMT_GLOBAL void PagedAttention(const T* __restrict__ q, const T* __restrict__ cache,
                                 const int32_t* __restrict__ tiles, T* __restrict__ out,
@@ -148,6 +133,7 @@ SIMT_GLOBAL void PagedAttention(const T* __restrict__ q, const T* __restrict__ c
   SIMT_SHARED(float, m_s, kQueryTile);
   SIMT_SHARED(float, l_s, kQueryTile);
   SIMT_SHARED(float, alpha_s, kQueryTile);
+  if (tiles[int64_t{BlockIdx().x} * kQueryTile] < 0) return;  // a spare tile: the whole block
   const int head = static_cast<int>(BlockIdx().y);
   const int kv_head = head / (heads / c.kv_heads);
   const int32_t* tile = tiles + int64_t{BlockIdx().x} * kQueryTile;

@@ -1,0 +1,74 @@
+#include "runtime/cuda/device_generation.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "runtime/cpu/cpu_ops.h"
+#include "runtime/cuda/kernels/launch_args.h"
+
+namespace pipeserve {
+
+DeviceKv::DeviceKv(const LoweredStage& stage) {
+  if (stage.cache_layers().empty()) return;
+  cache_ = std::make_unique<KvCache>(stage.num_blocks(), stage.block_size());
+  for (const LoweredStage::CacheLayer& l : stage.cache_layers()) {
+    cache_->AddLayer(l.kv_heads, l.head_dim, DT_FLOAT32);
+  }
+  block_bytes_ = cache_->BlockBytes();
+}
+
+absl::StatusOr<std::optional<KvStep>> DeviceKv::Begin(const DevicePlan& plan,
+                                                      absl::Span<const Tensor> inputs) {
+  if (cache_ == nullptr) return std::optional<KvStep>();
+  const KvInputs& kv = plan.kv;
+  absl::StatusOr<KvStep> step = cache_->BeginStep(inputs[kv.positions], inputs[kv.seq],
+                                                  inputs[kv.blocks], inputs[kv.seq_ids],
+                                                  kv.tokens);
+  if (!step.ok()) {
+    return absl::Status(step.status().code(),
+                        absl::StrCat("cached_attention: ", step.status().message()));
+  }
+  return std::optional<KvStep>(*std::move(step));
+}
+
+void DeviceKv::Abort(const std::optional<KvStep>& step) {
+  if (cache_ != nullptr && step.has_value()) cache_->AbortStep(*step);
+}
+
+KvCacheUsage DeviceKv::usage() const {
+  if (cache_ == nullptr) return {};
+  return {cache_->num_blocks(), cache_->blocks_in_use(), block_bytes_};
+}
+
+absl::Status RunHostSteps(const DevicePlan& plan, const void* staging_out,
+                          absl::Span<const Tensor> inputs, std::vector<Tensor>* outputs) {
+  const char* base = static_cast<const char*>(staging_out);
+  for (const HostStep& h : plan.host_steps) {
+    std::vector<Tensor> reads;
+    std::vector<const Tensor*> in;
+    reads.reserve(h.inputs.size());
+    for (const HostStep::Input& i : h.inputs) {
+      if (i.graph_input >= 0) {
+        in.push_back(&inputs[i.graph_input]);
+        continue;
+      }
+      const StagedValue& sv = plan.host_reads[i.read];
+      reads.push_back(Tensor::Empty(sv.shape, sv.dtype));
+      if (reads.back().numel() > 0) {
+        std::memcpy(reads.back().raw_data(), base + sv.staging.offset, reads.back().byte_size());
+      }
+      in.push_back(&reads.back());
+    }
+    absl::StatusOr<Tensor> out = RunCpuOp(h.node, in, h.out_shape, h.out_type, Tensor());
+    if (!out.ok()) {
+      return absl::Status(out.status().code(), absl::StrCat("node \"", h.node.name(), "\" (",
+                                                            h.node.op(), "): ",
+                                                            out.status().message()));
+    }
+    for (int o : h.outputs) (*outputs)[o] = *out;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace pipeserve

@@ -1,0 +1,59 @@
+// The host side of generation for the device programs (the CUDA backend
+// and the device emulator): the KV cache's bookkeeping (which positions
+// each slot holds, runtime/cpu/kv_cache.h, whose checks every step passes
+// before it goes up; the keys and values themselves live in device
+// memory), the attention tiles each step stages, and the host steps
+// (sample_tokens) run on what came back.
+//
+//   DeviceKv kv(stage);                       // once per program
+//   ASSIGN_OR_RETURN(std::optional<KvStep> step, kv.Begin(plan, inputs));
+//   StageInputs(plan, inputs, staging_in);    // also writes the tiles
+//   ... run; on failure: kv.Abort(step) ...
+//   UnstageOutputs(plan, staging_out, &outputs);
+//   RETURN_IF_ERROR(RunHostSteps(plan, staging_out, inputs, &outputs));
+#ifndef PIPESERVE_RUNTIME_CUDA_DEVICE_GENERATION_H_
+#define PIPESERVE_RUNTIME_CUDA_DEVICE_GENERATION_H_
+
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "runtime/backend.h"
+#include "runtime/cpu/kv_cache.h"
+#include "runtime/cuda/device_plan.h"
+#include "runtime/tensor.h"
+
+namespace pipeserve {
+
+class DeviceKv {
+ public:
+  // The stage's cache layers (none: every call is a no-op).
+  explicit DeviceKv(const LoweredStage& stage);
+
+  bool present() const { return cache_ != nullptr; }
+  // Checks the step's metadata (the CPU cache's errors: kInvalidArgument,
+  // kFailedPrecondition for positions this stage does not hold) and marks
+  // its positions; nullopt for a stage without a cache.
+  absl::StatusOr<std::optional<KvStep>> Begin(const DevicePlan& plan,
+                                              absl::Span<const Tensor> inputs);
+  // Unmarks a step that failed after Begin.
+  void Abort(const std::optional<KvStep>& step);
+  // Blocks as the CPU backend reports them; blocks_allocated counts blocks
+  // whose positions some step wrote (the device memory is all taken).
+  KvCacheUsage usage() const;
+
+ private:
+  std::unique_ptr<KvCache> cache_;
+  int64_t block_bytes_ = 0;
+};
+
+// Runs plan.host_steps on the values copied back (`staging_out`) and the
+// inputs, into `outputs` (UnstageOutputs has sized it).
+absl::Status RunHostSteps(const DevicePlan& plan, const void* staging_out,
+                          absl::Span<const Tensor> inputs, std::vector<Tensor>* outputs);
+
+}  // namespace pipeserve
+
+#endif  // PIPESERVE_RUNTIME_CUDA_DEVICE_GENERATION_H_

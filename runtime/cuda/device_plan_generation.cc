@@ -1,0 +1,143 @@
+// LoweredStage's generation steps (device_plan.h): cached_attention on a KV
+// cache kept in device memory across runs (kernels/paged_attention.h; the
+// host checks each step's metadata first, as the CPU cache does), and
+// sample_tokens on the host once the logits are back.
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "graph/op_schema.h"
+#include "runtime/cuda/device_plan.h"
+
+namespace pipeserve {
+
+int LoweredStage::GraphInputOf(int v) const {
+  while (values_[v].view_of >= 0) v = values_[v].view_of;
+  return values_[v].input;
+}
+
+// The cache metadata must come straight from the stage's inputs (the host
+// checks them before the step), the same ones for every layer; head_dim
+// fits the kernel's tiles. Lays out the layer's cache.
+absl::Status LoweredStage::CheckAttention(const Node& node, Step* step) {
+  auto refuse = [&](const std::string& why) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the cuda backend cannot run node \"", node.name(), "\" (cached_attention): ", why,
+        " (serve this model with --device=cpu)"));
+  };
+  KvInputs kv;
+  int* fields[] = {&kv.positions, &kv.seq, &kv.blocks, &kv.seq_ids};
+  for (int i = 0; i < 4; ++i) {
+    *fields[i] = GraphInputOf(step->in[3 + i]);
+    if (*fields[i] < 0) return refuse("its cache metadata must be inputs of the stage");
+  }
+  if (!cache_layers_.empty() &&
+      (kv.positions != kv_inputs_.positions || kv.seq != kv_inputs_.seq ||
+       kv.blocks != kv_inputs_.blocks || kv.seq_ids != kv_inputs_.seq_ids)) {
+    return refuse("every layer must read the same cache metadata");
+  }
+  kv_inputs_ = kv;
+  const int head_dim = static_cast<int>(IntAttr(node, "head_dim", 0));
+  const int kv_heads = static_cast<int>(IntAttr(node, "kv_heads", 0));
+  if (head_dim <= 0 || head_dim > kernels::kMaxHeadDim || kv_heads <= 0) {
+    return refuse(absl::StrCat("head_dim ", head_dim, " (the kernel takes 1 to ",
+                               kernels::kMaxHeadDim, ") and kv_heads ", kv_heads));
+  }
+  num_blocks_ = IntAttr(node, "num_blocks", 0);
+  block_size_ = static_cast<int>(IntAttr(node, "block_size", 16));
+  step->layer = static_cast<int>(cache_layers_.size());
+  cache_layers_.push_back({kv_heads, head_dim, cache_bytes_});
+  cache_bytes_ += num_blocks_ * 2 * kv_heads * block_size_ * head_dim * 4;
+  return absl::OkStatus();
+}
+
+// sample_tokens reads the logits (copied back) and host tensors only, and
+// nothing on the device reads the tokens.
+absl::Status LoweredStage::CheckHostSample(const Node& node, const Step& step) const {
+  for (size_t i = 1; i < step.in.size(); ++i) {
+    if (GraphInputOf(step.in[i]) < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the cuda backend cannot run node \"", node.name(),
+          "\" (sample_tokens): its sampling parameters must be inputs of the stage (serve this "
+          "model with --device=cpu)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+void LoweredStage::TileOps(const std::vector<Shape>& shape, const Buffers& b, DevicePlan* plan,
+                           std::vector<DeviceOp>* copy_in) const {
+  if (kv_inputs_.positions < 0) return;
+  plan->kv = kv_inputs_;
+  plan->kv.tokens = shape[input_values_[kv_inputs_.positions]][0];
+  const int64_t bytes = b.num_tiles * kernels::kQueryTile * 4;
+  StagedTiles t{{Arena::kStagingIn, plan->staging_in_bytes}, kv_inputs_.seq, b.num_tiles};
+  plan->staging_in_bytes += (bytes + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
+  DeviceOp op{DeviceOp::Type::kCopyIn, "attention tiles"};
+  op.src = t.staging;
+  op.dst = b.tiles;
+  op.bytes = bytes;
+  if (bytes > 0) copy_in->push_back(op);
+  plan->tiles.push_back(t);
+}
+
+DeviceOp LoweredStage::AttentionOp(const Step& s, const Node& node,
+                                   const std::vector<Shape>& shape, const Buffers& b,
+                                   BufferRef out) const {
+  const CacheLayer& layer = cache_layers_[s.layer];
+  const Shape& q = shape[s.in[0]];
+  DeviceOp op{DeviceOp::Type::kAttention, node.name()};
+  op.src = b.f32[s.in[0]];
+  op.src2 = b.f32[s.in[1]];
+  op.src3 = b.f32[s.in[2]];
+  op.src4 = b.f32[s.in[3]];
+  op.seq = b.f32[s.in[4]];
+  op.tables = b.f32[s.in[5]];
+  op.tiles = b.tiles;
+  op.cache = {Arena::kCache, layer.offset};
+  op.dst = out;
+  op.paged.tokens = q[2];
+  op.paged.kv_heads = layer.kv_heads;
+  op.paged.head_dim = layer.head_dim;
+  op.paged.block_size = block_size_;
+  op.paged.table_width = shape[s.in[5]][1];
+  op.heads = static_cast<int>(q[1]);
+  op.num_tiles = b.num_tiles;
+  op.scalar = static_cast<float>(FloatAttr(node, "scale", 1.0));
+  op.n = NumElements(q);
+  return op;
+}
+
+void LoweredStage::HostSampleOps(const Sizes& sizes, const Buffers& b, DevicePlan* plan,
+                                 std::vector<DeviceOp>* copy_out) const {
+  int64_t at = plan->staging_out_bytes;
+  for (size_t i = 0; i < steps_.size(); ++i) {
+    const Step& s = steps_[i];
+    if (s.kind != Kind::kHostSample) continue;
+    HostStep h;
+    h.node = sizes.node[i];
+    h.out_shape = sizes.shape[s.out];
+    h.out_type = values_[s.out].type;
+    const int logits = s.in[0];
+    const int64_t bytes = NumElements(sizes.shape[logits]) * 4;
+    StagedValue read{static_cast<int>(plan->host_reads.size()), {Arena::kStagingOut, at},
+                     DType::kF32, sizes.shape[logits], DT_FLOAT32};
+    at += (std::max<int64_t>(bytes, 1) + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
+    DeviceOp op{DeviceOp::Type::kCopyOut, h.node.name()};
+    op.src = b.f32[logits];
+    op.dst = read.staging;
+    op.bytes = bytes;
+    if (bytes > 0) copy_out->push_back(op);
+    h.inputs.push_back({-1, read.index});
+    plan->host_reads.push_back(read);
+    for (size_t k = 1; k < s.in.size(); ++k) h.inputs.push_back({GraphInputOf(s.in[k]), -1});
+    for (size_t o = 0; o < output_values_.size(); ++o) {
+      if (output_values_[o] == s.out) h.outputs.push_back(static_cast<int>(o));
+    }
+    plan->host_steps.push_back(std::move(h));
+  }
+  plan->staging_out_bytes = at;
+}
+
+}  // namespace pipeserve
