@@ -44,20 +44,25 @@ struct BackendCase {
   bool fresh_inputs = false;
   // Runs on a CUDA device: skipped (only) where there is none.
   bool needs_gpu = false;
+  // Takes only GPU-confirmed kernels (the default --cuda_ops): a graph with
+  // others must be refused at Compile, saying how to allow them.
+  bool confirmed_only = false;
 };
 
 BackendCase Cuda(const std::string& name, Precision p, double tol,
-                 bool cublaslt = true) {
+                 bool cublaslt = true, bool confirmed_only = false) {
   return {name,
-          [p, cublaslt]() -> absl::StatusOr<std::unique_ptr<ComputeBackend>> {
+          [p, cublaslt, confirmed_only]() -> absl::StatusOr<std::unique_ptr<ComputeBackend>> {
             CudaBackendOptions o;
             o.precision = p;
             o.poison_buffers = true;
             o.use_cublaslt = cublaslt;
-            o.cuda_ops = CudaOps::kUnconfirmed;  // on a GPU, check every kernel
+            // On a GPU, check every kernel; and once as a stage server runs
+            // by default, with only the confirmed ones (no fusion).
+            o.cuda_ops = confirmed_only ? CudaOps::kConfirmed : CudaOps::kUnconfirmed;
             return MakeCudaBackend(o);
           },
-          tol, /*fresh_inputs=*/true, /*needs_gpu=*/true};
+          tol, /*fresh_inputs=*/true, /*needs_gpu=*/true, confirmed_only};
 }
 
 BackendCase Emulated(const std::string& name, Precision p, double tol) {
@@ -87,6 +92,7 @@ std::vector<BackendCase> Backends() {
           Emulated("emulated_tf32", Precision::kTF32, 1e-3),
           Emulated("emulated_bf16", Precision::kBF16, 1e-2),
           Cuda("cuda_fp32", Precision::kFloat32, 1e-5),
+          Cuda("cuda_fp32_confirmed", Precision::kFloat32, 1e-5, true, /*confirmed_only=*/true),
           Cuda("cuda_tf32", Precision::kTF32, 1e-3),
           Cuda("cuda_bf16", Precision::kBF16, 1e-2),
           // The cublasGemmEx + epilogue kernel path, used when cuBLASLt
@@ -149,6 +155,7 @@ class BackendTest : public ::testing::TestWithParam<BackendCase> {
   // (relative to the largest magnitude).
   void CheckAgainstReference(const Model& m) {
     auto prog = backend_->Compile(m.graph, m.weights);
+    if (RefusedByTheGate(prog.status())) return;
     ASSERT_TRUE(prog.ok()) << prog.status();
     double worst = 0;
     uint32_t fixed_seed = 100;
@@ -189,6 +196,14 @@ class BackendTest : public ::testing::TestWithParam<BackendCase> {
     std::printf("[ max_rel_err ] %s %s %.2e tol %.0e\n",
                 GetParam().name.c_str(), test.c_str(), worst,
                 GetParam().rel_tol);
+  }
+
+  // A confirmed-only backend refusing a graph with an unconfirmed kernel,
+  // as it must (and says how to allow it).
+  bool RefusedByTheGate(const absl::Status& compiled) {
+    if (!GetParam().confirmed_only || compiled.ok()) return false;
+    EXPECT_THAT(std::string(compiled.message()), HasSubstr("--cuda_ops=unconfirmed"));
+    return true;
   }
 
   std::unique_ptr<ComputeBackend> backend_;
@@ -388,6 +403,34 @@ TEST_P(BackendTest, ElementwiseChainWithBroadcastInputs) {
       .Op("relu", {"m"}, "y")
       .Output("y");
   CheckAgainstReference(b.Build());
+}
+
+// full sized at run time by a size of the input: made when the plan is.
+TEST_P(BackendTest, FullSizedAtRunTime) {
+  GraphBuilder b;
+  b.Input("x", {-1, 4});
+  b.Op("size", {"x"}, "n", "", {{"dim", AttrI(0)}})
+      .Op("full", {"n"}, "f", "",
+          {{"shape", AttrInts({0, 4})}, {"shape_from", AttrInts({1, 0})}, {"value", AttrF(2.5)},
+           {"dtype", AttrI(DT_FLOAT32)}})
+      .Op("add", {"x", "f"}, "y")
+      .Output("y");
+  CheckAgainstReference(b.Build());
+}
+
+// An empty batch through a chain the device backends fuse: an empty
+// output, no kernel launched.
+TEST_P(BackendTest, AnEmptyBatchThroughAFusedChain) {
+  GraphBuilder b;
+  b.Input("x", {-1, 16});
+  b.Op("mul", {"x"}, "a", "", {{"scalar", AttrF(0.5)}}).Op("tanh", {"a"}, "y").Output("y");
+  Model m = b.Build();
+  auto prog = backend_->Compile(m.graph, m.weights);
+  if (RefusedByTheGate(prog.status())) return;
+  ASSERT_TRUE(prog.ok()) << prog.status();
+  absl::StatusOr<std::vector<Tensor>> out = (*prog)->Run({Tensor::Empty({0, 16})});
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ((*out)[0].shape(), (Shape{0, 16}));
 }
 
 TEST_P(BackendTest, UnalignedGemmSizes) {

@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "graph/op_schema.h"
@@ -257,6 +258,12 @@ absl::Status LoweredStage::ChooseKind(const Node& node, Step* step) {
   } else if (op == "embedding") {
     step->kind = Kind::kEmbedding;
   } else if (op == "addmm") {
+    if (FloatAttr(node, "beta", 1.0) != 1.0 || FloatAttr(node, "alpha", 1.0) != 1.0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the cuda backend has no kernel for node \"", node.name(), "\" (addmm with beta ",
+          FloatAttr(node, "beta", 1.0), " and alpha ", FloatAttr(node, "alpha", 1.0),
+          "; it runs bias + x @ w)"));
+    }
     step->kind = Kind::kAddmm;
   } else if (IsReduction(op)) {
     step->kind = Kind::kReduce;
@@ -339,7 +346,7 @@ void LoweredStage::MarkNeeds() {
     }
   };
   for (const Step& s : steps_) {
-    if (s.kind == Kind::kView) continue;
+    if (s.kind == Kind::kView || s.kind == Kind::kSize) continue;  // a size reads no values
     const bool gemm = s.kind == Kind::kMm || s.kind == Kind::kLinear;
     const size_t first = s.kind == Kind::kAddmm ? 1 : 0;  // addmm: bias, x, w
     for (size_t i = 0; i < s.in.size(); ++i) {
@@ -664,10 +671,11 @@ absl::Status LoweredStage::CheckGemmOperands(const Node& node, const std::vector
           " only over ", ShapeToString(want), " or all ones (expand it first)"));
     }
   }
-  if (s.kind == Kind::kAddmm && NumElements(shape[s.in[0]]) != n) {
+  const Shape& bias = shape[s.in[0]];
+  if (s.kind == Kind::kAddmm && !(bias == Shape{n} || bias == Shape{1, n})) {
     return absl::UnimplementedError(absl::StrCat(
         "node \"", node.name(), "\": the cuda addmm adds a row of ", n, " values, not ",
-        ShapeToString(shape[s.in[0]])));
+        ShapeToString(bias)));
   }
   return absl::OkStatus();
 }
@@ -887,7 +895,23 @@ DeviceOp LoweredStage::EmbeddingOp(const Step& s, const std::vector<Shape>& shap
 // Sizes are host integers: only shape ops may read them, and only as
 // their sizes (inputs after the first).
 absl::Status LoweredStage::CheckSizeReaders(const Node& node, const Step& step) const {
-  const bool takes_sizes = step.kind == Kind::kView || step.kind == Kind::kMove;
+  const bool takes_sizes =
+      step.kind == Kind::kView || step.kind == Kind::kMove || step.kind == Kind::kConstant;
+  // A "_from" attribute names inputs whose values the plan needs: only
+  // sizes are known when a plan is made (the plan is kept per shape).
+  for (const auto& [key, value] : node.attrs()) {
+    if (!absl::EndsWith(key, "_from")) continue;
+    std::vector<int64_t> from(value.ints().v().begin(), value.ints().v().end());
+    if (value.value_case() != AttrValue::kInts) from = {value.i()};
+    for (int64_t k : from) {
+      if (k > 0 && k <= static_cast<int64_t>(step.in.size()) && !values_[step.in[k - 1]].host) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "the cuda backend has no kernel for node \"", node.name(), "\" (", node.op(),
+            " sized by the value of \"", node.inputs(k - 1),
+            "\", which is not a size of a tensor; serve this model with --device=cpu)"));
+      }
+    }
+  }
   for (size_t i = 0; i < step.in.size(); ++i) {
     if (values_[step.in[i]].host_output) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -895,7 +919,9 @@ absl::Status LoweredStage::CheckSizeReaders(const Node& node, const Step& step) 
           " of the sampled tokens \"", node.inputs(i),
           "\": they are made on the host; serve this model with --device=cpu)"));
     }
-    if (values_[step.in[i]].host && !(takes_sizes && i > 0)) {
+    // Shape ops take sizes after their tensor; arange and full only sizes.
+    const bool size_slot = takes_sizes && (i > 0 || step.kind == Kind::kConstant);
+    if (values_[step.in[i]].host && !size_slot) {
       return absl::InvalidArgumentError(absl::StrCat(
           "the cuda backend has no kernel for node \"", node.name(), "\" (", node.op(),
           " of the size \"", node.inputs(i),
@@ -985,7 +1011,7 @@ absl::StatusOr<DevicePlan> LoweredStage::Plan(
       RETURN_IF_ERROR(StepOps(s, sizes.node[i], shape, b, &compute));
       continue;
     }
-    compute.push_back(f->second);
+    if (f->second.n > 0) compute.push_back(f->second);  // an empty output: no launch
     if (b.has_f32[s.out] && b.has_gm[s.out] && f->second.n > 0) {
       compute.push_back(ConvertOp(f->second.node, b.f32[s.out], b.gm[s.out], f->second.n));
     }

@@ -75,6 +75,10 @@ absl::flat_hash_map<int, DeviceOp> LoweredStage::FusedOps(const Sizes& sizes,
     ProgramBuilder builder(out, values_[s.out].type);
     EmitFused(root, sizes, &builder);
     if (builder.full()) continue;
+    if (NumElements(out) == 0) {  // nothing to compute: no op (n 0), no launch
+      fused.emplace(root, DeviceOp{DeviceOp::Type::kProgram, NodeOf(s).name()});
+      continue;
+    }
     DeviceOp op{DeviceOp::Type::kProgram,
                 absl::StrCat(NodeOf(s).name(), " (+", group.size(), " fused)")};
     BufferRef* srcs[] = {&op.src, &op.src2, &op.src3, &op.src4};

@@ -40,9 +40,12 @@ absl::Status LoweredStage::CheckAttention(const Node& node, Step* step) {
   kv_inputs_ = kv;
   const int head_dim = static_cast<int>(IntAttr(node, "head_dim", 0));
   const int kv_heads = static_cast<int>(IntAttr(node, "kv_heads", 0));
-  if (head_dim <= 0 || head_dim > kernels::kMaxHeadDim || kv_heads <= 0) {
+  const int64_t heads = IntAttr(node, "heads", 0);
+  if (head_dim <= 0 || head_dim > kernels::kMaxHeadDim || kv_heads <= 0 || heads <= 0 ||
+      heads % kv_heads != 0) {
     return refuse(absl::StrCat("head_dim ", head_dim, " (the kernel takes 1 to ",
-                               kernels::kMaxHeadDim, ") and kv_heads ", kv_heads));
+                               kernels::kMaxHeadDim, "), heads ", heads, " and kv_heads ",
+                               kv_heads, " (a multiple of them)"));
   }
   num_blocks_ = IntAttr(node, "num_blocks", 0);
   block_size_ = static_cast<int>(IntAttr(node, "block_size", 16));

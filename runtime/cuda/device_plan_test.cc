@@ -464,6 +464,43 @@ TEST(DevicePlanTest, ElementwiseChainsFuseIntoOneProgram) {
   EXPECT_EQ(Compute(*plan), (std::vector<Type>{Type::kUnary, Type::kBinary}));
 }
 
+// What the GEMM epilogue cannot express is refused: addmm's beta and alpha
+// other than 1 (at load), a bias that is not a row (when planned). So is a
+// shape taken from a value that is not a size (a plan is kept per shape).
+TEST(DevicePlanTest, WhatTheLoweringCannotExpressIsRefusedNotComputedWrong) {
+  GraphBuilder scaled;
+  scaled.Input("x", {-1, 2}).Param("b", {3}).Param("w", {2, 3});
+  scaled.Op("addmm", {"b", "x", "w"}, "y", "", {{"beta", AttrF(0.5)}, {"alpha", AttrF(2)}})
+      .Output("y");
+  Model m = scaled.Build();
+  absl::StatusOr<LoweredStage> stage =
+      LoweredStage::Create(m.graph, m.weights, Precision::kFloat32, true, CudaOps::kUnconfirmed);
+  EXPECT_EQ(stage.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(stage.status().message(), HasSubstr("addmm with beta 0.5 and alpha 2"));
+
+  GraphBuilder column;
+  column.Input("x", {3, 2}).Param("b", {3, 1}).Param("w", {2, 3});
+  column.Op("addmm", {"b", "x", "w"}, "y").Output("y");
+  m = column.Build();
+  stage = LoweredStage::Create(m.graph, m.weights, Precision::kFloat32, true, CudaOps::kUnconfirmed);
+  ASSERT_TRUE(stage.ok()) << stage.status();
+  absl::StatusOr<DevicePlan> plan = stage->Plan({{3, 2}});
+  EXPECT_EQ(plan.status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_THAT(plan.status().message(), HasSubstr("adds a row of 3 values, not [3,1]"));
+
+  GraphBuilder valued;
+  valued.Input("x", {4, 8}).Input("n", {});
+  valued.graph().mutable_inputs(1)->set_dtype(DT_INT64);
+  valued.Op("slice", {"x", "n"}, "y", "",
+            {{"dim", AttrI(1)}, {"start", AttrI(0)}, {"stop", AttrI(0)}, {"stop_from", AttrI(2)}})
+      .Output("y");
+  m = valued.Build();
+  stage = LoweredStage::Create(m.graph, m.weights, Precision::kFloat32, true, CudaOps::kUnconfirmed);
+  EXPECT_EQ(stage.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(stage.status().message(),
+              HasSubstr("node \"y\" (slice sized by the value of \"n\", which is not a size"));
+}
+
 // What the CUDA backend cannot run is refused at load, naming the node or
 // input and the dtype (the CPU backend serves such models).
 TEST(DevicePlanTest, OtherDtypesAndTransformerOpsAreRefusedNamingThem) {
