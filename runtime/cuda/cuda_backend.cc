@@ -106,6 +106,12 @@ cudaDataType_t CudaType(DType t) {
   return t == DType::kBF16 ? CUDA_R_16BF : CUDA_R_32F;
 }
 
+kernels::CastType CastTypeOf(DataType t) {
+  return t == DT_INT64  ? kernels::CastType::kI64
+         : t == DT_BOOL ? kernels::CastType::kBool
+                        : kernels::CastType::kF32;
+}
+
 KernelOp ToKernelOp(ElementwiseOp op) {
   return op == ElementwiseOp::kAdd   ? KernelOp::kAdd
          : op == ElementwiseOp::kSub ? KernelOp::kSub
@@ -616,6 +622,11 @@ class CudaProgram : public CudaStageProgram {
             op.scalar, F(e, op.dst), s));
         return absl::OkStatus();
       }
+      case DeviceOp::Type::kCast:
+        CUDA_RETURN_IF_ERROR(kernels::LaunchCast(Address(e, op.src), CastTypeOf(op.cast_from),
+                                                 Address(e, op.dst), CastTypeOf(op.cast_to),
+                                                 op.n, s));
+        return absl::OkStatus();
       case DeviceOp::Type::kEmbedding:
         CUDA_RETURN_IF_ERROR(kernels::LaunchEmbedding(
             reinterpret_cast<const int64_t*>(Address(e, op.src)), F(e, op.src2), F(e, op.dst), op.n,
@@ -685,6 +696,7 @@ class CudaProgram : public CudaStageProgram {
       case DeviceOp::Type::kReduce:
       case DeviceOp::Type::kTriangle:
       case DeviceOp::Type::kAttention:
+      case DeviceOp::Type::kCast:
         return EnqueueKernel(e, op, s);
     }
     return absl::InternalError("unknown device op");

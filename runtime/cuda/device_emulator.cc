@@ -12,6 +12,7 @@
 #include "runtime/cuda/device_slots.h"
 #include "runtime/cuda/kernels/elementwise.h"
 #include "runtime/cuda/kernels/elementwise_program.h"
+#include "runtime/cuda/kernels/cast.h"
 #include "runtime/cuda/kernels/embedding.h"
 #include "runtime/cuda/kernels/paged_attention.h"
 #include "runtime/cuda/kernels/reduction.h"
@@ -170,6 +171,8 @@ class EmulatedProgram : public StageProgram {
                         [&] { kernels::Reduce<float>(x, y, op.reduce); });
     } else if (op.type == DeviceOp::Type::kTriangle) {
       s = EmulateTriangle(view, op);
+    } else if (op.type == DeviceOp::Type::kCast) {
+      s = EmulateCast(view, op);
     } else if (op.type == DeviceOp::Type::kAttention) {
       s = EmulateAttention(view, op);
     } else if (op.type == DeviceOp::Type::kEmbedding) {
@@ -234,6 +237,28 @@ class EmulatedProgram : public StageProgram {
                            kernels::PagedAttention<float>(view.F(op.src), cache, tiles,
                                                           view.F(op.dst), c, op.heads, op.scalar);
                          });
+  }
+
+  // The cast kernel for the op's two types (float32, int64, bool).
+  static absl::Status EmulateCast(const View& view, const DeviceOp& op) {
+    char* src = view.Ptr(op.src);
+    char* dst = view.Ptr(op.dst);
+    auto to = [&](auto in) {
+      using In = decltype(in);
+      auto run = [&](auto out) {
+        using Out = decltype(out);
+        return simt::Emulate(kernels::CopyBlocks(op.n), kernels::kCopyThreads, [&] {
+          kernels::Cast<In, Out>(reinterpret_cast<const In*>(src), reinterpret_cast<Out*>(dst),
+                                 op.n);
+        });
+      };
+      return op.cast_to == DT_INT64  ? run(int64_t{})
+             : op.cast_to == DT_BOOL ? run(uint8_t{})
+                                     : run(float{});
+    };
+    return op.cast_from == DT_INT64  ? to(int64_t{})
+           : op.cast_from == DT_BOOL ? to(uint8_t{})
+                                     : to(float{});
   }
 
   // The triangle kernel for the value's element size.
@@ -354,6 +379,7 @@ class EmulatedProgram : public StageProgram {
       case DeviceOp::Type::kReduce:
       case DeviceOp::Type::kTriangle:
       case DeviceOp::Type::kAttention:
+      case DeviceOp::Type::kCast:
         return EmulateKernel(arenas, op);
     }
     return absl::OkStatus();

@@ -271,6 +271,8 @@ absl::Status LoweredStage::ChooseKind(const Node& node, Step* step) {
     step->kind = Kind::kTriangle;
   } else if (op == "cached_attention") {
     step->kind = Kind::kAttention;
+  } else if (op == "cast") {
+    step->kind = Kind::kCast;
   } else if (op == "sample_tokens") {
     step->kind = Kind::kHostSample;
   } else {
@@ -821,6 +823,13 @@ absl::Status LoweredStage::StepOps(const Step& s, const Node& node,
     case Kind::kAttention:
       add(AttentionOp(s, node, shape, b, out));
       break;
+    case Kind::kCast: {
+      DeviceOp op = elementwise(DeviceOp::Type::kCast);
+      op.cast_from = values_[s.in[0]].type;
+      op.cast_to = values_[s.out].type;
+      add(op);
+      break;
+    }
     case Kind::kView:
     case Kind::kSize:
     case Kind::kHostSample:  // on the host, after the copies back
@@ -944,7 +953,8 @@ absl::Status LoweredStage::CheckTypes(const Node& node, const Step& step) const 
   };
   const bool any_type = step.kind == Kind::kView || step.kind == Kind::kMove ||
                         step.kind == Kind::kClone || step.kind == Kind::kConstant ||
-                        step.kind == Kind::kSize || step.kind == Kind::kTriangle;
+                        step.kind == Kind::kSize || step.kind == Kind::kTriangle ||
+                        step.kind == Kind::kCast;
   if (any_type) {
     if (out != DT_FLOAT32 && out != DT_INT64 && out != DT_BOOL) return refuse(out, "makes");
     return absl::OkStatus();

@@ -113,6 +113,7 @@ struct DeviceOp {
     kReduce,       // dst = `reduce` of src (kernels/reduction.h)
     kTriangle,     // dst = src with entries off the triangle zeroed (kernels/triangle.h)
     kAttention,    // cached_attention: KvAppend then PagedAttention (kernels/paged_attention.h)
+    kCast,         // dst = src converted from cast_from to cast_to (kernels/cast.h)
     kCopy,     // bytes: device src -> device dst (clone)
     kCopyOut,  // bytes: device src -> staging_out dst
   };
@@ -149,6 +150,7 @@ struct DeviceOp {
   kernels::PagedCache paged;
   int heads = 0;
   int64_t num_tiles = 0;
+  DataType cast_from = DT_FLOAT32, cast_to = DT_FLOAT32;  // kCast
 };
 
 // Host side of one input or output.
@@ -286,6 +288,7 @@ class LoweredStage {
     kTriangle,   // triu, tril
     kAttention,  // cached_attention, on the stage's device KV cache
     kHostSample, // sample_tokens, on the host after the logits come back
+    kCast,       // float32, int64 and bool to one another
   };
   struct Value {
     int input = -1;     // graph input number, or -1

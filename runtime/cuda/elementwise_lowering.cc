@@ -17,6 +17,7 @@ const absl::flat_hash_map<std::string, EwCode>& Codes() {
   static const auto* codes = new absl::flat_hash_map<std::string, EwCode>{
       {"add", EwCode::kAdd},         {"sub", EwCode::kSub}, {"mul", EwCode::kMul},
       {"div", EwCode::kDiv},         {"pow", EwCode::kPow}, {"maximum", EwCode::kMaximum},
+      {"floordiv", EwCode::kFloorDiv},
       {"minimum", EwCode::kMinimum}, {"eq", EwCode::kEq},   {"ne", EwCode::kNe},
       {"lt", EwCode::kLt},           {"le", EwCode::kLe},   {"gt", EwCode::kGt},
       {"ge", EwCode::kGe},           {"where", EwCode::kWhere}};

@@ -20,7 +20,7 @@
 
 namespace pipeserve {
 
-// div, pow, maximum, minimum, the comparisons and where.
+// div, floordiv, pow, maximum, minimum, the comparisons and where.
 bool IsProgramOp(const std::string& op);
 
 // Builds one program for an output of shape `out`, instruction by

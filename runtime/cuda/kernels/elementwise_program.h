@@ -15,6 +15,19 @@
 
 namespace pipeserve::kernels {
 
+// a // b as ATen computes it for floats (div_floor_floating).
+SIMT_DEVICE float FloorDivide(float a, float b) {
+  using namespace simt;  // NOLINT: the kernel vocabulary
+  if (b == 0.0f) return a / b;
+  const float mod = Fmod(a, b);
+  float div = (a - mod) / b;
+  if (mod != 0.0f && (b < 0.0f) != (mod < 0.0f)) div -= 1.0f;
+  if (div == 0.0f) return CopySign(0.0f, a / b);
+  float floor = Floor(div);
+  if (div - floor > 0.5f) floor += 1.0f;
+  return floor;
+}
+
 // a op b as PyTorch computes it in float (maximum and minimum propagate NaN).
 SIMT_DEVICE float ApplyBinary(EwCode code, float a, float b) {
   using namespace simt;  // NOLINT: the kernel vocabulary
@@ -24,6 +37,7 @@ SIMT_DEVICE float ApplyBinary(EwCode code, float a, float b) {
     case EwCode::kMul: return a * b;
     case EwCode::kDiv: return a / b;
     case EwCode::kPow: return Pow(a, b);
+    case EwCode::kFloorDiv: return FloorDivide(a, b);
     case EwCode::kMaximum: return a != a ? a : b != b ? b : (a > b ? a : b);
     case EwCode::kMinimum: return a != a ? a : b != b ? b : (a < b ? a : b);
     case EwCode::kEq: return a == b ? 1.0f : 0.0f;

@@ -43,7 +43,7 @@ enum class EwCode : uint8_t {
   kInput,  // input `a`'s element at this output position
   kConst,  // `value`
   kUnary,  // unary(r[a])
-  kAdd, kSub, kMul, kDiv, kPow, kMaximum, kMinimum,  // r[a] op r[b]
+  kAdd, kSub, kMul, kDiv, kPow, kMaximum, kMinimum, kFloorDiv,  // r[a] op r[b]
   kEq, kNe, kLt, kLe, kGt, kGe,                      // 1 or 0
   kWhere,                                            // r[a] != 0 ? r[b] : r[c]
 };
@@ -102,6 +102,10 @@ struct ReduceOp {
   int64_t red_dims[kMaxCopyRank] = {}, red_strides[kMaxCopyRank] = {};
   int64_t out_n = 0, red_n = 0;
 };
+
+// ---- cast.h ------------------------------------------------------------------
+
+enum class CastType : int { kF32, kI64, kBool };
 
 // ---- paged_attention.h -----------------------------------------------------
 

@@ -2,6 +2,7 @@
 // emulator runs on the CPU, launched on the GPU.
 #include "runtime/cuda/kernels/elementwise.h"
 #include "runtime/cuda/kernels/elementwise_program.h"
+#include "runtime/cuda/kernels/cast.h"
 #include "runtime/cuda/kernels/embedding.h"
 #include "runtime/cuda/kernels/reduction.h"
 #include "runtime/cuda/kernels/triangle.h"
@@ -80,6 +81,34 @@ cudaError_t LaunchTriangle(const void* x, void* y, int element_bytes, int64_t n,
   } else {
     Triangle<float><<<blocks, kCopyThreads, 0, stream>>>(
         static_cast<const float*>(x), static_cast<float*>(y), n, rows, cols, diagonal, upper);
+  }
+  return cudaGetLastError();
+}
+
+namespace {
+template <typename In>
+void LaunchCastFrom(const void* x, void* y, CastType to, int64_t n, cudaStream_t stream) {
+  const auto* in = static_cast<const In*>(x);
+  const unsigned blocks = CopyBlocks(n);
+  if (to == CastType::kI64) {
+    Cast<In, int64_t><<<blocks, kCopyThreads, 0, stream>>>(in, static_cast<int64_t*>(y), n);
+  } else if (to == CastType::kBool) {
+    Cast<In, uint8_t><<<blocks, kCopyThreads, 0, stream>>>(in, static_cast<uint8_t*>(y), n);
+  } else {
+    Cast<In, float><<<blocks, kCopyThreads, 0, stream>>>(in, static_cast<float*>(y), n);
+  }
+}
+}  // namespace
+
+cudaError_t LaunchCast(const void* x, CastType from, void* y, CastType to, int64_t n,
+                       cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  if (from == CastType::kI64) {
+    LaunchCastFrom<int64_t>(x, y, to, n, stream);
+  } else if (from == CastType::kBool) {
+    LaunchCastFrom<uint8_t>(x, y, to, n, stream);
+  } else {
+    LaunchCastFrom<float>(x, y, to, n, stream);
   }
   return cudaGetLastError();
 }

@@ -47,6 +47,10 @@ cudaError_t LaunchReduce(const float* x, float* y, const ReduceOp& op, cudaStrea
 cudaError_t LaunchTriangle(const void* x, void* y, int element_bytes, int64_t n, int64_t rows,
                            int64_t cols, int64_t diagonal, bool upper, cudaStream_t stream);
 
+// y = x converted between float32, int64 and bool (cast.h).
+cudaError_t LaunchCast(const void* x, CastType from, void* y, CastType to, int64_t n,
+                       cudaStream_t stream);
+
 // out [n, dim] = rows of table [rows, dim] (float32) at ids [n] (int64)
 // (embedding.h).
 cudaError_t LaunchEmbedding(const int64_t* ids, const float* table, float* out, int64_t n,

@@ -44,7 +44,7 @@
 //   SIMT_SHARED(T, name, N)          __shared__ T name[N]; index it only
 //   SharedPtr<T>                     what `name` passes to a device function
 //   Half, Bf16; ToFloat(x), FromFloat<T>(f)   storage types, round to even
-//   Exp Log Sqrt Rsqrt Tanh Erf Max Min Abs Cos Sin Pow   float math
+//   Exp Log Sqrt Rsqrt Tanh Erf Max Min Abs Cos Sin Pow Fmod Floor CopySign   float math
 //   Emulate(grid, block, kernel_call) (host only) runs kernel_call once per
 //                                    emulated thread; see simt_host.h
 //

@@ -99,6 +99,9 @@ SIMT_DEVICE float Abs(float x) { return fabsf(x); }
 SIMT_DEVICE float Cos(float x) { return cosf(x); }
 SIMT_DEVICE float Sin(float x) { return sinf(x); }
 SIMT_DEVICE float Pow(float x, float y) { return powf(x, y); }
+SIMT_DEVICE float Fmod(float x, float y) { return fmodf(x, y); }
+SIMT_DEVICE float Floor(float x) { return floorf(x); }
+SIMT_DEVICE float CopySign(float x, float y) { return copysignf(x, y); }
 
 }  // namespace pipeserve::simt
 

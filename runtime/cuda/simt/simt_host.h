@@ -347,6 +347,9 @@ inline float Abs(float x) { return std::fabs(x); }
 inline float Cos(float x) { return std::cos(x); }
 inline float Sin(float x) { return std::sin(x); }
 inline float Pow(float x, float y) { return std::pow(x, y); }
+inline float Fmod(float x, float y) { return std::fmod(x, y); }
+inline float Floor(float x) { return std::floor(x); }
+inline float CopySign(float x, float y) { return std::copysign(x, y); }
 
 }  // namespace pipeserve::simt
 
