@@ -103,13 +103,23 @@ absl::Status AtNode(const absl::Status& s, const std::string& node) {
 
 // TF32 operands are float32 storage (already rounded, see device_plan.h).
 cudaDataType_t CudaType(DType t) {
-  return t == DType::kBF16 ? CUDA_R_16BF : CUDA_R_32F;
+  return t == DType::kBF16 ? CUDA_R_16BF : t == DType::kF16 ? CUDA_R_16F : CUDA_R_32F;
 }
 
 kernels::CastType CastTypeOf(DataType t) {
-  return t == DT_INT64  ? kernels::CastType::kI64
-         : t == DT_BOOL ? kernels::CastType::kBool
-                        : kernels::CastType::kF32;
+  switch (t) {
+    case DT_INT64: return kernels::CastType::kI64;
+    case DT_BOOL: return kernels::CastType::kBool;
+    case DT_FLOAT16: return kernels::CastType::kF16;
+    case DT_BFLOAT16: return kernels::CastType::kBF16;
+    default: return kernels::CastType::kF32;
+  }
+}
+
+kernels::FloatType FloatTypeOf(DataType t) {
+  return t == DT_FLOAT16    ? kernels::FloatType::kF16
+         : t == DT_BFLOAT16 ? kernels::FloatType::kBF16
+                            : kernels::FloatType::kF32;
 }
 
 KernelOp ToKernelOp(ElementwiseOp op) {
@@ -560,6 +570,11 @@ class CudaProgram : public CudaStageProgram {
           CudaType(g.ab_type), g.lda, g.stride_a, Address(e, g.b), CudaType(g.ab_type),
           g.ldb, g.stride_b, &beta, d, CudaType(g.d_type), g.ldd, g.stride_d, g.batch,
           ComputeType(g), CUBLAS_GEMM_DEFAULT));
+      // The epilogue kernel takes float32 biases and float32 or bfloat16 outputs.
+      if ((g.has_bias || g.relu) && (g.bias_type != DType::kF32 || g.d_type == DType::kF16)) {
+        return absl::UnimplementedError(
+            "cuBLASLt has no algorithm for this 16-bit GEMM with a bias or ReLU epilogue");
+      }
       // A batch's outputs lie side by side: n * batch columns.
       CUDA_RETURN_IF_ERROR(LaunchBiasRelu(
           d, g.d_type == DType::kBF16, g.has_bias ? F(e, g.bias) : nullptr,
@@ -576,66 +591,67 @@ class CudaProgram : public CudaStageProgram {
 
   // The kernels of runtime/cuda/kernels (those the emulator runs as simt).
   absl::Status EnqueueKernel(const ShapeEntry& e, const DeviceOp& op, cudaStream_t s) {
+    const kernels::FloatType t = FloatTypeOf(op.ftype);
+    auto at = [&](const BufferRef& r) { return static_cast<void*>(Address(e, r)); };
+    auto ints = [&](const BufferRef& r) { return reinterpret_cast<const int64_t*>(at(r)); };
     switch (op.type) {
       case DeviceOp::Type::kLayerNorm:
         CUDA_RETURN_IF_ERROR(kernels::LaunchLayerNorm(
-            F(e, op.src), op.has_weight ? F(e, op.src2) : nullptr,
-            op.has_bias ? F(e, op.src3) : nullptr, F(e, op.dst), op.rows,
-            static_cast<int>(op.cols), op.eps, s));
+            t, at(op.src), op.has_weight ? at(op.src2) : nullptr,
+            op.has_bias ? at(op.src3) : nullptr, at(op.dst), op.rows, static_cast<int>(op.cols),
+            op.eps, s));
         return absl::OkStatus();
       case DeviceOp::Type::kUnary:
-        CUDA_RETURN_IF_ERROR(kernels::LaunchUnary(op.unary, F(e, op.src), F(e, op.dst), op.n, s));
+        CUDA_RETURN_IF_ERROR(kernels::LaunchUnary(t, op.unary, at(op.src), at(op.dst), op.n, s));
         return absl::OkStatus();
       case DeviceOp::Type::kSoftmax:
-        CUDA_RETURN_IF_ERROR(kernels::LaunchSoftmax(F(e, op.src), F(e, op.dst), op.rows,
+        CUDA_RETURN_IF_ERROR(kernels::LaunchSoftmax(t, at(op.src), at(op.dst), op.rows,
                                                     static_cast<int>(op.cols), op.log, s));
         return absl::OkStatus();
       case DeviceOp::Type::kStridedCopy:
-        CUDA_RETURN_IF_ERROR(kernels::LaunchStridedCopy(Address(e, op.src), Address(e, op.dst),
-                                                        static_cast<int>(op.element_bytes),
-                                                        op.copy, s));
+        CUDA_RETURN_IF_ERROR(kernels::LaunchStridedCopy(
+            at(op.src), at(op.dst), static_cast<int>(op.element_bytes), op.copy, s));
         return absl::OkStatus();
       case DeviceOp::Type::kProgram: {
-        kernels::EwPointers at;
+        kernels::EwPointers ptrs;
         const BufferRef* srcs[] = {&op.src, &op.src2, &op.src3, &op.src4};
-        for (int i = 0; i < op.program.num_inputs; ++i) at.in[i] = Address(e, *srcs[i]);
-        at.out = Address(e, op.dst);
-        CUDA_RETURN_IF_ERROR(kernels::LaunchProgram(op.program, at, s));
+        for (int i = 0; i < op.program.num_inputs; ++i) ptrs.in[i] = at(*srcs[i]);
+        ptrs.out = at(op.dst);
+        CUDA_RETURN_IF_ERROR(kernels::LaunchProgram(t, op.program, ptrs, s));
         return absl::OkStatus();
       }
       case DeviceOp::Type::kReduce:
-        CUDA_RETURN_IF_ERROR(kernels::LaunchReduce(F(e, op.src), F(e, op.dst), op.reduce, s));
+        CUDA_RETURN_IF_ERROR(kernels::LaunchReduce(t, at(op.src), at(op.dst), op.reduce, s));
         return absl::OkStatus();
       case DeviceOp::Type::kTriangle:
-        CUDA_RETURN_IF_ERROR(kernels::LaunchTriangle(
-            Address(e, op.src), Address(e, op.dst), static_cast<int>(op.element_bytes), op.n,
-            op.rows, op.cols, op.diagonal, op.upper, s));
+        CUDA_RETURN_IF_ERROR(kernels::LaunchTriangle(at(op.src), at(op.dst),
+                                                     static_cast<int>(op.element_bytes), op.n,
+                                                     op.rows, op.cols, op.diagonal, op.upper, s));
         return absl::OkStatus();
       case DeviceOp::Type::kAttention: {
         kernels::PagedCache c = op.paged;
-        c.positions = reinterpret_cast<const int64_t*>(Address(e, op.src4));
-        c.seq = reinterpret_cast<const int64_t*>(Address(e, op.seq));
-        c.tables = reinterpret_cast<const int64_t*>(Address(e, op.tables));
+        c.positions = ints(op.src4);
+        c.seq = ints(op.seq);
+        c.tables = ints(op.tables);
         CUDA_RETURN_IF_ERROR(kernels::LaunchPagedAttention(
-            F(e, op.src), F(e, op.src2), F(e, op.src3), F(e, op.cache), c,
-            reinterpret_cast<const int32_t*>(Address(e, op.tiles)), op.num_tiles, op.heads,
-            op.scalar, F(e, op.dst), s));
+            t, at(op.src), at(op.src2), at(op.src3), at(op.cache), c,
+            reinterpret_cast<const int32_t*>(at(op.tiles)), op.num_tiles, op.heads, op.scalar,
+            at(op.dst), s));
         return absl::OkStatus();
       }
       case DeviceOp::Type::kCast:
-        CUDA_RETURN_IF_ERROR(kernels::LaunchCast(Address(e, op.src), CastTypeOf(op.cast_from),
-                                                 Address(e, op.dst), CastTypeOf(op.cast_to),
-                                                 op.n, s));
+        CUDA_RETURN_IF_ERROR(kernels::LaunchCast(at(op.src), CastTypeOf(op.cast_from), at(op.dst),
+                                                 CastTypeOf(op.cast_to), op.n, s));
         return absl::OkStatus();
       case DeviceOp::Type::kEmbedding:
-        CUDA_RETURN_IF_ERROR(kernels::LaunchEmbedding(
-            reinterpret_cast<const int64_t*>(Address(e, op.src)), F(e, op.src2), F(e, op.dst), op.n,
-            op.rows, op.cols, s));
+        CUDA_RETURN_IF_ERROR(kernels::LaunchEmbedding(t, ints(op.src), at(op.src2), at(op.dst),
+                                                      op.n, op.rows, op.cols, s));
         return absl::OkStatus();
       default:
         return absl::InternalError("not a kernels/ op");
     }
   }
+
 
   absl::Status EnqueueOp(Slot& slot, const ShapeEntry& e, size_t i,
                          const DeviceOp& op) {

@@ -119,11 +119,15 @@ class EmulatedProgram : public StageProgram {
       return reinterpret_cast<uint16_t*>(Ptr(r));
     }
     float Load(const BufferRef& r, DType t, int64_t i) const {
-      return t == DType::kBF16 ? Bf16ToFloat(H(r)[i]) : F(r)[i];
+      return t == DType::kBF16  ? Bf16ToFloat(H(r)[i])
+             : t == DType::kF16 ? HalfToFloat(H(r)[i])
+                                : F(r)[i];
     }
     void Store(const BufferRef& r, DType t, int64_t i, float v) const {
       if (t == DType::kBF16) {
         H(r)[i] = FloatToBf16(v);
+      } else if (t == DType::kF16) {
+        H(r)[i] = FloatToHalf(v);
       } else {
         F(r)[i] = t == DType::kTF32 ? RoundToTf32(v) : v;
       }
@@ -147,52 +151,72 @@ class EmulatedProgram : public StageProgram {
   // in one fails the run.
   absl::Status EmulateKernel(Arenas& arenas, const DeviceOp& op) const {
     const View view{&weights_, &arenas, cache_.data()};
-    const float* x = view.F(op.src);
-    float* y = view.F(op.dst);
     absl::Status s;
-    if (op.type == DeviceOp::Type::kLayerNorm) {
-      const float* w = op.has_weight ? view.F(op.src2) : nullptr;
-      const float* b = op.has_bias ? view.F(op.src3) : nullptr;
-      s = simt::Emulate(static_cast<unsigned>(op.rows), kernels::kLayerNormThreads, [&] {
-        kernels::LayerNormRows<float, float>(x, w, b, y, op.rows, static_cast<int>(op.cols),
-                                             op.eps);
-      });
-    } else if (op.type == DeviceOp::Type::kStridedCopy) {
+    if (op.type == DeviceOp::Type::kStridedCopy) {
       s = EmulateCopy(view, op);
-    } else if (op.type == DeviceOp::Type::kProgram) {
-      kernels::EwPointers at;
-      const BufferRef* srcs[] = {&op.src, &op.src2, &op.src3, &op.src4};
-      for (int i = 0; i < op.program.num_inputs; ++i) at.in[i] = view.Ptr(*srcs[i]);
-      at.out = view.Ptr(op.dst);
-      s = simt::Emulate(kernels::ProgramBlocks(op.n), kernels::kProgramThreads,
-                        [&] { kernels::ElementwiseProgram<float>(op.program, at); });
-    } else if (op.type == DeviceOp::Type::kReduce) {
-      s = simt::Emulate(static_cast<unsigned>(op.reduce.out_n), kernels::kReduceThreads,
-                        [&] { kernels::Reduce<float>(x, y, op.reduce); });
     } else if (op.type == DeviceOp::Type::kTriangle) {
       s = EmulateTriangle(view, op);
     } else if (op.type == DeviceOp::Type::kCast) {
       s = EmulateCast(view, op);
-    } else if (op.type == DeviceOp::Type::kAttention) {
-      s = EmulateAttention(view, op);
-    } else if (op.type == DeviceOp::Type::kEmbedding) {
-      const auto* ids = reinterpret_cast<const int64_t*>(view.Ptr(op.src));
-      s = simt::Emulate(kernels::EmbeddingBlocks(op.n, op.cols), kernels::kEmbeddingThreads, [&] {
-        kernels::EmbeddingRows<float>(ids, view.F(op.src2), y, op.n, op.rows, op.cols);
-      });
-    } else if (op.type == DeviceOp::Type::kUnary) {
-      const int64_t blocks =
-          (op.n + kernels::kElementwiseThreads - 1) / kernels::kElementwiseThreads;
-      s = simt::Emulate(static_cast<unsigned>(blocks), kernels::kElementwiseThreads,
-                        [&] { kernels::UnaryElementwise<float>(x, y, op.n, op.unary); });
+    } else if (op.ftype == DT_FLOAT16) {
+      s = EmulateTyped<simt::Half>(view, op);
+    } else if (op.ftype == DT_BFLOAT16) {
+      s = EmulateTyped<simt::Bf16>(view, op);
     } else {
-      s = simt::Emulate(static_cast<unsigned>(op.rows), kernels::kSoftmaxThreads, [&] {
-        kernels::SoftmaxRows<float>(x, y, op.rows, static_cast<int>(op.cols), op.log);
-      });
+      s = EmulateTyped<float>(view, op);
     }
     if (!s.ok()) return absl::InternalError(absl::StrCat("node \"", op.node, "\": ", s.message()));
     return absl::OkStatus();
   }
+
+  // The kernels over float values stored as T (float, simt::Half, simt::Bf16).
+  template <typename T>
+  static absl::Status EmulateTyped(const View& view, const DeviceOp& op) {
+    auto at = [&](const BufferRef& r) { return reinterpret_cast<T*>(view.Ptr(r)); };
+    const T* x = at(op.src);
+    T* y = at(op.dst);
+    switch (op.type) {
+      case DeviceOp::Type::kLayerNorm: {
+        const T* w = op.has_weight ? at(op.src2) : nullptr;
+        const T* b = op.has_bias ? at(op.src3) : nullptr;
+        return simt::Emulate(static_cast<unsigned>(op.rows), kernels::kLayerNormThreads, [&] {
+          kernels::LayerNormRows<T, T>(x, w, b, y, op.rows, static_cast<int>(op.cols), op.eps);
+        });
+      }
+      case DeviceOp::Type::kProgram: {
+        kernels::EwPointers ptrs;
+        const BufferRef* srcs[] = {&op.src, &op.src2, &op.src3, &op.src4};
+        for (int i = 0; i < op.program.num_inputs; ++i) ptrs.in[i] = view.Ptr(*srcs[i]);
+        ptrs.out = view.Ptr(op.dst);
+        return simt::Emulate(kernels::ProgramBlocks(op.n), kernels::kProgramThreads,
+                             [&] { kernels::ElementwiseProgram<T>(op.program, ptrs); });
+      }
+      case DeviceOp::Type::kReduce:
+        return simt::Emulate(static_cast<unsigned>(op.reduce.out_n), kernels::kReduceThreads,
+                             [&] { kernels::Reduce<T>(x, y, op.reduce); });
+      case DeviceOp::Type::kAttention:
+        return EmulateAttention<T>(view, op);
+      case DeviceOp::Type::kEmbedding: {
+        const auto* ids = reinterpret_cast<const int64_t*>(view.Ptr(op.src));
+        return simt::Emulate(kernels::EmbeddingBlocks(op.n, op.cols), kernels::kEmbeddingThreads,
+                             [&] {
+                               kernels::EmbeddingRows<T>(ids, at(op.src2), y, op.n, op.rows,
+                                                         op.cols);
+                             });
+      }
+      case DeviceOp::Type::kUnary: {
+        const int64_t blocks =
+            (op.n + kernels::kElementwiseThreads - 1) / kernels::kElementwiseThreads;
+        return simt::Emulate(static_cast<unsigned>(blocks), kernels::kElementwiseThreads,
+                             [&] { kernels::UnaryElementwise<T>(x, y, op.n, op.unary); });
+      }
+      default:  // kSoftmax
+        return simt::Emulate(static_cast<unsigned>(op.rows), kernels::kSoftmaxThreads, [&] {
+          kernels::SoftmaxRows<T>(x, y, op.rows, static_cast<int>(op.cols), op.log);
+        });
+    }
+  }
+
 
   // The strided copy kernel for the value's element size.
   static absl::Status EmulateCopy(const View& view, const DeviceOp& op) {
@@ -201,6 +225,11 @@ class EmulatedProgram : public StageProgram {
     char* src = view.Ptr(op.src);
     char* dst = view.Ptr(op.dst);
     switch (op.element_bytes) {
+      case 2:
+        return simt::Emulate(blocks, threads, [&] {
+          kernels::StridedCopy<uint16_t>(reinterpret_cast<uint16_t*>(src),
+                                         reinterpret_cast<uint16_t*>(dst), op.copy);
+        });
       case 1:
         return simt::Emulate(blocks, threads, [&] {
           kernels::StridedCopy<uint8_t>(reinterpret_cast<uint8_t*>(src),
@@ -221,21 +250,23 @@ class EmulatedProgram : public StageProgram {
 
   // cached_attention: the step's keys and values into the cache, then the
   // attention over it.
+  template <typename T>
   static absl::Status EmulateAttention(const View& view, const DeviceOp& op) {
     kernels::PagedCache c = op.paged;
     c.positions = reinterpret_cast<const int64_t*>(view.Ptr(op.src4));
     c.seq = reinterpret_cast<const int64_t*>(view.Ptr(op.seq));
     c.tables = reinterpret_cast<const int64_t*>(view.Ptr(op.tables));
-    float* cache = view.F(op.cache);
+    T* cache = reinterpret_cast<T*>(view.Ptr(op.cache));
+    auto at = [&](const BufferRef& r) { return reinterpret_cast<T*>(view.Ptr(r)); };
     absl::Status s = simt::Emulate(
         kernels::AppendBlocks(c.tokens, c.kv_heads, c.head_dim), kernels::kKvThreads,
-        [&] { kernels::KvAppend<float>(view.F(op.src2), view.F(op.src3), cache, c); });
+        [&] { kernels::KvAppend<T>(at(op.src2), at(op.src3), cache, c); });
     if (!s.ok() || op.num_tiles == 0) return s;
     const auto* tiles = reinterpret_cast<const int32_t*>(view.Ptr(op.tiles));
     return simt::Emulate(simt::Dim3(static_cast<unsigned>(op.num_tiles), op.heads),
                          kernels::kAttentionThreads, [&] {
-                           kernels::PagedAttention<float>(view.F(op.src), cache, tiles,
-                                                          view.F(op.dst), c, op.heads, op.scalar);
+                           kernels::PagedAttention<T>(at(op.src), cache, tiles, at(op.dst), c,
+                                                      op.heads, op.scalar);
                          });
   }
 
@@ -252,13 +283,17 @@ class EmulatedProgram : public StageProgram {
                                  op.n);
         });
       };
-      return op.cast_to == DT_INT64  ? run(int64_t{})
-             : op.cast_to == DT_BOOL ? run(uint8_t{})
-                                     : run(float{});
+      return op.cast_to == DT_INT64      ? run(int64_t{})
+             : op.cast_to == DT_BOOL     ? run(uint8_t{})
+             : op.cast_to == DT_FLOAT16  ? run(simt::Half{})
+             : op.cast_to == DT_BFLOAT16 ? run(simt::Bf16{})
+                                         : run(float{});
     };
-    return op.cast_from == DT_INT64  ? to(int64_t{})
-           : op.cast_from == DT_BOOL ? to(uint8_t{})
-                                     : to(float{});
+    return op.cast_from == DT_INT64      ? to(int64_t{})
+           : op.cast_from == DT_BOOL     ? to(uint8_t{})
+           : op.cast_from == DT_FLOAT16  ? to(simt::Half{})
+           : op.cast_from == DT_BFLOAT16 ? to(simt::Bf16{})
+                                         : to(float{});
   }
 
   // The triangle kernel for the value's element size.
@@ -274,6 +309,7 @@ class EmulatedProgram : public StageProgram {
       });
     };
     return op.element_bytes == 1   ? run(uint8_t{})
+           : op.element_bytes == 2 ? run(uint16_t{})
            : op.element_bytes == 8 ? run(int64_t{})
                                    : run(float{});
   }
@@ -309,7 +345,7 @@ class EmulatedProgram : public StageProgram {
           acc += static_cast<double>(a) * b;
         }
         float v = static_cast<float>(acc);
-        if (g.has_bias) v += F(g.bias)[i];
+        if (g.has_bias) v += Load(g.bias, g.bias_type, i);
         if (g.relu && v < 0) v = 0;
         Store(g.d, g.d_type, i + j * g.ldd, v);
       }
@@ -342,7 +378,7 @@ class EmulatedProgram : public StageProgram {
         const GemmOp& g = op.gemm;
         for (int64_t j = 0; j < g.n; ++j) {
           for (int64_t i = 0; i < g.m; ++i) {
-            float v = g.has_bias ? F(g.bias)[i] : 0.0f;
+            float v = g.has_bias ? Load(g.bias, g.bias_type, i) : 0.0f;
             if (g.relu && v < 0) v = 0;
             Store(g.d, g.d_type, i + j * g.ldd, v);
           }

@@ -13,7 +13,7 @@ DeviceKv::DeviceKv(const LoweredStage& stage) {
   if (stage.cache_layers().empty()) return;
   cache_ = std::make_unique<KvCache>(stage.num_blocks(), stage.block_size());
   for (const LoweredStage::CacheLayer& l : stage.cache_layers()) {
-    cache_->AddLayer(l.kv_heads, l.head_dim, DT_FLOAT32);
+    cache_->AddLayer(l.kv_heads, l.head_dim, l.type);
   }
   block_bytes_ = cache_->BlockBytes();
 }

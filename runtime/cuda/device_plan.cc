@@ -121,7 +121,7 @@ absl::StatusOr<LoweredStage> LoweredStage::Create(const Graph& graph,
   // Float32 graphs (GEMMs in the chosen precision); int64 and bool values
   // where an op takes them (CheckTypes).
   for (const ValueSpec& in : graph.inputs()) {
-    if (in.dtype() != DT_FLOAT32 && in.dtype() != DT_INT64 && in.dtype() != DT_BOOL) {
+    if (!IsFloatingPoint(in.dtype()) && in.dtype() != DT_INT64 && in.dtype() != DT_BOOL) {
       return absl::InvalidArgumentError(absl::StrCat(
           "the cuda backend has no ", TorchName(in.dtype()), " kernels: input \"", in.name(),
           "\" is ", TorchName(in.dtype()), " (serve this model with --device=cpu)"));
@@ -185,7 +185,7 @@ absl::Status LoweredStage::NumberValues(const WeightMap& weights, const ValueTyp
         return absl::InvalidArgumentError(
             absl::StrCat("parameter \"", fqn, "\" has no loaded weights"));
       }
-      if (w->second.dtype() != DT_FLOAT32) {
+      if (!IsFloatingPoint(w->second.dtype())) {
         return absl::InvalidArgumentError(absl::StrCat(
             "the cuda backend has no ", TorchName(w->second.dtype()), " kernels: parameter \"",
             fqn, "\" is ", TorchName(w->second.dtype()), " (serve this model with --device=cpu)"));
@@ -317,7 +317,15 @@ absl::Status LoweredStage::MakeSteps(const ValueIds& ids, bool fuse_linear_relu,
       RETURN_IF_ERROR(CheckHostSample(node, step));
       values_[step.out].host_output = true;
     }
-    RETURN_IF_ERROR(CheckKernelGate(node.name(), op, DT_FLOAT32, cuda_ops));
+    RETURN_IF_ERROR(CheckKernelGate(node.name(), op, FloatTypeOf(step), cuda_ops));
+    // add, sub, mul and relu keep their GPU-confirmed float32 kernels; in
+    // 16-bit graphs they are elementwise programs.
+    const bool sixteen = values_[step.out].type == DT_FLOAT16 ||
+                         values_[step.out].type == DT_BFLOAT16;
+    if (sixteen && (step.kind == Kind::kBinary || step.kind == Kind::kScalar ||
+                    step.kind == Kind::kRelu)) {
+      step.kind = Kind::kProgram;
+    }
     if (step.kind == Kind::kSize) values_[step.out].host = true;
     if (step.kind == Kind::kView) values_[step.out].view_of = step.in[0];
     values_[step.out].producer = static_cast<int>(steps_.size());
@@ -377,7 +385,7 @@ void LoweredStage::LayOutWeights() {
   for (Value& v : values_) {
     if (v.param < 0) continue;
     int64_t n = params_[v.param].numel();
-    if (v.need_f32) v.w_f32 = w.Take(n * 4).offset;
+    if (v.need_f32) v.w_f32 = w.Take(n * ElementSize(v.type)).offset;  // in its own type
     if (v.need_gemm) v.w_gemm = w.Take(n * DTypeBytes(gemm_type_)).offset;
   }
   weight_bytes_ = w.size();
@@ -391,7 +399,7 @@ void LoweredStage::FillWeights(void* dst) const {
     if (v.param < 0) continue;
     const Tensor& t = params_[v.param];
     if (v.w_f32 >= 0 && t.numel() > 0) {
-      std::memcpy(base + v.w_f32, t.data(), t.byte_size());
+      std::memcpy(base + v.w_f32, t.raw_data(), t.byte_size());
     }
     if (v.w_gemm >= 0)
       ConvertFloats(t.data(), t.numel(), gemm_type_, base + v.w_gemm);
@@ -563,6 +571,8 @@ void LoweredStage::ConstantOps(const Sizes& sizes, const Buffers& b, DevicePlan*
       switch (t.dtype()) {
         case DT_INT64: t.data_as<int64_t>()[e] = static_cast<int64_t>(v); break;
         case DT_BOOL: t.data_as<uint8_t>()[e] = v != 0; break;
+        case DT_FLOAT16: t.data_as<uint16_t>()[e] = FloatToHalf(static_cast<float>(v)); break;
+        case DT_BFLOAT16: t.data_as<uint16_t>()[e] = FloatToBf16(static_cast<float>(v)); break;
         default: t.data()[e] = static_cast<float>(v); break;
       }
     }
@@ -624,7 +634,10 @@ absl::Status LoweredStage::GemmOps(const Step& s, const std::vector<Shape>& shap
   g.k = k;
   g.d = out;
   g.ldd = n;
-  g.d_type = b.has_f32[s.out] ? DType::kF32 : DType::kBF16;
+  // A 16-bit graph's GEMMs read and write its values as they are.
+  const DataType vtype = values_[s.out].type;
+  const bool sixteen = vtype != DT_FLOAT32;
+  g.d_type = sixteen ? StorageOf(vtype) : b.has_f32[s.out] ? DType::kF32 : DType::kBF16;
   g.relu = s.relu;
   if (lin && s.in.size() > 2) {
     g.has_bias = true;
@@ -634,6 +647,11 @@ absl::Status LoweredStage::GemmOps(const Step& s, const std::vector<Shape>& shap
     g.has_bias = true;
     g.bias = b.f32[s.in[0]];
   }
+  g.bias_type = StorageOf(vtype);
+  if (k == 0 && sixteen) {
+    return absl::UnimplementedError(absl::StrCat("node \"", name, "\": a ", TorchName(vtype),
+                                                 " GEMM over an inner dimension of 0"));
+  }
   if (k == 0) {
     DeviceOp fill{DeviceOp::Type::kFill, name};
     fill.gemm = g;
@@ -642,10 +660,10 @@ absl::Status LoweredStage::GemmOps(const Step& s, const std::vector<Shape>& shap
     compute->push_back(fill);
     return absl::OkStatus();
   }
-  g.precision = precision_;
-  g.ab_type = gemm_type_;
+  g.precision = sixteen ? Precision::kFloat32 : precision_;  // float32 accumulation
+  g.ab_type = sixteen ? StorageOf(vtype) : gemm_type_;
   auto operand = [&](int v) {
-    return gemm_type_ == DType::kF32 ? b.f32[v] : b.gm[v];
+    return sixteen || gemm_type_ == DType::kF32 ? b.f32[v] : b.gm[v];
   };
   g.trans_a = lin;  // w [N, K] row-major is [K, N] column-major
   g.a = operand(s.in[xi + 1]);
@@ -728,12 +746,27 @@ DeviceOp LoweredStage::ConvertOp(const std::string& node, BufferRef f32, BufferR
   return conv;
 }
 
-absl::Status LoweredStage::StepOps(const Step& s, const Node& node,
-                                   const std::vector<Shape>& shape, const Buffers& b,
+absl::Status LoweredStage::StepOps(size_t i, const Sizes& sizes, const Buffers& b,
                                    std::vector<DeviceOp>* compute) const {
+  const Step& s = steps_[i];
   if (s.kind == Kind::kView || s.kind == Kind::kSize || s.kind == Kind::kHostSample) {
     return absl::OkStatus();  // no device work
   }
+  const size_t first = compute->size();
+  RETURN_IF_ERROR(StepKernelOps(s, sizes.node[i], sizes, b, compute));
+  const DataType ftype = FloatTypeOf(s);
+  for (size_t k = first; k < compute->size(); ++k) (*compute)[k].ftype = ftype;
+  // A float32 result that GEMMs read in another form gets it now.
+  const int64_t n_out = NumElements(sizes.shape[s.out]);
+  if (b.has_f32[s.out] && b.has_gm[s.out] && n_out > 0) {
+    compute->push_back(ConvertOp(sizes.node[i].name(), b.f32[s.out], b.gm[s.out], n_out));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LoweredStage::StepKernelOps(const Step& s, const Node& node, const Sizes& sizes,
+                                         const Buffers& b, std::vector<DeviceOp>* compute) const {
+  const std::vector<Shape>& shape = sizes.shape;
   const std::string& name = node.name();
   const int64_t n_out = NumElements(shape[s.out]);
   const BufferRef out = b.has_f32[s.out] ? b.f32[s.out] : b.gm[s.out];
@@ -755,7 +788,7 @@ absl::Status LoweredStage::StepOps(const Step& s, const Node& node,
       RETURN_IF_ERROR(GemmOps(s, shape, b, out, compute));
       break;
     case Kind::kProgram:
-      RETURN_IF_ERROR(ProgramOps(s, node, shape, b, out, compute));
+      RETURN_IF_ERROR(ProgramOps(s, sizes, b, out, compute));
       break;
     case Kind::kEmbedding:
       add(EmbeddingOp(s, shape, b, out));
@@ -835,10 +868,6 @@ absl::Status LoweredStage::StepOps(const Step& s, const Node& node,
     case Kind::kHostSample:  // on the host, after the copies back
       break;
   }
-  // A float32 result that GEMMs read in another form gets it now.
-  if (b.has_f32[s.out] && b.has_gm[s.out] && n_out > 0) {
-    compute->push_back(ConvertOp(name, b.f32[s.out], b.gm[s.out], n_out));
-  }
   return absl::OkStatus();
 }
 
@@ -864,27 +893,18 @@ absl::Status LoweredStage::MoveOps(const Step& s, const Node& node,
   return absl::OkStatus();
 }
 
-absl::Status LoweredStage::ProgramOps(const Step& s, const Node& node,
-                                      const std::vector<Shape>& shape, const Buffers& b,
+absl::Status LoweredStage::ProgramOps(const Step& s, const Sizes& sizes, const Buffers& b,
                                       BufferRef out, std::vector<DeviceOp>* compute) const {
-  std::vector<Shape> in;
-  std::vector<DataType> types;
-  for (int v : s.in) {
-    in.push_back(shape[v]);
-    types.push_back(values_[v].type);
+  const int i = static_cast<int>(&s - steps_.data());
+  ProgramBuilder builder(sizes.shape[s.out], values_[s.out].type);
+  EmitFused(i, sizes, &builder, /*fused=*/false);
+  const std::string& name = sizes.node[i].name();
+  if (builder.full()) {
+    return absl::UnimplementedError(absl::StrCat(
+        "node \"", name, "\": an elementwise op over ", sizes.shape[s.out].size(),
+        " dims; the cuda kernels take at most ", kernels::kMaxCopyRank));
   }
-  absl::StatusOr<kernels::ElementwiseProgramOp> p =
-      ProgramOf(node, in, types, shape[s.out], values_[s.out].type);
-  if (!p.ok()) {
-    return absl::Status(p.status().code(),
-                        absl::StrCat("node \"", node.name(), "\": ", p.status().message()));
-  }
-  DeviceOp op{DeviceOp::Type::kProgram, node.name()};
-  BufferRef* srcs[] = {&op.src, &op.src2, &op.src3};
-  for (size_t i = 0; i < s.in.size(); ++i) *srcs[i] = b.f32[s.in[i]];
-  op.dst = out;
-  op.n = p->n;
-  op.program = *p;
+  ASSIGN_OR_RETURN(DeviceOp op, ProgramOp(name, builder, FloatTypeOf(s), b, out));
   if (op.n > 0) compute->push_back(op);
   return absl::OkStatus();
 }
@@ -940,9 +960,10 @@ absl::Status LoweredStage::CheckSizeReaders(const Node& node, const Step& step) 
   return absl::OkStatus();
 }
 
-// Float32 everywhere, except: shape ops, clones and constants of any of
-// float32, int64 and bool; embedding ids (int64); comparisons, which make
-// bool; where's bool condition.
+// One float type (float32, float16 or bfloat16) per step, except: shape
+// ops, clones, constants and casts of any type; embedding ids and the
+// cache metadata (int64); comparisons, which make bool; where's bool
+// condition; sample_tokens' host tensors.
 absl::Status LoweredStage::CheckTypes(const Node& node, const Step& step) const {
   const DataType out = values_[step.out].type;
   auto refuse = [&](DataType t, const std::string& what) {
@@ -951,30 +972,44 @@ absl::Status LoweredStage::CheckTypes(const Node& node, const Step& step) const 
         node.op(), ") ", what, " a ", TorchName(t),
         " value (serve this model with --device=cpu)"));
   };
+  auto stored = [](DataType t) { return IsFloatingPoint(t) || t == DT_INT64 || t == DT_BOOL; };
   const bool any_type = step.kind == Kind::kView || step.kind == Kind::kMove ||
                         step.kind == Kind::kClone || step.kind == Kind::kConstant ||
                         step.kind == Kind::kSize || step.kind == Kind::kTriangle ||
                         step.kind == Kind::kCast;
-  if (any_type) {
-    if (out != DT_FLOAT32 && out != DT_INT64 && out != DT_BOOL) return refuse(out, "makes");
-    return absl::OkStatus();
-  }
+  if (any_type) return stored(out) ? absl::OkStatus() : refuse(out, "makes");
   if (step.kind == Kind::kHostSample) {  // its logits go back; the rest are host tensors
     const DataType t = values_[step.in[0]].type;
-    return t == DT_FLOAT32 ? absl::OkStatus() : refuse(t, "reads");
+    return IsFloatingPoint(t) ? absl::OkStatus() : refuse(t, "reads");
   }
+  const DataType ftype = FloatTypeOf(step);
   const bool compare = step.kind == Kind::kProgram && node.op() != "where" &&
                        FindOp(node.op())->dtype != nullptr && out == DT_BOOL;
-  if (out != DT_FLOAT32 && !compare) return refuse(out, "makes");
+  if (out != ftype && !compare) return refuse(out, "makes");
   for (size_t i = 0; i < step.in.size(); ++i) {
     const DataType t = values_[step.in[i]].type;
-    const bool ok = t == DT_FLOAT32 ||
+    const bool ok = t == ftype ||
                     (step.kind == Kind::kEmbedding && i == 0 && t == DT_INT64) ||
                     (step.kind == Kind::kAttention && i >= 3 && t == DT_INT64) ||
                     (node.op() == "where" && i == 0 && t == DT_BOOL);
-    if (!ok) return refuse(t, "reads");
+    if (!ok) {
+      return IsFloatingPoint(t) && IsFloatingPoint(ftype)
+                 ? absl::InvalidArgumentError(absl::StrCat(
+                       "the cuda backend has no kernel for node \"", node.name(), "\" (",
+                       node.op(), " of ", TorchName(t), " and ", TorchName(ftype),
+                       " values; cast them to one type)"))
+                 : refuse(t, "reads");
+    }
   }
-  return absl::OkStatus();
+  return IsFloatingPoint(ftype) ? absl::OkStatus() : refuse(out, "makes");
+}
+
+DataType LoweredStage::FloatTypeOf(const Step& s) const {
+  if (IsFloatingPoint(values_[s.out].type)) return values_[s.out].type;
+  for (int v : s.in) {
+    if (IsFloatingPoint(values_[v].type)) return values_[v].type;
+  }
+  return values_[s.out].type;
 }
 
 void LoweredStage::OutputOps(const std::vector<Shape>& shape, const Buffers& b, DevicePlan* plan,
@@ -1018,7 +1053,7 @@ absl::StatusOr<DevicePlan> LoweredStage::Plan(
     if (s.fused_into >= 0 && IsFusedStep(fused, i)) continue;  // in its reader's program
     auto f = fused.find(static_cast<int>(i));
     if (f == fused.end()) {
-      RETURN_IF_ERROR(StepOps(s, sizes.node[i], shape, b, &compute));
+      RETURN_IF_ERROR(StepOps(i, sizes, b, &compute));
       continue;
     }
     if (f->second.n > 0) compute.push_back(f->second);  // an empty output: no launch

@@ -54,8 +54,13 @@ class ProgramBuilder;  // elementwise_lowering.h
 // kTF32 is float32 storage whose low 13 mantissa bits are zero (rounded to
 // nearest even): TF32 GEMM operands, so the tensor cores' treatment of the
 // bits they ignore cannot change results.
-enum class DType { kF32, kBF16, kTF32 };
-inline int64_t DTypeBytes(DType t) { return t == DType::kBF16 ? 2 : 4; }
+// kF16: float16, the storage of a float16 graph's values.
+enum class DType { kF32, kBF16, kTF32, kF16 };
+inline int64_t DTypeBytes(DType t) { return t == DType::kBF16 || t == DType::kF16 ? 2 : 4; }
+// The DType a graph value of float type `t` is stored in on the device.
+inline DType StorageOf(DataType t) {
+  return t == DT_BFLOAT16 ? DType::kBF16 : t == DT_FLOAT16 ? DType::kF16 : DType::kF32;
+}
 
 inline constexpr int64_t kArenaAlignment = 256;
 
@@ -87,7 +92,8 @@ struct GemmOp {
   DType d_type = DType::kF32;
   Precision precision = Precision::kFloat32;
   bool has_bias = false;
-  BufferRef bias;  // float32 [m]
+  BufferRef bias;  // [m], of bias_type
+  DType bias_type = DType::kF32;
   bool relu = false;
   int64_t batch = 1;
   int64_t stride_a = 0, stride_b = 0, stride_d = 0;
@@ -151,6 +157,8 @@ struct DeviceOp {
   int heads = 0;
   int64_t num_tiles = 0;
   DataType cast_from = DT_FLOAT32, cast_to = DT_FLOAT32;  // kCast
+  // Kernels over float values: their storage (float32, float16, bfloat16).
+  DataType ftype = DT_FLOAT32;
 };
 
 // Host side of one input or output.
@@ -256,6 +264,7 @@ class LoweredStage {
   struct CacheLayer {
     int kv_heads = 0, head_dim = 0;
     int64_t offset = 0;  // in the cache arena
+    DataType type = DT_FLOAT32;  // keys' and values' storage: the graph's float type
   };
   const std::vector<CacheLayer>& cache_layers() const { return cache_layers_; }
   int64_t num_blocks() const { return num_blocks_; }
@@ -339,11 +348,14 @@ class LoweredStage {
   Buffers LayOutBuffers(const std::vector<Shape>& shape) const;
   void InputOps(const std::vector<Shape>& shape, const Buffers& b, DevicePlan* plan,
                 std::vector<DeviceOp>* copy_in, std::vector<DeviceOp>* compute) const;
-  absl::Status StepOps(const Step& s, const Node& node, const std::vector<Shape>& shape,
-                       const Buffers& b, std::vector<DeviceOp>* compute) const;
+  // Step i's ops (its node resolved in sizes.node[i]).
+  absl::Status StepOps(size_t i, const Sizes& sizes, const Buffers& b,
+                       std::vector<DeviceOp>* compute) const;
+  absl::Status StepKernelOps(const Step& s, const Node& node, const Sizes& sizes,
+                             const Buffers& b, std::vector<DeviceOp>* compute) const;
   // The ops of kProgram, kEmbedding and kConstant steps.
-  absl::Status ProgramOps(const Step& s, const Node& node, const std::vector<Shape>& shape,
-                          const Buffers& b, BufferRef out, std::vector<DeviceOp>* compute) const;
+  absl::Status ProgramOps(const Step& s, const Sizes& sizes, const Buffers& b, BufferRef out,
+                          std::vector<DeviceOp>* compute) const;
   DeviceOp EmbeddingOp(const Step& s, const std::vector<Shape>& shape, const Buffers& b,
                        BufferRef out) const;
   void ConstantOps(const Sizes& sizes, const Buffers& b, DevicePlan* plan,
@@ -402,8 +414,13 @@ class LoweredStage {
   bool IsFusedStep(const absl::flat_hash_map<int, DeviceOp>& fused, size_t i) const {
     return fused.contains(RootOf(static_cast<int>(i)));
   }
-  // Step `i`'s result in `builder`, its fused inputs computed first.
-  int EmitFused(int i, const Sizes& sizes, ProgramBuilder* builder) const;
+  // Step `i`'s result in `builder`, its fused inputs computed first (with
+  // `fused`; else every input is loaded).
+  int EmitFused(int i, const Sizes& sizes, ProgramBuilder* builder, bool fused = true) const;
+  // The kProgram op running `builder`'s program into `out`, or
+  // kUnimplemented when its inputs mix float types.
+  absl::StatusOr<DeviceOp> ProgramOp(const std::string& name, const ProgramBuilder& builder,
+                                     DataType ftype, const Buffers& b, BufferRef out) const;
   absl::Status Build(const WeightMap& weights, const ValueTypes& types, bool fuse_linear_relu,
                      CudaOps cuda_ops);
   // Pass 1: values_ (with their types) and their ids.
@@ -412,6 +429,9 @@ class LoweredStage {
   // its values' types.
   absl::Status CheckTypes(const Node& node, const Step& step) const;
   static absl::Status ChooseKind(const Node& node, Step* step);
+  // The float type of a step's float values (its output's, or for a
+  // comparison its inputs').
+  DataType FloatTypeOf(const Step& s) const;
   // kInvalidArgument when `step` computes on a size (a host integer).
   absl::Status CheckSizeReaders(const Node& node, const Step& step) const;
   // Pass 2: steps_, with fused ReLUs; every op's kernel through the gate.

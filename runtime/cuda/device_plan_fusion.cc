@@ -38,21 +38,24 @@ int LoweredStage::RootOf(int i) const {
   return i;
 }
 
-int LoweredStage::EmitFused(int i, const Sizes& sizes, ProgramBuilder* builder) const {
+int LoweredStage::EmitFused(int i, const Sizes& sizes, ProgramBuilder* builder,
+                            bool fused) const {
   const Step& s = steps_[i];
   std::vector<int> regs;
   for (int v : s.in) {
     const int p = values_[v].producer;
-    regs.push_back(p >= 0 && steps_[p].fused_into == i
+    regs.push_back(fused && p >= 0 && steps_[p].fused_into == i
                        ? EmitFused(p, sizes, builder)
                        : builder->Input(v, sizes.shape[v], values_[v].type));
   }
   switch (s.kind) {
     case Kind::kUnary:
       return builder->Unary(s.unary, regs[0]);
-    case Kind::kRelu:  // max(x, 0): NaN stays NaN, as in PyTorch
-      return builder->Op(kernels::EwCode::kMaximum, regs[0], builder->Const(0.0f));
-    default:  // add, sub, mul (a scalar operand as an attribute) and the program ops
+    default:
+      if (sizes.node[i].op() == "relu") {  // max(x, 0): NaN stays NaN, as in PyTorch
+        return builder->Op(kernels::EwCode::kMaximum, regs[0], builder->Const(0.0f));
+      }
+      // add, sub, mul (a scalar operand as an attribute) and the program ops
       return builder->NodeOp(sizes.node[i], regs);
   }
 }
@@ -75,20 +78,33 @@ absl::flat_hash_map<int, DeviceOp> LoweredStage::FusedOps(const Sizes& sizes,
     ProgramBuilder builder(out, values_[s.out].type);
     EmitFused(root, sizes, &builder);
     if (builder.full()) continue;
-    if (NumElements(out) == 0) {  // nothing to compute: no op (n 0), no launch
-      fused.emplace(root, DeviceOp{DeviceOp::Type::kProgram, NodeOf(s).name()});
-      continue;
-    }
-    DeviceOp op{DeviceOp::Type::kProgram,
-                absl::StrCat(NodeOf(s).name(), " (+", group.size(), " fused)")};
-    BufferRef* srcs[] = {&op.src, &op.src2, &op.src3, &op.src4};
-    for (size_t k = 0; k < builder.keys().size(); ++k) *srcs[k] = b.f32[builder.keys()[k]];
-    op.dst = b.has_f32[s.out] ? b.f32[s.out] : b.gm[s.out];
-    op.program = builder.program();
-    op.n = op.program.n;
-    fused.emplace(root, std::move(op));
+    absl::StatusOr<DeviceOp> op =
+        ProgramOp(absl::StrCat(NodeOf(s).name(), " (+", group.size(), " fused)"), builder,
+                  FloatTypeOf(s), b, b.has_f32[s.out] ? b.f32[s.out] : b.gm[s.out]);
+    if (op.ok()) fused.emplace(root, *std::move(op));  // else op by op
   }
   return fused;
+}
+
+absl::StatusOr<DeviceOp> LoweredStage::ProgramOp(const std::string& name,
+                                                 const ProgramBuilder& builder, DataType ftype,
+                                                 const Buffers& b, BufferRef out) const {
+  DeviceOp op{DeviceOp::Type::kProgram, name};
+  BufferRef* srcs[] = {&op.src, &op.src2, &op.src3, &op.src4};
+  for (size_t k = 0; k < builder.keys().size(); ++k) {
+    const int v = builder.keys()[k];
+    if (values_[v].type != ftype && values_[v].type != DT_BOOL) {  // one storage type
+      return absl::UnimplementedError(absl::StrCat(
+          "node \"", name, "\": an elementwise op over ", TorchName(values_[v].type), " and ",
+          TorchName(ftype), " values"));
+    }
+    *srcs[k] = b.f32[v];
+  }
+  op.dst = out;
+  op.program = builder.program();
+  op.n = op.program.n;  // an empty output: n 0, no launch
+  op.ftype = ftype;
+  return op;
 }
 
 }  // namespace pipeserve

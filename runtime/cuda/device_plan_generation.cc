@@ -50,8 +50,9 @@ absl::Status LoweredStage::CheckAttention(const Node& node, Step* step) {
   num_blocks_ = IntAttr(node, "num_blocks", 0);
   block_size_ = static_cast<int>(IntAttr(node, "block_size", 16));
   step->layer = static_cast<int>(cache_layers_.size());
-  cache_layers_.push_back({kv_heads, head_dim, cache_bytes_});
-  cache_bytes_ += num_blocks_ * 2 * kv_heads * block_size_ * head_dim * 4;
+  const DataType type = values_[step->in[0]].type;  // the cache keeps q's type
+  cache_layers_.push_back({kv_heads, head_dim, cache_bytes_, type});
+  cache_bytes_ += num_blocks_ * 2 * kv_heads * block_size_ * head_dim * ElementSize(type);
   return absl::OkStatus();
 }
 
@@ -123,9 +124,10 @@ void LoweredStage::HostSampleOps(const Sizes& sizes, const Buffers& b, DevicePla
     h.out_shape = sizes.shape[s.out];
     h.out_type = values_[s.out].type;
     const int logits = s.in[0];
-    const int64_t bytes = NumElements(sizes.shape[logits]) * 4;
+    const DataType type = values_[logits].type;
+    const int64_t bytes = NumElements(sizes.shape[logits]) * ElementSize(type);
     StagedValue read{static_cast<int>(plan->host_reads.size()), {Arena::kStagingOut, at},
-                     DType::kF32, sizes.shape[logits], DT_FLOAT32};
+                     DType::kF32, sizes.shape[logits], type};
     at += (std::max<int64_t>(bytes, 1) + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
     DeviceOp op{DeviceOp::Type::kCopyOut, h.node.name()};
     op.src = b.f32[logits];

@@ -5,7 +5,8 @@ For each case (a model of models.py) it writes, under DIR/NAME/:
     model.psm          the exported model (pipeserve.export)
     in_<input>.npy     float32 inputs [batch, d], torch.randn, fixed seed
                        (the transformers of transformer_models.py, gpt2 and
-                       llama: int64 token ids [batch, 7], fixed seed)
+                       llama, and their bfloat16 versions gpt2_bf16 and
+                       llama_bf16: int64 token ids [batch, 7], fixed seed)
     out_<i>.npy        float32 outputs of the module run eagerly (no_grad)
     out64hi_<i>.npy,   the same module and inputs run in float64, the
     out64lo_<i>.npy    exact answer both float32 implementations are judged
@@ -43,7 +44,7 @@ import transformer_models  # noqa: E402
 # Transformer cases (token ids in), by name; the _gen ones are exported
 # for generation (model.psm and manifest.json only: their steps' inputs are
 # made by the test).
-TRANSFORMERS = ("gpt2", "llama")
+TRANSFORMERS = ("gpt2", "llama", "gpt2_bf16", "llama_bf16")
 GENERATION = ("gpt2_gen", "llama_gen")
 
 
@@ -67,9 +68,13 @@ def write_generation_case(name, out_dir):
 def make_case(name, batch):
     """(model, {input name: tensor}) of case `name`."""
     if name in TRANSFORMERS:
+        base = name.replace("_bf16", "")
         generator = torch.Generator().manual_seed(1234)
-        ids = torch.randint(0, transformer_models.vocab(name), (batch, 7), generator=generator)
-        return transformer_models.make(name), {"ids": ids}
+        ids = torch.randint(0, transformer_models.vocab(base), (batch, 7), generator=generator)
+        model = transformer_models.make(base)
+        if name.endswith("_bf16"):  # a bfloat16 model: weights and activations
+            model = model.to(torch.bfloat16)
+        return model, {"ids": ids}
     return models.make(name), models.example_inputs(name, batch=batch)
 
 
@@ -99,7 +104,7 @@ def write_case(name, out_dir, batch):
                 array if array.dtype == np.int64 else array.astype(np.float32))
     for i, tensor in enumerate(outputs):
         np.save(os.path.join(case_dir, f"out_{i}.npy"),
-                tensor.numpy().astype(np.float32))
+                tensor.float().numpy())  # a bfloat16 output widened
     for i, tensor in enumerate(exact):
         # Stored as float32 pairs would lose the point: keep float64 values
         # as two float32 files (hi + lo) so the C++ .npy reader stays f4-only.

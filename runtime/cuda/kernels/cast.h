@@ -1,6 +1,7 @@
-// cast on the GPU, written once against simt.h: float32, int64 and bool
-// values converted as PyTorch converts them (to bool: nonzero; from
-// float to int64: toward zero).
+// cast on the GPU, written once against simt.h: float32, float16,
+// bfloat16, int64 and bool values converted as PyTorch converts them (to
+// bool: nonzero; from float to int64: toward zero; to 16 bits: nearest
+// even).
 #ifndef PIPESERVE_RUNTIME_CUDA_KERNELS_CAST_H_
 #define PIPESERVE_RUNTIME_CUDA_KERNELS_CAST_H_
 
@@ -11,17 +12,28 @@
 
 namespace pipeserve::kernels {
 
+// Integers and bools convert directly (int64 to int64 loses nothing); a
+// float type on either side goes through float.
+SIMT_DEVICE float CastIn(float x) { return x; }
+SIMT_DEVICE float CastIn(simt::Half x) { return simt::ToFloat(x); }
+SIMT_DEVICE float CastIn(simt::Bf16 x) { return simt::ToFloat(x); }
+SIMT_DEVICE int64_t CastIn(int64_t x) { return x; }
+SIMT_DEVICE uint8_t CastIn(uint8_t x) { return x; }
+
 template <typename Out, typename In>
 SIMT_DEVICE Out CastValue(In x) {
+  const auto v = CastIn(x);  // float, int64_t or uint8_t
   if constexpr (sizeof(Out) == 1) {
-    return x != In{} ? 1 : 0;  // bool (uint8_t storage)
+    return v != 0 ? 1 : 0;  // bool (uint8_t storage)
+  } else if constexpr (sizeof(Out) == 2) {
+    return simt::FromFloat<Out>(static_cast<float>(v));  // float16, bfloat16
   } else {
-    return static_cast<Out>(x);
+    return static_cast<Out>(v);
   }
 }
 
 // y[i] = x[i] converted, one thread each (grid: CopyBlocks(n) of
-// kCopyThreads). In and Out: float, int64_t, uint8_t (bool).
+// kCopyThreads). In and Out: float, Half, Bf16, int64_t, uint8_t (bool).
 template <typename In, typename Out>
 SIMT_GLOBAL void Cast(const In* __restrict__ x, Out* __restrict__ y, int64_t n) {
   using namespace simt;  // NOLINT: the kernel vocabulary

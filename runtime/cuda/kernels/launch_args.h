@@ -105,7 +105,10 @@ struct ReduceOp {
 
 // ---- cast.h ------------------------------------------------------------------
 
-enum class CastType : int { kF32, kI64, kBool };
+enum class CastType : int { kF32, kI64, kBool, kF16, kBF16 };
+
+// The storage of the float values a kernel reads and writes.
+enum class FloatType : int { kF32, kF16, kBF16 };
 
 // ---- paged_attention.h -----------------------------------------------------
 

@@ -1,168 +1,176 @@
 // nvcc's side of the kernels in this folder: the same source the device
-// emulator runs on the CPU, launched on the GPU.
+// emulator runs on the CPU, launched on the GPU in the storage type the
+// device plan chose (float, __half or __nv_bfloat16).
+#include "runtime/cuda/kernels/cast.h"
 #include "runtime/cuda/kernels/elementwise.h"
 #include "runtime/cuda/kernels/elementwise_program.h"
-#include "runtime/cuda/kernels/cast.h"
 #include "runtime/cuda/kernels/embedding.h"
-#include "runtime/cuda/kernels/reduction.h"
-#include "runtime/cuda/kernels/triangle.h"
 #include "runtime/cuda/kernels/layer_norm.h"
 #include "runtime/cuda/kernels/paged_attention.h"
+#include "runtime/cuda/kernels/reduction.h"
 #include "runtime/cuda/kernels/strided_copy.h"
 #include "runtime/cuda/kernels/transformer_kernels.h"
+#include "runtime/cuda/kernels/triangle.h"
 
 namespace pipeserve::kernels {
+namespace {
 
-cudaError_t LaunchLayerNorm(const float* x, const float* w, const float* b, float* y,
+// Calls f(T{}) with T the storage type `t` names.
+template <typename F>
+void WithType(FloatType t, F f) {
+  switch (t) {
+    case FloatType::kF16: f(__half{}); return;
+    case FloatType::kBF16: f(__nv_bfloat16{}); return;
+    default: f(float{}); return;
+  }
+}
+
+// Calls f(T{}) with T the element type of `bytes` bytes.
+template <typename F>
+void WithBytes(int bytes, F f) {
+  switch (bytes) {
+    case 1: f(uint8_t{}); return;
+    case 2: f(uint16_t{}); return;
+    case 8: f(int64_t{}); return;
+    default: f(float{}); return;
+  }
+}
+
+template <typename F>
+void WithCastType(CastType t, F f) {
+  switch (t) {
+    case CastType::kI64: f(int64_t{}); return;
+    case CastType::kBool: f(uint8_t{}); return;
+    case CastType::kF16: f(__half{}); return;
+    case CastType::kBF16: f(__nv_bfloat16{}); return;
+    default: f(float{}); return;
+  }
+}
+
+unsigned Blocks(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
+
+}  // namespace
+
+cudaError_t LaunchLayerNorm(FloatType t, const void* x, const void* w, const void* b, void* y,
                             int64_t rows, int cols, float eps, cudaStream_t stream) {
   if (rows <= 0 || cols <= 0) return cudaSuccess;
-  LayerNormRows<float, float><<<static_cast<unsigned>(rows), kLayerNormThreads, 0, stream>>>(
-      x, w, b, y, rows, cols, eps);
+  WithType(t, [&](auto zero) {
+    using T = decltype(zero);
+    LayerNormRows<T, T><<<static_cast<unsigned>(rows), kLayerNormThreads, 0, stream>>>(
+        static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(b),
+        static_cast<T*>(y), rows, cols, eps);
+  });
   return cudaGetLastError();
 }
 
-cudaError_t LaunchUnary(UnaryKind kind, const float* x, float* y, int64_t n,
+cudaError_t LaunchUnary(FloatType t, UnaryKind kind, const void* x, void* y, int64_t n,
                         cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  const int64_t blocks = (n + kElementwiseThreads - 1) / kElementwiseThreads;
-  UnaryElementwise<float><<<static_cast<unsigned>(blocks), kElementwiseThreads, 0, stream>>>(
-      x, y, n, kind);
+  WithType(t, [&](auto zero) {
+    using T = decltype(zero);
+    UnaryElementwise<T><<<Blocks(n, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
+        static_cast<const T*>(x), static_cast<T*>(y), n, kind);
+  });
   return cudaGetLastError();
 }
 
-cudaError_t LaunchSoftmax(const float* x, float* y, int64_t rows, int cols, bool log,
+cudaError_t LaunchSoftmax(FloatType t, const void* x, void* y, int64_t rows, int cols, bool log,
                           cudaStream_t stream) {
   if (rows <= 0 || cols <= 0) return cudaSuccess;
-  SoftmaxRows<float><<<static_cast<unsigned>(rows), kSoftmaxThreads, 0, stream>>>(
-      x, y, rows, cols, log);
+  WithType(t, [&](auto zero) {
+    using T = decltype(zero);
+    SoftmaxRows<T><<<static_cast<unsigned>(rows), kSoftmaxThreads, 0, stream>>>(
+        static_cast<const T*>(x), static_cast<T*>(y), rows, cols, log);
+  });
   return cudaGetLastError();
 }
 
 cudaError_t LaunchStridedCopy(const void* src, void* dst, int element_bytes,
                               const StridedCopyOp& op, cudaStream_t stream) {
   if (op.n <= 0) return cudaSuccess;
-  const unsigned blocks = CopyBlocks(op.n);
-  if (element_bytes == 1) {
-    StridedCopy<uint8_t><<<blocks, kCopyThreads, 0, stream>>>(
-        static_cast<const uint8_t*>(src), static_cast<uint8_t*>(dst), op);
-  } else if (element_bytes == 8) {
-    StridedCopy<int64_t><<<blocks, kCopyThreads, 0, stream>>>(
-        static_cast<const int64_t*>(src), static_cast<int64_t*>(dst), op);
-  } else {
-    StridedCopy<float><<<blocks, kCopyThreads, 0, stream>>>(static_cast<const float*>(src),
-                                                            static_cast<float*>(dst), op);
-  }
+  WithBytes(element_bytes, [&](auto zero) {
+    using T = decltype(zero);
+    StridedCopy<T><<<CopyBlocks(op.n), kCopyThreads, 0, stream>>>(static_cast<const T*>(src),
+                                                                  static_cast<T*>(dst), op);
+  });
   return cudaGetLastError();
 }
 
-cudaError_t LaunchProgram(const ElementwiseProgramOp& p, const EwPointers& at,
+cudaError_t LaunchProgram(FloatType t, const ElementwiseProgramOp& p, const EwPointers& at,
                           cudaStream_t stream) {
   if (p.n <= 0) return cudaSuccess;
-  ElementwiseProgram<float><<<ProgramBlocks(p.n), kProgramThreads, 0, stream>>>(p, at);
+  WithType(t, [&](auto zero) {
+    using T = decltype(zero);
+    ElementwiseProgram<T><<<ProgramBlocks(p.n), kProgramThreads, 0, stream>>>(p, at);
+  });
   return cudaGetLastError();
 }
 
-cudaError_t LaunchReduce(const float* x, float* y, const ReduceOp& op, cudaStream_t stream) {
+cudaError_t LaunchReduce(FloatType t, const void* x, void* y, const ReduceOp& op,
+                         cudaStream_t stream) {
   if (op.out_n <= 0) return cudaSuccess;
-  Reduce<float><<<static_cast<unsigned>(op.out_n), kReduceThreads, 0, stream>>>(x, y, op);
+  WithType(t, [&](auto zero) {
+    using T = decltype(zero);
+    Reduce<T><<<static_cast<unsigned>(op.out_n), kReduceThreads, 0, stream>>>(
+        static_cast<const T*>(x), static_cast<T*>(y), op);
+  });
   return cudaGetLastError();
 }
 
 cudaError_t LaunchTriangle(const void* x, void* y, int element_bytes, int64_t n, int64_t rows,
                            int64_t cols, int64_t diagonal, bool upper, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  const unsigned blocks = CopyBlocks(n);
-  if (element_bytes == 1) {
-    Triangle<uint8_t><<<blocks, kCopyThreads, 0, stream>>>(
-        static_cast<const uint8_t*>(x), static_cast<uint8_t*>(y), n, rows, cols, diagonal, upper);
-  } else if (element_bytes == 8) {
-    Triangle<int64_t><<<blocks, kCopyThreads, 0, stream>>>(
-        static_cast<const int64_t*>(x), static_cast<int64_t*>(y), n, rows, cols, diagonal, upper);
-  } else {
-    Triangle<float><<<blocks, kCopyThreads, 0, stream>>>(
-        static_cast<const float*>(x), static_cast<float*>(y), n, rows, cols, diagonal, upper);
-  }
+  WithBytes(element_bytes, [&](auto zero) {
+    using T = decltype(zero);
+    Triangle<T><<<CopyBlocks(n), kCopyThreads, 0, stream>>>(
+        static_cast<const T*>(x), static_cast<T*>(y), n, rows, cols, diagonal, upper);
+  });
   return cudaGetLastError();
 }
-
-namespace {
-template <typename In>
-void LaunchCastFrom(const void* x, void* y, CastType to, int64_t n, cudaStream_t stream) {
-  const auto* in = static_cast<const In*>(x);
-  const unsigned blocks = CopyBlocks(n);
-  if (to == CastType::kI64) {
-    Cast<In, int64_t><<<blocks, kCopyThreads, 0, stream>>>(in, static_cast<int64_t*>(y), n);
-  } else if (to == CastType::kBool) {
-    Cast<In, uint8_t><<<blocks, kCopyThreads, 0, stream>>>(in, static_cast<uint8_t*>(y), n);
-  } else {
-    Cast<In, float><<<blocks, kCopyThreads, 0, stream>>>(in, static_cast<float*>(y), n);
-  }
-}
-}  // namespace
 
 cudaError_t LaunchCast(const void* x, CastType from, void* y, CastType to, int64_t n,
                        cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  if (from == CastType::kI64) {
-    LaunchCastFrom<int64_t>(x, y, to, n, stream);
-  } else if (from == CastType::kBool) {
-    LaunchCastFrom<uint8_t>(x, y, to, n, stream);
-  } else {
-    LaunchCastFrom<float>(x, y, to, n, stream);
-  }
+  WithCastType(from, [&](auto in_zero) {
+    using In = decltype(in_zero);
+    WithCastType(to, [&](auto out_zero) {
+      using Out = decltype(out_zero);
+      Cast<In, Out><<<CopyBlocks(n), kCopyThreads, 0, stream>>>(static_cast<const In*>(x),
+                                                                static_cast<Out*>(y), n);
+    });
+  });
   return cudaGetLastError();
 }
 
-cudaError_t LaunchEmbedding(const int64_t* ids, const float* table, float* out, int64_t n,
-                            int64_t rows, int64_t dim, cudaStream_t stream) {
+cudaError_t LaunchEmbedding(FloatType t, const int64_t* ids, const void* table, void* out,
+                            int64_t n, int64_t rows, int64_t dim, cudaStream_t stream) {
   if (n <= 0 || dim <= 0) return cudaSuccess;
-  EmbeddingRows<float><<<EmbeddingBlocks(n, dim), kEmbeddingThreads, 0, stream>>>(
-      ids, table, out, n, rows, dim);
+  WithType(t, [&](auto zero) {
+    using T = decltype(zero);
+    EmbeddingRows<T><<<EmbeddingBlocks(n, dim), kEmbeddingThreads, 0, stream>>>(
+        ids, static_cast<const T*>(table), static_cast<T*>(out), n, rows, dim);
+  });
   return cudaGetLastError();
 }
 
-cudaError_t LaunchPagedAttention(const float* q, const float* k, const float* v, float* cache,
-                                 const PagedCache& c, const int32_t* tiles, int64_t num_tiles,
-                                 int heads, float scale, float* out, cudaStream_t stream) {
+cudaError_t LaunchPagedAttention(FloatType t, const void* q, const void* k, const void* v,
+                                 void* cache, const PagedCache& c, const int32_t* tiles,
+                                 int64_t num_tiles, int heads, float scale, void* out,
+                                 cudaStream_t stream) {
   if (c.tokens <= 0) return cudaSuccess;
-  KvAppend<float><<<AppendBlocks(c.tokens, c.kv_heads, c.head_dim), kKvThreads, 0, stream>>>(
-      k, v, cache, c);
-  cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess || num_tiles == 0) return e;
-  PagedAttention<float><<<dim3(static_cast<unsigned>(num_tiles), heads), kAttentionThreads, 0,
-                          stream>>>(q, cache, tiles, out, c, heads, scale);
-  return cudaGetLastError();
+  cudaError_t e = cudaSuccess;
+  WithType(t, [&](auto zero) {
+    using T = decltype(zero);
+    KvAppend<T><<<AppendBlocks(c.tokens, c.kv_heads, c.head_dim), kKvThreads, 0, stream>>>(
+        static_cast<const T*>(k), static_cast<const T*>(v), static_cast<T*>(cache), c);
+    e = cudaGetLastError();
+    if (e != cudaSuccess || num_tiles == 0) return;
+    PagedAttention<T><<<dim3(static_cast<unsigned>(num_tiles), heads), kAttentionThreads, 0,
+                        stream>>>(static_cast<const T*>(q), static_cast<const T*>(cache), tiles,
+                                  static_cast<T*>(out), c, heads, scale);
+    e = cudaGetLastError();
+  });
+  return e;
 }
-
-// Every dtype the kernels take, so that --config=cuda proves nvcc accepts
-// all of the source the emulator runs.
-template __global__ void LayerNormRows<__half, float>(const __half*, const float*, const float*,
-                                                      __half*, int64_t, int, float);
-template __global__ void LayerNormRows<__nv_bfloat16, float>(const __nv_bfloat16*, const float*,
-                                                             const float*, __nv_bfloat16*,
-                                                             int64_t, int, float);
-template __global__ void UnaryElementwise<__half>(const __half*, __half*, int64_t, UnaryKind);
-template __global__ void UnaryElementwise<__nv_bfloat16>(const __nv_bfloat16*, __nv_bfloat16*,
-                                                         int64_t, UnaryKind);
-template __global__ void SoftmaxRows<__half>(const __half*, __half*, int64_t, int, bool);
-template __global__ void SoftmaxRows<__nv_bfloat16>(const __nv_bfloat16*, __nv_bfloat16*,
-                                                    int64_t, int, bool);
-
-template __global__ void ElementwiseProgram<__half>(ElementwiseProgramOp, EwPointers);
-template __global__ void ElementwiseProgram<__nv_bfloat16>(ElementwiseProgramOp, EwPointers);
-template __global__ void EmbeddingRows<__half>(const int64_t*, const __half*, __half*, int64_t,
-                                               int64_t, int64_t);
-template __global__ void EmbeddingRows<__nv_bfloat16>(const int64_t*, const __nv_bfloat16*,
-                                                      __nv_bfloat16*, int64_t, int64_t, int64_t);
-template __global__ void Reduce<__half>(const __half*, __half*, ReduceOp);
-template __global__ void Reduce<__nv_bfloat16>(const __nv_bfloat16*, __nv_bfloat16*, ReduceOp);
-template __global__ void KvAppend<__half>(const __half*, const __half*, __half*, PagedCache);
-template __global__ void KvAppend<__nv_bfloat16>(const __nv_bfloat16*, const __nv_bfloat16*,
-                                                 __nv_bfloat16*, PagedCache);
-template __global__ void PagedAttention<__half>(const __half*, const __half*, const int32_t*,
-                                                __half*, PagedCache, int, float);
-template __global__ void PagedAttention<__nv_bfloat16>(const __nv_bfloat16*,
-                                                       const __nv_bfloat16*, const int32_t*,
-                                                       __nv_bfloat16*, PagedCache, int, float);
 
 }  // namespace pipeserve::kernels
