@@ -9,13 +9,15 @@
 #
 # Contents:
 #   backend_test, conformance_test, cuda_backend_test, cuda_transformer_test,
-#   cuda_bench   -c opt, --config=cuda;
+#   cuda_generation_test, cuda_bench   -c opt, --config=cuda;
 #       Abseil, protobuf, gtest, libstdc++ and libgcc linked statically
 #   lib/   libdnnl.so.2 and what it needs (libgomp, libOpenCL, libstdc++),
 #          libcudart.so.13; xz-compressed, unpacked by gpu_check.sh
 #   fixtures/b16, fixtures/b256   ExampleCode exported from PyTorch here
 #   fixtures/transformers   the GPT-2- and Llama-style test models (batch 2,
-#       7 tokens) for cuda_transformer_test
+#       7 tokens; float32 and bfloat16) for cuda_transformer_test
+#   fixtures/generation   the same exported for generation, for
+#       cuda_generation_test
 #   bench/torch_eager.py with what it imports (tests/pytorch/models.py, the
 #       pipeserve package under client/python, proto/*.proto): the PyTorch
 #       baseline serving_bench runs from the bundle's folder
@@ -30,7 +32,8 @@ bundle=out/gpu_bundle
 static_libs=out/gpu_bundle_static_libs
 sys=/usr/lib/x86_64-linux-gnu
 targets=(//runtime:backend_test //runtime/conformance:conformance_test
-         //runtime/cuda:cuda_backend_test //tests:cuda_transformer_test //bench:cuda_bench
+         //runtime/cuda:cuda_backend_test //tests:cuda_transformer_test
+         //tests:cuda_generation_test //bench:cuda_bench
          //server/coordinator:coordinator //server/stage:stage_server //client:pipeserve //bench:serving)
 
 # Static archives shadow the shared libraries of the same names: ld takes
@@ -53,6 +56,7 @@ install -m 755 "$bin/runtime/backend_test" "$bundle/backend_test"
 install -m 755 "$bin/runtime/conformance/conformance_test" "$bundle/conformance_test"
 install -m 755 "$bin/runtime/cuda/cuda_backend_test" "$bundle/cuda_backend_test"
 install -m 755 "$bin/tests/cuda_transformer_test" "$bundle/cuda_transformer_test"
+install -m 755 "$bin/tests/cuda_generation_test" "$bundle/cuda_generation_test"
 install -m 755 "$bin/bench/cuda_bench" "$bundle/cuda_bench"
 # The serving path: coordinator, stage server, CLI and bench/serving.
 install -m 755 "$bin/server/coordinator/coordinator" "$bundle/coordinator"
@@ -78,7 +82,7 @@ done
 allowed='linux-vdso|ld-linux|libc\.so|libm\.so|libdl\.so|libpthread\.so|librt\.so|libresolv\.so|libgcc_s\.so|libcublas\.so|libcublasLt\.so|libcudart\.so|libdnnl\.so|libgomp\.so|libOpenCL\.so|libstdc\+\+\.so|libmicrohttpd\.so|libgnutls\.so|libp11-kit\.so|libidn2\.so|libunistring\.so|libtasn1\.so|libnettle\.so|libhogweed\.so|libgmp\.so|libffi\.so'
 bad=0
 for f in "$bundle"/backend_test "$bundle"/conformance_test "$bundle"/cuda_backend_test \
-         "$bundle"/cuda_transformer_test "$bundle"/cuda_bench \
+         "$bundle"/cuda_transformer_test "$bundle"/cuda_generation_test "$bundle"/cuda_bench \
          "$bundle"/coordinator "$bundle"/stage_server "$bundle"/pipeserve "$bundle"/serving_bench \
          "$bundle"/lib/*.so*; do
   extra=$(LD_LIBRARY_PATH="$bundle/lib" ldd "$f" | grep -vE "$allowed" || true)
@@ -92,7 +96,8 @@ done
 xz -9 -T2 "$bundle"/lib/*
 # The binaries too (the statically linked gRPC ones are ~18 MiB each):
 # gpu_check.sh unpacks them next to the libraries.
-for b in backend_test conformance_test cuda_backend_test cuda_transformer_test cuda_bench \
+for b in backend_test conformance_test cuda_backend_test cuda_transformer_test \
+         cuda_generation_test cuda_bench \
          coordinator stage_server pipeserve serving_bench; do
   xz -9 -T2 "$bundle/$b"
 done
@@ -103,7 +108,9 @@ for b in 16 256; do
       --case example_code --batch "$b" > /dev/null
 done
 /usr/bin/python3 tests/pytorch/make_fixtures.py --out "$bundle/fixtures/transformers" \
-    --case gpt2 --case llama --batch 2 > /dev/null
+    --case gpt2 --case llama --case gpt2_bf16 --case llama_bf16 --batch 2 > /dev/null
+/usr/bin/python3 tests/pytorch/make_fixtures.py --out "$bundle/fixtures/generation" \
+    --case gpt2_gen --case llama_gen > /dev/null
 
 cp tools/gpu_check.sh tools/gpu_serving_check.sh "$bundle/"
 # bench/serving's same-run PyTorch baseline: bench/torch_eager.py, run from

@@ -16,7 +16,10 @@
 # CPU and on the CUDA backend where it has a kernel; coverage per dtype),
 # transformers (cuda_transformer_test: GPT-2- and Llama-style models, every
 # stage on the CUDA backend with every kernel allowed, float32 and bf16,
-# against PyTorch's float64 answer), cuda_backend_test (CUDA graphs vs
+# against PyTorch's float64 answer; and bfloat16 models), generation
+# (cuda_generation_test: the same models exported for generation, a prefill
+# and decode steps on the CUDA backend next to the CPU's), cuda_backend_test
+# (CUDA graphs vs
 # op-by-op over two shapes, shape cache,
 # concurrent runs on one program's slots, errors), cuda_bench (ExampleCode
 # GPU vs CPU, GEMM TFLOP/s vs cuBLAS, stage latency with/without graphs,
@@ -130,7 +133,9 @@ run_step() {  # name timeout_seconds command...
 run_step backend_test 100 "$bindir/backend_test"
 run_step conformance_test 60 "$bindir/conformance_test"
 run_step transformers 60 env PIPESERVE_TRANSFORMER_FIXTURES="$here/fixtures/transformers" \
-  "$bindir/cuda_transformer_test" --gtest_filter='*cuda_*' 
+  "$bindir/cuda_transformer_test" --gtest_filter='*cuda*'
+run_step generation 60 env PIPESERVE_GENERATION_FIXTURES="$here/fixtures/generation" \
+  "$bindir/cuda_generation_test" --gtest_filter='*CudaBackend*'
 run_step cuda_backend_test 60 "$bindir/cuda_backend_test"
 run_step cuda_bench 150 "$bindir/cuda_bench" --fixtures "$here/fixtures" --iters 200
 if [ "$self_test" -eq 0 ] && [ -e "$bindir/coordinator" ]; then
@@ -161,8 +166,10 @@ prefix=cuda
   gtest_counts backend_test
   gtest_counts conformance_test
   gtest_counts transformers
+  gtest_counts generation
   gtest_counts cuda_backend_test
-  grep -h '^\[ max_rel_err \] cuda_' "$logdir/transformers.log" 2>/dev/null | sed 's/^/  /' 
+  grep -h '^\[ max_rel_err \] cuda' "$logdir/transformers.log" 2>/dev/null | sed 's/^/  /'
+  grep -h '^\[ max_rel_err \] .*_cuda' "$logdir/generation.log" 2>/dev/null | sed 's/^/  /'
   # The op registry's cases per dtype: what the CUDA backend covers, what it refuses.
   grep -h '^\[ coverage \]' "$logdir/conformance_test.log" 2>/dev/null | sed 's/^/  /'
   # What this run confirms: lines for runtime/cuda/gpu_results/confirmed_kernels.txt
@@ -236,7 +243,7 @@ status_of() {  # step name -> its status
 # parameterized one with ", where GetParam() = ..." before the time.
 skipped_cases() {
   grep -hE '^\[  SKIPPED \] .*\([0-9]+ ms\)' "$logdir/backend_test.log" \
-      "$logdir/conformance_test.log" "$logdir/transformers.log" \
+      "$logdir/conformance_test.log" "$logdir/transformers.log" "$logdir/generation.log" \
       "$logdir/cuda_backend_test.log" 2>/dev/null |
     sed -E 's/^\[  SKIPPED \] //; s/, where GetParam\(\).*//; s/ \([0-9]+ ms\)$//'
 }
@@ -244,6 +251,7 @@ if [ "$self_test" -eq 1 ]; then
   # Without a GPU: the tests pass (GPU cases skipped), the bench refuses cleanly.
   if [ "$no_device" -eq 1 ] && [ "$(status_of backend_test)" = PASS ] &&
      [ "$(status_of conformance_test)" = PASS ] && [ "$(status_of transformers)" = PASS ] &&
+     [ "$(status_of generation)" = PASS ] &&
      [ "$(status_of cuda_backend_test)" = PASS ] && [ -z "$missing" ]; then
     echo "self-test: OK (bundle starts, finds its libraries, reports no CUDA device)"
     exit 0

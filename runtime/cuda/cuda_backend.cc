@@ -290,6 +290,7 @@ class CudaProgram : public CudaStageProgram {
       kv_.Abort(step);
       return run;
     }
+    kv_.Commit(step);
     return e->outputs;  // copied while the slot is still ours
   }
 
@@ -307,6 +308,10 @@ class CudaProgram : public CudaStageProgram {
     CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device));
     RETURN_IF_ERROR(
         CheckTensorsMatch(stage_.graph().inputs(), inputs).status());
+    if (kv_.present()) {  // replays would write the cache behind its bookkeeping
+      return absl::FailedPreconditionError(
+          "a stage with a KV cache is timed step by step through Run");
+    }
     // One slot for the whole call: the warm-up run and the timed work.
     ASSIGN_OR_RETURN(SlotPool<Slot>::Lease slot, slots_.Acquire());
     // Plans, stages and warms up.
@@ -571,7 +576,8 @@ class CudaProgram : public CudaStageProgram {
           g.ldb, g.stride_b, &beta, d, CudaType(g.d_type), g.ldd, g.stride_d, g.batch,
           ComputeType(g), CUBLAS_GEMM_DEFAULT));
       // The epilogue kernel takes float32 biases and float32 or bfloat16 outputs.
-      if ((g.has_bias || g.relu) && (g.bias_type != DType::kF32 || g.d_type == DType::kF16)) {
+      if ((g.has_bias && g.bias_type != DType::kF32) ||
+          (g.d_type == DType::kF16 && (g.has_bias || g.relu))) {
         return absl::UnimplementedError(
             "cuBLASLt has no algorithm for this 16-bit GEMM with a bias or ReLU epilogue");
       }

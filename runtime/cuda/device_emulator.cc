@@ -81,7 +81,12 @@ class EmulatedProgram : public StageProgram {
     }
     std::vector<Tensor> outputs;
     UnstageOutputs(plan, a->out.data(), &outputs);
-    RETURN_IF_ERROR(RunHostSteps(plan, a->out.data(), inputs, &outputs));
+    absl::Status host = RunHostSteps(plan, a->out.data(), inputs, &outputs);
+    if (!host.ok()) {
+      kv_.Abort(step);
+      return host;
+    }
+    kv_.Commit(step);
     return outputs;
   }
 

@@ -16,6 +16,7 @@ DeviceKv::DeviceKv(const LoweredStage& stage) {
     cache_->AddLayer(l.kv_heads, l.head_dim, l.type);
   }
   block_bytes_ = cache_->BlockBytes();
+  written_.assign(std::max<int64_t>(stage.num_blocks(), 0), false);
 }
 
 absl::StatusOr<std::optional<KvStep>> DeviceKv::Begin(const DevicePlan& plan,
@@ -36,9 +37,21 @@ void DeviceKv::Abort(const std::optional<KvStep>& step) {
   if (cache_ != nullptr && step.has_value()) cache_->AbortStep(*step);
 }
 
+void DeviceKv::Commit(const std::optional<KvStep>& step) {
+  if (cache_ == nullptr || !step.has_value()) return;
+  for (size_t t = 0; t < step->positions.size(); ++t) {
+    const std::vector<int64_t>& table = step->tables[step->seq[t]];
+    const int64_t block = table[step->positions[t] / cache_->block_size()];
+    if (!written_[block]) {
+      written_[block] = true;
+      blocks_written_.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+}
+
 KvCacheUsage DeviceKv::usage() const {
   if (cache_ == nullptr) return {};
-  return {cache_->num_blocks(), cache_->blocks_in_use(), block_bytes_};
+  return {cache_->num_blocks(), blocks_written_.load(std::memory_order_relaxed), block_bytes_};
 }
 
 absl::Status RunHostSteps(const DevicePlan& plan, const void* staging_out,

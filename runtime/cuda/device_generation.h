@@ -14,6 +14,7 @@
 #ifndef PIPESERVE_RUNTIME_CUDA_DEVICE_GENERATION_H_
 #define PIPESERVE_RUNTIME_CUDA_DEVICE_GENERATION_H_
 
+#include <atomic>
 #include <memory>
 #include <optional>
 #include <vector>
@@ -40,13 +41,18 @@ class DeviceKv {
                                               absl::Span<const Tensor> inputs);
   // Unmarks a step that failed after Begin.
   void Abort(const std::optional<KvStep>& step);
-  // Blocks as the CPU backend reports them; blocks_allocated counts blocks
-  // whose positions some step wrote (the device memory is all taken).
+  // Counts the blocks a step that ran wrote to (usage()).
+  void Commit(const std::optional<KvStep>& step);
+  // Blocks as the CPU backend reports them: blocks_allocated counts the
+  // blocks some step wrote to (the device memory is all taken at Compile).
+  // Thread-safe, also while a step runs.
   KvCacheUsage usage() const;
 
  private:
   std::unique_ptr<KvCache> cache_;
   int64_t block_bytes_ = 0;
+  std::vector<bool> written_;  // by block id
+  std::atomic<int64_t> blocks_written_{0};
 };
 
 // Runs plan.host_steps on the values copied back (`staging_out`) and the

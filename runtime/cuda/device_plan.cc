@@ -185,6 +185,11 @@ absl::Status LoweredStage::NumberValues(const WeightMap& weights, const ValueTyp
         return absl::InvalidArgumentError(
             absl::StrCat("parameter \"", fqn, "\" has no loaded weights"));
       }
+      if (w->second.dtype() != types.at(node.outputs(0))) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "parameter \"", fqn, "\" holds ", TorchName(w->second.dtype()),
+            " values; the model declares it ", TorchName(types.at(node.outputs(0)))));
+      }
       if (!IsFloatingPoint(w->second.dtype())) {
         return absl::InvalidArgumentError(absl::StrCat(
             "the cuda backend has no ", TorchName(w->second.dtype()), " kernels: parameter \"",
@@ -518,7 +523,7 @@ LoweredStage::Buffers LoweredStage::LayOutBuffers(const std::vector<Shape>& shap
     b.has_gm[v] = val.need_gemm;
   }
   if (kv_inputs_.positions >= 0) {  // cached_attention's tiles
-    b.num_tiles = kernels::MaxAttentionTiles(shape[input_values_[kv_inputs_.seq]][0],
+    b.num_tiles = kernels::MaxAttentionTiles(NumElements(shape[input_values_[kv_inputs_.seq]]),
                                              shape[input_values_[kv_inputs_.blocks]][0]);
     b.tiles = act.Take(b.num_tiles * kernels::kQueryTile * 4);
   }
