@@ -306,12 +306,9 @@ class CudaProgram : public CudaStageProgram {
       absl::Span<const Tensor> inputs, int iters,
       bool include_copies) override {
     CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device));
-    RETURN_IF_ERROR(
-        CheckTensorsMatch(stage_.graph().inputs(), inputs).status());
-    if (kv_.present()) {  // replays would write the cache behind its bookkeeping
-      return absl::FailedPreconditionError(
-          "a stage with a KV cache is timed step by step through Run");
-    }
+    RETURN_IF_ERROR(CheckTensorsMatch(stage_.graph().inputs(), inputs).status());
+    // Replays would write the KV cache behind its bookkeeping.
+    if (kv_.present()) return absl::FailedPreconditionError("a KV cache stage is timed by Run");
     // One slot for the whole call: the warm-up run and the timed work.
     ASSIGN_OR_RETURN(SlotPool<Slot>::Lease slot, slots_.Acquire());
     // Plans, stages and warms up.
@@ -596,6 +593,20 @@ class CudaProgram : public CudaStageProgram {
   }
 
   // The kernels of runtime/cuda/kernels (those the emulator runs as simt).
+  // cached_attention: the metadata's device copies into the launch.
+  absl::Status EnqueueAttention(const ShapeEntry& e, const DeviceOp& op, cudaStream_t s) {
+    auto ints = [&](const BufferRef& r) { return reinterpret_cast<const int64_t*>(Address(e, r)); };
+    kernels::PagedCache c = op.paged;
+    c.positions = ints(op.src4);
+    c.seq = ints(op.seq);
+    c.tables = ints(op.tables);
+    CUDA_RETURN_IF_ERROR(kernels::LaunchPagedAttention(
+        FloatTypeOf(op.ftype), Address(e, op.src), Address(e, op.src2), Address(e, op.src3),
+        Address(e, op.cache), c, reinterpret_cast<const int32_t*>(Address(e, op.tiles)),
+        op.num_tiles, op.heads, op.scalar, Address(e, op.dst), s));
+    return absl::OkStatus();
+  }
+
   absl::Status EnqueueKernel(const ShapeEntry& e, const DeviceOp& op, cudaStream_t s) {
     const kernels::FloatType t = FloatTypeOf(op.ftype);
     auto at = [&](const BufferRef& r) { return static_cast<void*>(Address(e, r)); };
@@ -634,17 +645,8 @@ class CudaProgram : public CudaStageProgram {
                                                      static_cast<int>(op.element_bytes), op.n,
                                                      op.rows, op.cols, op.diagonal, op.upper, s));
         return absl::OkStatus();
-      case DeviceOp::Type::kAttention: {
-        kernels::PagedCache c = op.paged;
-        c.positions = ints(op.src4);
-        c.seq = ints(op.seq);
-        c.tables = ints(op.tables);
-        CUDA_RETURN_IF_ERROR(kernels::LaunchPagedAttention(
-            t, at(op.src), at(op.src2), at(op.src3), at(op.cache), c,
-            reinterpret_cast<const int32_t*>(at(op.tiles)), op.num_tiles, op.heads, op.scalar,
-            at(op.dst), s));
-        return absl::OkStatus();
-      }
+      case DeviceOp::Type::kAttention:
+        return EnqueueAttention(e, op, s);
       case DeviceOp::Type::kCast:
         CUDA_RETURN_IF_ERROR(kernels::LaunchCast(at(op.src), CastTypeOf(op.cast_from), at(op.dst),
                                                  CastTypeOf(op.cast_to), op.n, s));
@@ -709,19 +711,9 @@ class CudaProgram : public CudaStageProgram {
       case DeviceOp::Type::kRelu:
         CUDA_RETURN_IF_ERROR(LaunchRelu(F(e, op.src), F(e, op.dst), op.n, s));
         return absl::OkStatus();
-      case DeviceOp::Type::kLayerNorm:
-      case DeviceOp::Type::kUnary:
-      case DeviceOp::Type::kSoftmax:
-      case DeviceOp::Type::kStridedCopy:
-      case DeviceOp::Type::kProgram:
-      case DeviceOp::Type::kEmbedding:
-      case DeviceOp::Type::kReduce:
-      case DeviceOp::Type::kTriangle:
-      case DeviceOp::Type::kAttention:
-      case DeviceOp::Type::kCast:
+      default:  // the kernels of runtime/cuda/kernels
         return EnqueueKernel(e, op, s);
     }
-    return absl::InternalError("unknown device op");
   }
 
   LoweredStage stage_;

@@ -359,36 +359,44 @@ class EmulatedProgram : public StageProgram {
 
   absl::Status Execute(Arenas& arenas, const DeviceOp& op) const {
     const View view{&weights_, &arenas, cache_.data()};
-    auto Ptr = [&](const BufferRef& r) { return view.Ptr(r); };
-    auto F = [&](const BufferRef& r) { return view.F(r); };
-    auto Load = [&](const BufferRef& r, DType t, int64_t i) {
-      return view.Load(r, t, i);
-    };
-    auto Store = [&](const BufferRef& r, DType t, int64_t i, float x) {
-      view.Store(r, t, i, x);
-    };
     switch (op.type) {
       case DeviceOp::Type::kCopyIn:
       case DeviceOp::Type::kCopy:
       case DeviceOp::Type::kCopyOut:
-        std::memcpy(Ptr(op.dst), Ptr(op.src), op.bytes);
+        std::memcpy(view.Ptr(op.dst), view.Ptr(op.src), op.bytes);
         return absl::OkStatus();
       case DeviceOp::Type::kConvert:
-        ConvertFloats(F(op.src), op.n, op.dtype, Ptr(op.dst));
+        ConvertFloats(view.F(op.src), op.n, op.dtype, view.Ptr(op.dst));
         return absl::OkStatus();
       case DeviceOp::Type::kGemm:
         Gemm(view, op.gemm);
         return absl::OkStatus();
+      case DeviceOp::Type::kFill:
+      case DeviceOp::Type::kBinary:
+      case DeviceOp::Type::kScalar:
+      case DeviceOp::Type::kRelu:
+        Float32Loop(view, op);
+        return absl::OkStatus();
+      default:  // the kernels of runtime/cuda/kernels
+        return EmulateKernel(arenas, op);
+    }
+  }
+
+  // The ops whose CUDA kernels are cuda_kernels.cu's (float32; not simt
+  // source): a GEMM's fill, add/sub/mul and relu, as loops.
+  static void Float32Loop(const View& view, const DeviceOp& op) {
+    auto F = [&](const BufferRef& r) { return view.F(r); };
+    switch (op.type) {
       case DeviceOp::Type::kFill: {
         const GemmOp& g = op.gemm;
         for (int64_t j = 0; j < g.n; ++j) {
           for (int64_t i = 0; i < g.m; ++i) {
-            float v = g.has_bias ? Load(g.bias, g.bias_type, i) : 0.0f;
+            float v = g.has_bias ? view.Load(g.bias, g.bias_type, i) : 0.0f;
             if (g.relu && v < 0) v = 0;
-            Store(g.d, g.d_type, i + j * g.ldd, v);
+            view.Store(g.d, g.d_type, i + j * g.ldd, v);
           }
         }
-        return absl::OkStatus();
+        return;
       }
       case DeviceOp::Type::kBinary:
         for (int64_t i = 0; i < op.n; ++i) {
@@ -396,35 +404,22 @@ class EmulatedProgram : public StageProgram {
           op.index.Offsets(i, &ia, &ib);
           F(op.dst)[i] = Apply(op.op, F(op.src)[ia], F(op.src2)[ib]);
         }
-        return absl::OkStatus();
+        return;
       case DeviceOp::Type::kScalar:
         for (int64_t i = 0; i < op.n; ++i) {
-          float x = F(op.src)[i];
-          F(op.dst)
-          [i] = op.reverse ? Apply(op.op, op.scalar, x)
-                           : Apply(op.op, x, op.scalar);
+          const float x = F(op.src)[i];
+          F(op.dst)[i] = op.reverse ? Apply(op.op, op.scalar, x) : Apply(op.op, x, op.scalar);
         }
-        return absl::OkStatus();
-      case DeviceOp::Type::kRelu:
+        return;
+      default:  // kRelu
         for (int64_t i = 0; i < op.n; ++i) {
-          float x = F(op.src)[i];
+          const float x = F(op.src)[i];
           F(op.dst)[i] = x < 0 ? 0.0f : x;  // NaN stays NaN, as in PyTorch
         }
-        return absl::OkStatus();
-      case DeviceOp::Type::kLayerNorm:
-      case DeviceOp::Type::kUnary:
-      case DeviceOp::Type::kSoftmax:
-      case DeviceOp::Type::kStridedCopy:
-      case DeviceOp::Type::kProgram:
-      case DeviceOp::Type::kEmbedding:
-      case DeviceOp::Type::kReduce:
-      case DeviceOp::Type::kTriangle:
-      case DeviceOp::Type::kAttention:
-      case DeviceOp::Type::kCast:
-        return EmulateKernel(arenas, op);
+        return;
     }
-    return absl::OkStatus();
   }
+
 
   LoweredStage stage_;
   DeviceKv kv_;

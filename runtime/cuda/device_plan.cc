@@ -152,6 +152,25 @@ absl::Status LoweredStage::Build(const WeightMap& weights, const ValueTypes& typ
   return absl::OkStatus();
 }
 
+// A parameter's weights: present, of the declared type, floating-point.
+absl::Status LoweredStage::CheckParam(const std::string& fqn, const Tensor* w, DataType declared) {
+  if (w == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("parameter \"", fqn, "\" has no loaded weights"));
+  }
+  if (w->dtype() != declared) {
+    return absl::InvalidArgumentError(absl::StrCat("parameter \"", fqn, "\" holds ",
+                                                   TorchName(w->dtype()),
+                                                   " values; the model declares it ",
+                                                   TorchName(declared)));
+  }
+  if (!IsFloatingPoint(w->dtype())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the cuda backend has no ", TorchName(w->dtype()), " kernels: parameter \"", fqn,
+        "\" is ", TorchName(w->dtype()), " (serve this model with --device=cpu)"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status LoweredStage::NumberValues(const WeightMap& weights, const ValueTypes& types,
                                         ValueIds* ids) {
   absl::flat_hash_map<std::string, int>& id = ids->id;
@@ -181,20 +200,8 @@ absl::Status LoweredStage::NumberValues(const WeightMap& weights, const ValueTyp
     if (op == kParamOp) {
       const std::string& fqn = node.attrs().at("fqn").s();
       auto w = weights.find(fqn);
-      if (w == weights.end()) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("parameter \"", fqn, "\" has no loaded weights"));
-      }
-      if (w->second.dtype() != types.at(node.outputs(0))) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "parameter \"", fqn, "\" holds ", TorchName(w->second.dtype()),
-            " values; the model declares it ", TorchName(types.at(node.outputs(0)))));
-      }
-      if (!IsFloatingPoint(w->second.dtype())) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "the cuda backend has no ", TorchName(w->second.dtype()), " kernels: parameter \"",
-            fqn, "\" is ", TorchName(w->second.dtype()), " (serve this model with --device=cpu)"));
-      }
+      RETURN_IF_ERROR(CheckParam(fqn, w == weights.end() ? nullptr : &w->second,
+                                 types.at(node.outputs(0))));
       auto [it, inserted] = param_value.emplace(fqn, -1);
       if (inserted) {
         it->second = new_value(node.outputs(0));
@@ -222,12 +229,25 @@ int ReadersOf(const absl::flat_hash_map<int, int>& readers, int v) {
 
 // The kernel a node's step runs (and its operands' details), or
 // kInvalidArgument for an op the cuda backend has no kernel for.
+// The kind of the ops that need nothing else from their node.
+const absl::flat_hash_map<std::string, LoweredStage::Kind>& LoweredStage::SimpleKinds() {
+  using K = Kind;
+  static const auto* kinds = new absl::flat_hash_map<std::string, K>{
+      {"mm", K::kMm},           {"matmul", K::kMm},         {"linear", K::kLinear},
+      {"relu", K::kRelu},       {"clone", K::kClone},       {"layer_norm", K::kLayerNorm},
+      {"softmax", K::kSoftmax}, {"log_softmax", K::kSoftmax},  // over the last dim (Create)
+      {"size", K::kSize},       {"arange", K::kConstant},   {"full", K::kConstant},
+      {"embedding", K::kEmbedding}, {"triu", K::kTriangle}, {"tril", K::kTriangle},
+      {"cached_attention", K::kAttention}, {"cast", K::kCast},
+      {"sample_tokens", K::kHostSample}};
+  return *kinds;
+}
+
 absl::Status LoweredStage::ChooseKind(const Node& node, Step* step) {
   const std::string& op = node.op();
-  if (op == "mm" || op == "matmul") {
-    step->kind = Kind::kMm;
-  } else if (op == "linear") {
-    step->kind = Kind::kLinear;
+  auto simple = SimpleKinds().find(op);
+  if (simple != SimpleKinds().end()) {
+    step->kind = simple->second;
   } else if (op == "add" || op == "sub" || op == "mul") {
     step->op = op == "add"   ? ElementwiseOp::kAdd
                : op == "sub" ? ElementwiseOp::kSub
@@ -235,33 +255,17 @@ absl::Status LoweredStage::ChooseKind(const Node& node, Step* step) {
     step->kind = Kind::kBinary;
     if (HasScalarOperand(node)) {
       step->kind = Kind::kScalar;
-      step->scalar = static_cast<float>(node.attrs().at("scalar").f());
-      auto rev = node.attrs().find("reverse");
-      step->reverse = rev != node.attrs().end() && rev->second.i() != 0;
+      step->scalar = static_cast<float>(FloatAttr(node, "scalar", 0));
+      step->reverse = IntAttr(node, "reverse", 0) != 0;
     }
-  } else if (op == "relu") {
-    step->kind = Kind::kRelu;
-  } else if (op == "clone") {
-    step->kind = Kind::kClone;
-  } else if (op == "layer_norm") {
-    step->kind = Kind::kLayerNorm;
   } else if ((step->unary = kernels::UnaryKindOf(op, StringAttr(node, "approximate"))) !=
              kernels::UnaryKind::kNone) {
     step->kind = Kind::kUnary;
-  } else if (op == "softmax" || op == "log_softmax") {  // over the last dim (Create)
-    step->kind = Kind::kSoftmax;
-  } else if (IsView(op)) {
-    step->kind = Kind::kView;
-  } else if (IsMovement(op)) {
-    step->kind = Kind::kMove;
-  } else if (op == "size") {
-    step->kind = Kind::kSize;
-  } else if (op == "arange" || op == "full") {
-    step->kind = Kind::kConstant;
-  } else if (IsProgramOp(op)) {
-    step->kind = Kind::kProgram;
-  } else if (op == "embedding") {
-    step->kind = Kind::kEmbedding;
+  } else if (IsView(op) || IsMovement(op) || IsProgramOp(op) || IsReduction(op)) {
+    step->kind = IsView(op)        ? Kind::kView
+                 : IsMovement(op)  ? Kind::kMove
+                 : IsProgramOp(op) ? Kind::kProgram
+                                   : Kind::kReduce;
   } else if (op == "addmm") {
     if (FloatAttr(node, "beta", 1.0) != 1.0 || FloatAttr(node, "alpha", 1.0) != 1.0) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -270,16 +274,6 @@ absl::Status LoweredStage::ChooseKind(const Node& node, Step* step) {
           "; it runs bias + x @ w)"));
     }
     step->kind = Kind::kAddmm;
-  } else if (IsReduction(op)) {
-    step->kind = Kind::kReduce;
-  } else if (op == "triu" || op == "tril") {
-    step->kind = Kind::kTriangle;
-  } else if (op == "cached_attention") {
-    step->kind = Kind::kAttention;
-  } else if (op == "cast") {
-    step->kind = Kind::kCast;
-  } else if (op == "sample_tokens") {
-    step->kind = Kind::kHostSample;
   } else {
     return absl::InvalidArgumentError(
         absl::StrCat("the cuda backend has no kernel for op \"", op, "\""));
@@ -325,12 +319,9 @@ absl::Status LoweredStage::MakeSteps(const ValueIds& ids, bool fuse_linear_relu,
     RETURN_IF_ERROR(CheckKernelGate(node.name(), op, FloatTypeOf(step), cuda_ops));
     // add, sub, mul and relu keep their GPU-confirmed float32 kernels; in
     // 16-bit graphs they are elementwise programs.
-    const bool sixteen = values_[step.out].type == DT_FLOAT16 ||
-                         values_[step.out].type == DT_BFLOAT16;
-    if (sixteen && (step.kind == Kind::kBinary || step.kind == Kind::kScalar ||
-                    step.kind == Kind::kRelu)) {
-      step.kind = Kind::kProgram;
-    }
+    const bool legacy = step.kind == Kind::kBinary || step.kind == Kind::kScalar ||
+                        step.kind == Kind::kRelu;
+    if (legacy && values_[step.out].type != DT_FLOAT32) step.kind = Kind::kProgram;
     if (step.kind == Kind::kSize) values_[step.out].host = true;
     if (step.kind == Kind::kView) values_[step.out].view_of = step.in[0];
     values_[step.out].producer = static_cast<int>(steps_.size());
@@ -605,40 +596,44 @@ void LoweredStage::IndexChecks(const std::vector<Shape>& shape, DevicePlan* plan
 
 // The GEMM of an mm, matmul, linear or addmm step (or a fill, when K is
 // 0); a matmul of equal-rank operands is a batch of GEMMs.
-absl::Status LoweredStage::GemmOps(const Step& s, const std::vector<Shape>& shape,
-                                   const Buffers& b, BufferRef out,
-                                   std::vector<DeviceOp>* compute) const {
-  const std::string& name = NodeOf(s).name();
-  // x [..., K] is M rows; mm: w [K, N]; linear: w [N, K], bias [N];
-  // addmm: bias [N], x [M, K], w [K, N]; batched matmul: x [..., M, K], w [..., K, N].
-  const bool addmm = s.kind == Kind::kAddmm;
-  const int xi = addmm ? 1 : 0;
+// The sizes, leading dimensions and batch strides of step s's GEMM (x is
+// input xi). x [..., K] is M rows; mm: w [K, N]; linear: w [N, K], bias
+// [N]; addmm: bias [N], x [M, K], w [K, N]; batched matmul: x [..., M, K],
+// w [..., K, N]. Column-major D is Y^T: [N, M].
+GemmOp LoweredStage::GemmShape(const Step& s, const std::vector<Shape>& shape, int xi) const {
   const Shape& x = shape[s.in[xi]];
   const Shape& w = shape[s.in[xi + 1]];
-  const bool lin = s.kind == Kind::kLinear;
   const int64_t k = x.back();
-  const int64_t n = lin ? w[0] : w.back();
-  const bool batched = w.size() > 2;
-  int64_t m = 1, batch = 1;
+  const int64_t n = s.kind == Kind::kLinear ? w[0] : w.back();
+  int64_t m = 1;
   for (size_t d = 0; d + 1 < x.size(); ++d) m *= x[d];
-  if (batched) {
-    m = x[x.size() - 2];
-    batch = NumElements(shape[s.out]) / std::max<int64_t>(m * n, 1);
-  }
-  RETURN_IF_ERROR(CheckGemmOperands(NodeOf(s), shape, s, xi, n));
-  if (m == 0 || n == 0 || batch == 0) return absl::OkStatus();  // nothing to write
   GemmOp g;
-  if (batched) {
-    g.batch = batch;
+  if (w.size() > 2) {  // batched
+    m = x[x.size() - 2];
+    g.batch = NumElements(shape[s.out]) / std::max<int64_t>(m * n, 1);
     g.stride_a = NumElements(w) == k * n ? 0 : k * n;  // one w for every batch, or one each
     g.stride_b = NumElements(x) == m * k ? 0 : m * k;
     g.stride_d = m * n;
   }
-  g.m = n;  // column-major D is Y^T: [N, M]
+  g.m = n;
   g.n = m;
   g.k = k;
-  g.d = out;
   g.ldd = n;
+  return g;
+}
+
+absl::Status LoweredStage::GemmOps(const Step& s, const std::vector<Shape>& shape,
+                                   const Buffers& b, BufferRef out,
+                                   std::vector<DeviceOp>* compute) const {
+  const std::string& name = NodeOf(s).name();
+  const bool addmm = s.kind == Kind::kAddmm;
+  const int xi = addmm ? 1 : 0;
+  const bool lin = s.kind == Kind::kLinear;
+  GemmOp g = GemmShape(s, shape, xi);
+  const int64_t m = g.n, n = g.m, k = g.k, batch = g.batch;
+  RETURN_IF_ERROR(CheckGemmOperands(NodeOf(s), shape, s, xi, n));
+  if (m == 0 || n == 0 || batch == 0) return absl::OkStatus();  // nothing to write
+  g.d = out;
   // A 16-bit graph's GEMMs read and write its values as they are.
   const DataType vtype = values_[s.out].type;
   const bool sixteen = vtype != DT_FLOAT32;
@@ -772,108 +767,88 @@ absl::Status LoweredStage::StepOps(size_t i, const Sizes& sizes, const Buffers& 
 absl::Status LoweredStage::StepKernelOps(const Step& s, const Node& node, const Sizes& sizes,
                                          const Buffers& b, std::vector<DeviceOp>* compute) const {
   const std::vector<Shape>& shape = sizes.shape;
-  const std::string& name = node.name();
-  const int64_t n_out = NumElements(shape[s.out]);
   const BufferRef out = b.has_f32[s.out] ? b.f32[s.out] : b.gm[s.out];
-  // An op from the step's first input to its output, n_out elements.
-  auto elementwise = [&](DeviceOp::Type type) {
-    DeviceOp op{type, name};
-    op.src = b.f32[s.in[0]];
-    op.dst = out;
-    op.n = n_out;
-    return op;
-  };
-  auto add = [&](const DeviceOp& op) {
-    if (n_out > 0) compute->push_back(op);  // nothing to write otherwise
-  };
   switch (s.kind) {
     case Kind::kMm:
     case Kind::kLinear:
     case Kind::kAddmm:
-      RETURN_IF_ERROR(GemmOps(s, shape, b, out, compute));
-      break;
+      return GemmOps(s, shape, b, out, compute);
     case Kind::kProgram:
-      RETURN_IF_ERROR(ProgramOps(s, sizes, b, out, compute));
-      break;
-    case Kind::kEmbedding:
-      add(EmbeddingOp(s, shape, b, out));
-      break;
-    case Kind::kConstant:  // staged with the inputs (ConstantOps)
-      break;
+      return ProgramOps(s, sizes, b, out, compute);
+    case Kind::kBinary:
+      return BinaryOps(s, shape, b, out, compute);
+    case Kind::kMove:
+      return MoveOps(s, node, shape, b, out, compute);
+    case Kind::kConstant:    // staged with the inputs (ConstantOps)
+    case Kind::kView:        // no work
+    case Kind::kSize:        // on the host
+    case Kind::kHostSample:  // on the host, after the copies back
+      return absl::OkStatus();
+    default: {
+      ASSIGN_OR_RETURN(DeviceOp op, OneOp(s, node, shape, b, out));
+      if (NumElements(shape[s.out]) > 0) compute->push_back(op);  // nothing to write otherwise
+      return absl::OkStatus();
+    }
+  }
+}
+
+// The one op of a step that reads its first input (and maybe more) into
+// its output.
+absl::StatusOr<DeviceOp> LoweredStage::OneOp(const Step& s, const Node& node,
+                                             const std::vector<Shape>& shape, const Buffers& b,
+                                             BufferRef out) const {
+  DeviceOp op{DeviceOp::Type::kRelu, node.name()};
+  op.src = b.f32[s.in[0]];
+  op.dst = out;
+  op.n = NumElements(shape[s.out]);
+  switch (s.kind) {
+    case Kind::kEmbedding: return EmbeddingOp(s, shape, b, out);
+    case Kind::kLayerNorm: return LayerNormOp(s, shape[s.in[0]], b.f32, out);
+    case Kind::kSoftmax: return SoftmaxOp(s, shape[s.in[0]], b.f32, out);
+    case Kind::kAttention: return AttentionOp(s, node, shape, b, out);
     case Kind::kReduce: {
       absl::StatusOr<kernels::ReduceOp> r = ReductionOf(node, shape[s.in[0]]);
       if (!r.ok()) {
         return absl::Status(r.status().code(),
-                            absl::StrCat("node \"", name, "\": ", r.status().message()));
+                            absl::StrCat("node \"", node.name(), "\": ", r.status().message()));
       }
-      DeviceOp op = elementwise(DeviceOp::Type::kReduce);
+      op.type = DeviceOp::Type::kReduce;
       op.reduce = *r;
-      add(op);
-      break;
+      return op;
     }
     case Kind::kTriangle: {
       const Shape& x = shape[s.in[0]];
-      DeviceOp op = elementwise(DeviceOp::Type::kTriangle);
+      op.type = DeviceOp::Type::kTriangle;
       op.rows = x[x.size() - 2];
       op.cols = x.back();
       op.diagonal = IntAttr(node, "diagonal", 0);
       op.upper = node.op() == "triu";
       op.element_bytes = ElementSize(values_[s.out].type);
-      add(op);
-      break;
+      return op;
     }
-    case Kind::kBinary:
-      RETURN_IF_ERROR(BinaryOps(s, shape, b, out, compute));
-      break;
-    case Kind::kScalar: {
-      DeviceOp op = elementwise(DeviceOp::Type::kScalar);
+    case Kind::kScalar:
+      op.type = DeviceOp::Type::kScalar;
       op.op = s.op;
       op.scalar = s.scalar;
       op.reverse = s.reverse;
-      add(op);
-      break;
-    }
-    case Kind::kRelu:
-      add(elementwise(DeviceOp::Type::kRelu));
-      break;
-    case Kind::kLayerNorm:
-      add(LayerNormOp(s, shape[s.in[0]], b.f32, out));
-      break;
-    case Kind::kUnary: {
-      DeviceOp op = elementwise(DeviceOp::Type::kUnary);
+      return op;
+    case Kind::kUnary:
+      op.type = DeviceOp::Type::kUnary;
       op.unary = s.unary;
-      add(op);
-      break;
-    }
-    case Kind::kSoftmax:
-      add(SoftmaxOp(s, shape[s.in[0]], b.f32, out));
-      break;
-    case Kind::kClone: {
-      DeviceOp op = elementwise(DeviceOp::Type::kCopy);
+      return op;
+    case Kind::kClone:
+      op.type = DeviceOp::Type::kCopy;
+      op.bytes = op.n * ElementSize(values_[s.out].type);
       op.n = 0;
-      op.bytes = n_out * ElementSize(values_[s.out].type);
-      add(op);
-      break;
-    }
-    case Kind::kMove:
-      RETURN_IF_ERROR(MoveOps(s, node, shape, b, out, compute));
-      break;
-    case Kind::kAttention:
-      add(AttentionOp(s, node, shape, b, out));
-      break;
-    case Kind::kCast: {
-      DeviceOp op = elementwise(DeviceOp::Type::kCast);
+      return op;
+    case Kind::kCast:
+      op.type = DeviceOp::Type::kCast;
       op.cast_from = values_[s.in[0]].type;
       op.cast_to = values_[s.out].type;
-      add(op);
-      break;
-    }
-    case Kind::kView:
-    case Kind::kSize:
-    case Kind::kHostSample:  // on the host, after the copies back
-      break;
+      return op;
+    default:  // kRelu
+      return op;
   }
-  return absl::OkStatus();
 }
 
 absl::Status LoweredStage::MoveOps(const Step& s, const Node& node,

@@ -353,6 +353,8 @@ class LoweredStage {
                        std::vector<DeviceOp>* compute) const;
   absl::Status StepKernelOps(const Step& s, const Node& node, const Sizes& sizes,
                              const Buffers& b, std::vector<DeviceOp>* compute) const;
+  absl::StatusOr<DeviceOp> OneOp(const Step& s, const Node& node, const std::vector<Shape>& shape,
+                                 const Buffers& b, BufferRef out) const;
   // The ops of kProgram, kEmbedding and kConstant steps.
   absl::Status ProgramOps(const Step& s, const Sizes& sizes, const Buffers& b, BufferRef out,
                           std::vector<DeviceOp>* compute) const;
@@ -386,6 +388,7 @@ class LoweredStage {
                      BufferRef out) const;
   absl::Status GemmOps(const Step& s, const std::vector<Shape>& shape, const Buffers& b,
                        BufferRef out, std::vector<DeviceOp>* compute) const;
+  GemmOp GemmShape(const Step& s, const std::vector<Shape>& shape, int xi) const;
   // kUnimplemented for operands the GEMMs cannot take (x is input xi).
   absl::Status CheckGemmOperands(const Node& node, const std::vector<Shape>& shape, const Step& s,
                                  int xi, int64_t n) const;
@@ -425,10 +428,12 @@ class LoweredStage {
                      CudaOps cuda_ops);
   // Pass 1: values_ (with their types) and their ids.
   absl::Status NumberValues(const WeightMap& weights, const ValueTypes& types, ValueIds* ids);
+  static absl::Status CheckParam(const std::string& fqn, const Tensor* w, DataType declared);
   // kInvalidArgument naming the node when a step's kernel does not take
   // its values' types.
   absl::Status CheckTypes(const Node& node, const Step& step) const;
   static absl::Status ChooseKind(const Node& node, Step* step);
+  static const absl::flat_hash_map<std::string, Kind>& SimpleKinds();
   // The float type of a step's float values (its output's, or for a
   // comparison its inputs').
   DataType FloatTypeOf(const Step& s) const;
