@@ -87,6 +87,11 @@ void ConvertFloats(const float* src, int64_t n, DType to, void* dst) {
       for (int64_t i = 0; i < n; ++i) out[i] = RoundToTf32(src[i]);
       return;
     }
+    case DType::kF16: {
+      auto* out = static_cast<uint16_t*>(dst);
+      for (int64_t i = 0; i < n; ++i) out[i] = FloatToHalf(src[i]);
+      return;
+    }
   }
 }
 

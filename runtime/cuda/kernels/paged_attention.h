@@ -14,10 +14,11 @@
 // table[p / block_size] at row p % block_size.
 //
 // Host side (checks the CPU cache makes — block ids, positions within the
-// table, positions a sequence holds — happen before a launch, on the host):
-//   std::vector<int32_t> tiles = AttentionTiles(seq);   // per launch
+// table, positions a sequence holds — happen before a launch, on the host;
+// AttentionTiles and the sizes are in launch_args.h):
+//   std::vector<int32_t> tiles = AttentionTiles(seq, tokens);  // per step
 //   KvAppend<<<AppendBlocks(T, kv_heads, D), kKvThreads>>>(...);
-//   PagedAttention<<<dim3(tiles.size() / kQueryTile, heads),
+//   PagedAttention<<<dim3(MaxAttentionTiles(T, N), heads),  // spare tiles idle
 //                    kAttentionThreads>>>(...);
 //
 // Not yet: tensor cores (scores and P·V are CUDA-core FMAs, so prefill is
