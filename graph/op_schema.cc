@@ -493,23 +493,33 @@ InferResult InferTri(const Node&, const Shapes& in) {
   return One(in[0]);
 }
 
-absl::flat_hash_map<std::string, OpSchema> MakeRegistry() {
-  absl::flat_hash_map<std::string, OpSchema> ops;
-  auto add = [&](OpSchema s) { ops[s.name] = std::move(s); };
-  auto zero_flops = [](const Shapes&) { return 0.0; };
-  auto elementwise_flops = [](const Shapes& in) {
-    double n = 0;
-    for (const Shape& s : in) n = std::max(n, Elements(s));
-    return n;
-  };
-  auto matmul_flops = [](const Shapes& in) {
-    const Shape& a = in[0];
-    const Shape& b = in[1];
-    double n = b.size() >= 2 ? Dim(b.back()) : 1.0;
-    double batch_b = 1;
-    for (size_t i = 0; i + 2 < b.size(); ++i) batch_b *= Dim(b[i]);
-    return 2.0 * std::max(Elements(a), 1.0) * n * (a.size() + 2 <= b.size() ? batch_b : 1.0);
-  };
+using Ops = absl::flat_hash_map<std::string, OpSchema>;
+
+double ZeroFlops(const Shapes&) { return 0.0; }
+
+double ElementwiseFlops(const Shapes& in) {
+  double n = 0;
+  for (const Shape& s : in) n = std::max(n, Elements(s));
+  return n;
+}
+
+// A matmul's flops, broadcasting over b's batch dims.
+double MatmulFlops(const Shapes& in) {
+  const Shape& a = in[0];
+  const Shape& b = in[1];
+  double n = b.size() >= 2 ? Dim(b.back()) : 1.0;
+  double batch_b = 1;
+  for (size_t i = 0; i + 2 < b.size(); ++i) batch_b *= Dim(b[i]);
+  return 2.0 * std::max(Elements(a), 1.0) * n * (a.size() + 2 <= b.size() ? batch_b : 1.0);
+}
+
+// The ops that compute: GEMMs, elementwise, normalization, attention,
+// sampling, reductions.
+void AddComputeOps(Ops* ops) {
+  auto add = [&](OpSchema s) { (*ops)[s.name] = std::move(s); };
+  const auto zero_flops = ZeroFlops;
+  const auto elementwise_flops = ElementwiseFlops;
+  const auto matmul_flops = MatmulFlops;
   add({"mm", 2, 2, 1, InferMm, [](const Shapes& in) {
          return 2.0 * Dim(in[0][0]) * Dim(in[0][1]) * Dim(in[1][1]);
        }, FloatOnly});
@@ -551,6 +561,12 @@ absl::flat_hash_map<std::string, OpSchema> MakeRegistry() {
   for (const char* name : {"sum", "mean", "amax"}) {
     add({name, 1, 1, 1, InferReduce, elementwise_flops, nullptr});
   }
+}
+
+// The ops that move, make or describe values, and the markers.
+void AddShapeOps(Ops* ops) {
+  auto add = [&](OpSchema s) { (*ops)[s.name] = std::move(s); };
+  const auto zero_flops = ZeroFlops;
   add({"embedding", 2, 2, 1, InferEmbedding, zero_flops, EmbeddingType});
   add({"reshape", 1, 64, 1, InferReshape, zero_flops, nullptr});
   add({"permute", 1, 1, 1, InferPermute, zero_flops, nullptr});
@@ -572,6 +588,12 @@ absl::flat_hash_map<std::string, OpSchema> MakeRegistry() {
   add({std::string(kPipeSplitOp), 0, 0, 0,
        [](const Node&, const Shapes&) -> InferResult { return Shapes{}; }, zero_flops,
        nullptr});
+}
+
+Ops MakeRegistry() {
+  Ops ops;
+  AddComputeOps(&ops);
+  AddShapeOps(&ops);
   return ops;
 }
 

@@ -144,6 +144,33 @@ cublasComputeType_t ComputeType(const GemmOp& g) {
                                          : CUBLAS_COMPUTE_32F;
 }
 
+// The cuBLASLt layouts of A, B and D, column-major (A is [k, m] when
+// transposed, else [m, k]), with the batch count and strides of a batch.
+absl::Status MakeLtLayouts(const GemmOp& g, LtGemm* out) {
+  cublasLtMatrixLayout_t l = nullptr;
+  CUBLAS_RETURN_IF_ERROR(
+      cublasLtMatrixLayoutCreate(&l, CudaType(g.ab_type), g.trans_a ? g.k : g.m,
+                                 g.trans_a ? g.m : g.k, g.lda));
+  out->a.reset(l);
+  CUBLAS_RETURN_IF_ERROR(
+      cublasLtMatrixLayoutCreate(&l, CudaType(g.ab_type), g.k, g.n, g.ldb));
+  out->b.reset(l);
+  CUBLAS_RETURN_IF_ERROR(
+      cublasLtMatrixLayoutCreate(&l, CudaType(g.d_type), g.m, g.n, g.ldd));
+  out->d.reset(l);
+  if (g.batch <= 1) return absl::OkStatus();
+  const int32_t count = static_cast<int32_t>(g.batch);
+  const std::pair<cublasLtMatrixLayout_t, int64_t> layouts[] = {
+      {out->a.get(), g.stride_a}, {out->b.get(), g.stride_b}, {out->d.get(), g.stride_d}};
+  for (const auto& [layout, stride] : layouts) {
+    CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutSetAttribute(
+        layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)));
+    CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutSetAttribute(
+        layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<LtGemm>> MakeLtGemm(cublasLtHandle_t lt,
                                                    const GemmOp& g,
                                                    const void* bias,
@@ -171,33 +198,11 @@ absl::StatusOr<std::unique_ptr<LtGemm>> MakeLtGemm(cublasLtHandle_t lt,
   CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
       desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
   if (g.has_bias) {
-    // float32 bias with a float32 D: the default bias type (D's).
+    // The bias is stored in D's type: cuBLASLt's default bias type.
     CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
         desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
   }
-  // Column-major layouts: A is [k, m] when transposed, else [m, k].
-  cublasLtMatrixLayout_t l = nullptr;
-  CUBLAS_RETURN_IF_ERROR(
-      cublasLtMatrixLayoutCreate(&l, CudaType(g.ab_type), g.trans_a ? g.k : g.m,
-                                 g.trans_a ? g.m : g.k, g.lda));
-  out->a.reset(l);
-  CUBLAS_RETURN_IF_ERROR(
-      cublasLtMatrixLayoutCreate(&l, CudaType(g.ab_type), g.k, g.n, g.ldb));
-  out->b.reset(l);
-  CUBLAS_RETURN_IF_ERROR(
-      cublasLtMatrixLayoutCreate(&l, CudaType(g.d_type), g.m, g.n, g.ldd));
-  out->d.reset(l);
-  if (g.batch > 1) {  // strided batches: each layout's count and stride
-    const int32_t count = static_cast<int32_t>(g.batch);
-    const std::pair<cublasLtMatrixLayout_t, int64_t> layouts[] = {
-        {out->a.get(), g.stride_a}, {out->b.get(), g.stride_b}, {out->d.get(), g.stride_d}};
-    for (const auto& [layout, stride] : layouts) {
-      CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutSetAttribute(
-          layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)));
-      CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutSetAttribute(
-          layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)));
-    }
-  }
+  RETURN_IF_ERROR(MakeLtLayouts(g, out.get()));
 
   cublasLtMatmulPreference_t pref = nullptr;
   CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceCreate(&pref));
