@@ -23,6 +23,13 @@
 //    1-slot program (concurrent_runs = 1) vs 2 threads on a 2-slot program,
 //    same run: rows/s and the speedup from one run's copies overlapping
 //    the other's compute.
+// 6. Issue 25's generation targets (bench/llama_targets.h): a
+//    TinyLlama-1.1B-shaped model (DIR/tinyllama/graph.pb from
+//    bench/llama_skeleton.py, random bfloat16 weights) on the CUDA backend
+//    with every kernel allowed: prefill of 4 x 1024 tokens as a share of
+//    the card's dense bfloat16 peak and of a cuBLASLt 8192^3 GEMM measured
+//    here, PagedAttention alone, decode at 1 and 64 sequences as a share
+//    of the memory bandwidth and as a speedup.
 // Every timing is a median after a warm-up; device times come from CUDA
 // events. Exit status: 0 when it ran (targets are reported, not enforced),
 // 2 when there is no usable GPU, 1 on an error.
@@ -46,6 +53,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "bench/cuda_limits.h"
+#include "bench/llama_targets.h"
 #include "common/status_macros.h"
 #include "partitioner/graph_builder.h"
 #include "partitioner/partition.h"
@@ -539,6 +548,39 @@ absl::Status OverlapTable(int iters, std::vector<std::string>* summary) {
   return absl::OkStatus();
 }
 
+// Section 6 (see the file's header).
+absl::Status LlamaTargetsTable(const std::string& fixtures, int device) {
+  std::printf(
+      "\n== Generation targets: TinyLlama-1.1B-shaped, bfloat16, random weights, every "
+      "kernel allowed\n");
+  ASSIGN_OR_RETURN(Graph g, ReadGraph(fixtures + "/tinyllama/graph.pb"));
+  ASSIGN_OR_RETURN(LlamaShape shape, ShapeOf(g));
+  const TargetOptions o;
+  CardLimits limits;
+  RETURN_IF_ERROR(SpecLimits(device, &limits));
+  {
+    const int64_t n = 8192;
+    ASSIGN_OR_RETURN(auto direct, DirectGemm::Create(n, n, n, Precision::kBF16,
+                                                     RandomTensor({n, n}, 3),
+                                                     RandomTensor({n, n}, 4)));
+    ASSIGN_OR_RETURN(double ms, direct->Time(true, 10));
+    limits.bf16_gemm_flops = 2.0 * n * n * n / (ms * 1e-3);
+  }
+  ASSIGN_OR_RETURN(limits.copy_bytes_per_second, CopyBandwidth(int64_t{1} << 30, 20));
+  ASSIGN_OR_RETURN(limits.attention_seconds,
+                   AttentionSeconds(shape, o.prefill_seqs, o.prefill_len, 20));
+  std::printf("measured: cuBLASLt bf16 8192^3 %.0f TFLOP/s, device copy %.0f GB/s (read + write)\n",
+              limits.bf16_gemm_flops / 1e12, limits.copy_bytes_per_second / 1e9);
+  Model model{g, RandomWeights(g, 1)};
+  CudaBackendOptions co;
+  co.precision = Precision::kBF16;
+  co.cuda_ops = CudaOps::kUnconfirmed;
+  ASSIGN_OR_RETURN(auto gpu, MakeCudaBackend(co));
+  ASSIGN_OR_RETURN(LlamaTimes t, TimeLlama(*gpu, model, o));
+  PrintTargets(shape, o, t, limits);
+  return absl::OkStatus();
+}
+
 absl::Status Main(const std::string& fixtures, int iters) {
   int device = 0;
   CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
@@ -570,9 +612,11 @@ absl::Status Main(const std::string& fixtures, int iters) {
   if (!overlap.ok()) {
     std::printf("overlap table failed: %s\n", overlap.ToString().c_str());
   }
+  absl::Status llama = LlamaTargetsTable(fixtures, device);
+  if (!llama.ok()) std::printf("generation targets failed: %s\n", llama.ToString().c_str());
   std::printf("\n== Targets\n");
   for (const std::string& s : summary) std::printf("%s\n", s.c_str());
-  return overlap;
+  return overlap.ok() ? llama : overlap;
 }
 
 }  // namespace

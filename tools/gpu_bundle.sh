@@ -18,6 +18,9 @@
 #       7 tokens; float32 and bfloat16) for cuda_transformer_test
 #   fixtures/generation   the same exported for generation, for
 #       cuda_generation_test
+#   fixtures/tinyllama   a TinyLlama-1.1B-shaped graph exported for
+#       generation, without weights (bench/llama_skeleton.py), for
+#       cuda_bench's generation targets
 #   bench/torch_eager.py with what it imports (tests/pytorch/models.py, the
 #       pipeserve package under client/python, proto/*.proto): the PyTorch
 #       baseline serving_bench runs from the bundle's folder
@@ -111,6 +114,9 @@ done
     --case gpt2 --case llama --case gpt2_bf16 --case llama_bf16 --batch 2 > /dev/null
 /usr/bin/python3 tests/pytorch/make_fixtures.py --out "$bundle/fixtures/generation" \
     --case gpt2_gen --case llama_gen > /dev/null
+# cuda_bench's generation targets: a TinyLlama-1.1B-shaped graph without
+# its weights (150 KB; cuda_bench makes random ones there).
+/usr/bin/python3 bench/llama_skeleton.py --out "$bundle/fixtures/tinyllama" > /dev/null
 
 cp tools/gpu_check.sh tools/gpu_serving_check.sh "$bundle/"
 # bench/serving's same-run PyTorch baseline: bench/torch_eager.py, run from
