@@ -100,4 +100,35 @@ int64_t SampleToken(absl::Span<const float> logits, const SamplingParams& p,
   return order[keep - 1];
 }
 
+absl::StatusOr<std::vector<SamplingParams>> SampleRows(const float* floats, const int64_t* ints,
+                                                       const int64_t* ends, int64_t n,
+                                                       int64_t context, int64_t vocab) {
+  std::vector<SamplingParams> rows(n);
+  int64_t begin = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (ends[i] < begin || ends[i] > context) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sample_tokens: sequence ", i, "'s context ends at ", ends[i], ", outside [", begin,
+          ", ", context, "]"));
+    }
+    SamplingParams& p = rows[i];
+    p.temperature = floats[i * 4];
+    p.top_p = floats[i * 4 + 1];
+    p.repetition_penalty = floats[i * 4 + 2];
+    p.frequency_penalty = floats[i * 4 + 3];
+    p.top_k = ints[i * 3];
+    p.seed = static_cast<uint64_t>(ints[i * 3 + 1]);
+    if (absl::Status s = CheckSampling(p, vocab); !s.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sample_tokens: sequence ", i, ": ", s.message()));
+    }
+    begin = ends[i];
+  }
+  return rows;
+}
+
+bool PlainGreedy(const SamplingParams& p) {
+  return p.temperature == 0 && p.repetition_penalty == 1 && p.frequency_penalty == 0;
+}
+
 }  // namespace pipeserve

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/types/span.h"
 
 namespace pipeserve {
@@ -44,6 +45,20 @@ absl::Status CheckSampling(const SamplingParams& p, int64_t vocab);
 // `generated` are output, from `logits` (one row of the vocabulary).
 int64_t SampleToken(absl::Span<const float> logits, const SamplingParams& p,
                     absl::Span<const int64_t> context, int64_t generated);
+
+// The sample_tokens op's rows (graph/op_schema.cc): row i's parameters
+// from floats [n, 4] (temperature, top_p, repetition, frequency) and ints
+// [n, 3] (top_k, seed, tokens generated so far), each checked against
+// `vocab`, and its context ending at ends[i] (ends non-decreasing, at most
+// `context`). kInvalidArgument "sample_tokens: sequence i..." naming the
+// first row that does not fit.
+absl::StatusOr<std::vector<SamplingParams>> SampleRows(const float* floats, const int64_t* ints,
+                                                       const int64_t* ends, int64_t n,
+                                                       int64_t context, int64_t vocab);
+
+// True when SampleToken picks the first of the largest logits, whatever
+// the context: greedy without penalties (what a GPU can pick on its own).
+bool PlainGreedy(const SamplingParams& p);
 
 }  // namespace pipeserve
 

@@ -41,8 +41,9 @@ const std::vector<std::vector<int64_t>> kTables = {{5, 2, 7}, {1, 6, 3}};
 // A step's inputs by name (as the coordinator's Generator makes them):
 // greedy sampling, every sequence's logits (of its last token) kept;
 // `context_end`, when not 0, a broken sample_context_ends.
-std::vector<std::pair<std::string, Tensor>> NamedStepInputs(const std::vector<Part>& parts,
-                                                            int64_t context_end = 0) {
+std::vector<std::pair<std::string, Tensor>> NamedStepInputs(
+    const std::vector<Part>& parts, int64_t context_end = 0,
+    const std::vector<float>& sampling = {0.0f, 1.0f, 1.0f, 0.0f}) {
   std::vector<int64_t> tokens, positions, seq, blocks, ids, last, rows, ints;
   std::vector<float> floats;
   for (size_t i = 0; i < parts.size(); ++i) {
@@ -55,7 +56,7 @@ std::vector<std::pair<std::string, Tensor>> NamedStepInputs(const std::vector<Pa
     ids.push_back(parts[i].id);
     last.push_back(static_cast<int64_t>(tokens.size()) - 1);
     rows.push_back(static_cast<int64_t>(i));  // of the last tokens' logits
-    floats.insert(floats.end(), {0.0f, 1.0f, 1.0f, 0.0f});  // greedy
+    floats.insert(floats.end(), sampling.begin(), sampling.end());  // greedy by default
     ints.insert(ints.end(), {0, 7, parts[i].from});
   }
   const int64_t t = static_cast<int64_t>(tokens.size()), n = static_cast<int64_t>(parts.size());
@@ -85,8 +86,9 @@ std::vector<Tensor> Select(const google::protobuf::RepeatedPtrField<ValueSpec>& 
 }
 
 std::vector<Tensor> StepInputs(const Plan& plan, const std::vector<Part>& parts,
-                               int64_t context_end = 0) {
-  return Select(plan.inputs(), NamedStepInputs(parts, context_end));
+                               int64_t context_end = 0,
+                               const std::vector<float>& sampling = {0.0f, 1.0f, 1.0f, 0.0f}) {
+  return Select(plan.inputs(), NamedStepInputs(parts, context_end, sampling));
 }
 
 int OutputIndex(const Plan& plan, const std::string& name) {
@@ -215,6 +217,46 @@ TEST_P(CudaGenerationTest, AFailedStepLeavesNothingBehindAndBlocksAreCounted) {
     ASSERT_TRUE((*program)->Run(Select(first.graph().inputs(), NamedStepInputs(prompt))).ok());
     EXPECT_EQ((*program)->kv_cache().blocks, 8) << backend->Name();
     EXPECT_EQ((*program)->kv_cache().blocks_allocated, 3) << backend->Name();
+  }
+}
+
+// Greedy rows are picked on the device (only token ids come back); a row
+// sampled with a temperature or a penalty brings the logits back to the
+// host's sampler: the same tokens as the CPU's either way. Parameters the
+// CPU refuses are refused with its message on both paths.
+TEST_P(CudaGenerationTest, SampledAndPenalisedRowsMatchTheCpuAndBadParametersItsErrors) {
+  std::unique_ptr<ComputeBackend> cpu = MakeCpuBackend({});
+  std::unique_ptr<ComputeBackend> emulator = MakeDeviceEmulatorBackend(Precision::kFloat32);
+  const std::vector<std::vector<float>> samplings = {
+      {0.8f, 0.9f, 1.0f, 0.0f}, {0.0f, 1.0f, 1.3f, 0.0f}, {0.0f, 1.0f, 1.0f, 0.5f}};
+  int64_t id = 20;
+  for (const std::vector<float>& sampling : samplings) {
+    std::unique_ptr<LocalPipeline> want = Pipeline(*cpu), got = Pipeline(*emulator);
+    ASSERT_NE(want, nullptr);
+    ASSERT_NE(got, nullptr);
+    const std::vector<Part> prompt = {{id, {3, 14, 15, 62, 6}, 0}, {id + 1, {26, 5, 35}, 0}};
+    id += 2;
+    const std::vector<Tensor> in = StepInputs(plan_, prompt, 0, sampling);
+    absl::StatusOr<std::vector<Tensor>> a = want->Run(in), b = got->Run(in);
+    ASSERT_TRUE(a.ok()) << a.status();
+    ASSERT_TRUE(b.ok()) << b.status();
+    const int tokens = OutputIndex(plan_, "next_tokens");
+    for (int s = 0; s < 2; ++s) {
+      EXPECT_EQ((*b)[tokens].data_as<int64_t>()[s], (*a)[tokens].data_as<int64_t>()[s])
+          << "temperature " << sampling[0] << ", sequence " << s;
+    }
+  }
+  for (const std::vector<float>& bad : {std::vector<float>{0.0f, 2.0f, 1.0f, 0.0f},
+                                        std::vector<float>{0.5f, 1.0f, -1.0f, 0.0f}}) {
+    std::unique_ptr<LocalPipeline> want = Pipeline(*cpu), got = Pipeline(*emulator);
+    const std::vector<Tensor> in = StepInputs(plan_, {{40, {3, 14}, 0}, {41, {26}, 0}}, 0, bad);
+    absl::StatusOr<std::vector<Tensor>> a = want->Run(in), b = got->Run(in);
+    ASSERT_FALSE(a.ok());
+    ASSERT_FALSE(b.ok());
+    EXPECT_EQ(b.status().code(), absl::StatusCode::kInvalidArgument) << b.status();
+    const std::string cpu_says(a.status().message().substr(a.status().message().find("sample_tokens: sequence")));
+    EXPECT_NE(b.status().message().find(cpu_says), std::string::npos)
+        << "cpu: " << a.status() << "\nemulator: " << b.status();
   }
 }
 

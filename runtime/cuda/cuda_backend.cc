@@ -289,8 +289,9 @@ class CudaProgram : public CudaStageProgram {
     ASSIGN_OR_RETURN(SlotPool<Slot>::Lease slot, slots_.Acquire());
     ASSIGN_OR_RETURN(ShapeEntry * e, EntryFor(*slot, inputs));
     ASSIGN_OR_RETURN(std::optional<KvStep> step, kv_.Begin(e->plan, inputs));
-    absl::Status run = RunEntry(*slot, e, inputs);
-    if (run.ok()) run = RunHostSteps(e->plan, e->staging_out.get(), inputs, &e->outputs);
+    const bool logits = NeedsLogits(e->plan, inputs);
+    absl::Status run = RunEntry(*slot, e, inputs, logits);
+    if (run.ok()) run = RunHostSteps(e->plan, e->staging_out.get(), inputs, logits, &e->outputs);
     if (!run.ok()) {
       kv_.Abort(step);
       return run;
@@ -318,7 +319,7 @@ class CudaProgram : public CudaStageProgram {
     ASSIGN_OR_RETURN(SlotPool<Slot>::Lease slot, slots_.Acquire());
     // Plans, stages and warms up.
     ASSIGN_OR_RETURN(ShapeEntry * e, EntryFor(*slot, inputs));
-    RETURN_IF_ERROR(RunEntry(*slot, e, inputs));
+    RETURN_IF_ERROR(RunEntry(*slot, e, inputs, /*logits=*/false));
     cudaStream_t stream = slot->stream.get();
     const size_t begin = include_copies ? 0 : e->plan.compute_begin;
     const size_t end =
@@ -491,8 +492,9 @@ class CudaProgram : public CudaStageProgram {
     return slot.cache.back().get();
   }
 
-  absl::Status RunEntry(Slot& slot, ShapeEntry* e,
-                        absl::Span<const Tensor> inputs) {
+  // Runs `e`'s plan on `inputs`, then its logits copies when `logits`.
+  absl::Status RunEntry(Slot& slot, ShapeEntry* e, absl::Span<const Tensor> inputs,
+                        bool logits) {
     const DevicePlan& plan = e->plan;
     cudaStream_t stream = slot.stream.get();
     RETURN_IF_ERROR(CheckIndices(plan, inputs));
@@ -515,6 +517,9 @@ class CudaProgram : public CudaStageProgram {
       if (status.ok()) Count(&Stats::graph_launches);
     } else {
       status = Enqueue(slot, *e, 0, plan.ops.size(), options_.poison_buffers);
+    }
+    for (size_t i = 0; i < plan.logits_copies.size() && logits && status.ok(); ++i) {
+      status = EnqueueOp(slot, *e, i, plan.logits_copies[i]);  // outside the graph
     }
     // Wait even after an error: nothing may still read the staging buffers.
     absl::Status sync =
@@ -659,6 +664,10 @@ class CudaProgram : public CudaStageProgram {
       case DeviceOp::Type::kEmbedding:
         CUDA_RETURN_IF_ERROR(kernels::LaunchEmbedding(t, ints(op.src), at(op.src2), at(op.dst),
                                                       op.n, op.rows, op.cols, s));
+        return absl::OkStatus();
+      case DeviceOp::Type::kArgmax:
+        CUDA_RETURN_IF_ERROR(kernels::LaunchArgmaxRows(
+            t, at(op.src), op.rows, op.cols, reinterpret_cast<int64_t*>(at(op.dst)), s));
         return absl::OkStatus();
       default:
         return absl::InternalError("not a kernels/ op");

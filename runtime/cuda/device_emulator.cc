@@ -10,6 +10,7 @@
 #include "runtime/cuda/device_generation.h"
 #include "runtime/cuda/device_plan.h"
 #include "runtime/cuda/device_slots.h"
+#include "runtime/cuda/kernels/argmax.h"
 #include "runtime/cuda/kernels/elementwise.h"
 #include "runtime/cuda/kernels/elementwise_program.h"
 #include "runtime/cuda/kernels/cast.h"
@@ -72,6 +73,7 @@ class EmulatedProgram : public StageProgram {
     a->out.assign(plan.staging_out_bytes, '\xff');
     ASSIGN_OR_RETURN(std::optional<KvStep> step, kv_.Begin(plan, inputs));
     StageInputs(plan, inputs, a->in.data());
+    const bool logits = NeedsLogits(plan, inputs);
     for (const DeviceOp& op : plan.ops) {
       absl::Status s = Execute(*a, op);
       if (!s.ok()) {
@@ -79,9 +81,12 @@ class EmulatedProgram : public StageProgram {
         return s;
       }
     }
+    for (const DeviceOp& op : plan.logits_copies) {
+      if (logits) RETURN_IF_ERROR(Execute(*a, op));  // a copy: it cannot fail
+    }
     std::vector<Tensor> outputs;
     UnstageOutputs(plan, a->out.data(), &outputs);
-    absl::Status host = RunHostSteps(plan, a->out.data(), inputs, &outputs);
+    absl::Status host = RunHostSteps(plan, a->out.data(), inputs, logits, &outputs);
     if (!host.ok()) {
       kv_.Abort(step);
       return host;
@@ -201,6 +206,11 @@ class EmulatedProgram : public StageProgram {
                              [&] { kernels::Reduce<T>(x, y, op.reduce); });
       case DeviceOp::Type::kAttention:
         return EmulateAttention<T>(view, op);
+      case DeviceOp::Type::kArgmax: {
+        auto* picks = reinterpret_cast<int64_t*>(view.Ptr(op.dst));
+        return simt::Emulate(static_cast<unsigned>(op.rows), kernels::kArgmaxThreads,
+                             [&] { kernels::ArgmaxRows<T>(x, op.cols, picks); });
+      }
       case DeviceOp::Type::kEmbedding: {
         const auto* ids = reinterpret_cast<const int64_t*>(view.Ptr(op.src));
         return simt::Emulate(kernels::EmbeddingBlocks(op.n, op.cols), kernels::kEmbeddingThreads,

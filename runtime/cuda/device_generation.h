@@ -10,7 +10,8 @@
 //   StageInputs(plan, inputs, staging_in);    // also writes the tiles
 //   ... run; on failure: kv.Abort(step) ...
 //   UnstageOutputs(plan, staging_out, &outputs);
-//   RETURN_IF_ERROR(RunHostSteps(plan, staging_out, inputs, &outputs));
+//   const bool logits = NeedsLogits(plan, inputs);  // ... copies them if so
+//   RETURN_IF_ERROR(RunHostSteps(plan, staging_out, inputs, logits, &outputs));
 #ifndef PIPESERVE_RUNTIME_CUDA_DEVICE_GENERATION_H_
 #define PIPESERVE_RUNTIME_CUDA_DEVICE_GENERATION_H_
 
@@ -55,10 +56,19 @@ class DeviceKv {
   std::atomic<int64_t> blocks_written_{0};
 };
 
+// Whether a run on `inputs` needs plan.logits_copies: some host step has
+// no device pick, or a row of its sampling parameters (graph inputs) is
+// not plain greedy (runtime/sampler.h PlainGreedy).
+bool NeedsLogits(const DevicePlan& plan, absl::Span<const Tensor> inputs);
+
 // Runs plan.host_steps on the values copied back (`staging_out`) and the
-// inputs, into `outputs` (UnstageOutputs has sized it).
+// inputs, into `outputs` (UnstageOutputs has sized it). `logits_back`:
+// plan.logits_copies ran, so sample_tokens runs on the host; else each
+// step's parameters are checked as the CPU's sample_tokens checks them and
+// its tokens are the device's picks.
 absl::Status RunHostSteps(const DevicePlan& plan, const void* staging_out,
-                          absl::Span<const Tensor> inputs, std::vector<Tensor>* outputs);
+                          absl::Span<const Tensor> inputs, bool logits_back,
+                          std::vector<Tensor>* outputs);
 
 }  // namespace pipeserve
 

@@ -493,7 +493,12 @@ LoweredStage::Buffers LoweredStage::LayOutBuffers(const std::vector<Shape>& shap
   for (size_t v = 0; v < values_.size(); ++v) {
     const Value& val = values_[v];
     int64_t n = NumElements(shape[v]);
-    if (val.host || val.host_output) continue;
+    if (val.host) continue;
+    if (val.host_output) {  // the tokens the device picks when sampling is greedy
+      b.f32[v] = act.Take(n * ElementSize(DT_INT64));
+      b.has_f32[v] = true;
+      continue;
+    }
     if (val.view_of >= 0) {  // its input's buffers (laid out before it)
       b.f32[v] = b.f32[val.view_of];
       b.gm[v] = b.gm[val.view_of];
@@ -1047,7 +1052,7 @@ absl::StatusOr<DevicePlan> LoweredStage::Plan(
     }
   }
   OutputOps(shape, b, &plan, &copy_out);
-  HostSampleOps(sizes, b, &plan, &copy_out);
+  HostSampleOps(sizes, b, &plan, &compute, &copy_out);
   copy_in = MergeCopies(std::move(copy_in));
   copy_out = MergeCopies(std::move(copy_out));
   plan.compute_begin = copy_in.size();

@@ -120,6 +120,7 @@ struct DeviceOp {
     kTriangle,     // dst = src with entries off the triangle zeroed (kernels/triangle.h)
     kAttention,    // cached_attention: KvAppend then PagedAttention (kernels/paged_attention.h)
     kCast,         // dst = src converted from cast_from to cast_to (kernels/cast.h)
+    kArgmax,       // dst [rows] int64 = each row's first largest in src [rows, cols] (kernels/argmax.h)
     kCopy,     // bytes: device src -> device dst (clone)
     kCopyOut,  // bytes: device src -> staging_out dst
   };
@@ -187,11 +188,12 @@ struct StagedTiles {
   int64_t capacity = 0;
 };
 
-// A step the host runs after the copies back (sample_tokens: only token
-// ids come back, from the logits that came back): its node (attributes
-// resolved) on inputs that are graph inputs (`graph_input` >= 0) or values
-// copied back (`read`, an index into DevicePlan::host_reads); its result
-// is graph output `output`.
+// A step the host runs after the copies back (sample_tokens): its node
+// (attributes resolved) on inputs that are graph inputs (`graph_input` >=
+// 0) or values copied back (`read`, an index into DevicePlan::host_reads);
+// its result is graph output `output`. When every row samples greedily
+// without penalties (NeedsLogits false) the tokens the device picked come
+// back instead of the logits (`tokens_read`, a host_reads index).
 struct HostStep {
   Node node;
   struct Input {
@@ -199,6 +201,7 @@ struct HostStep {
     int read = -1;
   };
   std::vector<Input> inputs;
+  int tokens_read = -1;
   std::vector<int> outputs;  // every graph output that is this value
   Shape out_shape;
   DataType out_type = DT_INT64;
@@ -236,6 +239,9 @@ struct DevicePlan {
   // ops [compute_begin, compute_end) are the compute.
   std::vector<DeviceOp> ops;
   size_t compute_begin = 0, compute_end = 0;
+  // The host steps' logits, copied back after `ops` only when a row needs
+  // them (NeedsLogits, device_generation.h); never in a captured graph.
+  std::vector<DeviceOp> logits_copies;
 };
 
 class LoweredStage {
@@ -371,7 +377,7 @@ class LoweredStage {
                        const Buffers& b, BufferRef out) const;
   // sample_tokens: its logits copied back, the host step after.
   void HostSampleOps(const Sizes& sizes, const Buffers& b, DevicePlan* plan,
-                     std::vector<DeviceOp>* copy_out) const;
+                     std::vector<DeviceOp>* compute, std::vector<DeviceOp>* copy_out) const;
   // The graph input value `v` is (through identities and views), or -1.
   int GraphInputOf(int v) const;
   // cached_attention's and sample_tokens' requirements (MakeSteps).

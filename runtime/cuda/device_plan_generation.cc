@@ -113,7 +113,32 @@ DeviceOp LoweredStage::AttentionOp(const Step& s, const Node& node,
   return op;
 }
 
+namespace {
+
+// A staging_out region of `bytes` at *at, read back for a host step.
+StagedValue HostRead(DevicePlan* plan, int64_t* at, const Shape& shape, DataType type) {
+  const int64_t bytes = NumElements(shape) * ElementSize(type);
+  StagedValue read{static_cast<int>(plan->host_reads.size()), {Arena::kStagingOut, *at},
+                   DType::kF32, shape, type};
+  *at += (std::max<int64_t>(bytes, 1) + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
+  plan->host_reads.push_back(read);
+  return read;
+}
+
+DeviceOp CopyBack(const std::string& node, BufferRef src, const StagedValue& to) {
+  DeviceOp op{DeviceOp::Type::kCopyOut, node};
+  op.src = src;
+  op.dst = to.staging;
+  op.bytes = NumElements(to.shape) * ElementSize(to.dtype);
+  return op;
+}
+
+}  // namespace
+
+// sample_tokens: the device's greedy pick (an argmax per row) always comes
+// back; the logits only when a row samples otherwise.
 void LoweredStage::HostSampleOps(const Sizes& sizes, const Buffers& b, DevicePlan* plan,
+                                 std::vector<DeviceOp>* compute,
                                  std::vector<DeviceOp>* copy_out) const {
   int64_t at = plan->staging_out_bytes;
   for (size_t i = 0; i < steps_.size(); ++i) {
@@ -124,18 +149,23 @@ void LoweredStage::HostSampleOps(const Sizes& sizes, const Buffers& b, DevicePla
     h.out_shape = sizes.shape[s.out];
     h.out_type = values_[s.out].type;
     const int logits = s.in[0];
-    const DataType type = values_[logits].type;
-    const int64_t bytes = NumElements(sizes.shape[logits]) * ElementSize(type);
-    StagedValue read{static_cast<int>(plan->host_reads.size()), {Arena::kStagingOut, at},
-                     DType::kF32, sizes.shape[logits], type};
-    at += (std::max<int64_t>(bytes, 1) + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
-    DeviceOp op{DeviceOp::Type::kCopyOut, h.node.name()};
-    op.src = b.f32[logits];
-    op.dst = read.staging;
-    op.bytes = bytes;
-    if (bytes > 0) copy_out->push_back(op);
+    const Shape& shape = sizes.shape[logits];
+    const StagedValue read = HostRead(plan, &at, shape, values_[logits].type);
+    const DeviceOp logits_back = CopyBack(h.node.name(), b.f32[logits], read);
+    if (logits_back.bytes > 0) plan->logits_copies.push_back(logits_back);
     h.inputs.push_back({-1, read.index});
-    plan->host_reads.push_back(read);
+    if (shape.size() == 2 && shape[0] > 0 && shape[1] > 0) {
+      DeviceOp argmax{DeviceOp::Type::kArgmax, h.node.name()};
+      argmax.src = b.f32[logits];
+      argmax.dst = b.f32[s.out];
+      argmax.rows = shape[0];
+      argmax.cols = shape[1];
+      argmax.ftype = values_[logits].type;
+      compute->push_back(argmax);
+      const StagedValue tokens = HostRead(plan, &at, {shape[0]}, DT_INT64);
+      copy_out->push_back(CopyBack(h.node.name(), b.f32[s.out], tokens));
+      h.tokens_read = tokens.index;
+    }
     for (size_t k = 1; k < s.in.size(); ++k) h.inputs.push_back({GraphInputOf(s.in[k]), -1});
     for (size_t o = 0; o < output_values_.size(); ++o) {
       if (output_values_[o] == s.out) h.outputs.push_back(static_cast<int>(o));

@@ -11,6 +11,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "partitioner/graph_builder.h"
+#include "runtime/cuda/device_generation.h"
 
 namespace pipeserve {
 namespace {
@@ -422,6 +423,41 @@ TEST(DevicePlanTest, EmbeddingIdsAreCheckedOnTheHostAndIntegersGoUpAsTheyAre) {
   ids.data_as<int64_t>()[4] = 7;
   StageInputs(*plan, {ids}, in.data());
   EXPECT_EQ(std::memcmp(in.data() + plan->inputs[0].staging.offset, ids.raw_data(), 48), 0);
+}
+
+// sample_tokens: each row's greedy pick (an argmax on the device) always
+// comes back; the logits are copied only on demand, outside `ops` (and so
+// outside a captured graph), when a row samples otherwise.
+TEST(DevicePlanTest, SamplingPicksGreedyTokensOnTheDeviceAndCopiesLogitsOnlyOnDemand) {
+  GraphBuilder b;
+  b.Input("h", {-1, 8}).Param("head", {50, 8});
+  b.Input("floats", {-1, 4}).Input("ints", {-1, 3}).Input("context", {-1}).Input("ends", {-1});
+  for (int i : {2, 3, 4}) b.graph().mutable_inputs(i)->set_dtype(DT_INT64);
+  b.Op("linear", {"h", "head"}, "logits")
+      .Op("sample_tokens", {"logits", "floats", "ints", "context", "ends"}, "next")
+      .Output("next");
+  Model m = b.Build();
+  absl::StatusOr<LoweredStage> stage =
+      LoweredStage::Create(m.graph, m.weights, Precision::kFloat32, true, CudaOps::kUnconfirmed);
+  ASSERT_TRUE(stage.ok()) << stage.status();
+  absl::StatusOr<DevicePlan> plan = stage->Plan({{3, 8}, {3, 4}, {3, 3}, {0}, {3}});
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(Compute(*plan), (std::vector<Type>{Type::kGemm, Type::kArgmax}));
+  const DeviceOp& argmax = plan->ops[plan->compute_end - 1];
+  EXPECT_EQ(argmax.rows, 3);
+  EXPECT_EQ(argmax.cols, 50);
+  ASSERT_EQ(plan->ops.size(), plan->compute_end + 1);  // the picks: 3 int64 back
+  EXPECT_EQ(plan->ops.back().bytes, 3 * 8);
+  ASSERT_EQ(plan->logits_copies.size(), 1u);
+  EXPECT_EQ(plan->logits_copies[0].bytes, 3 * 50 * 4);
+  Tensor floats = Tensor::FromVector({3, 4}, {0, 1, 1, 0, 0, 0.5f, 1, 0, 0, 1, 1, 0});
+  const Tensor none = Tensor::Empty({0}, DT_INT64);
+  EXPECT_FALSE(NeedsLogits(*plan, {Tensor(), floats, Tensor(), none, Tensor()}));
+  floats.data()[4 * 2] = 0.7f;  // row 2 samples with a temperature
+  EXPECT_TRUE(NeedsLogits(*plan, {Tensor(), floats, Tensor(), none, Tensor()}));
+  floats.data()[4 * 2] = 0;
+  floats.data()[4 * 1 + 2] = 1.2f;  // row 1 penalises repetition
+  EXPECT_TRUE(NeedsLogits(*plan, {Tensor(), floats, Tensor(), none, Tensor()}));
 }
 
 // GELU written out (as GPT-2's MLP has it): eight elementwise ops, each

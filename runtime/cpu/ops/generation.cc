@@ -25,30 +25,15 @@ absl::StatusOr<Tensor> SampleTokens(const Node&, const Args& in, const Shape& ou
   const int64_t* ints = in[2]->data_as<int64_t>();
   const int64_t* ends = in[4]->data_as<int64_t>();
   ASSIGN_OR_RETURN(Tensor out, Output(out_shape, DT_INT64, scratch));
-  int64_t begin = 0;
+  ASSIGN_OR_RETURN(const std::vector<SamplingParams> rows,
+                   SampleRows(floats, ints, ends, n, context, vocab));
   for (int64_t i = 0; i < n; ++i) {
-    if (ends[i] < begin || ends[i] > context) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "sample_tokens: sequence ", i, "'s context ends at ", ends[i], ", outside [", begin,
-          ", ", context, "]"));
-    }
-    SamplingParams p;
-    p.temperature = floats[i * 4];
-    p.top_p = floats[i * 4 + 1];
-    p.repetition_penalty = floats[i * 4 + 2];
-    p.frequency_penalty = floats[i * 4 + 3];
-    p.top_k = ints[i * 3];
-    p.seed = static_cast<uint64_t>(ints[i * 3 + 1]);
-    if (absl::Status s = CheckSampling(p, vocab); !s.ok()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("sample_tokens: sequence ", i, ": ", s.message()));
-    }
+    const int64_t begin = i == 0 ? 0 : ends[i - 1];
     const absl::Span<const int64_t> seen =
         ends[i] > begin ? absl::MakeConstSpan(in[3]->data_as<int64_t>() + begin, ends[i] - begin)
                         : absl::Span<const int64_t>();  // (an empty context may have no data)
     out.data_as<int64_t>()[i] = SampleToken(absl::MakeConstSpan(logits.data() + i * vocab, vocab),
-                                            p, seen, ints[i * 3 + 2]);
-    begin = ends[i];
+                                            rows[i], seen, ints[i * 3 + 2]);
   }
   return out;
 }

@@ -156,6 +156,10 @@ inline unsigned AppendBlocks(int64_t tokens, int kv_heads, int head_dim) {
   return static_cast<unsigned>((tokens * kv_heads * head_dim + kKvThreads - 1) / kKvThreads);
 }
 
+// ---- argmax.h ------------------------------------------------------------------
+
+inline constexpr int kArgmaxThreads = 256;  // whole warps
+
 }  // namespace pipeserve::kernels
 
 #endif  // PIPESERVE_RUNTIME_CUDA_KERNELS_LAUNCH_ARGS_H_

@@ -1,6 +1,7 @@
 // nvcc's side of the kernels in this folder: the same source the device
 // emulator runs on the CPU, launched on the GPU in the storage type the
 // device plan chose (float, __half or __nv_bfloat16).
+#include "runtime/cuda/kernels/argmax.h"
 #include "runtime/cuda/kernels/cast.h"
 #include "runtime/cuda/kernels/elementwise.h"
 #include "runtime/cuda/kernels/elementwise_program.h"
@@ -171,6 +172,17 @@ cudaError_t LaunchPagedAttention(FloatType t, const void* q, const void* k, cons
     e = cudaGetLastError();
   });
   return e;
+}
+
+cudaError_t LaunchArgmaxRows(FloatType t, const void* x, int64_t rows, int64_t cols,
+                             int64_t* out, cudaStream_t stream) {
+  if (rows <= 0) return cudaSuccess;
+  WithType(t, [&](auto zero) {
+    using T = decltype(zero);
+    ArgmaxRows<T><<<static_cast<unsigned>(rows), kArgmaxThreads, 0, stream>>>(
+        static_cast<const T*>(x), cols, out);
+  });
+  return cudaGetLastError();
 }
 
 }  // namespace pipeserve::kernels

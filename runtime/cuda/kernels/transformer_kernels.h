@@ -66,6 +66,11 @@ cudaError_t LaunchPagedAttention(FloatType t, const void* q, const void* k, cons
                                  int64_t num_tiles, int heads, float scale, void* out,
                                  cudaStream_t stream);
 
+// out [rows] (int64, device) = each row's first largest value's index in
+// x [rows, cols] (argmax.h).
+cudaError_t LaunchArgmaxRows(FloatType t, const void* x, int64_t rows, int64_t cols,
+                             int64_t* out, cudaStream_t stream);
+
 }  // namespace pipeserve::kernels
 
 #endif  // PIPESERVE_RUNTIME_CUDA_KERNELS_TRANSFORMER_KERNELS_H_
