@@ -628,6 +628,12 @@ class CudaProgram : public CudaStageProgram {
             op.has_bias ? at(op.src3) : nullptr, at(op.dst), op.rows, static_cast<int>(op.cols),
             op.eps, s));
         return absl::OkStatus();
+      case DeviceOp::Type::kRmsNorm:
+        CUDA_RETURN_IF_ERROR(kernels::LaunchRmsNorm(t, at(op.src),
+                                                    op.has_weight ? at(op.src2) : nullptr,
+                                                    at(op.dst), op.rows,
+                                                    static_cast<int>(op.cols), op.eps, s));
+        return absl::OkStatus();
       case DeviceOp::Type::kUnary:
         CUDA_RETURN_IF_ERROR(kernels::LaunchUnary(t, op.unary, at(op.src), at(op.dst), op.n, s));
         return absl::OkStatus();

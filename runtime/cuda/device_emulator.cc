@@ -193,6 +193,12 @@ class EmulatedProgram : public StageProgram {
           kernels::LayerNormRows<T, T>(x, w, b, y, op.rows, static_cast<int>(op.cols), op.eps);
         });
       }
+      case DeviceOp::Type::kRmsNorm: {
+        const T* w = op.has_weight ? at(op.src2) : nullptr;
+        return simt::Emulate(static_cast<unsigned>(op.rows), kernels::kLayerNormThreads, [&] {
+          kernels::RmsNormRows<T, T>(x, w, y, op.rows, static_cast<int>(op.cols), op.eps);
+        });
+      }
       case DeviceOp::Type::kProgram: {
         kernels::EwPointers ptrs;
         const BufferRef* srcs[] = {&op.src, &op.src2, &op.src3, &op.src4};

@@ -138,7 +138,7 @@ absl::StatusOr<LoweredStage> LoweredStage::Create(const Graph& graph,
   stage.gemm_type_ = precision == Precision::kBF16   ? DType::kBF16
                      : precision == Precision::kTF32 ? DType::kTF32
                                                      : DType::kF32;
-  RETURN_IF_ERROR(stage.Build(weights, types, fuse_linear_relu, cuda_ops));
+  RETURN_IF_ERROR(stage.Build(weights, types, shapes, fuse_linear_relu, cuda_ops));
   return stage;
 }
 
@@ -148,11 +148,15 @@ int LoweredStage::Canonical(int v) const {
 }
 
 absl::Status LoweredStage::Build(const WeightMap& weights, const ValueTypes& types,
-                                 bool fuse_linear_relu, CudaOps cuda_ops) {
+                                 const ValueShapes& shapes, bool fuse_linear_relu,
+                                 CudaOps cuda_ops) {
   ValueIds ids;
   RETURN_IF_ERROR(NumberValues(weights, types, &ids));
   RETURN_IF_ERROR(MakeSteps(ids, fuse_linear_relu, cuda_ops));
-  if (cuda_ops == CudaOps::kUnconfirmed) FuseElementwise();
+  if (cuda_ops == CudaOps::kUnconfirmed) {
+    FuseRmsNorms(shapes);
+    FuseElementwise();
+  }
   LayOutWeights();
   return absl::OkStatus();
 }
@@ -759,7 +763,8 @@ DeviceOp LoweredStage::ConvertOp(const std::string& node, BufferRef f32, BufferR
 absl::Status LoweredStage::StepOps(size_t i, const Sizes& sizes, const Buffers& b,
                                    std::vector<DeviceOp>* compute) const {
   const Step& s = steps_[i];
-  if (s.kind == Kind::kView || s.kind == Kind::kSize || s.kind == Kind::kHostSample) {
+  if (s.kind == Kind::kView || s.kind == Kind::kSize || s.kind == Kind::kHostSample ||
+      s.kind == Kind::kAbsorbed) {
     return absl::OkStatus();  // no device work
   }
   const size_t first = compute->size();
@@ -814,6 +819,15 @@ absl::StatusOr<DeviceOp> LoweredStage::OneOp(const Step& s, const Node& node,
   switch (s.kind) {
     case Kind::kEmbedding: return EmbeddingOp(s, shape, b, out);
     case Kind::kLayerNorm: return LayerNormOp(s, shape[s.in[0]], b.f32, out);
+    case Kind::kRmsNorm: {
+      op.type = DeviceOp::Type::kRmsNorm;
+      op.cols = shape[s.in[0]].empty() ? 1 : shape[s.in[0]].back();
+      op.rows = op.cols == 0 ? 0 : NumElements(shape[s.in[0]]) / op.cols;
+      op.eps = s.scalar;
+      op.has_weight = s.weighted;
+      if (op.has_weight) op.src2 = b.f32[s.in[1]];
+      return op;
+    }
     case Kind::kSoftmax: return SoftmaxOp(s, shape[s.in[0]], b.f32, out);
     case Kind::kAttention: return AttentionOp(s, node, shape, b, out);
     case Kind::kReduce: {

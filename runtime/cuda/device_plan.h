@@ -121,6 +121,7 @@ struct DeviceOp {
     kAttention,    // cached_attention: KvAppend then PagedAttention (kernels/paged_attention.h)
     kCast,         // dst = src converted from cast_from to cast_to (kernels/cast.h)
     kArgmax,       // dst [rows] int64 = each row's first largest in src [rows, cols] (kernels/argmax.h)
+    kRmsNorm,      // dst [rows, cols] = src * rsqrt(mean(src^2) + eps) * src2 (kernels/layer_norm.h)
     kCopy,     // bytes: device src -> device dst (clone)
     kCopyOut,  // bytes: device src -> staging_out dst
   };
@@ -135,7 +136,8 @@ struct DeviceOp {
   float scalar = 0;
   bool reverse = false;
   DType dtype = DType::kBF16;  // kConvert's target
-  // kLayerNorm: src3 the bias; the weight (src2) and bias are optional.
+  // kLayerNorm: src3 the bias; the weight (src2) and bias are optional
+  // (kRmsNorm: the weight, optional).
   // kProgram: src, src2, src3, src4 its inputs.
   BufferRef src3, src4;
   int64_t rows = 0, cols = 0;
@@ -304,6 +306,9 @@ class LoweredStage {
     kAttention,  // cached_attention, on the stage's device KV cache
     kHostSample, // sample_tokens, on the host after the logits come back
     kCast,       // float32, int64 and bool to one another
+    kRmsNorm,    // RMSNorm written out, found by FuseRmsNorms: in[0] x, in[1] the weight
+                 // when `weighted`; scalar = eps
+    kAbsorbed,   // a step FuseRmsNorms folded into its kRmsNorm: no work
   };
   struct Value {
     int input = -1;     // graph input number, or -1
@@ -331,6 +336,7 @@ class LoweredStage {
     // that step's program (FuseElementwise), not on its own.
     int fused_into = -1;
     int layer = -1;  // kAttention: its cache layer
+    bool weighted = false;  // kRmsNorm
   };
 
   LoweredStage() = default;
@@ -413,6 +419,10 @@ class LoweredStage {
   // (only with CudaOps::kUnconfirmed: the program kernel is not what a GPU
   // confirmed add, sub, mul and relu with).
   void FuseElementwise();
+  void FuseRmsNorms(const ValueShapes& shapes);
+  // The kRmsNorm step of the pattern whose mean is step `m`, or -1.
+  int RmsNormRoot(int m, const std::vector<int>& only_reader, const ValueShapes& shapes,
+                  int* weight) const;
   static bool Fusable(const Step& s);
   // The fused programs for these shapes, by their last step; groups whose
   // shapes differ or that overflow a program run op by op instead.
@@ -430,8 +440,8 @@ class LoweredStage {
   // kUnimplemented when its inputs mix float types.
   absl::StatusOr<DeviceOp> ProgramOp(const std::string& name, const ProgramBuilder& builder,
                                      DataType ftype, const Buffers& b, BufferRef out) const;
-  absl::Status Build(const WeightMap& weights, const ValueTypes& types, bool fuse_linear_relu,
-                     CudaOps cuda_ops);
+  absl::Status Build(const WeightMap& weights, const ValueTypes& types, const ValueShapes& shapes,
+                     bool fuse_linear_relu, CudaOps cuda_ops);
   // Pass 1: values_ (with their types) and their ids.
   absl::Status NumberValues(const WeightMap& weights, const ValueTypes& types, ValueIds* ids);
   static absl::Status CheckParam(const std::string& fqn, const Tensor* w, DataType declared);

@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "runtime/cuda/device_plan.h"
+#include "graph/op_schema.h"
 #include "runtime/cuda/elementwise_lowering.h"
 
 namespace pipeserve {
@@ -31,6 +32,79 @@ void LoweredStage::FuseElementwise() {
     const int r = reader[s.out];
     if (Fusable(s) && uses[s.out] == 1 && r >= 0 && Fusable(steps_[r])) s.fused_into = r;
   }
+}
+
+// Llama's RMSNorm as PyTorch traces it, w * (x * rsqrt(mean(x^2, -1,
+// keepdim) + eps)): pow, mean, add, rsqrt, mul and the weight's mul (or
+// none), each read only by the next, run as one kRmsNorm step (kernels/
+// layer_norm.h) instead of six kernels; the others are absorbed.
+void LoweredStage::FuseRmsNorms(const ValueShapes& shapes) {
+  std::vector<int> uses(values_.size(), 0), reader(values_.size(), -1);
+  for (size_t i = 0; i < steps_.size(); ++i) {
+    for (int v : steps_[i].in) {
+      ++uses[v];
+      reader[v] = static_cast<int>(i);
+    }
+  }
+  for (int v : output_values_) uses[v] += 2;  // an output is never absorbed
+  std::vector<int> only_reader(values_.size(), -1);
+  for (size_t v = 0; v < values_.size(); ++v) only_reader[v] = uses[v] == 1 ? reader[v] : -1;
+  for (size_t m = 0; m < steps_.size(); ++m) {
+    int weight = -1;
+    const int root = RmsNormRoot(static_cast<int>(m), only_reader, shapes, &weight);
+    if (root < 0) continue;
+    const int pow = values_[steps_[m].in[0]].producer;
+    const int x = steps_[pow].in[0];
+    const int add = only_reader[steps_[m].out];
+    const float eps = static_cast<float>(FloatAttr(NodeOf(steps_[add]), "scalar", 0));
+    // pow, mean, add, rsqrt, and x's mul when the weight's is the root.
+    for (int k = pow, n = 0; n < 5; k = only_reader[steps_[k].out], ++n) {
+      if (k == root) break;
+      steps_[k].kind = Kind::kAbsorbed;  // its inputs stay: its shape is still inferred
+    }
+    // Two inputs still, as its node's shape rule reads them: x and the
+    // weight, or x and the (absorbed) rsqrt.
+    Step& s = steps_[root];
+    s.kind = Kind::kRmsNorm;
+    if (weight >= 0) s.in = {x, weight};
+    s.weighted = weight >= 0;
+    s.scalar = eps;
+  }
+}
+
+int LoweredStage::RmsNormRoot(int m, const std::vector<int>& only_reader,
+                              const ValueShapes& shapes, int* weight) const {
+  auto is = [&](int i, const char* op) { return i >= 0 && NodeOf(steps_[i]).op() == op; };
+  if (!is(m, "mean") || IntAttr(NodeOf(steps_[m]), "keepdim", 0) == 0) return -1;
+  const int pow = values_[steps_[m].in[0]].producer;
+  if (!is(pow, "pow") || FloatAttr(NodeOf(steps_[pow]), "scalar", 0) != 2.0 ||
+      steps_[pow].in.size() != 1 || only_reader[steps_[pow].out] != m) {
+    return -1;
+  }
+  const int x = steps_[pow].in[0];
+  const Shape& xs = shapes.at(NodeOf(steps_[pow]).inputs(0));
+  const std::vector<int64_t> dims = ResolvedInts(NodeOf(steps_[m]), "dims", {}, 0);
+  const int64_t rank = static_cast<int64_t>(xs.size());
+  if (rank == 0 || xs.back() <= 0 || dims.size() != 1 || (dims[0] != -1 && dims[0] != rank - 1)) {
+    return -1;
+  }
+  const int add = only_reader[steps_[m].out];
+  if (!is(add, "add") || steps_[add].in.size() != 1) return -1;  // + eps
+  const int rsqrt = only_reader[steps_[add].out];
+  if (!is(rsqrt, "rsqrt")) return -1;
+  const int mul = only_reader[steps_[rsqrt].out];
+  if (!is(mul, "mul") || steps_[mul].in.size() != 2 ||
+      (steps_[mul].in[0] != x && steps_[mul].in[1] != x)) {
+    return -1;
+  }
+  const int scale = only_reader[steps_[mul].out];
+  if (!is(scale, "mul") || steps_[scale].in.size() != 2) return mul;
+  const int k = steps_[scale].in[0] == steps_[mul].out ? 1 : 0;  // the weight's input
+  const Shape& ws = shapes.at(NodeOf(steps_[scale]).inputs(k));
+  const int w = steps_[scale].in[k];
+  if (ws != Shape{xs.back()} || values_[w].type != values_[x].type) return mul;
+  *weight = w;
+  return scale;
 }
 
 int LoweredStage::RootOf(int i) const {

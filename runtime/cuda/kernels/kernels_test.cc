@@ -10,8 +10,11 @@
 // float32 instantiations; this reaches the other two, as a float16 or
 // bfloat16 graph on the GPU will. (paged_attention_test checks
 // cached_attention's kernels.)
+#include <algorithm>
 #include <cmath>
+#include <random>
 #include <string>
+#include <vector>
 
 #include "graph/op_schema.h"
 #include "gtest/gtest.h"
@@ -162,6 +165,45 @@ TEST(KernelsTest, EveryKernelInEveryFloatTypeMatchesTheReference) {
     }
   }
   EXPECT_GE(checked, 3 * 60) << "cases of every kernel here";
+}
+
+// RmsNormRows (RMSNorm written out, fused by the device plan) against
+// float64: rows within a block's stride and beyond, with and without a
+// weight, in every float type.
+template <typename T>
+double RmsNormError(int64_t rows, int cols, bool weighted) {
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> u(-3, 3);
+  std::vector<T> x(rows * cols), w(cols), y(rows * cols);
+  for (T& v : x) v = simt::FromFloat<T>(u(rng));
+  for (T& v : w) v = simt::FromFloat<T>(u(rng));
+  const float eps = 1e-5f;
+  absl::Status s = simt::Emulate(static_cast<unsigned>(rows), kLayerNormThreads, [&] {
+    RmsNormRows<T, T>(x.data(), weighted ? w.data() : nullptr, y.data(), rows, cols, eps);
+  });
+  EXPECT_TRUE(s.ok()) << s;
+  double err = 0, scale = 1e-30;
+  for (int64_t r = 0; r < rows; ++r) {
+    double squares = 0;
+    for (int c = 0; c < cols; ++c) squares += std::pow(simt::ToFloat(x[r * cols + c]), 2.0);
+    const double k = 1 / std::sqrt(squares / cols + eps);
+    for (int c = 0; c < cols; ++c) {
+      const double want = simt::ToFloat(x[r * cols + c]) * k * (weighted ? simt::ToFloat(w[c]) : 1.0);
+      err = std::max(err, std::fabs(simt::ToFloat(y[r * cols + c]) - want));
+      scale = std::max(scale, std::fabs(want));
+    }
+  }
+  return err / scale;
+}
+
+TEST(KernelsTest, RmsNormMatchesFloat64InEveryFloatType) {
+  for (int cols : {1, 7, 256, 1000, 2051}) {
+    for (bool weighted : {true, false}) {
+      EXPECT_LE(RmsNormError<float>(3, cols, weighted), 1e-5) << cols;
+      EXPECT_LE(RmsNormError<simt::Half>(3, cols, weighted), Tolerance(DT_FLOAT16)) << cols;
+      EXPECT_LE(RmsNormError<simt::Bf16>(3, cols, weighted), Tolerance(DT_BFLOAT16)) << cols;
+    }
+  }
 }
 
 }  // namespace

@@ -47,6 +47,33 @@ SIMT_GLOBAL void LayerNormRows(const T* __restrict__ x, const W* __restrict__ w,
   }
 }
 
+// y[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * w over each of the
+// rows of x [rows, cols] (w [cols], or null), in float: RMSNorm, as Llama
+// writes it out (device_plan_fusion.cc finds it in a graph). One block of
+// kLayerNormThreads per row.
+template <typename T, typename W>
+SIMT_GLOBAL void RmsNormRows(const T* __restrict__ x, const W* __restrict__ w,
+                             T* __restrict__ y, int64_t rows, int cols, float eps) {
+  using namespace simt;  // NOLINT: the kernel vocabulary
+  SIMT_SHARED(float, scratch, kWarpSize);
+  const int64_t row = BlockIdx().x;
+  if (row >= rows) return;  // the whole block: no barrier left waiting
+  const int t = static_cast<int>(ThreadIdx().x);
+  const T* xr = x + row * cols;
+  T* yr = y + row * cols;
+  float squares = 0.0f;
+  for (int c = t; c < cols; c += kLayerNormThreads) {
+    const float v = ToFloat(xr[c]);
+    squares += v * v;
+  }
+  const float scale = Rsqrt(BlockAllSum(squares, scratch) / static_cast<float>(cols) + eps);
+  for (int c = t; c < cols; c += kLayerNormThreads) {
+    float v = ToFloat(xr[c]) * scale;
+    if (w != nullptr) v *= ToFloat(w[c]);
+    yr[c] = FromFloat<T>(v);
+  }
+}
+
 }  // namespace pipeserve::kernels
 
 #endif  // PIPESERVE_RUNTIME_CUDA_KERNELS_LAYER_NORM_H_

@@ -64,6 +64,17 @@ cudaError_t LaunchLayerNorm(FloatType t, const void* x, const void* w, const voi
   return cudaGetLastError();
 }
 
+cudaError_t LaunchRmsNorm(FloatType t, const void* x, const void* w, void* y, int64_t rows,
+                          int cols, float eps, cudaStream_t stream) {
+  if (rows <= 0 || cols <= 0) return cudaSuccess;
+  WithType(t, [&](auto zero) {
+    using T = decltype(zero);
+    RmsNormRows<T, T><<<static_cast<unsigned>(rows), kLayerNormThreads, 0, stream>>>(
+        static_cast<const T*>(x), static_cast<const T*>(w), static_cast<T*>(y), rows, cols, eps);
+  });
+  return cudaGetLastError();
+}
+
 cudaError_t LaunchUnary(FloatType t, UnaryKind kind, const void* x, void* y, int64_t n,
                         cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;

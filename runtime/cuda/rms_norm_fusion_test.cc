@@ -1,0 +1,109 @@
+// Llama's RMSNorm written out (pow, mean, add, rsqrt, mul, mul by the
+// weight) on the CUDA lowering: one kernel when the unconfirmed kernels
+// are allowed, whichever side the weight is on, with or without a weight;
+// kept apart when an intermediate has another reader; and the same values
+// as the CPU backend's op-by-op run, on the device emulator.
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "partitioner/graph_builder.h"
+#include "runtime/cpu/cpu_backend.h"
+#include "runtime/cuda/device_emulator.h"
+#include "runtime/cuda/device_plan.h"
+#include "runtime/random_tensor.h"
+
+namespace pipeserve {
+namespace {
+
+std::vector<DeviceOp::Type> Compute(const DevicePlan& plan) {
+  std::vector<DeviceOp::Type> t;
+  for (size_t i = plan.compute_begin; i < plan.compute_end; ++i) t.push_back(plan.ops[i].type);
+  return t;
+}
+
+// RMSNorm as Llama writes it: `weight_first` puts the weight on the
+// left of its mul; `rsqrt_out` also returns the rsqrt (a second reader).
+Model RmsNormGraph(bool weight_first, bool rsqrt_out, int64_t weight_len = 16) {
+  GraphBuilder b;
+  b.Input("x", {-1, 16}).Param("w", {weight_len});
+  b.Op("pow", {"x"}, "p", "", {{"scalar", AttrF(2)}})
+      .Op("mean", {"p"}, "m", "", {{"dims", AttrInts({-1})}, {"keepdim", AttrI(1)}})
+      .Op("add", {"m"}, "a", "", {{"scalar", AttrF(1e-6)}})
+      .Op("rsqrt", {"a"}, "r")
+      .Op("mul", {"x", "r"}, "n")
+      .Op("mul", weight_first ? std::vector<std::string>{"w", "n"}
+                              : std::vector<std::string>{"n", "w"},
+          "y")
+      .Output("y");
+  if (rsqrt_out) b.Output("r");
+  return b.Build();
+}
+
+// With the unconfirmed kernels allowed, the six ops run as one RMSNorm
+// kernel (the weight on either side); an intermediate with another reader
+// keeps them apart, and a weight not of the last dim stays its own mul.
+TEST(DevicePlanTest, RmsNormWrittenOutIsOneKernel) {
+  for (bool weight_first : {true, false}) {
+    Model m = RmsNormGraph(weight_first, false);
+    absl::StatusOr<LoweredStage> stage =
+        LoweredStage::Create(m.graph, m.weights, Precision::kFloat32, true, CudaOps::kUnconfirmed);
+    ASSERT_TRUE(stage.ok()) << stage.status();
+    absl::StatusOr<DevicePlan> plan = stage->Plan({{3, 16}});
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    ASSERT_EQ(Compute(*plan), (std::vector<DeviceOp::Type>{DeviceOp::Type::kRmsNorm}));
+    const DeviceOp& op = plan->ops[plan->compute_begin];
+    EXPECT_EQ(op.rows, 3);
+    EXPECT_EQ(op.cols, 16);
+    EXPECT_FLOAT_EQ(op.eps, 1e-6f);
+    EXPECT_TRUE(op.has_weight);
+  }
+  Model shared = RmsNormGraph(false, true);
+  absl::StatusOr<LoweredStage> apart =
+      LoweredStage::Create(shared.graph, shared.weights, Precision::kFloat32, true,
+                           CudaOps::kUnconfirmed);
+  ASSERT_TRUE(apart.ok()) << apart.status();
+  absl::StatusOr<DevicePlan> plan = apart->Plan({{3, 16}});
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  const std::vector<DeviceOp::Type> ops = Compute(*plan);
+  EXPECT_EQ(std::count(ops.begin(), ops.end(), DeviceOp::Type::kRmsNorm), 0);
+  Model scalar_weight = RmsNormGraph(false, false, 1);
+  absl::StatusOr<LoweredStage> unweighted =
+      LoweredStage::Create(scalar_weight.graph, scalar_weight.weights, Precision::kFloat32, true,
+                           CudaOps::kUnconfirmed);
+  ASSERT_TRUE(unweighted.ok()) << unweighted.status();
+  plan = unweighted->Plan({{3, 16}});
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  ASSERT_EQ(Compute(*plan).front(), DeviceOp::Type::kRmsNorm);
+  EXPECT_FALSE(plan->ops[plan->compute_begin].has_weight);
+  EXPECT_EQ(Compute(*plan).size(), 2u);  // and the [1] weight's mul
+}
+
+TEST(RmsNormFusion, TheEmulatorMatchesTheCpuBackend) {
+  std::unique_ptr<ComputeBackend> cpu = MakeCpuBackend({});
+  std::unique_ptr<ComputeBackend> emulator = MakeDeviceEmulatorBackend(Precision::kFloat32);
+  const Tensor x = RandomTensor({5, 16}, 9);
+  for (int64_t weight_len : {16, 1}) {
+    for (bool rsqrt_out : {false, true}) {
+      Model m = RmsNormGraph(true, rsqrt_out, weight_len);
+      auto want = cpu->Compile(m.graph, m.weights);
+      auto got = emulator->Compile(m.graph, m.weights);
+      ASSERT_TRUE(want.ok()) << want.status();
+      ASSERT_TRUE(got.ok()) << got.status();
+      absl::StatusOr<std::vector<Tensor>> a = (*want)->Run({x}), b = (*got)->Run({x});
+      ASSERT_TRUE(a.ok()) << a.status();
+      ASSERT_TRUE(b.ok()) << b.status();
+      double err = 0, scale = 1e-30;
+      for (int64_t i = 0; i < (*a)[0].numel(); ++i) {
+        err = std::max(err, static_cast<double>(std::fabs((*a)[0].data()[i] - (*b)[0].data()[i])));
+        scale = std::max(scale, static_cast<double>(std::fabs((*a)[0].data()[i])));
+      }
+      EXPECT_LE(err / scale, 1e-6) << "weight [" << weight_len << "], rsqrt out " << rsqrt_out;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace pipeserve
