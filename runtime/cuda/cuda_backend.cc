@@ -628,6 +628,10 @@ class CudaProgram : public CudaStageProgram {
             op.has_bias ? at(op.src3) : nullptr, at(op.dst), op.rows, static_cast<int>(op.cols),
             op.eps, s));
         return absl::OkStatus();
+      case DeviceOp::Type::kRotary:
+        CUDA_RETURN_IF_ERROR(kernels::LaunchRotary(t, at(op.src), at(op.src2), at(op.src3),
+                                                   at(op.dst), op.rotary, s));
+        return absl::OkStatus();
       case DeviceOp::Type::kRmsNorm:
         CUDA_RETURN_IF_ERROR(kernels::LaunchRmsNorm(t, at(op.src),
                                                     op.has_weight ? at(op.src2) : nullptr,

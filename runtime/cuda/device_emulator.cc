@@ -17,6 +17,7 @@
 #include "runtime/cuda/kernels/embedding.h"
 #include "runtime/cuda/kernels/paged_attention.h"
 #include "runtime/cuda/kernels/reduction.h"
+#include "runtime/cuda/kernels/rotary.h"
 #include "runtime/cuda/kernels/triangle.h"
 #include "runtime/cuda/kernels/layer_norm.h"
 #include "runtime/cuda/kernels/strided_copy.h"
@@ -191,6 +192,13 @@ class EmulatedProgram : public StageProgram {
         const T* b = op.has_bias ? at(op.src3) : nullptr;
         return simt::Emulate(static_cast<unsigned>(op.rows), kernels::kLayerNormThreads, [&] {
           kernels::LayerNormRows<T, T>(x, w, b, y, op.rows, static_cast<int>(op.cols), op.eps);
+        });
+      }
+      case DeviceOp::Type::kRotary: {
+        const unsigned blocks = static_cast<unsigned>(
+            (op.n + kernels::kElementwiseThreads - 1) / kernels::kElementwiseThreads);
+        return simt::Emulate(blocks, kernels::kElementwiseThreads, [&] {
+          kernels::RotaryRows<T>(x, at(op.src2), at(op.src3), y, op.rotary);
         });
       }
       case DeviceOp::Type::kRmsNorm: {

@@ -155,6 +155,7 @@ absl::Status LoweredStage::Build(const WeightMap& weights, const ValueTypes& typ
   RETURN_IF_ERROR(MakeSteps(ids, fuse_linear_relu, cuda_ops));
   if (cuda_ops == CudaOps::kUnconfirmed) {
     FuseRmsNorms(shapes);
+    FuseRotaries(shapes);
     FuseElementwise();
   }
   LayOutWeights();
@@ -821,13 +822,16 @@ absl::StatusOr<DeviceOp> LoweredStage::OneOp(const Step& s, const Node& node,
     case Kind::kLayerNorm: return LayerNormOp(s, shape[s.in[0]], b.f32, out);
     case Kind::kRmsNorm: {
       op.type = DeviceOp::Type::kRmsNorm;
-      op.cols = shape[s.in[0]].empty() ? 1 : shape[s.in[0]].back();
-      op.rows = op.cols == 0 ? 0 : NumElements(shape[s.in[0]]) / op.cols;
+      const Shape& x = shape[s.kernel_in[0]];
+      op.cols = x.empty() ? 1 : x.back();
+      op.rows = op.cols == 0 ? 0 : NumElements(x) / op.cols;
+      op.src = b.f32[s.kernel_in[0]];
       op.eps = s.scalar;
-      op.has_weight = s.weighted;
-      if (op.has_weight) op.src2 = b.f32[s.in[1]];
+      op.has_weight = s.kernel_in.size() > 1;
+      if (op.has_weight) op.src2 = b.f32[s.kernel_in[1]];
       return op;
     }
+    case Kind::kRotary: return RotaryOpOf(s, node, shape, b, out);
     case Kind::kSoftmax: return SoftmaxOp(s, shape[s.in[0]], b.f32, out);
     case Kind::kAttention: return AttentionOp(s, node, shape, b, out);
     case Kind::kReduce: {

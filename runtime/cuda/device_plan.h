@@ -122,6 +122,7 @@ struct DeviceOp {
     kCast,         // dst = src converted from cast_from to cast_to (kernels/cast.h)
     kArgmax,       // dst [rows] int64 = each row's first largest in src [rows, cols] (kernels/argmax.h)
     kRmsNorm,      // dst [rows, cols] = src * rsqrt(mean(src^2) + eps) * src2 (kernels/layer_norm.h)
+    kRotary,       // dst = src * src2 + rotate_half(src) * src3 (kernels/rotary.h)
     kCopy,     // bytes: device src -> device dst (clone)
     kCopyOut,  // bytes: device src -> staging_out dst
   };
@@ -149,6 +150,7 @@ struct DeviceOp {
   kernels::ElementwiseProgramOp program;                 // kProgram
   int64_t element_bytes = 4;                             // kStridedCopy, kTriangle
   kernels::ReduceOp reduce;                              // kReduce
+  kernels::RotaryOp rotary;                              // kRotary
   int64_t diagonal = 0;                                  // kTriangle (rows, cols)
   bool upper = false;
   // kAttention: q src, k src2, v src3, positions src4 (all [1, H|Hkv, T, D]
@@ -306,9 +308,9 @@ class LoweredStage {
     kAttention,  // cached_attention, on the stage's device KV cache
     kHostSample, // sample_tokens, on the host after the logits come back
     kCast,       // float32, int64 and bool to one another
-    kRmsNorm,    // RMSNorm written out, found by FuseRmsNorms: in[0] x, in[1] the weight
-                 // when `weighted`; scalar = eps
-    kAbsorbed,   // a step FuseRmsNorms folded into its kRmsNorm: no work
+    kRmsNorm,    // RMSNorm written out (FuseRmsNorms): kernel_in x and, maybe, the weight
+    kRotary,     // rotary embedding written out (FuseRotaries): kernel_in x, cos, sin
+    kAbsorbed,   // a step a pattern folded into its root (kRmsNorm, kRotary): no work
   };
   struct Value {
     int input = -1;     // graph input number, or -1
@@ -336,7 +338,9 @@ class LoweredStage {
     // that step's program (FuseElementwise), not on its own.
     int fused_into = -1;
     int layer = -1;  // kAttention: its cache layer
-    bool weighted = false;  // kRmsNorm
+    // kRmsNorm, kRotary: what the pattern's kernel reads (`in` stays its
+    // node's, which its shape rule reads).
+    std::vector<int> kernel_in;
   };
 
   LoweredStage() = default;
@@ -423,6 +427,15 @@ class LoweredStage {
   // The kRmsNorm step of the pattern whose mean is step `m`, or -1.
   int RmsNormRoot(int m, const std::vector<int>& only_reader, const ValueShapes& shapes,
                   int* weight) const;
+  void FuseRotaries(const ValueShapes& shapes);
+  // Whether step `add` ends a rotary pattern; its steps and kernel inputs.
+  bool RotaryPattern(int add, const std::vector<int>& only_reader, const ValueShapes& shapes,
+                     std::vector<int>* absorbed, std::vector<int>* kernel_in) const;
+  // Each value's only reader (-1: none, several, or an output).
+  std::vector<int> OnlyReaders() const;
+  absl::StatusOr<DeviceOp> RotaryOpOf(const Step& s, const Node& node,
+                                      const std::vector<Shape>& shape, const Buffers& b,
+                                      BufferRef out) const;
   static bool Fusable(const Step& s);
   // The fused programs for these shapes, by their last step; groups whose
   // shapes differ or that overflow a program run op by op instead.

@@ -38,7 +38,7 @@ void LoweredStage::FuseElementwise() {
 // keepdim) + eps)): pow, mean, add, rsqrt, mul and the weight's mul (or
 // none), each read only by the next, run as one kRmsNorm step (kernels/
 // layer_norm.h) instead of six kernels; the others are absorbed.
-void LoweredStage::FuseRmsNorms(const ValueShapes& shapes) {
+std::vector<int> LoweredStage::OnlyReaders() const {
   std::vector<int> uses(values_.size(), 0), reader(values_.size(), -1);
   for (size_t i = 0; i < steps_.size(); ++i) {
     for (int v : steps_[i].in) {
@@ -47,8 +47,13 @@ void LoweredStage::FuseRmsNorms(const ValueShapes& shapes) {
     }
   }
   for (int v : output_values_) uses[v] += 2;  // an output is never absorbed
-  std::vector<int> only_reader(values_.size(), -1);
-  for (size_t v = 0; v < values_.size(); ++v) only_reader[v] = uses[v] == 1 ? reader[v] : -1;
+  std::vector<int> only(values_.size(), -1);
+  for (size_t v = 0; v < values_.size(); ++v) only[v] = uses[v] == 1 ? reader[v] : -1;
+  return only;
+}
+
+void LoweredStage::FuseRmsNorms(const ValueShapes& shapes) {
+  const std::vector<int> only_reader = OnlyReaders();
   for (size_t m = 0; m < steps_.size(); ++m) {
     int weight = -1;
     const int root = RmsNormRoot(static_cast<int>(m), only_reader, shapes, &weight);
@@ -62,12 +67,9 @@ void LoweredStage::FuseRmsNorms(const ValueShapes& shapes) {
       if (k == root) break;
       steps_[k].kind = Kind::kAbsorbed;  // its inputs stay: its shape is still inferred
     }
-    // Two inputs still, as its node's shape rule reads them: x and the
-    // weight, or x and the (absorbed) rsqrt.
     Step& s = steps_[root];
     s.kind = Kind::kRmsNorm;
-    if (weight >= 0) s.in = {x, weight};
-    s.weighted = weight >= 0;
+    s.kernel_in = weight >= 0 ? std::vector<int>{x, weight} : std::vector<int>{x};
     s.scalar = eps;
   }
 }
@@ -105,6 +107,101 @@ int LoweredStage::RmsNormRoot(int m, const std::vector<int>& only_reader,
   if (ws != Shape{xs.back()} || values_[w].type != values_[x].type) return mul;
   *weight = w;
   return scale;
+}
+
+// Llama's rotary embedding as PyTorch traces it, x * cos +
+// cat(-x[..., D/2:], x[..., :D/2]) * sin: the two slices, the neg, the cat,
+// both muls and the add, each read only by the next, run as one kRotary
+// step (kernels/rotary.h) instead of five kernels.
+void LoweredStage::FuseRotaries(const ValueShapes& shapes) {
+  const std::vector<int> only_reader = OnlyReaders();
+  for (size_t a = 0; a < steps_.size(); ++a) {
+    std::vector<int> absorbed, kernel_in;
+    if (!RotaryPattern(static_cast<int>(a), only_reader, shapes, &absorbed, &kernel_in)) continue;
+    for (int k : absorbed) steps_[k].kind = Kind::kAbsorbed;
+    steps_[a].kind = Kind::kRotary;
+    steps_[a].kernel_in = std::move(kernel_in);
+  }
+}
+
+bool LoweredStage::RotaryPattern(int add, const std::vector<int>& only_reader,
+                                 const ValueShapes& shapes, std::vector<int>* absorbed,
+                                 std::vector<int>* kernel_in) const {
+  auto producer = [&](int v) { return values_[v].producer; };
+  auto is = [&](int i, const char* op, size_t inputs) {
+    return i >= 0 && NodeOf(steps_[i]).op() == op && steps_[i].in.size() == inputs;
+  };
+  if (!is(add, "add", 2)) return false;
+  for (int order = 0; order < 2; ++order) {  // x * cos + rotated * sin, either way round
+    const int plain = producer(steps_[add].in[order]), turned = producer(steps_[add].in[1 - order]);
+    if (!is(plain, "mul", 2) || !is(turned, "mul", 2)) continue;
+    if (only_reader[steps_[plain].out] != add || only_reader[steps_[turned].out] != add) continue;
+    for (int c = 0; c < 2; ++c) {  // which input of each mul is the table
+      const int cat = producer(steps_[turned].in[c]);
+      if (!is(cat, "cat", 2) || only_reader[steps_[cat].out] != turned) continue;
+      const int neg = producer(steps_[cat].in[0]), low = producer(steps_[cat].in[1]);
+      if (!is(neg, "neg", 1) || only_reader[steps_[neg].out] != cat) continue;
+      const int high = producer(steps_[neg].in[0]);
+      if (!is(high, "slice", 1) || !is(low, "slice", 1) || only_reader[steps_[high].out] != neg ||
+          only_reader[steps_[low].out] != cat || steps_[high].in[0] != steps_[low].in[0]) {
+        continue;
+      }
+      const int x = steps_[high].in[0];
+      const int xi = steps_[plain].in[0] == x ? 0 : steps_[plain].in[1] == x ? 1 : -1;
+      if (xi < 0) continue;
+      const Shape& xs = shapes.at(NodeOf(steps_[high]).inputs(0));
+      if (xs.empty() || xs.back() <= 0 || xs.back() % 2 != 0) continue;
+      const int64_t d = xs.back(), half = d / 2, rank = static_cast<int64_t>(xs.size());
+      auto halves = [&](int step, int64_t start, int64_t stop) {
+        const Node& n = NodeOf(steps_[step]);
+        const int64_t dim = IntAttr(n, "dim", 0);
+        return (dim == -1 || dim == rank - 1) && IntAttr(n, "step", 1) == 1 &&
+               IntAttr(n, "start", 0) == start && std::min(IntAttr(n, "stop", INT64_MAX), d) == stop;
+      };
+      const Node& cat_node = NodeOf(steps_[cat]);
+      const int64_t cat_dim = IntAttr(cat_node, "dim", 0);
+      if (!halves(high, half, d) || !halves(low, 0, half) ||
+          (cat_dim != -1 && cat_dim != rank - 1)) {
+        continue;
+      }
+      const int cos = steps_[plain].in[1 - xi], sin = steps_[turned].in[1 - c];
+      if (values_[cos].type != values_[x].type || values_[sin].type != values_[x].type) continue;
+      *absorbed = {plain, turned, cat, neg, high, low};
+      *kernel_in = {x, cos, sin};
+      return true;
+    }
+  }
+  return false;
+}
+
+// The rotary kernel's sizes, checked now that the token count is known:
+// cos and sin hold a row per token (or one row for all) of D.
+absl::StatusOr<DeviceOp> LoweredStage::RotaryOpOf(const Step& s, const Node& node,
+                                                  const std::vector<Shape>& shape,
+                                                  const Buffers& b, BufferRef out) const {
+  const Shape& x = shape[s.kernel_in[0]];
+  const Shape& table = shape[s.kernel_in[1]];
+  DeviceOp op{DeviceOp::Type::kRotary, node.name()};
+  op.rotary.n = NumElements(x);
+  op.rotary.d = x.back();
+  op.rotary.tokens = x.size() >= 2 ? x[x.size() - 2] : 1;
+  op.rotary.table_rows = table.size() >= 2 ? table[table.size() - 2] : 1;
+  const bool table_fits = table == shape[s.kernel_in[2]] && !table.empty() &&
+                          table.back() == op.rotary.d &&
+                          NumElements(table) == op.rotary.table_rows * op.rotary.d &&
+                          (op.rotary.table_rows == op.rotary.tokens || op.rotary.table_rows == 1);
+  if (!table_fits || shape[s.out] != x) {
+    return absl::UnimplementedError(absl::StrCat(
+        "the cuda backend has no kernel for node \"", node.name(), "\" (rotary embedding of ",
+        ShapeToString(x), " with tables ", ShapeToString(table), " and ",
+        ShapeToString(shape[s.kernel_in[2]]), ")"));
+  }
+  op.src = b.f32[s.kernel_in[0]];
+  op.src2 = b.f32[s.kernel_in[1]];
+  op.src3 = b.f32[s.kernel_in[2]];
+  op.dst = out;
+  op.n = op.rotary.n;
+  return op;
 }
 
 int LoweredStage::RootOf(int i) const {

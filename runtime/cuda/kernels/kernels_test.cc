@@ -27,6 +27,7 @@
 #include "runtime/cuda/kernels/embedding.h"
 #include "runtime/cuda/kernels/layer_norm.h"
 #include "runtime/cuda/kernels/reduction.h"
+#include "runtime/cuda/kernels/rotary.h"
 #include "runtime/cuda/kernels/strided_copy.h"
 #include "runtime/cuda/kernels/triangle.h"
 #include "runtime/cuda/reduction_lowering.h"
@@ -202,6 +203,48 @@ TEST(KernelsTest, RmsNormMatchesFloat64InEveryFloatType) {
       EXPECT_LE(RmsNormError<float>(3, cols, weighted), 1e-5) << cols;
       EXPECT_LE(RmsNormError<simt::Half>(3, cols, weighted), Tolerance(DT_FLOAT16)) << cols;
       EXPECT_LE(RmsNormError<simt::Bf16>(3, cols, weighted), Tolerance(DT_BFLOAT16)) << cols;
+    }
+  }
+}
+
+// RotaryRows (rotary embedding written out, fused by the device plan)
+// against float64: tables of a row per token and of one row, D from 2 to
+// 128, in every float type.
+template <typename T>
+double RotaryError(int64_t rows, int64_t tokens, int64_t d, int64_t table_rows) {
+  std::mt19937 rng(4);
+  std::uniform_real_distribution<float> u(-2, 2);
+  std::vector<T> x(rows * d), cos(table_rows * d), sin(table_rows * d), y(rows * d);
+  for (auto* v : {&x, &cos, &sin}) {
+    for (T& e : *v) e = simt::FromFloat<T>(u(rng));
+  }
+  const RotaryOp op{rows * d, d, tokens, table_rows};
+  const unsigned blocks = static_cast<unsigned>((op.n + kElementwiseThreads - 1) / kElementwiseThreads);
+  absl::Status s = simt::Emulate(blocks, kElementwiseThreads, [&] {
+    RotaryRows<T>(x.data(), cos.data(), sin.data(), y.data(), op);
+  });
+  EXPECT_TRUE(s.ok()) << s;
+  auto f = [](const T& v) { return static_cast<double>(simt::ToFloat(v)); };
+  double err = 0, scale = 1e-30;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = table_rows == 1 ? 0 : r % tokens;
+    for (int64_t c = 0; c < d; ++c) {
+      const double turned = c < d / 2 ? -f(x[r * d + c + d / 2]) : f(x[r * d + c - d / 2]);
+      const double want = f(x[r * d + c]) * f(cos[t * d + c]) + turned * f(sin[t * d + c]);
+      err = std::max(err, std::fabs(f(y[r * d + c]) - want));
+      scale = std::max(scale, std::fabs(want));
+    }
+  }
+  return err / scale;
+}
+
+TEST(KernelsTest, RotaryMatchesFloat64InEveryFloatType) {
+  for (int64_t d : {2, 16, 64, 128}) {
+    for (int64_t table_rows : {5, 1}) {
+      // 3 sequences x 2 heads of 5 tokens.
+      EXPECT_LE(RotaryError<float>(30, 5, d, table_rows), 1e-6) << d;
+      EXPECT_LE(RotaryError<simt::Half>(30, 5, d, table_rows), Tolerance(DT_FLOAT16)) << d;
+      EXPECT_LE(RotaryError<simt::Bf16>(30, 5, d, table_rows), Tolerance(DT_BFLOAT16)) << d;
     }
   }
 }

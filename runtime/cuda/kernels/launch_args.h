@@ -156,6 +156,14 @@ inline unsigned AppendBlocks(int64_t tokens, int kv_heads, int head_dim) {
   return static_cast<unsigned>((tokens * kv_heads * head_dim + kKvThreads - 1) / kKvThreads);
 }
 
+// ---- rotary.h ------------------------------------------------------------------
+
+// n elements of x [n / d, d], `tokens` rows a sequence; cos and sin hold
+// table_rows rows of d (table_rows is tokens, or 1).
+struct RotaryOp {
+  int64_t n = 0, d = 0, tokens = 1, table_rows = 1;
+};
+
 // ---- argmax.h ------------------------------------------------------------------
 
 inline constexpr int kArgmaxThreads = 256;  // whole warps

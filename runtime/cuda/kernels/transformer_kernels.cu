@@ -9,6 +9,7 @@
 #include "runtime/cuda/kernels/layer_norm.h"
 #include "runtime/cuda/kernels/paged_attention.h"
 #include "runtime/cuda/kernels/reduction.h"
+#include "runtime/cuda/kernels/rotary.h"
 #include "runtime/cuda/kernels/strided_copy.h"
 #include "runtime/cuda/kernels/transformer_kernels.h"
 #include "runtime/cuda/kernels/triangle.h"
@@ -71,6 +72,19 @@ cudaError_t LaunchRmsNorm(FloatType t, const void* x, const void* w, void* y, in
     using T = decltype(zero);
     RmsNormRows<T, T><<<static_cast<unsigned>(rows), kLayerNormThreads, 0, stream>>>(
         static_cast<const T*>(x), static_cast<const T*>(w), static_cast<T*>(y), rows, cols, eps);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchRotary(FloatType t, const void* x, const void* cos, const void* sin, void* y,
+                         const RotaryOp& op, cudaStream_t stream) {
+  if (op.n <= 0) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>((op.n + kElementwiseThreads - 1) / kElementwiseThreads);
+  WithType(t, [&](auto zero) {
+    using T = decltype(zero);
+    RotaryRows<T><<<blocks, kElementwiseThreads, 0, stream>>>(
+        static_cast<const T*>(x), static_cast<const T*>(cos), static_cast<const T*>(sin),
+        static_cast<T*>(y), op);
   });
   return cudaGetLastError();
 }

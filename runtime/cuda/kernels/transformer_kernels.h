@@ -27,6 +27,10 @@ cudaError_t LaunchLayerNorm(FloatType t, const void* x, const void* w, const voi
 cudaError_t LaunchRmsNorm(FloatType t, const void* x, const void* w, void* y, int64_t rows,
                           int cols, float eps, cudaStream_t stream);
 
+// y = x * cos + rotate_half(x) * sin (rotary.h).
+cudaError_t LaunchRotary(FloatType t, const void* x, const void* cos, const void* sin, void* y,
+                         const RotaryOp& op, cudaStream_t stream);
+
 cudaError_t LaunchUnary(FloatType t, UnaryKind kind, const void* x, void* y, int64_t n,
                         cudaStream_t stream);
 

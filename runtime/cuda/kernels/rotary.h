@@ -1,0 +1,34 @@
+// Rotary position embedding on the GPU, written once against simt.h:
+// y = x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x[..., D/2:],
+// x[..., :D/2]) as Llama writes it out (device_plan_fusion.cc finds it).
+// nvcc compiles it (transformer_kernels.cu); the device emulator and
+// kernels_test run the same source on the CPU.
+#ifndef PIPESERVE_RUNTIME_CUDA_KERNELS_ROTARY_H_
+#define PIPESERVE_RUNTIME_CUDA_KERNELS_ROTARY_H_
+
+#include <cstdint>
+
+#include "runtime/cuda/kernels/launch_args.h"
+#include "runtime/cuda/simt/simt.h"
+
+namespace pipeserve::kernels {
+
+// Over x and y [n / D rows, D] (D even), whose row r is token r % tokens
+// of its sequence, and cos and sin [table_rows, D]: row r reads table row
+// r % tokens, or row 0 when table_rows is 1. One thread per element,
+// kElementwiseThreads a block.
+template <typename T>
+SIMT_GLOBAL void RotaryRows(const T* __restrict__ x, const T* __restrict__ cos,
+                            const T* __restrict__ sin, T* __restrict__ y, RotaryOp op) {
+  using namespace simt;  // NOLINT: the kernel vocabulary
+  const int64_t i = static_cast<int64_t>(BlockIdx().x) * BlockDim().x + ThreadIdx().x;
+  if (i >= op.n) return;
+  const int64_t c = i % op.d, row = i / op.d, half = op.d / 2;
+  const int64_t at = (op.table_rows == 1 ? 0 : row % op.tokens) * op.d + c;
+  const float rotated = c < half ? -ToFloat(x[i + half]) : ToFloat(x[i - half]);
+  y[i] = FromFloat<T>(ToFloat(x[i]) * ToFloat(cos[at]) + rotated * ToFloat(sin[at]));
+}
+
+}  // namespace pipeserve::kernels
+
+#endif  // PIPESERVE_RUNTIME_CUDA_KERNELS_ROTARY_H_
