@@ -620,24 +620,7 @@ class CudaProgram : public CudaStageProgram {
   absl::Status EnqueueKernel(const ShapeEntry& e, const DeviceOp& op, cudaStream_t s) {
     const kernels::FloatType t = FloatTypeOf(op.ftype);
     auto at = [&](const BufferRef& r) { return static_cast<void*>(Address(e, r)); };
-    auto ints = [&](const BufferRef& r) { return reinterpret_cast<const int64_t*>(at(r)); };
     switch (op.type) {
-      case DeviceOp::Type::kLayerNorm:
-        CUDA_RETURN_IF_ERROR(kernels::LaunchLayerNorm(
-            t, at(op.src), op.has_weight ? at(op.src2) : nullptr,
-            op.has_bias ? at(op.src3) : nullptr, at(op.dst), op.rows, static_cast<int>(op.cols),
-            op.eps, s));
-        return absl::OkStatus();
-      case DeviceOp::Type::kRotary:
-        CUDA_RETURN_IF_ERROR(kernels::LaunchRotary(t, at(op.src), at(op.src2), at(op.src3),
-                                                   at(op.dst), op.rotary, s));
-        return absl::OkStatus();
-      case DeviceOp::Type::kRmsNorm:
-        CUDA_RETURN_IF_ERROR(kernels::LaunchRmsNorm(t, at(op.src),
-                                                    op.has_weight ? at(op.src2) : nullptr,
-                                                    at(op.dst), op.rows,
-                                                    static_cast<int>(op.cols), op.eps, s));
-        return absl::OkStatus();
       case DeviceOp::Type::kUnary:
         CUDA_RETURN_IF_ERROR(kernels::LaunchUnary(t, op.unary, at(op.src), at(op.dst), op.n, s));
         return absl::OkStatus();
@@ -671,9 +654,36 @@ class CudaProgram : public CudaStageProgram {
         CUDA_RETURN_IF_ERROR(kernels::LaunchCast(at(op.src), CastTypeOf(op.cast_from), at(op.dst),
                                                  CastTypeOf(op.cast_to), op.n, s));
         return absl::OkStatus();
+      default:  // the transformer blocks' own
+        return EnqueueTransformerKernel(e, op, s);
+    }
+  }
+
+  // Embedding, the norms, rotary embedding and the greedy pick.
+  absl::Status EnqueueTransformerKernel(const ShapeEntry& e, const DeviceOp& op, cudaStream_t s) {
+    const kernels::FloatType t = FloatTypeOf(op.ftype);
+    auto at = [&](const BufferRef& r) { return static_cast<void*>(Address(e, r)); };
+    switch (op.type) {
+      case DeviceOp::Type::kLayerNorm:
+        CUDA_RETURN_IF_ERROR(kernels::LaunchLayerNorm(
+            t, at(op.src), op.has_weight ? at(op.src2) : nullptr,
+            op.has_bias ? at(op.src3) : nullptr, at(op.dst), op.rows, static_cast<int>(op.cols),
+            op.eps, s));
+        return absl::OkStatus();
+      case DeviceOp::Type::kRotary:
+        CUDA_RETURN_IF_ERROR(kernels::LaunchRotary(t, at(op.src), at(op.src2), at(op.src3),
+                                                   at(op.dst), op.rotary, s));
+        return absl::OkStatus();
+      case DeviceOp::Type::kRmsNorm:
+        CUDA_RETURN_IF_ERROR(kernels::LaunchRmsNorm(t, at(op.src),
+                                                    op.has_weight ? at(op.src2) : nullptr,
+                                                    at(op.dst), op.rows,
+                                                    static_cast<int>(op.cols), op.eps, s));
+        return absl::OkStatus();
       case DeviceOp::Type::kEmbedding:
-        CUDA_RETURN_IF_ERROR(kernels::LaunchEmbedding(t, ints(op.src), at(op.src2), at(op.dst),
-                                                      op.n, op.rows, op.cols, s));
+        CUDA_RETURN_IF_ERROR(kernels::LaunchEmbedding(
+            t, reinterpret_cast<const int64_t*>(at(op.src)), at(op.src2), at(op.dst), op.n,
+            op.rows, op.cols, s));
         return absl::OkStatus();
       case DeviceOp::Type::kArgmax:
         CUDA_RETURN_IF_ERROR(kernels::LaunchArgmaxRows(

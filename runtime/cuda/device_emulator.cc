@@ -187,6 +187,49 @@ class EmulatedProgram : public StageProgram {
     const T* x = at(op.src);
     T* y = at(op.dst);
     switch (op.type) {
+      case DeviceOp::Type::kProgram: {
+        kernels::EwPointers ptrs;
+        const BufferRef* srcs[] = {&op.src, &op.src2, &op.src3, &op.src4};
+        for (int i = 0; i < op.program.num_inputs; ++i) ptrs.in[i] = view.Ptr(*srcs[i]);
+        ptrs.out = view.Ptr(op.dst);
+        return simt::Emulate(kernels::ProgramBlocks(op.n), kernels::kProgramThreads,
+                             [&] { kernels::ElementwiseProgram<T>(op.program, ptrs); });
+      }
+      case DeviceOp::Type::kReduce:
+        return simt::Emulate(static_cast<unsigned>(op.reduce.out_n), kernels::kReduceThreads,
+                             [&] { kernels::Reduce<T>(x, y, op.reduce); });
+      case DeviceOp::Type::kAttention:
+        return EmulateAttention<T>(view, op);
+      case DeviceOp::Type::kEmbedding: {
+        const auto* ids = reinterpret_cast<const int64_t*>(view.Ptr(op.src));
+        return simt::Emulate(kernels::EmbeddingBlocks(op.n, op.cols), kernels::kEmbeddingThreads,
+                             [&] {
+                               kernels::EmbeddingRows<T>(ids, at(op.src2), y, op.n, op.rows,
+                                                         op.cols);
+                             });
+      }
+      case DeviceOp::Type::kUnary: {
+        const int64_t blocks =
+            (op.n + kernels::kElementwiseThreads - 1) / kernels::kElementwiseThreads;
+        return simt::Emulate(static_cast<unsigned>(blocks), kernels::kElementwiseThreads,
+                             [&] { kernels::UnaryElementwise<T>(x, y, op.n, op.unary); });
+      }
+      case DeviceOp::Type::kSoftmax:
+        return simt::Emulate(static_cast<unsigned>(op.rows), kernels::kSoftmaxThreads, [&] {
+          kernels::SoftmaxRows<T>(x, y, op.rows, static_cast<int>(op.cols), op.log);
+        });
+      default:
+        return EmulateTransformer<T>(view, op);
+    }
+  }
+
+  // The norms, rotary embedding and the greedy pick.
+  template <typename T>
+  static absl::Status EmulateTransformer(const View& view, const DeviceOp& op) {
+    auto at = [&](const BufferRef& r) { return reinterpret_cast<T*>(view.Ptr(r)); };
+    const T* x = at(op.src);
+    T* y = at(op.dst);
+    switch (op.type) {
       case DeviceOp::Type::kLayerNorm: {
         const T* w = op.has_weight ? at(op.src2) : nullptr;
         const T* b = op.has_bias ? at(op.src3) : nullptr;
@@ -207,42 +250,13 @@ class EmulatedProgram : public StageProgram {
           kernels::RmsNormRows<T, T>(x, w, y, op.rows, static_cast<int>(op.cols), op.eps);
         });
       }
-      case DeviceOp::Type::kProgram: {
-        kernels::EwPointers ptrs;
-        const BufferRef* srcs[] = {&op.src, &op.src2, &op.src3, &op.src4};
-        for (int i = 0; i < op.program.num_inputs; ++i) ptrs.in[i] = view.Ptr(*srcs[i]);
-        ptrs.out = view.Ptr(op.dst);
-        return simt::Emulate(kernels::ProgramBlocks(op.n), kernels::kProgramThreads,
-                             [&] { kernels::ElementwiseProgram<T>(op.program, ptrs); });
-      }
-      case DeviceOp::Type::kReduce:
-        return simt::Emulate(static_cast<unsigned>(op.reduce.out_n), kernels::kReduceThreads,
-                             [&] { kernels::Reduce<T>(x, y, op.reduce); });
-      case DeviceOp::Type::kAttention:
-        return EmulateAttention<T>(view, op);
       case DeviceOp::Type::kArgmax: {
         auto* picks = reinterpret_cast<int64_t*>(view.Ptr(op.dst));
         return simt::Emulate(static_cast<unsigned>(op.rows), kernels::kArgmaxThreads,
                              [&] { kernels::ArgmaxRows<T>(x, op.cols, picks); });
       }
-      case DeviceOp::Type::kEmbedding: {
-        const auto* ids = reinterpret_cast<const int64_t*>(view.Ptr(op.src));
-        return simt::Emulate(kernels::EmbeddingBlocks(op.n, op.cols), kernels::kEmbeddingThreads,
-                             [&] {
-                               kernels::EmbeddingRows<T>(ids, at(op.src2), y, op.n, op.rows,
-                                                         op.cols);
-                             });
-      }
-      case DeviceOp::Type::kUnary: {
-        const int64_t blocks =
-            (op.n + kernels::kElementwiseThreads - 1) / kernels::kElementwiseThreads;
-        return simt::Emulate(static_cast<unsigned>(blocks), kernels::kElementwiseThreads,
-                             [&] { kernels::UnaryElementwise<T>(x, y, op.n, op.unary); });
-      }
-      default:  // kSoftmax
-        return simt::Emulate(static_cast<unsigned>(op.rows), kernels::kSoftmaxThreads, [&] {
-          kernels::SoftmaxRows<T>(x, y, op.rows, static_cast<int>(op.cols), op.log);
-        });
+      default:
+        return absl::InternalError(absl::StrCat("node \"", op.node, "\": no emulated kernel"));
     }
   }
 

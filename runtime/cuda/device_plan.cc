@@ -475,6 +475,17 @@ absl::StatusOr<LoweredStage::Sizes> LoweredStage::ShapesFor(
   return sizes;
 }
 
+// A GEMM output that only GEMMs read, and that has no bias epilogue
+// (whose vector is float32), is written as bfloat16 directly (cuBLAS
+// cannot round its output to TF32, so this is for bf16 only).
+bool LoweredStage::Bf16OnlyGemmOutput(int v) const {
+  const Value& val = values_[v];
+  if (gemm_type_ != DType::kBF16) return false;
+  if (val.producer < 0 || val.need_f32 || !val.need_gemm) return false;
+  const Step& p = steps_[val.producer];
+  return p.kind == Kind::kMm || (p.kind == Kind::kLinear && p.in.size() < 3);
+}
+
 LoweredStage::Buffers LoweredStage::LayOutBuffers(const std::vector<Shape>& shape) const {
   Buffers b;
   ArenaLayout act(Arena::kActivations);
@@ -485,16 +496,6 @@ LoweredStage::Buffers LoweredStage::LayOutBuffers(const std::vector<Shape>& shap
   b.has_f32.resize(values_.size());
   b.has_gm.resize(values_.size());
   const int64_t gm_bytes = DTypeBytes(gemm_type_);
-  // A GEMM output that only GEMMs read, and that has no bias epilogue
-  // (whose vector is float32), is written as bfloat16 directly (cuBLAS
-  // cannot round its output to TF32, so this is for bf16 only).
-  auto bf16_only_gemm_output = [&](int v) {
-    const Value& val = values_[v];
-    if (gemm_type_ != DType::kBF16) return false;
-    if (val.producer < 0 || val.need_f32 || !val.need_gemm) return false;
-    const Step& p = steps_[val.producer];
-    return p.kind == Kind::kMm || (p.kind == Kind::kLinear && p.in.size() < 3);
-  };
   for (size_t v = 0; v < values_.size(); ++v) {
     const Value& val = values_[v];
     int64_t n = NumElements(shape[v]);
@@ -520,7 +521,7 @@ LoweredStage::Buffers LoweredStage::LayOutBuffers(const std::vector<Shape>& shap
     }
     if (val.input < 0 && val.producer < 0) continue;  // an alias
     bool want_f32 = val.need_f32;
-    if (val.producer >= 0 && val.need_gemm && !bf16_only_gemm_output(v)) {
+    if (val.producer >= 0 && val.need_gemm && !Bf16OnlyGemmOutput(static_cast<int>(v))) {
       want_f32 = true;  // computed in float32, then converted
     }
     if (want_f32) b.f32[v] = act.Take(n * ElementSize(val.type));  // f32: the value's own type
@@ -820,17 +821,7 @@ absl::StatusOr<DeviceOp> LoweredStage::OneOp(const Step& s, const Node& node,
   switch (s.kind) {
     case Kind::kEmbedding: return EmbeddingOp(s, shape, b, out);
     case Kind::kLayerNorm: return LayerNormOp(s, shape[s.in[0]], b.f32, out);
-    case Kind::kRmsNorm: {
-      op.type = DeviceOp::Type::kRmsNorm;
-      const Shape& x = shape[s.kernel_in[0]];
-      op.cols = x.empty() ? 1 : x.back();
-      op.rows = op.cols == 0 ? 0 : NumElements(x) / op.cols;
-      op.src = b.f32[s.kernel_in[0]];
-      op.eps = s.scalar;
-      op.has_weight = s.kernel_in.size() > 1;
-      if (op.has_weight) op.src2 = b.f32[s.kernel_in[1]];
-      return op;
-    }
+    case Kind::kRmsNorm: return RmsNormOpOf(s, node, shape, b, out);
     case Kind::kRotary: return RotaryOpOf(s, node, shape, b, out);
     case Kind::kSoftmax: return SoftmaxOp(s, shape[s.in[0]], b.f32, out);
     case Kind::kAttention: return AttentionOp(s, node, shape, b, out);

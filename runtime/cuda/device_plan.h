@@ -422,6 +422,7 @@ class LoweredStage {
   // Marks chains of elementwise steps for fusion into one program kernel
   // (only with CudaOps::kUnconfirmed: the program kernel is not what a GPU
   // confirmed add, sub, mul and relu with).
+  bool Bf16OnlyGemmOutput(int v) const;
   void FuseElementwise();
   void FuseRmsNorms(const ValueShapes& shapes);
   // The kRmsNorm step of the pattern whose mean is step `m`, or -1.
@@ -433,6 +434,8 @@ class LoweredStage {
                      std::vector<int>* absorbed, std::vector<int>* kernel_in) const;
   // Each value's only reader (-1: none, several, or an output).
   std::vector<int> OnlyReaders() const;
+  DeviceOp RmsNormOpOf(const Step& s, const Node& node, const std::vector<Shape>& shape,
+                       const Buffers& b, BufferRef out) const;
   absl::StatusOr<DeviceOp> RotaryOpOf(const Step& s, const Node& node,
                                       const std::vector<Shape>& shape, const Buffers& b,
                                       BufferRef out) const;

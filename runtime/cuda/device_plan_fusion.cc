@@ -174,6 +174,22 @@ bool LoweredStage::RotaryPattern(int add, const std::vector<int>& only_reader,
   return false;
 }
 
+DeviceOp LoweredStage::RmsNormOpOf(const Step& s, const Node& node,
+                                   const std::vector<Shape>& shape, const Buffers& b,
+                                   BufferRef out) const {
+  const Shape& x = shape[s.kernel_in[0]];
+  DeviceOp op{DeviceOp::Type::kRmsNorm, node.name()};
+  op.cols = x.empty() ? 1 : x.back();
+  op.rows = op.cols == 0 ? 0 : NumElements(x) / op.cols;
+  op.n = op.rows * op.cols;
+  op.eps = s.scalar;
+  op.src = b.f32[s.kernel_in[0]];
+  op.has_weight = s.kernel_in.size() > 1;
+  if (op.has_weight) op.src2 = b.f32[s.kernel_in[1]];
+  op.dst = out;
+  return op;
+}
+
 // The rotary kernel's sizes, checked now that the token count is known:
 // cos and sin hold a row per token (or one row for all) of D.
 absl::StatusOr<DeviceOp> LoweredStage::RotaryOpOf(const Step& s, const Node& node,
