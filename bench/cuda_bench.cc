@@ -28,7 +28,8 @@
 //    bench/llama_skeleton.py, random bfloat16 weights) on the CUDA backend
 //    with every kernel allowed: prefill of 4 x 1024 tokens as a share of
 //    the card's dense bfloat16 peak and of a cuBLASLt 8192^3 GEMM measured
-//    here, PagedAttention alone, decode at 1 and 64 sequences as a share
+//    here, attention alone (KvAppend and PagedAttention), decode at 1 and
+//    64 sequences as a share
 //    of the memory bandwidth and as a speedup.
 // Every timing is a median after a warm-up; device times come from CUDA
 // events. Exit status: 0 when it ran (targets are reported, not enforced),

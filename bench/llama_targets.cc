@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <fstream>
 #include <sstream>
+#include <string>
 #include <utility>
 
 #include "absl/container/flat_hash_map.h"
@@ -50,6 +51,7 @@ absl::flat_hash_map<std::string, const TensorInfo*> ParamsByValue(const Graph& g
 // (the token table, the rotary tables).
 struct WeightUse {
   absl::flat_hash_set<const TensorInfo*> gemm, tables;
+  const TensorInfo* token_table = nullptr;  // the embedding of the token ids
 };
 
 WeightUse UseOfWeights(const Graph& g) {
@@ -64,6 +66,7 @@ WeightUse UseOfWeights(const Graph& g) {
     auto p = params.find(n.inputs(w));
     if (p == params.end()) continue;
     (is_gemm ? use.gemm : use.tables).insert(p->second);
+    if (!is_gemm && n.inputs(0) == g.generation().tokens()) use.token_table = p->second;
   }
   return use;
 }
@@ -77,14 +80,17 @@ absl::Status CountWeights(const Graph& g, LlamaShape* s) {
   }
   for (const TensorInfo* p : use.tables) {
     if (p->shape_size() != 2) continue;
-    if (p->shape(0) == s->vocab) s->d = p->shape(1);
+    if (p == use.token_table) {
+      s->d = p->shape(1);
+      s->kv_element_bytes = ElementSize(p->dtype());  // the cache holds the model's float type
+    }
     if (use.gemm.contains(p)) continue;  // a tied lm_head reads all of it
     s->embedding_bytes += Numel(*p) * ElementSize(p->dtype());
     s->embedding_row_bytes += p->shape(1) * ElementSize(p->dtype());
   }
   if (s->d == 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("the graph has no embedding of a table of ", s->vocab, " rows"));
+    return absl::InvalidArgumentError(absl::StrCat("the graph has no embedding of its tokens \"",
+                                                   g.generation().tokens(), "\""));
   }
   if (s->lm_head_params == 0) {
     return absl::InvalidArgumentError(
@@ -111,10 +117,6 @@ absl::StatusOr<LlamaShape> ShapeOf(const Graph& g) {
   }
   s.vocab = g.generation().vocab();
   RETURN_IF_ERROR(CountWeights(g, &s));
-  // The cache holds the attention's inputs' type: the model's float type.
-  for (const TensorInfo& p : g.params()) {
-    if (p.shape_size() == 2 && p.shape(0) == s.vocab) s.kv_element_bytes = ElementSize(p.dtype());
-  }
   return s;
 }
 
@@ -218,13 +220,17 @@ std::vector<std::pair<std::string, Tensor>> NamedInputs(const StepSpec& st) {
           {"sample_ints", Tensor::FromInt64s({n, 3}, ints)},
           {"sample_context", Tensor::FromInt64s({0}, {})},
           {"sample_context_ends", Tensor::FromInt64s({n}, ends)},
-          {"", Tensor::FromInt64s({1, t}, tokens)}};  // the token ids, whatever their name
+          {"", Tensor::FromInt64s({1, t}, tokens)}};  // the token ids (GenerationSpec::tokens)
 }
 
 class Runner {
  public:
-  Runner(std::unique_ptr<LocalPipeline> pipe, Plan plan, int64_t width, int64_t vocab)
-      : pipe_(std::move(pipe)), plan_(std::move(plan)), width_(width), vocab_(vocab) {
+  Runner(std::unique_ptr<LocalPipeline> pipe, Plan plan, int64_t width, const GenerationSpec& g)
+      : pipe_(std::move(pipe)),
+        plan_(std::move(plan)),
+        width_(width),
+        vocab_(g.vocab()),
+        tokens_(g.tokens()) {
     for (int i = 0; i < plan_.outputs_size(); ++i) {
       if (plan_.outputs(i).dtype() == DT_INT64) tokens_out_ = i;
     }
@@ -238,9 +244,14 @@ class Runner {
     const auto named = NamedInputs(st);
     std::vector<Tensor> in;
     for (const ValueSpec& spec : plan_.inputs()) {
-      auto it = std::find_if(named.begin(), named.end(),
-                             [&](const auto& p) { return p.first == spec.name(); });
-      in.push_back(it != named.end() ? it->second : named.back().second);
+      auto it = std::find_if(named.begin(), named.end(), [&](const auto& p) {
+        return p.first == spec.name() || (p.first.empty() && spec.name() == tokens_);
+      });
+      if (it == named.end()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("the model takes input \"", spec.name(), "\", which a step does not make"));
+      }
+      in.push_back(it->second);
     }
     const auto t0 = std::chrono::steady_clock::now();
     ASSIGN_OR_RETURN(std::vector<Tensor> out, pipe_->Run(in));
@@ -258,6 +269,7 @@ class Runner {
   std::unique_ptr<LocalPipeline> pipe_;
   Plan plan_;
   int64_t width_, vocab_;
+  std::string tokens_;  // the token ids' input
   int tokens_out_ = -1;
   std::vector<int64_t> last_tokens_;
 };
@@ -337,7 +349,7 @@ absl::StatusOr<LlamaTimes> TimeLlama(ComputeBackend& backend, const Model& model
   ASSIGN_OR_RETURN(Plan plan, Partition(m.graph, PartitionOptions()));
   ASSIGN_OR_RETURN(std::unique_ptr<LocalPipeline> pipe,
                    LocalPipeline::Create(m, plan, backend, LocalPipelineOptions()));
-  Runner runner(std::move(pipe), std::move(plan), width, m.graph.generation().vocab());
+  Runner runner(std::move(pipe), std::move(plan), width, m.graph.generation());
   LlamaTimes t;
   int64_t next_id = 1;
   ASSIGN_OR_RETURN(t.prefill_seconds, TimePrefill(runner, o, &next_id));

@@ -80,9 +80,10 @@ struct LlamaTimes {
 };
 
 // Runs the measurements through a LocalPipeline of the model's stages on
-// `backend`, sizing every cached_attention's cache for them. Each step's
-// inputs are what the coordinator's Generator sends: greedy sampling, each
-// sequence's blocks its own.
+// `backend`, sizing every cached_attention's cache for them. Each step has
+// the inputs the coordinator's Generator sends (greedy sampling, each
+// sequence's blocks its own), with made-up token ids: a decode step does
+// not feed back the token the last one picked.
 absl::StatusOr<LlamaTimes> TimeLlama(ComputeBackend& backend, const Model& model,
                                      const TargetOptions& options);
 
@@ -102,7 +103,7 @@ struct CardLimits {
   double bf16_gemm_flops = 0;   // a large cuBLASLt GEMM measured in the same run
   double bytes_per_second = 0;  // memory bandwidth
   double copy_bytes_per_second = 0;  // a device-to-device copy, read + write, measured
-  double attention_seconds = 0;      // PagedAttention alone at the prefill's shape
+  double attention_seconds = 0;  // one layer's KvAppend and PagedAttention at the prefill's shape
 };
 
 // The targets table: prefill FLOP/s and attention as shares of the limits,

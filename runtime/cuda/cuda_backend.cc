@@ -518,8 +518,8 @@ class CudaProgram : public CudaStageProgram {
     } else {
       status = Enqueue(slot, *e, 0, plan.ops.size(), options_.poison_buffers);
     }
-    for (size_t i = 0; i < plan.logits_copies.size() && logits && status.ok(); ++i) {
-      status = EnqueueOp(slot, *e, i, plan.logits_copies[i]);  // outside the graph
+    for (const DeviceOp& copy : plan.logits_copies) {  // outside the graph
+      if (logits && status.ok()) status = AtNode(EnqueueOp(slot, *e, 0, copy), copy.node);
     }
     // Wait even after an error: nothing may still read the staging buffers.
     absl::Status sync =

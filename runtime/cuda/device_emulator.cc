@@ -75,15 +75,17 @@ class EmulatedProgram : public StageProgram {
     ASSIGN_OR_RETURN(std::optional<KvStep> step, kv_.Begin(plan, inputs));
     StageInputs(plan, inputs, a->in.data());
     const bool logits = NeedsLogits(plan, inputs);
-    for (const DeviceOp& op : plan.ops) {
-      absl::Status s = Execute(*a, op);
+    std::vector<const DeviceOp*> ops;
+    for (const DeviceOp& op : plan.ops) ops.push_back(&op);
+    for (const DeviceOp& op : plan.logits_copies) {
+      if (logits) ops.push_back(&op);
+    }
+    for (const DeviceOp* op : ops) {
+      absl::Status s = Execute(*a, *op);
       if (!s.ok()) {
         kv_.Abort(step);
         return s;
       }
-    }
-    for (const DeviceOp& op : plan.logits_copies) {
-      if (logits) RETURN_IF_ERROR(Execute(*a, op));  // a copy: it cannot fail
     }
     std::vector<Tensor> outputs;
     UnstageOutputs(plan, a->out.data(), &outputs);

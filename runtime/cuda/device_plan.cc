@@ -362,11 +362,13 @@ void LoweredStage::MarkNeeds() {
     }
   };
   for (const Step& s : steps_) {
-    if (s.kind == Kind::kView || s.kind == Kind::kSize) continue;  // a size reads no values
+    // A size reads no values; an absorbed step none on the device.
+    if (s.kind == Kind::kView || s.kind == Kind::kSize || s.kind == Kind::kAbsorbed) continue;
     const bool gemm = s.kind == Kind::kMm || s.kind == Kind::kLinear;
     const size_t first = s.kind == Kind::kAddmm ? 1 : 0;  // addmm: bias, x, w
-    for (size_t i = 0; i < s.in.size(); ++i) {
-      need(s.in[i], (gemm && i < 2) || (s.kind == Kind::kAddmm && i >= first));
+    const std::vector<int>& reads = s.kernel_in.empty() ? s.in : s.kernel_in;  // a pattern's
+    for (size_t i = 0; i < reads.size(); ++i) {
+      need(reads[i], (gemm && i < 2) || (s.kind == Kind::kAddmm && i >= first));
     }
   }
   for (int v : output_values_) need(v, false);
@@ -377,9 +379,10 @@ void LoweredStage::MarkNeeds() {
   }
   for (const Step& s : steps_) {
     Value& out = values_[s.out];
-    // A result nobody reads is still computed (as the CPU backend does).
-    if (s.kind != Kind::kView && !out.host && !out.host_output && !out.need_f32 &&
-        !out.need_gemm) {
+    // A result nobody reads is still computed (as the CPU backend does);
+    // an absorbed step's is not computed at all (its pattern's kernel is).
+    if (s.kind != Kind::kView && s.kind != Kind::kAbsorbed && !out.host && !out.host_output &&
+        !out.need_f32 && !out.need_gemm) {
       out.need_f32 = true;
     }
   }

@@ -432,6 +432,7 @@ class LoweredStage {
   // Whether step `add` ends a rotary pattern; its steps and kernel inputs.
   bool RotaryPattern(int add, const std::vector<int>& only_reader, const ValueShapes& shapes,
                      std::vector<int>* absorbed, std::vector<int>* kernel_in) const;
+  bool Unfused(int i) const;
   // Each value's only reader (-1: none, several, or an output).
   std::vector<int> OnlyReaders() const;
   DeviceOp RmsNormOpOf(const Step& s, const Node& node, const std::vector<Shape>& shape,

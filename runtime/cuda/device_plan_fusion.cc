@@ -34,10 +34,12 @@ void LoweredStage::FuseElementwise() {
   }
 }
 
-// Llama's RMSNorm as PyTorch traces it, w * (x * rsqrt(mean(x^2, -1,
-// keepdim) + eps)): pow, mean, add, rsqrt, mul and the weight's mul (or
-// none), each read only by the next, run as one kRmsNorm step (kernels/
-// layer_norm.h) instead of six kernels; the others are absorbed.
+// A step no pattern has taken (still its node's own kind).
+bool LoweredStage::Unfused(int i) const {
+  return i >= 0 && steps_[i].kind != Kind::kAbsorbed && steps_[i].kind != Kind::kRmsNorm &&
+         steps_[i].kind != Kind::kRotary;
+}
+
 std::vector<int> LoweredStage::OnlyReaders() const {
   std::vector<int> uses(values_.size(), 0), reader(values_.size(), -1);
   for (size_t i = 0; i < steps_.size(); ++i) {
@@ -52,6 +54,10 @@ std::vector<int> LoweredStage::OnlyReaders() const {
   return only;
 }
 
+// Llama's RMSNorm as PyTorch traces it, w * (x * rsqrt(mean(x^2, -1,
+// keepdim) + eps)): pow, mean, add, rsqrt, mul and the weight's mul (or
+// none), each read only by the next, run as one kRmsNorm step (kernels/
+// layer_norm.h) instead of six kernels; the others are absorbed.
 void LoweredStage::FuseRmsNorms(const ValueShapes& shapes) {
   const std::vector<int> only_reader = OnlyReaders();
   for (size_t m = 0; m < steps_.size(); ++m) {
@@ -76,10 +82,11 @@ void LoweredStage::FuseRmsNorms(const ValueShapes& shapes) {
 
 int LoweredStage::RmsNormRoot(int m, const std::vector<int>& only_reader,
                               const ValueShapes& shapes, int* weight) const {
-  auto is = [&](int i, const char* op) { return i >= 0 && NodeOf(steps_[i]).op() == op; };
+  auto is = [&](int i, const char* op) { return Unfused(i) && NodeOf(steps_[i]).op() == op; };
   if (!is(m, "mean") || IntAttr(NodeOf(steps_[m]), "keepdim", 0) == 0) return -1;
   const int pow = values_[steps_[m].in[0]].producer;
   if (!is(pow, "pow") || FloatAttr(NodeOf(steps_[pow]), "scalar", 0) != 2.0 ||
+      IntAttr(NodeOf(steps_[pow]), "reverse", 0) != 0 ||  // x^2, not 2^x
       steps_[pow].in.size() != 1 || only_reader[steps_[pow].out] != m) {
     return -1;
   }
@@ -112,7 +119,9 @@ int LoweredStage::RmsNormRoot(int m, const std::vector<int>& only_reader,
 // Llama's rotary embedding as PyTorch traces it, x * cos +
 // cat(-x[..., D/2:], x[..., :D/2]) * sin: the two slices, the neg, the cat,
 // both muls and the add, each read only by the next, run as one kRotary
-// step (kernels/rotary.h) instead of five kernels.
+// step (kernels/rotary.h) instead of seven ops (five kernels once the muls
+// and the add are an elementwise program). Only tables of one row per
+// token (or one row for all), with no other leading dims, are taken.
 void LoweredStage::FuseRotaries(const ValueShapes& shapes) {
   const std::vector<int> only_reader = OnlyReaders();
   for (size_t a = 0; a < steps_.size(); ++a) {
@@ -124,12 +133,31 @@ void LoweredStage::FuseRotaries(const ValueShapes& shapes) {
   }
 }
 
+namespace {
+
+// Tables the rotary kernel indexes: cos and sin of one shape [..., rows,
+// D] with every leading dim 1 and no more dims than x [..., tokens, D],
+// rows the tokens (or 1). Dims still free (-1) are checked when the plan
+// is made.
+bool RotaryTables(const Shape& x, const Shape& cos, const Shape& sin) {
+  if (cos != sin || cos.size() < 2 || cos.size() > x.size() || cos.back() != x.back()) {
+    return false;
+  }
+  for (size_t i = 0; i + 2 < cos.size(); ++i) {
+    if (cos[i] != 1) return false;
+  }
+  const int64_t rows = cos[cos.size() - 2], tokens = x[x.size() - 2];
+  return rows == 1 || rows == -1 || rows == tokens;
+}
+
+}  // namespace
+
 bool LoweredStage::RotaryPattern(int add, const std::vector<int>& only_reader,
                                  const ValueShapes& shapes, std::vector<int>* absorbed,
                                  std::vector<int>* kernel_in) const {
   auto producer = [&](int v) { return values_[v].producer; };
   auto is = [&](int i, const char* op, size_t inputs) {
-    return i >= 0 && NodeOf(steps_[i]).op() == op && steps_[i].in.size() == inputs;
+    return Unfused(i) && NodeOf(steps_[i]).op() == op && steps_[i].in.size() == inputs;
   };
   if (!is(add, "add", 2)) return false;
   for (int order = 0; order < 2; ++order) {  // x * cos + rotated * sin, either way round
@@ -166,6 +194,10 @@ bool LoweredStage::RotaryPattern(int add, const std::vector<int>& only_reader,
       }
       const int cos = steps_[plain].in[1 - xi], sin = steps_[turned].in[1 - c];
       if (values_[cos].type != values_[x].type || values_[sin].type != values_[x].type) continue;
+      if (!RotaryTables(xs, shapes.at(NodeOf(steps_[plain]).inputs(1 - xi)),
+                        shapes.at(NodeOf(steps_[turned]).inputs(1 - c)))) {
+        continue;
+      }
       *absorbed = {plain, turned, cat, neg, high, low};
       *kernel_in = {x, cos, sin};
       return true;

@@ -26,10 +26,11 @@ std::vector<DeviceOp::Type> Compute(const DevicePlan& plan) {
 
 // RMSNorm as Llama writes it: `weight_first` puts the weight on the
 // left of its mul; `rsqrt_out` also returns the rsqrt (a second reader).
-Model RmsNormGraph(bool weight_first, bool rsqrt_out, int64_t weight_len = 16) {
+Model RmsNormGraph(bool weight_first, bool rsqrt_out, int64_t weight_len = 16,
+                   bool two_to_the_x = false) {
   GraphBuilder b;
   b.Input("x", {-1, 16}).Param("w", {weight_len});
-  b.Op("pow", {"x"}, "p", "", {{"scalar", AttrF(2)}})
+  b.Op("pow", {"x"}, "p", "", {{"scalar", AttrF(2)}, {"reverse", AttrI(two_to_the_x ? 1 : 0)}})
       .Op("mean", {"p"}, "m", "", {{"dims", AttrInts({-1})}, {"keepdim", AttrI(1)}})
       .Op("add", {"m"}, "a", "", {{"scalar", AttrF(1e-6)}})
       .Op("rsqrt", {"a"}, "r")
@@ -60,6 +61,16 @@ TEST(DevicePlanTest, RmsNormWrittenOutIsOneKernel) {
     EXPECT_FLOAT_EQ(op.eps, 1e-6f);
     EXPECT_TRUE(op.has_weight);
   }
+  // 2 ** x is not x ** 2.
+  Model power = RmsNormGraph(false, false, 16, /*two_to_the_x=*/true);
+  absl::StatusOr<LoweredStage> exp2 =
+      LoweredStage::Create(power.graph, power.weights, Precision::kFloat32, true,
+                           CudaOps::kUnconfirmed);
+  ASSERT_TRUE(exp2.ok()) << exp2.status();
+  absl::StatusOr<DevicePlan> exp2_plan = exp2->Plan({{3, 16}});
+  ASSERT_TRUE(exp2_plan.ok()) << exp2_plan.status();
+  const std::vector<DeviceOp::Type> exp2_ops = Compute(*exp2_plan);
+  EXPECT_EQ(std::count(exp2_ops.begin(), exp2_ops.end(), DeviceOp::Type::kRmsNorm), 0);
   Model shared = RmsNormGraph(false, true);
   absl::StatusOr<LoweredStage> apart =
       LoweredStage::Create(shared.graph, shared.weights, Precision::kFloat32, true,
@@ -87,7 +98,7 @@ TEST(RmsNormFusion, TheEmulatorMatchesTheCpuBackend) {
   const Tensor x = RandomTensor({5, 16}, 9);
   for (int64_t weight_len : {16, 1}) {
     for (bool rsqrt_out : {false, true}) {
-      Model m = RmsNormGraph(true, rsqrt_out, weight_len);
+      Model m = RmsNormGraph(true, rsqrt_out, weight_len, /*two_to_the_x=*/rsqrt_out);
       auto want = cpu->Compile(m.graph, m.weights);
       auto got = emulator->Compile(m.graph, m.weights);
       ASSERT_TRUE(want.ok()) << want.status();

@@ -21,7 +21,6 @@ namespace pipeserve::kernels {
 cudaError_t LaunchLayerNorm(FloatType t, const void* x, const void* w, const void* b, void* y,
                             int64_t rows, int cols, float eps, cudaStream_t stream);
 
-// y = f(x) elementwise over n values: elementwise.h.
 // y = x * rsqrt(mean(x^2) + eps) * w over rows of x [rows, cols]; w may be
 // null (layer_norm.h's RmsNormRows).
 cudaError_t LaunchRmsNorm(FloatType t, const void* x, const void* w, void* y, int64_t rows,
@@ -31,6 +30,7 @@ cudaError_t LaunchRmsNorm(FloatType t, const void* x, const void* w, void* y, in
 cudaError_t LaunchRotary(FloatType t, const void* x, const void* cos, const void* sin, void* y,
                          const RotaryOp& op, cudaStream_t stream);
 
+// y = f(x) elementwise over n values: elementwise.h.
 cudaError_t LaunchUnary(FloatType t, UnaryKind kind, const void* x, void* y, int64_t n,
                         cudaStream_t stream);
 
