@@ -478,6 +478,43 @@ absl::StatusOr<LoweredStage::Sizes> LoweredStage::ShapesFor(
   return sizes;
 }
 
+// The input of value v's permute when, at these shapes, it moves only
+// dims of size 1 (so its elements keep their order: a decode step's
+// [1, 1, H, D] -> [1, H, 1, D]); else -1.
+int LoweredStage::OrderKeepingPermuteInput(int v, const std::vector<Shape>& shape) const {
+  const int p = values_[v].producer;
+  if (p < 0 || steps_[p].kind != Kind::kMove || NodeOf(steps_[p]).op() != "permute") return -1;
+  const int in = steps_[p].in[0];
+  const Shape& x = shape[in];
+  const std::vector<int64_t> dims = ResolvedInts(NodeOf(steps_[p]), "dims", {}, 0);
+  if (dims.size() != x.size()) return -1;
+  int64_t last = -1;
+  for (int64_t d : dims) {
+    if (d < 0) d += static_cast<int64_t>(x.size());
+    if (d < 0 || d >= static_cast<int64_t>(x.size())) return -1;
+    if (x[d] == 1) continue;
+    if (d < last) return -1;
+    last = d;
+  }
+  return in;
+}
+
+// Gives value v its permute's input's buffers when its elements keep
+// their order and the input has the forms v needs.
+bool LoweredStage::AliasPermute(int v, const std::vector<Shape>& shape, Buffers* b) const {
+  const int in = OrderKeepingPermuteInput(v, shape);
+  const Value& val = values_[v];
+  if (in < 0 || (val.need_f32 && !b->has_f32[in]) || (val.need_gemm && !b->has_gm[in])) {
+    return false;
+  }
+  b->f32[v] = b->f32[in];
+  b->gm[v] = b->gm[in];
+  b->has_f32[v] = b->has_f32[in];
+  b->has_gm[v] = b->has_gm[in];
+  b->aliased[v] = true;
+  return true;
+}
+
 // A GEMM output that only GEMMs read, and that has no bias epilogue
 // (whose vector is float32), is written as bfloat16 directly (cuBLAS
 // cannot round its output to TF32, so this is for bf16 only).
@@ -498,6 +535,7 @@ LoweredStage::Buffers LoweredStage::LayOutBuffers(const std::vector<Shape>& shap
   b.gm.resize(values_.size());
   b.has_f32.resize(values_.size());
   b.has_gm.resize(values_.size());
+  b.aliased.resize(values_.size());
   const int64_t gm_bytes = DTypeBytes(gemm_type_);
   for (size_t v = 0; v < values_.size(); ++v) {
     const Value& val = values_[v];
@@ -515,6 +553,7 @@ LoweredStage::Buffers LoweredStage::LayOutBuffers(const std::vector<Shape>& shap
       b.has_gm[v] = b.has_gm[val.view_of];
       continue;
     }
+    if (AliasPermute(static_cast<int>(v), shape, &b)) continue;
     if (val.param >= 0) {
       if (val.w_f32 >= 0) b.f32[v] = {Arena::kWeights, val.w_f32};
       if (val.w_gemm >= 0) b.gm[v] = {Arena::kWeights, val.w_gemm};
@@ -769,7 +808,7 @@ absl::Status LoweredStage::StepOps(size_t i, const Sizes& sizes, const Buffers& 
                                    std::vector<DeviceOp>* compute) const {
   const Step& s = steps_[i];
   if (s.kind == Kind::kView || s.kind == Kind::kSize || s.kind == Kind::kHostSample ||
-      s.kind == Kind::kAbsorbed) {
+      s.kind == Kind::kAbsorbed || b.aliased[s.out]) {
     return absl::OkStatus();  // no device work
   }
   const size_t first = compute->size();

@@ -349,6 +349,9 @@ class LoweredStage {
   struct Buffers {
     std::vector<BufferRef> f32, gm;
     std::vector<bool> has_f32, has_gm;
+    // A permute's output that is its input's buffers, at these shapes
+    // (OrderKeepingPermuteInput): no copy.
+    std::vector<bool> aliased;
     BufferRef tiles;  // cached_attention's tiles (int32), num_tiles of them
     int64_t num_tiles = 0;
     int64_t activation_bytes = 0;
@@ -423,6 +426,8 @@ class LoweredStage {
   // (only with CudaOps::kUnconfirmed: the program kernel is not what a GPU
   // confirmed add, sub, mul and relu with).
   bool Bf16OnlyGemmOutput(int v) const;
+  int OrderKeepingPermuteInput(int v, const std::vector<Shape>& shape) const;
+  bool AliasPermute(int v, const std::vector<Shape>& shape, Buffers* b) const;
   void FuseElementwise();
   void FuseRmsNorms(const ValueShapes& shapes);
   // The kRmsNorm step of the pattern whose mean is step `m`, or -1.
