@@ -3,6 +3,7 @@
 // order: the plan gives it its input's buffers and no copy. At other
 // shapes (a prefill's) it copies as before. Either way the device
 // emulator's values are the CPU backend's.
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -68,6 +69,51 @@ TEST(PermuteAlias, TheEmulatorMatchesTheCpuBackendEitherWay) {
         ASSERT_EQ((*a)[o].data()[i], (*b)[o].data()[i]) << "output " << o << " at " << i;
       }
     }
+  }
+}
+
+// With bfloat16 GEMMs a linear reading the permuted value needs its GEMM
+// form: shared when the input has one (x also feeds a linear), copied
+// otherwise; the values stay within bfloat16 rounding of the CPU's.
+Model LinearAfterPermute(bool x_feeds_a_gemm) {
+  GraphBuilder b;
+  b.Input("x", {-1, -1, 4, 8}).Param("w", {6, 8});
+  b.Op("permute", {"x"}, "y", "", {{"dims", AttrInts({0, 2, 1, 3})}})
+      .Op("linear", {"y", "w"}, "z")
+      .Output("z");
+  if (x_feeds_a_gemm) b.Op("linear", {"x", "w"}, "u").Output("u");
+  return b.Build();
+}
+
+TEST(PermuteAlias, AGemmReadingThePermuteSharesItsInputsGemmFormOnlyWhenThereIsOne) {
+  std::unique_ptr<ComputeBackend> cpu = MakeCpuBackend({});
+  std::unique_ptr<ComputeBackend> emulator = MakeDeviceEmulatorBackend(Precision::kBF16);
+  for (bool shared : {true, false}) {
+    Model m = LinearAfterPermute(shared);
+    absl::StatusOr<LoweredStage> stage =
+        LoweredStage::Create(m.graph, m.weights, Precision::kBF16, true, CudaOps::kUnconfirmed);
+    ASSERT_TRUE(stage.ok()) << stage.status();
+    absl::StatusOr<DevicePlan> plan = stage->Plan({{1, 1, 4, 8}});
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    int copies = 0;
+    for (size_t i = plan->compute_begin; i < plan->compute_end; ++i) {
+      copies += plan->ops[i].type == DeviceOp::Type::kStridedCopy;
+    }
+    EXPECT_EQ(copies, shared ? 0 : 1) << "x feeds a GEMM: " << shared;
+    auto want = cpu->Compile(m.graph, m.weights);
+    auto got = emulator->Compile(m.graph, m.weights);
+    ASSERT_TRUE(want.ok()) << want.status();
+    ASSERT_TRUE(got.ok()) << got.status();
+    const Tensor x = RandomTensor({1, 1, 4, 8}, 6);
+    absl::StatusOr<std::vector<Tensor>> a = (*want)->Run({x}), b = (*got)->Run({x});
+    ASSERT_TRUE(a.ok()) << a.status();
+    ASSERT_TRUE(b.ok()) << b.status();
+    double err = 0, scale = 1e-30;
+    for (int64_t i = 0; i < (*a)[0].numel(); ++i) {
+      err = std::max(err, static_cast<double>(std::fabs((*a)[0].data()[i] - (*b)[0].data()[i])));
+      scale = std::max(scale, static_cast<double>(std::fabs((*a)[0].data()[i])));
+    }
+    EXPECT_LE(err / scale, 1e-2) << "x feeds a GEMM: " << shared;
   }
 }
 
