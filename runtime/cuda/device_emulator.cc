@@ -371,7 +371,6 @@ class EmulatedProgram : public StageProgram {
   }
 
   static void GemmOne(const View& view, const GemmOp& g) {
-    auto F = [&](const BufferRef& r) { return view.F(r); };
     auto Load = [&](const BufferRef& r, DType t, int64_t i) { return view.Load(r, t, i); };
     auto Store = [&](const BufferRef& r, DType t, int64_t i, float x) {
       view.Store(r, t, i, x);
