@@ -18,6 +18,7 @@
 
 #include "gtest/gtest.h"
 #include "partitioner/partition.h"
+#include "runtime/conformance/reference.h"
 #include "runtime/cpu/cpu_backend.h"
 #include "runtime/cuda/cuda_backend.h"
 #include "runtime/cuda/device_emulator.h"
@@ -137,16 +138,6 @@ class CudaGenerationTest : public ::testing::TestWithParam<std::string> {
 
 std::string* CudaGenerationTest::dir_ = nullptr;
 
-// max |a - b| / max |b|.
-double RelativeDifference(const Tensor& a, const Tensor& b) {
-  double err = 0, scale = 1e-30;
-  for (int64_t i = 0; i < b.numel(); ++i) {
-    err = std::max(err, static_cast<double>(std::fabs(a.data()[i] - b.data()[i])));
-    scale = std::max(scale, static_cast<double>(std::fabs(b.data()[i])));
-  }
-  return err / scale;
-}
-
 // Prefill then two decode steps, each on the CPU and the emulator; the
 // CPU's tokens drive both.
 void CompareSteps(const Plan& plan, LocalPipeline& cpu, LocalPipeline& device, double tol,
@@ -161,7 +152,7 @@ void CompareSteps(const Plan& plan, LocalPipeline& cpu, LocalPipeline& device, d
     ASSERT_TRUE(want.ok()) << want.status();
     absl::StatusOr<std::vector<Tensor>> got = device.Run(in);
     ASSERT_TRUE(got.ok()) << label << " step " << k << ": " << got.status();
-    const double err = RelativeDifference((*got)[logits], (*want)[logits]);
+    const double err = MaxRelativeDifference((*got)[logits], (*want)[logits]);
     EXPECT_LE(err, tol) << label << " step " << k;
     const Tensor& next = (*want)[tokens];
     if (same_tokens) {

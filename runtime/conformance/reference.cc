@@ -1007,6 +1007,15 @@ absl::StatusOr<RefTensor> ReferenceOp(const Node& node,
   return out;
 }
 
+double MaxRelativeDifference(const Tensor& got, const Tensor& want) {
+  double err = 0, scale = 1e-30;
+  for (int64_t i = 0; i < want.numel(); ++i) {
+    err = std::max(err, static_cast<double>(std::fabs(got.data()[i] - want.data()[i])));
+    scale = std::max(scale, static_cast<double>(std::fabs(want.data()[i])));
+  }
+  return err / scale;
+}
+
 double RelativeError(const Tensor& got, const RefTensor& want) {
   const RefTensor g = ToRef(got);
   if (!IsFloatingPoint(got.dtype())) {

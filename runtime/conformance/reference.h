@@ -44,6 +44,10 @@ absl::StatusOr<RefTensor> ReferenceOp(const Node& node, const std::vector<RefTen
 // bool ones.
 double RelativeError(const Tensor& got, const RefTensor& want);
 
+// max |got - want| / max |want| over two float32 tensors of one shape
+// (one backend's values against another's).
+double MaxRelativeDifference(const Tensor& got, const Tensor& want);
+
 // The error a backend may have computing in `dtype`: 1e-5 for float32,
 // 1e-3 for float16, 1e-2 for bfloat16 (integers and bools: none).
 double Tolerance(DataType dtype);
