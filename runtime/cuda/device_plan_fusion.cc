@@ -20,17 +20,10 @@ bool LoweredStage::Fusable(const Step& s) {
 }
 
 void LoweredStage::FuseElementwise() {
-  std::vector<int> uses(values_.size(), 0), reader(values_.size(), -1);
-  for (size_t i = 0; i < steps_.size(); ++i) {
-    for (int v : steps_[i].in) {
-      ++uses[v];
-      reader[v] = static_cast<int>(i);
-    }
-  }
-  for (int v : output_values_) uses[v] += 2;  // an output is never fused away
+  const std::vector<int> only_reader = OnlyReaders();  // an output is never fused away
   for (Step& s : steps_) {
-    const int r = reader[s.out];
-    if (Fusable(s) && uses[s.out] == 1 && r >= 0 && Fusable(steps_[r])) s.fused_into = r;
+    const int r = only_reader[s.out];
+    if (Fusable(s) && r >= 0 && Fusable(steps_[r])) s.fused_into = r;
   }
 }
 
