@@ -1008,8 +1008,10 @@ absl::StatusOr<RefTensor> ReferenceOp(const Node& node,
 }
 
 double MaxRelativeDifference(const Tensor& got, const Tensor& want) {
+  if (got.shape() != want.shape()) return INFINITY;
   double err = 0, scale = 1e-30;
   for (int64_t i = 0; i < want.numel(); ++i) {
+    if (std::isnan(got.data()[i]) != std::isnan(want.data()[i])) return INFINITY;
     err = std::max(err, static_cast<double>(std::fabs(got.data()[i] - want.data()[i])));
     scale = std::max(scale, static_cast<double>(std::fabs(want.data()[i])));
   }

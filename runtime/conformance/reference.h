@@ -45,7 +45,9 @@ absl::StatusOr<RefTensor> ReferenceOp(const Node& node, const std::vector<RefTen
 double RelativeError(const Tensor& got, const RefTensor& want);
 
 // max |got - want| / max |want| over two float32 tensors of one shape
-// (one backend's values against another's).
+// (one backend's values against another's); infinity when the shapes
+// differ or a NaN is in one and not the other (an element left
+// unwritten: the device emulator fills its arenas with NaN).
 double MaxRelativeDifference(const Tensor& got, const Tensor& want);
 
 // The error a backend may have computing in `dtype`: 1e-5 for float32,

@@ -583,5 +583,19 @@ TEST(ReferenceTest, SampleTokensGreedyIsTheFirstArgmax) {
               "greedy rows only");
 }
 
+// Backend against backend: a NaN on one side only (an element the device
+// emulator left unwritten) or another shape is never "close".
+TEST(ReferenceTest, MaxRelativeDifferenceCountsAnUnwrittenElementAsWrong) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const Tensor want = Tensor::FromVector({3}, {1.0f, -4.0f, 2.0f});
+  EXPECT_DOUBLE_EQ(MaxRelativeDifference(Tensor::FromVector({3}, {1.0f, -4.0f, 3.0f}), want),
+                   0.25);
+  EXPECT_EQ(MaxRelativeDifference(Tensor::FromVector({3}, {1.0f, nan, 2.0f}), want), INFINITY);
+  EXPECT_EQ(MaxRelativeDifference(Tensor::FromVector({1, 3}, {1.0f, -4.0f, 2.0f}), want),
+            INFINITY);
+  const Tensor both = Tensor::FromVector({2}, {nan, 1.0f});
+  EXPECT_EQ(MaxRelativeDifference(both, both), 0.0);
+}
+
 }  // namespace
 }  // namespace pipeserve
