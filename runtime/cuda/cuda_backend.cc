@@ -663,22 +663,23 @@ class CudaProgram : public CudaStageProgram {
   absl::Status EnqueueTransformerKernel(const ShapeEntry& e, const DeviceOp& op, cudaStream_t s) {
     const kernels::FloatType t = FloatTypeOf(op.ftype);
     auto at = [&](const BufferRef& r) { return static_cast<void*>(Address(e, r)); };
+    void* r = op.has_residual ? at(op.src4) : nullptr;  // the norms' fused residual add
+    void* h = op.has_residual ? at(op.residual_sum) : nullptr;
     switch (op.type) {
       case DeviceOp::Type::kLayerNorm:
         CUDA_RETURN_IF_ERROR(kernels::LaunchLayerNorm(
-            t, at(op.src), op.has_weight ? at(op.src2) : nullptr,
-            op.has_bias ? at(op.src3) : nullptr, at(op.dst), op.rows, static_cast<int>(op.cols),
-            op.eps, s));
+            t, at(op.src), r, op.has_weight ? at(op.src2) : nullptr,
+            op.has_bias ? at(op.src3) : nullptr, at(op.dst), h, op.rows,
+            static_cast<int>(op.cols), op.eps, s));
         return absl::OkStatus();
       case DeviceOp::Type::kRotary:
         CUDA_RETURN_IF_ERROR(kernels::LaunchRotary(t, at(op.src), at(op.src2), at(op.src3),
                                                    at(op.dst), op.rotary, s));
         return absl::OkStatus();
       case DeviceOp::Type::kRmsNorm:
-        CUDA_RETURN_IF_ERROR(kernels::LaunchRmsNorm(t, at(op.src),
-                                                    op.has_weight ? at(op.src2) : nullptr,
-                                                    at(op.dst), op.rows,
-                                                    static_cast<int>(op.cols), op.eps, s));
+        CUDA_RETURN_IF_ERROR(kernels::LaunchRmsNorm(
+            t, at(op.src), r, op.has_weight ? at(op.src2) : nullptr, at(op.dst), h, op.rows,
+            static_cast<int>(op.cols), op.eps, s));
         return absl::OkStatus();
       case DeviceOp::Type::kEmbedding:
         CUDA_RETURN_IF_ERROR(kernels::LaunchEmbedding(

@@ -231,12 +231,15 @@ class EmulatedProgram : public StageProgram {
     auto at = [&](const BufferRef& r) { return reinterpret_cast<T*>(view.Ptr(r)); };
     const T* x = at(op.src);
     T* y = at(op.dst);
+    const T* r = op.has_residual ? at(op.src4) : nullptr;  // the norms' fused residual add
+    T* h = op.has_residual ? at(op.residual_sum) : nullptr;
     switch (op.type) {
       case DeviceOp::Type::kLayerNorm: {
         const T* w = op.has_weight ? at(op.src2) : nullptr;
         const T* b = op.has_bias ? at(op.src3) : nullptr;
         return simt::Emulate(static_cast<unsigned>(op.rows), kernels::kLayerNormThreads, [&] {
-          kernels::LayerNormRows<T, T>(x, w, b, y, op.rows, static_cast<int>(op.cols), op.eps);
+          kernels::LayerNormRows<T, T>(x, r, w, b, y, h, op.rows, static_cast<int>(op.cols),
+                                       op.eps);
         });
       }
       case DeviceOp::Type::kRotary: {
@@ -249,7 +252,7 @@ class EmulatedProgram : public StageProgram {
       case DeviceOp::Type::kRmsNorm: {
         const T* w = op.has_weight ? at(op.src2) : nullptr;
         return simt::Emulate(static_cast<unsigned>(op.rows), kernels::kLayerNormThreads, [&] {
-          kernels::RmsNormRows<T, T>(x, w, y, op.rows, static_cast<int>(op.cols), op.eps);
+          kernels::RmsNormRows<T, T>(x, r, w, y, h, op.rows, static_cast<int>(op.cols), op.eps);
         });
       }
       case DeviceOp::Type::kArgmax: {

@@ -156,6 +156,7 @@ absl::Status LoweredStage::Build(const WeightMap& weights, const ValueTypes& typ
   if (cuda_ops == CudaOps::kUnconfirmed) {
     FuseRmsNorms(shapes);
     FuseRotaries(shapes);
+    FuseResidualNorms(shapes);
     FuseElementwise();
   }
   LayOutWeights();
@@ -363,7 +364,11 @@ void LoweredStage::MarkNeeds() {
   };
   for (const Step& s : steps_) {
     // A size reads no values; an absorbed step none on the device.
-    if (s.kind == Kind::kView || s.kind == Kind::kSize || s.kind == Kind::kAbsorbed) continue;
+    if (s.kind == Kind::kView || s.kind == Kind::kSize || s.kind == Kind::kAbsorbed ||
+        s.kind == Kind::kResidualSum) {
+      continue;
+    }
+    if (s.residual >= 0) need(s.residual, false);
     const bool gemm = s.kind == Kind::kMm || s.kind == Kind::kLinear;
     const size_t first = s.kind == Kind::kAddmm ? 1 : 0;  // addmm: bias, x, w
     const std::vector<int>& reads = s.kernel_in.empty() ? s.in : s.kernel_in;  // a pattern's
@@ -385,6 +390,7 @@ void LoweredStage::MarkNeeds() {
         !out.need_f32 && !out.need_gemm) {
       out.need_f32 = true;
     }
+    if (s.kind == Kind::kResidualSum) out.need_f32 = true;  // its norm's kernel writes it
   }
 }
 
@@ -433,9 +439,10 @@ DeviceOp LoweredStage::LayerNormOp(const Step& s, const Shape& x,
   op.eps = static_cast<float>(FloatAttr(node, "eps", 1e-5));
   op.has_weight = IntAttr(node, "has_weight", 0) != 0;
   op.has_bias = IntAttr(node, "has_bias", 0) != 0;
-  op.src = f32[s.in[0]];
-  if (op.has_weight) op.src2 = f32[s.in[1]];
-  if (op.has_bias) op.src3 = f32[s.in[op.has_weight ? 2 : 1]];
+  const std::vector<int>& in = s.kernel_in.empty() ? s.in : s.kernel_in;  // a residual's
+  op.src = f32[in[0]];
+  if (op.has_weight) op.src2 = f32[in[1]];
+  if (op.has_bias) op.src3 = f32[in[op.has_weight ? 2 : 1]];
   op.dst = out;
   op.n = op.rows * op.cols;
   return op;
@@ -808,7 +815,7 @@ absl::Status LoweredStage::StepOps(size_t i, const Sizes& sizes, const Buffers& 
                                    std::vector<DeviceOp>* compute) const {
   const Step& s = steps_[i];
   if (s.kind == Kind::kView || s.kind == Kind::kSize || s.kind == Kind::kHostSample ||
-      s.kind == Kind::kAbsorbed || b.aliased[s.out]) {
+      s.kind == Kind::kAbsorbed || s.kind == Kind::kResidualSum || b.aliased[s.out]) {
     return absl::OkStatus();  // no device work
   }
   const size_t first = compute->size();
@@ -817,8 +824,10 @@ absl::Status LoweredStage::StepOps(size_t i, const Sizes& sizes, const Buffers& 
   for (size_t k = first; k < compute->size(); ++k) (*compute)[k].ftype = ftype;
   // A float32 result that GEMMs read in another form gets it now.
   const int64_t n_out = NumElements(sizes.shape[s.out]);
-  if (b.has_f32[s.out] && b.has_gm[s.out] && n_out > 0) {
-    compute->push_back(ConvertOp(sizes.node[i].name(), b.f32[s.out], b.gm[s.out], n_out));
+  for (int v : {s.out, s.residual_sum}) {  // a norm's fused residual sum too
+    if (v >= 0 && b.has_f32[v] && b.has_gm[v] && n_out > 0) {
+      compute->push_back(ConvertOp(sizes.node[i].name(), b.f32[v], b.gm[v], NumElements(sizes.shape[v])));
+    }
   }
   return absl::OkStatus();
 }
@@ -862,7 +871,11 @@ absl::StatusOr<DeviceOp> LoweredStage::OneOp(const Step& s, const Node& node,
   op.n = NumElements(shape[s.out]);
   switch (s.kind) {
     case Kind::kEmbedding: return EmbeddingOp(s, shape, b, out);
-    case Kind::kLayerNorm: return LayerNormOp(s, shape[s.in[0]], b.f32, out);
+    case Kind::kLayerNorm: {
+      DeviceOp norm = LayerNormOp(s, shape[s.in[0]], b.f32, out);
+      SetResidual(s, b, &norm);
+      return norm;
+    }
     case Kind::kRmsNorm: return RmsNormOpOf(s, node, shape, b, out);
     case Kind::kRotary: return RotaryOpOf(s, node, shape, b, out);
     case Kind::kSoftmax: return SoftmaxOp(s, shape[s.in[0]], b.f32, out);

@@ -138,12 +138,15 @@ struct DeviceOp {
   bool reverse = false;
   DType dtype = DType::kBF16;  // kConvert's target
   // kLayerNorm: src3 the bias; the weight (src2) and bias are optional
-  // (kRmsNorm: the weight, optional).
+  // (kRmsNorm: the weight, optional). Either norm, has_residual: the
+  // norm is of src + src4, which it also writes to residual_sum (the
+  // residual add before the norm, fused: FuseResidualNorms).
   // kProgram: src, src2, src3, src4 its inputs.
   BufferRef src3, src4;
   int64_t rows = 0, cols = 0;
   float eps = 0;
-  bool has_weight = false, has_bias = false;
+  bool has_weight = false, has_bias = false, has_residual = false;
+  BufferRef residual_sum;
   kernels::UnaryKind unary = kernels::UnaryKind::kNone;  // kUnary
   bool log = false;                                      // kSoftmax
   kernels::StridedCopyOp copy;                           // kStridedCopy
@@ -311,6 +314,8 @@ class LoweredStage {
     kRmsNorm,    // RMSNorm written out (FuseRmsNorms): kernel_in x and, maybe, the weight
     kRotary,     // rotary embedding written out (FuseRotaries): kernel_in x, cos, sin
     kAbsorbed,   // a step a pattern folded into its root (kRmsNorm, kRotary): no work
+    kResidualSum,  // an add whose sum the norm after it computes and writes
+                   // (FuseResidualNorms): no work, but its value has a buffer
   };
   struct Value {
     int input = -1;     // graph input number, or -1
@@ -341,6 +346,10 @@ class LoweredStage {
     // kRmsNorm, kRotary: what the pattern's kernel reads (`in` stays its
     // node's, which its shape rule reads).
     std::vector<int> kernel_in;
+    // kRmsNorm, kLayerNorm with the residual add before them fused in: the
+    // norm is of kernel_in[0] + `residual`, and its kernel writes that sum
+    // to value `residual_sum` (a kResidualSum step's output).
+    int residual = -1, residual_sum = -1;
   };
 
   LoweredStage() = default;
@@ -434,6 +443,15 @@ class LoweredStage {
   int RmsNormRoot(int m, const std::vector<int>& only_reader, const ValueShapes& shapes,
                   int* weight) const;
   void FuseRotaries(const ValueShapes& shapes);
+  // Folds each norm's input add into the norm's kernel (kResidualSum).
+  void FuseResidualNorms(const ValueShapes& shapes);
+  // Whether step `add` is an add the norm at step `norm` can compute: two
+  // operands of its output's shape and type, its sum read by no step
+  // before the norm.
+  bool ResidualAdd(int add, int norm, const ValueShapes& shapes) const;
+  // The input buffers and sum of a norm with a fused residual (op.src4,
+  // op.residual_sum; nothing without one).
+  void SetResidual(const Step& s, const Buffers& b, DeviceOp* op) const;
   // Whether step `add` ends a rotary pattern; its steps and kernel inputs.
   bool RotaryPattern(int add, const std::vector<int>& only_reader, const ValueShapes& shapes,
                      std::vector<int>* absorbed, std::vector<int>* kernel_in) const;

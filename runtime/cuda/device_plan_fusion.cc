@@ -30,7 +30,7 @@ void LoweredStage::FuseElementwise() {
 // A step no pattern has taken (still its node's own kind).
 bool LoweredStage::Unfused(int i) const {
   return i >= 0 && steps_[i].kind != Kind::kAbsorbed && steps_[i].kind != Kind::kRmsNorm &&
-         steps_[i].kind != Kind::kRotary;
+         steps_[i].kind != Kind::kRotary && steps_[i].kind != Kind::kResidualSum;
 }
 
 std::vector<int> LoweredStage::OnlyReaders() const {
@@ -212,7 +212,67 @@ DeviceOp LoweredStage::RmsNormOpOf(const Step& s, const Node& node,
   op.has_weight = s.kernel_in.size() > 1;
   if (op.has_weight) op.src2 = b.f32[s.kernel_in[1]];
   op.dst = out;
+  SetResidual(s, b, &op);
   return op;
+}
+
+// The residual add before a transformer's norms, h = x + r, which the norm
+// and the next residual add read: the norm's kernel computes h in its
+// first pass and writes it (kernels/layer_norm.h LoadInput), so the add
+// needs no kernel and h no read back. GPT-2's and Llama's two norms a
+// layer each take their add (the first layer's first norm reads the
+// embedding, no add).
+void LoweredStage::FuseResidualNorms(const ValueShapes& shapes) {
+  for (size_t n = 0; n < steps_.size(); ++n) {
+    Step& norm = steps_[n];
+    if (norm.kind != Kind::kRmsNorm && norm.kind != Kind::kLayerNorm) continue;
+    std::vector<int> in = norm.kernel_in.empty() ? norm.in : norm.kernel_in;
+    const int add = values_[in[0]].producer;
+    if (!ResidualAdd(add, static_cast<int>(n), shapes)) continue;
+    norm.residual_sum = in[0];
+    in[0] = steps_[add].in[0];
+    norm.residual = steps_[add].in[1];
+    norm.kernel_in = std::move(in);
+    steps_[add].kind = Kind::kResidualSum;
+  }
+}
+
+bool LoweredStage::ResidualAdd(int add, int norm, const ValueShapes& shapes) const {
+  if (!Unfused(add) || steps_[add].in.size() != 2) return false;
+  const Node& node = NodeOf(steps_[add]);
+  if (node.op() != "add" || HasScalarOperand(node) || FloatAttr(node, "alpha", 1) != 1) {
+    return false;
+  }
+  const int sum = steps_[add].out;
+  for (int k = 0; k < 2; ++k) {  // no broadcast, one float type
+    if (shapes.at(node.inputs(k)) != shapes.at(node.outputs(0)) ||
+        values_[steps_[add].in[k]].type != values_[sum].type) {
+      return false;
+    }
+  }
+  // The sum exists only once the norm runs: no step before it may read it
+  // (or a view of it). Absorbed steps run inside their root.
+  std::vector<bool> is_sum(values_.size(), false);
+  is_sum[sum] = true;
+  for (int i = add + 1; i < norm; ++i) {
+    const Step& s = steps_[i];
+    if (s.kind == Kind::kAbsorbed) continue;
+    if (s.kind == Kind::kView) {
+      is_sum[s.out] = is_sum[s.in[0]];
+      continue;
+    }
+    const std::vector<int>& reads = s.kernel_in.empty() ? s.in : s.kernel_in;
+    if (std::any_of(reads.begin(), reads.end(), [&](int v) { return is_sum[v]; })) return false;
+    if (s.residual >= 0 && is_sum[s.residual]) return false;
+  }
+  return true;
+}
+
+void LoweredStage::SetResidual(const Step& s, const Buffers& b, DeviceOp* op) const {
+  if (s.residual < 0) return;
+  op->has_residual = true;
+  op->src4 = b.f32[s.residual];
+  op->residual_sum = b.f32[s.residual_sum];
 }
 
 // The rotary kernel's sizes, checked now that the token count is known:

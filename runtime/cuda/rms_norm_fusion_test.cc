@@ -2,7 +2,8 @@
 // weight) on the CUDA lowering: one kernel when the unconfirmed kernels
 // are allowed, whichever side the weight is on, with or without a weight;
 // kept apart when an intermediate has another reader; and the same values
-// as the CPU backend's op-by-op run, on the device emulator.
+// as the CPU backend's op-by-op run, on the device emulator. The residual
+// add before a norm (RMSNorm or layer_norm) joins the norm's kernel.
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -25,12 +26,13 @@ std::vector<DeviceOp::Type> Compute(const DevicePlan& plan) {
   return t;
 }
 
-// The plan for x [3, 16], with the unconfirmed kernels allowed.
+// The plan for x [3, 16] (and r [3, 16] when the graph has it), with the
+// unconfirmed kernels allowed.
 absl::StatusOr<DevicePlan> PlanOf(const Model& m) {
   absl::StatusOr<LoweredStage> stage =
       LoweredStage::Create(m.graph, m.weights, Precision::kFloat32, true, CudaOps::kUnconfirmed);
   if (!stage.ok()) return stage.status();
-  return stage->Plan({{3, 16}});
+  return stage->Plan(std::vector<Shape>(m.graph.inputs_size(), Shape{3, 16}));
 }
 
 // RMSNorm as Llama writes it: `weight_first` puts the weight on the
@@ -96,6 +98,89 @@ TEST(RmsNormFusion, TheEmulatorMatchesTheCpuBackend) {
       ASSERT_TRUE(a.ok()) << a.status();
       ASSERT_TRUE(b.ok()) << b.status();
       EXPECT_LE(MaxRelativeDifference((*b)[0], (*a)[0]), 1e-6) << "weight [" << weight_len << "], rsqrt out " << rsqrt_out;
+    }
+  }
+}
+
+// A transformer's residual stream around a norm: h = x + r, y = norm(h),
+// z = h + y (the next residual add), as RMSNorm written out or as
+// layer_norm. `early_reader` also computes h * h before the norm (a
+// reader the fused kernel would be too late for); `broadcast_r` makes r a
+// [16] row, which the norm's kernel does not index.
+Model ResidualGraph(bool rms, bool early_reader = false, bool broadcast_r = false) {
+  GraphBuilder b;
+  b.Input("x", {-1, 16}).Input("r", broadcast_r ? Shape{16} : Shape{-1, 16}).Param("w", {16});
+  b.Op("add", {"x", "r"}, "h");
+  if (early_reader) b.Op("mul", {"h", "h"}, "sq");
+  if (rms) {
+    b.Op("pow", {"h"}, "p", "", {{"scalar", AttrF(2)}})
+        .Op("mean", {"p"}, "m", "", {{"dims", AttrInts({-1})}, {"keepdim", AttrI(1)}})
+        .Op("add", {"m"}, "a", "", {{"scalar", AttrF(1e-6)}})
+        .Op("rsqrt", {"a"}, "rs")
+        .Op("mul", {"h", "rs"}, "n")
+        .Op("mul", {"n", "w"}, "y");
+  } else {
+    b.Param("bias", {16}).Op("layer_norm", {"h", "w", "bias"}, "y", "",
+                             {{"ndim", AttrI(1)}, {"eps", AttrF(1e-5)}, {"has_weight", AttrI(1)},
+                              {"has_bias", AttrI(1)}});
+  }
+  b.Op("add", {"h", "y"}, "z").Output("z").Output("y");
+  if (early_reader) b.Output("sq");
+  return b.Build();
+}
+
+// The add before either norm is no kernel of its own: the norm's kernel
+// reads x and r and writes h, which the next add reads. A reader of h
+// before the norm, or a broadcast r, keeps the add a kernel.
+TEST(DevicePlanTest, TheResidualAddBeforeANormJoinsItsKernel) {
+  for (bool rms : {true, false}) {
+    const DeviceOp::Type norm = rms ? DeviceOp::Type::kRmsNorm : DeviceOp::Type::kLayerNorm;
+    absl::StatusOr<DevicePlan> plan = PlanOf(ResidualGraph(rms));
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    const std::vector<DeviceOp::Type> ops = Compute(*plan);
+    ASSERT_EQ(ops.size(), 2u) << rms;  // the norm, then h + y
+    EXPECT_EQ(ops[0], norm);
+    const DeviceOp& op = plan->ops[plan->compute_begin];
+    EXPECT_TRUE(op.has_residual);
+    EXPECT_TRUE(op.has_weight);
+    // x, r (both as copied in: one merged copy) and h: three buffers
+    EXPECT_EQ(plan->ops[0].type, DeviceOp::Type::kCopyIn);
+    EXPECT_EQ(op.src.offset, plan->ops[0].dst.offset);
+    EXPECT_EQ(op.src4.offset, plan->ops[0].dst.offset + 256);
+    EXPECT_NE(op.residual_sum.offset, op.src.offset);
+    EXPECT_NE(op.residual_sum.offset, op.src4.offset);
+    const DeviceOp& next = plan->ops[plan->compute_begin + 1];
+    EXPECT_TRUE(next.src.offset == op.residual_sum.offset ||
+                next.src2.offset == op.residual_sum.offset);  // z reads the h the norm wrote
+    for (const Model& m : {ResidualGraph(rms, true), ResidualGraph(rms, false, true)}) {
+      absl::StatusOr<DevicePlan> apart = PlanOf(m);
+      ASSERT_TRUE(apart.ok()) << apart.status();
+      for (size_t i = apart->compute_begin; i < apart->compute_end; ++i) {
+        EXPECT_FALSE(apart->ops[i].has_residual) << rms;
+      }
+      EXPECT_GE(Compute(*apart).size(), 3u) << rms;  // the add, the norm, h + y
+    }
+  }
+}
+
+TEST(RmsNormFusion, ResidualNormsOnTheEmulatorMatchTheCpuBackend) {
+  std::unique_ptr<ComputeBackend> cpu = MakeCpuBackend({});
+  std::unique_ptr<ComputeBackend> emulator = MakeDeviceEmulatorBackend(Precision::kFloat32);
+  const Tensor x = RandomTensor({5, 16}, 9), r = RandomTensor({5, 16}, 10);
+  for (bool rms : {true, false}) {
+    for (bool early_reader : {false, true}) {
+      Model m = ResidualGraph(rms, early_reader);
+      auto want = cpu->Compile(m.graph, m.weights);
+      auto got = emulator->Compile(m.graph, m.weights);
+      ASSERT_TRUE(want.ok()) << want.status();
+      ASSERT_TRUE(got.ok()) << got.status();
+      absl::StatusOr<std::vector<Tensor>> a = (*want)->Run({x, r}), b = (*got)->Run({x, r});
+      ASSERT_TRUE(a.ok()) << a.status();
+      ASSERT_TRUE(b.ok()) << b.status();
+      for (size_t k = 0; k < a->size(); ++k) {
+        EXPECT_LE(MaxRelativeDifference((*b)[k], (*a)[k]), 1e-6)
+            << "rms " << rms << ", early reader " << early_reader << ", output " << k;
+      }
     }
   }
 }

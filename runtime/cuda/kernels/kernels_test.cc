@@ -112,8 +112,8 @@ absl::Status RunKernel(const Node& node, const std::vector<Tensor>& in, const Te
     const T* weight = w ? As<T>(in[1]) : nullptr;
     const T* bias = b ? As<T>(in[w ? 2 : 1]) : nullptr;
     return simt::Emulate(static_cast<unsigned>(n / cols), kLayerNormThreads, [&] {
-      LayerNormRows<T, T>(As<T>(in[0]), weight, bias, As<T>(out), n / cols, cols,
-                          static_cast<float>(FloatAttr(node, "eps", 1e-5)));
+      LayerNormRows<T, T>(As<T>(in[0]), nullptr, weight, bias, As<T>(out), nullptr, n / cols,
+                          cols, static_cast<float>(FloatAttr(node, "eps", 1e-5)));
     });
   }
   if (op == "softmax" || op == "log_softmax") {
@@ -168,21 +168,69 @@ TEST(KernelsTest, EveryKernelInEveryFloatTypeMatchesTheReference) {
   EXPECT_GE(checked, 3 * 60) << "cases of every kernel here";
 }
 
+// LayerNormRows with a weight, a bias and a residual against float64 of
+// the rounded sum, which must come back in h exactly.
+template <typename T>
+double LayerNormResidualError(int64_t rows, int cols) {
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> u(-3, 3);
+  std::vector<T> x(rows * cols), r(rows * cols), h(rows * cols), y(rows * cols), w(cols), b(cols);
+  for (std::vector<T>* v : {&x, &r, &w, &b}) {
+    for (T& e : *v) e = simt::FromFloat<T>(u(rng));
+  }
+  const float eps = 1e-5f;
+  absl::Status s = simt::Emulate(static_cast<unsigned>(rows), kLayerNormThreads, [&] {
+    LayerNormRows<T, T>(x.data(), r.data(), w.data(), b.data(), y.data(), h.data(), rows, cols,
+                        eps);
+  });
+  EXPECT_TRUE(s.ok()) << s;
+  double err = 0, scale = 1e-30;
+  for (int64_t row = 0; row < rows; ++row) {
+    std::vector<double> sum(cols);
+    double mean = 0, var = 0;
+    for (int c = 0; c < cols; ++c) {
+      const int64_t i = row * cols + c;
+      const T rounded = simt::FromFloat<T>(simt::ToFloat(x[i]) + simt::ToFloat(r[i]));
+      EXPECT_EQ(simt::ToFloat(h[i]), simt::ToFloat(rounded)) << i;
+      sum[c] = simt::ToFloat(rounded);
+      mean += sum[c] / cols;
+    }
+    for (int c = 0; c < cols; ++c) var += (sum[c] - mean) * (sum[c] - mean) / cols;
+    for (int c = 0; c < cols; ++c) {
+      const double want = (sum[c] - mean) / std::sqrt(var + eps) * simt::ToFloat(w[c]) +
+                          simt::ToFloat(b[c]);
+      err = std::max(err, std::fabs(simt::ToFloat(y[row * cols + c]) - want));
+      scale = std::max(scale, std::fabs(want));
+    }
+  }
+  return err / scale;
+}
+
 // RmsNormRows (RMSNorm written out, fused by the device plan) against
 // float64: rows within a block's stride and beyond, with and without a
-// weight, in every float type.
+// weight, in every float type. With `residual` the norm is of x + r,
+// whose sum must come back in h exactly as T rounds it.
 template <typename T>
-double RmsNormError(int64_t rows, int cols, bool weighted) {
+double RmsNormError(int64_t rows, int cols, bool weighted, bool residual = false) {
   std::mt19937 rng(3);
   std::uniform_real_distribution<float> u(-3, 3);
-  std::vector<T> x(rows * cols), w(cols), y(rows * cols);
+  std::vector<T> x(rows * cols), r(rows * cols), h(rows * cols), w(cols), y(rows * cols);
   for (T& v : x) v = simt::FromFloat<T>(u(rng));
+  for (T& v : r) v = simt::FromFloat<T>(u(rng));
   for (T& v : w) v = simt::FromFloat<T>(u(rng));
   const float eps = 1e-5f;
   absl::Status s = simt::Emulate(static_cast<unsigned>(rows), kLayerNormThreads, [&] {
-    RmsNormRows<T, T>(x.data(), weighted ? w.data() : nullptr, y.data(), rows, cols, eps);
+    RmsNormRows<T, T>(x.data(), residual ? r.data() : nullptr, weighted ? w.data() : nullptr,
+                      y.data(), residual ? h.data() : nullptr, rows, cols, eps);
   });
   EXPECT_TRUE(s.ok()) << s;
+  if (residual) {
+    for (int64_t i = 0; i < rows * cols; ++i) {
+      const T sum = simt::FromFloat<T>(simt::ToFloat(x[i]) + simt::ToFloat(r[i]));
+      EXPECT_EQ(simt::ToFloat(h[i]), simt::ToFloat(sum)) << i;
+      x[i] = sum;  // what the norm is of
+    }
+  }
   double err = 0, scale = 1e-30;
   for (int64_t r = 0; r < rows; ++r) {
     double squares = 0;
@@ -204,6 +252,19 @@ TEST(KernelsTest, RmsNormMatchesFloat64InEveryFloatType) {
       EXPECT_LE(RmsNormError<simt::Half>(3, cols, weighted), Tolerance(DT_FLOAT16)) << cols;
       EXPECT_LE(RmsNormError<simt::Bf16>(3, cols, weighted), Tolerance(DT_BFLOAT16)) << cols;
     }
+  }
+}
+
+// Both norms with the residual add fused in (FuseResidualNorms): h gets
+// x + r as T rounds it, and y is the norm of that sum, in every float type.
+TEST(KernelsTest, NormsWithAResidualWriteTheSumAndNormalizeIt) {
+  for (int cols : {1, 7, 1000, 2051}) {
+    EXPECT_LE(RmsNormError<float>(3, cols, true, true), 1e-5) << cols;
+    EXPECT_LE(RmsNormError<simt::Half>(3, cols, false, true), Tolerance(DT_FLOAT16)) << cols;
+    EXPECT_LE(RmsNormError<simt::Bf16>(3, cols, true, true), Tolerance(DT_BFLOAT16)) << cols;
+    EXPECT_LE(LayerNormResidualError<float>(3, cols), 1e-5) << cols;
+    EXPECT_LE(LayerNormResidualError<simt::Half>(3, cols), Tolerance(DT_FLOAT16)) << cols;
+    EXPECT_LE(LayerNormResidualError<simt::Bf16>(3, cols), Tolerance(DT_BFLOAT16)) << cols;
   }
 }
 

@@ -53,25 +53,27 @@ unsigned Blocks(int64_t n, int threads) { return static_cast<unsigned>((n + thre
 
 }  // namespace
 
-cudaError_t LaunchLayerNorm(FloatType t, const void* x, const void* w, const void* b, void* y,
-                            int64_t rows, int cols, float eps, cudaStream_t stream) {
+cudaError_t LaunchLayerNorm(FloatType t, const void* x, const void* r, const void* w,
+                            const void* b, void* y, void* h, int64_t rows, int cols, float eps,
+                            cudaStream_t stream) {
   if (rows <= 0 || cols <= 0) return cudaSuccess;
   WithType(t, [&](auto zero) {
     using T = decltype(zero);
     LayerNormRows<T, T><<<static_cast<unsigned>(rows), kLayerNormThreads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(b),
-        static_cast<T*>(y), rows, cols, eps);
+        static_cast<const T*>(x), static_cast<const T*>(r), static_cast<const T*>(w),
+        static_cast<const T*>(b), static_cast<T*>(y), static_cast<T*>(h), rows, cols, eps);
   });
   return cudaGetLastError();
 }
 
-cudaError_t LaunchRmsNorm(FloatType t, const void* x, const void* w, void* y, int64_t rows,
-                          int cols, float eps, cudaStream_t stream) {
+cudaError_t LaunchRmsNorm(FloatType t, const void* x, const void* r, const void* w, void* y,
+                          void* h, int64_t rows, int cols, float eps, cudaStream_t stream) {
   if (rows <= 0 || cols <= 0) return cudaSuccess;
   WithType(t, [&](auto zero) {
     using T = decltype(zero);
     RmsNormRows<T, T><<<static_cast<unsigned>(rows), kLayerNormThreads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const T*>(w), static_cast<T*>(y), rows, cols, eps);
+        static_cast<const T*>(x), static_cast<const T*>(r), static_cast<const T*>(w),
+        static_cast<T*>(y), static_cast<T*>(h), rows, cols, eps);
   });
   return cudaGetLastError();
 }

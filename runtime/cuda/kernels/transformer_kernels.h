@@ -17,14 +17,16 @@
 namespace pipeserve::kernels {
 
 // layer_norm over the last `cols` values of x [rows, cols], with w and b
-// [cols] (either may be null): layer_norm.h.
-cudaError_t LaunchLayerNorm(FloatType t, const void* x, const void* w, const void* b, void* y,
-                            int64_t rows, int cols, float eps, cudaStream_t stream);
+// [cols] (either may be null): layer_norm.h. With a residual r [rows,
+// cols] (else null) the norm is of x + r, which is also written to h.
+cudaError_t LaunchLayerNorm(FloatType t, const void* x, const void* r, const void* w,
+                            const void* b, void* y, void* h, int64_t rows, int cols, float eps,
+                            cudaStream_t stream);
 
 // y = x * rsqrt(mean(x^2) + eps) * w over rows of x [rows, cols]; w may be
-// null (layer_norm.h's RmsNormRows).
-cudaError_t LaunchRmsNorm(FloatType t, const void* x, const void* w, void* y, int64_t rows,
-                          int cols, float eps, cudaStream_t stream);
+// null (layer_norm.h's RmsNormRows); r and h as for LaunchLayerNorm.
+cudaError_t LaunchRmsNorm(FloatType t, const void* x, const void* r, const void* w, void* y,
+                          void* h, int64_t rows, int cols, float eps, cudaStream_t stream);
 
 // y = x * cos + rotate_half(x) * sin (rotary.h).
 cudaError_t LaunchRotary(FloatType t, const void* x, const void* cos, const void* sin, void* y,
