@@ -192,9 +192,12 @@ absl::StatusOr<std::unique_ptr<LtGemm>> MakeLtGemm(cublasLtHandle_t lt,
   CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
       desc, CUBLASLT_MATMUL_DESC_TRANSB, &trans_b, sizeof(trans_b)));
   cublasLtEpilogue_t epilogue =
-      g.has_bias
-          ? (g.relu ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_BIAS)
-          : (g.relu ? CUBLASLT_EPILOGUE_RELU : CUBLASLT_EPILOGUE_DEFAULT);
+      g.has_bias ? (g.relu   ? CUBLASLT_EPILOGUE_RELU_BIAS
+                    : g.gelu ? CUBLASLT_EPILOGUE_GELU_BIAS
+                             : CUBLASLT_EPILOGUE_BIAS)
+                 : (g.relu   ? CUBLASLT_EPILOGUE_RELU
+                    : g.gelu ? CUBLASLT_EPILOGUE_GELU
+                             : CUBLASLT_EPILOGUE_DEFAULT);
   CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
       desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
   if (g.has_bias) {
@@ -567,6 +570,22 @@ class CudaProgram : public CudaStageProgram {
     return absl::OkStatus();
   }
 
+  // The GELU epilogue of a GEMM cuBLASLt had no algorithm for: the
+  // elementwise kernel over D, in place (D's columns must be contiguous).
+  static absl::Status GeluInPlace(const GemmOp& g, void* d, cudaStream_t s) {
+    if (g.ldd != g.m) {
+      return absl::UnimplementedError(
+          "cuBLASLt has no algorithm for this GEMM with a GELU epilogue, and its output is "
+          "strided");
+    }
+    const kernels::FloatType t = g.d_type == DType::kBF16  ? kernels::FloatType::kBF16
+                                 : g.d_type == DType::kF16 ? kernels::FloatType::kF16
+                                                           : kernels::FloatType::kF32;
+    CUDA_RETURN_IF_ERROR(kernels::LaunchUnary(t, kernels::UnaryKind::kGeluTanh, d, d,
+                                              g.m * g.n * g.batch, s));
+    return absl::OkStatus();
+  }
+
   // cuBLASLt, or cublasGemmEx and an epilogue kernel where cuBLASLt had no
   // algorithm.
   absl::Status EnqueueGemm(Slot& slot, const ShapeEntry& e, size_t i, const DeviceOp& op) {
@@ -592,7 +611,7 @@ class CudaProgram : public CudaStageProgram {
       CUDA_RETURN_IF_ERROR(LaunchBiasRelu(
           d, g.d_type == DType::kBF16, g.has_bias ? F(e, g.bias) : nullptr,
           g.m, g.n * g.batch, g.ldd, g.relu, s));
-      return absl::OkStatus();
+      return g.gelu ? GeluInPlace(g, d, s) : absl::OkStatus();
     }
     CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(
         slot.lt.get(), lt.desc.get(), &alpha, Address(e, g.a), lt.a.get(),

@@ -394,6 +394,7 @@ class EmulatedProgram : public StageProgram {
         float v = static_cast<float>(acc);
         if (g.has_bias) v += Load(g.bias, g.bias_type, i);
         if (g.relu && v < 0) v = 0;
+        if (g.gelu) v = kernels::ApplyUnary(kernels::UnaryKind::kGeluTanh, v);
         Store(g.d, g.d_type, i + j * g.ldd, v);
       }
     }

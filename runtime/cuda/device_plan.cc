@@ -154,6 +154,7 @@ absl::Status LoweredStage::Build(const WeightMap& weights, const ValueTypes& typ
   RETURN_IF_ERROR(NumberValues(weights, types, &ids));
   RETURN_IF_ERROR(MakeSteps(ids, fuse_linear_relu, cuda_ops));
   if (cuda_ops == CudaOps::kUnconfirmed) {
+    FuseGeluEpilogues();
     FuseRmsNorms(shapes);
     FuseRotaries(shapes);
     FuseResidualNorms(shapes);
@@ -379,8 +380,9 @@ void LoweredStage::MarkNeeds() {
   for (int v : output_values_) need(v, false);
   for (auto s = steps_.rbegin(); s != steps_.rend(); ++s) {
     if (s->kind != Kind::kView) continue;
-    values_[s->in[0]].need_f32 |= values_[s->out].need_f32;
-    values_[s->in[0]].need_gemm |= values_[s->out].need_gemm;
+    const int in = values_[s->out].view_of;
+    values_[in].need_f32 |= values_[s->out].need_f32;
+    values_[in].need_gemm |= values_[s->out].need_gemm;
   }
   for (const Step& s : steps_) {
     Value& out = values_[s.out];
@@ -704,6 +706,7 @@ absl::Status LoweredStage::GemmOps(const Step& s, const std::vector<Shape>& shap
   const bool sixteen = vtype != DT_FLOAT32;
   g.d_type = sixteen ? StorageOf(vtype) : b.has_f32[s.out] ? DType::kF32 : DType::kBF16;
   g.relu = s.relu;
+  g.gelu = s.gelu;
   if (lin && s.in.size() > 2) {
     g.has_bias = true;
     g.bias = b.f32[s.in[2]];
@@ -722,7 +725,15 @@ absl::Status LoweredStage::GemmOps(const Step& s, const std::vector<Shape>& shap
     fill.gemm = g;
     fill.gemm.n = m * batch;  // the batch's outputs lie side by side
     fill.gemm.batch = 1;
+    fill.gemm.gelu = false;
     compute->push_back(fill);
+    if (s.gelu) {  // GELU(bias), in place (float32 here)
+      DeviceOp gelu{DeviceOp::Type::kUnary, name};
+      gelu.src = gelu.dst = out;
+      gelu.n = m * n * batch;
+      gelu.unary = kernels::UnaryKind::kGeluTanh;
+      compute->push_back(gelu);
+    }
     return absl::OkStatus();
   }
   g.precision = sixteen ? Precision::kFloat32 : precision_;  // float32 accumulation

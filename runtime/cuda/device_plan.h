@@ -95,6 +95,9 @@ struct GemmOp {
   BufferRef bias;  // [m], of bias_type
   DType bias_type = DType::kF32;
   bool relu = false;
+  // GELU, tanh-approximated (after the bias): cuBLASLt's GELU epilogue,
+  // which PyTorch also takes for gelu(approximate="tanh").
+  bool gelu = false;
   int64_t batch = 1;
   int64_t stride_a = 0, stride_b = 0, stride_d = 0;
 };
@@ -299,7 +302,8 @@ class LoweredStage {
  private:
   enum class Kind {
     kMm, kLinear, kBinary, kScalar, kRelu, kClone, kLayerNorm, kUnary, kSoftmax,
-    kView,  // reshape, squeeze, unsqueeze: the input's buffers, no work
+    kView,  // reshape, squeeze, unsqueeze: the input's buffers (view_of),
+            // no work; also a GELU its GEMM computes (FuseGeluEpilogues)
     kMove,  // permute, slice, select, expand, cat, stack: strided copies
     kSize,  // size: an integer known on the host when the plan is made
     kConstant,   // arange, full: computed on the host when the plan is made
@@ -335,6 +339,7 @@ class LoweredStage {
     std::vector<int> in;
     int out = -1;
     bool relu = false;  // linear: fused ReLU epilogue
+    bool gelu = false;  // GEMMs: fused GELU (tanh) epilogue
     ElementwiseOp op = ElementwiseOp::kAdd;
     float scalar = 0;
     bool reverse = false;
@@ -438,6 +443,18 @@ class LoweredStage {
   int OrderKeepingPermuteInput(int v, const std::vector<Shape>& shape) const;
   bool AliasPermute(int v, const std::vector<Shape>& shape, Buffers* b) const;
   void FuseElementwise();
+  // GELU (tanh), as one op or written out as GPT-2 has it, on a GEMM's
+  // output becomes that GEMM's epilogue.
+  void FuseGeluEpilogues();
+  // The GEMM step whose output value `x` is (through views each read only
+  // by the next), or -1.
+  int GemmBehind(int x, const std::vector<int>& uses) const;
+  // Whether step `root` ends GELU written out on x (0.5 * x * (1 +
+  // tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))); its other steps.
+  bool GeluWrittenOut(int root, const std::vector<int>& only_reader, int* x,
+                      std::vector<int>* absorbed) const;
+  // How many steps (and outputs, as 2) read each value.
+  std::vector<int> Uses() const;
   void FuseRmsNorms(const ValueShapes& shapes);
   // The kRmsNorm step of the pattern whose mean is step `m`, or -1.
   int RmsNormRoot(int m, const std::vector<int>& only_reader, const ValueShapes& shapes,

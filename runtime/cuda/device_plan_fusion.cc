@@ -4,6 +4,7 @@
 // writes its last result, instead of one kernel and one buffer round trip
 // per op (GPT-2's GELU written out is 8 ops; Llama's RMSNorm scaling 3).
 #include <algorithm>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -33,18 +34,111 @@ bool LoweredStage::Unfused(int i) const {
          steps_[i].kind != Kind::kRotary && steps_[i].kind != Kind::kResidualSum;
 }
 
-std::vector<int> LoweredStage::OnlyReaders() const {
-  std::vector<int> uses(values_.size(), 0), reader(values_.size(), -1);
-  for (size_t i = 0; i < steps_.size(); ++i) {
-    for (int v : steps_[i].in) {
-      ++uses[v];
-      reader[v] = static_cast<int>(i);
-    }
+std::vector<int> LoweredStage::Uses() const {
+  std::vector<int> uses(values_.size(), 0);
+  for (const Step& s : steps_) {
+    for (int v : s.in) ++uses[v];
   }
   for (int v : output_values_) uses[v] += 2;  // an output is never absorbed
+  return uses;
+}
+
+std::vector<int> LoweredStage::OnlyReaders() const {
+  const std::vector<int> uses = Uses();
+  std::vector<int> reader(values_.size(), -1);
+  for (size_t i = 0; i < steps_.size(); ++i) {
+    for (int v : steps_[i].in) reader[v] = static_cast<int>(i);
+  }
   std::vector<int> only(values_.size(), -1);
   for (size_t v = 0; v < values_.size(); ++v) only[v] = uses[v] == 1 ? reader[v] : -1;
   return only;
+}
+
+// GELU with the tanh approximation on a GEMM's result -- gelu(approximate=
+// "tanh"), or GPT-2's written out: 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x +
+// 0.044715 * x^3))), eight ops -- is the GEMM's epilogue (cuBLASLt's GELU
+// is this approximation), when nothing else reads the GEMM's result. The
+// GELU's last step becomes a view of x; its other steps are absorbed.
+void LoweredStage::FuseGeluEpilogues() {
+  const std::vector<int> only_reader = OnlyReaders(), uses = Uses();
+  for (size_t root = 0; root < steps_.size(); ++root) {
+    Step& s = steps_[root];
+    int x = -1;
+    std::vector<int> absorbed;
+    if (s.kind == Kind::kUnary && s.unary == kernels::UnaryKind::kGeluTanh &&
+        Unfused(static_cast<int>(root))) {
+      if (uses[s.in[0]] == 1) x = s.in[0];
+    } else if (!GeluWrittenOut(static_cast<int>(root), only_reader, &x, &absorbed) ||
+               uses[x] != 3) {
+      continue;  // x must be read by 0.5 * x, x^3 and x + ... only
+    }
+    const int gemm = x < 0 ? -1 : GemmBehind(x, uses);
+    if (gemm < 0) continue;
+    steps_[gemm].gelu = true;
+    for (int k : absorbed) steps_[k].kind = Kind::kAbsorbed;
+    s.kind = Kind::kView;
+    values_[s.out].view_of = x;
+  }
+}
+
+int LoweredStage::GemmBehind(int x, const std::vector<int>& uses) const {
+  int v = x;
+  while (values_[v].view_of >= 0) {
+    v = values_[v].view_of;
+    if (uses[v] != 1) return -1;  // another reader needs it without the GELU
+  }
+  const int p = values_[v].producer;
+  if (p < 0) return -1;
+  const Step& g = steps_[p];
+  const bool gemm = g.kind == Kind::kMm || g.kind == Kind::kLinear || g.kind == Kind::kAddmm;
+  return gemm && !g.relu && !g.gelu ? p : -1;
+}
+
+bool LoweredStage::GeluWrittenOut(int root, const std::vector<int>& only_reader, int* x,
+                                  std::vector<int>* absorbed) const {
+  auto producer = [&](int v) { return values_[v].producer; };
+  // Step i is `op` read only by step `by`, on one input and a scalar near
+  // `c`, or on two inputs when c is NaN.
+  auto is = [&](int i, const char* op, double c, int by) {
+    if (!Unfused(i) || NodeOf(steps_[i]).op() != op || only_reader[steps_[i].out] != by) {
+      return false;
+    }
+    const Node& n = NodeOf(steps_[i]);
+    if (std::isnan(c)) return steps_[i].in.size() == 2 && !HasScalarOperand(n);
+    return steps_[i].in.size() == 1 && HasScalarOperand(n) &&
+           std::fabs(FloatAttr(n, "scalar", 0) - c) <= 1e-6 * std::fabs(c);
+  };
+  if (!Unfused(root) || NodeOf(steps_[root]).op() != "mul" || steps_[root].in.size() != 2 ||
+      HasScalarOperand(NodeOf(steps_[root]))) {
+    return false;
+  }
+  for (int order = 0; order < 2; ++order) {  // 0.5 * x on either side
+    const int half = producer(steps_[root].in[order]), one = producer(steps_[root].in[1 - order]);
+    if (!is(half, "mul", 0.5, root) || !is(one, "add", 1.0, root)) continue;
+    const int tanh = producer(steps_[one].in[0]);
+    if (!Unfused(tanh) || NodeOf(steps_[tanh]).op() != "tanh" ||
+        only_reader[steps_[tanh].out] != one) {
+      continue;
+    }
+    const int scaled = producer(steps_[tanh].in[0]);
+    if (!is(scaled, "mul", 0.7978845608028654, tanh)) continue;
+    const int sum = producer(steps_[scaled].in[0]);
+    const int v = steps_[half].in[0];
+    if (!is(sum, "add", NAN, scaled) || (steps_[sum].in[0] != v && steps_[sum].in[1] != v)) {
+      continue;
+    }
+    const int term = producer(steps_[sum].in[steps_[sum].in[0] == v ? 1 : 0]);
+    if (!is(term, "mul", 0.044715, sum)) continue;
+    const int cube = producer(steps_[term].in[0]);
+    if (!is(cube, "pow", 3.0, term) || IntAttr(NodeOf(steps_[cube]), "reverse", 0) != 0 ||
+        steps_[cube].in[0] != v) {
+      continue;
+    }
+    *x = v;
+    *absorbed = {half, one, tanh, scaled, sum, term, cube};
+    return true;
+  }
+  return false;
 }
 
 // Llama's RMSNorm as PyTorch traces it, w * (x * rsqrt(mean(x^2, -1,
@@ -258,7 +352,7 @@ bool LoweredStage::ResidualAdd(int add, int norm, const ValueShapes& shapes) con
     const Step& s = steps_[i];
     if (s.kind == Kind::kAbsorbed) continue;
     if (s.kind == Kind::kView) {
-      is_sum[s.out] = is_sum[s.in[0]];
+      is_sum[s.out] = is_sum[values_[s.out].view_of];
       continue;
     }
     const std::vector<int>& reads = s.kernel_in.empty() ? s.in : s.kernel_in;
