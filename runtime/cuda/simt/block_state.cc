@@ -25,6 +25,8 @@ const char* OpName(WarpOpKind kind) {
       return "Any";
     case WarpOpKind::kAll:
       return "All";
+    case WarpOpKind::kWmma:
+      return "wmma";
   }
   return "?";
 }
@@ -66,6 +68,8 @@ uint64_t LaneResult(WarpOpKind kind, const uint64_t* values, const int* params,
       return ballot != 0;
     case WarpOpKind::kAll:
       return ballot == 0xffffffffu;
+    case WarpOpKind::kWmma:
+      return values[lane];
   }
   return values[lane];
 }
@@ -332,6 +336,13 @@ void BlockState::Load(SharedArrayState* array, int64_t index, int tid,
   std::memcpy(out, from, array->element_size);
 }
 
+void BlockState::Peek(SharedArrayState* array, int64_t index, int tid, void* out) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const unsigned char* from = array->sink.data();
+  if (InBounds(*array, index, tid, "read")) from = &array->bytes[index * array->element_size];
+  std::memcpy(out, from, array->element_size);
+}
+
 void BlockState::Store(SharedArrayState* array, int64_t index, int tid,
                        const void* in) {
   std::lock_guard<std::mutex> lock(mu_);
@@ -418,6 +429,11 @@ void BlockState::ReportPoisonRead() {
 
 // ---------------------------------------------------------------------------
 // Failing.
+
+void BlockState::Misuse(int tid, const std::string& what) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Fail(absl::StrCat(what, " (", Thread(tid), ")"));
+}
 
 void BlockState::Fail(std::string message) {
   if (error_.empty()) error_ = std::move(message);

@@ -73,10 +73,15 @@ class BlockState {
   uint64_t WarpOp(int tid, WarpOpKind kind, uint64_t value, int param,
                   const char* file, int line);
   void ThreadReturned(int tid);
+  // A misuse found outside the bookkeeping here (ReportMisuse).
+  void Misuse(int tid, const std::string& what);
   SharedArrayState* Declare(const SharedSite* site, size_t element_size,
                             int64_t count, const void* poison);
   void Load(SharedArrayState* array, int64_t index, int tid, void* out);
   void Store(SharedArrayState* array, int64_t index, int tid, const void* in);
+  // Load without recording the access (a wmma load's elements that another
+  // lane of the warp reads on the hardware; bounds are still checked).
+  void Peek(SharedArrayState* array, int64_t index, int tid, void* out);
 
  private:
   struct Warp {

@@ -200,6 +200,16 @@ void SharedStore(SharedArrayState* array, int64_t index, const void* in) {
   t.block->Store(array, index, t.linear_id, in);
 }
 
+void SharedPeek(SharedArrayState* array, int64_t index, void* out) {
+  const ThreadContext& t = Current();
+  t.block->Peek(array, index, t.linear_id, out);
+}
+
+void ReportMisuse(const std::string& what, const char* file, int line) {
+  const ThreadContext& t = Current();
+  t.block->Misuse(t.linear_id, absl::StrCat(what, " at ", file, ":", line));
+}
+
 }  // namespace internal
 
 void SyncThreads(const char* file, int line) {

@@ -12,7 +12,8 @@
 #define SIMT_GLOBAL __global__
 #define SIMT_DEVICE __device__ __forceinline__
 #define SIMT_HOST_DEVICE __host__ __device__ __forceinline__
-#define SIMT_SHARED(T, name, N) __shared__ T name[(N)]
+// 32-byte aligned, as wmma (wmma.h) loads and stores need.
+#define SIMT_SHARED(T, name, N) __shared__ __align__(32) T name[(N)]
 
 namespace pipeserve::simt {
 

@@ -39,6 +39,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <type_traits>
 
 #include "absl/functional/function_ref.h"
@@ -120,7 +121,8 @@ enum class WarpOpKind {
   kShflUp,
   kBallot,
   kAny,
-  kAll
+  kAll,
+  kWmma,  // a wmma::*_sync fragment op (wmma_host.h): every lane its own value
 };
 
 // Waits for the 32 lanes of the caller's warp to arrive with their `value`
@@ -128,6 +130,11 @@ enum class WarpOpKind {
 // ops a ballot mask / 0 or 1).
 uint64_t WarpOp(WarpOpKind kind, uint64_t value, int param, const char* file,
                 int line);
+
+// Reports a misuse the emulator cannot express as a shared access or a warp
+// op (a wmma pointer or stride the hardware would refuse) as the block's
+// violation, naming the calling thread.
+void ReportMisuse(const std::string& what, const char* file, int line);
 
 // Shuffled values travel through the warp's slots as up to 8 raw bytes.
 template <typename T>
@@ -215,6 +222,8 @@ SharedArrayState* DeclareShared(const SharedSite* site, size_t element_size,
 // access for the calling thread.
 void SharedLoad(SharedArrayState* array, int64_t index, void* out);
 void SharedStore(SharedArrayState* array, int64_t index, const void* in);
+// Element `index` without recording the access (wmma_host.h).
+void SharedPeek(SharedArrayState* array, int64_t index, void* out);
 
 template <typename T>
 T Poison() {
@@ -315,6 +324,15 @@ class SharedArray {
   }
   SharedArray operator+(int64_t d) const { return SharedArray(*this, d); }
   SharedArray operator-(int64_t d) const { return SharedArray(*this, -d); }
+  // Elements from the array's start (its storage is aligned as CUDA's
+  // shared arrays are: wmma_host.h checks pointer alignment through this).
+  int64_t offset() const { return offset_; }
+  // Element i, its access not recorded (a wmma load's other lanes' share).
+  T Peek(int64_t i) const {
+    T v;
+    SharedPeek(array_, offset_ + i, &v);
+    return v;
+  }
 
  private:
   SharedArray(const SharedArray& base, int64_t d)
