@@ -569,7 +569,9 @@ absl::Status LlamaTargetsTable(const std::string& fixtures, int device) {
   }
   ASSIGN_OR_RETURN(limits.copy_bytes_per_second, CopyBandwidth(int64_t{1} << 30, 20));
   ASSIGN_OR_RETURN(limits.attention_seconds,
-                   AttentionSeconds(shape, o.prefill_seqs, o.prefill_len, 20));
+                   AttentionSeconds(shape, o.prefill_seqs, o.prefill_len, 20, true));
+  ASSIGN_OR_RETURN(limits.cuda_core_attention_seconds,
+                   AttentionSeconds(shape, o.prefill_seqs, o.prefill_len, 20, false));
   std::printf("measured: cuBLASLt bf16 8192^3 %.0f TFLOP/s, device copy %.0f GB/s (read + write)\n",
               limits.bf16_gemm_flops / 1e12, limits.copy_bytes_per_second / 1e9);
   Model model{g, RandomWeights(g, 1)};

@@ -109,7 +109,8 @@ absl::StatusOr<double> CopyBandwidth(int64_t bytes, int iters) {
   return 2.0 * bytes / (ms * 1e-3);
 }
 
-absl::StatusOr<double> AttentionSeconds(const LlamaShape& s, int seqs, int len, int iters) {
+absl::StatusOr<double> AttentionSeconds(const LlamaShape& s, int seqs, int len, int iters,
+                                        bool tensor_cores) {
   const int64_t tokens = static_cast<int64_t>(seqs) * len, bs = 16;
   const int64_t width = (len + bs - 1) / bs, blocks = width * seqs;
   std::vector<int64_t> positions, seq, tables;
@@ -120,7 +121,8 @@ absl::StatusOr<double> AttentionSeconds(const LlamaShape& s, int seqs, int len, 
     }
     for (int64_t k = 0; k < width; ++k) tables.push_back(i * width + k);
   }
-  std::vector<int32_t> tiles = kernels::AttentionTiles(seq.data(), tokens);
+  const int tile = tensor_cores ? kernels::kTcQueryTile : kernels::kQueryTile;
+  std::vector<int32_t> tiles = kernels::AttentionTiles(seq.data(), tokens, tile);
   Buffers b;
   const int64_t q_bytes = tokens * s.heads * s.head_dim * 2, kv_bytes = tokens * s.kv_heads * s.head_dim * 2;
   ASSIGN_OR_RETURN(void* q, b.Zeroed(q_bytes));
@@ -138,13 +140,13 @@ absl::StatusOr<double> AttentionSeconds(const LlamaShape& s, int seqs, int len, 
   ASSIGN_OR_RETURN(c.seq, b.Copy(seq));
   ASSIGN_OR_RETURN(c.tables, b.Copy(tables));
   ASSIGN_OR_RETURN(const int32_t* tiles_d, b.Copy(tiles));
-  const int64_t num_tiles = static_cast<int64_t>(tiles.size()) / kernels::kQueryTile;
+  const int64_t num_tiles = static_cast<int64_t>(tiles.size()) / tile;
   ASSIGN_OR_RETURN(double ms, MedianMs(nullptr, iters, [&]() {
                      return CudaStatus(kernels::LaunchPagedAttention(
                                            kernels::FloatType::kBF16, q, k, v, cache, c, tiles_d,
                                            num_tiles, s.heads,
                                            1.0f / std::sqrt(static_cast<float>(s.head_dim)),
-                                           out, nullptr),
+                                           out, tensor_cores, nullptr),
                                        "LaunchPagedAttention");
                    }));
   return ms * 1e-3;

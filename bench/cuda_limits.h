@@ -7,7 +7,7 @@
 //   CardLimits l;
 //   RETURN_IF_ERROR(SpecLimits(device, &l));
 //   ASSIGN_OR_RETURN(l.copy_bytes_per_second, CopyBandwidth(1 << 30, 20));
-//   ASSIGN_OR_RETURN(l.attention_seconds, AttentionSeconds(shape, 4, 1024, 20));
+//   ASSIGN_OR_RETURN(l.attention_seconds, AttentionSeconds(shape, 4, 1024, 20, true));
 #ifndef PIPESERVE_BENCH_CUDA_LIMITS_H_
 #define PIPESERVE_BENCH_CUDA_LIMITS_H_
 
@@ -27,9 +27,11 @@ absl::Status SpecLimits(int device, CardLimits* limits);
 // on the device, median of `iters`.
 absl::StatusOr<double> CopyBandwidth(int64_t bytes, int iters);
 
-// Median seconds of one layer's cached_attention (KvAppend and
-// PagedAttention, bfloat16) for `seqs` sequences prefilling `len` tokens.
-absl::StatusOr<double> AttentionSeconds(const LlamaShape& s, int seqs, int len, int iters);
+// Median seconds of one layer's cached_attention (KvAppend, then
+// TensorCoreAttention with `tensor_cores`, else PagedAttention; bfloat16)
+// for `seqs` sequences prefilling `len` tokens.
+absl::StatusOr<double> AttentionSeconds(const LlamaShape& s, int seqs, int len, int iters,
+                                        bool tensor_cores);
 
 }  // namespace pipeserve
 

@@ -395,6 +395,12 @@ void PrintTargets(const LlamaShape& s, const TargetOptions& o, const LlamaTimes&
           AttentionFlops(s, o.prefill_seqs, o.prefill_len) / s.layers / l.attention_seconds,
           ">= 25% of peak");
   }
+  if (l.cuda_core_attention_seconds > 0) {
+    flops("  the same on CUDA cores",
+          AttentionFlops(s, o.prefill_seqs, o.prefill_len) / s.layers /
+              l.cuda_core_attention_seconds,
+          "(the kernel before)");
+  }
   double single = 0;
   for (const DecodeTime& d : t.decode) {
     const double bw = DecodeBytes(s, d.batch, d.mean_context) / d.step_seconds;

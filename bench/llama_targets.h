@@ -103,7 +103,11 @@ struct CardLimits {
   double bf16_gemm_flops = 0;   // a large cuBLASLt GEMM measured in the same run
   double bytes_per_second = 0;  // memory bandwidth
   double copy_bytes_per_second = 0;  // a device-to-device copy, read + write, measured
-  double attention_seconds = 0;  // one layer's KvAppend and PagedAttention at the prefill's shape
+  // One layer's cached_attention at the prefill's shape: KvAppend and
+  // TensorCoreAttention (what a bfloat16 prefill runs), and KvAppend and
+  // PagedAttention (CUDA cores, for comparison).
+  double attention_seconds = 0;
+  double cuda_core_attention_seconds = 0;
 };
 
 // The targets table: prefill FLOP/s and attention as shares of the limits,

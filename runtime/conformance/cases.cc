@@ -238,6 +238,17 @@ void AddGeneration(std::vector<ConformanceCase>* out) {
       {{"scale", F(0.35)}, {"layer", I(0)}, {"block_size", I(4)}, {"num_blocks", I(4)},
        {"heads", I(2)}, {"kv_heads", I(2)}, {"head_dim", I(8)}},
       kFloats));
+  // head_dim 16 with grouped-query heads: on CUDA in 16-bit, the
+  // tensor-core kernel (more tokens than sequences, whole fragments).
+  out->push_back(Case(
+      "cached_attention_prefill_d16", "cached_attention",
+      {In("q", {1, 4, 7, 16}), In("k", {1, 2, 7, 16}), In("v", {1, 2, 7, 16}),
+       Given("positions", {7}, DT_INT64, {0, 0, 1, 2, 1, 3, 4}),
+       Given("seq", {7}, DT_INT64, {0, 1, 0, 0, 1, 0, 0}),
+       Given("blocks", {2, 2}, DT_INT64, {3, 0, 1, 2}), Given("seq_ids", {2}, DT_INT64, {0, 1})},
+      {{"scale", F(0.25)}, {"layer", I(0)}, {"block_size", I(4)}, {"num_blocks", I(4)},
+       {"heads", I(4)}, {"kv_heads", I(2)}, {"head_dim", I(16)}},
+      kFloats));
   // Greedy rows (temperature 0, no penalties): each row's argmax.
   out->push_back(Case("sample_tokens_greedy", "sample_tokens",
                       {In("logits", {3, 37}),

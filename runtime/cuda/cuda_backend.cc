@@ -632,7 +632,7 @@ class CudaProgram : public CudaStageProgram {
     CUDA_RETURN_IF_ERROR(kernels::LaunchPagedAttention(
         FloatTypeOf(op.ftype), Address(e, op.src), Address(e, op.src2), Address(e, op.src3),
         Address(e, op.cache), c, reinterpret_cast<const int32_t*>(Address(e, op.tiles)),
-        op.num_tiles, op.heads, op.scalar, Address(e, op.dst), s));
+        op.num_tiles, op.heads, op.scalar, Address(e, op.dst), op.tensor_cores, s));
     return absl::OkStatus();
   }
 

@@ -16,6 +16,7 @@
 #include "runtime/cuda/kernels/cast.h"
 #include "runtime/cuda/kernels/embedding.h"
 #include "runtime/cuda/kernels/paged_attention.h"
+#include "runtime/cuda/kernels/tensor_core_attention.h"
 #include "runtime/cuda/kernels/reduction.h"
 #include "runtime/cuda/kernels/rotary.h"
 #include "runtime/cuda/kernels/triangle.h"
@@ -311,7 +312,16 @@ class EmulatedProgram : public StageProgram {
         [&] { kernels::KvAppend<T>(at(op.src2), at(op.src3), cache, c); });
     if (!s.ok() || op.num_tiles == 0) return s;
     const auto* tiles = reinterpret_cast<const int32_t*>(view.Ptr(op.tiles));
-    return simt::Emulate(simt::Dim3(static_cast<unsigned>(op.num_tiles), op.heads),
+    const simt::Dim3 grid(static_cast<unsigned>(op.num_tiles), op.heads);
+    if constexpr (!std::is_same_v<T, float>) {
+      if (op.tensor_cores) {
+        return simt::Emulate(grid, kernels::kTcThreads, [&] {
+          kernels::TensorCoreAttention<T>(at(op.src), cache, tiles, at(op.dst), c, op.heads,
+                                          op.scalar);
+        });
+      }
+    }
+    return simt::Emulate(grid,
                          kernels::kAttentionThreads, [&] {
                            kernels::PagedAttention<T>(at(op.src), cache, tiles, at(op.dst), c,
                                                       op.heads, op.scalar);

@@ -581,9 +581,11 @@ LoweredStage::Buffers LoweredStage::LayOutBuffers(const std::vector<Shape>& shap
     b.has_gm[v] = val.need_gemm;
   }
   if (kv_inputs_.positions >= 0) {  // cached_attention's tiles
+    b.tensor_cores = TensorCoreTiles(shape);
+    b.tile = b.tensor_cores ? kernels::kTcQueryTile : kernels::kQueryTile;
     b.num_tiles = kernels::MaxAttentionTiles(NumElements(shape[input_values_[kv_inputs_.seq]]),
-                                             shape[input_values_[kv_inputs_.blocks]][0]);
-    b.tiles = act.Take(b.num_tiles * kernels::kQueryTile * 4);
+                                             shape[input_values_[kv_inputs_.blocks]][0], b.tile);
+    b.tiles = act.Take(b.num_tiles * b.tile * 4);
   }
   b.activation_bytes = act.size();
   return b;
@@ -1158,8 +1160,9 @@ void StageInputs(const DevicePlan& plan, absl::Span<const Tensor> inputs,
   }
   for (const StagedTiles& t : plan.tiles) {  // the seq input's tiles, spare ones -1
     const Tensor& seq = inputs[t.seq_input];
-    std::vector<int32_t> tiles = kernels::AttentionTiles(seq.data_as<int64_t>(), seq.numel());
-    tiles.resize(t.capacity * kernels::kQueryTile, -1);  // KvCache::BeginStep checked seq
+    std::vector<int32_t> tiles =
+        kernels::AttentionTiles(seq.data_as<int64_t>(), seq.numel(), t.tile);
+    tiles.resize(t.capacity * t.tile, -1);  // KvCache::BeginStep checked seq
     std::memcpy(base + t.staging.offset, tiles.data(), tiles.size() * sizeof(int32_t));
   }
 }

@@ -167,6 +167,9 @@ struct DeviceOp {
   kernels::PagedCache paged;
   int heads = 0;
   int64_t num_tiles = 0;
+  // TensorCoreAttention on tiles of kTcQueryTile tokens, else
+  // PagedAttention on tiles of kQueryTile (Buffers::tile).
+  bool tensor_cores = false;
   DataType cast_from = DT_FLOAT32, cast_to = DT_FLOAT32;  // kCast
   // Kernels over float values: their storage (float32, float16, bfloat16).
   DataType ftype = DT_FLOAT32;
@@ -191,11 +194,13 @@ struct StagedConstant {
 };
 
 // The attention tiles of a step (AttentionTiles of graph input
-// `seq_input`), written by StageInputs: `capacity` tiles, spare ones -1.
+// `seq_input`, `tile` tokens each), written by StageInputs: `capacity`
+// tiles, spare ones -1.
 struct StagedTiles {
   BufferRef staging;
   int seq_input = 0;
   int64_t capacity = 0;
+  int tile = kernels::kQueryTile;
 };
 
 // A step the host runs after the copies back (sample_tokens): its node
@@ -368,6 +373,8 @@ class LoweredStage {
     std::vector<bool> aliased;
     BufferRef tiles;  // cached_attention's tiles (int32), num_tiles of them
     int64_t num_tiles = 0;
+    int tile = kernels::kQueryTile;  // tokens a tile
+    bool tensor_cores = false;       // TensorCoreAttention (TensorCoreTiles)
     int64_t activation_bytes = 0;
   };
   // Every value's shape for these inputs, and every step's node with its
@@ -400,6 +407,11 @@ class LoweredStage {
   // cached_attention: the tiles staged after the constants, each layer's op.
   void TileOps(const std::vector<Shape>& shape, const Buffers& b, DevicePlan* plan,
                std::vector<DeviceOp>* copy_in) const;
+  // Whether this step's attention runs on tensor cores: a 16-bit cache
+  // whose every layer's head_dim TensorCoreAttention takes, and more
+  // tokens than sequences (a prefill chunk; a decode step's one token a
+  // sequence would fill a 32-row tile with one).
+  bool TensorCoreTiles(const std::vector<Shape>& shape) const;
   DeviceOp AttentionOp(const Step& s, const Node& node, const std::vector<Shape>& shape,
                        const Buffers& b, BufferRef out) const;
   // sample_tokens: its logits copied back, the host step after.

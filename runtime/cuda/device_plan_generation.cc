@@ -75,8 +75,8 @@ void LoweredStage::TileOps(const std::vector<Shape>& shape, const Buffers& b, De
   if (kv_inputs_.positions < 0) return;
   plan->kv = kv_inputs_;
   plan->kv.tokens = shape[input_values_[kv_inputs_.positions]][0];
-  const int64_t bytes = b.num_tiles * kernels::kQueryTile * 4;
-  StagedTiles t{{Arena::kStagingIn, plan->staging_in_bytes}, kv_inputs_.seq, b.num_tiles};
+  const int64_t bytes = b.num_tiles * b.tile * 4;
+  StagedTiles t{{Arena::kStagingIn, plan->staging_in_bytes}, kv_inputs_.seq, b.num_tiles, b.tile};
   plan->staging_in_bytes += (bytes + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
   DeviceOp op{DeviceOp::Type::kCopyIn, "attention tiles"};
   op.src = t.staging;
@@ -84,6 +84,16 @@ void LoweredStage::TileOps(const std::vector<Shape>& shape, const Buffers& b, De
   op.bytes = bytes;
   if (bytes > 0) copy_in->push_back(op);
   plan->tiles.push_back(t);
+}
+
+bool LoweredStage::TensorCoreTiles(const std::vector<Shape>& shape) const {
+  const int64_t tokens = NumElements(shape[input_values_[kv_inputs_.seq]]);
+  const int64_t sequences = shape[input_values_[kv_inputs_.blocks]][0];
+  if (tokens <= sequences || cache_layers_.empty()) return false;
+  return std::all_of(cache_layers_.begin(), cache_layers_.end(), [](const CacheLayer& l) {
+    return (l.type == DT_FLOAT16 || l.type == DT_BFLOAT16) &&
+           kernels::TensorCoreHeadDim(l.head_dim);
+  });
 }
 
 DeviceOp LoweredStage::AttentionOp(const Step& s, const Node& node,
@@ -108,6 +118,7 @@ DeviceOp LoweredStage::AttentionOp(const Step& s, const Node& node,
   op.paged.table_width = shape[s.in[5]][1];
   op.heads = static_cast<int>(q[1]);
   op.num_tiles = b.num_tiles;
+  op.tensor_cores = b.tensor_cores;
   op.scalar = static_cast<float>(FloatAttr(node, "scale", 1.0));
   op.n = NumElements(q);
   return op;

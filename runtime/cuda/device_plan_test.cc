@@ -11,6 +11,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "partitioner/graph_builder.h"
+#include "runtime/conformance/cases.h"
 #include "runtime/cuda/device_generation.h"
 
 namespace pipeserve {
@@ -577,6 +578,52 @@ TEST(DevicePlanTest, OtherDtypesAndTransformerOpsAreRefusedNamingThem) {
   EXPECT_THAT(stage.status().message(),
               HasSubstr("node \"c\" (matmul of [2,B,3,4] and [B,4,5]; it runs [..., K] @ [K, N] "
                         "and batches of equal rank)"));
+}
+
+// cached_attention runs on tensor cores for a 16-bit prefill chunk with
+// whole fragments (the conformance case of head_dim 16: 7 tokens, 2
+// sequences), its tiles staged 32 tokens each; in float32, at head_dim 8,
+// and for a decode step (a token a sequence) the CUDA-core kernel's
+// 8-token tiles.
+TEST(DevicePlanTest, PrefillAttentionTakesTensorCoresIn16BitWithWholeFragments) {
+  auto attention = [](const std::string& name, DataType t,
+                      std::vector<Shape> shapes) -> std::optional<DeviceOp> {
+    for (const ConformanceCase& c : ConformanceCases()) {
+      if (c.name != name) continue;
+      absl::StatusOr<CaseInstance> run = Instantiate(c, t, 3);
+      EXPECT_TRUE(run.ok()) << run.status();
+      absl::StatusOr<LoweredStage> stage = LoweredStage::Create(
+          run->graph, run->weights, Precision::kFloat32, true, CudaOps::kUnconfirmed);
+      EXPECT_TRUE(stage.ok()) << stage.status();
+      if (shapes.empty()) {
+        for (const Tensor& x : run->inputs) shapes.push_back(x.shape());
+      }
+      absl::StatusOr<DevicePlan> plan = stage->Plan(shapes);
+      EXPECT_TRUE(plan.ok()) << plan.status();
+      EXPECT_EQ(plan->tiles.size(), 1u);
+      for (const DeviceOp& op : plan->ops) {
+        if (op.type != Type::kAttention) continue;
+        EXPECT_EQ(plan->tiles[0].tile,
+                  op.tensor_cores ? kernels::kTcQueryTile : kernels::kQueryTile);
+        EXPECT_EQ(plan->tiles[0].capacity, op.num_tiles);
+        return op;
+      }
+    }
+    ADD_FAILURE() << name;
+    return std::nullopt;
+  };
+  for (DataType t : {DT_BFLOAT16, DT_FLOAT16}) {
+    std::optional<DeviceOp> op = attention("cached_attention_prefill_d16", t, {});
+    ASSERT_TRUE(op.has_value());
+    EXPECT_TRUE(op->tensor_cores) << TorchName(t);
+    EXPECT_EQ(op->num_tiles, kernels::MaxAttentionTiles(7, 2, kernels::kTcQueryTile));
+  }
+  EXPECT_FALSE(attention("cached_attention_prefill_d16", DT_FLOAT32, {})->tensor_cores);
+  EXPECT_FALSE(attention("cached_attention_prefill", DT_BFLOAT16, {})->tensor_cores);  // d 8
+  // A decode step: one token for each of the two sequences.
+  const std::vector<Shape> decode = {{1, 4, 2, 16}, {1, 2, 2, 16}, {1, 2, 2, 16}, {2}, {2},
+                                     {2, 2}, {2}};
+  EXPECT_FALSE(attention("cached_attention_prefill_d16", DT_BFLOAT16, decode)->tensor_cores);
 }
 
 }  // namespace

@@ -117,6 +117,15 @@ inline constexpr int kKeyTile = 32;      // keys per shared-memory tile
 inline constexpr int kMaxHeadDim = 128;  // head_dim the shared tiles hold
 inline constexpr int kAttentionThreads = 128;
 inline constexpr int kKvThreads = 256;
+// tensor_core_attention.h: 16 query rows a warp, two warps a block.
+inline constexpr int kTcQueryTile = 32;
+inline constexpr int kTcKeyTile = 32;
+inline constexpr int kTcThreads = 64;
+
+// Whether TensorCoreAttention takes a head_dim: whole 16-wide fragments.
+constexpr bool TensorCoreHeadDim(int head_dim) {
+  return head_dim > 0 && head_dim <= kMaxHeadDim && head_dim % 16 == 0;
+}
 
 // Where one layer's cache and one step's metadata are. positions, seq
 // [tokens]; tables [sequences, table_width] (block ids).
@@ -129,9 +138,11 @@ struct PagedCache {
   const int64_t* tables = nullptr;
 };
 
-// The step's tokens grouped for PagedAttention: each sequence's tokens in
-// step order, kQueryTile per tile, -1 filling a tile's tail.
-inline std::vector<int32_t> AttentionTiles(const int64_t* seq, int64_t tokens) {
+// The step's tokens grouped for PagedAttention (tile kQueryTile) or
+// TensorCoreAttention (kTcQueryTile): each sequence's tokens in step
+// order, `tile` per tile, -1 filling a tile's tail.
+inline std::vector<int32_t> AttentionTiles(const int64_t* seq, int64_t tokens,
+                                           int tile = kQueryTile) {
   std::vector<std::vector<int32_t>> by_seq;
   for (int64_t t = 0; t < tokens; ++t) {
     if (by_seq.size() <= static_cast<size_t>(seq[t])) by_seq.resize(seq[t] + 1);
@@ -139,17 +150,17 @@ inline std::vector<int32_t> AttentionTiles(const int64_t* seq, int64_t tokens) {
   }
   std::vector<int32_t> tiles;
   for (const std::vector<int32_t>& mine : by_seq) {
-    for (size_t i = 0; i < mine.size(); i += kQueryTile) {
-      for (size_t r = i; r < i + kQueryTile; ++r) tiles.push_back(r < mine.size() ? mine[r] : -1);
+    for (size_t i = 0; i < mine.size(); i += tile) {
+      for (size_t r = i; r < i + tile; ++r) tiles.push_back(r < mine.size() ? mine[r] : -1);
     }
   }
   return tiles;
 }
 
-// The most tiles a step of `tokens` tokens of at most `sequences`
-// sequences makes.
-inline int64_t MaxAttentionTiles(int64_t tokens, int64_t sequences) {
-  return (tokens + kQueryTile - 1) / kQueryTile + sequences;
+// The most tiles of `tile` tokens a step of `tokens` tokens of at most
+// `sequences` sequences makes.
+inline int64_t MaxAttentionTiles(int64_t tokens, int64_t sequences, int tile = kQueryTile) {
+  return (tokens + tile - 1) / tile + sequences;
 }
 
 inline unsigned AppendBlocks(int64_t tokens, int kv_heads, int head_dim) {

@@ -8,6 +8,8 @@
 // heads, block tables out of order, two sequences' tokens interleaved.
 #include "runtime/cuda/kernels/paged_attention.h"
 
+#include "runtime/cuda/kernels/tensor_core_attention.h"
+
 #include <algorithm>
 #include <cmath>
 #include <random>
@@ -44,7 +46,7 @@ Cache MakeCache(int64_t num_blocks, int kv_heads, int head_dim, int block_size, 
 template <typename T>
 absl::StatusOr<Tensor> RunStep(Cache& cache, const Tensor& q, const Tensor& k, const Tensor& v,
                                const Tensor& positions, const Tensor& seq, const Tensor& tables,
-                               float scale) {
+                               float scale, bool tensor_cores = false) {
   PagedCache c;
   c.tokens = q.shape()[2];
   c.kv_heads = cache.kv_heads;
@@ -60,6 +62,19 @@ absl::StatusOr<Tensor> RunStep(Cache& cache, const Tensor& q, const Tensor& k, c
     KvAppend<T>(As<T>(k), As<T>(v), As<T>(cache.memory), c);
   });
   if (!s.ok()) return s;
+  if constexpr (!std::is_same_v<T, float>) {
+    if (tensor_cores) {
+      const std::vector<int32_t> tiles =
+          AttentionTiles(seq.data_as<int64_t>(), seq.numel(), kTcQueryTile);
+      const simt::Dim3 grid(static_cast<unsigned>(tiles.size() / kTcQueryTile), heads);
+      s = simt::Emulate(grid, kTcThreads, [&] {
+        TensorCoreAttention<T>(As<T>(q), As<T>(cache.memory), tiles.data(), As<T>(out), c, heads,
+                               scale);
+      });
+      if (!s.ok()) return s;
+      return out;
+    }
+  }
   const std::vector<int32_t> tiles = AttentionTiles(seq.data_as<int64_t>(), seq.numel());
   const simt::Dim3 grid(static_cast<unsigned>(tiles.size() / kQueryTile), heads);
   s = simt::Emulate(grid, kAttentionThreads, [&] {
@@ -167,7 +182,7 @@ Tensor StepRows(const std::vector<Sequence>& seqs, const std::vector<double> Seq
 // tokens interleave the sequences: a prompt chunk each, a second chunk,
 // then one decoded token each.
 template <typename T>
-void ChunkedSteps(DataType t, int head_dim, int block_size) {
+void ChunkedSteps(DataType t, int head_dim, int block_size, bool tensor_cores = false) {
   const int heads = 4, kv_heads = 2;
   std::mt19937 rng(head_dim * 31 + block_size);
   std::vector<Sequence> seqs = {MakeSequence(37, heads, kv_heads, head_dim, t, &rng),
@@ -199,7 +214,7 @@ void ChunkedSteps(DataType t, int head_dim, int block_size) {
         StepRows(seqs, &Sequence::k, kv_heads, head_dim, tokens, t),
         StepRows(seqs, &Sequence::v, kv_heads, head_dim, tokens, t),
         TensorOf({n}, DT_INT64, positions), TensorOf({n}, DT_INT64, seq), tables,
-        static_cast<float>(1.0 / std::sqrt(head_dim)));
+        static_cast<float>(1.0 / std::sqrt(head_dim)), tensor_cores);
     ASSERT_TRUE(out.ok()) << "step " << step << ": " << out.status();
     const int64_t bytes = head_dim * ElementSize(t);
     for (int h = 0; h < heads; ++h) {
@@ -213,8 +228,9 @@ void ChunkedSteps(DataType t, int head_dim, int block_size) {
   for (int s = 0; s < 2; ++s) {
     const double err = RelativeError(got[s], seqs[s].want);
     EXPECT_LE(err, Tolerance(t)) << "sequence " << s << " " << TorchName(t);
-    std::printf("[ max_rel_err ] simt_%s paged_attention_d%d_b%d_seq%d %.1e tol %.0e\n",
-                TorchName(t).c_str(), head_dim, block_size, s, err, Tolerance(t));
+    std::printf("[ max_rel_err ] simt_%s %s_attention_d%d_b%d_seq%d %.1e tol %.0e\n",
+                TorchName(t).c_str(), tensor_cores ? "tensor_core" : "paged", head_dim,
+                block_size, s, err, Tolerance(t));
   }
 }
 
@@ -229,6 +245,24 @@ TEST(PagedAttentionTest, ChunkedPrefillThenDecodeEqualsTheWholeSequenceFloat16) 
 
 TEST(PagedAttentionTest, ChunkedPrefillThenDecodeEqualsTheWholeSequenceBfloat16) {
   ChunkedSteps<simt::Bf16>(DT_BFLOAT16, 64, 16);
+}
+
+// The tensor-core kernel on the same steps: 32-row tiles with empty rows
+// (a decode step's one token a sequence, a 37-token sequence's second
+// chunk), key tiles cut by the causal mask, head_dim 32, 64 and 128.
+TEST(TensorCoreAttentionTest, ChunkedPrefillThenDecodeEqualsTheWholeSequence) {
+  ChunkedSteps<simt::Half>(DT_FLOAT16, 64, 16, true);
+  ChunkedSteps<simt::Bf16>(DT_BFLOAT16, 64, 16, true);
+  ChunkedSteps<simt::Bf16>(DT_BFLOAT16, kMaxHeadDim, 4, true);
+  ChunkedSteps<simt::Half>(DT_FLOAT16, 32, 8, true);
+}
+
+TEST(TensorCoreAttentionTest, TakesHeadDimsOfWholeFragments) {
+  EXPECT_TRUE(TensorCoreHeadDim(16));
+  EXPECT_TRUE(TensorCoreHeadDim(kMaxHeadDim));
+  EXPECT_FALSE(TensorCoreHeadDim(40));
+  EXPECT_FALSE(TensorCoreHeadDim(kMaxHeadDim + 16));
+  EXPECT_FALSE(TensorCoreHeadDim(0));
 }
 
 TEST(PagedAttentionTest, TilesGroupEachSequencesTokensInStepOrder) {

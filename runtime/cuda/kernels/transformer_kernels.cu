@@ -11,6 +11,7 @@
 #include "runtime/cuda/kernels/reduction.h"
 #include "runtime/cuda/kernels/rotary.h"
 #include "runtime/cuda/kernels/strided_copy.h"
+#include "runtime/cuda/kernels/tensor_core_attention.h"
 #include "runtime/cuda/kernels/transformer_kernels.h"
 #include "runtime/cuda/kernels/triangle.h"
 
@@ -184,7 +185,7 @@ cudaError_t LaunchEmbedding(FloatType t, const int64_t* ids, const void* table, 
 cudaError_t LaunchPagedAttention(FloatType t, const void* q, const void* k, const void* v,
                                  void* cache, const PagedCache& c, const int32_t* tiles,
                                  int64_t num_tiles, int heads, float scale, void* out,
-                                 cudaStream_t stream) {
+                                 bool tensor_cores, cudaStream_t stream) {
   if (c.tokens <= 0) return cudaSuccess;
   cudaError_t e = cudaSuccess;
   WithType(t, [&](auto zero) {
@@ -193,9 +194,19 @@ cudaError_t LaunchPagedAttention(FloatType t, const void* q, const void* k, cons
         static_cast<const T*>(k), static_cast<const T*>(v), static_cast<T*>(cache), c);
     e = cudaGetLastError();
     if (e != cudaSuccess || num_tiles == 0) return;
-    PagedAttention<T><<<dim3(static_cast<unsigned>(num_tiles), heads), kAttentionThreads, 0,
-                        stream>>>(static_cast<const T*>(q), static_cast<const T*>(cache), tiles,
-                                  static_cast<T*>(out), c, heads, scale);
+    const dim3 grid(static_cast<unsigned>(num_tiles), heads);
+    if constexpr (!std::is_same_v<T, float>) {
+      if (tensor_cores) {
+        TensorCoreAttention<T><<<grid, kTcThreads, 0, stream>>>(
+            static_cast<const T*>(q), static_cast<const T*>(cache), tiles, static_cast<T*>(out), c,
+            heads, scale);
+        e = cudaGetLastError();
+        return;
+      }
+    }
+    PagedAttention<T><<<grid, kAttentionThreads, 0, stream>>>(
+        static_cast<const T*>(q), static_cast<const T*>(cache), tiles, static_cast<T*>(out), c,
+        heads, scale);
     e = cudaGetLastError();
   });
   return e;

@@ -69,13 +69,14 @@ cudaError_t LaunchEmbedding(FloatType t, const int64_t* ids, const void* table, 
                             int64_t n, int64_t rows, int64_t dim, cudaStream_t stream);
 
 // cached_attention of one step on one layer's paged cache: appends k and
-// v, then attends q over the cache (paged_attention.h). `c`'s metadata
-// pointers and `tiles` (num_tiles * kQueryTile token indices) are device
-// memory.
+// v, then attends q over the cache (paged_attention.h; with
+// `tensor_cores`, a 16-bit t and TensorCoreHeadDim, tensor_core_
+// attention.h). `c`'s metadata pointers and `tiles` (num_tiles * the
+// kernel's query tile of token indices) are device memory.
 cudaError_t LaunchPagedAttention(FloatType t, const void* q, const void* k, const void* v,
                                  void* cache, const PagedCache& c, const int32_t* tiles,
                                  int64_t num_tiles, int heads, float scale, void* out,
-                                 cudaStream_t stream);
+                                 bool tensor_cores, cudaStream_t stream);
 
 // out [rows] (int64, device) = each row's first largest value's index in
 // x [rows, cols] (argmax.h).
