@@ -629,6 +629,8 @@ class CudaProgram : public CudaStageProgram {
     c.positions = ints(op.src4);
     c.seq = ints(op.seq);
     c.tables = ints(op.tables);
+    if (op.rope_q.on) c.rope_q.cos = Address(e, op.rope_q.cos), c.rope_q.sin = Address(e, op.rope_q.sin);
+    if (op.rope_k.on) c.rope_k.cos = Address(e, op.rope_k.cos), c.rope_k.sin = Address(e, op.rope_k.sin);
     CUDA_RETURN_IF_ERROR(kernels::LaunchPagedAttention(
         FloatTypeOf(op.ftype), Address(e, op.src), Address(e, op.src2), Address(e, op.src3),
         Address(e, op.cache), c, reinterpret_cast<const int32_t*>(Address(e, op.tiles)),

@@ -305,6 +305,8 @@ class EmulatedProgram : public StageProgram {
     c.positions = reinterpret_cast<const int64_t*>(view.Ptr(op.src4));
     c.seq = reinterpret_cast<const int64_t*>(view.Ptr(op.seq));
     c.tables = reinterpret_cast<const int64_t*>(view.Ptr(op.tables));
+    if (op.rope_q.on) c.rope_q.cos = view.Ptr(op.rope_q.cos), c.rope_q.sin = view.Ptr(op.rope_q.sin);
+    if (op.rope_k.on) c.rope_k.cos = view.Ptr(op.rope_k.cos), c.rope_k.sin = view.Ptr(op.rope_k.sin);
     T* cache = reinterpret_cast<T*>(view.Ptr(op.cache));
     auto at = [&](const BufferRef& r) { return reinterpret_cast<T*>(view.Ptr(r)); };
     absl::Status s = simt::Emulate(

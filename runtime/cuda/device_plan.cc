@@ -157,6 +157,7 @@ absl::Status LoweredStage::Build(const WeightMap& weights, const ValueTypes& typ
     FuseGeluEpilogues();
     FuseRmsNorms(shapes);
     FuseRotaries(shapes);
+    FuseRotaryIntoAttention();
     FuseResidualNorms(shapes);
     FuseElementwise();
   }

@@ -170,6 +170,14 @@ struct DeviceOp {
   // TensorCoreAttention on tiles of kTcQueryTile tokens, else
   // PagedAttention on tiles of kQueryTile (Buffers::tile).
   bool tensor_cores = false;
+  // The tables of a rotary embedding folded into the attention's reads of
+  // q and k (FuseRotaryIntoAttention; paged.rope_q/rope_k hold its sizes,
+  // the launcher its pointers).
+  struct RopeTables {
+    bool on = false;
+    BufferRef cos, sin;
+  };
+  RopeTables rope_q, rope_k;
   DataType cast_from = DT_FLOAT32, cast_to = DT_FLOAT32;  // kCast
   // Kernels over float values: their storage (float32, float16, bfloat16).
   DataType ftype = DT_FLOAT32;
@@ -360,6 +368,10 @@ class LoweredStage {
     // norm is of kernel_in[0] + `residual`, and its kernel writes that sum
     // to value `residual_sum` (a kResidualSum step's output).
     int residual = -1, residual_sum = -1;
+    // kAttention: the absorbed kRotary steps whose rotation of q and k the
+    // attention kernels apply as they read (kernel_in holds the unrotated
+    // q and k, then each rotary's cos and sin).
+    int rope_q = -1, rope_k = -1;
   };
 
   LoweredStage() = default;
@@ -412,8 +424,9 @@ class LoweredStage {
   // tokens than sequences (a prefill chunk; a decode step's one token a
   // sequence would fill a 32-row tile with one).
   bool TensorCoreTiles(const std::vector<Shape>& shape) const;
-  DeviceOp AttentionOp(const Step& s, const Node& node, const std::vector<Shape>& shape,
-                       const Buffers& b, BufferRef out) const;
+  absl::StatusOr<DeviceOp> AttentionOp(const Step& s, const Node& node,
+                                       const std::vector<Shape>& shape, const Buffers& b,
+                                       BufferRef out) const;
   // sample_tokens: its logits copied back, the host step after.
   void HostSampleOps(const Sizes& sizes, const Buffers& b, DevicePlan* plan,
                      std::vector<DeviceOp>* compute, std::vector<DeviceOp>* copy_out) const;
@@ -474,6 +487,12 @@ class LoweredStage {
   void FuseRotaries(const ValueShapes& shapes);
   // Folds each norm's input add into the norm's kernel (kResidualSum).
   void FuseResidualNorms(const ValueShapes& shapes);
+  // Folds a rotary step read only by an attention step, as its q or k,
+  // into the attention's kernels.
+  void FuseRotaryIntoAttention();
+  // The rotary tables and sizes of the attention's q (slot 0) or k.
+  absl::Status SetRope(const Step& s, int slot, const std::vector<Shape>& shape, const Buffers& b,
+                       DeviceOp* op) const;
   // Whether step `add` is an add the norm at step `norm` can compute: two
   // operands of its output's shape and type, its sum read by no step
   // before the norm.

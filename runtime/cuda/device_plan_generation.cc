@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "graph/op_schema.h"
+#include "common/status_macros.h"
 #include "runtime/cuda/device_plan.h"
 
 namespace pipeserve {
@@ -96,14 +97,15 @@ bool LoweredStage::TensorCoreTiles(const std::vector<Shape>& shape) const {
   });
 }
 
-DeviceOp LoweredStage::AttentionOp(const Step& s, const Node& node,
-                                   const std::vector<Shape>& shape, const Buffers& b,
-                                   BufferRef out) const {
+absl::StatusOr<DeviceOp> LoweredStage::AttentionOp(const Step& s, const Node& node,
+                                                   const std::vector<Shape>& shape,
+                                                   const Buffers& b, BufferRef out) const {
   const CacheLayer& layer = cache_layers_[s.layer];
   const Shape& q = shape[s.in[0]];
+  const std::vector<int>& reads = s.kernel_in.empty() ? s.in : s.kernel_in;  // unrotated q, k
   DeviceOp op{DeviceOp::Type::kAttention, node.name()};
-  op.src = b.f32[s.in[0]];
-  op.src2 = b.f32[s.in[1]];
+  op.src = b.f32[reads[0]];
+  op.src2 = b.f32[reads[1]];
   op.src3 = b.f32[s.in[2]];
   op.src4 = b.f32[s.in[3]];
   op.seq = b.f32[s.in[4]];
@@ -121,7 +123,45 @@ DeviceOp LoweredStage::AttentionOp(const Step& s, const Node& node,
   op.tensor_cores = b.tensor_cores;
   op.scalar = static_cast<float>(FloatAttr(node, "scale", 1.0));
   op.n = NumElements(q);
+  RETURN_IF_ERROR(SetRope(s, 0, shape, b, &op));
+  RETURN_IF_ERROR(SetRope(s, 1, shape, b, &op));
   return op;
+}
+
+// A rotary step read only by an attention step, as its q or its k: the
+// attention kernels rotate q as they load it and k as they append it, so
+// the two rotary kernels of a Llama layer and their outputs go.
+void LoweredStage::FuseRotaryIntoAttention() {
+  const std::vector<int> only_reader = OnlyReaders();
+  for (size_t a = 0; a < steps_.size(); ++a) {
+    Step& s = steps_[a];
+    if (s.kind != Kind::kAttention) continue;
+    for (int slot : {0, 1}) {
+      const int p = values_[s.in[slot]].producer;
+      if (p < 0 || steps_[p].kind != Kind::kRotary ||
+          only_reader[s.in[slot]] != static_cast<int>(a)) {
+        continue;
+      }
+      if (s.kernel_in.empty()) s.kernel_in = s.in;
+      const std::vector<int>& rotary = steps_[p].kernel_in;  // x, cos, sin
+      s.kernel_in[slot] = rotary[0];
+      s.kernel_in.insert(s.kernel_in.end(), {rotary[1], rotary[2]});  // needed on the device
+      (slot == 0 ? s.rope_q : s.rope_k) = p;
+      steps_[p].kind = Kind::kAbsorbed;
+    }
+  }
+}
+
+absl::Status LoweredStage::SetRope(const Step& s, int slot, const std::vector<Shape>& shape,
+                                   const Buffers& b, DeviceOp* op) const {
+  const int p = slot == 0 ? s.rope_q : s.rope_k;
+  if (p < 0) return absl::OkStatus();
+  // The rotary's own sizes and checks, as if it ran (its output is q or k).
+  ASSIGN_OR_RETURN(DeviceOp rotary, RotaryOpOf(steps_[p], NodeOf(steps_[p]), shape, b, {}));
+  DeviceOp::RopeTables& tables = slot == 0 ? op->rope_q : op->rope_k;
+  tables = {true, rotary.src2, rotary.src3};
+  (slot == 0 ? op->paged.rope_q : op->paged.rope_k).op = rotary.rotary;
+  return absl::OkStatus();
 }
 
 namespace {

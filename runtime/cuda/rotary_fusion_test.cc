@@ -4,14 +4,19 @@
 // are on; op by op when the halves are not the halves or an intermediate
 // has another reader or the tables have a row per sequence; and the same
 // values as the CPU backend's run, on the device emulator, with tables of
-// a row per token or one row for all.
+// a row per token or one row for all. A rotary read only by
+// cached_attention, as its q or k, is no kernel at all: the attention
+// kernels rotate as they read.
 #include <algorithm>
 #include <cmath>
+#include <random>
 #include <string>
 #include <vector>
 
 #include "gtest/gtest.h"
 #include "partitioner/graph_builder.h"
+#include "runtime/conformance/cases.h"
+#include "runtime/conformance/reference.h"
 #include "runtime/cpu/cpu_backend.h"
 #include "runtime/cuda/device_emulator.h"
 #include "runtime/cuda/device_plan.h"
@@ -102,6 +107,111 @@ TEST(RotaryFusion, TheEmulatorMatchesTheCpuBackend) {
       }
       EXPECT_LE(err, 1e-6) << "split " << v.split << ", tables first " << v.tables_first
                            << ", table rows " << table_rows;
+    }
+  }
+}
+
+// x [1, heads, T, 16] rotated by cos and sin [T, 16] into `out`.
+void Rotate(GraphBuilder& b, const std::string& x, const std::string& out) {
+  b.Op("mul", {x, "cos"}, out + "_plain")
+      .Op("slice", {x}, out + "_high", "", {{"dim", AttrI(3)}, {"start", AttrI(8)}, {"step", AttrI(1)}})
+      .Op("neg", {out + "_high"}, out + "_negated")
+      .Op("slice", {x}, out + "_low", "", {{"dim", AttrI(3)}, {"stop", AttrI(8)}, {"step", AttrI(1)}})
+      .Op("cat", {out + "_negated", out + "_low"}, out + "_turned", "", {{"dim", AttrI(-1)}})
+      .Op("mul", {out + "_turned", "sin"}, out + "_rotated")
+      .Op("add", {out + "_plain", out + "_rotated"}, out);
+}
+
+// Llama's attention as the exporter writes it for generation: q and k
+// rotated, then cached_attention (4 heads, 2 KV heads, head_dim 16) in
+// type t; `q_out` also returns the rotated q (a second reader).
+Model RopeAttentionGraph(DataType t, bool q_out) {
+  GraphBuilder b;
+  b.Input("q_raw", {1, 4, -1, 16}).Input("k_raw", {1, 2, -1, 16}).Input("v", {1, 2, -1, 16});
+  b.Input("cos", {-1, 16}).Input("sin", {-1, 16});
+  b.Input("positions", {-1}).Input("seq", {-1}).Input("blocks", {-1, 2}).Input("seq_ids", {-1});
+  for (ValueSpec& in : *b.graph().mutable_inputs()) {  // a step's tokens, not a batch
+    const bool ints = in.name() == "positions" || in.name() == "seq" || in.name() == "blocks" ||
+                      in.name() == "seq_ids";
+    in.set_dtype(ints ? DT_INT64 : t);
+    in.set_batched(false);
+  }
+  Rotate(b, "q_raw", "q");
+  Rotate(b, "k_raw", "k");
+  b.Op("cached_attention", {"q", "k", "v", "positions", "seq", "blocks", "seq_ids"}, "out", "",
+       {{"scale", AttrF(0.25)}, {"layer", AttrI(0)}, {"block_size", AttrI(4)},
+        {"num_blocks", AttrI(4)}, {"heads", AttrI(4)}, {"kv_heads", AttrI(2)},
+        {"head_dim", AttrI(16)}});
+  b.Output("out");
+  if (q_out) b.Output("q");
+  return b.Build();
+}
+
+// Seven tokens of two sequences (a prefill: more tokens than sequences).
+std::vector<Tensor> RopeAttentionInputs(DataType t) {
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<double> u(-1, 1);
+  auto random = [&](const Shape& s) {
+    std::vector<double> v(NumElements(s));
+    for (double& x : v) x = u(rng);
+    return TensorOf(s, t, v);
+  };
+  return {random({1, 4, 7, 16}), random({1, 2, 7, 16}), random({1, 2, 7, 16}),
+          random({7, 16}), random({7, 16}),
+          TensorOf({7}, DT_INT64, {0, 0, 1, 2, 1, 3, 4}),
+          TensorOf({7}, DT_INT64, {0, 1, 0, 0, 1, 0, 0}),
+          TensorOf({2, 2}, DT_INT64, {3, 0, 1, 2}), TensorOf({2}, DT_INT64, {0, 1})};
+}
+
+TEST(RotaryFusion, ARotaryReadOnlyByTheAttentionIsFoldedIntoIt) {
+  for (bool q_out : {false, true}) {
+    Model m = RopeAttentionGraph(DT_BFLOAT16, q_out);
+    absl::StatusOr<LoweredStage> stage =
+        LoweredStage::Create(m.graph, m.weights, Precision::kFloat32, true, CudaOps::kUnconfirmed);
+    ASSERT_TRUE(stage.ok()) << stage.status();
+    std::vector<Shape> shapes;
+    for (const Tensor& x : RopeAttentionInputs(DT_BFLOAT16)) shapes.push_back(x.shape());
+    absl::StatusOr<DevicePlan> plan = stage->Plan(shapes);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    int rotaries = 0;
+    const DeviceOp* attention = nullptr;
+    for (size_t i = plan->compute_begin; i < plan->compute_end; ++i) {
+      rotaries += plan->ops[i].type == DeviceOp::Type::kRotary;
+      if (plan->ops[i].type == DeviceOp::Type::kAttention) attention = &plan->ops[i];
+    }
+    ASSERT_NE(attention, nullptr);
+    EXPECT_EQ(rotaries, q_out ? 1 : 0);  // a q also returned is rotated on its own
+    EXPECT_EQ(attention->rope_q.on, !q_out);
+    EXPECT_TRUE(attention->rope_k.on);
+    EXPECT_EQ(attention->paged.rope_k.op.d, 16);
+    EXPECT_EQ(attention->paged.rope_k.op.tokens, 7);
+    EXPECT_EQ(attention->paged.rope_k.op.table_rows, 7);
+    EXPECT_TRUE(attention->tensor_cores);
+  }
+}
+
+// The folded rotation on both attention kernels (float32: CUDA cores;
+// bfloat16: tensor cores) against the CPU backend's op-by-op run.
+TEST(RotaryFusion, TheFoldedRotaryOnTheEmulatorMatchesTheCpuBackend) {
+  std::unique_ptr<ComputeBackend> cpu = MakeCpuBackend({});
+  std::unique_ptr<ComputeBackend> emulator = MakeDeviceEmulatorBackend(Precision::kFloat32);
+  for (DataType t : {DT_FLOAT32, DT_BFLOAT16}) {
+    for (bool q_out : {false, true}) {
+      Model m = RopeAttentionGraph(t, q_out);
+      auto want = cpu->Compile(m.graph, m.weights);
+      auto got = emulator->Compile(m.graph, m.weights);
+      ASSERT_TRUE(want.ok()) << want.status();
+      ASSERT_TRUE(got.ok()) << got.status();
+      const std::vector<Tensor> in = RopeAttentionInputs(t);
+      absl::StatusOr<std::vector<Tensor>> a = (*want)->Run(in), b = (*got)->Run(in);
+      ASSERT_TRUE(a.ok()) << a.status();
+      ASSERT_TRUE(b.ok()) << b.status();
+      // bfloat16: the CPU rounds after each op of the rotary, the kernels once.
+      const double tol = t == DT_FLOAT32 ? 1e-5 : 2e-2;
+      for (size_t k = 0; k < a->size(); ++k) {
+        EXPECT_LE(RelativeError((*b)[k], ToRef((*a)[k])), tol)
+            << TorchName(t) << ", q out " << q_out << ", output " << k;
+      }
     }
   }
 }

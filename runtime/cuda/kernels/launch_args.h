@@ -127,8 +127,24 @@ constexpr bool TensorCoreHeadDim(int head_dim) {
   return head_dim > 0 && head_dim <= kMaxHeadDim && head_dim % 16 == 0;
 }
 
+// n elements of x [n / d, d], `tokens` rows a sequence; cos and sin hold
+// table_rows rows of d (table_rows is tokens, or 1).
+struct RotaryOp {
+  int64_t n = 0, d = 0, tokens = 1, table_rows = 1;
+};
+
+// A rotary embedding applied to q or k as the attention kernels read them
+// (rotary.h's RotatedAt; the plan folds a rotary step read only by the
+// attention into it): cos and sin in the values' storage type, or null.
+struct Rope {
+  const void* cos = nullptr;
+  const void* sin = nullptr;
+  RotaryOp op;
+};
+
 // Where one layer's cache and one step's metadata are. positions, seq
-// [tokens]; tables [sequences, table_width] (block ids).
+// [tokens]; tables [sequences, table_width] (block ids). rope_q and rope_k:
+// the rotary embedding of q and k, if any.
 struct PagedCache {
   int64_t tokens = 0;
   int kv_heads = 0, head_dim = 0, block_size = 0;
@@ -136,6 +152,7 @@ struct PagedCache {
   const int64_t* positions = nullptr;
   const int64_t* seq = nullptr;
   const int64_t* tables = nullptr;
+  Rope rope_q, rope_k;
 };
 
 // The step's tokens grouped for PagedAttention (tile kQueryTile) or
@@ -168,12 +185,7 @@ inline unsigned AppendBlocks(int64_t tokens, int kv_heads, int head_dim) {
 }
 
 // ---- rotary.h ------------------------------------------------------------------
-
-// n elements of x [n / d, d], `tokens` rows a sequence; cos and sin hold
-// table_rows rows of d (table_rows is tokens, or 1).
-struct RotaryOp {
-  int64_t n = 0, d = 0, tokens = 1, table_rows = 1;
-};
+// RotaryOp and Rope are with paged_attention.h's arguments above.
 
 // ---- argmax.h ------------------------------------------------------------------
 

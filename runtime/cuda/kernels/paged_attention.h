@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "runtime/cuda/kernels/launch_args.h"
+#include "runtime/cuda/kernels/rotary.h"
 #include "runtime/cuda/simt/simt.h"
 
 namespace pipeserve::kernels {
@@ -45,8 +46,9 @@ SIMT_HOST_DEVICE int64_t CacheRow(const PagedCache& c, int64_t s, int64_t p, int
   return (((block * 2 + kind) * c.kv_heads + h) * c.block_size + p % c.block_size) * c.head_dim;
 }
 
-// Writes k and v [1, kv_heads, tokens, head_dim] of the step into `cache`:
-// one thread per element of k (grid: AppendBlocks).
+// Writes k (rotated by c.rope_k, if it has tables) and v [1, kv_heads,
+// tokens, head_dim] of the step into `cache`: one thread per element of k
+// (grid: AppendBlocks).
 template <typename T>
 SIMT_GLOBAL void KvAppend(const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ cache,
                           PagedCache c) {
@@ -56,7 +58,7 @@ SIMT_GLOBAL void KvAppend(const T* __restrict__ k, const T* __restrict__ v, T* _
   const int64_t d = i % c.head_dim;
   const int64_t t = i / c.head_dim % c.tokens;
   const int h = static_cast<int>(i / c.head_dim / c.tokens);
-  cache[CacheRow(c, c.seq[t], c.positions[t], 0, h) + d] = k[i];
+  cache[CacheRow(c, c.seq[t], c.positions[t], 0, h) + d] = MaybeRotated(k, c.rope_k, i);
   cache[CacheRow(c, c.seq[t], c.positions[t], 1, h) + d] = v[i];
 }
 
@@ -115,8 +117,8 @@ SIMT_DEVICE void RowUpdate(int r, simt::SharedPtr<float> p_s, simt::SharedPtr<fl
   alpha_s[r] = alpha;
 }
 
-// out [1, heads, tokens, head_dim] = attention of q (same shape, scaled by
-// `scale`) over the cache: block (tile, head) takes the kQueryTile tokens
+// out [1, heads, tokens, head_dim] = attention of q (same shape, rotated
+// by c.rope_q if it has tables, scaled by `scale`) over the cache: block (tile, head) takes the kQueryTile tokens
 // tiles[tile * kQueryTile ...] (one sequence's; -1 = none) for query head
 // `head`, which reads KV head head / (heads / kv_heads). head_dim <=
 // kMaxHeadDim. The step's own keys must be in the cache (KvAppend first).
@@ -150,7 +152,9 @@ SIMT_GLOBAL void PagedAttention(const T* __restrict__ q, const T* __restrict__ c
   for (int i = t; i < kQueryTile * D; i += kAttentionThreads) {
     const int r = i / D, d = i % D;
     q_s[r * kMaxHeadDim + d] =
-        tile[r] < 0 ? 0.0f : ToFloat(q[(int64_t{head} * c.tokens + tile[r]) * D + d]) * scale;
+        tile[r] < 0 ? 0.0f
+                    : ToFloat(MaybeRotated(q, c.rope_q, (int64_t{head} * c.tokens + tile[r]) * D + d)) *
+                          scale;
   }
   if (t < kQueryTile) {
     m_s[t] = -__builtin_huge_valf();

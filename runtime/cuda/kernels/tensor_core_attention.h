@@ -155,7 +155,8 @@ SIMT_GLOBAL void TensorCoreAttention(const T* __restrict__ q, const T* __restric
   const T zero = FromFloat<T>(0.0f);
   for (int i = t; i < kTcQueryTile * D; i += kTcThreads) {
     const int r = i / D, d = i % D;
-    q_s[r * kMaxHeadDim + d] = tile[r] < 0 ? zero : q[(int64_t{head} * c.tokens + tile[r]) * D + d];
+    q_s[r * kMaxHeadDim + d] =
+        tile[r] < 0 ? zero : MaybeRotated(q, c.rope_q, (int64_t{head} * c.tokens + tile[r]) * D + d);
     o_s[r * kMaxHeadDim + d] = 0.0f;
   }
   if (t < kTcQueryTile) {
