@@ -166,6 +166,10 @@ const dnnl::engine& CpuEngine() {
 absl::Status GemmBf16(bool trans_b, int64_t m, int64_t n, int64_t k, const uint16_t* a,
                       const uint16_t* b, const uint16_t* bias, uint16_t* c) {
   if (m == 0 || n == 0) return absl::OkStatus();
+  if (k == 0) {  // the bias, or zeros, in every row
+    for (int64_t i = 0; i < m * n; ++i) c[i] = bias != nullptr ? bias[i % n] : 0;
+    return absl::OkStatus();
+  }
   if (trans_b && GemvBf16Runs(m)) {  // a decode step: stream the weights once
     GemvBf16(m, n, k, a, b, bias, c);
     return absl::OkStatus();

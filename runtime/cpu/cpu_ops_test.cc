@@ -493,6 +493,35 @@ TEST_F(CpuOpsConformance, FusedElementwiseGroup) {
 
 // Output sizes can come from a model's attributes (full, arange, expand):
 // one too large is an error, not a crash.
+// linear over an inner dimension of 0 is its bias (or zeros) in every row,
+// as in PyTorch: the output buffer (a reused scratch full of NaN) is
+// written, not left as it was.
+TEST(CpuOpsTest, LinearOverAnInnerDimensionOf0IsItsBias) {
+  for (DataType t : {DT_FLOAT32, DT_BFLOAT16}) {
+    for (bool with_bias : {false, true}) {
+      const Tensor x = Make({3, 0}, t, {}), w = Make({4, 0}, t, {});
+      const Tensor bias = Make({4}, t, {1, -2, 0.5, 4});
+      std::vector<const Tensor*> in = {&x, &w};
+      if (with_bias) in.push_back(&bias);
+      Tensor scratch = Make({3, 4}, t, std::vector<double>(12, NAN));
+      absl::StatusOr<Tensor> out = RunCpuOp(MakeNode("linear"), in, {3, 4}, t, std::move(scratch));
+      ASSERT_TRUE(out.ok()) << out.status();
+      for (int64_t i = 0; i < 12; ++i) {
+        EXPECT_EQ(At(*out, i), with_bias ? Held(bias)[i % 4] : 0.0)
+            << TorchName(t) << ", bias " << with_bias << ", element " << i;
+      }
+    }
+    // addmm, as GPT-2's Conv1D: bias [4] + x [3, 0] @ w [0, 4].
+    const Tensor x = Make({3, 0}, t, {}), w = Make({0, 4}, t, {});
+    const Tensor bias = Make({4}, t, {1, -2, 0.5, 4});
+    Tensor scratch = Make({3, 4}, t, std::vector<double>(12, NAN));
+    absl::StatusOr<Tensor> out =
+        RunCpuOp(MakeNode("addmm"), {&bias, &x, &w}, {3, 4}, t, std::move(scratch));
+    ASSERT_TRUE(out.ok()) << out.status();
+    for (int64_t i = 0; i < 12; ++i) EXPECT_EQ(At(*out, i), Held(bias)[i % 4]) << TorchName(t);
+  }
+}
+
 TEST(CpuOpsTest, HugeOutputsAreRefusedNotAllocated) {
   Node full = MakeNode("full");
   (*full.mutable_attrs())["value"].set_f(1.0);

@@ -75,10 +75,13 @@ absl::Status MatmulKernel(const Node& node, const Args& in, Tensor* out) {
   return Matmul(*in[0], *in[1], out);
 }
 
+// Rows of a linear's output (its leading dims), also when K is 0.
+int64_t LinearRows(const Tensor& out, int64_t n) { return n == 0 ? 0 : out.numel() / n; }
+
 absl::Status LinearKernel(const Node&, const Args& in, Tensor* out) {
   const int64_t k = in[1]->dim(1), n = in[1]->dim(0);
   return LinearForward(in[0]->data(), in[1]->data(), in.size() > 2 ? in[2]->data() : nullptr,
-                       k == 0 ? 0 : in[0]->numel() / k, n, k, out->data(), false, false);
+                       LinearRows(*out, n), n, k, out->data(), false, false);
 }
 
 // bfloat16 GEMMs take all-bfloat16 values; matmul only by one matrix.
@@ -95,10 +98,9 @@ absl::Status LinearBf16(const Node& node, const Args& in, Tensor* out) {
   const bool linear = node.op() == "linear";
   const int64_t k = linear ? in[1]->dim(1) : in[1]->dim(0);
   const int64_t n = linear ? in[1]->dim(0) : in[1]->dim(1);
-  return GemmBf16(linear, k == 0 ? 0 : in[0]->numel() / k, n, k, in[0]->data_as<uint16_t>(),
-                  in[1]->data_as<uint16_t>(),
-                  linear && in.size() > 2 ? in[2]->data_as<uint16_t>() : nullptr,
-                  out->data_as<uint16_t>());
+  const uint16_t* bias = linear && in.size() > 2 ? in[2]->data_as<uint16_t>() : nullptr;
+  return GemmBf16(linear, LinearRows(*out, n), n, k, in[0]->data_as<uint16_t>(),
+                  in[1]->data_as<uint16_t>(), bias, out->data_as<uint16_t>());
 }
 
 // addmm in bfloat16 only as GPT-2's Conv1D: bias [N] + x [M, K] @ w [K, N].
