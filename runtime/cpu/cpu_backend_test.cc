@@ -288,5 +288,37 @@ TEST(CpuBackendTest, KernelsOverEmptyTensorsReturnAtOnceHoweverWideTheOtherDimen
   EXPECT_LT(absl::Now() - start, absl::Seconds(1)) << "nothing to compute takes no time";
 }
 
+// GEMMs over an inner dimension of 0 are their bias (or zeros) in every
+// row, as in PyTorch, through the program's float32 fast paths: linear
+// with and without a bias, mm and matmul. Run after a run that left
+// non-zero values in the buffers the program reuses.
+TEST(CpuBackendTest, GemmsOverAnEmptyInnerDimensionAreTheirBias) {
+  GraphBuilder b;
+  b.Input("x", {-1, 0}).Input("big", {-1, 64});
+  b.Param("w", {4, 0}).Param("l.weight", {4, 0}).Param("l.bias", {4}).Param("m", {0, 4});
+  b.Op("linear", {"x", "w"}, "plain")
+      .Op("linear", {"x", "l.weight", "l.bias"}, "biased", "l")
+      .Op("mm", {"x", "m"}, "mm")
+      .Op("matmul", {"x", "m"}, "matmul")
+      .Op("relu", {"big"}, "noise")
+      .Output("plain").Output("biased").Output("mm").Output("matmul").Output("noise");
+  Model model = b.Build();
+  std::unique_ptr<ComputeBackend> cpu = MakeCpuBackend({});
+  auto program = cpu->Compile(model.graph, model.weights);
+  ASSERT_TRUE(program.ok()) << program.status();
+  const Tensor bias = model.weights.at("l.bias");
+  for (int run = 0; run < 3; ++run) {
+    absl::StatusOr<std::vector<Tensor>> out =
+        (*program)->Run({Tensor::Empty({3, 0}), RandomTensor({3, 64}, run + 1)});
+    ASSERT_TRUE(out.ok()) << out.status();
+    for (int64_t i = 0; i < 12; ++i) {
+      EXPECT_EQ((*out)[0].data()[i], 0.0f) << "linear, run " << run << ", element " << i;
+      EXPECT_EQ((*out)[1].data()[i], bias.data()[i % 4]) << "linear + bias, run " << run;
+      EXPECT_EQ((*out)[2].data()[i], 0.0f) << "mm, run " << run;
+      EXPECT_EQ((*out)[3].data()[i], 0.0f) << "matmul, run " << run;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace pipeserve

@@ -174,11 +174,12 @@ class CpuProgram : public StageProgram {
     switch (step.kind) {
       case Kind::kMm:
       case Kind::kMatmul: {
-        // a [..., K] @ b [K, N]: the leading dims of a are rows.
+        // a [..., K] @ b [K, N]: the leading dims of a are rows (counted
+        // from the output: K may be 0).
         const Tensor& b = v[step.in[1]];
         int64_t k = b.dim(0), n = b.dim(1);
-        return Gemm(false, k == 0 ? 0 : a.numel() / k, n, k, a.data(),
-                    b.data(), 0.0f, out->data());
+        return Gemm(false, n == 0 ? 0 : out->numel() / n, n, k, a.data(), b.data(), 0.0f,
+                    out->data());
       }
       case Kind::kLinear: {
         // x [..., K], w [N, K], bias [N]
@@ -186,9 +187,8 @@ class CpuProgram : public StageProgram {
         const float* bias = step.in.size() > 2 ? v[step.in[2]].data() : nullptr;
         int64_t n = step.w_transposed ? w.dim(1) : w.dim(0);
         int64_t k = step.w_transposed ? w.dim(0) : w.dim(1);
-        return LinearForward(a.data(), w.data(), bias,
-                             k == 0 ? 0 : a.numel() / k, n, k, out->data(),
-                             step.fused_relu, step.w_transposed);
+        return LinearForward(a.data(), w.data(), bias, n == 0 ? 0 : out->numel() / n, n, k,
+                             out->data(), step.fused_relu, step.w_transposed);
       }
       case Kind::kAdd:
       case Kind::kSub:
