@@ -137,6 +137,9 @@ struct LtGemm {
   Layout a, b, d;
   cublasLtMatmulAlgo_t algo;
   bool fallback = false;
+  // cuBLASLt had no algorithm with the GELU epilogue but has one without:
+  // the elementwise GELU runs after it.
+  bool gelu_after = false;
 };
 
 cublasComputeType_t ComputeType(const GemmOp& g) {
@@ -222,6 +225,13 @@ absl::StatusOr<std::unique_ptr<LtGemm>> MakeLtGemm(cublasLtHandle_t lt,
       &result, &found);
   if (s == CUBLAS_STATUS_NOT_SUPPORTED ||
       (s == CUBLAS_STATUS_SUCCESS && found == 0)) {
+    if (g.gelu) {  // the same GEMM with the bias epilogue only, then GELU
+      GemmOp plain = g;
+      plain.gelu = false;
+      ASSIGN_OR_RETURN(out, MakeLtGemm(lt, plain, bias, workspace, use_lt));
+      out->gelu_after = !out->fallback;
+      return out;
+    }
     out->fallback = true;
     return out;
   }
@@ -618,7 +628,7 @@ class CudaProgram : public CudaStageProgram {
         Address(e, g.b), lt.b.get(), &beta, d, lt.d.get(), d, lt.d.get(),
         &lt.algo, slot.workspace.get(),
         static_cast<size_t>(options_.workspace_bytes), s));
-    return absl::OkStatus();
+    return lt.gelu_after ? GeluInPlace(g, d, s) : absl::OkStatus();
   }
 
   // The kernels of runtime/cuda/kernels (those the emulator runs as simt).

@@ -692,6 +692,24 @@ GemmOp LoweredStage::GemmShape(const Step& s, const std::vector<Shape>& shape, i
   return g;
 }
 
+// A GEMM over K = 0: D = the bias or zeros (then its epilogue).
+void LoweredStage::FillOps(const std::string& name, const GemmOp& g, BufferRef out,
+                           std::vector<DeviceOp>* compute) const {
+  DeviceOp fill{DeviceOp::Type::kFill, name};
+  fill.gemm = g;
+  fill.gemm.n = g.n * g.batch;  // the batch's outputs lie side by side
+  fill.gemm.batch = 1;
+  fill.gemm.gelu = false;
+  compute->push_back(fill);
+  if (g.gelu && g.has_bias) {  // GELU(bias), in place (no bias: GELU(0) = 0 as it is)
+    DeviceOp gelu{DeviceOp::Type::kUnary, name};
+    gelu.src = gelu.dst = out;
+    gelu.n = g.m * g.n * g.batch;
+    gelu.unary = kernels::UnaryKind::kGeluTanh;
+    compute->push_back(gelu);
+  }
+}
+
 absl::Status LoweredStage::GemmOps(const Step& s, const std::vector<Shape>& shape,
                                    const Buffers& b, BufferRef out,
                                    std::vector<DeviceOp>* compute) const {
@@ -724,19 +742,7 @@ absl::Status LoweredStage::GemmOps(const Step& s, const std::vector<Shape>& shap
                                                  " GEMM over an inner dimension of 0"));
   }
   if (k == 0) {
-    DeviceOp fill{DeviceOp::Type::kFill, name};
-    fill.gemm = g;
-    fill.gemm.n = m * batch;  // the batch's outputs lie side by side
-    fill.gemm.batch = 1;
-    fill.gemm.gelu = false;
-    compute->push_back(fill);
-    if (s.gelu) {  // GELU(bias), in place (float32 here)
-      DeviceOp gelu{DeviceOp::Type::kUnary, name};
-      gelu.src = gelu.dst = out;
-      gelu.n = m * n * batch;
-      gelu.unary = kernels::UnaryKind::kGeluTanh;
-      compute->push_back(gelu);
-    }
+    FillOps(name, g, out, compute);
     return absl::OkStatus();
   }
   g.precision = sixteen ? Precision::kFloat32 : precision_;  // float32 accumulation
@@ -827,20 +833,29 @@ DeviceOp LoweredStage::ConvertOp(const std::string& node, BufferRef f32, BufferR
 
 absl::Status LoweredStage::StepOps(size_t i, const Sizes& sizes, const Buffers& b,
                                    std::vector<DeviceOp>* compute) const {
-  const Step& s = steps_[i];
-  if (s.kind == Kind::kView || s.kind == Kind::kSize || s.kind == Kind::kHostSample ||
-      s.kind == Kind::kAbsorbed || s.kind == Kind::kResidualSum || b.aliased[s.out]) {
+  const Step* s = &steps_[i];
+  Step add;  // a residual sum its norm cannot compute at these shapes: the add runs
+  if (s->kind == Kind::kResidualSum && !ResidualFits(steps_[s->norm], sizes.shape)) {
+    add = *s;
+    add.kind = s->unfused;
+    s = &add;
+  }
+  if (s->kind == Kind::kView || s->kind == Kind::kSize || s->kind == Kind::kHostSample ||
+      s->kind == Kind::kAbsorbed || s->kind == Kind::kResidualSum || b.aliased[s->out]) {
     return absl::OkStatus();  // no device work
   }
   const size_t first = compute->size();
-  RETURN_IF_ERROR(StepKernelOps(s, sizes.node[i], sizes, b, compute));
-  const DataType ftype = FloatTypeOf(s);
+  RETURN_IF_ERROR(StepKernelOps(*s, sizes.node[i], sizes, b, compute));
+  const DataType ftype = FloatTypeOf(*s);
   for (size_t k = first; k < compute->size(); ++k) (*compute)[k].ftype = ftype;
-  // A float32 result that GEMMs read in another form gets it now.
-  const int64_t n_out = NumElements(sizes.shape[s.out]);
-  for (int v : {s.out, s.residual_sum}) {  // a norm's fused residual sum too
-    if (v >= 0 && b.has_f32[v] && b.has_gm[v] && n_out > 0) {
-      compute->push_back(ConvertOp(sizes.node[i].name(), b.f32[v], b.gm[v], NumElements(sizes.shape[v])));
+  // A float32 result that GEMMs read in another form gets it now (and a
+  // norm's residual sum, which it writes).
+  std::vector<int> written = {s->out};
+  if (s->residual >= 0 && ResidualFits(*s, sizes.shape)) written.push_back(s->residual_sum);
+  for (int v : written) {
+    const int64_t n = NumElements(sizes.shape[v]);
+    if (b.has_f32[v] && b.has_gm[v] && n > 0) {
+      compute->push_back(ConvertOp(sizes.node[i].name(), b.f32[v], b.gm[v], n));
     }
   }
   return absl::OkStatus();
@@ -876,6 +891,29 @@ absl::Status LoweredStage::StepKernelOps(const Step& s, const Node& node, const 
 
 // The one op of a step that reads its first input (and maybe more) into
 // its output.
+// A kReduce or kTriangle step's op, from `op` (its input, output and size
+// set) and x, its input's shape.
+absl::StatusOr<DeviceOp> LoweredStage::ReduceOrTriangleOp(const Step& s, const Node& node,
+                                                          const Shape& x, DeviceOp op) const {
+  if (s.kind == Kind::kTriangle) {
+    op.type = DeviceOp::Type::kTriangle;
+    op.rows = x[x.size() - 2];
+    op.cols = x.back();
+    op.diagonal = IntAttr(node, "diagonal", 0);
+    op.upper = node.op() == "triu";
+    op.element_bytes = ElementSize(values_[s.out].type);
+    return op;
+  }
+  absl::StatusOr<kernels::ReduceOp> r = ReductionOf(node, x);
+  if (!r.ok()) {
+    return absl::Status(r.status().code(),
+                        absl::StrCat("node \"", node.name(), "\": ", r.status().message()));
+  }
+  op.type = DeviceOp::Type::kReduce;
+  op.reduce = *r;
+  return op;
+}
+
 absl::StatusOr<DeviceOp> LoweredStage::OneOp(const Step& s, const Node& node,
                                              const std::vector<Shape>& shape, const Buffers& b,
                                              BufferRef out) const {
@@ -887,33 +925,16 @@ absl::StatusOr<DeviceOp> LoweredStage::OneOp(const Step& s, const Node& node,
     case Kind::kEmbedding: return EmbeddingOp(s, shape, b, out);
     case Kind::kLayerNorm: {
       DeviceOp norm = LayerNormOp(s, shape[s.in[0]], b.f32, out);
-      SetResidual(s, b, &norm);
+      SetResidual(s, shape, b, &norm);
       return norm;
     }
     case Kind::kRmsNorm: return RmsNormOpOf(s, node, shape, b, out);
     case Kind::kRotary: return RotaryOpOf(s, node, shape, b, out);
     case Kind::kSoftmax: return SoftmaxOp(s, shape[s.in[0]], b.f32, out);
     case Kind::kAttention: return AttentionOp(s, node, shape, b, out);
-    case Kind::kReduce: {
-      absl::StatusOr<kernels::ReduceOp> r = ReductionOf(node, shape[s.in[0]]);
-      if (!r.ok()) {
-        return absl::Status(r.status().code(),
-                            absl::StrCat("node \"", node.name(), "\": ", r.status().message()));
-      }
-      op.type = DeviceOp::Type::kReduce;
-      op.reduce = *r;
-      return op;
-    }
-    case Kind::kTriangle: {
-      const Shape& x = shape[s.in[0]];
-      op.type = DeviceOp::Type::kTriangle;
-      op.rows = x[x.size() - 2];
-      op.cols = x.back();
-      op.diagonal = IntAttr(node, "diagonal", 0);
-      op.upper = node.op() == "triu";
-      op.element_bytes = ElementSize(values_[s.out].type);
-      return op;
-    }
+    case Kind::kReduce:
+    case Kind::kTriangle:
+      return ReduceOrTriangleOp(s, node, shape[s.in[0]], op);
     case Kind::kScalar:
       op.type = DeviceOp::Type::kScalar;
       op.op = s.op;

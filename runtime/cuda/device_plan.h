@@ -368,6 +368,10 @@ class LoweredStage {
     // norm is of kernel_in[0] + `residual`, and its kernel writes that sum
     // to value `residual_sum` (a kResidualSum step's output).
     int residual = -1, residual_sum = -1;
+    // kResidualSum: the norm step that computes it, and the step's kind
+    // before (it runs as that when the plan's shapes broadcast: ResidualFits).
+    int norm = -1;
+    Kind unfused = Kind::kBinary;
     // kAttention: the absorbed kRotary steps whose rotation of q and k the
     // attention kernels apply as they read (kernel_in holds the unrotated
     // q and k, then each rotary's cos and sin).
@@ -407,6 +411,8 @@ class LoweredStage {
                              const Buffers& b, std::vector<DeviceOp>* compute) const;
   absl::StatusOr<DeviceOp> OneOp(const Step& s, const Node& node, const std::vector<Shape>& shape,
                                  const Buffers& b, BufferRef out) const;
+  absl::StatusOr<DeviceOp> ReduceOrTriangleOp(const Step& s, const Node& node, const Shape& x,
+                                              DeviceOp op) const;
   // The ops of kProgram, kEmbedding and kConstant steps.
   absl::Status ProgramOps(const Step& s, const Sizes& sizes, const Buffers& b, BufferRef out,
                           std::vector<DeviceOp>* compute) const;
@@ -447,6 +453,8 @@ class LoweredStage {
   absl::Status GemmOps(const Step& s, const std::vector<Shape>& shape, const Buffers& b,
                        BufferRef out, std::vector<DeviceOp>* compute) const;
   GemmOp GemmShape(const Step& s, const std::vector<Shape>& shape, int xi) const;
+  void FillOps(const std::string& name, const GemmOp& g, BufferRef out,
+               std::vector<DeviceOp>* compute) const;
   // kUnimplemented for operands the GEMMs cannot take (x is input xi).
   absl::Status CheckGemmOperands(const Node& node, const std::vector<Shape>& shape, const Step& s,
                                  int xi, int64_t n) const;
@@ -497,9 +505,14 @@ class LoweredStage {
   // operands of its output's shape and type, its sum read by no step
   // before the norm.
   bool ResidualAdd(int add, int norm, const ValueShapes& shapes) const;
+  // Whether norm step `s`'s fused residual add is x + r of one shape at
+  // these shapes (the graph's -1 dims may broadcast when the plan is made).
+  bool ResidualFits(const Step& s, const std::vector<Shape>& shape) const;
   // The input buffers and sum of a norm with a fused residual (op.src4,
-  // op.residual_sum; nothing without one).
-  void SetResidual(const Step& s, const Buffers& b, DeviceOp* op) const;
+  // op.residual_sum); where it does not fit, the sum its add wrote as
+  // the input.
+  void SetResidual(const Step& s, const std::vector<Shape>& shape, const Buffers& b,
+                   DeviceOp* op) const;
   // Whether step `add` ends a rotary pattern; its steps and kernel inputs.
   bool RotaryPattern(int add, const std::vector<int>& only_reader, const ValueShapes& shapes,
                      std::vector<int>* absorbed, std::vector<int>* kernel_in) const;

@@ -28,10 +28,12 @@ void LoweredStage::FuseElementwise() {
   }
 }
 
-// A step no pattern has taken (still its node's own kind).
+// A step no pattern has taken (still its node's own kind; views, a GELU
+// made a view of its GEMM among them, are no pattern's members).
 bool LoweredStage::Unfused(int i) const {
   return i >= 0 && steps_[i].kind != Kind::kAbsorbed && steps_[i].kind != Kind::kRmsNorm &&
-         steps_[i].kind != Kind::kRotary && steps_[i].kind != Kind::kResidualSum;
+         steps_[i].kind != Kind::kRotary && steps_[i].kind != Kind::kResidualSum &&
+         steps_[i].kind != Kind::kView;
 }
 
 std::vector<int> LoweredStage::Uses() const {
@@ -296,7 +298,7 @@ bool LoweredStage::RotaryPattern(int add, const std::vector<int>& only_reader,
 DeviceOp LoweredStage::RmsNormOpOf(const Step& s, const Node& node,
                                    const std::vector<Shape>& shape, const Buffers& b,
                                    BufferRef out) const {
-  const Shape& x = shape[s.kernel_in[0]];
+  const Shape& x = shape[s.residual_sum >= 0 ? s.residual_sum : s.kernel_in[0]];  // the norm's input
   DeviceOp op{DeviceOp::Type::kRmsNorm, node.name()};
   op.cols = x.empty() ? 1 : x.back();
   op.rows = op.cols == 0 ? 0 : NumElements(x) / op.cols;
@@ -306,7 +308,7 @@ DeviceOp LoweredStage::RmsNormOpOf(const Step& s, const Node& node,
   op.has_weight = s.kernel_in.size() > 1;
   if (op.has_weight) op.src2 = b.f32[s.kernel_in[1]];
   op.dst = out;
-  SetResidual(s, b, &op);
+  SetResidual(s, shape, b, &op);
   return op;
 }
 
@@ -327,7 +329,9 @@ void LoweredStage::FuseResidualNorms(const ValueShapes& shapes) {
     in[0] = steps_[add].in[0];
     norm.residual = steps_[add].in[1];
     norm.kernel_in = std::move(in);
+    steps_[add].unfused = steps_[add].kind;
     steps_[add].kind = Kind::kResidualSum;
+    steps_[add].norm = static_cast<int>(n);
   }
 }
 
@@ -362,8 +366,18 @@ bool LoweredStage::ResidualAdd(int add, int norm, const ValueShapes& shapes) con
   return true;
 }
 
-void LoweredStage::SetResidual(const Step& s, const Buffers& b, DeviceOp* op) const {
+bool LoweredStage::ResidualFits(const Step& s, const std::vector<Shape>& shape) const {
+  return shape[s.kernel_in[0]] == shape[s.residual_sum] &&
+         shape[s.residual] == shape[s.residual_sum];
+}
+
+void LoweredStage::SetResidual(const Step& s, const std::vector<Shape>& shape, const Buffers& b,
+                               DeviceOp* op) const {
   if (s.residual < 0) return;
+  if (!ResidualFits(s, shape)) {
+    op->src = b.f32[s.residual_sum];
+    return;
+  }
   op->has_residual = true;
   op->src4 = b.f32[s.residual];
   op->residual_sum = b.f32[s.residual_sum];

@@ -26,7 +26,8 @@ struct Variant {
   bool written_out = true;    // GPT-2's eight ops, else one gelu op
   std::string approximate = "tanh";  // the one op's
   bool addmm = true;          // Conv1D: addmm then a view, else linear without a bias
-  bool also_output = false;   // the GEMM's result is an output too
+  bool also_output = false;   // the GELU's input is an output too
+  bool mm_out = false;        // addmm's result (before its view) is an output too
   double cube_coefficient = 0.044715;
   int64_t k = 16;             // the GEMM's inner dimension
 };
@@ -58,6 +59,7 @@ Model GeluGraph(const Variant& v) {
   }
   b.Op("reshape", {"g"}, "y", "", {{"shape", AttrInts({-1, 2, 16})}}).Output("y");
   if (v.also_output) b.Output("h");
+  if (v.mm_out) b.Output("mm");
   return b.Build();
 }
 
@@ -94,6 +96,7 @@ TEST(GeluEpilogueTest, OtherGelusAndSharedResultsStayApart) {
   for (const Variant& v : {Variant{.written_out = false, .approximate = "none"},
                            Variant{.also_output = true},
                            Variant{.written_out = false, .also_output = true},
+                           Variant{.mm_out = true}, Variant{.written_out = false, .mm_out = true},
                            Variant{.cube_coefficient = 0.05}}) {
     absl::StatusOr<DevicePlan> plan = PlanOf(GeluGraph(v));
     ASSERT_TRUE(plan.ok()) << plan.status();
@@ -122,6 +125,30 @@ TEST(GeluEpilogueTest, TheEmulatorMatchesTheCpuBackend) {
           << "written out " << v.written_out << ", k " << v.k << ", output " << k;
     }
   }
+}
+
+// In bfloat16 precision a GEMM read only by GEMMs writes bfloat16; over
+// K = 0 without a bias its GELU is of zeros (nothing to run), and the
+// values match the CPU backend's.
+TEST(GeluEpilogueTest, ABfloat16OutputOverAnEmptyInnerDimensionIsZeros) {
+  GraphBuilder b;
+  b.Input("x", {-1, 0}).Param("w", {32, 0}).Param("w2", {1, 32});
+  AttrValue tanh;
+  tanh.set_s("tanh");
+  b.Op("linear", {"x", "w"}, "h").Op("gelu", {"h"}, "g", "", {{"approximate", tanh}});
+  b.Op("linear", {"g", "w2"}, "y").Output("y");
+  Model m = b.Build();
+  std::unique_ptr<ComputeBackend> cpu = MakeCpuBackend({});
+  std::unique_ptr<ComputeBackend> emulator = MakeDeviceEmulatorBackend(Precision::kBF16);
+  auto want = cpu->Compile(m.graph, m.weights);
+  auto got = emulator->Compile(m.graph, m.weights);
+  ASSERT_TRUE(want.ok()) << want.status();
+  ASSERT_TRUE(got.ok()) << got.status();
+  const Tensor x = Tensor::Empty({100, 0});
+  absl::StatusOr<std::vector<Tensor>> a = (*want)->Run({x}), c = (*got)->Run({x});
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_LE(MaxRelativeDifference((*c)[0], (*a)[0]), 1e-6);
 }
 
 }  // namespace

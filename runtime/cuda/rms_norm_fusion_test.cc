@@ -107,9 +107,17 @@ TEST(RmsNormFusion, TheEmulatorMatchesTheCpuBackend) {
 // layer_norm. `early_reader` also computes h * h before the norm (a
 // reader the fused kernel would be too late for); `broadcast_r` makes r a
 // [16] row, which the norm's kernel does not index.
-Model ResidualGraph(bool rms, bool early_reader = false, bool broadcast_r = false) {
+// `reshaped_r` makes r a reshape of a [-1, 32] input: the same [-1, 16] to
+// the graph, but twice x's rows when the plan is made (the sum broadcasts).
+Model ResidualGraph(bool rms, bool early_reader = false, bool broadcast_r = false,
+                    bool reshaped_r = false) {
   GraphBuilder b;
-  b.Input("x", {-1, 16}).Input("r", broadcast_r ? Shape{16} : Shape{-1, 16}).Param("w", {16});
+  b.Input("x", {-1, 16}).Param("w", {16});
+  if (reshaped_r) {
+    b.Input("t", {-1, 32}).Op("reshape", {"t"}, "r", "", {{"shape", AttrInts({-1, 16})}});
+  } else {
+    b.Input("r", broadcast_r ? Shape{16} : Shape{-1, 16});
+  }
   b.Op("add", {"x", "r"}, "h");
   if (early_reader) b.Op("mul", {"h", "h"}, "sq");
   if (rms) {
@@ -170,6 +178,7 @@ TEST(RmsNormFusion, ResidualNormsOnTheEmulatorMatchTheCpuBackend) {
   for (bool rms : {true, false}) {
     for (bool early_reader : {false, true}) {
       Model m = ResidualGraph(rms, early_reader);
+      SCOPED_TRACE(early_reader ? "a reader before the norm" : "fused");
       auto want = cpu->Compile(m.graph, m.weights);
       auto got = emulator->Compile(m.graph, m.weights);
       ASSERT_TRUE(want.ok()) << want.status();
@@ -181,6 +190,42 @@ TEST(RmsNormFusion, ResidualNormsOnTheEmulatorMatchTheCpuBackend) {
         EXPECT_LE(MaxRelativeDifference((*b)[k], (*a)[k]), 1e-6)
             << "rms " << rms << ", early reader " << early_reader << ", output " << k;
       }
+    }
+  }
+}
+
+// x [1, 16] + r [2, 16] (a reshape of [1, 32]): the graph's shapes allow
+// the fusion, these do not (the sum broadcasts), so this plan runs the add
+// and the norm reads its sum; the values are the CPU backend's.
+TEST(RmsNormFusion, AResidualThatBroadcastsAtRunTimeRunsTheAdd) {
+  std::unique_ptr<ComputeBackend> cpu = MakeCpuBackend({});
+  std::unique_ptr<ComputeBackend> emulator = MakeDeviceEmulatorBackend(Precision::kFloat32);
+  const Tensor x = RandomTensor({1, 16}, 9), t = RandomTensor({1, 32}, 10);
+  for (bool rms : {true, false}) {
+    Model m = ResidualGraph(rms, false, false, /*reshaped_r=*/true);
+    absl::StatusOr<LoweredStage> stage =
+        LoweredStage::Create(m.graph, m.weights, Precision::kFloat32, true, CudaOps::kUnconfirmed);
+    ASSERT_TRUE(stage.ok()) << stage.status();
+    absl::StatusOr<DevicePlan> same = stage->Plan({{2, 16}, {1, 32}});  // x and r [2, 16]
+    absl::StatusOr<DevicePlan> broadcast = stage->Plan({{1, 16}, {1, 32}});
+    ASSERT_TRUE(same.ok()) << same.status();
+    ASSERT_TRUE(broadcast.ok()) << broadcast.status();
+    auto residual_norms = [](const DevicePlan& p) {
+      int n = 0;
+      for (size_t i = p.compute_begin; i < p.compute_end; ++i) n += p.ops[i].has_residual;
+      return n;
+    };
+    EXPECT_EQ(residual_norms(*same), 1);
+    EXPECT_EQ(residual_norms(*broadcast), 0);
+    auto want = cpu->Compile(m.graph, m.weights);
+    auto got = emulator->Compile(m.graph, m.weights);
+    ASSERT_TRUE(want.ok()) << want.status();
+    ASSERT_TRUE(got.ok()) << got.status();
+    absl::StatusOr<std::vector<Tensor>> a = (*want)->Run({x, t}), b = (*got)->Run({x, t});
+    ASSERT_TRUE(a.ok()) << a.status();
+    ASSERT_TRUE(b.ok()) << b.status();
+    for (size_t k = 0; k < a->size(); ++k) {
+      EXPECT_LE(MaxRelativeDifference((*b)[k], (*a)[k]), 1e-6) << "rms " << rms << ", output " << k;
     }
   }
 }

@@ -40,9 +40,9 @@ SIMT_DEVICE float ApplyUnary(UnaryKind kind, float x) {
 }
 
 // y[i] = f(x[i]) for the n elements; one thread each (grid.x * 256 >= n).
+// y may be x (a GEMM's GELU epilogue done in place): no __restrict__.
 template <typename T>
-SIMT_GLOBAL void UnaryElementwise(const T* __restrict__ x, T* __restrict__ y, int64_t n,
-                                  UnaryKind kind) {
+SIMT_GLOBAL void UnaryElementwise(const T* x, T* y, int64_t n, UnaryKind kind) {
   using namespace simt;  // NOLINT
   const int64_t i = static_cast<int64_t>(BlockIdx().x) * kElementwiseThreads + ThreadIdx().x;
   if (i < n) y[i] = FromFloat<T>(ApplyUnary(kind, ToFloat(x[i])));
