@@ -118,7 +118,7 @@ done
 # its weights (150 KB; cuda_bench makes random ones there).
 /usr/bin/python3 bench/llama_skeleton.py --out "$bundle/fixtures/tinyllama" > /dev/null
 
-cp tools/gpu_check.sh tools/gpu_serving_check.sh "$bundle/"
+cp tools/gpu_check.sh tools/gpu_serving_check.sh tools/gpu_generation_check.sh "$bundle/"
 # bench/serving's same-run PyTorch baseline: bench/torch_eager.py, run from
 # the bundle's folder, finds models.py and the pipeserve package by paths
 # relative to itself, and pipeserve generates model.proto's code on first

@@ -25,7 +25,11 @@
 # GPU vs CPU, GEMM TFLOP/s vs cuBLAS, stage latency with/without graphs,
 # LocalPipeline throughput, copy/compute overlap: 1 thread x 1 slot vs 2
 # threads x 2 slots; the generation targets: a TinyLlama-1.1B-shaped model's
-# prefill FLOP/s and decode bandwidth as shares of the card's limits).
+# prefill FLOP/s and decode bandwidth as shares of the card's limits),
+# serving (gpu_serving_check.sh: ExampleCode through a coordinator and stage
+# servers on the GPU, and bench/serving), generation_served
+# (gpu_generation_check.sh: GPT-2 and Llama generation through stage
+# servers on cuda:0 with every kernel allowed, tokens against CPU ones).
 # Exit status: 0 all passed; 1 something failed; 3 no GPU (nothing checked).
 # Where a GPU is present (nvidia-smi lists one, or cuda_bench ran on it), a
 # test case that skipped (GTEST_SKIP, "[  SKIPPED ]") checked nothing: the
@@ -141,6 +145,8 @@ run_step cuda_backend_test 60 "$bindir/cuda_backend_test"
 run_step cuda_bench 210 "$bindir/cuda_bench" --fixtures "$here/fixtures" --iters 200
 if [ "$self_test" -eq 0 ] && [ -e "$bindir/coordinator" ]; then
   run_step serving 240 env BINDIR="$bindir" bash "$here/gpu_serving_check.sh"
+  # GPT-2 and Llama generation through stage servers on cuda:0 against CPU ones.
+  run_step generation_served 60 env BINDIR="$bindir" bash "$here/gpu_generation_check.sh"
 fi
 
 # --- summary -----------------------------------------------------------------
