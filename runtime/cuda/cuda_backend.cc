@@ -174,6 +174,25 @@ absl::Status MakeLtLayouts(const GemmOp& g, LtGemm* out) {
   return absl::OkStatus();
 }
 
+// The epilogue of `g` (bias, then ReLU or GELU) on `desc`.
+absl::Status SetLtEpilogue(cublasLtMatmulDesc_t desc, const GemmOp& g, const void* bias) {
+  cublasLtEpilogue_t epilogue =
+      g.has_bias ? (g.relu   ? CUBLASLT_EPILOGUE_RELU_BIAS
+                    : g.gelu ? CUBLASLT_EPILOGUE_GELU_BIAS
+                             : CUBLASLT_EPILOGUE_BIAS)
+                 : (g.relu   ? CUBLASLT_EPILOGUE_RELU
+                    : g.gelu ? CUBLASLT_EPILOGUE_GELU
+                             : CUBLASLT_EPILOGUE_DEFAULT);
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
+      desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
+  if (g.has_bias) {
+    // The bias is stored in D's type: cuBLASLt's default bias type.
+    CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
+        desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<LtGemm>> MakeLtGemm(cublasLtHandle_t lt,
                                                    const GemmOp& g,
                                                    const void* bias,
@@ -194,20 +213,7 @@ absl::StatusOr<std::unique_ptr<LtGemm>> MakeLtGemm(cublasLtHandle_t lt,
       desc, CUBLASLT_MATMUL_DESC_TRANSA, &trans_a, sizeof(trans_a)));
   CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
       desc, CUBLASLT_MATMUL_DESC_TRANSB, &trans_b, sizeof(trans_b)));
-  cublasLtEpilogue_t epilogue =
-      g.has_bias ? (g.relu   ? CUBLASLT_EPILOGUE_RELU_BIAS
-                    : g.gelu ? CUBLASLT_EPILOGUE_GELU_BIAS
-                             : CUBLASLT_EPILOGUE_BIAS)
-                 : (g.relu   ? CUBLASLT_EPILOGUE_RELU
-                    : g.gelu ? CUBLASLT_EPILOGUE_GELU
-                             : CUBLASLT_EPILOGUE_DEFAULT);
-  CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
-      desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
-  if (g.has_bias) {
-    // The bias is stored in D's type: cuBLASLt's default bias type.
-    CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
-        desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
-  }
+  RETURN_IF_ERROR(SetLtEpilogue(desc, g, bias));
   RETURN_IF_ERROR(MakeLtLayouts(g, out.get()));
 
   cublasLtMatmulPreference_t pref = nullptr;

@@ -121,6 +121,27 @@ SIMT_DEVICE void TcAccumulate(int head_dim, simt::SharedPtr<T> p_s, simt::Shared
   }
 }
 
+// The tile's query rows of `head` into q_s (rotated by c.rope_q if it has
+// tables; empty rows zero), O zero, m -inf and l 0.
+template <typename T>
+SIMT_DEVICE void TcLoadQueries(const T* q, const PagedCache& c, const int32_t* tile, int head,
+                               simt::SharedPtr<T> q_s, simt::SharedPtr<float> o_s,
+                               simt::SharedPtr<float> m_s, simt::SharedPtr<float> l_s) {
+  using namespace simt;  // NOLINT
+  const int t = static_cast<int>(ThreadIdx().x), D = c.head_dim;
+  const T zero = FromFloat<T>(0.0f);
+  for (int i = t; i < kTcQueryTile * D; i += kTcThreads) {
+    const int r = i / D, d = i % D;
+    q_s[r * kMaxHeadDim + d] =
+        tile[r] < 0 ? zero : MaybeRotated(q, c.rope_q, (int64_t{head} * c.tokens + tile[r]) * D + d);
+    o_s[r * kMaxHeadDim + d] = 0.0f;
+  }
+  if (t < kTcQueryTile) {
+    m_s[t] = -__builtin_huge_valf();
+    l_s[t] = 0.0f;
+  }
+}
+
 // out [1, heads, tokens, head_dim] = attention of q (same shape) over the
 // cache, as PagedAttention computes it; block (tile, head) takes the
 // kTcQueryTile tokens tiles[tile * kTcQueryTile ...] (-1: none; a tile
@@ -152,17 +173,7 @@ SIMT_GLOBAL void TensorCoreAttention(const T* __restrict__ q, const T* __restric
     const int64_t p = tile[r] < 0 ? -1 : c.positions[tile[r]];
     last = p > last ? p : last;
   }
-  const T zero = FromFloat<T>(0.0f);
-  for (int i = t; i < kTcQueryTile * D; i += kTcThreads) {
-    const int r = i / D, d = i % D;
-    q_s[r * kMaxHeadDim + d] =
-        tile[r] < 0 ? zero : MaybeRotated(q, c.rope_q, (int64_t{head} * c.tokens + tile[r]) * D + d);
-    o_s[r * kMaxHeadDim + d] = 0.0f;
-  }
-  if (t < kTcQueryTile) {
-    m_s[t] = -__builtin_huge_valf();
-    l_s[t] = 0.0f;
-  }
+  TcLoadQueries(q, c, tile, head, q_s, o_s, m_s, l_s);
   const int64_t my_pos = t < kTcQueryTile && tile[t] >= 0 ? c.positions[tile[t]] : -1;
   for (int64_t key0 = 0; key0 <= last; key0 += kTcKeyTile) {
     SyncThreads();  // the previous tile's k_s, v_s, p_s and o_s are read
