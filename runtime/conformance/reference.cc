@@ -1012,6 +1012,10 @@ double MaxRelativeDifference(const Tensor& got, const Tensor& want) {
   double err = 0, scale = 1e-30;
   for (int64_t i = 0; i < want.numel(); ++i) {
     if (std::isnan(got.data()[i]) != std::isnan(want.data()[i])) return INFINITY;
+    if (std::isinf(want.data()[i]) || std::isinf(got.data()[i])) {  // must be the same infinity
+      if (got.data()[i] != want.data()[i]) return INFINITY;
+      continue;
+    }
     err = std::max(err, static_cast<double>(std::fabs(got.data()[i] - want.data()[i])));
     scale = std::max(scale, static_cast<double>(std::fabs(want.data()[i])));
   }

@@ -46,8 +46,9 @@ double RelativeError(const Tensor& got, const RefTensor& want);
 
 // max |got - want| / max |want| over two float32 tensors of one shape
 // (one backend's values against another's); infinity when the shapes
-// differ or a NaN is in one and not the other (an element left
-// unwritten: the device emulator fills its arenas with NaN).
+// differ, a NaN is in one and not the other (an element left unwritten:
+// the device emulator fills its arenas with NaN) or an infinity in one is
+// not the same in the other (infinities count for nothing else).
 double MaxRelativeDifference(const Tensor& got, const Tensor& want);
 
 // The error a backend may have computing in `dtype`: 1e-5 for float32,

@@ -595,6 +595,15 @@ TEST(ReferenceTest, MaxRelativeDifferenceCountsAnUnwrittenElementAsWrong) {
             INFINITY);
   const Tensor both = Tensor::FromVector({2}, {nan, 1.0f});
   EXPECT_EQ(MaxRelativeDifference(both, both), 0.0);
+  // An infinity must be matched, and does not hide the other errors.
+  const float inf = std::numeric_limits<float>::infinity();
+  const Tensor with_inf = Tensor::FromVector({3}, {inf, -4.0f, 2.0f});
+  EXPECT_DOUBLE_EQ(MaxRelativeDifference(Tensor::FromVector({3}, {inf, -4.0f, 3.0f}), with_inf),
+                   0.25);
+  EXPECT_EQ(MaxRelativeDifference(Tensor::FromVector({3}, {-inf, -4.0f, 2.0f}), with_inf),
+            INFINITY);
+  EXPECT_EQ(MaxRelativeDifference(Tensor::FromVector({3}, {5.0f, -4.0f, 2.0f}), with_inf),
+            INFINITY);
 }
 
 }  // namespace
