@@ -111,6 +111,7 @@ absl::StatusOr<double> CopyBandwidth(int64_t bytes, int iters) {
 
 absl::StatusOr<double> AttentionSeconds(const LlamaShape& s, int seqs, int len, int iters,
                                         bool tensor_cores) {
+  tensor_cores = tensor_cores && kernels::TensorCoreHeadDim(s.head_dim);  // else CUDA cores
   const int64_t tokens = static_cast<int64_t>(seqs) * len, bs = 16;
   const int64_t width = (len + bs - 1) / bs, blocks = width * seqs;
   std::vector<int64_t> positions, seq, tables;

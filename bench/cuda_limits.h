@@ -28,8 +28,8 @@ absl::Status SpecLimits(int device, CardLimits* limits);
 absl::StatusOr<double> CopyBandwidth(int64_t bytes, int iters);
 
 // Median seconds of one layer's cached_attention (KvAppend, then
-// TensorCoreAttention with `tensor_cores`, else PagedAttention; bfloat16)
-// for `seqs` sequences prefilling `len` tokens.
+// TensorCoreAttention with `tensor_cores` where it takes head_dim, else
+// PagedAttention; bfloat16) for `seqs` sequences prefilling `len` tokens.
 absl::StatusOr<double> AttentionSeconds(const LlamaShape& s, int seqs, int len, int iters,
                                         bool tensor_cores);
 

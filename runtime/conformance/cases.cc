@@ -249,6 +249,20 @@ void AddGeneration(std::vector<ConformanceCase>* out) {
       {{"scale", F(0.25)}, {"layer", I(0)}, {"block_size", I(4)}, {"num_blocks", I(4)},
        {"heads", I(4)}, {"kv_heads", I(2)}, {"head_dim", I(16)}},
       kFloats));
+  // 40 tokens of one sequence at head_dim 64: on tensor cores, two query
+  // tiles, two key tiles (the running max and O rescaled between them) and
+  // four fragments across head_dim.
+  std::vector<double> positions(40), seq(40, 0.0), blocks(10);
+  for (int i = 0; i < 40; ++i) positions[i] = i;
+  for (int i = 0; i < 10; ++i) blocks[i] = (i * 7) % 10;  // out of order
+  out->push_back(Case(
+      "cached_attention_prefill_d64", "cached_attention",
+      {In("q", {1, 4, 40, 64}), In("k", {1, 2, 40, 64}), In("v", {1, 2, 40, 64}),
+       Given("positions", {40}, DT_INT64, positions), Given("seq", {40}, DT_INT64, seq),
+       Given("blocks", {1, 10}, DT_INT64, blocks), Given("seq_ids", {1}, DT_INT64, {0})},
+      {{"scale", F(0.125)}, {"layer", I(0)}, {"block_size", I(4)}, {"num_blocks", I(10)},
+       {"heads", I(4)}, {"kv_heads", I(2)}, {"head_dim", I(64)}},
+      kFloats));
   // Greedy rows (temperature 0, no penalties): each row's argmax.
   out->push_back(Case("sample_tokens_greedy", "sample_tokens",
                       {In("logits", {3, 37}),

@@ -315,8 +315,14 @@ class EmulatedProgram : public StageProgram {
     if (!s.ok() || op.num_tiles == 0) return s;
     const auto* tiles = reinterpret_cast<const int32_t*>(view.Ptr(op.tiles));
     const simt::Dim3 grid(static_cast<unsigned>(op.num_tiles), op.heads);
-    if constexpr (!std::is_same_v<T, float>) {
-      if (op.tensor_cores) {
+    if (op.tensor_cores) {  // 16-bit values, whole fragments: or its tiles are not PagedAttention's
+      if constexpr (std::is_same_v<T, float>) {
+        return absl::InternalError("tensor-core attention over float32 values");
+      } else {
+        if (!kernels::TensorCoreHeadDim(c.head_dim)) {
+          return absl::InternalError(
+              absl::StrCat("tensor-core attention at head_dim ", c.head_dim));
+        }
         return simt::Emulate(grid, kernels::kTcThreads, [&] {
           kernels::TensorCoreAttention<T>(at(op.src), cache, tiles, at(op.dst), c, op.heads,
                                           op.scalar);

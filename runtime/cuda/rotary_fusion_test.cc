@@ -147,20 +147,26 @@ Model RopeAttentionGraph(DataType t, bool q_out) {
   return b.Build();
 }
 
-// Seven tokens of two sequences (a prefill: more tokens than sequences).
-std::vector<Tensor> RopeAttentionInputs(DataType t) {
-  std::mt19937 rng(11);
+// A step of two sequences: seven prefill tokens (more tokens than
+// sequences), or with `decode` one more token each over the cache the
+// prefill filled. Rotary tables of a row per token, or of `one_row`.
+std::vector<Tensor> RopeAttentionInputs(DataType t, bool decode = false, bool one_row = false) {
+  std::mt19937 rng(decode ? 12 : 11);
   std::uniform_real_distribution<double> u(-1, 1);
   auto random = [&](const Shape& s) {
     std::vector<double> v(NumElements(s));
     for (double& x : v) x = u(rng);
     return TensorOf(s, t, v);
   };
-  return {random({1, 4, 7, 16}), random({1, 2, 7, 16}), random({1, 2, 7, 16}),
-          random({7, 16}), random({7, 16}),
-          TensorOf({7}, DT_INT64, {0, 0, 1, 2, 1, 3, 4}),
-          TensorOf({7}, DT_INT64, {0, 1, 0, 0, 1, 0, 0}),
-          TensorOf({2, 2}, DT_INT64, {3, 0, 1, 2}), TensorOf({2}, DT_INT64, {0, 1})};
+  const int64_t n = decode ? 2 : 7, rows = one_row ? 1 : n;
+  const Tensor positions = decode ? TensorOf({2}, DT_INT64, {5, 2})
+                                  : TensorOf({7}, DT_INT64, {0, 0, 1, 2, 1, 3, 4});
+  const Tensor seq = decode ? TensorOf({2}, DT_INT64, {0, 1})
+                            : TensorOf({7}, DT_INT64, {0, 1, 0, 0, 1, 0, 0});
+  return {random({1, 4, n, 16}), random({1, 2, n, 16}), random({1, 2, n, 16}),
+          random({rows, 16}),    random({rows, 16}),    positions,
+          seq,                   TensorOf({2, 2}, DT_INT64, {3, 0, 1, 2}),
+          TensorOf({2}, DT_INT64, {0, 1})};
 }
 
 TEST(RotaryFusion, ARotaryReadOnlyByTheAttentionIsFoldedIntoIt) {
@@ -191,26 +197,33 @@ TEST(RotaryFusion, ARotaryReadOnlyByTheAttentionIsFoldedIntoIt) {
 }
 
 // The folded rotation on both attention kernels (float32: CUDA cores;
-// bfloat16: tensor cores) against the CPU backend's op-by-op run.
+// bfloat16: tensor cores for the prefill) against the CPU backend's
+// op-by-op run: a prefill, then a decode step over the keys it rotated
+// into the cache, with tables of a row per token or one row.
 TEST(RotaryFusion, TheFoldedRotaryOnTheEmulatorMatchesTheCpuBackend) {
   std::unique_ptr<ComputeBackend> cpu = MakeCpuBackend({});
   std::unique_ptr<ComputeBackend> emulator = MakeDeviceEmulatorBackend(Precision::kFloat32);
   for (DataType t : {DT_FLOAT32, DT_BFLOAT16}) {
     for (bool q_out : {false, true}) {
-      Model m = RopeAttentionGraph(t, q_out);
-      auto want = cpu->Compile(m.graph, m.weights);
-      auto got = emulator->Compile(m.graph, m.weights);
-      ASSERT_TRUE(want.ok()) << want.status();
-      ASSERT_TRUE(got.ok()) << got.status();
-      const std::vector<Tensor> in = RopeAttentionInputs(t);
-      absl::StatusOr<std::vector<Tensor>> a = (*want)->Run(in), b = (*got)->Run(in);
-      ASSERT_TRUE(a.ok()) << a.status();
-      ASSERT_TRUE(b.ok()) << b.status();
-      // bfloat16: the CPU rounds after each op of the rotary, the kernels once.
-      const double tol = t == DT_FLOAT32 ? 1e-5 : 2e-2;
-      for (size_t k = 0; k < a->size(); ++k) {
-        EXPECT_LE(RelativeError((*b)[k], ToRef((*a)[k])), tol)
-            << TorchName(t) << ", q out " << q_out << ", output " << k;
+      for (bool one_row : {false, true}) {
+        Model m = RopeAttentionGraph(t, q_out);
+        auto want = cpu->Compile(m.graph, m.weights);
+        auto got = emulator->Compile(m.graph, m.weights);
+        ASSERT_TRUE(want.ok()) << want.status();
+        ASSERT_TRUE(got.ok()) << got.status();
+        for (bool decode : {false, true}) {
+          const std::vector<Tensor> in = RopeAttentionInputs(t, decode, one_row);
+          absl::StatusOr<std::vector<Tensor>> a = (*want)->Run(in), b = (*got)->Run(in);
+          ASSERT_TRUE(a.ok()) << a.status();
+          ASSERT_TRUE(b.ok()) << b.status();
+          // bfloat16: the CPU rounds after each op of the rotary, the kernels once.
+          const double tol = t == DT_FLOAT32 ? 1e-5 : 2e-2;
+          for (size_t k = 0; k < a->size(); ++k) {
+            EXPECT_LE(RelativeError((*b)[k], ToRef((*a)[k])), tol)
+                << TorchName(t) << ", q out " << q_out << ", one row " << one_row
+                << (decode ? ", decode" : ", prefill") << ", output " << k;
+          }
+        }
       }
     }
   }

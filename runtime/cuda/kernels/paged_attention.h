@@ -117,11 +117,30 @@ SIMT_DEVICE void RowUpdate(int r, simt::SharedPtr<float> p_s, simt::SharedPtr<fl
   alpha_s[r] = alpha;
 }
 
+// The tile's query rows of `head` into q_s as float, rotated by c.rope_q
+// (if it has tables) and scaled (empty rows zero); m -inf and l 0.
+template <typename T>
+SIMT_DEVICE void LoadQueries(const T* q, const PagedCache& c, const int32_t* tile, int head,
+                             float scale, simt::SharedPtr<float> q_s, simt::SharedPtr<float> m_s,
+                             simt::SharedPtr<float> l_s) {
+  using namespace simt;  // NOLINT
+  const int t = static_cast<int>(ThreadIdx().x), D = c.head_dim;
+  for (int i = t; i < kQueryTile * D; i += kAttentionThreads) {
+    const int r = i / D, d = i % D;
+    const int64_t at = (int64_t{head} * c.tokens + tile[r]) * D + d;
+    q_s[r * kMaxHeadDim + d] = tile[r] < 0 ? 0.0f : ToFloat(MaybeRotated(q, c.rope_q, at)) * scale;
+  }
+  if (t < kQueryTile) {
+    m_s[t] = -__builtin_huge_valf();
+    l_s[t] = 0.0f;
+  }
+}
+
 // out [1, heads, tokens, head_dim] = attention of q (same shape, rotated
-// by c.rope_q if it has tables, scaled by `scale`) over the cache: block (tile, head) takes the kQueryTile tokens
-// tiles[tile * kQueryTile ...] (one sequence's; -1 = none) for query head
-// `head`, which reads KV head head / (heads / kv_heads). head_dim <=
-// kMaxHeadDim. The step's own keys must be in the cache (KvAppend first).
+// by c.rope_q if it has tables, scaled by `scale`) over the cache: block
+// (tile, head) takes the kQueryTile tokens tiles[tile * kQueryTile ...]
+// (one sequence's; -1 = none) for query head `head`, which reads KV head
+// head / (heads / kv_heads). head_dim <= kMaxHeadDim. The step's own keys must be in the cache (KvAppend first).
 // A tile whose first token is -1 is spare (a grid sized for the most tiles
 // a step of this shape can have) and does nothing.
 template <typename T>
@@ -149,17 +168,7 @@ SIMT_GLOBAL void PagedAttention(const T* __restrict__ q, const T* __restrict__ c
     last = row_pos[r] > last ? row_pos[r] : last;
   }
   const int64_t s = c.seq[tile[0]];
-  for (int i = t; i < kQueryTile * D; i += kAttentionThreads) {
-    const int r = i / D, d = i % D;
-    q_s[r * kMaxHeadDim + d] =
-        tile[r] < 0 ? 0.0f
-                    : ToFloat(MaybeRotated(q, c.rope_q, (int64_t{head} * c.tokens + tile[r]) * D + d)) *
-                          scale;
-  }
-  if (t < kQueryTile) {
-    m_s[t] = -__builtin_huge_valf();
-    l_s[t] = 0.0f;
-  }
+  LoadQueries(q, c, tile, head, scale, q_s, m_s, l_s);
   float acc[kAccumulators];
   for (float& a : acc) a = 0.0f;
   for (int64_t key0 = 0; key0 <= last; key0 += kKeyTile) {

@@ -90,9 +90,9 @@ SIMT_DEVICE void TcRowUpdate(int r, int64_t row_pos, int64_t key0, float scale,
   float sum = 0.0f;
   for (int j = 0; j < kTcKeyTile; ++j) {
     const bool seen = !none && key0 + j <= row_pos;
-    const float e = seen ? Exp(s_s[r * kTcKeyTile + j] * scale - m_new) : 0.0f;
-    p_s[r * kTcKeyTile + j] = FromFloat<T>(e);
-    sum += e;
+    const T p = FromFloat<T>(seen ? Exp(s_s[r * kTcKeyTile + j] * scale - m_new) : 0.0f);
+    p_s[r * kTcKeyTile + j] = p;
+    sum += ToFloat(p);  // the weights P · V sums, as rounded
   }
   const float alpha = none ? 1.0f : Exp(m_old - m_new);
   m_s[r] = m_new;

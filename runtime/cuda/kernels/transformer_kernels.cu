@@ -195,14 +195,18 @@ cudaError_t LaunchPagedAttention(FloatType t, const void* q, const void* k, cons
     e = cudaGetLastError();
     if (e != cudaSuccess || num_tiles == 0) return;
     const dim3 grid(static_cast<unsigned>(num_tiles), heads);
-    if constexpr (!std::is_same_v<T, float>) {
-      if (tensor_cores) {
+    if (tensor_cores) {  // 16-bit values, whole fragments: or its tiles are not PagedAttention's
+      if constexpr (std::is_same_v<T, float>) {
+        e = cudaErrorInvalidValue;
+      } else if (!TensorCoreHeadDim(c.head_dim)) {
+        e = cudaErrorInvalidValue;
+      } else {
         TensorCoreAttention<T><<<grid, kTcThreads, 0, stream>>>(
             static_cast<const T*>(q), static_cast<const T*>(cache), tiles, static_cast<T*>(out), c,
             heads, scale);
         e = cudaGetLastError();
-        return;
       }
+      return;
     }
     PagedAttention<T><<<grid, kAttentionThreads, 0, stream>>>(
         static_cast<const T*>(q), static_cast<const T*>(cache), tiles, static_cast<T*>(out), c,

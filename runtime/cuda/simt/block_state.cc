@@ -266,6 +266,15 @@ bool BlockState::ArriveAtWarpOp(int tid, WarpOpKind kind, uint64_t value,
 }
 
 void BlockState::CompleteWarpOp(Warp& w) {
+  if (w.op == WarpOpKind::kWmma) {  // one tile: the same pointer, ldm and layout in every lane
+    for (int lane = 1; lane < kWarpSize; ++lane) {
+      if (w.values[lane] == w.values[0]) continue;
+      Fail(absl::StrCat("wmma call at ", Site(w.file, w.line),
+                        ": the lanes of a warp pass different arguments (lane 0 and lane ",
+                        lane, ")"));
+      break;
+    }
+  }
   uint32_t ballot = 0;
   for (int lane = 0; lane < kWarpSize; ++lane) {
     if (w.values[lane] != 0) ballot |= Bit(lane);

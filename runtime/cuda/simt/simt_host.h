@@ -327,6 +327,8 @@ class SharedArray {
   // Elements from the array's start (its storage is aligned as CUDA's
   // shared arrays are: wmma_host.h checks pointer alignment through this).
   int64_t offset() const { return offset_; }
+  // Which array this views (wmma_host.h: every lane must name one tile).
+  const void* array() const { return array_; }
   // Element i, its access not recorded (a wmma load's other lanes' share).
   T Peek(int64_t i) const {
     T v;

@@ -19,11 +19,13 @@
 //   * every *_sync call is made by all 32 lanes of a warp together, with the
 //     same arguments;
 //   * pointers are 32-byte aligned and ldm is a multiple of 16 bytes;
+//   * a tile written by other threads is loaded, and a stored tile read by
+//     other threads, only after a barrier (the lanes' shares of a tile are
+//     the hardware's business);
 //   * how a fragment's elements map to lanes is unspecified: a kernel may
 //     only treat x[0 .. num_elements) uniformly (scale every element, ...).
-//     The emulator gives every lane the whole tile, and splits a store's
-//     elements between the lanes, so any other use shows up as a wrong
-//     answer or a shared-memory race.
+//     The emulator keeps each lane's elements in a different order, so any
+//     other use shows up as a wrong answer.
 // Not emulated: global-memory pointers (load from and store to SIMT_SHARED
 // arrays), precision::tf32, sub-byte types.
 #ifndef PIPESERVE_RUNTIME_CUDA_SIMT_WMMA_H_

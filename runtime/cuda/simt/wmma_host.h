@@ -1,16 +1,21 @@
 // wmma.h in an ordinary C++ build: tensor-core fragments emulated. Include
 // wmma.h, not this file.
 //
-// Every lane holds the whole tile (element (r, c) at x[r * cols + c]), so
-// mma_sync is computed by each lane alike. Loads and stores touch memory
-// as the hardware splits a tile between lanes: element i is lane i % 32's
-// share, and only that access is recorded (the lane reads the rest of the
-// tile unrecorded), so a read of a stored tile by another warp or lane
-// without a barrier in between is a race the shared bookkeeping reports,
-// while a warp's load then store of its own tile (an accumulator kept in
-// shared memory) is not. Each *_sync call is a warp op (every lane of the
-// warp must reach it, as for shuffles), and a pointer that is not 32-byte
-// aligned or an ldm that is not a multiple of 16 bytes is reported.
+// Every lane holds the whole tile, but each in its own order (element i of
+// the tile at x[(i + 7 * lane) % num_elements]), so a kernel that treats
+// x[] by index rather than uniformly computes a wrong answer here, as it
+// would on the GPU (where a lane holds a few elements, mapped as the
+// hardware likes). mma_sync is computed by each lane alike. Each *_sync
+// call is a warp op: every lane of the warp must reach it, naming the same
+// tile (array, offset, ldm, layout). Memory is touched as the hardware
+// shares a tile out: an accumulator's element (r, c) is lane (r % 8) * 4 +
+// (c % 8) / 2's, for its load and its store alike (a warp may load, mma
+// and store back its own accumulator in one epoch), while a matrix_a or
+// matrix_b load counts as a read by every lane. So a tile written by other
+// threads and loaded, or stored and read by other lanes, without a
+// barrier in between is a race the shared bookkeeping reports. A pointer
+// that is not 32-byte aligned or an ldm that is not a multiple of 16 bytes
+// is reported too, and only the shapes and types sm_80+ offers compile.
 #ifndef PIPESERVE_RUNTIME_CUDA_SIMT_WMMA_HOST_H_
 #define PIPESERVE_RUNTIME_CUDA_SIMT_WMMA_HOST_H_
 
@@ -33,6 +38,16 @@ enum layout_t { mem_row_major, mem_col_major };
 // An M x K (matrix_a), K x N (matrix_b) or M x N (accumulator) tile of T.
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
+  static_assert((M == 16 && N == 16 && K == 16) || (M == 32 && N == 8 && K == 16) ||
+                    (M == 8 && N == 32 && K == 16),
+                "wmma shapes for 16-bit inputs: m16n16k16, m32n8k16, m8n32k16");
+  static_assert(std::is_same_v<Use, accumulator>
+                    ? std::is_same_v<T, float>
+                    : std::is_same_v<T, simt::Half> || std::is_same_v<T, simt::Bf16>,
+                "matrix_a and matrix_b of Half or Bf16, float accumulators");
+  static_assert(std::is_same_v<Use, accumulator> ||
+                    std::is_same_v<Layout, row_major> || std::is_same_v<Layout, col_major>,
+                "matrix_a and matrix_b name their layout");
   static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
   static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
   static constexpr int num_elements = rows * cols;
@@ -41,11 +56,22 @@ struct fragment {
 
 namespace internal {
 
-// The warp meets here (a warp op), then the pointer and ldm are checked.
+// Where the calling lane keeps tile element i of n.
+inline int Slot(int i, int n) { return (i + 7 * simt::LaneId()) % n; }
+
+// The lane whose share of an accumulator element (r, c) is, as sm_80+
+// lays out a 16x16 float accumulator.
+inline int AccumulatorLane(int r, int c) { return (r % 8) * 4 + (c % 8) / 2; }
+
+// The warp meets here (a warp op naming the tile: every lane the same),
+// then the pointer and ldm are checked.
 template <typename T>
-void Meet(const char* call, const simt::SharedPtr<T>& p, unsigned ldm, const char* file,
-          int line) {
-  simt::internal::WarpOp(simt::internal::WarpOpKind::kWmma, 0, 0, file, line);
+void Meet(const char* call, const simt::SharedPtr<T>& p, unsigned ldm, int layout,
+          const char* file, int line) {
+  const uint64_t tile = reinterpret_cast<uintptr_t>(p.array()) * 1000003u ^
+                        static_cast<uint64_t>(p.offset()) * 8191u ^ (uint64_t{ldm} << 1) ^
+                        static_cast<uint64_t>(layout);
+  simt::internal::WarpOp(simt::internal::WarpOpKind::kWmma, tile, 0, file, line);
   if ((p.offset() * static_cast<int64_t>(sizeof(T))) % 32 != 0) {
     simt::internal::ReportMisuse(
         absl::StrCat("wmma::", call, ": the pointer is element ", p.offset(),
@@ -64,10 +90,10 @@ inline int64_t At(bool row_major, int r, int c, unsigned ldm) {
   return row_major ? int64_t{r} * ldm + c : int64_t{c} * ldm + r;
 }
 
-// Tile element i at p[at]: recorded as a read when it is this lane's share.
+// p[at], recorded as this lane's read when `mine`.
 template <typename T>
-T Load(const simt::SharedPtr<T>& p, int64_t at, int i) {
-  return i % simt::kWarpSize == simt::LaneId() ? static_cast<T>(p[at]) : p.Peek(at);
+T Load(const simt::SharedPtr<T>& p, int64_t at, bool mine) {
+  return mine ? static_cast<T>(p[at]) : p.Peek(at);
 }
 
 }  // namespace internal
@@ -82,11 +108,12 @@ template <typename Use, int M, int N, int K, typename T, typename L>
 void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const simt::SharedPtr<T>& p, unsigned ldm,
                       const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   static_assert(!std::is_same_v<Use, accumulator>, "an accumulator load takes a layout_t");
-  internal::Meet("load_matrix_sync", p, ldm, file, line);
+  constexpr bool kRowMajor = std::is_same_v<L, row_major>;
+  internal::Meet("load_matrix_sync", p, ldm, kRowMajor, file, line);
   using F = fragment<Use, M, N, K, T, L>;
-  for (int i = 0; i < F::num_elements; ++i) {
-    f.x[i] = internal::Load(p, internal::At(std::is_same_v<L, row_major>, i / F::cols,
-                                            i % F::cols, ldm), i);
+  for (int i = 0; i < F::num_elements; ++i) {  // every lane reads it all
+    f.x[internal::Slot(i, F::num_elements)] =
+        internal::Load(p, internal::At(kRowMajor, i / F::cols, i % F::cols, ldm), true);
   }
 }
 
@@ -94,20 +121,25 @@ template <int M, int N, int K, typename T>
 void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const simt::SharedPtr<T>& p,
                       unsigned ldm, layout_t layout, const char* file = __builtin_FILE(),
                       int line = __builtin_LINE()) {
-  internal::Meet("load_matrix_sync", p, ldm, file, line);
+  internal::Meet("load_matrix_sync", p, ldm, layout, file, line);
   for (int i = 0; i < M * N; ++i) {
-    f.x[i] = internal::Load(p, internal::At(layout == mem_row_major, i / N, i % N, ldm), i);
+    const int r = i / N, c = i % N;
+    f.x[internal::Slot(i, M * N)] =
+        internal::Load(p, internal::At(layout == mem_row_major, r, c, ldm),
+                       internal::AccumulatorLane(r, c) == simt::LaneId());
   }
 }
 
-// Each lane writes its share of the tile: element i by lane i % 32.
+// Each lane writes its share of the tile (AccumulatorLane).
 template <int M, int N, int K, typename T>
 void store_matrix_sync(const simt::SharedPtr<T>& p, const fragment<accumulator, M, N, K, T>& f,
                        unsigned ldm, layout_t layout, const char* file = __builtin_FILE(),
                        int line = __builtin_LINE()) {
-  internal::Meet("store_matrix_sync", p, ldm, file, line);
-  for (int i = simt::LaneId(); i < M * N; i += simt::kWarpSize) {
-    p[internal::At(layout == mem_row_major, i / N, i % N, ldm)] = f.x[i];
+  internal::Meet("store_matrix_sync", p, ldm, layout, file, line);
+  for (int i = 0; i < M * N; ++i) {
+    const int r = i / N, c = i % N;
+    if (internal::AccumulatorLane(r, c) != simt::LaneId()) continue;
+    p[internal::At(layout == mem_row_major, r, c, ldm)] = f.x[internal::Slot(i, M * N)];
   }
 }
 
@@ -118,17 +150,19 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
               const fragment<accumulator, M, N, K, float>& c, const char* file = __builtin_FILE(),
               int line = __builtin_LINE()) {
   simt::internal::WarpOp(simt::internal::WarpOpKind::kWmma, 0, 0, file, line);
+  using internal::Slot;
   float out[M * N];
   for (int m = 0; m < M; ++m) {
     for (int n = 0; n < N; ++n) {
-      float acc = c.x[m * N + n];
+      float acc = c.x[Slot(m * N + n, M * N)];
       for (int k = 0; k < K; ++k) {
-        acc += simt::ToFloat(a.x[m * K + k]) * simt::ToFloat(b.x[k * N + n]);
+        acc += simt::ToFloat(a.x[Slot(m * K + k, M * K)]) *
+               simt::ToFloat(b.x[Slot(k * N + n, K * N)]);
       }
       out[m * N + n] = acc;
     }
   }
-  for (int i = 0; i < M * N; ++i) d.x[i] = out[i];
+  for (int i = 0; i < M * N; ++i) d.x[Slot(i, M * N)] = out[i];
 }
 
 }  // namespace pipeserve::simt::wmma

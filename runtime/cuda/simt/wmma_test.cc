@@ -168,5 +168,68 @@ TEST(WmmaViolationTest, AnMmaReachedByHalfAWarpIsReportedNotAHang) {
                                  HasSubstr("not reached by all 32 lanes of warp 0")));
 }
 
+// A tile filled lane by lane and loaded with no barrier in between: on
+// the GPU other lanes read those elements.
+SIMT_GLOBAL void LoadsAFillTooSoon() {
+  SIMT_SHARED(Half, a_s, 256);
+  for (int i = LaneId(); i < 256; i += kWarpSize) a_s[i] = FromFloat<Half>(1.0f);
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, Half, wmma::row_major> a;
+  wmma::load_matrix_sync(a, a_s, 16);
+}
+
+// A stored accumulator read back lane by lane (element i by lane i % 32)
+// with no barrier: the hardware's lanes own other elements.
+SIMT_GLOBAL void ReadsAStoreLaneByLane(float* out) {
+  SIMT_SHARED(float, c_s, 256);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+  wmma::fill_fragment(c, 1.0f);
+  wmma::store_matrix_sync(c_s, c, 16, wmma::mem_row_major);
+  for (int i = LaneId(); i < 256; i += kWarpSize) out[i] = c_s[i];
+}
+
+TEST(WmmaViolationTest, LaneByLaneAccessesWithoutABarrierAreRaces) {
+  absl::Status s = Emulate(1, kWarpSize, [] { LoadsAFillTooSoon(); });
+  EXPECT_THAT(s.message(), HasSubstr("shared-memory race on a_s["));
+  std::vector<float> out(256);
+  s = Emulate(1, kWarpSize, [&] { ReadsAStoreLaneByLane(out.data()); });
+  EXPECT_THAT(s.message(), HasSubstr("shared-memory race on c_s["));
+}
+
+// Lanes naming different tiles in one load.
+SIMT_GLOBAL void LanesLoadDifferentTiles() {
+  SIMT_SHARED(Half, a_s, 512);
+  for (int i = LaneId(); i < 512; i += kWarpSize) a_s[i] = FromFloat<Half>(1.0f);
+  SyncThreads();
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, Half, wmma::row_major> a;
+  wmma::load_matrix_sync(a, a_s + (LaneId() < 16 ? 0 : 256), 16);
+}
+
+TEST(WmmaViolationTest, LanesPassingDifferentArgumentsAreReported) {
+  const absl::Status s = Emulate(1, kWarpSize, [] { LanesLoadDifferentTiles(); });
+  EXPECT_THAT(s.message(), AllOf(HasSubstr("wmma call at "), HasSubstr("wmma_test.cc:"),
+                                 HasSubstr("the lanes of a warp pass different arguments")));
+}
+
+// Scales row r of an accumulator by r + 1 through x[i] as if x were the
+// tile row-major: a guess at the hardware's mapping that the emulator
+// (each lane's elements in its own order) does not honour either.
+SIMT_GLOBAL void ScalesRowsByIndex(float* out) {
+  SIMT_SHARED(float, c_s, 256);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+  wmma::fill_fragment(c, 1.0f);
+  for (int i = 0; i < c.num_elements; ++i) c.x[i] *= static_cast<float>(i / 16 + 1);
+  wmma::store_matrix_sync(c_s, c, 16, wmma::mem_row_major);
+  SyncThreads();
+  for (int i = LaneId(); i < 256; i += kWarpSize) out[i] = c_s[i];
+}
+
+TEST(WmmaTest, AKernelRelyingOnTheElementOrderGetsAWrongAnswer) {
+  std::vector<float> out(256);
+  ASSERT_TRUE(Emulate(1, kWarpSize, [&] { ScalesRowsByIndex(out.data()); }).ok());
+  int right = 0;
+  for (int i = 0; i < 256; ++i) right += out[i] == static_cast<float>(i / 16 + 1);
+  EXPECT_LT(right, 256);
+}
+
 }  // namespace
 }  // namespace pipeserve::simt
