@@ -161,7 +161,7 @@ absl::Status LoweredStage::Build(const WeightMap& weights, const ValueTypes& typ
     FuseResidualNorms(shapes);
     FuseElementwise();
   }
-  LayOutWeights();
+  LayOutWeights(/*group_gemms=*/cuda_ops == CudaOps::kUnconfirmed);
   return absl::OkStatus();
 }
 
@@ -397,16 +397,35 @@ void LoweredStage::MarkNeeds() {
   }
 }
 
-void LoweredStage::LayOutWeights() {
+void LoweredStage::LayOutWeights(bool group_gemms) {
   MarkNeeds();
+  if (group_gemms) FormGemmGroups();
+  std::vector<std::vector<int>> weights_of(values_.size());  // a head's weight: the members'
+  for (const Step& s : steps_) {
+    for (int m : s.group) weights_of[s.in[1]].push_back(steps_[m].in[1]);
+  }
   ArenaLayout w(Arena::kWeights);
-  for (Value& v : values_) {
-    if (v.param < 0) continue;
-    int64_t n = params_[v.param].numel();
-    if (v.need_f32) v.w_f32 = w.Take(n * ElementSize(v.type)).offset;  // in its own type
-    if (v.need_gemm) v.w_gemm = w.Take(n * DTypeBytes(gemm_type_)).offset;
+  std::vector<bool> done(values_.size(), false);
+  for (size_t i = 0; i < values_.size(); ++i) {
+    if (values_[i].param < 0 || done[i]) continue;
+    for (bool gemm_form : {false, true}) {  // each form's copies evenly spaced
+      WithGroupMembers(static_cast<int>(i), weights_of, [&](int v) {
+        Value& val = values_[v];
+        const int64_t n = params_[val.param].numel();
+        if (!gemm_form && val.need_f32) val.w_f32 = w.Take(n * ElementSize(val.type)).offset;
+        if (gemm_form && val.need_gemm) val.w_gemm = w.Take(n * DTypeBytes(gemm_type_)).offset;
+        done[v] = true;
+      });
+    }
   }
   weight_bytes_ = w.size();
+}
+
+template <typename F>
+void LoweredStage::WithGroupMembers(int v, const std::vector<std::vector<int>>& members,
+                                    F take) const {
+  take(v);
+  for (int m : members[v]) take(m);
 }
 
 void LoweredStage::FillWeights(void* dst) const {
@@ -536,6 +555,24 @@ bool LoweredStage::Bf16OnlyGemmOutput(int v) const {
   return p.kind == Kind::kMm || (p.kind == Kind::kLinear && p.in.size() < 3);
 }
 
+bool LoweredStage::BuffersElsewhere(int v, const std::vector<Shape>& shape, Buffers* b) const {
+  const Value& val = values_[v];
+  if (val.view_of >= 0) {  // its input's buffers (laid out before it)
+    b->f32[v] = b->f32[val.view_of];
+    b->gm[v] = b->gm[val.view_of];
+    b->has_f32[v] = b->has_f32[val.view_of];
+    b->has_gm[v] = b->has_gm[val.view_of];
+    return true;
+  }
+  if (AliasPermute(v, shape, b)) return true;
+  if (val.param < 0) return false;
+  if (val.w_f32 >= 0) b->f32[v] = {Arena::kWeights, val.w_f32};
+  if (val.w_gemm >= 0) b->gm[v] = {Arena::kWeights, val.w_gemm};
+  b->has_f32[v] = val.w_f32 >= 0;
+  b->has_gm[v] = val.w_gemm >= 0;
+  return true;
+}
+
 LoweredStage::Buffers LoweredStage::LayOutBuffers(const std::vector<Shape>& shape) const {
   Buffers b;
   ArenaLayout act(Arena::kActivations);
@@ -547,39 +584,37 @@ LoweredStage::Buffers LoweredStage::LayOutBuffers(const std::vector<Shape>& shap
   b.has_gm.resize(values_.size());
   b.aliased.resize(values_.size());
   const int64_t gm_bytes = DTypeBytes(gemm_type_);
+  std::vector<std::vector<int>> outputs_of(values_.size());  // a group head's: the members'
+  for (const Step& s : steps_) {
+    for (int m : s.group) outputs_of[s.out].push_back(steps_[m].out);
+  }
+  std::vector<bool> done(values_.size(), false);
   for (size_t v = 0; v < values_.size(); ++v) {
     const Value& val = values_[v];
     int64_t n = NumElements(shape[v]);
-    if (val.host) continue;
+    if (val.host || done[v]) continue;
     if (val.host_output) {  // the tokens the device picks when sampling is greedy
       b.f32[v] = act.Take(n * ElementSize(DT_INT64));
       b.has_f32[v] = true;
       continue;
     }
-    if (val.view_of >= 0) {  // its input's buffers (laid out before it)
-      b.f32[v] = b.f32[val.view_of];
-      b.gm[v] = b.gm[val.view_of];
-      b.has_f32[v] = b.has_f32[val.view_of];
-      b.has_gm[v] = b.has_gm[val.view_of];
-      continue;
-    }
-    if (AliasPermute(static_cast<int>(v), shape, &b)) continue;
-    if (val.param >= 0) {
-      if (val.w_f32 >= 0) b.f32[v] = {Arena::kWeights, val.w_f32};
-      if (val.w_gemm >= 0) b.gm[v] = {Arena::kWeights, val.w_gemm};
-      b.has_f32[v] = val.w_f32 >= 0;
-      b.has_gm[v] = val.w_gemm >= 0;
-      continue;
-    }
+    if (BuffersElsewhere(static_cast<int>(v), shape, &b)) continue;
     if (val.input < 0 && val.producer < 0) continue;  // an alias
-    bool want_f32 = val.need_f32;
-    if (val.producer >= 0 && val.need_gemm && !Bf16OnlyGemmOutput(static_cast<int>(v))) {
-      want_f32 = true;  // computed in float32, then converted
+    for (bool gemm_form : {false, true}) {  // a GEMM group's outputs evenly spaced in each form
+      WithGroupMembers(static_cast<int>(v), outputs_of, [&](int u) {
+        const Value& out = values_[u];
+        const int64_t elements = NumElements(shape[u]);
+        bool want_f32 = out.need_f32;
+        if (out.producer >= 0 && out.need_gemm && !Bf16OnlyGemmOutput(u)) {
+          want_f32 = true;  // computed in float32, then converted
+        }
+        if (!gemm_form && want_f32) b.f32[u] = act.Take(elements * ElementSize(out.type));
+        if (gemm_form && out.need_gemm) b.gm[u] = act.Take(elements * gm_bytes);
+        b.has_f32[u] = want_f32;  // f32: the value's own type
+        b.has_gm[u] = out.need_gemm;
+        done[u] = true;
+      });
     }
-    if (want_f32) b.f32[v] = act.Take(n * ElementSize(val.type));  // f32: the value's own type
-    if (val.need_gemm) b.gm[v] = act.Take(n * gm_bytes);
-    b.has_f32[v] = want_f32;
-    b.has_gm[v] = val.need_gemm;
   }
   if (kv_inputs_.positions >= 0) {  // cached_attention's tiles
     b.tensor_cores = TensorCoreTiles(shape);
@@ -755,6 +790,10 @@ absl::Status LoweredStage::GemmOps(const Step& s, const std::vector<Shape>& shap
   g.lda = lin ? k : n;
   g.b = operand(s.in[xi]);  // x [M, K] row-major is [K, M] column-major
   g.ldb = k;
+  if (GroupFits(s, b, &g.stride_a, &g.stride_d)) {  // its members' too: one x, their weights
+    g.batch = 1 + static_cast<int64_t>(s.group.size());
+    g.stride_b = 0;
+  }
   DeviceOp op{DeviceOp::Type::kGemm, name};
   op.gemm = g;
   compute->push_back(op);
@@ -839,6 +878,14 @@ absl::Status LoweredStage::StepOps(size_t i, const Sizes& sizes, const Buffers& 
     add = *s;
     add.kind = s->unfused;
     s = &add;
+  }
+  int64_t unused;
+  if (s->group_head >= 0 && GroupFits(steps_[s->group_head], b, &unused, &unused)) {
+    const int64_t n = NumElements(sizes.shape[s->out]);  // computed by its head's GEMM
+    if (b.has_f32[s->out] && b.has_gm[s->out] && n > 0) {
+      compute->push_back(ConvertOp(sizes.node[i].name(), b.f32[s->out], b.gm[s->out], n));
+    }
+    return absl::OkStatus();
   }
   if (s->kind == Kind::kView || s->kind == Kind::kSize || s->kind == Kind::kHostSample ||
       s->kind == Kind::kAbsorbed || s->kind == Kind::kResidualSum || b.aliased[s->out]) {

@@ -376,6 +376,13 @@ class LoweredStage {
     // attention kernels apply as they read (kernel_in holds the unrotated
     // q and k, then each rotary's cos and sin).
     int rope_q = -1, rope_k = -1;
+    // kLinear steps reading one x with weights of one shape (Llama's k and
+    // v projections, gate and up; q, k and v with as many KV heads as
+    // heads) run as one strided-batched GEMM (FormGemmGroups): the head
+    // lists the members, whose weights and outputs are laid out evenly
+    // spaced after its own; a member names its head.
+    std::vector<int> group;
+    int group_head = -1;
   };
 
   LoweredStage() = default;
@@ -402,6 +409,9 @@ class LoweredStage {
   // kInvalidArgument naming a node whose shape rule fails.
   absl::StatusOr<Sizes> ShapesFor(const std::vector<Shape>& input_shapes) const;
   Buffers LayOutBuffers(const std::vector<Shape>& shape) const;
+  // A view's, an aliased permute's or a parameter's buffers (value v): no
+  // new ones. False for a value that needs its own.
+  bool BuffersElsewhere(int v, const std::vector<Shape>& shape, Buffers* b) const;
   void InputOps(const std::vector<Shape>& shape, const Buffers& b, DevicePlan* plan,
                 std::vector<DeviceOp>* copy_in, std::vector<DeviceOp>* compute) const;
   // Step i's ops (its node resolved in sizes.node[i]).
@@ -476,6 +486,17 @@ class LoweredStage {
   int OrderKeepingPermuteInput(int v, const std::vector<Shape>& shape) const;
   bool AliasPermute(int v, const std::vector<Shape>& shape, Buffers* b) const;
   void FuseElementwise();
+  // Groups kLinear steps for one batched GEMM (after MarkNeeds: members'
+  // outputs need the same forms).
+  void FormGemmGroups();
+  // Whether `head`'s group runs batched at this layout: every member's
+  // weight and output evenly spaced after the head's, in one form. Sets
+  // the strides (elements) when it does.
+  bool GroupFits(const Step& head, const Buffers& b, int64_t* stride_a, int64_t* stride_d) const;
+  // Takes `take(v)` for value v and, when v is a group head's weight or
+  // output, for its members' at once (evenly spaced).
+  template <typename F>
+  void WithGroupMembers(int v, const std::vector<std::vector<int>>& members, F take) const;
   // GELU (tanh), as one op or written out as GPT-2 has it, on a GEMM's
   // output becomes that GEMM's epilogue.
   void FuseGeluEpilogues();
@@ -558,8 +579,9 @@ class LoweredStage {
   absl::Status CheckSizeReaders(const Node& node, const Step& step) const;
   // Pass 2: steps_, with fused ReLUs; every op's kernel through the gate.
   absl::Status MakeSteps(const ValueIds& ids, bool fuse_linear_relu, CudaOps cuda_ops);
-  // The forms each value needs, and the weights arena.
-  void LayOutWeights();
+  // The forms each value needs, and the weights arena (GEMM groups'
+  // weights evenly spaced, with `group_gemms`).
+  void LayOutWeights(bool group_gemms = false);
   // Which forms each value needs (LayOutWeights' first part).
   void MarkNeeds();
   int Canonical(int v) const;

@@ -143,6 +143,63 @@ bool LoweredStage::GeluWrittenOut(int root, const std::vector<int>& only_reader,
   return false;
 }
 
+// Linear layers on one input whose weights have one shape and type run as
+// one strided-batched GEMM: the first is the head, the others its
+// members. Only plain ones (no bias, no epilogue; parameters for weights,
+// none shared) whose outputs need the same forms: the plan lays the
+// weights and the outputs out evenly spaced (LayOutWeights, LayOutBuffers).
+void LoweredStage::FormGemmGroups() {
+  auto plain = [&](const Step& s) {
+    return s.kind == Kind::kLinear && s.in.size() == 2 && !s.relu && !s.gelu &&
+           values_[s.in[1]].param >= 0 && s.group_head < 0 && s.group.empty();
+  };
+  std::vector<int> uses = Uses();
+  for (size_t h = 0; h < steps_.size(); ++h) {
+    if (!plain(steps_[h]) || uses[steps_[h].in[1]] != 1) continue;
+    const Value& w = values_[steps_[h].in[1]];
+    const Value& out = values_[steps_[h].out];
+    for (size_t m = h + 1; m < steps_.size(); ++m) {
+      const Step& s = steps_[m];
+      if (!plain(s) || s.in[0] != steps_[h].in[0] || uses[s.in[1]] != 1) continue;
+      const Value& wm = values_[s.in[1]];
+      const Value& om = values_[s.out];
+      if (params_[wm.param].shape() != params_[w.param].shape() || wm.type != w.type ||
+          om.type != out.type || om.need_f32 != out.need_f32 || om.need_gemm != out.need_gemm ||
+          wm.need_f32 != w.need_f32 || wm.need_gemm != w.need_gemm) {
+        continue;
+      }
+      steps_[h].group.push_back(static_cast<int>(m));
+      steps_[m].group_head = static_cast<int>(h);
+    }
+  }
+}
+
+bool LoweredStage::GroupFits(const Step& head, const Buffers& b, int64_t* stride_a,
+                             int64_t* stride_d) const {
+  if (head.group.empty()) return false;
+  const bool sixteen = values_[head.out].type != DT_FLOAT32;
+  const bool w_f32 = sixteen || gemm_type_ == DType::kF32;  // the GEMM's operand form
+  const int64_t a_bytes = sixteen ? ElementSize(values_[head.out].type) : DTypeBytes(gemm_type_);
+  auto weight = [&](const Step& s) { return (w_f32 ? b.f32 : b.gm)[s.in[1]]; };
+  auto out = [&](const Step& s) { return b.has_f32[s.out] ? b.f32[s.out] : b.gm[s.out]; };
+  const int64_t d_bytes = b.has_f32[head.out] ? ElementSize(values_[head.out].type)
+                                              : DTypeBytes(gemm_type_);
+  const int64_t da = weight(steps_[head.group[0]]).offset - weight(head).offset;
+  const int64_t dd = out(steps_[head.group[0]]).offset - out(head).offset;
+  if (da <= 0 || dd <= 0 || da % a_bytes != 0 || dd % d_bytes != 0) return false;
+  for (size_t i = 0; i < head.group.size(); ++i) {
+    const Step& m = steps_[head.group[i]];
+    if (b.has_f32[m.out] != b.has_f32[head.out] || b.has_gm[m.out] != b.has_gm[head.out] ||
+        weight(m).offset - weight(head).offset != da * static_cast<int64_t>(i + 1) ||
+        out(m).offset - out(head).offset != dd * static_cast<int64_t>(i + 1)) {
+      return false;
+    }
+  }
+  *stride_a = da / a_bytes;
+  *stride_d = dd / d_bytes;
+  return true;
+}
+
 // Llama's RMSNorm as PyTorch traces it, w * (x * rsqrt(mean(x^2, -1,
 // keepdim) + eps)): pow, mean, add, rsqrt, mul and the weight's mul (or
 // none), each read only by the next, run as one kRmsNorm step (kernels/
