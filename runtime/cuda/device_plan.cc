@@ -401,11 +401,14 @@ void LoweredStage::LayOutWeights(bool group_gemms) {
   MarkNeeds();
   if (group_gemms) FormGemmGroups();
   std::vector<std::vector<int>> weights_of(values_.size());  // a head's weight: the members'
+  std::vector<bool> done(values_.size(), false);  // members: laid out with their head's
   for (const Step& s : steps_) {
-    for (int m : s.group) weights_of[s.in[1]].push_back(steps_[m].in[1]);
+    for (int m : s.group) {
+      weights_of[s.in[1]].push_back(steps_[m].in[1]);
+      done[steps_[m].in[1]] = true;
+    }
   }
   ArenaLayout w(Arena::kWeights);
-  std::vector<bool> done(values_.size(), false);
   for (size_t i = 0; i < values_.size(); ++i) {
     if (values_[i].param < 0 || done[i]) continue;
     for (bool gemm_form : {false, true}) {  // each form's copies evenly spaced
@@ -585,10 +588,13 @@ LoweredStage::Buffers LoweredStage::LayOutBuffers(const std::vector<Shape>& shap
   b.aliased.resize(values_.size());
   const int64_t gm_bytes = DTypeBytes(gemm_type_);
   std::vector<std::vector<int>> outputs_of(values_.size());  // a group head's: the members'
+  std::vector<bool> done(values_.size(), false);  // members: laid out with their head's
   for (const Step& s : steps_) {
-    for (int m : s.group) outputs_of[s.out].push_back(steps_[m].out);
+    for (int m : s.group) {
+      outputs_of[s.out].push_back(steps_[m].out);
+      done[steps_[m].out] = true;
+    }
   }
-  std::vector<bool> done(values_.size(), false);
   for (size_t v = 0; v < values_.size(); ++v) {
     const Value& val = values_[v];
     int64_t n = NumElements(shape[v]);
@@ -790,7 +796,7 @@ absl::Status LoweredStage::GemmOps(const Step& s, const std::vector<Shape>& shap
   g.lda = lin ? k : n;
   g.b = operand(s.in[xi]);  // x [M, K] row-major is [K, M] column-major
   g.ldb = k;
-  if (GroupFits(s, b, &g.stride_a, &g.stride_d)) {  // its members' too: one x, their weights
+  if (GroupFits(s, shape, b, &g.stride_a, &g.stride_d)) {  // its members' too: one x, their weights
     g.batch = 1 + static_cast<int64_t>(s.group.size());
     g.stride_b = 0;
   }
@@ -880,7 +886,8 @@ absl::Status LoweredStage::StepOps(size_t i, const Sizes& sizes, const Buffers& 
     s = &add;
   }
   int64_t unused;
-  if (s->group_head >= 0 && GroupFits(steps_[s->group_head], b, &unused, &unused)) {
+  if (s->group_head >= 0 &&
+      GroupFits(steps_[s->group_head], sizes.shape, b, &unused, &unused)) {
     const int64_t n = NumElements(sizes.shape[s->out]);  // computed by its head's GEMM
     if (b.has_f32[s->out] && b.has_gm[s->out] && n > 0) {
       compute->push_back(ConvertOp(sizes.node[i].name(), b.f32[s->out], b.gm[s->out], n));

@@ -489,10 +489,12 @@ class LoweredStage {
   // Groups kLinear steps for one batched GEMM (after MarkNeeds: members'
   // outputs need the same forms).
   void FormGemmGroups();
-  // Whether `head`'s group runs batched at this layout: every member's
+  // Whether `head`'s group runs batched at these shapes and this layout:
+  // K > 0 (a GEMM over K = 0 is a fill of one output), every member's
   // weight and output evenly spaced after the head's, in one form. Sets
   // the strides (elements) when it does.
-  bool GroupFits(const Step& head, const Buffers& b, int64_t* stride_a, int64_t* stride_d) const;
+  bool GroupFits(const Step& head, const std::vector<Shape>& shape, const Buffers& b,
+                 int64_t* stride_a, int64_t* stride_d) const;
   // Takes `take(v)` for value v and, when v is a group head's weight or
   // output, for its members' at once (evenly spaced).
   template <typename F>

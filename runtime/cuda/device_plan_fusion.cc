@@ -174,9 +174,9 @@ void LoweredStage::FormGemmGroups() {
   }
 }
 
-bool LoweredStage::GroupFits(const Step& head, const Buffers& b, int64_t* stride_a,
-                             int64_t* stride_d) const {
-  if (head.group.empty()) return false;
+bool LoweredStage::GroupFits(const Step& head, const std::vector<Shape>& shape,
+                             const Buffers& b, int64_t* stride_a, int64_t* stride_d) const {
+  if (head.group.empty() || shape[head.in[1]].back() == 0) return false;  // K = 0: each a fill
   const bool sixteen = values_[head.out].type != DT_FLOAT32;
   const bool w_f32 = sixteen || gemm_type_ == DType::kF32;  // the GEMM's operand form
   const int64_t a_bytes = sixteen ? ElementSize(values_[head.out].type) : DTypeBytes(gemm_type_);
