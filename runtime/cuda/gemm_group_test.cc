@@ -9,10 +9,8 @@
 
 #include "gtest/gtest.h"
 #include "partitioner/graph_builder.h"
-#include "runtime/conformance/reference.h"
-#include "runtime/cpu/cpu_backend.h"
-#include "runtime/cuda/device_emulator.h"
 #include "runtime/cuda/device_plan.h"
+#include "runtime/cuda/emulator_vs_cpu.h"
 #include "runtime/random_tensor.h"
 
 namespace pipeserve {
@@ -98,23 +96,15 @@ TEST(GemmGroupTest, LinearsOnOneInputWithWeightsOfOneShapeAreOneBatchedGemm) {
 }
 
 TEST(GemmGroupTest, TheEmulatorMatchesTheCpuBackend) {
-  std::unique_ptr<ComputeBackend> cpu = MakeCpuBackend({});
   for (Precision p : {Precision::kFloat32, Precision::kTF32, Precision::kBF16}) {
-    std::unique_ptr<ComputeBackend> emulator = MakeDeviceEmulatorBackend(p);
     for (const Variant& v : {Variant{}, Variant{.v_into_gemm = true},
                              Variant{.both_into_gemms = true}, Variant{.q_like_k = true},
                              Variant{.k = 0}}) {
-      Model m = ProjectionGraph(v);
-      auto want = cpu->Compile(m.graph, m.weights);
-      auto got = emulator->Compile(m.graph, m.weights);
-      ASSERT_TRUE(want.ok()) << want.status();
-      ASSERT_TRUE(got.ok()) << got.status();
-      const Tensor x = RandomTensor({5, v.k}, 3);
-      absl::StatusOr<std::vector<Tensor>> a = (*want)->Run({x}), b = (*got)->Run({x});
-      ASSERT_TRUE(a.ok()) << a.status();
-      ASSERT_TRUE(b.ok()) << b.status();
-      for (size_t k = 0; k < a->size(); ++k) {
-        EXPECT_LE(MaxRelativeDifference((*b)[k], (*a)[k]), p == Precision::kFloat32 ? 1e-6 : 1e-2)
+      absl::StatusOr<std::vector<double>> d =
+          EmulatorVsCpu(ProjectionGraph(v), {RandomTensor({5, v.k}, 3)}, p);
+      ASSERT_TRUE(d.ok()) << d.status();
+      for (size_t k = 0; k < d->size(); ++k) {
+        EXPECT_LE((*d)[k], p == Precision::kFloat32 ? 1e-6 : 1e-2)
             << PrecisionName(p) << ", variant " << v.v_into_gemm << v.both_into_gemms
             << v.q_like_k << " k " << v.k << ", output " << k;
       }

@@ -11,10 +11,8 @@
 
 #include "gtest/gtest.h"
 #include "partitioner/graph_builder.h"
-#include "runtime/conformance/reference.h"
-#include "runtime/cpu/cpu_backend.h"
-#include "runtime/cuda/device_emulator.h"
 #include "runtime/cuda/device_plan.h"
+#include "runtime/cuda/emulator_vs_cpu.h"
 #include "runtime/random_tensor.h"
 
 namespace pipeserve {
@@ -84,20 +82,13 @@ TEST(DevicePlanTest, RmsNormWrittenOutIsOneKernel) {
 }
 
 TEST(RmsNormFusion, TheEmulatorMatchesTheCpuBackend) {
-  std::unique_ptr<ComputeBackend> cpu = MakeCpuBackend({});
-  std::unique_ptr<ComputeBackend> emulator = MakeDeviceEmulatorBackend(Precision::kFloat32);
   const Tensor x = RandomTensor({5, 16}, 9);
   for (int64_t weight_len : {16, 1}) {
     for (bool rsqrt_out : {false, true}) {
-      Model m = RmsNormGraph(true, rsqrt_out, weight_len, /*two_to_the_x=*/rsqrt_out);
-      auto want = cpu->Compile(m.graph, m.weights);
-      auto got = emulator->Compile(m.graph, m.weights);
-      ASSERT_TRUE(want.ok()) << want.status();
-      ASSERT_TRUE(got.ok()) << got.status();
-      absl::StatusOr<std::vector<Tensor>> a = (*want)->Run({x}), b = (*got)->Run({x});
-      ASSERT_TRUE(a.ok()) << a.status();
-      ASSERT_TRUE(b.ok()) << b.status();
-      EXPECT_LE(MaxRelativeDifference((*b)[0], (*a)[0]), 1e-6) << "weight [" << weight_len << "], rsqrt out " << rsqrt_out;
+      absl::StatusOr<std::vector<double>> d = EmulatorVsCpu(
+          RmsNormGraph(true, rsqrt_out, weight_len, /*two_to_the_x=*/rsqrt_out), {x});
+      ASSERT_TRUE(d.ok()) << d.status();
+      EXPECT_LE((*d)[0], 1e-6) << "weight [" << weight_len << "], rsqrt out " << rsqrt_out;
     }
   }
 }
@@ -172,23 +163,14 @@ TEST(DevicePlanTest, TheResidualAddBeforeANormJoinsItsKernel) {
 }
 
 TEST(RmsNormFusion, ResidualNormsOnTheEmulatorMatchTheCpuBackend) {
-  std::unique_ptr<ComputeBackend> cpu = MakeCpuBackend({});
-  std::unique_ptr<ComputeBackend> emulator = MakeDeviceEmulatorBackend(Precision::kFloat32);
   const Tensor x = RandomTensor({5, 16}, 9), r = RandomTensor({5, 16}, 10);
   for (bool rms : {true, false}) {
     for (bool early_reader : {false, true}) {
-      Model m = ResidualGraph(rms, early_reader);
-      SCOPED_TRACE(early_reader ? "a reader before the norm" : "fused");
-      auto want = cpu->Compile(m.graph, m.weights);
-      auto got = emulator->Compile(m.graph, m.weights);
-      ASSERT_TRUE(want.ok()) << want.status();
-      ASSERT_TRUE(got.ok()) << got.status();
-      absl::StatusOr<std::vector<Tensor>> a = (*want)->Run({x, r}), b = (*got)->Run({x, r});
-      ASSERT_TRUE(a.ok()) << a.status();
-      ASSERT_TRUE(b.ok()) << b.status();
-      for (size_t k = 0; k < a->size(); ++k) {
-        EXPECT_LE(MaxRelativeDifference((*b)[k], (*a)[k]), 1e-6)
-            << "rms " << rms << ", early reader " << early_reader << ", output " << k;
+      absl::StatusOr<std::vector<double>> d = EmulatorVsCpu(ResidualGraph(rms, early_reader), {x, r});
+      ASSERT_TRUE(d.ok()) << d.status();
+      for (size_t k = 0; k < d->size(); ++k) {
+        EXPECT_LE((*d)[k], 1e-6) << "rms " << rms << ", early reader " << early_reader
+                                 << ", output " << k;
       }
     }
   }
@@ -198,8 +180,6 @@ TEST(RmsNormFusion, ResidualNormsOnTheEmulatorMatchTheCpuBackend) {
 // the fusion, these do not (the sum broadcasts), so this plan runs the add
 // and the norm reads its sum; the values are the CPU backend's.
 TEST(RmsNormFusion, AResidualThatBroadcastsAtRunTimeRunsTheAdd) {
-  std::unique_ptr<ComputeBackend> cpu = MakeCpuBackend({});
-  std::unique_ptr<ComputeBackend> emulator = MakeDeviceEmulatorBackend(Precision::kFloat32);
   const Tensor x = RandomTensor({1, 16}, 9), t = RandomTensor({1, 32}, 10);
   for (bool rms : {true, false}) {
     Model m = ResidualGraph(rms, false, false, /*reshaped_r=*/true);
@@ -217,15 +197,10 @@ TEST(RmsNormFusion, AResidualThatBroadcastsAtRunTimeRunsTheAdd) {
     };
     EXPECT_EQ(residual_norms(*same), 1);
     EXPECT_EQ(residual_norms(*broadcast), 0);
-    auto want = cpu->Compile(m.graph, m.weights);
-    auto got = emulator->Compile(m.graph, m.weights);
-    ASSERT_TRUE(want.ok()) << want.status();
-    ASSERT_TRUE(got.ok()) << got.status();
-    absl::StatusOr<std::vector<Tensor>> a = (*want)->Run({x, t}), b = (*got)->Run({x, t});
-    ASSERT_TRUE(a.ok()) << a.status();
-    ASSERT_TRUE(b.ok()) << b.status();
-    for (size_t k = 0; k < a->size(); ++k) {
-      EXPECT_LE(MaxRelativeDifference((*b)[k], (*a)[k]), 1e-6) << "rms " << rms << ", output " << k;
+    absl::StatusOr<std::vector<double>> d = EmulatorVsCpu(m, {x, t});
+    ASSERT_TRUE(d.ok()) << d.status();
+    for (size_t k = 0; k < d->size(); ++k) {
+      EXPECT_LE((*d)[k], 1e-6) << "rms " << rms << ", output " << k;
     }
   }
 }

@@ -140,7 +140,8 @@ SIMT_DEVICE void LoadQueries(const T* q, const PagedCache& c, const int32_t* til
 // by c.rope_q if it has tables, scaled by `scale`) over the cache: block
 // (tile, head) takes the kQueryTile tokens tiles[tile * kQueryTile ...]
 // (one sequence's; -1 = none) for query head `head`, which reads KV head
-// head / (heads / kv_heads). head_dim <= kMaxHeadDim. The step's own keys must be in the cache (KvAppend first).
+// head / (heads / kv_heads). head_dim <= kMaxHeadDim. The step's own keys
+// must be in the cache (KvAppend first).
 // A tile whose first token is -1 is spare (a grid sized for the most tiles
 // a step of this shape can have) and does nothing.
 template <typename T>
