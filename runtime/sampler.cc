@@ -6,22 +6,10 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
+#include "runtime/sample_draw.h"
 
 namespace pipeserve {
 namespace {
-
-uint64_t SplitMix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ULL;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
-
-// A uniform number in [0, 1) for draw `index` of `seed`.
-double Uniform(uint64_t seed, int64_t index) {
-  const uint64_t bits = SplitMix64(SplitMix64(seed) ^ static_cast<uint64_t>(index));
-  return static_cast<double>(bits >> 11) * (1.0 / 9007199254740992.0);
-}
 
 std::vector<double> Penalised(absl::Span<const float> logits, const SamplingParams& p,
                               absl::Span<const int64_t> context, int64_t generated) {
@@ -91,7 +79,7 @@ int64_t SampleToken(absl::Span<const float> logits, const SamplingParams& p,
     keep = std::max<size_t>(n, 1);
     sum = acc;
   }
-  const double u = Uniform(p.seed, generated) * sum;
+  const double u = UniformDraw(p.seed, generated) * sum;
   double acc = 0;
   for (size_t i = 0; i < keep; ++i) {
     acc += prob[i];
@@ -103,6 +91,10 @@ int64_t SampleToken(absl::Span<const float> logits, const SamplingParams& p,
 absl::StatusOr<std::vector<SamplingParams>> SampleRows(const float* floats, const int64_t* ints,
                                                        const int64_t* ends, int64_t n,
                                                        int64_t context, int64_t vocab) {
+  if (n > 0 && vocab <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sample_tokens: the logits have an empty vocabulary ([", n, ", 0]): no token to pick"));
+  }
   std::vector<SamplingParams> rows(n);
   int64_t begin = 0;
   for (int64_t i = 0; i < n; ++i) {
@@ -118,6 +110,11 @@ absl::StatusOr<std::vector<SamplingParams>> SampleRows(const float* floats, cons
     p.frequency_penalty = floats[i * 4 + 3];
     p.top_k = ints[i * 3];
     p.seed = static_cast<uint64_t>(ints[i * 3 + 1]);
+    if (ints[i * 3 + 2] < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("sample_tokens: sequence ", i,
+                                                     ": tokens generated so far must be >= 0, got ",
+                                                     ints[i * 3 + 2]));
+    }
     if (absl::Status s = CheckSampling(p, vocab); !s.ok()) {
       return absl::InvalidArgumentError(
           absl::StrCat("sample_tokens: sequence ", i, ": ", s.message()));

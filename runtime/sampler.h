@@ -48,10 +48,10 @@ int64_t SampleToken(absl::Span<const float> logits, const SamplingParams& p,
 
 // The sample_tokens op's rows (graph/op_schema.cc): row i's parameters
 // from floats [n, 4] (temperature, top_p, repetition, frequency) and ints
-// [n, 3] (top_k, seed, tokens generated so far), each checked against
-// `vocab`, and its context ending at ends[i] (ends non-decreasing, at most
-// `context`). kInvalidArgument "sample_tokens: sequence i..." naming the
-// first row that does not fit.
+// [n, 3] (top_k, seed, tokens generated so far, >= 0), each checked
+// against `vocab` (> 0 when n > 0), and its context ending at ends[i] (ends
+// non-decreasing, at most `context`). kInvalidArgument "sample_tokens:
+// sequence i..." naming the first row that does not fit.
 absl::StatusOr<std::vector<SamplingParams>> SampleRows(const float* floats, const int64_t* ints,
                                                        const int64_t* ends, int64_t n,
                                                        int64_t context, int64_t vocab);

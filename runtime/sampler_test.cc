@@ -88,5 +88,22 @@ TEST(SamplerTest, ParametersOutOfRangeAreRefusedNamingThem) {
   EXPECT_TRUE(CheckSampling(SamplingParams(), 10).ok());
 }
 
+// sample_tokens' rows: an empty vocabulary has no token to pick (the
+// sampler read order[0] of nothing), and a negative count of tokens
+// generated is no count (the frequency penalty read it as the whole
+// context).
+TEST(SamplerTest, SampleRowsRefuseAnEmptyVocabularyAndANegativeCount) {
+  const float floats[4] = {0.5f, 1, 1, 0};
+  int64_t ints[3] = {0, 7, 0};
+  const int64_t ends[1] = {0};
+  EXPECT_TRUE(SampleRows(floats, ints, ends, 1, 0, 10).ok());
+  EXPECT_THAT(SampleRows(floats, ints, ends, 1, 0, 0).status().message(),
+              HasSubstr("empty vocabulary ([1, 0])"));
+  EXPECT_TRUE(SampleRows(floats, ints, ends, 0, 0, 0).ok());  // no rows, nothing to pick
+  ints[2] = -1;
+  EXPECT_THAT(SampleRows(floats, ints, ends, 1, 0, 10).status().message(),
+              HasSubstr("sequence 0: tokens generated so far must be >= 0, got -1"));
+}
+
 }  // namespace
 }  // namespace pipeserve

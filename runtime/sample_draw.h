@@ -1,0 +1,35 @@
+// The random number behind a seeded sampling draw, shared by the CPU's
+// sampler (runtime/sampler.cc) and the GPU's (runtime/cuda/kernels/sample.h)
+// so both draw the same numbers: draw `index` of `seed` depends on those two
+// alone (SplitMix64 of each).
+#ifndef PIPESERVE_RUNTIME_SAMPLE_DRAW_H_
+#define PIPESERVE_RUNTIME_SAMPLE_DRAW_H_
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define PIPESERVE_HOST_DEVICE __host__ __device__ inline
+#else
+#define PIPESERVE_HOST_DEVICE inline
+#endif
+
+namespace pipeserve {
+
+PIPESERVE_HOST_DEVICE uint64_t SplitMix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+// A uniform number in [0, 1) for draw `index` of `seed` (53 random bits).
+PIPESERVE_HOST_DEVICE double UniformDraw(uint64_t seed, int64_t index) {
+  const uint64_t bits = SplitMix64(SplitMix64(seed) ^ static_cast<uint64_t>(index));
+  return static_cast<double>(bits >> 11) * (1.0 / 9007199254740992.0);
+}
+
+}  // namespace pipeserve
+
+#undef PIPESERVE_HOST_DEVICE
+
+#endif  // PIPESERVE_RUNTIME_SAMPLE_DRAW_H_
