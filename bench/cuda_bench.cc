@@ -31,6 +31,11 @@
 //    here, attention alone (KvAppend and PagedAttention), decode at 1 and
 //    64 sequences as a share
 //    of the memory bandwidth and as a speedup.
+// 7. sample_tokens on the device (kernels/sample.h): a one-node stage on
+//    bfloat16 logits of 32000 tokens, 1 and 64 rows a step, greedy rows
+//    (the argmax, the baseline) against rows that draw (temperature 0.8,
+//    top-k 50, top-p 0.9, both penalties over 256 tokens of context each):
+//    device time a step, and what drawing adds to a step.
 // Every timing is a median after a warm-up; device times come from CUDA
 // events. Exit status: 0 when it ran (targets are reported, not enforced),
 // 2 when there is no usable GPU, 1 on an error.
@@ -57,6 +62,7 @@
 #include "bench/cuda_limits.h"
 #include "bench/llama_targets.h"
 #include "common/status_macros.h"
+#include "graph/dtype.h"
 #include "partitioner/graph_builder.h"
 #include "partitioner/partition.h"
 #include "runtime/cpu/cpu_backend.h"
@@ -584,6 +590,64 @@ absl::Status LlamaTargetsTable(const std::string& fixtures, int device) {
   return absl::OkStatus();
 }
 
+// sample_tokens alone, its inputs for `rows` rows of `vocab` logits that
+// draw (or are plain greedy).
+std::vector<Tensor> SampleInputs(int64_t rows, int64_t vocab, bool draw) {
+  const int64_t context = 256;
+  const Tensor f32 = RandomTensor({rows, vocab}, 9);
+  Tensor logits = Tensor::Empty({rows, vocab}, DT_BFLOAT16);
+  for (int64_t i = 0; i < f32.numel(); ++i) {
+    logits.data_as<uint16_t>()[i] = FloatToBf16(4 * f32.data()[i]);
+  }
+  Tensor floats = Tensor::Empty({rows, 4});
+  Tensor ints = Tensor::Empty({rows, 3}, DT_INT64);
+  Tensor tokens = Tensor::Empty({rows * context}, DT_INT64);
+  Tensor ends = Tensor::Empty({rows}, DT_INT64);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float f[4] = {draw ? 0.8f : 0.0f, draw ? 0.9f : 1.0f, draw ? 1.2f : 1.0f,
+                        draw ? 0.3f : 0.0f};
+    std::copy(f, f + 4, floats.data() + r * 4);
+    const int64_t n[3] = {draw ? 50 : 0, r + 1, context / 2};
+    std::copy(n, n + 3, ints.data_as<int64_t>() + r * 3);
+    ends.data_as<int64_t>()[r] = (r + 1) * context;
+  }
+  for (int64_t i = 0; i < tokens.numel(); ++i) tokens.data_as<int64_t>()[i] = (i * 7919) % vocab;
+  return {logits, floats, ints, tokens, ends};
+}
+
+// Section 7 (see the file's header).
+absl::Status SampleTable(int iters) {
+  const int64_t vocab = 32000;
+  GraphBuilder b;
+  b.Input("logits", {-1, vocab}).Input("floats", {-1, 4}).Input("ints", {-1, 3});
+  b.Input("context", {-1}).Input("ends", {-1});
+  b.graph().mutable_inputs(0)->set_dtype(DT_BFLOAT16);
+  for (int i : {2, 3, 4}) b.graph().mutable_inputs(i)->set_dtype(DT_INT64);
+  b.Op("sample_tokens", {"logits", "floats", "ints", "context", "ends"}, "next").Output("next");
+  const Model m = b.Build();
+  CudaBackendOptions o;
+  o.precision = Precision::kBF16;
+  o.cuda_ops = CudaOps::kUnconfirmed;
+  ASSIGN_OR_RETURN(auto gpu, MakeCudaBackend(o));
+  ASSIGN_OR_RETURN(std::unique_ptr<StageProgram> prog, gpu->Compile(m.graph, m.weights));
+  auto* cuda = dynamic_cast<CudaStageProgram*>(prog.get());
+  if (cuda == nullptr) return absl::InternalError("not a CUDA program");
+  std::printf("\n== sample_tokens on the device: bfloat16 logits of %lld tokens, device time a "
+              "step (median of %d)\n%-5s %12s %12s %12s\n",
+              static_cast<long long>(vocab), iters, "rows", "greedy us", "drawing us", "added us");
+  for (int64_t rows : {1, 64}) {
+    double us[2];
+    for (bool draw : {false, true}) {
+      const std::vector<Tensor> in = SampleInputs(rows, vocab, draw);
+      ASSIGN_OR_RETURN(std::vector<double> ms, cuda->TimeDeviceWork(in, iters, false));
+      us[draw] = Median(ms) * 1e3;
+    }
+    std::printf("%-5lld %12.1f %12.1f %12.1f\n", static_cast<long long>(rows), us[0], us[1],
+                us[1] - us[0]);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Main(const std::string& fixtures, int iters) {
   int device = 0;
   CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
@@ -617,9 +681,13 @@ absl::Status Main(const std::string& fixtures, int iters) {
   }
   absl::Status llama = LlamaTargetsTable(fixtures, device);
   if (!llama.ok()) std::printf("generation targets failed: %s\n", llama.ToString().c_str());
+  std::fflush(stdout);
+  absl::Status sample = SampleTable(std::min(iters, 50));
+  if (!sample.ok()) std::printf("sampling table failed: %s\n", sample.ToString().c_str());
   std::printf("\n== Targets\n");
   for (const std::string& s : summary) std::printf("%s\n", s.c_str());
-  return overlap.ok() ? llama : overlap;
+  if (!overlap.ok()) return overlap;
+  return llama.ok() ? sample : llama;
 }
 
 }  // namespace

@@ -8,14 +8,14 @@
 #include <cstdint>
 
 #if defined(__CUDACC__)
-#define PIPESERVE_HOST_DEVICE __host__ __device__ inline
+#define PIPESERVE_SAMPLE_DRAW_FN __host__ __device__ inline
 #else
-#define PIPESERVE_HOST_DEVICE inline
+#define PIPESERVE_SAMPLE_DRAW_FN inline
 #endif
 
 namespace pipeserve {
 
-PIPESERVE_HOST_DEVICE uint64_t SplitMix64(uint64_t x) {
+PIPESERVE_SAMPLE_DRAW_FN uint64_t SplitMix64(uint64_t x) {
   x += 0x9e3779b97f4a7c15ULL;
   x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
   x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
@@ -23,13 +23,13 @@ PIPESERVE_HOST_DEVICE uint64_t SplitMix64(uint64_t x) {
 }
 
 // A uniform number in [0, 1) for draw `index` of `seed` (53 random bits).
-PIPESERVE_HOST_DEVICE double UniformDraw(uint64_t seed, int64_t index) {
+PIPESERVE_SAMPLE_DRAW_FN double UniformDraw(uint64_t seed, int64_t index) {
   const uint64_t bits = SplitMix64(SplitMix64(seed) ^ static_cast<uint64_t>(index));
   return static_cast<double>(bits >> 11) * (1.0 / 9007199254740992.0);
 }
 
 }  // namespace pipeserve
 
-#undef PIPESERVE_HOST_DEVICE
+#undef PIPESERVE_SAMPLE_DRAW_FN
 
 #endif  // PIPESERVE_RUNTIME_SAMPLE_DRAW_H_

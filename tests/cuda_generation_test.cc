@@ -3,8 +3,8 @@
 // sample_tokens on the last stage), cut by the partitioner and run step by
 // step (a prefill of two sequences, then decode steps) on the device
 // emulator (the KV cache in device memory, KvAppend and PagedAttention's
-// own source on the simt emulator, sample_tokens on the host once the
-// logits are back) next to the CPU backend: the same logits within float32
+// own source on the simt emulator, sample_tokens' picks on the device)
+// next to the CPU backend: the same logits within float32
 // rounding and the same greedy tokens; bfloat16 GEMMs within 1e-2; KV blocks
 // of 4 tokens, so steps cross blocks, in tables out of order. A
 // decode step for sequences a stage never saw is refused as the CPU cache
@@ -211,15 +211,16 @@ TEST_P(CudaGenerationTest, AFailedStepLeavesNothingBehindAndBlocksAreCounted) {
   }
 }
 
-// Greedy rows are picked on the device (only token ids come back); a row
-// sampled with a temperature or a penalty brings the logits back to the
-// host's sampler: the same tokens as the CPU's either way. Parameters the
-// CPU refuses are refused with its message on both paths.
+// Every row is picked on the device (only token ids come back), greedy or
+// sampled with a temperature, a nucleus or penalties: the same tokens as
+// the CPU's. Parameters the CPU refuses are refused with its message,
+// before the step runs.
 TEST_P(CudaGenerationTest, SampledAndPenalisedRowsMatchTheCpuAndBadParametersItsErrors) {
   std::unique_ptr<ComputeBackend> cpu = MakeCpuBackend({});
   std::unique_ptr<ComputeBackend> emulator = MakeDeviceEmulatorBackend(Precision::kFloat32);
   const std::vector<std::vector<float>> samplings = {
-      {0.8f, 0.9f, 1.0f, 0.0f}, {0.0f, 1.0f, 1.3f, 0.0f}, {0.0f, 1.0f, 1.0f, 0.5f}};
+      {0.8f, 0.9f, 1.0f, 0.0f}, {0.0f, 1.0f, 1.3f, 0.0f}, {0.0f, 1.0f, 1.0f, 0.5f},
+      {1.2f, 0.6f, 1.2f, 0.3f}};
   int64_t id = 20;
   for (const std::vector<float>& sampling : samplings) {
     std::unique_ptr<LocalPipeline> want = Pipeline(*cpu), got = Pipeline(*emulator);

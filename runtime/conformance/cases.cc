@@ -271,6 +271,17 @@ void AddGeneration(std::vector<ConformanceCase>* out) {
                        Given("context", {0}, DT_INT64, {}),
                        Given("ends", {3}, DT_INT64, {0, 0, 0})},
                       {}, kFloats));
+  // Rows that draw (temperature, top-k, top-p, seeds) or are penalised, over
+  // a vocabulary past the kernel's 256-thread stride.
+  out->push_back(Case(
+      "sample_tokens_sampled", "sample_tokens",
+      {In("logits", {4, 300}),
+       Given("floats", {4, 4}, DT_FLOAT32,
+             {0.8, 0.9, 1, 0, 0, 1, 1.3, 0, 1.1, 0.5, 1.2, 0.4, 0.7, 1, 1, -0.3}),
+       Given("ints", {4, 3}, DT_INT64, {5, 3, 0, 0, 1, 0, 0, 11, 2, 0, 12, 5}),
+       Given("context", {9}, DT_INT64, {7, 299, 7, 40, 3, 40, 40, 1, 7}),
+       Given("ends", {4}, DT_INT64, {0, 3, 6, 9})},
+      {}, kFloats));
 }
 
 std::vector<ConformanceCase> MakeCases() {

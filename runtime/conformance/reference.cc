@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "graph/op_schema.h"
+#include "runtime/sampler.h"
 
 // Written from PyTorch's documented semantics (and client/python/pipeserve/
 // _ops.py for how each call becomes an op), never from a backend's kernels:
@@ -847,31 +848,24 @@ Result CachedAttention(const Node& node, const Inputs& in, DataType out_type) {
 }
 
 // sample_tokens(logits [N, V], floats [N, 4], ints [N, 3], context, ends):
-// greedy rows only (temperature 0, no penalties): the first largest logit.
-// Random draws and penalties are the sampler's own tests' business.
+// each row as the CPU's sampler picks it (runtime/sampler.h, the
+// definition of greedy, penalised, top-k, top-p and seeded draws), on the
+// logits as floats (what every backend samples from).
 Result SampleTokens(const Node&, const Inputs& in, DataType out_type) {
-  const RefTensor &logits = in[0], &floats = in[1];
+  const RefTensor &logits = in[0], &floats = in[1], &ints = in[2], &context = in[3], &ends = in[4];
   const int64_t rows = logits.shape[0], vocab = logits.shape[1];
-  if (vocab == 0 && rows > 0) {
-    return Bad("sample_tokens over an empty vocabulary");
-  }
+  std::vector<float> f(floats.v.begin(), floats.v.end());
+  std::vector<int64_t> n(ints.v.begin(), ints.v.end()), c(context.v.begin(), context.v.end()),
+      e(ends.v.begin(), ends.v.end());
+  absl::StatusOr<std::vector<SamplingParams>> params =
+      SampleRows(f.data(), n.data(), e.data(), rows, static_cast<int64_t>(c.size()), vocab);
+  if (!params.ok()) return Bad(params.status().message());
   RefTensor out = Make({rows}, out_type);
   for (int64_t r = 0; r < rows; ++r) {
-    const double temperature = floats.v[r * 4];
-    const double repetition = floats.v[r * 4 + 2];
-    const double frequency = floats.v[r * 4 + 3];
-    if (temperature != 0 || repetition != 1 || frequency != 0) {
-      return absl::UnimplementedError(absl::StrCat(
-          "row ", r, " (temperature ", temperature, ", repetition_penalty ",
-          repetition, ", frequency_penalty ", frequency,
-          "): the reference samples greedy rows only"));
-    }
-    const double* row = &logits.v[r * vocab];
-    int64_t best = 0;
-    for (int64_t j = 1; j < vocab; ++j) {
-      if (row[j] > row[best]) best = j;  // strictly: ties keep the lowest id
-    }
-    out.v[r] = static_cast<double>(best);
+    const std::vector<float> row(logits.v.begin() + r * vocab, logits.v.begin() + (r + 1) * vocab);
+    const int64_t begin = r == 0 ? 0 : e[r - 1];
+    const absl::Span<const int64_t> seen = absl::MakeConstSpan(c).subspan(begin, e[r] - begin);
+    out.v[r] = static_cast<double>(SampleToken(row, (*params)[r], seen, n[r * 3 + 2]));
   }
   return out;
 }

@@ -566,21 +566,26 @@ TEST(ReferenceTest, CachedAttentionRefusesWhatNeedsACache) {
               absl::StatusCode::kInvalidArgument, "not 0..2 once each");
 }
 
-TEST(ReferenceTest, SampleTokensGreedyIsTheFirstArgmax) {
+TEST(ReferenceTest, SampleTokensPicksAsTheCpuSamplerPicks) {
   // floats: temperature, top_p, repetition_penalty, frequency_penalty; top_p
   // and top_k do not matter to a greedy row.
   std::vector<RefTensor> in = {
-      Ref({2, 3}, {1, 3, 3, 5, 0, 5}), Ref({2, 4}, {0, 1, 1, 0, 0, 0.5, 1, 0}),
-      Ref({2, 3}, {0, 1, 0, 5, 2, 0}, DT_INT64), Ref({0}, {}, DT_INT64),
-      Ref({2}, {0, 0}, DT_INT64)};
+      Ref({2, 3}, {1, 3, 3, 5, 0, 4}), Ref({2, 4}, {0, 1, 1, 0, 0, 0.5, 1, 0}),
+      Ref({2, 3}, {0, 1, 0, 5, 2, 0}, DT_INT64), Ref({2}, {0, 1}, DT_INT64),
+      Ref({2}, {0, 2}, DT_INT64)};
   ExpectRef(Apply(N("sample_tokens"), in), {2}, DT_INT64, {1, 0});
-  in[1].v[4] = 0.8;  // row 1 samples at temperature 0.8
-  ExpectError(Apply(N("sample_tokens"), in), absl::StatusCode::kUnimplemented,
-              "row 1");
-  in[1].v[4] = 0;
-  in[1].v[6] = 1.2;  // row 1 with a repetition penalty
-  ExpectError(Apply(N("sample_tokens"), in), absl::StatusCode::kUnimplemented,
-              "greedy rows only");
+  in[1].v[6] = 3;  // row 1's context (0 and 1): 5 / 3 and 0 * 3, so 4 wins
+  ExpectRef(Apply(N("sample_tokens"), in), {2}, DT_INT64, {1, 2});
+  in[1].v[6] = 1;
+  in[1].v[4] = 0.8;  // row 1 at temperature 0.8 with top-k 1: its largest
+  in[2].v[3] = 1;
+  ExpectRef(Apply(N("sample_tokens"), in), {2}, DT_INT64, {1, 0});
+  in[1].v[7] = 6;  // 6 off each of the 2 tokens generated (0 and 1): 4 wins
+  in[2].v[5] = 2;
+  ExpectRef(Apply(N("sample_tokens"), in), {2}, DT_INT64, {1, 2});
+  in[4].v[1] = 3;  // past the context: the CPU's error
+  ExpectError(Apply(N("sample_tokens"), in), absl::StatusCode::kInvalidArgument,
+              "sequence 1's context ends at 3");
 }
 
 // Backend against backend: a NaN on one side only (an element the device

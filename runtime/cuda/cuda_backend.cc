@@ -308,9 +308,7 @@ class CudaProgram : public CudaStageProgram {
     ASSIGN_OR_RETURN(SlotPool<Slot>::Lease slot, slots_.Acquire());
     ASSIGN_OR_RETURN(ShapeEntry * e, EntryFor(*slot, inputs));
     ASSIGN_OR_RETURN(std::optional<KvStep> step, kv_.Begin(e->plan, inputs));
-    const bool logits = NeedsLogits(e->plan, inputs);
-    absl::Status run = RunEntry(*slot, e, inputs, logits);
-    if (run.ok()) run = RunHostSteps(e->plan, e->staging_out.get(), inputs, logits, &e->outputs);
+    absl::Status run = RunEntry(*slot, e, inputs);
     if (!run.ok()) {
       kv_.Abort(step);
       return run;
@@ -338,7 +336,7 @@ class CudaProgram : public CudaStageProgram {
     ASSIGN_OR_RETURN(SlotPool<Slot>::Lease slot, slots_.Acquire());
     // Plans, stages and warms up.
     ASSIGN_OR_RETURN(ShapeEntry * e, EntryFor(*slot, inputs));
-    RETURN_IF_ERROR(RunEntry(*slot, e, inputs, /*logits=*/false));
+    RETURN_IF_ERROR(RunEntry(*slot, e, inputs));
     cudaStream_t stream = slot->stream.get();
     const size_t begin = include_copies ? 0 : e->plan.compute_begin;
     const size_t end =
@@ -511,12 +509,12 @@ class CudaProgram : public CudaStageProgram {
     return slot.cache.back().get();
   }
 
-  // Runs `e`'s plan on `inputs`, then its logits copies when `logits`.
-  absl::Status RunEntry(Slot& slot, ShapeEntry* e, absl::Span<const Tensor> inputs,
-                        bool logits) {
+  // Runs `e`'s plan on `inputs`.
+  absl::Status RunEntry(Slot& slot, ShapeEntry* e, absl::Span<const Tensor> inputs) {
     const DevicePlan& plan = e->plan;
     cudaStream_t stream = slot.stream.get();
     RETURN_IF_ERROR(CheckIndices(plan, inputs));
+    RETURN_IF_ERROR(CheckSampleInputs(plan, inputs));
     StageInputs(plan, inputs, e->staging_in.get());
     if (options_.poison_buffers) {
       std::memset(e->staging_out.get(), 0xff, plan.staging_out_bytes);
@@ -536,9 +534,6 @@ class CudaProgram : public CudaStageProgram {
       if (status.ok()) Count(&Stats::graph_launches);
     } else {
       status = Enqueue(slot, *e, 0, plan.ops.size(), options_.poison_buffers);
-    }
-    for (const DeviceOp& copy : plan.logits_copies) {  // outside the graph
-      if (logits && status.ok()) status = AtNode(EnqueueOp(slot, *e, 0, copy), copy.node);
     }
     // Wait even after an error: nothing may still read the staging buffers.
     absl::Status sync =
@@ -693,7 +688,7 @@ class CudaProgram : public CudaStageProgram {
     }
   }
 
-  // Embedding, the norms, rotary embedding and the greedy pick.
+  // Embedding, the norms, rotary embedding and sample_tokens' picks.
   absl::Status EnqueueTransformerKernel(const ShapeEntry& e, const DeviceOp& op, cudaStream_t s) {
     const kernels::FloatType t = FloatTypeOf(op.ftype);
     auto at = [&](const BufferRef& r) { return static_cast<void*>(Address(e, r)); };
@@ -720,10 +715,18 @@ class CudaProgram : public CudaStageProgram {
             t, reinterpret_cast<const int64_t*>(at(op.src)), at(op.src2), at(op.dst), op.n,
             op.rows, op.cols, s));
         return absl::OkStatus();
-      case DeviceOp::Type::kArgmax:
-        CUDA_RETURN_IF_ERROR(kernels::LaunchArgmaxRows(
-            t, at(op.src), op.rows, op.cols, reinterpret_cast<int64_t*>(at(op.dst)), s));
+      case DeviceOp::Type::kSample: {
+        kernels::SampleArgs a;
+        a.floats = static_cast<const float*>(at(op.sample.floats));
+        a.ints = static_cast<const int64_t*>(at(op.sample.ints));
+        a.context = static_cast<const int64_t*>(at(op.sample.context));
+        a.ends = static_cast<const int64_t*>(at(op.sample.ends));
+        a.scratch = static_cast<double*>(at(op.sample.scratch));
+        a.out = static_cast<int64_t*>(at(op.dst));
+        a.cols = op.cols;
+        CUDA_RETURN_IF_ERROR(kernels::LaunchSampleTokens(t, at(op.src), op.rows, a, s));
         return absl::OkStatus();
+      }
       default:
         return absl::InternalError("not a kernels/ op");
     }

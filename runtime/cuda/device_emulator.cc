@@ -10,7 +10,7 @@
 #include "runtime/cuda/device_generation.h"
 #include "runtime/cuda/device_plan.h"
 #include "runtime/cuda/device_slots.h"
-#include "runtime/cuda/kernels/argmax.h"
+#include "runtime/cuda/kernels/sample.h"
 #include "runtime/cuda/kernels/elementwise.h"
 #include "runtime/cuda/kernels/elementwise_program.h"
 #include "runtime/cuda/kernels/cast.h"
@@ -67,6 +67,7 @@ class EmulatedProgram : public StageProgram {
     for (const Tensor& t : inputs) shapes.push_back(t.shape());
     ASSIGN_OR_RETURN(DevicePlan plan, stage_.Plan(shapes));
     RETURN_IF_ERROR(CheckIndices(plan, inputs));
+    RETURN_IF_ERROR(CheckSampleInputs(plan, inputs));
     // Per-run arenas, as the CUDA program's slots; the weights are shared.
     ASSIGN_OR_RETURN(SlotPool<Arenas>::Lease a, slots_.Acquire());
     // NaN everywhere a run should write.
@@ -75,14 +76,8 @@ class EmulatedProgram : public StageProgram {
     a->out.assign(plan.staging_out_bytes, '\xff');
     ASSIGN_OR_RETURN(std::optional<KvStep> step, kv_.Begin(plan, inputs));
     StageInputs(plan, inputs, a->in.data());
-    const bool logits = NeedsLogits(plan, inputs);
-    std::vector<const DeviceOp*> ops;
-    for (const DeviceOp& op : plan.ops) ops.push_back(&op);
-    for (const DeviceOp& op : plan.logits_copies) {
-      if (logits) ops.push_back(&op);
-    }
-    for (const DeviceOp* op : ops) {
-      absl::Status s = Execute(*a, *op);
+    for (const DeviceOp& op : plan.ops) {
+      absl::Status s = Execute(*a, op);
       if (!s.ok()) {
         kv_.Abort(step);
         return s;
@@ -90,11 +85,6 @@ class EmulatedProgram : public StageProgram {
     }
     std::vector<Tensor> outputs;
     UnstageOutputs(plan, a->out.data(), &outputs);
-    absl::Status host = RunHostSteps(plan, a->out.data(), inputs, logits, &outputs);
-    if (!host.ok()) {
-      kv_.Abort(step);
-      return host;
-    }
     kv_.Commit(step);
     return outputs;
   }
@@ -226,7 +216,20 @@ class EmulatedProgram : public StageProgram {
     }
   }
 
-  // The norms, rotary embedding and the greedy pick.
+  static kernels::SampleArgs SampleArgsOf(const View& view, const DeviceOp& op) {
+    auto at = [&](const BufferRef& r) { return view.Ptr(r); };
+    kernels::SampleArgs a;
+    a.floats = reinterpret_cast<const float*>(at(op.sample.floats));
+    a.ints = reinterpret_cast<const int64_t*>(at(op.sample.ints));
+    a.context = reinterpret_cast<const int64_t*>(at(op.sample.context));
+    a.ends = reinterpret_cast<const int64_t*>(at(op.sample.ends));
+    a.scratch = reinterpret_cast<double*>(at(op.sample.scratch));
+    a.out = reinterpret_cast<int64_t*>(at(op.dst));
+    a.cols = op.cols;
+    return a;
+  }
+
+  // The norms, rotary embedding and sample_tokens' picks.
   template <typename T>
   static absl::Status EmulateTransformer(const View& view, const DeviceOp& op) {
     auto at = [&](const BufferRef& r) { return reinterpret_cast<T*>(view.Ptr(r)); };
@@ -256,10 +259,10 @@ class EmulatedProgram : public StageProgram {
           kernels::RmsNormRows<T, T>(x, r, w, y, h, op.rows, static_cast<int>(op.cols), op.eps);
         });
       }
-      case DeviceOp::Type::kArgmax: {
-        auto* picks = reinterpret_cast<int64_t*>(view.Ptr(op.dst));
-        return simt::Emulate(static_cast<unsigned>(op.rows), kernels::kArgmaxThreads,
-                             [&] { kernels::ArgmaxRows<T>(x, op.cols, picks); });
+      case DeviceOp::Type::kSample: {
+        const kernels::SampleArgs args = SampleArgsOf(view, op);
+        return simt::Emulate(static_cast<unsigned>(op.rows), kernels::kSampleThreads,
+                             [&] { kernels::SampleTokenRows<T>(x, args); });
       }
       default:
         return absl::InternalError(absl::StrCat("node \"", op.node, "\": no emulated kernel"));

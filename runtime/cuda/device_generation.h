@@ -2,16 +2,15 @@
 // and the device emulator): the KV cache's bookkeeping (which positions
 // each slot holds, runtime/cpu/kv_cache.h, whose checks every step passes
 // before it goes up; the keys and values themselves live in device
-// memory), the attention tiles each step stages, and the host steps
-// (sample_tokens) run on what came back.
+// memory), the attention tiles each step stages, and the checks of
+// sample_tokens' parameters before a step.
 //
 //   DeviceKv kv(stage);                       // once per program
+//   RETURN_IF_ERROR(CheckSampleInputs(plan, inputs));
 //   ASSIGN_OR_RETURN(std::optional<KvStep> step, kv.Begin(plan, inputs));
 //   StageInputs(plan, inputs, staging_in);    // also writes the tiles
 //   ... run; on failure: kv.Abort(step) ...
 //   UnstageOutputs(plan, staging_out, &outputs);
-//   const bool logits = NeedsLogits(plan, inputs);  // ... copies them if so
-//   RETURN_IF_ERROR(RunHostSteps(plan, staging_out, inputs, logits, &outputs));
 #ifndef PIPESERVE_RUNTIME_CUDA_DEVICE_GENERATION_H_
 #define PIPESERVE_RUNTIME_CUDA_DEVICE_GENERATION_H_
 
@@ -56,19 +55,10 @@ class DeviceKv {
   std::atomic<int64_t> blocks_written_{0};
 };
 
-// Whether a run on `inputs` needs plan.logits_copies: some host step has
-// no device pick, or a row of its sampling parameters (graph inputs) is
-// not plain greedy (runtime/sampler.h PlainGreedy).
-bool NeedsLogits(const DevicePlan& plan, absl::Span<const Tensor> inputs);
-
-// Runs plan.host_steps on the values copied back (`staging_out`) and the
-// inputs, into `outputs` (UnstageOutputs has sized it). `logits_back`:
-// plan.logits_copies ran, so sample_tokens runs on the host; else each
-// step's parameters are checked as the CPU's sample_tokens checks them and
-// its tokens are the device's picks.
-absl::Status RunHostSteps(const DevicePlan& plan, const void* staging_out,
-                          absl::Span<const Tensor> inputs, bool logits_back,
-                          std::vector<Tensor>* outputs);
+// Checks each sample_tokens step's parameters (graph inputs) as the CPU's
+// sample_tokens checks them, before a run: the device's picks read the
+// contexts they delimit. kInvalidArgument naming the node and the row.
+absl::Status CheckSampleInputs(const DevicePlan& plan, absl::Span<const Tensor> inputs);
 
 }  // namespace pipeserve
 

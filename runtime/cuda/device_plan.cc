@@ -252,7 +252,7 @@ const absl::flat_hash_map<std::string, LoweredStage::Kind>& LoweredStage::Simple
       {"size", K::kSize},       {"arange", K::kConstant},   {"full", K::kConstant},
       {"embedding", K::kEmbedding}, {"triu", K::kTriangle}, {"tril", K::kTriangle},
       {"cached_attention", K::kAttention}, {"cast", K::kCast},
-      {"sample_tokens", K::kHostSample}};
+      {"sample_tokens", K::kSample}};
   return *kinds;
 }
 
@@ -325,9 +325,9 @@ absl::Status LoweredStage::MakeSteps(const ValueIds& ids, bool fuse_linear_relu,
     RETURN_IF_ERROR(CheckSizeReaders(node, step));
     RETURN_IF_ERROR(CheckTypes(node, step));
     if (step.kind == Kind::kAttention) RETURN_IF_ERROR(CheckAttention(node, &step));
-    if (step.kind == Kind::kHostSample) {
-      RETURN_IF_ERROR(CheckHostSample(node, step));
-      values_[step.out].host_output = true;
+    if (step.kind == Kind::kSample) {
+      RETURN_IF_ERROR(CheckSample(node, step));
+      values_[step.out].sampled = true;
     }
     RETURN_IF_ERROR(CheckKernelGate(node.name(), op, FloatTypeOf(step), cuda_ops));
     // add, sub, mul and relu keep their GPU-confirmed float32 kernels; in
@@ -342,7 +342,7 @@ absl::Status LoweredStage::MakeSteps(const ValueIds& ids, bool fuse_linear_relu,
   }
   for (const std::string& out : graph_.outputs()) {
     output_values_.push_back(Canonical(id.at(out)));
-    if (values_[output_values_.back()].host && !values_[output_values_.back()].host_output) {
+    if (values_[output_values_.back()].host) {
       return absl::InvalidArgumentError(absl::StrCat(
           "the cuda backend has no int64 outputs: output \"", out,
           "\" is a size (serve this model with --device=cpu)"));
@@ -357,7 +357,7 @@ void LoweredStage::MarkNeeds() {
   // elementwise, biases and outputs in float32. Sizes live on the host; a
   // view needs what its readers need, and passes that on to its input.
   auto need = [&](int v, bool as_gemm_operand) {
-    if (values_[v].host || values_[v].host_output) return;
+    if (values_[v].host) return;
     if (as_gemm_operand && gemm_type_ != DType::kF32 && values_[v].type == DT_FLOAT32) {
       values_[v].need_gemm = true;
     } else {
@@ -389,8 +389,8 @@ void LoweredStage::MarkNeeds() {
     Value& out = values_[s.out];
     // A result nobody reads is still computed (as the CPU backend does);
     // an absorbed step's is not computed at all (its pattern's kernel is).
-    if (s.kind != Kind::kView && s.kind != Kind::kAbsorbed && !out.host && !out.host_output &&
-        !out.need_f32 && !out.need_gemm) {
+    if (s.kind != Kind::kView && s.kind != Kind::kAbsorbed && !out.host && !out.need_f32 &&
+        !out.need_gemm) {
       out.need_f32 = true;
     }
     if (s.kind == Kind::kResidualSum) out.need_f32 = true;  // its norm's kernel writes it
@@ -586,6 +586,7 @@ LoweredStage::Buffers LoweredStage::LayOutBuffers(const std::vector<Shape>& shap
   b.has_f32.resize(values_.size());
   b.has_gm.resize(values_.size());
   b.aliased.resize(values_.size());
+  b.scratch.resize(values_.size());
   const int64_t gm_bytes = DTypeBytes(gemm_type_);
   std::vector<std::vector<int>> outputs_of(values_.size());  // a group head's: the members'
   std::vector<bool> done(values_.size(), false);  // members: laid out with their head's
@@ -599,9 +600,10 @@ LoweredStage::Buffers LoweredStage::LayOutBuffers(const std::vector<Shape>& shap
     const Value& val = values_[v];
     int64_t n = NumElements(shape[v]);
     if (val.host || done[v]) continue;
-    if (val.host_output) {  // the tokens the device picks when sampling is greedy
+    if (val.sampled) {  // the picks, and the penalised logits they are picked from
       b.f32[v] = act.Take(n * ElementSize(DT_INT64));
       b.has_f32[v] = true;
+      b.scratch[v] = act.Take(NumElements(shape[steps_[val.producer].in[0]]) * sizeof(double));
       continue;
     }
     if (BuffersElsewhere(static_cast<int>(v), shape, &b)) continue;
@@ -894,8 +896,7 @@ absl::Status LoweredStage::StepOps(size_t i, const Sizes& sizes, const Buffers& 
     }
     return absl::OkStatus();
   }
-  if (s->kind == Kind::kView || s->kind == Kind::kSize || s->kind == Kind::kHostSample ||
-      s->kind == Kind::kAbsorbed || s->kind == Kind::kResidualSum || b.aliased[s->out]) {
+  if (s->kind == Kind::kView || s->kind == Kind::kSize || s->kind == Kind::kAbsorbed || s->kind == Kind::kResidualSum || b.aliased[s->out]) {
     return absl::OkStatus();  // no device work
   }
   const size_t first = compute->size();
@@ -933,7 +934,9 @@ absl::Status LoweredStage::StepKernelOps(const Step& s, const Node& node, const 
     case Kind::kConstant:    // staged with the inputs (ConstantOps)
     case Kind::kView:        // no work
     case Kind::kSize:        // on the host
-    case Kind::kHostSample:  // on the host, after the copies back
+      return absl::OkStatus();
+    case Kind::kSample:
+      if (NumElements(shape[s.out]) > 0) compute->push_back(SampleOp(s, node, shape, b, out));
       return absl::OkStatus();
     default: {
       ASSIGN_OR_RETURN(DeviceOp op, OneOp(s, node, shape, b, out));
@@ -1085,11 +1088,11 @@ absl::Status LoweredStage::CheckSizeReaders(const Node& node, const Step& step) 
     }
   }
   for (size_t i = 0; i < step.in.size(); ++i) {
-    if (values_[step.in[i]].host_output) {
+    if (values_[step.in[i]].sampled) {
       return absl::InvalidArgumentError(absl::StrCat(
           "the cuda backend has no kernel for node \"", node.name(), "\" (", node.op(),
           " of the sampled tokens \"", node.inputs(i),
-          "\": they are made on the host; serve this model with --device=cpu)"));
+          "\": they only leave the stage; serve this model with --device=cpu)"));
     }
     // Shape ops take sizes after their tensor; arange and full only sizes.
     const bool size_slot = takes_sizes && (i > 0 || step.kind == Kind::kConstant);
@@ -1121,7 +1124,7 @@ absl::Status LoweredStage::CheckTypes(const Node& node, const Step& step) const 
                         step.kind == Kind::kSize || step.kind == Kind::kTriangle ||
                         step.kind == Kind::kCast;
   if (any_type) return stored(out) ? absl::OkStatus() : refuse(out, "makes");
-  if (step.kind == Kind::kHostSample) {  // its logits go back; the rest are host tensors
+  if (step.kind == Kind::kSample) {  // float logits; the rest as the schema has them
     const DataType t = values_[step.in[0]].type;
     return IsFloatingPoint(t) ? absl::OkStatus() : refuse(t, "reads");
   }
@@ -1160,11 +1163,6 @@ void LoweredStage::OutputOps(const std::vector<Shape>& shape, const Buffers& b, 
   ArenaLayout out_stage(Arena::kStagingOut);
   for (size_t o = 0; o < output_values_.size(); ++o) {
     int v = output_values_[o];
-    if (values_[v].host_output) {  // a host step's (HostSampleOps)
-      plan->outputs.push_back({static_cast<int>(o), {}, DType::kF32, shape[v], values_[v].type,
-                               /*host=*/true});
-      continue;
-    }
     int64_t bytes = NumElements(shape[v]) * ElementSize(values_[v].type);
     StagedValue sv{static_cast<int>(o), out_stage.Take(bytes), DType::kF32, shape[v],
                    values_[v].type};
@@ -1190,6 +1188,7 @@ absl::StatusOr<DevicePlan> LoweredStage::Plan(
   ConstantOps(sizes, b, &plan, &copy_in);
   TileOps(shape, b, &plan, &copy_in);
   IndexChecks(shape, &plan);
+  SampleChecks(sizes, &plan);
   const absl::flat_hash_map<int, DeviceOp> fused = FusedOps(sizes, b);
   for (size_t i = 0; i < steps_.size(); ++i) {
     const Step& s = steps_[i];
@@ -1205,7 +1204,6 @@ absl::StatusOr<DevicePlan> LoweredStage::Plan(
     }
   }
   OutputOps(shape, b, &plan, &copy_out);
-  HostSampleOps(sizes, b, &plan, &compute, &copy_out);
   copy_in = MergeCopies(std::move(copy_in));
   copy_out = MergeCopies(std::move(copy_out));
   plan.compute_begin = copy_in.size();
@@ -1263,7 +1261,6 @@ void UnstageOutputs(const DevicePlan& plan, const void* staging_out,
   const char* base = static_cast<const char*>(staging_out);
   outputs->resize(plan.outputs.size());
   for (const StagedValue& sv : plan.outputs) {
-    if (sv.host) continue;  // RunHostSteps makes it
     Tensor& t = (*outputs)[sv.index];
     if (!(t.SoleOwner() && t.shape() == sv.shape && t.dtype() == sv.dtype)) {
       t = Tensor::Empty(sv.shape, sv.dtype);

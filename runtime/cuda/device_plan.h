@@ -123,7 +123,7 @@ struct DeviceOp {
     kTriangle,     // dst = src with entries off the triangle zeroed (kernels/triangle.h)
     kAttention,    // cached_attention: KvAppend then PagedAttention (kernels/paged_attention.h)
     kCast,         // dst = src converted from cast_from to cast_to (kernels/cast.h)
-    kArgmax,       // dst [rows] int64 = each row's first largest in src [rows, cols] (kernels/argmax.h)
+    kSample,       // dst [rows] int64 = sample_tokens' picks from logits src [rows, cols] (kernels/sample.h)
     kRmsNorm,      // dst [rows, cols] = src * rsqrt(mean(src^2) + eps) * src2 (kernels/layer_norm.h)
     kRotary,       // dst = src * src2 + rotate_half(src) * src3 (kernels/rotary.h)
     kCopy,     // bytes: device src -> device dst (clone)
@@ -179,6 +179,13 @@ struct DeviceOp {
   };
   RopeTables rope_q, rope_k;
   DataType cast_from = DT_FLOAT32, cast_to = DT_FLOAT32;  // kCast
+  // kSample: the sampling parameters, contexts and context ends (graph
+  // inputs, checked by the host first: CheckSampleInputs), and rows * cols
+  // doubles of scratch (kernels::SampleArgs).
+  struct SampleBuffers {
+    BufferRef floats, ints, context, ends, scratch;
+  };
+  SampleBuffers sample;
   // Kernels over float values: their storage (float32, float16, bfloat16).
   DataType ftype = DT_FLOAT32;
 };
@@ -191,7 +198,6 @@ struct StagedValue {
       DType::kF32;  // inputs: the GEMM form when converted while staging
   Shape shape;
   DataType dtype = DT_FLOAT32;  // int64 and bool values go as they are
-  bool host = false;  // outputs: made by a host step, not copied back
 };
 
 // A value the plan computed on the host (arange, full), staged with the
@@ -211,23 +217,13 @@ struct StagedTiles {
   int tile = kernels::kQueryTile;
 };
 
-// A step the host runs after the copies back (sample_tokens): its node
-// (attributes resolved) on inputs that are graph inputs (`graph_input` >=
-// 0) or values copied back (`read`, an index into DevicePlan::host_reads);
-// its result is graph output `output`. When every row samples greedily
-// without penalties (NeedsLogits false) the tokens the device picked come
-// back instead of the logits (`tokens_read`, a host_reads index).
-struct HostStep {
-  Node node;
-  struct Input {
-    int graph_input = -1;
-    int read = -1;
-  };
-  std::vector<Input> inputs;
-  int tokens_read = -1;
-  std::vector<int> outputs;  // every graph output that is this value
-  Shape out_shape;
-  DataType out_type = DT_INT64;
+// sample_tokens' parameters (graph inputs floats, ints, context, ends),
+// which the host checks before a run as the CPU's sample_tokens checks
+// them (CheckSampleInputs, device_generation.h) over logits of `vocab`.
+struct SampleCheck {
+  std::string node;
+  int floats = -1, ints = -1, context = -1, ends = -1;
+  int64_t vocab = 0;
 };
 
 // The checks a cached_attention stage makes on the host before a step
@@ -255,16 +251,12 @@ struct DevicePlan {
   std::vector<StagedConstant> constants;  // -> staging_in, after the inputs
   std::vector<IndexCheck> index_checks;
   std::vector<StagedTiles> tiles;         // -> staging_in, after the constants
-  std::vector<StagedValue> host_reads;    // staging_out -> host, for host_steps
-  std::vector<HostStep> host_steps;
+  std::vector<SampleCheck> sample_checks;
   KvInputs kv;                            // positions < 0: the stage has no cache
   // kCopyIn ops first, then compute in graph order, then kCopyOut ops;
   // ops [compute_begin, compute_end) are the compute.
   std::vector<DeviceOp> ops;
   size_t compute_begin = 0, compute_end = 0;
-  // The host steps' logits, copied back after `ops` only when a row needs
-  // them (NeedsLogits, device_generation.h); never in a captured graph.
-  std::vector<DeviceOp> logits_copies;
 };
 
 class LoweredStage {
@@ -326,7 +318,7 @@ class LoweredStage {
     kReduce,     // sum, mean, amax
     kTriangle,   // triu, tril
     kAttention,  // cached_attention, on the stage's device KV cache
-    kHostSample, // sample_tokens, on the host after the logits come back
+    kSample,     // sample_tokens: only the picks come back
     kCast,       // float32, int64 and bool to one another
     kRmsNorm,    // RMSNorm written out (FuseRmsNorms): kernel_in x and, maybe, the weight
     kRotary,     // rotary embedding written out (FuseRotaries): kernel_in x, cos, sin
@@ -341,7 +333,7 @@ class LoweredStage {
     int alias = -1;     // this id is another's (identity, fused relu)
     int view_of = -1;   // a kView step's output: its input's buffers
     bool host = false;  // a kSize step's output: no buffer
-    bool host_output = false;  // a kHostSample step's output: made on the host
+    bool sampled = false;  // a kSample step's output: no step on the device reads it
     DataType type = DT_FLOAT32;  // float32, int64 or bool
     bool need_f32 = false, need_gemm = false;  // GEMM form: gemm_type_
     int64_t w_f32 = -1, w_gemm = -1;           // weights arena offsets (params)
@@ -398,6 +390,7 @@ class LoweredStage {
     int64_t num_tiles = 0;
     int tile = kernels::kQueryTile;  // tokens a tile
     bool tensor_cores = false;       // TensorCoreAttention (TensorCoreTiles)
+    std::vector<BufferRef> scratch;  // by value: sample_tokens' penalised logits (doubles)
     int64_t activation_bytes = 0;
   };
   // Every value's shape for these inputs, and every step's node with its
@@ -443,14 +436,15 @@ class LoweredStage {
   absl::StatusOr<DeviceOp> AttentionOp(const Step& s, const Node& node,
                                        const std::vector<Shape>& shape, const Buffers& b,
                                        BufferRef out) const;
-  // sample_tokens: its logits copied back, the host step after.
-  void HostSampleOps(const Sizes& sizes, const Buffers& b, DevicePlan* plan,
-                     std::vector<DeviceOp>* compute, std::vector<DeviceOp>* copy_out) const;
+  // sample_tokens: the picks on the device, the host's checks before.
+  DeviceOp SampleOp(const Step& s, const Node& node, const std::vector<Shape>& shape,
+                    const Buffers& b, BufferRef out) const;
+  void SampleChecks(const Sizes& sizes, DevicePlan* plan) const;
   // The graph input value `v` is (through identities and views), or -1.
   int GraphInputOf(int v) const;
   // cached_attention's and sample_tokens' requirements (MakeSteps).
   absl::Status CheckAttention(const Node& node, Step* step);
-  absl::Status CheckHostSample(const Node& node, const Step& step) const;
+  absl::Status CheckSample(const Node& node, const Step& step) const;
   // The strided copies of a kMove step.
   absl::Status MoveOps(const Step& s, const Node& node, const std::vector<Shape>& shape,
                        const Buffers& b, BufferRef out, std::vector<DeviceOp>* compute) const;

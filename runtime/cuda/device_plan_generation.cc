@@ -1,7 +1,8 @@
 // LoweredStage's generation steps (device_plan.h): cached_attention on a KV
 // cache kept in device memory across runs (kernels/paged_attention.h; the
 // host checks each step's metadata first, as the CPU cache does), and
-// sample_tokens on the host once the logits are back.
+// sample_tokens picking on the device (kernels/sample.h), so only the
+// token ids come back.
 #include <algorithm>
 #include <string>
 #include <vector>
@@ -57,9 +58,9 @@ absl::Status LoweredStage::CheckAttention(const Node& node, Step* step) {
   return absl::OkStatus();
 }
 
-// sample_tokens reads the logits (copied back) and host tensors only, and
-// nothing on the device reads the tokens.
-absl::Status LoweredStage::CheckHostSample(const Node& node, const Step& step) const {
+// sample_tokens' parameters come straight from the stage's inputs (the
+// host checks them before a run, as the CPU's sample_tokens does).
+absl::Status LoweredStage::CheckSample(const Node& node, const Step& step) const {
   for (size_t i = 1; i < step.in.size(); ++i) {
     if (GraphInputOf(step.in[i]) < 0) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -164,66 +165,28 @@ absl::Status LoweredStage::SetRope(const Step& s, int slot, const std::vector<Sh
   return absl::OkStatus();
 }
 
-namespace {
-
-// A staging_out region of `bytes` at *at, read back for a host step.
-StagedValue HostRead(DevicePlan* plan, int64_t* at, const Shape& shape, DataType type) {
-  const int64_t bytes = NumElements(shape) * ElementSize(type);
-  StagedValue read{static_cast<int>(plan->host_reads.size()), {Arena::kStagingOut, *at},
-                   DType::kF32, shape, type};
-  *at += (std::max<int64_t>(bytes, 1) + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
-  plan->host_reads.push_back(read);
-  return read;
-}
-
-DeviceOp CopyBack(const std::string& node, BufferRef src, const StagedValue& to) {
-  DeviceOp op{DeviceOp::Type::kCopyOut, node};
-  op.src = src;
-  op.dst = to.staging;
-  op.bytes = NumElements(to.shape) * ElementSize(to.dtype);
+// sample_tokens: the picks (kernels/sample.h), from the logits and the
+// sampling inputs as they were staged; rows that need no penalties or
+// draws take the argmax without the scratch.
+DeviceOp LoweredStage::SampleOp(const Step& s, const Node& node, const std::vector<Shape>& shape,
+                                const Buffers& b, BufferRef out) const {
+  DeviceOp op{DeviceOp::Type::kSample, node.name()};
+  op.src = b.f32[s.in[0]];
+  op.dst = out;
+  op.rows = shape[s.in[0]][0];
+  op.cols = shape[s.in[0]][1];
+  op.sample = {b.f32[s.in[1]], b.f32[s.in[2]], b.f32[s.in[3]], b.f32[s.in[4]], b.scratch[s.out]};
   return op;
 }
 
-}  // namespace
-
-// sample_tokens: the device's greedy pick (an argmax per row) always comes
-// back; the logits only when a row samples otherwise.
-void LoweredStage::HostSampleOps(const Sizes& sizes, const Buffers& b, DevicePlan* plan,
-                                 std::vector<DeviceOp>* compute,
-                                 std::vector<DeviceOp>* copy_out) const {
-  int64_t at = plan->staging_out_bytes;
+void LoweredStage::SampleChecks(const Sizes& sizes, DevicePlan* plan) const {
   for (size_t i = 0; i < steps_.size(); ++i) {
     const Step& s = steps_[i];
-    if (s.kind != Kind::kHostSample) continue;
-    HostStep h;
-    h.node = sizes.node[i];
-    h.out_shape = sizes.shape[s.out];
-    h.out_type = values_[s.out].type;
-    const int logits = s.in[0];
-    const Shape& shape = sizes.shape[logits];
-    const StagedValue read = HostRead(plan, &at, shape, values_[logits].type);
-    const DeviceOp logits_back = CopyBack(h.node.name(), b.f32[logits], read);
-    if (logits_back.bytes > 0) plan->logits_copies.push_back(logits_back);
-    h.inputs.push_back({-1, read.index});
-    if (shape.size() == 2 && shape[0] > 0 && shape[1] > 0) {
-      DeviceOp argmax{DeviceOp::Type::kArgmax, h.node.name()};
-      argmax.src = b.f32[logits];
-      argmax.dst = b.f32[s.out];
-      argmax.rows = shape[0];
-      argmax.cols = shape[1];
-      argmax.ftype = values_[logits].type;
-      compute->push_back(argmax);
-      const StagedValue tokens = HostRead(plan, &at, {shape[0]}, DT_INT64);
-      copy_out->push_back(CopyBack(h.node.name(), b.f32[s.out], tokens));
-      h.tokens_read = tokens.index;
-    }
-    for (size_t k = 1; k < s.in.size(); ++k) h.inputs.push_back({GraphInputOf(s.in[k]), -1});
-    for (size_t o = 0; o < output_values_.size(); ++o) {
-      if (output_values_[o] == s.out) h.outputs.push_back(static_cast<int>(o));
-    }
-    plan->host_steps.push_back(std::move(h));
+    if (s.kind != Kind::kSample) continue;
+    plan->sample_checks.push_back({sizes.node[i].name(), GraphInputOf(s.in[1]),
+                                   GraphInputOf(s.in[2]), GraphInputOf(s.in[3]),
+                                   GraphInputOf(s.in[4]), sizes.shape[s.in[0]][1]});
   }
-  plan->staging_out_bytes = at;
 }
 
 }  // namespace pipeserve

@@ -426,10 +426,11 @@ TEST(DevicePlanTest, EmbeddingIdsAreCheckedOnTheHostAndIntegersGoUpAsTheyAre) {
   EXPECT_EQ(std::memcmp(in.data() + plan->inputs[0].staging.offset, ids.raw_data(), 48), 0);
 }
 
-// sample_tokens: each row's greedy pick (an argmax on the device) always
-// comes back; the logits are copied only on demand, outside `ops` (and so
-// outside a captured graph), when a row samples otherwise.
-TEST(DevicePlanTest, SamplingPicksGreedyTokensOnTheDeviceAndCopiesLogitsOnlyOnDemand) {
+// sample_tokens: the picks are made on the device (kernels/sample.h) from
+// the logits and the staged sampling inputs, with scratch for the
+// penalised logits; only the 3 token ids come back. The host checks the
+// parameters before a run as the CPU's sample_tokens does.
+TEST(DevicePlanTest, SamplingPicksOnTheDeviceAndOnlyTheTokensComeBack) {
   GraphBuilder b;
   b.Input("h", {-1, 8}).Param("head", {50, 8});
   b.Input("floats", {-1, 4}).Input("ints", {-1, 3}).Input("context", {-1}).Input("ends", {-1});
@@ -441,24 +442,31 @@ TEST(DevicePlanTest, SamplingPicksGreedyTokensOnTheDeviceAndCopiesLogitsOnlyOnDe
   absl::StatusOr<LoweredStage> stage =
       LoweredStage::Create(m.graph, m.weights, Precision::kFloat32, true, CudaOps::kUnconfirmed);
   ASSERT_TRUE(stage.ok()) << stage.status();
-  absl::StatusOr<DevicePlan> plan = stage->Plan({{3, 8}, {3, 4}, {3, 3}, {0}, {3}});
+  absl::StatusOr<DevicePlan> plan = stage->Plan({{3, 8}, {3, 4}, {3, 3}, {5}, {3}});
   ASSERT_TRUE(plan.ok()) << plan.status();
-  EXPECT_EQ(Compute(*plan), (std::vector<Type>{Type::kGemm, Type::kArgmax}));
-  const DeviceOp& argmax = plan->ops[plan->compute_end - 1];
-  EXPECT_EQ(argmax.rows, 3);
-  EXPECT_EQ(argmax.cols, 50);
+  EXPECT_EQ(Compute(*plan), (std::vector<Type>{Type::kGemm, Type::kSample}));
+  const DeviceOp& sample = plan->ops[plan->compute_end - 1];
+  EXPECT_EQ(sample.rows, 3);
+  EXPECT_EQ(sample.cols, 50);
   ASSERT_EQ(plan->ops.size(), plan->compute_end + 1);  // the picks: 3 int64 back
   EXPECT_EQ(plan->ops.back().bytes, 3 * 8);
-  ASSERT_EQ(plan->logits_copies.size(), 1u);
-  EXPECT_EQ(plan->logits_copies[0].bytes, 3 * 50 * 4);
-  Tensor floats = Tensor::FromVector({3, 4}, {0, 1, 1, 0, 0, 0.5f, 1, 0, 0, 1, 1, 0});
-  const Tensor none = Tensor::Empty({0}, DT_INT64);
-  EXPECT_FALSE(NeedsLogits(*plan, {Tensor(), floats, Tensor(), none, Tensor()}));
-  floats.data()[4 * 2] = 0.7f;  // row 2 samples with a temperature
-  EXPECT_TRUE(NeedsLogits(*plan, {Tensor(), floats, Tensor(), none, Tensor()}));
-  floats.data()[4 * 2] = 0;
-  floats.data()[4 * 1 + 2] = 1.2f;  // row 1 penalises repetition
-  EXPECT_TRUE(NeedsLogits(*plan, {Tensor(), floats, Tensor(), none, Tensor()}));
+  EXPECT_EQ(plan->ops.back().src.offset, sample.dst.offset);
+  EXPECT_EQ(plan->inputs.size(), 5u);  // floats, ints, context and ends go up too
+  ASSERT_EQ(plan->sample_checks.size(), 1u);
+  EXPECT_EQ(plan->sample_checks[0].vocab, 50);
+
+  const Tensor h = Tensor::Empty({3, 8});
+  const Tensor floats = Tensor::FromVector({3, 4}, {0, 1, 1, 0, 0.7f, 0.5f, 1, 0, 0, 1, 1.2f, 0});
+  Tensor ints = Tensor::Empty({3, 3}, DT_INT64);
+  for (int64_t i = 0; i < 9; ++i) ints.data_as<int64_t>()[i] = i % 3 == 0 ? 0 : 1;
+  const Tensor context = Tensor::Empty({5}, DT_INT64);
+  Tensor ends = Tensor::Empty({3}, DT_INT64);
+  for (int64_t i = 0; i < 3; ++i) ends.data_as<int64_t>()[i] = 2 * i;
+  EXPECT_TRUE(CheckSampleInputs(*plan, {h, floats, ints, context, ends}).ok());
+  ends.data_as<int64_t>()[2] = 6;  // past the context
+  EXPECT_THAT(std::string(CheckSampleInputs(*plan, {h, floats, ints, context, ends}).message()),
+              HasSubstr("node \"next\": sample_tokens: sequence 2's context ends at 6, outside "
+                        "[2, 5]"));
 }
 
 // GELU written out (as GPT-2's MLP has it): eight elementwise ops, each

@@ -1,7 +1,6 @@
-// sample_tokens' greedy pick on the GPU, written once against simt.h: each
-// row's first largest value, so a greedy decode step copies token ids back
-// instead of logits. nvcc compiles it (transformer_kernels.cu); the device
-// emulator and kernels_test run the same source on the CPU.
+// The greedy pick on the GPU, written once against simt.h: a row's first
+// largest value, as std::max_element finds it. sample_tokens' kernel
+// (sample.h) picks it for rows that sample greedily without penalties.
 #ifndef PIPESERVE_RUNTIME_CUDA_KERNELS_ARGMAX_H_
 #define PIPESERVE_RUNTIME_CUDA_KERNELS_ARGMAX_H_
 
@@ -20,18 +19,15 @@ SIMT_DEVICE bool Precedes(float v, int64_t i, float best, int64_t at, int64_t no
   return at == none || v > best || (v == best && i < at);
 }
 
-// out[r] = the index std::max_element returns over row r of x [rows, cols]
-// (read as float): the first of the largest values; NaNs never win unless
-// the row starts with one (max_element then keeps index 0). One block of
-// kArgmaxThreads per row (grid.x = rows).
+// The index std::max_element returns over x [cols] (read as float), in
+// thread 0: the first of the largest values; NaNs never win unless x
+// starts with one (max_element then keeps index 0). Every thread of a
+// block of kArgmaxThreads calls it; values and indices hold kWarpSize.
 template <typename T>
-SIMT_GLOBAL void ArgmaxRows(const T* __restrict__ x, int64_t cols, int64_t* __restrict__ out) {
+SIMT_DEVICE int64_t FirstLargest(const T* __restrict__ xr, int64_t cols,
+                                 simt::SharedPtr<float> values, simt::SharedPtr<int64_t> indices) {
   using namespace simt;  // NOLINT: the kernel vocabulary
-  SIMT_SHARED(float, values, kWarpSize);
-  SIMT_SHARED(int64_t, indices, kWarpSize);
-  const int64_t row = BlockIdx().x;
   const int t = static_cast<int>(ThreadIdx().x);
-  const T* xr = x + row * cols;
   float best = 0.0f;
   int64_t at = cols;  // none yet
   for (int64_t c = t; c < cols; c += kArgmaxThreads) {  // increasing: the first of equals stays
@@ -54,16 +50,27 @@ SIMT_GLOBAL void ArgmaxRows(const T* __restrict__ x, int64_t cols, int64_t* __re
     indices[WarpId()] = at;
   }
   SyncThreads();
-  if (t == 0) {
-    for (int w = 1; w < kArgmaxThreads / kWarpSize; ++w) {
-      if (Precedes(values[w], indices[w], best, at, cols)) {
-        best = values[w];
-        at = indices[w];
-      }
+  if (t != 0) return 0;
+  for (int w = 1; w < kArgmaxThreads / kWarpSize; ++w) {
+    if (Precedes(values[w], indices[w], best, at, cols)) {
+      best = values[w];
+      at = indices[w];
     }
-    const float first = cols > 0 ? ToFloat(xr[0]) : 0.0f;
-    out[row] = (first != first || at == cols) ? 0 : at;
   }
+  const float first = cols > 0 ? ToFloat(xr[0]) : 0.0f;
+  return (first != first || at == cols) ? 0 : at;
+}
+
+// out[r] = FirstLargest of row r of x [rows, cols]. One block of
+// kArgmaxThreads per row (grid.x = rows).
+template <typename T>
+SIMT_GLOBAL void ArgmaxRows(const T* __restrict__ x, int64_t cols, int64_t* __restrict__ out) {
+  using namespace simt;  // NOLINT: the kernel vocabulary
+  SIMT_SHARED(float, values, kWarpSize);
+  SIMT_SHARED(int64_t, indices, kWarpSize);
+  const int64_t row = BlockIdx().x;
+  const int64_t at = FirstLargest(x + row * cols, cols, values, indices);
+  if (ThreadIdx().x == 0) out[row] = at;
 }
 
 }  // namespace pipeserve::kernels

@@ -191,6 +191,24 @@ inline unsigned AppendBlocks(int64_t tokens, int kv_heads, int head_dim) {
 
 inline constexpr int kArgmaxThreads = 256;  // whole warps
 
+// ---- sample.h ------------------------------------------------------------------
+
+inline constexpr int kSampleThreads = kArgmaxThreads;  // greedy rows take the argmax
+
+// sample_tokens' device pointers beside its logits [rows, cols]
+// (graph/op_schema.cc): each row's parameters, the contexts and where
+// they end, the penalised logits of rows that sample otherwise than plain
+// greedy (scratch), and the picks.
+struct SampleArgs {
+  const float* floats = nullptr;     // [rows, 4]: temperature, top_p, repetition, frequency
+  const int64_t* ints = nullptr;     // [rows, 3]: top_k, seed, tokens generated so far
+  const int64_t* context = nullptr;  // [C]: row r's is [ends[r - 1], ends[r])
+  const int64_t* ends = nullptr;     // [rows]
+  double* scratch = nullptr;         // [rows, cols]
+  int64_t* out = nullptr;            // [rows]
+  int64_t cols = 0;
+};
+
 }  // namespace pipeserve::kernels
 
 #endif  // PIPESERVE_RUNTIME_CUDA_KERNELS_LAUNCH_ARGS_H_

@@ -1,7 +1,6 @@
 // nvcc's side of the kernels in this folder: the same source the device
 // emulator runs on the CPU, launched on the GPU in the storage type the
 // device plan chose (float, __half or __nv_bfloat16).
-#include "runtime/cuda/kernels/argmax.h"
 #include "runtime/cuda/kernels/cast.h"
 #include "runtime/cuda/kernels/elementwise.h"
 #include "runtime/cuda/kernels/elementwise_program.h"
@@ -10,6 +9,7 @@
 #include "runtime/cuda/kernels/paged_attention.h"
 #include "runtime/cuda/kernels/reduction.h"
 #include "runtime/cuda/kernels/rotary.h"
+#include "runtime/cuda/kernels/sample.h"
 #include "runtime/cuda/kernels/strided_copy.h"
 #include "runtime/cuda/kernels/tensor_core_attention.h"
 #include "runtime/cuda/kernels/transformer_kernels.h"
@@ -216,13 +216,13 @@ cudaError_t LaunchPagedAttention(FloatType t, const void* q, const void* k, cons
   return e;
 }
 
-cudaError_t LaunchArgmaxRows(FloatType t, const void* x, int64_t rows, int64_t cols,
-                             int64_t* out, cudaStream_t stream) {
+cudaError_t LaunchSampleTokens(FloatType t, const void* logits, int64_t rows,
+                               const SampleArgs& args, cudaStream_t stream) {
   if (rows <= 0) return cudaSuccess;
   WithType(t, [&](auto zero) {
     using T = decltype(zero);
-    ArgmaxRows<T><<<static_cast<unsigned>(rows), kArgmaxThreads, 0, stream>>>(
-        static_cast<const T*>(x), cols, out);
+    SampleTokenRows<T><<<static_cast<unsigned>(rows), kSampleThreads, 0, stream>>>(
+        static_cast<const T*>(logits), args);
   });
   return cudaGetLastError();
 }

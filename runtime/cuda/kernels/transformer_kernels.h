@@ -78,10 +78,11 @@ cudaError_t LaunchPagedAttention(FloatType t, const void* q, const void* k, cons
                                  int64_t num_tiles, int heads, float scale, void* out,
                                  bool tensor_cores, cudaStream_t stream);
 
-// out [rows] (int64, device) = each row's first largest value's index in
-// x [rows, cols] (argmax.h).
-cudaError_t LaunchArgmaxRows(FloatType t, const void* x, int64_t rows, int64_t cols,
-                             int64_t* out, cudaStream_t stream);
+// args.out [rows] (int64) = sample_tokens' picks from logits [rows,
+// args.cols] (sample.h); every pointer is device memory, the parameters
+// checked by the host (SampleRows).
+cudaError_t LaunchSampleTokens(FloatType t, const void* logits, int64_t rows,
+                               const SampleArgs& args, cudaStream_t stream);
 
 }  // namespace pipeserve::kernels
 

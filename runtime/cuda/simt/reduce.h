@@ -27,10 +27,10 @@ struct Maximum {  // a NaN may or may not win, as fmaxf
 
 // op over v of every thread of the block, returned to every thread (a
 // warp butterfly, each warp's result in scratch, warp 0 combines them).
-// scratch holds kWarpSize floats; the block is whole warps, at most 1024
-// threads; `identity` is op's (0 for a sum).
-template <typename Op>
-SIMT_DEVICE float BlockAllReduce(float v, SharedPtr<float> scratch, Op op, float identity) {
+// scratch holds kWarpSize values of v's type (float or double); the block
+// is whole warps, at most 1024 threads; `identity` is op's (0 for a sum).
+template <typename T, typename Op>
+SIMT_DEVICE T BlockAllReduce(T v, SharedPtr<T> scratch, Op op, T identity) {
   const int warp = WarpId();
   const int lane = LaneId();
   const int warps =
@@ -44,7 +44,7 @@ SIMT_DEVICE float BlockAllReduce(float v, SharedPtr<float> scratch, Op op, float
     if (lane == 0) scratch[0] = v;
   }
   SyncThreads();
-  const float total = scratch[0];
+  const T total = scratch[0];
   // A second call writes scratch[0] again: every thread must have read it.
   SyncThreads();
   return total;

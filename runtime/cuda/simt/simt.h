@@ -42,9 +42,12 @@
 //   ShflUp(v, delta), Ballot(p), Any(p), All(p)
 //                                    the *_sync intrinsics, full warp only
 //   SIMT_SHARED(T, name, N)          __shared__ T name[N]; index it only
+//   SIMT_UNROLL                      #pragma unroll (nvcc only): a loop over a
+//                                    small local array keeps it in registers
 //   SharedPtr<T>                     what `name` passes to a device function
 //   Half, Bf16; ToFloat(x), FromFloat<T>(f)   storage types, round to even
 //   Exp Log Sqrt Rsqrt Tanh Erf Max Min Abs Cos Sin Pow Fmod Floor CopySign   float math
+//                                    (Exp also in double)
 //   Emulate(grid, block, kernel_call) (host only) runs kernel_call once per
 //                                    emulated thread; see simt_host.h
 //

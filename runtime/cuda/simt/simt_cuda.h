@@ -14,6 +14,7 @@
 #define SIMT_HOST_DEVICE __host__ __device__ __forceinline__
 // 32-byte aligned, as wmma (wmma.h) loads and stores need.
 #define SIMT_SHARED(T, name, N) __shared__ __align__(32) T name[(N)]
+#define SIMT_UNROLL _Pragma("unroll")
 
 namespace pipeserve::simt {
 
@@ -89,6 +90,7 @@ SIMT_DEVICE Bf16 FromFloat<Bf16>(float x) {
 // The accurate (not __expf-style fast) functions: the emulator's std::
 // versions agree with them to a few ulp.
 SIMT_DEVICE float Exp(float x) { return expf(x); }
+SIMT_DEVICE double Exp(double x) { return exp(x); }
 SIMT_DEVICE float Log(float x) { return logf(x); }
 SIMT_DEVICE float Sqrt(float x) { return sqrtf(x); }
 SIMT_DEVICE float Rsqrt(float x) { return rsqrtf(x); }

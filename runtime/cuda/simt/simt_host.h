@@ -356,6 +356,7 @@ template <typename T>
 using SharedPtr = internal::SharedArray<T>;
 
 inline float Exp(float x) { return std::exp(x); }
+inline double Exp(double x) { return std::exp(x); }
 inline float Log(float x) { return std::log(x); }
 inline float Sqrt(float x) { return std::sqrt(x); }
 inline float Rsqrt(float x) { return 1.0f / std::sqrt(x); }
@@ -375,6 +376,7 @@ inline float CopySign(float x, float y) { return std::copysign(x, y); }
 
 // N must be a constant, as for __shared__ arrays; the static site gives
 // each declaration (and each template instantiation) its own storage.
+#define SIMT_UNROLL  // nvcc unrolls; the host compiler does as it likes
 #define SIMT_SHARED(T, name, N)                                               \
   static_assert((N) > 0, "SIMT_SHARED(" #name "): N is a positive constant"); \
   static constexpr ::pipeserve::simt::internal::SharedSite name##_simt_site_{ \

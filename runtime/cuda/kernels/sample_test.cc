@@ -1,0 +1,154 @@
+// sample.h's SampleTokenRows on the simt emulator against the CPU's
+// SampleToken (runtime/sampler.h) on the same rounded logits, in float32,
+// float16 and bfloat16: plain greedy rows (the argmax), greedy under
+// penalties, temperature alone, top-k (1, a few, all, more than all),
+// top-p (tiny, middling, nearly 1) and all of them with repetition and
+// frequency penalties over contexts with repeats, ids outside the
+// vocabulary and counts of tokens generated past the context; rows of
+// equal logits (ties go by id), masked (-inf) tokens, vocabularies shorter
+// than a warp and past a block's stride; a few seeds a row. Every pick must
+// be the CPU's, and the emulator must see no race or barrier misuse.
+#include "runtime/cuda/kernels/sample.h"
+
+#include <cmath>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "runtime/sampler.h"
+
+namespace pipeserve::kernels {
+namespace {
+
+// One row: its logits, sampling parameters and context.
+struct Row {
+  std::vector<float> logits;
+  SamplingParams p;
+  std::vector<int64_t> context;
+  int64_t generated = 0;
+  std::string what;
+};
+
+// The device's picks for `rows` (one launch, every row of one vocabulary),
+// the logits rounded to T first; `want` gets the CPU's picks of the same.
+template <typename T>
+std::vector<int64_t> RunRows(const std::vector<Row>& rows, int64_t cols, std::vector<int64_t>* want) {
+  std::vector<T> x;
+  std::vector<float> floats;
+  std::vector<int64_t> ints, context, ends;
+  want->clear();
+  for (const Row& r : rows) {
+    std::vector<float> rounded;
+    for (float v : r.logits) {
+      x.push_back(simt::FromFloat<T>(v));
+      rounded.push_back(simt::ToFloat(x.back()));
+    }
+    floats.insert(floats.end(), {static_cast<float>(r.p.temperature),
+                                 static_cast<float>(r.p.top_p),
+                                 static_cast<float>(r.p.repetition_penalty),
+                                 static_cast<float>(r.p.frequency_penalty)});
+    ints.insert(ints.end(), {r.p.top_k, static_cast<int64_t>(r.p.seed), r.generated});
+    context.insert(context.end(), r.context.begin(), r.context.end());
+    ends.push_back(static_cast<int64_t>(context.size()));
+    want->push_back(SampleToken(rounded, r.p, r.context, r.generated));
+  }
+  // Every row's parameters as the host checks them before a launch.
+  EXPECT_TRUE(SampleRows(floats.data(), ints.data(), ends.data(),
+                         static_cast<int64_t>(rows.size()), static_cast<int64_t>(context.size()),
+                         cols)
+                  .ok());
+  std::vector<double> scratch(rows.size() * cols, std::numeric_limits<double>::quiet_NaN());
+  std::vector<int64_t> out(rows.size(), -1);
+  SampleArgs a;
+  a.floats = floats.data();
+  a.ints = ints.data();
+  a.context = context.data();
+  a.ends = ends.data();
+  a.scratch = scratch.data();
+  a.out = out.data();
+  a.cols = cols;
+  absl::Status s = simt::Emulate(static_cast<unsigned>(rows.size()), kSampleThreads,
+                                 [&] { SampleTokenRows<T>(x.data(), a); });
+  EXPECT_TRUE(s.ok()) << s;
+  return out;
+}
+
+SamplingParams Params(double temperature, int64_t top_k, double top_p, double repetition = 1,
+                      double frequency = 0) {
+  SamplingParams p;
+  p.temperature = temperature;
+  p.top_k = top_k;
+  p.top_p = top_p;
+  p.repetition_penalty = repetition;
+  p.frequency_penalty = frequency;
+  return p;
+}
+
+// Each kind of row once, for a vocabulary of `cols`.
+std::vector<Row> Kinds(int64_t cols, std::mt19937* rng) {
+  std::normal_distribution<float> logit(0, 2);
+  std::uniform_int_distribution<int64_t> token(-3, cols + 2);  // a few outside the vocabulary
+  auto random_row = [&] {
+    std::vector<float> v(cols);
+    for (float& x : v) x = logit(*rng);
+    return v;
+  };
+  std::vector<int64_t> context;
+  for (int i = 0; i < 40; ++i) context.push_back(token(*rng));
+  context.push_back(context[3]);  // repeats
+  context.push_back(context[3]);
+  std::vector<Row> rows = {
+      {random_row(), Params(0, 0, 1), {}, 0, "plain greedy"},
+      {random_row(), Params(0, 5, 0.5, 1.3, 0.4), context, 12, "greedy with penalties"},
+      {random_row(), Params(0.7, 0, 1), {}, 3, "temperature"},
+      {random_row(), Params(1, 1, 1), {}, 0, "top-k 1"},
+      {random_row(), Params(1.3, 5, 1), {}, 9, "top-k 5"},
+      {random_row(), Params(0.9, cols, 1), {}, 2, "top-k all"},
+      {random_row(), Params(0.9, cols + 7, 1), {}, 2, "top-k past all"},
+      {random_row(), Params(1, 0, 1e-6), {}, 4, "top-p tiny"},
+      {random_row(), Params(0.8, 0, 0.6), {}, 5, "top-p 0.6"},
+      {random_row(), Params(1.5, 0, 0.999), {}, 6, "top-p nearly 1"},
+      {random_row(), Params(0.8, 20, 0.9, 1.2, 0.3), context, 15, "everything"},
+      {random_row(), Params(1, 0, 1, 0.7, -0.5), context, 500, "generated past the context"},
+      {std::vector<float>(cols, 0.25f), Params(1, 0, 1), {}, 1, "equal logits"},
+      {std::vector<float>(cols, 1.0f), Params(2, 3, 0.7, 1.1), context, 0, "equal, cut"},
+  };
+  std::vector<float> masked = random_row();
+  for (int64_t c = 0; c < cols; c += 2) masked[c] = -std::numeric_limits<float>::infinity();
+  rows.push_back({masked, Params(1, 0, 1), {}, 8, "masked tokens"});
+  return rows;
+}
+
+template <typename T>
+void CheckType(const std::string& name, std::vector<int64_t> vocabularies, uint64_t seeds) {
+  std::mt19937 rng(11);
+  for (int64_t cols : vocabularies) {
+    std::vector<Row> rows;
+    for (uint64_t seed = 0; seed < seeds; ++seed) {
+      for (Row r : Kinds(cols, &rng)) {
+        r.p.seed = seed * 7919 + 3;
+        rows.push_back(r);
+      }
+    }
+    std::vector<int64_t> want;
+    const std::vector<int64_t> got = RunRows<T>(rows, cols, &want);
+    for (size_t r = 0; r < rows.size(); ++r) {
+      EXPECT_EQ(got[r], want[r]) << name << ", vocabulary " << cols << ": " << rows[r].what
+                                 << ", seed " << rows[r].p.seed;
+    }
+  }
+}
+
+// Each emulated row takes ~0.1 s (its barriers), so the 16-bit types,
+// which differ only in how the logits load, get fewer.
+TEST(SampleTokenRows, PicksWhatTheCpuSamplerPicksInEveryFloatType) {
+  CheckType<float>("float32", {1, 7, 300, 1000}, 3);
+  CheckType<simt::Half>("float16", {300}, 2);
+  CheckType<simt::Bf16>("bfloat16", {257}, 2);
+}
+
+}  // namespace
+}  // namespace pipeserve::kernels
