@@ -34,7 +34,8 @@
 // 7. sample_tokens on the device (kernels/sample.h): a one-node stage on
 //    bfloat16 logits of 32000 tokens, 1 and 64 rows a step, greedy rows
 //    (the argmax, the baseline) against rows that draw (temperature 0.8,
-//    top-k 50, top-p 0.9, both penalties over 256 tokens of context each):
+//    top-k 50, top-p 0.9, a repetition penalty over 256 tokens of context
+//    each and a frequency penalty over its last 128):
 //    device time a step, and what drawing adds to a step.
 // Every timing is a median after a warm-up; device times come from CUDA
 // events. Exit status: 0 when it ran (targets are reported, not enforced),
@@ -623,6 +624,8 @@ absl::Status SampleTable(int iters) {
   b.Input("context", {-1}).Input("ends", {-1});
   b.graph().mutable_inputs(0)->set_dtype(DT_BFLOAT16);
   for (int i : {2, 3, 4}) b.graph().mutable_inputs(i)->set_dtype(DT_INT64);
+  // As the exporter marks them: the context is not one row a sequence.
+  for (int i : {1, 2, 3, 4}) b.graph().mutable_inputs(i)->set_batched(false);
   b.Op("sample_tokens", {"logits", "floats", "ints", "context", "ends"}, "next").Output("next");
   const Model m = b.Build();
   CudaBackendOptions o;

@@ -124,8 +124,4 @@ absl::StatusOr<std::vector<SamplingParams>> SampleRows(const float* floats, cons
   return rows;
 }
 
-bool PlainGreedy(const SamplingParams& p) {
-  return p.temperature == 0 && p.repetition_penalty == 1 && p.frequency_penalty == 0;
-}
-
 }  // namespace pipeserve

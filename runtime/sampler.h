@@ -56,10 +56,6 @@ absl::StatusOr<std::vector<SamplingParams>> SampleRows(const float* floats, cons
                                                        const int64_t* ends, int64_t n,
                                                        int64_t context, int64_t vocab);
 
-// True when SampleToken picks the first of the largest logits, whatever
-// the context: greedy without penalties (what a GPU can pick on its own).
-bool PlainGreedy(const SamplingParams& p);
-
 }  // namespace pipeserve
 
 #endif  // PIPESERVE_RUNTIME_SAMPLER_H_

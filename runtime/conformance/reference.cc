@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "graph/op_schema.h"
+#include "runtime/sample_draw.h"
 #include "runtime/sampler.h"
 
 // Written from PyTorch's documented semantics (and client/python/pipeserve/
@@ -847,25 +848,69 @@ Result CachedAttention(const Node& node, const Inputs& in, DataType out_type) {
   return out;
 }
 
+// One row's pick as runtime/sampler.h defines it, written apart from the
+// sampler: the penalties, then greedy (std::max_element's pick), or the
+// tokens sorted by logit (ties by id), the top_k of them, the fewest whose
+// weights reach top_p of theirs, and the one where UniformDraw(seed,
+// generated) of their weight falls.
+int64_t PickOf(std::vector<double> x, const double* f, const double* n,
+               const std::vector<double>& context) {
+  const int64_t vocab = static_cast<int64_t>(x.size()), len = context.size();
+  std::vector<bool> seen(vocab, false);
+  for (double t : context) {
+    if (t >= 0 && t < vocab) seen[static_cast<int64_t>(t)] = true;
+  }
+  for (int64_t v = 0; v < vocab && f[2] != 1; ++v) {
+    if (seen[v]) x[v] = x[v] > 0 ? x[v] / f[2] : x[v] * f[2];
+  }
+  for (int64_t i = len - std::min<int64_t>(static_cast<int64_t>(n[2]), len); i < len; ++i) {
+    const double t = context[i];
+    if (t >= 0 && t < vocab) x[static_cast<int64_t>(t)] -= f[3];
+  }
+  if (f[0] == 0) return std::max_element(x.begin(), x.end()) - x.begin();
+  std::vector<int64_t> order(vocab);
+  for (int64_t v = 0; v < vocab; ++v) order[v] = v;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return x[a] > x[b]; });
+  const int64_t top_k = static_cast<int64_t>(n[0]);
+  int64_t keep = top_k > 0 && top_k < vocab ? top_k : vocab;
+  std::vector<double> w(keep);
+  double total = 0;
+  for (int64_t i = 0; i < keep; ++i) total += w[i] = std::exp(x[order[i]] / f[0] - x[order[0]] / f[0]);
+  if (f[1] < 1) {
+    double acc = 0;
+    int64_t k = 0;
+    while (k < keep && acc < f[1] * total) acc += w[k++];
+    keep = std::max<int64_t>(k, 1);
+    total = acc;
+  }
+  const double u = UniformDraw(static_cast<uint64_t>(static_cast<int64_t>(n[1])),
+                               static_cast<int64_t>(n[2])) * total;
+  double acc = 0;
+  for (int64_t i = 0; i < keep; ++i) {
+    if (u < (acc += w[i])) return order[i];
+  }
+  return order[keep - 1];
+}
+
 // sample_tokens(logits [N, V], floats [N, 4], ints [N, 3], context, ends):
-// each row as the CPU's sampler picks it (runtime/sampler.h, the
-// definition of greedy, penalised, top-k, top-p and seeded draws), on the
-// logits as floats (what every backend samples from).
+// each row's pick (PickOf) on the logits as floats (what every backend
+// samples from), once the parameters pass the CPU's checks (SampleRows,
+// whose messages every backend gives).
 Result SampleTokens(const Node&, const Inputs& in, DataType out_type) {
   const RefTensor &logits = in[0], &floats = in[1], &ints = in[2], &context = in[3], &ends = in[4];
   const int64_t rows = logits.shape[0], vocab = logits.shape[1];
   std::vector<float> f(floats.v.begin(), floats.v.end());
-  std::vector<int64_t> n(ints.v.begin(), ints.v.end()), c(context.v.begin(), context.v.end()),
-      e(ends.v.begin(), ends.v.end());
-  absl::StatusOr<std::vector<SamplingParams>> params =
-      SampleRows(f.data(), n.data(), e.data(), rows, static_cast<int64_t>(c.size()), vocab);
-  if (!params.ok()) return Bad(params.status().message());
+  std::vector<int64_t> n(ints.v.begin(), ints.v.end()), e(ends.v.begin(), ends.v.end());
+  RETURN_IF_ERROR(SampleRows(f.data(), n.data(), e.data(), rows,
+                             static_cast<int64_t>(context.v.size()), vocab)
+                      .status());
   RefTensor out = Make({rows}, out_type);
   for (int64_t r = 0; r < rows; ++r) {
-    const std::vector<float> row(logits.v.begin() + r * vocab, logits.v.begin() + (r + 1) * vocab);
+    std::vector<double> row(vocab);
+    for (int64_t v = 0; v < vocab; ++v) row[v] = static_cast<float>(logits.v[r * vocab + v]);
     const int64_t begin = r == 0 ? 0 : e[r - 1];
-    const absl::Span<const int64_t> seen = absl::MakeConstSpan(c).subspan(begin, e[r] - begin);
-    out.v[r] = static_cast<double>(SampleToken(row, (*params)[r], seen, n[r * 3 + 2]));
+    const std::vector<double> seen(context.v.begin() + begin, context.v.begin() + e[r]);
+    out.v[r] = static_cast<double>(PickOf(row, &floats.v[r * 4], &ints.v[r * 3], seen));
   }
   return out;
 }

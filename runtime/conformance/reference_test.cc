@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <limits>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -13,6 +14,7 @@
 #include "graph/op_schema.h"
 #include "gtest/gtest.h"
 #include "proto/model.pb.h"
+#include "runtime/sampler.h"
 #include "runtime/tensor.h"
 
 namespace pipeserve {
@@ -586,6 +588,48 @@ TEST(ReferenceTest, SampleTokensPicksAsTheCpuSamplerPicks) {
   in[4].v[1] = 3;  // past the context: the CPU's error
   ExpectError(Apply(N("sample_tokens"), in), absl::StatusCode::kInvalidArgument,
               "sequence 1's context ends at 3");
+}
+
+// The reference's own picks (written apart from the CPU's sampler) agree
+// with the sampler on rows that draw: temperature, top-k, top-p, seeds and
+// penalties over random logits and contexts.
+TEST(ReferenceTest, SampleTokensDrawsAsTheSamplerDefinesThem) {
+  std::mt19937 rng(3);
+  std::normal_distribution<double> logit(0, 2);
+  std::uniform_real_distribution<double> unit(0, 1);
+  std::uniform_int_distribution<int> token(0, 39);
+  const int64_t rows = 200, vocab = 40, per_row = 6;
+  std::vector<double> logits(rows * vocab), floats, ints, context, ends;
+  for (double& v : logits) v = static_cast<float>(logit(rng));
+  for (int64_t r = 0; r < rows; ++r) {
+    floats.insert(floats.end(), {static_cast<float>(r % 5 == 0 ? 0 : 0.3 + unit(rng)),
+                                 static_cast<float>(r % 3 == 0 ? 1 : 0.2 + 0.8 * unit(rng)),
+                                 static_cast<float>(r % 2 == 0 ? 1 : 1.3),
+                                 static_cast<float>(r % 4 == 0 ? 0.5 : 0)});
+    ints.insert(ints.end(), {static_cast<double>(r % 7 == 0 ? 0 : r % 7 + 3),
+                             static_cast<double>(r * 31 + 1), static_cast<double>(r % 4)});
+    for (int i = 0; i < per_row; ++i) context.push_back(token(rng));
+    ends.push_back(static_cast<double>(context.size()));
+  }
+  const int64_t c = static_cast<int64_t>(context.size());
+  absl::StatusOr<RefTensor> got = Apply(
+      N("sample_tokens"),
+      {Ref({rows, vocab}, logits), Ref({rows, 4}, floats), Ref({rows, 3}, ints, DT_INT64),
+       Ref({c}, context, DT_INT64), Ref({rows}, ends, DT_INT64)});
+  ASSERT_TRUE(got.ok()) << got.status();
+  for (int64_t r = 0; r < rows; ++r) {
+    SamplingParams p;
+    p.temperature = static_cast<float>(floats[r * 4]);
+    p.top_p = static_cast<float>(floats[r * 4 + 1]);
+    p.repetition_penalty = static_cast<float>(floats[r * 4 + 2]);
+    p.frequency_penalty = static_cast<float>(floats[r * 4 + 3]);
+    p.top_k = static_cast<int64_t>(ints[r * 3]);
+    p.seed = static_cast<uint64_t>(ints[r * 3 + 1]);
+    std::vector<float> row(logits.begin() + r * vocab, logits.begin() + (r + 1) * vocab);
+    std::vector<int64_t> seen(context.begin() + r * per_row, context.begin() + (r + 1) * per_row);
+    EXPECT_EQ(got->v[r], SampleToken(row, p, seen, static_cast<int64_t>(ints[r * 3 + 2])))
+        << "row " << r;
+  }
 }
 
 // Backend against backend: a NaN on one side only (an element the device

@@ -67,7 +67,6 @@ class EmulatedProgram : public StageProgram {
     for (const Tensor& t : inputs) shapes.push_back(t.shape());
     ASSIGN_OR_RETURN(DevicePlan plan, stage_.Plan(shapes));
     RETURN_IF_ERROR(CheckIndices(plan, inputs));
-    RETURN_IF_ERROR(CheckSampleInputs(plan, inputs));
     // Per-run arenas, as the CUDA program's slots; the weights are shared.
     ASSIGN_OR_RETURN(SlotPool<Arenas>::Lease a, slots_.Acquire());
     // NaN everywhere a run should write.
@@ -75,6 +74,11 @@ class EmulatedProgram : public StageProgram {
     a->in.assign(plan.staging_in_bytes, '\xff');
     a->out.assign(plan.staging_out_bytes, '\xff');
     ASSIGN_OR_RETURN(std::optional<KvStep> step, kv_.Begin(plan, inputs));
+    // After the cache's checks, as on the CPU (cached_attention runs first).
+    if (absl::Status s = CheckSampleInputs(plan, inputs); !s.ok()) {
+      kv_.Abort(step);
+      return s;
+    }
     StageInputs(plan, inputs, a->in.data());
     for (const DeviceOp& op : plan.ops) {
       absl::Status s = Execute(*a, op);

@@ -61,7 +61,7 @@ absl::Status CheckSampleInputs(const DevicePlan& plan, absl::Span<const Tensor> 
                                 c.vocab)
                          .status();
     if (!s.ok()) {
-      return absl::Status(s.code(), absl::StrCat("node \"", c.node, "\": ",
+      return absl::Status(s.code(), absl::StrCat("node \"", c.node, "\" (sample_tokens): ",
                                                  s.message()));
     }
   }

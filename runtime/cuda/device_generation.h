@@ -6,8 +6,8 @@
 // sample_tokens' parameters before a step.
 //
 //   DeviceKv kv(stage);                       // once per program
-//   RETURN_IF_ERROR(CheckSampleInputs(plan, inputs));
 //   ASSIGN_OR_RETURN(std::optional<KvStep> step, kv.Begin(plan, inputs));
+//   RETURN_IF_ERROR(CheckSampleInputs(plan, inputs));  // kv.Abort(step) first
 //   StageInputs(plan, inputs, staging_in);    // also writes the tiles
 //   ... run; on failure: kv.Abort(step) ...
 //   UnstageOutputs(plan, staging_out, &outputs);

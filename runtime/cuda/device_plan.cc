@@ -1109,7 +1109,8 @@ absl::Status LoweredStage::CheckSizeReaders(const Node& node, const Step& step) 
 // One float type (float32, float16 or bfloat16) per step, except: shape
 // ops, clones, constants and casts of any type; embedding ids and the
 // cache metadata (int64); comparisons, which make bool; where's bool
-// condition; sample_tokens' host tensors.
+// condition; sample_tokens' parameters (float32 and int64, whatever the
+// logits' type).
 absl::Status LoweredStage::CheckTypes(const Node& node, const Step& step) const {
   const DataType out = values_[step.out].type;
   auto refuse = [&](DataType t, const std::string& what) {

@@ -465,8 +465,8 @@ TEST(DevicePlanTest, SamplingPicksOnTheDeviceAndOnlyTheTokensComeBack) {
   EXPECT_TRUE(CheckSampleInputs(*plan, {h, floats, ints, context, ends}).ok());
   ends.data_as<int64_t>()[2] = 6;  // past the context
   EXPECT_THAT(std::string(CheckSampleInputs(*plan, {h, floats, ints, context, ends}).message()),
-              HasSubstr("node \"next\": sample_tokens: sequence 2's context ends at 6, outside "
-                        "[2, 5]"));
+              HasSubstr("node \"next\" (sample_tokens): sample_tokens: sequence 2's context "
+                        "ends at 6, outside [2, 5]"));
 }
 
 // GELU written out (as GPT-2's MLP has it): eight elementwise ops, each

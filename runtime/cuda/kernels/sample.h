@@ -122,6 +122,7 @@ struct SampleShared {
   simt::SharedPtr<int32_t> choice;       // [2]
   simt::SharedPtr<int64_t> token;        // [1]
   simt::SharedPtr<double> reduce;        // [kWarpSize]
+  simt::SharedPtr<uint64_t> bits;        // [kWarpSize]
 };
 
 struct SumOf {
@@ -178,10 +179,13 @@ SIMT_DEVICE void SumSlices(const SampleShared& sh) {
 
 // Thread 0, after SumSlices and a barrier: the first digit (largest
 // first) where the running weight passes `target` (reaches it, when
-// at_least), into sh.choice and sh.before.
-SIMT_DEVICE void ChooseDigit(double target, bool at_least, double before,
+// at_least), into sh.choice and sh.before. Below the first level the
+// tokens in play passed it as a whole one level up, so when their digits'
+// sums (added in another order) round short of it, the last digit is it.
+SIMT_DEVICE void ChooseDigit(double target, bool at_least, bool first_level, double before,
                              const SampleShared& sh) {
-  int32_t chosen = -1, n = 0;
+  int32_t chosen = -1, n = 0, last = -1, last_n = 0;
+  double last_before = before;
   for (int d = kSampleBins - 1; d >= 0 && chosen < 0; --d) {
     double m = 0;
     int32_t c = 0;
@@ -194,8 +198,16 @@ SIMT_DEVICE void ChooseDigit(double target, bool at_least, double before,
       chosen = d;
       n = c;
     } else {
+      last = d;
+      last_n = c;
+      last_before = before;
       before += m;
     }
+  }
+  if (chosen < 0 && !first_level) {
+    chosen = last;
+    n = last_n;
+    before = last_before;
   }
   sh.before[0] = before;
   sh.choice[0] = chosen;
@@ -216,20 +228,60 @@ SIMT_DEVICE int64_t OnlyToken(const double* x, int64_t cols, SampleKept kept, Sa
   return id;
 }
 
+// Which digits of a row's ranks differ between its tokens (bit `level` of
+// `varying`); the others are all `common`'s. Logits of 16 bits have 45
+// bits of zeros past their mantissa, and a vocabulary of 32000 ids 17 bits
+// of ones above them: no pass is spent on digits that split nothing.
+struct SampleLevels {
+  uint32_t varying = 0;
+  SampleRank common;
+};
+
+struct BitsOr {
+  SIMT_DEVICE uint64_t operator()(uint64_t a, uint64_t b) const { return a | b; }
+};
+
+SIMT_DEVICE SampleLevels LevelsOf(const double* x, int64_t cols, const SampleShared& sh) {
+  SampleLevels l;
+  l.common = RankOf(x[0], 0);
+  uint64_t key = 0, nid = 0;  // the bits where some token differs from token 0
+  for (int64_t c = simt::ThreadIdx().x; c < cols; c += kSampleThreads) {
+    const SampleRank r = RankOf(x[c], c);
+    key |= r.key ^ l.common.key;
+    nid |= r.nid ^ l.common.nid;
+  }
+  key = simt::BlockAllReduce(key, sh.bits, BitsOr(), uint64_t{0});
+  nid = simt::BlockAllReduce(nid, sh.bits, BitsOr(), uint64_t{0});
+  for (int level = 0; level < kSampleLevels; ++level) {
+    SampleRank d;
+    d.key = key;
+    d.nid = static_cast<uint32_t>(nid);
+    if (RankDigit(d, level) != 0) l.varying |= 1u << level;
+  }
+  return l;
+}
+
 // The first kept token in SampleToken's order whose running weight (its
 // own included) passes `target` (reaches it, when at_least); not found
 // when the kept tokens' whole weight does not. Every thread gets it.
 SIMT_DEVICE SampleCut FirstPast(const double* x, int64_t cols, SampleKept kept, SampleWeight w,
-                                double target, bool at_least, const SampleShared& sh) {
+                                double target, bool at_least, SampleLevels levels,
+                                const SampleShared& sh) {
   using namespace simt;  // NOLINT: the kernel vocabulary
   SampleRank prefix;
   double before = 0;
+  int first = -1;  // the first level that splits the tokens
   for (int level = 0; level < kSampleLevels; ++level) {
+    if ((levels.varying >> level & 1u) == 0) {  // one digit for all: nothing to sum
+      prefix = WithDigit(prefix, level, RankDigit(levels.common, level));
+      continue;
+    }
+    if (first < 0) first = level;
     SumDigits(x, cols, kept, w, prefix, level, sh);
     SyncThreads();
     SumSlices(sh);
     SyncThreads();
-    if (ThreadIdx().x == 0) ChooseDigit(target, at_least, before, sh);
+    if (ThreadIdx().x == 0) ChooseDigit(target, at_least, level == first, before, sh);
     SyncThreads();
     // Nothing writes these again before every thread has passed the next
     // pass's first barrier.
@@ -247,7 +299,14 @@ SIMT_DEVICE SampleCut FirstPast(const double* x, int64_t cols, SampleKept kept, 
       return cut;
     }
   }
-  return SampleCut();  // not reached: a whole rank is one token
+  // Every token in play has every digit alike: one token (ranks are unique).
+  SampleCut cut;
+  cut.found = true;
+  cut.id = OnlyToken(x, cols, kept, prefix, kSampleLevels, sh);
+  cut.rank = RankOf(x[cut.id], cut.id);
+  cut.before = before;
+  cut.weight = w(x[cut.id]);
+  return cut;
 }
 
 // The largest of x (NaNs left out), and the kept tokens' whole weight.
@@ -306,9 +365,14 @@ SIMT_DEVICE int64_t PickToken(const double* x, int64_t cols, double temperature,
                               const SampleShared& sh) {
   const SampleWeight count;
   SampleKept kept;
-  if (temperature == 0) return FirstPast(x, cols, kept, count, 0.5, false, sh).id;
+  const SampleLevels levels = LevelsOf(x, cols, sh);
+  auto first_kept = [&] { return FirstPast(x, cols, kept, count, 0.5, false, levels, sh).id; };
+  if (temperature == 0) {
+    if (x[0] != x[0]) return 0;  // std::max_element keeps a NaN it starts with
+    return first_kept();
+  }
   if (top_k > 0 && top_k < cols) {
-    kept = {true, FirstPast(x, cols, kept, count, top_k - 0.5, false, sh).rank};
+    kept = {true, FirstPast(x, cols, kept, count, top_k - 0.5, false, levels, sh).rank};
   }
   SampleWeight prob;
   prob.count = false;
@@ -316,18 +380,21 @@ SIMT_DEVICE int64_t PickToken(const double* x, int64_t cols, double temperature,
   prob.top = Largest(x, cols, sh) / temperature;
   double sum = KeptWeight(x, cols, kept, prob, sh);
   if (top_p < 1) {
-    const SampleCut nucleus = FirstPast(x, cols, kept, prob, top_p * sum, true, sh);
+    // An infinite logit makes the sum NaN: SampleToken's nucleus then
+    // stops at its first token.
+    if (sum != sum) return first_kept();
+    const SampleCut nucleus = FirstPast(x, cols, kept, prob, top_p * sum, true, levels, sh);
     if (nucleus.found) {
       kept = {true, nucleus.rank};
       sum = nucleus.before + nucleus.weight;
     }
   }
   const SampleCut drawn =
-      FirstPast(x, cols, kept, prob, UniformDraw(seed, generated) * sum, false, sh);
+      FirstPast(x, cols, kept, prob, UniformDraw(seed, generated) * sum, false, levels, sh);
   if (drawn.found) return drawn.id;
-  // Rounding left the draw past every kept token: the last of them.
+  // The draw passed every kept token (a NaN sum, or rounding): the last.
   if (kept.bounded) return static_cast<int64_t>(~kept.last.nid);
-  return FirstPast(x, cols, kept, count, static_cast<double>(cols) - 0.5, false, sh).id;
+  return FirstPast(x, cols, kept, count, static_cast<double>(cols) - 0.5, false, levels, sh).id;
 }
 
 // a.out[r] = sample_tokens' pick for row r of logits [rows, a.cols]
@@ -348,11 +415,12 @@ SIMT_GLOBAL void SampleTokenRows(const T* __restrict__ logits, SampleArgs a) {
   SIMT_SHARED(int32_t, choice, 2);
   SIMT_SHARED(int64_t, token, 1);
   SIMT_SHARED(double, reduce, kWarpSize);
+  SIMT_SHARED(uint64_t, bits, kWarpSize);
   const int64_t row = BlockIdx().x;
   const float* f = a.floats + row * 4;  // temperature, top_p, repetition, frequency
   const int64_t* n = a.ints + row * 3;  // top_k, seed, tokens generated
   const T* xr = logits + row * a.cols;
-  if (f[0] == 0 && f[2] == 1 && f[3] == 0) {  // PlainGreedy: the first largest logit
+  if (f[0] == 0 && f[2] == 1 && f[3] == 0) {  // greedy, no penalties: the first largest logit
     const int64_t at = FirstLargest(xr, a.cols, values, indices);
     if (ThreadIdx().x == 0) a.out[row] = at;
     return;
@@ -361,8 +429,8 @@ SIMT_GLOBAL void SampleTokenRows(const T* __restrict__ logits, SampleArgs a) {
   double* x = a.scratch + row * a.cols;
   Penalise(xr, a.cols, a.context + begin, a.ends[row] - begin, n[2], f[2], f[3], x);
   SyncThreads();
-  const SampleShared sh{part_mass, part_count, slice_mass, slice_count,
-                        before,    choice,     token,      reduce};
+  const SampleShared sh{part_mass, part_count, slice_mass, slice_count, before,
+                        choice,    token,      reduce,     bits};
   const int64_t pick = PickToken(x, a.cols, f[0], f[1], n[0], static_cast<uint64_t>(n[1]),
                                  n[2], sh);
   if (ThreadIdx().x == 0) a.out[row] = pick;

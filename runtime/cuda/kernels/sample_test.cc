@@ -150,5 +150,28 @@ TEST(SampleTokenRows, PicksWhatTheCpuSamplerPicksInEveryFloatType) {
   CheckType<simt::Bf16>("bfloat16", {257}, 2);
 }
 
+// Infinite and NaN logits, where the CPU's order and sums degenerate: an
+// infinite logit makes the nucleus's sum NaN, so SampleToken keeps only its
+// first token; a greedy row that starts with a NaN picks 0, as
+// std::max_element does, penalised or not.
+TEST(SampleTokenRows, InfiniteAndNanLogitsPickAsTheCpuSamplerPicks) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<Row> rows = {
+      {{inf, 0}, Params(1, 0, 0.5), {}, 0, "+inf, top-p"},
+      {{-inf, -inf}, Params(1, 0, 0.5), {}, 0, "all -inf, top-p"},
+      {{-inf, -inf, -inf, -inf}, Params(1, 3, 0.5), {}, 0, "all -inf, top-k and top-p"},
+      {{nan, 1}, Params(0, 0, 1, 2), {1}, 0, "NaN first, greedy with a penalty"},
+      {{nan, 1}, Params(0, 0, 1), {}, 0, "NaN first, plain greedy"},
+  };
+  for (const Row& r : rows) {
+    std::vector<int64_t> want;
+    const std::vector<int64_t> got =
+        RunRows<float>({r}, static_cast<int64_t>(r.logits.size()), &want);
+    EXPECT_EQ(want, std::vector<int64_t>{0}) << r.what << ": what the CPU picks";
+    EXPECT_EQ(got, std::vector<int64_t>{0}) << r.what;
+  }
+}
+
 }  // namespace
 }  // namespace pipeserve::kernels
