@@ -603,7 +603,8 @@ LoweredStage::Buffers LoweredStage::LayOutBuffers(const std::vector<Shape>& shap
     if (val.sampled) {  // the picks, and the penalised logits they are picked from
       b.f32[v] = act.Take(n * ElementSize(DT_INT64));
       b.has_f32[v] = true;
-      b.scratch[v] = act.Take(NumElements(shape[steps_[val.producer].in[0]]) * sizeof(double));
+      const Shape& logits = shape[steps_[val.producer].in[0]];
+      b.scratch[v] = act.Take(kernels::SampleScratchBytes(logits[0], logits[1]));
       continue;
     }
     if (BuffersElsewhere(static_cast<int>(v), shape, &b)) continue;

@@ -197,17 +197,24 @@ inline constexpr int kSampleThreads = kArgmaxThreads;  // greedy rows take the a
 
 // sample_tokens' device pointers beside its logits [rows, cols]
 // (graph/op_schema.cc): each row's parameters, the contexts and where
-// they end, the penalised logits of rows that sample otherwise than plain
-// greedy (scratch), and the picks.
+// they end, scratch for rows that sample otherwise than plain greedy
+// (SampleScratchBytes: their penalised logits, then up to kSampleCompact
+// ids a row of the tokens still in play), and the picks.
 struct SampleArgs {
   const float* floats = nullptr;     // [rows, 4]: temperature, top_p, repetition, frequency
   const int64_t* ints = nullptr;     // [rows, 3]: top_k, seed, tokens generated so far
   const int64_t* context = nullptr;  // [C]: row r's is [ends[r - 1], ends[r])
   const int64_t* ends = nullptr;     // [rows]
-  double* scratch = nullptr;         // [rows, cols]
+  double* scratch = nullptr;         // SampleScratchBytes(rows, cols)
   int64_t* out = nullptr;            // [rows]
   int64_t cols = 0;
 };
+
+inline constexpr int64_t kSampleCompact = 4096;
+
+inline int64_t SampleScratchBytes(int64_t rows, int64_t cols) {
+  return rows * cols * 8 + rows * kSampleCompact * 4;
+}
 
 }  // namespace pipeserve::kernels
 

@@ -101,6 +101,16 @@ struct SampleKept {
   SIMT_DEVICE bool Holds(SampleRank r) const { return !bounded || AtOrBefore(r, last); }
 };
 
+// The tokens a pass walks: every token of the row (ids null: token i is
+// i), or a gathered list of ids; x holds the whole row's penalised logits,
+// by id.
+struct SampleTokens {
+  const double* x = nullptr;
+  const int32_t* ids = nullptr;
+  int64_t n = 0;
+  SIMT_DEVICE int64_t Id(int64_t i) const { return ids == nullptr ? i : ids[i]; }
+};
+
 // A cut's token, with the weight of the tokens before it and its own.
 struct SampleCut {
   bool found = false;
@@ -123,6 +133,7 @@ struct SampleShared {
   simt::SharedPtr<int64_t> token;        // [1]
   simt::SharedPtr<double> reduce;        // [kWarpSize]
   simt::SharedPtr<uint64_t> bits;        // [kWarpSize]
+  simt::SharedPtr<int32_t> offsets;      // [kSampleThreads + 1]: Gather's
 };
 
 struct SumOf {
@@ -134,7 +145,7 @@ struct LargerOf {
 
 // One pass: each digit's weight and count over this thread's kept tokens
 // whose rank has `prefix`'s first `level` digits, into sh.part_*.
-SIMT_DEVICE void SumDigits(const double* x, int64_t cols, SampleKept kept, SampleWeight w,
+SIMT_DEVICE void SumDigits(SampleTokens s, SampleKept kept, SampleWeight w,
                            SampleRank prefix, int level, const SampleShared& sh) {
   const int t = static_cast<int>(simt::ThreadIdx().x);
   double mass[kSampleBins];
@@ -144,11 +155,12 @@ SIMT_DEVICE void SumDigits(const double* x, int64_t cols, SampleKept kept, Sampl
     mass[b] = 0;
     count[b] = 0;
   }
-  for (int64_t c = t; c < cols; c += kSampleThreads) {
-    const SampleRank r = RankOf(x[c], c);
+  for (int64_t i = t; i < s.n; i += kSampleThreads) {
+    const int64_t c = s.Id(i);
+    const SampleRank r = RankOf(s.x[c], c);
     if (!kept.Holds(r) || !SharesDigits(r, prefix, level)) continue;
     const int d = RankDigit(r, level);
-    const double v = w(x[c]);
+    const double v = w(s.x[c]);
     SIMT_UNROLL
     for (int b = 0; b < kSampleBins; ++b) {  // constant indices: registers on the GPU
       mass[b] += b == d ? v : 0.0;
@@ -216,10 +228,11 @@ SIMT_DEVICE void ChooseDigit(double target, bool at_least, bool first_level, dou
 
 // The id of the only kept token whose rank has `prefix`'s first `levels`
 // digits; every thread gets it.
-SIMT_DEVICE int64_t OnlyToken(const double* x, int64_t cols, SampleKept kept, SampleRank prefix,
+SIMT_DEVICE int64_t OnlyToken(SampleTokens s, SampleKept kept, SampleRank prefix,
                               int levels, const SampleShared& sh) {
-  for (int64_t c = simt::ThreadIdx().x; c < cols; c += kSampleThreads) {
-    const SampleRank r = RankOf(x[c], c);
+  for (int64_t i = simt::ThreadIdx().x; i < s.n; i += kSampleThreads) {
+    const int64_t c = s.Id(i);
+    const SampleRank r = RankOf(s.x[c], c);
     if (kept.Holds(r) && SharesDigits(r, prefix, levels)) sh.token[0] = c;
   }
   simt::SyncThreads();
@@ -264,7 +277,7 @@ SIMT_DEVICE SampleLevels LevelsOf(const double* x, int64_t cols, const SampleSha
 // The first kept token in SampleToken's order whose running weight (its
 // own included) passes `target` (reaches it, when at_least); not found
 // when the kept tokens' whole weight does not. Every thread gets it.
-SIMT_DEVICE SampleCut FirstPast(const double* x, int64_t cols, SampleKept kept, SampleWeight w,
+SIMT_DEVICE SampleCut FirstPast(SampleTokens s, SampleKept kept, SampleWeight w,
                                 double target, bool at_least, SampleLevels levels,
                                 const SampleShared& sh) {
   using namespace simt;  // NOLINT: the kernel vocabulary
@@ -277,7 +290,7 @@ SIMT_DEVICE SampleCut FirstPast(const double* x, int64_t cols, SampleKept kept, 
       continue;
     }
     if (first < 0) first = level;
-    SumDigits(x, cols, kept, w, prefix, level, sh);
+    SumDigits(s, kept, w, prefix, level, sh);
     SyncThreads();
     SumSlices(sh);
     SyncThreads();
@@ -292,39 +305,81 @@ SIMT_DEVICE SampleCut FirstPast(const double* x, int64_t cols, SampleKept kept, 
     if (n == 1) {  // a token of its own
       SampleCut cut;
       cut.found = true;
-      cut.id = OnlyToken(x, cols, kept, prefix, level + 1, sh);
-      cut.rank = RankOf(x[cut.id], cut.id);
+      cut.id = OnlyToken(s, kept, prefix, level + 1, sh);
+      cut.rank = RankOf(s.x[cut.id], cut.id);
       cut.before = before;
-      cut.weight = w(x[cut.id]);
+      cut.weight = w(s.x[cut.id]);
       return cut;
     }
   }
   // Every token in play has every digit alike: one token (ranks are unique).
   SampleCut cut;
   cut.found = true;
-  cut.id = OnlyToken(x, cols, kept, prefix, kSampleLevels, sh);
-  cut.rank = RankOf(x[cut.id], cut.id);
+  cut.id = OnlyToken(s, kept, prefix, kSampleLevels, sh);
+  cut.rank = RankOf(s.x[cut.id], cut.id);
   cut.before = before;
-  cut.weight = w(x[cut.id]);
+  cut.weight = w(s.x[cut.id]);
   return cut;
 }
 
 // The largest of x (NaNs left out), and the kept tokens' whole weight.
-SIMT_DEVICE double Largest(const double* x, int64_t cols, const SampleShared& sh) {
+SIMT_DEVICE double Largest(SampleTokens s, const SampleShared& sh) {
   double v = -HUGE_VAL;
-  for (int64_t c = simt::ThreadIdx().x; c < cols; c += kSampleThreads) {
-    if (x[c] > v) v = x[c];
+  for (int64_t i = simt::ThreadIdx().x; i < s.n; i += kSampleThreads) {
+    const double x = s.x[s.Id(i)];
+    if (x > v) v = x;
   }
   return simt::BlockAllReduce(v, sh.reduce, LargerOf(), -HUGE_VAL);
 }
 
-SIMT_DEVICE double KeptWeight(const double* x, int64_t cols, SampleKept kept, SampleWeight w,
+SIMT_DEVICE double KeptWeight(SampleTokens s, SampleKept kept, SampleWeight w,
                               const SampleShared& sh) {
   double v = 0;
-  for (int64_t c = simt::ThreadIdx().x; c < cols; c += kSampleThreads) {
-    if (kept.Holds(RankOf(x[c], c))) v += w(x[c]);
+  for (int64_t i = simt::ThreadIdx().x; i < s.n; i += kSampleThreads) {
+    const int64_t c = s.Id(i);
+    if (kept.Holds(RankOf(s.x[c], c))) v += w(s.x[c]);
   }
   return simt::BlockAllReduce(v, sh.reduce, SumOf(), 0.0);
+}
+
+// The kept tokens of s as a list of ids in `out` (kSampleCompact of them
+// at most), so later passes walk only them; s itself when more are kept.
+// The order is the threads' (deterministic): a cut does not depend on it.
+SIMT_DEVICE SampleTokens Gather(SampleTokens s, SampleKept kept, int32_t* out,
+                                const SampleShared& sh) {
+  using namespace simt;  // NOLINT: the kernel vocabulary
+  const int t = static_cast<int>(ThreadIdx().x);
+  int32_t n = 0;
+  for (int64_t i = t; i < s.n; i += kSampleThreads) {
+    const int64_t c = s.Id(i);
+    n += kept.Holds(RankOf(s.x[c], c)) ? 1 : 0;
+  }
+  sh.offsets[t] = n;
+  SyncThreads();
+  if (t == 0) {  // exclusive sums; the total last
+    int32_t total = 0;
+    for (int k = 0; k < kSampleThreads; ++k) {
+      const int32_t mine = sh.offsets[k];
+      sh.offsets[k] = total;
+      total += mine;
+    }
+    sh.offsets[kSampleThreads] = total;
+  }
+  SyncThreads();
+  const int32_t total = sh.offsets[kSampleThreads];
+  int32_t at = sh.offsets[t];
+  SyncThreads();  // read by every thread before another gather writes them
+  if (total > kSampleCompact) return s;
+  for (int64_t i = t; i < s.n; i += kSampleThreads) {
+    const int64_t c = s.Id(i);
+    if (kept.Holds(RankOf(s.x[c], c))) out[at++] = static_cast<int32_t>(c);
+  }
+  SyncThreads();  // the list, written by every thread, is read by all
+  SampleTokens list;
+  list.x = s.x;
+  list.ids = out;
+  list.n = total;
+  return list;
 }
 
 // x = the logits as doubles with SampleToken's penalties: a token anywhere
@@ -359,42 +414,54 @@ SIMT_DEVICE void Penalise(const T* logits, int64_t cols, const int64_t* context,
 // The token SampleToken picks from the penalised row x (every thread gets
 // it): greedy at temperature 0; else the top_k most likely (0: all), of
 // those the fewest whose probabilities reach top_p of theirs, and a draw
-// among them with UniformDraw(seed, generated).
+// among them with UniformDraw(seed, generated). Once the kept tokens fit
+// `compact` (kSampleCompact ids), later passes walk only them.
 SIMT_DEVICE int64_t PickToken(const double* x, int64_t cols, double temperature, double top_p,
-                              int64_t top_k, uint64_t seed, int64_t generated,
+                              int64_t top_k, uint64_t seed, int64_t generated, int32_t* compact,
                               const SampleShared& sh) {
   const SampleWeight count;
   SampleKept kept;
+  SampleTokens s;
+  s.x = x;
+  s.n = cols;
   const SampleLevels levels = LevelsOf(x, cols, sh);
-  auto first_kept = [&] { return FirstPast(x, cols, kept, count, 0.5, false, levels, sh).id; };
+  auto first_kept = [&] { return FirstPast(s, kept, count, 0.5, false, levels, sh).id; };
+  // The kept tokens as a list, when they fit: every one of them is kept.
+  auto narrow = [&] {
+    if (s.ids != nullptr) return;
+    s = Gather(s, kept, compact, sh);
+    if (s.ids != nullptr) kept = SampleKept();
+  };
   if (temperature == 0) {
     if (x[0] != x[0]) return 0;  // std::max_element keeps a NaN it starts with
     return first_kept();
   }
   if (top_k > 0 && top_k < cols) {
-    kept = {true, FirstPast(x, cols, kept, count, top_k - 0.5, false, levels, sh).rank};
+    kept = {true, FirstPast(s, kept, count, top_k - 0.5, false, levels, sh).rank};
+    narrow();
   }
   SampleWeight prob;
   prob.count = false;
   prob.temperature = temperature;
-  prob.top = Largest(x, cols, sh) / temperature;
-  double sum = KeptWeight(x, cols, kept, prob, sh);
+  prob.top = Largest(s, sh) / temperature;  // the largest is always kept
+  double sum = KeptWeight(s, kept, prob, sh);
   if (top_p < 1) {
     // An infinite logit makes the sum NaN: SampleToken's nucleus then
     // stops at its first token.
     if (sum != sum) return first_kept();
-    const SampleCut nucleus = FirstPast(x, cols, kept, prob, top_p * sum, true, levels, sh);
+    const SampleCut nucleus = FirstPast(s, kept, prob, top_p * sum, true, levels, sh);
     if (nucleus.found) {
       kept = {true, nucleus.rank};
       sum = nucleus.before + nucleus.weight;
+      narrow();
     }
   }
   const SampleCut drawn =
-      FirstPast(x, cols, kept, prob, UniformDraw(seed, generated) * sum, false, levels, sh);
+      FirstPast(s, kept, prob, UniformDraw(seed, generated) * sum, false, levels, sh);
   if (drawn.found) return drawn.id;
   // The draw passed every kept token (a NaN sum, or rounding): the last.
   if (kept.bounded) return static_cast<int64_t>(~kept.last.nid);
-  return FirstPast(x, cols, kept, count, static_cast<double>(cols) - 0.5, false, levels, sh).id;
+  return FirstPast(s, kept, count, static_cast<double>(s.n) - 0.5, false, levels, sh).id;
 }
 
 // a.out[r] = sample_tokens' pick for row r of logits [rows, a.cols]
@@ -416,6 +483,7 @@ SIMT_GLOBAL void SampleTokenRows(const T* __restrict__ logits, SampleArgs a) {
   SIMT_SHARED(int64_t, token, 1);
   SIMT_SHARED(double, reduce, kWarpSize);
   SIMT_SHARED(uint64_t, bits, kWarpSize);
+  SIMT_SHARED(int32_t, offsets, kSampleThreads + 1);
   const int64_t row = BlockIdx().x;
   const float* f = a.floats + row * 4;  // temperature, top_p, repetition, frequency
   const int64_t* n = a.ints + row * 3;  // top_k, seed, tokens generated
@@ -430,9 +498,12 @@ SIMT_GLOBAL void SampleTokenRows(const T* __restrict__ logits, SampleArgs a) {
   Penalise(xr, a.cols, a.context + begin, a.ends[row] - begin, n[2], f[2], f[3], x);
   SyncThreads();
   const SampleShared sh{part_mass, part_count, slice_mass, slice_count, before,
-                        choice,    token,      reduce,     bits};
+                        choice,    token,      reduce,     bits,        offsets};
+  // After every row's logits (SampleScratchBytes).
+  int32_t* compact = reinterpret_cast<int32_t*>(a.scratch + int64_t{GridDim().x} * a.cols) +
+                     row * kSampleCompact;
   const int64_t pick = PickToken(x, a.cols, f[0], f[1], n[0], static_cast<uint64_t>(n[1]),
-                                 n[2], sh);
+                                 n[2], compact, sh);
   if (ThreadIdx().x == 0) a.out[row] = pick;
 }
 

@@ -60,7 +60,9 @@ std::vector<int64_t> RunRows(const std::vector<Row>& rows, int64_t cols, std::ve
                          static_cast<int64_t>(rows.size()), static_cast<int64_t>(context.size()),
                          cols)
                   .ok());
-  std::vector<double> scratch(rows.size() * cols, std::numeric_limits<double>::quiet_NaN());
+  const int64_t n = static_cast<int64_t>(rows.size());
+  std::vector<double> scratch(SampleScratchBytes(n, cols) / sizeof(double) + 1,
+                              std::numeric_limits<double>::quiet_NaN());
   std::vector<int64_t> out(rows.size(), -1);
   SampleArgs a;
   a.floats = floats.data();
@@ -148,6 +150,25 @@ TEST(SampleTokenRows, PicksWhatTheCpuSamplerPicksInEveryFloatType) {
   CheckType<float>("float32", {1, 7, 300, 1000}, 3);
   CheckType<simt::Half>("float16", {300}, 2);
   CheckType<simt::Bf16>("bfloat16", {257}, 2);
+}
+
+// Cuts that keep more tokens than a row's list holds (kSampleCompact):
+// later passes walk the whole row, bounded by the cut.
+TEST(SampleTokenRows, CutsKeepingMoreThanTheListHoldsPickAsTheCpuSamplerPicks) {
+  const int64_t cols = kSampleCompact + 904;
+  std::mt19937 rng(17);
+  std::normal_distribution<float> logit(0, 0.5);
+  std::vector<Row> rows = {
+      {{}, Params(1, kSampleCompact + 400, 1), {}, 1, "top-k past the list"},
+      {{}, Params(2, 0, 0.999), {}, 2, "a wide nucleus"},
+      {{}, Params(1.5, kSampleCompact + 1, 0.7, 1.1), {1, 2, 3}, 3, "both, penalised"},
+  };
+  for (Row& r : rows) {
+    for (int64_t c = 0; c < cols; ++c) r.logits.push_back(logit(rng));
+  }
+  std::vector<int64_t> want;
+  const std::vector<int64_t> got = RunRows<float>(rows, cols, &want);
+  for (size_t r = 0; r < rows.size(); ++r) EXPECT_EQ(got[r], want[r]) << rows[r].what;
 }
 
 // Infinite and NaN logits, where the CPU's order and sums degenerate: an
