@@ -3,8 +3,11 @@
 # bundle): gpt2_gen and llama_gen (fixtures/generation) uploaded to a
 # coordinator over two stage servers on $DEVICE (cuda:0 by default, every
 # kernel allowed: --cuda_ops=unconfirmed), and to one over two CPU stage
-# servers. Each prompt's greedy tokens must be the same on both: prefill,
-# then decode steps on the device's KV cache, the pick on the device.
+# servers. Each prompt's tokens must be the same on both, greedy and drawn
+# (temperature 4, top-k 20, top-p 0.95, a seed): prefill, then decode
+# steps on the device's KV cache, the picks on the device. (float32 GEMMs
+# on both: their logits differ by rounding only, so a draw differs only
+# where it lands within rounding of a boundary.)
 #
 #   DEVICE=cpu tools/gpu_generation_check.sh   # both sides on the CPU: the
 #                                              # script itself, without a GPU
@@ -56,10 +59,13 @@ start_stack() {
   echo "127.0.0.1:$(cat "$tmp/$name.port")" > "$tmp/$name.address"
 }
 
-# tokens NAME MODEL PROMPT: the greedy token ids the stack NAME generates.
+# tokens NAME MODEL PROMPT [FLAG...]: the token ids the stack NAME
+# generates (greedy unless the flags say otherwise).
 tokens() {
-  "$bindir/pipeserve" generate --server "$(cat "$tmp/$1.address")" --name "$2" \
-    --prompt "$3" --max_tokens 8 2> "$tmp/$1.$2.err" | head -1
+  local name=$1 model=$2 prompt=$3
+  shift 3
+  "$bindir/pipeserve" generate --server "$(cat "$tmp/$name.address")" --name "$model" \
+    --prompt "$prompt" --max_tokens 8 "$@" 2> "$tmp/$name.$model.err" | head -1
 }
 
 start_stack device "$device" || exit 1
@@ -75,13 +81,16 @@ for model in gpt2 llama; do
       continue 2
     fi
   done
-  for prompt in "3,1,4,1,5" "9,2,6"; do
-    got=$(tokens device "$model" "$prompt")
-    want=$(tokens cpu "$model" "$prompt")
+  for run in "3,1,4,1,5" "9,2,6" "3,1,4,1,5 drawn"; do
+    prompt=${run%% *}
+    flags=()
+    [ "$run" != "$prompt" ] && flags=(--temperature 4 --top_k 20 --top_p 0.95 --seed 7)
+    got=$(tokens device "$model" "$prompt" "${flags[@]}")
+    want=$(tokens cpu "$model" "$prompt" "${flags[@]}")
     if [ -n "$got" ] && [ "$got" = "$want" ]; then
-      echo "$model on $device, prompt $prompt: $got (as on the CPU) -> PASS"
+      echo "$model on $device, prompt $run: $got (as on the CPU) -> PASS"
     else
-      echo "$model on $device, prompt $prompt: '$got', CPU '$want' -> FAIL"
+      echo "$model on $device, prompt $run: '$got', CPU '$want' -> FAIL"
       tail -2 "$tmp/device.$model.err" "$tmp/cpu.$model.err"
       status=1
     fi
