@@ -715,18 +715,10 @@ class CudaProgram : public CudaStageProgram {
             t, reinterpret_cast<const int64_t*>(at(op.src)), at(op.src2), at(op.dst), op.n,
             op.rows, op.cols, s));
         return absl::OkStatus();
-      case DeviceOp::Type::kSample: {
-        kernels::SampleArgs a;
-        a.floats = static_cast<const float*>(at(op.sample.floats));
-        a.ints = static_cast<const int64_t*>(at(op.sample.ints));
-        a.context = static_cast<const int64_t*>(at(op.sample.context));
-        a.ends = static_cast<const int64_t*>(at(op.sample.ends));
-        a.scratch = static_cast<double*>(at(op.sample.scratch));
-        a.out = static_cast<int64_t*>(at(op.dst));
-        a.cols = op.cols;
-        CUDA_RETURN_IF_ERROR(kernels::LaunchSampleTokens(t, at(op.src), op.rows, a, s));
+      case DeviceOp::Type::kSample:
+        CUDA_RETURN_IF_ERROR(kernels::LaunchSampleTokens(t, at(op.src), op.rows,
+                                                         SampleArgsOf(op, at), s));
         return absl::OkStatus();
-      }
       default:
         return absl::InternalError("not a kernels/ op");
     }

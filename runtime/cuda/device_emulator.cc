@@ -220,19 +220,6 @@ class EmulatedProgram : public StageProgram {
     }
   }
 
-  static kernels::SampleArgs SampleArgsOf(const View& view, const DeviceOp& op) {
-    auto at = [&](const BufferRef& r) { return view.Ptr(r); };
-    kernels::SampleArgs a;
-    a.floats = reinterpret_cast<const float*>(at(op.sample.floats));
-    a.ints = reinterpret_cast<const int64_t*>(at(op.sample.ints));
-    a.context = reinterpret_cast<const int64_t*>(at(op.sample.context));
-    a.ends = reinterpret_cast<const int64_t*>(at(op.sample.ends));
-    a.scratch = reinterpret_cast<double*>(at(op.sample.scratch));
-    a.out = reinterpret_cast<int64_t*>(at(op.dst));
-    a.cols = op.cols;
-    return a;
-  }
-
   // The norms, rotary embedding and sample_tokens' picks.
   template <typename T>
   static absl::Status EmulateTransformer(const View& view, const DeviceOp& op) {
@@ -264,7 +251,8 @@ class EmulatedProgram : public StageProgram {
         });
       }
       case DeviceOp::Type::kSample: {
-        const kernels::SampleArgs args = SampleArgsOf(view, op);
+        const kernels::SampleArgs args =
+            SampleArgsOf(op, [&](const BufferRef& r) { return view.Ptr(r); });
         return simt::Emulate(static_cast<unsigned>(op.rows), kernels::kSampleThreads,
                              [&] { kernels::SampleTokenRows<T>(x, args); });
       }

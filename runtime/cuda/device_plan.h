@@ -190,6 +190,21 @@ struct DeviceOp {
   DataType ftype = DT_FLOAT32;
 };
 
+// A kSample op's kernel arguments, `at` giving a buffer's address (the
+// device's, or the emulator's host memory).
+template <typename At>
+kernels::SampleArgs SampleArgsOf(const DeviceOp& op, At at) {
+  kernels::SampleArgs a;
+  a.floats = reinterpret_cast<const float*>(at(op.sample.floats));
+  a.ints = reinterpret_cast<const int64_t*>(at(op.sample.ints));
+  a.context = reinterpret_cast<const int64_t*>(at(op.sample.context));
+  a.ends = reinterpret_cast<const int64_t*>(at(op.sample.ends));
+  a.scratch = reinterpret_cast<double*>(at(op.sample.scratch));
+  a.out = reinterpret_cast<int64_t*>(at(op.dst));
+  a.cols = op.cols;
+  return a;
+}
+
 // Host side of one input or output.
 struct StagedValue {
   int index = 0;  // graph input or output number
