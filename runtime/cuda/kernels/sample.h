@@ -242,9 +242,10 @@ SIMT_DEVICE int64_t OnlyToken(SampleTokens s, SampleKept kept, SampleRank prefix
 }
 
 // Which digits of a row's ranks differ between its tokens (bit `level` of
-// `varying`); the others are all `common`'s. Logits of 16 bits have 45
-// bits of zeros past their mantissa, and a vocabulary of 32000 ids 17 bits
-// of ones above them: no pass is spent on digits that split nothing.
+// `varying`); the others are all `common`'s. Logits of 16 bits have 42
+// (float16) or 45 (bfloat16) bits of zeros past their mantissa, and a
+// vocabulary of 32000 ids 17 bits of ones above them: no pass is spent on
+// digits that split nothing.
 struct SampleLevels {
   uint32_t varying = 0;
   SampleRank common;
@@ -464,6 +465,23 @@ SIMT_DEVICE int64_t PickToken(const double* x, int64_t cols, double temperature,
   return FirstPast(s, kept, count, static_cast<double>(s.n) - 0.5, false, levels, sh).id;
 }
 
+// Declares the block's SampleShared (46 KB) and calls f with it.
+template <typename F>
+SIMT_DEVICE void WithSampleShared(F f) {
+  SIMT_SHARED(double, part_mass, kSampleBins * kSampleThreads);
+  SIMT_SHARED(uint16_t, part_count, kSampleBins * kSampleThreads);
+  SIMT_SHARED(double, slice_mass, kSampleBins * kSampleSlices);
+  SIMT_SHARED(int32_t, slice_count, kSampleBins * kSampleSlices);
+  SIMT_SHARED(double, before, 1);
+  SIMT_SHARED(int32_t, choice, 2);
+  SIMT_SHARED(int64_t, token, 1);
+  SIMT_SHARED(double, reduce, simt::kWarpSize);
+  SIMT_SHARED(uint64_t, bits, simt::kWarpSize);
+  SIMT_SHARED(int32_t, offsets, kSampleThreads + 1);
+  f(SampleShared{part_mass, part_count, slice_mass, slice_count, before, choice, token, reduce,
+                 bits, offsets});
+}
+
 // a.out[r] = sample_tokens' pick for row r of logits [rows, a.cols]
 // (graph/op_schema.cc), whose parameters the host has checked
 // (SampleRows). A row that samples greedily without penalties reads the
@@ -474,16 +492,6 @@ SIMT_GLOBAL void SampleTokenRows(const T* __restrict__ logits, SampleArgs a) {
   using namespace simt;  // NOLINT: the kernel vocabulary
   SIMT_SHARED(float, values, kWarpSize);
   SIMT_SHARED(int64_t, indices, kWarpSize);
-  SIMT_SHARED(double, part_mass, kSampleBins * kSampleThreads);
-  SIMT_SHARED(uint16_t, part_count, kSampleBins * kSampleThreads);
-  SIMT_SHARED(double, slice_mass, kSampleBins * kSampleSlices);
-  SIMT_SHARED(int32_t, slice_count, kSampleBins * kSampleSlices);
-  SIMT_SHARED(double, before, 1);
-  SIMT_SHARED(int32_t, choice, 2);
-  SIMT_SHARED(int64_t, token, 1);
-  SIMT_SHARED(double, reduce, kWarpSize);
-  SIMT_SHARED(uint64_t, bits, kWarpSize);
-  SIMT_SHARED(int32_t, offsets, kSampleThreads + 1);
   const int64_t row = BlockIdx().x;
   const float* f = a.floats + row * 4;  // temperature, top_p, repetition, frequency
   const int64_t* n = a.ints + row * 3;  // top_k, seed, tokens generated
@@ -497,14 +505,14 @@ SIMT_GLOBAL void SampleTokenRows(const T* __restrict__ logits, SampleArgs a) {
   double* x = a.scratch + row * a.cols;
   Penalise(xr, a.cols, a.context + begin, a.ends[row] - begin, n[2], f[2], f[3], x);
   SyncThreads();
-  const SampleShared sh{part_mass, part_count, slice_mass, slice_count, before,
-                        choice,    token,      reduce,     bits,        offsets};
   // After every row's logits (SampleScratchBytes).
   int32_t* compact = reinterpret_cast<int32_t*>(a.scratch + int64_t{GridDim().x} * a.cols) +
                      row * kSampleCompact;
-  const int64_t pick = PickToken(x, a.cols, f[0], f[1], n[0], static_cast<uint64_t>(n[1]),
-                                 n[2], compact, sh);
-  if (ThreadIdx().x == 0) a.out[row] = pick;
+  WithSampleShared([&](const SampleShared& sh) {
+    const int64_t pick = PickToken(x, a.cols, f[0], f[1], n[0], static_cast<uint64_t>(n[1]),
+                                   n[2], compact, sh);
+    if (ThreadIdx().x == 0) a.out[row] = pick;
+  });
 }
 
 }  // namespace pipeserve::kernels

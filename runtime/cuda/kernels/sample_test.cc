@@ -10,10 +10,12 @@
 // be the CPU's, and the emulator must see no race or barrier misuse.
 #include "runtime/cuda/kernels/sample.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -34,6 +36,8 @@ struct Row {
 
 // The device's picks for `rows` (one launch, every row of one vocabulary),
 // the logits rounded to T first; `want` gets the CPU's picks of the same.
+// A row that draws from the top_k (fewer than cols and than the list
+// holds) leaves exactly that many distinct ids in its own list region.
 template <typename T>
 std::vector<int64_t> RunRows(const std::vector<Row>& rows, int64_t cols, std::vector<int64_t>* want) {
   std::vector<T> x;
@@ -61,8 +65,10 @@ std::vector<int64_t> RunRows(const std::vector<Row>& rows, int64_t cols, std::ve
                          cols)
                   .ok());
   const int64_t n = static_cast<int64_t>(rows.size());
-  std::vector<double> scratch(SampleScratchBytes(n, cols) / sizeof(double) + 1,
+  std::vector<double> scratch(SampleScratchBytes(n, cols) / sizeof(double),
                               std::numeric_limits<double>::quiet_NaN());
+  auto* lists = reinterpret_cast<int32_t*>(scratch.data() + n * cols);
+  std::fill(lists, lists + n * kSampleCompact, -1);
   std::vector<int64_t> out(rows.size(), -1);
   SampleArgs a;
   a.floats = floats.data();
@@ -75,6 +81,18 @@ std::vector<int64_t> RunRows(const std::vector<Row>& rows, int64_t cols, std::ve
   absl::Status s = simt::Emulate(static_cast<unsigned>(rows.size()), kSampleThreads,
                                  [&] { SampleTokenRows<T>(x.data(), a); });
   EXPECT_TRUE(s.ok()) << s;
+  for (int64_t r = 0; r < n; ++r) {
+    const SamplingParams& p = rows[r].p;
+    if (p.temperature == 0 || p.top_k <= 0 || p.top_k >= cols || p.top_k > kSampleCompact) {
+      continue;
+    }
+    std::vector<int32_t> ids(lists + r * kSampleCompact, lists + r * kSampleCompact + p.top_k);
+    std::sort(ids.begin(), ids.end());
+    EXPECT_TRUE(ids.front() >= 0 && ids.back() < cols &&
+                std::adjacent_find(ids.begin(), ids.end()) == ids.end())
+        << "row " << r << " (" << rows[r].what << "): its list is not its " << p.top_k
+        << " tokens";
+  }
   return out;
 }
 
@@ -171,26 +189,99 @@ TEST(SampleTokenRows, CutsKeepingMoreThanTheListHoldsPickAsTheCpuSamplerPicks) {
   for (size_t r = 0; r < rows.size(); ++r) EXPECT_EQ(got[r], want[r]) << rows[r].what;
 }
 
+// FirstPast alone, at draws within a few ulps of the CPU's running sums
+// (one block a draw), spread over the row and at its last boundaries: the
+// token it finds has a running sum that reaches the draw, and the one
+// before it does not, within rounding; only a draw at the whole weight may
+// find nothing. (ChooseDigit's fallback, for a deeper level's sums that
+// round short of a draw their parent passed, is not reached by these
+// draws: a reviewer's scratch harness reached it, no test here does.)
+SIMT_GLOBAL void CutAt(const double* x, int64_t cols, const double* targets, int64_t* out) {
+  WithSampleShared([&](const SampleShared& sh) {
+    SampleTokens s;
+    s.x = x;
+    s.n = cols;
+    SampleWeight w;
+    w.count = false;
+    w.top = Largest(s, sh);
+    const SampleCut cut = FirstPast(s, SampleKept(), w, targets[simt::BlockIdx().x], false,
+                                    LevelsOf(x, cols, sh), sh);
+    if (simt::ThreadIdx().x == 0) out[simt::BlockIdx().x] = cut.found ? cut.id : -1;
+  });
+}
+
+TEST(SampleTokenRows, DrawsAtTheBoundariesFindTheTokenThere) {
+  const int64_t cols = 300;
+  std::mt19937 rng(23);
+  std::normal_distribution<double> logit(0, 1);
+  std::vector<double> x(cols);
+  for (double& v : x) v = static_cast<float>(logit(rng));
+  std::vector<int64_t> order(cols);
+  for (int64_t i = 0; i < cols; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return x[a] > x[b]; });
+  const double top = x[order[0]];
+  std::vector<double> sums, targets;  // the CPU's running sums; draws around them
+  std::vector<int64_t> place;         // the sum each draw is near (for messages)
+  double acc = 0;
+  for (int64_t i = 0; i < cols; ++i) sums.push_back(acc += std::exp(x[order[i]] - top));
+  // Spread over the row, and the last boundaries, where the sums come
+  // within rounding of the whole.
+  std::vector<int64_t> boundaries = {0, 40, 150};
+  for (int64_t i = cols - 8; i + 1 < cols; ++i) boundaries.push_back(i);
+  for (int64_t i : boundaries) {
+    double t = sums[i];
+    for (int k = 0; k < 3; ++k) t = std::nextafter(t, -HUGE_VAL);
+    for (int k = 0; k < 7; ++k, t = std::nextafter(t, HUGE_VAL)) {
+      targets.push_back(t);
+      place.push_back(i);
+    }
+  }
+  std::vector<int64_t> got(targets.size(), -2);
+  absl::Status s = simt::Emulate(static_cast<unsigned>(targets.size()), kSampleThreads,
+                                 [&] { CutAt(x.data(), cols, targets.data(), got.data()); });
+  ASSERT_TRUE(s.ok()) << s;
+  std::vector<int64_t> rank(cols);
+  for (int64_t i = 0; i < cols; ++i) rank[order[i]] = i;
+  const double tol = 1e-13 * sums.back();  // rounding, summed in any order
+  for (size_t k = 0; k < targets.size(); ++k) {
+    const double t = targets[k];
+    if (got[k] < 0) {  // not found: only a draw past the whole weight
+      EXPECT_GE(t, sums.back() - tol) << "a draw near the sum through token " << place[k];
+      continue;
+    }
+    const int64_t j = rank[got[k]];  // its running sum reaches the draw, the one before not
+    EXPECT_TRUE(sums[j] > t - tol && (j == 0 || sums[j - 1] <= t + tol))
+        << "a draw " << t - sums[place[k]] << " from the sum through token " << place[k]
+        << " picked the token at " << j;
+  }
+}
+
 // Infinite and NaN logits, where the CPU's order and sums degenerate: an
 // infinite logit makes the nucleus's sum NaN, so SampleToken keeps only its
 // first token; a greedy row that starts with a NaN picks 0, as
-// std::max_element does, penalised or not.
+// std::max_element does, penalised or not; where every weight is NaN the
+// draw falls past every kept token, to the last.
 TEST(SampleTokenRows, InfiniteAndNanLogitsPickAsTheCpuSamplerPicks) {
   const float inf = std::numeric_limits<float>::infinity();
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  std::vector<Row> rows = {
-      {{inf, 0}, Params(1, 0, 0.5), {}, 0, "+inf, top-p"},
-      {{-inf, -inf}, Params(1, 0, 0.5), {}, 0, "all -inf, top-p"},
-      {{-inf, -inf, -inf, -inf}, Params(1, 3, 0.5), {}, 0, "all -inf, top-k and top-p"},
-      {{nan, 1}, Params(0, 0, 1, 2), {1}, 0, "NaN first, greedy with a penalty"},
-      {{nan, 1}, Params(0, 0, 1), {}, 0, "NaN first, plain greedy"},
+  // With the nucleus's sum NaN, the first kept token; with the draw's, the
+  // last kept one (every token's weight is NaN: no draw falls anywhere).
+  const std::vector<std::pair<Row, int64_t>> rows = {
+      {{{inf, 0}, Params(1, 0, 0.5), {}, 0, "+inf, top-p"}, 0},
+      {{{-inf, -inf}, Params(1, 0, 0.5), {}, 0, "all -inf, top-p"}, 0},
+      {{{-inf, -inf, -inf, -inf}, Params(1, 3, 0.5), {}, 0, "all -inf, top-k and top-p"}, 0},
+      {{{nan, 1}, Params(0, 0, 1, 2), {1}, 0, "NaN first, greedy with a penalty"}, 0},
+      {{{nan, 1}, Params(0, 0, 1), {}, 0, "NaN first, plain greedy"}, 0},
+      {{{-inf, -inf, -inf, -inf}, Params(1, 3, 1), {}, 0, "all -inf, top-k, a draw"}, 2},
+      {{{inf, 0, inf, 0}, Params(1, 2, 1), {}, 0, "two +inf, top-k 2, a draw"}, 2},
+      {{{-inf, -inf, -inf, -inf}, Params(1, 0, 1), {}, 0, "all -inf, a draw"}, 3},
   };
-  for (const Row& r : rows) {
+  for (const auto& [r, pick] : rows) {
     std::vector<int64_t> want;
     const std::vector<int64_t> got =
         RunRows<float>({r}, static_cast<int64_t>(r.logits.size()), &want);
-    EXPECT_EQ(want, std::vector<int64_t>{0}) << r.what << ": what the CPU picks";
-    EXPECT_EQ(got, std::vector<int64_t>{0}) << r.what;
+    EXPECT_EQ(want, std::vector<int64_t>{pick}) << r.what << ": what the CPU picks";
+    EXPECT_EQ(got, std::vector<int64_t>{pick}) << r.what;
   }
 }
 
