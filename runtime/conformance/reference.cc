@@ -910,7 +910,7 @@ Result SampleTokens(const Node&, const Inputs& in, DataType out_type) {
     for (int64_t v = 0; v < vocab; ++v) row[v] = static_cast<float>(logits.v[r * vocab + v]);
     const int64_t begin = r == 0 ? 0 : e[r - 1];
     const std::vector<double> seen(context.v.begin() + begin, context.v.begin() + e[r]);
-    out.v[r] = static_cast<double>(PickOf(row, &floats.v[r * 4], &ints.v[r * 3], seen));
+    out.v[r] = static_cast<double>(PickOf(std::move(row), &floats.v[r * 4], &ints.v[r * 3], seen));
   }
   return out;
 }

@@ -80,11 +80,7 @@ void BinaryScalar(BinaryOp op, const float* x, float s, bool reverse,
   });
 }
 
-namespace {
-
-// Strides of an operand of `shape` in the index space of an output of
-// `rank` dims (shapes aligned at the right); 0 along broadcast dimensions.
-std::vector<int64_t> StridesIn(absl::Span<const int64_t> shape, int rank) {
+std::vector<int64_t> BroadcastStridesIn(absl::Span<const int64_t> shape, int rank) {
   std::vector<int64_t> strides(rank, 0);
   int64_t st = 1;
   for (int i = rank - 1, j = static_cast<int>(shape.size()) - 1; j >= 0; --i, --j) {
@@ -93,8 +89,6 @@ std::vector<int64_t> StridesIn(absl::Span<const int64_t> shape, int rank) {
   }
   return strides;
 }
-
-}  // namespace
 
 PIPESERVE_VECTOR_CLONES
 void BinaryBroadcast(BinaryOp op, const float* a,
@@ -105,7 +99,8 @@ void BinaryBroadcast(BinaryOp op, const float* a,
   int64_t total = 1;
   for (int64_t d : out_shape) total *= d;
   if (total == 0) return;
-  const std::vector<int64_t> sa = StridesIn(a_shape, rank), sb = StridesIn(b_shape, rank);
+  const std::vector<int64_t> sa = BroadcastStridesIn(a_shape, rank),
+                             sb = BroadcastStridesIn(b_shape, rank);
   // The innermost dimension is the fast loop: contiguous (stride 1) or
   // broadcast (stride 0) for each operand.
   const int64_t inner = rank == 0 ? 1 : out_shape[rank - 1];

@@ -325,10 +325,7 @@ absl::Status LoweredStage::MakeSteps(const ValueIds& ids, bool fuse_linear_relu,
     RETURN_IF_ERROR(CheckSizeReaders(node, step));
     RETURN_IF_ERROR(CheckTypes(node, step));
     if (step.kind == Kind::kAttention) RETURN_IF_ERROR(CheckAttention(node, &step));
-    if (step.kind == Kind::kSample) {
-      RETURN_IF_ERROR(CheckSample(node, step));
-      values_[step.out].sampled = true;
-    }
+    if (step.kind == Kind::kSample) RETURN_IF_ERROR(CheckSample(node, step));
     RETURN_IF_ERROR(CheckKernelGate(node.name(), op, FloatTypeOf(step), cuda_ops));
     // add, sub, mul and relu keep their GPU-confirmed float32 kernels; in
     // 16-bit graphs they are elementwise programs.
@@ -417,7 +414,6 @@ void LoweredStage::LayOutWeights(bool group_gemms) {
         const int64_t n = params_[val.param].numel();
         if (!gemm_form && val.need_f32) val.w_f32 = w.Take(n * ElementSize(val.type)).offset;
         if (gemm_form && val.need_gemm) val.w_gemm = w.Take(n * DTypeBytes(gemm_type_)).offset;
-        done[v] = true;
       });
     }
   }
@@ -598,10 +594,9 @@ LoweredStage::Buffers LoweredStage::LayOutBuffers(const std::vector<Shape>& shap
   }
   for (size_t v = 0; v < values_.size(); ++v) {
     const Value& val = values_[v];
-    int64_t n = NumElements(shape[v]);
     if (val.host || done[v]) continue;
-    if (val.sampled) {  // the picks, and the penalised logits they are picked from
-      b.f32[v] = act.Take(n * ElementSize(DT_INT64));
+    if (IsSampled(static_cast<int>(v))) {  // the picks, and the penalised logits they are picked from
+      b.f32[v] = act.Take(NumElements(shape[v]) * ElementSize(DT_INT64));
       b.has_f32[v] = true;
       const Shape& logits = shape[steps_[val.producer].in[0]];
       b.scratch[v] = act.Take(kernels::SampleScratchBytes(logits[0], logits[1]));
@@ -621,7 +616,6 @@ LoweredStage::Buffers LoweredStage::LayOutBuffers(const std::vector<Shape>& shap
         if (gemm_form && out.need_gemm) b.gm[u] = act.Take(elements * gm_bytes);
         b.has_f32[u] = want_f32;  // f32: the value's own type
         b.has_gm[u] = out.need_gemm;
-        done[u] = true;
       });
     }
   }
@@ -1089,7 +1083,7 @@ absl::Status LoweredStage::CheckSizeReaders(const Node& node, const Step& step) 
     }
   }
   for (size_t i = 0; i < step.in.size(); ++i) {
-    if (values_[step.in[i]].sampled) {
+    if (IsSampled(step.in[i])) {
       return absl::InvalidArgumentError(absl::StrCat(
           "the cuda backend has no kernel for node \"", node.name(), "\" (", node.op(),
           " of the sampled tokens \"", node.inputs(i),

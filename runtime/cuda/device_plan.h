@@ -348,7 +348,6 @@ class LoweredStage {
     int alias = -1;     // this id is another's (identity, fused relu)
     int view_of = -1;   // a kView step's output: its input's buffers
     bool host = false;  // a kSize step's output: no buffer
-    bool sampled = false;  // a kSample step's output: no step on the device reads it
     DataType type = DT_FLOAT32;  // float32, int64 or bool
     bool need_f32 = false, need_gemm = false;  // GEMM form: gemm_type_
     int64_t w_f32 = -1, w_gemm = -1;           // weights arena offsets (params)
@@ -457,6 +456,8 @@ class LoweredStage {
   void SampleChecks(const Sizes& sizes, DevicePlan* plan) const;
   // The graph input value `v` is (through identities and views), or -1.
   int GraphInputOf(int v) const;
+  // Whether value v is a kSample step's picks (no step on the device reads them).
+  bool IsSampled(int v) const;
   // cached_attention's and sample_tokens' requirements (MakeSteps).
   absl::Status CheckAttention(const Node& node, Step* step);
   absl::Status CheckSample(const Node& node, const Step& step) const;

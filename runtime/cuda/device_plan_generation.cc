@@ -19,6 +19,11 @@ int LoweredStage::GraphInputOf(int v) const {
   return values_[v].input;
 }
 
+bool LoweredStage::IsSampled(int v) const {
+  const int p = values_[v].producer;
+  return p >= 0 && steps_[p].kind == Kind::kSample;
+}
+
 // The cache metadata must come straight from the stage's inputs (the host
 // checks them before the step), the same ones for every layer; head_dim
 // fits the kernel's tiles. Lays out the layer's cache.

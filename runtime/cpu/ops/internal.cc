@@ -6,13 +6,7 @@
 namespace pipeserve::cpu_ops {
 
 Strides BroadcastStrides(const Shape& in, const Shape& out) {
-  Strides st(out.size(), 0);
-  Strides own = ContiguousStrides(in);
-  size_t lead = out.size() - in.size();
-  for (size_t i = 0; i < in.size(); ++i) {
-    st[lead + i] = in[i] == 1 ? 0 : own[i];
-  }
-  return st;
+  return BroadcastStridesIn(in, static_cast<int>(out.size()));
 }
 
 void GatherCopy(const Tensor& in, int64_t base, const Strides& st, Tensor* out) {

@@ -61,18 +61,6 @@ SIMT_DEVICE int64_t FirstLargest(const T* __restrict__ xr, int64_t cols,
   return (first != first || at == cols) ? 0 : at;
 }
 
-// out[r] = FirstLargest of row r of x [rows, cols]. One block of
-// kArgmaxThreads per row (grid.x = rows).
-template <typename T>
-SIMT_GLOBAL void ArgmaxRows(const T* __restrict__ x, int64_t cols, int64_t* __restrict__ out) {
-  using namespace simt;  // NOLINT: the kernel vocabulary
-  SIMT_SHARED(float, values, kWarpSize);
-  SIMT_SHARED(int64_t, indices, kWarpSize);
-  const int64_t row = BlockIdx().x;
-  const int64_t at = FirstLargest(x + row * cols, cols, values, indices);
-  if (ThreadIdx().x == 0) out[row] = at;
-}
-
 }  // namespace pipeserve::kernels
 
 #endif  // PIPESERVE_RUNTIME_CUDA_KERNELS_ARGMAX_H_

@@ -1,4 +1,4 @@
-// argmax.h's ArgmaxRows in float32, float16 and bfloat16 on the simt
+// argmax.h's FirstLargest (a block a row) in float32, float16 and bfloat16 on the simt
 // emulator against std::max_element (what the CPU's greedy sample_tokens
 // picks) over the same values: rows shorter than a warp, across warps and
 // past a block's stride, ties inside one thread's strip and across warps,
@@ -16,6 +16,18 @@
 
 namespace pipeserve::kernels {
 namespace {
+
+// out[r] = FirstLargest of row r of x [rows, cols]. One block of
+// kArgmaxThreads per row (grid.x = rows).
+template <typename T>
+SIMT_GLOBAL void ArgmaxRows(const T* __restrict__ x, int64_t cols, int64_t* __restrict__ out) {
+  using namespace simt;  // NOLINT: the kernel vocabulary
+  SIMT_SHARED(float, values, kWarpSize);
+  SIMT_SHARED(int64_t, indices, kWarpSize);
+  const int64_t row = BlockIdx().x;
+  const int64_t at = FirstLargest(x + row * cols, cols, values, indices);
+  if (ThreadIdx().x == 0) out[row] = at;
+}
 
 template <typename T>
 std::vector<int64_t> RunArgmax(const std::vector<std::vector<float>>& rows, int64_t cols,
