@@ -338,31 +338,56 @@ TEST(TrustReadinessTest, ReadinessIsFalseWhileTheOnlyModelIsDown) {
   EXPECT_TRUE(went_down) << "readiness never reflected the model being down";
 }
 
+// An upload that sends one chunk and then ends without its last one: it
+// takes a slot while it runs and stores nothing.
+grpc::Status UploadWithoutLastChunk(ModelService::Stub* stub, const std::string& name) {
+  grpc::ClientContext ctx;
+  UploadResponse resp;
+  auto writer = stub->Upload(&ctx, &resp);
+  UploadRequest req;
+  req.set_name(name);
+  req.set_data("x");
+  writer->Write(req);
+  writer->WritesDone();
+  return writer->Finish();
+}
+
 // Was: an upload could idle forever holding a thread and a file, and any
 // number could run at once.
 TEST(TrustUploadTest, AnIdleUploadIsCancelledAndFreesItsSlot) {
+  constexpr int kIdleS = 5;
   auto c = CoordinatorProcess::Start(
-      {TestTempDir("idle_repo"), {"--upload_idle_timeout_s=1", "--max_concurrent_uploads=1"}});
+      {TestTempDir("idle_repo"),
+       {absl::StrCat("--upload_idle_timeout_s=", kIdleS), "--max_concurrent_uploads=1"}});
   ASSERT_TRUE(c.ok()) << c.status();
   auto stub = ModelService::NewStub(
       grpc::CreateChannel((*c)->address(), grpc::InsecureChannelCredentials()));
+  auto client = *Client::Connect((*c)->address());
+  std::string path = WriteMlp(TestTempDir("idle_models"), 1);
   grpc::ClientContext idle_ctx;
   UploadResponse idle_resp;
+  absl::Time idle_since = absl::Now();
   auto idle = stub->Upload(&idle_ctx, &idle_resp);
   UploadRequest first;
   first.set_name("idle");
   first.set_data("some bytes, then nothing");
   ASSERT_TRUE(idle->Write(first));
+  // The write is only queued: until the server has read it the slot may
+  // still be free, so probe (storing nothing) until the slot is taken.
+  grpc::Status probe = UploadWithoutLastChunk(stub.get(), "probe");
+  while (probe.error_code() == grpc::StatusCode::DATA_LOSS &&
+         absl::Now() - idle_since < absl::Seconds(kIdleS - 2)) {
+    absl::SleepFor(absl::Milliseconds(20));
+    probe = UploadWithoutLastChunk(stub.get(), "probe");
+  }
+  ASSERT_EQ(probe.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << probe.error_message();
   // While it idles it holds the only slot.
-  auto client = *Client::Connect((*c)->address());
-  std::string path = WriteMlp(TestTempDir("idle_models"), 1);
   absl::StatusOr<UploadResult> second = client->Upload("second", path, {});
   EXPECT_EQ(second.status().code(), absl::StatusCode::kResourceExhausted) << second.status();
   // The server gives up on it, and the slot frees.
-  absl::Time start = absl::Now();
   grpc::Status s = idle->Finish();
   EXPECT_FALSE(s.ok());
-  EXPECT_LT(absl::Now() - start, absl::Seconds(10));
+  EXPECT_LT(absl::Now() - idle_since, absl::Seconds(kIdleS + 10));
   absl::Time until = absl::Now() + absl::Seconds(10);
   while (!second.ok() && absl::Now() < until) {
     second = client->Upload("second", path, {});
@@ -371,7 +396,10 @@ TEST(TrustUploadTest, AnIdleUploadIsCancelledAndFreesItsSlot) {
   EXPECT_TRUE(second.ok()) << second.status();
   auto models = client->ListModels();
   ASSERT_TRUE(models.ok());
-  for (const ModelSummary& m : *models) EXPECT_NE(m.name(), "idle");
+  for (const ModelSummary& m : *models) {
+    EXPECT_NE(m.name(), "idle");
+    EXPECT_NE(m.name(), "probe");
+  }
 }
 
 // Regression: the idle watchdog went on watching an upload after its last
