@@ -11,6 +11,16 @@ int64_t NumElements(absl::Span<const int64_t> shape) {
   return n;
 }
 
+std::vector<int64_t> BroadcastStridesIn(absl::Span<const int64_t> shape, int rank) {
+  std::vector<int64_t> strides(rank, 0);
+  int64_t st = 1;
+  for (int i = rank - 1, j = static_cast<int>(shape.size()) - 1; j >= 0; --i, --j) {
+    strides[i] = shape[j] == 1 ? 0 : st;
+    st *= shape[j];
+  }
+  return strides;
+}
+
 namespace {
 
 // A checked shape's element count, n, and its extent: the count with

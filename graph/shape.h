@@ -21,6 +21,11 @@ using Shape = std::vector<int64_t>;
 // check for overflow.
 int64_t NumElements(absl::Span<const int64_t> shape);
 
+// Strides of a contiguous operand of `shape` in the index space of an
+// output of `rank` dims (shapes aligned at the right); 0 along its
+// broadcast dimensions.
+std::vector<int64_t> BroadcastStridesIn(absl::Span<const int64_t> shape, int rank);
+
 // Shapes that come from outside (requests, model files, frames, stage
 // specs) go through these before anything is allocated or indexed. The
 // one place element counts and byte sizes are computed with overflow

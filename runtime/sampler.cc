@@ -88,14 +88,23 @@ int64_t SampleToken(absl::Span<const float> logits, const SamplingParams& p,
   return order[keep - 1];
 }
 
-absl::StatusOr<std::vector<SamplingParams>> SampleRows(const float* floats, const int64_t* ints,
-                                                       const int64_t* ends, int64_t n,
-                                                       int64_t context, int64_t vocab) {
+SamplingParams SampleRowAt(const float* floats, const int64_t* ints, int64_t i) {
+  SamplingParams p;
+  p.temperature = floats[i * 4];
+  p.top_p = floats[i * 4 + 1];
+  p.repetition_penalty = floats[i * 4 + 2];
+  p.frequency_penalty = floats[i * 4 + 3];
+  p.top_k = ints[i * 3];
+  p.seed = static_cast<uint64_t>(ints[i * 3 + 1]);
+  return p;
+}
+
+absl::Status CheckSampleRows(const float* floats, const int64_t* ints, const int64_t* ends,
+                             int64_t n, int64_t context, int64_t vocab) {
   if (n > 0 && vocab <= 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "sample_tokens: the logits have an empty vocabulary ([", n, ", 0]): no token to pick"));
   }
-  std::vector<SamplingParams> rows(n);
   int64_t begin = 0;
   for (int64_t i = 0; i < n; ++i) {
     if (ends[i] < begin || ends[i] > context) {
@@ -103,24 +112,27 @@ absl::StatusOr<std::vector<SamplingParams>> SampleRows(const float* floats, cons
           "sample_tokens: sequence ", i, "'s context ends at ", ends[i], ", outside [", begin,
           ", ", context, "]"));
     }
-    SamplingParams& p = rows[i];
-    p.temperature = floats[i * 4];
-    p.top_p = floats[i * 4 + 1];
-    p.repetition_penalty = floats[i * 4 + 2];
-    p.frequency_penalty = floats[i * 4 + 3];
-    p.top_k = ints[i * 3];
-    p.seed = static_cast<uint64_t>(ints[i * 3 + 1]);
     if (ints[i * 3 + 2] < 0) {
       return absl::InvalidArgumentError(absl::StrCat("sample_tokens: sequence ", i,
                                                      ": tokens generated so far must be >= 0, got ",
                                                      ints[i * 3 + 2]));
     }
-    if (absl::Status s = CheckSampling(p, vocab); !s.ok()) {
+    if (absl::Status s = CheckSampling(SampleRowAt(floats, ints, i), vocab); !s.ok()) {
       return absl::InvalidArgumentError(
           absl::StrCat("sample_tokens: sequence ", i, ": ", s.message()));
     }
     begin = ends[i];
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<SamplingParams>> SampleRows(const float* floats, const int64_t* ints,
+                                                       const int64_t* ends, int64_t n,
+                                                       int64_t context, int64_t vocab) {
+  absl::Status s = CheckSampleRows(floats, ints, ends, n, context, vocab);
+  if (!s.ok()) return s;
+  std::vector<SamplingParams> rows(n);
+  for (int64_t i = 0; i < n; ++i) rows[i] = SampleRowAt(floats, ints, i);
   return rows;
 }
 

@@ -52,6 +52,13 @@ int64_t SampleToken(absl::Span<const float> logits, const SamplingParams& p,
 // against `vocab` (> 0 when n > 0), and its context ending at ends[i] (ends
 // non-decreasing, at most `context`). kInvalidArgument "sample_tokens:
 // sequence i..." naming the first row that does not fit.
+absl::Status CheckSampleRows(const float* floats, const int64_t* ints, const int64_t* ends,
+                             int64_t n, int64_t context, int64_t vocab);
+
+// Row i's parameters, unchecked.
+SamplingParams SampleRowAt(const float* floats, const int64_t* ints, int64_t i);
+
+// The rows CheckSampleRows accepts, or its error.
 absl::StatusOr<std::vector<SamplingParams>> SampleRows(const float* floats, const int64_t* ints,
                                                        const int64_t* ends, int64_t n,
                                                        int64_t context, int64_t vocab);

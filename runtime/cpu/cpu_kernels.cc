@@ -11,6 +11,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
+#include "graph/shape.h"
 #include "runtime/cpu/gemm_amx_bf16.h"
 #include "runtime/cpu/gemv_bf16.h"
 
@@ -78,16 +79,6 @@ void BinaryScalar(BinaryOp op, const float* x, float s, bool reverse,
       for (int64_t i = 0; i < n; ++i) out[i] = f(x[i], s);
     }
   });
-}
-
-std::vector<int64_t> BroadcastStridesIn(absl::Span<const int64_t> shape, int rank) {
-  std::vector<int64_t> strides(rank, 0);
-  int64_t st = 1;
-  for (int i = rank - 1, j = static_cast<int>(shape.size()) - 1; j >= 0; --i, --j) {
-    strides[i] = shape[j] == 1 ? 0 : st;
-    st *= shape[j];
-  }
-  return strides;
 }
 
 PIPESERVE_VECTOR_CLONES

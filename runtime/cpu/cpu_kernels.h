@@ -51,11 +51,6 @@ absl::Status GemmBf16(bool trans_b, int64_t m, int64_t n, int64_t k,
 // out [cols, rows] = in [rows, cols]^T
 void Transpose(const float* in, int64_t rows, int64_t cols, float* out);
 
-// Strides of a contiguous operand of `shape` in the index space of an
-// output of `rank` dims (shapes aligned at the right); 0 along its
-// broadcast dimensions.
-std::vector<int64_t> BroadcastStridesIn(absl::Span<const int64_t> shape, int rank);
-
 enum class BinaryOp { kAdd, kSub, kMul };
 
 // out = a op b with numpy broadcasting; out_shape is the broadcast shape.

@@ -56,10 +56,9 @@ KvCacheUsage DeviceKv::usage() const {
 absl::Status CheckSampleInputs(const DevicePlan& plan, absl::Span<const Tensor> inputs) {
   for (const SampleCheck& c : plan.sample_checks) {
     const Tensor& ends = inputs[c.ends];
-    absl::Status s = SampleRows(inputs[c.floats].data(), inputs[c.ints].data_as<int64_t>(),
-                                ends.data_as<int64_t>(), ends.numel(), inputs[c.context].numel(),
-                                c.vocab)
-                         .status();
+    absl::Status s = CheckSampleRows(inputs[c.floats].data(), inputs[c.ints].data_as<int64_t>(),
+                                     ends.data_as<int64_t>(), ends.numel(),
+                                     inputs[c.context].numel(), c.vocab);
     if (!s.ok()) {
       return absl::Status(s.code(), absl::StrCat("node \"", c.node, "\" (sample_tokens): ",
                                                  s.message()));

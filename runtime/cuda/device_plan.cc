@@ -397,19 +397,12 @@ void LoweredStage::MarkNeeds() {
 void LoweredStage::LayOutWeights(bool group_gemms) {
   MarkNeeds();
   if (group_gemms) FormGemmGroups();
-  std::vector<std::vector<int>> weights_of(values_.size());  // a head's weight: the members'
-  std::vector<bool> done(values_.size(), false);  // members: laid out with their head's
-  for (const Step& s : steps_) {
-    for (int m : s.group) {
-      weights_of[s.in[1]].push_back(steps_[m].in[1]);
-      done[steps_[m].in[1]] = true;
-    }
-  }
+  const GroupValues weights = GroupValuesBy([](const Step& s) { return s.in[1]; });
   ArenaLayout w(Arena::kWeights);
   for (size_t i = 0; i < values_.size(); ++i) {
-    if (values_[i].param < 0 || done[i]) continue;
+    if (values_[i].param < 0 || weights.member[i]) continue;
     for (bool gemm_form : {false, true}) {  // each form's copies evenly spaced
-      WithGroupMembers(static_cast<int>(i), weights_of, [&](int v) {
+      WithGroupMembers(static_cast<int>(i), weights, [&](int v) {
         Value& val = values_[v];
         const int64_t n = params_[val.param].numel();
         if (!gemm_form && val.need_f32) val.w_f32 = w.Take(n * ElementSize(val.type)).offset;
@@ -420,11 +413,23 @@ void LoweredStage::LayOutWeights(bool group_gemms) {
   weight_bytes_ = w.size();
 }
 
+template <typename Of>
+LoweredStage::GroupValues LoweredStage::GroupValuesBy(Of of) const {
+  GroupValues g{std::vector<std::vector<int>>(values_.size()),
+                std::vector<bool>(values_.size(), false)};
+  for (const Step& s : steps_) {
+    for (int m : s.group) {
+      g.members_of[of(s)].push_back(of(steps_[m]));
+      g.member[of(steps_[m])] = true;
+    }
+  }
+  return g;
+}
+
 template <typename F>
-void LoweredStage::WithGroupMembers(int v, const std::vector<std::vector<int>>& members,
-                                    F take) const {
+void LoweredStage::WithGroupMembers(int v, const GroupValues& groups, F take) const {
   take(v);
-  for (int m : members[v]) take(m);
+  for (int m : groups.members_of[v]) take(m);
 }
 
 void LoweredStage::FillWeights(void* dst) const {
@@ -584,17 +589,10 @@ LoweredStage::Buffers LoweredStage::LayOutBuffers(const std::vector<Shape>& shap
   b.aliased.resize(values_.size());
   b.scratch.resize(values_.size());
   const int64_t gm_bytes = DTypeBytes(gemm_type_);
-  std::vector<std::vector<int>> outputs_of(values_.size());  // a group head's: the members'
-  std::vector<bool> done(values_.size(), false);  // members: laid out with their head's
-  for (const Step& s : steps_) {
-    for (int m : s.group) {
-      outputs_of[s.out].push_back(steps_[m].out);
-      done[steps_[m].out] = true;
-    }
-  }
+  const GroupValues outputs = GroupValuesBy([](const Step& s) { return s.out; });
   for (size_t v = 0; v < values_.size(); ++v) {
     const Value& val = values_[v];
-    if (val.host || done[v]) continue;
+    if (val.host || outputs.member[v]) continue;
     if (IsSampled(static_cast<int>(v))) {  // the picks, and the penalised logits they are picked from
       b.f32[v] = act.Take(NumElements(shape[v]) * ElementSize(DT_INT64));
       b.has_f32[v] = true;
@@ -605,7 +603,7 @@ LoweredStage::Buffers LoweredStage::LayOutBuffers(const std::vector<Shape>& shap
     if (BuffersElsewhere(static_cast<int>(v), shape, &b)) continue;
     if (val.input < 0 && val.producer < 0) continue;  // an alias
     for (bool gemm_form : {false, true}) {  // a GEMM group's outputs evenly spaced in each form
-      WithGroupMembers(static_cast<int>(v), outputs_of, [&](int u) {
+      WithGroupMembers(static_cast<int>(v), outputs, [&](int u) {
         const Value& out = values_[u];
         const int64_t elements = NumElements(shape[u]);
         bool want_f32 = out.need_f32;
@@ -627,6 +625,7 @@ LoweredStage::Buffers LoweredStage::LayOutBuffers(const std::vector<Shape>& shap
     b.tiles = act.Take(b.num_tiles * b.tile * 4);
   }
   b.activation_bytes = act.size();
+  MarkBatched(shape, &b);
   return b;
 }
 
@@ -793,8 +792,10 @@ absl::Status LoweredStage::GemmOps(const Step& s, const std::vector<Shape>& shap
   g.lda = lin ? k : n;
   g.b = operand(s.in[xi]);  // x [M, K] row-major is [K, M] column-major
   g.ldb = k;
-  if (GroupFits(s, shape, b, &g.stride_a, &g.stride_d)) {  // its members' too: one x, their weights
-    g.batch = 1 + static_cast<int64_t>(s.group.size());
+  if (const Buffers::GroupStrides strides = b.batched[s.out]; !s.group.empty() && strides.a > 0) {
+    g.batch = 1 + static_cast<int64_t>(s.group.size());  // its members' too: one x, their weights
+    g.stride_a = strides.a;
+    g.stride_d = strides.d;
     g.stride_b = 0;
   }
   DeviceOp op{DeviceOp::Type::kGemm, name};
@@ -882,9 +883,7 @@ absl::Status LoweredStage::StepOps(size_t i, const Sizes& sizes, const Buffers& 
     add.kind = s->unfused;
     s = &add;
   }
-  int64_t unused;
-  if (s->group_head >= 0 &&
-      GroupFits(steps_[s->group_head], sizes.shape, b, &unused, &unused)) {
+  if (s->group_head >= 0 && b.batched[s->out].a > 0) {
     const int64_t n = NumElements(sizes.shape[s->out]);  // computed by its head's GEMM
     if (b.has_f32[s->out] && b.has_gm[s->out] && n > 0) {
       compute->push_back(ConvertOp(sizes.node[i].name(), b.f32[s->out], b.gm[s->out], n));

@@ -405,6 +405,12 @@ class LoweredStage {
     int tile = kernels::kQueryTile;  // tokens a tile
     bool tensor_cores = false;       // TensorCoreAttention (TensorCoreTiles)
     std::vector<BufferRef> scratch;  // by value: sample_tokens' penalised logits (doubles)
+    // By value: a GEMM group's outputs, when the group runs as one batched
+    // GEMM at these shapes (GroupFits), its strides in elements; 0 if not.
+    struct GroupStrides {
+      int64_t a = 0, d = 0;
+    };
+    std::vector<GroupStrides> batched;
     int64_t activation_bytes = 0;
   };
   // Every value's shape for these inputs, and every step's node with its
@@ -501,14 +507,26 @@ class LoweredStage {
   void FormGemmGroups();
   // Whether `head`'s group runs batched at these shapes and this layout:
   // K > 0 (a GEMM over K = 0 is a fill of one output), every member's
-  // weight and output evenly spaced after the head's, in one form. Sets
-  // the strides (elements) when it does.
-  bool GroupFits(const Step& head, const std::vector<Shape>& shape, const Buffers& b,
-                 int64_t* stride_a, int64_t* stride_d) const;
+  // weight and output evenly spaced after the head's, in one form (as
+  // LayOutWeights and LayOutBuffers lay them out; checked once a plan, by
+  // MarkBatched). Its strides (elements) when it does, zeros when not.
+  Buffers::GroupStrides GroupFits(const Step& head, const std::vector<Shape>& shape,
+                                  const Buffers& b) const;
+  // Sets b->batched for every group's outputs (GroupFits).
+  void MarkBatched(const std::vector<Shape>& shape, Buffers* b) const;
+  // The values of the GEMM groups' steps that `of` picks (a weight or an
+  // output): members_of[v], for a head's value v, its members' values;
+  // member[v] true for those, which are laid out with their head's.
+  struct GroupValues {
+    std::vector<std::vector<int>> members_of;
+    std::vector<bool> member;
+  };
+  template <typename Of>
+  GroupValues GroupValuesBy(Of of) const;
   // Takes `take(v)` for value v and, when v is a group head's weight or
   // output, for its members' at once (evenly spaced).
   template <typename F>
-  void WithGroupMembers(int v, const std::vector<std::vector<int>>& members, F take) const;
+  void WithGroupMembers(int v, const GroupValues& groups, F take) const;
   // GELU (tanh), as one op or written out as GPT-2 has it, on a GEMM's
   // output becomes that GEMM's epilogue.
   void FuseGeluEpilogues();

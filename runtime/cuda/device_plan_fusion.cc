@@ -174,9 +174,20 @@ void LoweredStage::FormGemmGroups() {
   }
 }
 
-bool LoweredStage::GroupFits(const Step& head, const std::vector<Shape>& shape,
-                             const Buffers& b, int64_t* stride_a, int64_t* stride_d) const {
-  if (head.group.empty() || shape[head.in[1]].back() == 0) return false;  // K = 0: each a fill
+void LoweredStage::MarkBatched(const std::vector<Shape>& shape, Buffers* b) const {
+  b->batched.assign(values_.size(), {});
+  for (const Step& head : steps_) {
+    const Buffers::GroupStrides strides = GroupFits(head, shape, *b);
+    if (strides.a == 0) continue;
+    b->batched[head.out] = strides;
+    for (int m : head.group) b->batched[steps_[m].out] = strides;
+  }
+}
+
+LoweredStage::Buffers::GroupStrides LoweredStage::GroupFits(const Step& head,
+                                                            const std::vector<Shape>& shape,
+                                                            const Buffers& b) const {
+  if (head.group.empty() || shape[head.in[1]].back() == 0) return {};  // K = 0: each a fill
   const bool sixteen = values_[head.out].type != DT_FLOAT32;
   const bool w_f32 = sixteen || gemm_type_ == DType::kF32;  // the GEMM's operand form
   const int64_t a_bytes = sixteen ? ElementSize(values_[head.out].type) : DTypeBytes(gemm_type_);
@@ -186,18 +197,16 @@ bool LoweredStage::GroupFits(const Step& head, const std::vector<Shape>& shape,
                                               : DTypeBytes(gemm_type_);
   const int64_t da = weight(steps_[head.group[0]]).offset - weight(head).offset;
   const int64_t dd = out(steps_[head.group[0]]).offset - out(head).offset;
-  if (da <= 0 || dd <= 0 || da % a_bytes != 0 || dd % d_bytes != 0) return false;
+  if (da <= 0 || dd <= 0 || da % a_bytes != 0 || dd % d_bytes != 0) return {};
   for (size_t i = 0; i < head.group.size(); ++i) {
     const Step& m = steps_[head.group[i]];
     if (b.has_f32[m.out] != b.has_f32[head.out] || b.has_gm[m.out] != b.has_gm[head.out] ||
         weight(m).offset - weight(head).offset != da * static_cast<int64_t>(i + 1) ||
         out(m).offset - out(head).offset != dd * static_cast<int64_t>(i + 1)) {
-      return false;
+      return {};
     }
   }
-  *stride_a = da / a_bytes;
-  *stride_d = dd / d_bytes;
-  return true;
+  return {da / a_bytes, dd / d_bytes};
 }
 
 // Llama's RMSNorm as PyTorch traces it, w * (x * rsqrt(mean(x^2, -1,

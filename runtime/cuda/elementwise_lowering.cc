@@ -24,16 +24,6 @@ const absl::flat_hash_map<std::string, EwCode>& Codes() {
   return *codes;
 }
 
-// Strides of `in` read as `out` (right-aligned; 0 where it broadcasts).
-void BroadcastStrides(const Shape& in, const Shape& out, int64_t* strides) {
-  const size_t lead = out.size() - in.size();
-  int64_t n = 1;
-  for (size_t i = in.size(); i-- > 0;) {
-    strides[lead + i] = in[i] == 1 && out[lead + i] != 1 ? 0 : n;
-    n *= in[i];
-  }
-}
-
 }  // namespace
 
 bool IsProgramOp(const std::string& op) {
@@ -67,7 +57,8 @@ int ProgramBuilder::Input(int key, const Shape& shape, DataType type) {
   const int j = p_.num_inputs++;
   keys_.push_back(key);
   p_.inputs[j].type = type == DT_BOOL ? EwType::kBool : EwType::kF32;
-  BroadcastStrides(shape, out_, p_.inputs[j].strides);
+  const std::vector<int64_t> strides = BroadcastStridesIn(shape, static_cast<int>(out_.size()));
+  std::copy(strides.begin(), strides.end(), p_.inputs[j].strides);
   EwInstr op;
   op.code = EwCode::kInput;
   op.a = static_cast<uint8_t>(j);

@@ -1,6 +1,7 @@
 #include "runtime/cpu/ops/internal.h"
 
 #include "graph/dtype.h"
+#include "graph/shape.h"
 #include "runtime/cpu/cpu_kernels.h"
 
 namespace pipeserve::cpu_ops {

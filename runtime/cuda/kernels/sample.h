@@ -484,7 +484,7 @@ SIMT_DEVICE void WithSampleShared(F f) {
 
 // a.out[r] = sample_tokens' pick for row r of logits [rows, a.cols]
 // (graph/op_schema.cc), whose parameters the host has checked
-// (SampleRows). A row that samples greedily without penalties reads the
+// (CheckSampleRows). A row that samples greedily without penalties reads the
 // logits only (the argmax); the others write their penalised logits to
 // a.scratch. One block of kSampleThreads per row (grid.x = rows).
 template <typename T>

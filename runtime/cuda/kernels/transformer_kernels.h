@@ -80,7 +80,7 @@ cudaError_t LaunchPagedAttention(FloatType t, const void* q, const void* k, cons
 
 // args.out [rows] (int64) = sample_tokens' picks from logits [rows,
 // args.cols] (sample.h); every pointer is device memory, the parameters
-// checked by the host (SampleRows).
+// checked by the host (CheckSampleRows).
 cudaError_t LaunchSampleTokens(FloatType t, const void* logits, int64_t rows,
                                const SampleArgs& args, cudaStream_t stream);
 
