@@ -260,187 +260,234 @@ ValueSpec SpecFor(const std::string& name, const ValueShapes& shapes,
   return spec;
 }
 
-}  // namespace
-
-absl::StatusOr<Plan> Partition(const Graph& graph,
-                               const PartitionOptions& options) {
-  ValueTypes types;
-  ASSIGN_OR_RETURN(ValueShapes shapes, ValidateGraph(graph, &types));
-  absl::flat_hash_set<std::string> unbatched;  // free dim 0 that is not the batch
+// Values whose free dim 0 is not the batch: outputs of nodes marked
+// unbatched, and model inputs exported without the flag.
+absl::flat_hash_set<std::string> UnbatchedValues(const Graph& graph) {
+  absl::flat_hash_set<std::string> unbatched;
   for (const Node& n : graph.nodes()) {
     if (n.unbatched()) unbatched.insert(n.outputs().begin(), n.outputs().end());
   }
-  // Model inputs keep the flag they were exported with.
   for (const ValueSpec& in : graph.inputs()) {
     if (!in.batched()) unbatched.insert(in.name());
   }
+  return unbatched;
+}
+
+// Where the stages begin, how many there are and what chose them.
+struct CutChoice {
+  std::vector<Cut> cuts;
+  int num_stages = 1;
+  std::string balance = "one stage";
+  Prediction prediction;  // filled when cut by measured times
+};
+
+// Cuts for options.num_stages stages where the model marks none: by the
+// measured node times when given, else by estimated costs.
+absl::StatusOr<CutChoice> CutsByCost(const Graph& graph, const std::vector<int>& compute,
+                                     const ValueShapes& shapes, const ValueTypes& types,
+                                     const PartitionOptions& options) {
+  CutChoice c;
+  c.num_stages = std::max(1, options.num_stages);
+  if (c.num_stages > static_cast<int>(compute.size())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cannot cut ", compute.size(), " nodes into ", c.num_stages, " non-empty stages"));
+  }
+  if (c.num_stages == 1) return c;
+  if (options.node_seconds.empty()) {
+    c.cuts = BalancedCuts(EstimatedNodeCosts(graph, shapes), c.num_stages);
+    c.balance = kEstimatedBalance;
+    return c;
+  }
+  if (options.node_seconds.size() != compute.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("node_seconds has ",
+                                                   options.node_seconds.size(), " entries for ",
+                                                   compute.size(), " compute nodes"));
+  }
+  std::vector<double> crossing = CrossingBytes(graph, compute, shapes, types, options.cost_rows);
+  const double bw = options.link_bytes_per_second;
+  c.prediction = FastestCuts(options.node_seconds, crossing, bw, c.num_stages);
+  c.cuts = c.prediction.cuts;
+  c.balance = absl::StrCat(options.cost_source.empty() ? "measured" : options.cost_source,
+                           bw > 0 ? absl::StrCat("; link ", bw / 1e9, " GB/s")
+                                  : std::string("; transfers not counted"));
+  return c;
+}
+
+// The model's own cut points (pipe_split, split_spec) when it has any,
+// else CutsByCost.
+absl::StatusOr<CutChoice> ChooseCuts(const Graph& graph, const std::vector<int>& compute,
+                                     const ValueShapes& shapes, const ValueTypes& types,
+                                     const PartitionOptions& options) {
+  ASSIGN_OR_RETURN(std::vector<Cut> cuts, CutsFromModel(graph, compute, options));
+  if (cuts.empty()) return CutsByCost(graph, compute, shapes, types, options);
+  CutChoice c;
+  c.num_stages = static_cast<int>(cuts.size()) + 1;
+  if (options.num_stages != 0 && options.num_stages != c.num_stages) {
+    return absl::InvalidArgumentError(absl::StrCat("num_stages ", options.num_stages,
+                                                   " conflicts with the model's ", cuts.size(),
+                                                   " cut points (", c.num_stages, " stages)"));
+  }
+  c.cuts = std::move(cuts);
+  c.balance = "the model's cut points";
+  return c;
+}
+
+// Where each compute node runs, and what that makes of each value.
+struct Placement {
+  std::vector<std::vector<const Node*>> stage_nodes;
+  // The stage that makes each value (-1: a model input; parameters are
+  // placed with each reader and not recorded).
+  absl::flat_hash_map<std::string, int> value_stage;
+  // The last stage that reads each value.
+  absl::flat_hash_map<std::string, int> last_reader;
+  absl::flat_hash_map<std::string, const Node*> param_node;  // by output value
+  absl::flat_hash_map<std::string, const TensorInfo*> param_info;  // by FQN
+};
+
+Placement Place(const Graph& graph, const std::vector<int>& compute, const CutChoice& choice) {
+  Placement p;
+  p.stage_nodes.resize(choice.num_stages);
+  for (const ValueSpec& in : graph.inputs()) p.value_stage[in.name()] = -1;
+  size_t next_cut = 0;
+  int stage = 0;
+  for (size_t c = 0; c < compute.size(); ++c) {
+    while (next_cut < choice.cuts.size() &&
+           choice.cuts[next_cut].position == static_cast<int>(c)) {
+      ++stage;
+      ++next_cut;
+    }
+    const Node& n = graph.nodes(compute[c]);
+    p.stage_nodes[stage].push_back(&n);
+    for (const std::string& out : n.outputs()) p.value_stage[out] = stage;
+    for (const std::string& v : n.inputs()) p.last_reader[v] = stage;
+  }
+  for (const Node& n : graph.nodes()) {
+    if (n.op() == kParamOp) p.param_node[n.outputs(0)] = &n;
+  }
+  for (const TensorInfo& t : graph.params()) p.param_info[t.fqn()] = &t;
+  return p;
+}
+
+// Builds one stage's graph: its nodes, the parameters they read (a copy
+// each), the values other stages send it, and the values it sends on.
+class StageFiller {
+ public:
+  StageFiller(const Graph& graph, const Placement& placement, const ValueShapes& shapes,
+              const ValueTypes& types, const absl::flat_hash_set<std::string>& unbatched)
+      : graph_(graph), placement_(placement), shapes_(shapes), types_(types),
+        unbatched_(unbatched),
+        model_outputs_(graph.outputs().begin(), graph.outputs().end()) {}
+
+  // Stage s; the last one also holds and sends `param_outputs` (model
+  // outputs that are parameters themselves).
+  absl::Status Fill(int s, const std::vector<std::string>& param_outputs, Stage* stage) const {
+    Graph* g = stage->mutable_graph();
+    absl::flat_hash_set<std::string> have;  // values available in s
+    absl::flat_hash_set<std::string> params_added;
+    for (const Node* n : placement_.stage_nodes[s]) {
+      for (const std::string& v : n->inputs()) {
+        if (!have.insert(v).second) continue;
+        auto pn = placement_.param_node.find(v);
+        if (pn != placement_.param_node.end()) {
+          AddParam(*pn->second, &params_added, stage);
+        } else {
+          *g->add_inputs() = SpecFor(v, shapes_, types_, unbatched_);
+          stage->add_input_sources(placement_.value_stage.at(v));
+        }
+      }
+      *g->add_nodes() = *n;
+      for (const std::string& out : n->outputs()) have.insert(out);
+    }
+    for (const std::string& v : param_outputs) {
+      if (have.insert(v).second) AddParam(*placement_.param_node.at(v), &params_added, stage);
+      g->add_outputs(v);
+    }
+    AddSentValues(s, g);
+    for (const std::string& fqn : stage->param_fqns()) {
+      for (const auto& [alias, canonical] : graph_.aliases()) {
+        if (canonical == fqn) (*g->mutable_aliases())[alias] = canonical;
+      }
+    }
+    if (g->outputs().empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "stage ", s, " computes nothing that a later stage or the model's outputs use"));
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  // A parameter's node, and its tensor once a stage.
+  void AddParam(const Node& pn, absl::flat_hash_set<std::string>* added, Stage* stage) const {
+    *stage->mutable_graph()->add_nodes() = pn;
+    const std::string& fqn = pn.attrs().at("fqn").s();
+    if (added->insert(fqn).second) {
+      *stage->mutable_graph()->add_params() = *placement_.param_info.at(fqn);
+      stage->add_param_fqns(fqn);
+    }
+  }
+
+  // Outputs: values made in s that later stages or the model read.
+  void AddSentValues(int s, Graph* g) const {
+    for (const Node* n : placement_.stage_nodes[s]) {
+      for (const std::string& out : n->outputs()) {
+        auto r = placement_.last_reader.find(out);
+        if ((r != placement_.last_reader.end() && r->second > s) ||
+            model_outputs_.contains(out)) {
+          g->add_outputs(out);
+        }
+      }
+    }
+  }
+
+  const Graph& graph_;
+  const Placement& placement_;
+  const ValueShapes& shapes_;
+  const ValueTypes& types_;
+  const absl::flat_hash_set<std::string>& unbatched_;
+  const absl::flat_hash_set<std::string> model_outputs_;
+};
+
+}  // namespace
+
+absl::StatusOr<Plan> Partition(const Graph& graph, const PartitionOptions& options) {
+  ValueTypes types;
+  ASSIGN_OR_RETURN(ValueShapes shapes, ValidateGraph(graph, &types));
   if (options.num_stages < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("num_stages must be >= 0, got ", options.num_stages));
   }
-
   const std::vector<int> compute = ComputeNodes(graph);
-  if (compute.empty()) {
-    return absl::InvalidArgumentError("the graph has no compute nodes");
-  }
-  ASSIGN_OR_RETURN(std::vector<Cut> cuts, CutsFromModel(graph, compute, options));
-  int num_stages;
-  std::string balance = "one stage";
-  Prediction prediction;  // filled when cut by measured times
-  if (!cuts.empty()) {
-    balance = "the model's cut points";
-    num_stages = static_cast<int>(cuts.size()) + 1;
-    if (options.num_stages != 0 && options.num_stages != num_stages) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "num_stages ", options.num_stages, " conflicts with the model's ",
-          cuts.size(), " cut points (", num_stages, " stages)"));
-    }
-  } else {
-    num_stages = std::max(1, options.num_stages);
-    if (num_stages > static_cast<int>(compute.size())) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "cannot cut ", compute.size(), " nodes into ", num_stages,
-          " non-empty stages"));
-    }
-    if (num_stages > 1 && !options.node_seconds.empty()) {
-      if (options.node_seconds.size() != compute.size()) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "node_seconds has ", options.node_seconds.size(), " entries for ",
-            compute.size(), " compute nodes"));
-      }
-      std::vector<double> crossing =
-          CrossingBytes(graph, compute, shapes, types, options.cost_rows);
-      const double bw = options.link_bytes_per_second;
-      prediction = FastestCuts(options.node_seconds, crossing, bw, num_stages);
-      cuts = prediction.cuts;
-      balance = absl::StrCat(options.cost_source.empty() ? "measured" : options.cost_source,
-                             bw > 0 ? absl::StrCat("; link ", bw / 1e9, " GB/s")
-                                    : std::string("; transfers not counted"));
-    } else if (num_stages > 1) {
-      cuts = BalancedCuts(EstimatedNodeCosts(graph, shapes), num_stages);
-      balance = kEstimatedBalance;
-    }
-  }
-
-  // Stage of each compute node; producer stage of each value (-1: model
-  // input; param outputs are placed per consumer and not recorded).
-  absl::flat_hash_map<std::string, int> value_stage;
-  absl::flat_hash_map<std::string, const Node*> param_node;
-  for (const ValueSpec& in : graph.inputs()) value_stage[in.name()] = -1;
-  std::vector<std::vector<const Node*>> stage_nodes(num_stages);
-  {
-    size_t next_cut = 0;
-    int stage = 0;
-    for (size_t c = 0; c < compute.size(); ++c) {
-      while (next_cut < cuts.size() &&
-             cuts[next_cut].position == static_cast<int>(c)) {
-        ++stage;
-        ++next_cut;
-      }
-      const Node& n = graph.nodes(compute[c]);
-      stage_nodes[stage].push_back(&n);
-      for (const std::string& out : n.outputs()) value_stage[out] = stage;
-    }
-  }
-  for (const Node& n : graph.nodes()) {
-    if (n.op() == kParamOp) param_node[n.outputs(0)] = &n;
-  }
-  absl::flat_hash_map<std::string, const TensorInfo*> param_info;
-  for (const TensorInfo& p : graph.params()) param_info[p.fqn()] = &p;
-
-  // Last stage that reads each value (model outputs count as "after the
-  // last stage").
-  absl::flat_hash_map<std::string, int> last_reader;
-  for (int s = 0; s < num_stages; ++s) {
-    for (const Node* n : stage_nodes[s]) {
-      for (const std::string& v : n->inputs()) last_reader[v] = s;
-    }
-  }
-  absl::flat_hash_set<std::string> model_outputs(graph.outputs().begin(),
-                                                 graph.outputs().end());
+  if (compute.empty()) return absl::InvalidArgumentError("the graph has no compute nodes");
+  ASSIGN_OR_RETURN(CutChoice choice, ChooseCuts(graph, compute, shapes, types, options));
+  const Placement placement = Place(graph, compute, choice);
+  const absl::flat_hash_set<std::string> unbatched = UnbatchedValues(graph);
 
   Plan plan;
-  plan.set_balance(balance);
+  plan.set_balance(choice.balance);
   for (const ValueSpec& in : graph.inputs()) *plan.add_inputs() = in;
   // A model output may be a parameter itself (a model that returns a
   // weight): the last stage holds a copy and sends it.
   std::vector<std::string> param_outputs;
   for (const std::string& out : graph.outputs()) {
     *plan.add_outputs() = SpecFor(out, shapes, types, unbatched);
-    auto made = value_stage.find(out);
-    if (made != value_stage.end()) {
+    auto made = placement.value_stage.find(out);
+    if (made != placement.value_stage.end()) {
       plan.add_output_stages(made->second);
     } else {
-      plan.add_output_stages(num_stages - 1);
+      plan.add_output_stages(choice.num_stages - 1);
       param_outputs.push_back(out);
     }
   }
-  for (int s = 0; s < num_stages; ++s) {
+  const StageFiller filler(graph, placement, shapes, types, unbatched);
+  for (int s = 0; s < choice.num_stages; ++s) {
     Stage* stage = plan.add_stages();
     stage->set_index(s);
-    if (!prediction.compute_seconds.empty()) {
-      stage->set_predicted_compute_us(prediction.compute_seconds[s] * 1e6);
-      stage->set_predicted_transfer_us(prediction.transfer_seconds[s] * 1e6);
+    if (!choice.prediction.compute_seconds.empty()) {
+      stage->set_predicted_compute_us(choice.prediction.compute_seconds[s] * 1e6);
+      stage->set_predicted_transfer_us(choice.prediction.transfer_seconds[s] * 1e6);
     }
-    Graph* g = stage->mutable_graph();
-    absl::flat_hash_set<std::string> have;     // values available in s
-    absl::flat_hash_set<std::string> params_added;
-    for (const Node* n : stage_nodes[s]) {
-      for (const std::string& v : n->inputs()) {
-        if (have.contains(v)) continue;
-        auto pn = param_node.find(v);
-        if (pn != param_node.end()) {
-          // A parameter: the stage holds its own copy.
-          *g->add_nodes() = *pn->second;
-          const std::string& fqn = pn->second->attrs().at("fqn").s();
-          if (params_added.insert(fqn).second) {
-            *g->add_params() = *param_info.at(fqn);
-            stage->add_param_fqns(fqn);
-          }
-        } else {
-          *g->add_inputs() = SpecFor(v, shapes, types, unbatched);
-          stage->add_input_sources(value_stage.at(v));
-        }
-        have.insert(v);
-      }
-      *g->add_nodes() = *n;
-      for (const std::string& out : n->outputs()) have.insert(out);
-    }
-    if (s == num_stages - 1) {
-      for (const std::string& v : param_outputs) {
-        if (!have.contains(v)) {
-          const Node* pn = param_node.at(v);
-          *g->add_nodes() = *pn;
-          const std::string& fqn = pn->attrs().at("fqn").s();
-          if (params_added.insert(fqn).second) {
-            *g->add_params() = *param_info.at(fqn);
-            stage->add_param_fqns(fqn);
-          }
-          have.insert(v);
-        }
-        g->add_outputs(v);
-      }
-    }
-    // Outputs: values made here that later stages or the model read.
-    for (const Node* n : stage_nodes[s]) {
-      for (const std::string& out : n->outputs()) {
-        auto r = last_reader.find(out);
-        if ((r != last_reader.end() && r->second > s) ||
-            model_outputs.contains(out)) {
-          g->add_outputs(out);
-        }
-      }
-    }
-    for (const std::string& fqn : stage->param_fqns()) {
-      for (const auto& [alias, canonical] : graph.aliases()) {
-        if (canonical == fqn) (*g->mutable_aliases())[alias] = canonical;
-      }
-    }
-    if (g->outputs().empty()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "stage ", s, " computes nothing that a later stage or the model's "
-          "outputs use"));
-    }
+    const bool last = s == choice.num_stages - 1;
+    RETURN_IF_ERROR(filler.Fill(s, last ? param_outputs : std::vector<std::string>(), stage));
   }
   std::vector<std::string> covered = CoveredStateDictKeys(graph, plan);
   absl::flat_hash_set<std::string> covered_set(covered.begin(), covered.end());
