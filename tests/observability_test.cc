@@ -60,19 +60,42 @@ TEST(ObservabilityTest, StageServersExportMetricsThatAccountForEveryMicrobatch) 
   ASSERT_EQ(plan.plan().stages_size(), 4);
   const double frames = 5.0 * plan.microbatches();  // 5 requests
 
-  std::vector<std::string> texts;
-  for (const auto& s : servers) {
-    std::string got = HttpGet(s->metrics_port(), "/metrics");
-    ASSERT_NE(got.find("200 OK"), std::string::npos) << got;
-    texts.push_back(got.substr(got.find("\r\n\r\n") + 4));
-    EXPECT_EQ(PromtoolProblems(texts.back()), "");
+  auto labels_of = [&](int stage) {
+    return absl::StrCat("model=\"m\",deployment=\"", absl::Hex(plan.deployment(), absl::kZeroPad16),
+                        "\",stage=\"", stage, "\",replica=\"0\"");
+  };
+  // A stage counts a frame sent once its send returned, which may be after
+  // the next stage (and the client) had it: read until every stage has
+  // counted all, or 10 s.
+  auto scrape = [&] {
+    std::vector<std::string> texts;
+    for (const auto& s : servers) {
+      std::string got = HttpGet(s->metrics_port(), "/metrics");
+      EXPECT_NE(got.find("200 OK"), std::string::npos) << got;
+      texts.push_back(got.substr(got.find("\r\n\r\n") + 4));
+    }
+    return texts;
+  };
+  auto settled = [&](const std::vector<std::string>& texts) {
+    for (int stage = 0; stage < 4; ++stage) {
+      const std::string& text = texts[stage % 2];
+      if (Sample(text, "pipeserve_stage_frames_sent_total", labels_of(stage)) != frames ||
+          Sample(text, "pipeserve_stage_queue_depth", labels_of(stage)) != 0) {
+        return false;
+      }
+    }
+    return true;
+  };
+  std::vector<std::string> texts = scrape();
+  for (absl::Time until = absl::Now() + absl::Seconds(10); !settled(texts) && absl::Now() < until;) {
+    absl::SleepFor(absl::Milliseconds(50));
+    texts = scrape();
   }
+  for (const std::string& text : texts) EXPECT_EQ(PromtoolProblems(text), "");
   for (int stage = 0; stage < 4; ++stage) {
     // Stage i is on server i mod 2 (the static launcher's placement).
     const std::string& text = texts[stage % 2];
-    const std::string labels =
-        absl::StrCat("model=\"m\",deployment=\"", absl::Hex(plan.deployment(), absl::kZeroPad16),
-                     "\",stage=\"", stage, "\",replica=\"0\"");
+    const std::string labels = labels_of(stage);
     SCOPED_TRACE(labels);
     EXPECT_EQ(Sample(text, "pipeserve_stage_frames_received_total", labels), frames);
     EXPECT_EQ(Sample(text, "pipeserve_stage_frames_computed_total", labels), frames);

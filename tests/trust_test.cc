@@ -13,6 +13,8 @@
 #include <vector>
 
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/strip.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "gmock/gmock.h"
@@ -318,7 +320,7 @@ TEST_F(TrustTest, FiveThousandCutsAreRefusedWithoutStartingServers) {
 // Was: ServerReady and grpc.health said ready/SERVING whatever the models'
 // state.
 TEST(TrustReadinessTest, ReadinessIsFalseWhileTheOnlyModelIsDown) {
-  absl::StatusOr<OwnCoordinator> own = StartWithMlp("ready", {}, "only", 2, absl::Seconds(5));
+  absl::StatusOr<OwnCoordinator> own = StartWithMlp("ready", {}, "only", 2, absl::Seconds(30));
   ASSERT_TRUE(own.ok()) << own.status();
   CoordinatorProcess* c = own->process.get();
   Client* client = own->client.get();
@@ -338,18 +340,15 @@ TEST(TrustReadinessTest, ReadinessIsFalseWhileTheOnlyModelIsDown) {
   EXPECT_TRUE(went_down) << "readiness never reflected the model being down";
 }
 
-// An upload that sends one chunk and then ends without its last one: it
-// takes a slot while it runs and stores nothing.
-grpc::Status UploadWithoutLastChunk(ModelService::Stub* stub, const std::string& name) {
-  grpc::ClientContext ctx;
-  UploadResponse resp;
-  auto writer = stub->Upload(&ctx, &resp);
-  UploadRequest req;
-  req.set_name(name);
-  req.set_data("x");
-  writer->Write(req);
-  writer->WritesDone();
-  return writer->Finish();
+// The coordinator's pipeserve_uploads_in_progress gauge (-1 if absent).
+int UploadsInProgress(int metrics_port) {
+  for (absl::string_view line : absl::StrSplit(HttpGet(metrics_port, "/metrics"), '\n')) {
+    int n;
+    if (absl::ConsumePrefix(&line, "pipeserve_uploads_in_progress ") && absl::SimpleAtoi(line, &n)) {
+      return n;
+    }
+  }
+  return -1;
 }
 
 // Was: an upload could idle forever holding a thread and a file, and any
@@ -364,6 +363,7 @@ TEST(TrustUploadTest, AnIdleUploadIsCancelledAndFreesItsSlot) {
       grpc::CreateChannel((*c)->address(), grpc::InsecureChannelCredentials()));
   auto client = *Client::Connect((*c)->address());
   std::string path = WriteMlp(TestTempDir("idle_models"), 1);
+  EXPECT_EQ(UploadsInProgress((*c)->metrics_port()), 0);
   grpc::ClientContext idle_ctx;
   UploadResponse idle_resp;
   absl::Time idle_since = absl::Now();
@@ -372,18 +372,17 @@ TEST(TrustUploadTest, AnIdleUploadIsCancelledAndFreesItsSlot) {
   first.set_name("idle");
   first.set_data("some bytes, then nothing");
   ASSERT_TRUE(idle->Write(first));
-  // The write is only queued: until the server has read it the slot may
-  // still be free, so probe (storing nothing) until the slot is taken.
-  grpc::Status probe = UploadWithoutLastChunk(stub.get(), "probe");
-  while (probe.error_code() == grpc::StatusCode::DATA_LOSS &&
-         absl::Now() - idle_since < absl::Seconds(kIdleS - 2)) {
+  // The write is only queued: wait until the server has read it and the
+  // upload holds the only slot.
+  while (UploadsInProgress((*c)->metrics_port()) != 1 &&
+         absl::Now() - idle_since < absl::Seconds(kIdleS / 2)) {
     absl::SleepFor(absl::Milliseconds(20));
-    probe = UploadWithoutLastChunk(stub.get(), "probe");
   }
-  ASSERT_EQ(probe.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << probe.error_message();
+  ASSERT_EQ(UploadsInProgress((*c)->metrics_port()), 1) << "the idle upload never started";
   // While it idles it holds the only slot.
   absl::StatusOr<UploadResult> second = client->Upload("second", path, {});
   EXPECT_EQ(second.status().code(), absl::StatusCode::kResourceExhausted) << second.status();
+  EXPECT_THAT(std::string(second.status().message()), HasSubstr("--max_concurrent_uploads"));
   // The server gives up on it, and the slot frees.
   grpc::Status s = idle->Finish();
   EXPECT_FALSE(s.ok());
@@ -394,12 +393,10 @@ TEST(TrustUploadTest, AnIdleUploadIsCancelledAndFreesItsSlot) {
     if (!second.ok()) absl::SleepFor(absl::Milliseconds(50));
   }
   EXPECT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ(UploadsInProgress((*c)->metrics_port()), 0);
   auto models = client->ListModels();
   ASSERT_TRUE(models.ok());
-  for (const ModelSummary& m : *models) {
-    EXPECT_NE(m.name(), "idle");
-    EXPECT_NE(m.name(), "probe");
-  }
+  for (const ModelSummary& m : *models) EXPECT_NE(m.name(), "idle");
 }
 
 // Regression: the idle watchdog went on watching an upload after its last
@@ -410,14 +407,15 @@ TEST(TrustUploadTest, ADeployLongerThanTheIdleTimeoutIsNotCancelled) {
       CoordinatorProcess::Start({TestTempDir("slow_deploy_repo"), {"--upload_idle_timeout_s=1"}});
   ASSERT_TRUE(c.ok()) << c.status();
   auto client = *Client::Connect((*c)->address());
-  // 4 stages of 4096 x 4096 float32: 256 MiB to load, well over a second
-  // (2 stages took 0.85 s on a fast machine, too close to the timeout).
-  std::string path = WriteMlp(TestTempDir("slow_deploy_models"), 4, 4096);
+  // 8 stages of 4096 x 4096 float32: 512 MiB to load, well over a second
+  // (4 stages took 1.1 s on a fast machine, too close to the timeout; a
+  // stage server held stopped instead is dropped by the keepalive in 2 s).
+  std::string path = WriteMlp(TestTempDir("slow_deploy_models"), 8, 4096);
   absl::Time start = absl::Now();
   absl::StatusOr<UploadResult> up = client->Upload("slow", path, {});
   const absl::Duration took = absl::Now() - start;
   ASSERT_TRUE(up.ok()) << up.status() << " after " << took;
-  std::printf("256 MiB uploaded and deployed in %.1f s with a 1 s idle timeout\n",
+  std::printf("512 MiB uploaded and deployed in %.1f s with a 1 s idle timeout\n",
               absl::ToDoubleSeconds(took));
   EXPECT_GT(took, absl::Seconds(1)) << "the case needs a deploy longer than the timeout";
   auto models = client->ListModels();
@@ -505,8 +503,8 @@ TEST(TrustStreamTest, AnIdleStreamIsEndedAfterTheIdleTimeout) {
   EXPECT_EQ(resp.error_message(), "");
   absl::Time idle_from = absl::Now();
   EXPECT_FALSE(stream->Read(&resp)) << "ended by the server";
-  EXPECT_LT(absl::Now() - idle_from, absl::Seconds(5));
-  EXPECT_GE(absl::Now() - idle_from, absl::Milliseconds(900));
+  EXPECT_LT(absl::Now() - idle_from, absl::Seconds(10));
+  EXPECT_GE(absl::Now() - idle_from, absl::Milliseconds(500));
   EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::CANCELLED);
 }
 
@@ -515,7 +513,7 @@ TEST(TrustStreamTest, AnIdleStreamIsEndedAfterTheIdleTimeout) {
 // infer scope, in request errors and RepositoryIndex.
 TEST(TrustAddressTest, InferenceClientsNeverSeeStageServerAddresses) {
   absl::StatusOr<OwnCoordinator> own =
-      StartWithMlp("address", {"--default_timeout_s=2"}, "mlp", 2, absl::Seconds(5));
+      StartWithMlp("address", {"--default_timeout_s=2"}, "mlp", 2, absl::Seconds(30));
   ASSERT_TRUE(own.ok()) << own.status();
   CoordinatorProcess* c = own->process.get();
   Client* client = own->client.get();
@@ -597,7 +595,7 @@ TEST(TrustShutdownTest, AStageServerLeavesSoonAfterItsGracePeriodWhileAKernelRun
   ASSERT_NE(status, -1) << "killed, not left";
   EXPECT_TRUE(WIFEXITED(status));
   EXPECT_EQ(WEXITSTATUS(status), 3) << "a shutdown cut short does not report success";
-  EXPECT_LT(took, absl::Seconds(5));
+  EXPECT_LT(took, absl::Seconds(10));
   (*c)->Terminate(absl::Seconds(30));  // ends the request waiting for a repair
   request.join();
 }

@@ -228,8 +228,10 @@ TEST(BatcherTest, AMergedRunThatFailsRunsEachMemberAloneSoOnlyTheBadOneFails) {
 
 TEST(BatcherTest, WithAQueueDelayRequestsToAnIdleModelWaitForCompany) {
   Echo echo;
-  Batcher b({64, absl::Milliseconds(300), 2}, true, echo.run());
-  // Not waited into the queue one by one: the delay may send them before.
+  // Rows enough (3) send them; the delay is long enough for any machine.
+  Batcher b({3, absl::Seconds(10), 2}, true, echo.run());
+  // Not waited into the queue one by one: a batcher without the delay
+  // sends the first alone.
   Clients three(b, {1, 1, 1}, absl::Seconds(10), {}, Queue::kNot);
   three.Join();
   EXPECT_THAT(echo.runs(), ElementsAre(3));

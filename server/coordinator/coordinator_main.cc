@@ -471,6 +471,7 @@ int ServeCoordinator(pipeserve::Coordinator& coordinator, const ClientAuth& clie
   pipeserve::Metrics metrics;
   pipeserve::MetricsHttpServer metrics_http([&] {
     return metrics.Render(coordinator.ListModels()) +
+           pipeserve::Metrics::RenderUploads(coordinator.uploads_in_progress()) +
            pipeserve::RenderGenerationMetrics(generation.Stats());
   });
   if (absl::Status s = StartMetrics(metrics_http, host); !s.ok()) {

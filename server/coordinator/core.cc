@@ -381,12 +381,14 @@ bool Coordinator::Serving() {
 absl::StatusOr<std::unique_ptr<PendingUpload>> Coordinator::StartUpload(const std::string& name) {
   RETURN_IF_ERROR(ValidModelName(name));
   RETURN_IF_ERROR(CheckLoaded(name));
-  if (++uploads_in_progress_ > options_.max_concurrent_uploads) {
-    --uploads_in_progress_;
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "the coordinator is taking ", options_.max_concurrent_uploads,
-        " uploads already (--max_concurrent_uploads); try again when one finishes"));
-  }
+  int now = uploads_in_progress_.load();
+  do {
+    if (now >= options_.max_concurrent_uploads) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "the coordinator is taking ", options_.max_concurrent_uploads,
+          " uploads already (--max_concurrent_uploads); try again when one finishes"));
+    }
+  } while (!uploads_in_progress_.compare_exchange_weak(now, now + 1));
   absl::StatusOr<std::unique_ptr<PendingUpload>> upload = store_->StartUpload(name);
   if (!upload.ok()) {
     --uploads_in_progress_;

@@ -151,6 +151,9 @@ class Coordinator {
   // status saying for what, and the repair loop deploys it once enough
   // answer; the response's `waiting` says so.
   absl::StatusOr<std::unique_ptr<PendingUpload>> StartUpload(const std::string& name);
+  // Uploads started and not yet finished or dropped (never more than
+  // max_concurrent_uploads).
+  int uploads_in_progress() const { return uploads_in_progress_.load(); }
   absl::StatusOr<UploadResponse> FinishUpload(const std::string& name,
                                               const UploadOptions& options,
                                               std::unique_ptr<PendingUpload> upload,

@@ -258,6 +258,8 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   // requests the batcher ran (merged or alone).
   uint64_t merged_requests() const { return batcher_->merged_requests(); }
   uint64_t batches() const { return batcher_->batches(); }
+  // Requests waiting in the batcher for the model.
+  size_t queued_requests() const { return batcher_->queued(); }
   // The batching this deployment does (max_rows 0: none).
   const BatcherOptions& batching() const { return batching_; }
 

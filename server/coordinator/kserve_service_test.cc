@@ -105,7 +105,7 @@ TEST_F(KServeServiceTest, AStreamedRequestsDeadlineRunsFromItsArrival) {
   ASSERT_TRUE(stream->Write(Request("slow")));
   ASSERT_TRUE(gate_.WaitHeld(1)) << "the pool's only thread is busy";
   ASSERT_TRUE(stream->Write(Request("queued")));
-  absl::SleepFor(absl::Milliseconds(1500));  // past the queued one's deadline
+  absl::SleepFor(absl::Seconds(3));  // past the queued one's deadline, however late it was read
   gate_.Set(true);
   stream->WritesDone();
   std::map<std::string, std::string> errors;
@@ -153,7 +153,7 @@ TEST_F(KServeServiceTest, StreamedRequestsCountAgainstTheModelsQueueBeforeTheyWa
 // request's arrival.
 TEST_F(KServeServiceTest, TheDeadlineCapRunsFromEachStreamedRequestsArrival) {
   KServeOptions ko;
-  ko.max_timeout = absl::Milliseconds(500);
+  ko.max_timeout = absl::Seconds(2);
   Start(CoordinatorOptions(), ko);
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
@@ -162,7 +162,7 @@ TEST_F(KServeServiceTest, TheDeadlineCapRunsFromEachStreamedRequestsArrival) {
   inference::ModelStreamInferResponse resp;
   ASSERT_TRUE(stream->Read(&resp));
   EXPECT_EQ(resp.error_message(), "");
-  absl::SleepFor(absl::Seconds(1));  // the stream is now open longer than the cap
+  absl::SleepFor(absl::Seconds(3));  // the stream is now open longer than the cap
   ASSERT_TRUE(stream->Write(Request("later")));
   ASSERT_TRUE(stream->Read(&resp));
   EXPECT_EQ(resp.infer_response().id(), "later");

@@ -51,6 +51,15 @@ void Metrics::RecordUnknownModelInference(const absl::Status& status, absl::Dura
   RecordInference(kUnknownModelLabel, status, latency);
 }
 
+std::string Metrics::RenderUploads(int in_progress) {
+  return absl::StrCat(
+      "# HELP pipeserve_uploads_in_progress Model uploads being received now (at most "
+      "--max_concurrent_uploads).\n"
+      "# TYPE pipeserve_uploads_in_progress gauge\n"
+      "pipeserve_uploads_in_progress ",
+      in_progress, "\n");
+}
+
 std::string Metrics::Render(const std::vector<ModelInfo>& models) const {
   std::string out;
   absl::StrAppend(&out,

@@ -41,6 +41,9 @@ class Metrics {
   // The exposition text; `models` adds a state gauge per model.
   std::string Render(const std::vector<ModelInfo>& models) const;
 
+  // The uploads gauge: `in_progress` uploads being received now.
+  static std::string RenderUploads(int in_progress);
+
   // Latency histogram bucket bounds, seconds.
   static const std::vector<double>& Buckets();
 

@@ -32,6 +32,13 @@ TEST(MetricsTest, CountsRequestsByCodeAndBucketsLatency) {
   EXPECT_EQ(PromtoolProblems(text), "");
 }
 
+TEST(MetricsTest, UploadsInProgressIsAGauge) {
+  const std::string text = Metrics::RenderUploads(2);
+  EXPECT_THAT(text, HasSubstr("# TYPE pipeserve_uploads_in_progress gauge\n"));
+  EXPECT_THAT(text, HasSubstr("\npipeserve_uploads_in_progress 2\n"));
+  EXPECT_EQ(PromtoolProblems(text), "");
+}
+
 // Regression: every model name a request made up became a series of its
 // own, forever (a 200 MiB name was a 200 MiB label).
 TEST(MetricsTest, UnknownModelsShareOneSeries) {
