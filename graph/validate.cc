@@ -126,6 +126,120 @@ absl::Status ForwardReference(const Graph& graph, int user, int producer,
                  "\" defines it (nodes must be in topological order)");
 }
 
+// Where each value is made, to tell undefined values from cycles; every
+// node named, once, and every value defined once.
+absl::Status FindProducers(const Graph& graph, const ValueShapes& inputs,
+                           absl::flat_hash_map<std::string, int>* producer_of) {
+  absl::flat_hash_set<std::string> node_names;
+  for (int i = 0; i < graph.nodes_size(); ++i) {
+    const Node& node = graph.nodes(i);
+    if (node.name().empty()) {
+      return Invalid("node #", absl::StrCat(i), " (", node.op(), ") has no name");
+    }
+    if (!node_names.insert(node.name()).second) {
+      return Invalid("duplicate node name \"", node.name(), "\"");
+    }
+    for (const std::string& out : node.outputs()) {
+      if (inputs.contains(out) || producer_of->contains(out)) {
+        return Invalid(NodeLabel(node), ": value \"", out, "\" is defined more than once");
+      }
+      (*producer_of)[out] = i;
+    }
+  }
+  return absl::OkStatus();
+}
+
+// The node's op, known and with as many inputs and outputs as it takes.
+absl::StatusOr<const OpSchema*> SchemaOf(const Node& node) {
+  const OpSchema* op = FindOp(node.op());
+  if (op == nullptr) {
+    return Invalid(NodeLabel(node), ": unknown op \"", node.op(),
+                   "\" (known: " + absl::StrJoin(KnownOps(), ", ") + ")");
+  }
+  int n_in = node.inputs_size();
+  if (n_in < op->min_inputs || n_in > op->max_inputs || node.outputs_size() != op->num_outputs) {
+    return Invalid(NodeLabel(node),
+                   absl::StrCat(": expects ", op->min_inputs,
+                                op->min_inputs == op->max_inputs
+                                    ? std::string()
+                                    : absl::StrCat("-", op->max_inputs),
+                                " inputs and ", op->num_outputs, " outputs, got ", n_in, " and ",
+                                node.outputs_size()));
+  }
+  return op;
+}
+
+// Walks the nodes in order, giving each value its shape and type.
+class ShapeWalk {
+ public:
+  ShapeWalk(const Graph& graph, const absl::flat_hash_map<std::string, int>& producer_of,
+            const absl::flat_hash_map<std::string, Shape>& params,
+            const absl::flat_hash_map<std::string, DataType>& param_types)
+      : graph_(graph), producer_of_(producer_of), params_(params), param_types_(param_types) {}
+
+  // Node i's outputs into shapes and types.
+  absl::Status Visit(int i, ValueShapes* shapes, ValueTypes* types) const {
+    const Node& node = graph_.nodes(i);
+    ASSIGN_OR_RETURN(const OpSchema* op, SchemaOf(node));
+    std::vector<Shape> in_shapes;
+    std::vector<DataType> in_types;
+    for (const std::string& in : node.inputs()) {
+      auto it = shapes->find(in);
+      if (it == shapes->end()) return Undefined(i, in);
+      in_shapes.push_back(it->second);
+      in_types.push_back(types->at(in));
+    }
+    std::vector<Shape> out_shapes;
+    DataType out_type = in_types.empty() ? DT_FLOAT32 : in_types[0];
+    if (node.op() == kParamOp) {
+      ASSIGN_OR_RETURN(const std::string* fqn, ParamOf(node));
+      out_shapes.push_back(params_.at(*fqn));
+      out_type = param_types_.at(*fqn);
+    } else {
+      absl::StatusOr<std::vector<Shape>> inferred = op->infer(node, in_shapes);
+      if (!inferred.ok()) return Invalid(NodeLabel(node), ": ", inferred.status().message());
+      out_shapes = *std::move(inferred);
+      if (op->dtype != nullptr) {
+        absl::StatusOr<DataType> t = op->dtype(node, in_types);
+        if (!t.ok()) return Invalid(NodeLabel(node), ": ", t.status().message());
+        out_type = *t;
+      }
+    }
+    for (int k = 0; k < node.outputs_size(); ++k) {
+      (*shapes)[node.outputs(k)] = out_shapes[k];
+      (*types)[node.outputs(k)] = out_type;
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  // Node i reads `in` before it is made, or it is made nowhere.
+  absl::Status Undefined(int i, const std::string& in) const {
+    auto p = producer_of_.find(in);
+    if (p != producer_of_.end()) return ForwardReference(graph_, i, p->second, in, producer_of_);
+    return Invalid(NodeLabel(graph_.nodes(i)), ": input \"", in,
+                   "\" is not defined by any node or model input");
+  }
+
+  // A param node's FQN, one of the model's parameters.
+  absl::StatusOr<const std::string*> ParamOf(const Node& node) const {
+    auto attr = node.attrs().find("fqn");
+    if (attr == node.attrs().end() || attr->second.s().empty()) {
+      return Invalid(NodeLabel(node), ": missing attribute \"fqn\"");
+    }
+    if (!params_.contains(attr->second.s())) {
+      return Invalid(NodeLabel(node), ": parameter \"", attr->second.s(),
+                     "\" is missing from the model's parameters");
+    }
+    return &attr->second.s();
+  }
+
+  const Graph& graph_;
+  const absl::flat_hash_map<std::string, int>& producer_of_;
+  const absl::flat_hash_map<std::string, Shape>& params_;
+  const absl::flat_hash_map<std::string, DataType>& param_types_;
+};
+
 }  // namespace
 
 absl::StatusOr<ValueShapes> ValidateGraph(const Graph& graph, ValueTypes* types_out) {
@@ -135,98 +249,14 @@ absl::StatusOr<ValueShapes> ValidateGraph(const Graph& graph, ValueTypes* types_
   absl::flat_hash_map<std::string, Shape> params;
   absl::flat_hash_map<std::string, DataType> param_types;
   RETURN_IF_ERROR(CheckParams(graph, &params, &param_types));
-
-  // Where each value is made, to tell undefined values from cycles.
   absl::flat_hash_map<std::string, int> producer_of;
-  absl::flat_hash_set<std::string> node_names;
-  for (int i = 0; i < graph.nodes_size(); ++i) {
-    const Node& node = graph.nodes(i);
-    if (node.name().empty()) {
-      return Invalid("node #", absl::StrCat(i), " (", node.op(),
-                     ") has no name");
-    }
-    if (!node_names.insert(node.name()).second) {
-      return Invalid("duplicate node name \"", node.name(), "\"");
-    }
-    for (const std::string& out : node.outputs()) {
-      if (shapes.contains(out) || producer_of.contains(out)) {
-        return Invalid(NodeLabel(node), ": value \"", out,
-                       "\" is defined more than once");
-      }
-      producer_of[out] = i;
-    }
-  }
-
-  for (int i = 0; i < graph.nodes_size(); ++i) {
-    const Node& node = graph.nodes(i);
-    const OpSchema* op = FindOp(node.op());
-    if (op == nullptr) {
-      return Invalid(NodeLabel(node), ": unknown op \"", node.op(),
-                     "\" (known: " + absl::StrJoin(KnownOps(), ", ") + ")");
-    }
-    int n_in = node.inputs_size();
-    if (n_in < op->min_inputs || n_in > op->max_inputs ||
-        node.outputs_size() != op->num_outputs) {
-      return Invalid(NodeLabel(node), absl::StrCat(
-                         ": expects ", op->min_inputs,
-                         op->min_inputs == op->max_inputs
-                             ? std::string()
-                             : absl::StrCat("-", op->max_inputs),
-                         " inputs and ", op->num_outputs, " outputs, got ",
-                         n_in, " and ", node.outputs_size()));
-    }
-    std::vector<Shape> in_shapes;
-    std::vector<DataType> in_types;
-    for (const std::string& in : node.inputs()) {
-      auto it = shapes.find(in);
-      if (it == shapes.end()) {
-        auto p = producer_of.find(in);
-        if (p != producer_of.end()) {
-          return ForwardReference(graph, i, p->second, in, producer_of);
-        }
-        return Invalid(NodeLabel(node), ": input \"", in,
-                       "\" is not defined by any node or model input");
-      }
-      in_shapes.push_back(it->second);
-      in_types.push_back(types.at(in));
-    }
-    std::vector<Shape> out_shapes;
-    DataType out_type = in_types.empty() ? DT_FLOAT32 : in_types[0];
-    if (node.op() == kParamOp) {
-      auto attr = node.attrs().find("fqn");
-      if (attr == node.attrs().end() || attr->second.s().empty()) {
-        return Invalid(NodeLabel(node), ": missing attribute \"fqn\"");
-      }
-      auto p = params.find(attr->second.s());
-      if (p == params.end()) {
-        return Invalid(NodeLabel(node), ": parameter \"", attr->second.s(),
-                       "\" is missing from the model's parameters");
-      }
-      out_shapes.push_back(p->second);
-      out_type = param_types.at(attr->second.s());
-    } else {
-      absl::StatusOr<std::vector<Shape>> inferred = op->infer(node, in_shapes);
-      if (!inferred.ok()) {
-        return Invalid(NodeLabel(node), ": ", inferred.status().message());
-      }
-      out_shapes = *std::move(inferred);
-      if (op->dtype != nullptr) {
-        absl::StatusOr<DataType> t = op->dtype(node, in_types);
-        if (!t.ok()) return Invalid(NodeLabel(node), ": ", t.status().message());
-        out_type = *t;
-      }
-    }
-    for (int k = 0; k < node.outputs_size(); ++k) {
-      shapes[node.outputs(k)] = out_shapes[k];
-      types[node.outputs(k)] = out_type;
-    }
-  }
-
+  RETURN_IF_ERROR(FindProducers(graph, shapes, &producer_of));
+  const ShapeWalk walk(graph, producer_of, params, param_types);
+  for (int i = 0; i < graph.nodes_size(); ++i) RETURN_IF_ERROR(walk.Visit(i, &shapes, &types));
   if (graph.outputs().empty()) return Invalid("the model has no outputs");
   for (const std::string& out : graph.outputs()) {
     if (!shapes.contains(out)) {
-      return Invalid("model output \"", out,
-                     "\" is not defined by any node or model input");
+      return Invalid("model output \"", out, "\" is not defined by any node or model input");
     }
   }
   if (types_out != nullptr) *types_out = std::move(types);

@@ -260,19 +260,6 @@ ValueSpec SpecFor(const std::string& name, const ValueShapes& shapes,
   return spec;
 }
 
-// Values whose free dim 0 is not the batch: outputs of nodes marked
-// unbatched, and model inputs exported without the flag.
-absl::flat_hash_set<std::string> UnbatchedValues(const Graph& graph) {
-  absl::flat_hash_set<std::string> unbatched;
-  for (const Node& n : graph.nodes()) {
-    if (n.unbatched()) unbatched.insert(n.outputs().begin(), n.outputs().end());
-  }
-  for (const ValueSpec& in : graph.inputs()) {
-    if (!in.batched()) unbatched.insert(in.name());
-  }
-  return unbatched;
-}
-
 // Where the stages begin, how many there are and what chose them.
 struct CutChoice {
   std::vector<Cut> cuts;
@@ -495,6 +482,17 @@ absl::StatusOr<Plan> Partition(const Graph& graph, const PartitionOptions& optio
     if (!covered_set.contains(key)) plan.add_unused_state_dict_keys(key);
   }
   return plan;
+}
+
+absl::flat_hash_set<std::string> UnbatchedValues(const Graph& graph) {
+  absl::flat_hash_set<std::string> unbatched;
+  for (const Node& n : graph.nodes()) {
+    if (n.unbatched()) unbatched.insert(n.outputs().begin(), n.outputs().end());
+  }
+  for (const ValueSpec& in : graph.inputs()) {
+    if (!in.batched()) unbatched.insert(in.name());
+  }
+  return unbatched;
 }
 
 bool FollowsTheBatch(const Plan& plan) {

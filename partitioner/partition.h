@@ -33,6 +33,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
 #include "graph/validate.h"
 #include "proto/model.pb.h"
@@ -63,6 +64,10 @@ inline constexpr char kEstimatedBalance[] = "estimated cost (FLOPs + parameter b
 // The indices into graph.nodes of the nodes that compute (not `param`, not
 // `pipe_split`), in order: the nodes a stage is cut from.
 std::vector<int> ComputeNodes(const Graph& graph);
+
+// Values whose free dim 0 is not the batch: outputs of nodes marked
+// unbatched, and model inputs exported without the batched flag.
+absl::flat_hash_set<std::string> UnbatchedValues(const Graph& graph);
 
 // The estimated cost of each compute node (FLOPs at a 16-row batch plus
 // bytes of the parameters it reads, plus 1), in ComputeNodes order; the
