@@ -82,6 +82,111 @@ absl::StatusOr<uint32_t> DecodeServingStatus(const std::string& bytes) {
   return status;
 }
 
+// Sends the file's `total` bytes in chunks (the first names the model and
+// carries the options, the last the size and CRC-32), calling `progress`
+// after each. kDataLoss when the file reads short; a broken stream just
+// stops (Finish says why).
+absl::Status SendChunks(std::FILE* f, uint64_t total, const std::string& path,
+                        const std::string& name, const UploadOptions& options,
+                        grpc::ClientWriter<UploadRequest>* writer,
+                        const std::function<void(uint64_t, uint64_t)>& progress) {
+  std::string buffer(Client::kUploadChunkBytes, '\0');
+  uint64_t sent = 0;
+  uLong crc = crc32(0L, Z_NULL, 0);
+  bool first = true;
+  // At least one message, so that an empty file still names the model.
+  while (first || sent < total) {
+    size_t want = static_cast<size_t>(std::min<uint64_t>(Client::kUploadChunkBytes, total - sent));
+    size_t got = want == 0 ? 0 : std::fread(&buffer[0], 1, want, f);
+    if (got != want) {
+      return absl::DataLossError(absl::StrCat("model file \"", path, "\": read ", sent + got,
+                                              " of ", total,
+                                              " bytes (did it change during the upload?)"));
+    }
+    crc = crc32(crc, reinterpret_cast<const Bytef*>(buffer.data()), static_cast<uInt>(got));
+    UploadRequest request;
+    if (first) {
+      request.set_name(name);
+      *request.mutable_options() = options;
+      first = false;
+    }
+    request.set_data(buffer.data(), got);
+    sent += got;
+    if (sent == total) {
+      request.set_last(true);
+      request.set_total_bytes(total);
+      request.set_crc32(static_cast<uint32_t>(crc));
+    }
+    if (!writer->Write(request)) break;
+    if (progress) progress(sent, total);
+  }
+  return absl::OkStatus();
+}
+
+// A ModelInfer request for `inputs` (raw contents, row-major), asking for
+// a trace if `trace`.
+absl::StatusOr<inference::ModelInferRequest> InferRequestOf(const std::string& model,
+                                                            const std::vector<NamedTensor>& inputs,
+                                                            bool trace) {
+  inference::ModelInferRequest request;
+  request.set_model_name(model);
+  if (trace) (*request.mutable_parameters())["trace"].set_bool_param(true);
+  for (const NamedTensor& in : inputs) {
+    if (in.tensor.data() == nullptr && in.tensor.numel() != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("input \"", in.name, "\" has no data"));
+    }
+    auto* t = request.add_inputs();
+    t->set_name(in.name);
+    t->set_datatype(KServeName(in.tensor.dtype()));
+    for (int64_t d : in.tensor.shape()) t->add_shape(d);
+    // Row-major, little-endian like every machine this runs on.
+    std::string* raw = request.add_raw_input_contents();
+    if (in.tensor.numel() > 0) {
+      raw->assign(static_cast<const char*>(in.tensor.raw_data()),
+                  static_cast<size_t>(in.tensor.byte_size()));
+    }
+  }
+  return request;
+}
+
+// Output i of a response, from its raw contents (`raw`) or its
+// fp32_contents, its bytes checked against its shape before anything is
+// allocated. kInternal "malformed response: ..." when they do not fit.
+absl::StatusOr<Tensor> OutputOf(const inference::ModelInferResponse& response, int i, bool raw) {
+  const auto& out = response.outputs(i);
+  auto bad = [&](const std::string& what) {
+    return absl::InternalError(
+        absl::StrCat("malformed response: output \"", out.name(), "\": ", what));
+  };
+  absl::StatusOr<DataType> dtype = ParseKServeName(out.datatype());
+  if (!dtype.ok()) return bad(std::string(dtype.status().message()));
+  const int element = ElementSize(*dtype);
+  Shape shape(out.shape().begin(), out.shape().end());
+  absl::StatusOr<uint64_t> size = CheckedByteSize(shape, element);
+  if (!size.ok()) return bad(std::string(size.status().message()));
+  const int64_t numel = static_cast<int64_t>(*size / element);
+  if (!raw && *dtype != DT_FLOAT32) {
+    return bad(absl::StrCat(out.datatype(), " output without raw_output_contents"));
+  }
+  if (raw ? response.raw_output_contents(i).size() != *size
+          : static_cast<uint64_t>(out.contents().fp32_contents().size()) != *size / 4) {
+    return bad(absl::StrCat("contents do not match shape ", ShapeToString(shape), " (", *size,
+                            " bytes expected)"));
+  }
+  Tensor t = Tensor::Empty(shape, *dtype);
+  if (raw) {
+    const std::string& bytes = response.raw_output_contents(i);
+    if (numel > 0) std::memcpy(t.raw_data(), bytes.data(), bytes.size());
+  } else {
+    const auto& values = out.contents().fp32_contents();
+    if (values.size() != numel) {
+      return bad(absl::StrCat(values.size(), " fp32_contents for shape ", ShapeToString(shape)));
+    }
+    std::copy(values.begin(), values.end(), t.data());
+  }
+  return t;
+}
+
 }  // namespace
 
 Client::Client(std::string address, ClientOptions options,
@@ -180,42 +285,8 @@ absl::StatusOr<UploadResult> Client::Upload(
   std::unique_ptr<grpc::ClientWriter<UploadRequest>> writer =
       stubs_->models->Upload(&ctx, &response);
 
-  std::string buffer(kUploadChunkBytes, '\0');
-  uint64_t sent = 0;
-  uLong crc = crc32(0L, Z_NULL, 0);
-  bool first = true;
-  absl::Status read_error;
-  // At least one message, so that an empty file still names the model.
-  while (first || sent < total) {
-    size_t want = static_cast<size_t>(
-        std::min<uint64_t>(kUploadChunkBytes, total - sent));
-    size_t got = want == 0 ? 0 : std::fread(&buffer[0], 1, want, file.f);
-    if (got != want) {
-      read_error = absl::DataLossError(
-          absl::StrCat("model file \"", path, "\": read ", sent + got, " of ",
-                       total, " bytes (did it change during the upload?)"));
-      break;
-    }
-    crc = crc32(crc, reinterpret_cast<const Bytef*>(buffer.data()),
-                static_cast<uInt>(got));
-    UploadRequest request;
-    if (first) {
-      request.set_name(name);
-      *request.mutable_options() = options;
-      first = false;
-    }
-    request.set_data(buffer.data(), got);
-    sent += got;
-    if (sent == total) {
-      request.set_last(true);
-      request.set_total_bytes(total);
-      request.set_crc32(static_cast<uint32_t>(crc));
-    }
-    // false: the stream is broken (the server failed the call); Finish
-    // says why.
-    if (!writer->Write(request)) break;
-    if (progress) progress(sent, total);
-  }
+  absl::Status read_error =
+      SendChunks(file.f, total, path, name, options, writer.get(), progress);
   if (!read_error.ok()) {
     ctx.TryCancel();
     writer->Finish().IgnoreError();
@@ -287,26 +358,8 @@ absl::StatusOr<std::vector<ModelSummary>> Client::ListModels() {
 absl::StatusOr<std::vector<NamedTensor>> Client::Infer(
     const std::string& model, const std::vector<NamedTensor>& inputs,
     absl::Duration timeout, std::string* trace) {
-  inference::ModelInferRequest request;
-  request.set_model_name(model);
-  if (trace != nullptr) (*request.mutable_parameters())["trace"].set_bool_param(true);
-  for (const NamedTensor& in : inputs) {
-    if (in.tensor.data() == nullptr && in.tensor.numel() != 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("input \"", in.name, "\" has no data"));
-    }
-    auto* t = request.add_inputs();
-    t->set_name(in.name);
-    t->set_datatype(KServeName(in.tensor.dtype()));
-    for (int64_t d : in.tensor.shape()) t->add_shape(d);
-    // Row-major, little-endian like every machine this runs on.
-    std::string* raw = request.add_raw_input_contents();
-    if (in.tensor.numel() > 0) {
-      raw->assign(static_cast<const char*>(in.tensor.raw_data()),
-                  static_cast<size_t>(in.tensor.byte_size()));
-    }
-  }
-
+  ASSIGN_OR_RETURN(inference::ModelInferRequest request,
+                   InferRequestOf(model, inputs, trace != nullptr));
   grpc::ClientContext ctx;
   Prepare(&ctx,
               timeout > absl::ZeroDuration() ? timeout : options_.timeout);
@@ -325,40 +378,8 @@ absl::StatusOr<std::vector<NamedTensor>> Client::Infer(
   std::vector<NamedTensor> outputs;
   outputs.reserve(response.outputs_size());
   for (int i = 0; i < response.outputs_size(); ++i) {
-    const auto& out = response.outputs(i);
-    auto bad = [&](const std::string& what) {
-      return absl::InternalError(absl::StrCat("malformed response: output \"",
-                                              out.name(), "\": ", what));
-    };
-    absl::StatusOr<DataType> dtype = ParseKServeName(out.datatype());
-    if (!dtype.ok()) return bad(std::string(dtype.status().message()));
-    const int element = ElementSize(*dtype);
-    Shape shape(out.shape().begin(), out.shape().end());
-    absl::StatusOr<uint64_t> size = CheckedByteSize(shape, element);
-    if (!size.ok()) return bad(std::string(size.status().message()));
-    const int64_t numel = static_cast<int64_t>(*size / element);
-    if (!raw && *dtype != DT_FLOAT32) {
-      return bad(absl::StrCat(out.datatype(), " output without raw_output_contents"));
-    }
-    // The bytes are checked before anything is allocated.
-    if (raw ? response.raw_output_contents(i).size() != *size
-            : static_cast<uint64_t>(out.contents().fp32_contents().size()) != *size / 4) {
-      return bad(absl::StrCat("contents do not match shape ", ShapeToString(shape), " (",
-                              *size, " bytes expected)"));
-    }
-    Tensor t = Tensor::Empty(shape, *dtype);
-    if (raw) {
-      const std::string& bytes = response.raw_output_contents(i);
-      if (numel > 0) std::memcpy(t.raw_data(), bytes.data(), bytes.size());
-    } else {
-      const auto& values = out.contents().fp32_contents();
-      if (values.size() != numel) {
-        return bad(absl::StrCat(values.size(), " fp32_contents for shape ",
-                                ShapeToString(shape)));
-      }
-      std::copy(values.begin(), values.end(), t.data());
-    }
-    outputs.push_back({out.name(), std::move(t)});
+    ASSIGN_OR_RETURN(Tensor t, OutputOf(response, i, raw));
+    outputs.push_back({response.outputs(i).name(), std::move(t)});
   }
   if (trace != nullptr) {
     auto it = response.parameters().find("trace");

@@ -280,6 +280,60 @@ absl::Status AttachTokenizer(const std::string& name, const TokenizerSpec& spec,
   return absl::OkStatus();
 }
 
+namespace {
+
+// Node times sent with an upload: finite seconds >= 0, for rows >= 1.
+absl::Status CheckProfile(const NodeProfile& profile) {
+  for (double t : profile.seconds()) {
+    if (!(t >= 0) || !std::isfinite(t)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "profile: node times must be finite seconds >= 0, got ", t));
+    }
+  }
+  if (profile.rows() < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("profile: rows must be >= 1, got ", profile.rows()));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status Coordinator::MeasureProfile(const ModelFileReader& file, const UploadOptions& options,
+                                         Plan* plan, NodeProfile* profile) const {
+  const bool must = options.balance() == UploadOptions::BALANCE_MEASURED;
+  if (options_.calibration_backend == nullptr) {
+    if (!must) return absl::OkStatus();
+    return absl::FailedPreconditionError(
+        "balance MEASURED: this coordinator has no calibration backend "
+        "(--calibration_device is empty)");
+  }
+  ParamReader read = [&file](const TensorInfo& p) -> absl::StatusOr<Tensor> {
+    ASSIGN_OR_RETURN(Tensor t, Tensor::TryEmpty({p.shape().begin(), p.shape().end()}, p.dtype()));
+    RETURN_IF_ERROR(file.Read(p.fqn(), 0, t.byte_size(), reinterpret_cast<char*>(t.data())));
+    return t;
+  };
+  // Under load a stage computes the queued microbatches of a request in
+  // one run, up to the model's max_batch_rows (Deployment::MergeRows):
+  // that run's cost per microbatch is what bounds its throughput.
+  CalibrationOptions calibration = options_.calibration;
+  if (absl::StatusOr<BatcherOptions> batching = Deployment::Batching(config_, options, 1);
+      batching.ok()) {
+    calibration.joined_rows = Deployment::MergeRows(*plan, *batching);
+  }
+  absl::StatusOr<Calibration> c =
+      Calibrate(file.graph(), read, *options_.calibration_backend, calibration);
+  if (!c.ok()) {
+    if (must) return c.status();
+    plan->set_balance(absl::StrCat(plan->balance(), "; measuring failed: ", c.status().message()));
+    return absl::OkStatus();
+  }
+  *profile->mutable_seconds() = {c->node_seconds.begin(), c->node_seconds.end()};
+  profile->set_rows(c->rows);
+  profile->set_source(c->Describe());
+  return absl::OkStatus();
+}
+
 absl::StatusOr<Plan> Coordinator::CutFor(const std::string& name, const ModelFileReader& file,
                                          const UploadOptions& options, NodeProfile* measured) {
   PartitionOptions popts;
@@ -310,49 +364,11 @@ absl::StatusOr<Plan> Coordinator::CutFor(const std::string& name, const ModelFil
   popts.link_bytes_per_second = gbps > 0 ? gbps * 1e9 : options_.link_bytes_per_second;
   NodeProfile profile = options.profile();
   if (profile.seconds().empty()) {
-    if (options_.calibration_backend == nullptr) {
-      if (balance == UploadOptions::BALANCE_MEASURED) {
-        return absl::FailedPreconditionError(
-            "balance MEASURED: this coordinator has no calibration backend "
-            "(--calibration_device is empty)");
-      }
-      return plan;
-    }
-    ParamReader read = [&file](const TensorInfo& p) -> absl::StatusOr<Tensor> {
-      ASSIGN_OR_RETURN(Tensor t, Tensor::TryEmpty({p.shape().begin(), p.shape().end()}, p.dtype()));
-      RETURN_IF_ERROR(file.Read(p.fqn(), 0, t.byte_size(), reinterpret_cast<char*>(t.data())));
-      return t;
-    };
-    // Under load a stage computes the queued microbatches of a request in
-    // one run, up to the model's max_batch_rows (Deployment::MergeRows):
-    // that run's cost per microbatch is what bounds its throughput.
-    CalibrationOptions calibration = options_.calibration;
-    if (absl::StatusOr<BatcherOptions> batching = Deployment::Batching(config_, options, 1);
-        batching.ok()) {
-      calibration.joined_rows = Deployment::MergeRows(plan, *batching);
-    }
-    absl::StatusOr<Calibration> c =
-        Calibrate(file.graph(), read, *options_.calibration_backend, calibration);
-    if (!c.ok()) {
-      if (balance == UploadOptions::BALANCE_MEASURED) return c.status();
-      plan.set_balance(absl::StrCat(plan.balance(), "; measuring failed: ", c.status().message()));
-      return plan;
-    }
-    *profile.mutable_seconds() = {c->node_seconds.begin(), c->node_seconds.end()};
-    profile.set_rows(c->rows);
-    profile.set_source(c->Describe());
+    RETURN_IF_ERROR(MeasureProfile(file, options, &plan, &profile));
+    if (profile.seconds().empty()) return plan;  // the estimate's cuts
     if (measured != nullptr) *measured = profile;
   }
-  for (double t : profile.seconds()) {
-    if (!(t >= 0) || !std::isfinite(t)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "profile: node times must be finite seconds >= 0, got ", t));
-    }
-  }
-  if (profile.rows() < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("profile: rows must be >= 1, got ", profile.rows()));
-  }
+  RETURN_IF_ERROR(CheckProfile(profile));
   popts.node_seconds = {profile.seconds().begin(), profile.seconds().end()};
   popts.cost_rows = profile.rows();
   popts.cost_source = profile.source().empty() ? "profile sent with the upload" : profile.source();

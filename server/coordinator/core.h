@@ -293,6 +293,12 @@ class Coordinator {
   // (SizeKvCache, kv_budget.h).
   absl::StatusOr<Plan> CutFor(const std::string& name, const ModelFileReader& file,
                               const UploadOptions& options, NodeProfile* measured);
+  // The model's node times measured on the calibration backend, into
+  // `profile`; left empty where balancing by time was not asked for
+  // outright and cannot be done (no backend, or measuring failed: then
+  // plan's balance says why).
+  absl::Status MeasureProfile(const ModelFileReader& file, const UploadOptions& options,
+                              Plan* plan, NodeProfile* profile) const;
   // Serves `name` from `d` (a new upload's deployment, its lock held): the
   // version it replaces finishes its requests in flight, then closes.
   void Publish(const std::string& name, const std::shared_ptr<Deployment>& d);
