@@ -804,42 +804,80 @@ struct Command {
   std::function<absl::Status(const FlagSet&)> check = nullptr;
 };
 
+void AddPlanFlags(FlagSet& f) {
+  AddPartitionFlags(f, /*model_required=*/false);
+  AddBalanceFlags(f, "estimated",
+                  "with --model and --num_stages: estimated (FLOPs + "
+                  "parameter bytes) or measured (every node timed on "
+                  "this machine's CPU, as a coordinator does at upload)",
+                  "1 GB/s");
+  f.Add("max_batch_rows", "N",
+        "with --balance measured: the rows a loaded stage computes at once "
+        "(its queued microbatches of a request joined), as a server's "
+        "max_batch_rows; -1: one microbatch at a time",
+        false, "64");
+  f.Add("name", "NAME", "a model deployed on --server");
+  AddServerFlag(f);
+}
+
+void AddRunLocalFlags(FlagSet& f) {
+  AddPartitionFlags(f);
+  f.Add("input", "[NAME=]FILE.npy",
+        "a model input (.npy of the input's dtype), by name or in input order", true,
+        "", true);
+  f.Add("chunks", "N", "microbatches per call", false, "1");
+  f.Add("threads", "T", "GEMM threads", false, "1");
+  f.Add("repeat", "N", "run N times and report the median time", false,
+        "1");
+  f.Add("output_dir", "DIR", "write outputs there as out_<i>.npy");
+}
+
+void AddInferFlags(FlagSet& f) {
+  AddServerFlag(f);
+  f.Add("name", "NAME", "the deployed model", true);
+  f.Add("input", "[NAME=]FILE.npy",
+        "a model input (.npy of the input's dtype), by name or in input order", true,
+        "", true);
+  f.Add("output_dir", "DIR",
+        "write outputs there as <output name>.npy");
+  f.Add("timeout_ms", "N", "deadline of the request (0: 60 s)", false,
+        "0");
+  f.Add("trace", "FILE",
+        "ask for the request's timeline (every microbatch on every "
+        "stage) and write it there as Chrome trace JSON, for "
+        "ui.perfetto.dev");
+}
+
+void AddGenerateFlags(FlagSet& f) {
+  AddServerFlag(f);
+  f.Add("name", "NAME", "the deployed model", true);
+  f.Add("prompt", "ID,ID,...", "the prompt's token ids", true);
+  f.Add("max_tokens", "N", "tokens to generate at most", false, "16");
+  f.Add("temperature", "T", "0: greedy", false, "0");
+  f.Add("top_k", "K", "sample among the K most likely (0: all)", false, "0");
+  f.Add("top_p", "P", "sample among the fewest tokens holding P", false, "1");
+  f.Add("stop_token_ids", "ID,ID,...", "tokens that end the generation");
+  f.Add("seed", "N", "makes sampling reproducible (default: random)");
+  f.Add("timeout_ms", "N", "deadline of the request (0: 60 s)", false, "0");
+}
+
+void AddUnloadFlags(FlagSet& f) {
+  AddServerFlag(f);
+  f.Add("name", "NAME", "the model to unload", true);
+}
+
 std::map<std::string, Command> Commands() {
   return {
       {"plan",
        {"Print how a model is cut into stages: parameters, and the values\n"
         "crossing each boundary. With --model, of a local file; with --name,\n"
         "of a model deployed on --server (with its stage servers).",
-        [](FlagSet& f) {
-          AddPartitionFlags(f, /*model_required=*/false);
-          AddBalanceFlags(f, "estimated",
-                          "with --model and --num_stages: estimated (FLOPs + "
-                          "parameter bytes) or measured (every node timed on "
-                          "this machine's CPU, as a coordinator does at upload)",
-                          "1 GB/s");
-          f.Add("max_batch_rows", "N",
-                "with --balance measured: the rows a loaded stage computes at once "
-                "(its queued microbatches of a request joined), as a server's "
-                "max_batch_rows; -1: one microbatch at a time",
-                false, "64");
-          f.Add("name", "NAME", "a model deployed on --server");
-          AddServerFlag(f);
-        },
+        AddPlanFlags,
         Plan_, CheckPlanFlags}},
       {"run-local",
        {"Cut a model into stages and run them in this process (the\n"
         "equivalent of torch.distributed.pipelining's pipe(x, y)).",
-        [](FlagSet& f) {
-          AddPartitionFlags(f);
-          f.Add("input", "[NAME=]FILE.npy",
-                "a model input (.npy of the input's dtype), by name or in input order", true,
-                "", true);
-          f.Add("chunks", "N", "microbatches per call", false, "1");
-          f.Add("threads", "T", "GEMM threads", false, "1");
-          f.Add("repeat", "N", "run N times and report the median time", false,
-                "1");
-          f.Add("output_dir", "DIR", "write outputs there as out_<i>.npy");
-        },
+        AddRunLocalFlags,
         RunLocal}},
       {"upload",
        {"Upload a model file to the coordinator, which cuts it into stages\n"
@@ -851,37 +889,12 @@ std::map<std::string, Command> Commands() {
         AddServerFlag, Remote(Models)}},
       {"infer",
        {"Run a deployed model on .npy inputs over the KServe v2 API.",
-        [](FlagSet& f) {
-          AddServerFlag(f);
-          f.Add("name", "NAME", "the deployed model", true);
-          f.Add("input", "[NAME=]FILE.npy",
-                "a model input (.npy of the input's dtype), by name or in input order", true,
-                "", true);
-          f.Add("output_dir", "DIR",
-                "write outputs there as <output name>.npy");
-          f.Add("timeout_ms", "N", "deadline of the request (0: 60 s)", false,
-                "0");
-          f.Add("trace", "FILE",
-                "ask for the request's timeline (every microbatch on every "
-                "stage) and write it there as Chrome trace JSON, for "
-                "ui.perfetto.dev");
-        },
+        AddInferFlags,
         Remote(Infer)}},
       {"generate",
        {"Generate tokens from a model exported with generation=True, printing\n"
         "each token id as it comes, then time to first token and tokens/s.",
-        [](FlagSet& f) {
-          AddServerFlag(f);
-          f.Add("name", "NAME", "the deployed model", true);
-          f.Add("prompt", "ID,ID,...", "the prompt's token ids", true);
-          f.Add("max_tokens", "N", "tokens to generate at most", false, "16");
-          f.Add("temperature", "T", "0: greedy", false, "0");
-          f.Add("top_k", "K", "sample among the K most likely (0: all)", false, "0");
-          f.Add("top_p", "P", "sample among the fewest tokens holding P", false, "1");
-          f.Add("stop_token_ids", "ID,ID,...", "tokens that end the generation");
-          f.Add("seed", "N", "makes sampling reproducible (default: random)");
-          f.Add("timeout_ms", "N", "deadline of the request (0: 60 s)", false, "0");
-        },
+        AddGenerateFlags,
         Remote(Generate)}},
       {"health",
        {"Check that the server is serving (grpc.health.v1; exit 1 if not).",
@@ -889,10 +902,7 @@ std::map<std::string, Command> Commands() {
       {"unload",
        {"Stop serving a model, unload its stages and remove it from the\n"
         "server's repository.",
-        [](FlagSet& f) {
-          AddServerFlag(f);
-          f.Add("name", "NAME", "the model to unload", true);
-        },
+        AddUnloadFlags,
         Remote(Unload)}},
   };
 }
