@@ -173,79 +173,97 @@ struct Prediction {
 // bisection on the slowest stage's time, each bound checked by
 // FitsUnder. (The plain dynamic programme over cut points is O(k n^2):
 // minutes for a graph of 50,000 nodes.)
-Prediction FastestCuts(const std::vector<double>& seconds,
-                       const std::vector<double>& crossing, double bw, int k) {
-  const int n = static_cast<int>(seconds.size());
-  std::vector<double> prefix(n + 1, 0.0);
-  for (int i = 0; i < n; ++i) prefix[i + 1] = prefix[i] + seconds[i];
-  auto transfer = [&](int from, int to) {
-    return bw > 0 ? (crossing[from] + crossing[to]) / bw : 0.0;
-  };
-  auto stage_time = [&](int from, int to) {  // nodes from .. to-1
-    return prefix[to] - prefix[from] + transfer(from, to);
-  };
-  // A stage of nodes t .. i-1 fits under `limit` when
-  //   prefix[i] - prefix[t] + (crossing[t] + crossing[i]) / bw <= limit,
-  // that is when reach[t] >= need[i] - limit.
-  std::vector<double> reach(n + 1), need(n + 1);
-  for (int i = 0; i <= n; ++i) {
-    const double c = bw > 0 ? crossing[i] / bw : 0.0;
-    reach[i] = prefix[i] - c;
-    need[i] = prefix[i] + c;
+class CutSearch {
+ public:
+  CutSearch(const std::vector<double>& seconds, const std::vector<double>& crossing, double bw,
+            int k)
+      : n_(static_cast<int>(seconds.size())), k_(k), bw_(bw), crossing_(crossing),
+        prefix_(n_ + 1, 0.0), reach_(n_ + 1), need_(n_ + 1) {
+    for (int i = 0; i < n_; ++i) prefix_[i + 1] = prefix_[i] + seconds[i];
+    // A stage of nodes t .. i-1 fits under `limit` when
+    //   prefix[i] - prefix[t] + (crossing[t] + crossing[i]) / bw <= limit,
+    // that is when reach[t] >= need[i] - limit.
+    for (int i = 0; i <= n_; ++i) {
+      const double c = bw > 0 ? crossing[i] / bw : 0.0;
+      reach_[i] = prefix_[i] - c;
+      need_[i] = prefix_[i] + c;
+    }
   }
+
+  Prediction Fastest() {
+    // Any cut bounds it: the first k-1 nodes alone (doubled, so the
+    // rearranged sums above cannot round it out of reach).
+    double hi = 0;
+    for (int s = 0; s < k_; ++s) hi = std::max(hi, StageTime(s, s + 1 < k_ ? s + 1 : n_));
+    hi = 2 * hi + 1.0;
+    double lo = 0;
+    if (FitsUnder(lo, nullptr)) hi = lo;  // nothing costs anything
+    for (int iter = 0; iter < 200; ++iter) {
+      const double mid = lo + (hi - lo) / 2;
+      if (mid <= lo || mid >= hi) break;  // as close as doubles go
+      (FitsUnder(mid, nullptr) ? hi : lo) = mid;
+    }
+    std::vector<int> starts;
+    FitsUnder(hi, &starts);
+    Prediction p;
+    for (int s = 0; s < k_; ++s) {
+      int begin = starts[s], end = s + 1 < k_ ? starts[s + 1] : n_;
+      if (s > 0) p.cuts.push_back({begin, absl::StrCat("measured cut ", s)});
+      p.compute_seconds.push_back(prefix_[end] - prefix_[begin]);
+      p.transfer_seconds.push_back(Transfer(begin, end));
+    }
+    return p;
+  }
+
+ private:
+  double Transfer(int from, int to) const {
+    return bw_ > 0 ? (crossing_[from] + crossing_[to]) / bw_ : 0.0;
+  }
+  double StageTime(int from, int to) const {  // nodes from .. to-1
+    return prefix_[to] - prefix_[from] + Transfer(from, to);
+  }
+
   // ends[j][i]: j stages, each under `limit`, can hold exactly nodes
   // 0 .. i-1. Stage j can end at i when some t < i where j-1 stages end
   // has reach[t] >= need[i] - limit: one pass per stage keeping the best
   // reach so far. With `starts`, also the first node of each stage.
-  std::vector<std::vector<bool>> ends;
-  auto fits_under = [&](double limit, std::vector<int>* starts) -> bool {
-    std::vector<bool> prev(n + 1, false), cur(n + 1);
+  bool FitsUnder(double limit, std::vector<int>* starts) {
+    std::vector<bool> prev(n_ + 1, false), cur(n_ + 1);
     prev[0] = true;
-    if (starts != nullptr) ends.assign(1, prev);
-    for (int j = 1; j <= k; ++j) {
+    if (starts != nullptr) ends_.assign(1, prev);
+    for (int j = 1; j <= k_; ++j) {
       double best = -std::numeric_limits<double>::infinity();
-      for (int i = 0; i <= n; ++i) {
-        cur[i] = i > 0 && best >= need[i] - limit;
-        if (prev[i]) best = std::max(best, reach[i]);
+      for (int i = 0; i <= n_; ++i) {
+        cur[i] = i > 0 && best >= need_[i] - limit;
+        if (prev[i]) best = std::max(best, reach_[i]);
       }
       prev.swap(cur);
-      if (starts != nullptr) ends.push_back(prev);
+      if (starts != nullptr) ends_.push_back(prev);
     }
-    if (!prev[n] || starts == nullptr) return prev[n];
+    if (!prev[n_] || starts == nullptr) return prev[n_];
     // Back from the end: each stage starts at the first node where the
     // stages before it can end and it reaches its end under the limit
     // (of equally fast cuts, the earliest).
-    starts->assign(k, 0);
-    for (int j = k, i = n; j >= 1; --j) {
+    starts->assign(k_, 0);
+    for (int j = k_, i = n_; j >= 1; --j) {
       int t = j - 1;
-      while (!(ends[j - 1][t] && reach[t] >= need[i] - limit)) ++t;
+      while (!(ends_[j - 1][t] && reach_[t] >= need_[i] - limit)) ++t;
       (*starts)[j - 1] = t;
       i = t;
     }
     return true;
-  };
-  // Any cut bounds it: the first k-1 nodes alone (doubled, so the
-  // rearranged sums above cannot round it out of reach).
-  double hi = 0;
-  for (int s = 0; s < k; ++s) hi = std::max(hi, stage_time(s, s + 1 < k ? s + 1 : n));
-  hi = 2 * hi + 1.0;
-  double lo = 0;
-  if (fits_under(lo, nullptr)) hi = lo;  // nothing costs anything
-  for (int iter = 0; iter < 200; ++iter) {
-    const double mid = lo + (hi - lo) / 2;
-    if (mid <= lo || mid >= hi) break;  // as close as doubles go
-    (fits_under(mid, nullptr) ? hi : lo) = mid;
   }
-  std::vector<int> starts;
-  fits_under(hi, &starts);
-  Prediction p;
-  for (int s = 0; s < k; ++s) {
-    int begin = starts[s], end = s + 1 < k ? starts[s + 1] : n;
-    if (s > 0) p.cuts.push_back({begin, absl::StrCat("measured cut ", s)});
-    p.compute_seconds.push_back(prefix[end] - prefix[begin]);
-    p.transfer_seconds.push_back(transfer(begin, end));
-  }
-  return p;
+
+  const int n_, k_;
+  const double bw_;
+  const std::vector<double>& crossing_;
+  std::vector<double> prefix_, reach_, need_;
+  std::vector<std::vector<bool>> ends_;
+};
+
+Prediction FastestCuts(const std::vector<double>& seconds, const std::vector<double>& crossing,
+                       double bw, int k) {
+  return CutSearch(seconds, crossing, bw, k).Fastest();
 }
 
 ValueSpec SpecFor(const std::string& name, const ValueShapes& shapes,
