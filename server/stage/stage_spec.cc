@@ -52,7 +52,10 @@ absl::Status CheckAddress(const std::string& address) {
 
 }  // namespace
 
-absl::Status ValidateStageSpec(const StageSpec& spec, uint64_t max_weight_bytes) {
+namespace {
+
+// The stage's place: its key, its place in the pipeline and the next hop.
+absl::Status CheckPlace(const StageSpec& spec) {
   const StageKey& key = spec.key();
   absl::Status name = ValidModelName(key.model());
   if (!name.ok()) return Invalid("key: ", name.message());
@@ -75,6 +78,50 @@ absl::Status ValidateStageSpec(const StageSpec& spec, uint64_t max_weight_bytes)
                         : "a stage before the last has no next_address");
   }
   if (!last) RETURN_IF_ERROR(CheckAddress(spec.next_address()));
+  return absl::OkStatus();
+}
+
+// The weights, in total, against this server's limit (0: none).
+absl::Status CheckWeightBytes(const Graph& graph, uint64_t max_weight_bytes) {
+  uint64_t total = 0;
+  for (const TensorInfo& p : graph.params()) {
+    total += p.byte_size();  // each checked against its shape by ValidateGraph
+    if (max_weight_bytes > 0 && total > max_weight_bytes) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "LoadStage: the stage's weights exceed this server's limit of ", max_weight_bytes,
+          " bytes"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// One value the stage receives: named, with a shape of checked size.
+absl::Status CheckReceived(const ValueSpec& v, std::set<std::string>* received) {
+  if (v.name().empty() || !received->insert(v.name()).second) {
+    return Invalid("received value \"", v.name(), "\" is unnamed or listed twice");
+  }
+  if (v.shape_size() > kMaxRank) {
+    return Invalid("received value \"", v.name(), "\" has ", v.shape_size(), " dimensions");
+  }
+  for (int d = 0; d < v.shape_size(); ++d) {
+    if (v.shape(d) < -1) {
+      return Invalid("received value \"", v.name(), "\": dimension ", v.shape(d),
+                     " (-1 is a free dimension)");
+    }
+  }
+  Shape fixed(v.shape().begin(), v.shape().end());
+  for (int64_t& d : fixed) {
+    if (d == -1) d = 1;
+  }
+  absl::Status size = CheckedByteSize(fixed, 8).status();
+  if (!size.ok()) return Invalid("received value \"", v.name(), "\": ", size.message());
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status ValidateStageSpec(const StageSpec& spec, uint64_t max_weight_bytes) {
+  RETURN_IF_ERROR(CheckPlace(spec));
   if (spec.threads() < 0 || spec.threads() > kMaxThreads) {
     return Invalid("threads ", spec.threads(), " is not in 0..", kMaxThreads);
   }
@@ -85,36 +132,9 @@ absl::Status ValidateStageSpec(const StageSpec& spec, uint64_t max_weight_bytes)
   // shape, all with checked arithmetic.
   absl::StatusOr<ValueShapes> shapes = ValidateGraph(spec.stage().graph());
   if (!shapes.ok()) return Invalid("stage graph: ", shapes.status().message());
-  uint64_t total = 0;
-  for (const TensorInfo& p : spec.stage().graph().params()) {
-    total += p.byte_size();  // each checked against its shape above
-    if (max_weight_bytes > 0 && total > max_weight_bytes) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "LoadStage: the stage's weights exceed this server's limit of ",
-          max_weight_bytes, " bytes"));
-    }
-  }
+  RETURN_IF_ERROR(CheckWeightBytes(spec.stage().graph(), max_weight_bytes));
   std::set<std::string> received;
-  for (const ValueSpec& v : spec.receives()) {
-    if (v.name().empty() || !received.insert(v.name()).second) {
-      return Invalid("received value \"", v.name(), "\" is unnamed or listed twice");
-    }
-    if (v.shape_size() > kMaxRank) {
-      return Invalid("received value \"", v.name(), "\" has ", v.shape_size(), " dimensions");
-    }
-    for (int d = 0; d < v.shape_size(); ++d) {
-      if (v.shape(d) < -1) {
-        return Invalid("received value \"", v.name(), "\": dimension ", v.shape(d),
-                       " (-1 is a free dimension)");
-      }
-    }
-    Shape fixed(v.shape().begin(), v.shape().end());
-    for (int64_t& d : fixed) {
-      if (d == -1) d = 1;
-    }
-    absl::Status size = CheckedByteSize(fixed, 8).status();
-    if (!size.ok()) return Invalid("received value \"", v.name(), "\": ", size.message());
-  }
+  for (const ValueSpec& v : spec.receives()) RETURN_IF_ERROR(CheckReceived(v, &received));
   for (const ValueSpec& in : spec.stage().graph().inputs()) {
     if (!received.count(in.name())) {
       return Invalid("the stage reads \"", in.name(), "\" but does not receive it");
