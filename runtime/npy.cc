@@ -9,6 +9,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "common/status_macros.h"
 
 namespace pipeserve {
 namespace {
@@ -34,7 +35,11 @@ constexpr NpyType kNpyTypes[] = {
 
 }  // namespace
 
-absl::StatusOr<Tensor> ParseNpy(const std::string& bytes) {
+namespace {
+
+// The header dict's text, from the magic and the header length (format
+// versions 1 and 2+); sets *data_start to the first byte after it.
+absl::StatusOr<absl::string_view> NpyHeader(const std::string& bytes, size_t* data_start) {
   if (bytes.size() < 10 || bytes.compare(0, 6, "\x93NUMPY") != 0) {
     return absl::InvalidArgumentError("not a .npy file (bad magic)");
   }
@@ -55,7 +60,12 @@ absl::StatusOr<Tensor> ParseNpy(const std::string& bytes) {
   if (header_start + header_len > bytes.size()) {
     return absl::DataLossError(".npy header truncated");
   }
-  absl::string_view header(bytes.data() + header_start, header_len);
+  *data_start = header_start + header_len;
+  return absl::string_view(bytes.data() + header_start, header_len);
+}
+
+// The header's dtype (one of kNpyTypes), C order.
+absl::StatusOr<DataType> NpyDtype(absl::string_view header) {
   absl::string_view descr = Field(header, "descr");
   DataType dtype = DT_INVALID;
   for (const NpyType& t : kNpyTypes) {
@@ -69,6 +79,11 @@ absl::StatusOr<Tensor> ParseNpy(const std::string& bytes) {
   if (absl::StartsWith(Field(header, "fortran_order"), "True")) {
     return absl::InvalidArgumentError(".npy in Fortran order is not supported");
   }
+  return dtype;
+}
+
+// The header's shape tuple.
+absl::StatusOr<Shape> NpyShape(absl::string_view header) {
   absl::string_view shape_text = Field(header, "shape");
   size_t close = shape_text.find(')');
   if (!absl::ConsumePrefix(&shape_text, "(") || close == absl::string_view::npos) {
@@ -83,6 +98,16 @@ absl::StatusOr<Tensor> ParseNpy(const std::string& bytes) {
     }
     shape.push_back(v);
   }
+  return shape;
+}
+
+}  // namespace
+
+absl::StatusOr<Tensor> ParseNpy(const std::string& bytes) {
+  size_t data_start = 0;
+  ASSIGN_OR_RETURN(absl::string_view header, NpyHeader(bytes, &data_start));
+  ASSIGN_OR_RETURN(DataType dtype, NpyDtype(header));
+  ASSIGN_OR_RETURN(Shape shape, NpyShape(header));
   absl::StatusOr<uint64_t> checked = CheckedByteSize(shape, ElementSize(dtype));
   if (!checked.ok()) return checked.status();
   if (*checked > bytes.size()) {
@@ -91,7 +116,6 @@ absl::StatusOr<Tensor> ParseNpy(const std::string& bytes) {
                                             bytes.size()));
   }
   Tensor t = Tensor::Empty(shape, dtype);
-  size_t data_start = header_start + header_len;
   if (bytes.size() - data_start < static_cast<size_t>(t.byte_size())) {
     return absl::DataLossError(absl::StrCat(".npy data truncated: ", ShapeToString(shape),
                                             " needs ", t.byte_size(), " bytes, found ",
