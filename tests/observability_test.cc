@@ -71,8 +71,11 @@ TEST(ObservabilityTest, StageServersExportMetricsThatAccountForEveryMicrobatch) 
     std::vector<std::string> texts;
     for (const auto& s : servers) {
       std::string got = HttpGet(s->metrics_port(), "/metrics");
-      EXPECT_NE(got.find("200 OK"), std::string::npos) << got;
-      texts.push_back(got.substr(got.find("\r\n\r\n") + 4));
+      const size_t body = got.find("\r\n\r\n");
+      // Not an answer (yet): empty, so the page is read again.
+      texts.push_back(got.find("200 OK") == std::string::npos || body == std::string::npos
+                          ? std::string()
+                          : got.substr(body + 4));
     }
     return texts;
   };
@@ -91,7 +94,10 @@ TEST(ObservabilityTest, StageServersExportMetricsThatAccountForEveryMicrobatch) 
     absl::SleepFor(absl::Milliseconds(50));
     texts = scrape();
   }
-  for (const std::string& text : texts) EXPECT_EQ(PromtoolProblems(text), "");
+  for (const std::string& text : texts) {
+    ASSERT_FALSE(text.empty()) << "a stage server's /metrics did not answer 200 OK";
+    EXPECT_EQ(PromtoolProblems(text), "");
+  }
   for (int stage = 0; stage < 4; ++stage) {
     // Stage i is on server i mod 2 (the static launcher's placement).
     const std::string& text = texts[stage % 2];

@@ -364,7 +364,8 @@ TEST(TrustUploadTest, AnIdleUploadIsCancelledAndFreesItsSlot) {
   auto client = *Client::Connect((*c)->address());
   std::string path = WriteMlp(TestTempDir("idle_models"), 1);
   EXPECT_EQ(UploadsInProgress((*c)->metrics_port()), 0);
-  grpc::ClientContext idle_ctx;
+  grpc::ClientContext idle_ctx;  // a watchdog that never fires fails the test, not hangs it
+  idle_ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(kIdleS + 60));
   UploadResponse idle_resp;
   absl::Time idle_since = absl::Now();
   auto idle = stub->Upload(&idle_ctx, &idle_resp);
@@ -375,7 +376,7 @@ TEST(TrustUploadTest, AnIdleUploadIsCancelledAndFreesItsSlot) {
   // The write is only queued: wait until the server has read it and the
   // upload holds the only slot.
   while (UploadsInProgress((*c)->metrics_port()) != 1 &&
-         absl::Now() - idle_since < absl::Seconds(kIdleS / 2)) {
+         absl::Now() - idle_since < absl::Seconds(30)) {
     absl::SleepFor(absl::Milliseconds(20));
   }
   ASSERT_EQ(UploadsInProgress((*c)->metrics_port()), 1) << "the idle upload never started";
@@ -407,10 +408,10 @@ TEST(TrustUploadTest, ADeployLongerThanTheIdleTimeoutIsNotCancelled) {
       CoordinatorProcess::Start({TestTempDir("slow_deploy_repo"), {"--upload_idle_timeout_s=1"}});
   ASSERT_TRUE(c.ok()) << c.status();
   auto client = *Client::Connect((*c)->address());
-  // 8 stages of 4096 x 4096 float32: 512 MiB to load, well over a second
-  // (4 stages took 1.1 s on a fast machine, too close to the timeout; a
+  // 2 stages of 8192 x 8192 float32: 512 MiB to load, well over a second
+  // (256 MiB took 1.1 s on a fast machine, too close to the timeout; a
   // stage server held stopped instead is dropped by the keepalive in 2 s).
-  std::string path = WriteMlp(TestTempDir("slow_deploy_models"), 8, 4096);
+  std::string path = WriteMlp(TestTempDir("slow_deploy_models"), 2, 8192);
   absl::Time start = absl::Now();
   absl::StatusOr<UploadResult> up = client->Upload("slow", path, {});
   const absl::Duration took = absl::Now() - start;
@@ -567,12 +568,12 @@ TEST(TrustShutdownTest, AStageServerLeavesSoonAfterItsGracePeriodWhileAKernelRun
                                        "--stage_servers=" + (*stage)->address()}});
   ASSERT_TRUE(c.ok()) << c.status();
   auto client = *Client::Connect((*c)->address(), {.timeout = absl::Seconds(120)});
-  // 32 layers of 1024 x 1024 on 57344 rows in one run: about 3.9 TFLOP,
-  // 14 s on one core of a fast machine; the server must not wait for it.
+  // 64 layers of 1024 x 1024 on 57344 rows in one run: about 7.7 TFLOP,
+  // 28 s on one core of a fast machine; the server must not wait for it.
   UploadOptions one_run;
   one_run.set_microbatches(1);
   ASSERT_TRUE(
-      client->Upload("slow", WriteMlp(TestTempDir("kernel_models"), 1, 1024, 32), one_run).ok());
+      client->Upload("slow", WriteMlp(TestTempDir("kernel_models"), 1, 1024, 64), one_run).ok());
   std::thread request([&] {
     client->Infer("slow", {{"x", Tensor::Zeros({57344, 1024})}}, absl::Seconds(120)).IgnoreError();
   });

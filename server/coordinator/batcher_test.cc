@@ -228,12 +228,15 @@ TEST(BatcherTest, AMergedRunThatFailsRunsEachMemberAloneSoOnlyTheBadOneFails) {
 
 TEST(BatcherTest, WithAQueueDelayRequestsToAnIdleModelWaitForCompany) {
   Echo echo;
-  // Rows enough (3) send them; the delay is long enough for any machine.
-  Batcher b({3, absl::Seconds(10), 2}, true, echo.run());
+  // 3 rows of 64: only the delay's timer sends them, after 2 s, long
+  // enough on any machine for all three to have arrived.
+  Batcher b({64, absl::Seconds(2), 2}, true, echo.run());
   // Not waited into the queue one by one: a batcher without the delay
   // sends the first alone.
-  Clients three(b, {1, 1, 1}, absl::Seconds(10), {}, Queue::kNot);
+  const absl::Time start = absl::Now();
+  Clients three(b, {1, 1, 1}, absl::Seconds(30), {}, Queue::kNot);
   three.Join();
+  EXPECT_GE(absl::Now() - start, absl::Seconds(2)) << "sent before the delay ran out";
   EXPECT_THAT(echo.runs(), ElementsAre(3));
   for (const auto& o : three.out) EXPECT_TRUE(o.ok()) << o.status();
 }

@@ -322,6 +322,37 @@ absl::StatusOr<std::shared_ptr<Deployment>> Deployment::Adopt(
   return d;
 }
 
+absl::StatusOr<std::unique_ptr<StageClient::Subscription>> Deployment::SubscribeLaneResults(
+    int lane, uint64_t generation, const std::string& last, const StageKey& key,
+    absl::Time deadline) {
+  std::weak_ptr<Deployment> weak = shared_from_this();
+  return config_.stages->SubscribeResults(
+      last, key,
+      [weak, lane](Frame f) {
+        if (auto dep = weak.lock()) dep->Deliver(lane, std::move(f));
+      },
+      [weak, last, lane, generation](const absl::Status& end) {
+        auto dep = weak.lock();
+        if (dep == nullptr) return;
+        std::string why = absl::StrCat(
+            "the results stream from the last stage (", last,
+            dep->replicas_ > 1 ? absl::StrCat(", replica ", lane) : std::string(),
+            ") ended: ", end.message());
+        if (dep->BreakLane(lane, generation, why) && dep->config_.on_broken) {
+          dep->config_.on_broken(dep->name_);
+        }
+      },
+      deadline);
+}
+
+void Deployment::UnloadLaneStages(const std::vector<std::string>& servers,
+                                  const std::vector<StageSpec>& specs) {
+  const absl::Time unload_by = absl::Now() + kUnloadTimeout;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    config_.stages->UnloadStage(servers[i], specs[i].key(), unload_by).IgnoreError();
+  }
+}
+
 absl::Status Deployment::ConnectLane(int lane, std::vector<std::string> servers,
                                      std::vector<StageSpec> specs, absl::Time deadline) {
   const int n = static_cast<int>(specs.size());
@@ -330,26 +361,8 @@ absl::Status Deployment::ConnectLane(int lane, std::vector<std::string> servers,
     absl::MutexLock lock(&mu_);
     generation = lanes_[lane].generation + 1;
   }
-  std::weak_ptr<Deployment> weak = shared_from_this();
-  const std::string last = servers[n - 1];
   absl::StatusOr<std::unique_ptr<StageClient::Subscription>> results =
-      config_.stages->SubscribeResults(
-          last, specs[n - 1].key(),
-          [weak, lane](Frame f) {
-            if (auto dep = weak.lock()) dep->Deliver(lane, std::move(f));
-          },
-          [weak, last, lane, generation](const absl::Status& end) {
-            auto dep = weak.lock();
-            if (dep == nullptr) return;
-            std::string why = absl::StrCat("the results stream from the last stage (", last,
-                                           dep->replicas_ > 1 ? absl::StrCat(", replica ", lane)
-                                                              : std::string(),
-                                           ") ended: ", end.message());
-            if (dep->BreakLane(lane, generation, why) && dep->config_.on_broken) {
-              dep->config_.on_broken(dep->name_);
-            }
-          },
-          deadline);
+      SubscribeLaneResults(lane, generation, servers[n - 1], specs[n - 1].key(), deadline);
   if (!results.ok()) return results.status();
   std::shared_ptr<FrameSink> input = config_.stages->OpenInput(servers[0], specs[0].key());
   std::shared_ptr<FrameSink> old_input;
@@ -375,10 +388,7 @@ absl::Status Deployment::ConnectLane(int lane, std::vector<std::string> servers,
     // goes, and so do the stages it connected.
     input->Close();
     results->reset();
-    const absl::Time unload_by = absl::Now() + kUnloadTimeout;
-    for (int i = 0; i < n; ++i) {
-      config_.stages->UnloadStage(servers[i], specs[i].key(), unload_by).IgnoreError();
-    }
+    UnloadLaneStages(servers, specs);
     return absl::UnavailableError("the deployment closed while a replica was connected");
   }
   // Ending a results stream calls BreakLane, which takes mu_.

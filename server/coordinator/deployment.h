@@ -333,6 +333,15 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   // lane is.
   absl::Status ConnectLane(int lane, std::vector<std::string> servers,
                            std::vector<StageSpec> specs, absl::Time deadline);
+  // Lane `lane`'s results from its last stage (on `last`): delivered while
+  // this deployment lives; the stream's end breaks the lane (if still at
+  // `generation`).
+  absl::StatusOr<std::unique_ptr<StageClient::Subscription>> SubscribeLaneResults(
+      int lane, uint64_t generation, const std::string& last, const StageKey& key,
+      absl::Time deadline);
+  // Unloads a lane's stages (specs[i] on servers[i]), errors ignored.
+  void UnloadLaneStages(const std::vector<std::string>& servers,
+                        const std::vector<StageSpec>& specs);
 
   // Handles one frame from lane `lane`'s last stage.
   void Deliver(int lane, Frame frame);

@@ -72,70 +72,108 @@ int64_t BatchOffset(int64_t b, const Shape& batch, const Strides& strides) {
   return offset;
 }
 
+// One FusedAttention call: q [batch..., Tq, D], k [batch..., Tk, D], v
+// [batch..., Tk, Dv] into out, one batch index at a time, in blocks of
+// kRows query rows. float16/bfloat16: one batch index of q, k and v
+// widened at a time, and each block of output rows rounded back.
+class AttentionRun {
+ public:
+  static constexpr int64_t kRows = 64;
+
+  AttentionRun(const Tensor& q, const Tensor& k, const Tensor& v, float scale,
+               const AttentionMask& mask, Tensor* out)
+      : q_(q), k_(k), v_(v), scale_(scale), mask_(mask), out_(*out), r_(q.rank()),
+        tq_(q.dim(r_ - 2)), d_(q.dim(r_ - 1)), tk_(k.dim(r_ - 2)), dv_(v.dim(r_ - 1)),
+        batch_(out->shape().begin(), out->shape().end() - 2),
+        wide_(q.dtype() == DT_FLOAT32) {
+    Shape scores = batch_;
+    scores.push_back(tq_);
+    scores.push_back(tk_);
+    // Masks index [batch..., Tq, Tk] through broadcast strides.
+    if (mask.add != nullptr) add_ = ToFloat32(*mask.add);
+    if (mask.cond != nullptr) cond_st_ = BroadcastStrides(mask.cond->shape(), scores);
+    if (mask.add != nullptr) add_st_ = BroadcastStrides(add_.shape(), scores);
+    s_block_.resize(static_cast<size_t>(std::min(tq_, kRows) * tk_));
+    if (!wide_) {
+      qf_.resize(tq_ * d_);
+      kf_.resize(tk_ * d_);
+      vf_.resize(tk_ * dv_);
+      of_.resize(std::min(tq_, kRows) * dv_);
+    }
+  }
+
+  int64_t batches() const { return NumElements(batch_); }
+
+  absl::Status Batch(int64_t b) {
+    const float* qb = wide_ ? q_.data() + b * tq_ * d_ : qf_.data();
+    const float* kb = wide_ ? k_.data() + b * tk_ * d_ : kf_.data();
+    const float* vb = wide_ ? v_.data() + b * tk_ * dv_ : vf_.data();
+    if (!wide_) {
+      const DataType type = q_.dtype();
+      Widen16(type, q_.data_as<uint16_t>() + b * tq_ * d_, tq_ * d_, qf_.data());
+      Widen16(type, k_.data_as<uint16_t>() + b * tk_ * d_, tk_ * d_, kf_.data());
+      Widen16(type, v_.data_as<uint16_t>() + b * tk_ * dv_, tk_ * dv_, vf_.data());
+    }
+    for (int64_t r0 = 0; r0 < tq_; r0 += kRows) {
+      const int64_t m = std::min(kRows, tq_ - r0);
+      float* sb = s_block_.data();
+      RETURN_IF_ERROR(Gemm(true, m, tk_, d_, qb + r0 * d_, kb, 0.0f, sb));
+      Softmax(b, r0, m, sb);
+      float* ob = wide_ ? out_.data() + (b * tq_ + r0) * dv_ : of_.data();
+      RETURN_IF_ERROR(Gemm(false, m, dv_, tk_, sb, vb, 0.0f, ob));
+      if (!wide_) {
+        Narrow16(q_.dtype(), ob, m * dv_, out_.data_as<uint16_t>() + (b * tq_ + r0) * dv_);
+      }
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  // Scores rows r0 .. r0+m-1 of batch index b (in sb): scaled, masked and
+  // softmaxed in place.
+  void Softmax(int64_t b, int64_t r0, int64_t m, float* sb) const {
+    // Offsets of this batch index in the masks.
+    const int64_t cond_base = mask_.cond == nullptr ? 0 : BatchOffset(b, batch_, cond_st_);
+    const int64_t add_base = mask_.add == nullptr ? 0 : BatchOffset(b, batch_, add_st_);
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t qi = r0 + i;
+      const uint8_t* cond =
+          mask_.cond == nullptr
+              ? nullptr
+              : mask_.cond->data_as<uint8_t>() + cond_base + qi * cond_st_[r_ - 2];
+      const float* added =
+          mask_.add == nullptr ? nullptr : add_.data() + add_base + qi * add_st_[r_ - 2];
+      ScaleMaskRow(sb + i * tk_, tk_, scale_, cond, cond == nullptr ? 0 : cond_st_[r_ - 1],
+                   mask_.fill, added, added == nullptr ? 0 : add_st_[r_ - 1]);
+      SoftmaxRow(sb + i * tk_, tk_);
+    }
+  }
+
+  const Tensor& q_;
+  const Tensor& k_;
+  const Tensor& v_;
+  const float scale_;
+  const AttentionMask& mask_;
+  Tensor& out_;
+  const int r_;
+  const int64_t tq_, d_, tk_, dv_;
+  const Shape batch_;
+  const bool wide_;
+  Tensor add_;
+  Strides cond_st_, add_st_;
+  std::vector<float> s_block_, qf_, kf_, vf_, of_;
+};
+
 }  // namespace
 
 absl::StatusOr<Tensor> FusedAttention(const Tensor& q_in, const Tensor& k_in,
                                       const Tensor& v_in, float scale,
                                       const AttentionMask& mask, const Tensor& scratch) {
-  const DataType type = q_in.dtype();
   ASSIGN_OR_RETURN(Shape out_shape, AttentionShape(q_in, k_in, v_in));
-  const int r = q_in.rank();
-  const int64_t tq = q_in.dim(r - 2), d = q_in.dim(r - 1);
-  const int64_t tk = k_in.dim(r - 2), dv = v_in.dim(r - 1);
-  const Shape batch(out_shape.begin(), out_shape.end() - 2);
-  ASSIGN_OR_RETURN(Tensor out, Output(out_shape, type, scratch));
+  ASSIGN_OR_RETURN(Tensor out, Output(out_shape, q_in.dtype(), scratch));
   if (out.numel() == 0) return out;  // nothing to write (see RunCpuOp)
-  Shape scores = batch;
-  scores.push_back(tq);
-  scores.push_back(tk);
-  // Masks index [batch..., Tq, Tk] through broadcast strides.
-  Tensor add = mask.add != nullptr ? ToFloat32(*mask.add) : Tensor();
-  Strides cond_st, add_st;
-  if (mask.cond != nullptr) cond_st = BroadcastStrides(mask.cond->shape(), scores);
-  if (mask.add != nullptr) add_st = BroadcastStrides(add.shape(), scores);
-  const int64_t batches = NumElements(batch);
-  constexpr int64_t kRows = 64;
-  std::vector<float> s_block(static_cast<size_t>(std::min(tq, kRows) * tk));
-  // float16/bfloat16: one batch index of q, k and v widened at a time, and
-  // each block of output rows rounded back.
-  const bool wide = type == DT_FLOAT32;
-  std::vector<float> qf(wide ? 0 : tq * d), kf(wide ? 0 : tk * d), vf(wide ? 0 : tk * dv),
-      of(wide ? 0 : std::min(tq, kRows) * dv);
-  for (int64_t b = 0; b < batches; ++b) {
-    // Offsets of this batch index in the masks.
-    const int64_t cond_base = mask.cond == nullptr ? 0 : BatchOffset(b, batch, cond_st);
-    const int64_t add_base = mask.add == nullptr ? 0 : BatchOffset(b, batch, add_st);
-    const float* qb = wide ? q_in.data() + b * tq * d : qf.data();
-    const float* kb = wide ? k_in.data() + b * tk * d : kf.data();
-    const float* vb = wide ? v_in.data() + b * tk * dv : vf.data();
-    if (!wide) {
-      Widen16(type, q_in.data_as<uint16_t>() + b * tq * d, tq * d, qf.data());
-      Widen16(type, k_in.data_as<uint16_t>() + b * tk * d, tk * d, kf.data());
-      Widen16(type, v_in.data_as<uint16_t>() + b * tk * dv, tk * dv, vf.data());
-    }
-    for (int64_t r0 = 0; r0 < tq; r0 += kRows) {
-      const int64_t m = std::min(kRows, tq - r0);
-      float* sb = s_block.data();
-      RETURN_IF_ERROR(Gemm(true, m, tk, d, qb + r0 * d, kb, 0.0f, sb));
-      for (int64_t i = 0; i < m; ++i) {
-        const int64_t qi = r0 + i;
-        const uint8_t* cond =
-            mask.cond == nullptr
-                ? nullptr
-                : mask.cond->data_as<uint8_t>() + cond_base + qi * cond_st[r - 2];
-        const float* added =
-            mask.add == nullptr ? nullptr : add.data() + add_base + qi * add_st[r - 2];
-        ScaleMaskRow(sb + i * tk, tk, scale, cond, cond == nullptr ? 0 : cond_st[r - 1],
-                     mask.fill, added, added == nullptr ? 0 : add_st[r - 1]);
-        SoftmaxRow(sb + i * tk, tk);
-      }
-      float* ob = wide ? out.data() + (b * tq + r0) * dv : of.data();
-      RETURN_IF_ERROR(Gemm(false, m, dv, tk, sb, vb, 0.0f, ob));
-      if (!wide) {
-        Narrow16(type, ob, m * dv, out.data_as<uint16_t>() + (b * tq + r0) * dv);
-      }
-    }
-  }
+  AttentionRun run(q_in, k_in, v_in, scale, mask, &out);
+  for (int64_t b = 0; b < run.batches(); ++b) RETURN_IF_ERROR(run.Batch(b));
   return out;
 }
 
