@@ -115,78 +115,110 @@ T FloorDivFloat(T x, T y) {
   return floor;
 }
 
+// A binary op's two operands (a scalar one repeated), broadcast to the
+// output's shape.
+template <typename T>
+struct Pair {
+  const T* a;
+  Strides sa;
+  const T* b;
+  Strides sb;
+  const Shape& shape;
+
+  template <typename U, typename F>
+  void Each(U* o, F f) const {
+    ForEachPair(a, sa, b, sb, shape, o, f);
+  }
+};
+
+// Comparisons and logic ops, into bools.
+template <typename T>
+void CompareT(BinOp op, const Pair<T>& p, uint8_t* o) {
+  switch (op) {
+    case BinOp::kEq: p.Each(o, [](T x, T y) -> uint8_t { return x == y; }); break;
+    case BinOp::kNe: p.Each(o, [](T x, T y) -> uint8_t { return x != y; }); break;
+    case BinOp::kLt: p.Each(o, [](T x, T y) -> uint8_t { return x < y; }); break;
+    case BinOp::kLe: p.Each(o, [](T x, T y) -> uint8_t { return x <= y; }); break;
+    case BinOp::kGt: p.Each(o, [](T x, T y) -> uint8_t { return x > y; }); break;
+    case BinOp::kGe: p.Each(o, [](T x, T y) -> uint8_t { return x >= y; }); break;
+    case BinOp::kAnd: p.Each(o, [](T x, T y) -> uint8_t { return x && y; }); break;
+    case BinOp::kOr: p.Each(o, [](T x, T y) -> uint8_t { return x || y; }); break;
+    default: break;
+  }
+}
+
+// Floating-point div, floor division and pow; a scalar exponent (not
+// reversed) of 2 or 3 as products (GPT-2's gelu), as PyTorch does, and
+// 0.5 as a square root.
+template <typename T>
+void FloatDivisionT(BinOp op, const Pair<T>& p, const Node& node, T* o) {
+  const bool plain_scalar = HasScalarOperand(node) && IntAttr(node, "reverse", 0) == 0;
+  const double exponent = FloatAttr(node, "scalar", 0);
+  if (op == BinOp::kDiv) p.Each(o, [](T x, T y) { return x / y; });
+  if (op == BinOp::kFloorDiv) p.Each(o, [](T x, T y) { return FloorDivFloat(x, y); });
+  if (op != BinOp::kPow) return;
+  if (plain_scalar && exponent == 2.0) {
+    p.Each(o, [](T x, T) { return x * x; });
+  } else if (plain_scalar && exponent == 3.0) {
+    p.Each(o, [](T x, T) { return x * x * x; });
+  } else if (plain_scalar && exponent == 0.5) {
+    p.Each(o, [](T x, T) { return std::sqrt(x); });
+  } else {
+    p.Each(o, [](T x, T y) { return std::pow(x, y); });
+  }
+}
+
+// Integer div and floor division (Python's), refusing a zero divisor
+// among the nb values of the divisor, and pow.
+template <typename T>
+absl::Status IntDivisionT(BinOp op, const Pair<T>& p, const Node& node, int64_t nb, T* o) {
+  if (op == BinOp::kPow) {
+    p.Each(o, [](T x, T y) { return IntPow(x, y); });
+    return absl::OkStatus();
+  }
+  for (int64_t i = 0; i < nb; ++i) {
+    if (p.b[i] == 0) return Bad(absl::StrCat("integer division by zero in ", node.op()));
+  }
+  if (op == BinOp::kDiv) p.Each(o, [](T x, T y) { return static_cast<T>(x / y); });
+  if (op == BinOp::kFloorDiv) {
+    p.Each(o, [](T x, T y) {  // Python floor division
+      T q = static_cast<T>(x / y);
+      if ((x % y != 0) && ((x < 0) != (y < 0))) --q;
+      return q;
+    });
+  }
+  return absl::OkStatus();
+}
+
 template <typename T>
 absl::Status BinaryT(const Node& node, const std::vector<const Tensor*>& in, Tensor* out) {
   const BinOp op = BinOpOf(node.op());
-  const T* a = in[0]->data_as<T>();
   const bool scalar = HasScalarOperand(node);
-  const double scalar_value = FloatAttr(node, "scalar", 0);
-  const T s = static_cast<T>(scalar_value);
-  const bool reverse = IntAttr(node, "reverse", 0) != 0;
-  const T* b = scalar ? &s : in[1]->data_as<T>();
-  Strides sa = BroadcastStrides(in[0]->shape(), out->shape());
-  Strides sb = scalar ? Strides(out->rank(), 0) : BroadcastStrides(in[1]->shape(), out->shape());
-  if (scalar && reverse) std::swap(a, b), std::swap(sa, sb);
-  const Shape& shape = out->shape();
+  const T s = static_cast<T>(FloatAttr(node, "scalar", 0));
+  Pair<T> p{in[0]->data_as<T>(), BroadcastStrides(in[0]->shape(), out->shape()),
+            scalar ? &s : in[1]->data_as<T>(),
+            scalar ? Strides(out->rank(), 0) : BroadcastStrides(in[1]->shape(), out->shape()),
+            out->shape()};
+  if (scalar && IntAttr(node, "reverse", 0) != 0) std::swap(p.a, p.b), std::swap(p.sa, p.sb);
   if (IsCompare(op)) {
-    uint8_t* o = out->data_as<uint8_t>();
-    auto cmp = [&](auto f) { ForEachPair(a, sa, b, sb, shape, o, f); };
-    switch (op) {
-      case BinOp::kEq: cmp([](T x, T y) -> uint8_t { return x == y; }); break;
-      case BinOp::kNe: cmp([](T x, T y) -> uint8_t { return x != y; }); break;
-      case BinOp::kLt: cmp([](T x, T y) -> uint8_t { return x < y; }); break;
-      case BinOp::kLe: cmp([](T x, T y) -> uint8_t { return x <= y; }); break;
-      case BinOp::kGt: cmp([](T x, T y) -> uint8_t { return x > y; }); break;
-      case BinOp::kGe: cmp([](T x, T y) -> uint8_t { return x >= y; }); break;
-      case BinOp::kAnd: cmp([](T x, T y) -> uint8_t { return x && y; }); break;
-      case BinOp::kOr: cmp([](T x, T y) -> uint8_t { return x || y; }); break;
-      default: break;
-    }
+    CompareT(op, p, out->data_as<uint8_t>());
     return absl::OkStatus();
   }
   T* o = out->data_as<T>();
-  auto run = [&](auto f) { ForEachPair(a, sa, b, sb, shape, o, f); };
   switch (op) {
-    case BinOp::kAdd: run([](T x, T y) { return static_cast<T>(x + y); }); break;
-    case BinOp::kSub: run([](T x, T y) { return static_cast<T>(x - y); }); break;
-    case BinOp::kMul: run([](T x, T y) { return static_cast<T>(x * y); }); break;
-    case BinOp::kMax: run([](T x, T y) { return MaxOf(x, y); }); break;
-    case BinOp::kMin: run([](T x, T y) { return MinOf(x, y); }); break;
+    case BinOp::kAdd: p.Each(o, [](T x, T y) { return static_cast<T>(x + y); }); break;
+    case BinOp::kSub: p.Each(o, [](T x, T y) { return static_cast<T>(x - y); }); break;
+    case BinOp::kMul: p.Each(o, [](T x, T y) { return static_cast<T>(x * y); }); break;
+    case BinOp::kMax: p.Each(o, [](T x, T y) { return MaxOf(x, y); }); break;
+    case BinOp::kMin: p.Each(o, [](T x, T y) { return MinOf(x, y); }); break;
     case BinOp::kDiv:
     case BinOp::kFloorDiv:
     case BinOp::kPow:
       if constexpr (std::is_floating_point_v<T>) {
-        if (op == BinOp::kDiv) run([](T x, T y) { return x / y; });
-        if (op == BinOp::kFloorDiv) run([](T x, T y) { return FloorDivFloat(x, y); });
-        if (op == BinOp::kPow) {
-          // x ** 2 and x ** 3 (GPT-2's gelu) as products, as PyTorch does.
-          if (scalar && !reverse && scalar_value == 2.0) {
-            run([](T x, T) { return x * x; });
-          } else if (scalar && !reverse && scalar_value == 3.0) {
-            run([](T x, T) { return x * x * x; });
-          } else if (scalar && !reverse && scalar_value == 0.5) {
-            run([](T x, T) { return std::sqrt(x); });
-          } else {
-            run([](T x, T y) { return std::pow(x, y); });
-          }
-        }
+        FloatDivisionT(op, p, node, o);
       } else {
-        if (op == BinOp::kPow) {
-          run([](T x, T y) { return IntPow(x, y); });
-          break;
-        }
-        const int64_t nb = b == &s ? 1 : (scalar ? in[0]->numel() : in[1]->numel());
-        for (int64_t i = 0; i < nb; ++i) {
-          if (b[i] == 0) return Bad(absl::StrCat("integer division by zero in ", node.op()));
-        }
-        if (op == BinOp::kDiv) run([](T x, T y) { return static_cast<T>(x / y); });
-        if (op == BinOp::kFloorDiv) {
-          run([](T x, T y) {  // Python floor division
-            T q = static_cast<T>(x / y);
-            if ((x % y != 0) && ((x < 0) != (y < 0))) --q;
-            return q;
-          });
-        }
+        const int64_t nb = p.b == &s ? 1 : (scalar ? in[0]->numel() : in[1]->numel());
+        return IntDivisionT(op, p, node, nb, o);
       }
       break;
     default:
