@@ -609,66 +609,73 @@ absl::Status Plan_(const FlagSet& flags, std::ostream& out, std::ostream& err) {
   return Remote(PlanRemote)(flags, out, err);
 }
 
-absl::Status Infer(const FlagSet& flags, Client& client, std::ostream& out,
-                   std::ostream&) {
-  const std::string model = flags.Get("name");
-  ASSIGN_OR_RETURN(int timeout_ms, flags.GetInt("timeout_ms"));
-  // The model's input names and order, for inputs given by position.
-  ASSIGN_OR_RETURN(inference::ModelMetadataResponse meta,
-                   client.ModelMetadata(model));
+// The inputs of --input, named by the deployed model's metadata (for
+// inputs given by position).
+absl::StatusOr<std::vector<NamedTensor>> NamedInputs(const FlagSet& flags, Client& client,
+                                                     const std::string& model) {
+  ASSIGN_OR_RETURN(inference::ModelMetadataResponse meta, client.ModelMetadata(model));
   std::vector<std::string> names;
   for (const auto& in : meta.inputs()) names.push_back(in.name());
-  ASSIGN_OR_RETURN(std::vector<Tensor> tensors,
-                   LoadInputs(names, flags.GetAll("input")));
+  ASSIGN_OR_RETURN(std::vector<Tensor> tensors, LoadInputs(names, flags.GetAll("input")));
   std::vector<NamedTensor> inputs;
-  for (size_t i = 0; i < names.size(); ++i)
-    inputs.push_back({names[i], tensors[i]});
+  for (size_t i = 0; i < names.size(); ++i) inputs.push_back({names[i], tensors[i]});
+  return inputs;
+}
 
-  const std::string trace_path = flags.Get("trace");
-  std::string trace;
-  auto start = std::chrono::steady_clock::now();
-  ASSIGN_OR_RETURN(
-      std::vector<NamedTensor> outputs,
-      client.Infer(model, inputs, absl::Milliseconds(std::max(0, timeout_ms)),
-                   trace_path.empty() ? nullptr : &trace));
-  double ms = std::chrono::duration<double, std::milli>(
-                  std::chrono::steady_clock::now() - start)
-                  .count();
-
-  const std::string dir = flags.Get("output_dir");
+// Prints each output's shape and, with `dir`, writes it there as .npy.
+absl::Status WriteOutputs(const std::vector<NamedTensor>& outputs, const std::string& dir,
+                          std::ostream& out) {
   if (!dir.empty()) {
     std::error_code ec;
     std::filesystem::create_directories(dir, ec);
     if (ec) {
-      return absl::PermissionDeniedError(absl::StrCat(
-          "cannot create --output_dir \"", dir, "\": ", ec.message()));
+      return absl::PermissionDeniedError(
+          absl::StrCat("cannot create --output_dir \"", dir, "\": ", ec.message()));
     }
   }
   for (size_t i = 0; i < outputs.size(); ++i) {
     out << "output " << i << " (" << outputs[i].name
         << "): " << ShapeToString(outputs[i].tensor.shape());
     if (!dir.empty()) {
-      std::string path =
-          absl::StrCat(dir, "/", FileNameFor(outputs[i].name), ".npy");
+      std::string path = absl::StrCat(dir, "/", FileNameFor(outputs[i].name), ".npy");
       RETURN_IF_ERROR(WriteNpy(path, outputs[i].tensor));
       out << " -> " << path;
     }
     out << "\n";
   }
-  out << absl::StrFormat("latency %.3f ms\n", ms);
-  if (!trace_path.empty()) {
-    if (trace.empty()) {
-      return absl::UnimplementedError(
-          "--trace: the server sent no timeline (it is not pipeserve, or too old)");
-    }
-    std::ofstream f(trace_path, std::ios::binary);
-    f << trace;
-    if (!f.good()) {
-      return absl::PermissionDeniedError(
-          absl::StrCat("--trace: cannot write \"", trace_path, "\""));
-    }
-    out << "trace -> " << trace_path << " (open it in ui.perfetto.dev)\n";
+  return absl::OkStatus();
+}
+
+// Writes the request's timeline (Chrome trace JSON) to `path`.
+absl::Status WriteTrace(const std::string& trace, const std::string& path, std::ostream& out) {
+  if (trace.empty()) {
+    return absl::UnimplementedError(
+        "--trace: the server sent no timeline (it is not pipeserve, or too old)");
   }
+  std::ofstream f(path, std::ios::binary);
+  f << trace;
+  if (!f.good()) {
+    return absl::PermissionDeniedError(absl::StrCat("--trace: cannot write \"", path, "\""));
+  }
+  out << "trace -> " << path << " (open it in ui.perfetto.dev)\n";
+  return absl::OkStatus();
+}
+
+absl::Status Infer(const FlagSet& flags, Client& client, std::ostream& out, std::ostream&) {
+  const std::string model = flags.Get("name");
+  ASSIGN_OR_RETURN(int timeout_ms, flags.GetInt("timeout_ms"));
+  ASSIGN_OR_RETURN(std::vector<NamedTensor> inputs, NamedInputs(flags, client, model));
+  const std::string trace_path = flags.Get("trace");
+  std::string trace;
+  auto start = std::chrono::steady_clock::now();
+  ASSIGN_OR_RETURN(std::vector<NamedTensor> outputs,
+                   client.Infer(model, inputs, absl::Milliseconds(std::max(0, timeout_ms)),
+                                trace_path.empty() ? nullptr : &trace));
+  double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  RETURN_IF_ERROR(WriteOutputs(outputs, flags.Get("output_dir"), out));
+  out << absl::StrFormat("latency %.3f ms\n", ms);
+  if (!trace_path.empty()) RETURN_IF_ERROR(WriteTrace(trace, trace_path, out));
   return absl::OkStatus();
 }
 
