@@ -49,6 +49,48 @@ _UPLOAD_BYTES_PER_SECOND = 16 << 20
 _SPLIT_POINTS = {"BEGINNING": 1, "END": 2}
 
 
+
+def _balance_and_cuts(options, balance, split_spec):
+    """Sets UploadOptions' balance (None, "measured" or "estimated") and
+    split_spec ({module FQN: SplitPoint})."""
+    balances = {None: 0, "measured": 1, "estimated": 2}
+    if balance not in balances:
+        raise ValueError(f"balance must be 'measured' or 'estimated', got {balance!r}")
+    options.balance = balances[balance]
+    for module, point in (split_spec or {}).items():
+        options.split_spec.add(module=module, point=_split_point(point))
+
+
+def _upload_requests(ps, f, path, total, first, progress, failure):
+    """The UploadRequests of the `total` bytes of file f: the first is
+    `first` (the model's name and options) with its chunk, the last carries
+    the size and CRC-32. An error reading the file goes to `failure`, for
+    the caller to raise after the call."""
+    sent, crc, request = 0, 0, first
+    try:
+        while request is first or sent < total:
+            chunk = f.read(min(UPLOAD_CHUNK_BYTES, total - sent))
+            if len(chunk) != min(UPLOAD_CHUNK_BYTES, total - sent):
+                raise OSError(f"model file {path!r}: read "
+                              f"{sent + len(chunk)} of {total} bytes "
+                              "(did it change during the upload?)")
+            crc = zlib.crc32(chunk, crc)
+            sent += len(chunk)
+            if request is None:
+                request = ps.UploadRequest()
+            request.data = chunk
+            if sent == total:
+                request.last = True
+                request.total_bytes = total
+                request.crc32 = crc
+            yield request
+            request = None
+            if progress is not None:
+                progress(sent, total)
+    except Exception as e:  # noqa: BLE001 (re-raised by upload)
+        failure.append(e)
+        raise
+
 class ServerError(Exception):
     """A gRPC call failed: `.code` is the status code name ("NOT_FOUND",
     "UNAVAILABLE", ...), `.message` the server's message."""
@@ -230,49 +272,19 @@ class Client:
                                          max_batch_rows=max_batch_rows or 0,
                                          max_queue_delay_us=max_queue_delay_us or 0,
                                          link_gb_per_s=link_gb_per_s or 0)
-        balances = {None: 0, "measured": 1, "estimated": 2}
-        if balance not in balances:
-            raise ValueError(f"balance must be 'measured' or 'estimated', got {balance!r}")
-        options.balance = balances[balance]
-        for module, point in (split_spec or {}).items():
-            options.split_spec.add(module=module, point=_split_point(point))
+        _balance_and_cuts(options, balance, split_spec)
         if tokenizer is not None:
             _tokenizer_spec(tokenizer, options.tokenizer)
         f = open(path, "rb")  # FileNotFoundError names the path
         failure = []  # an error reading the file, raised after the call
-
-        def requests():
-            sent, crc, first = 0, 0, True
-            try:
-                while first or sent < total:
-                    chunk = f.read(min(UPLOAD_CHUNK_BYTES, total - sent))
-                    if len(chunk) != min(UPLOAD_CHUNK_BYTES, total - sent):
-                        raise OSError(f"model file {path!r}: read "
-                                      f"{sent + len(chunk)} of {total} bytes "
-                                      "(did it change during the upload?)")
-                    crc = zlib.crc32(chunk, crc)
-                    sent += len(chunk)
-                    request = self._ps.UploadRequest(data=chunk)
-                    if first:
-                        request.name = name
-                        request.options.CopyFrom(options)
-                        first = False
-                    if sent == total:
-                        request.last = True
-                        request.total_bytes = total
-                        request.crc32 = crc
-                    yield request
-                    if progress is not None:
-                        progress(sent, total)
-            except Exception as e:  # noqa: BLE001 (re-raised by upload)
-                failure.append(e)
-                raise
-
         with f:
             total = os.fstat(f.fileno()).st_size
             timeout = self.timeout + total / _UPLOAD_BYTES_PER_SECOND
+            first = self._ps.UploadRequest(name=name)
+            first.options.CopyFrom(options)
+            requests = _upload_requests(self._ps, f, path, total, first, progress, failure)
             try:
-                response = self._models.Upload(requests(), timeout=timeout,
+                response = self._models.Upload(requests, timeout=timeout,
                                                metadata=self._metadata)
             except grpc.RpcError as e:
                 if failure:
