@@ -152,6 +152,37 @@ def export(module, example_args, path, example_kwargs=None, split_spec=None,
     if unknown:
         raise ExportError(f"replicated/dynamic_dims name unknown inputs "
                           f"{sorted(unknown)}; inputs are {names}")
+    examples, free = _examples(inputs, replicated, dynamic_dims)
+    state = _StateTensors(module)
+    for key, t in module.state_dict(keep_vars=True).items():
+        if isinstance(t, torch.Tensor):
+            _proto_dtype(t.dtype, f"parameter '{key}'")
+    tracer = _Tracer(state, inputs, examples)
+    fx_graph = tracer.trace_module(module)
+
+    converter = _Converter(module, tracer, state)
+    for name, _, value in inputs:
+        converter.add_input(name, value, batched=name not in replicated,
+                            free_dims=free[name])
+    graph = converter.convert(fx_graph)
+    if generation:
+        _make_cache_aware(graph, converter, names[0], logits)
+    num_stages = _count_stages(graph, split_spec, module)
+    for fqn, point in split_spec.items():
+        graph.split_spec.add(module=fqn, point=int(point))
+    graph.state_dict_keys.extend(state.state_dict_keys)
+    model_file.write_model(path, graph, _add_params(graph, converter.stored, state.aliases))
+
+    return ExportInfo(num_stages=num_stages,
+                      param_names=list(state.state_dict_keys),
+                      input_names=[v.name for v in graph.inputs],
+                      output_names=list(graph.outputs),
+                      path=path)
+
+
+def _examples(inputs, replicated, dynamic_dims):
+    """Each input's examples (as given, with a grown batch, with grown
+    dynamic dims) and its free dims (checked, non-negative), by name."""
     examples, free = {}, {}
     for name, _, value in inputs:
         batched = name not in replicated
@@ -167,53 +198,38 @@ def export(module, example_args, path, example_kwargs=None, split_spec=None,
         for d in dims:
             grown_free = _grow(grown_free, d)
         examples[name] = [value, grown_batch, grown_free]
+    return examples, free
 
-    state = _StateTensors(module)
-    for key, t in module.state_dict(keep_vars=True).items():
-        if isinstance(t, torch.Tensor):
-            _proto_dtype(t.dtype, f"parameter '{key}'")
-    tracer = _Tracer(state, inputs, examples)
-    fx_graph = tracer.trace_module(module)
 
-    converter = _Converter(module, tracer, state)
-    for name, _, value in inputs:
-        converter.add_input(name, value, batched=name not in replicated,
-                            free_dims=free[name])
-    graph = converter.convert(fx_graph)
-    if generation:
-        try:
-            shapes = dict(converter.shapes)
-            shapes.update((t.fqn, tuple(t.tensor.shape)) for t in converter.stored)
-            used = _generation.make_cache_aware(graph, shapes, names[0], logits=logits)
-        except _generation.GenerationError as e:
-            raise ExportError(str(e)) from None
-        converter.stored = [t for t in converter.stored if t.fqn in used]
+def _make_cache_aware(graph, converter, ids, logits):
+    """Rewrites graph for generation (generation.py), keeping only the
+    stored tensors it still reads."""
+    try:
+        shapes = dict(converter.shapes)
+        shapes.update((t.fqn, tuple(t.tensor.shape)) for t in converter.stored)
+        used = _generation.make_cache_aware(graph, shapes, ids, logits=logits)
+    except _generation.GenerationError as e:
+        raise ExportError(str(e)) from None
+    converter.stored = [t for t in converter.stored if t.fqn in used]
 
-    num_stages = _count_stages(graph, split_spec, module)
-    for fqn, point in split_spec.items():
-        graph.split_spec.add(module=fqn, point=int(point))
-    graph.state_dict_keys.extend(state.state_dict_keys)
-    stored = {t.fqn for t in converter.stored}
-    for alias, canonical in state.aliases.items():
+
+def _add_params(graph, stored, aliases):
+    """Adds the stored tensors to graph's params, and the aliases of those
+    among them; returns their arrays, in order."""
+    fqns = {t.fqn for t in stored}
+    for alias, canonical in aliases.items():
         # Aliases of tensors the graph never reads are left out: the proto
         # promises every alias target is a key of `params`.
-        if canonical in stored:
+        if canonical in fqns:
             graph.aliases[alias] = canonical
-
     arrays = []
-    for t in converter.stored:
+    for t in stored:
         graph.params.add(fqn=t.fqn,
                          dtype=_proto_dtype(t.tensor.dtype, f"parameter '{t.fqn}'"),
                          shape=list(t.tensor.shape), is_buffer=t.is_buffer,
                          in_state_dict=t.in_state_dict)
         arrays.append(_numpy_of(t.tensor))
-    model_file.write_model(path, graph, arrays)
-
-    return ExportInfo(num_stages=num_stages,
-                      param_names=list(state.state_dict_keys),
-                      input_names=[v.name for v in graph.inputs],
-                      output_names=list(graph.outputs),
-                      path=path)
+    return arrays
 
 
 def _bind_inputs(module, example_args, example_kwargs):
