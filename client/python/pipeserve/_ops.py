@@ -400,6 +400,38 @@ class OpConverter:
         self._emit("linear", inputs, {}, fx=node, path=path)
 
 
+def _mha_projection(self, b, i, k, E, hd, emit, param_rows, display, path):
+    """Input `k` (query, key or value; the i-th) of multi-head attention
+    projected and split into heads: [L, N, E] -> [L, N*H, hd] -> [N*H, L,
+    hd]."""
+    x = self._tensor(b[k], display, path)
+    if b["use_separate_proj_weight"]:
+        w = self._tensor(b[k[0] + "_proj_weight"], display, path)
+    else:
+        w = param_rows(b["in_proj_weight"], i * E, (i + 1) * E)
+    inputs = [x, w]
+    if b["in_proj_bias"] is not None:
+        inputs.append(param_rows(b["in_proj_bias"], i * E, (i + 1) * E))
+    y = emit("linear", inputs)
+    inputs, attrs = [y], {}
+    self._ints([self._tracer_size(b[k], 0), -1, hd], inputs, attrs, "shape")
+    y = emit("reshape", inputs, attrs)
+    return emit("permute", [y], {"dims": [1, 0, 2]})
+
+
+def _mha_padding_mask(self, node, b, m, H, path):
+    """A bool key_padding_mask [N, S] as [N*H, 1, S]: every head of a batch
+    row."""
+    n_item = self._tracer_size(b["query"], 1)
+    s_item = self._tracer_size(b["key"], 0)
+    for op, shape in (("reshape", [n_item, 1, 1, s_item]), ("expand", [n_item, H, 1, s_item]),
+                      ("reshape", [-1, 1, s_item])):
+        inputs, attrs = [m], {}
+        self._ints(shape, inputs, attrs, "shape")
+        m = self._emit(op, inputs, attrs, path=path, dtype=torch.bool, base=f"{node.name}_kpm")
+    return m
+
+
 def _multi_head_attention(self, node, display, path):
     """F.multi_head_attention_forward (what nn.MultiheadAttention and the
     nn.Transformer* layers call), decomposed: input projections, heads,
@@ -440,22 +472,8 @@ def _multi_head_attention(self, node, display, path):
         v = self._tensor(t, display, path)
         return emit("slice", [v], {"dim": 0, "start": lo, "stop": hi, "step": 1})
 
-    x = {k: self._tensor(b[k], display, path) for k in ("query", "key", "value")}
-    projected = {}
-    for i, k in enumerate(("query", "key", "value")):
-        if b["use_separate_proj_weight"]:
-            w = self._tensor(b[k[0] + "_proj_weight"], display, path)
-        else:
-            w = param_rows(b["in_proj_weight"], i * E, (i + 1) * E)
-        inputs = [x[k], w]
-        if b["in_proj_bias"] is not None:
-            inputs.append(param_rows(b["in_proj_bias"], i * E, (i + 1) * E))
-        y = emit("linear", inputs)
-        # [L, N, E] -> [L, N*H, hd] -> [N*H, L, hd]
-        inputs, attrs = [y], {}
-        self._ints([self._tracer_size(b[k], 0), -1, hd], inputs, attrs, "shape")
-        y = emit("reshape", inputs, attrs)
-        projected[k] = emit("permute", [y], {"dims": [1, 0, 2]})
+    projected = {k: _mha_projection(self, b, i, k, E, hd, emit, param_rows, display, path)
+                 for i, k in enumerate(("query", "key", "value"))}
     kt = emit("permute", [projected["key"]], {"dims": [0, 2, 1]})
     scores = emit("matmul", [projected["query"], kt])
     scores = emit("mul", [scores], {"scalar": 1.0 / math.sqrt(hd)})
@@ -465,23 +483,9 @@ def _multi_head_attention(self, node, display, path):
             continue
         m = self._tensor(mask, display, path)
         if mask_name == "key_padding_mask":
-            # [N, S] -> [N*H, 1, S]: every head of a batch row.
             if self._dtype[m] != torch.bool:
                 raise unsupported("a float key_padding_mask")
-            inputs, attrs = [m], {}
-            n_item = self._tracer_size(b["query"], 1)
-            s_item = self._tracer_size(b["key"], 0)
-            self._ints([n_item, 1, 1, s_item], inputs, attrs, "shape")
-            m = self._emit("reshape", inputs, attrs, path=path, dtype=torch.bool,
-                           base=f"{node.name}_kpm")
-            inputs, attrs = [m], {}
-            self._ints([n_item, H, 1, s_item], inputs, attrs, "shape")
-            m = self._emit("expand", inputs, attrs, path=path, dtype=torch.bool,
-                           base=f"{node.name}_kpm")
-            inputs, attrs = [m], {}
-            self._ints([-1, 1, s_item], inputs, attrs, "shape")
-            m = self._emit("reshape", inputs, attrs, path=path, dtype=torch.bool,
-                           base=f"{node.name}_kpm")
+            m = _mha_padding_mask(self, node, b, m, H, path)
         if self._dtype[m] == torch.bool:
             inf = self._constant(float("-inf"), dtype, path)
             scores = emit("where", [m, inf, scores])
@@ -508,16 +512,18 @@ class _SymValue:
         self.name = name
 
 
-def _handlers():
-    """(functions, methods, modules) tables: target -> handler."""
-    R = _ex._REQUIRED
-    fn, meth = {}, {}
+def _bound(params, body):
+    """A handler that binds the call's arguments to `params` ([(name,
+    default)], _REQUIRED for none) and calls body(self, node, display,
+    path, bound)."""
+    def handler(self, node, display, path):
+        b = self._bind(node, params, display, path)
+        body(self, node, display, path, b)
+    return handler
 
-    def bound(params, body):
-        def handler(self, node, display, path):
-            b = self._bind(node, params, display, path)
-            body(self, node, display, path, b)
-        return handler
+def _register_binary(fn, meth):
+    """Arithmetic, comparisons and logic on two operands."""
+    R = _ex._REQUIRED
 
     def binary(op, names=("input", "other"), alpha=False):
         params = [(names[0], R), (names[1], R)] + ([("alpha", 1)] if alpha else [])
@@ -527,7 +533,7 @@ def _handlers():
                 raise _ex.ExportError(f"unsupported op {display} with alpha="
                                       f"{b['alpha']} at module path '{path}'")
             self._binary(node, display, path, op, b[names[0]], b[names[1]])
-        return bound(params, body)
+        return _bound(params, body)
 
     for name, op in (("add", "add"), ("sub", "sub"), ("mul", "mul"),
                      ("truediv", "div"), ("floordiv", "floordiv"),
@@ -549,10 +555,10 @@ def _handlers():
         meth[name] = binary(op, ("self", "other"), alpha)
     meth["__and__"] = binary("logical_and", ("self", "other"))
     meth["__or__"] = binary("logical_or", ("self", "other"))
-    meth["masked_fill"] = bound([("self", R), ("mask", R), ("value", R)],
+    meth["masked_fill"] = _bound([("self", R), ("mask", R), ("value", R)],
                                 lambda self, n, d, p, b: self._where(
                                     n, d, p, b["mask"], b["value"], b["self"]))
-    fn[torch.masked_fill] = bound([("input", R), ("mask", R), ("value", R)],
+    fn[torch.masked_fill] = _bound([("input", R), ("mask", R), ("value", R)],
                                   lambda self, n, d, p, b: self._where(
                                       n, d, p, b["mask"], b["value"], b["input"]))
 
@@ -564,21 +570,26 @@ def _handlers():
                                       f"{mode!r} at module path '{path}'")
             self._binary(node, display, path, "floordiv" if mode else "div",
                          b[names[0]], b[names[1]])
-        return bound([(names[0], R), (names[1], R), ("rounding_mode", None)], body)
+        return _bound([(names[0], R), (names[1], R), ("rounding_mode", None)], body)
     fn[torch.div] = div(("input", "other"))
     fn[torch.true_divide] = div(("input", "other"))
     meth["div"] = div(("self", "other"))
     meth["__truediv__"] = div(("self", "other"))
-    meth["__rtruediv__"] = bound([("self", R), ("other", R)],
+    meth["__rtruediv__"] = _bound([("self", R), ("other", R)],
                                  lambda self, n, d, p, b: self._binary(
                                      n, d, p, "div", b["other"], b["self"]))
+
+
+def _register_unary(fn, meth):
+    """Elementwise ops of one operand, and no-ops."""
+    R = _ex._REQUIRED
 
     def unary(op, first="input", extra=(), attrs=lambda b: {}):
         def body(self, node, display, path, b):
             if b.get("inplace"):
                 self._check_inplace(node, b[first], display, path)
             self._unary(node, display, path, op, b[first], attrs(b))
-        return bound([(first, R)] + list(extra), body)
+        return _bound([(first, R)] + list(extra), body)
 
     for name in ("relu", "tanh", "sigmoid", "sqrt", "rsqrt", "exp", "log",
                  "cos", "sin", "neg", "abs", "logical_not"):
@@ -599,14 +610,14 @@ def _handlers():
             self._emit("identity", [self._tensor(b[first], display, path)], {},
                        fx=node, path=path)
         return body
-    meth["contiguous"] = bound([("self", R), ("memory_format", None)], identity("self"))
-    meth["detach"] = bound([("self", R)], identity("self"))
+    meth["contiguous"] = _bound([("self", R), ("memory_format", None)], identity("self"))
+    meth["detach"] = _bound([("self", R)], identity("self"))
     def dropout_fn(self, node, display, path, b):
         if b["training"] and b["p"] > 0:
             raise _ex.ExportError(f"unsupported {display} in training mode "
                                   f"(p={b['p']}) at module path '{path}'")
         identity("input")(self, node, display, path, b)
-    fn[F.dropout] = bound([("input", R), ("p", 0.5), ("training", True),
+    fn[F.dropout] = _bound([("input", R), ("p", 0.5), ("training", True),
                            ("inplace", False)], dropout_fn)
 
     def pipe(self, node, display, path):
@@ -617,18 +628,22 @@ def _handlers():
         def body(self, node, display, path, b):
             self._emit("clone", [self._tensor(b[first], display, path)], {},
                        fx=node, path=path)
-        return bound([(first, R), ("memory_format", None)], body)
+        return _bound([(first, R), ("memory_format", None)], body)
     fn[torch.clone] = clone("input")
     meth["clone"] = clone("self")
 
-    # GEMMs.
+
+def _register_gemms(fn, meth):
+    """Matrix products, linear layers, addmm and baddbmm."""
+    R = _ex._REQUIRED
+
     def gemm(op, names):
         def body(self, node, display, path, b):
             out = _result_dtype(node)
             a = self._cast(self._tensor(b[names[0]], display, path), out, path)
             c = self._cast(self._tensor(b[names[1]], display, path), out, path)
             self._emit(op, [a, c], {}, fx=node, path=path)
-        return bound([(names[0], R), (names[1], R)], body)
+        return _bound([(names[0], R), (names[1], R)], body)
     fn[torch.mm] = gemm("mm", ("input", "mat2"))
     fn[torch.matmul] = gemm("matmul", ("input", "other"))
     fn[torch.bmm] = gemm("matmul", ("input", "mat2"))
@@ -636,7 +651,7 @@ def _handlers():
     meth["mm"] = gemm("mm", ("self", "mat2"))
     meth["matmul"] = gemm("matmul", ("self", "other"))
     meth["bmm"] = gemm("matmul", ("self", "mat2"))
-    fn[F.linear] = bound([("input", R), ("weight", R), ("bias", None)],
+    fn[F.linear] = _bound([("input", R), ("weight", R), ("bias", None)],
                          lambda self, n, d, p, b: self._linear(
                              n, d, p, b["input"], b["weight"], b["bias"]))
 
@@ -644,7 +659,7 @@ def _handlers():
         vals = [self._tensor(b[k], display, path) for k in ("input", "mat1", "mat2")]
         self._emit("addmm", vals, {"beta": float(b["beta"]), "alpha": float(b["alpha"])},
                    fx=node, path=path)
-    fn[torch.addmm] = bound([("input", R), ("mat1", R), ("mat2", R), ("beta", 1),
+    fn[torch.addmm] = _bound([("input", R), ("mat1", R), ("mat2", R), ("beta", 1),
                              ("alpha", 1)], addmm)
 
     def baddbmm(first):
@@ -664,11 +679,15 @@ def _handlers():
                 x = self._emit("mul", [x], {"scalar": float(b["beta"])}, path=path,
                                dtype=dtype, base=f"{node.name}_beta")
             self._emit("add", [x, p], {}, fx=node, path=path)
-        return bound([(first, R), ("batch1", R), ("batch2", R), ("beta", 1), ("alpha", 1)], body)
+        return _bound([(first, R), ("batch1", R), ("batch2", R), ("beta", 1), ("alpha", 1)], body)
     fn[torch.baddbmm] = baddbmm("input")
     meth["baddbmm"] = baddbmm("self")
 
-    # Normalisation.
+
+def _register_norms(fn, meth):
+    """Softmax, layer norm and embedding."""
+    R = _ex._REQUIRED
+
     def softmax(op):
         def body(self, node, display, path, b):
             if b["dim"] is None:
@@ -678,12 +697,12 @@ def _handlers():
             self._emit(op, [x], {"dim": int(b["dim"])}, fx=node, path=path)
         return body
     for name in ("softmax", "log_softmax"):
-        fn[getattr(F, name)] = bound([("input", R), ("dim", None),
+        fn[getattr(F, name)] = _bound([("input", R), ("dim", None),
                                       ("_stacklevel", 3), ("dtype", None)], softmax(name))
-        fn[getattr(torch, name)] = bound([("input", R), ("dim", None),
+        fn[getattr(torch, name)] = _bound([("input", R), ("dim", None),
                                           ("dtype", None)], softmax(name))
-        meth[name] = bound([("self", R), ("dim", None), ("dtype", None)], softmax(name))
-    fn[F.layer_norm] = bound([("input", R), ("normalized_shape", R), ("weight", None),
+        meth[name] = _bound([("self", R), ("dim", None), ("dtype", None)], softmax(name))
+    fn[F.layer_norm] = _bound([("input", R), ("normalized_shape", R), ("weight", None),
                               ("bias", None), ("eps", 1e-5)],
                              lambda self, n, d, p, b: self._layer_norm(
                                  n, d, p, b["input"], list(b["normalized_shape"]),
@@ -693,18 +712,21 @@ def _handlers():
         ids = self._tensor(b["input"], display, path)
         w = self._tensor(b["weight"], display, path)
         self._emit("embedding", [ids, w], {}, fx=node, path=path)
-    fn[F.embedding] = bound([("input", R), ("weight", R), ("padding_idx", None),
+    fn[F.embedding] = _bound([("input", R), ("weight", R), ("padding_idx", None),
                              ("max_norm", None), ("norm_type", 2.0),
                              ("scale_grad_by_freq", False), ("sparse", False)], embedding)
 
-    # Reductions.
+
+def _register_reductions(fn, meth):
+    """sum, mean, amax and max."""
+    R = _ex._REQUIRED
     for name, op in (("sum", "sum"), ("mean", "mean"), ("amax", "amax")):
         def red(op=op, first="input"):
             return lambda self, n, d, p, b: self._reduce(
                 n, d, p, op, b[first], b["dim"], b["keepdim"])
-        fn[getattr(torch, name)] = bound([("input", R), ("dim", None), ("keepdim", False),
+        fn[getattr(torch, name)] = _bound([("input", R), ("dim", None), ("keepdim", False),
                                           ("dtype", None)], red())
-        meth[name] = bound([("self", R), ("dim", None), ("keepdim", False),
+        meth[name] = _bound([("self", R), ("dim", None), ("keepdim", False),
                             ("dtype", None)], red(first="self"))
 
     def max_(first):
@@ -727,7 +749,11 @@ def _handlers():
     fn[torch.max] = max_("input")
     meth["max"] = max_("self")
 
-    # Shapes.
+
+def _register_shapes(fn, meth):
+    """Views, reshapes, flattens, permutes and transposes."""
+    R = _ex._REQUIRED
+
     def view(self, node, display, path):
         self._reshape(node, display, path, node.args[0], _varargs(node, 1))
     meth["view"] = view
@@ -741,8 +767,8 @@ def _handlers():
         s, e = b["start_dim"] % max(rank, 1), b["end_dim"] % max(rank, 1)
         sizes = self._sizes_of(x)
         self._reshape(node, display, path, x, sizes[:s] + [-1] + sizes[e + 1:])
-    fn[torch.flatten] = bound([("input", R), ("start_dim", 0), ("end_dim", -1)], flatten)
-    meth["flatten"] = bound([("self", R), ("start_dim", 0), ("end_dim", -1)], flatten)
+    fn[torch.flatten] = _bound([("input", R), ("start_dim", 0), ("end_dim", -1)], flatten)
+    meth["flatten"] = _bound([("self", R), ("start_dim", 0), ("end_dim", -1)], flatten)
 
     def permute(self, node, display, path):
         self._permute(node, display, path, node.args[0], _varargs(node, 1))
@@ -752,19 +778,24 @@ def _handlers():
 
     def transpose(first):
         return lambda self, n, d, p, b: self._transpose(n, d, p, b[first], b["dim0"], b["dim1"])
-    fn[torch.transpose] = bound([("input", R), ("dim0", R), ("dim1", R)], transpose("input"))
-    meth["transpose"] = bound([("self", R), ("dim0", R), ("dim1", R)], transpose("self"))
+    fn[torch.transpose] = _bound([("input", R), ("dim0", R), ("dim1", R)], transpose("input"))
+    meth["transpose"] = _bound([("self", R), ("dim0", R), ("dim1", R)], transpose("self"))
 
     def t(self, node, display, path, b):
         self._transpose(node, display, path, b["self"], 0, 1)
-    meth["t"] = bound([("self", R)], t)
+    meth["t"] = _bound([("self", R)], t)
+
+
+def _register_squeezes(fn, meth):
+    """Squeezes, unsqueezes and expands."""
+    R = _ex._REQUIRED
 
     def unsqueeze(first):
         def body(self, node, display, path, b):
             rank = _result(node).dim()
             self._emit("unsqueeze", [self._tensor(b[first], display, path)],
                        {"dim": b["dim"] % rank}, fx=node, path=path)
-        return bound([(first, R), ("dim", R)], body)
+        return _bound([(first, R), ("dim", R)], body)
     fn[torch.unsqueeze] = unsqueeze("input")
     meth["unsqueeze"] = unsqueeze("self")
 
@@ -774,7 +805,7 @@ def _handlers():
             dims = (list(range(rank)) if b["dim"] is None else [b["dim"] % rank])
             self._emit("squeeze", [self._tensor(b[first], display, path)],
                        {"dims": dims}, fx=node, path=path)
-        return bound([(first, R), ("dim", None)], body)
+        return _bound([(first, R), ("dim", None)], body)
     fn[torch.squeeze] = squeeze("input")
     meth["squeeze"] = squeeze("self")
 
@@ -788,16 +819,21 @@ def _handlers():
         inputs, attrs = [self._tensor(b["self"], display, path)], {}
         self._ints(self._sizes_of(b["other"]), inputs, attrs, "shape")
         self._emit("expand", inputs, attrs, fx=node, path=path)
-    meth["expand_as"] = bound([("self", R), ("other", R)], expand_as)
+    meth["expand_as"] = _bound([("self", R), ("other", R)], expand_as)
+
+
+def _register_joins(fn, meth):
+    """Splits, indexing, cat and stack, where, triangles, attention."""
+    R = _ex._REQUIRED
 
     def split(first, chunk=False):
         def body(self, node, display, path, b):
             self._split(node, display, path, b[first], None, b["dim"])
         key = "chunks" if chunk else "split_size_or_sections"
-        return bound([(first, R), (key, R), ("dim", 0)], body)
+        return _bound([(first, R), (key, R), ("dim", 0)], body)
     fn[torch.split] = split("tensor")
     fn[torch.chunk] = split("input", True)
-    meth["split"] = bound([("self", R), ("split_size", R), ("dim", 0)],
+    meth["split"] = _bound([("self", R), ("split_size", R), ("dim", 0)],
                           lambda self, n, d, p, b: self._split(n, d, p, b["self"], None, b["dim"]))
     meth["chunk"] = split("self", True)
     fn[operator.getitem] = lambda self, n, d, p: self._getitem(n, d, p)
@@ -805,12 +841,12 @@ def _handlers():
     for name in ("cat", "concat", "stack"):
         op = "stack" if name == "stack" else "cat"
         if hasattr(torch, name):
-            fn[getattr(torch, name)] = bound(
+            fn[getattr(torch, name)] = _bound(
                 [("tensors", R), ("dim", 0)],
                 lambda self, n, d, p, b, op=op: self._cat(n, d, p, b["tensors"], b["dim"], op))
 
     fn[F.multi_head_attention_forward] = _multi_head_attention
-    fn[torch.where] = bound([("condition", R), ("input", R), ("other", R)],
+    fn[torch.where] = _bound([("condition", R), ("input", R), ("other", R)],
                             lambda self, n, d, p, b: self._where(
                                 n, d, p, b["condition"], b["input"], b["other"]))
 
@@ -818,12 +854,14 @@ def _handlers():
         def body(self, node, display, path, b):
             self._emit(op, [self._tensor(b[first], display, path)],
                        {"diagonal": int(b["diagonal"])}, fx=node, path=path)
-        return bound([(first, R), ("diagonal", 0)], body)
+        return _bound([(first, R), ("diagonal", 0)], body)
     for op in ("triu", "tril"):
         fn[getattr(torch, op)] = tri(op, "input")
         meth[op] = tri(op, "self")
 
-    # Creation and casts.
+
+def _register_creation(fn, meth):
+    """Constants, ranges, casts and sizes."""
     def creation(value):
         def handler(self, node, display, path):
             for k in node.kwargs:
@@ -869,6 +907,10 @@ def _handlers():
                    {"dim": int(node.args[1])}, fx=node, path=path)
     meth["size"] = size
 
+
+def _module_handlers():
+    """[(module class, handler)] for modules called as a whole."""
+    R = _ex._REQUIRED
     modules = []
 
     def module_unary(op, attrs=lambda m: {}):
@@ -925,7 +967,17 @@ def _handlers():
         return handler
     modules.append((torch.nn.Softmax, softmax_module("softmax")))
     modules.append((torch.nn.LogSoftmax, softmax_module("log_softmax")))
-    return fn, meth, modules
+    return modules
+
+
+def _handlers():
+    """(functions, methods, modules) tables: target -> handler."""
+    fn, meth = {}, {}
+    for register in (_register_binary, _register_unary, _register_gemms, _register_norms,
+                     _register_reductions, _register_shapes, _register_squeezes, _register_joins,
+                     _register_creation):
+        register(fn, meth)
+    return fn, meth, _module_handlers()
 
 
 OpConverter.FUNCTIONS, OpConverter.METHODS, OpConverter.MODULES = _handlers()
