@@ -263,6 +263,22 @@ void AddGeneration(std::vector<ConformanceCase>* out) {
       {{"scale", F(0.125)}, {"layer", I(0)}, {"block_size", I(4)}, {"num_blocks", I(10)},
        {"heads", I(4)}, {"kv_heads", I(2)}, {"head_dim", I(64)}},
       kFloats));
+  // 100 tokens of one sequence whose block table holds 160 keys, at
+  // head_dim 8, one KV head for two: on CUDA the CUDA-core kernel with its
+  // keys split over 3 blocks per (tile, head) (kernels::AttentionSplits:
+  // 28 blocks; the third split sees no key), merged by CombineSplits.
+  std::vector<double> long_positions(100), long_seq(100, 0.0), long_blocks(40);
+  for (int i = 0; i < 100; ++i) long_positions[i] = i;
+  for (int i = 0; i < 40; ++i) long_blocks[i] = (i * 13) % 40;  // out of order
+  out->push_back(Case(
+      "cached_attention_split_keys", "cached_attention",
+      {In("q", {1, 2, 100, 8}), In("k", {1, 1, 100, 8}), In("v", {1, 1, 100, 8}),
+       Given("positions", {100}, DT_INT64, long_positions),
+       Given("seq", {100}, DT_INT64, long_seq),
+       Given("blocks", {1, 40}, DT_INT64, long_blocks), Given("seq_ids", {1}, DT_INT64, {0})},
+      {{"scale", F(0.35)}, {"layer", I(0)}, {"block_size", I(4)}, {"num_blocks", I(40)},
+       {"heads", I(2)}, {"kv_heads", I(1)}, {"head_dim", I(8)}},
+      kFloats));
   // Greedy rows (temperature 0, no penalties): each row's argmax.
   out->push_back(Case("sample_tokens_greedy", "sample_tokens",
                       {In("logits", {3, 37}),

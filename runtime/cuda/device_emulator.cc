@@ -324,11 +324,15 @@ class EmulatedProgram : public StageProgram {
         });
       }
     }
-    return simt::Emulate(grid,
-                         kernels::kAttentionThreads, [&] {
-                           kernels::PagedAttention<T>(at(op.src), cache, tiles, at(op.dst), c,
-                                                      op.heads, op.scalar);
-                         });
+    float* partials = op.splits > 1 ? reinterpret_cast<float*>(view.Ptr(op.partials)) : nullptr;
+    s = simt::Emulate(simt::Dim3(grid.x, grid.y, op.splits), kernels::kAttentionThreads, [&] {
+      kernels::PagedAttention<T>(at(op.src), cache, tiles, at(op.dst), c, op.heads, op.scalar,
+                                 {op.splits, partials});
+    });
+    if (!s.ok() || op.splits == 1) return s;
+    return simt::Emulate(grid, kernels::kAttentionThreads, [&] {
+      kernels::CombineSplits<T>(partials, tiles, at(op.dst), c, op.heads, op.splits);
+    });
   }
 
   // The cast kernel for the op's two types (float32, int64, bool).

@@ -623,6 +623,8 @@ LoweredStage::Buffers LoweredStage::LayOutBuffers(const std::vector<Shape>& shap
     b.num_tiles = kernels::MaxAttentionTiles(NumElements(shape[input_values_[kv_inputs_.seq]]),
                                              shape[input_values_[kv_inputs_.blocks]][0], b.tile);
     b.tiles = act.Take(b.num_tiles * b.tile * 4);
+    const int64_t partials = AttentionPartialFloats(shape, b);
+    if (partials > 0) b.partials = act.Take(partials * 4);
   }
   b.activation_bytes = act.size();
   MarkBatched(shape, &b);

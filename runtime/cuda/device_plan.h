@@ -170,6 +170,11 @@ struct DeviceOp {
   // TensorCoreAttention on tiles of kTcQueryTile tokens, else
   // PagedAttention on tiles of kQueryTile (Buffers::tile).
   bool tensor_cores = false;
+  // PagedAttention's keys split over `splits` blocks, their rows in
+  // `partials` (floats) until CombineSplits merges them (kernels::
+  // AttentionSplit; 1: none).
+  int splits = 1;
+  BufferRef partials;
   // The tables of a rotary embedding folded into the attention's reads of
   // q and k (FuseRotaryIntoAttention; paged.rope_q/rope_k hold its sizes,
   // the launcher its pointers).
@@ -404,6 +409,7 @@ class LoweredStage {
     int64_t num_tiles = 0;
     int tile = kernels::kQueryTile;  // tokens a tile
     bool tensor_cores = false;       // TensorCoreAttention (TensorCoreTiles)
+    BufferRef partials;  // cached_attention's split rows, for the step that needs most
     std::vector<BufferRef> scratch;  // by value: sample_tokens' penalised logits (doubles)
     // By value: a GEMM group's outputs, when the group runs as one batched
     // GEMM at these shapes (GroupFits), its strides in elements; 0 if not.
@@ -453,6 +459,11 @@ class LoweredStage {
   // tokens than sequences (a prefill chunk; a decode step's one token a
   // sequence would fill a 32-row tile with one).
   bool TensorCoreTiles(const std::vector<Shape>& shape) const;
+  // The splits of attention step s's keys (kernels::AttentionSplits): its
+  // (tile, head) blocks against the keys its block tables can hold.
+  int AttentionSplitsOf(const Step& s, const std::vector<Shape>& shape, const Buffers& b) const;
+  // Floats of split rows the plan's attention steps need at most.
+  int64_t AttentionPartialFloats(const std::vector<Shape>& shape, const Buffers& b) const;
   absl::StatusOr<DeviceOp> AttentionOp(const Step& s, const Node& node,
                                        const std::vector<Shape>& shape, const Buffers& b,
                                        BufferRef out) const;

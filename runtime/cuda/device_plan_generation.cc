@@ -103,6 +103,26 @@ bool LoweredStage::TensorCoreTiles(const std::vector<Shape>& shape) const {
   });
 }
 
+int LoweredStage::AttentionSplitsOf(const Step& s, const std::vector<Shape>& shape,
+                                    const Buffers& b) const {
+  if (b.tensor_cores) return 1;
+  const int64_t heads = shape[s.in[0]][1];
+  return kernels::AttentionSplits(b.num_tiles * heads, shape[s.in[5]][1] * block_size_);
+}
+
+int64_t LoweredStage::AttentionPartialFloats(const std::vector<Shape>& shape,
+                                             const Buffers& b) const {
+  int64_t most = 0;
+  for (const Step& s : steps_) {
+    if (s.kind != Kind::kAttention) continue;
+    const Shape& q = shape[s.in[0]];
+    most = std::max(most, kernels::AttentionPartialFloats(b.num_tiles, static_cast<int>(q[1]),
+                                                          static_cast<int>(q[3]),
+                                                          AttentionSplitsOf(s, shape, b)));
+  }
+  return most;
+}
+
 absl::StatusOr<DeviceOp> LoweredStage::AttentionOp(const Step& s, const Node& node,
                                                    const std::vector<Shape>& shape,
                                                    const Buffers& b, BufferRef out) const {
@@ -127,6 +147,8 @@ absl::StatusOr<DeviceOp> LoweredStage::AttentionOp(const Step& s, const Node& no
   op.heads = static_cast<int>(q[1]);
   op.num_tiles = b.num_tiles;
   op.tensor_cores = b.tensor_cores;
+  op.splits = AttentionSplitsOf(s, shape, b);
+  op.partials = b.partials;
   op.scalar = static_cast<float>(FloatAttr(node, "scale", 1.0));
   op.n = NumElements(q);
   RETURN_IF_ERROR(SetRope(s, 0, shape, b, &op));

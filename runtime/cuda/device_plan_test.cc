@@ -632,6 +632,17 @@ TEST(DevicePlanTest, PrefillAttentionTakesTensorCoresIn16BitWithWholeFragments) 
   const std::vector<Shape> decode = {{1, 4, 2, 16}, {1, 2, 2, 16}, {1, 2, 2, 16}, {2}, {2},
                                      {2, 2}, {2}};
   EXPECT_FALSE(attention("cached_attention_prefill_d16", DT_BFLOAT16, decode)->tensor_cores);
+  // Keys split over blocks where a step has few (tile, head) blocks and
+  // its tables hold many keys, in every float type; none on tensor cores.
+  for (DataType t : {DT_FLOAT32, DT_FLOAT16, DT_BFLOAT16}) {
+    std::optional<DeviceOp> op = attention("cached_attention_split_keys", t, {});
+    ASSERT_TRUE(op.has_value());
+    EXPECT_EQ(op->splits, kernels::AttentionSplits(op->num_tiles * 2, 160)) << TorchName(t);
+    EXPECT_EQ(op->splits, 3);
+    EXPECT_GT(op->partials.offset, 0);  // laid out after the tiles
+  }
+  EXPECT_EQ(attention("cached_attention_prefill_d16", DT_BFLOAT16, {})->splits, 1);
+  EXPECT_EQ(attention("cached_attention_prefill", DT_FLOAT32, {})->splits, 1);  // 8 keys
 }
 
 }  // namespace

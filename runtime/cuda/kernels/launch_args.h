@@ -180,6 +180,39 @@ inline int64_t MaxAttentionTiles(int64_t tokens, int64_t sequences, int tile = k
   return (tokens + tile - 1) / tile + sequences;
 }
 
+// Flash-decoding: a step with few (tile, head) blocks for the card (a
+// decode of one or a few sequences) splits each block's keys over
+// `splits` blocks (grid z), which write partial rows, unnormalised with
+// their running max m and sum l, at ((z * rows + row) * heads + head) *
+// (head_dim + 2) of `partials` (rows = tiles * kQueryTile); CombineSplits
+// merges them. splits 1: PagedAttention writes its output itself.
+struct AttentionSplit {
+  int splits = 1;
+  float* partials = nullptr;
+};
+
+// About two blocks for each of an H100's or H200's 132 SMs.
+inline constexpr int64_t kAttentionTargetBlocks = 256;
+// Keys a split covers at least: two key tiles.
+inline constexpr int64_t kMinSplitKeys = 2 * kKeyTile;
+inline constexpr int kMaxAttentionSplits = 16;
+
+// The splits for `blocks` (tile, head) blocks over at most `max_keys` keys
+// a sequence: enough for kAttentionTargetBlocks, none below kMinSplitKeys.
+inline int AttentionSplits(int64_t blocks, int64_t max_keys) {
+  if (blocks <= 0 || blocks >= kAttentionTargetBlocks) return 1;
+  int64_t s = (kAttentionTargetBlocks + blocks - 1) / blocks;
+  s = s < (max_keys + kMinSplitKeys - 1) / kMinSplitKeys ? s
+                                                         : (max_keys + kMinSplitKeys - 1) / kMinSplitKeys;
+  s = s < kMaxAttentionSplits ? s : kMaxAttentionSplits;
+  return s < 1 ? 1 : static_cast<int>(s);
+}
+
+// The floats of AttentionSplit::partials for a step of `num_tiles` tiles.
+inline int64_t AttentionPartialFloats(int64_t num_tiles, int heads, int head_dim, int splits) {
+  return splits <= 1 ? 0 : int64_t{splits} * num_tiles * kQueryTile * heads * (head_dim + 2);
+}
+
 inline unsigned AppendBlocks(int64_t tokens, int kv_heads, int head_dim) {
   return static_cast<unsigned>((tokens * kv_heads * head_dim + kKvThreads - 1) / kKvThreads);
 }

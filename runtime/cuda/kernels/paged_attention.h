@@ -21,10 +21,13 @@
 //   PagedAttention<<<dim3(MaxAttentionTiles(T, N), heads),  // spare tiles idle
 //                    kAttentionThreads>>>(...);
 //
-// Not yet: tensor cores (scores and P·V are CUDA-core FMAs, so prefill is
-// far from the card's bf16 throughput), splitting a long decode's keys
-// over several blocks (flash-decoding), and sharing one KV tile between
-// the query heads of a group.
+// A step with few blocks (a decode of one or a few sequences) splits each
+// block's keys over several (flash-decoding: AttentionSplit, grid z) and
+// merges their partial rows after (CombineSplits).
+//
+// Not yet: sharing one KV tile between the query heads of a group (each
+// query head's block reads its KV head's tiles itself; tensor_core_
+// attention.h is the prefill kernel for 16-bit values).
 #ifndef PIPESERVE_RUNTIME_CUDA_KERNELS_PAGED_ATTENTION_H_
 #define PIPESERVE_RUNTIME_CUDA_KERNELS_PAGED_ATTENTION_H_
 
@@ -44,6 +47,16 @@ inline constexpr int kAccumulators = kQueryTile * kMaxHeadDim / kAttentionThread
 SIMT_HOST_DEVICE int64_t CacheRow(const PagedCache& c, int64_t s, int64_t p, int kind, int h) {
   const int64_t block = c.tables[s * c.table_width + p / c.block_size];
   return (((block * 2 + kind) * c.kv_heads + h) * c.block_size + p % c.block_size) * c.head_dim;
+}
+
+// The keys [begin, end) of split z of `splits` over keys 0 .. last: whole
+// key tiles, the last split's cut short (empty past the sequence).
+SIMT_HOST_DEVICE void SplitKeys(int64_t last, int splits, int z, int64_t* begin,
+                                       int64_t* end) {
+  const int64_t keys = last + 1;
+  const int64_t per = ((keys + splits - 1) / splits + kKeyTile - 1) / kKeyTile * kKeyTile;
+  *begin = z * per < keys ? z * per : keys;
+  *end = *begin + per < keys ? *begin + per : keys;
 }
 
 // Writes k (rotated by c.rope_k, if it has tables) and v [1, kv_heads,
@@ -79,15 +92,15 @@ SIMT_DEVICE void LoadKeyTile(const T* cache, const PagedCache& c, int64_t s, int
 }
 
 // Scores of the tile's rows against the key tile, -inf where a key lies
-// past the row's position (or the row is empty).
+// past the row's position (or the row is empty) or at key_end or beyond.
 SIMT_DEVICE void TileScores(const PagedCache& c, const int64_t* row_pos, int64_t key0,
-                            simt::SharedPtr<float> q_s, simt::SharedPtr<float> k_s,
-                            simt::SharedPtr<float> p_s) {
+                            int64_t key_end, simt::SharedPtr<float> q_s,
+                            simt::SharedPtr<float> k_s, simt::SharedPtr<float> p_s) {
   using namespace simt;  // NOLINT
   for (int i = ThreadIdx().x; i < kQueryTile * kKeyTile; i += kAttentionThreads) {
     const int r = i / kKeyTile, j = i % kKeyTile;
     float score = -__builtin_huge_valf();
-    if (key0 + j <= row_pos[r]) {
+    if (key0 + j <= row_pos[r] && key0 + j < key_end) {
       score = 0.0f;
       for (int d = 0; d < c.head_dim; ++d) score += q_s[r * kMaxHeadDim + d] * k_s[j * kMaxHeadDim + d];
     }
@@ -117,6 +130,29 @@ SIMT_DEVICE void RowUpdate(int r, simt::SharedPtr<float> p_s, simt::SharedPtr<fl
   alpha_s[r] = alpha;
 }
 
+// Block (tile, head)'s rows for split z = BlockIdx().z: the unnormalised
+// accumulators acc (as PagedAttention holds them), then m and l.
+SIMT_DEVICE void WritePartials(const AttentionSplit& split, int head, int heads, int D,
+                               const float* acc, simt::SharedPtr<float> m_s,
+                               simt::SharedPtr<float> l_s, const int32_t* tile) {
+  using namespace simt;  // NOLINT
+  const int t = static_cast<int>(ThreadIdx().x);
+  const int64_t rows = int64_t{GridDim().x} * kQueryTile;
+  auto part = [&](int r) {
+    const int64_t row = int64_t{BlockIdx().x} * kQueryTile + r;
+    return split.partials + ((int64_t{BlockIdx().z} * rows + row) * heads + head) * (D + 2);
+  };
+  for (int a = 0; a < kAccumulators; ++a) {
+    const int i = t + a * kAttentionThreads, r = i / D, d = i % D;
+    if (i >= kQueryTile * D || tile[r] < 0) continue;
+    part(r)[d] = acc[a];
+  }
+  if (t < kQueryTile && tile[t] >= 0) {
+    part(t)[D] = m_s[t];
+    part(t)[D + 1] = l_s[t];
+  }
+}
+
 // The tile's query rows of `head` into q_s as float, rotated by c.rope_q
 // (if it has tables) and scaled (empty rows zero); m -inf and l 0.
 template <typename T>
@@ -144,10 +180,12 @@ SIMT_DEVICE void LoadQueries(const T* q, const PagedCache& c, const int32_t* til
 // must be in the cache (KvAppend first).
 // A tile whose first token is -1 is spare (a grid sized for the most tiles
 // a step of this shape can have) and does nothing.
+// With split.splits > 1, block z of grid z takes the keys SplitKeys gives
+// it and writes its rows' partials (AttentionSplit) instead of out.
 template <typename T>
 SIMT_GLOBAL void PagedAttention(const T* __restrict__ q, const T* __restrict__ cache,
                                 const int32_t* __restrict__ tiles, T* __restrict__ out,
-                                PagedCache c, int heads, float scale) {
+                                PagedCache c, int heads, float scale, AttentionSplit split = {}) {
   using namespace simt;  // NOLINT: the kernel vocabulary
   SIMT_SHARED(float, q_s, kQueryTile * kMaxHeadDim);
   SIMT_SHARED(float, k_s, kKeyTile * kMaxHeadDim);
@@ -172,11 +210,13 @@ SIMT_GLOBAL void PagedAttention(const T* __restrict__ q, const T* __restrict__ c
   LoadQueries(q, c, tile, head, scale, q_s, m_s, l_s);
   float acc[kAccumulators];
   for (float& a : acc) a = 0.0f;
-  for (int64_t key0 = 0; key0 <= last; key0 += kKeyTile) {
+  int64_t key_begin = 0, key_end = last + 1;
+  if (split.splits > 1) SplitKeys(last, split.splits, BlockIdx().z, &key_begin, &key_end);
+  for (int64_t key0 = key_begin; key0 < key_end; key0 += kKeyTile) {
     SyncThreads();  // the previous tile's k_s, v_s, p_s are read
-    LoadKeyTile(cache, c, s, kv_head, key0, last, k_s, v_s);
+    LoadKeyTile(cache, c, s, kv_head, key0, key_end - 1, k_s, v_s);
     SyncThreads();
-    TileScores(c, row_pos, key0, q_s, k_s, p_s);
+    TileScores(c, row_pos, key0, key_end, q_s, k_s, p_s);
     SyncThreads();
     if (t < kQueryTile) RowUpdate(t, p_s, m_s, l_s, alpha_s);
     SyncThreads();
@@ -188,10 +228,45 @@ SIMT_GLOBAL void PagedAttention(const T* __restrict__ q, const T* __restrict__ c
       acc[a] = acc[a] * alpha_s[r] + pv;
     }
   }
+  if (split.splits > 1) {
+    WritePartials(split, head, heads, D, acc, m_s, l_s, tile);
+    return;
+  }
   for (int a = 0; a < kAccumulators; ++a) {
     const int i = t + a * kAttentionThreads, r = i / D, d = i % D;
     if (i >= kQueryTile * D || tile[r] < 0) continue;
     out[(int64_t{head} * c.tokens + tile[r]) * D + d] = FromFloat<T>(acc[a] / l_s[r]);
+  }
+}
+
+// out's rows of block (tile, head) from the partials of its splits:
+// m = the largest m_z, l = sum of l_z e^(m_z - m), each value the sum of
+// the unnormalised accumulators times e^(m_z - m), over l. A split that
+// saw no key (m_z -inf) counts for nothing. Grid (tiles, heads).
+template <typename T>
+SIMT_GLOBAL void CombineSplits(const float* __restrict__ partials, const int32_t* __restrict__ tiles,
+                               T* __restrict__ out, PagedCache c, int heads, int splits) {
+  using namespace simt;  // NOLINT: the kernel vocabulary
+  if (tiles[int64_t{BlockIdx().x} * kQueryTile] < 0) return;  // a spare tile
+  const int head = static_cast<int>(BlockIdx().y);
+  const int32_t* tile = tiles + int64_t{BlockIdx().x} * kQueryTile;
+  const int D = c.head_dim;
+  const int64_t rows = int64_t{GridDim().x} * kQueryTile;
+  for (int i = ThreadIdx().x; i < kQueryTile * D; i += kAttentionThreads) {
+    const int r = i / D, d = i % D;
+    if (tile[r] < 0) continue;
+    const int64_t row = int64_t{BlockIdx().x} * kQueryTile + r;
+    auto part = [&](int z) { return partials + ((z * rows + row) * heads + head) * (D + 2); };
+    float m = -__builtin_huge_valf();
+    for (int z = 0; z < splits; ++z) m = Max(m, part(z)[D]);
+    float l = 0.0f, o = 0.0f;
+    for (int z = 0; z < splits; ++z) {
+      const float m_z = part(z)[D];
+      const float w = m_z == -__builtin_huge_valf() ? 0.0f : Exp(m_z - m);
+      l += part(z)[D + 1] * w;
+      o += part(z)[d] * w;
+    }
+    out[(int64_t{head} * c.tokens + tile[r]) * D + d] = FromFloat<T>(o / l);
   }
 }
 

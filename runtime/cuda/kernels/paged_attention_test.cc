@@ -46,7 +46,7 @@ Cache MakeCache(int64_t num_blocks, int kv_heads, int head_dim, int block_size, 
 template <typename T>
 absl::StatusOr<Tensor> RunStep(Cache& cache, const Tensor& q, const Tensor& k, const Tensor& v,
                                const Tensor& positions, const Tensor& seq, const Tensor& tables,
-                               float scale, bool tensor_cores = false) {
+                               float scale, bool tensor_cores = false, int splits = 1) {
   PagedCache c;
   c.tokens = q.shape()[2];
   c.kv_heads = cache.kv_heads;
@@ -76,9 +76,18 @@ absl::StatusOr<Tensor> RunStep(Cache& cache, const Tensor& q, const Tensor& k, c
     }
   }
   const std::vector<int32_t> tiles = AttentionTiles(seq.data_as<int64_t>(), seq.numel());
-  const simt::Dim3 grid(static_cast<unsigned>(tiles.size() / kQueryTile), heads);
-  s = simt::Emulate(grid, kAttentionThreads, [&] {
-    PagedAttention<T>(As<T>(q), As<T>(cache.memory), tiles.data(), As<T>(out), c, heads, scale);
+  const int64_t num_tiles = static_cast<int64_t>(tiles.size()) / kQueryTile;
+  // Partials start as NaN: a row a split should write and does not shows.
+  std::vector<float> partials(AttentionPartialFloats(num_tiles, heads, c.head_dim, splits), NAN);
+  const AttentionSplit split{splits, partials.data()};
+  s = simt::Emulate(simt::Dim3(static_cast<unsigned>(num_tiles), heads, splits), kAttentionThreads,
+                    [&] {
+                      PagedAttention<T>(As<T>(q), As<T>(cache.memory), tiles.data(), As<T>(out),
+                                        c, heads, scale, split);
+                    });
+  if (!s.ok() || splits == 1) return s.ok() ? absl::StatusOr<Tensor>(out) : s;
+  s = simt::Emulate(simt::Dim3(static_cast<unsigned>(num_tiles), heads), kAttentionThreads, [&] {
+    CombineSplits<T>(partials.data(), tiles.data(), As<T>(out), c, heads, splits);
   });
   if (!s.ok()) return s;
   return out;
@@ -182,7 +191,8 @@ Tensor StepRows(const std::vector<Sequence>& seqs, const std::vector<double> Seq
 // tokens interleave the sequences: a prompt chunk each, a second chunk,
 // then one decoded token each.
 template <typename T>
-void ChunkedSteps(DataType t, int head_dim, int block_size, bool tensor_cores = false) {
+void ChunkedSteps(DataType t, int head_dim, int block_size, bool tensor_cores = false,
+                  int splits = 1) {
   const int heads = 4, kv_heads = 2;
   std::mt19937 rng(head_dim * 31 + block_size);
   std::vector<Sequence> seqs = {MakeSequence(37, heads, kv_heads, head_dim, t, &rng),
@@ -214,7 +224,7 @@ void ChunkedSteps(DataType t, int head_dim, int block_size, bool tensor_cores = 
         StepRows(seqs, &Sequence::k, kv_heads, head_dim, tokens, t),
         StepRows(seqs, &Sequence::v, kv_heads, head_dim, tokens, t),
         TensorOf({n}, DT_INT64, positions), TensorOf({n}, DT_INT64, seq), tables,
-        static_cast<float>(1.0 / std::sqrt(head_dim)), tensor_cores);
+        static_cast<float>(1.0 / std::sqrt(head_dim)), tensor_cores, splits);
     ASSERT_TRUE(out.ok()) << "step " << step << ": " << out.status();
     const int64_t bytes = head_dim * ElementSize(t);
     for (int h = 0; h < heads; ++h) {
@@ -228,9 +238,9 @@ void ChunkedSteps(DataType t, int head_dim, int block_size, bool tensor_cores = 
   for (int s = 0; s < 2; ++s) {
     const double err = RelativeError(got[s], seqs[s].want);
     EXPECT_LE(err, Tolerance(t)) << "sequence " << s << " " << TorchName(t);
-    std::printf("[ max_rel_err ] simt_%s %s_attention_d%d_b%d_seq%d %.1e tol %.0e\n",
+    std::printf("[ max_rel_err ] simt_%s %s_attention_d%d_b%d_split%d_seq%d %.1e tol %.0e\n",
                 TorchName(t).c_str(), tensor_cores ? "tensor_core" : "paged", head_dim,
-                block_size, s, err, Tolerance(t));
+                block_size, splits, s, err, Tolerance(t));
   }
 }
 
@@ -245,6 +255,44 @@ TEST(PagedAttentionTest, ChunkedPrefillThenDecodeEqualsTheWholeSequenceFloat16) 
 
 TEST(PagedAttentionTest, ChunkedPrefillThenDecodeEqualsTheWholeSequenceBfloat16) {
   ChunkedSteps<simt::Bf16>(DT_BFLOAT16, 64, 16);
+}
+
+// Flash-decoding: every step's keys split over 2 blocks (the 70-token
+// sequence's last step: keys 0-63 and 64-69) and over 5 (3 splits of 32
+// keys cover all 70, so splits 3 and 4 see no key, and a 37-token
+// sequence's rows none past split 1), merged by CombineSplits.
+TEST(PagedAttentionTest, KeysSplitOverBlocksEqualTheWholeSequence) {
+  ChunkedSteps<float>(DT_FLOAT32, 40, 16, false, 2);
+  ChunkedSteps<float>(DT_FLOAT32, 40, 16, false, 5);
+  ChunkedSteps<simt::Bf16>(DT_BFLOAT16, 64, 16, false, 3);
+}
+
+TEST(PagedAttentionTest, SplitKeysCoverTheKeysOnceInWholeTiles) {
+  for (int64_t last : {0, 31, 32, 69, 200}) {
+    for (int splits : {1, 2, 3, 5, 16}) {
+      int64_t covered = 0, prev_end = 0;
+      for (int z = 0; z < splits; ++z) {
+        int64_t begin, end;
+        SplitKeys(last, splits, z, &begin, &end);
+        EXPECT_EQ(begin, prev_end) << last << " " << splits << " " << z;
+        EXPECT_LE(begin, end);
+        if (end < last + 1) EXPECT_EQ((end - begin) % kKeyTile, 0);
+        covered += end - begin;
+        prev_end = end;
+      }
+      EXPECT_EQ(covered, last + 1) << last << " " << splits;
+    }
+  }
+}
+
+TEST(PagedAttentionTest, SplitsOnlyStepsWithFewBlocks) {
+  EXPECT_EQ(AttentionSplits(32, 2048), 8);       // 1 sequence, 32 heads: 256 blocks
+  EXPECT_EQ(AttentionSplits(32, 100), 2);        // but no split under 64 keys
+  EXPECT_EQ(AttentionSplits(64 * 32, 2048), 1);  // 64 sequences fill the card
+  EXPECT_EQ(AttentionSplits(1, 1 << 20), kMaxAttentionSplits);
+  EXPECT_EQ(AttentionSplits(4, 0), 1);
+  EXPECT_EQ(AttentionPartialFloats(3, 4, 40, 1), 0);
+  EXPECT_EQ(AttentionPartialFloats(3, 4, 40, 2), 2 * 3 * kQueryTile * 4 * 42);
 }
 
 // The tensor-core kernel on the same steps: 32-row tiles with empty rows

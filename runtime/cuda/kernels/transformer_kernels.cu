@@ -185,7 +185,7 @@ cudaError_t LaunchEmbedding(FloatType t, const int64_t* ids, const void* table, 
 cudaError_t LaunchPagedAttention(FloatType t, const void* q, const void* k, const void* v,
                                  void* cache, const PagedCache& c, const int32_t* tiles,
                                  int64_t num_tiles, int heads, float scale, void* out,
-                                 bool tensor_cores, cudaStream_t stream) {
+                                 bool tensor_cores, AttentionSplit split, cudaStream_t stream) {
   if (c.tokens <= 0) return cudaSuccess;
   cudaError_t e = cudaSuccess;
   WithType(t, [&](auto zero) {
@@ -208,9 +208,15 @@ cudaError_t LaunchPagedAttention(FloatType t, const void* q, const void* k, cons
       }
       return;
     }
-    PagedAttention<T><<<grid, kAttentionThreads, 0, stream>>>(
+    const dim3 split_grid(grid.x, grid.y, static_cast<unsigned>(split.splits));
+    PagedAttention<T><<<split_grid, kAttentionThreads, 0, stream>>>(
         static_cast<const T*>(q), static_cast<const T*>(cache), tiles, static_cast<T*>(out), c,
-        heads, scale);
+        heads, scale, split);
+    e = cudaGetLastError();
+    if (e != cudaSuccess || split.splits == 1) return;
+    CombineSplits<T><<<grid, kAttentionThreads, 0, stream>>>(split.partials, tiles,
+                                                             static_cast<T*>(out), c, heads,
+                                                             split.splits);
     e = cudaGetLastError();
   });
   return e;
