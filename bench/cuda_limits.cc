@@ -147,7 +147,7 @@ absl::StatusOr<double> AttentionSeconds(const LlamaShape& s, int seqs, int len, 
                                            kernels::FloatType::kBF16, q, k, v, cache, c, tiles_d,
                                            num_tiles, s.heads,
                                            1.0f / std::sqrt(static_cast<float>(s.head_dim)),
-                                           out, tensor_cores, kernels::AttentionSplit{}, nullptr),
+                                           out, tensor_cores, kernels::AttentionBlocks{}, nullptr),
                                        "LaunchPagedAttention");
                    }));
   return ms * 1e-3;

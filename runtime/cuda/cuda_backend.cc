@@ -643,7 +643,8 @@ class CudaProgram : public CudaStageProgram {
         FloatTypeOf(op.ftype), Address(e, op.src), Address(e, op.src2), Address(e, op.src3),
         Address(e, op.cache), c, reinterpret_cast<const int32_t*>(Address(e, op.tiles)),
         op.num_tiles, op.heads, op.scalar, Address(e, op.dst), op.tensor_cores,
-        {op.splits, op.splits > 1 ? reinterpret_cast<float*>(Address(e, op.partials)) : nullptr},
+        {op.group, op.splits,
+         op.splits > 1 ? reinterpret_cast<float*>(Address(e, op.partials)) : nullptr},
         s));
     return absl::OkStatus();
   }

@@ -324,14 +324,17 @@ class EmulatedProgram : public StageProgram {
         });
       }
     }
-    float* partials = op.splits > 1 ? reinterpret_cast<float*>(view.Ptr(op.partials)) : nullptr;
-    s = simt::Emulate(simt::Dim3(grid.x, grid.y, op.splits), kernels::kAttentionThreads, [&] {
+    const kernels::AttentionBlocks blocks{
+        op.group, op.splits,
+        op.splits > 1 ? reinterpret_cast<float*>(view.Ptr(op.partials)) : nullptr};
+    const simt::Dim3 paged(grid.x, op.heads / op.group);
+    s = simt::Emulate(simt::Dim3(paged.x, paged.y, op.splits), kernels::kAttentionThreads, [&] {
       kernels::PagedAttention<T>(at(op.src), cache, tiles, at(op.dst), c, op.heads, op.scalar,
-                                 {op.splits, partials});
+                                 blocks);
     });
     if (!s.ok() || op.splits == 1) return s;
-    return simt::Emulate(grid, kernels::kAttentionThreads, [&] {
-      kernels::CombineSplits<T>(partials, tiles, at(op.dst), c, op.heads, op.splits);
+    return simt::Emulate(paged, kernels::kAttentionThreads, [&] {
+      kernels::CombineSplits<T>(tiles, at(op.dst), c, blocks);
     });
   }
 

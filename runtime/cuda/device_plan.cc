@@ -619,7 +619,8 @@ LoweredStage::Buffers LoweredStage::LayOutBuffers(const std::vector<Shape>& shap
   }
   if (kv_inputs_.positions >= 0) {  // cached_attention's tiles
     b.tensor_cores = TensorCoreTiles(shape);
-    b.tile = b.tensor_cores ? kernels::kTcQueryTile : kernels::kQueryTile;
+    b.group = b.tensor_cores ? 1 : AttentionGroupOf(shape);
+    b.tile = b.tensor_cores ? kernels::kTcQueryTile : kernels::kQueryTile / b.group;
     b.num_tiles = kernels::MaxAttentionTiles(NumElements(shape[input_values_[kv_inputs_.seq]]),
                                              shape[input_values_[kv_inputs_.blocks]][0], b.tile);
     b.tiles = act.Take(b.num_tiles * b.tile * 4);

@@ -170,9 +170,10 @@ struct DeviceOp {
   // TensorCoreAttention on tiles of kTcQueryTile tokens, else
   // PagedAttention on tiles of kQueryTile (Buffers::tile).
   bool tensor_cores = false;
-  // PagedAttention's keys split over `splits` blocks, their rows in
-  // `partials` (floats) until CombineSplits merges them (kernels::
-  // AttentionSplit; 1: none).
+  // PagedAttention's blocks (kernels::AttentionBlocks): `group` query
+  // heads of a KV group a block, and its keys split over `splits` blocks,
+  // their rows in `partials` (floats) until CombineSplits merges them.
+  int group = 1;
   int splits = 1;
   BufferRef partials;
   // The tables of a rotary embedding folded into the attention's reads of
@@ -409,6 +410,7 @@ class LoweredStage {
     int64_t num_tiles = 0;
     int tile = kernels::kQueryTile;  // tokens a tile
     bool tensor_cores = false;       // TensorCoreAttention (TensorCoreTiles)
+    int group = 1;                   // PagedAttention's heads a block (AttentionGroupOf)
     BufferRef partials;  // cached_attention's split rows, for the step that needs most
     std::vector<BufferRef> scratch;  // by value: sample_tokens' penalised logits (doubles)
     // By value: a GEMM group's outputs, when the group runs as one batched
@@ -459,8 +461,12 @@ class LoweredStage {
   // tokens than sequences (a prefill chunk; a decode step's one token a
   // sequence would fill a 32-row tile with one).
   bool TensorCoreTiles(const std::vector<Shape>& shape) const;
+  // The query heads of a KV group PagedAttention's blocks take
+  // (kernels::AttentionGroup) when every attention step has the same, else
+  // 1: the tiles are the plan's.
+  int AttentionGroupOf(const std::vector<Shape>& shape) const;
   // The splits of attention step s's keys (kernels::AttentionSplits): its
-  // (tile, head) blocks against the keys its block tables can hold.
+  // blocks against the keys its block tables can hold.
   int AttentionSplitsOf(const Step& s, const std::vector<Shape>& shape, const Buffers& b) const;
   // Floats of split rows the plan's attention steps need at most.
   int64_t AttentionPartialFloats(const std::vector<Shape>& shape, const Buffers& b) const;

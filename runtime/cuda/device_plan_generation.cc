@@ -103,11 +103,23 @@ bool LoweredStage::TensorCoreTiles(const std::vector<Shape>& shape) const {
   });
 }
 
+int LoweredStage::AttentionGroupOf(const std::vector<Shape>& shape) const {
+  int group = 0;
+  for (const Step& s : steps_) {
+    if (s.kind != Kind::kAttention) continue;
+    const int g = kernels::AttentionGroup(shape[s.in[0]][1], cache_layers_[s.layer].kv_heads);
+    if (group != 0 && g != group) return 1;
+    group = g;
+  }
+  return std::max(group, 1);
+}
+
 int LoweredStage::AttentionSplitsOf(const Step& s, const std::vector<Shape>& shape,
                                     const Buffers& b) const {
   if (b.tensor_cores) return 1;
   const int64_t heads = shape[s.in[0]][1];
-  return kernels::AttentionSplits(b.num_tiles * heads, shape[s.in[5]][1] * block_size_);
+  return kernels::AttentionSplits(b.num_tiles * (heads / b.group),
+                                  shape[s.in[5]][1] * block_size_);
 }
 
 int64_t LoweredStage::AttentionPartialFloats(const std::vector<Shape>& shape,
@@ -116,7 +128,7 @@ int64_t LoweredStage::AttentionPartialFloats(const std::vector<Shape>& shape,
   for (const Step& s : steps_) {
     if (s.kind != Kind::kAttention) continue;
     const Shape& q = shape[s.in[0]];
-    most = std::max(most, kernels::AttentionPartialFloats(b.num_tiles, static_cast<int>(q[1]),
+    most = std::max(most, kernels::AttentionPartialFloats(b.num_tiles, q[1] / b.group,
                                                           static_cast<int>(q[3]),
                                                           AttentionSplitsOf(s, shape, b)));
   }
@@ -147,6 +159,7 @@ absl::StatusOr<DeviceOp> LoweredStage::AttentionOp(const Step& s, const Node& no
   op.heads = static_cast<int>(q[1]);
   op.num_tiles = b.num_tiles;
   op.tensor_cores = b.tensor_cores;
+  op.group = b.group;
   op.splits = AttentionSplitsOf(s, shape, b);
   op.partials = b.partials;
   op.scalar = static_cast<float>(FloatAttr(node, "scale", 1.0));

@@ -612,7 +612,7 @@ TEST(DevicePlanTest, PrefillAttentionTakesTensorCoresIn16BitWithWholeFragments) 
       for (const DeviceOp& op : plan->ops) {
         if (op.type != Type::kAttention) continue;
         EXPECT_EQ(plan->tiles[0].tile,
-                  op.tensor_cores ? kernels::kTcQueryTile : kernels::kQueryTile);
+                  op.tensor_cores ? kernels::kTcQueryTile : kernels::kQueryTile / op.group);
         EXPECT_EQ(plan->tiles[0].capacity, op.num_tiles);
         return op;
       }
@@ -637,12 +637,17 @@ TEST(DevicePlanTest, PrefillAttentionTakesTensorCoresIn16BitWithWholeFragments) 
   for (DataType t : {DT_FLOAT32, DT_FLOAT16, DT_BFLOAT16}) {
     std::optional<DeviceOp> op = attention("cached_attention_split_keys", t, {});
     ASSERT_TRUE(op.has_value());
-    EXPECT_EQ(op->splits, kernels::AttentionSplits(op->num_tiles * 2, 160)) << TorchName(t);
+    EXPECT_EQ(op->group, 2) << "both heads of the KV head in one block";
+    EXPECT_EQ(op->num_tiles, kernels::MaxAttentionTiles(100, 1, kernels::kQueryTile / 2));
+    EXPECT_EQ(op->splits, kernels::AttentionSplits(op->num_tiles, 160)) << TorchName(t);
     EXPECT_EQ(op->splits, 3);
     EXPECT_GT(op->partials.offset, 0);  // laid out after the tiles
   }
   EXPECT_EQ(attention("cached_attention_prefill_d16", DT_BFLOAT16, {})->splits, 1);
+  EXPECT_EQ(attention("cached_attention_prefill_d16", DT_BFLOAT16, {})->group, 1);  // tensor cores
+  EXPECT_EQ(attention("cached_attention_prefill_d16", DT_FLOAT32, {})->group, 2);
   EXPECT_EQ(attention("cached_attention_prefill", DT_FLOAT32, {})->splits, 1);  // 8 keys
+  EXPECT_EQ(attention("cached_attention_prefill", DT_FLOAT32, {})->group, 1);   // 2 heads, 2 KV
 }
 
 }  // namespace

@@ -180,16 +180,30 @@ inline int64_t MaxAttentionTiles(int64_t tokens, int64_t sequences, int tile = k
   return (tokens + tile - 1) / tile + sequences;
 }
 
-// Flash-decoding: a step with few (tile, head) blocks for the card (a
-// decode of one or a few sequences) splits each block's keys over
-// `splits` blocks (grid z), which write partial rows, unnormalised with
-// their running max m and sum l, at ((z * rows + row) * heads + head) *
-// (head_dim + 2) of `partials` (rows = tiles * kQueryTile); CombineSplits
+// How PagedAttention lays a step over its blocks.
+// group: the query heads a block takes for each token, the kQueryTile
+// rows of a block being kQueryTile / group tokens times `group`
+// consecutive heads of one KV group (grid y: heads / group), so the group
+// shares each key tile it loads; 1 (grid y: heads) or heads / kv_heads
+// where that divides kQueryTile (AttentionGroup).
+// splits (flash-decoding): a step with few blocks for the card (a decode
+// of one or a few sequences) splits each block's keys over `splits`
+// blocks (grid z), which write partial rows, unnormalised with their
+// running max m and sum l, to `partials` (PartialRow); CombineSplits
 // merges them. splits 1: PagedAttention writes its output itself.
-struct AttentionSplit {
+struct AttentionBlocks {
+  int group = 1;
   int splits = 1;
   float* partials = nullptr;
 };
+
+// The group for `heads` query heads over `kv_heads`: the whole KV group
+// when kQueryTile rows hold whole groups, else 1.
+inline int AttentionGroup(int64_t heads, int64_t kv_heads) {
+  if (kv_heads <= 0 || heads % kv_heads != 0) return 1;
+  const int64_t g = heads / kv_heads;
+  return g <= kQueryTile && kQueryTile % g == 0 ? static_cast<int>(g) : 1;
+}
 
 // About two blocks for each of an H100's or H200's 132 SMs.
 inline constexpr int64_t kAttentionTargetBlocks = 256;
@@ -208,9 +222,11 @@ inline int AttentionSplits(int64_t blocks, int64_t max_keys) {
   return s < 1 ? 1 : static_cast<int>(s);
 }
 
-// The floats of AttentionSplit::partials for a step of `num_tiles` tiles.
-inline int64_t AttentionPartialFloats(int64_t num_tiles, int heads, int head_dim, int splits) {
-  return splits <= 1 ? 0 : int64_t{splits} * num_tiles * kQueryTile * heads * (head_dim + 2);
+// The floats of AttentionBlocks::partials for a grid of num_tiles x
+// `blocks_y` (heads / group) blocks.
+inline int64_t AttentionPartialFloats(int64_t num_tiles, int64_t blocks_y, int head_dim,
+                                      int splits) {
+  return splits <= 1 ? 0 : int64_t{splits} * num_tiles * blocks_y * kQueryTile * (head_dim + 2);
 }
 
 inline unsigned AppendBlocks(int64_t tokens, int kv_heads, int head_dim) {

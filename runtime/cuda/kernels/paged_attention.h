@@ -21,13 +21,12 @@
 //   PagedAttention<<<dim3(MaxAttentionTiles(T, N), heads),  // spare tiles idle
 //                    kAttentionThreads>>>(...);
 //
-// A step with few blocks (a decode of one or a few sequences) splits each
-// block's keys over several (flash-decoding: AttentionSplit, grid z) and
-// merges their partial rows after (CombineSplits).
-//
-// Not yet: sharing one KV tile between the query heads of a group (each
-// query head's block reads its KV head's tiles itself; tensor_core_
-// attention.h is the prefill kernel for 16-bit values).
+// A block's rows may be the query heads of one KV group (AttentionBlocks::
+// group), which then share every key tile it loads; a step with few
+// blocks (a decode of one or a few sequences) splits each block's keys
+// over several (flash-decoding: AttentionBlocks::splits, grid z) and
+// merges their partial rows after (CombineSplits). tensor_core_
+// attention.h is the prefill kernel for 16-bit values.
 #ifndef PIPESERVE_RUNTIME_CUDA_KERNELS_PAGED_ATTENTION_H_
 #define PIPESERVE_RUNTIME_CUDA_KERNELS_PAGED_ATTENTION_H_
 
@@ -130,41 +129,57 @@ SIMT_DEVICE void RowUpdate(int r, simt::SharedPtr<float> p_s, simt::SharedPtr<fl
   alpha_s[r] = alpha;
 }
 
-// Block (tile, head)'s rows for split z = BlockIdx().z: the unnormalised
-// accumulators acc (as PagedAttention holds them), then m and l.
-SIMT_DEVICE void WritePartials(const AttentionSplit& split, int head, int heads, int D,
-                               const float* acc, simt::SharedPtr<float> m_s,
-                               simt::SharedPtr<float> l_s, const int32_t* tile) {
+// Row r of this block: the index of its element d in q and out ([1,
+// heads, tokens, D]), or -1 for an empty row. The block's tile lists
+// kQueryTile / group tokens; row r is token r / group at head
+// BlockIdx().y * group + r % group.
+SIMT_DEVICE int64_t RowAt(const PagedCache& c, const int32_t* tile, int group, int r, int d) {
   using namespace simt;  // NOLINT
-  const int t = static_cast<int>(ThreadIdx().x);
-  const int64_t rows = int64_t{GridDim().x} * kQueryTile;
-  auto part = [&](int r) {
-    const int64_t row = int64_t{BlockIdx().x} * kQueryTile + r;
-    return split.partials + ((int64_t{BlockIdx().z} * rows + row) * heads + head) * (D + 2);
-  };
+  const int32_t token = tile[r / group];
+  if (token < 0) return -1;
+  const int64_t head = int64_t{BlockIdx().y} * group + r % group;
+  return (head * c.tokens + token) * c.head_dim + d;
+}
+
+// Where row r of this block's split z keeps its partial: D unnormalised
+// values, then m and l.
+SIMT_DEVICE float* PartialRow(float* partials, int z, int r, int D) {
+  using namespace simt;  // NOLINT
+  const int64_t block =
+      (int64_t{z} * GridDim().x + BlockIdx().x) * GridDim().y + BlockIdx().y;
+  return partials + (block * kQueryTile + r) * (D + 2);
+}
+
+// This block's rows for split z = BlockIdx().z: the unnormalised
+// accumulators acc (as PagedAttention holds them), then m and l.
+SIMT_DEVICE void WritePartials(const AttentionBlocks& b, int D, const float* acc,
+                               simt::SharedPtr<float> m_s, simt::SharedPtr<float> l_s,
+                               const int32_t* tile) {
+  using namespace simt;  // NOLINT
+  const int t = static_cast<int>(ThreadIdx().x), z = static_cast<int>(BlockIdx().z);
   for (int a = 0; a < kAccumulators; ++a) {
     const int i = t + a * kAttentionThreads, r = i / D, d = i % D;
-    if (i >= kQueryTile * D || tile[r] < 0) continue;
-    part(r)[d] = acc[a];
+    if (i >= kQueryTile * D || tile[r / b.group] < 0) continue;
+    PartialRow(b.partials, z, r, D)[d] = acc[a];
   }
-  if (t < kQueryTile && tile[t] >= 0) {
-    part(t)[D] = m_s[t];
-    part(t)[D + 1] = l_s[t];
+  if (t < kQueryTile && tile[t / b.group] >= 0) {
+    PartialRow(b.partials, z, t, D)[D] = m_s[t];
+    PartialRow(b.partials, z, t, D)[D + 1] = l_s[t];
   }
 }
 
-// The tile's query rows of `head` into q_s as float, rotated by c.rope_q
-// (if it has tables) and scaled (empty rows zero); m -inf and l 0.
+// The block's query rows into q_s as float, rotated by c.rope_q (if it
+// has tables) and scaled (empty rows zero); m -inf and l 0.
 template <typename T>
-SIMT_DEVICE void LoadQueries(const T* q, const PagedCache& c, const int32_t* tile, int head,
+SIMT_DEVICE void LoadQueries(const T* q, const PagedCache& c, const int32_t* tile, int group,
                              float scale, simt::SharedPtr<float> q_s, simt::SharedPtr<float> m_s,
                              simt::SharedPtr<float> l_s) {
   using namespace simt;  // NOLINT
   const int t = static_cast<int>(ThreadIdx().x), D = c.head_dim;
   for (int i = t; i < kQueryTile * D; i += kAttentionThreads) {
     const int r = i / D, d = i % D;
-    const int64_t at = (int64_t{head} * c.tokens + tile[r]) * D + d;
-    q_s[r * kMaxHeadDim + d] = tile[r] < 0 ? 0.0f : ToFloat(MaybeRotated(q, c.rope_q, at)) * scale;
+    const int64_t at = RowAt(c, tile, group, r, d);
+    q_s[r * kMaxHeadDim + d] = at < 0 ? 0.0f : ToFloat(MaybeRotated(q, c.rope_q, at)) * scale;
   }
   if (t < kQueryTile) {
     m_s[t] = -__builtin_huge_valf();
@@ -174,18 +189,19 @@ SIMT_DEVICE void LoadQueries(const T* q, const PagedCache& c, const int32_t* til
 
 // out [1, heads, tokens, head_dim] = attention of q (same shape, rotated
 // by c.rope_q if it has tables, scaled by `scale`) over the cache: block
-// (tile, head) takes the kQueryTile tokens tiles[tile * kQueryTile ...]
-// (one sequence's; -1 = none) for query head `head`, which reads KV head
-// head / (heads / kv_heads). head_dim <= kMaxHeadDim. The step's own keys
-// must be in the cache (KvAppend first).
+// (tile, y) takes the kQueryTile / b.group tokens tiles[tile * that ...]
+// (one sequence's; -1 = none) for query heads y * b.group .. + b.group - 1
+// (RowAt), which read KV head y * b.group / (heads / kv_heads).
+// head_dim <= kMaxHeadDim. The step's own keys must be in the cache
+// (KvAppend first).
 // A tile whose first token is -1 is spare (a grid sized for the most tiles
 // a step of this shape can have) and does nothing.
-// With split.splits > 1, block z of grid z takes the keys SplitKeys gives
-// it and writes its rows' partials (AttentionSplit) instead of out.
+// With b.splits > 1, block z of grid z takes the keys SplitKeys gives it
+// and writes its rows' partials (PartialRow) instead of out.
 template <typename T>
 SIMT_GLOBAL void PagedAttention(const T* __restrict__ q, const T* __restrict__ cache,
                                 const int32_t* __restrict__ tiles, T* __restrict__ out,
-                                PagedCache c, int heads, float scale, AttentionSplit split = {}) {
+                                PagedCache c, int heads, float scale, AttentionBlocks b = {}) {
   using namespace simt;  // NOLINT: the kernel vocabulary
   SIMT_SHARED(float, q_s, kQueryTile * kMaxHeadDim);
   SIMT_SHARED(float, k_s, kKeyTile * kMaxHeadDim);
@@ -194,24 +210,24 @@ SIMT_GLOBAL void PagedAttention(const T* __restrict__ q, const T* __restrict__ c
   SIMT_SHARED(float, m_s, kQueryTile);
   SIMT_SHARED(float, l_s, kQueryTile);
   SIMT_SHARED(float, alpha_s, kQueryTile);
-  if (tiles[int64_t{BlockIdx().x} * kQueryTile] < 0) return;  // a spare tile: the whole block
-  const int head = static_cast<int>(BlockIdx().y);
-  const int kv_head = head / (heads / c.kv_heads);
-  const int32_t* tile = tiles + int64_t{BlockIdx().x} * kQueryTile;
+  const int32_t* tile = tiles + int64_t{BlockIdx().x} * (kQueryTile / b.group);
+  if (tile[0] < 0) return;  // a spare tile: the whole block
+  const int kv_head = static_cast<int>(BlockIdx().y) * b.group / (heads / c.kv_heads);
   const int t = static_cast<int>(ThreadIdx().x);
   const int D = c.head_dim;
   int64_t row_pos[kQueryTile];  // -1: an empty row sees no key
   int64_t last = -1;
   for (int r = 0; r < kQueryTile; ++r) {
-    row_pos[r] = tile[r] < 0 ? -1 : c.positions[tile[r]];
+    const int32_t token = tile[r / b.group];
+    row_pos[r] = token < 0 ? -1 : c.positions[token];
     last = row_pos[r] > last ? row_pos[r] : last;
   }
   const int64_t s = c.seq[tile[0]];
-  LoadQueries(q, c, tile, head, scale, q_s, m_s, l_s);
+  LoadQueries(q, c, tile, b.group, scale, q_s, m_s, l_s);
   float acc[kAccumulators];
   for (float& a : acc) a = 0.0f;
   int64_t key_begin = 0, key_end = last + 1;
-  if (split.splits > 1) SplitKeys(last, split.splits, BlockIdx().z, &key_begin, &key_end);
+  if (b.splits > 1) SplitKeys(last, b.splits, BlockIdx().z, &key_begin, &key_end);
   for (int64_t key0 = key_begin; key0 < key_end; key0 += kKeyTile) {
     SyncThreads();  // the previous tile's k_s, v_s, p_s are read
     LoadKeyTile(cache, c, s, kv_head, key0, key_end - 1, k_s, v_s);
@@ -228,35 +244,35 @@ SIMT_GLOBAL void PagedAttention(const T* __restrict__ q, const T* __restrict__ c
       acc[a] = acc[a] * alpha_s[r] + pv;
     }
   }
-  if (split.splits > 1) {
-    WritePartials(split, head, heads, D, acc, m_s, l_s, tile);
+  if (b.splits > 1) {
+    WritePartials(b, D, acc, m_s, l_s, tile);
     return;
   }
   for (int a = 0; a < kAccumulators; ++a) {
     const int i = t + a * kAttentionThreads, r = i / D, d = i % D;
-    if (i >= kQueryTile * D || tile[r] < 0) continue;
-    out[(int64_t{head} * c.tokens + tile[r]) * D + d] = FromFloat<T>(acc[a] / l_s[r]);
+    if (i >= kQueryTile * D) break;
+    const int64_t at = RowAt(c, tile, b.group, r, d);
+    if (at >= 0) out[at] = FromFloat<T>(acc[a] / l_s[r]);
   }
 }
 
-// out's rows of block (tile, head) from the partials of its splits:
-// m = the largest m_z, l = sum of l_z e^(m_z - m), each value the sum of
-// the unnormalised accumulators times e^(m_z - m), over l. A split that
-// saw no key (m_z -inf) counts for nothing. Grid (tiles, heads).
+// out's rows of block (tile, y) from the partials of its b.splits
+// splits: m = the largest m_z, l = sum of l_z e^(m_z - m), each value the
+// sum of the unnormalised accumulators times e^(m_z - m), over l. A split
+// that saw no key (m_z -inf) counts for nothing. PagedAttention's grid
+// without z.
 template <typename T>
-SIMT_GLOBAL void CombineSplits(const float* __restrict__ partials, const int32_t* __restrict__ tiles,
-                               T* __restrict__ out, PagedCache c, int heads, int splits) {
+SIMT_GLOBAL void CombineSplits(const int32_t* __restrict__ tiles, T* __restrict__ out,
+                               PagedCache c, AttentionBlocks b) {
   using namespace simt;  // NOLINT: the kernel vocabulary
-  if (tiles[int64_t{BlockIdx().x} * kQueryTile] < 0) return;  // a spare tile
-  const int head = static_cast<int>(BlockIdx().y);
-  const int32_t* tile = tiles + int64_t{BlockIdx().x} * kQueryTile;
-  const int D = c.head_dim;
-  const int64_t rows = int64_t{GridDim().x} * kQueryTile;
+  const int32_t* tile = tiles + int64_t{BlockIdx().x} * (kQueryTile / b.group);
+  if (tile[0] < 0) return;  // a spare tile
+  const int D = c.head_dim, splits = b.splits;
   for (int i = ThreadIdx().x; i < kQueryTile * D; i += kAttentionThreads) {
     const int r = i / D, d = i % D;
-    if (tile[r] < 0) continue;
-    const int64_t row = int64_t{BlockIdx().x} * kQueryTile + r;
-    auto part = [&](int z) { return partials + ((z * rows + row) * heads + head) * (D + 2); };
+    const int64_t at = RowAt(c, tile, b.group, r, d);
+    if (at < 0) continue;
+    auto part = [&](int z) { return PartialRow(b.partials, z, r, D); };
     float m = -__builtin_huge_valf();
     for (int z = 0; z < splits; ++z) m = Max(m, part(z)[D]);
     float l = 0.0f, o = 0.0f;
@@ -266,7 +282,7 @@ SIMT_GLOBAL void CombineSplits(const float* __restrict__ partials, const int32_t
       l += part(z)[D + 1] * w;
       o += part(z)[d] * w;
     }
-    out[(int64_t{head} * c.tokens + tile[r]) * D + d] = FromFloat<T>(o / l);
+    out[at] = FromFloat<T>(o / l);
   }
 }
 

@@ -46,7 +46,8 @@ Cache MakeCache(int64_t num_blocks, int kv_heads, int head_dim, int block_size, 
 template <typename T>
 absl::StatusOr<Tensor> RunStep(Cache& cache, const Tensor& q, const Tensor& k, const Tensor& v,
                                const Tensor& positions, const Tensor& seq, const Tensor& tables,
-                               float scale, bool tensor_cores = false, int splits = 1) {
+                               float scale, bool tensor_cores = false, int splits = 1,
+                               int group = 1) {
   PagedCache c;
   c.tokens = q.shape()[2];
   c.kv_heads = cache.kv_heads;
@@ -75,19 +76,22 @@ absl::StatusOr<Tensor> RunStep(Cache& cache, const Tensor& q, const Tensor& k, c
       return out;
     }
   }
-  const std::vector<int32_t> tiles = AttentionTiles(seq.data_as<int64_t>(), seq.numel());
-  const int64_t num_tiles = static_cast<int64_t>(tiles.size()) / kQueryTile;
+  const int tile = kQueryTile / group;
+  const std::vector<int32_t> tiles = AttentionTiles(seq.data_as<int64_t>(), seq.numel(), tile);
+  const int64_t num_tiles = static_cast<int64_t>(tiles.size()) / tile;
+  const int blocks_y = heads / group;
   // Partials start as NaN: a row a split should write and does not shows.
-  std::vector<float> partials(AttentionPartialFloats(num_tiles, heads, c.head_dim, splits), NAN);
-  const AttentionSplit split{splits, partials.data()};
-  s = simt::Emulate(simt::Dim3(static_cast<unsigned>(num_tiles), heads, splits), kAttentionThreads,
-                    [&] {
-                      PagedAttention<T>(As<T>(q), As<T>(cache.memory), tiles.data(), As<T>(out),
-                                        c, heads, scale, split);
-                    });
+  std::vector<float> partials(AttentionPartialFloats(num_tiles, blocks_y, c.head_dim, splits),
+                              NAN);
+  const AttentionBlocks blocks{group, splits, partials.data()};
+  const simt::Dim3 grid(static_cast<unsigned>(num_tiles), blocks_y);
+  s = simt::Emulate(simt::Dim3(grid.x, grid.y, splits), kAttentionThreads, [&] {
+    PagedAttention<T>(As<T>(q), As<T>(cache.memory), tiles.data(), As<T>(out), c, heads, scale,
+                      blocks);
+  });
   if (!s.ok() || splits == 1) return s.ok() ? absl::StatusOr<Tensor>(out) : s;
-  s = simt::Emulate(simt::Dim3(static_cast<unsigned>(num_tiles), heads), kAttentionThreads, [&] {
-    CombineSplits<T>(partials.data(), tiles.data(), As<T>(out), c, heads, splits);
+  s = simt::Emulate(grid, kAttentionThreads, [&] {
+    CombineSplits<T>(tiles.data(), As<T>(out), c, blocks);
   });
   if (!s.ok()) return s;
   return out;
@@ -192,7 +196,7 @@ Tensor StepRows(const std::vector<Sequence>& seqs, const std::vector<double> Seq
 // then one decoded token each.
 template <typename T>
 void ChunkedSteps(DataType t, int head_dim, int block_size, bool tensor_cores = false,
-                  int splits = 1) {
+                  int splits = 1, int group = 1) {
   const int heads = 4, kv_heads = 2;
   std::mt19937 rng(head_dim * 31 + block_size);
   std::vector<Sequence> seqs = {MakeSequence(37, heads, kv_heads, head_dim, t, &rng),
@@ -224,7 +228,7 @@ void ChunkedSteps(DataType t, int head_dim, int block_size, bool tensor_cores = 
         StepRows(seqs, &Sequence::k, kv_heads, head_dim, tokens, t),
         StepRows(seqs, &Sequence::v, kv_heads, head_dim, tokens, t),
         TensorOf({n}, DT_INT64, positions), TensorOf({n}, DT_INT64, seq), tables,
-        static_cast<float>(1.0 / std::sqrt(head_dim)), tensor_cores, splits);
+        static_cast<float>(1.0 / std::sqrt(head_dim)), tensor_cores, splits, group);
     ASSERT_TRUE(out.ok()) << "step " << step << ": " << out.status();
     const int64_t bytes = head_dim * ElementSize(t);
     for (int h = 0; h < heads; ++h) {
@@ -238,9 +242,10 @@ void ChunkedSteps(DataType t, int head_dim, int block_size, bool tensor_cores = 
   for (int s = 0; s < 2; ++s) {
     const double err = RelativeError(got[s], seqs[s].want);
     EXPECT_LE(err, Tolerance(t)) << "sequence " << s << " " << TorchName(t);
-    std::printf("[ max_rel_err ] simt_%s %s_attention_d%d_b%d_split%d_seq%d %.1e tol %.0e\n",
-                TorchName(t).c_str(), tensor_cores ? "tensor_core" : "paged", head_dim,
-                block_size, splits, s, err, Tolerance(t));
+    std::printf(
+        "[ max_rel_err ] simt_%s %s_attention_d%d_b%d_split%d_group%d_seq%d %.1e tol %.0e\n",
+        TorchName(t).c_str(), tensor_cores ? "tensor_core" : "paged", head_dim, block_size, splits,
+        group, s, err, Tolerance(t));
   }
 }
 
@@ -265,6 +270,22 @@ TEST(PagedAttentionTest, KeysSplitOverBlocksEqualTheWholeSequence) {
   ChunkedSteps<float>(DT_FLOAT32, 40, 16, false, 2);
   ChunkedSteps<float>(DT_FLOAT32, 40, 16, false, 5);
   ChunkedSteps<simt::Bf16>(DT_BFLOAT16, 64, 16, false, 3);
+}
+
+// A block's rows as both query heads of a KV group (4 tokens a tile, 2
+// heads each), alone and with its keys split.
+TEST(PagedAttentionTest, TheQueryHeadsOfAGroupShareABlock) {
+  ChunkedSteps<float>(DT_FLOAT32, 40, 16, false, 1, 2);
+  ChunkedSteps<simt::Half>(DT_FLOAT16, 64, 16, false, 3, 2);
+}
+
+TEST(PagedAttentionTest, AGroupIsWholeKvGroupsThatFillATile) {
+  EXPECT_EQ(AttentionGroup(32, 4), 8);  // TinyLlama: one token a tile, 8 heads
+  EXPECT_EQ(AttentionGroup(4, 2), 2);
+  EXPECT_EQ(AttentionGroup(12, 12), 1);  // GPT-2: no group
+  EXPECT_EQ(AttentionGroup(48, 4), 1);   // 12 heads a group: more than a tile
+  EXPECT_EQ(AttentionGroup(12, 4), 1);   // 3 does not divide 8
+  EXPECT_EQ(AttentionGroup(4, 0), 1);
 }
 
 TEST(PagedAttentionTest, SplitKeysCoverTheKeysOnceInWholeTiles) {
@@ -292,7 +313,7 @@ TEST(PagedAttentionTest, SplitsOnlyStepsWithFewBlocks) {
   EXPECT_EQ(AttentionSplits(1, 1 << 20), kMaxAttentionSplits);
   EXPECT_EQ(AttentionSplits(4, 0), 1);
   EXPECT_EQ(AttentionPartialFloats(3, 4, 40, 1), 0);
-  EXPECT_EQ(AttentionPartialFloats(3, 4, 40, 2), 2 * 3 * kQueryTile * 4 * 42);
+  EXPECT_EQ(AttentionPartialFloats(3, 4, 40, 2), 2 * 3 * 4 * kQueryTile * 42);
 }
 
 // The tensor-core kernel on the same steps: 32-row tiles with empty rows

@@ -185,7 +185,7 @@ cudaError_t LaunchEmbedding(FloatType t, const int64_t* ids, const void* table, 
 cudaError_t LaunchPagedAttention(FloatType t, const void* q, const void* k, const void* v,
                                  void* cache, const PagedCache& c, const int32_t* tiles,
                                  int64_t num_tiles, int heads, float scale, void* out,
-                                 bool tensor_cores, AttentionSplit split, cudaStream_t stream) {
+                                 bool tensor_cores, AttentionBlocks blocks, cudaStream_t stream) {
   if (c.tokens <= 0) return cudaSuccess;
   cudaError_t e = cudaSuccess;
   WithType(t, [&](auto zero) {
@@ -194,8 +194,8 @@ cudaError_t LaunchPagedAttention(FloatType t, const void* q, const void* k, cons
         static_cast<const T*>(k), static_cast<const T*>(v), static_cast<T*>(cache), c);
     e = cudaGetLastError();
     if (e != cudaSuccess || num_tiles == 0) return;
-    const dim3 grid(static_cast<unsigned>(num_tiles), heads);
     if (tensor_cores) {  // 16-bit values, whole fragments: or its tiles are not PagedAttention's
+      const dim3 grid(static_cast<unsigned>(num_tiles), heads);
       if constexpr (std::is_same_v<T, float>) {
         e = cudaErrorInvalidValue;
       } else if (!TensorCoreHeadDim(c.head_dim)) {
@@ -208,15 +208,14 @@ cudaError_t LaunchPagedAttention(FloatType t, const void* q, const void* k, cons
       }
       return;
     }
-    const dim3 split_grid(grid.x, grid.y, static_cast<unsigned>(split.splits));
-    PagedAttention<T><<<split_grid, kAttentionThreads, 0, stream>>>(
+    const dim3 grid(static_cast<unsigned>(num_tiles), heads / blocks.group);
+    PagedAttention<T><<<dim3(grid.x, grid.y, blocks.splits), kAttentionThreads, 0, stream>>>(
         static_cast<const T*>(q), static_cast<const T*>(cache), tiles, static_cast<T*>(out), c,
-        heads, scale, split);
+        heads, scale, blocks);
     e = cudaGetLastError();
-    if (e != cudaSuccess || split.splits == 1) return;
-    CombineSplits<T><<<grid, kAttentionThreads, 0, stream>>>(split.partials, tiles,
-                                                             static_cast<T*>(out), c, heads,
-                                                             split.splits);
+    if (e != cudaSuccess || blocks.splits == 1) return;
+    CombineSplits<T><<<grid, kAttentionThreads, 0, stream>>>(tiles, static_cast<T*>(out), c,
+                                                             blocks);
     e = cudaGetLastError();
   });
   return e;

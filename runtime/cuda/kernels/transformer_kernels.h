@@ -71,13 +71,14 @@ cudaError_t LaunchEmbedding(FloatType t, const int64_t* ids, const void* table, 
 // cached_attention of one step on one layer's paged cache: appends k and
 // v, then attends q over the cache (paged_attention.h; with
 // `tensor_cores`, a 16-bit t and TensorCoreHeadDim, tensor_core_
-// attention.h; else with `split`'s keys split, merged by CombineSplits).
-// `c`'s metadata pointers, `tiles` (num_tiles * the kernel's query tile of
-// token indices) and split.partials are device memory.
+// attention.h; else PagedAttention laid out as `blocks` says, its split
+// keys merged by CombineSplits). `c`'s metadata pointers, `tiles`
+// (num_tiles * the kernel's tokens a tile of token indices) and
+// blocks.partials are device memory.
 cudaError_t LaunchPagedAttention(FloatType t, const void* q, const void* k, const void* v,
                                  void* cache, const PagedCache& c, const int32_t* tiles,
                                  int64_t num_tiles, int heads, float scale, void* out,
-                                 bool tensor_cores, AttentionSplit split, cudaStream_t stream);
+                                 bool tensor_cores, AttentionBlocks blocks, cudaStream_t stream);
 
 // args.out [rows] (int64) = sample_tokens' picks from logits [rows,
 // args.cols] (sample.h); every pointer is device memory, the parameters
