@@ -31,6 +31,52 @@ double Sample(const std::string& text, const std::string& name, const std::strin
   return v;
 }
 
+// The labels of stage `stage` (replica 0) of model "m"'s deployment.
+std::string StageLabels(uint64_t deployment, int stage) {
+  return absl::StrCat("model=\"m\",deployment=\"", absl::Hex(deployment, absl::kZeroPad16),
+                      "\",stage=\"", stage, "\",replica=\"0\"");
+}
+
+// Whether every stage of the 4 (stage i on server i mod 2) has sent all
+// `frames` and has none queued.
+bool AllSent(const std::vector<std::string>& texts, uint64_t deployment, double frames) {
+  for (int stage = 0; stage < 4; ++stage) {
+    const std::string& text = texts[stage % 2];
+    const std::string labels = StageLabels(deployment, stage);
+    if (Sample(text, "pipeserve_stage_frames_sent_total", labels) != frames ||
+        Sample(text, "pipeserve_stage_queue_depth", labels) != 0) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// Each server's /metrics page ("" where it did not answer 200 OK).
+std::vector<std::string> Scrape(const std::vector<std::unique_ptr<StageServerProcess>>& servers) {
+  std::vector<std::string> texts;
+  for (const auto& s : servers) {
+    std::string got = HttpGet(s->metrics_port(), "/metrics");
+    const size_t body = got.find("\r\n\r\n");
+    texts.push_back(got.find("200 OK") == std::string::npos || body == std::string::npos
+                        ? std::string()
+                        : got.substr(body + 4));
+  }
+  return texts;
+}
+
+// The pages, read again every 50 ms until `settled` holds of them or
+// `limit` has passed.
+template <typename Settled>
+std::vector<std::string> ScrapeUntil(const std::vector<std::unique_ptr<StageServerProcess>>& servers,
+                                     Settled settled, absl::Duration limit) {
+  std::vector<std::string> texts = Scrape(servers);
+  for (absl::Time until = absl::Now() + limit; !settled(texts) && absl::Now() < until;) {
+    absl::SleepFor(absl::Milliseconds(50));
+    texts = Scrape(servers);
+  }
+  return texts;
+}
+
 TEST(ObservabilityTest, StageServersExportMetricsThatAccountForEveryMicrobatch) {
   auto dir = MakeFixtures({"example_code"}, 16);
   ASSERT_TRUE(dir.ok()) << dir.status();
@@ -60,40 +106,13 @@ TEST(ObservabilityTest, StageServersExportMetricsThatAccountForEveryMicrobatch) 
   ASSERT_EQ(plan.plan().stages_size(), 4);
   const double frames = 5.0 * plan.microbatches();  // 5 requests
 
-  auto labels_of = [&](int stage) {
-    return absl::StrCat("model=\"m\",deployment=\"", absl::Hex(plan.deployment(), absl::kZeroPad16),
-                        "\",stage=\"", stage, "\",replica=\"0\"");
-  };
+  auto labels_of = [&](int stage) { return StageLabels(plan.deployment(), stage); };
   // A stage counts a frame sent once its send returned, which may be after
   // the next stage (and the client) had it: read until every stage has
   // counted all, or 10 s.
-  auto scrape = [&] {
-    std::vector<std::string> texts;
-    for (const auto& s : servers) {
-      std::string got = HttpGet(s->metrics_port(), "/metrics");
-      const size_t body = got.find("\r\n\r\n");
-      // Not an answer (yet): empty, so the page is read again.
-      texts.push_back(got.find("200 OK") == std::string::npos || body == std::string::npos
-                          ? std::string()
-                          : got.substr(body + 4));
-    }
-    return texts;
-  };
-  auto settled = [&](const std::vector<std::string>& texts) {
-    for (int stage = 0; stage < 4; ++stage) {
-      const std::string& text = texts[stage % 2];
-      if (Sample(text, "pipeserve_stage_frames_sent_total", labels_of(stage)) != frames ||
-          Sample(text, "pipeserve_stage_queue_depth", labels_of(stage)) != 0) {
-        return false;
-      }
-    }
-    return true;
-  };
-  std::vector<std::string> texts = scrape();
-  for (absl::Time until = absl::Now() + absl::Seconds(10); !settled(texts) && absl::Now() < until;) {
-    absl::SleepFor(absl::Milliseconds(50));
-    texts = scrape();
-  }
+  std::vector<std::string> texts = ScrapeUntil(
+      servers, [&](const auto& t) { return AllSent(t, plan.deployment(), frames); },
+      absl::Seconds(10));
   for (const std::string& text : texts) {
     ASSERT_FALSE(text.empty()) << "a stage server's /metrics did not answer 200 OK";
     EXPECT_EQ(PromtoolProblems(text), "");

@@ -226,7 +226,7 @@ void AddMakers(std::vector<ConformanceCase>* out) {
   }
 }
 
-void AddGeneration(std::vector<ConformanceCase>* out) {
+void AddCachedAttention(std::vector<ConformanceCase>* out) {
   // One prefill step of two sequences (3 and 2 tokens) into an empty cache
   // of 4-token blocks: causal attention within each sequence.
   out->push_back(Case(
@@ -279,6 +279,9 @@ void AddGeneration(std::vector<ConformanceCase>* out) {
       {{"scale", F(0.35)}, {"layer", I(0)}, {"block_size", I(4)}, {"num_blocks", I(40)},
        {"heads", I(2)}, {"kv_heads", I(1)}, {"head_dim", I(8)}},
       kFloats));
+}
+
+void AddSampling(std::vector<ConformanceCase>* out) {
   // Greedy rows (temperature 0, no penalties): each row's argmax.
   out->push_back(Case("sample_tokens_greedy", "sample_tokens",
                       {In("logits", {3, 37}),
@@ -308,7 +311,8 @@ std::vector<ConformanceCase> MakeCases() {
   AddGemms(&out);
   AddShapes(&out);
   AddMakers(&out);
-  AddGeneration(&out);
+  AddCachedAttention(&out);
+  AddSampling(&out);
   return out;
 }
 
