@@ -122,7 +122,9 @@ absl::StatusOr<double> AttentionSeconds(const LlamaShape& s, int seqs, int len, 
     }
     for (int64_t k = 0; k < width; ++k) tables.push_back(i * width + k);
   }
-  const int tile = tensor_cores ? kernels::kTcQueryTile : kernels::kQueryTile;
+  // The CUDA-core kernel as the plan runs it: a KV group's heads a block.
+  const int group = tensor_cores ? 1 : kernels::AttentionGroup(s.heads, s.kv_heads);
+  const int tile = tensor_cores ? kernels::kTcQueryTile : kernels::kQueryTile / group;
   std::vector<int32_t> tiles = kernels::AttentionTiles(seq.data(), tokens, tile);
   Buffers b;
   const int64_t q_bytes = tokens * s.heads * s.head_dim * 2, kv_bytes = tokens * s.kv_heads * s.head_dim * 2;
@@ -147,7 +149,7 @@ absl::StatusOr<double> AttentionSeconds(const LlamaShape& s, int seqs, int len, 
                                            kernels::FloatType::kBF16, q, k, v, cache, c, tiles_d,
                                            num_tiles, s.heads,
                                            1.0f / std::sqrt(static_cast<float>(s.head_dim)),
-                                           out, tensor_cores, kernels::AttentionBlocks{}, nullptr),
+                                           out, tensor_cores, kernels::AttentionBlocks{group}, nullptr),
                                        "LaunchPagedAttention");
                    }));
   return ms * 1e-3;

@@ -264,9 +264,10 @@ void AddCachedAttention(std::vector<ConformanceCase>* out) {
        {"heads", I(4)}, {"kv_heads", I(2)}, {"head_dim", I(64)}},
       kFloats));
   // 100 tokens of one sequence whose block table holds 160 keys, at
-  // head_dim 8, one KV head for two: on CUDA the CUDA-core kernel with its
-  // keys split over 3 blocks per (tile, head) (kernels::AttentionSplits:
-  // 28 blocks; the third split sees no key), merged by CombineSplits.
+  // head_dim 8, one KV head for two: on CUDA the CUDA-core kernel, both
+  // heads in a block (25 tiles of 4 tokens), its keys split over 3 blocks
+  // (kernels::AttentionSplits; the third split sees no key), merged by
+  // CombineSplits.
   std::vector<double> long_positions(100), long_seq(100, 0.0), long_blocks(40);
   for (int i = 0; i < 100; ++i) long_positions[i] = i;
   for (int i = 0; i < 40; ++i) long_blocks[i] = (i * 13) % 40;  // out of order
@@ -278,6 +279,25 @@ void AddCachedAttention(std::vector<ConformanceCase>* out) {
        Given("blocks", {1, 40}, DT_INT64, long_blocks), Given("seq_ids", {1}, DT_INT64, {0})},
       {{"scale", F(0.35)}, {"layer", I(0)}, {"block_size", I(4)}, {"num_blocks", I(40)},
        {"heads", I(2)}, {"kv_heads", I(1)}, {"head_dim", I(8)}},
+      kFloats));
+  // Eight query heads on one KV head (TinyLlama's group of 8), two
+  // sequences (12 and 8 tokens, interleaved) whose tables hold 80 keys: on
+  // CUDA a block takes one token's 8 heads (tiles of one token, 20 blocks)
+  // and its keys split in 2.
+  std::vector<double> g_positions, g_seq, g_blocks(40);
+  for (int i = 0, p0 = 0, p1 = 0; i < 20; ++i) {
+    const bool first = i % 5 < 3;  // 12 of seq 0, 8 of seq 1
+    g_seq.push_back(first ? 0 : 1);
+    g_positions.push_back(first ? p0++ : p1++);
+  }
+  for (int i = 0; i < 40; ++i) g_blocks[i] = (i * 17) % 40;
+  out->push_back(Case(
+      "cached_attention_group8", "cached_attention",
+      {In("q", {1, 8, 20, 8}), In("k", {1, 1, 20, 8}), In("v", {1, 1, 20, 8}),
+       Given("positions", {20}, DT_INT64, g_positions), Given("seq", {20}, DT_INT64, g_seq),
+       Given("blocks", {2, 20}, DT_INT64, g_blocks), Given("seq_ids", {2}, DT_INT64, {0, 1})},
+      {{"scale", F(0.35)}, {"layer", I(0)}, {"block_size", I(4)}, {"num_blocks", I(40)},
+       {"heads", I(8)}, {"kv_heads", I(1)}, {"head_dim", I(8)}},
       kFloats));
 }
 

@@ -161,14 +161,14 @@ struct DeviceOp {
   bool upper = false;
   // kAttention: q src, k src2, v src3, positions src4 (all [1, H|Hkv, T, D]
   // float32 and int64 metadata); `paged` without its pointers (the
-  // launcher sets them from the buffers); tiles: num_tiles * kQueryTile
+  // launcher sets them from the buffers); tiles: num_tiles * Buffers::tile
   // token indices (int32); cache: the layer's blocks; scale in `scalar`.
   BufferRef seq, tables, tiles, cache;
   kernels::PagedCache paged;
   int heads = 0;
   int64_t num_tiles = 0;
   // TensorCoreAttention on tiles of kTcQueryTile tokens, else
-  // PagedAttention on tiles of kQueryTile (Buffers::tile).
+  // PagedAttention on tiles of kQueryTile / group (Buffers::tile).
   bool tensor_cores = false;
   // PagedAttention's blocks (kernels::AttentionBlocks): `group` query
   // heads of a KV group a block, and its keys split over `splits` blocks,

@@ -643,6 +643,12 @@ TEST(DevicePlanTest, PrefillAttentionTakesTensorCoresIn16BitWithWholeFragments) 
     EXPECT_EQ(op->splits, 3);
     EXPECT_GT(op->partials.offset, 0);  // laid out after the tiles
   }
+  // Eight heads on one KV head: a tile a token, no spare tile, 2 splits.
+  std::optional<DeviceOp> eight = attention("cached_attention_group8", DT_BFLOAT16, {});
+  ASSERT_TRUE(eight.has_value());
+  EXPECT_EQ(eight->group, 8);
+  EXPECT_EQ(eight->num_tiles, 20);
+  EXPECT_EQ(eight->splits, 2);
   EXPECT_EQ(attention("cached_attention_prefill_d16", DT_BFLOAT16, {})->splits, 1);
   EXPECT_EQ(attention("cached_attention_prefill_d16", DT_BFLOAT16, {})->group, 1);  // tensor cores
   EXPECT_EQ(attention("cached_attention_prefill_d16", DT_FLOAT32, {})->group, 2);

@@ -175,9 +175,13 @@ inline std::vector<int32_t> AttentionTiles(const int64_t* seq, int64_t tokens,
 }
 
 // The most tiles of `tile` tokens a step of `tokens` tokens of at most
-// `sequences` sequences makes.
+// `sequences` sequences makes: each of the k <= min(tokens, sequences)
+// sequences it has takes ceil(t_s / tile) <= (t_s + tile - 1) / tile, so
+// all take at most (tokens + k (tile - 1)) / tile (one a token for tiles
+// of 1, none spare).
 inline int64_t MaxAttentionTiles(int64_t tokens, int64_t sequences, int tile = kQueryTile) {
-  return (tokens + tile - 1) / tile + sequences;
+  const int64_t k = tokens < sequences ? tokens : sequences;
+  return (tokens + k * (tile - 1)) / tile;
 }
 
 // How PagedAttention lays a step over its blocks.

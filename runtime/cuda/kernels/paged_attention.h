@@ -16,10 +16,13 @@
 // Host side (checks the CPU cache makes — block ids, positions within the
 // table, positions a sequence holds — happen before a launch, on the host;
 // AttentionTiles and the sizes are in launch_args.h):
-//   std::vector<int32_t> tiles = AttentionTiles(seq, tokens);  // per step
+//   const int g = AttentionGroup(heads, kv_heads), tile = kQueryTile / g;
+//   std::vector<int32_t> tiles = AttentionTiles(seq, tokens, tile);  // per step
 //   KvAppend<<<AppendBlocks(T, kv_heads, D), kKvThreads>>>(...);
-//   PagedAttention<<<dim3(MaxAttentionTiles(T, N), heads),  // spare tiles idle
-//                    kAttentionThreads>>>(...);
+//   const dim3 grid(MaxAttentionTiles(T, N, tile), heads / g);  // spare tiles idle
+//   PagedAttention<<<dim3(grid.x, grid.y, splits), kAttentionThreads>>>(
+//       ..., AttentionBlocks{g, splits, partials});
+//   if (splits > 1) CombineSplits<<<grid, kAttentionThreads>>>(...);
 //
 // A block's rows may be the query heads of one KV group (AttentionBlocks::
 // group), which then share every key tile it loads; a step with few
@@ -265,24 +268,32 @@ template <typename T>
 SIMT_GLOBAL void CombineSplits(const int32_t* __restrict__ tiles, T* __restrict__ out,
                                PagedCache c, AttentionBlocks b) {
   using namespace simt;  // NOLINT: the kernel vocabulary
+  SIMT_SHARED(float, m_s, kQueryTile);
+  SIMT_SHARED(float, l_s, kQueryTile);
   const int32_t* tile = tiles + int64_t{BlockIdx().x} * (kQueryTile / b.group);
-  if (tile[0] < 0) return;  // a spare tile
-  const int D = c.head_dim, splits = b.splits;
-  for (int i = ThreadIdx().x; i < kQueryTile * D; i += kAttentionThreads) {
+  if (tile[0] < 0) return;  // a spare tile: the whole block
+  const int D = c.head_dim, t = static_cast<int>(ThreadIdx().x);
+  if (t < kQueryTile && tile[t / b.group] >= 0) {  // each row's m and l, once
+    float m = -__builtin_huge_valf(), l = 0.0f;
+    for (int z = 0; z < b.splits; ++z) m = Max(m, PartialRow(b.partials, z, t, D)[D]);
+    for (int z = 0; z < b.splits; ++z) {
+      const float* part = PartialRow(b.partials, z, t, D);
+      if (part[D] != -__builtin_huge_valf()) l += part[D + 1] * Exp(part[D] - m);
+    }
+    m_s[t] = m;
+    l_s[t] = l;
+  }
+  SyncThreads();
+  for (int i = t; i < kQueryTile * D; i += kAttentionThreads) {
     const int r = i / D, d = i % D;
     const int64_t at = RowAt(c, tile, b.group, r, d);
     if (at < 0) continue;
-    auto part = [&](int z) { return PartialRow(b.partials, z, r, D); };
-    float m = -__builtin_huge_valf();
-    for (int z = 0; z < splits; ++z) m = Max(m, part(z)[D]);
-    float l = 0.0f, o = 0.0f;
-    for (int z = 0; z < splits; ++z) {
-      const float m_z = part(z)[D];
-      const float w = m_z == -__builtin_huge_valf() ? 0.0f : Exp(m_z - m);
-      l += part(z)[D + 1] * w;
-      o += part(z)[d] * w;
+    float o = 0.0f;
+    for (int z = 0; z < b.splits; ++z) {
+      const float* part = PartialRow(b.partials, z, r, D);
+      if (part[D] != -__builtin_huge_valf()) o += part[d] * Exp(part[D] - m_s[r]);
     }
-    out[at] = FromFloat<T>(o / l);
+    out[at] = FromFloat<T>(o / l_s[r]);
   }
 }
 

@@ -196,8 +196,7 @@ Tensor StepRows(const std::vector<Sequence>& seqs, const std::vector<double> Seq
 // then one decoded token each.
 template <typename T>
 void ChunkedSteps(DataType t, int head_dim, int block_size, bool tensor_cores = false,
-                  int splits = 1, int group = 1) {
-  const int heads = 4, kv_heads = 2;
+                  int splits = 1, int group = 1, int heads = 4, int kv_heads = 2) {
   std::mt19937 rng(head_dim * 31 + block_size);
   std::vector<Sequence> seqs = {MakeSequence(37, heads, kv_heads, head_dim, t, &rng),
                                 MakeSequence(70, heads, kv_heads, head_dim, t, &rng)};
@@ -272,11 +271,14 @@ TEST(PagedAttentionTest, KeysSplitOverBlocksEqualTheWholeSequence) {
   ChunkedSteps<simt::Bf16>(DT_BFLOAT16, 64, 16, false, 3);
 }
 
-// A block's rows as both query heads of a KV group (4 tokens a tile, 2
-// heads each), alone and with its keys split.
+// A block's rows as the query heads of a KV group, alone and with its
+// keys split: both of 2 (4 tokens a tile), 4 of 8 on 2 KV heads (2 tokens
+// a tile), 8 on one (TinyLlama's: a tile a token).
 TEST(PagedAttentionTest, TheQueryHeadsOfAGroupShareABlock) {
   ChunkedSteps<float>(DT_FLOAT32, 40, 16, false, 1, 2);
   ChunkedSteps<simt::Half>(DT_FLOAT16, 64, 16, false, 3, 2);
+  ChunkedSteps<float>(DT_FLOAT32, 24, 8, false, 1, 4, 8, 2);
+  ChunkedSteps<simt::Bf16>(DT_BFLOAT16, 24, 8, false, 2, 8, 8, 1);
 }
 
 TEST(PagedAttentionTest, AGroupIsWholeKvGroupsThatFillATile) {
@@ -341,6 +343,24 @@ TEST(PagedAttentionTest, TilesGroupEachSequencesTokensInStepOrder) {
                                10, 11, -1, -1, -1, -1, -1, -1};
   EXPECT_EQ(AttentionTiles(seq.data(), static_cast<int64_t>(seq.size())), want);
   EXPECT_LE(static_cast<int64_t>(want.size()) / kQueryTile, MaxAttentionTiles(12, 2));
+}
+
+// MaxAttentionTiles bounds every way a step's tokens can fall into
+// sequences, and is tight for a decode (a token a sequence).
+TEST(PagedAttentionTest, MaxTilesBoundEveryStepAndFitADecode) {
+  for (int tile : {1, 2, 4, 8, 32}) {
+    EXPECT_EQ(MaxAttentionTiles(64, 64, tile), 64) << tile;  // a decode of 64
+    for (int64_t sequences = 1; sequences <= 4; ++sequences) {
+      for (int64_t tokens = 0; tokens <= 12; ++tokens) {
+        // The worst split: all but sequences-1 tokens in one, one in each other.
+        std::vector<int64_t> seq;
+        for (int64_t i = 0; i < tokens; ++i) seq.push_back(std::min<int64_t>(i, sequences - 1));
+        const int64_t tiles = static_cast<int64_t>(AttentionTiles(seq.data(), tokens, tile).size()) / tile;
+        EXPECT_LE(tiles, MaxAttentionTiles(tokens, sequences, tile))
+            << tokens << " tokens " << sequences << " sequences tile " << tile;
+      }
+    }
+  }
 }
 
 }  // namespace

@@ -208,6 +208,12 @@ cudaError_t LaunchPagedAttention(FloatType t, const void* q, const void* k, cons
       }
       return;
     }
+    if (blocks.group < 1 || heads % blocks.group != 0 || kQueryTile % blocks.group != 0 ||
+        blocks.splits < 1 || blocks.splits > kMaxAttentionSplits ||
+        (blocks.splits > 1 && blocks.partials == nullptr)) {
+      e = cudaErrorInvalidValue;
+      return;
+    }
     const dim3 grid(static_cast<unsigned>(num_tiles), heads / blocks.group);
     PagedAttention<T><<<dim3(grid.x, grid.y, blocks.splits), kAttentionThreads, 0, stream>>>(
         static_cast<const T*>(q), static_cast<const T*>(cache), tiles, static_cast<T*>(out), c,
