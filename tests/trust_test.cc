@@ -490,10 +490,9 @@ TEST(TrustStreamTest, IdleStreamsCannotTakeEveryHandlerThread) {
 // --stream_idle_timeout_s is ended, giving its thread back.
 TEST(TrustStreamTest, AnIdleStreamIsEndedAfterTheIdleTimeout) {
   absl::StatusOr<OwnCoordinator> own =
-      StartWithMlp("idle_stream", {"--stream_idle_timeout_s=1"}, "mlp", 1, absl::Seconds(10));
+      StartWithMlp("idle_stream", {"--stream_idle_timeout_s=1"}, "mlp", 1, absl::Seconds(30));
   ASSERT_TRUE(own.ok()) << own.status();
   CoordinatorProcess* c = own->process.get();
-  Client* client = own->client.get();
   auto stub = KServeStub(c->address());
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));

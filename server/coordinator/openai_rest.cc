@@ -206,13 +206,11 @@ struct OpenAiRest::Choices {
   absl::Mutex mu;
   absl::Status error ABSL_GUARDED_BY(mu);
   OpenAiUsage usage ABSL_GUARDED_BY(mu);
-  size_t remaining ABSL_GUARDED_BY(mu) = 0;
 
-  // Runs choice i; `on_text` gets its text, `cancelled` says to stop.
-  // *last (if not null) says whether it is the last choice to finish.
+  // Runs choice i; `on_text` gets its text, `cancelled` says to stop. Its
+  // tokens are in `usage` when it returns.
   absl::StatusOr<Completion> Complete(size_t i, const std::function<bool(absl::string_view)>& on_text,
-                                      const std::function<bool()>& cancelled,
-                                      bool* last = nullptr) {
+                                      const std::function<bool()>& cancelled) {
     GenerationRequest request = jobs[i].request;
     request.deadline = deadline;
     absl::StatusOr<Completion> c = pipeserve::Complete(
@@ -224,8 +222,6 @@ struct OpenAiRest::Choices {
       return c;
     }
     usage.completion_tokens += c->tokens;
-    --remaining;
-    if (last != nullptr) *last = remaining == 0;
     return c;
   }
 };
@@ -242,7 +238,6 @@ HttpResponse OpenAiRest::Run(const HttpRequest& r, const TextModel& text, const 
   {
     absl::MutexLock l(&run->mu);
     run->usage.prompt_tokens = prompt_tokens;
-    run->remaining = run->jobs.size();
   }
   if (!common.stream) return RunWhole(r, *run);
   KServeCore* core = core_;
@@ -267,6 +262,9 @@ HttpResponse OpenAiRest::RunWhole(const HttpRequest& r, Choices& run) {
 
 void OpenAiRest::Stream(Choices& run, KServeCore* core, HttpStream& out) {
   absl::Mutex write_mu;
+  // Choices whose last chunk is still to be written: the one that writes
+  // the last of those writes the stream's last chunk, and carries the usage.
+  size_t finals_left = run.jobs.size();  // under write_mu
   auto write = [&](const std::string& json) {
     absl::MutexLock l(&write_mu);
     return WriteEvent(out, json);
@@ -278,19 +276,21 @@ void OpenAiRest::Stream(Choices& run, KServeCore* core, HttpStream& out) {
     if (!run.jobs[i].echo.empty()) {
       write(OpenAiChunkJson(h, index, run.jobs[i].echo, "", false, nullptr));
     }
-    bool last = false;
     absl::StatusOr<Completion> c = run.Complete(
         i, [&](absl::string_view s) { return write(OpenAiChunkJson(h, index, s, "", false, nullptr)); },
-        [&out] { return out.ClientGone(); }, &last);
+        [&out] { return out.ClientGone(); });
     if (!c.ok()) return;
-    // The last to finish carries the usage (once all have added theirs).
+    // Counted and written under one lock: a choice that finished earlier
+    // cannot write its last chunk after the one carrying the usage (all
+    // choices have added theirs by then).
+    absl::MutexLock l(&write_mu);
+    const bool last = --finals_left == 0 && !run.common.include_usage;
     OpenAiUsage usage;
-    if (last && !run.common.include_usage) {
-      absl::MutexLock l(&run.mu);
+    if (last) {
+      absl::MutexLock u(&run.mu);
       usage = run.usage;
     }
-    write(OpenAiChunkJson(h, index, "", c->finish_reason, false,
-                          last && !run.common.include_usage ? &usage : nullptr));
+    WriteEvent(out, OpenAiChunkJson(h, index, "", c->finish_reason, false, last ? &usage : nullptr));
   });
   if (out.ClientGone()) return;
   absl::Status error;

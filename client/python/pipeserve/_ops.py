@@ -400,11 +400,10 @@ class OpConverter:
         self._emit("linear", inputs, {}, fx=node, path=path)
 
 
-def _mha_projection(self, b, i, k, E, hd, emit, param_rows, display, path):
-    """Input `k` (query, key or value; the i-th) of multi-head attention
-    projected and split into heads: [L, N, E] -> [L, N*H, hd] -> [N*H, L,
-    hd]."""
-    x = self._tensor(b[k], display, path)
+def _mha_projection(self, b, i, k, x, E, hd, emit, param_rows, display, path):
+    """Input `k` (query, key or value; the i-th; its value x) of multi-head
+    attention projected and split into heads: [L, N, E] -> [L, N*H, hd] ->
+    [N*H, L, hd]."""
     if b["use_separate_proj_weight"]:
         w = self._tensor(b[k[0] + "_proj_weight"], display, path)
     else:
@@ -472,7 +471,8 @@ def _multi_head_attention(self, node, display, path):
         v = self._tensor(t, display, path)
         return emit("slice", [v], {"dim": 0, "start": lo, "stop": hi, "step": 1})
 
-    projected = {k: _mha_projection(self, b, i, k, E, hd, emit, param_rows, display, path)
+    x = {k: self._tensor(b[k], display, path) for k in ("query", "key", "value")}
+    projected = {k: _mha_projection(self, b, i, k, x[k], E, hd, emit, param_rows, display, path)
                  for i, k in enumerate(("query", "key", "value"))}
     kt = emit("permute", [projected["key"]], {"dims": [0, 2, 1]})
     scores = emit("matmul", [projected["query"], kt])
@@ -941,6 +941,14 @@ def _module_handlers():
         self._emit("identity", [self._tensor(x, display, path)], {}, fx=node, path=path)
     modules.append((torch.nn.Identity, dropout))
     modules.append((torch.nn.Dropout, dropout))
+    return modules + _module_norm_handlers()
+
+
+def _module_norm_handlers():
+    """[(module class, handler)] for layer norm, embedding and softmax
+    modules."""
+    R = _ex._REQUIRED
+    modules = []
 
     def layer_norm(self, node, m, display, path):
         (x,) = self._bind(node, [("input", R)], display, path).values()

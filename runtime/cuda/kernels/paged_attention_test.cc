@@ -299,7 +299,9 @@ TEST(PagedAttentionTest, SplitKeysCoverTheKeysOnceInWholeTiles) {
         SplitKeys(last, splits, z, &begin, &end);
         EXPECT_EQ(begin, prev_end) << last << " " << splits << " " << z;
         EXPECT_LE(begin, end);
-        if (end < last + 1) EXPECT_EQ((end - begin) % kKeyTile, 0);
+        if (end < last + 1) {
+          EXPECT_EQ((end - begin) % kKeyTile, 0);
+        }
         covered += end - begin;
         prev_end = end;
       }
