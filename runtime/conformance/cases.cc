@@ -263,6 +263,11 @@ void AddCachedAttention(std::vector<ConformanceCase>* out) {
       {{"scale", F(0.125)}, {"layer", I(0)}, {"block_size", I(4)}, {"num_blocks", I(10)},
        {"heads", I(4)}, {"kv_heads", I(2)}, {"head_dim", I(64)}},
       kFloats));
+}
+
+// Steps whose attention the CUDA lowering splits over blocks
+// (flash-decoding) and groups query heads in (kernels::AttentionBlocks).
+void AddSplitAttention(std::vector<ConformanceCase>* out) {
   // 100 tokens of one sequence whose block table holds 160 keys, at
   // head_dim 8, one KV head for two: on CUDA the CUDA-core kernel, both
   // heads in a block (25 tiles of 4 tokens), its keys split over 3 blocks
@@ -332,6 +337,7 @@ std::vector<ConformanceCase> MakeCases() {
   AddShapes(&out);
   AddMakers(&out);
   AddCachedAttention(&out);
+  AddSplitAttention(&out);
   AddSampling(&out);
   return out;
 }

@@ -22,6 +22,16 @@ std::string Escape(const std::string& s) {
   return out;
 }
 
+// A gauge with a sample per model: value(model).
+template <typename Value>
+void ModelGauge(const char* name, const char* help, const std::vector<ModelInfo>& models,
+                Value value, std::string* out) {
+  absl::StrAppend(out, "# HELP ", name, " ", help, "\n# TYPE ", name, " gauge\n");
+  for (const ModelInfo& info : models) {
+    absl::StrAppend(out, name, "{model=\"", Escape(info.name), "\"} ", value(info), "\n");
+  }
+}
+
 }  // namespace
 
 const std::vector<double>& Metrics::Buckets() {
@@ -89,35 +99,15 @@ std::string Metrics::Render(const std::vector<ModelInfo>& models) const {
     absl::StrAppend(&out, "pipeserve_inference_duration_seconds_count{model=\"", m, "\"} ",
                     h.count, "\n");
   }
-  absl::StrAppend(&out,
-                  "# HELP pipeserve_model_ready 1 if the model is READY, else 0.\n"
-                  "# TYPE pipeserve_model_ready gauge\n");
-  for (const ModelInfo& info : models) {
-    absl::StrAppend(&out, "pipeserve_model_ready{model=\"", Escape(info.name), "\"} ",
-                    info.state == ModelState::kReady ? 1 : 0, "\n");
-  }
-  absl::StrAppend(&out,
-                  "# HELP pipeserve_model_stages Pipeline stages of each model.\n"
-                  "# TYPE pipeserve_model_stages gauge\n");
-  for (const ModelInfo& info : models) {
-    absl::StrAppend(&out, "pipeserve_model_stages{model=\"", Escape(info.name), "\"} ",
-                    info.plan->stages_size(), "\n");
-  }
-  absl::StrAppend(&out,
-                  "# HELP pipeserve_model_replicas Replicas of every stage of each model.\n"
-                  "# TYPE pipeserve_model_replicas gauge\n");
-  for (const ModelInfo& info : models) {
-    absl::StrAppend(&out, "pipeserve_model_replicas{model=\"", Escape(info.name), "\"} ",
-                    info.replicas, "\n");
-  }
-  absl::StrAppend(&out,
-                  "# HELP pipeserve_model_ready_replicas Replicas serving now (fewer while one "
-                  "is reloaded after a failure).\n"
-                  "# TYPE pipeserve_model_ready_replicas gauge\n");
-  for (const ModelInfo& info : models) {
-    absl::StrAppend(&out, "pipeserve_model_ready_replicas{model=\"", Escape(info.name), "\"} ",
-                    info.ready_replicas, "\n");
-  }
+  ModelGauge("pipeserve_model_ready", "1 if the model is READY, else 0.", models,
+             [](const ModelInfo& m) { return m.state == ModelState::kReady ? 1 : 0; }, &out);
+  ModelGauge("pipeserve_model_stages", "Pipeline stages of each model.", models,
+             [](const ModelInfo& m) { return m.plan->stages_size(); }, &out);
+  ModelGauge("pipeserve_model_replicas", "Replicas of every stage of each model.", models,
+             [](const ModelInfo& m) { return m.replicas; }, &out);
+  ModelGauge("pipeserve_model_ready_replicas",
+             "Replicas serving now (fewer while one is reloaded after a failure).", models,
+             [](const ModelInfo& m) { return m.ready_replicas; }, &out);
   return out;
 }
 
