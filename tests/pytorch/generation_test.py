@@ -456,8 +456,13 @@ class GenerationPreemptionTest(unittest.TestCase):
             torch.manual_seed(8)
             prompts = [torch.randint(0, 97, (2 + i,)).tolist() for i in range(8)]
             got = [None] * len(prompts)
+            # All eight ask at once: started one by one on a loaded machine,
+            # the first could finish before the last began, and none be
+            # preempted.
+            start = threading.Barrier(len(prompts))
 
             def run(i):
+                start.wait()
                 got[i] = list(coord.client.generate("gpt2", prompts[i], max_tokens=40))
 
             threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
