@@ -1,7 +1,8 @@
 // The random number behind a seeded sampling draw, shared by the CPU's
 // sampler (runtime/sampler.cc) and the GPU's (runtime/cuda/kernels/sample.h)
 // so both draw the same numbers: draw `index` of `seed` depends on those two
-// alone (SplitMix64 of each).
+// alone (SplitMix64 of each). Also the temperature below which both pick
+// greedily.
 #ifndef PIPESERVE_RUNTIME_SAMPLE_DRAW_H_
 #define PIPESERVE_RUNTIME_SAMPLE_DRAW_H_
 
@@ -14,6 +15,12 @@
 #endif
 
 namespace pipeserve {
+
+// Temperatures below this pick the most likely token, as vLLM does: a
+// draw at a temperature this small is greedy anyway, and dividing logits
+// by one far smaller (1e-320) overflows, which would make every
+// probability NaN and pick the least likely token.
+constexpr double kGreedyBelow = 1e-5;
 
 PIPESERVE_SAMPLE_DRAW_FN uint64_t SplitMix64(uint64_t x) {
   x += 0x9e3779b97f4a7c15ULL;

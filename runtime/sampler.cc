@@ -37,16 +37,24 @@ std::vector<double> Penalised(absl::Span<const float> logits, const SamplingPara
 
 absl::Status CheckSampling(const SamplingParams& p, int64_t vocab) {
   auto bad = [](auto... parts) { return absl::InvalidArgumentError(absl::StrCat(parts...)); };
-  if (!(p.temperature >= 0) || !std::isfinite(p.temperature)) {
-    return bad("temperature must be a finite number >= 0, got ", p.temperature);
+  // As the last stage reads them (float32).
+  const float temperature = static_cast<float>(p.temperature);
+  const float top_p = static_cast<float>(p.top_p);
+  const float repetition = static_cast<float>(p.repetition_penalty);
+  const float frequency = static_cast<float>(p.frequency_penalty);
+  if (!(p.temperature >= 0) || !std::isfinite(temperature)) {
+    return bad("temperature must be a finite float32 number >= 0, got ", p.temperature);
   }
-  if (!(p.top_p > 0 && p.top_p <= 1)) return bad("top_p must be in (0, 1], got ", p.top_p);
+  if (!(p.top_p > 0 && p.top_p <= 1 && top_p > 0)) {
+    return bad("top_p must be in (0, 1] and above 0 as a float32 number, got ", p.top_p);
+  }
   if (p.top_k < 0) return bad("top_k must be >= 0 (0: every token), got ", p.top_k);
-  if (!(p.repetition_penalty > 0) || !std::isfinite(p.repetition_penalty)) {
-    return bad("repetition_penalty must be a finite number > 0, got ", p.repetition_penalty);
+  if (!(repetition > 0) || !std::isfinite(repetition)) {
+    return bad("repetition_penalty must be a finite float32 number > 0, got ",
+               p.repetition_penalty);
   }
-  if (!std::isfinite(p.frequency_penalty)) {
-    return bad("frequency_penalty must be finite, got ", p.frequency_penalty);
+  if (!std::isfinite(frequency)) {
+    return bad("frequency_penalty must be a finite float32 number, got ", p.frequency_penalty);
   }
   if (p.max_tokens < 1 || p.max_tokens > kMaxTokens) {
     return bad("max_tokens must be in [1, ", kMaxTokens, "], got ", p.max_tokens);
@@ -60,7 +68,7 @@ absl::Status CheckSampling(const SamplingParams& p, int64_t vocab) {
 int64_t SampleToken(absl::Span<const float> logits, const SamplingParams& p,
                     absl::Span<const int64_t> context, int64_t generated) {
   std::vector<double> x = Penalised(logits, p, context, generated);
-  if (p.temperature == 0) {  // the first of the largest: ties go to the lowest id
+  if (p.temperature < kGreedyBelow) {  // the first of the largest: ties go to the lowest id
     return std::max_element(x.begin(), x.end()) - x.begin();
   }
   std::vector<int64_t> order(x.size());

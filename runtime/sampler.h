@@ -23,7 +23,7 @@
 namespace pipeserve {
 
 struct SamplingParams {
-  double temperature = 0;          // 0: greedy (the most likely token)
+  double temperature = 0;          // under kGreedyBelow (1e-5): greedy (the most likely token)
   int64_t top_k = 0;               // 0: every token
   double top_p = 1;                // nucleus: the fewest tokens holding p
   double repetition_penalty = 1;   // > 1 discourages any token seen (prompt or output)
@@ -39,6 +39,10 @@ constexpr int64_t kMaxTokens = int64_t{1} << 24;
 // kInvalidArgument naming the field out of range (temperature < 0 or not
 // finite, top_p outside (0, 1], top_k < 0, repetition_penalty <= 0,
 // max_tokens outside [1, kMaxTokens], a stop token outside the vocabulary).
+// The floats travel to the last stage as float32 (sample_tokens' floats),
+// so each is checked as float32 too: a temperature of 1e39 (inf there) or
+// a top_p of 1e-46 (0 there) is refused here, not by the stage, where it
+// would fail every sequence of the step.
 absl::Status CheckSampling(const SamplingParams& p, int64_t vocab);
 
 // The next token after `context` (prompt then output so far) of which

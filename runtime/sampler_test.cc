@@ -1,6 +1,7 @@
 #include "runtime/sampler.h"
 
 #include <map>
+#include <vector>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -86,6 +87,40 @@ TEST(SamplerTest, ParametersOutOfRangeAreRefusedNamingThem) {
   p.max_tokens = int64_t{1} << 62;  // prompt + max_tokens would overflow
   EXPECT_THAT(CheckSampling(p, 10).message(), HasSubstr("max_tokens must be in [1, 16777216]"));
   EXPECT_TRUE(CheckSampling(SamplingParams(), 10).ok());
+}
+
+// The sampling floats reach the last stage as float32: a value fine as a
+// double but not as float32 (1e39 is inf there, 1e-46 and 1e-300 are 0)
+// was accepted here and refused by the stage's sample_tokens, failing
+// every sequence that shared the step.
+TEST(SamplerTest, ValuesTheLastStageReadsAsInfOrZeroAreRefusedHere) {
+  SamplingParams p;
+  p.temperature = 1e39;
+  EXPECT_THAT(CheckSampling(p, 10).message(), HasSubstr("temperature must be a finite float32"));
+  p = SamplingParams();
+  p.top_p = 1e-46;
+  EXPECT_THAT(CheckSampling(p, 10).message(), HasSubstr("top_p must be in (0, 1]"));
+  p = SamplingParams();
+  p.repetition_penalty = 1e-300;
+  EXPECT_THAT(CheckSampling(p, 10).message(), HasSubstr("repetition_penalty"));
+  p = SamplingParams();
+  p.frequency_penalty = -1e39;
+  EXPECT_THAT(CheckSampling(p, 10).message(), HasSubstr("frequency_penalty"));
+  p = SamplingParams();
+  p.temperature = 3e38;  // the largest float32 values still pass
+  p.frequency_penalty = 3e38;
+  EXPECT_TRUE(CheckSampling(p, 10).ok());
+}
+
+// A temperature far below kGreedyBelow made x / t infinite and every
+// probability NaN, so the draw fell through to the least likely token.
+TEST(SamplerTest, ATinyTemperatureIsGreedy) {
+  const std::vector<float> logits = {1, 5, 3, -2};
+  SamplingParams p;
+  for (double t : {1e-320, 1e-30, 1e-6}) {
+    p.temperature = t;
+    EXPECT_EQ(SampleToken(logits, p, {}, 0), 1) << t;
+  }
 }
 
 // sample_tokens' rows: an empty vocabulary has no token to pick (the

@@ -413,7 +413,7 @@ SIMT_DEVICE void Penalise(const T* logits, int64_t cols, const int64_t* context,
 }
 
 // The token SampleToken picks from the penalised row x (every thread gets
-// it): greedy at temperature 0; else the top_k most likely (0: all), of
+// it): greedy at a temperature under kGreedyBelow; else the top_k most likely (0: all), of
 // those the fewest whose probabilities reach top_p of theirs, and a draw
 // among them with UniformDraw(seed, generated). Once the kept tokens fit
 // `compact` (kSampleCompact ids), later passes walk only them.
@@ -433,7 +433,7 @@ SIMT_DEVICE int64_t PickToken(const double* x, int64_t cols, double temperature,
     s = Gather(s, kept, compact, sh);
     if (s.ids != nullptr) kept = SampleKept();
   };
-  if (temperature == 0) {
+  if (temperature < kGreedyBelow) {
     if (x[0] != x[0]) return 0;  // std::max_element keeps a NaN it starts with
     return first_kept();
   }
