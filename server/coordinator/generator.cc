@@ -122,7 +122,9 @@ absl::Status Generator::Check(const GenerationRequest& request) const {
         spec.max_positions()));
   }
   if (const int64_t need = BlocksFor(positions); need > spec.num_blocks()) {
-    return absl::ResourceExhaustedError(absl::StrCat(
+    // Never, not just not now: kInvalidArgument (400), not 429, which a
+    // client would retry.
+    return absl::InvalidArgumentError(absl::StrCat(
         "the request needs ", need, " KV cache blocks of ", spec.block_size(),
         " tokens (prompt plus max_tokens); each stage holds ", spec.num_blocks(),
         " (--kv_cache_mb)"));

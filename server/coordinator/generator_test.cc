@@ -146,7 +146,7 @@ TEST_F(GeneratorTest, MaxPositionsIsTheModelsOrWhatTheCacheHolds) {
   GenerationRequest r;
   r.prompt = {1, 2};
   r.sampling.max_tokens = 40;
-  EXPECT_EQ(gen->Check(r).code(), absl::StatusCode::kResourceExhausted) << "41 positions";
+  EXPECT_EQ(gen->Check(r).code(), absl::StatusCode::kInvalidArgument) << "41 positions";
   r.sampling.max_tokens = 39;
   EXPECT_TRUE(gen->Check(r).ok());
 }
@@ -289,7 +289,8 @@ TEST_F(GeneratorTest, RequestsBeyondTheCacheOrTheQueueAreRefusedNamingTheLimit) 
   model_.step_time = absl::Milliseconds(20);  // the first request holds its blocks for 0.6 s
   auto gen = Make(8, options);  // 8 blocks of 4 tokens
   Outcome big = GenerateOne(*gen, {1}, 40);
-  EXPECT_EQ(big.status.code(), absl::StatusCode::kResourceExhausted);
+  // Never fits: not a status a client retries (kResourceExhausted, 429).
+  EXPECT_EQ(big.status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(big.status.message(), HasSubstr("needs 10 KV cache blocks"));
   EXPECT_THAT(big.status.message(), HasSubstr("each stage holds 8"));
   // One runs, one waits for its blocks, a third is refused at once.

@@ -154,6 +154,9 @@ HttpResponse KServeRest::Generate(const HttpRequest& r, const std::string& model
   if (!text_input.empty()) return GenerateText(r, model, stream, *std::move(req), text_input);
   absl::StatusOr<std::shared_ptr<Generator>> gen = generation_->For(model);
   if (!gen.ok()) return Error(core_->Public(gen.status()));
+  // Checked before a stream opens, so a bad request gets its status code,
+  // not a 200 with the error inside the stream.
+  if (absl::Status s = (*gen)->Check(*req); !s.ok()) return Error(s);
   req->deadline = absl::Now() + core_->coordinator()->default_timeout();
   const int64_t prompt_tokens = static_cast<int64_t>(req->prompt.size());
   if (!stream) {
@@ -193,6 +196,7 @@ HttpResponse KServeRest::GenerateText(const HttpRequest& r, const std::string& m
   absl::StatusOr<std::vector<int64_t>> ids = text->tokenizer->Encode(text_input, /*add_bos=*/true);
   if (!ids.ok()) return Error(ids.status());
   req.prompt = *std::move(ids);
+  if (absl::Status s = text->generator->Check(req); !s.ok()) return Error(s);
   req.deadline = absl::Now() + core_->coordinator()->default_timeout();
   const int64_t prompt_tokens = static_cast<int64_t>(req.prompt.size());
   if (!stream) {

@@ -224,15 +224,21 @@ class RestTest(unittest.TestCase):
             {"input_ids": [1, 2, 3], "max_tokens": 60}, "gen")
 
     def test_bad_generate_requests_get_errors_naming_the_problem(self):
+        # generate_stream too: the status code before any event (it opened
+        # a 200 stream and sent the error inside it).
         def error(model, body, status, text):
-            got, data = self.request("POST", f"/v2/models/{model}/generate", json.dumps(body))
-            self.assertEqual(got, status, data)
-            self.assertIn(text, json.loads(data)["error"])
+            for route in ("generate", "generate_stream"):
+                got, data = self.request("POST", f"/v2/models/{model}/{route}", json.dumps(body))
+                self.assertEqual(got, status, (route, data))
+                self.assertIn(text, json.loads(data)["error"], route)
 
         error("gen", {"input_ids": [1], "max_token": 5}, 400, 'unknown key "max_token"')
         error("gen", {"input_ids": [1], "temperature": -1}, 400, "temperature")
+        error("gen", {"input_ids": [1], "max_tokens": 0}, 400, "max_tokens must be in [1, ")
+        error("gen", {"input_ids": [1], "temperature": 1e39}, 400, "finite float32")
         error("gen", {"input_ids": []}, 400, "input_ids")
         error("gen", {"input_ids": [1000]}, 400, "not in [0, 97)")
+        error("gen", {"input_ids": [1] * 60, "max_tokens": 10}, 400, "the model has 64")
         error("mlp", {"input_ids": [1]}, 400, "not exported for generation")
         error("nope", {"input_ids": [1]}, 404, "nope")
 
