@@ -101,6 +101,8 @@ ABSL_FLAG(int, stream_idle_timeout_s, 60,
           "a ModelStreamInfer stream with nothing in flight that sends nothing this long is ended");
 ABSL_FLAG(int, max_timeout_s, 3600, "the longest deadline a client may give a request");
 ABSL_FLAG(int, default_timeout_s, 60, "deadline for requests that carry none");
+ABSL_FLAG(int, generation_timeout_s, 0,
+          "deadline for generations that carry none (HTTP's never do); 0: none");
 ABSL_FLAG(double, kv_cache_mb, 256,
           "KV cache (MiB, fractions too) each stage server holds for a model exported for "
           "generation");
@@ -305,6 +307,9 @@ absl::StatusOr<pipeserve::CoordinatorOptions> CoordinatorOptionsFromFlags(bool l
   options.max_microbatches = absl::GetFlag(FLAGS_max_microbatches);
   options.max_stages = absl::GetFlag(FLAGS_max_stages);
   options.default_timeout = absl::Seconds(absl::GetFlag(FLAGS_default_timeout_s));
+  if (const int s = absl::GetFlag(FLAGS_generation_timeout_s); s > 0) {
+    options.generation_timeout = absl::Seconds(s);
+  }
   options.max_request_rows = std::max<int64_t>(0, absl::GetFlag(FLAGS_max_request_rows));
   options.max_upload_bytes = uint64_t(std::max(1, absl::GetFlag(FLAGS_max_upload_mb))) << 20;
   options.max_concurrent_uploads = absl::GetFlag(FLAGS_max_concurrent_uploads);

@@ -49,6 +49,10 @@ struct CoordinatorOptions {
   BatcherOptions batching = {64, absl::ZeroDuration(), 0};
   // Deadline for requests that come without one.
   absl::Duration default_timeout = absl::Seconds(60);
+  // Deadline for a generation that comes without one (HTTP clients have
+  // no way to give one): none by default, since a long completion may
+  // take minutes; a client that hangs up cancels its generation.
+  absl::Duration generation_timeout = absl::InfiniteDuration();
   // Most batch rows one request may carry (0: no limit).
   int64_t max_request_rows = int64_t{1} << 24;
   // Deadline for loading one model's stages.
@@ -235,6 +239,8 @@ class Coordinator {
 
   // The deadline a request without one gets.
   absl::Duration default_timeout() const { return options_.default_timeout; }
+  // The deadline a generation starting now without one gets.
+  absl::Time GenerationDeadline() const { return absl::Now() + options_.generation_timeout; }
 
   // Whether the stage servers compute on one machine's shared cores (the
   // local launcher without GPUs). A generation model's stages then take

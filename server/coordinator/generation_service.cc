@@ -38,11 +38,11 @@ grpc::Status GenerationServiceImpl::Generate(grpc::ServerContext* ctx, const Gen
   absl::StatusOr<std::shared_ptr<Generator>> gen = generation_->For(req->model());
   if (!gen.ok()) return ToGrpcStatus(gen.status());
   GenerationRequest r = ToGenerationRequest(*req);
-  // The client's deadline, or the coordinator's default when it gives none.
+  // The client's deadline, or the coordinator's for generations when it
+  // gives none.
   const absl::Time deadline = absl::FromChrono(ctx->deadline());
-  r.deadline = deadline > absl::Now() + absl::Hours(24 * 365)
-                   ? absl::Now() + coordinator_->default_timeout()
-                   : deadline;
+  r.deadline = deadline > absl::Now() + absl::Hours(24 * 365) ? coordinator_->GenerationDeadline()
+                                                               : deadline;
   absl::Status s = (*gen)->Generate(
       r,
       [&](const GeneratedToken& t) {

@@ -157,7 +157,7 @@ HttpResponse KServeRest::Generate(const HttpRequest& r, const std::string& model
   // Checked before a stream opens, so a bad request gets its status code,
   // not a 200 with the error inside the stream.
   if (absl::Status s = (*gen)->Check(*req); !s.ok()) return Error(s);
-  req->deadline = absl::Now() + core_->coordinator()->default_timeout();
+  req->deadline = core_->coordinator()->GenerationDeadline();
   const int64_t prompt_tokens = static_cast<int64_t>(req->prompt.size());
   if (!stream) {
     std::vector<int64_t> ids;
@@ -197,7 +197,7 @@ HttpResponse KServeRest::GenerateText(const HttpRequest& r, const std::string& m
   if (!ids.ok()) return Error(ids.status());
   req.prompt = *std::move(ids);
   if (absl::Status s = text->generator->Check(req); !s.ok()) return Error(s);
-  req.deadline = absl::Now() + core_->coordinator()->default_timeout();
+  req.deadline = core_->coordinator()->GenerationDeadline();
   const int64_t prompt_tokens = static_cast<int64_t>(req.prompt.size());
   if (!stream) {
     std::string out;

@@ -234,7 +234,7 @@ HttpResponse OpenAiRest::Run(const HttpRequest& r, const TextModel& text, const 
   run->header = h;
   run->common = common;
   run->jobs = std::move(jobs);
-  run->deadline = absl::Now() + core_->coordinator()->default_timeout();
+  run->deadline = core_->coordinator()->GenerationDeadline();
   {
     absl::MutexLock l(&run->mu);
     run->usage.prompt_tokens = prompt_tokens;

@@ -265,6 +265,41 @@ class RestTest(unittest.TestCase):
         self.assertEqual(self.request("GET", "/v2/health/live")[0], 200)
 
 
+class RestLongGenerationTest(unittest.TestCase):
+    """A generation that outlasts --default_timeout_s (one second here)
+    runs to its end: an HTTP client cannot give a deadline, and the
+    default cut long completions off with a 504 that threw their text
+    away."""
+
+    def test_a_generation_outlasts_the_default_timeout(self):
+        tmp = tempfile.mkdtemp(dir=os.environ.get("TEST_TMPDIR"))
+        coord = Coordinator(tmp, "--default_timeout_s=1", "--http_port=0",
+                            f"--http_port_file={tmp}/http_port")
+        try:
+            port = int(_read(os.path.join(tmp, "http_port")))
+            path = os.path.join(tmp, "gen.psm")
+            torch.manual_seed(0)
+            pipeserve.export(tm.Gpt2(d=128, layers=8, max_len=2048).eval(),
+                             (torch.randint(0, 97, (2, 5)),), path, generation=True)
+            coord.client.upload("gen", path)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+            start = time.monotonic()
+            conn.request("POST", "/v2/models/gen/generate",
+                         json.dumps({"input_ids": [1, 2, 3], "max_tokens": 2000}))
+            resp = conn.getresponse()
+            data = resp.read()
+            elapsed = time.monotonic() - start
+            conn.close()
+            self.assertEqual(resp.status, 200, data)
+            out = json.loads(data)
+            self.assertEqual((len(out["token_ids"]), out["finish_reason"]), (2000, "length"))
+            # Else the test shows nothing: 2000 steps took 5.3 s here.
+            self.assertGreater(elapsed, 1.0)
+            print(f"2000 tokens in {elapsed:.1f} s", file=sys.stderr)
+        finally:
+            coord.close()
+
+
 class RestTokensTest(unittest.TestCase):
     """With --auth_tokens the REST routes need a token with the infer
     scope (admin tokens have it), as gRPC calls do; the health probes
