@@ -230,6 +230,9 @@ class DirectGemm {
         cudaMemcpy(x_, x.data(), x.byte_size(), cudaMemcpyHostToDevice));
     CUDA_RETURN_IF_ERROR(
         cudaMemcpy(w_, w.data(), w.byte_size(), cudaMemcpyHostToDevice));
+    // Landed before stream_ (non-blocking: it does not wait for the
+    // default stream's copies) reads them.
+    CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
     const bool bf16 = p_ == Precision::kBF16;
     if (bf16) {  // operands converted once, outside the timing
       CUDA_RETURN_IF_ERROR(cudaMalloc(&x16_, x.numel() * 2));

@@ -62,12 +62,16 @@ class Buffers {
     CUDA_RETURN_IF_ERROR(cudaMalloc(&p, std::max<int64_t>(bytes, 1)));
     owned_.push_back(p);
     CUDA_RETURN_IF_ERROR(cudaMemset(p, 0, std::max<int64_t>(bytes, 1)));
+    CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());  // as in Copy
     return p;
   }
   template <typename T>
   absl::StatusOr<const T*> Copy(const std::vector<T>& host) {
     ASSIGN_OR_RETURN(void* p, Zeroed(static_cast<int64_t>(host.size() * sizeof(T))));
     CUDA_RETURN_IF_ERROR(cudaMemcpy(p, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
+    // The default stream's memset and copy may still run; the benches'
+    // streams do not wait for it.
+    CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
     return static_cast<const T*>(p);
   }
 

@@ -410,6 +410,11 @@ class CudaProgram : public CudaStageProgram {
     if (stage_.cache_bytes() > 0) {
       CUDA_RETURN_IF_ERROR(cudaMemset(cache_.get(), 0, stage_.cache_bytes()));
     }
+    // Both went on the legacy default stream, which the slots' streams
+    // (cudaStreamNonBlocking) do not wait for, and both may return before
+    // the device has finished: a first step's KvAppend could be zeroed
+    // after it wrote, or a first GEMM read weights still in flight.
+    CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
     // The first slot now, so a device without room for its workspace
     // fails Compile; the others when concurrent runs first need them.
     ASSIGN_OR_RETURN(SlotPool<Slot>::Lease first, slots_.Acquire());
