@@ -167,14 +167,29 @@ absl::StatusOr<int> DimAttr(const Node& node, const std::string& name, int rank)
 // cached_attention(q, k, v, kv_positions, kv_seq, kv_blocks, kv_seq_ids)
 // (export(generation=True)): q [1, H, T, D], k and v [1, Hkv, T, D] with H
 // a multiple of Hkv, positions and seq [T], blocks [N, B], seq_ids [N].
-// The output is q's shape.
+// Hkv and D are the cache's (attributes kv_heads and head_dim, where
+// given): a kernel indexes the cache by them. The output is q's shape.
 InferResult InferCachedAttention(const Node& node, const Shapes& in) {
   const Shape& q = in[0];
-  if (q.size() != 4 || in[1].size() != 4 || in[1] != in[2]) {
-    return Bad(absl::StrCat("q ", ShapeToString(q), ", k ", ShapeToString(in[1]), ", v ",
-                            ShapeToString(in[2]), ": need [1, heads, tokens, head_dim]"));
+  const Shape& k = in[1];
+  const int64_t kv_heads = IntAttr(node, "kv_heads", -1), head_dim = IntAttr(node, "head_dim", -1);
+  auto qkv = [&](absl::string_view what) {
+    return Bad(absl::StrCat("q ", ShapeToString(q), ", k ", ShapeToString(k), ", v ",
+                            ShapeToString(in[2]), ": ", what));
+  };
+  if (q.size() != 4 || k.size() != 4 || k != in[2] || !DimsAgree(q[0], 1) ||
+      !DimsAgree(k[0], 1) || !DimsAgree(q[2], k[2])) {
+    return qkv("need [1, heads, tokens, head_dim]");
   }
-  if (in[3].size() != 1 || in[4].size() != 1 || in[5].size() != 2 || in[6].size() != 1) {
+  if (!DimsAgree(k[1], kv_heads) || !DimsAgree(q[3], head_dim) || !DimsAgree(k[3], head_dim)) {
+    return qkv(absl::StrCat("the cache holds ", kv_heads, " KV heads of ", head_dim));
+  }
+  if (q[1] == 0 || k[1] == 0 || (q[1] > 0 && k[1] > 0 && q[1] % k[1] != 0)) {
+    return qkv("q's heads must be a multiple of k's");
+  }
+  if (in[3].size() != 1 || in[4].size() != 1 || in[5].size() != 2 || in[6].size() != 1 ||
+      !DimsAgree(in[3][0], q[2]) || !DimsAgree(in[4][0], q[2]) ||
+      !DimsAgree(in[5][0], in[6][0])) {
     return Bad("the cache metadata must be positions [T], seq [T], blocks [N, B], seq_ids [N]");
   }
   return One(q);

@@ -304,6 +304,13 @@ class EmulatedProgram : public StageProgram {
     if (op.rope_k.on) c.rope_k.cos = view.Ptr(op.rope_k.cos), c.rope_k.sin = view.Ptr(op.rope_k.sin);
     T* cache = reinterpret_cast<T*>(view.Ptr(op.cache));
     auto at = [&](const BufferRef& r) { return reinterpret_cast<T*>(view.Ptr(r)); };
+    const kernels::AttentionBlocks blocks{
+        op.group, op.splits,
+        op.splits > 1 ? reinterpret_cast<float*>(view.Ptr(op.partials)) : nullptr};
+    if (const char* why = kernels::AttentionArgsRefusal(std::is_same_v<T, float>, c, op.heads,
+                                                        op.tensor_cores, blocks)) {
+      return absl::InternalError(absl::StrCat(op.node, ": ", why));  // as the launcher, first
+    }
     absl::Status s = simt::Emulate(
         kernels::AppendBlocks(c.tokens, c.kv_heads, c.head_dim), kernels::kKvThreads,
         [&] { kernels::KvAppend<T>(at(op.src2), at(op.src3), cache, c); });
@@ -311,22 +318,14 @@ class EmulatedProgram : public StageProgram {
     const auto* tiles = reinterpret_cast<const int32_t*>(view.Ptr(op.tiles));
     const simt::Dim3 grid(static_cast<unsigned>(op.num_tiles), op.heads);
     if (op.tensor_cores) {  // 16-bit values, whole fragments: or its tiles are not PagedAttention's
-      if constexpr (std::is_same_v<T, float>) {
-        return absl::InternalError("tensor-core attention over float32 values");
-      } else {
-        if (!kernels::TensorCoreHeadDim(c.head_dim)) {
-          return absl::InternalError(
-              absl::StrCat("tensor-core attention at head_dim ", c.head_dim));
-        }
+      if constexpr (!std::is_same_v<T, float>) {
         return simt::Emulate(grid, kernels::kTcThreads, [&] {
           kernels::TensorCoreAttention<T>(at(op.src), cache, tiles, at(op.dst), c, op.heads,
                                           op.scalar);
         });
       }
+      return absl::OkStatus();  // refused above
     }
-    const kernels::AttentionBlocks blocks{
-        op.group, op.splits,
-        op.splits > 1 ? reinterpret_cast<float*>(view.Ptr(op.partials)) : nullptr};
     const simt::Dim3 paged(grid.x, op.heads / op.group);
     s = simt::Emulate(simt::Dim3(paged.x, paged.y, op.splits), kernels::kAttentionThreads, [&] {
       kernels::PagedAttention<T>(at(op.src), cache, tiles, at(op.dst), c, op.heads, op.scalar,

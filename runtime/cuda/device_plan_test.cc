@@ -656,5 +656,40 @@ TEST(DevicePlanTest, PrefillAttentionTakesTensorCoresIn16BitWithWholeFragments) 
   EXPECT_EQ(attention("cached_attention_prefill", DT_FLOAT32, {})->group, 1);   // 2 heads, 2 KV
 }
 
+// The kernels index the cache by the layer's kv_heads and head_dim and
+// take q's heads as a multiple of them: q or k of other sizes (a graph
+// whose views disagree with its attributes) were planned, and on a GPU
+// would append out of the layer's rows or divide by zero heads a group.
+TEST(DevicePlanTest, AttentionShapesThatDoNotFitTheCacheAreRefused) {
+  const ConformanceCase* c = nullptr;
+  for (const ConformanceCase& k : ConformanceCases()) {
+    if (k.name == "cached_attention_prefill_d16") c = &k;  // 4 heads, 2 KV heads of 16
+  }
+  ASSERT_NE(c, nullptr);
+  absl::StatusOr<CaseInstance> run = Instantiate(*c, DT_FLOAT32, 3);
+  ASSERT_TRUE(run.ok()) << run.status();
+  absl::StatusOr<LoweredStage> stage = LoweredStage::Create(
+      run->graph, run->weights, Precision::kFloat32, true, CudaOps::kUnconfirmed);
+  ASSERT_TRUE(stage.ok()) << stage.status();
+  auto plan = [&](Shape q, Shape kv, int64_t positions = 7) {
+    return stage->Plan({q, kv, kv, {positions}, {7}, {2, 2}, {2}}).status();
+  };
+  ASSERT_TRUE(plan({1, 4, 7, 16}, {1, 2, 7, 16}).ok());
+  const std::vector<std::pair<Shape, Shape>> bad = {
+      {{1, 4, 7, 8}, {1, 2, 7, 8}},    // head_dim 8, the cache's 16
+      {{1, 4, 7, 16}, {1, 4, 7, 16}},  // 4 KV heads, the cache's 2
+      {{1, 3, 7, 16}, {1, 2, 7, 16}},  // 3 heads on 2 KV heads
+      {{1, 1, 7, 16}, {1, 2, 7, 16}},  // fewer heads than KV heads
+      {{1, 4, 7, 16}, {1, 2, 6, 16}},  // k of another step
+  };
+  for (const auto& [q, kv] : bad) {
+    absl::Status s = plan(q, kv);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << ShapeToString(q) << s;
+    EXPECT_THAT(std::string(s.message()), HasSubstr("q [")) << s;
+  }
+  EXPECT_THAT(std::string(plan({1, 4, 7, 16}, {1, 2, 7, 16}, 6).message()),
+              HasSubstr("positions [T]"));
+}
+
 }  // namespace
 }  // namespace pipeserve

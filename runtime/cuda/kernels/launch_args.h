@@ -233,6 +233,33 @@ inline int64_t AttentionPartialFloats(int64_t num_tiles, int64_t blocks_y, int h
   return splits <= 1 ? 0 : int64_t{splits} * num_tiles * blocks_y * kQueryTile * (head_dim + 2);
 }
 
+// Why the attention kernels cannot take these arguments, or nullptr when
+// they can: heads a multiple of the cache's KV heads; on tensor cores
+// 16-bit values (not `float32`) and a head_dim of whole fragments; else
+// `blocks` of whole groups within a KV group and a tile, 1 to
+// kMaxAttentionSplits splits, with partials when split. Launchers check
+// it before KvAppend, so a refusal leaves the cache as it was.
+inline const char* AttentionArgsRefusal(bool float32, const PagedCache& c, int heads,
+                                        bool tensor_cores, const AttentionBlocks& blocks) {
+  if (c.kv_heads < 1 || heads < c.kv_heads || heads % c.kv_heads != 0) {
+    return "query heads must be a multiple of the cache's KV heads";
+  }
+  if (tensor_cores) {
+    if (float32) return "tensor-core attention takes 16-bit values";
+    return TensorCoreHeadDim(c.head_dim) ? nullptr
+                                         : "tensor-core attention takes head_dim 16 to 128 by 16";
+  }
+  if (blocks.group < 1 || (heads / c.kv_heads) % blocks.group != 0 ||
+      kQueryTile % blocks.group != 0) {
+    return "a block's heads must divide a KV group and a tile";
+  }
+  if (blocks.splits < 1 || blocks.splits > kMaxAttentionSplits ||
+      (blocks.splits > 1 && blocks.partials == nullptr)) {
+    return "splits must be 1 to 16, with partials when more than 1";
+  }
+  return nullptr;
+}
+
 inline unsigned AppendBlocks(int64_t tokens, int kv_heads, int head_dim) {
   return static_cast<unsigned>((tokens * kv_heads * head_dim + kKvThreads - 1) / kKvThreads);
 }

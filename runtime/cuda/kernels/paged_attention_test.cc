@@ -17,12 +17,15 @@
 #include <vector>
 
 #include "graph/op_schema.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "runtime/conformance/cases.h"
 #include "runtime/conformance/reference.h"
 
 namespace pipeserve::kernels {
 namespace {
+
+using ::testing::HasSubstr;
 
 template <typename T>
 T* As(const Tensor& t) {
@@ -308,6 +311,30 @@ TEST(PagedAttentionTest, SplitKeysCoverTheKeysOnceInWholeTiles) {
       EXPECT_EQ(covered, last + 1) << last << " " << splits;
     }
   }
+}
+
+// What the launchers refuse, before KvAppend writes the cache.
+TEST(PagedAttentionTest, ArgumentsTheKernelsCannotTakeAreRefusedNamingWhy) {
+  PagedCache c;
+  c.kv_heads = 4;
+  c.head_dim = 64;
+  float partials = 0;
+  const AttentionBlocks plain{1, 1, nullptr}, grouped{8, 4, &partials};
+  EXPECT_EQ(AttentionArgsRefusal(true, c, 32, false, plain), nullptr);
+  EXPECT_EQ(AttentionArgsRefusal(false, c, 32, false, grouped), nullptr);
+  EXPECT_EQ(AttentionArgsRefusal(false, c, 32, true, plain), nullptr);
+  auto why = [&](bool f32, int heads, bool tc, AttentionBlocks b) {
+    const char* r = AttentionArgsRefusal(f32, c, heads, tc, b);
+    return std::string(r == nullptr ? "" : r);
+  };
+  EXPECT_THAT(why(true, 2, false, plain), HasSubstr("multiple of the cache's KV heads"));
+  EXPECT_THAT(why(true, 6, false, plain), HasSubstr("multiple of the cache's KV heads"));
+  EXPECT_THAT(why(true, 32, true, plain), HasSubstr("16-bit values"));
+  c.head_dim = 40;
+  EXPECT_THAT(why(false, 32, true, plain), HasSubstr("head_dim 16 to 128"));
+  EXPECT_THAT(why(true, 48, false, {8, 1, nullptr}), HasSubstr("divide a KV group"));  // 12 a group
+  EXPECT_THAT(why(true, 32, false, {1, 17, &partials}), HasSubstr("splits must be 1 to 16"));
+  EXPECT_THAT(why(true, 32, false, {1, 2, nullptr}), HasSubstr("with partials"));
 }
 
 TEST(PagedAttentionTest, SplitsOnlyStepsWithFewBlocks) {

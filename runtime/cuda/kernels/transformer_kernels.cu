@@ -187,6 +187,9 @@ cudaError_t LaunchPagedAttention(FloatType t, const void* q, const void* k, cons
                                  int64_t num_tiles, int heads, float scale, void* out,
                                  bool tensor_cores, AttentionBlocks blocks, cudaStream_t stream) {
   if (c.tokens <= 0) return cudaSuccess;
+  if (AttentionArgsRefusal(t == FloatType::kF32, c, heads, tensor_cores, blocks) != nullptr) {
+    return cudaErrorInvalidValue;  // before KvAppend: the cache stays as it was
+  }
   cudaError_t e = cudaSuccess;
   WithType(t, [&](auto zero) {
     using T = decltype(zero);
@@ -195,23 +198,13 @@ cudaError_t LaunchPagedAttention(FloatType t, const void* q, const void* k, cons
     e = cudaGetLastError();
     if (e != cudaSuccess || num_tiles == 0) return;
     if (tensor_cores) {  // 16-bit values, whole fragments: or its tiles are not PagedAttention's
-      const dim3 grid(static_cast<unsigned>(num_tiles), heads);
-      if constexpr (std::is_same_v<T, float>) {
-        e = cudaErrorInvalidValue;
-      } else if (!TensorCoreHeadDim(c.head_dim)) {
-        e = cudaErrorInvalidValue;
-      } else {
+      if constexpr (!std::is_same_v<T, float>) {
+        const dim3 grid(static_cast<unsigned>(num_tiles), heads);
         TensorCoreAttention<T><<<grid, kTcThreads, 0, stream>>>(
             static_cast<const T*>(q), static_cast<const T*>(cache), tiles, static_cast<T*>(out), c,
             heads, scale);
         e = cudaGetLastError();
       }
-      return;
-    }
-    if (blocks.group < 1 || heads % blocks.group != 0 || kQueryTile % blocks.group != 0 ||
-        blocks.splits < 1 || blocks.splits > kMaxAttentionSplits ||
-        (blocks.splits > 1 && blocks.partials == nullptr)) {
-      e = cudaErrorInvalidValue;
       return;
     }
     const dim3 grid(static_cast<unsigned>(num_tiles), heads / blocks.group);
