@@ -3,6 +3,7 @@
 // embedding, permute, expand, slice and select, cat and stack, triu and
 // tril, cast and clone, arange and full.
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -89,8 +90,17 @@ void WriteFromDouble(Tensor* t, int64_t i, double v) {
     case DT_FLOAT32: t->data()[i] = static_cast<float>(v); break;
     case DT_FLOAT16: t->data_as<uint16_t>()[i] = FloatToHalf(static_cast<float>(v)); break;
     case DT_BFLOAT16: t->data_as<uint16_t>()[i] = FloatToBf16(static_cast<float>(v)); break;
-    case DT_INT64: t->data_as<int64_t>()[i] = static_cast<int64_t>(v); break;
-    case DT_INT32: t->data_as<int32_t>()[i] = static_cast<int32_t>(v); break;
+    // NaN and values outside the type give its lowest, as x86 converts
+    // (and so PyTorch on the CPU; the C++ cast is undefined there).
+    case DT_INT64:
+      t->data_as<int64_t>()[i] = v >= -9.2233720368547758e18 && v < 9.2233720368547758e18
+                                     ? static_cast<int64_t>(v)
+                                     : INT64_MIN;
+      break;
+    case DT_INT32:
+      t->data_as<int32_t>()[i] =
+          v > -2147483649.0 && v < 2147483648.0 ? static_cast<int32_t>(v) : INT32_MIN;
+      break;
     case DT_BOOL: t->data_as<uint8_t>()[i] = v != 0; break;
     default: break;
   }

@@ -20,6 +20,14 @@ SIMT_DEVICE float CastIn(simt::Bf16 x) { return simt::ToFloat(x); }
 SIMT_DEVICE int64_t CastIn(int64_t x) { return x; }
 SIMT_DEVICE uint8_t CastIn(uint8_t x) { return x; }
 
+// float to int64 as x86 converts it, and so PyTorch on the CPU and the
+// CPU backend: NaN and values outside int64 give INT64_MIN. (The GPU's own
+// conversion saturates instead, NaN to 0; the C++ cast is undefined.)
+SIMT_DEVICE int64_t FloatToInt64(float v) {
+  return v >= -9.2233720368547758e18f && v < 9.2233720368547758e18f ? static_cast<int64_t>(v)
+                                                                     : INT64_MIN;
+}
+
 template <typename Out, typename In>
 SIMT_DEVICE Out CastValue(In x) {
   const auto v = CastIn(x);  // float, int64_t or uint8_t
@@ -27,6 +35,8 @@ SIMT_DEVICE Out CastValue(In x) {
     return v != 0 ? 1 : 0;  // bool (uint8_t storage)
   } else if constexpr (sizeof(Out) == 2) {
     return simt::FromFloat<Out>(static_cast<float>(v));  // float16, bfloat16
+  } else if constexpr (sizeof(Out) == 8 && sizeof(v) == 4) {
+    return FloatToInt64(v);  // float to int64
   } else {
     return static_cast<Out>(v);
   }

@@ -22,6 +22,7 @@
 #include "runtime/conformance/reference.h"
 #include "runtime/cuda/data_movement.h"
 #include "runtime/cuda/elementwise_lowering.h"
+#include "runtime/cuda/kernels/cast.h"
 #include "runtime/cuda/kernels/elementwise.h"
 #include "runtime/cuda/kernels/elementwise_program.h"
 #include "runtime/cuda/kernels/embedding.h"
@@ -297,6 +298,20 @@ double RotaryError(int64_t rows, int64_t tokens, int64_t d, int64_t table_rows) 
     }
   }
   return err / scale;
+}
+
+// NaN, infinities and floats outside int64 cast to INT64_MIN, as on the
+// CPU (x86, PyTorch): the C++ cast the kernel used is undefined there,
+// and the GPU's conversion saturates (NaN to 0, inf to INT64_MAX).
+TEST(KernelsTest, FloatsOutsideInt64CastToItsLowestAsOnTheCpu) {
+  const std::vector<float> x = {NAN, INFINITY, -INFINITY, 1e19f, -1e19f, 3.7f, -3.7f, -9.2e18f};
+  std::vector<int64_t> y(x.size());
+  absl::Status s = simt::Emulate(CopyBlocks(static_cast<int64_t>(x.size())), kCopyThreads, [&] {
+    Cast<float, int64_t>(x.data(), y.data(), static_cast<int64_t>(x.size()));
+  });
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_EQ(y, (std::vector<int64_t>{INT64_MIN, INT64_MIN, INT64_MIN, INT64_MIN, INT64_MIN, 3, -3,
+                                     static_cast<int64_t>(-9.2e18f)}));
 }
 
 TEST(KernelsTest, RotaryMatchesFloat64InEveryFloatType) {
