@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -24,6 +25,11 @@ namespace {
 
 // Bytes a stream may queue ahead of the connection before Write waits.
 constexpr size_t kMaxQueuedStreamBytes = size_t{1} << 20;
+
+// libmicrohttpd's idle timeout, whole seconds (at least 1).
+unsigned TimeoutSeconds(const HttpServerOptions& o) {
+  return static_cast<unsigned>(std::max<int64_t>(1, absl::ToInt64Seconds(o.idle_timeout)));
+}
 
 bool PeerClosed(int fd) {
   pollfd p{fd, POLLRDHUP, 0};
@@ -58,15 +64,22 @@ MHD_Result AddHeader(void* cls, MHD_ValueKind, const char* key, const char* valu
 
 // A streamed response: the producer's thread queues pieces, libmicrohttpd's
 // connection thread takes them (Read), and Close (the response freed: sent,
-// or the client gone) stops the producer and waits for it.
+// or the client gone) stops the producer and waits for it. A client that
+// takes nothing for `stall` while the queue is full counts as gone: its
+// connection is shut, so a reader that stopped reading cannot hold the
+// producer (and a generation's KV blocks) for good.
 class Stream final : public HttpStream {
  public:
-  explicit Stream(int fd) : fd_(fd) {}
+  Stream(int fd, absl::Duration stall) : fd_(fd), stall_(absl::ToChronoMilliseconds(stall)) {}
 
   bool Write(absl::string_view data) override {
     std::unique_lock<std::mutex> l(mu_);
     if (data.empty()) return !gone_;  // a read of 0 bytes would make libmicrohttpd spin
-    cv_.wait(l, [&] { return gone_ || queued_ < kMaxQueuedStreamBytes; });
+    if (!cv_.wait_for(l, stall_, [&] { return gone_ || queued_ < kMaxQueuedStreamBytes; })) {
+      gone_ = true;
+      ::shutdown(fd_, SHUT_RDWR);  // libmicrohttpd then closes it and frees the stream
+      cv_.notify_all();
+    }
     if (gone_) return false;
     pieces_.emplace_back(data);
     queued_ += data.size();
@@ -131,6 +144,7 @@ class Stream final : public HttpStream {
 
  private:
   const int fd_;
+  const std::chrono::milliseconds stall_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::string> pieces_;
@@ -149,10 +163,10 @@ void FreeStream(void* cls) {
   delete s;
 }
 
-MHD_Result Queue(MHD_Connection* c, const HttpResponse& r) {
+MHD_Result Queue(MHD_Connection* c, const HttpResponse& r, const HttpServerOptions& o) {
   MHD_Response* resp;
   if (r.stream) {
-    auto* s = new Stream(ConnectionFd(c));
+    auto* s = new Stream(ConnectionFd(c), o.idle_timeout);
     resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 32 << 10, &ReadStream, s,
                                              &FreeStream);
     if (resp == nullptr) {
@@ -161,12 +175,13 @@ MHD_Result Queue(MHD_Connection* c, const HttpResponse& r) {
     }
     if (!s->Run(r.stream)) {
       MHD_destroy_response(resp);  // frees s
-      return Queue(c, HttpResponse::Text(503, "no thread is free for the stream; try again\n"));
+      return Queue(c, HttpResponse::Text(503, "no thread is free for the stream; try again\n"), o);
     }
     // A stream may be silent longer than the idle timeout (a long prompt,
     // blocks to wait for), and libmicrohttpd's timer runs while Read waits:
-    // its connection has none. Read's check for a closed peer and Write's
-    // bound on queued bytes still end it when the client goes away.
+    // its connection has none until the request completes (Completed).
+    // Read's check for a closed peer and Write's bound on a stalled queue
+    // still end it when the client goes away.
     MHD_set_connection_option(c, MHD_CONNECTION_OPTION_TIMEOUT, 0u);
   } else {
     resp = MHD_create_response_from_buffer(r.body.size(), const_cast<char*>(r.body.data()),
@@ -238,7 +253,7 @@ struct HttpServer::Context {
     if (p->refused) return MHD_YES;
     if (p->too_large) {
       p->refused = true;
-      return Queue(c, TooLarge(server));
+      return Queue(c, TooLarge(server), server->options_);
     }
     const int fd = ConnectionFd(c);
     p->request.client_gone = [fd] { return PeerClosed(fd); };
@@ -248,7 +263,7 @@ struct HttpServer::Context {
     } catch (const std::exception& e) {
       answer = HttpResponse::Text(500, absl::StrCat("internal error: ", e.what(), "\n"));
     }
-    return Queue(c, answer);
+    return Queue(c, answer, server->options_);
   }
 
   static MHD_Result Begin(HttpServer* server, MHD_Connection* c, const char* url,
@@ -267,13 +282,13 @@ struct HttpServer::Context {
                             server->options_.max_connections, "; try again\n"));
       busy.headers.emplace_back("Connection", "close");
       busy.headers.emplace_back("Retry-After", "1");
-      return Queue(c, busy);
+      return Queue(c, busy, server->options_);
     }
     uint64_t length = 0;
     if (absl::SimpleAtoi(p->request.Header("content-length"), &length) &&
         length > server->options_.max_body_bytes) {
       p->refused = true;  // before a byte of it is read
-      return Queue(c, TooLarge(server));
+      return Queue(c, TooLarge(server), server->options_);
     }
     return MHD_YES;
   }
@@ -284,9 +299,13 @@ struct HttpServer::Context {
                           server->options_.max_body_bytes, " bytes)\n"));
   }
 
-  static void Completed(void*, MHD_Connection*, void** state, MHD_RequestTerminationCode) {
+  // Also gives the connection back the idle timeout a stream took away
+  // (Queue): a kept-alive connection that streamed once was never closed.
+  static void Completed(void* cls, MHD_Connection* c, void** state, MHD_RequestTerminationCode) {
     delete static_cast<Pending*>(*state);
     *state = nullptr;
+    const auto* server = static_cast<const HttpServer*>(cls);
+    MHD_set_connection_option(c, MHD_CONNECTION_OPTION_TIMEOUT, TimeoutSeconds(server->options_));
   }
 
   static void Connection(void* cls, MHD_Connection*, void**, MHD_ConnectionNotificationCode code) {
@@ -302,8 +321,7 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string&
   if (!listeners.ok()) return listeners.status();
   std::unique_ptr<HttpServer> server(new HttpServer(options, std::move(handler)));
   server->port_ = listeners->port;
-  const unsigned timeout_s =
-      static_cast<unsigned>(std::max<int64_t>(1, absl::ToInt64Seconds(options.idle_timeout)));
+  const unsigned timeout_s = TimeoutSeconds(options);
   for (size_t i = 0; i < listeners->fds.size(); ++i) {
     const int fd = listeners->fds[i];
     const HttpServerOptions& o = server->options_;
@@ -312,7 +330,8 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string&
         {MHD_OPTION_CONNECTION_LIMIT, o.max_connections + kConnectionOverflow, nullptr},
         {MHD_OPTION_CONNECTION_TIMEOUT, timeout_s, nullptr},
         {MHD_OPTION_CONNECTION_MEMORY_LIMIT, static_cast<intptr_t>(o.max_header_bytes), nullptr},
-        {MHD_OPTION_NOTIFY_COMPLETED, reinterpret_cast<intptr_t>(&Context::Completed), nullptr},
+        {MHD_OPTION_NOTIFY_COMPLETED, reinterpret_cast<intptr_t>(&Context::Completed),
+         server.get()},
         {MHD_OPTION_NOTIFY_CONNECTION, reinterpret_cast<intptr_t>(&Context::Connection),
          server.get()},
     };

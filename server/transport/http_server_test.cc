@@ -78,6 +78,20 @@ class HttpServerTest : public ::testing::Test {
         };
         return resp;
       }
+      if (r.path == "/flood") {  // as much as the client takes, 64 KiB a piece
+        HttpResponse resp;
+        resp.stream = [this](HttpStream& out) {
+          const std::string piece(64 << 10, 'x');
+          while (out.Write(piece)) {
+          }
+          flood_ended_ = true;
+        };
+        return resp;
+      }
+      if (r.path == "/slow_whole") {  // a whole answer later than the idle timeout
+        absl::SleepFor(absl::Milliseconds(2500));
+        return HttpResponse::Text(200, "done at last");
+      }
       if (r.path == "/stream") {
         HttpResponse resp;
         resp.content_type = "text/event-stream";
@@ -97,7 +111,7 @@ class HttpServerTest : public ::testing::Test {
     server_ = std::move(*s);
   }
   std::unique_ptr<HttpServer> server_;
-  std::atomic<bool> stream_ended_{false}, stream_saw_gone_{false};
+  std::atomic<bool> stream_ended_{false}, stream_saw_gone_{false}, flood_ended_{false};
 };
 
 TEST_F(HttpServerTest, AnswersRequestsAndKeepsTheConnectionAlive) {
@@ -168,6 +182,51 @@ TEST_F(HttpServerTest, AStreamOutlivesTheIdleTimeoutBetweenPieces) {
   const std::string got = Receive(fd, absl::Seconds(15), "\r\n0\r\n\r\n");
   EXPECT_THAT(got, HasSubstr("piece 2"));
   EXPECT_THAT(got, HasSubstr("\r\n0\r\n\r\n")) << "the chunked body ends properly";
+  ::close(fd);
+}
+
+// Regression: a handler that answers whole (a completion without
+// streaming) after more than the idle timeout got its connection closed
+// with the answer unsent.
+TEST_F(HttpServerTest, AWholeAnswerOutlivesTheIdleTimeout) {
+  HttpServerOptions o;
+  o.idle_timeout = absl::Seconds(1);
+  Start(o);
+  const int fd = ConnectLoopback(server_->port());
+  Send(fd, "GET /slow_whole HTTP/1.1\r\nHost: x\r\n\r\n");
+  const std::string got = Receive(fd, absl::Seconds(15), "done at last");
+  EXPECT_THAT(got, StartsWith("HTTP/1.1 200"));
+  EXPECT_THAT(got, HasSubstr("done at last"));
+  ::close(fd);
+}
+
+// Regression: a stream switched its connection's idle timeout off for
+// good, so a kept-alive connection that had streamed once was never closed.
+TEST_F(HttpServerTest, AConnectionIdleAfterAStreamIsClosed) {
+  HttpServerOptions o;
+  o.idle_timeout = absl::Seconds(1);
+  Start(o);
+  const int fd = ConnectLoopback(server_->port());
+  Send(fd, "GET /stream HTTP/1.1\r\nHost: x\r\n\r\n");
+  const std::string got = Receive(fd, absl::Seconds(30), "\r\n0\r\n\r\n");
+  ASSERT_THAT(got, HasSubstr("data: 199\n\n"));
+  EXPECT_TRUE(ClosedWithin(fd, absl::Seconds(5))) << "idle for 5 s after its stream";
+  ::close(fd);
+}
+
+// Regression: a client that keeps its connection but stops reading held
+// the stream's producer in Write for good (a generation and its KV
+// blocks); now a queue that does not drain for the idle timeout ends it.
+TEST_F(HttpServerTest, AClientThatStopsReadingEndsTheStream) {
+  HttpServerOptions o;
+  o.idle_timeout = absl::Seconds(1);
+  Start(o);
+  const int fd = ConnectLoopback(server_->port());
+  Send(fd, "GET /flood HTTP/1.1\r\nHost: x\r\n\r\n");
+  const absl::Time end = absl::Now() + absl::Seconds(20);
+  while (!flood_ended_ && absl::Now() < end) absl::SleepFor(absl::Milliseconds(20));
+  EXPECT_TRUE(flood_ended_) << "the producer still waits for a reader that never reads";
+  EXPECT_TRUE(ClosedWithin(fd, absl::Seconds(30))) << "and the connection is shut";
   ::close(fd);
 }
 
