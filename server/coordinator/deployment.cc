@@ -656,7 +656,7 @@ struct Deployment::Send {
 };
 
 absl::Status Deployment::CheckServing() const {
-  if (!retired_.empty()) return absl::UnavailableError(retired_);
+  if (!retired_.empty() && holds_ == 0) return absl::UnavailableError(retired_);
   if (closing_ || info_.state != ModelState::kReady) {
     return absl::UnavailableError(absl::StrCat("model \"", name_, "\" is ",
                                                ModelStateName(info_.state), ": ", info_.reason));
@@ -985,7 +985,21 @@ void Deployment::Retire(const std::string& why) {
   if (retired_.empty()) retired_ = why;
 }
 
-bool Deployment::Drained() const { return InFlight() == 0; }
+std::shared_ptr<void> Deployment::Hold(std::shared_ptr<Deployment> d) {
+  {
+    absl::MutexLock lock(&d->mu_);
+    ++d->holds_;
+  }
+  return std::shared_ptr<void>(nullptr, [d](void*) {
+    absl::MutexLock lock(&d->mu_);
+    --d->holds_;
+  });
+}
+
+bool Deployment::Drained() const {
+  absl::MutexLock lock(&mu_);
+  return pending_.empty() && holds_ == 0;
+}
 
 int Deployment::InFlight() const {
   absl::MutexLock lock(&mu_);

@@ -239,7 +239,11 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   // those in flight finish: a re-upload retires the version it replaces
   // and closes it once Drained() (or its drain time is up).
   void Retire(const std::string& why);
-  // No request in flight.
+  // Keeps the deployment taking requests after it retires, and not
+  // Drained(), while the handle lives: a generator's sequences finish on
+  // the version whose stages hold their KV caches (Generation).
+  static std::shared_ptr<void> Hold(std::shared_ptr<Deployment> d);
+  // No request in flight, and no Hold.
   bool Drained() const;
   // Requests in flight.
   int InFlight() const;
@@ -381,6 +385,7 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   absl::flat_hash_map<uint64_t, std::shared_ptr<Pending>> pending_ ABSL_GUARDED_BY(mu_);
   bool closing_ ABSL_GUARDED_BY(mu_) = false;
   std::string retired_ ABSL_GUARDED_BY(mu_);  // why, once retired
+  int holds_ ABSL_GUARDED_BY(mu_) = 0;
   absl::Mutex close_mu_;  // serialises Close
   bool closed_ ABSL_GUARDED_BY(close_mu_) = false;
 

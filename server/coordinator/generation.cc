@@ -16,18 +16,43 @@ bool SameConfig(const GenerationConfig& a, const GenerationConfig& b) {
 
 }  // namespace
 
+VersionRoute::VersionRoute(Coordinator* coordinator, std::string model,
+                           std::shared_ptr<Deployment> d)
+    : coordinator_(coordinator), model_(std::move(model)), version_(d->version()) {
+  hold_ = Deployment::Hold(d);
+  last_ = std::move(d);
+}
+
+std::shared_ptr<Deployment> VersionRoute::Target() {
+  absl::StatusOr<std::shared_ptr<Deployment>> found = coordinator_->Find(model_);
+  absl::MutexLock l(&mu_);
+  // The version redeployed after a failure is a new deployment: held from
+  // here on instead.
+  if (found.ok() && (*found)->version() == version_ && *found != last_) {
+    last_ = *std::move(found);
+    hold_ = Deployment::Hold(last_);
+  }
+  return last_;
+}
+
+absl::StatusOr<std::vector<Tensor>> VersionRoute::Step(const std::vector<Tensor>& inputs,
+                                                       RequestOptions options) {
+  options.pinned_version = version_;
+  return coordinator_->InferOn(Target(), inputs, options);
+}
+
 Generation::Generation(Coordinator* coordinator, GeneratorOptions options)
     : coordinator_(coordinator), options_(options) {}
 
 absl::StatusOr<std::shared_ptr<Generator>> Generation::For(const std::string& model) {
   ASSIGN_OR_RETURN(std::shared_ptr<Deployment> d, coordinator_->Find(model));
-  return ForDeployment(model, *d);
+  return ForDeployment(model, std::move(d));
 }
 
 absl::StatusOr<TextModel> Generation::Text(const std::string& model) {
   ASSIGN_OR_RETURN(std::shared_ptr<Deployment> d, coordinator_->Find(model));
   TextModel text;
-  ASSIGN_OR_RETURN(text.generator, ForDeployment(model, *d));
+  ASSIGN_OR_RETURN(text.generator, ForDeployment(model, d));
   const TokenizerSpec& spec = d->plan().tokenizer();
   if (spec.kind_case() == TokenizerSpec::KIND_NOT_SET) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -53,41 +78,44 @@ absl::StatusOr<TextModel> Generation::Text(const std::string& model) {
   return text;
 }
 
+// A version's generator is made once (the same config after an unload
+// and upload of the same version number: the stages are new, and the
+// sequences rebuilt on them). A new version gets a new one; the old one
+// leaves the map and goes, with its route's hold, once its last request
+// ends.
 absl::StatusOr<std::shared_ptr<Generator>> Generation::ForDeployment(const std::string& model,
-                                                                     const Deployment& d_ref) {
-  const Deployment* d = &d_ref;
+                                                                     std::shared_ptr<Deployment> d) {
   ASSIGN_OR_RETURN(GenerationConfig config, GenerationConfigOf(model, d->plan(), d->replicas()));
   absl::MutexLock l(&mu_);
-  std::shared_ptr<Generator>& gen = generators_[model];
-  if (gen != nullptr && SameConfig(gen->config(), config)) return gen;
-  if (gen != nullptr) {  // a new version: the old one's sequences would share its blocks
-    gen->Stop(absl::UnavailableError(absl::StrCat(
-        "model \"", model, "\" was replaced by a new version; generate again")));
+  Made& made = generators_[model];
+  if (made.generator != nullptr && made.version == d->version() &&
+      SameConfig(made.generator->config(), config)) {
+    return made.generator;
   }
   GeneratorOptions options = options_;
   if (options.steps_in_flight <= 0) {  // one per stage and one more, unless they take turns
     options.steps_in_flight =
         coordinator_->StagesShareCores() ? 1 : d->plan().stages_size() + 1;
   }
-  Coordinator* coordinator = coordinator_;
   const absl::Duration step_timeout = coordinator_->default_timeout();
-  gen = std::make_shared<Generator>(
+  made.version = d->version();
+  auto route = std::make_shared<VersionRoute>(coordinator_, model, std::move(d));
+  made.generator = std::make_shared<Generator>(
       std::move(config), options,
-      [coordinator, model, step_timeout](const std::vector<Tensor>& inputs, absl::Time deadline,
-                                         int lane) {
+      [route, step_timeout](const std::vector<Tensor>& inputs, absl::Time deadline, int lane) {
         RequestOptions step;
         step.deadline = std::min(deadline, absl::Now() + step_timeout);
         step.lane = lane;
-        return coordinator->Infer(model, inputs, step);
+        return route->Step(inputs, step);
       });
-  return gen;
+  return made.generator;
 }
 
 std::vector<std::pair<std::string, GeneratorStats>> Generation::Stats() {
   std::vector<std::pair<std::string, std::shared_ptr<Generator>>> gens;
   {
     absl::MutexLock l(&mu_);
-    gens.assign(generators_.begin(), generators_.end());
+    for (const auto& [name, made] : generators_) gens.emplace_back(name, made.generator);
   }
   std::vector<std::pair<std::string, GeneratorStats>> out;
   for (auto& [name, gen] : gens) out.emplace_back(name, gen->Stats());

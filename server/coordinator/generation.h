@@ -1,9 +1,12 @@
-// The generators of a coordinator's cache-aware models, one per model,
-// made at the first request and made again when a new version of the model
-// changes its generation spec (the old one finishes what it runs). Each
-// step of a generator is a request through the Coordinator, which carries
-// it across stage server failures; a stage that comes back without the
-// sequence's cache makes the generator rebuild it (generator.h).
+// The generators of a coordinator's cache-aware models, one per model and
+// version, made at the first request to the version. Each step of a
+// generator is a request through the Coordinator to its version
+// (VersionRoute), which carries it across stage server failures; a stage
+// that comes back without the sequence's cache makes the generator
+// rebuild it (generator.h). After a new upload the old version's
+// generator finishes the sequences it has on the old stages, which hold
+// their caches, and the old version drains until it has (or
+// --drain_timeout_s is up).
 //
 //   Generation generation(&coordinator, GeneratorOptions{});
 //   ASSIGN_OR_RETURN(std::shared_ptr<Generator> gen, generation.For("gpt2"));
@@ -29,6 +32,28 @@ struct TextModel {
   ChatTemplate chat;  // no roles: the model has no chat template
 };
 
+// Where a generator's steps go: the version of the model it was made for,
+// as found by name while that version serves it, else the deployment it
+// last ran on, which a Deployment::Hold keeps serving after a new upload
+// retires it, until the generator (and so this route) goes.
+class VersionRoute {
+ public:
+  VersionRoute(Coordinator* coordinator, std::string model, std::shared_ptr<Deployment> d);
+  // InferOn the version's deployment, pinned to the version.
+  absl::StatusOr<std::vector<Tensor>> Step(const std::vector<Tensor>& inputs,
+                                           RequestOptions options);
+
+ private:
+  std::shared_ptr<Deployment> Target();
+
+  Coordinator* const coordinator_;
+  const std::string model_;
+  const int64_t version_;
+  absl::Mutex mu_;
+  std::shared_ptr<Deployment> last_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<void> hold_ ABSL_GUARDED_BY(mu_);
+};
+
 class Generation {
  public:
   // `coordinator` must outlive this. options.steps_in_flight 0 means a
@@ -52,13 +77,17 @@ class Generation {
     int64_t version = 0;
     std::shared_ptr<const Tokenizer> tokenizer;
   };
+  struct Made {
+    int64_t version = 0;
+    std::shared_ptr<Generator> generator;
+  };
   absl::StatusOr<std::shared_ptr<Generator>> ForDeployment(const std::string& model,
-                                                           const Deployment& d);
+                                                           std::shared_ptr<Deployment> d);
 
   Coordinator* const coordinator_;
   const GeneratorOptions options_;
   absl::Mutex mu_;
-  absl::flat_hash_map<std::string, std::shared_ptr<Generator>> generators_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, Made> generators_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, Tokenized> tokenizers_ ABSL_GUARDED_BY(mu_);
 };
 

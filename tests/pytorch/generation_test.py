@@ -439,6 +439,57 @@ class GenerationFailoverTest(unittest.TestCase):
         self.run_through_a_kill(replicas=2)
 
 
+class GenerationReuploadTest(unittest.TestCase):
+    """A new upload under a generation model's name while a sequence
+    generates: the sequence finishes on the version it started on, whose
+    stages hold its cache, with the tokens of an undisturbed run, and the
+    next request gets the new version. (A new generation spec ended such
+    sequences with UNAVAILABLE; the same spec moved them onto the new
+    weights mid-sequence.)"""
+
+    def test_a_sequence_finishes_on_its_version_across_an_upload(self):
+        tmp = tempfile.mkdtemp(dir=os.environ.get("TEST_TMPDIR"))
+        coord = Coordinator(tmp)
+        try:
+            def export(seed, max_len):
+                torch.manual_seed(seed)
+                model = tm.Gpt2(d=128, layers=8, max_len=max_len).eval()
+                path = os.path.join(tmp, f"gpt2_{seed}.psm")
+                pipeserve.export(model, (torch.randint(0, 97, (2, 5)),), path, generation=True)
+                return model, path
+
+            coord.client.upload("gpt2", export(0, 2048)[1])
+            prompt, n = [1, 2, 3], 1000
+            # Other weights with the same spec, then another spec (max_len).
+            for seed, max_len in ((1, 2048), (2, 1024)):
+                want = list(coord.client.generate("gpt2", prompt, max_tokens=n))  # undisturbed
+                new_model, path = export(seed, max_len)
+                got, errors = [], []
+
+                def run():
+                    try:
+                        for t in coord.client.generate("gpt2", prompt, max_tokens=n):
+                            got.append(t)
+                    except pipeserve.ServerError as e:
+                        errors.append(e)
+
+                thread = threading.Thread(target=run)
+                thread.start()
+                while not got and thread.is_alive():
+                    time.sleep(0.005)
+                coord.client.upload("gpt2", path)
+                self.assertEqual(list(coord.client.generate("gpt2", prompt, max_tokens=5)),
+                                 greedy(new_model, prompt, 5)[0], "the new version serves")
+                at_new = len(got)
+                thread.join()
+                self.assertEqual(errors, [])
+                self.assertLess(at_new, n, "the sequence ended before the new version served")
+                self.assertEqual(got, want, f"upload {seed}")
+                print(f"upload {seed}: {at_new} of {n} tokens came before the new version served")
+        finally:
+            coord.close()
+
+
 class GenerationPreemptionTest(unittest.TestCase):
     """A cache too small for every sequence at once: they start on their
     prompts' blocks, take more as they grow, and when none is left the one
