@@ -36,9 +36,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   } else if (!Invalid(r.status())) {
     __builtin_trap();
   }
-  std::string text;
+  pipeserve::TextPrompt text;
   if (auto r = pipeserve::GenerationRequestFromJson(body, &text); r.ok()) {
-    if (r->prompt.empty() == text.empty()) __builtin_trap();  // one of the two
+    if (r->prompt.empty() == text.input.empty()) __builtin_trap();  // one of the two
+    if (!text.stop.empty() && text.input.empty()) __builtin_trap();
   } else if (!Invalid(r.status())) {
     __builtin_trap();
   }

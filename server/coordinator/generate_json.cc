@@ -26,6 +26,45 @@ absl::StatusOr<std::vector<int64_t>> Ids(const Json& v, absl::string_view key) {
   return ids;
 }
 
+// Words as TensorRT-LLM's Triton models take them: a string, or a list of
+// strings; "" and empty strings are none.
+absl::StatusOr<std::vector<std::string>> Words(const Json& v, absl::string_view key) {
+  const Json list = v.is_string() ? Json::array({v}) : v;
+  if (!list.is_array() || list.size() > 16) return Invalid(key, "a string or a list of up to 16");
+  std::vector<std::string> words;
+  for (const Json& w : list) {
+    if (!w.is_string()) return Invalid(key, "a string or a list of up to 16 strings");
+    if (!w.get<std::string>().empty()) words.push_back(w.get<std::string>());
+  }
+  return words;
+}
+
+// TensorRT-LLM's keys: end_id a stop token, pad_id nothing here (no
+// padding), stop_words stop strings, bad_words only when none. False when
+// `key` is none of them.
+absl::StatusOr<bool> TrtLlmKey(const std::string& key, const Json& v, GenerationRequest* r,
+                               TextPrompt* text) {
+  if (key == "end_id" || key == "pad_id") {
+    if (!v.is_number_integer()) return Invalid(key, "an integer (a token id)");
+    if (key == "end_id") r->sampling.stop_token_ids.push_back(v.get<int64_t>());
+    return true;
+  }
+  if (key == "stop_words") {
+    ASSIGN_OR_RETURN(std::vector<std::string> words, Words(v, key));
+    text->stop.insert(text->stop.end(), words.begin(), words.end());
+    return true;
+  }
+  if (key == "bad_words") {
+    ASSIGN_OR_RETURN(std::vector<std::string> words, Words(v, key));
+    if (!words.empty()) {
+      return absl::InvalidArgumentError(
+          "\"bad_words\" is not supported: the sampler bans no tokens (give \"\" or none)");
+    }
+    return true;
+  }
+  return false;
+}
+
 // One sampling key into `p`; kInvalidArgument for an unknown key or a
 // value of the wrong type (ranges are checked by CheckSampling).
 absl::Status SamplingKey(const std::string& key, const Json& v, SamplingParams* p, bool* seeded) {
@@ -57,35 +96,44 @@ absl::Status SamplingKey(const std::string& key, const Json& v, SamplingParams* 
       "unknown key \"", key.substr(0, 64), "\" (a generate request takes input_ids or "
       "text_input, "
       "max_tokens, temperature, top_k, top_p, repetition_penalty, frequency_penalty, "
-      "stop_token_ids, seed; at the top or under \"parameters\")"));
+      "stop_token_ids, seed, and TensorRT-LLM's end_id, pad_id, stop_words, bad_words; at the "
+      "top or under \"parameters\")"));
 }
 
 }  // namespace
 
 absl::StatusOr<GenerationRequest> GenerationRequestFromJson(absl::string_view body,
-                                                            std::string* text_input) {
+                                                            TextPrompt* text) {
   ASSIGN_OR_RETURN(Json j, ParseJsonBody(body));
   if (!j.is_object()) return absl::InvalidArgumentError("the request must be a JSON object");
   GenerationRequest r;
   bool seeded = false;
+  auto option = [&](const std::string& key, const Json& v) -> absl::Status {
+    ASSIGN_OR_RETURN(bool taken, TrtLlmKey(key, v, &r, text));
+    return taken ? absl::OkStatus() : SamplingKey(key, v, &r.sampling, &seeded);
+  };
   for (const auto& [key, v] : j.items()) {
     if (key == "input_ids") {
       ASSIGN_OR_RETURN(r.prompt, Ids(v, key));
     } else if (key == "text_input") {
       if (!v.is_string() || v.get<std::string>().empty()) return Invalid(key, "non-empty text");
-      *text_input = v.get<std::string>();
+      text->input = v.get<std::string>();
     } else if (key == "parameters") {
       if (!v.is_object()) return Invalid(key, "an object");
-      for (const auto& [k, pv] : v.items()) RETURN_IF_ERROR(SamplingKey(k, pv, &r.sampling, &seeded));
+      for (const auto& [k, pv] : v.items()) RETURN_IF_ERROR(option(k, pv));
     } else {
-      RETURN_IF_ERROR(SamplingKey(key, v, &r.sampling, &seeded));
+      RETURN_IF_ERROR(option(key, v));
     }
   }
-  if (!text_input->empty() && !r.prompt.empty()) {
+  if (!text->input.empty() && !r.prompt.empty()) {
     return absl::InvalidArgumentError("give input_ids or text_input, not both");
   }
-  if (r.prompt.empty() && text_input->empty()) {
+  if (r.prompt.empty() && text->input.empty()) {
     return Invalid("input_ids", "a non-empty array of token ids (or give text_input)");
+  }
+  if (!text->stop.empty() && text->input.empty()) {
+    return Invalid("stop_words", "given with text_input (stop strings are matched on text; "
+                                 "with input_ids give stop_token_ids)");
   }
   if (!seeded) {
     std::random_device rd;

@@ -4,10 +4,13 @@
 // or under "parameters") into a GenerationRequest, and tokens back out.
 // A prompt is token ids ("input_ids"), or text ("text_input", for models
 // uploaded with a tokenizer), answered by "text_output".
-// Bad input gets kInvalidArgument naming the key: unknown keys too, so a
-// misspelt "max_token" is not silently ignored.
+// TensorRT-LLM's Triton keys are taken too: "end_id" (a stop token),
+// "pad_id" (no effect), "stop_words" (stop strings, with text_input) and
+// "bad_words" (refused unless empty, as its examples send it). Bad input
+// gets kInvalidArgument naming the key: unknown keys too, so a misspelt
+// "max_token" is not silently ignored.
 //
-//   std::string text;  // "text_input", when given instead of ids
+//   TextPrompt text;  // "text_input", when given instead of ids
 //   ASSIGN_OR_RETURN(GenerationRequest r, GenerationRequestFromJson(body, &text));
 #ifndef PIPESERVE_SERVER_COORDINATOR_GENERATE_JSON_H_
 #define PIPESERVE_SERVER_COORDINATOR_GENERATE_JSON_H_
@@ -21,10 +24,16 @@
 
 namespace pipeserve {
 
+// A text request's text ("text_input") and stop strings ("stop_words").
+struct TextPrompt {
+  std::string input;
+  std::vector<std::string> stop;
+};
+
 // Without "seed", a random one (as the gRPC Generate does). A request
-// with "text_input" has its text in *text_input and no prompt ids yet.
+// with "text_input" has its text in text->input and no prompt ids yet.
 absl::StatusOr<GenerationRequest> GenerationRequestFromJson(absl::string_view body,
-                                                            std::string* text_input);
+                                                            TextPrompt* text);
 
 // One streamed token: {"token_id": 5, "index": 0} (with "finish_reason"
 // and "prompt_tokens" on the last).

@@ -148,10 +148,10 @@ HttpResponse KServeRest::Infer(const HttpRequest& r, const std::string& model,
 }
 
 HttpResponse KServeRest::Generate(const HttpRequest& r, const std::string& model, bool stream) {
-  std::string text_input;
-  absl::StatusOr<GenerationRequest> req = GenerationRequestFromJson(r.body, &text_input);
+  TextPrompt text;
+  absl::StatusOr<GenerationRequest> req = GenerationRequestFromJson(r.body, &text);
   if (!req.ok()) return Error(req.status());
-  if (!text_input.empty()) return GenerateText(r, model, stream, *std::move(req), text_input);
+  if (!text.input.empty()) return GenerateText(r, model, stream, *std::move(req), text);
   absl::StatusOr<std::shared_ptr<Generator>> gen = generation_->For(model);
   if (!gen.ok()) return Error(core_->Public(gen.status()));
   // Checked before a stream opens, so a bad request gets its status code,
@@ -190,10 +190,11 @@ HttpResponse KServeRest::Generate(const HttpRequest& r, const std::string& model
 }
 
 HttpResponse KServeRest::GenerateText(const HttpRequest& r, const std::string& model, bool stream,
-                                      GenerationRequest req, const std::string& text_input) {
+                                      GenerationRequest req, const TextPrompt& prompt) {
   absl::StatusOr<TextModel> text = generation_->Text(model);
   if (!text.ok()) return Error(core_->Public(text.status()));
-  absl::StatusOr<std::vector<int64_t>> ids = text->tokenizer->Encode(text_input, /*add_bos=*/true);
+  absl::StatusOr<std::vector<int64_t>> ids = text->tokenizer->Encode(prompt.input,
+                                                                       /*add_bos=*/true);
   if (!ids.ok()) return Error(ids.status());
   req.prompt = *std::move(ids);
   if (absl::Status s = text->generator->Check(req); !s.ok()) return Error(s);
@@ -202,17 +203,18 @@ HttpResponse KServeRest::GenerateText(const HttpRequest& r, const std::string& m
   if (!stream) {
     std::string out;
     absl::StatusOr<Completion> c = Complete(
-        *text->generator, *text->tokenizer, req, {},
+        *text->generator, *text->tokenizer, req, prompt.stop,
         [&](absl::string_view s) { return out.append(s.data(), s.size()), true; }, r.client_gone);
     if (!c.ok()) return Error(core_->Public(c.status()));
     return Json(GenerateTextResponseJson(model, out, c->finish_reason, prompt_tokens, c->tokens));
   }
   KServeCore* core = core_;
   TextModel m = *std::move(text);
-  return HttpResponse::EventStream([core, m, req, model, prompt_tokens](HttpStream& out) {
+  std::vector<std::string> stop = prompt.stop;
+  return HttpResponse::EventStream([core, m, req, stop, model, prompt_tokens](HttpStream& out) {
     auto event = [&](const std::string& json) { return WriteEvent(out, json); };
     absl::StatusOr<Completion> c = Complete(
-        *m.generator, *m.tokenizer, req, {},
+        *m.generator, *m.tokenizer, req, stop,
         [&](absl::string_view s) { return event(TextEventJson(model, s, "", 0, 0)); },
         [&out] { return out.ClientGone(); });
     if (out.ClientGone()) return;

@@ -26,6 +26,7 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "server/coordinator/generate_json.h"
 #include "server/coordinator/generation.h"
 #include "server/coordinator/kserve_core.h"
 #include "server/transport/auth.h"
@@ -54,7 +55,7 @@ class KServeRest {
   HttpResponse Generate(const HttpRequest& r, const std::string& model, bool stream);
   // Generate with "text_input": through the model's tokenizer, "text_output" back.
   HttpResponse GenerateText(const HttpRequest& r, const std::string& model, bool stream,
-                            GenerationRequest req, const std::string& text_input);
+                            GenerationRequest req, const TextPrompt& prompt);
 
   KServeCore* const core_;
   const TokenSet* const tokens_;

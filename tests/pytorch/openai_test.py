@@ -217,6 +217,34 @@ class OpenAiTest(unittest.TestCase):
         self.assertEqual("".join(e["text_output"] for e in events), want)
         self.assertEqual(events[-1]["prompt_tokens"], 2)
 
+    def test_triton_generate_takes_tensorrt_llm_keys(self):
+        # As TensorRT-LLM's Triton examples send them: stop_words, and
+        # bad_words "" and pad_id, which change nothing here.
+        body = {"text_input": "Hello world", "max_tokens": 24, "temperature": 0}
+        text = self.ok("/v2/models/gpt2/generate", body)["text_output"]
+        stop = text[len(text) // 2:len(text) // 2 + 3]
+        self.assertTrue(stop.strip(), text)
+        trt = dict(body, stop_words=[stop], bad_words="", pad_id=0)
+        out = self.ok("/v2/models/gpt2/generate", trt)
+        self.assertEqual((out["text_output"], out["finish_reason"]),
+                         (text[:text.find(stop)], "stop"))
+        events = [json.loads(e) for e in self.events("/v2/models/gpt2/generate_stream", trt)]
+        self.assertEqual("".join(e["text_output"] for e in events), text[:text.find(stop)])
+        # end_id: a stop token (the first one generated ends it at once).
+        first = list(self.coord.client.generate("gpt2", [15496, 995], max_tokens=1))[0]
+        out = self.ok("/v2/models/gpt2/generate", dict(body, end_id=first))
+        self.assertEqual((out["completion_tokens"], out["finish_reason"]), (1, "stop"))
+        for bad, why in (({"bad_words": ["x"]}, "not supported"),
+                         ({"stop_words": 5}, "a string or a list"),
+                         ({"end_id": "2"}, "an integer")):
+            status, data = self.post("/v2/models/gpt2/generate", dict(body, **bad))
+            self.assertEqual(status, 400, data)
+            self.assertIn(why, json.loads(data)["error"])
+        status, data = self.post("/v2/models/gpt2/generate",
+                                 {"input_ids": [1, 2], "stop_words": ["x"]})
+        self.assertEqual(status, 400, data)
+        self.assertIn("stop_words", json.loads(data)["error"])
+
     # -- SentencePiece and chat -----------------------------------------------
 
     def needs_sentencepiece(self):
