@@ -31,6 +31,7 @@
 #define PIPESERVE_RUNTIME_CUDA_DEVICE_PLAN_H_
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -39,6 +40,7 @@
 #include "absl/types/span.h"
 #include "graph/validate.h"
 #include "proto/model.pb.h"
+#include "runtime/cuda/step_pattern.h"
 #include "runtime/cuda/broadcast_index.h"
 #include "runtime/cuda/kernel_gate.h"
 #include "runtime/cuda/kernels/launch_args.h"
@@ -552,14 +554,24 @@ class LoweredStage {
   int GemmBehind(int x, const std::vector<int>& uses) const;
   // Whether step `root` ends GELU written out on x (0.5 * x * (1 +
   // tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))); its other steps.
-  bool GeluWrittenOut(int root, const std::vector<int>& only_reader, int* x,
-                      std::vector<int>* absorbed) const;
+  bool GeluWrittenOut(int root, const StepView& view, int* x, std::vector<int>* absorbed) const;
   // How many steps (and outputs, as 2) read each value.
   std::vector<int> Uses() const;
   void FuseRmsNorms(const ValueShapes& shapes);
-  // The kRmsNorm step of the pattern whose mean is step `m`, or -1.
-  int RmsNormRoot(int m, const std::vector<int>& only_reader, const ValueShapes& shapes,
-                  int* weight) const;
+  // An RMSNorm rooted at a step: its steps, x, the weight (-1: none), eps.
+  struct RmsNormMatch {
+    PatternMatch match;
+    int x = -1, weight = -1;
+    float eps = 0;
+  };
+  // The RMSNorm rooted at step r: with its weight, else without one
+  // unless r's reader takes it with one.
+  std::optional<RmsNormMatch> RmsNormAt(int r, const StepView& view,
+                                        const ValueShapes& shapes) const;
+  // The RMSNorm `weighted` or not rooted at step r, over the last dim;
+  // `weighted`, a weight [D] of x's type.
+  std::optional<RmsNormMatch> RmsNormMatchAt(int r, const StepView& view, const ValueShapes& shapes,
+                                             bool weighted) const;
   void FuseRotaries(const ValueShapes& shapes);
   // Folds each norm's input add into the norm's kernel (kResidualSum).
   void FuseResidualNorms(const ValueShapes& shapes);
@@ -582,9 +594,12 @@ class LoweredStage {
   void SetResidual(const Step& s, const std::vector<Shape>& shape, const Buffers& b,
                    DeviceOp* op) const;
   // Whether step `add` ends a rotary pattern; its steps and kernel inputs.
-  bool RotaryPattern(int add, const std::vector<int>& only_reader, const ValueShapes& shapes,
+  bool RotaryPattern(int add, const StepView& view, const ValueShapes& shapes,
                      std::vector<int>* absorbed, std::vector<int>* kernel_in) const;
   bool Unfused(int i) const;
+  // The steps as patterns see them (step_pattern.h): an Unfused step's
+  // node, each value's only reader.
+  StepView View() const;
   // Each value's only reader (-1: none, several, or an output).
   std::vector<int> OnlyReaders() const;
   DeviceOp RmsNormOpOf(const Step& s, const Node& node, const std::vector<Shape>& shape,

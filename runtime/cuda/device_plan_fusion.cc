@@ -14,6 +14,12 @@
 #include "runtime/cuda/elementwise_lowering.h"
 
 namespace pipeserve {
+namespace {
+
+// x op c, not c op x (pow: x^2, not 2^x).
+bool NotReversed(const Node& n) { return IntAttr(n, "reverse", 0) == 0; }
+
+}  // namespace
 
 bool LoweredStage::Fusable(const Step& s) {
   return s.kind == Kind::kProgram || s.kind == Kind::kUnary || s.kind == Kind::kBinary ||
@@ -34,6 +40,15 @@ bool LoweredStage::Unfused(int i) const {
   return i >= 0 && steps_[i].kind != Kind::kAbsorbed && steps_[i].kind != Kind::kRmsNorm &&
          steps_[i].kind != Kind::kRotary && steps_[i].kind != Kind::kResidualSum &&
          steps_[i].kind != Kind::kView;
+}
+
+StepView LoweredStage::View() const {
+  StepView v;
+  v.producer = [this](int value) { return values_[value].producer; };
+  v.node = [this](int step) { return Unfused(step) ? &NodeOf(steps_[step]) : nullptr; };
+  v.in = [this](int step) -> const std::vector<int>& { return steps_[step].in; };
+  v.only_reader = OnlyReaders();
+  return v;
 }
 
 std::vector<int> LoweredStage::Uses() const {
@@ -62,7 +77,8 @@ std::vector<int> LoweredStage::OnlyReaders() const {
 // is this approximation), when nothing else reads the GEMM's result. The
 // GELU's last step becomes a view of x; its other steps are absorbed.
 void LoweredStage::FuseGeluEpilogues() {
-  const std::vector<int> only_reader = OnlyReaders(), uses = Uses();
+  const std::vector<int> uses = Uses();
+  const StepView view = View();
   for (size_t root = 0; root < steps_.size(); ++root) {
     Step& s = steps_[root];
     int x = -1;
@@ -70,7 +86,7 @@ void LoweredStage::FuseGeluEpilogues() {
     if (s.kind == Kind::kUnary && s.unary == kernels::UnaryKind::kGeluTanh &&
         Unfused(static_cast<int>(root))) {
       if (uses[s.in[0]] == 1) x = s.in[0];
-    } else if (!GeluWrittenOut(static_cast<int>(root), only_reader, &x, &absorbed) ||
+    } else if (!GeluWrittenOut(static_cast<int>(root), view, &x, &absorbed) ||
                uses[x] != 3) {
       continue;  // x must be read by 0.5 * x, x^3 and x + ... only
     }
@@ -96,51 +112,22 @@ int LoweredStage::GemmBehind(int x, const std::vector<int>& uses) const {
   return gemm && !g.relu && !g.gelu ? p : -1;
 }
 
-bool LoweredStage::GeluWrittenOut(int root, const std::vector<int>& only_reader, int* x,
+bool LoweredStage::GeluWrittenOut(int root, const StepView& view, int* x,
                                   std::vector<int>* absorbed) const {
-  auto producer = [&](int v) { return values_[v].producer; };
-  // Step i is `op` read only by step `by`, on one input and a scalar near
-  // `c`, or on two inputs when c is NaN.
-  auto is = [&](int i, const char* op, double c, int by) {
-    if (!Unfused(i) || NodeOf(steps_[i]).op() != op || only_reader[steps_[i].out] != by) {
-      return false;
-    }
-    const Node& n = NodeOf(steps_[i]);
-    if (std::isnan(c)) return steps_[i].in.size() == 2 && !HasScalarOperand(n);
-    return steps_[i].in.size() == 1 && HasScalarOperand(n) &&
-           std::fabs(FloatAttr(n, "scalar", 0) - c) <= 1e-6 * std::fabs(c);
-  };
-  if (!Unfused(root) || NodeOf(steps_[root]).op() != "mul" || steps_[root].in.size() != 2 ||
-      HasScalarOperand(NodeOf(steps_[root]))) {
-    return false;
-  }
-  for (int order = 0; order < 2; ++order) {  // 0.5 * x on either side
-    const int half = producer(steps_[root].in[order]), one = producer(steps_[root].in[1 - order]);
-    if (!is(half, "mul", 0.5, root) || !is(one, "add", 1.0, root)) continue;
-    const int tanh = producer(steps_[one].in[0]);
-    if (!Unfused(tanh) || NodeOf(steps_[tanh]).op() != "tanh" ||
-        only_reader[steps_[tanh].out] != one) {
-      continue;
-    }
-    const int scaled = producer(steps_[tanh].in[0]);
-    if (!is(scaled, "mul", 0.7978845608028654, tanh)) continue;
-    const int sum = producer(steps_[scaled].in[0]);
-    const int v = steps_[half].in[0];
-    if (!is(sum, "add", NAN, scaled) || (steps_[sum].in[0] != v && steps_[sum].in[1] != v)) {
-      continue;
-    }
-    const int term = producer(steps_[sum].in[steps_[sum].in[0] == v ? 1 : 0]);
-    if (!is(term, "mul", 0.044715, sum)) continue;
-    const int cube = producer(steps_[term].in[0]);
-    if (!is(cube, "pow", 3.0, term) || IntAttr(NodeOf(steps_[cube]), "reverse", 0) != 0 ||
-        steps_[cube].in[0] != v) {
-      continue;
-    }
-    *x = v;
-    *absorbed = {half, one, tanh, scaled, sum, term, cube};
-    return true;
-  }
-  return false;
+  // 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))), either way round.
+  enum { kX };
+  static const Pattern* gelu = [] {
+    Pattern cube = Scalar("pow", Leaf(kX), 3.0).Where(NotReversed);
+    Pattern inner = Commuting("add", Leaf(kX), Scalar("mul", std::move(cube), 0.044715));
+    Pattern squashed = Op("tanh", {Scalar("mul", std::move(inner), 0.7978845608028654)});
+    return new Pattern(Commuting("mul", Scalar("mul", Leaf(kX), 0.5),
+                                 Scalar("add", std::move(squashed), 1.0)));
+  }();
+  std::optional<PatternMatch> m = MatchPattern(*gelu, root, view);
+  if (!m) return false;
+  *x = m->values[kX];
+  absorbed->assign(m->steps.begin() + 1, m->steps.end());
+  return true;
 }
 
 // Linear layers on one input whose weights have one shape and type run as
@@ -214,61 +201,75 @@ LoweredStage::Buffers::GroupStrides LoweredStage::GroupFits(const Step& head,
 // none), each read only by the next, run as one kRmsNorm step (kernels/
 // layer_norm.h) instead of six kernels; the others are absorbed.
 void LoweredStage::FuseRmsNorms(const ValueShapes& shapes) {
-  const std::vector<int> only_reader = OnlyReaders();
-  for (size_t m = 0; m < steps_.size(); ++m) {
-    int weight = -1;
-    const int root = RmsNormRoot(static_cast<int>(m), only_reader, shapes, &weight);
-    if (root < 0) continue;
-    const int pow = values_[steps_[m].in[0]].producer;
-    const int x = steps_[pow].in[0];
-    const int add = only_reader[steps_[m].out];
-    const float eps = static_cast<float>(FloatAttr(NodeOf(steps_[add]), "scalar", 0));
-    // pow, mean, add, rsqrt, and x's mul when the weight's is the root.
-    for (int k = pow, n = 0; n < 5; k = only_reader[steps_[k].out], ++n) {
-      if (k == root) break;
-      steps_[k].kind = Kind::kAbsorbed;  // its inputs stay: its shape is still inferred
+  const StepView view = View();
+  for (size_t r = 0; r < steps_.size(); ++r) {
+    std::optional<RmsNormMatch> m = RmsNormAt(static_cast<int>(r), view, shapes);
+    if (!m) continue;
+    for (size_t k = 1; k < m->match.steps.size(); ++k) {
+      // Its inputs stay: its shape is still inferred.
+      steps_[m->match.steps[k]].kind = Kind::kAbsorbed;
     }
-    Step& s = steps_[root];
+    Step& s = steps_[r];
     s.kind = Kind::kRmsNorm;
-    s.kernel_in = weight >= 0 ? std::vector<int>{x, weight} : std::vector<int>{x};
-    s.scalar = eps;
+    s.kernel_in = {m->x};
+    if (m->weight >= 0) s.kernel_in.push_back(m->weight);
+    s.scalar = m->eps;
   }
 }
 
-int LoweredStage::RmsNormRoot(int m, const std::vector<int>& only_reader,
-                              const ValueShapes& shapes, int* weight) const {
-  auto is = [&](int i, const char* op) { return Unfused(i) && NodeOf(steps_[i]).op() == op; };
-  if (!is(m, "mean") || IntAttr(NodeOf(steps_[m]), "keepdim", 0) == 0) return -1;
-  const int pow = values_[steps_[m].in[0]].producer;
-  if (!is(pow, "pow") || FloatAttr(NodeOf(steps_[pow]), "scalar", 0) != 2.0 ||
-      IntAttr(NodeOf(steps_[pow]), "reverse", 0) != 0 ||  // x^2, not 2^x
-      steps_[pow].in.size() != 1 || only_reader[steps_[pow].out] != m) {
-    return -1;
-  }
-  const int x = steps_[pow].in[0];
-  const Shape& xs = shapes.at(NodeOf(steps_[pow]).inputs(0));
-  const std::vector<int64_t> dims = ResolvedInts(NodeOf(steps_[m]), "dims", {}, 0);
+namespace {
+
+enum RmsSlot { kRmsX, kRmsWeight, kRmsPow, kRmsMean, kRmsEps };
+
+// x * rsqrt(mean(x^2, keepdim) + eps), the product either way round.
+Pattern RmsNormUnscaled() {
+  return Commuting(
+      "mul", Leaf(kRmsX),
+      Op("rsqrt", {AnyScalar("add", Op("mean", {Scalar("pow", Leaf(kRmsX), 2.0)
+                                                     .Where(NotReversed)
+                                                     .Named(kRmsPow)})
+                                        .Where([](const Node& n) {
+                                          return IntAttr(n, "keepdim", 0) != 0;
+                                        })
+                                        .Named(kRmsMean))
+                       .Named(kRmsEps)}));
+}
+
+}  // namespace
+
+std::optional<LoweredStage::RmsNormMatch> LoweredStage::RmsNormAt(
+    int r, const StepView& view, const ValueShapes& shapes) const {
+  if (std::optional<RmsNormMatch> m = RmsNormMatchAt(r, view, shapes, true)) return m;
+  // Unscaled here, unless the step reading this one takes it with its weight.
+  const int reader = view.only_reader[steps_[r].out];
+  if (reader >= 0 && RmsNormMatchAt(reader, view, shapes, true)) return std::nullopt;
+  return RmsNormMatchAt(r, view, shapes, false);
+}
+
+std::optional<LoweredStage::RmsNormMatch> LoweredStage::RmsNormMatchAt(int r, const StepView& view,
+                                                                       const ValueShapes& shapes,
+                                                                       bool weighted) const {
+  static const Pattern* unscaled = new Pattern(RmsNormUnscaled());
+  static const Pattern* scaled = new Pattern(Commuting("mul", Leaf(kRmsWeight), RmsNormUnscaled()));
+  std::optional<PatternMatch> m = MatchPattern(weighted ? *scaled : *unscaled, r, view);
+  if (!m) return std::nullopt;
+  const int x = m->values[kRmsX];
+  const Shape& xs = shapes.at(NodeOf(steps_[m->named[kRmsPow]]).inputs(0));
+  const std::vector<int64_t> dims = ResolvedInts(NodeOf(steps_[m->named[kRmsMean]]), "dims", {}, 0);
   const int64_t rank = static_cast<int64_t>(xs.size());
   if (rank == 0 || xs.back() <= 0 || dims.size() != 1 || (dims[0] != -1 && dims[0] != rank - 1)) {
-    return -1;
+    return std::nullopt;  // not over the last dim
   }
-  const int add = only_reader[steps_[m].out];
-  if (!is(add, "add") || steps_[add].in.size() != 1) return -1;  // + eps
-  const int rsqrt = only_reader[steps_[add].out];
-  if (!is(rsqrt, "rsqrt")) return -1;
-  const int mul = only_reader[steps_[rsqrt].out];
-  if (!is(mul, "mul") || steps_[mul].in.size() != 2 ||
-      (steps_[mul].in[0] != x && steps_[mul].in[1] != x)) {
-    return -1;
+  const float eps = static_cast<float>(FloatAttr(NodeOf(steps_[m->named[kRmsEps]]), "scalar", 0));
+  RmsNormMatch out{*std::move(m), x, -1, eps};
+  if (weighted) {
+    const int w = out.match.values[kRmsWeight];
+    const Step& s = steps_[r];
+    const Shape& ws = shapes.at(NodeOf(s).inputs(s.in[0] == w ? 0 : 1));
+    if (ws != Shape{xs.back()} || values_[w].type != values_[x].type) return std::nullopt;
+    out.weight = w;
   }
-  const int scale = only_reader[steps_[mul].out];
-  if (!is(scale, "mul") || steps_[scale].in.size() != 2) return mul;
-  const int k = steps_[scale].in[0] == steps_[mul].out ? 1 : 0;  // the weight's input
-  const Shape& ws = shapes.at(NodeOf(steps_[scale]).inputs(k));
-  const int w = steps_[scale].in[k];
-  if (ws != Shape{xs.back()} || values_[w].type != values_[x].type) return mul;
-  *weight = w;
-  return scale;
+  return out;
 }
 
 // Llama's rotary embedding as PyTorch traces it, x * cos +
@@ -278,10 +279,10 @@ int LoweredStage::RmsNormRoot(int m, const std::vector<int>& only_reader,
 // and the add are an elementwise program). Only tables of one row per
 // token (or one row for all), with no other leading dims, are taken.
 void LoweredStage::FuseRotaries(const ValueShapes& shapes) {
-  const std::vector<int> only_reader = OnlyReaders();
+  const StepView view = View();
   for (size_t a = 0; a < steps_.size(); ++a) {
     std::vector<int> absorbed, kernel_in;
-    if (!RotaryPattern(static_cast<int>(a), only_reader, shapes, &absorbed, &kernel_in)) continue;
+    if (!RotaryPattern(static_cast<int>(a), view, shapes, &absorbed, &kernel_in)) continue;
     for (int k : absorbed) steps_[k].kind = Kind::kAbsorbed;
     steps_[a].kind = Kind::kRotary;
     steps_[a].kernel_in = std::move(kernel_in);
@@ -307,58 +308,56 @@ bool RotaryTables(const Shape& x, const Shape& cos, const Shape& sin) {
 
 }  // namespace
 
-bool LoweredStage::RotaryPattern(int add, const std::vector<int>& only_reader,
-                                 const ValueShapes& shapes, std::vector<int>* absorbed,
-                                 std::vector<int>* kernel_in) const {
-  auto producer = [&](int v) { return values_[v].producer; };
-  auto is = [&](int i, const char* op, size_t inputs) {
-    return Unfused(i) && NodeOf(steps_[i]).op() == op && steps_[i].in.size() == inputs;
+namespace {
+
+enum RotarySlot {
+  kRopeX, kRopeCos, kRopeSin, kRopePlain, kRopeTurned, kRopeCat, kRopeHigh, kRopeLow
+};
+
+// x * cos + cat(-x[..., D/2:], x[..., :D/2]) * sin, each sum and product
+// either way round.
+Pattern RotaryOps() {
+  Pattern halves = Op("cat", {Op("neg", {Op("slice", {Leaf(kRopeX)}).Named(kRopeHigh)}),
+                              Op("slice", {Leaf(kRopeX)}).Named(kRopeLow)});
+  return Commuting("add", Commuting("mul", Leaf(kRopeX), Leaf(kRopeCos)).Named(kRopePlain),
+                   Commuting("mul", std::move(halves).Named(kRopeCat), Leaf(kRopeSin))
+                       .Named(kRopeTurned));
+}
+
+}  // namespace
+
+bool LoweredStage::RotaryPattern(int add, const StepView& view, const ValueShapes& shapes,
+                                 std::vector<int>* absorbed, std::vector<int>* kernel_in) const {
+  static const Pattern* rotary = new Pattern(RotaryOps());
+  std::optional<PatternMatch> m = MatchPattern(*rotary, add, view);
+  if (!m) return false;
+  const int x = m->values[kRopeX], cos = m->values[kRopeCos], sin = m->values[kRopeSin];
+  const Shape& xs = shapes.at(NodeOf(steps_[m->named[kRopeHigh]]).inputs(0));
+  if (xs.empty() || xs.back() <= 0 || xs.back() % 2 != 0) return false;
+  const int64_t d = xs.back(), half = d / 2, rank = static_cast<int64_t>(xs.size());
+  auto last_dim = [&](const Node& n) {
+    const int64_t dim = IntAttr(n, "dim", 0);
+    return dim == -1 || dim == rank - 1;
   };
-  if (!is(add, "add", 2)) return false;
-  for (int order = 0; order < 2; ++order) {  // x * cos + rotated * sin, either way round
-    const int plain = producer(steps_[add].in[order]), turned = producer(steps_[add].in[1 - order]);
-    if (!is(plain, "mul", 2) || !is(turned, "mul", 2)) continue;
-    if (only_reader[steps_[plain].out] != add || only_reader[steps_[turned].out] != add) continue;
-    for (int c = 0; c < 2; ++c) {  // which input of each mul is the table
-      const int cat = producer(steps_[turned].in[c]);
-      if (!is(cat, "cat", 2) || only_reader[steps_[cat].out] != turned) continue;
-      const int neg = producer(steps_[cat].in[0]), low = producer(steps_[cat].in[1]);
-      if (!is(neg, "neg", 1) || only_reader[steps_[neg].out] != cat) continue;
-      const int high = producer(steps_[neg].in[0]);
-      if (!is(high, "slice", 1) || !is(low, "slice", 1) || only_reader[steps_[high].out] != neg ||
-          only_reader[steps_[low].out] != cat || steps_[high].in[0] != steps_[low].in[0]) {
-        continue;
-      }
-      const int x = steps_[high].in[0];
-      const int xi = steps_[plain].in[0] == x ? 0 : steps_[plain].in[1] == x ? 1 : -1;
-      if (xi < 0) continue;
-      const Shape& xs = shapes.at(NodeOf(steps_[high]).inputs(0));
-      if (xs.empty() || xs.back() <= 0 || xs.back() % 2 != 0) continue;
-      const int64_t d = xs.back(), half = d / 2, rank = static_cast<int64_t>(xs.size());
-      auto halves = [&](int step, int64_t start, int64_t stop) {
-        const Node& n = NodeOf(steps_[step]);
-        const int64_t dim = IntAttr(n, "dim", 0);
-        return (dim == -1 || dim == rank - 1) && IntAttr(n, "step", 1) == 1 &&
-               IntAttr(n, "start", 0) == start && std::min(IntAttr(n, "stop", INT64_MAX), d) == stop;
-      };
-      const Node& cat_node = NodeOf(steps_[cat]);
-      const int64_t cat_dim = IntAttr(cat_node, "dim", 0);
-      if (!halves(high, half, d) || !halves(low, 0, half) ||
-          (cat_dim != -1 && cat_dim != rank - 1)) {
-        continue;
-      }
-      const int cos = steps_[plain].in[1 - xi], sin = steps_[turned].in[1 - c];
-      if (values_[cos].type != values_[x].type || values_[sin].type != values_[x].type) continue;
-      if (!RotaryTables(xs, shapes.at(NodeOf(steps_[plain]).inputs(1 - xi)),
-                        shapes.at(NodeOf(steps_[turned]).inputs(1 - c)))) {
-        continue;
-      }
-      *absorbed = {plain, turned, cat, neg, high, low};
-      *kernel_in = {x, cos, sin};
-      return true;
-    }
+  auto halves = [&](int slot, int64_t start, int64_t stop) {
+    const Node& n = NodeOf(steps_[m->named[slot]]);
+    return last_dim(n) && IntAttr(n, "step", 1) == 1 && IntAttr(n, "start", 0) == start &&
+           std::min(IntAttr(n, "stop", INT64_MAX), d) == stop;
+  };
+  if (!halves(kRopeHigh, half, d) || !halves(kRopeLow, 0, half) ||
+      !last_dim(NodeOf(steps_[m->named[kRopeCat]]))) {
+    return false;
   }
-  return false;
+  if (values_[cos].type != values_[x].type || values_[sin].type != values_[x].type) return false;
+  // A table's shape: its input of the mul that reads it.
+  auto table = [&](int slot, int v) -> const Shape& {
+    const Step& mul = steps_[m->named[slot]];
+    return shapes.at(NodeOf(mul).inputs(mul.in[1] == v ? 1 : 0));
+  };
+  if (!RotaryTables(xs, table(kRopePlain, cos), table(kRopeTurned, sin))) return false;
+  absorbed->assign(m->steps.begin() + 1, m->steps.end());
+  *kernel_in = {x, cos, sin};
+  return true;
 }
 
 DeviceOp LoweredStage::RmsNormOpOf(const Step& s, const Node& node,
