@@ -142,6 +142,7 @@ absl::Status CommonKey(const std::string& key, const Json& v, OpenAiCommon* c, b
       }
       c->include_usage = o.get<bool>();
     }
+    c->stream_options = true;
     return absl::OkStatus();
   }
   return SamplingKey(key, v, c, handled);
@@ -186,6 +187,9 @@ absl::Status Prompts(const Json& v, std::vector<OpenAiPrompt>* prompts) {
 
 absl::Status CheckCommon(const OpenAiCommon& c, size_t prompts) {
   if (c.model.empty()) return absl::InvalidArgumentError("\"model\" is missing");
+  if (c.stream_options && !c.stream) {  // as OpenAI and vLLM: not silently unused
+    return absl::InvalidArgumentError("\"stream_options\" is only taken with \"stream\": true");
+  }
   if (prompts * c.n > kMaxChoices) {
     return absl::InvalidArgumentError(absl::StrCat(
         prompts, " prompts x n = ", c.n, " asks for more than ", kMaxChoices, " choices"));

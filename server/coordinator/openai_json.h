@@ -27,6 +27,7 @@ struct OpenAiCommon {
   int n = 1;                // choices per prompt
   bool stream = false;
   bool include_usage = false;  // stream_options.include_usage
+  bool stream_options = false;  // given (only with stream: true)
   std::vector<std::string> stop;
 };
 

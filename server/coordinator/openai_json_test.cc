@@ -77,6 +77,8 @@ TEST(OpenAiJsonTest, BadRequestsNameTheKey) {
       {R"({"model": "m", "prompt": ["a", "b"], "n": 40})", "2 prompts x n = 40"},
       {R"({"model": "m", "prompt": "x", "stream": 1})", "\"stream\" must be true or false"},
       {R"({"model": "m", "prompt": "x", "stream_options": {"x": 1}})", "include_usage"},
+      {R"({"model": "m", "prompt": "x", "stream_options": {"include_usage": true}})",
+       "only taken with \"stream\": true"},
       {R"({"model": "m", "prompt": "x", "seed": 1.5})", "\"seed\" must be an integer"},
       {R"({"prompt": "x"})", "\"model\" is missing"},
       {R"({"model": "m"})", "\"prompt\" is missing"},
