@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -228,6 +229,29 @@ TEST_F(CpuOpsConformance, IntegerDivisionByZeroIsAnError) {
   absl::StatusOr<Tensor> out = RunCpuOp(n, {&a, &b}, {2}, DT_INT64, Tensor());
   EXPECT_EQ(out.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(out.status().message(), HasSubstr("integer division by zero"));
+}
+
+// Regression: the lowest int64 (int32) divided by -1 trapped (SIGFPE) and
+// took the stage server down; it wraps to itself, as numpy and a GPU give.
+TEST_F(CpuOpsConformance, TheLowestIntegerDividedByMinusOneWrapsInsteadOfTrapping) {
+  const int64_t low = std::numeric_limits<int64_t>::min();
+  Tensor a = Make({3}, DT_INT64, {static_cast<double>(low), 6, -7});
+  a.data_as<int64_t>()[0] = low;  // exactly (through a double it is too)
+  Tensor b = Make({3}, DT_INT64, {-1, -1, -1});
+  for (const char* op : {"div", "floordiv"}) {
+    absl::StatusOr<Tensor> out = RunCpuOp(MakeNode(op), {&a, &b}, {3}, DT_INT64, Tensor());
+    ASSERT_TRUE(out.ok()) << op << out.status();
+    EXPECT_EQ(out->data_as<int64_t>()[0], low) << op;
+    EXPECT_EQ(out->data_as<int64_t>()[1], -6) << op;
+    EXPECT_EQ(out->data_as<int64_t>()[2], 7) << op;
+  }
+  Tensor c = Make({1}, DT_INT32, {0});
+  c.data_as<int32_t>()[0] = std::numeric_limits<int32_t>::min();
+  Node scalar = MakeNode("floordiv");
+  (*scalar.mutable_attrs())["scalar"].set_f(-1);
+  absl::StatusOr<Tensor> out = RunCpuOp(scalar, {&c}, {1}, DT_INT32, Tensor());
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ(out->data_as<int32_t>()[0], std::numeric_limits<int32_t>::min());
 }
 
 TEST_F(CpuOpsConformance, SoftmaxLayerNormAndReductions) {

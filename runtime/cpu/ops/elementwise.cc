@@ -168,6 +168,14 @@ void FloatDivisionT(BinOp op, const Pair<T>& p, const Node& node, T* o) {
   }
 }
 
+// x / -1 as -x, wrapping (the lowest value stays itself, as numpy and a
+// GPU give): the CPU's divide traps on lowest / -1, which took the whole
+// stage server down.
+template <typename T>
+T Negated(T x) {
+  return static_cast<T>(T{0} - static_cast<std::make_unsigned_t<T>>(x));
+}
+
 // Integer div and floor division (Python's), refusing a zero divisor
 // among the nb values of the divisor, and pow.
 template <typename T>
@@ -179,9 +187,12 @@ absl::Status IntDivisionT(BinOp op, const Pair<T>& p, const Node& node, int64_t 
   for (int64_t i = 0; i < nb; ++i) {
     if (p.b[i] == 0) return Bad(absl::StrCat("integer division by zero in ", node.op()));
   }
-  if (op == BinOp::kDiv) p.Each(o, [](T x, T y) { return static_cast<T>(x / y); });
+  if (op == BinOp::kDiv) {
+    p.Each(o, [](T x, T y) { return y == -1 ? Negated(x) : static_cast<T>(x / y); });
+  }
   if (op == BinOp::kFloorDiv) {
     p.Each(o, [](T x, T y) {  // Python floor division
+      if (y == -1) return Negated(x);
       T q = static_cast<T>(x / y);
       if ((x % y != 0) && ((x < 0) != (y < 0))) --q;
       return q;
