@@ -310,6 +310,10 @@ InferResult InferReshape(const Node& node, const Shapes& in) {
       unknown = true;
     } else if (shape[i] < 0) {
       return Bad(absl::StrCat("reshape: invalid size ", shape[i]));
+    } else if (shape[i] > 0 && product > static_cast<int64_t>(kMaxElements) / shape[i]) {
+      // Unchecked, [2^62 + 1, 4] wrapped to 4 elements: a view of 4 read
+      // as 2^64.
+      return Bad(absl::StrCat("reshape to ", absl::StrJoin(shape, ","), ": more than 2^62 elements"));
     } else {
       product *= shape[i];
     }

@@ -206,9 +206,21 @@ class ShapeWalk {
       }
     }
     for (int k = 0; k < node.outputs_size(); ++k) {
+      RETURN_IF_ERROR(CheckInferred(node, out_shapes[k]));
       (*shapes)[node.outputs(k)] = out_shapes[k];
       (*types)[node.outputs(k)] = out_type;
     }
+    return absl::OkStatus();
+  }
+
+  // An inferred shape within kMaxRank dims and kMaxElements elements (a
+  // free dim counted as 1), as a tensor of it must be: a chain of 100,000
+  // unsqueezes (a 4.7 MB upload) held 5e9 dims, and a reshape whose size
+  // overflowed read far past its input.
+  static absl::Status CheckInferred(const Node& node, Shape shape) {
+    for (int64_t& d : shape) d = std::max<int64_t>(d, 1);
+    absl::StatusOr<uint64_t> n = CheckedElementCount(shape);
+    if (!n.ok()) return Invalid(NodeLabel(node), ": its output ", n.status().message());
     return absl::OkStatus();
   }
 

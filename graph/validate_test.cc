@@ -207,5 +207,31 @@ TEST(ValidateTest, InputShapeWhoseSizeOverflowsIsInvalid) {
   ExpectInvalid(b.graph(), "input \"x\": shape [1,1099511627776,1099511627776] has more than 2^62 elements");
 }
 
+// Regression: the reshape's size product wrapped ([2^62 + 1, 4] to 4
+// elements), so a hostile upload's view of 4 floats was read as 2^64 (a
+// select at 2^40 then read 16 TiB past it on the stage server).
+TEST(ValidateTest, AReshapeWhoseSizesOverflowIsInvalid) {
+  GraphBuilder b;
+  b.Input("x", {4});
+  b.Op("reshape", {"x"}, "r", "", {{"shape", AttrInts({(int64_t{1} << 62) + 1, 4})}})
+      .Output("r");
+  ExpectInvalid(b.graph(), "node \"r\" (reshape): reshape to 4611686018427387905,4: more than 2^62");
+}
+
+// Regression: nothing bounded an inferred shape's rank, so a chain of
+// 100,000 unsqueezes (a 4.7 MB upload) made validation hold 5e9 dims.
+TEST(ValidateTest, AnInferredShapeBeyondTheRankLimitIsInvalid) {
+  GraphBuilder b;
+  b.Input("x", {-1, 2});
+  std::string at = "x";
+  for (int i = 0; i < 40; ++i) {
+    const std::string next = absl::StrCat("u", i);
+    b.Op("unsqueeze", {at}, next, "", {{"dim", AttrI(0)}});
+    at = next;
+  }
+  b.Output(at);
+  ExpectInvalid(b.graph(), "node \"u30\" (unsqueeze): its output shape has 33 dimensions");
+}
+
 }  // namespace
 }  // namespace pipeserve

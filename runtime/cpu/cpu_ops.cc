@@ -65,7 +65,14 @@ absl::StatusOr<Tensor> RunFloat32(const Node& node, const std::vector<const Tens
     int d = *NormalizeDim(IntAttr(node, "dim", 0), x.rank());
     return Tensor::Scalar(x.rank() == 0 ? 1 : x.dim(d));
   }
-  if (IsViewOrSize(op)) return x.Reshaped(out_shape);
+  if (IsViewOrSize(op)) {
+    absl::StatusOr<uint64_t> n = CheckedElementCount(out_shape);  // a view reads no more
+    if (!n.ok() || *n != static_cast<uint64_t>(x.numel())) {
+      return Bad(absl::StrCat(op, " of ", ShapeToString(x.shape()), " to ",
+                              ShapeToString(out_shape), ": element counts differ"));
+    }
+    return x.Reshaped(out_shape);
+  }
   auto kernel = Kernels().kernels.find(op);
   if (kernel == Kernels().kernels.end()) {
     return Bad(absl::StrCat("no CPU kernel for op \"", op, "\""));
