@@ -158,6 +158,35 @@ class TransformerServingTest(unittest.TestCase):
         for out, ref in zip(outs, Ops()(x, y)):
             self.assertLess(rel_err(out, ref.numpy()), 1e-6)
 
+    def test_an_int_index_before_other_indices_takes_the_right_dims(self):
+        # Regression: each index after an int was moved one dim left twice
+        # (x[:, 0, :, 0] read x[:, 0, 0, :]), silently.
+        class Index(torch.nn.Module):
+            def forward(self, x):
+                return x[:, 0, :, 0], x[:, 1, :, 1:], x[:, 0, None], x[:, 2, ..., :3]
+        path = os.path.join(self.tmp, "index.psm")
+        pipeserve.export(Index(), (torch.randn(2, 3, 4, 5),), path)
+        self.client.upload("index", path)
+        x = torch.randn(3, 3, 4, 5)
+        outs = self.client.infer("index", {"x": x.numpy()})
+        for out, ref in zip(outs, Index()(x)):
+            self.assertEqual(out.shape, tuple(ref.shape))
+            np.testing.assert_array_equal(out, ref.numpy())
+
+    def test_bool_sums_and_products_are_logical(self):
+        # Regression: bool + bool stored 2 (and a & b of bools still works).
+        class Bools(torch.nn.Module):
+            def forward(self, a):
+                p, q = a > 0, a > -1
+                return (p + q).float(), (p * q).float(), (p & q).float(), (~p | q).float()
+        path = os.path.join(self.tmp, "bools.psm")
+        pipeserve.export(Bools(), (torch.randn(2, 6),), path)
+        self.client.upload("bools", path)
+        a = torch.randn(3, 6)
+        outs = self.client.infer("bools", {"a": a.numpy()})
+        for out, ref in zip(outs, Bools()(a)):
+            np.testing.assert_array_equal(out, ref.numpy())
+
     def test_bfloat16_model_is_half_the_size_and_close_to_float32(self):
         fp32, fp32_path, _, input_name = self.export("gpt2", tag="_fp32")
         bf16, bf16_path, _, _ = self.export("gpt2", dtype=torch.bfloat16, tag="_bf16")
@@ -218,6 +247,37 @@ def _scratch():
 
 
 class TransformerExportTest(unittest.TestCase):
+    def test_bitwise_ops_on_integers_and_embedding_max_norm_are_refused(self):
+        # Regression: x & 3 on int64 exported as a logical and (a bool
+        # answer), and F.embedding's max_norm was dropped.
+        class Bitwise(torch.nn.Module):
+            def __init__(self, op):
+                super().__init__()
+                self.op = op
+
+            def forward(self, x):
+                return self.op(x.long()).float()
+
+        for op in (lambda x: x & 3, lambda x: x | 8, lambda x: ~x):
+            with self.assertRaises(pipeserve.ExportError) as e:
+                pipeserve.export(Bitwise(op), (torch.randn(2, 4),),
+                                 os.path.join(_scratch(), "bitwise.psm"))
+            self.assertIn("bitwise", str(e.exception))
+            self.assertIn("torch.int64", str(e.exception))
+
+        class MaxNorm(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.w = torch.nn.Parameter(torch.randn(10, 4))
+
+            def forward(self, ids):
+                return torch.nn.functional.embedding(ids, self.w, max_norm=1.0)
+
+        with self.assertRaises(pipeserve.ExportError) as e:
+            pipeserve.export(MaxNorm(), (torch.tensor([[1, 2]]),),
+                             os.path.join(_scratch(), "max_norm.psm"))
+        self.assertIn("max_norm", str(e.exception))
+
     def test_unsupported_module_is_named_with_its_path(self):
         model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GRU(4, 4)).eval()
         with self.assertRaises(pipeserve.ExportError) as e:

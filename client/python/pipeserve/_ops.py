@@ -172,6 +172,8 @@ class OpConverter:
 
     def _binary(self, node, display, path, op, a, b):
         out = _result_dtype(node)
+        if out == torch.bool and op in ("add", "mul"):  # PyTorch's bool + is or, * is and
+            op = "logical_or" if op == "add" else "logical_and"
         compare = op in ("eq", "ne", "lt", "le", "gt", "ge", "logical_and",
                          "logical_or")
         if compare:
@@ -269,7 +271,9 @@ class OpConverter:
         explicit = sum(1 for i in items if i is not None and i is not Ellipsis)
         value = self._tensor(x, display, path)
         dtype = self._dtype[value]
-        steps = []  # (op, args) applied in order
+        # (op, args) applied in order, each dim counted in the tensor the
+        # steps before it leave (a select's dim is gone: d stays).
+        steps = []
         d = 0
         for item in items:
             if item is None:
@@ -307,16 +311,6 @@ class OpConverter:
                 dim, index = a
                 value = self._emit("select", [value], {"dim": dim, "index": index},
                                    fx=fx, path=path, dtype=dtype)
-                # Later dims shift left by one.
-                steps[i + 1:] = [(o, self._shift(o, b, dim)) for o, b in steps[i + 1:]]
-
-    @staticmethod
-    def _shift(op, a, removed):
-        if op == "unsqueeze":
-            return a - 1 if a > removed else a
-        if op == "slice":
-            return (a[0] - 1 if a[0] > removed else a[0],) + tuple(a[1:])
-        return (a[0] - 1 if a[0] > removed else a[0], a[1])
 
     def _split(self, node, display, path, x, sizes, dim):
         ex = _result(x)
@@ -538,9 +532,17 @@ def _register_binary(fn, meth):
     for name, op in (("add", "add"), ("sub", "sub"), ("mul", "mul"),
                      ("truediv", "div"), ("floordiv", "floordiv"),
                      ("pow", "pow"), ("eq", "eq"), ("ne", "ne"), ("lt", "lt"),
-                     ("le", "le"), ("gt", "gt"), ("ge", "ge"),
-                     ("and_", "logical_and"), ("or_", "logical_or")):
+                     ("le", "le"), ("gt", "gt"), ("ge", "ge")):
         fn[getattr(operator, name)] = binary(op, ("a", "b"))
+
+    def bitwise(op, names):  # &, |: logical on bool, unsupported on integers
+        def body(self, node, display, path, b):
+            for arg in (b[n] for n in names):
+                _check_bool_operand(self, arg, display, path)
+            self._binary(node, display, path, op, b[names[0]], b[names[1]])
+        return _bound([(n, R) for n in names], body)
+    fn[operator.and_] = bitwise("logical_and", ("a", "b"))
+    fn[operator.or_] = bitwise("logical_or", ("a", "b"))
     for name, op, alpha in (("add", "add", True), ("sub", "sub", True),
                             ("mul", "mul", False), ("pow", "pow", False),
                             ("eq", "eq", False), ("ne", "ne", False),
@@ -553,8 +555,8 @@ def _register_binary(fn, meth):
                             ("floor_divide", "floordiv", False)):
         fn[getattr(torch, name)] = binary(op, ("input", "other"), alpha)
         meth[name] = binary(op, ("self", "other"), alpha)
-    meth["__and__"] = binary("logical_and", ("self", "other"))
-    meth["__or__"] = binary("logical_or", ("self", "other"))
+    meth["__and__"] = bitwise("logical_and", ("self", "other"))
+    meth["__or__"] = bitwise("logical_or", ("self", "other"))
     meth["masked_fill"] = _bound([("self", R), ("mask", R), ("value", R)],
                                 lambda self, n, d, p, b: self._where(
                                     n, d, p, b["mask"], b["value"], b["self"]))
@@ -580,6 +582,15 @@ def _register_binary(fn, meth):
                                      n, d, p, "div", b["other"], b["self"]))
 
 
+def _check_bool_operand(self, arg, display, path):
+    """Refuses a bitwise op's operand that is not bool: on integers &, | and
+    ~ are bitwise, which the graph's logical ops are not."""
+    dtype = torch.bool if isinstance(arg, bool) else self._operand_dtype(arg, None)
+    if dtype != torch.bool:
+        raise _ex.ExportError(f"unsupported bitwise {display} on {dtype} at module path "
+                              f"'{path}' (only on bool tensors, where it is logical)")
+
+
 def _register_unary(fn, meth):
     """Elementwise ops of one operand, and no-ops."""
     R = _ex._REQUIRED
@@ -596,8 +607,14 @@ def _register_unary(fn, meth):
         fn[getattr(torch, name)] = unary(name)
         meth[name] = unary(name, "self")
     fn[operator.neg] = unary("neg", "a")
-    fn[operator.invert] = unary("logical_not", "a")
-    meth["__invert__"] = unary("logical_not", "self")
+
+    def invert(first):  # ~: logical not on bool, unsupported on integers
+        def body(self, node, display, path, b):
+            _check_bool_operand(self, b[first], display, path)
+            self._unary(node, display, path, "logical_not", b[first])
+        return _bound([(first, R)], body)
+    fn[operator.invert] = invert("a")
+    meth["__invert__"] = invert("self")
     fn[F.relu] = unary("relu", extra=[("inplace", False)])
     fn[F.silu] = unary("silu", extra=[("inplace", False)])
     fn[F.sigmoid] = unary("sigmoid")
@@ -709,6 +726,8 @@ def _register_norms(fn, meth):
                                  b["weight"], b["bias"], b["eps"]))
 
     def embedding(self, node, display, path, b):
+        if b["max_norm"] is not None:  # as nn.Embedding's: it renormalises weight rows in place
+            raise _ex.ExportError(f"unsupported {display} with max_norm at '{path}'")
         ids = self._tensor(b["input"], display, path)
         w = self._tensor(b["weight"], display, path)
         self._emit("embedding", [ids, w], {}, fx=node, path=path)
