@@ -173,6 +173,28 @@ class TransformerServingTest(unittest.TestCase):
             self.assertEqual(out.shape, tuple(ref.shape))
             np.testing.assert_array_equal(out, ref.numpy())
 
+    def test_squeeze_without_a_dim_keeps_the_batch_of_one_row(self):
+        # squeeze() exports the dims of size 1 in every example, never the
+        # batch: a microbatch of one row (a batch of 5 in 4 microbatches)
+        # keeps it. (The graph's shape rule kept it before too.)
+        class Squeeze(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = torch.nn.Linear(8, 1)
+
+            def forward(self, x):
+                return self.lin(x).squeeze()
+        model = Squeeze().eval()
+        path = os.path.join(self.tmp, "squeeze.psm")
+        pipeserve.export(model, (torch.randn(4, 8),), path)
+        self.client.upload("squeeze", path)
+        x = torch.randn(5, 8)
+        (out,) = self.client.infer("squeeze", {"x": x.numpy()})
+        with torch.no_grad():
+            ref = model(x).numpy()
+        self.assertEqual(out.shape, ref.shape)
+        self.assertLess(rel_err(out, ref), 1e-6)
+
     def test_bool_sums_and_products_are_logical(self):
         # Regression: bool + bool stored 2 (and a & b of bools still works).
         class Bools(torch.nn.Module):
@@ -247,6 +269,33 @@ def _scratch():
 
 
 class TransformerExportTest(unittest.TestCase):
+    def test_outputs_the_server_would_split_wrong_are_refused(self):
+        # Regression: the server splits requests into microbatches and
+        # merges them by rows of dim 0; these exported silently and were
+        # answered per microbatch (x.mean(0): the first microbatch's mean),
+        # mixed across rows, or failed every request.
+        class Out(torch.nn.Module):
+            def __init__(self, f):
+                super().__init__()
+                self.f = f
+                self.lin = torch.nn.Linear(8, 8)
+
+            def forward(self, x):
+                return self.f(self.lin(x))
+
+        cases = [(lambda h: h.mean(0), "depends on the batch rows"),
+                 (lambda h: h - h.mean(0, keepdim=True), "mixes rows of the batch"),
+                 (lambda h: h.reshape(-1, 4), "one output row per input row"),
+                 (lambda h: h.t(), "one output row per input row")]
+        for f, why in cases:
+            with self.assertRaises(pipeserve.ExportError) as e:
+                pipeserve.export(Out(f), (torch.randn(4, 8),), os.path.join(_scratch(), "o.psm"))
+            self.assertIn(why, str(e.exception))
+        encoder = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0).eval()  # [T, B, D]
+        with self.assertRaises(pipeserve.ExportError) as e:
+            pipeserve.export(encoder, (torch.randn(6, 2, 8),), os.path.join(_scratch(), "e.psm"))
+        self.assertIn("batch_first=False", str(e.exception))
+
     def test_bitwise_ops_on_integers_and_embedding_max_norm_are_refused(self):
         # Regression: x & 3 on int64 exported as a logical and (a bool
         # answer), and F.embedding's max_norm was dropped.

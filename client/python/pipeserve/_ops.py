@@ -820,8 +820,13 @@ def _register_squeezes(fn, meth):
 
     def squeeze(first):
         def body(self, node, display, path, b):
-            rank = _result(b[first]).dim()
-            dims = (list(range(rank)) if b["dim"] is None else [b["dim"] % rank])
+            x = b[first]
+            rank = _result(x).dim()
+            if b["dim"] is None:  # the dims of size 1 in every example: never the batch
+                examples = x.meta["ex"] if isinstance(x, torch.fx.Node) else [x]
+                dims = [d for d in range(rank) if all(e.shape[d] == 1 for e in examples)]
+            else:
+                dims = [b["dim"] % rank]
             self._emit("squeeze", [self._tensor(b[first], display, path)],
                        {"dims": dims}, fx=node, path=path)
         return _bound([(first, R), ("dim", None)], body)

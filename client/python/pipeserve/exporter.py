@@ -875,6 +875,7 @@ class _Converter(OpConverter):
                 raise ExportError(f"forward returns '{v.name}', a "
                                   f"{type(v.meta['ex'][0]).__name__}; only "
                                   "tensors can be model outputs")
+            _check_rows(v)
             name = self._use(v, "")
             if v.op == "placeholder":
                 # Every output must be made by a node, even an input returned
@@ -886,6 +887,48 @@ class _Converter(OpConverter):
                     identity_of[name] = out
                 name = identity_of[name]
             self._graph.outputs.append(name)
+
+
+def _close(a, b):
+    """Whether two examples of a value agree, to within what computing a
+    row in a batch of another size may change (GEMMs block differently)."""
+    if a.shape != b.shape:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    tol = 1e-4 if a.dtype in (torch.float32, torch.float64) else 3e-2
+    a, b = a.double(), b.double()
+    finite = a[torch.isfinite(a)]
+    scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
+    return torch.allclose(a, b, rtol=tol, atol=tol * 0.1 * scale, equal_nan=True)
+
+
+def _check_rows(node):
+    """Refuses an output the server would answer wrong. It splits a request
+    into microbatches by rows of dim 0 (the batch) and merges requests the
+    same way, so a batched output's row i must come from input row i alone,
+    one row each, and an output without the batch dim from no row. Variant
+    1 of the examples has one more batch row, a copy of row 0 (_grow)."""
+    e0, e1 = node.meta["ex"][0], node.meta["ex"][1]
+    where = f"output '{node.name}'"
+    if e0.shape == e1.shape:
+        if not _close(e0, e1):
+            raise ExportError(
+                f"{where} has no batch dimension but depends on the batch rows (a reduction "
+                "or transpose over dim 0?): the server splits and merges requests by rows of "
+                "dim 0, so it would answer each microbatch's; keep dim 0 the batch")
+        return
+    rows = e0.shape[0] if e0.dim() else 0
+    if e0.dim() == 0 or e1.shape[0] != rows + 1 or e1.shape[1:] != e0.shape[1:]:
+        raise ExportError(
+            f"{where} is {tuple(e0.shape)} for the example's batch and {tuple(e1.shape)} for "
+            "one row more: the server needs one output row per input row along dim 0 (keep "
+            "the batch dimension first, e.g. reshape to (B, -1, D))")
+    if not (_close(e1[:rows], e0) and _close(e1[rows:], e0[:1])):
+        raise ExportError(
+            f"{where} mixes rows of the batch (dim 0): its row i must come from input row i "
+            "alone, as the server splits and merges requests by rows (batch_first=False? "
+            "put the batch first)")
 
 
 def _count_stages(graph, split_spec, root):
