@@ -368,6 +368,19 @@ class TransformerExportTest(unittest.TestCase):
         self.assertTrue(any(n.op == "slice" and "stop_from" in n.attrs
                             for n in graph.nodes))
 
+    def test_control_flow_on_a_run_time_size_is_decided_with_a_warning(self):
+        # Regression: `if T > 4:` on a free length was decided for the
+        # examples (T = 2, 3) without a word; a request of T = 8 then ran
+        # the branch not taken in eager.
+        class Crop(torch.nn.Module):
+            def forward(self, ids):
+                if ids.size(1) > 4:
+                    ids = ids[:, -4:]
+                return ids * 2
+        with self.assertWarnsRegex(UserWarning, "decided as in the examples"):
+            pipeserve.export(Crop(), (torch.ones(2, 2, dtype=torch.long),),
+                             os.path.join(_scratch(), "crop.psm"), dynamic_dims={"ids": [1]})
+
     def test_without_dynamic_dims_the_sequence_length_is_fixed(self):
         model = transformers.make("gpt2")
         path = os.path.join(_scratch(), "g.psm")

@@ -53,6 +53,7 @@ import enum
 import inspect
 import numbers
 import operator
+import warnings
 
 import torch
 import torch.fx
@@ -386,6 +387,11 @@ class _ExProxy(torch.fx.Proxy):
         # block_size`) is decided while tracing; on tensors it is not.
         ex = self._ex()
         if all(isinstance(e, (bool, int)) for e in ex) and len(set(map(bool, ex))) == 1:
+            if _reads_run_time_size(self.node):
+                warnings.warn(
+                    f"control flow on a size known only at run time ('{self.node.name}') is "
+                    f"decided as in the examples ({bool(ex[0])}): a request for which it "
+                    "goes the other way runs this branch all the same", stacklevel=2)
             return bool(ex[0])
         raise ExportError(f"control flow depends on a traced value "
                           f"('{self.node.name}'), which only the run knows")
@@ -393,6 +399,18 @@ class _ExProxy(torch.fx.Proxy):
     def __index__(self):
         raise ExportError(f"a size known only at run time ('{self.node.name}') "
                           "is used as a Python int (range(), list index, ...)")
+
+
+def _reads_run_time_size(node):
+    """Whether a traced value's node reads one that differs between the
+    examples (a free size), so the value is decided for the examples only."""
+    seen = []
+    torch.fx.node.map_arg((node.args, node.kwargs), seen.append)
+    for n in seen:
+        ex = n.meta.get("ex")
+        if ex and all(isinstance(e, (bool, int)) for e in ex) and len(set(ex)) > 1:
+            return True
+    return False
 
 
 # Module.__getattr__ and __call__ as they are outside tracing: FX patches
