@@ -681,11 +681,10 @@ absl::StatusOr<std::vector<Tensor>> Deployment::InferDirect(const std::vector<Te
   r.trace = options.trace;
   r.home = options.lane < replicas_ ? options.lane : -1;
   if (batch == 0) {
-    // Nothing to compute for outputs that follow the batch.
-    if (std::all_of(output_batched_.begin(), output_batched_.end(), [](bool b) { return b; })) {
-      return EmptyOutputs();
-    }
-    r.microbatches.push_back(inputs);  // one empty microbatch makes the rest
+    // One empty microbatch: the stages make the outputs, with their types
+    // and the sizes of other free dims (zeros made here were float32, and
+    // every free dim 0).
+    r.microbatches.push_back(inputs);
   } else {
     ASSIGN_OR_RETURN(r.microbatches, SplitMicrobatches(inputs, input_batched_,
                                                        chunks > 0 ? chunks : microbatches_));
@@ -701,16 +700,6 @@ absl::StatusOr<std::vector<Tensor>> Deployment::InferDirect(const std::vector<Te
   }
   const absl::Status ended = SendAll(r);
   return Conclude(r, ended);
-}
-
-std::vector<Tensor> Deployment::EmptyOutputs() const {
-  std::vector<Tensor> empty;
-  for (const ValueSpec& out : plan_->outputs()) {
-    Shape s(out.shape().begin(), out.shape().end());
-    for (int64_t& d : s) d = std::max<int64_t>(d, 0);
-    empty.push_back(Tensor::Zeros(s));
-  }
-  return empty;
 }
 
 std::vector<int64_t> Deployment::MicrobatchRows(

@@ -303,8 +303,6 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   // kUnavailable when the deployment takes no new request (retired,
   // closing, not READY), naming why.
   absl::Status CheckServing() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The outputs of a batch of 0 rows (every output follows the batch).
-  std::vector<Tensor> EmptyOutputs() const;
   // Each microbatch's batch rows (-1: none).
   std::vector<int64_t> MicrobatchRows(const std::vector<std::vector<Tensor>>& microbatches) const;
   // Sends every microbatch of `r` (again, when a lane breaks) until the

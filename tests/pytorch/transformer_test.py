@@ -195,6 +195,19 @@ class TransformerServingTest(unittest.TestCase):
         self.assertEqual(out.shape, ref.shape)
         self.assertLess(rel_err(out, ref), 1e-6)
 
+    def test_a_batch_of_zero_rows_keeps_the_outputs_types_and_sizes(self):
+        # Regression: a batch of 0 rows was answered with float32 zeros and
+        # every free dim 0, whatever the outputs' types and lengths.
+        class Mask(torch.nn.Module):
+            def forward(self, x):
+                return x > 0, x.long()
+        path = os.path.join(self.tmp, "mask.psm")
+        pipeserve.export(Mask(), (torch.randn(2, 3, 4),), path, dynamic_dims={"x": [1]})
+        self.client.upload("mask", path)
+        outs = self.client.infer("mask", {"x": np.zeros((0, 5, 4), np.float32)})
+        self.assertEqual([(o.dtype, o.shape) for o in outs],
+                         [(np.bool_, (0, 5, 4)), (np.int64, (0, 5, 4))])
+
     def test_bool_sums_and_products_are_logical(self):
         # Regression: bool + bool stored 2 (and a & b of bools still works).
         class Bools(torch.nn.Module):
