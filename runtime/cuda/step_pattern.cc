@@ -3,12 +3,22 @@
 #include <cmath>
 #include <utility>
 
+#include "graph/dtype.h"
 #include "graph/op_schema.h"
 
 namespace pipeserve {
 namespace {
 
 using Matches = std::vector<PatternMatch>;
+
+// Whether a node's scalar is the constant c: within 1e-6 of it, or c
+// rounded to bfloat16 or float16 (the exporter rounds a number as PyTorch
+// does for a 16-bit tensor).
+bool IsConstant(double scalar, double c) {
+  const float f = static_cast<float>(c);
+  return std::fabs(scalar - c) <= 1e-6 * std::fabs(c) ||
+         scalar == Bf16ToFloat(FloatToBf16(f)) || scalar == HalfToFloat(FloatToHalf(f));
+}
 
 bool OperandsFit(const Pattern& p, const Node& n) {
   switch (p.operands) {
@@ -17,8 +27,7 @@ bool OperandsFit(const Pattern& p, const Node& n) {
     case Pattern::Operands::kAnyScalar:
       return HasScalarOperand(n);
     case Pattern::Operands::kScalar:
-      return HasScalarOperand(n) &&
-             std::fabs(FloatAttr(n, "scalar", 0) - p.scalar) <= 1e-6 * std::fabs(p.scalar);
+      return HasScalarOperand(n) && IsConstant(FloatAttr(n, "scalar", 0), p.scalar);
   }
   return false;
 }

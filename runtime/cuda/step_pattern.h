@@ -34,7 +34,9 @@ struct Pattern {
   int leaf = -1;   // a leaf's slot in PatternMatch::values
   std::vector<Pattern> in;
   Operands operands = Operands::kTensors;
-  double scalar = 0;      // kScalar's constant (within 1e-6 of it, relative)
+  // kScalar's constant: within 1e-6 of it (relative), or it rounded to a
+  // 16-bit float type.
+  double scalar = 0;
   bool commutes = false;  // two inputs, either way round
   std::function<bool(const Node&)> check;
   int name = -1;  // its step's slot in PatternMatch::named

@@ -71,6 +71,13 @@ TEST(StepPatternTest, ACommutingOpMatchesEitherOrderAndALeafKeepsItsValue) {
   EXPECT_FALSE(MatchPattern(Commuting("add", Scalar("mul", Leaf(kX), 3.0), Leaf(kY)), add,
                             s.View()));
   EXPECT_FALSE(MatchPattern(p, add, s.View({true})));
+  // The constant rounded to bfloat16, as the exporter writes it for a
+  // 16-bit tensor (0.044715 is 0.044677734375 there).
+  Steps r(5);
+  r.Add("mul", {0}, 3, 0.044677734375);
+  const int sum = r.Add("add", {1, 3}, 4);
+  EXPECT_TRUE(MatchPattern(Commuting("add", Scalar("mul", Leaf(kX), 0.044715), Leaf(kY)), sum,
+                           r.View()));
 }
 
 TEST(StepPatternTest, ALeafSeenTwiceIsOneValueAcrossBacktracking) {

@@ -208,6 +208,22 @@ class TransformerServingTest(unittest.TestCase):
         self.assertEqual([(o.dtype, o.shape) for o in outs],
                          [(np.bool_, (0, 5, 4)), (np.int64, (0, 5, 4))])
 
+    def test_bfloat16_ops_with_python_numbers_match_eager_exactly(self):
+        # Regression: PyTorch rounds a Python number to the tensor's 16-bit
+        # type; the graph kept it exact, so x * 0.1 was one bf16 ulp off on
+        # a fifth of the values, and x > 0.1 flipped at x = bf16(0.1).
+        class Scaled(torch.nn.Module):
+            def forward(self, x):
+                return x * 0.1, x + 0.7071, (x > 0.1).float()
+        path = os.path.join(self.tmp, "scaled.psm")
+        pipeserve.export(Scaled(), (torch.randn(2, 64).to(torch.bfloat16),), path)
+        self.client.upload("scaled", path)
+        x = torch.randn(256, 64).to(torch.bfloat16)
+        x[0, 0] = 0.1
+        outs = self.client.infer("scaled", {"x": x})
+        for out, ref in zip(outs, Scaled()(x)):  # bf16 comes back widened: exact
+            np.testing.assert_array_equal(out, ref.float().numpy())
+
     def test_bool_sums_and_products_are_logical(self):
         # Regression: bool + bool stored 2 (and a & b of bools still works).
         class Bools(torch.nn.Module):

@@ -185,6 +185,8 @@ class OpConverter:
         if _is_number(a) or _is_number(b):
             scalar, other = (a, b) if _is_number(a) else (b, a)
             x = self._cast(self._tensor(other, display, path), common, path)
+            if common in (torch.bfloat16, torch.float16):  # as PyTorch takes it: rounded
+                scalar = float(torch.tensor(float(scalar), dtype=common))
             attrs = {"scalar": float(scalar)}
             if _is_number(a):
                 attrs["reverse"] = 1
