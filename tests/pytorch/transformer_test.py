@@ -397,6 +397,34 @@ class TransformerExportTest(unittest.TestCase):
         self.assertTrue(any(n.op == "slice" and "stop_from" in n.attrs
                             for n in graph.nodes))
 
+    def test_in_place_writes_through_other_names_are_refused(self):
+        # Regression: y = x; y += 1 traced as x + 1 beside the unchanged x,
+        # and relu_(inplace) through a view left the viewed value as it was:
+        # both exported and answered differently from eager.
+        class Alias(torch.nn.Module):
+            def forward(self, x):
+                y = x
+                y += 1
+                return x + y
+
+        class ThroughView(torch.nn.Module):
+            def forward(self, x):
+                h = x.view(-1, 8)
+                torch.nn.functional.relu(h, inplace=True)
+                return x * 2
+
+        for model in (Alias(), ThroughView()):
+            with self.assertRaises(pipeserve.ExportError) as e:
+                pipeserve.export(model, (torch.randn(2, 8),), os.path.join(_scratch(), "i.psm"))
+            self.assertIn("in-place", str(e.exception))
+
+        class Accumulate(torch.nn.Module):  # x += y where nothing reads x again: fine
+            def forward(self, x):
+                h = x * 2
+                h += x
+                return h
+        pipeserve.export(Accumulate(), (torch.randn(2, 8),), os.path.join(_scratch(), "a.psm"))
+
     def test_control_flow_on_a_run_time_size_is_decided_with_a_warning(self):
         # Regression: `if T > 4:` on a free length was decided for the
         # examples (T = 2, 3) without a word; a request of T = 8 then ran

@@ -537,6 +537,14 @@ def _register_binary(fn, meth):
                      ("le", "le"), ("gt", "gt"), ("ge", "ge")):
         fn[getattr(operator, name)] = binary(op, ("a", "b"))
 
+    def inplace(op):  # x += y (exporter's _ExProxy.__iadd__)
+        def body(self, node, display, path, b):
+            self._check_inplace(node, b["a"], display, path)
+            self._binary(node, display, path, op, b["a"], b["b"])
+        return _bound([("a", R), ("b", R)], body)
+    for name, op in (("iadd", "add"), ("isub", "sub"), ("imul", "mul"), ("itruediv", "div")):
+        fn[getattr(operator, name)] = inplace(op)
+
     def bitwise(op, names):  # &, |: logical on bool, unsupported on integers
         def body(self, node, display, path, b):
             for arg in (b[n] for n in names):

@@ -329,6 +329,24 @@ class _ExProxy(torch.fx.Proxy):
     def _ex(self):
         return self.node.meta["ex"]
 
+    # x += y is in place: traced as operator.iadd (Python would fall back
+    # to x + y and lose the write through other names of x), and converted
+    # as the out-of-place op only where nothing reads x again.
+    def _inplace(self, op, other):
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    def __iadd__(self, other):
+        return self._inplace(operator.iadd, other)
+
+    def __isub__(self, other):
+        return self._inplace(operator.isub, other)
+
+    def __imul__(self, other):
+        return self._inplace(operator.imul, other)
+
+    def __itruediv__(self, other):
+        return self._inplace(operator.itruediv, other)
+
     def size(self, dim=None):
         return self.tracer.traced_size(self, dim)
 
@@ -399,6 +417,21 @@ class _ExProxy(torch.fx.Proxy):
     def __index__(self):
         raise ExportError(f"a size known only at run time ('{self.node.name}') "
                           "is used as a Python int (range(), list index, ...)")
+
+
+_VIEWS = {"view", "reshape", "permute", "transpose", "t", "squeeze", "unsqueeze", "flatten",
+          "expand", "narrow", "view_as", "expand_as", "__getitem__", "getitem", "select",
+          "contiguous", "unflatten", "split", "chunk", "unbind", "movedim"}
+
+
+def _viewed(node):
+    """The value a view-making node views (PyTorch's may share storage), or
+    None."""
+    name = getattr(node.target, "__name__", str(node.target))
+    if node.op in ("call_method", "call_function") and name in _VIEWS and node.args:
+        base = node.args[0]
+        return base if isinstance(base, torch.fx.Node) else None
+    return None
 
 
 def _reads_run_time_size(node):
@@ -869,16 +902,19 @@ class _Converter(OpConverter):
 
     def _check_inplace(self, node, x, display, path):
         # An in-place op is the same dataflow as the out-of-place one unless
-        # the overwritten value is read again afterwards, or is a parameter.
-        if not isinstance(x, torch.fx.Node):
+        # the overwritten value is read again afterwards, or is a parameter;
+        # through a view, the same for the values it views.
+        while isinstance(x, torch.fx.Node):
+            later = [u for u in x.users if self._position[u] > self._position[node]]
+            if x.op == "get_attr" or later:
+                break
+            x = _viewed(x)
+        else:
             return
-        later = [u for u in x.users
-                 if self._position[u] > self._position[node]]
-        if x.op == "get_attr" or later:
-            raise ExportError(f"unsupported in-place {display} at module path "
-                              f"'{path}': it overwrites a value that is read "
-                              "again (or a parameter); use the out-of-place "
-                              "form")
+        raise ExportError(f"unsupported in-place {display} at module path "
+                          f"'{path}': it overwrites a value that is read "
+                          "again (or a parameter); use the out-of-place "
+                          "form")
 
     def _convert_output(self, node):
         result = node.args[0]
