@@ -224,6 +224,22 @@ class TransformerServingTest(unittest.TestCase):
         for out, ref in zip(outs, Scaled()(x)):  # bf16 comes back widened: exact
             np.testing.assert_array_equal(out, ref.float().numpy())
 
+    def test_attention_over_values_of_two_types_is_computed_as_written(self):
+        # The fused attention reads q, k and v in one type: a bf16 model
+        # whose scores and values are widened to float32 on the way is not
+        # that pattern (it was taken, reading v's float32 buffer as bf16).
+        class Mixed(torch.nn.Module):
+            def forward(self, q, k, v):
+                p = (q @ k.transpose(-1, -2)).float().softmax(-1)
+                return p @ v.float()
+        x = [torch.randn(2, 4, 6, 8).to(torch.bfloat16) for _ in range(3)]
+        path = os.path.join(self.tmp, "mixed.psm")
+        pipeserve.export(Mixed(), tuple(x), path)
+        self.client.upload("mixed", path)
+        y = [torch.randn(3, 4, 6, 8).to(torch.bfloat16) for _ in range(3)]
+        (out,) = self.client.infer("mixed", {"q": y[0], "k": y[1], "v": y[2]})
+        self.assertLess(rel_err(out, Mixed()(*y).numpy()), 1e-2)
+
     def test_bool_sums_and_products_are_logical(self):
         # Regression: bool + bool stored 2 (and a & b of bools still works).
         class Bools(torch.nn.Module):

@@ -117,7 +117,9 @@ class AttentionMatcher {
   }
 
   // The scores matmul(q, permute(k)) with the permute swapping the last
-  // two dims, q, k and `last`'s v of one rank, q floating point.
+  // two dims, q, k and `last`'s v of one rank, and with `last`'s output of
+  // one floating-point type (the kernel reads and writes that type: a
+  // float32 v beside bf16 q and k was read as bf16).
   bool MatchScores(int s0_slot, const Step& last, AttentionMatch* m) {
     Step* scores = StepOf(s0_slot);
     if (OpOf(scores) != "matmul" || uses_.readers[s0_slot] != 1) return false;
@@ -135,7 +137,11 @@ class AttentionMatcher {
         shapes_.at(last.node->inputs(1)).size() != kshape.size()) {
       return false;
     }
-    if (!IsFloatingPoint(types_.at(scores->node->inputs(0)))) return false;
+    const DataType t = types_.at(scores->node->inputs(0));
+    if (!IsFloatingPoint(t) || types_.at(kt->node->inputs(0)) != t ||
+        types_.at(last.node->inputs(1)) != t || types_.at(last.node->outputs(0)) != t) {
+      return false;
+    }
     m->chain.push_back(scores);
     m->chain.push_back(kt);
     m->q = scores->in[0];
