@@ -429,17 +429,43 @@ class TransformerExportTest(unittest.TestCase):
                 torch.nn.functional.relu(h, inplace=True)
                 return x * 2
 
-        for model in (Alias(), ThroughView()):
+        class Writes(torch.nn.Module):
+            def __init__(self, kind):
+                super().__init__()
+                self.kind = kind
+
+            def forward(self, x):
+                base = x * 1
+                if self.kind == 0:  # another view of what the write went through
+                    a, b = base.view(-1, 4), base.view(-1, 2)
+                    a += 1
+                    return b * 2
+                if self.kind == 1:  # a view made before the write
+                    b = base.transpose(0, 1)
+                    base += 1
+                    return b.transpose(0, 1) * 2
+                y = base.float()  # the same tensor: float32 already
+                y += 1
+                return y + base
+
+        for model in (Alias(), ThroughView(), Writes(0), Writes(1), Writes(2)):
             with self.assertRaises(pipeserve.ExportError) as e:
                 pipeserve.export(model, (torch.randn(2, 8),), os.path.join(_scratch(), "i.psm"))
             self.assertIn("in-place", str(e.exception))
 
-        class Accumulate(torch.nn.Module):  # x += y where nothing reads x again: fine
+        class Fine(torch.nn.Module):  # writes nothing reads the old value of
             def forward(self, x):
+                n = x.size(0)  # a run-time size
+                m = n
+                m += 1  # a new int: n stays
                 h = x * 2
                 h += x
-                return h
-        pipeserve.export(Accumulate(), (torch.randn(2, 8),), os.path.join(_scratch(), "a.psm"))
+                x += 1  # an input
+                return h.reshape(n, 8), x
+        x = torch.randn(2, 8)
+        before = x.clone()
+        pipeserve.export(Fine(), (x,), os.path.join(_scratch(), "a.psm"))
+        self.assertTrue(torch.equal(x, before), "export wrote to the caller's example")
 
     def test_control_flow_on_a_run_time_size_is_decided_with_a_warning(self):
         # Regression: `if T > 4:` on a free length was decided for the

@@ -185,7 +185,7 @@ class OpConverter:
         if _is_number(a) or _is_number(b):
             scalar, other = (a, b) if _is_number(a) else (b, a)
             x = self._cast(self._tensor(other, display, path), common, path)
-            if common in (torch.bfloat16, torch.float16):  # as PyTorch takes it: rounded
+            if common in (torch.bfloat16, torch.float16):  # rounded, as PyTorch 1.13 takes it
                 scalar = float(torch.tensor(float(scalar), dtype=common))
             attrs = {"scalar": float(scalar)}
             if _is_number(a):
@@ -537,22 +537,6 @@ def _register_binary(fn, meth):
                      ("le", "le"), ("gt", "gt"), ("ge", "ge")):
         fn[getattr(operator, name)] = binary(op, ("a", "b"))
 
-    def inplace(op):  # x += y (exporter's _ExProxy.__iadd__)
-        def body(self, node, display, path, b):
-            self._check_inplace(node, b["a"], display, path)
-            self._binary(node, display, path, op, b["a"], b["b"])
-        return _bound([("a", R), ("b", R)], body)
-    for name, op in (("iadd", "add"), ("isub", "sub"), ("imul", "mul"), ("itruediv", "div")):
-        fn[getattr(operator, name)] = inplace(op)
-
-    def bitwise(op, names):  # &, |: logical on bool, unsupported on integers
-        def body(self, node, display, path, b):
-            for arg in (b[n] for n in names):
-                _check_bool_operand(self, arg, display, path)
-            self._binary(node, display, path, op, b[names[0]], b[names[1]])
-        return _bound([(n, R) for n in names], body)
-    fn[operator.and_] = bitwise("logical_and", ("a", "b"))
-    fn[operator.or_] = bitwise("logical_or", ("a", "b"))
     for name, op, alpha in (("add", "add", True), ("sub", "sub", True),
                             ("mul", "mul", False), ("pow", "pow", False),
                             ("eq", "eq", False), ("ne", "ne", False),
@@ -565,8 +549,6 @@ def _register_binary(fn, meth):
                             ("floor_divide", "floordiv", False)):
         fn[getattr(torch, name)] = binary(op, ("input", "other"), alpha)
         meth[name] = binary(op, ("self", "other"), alpha)
-    meth["__and__"] = bitwise("logical_and", ("self", "other"))
-    meth["__or__"] = bitwise("logical_or", ("self", "other"))
     meth["masked_fill"] = _bound([("self", R), ("mask", R), ("value", R)],
                                 lambda self, n, d, p, b: self._where(
                                     n, d, p, b["mask"], b["value"], b["self"]))
@@ -601,6 +583,37 @@ def _check_bool_operand(self, arg, display, path):
                               f"'{path}' (only on bool tensors, where it is logical)")
 
 
+def _register_inplace_and_bitwise(fn, meth):
+    """x += y and the like; &, | and ~, logical on bool only."""
+    R = _ex._REQUIRED
+    def inplace(op):  # x += y (exporter's _ExProxy.__iadd__)
+        def body(self, node, display, path, b):
+            self._check_inplace(node, b["a"], display, path)
+            self._binary(node, display, path, op, b["a"], b["b"])
+        return _bound([("a", R), ("b", R)], body)
+    for name, op in (("iadd", "add"), ("isub", "sub"), ("imul", "mul"), ("itruediv", "div")):
+        fn[getattr(operator, name)] = inplace(op)
+
+    def bitwise(op, names):  # &, |: logical on bool, unsupported on integers
+        def body(self, node, display, path, b):
+            for arg in (b[n] for n in names):
+                _check_bool_operand(self, arg, display, path)
+            self._binary(node, display, path, op, b[names[0]], b[names[1]])
+        return _bound([(n, R) for n in names], body)
+    fn[operator.and_] = bitwise("logical_and", ("a", "b"))
+    fn[operator.or_] = bitwise("logical_or", ("a", "b"))
+    meth["__and__"] = bitwise("logical_and", ("self", "other"))
+    meth["__or__"] = bitwise("logical_or", ("self", "other"))
+
+    def invert(first):  # ~: logical not on bool, unsupported on integers
+        def body(self, node, display, path, b):
+            _check_bool_operand(self, b[first], display, path)
+            self._unary(node, display, path, "logical_not", b[first])
+        return _bound([(first, R)], body)
+    fn[operator.invert] = invert("a")
+    meth["__invert__"] = invert("self")
+
+
 def _register_unary(fn, meth):
     """Elementwise ops of one operand, and no-ops."""
     R = _ex._REQUIRED
@@ -617,14 +630,6 @@ def _register_unary(fn, meth):
         fn[getattr(torch, name)] = unary(name)
         meth[name] = unary(name, "self")
     fn[operator.neg] = unary("neg", "a")
-
-    def invert(first):  # ~: logical not on bool, unsupported on integers
-        def body(self, node, display, path, b):
-            _check_bool_operand(self, b[first], display, path)
-            self._unary(node, display, path, "logical_not", b[first])
-        return _bound([(first, R)], body)
-    fn[operator.invert] = invert("a")
-    meth["__invert__"] = invert("self")
     fn[F.relu] = unary("relu", extra=[("inplace", False)])
     fn[F.silu] = unary("silu", extra=[("inplace", False)])
     fn[F.sigmoid] = unary("sigmoid")
@@ -1015,9 +1020,9 @@ def _module_norm_handlers():
 def _handlers():
     """(functions, methods, modules) tables: target -> handler."""
     fn, meth = {}, {}
-    for register in (_register_binary, _register_unary, _register_gemms, _register_norms,
-                     _register_reductions, _register_shapes, _register_squeezes, _register_joins,
-                     _register_creation):
+    for register in (_register_binary, _register_inplace_and_bitwise, _register_unary,
+                     _register_gemms, _register_norms, _register_reductions, _register_shapes,
+                     _register_squeezes, _register_joins, _register_creation):
         register(fn, meth)
     return fn, meth, _module_handlers()
 
