@@ -178,8 +178,7 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   // Runs `inputs` (in the plan's input order) through the pipeline in the
   // deployment's microbatch count, spread over the ready lanes (only
   // options.lane, while it is ready); returns the
-  // outputs in order. A batch of 0 rows answers at once with empty
-  // outputs. kInvalidArgument (inputs that do not fit, naming the input,
+  // outputs in order. A batch of 0 rows runs as one empty microbatch. kInvalidArgument (inputs that do not fit, naming the input,
   // or more rows than max_request_rows), kUnavailable (not ready, or every
   // lane broke: LostInFlight), kDeadlineExceeded (also while stage 0 is
   // full), kCancelled (when options.cancelled turns true), kInternal (a stage

@@ -82,7 +82,10 @@ absl::StatusOr<TextModel> Generation::Text(const std::string& model) {
 // and upload of the same version number: the stages are new, and the
 // sequences rebuilt on them). A new version gets a new one; the old one
 // leaves the map and goes, with its route's hold, once its last request
-// ends.
+// ends. Two generators of one version would hand out the same blocks of
+// the same stages, so a request that found a version older than the
+// generator's (an upload came in between) takes the newer generator while
+// its version serves the name.
 absl::StatusOr<std::shared_ptr<Generator>> Generation::ForDeployment(const std::string& model,
                                                                      std::shared_ptr<Deployment> d) {
   ASSIGN_OR_RETURN(GenerationConfig config, GenerationConfigOf(model, d->plan(), d->replicas()));
@@ -91,6 +94,10 @@ absl::StatusOr<std::shared_ptr<Generator>> Generation::ForDeployment(const std::
   if (made.generator != nullptr && made.version == d->version() &&
       SameConfig(made.generator->config(), config)) {
     return made.generator;
+  }
+  if (made.generator != nullptr && made.version > d->version()) {
+    absl::StatusOr<std::shared_ptr<Deployment>> now = coordinator_->Find(model);
+    if (now.ok() && (*now)->version() == made.version) return made.generator;
   }
   GeneratorOptions options = options_;
   if (options.steps_in_flight <= 0) {  // one per stage and one more, unless they take turns

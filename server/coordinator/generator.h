@@ -117,8 +117,8 @@ class Generator {
   // (kCancelled) and its blocks are free again within one step. Errors:
   // kInvalidArgument (an empty prompt, a token outside the vocabulary,
   // sampling out of range, prompt + max_tokens beyond the model's
-  // positions), kResourceExhausted (the request could never fit the cache,
-  // or max_waiting requests wait already: each names the limit),
+  // positions or more than the cache could ever hold), kResourceExhausted
+  // (max_waiting requests wait already: it names the limit),
   // kDeadlineExceeded, kUnavailable (the generator is stopping), or what a
   // step failed with.
   absl::Status Generate(const GenerationRequest& request,
@@ -126,8 +126,7 @@ class Generator {
                         const std::function<bool()>& cancelled = nullptr);
 
   // Ends every sequence with `why` (their blocks free within a step) and
-  // takes no more: a generator replaced by one for a new version of the
-  // model, whose blocks it would share.
+  // takes no more.
   void Stop(const absl::Status& why);
 
   GeneratorStats Stats();
@@ -135,8 +134,8 @@ class Generator {
 
   // What Generate refuses a request for before it runs: kInvalidArgument
   // (an empty prompt, a token outside the vocabulary, sampling out of
-  // range, more positions than the model's), kResourceExhausted (more KV
-  // cache blocks than a stage holds: it could never run).
+  // range, more positions than the model's, or more KV cache blocks than
+  // a stage holds: it could never run).
   absl::Status Check(const GenerationRequest& request) const;
   // The most positions one sequence can reach: the model's, and what the
   // cache holds.
