@@ -97,9 +97,19 @@ class Stream final : public HttpStream {
     try {
       producer_ = std::thread([this, produce = std::move(produce)] {
         produce(*this);
-        std::lock_guard<std::mutex> l(mu_);
+        std::unique_lock<std::mutex> l(mu_);
         done_ = true;
         cv_.notify_all();
+        // A client that takes nothing of what is left for `stall` is shut
+        // out: its connection has no idle timeout while it streams.
+        while (!pieces_.empty() && !gone_) {
+          const size_t taken = taken_;
+          auto moved = [&] { return pieces_.empty() || gone_ || taken_ != taken; };
+          if (!cv_.wait_for(l, stall_, moved)) {
+            gone_ = true;
+            ::shutdown(fd_, SHUT_RDWR);
+          }
+        }
       });
     } catch (const std::system_error&) {
       return false;
@@ -125,6 +135,7 @@ class Stream final : public HttpStream {
     std::memcpy(buf, front.data() + offset_, n);
     offset_ += n;
     queued_ -= n;
+    taken_ += n;
     if (offset_ == front.size()) {
       pieces_.pop_front();
       offset_ = 0;
@@ -136,7 +147,7 @@ class Stream final : public HttpStream {
   void Close() {
     {
       std::lock_guard<std::mutex> l(mu_);
-      if (!done_) gone_ = true;
+      gone_ = true;  // the producer stops, or stops waiting for its last pieces to go
       cv_.notify_all();
     }
     if (producer_.joinable()) producer_.join();
@@ -148,7 +159,7 @@ class Stream final : public HttpStream {
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::string> pieces_;
-  size_t offset_ = 0, queued_ = 0;
+  size_t offset_ = 0, queued_ = 0, taken_ = 0;
   bool done_ = false, gone_ = false;
   std::thread producer_;
 };

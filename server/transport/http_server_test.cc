@@ -185,9 +185,9 @@ TEST_F(HttpServerTest, AStreamOutlivesTheIdleTimeoutBetweenPieces) {
   ::close(fd);
 }
 
-// Regression: a handler that answers whole (a completion without
-// streaming) after more than the idle timeout got its connection closed
-// with the answer unsent.
+// A handler that answers whole (a completion without streaming) after
+// more than the idle timeout still gets its answer sent (a review
+// suspected libmicrohttpd's timer would close the connection first).
 TEST_F(HttpServerTest, AWholeAnswerOutlivesTheIdleTimeout) {
   HttpServerOptions o;
   o.idle_timeout = absl::Seconds(1);
