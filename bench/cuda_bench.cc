@@ -220,6 +220,16 @@ class DirectGemm {
       : m_(m), n_(n), k_(k), p_(p) {}
 
   absl::Status Init(const Tensor& x, const Tensor& w) {
+    RETURN_IF_ERROR(UploadOperands(x, w));
+    CUBLAS_RETURN_IF_ERROR(cublasCreate(&blas_));
+    CUBLAS_RETURN_IF_ERROR(cublasSetStream(blas_, stream_));
+    CUBLAS_RETURN_IF_ERROR(cublasSetWorkspace(blas_, ws_, kWorkspace));
+    return ChooseLtAlgo();
+  }
+
+  // The stream, the buffers, x and w on the device (and in bf16 their
+  // converted copies), and the operands' types.
+  absl::Status UploadOperands(const Tensor& x, const Tensor& w) {
     CUDA_RETURN_IF_ERROR(
         cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     CUDA_RETURN_IF_ERROR(cudaMalloc(&x_, x.byte_size()));
@@ -248,11 +258,11 @@ class DirectGemm {
                                       : CUBLAS_COMPUTE_32F;
     a_ptr_ = bf16 ? w16_ : w_;
     b_ptr_ = bf16 ? x16_ : x_;
+    return absl::OkStatus();
+  }
 
-    CUBLAS_RETURN_IF_ERROR(cublasCreate(&blas_));
-    CUBLAS_RETURN_IF_ERROR(cublasSetStream(blas_, stream_));
-    CUBLAS_RETURN_IF_ERROR(cublasSetWorkspace(blas_, ws_, kWorkspace));
-
+  // cuBLASLt's layouts and its first heuristic algorithm.
+  absl::Status ChooseLtAlgo() {
     // Column-major: D [n, m] = W [n, k] (row-major w [k, n]) · X [k, m].
     CUBLAS_RETURN_IF_ERROR(cublasLtCreate(&lt_));
     CUBLAS_RETURN_IF_ERROR(

@@ -76,9 +76,7 @@ class Stream final : public HttpStream {
     std::unique_lock<std::mutex> l(mu_);
     if (data.empty()) return !gone_;  // a read of 0 bytes would make libmicrohttpd spin
     if (!cv_.wait_for(l, stall_, [&] { return gone_ || queued_ < kMaxQueuedStreamBytes; })) {
-      gone_ = true;
-      ::shutdown(fd_, SHUT_RDWR);  // libmicrohttpd then closes it and frees the stream
-      cv_.notify_all();
+      ShutOut();
     }
     if (gone_) return false;
     pieces_.emplace_back(data);
@@ -105,10 +103,7 @@ class Stream final : public HttpStream {
         while (!pieces_.empty() && !gone_) {
           const size_t taken = taken_;
           auto moved = [&] { return pieces_.empty() || gone_ || taken_ != taken; };
-          if (!cv_.wait_for(l, stall_, moved)) {
-            gone_ = true;
-            ::shutdown(fd_, SHUT_RDWR);
-          }
+          if (!cv_.wait_for(l, stall_, moved)) ShutOut();
         }
       });
     } catch (const std::system_error&) {
@@ -154,6 +149,14 @@ class Stream final : public HttpStream {
   }
 
  private:
+  // The client took nothing for stall_: gone, and its connection shut
+  // (libmicrohttpd then closes it and frees the stream). Under mu_.
+  void ShutOut() {
+    gone_ = true;
+    ::shutdown(fd_, SHUT_RDWR);
+    cv_.notify_all();
+  }
+
   const int fd_;
   const std::chrono::milliseconds stall_;
   std::mutex mu_;

@@ -110,6 +110,16 @@ class HttpServerTest : public ::testing::Test {
     ASSERT_TRUE(s.ok()) << s.status();
     server_ = std::move(*s);
   }
+  // A server with an idle timeout of 1 s, and a connection that asked it
+  // for GET `path`.
+  int GetWithAOneSecondIdleTimeout(const std::string& path) {
+    HttpServerOptions o;
+    o.idle_timeout = absl::Seconds(1);
+    Start(o);
+    const int fd = ConnectLoopback(server_->port());
+    Send(fd, "GET " + path + " HTTP/1.1\r\nHost: x\r\n\r\n");
+    return fd;
+  }
   std::unique_ptr<HttpServer> server_;
   std::atomic<bool> stream_ended_{false}, stream_saw_gone_{false}, flood_ended_{false};
 };
@@ -174,11 +184,7 @@ TEST_F(HttpServerTest, AStreamArrivesPieceByPieceChunked) {
 // its next piece, so a generation whose next token took longer than the
 // idle timeout (a long prompt, blocks to wait for) was cut off mid-body.
 TEST_F(HttpServerTest, AStreamOutlivesTheIdleTimeoutBetweenPieces) {
-  HttpServerOptions o;
-  o.idle_timeout = absl::Seconds(1);
-  Start(o);
-  const int fd = ConnectLoopback(server_->port());
-  Send(fd, "GET /slow HTTP/1.1\r\nHost: x\r\n\r\n");
+  const int fd = GetWithAOneSecondIdleTimeout("/slow");
   const std::string got = Receive(fd, absl::Seconds(15), "\r\n0\r\n\r\n");
   EXPECT_THAT(got, HasSubstr("piece 2"));
   EXPECT_THAT(got, HasSubstr("\r\n0\r\n\r\n")) << "the chunked body ends properly";
@@ -189,11 +195,7 @@ TEST_F(HttpServerTest, AStreamOutlivesTheIdleTimeoutBetweenPieces) {
 // more than the idle timeout still gets its answer sent (a review
 // suspected libmicrohttpd's timer would close the connection first).
 TEST_F(HttpServerTest, AWholeAnswerOutlivesTheIdleTimeout) {
-  HttpServerOptions o;
-  o.idle_timeout = absl::Seconds(1);
-  Start(o);
-  const int fd = ConnectLoopback(server_->port());
-  Send(fd, "GET /slow_whole HTTP/1.1\r\nHost: x\r\n\r\n");
+  const int fd = GetWithAOneSecondIdleTimeout("/slow_whole");
   const std::string got = Receive(fd, absl::Seconds(15), "done at last");
   EXPECT_THAT(got, StartsWith("HTTP/1.1 200"));
   EXPECT_THAT(got, HasSubstr("done at last"));
@@ -203,11 +205,7 @@ TEST_F(HttpServerTest, AWholeAnswerOutlivesTheIdleTimeout) {
 // Regression: a stream switched its connection's idle timeout off for
 // good, so a kept-alive connection that had streamed once was never closed.
 TEST_F(HttpServerTest, AConnectionIdleAfterAStreamIsClosed) {
-  HttpServerOptions o;
-  o.idle_timeout = absl::Seconds(1);
-  Start(o);
-  const int fd = ConnectLoopback(server_->port());
-  Send(fd, "GET /stream HTTP/1.1\r\nHost: x\r\n\r\n");
+  const int fd = GetWithAOneSecondIdleTimeout("/stream");
   const std::string got = Receive(fd, absl::Seconds(30), "\r\n0\r\n\r\n");
   ASSERT_THAT(got, HasSubstr("data: 199\n\n"));
   EXPECT_TRUE(ClosedWithin(fd, absl::Seconds(5))) << "idle for 5 s after its stream";
@@ -218,11 +216,7 @@ TEST_F(HttpServerTest, AConnectionIdleAfterAStreamIsClosed) {
 // the stream's producer in Write for good (a generation and its KV
 // blocks); now a queue that does not drain for the idle timeout ends it.
 TEST_F(HttpServerTest, AClientThatStopsReadingEndsTheStream) {
-  HttpServerOptions o;
-  o.idle_timeout = absl::Seconds(1);
-  Start(o);
-  const int fd = ConnectLoopback(server_->port());
-  Send(fd, "GET /flood HTTP/1.1\r\nHost: x\r\n\r\n");
+  const int fd = GetWithAOneSecondIdleTimeout("/flood");
   const absl::Time end = absl::Now() + absl::Seconds(20);
   while (!flood_ended_ && absl::Now() < end) absl::SleepFor(absl::Milliseconds(20));
   EXPECT_TRUE(flood_ended_) << "the producer still waits for a reader that never reads";
