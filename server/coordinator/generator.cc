@@ -329,7 +329,7 @@ Generator::Batch Generator::Take() {
                                options_.steps_in_flight);
   Batch b;
   int64_t budget = options_.max_step_tokens;
-  int64_t lane = -1;  // the home lane of the step's sequences
+  const int64_t lane = NextLane(ready);  // the home lane of the step's sequences
   // Decoding sequences first (one token each), then prompts in chunks.
   for (int pass = 0; pass < 2; ++pass) {
     for (const SeqPtr& s : ready) {
@@ -337,10 +337,9 @@ Generator::Batch Generator::Take() {
       if (static_cast<int64_t>(b.seqs.size()) >= per_step) continue;
       const int64_t left = static_cast<int64_t>(s->tokens.size()) - s->cached;
       if ((pass == 0) != (left == 1) || budget <= 0) continue;
-      if (lane >= 0 && HomeLane(*s) != lane) continue;
+      if (HomeLane(*s) != lane) continue;
       const int64_t n = std::min(left, budget);
       if (!Grow(s, s->cached + n)) continue;  // preempted: it waits for blocks
-      lane = HomeLane(*s);
       budget -= n;
       s->in_flight = true;
       b.seqs.push_back(s);
@@ -352,6 +351,22 @@ Generator::Batch Generator::Take() {
   }
   if (config_.lanes > 1) b.lane = static_cast<int>(lane);
   return b;
+}
+
+// The lanes take turns: the first after the last step's lane with a
+// sequence to step. (Taking the oldest sequence's lane kept every step on
+// one lane while its sequences lasted, with one step in flight: the other
+// lanes' sequences held their blocks and waited, unprefilled.)
+int64_t Generator::NextLane(const std::vector<SeqPtr>& ready) {
+  for (int64_t k = 0; k < config_.lanes; ++k) {
+    const int64_t lane = (next_lane_ + k) % config_.lanes;
+    for (const SeqPtr& s : ready) {
+      if (s->ended || !s->running || s->in_flight || HomeLane(*s) != lane) continue;
+      next_lane_ = (lane + 1) % config_.lanes;
+      return lane;
+    }
+  }
+  return 0;
 }
 
 int64_t Generator::HomeLane(const Sequence& s) const {

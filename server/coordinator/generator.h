@@ -162,6 +162,8 @@ class Generator {
   void StepLoop();
   bool HasWork() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   Batch Take() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The home lane of the next step's sequences (0 with one lane).
+  int64_t NextLane(const std::vector<SeqPtr>& ready) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The lane whose stages hold `s`'s cache.
   int64_t HomeLane(const Sequence& s) const;
   std::vector<Tensor> Inputs(const Batch& b) const;
@@ -186,6 +188,7 @@ class Generator {
   std::list<SeqPtr> running_ ABSL_GUARDED_BY(mu_);
   std::deque<SeqPtr> waiting_ ABSL_GUARDED_BY(mu_);
   int64_t next_id_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t next_lane_ ABSL_GUARDED_BY(mu_) = 0;  // the lane a step looks at first
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   GeneratorStats stats_ ABSL_GUARDED_BY(mu_);
   std::vector<std::thread> threads_;

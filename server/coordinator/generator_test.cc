@@ -1,5 +1,6 @@
 #include "server/coordinator/generator.h"
 
+#include <algorithm>
 #include <atomic>
 #include <map>
 #include <thread>
@@ -210,6 +211,52 @@ TEST_F(GeneratorTest, EachStepRunsOnTheLaneHoldingItsSequences) {
   EXPECT_EQ(misplaced, 0);
   EXPECT_EQ(steps_per_lane.size(), 3u) << "12 sequences spread over the 3 lanes";
   EXPECT_EQ(steps_per_lane.count(-1), 0u);
+}
+
+// With one step in flight (stages sharing cores) the lanes take turns: a
+// second lane's sequences start within the first steps, not once the
+// first lane's have all finished (they held their blocks unprefilled).
+TEST_F(GeneratorTest, OneStepInFlightServesEveryLaneInTurn) {
+  GenerationConfig config = Config(512);
+  config.lanes = 2;
+  GeneratorOptions options;
+  options.steps_in_flight = 1;
+  absl::Mutex mu;
+  std::vector<int> lanes;  // each step's lane, in order
+  std::atomic<Generator*> generator{nullptr};
+  Generator gen(config, options, [&](const std::vector<Tensor>& in, absl::Time, int lane) {
+    // The first step waits for all 8 sequences to have come.
+    auto came = [&] {
+      GeneratorStats s = generator.load()->Stats();
+      return s.running + s.waiting;
+    };
+    bool first;
+    {
+      absl::MutexLock l(&mu);
+      first = lanes.empty();
+      lanes.push_back(lane);
+    }
+    while (first && came() < 8) absl::SleepFor(absl::Milliseconds(1));
+    return model_.Step(in);
+  });
+  generator = &gen;
+  std::vector<Outcome> runs(8);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 8; ++i) {
+    threads.emplace_back([&, i] { runs[i] = GenerateOne(gen, {i % kVocab, 1}, 20); });
+  }
+  for (auto& t : threads) t.join();
+  for (int i = 0; i < 8; ++i) {
+    ASSERT_TRUE(runs[i].status.ok()) << runs[i].status;
+    EXPECT_EQ(runs[i].tokens, Reference({i % kVocab, 1}, 20));
+  }
+  absl::MutexLock l(&mu);
+  ASSERT_GE(lanes.size(), 10u);
+  std::string order;
+  for (int lane : lanes) absl::StrAppend(&order, lane);
+  const int64_t first_ten_on_0 = std::count(lanes.begin(), lanes.begin() + 10, 0);
+  EXPECT_GE(first_ten_on_0, 4) << "steps' lanes: " << order;
+  EXPECT_LE(first_ten_on_0, 6) << "steps' lanes: " << order;
 }
 
 TEST_F(GeneratorTest, ACacheLostMidwayIsRebuiltWithNoTokenLostOrRepeated) {
