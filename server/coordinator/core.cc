@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iostream>
 #include <set>
 #include <utility>
 
@@ -509,8 +510,9 @@ void Coordinator::Publish(const std::string& name, const std::shared_ptr<Deploym
   // requests it has in flight, then its stages go.
   if (old == nullptr) return;
   old->Retire(absl::StrCat("model \"", name, "\" was replaced by a new upload"));
+  Retired(name, *old, /*unloaded=*/false);
   if (old->Drained()) {
-    old->Close(absl::StrCat("model \"", name, "\" was replaced by a new upload"));
+    CloseRetired(*old, "has nothing in flight");
   } else {
     absl::MutexLock lock(&mu_);
     retired_.emplace_back(old, absl::Now() + options_.drain_timeout);
@@ -542,8 +544,23 @@ absl::Status Coordinator::Unload(const std::string& name) {
     repair_attempts_.erase(name);
     repair_why_.erase(name);
   }
-  if (d) d->Close(absl::StrCat("model \"", name, "\" was unloaded"));
+  if (d) {
+    Retired(name, *d, /*unloaded=*/true);
+    d->Close(absl::StrCat("model \"", name, "\" was unloaded"));
+  }
   return absl::OkStatus();
+}
+
+void Coordinator::SetRetiredListener(RetiredListener listener) {
+  absl::MutexLock lock(&listener_mu_);
+  retired_listener_ = std::move(listener);
+}
+
+void Coordinator::Retired(const std::string& name, const Deployment& d, bool unloaded) {
+  // Called under the listener lock: SetRetiredListener(nullptr) returns only
+  // once no call is running.
+  absl::MutexLock lock(&listener_mu_);
+  if (retired_listener_) retired_listener_(name, d.version(), unloaded);
 }
 
 absl::StatusOr<std::shared_ptr<Deployment>> Coordinator::Deploy(const std::string& name,
@@ -863,9 +880,14 @@ void Coordinator::CloseDrained(bool all) {
     retired_.erase(it, retired_.end());
   }
   for (const auto& d : done) {
-    d->Close(absl::StrCat("model \"", d->name(), "\" was replaced by a new upload and ",
-                          d->Drained() ? "has drained" : "ran out of time to drain (--drain_timeout_s)"));
+    CloseRetired(*d, d->Drained() ? "has drained" : "ran out of time to drain (--drain_timeout_s)");
   }
+}
+
+void Coordinator::CloseRetired(Deployment& d, const std::string& how) {
+  const std::string why = absl::StrCat("model \"", d.name(), "\" was replaced by a new upload and ", how);
+  std::cerr << "coordinator: version " << d.version() << " closed: " << why << "\n";
+  d.Close(why);
 }
 
 bool Coordinator::WaitIdle(absl::Time deadline) { return admission_.WaitIdle(deadline); }

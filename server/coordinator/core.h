@@ -242,6 +242,15 @@ class Coordinator {
   // The deadline a generation starting now without one gets.
   absl::Time GenerationDeadline() const { return absl::Now() + options_.generation_timeout; }
 
+  // `listener(model, version, unloaded)` runs each time a version leaves
+  // service, replaced by an upload or unloaded, before the coordinator
+  // checks whether it has drained (so a holder can let go of it there);
+  // null: none. It runs outside the table of models' lock, and must
+  // neither upload nor unload.
+  using RetiredListener =
+      std::function<void(const std::string& model, int64_t version, bool unloaded)>;
+  void SetRetiredListener(RetiredListener listener);
+
   // Whether the stage servers compute on one machine's shared cores (the
   // local launcher without GPUs). A generation model's stages then take
   // turns: one step in flight, each stage using every core.
@@ -308,6 +317,10 @@ class Coordinator {
   // Serves `name` from `d` (a new upload's deployment, its lock held): the
   // version it replaces finishes its requests in flight, then closes.
   void Publish(const std::string& name, const std::shared_ptr<Deployment>& d);
+  // Closes `d`, replaced by a new upload, and logs it; `how` it went.
+  void CloseRetired(Deployment& d, const std::string& how);
+  // Tells the RetiredListener, if any, that `d` left service.
+  void Retired(const std::string& name, const Deployment& d, bool unloaded);
   // FinishUpload's exception above: stores `upload` and lists the model as
   // waiting (`why`), for the repair loop.
   absl::StatusOr<UploadResponse> StoreWaiting(const std::string& name,
@@ -373,6 +386,8 @@ class Coordinator {
   // they are closed by regardless.
   std::vector<std::pair<std::shared_ptr<Deployment>, absl::Time>> retired_ ABSL_GUARDED_BY(mu_);
   std::atomic<bool> shutting_down_{false};
+  absl::Mutex listener_mu_;
+  RetiredListener retired_listener_ ABSL_GUARDED_BY(listener_mu_);
   std::atomic<uint64_t> retried_requests_{0};
   std::atomic<uint64_t> reloaded_lanes_{0};
   std::atomic<int> adopted_models_{0};

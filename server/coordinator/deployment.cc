@@ -985,6 +985,11 @@ std::shared_ptr<void> Deployment::Hold(std::shared_ptr<Deployment> d) {
   });
 }
 
+bool Deployment::LeftService() const {
+  absl::MutexLock lock(&mu_);
+  return !retired_.empty() || closing_;
+}
+
 bool Deployment::Drained() const {
   absl::MutexLock lock(&mu_);
   return pending_.empty() && holds_ == 0;

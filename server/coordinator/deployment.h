@@ -244,6 +244,8 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   static std::shared_ptr<void> Hold(std::shared_ptr<Deployment> d);
   // No request in flight, and no Hold.
   bool Drained() const;
+  // Retired or closing.
+  bool LeftService() const;
   // Requests in flight.
   int InFlight() const;
 

@@ -42,7 +42,29 @@ absl::StatusOr<std::vector<Tensor>> VersionRoute::Step(const std::vector<Tensor>
 }
 
 Generation::Generation(Coordinator* coordinator, GeneratorOptions options)
-    : coordinator_(coordinator), options_(options) {}
+    : coordinator_(coordinator), options_(options) {
+  coordinator_->SetRetiredListener(
+      [this](const std::string& model, int64_t version, bool unloaded) {
+        Retired(model, version, unloaded);
+      });
+}
+
+Generation::~Generation() { coordinator_->SetRetiredListener(nullptr); }
+
+void Generation::Retired(const std::string& model, int64_t version, bool unloaded) {
+  std::shared_ptr<Generator> gone;  // destroyed outside the lock
+  absl::MutexLock l(&mu_);
+  auto made = generators_.find(model);
+  if (made != generators_.end() && made->second.version == version) {
+    gone = std::move(made->second.generator);
+    generators_.erase(made);
+    if (unloaded) gone->Stop(absl::UnavailableError(absl::StrCat("model \"", model, "\" was unloaded")));
+  }
+  auto tokenized = tokenizers_.find(model);
+  if (tokenized != tokenizers_.end() && tokenized->second.version == version) {
+    tokenizers_.erase(tokenized);
+  }
+}
 
 absl::StatusOr<std::shared_ptr<Generator>> Generation::For(const std::string& model) {
   ASSIGN_OR_RETURN(std::shared_ptr<Deployment> d, coordinator_->Find(model));
@@ -88,8 +110,14 @@ absl::StatusOr<TextModel> Generation::Text(const std::string& model) {
 // its version serves the name.
 absl::StatusOr<std::shared_ptr<Generator>> Generation::ForDeployment(const std::string& model,
                                                                      std::shared_ptr<Deployment> d) {
-  ASSIGN_OR_RETURN(GenerationConfig config, GenerationConfigOf(model, d->plan(), d->replicas()));
   absl::MutexLock l(&mu_);
+  // Replaced or unloaded since the caller found it: whichever version
+  // serves now. (A generator made for it here would outlive Retired's
+  // erasing, a second one for its version.)
+  if (d->LeftService()) {
+    ASSIGN_OR_RETURN(d, coordinator_->Find(model));
+  }
+  ASSIGN_OR_RETURN(GenerationConfig config, GenerationConfigOf(model, d->plan(), d->replicas()));
   Made& made = generators_[model];
   if (made.generator != nullptr && made.version == d->version() &&
       SameConfig(made.generator->config(), config)) {

@@ -60,6 +60,7 @@ class Generation {
   // model's stages + 1 (every stage busy when each has its own machine),
   // or 1 where the stages share cores (Coordinator::StagesShareCores).
   Generation(Coordinator* coordinator, GeneratorOptions options);
+  ~Generation();
 
   // kNotFound / kUnavailable as Coordinator::Find; kFailedPrecondition for
   // a model not exported for generation.
@@ -83,6 +84,14 @@ class Generation {
   };
   absl::StatusOr<std::shared_ptr<Generator>> ForDeployment(const std::string& model,
                                                            std::shared_ptr<Deployment> d);
+  // `version` of `model` left service: its generator and tokenizer leave
+  // the map, and the generator goes with its route's hold once no request
+  // holds it (at once when none runs), so a replaced version's stages
+  // close without waiting out --drain_timeout_s. An unloaded model's
+  // sequences end (kUnavailable): a later upload may bring the same
+  // version number, whose new stages the old generator's route would take
+  // for its own, beside the new generator.
+  void Retired(const std::string& model, int64_t version, bool unloaded);
 
   Coordinator* const coordinator_;
   const GeneratorOptions options_;

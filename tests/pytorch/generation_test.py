@@ -452,16 +452,22 @@ class GenerationReuploadTest(unittest.TestCase):
     sequences with UNAVAILABLE; the same spec moved them onto the new
     weights mid-sequence.)"""
 
+    @staticmethod
+    def export(tmp, seed, max_len):
+        """A GPT-2-style model of 8 layers, slow enough to act on while it
+        generates, exported for generation; and the file's path."""
+        torch.manual_seed(seed)
+        model = tm.Gpt2(d=128, layers=8, max_len=max_len).eval()
+        path = os.path.join(tmp, f"gpt2_{seed}.psm")
+        pipeserve.export(model, (torch.randint(0, 97, (2, 5)),), path, generation=True)
+        return model, path
+
     def test_a_sequence_finishes_on_its_version_across_an_upload(self):
         tmp = tempfile.mkdtemp(dir=os.environ.get("TEST_TMPDIR"))
         coord = Coordinator(tmp)
         try:
             def export(seed, max_len):
-                torch.manual_seed(seed)
-                model = tm.Gpt2(d=128, layers=8, max_len=max_len).eval()
-                path = os.path.join(tmp, f"gpt2_{seed}.psm")
-                pipeserve.export(model, (torch.randint(0, 97, (2, 5)),), path, generation=True)
-                return model, path
+                return self.export(tmp, seed, max_len)
 
             coord.client.upload("gpt2", export(0, 2048)[1])
             prompt, n = [1, 2, 3], 1000
@@ -491,6 +497,60 @@ class GenerationReuploadTest(unittest.TestCase):
                 self.assertLess(at_new, n, "the sequence ended before the new version served")
                 self.assertEqual(got, want, f"upload {seed}")
                 print(f"upload {seed}: {at_new} of {n} tokens came before the new version served")
+        finally:
+            coord.close()
+
+
+    def test_an_idle_generation_models_old_version_closes_at_once(self):
+        # Regression: the old version's generator held its deployment until
+        # the next generation request, so a replaced version that had
+        # generated once waited out --drain_timeout_s with its stages (and
+        # their KV caches) loaded.
+        coord, _ = serve_gpt2("--drain_timeout_s=600")
+        try:
+            self.assertEqual(len(list(coord.client.generate("gpt2", [1, 2, 3], max_tokens=3))), 3)
+            coord.client.upload("gpt2", os.path.join(coord.tmp, "gpt2.psm"))  # version 2
+            deadline = time.time() + 20
+            while time.time() < deadline:
+                with open(os.path.join(coord.tmp, "coordinator.log")) as f:
+                    log = f.read()
+                if "version 1 closed" in log:
+                    break
+                time.sleep(0.05)
+            self.assertIn("version 1 closed: model \"gpt2\" was replaced by a new upload and "
+                          "has nothing in flight", log)
+            self.assertEqual(len(list(coord.client.generate("gpt2", [1, 2, 3], max_tokens=3))), 3)
+        finally:
+            coord.close()
+
+    def test_unloading_a_model_ends_its_sequences(self):
+        # A sequence generating when its model is unloaded ends at once,
+        # UNAVAILABLE naming the unload (its generator is stopped: an upload
+        # of the same version number must not find it still stepping).
+        tmp = tempfile.mkdtemp(dir=os.environ.get("TEST_TMPDIR"))
+        coord = Coordinator(tmp)
+        try:
+            coord.client.upload("gpt2", self.export(tmp, 0, 2048)[1])
+            got, errors = [], []
+
+            def run():
+                try:
+                    for t in coord.client.generate("gpt2", [1, 2, 3], max_tokens=2000):
+                        got.append(t)
+                except pipeserve.ServerError as e:
+                    errors.append(e)
+
+            thread = threading.Thread(target=run)
+            thread.start()
+            while not got and thread.is_alive():
+                time.sleep(0.005)
+            coord.client.unload("gpt2")
+            thread.join(timeout=30)
+            self.assertFalse(thread.is_alive(), "the sequence still generates after the unload")
+            self.assertLess(len(got), 2000)
+            self.assertEqual(len(errors), 1)
+            self.assertEqual(errors[0].code, "UNAVAILABLE")
+            self.assertIn("\"gpt2\" was unloaded", str(errors[0]))
         finally:
             coord.close()
 
