@@ -216,8 +216,7 @@ TEST_F(ClientTest, MetadataAndReadiness) {
   EXPECT_EQ(*client_->ServerLive(), true);
   EXPECT_EQ(*client_->ServerReady(), true);
   EXPECT_EQ(*client_->ModelReady("neg"), true);
-  EXPECT_EQ(client_->ModelReady("nope").status().code(),
-            absl::StatusCode::kNotFound);
+  EXPECT_EQ(*client_->ModelReady("nope"), false);
 }
 
 TEST_F(ClientTest, HealthReportsTheServingStatus) {

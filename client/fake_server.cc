@@ -63,8 +63,7 @@ class InferenceService final : public inference::GRPCInferenceService::Service {
   grpc::Status ModelReady(grpc::ServerContext*,
                           const inference::ModelReadyRequest* in,
                           inference::ModelReadyResponse* out) override {
-    if (!IsInferModel(in->name())) return NotKnown(in->name());
-    out->set_ready(true);
+    out->set_ready(IsInferModel(in->name()));  // unknown: not ready, as Triton answers
     return grpc::Status::OK;
   }
 

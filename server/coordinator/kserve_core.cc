@@ -73,6 +73,59 @@ absl::Status KServeCore::ModelMetadata(const std::string& name, const std::strin
   return absl::OkStatus();
 }
 
+namespace {
+
+absl::Status OneRepository(const std::string& repository) {
+  if (repository.empty()) return absl::OkStatus();
+  return absl::UnimplementedError(absl::StrCat(
+      "repository_name \"", repository.substr(0, 100),
+      "\": pipeserve has one model repository, unnamed; leave repository_name empty"));
+}
+
+}  // namespace
+
+absl::Status KServeCore::RepositoryIndex(const std::string& repository, bool ready_only,
+                                         inference::RepositoryIndexResponse* resp) {
+  RETURN_IF_ERROR(OneRepository(repository));
+  const std::shared_ptr<const std::vector<std::string>> known =
+      coordinator_->StageServerAddresses();
+  for (const ModelInfo& m : coordinator_->ListModels()) {
+    if (ready_only && m.state != ModelState::kReady) continue;
+    auto* idx = resp->add_models();
+    idx->set_name(m.name);
+    idx->set_version(absl::StrCat(m.version));
+    idx->set_state(ModelStateName(m.state));
+    idx->set_reason(RedactAddresses(m.reason, *known));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status KServeCore::RepositoryLoad(const std::string& repository, const std::string& model) {
+  RETURN_IF_ERROR(OneRepository(repository));
+  absl::StatusOr<ModelInfo> info = Model(model, "");
+  if (info.status().code() == absl::StatusCode::kNotFound) {
+    return absl::UnavailableError(absl::StrCat(
+        "model \"", model, "\" is not in the repository: models come in through "
+        "pipeserve.ModelService/Upload (pipeserve upload), and are loaded as they do"));
+  }
+  RETURN_IF_ERROR(info.status());
+  if (info->state != ModelState::kReady) {
+    return absl::UnavailableError(absl::StrCat(
+        "model \"", model, "\" is ", ModelStateName(info->state), ": ", info->reason,
+        " (the coordinator redeploys it by itself)"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status KServeCore::RepositoryUnload(const std::string& repository,
+                                          const std::string& model) {
+  RETURN_IF_ERROR(OneRepository(repository));
+  RETURN_IF_ERROR(ValidModelName(model));
+  return absl::UnavailableError(absl::StrCat(
+      "model \"", model, "\" cannot be unloaded and kept: pipeserve.ModelService/Unload "
+      "(pipeserve unload, with an admin token) unloads a model and deletes it"));
+}
+
 absl::Time KServeCore::Capped(absl::Time client_deadline) const {
   if (client_deadline == absl::InfiniteFuture()) {
     return client_deadline;  // none: the default applies (it is below the cap)

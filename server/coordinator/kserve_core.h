@@ -46,6 +46,17 @@ class KServeCore {
   absl::Status ModelMetadata(const std::string& name, const std::string& version,
                              inference::ModelMetadataResponse* resp);
 
+  // The model_repository extension. pipeserve's repository is what
+  // ModelService uploads: every model in it is loaded, so the index lists
+  // them all (`ready_only`: those ready), a load of one of them succeeds
+  // at once, and a load of any other or any unload is kUnavailable naming
+  // ModelService (which uploads, and unloads by deleting). A
+  // `repository` name is kUnimplemented: there is one, unnamed.
+  absl::Status RepositoryIndex(const std::string& repository, bool ready_only,
+                               inference::RepositoryIndexResponse* resp);
+  absl::Status RepositoryLoad(const std::string& repository, const std::string& model);
+  absl::Status RepositoryUnload(const std::string& repository, const std::string& model);
+
   // One inference request, metered. `admission`: already counted against
   // its model's queue (null: admitted here). Errors as
   // Coordinator::InferAdmitted, before Public.

@@ -371,8 +371,8 @@ absl::StatusOr<bool> BoolParameter(const Json& j, const char* key, const std::st
 }
 
 void SetBool(google::protobuf::Map<std::string, inference::InferParameter>* params,
-             const char* key) {
-  (*params)[key].set_bool_param(true);
+             const char* key, bool value = true) {
+  (*params)[key].set_bool_param(value);
 }
 
 bool GetBool(const google::protobuf::Map<std::string, inference::InferParameter>& params,
@@ -449,7 +449,10 @@ absl::StatusOr<inference::ModelInferRequest> InferRequestFromJson(absl::string_v
       o->set_name(out["name"].get<std::string>());
       ASSIGN_OR_RETURN(bool binary_out,
                        BoolParameter(out, "binary_data", absl::StrCat("output \"", o->name(), "\"")));
-      if (binary_out) SetBool(o->mutable_parameters(), "binary_data");
+      // Kept when false too: it overrides the request's binary_data_output.
+      if (out.contains("parameters") && out["parameters"].contains("binary_data")) {
+        SetBool(o->mutable_parameters(), "binary_data", binary_out);
+      }
     }
   }
   return req;
@@ -473,9 +476,13 @@ absl::StatusOr<RestBody> InferResponseToJson(const inference::ModelInferResponse
     o["datatype"] = out.datatype();
     o["shape"] = std::vector<int64_t>(out.shape().begin(), out.shape().end());
     const std::string raw = i < resp.raw_output_contents_size() ? resp.raw_output_contents(i) : "";
+    // The output's own binary_data, where it gives one, else the request's.
     bool as_binary = all_binary;
     for (const auto& wanted : req.outputs()) {
-      if (wanted.name() == out.name()) as_binary = as_binary || GetBool(wanted.parameters(), "binary_data");
+      auto own = wanted.parameters().find("binary_data");
+      if (wanted.name() == out.name() && own != wanted.parameters().end()) {
+        as_binary = own->second.bool_param();
+      }
     }
     if (as_binary) {
       o["parameters"] = {{"binary_data_size", raw.size()}};
@@ -500,6 +507,24 @@ std::string ServerMetadataToJson(const inference::ServerMetadataResponse& m) {
   j["name"] = m.name();
   j["version"] = m.version();
   j["extensions"] = std::vector<std::string>(m.extensions().begin(), m.extensions().end());
+  return j.dump(-1, ' ', false, Json::error_handler_t::replace);
+}
+
+absl::StatusOr<bool> RepositoryIndexReadyFromJson(absl::string_view body) {
+  if (body.find_first_not_of(" \t\r\n") == absl::string_view::npos) return false;
+  ASSIGN_OR_RETURN(Json j, ParseJsonBody(body));
+  if (!j.is_object()) return Invalid("the repository index request must be a JSON object");
+  if (!j.contains("ready")) return false;
+  if (!j["ready"].is_boolean()) return Invalid("\"ready\" must be true or false");
+  return j["ready"].get<bool>();
+}
+
+std::string RepositoryIndexToJson(const inference::RepositoryIndexResponse& index) {
+  Json j = Json::array();
+  for (const auto& m : index.models()) {
+    j.push_back({{"name", m.name()}, {"version", m.version()}, {"state", m.state()},
+                 {"reason", m.reason()}});
+  }
   return j.dump(-1, ' ', false, Json::error_handler_t::replace);
 }
 

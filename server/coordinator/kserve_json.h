@@ -60,6 +60,13 @@ absl::StatusOr<RestBody> InferResponseToJson(const inference::ModelInferResponse
 std::string ServerMetadataToJson(const inference::ServerMetadataResponse& m);
 std::string ModelMetadataToJson(const inference::ModelMetadataResponse& m);
 
+// The repository extension's index request body: its "ready" (false when
+// the body is empty or leaves it out); kInvalidArgument for a body that
+// is not a JSON object or a "ready" that is not true or false.
+absl::StatusOr<bool> RepositoryIndexReadyFromJson(absl::string_view body);
+// The index as Triton's REST answers it: [{"name", "version", "state", "reason"}].
+std::string RepositoryIndexToJson(const inference::RepositoryIndexResponse& index);
+
 // {"error": message}
 std::string ErrorJson(absl::string_view message);
 

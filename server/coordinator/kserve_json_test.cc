@@ -126,6 +126,34 @@ TEST(KServeJsonTest, ResponsesCarryEachOutputsData) {
   EXPECT_EQ(binary->body.substr(binary->json_length), std::string(reinterpret_cast<const char*>(y), 8));
 }
 
+// An output's own "binary_data": false overrides the request's
+// "binary_data_output": true for that output (Triton's binary data
+// extension); the other output stays binary.
+TEST(KServeJsonTest, AnOutputsOwnBinaryDataFalseOverridesTheRequestsFlag) {
+  const std::string body =
+      R"({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],)"
+      R"( "parameters": {"binary_data_output": true},)"
+      R"( "outputs": [{"name": "y", "parameters": {"binary_data": false}}, {"name": "z"}]})";
+  auto req = InferRequestFromJson(body, "mlp", "");
+  ASSERT_TRUE(req.ok()) << req.status();
+  inference::ModelInferResponse resp;
+  const float y[2] = {0.5f, -1.0f};
+  for (const char* name : {"y", "z"}) {
+    auto* o = resp.add_outputs();
+    o->set_name(name);
+    o->set_datatype("FP32");
+    o->add_shape(2);
+    resp.add_raw_output_contents(std::string(reinterpret_cast<const char*>(y), 8));
+  }
+  auto json = InferResponseToJson(resp, *req);
+  ASSERT_TRUE(json.ok()) << json.status();
+  ASSERT_GT(json->json_length, 0);
+  const std::string head = json->body.substr(0, json->json_length);
+  EXPECT_THAT(head, HasSubstr(R"({"data":[0.5,-1.0],"datatype":"FP32","name":"y")"));
+  EXPECT_THAT(head, HasSubstr(R"("name":"z","parameters":{"binary_data_size":8})"));
+  EXPECT_EQ(json->body.substr(json->json_length), std::string(reinterpret_cast<const char*>(y), 8));
+}
+
 // Triton's binary tensor extension: the JSON, then each binary input's bytes.
 TEST(KServeJsonTest, BinaryInputsFollowTheJson) {
   const std::string json =

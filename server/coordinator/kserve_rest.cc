@@ -77,6 +77,7 @@ HttpResponse KServeRest::Handle(const HttpRequest& r) {
     if (generation_ != nullptr) m.add_extensions("generate");
     return Json(ServerMetadataToJson(m));
   }
+  if (p.size() >= 3 && p[0] == "v2" && p[1] == "repository") return Repository(r, p);
   if (p.size() >= 3 && p[0] == "v2" && p[1] == "models") {
     if (p.size() == 3 || p.size() == 4) return Model(r, p[2], "", p.size() == 4 ? p[3] : "");
     if ((p.size() == 5 || p.size() == 6) && p[3] == "versions") {
@@ -85,7 +86,31 @@ HttpResponse KServeRest::Handle(const HttpRequest& r) {
   }
   return Error(404, absl::StrCat("no route ", r.method, " ", r.path.substr(0, 200),
                                  " (KServe v2 REST: /v2, /v2/health/{live,ready}, "
-                                 "/v2/models/{model}[/versions/{version}][/ready|/infer])"));
+                                 "/v2/models/{model}[/versions/{version}][/ready|/infer], "
+                                 "/v2/repository/index)"));
+}
+
+HttpResponse KServeRest::Repository(const HttpRequest& r, const std::vector<std::string>& p) {
+  const bool index = p.size() == 3 && p[2] == "index";
+  const bool load = p.size() == 5 && p[2] == "models" && (p[4] == "load" || p[4] == "unload");
+  if (!index && !load) {
+    return Error(404, absl::StrCat("no route ", r.method, " ", r.path.substr(0, 200),
+                                   " (/v2/repository/index, /v2/repository/models/{model}/load "
+                                   "or /unload)"));
+  }
+  if (r.method != "POST") return WrongMethod(r, "POST");
+  if (load) {
+    absl::Status s = p[4] == "load" ? core_->RepositoryLoad("", p[3])
+                                    : core_->RepositoryUnload("", p[3]);
+    if (!s.ok()) return Error(core_->Public(s));
+    return Json("");
+  }
+  absl::StatusOr<bool> ready = RepositoryIndexReadyFromJson(r.body);
+  if (!ready.ok()) return Error(ready.status());
+  inference::RepositoryIndexResponse resp;
+  absl::Status s = core_->RepositoryIndex("", *ready, &resp);
+  if (!s.ok()) return Error(core_->Public(s));
+  return Json(RepositoryIndexToJson(resp));
 }
 
 HttpResponse KServeRest::Model(const HttpRequest& r, const std::string& model,
@@ -104,10 +129,13 @@ HttpResponse KServeRest::Model(const HttpRequest& r, const std::string& model,
   }
   if (action == "ready") {
     if (!get) return WrongMethod(r, "GET");
+    // Not ready, unknown or without that version: 400, as Triton answers
+    // (the protocol wants a 4xx for "not ready").
     absl::StatusOr<ModelInfo> info = core_->Model(model, version);
+    if (info.status().code() == absl::StatusCode::kNotFound) return Error(400, info.status().message());
     if (!info.ok()) return Error(core_->Public(info.status()));
     if (info->state != ModelState::kReady) {
-      return Error(503, absl::StrCat("model \"", model, "\" is ", ModelStateName(info->state)));
+      return Error(400, absl::StrCat("model \"", model, "\" is ", ModelStateName(info->state)));
     }
     return HttpResponse::Text(200, "");
   }

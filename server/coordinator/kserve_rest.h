@@ -1,10 +1,13 @@
 // KServe v2 REST (the Open Inference Protocol's HTTP binding, as Triton
 // serves it on :8000) over KServeCore: health, server and model metadata,
-// model readiness, and inference with JSON tensors (kserve_json.h). Thin:
+// model readiness, the repository index (kserve_core.h), and inference
+// with JSON tensors (kserve_json.h). Thin:
 // it routes, converts and maps errors, the core does the work, so answers
 // equal the gRPC service's. Errors are KServe's {"error": "..."} with 400
-// (a bad request), 404 (no such model, version or route), 405, 429 (the
-// model's queue is full), 503 (not ready) and 504 (the deadline passed).
+// (a bad request, or a model not ready), 404 (no such model, version or
+// route), 405, 429 (the model's queue is full), 503 (the server is not
+// ready, or a repository load or unload, which ModelService does) and 504
+// (the deadline passed).
 //
 // With a Generation, models exported for generation also answer Triton's
 // generate extension: POST .../generate (the whole answer) and
@@ -24,6 +27,7 @@
 #define PIPESERVE_SERVER_COORDINATOR_KSERVE_REST_H_
 
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "server/coordinator/generate_json.h"
@@ -47,6 +51,8 @@ class KServeRest {
   HttpResponse Handle(const HttpRequest& r);
 
  private:
+  // /v2/repository/index and /v2/repository/models/{model}/{load,unload}.
+  HttpResponse Repository(const HttpRequest& r, const std::vector<std::string>& path);
   // /v2/models/{model}[/versions/{version}][/{action}]
   HttpResponse Model(const HttpRequest& r, const std::string& model, const std::string& version,
                      const std::string& action);

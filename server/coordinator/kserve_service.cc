@@ -71,6 +71,12 @@ grpc::Status KServeService::ModelReady(grpc::ServerContext* ctx,
                                        const inference::ModelReadyRequest* req,
                                        inference::ModelReadyResponse* resp) {
   absl::StatusOr<ModelInfo> info = GetModel(*ctx, req->name(), req->version());
+  // An unknown model or version is not ready, as Triton answers, not an
+  // error; a refused token or a malformed version still is.
+  if (info.status().code() == absl::StatusCode::kNotFound) {
+    resp->set_ready(false);
+    return grpc::Status::OK;
+  }
   if (!info.ok()) return ToGrpcStatus(core_->Public(info.status()));
   resp->set_ready(info->state == ModelState::kReady);
   return grpc::Status::OK;
@@ -239,19 +245,25 @@ void KServeService::CloseStream(const std::shared_ptr<Stream>& st) {
 grpc::Status KServeService::RepositoryIndex(grpc::ServerContext* ctx,
                                             const inference::RepositoryIndexRequest* req,
                                             inference::RepositoryIndexResponse* resp) {
-  absl::Status auth = AuthorizeCall(tokens_, *ctx, Scope::kInfer);
-  if (!auth.ok()) return ToGrpcStatus(auth);
-  const std::shared_ptr<const std::vector<std::string>> known =
-      coordinator_->StageServerAddresses();
-  for (const ModelInfo& m : coordinator_->ListModels()) {
-    if (req->ready() && m.state != ModelState::kReady) continue;
-    auto* idx = resp->add_models();
-    idx->set_name(m.name);
-    idx->set_version(absl::StrCat(m.version));
-    idx->set_state(ModelStateName(m.state));
-    idx->set_reason(RedactAddresses(m.reason, *known));
-  }
-  return grpc::Status::OK;
+  absl::Status s = AuthorizeCall(tokens_, *ctx, Scope::kInfer);
+  if (s.ok()) s = core_->RepositoryIndex(req->repository_name(), req->ready(), resp);
+  return ToGrpcStatus(s);
+}
+
+grpc::Status KServeService::RepositoryModelLoad(grpc::ServerContext* ctx,
+                                                const inference::RepositoryModelLoadRequest* req,
+                                                inference::RepositoryModelLoadResponse*) {
+  absl::Status s = AuthorizeCall(tokens_, *ctx, Scope::kInfer);
+  if (s.ok()) s = core_->RepositoryLoad(req->repository_name(), req->model_name());
+  return ToGrpcStatus(core_->Public(s));
+}
+
+grpc::Status KServeService::RepositoryModelUnload(
+    grpc::ServerContext* ctx, const inference::RepositoryModelUnloadRequest* req,
+    inference::RepositoryModelUnloadResponse*) {
+  absl::Status s = AuthorizeCall(tokens_, *ctx, Scope::kInfer);
+  if (s.ok()) s = core_->RepositoryUnload(req->repository_name(), req->model_name());
+  return ToGrpcStatus(s);
 }
 
 }  // namespace pipeserve

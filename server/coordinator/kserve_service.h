@@ -80,6 +80,12 @@ class KServeService final : public inference::GRPCInferenceService::Service {
                                inference::ModelInferRequest>*) override;
   grpc::Status RepositoryIndex(grpc::ServerContext*, const inference::RepositoryIndexRequest*,
                                inference::RepositoryIndexResponse*) override;
+  grpc::Status RepositoryModelLoad(grpc::ServerContext*,
+                                   const inference::RepositoryModelLoadRequest*,
+                                   inference::RepositoryModelLoadResponse*) override;
+  grpc::Status RepositoryModelUnload(grpc::ServerContext*,
+                                     const inference::RepositoryModelUnloadRequest*,
+                                     inference::RepositoryModelUnloadResponse*) override;
 
  private:
   // Authorizes the call, checks the name and version, and looks the model up.

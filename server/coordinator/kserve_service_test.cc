@@ -93,6 +93,67 @@ class KServeServiceTest : public ::testing::Test {
   std::unique_ptr<inference::GRPCInferenceService::Stub> stub_;
 };
 
+// Regression: ModelReady for an unknown model or version failed with
+// NOT_FOUND, where Triton answers ready: false (tritonclient's
+// is_model_ready raised instead of returning False).
+TEST_F(KServeServiceTest, ModelReadyForAnUnknownModelOrVersionIsFalseNotAnError) {
+  Start(CoordinatorOptions{}, KServeOptions{});
+  auto ready = [&](const std::string& name, const std::string& version) {
+    grpc::ClientContext ctx;
+    inference::ModelReadyRequest req;
+    req.set_name(name);
+    req.set_version(version);
+    inference::ModelReadyResponse resp;
+    grpc::Status s = stub_->ModelReady(&ctx, req, &resp);
+    return s.ok() ? (resp.ready() ? "ready" : "not ready") : s.error_message();
+  };
+  EXPECT_EQ(ready("m", ""), "ready");
+  EXPECT_EQ(ready("m", "1"), "ready");
+  EXPECT_EQ(ready("nope", ""), "not ready");
+  EXPECT_EQ(ready("m", "7"), "not ready");
+}
+
+// Regression: ServerMetadata claimed the model_repository extension, but
+// RepositoryModelLoad and RepositoryModelUnload were UNIMPLEMENTED. A load
+// of a model that serves succeeds; any other load, and an unload, names
+// ModelService, which uploads and unloads; a named repository is refused.
+TEST_F(KServeServiceTest, RepositoryLoadAndUnloadAnswerAsTheExtensionSays) {
+  Start(CoordinatorOptions{}, KServeOptions{});
+  auto load = [&](const std::string& repository, const std::string& model, bool unload) {
+    grpc::ClientContext ctx;
+    grpc::Status s;
+    if (unload) {
+      inference::RepositoryModelUnloadRequest req;
+      req.set_repository_name(repository);
+      req.set_model_name(model);
+      inference::RepositoryModelUnloadResponse resp;
+      s = stub_->RepositoryModelUnload(&ctx, req, &resp);
+    } else {
+      inference::RepositoryModelLoadRequest req;
+      req.set_repository_name(repository);
+      req.set_model_name(model);
+      inference::RepositoryModelLoadResponse resp;
+      s = stub_->RepositoryModelLoad(&ctx, req, &resp);
+    }
+    return s;
+  };
+  EXPECT_TRUE(load("", "m", false).ok());
+  grpc::Status s = load("", "nope", false);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(s.error_message(), HasSubstr("ModelService/Upload"));
+  s = load("", "m", true);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(s.error_message(), HasSubstr("ModelService/Unload"));
+  s = load("other", "m", false);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED);
+  EXPECT_THAT(s.error_message(), HasSubstr("repository_name \"other\""));
+  grpc::ClientContext ctx;
+  inference::RepositoryIndexRequest req;
+  req.set_repository_name("other");
+  inference::RepositoryIndexResponse resp;
+  EXPECT_EQ(stub_->RepositoryIndex(&ctx, req, &resp).error_code(), grpc::StatusCode::UNIMPLEMENTED);
+}
+
 // Regression: a streamed request's default deadline started when a pool
 // thread took it, not when it arrived, so one that had waited out its
 // whole deadline behind a slow request still ran in full afterwards.

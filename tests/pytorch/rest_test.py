@@ -79,6 +79,27 @@ class RestTest(unittest.TestCase):
         self.assertEqual(meta["name"], "pipeserve")
         self.assertIn("model_repository", meta["extensions"])
 
+    def test_the_repository_extension_answers_over_rest(self):
+        # Regression: ServerMetadata claimed model_repository, but REST had
+        # no /v2/repository route (404).
+        status, data = self.request("POST", "/v2/repository/index", "{\"ready\": true}")
+        self.assertEqual(status, 200, data)
+        index = {m["name"]: m for m in json.loads(data)}
+        self.assertEqual(index["mlp"]["state"], "READY")
+        self.assertEqual(index["mlp"]["version"], "1")
+        self.assertEqual(self.request("POST", "/v2/repository/index")[0], 200)
+        status, data = self.request("POST", "/v2/repository/index", "{\"ready\": 1}")
+        self.assertEqual(status, 400)
+        self.assertIn("\"ready\" must be true or false", json.loads(data)["error"])
+        self.assertEqual(self.request("POST", "/v2/repository/models/mlp/load")[0], 200)
+        status, data = self.request("POST", "/v2/repository/models/nope/load")
+        self.assertEqual(status, 503)
+        self.assertIn("ModelService/Upload", json.loads(data)["error"])
+        status, data = self.request("POST", "/v2/repository/models/mlp/unload")
+        self.assertEqual(status, 503)
+        self.assertIn("ModelService/Unload", json.loads(data)["error"])
+        self.assertEqual(self.request("GET", "/v2/repository/index")[0], 405)
+
     def test_model_metadata_and_readiness(self):
         status, data = self.request("GET", "/v2/models/mlp")
         self.assertEqual(status, 200, data)
@@ -93,9 +114,13 @@ class RestTest(unittest.TestCase):
         status, data = self.request("GET", "/v2/models/mlp/versions/7")
         self.assertEqual(status, 404)
         self.assertIn("has no version \"7\"", json.loads(data)["error"])
+        # Unknown, or without that version: not ready, 400 as Triton answers.
         status, data = self.request("GET", "/v2/models/nope/ready")
-        self.assertEqual(status, 404)
+        self.assertEqual(status, 400)
         self.assertIn("nope", json.loads(data)["error"])
+        status, data = self.request("GET", "/v2/models/mlp/versions/7/ready")
+        self.assertEqual(status, 400)
+        self.assertIn("has no version \"7\"", json.loads(data)["error"])
 
     def test_json_inference_equals_grpc(self):
         x = np.random.RandomState(1).randn(5, 8).astype(np.float32)
