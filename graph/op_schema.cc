@@ -263,6 +263,25 @@ InferResult InferLayerNorm(const Node& node, const Shapes& in) {
   return One(x);
 }
 
+}  // namespace
+
+absl::Status CheckReductionHasValues(const Node& node, const Shape& x) {
+  if (node.op() != "amax") return absl::OkStatus();
+  std::vector<int64_t> dims = ResolvedInts(node, "dims", {}, -1);
+  std::vector<bool> reduce(x.size(), dims.empty());
+  for (int64_t d : dims) {
+    absl::StatusOr<int> nd = NormalizeDim(d, static_cast<int>(x.size()));
+    if (nd.ok()) reduce[*nd] = true;
+  }
+  bool reduced_empty = false, kept_empty = false;
+  for (size_t i = 0; i < x.size(); ++i) (reduce[i] ? reduced_empty : kept_empty) |= x[i] == 0;
+  if (!reduced_empty || kept_empty) return absl::OkStatus();
+  return Bad(absl::StrCat("amax over a dimension of size 0 (input ", ShapeToString(x),
+                          ") has no value; PyTorch refuses it too"));
+}
+
+namespace {
+
 // sum/mean/amax over attr dims (empty: all), keepdim.
 InferResult InferReduce(const Node& node, const Shapes& in) {
   const Shape& x = in[0];
@@ -273,6 +292,7 @@ InferResult InferReduce(const Node& node, const Shapes& in) {
     if (!nd.ok()) return nd.status();
     reduce[*nd] = true;
   }
+  if (absl::Status s = CheckReductionHasValues(node, x); !s.ok()) return s;
   bool keep = IntAttr(node, "keepdim", 0) != 0;
   Shape out;
   for (size_t i = 0; i < x.size(); ++i) {
@@ -577,7 +597,9 @@ void AddComputeOps(Ops* ops) {
   add({"sample_tokens", 5, 5, 1, InferSampleTokens, zero_flops, SampleTokensType});
   add({"log_softmax", 1, 1, 1, InferSoftmax, elementwise_flops, FloatOnly});
   add({"layer_norm", 1, 3, 1, InferLayerNorm, elementwise_flops, FloatOnly});
-  for (const char* name : {"sum", "mean", "amax"}) {
+  // PyTorch's mean takes only floating-point tensors.
+  add({"mean", 1, 1, 1, InferReduce, elementwise_flops, FloatOnly});
+  for (const char* name : {"sum", "amax"}) {
     add({name, 1, 1, 1, InferReduce, elementwise_flops, nullptr});
   }
 }

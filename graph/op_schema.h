@@ -96,6 +96,12 @@ std::vector<std::string> KnownOps();
 // The broadcast shape of `a` and `b` (numpy rules), or kInvalidArgument.
 absl::StatusOr<Shape> BroadcastShapes(const Shape& a, const Shape& b);
 
+// kInvalidArgument for an amax `node` over `x` whose reduced dimensions
+// hold no element while its output has some (PyTorch refuses it: "Expected
+// reduction dim to have non-zero size"); dims of -1 (sizes not known
+// before run time) pass. Ok for any other op.
+absl::Status CheckReductionHasValues(const Node& node, const Shape& x);
+
 // Binary ops take a scalar operand as attribute "scalar" (one tensor input);
 // "reverse" = 1 when the scalar is the left operand (`1.0 - x`).
 bool HasScalarOperand(const Node& node);

@@ -233,5 +233,26 @@ TEST(ValidateTest, AnInferredShapeBeyondTheRankLimitIsInvalid) {
   ExpectInvalid(b.graph(), "node \"u30\" (unsqueeze): its output shape has 33 dimensions");
 }
 
+// Regression: an amax over a dimension of size 0 was accepted (and gave
+// -inf), and a mean over integers; PyTorch refuses both. Over a size only
+// known at run time, or with an empty output, an amax is fine.
+TEST(ValidateTest, AnAmaxOverNothingAndAnIntegerMeanAreInvalid) {
+  auto amax = [](Shape x, std::vector<int64_t> dims) {
+    GraphBuilder b;
+    b.Input("x", x);
+    b.Op("amax", {"x"}, "m", "", {{"dims", AttrInts(dims)}}).Output("m");
+    return b.graph();
+  };
+  ExpectInvalid(amax({-1, 0}, {1}),
+                "node \"m\" (amax): amax over a dimension of size 0 (input [B,0]) has no value");
+  EXPECT_TRUE(ValidateGraph(amax({-1, 3}, {1})).ok());
+  EXPECT_TRUE(ValidateGraph(amax({4, 0}, {0})).ok()) << "an empty output";
+  GraphBuilder b;
+  b.Input("x", {-1, 3});
+  b.graph().mutable_inputs(0)->set_dtype(DT_INT64);
+  b.Op("mean", {"x"}, "m", "", {{"dims", AttrInts({1})}}).Output("m");
+  ExpectInvalid(b.graph(), "node \"m\" (mean): needs a floating-point input, got int64");
+}
+
 }  // namespace
 }  // namespace pipeserve

@@ -313,7 +313,7 @@ TEST(ReferenceTest, ReductionsOverDimsWithKeepdim) {
   ExpectRef(Apply(N("sum").Ints("dims", {0}), {Ref({3}, {-1, 5, 7}, DT_INT64)}),
             {}, DT_INT64, {11});
   ExpectError(Apply(N("mean").Ints("dims", {0}), {Ref({2}, {1, 2}, DT_INT64)}),
-              absl::StatusCode::kInvalidArgument, "floating point only");
+              absl::StatusCode::kInvalidArgument, "needs a floating-point input, got int64");
 }
 
 // ---- products ---------------------------------------------------------------

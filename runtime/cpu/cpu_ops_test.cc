@@ -520,6 +520,36 @@ TEST_F(CpuOpsConformance, FusedElementwiseGroup) {
 // linear over an inner dimension of 0 is its bias (or zeros) in every row,
 // as in PyTorch: the output buffer (a reused scratch full of NaN) is
 // written, not left as it was.
+// Regression: a mean over a dimension of size 0 gave 0 and an amax -inf;
+// PyTorch gives NaN and refuses the amax ("Expected reduction dim 1 to
+// have non-zero size"). A sum is 0, and a reduction whose output is empty
+// too is fine.
+TEST(CpuOpsTest, ReductionsOverAnEmptyDimensionAnswerAsPyTorch) {
+  auto reduce = [](const std::string& op, std::vector<int64_t> dims) {
+    Node n = MakeNode(op);
+    for (int64_t d : dims) n.mutable_attrs()->operator[]("dims").mutable_ints()->add_v(d);
+    return n;
+  };
+  for (DataType t : {DT_FLOAT32, DT_BFLOAT16}) {
+    const Tensor x = Make({3, 0}, t, {});
+    absl::StatusOr<Tensor> mean = RunCpuOp(reduce("mean", {1}), {&x}, {3}, t, Make({3}, t, {7, 7, 7}));
+    ASSERT_TRUE(mean.ok()) << mean.status();
+    for (int64_t i = 0; i < 3; ++i) EXPECT_TRUE(std::isnan(At(*mean, i))) << TorchName(t);
+    absl::StatusOr<Tensor> sum = RunCpuOp(reduce("sum", {1}), {&x}, {3}, t, Make({3}, t, {7, 7, 7}));
+    ASSERT_TRUE(sum.ok()) << sum.status();
+    for (int64_t i = 0; i < 3; ++i) EXPECT_EQ(At(*sum, i), 0.0) << TorchName(t);
+    for (std::vector<int64_t> dims : {std::vector<int64_t>{1}, std::vector<int64_t>{}}) {
+      absl::StatusOr<Tensor> amax = RunCpuOp(reduce("amax", dims), {&x}, dims.empty() ? Shape{} : Shape{3},
+                                             t, Make(dims.empty() ? Shape{} : Shape{3}, t, {7, 7, 7}));
+      EXPECT_EQ(amax.status().code(), absl::StatusCode::kInvalidArgument) << TorchName(t);
+      EXPECT_THAT(std::string(amax.status().message()),
+                  HasSubstr("amax over a dimension of size 0 (input [3,0])"));
+    }
+    const Tensor y = Make({0, 3}, t, {});
+    EXPECT_TRUE(RunCpuOp(reduce("amax", {1}), {&y}, {0}, t, Make({0}, t, {})).ok());
+  }
+}
+
 TEST(CpuOpsTest, LinearOverAnInnerDimensionOf0IsItsBias) {
   for (DataType t : {DT_FLOAT32, DT_BFLOAT16}) {
     for (bool with_bias : {false, true}) {

@@ -35,6 +35,7 @@ absl::StatusOr<kernels::ReduceOp> ReductionOf(const Node& node, const Shape& x) 
       op.out_n *= x[k];
     }
   }
+  if (absl::Status s = CheckReductionHasValues(node, x); !s.ok()) return s;
   return op;
 }
 

@@ -8,6 +8,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 #include "graph/dtype.h"
 #include "graph/op_schema.h"
 #include "runtime/cpu/cpu_kernels.h"
@@ -206,12 +207,15 @@ void ReduceT(const Node& node, const Tensor& x, Tensor* out) {
   T* o = out->data_as<T>();
   for (int64_t i = 0; i < m; ++i) {
     Acc v = acc[i];
-    if (node.op() == "mean" && count > 0) v /= static_cast<Acc>(count);
+    if (node.op() == "mean") {  // over nothing: NaN, as in PyTorch
+      v = count > 0 ? v / static_cast<Acc>(count) : std::numeric_limits<Acc>::quiet_NaN();
+    }
     o[i] = static_cast<T>(v);
   }
 }
 
 absl::Status Reduce(const Node& node, const Tensor& x, Tensor* out) {
+  RETURN_IF_ERROR(CheckReductionHasValues(node, x.shape()));
   switch (x.dtype()) {
     case DT_FLOAT32: ReduceT<float, double>(node, x, out); break;
     case DT_INT64: ReduceT<int64_t, int64_t>(node, x, out); break;

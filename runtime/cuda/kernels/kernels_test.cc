@@ -325,5 +325,19 @@ TEST(KernelsTest, RotaryMatchesFloat64InEveryFloatType) {
   }
 }
 
+// Regression: an amax over a dimension of size 0 lowered to a kernel that
+// gave -inf; PyTorch refuses it. A mean over one is NaN (0 / 0 in the
+// kernel), a sum 0.
+TEST(ReductionLoweringTest, AnAmaxOverAnEmptyDimensionIsRefused) {
+  Node node;
+  node.set_op("amax");
+  node.mutable_attrs()->operator[]("dims").mutable_ints()->add_v(1);
+  absl::StatusOr<ReduceOp> r = ReductionOf(node, {3, 0});
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+  EXPECT_TRUE(ReductionOf(node, {0, 3}).ok()) << "an empty output";
+  node.set_op("mean");
+  EXPECT_TRUE(ReductionOf(node, {3, 0}).ok());
+}
+
 }  // namespace
 }  // namespace pipeserve::kernels
