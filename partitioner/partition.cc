@@ -71,19 +71,19 @@ absl::StatusOr<std::vector<Cut>> CutsFromModel(
           "split_spec for module \"", module, "\" has no split point"));
     }
   }
-  std::sort(cuts.begin(), cuts.end(),
-            [](const Cut& a, const Cut& b) { return a.position < b.position; });
+  // Cuts at one place are one cut, as in PyTorch's pipelining (a
+  // pipe_split right after another is dropped) and the exporter's count.
+  std::stable_sort(cuts.begin(), cuts.end(),
+                   [](const Cut& a, const Cut& b) { return a.position < b.position; });
+  cuts.erase(std::unique(cuts.begin(), cuts.end(),
+                         [](const Cut& a, const Cut& b) { return a.position == b.position; }),
+             cuts.end());
   int total = static_cast<int>(compute.size());
-  for (size_t i = 0; i < cuts.size(); ++i) {
-    const Cut& c = cuts[i];
-    if (c.position == 0 || c.position == total ||
-        (i > 0 && cuts[i - 1].position == c.position)) {
-      std::string where =
-          c.position == 0 ? "before the first node"
-          : c.position == total ? "after the last node"
-                                : absl::StrCat("right after ", cuts[i - 1].reason);
+  for (const Cut& c : cuts) {
+    if (c.position == 0 || c.position == total) {
       return absl::InvalidArgumentError(absl::StrCat(
-          c.reason, " makes an empty stage (it cuts ", where, ")"));
+          c.reason, " makes an empty stage (it cuts ",
+          c.position == 0 ? "before the first node" : "after the last node", ")"));
     }
   }
   return cuts;
