@@ -331,11 +331,18 @@ class TransformerExportTest(unittest.TestCase):
         cases = [(lambda h: h.mean(0), "depends on the batch rows"),
                  (lambda h: h - h.mean(0, keepdim=True), "mixes rows of the batch"),
                  (lambda h: h.reshape(-1, 4), "one output row per input row"),
-                 (lambda h: h.t(), "one output row per input row")]
+                 (lambda h: h.t(), "one output row per input row"),
+                 # Regression: these are unchanged by a duplicated row 0,
+                 # the only probe there was, and exported.
+                 (lambda h: h.amax(0), "depends on the batch rows"),
+                 (lambda h: h - h.amax(0, keepdim=True), "mixes rows of the batch"),
+                 (lambda h: h + h[0], "mixes rows of the batch"),
+                 (lambda h: h / h.abs().amax(), "mixes rows of the batch")]
         for f, why in cases:
-            with self.assertRaises(pipeserve.ExportError) as e:
-                pipeserve.export(Out(f), (torch.randn(4, 8),), os.path.join(_scratch(), "o.psm"))
-            self.assertIn(why, str(e.exception))
+            for example in (torch.randn(4, 8), torch.randn(1, 8)):
+                with self.assertRaises(pipeserve.ExportError) as e:
+                    pipeserve.export(Out(f), (example,), os.path.join(_scratch(), "o.psm"))
+                self.assertIn(why, str(e.exception))
         encoder = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0).eval()  # [T, B, D]
         with self.assertRaises(pipeserve.ExportError) as e:
             pipeserve.export(encoder, (torch.randn(6, 2, 8),), os.path.join(_scratch(), "e.psm"))

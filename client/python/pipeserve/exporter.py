@@ -154,6 +154,7 @@ def export(module, example_args, path, example_kwargs=None, split_spec=None,
         raise ExportError(f"replicated/dynamic_dims name unknown inputs "
                           f"{sorted(unknown)}; inputs are {names}")
     examples, free = _examples(inputs, replicated, dynamic_dims)
+    probe_inputs = _row_probe_inputs(inputs, examples, replicated)
     state = _StateTensors(module)
     for key, t in module.state_dict(keep_vars=True).items():
         if isinstance(t, torch.Tensor):
@@ -162,6 +163,7 @@ def export(module, example_args, path, example_kwargs=None, split_spec=None,
     fx_graph = tracer.trace_module(module)
 
     converter = _Converter(module, tracer, state)
+    converter.probe_outputs = _run_eagerly(module, probe_inputs)
     for name, _, value in inputs:
         converter.add_input(name, value, batched=name not in replicated,
                             free_dims=free[name])
@@ -202,6 +204,51 @@ def _examples(inputs, replicated, dynamic_dims):
         # variant's own tensor, never on the caller's.
         examples[name] = [value.clone(), grown_batch.clone(), grown_free.clone()]
     return examples, free
+
+
+def _row_probe_inputs(inputs, examples, replicated):
+    """Variant 1's inputs with batch row 0 changed (_changed_row0), as
+    [(name, is keyword, tensor)]; None when no input changes. Outputs on
+    these keep rows 1.. of variant 1's wherever rows do not mix: a
+    duplicated row 0 alone hides reductions over the batch (amax(0))."""
+    probe, changed = [], False
+    for name, is_kw, _ in inputs:
+        x = examples[name][1].clone()  # before tracing: an in-place op writes variants
+        if name not in replicated and x.dim():
+            y = _changed_row0(x)
+            changed = changed or not torch.equal(y, x)
+            x = y
+        probe.append((name, is_kw, x))
+    return probe if changed else None
+
+
+def _changed_row0(x):
+    """x with row 0 changed: floats moved past every other row's values,
+    up and down in turn along the last dim (so maxima and minima over rows
+    change); integers and bools rolled along the last dim, or row 1's."""
+    y = x.clone()
+    if x.is_floating_point():
+        delta = 1 + 2 * float(x.abs().max()) if x.numel() else 1.0
+        sign = torch.ones(x.shape[-1] if x.dim() > 1 else 1, dtype=torch.float64)
+        sign[1::2] = -1
+        y[0] = (x[0].double() + delta * sign).to(x.dtype)
+    elif x.dim() > 1 and x.shape[-1] > 1:
+        y[0] = torch.roll(x[0], 1, dims=-1)
+    elif x.shape[0] > 1:
+        y[0] = x[1]
+    return y
+
+
+def _run_eagerly(module, probe):
+    """module's outputs on `probe` (_row_probe_inputs), as a list; None
+    for no probe."""
+    if probe is None:
+        return None
+    args = [x for _, is_kw, x in probe if not is_kw]
+    kwargs = {name: x for name, is_kw, x in probe if is_kw}
+    with torch.no_grad():
+        out = module(*args, **kwargs)
+    return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
 def _make_cache_aware(graph, converter, ids, logits):
@@ -939,7 +986,8 @@ class _Converter(OpConverter):
         low_precision = any(
             isinstance(n.meta.get("ex", [None])[0], torch.Tensor) and
             n.meta["ex"][0].dtype in (torch.float16, torch.bfloat16) for n in self._position)
-        for v in values:
+        probe = getattr(self, "probe_outputs", None)
+        for i, v in enumerate(values):
             if not isinstance(v, torch.fx.Node):
                 raise ExportError(f"forward returns a {type(v).__name__}; only "
                                   "a tensor or a tuple/list of tensors can be "
@@ -948,7 +996,8 @@ class _Converter(OpConverter):
                 raise ExportError(f"forward returns '{v.name}', a "
                                   f"{type(v.meta['ex'][0]).__name__}; only "
                                   "tensors can be model outputs")
-            _check_rows(v, low_precision)
+            _check_rows(v, low_precision,
+                        probe[i] if probe is not None and i < len(probe) else None)
             name = self._use(v, "")
             if v.op == "placeholder":
                 # Every output must be made by a node, even an input returned
@@ -978,16 +1027,18 @@ def _close(a, b, low_precision):
     return torch.allclose(a, b, rtol=tol, atol=tol * 0.1 * scale, equal_nan=True)
 
 
-def _check_rows(node, low_precision):
+def _check_rows(node, low_precision, probe=None):
     """Refuses an output the server would answer wrong. It splits a request
     into microbatches by rows of dim 0 (the batch) and merges requests the
     same way, so a batched output's row i must come from input row i alone,
     one row each, and an output without the batch dim from no row. Variant
-    1 of the examples has one more batch row, a copy of row 0 (_grow)."""
+    1 of the examples has one more batch row, a copy of row 0 (_grow);
+    `probe` is the output on variant 1 with row 0 changed (_row_probe_inputs)."""
     e0, e1 = node.meta["ex"][0], node.meta["ex"][1]
     where = f"output '{node.name}'"
     if e0.shape == e1.shape:
-        if not _close(e0, e1, low_precision):
+        if not _close(e0, e1, low_precision) or (
+                isinstance(probe, torch.Tensor) and not _close(probe, e1, low_precision)):
             raise ExportError(
                 f"{where} has no batch dimension but depends on the batch rows (a reduction "
                 "or transpose over dim 0?): the server splits and merges requests by rows of "
@@ -1000,7 +1051,10 @@ def _check_rows(node, low_precision):
             "one row more: the server needs one output row per input row along dim 0 (keep "
             "the batch dimension first, e.g. reshape to (B, -1, D); with an example batch of "
             "1, squeeze() drops it: give 2 rows or squeeze(dim))")
-    if not (_close(e1[:rows], e0, low_precision) and _close(e1[rows:], e0[:1], low_precision)):
+    probe_mixes = isinstance(probe, torch.Tensor) and not (
+        probe.shape == e1.shape and _close(probe[1:], e1[1:], low_precision))
+    if probe_mixes or not (_close(e1[:rows], e0, low_precision) and
+                           _close(e1[rows:], e0[:1], low_precision)):
         raise ExportError(
             f"{where} mixes rows of the batch (dim 0): its row i must come from input row i "
             "alone, as the server splits and merges requests by rows (batch_first=False? "
