@@ -772,7 +772,8 @@ void Coordinator::MonitorLoop() {
       // others); the last one to fail breaks the deployment.
       for (const Deployment::LaneHealth& h :
            d->CheckLanes(std::max(options_.health_interval, absl::Seconds(1)))) {
-        if (!h.status.ok() && d->BreakLane(h.lane, h.generation, std::string(h.status.message()))) {
+        if (!h.status.ok() &&
+            d->BreakLane(h.lane, h.generation, std::string(h.status.message()), h.link_only)) {
           ScheduleRepair(d->name());
         }
       }

@@ -1238,6 +1238,32 @@ TEST_F(CoordinatorTest, ARequestLostWithItsStageServerTwiceIsNotRunAThirdTime) {
   ExpectEqual((*good)[0], Expected(m, in)[0]);
 }
 
+// Regression: a request caught twice by a link that failed between two
+// live stage servers ("stage 0 cannot send on: the stage ended the
+// stream") failed as lost twice, though no server died: in a netns run a
+// 4 s cut lost 4 requests so, once before the repair and once after it,
+// while the new stage 0's channel to stage 1 still backed off. A link
+// failure now counts against no request: this one runs a third time, and
+// succeeds.
+TEST_F(CoordinatorTest, ARequestCaughtTwiceByALinkBetweenLiveServersRunsAgain) {
+  TearDown();
+  std::atomic<int> runs{0};
+  Start(Options(), std::make_shared<CrashingBackend>([&] {
+          // Stage 0 runs it; its two sends to stage 1 (one and the
+          // host's retry) fail, the first two times.
+          if (runs++ < 2) stages_->FailLinkSends("s1:9000", 2);
+        }));
+  Model m = Mlp(2);
+  ASSERT_TRUE(Upload("mlp", m).ok());
+  // One row, one microbatch: no other send clears stage 0's error first.
+  std::vector<Tensor> in = {Ramp({1, 8}, 1), Ramp({1, 8}, 1)};
+  in[0].data()[0] = 666.0f;
+  auto out = coordinator_->Infer("mlp", in, absl::Now() + absl::Seconds(20));
+  ASSERT_TRUE(out.ok()) << out.status();
+  ExpectEqual((*out)[0], Expected(m, in)[0]);
+  EXPECT_EQ(runs.load(), 3) << "cut twice, then through";
+}
+
 // Uploads `first` (2-stage MLPs), then uploads `uploading` (automatic cuts,
 // so it calibrates) with its calibration held at a gate, kills a stage
 // server every model uses, and waits up to 10 s for `watched` to be

@@ -530,14 +530,15 @@ void Deployment::FailAll(const absl::Status& error) {
   while (!pending_.empty()) Finish(pending_.begin()->first, error);
 }
 
-void Deployment::FailBroken(const std::string& why, int lane) {
+void Deployment::FailBroken(const std::string& why, int lane, bool link_only) {
   // A request is lost with the servers only if some microbatch of it was
   // out on them (sent, not answered); lost again after a replay, it is
-  // lost twice. The rest simply wait for the repair.
+  // lost twice. The rest, and all after a link failure, simply wait for
+  // the repair.
   std::vector<std::pair<uint64_t, absl::Status>> ends;
   for (auto& [id, p] : pending_) {
     bool in_flight = false, again = false;
-    for (size_t m = 0; m < p->outputs.size(); ++m) {
+    for (size_t m = 0; m < p->outputs.size() && !link_only; ++m) {
       if (!p->Out(m, lane)) continue;
       in_flight = true;
       again = again || p->LastChance(m);
@@ -902,9 +903,11 @@ std::vector<Deployment::LaneHealth> Deployment::CheckLanes(absl::Duration timeou
                                                        " failed its health check: ",
                                                        stats.status().message()));
       } else if (!stats->downstream_error().empty()) {
-        h.status = absl::UnavailableError(absl::StrCat("stage ", i, replica, " on ", address,
-                                                       " cannot send on: ",
-                                                       stats->downstream_error()));
+        h.link_only = i + 1 < a.keys.size() &&
+                      config_.stages->GetStageStats(a.servers[i + 1], a.keys[i + 1], deadline).ok();
+        h.status = absl::UnavailableError(absl::StrCat(
+            "stage ", i, replica, " on ", address, " cannot send on: ", stats->downstream_error(),
+            h.link_only ? absl::StrCat(" (stage ", i + 1, " answers: the link failed)") : ""));
       } else if (i + 1 == a.keys.size() && !stats->results_subscribed()) {
         h.status = absl::UnavailableError(absl::StrCat(
             "stage ", i, replica, " on ", address, " has lost the results subscription"));
@@ -915,7 +918,8 @@ std::vector<Deployment::LaneHealth> Deployment::CheckLanes(absl::Duration timeou
   return out;
 }
 
-bool Deployment::BreakLane(int lane, uint64_t generation, const std::string& why) {
+bool Deployment::BreakLane(int lane, uint64_t generation, const std::string& why,
+                           bool link_only) {
   absl::MutexLock lock(&mu_);
   if (closing_ || info_.state != ModelState::kReady || lane < 0 || lane >= replicas_) {
     return false;
@@ -926,7 +930,7 @@ bool Deployment::BreakLane(int lane, uint64_t generation, const std::string& why
   if (ReadyLanes() == 0) {
     info_.state = ModelState::kUnavailable;
     info_.reason = why;
-    FailBroken(why, lane);
+    FailBroken(why, lane, link_only);
     return true;
   }
   // The others carry on; what was in this lane runs again there, once.
@@ -935,11 +939,11 @@ bool Deployment::BreakLane(int lane, uint64_t generation, const std::string& why
     bool handed_back = false;
     for (size_t m = 0; m < p->outputs.size(); ++m) {
       if (!p->Out(m, lane)) continue;
-      if (p->LastChance(m)) {
+      if (!link_only && p->LastChance(m)) {
         lost_twice.push_back(id);
         break;
       }
-      ++p->lost[m];
+      if (!link_only) ++p->lost[m];
       p->lane[m] = -1;
       p->to_send.push_back(static_cast<int>(m));
       handed_back = true;

@@ -205,6 +205,9 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
     int lane = 0;
     uint64_t generation = 0;
     absl::Status status;
+    // A stage cannot send on while the next one answers: a link failed
+    // between two live servers, which no request can have caused.
+    bool link_only = false;
   };
   std::vector<LaneHealth> CheckLanes(absl::Duration timeout);
 
@@ -212,8 +215,9 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   // unfinished microbatches run again on the other lanes. When it was the
   // last ready lane the deployment breaks as with Break. Returns false if
   // the lane was not ready (or was reloaded since): only the first caller
-  // repairs.
-  bool BreakLane(int lane, uint64_t generation, const std::string& why);
+  // repairs. A `link_only` break (LaneHealth) counts against no request:
+  // those it catches in flight run again as if never sent, however often.
+  bool BreakLane(int lane, uint64_t generation, const std::string& why, bool link_only = false);
 
   // Per stage: mean seconds computing a microbatch so far, over the ready
   // lanes' servers (from their stats; 0 for a stage none has computed for,
@@ -360,7 +364,8 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   // broke: LostInFlight for those with a microbatch out on it, LostTwice
   // for those with one out on it again after a replay, kUnavailable for
   // the rest.
-  void FailBroken(const std::string& why, int lane) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void FailBroken(const std::string& why, int lane, bool link_only = false)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void SendCancel(uint64_t id);
   void UnloadStages();
 

@@ -15,10 +15,15 @@ constexpr size_t kChunkBytes = 1 << 20;
 // FrameSender follows its address.
 class RoutedSink : public FrameSink {
  public:
-  RoutedSink(InProcessStages* stages, std::string address, StageKey key)
-      : stages_(stages), address_(std::move(address)), key_(std::move(key)) {}
+  // `link`: a stage's sink to the next (Dial), not the coordinator's.
+  RoutedSink(InProcessStages* stages, std::string address, StageKey key, bool link)
+      : stages_(stages), address_(std::move(address)), key_(std::move(key)), link_(link) {}
 
   absl::Status Send(Frame frame, absl::Time deadline) override {
+    if (link_ && stages_->TakeLinkFailure(address_)) {
+      return absl::UnavailableError(
+          absl::StrCat("sending to ", address_, ": the stage ended the stream (a cut link)"));
+    }
     std::shared_ptr<FrameSink> inner;
     std::shared_ptr<StageServerCore> server;
     {
@@ -51,6 +56,7 @@ class RoutedSink : public FrameSink {
   InProcessStages* const stages_;
   const std::string address_;
   const StageKey key_;
+  const bool link_;
   absl::Mutex mu_;
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
   const StageServerCore* server_ ABSL_GUARDED_BY(mu_) = nullptr;  // identity only
@@ -198,12 +204,25 @@ absl::StatusOr<StageStatsResponse> InProcessStages::GetStageStats(const std::str
 
 std::shared_ptr<FrameSink> InProcessStages::OpenInput(const std::string& address,
                                                       const StageKey& key) {
-  return std::make_shared<RoutedSink>(this, address, key);
+  return std::make_shared<RoutedSink>(this, address, key, /*link=*/false);
 }
 
 std::shared_ptr<FrameSink> InProcessStages::Dial(const std::string& address,
                                                  const StageKey& key) {
-  return std::make_shared<RoutedSink>(this, address, key);
+  return std::make_shared<RoutedSink>(this, address, key, /*link=*/true);
+}
+
+void InProcessStages::FailLinkSends(const std::string& address, int n) {
+  absl::MutexLock lock(&mu_);
+  failing_link_sends_[address] = n;
+}
+
+bool InProcessStages::TakeLinkFailure(const std::string& address) {
+  absl::MutexLock lock(&mu_);
+  auto it = failing_link_sends_.find(address);
+  if (it == failing_link_sends_.end() || it->second <= 0) return false;
+  --it->second;
+  return true;
 }
 
 absl::StatusOr<std::unique_ptr<StageClient::Subscription>> InProcessStages::SubscribeResults(

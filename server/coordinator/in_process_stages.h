@@ -33,6 +33,13 @@ class InProcessStages : public StageClient, public Dialer {
   // Stops every stage of the server at `address` and takes it away: calls
   // to the address fail with kUnavailable until AddServer.
   void KillServer(const std::string& address);
+  // The next `n` sends from a stage to the server at `address` fail as
+  // over a cut link ("the stage ended the stream"); the coordinator's own
+  // calls to it still work.
+  void FailLinkSends(const std::string& address, int n);
+  // Whether a stage's send to `address` fails now (FailLinkSends), taking
+  // one failure.
+  bool TakeLinkFailure(const std::string& address);
   // The server at `address`, or null; shared so a test can hold it.
   std::shared_ptr<StageServerCore> Server(const std::string& address);
   // LoadStage calls so far (each sends a stage's weights).
@@ -63,6 +70,7 @@ class InProcessStages : public StageClient, public Dialer {
   std::atomic<int> load_calls_{0};
   absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<StageServerCore>> servers_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, int> failing_link_sends_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace pipeserve
