@@ -444,6 +444,26 @@ class GenerationFailoverTest(unittest.TestCase):
         self.run_through_a_kill(replicas=2)
 
 
+def generating(client, prompt, n):
+    """Starts generating n tokens of `prompt` on a thread and waits for the
+    first; returns the thread, the tokens so far and the errors (lists
+    that fill as it runs)."""
+    got, errors = [], []
+
+    def run():
+        try:
+            for t in client.generate("gpt2", prompt, max_tokens=n):
+                got.append(t)
+        except pipeserve.ServerError as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    while not got and thread.is_alive():
+        time.sleep(0.005)
+    return thread, got, errors
+
+
 class GenerationReuploadTest(unittest.TestCase):
     """A new upload under a generation model's name while a sequence
     generates: the sequence finishes on the version it started on, whose
@@ -475,19 +495,7 @@ class GenerationReuploadTest(unittest.TestCase):
             for seed, max_len in ((1, 2048), (2, 1024)):
                 want = list(coord.client.generate("gpt2", prompt, max_tokens=n))  # undisturbed
                 new_model, path = export(seed, max_len)
-                got, errors = [], []
-
-                def run():
-                    try:
-                        for t in coord.client.generate("gpt2", prompt, max_tokens=n):
-                            got.append(t)
-                    except pipeserve.ServerError as e:
-                        errors.append(e)
-
-                thread = threading.Thread(target=run)
-                thread.start()
-                while not got and thread.is_alive():
-                    time.sleep(0.005)
+                thread, got, errors = generating(coord.client, prompt, n)
                 coord.client.upload("gpt2", path)
                 self.assertEqual(list(coord.client.generate("gpt2", prompt, max_tokens=5)),
                                  greedy(new_model, prompt, 5)[0], "the new version serves")
@@ -531,19 +539,7 @@ class GenerationReuploadTest(unittest.TestCase):
         coord = Coordinator(tmp)
         try:
             coord.client.upload("gpt2", self.export(tmp, 0, 2048)[1])
-            got, errors = [], []
-
-            def run():
-                try:
-                    for t in coord.client.generate("gpt2", [1, 2, 3], max_tokens=2000):
-                        got.append(t)
-                except pipeserve.ServerError as e:
-                    errors.append(e)
-
-            thread = threading.Thread(target=run)
-            thread.start()
-            while not got and thread.is_alive():
-                time.sleep(0.005)
+            thread, got, errors = generating(coord.client, [1, 2, 3], 2000)
             coord.client.unload("gpt2")
             thread.join(timeout=30)
             self.assertFalse(thread.is_alive(), "the sequence still generates after the unload")
