@@ -348,6 +348,36 @@ class TransformerExportTest(unittest.TestCase):
             pipeserve.export(encoder, (torch.randn(6, 2, 8),), os.path.join(_scratch(), "e.psm"))
         self.assertIn("batch_first=False", str(e.exception))
 
+    def test_the_row_probe_keeps_ids_valid_and_survives_a_model_it_breaks(self):
+        # Regression (review of the probe): rolling integer rows moved ids
+        # between columns of different tables (an IndexError on a
+        # recommender's export), and a model failing on the changed row
+        # crashed the export.
+        class Rec(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.users, self.items = torch.nn.Embedding(10, 8), torch.nn.Embedding(1000, 8)
+
+            def forward(self, x):
+                return (self.users(x[:, 0]) * self.items(x[:, 1])).sum(-1)
+
+        class FloatIds(torch.nn.Embedding):
+            def forward(self, x):
+                return super().forward(x.long())
+
+        class MixIds(torch.nn.Embedding):
+            def forward(self, x):
+                h = super().forward(x)
+                return h - h.amax(0, keepdim=True)
+
+        path = os.path.join(_scratch(), "p.psm")
+        pipeserve.export(Rec(), (torch.tensor([[3, 500], [4, 700]]),), path)
+        with self.assertWarnsRegex(UserWarning, "failed on the examples with batch row 0 changed"):
+            pipeserve.export(FloatIds(10, 4), (torch.tensor([[1.0, 2.0], [3.0, 4.0]]),), path)
+        with self.assertRaises(pipeserve.ExportError) as e:
+            pipeserve.export(MixIds(10, 4), (torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]]),), path)
+        self.assertIn("mixes rows of the batch", str(e.exception))
+
     def test_bitwise_ops_on_integers_and_embedding_max_norm_are_refused(self):
         # Regression: x & 3 on int64 exported as a logical and (a bool
         # answer), and F.embedding's max_norm was dropped.

@@ -73,7 +73,8 @@ def pipe_split():
     """Marks a cut between two pipeline stages.
 
     Does nothing when the model runs eagerly; during `export` it records a
-    "pipe_split" node at this point of the trace. N markers give N+1 stages.
+    "pipe_split" node at this point of the trace. N markers give N+1 stages
+    (markers with nothing between them count once, as in PyTorch).
     """
     tracer = _ACTIVE_TRACER
     if tracer is not None:
@@ -225,29 +226,49 @@ def _row_probe_inputs(inputs, examples, replicated):
 def _changed_row0(x):
     """x with row 0 changed: floats moved past every other row's values,
     up and down in turn along the last dim (so maxima and minima over rows
-    change); integers and bools rolled along the last dim, or row 1's."""
+    change); bools flipped; integers (ids, each column maybe of its own
+    table) given, where a column's values over the rows leave a gap, the
+    middle of its range (a value no row has there), else another row's."""
     y = x.clone()
     if x.is_floating_point():
         delta = 1 + 2 * float(x.abs().max()) if x.numel() else 1.0
-        sign = torch.ones(x.shape[-1] if x.dim() > 1 else 1, dtype=torch.float64)
+        sign = torch.ones(x.shape[-1] if x.dim() > 1 else 1, dtype=torch.float64,
+                          device=x.device)
         sign[1::2] = -1
         y[0] = (x[0].double() + delta * sign).to(x.dtype)
-    elif x.dim() > 1 and x.shape[-1] > 1:
-        y[0] = torch.roll(x[0], 1, dims=-1)
-    elif x.shape[0] > 1:
-        y[0] = x[1]
+        return y
+    if x.dtype == torch.bool:
+        y[0] = ~x[0]
+        return y
+    lo, hi = x.amin(0), x.amax(0)
+    mid = lo + (hi - lo) // 2
+    gap = (hi - lo >= 2) & ~(x == mid).any(0)
+    if bool(gap.any()):
+        y[0] = torch.where(gap, mid, x[0])
+        return y
+    for r in range(1, x.shape[0]):
+        if not torch.equal(x[r], x[0]):
+            y[0] = x[r]
+            break
     return y
 
 
 def _run_eagerly(module, probe):
     """module's outputs on `probe` (_row_probe_inputs), as a list; None
-    for no probe."""
+    for no probe, or when the module refuses the changed row (a float used
+    as an index, an assert), with a warning."""
     if probe is None:
         return None
     args = [x for _, is_kw, x in probe if not is_kw]
     kwargs = {name: x for name, is_kw, x in probe if is_kw}
-    with torch.no_grad():
-        out = module(*args, **kwargs)
+    try:
+        with torch.no_grad():
+            out = module(*args, **kwargs)
+    except Exception as e:  # the user's forward: anything it raises
+        warnings.warn(f"pipeserve.export: the model failed on the examples with batch row 0 "
+                      f"changed ({type(e).__name__}: {e}); whether outputs mix batch rows is "
+                      "checked on the examples alone")
+        return None
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
