@@ -545,6 +545,7 @@ absl::Status Coordinator::Unload(const std::string& name) {
     repair_why_.erase(name);
   }
   if (d) {
+    d->Retire(absl::StrCat("model \"", name, "\" was unloaded"));
     Retired(name, *d, /*unloaded=*/true);
     d->Close(absl::StrCat("model \"", name, "\" was unloaded"));
   }
@@ -983,7 +984,10 @@ absl::StatusOr<std::vector<Tensor>> Coordinator::InferAdmitted(const Admission& 
   // Lost once with the stage servers that held it (LostInFlight): the
   // deployment then runs it alone and fails it (LostTwice) if it is lost
   // again, so a request that brings servers down takes down no more.
+  // Losses to links between live servers (LostOnLink) count one in
+  // kLinkLossesPerStrike.
   bool lost_before = false;
+  int link_losses = 0;  // every kLinkLossesPerStrike-th counts as lost in flight
   while (true) {
     if (attempt.trace != nullptr) attempt.trace->clear();  // only the attempt that answers
     absl::StatusOr<std::vector<Tensor>> out = model->Infer(inputs, attempt, lost_before);
@@ -991,6 +995,10 @@ absl::StatusOr<std::vector<Tensor>> Coordinator::InferAdmitted(const Admission& 
       *attempt.answered_version = model->version();
     }
     if (out.ok() || out.status().code() != absl::StatusCode::kUnavailable) return out;
+    if (IsLostOnLink(out.status()) && ++link_losses % kLinkLossesPerStrike == 0) {
+      if (lost_before) return LostOnLinksTooOften(link_losses, out.status());
+      lost_before = true;
+    }
     lost_before = lost_before || IsLostInFlight(out.status());
     ASSIGN_OR_RETURN(model, AwaitDeployment(name, model, out.status(), attempt.deadline, backoff,
                                             attempt.cancelled, attempt.pinned_version));

@@ -1264,6 +1264,27 @@ TEST_F(CoordinatorTest, ARequestCaughtTwiceByALinkBetweenLiveServersRunsAgain) {
   EXPECT_EQ(runs.load(), 3) << "cut twice, then through";
 }
 
+// A request whose every run ends in a link failure (a live receiver may
+// end a stream over what it was sent) is not run until its deadline: every
+// third loss to a link counts as a loss in flight, and two of those fail
+// it.
+TEST_F(CoordinatorTest, ARequestThatEveryLinkFailsStopsAfterSixRuns) {
+  TearDown();
+  std::atomic<int> runs{0};
+  Start(Options(), std::make_shared<CrashingBackend>([&] {
+          ++runs;
+          stages_->FailLinkSends("s1:9000", 2);
+        }));
+  ASSERT_TRUE(Upload("mlp", Mlp(2)).ok());
+  std::vector<Tensor> in = {Ramp({1, 8}, 1), Ramp({1, 8}, 1)};
+  in[0].data()[0] = 666.0f;
+  auto out = coordinator_->Infer("mlp", in, absl::Now() + absl::Seconds(30));
+  EXPECT_EQ(out.status().code(), absl::StatusCode::kInternal) << out.status();
+  EXPECT_THAT(std::string(out.status().message()),
+              HasSubstr("links between live stage servers failed 6 times"));
+  EXPECT_EQ(runs.load(), 6);
+}
+
 // Uploads `first` (2-stage MLPs), then uploads `uploading` (automatic cuts,
 // so it calibrates) with its calibration held at a gate, kills a stage
 // server every model uses, and waits up to 10 s for `watched` to be

@@ -34,6 +34,14 @@ namespace {
 
 // Marks LostInFlight and LostTwice errors.
 constexpr char kLostPayload[] = "type.pipeserve.dev/lost-in-flight";
+// Marks LostOnLink errors.
+constexpr char kLinkPayload[] = "type.pipeserve.dev/lost-on-link";
+
+absl::Status LostOnLink(absl::string_view why) {
+  absl::Status s = absl::UnavailableError(why);
+  s.SetPayload(kLinkPayload, absl::Cord("once"));
+  return s;
+}
 
 // The error of requests lost with their servers (IsLostInFlight).
 absl::Status LostInFlight(absl::string_view why) {
@@ -90,6 +98,15 @@ bool ValidErrorCode(int code) {
 
 bool IsLostInFlight(const absl::Status& s) { return s.GetPayload(kLostPayload).has_value(); }
 
+bool IsLostOnLink(const absl::Status& s) { return s.GetPayload(kLinkPayload).has_value(); }
+
+absl::Status LostOnLinksTooOften(int times, const absl::Status& last) {
+  return absl::InternalError(absl::StrCat(
+      "links between live stage servers failed ", times, " times while carrying this request (or "
+      "one merged with it); it was not run again, in case it is what ends their streams. Last: ",
+      last.message()));
+}
+
 // One request in flight: what came back per microbatch, and where each
 // microbatch is.
 struct Deployment::Pending {
@@ -99,7 +116,8 @@ struct Deployment::Pending {
         outputs(rows.size()),
         lane(rows.size(), -1),
         attempt(rows.size(), 0),
-        lost(rows.size(), 0) {
+        lost(rows.size(), 0),
+        link_lost(rows.size(), 0) {
     for (int m = 0; m < static_cast<int>(rows.size()); ++m) to_send.push_back(m);
   }
   const std::vector<int64_t> rows;  // batch rows of each microbatch (-1: none)
@@ -108,6 +126,7 @@ struct Deployment::Pending {
   std::vector<int> lane;     // where each microbatch was sent last (-1: waiting to be)
   std::vector<int> attempt;  // its attempt number there
   std::vector<int> lost;     // times it was in flight on a lane that broke
+  std::vector<int> link_lost;  // of those, by a link (not yet counted in lost)
   std::deque<int> to_send;   // microbatches not sent yet, or lost with their lane
 
   // Whether microbatch `m` is out on `on` (any lane when -1): sent there,
@@ -118,6 +137,8 @@ struct Deployment::Pending {
   // Whether losing microbatch `m` once more makes it lost twice: it is not
   // run a third time, in case it is what brings the servers down.
   bool LastChance(size_t m) const { return lost[m] >= 1; }
+  // Counts a loss of microbatch `m` to a link; whether it counts as lost.
+  bool LinkStrike(size_t m) { return ++link_lost[m] % kLinkLossesPerStrike == 0; }
 
   // Traced requests: each microbatch's spans from the stages, and the
   // coordinator's own.
@@ -535,17 +556,19 @@ void Deployment::FailBroken(const std::string& why, int lane, bool link_only) {
   // out on them (sent, not answered); lost again after a replay, it is
   // lost twice. The rest, and all after a link failure, simply wait for
   // the repair.
+  // (Coordinator::InferAdmitted counts a request's losses to links.)
   std::vector<std::pair<uint64_t, absl::Status>> ends;
   for (auto& [id, p] : pending_) {
     bool in_flight = false, again = false;
-    for (size_t m = 0; m < p->outputs.size() && !link_only; ++m) {
+    for (size_t m = 0; m < p->outputs.size(); ++m) {
       if (!p->Out(m, lane)) continue;
       in_flight = true;
-      again = again || p->LastChance(m);
+      again = again || (!link_only && p->LastChance(m));
     }
-    ends.emplace_back(id, again       ? LostTwice(why)
-                          : in_flight ? LostInFlight(why)
-                                      : absl::UnavailableError(why));
+    ends.emplace_back(id, again                    ? LostTwice(why)
+                          : in_flight && link_only ? LostOnLink(why)
+                          : in_flight              ? LostInFlight(why)
+                                                   : absl::UnavailableError(why));
   }
   for (auto& [id, status] : ends) Finish(id, std::move(status));
 }
@@ -939,11 +962,12 @@ bool Deployment::BreakLane(int lane, uint64_t generation, const std::string& why
     bool handed_back = false;
     for (size_t m = 0; m < p->outputs.size(); ++m) {
       if (!p->Out(m, lane)) continue;
-      if (!link_only && p->LastChance(m)) {
+      const bool strike = !link_only || p->LinkStrike(m);
+      if (strike && p->LastChance(m)) {
         lost_twice.push_back(id);
         break;
       }
-      if (!link_only) ++p->lost[m];
+      if (strike) ++p->lost[m];
       p->lane[m] = -1;
       p->to_send.push_back(static_cast<int>(m));
       handed_back = true;
@@ -987,6 +1011,11 @@ std::shared_ptr<void> Deployment::Hold(std::shared_ptr<Deployment> d) {
     absl::MutexLock lock(&d->mu_);
     --d->holds_;
   });
+}
+
+bool Deployment::Retiring() const {
+  absl::MutexLock lock(&mu_);
+  return !retired_.empty();
 }
 
 bool Deployment::LeftService() const {

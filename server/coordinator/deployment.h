@@ -122,6 +122,19 @@ inline constexpr int kMaxReplicas = 64;
 // servers down: kInternal then).
 bool IsLostInFlight(const absl::Status& s);
 
+// Losses to a link between live stage servers (LaneHealth::link_only) a
+// request, or a microbatch on a lane, takes before they count as losses in
+// flight: a live receiver may also end a stream over what the request
+// sent, and every such loss costs a repair.
+inline constexpr int kLinkLossesPerStrike = 3;
+
+// Whether `s` is the error of a request in flight on a deployment that
+// broke as link_only: kUnavailable, marked apart from IsLostInFlight.
+bool IsLostOnLink(const absl::Status& s);
+// The error of a request lost to links `times` times, `last` the last:
+// kInternal, it is not run again.
+absl::Status LostOnLinksTooOften(int times, const absl::Status& last);
+
 class Deployment : public std::enable_shared_from_this<Deployment> {
  public:
   // Partitions `file`'s graph as `options` say, loads every stage of every
@@ -250,6 +263,9 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   bool Drained() const;
   // Retired or closing.
   bool LeftService() const;
+  // Retired: replaced by an upload, or unloaded (a deployment closed for a
+  // repair is not).
+  bool Retiring() const;
   // Requests in flight.
   int InFlight() const;
 

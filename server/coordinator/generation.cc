@@ -27,8 +27,10 @@ std::shared_ptr<Deployment> VersionRoute::Target() {
   absl::StatusOr<std::shared_ptr<Deployment>> found = coordinator_->Find(model_);
   absl::MutexLock l(&mu_);
   // The version redeployed after a failure is a new deployment: held from
-  // here on instead.
-  if (found.ok() && (*found)->version() == version_ && *found != last_) {
+  // here on instead. Not so after an upload or unload retired it: a later
+  // deployment of the same number (after an unload, numbers start again)
+  // is another model, with a generator of its own.
+  if (found.ok() && (*found)->version() == version_ && *found != last_ && !last_->Retiring()) {
     last_ = *std::move(found);
     hold_ = Deployment::Hold(last_);
   }
@@ -68,13 +70,13 @@ void Generation::Retired(const std::string& model, int64_t version, bool unloade
 
 absl::StatusOr<std::shared_ptr<Generator>> Generation::For(const std::string& model) {
   ASSIGN_OR_RETURN(std::shared_ptr<Deployment> d, coordinator_->Find(model));
-  return ForDeployment(model, std::move(d));
+  return ForDeployment(model, &d);
 }
 
 absl::StatusOr<TextModel> Generation::Text(const std::string& model) {
   ASSIGN_OR_RETURN(std::shared_ptr<Deployment> d, coordinator_->Find(model));
   TextModel text;
-  ASSIGN_OR_RETURN(text.generator, ForDeployment(model, d));
+  ASSIGN_OR_RETURN(text.generator, ForDeployment(model, &d));
   const TokenizerSpec& spec = d->plan().tokenizer();
   if (spec.kind_case() == TokenizerSpec::KIND_NOT_SET) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -108,8 +110,9 @@ absl::StatusOr<TextModel> Generation::Text(const std::string& model) {
 // the same stages, so a request that found a version older than the
 // generator's (an upload came in between) takes the newer generator while
 // its version serves the name.
-absl::StatusOr<std::shared_ptr<Generator>> Generation::ForDeployment(const std::string& model,
-                                                                     std::shared_ptr<Deployment> d) {
+absl::StatusOr<std::shared_ptr<Generator>> Generation::ForDeployment(
+    const std::string& model, std::shared_ptr<Deployment>* found) {
+  std::shared_ptr<Deployment>& d = *found;
   absl::MutexLock l(&mu_);
   // Replaced or unloaded since the caller found it: whichever version
   // serves now. (A generator made for it here would outlive Retired's
@@ -125,7 +128,10 @@ absl::StatusOr<std::shared_ptr<Generator>> Generation::ForDeployment(const std::
   }
   if (made.generator != nullptr && made.version > d->version()) {
     absl::StatusOr<std::shared_ptr<Deployment>> now = coordinator_->Find(model);
-    if (now.ok() && (*now)->version() == made.version) return made.generator;
+    if (now.ok() && (*now)->version() == made.version) {
+      d = *std::move(now);
+      return made.generator;
+    }
   }
   GeneratorOptions options = options_;
   if (options.steps_in_flight <= 0) {  // one per stage and one more, unless they take turns
@@ -134,7 +140,7 @@ absl::StatusOr<std::shared_ptr<Generator>> Generation::ForDeployment(const std::
   }
   const absl::Duration step_timeout = coordinator_->default_timeout();
   made.version = d->version();
-  auto route = std::make_shared<VersionRoute>(coordinator_, model, std::move(d));
+  auto route = std::make_shared<VersionRoute>(coordinator_, model, d);
   made.generator = std::make_shared<Generator>(
       std::move(config), options,
       [route, step_timeout](const std::vector<Tensor>& inputs, absl::Time deadline, int lane) {

@@ -82,8 +82,10 @@ class Generation {
     int64_t version = 0;
     std::shared_ptr<Generator> generator;
   };
+  // The generator of `*d`'s version; `*d` becomes the deployment serving
+  // now when it left service since it was found.
   absl::StatusOr<std::shared_ptr<Generator>> ForDeployment(const std::string& model,
-                                                           std::shared_ptr<Deployment> d);
+                                                           std::shared_ptr<Deployment>* d);
   // `version` of `model` left service: its generator and tokenizer leave
   // the map, and the generator goes with its route's hold once no request
   // holds it (at once when none runs), so a replaced version's stages
