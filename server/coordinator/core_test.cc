@@ -1242,9 +1242,9 @@ TEST_F(CoordinatorTest, ARequestLostWithItsStageServerTwiceIsNotRunAThirdTime) {
 // live stage servers ("stage 0 cannot send on: the stage ended the
 // stream") failed as lost twice, though no server died: in a netns run a
 // 4 s cut lost 4 requests so, once before the repair and once after it,
-// while the new stage 0's channel to stage 1 still backed off. A link
-// failure now counts against no request: this one runs a third time, and
-// succeeds.
+// while the new stage 0's channel to stage 1 still backed off. Only every
+// third link failure counts against a request: this one runs a third
+// time, and succeeds.
 TEST_F(CoordinatorTest, ARequestCaughtTwiceByALinkBetweenLiveServersRunsAgain) {
   TearDown();
   std::atomic<int> runs{0};

@@ -219,7 +219,8 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
     uint64_t generation = 0;
     absl::Status status;
     // A stage cannot send on while the next one answers: a link failed
-    // between two live servers, which no request can have caused.
+    // between two live servers (rarely what a request caused: only every
+    // kLinkLossesPerStrike-th such loss counts against one).
     bool link_only = false;
   };
   std::vector<LaneHealth> CheckLanes(absl::Duration timeout);
@@ -228,8 +229,8 @@ class Deployment : public std::enable_shared_from_this<Deployment> {
   // unfinished microbatches run again on the other lanes. When it was the
   // last ready lane the deployment breaks as with Break. Returns false if
   // the lane was not ready (or was reloaded since): only the first caller
-  // repairs. A `link_only` break (LaneHealth) counts against no request:
-  // those it catches in flight run again as if never sent, however often.
+  // repairs. A `link_only` break (LaneHealth) counts one loss in
+  // kLinkLossesPerStrike against the microbatches it catches in flight.
   bool BreakLane(int lane, uint64_t generation, const std::string& why, bool link_only = false);
 
   // Per stage: mean seconds computing a microbatch so far, over the ready

@@ -374,9 +374,10 @@ class TransformerExportTest(unittest.TestCase):
         pipeserve.export(Rec(), (torch.tensor([[3, 500], [4, 700]]),), path)
         with self.assertWarnsRegex(UserWarning, "failed on the examples with batch row 0 changed"):
             pipeserve.export(FloatIds(10, 4), (torch.tensor([[1.0, 2.0], [3.0, 4.0]]),), path)
-        with self.assertRaises(pipeserve.ExportError) as e:
-            pipeserve.export(MixIds(10, 4), (torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]]),), path)
-        self.assertIn("mixes rows of the batch", str(e.exception))
+        for ids in ([[1, 2, 3, 4], [5, 6, 7, 8]], [[1, 2, 3, 4]], [[1, 2, 3, 4], [1, 2, 3, 5]]):
+            with self.assertRaises(pipeserve.ExportError) as e:
+                pipeserve.export(MixIds(10, 4), (torch.tensor(ids),), path)
+            self.assertIn("mixes rows of the batch", str(e.exception))
 
     def test_bitwise_ops_on_integers_and_embedding_max_norm_are_refused(self):
         # Regression: x & 3 on int64 exported as a logical and (a bool

@@ -155,7 +155,7 @@ def export(module, example_args, path, example_kwargs=None, split_spec=None,
         raise ExportError(f"replicated/dynamic_dims name unknown inputs "
                           f"{sorted(unknown)}; inputs are {names}")
     examples, free = _examples(inputs, replicated, dynamic_dims)
-    probe_inputs = _row_probe_inputs(inputs, examples, replicated)
+    probe_inputs = _row_probes(inputs, examples, replicated)
     state = _StateTensors(module)
     for key, t in module.state_dict(keep_vars=True).items():
         if isinstance(t, torch.Tensor):
@@ -164,7 +164,7 @@ def export(module, example_args, path, example_kwargs=None, split_spec=None,
     fx_graph = tracer.trace_module(module)
 
     converter = _Converter(module, tracer, state)
-    converter.probe_outputs = _run_eagerly(module, probe_inputs)
+    converter.probe_outputs = [_run_eagerly(module, p) for p in probe_inputs]
     for name, _, value in inputs:
         converter.add_input(name, value, batched=name not in replicated,
                             free_dims=free[name])
@@ -207,35 +207,46 @@ def _examples(inputs, replicated, dynamic_dims):
     return examples, free
 
 
-def _row_probe_inputs(inputs, examples, replicated):
-    """Variant 1's inputs with batch row 0 changed (_changed_row0), as
-    [(name, is keyword, tensor)]; None when no input changes. Outputs on
-    these keep rows 1.. of variant 1's wherever rows do not mix: a
-    duplicated row 0 alone hides reductions over the batch (amax(0))."""
+def _row_probes(inputs, examples, replicated):
+    """_row_probe_inputs with floats moved up, and down where there are
+    floats to move."""
+    floats = any(examples[name][1].is_floating_point() for name, _, _ in inputs
+                 if name not in replicated)
+    return [_row_probe_inputs(inputs, examples, replicated, s) for s in ((1, -1) if floats else (1,))]
+
+
+def _row_probe_inputs(inputs, examples, replicated, sign):
+    """Variant 1's inputs with batch row 0 changed (_changed_row0, floats
+    moved by `sign`), as [(name, is keyword, tensor)]; None when no input
+    changes. Outputs on these keep rows 1.. of variant 1's wherever rows do
+    not mix: a duplicated row 0 alone hides reductions over the batch
+    (amax(0)). Both signs are probed: a max over rows that one move leaves
+    alone (the features it lowers), the other raises."""
     probe, changed = [], False
     for name, is_kw, _ in inputs:
         x = examples[name][1].clone()  # before tracing: an in-place op writes variants
         if name not in replicated and x.dim():
-            y = _changed_row0(x)
+            y = _changed_row0(x, sign)
             changed = changed or not torch.equal(y, x)
             x = y
         probe.append((name, is_kw, x))
     return probe if changed else None
 
 
-def _changed_row0(x):
+def _changed_row0(x, sign=1):
     """x with row 0 changed: floats moved past every other row's values,
     up and down in turn along the last dim (so maxima and minima over rows
     change); bools flipped; integers (ids, each column maybe of its own
-    table) given, where a column's values over the rows leave a gap, the
-    middle of its range (a value no row has there), else another row's."""
+    table) given a value no row has in that column and within what a
+    zero-based table there holds: the middle of a gap in the column's
+    range, else one below its least; else another row's."""
     y = x.clone()
     if x.is_floating_point():
         delta = 1 + 2 * float(x.abs().max()) if x.numel() else 1.0
-        sign = torch.ones(x.shape[-1] if x.dim() > 1 else 1, dtype=torch.float64,
-                          device=x.device)
-        sign[1::2] = -1
-        y[0] = (x[0].double() + delta * sign).to(x.dtype)
+        turns = torch.full((x.shape[-1] if x.dim() > 1 else 1,), float(sign),
+                           dtype=torch.float64, device=x.device)
+        turns[1::2] = -sign
+        y[0] = (x[0].double() + delta * turns).to(x.dtype)
         return y
     if x.dtype == torch.bool:
         y[0] = ~x[0]
@@ -243,8 +254,8 @@ def _changed_row0(x):
     lo, hi = x.amin(0), x.amax(0)
     mid = lo + (hi - lo) // 2
     gap = (hi - lo >= 2) & ~(x == mid).any(0)
-    if bool(gap.any()):
-        y[0] = torch.where(gap, mid, x[0])
+    y[0] = torch.where(gap, mid, torch.where(lo > 0, lo - 1, x[0]))
+    if not torch.equal(y[0], x[0]):
         return y
     for r in range(1, x.shape[0]):
         if not torch.equal(x[r], x[0]):
@@ -1007,7 +1018,7 @@ class _Converter(OpConverter):
         low_precision = any(
             isinstance(n.meta.get("ex", [None])[0], torch.Tensor) and
             n.meta["ex"][0].dtype in (torch.float16, torch.bfloat16) for n in self._position)
-        probe = getattr(self, "probe_outputs", None)
+        probes = [p for p in getattr(self, "probe_outputs", []) if p is not None]
         for i, v in enumerate(values):
             if not isinstance(v, torch.fx.Node):
                 raise ExportError(f"forward returns a {type(v).__name__}; only "
@@ -1018,7 +1029,7 @@ class _Converter(OpConverter):
                                   f"{type(v.meta['ex'][0]).__name__}; only "
                                   "tensors can be model outputs")
             _check_rows(v, low_precision,
-                        probe[i] if probe is not None and i < len(probe) else None)
+                        [p[i] for p in probes if i < len(p)])
             name = self._use(v, "")
             if v.op == "placeholder":
                 # Every output must be made by a node, even an input returned
@@ -1048,18 +1059,19 @@ def _close(a, b, low_precision):
     return torch.allclose(a, b, rtol=tol, atol=tol * 0.1 * scale, equal_nan=True)
 
 
-def _check_rows(node, low_precision, probe=None):
+def _check_rows(node, low_precision, probes=()):
     """Refuses an output the server would answer wrong. It splits a request
     into microbatches by rows of dim 0 (the batch) and merges requests the
     same way, so a batched output's row i must come from input row i alone,
     one row each, and an output without the batch dim from no row. Variant
     1 of the examples has one more batch row, a copy of row 0 (_grow);
-    `probe` is the output on variant 1 with row 0 changed (_row_probe_inputs)."""
+    `probes` are outputs on variant 1 with row 0 changed (_row_probe_inputs)."""
+    probes = [p for p in probes if isinstance(p, torch.Tensor)]
     e0, e1 = node.meta["ex"][0], node.meta["ex"][1]
     where = f"output '{node.name}'"
     if e0.shape == e1.shape:
-        if not _close(e0, e1, low_precision) or (
-                isinstance(probe, torch.Tensor) and not _close(probe, e1, low_precision)):
+        if not _close(e0, e1, low_precision) or any(
+                not _close(p, e1, low_precision) for p in probes):
             raise ExportError(
                 f"{where} has no batch dimension but depends on the batch rows (a reduction "
                 "or transpose over dim 0?): the server splits and merges requests by rows of "
@@ -1072,8 +1084,8 @@ def _check_rows(node, low_precision, probe=None):
             "one row more: the server needs one output row per input row along dim 0 (keep "
             "the batch dimension first, e.g. reshape to (B, -1, D); with an example batch of "
             "1, squeeze() drops it: give 2 rows or squeeze(dim))")
-    probe_mixes = isinstance(probe, torch.Tensor) and not (
-        probe.shape == e1.shape and _close(probe[1:], e1[1:], low_precision))
+    probe_mixes = any(not (p.shape == e1.shape and _close(p[1:], e1[1:], low_precision))
+                      for p in probes)
     if probe_mixes or not (_close(e1[:rows], e0, low_precision) and
                            _close(e1[rows:], e0[:1], low_precision)):
         raise ExportError(
