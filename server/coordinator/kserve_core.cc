@@ -140,6 +140,17 @@ absl::StatusOr<ModelInfo> KServeCore::Model(const std::string& name, const std::
   return info;
 }
 
+absl::StatusOr<std::string> KServeCore::NotReadyBecause(const std::string& name,
+                                                        const std::string& version) {
+  absl::StatusOr<ModelInfo> info = Model(name, version);
+  if (info.status().code() == absl::StatusCode::kNotFound) {
+    return std::string(info.status().message());
+  }
+  RETURN_IF_ERROR(info.status());
+  if (info->state == ModelState::kReady) return std::string();
+  return absl::StrCat("model \"", name, "\" is ", ModelStateName(info->state));
+}
+
 absl::Status KServeCore::Infer(const inference::ModelInferRequest& req, absl::Time deadline,
                                   const std::function<bool()>& cancelled,
                                   inference::ModelInferResponse* resp,

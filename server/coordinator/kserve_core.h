@@ -43,6 +43,11 @@ class KServeCore {
   // The model `name` at `version` ("": whichever serves): kInvalidArgument
   // for a bad name, kNotFound for an unknown model or version.
   absl::StatusOr<ModelInfo> Model(const std::string& name, const std::string& version);
+  // Why `name` at `version` is not ready ("" when it is): an unknown model
+  // or version is not ready, as Triton answers, not an error; a bad name
+  // still is.
+  absl::StatusOr<std::string> NotReadyBecause(const std::string& name,
+                                              const std::string& version);
   absl::Status ModelMetadata(const std::string& name, const std::string& version,
                              inference::ModelMetadataResponse* resp);
 

@@ -131,12 +131,9 @@ HttpResponse KServeRest::Model(const HttpRequest& r, const std::string& model,
     if (!get) return WrongMethod(r, "GET");
     // Not ready, unknown or without that version: 400, as Triton answers
     // (the protocol wants a 4xx for "not ready").
-    absl::StatusOr<ModelInfo> info = core_->Model(model, version);
-    if (info.status().code() == absl::StatusCode::kNotFound) return Error(400, info.status().message());
-    if (!info.ok()) return Error(core_->Public(info.status()));
-    if (info->state != ModelState::kReady) {
-      return Error(400, absl::StrCat("model \"", model, "\" is ", ModelStateName(info->state)));
-    }
+    absl::StatusOr<std::string> why = core_->NotReadyBecause(model, version);
+    if (!why.ok()) return Error(core_->Public(why.status()));
+    if (!why->empty()) return Error(400, *why);
     return HttpResponse::Text(200, "");
   }
   if (!action.empty()) {

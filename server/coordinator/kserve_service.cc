@@ -60,25 +60,14 @@ grpc::Status KServeService::ServerReady(grpc::ServerContext*,
   return grpc::Status::OK;
 }
 
-absl::StatusOr<ModelInfo> KServeService::GetModel(const grpc::ServerContext& ctx,
-                                                  const std::string& name,
-                                                  const std::string& version) {
-  RETURN_IF_ERROR(AuthorizeCall(tokens_, ctx, Scope::kInfer));
-  return core_->Model(name, version);
-}
-
 grpc::Status KServeService::ModelReady(grpc::ServerContext* ctx,
                                        const inference::ModelReadyRequest* req,
                                        inference::ModelReadyResponse* resp) {
-  absl::StatusOr<ModelInfo> info = GetModel(*ctx, req->name(), req->version());
-  // An unknown model or version is not ready, as Triton answers, not an
-  // error; a refused token or a malformed version still is.
-  if (info.status().code() == absl::StatusCode::kNotFound) {
-    resp->set_ready(false);
-    return grpc::Status::OK;
-  }
-  if (!info.ok()) return ToGrpcStatus(core_->Public(info.status()));
-  resp->set_ready(info->state == ModelState::kReady);
+  absl::Status auth = AuthorizeCall(tokens_, *ctx, Scope::kInfer);
+  if (!auth.ok()) return ToGrpcStatus(auth);
+  absl::StatusOr<std::string> why = core_->NotReadyBecause(req->name(), req->version());
+  if (!why.ok()) return ToGrpcStatus(core_->Public(why.status()));
+  resp->set_ready(why->empty());
   return grpc::Status::OK;
 }
 

@@ -88,9 +88,6 @@ class KServeService final : public inference::GRPCInferenceService::Service {
                                      inference::RepositoryModelUnloadResponse*) override;
 
  private:
-  // Authorizes the call, checks the name and version, and looks the model up.
-  absl::StatusOr<ModelInfo> GetModel(const grpc::ServerContext& ctx, const std::string& name,
-                                     const std::string& version);
   struct Stream;
   // Counts a handler's call in active_calls() while it lives.
   struct ActiveCall {
